@@ -1,0 +1,159 @@
+//! The local fan-out index: which sessions on this instance belong to which users, and
+//! which users with local sessions are members of which rooms.
+//!
+//! The hub only knows [`Recipient`]s (sessions implement it); it never awaits and never
+//! touches a socket: delivering is a non-blocking push into each session's queue, done
+//! under a read lock so deliveries to different rooms run in parallel.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard},
+};
+
+use indexmap::IndexMap;
+
+use crate::codec::Push;
+
+/// Something that receives pushes: a session.
+pub trait Recipient: Send + Sync + 'static {
+    /// Unique per process.
+    fn recipient_id(&self) -> u64;
+    fn user(&self) -> &str;
+    /// Queues the push; must not block.
+    fn push(&self, push: &Arc<Push>);
+}
+
+type Recipients = IndexMap<u64, Arc<dyn Recipient>>;
+
+#[derive(Default)]
+struct UserEntry {
+    recipients: Recipients,
+    rooms: HashSet<String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    users: HashMap<String, UserEntry>,
+    rooms: HashMap<String, Recipients>,
+}
+
+#[derive(Default)]
+pub struct Hub {
+    inner: RwLock<Inner>,
+}
+
+impl Hub {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a recipient; it receives pushes for every room its user is (or becomes)
+    /// a member of.
+    pub fn attach(&self, recipient: Arc<dyn Recipient>) {
+        let mut inner = self.write();
+        let inner = &mut *inner;
+        let entry = inner.users.entry(recipient.user().to_string()).or_default();
+        for room in &entry.rooms {
+            inner
+                .rooms
+                .entry(room.clone())
+                .or_default()
+                .insert(recipient.recipient_id(), recipient.clone());
+        }
+        entry.recipients.insert(recipient.recipient_id(), recipient);
+    }
+
+    pub fn detach(&self, user: &str, recipient_id: u64) {
+        let mut inner = self.write();
+        let inner = &mut *inner;
+        let Some(entry) = inner.users.get_mut(user) else {
+            return;
+        };
+        if entry.recipients.swap_remove(&recipient_id).is_none() {
+            return;
+        }
+        for room in &entry.rooms {
+            if let Some(set) = inner.rooms.get_mut(room) {
+                set.swap_remove(&recipient_id);
+                if set.is_empty() {
+                    inner.rooms.remove(room);
+                }
+            }
+        }
+        if entry.recipients.is_empty() {
+            inner.users.remove(user);
+        }
+    }
+
+    /// The user (if it has local sessions) is now a member of `room`.
+    pub fn joined(&self, user: &str, room: &str) {
+        let mut inner = self.write();
+        let inner = &mut *inner;
+        let Some(entry) = inner.users.get_mut(user) else {
+            return;
+        };
+        if !entry.rooms.insert(room.to_string()) {
+            return;
+        }
+        let set = inner.rooms.entry(room.to_string()).or_default();
+        for (id, r) in &entry.recipients {
+            set.insert(*id, r.clone());
+        }
+    }
+
+    pub fn left(&self, user: &str, room: &str) {
+        let mut inner = self.write();
+        let inner = &mut *inner;
+        let Some(entry) = inner.users.get_mut(user) else {
+            return;
+        };
+        if !entry.rooms.remove(room) {
+            return;
+        }
+        if let Some(set) = inner.rooms.get_mut(room) {
+            for id in entry.recipients.keys() {
+                set.swap_remove(id);
+            }
+            if set.is_empty() {
+                inner.rooms.remove(room);
+            }
+        }
+    }
+
+    /// Pushes to every local session of every member of `room`; returns how many.
+    pub fn deliver(&self, room: &str, push: &Arc<Push>) -> usize {
+        let inner = self.read();
+        let Some(set) = inner.rooms.get(room) else {
+            return 0;
+        };
+        for r in set.values() {
+            r.push(push);
+        }
+        set.len()
+    }
+
+    /// Pushes to every local session of `user`.
+    pub fn deliver_to_user(&self, user: &str, push: &Arc<Push>) -> usize {
+        let inner = self.read();
+        let Some(entry) = inner.users.get(user) else {
+            return 0;
+        };
+        for r in entry.recipients.values() {
+            r.push(push);
+        }
+        entry.recipients.len()
+    }
+
+    /// Number of local recipients of `room` (for tests and metrics).
+    pub fn room_size(&self, room: &str) -> usize {
+        self.read().rooms.get(room).map_or(0, |s| s.len())
+    }
+}

@@ -1,0 +1,199 @@
+//! The two encodings of the wire protocol, and frames encoded once for many recipients.
+//!
+//! Protobuf frames are WebSocket binary messages; proto3-JSON frames are text messages.
+//! A [`Push`] (a server frame that goes to many sessions) is encoded at most once per
+//! encoding, however many sessions receive it: the per-session position is spliced in
+//! front of the shared bytes (protobuf fields may appear in any order and a JSON object is
+//! `{"pos":"N",` + the rest), which costs one small copy per recipient instead of a full
+//! encode.
+
+use std::sync::OnceLock;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::Message as _;
+use serde::{Deserialize, Serialize};
+
+use crate::proto::{ClientFrame, ServerFrame, server_frame::Kind};
+
+/// How frames are encoded on one transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    /// Protobuf binary (`parley.v1.proto`).
+    Proto,
+    /// The proto3 JSON mapping (`parley.v1.json`).
+    Json,
+}
+
+impl Encoding {
+    /// The WebSocket subprotocol name that selects this encoding.
+    pub fn subprotocol(self) -> &'static str {
+        match self {
+            Encoding::Proto => "parley.v1.proto",
+            Encoding::Json => "parley.v1.json",
+        }
+    }
+
+    pub fn from_subprotocol(name: &str) -> Option<Self> {
+        match name {
+            "parley.v1.proto" => Some(Encoding::Proto),
+            "parley.v1.json" => Some(Encoding::Json),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a protobuf ClientFrame: {0}")]
+    Proto(#[from] prost::DecodeError),
+    #[error("not a JSON ClientFrame: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+pub fn decode_client(encoding: Encoding, bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
+    Ok(match encoding {
+        Encoding::Proto => ClientFrame::decode(bytes)?,
+        Encoding::Json => serde_json::from_slice(bytes)?,
+    })
+}
+
+pub fn encode_server(encoding: Encoding, frame: &ServerFrame) -> Bytes {
+    match encoding {
+        Encoding::Proto => Bytes::from(frame.encode_to_vec()),
+        // Serializing generated types to a Vec cannot fail (no maps with non-string keys,
+        // no custom serializers that error).
+        Encoding::Json => Bytes::from(serde_json::to_vec(frame).unwrap_or_default()),
+    }
+}
+
+pub fn encode_client(encoding: Encoding, frame: &ClientFrame) -> Bytes {
+    match encoding {
+        Encoding::Proto => Bytes::from(frame.encode_to_vec()),
+        Encoding::Json => Bytes::from(serde_json::to_vec(frame).unwrap_or_default()),
+    }
+}
+
+/// A server push shared by every session that receives it, encoded lazily and at most
+/// once per encoding.
+#[derive(Debug)]
+pub struct Push {
+    kind: Kind,
+    proto: OnceLock<Bytes>,
+    json: OnceLock<Bytes>,
+}
+
+impl Push {
+    pub fn new(kind: Kind) -> Self {
+        Self {
+            kind,
+            proto: OnceLock::new(),
+            json: OnceLock::new(),
+        }
+    }
+
+    pub fn kind(&self) -> &Kind {
+        &self.kind
+    }
+
+    /// The frame without id and pos, in `encoding`.
+    pub fn body(&self, encoding: Encoding) -> &Bytes {
+        let cell = match encoding {
+            Encoding::Proto => &self.proto,
+            Encoding::Json => &self.json,
+        };
+        cell.get_or_init(|| {
+            let frame = ServerFrame {
+                id: 0,
+                pos: 0,
+                kind: Some(self.kind.clone()),
+            };
+            encode_server(encoding, &frame)
+        })
+    }
+
+    /// Approximate bytes this push holds in a session queue (for the byte bounds).
+    pub fn cost(&self) -> usize {
+        // Protobuf size is a cheap, encoding-independent estimate.
+        self.kind_len() + 64
+    }
+
+    fn kind_len(&self) -> usize {
+        ServerFrame {
+            id: 0,
+            pos: 0,
+            kind: Some(self.kind.clone()),
+        }
+        .encoded_len()
+    }
+
+    /// The complete frame for one session: `pos` spliced in front of the shared body.
+    pub fn frame(&self, encoding: Encoding, pos: u64) -> Bytes {
+        let body = self.body(encoding);
+        match encoding {
+            Encoding::Proto => {
+                let mut out = BytesMut::with_capacity(body.len() + 11);
+                // Field 2 (pos), wire type 0 (varint).
+                prost::encoding::encode_key(2, prost::encoding::WireType::Varint, &mut out);
+                prost::encoding::encode_varint(pos, &mut out);
+                out.put_slice(body);
+                out.freeze()
+            }
+            Encoding::Json => {
+                let mut out = BytesMut::with_capacity(body.len() + 32);
+                out.put_slice(b"{\"pos\":\"");
+                out.put_slice(itoa::Buffer::new().format(pos).as_bytes());
+                out.put_slice(b"\"");
+                // body is `{...}` with at least the oneof field inside.
+                if body.len() > 2 {
+                    out.put_u8(b',');
+                }
+                out.put_slice(&body[1..]);
+                out.freeze()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Disconnect, Message};
+
+    fn message() -> Kind {
+        Kind::Message(Message {
+            room: "lobby".into(),
+            seq: 7,
+            sender: "ann".into(),
+            client_msg_id: "c1".into(),
+            body: "hi \"there\"".into(),
+            metadata: [("k".to_string(), "v".to_string())].into(),
+            ts: 1_700_000_000_000,
+        })
+    }
+
+    #[test]
+    fn spliced_frames_decode_to_the_same_frame_in_both_encodings() {
+        for kind in [message(), Kind::Disconnect(Disconnect::default())] {
+            let push = Push::new(kind.clone());
+            let expected = ServerFrame {
+                id: 0,
+                pos: 300,
+                kind: Some(kind),
+            };
+            let proto = push.frame(Encoding::Proto, 300);
+            assert_eq!(ServerFrame::decode(proto).unwrap(), expected);
+            let json = push.frame(Encoding::Json, 300);
+            let parsed: ServerFrame = serde_json::from_slice(&json).unwrap();
+            assert_eq!(parsed, expected);
+        }
+    }
+
+    #[test]
+    fn body_is_encoded_once() {
+        let push = Push::new(message());
+        let a = push.body(Encoding::Json).as_ptr();
+        let b = push.body(Encoding::Json).as_ptr();
+        assert_eq!(a, b);
+    }
+}

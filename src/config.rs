@@ -1,0 +1,223 @@
+//! Configuration: one typed tree with a default for every option.
+//!
+//! Layers, lowest first: built-in defaults, the TOML file (`config/parley.toml` unless
+//! `--config` names another), `PARLEY_*` environment variables (`__` separates sections:
+//! `PARLEY_AUTH__JWT_SECRET`), then command-line flags. `config/parley.toml` documents
+//! every option; `tests/config.rs` checks that it parses to exactly these defaults.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::codec::Encoding;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub log: LogConfig,
+    pub auth: AuthConfig,
+    pub ws: WsConfig,
+    pub session: SessionConfig,
+    pub chat: ChatConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// On SIGTERM/SIGINT: how long connections get to drain before the process exits.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (readable) or `json` (one object per line).
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `parley=debug,info`. `RUST_LOG` overrides it.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum JwtAlgorithm {
+    HS256,
+    RS256,
+    ES256,
+}
+
+/// The development secret `cargo run` starts with; parley warns loudly while it is in use.
+pub const DEV_JWT_SECRET: &str = "parley-dev-secret-change-me";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// JWT signature algorithm.
+    pub algorithm: JwtAlgorithm,
+    /// HS256 shared secret.
+    pub jwt_secret: String,
+    /// RS256/ES256: PEM file with the public key that verifies tokens.
+    pub public_key_file: Option<String>,
+    /// RS256/ES256: PEM file with the private key, only needed by `parley token`.
+    pub private_key_file: Option<String>,
+    /// Clock skew tolerated when checking `exp`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+    /// A new connection must send `connect` within this time or is closed.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            algorithm: JwtAlgorithm::HS256,
+            jwt_secret: DEV_JWT_SECRET.into(),
+            public_key_file: None,
+            private_key_file: None,
+            leeway: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WsConfig {
+    /// Encoding when the client offers no `Sec-WebSocket-Protocol`.
+    pub default_encoding: Encoding,
+    /// Server ping interval.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Close a connection that has sent nothing (no frame, no pong) for
+    /// `heartbeat_interval + pong_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub pong_timeout: Duration,
+    /// Largest inbound frame (bytes); larger ones close the connection with 1009.
+    pub max_frame_bytes: usize,
+    /// Initial socket read buffer per connection (grows for large frames, shrinks back).
+    pub read_buffer_bytes: usize,
+    /// Initial socket write buffer per connection.
+    pub write_buffer_bytes: usize,
+    /// A write (batch of frames + flush) that takes longer closes the connection as slow.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        Self {
+            default_encoding: Encoding::Json,
+            heartbeat_interval: Duration::from_secs(25),
+            pong_timeout: Duration::from_secs(20),
+            max_frame_bytes: 64 * 1024,
+            read_buffer_bytes: 1024,
+            write_buffer_bytes: 1024,
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionConfig {
+    /// How long a session outlives its dropped transport, waiting to be resumed.
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Duration,
+    /// Bytes of pushes not yet written to the transport; more disconnects the session as a
+    /// slow consumer (close 4008). The client reconnects and log-syncs.
+    pub max_queue_bytes: usize,
+    /// Bytes of written but unacknowledged pushes kept for replay on resume. The oldest
+    /// are dropped past this; a resume from before them falls back to log sync.
+    pub replay_buffer_bytes: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            grace_period: Duration::from_secs(60),
+            max_queue_bytes: 1024 * 1024,
+            replay_buffer_bytes: 256 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatConfig {
+    /// Largest message body, in bytes (UTF-8).
+    pub max_body_bytes: usize,
+    /// Longest room name, in bytes. Names are 1..=N of `[A-Za-z0-9_.:@-]`.
+    pub max_room_name_bytes: usize,
+    /// Longest `client_msg_id`, in bytes.
+    pub max_client_msg_id_bytes: usize,
+    /// Most metadata entries on one message.
+    pub max_metadata_entries: usize,
+    /// History page size when the request gives none.
+    pub history_default_limit: u32,
+    /// Largest history page and per-room sync batch.
+    pub history_max_limit: u32,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 16 * 1024,
+            max_room_name_bytes: 128,
+            max_client_msg_id_bytes: 128,
+            max_metadata_entries: 16,
+            history_default_limit: 50,
+            history_max_limit: 500,
+        }
+    }
+}
+
+/// Errors from loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Figment(#[from] Box<figment::Error>),
+}
+
+impl Config {
+    /// Defaults, then `file` (if it exists), then `PARLEY_*` environment variables.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::file(file))
+            .merge(Env::prefixed("PARLEY_").split("__"))
+            .extract()
+            .map_err(|e| ConfigError::Figment(Box::new(e)))
+    }
+}

@@ -1,0 +1,132 @@
+//! The `parley` binary: `parley serve` (default) and `parley token`.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use parley::{
+    auth::Authenticator,
+    config::{Config, DEV_JWT_SECRET, JwtAlgorithm, LogFormat},
+    server::Server,
+};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "parley",
+    version,
+    about = "A chat backend: WebSocket, SSE and long-poll over one session layer"
+)]
+struct Cli {
+    /// Configuration file (TOML). Missing is fine: defaults and PARLEY_* variables apply.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "PARLEY_CONFIG",
+        default_value = "config/parley.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default).
+    Serve {
+        /// Listen address, e.g. 127.0.0.1:8080 (overrides server.listen).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Log format: text or json (overrides log.format).
+        #[arg(long)]
+        log_format: Option<String>,
+    },
+    /// Mint a token for development (signed with the configured key).
+    Token {
+        /// The user id (the token's `sub`).
+        user: String,
+        /// Lifetime, e.g. 1h, 30m, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: humantime::Duration,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut config = Config::load(&cli.config)?;
+    match cli.command.unwrap_or(Command::Serve {
+        listen: None,
+        log_format: None,
+    }) {
+        Command::Token { user, ttl } => {
+            let auth = Authenticator::new(&config.auth)?;
+            let ttl: Duration = ttl.into();
+            println!("{}", auth.mint(&user, ttl)?);
+            Ok(())
+        }
+        Command::Serve { listen, log_format } => {
+            if let Some(listen) = listen {
+                config.server.listen = listen;
+            }
+            if let Some(f) = log_format {
+                config.log.format = match f.as_str() {
+                    "json" => LogFormat::Json,
+                    "text" => LogFormat::Text,
+                    other => anyhow::bail!("unknown log format {other:?} (text or json)"),
+                };
+            }
+            init_logging(&config);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(serve(config))
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(config.log.filter.clone()));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    if config.auth.algorithm == JwtAlgorithm::HS256 && config.auth.jwt_secret == DEV_JWT_SECRET {
+        tracing::warn!(
+            "auth.jwt_secret is the built-in development secret: set PARLEY_AUTH__JWT_SECRET before exposing parley"
+        );
+    }
+    let server = Server::start(config).await.context("starting the server")?;
+    shutdown_signal().await;
+    tracing::info!("shutdown signal: draining connections");
+    server.shutdown();
+    server.wait().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,335 @@
+//! One transport connection's view of the session layer: turns decoded client commands
+//! into replies, binds the connection to a session on `connect` (new or resumed), and
+//! tells the transport when to close. Every transport drives the same `Conn`, so there
+//! is one copy of the command logic.
+
+use std::sync::Arc;
+
+use super::{Attachment, Death, Session, Sessions, Take};
+use crate::{
+    auth::{AuthError, Authenticator, now_ms},
+    chat::Chat,
+    config::Config,
+    error::{ChatError, wire_error},
+    metrics::Metrics,
+    proto::{self, ClientFrame, ErrorCode, ServerFrame, client_frame::Cmd, server_frame::Kind},
+};
+
+/// Everything the session layer needs, shared by all connections.
+pub struct Core {
+    pub config: Arc<Config>,
+    pub chat: Arc<Chat>,
+    pub sessions: Arc<Sessions>,
+    pub auth: Authenticator,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Why the server closes a transport. `code()` is the WebSocket close code and the
+/// `Disconnect.code` sent just before closing (docs/PROTOCOL.md, "Close codes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// 1001: the server is shutting down; reconnect (elsewhere) and resume.
+    ShuttingDown,
+    /// 1009: a frame larger than `ws.max_frame_bytes`.
+    FrameTooLarge,
+    /// 4001: missing, invalid or expired token. Do not reconnect with the same token.
+    Unauthorized,
+    /// 4002: no `connect` within the auth timeout.
+    AuthTimeout,
+    /// 4008: the outbound queue overflowed; reconnect and log-sync.
+    SlowConsumer,
+    /// 4009: nothing received within heartbeat interval + pong timeout.
+    HeartbeatTimeout,
+    /// 4010: the session was resumed on another connection.
+    SessionMoved,
+    /// 4011: the session ended on the server; reconnect and log-sync.
+    SessionExpired,
+}
+
+impl CloseReason {
+    pub fn code(self) -> u16 {
+        match self {
+            CloseReason::ShuttingDown => 1001,
+            CloseReason::FrameTooLarge => 1009,
+            CloseReason::Unauthorized => 4001,
+            CloseReason::AuthTimeout => 4002,
+            CloseReason::SlowConsumer => 4008,
+            CloseReason::HeartbeatTimeout => 4009,
+            CloseReason::SessionMoved => 4010,
+            CloseReason::SessionExpired => 4011,
+        }
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            CloseReason::ShuttingDown => "server shutting down",
+            CloseReason::FrameTooLarge => "frame too large",
+            CloseReason::Unauthorized => "unauthorized",
+            CloseReason::AuthTimeout => "connect timeout",
+            CloseReason::SlowConsumer => "slow consumer",
+            CloseReason::HeartbeatTimeout => "heartbeat timeout",
+            CloseReason::SessionMoved => "session resumed elsewhere",
+            CloseReason::SessionExpired => "session expired",
+        }
+    }
+
+    pub fn reconnect(self) -> bool {
+        !matches!(self, CloseReason::Unauthorized | CloseReason::SessionMoved)
+    }
+
+    /// The `disconnect` frame announcing this close.
+    pub fn frame(self) -> ServerFrame {
+        ServerFrame {
+            id: 0,
+            pos: 0,
+            kind: Some(Kind::Disconnect(proto::Disconnect {
+                code: self.code() as u32,
+                reason: self.reason().to_string(),
+                reconnect: self.reconnect(),
+            })),
+        }
+    }
+
+    fn from_death(d: Death) -> Self {
+        match d {
+            Death::SlowConsumer => CloseReason::SlowConsumer,
+            Death::Expired => CloseReason::SessionExpired,
+        }
+    }
+}
+
+/// What the transport does after a command.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Send this frame.
+    Reply(ServerFrame),
+    /// Nothing to send (ack).
+    Silent,
+    /// Send this frame, then close for this reason.
+    Close(ServerFrame, CloseReason),
+}
+
+struct Bound {
+    session: Arc<Session>,
+    attachment: Attachment,
+}
+
+/// The session side of one transport connection.
+pub struct Conn {
+    core: Arc<Core>,
+    bound: Option<Bound>,
+}
+
+fn error_frame(id: u64, code: ErrorCode, message: impl Into<String>) -> ServerFrame {
+    ServerFrame {
+        id,
+        pos: 0,
+        kind: Some(Kind::Error(wire_error(code, message))),
+    }
+}
+
+impl Conn {
+    pub fn new(core: Arc<Core>) -> Self {
+        Self { core, bound: None }
+    }
+
+    pub fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.bound.is_some()
+    }
+
+    pub fn attachment(&self) -> Option<&Attachment> {
+        self.bound.as_ref().map(|b| &b.attachment)
+    }
+
+    /// Up to `max` pushes to write, or why the transport must close.
+    pub fn take(&self, max: usize) -> Result<Vec<(u64, Arc<crate::codec::Push>)>, CloseReason> {
+        let Some(b) = &self.bound else {
+            return Ok(Vec::new());
+        };
+        match b.session.take(&b.attachment, max) {
+            Take::Pushes(p) => Ok(p),
+            Take::Revoked => Err(CloseReason::SessionMoved),
+            Take::Dead(d) => {
+                self.core.sessions.remove(&b.session);
+                Err(CloseReason::from_death(d))
+            }
+        }
+    }
+
+    /// The transport is gone: the session waits for a resume for the grace period.
+    pub fn detach(&mut self) {
+        if let Some(b) = self.bound.take() {
+            b.session.detach(&b.attachment);
+        }
+    }
+
+    /// An error frame not tied to a command (id 0), counted in the metrics.
+    pub fn error(&self, code: ErrorCode, message: impl Into<String>) -> ServerFrame {
+        self.core.metrics.error(code);
+        error_frame(0, code, message)
+    }
+
+    /// Reports a frame that could not be decoded.
+    pub fn bad_frame(&self, why: impl std::fmt::Display) -> ServerFrame {
+        self.error(ErrorCode::BadFrame, why.to_string())
+    }
+
+    pub async fn handle(&mut self, frame: ClientFrame) -> Outcome {
+        let id = frame.id;
+        let Some(cmd) = frame.cmd else {
+            self.core.metrics.error(ErrorCode::UnknownCommand);
+            return Outcome::Reply(error_frame(
+                id,
+                ErrorCode::UnknownCommand,
+                "unknown command",
+            ));
+        };
+        let bound = match (&self.bound, cmd) {
+            (None, Cmd::Connect(c)) => return self.connect(id, c).await,
+            (Some(_), Cmd::Connect(_)) => {
+                return Outcome::Reply(self.err(
+                    id,
+                    ErrorCode::AlreadyConnected,
+                    "already connected",
+                ));
+            }
+            (None, Cmd::Ping(_)) => return Outcome::Reply(pong(id)),
+            (None, _) => {
+                return Outcome::Reply(self.err(id, ErrorCode::NotConnected, "send connect first"));
+            }
+            (Some(b), cmd) => (b.session.clone(), cmd),
+        };
+        let (session, cmd) = bound;
+        let user = session.user_id();
+        let chat = &self.core.chat;
+        let result: Result<Kind, ChatError> = match cmd {
+            Cmd::Connect(_) => unreachable!("handled above"),
+            Cmd::Ping(_) => return Outcome::Reply(pong(id)),
+            Cmd::Ack(a) => {
+                session.ack(a.pos);
+                return Outcome::Silent;
+            }
+            Cmd::Join(j) => chat.join(user, &j.room).await.map(Kind::Joined),
+            Cmd::Leave(l) => chat.leave(user, &l.room).await.map(Kind::Left),
+            Cmd::Send(s) => {
+                let r = chat.send(user, s).await.map(Kind::Sent);
+                if r.is_ok() {
+                    self.core.metrics.messages.inc();
+                }
+                r
+            }
+            Cmd::History(h) => chat.history(user, h).await.map(Kind::History),
+            Cmd::Sync(s) => chat.sync(user, s).await.map(Kind::Sync),
+        };
+        Outcome::Reply(match result {
+            Ok(kind) => ServerFrame {
+                id,
+                pos: 0,
+                kind: Some(kind),
+            },
+            Err(e) => {
+                if matches!(e, ChatError::Store(_) | ChatError::Broker(_)) {
+                    tracing::error!(error = %e, "command failed");
+                }
+                self.core.metrics.error(e.code());
+                ServerFrame {
+                    id,
+                    pos: 0,
+                    kind: Some(Kind::Error(e.to_proto())),
+                }
+            }
+        })
+    }
+
+    fn err(&self, id: u64, code: ErrorCode, message: &str) -> ServerFrame {
+        self.core.metrics.error(code);
+        error_frame(id, code, message)
+    }
+
+    async fn connect(&mut self, id: u64, c: proto::Connect) -> Outcome {
+        let user = match self.core.auth.verify(&c.token) {
+            Ok(user) => user,
+            Err(e) => {
+                let code = match e {
+                    AuthError::Expired => ErrorCode::TokenExpired,
+                    _ => ErrorCode::Unauthorized,
+                };
+                return Outcome::Close(
+                    self.err(id, code, &e.to_string()),
+                    CloseReason::Unauthorized,
+                );
+            }
+        };
+        let sessions = &self.core.sessions;
+        let resumable = (!c.session_id.is_empty())
+            .then(|| sessions.get(&c.session_id))
+            .flatten()
+            .filter(|s| s.user_id() == user);
+        let mut resumed = None;
+        if let Some(s) = resumable {
+            if s.resume_from(c.last_pos) {
+                resumed = s.attach().map(|a| (s.clone(), a));
+            }
+            if resumed.is_none() {
+                // Its pushes can no longer be replayed exactly: end it; log sync covers
+                // the messages.
+                s.kill(Death::Expired);
+                sessions.remove(&s);
+            }
+        }
+        let was_resumed = resumed.is_some();
+        let (session, attachment) = match resumed {
+            Some(pair) => pair,
+            None => {
+                let s = sessions.create(&user);
+                if let Err(e) = self.core.chat.attach(s.clone()).await {
+                    sessions.remove(&s);
+                    return Outcome::Reply(ServerFrame {
+                        id,
+                        pos: 0,
+                        kind: Some(Kind::Error(e.to_proto())),
+                    });
+                }
+                let Some(a) = s.attach() else {
+                    return Outcome::Reply(self.err(id, ErrorCode::Internal, "session ended"));
+                };
+                (s, a)
+            }
+        };
+        let rooms = match self.core.chat.rooms_of(&user).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "rooms_of failed");
+                Vec::new()
+            }
+        };
+        let connected = proto::Connected {
+            session_id: session.id().to_string(),
+            user_id: user,
+            resumed: was_resumed,
+            heartbeat_ms: self.core.config.ws.heartbeat_interval.as_millis() as u32,
+            rooms,
+        };
+        self.bound = Some(Bound {
+            session,
+            attachment,
+        });
+        Outcome::Reply(ServerFrame {
+            id,
+            pos: 0,
+            kind: Some(Kind::Connected(connected)),
+        })
+    }
+}
+
+fn pong(id: u64) -> ServerFrame {
+    ServerFrame {
+        id,
+        pos: 0,
+        kind: Some(Kind::Pong(proto::Pong { ts: now_ms() })),
+    }
+}

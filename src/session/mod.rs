@@ -1,0 +1,367 @@
+//! The transport-agnostic session layer (DESIGN.md, delivery model point 3).
+//!
+//! A [`Session`] belongs to one authenticated user and outlives its transport: every push
+//! gets the next session position; the attached transport takes pushes in position order
+//! and the client acknowledges positions; when the transport drops, the session keeps its
+//! queue for the grace period, and a resume with the last seen position — on any
+//! transport — replays exactly the pushes after it.
+//!
+//! Memory is bounded twice: pushes not yet written (`max_queue_bytes`, overflow kills the
+//! session as a slow consumer) and pushes written but not acknowledged
+//! (`replay_buffer_bytes`, overflow forgets the oldest; a resume from before them falls
+//! back to log sync).
+//!
+//! Owns: positions, queues, acks, resume, attach/detach, expiry. Not: sockets or
+//! encodings (`transport`), rooms and messages (`chat`).
+
+pub mod conn;
+mod registry;
+
+pub use conn::{CloseReason, Conn, Core, Outcome};
+pub use registry::Sessions;
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::Notify;
+
+use crate::{chat::hub::Recipient, codec::Push};
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Death {
+    /// Unsent pushes exceeded `max_queue_bytes`.
+    SlowConsumer,
+    /// Detached for longer than the grace period, or removed.
+    Expired,
+}
+
+/// Byte bounds of one session.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_queue_bytes: usize,
+    pub replay_buffer_bytes: usize,
+}
+
+struct Entry {
+    pos: u64,
+    push: Arc<Push>,
+    cost: usize,
+}
+
+/// The right of one transport to deliver this session's pushes. A newer attach (a resume
+/// from another transport) revokes it.
+#[derive(Clone)]
+pub struct Attachment {
+    generation: u64,
+    notify: Arc<Notify>,
+}
+
+impl Attachment {
+    /// Resolves when pushes may be ready, or the attachment was revoked.
+    pub async fn ready(&self) {
+        self.notify.notified().await
+    }
+}
+
+struct State {
+    /// Entries still held: `queue[..sent]` written and not yet acknowledged,
+    /// `queue[sent..]` not yet written. Positions are contiguous.
+    queue: VecDeque<Entry>,
+    sent: usize,
+    next_pos: u64,
+    unsent_bytes: usize,
+    retained_bytes: usize,
+    generation: u64,
+    attached: Option<Attachment>,
+    detached_since: Option<Instant>,
+    dead: Option<Death>,
+}
+
+/// What a transport gets when it asks for pushes.
+pub enum Take {
+    /// Pushes in position order (possibly none).
+    Pushes(Vec<(u64, Arc<Push>)>),
+    /// Another transport resumed this session.
+    Revoked,
+    Dead(Death),
+}
+
+pub struct Session {
+    id: String,
+    user: Arc<str>,
+    recipient_id: u64,
+    limits: Limits,
+    state: Mutex<State>,
+}
+
+impl Session {
+    fn new(id: String, user: &str, recipient_id: u64, limits: Limits) -> Self {
+        Self {
+            id,
+            user: user.into(),
+            recipient_id,
+            limits,
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                sent: 0,
+                next_pos: 1,
+                unsent_bytes: 0,
+                retained_bytes: 0,
+                generation: 0,
+                attached: None,
+                detached_since: Some(Instant::now()),
+                dead: None,
+            }),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn user_id(&self) -> &str {
+        &self.user
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The position the next push will get.
+    pub fn next_pos(&self) -> u64 {
+        self.lock().next_pos
+    }
+
+    pub fn death(&self) -> Option<Death> {
+        self.lock().dead
+    }
+
+    fn die(state: &mut State, why: Death) {
+        if state.dead.is_none() {
+            state.dead = Some(why);
+        }
+        state.queue = VecDeque::new();
+        state.sent = 0;
+        state.unsent_bytes = 0;
+        state.retained_bytes = 0;
+        if let Some(a) = &state.attached {
+            a.notify.notify_one();
+        }
+    }
+
+    /// Ends the session (it will be reaped).
+    pub fn kill(&self, why: Death) {
+        Self::die(&mut self.lock(), why);
+    }
+
+    /// Makes the calling transport the one that delivers; revokes any previous one.
+    pub fn attach(&self) -> Option<Attachment> {
+        let mut s = self.lock();
+        if s.dead.is_some() {
+            return None;
+        }
+        s.generation += 1;
+        let attachment = Attachment {
+            generation: s.generation,
+            notify: Arc::new(Notify::new()),
+        };
+        if let Some(old) = s.attached.replace(attachment.clone()) {
+            old.notify.notify_one();
+        }
+        s.detached_since = None;
+        // Anything already queued is ready for the new transport.
+        attachment.notify.notify_one();
+        Some(attachment)
+    }
+
+    /// The transport holding `attachment` is gone; the grace period starts.
+    pub fn detach(&self, attachment: &Attachment) {
+        let mut s = self.lock();
+        if s.attached
+            .as_ref()
+            .is_some_and(|a| a.generation == attachment.generation)
+        {
+            s.attached = None;
+            s.detached_since = Some(Instant::now());
+        }
+    }
+
+    /// The client has every push up to `pos`: forget them.
+    pub fn ack(&self, pos: u64) {
+        let mut s = self.lock();
+        while s.sent > 0 && s.queue.front().is_some_and(|e| e.pos <= pos) {
+            let e = s.queue.pop_front().expect("front checked");
+            s.sent -= 1;
+            s.retained_bytes -= e.cost;
+        }
+    }
+
+    /// Prepares a resume from `last_pos` (the last position the client saw): everything
+    /// after it will be delivered again, in order. Fails when pushes after `last_pos` were
+    /// already forgotten (or `last_pos` is in the future); then only log sync can help.
+    pub fn resume_from(&self, last_pos: u64) -> bool {
+        let mut s = self.lock();
+        if s.dead.is_some() || last_pos >= s.next_pos {
+            return false;
+        }
+        let first = s.next_pos - s.queue.len() as u64;
+        if last_pos + 1 < first {
+            return false;
+        }
+        while s.queue.front().is_some_and(|e| e.pos <= last_pos) {
+            s.queue.pop_front();
+        }
+        s.sent = 0;
+        s.unsent_bytes = s.queue.iter().map(|e| e.cost).sum();
+        s.retained_bytes = 0;
+        true
+    }
+
+    /// Takes up to `max` unsent pushes for the transport holding `attachment`.
+    pub fn take(&self, attachment: &Attachment, max: usize) -> Take {
+        let mut s = self.lock();
+        if let Some(why) = s.dead {
+            return Take::Dead(why);
+        }
+        if s.attached
+            .as_ref()
+            .is_none_or(|a| a.generation != attachment.generation)
+        {
+            return Take::Revoked;
+        }
+        let start = s.sent;
+        let end = (start + max).min(s.queue.len());
+        let mut out = Vec::with_capacity(end - start);
+        let mut moved = 0;
+        for e in s.queue.range(start..end) {
+            out.push((e.pos, e.push.clone()));
+            moved += e.cost;
+        }
+        s.sent = end;
+        s.unsent_bytes -= moved;
+        s.retained_bytes += moved;
+        // Keep the replay buffer within bounds by forgetting the oldest written pushes.
+        while s.retained_bytes > self.limits.replay_buffer_bytes && s.sent > 0 {
+            let e = s.queue.pop_front().expect("sent > 0");
+            s.sent -= 1;
+            s.retained_bytes -= e.cost;
+        }
+        Take::Pushes(out)
+    }
+
+    /// Whether the session should be removed: dead, or detached past `grace`.
+    pub fn expired(&self, now: Instant, grace: Duration) -> bool {
+        let s = self.lock();
+        s.dead.is_some()
+            || s.detached_since
+                .is_some_and(|t| now.duration_since(t) >= grace)
+    }
+}
+
+impl Recipient for Session {
+    fn recipient_id(&self) -> u64 {
+        self.recipient_id
+    }
+
+    fn user(&self) -> &str {
+        &self.user
+    }
+
+    fn push(&self, push: &Arc<Push>) {
+        let cost = push.cost();
+        let mut s = self.lock();
+        if s.dead.is_some() {
+            return;
+        }
+        let pos = s.next_pos;
+        s.next_pos += 1;
+        s.queue.push_back(Entry {
+            pos,
+            push: push.clone(),
+            cost,
+        });
+        s.unsent_bytes += cost;
+        if s.unsent_bytes > self.limits.max_queue_bytes {
+            Self::die(&mut s, Death::SlowConsumer);
+        } else if let Some(a) = &s.attached {
+            a.notify.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Pong, server_frame::Kind};
+
+    fn push() -> Arc<Push> {
+        Arc::new(Push::new(Kind::Pong(Pong { ts: 1 })))
+    }
+
+    fn positions(t: Take) -> Vec<u64> {
+        match t {
+            Take::Pushes(v) => v.into_iter().map(|(p, _)| p).collect(),
+            _ => panic!("not pushes"),
+        }
+    }
+
+    fn session(max_queue: usize, replay: usize) -> Session {
+        Session::new(
+            "s".into(),
+            "u",
+            1,
+            Limits {
+                max_queue_bytes: max_queue,
+                replay_buffer_bytes: replay,
+            },
+        )
+    }
+
+    #[test]
+    fn resume_replays_exactly_what_was_missed() {
+        let s = session(1 << 20, 1 << 20);
+        let a = s.attach().unwrap();
+        for _ in 0..5 {
+            s.push(&push());
+        }
+        assert_eq!(positions(s.take(&a, 100)), vec![1, 2, 3, 4, 5]);
+        s.detach(&a);
+        s.push(&push());
+        // The client saw up to 3.
+        assert!(s.resume_from(3));
+        let b = s.attach().unwrap();
+        assert!(matches!(s.take(&a, 100), Take::Revoked));
+        assert_eq!(positions(s.take(&b, 100)), vec![4, 5, 6]);
+        assert_eq!(positions(s.take(&b, 100)), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn overflow_kills_as_slow_consumer() {
+        let cost = push().cost();
+        let s = session(cost * 3, 1 << 20);
+        let a = s.attach().unwrap();
+        for _ in 0..4 {
+            s.push(&push());
+        }
+        assert!(matches!(s.take(&a, 10), Take::Dead(Death::SlowConsumer)));
+    }
+
+    #[test]
+    fn forgotten_pushes_make_resume_fail() {
+        let cost = push().cost();
+        let s = session(1 << 20, cost * 2);
+        let a = s.attach().unwrap();
+        for _ in 0..5 {
+            s.push(&push());
+        }
+        s.take(&a, 10);
+        // Only 4 and 5 are retained.
+        assert!(!s.resume_from(2));
+        assert!(s.resume_from(3));
+        assert!(!s.resume_from(99));
+    }
+}

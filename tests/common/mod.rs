@@ -1,0 +1,319 @@
+//! Shared test harness: a real parley server on an ephemeral port (in-process, memory
+//! backends) and a real WebSocket client (tokio-tungstenite, an independent
+//! implementation of RFC 6455).
+#![allow(dead_code)]
+
+use std::{collections::VecDeque, net::SocketAddr, time::Duration};
+
+use futures_util::{SinkExt, StreamExt};
+use parley::{
+    auth::Authenticator,
+    codec::{self, Encoding},
+    config::Config,
+    proto::{self, ClientFrame, ServerFrame, client_frame::Cmd, server_frame::Kind},
+    server::Server,
+};
+use tokio::net::TcpStream;
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream,
+    tungstenite::{Message, client::IntoClientRequest, http::HeaderValue, protocol::CloseFrame},
+};
+
+pub const WAIT: Duration = Duration::from_secs(5);
+
+pub struct TestServer {
+    pub server: Server,
+    pub config: Config,
+}
+
+pub fn test_config() -> Config {
+    let mut c = Config::default();
+    c.server.listen = "127.0.0.1:0".parse().unwrap();
+    c.auth.jwt_secret = "test-secret".into();
+    c
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(edit: impl FnOnce(&mut Config)) -> Self {
+        let mut config = test_config();
+        edit(&mut config);
+        let server = Server::start(config.clone()).await.expect("server starts");
+        Self { server, config }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        Authenticator::new(&self.config.auth)
+            .unwrap()
+            .mint(user, Duration::from_secs(3600))
+            .unwrap()
+    }
+
+    pub fn expired_token(&self, user: &str) -> String {
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            - 3600;
+        Authenticator::new(&self.config.auth)
+            .unwrap()
+            .mint_with_exp(user, exp)
+            .unwrap()
+    }
+
+    /// A connected, authenticated client.
+    pub async fn client(&self, user: &str, encoding: Encoding) -> Client {
+        let mut c = Client::open(self.addr(), Some(encoding)).await;
+        let connected = c.connect(&self.token(user)).await;
+        assert_eq!(connected.user_id, user);
+        c
+    }
+
+    /// Plain HTTP GET; returns (status, body).
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        http_get(self.addr(), path).await
+    }
+}
+
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How a connection ended.
+#[derive(Debug)]
+pub struct Closed {
+    /// The `disconnect` frame sent before the close, if any.
+    pub disconnect: Option<proto::Disconnect>,
+    /// Error frames received on the way.
+    pub errors: Vec<proto::Error>,
+    pub code: Option<u16>,
+}
+
+pub struct Client {
+    pub ws: Ws,
+    pub encoding: Encoding,
+    next_id: u64,
+    /// Pushes (and stray frames) received while waiting for a reply.
+    pub inbox: VecDeque<ServerFrame>,
+    pub session_id: String,
+    /// Highest push position seen.
+    pub last_pos: u64,
+}
+
+impl Client {
+    /// Opens a WebSocket, offering the encoding's subprotocol (or none).
+    pub async fn open(addr: SocketAddr, encoding: Option<Encoding>) -> Client {
+        let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+        if let Some(e) = encoding {
+            req.headers_mut().insert(
+                "Sec-WebSocket-Protocol",
+                HeaderValue::from_static(e.subprotocol()),
+            );
+        }
+        let (ws, resp) = tokio_tungstenite::connect_async(req)
+            .await
+            .expect("ws connects");
+        let negotiated = resp
+            .headers()
+            .get("Sec-WebSocket-Protocol")
+            .map(|v| Encoding::from_subprotocol(v.to_str().unwrap()).unwrap());
+        assert_eq!(
+            negotiated, encoding,
+            "server echoes the offered subprotocol"
+        );
+        Client {
+            ws,
+            encoding: encoding.unwrap_or(Encoding::Json),
+            next_id: 1,
+            inbox: VecDeque::new(),
+            session_id: String::new(),
+            last_pos: 0,
+        }
+    }
+
+    pub async fn send_raw(&mut self, msg: Message) {
+        self.ws.send(msg).await.expect("send");
+    }
+
+    /// Sends a command; returns its id.
+    pub async fn send(&mut self, cmd: Cmd) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let frame = ClientFrame { id, cmd: Some(cmd) };
+        let bytes = codec::encode_client(self.encoding, &frame);
+        let msg = match self.encoding {
+            Encoding::Json => Message::Text(String::from_utf8(bytes.to_vec()).unwrap().into()),
+            Encoding::Proto => Message::Binary(bytes),
+        };
+        self.send_raw(msg).await;
+        id
+    }
+
+    /// The next data frame from the socket (not the inbox).
+    pub async fn read(&mut self) -> Option<ServerFrame> {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("frame in time")?;
+            let frame = match msg.ok()? {
+                Message::Text(t) => codec_decode(Encoding::Json, t.as_bytes()),
+                Message::Binary(b) => codec_decode(Encoding::Proto, &b),
+                Message::Close(_) => return None,
+                _ => continue,
+            };
+            if frame.pos > 0 {
+                assert_eq!(frame.pos, self.last_pos + 1, "push positions have no gaps");
+                self.last_pos = frame.pos;
+            }
+            return Some(frame);
+        }
+    }
+
+    /// Sends a command and waits for its reply; pushes go to the inbox.
+    pub async fn request(&mut self, cmd: Cmd) -> Kind {
+        let id = self.send(cmd).await;
+        loop {
+            let frame = self.read().await.expect("reply before close");
+            if frame.id == id && frame.pos == 0 {
+                return frame.kind.expect("reply has a kind");
+            }
+            self.inbox.push_back(frame);
+        }
+    }
+
+    pub async fn connect(&mut self, token: &str) -> proto::Connected {
+        self.connect_with(proto::Connect {
+            token: token.into(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    pub async fn connect_with(&mut self, c: proto::Connect) -> proto::Connected {
+        match self.request(Cmd::Connect(c)).await {
+            Kind::Connected(c) => {
+                self.session_id = c.session_id.clone();
+                c
+            }
+            other => panic!("expected connected, got {other:?}"),
+        }
+    }
+
+    pub async fn join(&mut self, room: &str) -> proto::Joined {
+        match self
+            .request(Cmd::Join(proto::Join { room: room.into() }))
+            .await
+        {
+            Kind::Joined(j) => j,
+            other => panic!("expected joined, got {other:?}"),
+        }
+    }
+
+    pub async fn send_msg(&mut self, room: &str, cmid: &str, body: &str) -> proto::Sent {
+        let send = proto::Send {
+            room: room.into(),
+            client_msg_id: cmid.into(),
+            body: body.into(),
+            metadata: Default::default(),
+        };
+        match self.request(Cmd::Send(send)).await {
+            Kind::Sent(s) => s,
+            other => panic!("expected sent, got {other:?}"),
+        }
+    }
+
+    /// The next push (from the inbox first).
+    pub async fn next_push(&mut self) -> ServerFrame {
+        if let Some(f) = self.inbox.pop_front() {
+            return f;
+        }
+        self.read().await.expect("push before close")
+    }
+
+    pub async fn next_message(&mut self) -> proto::Message {
+        match self.next_push().await.kind {
+            Some(Kind::Message(m)) => m,
+            other => panic!("expected message, got {other:?}"),
+        }
+    }
+
+    /// The next raw WebSocket message (control frames included).
+    pub async fn ws_next(&mut self) -> Message {
+        tokio::time::timeout(WAIT, self.ws.next())
+            .await
+            .expect("message in time")
+            .expect("open")
+            .expect("ok")
+    }
+
+    /// Reads until the server closes; collects the disconnect frame, errors and code.
+    pub async fn closed(mut self) -> Closed {
+        let mut out = Closed {
+            disconnect: None,
+            errors: Vec::new(),
+            code: None,
+        };
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("close in time");
+            match msg {
+                Some(Ok(Message::Text(t))) => {
+                    collect(&mut out, codec_decode(Encoding::Json, t.as_bytes()))
+                }
+                Some(Ok(Message::Binary(b))) => {
+                    collect(&mut out, codec_decode(Encoding::Proto, &b))
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    out.code = frame.map(|f: CloseFrame| u16::from(f.code));
+                    return out;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return out,
+            }
+        }
+    }
+}
+
+fn collect(out: &mut Closed, f: ServerFrame) {
+    match f.kind {
+        Some(Kind::Disconnect(d)) => out.disconnect = Some(d),
+        Some(Kind::Error(e)) => out.errors.push(e),
+        _ => {}
+    }
+}
+
+pub fn codec_decode(encoding: Encoding, bytes: &[u8]) -> ServerFrame {
+    match encoding {
+        Encoding::Json => serde_json::from_slice(bytes).expect("server JSON decodes"),
+        Encoding::Proto => prost::Message::decode(bytes).expect("server protobuf decodes"),
+    }
+}
+
+pub fn code_of(e: &proto::Error) -> proto::ErrorCode {
+    proto::ErrorCode::try_from(e.code).unwrap()
+}
