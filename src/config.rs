@@ -214,9 +214,14 @@ pub enum ConfigError {
 impl Config {
     /// Defaults, then `file` (if it exists), then `PARLEY_*` environment variables.
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        Self::load_with_env_prefix(file, "PARLEY_")
+    }
+
+    /// [`Config::load`] with another environment prefix (tests use their own).
+    pub fn load_with_env_prefix(file: &Path, prefix: &str) -> Result<Config, ConfigError> {
         Figment::from(Serialized::defaults(Config::default()))
             .merge(Toml::file(file))
-            .merge(Env::prefixed("PARLEY_").split("__"))
+            .merge(Env::prefixed(prefix).split("__"))
             .extract()
             .map_err(|e| ConfigError::Figment(Box::new(e)))
     }

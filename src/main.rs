@@ -42,6 +42,12 @@ enum Command {
         #[arg(long)]
         log_format: Option<String>,
     },
+    /// Exit 0 if the server at ADDR answers /healthz (for container health checks).
+    Health {
+        /// host:port of a running parley.
+        #[arg(default_value = "127.0.0.1:8080")]
+        addr: String,
+    },
     /// Mint a token for development (signed with the configured key).
     Token {
         /// The user id (the token's `sub`).
@@ -59,6 +65,7 @@ fn main() -> anyhow::Result<()> {
         listen: None,
         log_format: None,
     }) {
+        Command::Health { addr } => health(&addr),
         Command::Token { user, ttl } => {
             let auth = Authenticator::new(&config.auth)?;
             let ttl: Duration = ttl.into();
@@ -82,6 +89,28 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(serve(config))
         }
+    }
+}
+
+/// A minimal HTTP/1.1 GET /healthz, so the container image needs no curl.
+fn health(addr: &str) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let timeout = Duration::from_secs(3);
+    let target = std::net::ToSocketAddrs::to_socket_addrs(addr)?
+        .next()
+        .context("address resolves to nothing")?;
+    let mut stream = std::net::TcpStream::connect_timeout(&target, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    if response.starts_with("HTTP/1.1 200") {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "unhealthy: {}",
+            response.lines().next().unwrap_or("no response")
+        )
     }
 }
 

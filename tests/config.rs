@@ -1,0 +1,79 @@
+//! `config/parley.toml` documents every option with its default: it must parse to exactly
+//! `Config::default()` and name every option the code has.
+
+use std::collections::BTreeSet;
+
+use parley::config::Config;
+
+fn keys(value: &toml::Value, prefix: &str, out: &mut BTreeSet<String>) {
+    if let toml::Value::Table(t) = value {
+        for (k, v) in t {
+            let path = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            if v.is_table() {
+                keys(v, &path, out);
+            } else {
+                out.insert(path);
+            }
+        }
+    }
+}
+
+/// Options that default to "unset" and so appear commented out in the file.
+const OPTIONAL: [&str; 2] = ["auth.public_key_file", "auth.private_key_file"];
+
+#[test]
+fn shipped_config_is_exactly_the_defaults() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/parley.toml");
+    let parsed = Config::load(path.as_ref()).expect("config/parley.toml parses");
+    assert_eq!(parsed, Config::default());
+
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut in_file = BTreeSet::new();
+    keys(
+        &toml::Value::Table(toml::from_str(&text).unwrap()),
+        "",
+        &mut in_file,
+    );
+    let mut in_code = BTreeSet::new();
+    keys(
+        &toml::Value::try_from(Config::default()).unwrap(),
+        "",
+        &mut in_code,
+    );
+    assert_eq!(in_file, in_code, "every option is in config/parley.toml");
+    for key in OPTIONAL {
+        assert!(
+            text.contains(&format!("# {}", key.split('.').nth(1).unwrap())),
+            "{key} documented"
+        );
+    }
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    // SAFETY: only this test reads variables with this prefix, and nothing else in the
+    // process mutates the environment concurrently.
+    unsafe {
+        std::env::set_var("PARLEYTEST_WS__HEARTBEAT_INTERVAL", "3s");
+        std::env::set_var("PARLEYTEST_SESSION__MAX_QUEUE_BYTES", "1234");
+    }
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/parley.toml");
+    let c = Config::load_with_env_prefix(path.as_ref(), "PARLEYTEST_").unwrap();
+    assert_eq!(c.ws.heartbeat_interval, std::time::Duration::from_secs(3));
+    assert_eq!(c.session.max_queue_bytes, 1234);
+}
+
+#[test]
+fn unknown_options_are_rejected() {
+    let dir = std::env::temp_dir().join(format!("parley-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "[ws]\nheartbeat = \"5s\"\n").unwrap();
+    let err = Config::load(&file).unwrap_err().to_string();
+    assert!(err.contains("heartbeat"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
