@@ -59,6 +59,16 @@ fn read(path: &str) -> Result<Vec<u8>, AuthSetupError> {
 /// Longest user id accepted from a token.
 pub const MAX_USER_ID_BYTES: usize = 128;
 
+/// User ids are 1..=128 bytes of `A-Z a-z 0-9 _ . @ | + -` (no `:`, which separates the
+/// two users in a direct-message room name).
+pub fn valid_user_id(user: &str) -> bool {
+    !user.is_empty()
+        && user.len() <= MAX_USER_ID_BYTES
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.@|+-".contains(&b))
+}
+
 impl Authenticator {
     pub fn new(config: &AuthConfig) -> Result<Self, AuthSetupError> {
         let (algorithm, decoding, encoding) = match config.algorithm {
@@ -115,8 +125,10 @@ impl Authenticator {
                 _ => AuthError::Invalid(e.to_string()),
             })?;
         let sub = data.claims.sub;
-        if sub.is_empty() || sub.len() > MAX_USER_ID_BYTES || sub.chars().any(char::is_control) {
-            return Err(AuthError::Invalid("bad sub claim".into()));
+        if !valid_user_id(&sub) {
+            return Err(AuthError::Invalid(
+                "sub must be 1..=128 bytes of A-Z a-z 0-9 _ . @ | + -".into(),
+            ));
         }
         Ok(sub)
     }

@@ -25,6 +25,7 @@ pub struct Config {
     pub ws: WsConfig,
     pub session: SessionConfig,
     pub chat: ChatConfig,
+    pub store: StoreConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -98,6 +99,9 @@ pub struct AuthConfig {
     /// A new connection must send `connect` within this time or is closed.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Bearer token for the admin HTTP API (announcements, server-side publish). Empty
+    /// disables those endpoints.
+    pub admin_token: String,
 }
 
 impl Default for AuthConfig {
@@ -109,6 +113,7 @@ impl Default for AuthConfig {
             private_key_file: None,
             leeway: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
+            admin_token: String::new(),
         }
     }
 }
@@ -189,6 +194,9 @@ pub struct ChatConfig {
     pub history_default_limit: u32,
     /// Largest history page and per-room sync batch.
     pub history_max_limit: u32,
+    /// A user's typing events in one room are accepted at most this often.
+    #[serde(with = "humantime_serde")]
+    pub typing_interval: Duration,
 }
 
 impl Default for ChatConfig {
@@ -200,6 +208,50 @@ impl Default for ChatConfig {
             max_metadata_entries: 16,
             history_default_limit: 50,
             history_max_limit: 500,
+            typing_interval: Duration::from_millis(1000),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// fsync at every commit: an acknowledged message survives power loss.
+    Full,
+    /// fsync at checkpoints only: survives a process crash (`kill -9`), not power loss.
+    Normal,
+}
+
+impl Synchronous {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// SQLite database file (its directory is created), or `:memory:` for a throwaway
+    /// in-memory database.
+    pub path: String,
+    /// SQLite `synchronous` mode in WAL: `full` or `normal`.
+    pub synchronous: Synchronous,
+    /// Most writes folded into one group commit.
+    pub max_batch: usize,
+    /// Read-only connections for history, sync and room lists.
+    pub read_connections: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: "data/parley.db".into(),
+            synchronous: Synchronous::Full,
+            max_batch: 512,
+            read_connections: 4,
         }
     }
 }

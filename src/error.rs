@@ -9,6 +9,16 @@ pub enum ChatError {
     InvalidArgument(String),
     #[error("not a member of room {0:?}")]
     NotMember(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("room {0:?} does not exist")]
+    NotFound(String),
+    #[error("room {0:?} already exists")]
+    RoomExists(String),
+    #[error("too many {0} events; slow down")]
+    RateLimited(&'static str),
+    #[error("user {0:?} has no connected session")]
+    UserOffline(String),
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
     #[error("broker: {0}")]
@@ -20,6 +30,11 @@ impl ChatError {
         match self {
             ChatError::InvalidArgument(_) => ErrorCode::InvalidArgument,
             ChatError::NotMember(_) => ErrorCode::NotMember,
+            ChatError::Forbidden(_) => ErrorCode::Forbidden,
+            ChatError::NotFound(_) => ErrorCode::NotFound,
+            ChatError::RoomExists(_) => ErrorCode::RoomExists,
+            ChatError::RateLimited(_) => ErrorCode::RateLimited,
+            ChatError::UserOffline(_) => ErrorCode::UserOffline,
             ChatError::Store(_) | ChatError::Broker(_) => ErrorCode::Internal,
         }
     }

@@ -1,6 +1,7 @@
 //! parley: a chat (IM) backend. See `../shared/DESIGN.md` for the architecture:
 //! `transport` → `session` → `chat` → `store` / `broker`, wired by `server`.
 
+pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod chat;

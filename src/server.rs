@@ -21,7 +21,7 @@ use crate::{
     config::Config,
     metrics::Metrics,
     session::{Core, Sessions},
-    store::memory::MemoryStore,
+    store::{StoreError, sqlite::SqliteStore},
     transport,
 };
 
@@ -39,6 +39,8 @@ pub struct AppState {
 pub enum ServerError {
     #[error("auth setup: {0}")]
     Auth(#[from] AuthSetupError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
     #[error("listening on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -52,7 +54,7 @@ pub enum ServerError {
 pub fn build_core(config: Config) -> Result<Arc<Core>, ServerError> {
     let config = Arc::new(config);
     let hub = Arc::new(Hub::new());
-    let store = Arc::new(MemoryStore::new());
+    let store = Arc::new(SqliteStore::open(&config.store)?);
     let broker = Arc::new(LocalBroker::new(hub.clone()));
     let chat = Arc::new(Chat::new(store, broker, hub, config.chat.clone()));
     let sessions = Arc::new(Sessions::new(config.session.clone(), chat.clone()));
@@ -71,6 +73,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(crate::api::routes())
         .with_state(state)
 }
 

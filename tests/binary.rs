@@ -22,6 +22,7 @@ fn serves_checks_health_and_stops_on_sigterm() {
         ])
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
+        .env("PARLEY_STORE__PATH", ":memory:")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -84,8 +85,10 @@ fn token_mints_a_verifiable_token() {
         .unwrap();
     assert!(out.status.success());
     let token = String::from_utf8(out.stdout).unwrap();
-    let mut config =
-        parley::config::AuthConfig { jwt_secret: "s3cret".into(), ..Default::default() };
+    let mut config = parley::config::AuthConfig {
+        jwt_secret: "s3cret".into(),
+        ..Default::default()
+    };
     let auth = parley::auth::Authenticator::new(&config).unwrap();
     assert_eq!(auth.verify(token.trim()).unwrap(), "alice");
     config.jwt_secret = "other".into();

@@ -71,7 +71,9 @@ async fn every_example_in_protocol_md_holds() {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/PROTOCOL.md")).unwrap();
     let blocks = blocks(&doc);
     assert!(blocks.len() > 30, "found {} example blocks", blocks.len());
-    let t = TestServer::start().await;
+    const ADMIN: &str = "test-admin-token";
+    let t = TestServer::start_with(|c| c.auth.admin_token = ADMIN.into()).await;
+    let mut http_status: HashMap<String, (u16, String)> = HashMap::new();
     let mut conns: HashMap<String, Ws> = HashMap::new();
     let mut sessions: HashMap<String, String> = HashMap::new();
     let mut client_cmds = BTreeSet::new();
@@ -79,6 +81,42 @@ async fn every_example_in_protocol_md_holds() {
 
     for b in &blocks {
         let user = b.actor.split('#').next().unwrap().to_string();
+        let at = format!(
+            "docs/PROTOCOL.md:{} ({} {} {})",
+            b.line, b.kind, b.dir, b.actor
+        );
+        if b.kind == "http" {
+            if b.dir == "client" {
+                let (request, body) = b.body.split_once('\n').unwrap_or((&b.body, ""));
+                let (method, path) = request.split_once(' ').unwrap();
+                let token = match b.actor.as_str() {
+                    "admin" => Some(ADMIN.to_string()),
+                    "anonymous" => None,
+                    _ => Some(t.token(&user)),
+                };
+                let reply = http_request(t.addr(), method, path, token.as_deref(), body).await;
+                http_status.insert(b.actor.clone(), reply);
+            } else {
+                let (status, body) = b.body.split_once('\n').unwrap_or((&b.body, ""));
+                let (got_status, got_body) = http_status
+                    .remove(&b.actor)
+                    .unwrap_or_else(|| panic!("{at}: no request"));
+                assert_eq!(
+                    got_status,
+                    status.trim().parse::<u16>().unwrap(),
+                    "{at}: {got_body}"
+                );
+                let expected: Value =
+                    serde_json::from_str(body).unwrap_or_else(|e| panic!("{at}: {e}"));
+                let actual: Value = serde_json::from_str(&got_body)
+                    .unwrap_or_else(|e| panic!("{at}: {e}: {got_body}"));
+                assert!(
+                    matches(&expected, &actual),
+                    "{at}\nexpected {expected}\n  actual {actual}"
+                );
+            }
+            continue;
+        }
         if !conns.contains_key(&b.actor) {
             let c = Client::open(t.addr(), Some(parley::codec::Encoding::Json)).await;
             conns.insert(b.actor.clone(), c.ws);
@@ -108,6 +146,14 @@ async fn every_example_in_protocol_md_holds() {
                 ws.send(Message::Text(text.into())).await.unwrap();
             }
             ("text", "client") => ws.send(Message::Text(text.into())).await.unwrap(),
+            ("close", "client") => {
+                let code: u16 = text.trim().parse().unwrap();
+                let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                    code: code.into(),
+                    reason: "".into(),
+                };
+                ws.send(Message::Close(Some(frame))).await.unwrap();
+            }
             ("json", "server") => {
                 let expected: Value =
                     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{at}: {e}"));

@@ -1,10 +1,10 @@
-//! The in-process broker: one instance, so "publishing" is pushing to the local hub.
+//! The in-process broker: one instance, so "publishing" is delivering to the local hub.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{Broker, BrokerError, Hub};
+use super::{Broker, BrokerError, Hub, Target};
 use crate::codec::Push;
 
 pub struct LocalBroker {
@@ -19,8 +19,8 @@ impl LocalBroker {
 
 #[async_trait]
 impl Broker for LocalBroker {
-    async fn publish(&self, room: &str, push: Arc<Push>) -> Result<(), BrokerError> {
-        self.hub.deliver(room, &push);
+    async fn publish(&self, target: Target, push: Arc<Push>) -> Result<(), BrokerError> {
+        self.hub.deliver(&target, &push);
         Ok(())
     }
 }

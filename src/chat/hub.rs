@@ -12,7 +12,7 @@ use std::{
 
 use indexmap::IndexMap;
 
-use crate::codec::Push;
+use crate::{broker::Target, codec::Push};
 
 /// Something that receives pushes: a session.
 pub trait Recipient: Send + Sync + 'static {
@@ -56,11 +56,12 @@ impl Hub {
     }
 
     /// Registers a recipient; it receives pushes for every room its user is (or becomes)
-    /// a member of.
-    pub fn attach(&self, recipient: Arc<dyn Recipient>) {
+    /// a member of. Returns true when it is the user's first recipient here.
+    pub fn attach(&self, recipient: Arc<dyn Recipient>) -> bool {
         let mut inner = self.write();
         let inner = &mut *inner;
         let entry = inner.users.entry(recipient.user().to_string()).or_default();
+        let first = entry.recipients.is_empty();
         for room in &entry.rooms {
             inner
                 .rooms
@@ -69,17 +70,16 @@ impl Hub {
                 .insert(recipient.recipient_id(), recipient.clone());
         }
         entry.recipients.insert(recipient.recipient_id(), recipient);
+        first
     }
 
-    pub fn detach(&self, user: &str, recipient_id: u64) {
+    /// Unregisters a recipient. When it was the user's last one here, returns the user's
+    /// rooms (for the offline presence push).
+    pub fn detach(&self, user: &str, recipient_id: u64) -> Option<Vec<String>> {
         let mut inner = self.write();
         let inner = &mut *inner;
-        let Some(entry) = inner.users.get_mut(user) else {
-            return;
-        };
-        if entry.recipients.swap_remove(&recipient_id).is_none() {
-            return;
-        }
+        let entry = inner.users.get_mut(user)?;
+        entry.recipients.swap_remove(&recipient_id)?;
         for room in &entry.rooms {
             if let Some(set) = inner.rooms.get_mut(room) {
                 set.swap_remove(&recipient_id);
@@ -89,8 +89,15 @@ impl Hub {
             }
         }
         if entry.recipients.is_empty() {
-            inner.users.remove(user);
+            let entry = inner.users.remove(user)?;
+            return Some(entry.rooms.into_iter().collect());
         }
+        None
+    }
+
+    /// Whether the user has a recipient on this instance.
+    pub fn is_local(&self, user: &str) -> bool {
+        self.read().users.contains_key(user)
     }
 
     /// The user (if it has local sessions) is now a member of `room`.
@@ -128,28 +135,41 @@ impl Hub {
         }
     }
 
-    /// Pushes to every local session of every member of `room`; returns how many.
-    pub fn deliver(&self, room: &str, push: &Arc<Push>) -> usize {
+    /// Pushes to the target's local sessions; returns how many got it.
+    pub fn deliver(&self, target: &Target, push: &Arc<Push>) -> usize {
         let inner = self.read();
-        let Some(set) = inner.rooms.get(room) else {
-            return 0;
+        let all = |set: &Recipients, except: Option<&str>| {
+            let mut n = 0;
+            for r in set.values() {
+                if except != Some(r.user()) {
+                    r.push(push);
+                    n += 1;
+                }
+            }
+            n
         };
-        for r in set.values() {
-            r.push(push);
+        match target {
+            Target::Room(room) => inner.rooms.get(room).map_or(0, |s| all(s, None)),
+            Target::RoomExcept { room, user } => {
+                inner.rooms.get(room).map_or(0, |s| all(s, Some(user)))
+            }
+            Target::User(user) => inner
+                .users
+                .get(user)
+                .map_or(0, |e| all(&e.recipients, None)),
+            Target::CoMembers { rooms, user } => {
+                let mut seen = HashSet::new();
+                for set in rooms.iter().filter_map(|r| inner.rooms.get(r)) {
+                    for (id, r) in set {
+                        if r.user() != user && seen.insert(*id) {
+                            r.push(push);
+                        }
+                    }
+                }
+                seen.len()
+            }
+            Target::All => inner.users.values().map(|e| all(&e.recipients, None)).sum(),
         }
-        set.len()
-    }
-
-    /// Pushes to every local session of `user`.
-    pub fn deliver_to_user(&self, user: &str, push: &Arc<Push>) -> usize {
-        let inner = self.read();
-        let Some(entry) = inner.users.get(user) else {
-            return 0;
-        };
-        for r in entry.recipients.values() {
-            r.push(push);
-        }
-        entry.recipients.len()
     }
 
     /// Number of local recipients of `room` (for tests and metrics).

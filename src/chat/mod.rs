@@ -1,39 +1,88 @@
-//! The chat domain: rooms, membership, messages, history and sync.
+//! The chat domain: rooms, membership, messages, history, sync, direct messages, read
+//! markers, typing, presence, signalling and announcements.
 //!
 //! Knows the [`Store`] and [`Broker`] traits and the local [`Hub`]; knows nothing of
 //! HTTP, WebSocket or sessions (a session is just a [`hub::Recipient`]).
 //!
-//! Ordering: appends and publishes for one room happen under that room's lock stripe, so
-//! every instance sees a room's messages published in seq order.
+//! Ordering: every room hashes onto one of [`STRIPES`] stripes. A send takes a ticket
+//! from its stripe at the moment it hands the message to the store (which fixes its seq
+//! order), and publishes only when every earlier ticket of the stripe has published. So
+//! appends of one room are pipelined through group commits, yet published in seq order.
 
 pub mod hub;
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use tokio::sync::{Notify, oneshot};
 
 use crate::{
-    auth::now_ms,
-    broker::Broker,
+    auth::{now_ms, valid_user_id},
+    broker::{Broker, Target},
     codec::Push,
     config::ChatConfig,
     error::ChatError,
     proto::{self, RoomState, server_frame::Kind},
-    store::{NewMessage, Range, Store},
+    store::{NewMessage, Range, Store, StoreError, dm_room},
 };
 use hub::{Hub, Recipient};
 
-/// Number of per-room lock stripes (rooms hash onto them).
-const STRIPES: usize = 256;
+/// Number of ordering stripes (rooms hash onto them).
+pub const STRIPES: usize = 256;
+
+/// Orders the publishes of the rooms that hash onto it.
+#[derive(Default)]
+struct Stripe {
+    next_ticket: Mutex<u64>,
+    published: Mutex<u64>,
+    turn: Notify,
+}
+
+impl Stripe {
+    async fn wait_turn(&self, ticket: u64) {
+        loop {
+            let notified = self.turn.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if *self.published.lock().unwrap_or_else(|p| p.into_inner()) == ticket {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn advance(&self) {
+        *self.published.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.turn.notify_waiters();
+    }
+}
 
 pub struct Chat {
     store: Arc<dyn Store>,
     broker: Arc<dyn Broker>,
     hub: Arc<Hub>,
     config: ChatConfig,
-    stripes: Vec<tokio::sync::Mutex<()>>,
+    stripes: Arc<[Stripe]>,
+    /// (user, room) → when the last typing event was accepted.
+    typing: Mutex<HashMap<(String, String), Instant>>,
+    /// user → Unix ms when their last session here ended.
+    last_seen: Mutex<HashMap<String, i64>>,
 }
 
 fn invalid(msg: impl Into<String>) -> ChatError {
     ChatError::InvalidArgument(msg.into())
+}
+
+fn room_state_push(room: &str, user: &str, action: &str, by: &str) -> Arc<Push> {
+    Arc::new(Push::new(Kind::Membership(proto::Membership {
+        room: room.into(),
+        user: user.into(),
+        action: action.into(),
+        by: by.into(),
+    })))
 }
 
 impl Chat {
@@ -43,13 +92,15 @@ impl Chat {
         hub: Arc<Hub>,
         config: ChatConfig,
     ) -> Self {
-        let stripes = (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect();
+        let stripes = (0..STRIPES).map(|_| Stripe::default()).collect();
         Self {
             store,
             broker,
             hub,
             config,
             stripes,
+            typing: Mutex::default(),
+            last_seen: Mutex::default(),
         }
     }
 
@@ -61,13 +112,13 @@ impl Chat {
         &self.store
     }
 
-    fn stripe(&self, room: &str) -> &tokio::sync::Mutex<()> {
+    fn stripe_of(room: &str) -> usize {
         // FNV-1a: stable and cheap; no need for DoS resistance with 256 buckets.
         let mut h: u64 = 0xcbf29ce484222325;
         for b in room.bytes() {
             h = (h ^ b as u64).wrapping_mul(0x100000001b3);
         }
-        &self.stripes[(h % STRIPES as u64) as usize]
+        (h % STRIPES as u64) as usize
     }
 
     fn check_room(&self, room: &str) -> Result<(), ChatError> {
@@ -79,9 +130,68 @@ impl Chat {
         }
         if !room
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.:@-".contains(&b))
+            .all(|b| b.is_ascii_alphanumeric() || b"_.:@|+-".contains(&b))
         {
-            return Err(invalid("room name may only contain A-Z a-z 0-9 _ . : @ -"));
+            return Err(invalid(
+                "room name may only contain A-Z a-z 0-9 _ . : @ | + -",
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_message(
+        &self,
+        client_msg_id: &str,
+        body: &str,
+        metadata: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), ChatError> {
+        let c = &self.config;
+        if client_msg_id.is_empty() || client_msg_id.len() > c.max_client_msg_id_bytes {
+            return Err(invalid(format!(
+                "client_msg_id must be 1..={} bytes",
+                c.max_client_msg_id_bytes
+            )));
+        }
+        let meta_bytes: usize = metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if body.len() + meta_bytes > c.max_body_bytes {
+            return Err(invalid(format!(
+                "body and metadata exceed {} bytes",
+                c.max_body_bytes
+            )));
+        }
+        if metadata.len() > c.max_metadata_entries {
+            return Err(invalid(format!(
+                "more than {} metadata entries",
+                c.max_metadata_entries
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_user(user: &str) -> Result<(), ChatError> {
+        if valid_user_id(user) {
+            Ok(())
+        } else {
+            Err(invalid(format!("bad user id {user:?}")))
+        }
+    }
+
+    async fn publish(&self, target: Target, push: Arc<Push>) {
+        if let Err(e) = self.broker.publish(target, push).await {
+            tracing::warn!(error = %e, "publish failed");
+        }
+    }
+
+    /// Members read anything; non-members read public rooms only.
+    async fn check_read(&self, room: &str, user: &str) -> Result<(), ChatError> {
+        self.check_room(room)?;
+        let meta = self
+            .store
+            .room(room)
+            .await?
+            .ok_or_else(|| ChatError::NotFound(room.into()))?;
+        if meta.private && !self.store.is_member(room, user).await? {
+            return Err(ChatError::NotMember(room.into()));
         }
         Ok(())
     }
@@ -95,31 +205,111 @@ impl Chat {
         }
     }
 
-    /// Registers a session for live delivery and returns its user's rooms.
+    /// Registers a session for live delivery and returns its user's rooms. The user's
+    /// first session here makes it online for the users it shares a room with.
     pub async fn attach(&self, recipient: Arc<dyn Recipient>) -> Result<Vec<RoomState>, ChatError> {
         let user = recipient.user().to_string();
         // Attach first, then read the rooms: a join racing with this attach then reaches
         // the hub entry either way.
-        self.hub.attach(recipient);
+        let first = self.hub.attach(recipient);
         let rooms = self.store.rooms_of(&user).await?;
         for r in &rooms {
             self.hub.joined(&user, &r.room);
         }
+        if first {
+            let push = Arc::new(Push::new(Kind::Presence(proto::Presence {
+                user: user.clone(),
+                online: true,
+                last_seen: 0,
+            })));
+            let rooms = rooms.iter().map(|r| r.room.clone()).collect();
+            self.publish(Target::CoMembers { rooms, user }, push).await;
+        }
         Ok(rooms)
     }
 
-    pub fn detach(&self, user: &str, recipient_id: u64) {
-        self.hub.detach(user, recipient_id);
+    /// Removes a session from live delivery; the user's last one makes it offline.
+    pub fn detach(self: &Arc<Self>, user: &str, recipient_id: u64) {
+        let Some(rooms) = self.hub.detach(user, recipient_id) else {
+            return;
+        };
+        let now = now_ms();
+        self.last_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(user.to_string(), now);
+        let push = Arc::new(Push::new(Kind::Presence(proto::Presence {
+            user: user.to_string(),
+            online: false,
+            last_seen: now,
+        })));
+        let this = self.clone();
+        let user = user.to_string();
+        tokio::spawn(async move { this.publish(Target::CoMembers { rooms, user }, push).await });
     }
 
     pub async fn rooms_of(&self, user: &str) -> Result<Vec<RoomState>, ChatError> {
         Ok(self.store.rooms_of(user).await?)
     }
 
+    pub async fn create_room(
+        &self,
+        user: &str,
+        req: proto::CreateRoom,
+    ) -> Result<RoomState, ChatError> {
+        self.check_room(&req.room)?;
+        if req.room.starts_with("dm:") {
+            return Err(invalid(
+                "room names starting with dm: are reserved for direct messages",
+            ));
+        }
+        if !self.store.create_room(&req.room, user, req.private).await? {
+            return Err(ChatError::RoomExists(req.room));
+        }
+        self.hub.joined(user, &req.room);
+        self.publish(
+            Target::Room(req.room.clone()),
+            room_state_push(&req.room, user, "joined", ""),
+        )
+        .await;
+        Ok(RoomState {
+            room: req.room,
+            private: req.private,
+            ..Default::default()
+        })
+    }
+
     pub async fn join(&self, user: &str, room: &str) -> Result<proto::Joined, ChatError> {
         self.check_room(room)?;
+        match self.store.room(room).await? {
+            Some(meta) if meta.private => {
+                if self.store.is_member(room, user).await? {
+                    return Ok(proto::Joined {
+                        room: room.into(),
+                        last_seq: meta.last_seq,
+                    });
+                }
+                return Err(ChatError::Forbidden(format!(
+                    "room {room:?} is private: ask a member for an invite"
+                )));
+            }
+            None if room.starts_with("dm:") => {
+                return Err(ChatError::Forbidden(
+                    "direct-message rooms are created by sending".into(),
+                ));
+            }
+            _ => {}
+        }
+        let already = self.store.is_member(room, user).await?;
         let last_seq = self.store.join(room, user).await?;
         self.hub.joined(user, room);
+        if !already {
+            self.publish(
+                Target::Room(room.into()),
+                room_state_push(room, user, "joined", ""),
+            )
+            .await;
+        }
         Ok(proto::Joined {
             room: room.to_string(),
             last_seq,
@@ -131,55 +321,128 @@ impl Chat {
         if !self.store.leave(room, user).await? {
             return Err(ChatError::NotMember(room.to_string()));
         }
+        self.publish(
+            Target::Room(room.into()),
+            room_state_push(room, user, "left", ""),
+        )
+        .await;
         self.hub.left(user, room);
         Ok(proto::Left {
             room: room.to_string(),
         })
     }
 
-    pub async fn send(&self, user: &str, send: proto::Send) -> Result<proto::Sent, ChatError> {
-        let c = &self.config;
-        if send.client_msg_id.is_empty() || send.client_msg_id.len() > c.max_client_msg_id_bytes {
-            return Err(invalid(format!(
-                "client_msg_id must be 1..={} bytes",
-                c.max_client_msg_id_bytes
-            )));
+    pub async fn invite(&self, user: &str, req: proto::Invite) -> Result<proto::Done, ChatError> {
+        Self::check_user(&req.user)?;
+        self.check_member(&req.room, user).await?;
+        if req.room.starts_with("dm:") {
+            return Err(ChatError::Forbidden(
+                "direct-message rooms have exactly two members".into(),
+            ));
         }
-        let meta_bytes: usize = send.metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
-        if send.body.len() + meta_bytes > c.max_body_bytes {
-            return Err(invalid(format!(
-                "body and metadata exceed {} bytes",
-                c.max_body_bytes
-            )));
+        if !self.store.is_member(&req.room, &req.user).await? {
+            self.store.join(&req.room, &req.user).await?;
+            self.hub.joined(&req.user, &req.room);
+            self.publish(
+                Target::Room(req.room.clone()),
+                room_state_push(&req.room, &req.user, "invited", user),
+            )
+            .await;
         }
-        if send.metadata.len() > c.max_metadata_entries {
-            return Err(invalid(format!(
-                "more than {} metadata entries",
-                c.max_metadata_entries
-            )));
-        }
-        self.check_member(&send.room, user).await?;
+        Ok(proto::Done {})
+    }
 
-        let _order = self.stripe(&send.room).lock().await;
-        let appended = self
-            .store
-            .append(NewMessage {
-                room: send.room,
-                sender: user.to_string(),
-                client_msg_id: send.client_msg_id,
-                body: send.body,
-                metadata: send.metadata,
-                ts: now_ms(),
-            })
-            .await?;
-        let m = &appended.message;
-        if !appended.duplicate {
-            let push = Arc::new(Push::new(Kind::Message((**m).clone())));
-            if let Err(e) = self.broker.publish(&m.room, push).await {
-                // The message is durable; members repair the gap by log sync.
-                tracing::warn!(room = %m.room, seq = m.seq, error = %e, "publish failed");
+    pub async fn members(&self, user: &str, room: &str) -> Result<proto::MemberList, ChatError> {
+        self.check_read(room, user).await?;
+        Ok(proto::MemberList {
+            room: room.into(),
+            users: self.store.members(room).await?,
+        })
+    }
+
+    /// Posts a message. With `to_user` instead of `room`, a direct message: the pair's DM
+    /// room is created on first use.
+    pub async fn send(&self, user: &str, mut send: proto::Send) -> Result<proto::Sent, ChatError> {
+        self.check_message(&send.client_msg_id, &send.body, &send.metadata)?;
+        if !send.to_user.is_empty() {
+            if !send.room.is_empty() {
+                return Err(invalid("give room or to_user, not both"));
             }
+            Self::check_user(&send.to_user)?;
+            if send.to_user == user {
+                return Err(invalid("cannot send a direct message to yourself"));
+            }
+            let room = dm_room(user, &send.to_user);
+            if self.store.room(&room).await?.is_none() {
+                self.store.ensure_dm(&room, user, &send.to_user).await?;
+                self.hub.joined(user, &room);
+                self.hub.joined(&send.to_user, &room);
+            }
+            send.room = room;
+        } else {
+            self.check_member(&send.room, user).await?;
         }
+        self.append(NewMessage {
+            room: send.room,
+            sender: user.to_string(),
+            client_msg_id: send.client_msg_id,
+            body: send.body,
+            metadata: send.metadata,
+            ts: now_ms(),
+        })
+        .await
+    }
+
+    /// A server-side post (admin HTTP API): no membership check, same limits as `send`.
+    pub async fn post_as_admin(&self, message: NewMessage) -> Result<proto::Sent, ChatError> {
+        self.check_room(&message.room)?;
+        Self::check_user(&message.sender)?;
+        self.check_message(&message.client_msg_id, &message.body, &message.metadata)?;
+        self.append(message).await
+    }
+
+    /// Appends and publishes in seq order (see the module comment). The publishing part
+    /// runs in its own task, so a caller that goes away cannot stall its stripe.
+    pub async fn append(&self, message: NewMessage) -> Result<proto::Sent, ChatError> {
+        let index = Self::stripe_of(&message.room);
+        let (ticket, appended) = {
+            let mut next = self.stripes[index]
+                .next_ticket
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let appended = self.store.append(message);
+            let ticket = *next;
+            *next += 1;
+            (ticket, appended)
+        };
+        let (tx, rx) = oneshot::channel();
+        let stripes = self.stripes.clone();
+        let broker = self.broker.clone();
+        tokio::spawn(async move {
+            let result = appended.await;
+            let stripe = &stripes[index];
+            stripe.wait_turn(ticket).await;
+            if let Ok(a) = &result {
+                if !a.duplicate {
+                    let m = &a.message;
+                    let push = Arc::new(Push::new(Kind::Message((**m).clone())));
+                    if let Err(e) = broker.publish(Target::Room(m.room.clone()), push).await {
+                        // The message is durable; members repair the gap by log sync.
+                        tracing::warn!(room = %m.room, seq = m.seq, error = %e, "publish failed");
+                    }
+                }
+            }
+            stripe.advance();
+            let _ = tx.send(result);
+        });
+        let appended = rx
+            .await
+            .map_err(|_| StoreError::Backend("append task failed".into()))?;
+        let appended = appended.map_err(|e| match e {
+            StoreError::NoSuchRoom(r) => ChatError::NotFound(r),
+            e => ChatError::Store(e),
+        })?;
+        let m = &appended.message;
         Ok(proto::Sent {
             room: m.room.clone(),
             seq: m.seq,
@@ -202,7 +465,7 @@ impl Chat {
         user: &str,
         req: proto::History,
     ) -> Result<proto::HistoryPage, ChatError> {
-        self.check_member(&req.room, user).await?;
+        self.check_read(&req.room, user).await?;
         if req.before_seq != 0 && req.after_seq != 0 {
             return Err(invalid("give before_seq or after_seq, not both"));
         }
@@ -233,7 +496,7 @@ impl Chat {
         let limit = self.page_limit(req.limit);
         let mut rooms = Vec::with_capacity(req.rooms.len());
         for (room, last_seq) in req.rooms {
-            self.check_member(&room, user).await?;
+            self.check_read(&room, user).await?;
             let page = self
                 .store
                 .history(&room, Range::After(last_seq), limit)
@@ -245,5 +508,127 @@ impl Chat {
             });
         }
         Ok(proto::SyncResult { rooms })
+    }
+
+    /// Moves the user's read marker; all members' sessions (the user's own included, for
+    /// badge sync) get a receipt.
+    pub async fn read(&self, user: &str, req: proto::Read) -> Result<proto::Done, ChatError> {
+        self.check_room(&req.room)?;
+        let Some((seq, unread)) = self.store.set_read(&req.room, user, req.seq).await? else {
+            return Err(ChatError::NotMember(req.room));
+        };
+        let push = Arc::new(Push::new(Kind::Receipt(proto::Receipt {
+            room: req.room.clone(),
+            user: user.into(),
+            seq,
+            unread,
+        })));
+        self.publish(Target::Room(req.room), push).await;
+        Ok(proto::Done {})
+    }
+
+    pub async fn typing(&self, user: &str, req: proto::Typing) -> Result<proto::Done, ChatError> {
+        self.check_member(&req.room, user).await?;
+        {
+            let mut typing = self.typing.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let key = (user.to_string(), req.room.clone());
+            if typing
+                .get(&key)
+                .is_some_and(|t| now.duration_since(*t) < self.config.typing_interval)
+            {
+                return Err(ChatError::RateLimited("typing"));
+            }
+            typing.insert(key, now);
+            if typing.len() > 10_000 {
+                let interval = self.config.typing_interval;
+                typing.retain(|_, t| now.duration_since(*t) < interval);
+            }
+        }
+        let push = Arc::new(Push::new(Kind::Typing(proto::TypingEvent {
+            room: req.room.clone(),
+            user: user.into(),
+        })));
+        self.publish(
+            Target::RoomExcept {
+                room: req.room,
+                user: user.into(),
+            },
+            push,
+        )
+        .await;
+        Ok(proto::Done {})
+    }
+
+    pub fn presence(&self, req: proto::PresenceQuery) -> Result<proto::PresenceList, ChatError> {
+        if req.users.len() > 500 {
+            return Err(invalid("ask for at most 500 users at once"));
+        }
+        let last_seen = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let users = req
+            .users
+            .into_iter()
+            .map(|user| {
+                let online = self.hub.is_local(&user);
+                let seen = if online {
+                    0
+                } else {
+                    last_seen.get(&user).copied().unwrap_or(0)
+                };
+                proto::Presence {
+                    user,
+                    online,
+                    last_seen: seen,
+                }
+            })
+            .collect();
+        Ok(proto::PresenceList { users })
+    }
+
+    pub async fn signal(&self, user: &str, req: proto::Signal) -> Result<proto::Done, ChatError> {
+        Self::check_user(&req.to_user)?;
+        if req.payload.len() + req.kind.len() > self.config.max_body_bytes {
+            return Err(invalid(format!(
+                "signal exceeds {} bytes",
+                self.config.max_body_bytes
+            )));
+        }
+        if !self.hub.is_local(&req.to_user) {
+            return Err(ChatError::UserOffline(req.to_user));
+        }
+        let push = Arc::new(Push::new(Kind::Signal(proto::SignalEvent {
+            from_user: user.into(),
+            kind: req.kind,
+            payload: req.payload,
+        })));
+        self.publish(Target::User(req.to_user), push).await;
+        Ok(proto::Done {})
+    }
+
+    /// A server-side announcement to a room's members or (room `None`) to everyone.
+    pub async fn announce(&self, room: Option<String>, body: String) -> Result<(), ChatError> {
+        if body.is_empty() || body.len() > self.config.max_body_bytes {
+            return Err(invalid(format!(
+                "body must be 1..={} bytes",
+                self.config.max_body_bytes
+            )));
+        }
+        let target = match &room {
+            Some(r) => {
+                self.check_room(r)?;
+                if self.store.room(r).await?.is_none() {
+                    return Err(ChatError::NotFound(r.clone()));
+                }
+                Target::Room(r.clone())
+            }
+            None => Target::All,
+        };
+        let push = Arc::new(Push::new(Kind::Announcement(proto::Announcement {
+            room: room.unwrap_or_default(),
+            body,
+            ts: now_ms(),
+        })));
+        self.publish(target, push).await;
+        Ok(())
     }
 }

@@ -167,6 +167,15 @@ impl Conn {
         }
     }
 
+    /// The client closed on purpose: end the session now (no resume will come).
+    pub fn end(&mut self) {
+        if let Some(b) = self.bound.take() {
+            if b.session.take(&b.attachment, 0).is_current() {
+                self.core.sessions.end(&b.session);
+            }
+        }
+    }
+
     /// An error frame not tied to a command (id 0), counted in the metrics.
     pub fn error(&self, code: ErrorCode, message: impl Into<String>) -> ServerFrame {
         self.core.metrics.error(code);
@@ -224,6 +233,17 @@ impl Conn {
             }
             Cmd::History(h) => chat.history(user, h).await.map(Kind::History),
             Cmd::Sync(s) => chat.sync(user, s).await.map(Kind::Sync),
+            Cmd::CreateRoom(c) => chat.create_room(user, c).await.map(Kind::Room),
+            Cmd::Invite(i) => chat.invite(user, i).await.map(Kind::Done),
+            Cmd::Members(m) => chat.members(user, &m.room).await.map(Kind::Members),
+            Cmd::Rooms(_) => chat
+                .rooms_of(user)
+                .await
+                .map(|rooms| Kind::Rooms(proto::RoomList { rooms })),
+            Cmd::Read(r) => chat.read(user, r).await.map(Kind::Done),
+            Cmd::Typing(t) => chat.typing(user, t).await.map(Kind::Done),
+            Cmd::Presence(p) => chat.presence(p).map(Kind::PresenceList),
+            Cmd::Signal(s) => chat.signal(user, s).await.map(Kind::Done),
         };
         Outcome::Reply(match result {
             Ok(kind) => ServerFrame {

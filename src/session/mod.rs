@@ -90,6 +90,13 @@ pub enum Take {
     Dead(Death),
 }
 
+impl Take {
+    /// Whether the asking transport still holds the session.
+    pub fn is_current(&self) -> bool {
+        matches!(self, Take::Pushes(_))
+    }
+}
+
 pub struct Session {
     id: String,
     user: Arc<str>,

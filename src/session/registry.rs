@@ -62,6 +62,12 @@ impl Sessions {
         }
     }
 
+    /// Ends a session now (the client closed its connection on purpose).
+    pub fn end(&self, session: &Session) {
+        session.kill(super::Death::Expired);
+        self.remove(session);
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }

@@ -1,12 +1,12 @@
 //! The durable log behind chat: per-room messages with gap-free sequence numbers,
-//! idempotent appends, and room membership.
+//! idempotent appends, rooms, membership and read markers.
 //!
-//! `chat` talks only to the [`Store`] trait. Backends: [`memory::MemoryStore`] (tests and
-//! the in-process default until the SQLite store lands).
+//! `chat` talks only to the [`Store`] trait. Backend: [`sqlite::SqliteStore`] (a WAL file
+//! with group commit; or a private in-memory database for tests and throwaway runs).
 
-pub mod memory;
+pub mod sqlite;
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{collections::BTreeMap, future::Future, pin::Pin, sync::Arc};
 
 use async_trait::async_trait;
 
@@ -49,26 +49,74 @@ pub struct Page {
     pub more: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
+/// What the store knows about a room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomMeta {
+    pub private: bool,
+    pub last_seq: u64,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("backend: {0}")]
     Backend(String),
+    #[error("room {0:?} does not exist")]
+    NoSuchRoom(String),
 }
+
+pub type AppendFuture = Pin<Box<dyn Future<Output = Result<Appended, StoreError>> + Send>>;
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Appends to the room's log (creating the room), or returns the original message if
-    /// this (room, sender, client_msg_id) was appended before. Durable when it returns.
-    async fn append(&self, message: NewMessage) -> Result<Appended, StoreError>;
+    /// Appends to the room's log, or returns the original message if this (room, sender,
+    /// client_msg_id) was appended before. The sender's read marker moves to the new
+    /// message. Durable when the future resolves.
+    ///
+    /// The append's place in the room's order is fixed when `append` is *called* (not when
+    /// the future is first polled): appends called one after another get increasing seqs.
+    /// Chat relies on this to publish in seq order while appends are in flight.
+    fn append(&self, message: NewMessage) -> AppendFuture;
+
     /// Reads at most `limit` messages.
     async fn history(&self, room: &str, range: Range, limit: usize) -> Result<Page, StoreError>;
-    /// The room's last seq (0 for an empty or unknown room).
-    async fn last_seq(&self, room: &str) -> Result<u64, StoreError>;
-    /// Makes `user` a member; returns the room's last seq.
+    async fn room(&self, room: &str) -> Result<Option<RoomMeta>, StoreError>;
+    /// Creates a room with `creator` as its first member; false if the name is taken.
+    async fn create_room(
+        &self,
+        room: &str,
+        creator: &str,
+        private: bool,
+    ) -> Result<bool, StoreError>;
+    /// Creates (if needed) the private room `room` whose members are exactly `a` and `b`.
+    async fn ensure_dm(&self, room: &str, a: &str, b: &str) -> Result<(), StoreError>;
+    /// Makes `user` a member (creating a public room if it does not exist); returns the
+    /// room's last seq. Permission checks are the caller's.
     async fn join(&self, room: &str, user: &str) -> Result<u64, StoreError>;
     /// Removes `user` from the room; returns whether it was a member.
     async fn leave(&self, room: &str, user: &str) -> Result<bool, StoreError>;
     async fn is_member(&self, room: &str, user: &str) -> Result<bool, StoreError>;
-    /// The rooms `user` belongs to, with each room's last seq, sorted by name.
+    async fn members(&self, room: &str) -> Result<Vec<String>, StoreError>;
+    /// The rooms `user` belongs to, with last seq, read marker and unread count, by name.
     async fn rooms_of(&self, user: &str) -> Result<Vec<RoomState>, StoreError>;
+    /// Moves the user's read marker forward to `seq` (capped at the room's last seq);
+    /// returns the marker and the unread count after it, or `None` if not a member.
+    async fn set_read(
+        &self,
+        room: &str,
+        user: &str,
+        seq: u64,
+    ) -> Result<Option<(u64, u64)>, StoreError>;
+}
+
+/// The direct-message room of two users: `dm:<a>:<b>` with the ids sorted.
+pub fn dm_room(a: &str, b: &str) -> String {
+    let (x, y) = if a <= b { (a, b) } else { (b, a) };
+    format!("dm:{x}:{y}")
+}
+
+/// For a DM room, the member that is not `user`.
+pub fn dm_peer(room: &str, user: &str) -> Option<String> {
+    let rest = room.strip_prefix("dm:")?;
+    let (a, b) = rest.split_once(':')?;
+    Some(if a == user { b } else { a }.to_string())
 }

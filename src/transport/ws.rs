@@ -211,7 +211,11 @@ async fn run(socket: HttpWebSocket, app: AppState, encoding: Encoding) {
                 last_seen = Instant::now();
                 match frame.opcode() {
                     OpCode::Text | OpCode::Binary => {}
-                    OpCode::Close => break None,
+                    OpCode::Close => {
+                        // A deliberate goodbye: no resume will follow.
+                        conn.end();
+                        break None;
+                    }
                     _ => continue,
                 }
                 metrics.frames_in.get_or_create(&LABEL).inc();

@@ -30,6 +30,7 @@ pub fn test_config() -> Config {
     let mut c = Config::default();
     c.server.listen = "127.0.0.1:0".parse().unwrap();
     c.auth.jwt_secret = "test-secret".into();
+    c.store.path = ":memory:".into();
     c
 }
 
@@ -83,9 +84,27 @@ impl TestServer {
 }
 
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path, None, "").await
+}
+
+/// A plain HTTP/1.1 request (optionally with a bearer token and a JSON body); returns
+/// (status, body).
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: &str,
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = TcpStream::connect(addr).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
     tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
@@ -238,7 +257,7 @@ impl Client {
             room: room.into(),
             client_msg_id: cmid.into(),
             body: body.into(),
-            metadata: Default::default(),
+            ..Default::default()
         };
         match self.request(Cmd::Send(send)).await {
             Kind::Sent(s) => s,
@@ -254,10 +273,23 @@ impl Client {
         self.read().await.expect("push before close")
     }
 
+    /// The next `message` push, skipping membership, presence and receipt pushes.
     pub async fn next_message(&mut self) -> proto::Message {
-        match self.next_push().await.kind {
-            Some(Kind::Message(m)) => m,
-            other => panic!("expected message, got {other:?}"),
+        loop {
+            match self.next_push().await.kind {
+                Some(Kind::Message(m)) => return m,
+                Some(Kind::Membership(_) | Kind::Presence(_) | Kind::Receipt(_)) => continue,
+                other => panic!("expected message, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next push of the given kind, skipping others (membership, presence, …).
+    pub async fn next_of<T>(&mut self, pick: impl Fn(Kind) -> Option<T>) -> T {
+        loop {
+            if let Some(v) = self.next_push().await.kind.and_then(&pick) {
+                return v;
+            }
         }
     }
 

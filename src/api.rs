@@ -1,0 +1,227 @@
+//! The HTTP API: the "short connection" path for work that needs no realtime channel.
+//! JSON in the proto3 JSON mapping (the same shapes as the WebSocket frames), bearer auth:
+//! a user's JWT, or the admin token for server-side publishing and announcements.
+//!
+//! | method and path | who | result |
+//! |---|---|---|
+//! | `GET /api/v1/rooms` | user | `RoomList` with unread counts |
+//! | `GET /api/v1/rooms/{room}/messages?before_seq=&after_seq=&limit=` | user | `HistoryPage` |
+//! | `GET /api/v1/rooms/{room}/members` | user | `MemberList` |
+//! | `POST /api/v1/rooms/{room}/messages` | user or admin | `Sent` |
+//! | `POST /api/v1/announce` | admin | `Done` |
+
+use axum::{
+    Json, Router,
+    extract::{Path, Query, State, rejection::JsonRejection},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde::Deserialize;
+
+use crate::{
+    auth::{AuthError, now_ms},
+    error::{ChatError, wire_error},
+    proto::{self, ErrorCode},
+    server::AppState,
+    store::NewMessage,
+};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/rooms", get(rooms))
+        .route(
+            "/api/v1/rooms/{room}/messages",
+            get(history).post(post_message),
+        )
+        .route("/api/v1/rooms/{room}/members", get(members))
+        .route("/api/v1/announce", post(announce))
+}
+
+/// An API error: status plus the wire error as JSON.
+pub struct ApiError(StatusCode, proto::Error);
+
+impl ApiError {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        let status = match code {
+            ErrorCode::Unauthorized | ErrorCode::TokenExpired => StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden | ErrorCode::NotMember => StatusCode::FORBIDDEN,
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::RoomExists => StatusCode::CONFLICT,
+            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        Self(status, wire_error(code, message))
+    }
+}
+
+impl From<ChatError> for ApiError {
+    fn from(e: ChatError) -> Self {
+        let p = e.to_proto();
+        let code = ErrorCode::try_from(p.code).unwrap_or(ErrorCode::Internal);
+        Self::new(code, p.message)
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        Self::new(ErrorCode::BadFrame, e.body_text())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+enum Caller {
+    User(String),
+    Admin,
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+/// Compares without an early exit, so the admin token cannot be guessed byte by byte.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+fn caller(app: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let token = bearer(headers)
+        .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "missing Authorization: Bearer"))?;
+    let admin = &app.core.config.auth.admin_token;
+    if !admin.is_empty() && same(token, admin) {
+        return Ok(Caller::Admin);
+    }
+    app.core
+        .auth
+        .verify(token)
+        .map(Caller::User)
+        .map_err(|e| match e {
+            AuthError::Expired => ApiError::new(ErrorCode::TokenExpired, e.to_string()),
+            _ => ApiError::new(ErrorCode::Unauthorized, e.to_string()),
+        })
+}
+
+fn user(app: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
+    match caller(app, headers)? {
+        Caller::User(u) => Ok(u),
+        Caller::Admin => Err(ApiError::new(ErrorCode::Forbidden, "use a user token")),
+    }
+}
+
+async fn rooms(State(app): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let user = user(&app, &headers)?;
+    let rooms = app.core.chat.rooms_of(&user).await?;
+    Ok(Json(proto::RoomList { rooms }).into_response())
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    #[serde(default)]
+    before_seq: u64,
+    #[serde(default)]
+    after_seq: u64,
+    #[serde(default)]
+    limit: u32,
+}
+
+async fn history(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(room): Path<String>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Response, ApiError> {
+    let user = user(&app, &headers)?;
+    let req = proto::History {
+        room,
+        before_seq: q.before_seq,
+        after_seq: q.after_seq,
+        limit: q.limit,
+    };
+    Ok(Json(app.core.chat.history(&user, req).await?).into_response())
+}
+
+async fn members(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(room): Path<String>,
+) -> Result<Response, ApiError> {
+    let user = user(&app, &headers)?;
+    Ok(Json(app.core.chat.members(&user, &room).await?).into_response())
+}
+
+async fn post_message(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(room): Path<String>,
+    body: Result<Json<proto::PostMessage>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let caller = caller(&app, &headers)?;
+    let Json(post) = body?;
+    let chat = &app.core.chat;
+    let sent = match caller {
+        Caller::User(user) => {
+            if !post.sender.is_empty() {
+                return Err(ApiError::new(
+                    ErrorCode::Forbidden,
+                    "only the admin sets sender",
+                ));
+            }
+            let send = proto::Send {
+                room,
+                client_msg_id: post.client_msg_id,
+                body: post.body,
+                metadata: post.metadata,
+                to_user: String::new(),
+            };
+            chat.send(&user, send).await?
+        }
+        Caller::Admin => {
+            let sender = if post.sender.is_empty() {
+                "system".to_string()
+            } else {
+                post.sender
+            };
+            chat.post_as_admin(NewMessage {
+                room,
+                sender,
+                client_msg_id: post.client_msg_id,
+                body: post.body,
+                metadata: post.metadata,
+                ts: now_ms(),
+            })
+            .await?
+        }
+    };
+    Ok(Json(sent).into_response())
+}
+
+async fn announce(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<proto::Announce>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    if !matches!(caller(&app, &headers)?, Caller::Admin) {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            "announcements need the admin token",
+        ));
+    }
+    let Json(a) = body?;
+    let room = (!a.room.is_empty()).then_some(a.room);
+    app.core.chat.announce(room, a.body).await?;
+    Ok((StatusCode::ACCEPTED, Json(proto::Done {})).into_response())
+}

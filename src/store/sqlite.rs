@@ -1,0 +1,654 @@
+//! The SQLite [`Store`]: the embedded default.
+//!
+//! One writer thread owns the write connection and applies writes in *group commits*: it
+//! takes every write that is waiting (up to `max_batch`), runs each in its own savepoint
+//! inside one transaction, commits once (one fsync for the whole batch), and only then
+//! answers the callers. So an acked message is durable, and throughput grows with the
+//! number of concurrent writers instead of being capped at one fsync per message.
+//! Writes are applied in the order they were submitted, which gives appends their order.
+//!
+//! Reads run on a small pool of read-only connections (WAL lets them proceed while the
+//! writer commits). With `path = ":memory:"` there is one private in-memory database and
+//! everything goes through the writer thread.
+//!
+//! Schema changes are numbered migrations tracked in `PRAGMA user_version`.
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex, mpsc},
+    thread,
+};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::{Semaphore, oneshot};
+
+use super::{
+    AppendFuture, Appended, NewMessage, Page, Range, RoomMeta, Store, StoreError, dm_peer,
+};
+use crate::{
+    config::StoreConfig,
+    proto::{Message, RoomState},
+};
+
+/// Numbered schema migrations; `user_version` records how many have run.
+const MIGRATIONS: &[&str] = &[
+    // 1: rooms, members with read markers, messages with an idempotency key.
+    "CREATE TABLE rooms (
+        name TEXT PRIMARY KEY,
+        private INTEGER NOT NULL,
+        last_seq INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE members (
+        room TEXT NOT NULL REFERENCES rooms(name),
+        user TEXT NOT NULL,
+        read_seq INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (room, user)
+    ) WITHOUT ROWID;
+    CREATE INDEX members_by_user ON members(user, room);
+    CREATE TABLE messages (
+        room TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        sender TEXT NOT NULL,
+        client_msg_id TEXT NOT NULL,
+        body TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        ts INTEGER NOT NULL,
+        PRIMARY KEY (room, seq)
+    ) WITHOUT ROWID;
+    CREATE UNIQUE INDEX messages_idempotency ON messages(room, sender, client_msg_id);",
+];
+
+type Done = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+/// A queued write: runs against the batch transaction, says whether it succeeded (its
+/// savepoint is released or rolled back accordingly) and how to answer after the commit.
+type Job = Box<dyn FnOnce(&Connection) -> (bool, Done) + Send>;
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+pub struct SqliteStore {
+    writer: mpsc::Sender<Job>,
+    /// Read connections (file databases only).
+    readers: Option<Arc<Mutex<Vec<Connection>>>>,
+    read_permits: Arc<Semaphore>,
+}
+
+fn now_ms() -> i64 {
+    crate::auth::now_ms()
+}
+
+fn configure(conn: &Connection, config: &StoreConfig) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    if config.path != ":memory:" {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+    }
+    conn.pragma_update(None, "synchronous", config.synchronous.as_str())?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(())
+}
+
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > MIGRATIONS.len() {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "database schema version {version} is newer than this parley ({})",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating as needed) the database at `config.path`.
+    pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+        let memory = config.path == ":memory:";
+        if !memory {
+            if let Some(dir) = Path::new(&config.path)
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+            {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    backend(format!("creating data directory {}: {e}", dir.display()))
+                })?;
+            }
+        }
+        let mut conn = Connection::open(&config.path).map_err(backend)?;
+        configure(&conn, config).map_err(backend)?;
+        migrate(&mut conn).map_err(|e| backend(format!("migrating {}: {e}", config.path)))?;
+
+        let readers = if memory {
+            None
+        } else {
+            let mut pool = Vec::new();
+            for _ in 0..config.read_connections.max(1) {
+                let r = Connection::open_with_flags(
+                    &config.path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )
+                .map_err(backend)?;
+                r.busy_timeout(std::time::Duration::from_secs(5))
+                    .map_err(backend)?;
+                pool.push(r);
+            }
+            Some(Arc::new(Mutex::new(pool)))
+        };
+        let read_permits = Arc::new(Semaphore::new(config.read_connections.max(1)));
+
+        let (tx, rx) = mpsc::channel::<Job>();
+        let max_batch = config.max_batch.max(1);
+        thread::Builder::new()
+            .name("parley-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx, max_batch))
+            .map_err(backend)?;
+        Ok(Self {
+            writer: tx,
+            readers,
+            read_permits,
+        })
+    }
+
+    /// Queues a write; it runs in its own savepoint inside the next group commit, and the
+    /// future resolves after that commit.
+    fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn: &Connection| -> (bool, Done) {
+            let result = f(conn).map_err(backend);
+            let ok = result.is_ok();
+            (
+                ok,
+                Box::new(move |commit_error: Option<&StoreError>| {
+                    let _ = tx.send(match (result, commit_error) {
+                        (Ok(v), None) => Ok(v),
+                        (Err(e), _) => Err(e),
+                        (Ok(_), Some(e)) => Err(e.clone()),
+                    });
+                }),
+            )
+        });
+        let queued = self
+            .writer
+            .send(job)
+            .map_err(|_| backend("writer thread stopped"));
+        async move {
+            queued?;
+            rx.await.map_err(|_| backend("store write failed"))?
+        }
+    }
+
+    /// Runs a read on a pooled read connection (or on the writer for `:memory:`).
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let Some(pool) = &self.readers else {
+            return self.write(f).await;
+        };
+        let _permit = self.read_permits.acquire().await.map_err(backend)?;
+        let pool = pool.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let conn = conn.ok_or_else(|| backend("read pool empty"))?;
+            let result = f(&conn).map_err(backend);
+            pool.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+            result
+        })
+        .await
+        .map_err(backend)?
+    }
+}
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>, max_batch: usize) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut done = Vec::with_capacity(batch.len());
+        let outcome = (|| -> rusqlite::Result<()> {
+            let mut tx =
+                conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            for job in batch.drain(..) {
+                let sp = tx.savepoint()?;
+                let (ok, d) = job(&sp);
+                done.push(d);
+                if ok {
+                    sp.commit()?;
+                }
+                // else: dropping the savepoint rolls back just this job.
+            }
+            tx.commit()
+        })();
+        // Jobs left unrun (the transaction failed early) drop their reply channel, and
+        // their callers see an error.
+        drop(batch);
+        let error = outcome.err().map(backend);
+        if let Some(e) = &error {
+            tracing::error!(error = %e, "group commit failed");
+        }
+        for d in done {
+            d(error.as_ref());
+        }
+    }
+}
+
+fn message_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
+    let metadata: String = row.get(5)?;
+    Ok(Message {
+        room: row.get(0)?,
+        seq: row.get::<_, i64>(1)? as u64,
+        sender: row.get(2)?,
+        client_msg_id: row.get(3)?,
+        body: row.get(4)?,
+        metadata: if metadata.is_empty() {
+            Default::default()
+        } else {
+            serde_json::from_str(&metadata).unwrap_or_default()
+        },
+        ts: row.get(6)?,
+    })
+}
+
+const MESSAGE_COLUMNS: &str = "room, seq, sender, client_msg_id, body, metadata, ts";
+
+fn append_in(conn: &Connection, m: NewMessage) -> rusqlite::Result<Result<Appended, StoreError>> {
+    let existing = conn
+        .query_row(
+            &format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ?1 AND sender = ?2 AND client_msg_id = ?3"
+            ),
+            params![m.room, m.sender, m.client_msg_id],
+            message_from_row,
+        )
+        .optional()?;
+    if let Some(message) = existing {
+        return Ok(Ok(Appended {
+            message: Arc::new(message),
+            duplicate: true,
+        }));
+    }
+    let seq: Option<i64> = conn
+        .query_row(
+            "UPDATE rooms SET last_seq = last_seq + 1 WHERE name = ?1 RETURNING last_seq",
+            params![m.room],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(seq) = seq else {
+        return Ok(Err(StoreError::NoSuchRoom(m.room)));
+    };
+    let metadata = if m.metadata.is_empty() {
+        String::new()
+    } else {
+        serde_json::to_string(&m.metadata).unwrap_or_default()
+    };
+    conn.execute(
+        "INSERT INTO messages (room, seq, sender, client_msg_id, body, metadata, ts)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            m.room,
+            seq,
+            m.sender,
+            m.client_msg_id,
+            m.body,
+            metadata,
+            m.ts
+        ],
+    )?;
+    conn.execute(
+        "UPDATE members SET read_seq = ?3 WHERE room = ?1 AND user = ?2 AND read_seq < ?3",
+        params![m.room, m.sender, seq],
+    )?;
+    Ok(Ok(Appended {
+        message: Arc::new(Message {
+            room: m.room,
+            seq: seq as u64,
+            sender: m.sender,
+            client_msg_id: m.client_msg_id,
+            body: m.body,
+            metadata: m.metadata,
+            ts: m.ts,
+        }),
+        duplicate: false,
+    }))
+}
+
+fn create_room_in(conn: &Connection, room: &str, private: bool) -> rusqlite::Result<bool> {
+    Ok(conn.execute(
+        "INSERT INTO rooms (name, private, created_at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+        params![room, private, now_ms()],
+    )? == 1)
+}
+
+fn add_member_in(conn: &Connection, room: &str, user: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO members (room, user) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+        params![room, user],
+    )?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn append(&self, message: NewMessage) -> AppendFuture {
+        let fut = self.write(move |conn| append_in(conn, message));
+        Box::pin(async move { fut.await? })
+    }
+
+    async fn history(&self, room: &str, range: Range, limit: usize) -> Result<Page, StoreError> {
+        let room = room.to_string();
+        self.read(move |conn| {
+            let fetch = limit as i64 + 1;
+            let mut rows: Vec<Message> = match range {
+                Range::After(after) => {
+                    let mut st = conn.prepare_cached(&format!(
+                        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+                    ))?;
+                    st.query_map(params![room, after as i64, fetch], message_from_row)?
+                        .collect::<Result<_, _>>()?
+                }
+                Range::Before(before) => {
+                    let before = before.min(i64::MAX as u64) as i64;
+                    let mut st = conn.prepare_cached(&format!(
+                        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3"
+                    ))?;
+                    let mut v: Vec<Message> = st
+                        .query_map(params![room, before, fetch], message_from_row)?
+                        .collect::<Result<_, _>>()?;
+                    let more = v.len() > limit;
+                    v.truncate(limit);
+                    v.reverse();
+                    return Ok(Page { messages: v.into_iter().map(Arc::new).collect(), more });
+                }
+            };
+            let more = rows.len() > limit;
+            rows.truncate(limit);
+            Ok(Page { messages: rows.into_iter().map(Arc::new).collect(), more })
+        })
+        .await
+    }
+
+    async fn room(&self, room: &str) -> Result<Option<RoomMeta>, StoreError> {
+        let room = room.to_string();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT private, last_seq FROM rooms WHERE name = ?1",
+                params![room],
+                |r| {
+                    Ok(RoomMeta {
+                        private: r.get(0)?,
+                        last_seq: r.get::<_, i64>(1)? as u64,
+                    })
+                },
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn create_room(
+        &self,
+        room: &str,
+        creator: &str,
+        private: bool,
+    ) -> Result<bool, StoreError> {
+        let (room, creator) = (room.to_string(), creator.to_string());
+        self.write(move |conn| {
+            if !create_room_in(conn, &room, private)? {
+                return Ok(false);
+            }
+            add_member_in(conn, &room, &creator)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn ensure_dm(&self, room: &str, a: &str, b: &str) -> Result<(), StoreError> {
+        let (room, a, b) = (room.to_string(), a.to_string(), b.to_string());
+        self.write(move |conn| {
+            if create_room_in(conn, &room, true)? {
+                add_member_in(conn, &room, &a)?;
+                add_member_in(conn, &room, &b)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn join(&self, room: &str, user: &str) -> Result<u64, StoreError> {
+        let (room, user) = (room.to_string(), user.to_string());
+        self.write(move |conn| {
+            create_room_in(conn, &room, false)?;
+            add_member_in(conn, &room, &user)?;
+            conn.query_row(
+                "SELECT last_seq FROM rooms WHERE name = ?1",
+                params![room],
+                |r| r.get::<_, i64>(0).map(|v| v as u64),
+            )
+        })
+        .await
+    }
+
+    async fn leave(&self, room: &str, user: &str) -> Result<bool, StoreError> {
+        let (room, user) = (room.to_string(), user.to_string());
+        self.write(move |conn| {
+            Ok(conn.execute(
+                "DELETE FROM members WHERE room = ?1 AND user = ?2",
+                params![room, user],
+            )? == 1)
+        })
+        .await
+    }
+
+    async fn is_member(&self, room: &str, user: &str) -> Result<bool, StoreError> {
+        let (room, user) = (room.to_string(), user.to_string());
+        self.read(move |conn| {
+            conn.prepare_cached("SELECT 1 FROM members WHERE room = ?1 AND user = ?2")?
+                .exists(params![room, user])
+        })
+        .await
+    }
+
+    async fn members(&self, room: &str) -> Result<Vec<String>, StoreError> {
+        let room = room.to_string();
+        self.read(move |conn| {
+            conn.prepare_cached("SELECT user FROM members WHERE room = ?1 ORDER BY user")?
+                .query_map(params![room], |r| r.get(0))?
+                .collect()
+        })
+        .await
+    }
+
+    async fn rooms_of(&self, user: &str) -> Result<Vec<RoomState>, StoreError> {
+        let user = user.to_string();
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT r.name, r.last_seq, m.read_seq, r.private
+                 FROM members m JOIN rooms r ON r.name = m.room
+                 WHERE m.user = ?1 ORDER BY r.name",
+            )?
+            .query_map(params![user], |r| {
+                let room: String = r.get(0)?;
+                let last_seq = r.get::<_, i64>(1)? as u64;
+                let read_seq = r.get::<_, i64>(2)? as u64;
+                Ok(RoomState {
+                    dm_peer: dm_peer(&room, &user).unwrap_or_default(),
+                    room,
+                    last_seq,
+                    read_seq,
+                    unread: last_seq.saturating_sub(read_seq),
+                    private: r.get(3)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn set_read(
+        &self,
+        room: &str,
+        user: &str,
+        seq: u64,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
+        let (room, user) = (room.to_string(), user.to_string());
+        let seq = seq.min(i64::MAX as u64) as i64;
+        self.write(move |conn| {
+            conn.execute(
+                "UPDATE members SET read_seq = MIN(?3, (SELECT last_seq FROM rooms WHERE name = ?1))
+                 WHERE room = ?1 AND user = ?2 AND read_seq < ?3",
+                params![room, user, seq],
+            )?;
+            conn.query_row(
+                "SELECT m.read_seq, r.last_seq FROM members m JOIN rooms r ON r.name = m.room
+                 WHERE m.room = ?1 AND m.user = ?2",
+                params![room, user],
+                |r| {
+                    let read = r.get::<_, i64>(0)? as u64;
+                    let last = r.get::<_, i64>(1)? as u64;
+                    Ok((read, last.saturating_sub(read)))
+                },
+            )
+            .optional()
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Synchronous;
+
+    fn config(path: &str) -> StoreConfig {
+        StoreConfig {
+            path: path.into(),
+            synchronous: Synchronous::Normal,
+            ..Default::default()
+        }
+    }
+
+    fn msg(room: &str, sender: &str, id: &str) -> NewMessage {
+        NewMessage {
+            room: room.into(),
+            sender: sender.into(),
+            client_msg_id: id.into(),
+            body: id.into(),
+            metadata: [("k".to_string(), id.to_string())].into(),
+            ts: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_get_gap_free_seqs_in_call_order() {
+        let s = Arc::new(SqliteStore::open(&config(":memory:")).unwrap());
+        s.join("r", "u").await.unwrap();
+        // Futures created in order, resolved concurrently: seqs follow call order.
+        let futures: Vec<_> = (0..300)
+            .map(|i| s.append(msg("r", "u", &i.to_string())))
+            .collect();
+        let results = futures_util::future::join_all(futures).await;
+        for (i, r) in results.into_iter().enumerate() {
+            let a = r.unwrap();
+            assert_eq!(a.message.seq, i as u64 + 1);
+            assert!(!a.duplicate);
+        }
+        // The same id twice in one batch: one message.
+        let (a, b) = tokio::join!(
+            s.append(msg("r", "u", "dup")),
+            s.append(msg("r", "u", "dup"))
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a.message.seq, b.message.seq);
+        assert!(!a.duplicate && b.duplicate);
+        assert_eq!(b.message.metadata.get("k").map(String::as_str), Some("dup"));
+        assert!(matches!(
+            s.append(msg("nope", "u", "x")).await,
+            Err(StoreError::NoSuchRoom(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn history_pages_in_both_directions() {
+        let s = SqliteStore::open(&config(":memory:")).unwrap();
+        s.join("r", "u").await.unwrap();
+        for i in 0..10 {
+            s.append(msg("r", "u", &i.to_string())).await.unwrap();
+        }
+        let seqs = |p: &Page| p.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
+        let p = s.history("r", Range::After(3), 4).await.unwrap();
+        assert_eq!((seqs(&p), p.more), (vec![4, 5, 6, 7], true));
+        let p = s.history("r", Range::After(8), 4).await.unwrap();
+        assert_eq!((seqs(&p), p.more), (vec![9, 10], false));
+        let p = s.history("r", Range::Before(u64::MAX), 3).await.unwrap();
+        assert_eq!((seqs(&p), p.more), (vec![8, 9, 10], true));
+        let p = s.history("r", Range::Before(3), 5).await.unwrap();
+        assert_eq!((seqs(&p), p.more), (vec![1, 2], false));
+    }
+
+    #[tokio::test]
+    async fn reopening_keeps_data_and_schema_version() {
+        let dir = std::env::temp_dir().join(format!("parley-store-{}", std::process::id()));
+        let path = dir.join("nested").join("p.db");
+        let path = path.to_str().unwrap();
+        {
+            let s = SqliteStore::open(&config(path)).unwrap();
+            assert!(s.create_room("r", "u", true).await.unwrap());
+            assert!(!s.create_room("r", "v", false).await.unwrap());
+            s.append(msg("r", "u", "a")).await.unwrap();
+            assert_eq!(s.set_read("r", "u", 9).await.unwrap(), Some((1, 0)));
+            assert_eq!(s.set_read("r", "nobody", 1).await.unwrap(), None);
+        }
+        let s = SqliteStore::open(&config(path)).unwrap();
+        assert_eq!(
+            s.room("r").await.unwrap(),
+            Some(RoomMeta {
+                private: true,
+                last_seq: 1
+            })
+        );
+        assert_eq!(s.members("r").await.unwrap(), ["u"]);
+        let rooms = s.rooms_of("u").await.unwrap();
+        assert_eq!(
+            (rooms[0].read_seq, rooms[0].unread, rooms[0].private),
+            (1, 0, true)
+        );
+        let conn = Connection::open(path).unwrap();
+        let v: usize = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, MIGRATIONS.len());
+        drop(s);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_newer_schema_is_refused() {
+        let dir = std::env::temp_dir().join(format!("parley-store-new-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("p.db");
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        let err = SqliteStore::open(&config(path.to_str().unwrap()))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("newer"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,688 @@
+//! Chat features end to end over real WebSocket and HTTP clients: offline sync, DMs,
+//! private rooms, read markers across sessions, typing, presence, signalling,
+//! announcements and the HTTP API.
+
+mod common;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use common::*;
+use parley::{
+    codec::Encoding,
+    proto::{self, ErrorCode, client_frame::Cmd, server_frame::Kind},
+};
+
+async fn ok(c: &mut Client, cmd: Cmd) -> Kind {
+    match c.request(cmd).await {
+        Kind::Error(e) => panic!("unexpected error {e:?}"),
+        k => k,
+    }
+}
+
+async fn err(c: &mut Client, cmd: Cmd) -> ErrorCode {
+    match c.request(cmd).await {
+        Kind::Error(e) => code_of(&e),
+        k => panic!("expected an error, got {k:?}"),
+    }
+}
+
+/// No push of any kind arrives within `d` (checked with a ping round trip after it).
+async fn nothing_pushed(c: &mut Client, d: Duration) {
+    tokio::time::sleep(d).await;
+    assert!(matches!(
+        c.request(Cmd::Ping(proto::Ping {})).await,
+        Kind::Pong(_)
+    ));
+    assert!(c.inbox.is_empty(), "unexpected pushes: {:?}", c.inbox);
+}
+
+#[tokio::test]
+async fn offline_user_syncs_exactly_what_it_missed_in_every_room() {
+    let t = TestServer::start().await;
+    let rooms = ["r1", "r2", "r3"];
+    let mut ann = t.client("ann", Encoding::Json).await;
+    let mut bob = t.client("bob", Encoding::Proto).await;
+    for r in rooms {
+        ann.join(r).await;
+        bob.join(r).await;
+        bob.send_msg(r, &format!("{r}-seen"), "before").await;
+    }
+    // Ann's view before going offline: one message per room.
+    let known: BTreeMap<String, u64> = rooms.iter().map(|r| (r.to_string(), 1)).collect();
+    drop(ann);
+    let mut expected = BTreeMap::new();
+    for (i, r) in rooms.iter().enumerate() {
+        for j in 0..(i + 1) * 3 {
+            bob.send_msg(r, &format!("{r}-{j}"), &format!("{r} #{j}"))
+                .await;
+            expected
+                .entry(r.to_string())
+                .or_insert_with(Vec::new)
+                .push(format!("{r} #{j}"));
+        }
+    }
+    // A new session: log sync from the last seqs ann had, in pages of 4.
+    let mut ann = t.client("ann", Encoding::Json).await;
+    let mut got: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut cursor = known;
+    loop {
+        let Kind::Sync(s) = ok(
+            &mut ann,
+            Cmd::Sync(proto::Sync {
+                rooms: cursor.clone(),
+                limit: 4,
+            }),
+        )
+        .await
+        else {
+            panic!()
+        };
+        let mut more = false;
+        for page in s.rooms {
+            for m in &page.messages {
+                assert_eq!(m.seq, cursor[&page.room] + 1, "no gap, no duplicate");
+                cursor.insert(page.room.clone(), m.seq);
+                got.entry(page.room.clone())
+                    .or_default()
+                    .push(m.body.clone());
+            }
+            more |= page.more;
+        }
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(got, expected);
+}
+
+#[tokio::test]
+async fn gap_in_live_seqs_is_filled_by_history_after() {
+    let t = TestServer::start().await;
+    let mut ann = t.client("ann", Encoding::Json).await;
+    ann.join("r").await;
+    for i in 1..=6 {
+        ann.send_msg("r", &i.to_string(), &i.to_string()).await;
+    }
+    // Pretend seqs 3..=5 were missed: ask for exactly the gap.
+    let Kind::History(h) = ok(
+        &mut ann,
+        Cmd::History(proto::History {
+            room: "r".into(),
+            after_seq: 2,
+            limit: 3,
+            ..Default::default()
+        }),
+    )
+    .await
+    else {
+        panic!()
+    };
+    assert_eq!(
+        h.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        [3, 4, 5]
+    );
+    assert!(h.more);
+    let Kind::History(h) = ok(
+        &mut ann,
+        Cmd::History(proto::History {
+            room: "r".into(),
+            before_seq: 3,
+            ..Default::default()
+        }),
+    )
+    .await
+    else {
+        panic!()
+    };
+    assert_eq!(h.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2]);
+    assert!(!h.more);
+}
+
+#[tokio::test]
+async fn direct_messages_create_one_room_both_users_see() {
+    let t = TestServer::start().await;
+    let mut ann = t.client("ann", Encoding::Json).await;
+    let mut bob = t.client("bob", Encoding::Proto).await;
+    let dm = |to: &str, id: &str, body: &str| {
+        Cmd::Send(proto::Send {
+            to_user: to.into(),
+            client_msg_id: id.into(),
+            body: body.into(),
+            ..Default::default()
+        })
+    };
+    let Kind::Sent(s1) = ok(&mut bob, dm("ann", "1", "hi ann")).await else {
+        panic!()
+    };
+    assert_eq!((s1.room.as_str(), s1.seq), ("dm:ann:bob", 1));
+    let Kind::Sent(s2) = ok(&mut ann, dm("bob", "1", "hi bob")).await else {
+        panic!()
+    };
+    assert_eq!(
+        (s2.room.as_str(), s2.seq),
+        ("dm:ann:bob", 2),
+        "the same canonical room"
+    );
+    assert_eq!(ann.next_message().await.body, "hi ann");
+    assert_eq!(bob.next_message().await.body, "hi ann");
+    assert_eq!(bob.next_message().await.body, "hi bob");
+    for (c, peer) in [(&mut ann, "bob"), (&mut bob, "ann")] {
+        let Kind::Rooms(list) = ok(c, Cmd::Rooms(proto::Rooms {})).await else {
+            panic!()
+        };
+        assert_eq!(list.rooms.len(), 1);
+        let r = &list.rooms[0];
+        assert_eq!(
+            (r.room.as_str(), r.dm_peer.as_str(), r.private, r.last_seq),
+            ("dm:ann:bob", peer, true, 2)
+        );
+    }
+    // Nobody else can read, join or be invited into it.
+    let mut eve = t.client("eve", Encoding::Json).await;
+    let h = Cmd::History(proto::History {
+        room: "dm:ann:bob".into(),
+        ..Default::default()
+    });
+    assert_eq!(err(&mut eve, h).await, ErrorCode::NotMember);
+    assert_eq!(
+        err(
+            &mut eve,
+            Cmd::Join(proto::Join {
+                room: "dm:ann:bob".into()
+            })
+        )
+        .await,
+        ErrorCode::Forbidden
+    );
+    let inv = Cmd::Invite(proto::Invite {
+        room: "dm:ann:bob".into(),
+        user: "eve".into(),
+    });
+    assert_eq!(err(&mut ann, inv).await, ErrorCode::Forbidden);
+    assert_eq!(
+        err(&mut ann, dm("ann", "x", "me")).await,
+        ErrorCode::InvalidArgument
+    );
+}
+
+#[tokio::test]
+async fn private_room_is_unreadable_to_non_members_over_ws_and_http() {
+    let t = TestServer::start().await;
+    let mut ann = t.client("ann", Encoding::Json).await;
+    let mut eve = t.client("eve", Encoding::Json).await;
+    ok(
+        &mut ann,
+        Cmd::CreateRoom(proto::CreateRoom {
+            room: "vault".into(),
+            private: true,
+        }),
+    )
+    .await;
+    ann.send_msg("vault", "1", "the code is 1234").await;
+    assert_eq!(
+        err(
+            &mut eve,
+            Cmd::Join(proto::Join {
+                room: "vault".into()
+            })
+        )
+        .await,
+        ErrorCode::Forbidden
+    );
+    let h = Cmd::History(proto::History {
+        room: "vault".into(),
+        ..Default::default()
+    });
+    assert_eq!(err(&mut eve, h).await, ErrorCode::NotMember);
+    let s = Cmd::Sync(proto::Sync {
+        rooms: [("vault".to_string(), 0)].into(),
+        limit: 0,
+    });
+    assert_eq!(err(&mut eve, s).await, ErrorCode::NotMember);
+    let m = Cmd::Members(proto::Members {
+        room: "vault".into(),
+    });
+    assert_eq!(err(&mut eve, m).await, ErrorCode::NotMember);
+    let send = proto::Send {
+        room: "vault".into(),
+        client_msg_id: "e".into(),
+        body: "x".into(),
+        ..Default::default()
+    };
+    assert_eq!(err(&mut eve, Cmd::Send(send)).await, ErrorCode::NotMember);
+    let eve_token = t.token("eve");
+    let (status, body) = http_request(
+        t.addr(),
+        "GET",
+        "/api/v1/rooms/vault/messages",
+        Some(&eve_token),
+        "",
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(!body.contains("1234"));
+    let (status, _) = http_request(
+        t.addr(),
+        "GET",
+        "/api/v1/rooms/vault/members",
+        Some(&eve_token),
+        "",
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, _) = http_request(
+        t.addr(),
+        "POST",
+        "/api/v1/rooms/vault/messages",
+        Some(&eve_token),
+        r#"{"clientMsgId":"h1","body":"let me in"}"#,
+    )
+    .await;
+    assert_eq!(status, 403);
+    // Eve got nothing from the room live either.
+    nothing_pushed(&mut eve, Duration::from_millis(100)).await;
+    // After an invitation she can read.
+    ok(
+        &mut ann,
+        Cmd::Invite(proto::Invite {
+            room: "vault".into(),
+            user: "eve".into(),
+        }),
+    )
+    .await;
+    let (status, body) = http_request(
+        t.addr(),
+        "GET",
+        "/api/v1/rooms/vault/messages",
+        Some(&eve_token),
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(body.contains("1234"));
+}
+
+#[tokio::test]
+async fn read_marker_on_one_session_updates_the_others_unread_count() {
+    let t = TestServer::start().await;
+    let mut phone = t.client("ann", Encoding::Json).await;
+    let mut laptop = t.client("ann", Encoding::Proto).await;
+    let mut bob = t.client("bob", Encoding::Json).await;
+    phone.join("r").await;
+    bob.join("r").await;
+    for i in 1..=5 {
+        bob.send_msg("r", &i.to_string(), "m").await;
+    }
+    let Kind::Rooms(list) = ok(&mut laptop, Cmd::Rooms(proto::Rooms {})).await else {
+        panic!()
+    };
+    assert_eq!((list.rooms[0].unread, list.rooms[0].read_seq), (5, 0));
+    ok(
+        &mut phone,
+        Cmd::Read(proto::Read {
+            room: "r".into(),
+            seq: 3,
+        }),
+    )
+    .await;
+    // The laptop (same user) learns the new marker and count by push ...
+    let receipt = laptop
+        .next_of(|k| {
+            if let Kind::Receipt(r) = k {
+                Some(r)
+            } else {
+                None
+            }
+        })
+        .await;
+    assert_eq!(
+        (receipt.user.as_str(), receipt.seq, receipt.unread),
+        ("ann", 3, 2)
+    );
+    // ... bob sees it as a read receipt ...
+    let receipt = bob
+        .next_of(|k| {
+            if let Kind::Receipt(r) = k {
+                Some(r)
+            } else {
+                None
+            }
+        })
+        .await;
+    assert_eq!((receipt.user.as_str(), receipt.seq), ("ann", 3));
+    // ... and the stored count agrees, over WebSocket and HTTP.
+    let Kind::Rooms(list) = ok(&mut laptop, Cmd::Rooms(proto::Rooms {})).await else {
+        panic!()
+    };
+    assert_eq!((list.rooms[0].unread, list.rooms[0].read_seq), (2, 3));
+    let (status, body) =
+        http_request(t.addr(), "GET", "/api/v1/rooms", Some(&t.token("ann")), "").await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["rooms"][0]["unread"], "2");
+    // Markers never move back, and are capped at the last seq.
+    ok(
+        &mut phone,
+        Cmd::Read(proto::Read {
+            room: "r".into(),
+            seq: 1,
+        }),
+    )
+    .await;
+    ok(
+        &mut phone,
+        Cmd::Read(proto::Read {
+            room: "r".into(),
+            seq: 99,
+        }),
+    )
+    .await;
+    let Kind::Rooms(list) = ok(&mut laptop, Cmd::Rooms(proto::Rooms {})).await else {
+        panic!()
+    };
+    assert_eq!((list.rooms[0].unread, list.rooms[0].read_seq), (0, 5));
+    // Sending marks your own message read.
+    bob.send_msg("r", "6", "m").await;
+    phone.send_msg("r", "mine", "m").await;
+    let Kind::Rooms(list) = ok(&mut laptop, Cmd::Rooms(proto::Rooms {})).await else {
+        panic!()
+    };
+    assert_eq!((list.rooms[0].unread, list.rooms[0].read_seq), (0, 7));
+}
+
+#[tokio::test]
+async fn typing_and_presence_reach_co_members_and_nobody_else() {
+    let t = TestServer::start_with(|c| c.chat.typing_interval = Duration::from_millis(200)).await;
+    let mut ann = t.client("ann", Encoding::Json).await;
+    let mut bob = t.client("bob", Encoding::Json).await;
+    let mut eve = t.client("eve", Encoding::Json).await;
+    ann.join("r").await;
+    bob.join("r").await;
+    eve.join("elsewhere").await;
+    let typing = || Cmd::Typing(proto::Typing { room: "r".into() });
+    ok(&mut ann, typing()).await;
+    let ev = bob
+        .next_of(|k| {
+            if let Kind::Typing(t) = k {
+                Some(t)
+            } else {
+                None
+            }
+        })
+        .await;
+    assert_eq!((ev.room.as_str(), ev.user.as_str()), ("r", "ann"));
+    // Rate-limited, then allowed again after the interval.
+    assert_eq!(err(&mut ann, typing()).await, ErrorCode::RateLimited);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    ok(&mut ann, typing()).await;
+    bob.next_of(|k| {
+        if let Kind::Typing(t) = k {
+            Some(t)
+        } else {
+            None
+        }
+    })
+    .await;
+    // Non-members cannot type into the room.
+    assert_eq!(err(&mut eve, typing()).await, ErrorCode::NotMember);
+
+    // Ann's own sessions get no typing event, and eve (not in r) nothing at all.
+    eve.next_of(|k| {
+        if let Kind::Membership(m) = k {
+            Some(m)
+        } else {
+            None
+        }
+    })
+    .await;
+    nothing_pushed(&mut eve, Duration::from_millis(100)).await;
+    let mut own = Vec::new();
+    while let Some(f) = ann.inbox.pop_front() {
+        own.push(f);
+    }
+    assert!(
+        own.iter().all(|f| !matches!(f.kind, Some(Kind::Typing(_)))),
+        "{own:?}"
+    );
+    nothing_pushed(&mut ann, Duration::from_millis(0)).await;
+}
+
+#[tokio::test]
+async fn presence_push_on_first_session_and_after_the_last_one_ends() {
+    let t = TestServer::start().await;
+    let mut ann = t.client("ann", Encoding::Json).await;
+    let mut eve = t.client("eve", Encoding::Json).await;
+    ann.join("r").await;
+    {
+        let mut bob = t.client("bob", Encoding::Json).await;
+        bob.join("r").await;
+        bob.ws.close(None).await.unwrap();
+    }
+    // Bob shares r with ann: she gets offline (he was online before joining r, so his
+    // online push had nobody to go to).
+    let p = ann
+        .next_of(|k| {
+            if let Kind::Presence(p) = k {
+                Some(p)
+            } else {
+                None
+            }
+        })
+        .await;
+    assert_eq!((p.user.as_str(), p.online), ("bob", false));
+    assert!(p.last_seen > 0);
+    // Bob comes back: his first session makes him online for ann.
+    let _bob = t.client("bob", Encoding::Json).await;
+    let p = ann
+        .next_of(|k| {
+            if let Kind::Presence(p) = k {
+                Some(p)
+            } else {
+                None
+            }
+        })
+        .await;
+    assert_eq!((p.user.as_str(), p.online), ("bob", true));
+    // Eve shares no room with bob: nothing.
+    nothing_pushed(&mut eve, Duration::from_millis(100)).await;
+    let q = Cmd::Presence(proto::PresenceQuery {
+        users: vec!["bob".into()],
+    });
+    let Kind::PresenceList(p) = ok(&mut eve, q).await else {
+        panic!()
+    };
+    assert!(p.users[0].online);
+}
+
+#[tokio::test]
+async fn signals_reach_only_their_target_user() {
+    let t = TestServer::start().await;
+    let mut ann = t.client("ann", Encoding::Json).await;
+    let mut bob1 = t.client("bob", Encoding::Json).await;
+    let mut bob2 = t.client("bob", Encoding::Proto).await;
+    let mut eve = t.client("eve", Encoding::Json).await;
+    let sdp = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\n";
+    let sig = Cmd::Signal(proto::Signal {
+        to_user: "bob".into(),
+        kind: "offer".into(),
+        payload: sdp.into(),
+    });
+    ok(&mut ann, sig).await;
+    for b in [&mut bob1, &mut bob2] {
+        let s = b
+            .next_of(|k| {
+                if let Kind::Signal(s) = k {
+                    Some(s)
+                } else {
+                    None
+                }
+            })
+            .await;
+        assert_eq!(
+            (s.from_user.as_str(), s.kind.as_str(), s.payload.as_str()),
+            ("ann", "offer", sdp)
+        );
+    }
+    nothing_pushed(&mut eve, Duration::from_millis(100)).await;
+    nothing_pushed(&mut ann, Duration::from_millis(0)).await;
+    let sig = Cmd::Signal(proto::Signal {
+        to_user: "nobody".into(),
+        kind: "ice".into(),
+        payload: "x".into(),
+    });
+    assert_eq!(err(&mut ann, sig).await, ErrorCode::UserOffline);
+    // Signals are not stored anywhere: bob's rooms are empty.
+    let Kind::Rooms(r) = ok(&mut bob1, Cmd::Rooms(proto::Rooms {})).await else {
+        panic!()
+    };
+    assert!(r.rooms.is_empty());
+}
+
+#[tokio::test]
+async fn announcements_need_the_admin_token_and_reach_their_audience() {
+    let t = TestServer::start_with(|c| c.auth.admin_token = "root-token".into()).await;
+    let mut ann = t.client("ann", Encoding::Json).await;
+    let mut bob = t.client("bob", Encoding::Proto).await;
+    ann.join("news").await;
+    let post = |token: Option<&str>, body: &'static str| {
+        let addr = t.addr();
+        let token = token.map(str::to_string);
+        async move { http_request(addr, "POST", "/api/v1/announce", token.as_deref(), body).await }
+    };
+    assert_eq!(post(None, r#"{"body":"x"}"#).await.0, 401);
+    assert_eq!(post(Some(&t.token("ann")), r#"{"body":"x"}"#).await.0, 403);
+    assert_eq!(post(Some("wrong"), r#"{"body":"x"}"#).await.0, 401);
+    assert_eq!(post(Some("root-token"), r#"{"body":""}"#).await.0, 400);
+    assert_eq!(post(Some("root-token"), "not json").await.0, 400);
+    assert_eq!(
+        post(Some("root-token"), r#"{"room":"nope","body":"x"}"#)
+            .await
+            .0,
+        404
+    );
+
+    assert_eq!(
+        post(Some("root-token"), r#"{"room":"news","body":"room only"}"#)
+            .await
+            .0,
+        202
+    );
+    let a = ann
+        .next_of(|k| {
+            if let Kind::Announcement(a) = k {
+                Some(a)
+            } else {
+                None
+            }
+        })
+        .await;
+    assert_eq!((a.room.as_str(), a.body.as_str()), ("news", "room only"));
+    assert_eq!(
+        post(Some("root-token"), r#"{"body":"everyone"}"#).await.0,
+        202
+    );
+    let a = bob
+        .next_of(|k| {
+            if let Kind::Announcement(a) = k {
+                Some(a)
+            } else {
+                None
+            }
+        })
+        .await;
+    assert_eq!(
+        a.body, "everyone",
+        "bob is in no room and gets only the global one"
+    );
+    let a = ann
+        .next_of(|k| {
+            if let Kind::Announcement(a) = k {
+                Some(a)
+            } else {
+                None
+            }
+        })
+        .await;
+    assert_eq!(a.body, "everyone");
+}
+
+#[tokio::test]
+async fn http_api_reads_and_posts_like_the_websocket() {
+    let t = TestServer::start_with(|c| c.auth.admin_token = "root-token".into()).await;
+    let mut ann = t.client("ann", Encoding::Json).await;
+    ann.join("r").await;
+    let tok = t.token("ann");
+    let (status, body) = http_request(
+        t.addr(),
+        "POST",
+        "/api/v1/rooms/r/messages",
+        Some(&tok),
+        r#"{"clientMsgId":"h1","body":"via http"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let sent: proto::Sent = serde_json::from_str(&body).unwrap();
+    assert_eq!(sent.seq, 1);
+    let m = ann.next_message().await;
+    assert_eq!((m.body.as_str(), m.sender.as_str()), ("via http", "ann"));
+    // Idempotent like send.
+    let (_, body) = http_request(
+        t.addr(),
+        "POST",
+        "/api/v1/rooms/r/messages",
+        Some(&tok),
+        r#"{"clientMsgId":"h1","body":"via http"}"#,
+    )
+    .await;
+    assert!(
+        serde_json::from_str::<proto::Sent>(&body)
+            .unwrap()
+            .duplicate
+    );
+    // Users cannot pick a sender; the admin can.
+    let (status, _) = http_request(
+        t.addr(),
+        "POST",
+        "/api/v1/rooms/r/messages",
+        Some(&tok),
+        r#"{"clientMsgId":"h2","body":"x","sender":"ceo"}"#,
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, _) = http_request(
+        t.addr(),
+        "POST",
+        "/api/v1/rooms/r/messages",
+        Some("root-token"),
+        r#"{"clientMsgId":"h2","body":"from the server"}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(ann.next_message().await.sender, "system");
+    let (status, body) = http_request(
+        t.addr(),
+        "GET",
+        "/api/v1/rooms/r/messages?after_seq=1",
+        Some(&tok),
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let page: proto::HistoryPage = serde_json::from_str(&body).unwrap();
+    assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [2]);
+    let (status, body) =
+        http_request(t.addr(), "GET", "/api/v1/rooms/r/members", Some(&tok), "").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, r#"{"room":"r","users":["ann"]}"#)
+    );
+    let (status, _) = http_request(
+        t.addr(),
+        "GET",
+        "/api/v1/rooms",
+        Some(&t.expired_token("ann")),
+        "",
+    )
+    .await;
+    assert_eq!(status, 401);
+}
