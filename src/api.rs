@@ -9,6 +9,7 @@
 //! | `GET /api/v1/rooms/{room}/members` | user | `MemberList` |
 //! | `POST /api/v1/rooms/{room}/messages` | user or admin | `Sent` |
 //! | `POST /api/v1/announce` | admin | `Done` |
+//! | `POST /api/v1/tickets` | user | `Ticket` (for the `/sse` URL) |
 
 use axum::{
     Json, Router,
@@ -36,17 +37,34 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/api/v1/rooms/{room}/members", get(members))
         .route("/api/v1/announce", post(announce))
+        .route("/api/v1/tickets", post(ticket))
+}
+
+/// The user behind the request's bearer token (admin token refused).
+pub fn authenticate(app: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
+    user(app, headers)
+}
+
+async fn ticket(State(app): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let user = user(&app, &headers)?;
+    let tickets = &app.core.tickets;
+    let t = proto::Ticket {
+        ticket: tickets.issue(&user),
+        expires_in_ms: tickets.ttl().as_millis() as u32,
+    };
+    Ok(Json(t).into_response())
 }
 
 /// An API error: status plus the wire error as JSON.
 pub struct ApiError(StatusCode, proto::Error);
 
 impl ApiError {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         let status = match code {
             ErrorCode::Unauthorized | ErrorCode::TokenExpired => StatusCode::UNAUTHORIZED,
             ErrorCode::Forbidden | ErrorCode::NotMember => StatusCode::FORBIDDEN,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::SessionNotFound => StatusCode::GONE,
             ErrorCode::RoomExists => StatusCode::CONFLICT,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,

@@ -26,6 +26,9 @@ pub struct Config {
     pub session: SessionConfig,
     pub chat: ChatConfig,
     pub store: StoreConfig,
+    pub sse: SseConfig,
+    pub poll: PollConfig,
+    pub tls: TlsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -36,6 +39,11 @@ pub struct ServerConfig {
     /// On SIGTERM/SIGINT: how long connections get to drain before the process exits.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Browser origins (e.g. `https://app.example.com`) allowed to use the API, SSE,
+    /// long-poll and /ws from another origin (CORS, and the WebSocket origin check).
+    /// Same-origin requests and clients that send no `Origin` are always allowed. `*`
+    /// allows any origin.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -43,8 +51,59 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             shutdown_timeout: Duration::from_secs(10),
+            allowed_origins: Vec::new(),
         }
     }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SseConfig {
+    /// Comment lines sent on an idle stream so proxies do not cut it.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// The `retry:` hint: how long the browser waits before reconnecting.
+    #[serde(with = "humantime_serde")]
+    pub retry: Duration,
+}
+
+impl Default for SseConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(15),
+            retry: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PollConfig {
+    /// How long a poll waits for frames when the request does not say (`wait`).
+    #[serde(with = "humantime_serde")]
+    pub default_hold: Duration,
+    /// The longest hold a request may ask for.
+    #[serde(with = "humantime_serde")]
+    pub max_hold: Duration,
+}
+
+impl Default for PollConfig {
+    fn default() -> Self {
+        Self {
+            default_hold: Duration::from_secs(30),
+            max_hold: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain. With `key_file`, parley serves HTTPS/WSS (HTTP/2 by ALPN)
+    /// instead of plain HTTP.
+    pub cert_file: Option<String>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -99,6 +158,9 @@ pub struct AuthConfig {
     /// A new connection must send `connect` within this time or is closed.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Lifetime of an SSE ticket (`POST /api/v1/tickets`) before its first use.
+    #[serde(with = "humantime_serde")]
+    pub ticket_ttl: Duration,
     /// Bearer token for the admin HTTP API (announcements, server-side publish). Empty
     /// disables those endpoints.
     pub admin_token: String,
@@ -113,6 +175,7 @@ impl Default for AuthConfig {
             private_key_file: None,
             leeway: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
+            ticket_ttl: Duration::from_secs(30),
             admin_token: String::new(),
         }
     }

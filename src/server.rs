@@ -11,14 +11,24 @@ use axum::{
     response::IntoResponse,
     routing::get,
 };
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{
+        conn::auto,
+        graceful::{GracefulShutdown, Watcher},
+    },
+    service::TowerToHyperService,
+};
 use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::{
     auth::{AuthSetupError, Authenticator},
     broker::local::LocalBroker,
     chat::{Chat, hub::Hub},
-    config::Config,
+    config::{Config, TlsConfig},
     metrics::Metrics,
     session::{Core, Sessions},
     store::{StoreError, sqlite::SqliteStore},
@@ -48,6 +58,8 @@ pub enum ServerError {
     },
     #[error("serving: {0}")]
     Serve(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Builds the core with the configured backends.
@@ -60,6 +72,7 @@ pub fn build_core(config: Config) -> Result<Arc<Core>, ServerError> {
     let sessions = Arc::new(Sessions::new(config.session.clone(), chat.clone()));
     Ok(Arc::new(Core {
         auth: Authenticator::new(&config.auth)?,
+        tickets: crate::session::tickets::Tickets::new(config.auth.ticket_ttl),
         config,
         chat,
         sessions,
@@ -69,12 +82,41 @@ pub fn build_core(config: Config) -> Result<Arc<Core>, ServerError> {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/ws", get(transport::ws::handler))
+        .route(
+            "/ws",
+            get(transport::ws::handler).connect(transport::ws::handler),
+        )
+        .route("/sse", get(transport::sse::handler))
+        .route("/poll", get(transport::poll::handler))
+        .route("/session", axum::routing::post(transport::http::connect))
+        .route(
+            "/session/{id}",
+            axum::routing::post(transport::http::command),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(crate::api::routes())
         .with_state(state)
+}
+
+/// Reaps expired sessions and stale tickets once a second (or faster for short grace
+/// periods).
+fn spawn_maintenance(core: Arc<Core>) -> JoinHandle<()> {
+    let every = (core.config.session.grace_period / 4).clamp(
+        std::time::Duration::from_millis(50),
+        std::time::Duration::from_secs(1),
+    );
+    let core = Arc::downgrade(&core);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let Some(core) = core.upgrade() else { return };
+            core.sessions.reap();
+            core.tickets.prune(|id| core.sessions.get(id).is_some());
+        }
+    })
 }
 
 async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
@@ -103,10 +145,88 @@ pub struct Server {
     task: JoinHandle<Result<(), ServerError>>,
 }
 
+/// Loads the configured certificate and key into a TLS acceptor offering h2 and
+/// http/1.1 by ALPN; `None` when TLS is not configured.
+fn tls_acceptor(config: &TlsConfig) -> Result<Option<TlsAcceptor>, ServerError> {
+    use tokio_rustls::rustls::{
+        ServerConfig,
+        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    };
+    let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) else {
+        if config.cert_file.is_some() || config.key_file.is_some() {
+            return Err(ServerError::Tls(
+                "set both tls.cert_file and tls.key_file".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| ServerError::Tls(format!("{cert}: {e}")))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| ServerError::Tls(format!("{key}: {e}")))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut tls = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ServerError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Some(TlsAcceptor::from(Arc::new(tls))))
+}
+
+/// CORS for browsers on other origins: the origins `server.allowed_origins` names (or
+/// same-origin), echoed back with credentials allowed; never a wildcard with credentials.
+fn cors(config: Arc<Config>) -> CorsLayer {
+    use axum::http::{HeaderName, Method, header};
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::predicate(move |origin, parts| {
+            let mut headers = parts.headers.clone();
+            headers.insert(header::ORIGIN, origin.clone());
+            transport::origin_allowed(&config.server, &headers, &parts.uri)
+        }))
+        .allow_credentials(true)
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::ACCEPT,
+            HeaderName::from_static("last-event-id"),
+        ])
+        .expose_headers([HeaderName::from_static("x-parley-cursor")])
+        .max_age(std::time::Duration::from_secs(600))
+}
+
+/// Serves one accepted connection: HTTP/1.1 or HTTP/2 (by ALPN, or the h2c preface),
+/// with upgrades (WebSocket) and extended CONNECT (RFC 8441, WebSocket over HTTP/2).
+async fn serve_connection<I>(io: I, app: Router, watcher: Watcher)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = TowerToHyperService::new(app);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(30));
+    builder
+        .http2()
+        .enable_connect_protocol()
+        .timer(TokioTimer::new());
+    let conn = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
 impl Server {
     /// Binds `config.server.listen` and starts serving in the background.
     pub async fn start(config: Config) -> Result<Server, ServerError> {
         let addr = config.server.listen;
+        let tls = tls_acceptor(&config.tls)?;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| ServerError::Bind { addr, source })?;
@@ -119,26 +239,55 @@ impl Server {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
         };
-        let reaper = state.core.sessions.spawn_reaper();
-        let app = router(state.clone());
+        let maintenance = spawn_maintenance(state.core.clone());
+        let app = router(state.clone()).layer(cors(state.core.config.clone()));
         let s = state.clone();
         let task = tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(s.shutdown.clone().cancelled_owned())
-                .await;
-            // Upgraded connections were told to reconnect; give them the drain time.
-            s.tracker.close();
+            let graceful = GracefulShutdown::new();
+            loop {
+                let (tcp, _peer) = tokio::select! {
+                    _ = s.shutdown.cancelled() => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok(pair) => pair,
+                        Err(e) => {
+                            // Out of fds and the like: back off instead of spinning.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let _ = tcp.set_nodelay(true);
+                let (app, watcher, tls) = (app.clone(), graceful.watcher(), tls.clone());
+                tokio::spawn(async move {
+                    match tls {
+                        None => serve_connection(tcp, app, watcher).await,
+                        Some(acceptor) => match acceptor.accept(tcp).await {
+                            Ok(stream) => serve_connection(stream, app, watcher).await,
+                            Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        },
+                    }
+                });
+            }
+            drop(listener);
+            // In-flight requests finish (SSE streams and polls end themselves on the
+            // shutdown signal); upgraded WebSockets were told to reconnect.
             let drain = s.core.config.server.shutdown_timeout;
-            if tokio::time::timeout(drain, s.tracker.wait()).await.is_err() {
+            let drained = tokio::time::timeout(drain, async {
+                graceful.shutdown().await;
+                s.tracker.close();
+                s.tracker.wait().await;
+            })
+            .await;
+            if drained.is_err() {
                 tracing::warn!(open = s.tracker.len(), "drain timeout; closing the rest");
             }
-            reaper.abort();
-            served.map_err(ServerError::Serve)
+            maintenance.abort();
+            Ok(())
         });
-        tracing::info!(%addr, "listening");
+        tracing::info!(%addr, tls = state.core.config.tls.cert_file.is_some(), "listening");
         Ok(Server { addr, state, task })
     }
-
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }

@@ -23,7 +23,12 @@ fn keys(value: &toml::Value, prefix: &str, out: &mut BTreeSet<String>) {
 }
 
 /// Options that default to "unset" and so appear commented out in the file.
-const OPTIONAL: [&str; 2] = ["auth.public_key_file", "auth.private_key_file"];
+const OPTIONAL: [&str; 4] = [
+    "auth.public_key_file",
+    "auth.private_key_file",
+    "tls.cert_file",
+    "tls.key_file",
+];
 
 #[test]
 fn shipped_config_is_exactly_the_defaults() {

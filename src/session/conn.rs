@@ -20,6 +20,7 @@ pub struct Core {
     pub config: Arc<Config>,
     pub chat: Arc<Chat>,
     pub sessions: Arc<Sessions>,
+    pub tickets: super::tickets::Tickets,
     pub auth: Authenticator,
     pub metrics: Arc<Metrics>,
 }
@@ -111,7 +112,8 @@ pub enum Outcome {
 
 struct Bound {
     session: Arc<Session>,
-    attachment: Attachment,
+    /// None for a command-only binding (HTTP POST): it delivers nothing.
+    attachment: Option<Attachment>,
 }
 
 /// The session side of one transport connection.
@@ -133,6 +135,22 @@ impl Conn {
         Self { core, bound: None }
     }
 
+    /// A connection already bound to `session` (SSE, long-poll, HTTP commands), with the
+    /// attachment it delivers through, if any.
+    pub fn bound(core: Arc<Core>, session: Arc<Session>, attachment: Option<Attachment>) -> Self {
+        Self {
+            core,
+            bound: Some(Bound {
+                session,
+                attachment,
+            }),
+        }
+    }
+
+    pub fn session(&self) -> Option<&Arc<Session>> {
+        self.bound.as_ref().map(|b| &b.session)
+    }
+
     pub fn core(&self) -> &Arc<Core> {
         &self.core
     }
@@ -142,15 +160,19 @@ impl Conn {
     }
 
     pub fn attachment(&self) -> Option<&Attachment> {
-        self.bound.as_ref().map(|b| &b.attachment)
+        self.bound.as_ref().and_then(|b| b.attachment.as_ref())
     }
 
     /// Up to `max` pushes to write, or why the transport must close.
     pub fn take(&self, max: usize) -> Result<Vec<(u64, Arc<crate::codec::Push>)>, CloseReason> {
-        let Some(b) = &self.bound else {
+        let Some((b, attachment)) = self
+            .bound
+            .as_ref()
+            .and_then(|b| Some((b, b.attachment.as_ref()?)))
+        else {
             return Ok(Vec::new());
         };
-        match b.session.take(&b.attachment, max) {
+        match b.session.take(attachment, max) {
             Take::Pushes(p) => Ok(p),
             Take::Revoked => Err(CloseReason::SessionMoved),
             Take::Dead(d) => {
@@ -162,16 +184,24 @@ impl Conn {
 
     /// The transport is gone: the session waits for a resume for the grace period.
     pub fn detach(&mut self) {
-        if let Some(b) = self.bound.take() {
-            b.session.detach(&b.attachment);
+        if let Some(Bound {
+            session,
+            attachment: Some(a),
+        }) = self.bound.take()
+        {
+            session.detach(&a);
         }
     }
 
     /// The client closed on purpose: end the session now (no resume will come).
     pub fn end(&mut self) {
-        if let Some(b) = self.bound.take() {
-            if b.session.take(&b.attachment, 0).is_current() {
-                self.core.sessions.end(&b.session);
+        if let Some(Bound {
+            session,
+            attachment: Some(a),
+        }) = self.bound.take()
+        {
+            if session.take(&a, 0).is_current() {
+                self.core.sessions.end(&session);
             }
         }
     }
@@ -213,6 +243,9 @@ impl Conn {
             (Some(b), cmd) => (b.session.clone(), cmd),
         };
         let (session, cmd) = bound;
+        if session.is_receive_only() && !matches!(cmd, Cmd::Ack(_) | Cmd::Ping(_)) {
+            return Outcome::Reply(self.err(id, ErrorCode::Forbidden, "receive-only session"));
+        }
         let user = session.user_id();
         let chat = &self.core.chat;
         let result: Result<Kind, ChatError> = match cmd {
@@ -284,65 +317,84 @@ impl Conn {
                 );
             }
         };
-        let sessions = &self.core.sessions;
-        let resumable = (!c.session_id.is_empty())
-            .then(|| sessions.get(&c.session_id))
-            .flatten()
-            .filter(|s| s.user_id() == user);
-        let mut resumed = None;
-        if let Some(s) = resumable {
-            if s.resume_from(c.last_pos) {
-                resumed = s.attach().map(|a| (s.clone(), a));
-            }
-            if resumed.is_none() {
-                // Its pushes can no longer be replayed exactly: end it; log sync covers
-                // the messages.
-                s.kill(Death::Expired);
-                sessions.remove(&s);
-            }
-        }
-        let was_resumed = resumed.is_some();
-        let (session, attachment) = match resumed {
-            Some(pair) => pair,
-            None => {
-                let s = sessions.create(&user);
-                if let Err(e) = self.core.chat.attach(s.clone()).await {
-                    sessions.remove(&s);
-                    return Outcome::Reply(ServerFrame {
-                        id,
-                        pos: 0,
-                        kind: Some(Kind::Error(e.to_proto())),
-                    });
-                }
-                let Some(a) = s.attach() else {
-                    return Outcome::Reply(self.err(id, ErrorCode::Internal, "session ended"));
-                };
-                (s, a)
-            }
-        };
-        let rooms = match self.core.chat.rooms_of(&user).await {
-            Ok(r) => r,
+        let heartbeat = self.core.config.ws.heartbeat_interval;
+        let (session, connected) = match self
+            .core
+            .open_session(&user, &c.session_id, c.last_pos, heartbeat)
+            .await
+        {
+            Ok(pair) => pair,
             Err(e) => {
-                tracing::error!(error = %e, "rooms_of failed");
-                Vec::new()
+                return Outcome::Reply(ServerFrame {
+                    id,
+                    pos: 0,
+                    kind: Some(Kind::Error(e.to_proto())),
+                });
             }
         };
-        let connected = proto::Connected {
-            session_id: session.id().to_string(),
-            user_id: user,
-            resumed: was_resumed,
-            heartbeat_ms: self.core.config.ws.heartbeat_interval.as_millis() as u32,
-            rooms,
+        let Some(attachment) = session.attach() else {
+            return Outcome::Reply(self.err(id, ErrorCode::Internal, "session ended"));
         };
         self.bound = Some(Bound {
             session,
-            attachment,
+            attachment: Some(attachment),
         });
         Outcome::Reply(ServerFrame {
             id,
             pos: 0,
             kind: Some(Kind::Connected(connected)),
         })
+    }
+}
+
+impl Core {
+    /// Resumes the user's session `session_id` from `last_pos` when it exists and can
+    /// replay exactly, or else opens a new one (registered for live delivery). The
+    /// session comes back detached: the caller attaches a transport (or not, for the
+    /// HTTP command endpoint). `heartbeat` is what the `connected` reply announces.
+    pub async fn open_session(
+        &self,
+        user: &str,
+        session_id: &str,
+        last_pos: u64,
+        heartbeat: std::time::Duration,
+    ) -> Result<(Arc<Session>, proto::Connected), ChatError> {
+        let sessions = &self.sessions;
+        let resumable = (!session_id.is_empty())
+            .then(|| sessions.get(session_id))
+            .flatten()
+            .filter(|s| s.user_id() == user);
+        let mut resumed = None;
+        if let Some(s) = resumable {
+            if s.resume_from(last_pos) {
+                resumed = Some(s);
+            } else {
+                // Its pushes can no longer be replayed exactly: end it; log sync covers
+                // the messages.
+                sessions.end(&s);
+            }
+        }
+        let was_resumed = resumed.is_some();
+        let session = match resumed {
+            Some(s) => s,
+            None => {
+                let s = sessions.create(user);
+                if let Err(e) = self.chat.attach(s.clone()).await {
+                    sessions.remove(&s);
+                    return Err(e);
+                }
+                s
+            }
+        };
+        let rooms = self.chat.rooms_of(user).await?;
+        let connected = proto::Connected {
+            session_id: session.id().to_string(),
+            user_id: user.to_string(),
+            resumed: was_resumed,
+            heartbeat_ms: heartbeat.as_millis() as u32,
+            rooms,
+        };
+        Ok((session, connected))
     }
 }
 

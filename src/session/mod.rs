@@ -16,6 +16,7 @@
 
 pub mod conn;
 mod registry;
+pub mod tickets;
 
 pub use conn::{CloseReason, Conn, Core, Outcome};
 pub use registry::Sessions;
@@ -101,6 +102,8 @@ pub struct Session {
     id: String,
     user: Arc<str>,
     recipient_id: u64,
+    /// Opened by a listen-only SSE stream: commands other than ack/ping are refused.
+    receive_only: std::sync::atomic::AtomicBool,
     limits: Limits,
     state: Mutex<State>,
 }
@@ -111,6 +114,7 @@ impl Session {
             id,
             user: user.into(),
             recipient_id,
+            receive_only: Default::default(),
             limits,
             state: Mutex::new(State {
                 queue: VecDeque::new(),
@@ -132,6 +136,15 @@ impl Session {
 
     pub fn user_id(&self) -> &str {
         &self.user
+    }
+
+    pub fn set_receive_only(&self) {
+        self.receive_only
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_receive_only(&self) -> bool {
+        self.receive_only.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

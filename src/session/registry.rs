@@ -6,7 +6,7 @@ use std::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use rand::RngCore;
@@ -90,22 +90,5 @@ impl Sessions {
             self.remove(s);
         }
         expired.len()
-    }
-
-    /// Reaps periodically until the process ends.
-    pub fn spawn_reaper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let this = Arc::downgrade(self);
-        let every =
-            (self.config.grace_period / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                let Some(sessions) = this.upgrade() else {
-                    return;
-                };
-                sessions.reap();
-            }
-        })
     }
 }

@@ -24,6 +24,7 @@ use yawc::{
     frame::{Frame, OpCode},
 };
 
+use super::{BATCH, origin_allowed};
 use crate::{
     codec::{self, Encoding},
     metrics::TransportLabel,
@@ -33,8 +34,6 @@ use crate::{
 };
 
 const LABEL: TransportLabel = TransportLabel { transport: "ws" };
-/// Most pushes written per flush.
-const BATCH: usize = 256;
 
 /// Picks the encoding from the offered subprotocols: the first one parley knows.
 /// `Ok(None)` when none was offered, `Err` when only unknown ones were.
@@ -55,8 +54,12 @@ fn negotiate(headers: &HeaderMap) -> Result<Option<Encoding>, ()> {
 pub async fn handler(
     State(app): State<AppState>,
     headers: HeaderMap,
+    uri: axum::http::Uri,
     upgrade: IncomingUpgrade,
 ) -> Response {
+    if !origin_allowed(&app.core.config.server, &headers, &uri) {
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
     if app.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }

@@ -325,7 +325,11 @@ impl Client {
                     return out;
                 }
                 Some(Ok(_)) => {}
-                Some(Err(_)) | None => return out,
+                Some(Err(e)) => {
+                    eprintln!("closed(): error {e}");
+                    return out;
+                }
+                None => return out,
             }
         }
     }
@@ -348,4 +352,138 @@ pub fn codec_decode(encoding: Encoding, bytes: &[u8]) -> ServerFrame {
 
 pub fn code_of(e: &proto::Error) -> proto::ErrorCode {
     proto::ErrorCode::try_from(e.code).unwrap()
+}
+
+/// An HTTP/1.1 response read with hyper: status, headers and (for non-streaming use)
+/// the whole body.
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: bytes::Bytes,
+}
+
+/// A request with arbitrary headers over a fresh HTTP/1.1 connection (hyper client).
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<bytes::Bytes>,
+) -> HttpReply {
+    use http_body_util::BodyExt;
+    let response = http_stream(addr, method, path, headers, body).await;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = tokio::time::timeout(WAIT, response.into_body().collect())
+        .await
+        .expect("body in time")
+        .unwrap()
+        .to_bytes();
+    HttpReply {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Sends a request and returns the response with its body still streaming.
+pub async fn http_stream(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<bytes::Bytes>,
+) -> hyper::Response<hyper::body::Incoming> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(http_body_util::Full::new(body.into())).unwrap();
+    tokio::time::timeout(WAIT, sender.send_request(req))
+        .await
+        .expect("response in time")
+        .unwrap()
+}
+
+/// One Server-Sent Event (or comment).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct SseEvent {
+    pub id: Option<u64>,
+    pub retry: Option<u64>,
+    pub data: Option<String>,
+    pub comment: bool,
+}
+
+impl SseEvent {
+    pub fn frame(&self) -> ServerFrame {
+        serde_json::from_str(self.data.as_deref().expect("data")).expect("data is a JSON frame")
+    }
+}
+
+/// A streaming `text/event-stream` reader.
+pub struct SseClient {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    body: hyper::body::Incoming,
+    buf: String,
+}
+
+impl SseClient {
+    pub async fn open(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> SseClient {
+        let r = http_stream(addr, "GET", path, headers, bytes::Bytes::new()).await;
+        SseClient {
+            status: r.status().as_u16(),
+            headers: r.headers().clone(),
+            body: r.into_body(),
+            buf: String::new(),
+        }
+    }
+
+    /// The next event or comment; `None` when the stream ended.
+    pub async fn next(&mut self) -> Option<SseEvent> {
+        use http_body_util::BodyExt;
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let mut ev = SseEvent::default();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id: ") {
+                        ev.id = Some(v.parse().unwrap());
+                    } else if let Some(v) = line.strip_prefix("retry: ") {
+                        ev.retry = Some(v.parse().unwrap());
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        ev.data = Some(v.to_string());
+                    } else if line.starts_with(':') {
+                        ev.comment = true;
+                    }
+                }
+                return Some(ev);
+            }
+            let frame = tokio::time::timeout(WAIT, self.body.frame())
+                .await
+                .expect("event in time")?;
+            if let Ok(data) = frame.ok()?.into_data() {
+                self.buf.push_str(std::str::from_utf8(&data).unwrap());
+            }
+        }
+    }
+
+    /// The next event that carries data, skipping heartbeats.
+    pub async fn next_frame(&mut self) -> (Option<u64>, ServerFrame) {
+        loop {
+            let ev = self.next().await.expect("stream open");
+            if ev.data.is_some() {
+                return (ev.id, ev.frame());
+            }
+        }
+    }
 }

@@ -1,0 +1,151 @@
+//! Short-lived, single-use tickets that stand in for a token where a URL must carry the
+//! credential (EventSource cannot send headers).
+//!
+//! A ticket is issued to an authenticated user (`POST /api/v1/tickets`) and can open one
+//! session, once, within `auth.ticket_ttl`. After that it is bound to the session it
+//! opened and is good for exactly one more thing: the browser's automatic EventSource
+//! reconnect, which repeats the same URL with a `Last-Event-ID` header, may resume *that*
+//! session while it lives. A second fresh use, or a first use after the TTL, is refused.
+
+use std::{
+    collections::HashMap,
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use rand::RngCore;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TicketError {
+    #[error("unknown ticket")]
+    Unknown,
+    #[error("ticket expired")]
+    Expired,
+    #[error("ticket already used")]
+    Used,
+}
+
+/// What a ticket lets the bearer do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Redeemed {
+    /// First use: open (or explicitly resume) a session for this user.
+    Fresh { user: String },
+    /// An EventSource reconnect: resume the session the ticket opened.
+    Resume { user: String, session_id: String },
+}
+
+struct Ticket {
+    user: String,
+    expires: Instant,
+    /// The session it opened, once used.
+    session: Option<String>,
+}
+
+pub struct Tickets {
+    map: Mutex<HashMap<String, Ticket>>,
+    ttl: Duration,
+}
+
+impl Tickets {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            map: Mutex::default(),
+            ttl,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Ticket>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    pub fn issue(&self, user: &str) -> String {
+        let mut raw = [0u8; 24];
+        rand::rng().fill_bytes(&mut raw);
+        let ticket: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let t = Ticket {
+            user: user.into(),
+            expires: Instant::now() + self.ttl,
+            session: None,
+        };
+        self.lock().insert(ticket.clone(), t);
+        ticket
+    }
+
+    /// Uses a ticket. `reconnect` is true when the request carries `Last-Event-ID` (an
+    /// EventSource reconnect).
+    pub fn redeem(&self, ticket: &str, reconnect: bool) -> Result<Redeemed, TicketError> {
+        let mut map = self.lock();
+        let t = map.get(ticket).ok_or(TicketError::Unknown)?;
+        match (&t.session, reconnect) {
+            (Some(session_id), true) => Ok(Redeemed::Resume {
+                user: t.user.clone(),
+                session_id: session_id.clone(),
+            }),
+            (Some(_), false) => Err(TicketError::Used),
+            (None, _) if Instant::now() > t.expires => {
+                map.remove(ticket);
+                Err(TicketError::Expired)
+            }
+            (None, _) => Ok(Redeemed::Fresh {
+                user: t.user.clone(),
+            }),
+        }
+    }
+
+    /// Records the session a fresh ticket opened; from now on it only resumes that one.
+    pub fn bind(&self, ticket: &str, session_id: &str) {
+        if let Some(t) = self.lock().get_mut(ticket) {
+            t.session = Some(session_id.to_string());
+        }
+    }
+
+    /// Forgets used tickets whose session is gone, and unused ones a TTL after they
+    /// expired (kept that long so a late use is told "expired", not "unknown").
+    pub fn prune(&self, session_alive: impl Fn(&str) -> bool) {
+        let now = Instant::now();
+        let ttl = self.ttl;
+        self.lock().retain(|_, t| match &t.session {
+            Some(s) => session_alive(s),
+            None => now <= t.expires + ttl,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_use_then_only_reconnects_of_its_session() {
+        let t = Tickets::new(Duration::from_secs(30));
+        let ticket = t.issue("ann");
+        assert_eq!(
+            t.redeem(&ticket, false),
+            Ok(Redeemed::Fresh { user: "ann".into() })
+        );
+        t.bind(&ticket, "s1");
+        assert_eq!(t.redeem(&ticket, false), Err(TicketError::Used));
+        assert_eq!(
+            t.redeem(&ticket, true),
+            Ok(Redeemed::Resume {
+                user: "ann".into(),
+                session_id: "s1".into()
+            })
+        );
+        t.prune(|_| false);
+        assert_eq!(t.redeem(&ticket, true), Err(TicketError::Unknown));
+        assert_eq!(t.redeem("nope", false), Err(TicketError::Unknown));
+    }
+
+    #[test]
+    fn late_tickets_are_refused() {
+        let t = Tickets::new(Duration::from_millis(0));
+        let ticket = t.issue("ann");
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(t.redeem(&ticket, false), Err(TicketError::Expired));
+    }
+}

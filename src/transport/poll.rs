@@ -1,0 +1,165 @@
+//! `/poll`: HTTP long-poll, the fallback of last resort.
+//!
+//! `GET /poll?session_id=S&cursor=P[&wait=SECONDS]` with the bearer token. The cursor is
+//! the last position the client has: it acknowledges everything up to it, and the reply
+//! holds the pushes after it — as soon as there are any, or an empty list when the hold
+//! time (`wait`, default `poll.default_hold`, at most `poll.max_hold`; 0 = plain polling)
+//! passes. A reply that got lost is simply delivered again by the next poll with the same
+//! cursor. One pending poll per session: a newer one ends the older with an empty reply.
+//! A session with no poll for the grace period expires like any detached session.
+//!
+//! Replies are a JSON array of frames, or with `Accept: application/x-protobuf` a
+//! sequence of length-delimited protobuf frames (varint length, then the frame). The
+//! header `X-Parley-Cursor` carries the cursor for the next poll. Commands go to
+//! `POST /session/{id}` (sessions start with `POST /session`).
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    extract::{Query, State},
+    http::{HeaderMap, HeaderValue, StatusCode, Uri, header},
+    response::{IntoResponse, Response},
+};
+use bytes::{BufMut, BytesMut};
+use serde::Deserialize;
+use tokio::time::{Instant, sleep_until};
+
+use super::{BATCH, http::PROTOBUF, http::owned_session, origin_allowed};
+use crate::{
+    api::{ApiError, authenticate},
+    codec::{Encoding, Push},
+    metrics::TransportLabel,
+    proto::ErrorCode,
+    server::AppState,
+    session::{CloseReason, Conn},
+};
+
+const LABEL: TransportLabel = TransportLabel { transport: "poll" };
+
+#[derive(Deserialize)]
+pub struct PollQuery {
+    session_id: String,
+    #[serde(default)]
+    cursor: u64,
+    /// Hold time in seconds.
+    wait: Option<u64>,
+}
+
+/// Decrements the pending-poll gauge and detaches, however the request ends.
+struct Pending {
+    conn: Conn,
+    app: AppState,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.conn.detach();
+        self.app
+            .core
+            .metrics
+            .connections
+            .get_or_create(&LABEL)
+            .dec();
+    }
+}
+
+fn respond(encoding: Encoding, cursor: u64, pushes: &[(u64, Arc<Push>)]) -> Response {
+    let mut body = BytesMut::new();
+    match encoding {
+        Encoding::Json => {
+            body.put_u8(b'[');
+            for (i, (pos, push)) in pushes.iter().enumerate() {
+                if i > 0 {
+                    body.put_u8(b',');
+                }
+                body.put_slice(&push.frame(Encoding::Json, *pos));
+            }
+            body.put_u8(b']');
+        }
+        Encoding::Proto => {
+            for (pos, push) in pushes {
+                let frame = push.frame(Encoding::Proto, *pos);
+                prost::encoding::encode_varint(frame.len() as u64, &mut body);
+                body.put_slice(&frame);
+            }
+        }
+    }
+    let next = pushes.last().map_or(cursor, |(pos, _)| *pos);
+    let mut r = (StatusCode::OK, body.freeze()).into_response();
+    let h = r.headers_mut();
+    let ct = if encoding == Encoding::Proto {
+        PROTOBUF
+    } else {
+        "application/json"
+    };
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert("x-parley-cursor", HeaderValue::from(next));
+    r
+}
+
+pub async fn handler(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    uri: Uri,
+    Query(q): Query<PollQuery>,
+) -> Response {
+    if !origin_allowed(&app.core.config.server, &headers, &uri) {
+        return ApiError::new(ErrorCode::Forbidden, "origin not allowed").into_response();
+    }
+    let user = match authenticate(&app, &headers) {
+        Ok(u) => u,
+        Err(e) => return e.into_response(),
+    };
+    let session = match owned_session(&app, &user, &q.session_id) {
+        Ok(s) => s,
+        Err(e) => return e.into_response(),
+    };
+    let encoding = match headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) {
+        Some(a) if a.contains(PROTOBUF) => Encoding::Proto,
+        _ => Encoding::Json,
+    };
+    // The cursor acknowledges everything up to it; what follows is (re)delivered.
+    if !session.resume_from(q.cursor) {
+        app.core.sessions.end(&session);
+        return ApiError::new(
+            ErrorCode::SessionNotFound,
+            "cannot continue from this cursor: connect again and sync",
+        )
+        .into_response();
+    }
+    let Some(attachment) = session.attach() else {
+        return ApiError::new(ErrorCode::SessionNotFound, "session ended").into_response();
+    };
+    let config = &app.core.config.poll;
+    let hold = q
+        .wait
+        .map_or(config.default_hold, Duration::from_secs)
+        .min(config.max_hold);
+    let deadline = Instant::now() + hold;
+    app.core.metrics.connections.get_or_create(&LABEL).inc();
+    let pending = Pending {
+        conn: Conn::bound(app.core.clone(), session, Some(attachment.clone())),
+        app: app.clone(),
+    };
+    loop {
+        match pending.conn.take(BATCH) {
+            Ok(pushes) if !pushes.is_empty() => {
+                let n = pushes.len() as u64;
+                app.core.metrics.frames_out.get_or_create(&LABEL).inc_by(n);
+                return respond(encoding, q.cursor, &pushes);
+            }
+            Ok(_) => {}
+            // A newer poll took over: end this one empty.
+            Err(CloseReason::SessionMoved) => return respond(encoding, q.cursor, &[]),
+            Err(_) => {
+                return ApiError::new(ErrorCode::SessionNotFound, "session ended").into_response();
+            }
+        }
+        tokio::select! {
+            _ = attachment.ready() => {}
+            _ = sleep_until(deadline) => return respond(encoding, q.cursor, &[]),
+            _ = app.shutdown.cancelled() => return respond(encoding, q.cursor, &[]),
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! Built-in TLS (a certificate generated at test time), HTTP/2 by ALPN and h2c, SSE and
+//! commands multiplexed on one HTTP/2 connection, and WebSocket over HTTP/2 (RFC 8441).
+
+mod common;
+
+use std::{path::PathBuf, sync::Arc};
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Empty};
+use hyper::{Request, body::Bytes};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_rustls::{
+    TlsConnector,
+    rustls::{ClientConfig, RootCertStore, crypto::ring, pki_types::ServerName},
+};
+
+struct Certs {
+    dir: PathBuf,
+    cert_der: tokio_rustls::rustls::pki_types::CertificateDer<'static>,
+}
+
+impl Drop for Certs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn make_certs(name: &str) -> Certs {
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = std::env::temp_dir().join(format!("parley-tls-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cert.pem"), key.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.signing_key.serialize_pem()).unwrap();
+    Certs {
+        dir,
+        cert_der: key.cert.der().clone(),
+    }
+}
+
+async fn tls_server(certs: &Certs) -> TestServer {
+    let (cert, key) = (certs.dir.join("cert.pem"), certs.dir.join("key.pem"));
+    TestServer::start_with(|c| {
+        c.tls.cert_file = Some(cert.to_str().unwrap().into());
+        c.tls.key_file = Some(key.to_str().unwrap().into());
+    })
+    .await
+}
+
+async fn tls_connect(
+    t: &TestServer,
+    certs: &Certs,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut roots = RootCertStore::empty();
+    roots.add(certs.cert_der.clone()).unwrap();
+    let mut config = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = TcpStream::connect(t.addr()).await.unwrap();
+    TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("TLS handshake with the generated certificate")
+}
+
+#[tokio::test]
+async fn wss_chat_over_built_in_tls() {
+    let certs = make_certs("wss");
+    let t = tls_server(&certs).await;
+    let tls = tls_connect(&t, &certs, &[b"http/1.1"]).await;
+    let url = format!("wss://localhost:{}/ws", t.addr().port());
+    let mut req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+            .unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-protocol", "parley.v1.json".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+    let connect = format!(r#"{{"id":"1","connect":{{"token":"{}"}}}}"#, t.token("ann"));
+    ws.send(connect.into()).await.unwrap();
+    let reply = ws.next().await.unwrap().unwrap().into_text().unwrap();
+    let v: Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(v["connected"]["userId"], "ann");
+    // Plain HTTP to the TLS port fails.
+    let r = tokio::time::timeout(WAIT, async {
+        let tcp = TcpStream::connect(t.addr()).await.unwrap();
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(tcp)).await
+    })
+    .await
+    .unwrap();
+    if let Ok((mut sender, conn)) = r {
+        tokio::spawn(conn);
+        let req = Request::get("/healthz")
+            .header("host", "localhost")
+            .body(Empty::new())
+            .unwrap();
+        assert!(
+            sender.send_request(req).await.is_err(),
+            "no plaintext on the TLS port"
+        );
+    }
+}
+
+#[tokio::test]
+async fn https_h2_multiplexes_sse_and_commands_on_one_connection() {
+    let certs = make_certs("h2");
+    let t = tls_server(&certs).await;
+    let tls = tls_connect(&t, &certs, &[b"h2", b"http/1.1"]).await;
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        Some(&b"h2"[..]),
+        "ALPN picks h2"
+    );
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let base = format!("https://localhost:{}", t.addr().port());
+    let auth = format!("Bearer {}", t.token("ann"));
+
+    let r = sender
+        .clone()
+        .send_request(
+            Request::get(format!("{base}/healthz"))
+                .body(http_body_util::Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.version()),
+        (200, hyper::Version::HTTP_2)
+    );
+
+    // A ticket, then an SSE stream, then a command — all streams of one connection.
+    let r = sender
+        .clone()
+        .send_request(
+            Request::post(format!("{base}/api/v1/tickets"))
+                .header("authorization", &auth)
+                .body(http_body_util::Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    let ticket = serde_json::from_slice::<Value>(&body).unwrap()["ticket"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let sse = sender
+        .clone()
+        .send_request(
+            Request::get(format!("{base}/sse?ticket={ticket}"))
+                .body(http_body_util::Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(sse.headers()["content-type"], "text/event-stream");
+    let mut sse_body = sse.into_body();
+    let mut text = String::new();
+    while !text.contains("\n\n") {
+        let f = tokio::time::timeout(WAIT, sse_body.frame())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        text.push_str(std::str::from_utf8(&f.into_data().unwrap()).unwrap());
+    }
+    let data = text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+    let session = serde_json::from_str::<Value>(data).unwrap()["connected"]["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = sender
+        .clone()
+        .send_request(
+            Request::post(format!("{base}/session/{session}"))
+                .header("authorization", &auth)
+                .body(http_body_util::Full::new(Bytes::from(
+                    r#"{"id":"2","join":{"room":"h2"}}"#,
+                )))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The join's membership push arrives on the SSE stream of the same connection.
+    let mut text = String::new();
+    while !text.contains("membership") {
+        let f = tokio::time::timeout(WAIT, sse_body.frame())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        text.push_str(std::str::from_utf8(&f.into_data().unwrap()).unwrap());
+    }
+    assert!(text.contains("id: 1\n"));
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_on_the_plain_port() {
+    let t = TestServer::start().await;
+    let tcp = TcpStream::connect(t.addr()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let r = sender
+        .send_request(
+            Request::get(format!("http://{}/readyz", t.addr()))
+                .body(http_body_util::Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.version()),
+        (200, hyper::Version::HTTP_2)
+    );
+}
+
+#[tokio::test]
+async fn websocket_over_http2_rfc_8441() {
+    let t = TestServer::start().await;
+    let tcp = TcpStream::connect(t.addr()).await.unwrap();
+    let url: url::Url = format!("http://{}/ws", t.addr()).parse().unwrap();
+    let builder =
+        hyper::http::Request::builder().header("sec-websocket-protocol", "parley.v1.json");
+    let mut ws = yawc::http2::handshake(url, tcp, yawc::Options::default(), builder)
+        .await
+        .expect("extended CONNECT accepted");
+    let connect = format!(r#"{{"id":"1","connect":{{"token":"{}"}}}}"#, t.token("ann"));
+    ws.send(yawc::frame::Frame::text(connect)).await.unwrap();
+    let frame = tokio::time::timeout(WAIT, ws.next_frame())
+        .await
+        .unwrap()
+        .unwrap();
+    let v: Value = serde_json::from_slice(frame.payload()).unwrap();
+    assert_eq!(v["connected"]["userId"], "ann");
+}
