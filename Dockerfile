@@ -30,7 +30,9 @@ USER parley
 WORKDIR /var/lib/parley
 ENV PARLEY_CONFIG=/etc/parley/parley.toml \
     PARLEY_SERVER__LISTEN=0.0.0.0:8080 \
+    PARLEY_STORE__PATH=/var/lib/parley/parley.db \
     PARLEY_LOG__FORMAT=json
+VOLUME /var/lib/parley
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
     CMD ["parley", "health", "127.0.0.1:8080"]
