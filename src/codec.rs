@@ -79,14 +79,20 @@ pub fn encode_client(encoding: Encoding, frame: &ClientFrame) -> Bytes {
 #[derive(Debug)]
 pub struct Push {
     kind: Kind,
+    /// Bytes this push is charged in a session queue (computed once, not per recipient).
+    cost: usize,
     proto: OnceLock<Bytes>,
     json: OnceLock<Bytes>,
 }
 
 impl Push {
     pub fn new(kind: Kind) -> Self {
+        // The protobuf size is a cheap, encoding-independent estimate; 64 covers the queue
+        // entry and the position.
+        let cost = kind.encoded_len() + 64;
         Self {
             kind,
+            cost,
             proto: OnceLock::new(),
             json: OnceLock::new(),
         }
@@ -114,17 +120,7 @@ impl Push {
 
     /// Approximate bytes this push holds in a session queue (for the byte bounds).
     pub fn cost(&self) -> usize {
-        // Protobuf size is a cheap, encoding-independent estimate.
-        self.kind_len() + 64
-    }
-
-    fn kind_len(&self) -> usize {
-        ServerFrame {
-            id: 0,
-            pos: 0,
-            kind: Some(self.kind.clone()),
-        }
-        .encoded_len()
+        self.cost
     }
 
     /// The complete frame for one session: `pos` spliced in front of the shared body.
