@@ -318,12 +318,12 @@ impl Conn {
             }
         };
         let heartbeat = self.core.config.ws.heartbeat_interval;
-        let (session, connected) = match self
+        let opened = self
             .core
-            .open_session(&user, &c.session_id, c.last_pos, heartbeat)
-            .await
-        {
-            Ok(pair) => pair,
+            .open_session(&user, &c.session_id, c.last_pos, heartbeat, true)
+            .await;
+        let (session, attachment, connected) = match opened {
+            Ok(opened) => opened,
             Err(e) => {
                 return Outcome::Reply(ServerFrame {
                     id,
@@ -332,12 +332,9 @@ impl Conn {
                 });
             }
         };
-        let Some(attachment) = session.attach() else {
-            return Outcome::Reply(self.err(id, ErrorCode::Internal, "session ended"));
-        };
         self.bound = Some(Bound {
             session,
-            attachment: Some(attachment),
+            attachment,
         });
         Outcome::Reply(ServerFrame {
             id,
@@ -349,52 +346,58 @@ impl Conn {
 
 impl Core {
     /// Resumes the user's session `session_id` from `last_pos` when it exists and can
-    /// replay exactly, or else opens a new one (registered for live delivery). The
-    /// session comes back detached: the caller attaches a transport (or not, for the
-    /// HTTP command endpoint). `heartbeat` is what the `connected` reply announces.
+    /// replay exactly, or else opens a new one (registered for live delivery). With
+    /// `attach`, the caller's transport becomes the session's deliverer in the same step
+    /// (the HTTP command endpoint opens without one). `heartbeat` is what the `connected`
+    /// reply announces.
     pub async fn open_session(
         &self,
         user: &str,
         session_id: &str,
         last_pos: u64,
         heartbeat: std::time::Duration,
-    ) -> Result<(Arc<Session>, proto::Connected), ChatError> {
+        attach: bool,
+    ) -> Result<(Arc<Session>, Option<Attachment>, proto::Connected), ChatError> {
         let sessions = &self.sessions;
         let resumable = (!session_id.is_empty())
             .then(|| sessions.get(session_id))
             .flatten()
             .filter(|s| s.user_id() == user);
-        let mut resumed = None;
+        let mut opened = None;
         if let Some(s) = resumable {
-            if s.resume_from(last_pos) {
-                resumed = Some(s);
+            let resumed = if attach {
+                s.resume(last_pos).map(Some)
             } else {
+                s.resume_from(last_pos).then_some(None)
+            };
+            match resumed {
+                Some(attachment) => opened = Some((s, attachment, true)),
                 // Its pushes can no longer be replayed exactly: end it; log sync covers
                 // the messages.
-                sessions.end(&s);
+                None => sessions.end(&s),
             }
         }
-        let was_resumed = resumed.is_some();
-        let session = match resumed {
-            Some(s) => s,
+        let (session, attachment, resumed) = match opened {
+            Some(o) => o,
             None => {
                 let s = sessions.create(user);
                 if let Err(e) = self.chat.attach(s.clone()).await {
                     sessions.remove(&s);
                     return Err(e);
                 }
-                s
+                let attachment = if attach { s.attach() } else { None };
+                (s, attachment, false)
             }
         };
         let rooms = self.chat.rooms_of(user).await?;
         let connected = proto::Connected {
             session_id: session.id().to_string(),
             user_id: user.to_string(),
-            resumed: was_resumed,
+            resumed,
             heartbeat_ms: heartbeat.as_millis() as u32,
             rooms,
         };
-        Ok((session, connected))
+        Ok((session, attachment, connected))
     }
 }
 

@@ -184,6 +184,10 @@ impl Session {
         if s.dead.is_some() {
             return None;
         }
+        Some(Self::attach_locked(&mut s))
+    }
+
+    fn attach_locked(s: &mut State) -> Attachment {
         s.generation += 1;
         let attachment = Attachment {
             generation: s.generation,
@@ -195,7 +199,17 @@ impl Session {
         s.detached_since = None;
         // Anything already queued is ready for the new transport.
         attachment.notify.notify_one();
-        Some(attachment)
+        attachment
+    }
+
+    /// [`Session::resume_from`] and [`Session::attach`] in one step, so a transport that
+    /// is still attached cannot take pushes in between.
+    pub fn resume(&self, last_pos: u64) -> Option<Attachment> {
+        let mut s = self.lock();
+        if !Self::resume_locked(&mut s, last_pos) {
+            return None;
+        }
+        Some(Self::attach_locked(&mut s))
     }
 
     /// The transport holding `attachment` is gone; the grace period starts.
@@ -224,7 +238,10 @@ impl Session {
     /// after it will be delivered again, in order. Fails when pushes after `last_pos` were
     /// already forgotten (or `last_pos` is in the future); then only log sync can help.
     pub fn resume_from(&self, last_pos: u64) -> bool {
-        let mut s = self.lock();
+        Self::resume_locked(&mut self.lock(), last_pos)
+    }
+
+    fn resume_locked(s: &mut State, last_pos: u64) -> bool {
         if s.dead.is_some() || last_pos >= s.next_pos {
             return false;
         }

@@ -102,10 +102,10 @@ pub async fn connect(State(app): State<AppState>, headers: HeaderMap, body: Byte
     let hold = app.core.config.poll.default_hold;
     match app
         .core
-        .open_session(&user, &c.session_id, c.last_pos, hold)
+        .open_session(&user, &c.session_id, c.last_pos, hold, false)
         .await
     {
-        Ok((_, connected)) => {
+        Ok((_, _, connected)) => {
             let reply = ServerFrame {
                 id: frame.id,
                 pos: 0,

@@ -119,17 +119,15 @@ pub async fn handler(
         Some(a) if a.contains(PROTOBUF) => Encoding::Proto,
         _ => Encoding::Json,
     };
-    // The cursor acknowledges everything up to it; what follows is (re)delivered.
-    if !session.resume_from(q.cursor) {
+    // The cursor acknowledges everything up to it; what follows is (re)delivered. This
+    // also takes the session over from an older pending poll.
+    let Some(attachment) = session.resume(q.cursor) else {
         app.core.sessions.end(&session);
         return ApiError::new(
             ErrorCode::SessionNotFound,
             "cannot continue from this cursor: connect again and sync",
         )
         .into_response();
-    }
-    let Some(attachment) = session.attach() else {
-        return ApiError::new(ErrorCode::SessionNotFound, "session ended").into_response();
     };
     let config = &app.core.config.poll;
     let hold = q

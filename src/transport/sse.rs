@@ -159,11 +159,15 @@ pub async fn handler(
             session_id.as_deref().unwrap_or(""),
             last_pos.unwrap_or(0),
             heartbeat,
+            true,
         )
         .await;
-    let (session, connected) = match opened {
-        Ok(pair) => pair,
+    let (session, attachment, connected) = match opened {
+        Ok(opened) => opened,
         Err(e) => return ApiError::from(e).into_response(),
+    };
+    let Some(attachment) = attachment else {
+        return ApiError::new(ErrorCode::SessionNotFound, "session ended").into_response();
     };
     if let Some(ticket) = &q.ticket {
         core.tickets.bind(ticket, session.id());
@@ -171,9 +175,6 @@ pub async fn handler(
     if q.receive_only {
         session.set_receive_only();
     }
-    let Some(attachment) = session.attach() else {
-        return ApiError::new(ErrorCode::SessionNotFound, "session ended").into_response();
-    };
 
     let mut first = BytesMut::new();
     first.put_slice(b"retry: ");
