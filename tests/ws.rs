@@ -575,3 +575,54 @@ async fn health_readiness_and_metrics() {
     }
     assert!(body.contains("parley_frames_in_total{transport=\"ws\"}"));
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_disconnected_as_slow() {
+    let t = TestServer::start_with(|c| {
+        c.session.max_queue_bytes = 64 * 1024;
+        c.ws.write_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let mut ann = t.client("ann", Encoding::Json).await;
+    let mut bob = t.client("bob", Encoding::Proto).await;
+    ann.join("r").await;
+    bob.join("r").await;
+    // Ann stops reading; bob sends far more than the socket buffers and ann's queue hold.
+    let body = "x".repeat(15_000);
+    for i in 0..600 {
+        bob.send_msg("r", &i.to_string(), &body).await;
+    }
+    // Ann reads again: everything that made it, then the slow-consumer disconnect.
+    let mut messages = 0;
+    let closed = loop {
+        let msg = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut ann.ws))
+            .await
+            .expect("frame in time");
+        match msg {
+            Some(Ok(Message::Text(t))) => {
+                let f: proto::ServerFrame = serde_json::from_str(&t).unwrap();
+                match f.kind {
+                    Some(Kind::Message(_)) => messages += 1,
+                    Some(Kind::Disconnect(d)) => break Some(d),
+                    _ => {}
+                }
+            }
+            Some(Ok(_)) => {}
+            _ => break None,
+        }
+    };
+    let d = closed.expect("a disconnect frame before the close");
+    assert_eq!((d.code, d.reconnect), (4008, true));
+    assert!(messages < 600, "the queue was cut, not grown: {messages}");
+    // The session is gone: resuming it fails, and log sync has all 600.
+    let mut back = Client::open(t.addr(), Some(Encoding::Json)).await;
+    let c = back
+        .connect_with(proto::Connect {
+            token: t.token("ann"),
+            session_id: ann.session_id.clone(),
+            last_pos: 0,
+        })
+        .await;
+    assert!(!c.resumed);
+    assert_eq!(c.rooms[0].last_seq, 600);
+}
