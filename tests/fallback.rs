@@ -29,7 +29,7 @@ async fn ticket(t: &TestServer, user: &str) -> String {
     .await;
     assert_eq!(r.status, 200);
     let v: Value = serde_json::from_slice(&r.body).unwrap();
-    assert_eq!(v["expiresInMs"], 30000);
+    assert_eq!(v["expiresInMs"], t.config.auth.ticket_ttl.as_millis() as u64);
     v["ticket"].as_str().unwrap().to_string()
 }
 
@@ -269,7 +269,7 @@ async fn tickets_are_single_use_and_short_lived() {
         c.session.grace_period = Duration::from_millis(200);
     })
     .await;
-    let tk = ticket_with_ttl(&t, "bob").await;
+    let tk = ticket(&t, "bob").await;
     let url = format!("/sse?ticket={tk}");
     let mut s = SseClient::open(t.addr(), &url, &[]).await;
     assert_eq!(s.status, 200);
@@ -284,7 +284,7 @@ async fn tickets_are_single_use_and_short_lived() {
     let late = http(t.addr(), "GET", &url, &[("last-event-id", "1")], "").await;
     assert_eq!(late.status, 401);
     // A ticket not used within its TTL is refused.
-    let tk = ticket_with_ttl(&t, "bob").await;
+    let tk = ticket(&t, "bob").await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     let late = http(t.addr(), "GET", &format!("/sse?ticket={tk}"), &[], "").await;
     assert_eq!(late.status, 401);
@@ -300,20 +300,6 @@ async fn tickets_are_single_use_and_short_lived() {
     // Tickets are minted only for a valid token.
     let r = http(t.addr(), "POST", "/api/v1/tickets", &[], "").await;
     assert_eq!(r.status, 401);
-}
-
-async fn ticket_with_ttl(t: &TestServer, user: &str) -> String {
-    let auth = bearer(t, user);
-    let r = http(
-        t.addr(),
-        "POST",
-        "/api/v1/tickets",
-        &[("authorization", &auth)],
-        "",
-    )
-    .await;
-    let v: Value = serde_json::from_slice(&r.body).unwrap();
-    v["ticket"].as_str().unwrap().to_string()
 }
 
 #[tokio::test]
