@@ -257,6 +257,10 @@ pub struct ChatConfig {
     pub history_default_limit: u32,
     /// Largest history page and per-room sync batch.
     pub history_max_limit: u32,
+    /// Rooms with more members than this do not broadcast membership changes, typing,
+    /// read receipts or presence (each would cost one push per member); joiners and
+    /// readers still get their own events.
+    pub large_room_members: u64,
     /// A user's typing events in one room are accepted at most this often.
     #[serde(with = "humantime_serde")]
     pub typing_interval: Duration,
@@ -271,6 +275,7 @@ impl Default for ChatConfig {
             max_metadata_entries: 16,
             history_default_limit: 50,
             history_max_limit: 500,
+            large_room_members: 500,
             typing_interval: Duration::from_millis(1000),
         }
     }

@@ -686,3 +686,82 @@ async fn http_api_reads_and_posts_like_the_websocket() {
     .await;
     assert_eq!(status, 401);
 }
+
+#[tokio::test]
+async fn large_rooms_do_not_broadcast_per_member_events() {
+    let t = TestServer::start_with(|c| c.chat.large_room_members = 2).await;
+    let mut ann = t.client("ann", Encoding::Json).await;
+    let mut bob = t.client("bob", Encoding::Json).await;
+    ann.join("big").await;
+    bob.join("big").await;
+    // Two members: still small, ann saw bob join.
+    let m = ann
+        .next_of(|k| {
+            if let Kind::Membership(m) = k {
+                (m.user == "bob").then_some(m)
+            } else {
+                None
+            }
+        })
+        .await;
+    assert_eq!(m.action, "joined");
+    // The third member makes it large: only carol's own sessions hear of her join.
+    let mut carol = t.client("carol", Encoding::Json).await;
+    carol.join("big").await;
+    let m = carol
+        .next_of(|k| {
+            if let Kind::Membership(m) = k {
+                Some(m)
+            } else {
+                None
+            }
+        })
+        .await;
+    assert_eq!((m.user.as_str(), m.action.as_str()), ("carol", "joined"));
+    // Typing is accepted but not delivered; a read receipt reaches only the reader.
+    ok(
+        &mut carol,
+        Cmd::Typing(proto::Typing { room: "big".into() }),
+    )
+    .await;
+    ann.send_msg("big", "1", "hello").await;
+    ok(
+        &mut carol,
+        Cmd::Read(proto::Read {
+            room: "big".into(),
+            seq: 1,
+        }),
+    )
+    .await;
+    let r = carol
+        .next_of(|k| {
+            if let Kind::Receipt(r) = k {
+                Some(r)
+            } else {
+                None
+            }
+        })
+        .await;
+    assert_eq!((r.user.as_str(), r.seq, r.unread), ("carol", 1, 0));
+    // Messages still reach everyone; bob saw nothing but ann's message in between.
+    assert_eq!(bob.next_message().await.body, "hello");
+    nothing_pushed(&mut bob, Duration::from_millis(100)).await;
+    let leftover: Vec<_> = bob.inbox.drain(..).collect();
+    assert!(leftover.is_empty());
+    // Carol leaves: the count drops to 2, a small room again, so everyone hears it.
+    ok(&mut carol, Cmd::Leave(proto::Leave { room: "big".into() })).await;
+    let Kind::Rooms(r) = ok(&mut ann, Cmd::Rooms(proto::Rooms {})).await else {
+        panic!()
+    };
+    assert_eq!(r.rooms[0].members, 2);
+    let m = bob
+        .next_of(|k| {
+            if let Kind::Membership(m) = k {
+                Some(m)
+            } else {
+                None
+            }
+        })
+        .await;
+    assert_eq!((m.user.as_str(), m.action.as_str()), ("carol", "left"));
+}

@@ -29,7 +29,10 @@ async fn ticket(t: &TestServer, user: &str) -> String {
     .await;
     assert_eq!(r.status, 200);
     let v: Value = serde_json::from_slice(&r.body).unwrap();
-    assert_eq!(v["expiresInMs"], t.config.auth.ticket_ttl.as_millis() as u64);
+    assert_eq!(
+        v["expiresInMs"],
+        t.config.auth.ticket_ttl.as_millis() as u64
+    );
     v["ticket"].as_str().unwrap().to_string()
 }
 

@@ -222,17 +222,46 @@ impl Chat {
                 online: true,
                 last_seen: 0,
             })));
-            let rooms = rooms.iter().map(|r| r.room.clone()).collect();
-            self.publish(Target::CoMembers { rooms, user }, push).await;
+            let rooms = self.small_rooms(&rooms);
+            if !rooms.is_empty() {
+                self.publish(Target::CoMembers { rooms, user }, push).await;
+            }
         }
         Ok(rooms)
     }
 
+    fn is_large(&self, members: u64) -> bool {
+        members > self.config.large_room_members
+    }
+
+    /// The rooms small enough to broadcast presence through.
+    fn small_rooms(&self, rooms: &[RoomState]) -> Vec<String> {
+        rooms
+            .iter()
+            .filter(|r| !self.is_large(r.members))
+            .map(|r| r.room.clone())
+            .collect()
+    }
+
+    /// Who hears about a membership change or receipt concerning `user`: the room, or in
+    /// a large room only the user's own sessions.
+    fn audience(&self, room: &str, user: &str, members: u64) -> Target {
+        if self.is_large(members) {
+            Target::User(user.to_string())
+        } else {
+            Target::Room(room.to_string())
+        }
+    }
+
+    async fn members_of(&self, room: &str) -> Result<u64, ChatError> {
+        Ok(self.store.room(room).await?.map_or(0, |m| m.members))
+    }
+
     /// Removes a session from live delivery; the user's last one makes it offline.
     pub fn detach(self: &Arc<Self>, user: &str, recipient_id: u64) {
-        let Some(rooms) = self.hub.detach(user, recipient_id) else {
+        if self.hub.detach(user, recipient_id).is_none() {
             return;
-        };
+        }
         let now = now_ms();
         self.last_seen
             .lock()
@@ -245,7 +274,18 @@ impl Chat {
         })));
         let this = self.clone();
         let user = user.to_string();
-        tokio::spawn(async move { this.publish(Target::CoMembers { rooms, user }, push).await });
+        tokio::spawn(async move {
+            let rooms = match this.store.rooms_of(&user).await {
+                Ok(rooms) => this.small_rooms(&rooms),
+                Err(e) => {
+                    tracing::warn!(error = %e, "presence: rooms_of failed");
+                    return;
+                }
+            };
+            if !rooms.is_empty() {
+                this.publish(Target::CoMembers { rooms, user }, push).await;
+            }
+        });
     }
 
     pub async fn rooms_of(&self, user: &str) -> Result<Vec<RoomState>, ChatError> {
@@ -275,6 +315,7 @@ impl Chat {
         Ok(RoomState {
             room: req.room,
             private: req.private,
+            members: 1,
             ..Default::default()
         })
     }
@@ -301,18 +342,16 @@ impl Chat {
             _ => {}
         }
         let already = self.store.is_member(room, user).await?;
-        let last_seq = self.store.join(room, user).await?;
+        let meta = self.store.join(room, user).await?;
         self.hub.joined(user, room);
         if !already {
-            self.publish(
-                Target::Room(room.into()),
-                room_state_push(room, user, "joined", ""),
-            )
-            .await;
+            let to = self.audience(room, user, meta.members);
+            self.publish(to, room_state_push(room, user, "joined", ""))
+                .await;
         }
         Ok(proto::Joined {
             room: room.to_string(),
-            last_seq,
+            last_seq: meta.last_seq,
         })
     }
 
@@ -321,11 +360,9 @@ impl Chat {
         if !self.store.leave(room, user).await? {
             return Err(ChatError::NotMember(room.to_string()));
         }
-        self.publish(
-            Target::Room(room.into()),
-            room_state_push(room, user, "left", ""),
-        )
-        .await;
+        let to = self.audience(room, user, self.members_of(room).await?);
+        self.publish(to, room_state_push(room, user, "left", ""))
+            .await;
         self.hub.left(user, room);
         Ok(proto::Left {
             room: room.to_string(),
@@ -341,13 +378,11 @@ impl Chat {
             ));
         }
         if !self.store.is_member(&req.room, &req.user).await? {
-            self.store.join(&req.room, &req.user).await?;
+            let meta = self.store.join(&req.room, &req.user).await?;
             self.hub.joined(&req.user, &req.room);
-            self.publish(
-                Target::Room(req.room.clone()),
-                room_state_push(&req.room, &req.user, "invited", user),
-            )
-            .await;
+            let to = self.audience(&req.room, &req.user, meta.members);
+            self.publish(to, room_state_push(&req.room, &req.user, "invited", user))
+                .await;
         }
         Ok(proto::Done {})
     }
@@ -511,7 +546,7 @@ impl Chat {
     }
 
     /// Moves the user's read marker; all members' sessions (the user's own included, for
-    /// badge sync) get a receipt.
+    /// badge sync) get a receipt — in a large room only the user's own.
     pub async fn read(&self, user: &str, req: proto::Read) -> Result<proto::Done, ChatError> {
         self.check_room(&req.room)?;
         let Some((seq, unread)) = self.store.set_read(&req.room, user, req.seq).await? else {
@@ -523,7 +558,8 @@ impl Chat {
             seq,
             unread,
         })));
-        self.publish(Target::Room(req.room), push).await;
+        let to = self.audience(&req.room, user, self.members_of(&req.room).await?);
+        self.publish(to, push).await;
         Ok(proto::Done {})
     }
 
@@ -544,6 +580,10 @@ impl Chat {
                 let interval = self.config.typing_interval;
                 typing.retain(|_, t| now.duration_since(*t) < interval);
             }
+        }
+        if self.is_large(self.members_of(&req.room).await?) {
+            // Accepted, but not broadcast: one push per member is too much for a hint.
+            return Ok(proto::Done {});
         }
         let push = Arc::new(Push::new(Kind::Typing(proto::TypingEvent {
             room: req.room.clone(),

@@ -54,6 +54,7 @@ pub struct Page {
 pub struct RoomMeta {
     pub private: bool,
     pub last_seq: u64,
+    pub members: u64,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -90,8 +91,8 @@ pub trait Store: Send + Sync + 'static {
     /// Creates (if needed) the private room `room` whose members are exactly `a` and `b`.
     async fn ensure_dm(&self, room: &str, a: &str, b: &str) -> Result<(), StoreError>;
     /// Makes `user` a member (creating a public room if it does not exist); returns the
-    /// room's last seq. Permission checks are the caller's.
-    async fn join(&self, room: &str, user: &str) -> Result<u64, StoreError>;
+    /// room as it is after the join. Permission checks are the caller's.
+    async fn join(&self, room: &str, user: &str) -> Result<RoomMeta, StoreError>;
     /// Removes `user` from the room; returns whether it was a member.
     async fn leave(&self, room: &str, user: &str) -> Result<bool, StoreError>;
     async fn is_member(&self, room: &str, user: &str) -> Result<bool, StoreError>;

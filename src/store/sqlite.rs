@@ -58,6 +58,9 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (room, seq)
     ) WITHOUT ROWID;
     CREATE UNIQUE INDEX messages_idempotency ON messages(room, sender, client_msg_id);",
+    // 2: a member count per room (large rooms skip O(members) event fan-out).
+    "ALTER TABLE rooms ADD COLUMN members INTEGER NOT NULL DEFAULT 0;
+    UPDATE rooms SET members = (SELECT count(*) FROM members m WHERE m.room = rooms.name);",
 ];
 
 type Done = Box<dyn FnOnce(Option<&StoreError>) + Send>;
@@ -335,11 +338,29 @@ fn create_room_in(conn: &Connection, room: &str, private: bool) -> rusqlite::Res
 }
 
 fn add_member_in(conn: &Connection, room: &str, user: &str) -> rusqlite::Result<()> {
-    conn.execute(
+    let added = conn.execute(
         "INSERT INTO members (room, user) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
         params![room, user],
     )?;
+    if added == 1 {
+        conn.execute(
+            "UPDATE rooms SET members = members + 1 WHERE name = ?1",
+            params![room],
+        )?;
+    }
     Ok(())
+}
+
+fn room_in(conn: &Connection, room: &str) -> rusqlite::Result<Option<RoomMeta>> {
+    conn.prepare_cached("SELECT private, last_seq, members FROM rooms WHERE name = ?1")?
+        .query_row(params![room], |r| {
+            Ok(RoomMeta {
+                private: r.get(0)?,
+                last_seq: r.get::<_, i64>(1)? as u64,
+                members: r.get::<_, i64>(2)? as u64,
+            })
+        })
+        .optional()
 }
 
 #[async_trait]
@@ -384,20 +405,7 @@ impl Store for SqliteStore {
 
     async fn room(&self, room: &str) -> Result<Option<RoomMeta>, StoreError> {
         let room = room.to_string();
-        self.read(move |conn| {
-            conn.query_row(
-                "SELECT private, last_seq FROM rooms WHERE name = ?1",
-                params![room],
-                |r| {
-                    Ok(RoomMeta {
-                        private: r.get(0)?,
-                        last_seq: r.get::<_, i64>(1)? as u64,
-                    })
-                },
-            )
-            .optional()
-        })
-        .await
+        self.read(move |conn| room_in(conn, &room)).await
     }
 
     async fn create_room(
@@ -429,16 +437,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn join(&self, room: &str, user: &str) -> Result<u64, StoreError> {
+    async fn join(&self, room: &str, user: &str) -> Result<RoomMeta, StoreError> {
         let (room, user) = (room.to_string(), user.to_string());
         self.write(move |conn| {
             create_room_in(conn, &room, false)?;
             add_member_in(conn, &room, &user)?;
-            conn.query_row(
-                "SELECT last_seq FROM rooms WHERE name = ?1",
-                params![room],
-                |r| r.get::<_, i64>(0).map(|v| v as u64),
-            )
+            room_in(conn, &room)?.ok_or(rusqlite::Error::QueryReturnedNoRows)
         })
         .await
     }
@@ -446,10 +450,17 @@ impl Store for SqliteStore {
     async fn leave(&self, room: &str, user: &str) -> Result<bool, StoreError> {
         let (room, user) = (room.to_string(), user.to_string());
         self.write(move |conn| {
-            Ok(conn.execute(
+            let left = conn.execute(
                 "DELETE FROM members WHERE room = ?1 AND user = ?2",
                 params![room, user],
-            )? == 1)
+            )? == 1;
+            if left {
+                conn.execute(
+                    "UPDATE rooms SET members = members - 1 WHERE name = ?1",
+                    params![room],
+                )?;
+            }
+            Ok(left)
         })
         .await
     }
@@ -477,7 +488,7 @@ impl Store for SqliteStore {
         let user = user.to_string();
         self.read(move |conn| {
             conn.prepare_cached(
-                "SELECT r.name, r.last_seq, m.read_seq, r.private
+                "SELECT r.name, r.last_seq, m.read_seq, r.private, r.members
                  FROM members m JOIN rooms r ON r.name = m.room
                  WHERE m.user = ?1 ORDER BY r.name",
             )?
@@ -492,6 +503,7 @@ impl Store for SqliteStore {
                     read_seq,
                     unread: last_seq.saturating_sub(read_seq),
                     private: r.get(3)?,
+                    members: r.get::<_, i64>(4)? as u64,
                 })
             })?
             .collect()
@@ -618,7 +630,8 @@ mod tests {
             s.room("r").await.unwrap(),
             Some(RoomMeta {
                 private: true,
-                last_seq: 1
+                last_seq: 1,
+                members: 1
             })
         );
         assert_eq!(s.members("r").await.unwrap(), ["u"]);

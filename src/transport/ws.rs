@@ -215,8 +215,10 @@ async fn run(socket: HttpWebSocket, app: AppState, encoding: Encoding) {
                 match frame.opcode() {
                     OpCode::Text | OpCode::Binary => {}
                     OpCode::Close => {
-                        // A deliberate goodbye: no resume will follow.
+                        // A deliberate goodbye: no resume will follow. yawc queued the
+                        // close reply; let it out.
                         conn.end();
+                        let _ = timeout(Duration::from_secs(1), w.socket.flush()).await;
                         break None;
                     }
                     _ => continue,
