@@ -626,3 +626,33 @@ async fn a_client_that_stops_reading_is_disconnected_as_slow() {
     assert!(!c.resumed);
     assert_eq!(c.rooms[0].last_seq, 600);
 }
+
+#[tokio::test]
+async fn pipelined_sends_are_acked_in_order_with_increasing_seqs() {
+    let t = TestServer::start().await;
+    let mut ann = t.client("ann", Encoding::Proto).await;
+    ann.join("r").await;
+    // 100 sends without waiting for any reply.
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let send = proto::Send {
+            room: "r".into(),
+            client_msg_id: i.to_string(),
+            body: i.to_string(),
+            ..Default::default()
+        };
+        ids.push(ann.send(Cmd::Send(send)).await);
+    }
+    let mut acks = Vec::new();
+    while acks.len() < 100 {
+        let f = ann.read().await.unwrap();
+        if let Some(Kind::Sent(s)) = f.kind {
+            acks.push((f.id, s.seq));
+        }
+    }
+    let expected: Vec<(u64, u64)> = ids.iter().zip(1..).map(|(id, seq)| (*id, seq)).collect();
+    assert_eq!(
+        acks, expected,
+        "replies in command order, seqs in send order"
+    );
+}

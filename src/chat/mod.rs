@@ -30,6 +30,10 @@ use crate::{
 };
 use hub::{Hub, Recipient};
 
+/// A submitted send: resolves with the `sent` reply once the message is durable.
+pub type PendingSend =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<proto::Sent, ChatError>> + Send>>;
+
 /// Number of ordering stripes (rooms hash onto them).
 pub const STRIPES: usize = 256;
 
@@ -397,7 +401,19 @@ impl Chat {
 
     /// Posts a message. With `to_user` instead of `room`, a direct message: the pair's DM
     /// room is created on first use.
-    pub async fn send(&self, user: &str, mut send: proto::Send) -> Result<proto::Sent, ChatError> {
+    pub async fn send(&self, user: &str, send: proto::Send) -> Result<proto::Sent, ChatError> {
+        self.submit_send(user, send).await?.await
+    }
+
+    /// Validates and submits a send; the returned future resolves when the message is
+    /// durable (the `sent` reply). The message's place in the room's order is fixed when
+    /// this returns, so a connection may submit its next command before the previous
+    /// send has committed: that is how one client pipelines sends through group commits.
+    pub async fn submit_send(
+        &self,
+        user: &str,
+        mut send: proto::Send,
+    ) -> Result<PendingSend, ChatError> {
         self.check_message(&send.client_msg_id, &send.body, &send.metadata)?;
         if !send.to_user.is_empty() {
             if !send.room.is_empty() {
@@ -417,15 +433,14 @@ impl Chat {
         } else {
             self.check_member(&send.room, user).await?;
         }
-        self.append(NewMessage {
+        Ok(self.submit(NewMessage {
             room: send.room,
             sender: user.to_string(),
             client_msg_id: send.client_msg_id,
             body: send.body,
             metadata: send.metadata,
             ts: now_ms(),
-        })
-        .await
+        }))
     }
 
     /// A server-side post (admin HTTP API): no membership check, same limits as `send`.
@@ -433,12 +448,13 @@ impl Chat {
         self.check_room(&message.room)?;
         Self::check_user(&message.sender)?;
         self.check_message(&message.client_msg_id, &message.body, &message.metadata)?;
-        self.append(message).await
+        self.submit(message).await
     }
 
-    /// Appends and publishes in seq order (see the module comment). The publishing part
-    /// runs in its own task, so a caller that goes away cannot stall its stripe.
-    pub async fn append(&self, message: NewMessage) -> Result<proto::Sent, ChatError> {
+    /// Appends and publishes in seq order (see the module comment). The order is fixed
+    /// now; the publishing part runs in its own task, so a caller that goes away cannot
+    /// stall its stripe. The returned future resolves with the `sent` reply.
+    fn submit(&self, message: NewMessage) -> PendingSend {
         let index = Self::stripe_of(&message.room);
         let (ticket, appended) = {
             let mut next = self.stripes[index]
@@ -455,6 +471,9 @@ impl Chat {
         let broker = self.broker.clone();
         tokio::spawn(async move {
             let result = appended.await;
+            // The sender's ack goes as soon as the message is durable (before the push,
+            // which waits for its turn).
+            let _ = tx.send(result.clone());
             let stripe = &stripes[index];
             stripe.wait_turn(ticket).await;
             if let Ok(a) = &result {
@@ -468,21 +487,22 @@ impl Chat {
                 }
             }
             stripe.advance();
-            let _ = tx.send(result);
         });
-        let appended = rx
-            .await
-            .map_err(|_| StoreError::Backend("append task failed".into()))?;
-        let appended = appended.map_err(|e| match e {
-            StoreError::NoSuchRoom(r) => ChatError::NotFound(r),
-            e => ChatError::Store(e),
-        })?;
-        let m = &appended.message;
-        Ok(proto::Sent {
-            room: m.room.clone(),
-            seq: m.seq,
-            ts: m.ts,
-            duplicate: appended.duplicate,
+        Box::pin(async move {
+            let appended = rx
+                .await
+                .map_err(|_| StoreError::Backend("append task failed".into()))?;
+            let appended = appended.map_err(|e| match e {
+                StoreError::NoSuchRoom(r) => ChatError::NotFound(r),
+                e => ChatError::Store(e),
+            })?;
+            let m = &appended.message;
+            Ok(proto::Sent {
+                room: m.room.clone(),
+                seq: m.seq,
+                ts: m.ts,
+                duplicate: appended.duplicate,
+            })
         })
     }
 

@@ -100,7 +100,6 @@ impl CloseReason {
 }
 
 /// What the transport does after a command.
-#[derive(Debug)]
 pub enum Outcome {
     /// Send this frame.
     Reply(ServerFrame),
@@ -108,7 +107,13 @@ pub enum Outcome {
     Silent,
     /// Send this frame, then close for this reason.
     Close(ServerFrame, CloseReason),
+    /// The reply will be ready later (a send waiting for its commit); the transport may
+    /// read and handle the next frames meanwhile, and writes this when it resolves.
+    Later(LaterReply),
 }
+
+/// A reply that resolves later.
+pub type LaterReply = std::pin::Pin<Box<dyn std::future::Future<Output = ServerFrame> + Send>>;
 
 struct Bound {
     session: Arc<Session>,
@@ -257,13 +262,30 @@ impl Conn {
             }
             Cmd::Join(j) => chat.join(user, &j.room).await.map(Kind::Joined),
             Cmd::Leave(l) => chat.leave(user, &l.room).await.map(Kind::Left),
-            Cmd::Send(s) => {
-                let r = chat.send(user, s).await.map(Kind::Sent);
-                if r.is_ok() {
-                    self.core.metrics.messages.inc();
+            Cmd::Send(s) => match chat.submit_send(user, s).await {
+                Ok(pending) => {
+                    // Ordered already; the reply waits for the commit, off the reader.
+                    let core = self.core.clone();
+                    return Outcome::Later(Box::pin(async move {
+                        let kind = match pending.await {
+                            Ok(sent) => {
+                                core.metrics.messages.inc();
+                                Kind::Sent(sent)
+                            }
+                            Err(e) => {
+                                core.metrics.error(e.code());
+                                Kind::Error(e.to_proto())
+                            }
+                        };
+                        ServerFrame {
+                            id,
+                            pos: 0,
+                            kind: Some(kind),
+                        }
+                    }));
                 }
-                r
-            }
+                Err(e) => Err(e),
+            },
             Cmd::History(h) => chat.history(user, h).await.map(Kind::History),
             Cmd::Sync(s) => chat.sync(user, s).await.map(Kind::Sync),
             Cmd::CreateRoom(c) => chat.create_room(user, c).await.map(Kind::Room),

@@ -144,6 +144,10 @@ pub async fn command(
             app.core.metrics.frames_out.get_or_create(&LABEL).inc();
             frame_response(StatusCode::OK, encoding, &reply)
         }
+        Outcome::Later(reply) => {
+            app.core.metrics.frames_out.get_or_create(&LABEL).inc();
+            frame_response(StatusCode::OK, encoding, &reply.await)
+        }
         Outcome::Silent => StatusCode::NO_CONTENT.into_response(),
     }
 }

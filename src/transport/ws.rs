@@ -15,7 +15,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt, stream::FuturesOrdered};
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::Instrument;
 use yawc::{
@@ -30,10 +30,15 @@ use crate::{
     metrics::TransportLabel,
     proto::{ErrorCode, ServerFrame},
     server::AppState,
-    session::{Conn, Outcome, conn::CloseReason},
+    session::{
+        Conn, Outcome,
+        conn::{CloseReason, LaterReply},
+    },
 };
 
 const LABEL: TransportLabel = TransportLabel { transport: "ws" };
+/// Most commands one connection may have waiting for their replies.
+const MAX_IN_FLIGHT: usize = 64;
 
 /// Picks the encoding from the offered subprotocols: the first one parley knows.
 /// `Ok(None)` when none was offered, `Err` when only unknown ones were.
@@ -196,12 +201,24 @@ async fn run(socket: HttpWebSocket, app: AppState, encoding: Encoding) {
     );
     let silence_limit = config.heartbeat_interval + config.pong_timeout;
     let mut last_seen = Instant::now();
+    // Replies still waiting for their commit (pipelined sends), in command order.
+    let mut in_flight: FuturesOrdered<LaterReply> = FuturesOrdered::new();
 
     let close: Option<CloseReason> = loop {
         let attachment = conn.attachment().cloned();
         tokio::select! {
+            // Biased, in this order: a reply that is ready goes out before pushes queued
+            // after it (a sender sees its `sent` before its own message).
+            biased;
             _ = shutdown.cancelled() => break Some(CloseReason::ShuttingDown),
-            frame = w.socket.next_frame() => {
+            Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
+                if w.send(&reply).await.is_err() {
+                    break None;
+                }
+            }
+            // Stop reading while too many replies are pending: backpressure on a client
+            // that pipelines faster than the store commits.
+            frame = w.socket.next_frame(), if in_flight.len() < MAX_IN_FLIGHT => {
                 let frame = match frame {
                     Ok(f) => f,
                     Err(_) => {
@@ -230,12 +247,18 @@ async fn run(socket: HttpWebSocket, app: AppState, encoding: Encoding) {
                     break Some(CloseReason::FrameTooLarge);
                 }
                 let outcome = match codec::decode_client(encoding, frame.payload()) {
-                    Ok(f) => conn.handle(f).await,
+                    // Boxed: the command's state lives on the heap while it runs, not
+                    // in every idle connection's task.
+                    Ok(f) => Box::pin(conn.handle(f)).await,
                     Err(e) => Outcome::Reply(conn.bad_frame(e)),
                 };
                 let sent = match outcome {
                     Outcome::Reply(reply) => w.send(&reply).await,
                     Outcome::Silent => Ok(()),
+                    Outcome::Later(reply) => {
+                        in_flight.push_back(reply);
+                        Ok(())
+                    }
                     Outcome::Close(reply, why) => {
                         let _ = w.send(&reply).await;
                         break Some(why);
@@ -244,12 +267,12 @@ async fn run(socket: HttpWebSocket, app: AppState, encoding: Encoding) {
                 if sent.is_err() {
                     break None;
                 }
-                if let Err(why) = w.drain(&conn).await {
+                if let Err(why) = Box::pin(w.drain(&conn)).await {
                     break Some(why);
                 }
             }
             _ = async { attachment.as_ref().expect("guarded").ready().await }, if attachment.is_some() => {
-                if let Err(why) = w.drain(&conn).await {
+                if let Err(why) = Box::pin(w.drain(&conn)).await {
                     break Some(why);
                 }
             }
@@ -270,7 +293,7 @@ async fn run(socket: HttpWebSocket, app: AppState, encoding: Encoding) {
     };
     if let Some(why) = close {
         tracing::debug!(code = why.code(), reason = why.reason(), "closing");
-        w.close(why).await;
+        Box::pin(w.close(why)).await;
     }
     conn.detach();
     metrics.connections.get_or_create(&LABEL).dec();
