@@ -1,0 +1,487 @@
+//! `parley-bench`: the CLI around the scenarios in the library. Loopback targets only;
+//! every run is bounded in time and count and stops by itself.
+//!
+//! Typical use (server pinned to core 0, generator to core 1):
+//!
+//! ```text
+//! cargo build --release --bin parley && cargo build --release -p parley-bench
+//! taskset -c 1 target/release/parley-bench --spawn-server target/release/parley \
+//!     fanout --subscribers 1000 --rate 1000 --duration 10s
+//! ```
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use parley::codec::Encoding;
+use parley_bench::{
+    TransportKind, net,
+    probe::{self, Probe, SpawnOptions, SpawnedServer},
+    report::{self, Table},
+    scenario::{self, Report, Run},
+    stats,
+    target::{self, Target},
+    ui::{Ui, si},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "parley-bench",
+    version,
+    about = "Load generator for parley (loopback only): idle, fanout, chat and storm scenarios"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Args)]
+struct Global {
+    /// The server's endpoint; only loopback hosts (127.0.0.0/8, ::1, localhost) are
+    /// accepted. Ignored with --spawn-server.
+    #[arg(long, global = true, default_value = target::DEFAULT_URL)]
+    url: String,
+    /// Transport to run over.
+    #[arg(long, global = true, value_enum, default_value = "ws")]
+    transport: TransportKind,
+    /// Wire encoding: proto (binary frames) or json (text frames).
+    #[arg(long, global = true, value_parser = parse_encoding, default_value = "proto")]
+    encoding: Encoding,
+    /// HS256 secret to mint tokens with (must match the server's auth.jwt_secret; a
+    /// spawned server gets this one).
+    #[arg(long, global = true, env = "PARLEY_BENCH_JWT_SECRET", default_value = target::DEFAULT_SECRET, hide_default_value = true)]
+    jwt_secret: String,
+    /// PID of the running server, to read its RSS, fds and CPU from /proc.
+    #[arg(long, global = true, conflicts_with = "spawn_server")]
+    server_pid: Option<u32>,
+    /// Start this parley binary for each run (on a free loopback port, pinned with
+    /// --server-cpu) and kill it afterwards.
+    #[arg(long, global = true, value_name = "PATH")]
+    spawn_server: Option<PathBuf>,
+    /// CPU to pin a spawned server to ("none": do not pin).
+    #[arg(long, global = true, default_value = "0", value_parser = parse_cpu)]
+    server_cpu: CpuChoice,
+    /// Extra environment for a spawned server, KEY=VALUE (repeatable), e.g.
+    /// PARLEY_WS__READ_BUFFER_BYTES=512.
+    #[arg(long, global = true, value_parser = parse_kv)]
+    server_env: Vec<(String, String)>,
+    /// Write a spawned server's output here (default: discarded).
+    #[arg(long, global = true)]
+    server_log: Option<PathBuf>,
+    /// Connection attempts in flight at once.
+    #[arg(long, global = true, default_value_t = 128)]
+    concurrency: usize,
+    /// Spread client source addresses over 127.0.0.1..=127.0.0.N (default: one address
+    /// per 20k connections).
+    #[arg(long, global = true)]
+    source_ips: Option<u8>,
+    /// Client read buffer per connection, bytes.
+    #[arg(long, global = true, default_value_t = 4096)]
+    read_buffer: usize,
+    /// Timeout for one connect + upgrade + auth.
+    #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+    /// Run the scenario this many times (a fresh spawned server each time) and report
+    /// medians.
+    #[arg(long, global = true, default_value_t = 1)]
+    repeat: usize,
+    /// Print the report as JSON on stdout (the table goes to stderr).
+    #[arg(long, global = true)]
+    json: bool,
+    /// Write a chart of the (last) run as SVG.
+    #[arg(long, global = true, value_name = "PATH.svg")]
+    chart: Option<PathBuf>,
+    /// No progress bars.
+    #[arg(long, global = true)]
+    no_progress: bool,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// N authenticated connections held open: server bytes per connection, connect rate.
+    Idle {
+        #[arg(long, short = 'n', default_value_t = 1000)]
+        connections: usize,
+        /// How long to hold them once open.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        hold: Duration,
+        /// Pause before each memory reading.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        settle: Duration,
+    },
+    /// One room, N subscribers, publishers at R msgs/s: deliveries/s, latency, and a
+    /// check that nothing was lost, duplicated or reordered.
+    Fanout {
+        #[arg(long, short = 'n', default_value_t = 1000)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 1)]
+        publishers: usize,
+        /// Messages per second, all publishers together.
+        #[arg(long, short = 'r', default_value_t = 100.0)]
+        rate: f64,
+        #[arg(long, short = 'd', default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Stop after this many messages in total.
+        #[arg(long)]
+        messages: Option<u64>,
+        /// Message body size, bytes.
+        #[arg(long, default_value_t = 100)]
+        body_bytes: usize,
+        /// After publishing, how long to wait for every delivery.
+        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+        drain_timeout: Duration,
+        /// Acknowledge the session position every this many pushes (0: never; the
+        /// server then keeps every push in its replay buffer up to its byte bound).
+        #[arg(long, default_value_t = 100)]
+        ack_every: u64,
+    },
+    /// N users in rooms of K, each sending every T: the realistic mix.
+    Chat {
+        #[arg(long, short = 'n', default_value_t = 1000)]
+        users: usize,
+        #[arg(long, short = 'k', default_value_t = 10)]
+        room_size: usize,
+        /// Each user sends a message this often.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        every: Duration,
+        #[arg(long, short = 'd', default_value = "20s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value_t = 100)]
+        body_bytes: usize,
+        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+        drain_timeout: Duration,
+        /// Acknowledge the session position every this many pushes (0: never).
+        #[arg(long, default_value_t = 100)]
+        ack_every: u64,
+    },
+    /// Connect/auth/disconnect churn: handshakes/s, errors, server fds and memory.
+    Storm {
+        /// Concurrent workers.
+        #[arg(long, short = 'c', default_value_t = 64)]
+        workers: usize,
+        #[arg(long, short = 'd', default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Pause before the last server reading.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        settle: Duration,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct CpuChoice(Option<usize>);
+
+fn parse_cpu(s: &str) -> Result<CpuChoice, String> {
+    if s == "none" {
+        return Ok(CpuChoice(None));
+    }
+    s.parse()
+        .map(|c| CpuChoice(Some(c)))
+        .map_err(|_| format!("{s:?} is not a CPU number or \"none\""))
+}
+
+fn parse_encoding(s: &str) -> Result<Encoding, String> {
+    match s {
+        "proto" | "protobuf" => Ok(Encoding::Proto),
+        "json" => Ok(Encoding::Json),
+        _ => Err(format!("unknown encoding {s:?} (proto or json)")),
+    }
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+impl Scenario {
+    /// Most connections open at once (for the fd limit and source addresses).
+    fn connections(&self) -> usize {
+        match self {
+            Scenario::Idle { connections, .. } => *connections,
+            Scenario::Fanout {
+                subscribers,
+                publishers,
+                ..
+            } => subscribers + publishers,
+            Scenario::Chat { users, .. } => *users,
+            Scenario::Storm { workers, .. } => *workers,
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let ok = rt.block_on(async {
+        tokio::select! {
+            r = run(cli) => r,
+            _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+        }
+    })?;
+    // Do not wait for connection tasks still closing.
+    rt.shutdown_timeout(Duration::from_millis(500));
+    if !ok {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    let g = &cli.global;
+    let conns = cli.scenario.connections();
+    // Each connection is one fd here and one in the server (which inherits this limit
+    // when spawned); storms also hold sockets while they close.
+    let want = (conns as u64 + 1024).max(4096) * 2;
+    let (soft, _) = net::raise_nofile(want);
+    if soft < conns as u64 + 256 {
+        eprintln!(
+            "warning: the fd limit is {soft}; {conns} connections need more (ulimit -n, or run as root)"
+        );
+    }
+    if g.repeat == 0 {
+        bail!("--repeat must be at least 1");
+    }
+    let ui = Ui {
+        enabled: !g.no_progress,
+    };
+
+    let mut target = Target::new(&g.url, g.transport, g.encoding, &g.jwt_secret)?;
+    target.buffers.read = g.read_buffer;
+    target.connect_timeout = g.connect_timeout;
+    target.source_ips = g.source_ips.unwrap_or_else(|| net::source_ips_for(conns));
+    let spawn = g.spawn_server.as_ref().map(|path| SpawnOptions {
+        binary: path.clone(),
+        jwt_secret: g.jwt_secret.clone(),
+        cpu: g.server_cpu.0,
+        env: g.server_env.clone(),
+        log: g.server_log.clone(),
+    });
+    let server_pid = match g.server_pid {
+        Some(pid) => Some(Probe::new(pid)?),
+        None => None,
+    };
+    if spawn.is_none() && server_pid.is_none() {
+        eprintln!(
+            "note: no --server-pid or --spawn-server: server memory and CPU are not measured"
+        );
+    }
+    eprintln!(
+        "parley-bench on {} (generator CPUs {:?})",
+        probe::machine(),
+        probe::allowed_cpus()
+    );
+
+    let loadavg_at_start = probe::loadavg();
+    let mut reports: Vec<Box<dyn ReportJson>> = Vec::new();
+    for i in 0..g.repeat {
+        let server = match &spawn {
+            Some(opts) => {
+                let s = SpawnedServer::spawn(opts).context("spawning the server")?;
+                eprintln!(
+                    "spawned parley pid {} on {} (cpu {:?})",
+                    s.pid(),
+                    s.addr(),
+                    opts.cpu
+                );
+                Some(s)
+            }
+            None => None,
+        };
+        let mut run = Run::new(target.clone());
+        if let Some(s) = &server {
+            run.target.addr = s.addr();
+            run.target.host = s.addr().to_string();
+            run.server = Some(s.probe());
+        } else {
+            run.server = server_pid;
+        }
+        run.ui = ui;
+        run.connect_concurrency = g.concurrency;
+        eprintln!(
+            "run {}/{}, load average {}",
+            i + 1,
+            g.repeat,
+            probe::loadavg()
+        );
+        let report: Box<dyn ReportJson> = match &cli.scenario {
+            Scenario::Idle {
+                connections,
+                hold,
+                settle,
+            } => {
+                let p = scenario::idle::Params {
+                    connections: *connections,
+                    hold: *hold,
+                    settle: *settle,
+                };
+                Box::new(scenario::idle::run(&run, &p).await?)
+            }
+            Scenario::Fanout {
+                subscribers,
+                publishers,
+                rate,
+                duration,
+                messages,
+                body_bytes,
+                drain_timeout,
+                ack_every,
+            } => {
+                let p = scenario::fanout::Params {
+                    subscribers: *subscribers,
+                    publishers: *publishers,
+                    rate: *rate,
+                    duration: *duration,
+                    messages: *messages,
+                    body_bytes: *body_bytes,
+                    drain_timeout: *drain_timeout,
+                    ack_every: *ack_every,
+                };
+                Box::new(scenario::fanout::run(&run, &p).await?)
+            }
+            Scenario::Chat {
+                users,
+                room_size,
+                every,
+                duration,
+                body_bytes,
+                drain_timeout,
+                ack_every,
+            } => {
+                let p = scenario::chat::Params {
+                    users: *users,
+                    room_size: *room_size,
+                    every: *every,
+                    duration: *duration,
+                    body_bytes: *body_bytes,
+                    drain_timeout: *drain_timeout,
+                    ack_every: *ack_every,
+                };
+                Box::new(scenario::chat::run(&run, &p).await?)
+            }
+            Scenario::Storm {
+                workers,
+                duration,
+                settle,
+            } => {
+                let p = scenario::storm::Params {
+                    workers: *workers,
+                    duration: *duration,
+                    settle: *settle,
+                };
+                Box::new(scenario::storm::run(&run, &p).await?)
+            }
+        };
+        drop(server);
+        eprintln!("{}", report.table().render());
+        if !report.ok() {
+            eprintln!("RUN FAILED VERIFICATION (see the table above)");
+        }
+        reports.push(report);
+    }
+
+    let ok = reports.iter().all(|r| r.ok());
+    let medians = medians(&reports);
+    if g.repeat > 1 {
+        let mut t = Table::new(format!("medians of {} runs", reports.len()));
+        for (k, v) in &medians {
+            t.row(*k, format!("{} (runs: {})", fmt(*v), runs_of(&reports, k)));
+        }
+        eprintln!("{}", t.render());
+    }
+    if let (Some(path), Some(last)) = (&g.chart, reports.last()) {
+        report::write_svg(path, &last.title(), &last.panels())?;
+        eprintln!("chart written to {}", path.display());
+    }
+    if g.json {
+        let runs: Vec<serde_json::Value> = reports.iter().map(|r| r.json()).collect();
+        let medians: serde_json::Map<String, serde_json::Value> = medians
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
+            .collect();
+        let out = serde_json::json!({
+            "machine": probe::machine(),
+            "loadavg_at_start": loadavg_at_start,
+            "loadavg_at_end": probe::loadavg(),
+            "ok": ok,
+            "medians": medians,
+            "runs": runs,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(ok)
+}
+
+/// A report that can also serialize itself as a JSON value (object safe).
+trait ReportJson {
+    fn json(&self) -> serde_json::Value;
+    fn table(&self) -> Table;
+    fn panels(&self) -> Vec<report::Panel>;
+    fn ok(&self) -> bool;
+    fn title(&self) -> String;
+    fn headline(&self) -> Vec<(&'static str, f64)>;
+}
+
+impl<R: Report> ReportJson for R {
+    fn json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+    fn table(&self) -> Table {
+        Report::table(self)
+    }
+    fn panels(&self) -> Vec<report::Panel> {
+        Report::panels(self)
+    }
+    fn ok(&self) -> bool {
+        Report::ok(self)
+    }
+    fn title(&self) -> String {
+        Report::title(self)
+    }
+    fn headline(&self) -> Vec<(&'static str, f64)> {
+        Report::headline(self)
+    }
+}
+
+fn medians(reports: &[Box<dyn ReportJson>]) -> Vec<(&'static str, f64)> {
+    let Some(first) = reports.first() else {
+        return Vec::new();
+    };
+    first
+        .headline()
+        .iter()
+        .map(|(k, _)| {
+            let mut vals: Vec<f64> = reports
+                .iter()
+                .filter_map(|r| r.headline().iter().find(|(kk, _)| kk == k).map(|x| x.1))
+                .collect();
+            (*k, stats::median(&mut vals))
+        })
+        .collect()
+}
+
+fn runs_of(reports: &[Box<dyn ReportJson>], key: &str) -> String {
+    reports
+        .iter()
+        .filter_map(|r| {
+            r.headline()
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|x| fmt(x.1))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn fmt(v: f64) -> String {
+    if v.is_nan() {
+        "n/a".into()
+    } else if v.abs() < 100.0 {
+        format!("{v:.2}")
+    } else {
+        si(v)
+    }
+}

@@ -1,0 +1,197 @@
+//! Where the generator connects and how: a loopback address (nothing else is ever
+//! accepted), the transport, the encoding, the client's buffer sizes and the key that
+//! mints tokens.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use parley::{
+    auth::Authenticator,
+    codec::Encoding,
+    config::{AuthConfig, DEV_JWT_SECRET},
+};
+use tokio_tungstenite::tungstenite::http::Uri;
+
+use crate::transport::TransportKind;
+
+/// The default target: parley's default port on loopback.
+pub const DEFAULT_URL: &str = "ws://127.0.0.1:8080/ws";
+
+/// The secret the generator signs tokens with unless told otherwise: parley's built-in
+/// development secret, which is also what a spawned server gets.
+pub const DEFAULT_SECRET: &str = DEV_JWT_SECRET;
+
+/// Per-connection client buffer sizes: small, so the generator itself stays cheap.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientBuffers {
+    pub read: usize,
+    pub write: usize,
+}
+
+impl Default for ClientBuffers {
+    fn default() -> Self {
+        Self {
+            read: 4096,
+            write: 0,
+        }
+    }
+}
+
+/// Everything a scenario needs to open authenticated connections.
+#[derive(Clone)]
+pub struct Target {
+    /// A loopback socket address.
+    pub addr: SocketAddr,
+    /// `Host` for the HTTP upgrade (as given in the URL).
+    pub host: String,
+    /// Path of the transport's endpoint (`/ws`).
+    pub path: String,
+    pub transport: TransportKind,
+    pub encoding: Encoding,
+    pub buffers: ClientBuffers,
+    /// Spread client source addresses over 127.0.0.1 ..= 127.0.0.N (0 or 1: let the
+    /// kernel pick 127.0.0.1). Only for IPv4 targets.
+    pub source_ips: u8,
+    /// Give up on a connect + handshake + auth after this long.
+    pub connect_timeout: Duration,
+    auth: Arc<Authenticator>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("addr", &self.addr)
+            .field("path", &self.path)
+            .field("transport", &self.transport)
+            .field("encoding", &self.encoding)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Target {
+    /// A target for `url`, which must name a loopback host (127.0.0.0/8, ::1 or
+    /// localhost); tokens are HS256-signed with `jwt_secret`.
+    pub fn new(
+        url: &str,
+        transport: TransportKind,
+        encoding: Encoding,
+        jwt_secret: &str,
+    ) -> anyhow::Result<Self> {
+        let (addr, host, path) = parse_loopback_url(url)?;
+        transport.check_supported()?;
+        let auth = Authenticator::new(&AuthConfig {
+            jwt_secret: jwt_secret.to_string(),
+            ..AuthConfig::default()
+        })
+        .context("building the token signer")?;
+        Ok(Self {
+            addr,
+            host,
+            path,
+            transport,
+            encoding,
+            buffers: ClientBuffers::default(),
+            source_ips: 0,
+            connect_timeout: Duration::from_secs(10),
+            auth: Arc::new(auth),
+        })
+    }
+
+    /// A token for `user`, valid for a day (longer than any run).
+    pub fn token(&self, user: &str) -> anyhow::Result<String> {
+        Ok(self.auth.mint(user, Duration::from_secs(24 * 3600))?)
+    }
+
+    /// The local address connection number `index` binds before connecting, if source
+    /// addresses are spread.
+    pub fn source_addr(&self, index: usize) -> Option<SocketAddr> {
+        if self.source_ips <= 1 || !self.addr.is_ipv4() {
+            return None;
+        }
+        let last = 1 + (index % self.source_ips as usize) as u8;
+        Some(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)),
+            0,
+        ))
+    }
+}
+
+/// Parses `ws://HOST:PORT/PATH` and refuses any host that is not loopback.
+pub fn parse_loopback_url(url: &str) -> anyhow::Result<(SocketAddr, String, String)> {
+    let uri: Uri = url.parse().with_context(|| format!("bad URL {url:?}"))?;
+    match uri.scheme_str() {
+        Some("ws") | Some("http") => {}
+        Some(other) => bail!("unsupported scheme {other:?} in {url:?}: use ws:// (loopback)"),
+        None => bail!("URL {url:?} has no scheme: use ws://127.0.0.1:PORT/ws"),
+    }
+    let host = uri
+        .host()
+        .with_context(|| format!("URL {url:?} has no host"))?;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let ip: IpAddr = if bare.eq_ignore_ascii_case("localhost") {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        bare.parse()
+            .map_err(|_| anyhow::anyhow!("refusing host {host:?}: only loopback addresses (127.0.0.0/8, ::1, localhost) are benchmark targets"))?
+    };
+    if !ip.is_loopback() {
+        bail!(
+            "refusing host {host:?}: only loopback addresses (127.0.0.0/8, ::1, localhost) are benchmark targets"
+        );
+    }
+    let port = uri.port_u16().unwrap_or(80);
+    let path = match uri.path() {
+        "" => "/ws".to_string(),
+        p => p.to_string(),
+    };
+    let host_header = match uri.port_u16() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_string(),
+    };
+    Ok((SocketAddr::new(ip, port), host_header, path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_only_loopback() {
+        for ok in [
+            "ws://127.0.0.1:8080/ws",
+            "ws://127.9.8.7:1/ws",
+            "ws://localhost:8080/ws",
+            "ws://[::1]:8080/ws",
+        ] {
+            let (addr, _, path) = parse_loopback_url(ok).unwrap();
+            assert!(addr.ip().is_loopback(), "{ok}");
+            assert_eq!(path, "/ws");
+        }
+        for bad in [
+            "ws://10.0.0.1:8080/ws",
+            "ws://192.168.1.1/ws",
+            "ws://example.com/ws",
+            "ws://8.8.8.8/ws",
+            "ws://[2001:db8::1]/ws",
+            "wss://127.0.0.1/ws",
+            "127.0.0.1:8080",
+        ] {
+            assert!(parse_loopback_url(bad).is_err(), "{bad} must be refused");
+        }
+    }
+
+    #[test]
+    fn spreads_source_addresses() {
+        let mut t = Target::new(DEFAULT_URL, TransportKind::Ws, Encoding::Proto, "s").unwrap();
+        assert_eq!(t.source_addr(5), None);
+        t.source_ips = 4;
+        let ips: Vec<_> = (0..5).map(|i| t.source_addr(i).unwrap().ip()).collect();
+        assert_eq!(ips[0].to_string(), "127.0.0.1");
+        assert_eq!(ips[3].to_string(), "127.0.0.4");
+        assert_eq!(ips[4].to_string(), "127.0.0.1");
+    }
+}

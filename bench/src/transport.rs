@@ -1,0 +1,364 @@
+//! One client connection to parley, whatever the transport.
+//!
+//! Scenarios talk to a [`Connection`]: send a `ClientFrame`, receive encoded server
+//! frames, close. Each transport is one variant; only WebSocket exists in parley today.
+//! SSE and long-poll become new variants (an SSE reader plus POSTs, a poll loop plus
+//! POSTs) without touching the scenarios.
+
+use std::{collections::VecDeque, io, net::SocketAddr};
+
+use anyhow::{Context, anyhow, bail};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use parley::{
+    codec::{self, Encoding},
+    proto::{self, ClientFrame, client_frame::Cmd, server_frame::Kind},
+};
+use serde::Serialize;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{
+        Message,
+        client::IntoClientRequest,
+        http::HeaderValue,
+        protocol::{CloseFrame, WebSocketConfig, frame::coding::CloseCode},
+    },
+};
+
+use crate::{target::Target, wire};
+
+/// The transports a scenario can run over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// WebSocket (`/ws`): binary frames for protobuf, text frames for JSON.
+    Ws,
+    /// Server-Sent Events downstream + POST upstream (not in parley yet).
+    Sse,
+    /// Long-poll downstream + POST upstream (not in parley yet).
+    Poll,
+}
+
+impl TransportKind {
+    /// Fails with a clear message for transports the generator cannot drive yet.
+    pub fn check_supported(self) -> anyhow::Result<()> {
+        match self {
+            TransportKind::Ws => Ok(()),
+            other => bail!(
+                "transport {:?} is not implemented yet (parley serves only /ws so far); use --transport ws",
+                other.name()
+            ),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::Ws => "ws",
+            TransportKind::Sse => "sse",
+            TransportKind::Poll => "poll",
+        }
+    }
+}
+
+/// What [`Connection::recv`] yields.
+#[derive(Debug)]
+pub enum Incoming {
+    /// One encoded server frame (decode with [`wire`]).
+    Frame(Bytes),
+    /// The server closed the transport (with this close code, if it gave one).
+    Closed(Option<u16>),
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// Which step of opening a connection failed (storm counts them apart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    Tcp,
+    Handshake,
+    Auth,
+    Timeout,
+}
+
+/// Why opening a connection failed, and at which step.
+#[derive(Debug)]
+pub struct OpenError {
+    pub step: Step,
+    pub source: anyhow::Error,
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {:#}", self.step, self.source)
+    }
+}
+
+impl std::error::Error for OpenError {}
+
+/// An open client connection.
+pub enum Connection {
+    Ws(WsConnection),
+}
+
+pub struct WsConnection {
+    ws: Ws,
+    encoding: Encoding,
+    next_id: u64,
+    /// Frames that arrived while waiting for a reply; `recv` yields them first.
+    pending: VecDeque<Bytes>,
+}
+
+/// Opens a TCP connection to the target, from a spread source address if configured.
+async fn tcp(target: &Target, index: usize) -> io::Result<TcpStream> {
+    let socket = match target.addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    if let Some(src) = target.source_addr(index) {
+        crate::net::bind_address_no_port(&socket);
+        socket.bind(src)?;
+    }
+    let stream = socket.connect(target.addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+impl Connection {
+    /// Opens a transport connection (not yet authenticated). `index` picks the source
+    /// address when they are spread.
+    pub async fn open(target: &Target, index: usize) -> Result<Connection, OpenError> {
+        let fut = async {
+            match target.transport {
+                TransportKind::Ws => WsConnection::open(target, index).await.map(Connection::Ws),
+                other => Err(OpenError {
+                    step: Step::Tcp,
+                    source: other.check_supported().unwrap_err(),
+                }),
+            }
+        };
+        match tokio::time::timeout(target.connect_timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(OpenError {
+                step: Step::Timeout,
+                source: anyhow!("open timed out after {:?}", target.connect_timeout),
+            }),
+        }
+    }
+
+    /// Opens and authenticates as `user`: the usual start of every scenario.
+    pub async fn open_authenticated(
+        target: &Target,
+        index: usize,
+        user: &str,
+        token: &str,
+    ) -> Result<(Connection, proto::Connected), OpenError> {
+        let fut = async {
+            let mut c = Connection::open(target, index).await?;
+            let connected = c.authenticate(token).await.map_err(|source| OpenError {
+                step: Step::Auth,
+                source: source.context(format!("authenticating {user}")),
+            })?;
+            Ok((c, connected))
+        };
+        match tokio::time::timeout(target.connect_timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(OpenError {
+                step: Step::Timeout,
+                source: anyhow!(
+                    "connect + auth timed out after {:?}",
+                    target.connect_timeout
+                ),
+            }),
+        }
+    }
+
+    pub fn encoding(&self) -> Encoding {
+        match self {
+            Connection::Ws(c) => c.encoding,
+        }
+    }
+
+    /// Sends one command; returns the request id it was given.
+    pub async fn send(&mut self, cmd: Cmd) -> anyhow::Result<u64> {
+        match self {
+            Connection::Ws(c) => c.send(cmd).await,
+        }
+    }
+
+    /// The next server frame or the close. Cancel-safe: dropping the future loses
+    /// nothing (the frame stays buffered in the transport).
+    pub async fn recv(&mut self) -> anyhow::Result<Incoming> {
+        match self {
+            Connection::Ws(c) => c.recv().await,
+        }
+    }
+
+    /// Sends a command and waits for its reply; frames that arrive first are kept for
+    /// `recv`.
+    pub async fn request(&mut self, cmd: Cmd) -> anyhow::Result<Kind> {
+        let id = self.send(cmd).await?;
+        let encoding = self.encoding();
+        loop {
+            let bytes = match self.recv_raw().await? {
+                Incoming::Frame(b) => b,
+                Incoming::Closed(code) => bail!("closed ({code:?}) while waiting for a reply"),
+            };
+            let frame = wire::decode(encoding, &bytes)?;
+            if frame.id == id && frame.pos == 0 {
+                return frame.kind.context("reply without a kind");
+            }
+            self.stash(bytes);
+        }
+    }
+
+    async fn recv_raw(&mut self) -> anyhow::Result<Incoming> {
+        match self {
+            Connection::Ws(c) => c.recv_socket().await,
+        }
+    }
+
+    fn stash(&mut self, bytes: Bytes) {
+        match self {
+            Connection::Ws(c) => c.pending.push_back(bytes),
+        }
+    }
+
+    /// `connect` with a token; fails unless the server answers `connected`.
+    pub async fn authenticate(&mut self, token: &str) -> anyhow::Result<proto::Connected> {
+        let reply = self
+            .request(Cmd::Connect(proto::Connect {
+                token: token.to_string(),
+                ..Default::default()
+            }))
+            .await?;
+        match reply {
+            Kind::Connected(c) => Ok(c),
+            Kind::Error(e) => bail!("connect refused: {} ({})", e.message, e.code),
+            other => bail!("unexpected reply to connect: {other:?}"),
+        }
+    }
+
+    /// Joins `room`; returns the room's last seq at the time of joining.
+    pub async fn join(&mut self, room: &str) -> anyhow::Result<u64> {
+        let reply = self
+            .request(Cmd::Join(proto::Join {
+                room: room.to_string(),
+            }))
+            .await?;
+        match reply {
+            Kind::Joined(j) => Ok(j.last_seq),
+            Kind::Error(e) => bail!("join {room} refused: {} ({})", e.message, e.code),
+            other => bail!("unexpected reply to join: {other:?}"),
+        }
+    }
+
+    /// Closes politely (close frame, then wait briefly for the server's close).
+    pub async fn close(self) {
+        match self {
+            Connection::Ws(c) => c.close().await,
+        }
+    }
+}
+
+impl WsConnection {
+    async fn open(target: &Target, index: usize) -> Result<WsConnection, OpenError> {
+        let stream = tcp(target, index).await.map_err(|e| OpenError {
+            step: Step::Tcp,
+            source: anyhow::Error::new(e).context(format!("TCP connect to {}", target.addr)),
+        })?;
+        let handshake = async {
+            let mut req = format!("ws://{}{}", target.host, target.path).into_client_request()?;
+            req.headers_mut().insert(
+                "Sec-WebSocket-Protocol",
+                HeaderValue::from_static(target.encoding.subprotocol()),
+            );
+            let config = WebSocketConfig::default()
+                .read_buffer_size(target.buffers.read)
+                .write_buffer_size(target.buffers.write)
+                .max_message_size(Some(1 << 20))
+                .max_frame_size(Some(1 << 20));
+            let (ws, resp) =
+                tokio_tungstenite::client_async_with_config(req, stream, Some(config)).await?;
+            let negotiated = resp
+                .headers()
+                .get("Sec-WebSocket-Protocol")
+                .and_then(|v| v.to_str().ok())
+                .and_then(Encoding::from_subprotocol);
+            if negotiated != Some(target.encoding) {
+                bail!(
+                    "server did not accept subprotocol {} (got {negotiated:?})",
+                    target.encoding.subprotocol()
+                );
+            }
+            anyhow::Ok(ws)
+        };
+        let ws = handshake.await.map_err(|source| OpenError {
+            step: Step::Handshake,
+            source,
+        })?;
+        Ok(WsConnection {
+            ws,
+            encoding: target.encoding,
+            next_id: 1,
+            pending: VecDeque::new(),
+        })
+    }
+
+    async fn send(&mut self, cmd: Cmd) -> anyhow::Result<u64> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let bytes = codec::encode_client(self.encoding, &ClientFrame { id, cmd: Some(cmd) });
+        let msg = match self.encoding {
+            Encoding::Proto => Message::Binary(bytes),
+            Encoding::Json => Message::Text(bytes.try_into().context("JSON is UTF-8")?),
+        };
+        self.ws.send(msg).await.context("sending")?;
+        Ok(id)
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<Incoming> {
+        if let Some(b) = self.pending.pop_front() {
+            return Ok(Incoming::Frame(b));
+        }
+        self.recv_socket().await
+    }
+
+    async fn recv_socket(&mut self) -> anyhow::Result<Incoming> {
+        loop {
+            let Some(msg) = self.ws.next().await else {
+                return Ok(Incoming::Closed(None));
+            };
+            match msg {
+                Ok(Message::Binary(b)) => return Ok(Incoming::Frame(b)),
+                Ok(Message::Text(t)) => return Ok(Incoming::Frame(Bytes::from(t))),
+                Ok(Message::Close(f)) => {
+                    return Ok(Incoming::Closed(f.map(|f: CloseFrame| u16::from(f.code))));
+                }
+                // Pings are answered by tungstenite while we read.
+                Ok(_) => continue,
+                Err(tokio_tungstenite::tungstenite::Error::ConnectionClosed)
+                | Err(tokio_tungstenite::tungstenite::Error::AlreadyClosed) => {
+                    return Ok(Incoming::Closed(None));
+                }
+                Err(e) => return Err(anyhow::Error::new(e).context("reading")),
+            }
+        }
+    }
+
+    async fn close(mut self) {
+        let polite = async {
+            let _ = self
+                .ws
+                .close(Some(CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "".into(),
+                }))
+                .await;
+            // Wait for the server's close (or EOF) so the server sees a clean end.
+            while let Some(Ok(_)) = self.ws.next().await {}
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), polite).await;
+    }
+}

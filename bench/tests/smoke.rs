@@ -1,0 +1,140 @@
+//! Fast end-to-end checks of the load generator against an in-process parley server on
+//! an ephemeral loopback port: every scenario runs, small, and verifies.
+
+use std::time::Duration;
+
+use parley::{codec::Encoding, config::Config, server::Server};
+use parley_bench::{
+    TransportKind,
+    probe::Probe,
+    report,
+    scenario::{self, Report, Run},
+    target::Target,
+};
+
+const SECRET: &str = "bench-smoke-secret";
+
+async fn server() -> Server {
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.auth.jwt_secret = SECRET.into();
+    config.store.path = ":memory:".into();
+    Server::start(config).await.expect("server starts")
+}
+
+fn run_for(server: &Server, encoding: Encoding) -> Run {
+    let url = format!("ws://{}/ws", server.local_addr());
+    let target = Target::new(&url, TransportKind::Ws, encoding, SECRET).unwrap();
+    let mut run = Run::new(target);
+    // The server runs in this process.
+    run.server = Some(Probe::me());
+    run
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_delivers_everything_exactly_once_in_both_encodings() {
+    let server = server().await;
+    for encoding in [Encoding::Proto, Encoding::Json] {
+        let params = scenario::fanout::Params {
+            subscribers: 20,
+            publishers: 2,
+            rate: 1000.0,
+            duration: Duration::from_secs(5),
+            messages: Some(50),
+            body_bytes: 100,
+            drain_timeout: Duration::from_secs(5),
+            ack_every: 10,
+        };
+        let report = scenario::fanout::run(&run_for(&server, encoding), &params)
+            .await
+            .unwrap();
+        let o = &report.outcome;
+        assert!(
+            report.ok(),
+            "{encoding:?}: {:?}\n{}",
+            o.verification,
+            report.table().render()
+        );
+        assert_eq!(o.published, 50, "{encoding:?}");
+        assert_eq!(o.expected_deliveries, 20 * 50, "{encoding:?}");
+        assert_eq!(o.delivered, 20 * 50, "{encoding:?}");
+        assert_eq!(o.latency.count, 20 * 50, "{encoding:?}");
+        assert!(o.latency.p50_ms > 0.0 && o.latency.max_ms < 5_000.0);
+
+        // The chart renders from a real report.
+        let dir = std::env::temp_dir().join(format!("parley-bench-smoke-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("fanout-{encoding:?}.svg"));
+        report::write_svg(&path, &report.title(), &report.panels()).unwrap();
+        assert!(std::fs::read_to_string(&path).unwrap().contains("<svg"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    server.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_rooms_verify() {
+    let server = server().await;
+    let params = scenario::chat::Params {
+        users: 12,
+        room_size: 4,
+        every: Duration::from_millis(100),
+        duration: Duration::from_millis(800),
+        body_bytes: 64,
+        drain_timeout: Duration::from_secs(5),
+        ack_every: 3,
+    };
+    let report = scenario::chat::run(&run_for(&server, Encoding::Proto), &params)
+        .await
+        .unwrap();
+    let o = &report.outcome;
+    assert!(report.ok(), "{:?}", o.verification);
+    assert_eq!(o.rooms, 3);
+    assert!(o.published > 0);
+    // Every message reaches all 4 members of its room (the sender included).
+    assert_eq!(o.delivered, o.published * 4);
+    server.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_storm_run() {
+    let server = server().await;
+    let run = run_for(&server, Encoding::Json);
+    let idle = scenario::idle::run(
+        &run,
+        &scenario::idle::Params {
+            connections: 25,
+            hold: Duration::from_millis(300),
+            settle: Duration::ZERO,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(idle.ok(), "{}", idle.table().render());
+    assert_eq!(idle.connected, 25);
+    assert!(idle.server_bytes_per_connection.is_some());
+
+    let storm = scenario::storm::run(
+        &run,
+        &scenario::storm::Params {
+            workers: 4,
+            duration: Duration::from_millis(500),
+            settle: Duration::ZERO,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(storm.ok(), "{}", storm.table().render());
+    assert!(storm.handshakes > 0);
+    server.shutdown();
+}
+
+#[test]
+fn refuses_non_loopback_targets_and_unbuilt_transports() {
+    let t = |url: &str, tr| Target::new(url, tr, Encoding::Proto, SECRET);
+    assert!(t("ws://10.1.2.3:8080/ws", TransportKind::Ws).is_err());
+    assert!(t("ws://example.org/ws", TransportKind::Ws).is_err());
+    let e = t("ws://127.0.0.1:8080/ws", TransportKind::Sse).unwrap_err();
+    assert!(e.to_string().contains("not implemented"), "{e}");
+    assert!(t("ws://127.0.0.1:8080/ws", TransportKind::Ws).is_ok());
+}
