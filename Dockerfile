@@ -11,7 +11,7 @@ COPY proto proto
 COPY bench/Cargo.toml bench/Cargo.toml
 RUN mkdir -p src benches bench/src \
     && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && echo 'fn main() {}' > benches/codec.rs \
+    && echo 'fn main() {}' > benches/codec.rs && echo 'fn main() {}' > benches/store.rs \
     && echo 'fn main() {}' > bench/src/main.rs && touch bench/src/lib.rs \
     && cargo build --release --locked -p parley \
     && rm -rf src benches bench/src
