@@ -14,7 +14,7 @@ RUN mkdir -p src benches bench/src \
     && echo 'fn main() {}' > benches/codec.rs && echo 'fn main() {}' > benches/store.rs \
     && echo 'fn main() {}' > bench/src/main.rs && touch bench/src/lib.rs \
     && cargo build --release --locked -p parley \
-    && rm -rf src benches bench/src
+    && rm -rf src benches
 COPY src src
 COPY benches benches
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked -p parley --bin parley
