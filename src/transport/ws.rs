@@ -203,6 +203,8 @@ async fn run(socket: HttpWebSocket, app: AppState, encoding: Encoding) {
     let mut last_seen = Instant::now();
     // Replies still waiting for their commit (pipelined sends), in command order.
     let mut in_flight: FuturesOrdered<LaterReply> = FuturesOrdered::new();
+    // Whether the connection's span has its user yet.
+    let mut named = false;
 
     let close: Option<CloseReason> = loop {
         let attachment = conn.attachment().cloned();
@@ -266,6 +268,10 @@ async fn run(socket: HttpWebSocket, app: AppState, encoding: Encoding) {
                 };
                 if sent.is_err() {
                     break None;
+                }
+                if !named && let Some(session) = conn.session() {
+                    tracing::Span::current().record("user", session.user_id());
+                    named = true;
                 }
                 if let Err(why) = Box::pin(w.drain(&conn)).await {
                     break Some(why);
