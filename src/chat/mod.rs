@@ -17,7 +17,7 @@ use std::{
     time::Instant,
 };
 
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::oneshot;
 
 use crate::{
     auth::{now_ms, valid_user_id},
@@ -41,26 +41,40 @@ pub const STRIPES: usize = 256;
 #[derive(Default)]
 struct Stripe {
     next_ticket: Mutex<u64>,
-    published: Mutex<u64>,
-    turn: Notify,
+    turn: Mutex<Turn>,
+}
+
+/// Whose turn it is to publish, and who is waiting for a later turn. Only the next
+/// ticket's waiter is woken on each advance: waking every waiter would cost O(pending²)
+/// when a group commit completes many appends of one stripe at once.
+#[derive(Default)]
+struct Turn {
+    published: u64,
+    waiting: HashMap<u64, oneshot::Sender<()>>,
 }
 
 impl Stripe {
     async fn wait_turn(&self, ticket: u64) {
-        loop {
-            let notified = self.turn.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if *self.published.lock().unwrap_or_else(|p| p.into_inner()) == ticket {
+        let woken = {
+            let mut turn = self.turn.lock().unwrap_or_else(|p| p.into_inner());
+            if turn.published == ticket {
                 return;
             }
-            notified.await;
-        }
+            let (tx, rx) = oneshot::channel();
+            turn.waiting.insert(ticket, tx);
+            rx
+        };
+        // The sender is only dropped after sending (see `advance`).
+        let _ = woken.await;
     }
 
     fn advance(&self) {
-        *self.published.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        self.turn.notify_waiters();
+        let mut turn = self.turn.lock().unwrap_or_else(|p| p.into_inner());
+        turn.published += 1;
+        let next = turn.published;
+        if let Some(tx) = turn.waiting.remove(&next) {
+            let _ = tx.send(());
+        }
     }
 }
 
