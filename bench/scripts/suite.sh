@@ -18,7 +18,7 @@ ONLY=${ONLY:-}
 mkdir -p "$OUT"
 
 if [[ ! -x $PARLEY || ! -x $BENCH ]]; then
-    cargo build --release --bin parley && cargo build --release -p parley-bench
+    cargo build --release -p parley --bin parley -p parley-bench
 fi
 
 {
@@ -63,5 +63,14 @@ step chat-10k chat -n 10000 -k 10 --every 5s -d 20s
 
 # Connect/auth/disconnect churn.
 step storm storm -c 64 -d 10s --settle 3s
+
+# SSE and long-poll listeners (publishers on WebSocket), beside WebSocket at the same N.
+step idle-sse-10k --transport sse idle -n 10000 --hold 5s
+step idle-poll-10k --transport poll --poll-wait 60 idle -n 10000 --hold 5s
+for n in 1000 5000; do
+    for t in ws sse poll; do
+        step "fanout-$t-$n" --transport "$t" fanout -n "$n" --publishers 1 -r 100 -d 10s
+    done
+done
 
 echo "results in $OUT"

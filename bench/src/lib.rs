@@ -10,7 +10,7 @@
 //! against an in-process server; the `parley-bench` binary is a thin CLI around them.
 //!
 //! - [`target`]: where to connect (loopback only), with which encoding and transport.
-//! - [`transport`]: one client connection, whatever the transport (only WebSocket now).
+//! - [`transport`]: one client connection, whatever the transport (WebSocket, SSE, long-poll).
 //! - [`wire`]: cheap decoding of pushed messages (the generator must stay cheap).
 //! - [`probe`]: the server process (spawn, pin, RSS, fds, CPU) read from `/proc`.
 //! - [`net`]: file-descriptor limit and client source addresses.
@@ -18,6 +18,7 @@
 //! - [`report`]: summary tables, JSON and SVG charts.
 //! - [`scenario`]: `idle`, `fanout`, `storm`, `chat`.
 
+pub mod http_transport;
 pub mod net;
 pub mod probe;
 pub mod report;

@@ -43,7 +43,8 @@ struct Global {
     /// accepted. Ignored with --spawn-server.
     #[arg(long, global = true, default_value = target::DEFAULT_URL)]
     url: String,
-    /// Transport to run over.
+    /// Transport to run over (sse, poll: listeners only; fan-out publishers stay on
+    /// WebSocket; SSE is always JSON).
     #[arg(long, global = true, value_enum, default_value = "ws")]
     transport: TransportKind,
     /// Wire encoding: proto (binary frames) or json (text frames).
@@ -80,6 +81,10 @@ struct Global {
     /// Client read buffer per connection, bytes.
     #[arg(long, global = true, default_value_t = 4096)]
     read_buffer: usize,
+    /// Long-poll: the `wait` of each poll, seconds (the server holds at most
+    /// poll.max_hold, 60 s by default).
+    #[arg(long, global = true, default_value_t = 30)]
+    poll_wait: u64,
     /// Timeout for one connect + upgrade + auth.
     #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
@@ -252,6 +257,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let mut target = Target::new(&g.url, g.transport, g.encoding, &g.jwt_secret)?;
     target.buffers.read = g.read_buffer;
     target.connect_timeout = g.connect_timeout;
+    target.poll_wait_s = g.poll_wait;
     target.source_ips = g.source_ips.unwrap_or_else(|| net::source_ips_for(conns));
     let spawn = g.spawn_server.as_ref().map(|path| SpawnOptions {
         binary: path.clone(),

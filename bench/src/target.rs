@@ -58,6 +58,9 @@ pub struct Target {
     pub source_ips: u8,
     /// Give up on a connect + handshake + auth after this long.
     pub connect_timeout: Duration,
+    /// Long-poll: the `wait` of each poll, seconds (the server caps it at
+    /// `poll.max_hold`, 60 s by default).
+    pub poll_wait_s: u64,
     auth: Arc<Authenticator>,
 }
 
@@ -82,7 +85,11 @@ impl Target {
         jwt_secret: &str,
     ) -> anyhow::Result<Self> {
         let (addr, host, path) = parse_loopback_url(url)?;
-        transport.check_supported()?;
+        // SSE streams are JSON only; its commands use the same encoding.
+        let encoding = match transport {
+            TransportKind::Sse => Encoding::Json,
+            _ => encoding,
+        };
         let auth = Authenticator::new(&AuthConfig {
             jwt_secret: jwt_secret.to_string(),
             ..AuthConfig::default()
@@ -97,6 +104,7 @@ impl Target {
             buffers: ClientBuffers::default(),
             source_ips: 0,
             connect_timeout: Duration::from_secs(10),
+            poll_wait_s: 30,
             auth: Arc::new(auth),
         })
     }
@@ -104,6 +112,14 @@ impl Target {
     /// A token for `user`, valid for a day (longer than any run).
     pub fn token(&self, user: &str) -> anyhow::Result<String> {
         Ok(self.auth.mint(user, Duration::from_secs(24 * 3600))?)
+    }
+
+    /// The same target over WebSocket (`/ws`): publishers of SSE and long-poll runs.
+    pub fn over_websocket(&self) -> Target {
+        let mut t = self.clone();
+        t.transport = TransportKind::Ws;
+        t.path = "/ws".to_string();
+        t
     }
 
     /// The local address connection number `index` binds before connecting, if source

@@ -1,9 +1,9 @@
 //! One client connection to parley, whatever the transport.
 //!
 //! Scenarios talk to a [`Connection`]: send a `ClientFrame`, receive encoded server
-//! frames, close. Each transport is one variant; only WebSocket exists in parley today.
-//! SSE and long-poll become new variants (an SSE reader plus POSTs, a poll loop plus
-//! POSTs) without touching the scenarios.
+//! frames, close. Each transport is one variant: WebSocket here, SSE and long-poll (an
+//! event-stream reader or a poll loop, plus POSTs for commands) in
+//! [`crate::http_transport`].
 
 use std::{collections::VecDeque, io, net::SocketAddr};
 
@@ -26,7 +26,7 @@ use tokio_tungstenite::{
     },
 };
 
-use crate::{target::Target, wire};
+use crate::{http_transport::HttpConnection, target::Target, wire};
 
 /// The transports a scenario can run over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -34,24 +34,13 @@ use crate::{target::Target, wire};
 pub enum TransportKind {
     /// WebSocket (`/ws`): binary frames for protobuf, text frames for JSON.
     Ws,
-    /// Server-Sent Events downstream + POST upstream (not in parley yet).
+    /// Server-Sent Events downstream (always JSON) + POST upstream.
     Sse,
-    /// Long-poll downstream + POST upstream (not in parley yet).
+    /// Long-poll downstream + POST upstream.
     Poll,
 }
 
 impl TransportKind {
-    /// Fails with a clear message for transports the generator cannot drive yet.
-    pub fn check_supported(self) -> anyhow::Result<()> {
-        match self {
-            TransportKind::Ws => Ok(()),
-            other => bail!(
-                "transport {:?} is not implemented yet (parley serves only /ws so far); use --transport ws",
-                other.name()
-            ),
-        }
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             TransportKind::Ws => "ws",
@@ -100,6 +89,8 @@ impl std::error::Error for OpenError {}
 /// An open client connection.
 pub enum Connection {
     Ws(WsConnection),
+    /// SSE or long-poll.
+    Http(HttpConnection),
 }
 
 pub struct WsConnection {
@@ -111,7 +102,7 @@ pub struct WsConnection {
 }
 
 /// Opens a TCP connection to the target, from a spread source address if configured.
-async fn tcp(target: &Target, index: usize) -> io::Result<TcpStream> {
+pub(crate) async fn tcp(target: &Target, index: usize) -> io::Result<TcpStream> {
     let socket = match target.addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
@@ -132,10 +123,14 @@ impl Connection {
         let fut = async {
             match target.transport {
                 TransportKind::Ws => WsConnection::open(target, index).await.map(Connection::Ws),
-                other => Err(OpenError {
-                    step: Step::Tcp,
-                    source: other.check_supported().unwrap_err(),
-                }),
+                TransportKind::Sse | TransportKind::Poll => HttpConnection::open(target, index)
+                    .await
+                    .map(Connection::Http)
+                    .map_err(|e| OpenError {
+                        step: Step::Tcp,
+                        source: anyhow::Error::new(e)
+                            .context(format!("TCP connect to {}", target.addr)),
+                    }),
             }
         };
         match tokio::time::timeout(target.connect_timeout, fut).await {
@@ -177,6 +172,7 @@ impl Connection {
     pub fn encoding(&self) -> Encoding {
         match self {
             Connection::Ws(c) => c.encoding,
+            Connection::Http(c) => c.encoding(),
         }
     }
 
@@ -184,6 +180,7 @@ impl Connection {
     pub async fn send(&mut self, cmd: Cmd) -> anyhow::Result<u64> {
         match self {
             Connection::Ws(c) => c.send(cmd).await,
+            Connection::Http(c) => c.send(cmd).await,
         }
     }
 
@@ -192,12 +189,17 @@ impl Connection {
     pub async fn recv(&mut self) -> anyhow::Result<Incoming> {
         match self {
             Connection::Ws(c) => c.recv().await,
+            Connection::Http(c) => c.recv().await,
         }
     }
 
     /// Sends a command and waits for its reply; frames that arrive first are kept for
     /// `recv`.
     pub async fn request(&mut self, cmd: Cmd) -> anyhow::Result<Kind> {
+        if let Connection::Http(c) = self {
+            // Over HTTP the reply is the POST's response, never on the stream.
+            return c.call_command(cmd).await;
+        }
         let id = self.send(cmd).await?;
         let encoding = self.encoding();
         loop {
@@ -216,17 +218,22 @@ impl Connection {
     async fn recv_raw(&mut self) -> anyhow::Result<Incoming> {
         match self {
             Connection::Ws(c) => c.recv_socket().await,
+            Connection::Http(c) => c.recv().await,
         }
     }
 
     fn stash(&mut self, bytes: Bytes) {
         match self {
             Connection::Ws(c) => c.pending.push_back(bytes),
+            Connection::Http(_) => unreachable!("HTTP replies never come on the stream"),
         }
     }
 
     /// `connect` with a token; fails unless the server answers `connected`.
     pub async fn authenticate(&mut self, token: &str) -> anyhow::Result<proto::Connected> {
+        if let Connection::Http(c) = self {
+            return c.authenticate(token).await;
+        }
         let reply = self
             .request(Cmd::Connect(proto::Connect {
                 token: token.to_string(),
@@ -258,6 +265,7 @@ impl Connection {
     pub async fn close(self) {
         match self {
             Connection::Ws(c) => c.close().await,
+            Connection::Http(c) => c.close().await,
         }
     }
 }

@@ -130,11 +130,84 @@ async fn idle_and_storm_run() {
 }
 
 #[test]
-fn refuses_non_loopback_targets_and_unbuilt_transports() {
+fn refuses_non_loopback_targets() {
     let t = |url: &str, tr| Target::new(url, tr, Encoding::Proto, SECRET);
     assert!(t("ws://10.1.2.3:8080/ws", TransportKind::Ws).is_err());
     assert!(t("ws://example.org/ws", TransportKind::Ws).is_err());
-    let e = t("ws://127.0.0.1:8080/ws", TransportKind::Sse).unwrap_err();
-    assert!(e.to_string().contains("not implemented"), "{e}");
+    assert!(t("ws://10.1.2.3:8080/ws", TransportKind::Sse).is_err());
     assert!(t("ws://127.0.0.1:8080/ws", TransportKind::Ws).is_ok());
+    // SSE streams are JSON only.
+    let sse = t("ws://127.0.0.1:8080/ws", TransportKind::Sse).unwrap();
+    assert_eq!(sse.encoding, Encoding::Json);
+}
+
+fn http_run(server: &Server, transport: TransportKind, encoding: Encoding) -> Run {
+    let url = format!("ws://{}/ws", server.local_addr());
+    let mut target = Target::new(&url, transport, encoding, SECRET).unwrap();
+    // Short holds, so the poll loop is exercised (empty replies, re-polls).
+    target.poll_wait_s = 1;
+    let mut run = Run::new(target);
+    run.server = Some(Probe::me());
+    run
+}
+
+/// SSE and long-poll listeners (publishers on WebSocket): everything delivered exactly
+/// once, in order, in every encoding the transport has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_over_sse_and_long_poll_verifies() {
+    let server = server().await;
+    for (transport, encoding) in [
+        (TransportKind::Sse, Encoding::Json),
+        (TransportKind::Poll, Encoding::Json),
+        (TransportKind::Poll, Encoding::Proto),
+    ] {
+        let params = scenario::fanout::Params {
+            subscribers: 12,
+            publishers: 2,
+            rate: 200.0,
+            duration: Duration::from_secs(5),
+            messages: Some(40),
+            body_bytes: 100,
+            drain_timeout: Duration::from_secs(5),
+            ack_every: 7,
+        };
+        let report = scenario::fanout::run(&http_run(&server, transport, encoding), &params)
+            .await
+            .unwrap();
+        let o = &report.outcome;
+        assert!(
+            report.ok(),
+            "{transport:?}/{encoding:?}: {:?}\n{}",
+            o.verification,
+            report.table().render()
+        );
+        assert_eq!(report.transport, transport.name());
+        assert_eq!(o.published, 40, "{transport:?}/{encoding:?}");
+        assert_eq!(o.delivered, 12 * 40, "{transport:?}/{encoding:?}");
+        assert_eq!(o.latency.count, 12 * 40, "{transport:?}/{encoding:?}");
+    }
+    server.shutdown();
+}
+
+/// Idle SSE streams and pending polls stay open through the hold (the poll loop re-polls
+/// after each empty reply).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_over_sse_and_long_poll() {
+    let server = server().await;
+    for transport in [TransportKind::Sse, TransportKind::Poll] {
+        let idle = scenario::idle::run(
+            &http_run(&server, transport, Encoding::Json),
+            &scenario::idle::Params {
+                connections: 15,
+                hold: Duration::from_millis(1500),
+                settle: Duration::ZERO,
+            },
+        )
+        .await
+        .unwrap();
+        assert!(idle.ok(), "{transport:?}: {}", idle.table().render());
+        assert_eq!(idle.connected, 15);
+        assert_eq!(idle.transport, transport.name());
+    }
+    server.shutdown();
 }

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Run, Sampler};
 use crate::{
     stats::{self, Latency, Percentiles, Tick},
-    transport::{Connection, Incoming},
+    transport::{Connection, Incoming, TransportKind},
     wire::{self, Peek},
 };
 
@@ -481,11 +481,19 @@ async fn member(
     };
     let room = shared.plan.rooms[spec.room].clone();
 
+    // Publishers stay on WebSocket when the run is over SSE or long-poll (their sends
+    // would otherwise be one POST round-trip each); listeners use the run's transport.
+    let ws_target;
+    let target = if spec.rate > 0.0 && run.target.transport != TransportKind::Ws {
+        ws_target = run.target.over_websocket();
+        &ws_target
+    } else {
+        &run.target
+    };
     let opened = async {
         let _permit = shared.connect.acquire().await?;
-        let token = run.target.token(&spec.user)?;
-        let (mut conn, _) =
-            Connection::open_authenticated(&run.target, i, &spec.user, &token).await?;
+        let token = target.token(&spec.user)?;
+        let (mut conn, _) = Connection::open_authenticated(target, i, &spec.user, &token).await?;
         let base = conn.join(&room).await?;
         anyhow::Ok((conn, base))
     };
