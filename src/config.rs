@@ -202,6 +202,10 @@ pub struct WsConfig {
     /// A write (batch of frames + flush) that takes longer closes the connection as slow.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
+    /// After a push wakes an idle connection, wait this long before writing, so pushes
+    /// arriving together go out in one write. 0 writes at once.
+    #[serde(with = "humantime_serde")]
+    pub coalesce: Duration,
 }
 
 impl Default for WsConfig {
@@ -214,6 +218,7 @@ impl Default for WsConfig {
             read_buffer_bytes: 1024,
             write_buffer_bytes: 1024,
             write_timeout: Duration::from_secs(10),
+            coalesce: Duration::ZERO,
         }
     }
 }

@@ -278,6 +278,10 @@ async fn run(socket: HttpWebSocket, app: AppState, encoding: Encoding) {
                 }
             }
             _ = async { attachment.as_ref().expect("guarded").ready().await }, if attachment.is_some() => {
+                // Let pushes that arrive together leave in one write (see ws.coalesce).
+                if !config.coalesce.is_zero() {
+                    tokio::time::sleep(config.coalesce).await;
+                }
                 if let Err(why) = Box::pin(w.drain(&conn)).await {
                     break Some(why);
                 }
