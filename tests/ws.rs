@@ -335,15 +335,39 @@ async fn silent_client_is_closed_by_the_heartbeat() {
         c.ws.pong_timeout = Duration::from_millis(150);
     })
     .await;
-    let c = t.client("ann", Encoding::Json).await;
+    let mut c = t.client("ann", Encoding::Json).await;
     // Neither reading (so no automatic pongs) nor sending.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let closed = c.closed().await;
-    assert_eq!(closed.code, Some(4009));
-    assert_eq!(
-        closed.disconnect.map(|d| (d.code, d.reconnect)),
-        Some((4009, true))
+    // Read the raw bytes: tungstenite would try to answer the queued pings while reading
+    // them, and fail on the socket the server already closed (EPIPE) before it reaches
+    // the close frame.
+    let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = c.ws.get_mut() else {
+        panic!("plain TCP")
+    };
+    let mut bytes = Vec::new();
+    tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read_to_end(tcp, &mut bytes))
+        .await
+        .expect("server closes the socket")
+        .unwrap();
+    let frames = raw_frames(&bytes);
+    assert!(
+        frames.iter().any(|(op, _)| *op == 0x9),
+        "the server pinged first"
     );
+    let disconnect = frames
+        .iter()
+        .find(|(op, p)| *op == 0x1 && p.starts_with(b"{\"disconnect\""))
+        .expect("a disconnect frame");
+    let f: proto::ServerFrame = serde_json::from_slice(&disconnect.1).unwrap();
+    let Some(Kind::Disconnect(d)) = f.kind else {
+        panic!()
+    };
+    assert_eq!((d.code, d.reconnect), (4009, true));
+    let close = frames
+        .iter()
+        .find(|(op, _)| *op == 0x8)
+        .expect("a close frame");
+    assert_eq!(u16::from_be_bytes([close.1[0], close.1[1]]), 4009);
 }
 
 #[tokio::test]
@@ -655,4 +679,19 @@ async fn pipelined_sends_are_acked_in_order_with_increasing_seqs() {
         acks, expected,
         "replies in command order, seqs in send order"
     );
+}
+
+/// Splits unmasked server frames (payloads under 64 KiB) into (opcode, payload).
+fn raw_frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while bytes.len() >= 2 {
+        let op = bytes[0] & 0x0f;
+        let (len, header) = match bytes[1] & 0x7f {
+            126 => (u16::from_be_bytes([bytes[2], bytes[3]]) as usize, 4),
+            n => (n as usize, 2),
+        };
+        out.push((op, bytes[header..header + len].to_vec()));
+        bytes = &bytes[header + len..];
+    }
+    out
 }
