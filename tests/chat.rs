@@ -392,7 +392,7 @@ async fn read_marker_on_one_session_updates_the_others_unread_count() {
 
 #[tokio::test]
 async fn typing_and_presence_reach_co_members_and_nobody_else() {
-    let t = TestServer::start_with(|c| c.chat.typing_interval = Duration::from_millis(200)).await;
+    let t = TestServer::start_with(|c| c.chat.typing_interval = Duration::from_millis(600)).await;
     let mut ann = t.client("ann", Encoding::Json).await;
     let mut bob = t.client("bob", Encoding::Json).await;
     let mut eve = t.client("eve", Encoding::Json).await;
@@ -413,7 +413,7 @@ async fn typing_and_presence_reach_co_members_and_nobody_else() {
     assert_eq!((ev.room.as_str(), ev.user.as_str()), ("r", "ann"));
     // Rate-limited, then allowed again after the interval.
     assert_eq!(err(&mut ann, typing()).await, ErrorCode::RateLimited);
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
     ok(&mut ann, typing()).await;
     bob.next_of(|k| {
         if let Kind::Typing(t) = k {

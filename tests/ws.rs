@@ -374,7 +374,7 @@ async fn silent_client_is_closed_by_the_heartbeat() {
 async fn client_heartbeats_keep_the_connection() {
     let t = TestServer::start_with(|c| {
         c.ws.heartbeat_interval = Duration::from_millis(150);
-        c.ws.pong_timeout = Duration::from_millis(150);
+        c.ws.pong_timeout = Duration::from_millis(600);
     })
     .await;
     let mut c = t.client("ann", Encoding::Json).await;
