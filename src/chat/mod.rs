@@ -277,14 +277,18 @@ impl Chat {
 
     /// Removes a session from live delivery; the user's last one makes it offline.
     pub fn detach(self: &Arc<Self>, user: &str, recipient_id: u64) {
-        if self.hub.detach(user, recipient_id).is_none() {
+        let Some(local_rooms) = self.hub.detach(user, recipient_id) else {
             return;
-        }
+        };
         let now = now_ms();
         self.last_seen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(user.to_string(), now);
+        if local_rooms.is_empty() {
+            // In no room: nobody to tell, and no need to read the store.
+            return;
+        }
         let push = Arc::new(Push::new(Kind::Presence(proto::Presence {
             user: user.to_string(),
             online: false,

@@ -399,19 +399,25 @@ impl Core {
                 None => sessions.end(&s),
             }
         }
-        let (session, attachment, resumed) = match opened {
-            Some(o) => o,
+        let (session, attachment, resumed, rooms) = match opened {
+            Some((s, attachment, _)) => {
+                let rooms = self.chat.rooms_of(user).await?;
+                (s, attachment, true, rooms)
+            }
             None => {
                 let s = sessions.create(user);
-                if let Err(e) = self.chat.attach(s.clone()).await {
-                    sessions.remove(&s);
-                    return Err(e);
-                }
+                // Registering for delivery reads the user's rooms anyway: reuse them.
+                let rooms = match self.chat.attach(s.clone()).await {
+                    Ok(rooms) => rooms,
+                    Err(e) => {
+                        sessions.remove(&s);
+                        return Err(e);
+                    }
+                };
                 let attachment = if attach { s.attach() } else { None };
-                (s, attachment, false)
+                (s, attachment, false, rooms)
             }
         };
-        let rooms = self.chat.rooms_of(user).await?;
         let connected = proto::Connected {
             session_id: session.id().to_string(),
             user_id: user.to_string(),
