@@ -98,10 +98,6 @@ impl Push {
         }
     }
 
-    pub fn kind(&self) -> &Kind {
-        &self.kind
-    }
-
     /// The frame without id and pos, in `encoding`.
     pub fn body(&self, encoding: Encoding) -> &Bytes {
         let cell = match encoding {

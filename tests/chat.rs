@@ -326,29 +326,13 @@ async fn read_marker_on_one_session_updates_the_others_unread_count() {
     )
     .await;
     // The laptop (same user) learns the new marker and count by push ...
-    let receipt = laptop
-        .next_of(|k| {
-            if let Kind::Receipt(r) = k {
-                Some(r)
-            } else {
-                None
-            }
-        })
-        .await;
+    let receipt = laptop.next_of(pushed!(Receipt)).await;
     assert_eq!(
         (receipt.user.as_str(), receipt.seq, receipt.unread),
         ("ann", 3, 2)
     );
     // ... bob sees it as a read receipt ...
-    let receipt = bob
-        .next_of(|k| {
-            if let Kind::Receipt(r) = k {
-                Some(r)
-            } else {
-                None
-            }
-        })
-        .await;
+    let receipt = bob.next_of(pushed!(Receipt)).await;
     assert_eq!((receipt.user.as_str(), receipt.seq), ("ann", 3));
     // ... and the stored count agrees, over WebSocket and HTTP.
     let Kind::Rooms(list) = ok(&mut laptop, Cmd::Rooms(proto::Rooms {})).await else {
@@ -401,40 +385,18 @@ async fn typing_and_presence_reach_co_members_and_nobody_else() {
     eve.join("elsewhere").await;
     let typing = || Cmd::Typing(proto::Typing { room: "r".into() });
     ok(&mut ann, typing()).await;
-    let ev = bob
-        .next_of(|k| {
-            if let Kind::Typing(t) = k {
-                Some(t)
-            } else {
-                None
-            }
-        })
-        .await;
+    let ev = bob.next_of(pushed!(Typing)).await;
     assert_eq!((ev.room.as_str(), ev.user.as_str()), ("r", "ann"));
     // Rate-limited, then allowed again after the interval.
     assert_eq!(err(&mut ann, typing()).await, ErrorCode::RateLimited);
     tokio::time::sleep(Duration::from_millis(700)).await;
     ok(&mut ann, typing()).await;
-    bob.next_of(|k| {
-        if let Kind::Typing(t) = k {
-            Some(t)
-        } else {
-            None
-        }
-    })
-    .await;
+    bob.next_of(pushed!(Typing)).await;
     // Non-members cannot type into the room.
     assert_eq!(err(&mut eve, typing()).await, ErrorCode::NotMember);
 
     // Ann's own sessions get no typing event, and eve (not in r) nothing at all.
-    eve.next_of(|k| {
-        if let Kind::Membership(m) = k {
-            Some(m)
-        } else {
-            None
-        }
-    })
-    .await;
+    eve.next_of(pushed!(Membership)).await;
     nothing_pushed(&mut eve, Duration::from_millis(100)).await;
     let mut own = Vec::new();
     while let Some(f) = ann.inbox.pop_front() {
@@ -460,28 +422,12 @@ async fn presence_push_on_first_session_and_after_the_last_one_ends() {
     }
     // Bob shares r with ann: she gets offline (he was online before joining r, so his
     // online push had nobody to go to).
-    let p = ann
-        .next_of(|k| {
-            if let Kind::Presence(p) = k {
-                Some(p)
-            } else {
-                None
-            }
-        })
-        .await;
+    let p = ann.next_of(pushed!(Presence)).await;
     assert_eq!((p.user.as_str(), p.online), ("bob", false));
     assert!(p.last_seen > 0);
     // Bob comes back: his first session makes him online for ann.
     let _bob = t.client("bob", Encoding::Json).await;
-    let p = ann
-        .next_of(|k| {
-            if let Kind::Presence(p) = k {
-                Some(p)
-            } else {
-                None
-            }
-        })
-        .await;
+    let p = ann.next_of(pushed!(Presence)).await;
     assert_eq!((p.user.as_str(), p.online), ("bob", true));
     // Eve shares no room with bob: nothing.
     nothing_pushed(&mut eve, Duration::from_millis(100)).await;
@@ -509,15 +455,7 @@ async fn signals_reach_only_their_target_user() {
     });
     ok(&mut ann, sig).await;
     for b in [&mut bob1, &mut bob2] {
-        let s = b
-            .next_of(|k| {
-                if let Kind::Signal(s) = k {
-                    Some(s)
-                } else {
-                    None
-                }
-            })
-            .await;
+        let s = b.next_of(pushed!(Signal)).await;
         assert_eq!(
             (s.from_user.as_str(), s.kind.as_str(), s.payload.as_str()),
             ("ann", "offer", sdp)
@@ -567,42 +505,18 @@ async fn announcements_need_the_admin_token_and_reach_their_audience() {
             .0,
         202
     );
-    let a = ann
-        .next_of(|k| {
-            if let Kind::Announcement(a) = k {
-                Some(a)
-            } else {
-                None
-            }
-        })
-        .await;
+    let a = ann.next_of(pushed!(Announcement)).await;
     assert_eq!((a.room.as_str(), a.body.as_str()), ("news", "room only"));
     assert_eq!(
         post(Some("root-token"), r#"{"body":"everyone"}"#).await.0,
         202
     );
-    let a = bob
-        .next_of(|k| {
-            if let Kind::Announcement(a) = k {
-                Some(a)
-            } else {
-                None
-            }
-        })
-        .await;
+    let a = bob.next_of(pushed!(Announcement)).await;
     assert_eq!(
         a.body, "everyone",
         "bob is in no room and gets only the global one"
     );
-    let a = ann
-        .next_of(|k| {
-            if let Kind::Announcement(a) = k {
-                Some(a)
-            } else {
-                None
-            }
-        })
-        .await;
+    let a = ann.next_of(pushed!(Announcement)).await;
     assert_eq!(a.body, "everyone");
 }
 
@@ -708,15 +622,7 @@ async fn large_rooms_do_not_broadcast_per_member_events() {
     // The third member makes it large: only carol's own sessions hear of her join.
     let mut carol = t.client("carol", Encoding::Json).await;
     carol.join("big").await;
-    let m = carol
-        .next_of(|k| {
-            if let Kind::Membership(m) = k {
-                Some(m)
-            } else {
-                None
-            }
-        })
-        .await;
+    let m = carol.next_of(pushed!(Membership)).await;
     assert_eq!((m.user.as_str(), m.action.as_str()), ("carol", "joined"));
     // Typing is accepted but not delivered; a read receipt reaches only the reader.
     ok(
@@ -733,15 +639,7 @@ async fn large_rooms_do_not_broadcast_per_member_events() {
         }),
     )
     .await;
-    let r = carol
-        .next_of(|k| {
-            if let Kind::Receipt(r) = k {
-                Some(r)
-            } else {
-                None
-            }
-        })
-        .await;
+    let r = carol.next_of(pushed!(Receipt)).await;
     assert_eq!((r.user.as_str(), r.seq, r.unread), ("carol", 1, 0));
     // Messages still reach everyone; bob saw nothing but ann's message in between.
     assert_eq!(bob.next_message().await.body, "hello");
@@ -754,14 +652,6 @@ async fn large_rooms_do_not_broadcast_per_member_events() {
         panic!()
     };
     assert_eq!(r.rooms[0].members, 2);
-    let m = bob
-        .next_of(|k| {
-            if let Kind::Membership(m) = k {
-                Some(m)
-            } else {
-                None
-            }
-        })
-        .await;
+    let m = bob.next_of(pushed!(Membership)).await;
     assert_eq!((m.user.as_str(), m.action.as_str()), ("carol", "left"));
 }

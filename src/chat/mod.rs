@@ -126,10 +126,6 @@ impl Chat {
         &self.hub
     }
 
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
-    }
-
     fn stripe_of(room: &str) -> usize {
         // FNV-1a: stable and cheap; no need for DoS resistance with 256 buckets.
         let mut h: u64 = 0xcbf29ce484222325;

@@ -156,10 +156,6 @@ impl Conn {
         self.bound.as_ref().map(|b| &b.session)
     }
 
-    pub fn core(&self) -> &Arc<Core> {
-        &self.core
-    }
-
     pub fn is_connected(&self) -> bool {
         self.bound.is_some()
     }

@@ -151,15 +151,6 @@ impl Session {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The position the next push will get.
-    pub fn next_pos(&self) -> u64 {
-        self.lock().next_pos
-    }
-
-    pub fn death(&self) -> Option<Death> {
-        self.lock().dead
-    }
-
     fn die(state: &mut State, why: Death) {
         if state.dead.is_none() {
             state.dead = Some(why);

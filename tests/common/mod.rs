@@ -21,6 +21,17 @@ use tokio_tungstenite::{
 
 pub const WAIT: Duration = Duration::from_secs(5);
 
+/// A `next_of` picker for one push kind: `client.next_of(pushed!(Receipt))`.
+#[macro_export]
+macro_rules! pushed {
+    ($variant:ident) => {
+        |k: parley::proto::server_frame::Kind| match k {
+            parley::proto::server_frame::Kind::$variant(v) => Some(v),
+            _ => None,
+        }
+    };
+}
+
 pub struct TestServer {
     pub server: Server,
     pub config: Config,
