@@ -39,6 +39,11 @@ pub struct ServerConfig {
     /// On SIGTERM/SIGINT: how long connections get to drain before the process exits.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// A socket write that makes no progress for this long fails and the connection is
+    /// closed (HTTP responses and long-poll replies; SSE streams use
+    /// `sse.write_timeout`, WebSockets `ws.write_timeout`).
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
     /// Browser origins (e.g. `https://app.example.com`) allowed to use the API, SSE,
     /// long-poll and /ws from another origin (CORS, and the WebSocket origin check).
     /// Same-origin requests and clients that send no `Origin` are always allowed. `*`
@@ -51,6 +56,7 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             shutdown_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
             allowed_origins: Vec::new(),
         }
     }
@@ -65,6 +71,10 @@ pub struct SseConfig {
     /// The `retry:` hint: how long the browser waits before reconnecting.
     #[serde(with = "humantime_serde")]
     pub retry: Duration,
+    /// A stream write that makes no progress for this long closes the stream (the client
+    /// stopped reading); the session waits for a resume as after any drop.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
 }
 
 impl Default for SseConfig {
@@ -72,6 +82,7 @@ impl Default for SseConfig {
         Self {
             heartbeat_interval: Duration::from_secs(15),
             retry: Duration::from_secs(2),
+            write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -334,20 +345,241 @@ impl Default for StoreConfig {
 pub enum ConfigError {
     #[error("configuration: {0}")]
     Figment(#[from] Box<figment::Error>),
+    #[error("configuration: {key} = {value} is out of range: {allowed}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        allowed: String,
+    },
+}
+
+/// Checks that a duration lies in `min..=max`.
+fn duration(
+    key: &'static str,
+    v: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<(), ConfigError> {
+    if v < min || v > max {
+        return Err(ConfigError::Invalid {
+            key,
+            value: format!("{:?}", humantime::format_duration(v).to_string()),
+            allowed: format!(
+                "{} to {}",
+                humantime::format_duration(min),
+                humantime::format_duration(max)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Checks that a count or size lies in `min..=max`.
+fn count<T: Into<u64> + Copy>(
+    key: &'static str,
+    v: T,
+    min: u64,
+    max: u64,
+) -> Result<(), ConfigError> {
+    let v: u64 = v.into();
+    if v < min || v > max {
+        return Err(ConfigError::Invalid {
+            key,
+            value: v.to_string(),
+            allowed: format!("{min} to {max}"),
+        });
+    }
+    Ok(())
+}
+
+const MS: Duration = Duration::from_millis(1);
+const SEC: Duration = Duration::from_secs(1);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86400);
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * 1024;
+const GIB: u64 = 1024 * 1024 * 1024;
+
+/// The `PARLEY_SECTION__KEY` variables among `vars` (names with `prefix`), split into the
+/// known configuration keys (`section.key`) and the unknown names of that form. Other
+/// `PARLEY_*` names (`PARLEY_CONFIG`, or what Kubernetes injects for a service named
+/// `parley`, like `PARLEY_PORT`) are not configuration and are ignored.
+pub fn env_keys(
+    prefix: &str,
+    vars: impl IntoIterator<Item = String>,
+) -> (Vec<String>, Vec<String>) {
+    let known = known_keys();
+    let (mut good, mut unknown) = (Vec::new(), Vec::new());
+    for name in vars {
+        let Some(rest) = name.strip_prefix(prefix) else {
+            continue;
+        };
+        let Some((section, key)) = rest.split_once("__") else {
+            continue;
+        };
+        let path = format!(
+            "{}.{}",
+            section.to_ascii_lowercase(),
+            key.to_ascii_lowercase()
+        );
+        if known.contains(&path) {
+            good.push(path);
+        } else {
+            unknown.push(name);
+        }
+    }
+    (good, unknown)
+}
+
+/// Every `section.key` the configuration has.
+fn known_keys() -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    if let Ok(serde_json::Value::Object(sections)) = serde_json::to_value(Config::default()) {
+        for (section, v) in sections {
+            if let serde_json::Value::Object(keys) = v {
+                for key in keys.keys() {
+                    out.insert(format!("{section}.{key}"));
+                }
+            }
+        }
+    }
+    out
 }
 
 impl Config {
-    /// Defaults, then `file` (if it exists), then `PARLEY_*` environment variables.
+    /// Defaults, then `file` (if it exists), then `PARLEY_SECTION__KEY` environment
+    /// variables; validated. Unknown variables of that form are warned about on stderr.
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
         Self::load_with_env_prefix(file, "PARLEY_")
     }
 
     /// [`Config::load`] with another environment prefix (tests use their own).
     pub fn load_with_env_prefix(file: &Path, prefix: &str) -> Result<Config, ConfigError> {
-        Figment::from(Serialized::defaults(Config::default()))
+        let (known, unknown) = env_keys(prefix, std::env::vars().map(|(k, _)| k));
+        for name in unknown {
+            eprintln!(
+                "warning: ignoring {name}: not a configuration option (see config/parley.toml)"
+            );
+        }
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
             .merge(Toml::file(file))
-            .merge(Env::prefixed(prefix).split("__"))
+            .merge(Env::prefixed(prefix).split("__").filter(move |k| {
+                known
+                    .iter()
+                    .any(|path| k.as_str().eq_ignore_ascii_case(path))
+            }))
             .extract()
-            .map_err(|e| ConfigError::Figment(Box::new(e)))
+            .map_err(|e| ConfigError::Figment(Box::new(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every duration, size and count against its allowed range; the error names
+    /// the key, the value and the range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        duration(
+            "server.shutdown_timeout",
+            s.shutdown_timeout,
+            Duration::ZERO,
+            HOUR,
+        )?;
+        duration("server.write_timeout", s.write_timeout, 100 * MS, HOUR)?;
+        let a = &self.auth;
+        duration("auth.leeway", a.leeway, Duration::ZERO, HOUR)?;
+        duration("auth.connect_timeout", a.connect_timeout, 10 * MS, HOUR)?;
+        duration("auth.ticket_ttl", a.ticket_ttl, 10 * MS, HOUR)?;
+        let w = &self.ws;
+        duration("ws.heartbeat_interval", w.heartbeat_interval, 10 * MS, HOUR)?;
+        duration("ws.pong_timeout", w.pong_timeout, 10 * MS, HOUR)?;
+        count(
+            "ws.max_frame_bytes",
+            w.max_frame_bytes as u64,
+            KIB,
+            64 * MIB,
+        )?;
+        count(
+            "ws.read_buffer_bytes",
+            w.read_buffer_bytes as u64,
+            128,
+            16 * MIB,
+        )?;
+        count(
+            "ws.write_buffer_bytes",
+            w.write_buffer_bytes as u64,
+            128,
+            16 * MIB,
+        )?;
+        duration("ws.write_timeout", w.write_timeout, 100 * MS, HOUR)?;
+        duration("ws.coalesce", w.coalesce, Duration::ZERO, SEC)?;
+        let se = &self.session;
+        duration("session.grace_period", se.grace_period, 10 * MS, DAY)?;
+        count(
+            "session.max_queue_bytes",
+            se.max_queue_bytes as u64,
+            KIB,
+            GIB,
+        )?;
+        count(
+            "session.replay_buffer_bytes",
+            se.replay_buffer_bytes as u64,
+            0,
+            GIB,
+        )?;
+        let c = &self.chat;
+        count("chat.max_body_bytes", c.max_body_bytes as u64, 1, 16 * MIB)?;
+        count(
+            "chat.max_room_name_bytes",
+            c.max_room_name_bytes as u64,
+            1,
+            1024,
+        )?;
+        count(
+            "chat.max_client_msg_id_bytes",
+            c.max_client_msg_id_bytes as u64,
+            1,
+            1024,
+        )?;
+        count(
+            "chat.max_metadata_entries",
+            c.max_metadata_entries as u64,
+            0,
+            1024,
+        )?;
+        count("chat.history_max_limit", c.history_max_limit, 1, 10_000)?;
+        count(
+            "chat.history_default_limit",
+            c.history_default_limit,
+            1,
+            u64::from(c.history_max_limit),
+        )?;
+        count("chat.large_room_members", c.large_room_members, 1, u64::MAX)?;
+        duration(
+            "chat.typing_interval",
+            c.typing_interval,
+            Duration::ZERO,
+            HOUR,
+        )?;
+        let st = &self.store;
+        count("store.max_batch", st.max_batch as u64, 1, 100_000)?;
+        count("store.read_connections", st.read_connections as u64, 1, 256)?;
+        let sse = &self.sse;
+        duration(
+            "sse.heartbeat_interval",
+            sse.heartbeat_interval,
+            10 * MS,
+            HOUR,
+        )?;
+        duration("sse.retry", sse.retry, Duration::ZERO, HOUR)?;
+        duration("sse.write_timeout", sse.write_timeout, 100 * MS, HOUR)?;
+        let p = &self.poll;
+        duration("poll.max_hold", p.max_hold, Duration::ZERO, 10 * 60 * SEC)?;
+        duration(
+            "poll.default_hold",
+            p.default_hold,
+            Duration::ZERO,
+            p.max_hold,
+        )?;
+        Ok(())
     }
 }

@@ -1,13 +1,22 @@
-//! parley: a chat (IM) backend. See `../shared/DESIGN.md` for the architecture:
-//! `transport` → `session` → `chat` → `store` / `broker`, wired by `server`.
+//! parley: a chat (IM) backend. See `../shared/DESIGN.md` for the architecture. The
+//! layers, top to bottom; a module only imports modules of its own layer or below
+//! (`tests/layers.rs` checks this):
+//!
+//! 1. `server` — wiring, router, accept loop (only the binary and tests use it);
+//! 2. `transport` — `/ws`, `/sse`, `/poll`, the HTTP command endpoint and API: bytes in,
+//!    frames to the session layer, the session's one outbox framed and written out;
+//! 3. `session` — the one connect path, sessions, positions, resume, the outbox;
+//! 4. `chat` — the domain: rooms, messages, typing, presence, ordering;
+//! 5. `store`, `broker` — the durable log and fan-out between instances;
+//! 6. `delivery` — targets, recipients and the local hub that `chat` and `broker` share;
+//! 7. `auth`, `codec`, `config`, `metrics`, `proto` — foundations.
 
-pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod chat;
 pub mod codec;
 pub mod config;
-pub mod error;
+pub mod delivery;
 pub mod metrics;
 pub mod proto;
 pub mod server;

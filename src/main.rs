@@ -58,7 +58,19 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+/// Errors are printed as one line (the cause chain joined by ": "), never with a
+/// backtrace: they are the operator's to fix, not a crash.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("parley: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut config = Config::load(&cli.config)?;
     match cli.command.unwrap_or(Command::Serve {

@@ -1,6 +1,9 @@
-//! Wires the concrete pieces from the configuration and runs the HTTP server: the axum
-//! router (`/ws`, `/healthz`, `/readyz`, `/metrics`), graceful shutdown, and the session
-//! reaper. Tests start the same server in-process on an ephemeral port.
+//! The top of the layers: wires the concrete pieces from the configuration and runs the
+//! HTTP server — the axum router (`/ws`, `/sse`, `/poll`, `/session`, the API,
+//! `/healthz`, `/readyz`, `/metrics`), the accept loop (TLS, HTTP/1.1, HTTP/2, a write
+//! deadline on every socket), graceful shutdown, and the session reaper. Nothing imports
+//! this module but the binary and tests, which start the same server in-process on an
+//! ephemeral port.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -27,26 +30,22 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::{
     auth::{AuthSetupError, Authenticator},
     broker::local::LocalBroker,
-    chat::{Chat, hub::Hub},
-    config::{Config, TlsConfig},
+    chat::Chat,
+    config::{Config, ConfigError, TlsConfig},
+    delivery::Hub,
     metrics::Metrics,
     session::{Core, Sessions},
     store::{StoreError, sqlite::SqliteStore},
-    transport,
+    transport::{
+        self, Ctx,
+        deadline::{DeadlineIo, WriteDeadline},
+    },
 };
-
-/// Shared state of every handler.
-#[derive(Clone)]
-pub struct AppState {
-    pub core: Arc<Core>,
-    /// Cancelled when the server starts shutting down.
-    pub shutdown: CancellationToken,
-    /// Connection tasks that outlive their HTTP request (upgraded WebSockets).
-    pub tracker: TaskTracker,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("auth setup: {0}")]
     Auth(#[from] AuthSetupError),
     #[error("store: {0}")]
@@ -64,6 +63,7 @@ pub enum ServerError {
 
 /// Builds the core with the configured backends.
 pub fn build_core(config: Config) -> Result<Arc<Core>, ServerError> {
+    config.validate()?;
     let config = Arc::new(config);
     let hub = Arc::new(Hub::new());
     let store = Arc::new(SqliteStore::open(&config.store)?);
@@ -80,7 +80,7 @@ pub fn build_core(config: Config) -> Result<Arc<Core>, ServerError> {
     }))
 }
 
-pub fn router(state: AppState) -> Router {
+pub fn router(state: Ctx) -> Router {
     Router::new()
         .route(
             "/ws",
@@ -96,7 +96,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .merge(crate::api::routes())
+        .merge(transport::api::routes())
         .with_state(state)
 }
 
@@ -119,7 +119,7 @@ fn spawn_maintenance(core: Arc<Core>) -> JoinHandle<()> {
     })
 }
 
-async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
+async fn readyz(State(app): State<Ctx>) -> impl IntoResponse {
     if app.shutdown.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
     } else {
@@ -127,7 +127,7 @@ async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
+async fn metrics(State(app): State<Ctx>) -> impl IntoResponse {
     let body = app.core.metrics.render(app.core.sessions.len());
     (
         [(
@@ -141,7 +141,7 @@ async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
 /// A running server.
 pub struct Server {
     addr: SocketAddr,
-    state: AppState,
+    state: Ctx,
     task: JoinHandle<Result<(), ServerError>>,
 }
 
@@ -200,10 +200,15 @@ fn cors(config: Arc<Config>) -> CorsLayer {
 
 /// Serves one accepted connection: HTTP/1.1 or HTTP/2 (by ALPN, or the h2c preface),
 /// with upgrades (WebSocket) and extended CONNECT (RFC 8441, WebSocket over HTTP/2).
-async fn serve_connection<I>(io: I, app: Router, watcher: Watcher)
+async fn serve_connection<I>(io: I, app: Router, watcher: Watcher, deadline: WriteDeadline)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // Handlers see the connection's write deadline (SSE and WebSocket set their own).
+    let app = tower::ServiceExt::map_request(app, move |mut req: axum::extract::Request<_>| {
+        req.extensions_mut().insert(deadline.clone());
+        req
+    });
     let service = TowerToHyperService::new(app);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -225,6 +230,7 @@ where
 impl Server {
     /// Binds `config.server.listen` and starts serving in the background.
     pub async fn start(config: Config) -> Result<Server, ServerError> {
+        config.validate()?;
         let addr = config.server.listen;
         let tls = tls_acceptor(&config.tls)?;
         let listener = TcpListener::bind(addr)
@@ -234,7 +240,7 @@ impl Server {
             .local_addr()
             .map_err(|source| ServerError::Bind { addr, source })?;
         let core = build_core(config)?;
-        let state = AppState {
+        let state = Ctx {
             core,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -242,6 +248,7 @@ impl Server {
         let maintenance = spawn_maintenance(state.core.clone());
         let app = router(state.clone()).layer(cors(state.core.config.clone()));
         let s = state.clone();
+        let write_timeout = state.core.config.server.write_timeout;
         let task = tokio::spawn(async move {
             let graceful = GracefulShutdown::new();
             loop {
@@ -259,11 +266,13 @@ impl Server {
                 };
                 let _ = tcp.set_nodelay(true);
                 let (app, watcher, tls) = (app.clone(), graceful.watcher(), tls.clone());
+                let deadline = WriteDeadline::new(write_timeout);
+                let io = DeadlineIo::new(tcp, deadline.clone());
                 tokio::spawn(async move {
                     match tls {
-                        None => serve_connection(tcp, app, watcher).await,
-                        Some(acceptor) => match acceptor.accept(tcp).await {
-                            Ok(stream) => serve_connection(stream, app, watcher).await,
+                        None => serve_connection(io, app, watcher, deadline).await,
+                        Some(acceptor) => match acceptor.accept(io).await {
+                            Ok(stream) => serve_connection(stream, app, watcher, deadline).await,
                             Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
                         },
                     }
@@ -292,7 +301,7 @@ impl Server {
         self.addr
     }
 
-    pub fn state(&self) -> &AppState {
+    pub fn state(&self) -> &Ctx {
         &self.state
     }
 

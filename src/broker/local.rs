@@ -4,8 +4,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{Broker, BrokerError, Hub, Target};
-use crate::codec::Push;
+use super::{Broker, BrokerError};
+use crate::{
+    codec::Push,
+    delivery::{Hub, Target},
+};
 
 pub struct LocalBroker {
     hub: Arc<Hub>,

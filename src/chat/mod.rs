@@ -2,92 +2,55 @@
 //! markers, typing, presence, signalling and announcements.
 //!
 //! Knows the [`Store`] and [`Broker`] traits and the local [`Hub`]; knows nothing of
-//! HTTP, WebSocket or sessions (a session is just a [`hub::Recipient`]).
+//! HTTP, WebSocket or sessions (a session is just a [`Recipient`]).
 //!
-//! Ordering: every room hashes onto one of [`STRIPES`] stripes. A send takes a ticket
-//! from its stripe at the moment it hands the message to the store (which fixes its seq
-//! order), and publishes only when every earlier ticket of the stripe has published. So
-//! appends of one room are pipelined through group commits, yet published in seq order.
+//! - this file: the chat commands (validation, then store, then publish);
+//! - [`sequencer`]: publishes of a room leave in seq order while appends are pipelined
+//!   through group commits;
+//! - [`typing`]: the typing rate limiter;
+//! - [`presence`]: last-seen times;
+//! - [`error`]: the errors a command can give, with their wire codes.
 
-pub mod hub;
+pub mod error;
+pub mod presence;
+pub mod sequencer;
+pub mod typing;
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Instant,
-};
+pub use error::{ChatError, wire_error};
+
+use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
 use crate::{
     auth::{now_ms, valid_user_id},
-    broker::{Broker, Target},
+    broker::Broker,
     codec::Push,
     config::ChatConfig,
-    error::ChatError,
+    delivery::{Hub, Recipient, Target},
     proto::{self, RoomState, server_frame::Kind},
     store::{NewMessage, Range, Store, StoreError, dm_room},
 };
-use hub::{Hub, Recipient};
+use presence::LastSeen;
+use sequencer::Sequencer;
+use typing::TypingLimiter;
 
 /// A submitted send: resolves with the `sent` reply once the message is durable.
 pub type PendingSend =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<proto::Sent, ChatError>> + Send>>;
 
-/// Number of ordering stripes (rooms hash onto them).
-pub const STRIPES: usize = 256;
-
-/// Orders the publishes of the rooms that hash onto it.
-#[derive(Default)]
-struct Stripe {
-    next_ticket: Mutex<u64>,
-    turn: Mutex<Turn>,
-}
-
-/// Whose turn it is to publish, and who is waiting for a later turn. Only the next
-/// ticket's waiter is woken on each advance: waking every waiter would cost O(pending²)
-/// when a group commit completes many appends of one stripe at once.
-#[derive(Default)]
-struct Turn {
-    published: u64,
-    waiting: HashMap<u64, oneshot::Sender<()>>,
-}
-
-impl Stripe {
-    async fn wait_turn(&self, ticket: u64) {
-        let woken = {
-            let mut turn = self.turn.lock().unwrap_or_else(|p| p.into_inner());
-            if turn.published == ticket {
-                return;
-            }
-            let (tx, rx) = oneshot::channel();
-            turn.waiting.insert(ticket, tx);
-            rx
-        };
-        // The sender is only dropped after sending (see `advance`).
-        let _ = woken.await;
-    }
-
-    fn advance(&self) {
-        let mut turn = self.turn.lock().unwrap_or_else(|p| p.into_inner());
-        turn.published += 1;
-        let next = turn.published;
-        if let Some(tx) = turn.waiting.remove(&next) {
-            let _ = tx.send(());
-        }
-    }
-}
+/// A publish that takes longer than this gives up its turn (the message is durable;
+/// members repair the gap by log sync), so a stuck broker cannot stall a stripe.
+const PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct Chat {
     store: Arc<dyn Store>,
     broker: Arc<dyn Broker>,
     hub: Arc<Hub>,
     config: ChatConfig,
-    stripes: Arc<[Stripe]>,
-    /// (user, room) → when the last typing event was accepted.
-    typing: Mutex<HashMap<(String, String), Instant>>,
-    /// user → Unix ms when their last session here ended.
-    last_seen: Mutex<HashMap<String, i64>>,
+    sequencer: Arc<Sequencer>,
+    typing: TypingLimiter,
+    last_seen: LastSeen,
 }
 
 fn invalid(msg: impl Into<String>) -> ChatError {
@@ -110,29 +73,19 @@ impl Chat {
         hub: Arc<Hub>,
         config: ChatConfig,
     ) -> Self {
-        let stripes = (0..STRIPES).map(|_| Stripe::default()).collect();
         Self {
             store,
             broker,
             hub,
+            typing: TypingLimiter::new(config.typing_interval),
             config,
-            stripes,
-            typing: Mutex::default(),
-            last_seen: Mutex::default(),
+            sequencer: Arc::new(Sequencer::new()),
+            last_seen: LastSeen::new(),
         }
     }
 
     pub fn hub(&self) -> &Arc<Hub> {
         &self.hub
-    }
-
-    fn stripe_of(room: &str) -> usize {
-        // FNV-1a: stable and cheap; no need for DoS resistance with 256 buckets.
-        let mut h: u64 = 0xcbf29ce484222325;
-        for b in room.bytes() {
-            h = (h ^ b as u64).wrapping_mul(0x100000001b3);
-        }
-        (h % STRIPES as u64) as usize
     }
 
     fn check_room(&self, room: &str) -> Result<(), ChatError> {
@@ -277,10 +230,7 @@ impl Chat {
             return;
         };
         let now = now_ms();
-        self.last_seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(user.to_string(), now);
+        self.last_seen.went_offline(user, now);
         if local_rooms.is_empty() {
             // In no room: nobody to tell, and no need to read the store.
             return;
@@ -469,38 +419,35 @@ impl Chat {
     /// now; the publishing part runs in its own task, so a caller that goes away cannot
     /// stall its stripe. The returned future resolves with the `sent` reply.
     fn submit(&self, message: NewMessage) -> PendingSend {
-        let index = Self::stripe_of(&message.room);
-        let (ticket, appended) = {
-            let mut next = self.stripes[index]
-                .next_ticket
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let appended = self.store.append(message);
-            let ticket = *next;
-            *next += 1;
-            (ticket, appended)
-        };
+        let store = &self.store;
+        let (mut turn, appended) = self
+            .sequencer
+            .order(&message.room.clone(), || store.append(message));
         let (tx, rx) = oneshot::channel();
-        let stripes = self.stripes.clone();
         let broker = self.broker.clone();
         tokio::spawn(async move {
             let result = appended.await;
             // The sender's ack goes as soon as the message is durable (before the push,
             // which waits for its turn).
             let _ = tx.send(result.clone());
-            let stripe = &stripes[index];
-            stripe.wait_turn(ticket).await;
-            if let Ok(a) = &result {
-                if !a.duplicate {
-                    let m = &a.message;
-                    let push = Arc::new(Push::new(Kind::Message((**m).clone())));
-                    if let Err(e) = broker.publish(Target::Room(m.room.clone()), push).await {
-                        // The message is durable; members repair the gap by log sync.
-                        tracing::warn!(room = %m.room, seq = m.seq, error = %e, "publish failed");
+            turn.wait().await;
+            if let Ok(a) = &result
+                && !a.duplicate
+            {
+                let m = &a.message;
+                let push = Arc::new(Push::new(Kind::Message((**m).clone())));
+                let publish = broker.publish(Target::Room(m.room.clone()), push);
+                match tokio::time::timeout(PUBLISH_TIMEOUT, publish).await {
+                    Ok(Ok(())) => {}
+                    // The message is durable; members repair the gap by log sync.
+                    Ok(Err(e)) => {
+                        tracing::warn!(room = %m.room, seq = m.seq, error = %e, "publish failed")
                     }
+                    Err(_) => tracing::warn!(room = %m.room, seq = m.seq, "publish timed out"),
                 }
             }
-            stripe.advance();
+            // Dropping the turn hands the stripe on, also when this task panics.
+            drop(turn);
         });
         Box::pin(async move {
             let appended = rx
@@ -599,21 +546,8 @@ impl Chat {
 
     pub async fn typing(&self, user: &str, req: proto::Typing) -> Result<proto::Done, ChatError> {
         self.check_member(&req.room, user).await?;
-        {
-            let mut typing = self.typing.lock().unwrap_or_else(|p| p.into_inner());
-            let now = Instant::now();
-            let key = (user.to_string(), req.room.clone());
-            if typing
-                .get(&key)
-                .is_some_and(|t| now.duration_since(*t) < self.config.typing_interval)
-            {
-                return Err(ChatError::RateLimited("typing"));
-            }
-            typing.insert(key, now);
-            if typing.len() > 10_000 {
-                let interval = self.config.typing_interval;
-                typing.retain(|_, t| now.duration_since(*t) < interval);
-            }
+        if !self.typing.allow(user, &req.room) {
+            return Err(ChatError::RateLimited("typing"));
         }
         if self.is_large(self.members_of(&req.room).await?) {
             // Accepted, but not broadcast: one push per member is too much for a hint.
@@ -638,17 +572,12 @@ impl Chat {
         if req.users.len() > 500 {
             return Err(invalid("ask for at most 500 users at once"));
         }
-        let last_seen = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
         let users = req
             .users
             .into_iter()
             .map(|user| {
                 let online = self.hub.is_local(&user);
-                let seen = if online {
-                    0
-                } else {
-                    last_seen.get(&user).copied().unwrap_or(0)
-                };
+                let seen = if online { 0 } else { self.last_seen.get(&user) };
                 proto::Presence {
                     user,
                     online,

@@ -1,29 +1,19 @@
 //! One transport connection's view of the session layer: turns decoded client commands
-//! into replies, binds the connection to a session on `connect` (new or resumed), and
-//! tells the transport when to close. Every transport drives the same `Conn`, so there
-//! is one copy of the command logic.
+//! into replies, binds the connection to a session on `connect` (through the one connect
+//! path, [`Core::connect`]), and says when to close. Every transport drives the same
+//! `Conn` (wrapped in its [`super::Outbox`]), so there is one copy of the command logic.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
-use super::{Attachment, Death, Session, Sessions, Take};
+use super::{
+    Attachment, Death, Session, Take,
+    connect::{ConnectRequest, Core, Credential},
+};
 use crate::{
-    auth::{AuthError, Authenticator, now_ms},
-    chat::Chat,
-    config::Config,
-    error::{ChatError, wire_error},
-    metrics::Metrics,
+    auth::now_ms,
+    chat::{ChatError, wire_error},
     proto::{self, ClientFrame, ErrorCode, ServerFrame, client_frame::Cmd, server_frame::Kind},
 };
-
-/// Everything the session layer needs, shared by all connections.
-pub struct Core {
-    pub config: Arc<Config>,
-    pub chat: Arc<Chat>,
-    pub sessions: Arc<Sessions>,
-    pub tickets: super::tickets::Tickets,
-    pub auth: Authenticator,
-    pub metrics: Arc<Metrics>,
-}
 
 /// Why the server closes a transport. `code()` is the WebSocket close code and the
 /// `Disconnect.code` sent just before closing (docs/PROTOCOL.md, "Close codes").
@@ -125,6 +115,8 @@ struct Bound {
 pub struct Conn {
     core: Arc<Core>,
     bound: Option<Bound>,
+    /// The heartbeat interval a `connect` reply announces.
+    heartbeat: Duration,
 }
 
 fn error_frame(id: u64, code: ErrorCode, message: impl Into<String>) -> ServerFrame {
@@ -136,8 +128,14 @@ fn error_frame(id: u64, code: ErrorCode, message: impl Into<String>) -> ServerFr
 }
 
 impl Conn {
-    pub fn new(core: Arc<Core>) -> Self {
-        Self { core, bound: None }
+    /// An unbound connection (WebSocket): its first command must be `connect`, whose
+    /// reply announces `heartbeat`.
+    pub fn new(core: Arc<Core>, heartbeat: Duration) -> Self {
+        Self {
+            core,
+            bound: None,
+            heartbeat,
+        }
     }
 
     /// A connection already bound to `session` (SSE, long-poll, HTTP commands), with the
@@ -149,6 +147,7 @@ impl Conn {
                 session,
                 attachment,
             }),
+            heartbeat: Duration::ZERO,
         }
     }
 
@@ -158,6 +157,10 @@ impl Conn {
 
     pub fn is_connected(&self) -> bool {
         self.bound.is_some()
+    }
+
+    pub fn core(&self) -> &Arc<Core> {
+        &self.core
     }
 
     pub fn attachment(&self) -> Option<&Attachment> {
@@ -322,106 +325,38 @@ impl Conn {
     }
 
     async fn connect(&mut self, id: u64, c: proto::Connect) -> Outcome {
-        let user = match self.core.auth.verify(&c.token) {
-            Ok(user) => user,
-            Err(e) => {
-                let code = match e {
-                    AuthError::Expired => ErrorCode::TokenExpired,
-                    _ => ErrorCode::Unauthorized,
-                };
-                return Outcome::Close(
-                    self.err(id, code, &e.to_string()),
-                    CloseReason::Unauthorized,
-                );
-            }
+        let request = ConnectRequest {
+            credential: Credential::Token(&c.token),
+            session_id: &c.session_id,
+            last_pos: c.last_pos,
+            attach: true,
+            heartbeat: self.heartbeat,
         };
-        let heartbeat = self.core.config.ws.heartbeat_interval;
-        let opened = self
-            .core
-            .open_session(&user, &c.session_id, c.last_pos, heartbeat, true)
-            .await;
-        let (session, attachment, connected) = match opened {
-            Ok(opened) => opened,
+        match self.core.connect(request).await {
+            Ok(opened) => {
+                self.bound = Some(Bound {
+                    session: opened.session,
+                    attachment: opened.attachment,
+                });
+                Outcome::Reply(ServerFrame {
+                    id,
+                    pos: 0,
+                    kind: Some(Kind::Connected(opened.connected)),
+                })
+            }
             Err(e) => {
-                return Outcome::Reply(ServerFrame {
+                let reply = ServerFrame {
                     id,
                     pos: 0,
                     kind: Some(Kind::Error(e.to_proto())),
-                });
-            }
-        };
-        self.bound = Some(Bound {
-            session,
-            attachment,
-        });
-        Outcome::Reply(ServerFrame {
-            id,
-            pos: 0,
-            kind: Some(Kind::Connected(connected)),
-        })
-    }
-}
-
-impl Core {
-    /// Resumes the user's session `session_id` from `last_pos` when it exists and can
-    /// replay exactly, or else opens a new one (registered for live delivery). With
-    /// `attach`, the caller's transport becomes the session's deliverer in the same step
-    /// (the HTTP command endpoint opens without one). `heartbeat` is what the `connected`
-    /// reply announces.
-    pub async fn open_session(
-        &self,
-        user: &str,
-        session_id: &str,
-        last_pos: u64,
-        heartbeat: std::time::Duration,
-        attach: bool,
-    ) -> Result<(Arc<Session>, Option<Attachment>, proto::Connected), ChatError> {
-        let sessions = &self.sessions;
-        let resumable = (!session_id.is_empty())
-            .then(|| sessions.get(session_id))
-            .flatten()
-            .filter(|s| s.user_id() == user);
-        let mut opened = None;
-        if let Some(s) = resumable {
-            let resumed = if attach {
-                s.resume(last_pos).map(Some)
-            } else {
-                s.resume_from(last_pos).then_some(None)
-            };
-            match resumed {
-                Some(attachment) => opened = Some((s, attachment, true)),
-                // Its pushes can no longer be replayed exactly: end it; log sync covers
-                // the messages.
-                None => sessions.end(&s),
+                };
+                if e.is_auth() {
+                    Outcome::Close(reply, CloseReason::Unauthorized)
+                } else {
+                    Outcome::Reply(reply)
+                }
             }
         }
-        let (session, attachment, resumed, rooms) = match opened {
-            Some((s, attachment, _)) => {
-                let rooms = self.chat.rooms_of(user).await?;
-                (s, attachment, true, rooms)
-            }
-            None => {
-                let s = sessions.create(user);
-                // Registering for delivery reads the user's rooms anyway: reuse them.
-                let rooms = match self.chat.attach(s.clone()).await {
-                    Ok(rooms) => rooms,
-                    Err(e) => {
-                        sessions.remove(&s);
-                        return Err(e);
-                    }
-                };
-                let attachment = if attach { s.attach() } else { None };
-                (s, attachment, false, rooms)
-            }
-        };
-        let connected = proto::Connected {
-            session_id: session.id().to_string(),
-            user_id: user.to_string(),
-            resumed,
-            heartbeat_ms: heartbeat.as_millis() as u32,
-            rooms,
-        };
-        Ok((session, attachment, connected))
     }
 }
 

@@ -15,21 +15,25 @@
 //! encodings (`transport`), rooms and messages (`chat`).
 
 pub mod conn;
+pub mod connect;
+pub mod outbox;
 mod registry;
 pub mod tickets;
 
-pub use conn::{CloseReason, Conn, Core, Outcome};
+pub use conn::{CloseReason, Conn, Outcome};
+pub use connect::{ConnectError, ConnectRequest, Core, Credential, Opened};
+pub use outbox::{Out, Outbox, OutboxConfig};
 pub use registry::Sessions;
 
 use std::{
     collections::VecDeque,
     sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use tokio::sync::Notify;
+use tokio::{sync::Notify, time::Instant};
 
-use crate::{chat::hub::Recipient, codec::Push};
+use crate::{codec::Push, delivery::Recipient};
 
 /// Why a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

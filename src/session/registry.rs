@@ -6,10 +6,10 @@ use std::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
     },
-    time::Instant,
 };
 
 use rand::RngCore;
+use tokio::time::Instant;
 
 use super::{Limits, Session};
 use crate::{chat::Chat, config::SessionConfig};

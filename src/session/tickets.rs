@@ -10,10 +10,11 @@
 use std::{
     collections::HashMap,
     sync::{Mutex, MutexGuard},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use rand::RngCore;
+use tokio::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum TicketError {
@@ -141,11 +142,25 @@ mod tests {
         assert_eq!(t.redeem("nope", false), Err(TicketError::Unknown));
     }
 
-    #[test]
-    fn late_tickets_are_refused() {
-        let t = Tickets::new(Duration::from_millis(0));
-        let ticket = t.issue("ann");
-        std::thread::sleep(Duration::from_millis(5));
-        assert_eq!(t.redeem(&ticket, false), Err(TicketError::Expired));
+    #[tokio::test(start_paused = true)]
+    async fn late_tickets_are_refused() {
+        let t = Tickets::new(Duration::from_millis(1500));
+        let on_time = t.issue("ann");
+        let late = t.issue("ann");
+        tokio::time::advance(Duration::from_millis(1499)).await;
+        assert_eq!(
+            t.redeem(&on_time, false),
+            Ok(Redeemed::Fresh { user: "ann".into() })
+        );
+        tokio::time::advance(Duration::from_millis(2)).await;
+        assert_eq!(t.redeem(&late, false), Err(TicketError::Expired));
+        // An expired, unused ticket is told "expired" for another TTL, then forgotten.
+        let later = t.issue("bob");
+        tokio::time::advance(Duration::from_millis(1501)).await;
+        t.prune(|_| true);
+        assert!(t.lock().contains_key(&later));
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        t.prune(|_| true);
+        assert!(!t.lock().contains_key(&later));
     }
 }

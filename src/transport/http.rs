@@ -19,13 +19,15 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
+use super::{
+    Ctx,
+    bearer::{ApiError, bearer, user},
+};
 use crate::{
-    api::{ApiError, authenticate},
     codec::{self, Encoding},
     metrics::TransportLabel,
     proto::{ErrorCode, ServerFrame, client_frame::Cmd, server_frame::Kind},
-    server::AppState,
-    session::{Conn, Outcome, Session},
+    session::{Conn, ConnectRequest, Credential, Out, Outbox, OutboxConfig, Session},
 };
 
 pub const PROTOBUF: &str = "application/x-protobuf";
@@ -57,8 +59,8 @@ pub fn frame_response(status: StatusCode, encoding: Encoding, frame: &ServerFram
 }
 
 /// The caller's session `id`, or the error to answer with.
-pub fn owned_session(app: &AppState, user: &str, id: &str) -> Result<Arc<Session>, ApiError> {
-    app.core
+pub fn owned_session(ctx: &Ctx, user: &str, id: &str) -> Result<Arc<Session>, ApiError> {
+    ctx.core
         .sessions
         .get(id)
         .filter(|s| s.user_id() == user)
@@ -70,16 +72,26 @@ pub fn owned_session(app: &AppState, user: &str, id: &str) -> Result<Arc<Session
         })
 }
 
+fn bad_frame(ctx: &Ctx, encoding: Encoding, e: codec::DecodeError) -> Response {
+    ctx.core.metrics.error(ErrorCode::BadFrame);
+    let frame = ServerFrame {
+        id: 0,
+        pos: 0,
+        kind: Some(Kind::Error(crate::chat::wire_error(
+            ErrorCode::BadFrame,
+            e.to_string(),
+        ))),
+    };
+    frame_response(StatusCode::BAD_REQUEST, encoding, &frame)
+}
+
 /// `POST /session`: a `connect` frame opens or resumes a session.
-pub async fn connect(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn connect(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes) -> Response {
     let encoding = body_encoding(&headers);
-    app.core.metrics.frames_in.get_or_create(&LABEL).inc();
+    ctx.core.metrics.frames_in.get_or_create(&LABEL).inc();
     let frame = match codec::decode_client(encoding, &body) {
         Ok(f) => f,
-        Err(e) => {
-            let conn = Conn::new(app.core.clone());
-            return frame_response(StatusCode::BAD_REQUEST, encoding, &conn.bad_frame(e));
-        }
+        Err(e) => return bad_frame(&ctx, encoding, e),
     };
     let Some(Cmd::Connect(c)) = frame.cmd else {
         return ApiError::new(
@@ -88,28 +100,25 @@ pub async fn connect(State(app): State<AppState>, headers: HeaderMap, body: Byte
         )
         .into_response();
     };
-    // The bearer header, or else the token in the frame.
-    let user = match authenticate(&app, &headers) {
-        Ok(u) => u,
-        Err(e) if c.token.is_empty() => return e.into_response(),
-        Err(_) => match app.core.auth.verify(&c.token) {
-            Ok(u) => u,
-            Err(e) => {
-                return ApiError::new(ErrorCode::Unauthorized, e.to_string()).into_response();
-            }
-        },
+    // The token in the frame, or else the bearer header.
+    let token = if c.token.is_empty() {
+        bearer(&headers).unwrap_or("")
+    } else {
+        &c.token
     };
-    let hold = app.core.config.poll.default_hold;
-    match app
-        .core
-        .open_session(&user, &c.session_id, c.last_pos, hold, false)
-        .await
-    {
-        Ok((_, _, connected)) => {
+    let request = ConnectRequest {
+        credential: Credential::Token(token),
+        session_id: &c.session_id,
+        last_pos: c.last_pos,
+        attach: false,
+        heartbeat: ctx.core.config.poll.default_hold,
+    };
+    match ctx.core.connect(request).await {
+        Ok(opened) => {
             let reply = ServerFrame {
                 id: frame.id,
                 pos: 0,
-                kind: Some(Kind::Connected(connected)),
+                kind: Some(Kind::Connected(opened.connected)),
             };
             frame_response(StatusCode::OK, encoding, &reply)
         }
@@ -119,35 +128,42 @@ pub async fn connect(State(app): State<AppState>, headers: HeaderMap, body: Byte
 
 /// `POST /session/{id}`: one command on an existing session.
 pub async fn command(
-    State(app): State<AppState>,
+    State(ctx): State<Ctx>,
     headers: HeaderMap,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let user = match authenticate(&app, &headers) {
+    let user = match user(&ctx, &headers) {
         Ok(u) => u,
         Err(e) => return e.into_response(),
     };
-    let session = match owned_session(&app, &user, &id) {
+    let session = match owned_session(&ctx, &user, &id) {
         Ok(s) => s,
         Err(e) => return e.into_response(),
     };
     let encoding = body_encoding(&headers);
-    app.core.metrics.frames_in.get_or_create(&LABEL).inc();
-    let mut conn = Conn::bound(app.core.clone(), session, None);
-    let frame = match codec::decode_client(encoding, &body) {
-        Ok(f) => f,
-        Err(e) => return frame_response(StatusCode::BAD_REQUEST, encoding, &conn.bad_frame(e)),
-    };
-    match conn.handle(frame).await {
-        Outcome::Reply(reply) | Outcome::Close(reply, _) => {
-            app.core.metrics.frames_out.get_or_create(&LABEL).inc();
+    ctx.core.metrics.frames_in.get_or_create(&LABEL).inc();
+    let frame = codec::decode_client(encoding, &body);
+    if let Err(e) = frame {
+        return bad_frame(&ctx, encoding, e);
+    }
+    // A command-only binding: its outbox has replies, never pushes. It ignores the
+    // shutdown signal, so a command already running still gets its reply.
+    let mut outbox = Outbox::new(
+        Conn::bound(ctx.core.clone(), session, None),
+        OutboxConfig::default(),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    outbox.receive(frame).await;
+    if !outbox.expecting() {
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    match outbox.next().await {
+        Out::Frame(reply) => {
+            ctx.core.metrics.frames_out.get_or_create(&LABEL).inc();
             frame_response(StatusCode::OK, encoding, &reply)
         }
-        Outcome::Later(reply) => {
-            app.core.metrics.frames_out.get_or_create(&LABEL).inc();
-            frame_response(StatusCode::OK, encoding, &reply.await)
-        }
-        Outcome::Silent => StatusCode::NO_CONTENT.into_response(),
+        Out::Close(why) => frame_response(StatusCode::OK, encoding, &why.frame()),
+        Out::Pushes(_) | Out::Idle => StatusCode::NO_CONTENT.into_response(),
     }
 }

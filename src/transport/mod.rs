@@ -1,23 +1,41 @@
-//! Transports: each turns bytes on one kind of channel into client frames for a
-//! [`crate::session::Conn`] and writes its replies and the session's pushes back. No
-//! delivery logic lives here.
+//! Transports: the top layer. Each turns bytes on one kind of channel into client frames
+//! for its connection's [`crate::session::Outbox`], and frames and writes what that one
+//! outbox hands back (replies, pushes, keep-alives, the final close). No delivery, ack or
+//! connect logic lives here; imports only point down (session, and what it builds on).
 //!
 //! - `ws`: WebSocket, full duplex.
 //! - `sse`: Server-Sent Events downstream; commands arrive on `http` POSTs.
 //! - `poll`: long-poll downstream; commands arrive on `http` POSTs.
 //! - `http`: the command endpoint for SSE and long-poll sessions.
+//! - `api`: the HTTP API (history, rooms, tickets, server-side posts).
+//! - `bearer`: bearer-token auth and the HTTP error type shared by the HTTP paths.
+//! - `deadline`: a write deadline on every accepted socket, so no connection can stay
+//!   stuck on a client that does not read.
 
+pub mod api;
+pub mod bearer;
+pub mod deadline;
 pub mod http;
 pub mod poll;
 pub mod sse;
 pub mod ws;
 
+use std::sync::Arc;
+
 use axum::http::{HeaderMap, Uri, header};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::config::ServerConfig;
+use crate::{config::ServerConfig, session::Core};
 
-/// Most pushes written per batch.
-pub const BATCH: usize = 256;
+/// What every transport handler gets: the session layer, the shutdown signal, and the
+/// tracker of tasks that outlive their HTTP request (upgraded WebSockets).
+#[derive(Clone)]
+pub struct Ctx {
+    pub core: Arc<Core>,
+    /// Cancelled when the server starts shutting down.
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
 
 /// Whether a browser request may use parley: no `Origin` (not a browser), the same
 /// origin as the `Host` it was sent to, or an origin in `server.allowed_origins`. Guards

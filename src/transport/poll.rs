@@ -22,16 +22,18 @@ use axum::{
 };
 use bytes::{BufMut, BytesMut};
 use serde::Deserialize;
-use tokio::time::{Instant, sleep_until};
 
-use super::{BATCH, http::PROTOBUF, http::owned_session, origin_allowed};
+use super::{
+    Ctx,
+    bearer::{ApiError, user},
+    http::{PROTOBUF, owned_session},
+    origin_allowed,
+};
 use crate::{
-    api::{ApiError, authenticate},
     codec::{Encoding, Push},
-    metrics::TransportLabel,
+    metrics::{Metrics, TransportLabel},
     proto::ErrorCode,
-    server::AppState,
-    session::{CloseReason, Conn},
+    session::{CloseReason, Conn, Out, Outbox, OutboxConfig},
 };
 
 const LABEL: TransportLabel = TransportLabel { transport: "poll" };
@@ -45,21 +47,12 @@ pub struct PollQuery {
     wait: Option<u64>,
 }
 
-/// Decrements the pending-poll gauge and detaches, however the request ends.
-struct Pending {
-    conn: Conn,
-    app: AppState,
-}
+/// Counts the pending poll while it lives.
+struct Pending(Arc<Metrics>);
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        self.conn.detach();
-        self.app
-            .core
-            .metrics
-            .connections
-            .get_or_create(&LABEL)
-            .dec();
+        self.0.connections.get_or_create(&LABEL).dec();
     }
 }
 
@@ -99,19 +92,19 @@ fn respond(encoding: Encoding, cursor: u64, pushes: &[(u64, Arc<Push>)]) -> Resp
 }
 
 pub async fn handler(
-    State(app): State<AppState>,
+    State(ctx): State<Ctx>,
     headers: HeaderMap,
     uri: Uri,
     Query(q): Query<PollQuery>,
 ) -> Response {
-    if !origin_allowed(&app.core.config.server, &headers, &uri) {
+    if !origin_allowed(&ctx.core.config.server, &headers, &uri) {
         return ApiError::new(ErrorCode::Forbidden, "origin not allowed").into_response();
     }
-    let user = match authenticate(&app, &headers) {
+    let user = match user(&ctx, &headers) {
         Ok(u) => u,
         Err(e) => return e.into_response(),
     };
-    let session = match owned_session(&app, &user, &q.session_id) {
+    let session = match owned_session(&ctx, &user, &q.session_id) {
         Ok(s) => s,
         Err(e) => return e.into_response(),
     };
@@ -122,42 +115,42 @@ pub async fn handler(
     // The cursor acknowledges everything up to it; what follows is (re)delivered. This
     // also takes the session over from an older pending poll.
     let Some(attachment) = session.resume(q.cursor) else {
-        app.core.sessions.end(&session);
+        ctx.core.sessions.end(&session);
         return ApiError::new(
             ErrorCode::SessionNotFound,
             "cannot continue from this cursor: connect again and sync",
         )
         .into_response();
     };
-    let config = &app.core.config.poll;
+    let config = &ctx.core.config.poll;
     let hold = q
         .wait
         .map_or(config.default_hold, Duration::from_secs)
         .min(config.max_hold);
-    let deadline = Instant::now() + hold;
-    app.core.metrics.connections.get_or_create(&LABEL).inc();
-    let pending = Pending {
-        conn: Conn::bound(app.core.clone(), session, Some(attachment.clone())),
-        app: app.clone(),
-    };
-    loop {
-        match pending.conn.take(BATCH) {
-            Ok(pushes) if !pushes.is_empty() => {
-                let n = pushes.len() as u64;
-                app.core.metrics.frames_out.get_or_create(&LABEL).inc_by(n);
-                return respond(encoding, q.cursor, &pushes);
-            }
-            Ok(_) => {}
-            // A newer poll took over: end this one empty.
-            Err(CloseReason::SessionMoved) => return respond(encoding, q.cursor, &[]),
-            Err(_) => {
-                return ApiError::new(ErrorCode::SessionNotFound, "session ended").into_response();
-            }
+    ctx.core.metrics.connections.get_or_create(&LABEL).inc();
+    let _pending = Pending(ctx.core.metrics.clone());
+    // The hold time is this outbox's idle interval: idle means "answer empty".
+    let mut outbox = Outbox::new(
+        Conn::bound(ctx.core.clone(), session, Some(attachment)),
+        OutboxConfig {
+            idle: Some(hold),
+            ..Default::default()
+        },
+        ctx.shutdown.clone(),
+    );
+    match outbox.next().await {
+        Out::Pushes(pushes) => {
+            let n = pushes.len() as u64;
+            ctx.core.metrics.frames_out.get_or_create(&LABEL).inc_by(n);
+            respond(encoding, q.cursor, &pushes)
         }
-        tokio::select! {
-            _ = attachment.ready() => {}
-            _ = sleep_until(deadline) => return respond(encoding, q.cursor, &[]),
-            _ = app.shutdown.cancelled() => return respond(encoding, q.cursor, &[]),
+        // Nothing within the hold time, a newer poll took over, or the server is
+        // shutting down: an empty answer (the client polls again, elsewhere if need be).
+        Out::Idle
+        | Out::Frame(_)
+        | Out::Close(CloseReason::SessionMoved | CloseReason::ShuttingDown) => {
+            respond(encoding, q.cursor, &[])
         }
+        Out::Close(_) => ApiError::new(ErrorCode::SessionNotFound, "session ended").into_response(),
     }
 }

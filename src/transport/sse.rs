@@ -7,10 +7,15 @@
 //! after the last event it saw, with no client code (see `session::tickets` for how the
 //! used ticket allows that one reconnect path). Idle streams get `: ping` comments; a
 //! `retry:` hint tells the browser when to reconnect. Commands go to `POST /session/{id}`.
+//!
+//! The stream only frames what the connection's [`Outbox`] hands it; the connect (ticket
+//! or bearer) goes through the session layer's one connect path. Writes are bounded by
+//! `sse.write_timeout` (see `transport::deadline`).
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use axum::{
+    Extension,
     body::{Body, Bytes},
     extract::{Query, State},
     http::{HeaderMap, HeaderValue, StatusCode, Uri, header},
@@ -19,16 +24,18 @@ use axum::{
 use bytes::{BufMut, BytesMut};
 use futures_util::stream;
 use serde::Deserialize;
-use tokio_util::sync::CancellationToken;
 
-use super::{BATCH, origin_allowed};
+use super::{
+    Ctx,
+    bearer::{ApiError, bearer},
+    deadline::WriteDeadline,
+    origin_allowed,
+};
 use crate::{
-    api::{ApiError, authenticate},
     codec::{self, Encoding, Push},
     metrics::{Metrics, TransportLabel},
     proto::{ErrorCode, ServerFrame, server_frame::Kind},
-    server::AppState,
-    session::{CloseReason, Conn, tickets::Redeemed},
+    session::{Conn, ConnectRequest, Credential, Out, Outbox, OutboxConfig},
 };
 
 const LABEL: TransportLabel = TransportLabel { transport: "sse" };
@@ -60,25 +67,24 @@ fn frame_event(out: &mut BytesMut, frame: &ServerFrame) {
     event(out, None, &codec::encode_server(Encoding::Json, frame));
 }
 
-/// Per-stream state; detaches the session when the stream is dropped (client gone).
+/// Per-stream state. Dropping it (client gone) drops the outbox, which detaches the
+/// session.
 struct Stream {
-    conn: Conn,
+    outbox: Outbox,
     metrics: Arc<Metrics>,
-    heartbeat: tokio::time::Interval,
-    shutdown: CancellationToken,
     first: Option<Bytes>,
     done: bool,
 }
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        self.conn.detach();
         self.metrics.connections.get_or_create(&LABEL).dec();
     }
 }
 
 impl Stream {
-    /// The next chunk to write: a batch of events, a heartbeat, or the final disconnect.
+    /// The next chunk to write: the retry hint, a reply, a batch of events, a heartbeat
+    /// comment, or the final disconnect.
     async fn next_chunk(&mut self) -> Option<Bytes> {
         if let Some(first) = self.first.take() {
             return Some(first);
@@ -86,94 +92,89 @@ impl Stream {
         if self.done {
             return None;
         }
-        loop {
-            let attachment = self.conn.attachment()?.clone();
-            match self.conn.take(BATCH) {
-                Ok(pushes) if !pushes.is_empty() => return Some(self.events(&pushes)),
-                Ok(_) => {}
-                Err(why) => return Some(self.close(why)),
+        let mut out = BytesMut::new();
+        match self.outbox.next().await {
+            Out::Frame(frame) => {
+                frame_event(&mut out, &frame);
+                self.count(1);
             }
-            tokio::select! {
-                _ = attachment.ready() => {}
-                _ = self.heartbeat.tick() => return Some(Bytes::from_static(b": ping\n\n")),
-                _ = self.shutdown.cancelled() => return Some(self.close(CloseReason::ShuttingDown)),
+            Out::Pushes(pushes) => {
+                self.events(&mut out, &pushes);
+                self.count(pushes.len() as u64);
+            }
+            Out::Idle => return Some(Bytes::from_static(b": ping\n\n")),
+            Out::Close(why) => {
+                self.done = true;
+                frame_event(&mut out, &why.frame());
             }
         }
+        Some(out.freeze())
     }
 
-    fn events(&self, pushes: &[(u64, Arc<Push>)]) -> Bytes {
-        let mut out = BytesMut::new();
+    fn events(&self, out: &mut BytesMut, pushes: &[(u64, Arc<Push>)]) {
         for (pos, push) in pushes {
-            event(&mut out, Some(*pos), &push.frame(Encoding::Json, *pos));
+            event(out, Some(*pos), &push.frame(Encoding::Json, *pos));
         }
-        self.metrics
-            .frames_out
-            .get_or_create(&LABEL)
-            .inc_by(pushes.len() as u64);
-        out.freeze()
     }
 
-    fn close(&mut self, why: CloseReason) -> Bytes {
-        self.done = true;
-        let mut out = BytesMut::new();
-        frame_event(&mut out, &why.frame());
-        out.freeze()
+    fn count(&self, n: u64) {
+        self.metrics.frames_out.get_or_create(&LABEL).inc_by(n);
     }
 }
 
 pub async fn handler(
-    State(app): State<AppState>,
+    State(ctx): State<Ctx>,
+    deadline: Option<Extension<WriteDeadline>>,
     headers: HeaderMap,
     uri: Uri,
     Query(q): Query<SseQuery>,
 ) -> Response {
-    if !origin_allowed(&app.core.config.server, &headers, &uri) {
+    if !origin_allowed(&ctx.core.config.server, &headers, &uri) {
         return ApiError::new(ErrorCode::Forbidden, "origin not allowed").into_response();
     }
-    if app.shutdown.is_cancelled() {
+    if ctx.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
     let last_event_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    let core = &app.core;
-    let (user, session_id, last_pos) = match &q.ticket {
-        Some(ticket) => match core.tickets.redeem(ticket, last_event_id.is_some()) {
-            Ok(Redeemed::Fresh { user }) => (user, q.session_id.clone(), q.last_pos),
-            Ok(Redeemed::Resume { user, session_id }) => (user, Some(session_id), last_event_id),
-            Err(e) => {
-                core.metrics.error(ErrorCode::Unauthorized);
-                return ApiError::new(ErrorCode::Unauthorized, e.to_string()).into_response();
-            }
+    let core = &ctx.core;
+    let credential = match (&q.ticket, bearer(&headers)) {
+        (Some(ticket), _) => Credential::Ticket {
+            ticket,
+            reconnect: last_event_id.is_some(),
         },
-        None => match authenticate(&app, &headers) {
-            Ok(user) => (user, q.session_id.clone(), last_event_id.or(q.last_pos)),
-            Err(e) => return e.into_response(),
-        },
+        (None, Some(token)) => Credential::Token(token),
+        (None, None) => {
+            core.metrics.error(ErrorCode::Unauthorized);
+            return ApiError::new(
+                ErrorCode::Unauthorized,
+                "give ?ticket= or Authorization: Bearer",
+            )
+            .into_response();
+        }
     };
     let heartbeat = core.config.sse.heartbeat_interval;
-    let opened = core
-        .open_session(
-            &user,
-            session_id.as_deref().unwrap_or(""),
-            last_pos.unwrap_or(0),
-            heartbeat,
-            true,
-        )
-        .await;
-    let (session, attachment, connected) = match opened {
+    let request = ConnectRequest {
+        credential,
+        session_id: q.session_id.as_deref().unwrap_or(""),
+        last_pos: last_event_id.or(q.last_pos).unwrap_or(0),
+        attach: true,
+        heartbeat,
+    };
+    let opened = match core.connect(request).await {
         Ok(opened) => opened,
         Err(e) => return ApiError::from(e).into_response(),
     };
-    let Some(attachment) = attachment else {
+    let Some(attachment) = opened.attachment else {
         return ApiError::new(ErrorCode::SessionNotFound, "session ended").into_response();
     };
-    if let Some(ticket) = &q.ticket {
-        core.tickets.bind(ticket, session.id());
-    }
     if q.receive_only {
-        session.set_receive_only();
+        opened.session.set_receive_only();
+    }
+    if let Some(Extension(d)) = deadline {
+        d.set(core.config.sse.write_timeout);
     }
 
     let mut first = BytesMut::new();
@@ -189,20 +190,21 @@ pub async fn handler(
         &ServerFrame {
             id: 0,
             pos: 0,
-            kind: Some(Kind::Connected(connected)),
+            kind: Some(Kind::Connected(opened.connected)),
         },
     );
     core.metrics.connections.get_or_create(&LABEL).inc();
-    let mut heartbeat = tokio::time::interval_at(
-        tokio::time::Instant::now() + heartbeat,
-        heartbeat.max(Duration::from_millis(10)),
+    let outbox = Outbox::new(
+        Conn::bound(core.clone(), opened.session, Some(attachment)),
+        OutboxConfig {
+            idle: Some(heartbeat),
+            ..Default::default()
+        },
+        ctx.shutdown.clone(),
     );
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let state = Stream {
-        conn: Conn::bound(core.clone(), session, Some(attachment)),
+        outbox,
         metrics: core.metrics.clone(),
-        heartbeat,
-        shutdown: app.shutdown.clone(),
         first: Some(first.freeze()),
         done: false,
     };

@@ -2,21 +2,24 @@
 //! axum extractor).
 //!
 //! Encoding is chosen by subprotocol (`parley.v1.proto` binary, `parley.v1.json` text,
-//! config default when none is offered). One task per connection drives reads, writes,
-//! heartbeats and the auth deadline with a `select!`; pushes are written in batches (feed
-//! many frames, one flush).
+//! config default when none is offered). One task per connection reads frames into its
+//! [`Outbox`] and writes what the outbox hands back: replies and error frames, pushes in
+//! batches (feed many frames, one flush), pings when it says idle, and the final
+//! `disconnect` + close. Every write has a deadline (`ws.write_timeout`); a client that
+//! does not read is closed with 4008, and the close itself gets only [`CLOSE_TIMEOUT`].
 
 use std::time::Duration;
 
 use axum::{
+    Extension,
     body::Body,
     extract::State,
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt, stream::FuturesOrdered};
-use tokio::time::{Instant, sleep_until, timeout};
+use futures_util::{FutureExt, SinkExt};
+use tokio::time::{Instant, timeout};
 use tracing::Instrument;
 use yawc::{
     HttpWebSocket, IncomingUpgrade, Options,
@@ -24,21 +27,16 @@ use yawc::{
     frame::{Frame, OpCode},
 };
 
-use super::{BATCH, origin_allowed};
+use super::{Ctx, deadline::WriteDeadline, origin_allowed};
 use crate::{
     codec::{self, Encoding},
     metrics::TransportLabel,
-    proto::{ErrorCode, ServerFrame},
-    server::AppState,
-    session::{
-        Conn, Outcome,
-        conn::{CloseReason, LaterReply},
-    },
+    session::{CloseReason, Conn, Out, Outbox, OutboxConfig},
 };
 
 const LABEL: TransportLabel = TransportLabel { transport: "ws" };
-/// Most commands one connection may have waiting for their replies.
-const MAX_IN_FLIGHT: usize = 64;
+/// How long the final `disconnect` + close frames may take to write.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Picks the encoding from the offered subprotocols: the first one parley knows.
 /// `Ok(None)` when none was offered, `Err` when only unknown ones were.
@@ -56,21 +54,38 @@ fn negotiate(headers: &HeaderMap) -> Result<Option<Encoding>, ()> {
     if offered { Err(()) } else { Ok(None) }
 }
 
+/// The yawc options for parley's `/ws` (also used by the conformance echo endpoint).
+pub fn options(ws: &crate::config::WsConfig) -> Options {
+    // yawc enforces a hard ceiling above parley's limit (closing with 1009 itself); frames
+    // between the two get parley's FRAME_TOO_LARGE error and disconnect frame first.
+    let hard_limit = ws
+        .max_frame_bytes
+        .saturating_mul(2)
+        .max(ws.max_frame_bytes + 65536);
+    Options::default()
+        .with_max_payload_read(hard_limit)
+        .with_max_read_buffer(hard_limit)
+        .with_read_buffer_capacity(ws.read_buffer_bytes)
+        .with_write_buffer_capacity(ws.write_buffer_bytes)
+        .with_no_delay()
+}
+
 pub async fn handler(
-    State(app): State<AppState>,
+    State(ctx): State<Ctx>,
+    deadline: Option<Extension<WriteDeadline>>,
     headers: HeaderMap,
     uri: axum::http::Uri,
     upgrade: IncomingUpgrade,
 ) -> Response {
-    if !origin_allowed(&app.core.config.server, &headers, &uri) {
+    if !origin_allowed(&ctx.core.config.server, &headers, &uri) {
         return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
     }
-    if app.shutdown.is_cancelled() {
+    if ctx.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
     let (encoding, echo) = match negotiate(&headers) {
         Ok(Some(e)) => (e, true),
-        Ok(None) => (app.core.config.ws.default_encoding, false),
+        Ok(None) => (ctx.core.config.ws.default_encoding, false),
         Err(()) => {
             return (
                 StatusCode::BAD_REQUEST,
@@ -79,23 +94,14 @@ pub async fn handler(
                 .into_response();
         }
     };
-    let ws = &app.core.config.ws;
-    // yawc enforces a hard ceiling above parley's limit (closing with 1009 itself); frames
-    // between the two get parley's FRAME_TOO_LARGE error and disconnect frame first.
-    let hard_limit = ws
-        .max_frame_bytes
-        .saturating_mul(2)
-        .max(ws.max_frame_bytes + 65536);
-    let options = Options::default()
-        .with_max_payload_read(hard_limit)
-        .with_max_read_buffer(hard_limit)
-        .with_read_buffer_capacity(ws.read_buffer_bytes)
-        .with_write_buffer_capacity(ws.write_buffer_bytes)
-        .with_no_delay();
-    let (mut response, fut) = match upgrade.upgrade(options) {
+    let (mut response, fut) = match upgrade.upgrade(options(&ctx.core.config.ws)) {
         Ok(pair) => pair,
         Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
     };
+    if let Some(Extension(d)) = deadline {
+        // The socket-level backstop fires only after this task's own deadline and close.
+        d.set(ctx.core.config.ws.write_timeout + CLOSE_TIMEOUT + Duration::from_secs(1));
+    }
     if echo {
         response.headers_mut().insert(
             header::SEC_WEBSOCKET_PROTOCOL,
@@ -103,11 +109,11 @@ pub async fn handler(
         );
     }
     let span = tracing::info_span!("ws", enc = ?encoding, user = tracing::field::Empty);
-    let tracker = app.tracker.clone();
+    let tracker = ctx.tracker.clone();
     tracker.spawn(
         async move {
             match fut.await {
-                Ok(socket) => run(socket, app, encoding).await,
+                Ok(socket) => run(socket, ctx, encoding).await,
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
         }
@@ -116,11 +122,29 @@ pub async fn handler(
     response.map(Body::new)
 }
 
-/// Writes frames for one connection, counting them.
+/// Counts the connection while it lives (a drop guard, so every exit path counts).
+struct Counted(Ctx);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.core.metrics.connections.get_or_create(&LABEL).dec();
+    }
+}
+
+/// Why writing stopped.
+enum WriteError {
+    /// The socket failed: the peer is gone.
+    Broken,
+    /// The write made no progress within `ws.write_timeout`.
+    Stuck,
+}
+
+/// Frames and writes for one connection, counting frames.
 struct Writer {
     socket: HttpWebSocket,
     encoding: Encoding,
-    app: AppState,
+    ctx: Ctx,
+    write_timeout: Duration,
 }
 
 impl Writer {
@@ -131,17 +155,47 @@ impl Writer {
         }
     }
 
-    async fn send(&mut self, frame: &ServerFrame) -> yawc::Result<()> {
-        let f = self.data_frame(codec::encode_server(self.encoding, frame));
-        self.app.core.metrics.frames_out.get_or_create(&LABEL).inc();
-        self.socket.send(f).await
+    /// Writes one outbox item (not `Close`) under the write deadline.
+    async fn write(&mut self, out: Out) -> Result<(), WriteError> {
+        let mut frames = 0u64;
+        let write_timeout = self.write_timeout;
+        let write = async {
+            match out {
+                Out::Frame(frame) => {
+                    frames = 1;
+                    let f = self.data_frame(codec::encode_server(self.encoding, &frame));
+                    self.socket.send(f).await
+                }
+                Out::Pushes(pushes) => {
+                    frames = pushes.len() as u64;
+                    for (pos, push) in pushes {
+                        let f = self.data_frame(push.frame(self.encoding, pos));
+                        self.socket.feed(f).await?;
+                    }
+                    self.socket.flush().await
+                }
+                Out::Idle => self.socket.send(Frame::ping(Bytes::new())).await,
+                Out::Close(_) => Ok(()),
+            }
+        };
+        match timeout(write_timeout, write).await {
+            Ok(Ok(())) => {
+                let m = &self.ctx.core.metrics;
+                m.frames_out.get_or_create(&LABEL).inc_by(frames);
+                Ok(())
+            }
+            Ok(Err(_)) => Err(WriteError::Broken),
+            Err(_) => Err(WriteError::Stuck),
+        }
     }
 
-    /// Announces the close with a `disconnect` frame, then closes with the same code.
+    /// Announces the close with a `disconnect` frame, then closes with the same code;
+    /// bounded by [`CLOSE_TIMEOUT`] (a client that does not read will not read these).
     async fn close(&mut self, why: CloseReason) {
-        let write_timeout = self.app.core.config.ws.write_timeout;
-        let _ = timeout(write_timeout, async {
-            self.send(&why.frame()).await?;
+        tracing::debug!(code = why.code(), reason = why.reason(), "closing");
+        let frame = self.data_frame(codec::encode_server(self.encoding, &why.frame()));
+        let _ = timeout(CLOSE_TIMEOUT, async {
+            self.socket.send(frame).await?;
             self.socket
                 .send(Frame::close(CloseCode::from(why.code()), why.reason()))
                 .await
@@ -149,162 +203,107 @@ impl Writer {
         .await;
     }
 
-    /// Writes every queued push (batched: feed, then one flush).
-    async fn drain(&mut self, conn: &Conn) -> Result<(), CloseReason> {
-        loop {
-            let pushes = conn.take(BATCH)?;
-            if pushes.is_empty() {
-                return Ok(());
-            }
-            let n = pushes.len() as u64;
-            let write_timeout = self.app.core.config.ws.write_timeout;
-            let write = async {
-                for (pos, push) in pushes {
-                    let f = self.data_frame(push.frame(self.encoding, pos));
-                    self.socket.feed(f).await?;
-                }
-                self.socket.flush().await
-            };
-            match timeout(write_timeout, write).await {
-                Ok(Ok(())) => {
-                    self.app
-                        .core
-                        .metrics
-                        .frames_out
-                        .get_or_create(&LABEL)
-                        .inc_by(n);
-                }
-                // A dead socket: the session keeps the pushes for a resume.
-                Ok(Err(_)) => return Err(CloseReason::SessionExpired),
-                Err(_) => return Err(CloseReason::SlowConsumer),
+    /// Lets out what yawc queued itself (a close reply, or its own 1009), briefly.
+    async fn flush_queued(&mut self) {
+        let _ = timeout(CLOSE_TIMEOUT, self.socket.flush()).await;
+    }
+
+    /// Writes one item; on a stuck write, closes as a slow consumer. `false`: stop.
+    async fn deliver(&mut self, out: Out) -> bool {
+        if let Out::Close(why) = out {
+            self.close(why).await;
+            return false;
+        }
+        match self.write(out).await {
+            Ok(()) => true,
+            Err(WriteError::Broken) => false,
+            Err(WriteError::Stuck) => {
+                self.close(CloseReason::SlowConsumer).await;
+                false
             }
         }
     }
 }
 
 /// Drives one connection until it closes.
-async fn run(socket: HttpWebSocket, app: AppState, encoding: Encoding) {
-    let metrics = app.core.metrics.clone();
+async fn run(socket: HttpWebSocket, ctx: Ctx, encoding: Encoding) {
+    let metrics = ctx.core.metrics.clone();
     metrics.connections.get_or_create(&LABEL).inc();
-    let config = app.core.config.ws.clone();
-    let auth_deadline = Instant::now() + app.core.config.auth.connect_timeout;
-    let mut conn = Conn::new(app.core.clone());
-    let shutdown = app.shutdown.clone();
+    let _counted = Counted(ctx.clone());
+    let config = ctx.core.config.ws.clone();
+    let mut outbox = Outbox::new(
+        Conn::new(ctx.core.clone(), config.heartbeat_interval),
+        OutboxConfig {
+            idle: Some(config.heartbeat_interval),
+            silence_limit: Some(config.heartbeat_interval + config.pong_timeout),
+            connect_deadline: Some(Instant::now() + ctx.core.config.auth.connect_timeout),
+            coalesce: config.coalesce,
+        },
+        ctx.shutdown.clone(),
+    );
     let mut w = Writer {
         socket,
         encoding,
-        app,
+        write_timeout: config.write_timeout,
+        ctx,
     };
-    let mut heartbeat = tokio::time::interval_at(
-        Instant::now() + config.heartbeat_interval,
-        config.heartbeat_interval,
-    );
-    let silence_limit = config.heartbeat_interval + config.pong_timeout;
-    let mut last_seen = Instant::now();
-    // Replies still waiting for their commit (pipelined sends), in command order.
-    let mut in_flight: FuturesOrdered<LaterReply> = FuturesOrdered::new();
     // Whether the connection's span has its user yet.
     let mut named = false;
 
-    let close: Option<CloseReason> = loop {
-        let attachment = conn.attachment().cloned();
+    loop {
         tokio::select! {
-            // Biased, in this order: a reply that is ready goes out before pushes queued
-            // after it (a sender sees its `sent` before its own message).
+            // Reads first, as long as the outbox takes them (it stops taking them while
+            // too many replies are pending: backpressure on a pipelining client).
             biased;
-            _ = shutdown.cancelled() => break Some(CloseReason::ShuttingDown),
-            Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
-                if w.send(&reply).await.is_err() {
-                    break None;
-                }
-            }
-            // Stop reading while too many replies are pending: backpressure on a client
-            // that pipelines faster than the store commits.
-            frame = w.socket.next_frame(), if in_flight.len() < MAX_IN_FLIGHT => {
+            frame = w.socket.next_frame(), if outbox.accepting() => {
                 let frame = match frame {
                     Ok(f) => f,
                     Err(_) => {
                         // yawc may have queued a close frame (e.g. 1009 past the hard
                         // limit); let it out.
-                        let _ = timeout(Duration::from_secs(1), w.socket.flush()).await;
-                        break None;
+                        w.flush_queued().await;
+                        break;
                     }
                 };
-                last_seen = Instant::now();
                 match frame.opcode() {
                     OpCode::Text | OpCode::Binary => {}
                     OpCode::Close => {
                         // A deliberate goodbye: no resume will follow. yawc queued the
                         // close reply; let it out.
-                        conn.end();
-                        let _ = timeout(Duration::from_secs(1), w.socket.flush()).await;
-                        break None;
+                        outbox.client_closed();
+                        w.flush_queued().await;
+                        break;
                     }
-                    _ => continue,
+                    _ => {
+                        outbox.seen();
+                        continue;
+                    }
                 }
                 metrics.frames_in.get_or_create(&LABEL).inc();
                 if frame.payload().len() > config.max_frame_bytes {
-                    let msg = format!("frame exceeds {} bytes", config.max_frame_bytes);
-                    let _ = w.send(&conn.error(ErrorCode::FrameTooLarge, msg)).await;
-                    break Some(CloseReason::FrameTooLarge);
+                    outbox.too_large(config.max_frame_bytes);
+                } else {
+                    outbox.receive(codec::decode_client(encoding, frame.payload())).await;
                 }
-                let outcome = match codec::decode_client(encoding, frame.payload()) {
-                    // Boxed: the command's state lives on the heap while it runs, not
-                    // in every idle connection's task.
-                    Ok(f) => Box::pin(conn.handle(f)).await,
-                    Err(e) => Outcome::Reply(conn.bad_frame(e)),
-                };
-                let sent = match outcome {
-                    Outcome::Reply(reply) => w.send(&reply).await,
-                    Outcome::Silent => Ok(()),
-                    Outcome::Later(reply) => {
-                        in_flight.push_back(reply);
-                        Ok(())
-                    }
-                    Outcome::Close(reply, why) => {
-                        let _ = w.send(&reply).await;
-                        break Some(why);
-                    }
-                };
-                if sent.is_err() {
-                    break None;
-                }
-                if !named && let Some(session) = conn.session() {
+                if !named && let Some(session) = outbox.session() {
                     tracing::Span::current().record("user", session.user_id());
                     named = true;
                 }
-                if let Err(why) = Box::pin(w.drain(&conn)).await {
-                    break Some(why);
+                // Write what is ready now (the reply, pushes it released) before reading on.
+                let mut open = true;
+                while open && let Some(out) = outbox.next().now_or_never() {
+                    open = Box::pin(w.deliver(out)).await;
+                }
+                if !open {
+                    break;
                 }
             }
-            _ = async { attachment.as_ref().expect("guarded").ready().await }, if attachment.is_some() => {
-                // Let pushes that arrive together leave in one write (see ws.coalesce).
-                if !config.coalesce.is_zero() {
-                    tokio::time::sleep(config.coalesce).await;
-                }
-                if let Err(why) = Box::pin(w.drain(&conn)).await {
-                    break Some(why);
-                }
-            }
-            _ = sleep_until(auth_deadline), if !conn.is_connected() => {
-                let frame = conn.error(ErrorCode::AuthTimeout, "no connect within the auth timeout");
-                let _ = w.send(&frame).await;
-                break Some(CloseReason::AuthTimeout);
-            }
-            _ = heartbeat.tick() => {
-                if last_seen.elapsed() >= silence_limit {
-                    break Some(CloseReason::HeartbeatTimeout);
-                }
-                if timeout(Duration::from_secs(5), w.socket.send(Frame::ping(Bytes::new()))).await.is_err() {
-                    break Some(CloseReason::SlowConsumer);
+            out = outbox.next() => {
+                if !Box::pin(w.deliver(out)).await {
+                    break;
                 }
             }
         }
-    };
-    if let Some(why) = close {
-        tracing::debug!(code = why.code(), reason = why.reason(), "closing");
-        Box::pin(w.close(why)).await;
     }
-    conn.detach();
-    metrics.connections.get_or_create(&LABEL).dec();
+    // `outbox` drops here: the session is detached (or was ended), on every path.
 }

@@ -14,21 +14,23 @@
 use axum::{
     Json, Router,
     extract::{Path, Query, State, rejection::JsonRejection},
-    http::{HeaderMap, StatusCode, header},
+    http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
 use serde::Deserialize;
 
+use super::{
+    Ctx,
+    bearer::{ApiError, Caller, caller, user},
+};
 use crate::{
-    auth::{AuthError, now_ms},
-    error::{ChatError, wire_error},
+    auth::now_ms,
     proto::{self, ErrorCode},
-    server::AppState,
     store::NewMessage,
 };
 
-pub fn routes() -> Router<AppState> {
+pub fn routes() -> Router<Ctx> {
     Router::new()
         .route("/api/v1/rooms", get(rooms))
         .route(
@@ -40,12 +42,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/tickets", post(ticket))
 }
 
-/// The user behind the request's bearer token (admin token refused).
-pub fn authenticate(app: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
-    user(app, headers)
-}
-
-async fn ticket(State(app): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn ticket(State(app): State<Ctx>, headers: HeaderMap) -> Result<Response, ApiError> {
     let user = user(&app, &headers)?;
     let tickets = &app.core.tickets;
     let t = proto::Ticket {
@@ -55,92 +52,7 @@ async fn ticket(State(app): State<AppState>, headers: HeaderMap) -> Result<Respo
     Ok(Json(t).into_response())
 }
 
-/// An API error: status plus the wire error as JSON.
-pub struct ApiError(StatusCode, proto::Error);
-
-impl ApiError {
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        let status = match code {
-            ErrorCode::Unauthorized | ErrorCode::TokenExpired => StatusCode::UNAUTHORIZED,
-            ErrorCode::Forbidden | ErrorCode::NotMember => StatusCode::FORBIDDEN,
-            ErrorCode::NotFound => StatusCode::NOT_FOUND,
-            ErrorCode::SessionNotFound => StatusCode::GONE,
-            ErrorCode::RoomExists => StatusCode::CONFLICT,
-            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            _ => StatusCode::BAD_REQUEST,
-        };
-        Self(status, wire_error(code, message))
-    }
-}
-
-impl From<ChatError> for ApiError {
-    fn from(e: ChatError) -> Self {
-        let p = e.to_proto();
-        let code = ErrorCode::try_from(p.code).unwrap_or(ErrorCode::Internal);
-        Self::new(code, p.message)
-    }
-}
-
-impl From<JsonRejection> for ApiError {
-    fn from(e: JsonRejection) -> Self {
-        Self::new(ErrorCode::BadFrame, e.body_text())
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(self.1)).into_response()
-    }
-}
-
-enum Caller {
-    User(String),
-    Admin,
-}
-
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-}
-
-/// Compares without an early exit, so the admin token cannot be guessed byte by byte.
-fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
-}
-
-fn caller(app: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
-    let token = bearer(headers)
-        .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "missing Authorization: Bearer"))?;
-    let admin = &app.core.config.auth.admin_token;
-    if !admin.is_empty() && same(token, admin) {
-        return Ok(Caller::Admin);
-    }
-    app.core
-        .auth
-        .verify(token)
-        .map(Caller::User)
-        .map_err(|e| match e {
-            AuthError::Expired => ApiError::new(ErrorCode::TokenExpired, e.to_string()),
-            _ => ApiError::new(ErrorCode::Unauthorized, e.to_string()),
-        })
-}
-
-fn user(app: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
-    match caller(app, headers)? {
-        Caller::User(u) => Ok(u),
-        Caller::Admin => Err(ApiError::new(ErrorCode::Forbidden, "use a user token")),
-    }
-}
-
-async fn rooms(State(app): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn rooms(State(app): State<Ctx>, headers: HeaderMap) -> Result<Response, ApiError> {
     let user = user(&app, &headers)?;
     let rooms = app.core.chat.rooms_of(&user).await?;
     Ok(Json(proto::RoomList { rooms }).into_response())
@@ -157,7 +69,7 @@ struct HistoryQuery {
 }
 
 async fn history(
-    State(app): State<AppState>,
+    State(app): State<Ctx>,
     headers: HeaderMap,
     Path(room): Path<String>,
     Query(q): Query<HistoryQuery>,
@@ -173,7 +85,7 @@ async fn history(
 }
 
 async fn members(
-    State(app): State<AppState>,
+    State(app): State<Ctx>,
     headers: HeaderMap,
     Path(room): Path<String>,
 ) -> Result<Response, ApiError> {
@@ -182,7 +94,7 @@ async fn members(
 }
 
 async fn post_message(
-    State(app): State<AppState>,
+    State(app): State<Ctx>,
     headers: HeaderMap,
     Path(room): Path<String>,
     body: Result<Json<proto::PostMessage>, JsonRejection>,
@@ -228,7 +140,7 @@ async fn post_message(
 }
 
 async fn announce(
-    State(app): State<AppState>,
+    State(app): State<Ctx>,
     headers: HeaderMap,
     body: Result<Json<proto::Announce>, JsonRejection>,
 ) -> Result<Response, ApiError> {

@@ -1,5 +1,8 @@
-//! The local fan-out index: which sessions on this instance belong to which users, and
-//! which users with local sessions are members of which rooms.
+//! Delivery: who receives a push ([`Target`]), what receives it ([`Recipient`], which
+//! sessions implement), and the local fan-out index ([`Hub`]): which sessions on this
+//! instance belong to which users, and which users with local sessions are members of
+//! which rooms. `chat` decides targets; `broker` carries (target, push) between
+//! instances; the hub delivers them here. This module knows neither of them.
 //!
 //! The hub only knows [`Recipient`]s (sessions implement it); it never awaits and never
 //! touches a socket: delivering is a non-blocking push into each session's queue, done
@@ -12,7 +15,23 @@ use std::{
 
 use indexmap::IndexMap;
 
-use crate::{broker::Target, codec::Push};
+use crate::codec::Push;
+
+/// Who receives a push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Every session of every member of the room.
+    Room(String),
+    /// As `Room`, but not the sessions of this user (typing).
+    RoomExcept { room: String, user: String },
+    /// Every session of users who share at least one of these rooms with `user`, once
+    /// each, not `user`'s own (presence).
+    CoMembers { rooms: Vec<String>, user: String },
+    /// Every session of one user (signalling).
+    User(String),
+    /// Every session (announcements).
+    All,
+}
 
 /// Something that receives pushes: a session.
 pub trait Recipient: Send + Sync + 'static {

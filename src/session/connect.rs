@@ -1,0 +1,253 @@
+//! One connect path for every transport: credential → user → new or resumed session,
+//! with one set of errors and codes. WebSocket (`connect` frame), SSE (ticket or bearer
+//! header), long-poll and `POST /session` all come through [`Core::connect`]; bearer
+//! headers on other requests through [`Core::authenticate`].
+//!
+//! Owns: [`Core`] (what the session layer shares), credentials, the resume-or-create
+//! decision. Not: how a transport reads the credential or writes the answer.
+
+use std::{sync::Arc, time::Duration};
+
+use super::{
+    Attachment, Session, Sessions,
+    tickets::{Redeemed, TicketError, Tickets},
+};
+use crate::{
+    auth::{AuthError, Authenticator},
+    chat::{Chat, ChatError},
+    config::Config,
+    metrics::Metrics,
+    proto::{self, ErrorCode},
+};
+
+/// Everything the session layer needs, shared by all connections.
+pub struct Core {
+    pub config: Arc<Config>,
+    pub chat: Arc<Chat>,
+    pub sessions: Arc<Sessions>,
+    pub tickets: Tickets,
+    pub auth: Authenticator,
+    pub metrics: Arc<Metrics>,
+}
+
+/// How the client proves who it is.
+#[derive(Debug, Clone, Copy)]
+pub enum Credential<'a> {
+    /// A JWT (from a `connect` frame or an `Authorization: Bearer` header).
+    Token(&'a str),
+    /// An SSE ticket; `reconnect` when the request carries `Last-Event-ID` (the
+    /// browser's automatic EventSource reconnect).
+    Ticket { ticket: &'a str, reconnect: bool },
+}
+
+/// A request to open or resume a session.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectRequest<'a> {
+    pub credential: Credential<'a>,
+    /// The session to resume, if any ("" = none).
+    pub session_id: &'a str,
+    /// The last position the client saw (resume point).
+    pub last_pos: u64,
+    /// Make the calling transport the session's deliverer (false for `POST /session`,
+    /// which only runs commands).
+    pub attach: bool,
+    /// What the `connected` reply announces as the heartbeat interval.
+    pub heartbeat: Duration,
+}
+
+/// Why a connect failed. `code()` is the wire code on every transport.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{0}")]
+    Auth(#[from] AuthError),
+    #[error("{0}")]
+    Ticket(#[from] TicketError),
+    /// A used ticket may only resume the session it opened, and that one is gone (or
+    /// cannot replay from the given position).
+    #[error("session ended: connect again and sync")]
+    SessionGone,
+    #[error(transparent)]
+    Chat(#[from] ChatError),
+}
+
+impl ConnectError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ConnectError::Auth(AuthError::Expired) => ErrorCode::TokenExpired,
+            ConnectError::Auth(_) | ConnectError::Ticket(_) => ErrorCode::Unauthorized,
+            ConnectError::SessionGone => ErrorCode::SessionNotFound,
+            ConnectError::Chat(e) => e.code(),
+        }
+    }
+
+    /// Whether the credential was refused (a WebSocket then closes with 4001).
+    pub fn is_auth(&self) -> bool {
+        matches!(self, ConnectError::Auth(_) | ConnectError::Ticket(_))
+    }
+
+    pub fn to_proto(&self) -> proto::Error {
+        match self {
+            ConnectError::Chat(e) => e.to_proto(),
+            other => crate::chat::wire_error(other.code(), other.to_string()),
+        }
+    }
+}
+
+/// An opened (or resumed) session.
+pub struct Opened {
+    pub session: Arc<Session>,
+    /// The caller's right to deliver, when it asked to attach.
+    pub attachment: Option<Attachment>,
+    pub connected: proto::Connected,
+}
+
+impl Core {
+    /// The user behind a bearer token.
+    pub fn authenticate(&self, token: &str) -> Result<String, ConnectError> {
+        self.auth.verify(token).map_err(|e| {
+            let e = ConnectError::from(e);
+            self.metrics.error(e.code());
+            e
+        })
+    }
+
+    /// Opens or resumes a session (see the module comment). Failures are counted in the
+    /// metrics.
+    pub async fn connect(&self, req: ConnectRequest<'_>) -> Result<Opened, ConnectError> {
+        let result = self.connect_inner(req).await;
+        if let Err(e) = &result {
+            self.metrics.error(e.code());
+            if matches!(e, ConnectError::Chat(ChatError::Store(_))) {
+                tracing::error!(error = %e, "connect failed");
+            }
+        }
+        result
+    }
+
+    async fn connect_inner(&self, req: ConnectRequest<'_>) -> Result<Opened, ConnectError> {
+        let (user, bound_to) = match req.credential {
+            Credential::Token(token) => (self.auth.verify(token)?, None),
+            Credential::Ticket { ticket, reconnect } => {
+                match self.tickets.redeem(ticket, reconnect)? {
+                    Redeemed::Fresh { user } => (user, None),
+                    Redeemed::Resume { user, session_id } => (user, Some(session_id)),
+                }
+            }
+        };
+        if let Some(session_id) = bound_to {
+            // A used ticket never opens a new session: only its own, resumed exactly.
+            return self
+                .resume_exactly(&user, &session_id, req.last_pos, req.attach, req.heartbeat)
+                .await;
+        }
+        let opened = self
+            .open_session(
+                &user,
+                req.session_id,
+                req.last_pos,
+                req.heartbeat,
+                req.attach,
+            )
+            .await?;
+        if let Credential::Ticket { ticket, .. } = req.credential {
+            self.tickets.bind(ticket, opened.session.id());
+        }
+        Ok(opened)
+    }
+
+    async fn resume_exactly(
+        &self,
+        user: &str,
+        session_id: &str,
+        last_pos: u64,
+        attach: bool,
+        heartbeat: Duration,
+    ) -> Result<Opened, ConnectError> {
+        let session = self
+            .sessions
+            .get(session_id)
+            .filter(|s| s.user_id() == user)
+            .ok_or(ConnectError::SessionGone)?;
+        let attachment = if attach {
+            Some(session.resume(last_pos).ok_or(ConnectError::SessionGone)?)
+        } else if session.resume_from(last_pos) {
+            None
+        } else {
+            return Err(ConnectError::SessionGone);
+        };
+        let rooms = self.chat.rooms_of(user).await?;
+        Ok(Opened {
+            connected: connected(&session, true, heartbeat, rooms),
+            session,
+            attachment,
+        })
+    }
+
+    /// Resumes the user's session `session_id` from `last_pos` when it exists and can
+    /// replay exactly, or else opens a new one (registered for live delivery). With
+    /// `attach`, the caller's transport becomes the session's deliverer in the same step.
+    async fn open_session(
+        &self,
+        user: &str,
+        session_id: &str,
+        last_pos: u64,
+        heartbeat: Duration,
+        attach: bool,
+    ) -> Result<Opened, ChatError> {
+        let sessions = &self.sessions;
+        let resumable = (!session_id.is_empty())
+            .then(|| sessions.get(session_id))
+            .flatten()
+            .filter(|s| s.user_id() == user);
+        if let Some(s) = resumable {
+            let resumed = if attach {
+                s.resume(last_pos).map(Some)
+            } else {
+                s.resume_from(last_pos).then_some(None)
+            };
+            match resumed {
+                Some(attachment) => {
+                    let rooms = self.chat.rooms_of(user).await?;
+                    return Ok(Opened {
+                        connected: connected(&s, true, heartbeat, rooms),
+                        session: s,
+                        attachment,
+                    });
+                }
+                // Its pushes can no longer be replayed exactly: end it; log sync covers
+                // the messages.
+                None => sessions.end(&s),
+            }
+        }
+        let s = sessions.create(user);
+        // Registering for delivery reads the user's rooms anyway: reuse them.
+        let rooms = match self.chat.attach(s.clone()).await {
+            Ok(rooms) => rooms,
+            Err(e) => {
+                sessions.remove(&s);
+                return Err(e);
+            }
+        };
+        let attachment = if attach { s.attach() } else { None };
+        Ok(Opened {
+            connected: connected(&s, false, heartbeat, rooms),
+            session: s,
+            attachment,
+        })
+    }
+}
+
+fn connected(
+    session: &Session,
+    resumed: bool,
+    heartbeat: Duration,
+    rooms: Vec<proto::RoomState>,
+) -> proto::Connected {
+    proto::Connected {
+        session_id: session.id().to_string(),
+        user_id: session.user_id().to_string(),
+        resumed,
+        heartbeat_ms: heartbeat.as_millis().min(u32::MAX as u128) as u32,
+        rooms,
+    }
+}

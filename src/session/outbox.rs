@@ -1,0 +1,246 @@
+//! The one outbox of a transport connection: everything the connection must send, in the
+//! order it must be sent — replies, pushes, heartbeats and the final close — as one
+//! stream of [`Out`] items. WebSocket, SSE, long-poll and the HTTP command endpoint only
+//! turn these into bytes and write them; every decision about delivery, acks, timeouts
+//! and closing is made here.
+//!
+//! Order: queued replies first, then a close once one is decided, then replies that
+//! became ready (pipelined sends whose commit finished), then the session's pushes. So a
+//! sender sees its `sent` before its own message.
+//!
+//! Dropping the outbox detaches the session (the grace period starts): whatever way the
+//! transport ends — closed, errored, cancelled, panicked — the session never stays
+//! attached to a connection that is gone.
+//!
+//! Owns: reply queue, pipelined replies, heartbeat and silence timers, auth deadline,
+//! shutdown. Not: bytes, framing, sockets (`transport`).
+
+use std::{collections::VecDeque, sync::Arc, time::Duration};
+
+use futures_util::{FutureExt, StreamExt, stream::FuturesOrdered};
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Session,
+    conn::{CloseReason, Conn, LaterReply, Outcome},
+};
+use crate::{
+    codec::{DecodeError, Push},
+    proto::{ClientFrame, ErrorCode, ServerFrame},
+};
+
+/// Most pushes handed out at once.
+pub const BATCH: usize = 256;
+/// Most commands one connection may have waiting for their replies (pipelined sends);
+/// past it the transport stops reading, which pushes back on the client.
+pub const MAX_IN_FLIGHT: usize = 64;
+
+/// What to send next.
+pub enum Out {
+    /// A reply or an error frame (no position).
+    Frame(ServerFrame),
+    /// Pushes in position order (each frame carries its position).
+    Pushes(Vec<(u64, Arc<Push>)>),
+    /// Nothing was sent for an idle interval: send the transport's keep-alive (WebSocket
+    /// ping, SSE comment) — or, for a long-poll, end the request empty.
+    Idle,
+    /// The last item: send `why.frame()` (the `disconnect` frame) and close with
+    /// `why.code()`. Nothing follows.
+    Close(CloseReason),
+}
+
+/// Timers of one outbox.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OutboxConfig {
+    /// Yield [`Out::Idle`] every this long (None: never): the heartbeat cadence, or a
+    /// long-poll's hold time.
+    pub idle: Option<Duration>,
+    /// Close with 4009 when nothing was received for this long (checked when idle).
+    pub silence_limit: Option<Duration>,
+    /// Close with 4002 when no `connect` succeeded by then.
+    pub connect_deadline: Option<Instant>,
+    /// After pushes wake an idle connection, wait this long before taking them, so
+    /// pushes arriving together leave in one write (`ws.coalesce`; zero: at once).
+    pub coalesce: Duration,
+}
+
+pub struct Outbox {
+    conn: Conn,
+    replies: VecDeque<ServerFrame>,
+    later: FuturesOrdered<LaterReply>,
+    closing: Option<CloseReason>,
+    closed: bool,
+    config: OutboxConfig,
+    next_idle: Option<Instant>,
+    last_seen: Instant,
+    shutdown: CancellationToken,
+}
+
+impl Outbox {
+    pub fn new(conn: Conn, config: OutboxConfig, shutdown: CancellationToken) -> Self {
+        let now = Instant::now();
+        Self {
+            conn,
+            replies: VecDeque::new(),
+            later: FuturesOrdered::new(),
+            closing: None,
+            closed: false,
+            next_idle: config.idle.map(|d| now + d),
+            config,
+            last_seen: now,
+            shutdown,
+        }
+    }
+
+    pub fn session(&self) -> Option<&Arc<Session>> {
+        self.conn.session()
+    }
+
+    /// Queues a frame to send before anything else not yet sent (e.g. SSE's `connected`).
+    pub fn queue(&mut self, frame: ServerFrame) {
+        self.replies.push_back(frame);
+    }
+
+    /// Whether the transport should read more client frames: not closing, and not too
+    /// many replies pending.
+    pub fn accepting(&self) -> bool {
+        self.closing.is_none() && !self.closed && self.later.len() < MAX_IN_FLIGHT
+    }
+
+    /// Whether something is queued or pending (a reply will come).
+    pub fn expecting(&self) -> bool {
+        !self.replies.is_empty() || !self.later.is_empty() || self.closing.is_some()
+    }
+
+    /// The client showed a sign of life (any frame, pongs included).
+    pub fn seen(&mut self) {
+        self.last_seen = Instant::now();
+    }
+
+    /// Runs one client frame (or reports why it could not be decoded); its reply, if
+    /// any, comes out of [`Outbox::next`].
+    pub async fn receive(&mut self, frame: Result<ClientFrame, DecodeError>) {
+        self.seen();
+        if !self.accepting() {
+            return;
+        }
+        let outcome = match frame {
+            // Boxed: the command's state lives on the heap while it runs, not in every
+            // idle connection's future.
+            Ok(f) => Box::pin(self.conn.handle(f)).await,
+            Err(e) => Outcome::Reply(self.conn.bad_frame(e)),
+        };
+        match outcome {
+            Outcome::Reply(reply) => self.replies.push_back(reply),
+            Outcome::Silent => {}
+            Outcome::Later(reply) => self.later.push_back(reply),
+            Outcome::Close(reply, why) => {
+                self.replies.push_back(reply);
+                self.close(why);
+            }
+        }
+    }
+
+    /// A client frame over `max` bytes: an error, then close 1009.
+    pub fn too_large(&mut self, max: usize) {
+        self.seen();
+        let frame = self.conn.error(
+            ErrorCode::FrameTooLarge,
+            format!("frame exceeds {max} bytes"),
+        );
+        self.replies.push_back(frame);
+        self.close(CloseReason::FrameTooLarge);
+    }
+
+    /// The client closed on purpose: end the session now (no resume will come).
+    pub fn client_closed(&mut self) {
+        self.conn.end();
+        self.closed = true;
+    }
+
+    /// Decides to close (the first reason wins).
+    pub fn close(&mut self, why: CloseReason) {
+        if self.closing.is_none() && !self.closed {
+            self.closing = Some(why);
+        }
+    }
+
+    /// The next thing to send. Cancel-safe: nothing is lost when the returned future is
+    /// dropped before it resolves. After [`Out::Close`] it never resolves.
+    pub async fn next(&mut self) -> Out {
+        loop {
+            if self.closed {
+                return std::future::pending().await;
+            }
+            if let Some(frame) = self.replies.pop_front() {
+                return Out::Frame(frame);
+            }
+            if let Some(why) = self.closing.take() {
+                self.closed = true;
+                return Out::Close(why);
+            }
+            if self.shutdown.is_cancelled() {
+                self.close(CloseReason::ShuttingDown);
+                continue;
+            }
+            if !self.later.is_empty()
+                && let Some(Some(reply)) = self.later.next().now_or_never()
+            {
+                return Out::Frame(reply);
+            }
+            match self.conn.take(BATCH) {
+                Ok(pushes) if !pushes.is_empty() => return Out::Pushes(pushes),
+                Ok(_) => {}
+                Err(why) => {
+                    self.close(why);
+                    continue;
+                }
+            }
+            let attachment = self.conn.attachment().cloned();
+            let connect_deadline = self
+                .config
+                .connect_deadline
+                .filter(|_| !self.conn.is_connected());
+            tokio::select! {
+                _ = self.shutdown.cancelled() => self.close(CloseReason::ShuttingDown),
+                Some(reply) = self.later.next(), if !self.later.is_empty() => {
+                    return Out::Frame(reply);
+                }
+                _ = async { attachment.as_ref().expect("guarded").ready().await },
+                    if attachment.is_some() => {
+                    if !self.config.coalesce.is_zero() {
+                        tokio::time::sleep(self.config.coalesce).await;
+                    }
+                }
+                _ = async { sleep_until(connect_deadline.expect("guarded")).await },
+                    if connect_deadline.is_some() => {
+                    let frame = self
+                        .conn
+                        .error(ErrorCode::AuthTimeout, "no connect within the auth timeout");
+                    self.replies.push_back(frame);
+                    self.close(CloseReason::AuthTimeout);
+                }
+                _ = async { sleep_until(self.next_idle.expect("guarded")).await },
+                    if self.next_idle.is_some() => {
+                    if self
+                        .config
+                        .silence_limit
+                        .is_some_and(|limit| self.last_seen.elapsed() >= limit)
+                    {
+                        self.close(CloseReason::HeartbeatTimeout);
+                        continue;
+                    }
+                    self.next_idle = self.config.idle.map(|d| Instant::now() + d);
+                    return Out::Idle;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        self.conn.detach();
+    }
+}

@@ -1,0 +1,115 @@
+//! Bearer-token auth for the HTTP paths (API, long-poll, SSE without a ticket, commands)
+//! and the HTTP error type: a status plus the wire error as JSON, the same body on every
+//! HTTP path.
+
+use axum::{
+    Json,
+    extract::rejection::JsonRejection,
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+
+use super::Ctx;
+use crate::{
+    chat::{ChatError, wire_error},
+    proto::{self, ErrorCode},
+    session::ConnectError,
+};
+
+/// An HTTP error: status plus the wire error as JSON.
+#[derive(Debug)]
+pub struct ApiError(pub StatusCode, pub proto::Error);
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self(status_of(code), wire_error(code, message))
+    }
+}
+
+/// The HTTP status for a wire error code.
+pub fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::Unauthorized | ErrorCode::TokenExpired => StatusCode::UNAUTHORIZED,
+        ErrorCode::Forbidden | ErrorCode::NotMember => StatusCode::FORBIDDEN,
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::SessionNotFound => StatusCode::GONE,
+        ErrorCode::RoomExists => StatusCode::CONFLICT,
+        ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::FrameTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
+impl From<ChatError> for ApiError {
+    fn from(e: ChatError) -> Self {
+        Self(status_of(e.code()), e.to_proto())
+    }
+}
+
+impl From<ConnectError> for ApiError {
+    fn from(e: ConnectError) -> Self {
+        Self(status_of(e.code()), e.to_proto())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        Self::new(ErrorCode::BadFrame, e.body_text())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+/// Who is calling.
+pub enum Caller {
+    User(String),
+    Admin,
+}
+
+/// The token of an `Authorization: Bearer` header.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+/// Compares without an early exit, so the admin token cannot be guessed byte by byte.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// The caller behind the bearer token: the admin (its token) or a user (a JWT, checked
+/// through the session layer's one connect path).
+pub fn caller(ctx: &Ctx, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let Some(token) = bearer(headers) else {
+        ctx.core.metrics.error(ErrorCode::Unauthorized);
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "missing Authorization: Bearer",
+        ));
+    };
+    let admin = &ctx.core.config.auth.admin_token;
+    if !admin.is_empty() && same(token, admin) {
+        return Ok(Caller::Admin);
+    }
+    Ok(Caller::User(ctx.core.authenticate(token)?))
+}
+
+/// The user behind the request's bearer token (the admin token is refused).
+pub fn user(ctx: &Ctx, headers: &HeaderMap) -> Result<String, ApiError> {
+    match caller(ctx, headers)? {
+        Caller::User(u) => Ok(u),
+        Caller::Admin => Err(ApiError::new(ErrorCode::Forbidden, "use a user token")),
+    }
+}
