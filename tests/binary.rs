@@ -95,3 +95,213 @@ fn token_mints_a_verifiable_token() {
     let other = parley::auth::Authenticator::new(&config).unwrap();
     assert!(other.verify(token.trim()).is_err());
 }
+
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits for the child to exit after SIGTERM; returns its status.
+fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("did not stop within 15s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The JSON array of a Dockerfile exec-form instruction (`CMD ["a", "b"]`).
+fn exec_form(line: &str) -> Vec<String> {
+    let start = line.find('[').expect("exec form");
+    serde_json::from_str(&line[start..]).unwrap()
+}
+
+#[test]
+fn the_container_image_starts_with_its_own_env_and_passes_its_healthcheck() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dockerfile = std::fs::read_to_string(format!("{root}/Dockerfile")).unwrap();
+    // The runtime stage only (after the last FROM), with continuation lines joined.
+    let runtime = dockerfile
+        .rsplit("\nFROM ")
+        .next()
+        .unwrap()
+        .replace("\\\n", " ");
+    let (mut env, mut entrypoint, mut cmd, mut health, mut copies, mut workdir) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        String::new(),
+    );
+    for line in runtime.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("ENV ") {
+            for pair in rest.split_whitespace() {
+                let (k, v) = pair.split_once('=').expect("ENV key=value");
+                env.push((k.to_string(), v.to_string()));
+            }
+        } else if line.starts_with("ENTRYPOINT ") {
+            entrypoint = exec_form(line);
+        } else if line.starts_with("CMD ") {
+            cmd = exec_form(line);
+        } else if line.starts_with("HEALTHCHECK ") {
+            health = exec_form(line.split(" CMD ").nth(1).unwrap());
+        } else if let Some(rest) = line.strip_prefix("COPY ")
+            && !rest.starts_with("--from")
+        {
+            let parts: Vec<&str> = rest.split_whitespace().collect();
+            copies.push((parts[1].to_string(), format!("{root}/{}", parts[0])));
+        } else if let Some(rest) = line.strip_prefix("WORKDIR ") {
+            workdir = rest.to_string();
+        }
+    }
+    assert!(!env.is_empty() && !cmd.is_empty() && !health.is_empty());
+    assert_eq!(entrypoint, ["parley"]);
+    assert_eq!(health[0], "parley");
+    assert!(
+        env.iter().any(|(k, _)| k == "PARLEY_CONFIG"),
+        "the image sets PARLEY_CONFIG"
+    );
+
+    // Paths of the image mapped to this machine: files the image COPYs come from the
+    // repo; its working directory (the data volume) is a temp dir. The port is a free
+    // one. Nothing else changes.
+    let data = std::env::temp_dir().join(format!("parley-image-{}", std::process::id()));
+    std::fs::create_dir_all(&data).unwrap();
+    let port = free_port();
+    let map = |v: &str| {
+        let mut v = v.to_string();
+        for (dest, src) in &copies {
+            v = v.replace(dest.as_str(), src);
+        }
+        v.replace(&workdir, data.to_str().unwrap())
+            .replace(":8080", &format!(":{port}"))
+    };
+    let mut command = Command::new(BIN);
+    command
+        .args(entrypoint[1..].iter().chain(&cmd))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .current_dir(&data)
+        // What Kubernetes injects for a Service named "parley", and what wrapper
+        // scripts set: none of it is configuration.
+        .env("PARLEY_PORT", "tcp://10.0.0.1:8080")
+        .env("PARLEY_PORT_8080_TCP_ADDR", "10.0.0.1")
+        .env("PARLEY_SERVICE_HOST", "10.0.0.1")
+        .env("PARLEY_SERVICE_PORT", "8080")
+        .env("PARLEY_BIN", "/usr/local/bin/parley")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in &env {
+        command.env(k, map(v));
+    }
+    let mut child = command.spawn().unwrap();
+    let health_args: Vec<String> = health[1..].iter().map(|a| map(a)).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("the image's command exited: {status}\n{err}");
+        }
+        let ok = Command::new(BIN)
+            .args(&health_args)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        if ok.success() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "HEALTHCHECK never passed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = terminate(&mut child);
+    assert!(status.success(), "clean exit: {status}");
+    // The image's settings took effect: JSON logs, the database in the data volume.
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let first = out.lines().next().expect("a log line");
+    assert!(
+        serde_json::from_str::<serde_json::Value>(first).is_ok(),
+        "JSON logs: {first}"
+    );
+    assert!(data.join("parley.db").exists(), "store in the volume");
+    std::fs::remove_dir_all(&data).unwrap();
+}
+
+#[test]
+fn a_bad_setting_stops_the_server_with_one_line_naming_it() {
+    for (var, value, key) in [
+        (
+            "PARLEY_WS__HEARTBEAT_INTERVAL",
+            "0s",
+            "ws.heartbeat_interval",
+        ),
+        (
+            "PARLEY_SESSION__MAX_QUEUE_BYTES",
+            "12",
+            "session.max_queue_bytes",
+        ),
+        ("PARLEY_POLL__DEFAULT_HOLD", "2m", "poll.default_hold"),
+    ] {
+        let out = Command::new(BIN)
+            .args([
+                "--config",
+                "/nonexistent/parley.toml",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .env(var, value)
+            .env("PARLEY_STORE__PATH", ":memory:")
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{var}={value} must not start");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 1, "one line: {err}");
+        assert!(lines[0].contains(key), "names the key: {err}");
+        assert!(lines[0].contains("out of range"), "{err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("backtrace"),
+            "{err}"
+        );
+    }
+    // An unknown option of the PARLEY_SECTION__KEY form is warned about, and the
+    // server still starts (it is stopped here by the bad value next to it).
+    let out = Command::new(BIN)
+        .args([
+            "--config",
+            "/nonexistent/parley.toml",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("PARLEY_WS__HEARTBEET", "5s")
+        .env("PARLEY_WS__HEARTBEAT_INTERVAL", "0s")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning: ignoring PARLEY_WS__HEARTBEET"),
+        "{err}"
+    );
+}

@@ -82,3 +82,48 @@ fn unknown_options_are_rejected() {
     assert!(err.contains("heartbeat"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn every_default_is_valid_and_bad_values_name_their_key_and_range() {
+    Config::default().validate().expect("defaults are valid");
+    let mut c = Config::default();
+    c.ws.heartbeat_interval = std::time::Duration::ZERO;
+    let err = c.validate().unwrap_err().to_string();
+    assert!(err.contains("ws.heartbeat_interval"), "{err}");
+    assert!(err.contains("0s") && err.contains("10ms to 1h"), "{err}");
+    let mut c = Config::default();
+    c.store.read_connections = 0;
+    let err = c.validate().unwrap_err().to_string();
+    assert!(err.contains("store.read_connections = 0"), "{err}");
+    let mut c = Config::default();
+    c.poll.default_hold = std::time::Duration::from_secs(120);
+    assert!(
+        c.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("poll.default_hold")
+    );
+}
+
+#[test]
+fn only_section_key_variables_are_configuration() {
+    let vars = [
+        "PARLEY_CONFIG",
+        "PARLEY_PORT",
+        "PARLEY_SERVICE_HOST",
+        "PARLEY_PORT_8080_TCP_ADDR",
+        "PARLEY_BIN",
+        "PARLEY_WS__HEARTBEAT_INTERVAL",
+        "PARLEY_AUTH__JWT_SECRET",
+        "PARLEY_WS__NO_SUCH_OPTION",
+        "PARLEY_NOPE__LISTEN",
+        "HOME",
+    ]
+    .map(String::from);
+    let (known, unknown) = parley::config::env_keys("PARLEY_", vars);
+    assert_eq!(known, ["ws.heartbeat_interval", "auth.jwt_secret"]);
+    assert_eq!(
+        unknown,
+        ["PARLEY_WS__NO_SUCH_OPTION", "PARLEY_NOPE__LISTEN"]
+    );
+}

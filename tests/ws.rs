@@ -237,7 +237,7 @@ async fn session_expires_after_the_grace_period_then_log_sync_recovers() {
     let (sid, pos) = (ann.session_id.clone(), ann.last_pos);
     drop(ann);
     bob.send_msg("r", "2", "missed").await;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    t.session_reaped(&sid).await;
     let mut back = Client::open(t.addr(), Some(Encoding::Json)).await;
     let c = back
         .connect_with(proto::Connect {
@@ -283,6 +283,22 @@ async fn detached_session_that_overflows_is_dropped() {
     ann.join("r").await;
     bob.join("r").await;
     let sid = ann.session_id.clone();
+    // Control: a detached session within its bounds resumes and replays exactly.
+    let pos = ann.last_pos;
+    drop(ann);
+    bob.send_msg("r", "first", "within bounds").await;
+    let mut ann = Client::open(t.addr(), Some(Encoding::Json)).await;
+    ann.last_pos = pos;
+    let c = ann
+        .connect_with(proto::Connect {
+            token: t.token("ann"),
+            session_id: sid.clone(),
+            last_pos: pos,
+        })
+        .await;
+    assert!(c.resumed && c.session_id == sid);
+    assert_eq!(ann.next_message().await.body, "within bounds");
+    // Now it overflows while detached.
     drop(ann);
     for i in 0..40 {
         bob.send_msg("r", &i.to_string(), &"x".repeat(100)).await;
@@ -291,11 +307,24 @@ async fn detached_session_that_overflows_is_dropped() {
     let c = back
         .connect_with(proto::Connect {
             token: t.token("ann"),
-            session_id: sid,
+            session_id: sid.clone(),
             last_pos: 0,
         })
         .await;
     assert!(!c.resumed, "an overflowed session cannot replay exactly");
+    assert_ne!(c.session_id, sid, "a new session");
+    assert!(!t.session_alive(&sid), "the overflowed one is gone");
+    // Nothing is lost: the log has all 41 messages after the first one.
+    let Kind::Sync(sync) = back
+        .request(Cmd::Sync(proto::Sync {
+            rooms: [("r".to_string(), 0)].into(),
+            limit: 100,
+        }))
+        .await
+    else {
+        panic!()
+    };
+    assert_eq!(sync.rooms[0].messages.len(), 41);
 }
 
 #[tokio::test]
@@ -306,26 +335,40 @@ async fn acked_pushes_are_not_replayed() {
     for i in 1..=3 {
         ann.send_msg("r", &i.to_string(), "m").await;
     }
-    while ann.last_pos < 3 {
+    while ann.last_pos < 4 {
         ann.next_push().await;
     }
     ann.send(Cmd::Ack(proto::Ack { pos: 3 })).await;
-    // Resuming from before the ack can no longer be exact.
     let sid = ann.session_id.clone();
     assert!(matches!(
         ann.request(Cmd::Ping(proto::Ping {})).await,
         Kind::Pong(_)
     ));
     drop(ann);
+    // From the acked position: resumed, and only what came after it is replayed.
     let mut back = Client::open(t.addr(), Some(Encoding::Json)).await;
+    back.last_pos = 3;
     let c = back
         .connect_with(proto::Connect {
             token: t.token("ann"),
-            session_id: sid,
+            session_id: sid.clone(),
+            last_pos: 3,
+        })
+        .await;
+    assert!(c.resumed && c.session_id == sid);
+    assert_eq!(back.next_push().await.pos, 4);
+    drop(back);
+    // From before the ack: those pushes are forgotten, so it cannot be exact.
+    let mut late = Client::open(t.addr(), Some(Encoding::Json)).await;
+    let c = late
+        .connect_with(proto::Connect {
+            token: t.token("ann"),
+            session_id: sid.clone(),
             last_pos: 1,
         })
         .await;
     assert!(!c.resumed);
+    assert_ne!(c.session_id, sid);
 }
 
 #[tokio::test]

@@ -21,6 +21,23 @@ use tokio_tungstenite::{
 
 pub const WAIT: Duration = Duration::from_secs(5);
 
+/// The `kind` of the signal a client sends itself to mark a point in its push stream
+/// (see [`Client::probe`]); such pushes never reach a client's inbox.
+pub const PROBE: &str = "parley-test-probe";
+
+/// Waits until `cond` holds (checked every 10 ms, for up to 10 s): for tests that wait
+/// on something the server does in the background, without guessing a sleep.
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A `next_of` picker for one push kind: `client.next_of(pushed!(Receipt))`.
 #[macro_export]
 macro_rules! pushed {
@@ -59,6 +76,16 @@ impl TestServer {
 
     pub fn addr(&self) -> SocketAddr {
         self.server.local_addr()
+    }
+
+    /// Whether the server still holds the session.
+    pub fn session_alive(&self, id: &str) -> bool {
+        self.server.state().core.sessions.get(id).is_some()
+    }
+
+    /// Waits until the reaper has removed the session.
+    pub async fn session_reaped(&self, id: &str) {
+        eventually("the session is reaped", || !self.session_alive(id)).await;
     }
 
     pub fn token(&self, user: &str) -> String {
@@ -150,8 +177,15 @@ pub struct Client {
     /// Pushes (and stray frames) received while waiting for a reply.
     pub inbox: VecDeque<ServerFrame>,
     pub session_id: String,
+    pub user_id: String,
     /// Highest push position seen.
     pub last_pos: u64,
+    /// Probe pushes dropped by `read` (another session of the same user probed).
+    pub probes_seen: u64,
+}
+
+fn is_probe(frame: &ServerFrame) -> bool {
+    matches!(&frame.kind, Some(Kind::Signal(s)) if s.kind == PROBE)
 }
 
 impl Client {
@@ -181,7 +215,9 @@ impl Client {
             next_id: 1,
             inbox: VecDeque::new(),
             session_id: String::new(),
+            user_id: String::new(),
             last_pos: 0,
+            probes_seen: 0,
         }
     }
 
@@ -203,8 +239,20 @@ impl Client {
         id
     }
 
-    /// The next data frame from the socket (not the inbox).
+    /// The next data frame from the socket (not the inbox); probes are dropped.
     pub async fn read(&mut self) -> Option<ServerFrame> {
+        loop {
+            let frame = self.read_any().await?;
+            if is_probe(&frame) {
+                self.probes_seen += 1;
+                continue;
+            }
+            return Some(frame);
+        }
+    }
+
+    /// The next data frame from the socket, probes included.
+    async fn read_any(&mut self) -> Option<ServerFrame> {
         loop {
             let msg = tokio::time::timeout(WAIT, self.ws.next())
                 .await
@@ -221,6 +269,38 @@ impl Client {
             }
             return Some(frame);
         }
+    }
+
+    /// Marks a point in this client's push stream and waits until it passes: the client
+    /// signals itself, and the signal push is queued behind every push queued for this
+    /// session before it. Pushes read on the way go to the inbox.
+    pub async fn probe(&mut self) {
+        let id = self
+            .send(Cmd::Signal(proto::Signal {
+                to_user: self.user_id.clone(),
+                kind: PROBE.into(),
+                payload: String::new(),
+            }))
+            .await;
+        let (mut replied, mut probed) = (false, false);
+        while !replied || !probed {
+            let frame = self.read_any().await.expect("probe before close");
+            if is_probe(&frame) {
+                probed = true;
+            } else if frame.id == id && frame.pos == 0 {
+                assert!(matches!(frame.kind, Some(Kind::Done(_))), "{frame:?}");
+                replied = true;
+            } else {
+                self.inbox.push_back(frame);
+            }
+        }
+    }
+
+    /// Nothing was pushed to this client within `settle` (and before its probe).
+    pub async fn nothing_pushed(&mut self, settle: Duration) {
+        tokio::time::sleep(settle).await;
+        self.probe().await;
+        assert!(self.inbox.is_empty(), "unexpected pushes: {:?}", self.inbox);
     }
 
     /// Sends a command and waits for its reply; pushes go to the inbox.
@@ -247,6 +327,7 @@ impl Client {
         match self.request(Cmd::Connect(c)).await {
             Kind::Connected(c) => {
                 self.session_id = c.session_id.clone();
+                self.user_id = c.user_id.clone();
                 c
             }
             other => panic!("expected connected, got {other:?}"),
@@ -457,6 +538,18 @@ impl SseClient {
             body: r.into_body(),
             buf: String::new(),
         }
+    }
+
+    /// The rest of the body (an error response's JSON).
+    pub async fn body_bytes(self) -> bytes::Bytes {
+        use http_body_util::BodyExt;
+        let rest = tokio::time::timeout(WAIT, self.body.collect())
+            .await
+            .expect("body in time")
+            .expect("body");
+        let mut out = self.buf.into_bytes();
+        out.extend_from_slice(&rest.to_bytes());
+        out.into()
     }
 
     /// The next event or comment; `None` when the stream ended.

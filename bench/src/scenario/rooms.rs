@@ -155,15 +155,67 @@ struct AckReport {
     error_sample: Option<String>,
 }
 
+/// The per-member delivery check. Every push position must be the previous + 1; every
+/// message seq the previous + 1: a lower one is a duplicate (or arrived out of order), a
+/// higher one a gap, whose skipped messages are counted as lost at the end
+/// ([`DeliveryCheck::lost`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DeliveryCheck {
+    pub last_pos: u64,
+    pub base_seq: u64,
+    pub last_seq: u64,
+    pub unique: u64,
+    pub duplicates: u64,
+    pub pos_errors: u64,
+}
+
+impl DeliveryCheck {
+    /// A member that joined when the room's last seq was `base_seq`.
+    pub fn new(base_seq: u64) -> Self {
+        Self {
+            base_seq,
+            last_seq: base_seq,
+            ..Self::default()
+        }
+    }
+
+    /// A push that is not a message: only its position is checked.
+    pub fn push(&mut self, pos: u64) {
+        if pos != self.last_pos + 1 {
+            self.pos_errors += 1;
+        }
+        self.last_pos = self.last_pos.max(pos);
+    }
+
+    /// A message push.
+    pub fn message(&mut self, pos: u64, seq: u64) {
+        self.push(pos);
+        if seq <= self.last_seq {
+            self.duplicates += 1;
+        } else {
+            self.unique += 1;
+            self.last_seq = seq;
+        }
+    }
+
+    /// Messages of `base_seq + 1 ..= final_seq` never received.
+    pub fn lost(&self, final_seq: u64) -> u64 {
+        final_seq
+            .saturating_sub(self.base_seq)
+            .saturating_sub(self.unique)
+    }
+
+    /// Whether everything up to `final_seq` arrived exactly once, in order.
+    pub fn ok(&self, final_seq: u64) -> bool {
+        self.lost(final_seq) == 0 && self.duplicates == 0 && self.pos_errors == 0
+    }
+}
+
 #[derive(Debug, Default)]
 struct MemberResult {
     room: usize,
     counted: bool,
-    base_seq: u64,
-    last_seq: u64,
-    unique: u64,
-    duplicates: u64,
-    pos_errors: u64,
+    check: DeliveryCheck,
     closed: Option<Option<u16>>,
     error: Option<String>,
 }
@@ -361,14 +413,14 @@ pub async fn run(run: &Run, plan: Plan) -> anyhow::Result<Outcome> {
     let mut codes = std::collections::BTreeMap::<u16, u64>::new();
     for r in results {
         let target = finals[r.room];
-        let want = target.saturating_sub(r.base_seq);
+        let c = &r.check;
         if r.counted {
-            expected += want;
+            expected += target.saturating_sub(c.base_seq);
         }
-        verification.lost += want.saturating_sub(r.unique);
-        verification.duplicates += r.duplicates;
-        verification.pos_errors += r.pos_errors;
-        if r.last_seq < target && r.closed.is_none() {
+        verification.lost += c.lost(target);
+        verification.duplicates += c.duplicates;
+        verification.pos_errors += c.pos_errors;
+        if c.last_seq < target && r.closed.is_none() {
             verification.incomplete_members += 1;
         }
         if let Some(code) = r.closed {
@@ -512,8 +564,7 @@ async fn member(
         }
     };
     drop(ready);
-    result.base_seq = base;
-    result.last_seq = base;
+    result.check = DeliveryCheck::new(base);
     shared.progress[i].store(base, Ordering::Relaxed);
 
     let publishing = spec.rate > 0.0;
@@ -533,7 +584,6 @@ async fn member(
     });
     let encoding = conn.encoding();
     let ack_every = shared.plan.ack_every;
-    let mut last_pos = 0u64;
     let mut last_acked = 0u64;
     let go = shared.go.clone();
     let go_signal = go.cancelled();
@@ -580,21 +630,8 @@ async fn member(
                 };
                 match wire::peek(encoding, &bytes) {
                     Peek::Message(m) => {
-                        if m.pos != last_pos + 1 {
-                            result.pos_errors += 1;
-                        }
-                        last_pos = last_pos.max(m.pos);
-                        if m.seq == result.last_seq + 1 {
-                            result.unique += 1;
-                            result.last_seq = m.seq;
-                        } else if m.seq <= result.last_seq {
-                            result.duplicates += 1;
-                        } else {
-                            // A gap: what was skipped is counted as undelivered at the end.
-                            result.unique += 1;
-                            result.last_seq = m.seq;
-                        }
-                        shared.progress[i].store(result.last_seq, Ordering::Relaxed);
+                        result.check.message(m.pos, m.seq);
+                        shared.progress[i].store(result.check.last_seq, Ordering::Relaxed);
                         if spec.counted {
                             shared.delivered.fetch_add(1, Ordering::Relaxed);
                             if let Some(sent_at) = wire::body_sent_at(&m.body) {
@@ -605,10 +642,7 @@ async fn member(
                     }
                     Peek::OtherPush { pos } => {
                         // Membership, presence ...: only the position matters here.
-                        if pos != last_pos + 1 {
-                            result.pos_errors += 1;
-                        }
-                        last_pos = last_pos.max(pos);
+                        result.check.push(pos);
                     }
                     Peek::Other => {
                         let frame = match wire::decode(encoding, &bytes) {
@@ -619,10 +653,7 @@ async fn member(
                             }
                         };
                         if frame.pos > 0 {
-                            if frame.pos != last_pos + 1 {
-                                result.pos_errors += 1;
-                            }
-                            last_pos = last_pos.max(frame.pos);
+                            result.check.push(frame.pos);
                         }
                         match (frame.kind, report.as_mut()) {
                             (Some(Kind::Sent(s)), Some(r)) if frame.id != 0 => {
@@ -654,6 +685,7 @@ async fn member(
                         }
                     }
                 }
+                let last_pos = result.check.last_pos;
                 if ack_every > 0 && last_pos >= last_acked + ack_every {
                     last_acked = last_pos;
                     let ack = Cmd::Ack(proto::Ack { pos: last_pos });
@@ -715,5 +747,58 @@ async fn tick(schedule: &mut Option<tokio::time::Interval>) {
             s.tick().await;
         }
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DeliveryCheck;
+
+    /// Feeds (pos, seq) message pushes to a fresh check (room at seq 10 on join).
+    fn check(deliveries: &[(u64, u64)]) -> DeliveryCheck {
+        let mut c = DeliveryCheck::new(10);
+        for &(pos, seq) in deliveries {
+            c.message(pos, seq);
+        }
+        c
+    }
+
+    #[test]
+    fn a_clean_run_passes() {
+        let c = check(&[(1, 11), (2, 12), (3, 13)]);
+        assert!(c.ok(13), "{c:?}");
+        // Still waiting for 14 is not ok.
+        assert!(!c.ok(14));
+        assert_eq!(c.lost(14), 1);
+    }
+
+    #[test]
+    fn a_dropped_delivery_fails() {
+        let c = check(&[(1, 11), (2, 13)]);
+        assert_eq!(c.lost(13), 1);
+        assert!(!c.ok(13));
+    }
+
+    #[test]
+    fn a_duplicated_delivery_fails() {
+        let c = check(&[(1, 11), (2, 12), (3, 12), (4, 13)]);
+        assert_eq!(c.duplicates, 1);
+        assert!(!c.ok(13));
+    }
+
+    #[test]
+    fn a_reordered_delivery_fails() {
+        let c = check(&[(1, 11), (2, 13), (3, 12)]);
+        assert!(c.duplicates + c.lost(13) > 0);
+        assert!(!c.ok(13));
+    }
+
+    #[test]
+    fn a_position_gap_fails() {
+        let mut c = check(&[(1, 11)]);
+        c.push(3);
+        c.message(4, 12);
+        assert_eq!(c.pos_errors, 1);
+        assert!(!c.ok(12));
     }
 }

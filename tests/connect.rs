@@ -1,0 +1,216 @@
+//! One connect path, one set of answers: every credential case run against every
+//! transport that opens a session (WebSocket `connect`, SSE with a bearer header, SSE
+//! with a ticket, and `POST /session`, where long-poll clients start). A table, not four
+//! copies: each case states what every transport must answer.
+
+mod common;
+
+use common::*;
+use parley::{
+    auth::Authenticator,
+    codec::Encoding,
+    config::AuthConfig,
+    proto::{self, ErrorCode, server_frame::Kind},
+};
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Ws,
+    SseBearer,
+    SseTicket,
+    HttpSession,
+}
+
+const TRANSPORTS: [Transport; 4] = [
+    Transport::Ws,
+    Transport::SseBearer,
+    Transport::SseTicket,
+    Transport::HttpSession,
+];
+
+/// What a connect attempt got.
+#[derive(Debug)]
+enum Answer {
+    Connected(proto::Connected),
+    /// The error code; for WebSocket also the close code that followed.
+    Refused(ErrorCode, Option<u16>),
+}
+
+fn code_from_json(v: &Value) -> ErrorCode {
+    let name = v["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("error JSON: {v}"));
+    ErrorCode::from_str_name(name).unwrap_or_else(|| panic!("unknown code {name}"))
+}
+
+/// Tries to open (or resume) a session over `transport` with `token`.
+async fn connect(
+    t: &TestServer,
+    transport: Transport,
+    token: &str,
+    session_id: &str,
+    last_pos: u64,
+) -> Answer {
+    match transport {
+        Transport::Ws => {
+            let mut c = Client::open(t.addr(), Some(Encoding::Json)).await;
+            let frame = proto::Connect {
+                token: token.into(),
+                session_id: session_id.into(),
+                last_pos,
+            };
+            match c.request(proto::client_frame::Cmd::Connect(frame)).await {
+                Kind::Connected(c) => Answer::Connected(c),
+                Kind::Error(e) => {
+                    let code = code_of(&e);
+                    let closed = c.closed().await;
+                    Answer::Refused(code, closed.code)
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        Transport::SseBearer | Transport::SseTicket => {
+            let auth = format!("Bearer {token}");
+            let resume = format!("session_id={session_id}&last_pos={last_pos}");
+            let (path, headers) = if transport == Transport::SseTicket {
+                let r = http(
+                    t.addr(),
+                    "POST",
+                    "/api/v1/tickets",
+                    &[("authorization", &auth)],
+                    "",
+                )
+                .await;
+                if r.status != 200 {
+                    let v: Value = serde_json::from_slice(&r.body).unwrap();
+                    return Answer::Refused(code_from_json(&v), None);
+                }
+                let v: Value = serde_json::from_slice(&r.body).unwrap();
+                let ticket = v["ticket"].as_str().unwrap().to_string();
+                (format!("/sse?ticket={ticket}&{resume}"), vec![])
+            } else {
+                (
+                    format!("/sse?{resume}"),
+                    vec![("authorization", auth.as_str())],
+                )
+            };
+            let mut s = SseClient::open(t.addr(), &path, &headers).await;
+            if s.status != 200 {
+                let v: Value = serde_json::from_slice(&s.body_bytes().await).unwrap();
+                return Answer::Refused(code_from_json(&v), None);
+            }
+            match s.next().await.expect("first event").frame().kind {
+                Some(Kind::Connected(c)) => Answer::Connected(c),
+                other => panic!("{other:?}"),
+            }
+        }
+        Transport::HttpSession => {
+            let body = json!({"id":"1","connect":{"token":token,"sessionId":session_id,"lastPos":last_pos.to_string()}});
+            let r = http(t.addr(), "POST", "/session", &[], body.to_string()).await;
+            let v: Value = serde_json::from_slice(&r.body).unwrap();
+            if r.status != 200 {
+                return Answer::Refused(code_from_json(&v), None);
+            }
+            let c: proto::ServerFrame = serde_json::from_value(v).unwrap();
+            match c.kind {
+                Some(Kind::Connected(c)) => Answer::Connected(c),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}
+
+fn refused(a: Answer, transport: Transport, code: ErrorCode) {
+    match a {
+        Answer::Refused(got, close) => {
+            assert_eq!(got, code, "{transport:?}");
+            if transport == Transport::Ws {
+                assert_eq!(close, Some(4001), "{transport:?} closes with 4001");
+            }
+        }
+        Answer::Connected(c) => panic!("{transport:?}: connected as {c:?}"),
+    }
+}
+
+fn connected(a: Answer, transport: Transport) -> proto::Connected {
+    match a {
+        Answer::Connected(c) => c,
+        Answer::Refused(code, close) => panic!("{transport:?}: refused {code:?} {close:?}"),
+    }
+}
+
+#[tokio::test]
+async fn every_transport_answers_every_credential_the_same_way() {
+    let t = TestServer::start().await;
+    let forged = Authenticator::new(&AuthConfig {
+        jwt_secret: "not-the-server-secret".into(),
+        ..AuthConfig::default()
+    })
+    .unwrap()
+    .mint("ann", std::time::Duration::from_secs(60))
+    .unwrap();
+    for transport in TRANSPORTS {
+        // A valid token: a new session for its user.
+        let c = connected(
+            connect(&t, transport, &t.token("ann"), "", 0).await,
+            transport,
+        );
+        assert_eq!(
+            (c.user_id.as_str(), c.resumed),
+            ("ann", false),
+            "{transport:?}"
+        );
+        assert!(t.session_alive(&c.session_id));
+
+        // No token, a forged one, garbage: UNAUTHORIZED. An expired one: TOKEN_EXPIRED.
+        for bad in ["", &forged, "not.a.jwt"] {
+            refused(
+                connect(&t, transport, bad, "", 0).await,
+                transport,
+                ErrorCode::Unauthorized,
+            );
+        }
+        refused(
+            connect(&t, transport, &t.expired_token("ann"), "", 0).await,
+            transport,
+            ErrorCode::TokenExpired,
+        );
+    }
+}
+
+#[tokio::test]
+async fn every_transport_resumes_only_the_users_own_session() {
+    let t = TestServer::start().await;
+    for transport in TRANSPORTS {
+        // A session of ann's, opened on the same transport and then left.
+        let first = connected(
+            connect(&t, transport, &t.token("ann"), "", 0).await,
+            transport,
+        );
+        let sid = first.session_id;
+        // Ann resumes it.
+        let again = connected(
+            connect(&t, transport, &t.token("ann"), &sid, 0).await,
+            transport,
+        );
+        assert!(again.resumed, "{transport:?}");
+        assert_eq!(again.session_id, sid, "{transport:?}");
+        // Eve naming ann's session gets a session of her own; ann's is untouched.
+        let eve = connected(
+            connect(&t, transport, &t.token("eve"), &sid, 0).await,
+            transport,
+        );
+        assert!(!eve.resumed, "{transport:?}");
+        assert_ne!(eve.session_id, sid, "{transport:?}");
+        assert_eq!(eve.user_id, "eve");
+        assert!(t.session_alive(&sid), "{transport:?}");
+        // A position the session never reached cannot be replayed: a new session.
+        let future = connected(
+            connect(&t, transport, &t.token("ann"), &sid, 99).await,
+            transport,
+        );
+        assert!(!future.resumed, "{transport:?}");
+        assert_ne!(future.session_id, sid, "{transport:?}");
+    }
+}
