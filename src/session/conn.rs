@@ -331,6 +331,7 @@ impl Conn {
             last_pos: c.last_pos,
             attach: true,
             heartbeat: self.heartbeat,
+            receive_only: false,
         };
         match self.core.connect(request).await {
             Ok(opened) => {

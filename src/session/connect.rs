@@ -53,6 +53,8 @@ pub struct ConnectRequest<'a> {
     pub attach: bool,
     /// What the `connected` reply announces as the heartbeat interval.
     pub heartbeat: Duration,
+    /// A listen-only session: commands other than ack and ping are refused.
+    pub receive_only: bool,
 }
 
 /// Why a connect failed. `code()` is the wire code on every transport.
@@ -62,10 +64,10 @@ pub enum ConnectError {
     Auth(#[from] AuthError),
     #[error("{0}")]
     Ticket(#[from] TicketError),
-    /// A used ticket may only resume the session it opened, and that one is gone (or
-    /// cannot replay from the given position).
-    #[error("session ended: connect again and sync")]
-    SessionGone,
+    /// The session is gone, not the caller's, or cannot replay from the given position
+    /// (a used ticket may only resume the session it opened).
+    #[error("{0}: connect again and sync")]
+    SessionGone(&'static str),
     #[error(transparent)]
     Chat(#[from] ChatError),
 }
@@ -75,7 +77,7 @@ impl ConnectError {
         match self {
             ConnectError::Auth(AuthError::Expired) => ErrorCode::TokenExpired,
             ConnectError::Auth(_) | ConnectError::Ticket(_) => ErrorCode::Unauthorized,
-            ConnectError::SessionGone => ErrorCode::SessionNotFound,
+            ConnectError::SessionGone(_) => ErrorCode::SessionNotFound,
             ConnectError::Chat(e) => e.code(),
         }
     }
@@ -134,23 +136,28 @@ impl Core {
                 }
             }
         };
-        if let Some(session_id) = bound_to {
+        let opened = if let Some(session_id) = bound_to {
             // A used ticket never opens a new session: only its own, resumed exactly.
-            return self
-                .resume_exactly(&user, &session_id, req.last_pos, req.attach, req.heartbeat)
-                .await;
-        }
-        let opened = self
-            .open_session(
-                &user,
-                req.session_id,
-                req.last_pos,
-                req.heartbeat,
-                req.attach,
-            )
-            .await?;
-        if let Credential::Ticket { ticket, .. } = req.credential {
-            self.tickets.bind(ticket, opened.session.id());
+            let (last_pos, attach, heartbeat) = (req.last_pos, req.attach, req.heartbeat);
+            self.resume_exactly(&user, &session_id, last_pos, attach, heartbeat)
+                .await?
+        } else {
+            let opened = self
+                .open_session(
+                    &user,
+                    req.session_id,
+                    req.last_pos,
+                    req.heartbeat,
+                    req.attach,
+                )
+                .await?;
+            if let Credential::Ticket { ticket, .. } = req.credential {
+                self.tickets.bind(ticket, opened.session.id());
+            }
+            opened
+        };
+        if req.receive_only {
+            opened.session.set_receive_only();
         }
         Ok(opened)
     }
@@ -167,13 +174,14 @@ impl Core {
             .sessions
             .get(session_id)
             .filter(|s| s.user_id() == user)
-            .ok_or(ConnectError::SessionGone)?;
+            .ok_or(ConnectError::SessionGone("session ended"))?;
+        let gone = ConnectError::SessionGone("cannot resume from this position");
         let attachment = if attach {
-            Some(session.resume(last_pos).ok_or(ConnectError::SessionGone)?)
+            Some(session.resume(last_pos).ok_or(gone)?)
         } else if session.resume_from(last_pos) {
             None
         } else {
-            return Err(ConnectError::SessionGone);
+            return Err(gone);
         };
         let rooms = self.chat.rooms_of(user).await?;
         Ok(Opened {
@@ -181,6 +189,36 @@ impl Core {
             session,
             attachment,
         })
+    }
+
+    /// The user's own session `id` (commands over HTTP), or `SessionGone`.
+    pub fn session_of(&self, user: &str, id: &str) -> Result<Arc<Session>, ConnectError> {
+        self.sessions
+            .get(id)
+            .filter(|s| s.user_id() == user)
+            .ok_or(ConnectError::SessionGone("no such session"))
+    }
+
+    /// A long-poll continues the user's session `id` from `cursor`: the cursor
+    /// acknowledges everything up to it, what follows is (re)delivered, and the caller
+    /// becomes the session's deliverer (ending an older pending poll). A cursor the
+    /// session cannot continue from ends it: the client starts over and syncs.
+    pub fn continue_from(
+        &self,
+        user: &str,
+        id: &str,
+        cursor: u64,
+    ) -> Result<(Arc<Session>, Attachment), ConnectError> {
+        let session = self.session_of(user, id)?;
+        match session.resume(cursor) {
+            Some(attachment) => Ok((session, attachment)),
+            None => {
+                self.sessions.end(&session);
+                Err(ConnectError::SessionGone(
+                    "cannot continue from this cursor",
+                ))
+            }
+        }
     }
 
     /// Resumes the user's session `session_id` from `last_pos` when it exists and can

@@ -10,8 +10,6 @@
 //! Bodies are one JSON frame, or one protobuf frame with `Content-Type:
 //! application/x-protobuf` (the reply then comes as protobuf too).
 
-use std::sync::Arc;
-
 use axum::{
     body::Bytes,
     extract::{Path, State},
@@ -27,7 +25,7 @@ use crate::{
     codec::{self, Encoding},
     metrics::TransportLabel,
     proto::{ErrorCode, ServerFrame, client_frame::Cmd, server_frame::Kind},
-    session::{Conn, ConnectRequest, Credential, Out, Outbox, OutboxConfig, Session},
+    session::{Conn, ConnectRequest, Credential, Out, Outbox, OutboxConfig},
 };
 
 pub const PROTOBUF: &str = "application/x-protobuf";
@@ -56,20 +54,6 @@ pub fn frame_response(status: StatusCode, encoding: Encoding, frame: &ServerFram
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
-}
-
-/// The caller's session `id`, or the error to answer with.
-pub fn owned_session(ctx: &Ctx, user: &str, id: &str) -> Result<Arc<Session>, ApiError> {
-    ctx.core
-        .sessions
-        .get(id)
-        .filter(|s| s.user_id() == user)
-        .ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::SessionNotFound,
-                "no such session: connect again and sync",
-            )
-        })
 }
 
 fn bad_frame(ctx: &Ctx, encoding: Encoding, e: codec::DecodeError) -> Response {
@@ -112,6 +96,7 @@ pub async fn connect(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes) ->
         last_pos: c.last_pos,
         attach: false,
         heartbeat: ctx.core.config.poll.default_hold,
+        receive_only: false,
     };
     match ctx.core.connect(request).await {
         Ok(opened) => {
@@ -137,9 +122,9 @@ pub async fn command(
         Ok(u) => u,
         Err(e) => return e.into_response(),
     };
-    let session = match owned_session(&ctx, &user, &id) {
+    let session = match ctx.core.session_of(&user, &id) {
         Ok(s) => s,
-        Err(e) => return e.into_response(),
+        Err(e) => return ApiError::from(e).into_response(),
     };
     let encoding = body_encoding(&headers);
     ctx.core.metrics.frames_in.get_or_create(&LABEL).inc();

@@ -26,7 +26,7 @@ use serde::Deserialize;
 use super::{
     Ctx,
     bearer::{ApiError, user},
-    http::{PROTOBUF, owned_session},
+    http::PROTOBUF,
     origin_allowed,
 };
 use crate::{
@@ -104,23 +104,13 @@ pub async fn handler(
         Ok(u) => u,
         Err(e) => return e.into_response(),
     };
-    let session = match owned_session(&ctx, &user, &q.session_id) {
-        Ok(s) => s,
-        Err(e) => return e.into_response(),
-    };
     let encoding = match headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) {
         Some(a) if a.contains(PROTOBUF) => Encoding::Proto,
         _ => Encoding::Json,
     };
-    // The cursor acknowledges everything up to it; what follows is (re)delivered. This
-    // also takes the session over from an older pending poll.
-    let Some(attachment) = session.resume(q.cursor) else {
-        ctx.core.sessions.end(&session);
-        return ApiError::new(
-            ErrorCode::SessionNotFound,
-            "cannot continue from this cursor: connect again and sync",
-        )
-        .into_response();
+    let (session, attachment) = match ctx.core.continue_from(&user, &q.session_id, q.cursor) {
+        Ok(pair) => pair,
+        Err(e) => return ApiError::from(e).into_response(),
     };
     let config = &ctx.core.config.poll;
     let hold = q

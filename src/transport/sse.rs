@@ -162,6 +162,7 @@ pub async fn handler(
         last_pos: last_event_id.or(q.last_pos).unwrap_or(0),
         attach: true,
         heartbeat,
+        receive_only: q.receive_only,
     };
     let opened = match core.connect(request).await {
         Ok(opened) => opened,
@@ -170,9 +171,6 @@ pub async fn handler(
     let Some(attachment) = opened.attachment else {
         return ApiError::new(ErrorCode::SessionNotFound, "session ended").into_response();
     };
-    if q.receive_only {
-        opened.session.set_receive_only();
-    }
     if let Some(Extension(d)) = deadline {
         d.set(core.config.sse.write_timeout);
     }
