@@ -116,6 +116,11 @@ impl Authenticator {
 
     /// Checks the token and returns its user id.
     pub fn verify(&self, token: &str) -> Result<String, AuthError> {
+        self.verify_claims(token).map(|c| c.sub)
+    }
+
+    /// Checks the token and returns its claims (`sub` is a valid user id).
+    pub fn verify_claims(&self, token: &str) -> Result<Claims, AuthError> {
         if token.is_empty() {
             return Err(AuthError::Invalid("missing token".into()));
         }
@@ -124,13 +129,12 @@ impl Authenticator {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
                 _ => AuthError::Invalid(e.to_string()),
             })?;
-        let sub = data.claims.sub;
-        if !valid_user_id(&sub) {
+        if !valid_user_id(&data.claims.sub) {
             return Err(AuthError::Invalid(
                 "sub must be 1..=128 bytes of A-Z a-z 0-9 _ . @ | + -".into(),
             ));
         }
-        Ok(sub)
+        Ok(data.claims)
     }
 
     /// Mints a token for `user`, valid for `ttl` (which may be "negative" for tests via
@@ -155,7 +159,8 @@ impl Authenticator {
     }
 }
 
-fn unix_now() -> u64 {
+/// Current time in Unix seconds.
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -39,6 +39,10 @@ pub struct ServerConfig {
     /// On SIGTERM/SIGINT: how long connections get to drain before the process exits.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// On SIGTERM/SIGINT: how long `/readyz` answers 503 while parley still serves, so
+    /// load balancers stop sending new clients before it stops accepting.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
     /// A socket write that makes no progress for this long fails and the connection is
     /// closed (HTTP responses and long-poll replies; SSE streams use
     /// `sse.write_timeout`, WebSockets `ws.write_timeout`).
@@ -56,6 +60,7 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             shutdown_timeout: Duration::from_secs(10),
+            drain_delay: Duration::from_secs(2),
             write_timeout: Duration::from_secs(30),
             allowed_origins: Vec::new(),
         }
@@ -485,6 +490,12 @@ impl Config {
             HOUR,
         )?;
         duration("server.write_timeout", s.write_timeout, 100 * MS, HOUR)?;
+        duration(
+            "server.drain_delay",
+            s.drain_delay,
+            Duration::ZERO,
+            10 * 60 * SEC,
+        )?;
         let a = &self.auth;
         duration("auth.leeway", a.leeway, Duration::ZERO, HOUR)?;
         duration("auth.connect_timeout", a.connect_timeout, 10 * MS, HOUR)?;

@@ -81,6 +81,9 @@ pub fn build_core(config: Config) -> Result<Arc<Core>, ServerError> {
 }
 
 pub fn router(state: Ctx) -> Router {
+    // A command or API body is one frame: the same limit as a WebSocket frame. Over it
+    // the handlers answer 413 with the error JSON (FRAME_TOO_LARGE).
+    let body_limit = axum::extract::DefaultBodyLimit::max(state.core.config.ws.max_frame_bytes);
     Router::new()
         .route(
             "/ws",
@@ -97,6 +100,7 @@ pub fn router(state: Ctx) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(transport::api::routes())
+        .layer(body_limit)
         .with_state(state)
 }
 
@@ -120,7 +124,7 @@ fn spawn_maintenance(core: Arc<Core>) -> JoinHandle<()> {
 }
 
 async fn readyz(State(app): State<Ctx>) -> impl IntoResponse {
-    if app.shutdown.is_cancelled() {
+    if app.draining.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
     } else {
         (StatusCode::OK, "ready\n")
@@ -132,7 +136,8 @@ async fn metrics(State(app): State<Ctx>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            // prometheus-client renders OpenMetrics text (`# EOF`, `_total` samples).
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         body,
     )
@@ -242,6 +247,7 @@ impl Server {
         let core = build_core(config)?;
         let state = Ctx {
             core,
+            draining: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
         };
@@ -249,6 +255,20 @@ impl Server {
         let app = router(state.clone()).layer(cors(state.core.config.clone()));
         let s = state.clone();
         let write_timeout = state.core.config.server.write_timeout;
+        // The drain sequence: not ready first (load balancers stop sending new clients)
+        // while still serving, for `server.drain_delay`; then stop accepting and tell
+        // every client to reconnect; then wait for connections to finish.
+        let (draining, shutdown) = (state.draining.clone(), state.shutdown.clone());
+        let delay = state.core.config.server.drain_delay;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = draining.cancelled() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            tracing::info!(?delay, "draining: /readyz answers 503");
+            tokio::time::sleep(delay).await;
+            shutdown.cancel();
+        });
         let task = tokio::spawn(async move {
             let graceful = GracefulShutdown::new();
             loop {
@@ -305,9 +325,11 @@ impl Server {
         &self.state
     }
 
-    /// Starts a graceful shutdown: stop accepting, tell clients to reconnect, drain.
+    /// Starts a graceful shutdown: `/readyz` answers 503 at once; after
+    /// `server.drain_delay` the server stops accepting, tells clients to reconnect and
+    /// drains.
     pub fn shutdown(&self) {
-        self.state.shutdown.cancel();
+        self.state.draining.cancel();
     }
 
     /// Waits until the server has stopped (after [`Server::shutdown`]).

@@ -246,6 +246,17 @@ fn the_container_image_starts_with_its_own_env_and_passes_its_healthcheck() {
     std::fs::remove_dir_all(&data).unwrap();
 }
 
+/// Runs `parley serve` (no config file, an ephemeral port) with extra environment until
+/// it exits; only for settings that stop it.
+fn serve_with_env(env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(BIN)
+        .args(["--config", "/nonexistent/parley.toml", "serve"])
+        .args(["--listen", "127.0.0.1:0"])
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn a_bad_setting_stops_the_server_with_one_line_naming_it() {
     for (var, value, key) in [
@@ -261,19 +272,11 @@ fn a_bad_setting_stops_the_server_with_one_line_naming_it() {
         ),
         ("PARLEY_POLL__DEFAULT_HOLD", "2m", "poll.default_hold"),
     ] {
-        let out = Command::new(BIN)
-            .args([
-                "--config",
-                "/nonexistent/parley.toml",
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .env(var, value)
-            .env("PARLEY_STORE__PATH", ":memory:")
-            .env("RUST_BACKTRACE", "1")
-            .output()
-            .unwrap();
+        let out = serve_with_env(&[
+            (var, value),
+            ("PARLEY_STORE__PATH", ":memory:"),
+            ("RUST_BACKTRACE", "1"),
+        ]);
         assert!(!out.status.success(), "{var}={value} must not start");
         let err = String::from_utf8_lossy(&out.stderr);
         let lines: Vec<&str> = err.lines().collect();
@@ -287,18 +290,10 @@ fn a_bad_setting_stops_the_server_with_one_line_naming_it() {
     }
     // An unknown option of the PARLEY_SECTION__KEY form is warned about, and the
     // server still starts (it is stopped here by the bad value next to it).
-    let out = Command::new(BIN)
-        .args([
-            "--config",
-            "/nonexistent/parley.toml",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .env("PARLEY_WS__HEARTBEET", "5s")
-        .env("PARLEY_WS__HEARTBEAT_INTERVAL", "0s")
-        .output()
-        .unwrap();
+    let out = serve_with_env(&[
+        ("PARLEY_WS__HEARTBEET", "5s"),
+        ("PARLEY_WS__HEARTBEAT_INTERVAL", "0s"),
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("warning: ignoring PARLEY_WS__HEARTBEET"),

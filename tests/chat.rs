@@ -116,7 +116,7 @@ async fn gap_in_live_seqs_is_filled_by_history_after() {
         &mut ann,
         Cmd::History(proto::History {
             room: "r".into(),
-            after_seq: 2,
+            after_seq: Some(2),
             limit: 3,
             ..Default::default()
         }),

@@ -74,20 +74,13 @@ async fn connect(
             let auth = format!("Bearer {token}");
             let resume = format!("session_id={session_id}&last_pos={last_pos}");
             let (path, headers) = if transport == Transport::SseTicket {
-                let r = http(
-                    t.addr(),
-                    "POST",
-                    "/api/v1/tickets",
-                    &[("authorization", &auth)],
-                    "",
-                )
-                .await;
-                if r.status != 200 {
-                    let v: Value = serde_json::from_slice(&r.body).unwrap();
-                    return Answer::Refused(code_from_json(&v), None);
-                }
-                let v: Value = serde_json::from_slice(&r.body).unwrap();
-                let ticket = v["ticket"].as_str().unwrap().to_string();
+                let ticket = match t.try_ticket(token).await {
+                    Ok(ticket) => ticket,
+                    Err(r) => {
+                        let v: Value = serde_json::from_slice(&r.body).unwrap();
+                        return Answer::Refused(code_from_json(&v), None);
+                    }
+                };
                 (format!("/sse?ticket={ticket}&{resume}"), vec![])
             } else {
                 (

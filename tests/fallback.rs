@@ -18,22 +18,10 @@ fn bearer(t: &TestServer, user: &str) -> String {
 }
 
 async fn ticket(t: &TestServer, user: &str) -> String {
-    let auth = bearer(t, user);
-    let r = http(
-        t.addr(),
-        "POST",
-        "/api/v1/tickets",
-        &[("authorization", &auth)],
-        "",
-    )
-    .await;
-    assert_eq!(r.status, 200);
-    let v: Value = serde_json::from_slice(&r.body).unwrap();
-    assert_eq!(
-        v["expiresInMs"],
-        t.config.auth.ticket_ttl.as_millis() as u64
-    );
-    v["ticket"].as_str().unwrap().to_string()
+    match t.try_ticket(&t.token(user)).await {
+        Ok(ticket) => ticket,
+        Err(r) => panic!("ticket refused: {}", r.status),
+    }
 }
 
 /// POST /session/{id} with a JSON command; the reply frame.

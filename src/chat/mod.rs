@@ -482,15 +482,13 @@ impl Chat {
         req: proto::History,
     ) -> Result<proto::HistoryPage, ChatError> {
         self.check_read(&req.room, user).await?;
-        if req.before_seq != 0 && req.after_seq != 0 {
-            return Err(invalid("give before_seq or after_seq, not both"));
-        }
-        let range = if req.after_seq != 0 {
-            Range::After(req.after_seq)
-        } else if req.before_seq != 0 {
-            Range::Before(req.before_seq)
-        } else {
-            Range::Before(u64::MAX)
+        let range = match (req.after_seq, req.before_seq) {
+            (Some(_), before) if before != 0 => {
+                return Err(invalid("give before_seq or after_seq, not both"));
+            }
+            (Some(after), _) => Range::After(after),
+            (None, 0) => Range::Before(u64::MAX),
+            (None, before) => Range::Before(before),
         };
         let page = self
             .store

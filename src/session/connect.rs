@@ -75,7 +75,8 @@ pub enum ConnectError {
 impl ConnectError {
     pub fn code(&self) -> ErrorCode {
         match self {
-            ConnectError::Auth(AuthError::Expired) => ErrorCode::TokenExpired,
+            ConnectError::Auth(AuthError::Expired)
+            | ConnectError::Ticket(TicketError::TokenExpired) => ErrorCode::TokenExpired,
             ConnectError::Auth(_) | ConnectError::Ticket(_) => ErrorCode::Unauthorized,
             ConnectError::SessionGone(_) => ErrorCode::SessionNotFound,
             ConnectError::Chat(e) => e.code(),
@@ -110,6 +111,20 @@ impl Core {
             let e = ConnectError::from(e);
             self.metrics.error(e.code());
             e
+        })
+    }
+
+    /// A single-use ticket for the holder of `token` (`POST /api/v1/tickets`); it lives
+    /// `auth.ticket_ttl` before its first use and never past the token's `exp`.
+    pub fn issue_ticket(&self, token: &str) -> Result<proto::Ticket, ConnectError> {
+        let claims = self.auth.verify_claims(token).map_err(|e| {
+            let e = ConnectError::from(e);
+            self.metrics.error(e.code());
+            e
+        })?;
+        Ok(proto::Ticket {
+            ticket: self.tickets.issue(&claims.sub, claims.exp),
+            expires_in_ms: self.tickets.ttl().as_millis() as u32,
         })
     }
 

@@ -22,7 +22,7 @@ pub mod tickets;
 
 pub use conn::{CloseReason, Conn, Outcome};
 pub use connect::{ConnectError, ConnectRequest, Core, Credential, Opened};
-pub use outbox::{Out, Outbox, OutboxConfig};
+pub use outbox::{Loss, Out, Outbox, OutboxConfig};
 pub use registry::Sessions;
 
 use std::{

@@ -22,7 +22,7 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Session,
+    Attachment, Session,
     conn::{CloseReason, Conn, LaterReply, Outcome},
 };
 use crate::{
@@ -68,7 +68,9 @@ pub struct OutboxConfig {
 pub struct Outbox {
     conn: Conn,
     replies: VecDeque<ServerFrame>,
-    later: FuturesOrdered<LaterReply>,
+    /// Pipelined replies waiting for their commit; allocated on the first one (most
+    /// connections never pipeline, and an idle connection should cost little).
+    later: Option<Box<FuturesOrdered<LaterReply>>>,
     closing: Option<CloseReason>,
     closed: bool,
     config: OutboxConfig,
@@ -83,7 +85,7 @@ impl Outbox {
         Self {
             conn,
             replies: VecDeque::new(),
-            later: FuturesOrdered::new(),
+            later: None,
             closing: None,
             closed: false,
             next_idle: config.idle.map(|d| now + d),
@@ -105,12 +107,16 @@ impl Outbox {
     /// Whether the transport should read more client frames: not closing, and not too
     /// many replies pending.
     pub fn accepting(&self) -> bool {
-        self.closing.is_none() && !self.closed && self.later.len() < MAX_IN_FLIGHT
+        self.closing.is_none() && !self.closed && self.pending_replies() < MAX_IN_FLIGHT
     }
 
     /// Whether something is queued or pending (a reply will come).
     pub fn expecting(&self) -> bool {
-        !self.replies.is_empty() || !self.later.is_empty() || self.closing.is_some()
+        !self.replies.is_empty() || self.pending_replies() > 0 || self.closing.is_some()
+    }
+
+    fn pending_replies(&self) -> usize {
+        self.later.as_ref().map_or(0, |l| l.len())
     }
 
     /// The client showed a sign of life (any frame, pongs included).
@@ -134,7 +140,7 @@ impl Outbox {
         match outcome {
             Outcome::Reply(reply) => self.replies.push_back(reply),
             Outcome::Silent => {}
-            Outcome::Later(reply) => self.later.push_back(reply),
+            Outcome::Later(reply) => self.later.get_or_insert_default().push_back(reply),
             Outcome::Close(reply, why) => {
                 self.replies.push_back(reply);
                 self.close(why);
@@ -157,6 +163,19 @@ impl Outbox {
     pub fn client_closed(&mut self) {
         self.conn.end();
         self.closed = true;
+    }
+
+    /// A watch that resolves when this connection can no longer deliver its session: the
+    /// session died (its queue overflowed while a write was blocked, say) or another
+    /// transport took it over. A transport races its blocked writes against it, so the
+    /// queue bound holds even while the socket does not drain.
+    pub fn loss(&self) -> Loss {
+        Loss(
+            self.conn
+                .session()
+                .cloned()
+                .zip(self.conn.attachment().cloned()),
+        )
     }
 
     /// Decides to close (the first reason wins).
@@ -184,8 +203,8 @@ impl Outbox {
                 self.close(CloseReason::ShuttingDown);
                 continue;
             }
-            if !self.later.is_empty()
-                && let Some(Some(reply)) = self.later.next().now_or_never()
+            if let Some(later) = self.later.as_mut().filter(|l| !l.is_empty())
+                && let Some(Some(reply)) = later.next().now_or_never()
             {
                 return Out::Frame(reply);
             }
@@ -198,13 +217,19 @@ impl Outbox {
                 }
             }
             let attachment = self.conn.attachment().cloned();
+            // One timer for both deadlines (an idle connection holds one, not two).
             let connect_deadline = self
                 .config
                 .connect_deadline
                 .filter(|_| !self.conn.is_connected());
+            let wake = match (connect_deadline, self.next_idle) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let later = self.later.as_mut().filter(|l| !l.is_empty());
             tokio::select! {
                 _ = self.shutdown.cancelled() => self.close(CloseReason::ShuttingDown),
-                Some(reply) = self.later.next(), if !self.later.is_empty() => {
+                Some(reply) = async { later.expect("guarded").next().await }, if later.is_some() => {
                     return Out::Frame(reply);
                 }
                 _ = async { attachment.as_ref().expect("guarded").ready().await },
@@ -213,16 +238,19 @@ impl Outbox {
                         tokio::time::sleep(self.config.coalesce).await;
                     }
                 }
-                _ = async { sleep_until(connect_deadline.expect("guarded")).await },
-                    if connect_deadline.is_some() => {
-                    let frame = self
-                        .conn
-                        .error(ErrorCode::AuthTimeout, "no connect within the auth timeout");
-                    self.replies.push_back(frame);
-                    self.close(CloseReason::AuthTimeout);
-                }
-                _ = async { sleep_until(self.next_idle.expect("guarded")).await },
-                    if self.next_idle.is_some() => {
+                _ = async { sleep_until(wake.expect("guarded")).await }, if wake.is_some() => {
+                    let now = Instant::now();
+                    if connect_deadline.is_some_and(|d| d <= now) {
+                        let frame = self
+                            .conn
+                            .error(ErrorCode::AuthTimeout, "no connect within the auth timeout");
+                        self.replies.push_back(frame);
+                        self.close(CloseReason::AuthTimeout);
+                        continue;
+                    }
+                    if self.next_idle.is_none_or(|d| d > now) {
+                        continue;
+                    }
                     if self
                         .config
                         .silence_limit
@@ -231,10 +259,28 @@ impl Outbox {
                         self.close(CloseReason::HeartbeatTimeout);
                         continue;
                     }
-                    self.next_idle = self.config.idle.map(|d| Instant::now() + d);
+                    self.next_idle = self.config.idle.map(|d| now + d);
                     return Out::Idle;
                 }
             }
+        }
+    }
+}
+
+/// See [`Outbox::loss`].
+pub struct Loss(Option<(Arc<Session>, Attachment)>);
+
+impl Loss {
+    /// Resolves when the session is lost to this connection; never for a connection
+    /// that delivers nothing.
+    pub async fn lost(self) {
+        let Some((session, attachment)) = self.0 else {
+            return std::future::pending().await;
+        };
+        // Taking nothing only reports whether the attachment is still current. A wake
+        // consumed here is harmless: `next` always looks at the queue before waiting.
+        while session.take(&attachment, 0).is_current() {
+            attachment.ready().await;
         }
     }
 }

@@ -5,7 +5,8 @@
 //! session, once, within `auth.ticket_ttl`. After that it is bound to the session it
 //! opened and is good for exactly one more thing: the browser's automatic EventSource
 //! reconnect, which repeats the same URL with a `Last-Event-ID` header, may resume *that*
-//! session while it lives. A second fresh use, or a first use after the TTL, is refused.
+//! session while it lives. A second fresh use, or a first use after the TTL, is refused,
+//! and no use at all outlives the token the ticket was minted from (its `exp`).
 
 use std::{
     collections::HashMap,
@@ -24,6 +25,8 @@ pub enum TicketError {
     Expired,
     #[error("ticket already used")]
     Used,
+    #[error("the token this ticket was minted from has expired")]
+    TokenExpired,
 }
 
 /// What a ticket lets the bearer do.
@@ -38,6 +41,8 @@ pub enum Redeemed {
 struct Ticket {
     user: String,
     expires: Instant,
+    /// The `exp` (Unix seconds) of the token it was minted from.
+    token_exp: u64,
     /// The session it opened, once used.
     session: Option<String>,
 }
@@ -63,13 +68,15 @@ impl Tickets {
         self.ttl
     }
 
-    pub fn issue(&self, user: &str) -> String {
+    /// A ticket for `user`, whose token expires at `token_exp` (Unix seconds).
+    pub fn issue(&self, user: &str, token_exp: u64) -> String {
         let mut raw = [0u8; 24];
         rand::rng().fill_bytes(&mut raw);
         let ticket: String = raw.iter().map(|b| format!("{b:02x}")).collect();
         let t = Ticket {
             user: user.into(),
             expires: Instant::now() + self.ttl,
+            token_exp,
             session: None,
         };
         self.lock().insert(ticket.clone(), t);
@@ -81,6 +88,9 @@ impl Tickets {
     pub fn redeem(&self, ticket: &str, reconnect: bool) -> Result<Redeemed, TicketError> {
         let mut map = self.lock();
         let t = map.get(ticket).ok_or(TicketError::Unknown)?;
+        if crate::auth::unix_now() > t.token_exp {
+            return Err(TicketError::TokenExpired);
+        }
         match (&t.session, reconnect) {
             (Some(session_id), true) => Ok(Redeemed::Resume {
                 user: t.user.clone(),
@@ -109,7 +119,9 @@ impl Tickets {
     pub fn prune(&self, session_alive: impl Fn(&str) -> bool) {
         let now = Instant::now();
         let ttl = self.ttl;
+        let unix = crate::auth::unix_now();
         self.lock().retain(|_, t| match &t.session {
+            _ if unix > t.token_exp => false,
             Some(s) => session_alive(s),
             None => now <= t.expires + ttl,
         });
@@ -120,10 +132,29 @@ impl Tickets {
 mod tests {
     use super::*;
 
+    /// A token `exp` far in the future.
+    const FAR: u64 = u64::MAX;
+
+    #[test]
+    fn no_use_outlives_the_token() {
+        let t = Tickets::new(Duration::from_secs(30));
+        let expired = crate::auth::unix_now() - 1;
+        let ticket = t.issue("ann", expired);
+        assert_eq!(t.redeem(&ticket, false), Err(TicketError::TokenExpired));
+        let ticket = t.issue("ann", FAR);
+        t.redeem(&ticket, false).unwrap();
+        t.bind(&ticket, "s1");
+        // The reconnect path closes with the token, and so does the entry.
+        t.lock().get_mut(&ticket).unwrap().token_exp = expired;
+        assert_eq!(t.redeem(&ticket, true), Err(TicketError::TokenExpired));
+        t.prune(|_| true);
+        assert!(t.lock().is_empty());
+    }
+
     #[test]
     fn single_use_then_only_reconnects_of_its_session() {
         let t = Tickets::new(Duration::from_secs(30));
-        let ticket = t.issue("ann");
+        let ticket = t.issue("ann", FAR);
         assert_eq!(
             t.redeem(&ticket, false),
             Ok(Redeemed::Fresh { user: "ann".into() })
@@ -145,8 +176,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn late_tickets_are_refused() {
         let t = Tickets::new(Duration::from_millis(1500));
-        let on_time = t.issue("ann");
-        let late = t.issue("ann");
+        let on_time = t.issue("ann", FAR);
+        let late = t.issue("ann", FAR);
         tokio::time::advance(Duration::from_millis(1499)).await;
         assert_eq!(
             t.redeem(&on_time, false),
@@ -155,7 +186,7 @@ mod tests {
         tokio::time::advance(Duration::from_millis(2)).await;
         assert_eq!(t.redeem(&late, false), Err(TicketError::Expired));
         // An expired, unused ticket is told "expired" for another TTL, then forgotten.
-        let later = t.issue("bob");
+        let later = t.issue("bob", FAR);
         tokio::time::advance(Duration::from_millis(1501)).await;
         t.prune(|_| true);
         assert!(t.lock().contains_key(&later));

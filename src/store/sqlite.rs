@@ -379,7 +379,11 @@ impl Store for SqliteStore {
                     let mut st = conn.prepare_cached(&format!(
                         "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
                     ))?;
-                    st.query_map(params![room, after as i64, fetch], message_from_row)?
+                    st.query_map(
+                        // Past any seq a room can have: an empty page, never a wrap.
+                        params![room, after.min(i64::MAX as u64) as i64, fetch],
+                        message_from_row,
+                    )?
                         .collect::<Result<_, _>>()?
                 }
                 Range::Before(before) => {

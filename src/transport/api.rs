@@ -22,7 +22,7 @@ use serde::Deserialize;
 
 use super::{
     Ctx,
-    bearer::{ApiError, Caller, caller, user},
+    bearer::{ApiError, Caller, bearer, caller, user},
 };
 use crate::{
     auth::now_ms,
@@ -42,14 +42,11 @@ pub fn routes() -> Router<Ctx> {
         .route("/api/v1/tickets", post(ticket))
 }
 
-async fn ticket(State(app): State<Ctx>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let user = user(&app, &headers)?;
-    let tickets = &app.core.tickets;
-    let t = proto::Ticket {
-        ticket: tickets.issue(&user),
-        expires_in_ms: tickets.ttl().as_millis() as u32,
-    };
-    Ok(Json(t).into_response())
+async fn ticket(State(ctx): State<Ctx>, headers: HeaderMap) -> Result<Response, ApiError> {
+    // A user's token (not the admin's): the ticket is minted from it.
+    user(&ctx, &headers)?;
+    let token = bearer(&headers).unwrap_or_default();
+    Ok(Json(ctx.core.issue_ticket(token)?).into_response())
 }
 
 async fn rooms(State(app): State<Ctx>, headers: HeaderMap) -> Result<Response, ApiError> {
@@ -62,8 +59,8 @@ async fn rooms(State(app): State<Ctx>, headers: HeaderMap) -> Result<Response, A
 struct HistoryQuery {
     #[serde(default)]
     before_seq: u64,
-    #[serde(default)]
-    after_seq: u64,
+    /// Present (even 0): page forward from it.
+    after_seq: Option<u64>,
     #[serde(default)]
     limit: u32,
 }

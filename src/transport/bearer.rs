@@ -4,7 +4,7 @@
 
 use axum::{
     Json,
-    extract::rejection::JsonRejection,
+    extract::rejection::{BytesRejection, JsonRejection},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -55,8 +55,25 @@ impl From<ConnectError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> Self {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return too_large();
+        }
         Self::new(ErrorCode::BadFrame, e.body_text())
     }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(e: BytesRejection) -> Self {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return too_large();
+        }
+        Self::new(ErrorCode::BadFrame, e.body_text())
+    }
+}
+
+/// A body over the limit (`ws.max_frame_bytes`, as for a WebSocket frame).
+fn too_large() -> ApiError {
+    ApiError::new(ErrorCode::FrameTooLarge, "body exceeds ws.max_frame_bytes")
 }
 
 impl IntoResponse for ApiError {

@@ -12,7 +12,7 @@
 
 use axum::{
     body::Bytes,
-    extract::{Path, State},
+    extract::{Path, State, rejection::BytesRejection},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -70,7 +70,15 @@ fn bad_frame(ctx: &Ctx, encoding: Encoding, e: codec::DecodeError) -> Response {
 }
 
 /// `POST /session`: a `connect` frame opens or resumes a session.
-pub async fn connect(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn connect(
+    State(ctx): State<Ctx>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
     let encoding = body_encoding(&headers);
     ctx.core.metrics.frames_in.get_or_create(&LABEL).inc();
     let frame = match codec::decode_client(encoding, &body) {
@@ -116,7 +124,7 @@ pub async fn command(
     State(ctx): State<Ctx>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let user = match user(&ctx, &headers) {
         Ok(u) => u,
@@ -124,6 +132,10 @@ pub async fn command(
     };
     let session = match ctx.core.session_of(&user, &id) {
         Ok(s) => s,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let body = match body {
+        Ok(b) => b,
         Err(e) => return ApiError::from(e).into_response(),
     };
     let encoding = body_encoding(&headers);

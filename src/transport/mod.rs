@@ -32,7 +32,9 @@ use crate::{config::ServerConfig, session::Core};
 #[derive(Clone)]
 pub struct Ctx {
     pub core: Arc<Core>,
-    /// Cancelled when the server starts shutting down.
+    /// Cancelled when a shutdown begins: `/readyz` answers 503 from then on.
+    pub draining: CancellationToken,
+    /// Cancelled `server.drain_delay` later: stop accepting, tell clients to reconnect.
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
 }

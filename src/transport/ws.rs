@@ -31,7 +31,7 @@ use super::{Ctx, deadline::WriteDeadline, origin_allowed};
 use crate::{
     codec::{self, Encoding},
     metrics::TransportLabel,
-    session::{CloseReason, Conn, Out, Outbox, OutboxConfig},
+    session::{CloseReason, Conn, Loss, Out, Outbox, OutboxConfig},
 };
 
 const LABEL: TransportLabel = TransportLabel { transport: "ws" };
@@ -209,12 +209,31 @@ impl Writer {
     }
 
     /// Writes one item; on a stuck write, closes as a slow consumer. `false`: stop.
-    async fn deliver(&mut self, out: Out) -> bool {
+    /// While the write is blocked the session may be lost (its queue overflowed, or
+    /// another connection resumed it): then the write in flight gets [`CLOSE_TIMEOUT`]
+    /// to finish — after which the outbox says why it closes — or else the connection
+    /// is dropped at once (an interrupted frame leaves nothing that could carry a close
+    /// frame, and a client that does not read would not see one).
+    async fn deliver(&mut self, out: Out, loss: Loss) -> bool {
         if let Out::Close(why) = out {
             self.close(why).await;
             return false;
         }
-        match self.write(out).await {
+        let mut write = Box::pin(self.write(out));
+        let result = tokio::select! {
+            // Biased: `lost` is only looked at when the write does not finish at once.
+            biased;
+            r = write.as_mut() => r,
+            _ = loss.lost() => match timeout(CLOSE_TIMEOUT, write.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::debug!("session lost while a write was blocked: dropping");
+                    return false;
+                }
+            },
+        };
+        drop(write);
+        match result {
             Ok(()) => true,
             Err(WriteError::Broken) => false,
             Err(WriteError::Stuck) => {
@@ -283,7 +302,10 @@ async fn run(socket: HttpWebSocket, ctx: Ctx, encoding: Encoding) {
                 if frame.payload().len() > config.max_frame_bytes {
                     outbox.too_large(config.max_frame_bytes);
                 } else {
-                    outbox.receive(codec::decode_client(encoding, frame.payload())).await;
+                    // Boxed: the decoded frame and the command's state live on the heap
+                    // while it runs, not in every idle connection's future.
+                    Box::pin(outbox.receive(codec::decode_client(encoding, frame.payload())))
+                        .await;
                 }
                 if !named && let Some(session) = outbox.session() {
                     tracing::Span::current().record("user", session.user_id());
@@ -292,14 +314,14 @@ async fn run(socket: HttpWebSocket, ctx: Ctx, encoding: Encoding) {
                 // Write what is ready now (the reply, pushes it released) before reading on.
                 let mut open = true;
                 while open && let Some(out) = outbox.next().now_or_never() {
-                    open = Box::pin(w.deliver(out)).await;
+                    open = Box::pin(w.deliver(out, outbox.loss())).await;
                 }
                 if !open {
                     break;
                 }
             }
             out = outbox.next() => {
-                if !Box::pin(w.deliver(out)).await {
+                if !Box::pin(w.deliver(out, outbox.loss())).await {
                     break;
                 }
             }

@@ -59,6 +59,8 @@ pub fn test_config() -> Config {
     c.server.listen = "127.0.0.1:0".parse().unwrap();
     c.auth.jwt_secret = "test-secret".into();
     c.store.path = ":memory:".into();
+    // Shutdown tests want the disconnects at once (the drain delay has its own test).
+    c.server.drain_delay = Duration::ZERO;
     c
 }
 
@@ -76,6 +78,28 @@ impl TestServer {
 
     pub fn addr(&self) -> SocketAddr {
         self.server.local_addr()
+    }
+
+    /// `POST /api/v1/tickets` with `token`: the ticket, or the refusal (status, body).
+    pub async fn try_ticket(&self, token: &str) -> Result<String, HttpReply> {
+        let auth = format!("Bearer {token}");
+        let r = http(
+            self.addr(),
+            "POST",
+            "/api/v1/tickets",
+            &[("authorization", &auth)],
+            "",
+        )
+        .await;
+        if r.status != 200 {
+            return Err(r);
+        }
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(
+            v["expiresInMs"],
+            self.config.auth.ticket_ttl.as_millis() as u64
+        );
+        Ok(v["ticket"].as_str().unwrap().to_string())
     }
 
     /// Whether the server still holds the session.

@@ -1,0 +1,276 @@
+//! Defects found by trying parley as an attacker and as a careless operator would, one
+//! test each, every one also checking that a well-behaved client on the same server is
+//! unaffected and loses nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use parley::{
+    auth::Authenticator,
+    codec::Encoding,
+    proto::{self, client_frame::Cmd, server_frame::Kind},
+};
+use serde_json::Value;
+use tokio::net::TcpSocket;
+use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest, http::HeaderValue};
+
+/// Bob and carl in room `r`; carl checks that he keeps getting everything.
+async fn bystanders(t: &TestServer) -> (Client, Client) {
+    let mut bob = t.client("bob", Encoding::Proto).await;
+    let mut carl = t.client("carl", Encoding::Json).await;
+    bob.join("r").await;
+    carl.join("r").await;
+    (bob, carl)
+}
+
+async fn still_chatting(bob: &mut Client, carl: &mut Client, id: &str) {
+    let sent = bob.send_msg("r", id, "still here").await;
+    let m = carl.next_message().await;
+    assert_eq!((m.seq, m.body.as_str()), (sent.seq, "still here"));
+}
+
+#[tokio::test]
+async fn a_leaked_ticket_never_outlives_its_token() {
+    let t = TestServer::start().await;
+    let (mut bob, mut carl) = bystanders(&t).await;
+    // A token that expires in two seconds (the leeway is 5 s: account for it).
+    let auth = Authenticator::new(&t.config.auth).unwrap();
+    let exp = parley::auth::unix_now() + 2;
+    let short = auth.mint_with_exp("ann", exp).unwrap();
+    let Ok(ticket) = t.try_ticket(&short).await else {
+        panic!("a ticket is minted while the token is valid")
+    };
+    eventually("the token expired", || parley::auth::unix_now() > exp).await;
+    let r = http(t.addr(), "GET", &format!("/sse?ticket={ticket}"), &[], "").await;
+    assert_eq!(r.status, 401);
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["code"], "ERROR_CODE_TOKEN_EXPIRED");
+    still_chatting(&mut bob, &mut carl, "1").await;
+}
+
+#[tokio::test]
+async fn seqs_past_two_to_the_63_never_wrap() {
+    let t = TestServer::start().await;
+    let (mut bob, mut carl) = bystanders(&t).await;
+    for i in 1..=3 {
+        bob.send_msg("r", &i.to_string(), "m").await;
+    }
+    let huge = u64::MAX;
+    for after in [huge, 1 << 63, (1 << 63) - 1] {
+        let Kind::History(h) = bob
+            .request(Cmd::History(proto::History {
+                room: "r".into(),
+                after_seq: Some(after),
+                ..Default::default()
+            }))
+            .await
+        else {
+            panic!()
+        };
+        assert!(h.messages.is_empty(), "after {after}: {:?}", h.messages);
+        let Kind::Sync(s) = bob
+            .request(Cmd::Sync(proto::Sync {
+                rooms: [("r".to_string(), after)].into(),
+                limit: 0,
+            }))
+            .await
+        else {
+            panic!()
+        };
+        assert!(s.rooms[0].messages.is_empty(), "sync after {after}");
+        let auth = format!("Bearer {}", t.token("bob"));
+        let r = http(
+            t.addr(),
+            "GET",
+            &format!("/api/v1/rooms/r/messages?after_seq={after}"),
+            &[("authorization", &auth)],
+            "",
+        )
+        .await;
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert!(v.get("messages").is_none(), "HTTP after {after}: {v}");
+    }
+    // Past u64 entirely: refused as input, not wrapped either.
+    let r = http(
+        t.addr(),
+        "GET",
+        "/api/v1/rooms/r/messages?after_seq=18446744073709551616",
+        &[("authorization", &format!("Bearer {}", t.token("bob")))],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    for _ in 0..3 {
+        carl.next_message().await;
+    }
+    still_chatting(&mut bob, &mut carl, "4").await;
+}
+
+#[tokio::test]
+async fn history_pages_from_the_oldest_message_with_after_seq_zero() {
+    let t = TestServer::start().await;
+    let (mut bob, _carl) = bystanders(&t).await;
+    for i in 1..=5 {
+        bob.send_msg("r", &i.to_string(), "m").await;
+    }
+    let page = |after: Option<u64>| {
+        Cmd::History(proto::History {
+            room: "r".into(),
+            after_seq: after,
+            limit: 2,
+            ..Default::default()
+        })
+    };
+    let Kind::History(h) = bob.request(page(Some(0))).await else {
+        panic!()
+    };
+    assert_eq!(h.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2]);
+    assert!(h.more);
+    // Absent: the newest page.
+    let Kind::History(h) = bob.request(page(None)).await else {
+        panic!()
+    };
+    assert_eq!(h.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [4, 5]);
+    // The JSON mapping: "afterSeq": "0" is present, and means the same.
+    let mut json = t.client("dave", Encoding::Json).await;
+    json.send_raw(Message::Text(
+        r#"{"id":"7","history":{"room":"r","afterSeq":"0","limit":1}}"#.into(),
+    ))
+    .await;
+    let f = json.read().await.unwrap();
+    let Some(Kind::History(h)) = f.kind else {
+        panic!("{f:?}")
+    };
+    assert_eq!(h.messages[0].seq, 1);
+}
+
+#[tokio::test]
+async fn an_oversize_http_command_gets_the_documented_error_json() {
+    let t = TestServer::start_with(|c| c.ws.max_frame_bytes = 4096).await;
+    let (mut bob, mut carl) = bystanders(&t).await;
+    let auth = format!("Bearer {}", t.token("bob"));
+    let body = format!(
+        r#"{{"id":"1","send":{{"room":"r","clientMsgId":"x","body":"{}"}}}}"#,
+        "x".repeat(8192)
+    );
+    for path in ["/session", &format!("/session/{}", bob.session_id)] {
+        let r = http(
+            t.addr(),
+            "POST",
+            path,
+            &[("authorization", &auth)],
+            body.clone(),
+        )
+        .await;
+        assert_eq!(r.status, 413, "{path}");
+        assert_eq!(r.headers["content-type"], "application/json");
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["code"], "ERROR_CODE_FRAME_TOO_LARGE", "{path}: {v}");
+    }
+    let r = http(
+        t.addr(),
+        "POST",
+        "/api/v1/rooms/r/messages",
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        format!(r#"{{"clientMsgId":"y","body":"{}"}}"#, "y".repeat(8192)),
+    )
+    .await;
+    assert_eq!(r.status, 413);
+    still_chatting(&mut bob, &mut carl, "1").await;
+}
+
+#[tokio::test]
+async fn shutdown_is_not_ready_first_then_stops() {
+    let t = TestServer::start_with(|c| c.server.drain_delay = Duration::from_millis(800)).await;
+    let mut ann = t.client("ann", Encoding::Json).await;
+    ann.join("r").await;
+    assert_eq!(t.http_get("/readyz").await.0, 200);
+    t.server.shutdown();
+    // Not ready at once, while still serving: new clients still get in.
+    assert_eq!(t.http_get("/readyz").await.0, 503);
+    assert_eq!(t.http_get("/healthz").await.0, 200);
+    let mut late = t.client("late", Encoding::Json).await;
+    late.join("r").await;
+    // Then everyone is told to reconnect.
+    for c in [ann, late] {
+        let closed = c.closed().await;
+        assert_eq!(closed.code, Some(1001));
+    }
+}
+
+#[tokio::test]
+async fn metrics_are_served_as_openmetrics() {
+    let t = TestServer::start().await;
+    let r = http(t.addr(), "GET", "/metrics", &[], "").await;
+    assert_eq!(
+        r.headers["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(body.trim_end().ends_with("# EOF"), "{body}");
+}
+
+#[tokio::test]
+async fn the_queue_bound_holds_while_a_write_is_blocked() {
+    // A long write deadline: what cuts the stuck client here is its queue overflowing.
+    let t = TestServer::start_with(|c| {
+        c.session.max_queue_bytes = 64 * 1024;
+        c.ws.write_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let (mut bob, mut carl) = bystanders(&t).await;
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(t.addr()).await.unwrap();
+    let mut req = format!("ws://{}/ws", t.addr())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_static("parley.v1.json"),
+    );
+    let (mut ann, _) = tokio_tungstenite::client_async(req, stream).await.unwrap();
+    let token = t.token("ann");
+    ann.send(Message::Text(
+        format!(r#"{{"id":1,"connect":{{"token":"{token}"}}}}"#).into(),
+    ))
+    .await
+    .unwrap();
+    ann.send(Message::Text(r#"{"id":2,"join":{"room":"r"}}"#.into()))
+        .await
+        .unwrap();
+    let mut sid = String::new();
+    loop {
+        let Some(Ok(Message::Text(text))) = ann.next().await else {
+            panic!()
+        };
+        if let Some(rest) = text.split("\"sessionId\":\"").nth(1) {
+            sid = rest.split('"').next().unwrap().to_string();
+        }
+        if text.contains("\"joined\"") {
+            break;
+        }
+    }
+    let started = std::time::Instant::now();
+    let body = "x".repeat(15_000);
+    for i in 0..400 {
+        let sent = bob.send_msg("r", &i.to_string(), &body).await;
+        assert_eq!(carl.next_message().await.seq, sent.seq);
+    }
+    // Cut as soon as the queue overflowed, long before the 60 s write deadline.
+    t.session_reaped(&sid).await;
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let (_, metrics) = t.http_get("/metrics").await;
+    assert!(
+        metrics.contains("parley_connections{transport=\"ws\"} 2"),
+        "only bob and carl are still connected"
+    );
+    still_chatting(&mut bob, &mut carl, "last").await;
+    drop(ann);
+}
