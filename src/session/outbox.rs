@@ -75,6 +75,8 @@ pub struct Outbox {
     closed: bool,
     config: OutboxConfig,
     next_idle: Option<Instant>,
+    /// Until when pushes wait to leave together (see `OutboxConfig::coalesce`).
+    coalescing: Option<Instant>,
     last_seen: Instant,
     shutdown: CancellationToken,
 }
@@ -89,6 +91,7 @@ impl Outbox {
             closing: None,
             closed: false,
             next_idle: config.idle.map(|d| now + d),
+            coalescing: None,
             config,
             last_seen: now,
             shutdown,
@@ -208,37 +211,41 @@ impl Outbox {
             {
                 return Out::Frame(reply);
             }
-            match self.conn.take(BATCH) {
-                Ok(pushes) if !pushes.is_empty() => return Out::Pushes(pushes),
-                Ok(_) => {}
-                Err(why) => {
-                    self.close(why);
-                    continue;
+            if self.coalescing.is_some_and(|until| until <= Instant::now()) {
+                self.coalescing = None;
+            }
+            if self.coalescing.is_none() {
+                match self.conn.take(BATCH) {
+                    Ok(pushes) if !pushes.is_empty() => return Out::Pushes(pushes),
+                    Ok(_) => {}
+                    Err(why) => {
+                        self.close(why);
+                        continue;
+                    }
                 }
             }
-            let attachment = self.conn.attachment().cloned();
-            // One timer for both deadlines (an idle connection holds one, not two).
+            // One timer for every deadline (an idle connection holds one timer, not
+            // three): connect, idle, and the end of a coalescing pause.
             let connect_deadline = self
                 .config
                 .connect_deadline
                 .filter(|_| !self.conn.is_connected());
-            let wake = match (connect_deadline, self.next_idle) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            let later = self.later.as_mut().filter(|l| !l.is_empty());
-            tokio::select! {
-                _ = self.shutdown.cancelled() => self.close(CloseReason::ShuttingDown),
-                Some(reply) = async { later.expect("guarded").next().await }, if later.is_some() => {
-                    return Out::Frame(reply);
-                }
-                _ = async { attachment.as_ref().expect("guarded").ready().await },
-                    if attachment.is_some() => {
+            let wake = [connect_deadline, self.next_idle, self.coalescing]
+                .into_iter()
+                .flatten()
+                .min();
+            let later = self.later.as_deref_mut().filter(|l| !l.is_empty());
+            // While coalescing, pushes wait for the timer, not for their wake-up.
+            let attachment = self.conn.attachment().filter(|_| self.coalescing.is_none());
+            match wait(&self.shutdown, later, attachment, wake).await {
+                Event::Shutdown => self.close(CloseReason::ShuttingDown),
+                Event::Reply(reply) => return Out::Frame(reply),
+                Event::Woken => {
                     if !self.config.coalesce.is_zero() {
-                        tokio::time::sleep(self.config.coalesce).await;
+                        self.coalescing = Some(Instant::now() + self.config.coalesce);
                     }
                 }
-                _ = async { sleep_until(wake.expect("guarded")).await }, if wake.is_some() => {
+                Event::Timer => {
                     let now = Instant::now();
                     if connect_deadline.is_some_and(|d| d <= now) {
                         let frame = self
@@ -249,6 +256,7 @@ impl Outbox {
                         continue;
                     }
                     if self.next_idle.is_none_or(|d| d > now) {
+                        // The end of a coalescing pause (or an early wake-up).
                         continue;
                     }
                     if self
@@ -264,6 +272,37 @@ impl Outbox {
                 }
             }
         }
+    }
+}
+
+/// What ended a wait.
+enum Event {
+    Shutdown,
+    Reply(ServerFrame),
+    /// The session has pushes (or was revoked, or died).
+    Woken,
+    Timer,
+}
+
+/// The one place an idle connection waits. Kept apart and small: its future is part of
+/// every idle connection's memory.
+async fn wait(
+    shutdown: &CancellationToken,
+    later: Option<&mut FuturesOrdered<LaterReply>>,
+    attachment: Option<&Attachment>,
+    wake: Option<Instant>,
+) -> Event {
+    let has_later = later.is_some();
+    let mut later = later;
+    tokio::select! {
+        _ = shutdown.cancelled() => Event::Shutdown,
+        Some(reply) = async { later.as_mut().expect("guarded").next().await }, if has_later => {
+            Event::Reply(reply)
+        }
+        _ = async { attachment.expect("guarded").ready().await }, if attachment.is_some() => {
+            Event::Woken
+        }
+        _ = sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => Event::Timer,
     }
 }
 

@@ -8,7 +8,7 @@
 //! `disconnect` + close. Every write has a deadline (`ws.write_timeout`); a client that
 //! does not read is closed with 4008, and the close itself gets only [`CLOSE_TIMEOUT`].
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Extension,
@@ -30,7 +30,7 @@ use yawc::{
 use super::{Ctx, deadline::WriteDeadline, origin_allowed};
 use crate::{
     codec::{self, Encoding},
-    metrics::TransportLabel,
+    metrics::{Metrics, TransportLabel},
     session::{CloseReason, Conn, Loss, Out, Outbox, OutboxConfig},
 };
 
@@ -123,11 +123,11 @@ pub async fn handler(
 }
 
 /// Counts the connection while it lives (a drop guard, so every exit path counts).
-struct Counted(Ctx);
+struct Counted(Arc<Metrics>);
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.core.metrics.connections.get_or_create(&LABEL).dec();
+        self.0.connections.get_or_create(&LABEL).dec();
     }
 }
 
@@ -143,7 +143,7 @@ enum WriteError {
 struct Writer {
     socket: HttpWebSocket,
     encoding: Encoding,
-    ctx: Ctx,
+    metrics: Arc<Metrics>,
     write_timeout: Duration,
 }
 
@@ -180,7 +180,7 @@ impl Writer {
         };
         match timeout(write_timeout, write).await {
             Ok(Ok(())) => {
-                let m = &self.ctx.core.metrics;
+                let m = &self.metrics;
                 m.frames_out.get_or_create(&LABEL).inc_by(frames);
                 Ok(())
             }
@@ -246,10 +246,12 @@ impl Writer {
 
 /// Drives one connection until it closes.
 async fn run(socket: HttpWebSocket, ctx: Ctx, encoding: Encoding) {
+    // Only what the loop needs is kept: every byte here is paid by every idle connection.
     let metrics = ctx.core.metrics.clone();
     metrics.connections.get_or_create(&LABEL).inc();
-    let _counted = Counted(ctx.clone());
-    let config = ctx.core.config.ws.clone();
+    let _counted = Counted(metrics.clone());
+    let config = &ctx.core.config.ws;
+    let max_frame_bytes = config.max_frame_bytes;
     let mut outbox = Outbox::new(
         Conn::new(ctx.core.clone(), config.heartbeat_interval),
         OutboxConfig {
@@ -263,9 +265,10 @@ async fn run(socket: HttpWebSocket, ctx: Ctx, encoding: Encoding) {
     let mut w = Writer {
         socket,
         encoding,
+        metrics: metrics.clone(),
         write_timeout: config.write_timeout,
-        ctx,
     };
+    drop(ctx);
     // Whether the connection's span has its user yet.
     let mut named = false;
 
@@ -299,8 +302,8 @@ async fn run(socket: HttpWebSocket, ctx: Ctx, encoding: Encoding) {
                     }
                 }
                 metrics.frames_in.get_or_create(&LABEL).inc();
-                if frame.payload().len() > config.max_frame_bytes {
-                    outbox.too_large(config.max_frame_bytes);
+                if frame.payload().len() > max_frame_bytes {
+                    outbox.too_large(max_frame_bytes);
                 } else {
                     // Boxed: the decoded frame and the command's state live on the heap
                     // while it runs, not in every idle connection's future.
