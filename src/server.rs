@@ -97,6 +97,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(crate::api::routes())
+        .merge(crate::web::routes(&state.core.config))
         .with_state(state)
 }
 
