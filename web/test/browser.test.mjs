@@ -23,7 +23,7 @@ import {
 // Documented in README ("Browser SDK"): a refused WebSocket falls back at once; a
 // black-holed one, or an SSE stream a proxy buffers, after connectTimeoutMs (5 s).
 const CONNECT_TIMEOUT_MS = 5000;
-const ARTIFACTS = process.env.PARLEY_SCREENSHOTS_DIR || join(WEB, "test-results");
+const ARTIFACTS = process.env.TEST_SCREENSHOTS_DIR || join(WEB, "test-results");
 
 let browser;
 before(async () => {

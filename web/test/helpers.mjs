@@ -13,7 +13,7 @@ import { chromium } from "playwright-core";
 export const WEB = join(dirname(fileURLToPath(import.meta.url)), "..");
 export const REPO = join(WEB, "..");
 export const CHROMIUM = process.env.CHROMIUM_PATH || "/usr/bin/chromium";
-export const PARLEY_BIN = process.env.PARLEY_BIN || join(REPO, "target", "debug", "parley");
+export const TEST_PARLEY_BIN = process.env.TEST_PARLEY_BIN || join(REPO, "target", "debug", "parley");
 export const ADMIN_TOKEN = "test-admin-token";
 
 const children = new Set();
@@ -72,11 +72,12 @@ export class ParleyServer {
     return `http://127.0.0.1:${this.port}`;
   }
   async start() {
-    if (!existsSync(PARLEY_BIN)) throw new Error(`${PARLEY_BIN} missing: run \`cargo build --bin parley\``);
+    if (!existsSync(TEST_PARLEY_BIN)) throw new Error(`${TEST_PARLEY_BIN} missing: run \`cargo build --bin parley\``);
     this.port ??= await freePort();
-    const proc = spawn(PARLEY_BIN, ["--config", join(this.dir, "none.toml")], {
+    const proc = spawn(TEST_PARLEY_BIN, ["--config", join(this.dir, "none.toml")], {
       env: {
-        ...process.env,
+        // Only the configuration below: parley reads every PARLEY_* variable.
+        ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("PARLEY_"))),
         PARLEY_SERVER__LISTEN: `127.0.0.1:${this.port}`,
         PARLEY_STORE__PATH: join(this.dir, "p.db"),
         PARLEY_STORE__SYNCHRONOUS: "normal",
