@@ -4,6 +4,8 @@
 //   ?transports=sse,poll   the transports the SDK may use, in order
 //   ?encoding=json         WebSocket encoding (default proto)
 //   ?name=alice            sign in at once (development mode only)
+//   ?ping=ms&pong=ms&probe=ms&connectTimeout=ms   SDK timing options (pingIntervalMs,
+//                          pongTimeoutMs, probeWebSocketMs, connectTimeoutMs)
 import { Parley } from "/sdk/parley.js";
 
 const $ = (id) => document.getElementById(id);
@@ -66,10 +68,15 @@ async function start(name, getToken) {
   me = name;
   if (name) sessionStorage.setItem("parley.demo.name", name);
   const transports = (params.get("transports") || "websocket,sse,poll").split(",").filter(Boolean);
+  const ms = (name) => (params.has(name) ? Number(params.get(name)) : undefined);
   client = new Parley(location.origin, {
     getToken,
     transports,
     encoding: params.get("encoding") === "json" ? "json" : "proto",
+    pingIntervalMs: ms("ping"),
+    pongTimeoutMs: ms("pong"),
+    probeWebSocketMs: ms("probe"),
+    connectTimeoutMs: ms("connectTimeout"),
   });
   window.parley = client; // for the console and the browser tests
   wire(client);

@@ -187,6 +187,64 @@ describe("browser", () => {
     });
   }
 
+  for (const transport of ["websocket", "sse"]) {
+    test(`a silently dead ${transport} connection is detected by heartbeats and resumed`, async () => {
+      // Server SSE comments every second; the SDK pings every second and allows one more.
+      const server = await new ParleyServer({ env: { PARLEY_SSE__HEARTBEAT_INTERVAL: "1s" } }).start();
+      const proxy = await new TestProxy(server.port).start();
+      try {
+        const q = `&transports=${transport}&ping=1000&pong=1000`;
+        const alice = await openChat(browser, proxy.url, "alice", q);
+        const bob = await openChat(browser, server.url, "bob"); // direct, unaffected
+        await say(bob, "before the freeze");
+        await waitShown(alice, "before the freeze");
+        const frozenAt = Date.now();
+        proxy.freeze(); // nothing closes: only silence tells
+        await say(bob, "sent into the void");
+        await waitFor("alice notices", async () => (await transportOf(alice)).state !== "connected", 6000, 20);
+        const detectedMs = Date.now() - frozenAt;
+        await alice.waitForSelector('#transport[data-state="connected"]', { timeout: 5000 });
+        await waitShown(alice, "sent into the void");
+        console.log(`# ${transport}: silence detected after ${detectedMs} ms (bound: heartbeat 1000 + 1000 ms)`);
+        assert.ok(detectedMs >= 900 && detectedMs < 3500, `detected after ${detectedMs} ms`);
+        const stats = await alice.evaluate(() => window.parley.stats);
+        assert.equal(stats.resumes, 1, `the session was resumed: ${JSON.stringify(stats)}`);
+        await say(alice, "back");
+        await waitShown(bob, "back");
+        assertOnceInOrder(await shown(alice), ["before the freeze", "sent into the void", "back"], "alice");
+        for (const p of [alice, bob]) await p.context().close();
+      } finally {
+        await proxy.stop();
+        await server.stop();
+      }
+    });
+  }
+
+  test("WebSocket is probed again later: a page that fell back to SSE moves back", async () => {
+    const server = await new ParleyServer().start();
+    const proxy = await new TestProxy(server.port, { ws: "refuse" }).start();
+    try {
+      const alice = await openChat(browser, proxy.url, "alice", "&probe=1500");
+      const bob = await openChat(browser, server.url, "bob");
+      assert.equal((await transportOf(alice)).transport, "sse");
+      await say(bob, "while on sse");
+      await waitShown(alice, "while on sse");
+      proxy.mode.ws = "pass"; // the WebSocket problem goes away
+      await alice.waitForSelector('#transport[data-transport="websocket"][data-state="connected"]', { timeout: 5000 });
+      await say(bob, "after the switch");
+      await waitShown(alice, "after the switch");
+      await say(alice, "from alice over websocket");
+      await waitShown(bob, "from alice over websocket");
+      const stats = await alice.evaluate(() => window.parley.stats);
+      assert.equal(stats.resumes, 1, `the session moved, not restarted: ${JSON.stringify(stats)}`);
+      assertOnceInOrder(await shown(alice), ["while on sse", "after the switch", "from alice over websocket"], "alice");
+      for (const p of [alice, bob]) await p.context().close();
+    } finally {
+      await proxy.stop();
+      await server.stop();
+    }
+  });
+
   test("a hidden page does not spin reconnects; it reconnects when shown", async () => {
     const server = await new ParleyServer().start();
     const proxy = await new TestProxy(server.port).start();

@@ -137,6 +137,25 @@ export class TestProxy {
     this.mode = { ws: "pass", buffer: false, ...mode };
     this.counts = { upgrade: 0, sse: 0, poll: 0, session: 0, other: 0 };
     this.sockets = new Set();
+    this.pipes = new Set(); // live [from, to] stream pairs, for freeze()
+  }
+  /**
+   * Silently stops forwarding on every open connection (WebSocket tunnels, streaming
+   * responses) without closing anything: a dead path only heartbeats can detect. New
+   * connections work normally.
+   */
+  freeze() {
+    for (const [from, to] of this.pipes) {
+      from.unpipe(to);
+      from.pause();
+    }
+    this.pipes.clear();
+  }
+  #pipe(from, to) {
+    const pair = [from, to];
+    this.pipes.add(pair);
+    from.on("close", () => this.pipes.delete(pair));
+    from.pipe(to);
   }
   get url() {
     return `http://127.0.0.1:${this.port}`;
@@ -165,7 +184,7 @@ export class TestProxy {
       (upRes) => {
         if (!this.mode.buffer) {
           res.writeHead(upRes.statusCode, upRes.headers);
-          upRes.pipe(res);
+          this.#pipe(upRes, res);
           return;
         }
         // A buffering proxy: nothing reaches the client until the response is complete.
@@ -202,8 +221,8 @@ export class TestProxy {
       for (let i = 0; i < req.rawHeaders.length; i += 2) head1 += `${req.rawHeaders[i]}: ${req.rawHeaders[i + 1]}\r\n`;
       up.write(head1 + "\r\n");
       if (head.length) up.write(head);
-      up.pipe(socket);
-      socket.pipe(up);
+      this.#pipe(up, socket);
+      this.#pipe(socket, up);
     });
     this.sockets.add(up);
     up.on("close", () => this.sockets.delete(up));
