@@ -103,6 +103,7 @@ function report(err) {
 function wire(c) {
   c.on("state", showTransport);
   c.on("connected", (ev) => {
+    window.connectedAt ??= performance.now(); // ms since navigation start (benchmarks)
     me = ev.userId;
     $("me-name").textContent = me;
     for (const r of ev.rooms) {

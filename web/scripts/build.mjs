@@ -12,6 +12,7 @@ import { tmpdir } from "node:os";
 import { join, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 import * as esbuild from "esbuild";
+import { generateSchema } from "./gen-schema.mjs";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 const check = process.argv.includes("--check");
@@ -20,7 +21,8 @@ const tmp = mkdtempSync(join(tmpdir(), "parley-web-build-"));
 
 const BANNER =
   "// parley browser SDK (web/ in the parley repository). Built by web/scripts/build.mjs from web/src;\n" +
-  "// do not edit. Bundles @bufbuild/protobuf (Apache-2.0, https://github.com/bufbuild/protobuf-es).";
+  "// do not edit. Bundles the binary reader/writer of @bufbuild/protobuf (Apache-2.0,\n" +
+  "// https://github.com/bufbuild/protobuf-es).";
 
 function listFiles(dir, base = dir) {
   if (!existsSync(dir)) return [];
@@ -48,6 +50,8 @@ try {
     stdio: "inherit",
     env: { ...process.env, PATH: `${join(root, "node_modules", ".bin")}:${process.env.PATH}` },
   });
+  const genDir = check ? join(tmp, "src", "gen") : join(root, "src", "gen");
+  await generateSchema(join(genDir, "parley", "v1", "frames_pb.ts"), join(genDir, "schema.ts"));
   if (check) {
     const diff = same(join(tmp, "src", "gen"), join(root, "src", "gen"));
     if (diff) throw new Error(`web/src/gen is stale against proto/ (${diff}): run \`npm run build\` in web/ and commit`);

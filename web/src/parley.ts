@@ -18,7 +18,10 @@
 //   sends carry a client message id and are retried until acknowledged.
 
 import { Backoff, BACKOFF_MAX_MS, BACKOFF_MIN_MS } from "./backoff.js";
-import type { Command, ServerFrame } from "./codec.js";
+import type { Command, Frame } from "./codec.js";
+import { kindOf } from "./codec.js";
+
+type ServerFrame = Frame;
 import { Sequencer } from "./sequencer.js";
 import {
   PollTransport,
@@ -219,44 +222,28 @@ const PROBE_MAX_MS = 10 * 60_000;
 const STABLE_MS = 10_000;
 const ALL: TransportName[] = ["websocket", "sse", "poll"];
 
-const num = (v: bigint | number | undefined): number => Number(v ?? 0);
+const num = (v: string | number | undefined): number => Number(v ?? 0);
 
-function toMessage(m: {
-  room: string;
-  seq: bigint;
-  sender: string;
-  clientMsgId: string;
-  body: string;
-  metadata: Record<string, string>;
-  ts: bigint;
-}): ChatMessage {
+function toMessage(m: Frame): ChatMessage {
   return {
     room: m.room,
     seq: num(m.seq),
-    sender: m.sender,
-    clientMsgId: m.clientMsgId,
-    body: m.body,
-    metadata: { ...m.metadata },
+    sender: m.sender ?? "",
+    clientMsgId: m.clientMsgId ?? "",
+    body: m.body ?? "",
+    metadata: { ...(m.metadata ?? {}) },
     ts: num(m.ts),
   };
 }
 
-function toRoom(r: {
-  room: string;
-  lastSeq: bigint;
-  readSeq: bigint;
-  unread: bigint;
-  private: boolean;
-  dmPeer: string;
-  members: bigint;
-}): RoomState {
+function toRoom(r: Frame): RoomState {
   return {
     room: r.room,
     lastSeq: num(r.lastSeq),
     readSeq: num(r.readSeq),
     unread: num(r.unread),
-    private: r.private,
-    dmPeer: r.dmPeer,
+    private: !!r.private,
+    dmPeer: r.dmPeer ?? "",
     members: num(r.members),
   };
 }
@@ -578,9 +565,9 @@ export class Parley {
 
   /** Synchronously on the `connected` frame, before any push after it. */
   #onConnected(frame: ServerFrame, t: Transport): void {
-    if (frame.kind.case !== "connected") return;
-    const c = frame.kind.value;
-    const resumed = c.resumed && c.sessionId === this.#sessionId;
+    const c = frame.connected;
+    if (!c) return;
+    const resumed = !!c.resumed && c.sessionId === this.#sessionId;
     if (!resumed) {
       this.#sessionId = c.sessionId;
       this.#lastPos = 0;
@@ -591,7 +578,7 @@ export class Parley {
     this.#userId = c.userId;
     this.stats.connects++;
     if (this.stats.firstConnectMs < 0) this.stats.firstConnectMs = Date.now() - this.#started;
-    const rooms = c.rooms.map(toRoom);
+    const rooms: RoomState[] = (c.rooms ?? []).map(toRoom);
     this.#memberRooms = new Set(rooms.map((r) => r.room));
     const behind: [string, number][] = [];
     for (const r of rooms) {
@@ -671,30 +658,26 @@ export class Parley {
       this.#lastPos = pos;
       this.#scheduleAck();
     }
-    const k = frame.kind;
-    switch (k.case) {
+    const kind = kindOf(frame);
+    const v = kind ? frame[kind] : undefined;
+    switch (kind) {
       case "message":
-        this.#deliver(toMessage(k.value));
+        this.#deliver(toMessage(v));
         break;
       case "typing":
-        this.#emit("typing", { room: k.value.room, user: k.value.user });
+        this.#emit("typing", { room: v.room ?? "", user: v.user ?? "" });
         break;
       case "presence":
-        this.#emit("presence", { user: k.value.user, online: k.value.online, lastSeen: num(k.value.lastSeen) });
+        this.#emit("presence", { user: v.user ?? "", online: !!v.online, lastSeen: num(v.lastSeen) });
         break;
       case "receipt":
-        this.#emit("receipt", {
-          room: k.value.room,
-          user: k.value.user,
-          seq: num(k.value.seq),
-          unread: num(k.value.unread),
-        });
+        this.#emit("receipt", { room: v.room ?? "", user: v.user ?? "", seq: num(v.seq), unread: num(v.unread) });
         break;
       case "signal":
-        this.#emit("signal", { fromUser: k.value.fromUser, kind: k.value.kind, payload: k.value.payload });
+        this.#emit("signal", { fromUser: v.fromUser ?? "", kind: v.kind ?? "", payload: v.payload ?? "" });
         break;
       case "membership": {
-        const m = k.value;
+        const m = { room: v.room ?? "", user: v.user ?? "", action: v.action ?? "", by: v.by ?? "" };
         if (m.user === this.#userId) {
           if (m.action === "left") this.#memberRooms.delete(m.room);
           else this.#memberRooms.add(m.room);
@@ -703,7 +686,7 @@ export class Parley {
         break;
       }
       case "announcement":
-        this.#emit("announcement", { room: k.value.room, body: k.value.body, ts: num(k.value.ts) });
+        this.#emit("announcement", { room: v.room ?? "", body: v.body ?? "", ts: num(v.ts) });
         break;
       default:
         break;
@@ -728,7 +711,7 @@ export class Parley {
         this.#ackTimer = undefined;
         if (this.#lastPos > this.#ackedPos && this.#current === t) {
           this.#ackedPos = this.#lastPos;
-          t.post({ case: "ack", value: { pos: BigInt(this.#lastPos) } } as Command);
+          t.post({ ack: { pos: String(this.#lastPos) } });
         }
       },
       t.name === "websocket" ? 1000 : 5000,
@@ -745,11 +728,10 @@ export class Parley {
     try {
       let from = after;
       for (;;) {
-        const k = await this.#call({ case: "sync", value: { rooms: { [room]: BigInt(from) } } } as Command);
-        if (k.case !== "sync") break;
-        const page = k.value.rooms.find((p) => p.room === room);
+        const k = await this.#call({ sync: { rooms: { [room]: String(from) } } });
+        const page = (k.sync?.rooms ?? []).find((p: Frame) => p.room === room);
         if (!page) break;
-        for (const m of page.messages) this.#deliver(toMessage(m));
+        for (const m of page.messages ?? []) this.#deliver(toMessage(m));
         const last = this.#seq.lastSeq(room) ?? from;
         if (!page.more || last <= from) break;
         from = last;
@@ -774,7 +756,7 @@ export class Parley {
   }
 
   /** Runs a command, retrying it on the next transport when the current one drops. */
-  async #call(cmd: Command, retry = true): Promise<ServerFrame["kind"]> {
+  async #call(cmd: Command, retry = true): Promise<Frame> {
     for (;;) {
       await this.#ready();
       if (this.#closed()) throw new ParleyError("client closed");
@@ -789,10 +771,8 @@ export class Parley {
         if (this.#current === t) await new Promise((r) => setTimeout(r, 50));
         continue;
       }
-      if (reply.kind.case === "error") {
-        throw new ParleyError(reply.kind.value.message, errorCodeName(reply.kind.value.code));
-      }
-      return reply.kind;
+      if (reply.error) throw new ParleyError(reply.error.message ?? "", errorCodeName(reply.error.code ?? 0));
+      return reply;
     }
   }
 
@@ -805,9 +785,7 @@ export class Parley {
         const t = this.#current;
         let reply: ServerFrame;
         try {
-          reply = await t.request(this.#nextId++, {
-            case: "send",
-            value: {
+          reply = await t.request(this.#nextId++, { send: {
               room: item.room,
               toUser: item.toUser,
               body: item.body,
@@ -821,13 +799,13 @@ export class Parley {
           return;
         }
         this.#outbox.shift();
-        const k = reply.kind;
-        if (k.case === "sent") {
-          item.resolve({ room: k.value.room, seq: num(k.value.seq), ts: num(k.value.ts), duplicate: k.value.duplicate });
-        } else if (k.case === "error") {
-          item.reject(new ParleyError(k.value.message, errorCodeName(k.value.code)));
+        if (reply.sent) {
+          const v = reply.sent;
+          item.resolve({ room: v.room ?? "", seq: num(v.seq), ts: num(v.ts), duplicate: !!v.duplicate });
+        } else if (reply.error) {
+          item.reject(new ParleyError(reply.error.message ?? "", errorCodeName(reply.error.code ?? 0)));
         } else {
-          item.reject(new ParleyError(`unexpected reply ${k.case}`));
+          item.reject(new ParleyError(`unexpected reply ${kindOf(reply)}`));
         }
       }
     } finally {
@@ -872,39 +850,39 @@ export class Parley {
 
   /** Joins (and creates on first join) a public room; resolves with its last seq. */
   async join(room: string): Promise<{ room: string; lastSeq: number }> {
-    const k = await this.#call({ case: "join", value: { room } } as Command);
-    if (k.case !== "joined") throw new ParleyError(`unexpected reply ${k.case}`);
-    const lastSeq = num(k.value.lastSeq);
+    const k = await this.#call({ join: { room } });
+    if (!k.joined) throw new ParleyError(`unexpected reply ${kindOf(k)}`);
+    const lastSeq = num(k.joined.lastSeq);
     this.#seq.baseline(room, lastSeq);
     this.#memberRooms.add(room);
     return { room, lastSeq };
   }
 
   async leave(room: string): Promise<void> {
-    await this.#call({ case: "leave", value: { room } } as Command);
+    await this.#call({ leave: { room } });
     this.#memberRooms.delete(room);
   }
 
   async createRoom(room: string, opts: { private?: boolean } = {}): Promise<RoomState> {
-    const k = await this.#call({ case: "createRoom", value: { room, private: !!opts.private } } as Command);
-    if (k.case !== "room") throw new ParleyError(`unexpected reply ${k.case}`);
+    const k = await this.#call({ createRoom: { room, private: !!opts.private } });
+    if (!k.room) throw new ParleyError(`unexpected reply ${kindOf(k)}`);
     this.#seq.baseline(room, 0);
-    return toRoom(k.value);
+    return toRoom(k.room);
   }
 
   async invite(room: string, user: string): Promise<void> {
-    await this.#call({ case: "invite", value: { room, user } } as Command);
+    await this.#call({ invite: { room, user } });
   }
 
   async members(room: string): Promise<string[]> {
-    const k = await this.#call({ case: "members", value: { room } } as Command);
-    return k.case === "members" ? [...k.value.users] : [];
+    const k = await this.#call({ members: { room } });
+    return [...(k.members?.users ?? [])];
   }
 
   /** The user's rooms with last seq, read marker and unread count. */
   async rooms(): Promise<RoomState[]> {
-    const k = await this.#call({ case: "rooms", value: {} } as Command);
-    return k.case === "rooms" ? k.value.rooms.map(toRoom) : [];
+    const k = await this.#call({ rooms: {} });
+    return (k.rooms?.rooms ?? []).map(toRoom);
   }
 
   /**
@@ -912,49 +890,47 @@ export class Parley {
    * `before` (scrollback), or those after `after`.
    */
   async history(room: string, opts: { before?: number; after?: number; limit?: number } = {}): Promise<HistoryPage> {
-    const k = await this.#call({
-      case: "history",
-      value: {
+    const k = await this.#call({ history: {
         room,
-        beforeSeq: BigInt(opts.before ?? 0),
-        afterSeq: BigInt(opts.after ?? 0),
+        beforeSeq: String(opts.before ?? 0),
+        afterSeq: String(opts.after ?? 0),
         limit: opts.limit ?? 0,
       },
     } as Command);
-    if (k.case !== "history") throw new ParleyError(`unexpected reply ${k.case}`);
-    return { room: k.value.room, messages: k.value.messages.map(toMessage), more: k.value.more };
+    if (!k.history) throw new ParleyError(`unexpected reply ${kindOf(k)}`);
+    const h = k.history;
+    return { room: h.room ?? room, messages: (h.messages ?? []).map(toMessage), more: !!h.more };
   }
 
   /** Moves the read marker (only forward). */
   async markRead(room: string, seq: number): Promise<void> {
-    await this.#call({ case: "read", value: { room, seq: BigInt(seq) } } as Command);
+    await this.#call({ read: { room, seq: String(seq) } });
   }
 
   /** Tells the room's other members the user is typing. Ephemeral: not retried, errors ignored. */
   async typing(room: string): Promise<void> {
     if (this.#state !== "connected") return;
     try {
-      await this.#call({ case: "typing", value: { room } } as Command, false);
+      await this.#call({ typing: { room } }, false);
     } catch {
       /* rate-limited or disconnected: typing is best effort */
     }
   }
 
   async presence(users: string[]): Promise<PresenceEvent[]> {
-    const k = await this.#call({ case: "presence", value: { users } } as Command);
-    if (k.case !== "presenceList") return [];
-    return k.value.users.map((p) => ({ user: p.user, online: p.online, lastSeen: num(p.lastSeen) }));
+    const k = await this.#call({ presence: { users } });
+    return (k.presenceList?.users ?? []).map((p: Frame) => ({ user: p.user ?? "", online: !!p.online, lastSeen: num(p.lastSeen) }));
   }
 
   /** Hands a payload (WebRTC offer/answer/ICE …) to another user's connected sessions. */
   async signal(toUser: string, kind: string, payload: string): Promise<void> {
-    await this.#call({ case: "signal", value: { toUser, kind, payload } } as Command);
+    await this.#call({ signal: { toUser, kind, payload } });
   }
 
   /** Application-level ping; resolves with the round trip in ms. */
   async ping(): Promise<number> {
     const start = Date.now();
-    await this.#call({ case: "ping", value: {} } as Command, false);
+    await this.#call({ ping: {} }, false);
     return Date.now() - start;
   }
 }

@@ -10,16 +10,11 @@
 //   server, dropped, or silent for longer than its heartbeat bound.
 // - `request()` runs one command and resolves with its reply frame.
 
-import {
-  clientFrame,
-  decodeServer,
-  encodeClient,
-  serverFromJson,
-  type ClientFrame,
-  type Command,
-  type Encoding,
-  type ServerFrame,
-} from "./codec.js";
+import { clientFrame, decodeServer, encodeClient, type Command, type Encoding, type Frame } from "./codec.js";
+
+type ServerFrame = Frame;
+type ClientFrame = Frame;
+const serverFromJson = (json: unknown): Frame => json as Frame;
 
 export type TransportName = "websocket" | "sse" | "poll";
 
@@ -83,9 +78,9 @@ export interface Transport {
 const CONNECT_ID = 1;
 
 function errorOf(frame: ServerFrame): TransportError | undefined {
-  if (frame.kind.case !== "error") return undefined;
-  const code = errorCodeName(frame.kind.value.code);
-  return new TransportError(frame.kind.value.message || code, code);
+  if (!frame.error) return undefined;
+  const code = errorCodeName(frame.error.code ?? 0);
+  return new TransportError(frame.error.message || code, code);
 }
 
 /** The wire name of an error code ("ERROR_CODE_NOT_MEMBER"). */
@@ -116,10 +111,9 @@ const ERROR_CODES = [
 ];
 
 function connectCmd(a: ConnectArgs): Command {
-  return {
-    case: "connect",
-    value: { token: a.token, sessionId: a.sessionId, lastPos: BigInt(a.lastPos) },
-  } as Command;
+  const connect: Command = { token: a.token };
+  if (a.sessionId) Object.assign(connect, { sessionId: a.sessionId, lastPos: String(a.lastPos) });
+  return { connect };
 }
 
 /** Watches for silence: calls `dead` when nothing was heard for `limitMs`. */
@@ -211,24 +205,24 @@ export class WebSocketTransport implements Transport {
           }
           this.watchdog?.heard();
           if (!this.opened) {
-            if (frame.id !== BigInt(CONNECT_ID) || frame.pos !== 0n) return;
+            if (Number(frame.id ?? 0) !== CONNECT_ID || frame.pos) return;
             const err = errorOf(frame);
-            if (err || frame.kind.case !== "connected") {
+            if (err || !frame.connected) {
               this.close();
               reject(err ?? new TransportError("websocket: unexpected reply to connect"));
               return;
             }
             this.opened = true;
-            this.startHeartbeat(frame.kind.value.heartbeatMs);
+            this.startHeartbeat(frame.connected.heartbeatMs ?? 0);
             this.hooks.connected(frame, this);
             resolve(frame);
             return;
           }
-          if (frame.kind.case === "disconnect") {
-            const d = frame.kind.value;
-            this.disconnect = { code: d.code, reason: d.reason, reconnect: d.reconnect };
+          if (frame.disconnect) {
+            const d = frame.disconnect;
+            this.disconnect = { code: d.code, reason: d.reason ?? "", reconnect: !!d.reconnect };
           }
-          if (frame.pos === 0n && frame.id !== 0n) {
+          if (!frame.pos && frame.id) {
             const p = this.pending.get(Number(frame.id));
             if (p) {
               this.pending.delete(Number(frame.id));
@@ -273,7 +267,7 @@ export class WebSocketTransport implements Transport {
   }
 
   private ping(): void {
-    this.write(clientFrame(this.pingId--, { case: "ping", value: {} } as Command));
+    this.write(clientFrame(this.pingId--, { ping: {} }));
   }
 
   checkAlive(): void {
@@ -503,14 +497,14 @@ export class SseTransport extends HttpTransport {
     }
     if (!this.opened) {
       const err = errorOf(frame);
-      if (err || frame.kind.case !== "connected") {
+      if (err || !frame.connected) {
         this.close();
         reject(err ?? new TransportError("sse: stream did not start with connected"));
         return;
       }
       this.opened = true;
-      this.sessionId = frame.kind.value.sessionId;
-      const hb = frame.kind.value.heartbeatMs || 15_000;
+      this.sessionId = frame.connected.sessionId;
+      const hb = frame.connected.heartbeatMs || 15_000;
       this.watchdog = new Watchdog(hb + this.timing.pongTimeoutMs, () =>
         this.fail("heartbeat timeout: stream silent"),
       );
@@ -519,9 +513,9 @@ export class SseTransport extends HttpTransport {
       resolve(frame);
       return;
     }
-    if (frame.kind.case === "disconnect") {
-      const d = frame.kind.value;
-      this.lastDisconnect = { code: d.code, reason: d.reason, reconnect: d.reconnect };
+    if (frame.disconnect) {
+      const d = frame.disconnect;
+      this.lastDisconnect = { code: d.code, reason: d.reason ?? "", reconnect: !!d.reconnect };
     }
     this.hooks.frame(frame, this);
   }
@@ -559,10 +553,10 @@ export class PollTransport extends HttpTransport {
       throw e instanceof TransportError ? e : new TransportError(`poll: ${String(e)}`);
     });
     const err = errorOf(frame);
-    if (err || frame.kind.case !== "connected") throw err ?? new TransportError("poll: unexpected reply");
+    if (err || !frame.connected) throw err ?? new TransportError("poll: unexpected reply");
     this.opened = true;
-    this.sessionId = frame.kind.value.sessionId;
-    this.cursor = frame.kind.value.resumed ? args.lastPos : 0;
+    this.sessionId = frame.connected.sessionId;
+    this.cursor = frame.connected.resumed ? args.lastPos : 0;
     this.hooks.connected(frame, this);
     queueMicrotask(() => this.loop());
     return frame;
@@ -587,11 +581,11 @@ export class PollTransport extends HttpTransport {
         for (const json of frames) {
           if (this.done) return;
           const frame = serverFromJson(json as never);
-          if (frame.pos > BigInt(this.cursor)) this.cursor = Number(frame.pos);
-          if (frame.kind.case === "disconnect") {
-            const d = frame.kind.value;
+          if (Number(frame.pos ?? 0) > this.cursor) this.cursor = Number(frame.pos);
+          if (frame.disconnect) {
+            const d = frame.disconnect;
             this.hooks.frame(frame, this);
-            return this.fail(d.reason, d.code, d.reconnect);
+            return this.fail(d.reason ?? "", d.code, !!d.reconnect);
           }
           this.hooks.frame(frame, this);
         }

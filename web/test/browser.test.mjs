@@ -230,7 +230,8 @@ describe("browser", () => {
       await say(bob, "while on sse");
       await waitShown(alice, "while on sse");
       proxy.mode.ws = "pass"; // the WebSocket problem goes away
-      await alice.waitForSelector('#transport[data-transport="websocket"][data-state="connected"]', { timeout: 5000 });
+      // Probes come 1.5 s after connecting, then 3 s, 6 s … after each failed one.
+      await alice.waitForSelector('#transport[data-transport="websocket"][data-state="connected"]', { timeout: 10_000 });
       await say(bob, "after the switch");
       await waitShown(alice, "after the switch");
       await say(alice, "from alice over websocket");

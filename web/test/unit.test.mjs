@@ -3,13 +3,13 @@
 // send retry against a scripted in-memory WebSocket. The TypeScript sources are bundled
 // with esbuild into a temp dir first, so the tests run the code the build ships.
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 import { after, before, describe, test } from "node:test";
 import * as esbuild from "esbuild";
-import { WEB } from "./helpers.mjs";
+import { REPO, WEB } from "./helpers.mjs";
 
 let mod;
 const out = mkdtempSync(join(tmpdir(), "parley-unit-"));
@@ -22,8 +22,30 @@ before(async () => {
     platform: "neutral",
     logLevel: "warning",
   });
+  // The SDK's codec next to the reference implementation (protobuf-es reflection) for
+  // cross-checking; the SDK bundle itself ships only the tables and the wire reader/writer.
+  writeFileSync(
+    join(out, "codec-entry.mjs"),
+    `export { encodeProto, decodeProto } from ${JSON.stringify(join(WEB, "src/wire.ts"))};
+     export { ClientFrameSchema, ServerFrameSchema } from ${JSON.stringify(join(WEB, "src/gen/parley/v1/frames_pb.ts"))};
+     export { fromJson, toJson, toBinary, fromBinary } from "@bufbuild/protobuf";`,
+  );
+  await esbuild.build({
+    entryPoints: { codec: join(out, "codec-entry.mjs") },
+    outdir: out,
+    bundle: true,
+    format: "esm",
+    platform: "neutral",
+    nodePaths: [join(WEB, "node_modules")],
+    logLevel: "warning",
+  });
   const load = (n) => import(pathToFileURL(join(out, `${n}.js`)).href);
-  mod = { ...(await load("backoff")), ...(await load("sequencer")), Parley: (await load("parley")).Parley };
+  mod = {
+    ...(await load("backoff")),
+    ...(await load("sequencer")),
+    Parley: (await load("parley")).Parley,
+    codec: await load("codec"),
+  };
 });
 after(() => rmSync(out, { recursive: true, force: true }));
 
@@ -53,6 +75,52 @@ describe("backoff", () => {
   test("delays are spread out (jitter), not all equal", () => {
     const seen = new Set(Array.from({ length: 20 }, () => Math.round(mod.backoffDelay(5, 500, 20_000))));
     assert.ok(seen.size > 10, `spread: ${[...seen]}`);
+  });
+});
+
+describe("protobuf codec", () => {
+  // Every JSON example in docs/PROTOCOL.md (the frames the server is tested against),
+  // plus frames that exercise what the examples do not.
+  function examples() {
+    const doc = readFileSync(join(REPO, "docs/PROTOCOL.md"), "utf8");
+    const out = [];
+    for (const m of doc.matchAll(/```json (client|server) [^\n]*\n([\s\S]*?)```/g)) {
+      out.push([m[1] === "client" ? "ClientFrame" : "ServerFrame", JSON.parse(m[2].replaceAll('"$ANY"', '"1"'))]);
+    }
+    return out;
+  }
+  const extra = [
+    ["ServerFrame", { disconnect: { code: 4001, reason: "unauthorized", reconnect: true } }],
+    ["ServerFrame", { pos: "18446744073709551615", message: { room: "r", seq: "9007199254740993", sender: "é", body: "héllo ✓ 🎉", ts: "1764230400000", metadata: { a: "1", "ü": "" } } }],
+    ["ServerFrame", { id: "7", error: { code: "ERROR_CODE_SESSION_NOT_FOUND", message: "gone" } }],
+    ["ServerFrame", { id: "2", sync: { rooms: [{ room: "a", more: true }, { room: "b", messages: [{ room: "b", seq: "1" }] }] } }],
+    ["ServerFrame", { id: "3", presenceList: { users: [{ user: "x", online: true }, { user: "y", lastSeen: "12" }] } }],
+    ["ServerFrame", { id: "4", done: {} }],
+    ["ClientFrame", { id: "5", sync: { rooms: { a: "0", b: "42" }, limit: 10 } }],
+    ["ClientFrame", { id: "6", history: { room: "a", beforeSeq: "10", afterSeq: "0", limit: 5 } }],
+    ["ClientFrame", { ack: { pos: "3" } }],
+    ["ClientFrame", { id: "8", presence: { users: ["a", "b", "c"] } }],
+  ];
+
+  test("agrees with the reference implementation both ways, on every documented frame", () => {
+    const c = mod.codec;
+    const all = [...examples(), ...extra];
+    assert.ok(all.length > 60, `examples found: ${all.length}`);
+    for (const [name, json] of all) {
+      const schema = name === "ClientFrame" ? c.ClientFrameSchema : c.ServerFrameSchema;
+      const ref = c.fromJson(schema, json, { ignoreUnknownFields: true });
+      const canonical = c.toJson(schema, ref);
+      const mine = c.encodeProto(name, json);
+      assert.deepEqual(c.toJson(schema, c.fromBinary(schema, mine)), canonical, `encode ${JSON.stringify(json)}`);
+      assert.deepEqual(c.decodeProto(name, c.toBinary(schema, ref)), canonical, `decode ${JSON.stringify(json)}`);
+    }
+  });
+
+  test("skips unknown fields", () => {
+    const c = mod.codec;
+    // ServerFrame{ id: 1, field 99 (string "x"), pong: { ts: 5 } }
+    const bytes = Uint8Array.from([0x08, 0x01, 0x9a, 0x06, 0x01, 0x78, 0x8a, 0x01, 0x02, 0x08, 0x05]);
+    assert.deepEqual(c.decodeProto("ServerFrame", bytes), { id: "1", pong: { ts: "5" } });
   });
 });
 
