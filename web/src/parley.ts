@@ -305,6 +305,7 @@ export class Parley {
   #probeTimer: ReturnType<typeof setTimeout> | undefined;
   #needFreshToken = false;
   #probing: Transport | undefined;
+  #probeDrop: Closed | undefined;
   #running = false;
   #onWake = () => this.#wakeUp();
   #onVisibility = () => {
@@ -485,7 +486,11 @@ export class Parley {
         if (t === this.#current) this.#onFrame(f);
       },
       closed: (why, t) => {
-        if (t === this.#current) this.#dropped?.(why);
+        if (t !== this.#current) return;
+        // A WebSocket probe resuming the session makes the server close the old
+        // transport with 4010 before the probe's own `connected` arrives: not a drop.
+        if (why.code === 4010 && this.#probing) this.#probeDrop = why;
+        else this.#dropped?.(why);
       },
     };
     if (name === "websocket") {
@@ -632,6 +637,12 @@ export class Parley {
       await ws.open({ token, sessionId: this.#sessionId, lastPos: this.#lastPos });
     } catch {
       this.#probing = undefined;
+      const dropped = this.#probeDrop;
+      this.#probeDrop = undefined;
+      if (dropped && this.#current === old) {
+        this.#dropped?.(dropped); // the old transport did lose the session: reconnect
+        return;
+      }
       if (this.#current === old) {
         this.#probeDelay = Math.min(this.#probeDelay * 2, PROBE_MAX_MS);
         this.#probeTimer = setTimeout(() => void this.#probe(), this.#probeDelay);
@@ -639,6 +650,7 @@ export class Parley {
       return;
     }
     this.#probing = undefined;
+    this.#probeDrop = undefined;
     if (this.#current !== ws) {
       ws.close();
       return;
