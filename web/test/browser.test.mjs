@@ -201,12 +201,14 @@ describe("browser", () => {
         const frozenAt = Date.now();
         proxy.freeze(); // nothing closes: only silence tells
         await say(bob, "sent into the void");
-        await waitFor("alice notices", async () => (await transportOf(alice)).state !== "connected", 6000, 20);
+        await waitFor("alice notices", async () => (await transportOf(alice)).state !== "connected", 8000, 20);
         const detectedMs = Date.now() - frozenAt;
         await alice.waitForSelector('#transport[data-state="connected"]', { timeout: 5000 });
         await waitShown(alice, "sent into the void");
         console.log(`# ${transport}: silence detected after ${detectedMs} ms (bound: heartbeat 1000 + 1000 ms)`);
-        assert.ok(detectedMs >= 900 && detectedMs < 3500, `detected after ${detectedMs} ms`);
+        // Nominal: 1 s interval + 1 s allowance + up to one 0.5 s watchdog tick; slack for
+        // a loaded machine. Without heartbeats nothing would ever notice (nothing closes).
+        assert.ok(detectedMs >= 900 && detectedMs < 5000, `detected after ${detectedMs} ms`);
         const stats = await alice.evaluate(() => window.parley.stats);
         assert.equal(stats.resumes, 1, `the session was resumed: ${JSON.stringify(stats)}`);
         await say(alice, "back");
@@ -274,6 +276,7 @@ describe("browser", () => {
       });
       await page.waitForSelector('#transport[data-state="connected"]', { timeout: 5000 });
       const ms = Date.now() - shownAt;
+      console.log(`# hidden page: reconnected ${ms} ms after being shown`);
       assert.ok(ms < 2000, `reconnected ${ms} ms after being shown`);
       assert.equal(await page.evaluate(() => window.parley.stats.attempts), before + 1);
       assert.deepEqual(page.errors, []);
