@@ -96,6 +96,28 @@ describe("browser", () => {
     }
   });
 
+  test("history scrollback loads older pages, in order, without duplicates", async () => {
+    const server = await new ParleyServer().start();
+    try {
+      const first = await openChat(browser, server.url, "fred"); // creates the lobby
+      await first.waitForSelector('#room-title:text-is("# lobby")');
+      for (let i = 1; i <= 45; i++) await server.post("lobby", `old ${i}`, `old-${i}`);
+      const page = await openChat(browser, server.url, "gina");
+      await waitShown(page, "old 45");
+      let list = await shown(page);
+      assert.deepEqual(list.map((m) => m.seq), Array.from({ length: 30 }, (_, i) => 16 + i), "the newest page");
+      assert.equal(await page.isVisible("#older"), true, "more to load");
+      await page.$eval("#messages", (box) => (box.scrollTop = 0)); // scrolling up loads more
+      await waitShown(page, "old 1");
+      list = await shown(page);
+      assert.deepEqual(list.map((m) => m.seq), Array.from({ length: 45 }, (_, i) => 1 + i));
+      assert.equal(await page.isVisible("#older"), false, "the beginning of the room");
+      for (const p of [first, page]) await p.context().close();
+    } finally {
+      await server.stop();
+    }
+  });
+
   for (const [name, mode, want, bound] of [
     ["refused WebSocket upgrades fall back to SSE", { ws: "refuse" }, "sse", 2000],
     ["a black-holed WebSocket falls back to SSE", { ws: "blackhole" }, "sse", CONNECT_TIMEOUT_MS + 2000],
