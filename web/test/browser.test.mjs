@@ -89,6 +89,10 @@ describe("browser", () => {
       const phone = await openChat(browser, server.url, "carol", "", { width: 390, height: 780 });
       await waitShown(phone, "how are you?");
       await phone.screenshot({ path: join(ARTIFACTS, "demo-phone.png") });
+      await phone.click("#menu"); // the room list slides in over the chat
+      await phone.waitForSelector("#sidebar.open");
+      await sleep(300); // the slide-in transition
+      await phone.screenshot({ path: join(ARTIFACTS, "demo-phone-rooms.png") });
       for (const p of [alice, bob, phone]) assert.deepEqual(p.errors, []);
       for (const p of [alice, bob, phone]) await p.context().close();
     } finally {
