@@ -17,6 +17,9 @@ RUN mkdir -p src benches bench/src \
     && rm -rf src benches
 COPY src src
 COPY benches benches
+# The browser SDK build and demo page that src/web.rs embeds (include_str!).
+COPY web/dist web/dist
+COPY web/demo web/demo
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked -p parley --bin parley
 
 FROM debian:bookworm-slim

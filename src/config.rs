@@ -29,6 +29,7 @@ pub struct Config {
     pub sse: SseConfig,
     pub poll: PollConfig,
     pub tls: TlsConfig,
+    pub web: WebConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -120,6 +121,31 @@ pub struct TlsConfig {
     pub cert_file: Option<String>,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key_file: Option<String>,
+}
+
+/// The browser SDK and demo page (`src/web.rs`). The SDK (`/sdk/parley.js`) is always
+/// served.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebConfig {
+    /// Serve the demo chat page at `/`.
+    pub demo: bool,
+    /// Development mode: `POST /api/v1/dev/token` mints a token for any user name. Never
+    /// in production.
+    pub dev_tokens: bool,
+    /// Lifetime of a development token.
+    #[serde(with = "humantime_serde")]
+    pub dev_token_ttl: Duration,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        Self {
+            demo: true,
+            dev_tokens: false,
+            dev_token_ttl: Duration::from_secs(3600),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -23,3 +23,4 @@ pub mod server;
 pub mod session;
 pub mod store;
 pub mod transport;
+pub mod web;

@@ -100,6 +100,7 @@ pub fn router(state: Ctx) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(transport::api::routes())
+        .merge(crate::web::routes(&state.core.config))
         .layer(body_limit)
         .with_state(state)
 }

@@ -25,6 +25,8 @@ fn rank(module: &str) -> Option<usize> {
     // store and broker share a layer: neither may import the other.
     let rank = match module {
         "broker" => LAYERS.iter().position(|m| *m == "store"),
+        // The browser SDK and demo page are served beside the transports.
+        "web" => LAYERS.iter().position(|m| *m == "transport"),
         other => LAYERS.iter().position(|m| *m == other),
     };
     rank.filter(|_| !module.is_empty())
