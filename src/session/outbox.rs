@@ -65,6 +65,37 @@ pub struct OutboxConfig {
     pub coalesce: Duration,
 }
 
+/// [`OutboxConfig`] in milliseconds (`NONE` = off).
+struct Timers {
+    idle_ms: u32,
+    silence_ms: u32,
+    coalesce_ms: u32,
+    connect_deadline: Option<Instant>,
+}
+
+impl Timers {
+    const NONE: u32 = u32::MAX;
+
+    fn ms(d: Option<Duration>) -> u32 {
+        d.map_or(Self::NONE, |d| {
+            d.as_millis().min(u32::MAX as u128 - 1) as u32
+        })
+    }
+
+    fn get(ms: u32) -> Option<Duration> {
+        (ms != Self::NONE).then(|| Duration::from_millis(ms.into()))
+    }
+
+    fn from(c: &OutboxConfig) -> Self {
+        Self {
+            idle_ms: Self::ms(c.idle),
+            silence_ms: Self::ms(c.silence_limit),
+            coalesce_ms: Self::ms(Some(c.coalesce).filter(|d| !d.is_zero())),
+            connect_deadline: c.connect_deadline,
+        }
+    }
+}
+
 pub struct Outbox {
     conn: Conn,
     replies: VecDeque<ServerFrame>,
@@ -73,7 +104,8 @@ pub struct Outbox {
     later: Option<Box<FuturesOrdered<LaterReply>>>,
     closing: Option<CloseReason>,
     closed: bool,
-    config: OutboxConfig,
+    /// The timers, compact (every byte here is paid by every idle connection).
+    timers: Timers,
     next_idle: Option<Instant>,
     /// Until when pushes wait to leave together (see `OutboxConfig::coalesce`).
     coalescing: Option<Instant>,
@@ -91,8 +123,8 @@ impl Outbox {
             closing: None,
             closed: false,
             next_idle: config.idle.map(|d| now + d),
+            timers: Timers::from(&config),
             coalescing: None,
-            config,
             last_seen: now,
             shutdown,
         }
@@ -196,6 +228,11 @@ impl Outbox {
                 return std::future::pending().await;
             }
             if let Some(frame) = self.replies.pop_front() {
+                if self.replies.is_empty() {
+                    // Give the buffer back: most connections queue a reply now and then,
+                    // and an idle one should not keep room for four.
+                    self.replies = VecDeque::new();
+                }
                 return Out::Frame(frame);
             }
             if let Some(why) = self.closing.take() {
@@ -227,7 +264,7 @@ impl Outbox {
             // One timer for every deadline (an idle connection holds one timer, not
             // three): connect, idle, and the end of a coalescing pause.
             let connect_deadline = self
-                .config
+                .timers
                 .connect_deadline
                 .filter(|_| !self.conn.is_connected());
             let wake = [connect_deadline, self.next_idle, self.coalescing]
@@ -241,8 +278,8 @@ impl Outbox {
                 Event::Shutdown => self.close(CloseReason::ShuttingDown),
                 Event::Reply(reply) => return Out::Frame(reply),
                 Event::Woken => {
-                    if !self.config.coalesce.is_zero() {
-                        self.coalescing = Some(Instant::now() + self.config.coalesce);
+                    if let Some(coalesce) = Timers::get(self.timers.coalesce_ms) {
+                        self.coalescing = Some(Instant::now() + coalesce);
                     }
                 }
                 Event::Timer => {
@@ -259,15 +296,13 @@ impl Outbox {
                         // The end of a coalescing pause (or an early wake-up).
                         continue;
                     }
-                    if self
-                        .config
-                        .silence_limit
+                    if Timers::get(self.timers.silence_ms)
                         .is_some_and(|limit| self.last_seen.elapsed() >= limit)
                     {
                         self.close(CloseReason::HeartbeatTimeout);
                         continue;
                     }
-                    self.next_idle = self.config.idle.map(|d| now + d);
+                    self.next_idle = Timers::get(self.timers.idle_ms).map(|d| now + d);
                     return Out::Idle;
                 }
             }
