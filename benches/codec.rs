@@ -147,7 +147,7 @@ impl Room {
         let sessions = (0..n)
             .map(|i| {
                 let user = format!("u{i}");
-                let s = core.sessions.create(&user);
+                let s = core.sessions.create(&user).expect("no session limit here");
                 hub.attach(s.clone());
                 hub.joined(&user, ROOM);
                 let a = s.attach().expect("fresh session attaches");

@@ -9,7 +9,7 @@
 //! 4. `chat` — the domain: rooms, messages, typing, presence, ordering;
 //! 5. `store`, `broker` — the durable log and fan-out between instances;
 //! 6. `delivery` — targets, recipients and the local hub that `chat` and `broker` share;
-//! 7. `auth`, `codec`, `config`, `metrics`, `proto` — foundations.
+//! 7. `auth`, `codec`, `config`, `metrics`, `proto`, `ratelimit` — foundations.
 
 pub mod auth;
 pub mod broker;
@@ -19,6 +19,7 @@ pub mod config;
 pub mod delivery;
 pub mod metrics;
 pub mod proto;
+pub mod ratelimit;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -37,7 +37,8 @@ use crate::{
     session::{Core, Sessions},
     store::{StoreError, sqlite::SqliteStore},
     transport::{
-        self, Ctx,
+        self, Ctx, PeerIp,
+        admission::{Admission, Refusal},
         deadline::{DeadlineIo, WriteDeadline},
     },
 };
@@ -68,8 +69,12 @@ pub fn build_core(config: Config) -> Result<Arc<Core>, ServerError> {
     let hub = Arc::new(Hub::new());
     let store = Arc::new(SqliteStore::open(&config.store)?);
     let broker = Arc::new(LocalBroker::new(hub.clone()));
-    let chat = Arc::new(Chat::new(store, broker, hub, config.chat.clone()));
-    let sessions = Arc::new(Sessions::new(config.session.clone(), chat.clone()));
+    let chat =
+        Arc::new(Chat::new(store, broker, hub, config.chat.clone()).with_limits(&config.limits));
+    let sessions = Arc::new(
+        Sessions::new(config.session.clone(), chat.clone())
+            .with_max_per_user(config.limits.max_sessions_per_user),
+    );
     Ok(Arc::new(Core {
         auth: Authenticator::new(&config.auth)?,
         tickets: crate::session::tickets::Tickets::new(config.auth.ticket_ttl),
@@ -204,15 +209,38 @@ fn cors(config: Arc<Config>) -> CorsLayer {
         .max_age(std::time::Duration::from_secs(600))
 }
 
+/// Answers a refused connection with its error (plain HTTP only: a TLS client would not
+/// understand it, and just sees the connection closed) and closes it.
+fn refuse(mut tcp: tokio::net::TcpStream, refusal: Refusal, tls: bool) {
+    tracing::debug!(?refusal, "connection refused");
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        if !tls {
+            let write = async {
+                tcp.write_all(&refusal.response()).await?;
+                tcp.shutdown().await
+            };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), write).await;
+        }
+    });
+}
+
 /// Serves one accepted connection: HTTP/1.1 or HTTP/2 (by ALPN, or the h2c preface),
 /// with upgrades (WebSocket) and extended CONNECT (RFC 8441, WebSocket over HTTP/2).
-async fn serve_connection<I>(io: I, app: Router, watcher: Watcher, deadline: WriteDeadline)
-where
+async fn serve_connection<I>(
+    io: I,
+    app: Router,
+    watcher: Watcher,
+    deadline: WriteDeadline,
+    peer: PeerIp,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    // Handlers see the connection's write deadline (SSE and WebSocket set their own).
+    // Handlers see the connection's write deadline (SSE and WebSocket set their own) and
+    // the peer address (per-IP limits).
     let app = tower::ServiceExt::map_request(app, move |mut req: axum::extract::Request<_>| {
         req.extensions_mut().insert(deadline.clone());
+        req.extensions_mut().insert(peer);
         req
     });
     let service = TowerToHyperService::new(app);
@@ -245,12 +273,14 @@ impl Server {
         let addr = listener
             .local_addr()
             .map_err(|source| ServerError::Bind { addr, source })?;
+        let config_limits = config.limits.clone();
         let core = build_core(config)?;
         let state = Ctx {
             core,
             draining: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            admission: Arc::new(Admission::new(&config_limits)),
         };
         let maintenance = spawn_maintenance(state.core.clone());
         let app = router(state.clone()).layer(cors(state.core.config.clone()));
@@ -273,7 +303,7 @@ impl Server {
         let task = tokio::spawn(async move {
             let graceful = GracefulShutdown::new();
             loop {
-                let (tcp, _peer) = tokio::select! {
+                let (tcp, peer) = tokio::select! {
                     _ = s.shutdown.cancelled() => break,
                     accepted = listener.accept() => match accepted {
                         Ok(pair) => pair,
@@ -286,14 +316,24 @@ impl Server {
                     },
                 };
                 let _ = tcp.set_nodelay(true);
+                let slot = match s.admission.admit(peer.ip()) {
+                    Ok(slot) => slot,
+                    Err(refusal) => {
+                        refuse(tcp, refusal, tls.is_some());
+                        continue;
+                    }
+                };
                 let (app, watcher, tls) = (app.clone(), graceful.watcher(), tls.clone());
                 let deadline = WriteDeadline::new(write_timeout);
-                let io = DeadlineIo::new(tcp, deadline.clone());
+                let io = DeadlineIo::new(tcp, deadline.clone()).with_slot(slot);
+                let peer = PeerIp(peer.ip());
                 tokio::spawn(async move {
                     match tls {
-                        None => serve_connection(io, app, watcher, deadline).await,
+                        None => serve_connection(io, app, watcher, deadline, peer).await,
                         Some(acceptor) => match acceptor.accept(io).await {
-                            Ok(stream) => serve_connection(stream, app, watcher, deadline).await,
+                            Ok(stream) => {
+                                serve_connection(stream, app, watcher, deadline, peer).await
+                            }
                             Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
                         },
                     }

@@ -43,6 +43,9 @@ fn start(db: &Path) -> Proc {
         ])
         .env("PARLEY_STORE__PATH", db)
         .env("PARLEY_AUTH__JWT_SECRET", SECRET)
+        // Hundreds of acked sends as fast as the store takes them: no send limit.
+        .env("PARLEY_LIMITS__SENDS_PER_SECOND", "0")
+        .env("PARLEY_LIMITS__SENDS_BURST", "0")
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())

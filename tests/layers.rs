@@ -5,10 +5,11 @@
 use std::{collections::BTreeMap, path::Path};
 
 /// Layers, lowest first. Within the foundations the order is their dependency order.
-const LAYERS: [&str; 13] = [
+const LAYERS: [&str; 14] = [
     "proto",
     "codec",
     "metrics",
+    "ratelimit",
     "config",
     "auth",
     "delivery",

@@ -2,6 +2,22 @@
 //! from `/proc/<pid>`, and — when asked — a parley server spawned, pinned to a core and
 //! killed again by the generator itself.
 
+/// The `[limits]` options a spawned server gets set to 0 (off).
+const LIMITS_OFF: [&str; 12] = [
+    "PARLEY_LIMITS__MAX_CONNECTIONS",
+    "PARLEY_LIMITS__MAX_CONNECTIONS_PER_IP",
+    "PARLEY_LIMITS__CONNECTS_PER_IP_PER_SECOND",
+    "PARLEY_LIMITS__CONNECTS_PER_IP_BURST",
+    "PARLEY_LIMITS__TICKETS_PER_IP_PER_SECOND",
+    "PARLEY_LIMITS__TICKETS_PER_IP_BURST",
+    "PARLEY_LIMITS__MAX_SESSIONS_PER_USER",
+    "PARLEY_LIMITS__MAX_ROOMS_PER_USER",
+    "PARLEY_LIMITS__SENDS_PER_SECOND",
+    "PARLEY_LIMITS__SENDS_BURST",
+    "PARLEY_LIMITS__JOINS_PER_SECOND",
+    "PARLEY_LIMITS__JOINS_BURST",
+];
+
 use std::{
     fs,
     net::SocketAddr,
@@ -158,6 +174,9 @@ impl SpawnedServer {
             .arg("serve")
             .env("PARLEY_SERVER__LISTEN", addr.to_string())
             .env("PARLEY_AUTH__JWT_SECRET", &opts.jwt_secret)
+            // A load generator is one address that connects, joins and sends far faster
+            // than people: lift the per-IP and per-user limits of the server it spawns.
+            .envs(LIMITS_OFF.iter().map(|k| (*k, "0")))
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null());
         for (k, v) in &opts.env {

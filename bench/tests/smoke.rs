@@ -19,6 +19,7 @@ async fn server() -> Server {
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.auth.jwt_secret = SECRET.into();
     config.store.path = ":memory:".into();
+    config.limits = parley::config::LimitsConfig::off();
     Server::start(config).await.expect("server starts")
 }
 

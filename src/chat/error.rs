@@ -15,8 +15,13 @@ pub enum ChatError {
     NotFound(String),
     #[error("room {0:?} already exists")]
     RoomExists(String),
-    #[error("too many {0} events; slow down")]
-    RateLimited(&'static str),
+    #[error("too many {what}; retry in {} ms", retry_after.as_millis())]
+    RateLimited {
+        what: &'static str,
+        retry_after: std::time::Duration,
+    },
+    #[error("{0}")]
+    LimitExceeded(String),
     #[error("user {0:?} has no connected session")]
     UserOffline(String),
     #[error("store: {0}")]
@@ -33,7 +38,8 @@ impl ChatError {
             ChatError::Forbidden(_) => ErrorCode::Forbidden,
             ChatError::NotFound(_) => ErrorCode::NotFound,
             ChatError::RoomExists(_) => ErrorCode::RoomExists,
-            ChatError::RateLimited(_) => ErrorCode::RateLimited,
+            ChatError::RateLimited { .. } => ErrorCode::RateLimited,
+            ChatError::LimitExceeded(_) => ErrorCode::LimitExceeded,
             ChatError::UserOffline(_) => ErrorCode::UserOffline,
             ChatError::Store(_) | ChatError::Broker(_) => ErrorCode::Internal,
         }
@@ -45,17 +51,28 @@ impl ChatError {
             ChatError::Store(_) | ChatError::Broker(_) => "internal error".to_string(),
             other => other.to_string(),
         };
+        let retry_after_ms = match self {
+            ChatError::RateLimited { retry_after, .. } => retry_ms(*retry_after),
+            _ => 0,
+        };
         proto::Error {
             code: self.code() as i32,
             message,
+            retry_after_ms,
         }
     }
 }
 
 /// Builds the wire error for a code and message.
+/// A retry hint in whole milliseconds, at least 1 (0 means "no hint" on the wire).
+pub fn retry_ms(d: std::time::Duration) -> u32 {
+    d.as_millis().clamp(1, u32::MAX as u128) as u32
+}
+
 pub fn wire_error(code: ErrorCode, message: impl Into<String>) -> proto::Error {
     proto::Error {
         code: code as i32,
         message: message.into(),
+        retry_after_ms: 0,
     }
 }

@@ -16,7 +16,7 @@ pub mod presence;
 pub mod sequencer;
 pub mod typing;
 
-pub use error::{ChatError, wire_error};
+pub use error::{ChatError, retry_ms, wire_error};
 
 use std::sync::Arc;
 
@@ -26,9 +26,10 @@ use crate::{
     auth::{now_ms, valid_user_id},
     broker::Broker,
     codec::Push,
-    config::ChatConfig,
+    config::{ChatConfig, LimitsConfig},
     delivery::{Hub, Recipient, Target},
     proto::{self, RoomState, server_frame::Kind},
+    ratelimit::{Rate, RateLimiter},
     store::{NewMessage, Range, Store, StoreError, dm_room},
 };
 use presence::LastSeen;
@@ -51,6 +52,30 @@ pub struct Chat {
     sequencer: Arc<Sequencer>,
     typing: TypingLimiter,
     last_seen: LastSeen,
+    limits: Limits,
+}
+
+/// The per-user limits chat enforces (see `config::LimitsConfig`).
+struct Limits {
+    sends: RateLimiter<String>,
+    joins: RateLimiter<String>,
+    max_rooms_per_user: u64,
+}
+
+impl Limits {
+    fn new(l: &LimitsConfig) -> Self {
+        Self {
+            sends: RateLimiter::new(Rate {
+                rate: l.sends_per_second,
+                burst: l.sends_burst,
+            }),
+            joins: RateLimiter::new(Rate {
+                rate: l.joins_per_second,
+                burst: l.joins_burst,
+            }),
+            max_rooms_per_user: l.max_rooms_per_user,
+        }
+    }
 }
 
 fn invalid(msg: impl Into<String>) -> ChatError {
@@ -81,7 +106,36 @@ impl Chat {
             config,
             sequencer: Arc::new(Sequencer::new()),
             last_seen: LastSeen::new(),
+            limits: Limits::new(&LimitsConfig::off()),
         }
+    }
+
+    /// Applies the per-user limits of `limits` (none by default).
+    pub fn with_limits(mut self, limits: &LimitsConfig) -> Self {
+        self.limits = Limits::new(limits);
+        self
+    }
+
+    /// A send (or a join) of `user` may go ahead now, or `RateLimited` with a hint.
+    fn spend(
+        bucket: &RateLimiter<String>,
+        user: &str,
+        what: &'static str,
+    ) -> Result<(), ChatError> {
+        bucket
+            .check(&user.to_string())
+            .map_err(|retry_after| ChatError::RateLimited { what, retry_after })
+    }
+
+    /// `user` may become a member of one more room.
+    async fn check_room_quota(&self, user: &str) -> Result<(), ChatError> {
+        let max = self.limits.max_rooms_per_user;
+        if max > 0 && self.store.rooms_of(user).await?.len() as u64 >= max {
+            return Err(ChatError::LimitExceeded(format!(
+                "{user} is a member of {max} rooms already (limits.max_rooms_per_user)"
+            )));
+        }
+        Ok(())
     }
 
     pub fn hub(&self) -> &Arc<Hub> {
@@ -271,6 +325,8 @@ impl Chat {
                 "room names starting with dm: are reserved for direct messages",
             ));
         }
+        self.check_room_quota(user).await?;
+        Self::spend(&self.limits.joins, user, "joins")?;
         if !self.store.create_room(&req.room, user, req.private).await? {
             return Err(ChatError::RoomExists(req.room));
         }
@@ -310,6 +366,11 @@ impl Chat {
             _ => {}
         }
         let already = self.store.is_member(room, user).await?;
+        if !already {
+            // A refused join costs no token: the quota first.
+            self.check_room_quota(user).await?;
+            Self::spend(&self.limits.joins, user, "joins")?;
+        }
         let meta = self.store.join(room, user).await?;
         self.hub.joined(user, room);
         if !already {
@@ -346,6 +407,8 @@ impl Chat {
             ));
         }
         if !self.store.is_member(&req.room, &req.user).await? {
+            self.check_room_quota(&req.user).await?;
+            Self::spend(&self.limits.joins, user, "joins")?;
             let meta = self.store.join(&req.room, &req.user).await?;
             self.hub.joined(&req.user, &req.room);
             let to = self.audience(&req.room, &req.user, meta.members);
@@ -379,6 +442,7 @@ impl Chat {
         mut send: proto::Send,
     ) -> Result<PendingSend, ChatError> {
         self.check_message(&send.client_msg_id, &send.body, &send.metadata)?;
+        Self::spend(&self.limits.sends, user, "messages")?;
         if !send.to_user.is_empty() {
             if !send.room.is_empty() {
                 return Err(invalid("give room or to_user, not both"));
@@ -389,6 +453,8 @@ impl Chat {
             }
             let room = dm_room(user, &send.to_user);
             if self.store.room(&room).await?.is_none() {
+                self.check_room_quota(user).await?;
+                self.check_room_quota(&send.to_user).await?;
                 self.store.ensure_dm(&room, user, &send.to_user).await?;
                 self.hub.joined(user, &room);
                 self.hub.joined(&send.to_user, &room);
@@ -544,8 +610,11 @@ impl Chat {
 
     pub async fn typing(&self, user: &str, req: proto::Typing) -> Result<proto::Done, ChatError> {
         self.check_member(&req.room, user).await?;
-        if !self.typing.allow(user, &req.room) {
-            return Err(ChatError::RateLimited("typing"));
+        if let Err(retry_after) = self.typing.check(user, &req.room) {
+            return Err(ChatError::RateLimited {
+                what: "typing events",
+                retry_after,
+            });
         }
         if self.is_large(self.members_of(&req.room).await?) {
             // Accepted, but not broadcast: one push per member is too much for a hint.

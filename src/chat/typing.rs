@@ -23,23 +23,24 @@ impl TypingLimiter {
         }
     }
 
-    /// Whether `user` may send a typing event in `room` now; if so, it counts.
-    pub fn allow(&self, user: &str, room: &str) -> bool {
+    /// Whether `user` may send a typing event in `room` now (if so, it counts); else
+    /// how long until it may.
+    pub fn check(&self, user: &str, room: &str) -> Result<(), Duration> {
         let now = Instant::now();
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         let key = (user.to_string(), room.to_string());
-        if last
-            .get(&key)
-            .is_some_and(|t| now.duration_since(*t) < self.interval)
-        {
-            return false;
+        if let Some(t) = last.get(&key) {
+            let since = now.duration_since(*t);
+            if since < self.interval {
+                return Err(self.interval - since);
+            }
         }
         last.insert(key, now);
         if last.len() > PRUNE_ABOVE {
             let interval = self.interval;
             last.retain(|_, t| now.duration_since(*t) < interval);
         }
-        true
+        Ok(())
     }
 }
 
@@ -47,11 +48,17 @@ impl TypingLimiter {
 mod tests {
     use super::*;
 
+    impl TypingLimiter {
+        fn allow(&self, user: &str, room: &str) -> bool {
+            self.check(user, room).is_ok()
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn one_event_per_interval_per_user_and_room() {
         let t = TypingLimiter::new(Duration::from_millis(1000));
         assert!(t.allow("ann", "lobby"));
-        assert!(!t.allow("ann", "lobby"));
+        assert_eq!(t.check("ann", "lobby"), Err(Duration::from_millis(1000)));
         // Other rooms and other users are independent.
         assert!(t.allow("ann", "other"));
         assert!(t.allow("bob", "lobby"));

@@ -9,7 +9,7 @@
 use std::{sync::Arc, time::Duration};
 
 use super::{
-    Attachment, Session, Sessions,
+    Attachment, Session, Sessions, TooManySessions,
     tickets::{Redeemed, TicketError, Tickets},
 };
 use crate::{
@@ -272,7 +272,11 @@ impl Core {
                 None => sessions.end(&s),
             }
         }
-        let s = sessions.create(user);
+        let s = sessions.create(user).map_err(|TooManySessions(max)| {
+            ChatError::LimitExceeded(format!(
+                "{user} has {max} sessions already (limits.max_sessions_per_user): close one"
+            ))
+        })?;
         // Registering for delivery reads the user's rooms anyway: reuse them.
         let rooms = match self.chat.attach(s.clone()).await {
             Ok(rooms) => rooms,

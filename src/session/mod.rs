@@ -23,7 +23,7 @@ pub mod tickets;
 pub use conn::{CloseReason, Conn, Outcome};
 pub use connect::{ConnectError, ConnectRequest, Core, Credential, Opened};
 pub use outbox::{Loss, Out, Outbox, OutboxConfig};
-pub use registry::Sessions;
+pub use registry::{Sessions, TooManySessions};
 
 use std::{
     collections::VecDeque,
@@ -104,7 +104,7 @@ impl Take {
 
 pub struct Session {
     id: String,
-    user: Arc<str>,
+    pub(crate) user: Arc<str>,
     recipient_id: u64,
     /// Opened by a listen-only SSE stream: commands other than ack/ping are refused.
     receive_only: std::sync::atomic::AtomicBool,

@@ -14,8 +14,20 @@ use tokio::time::Instant;
 use super::{Limits, Session};
 use crate::{chat::Chat, config::SessionConfig};
 
+/// `limits.max_sessions_per_user` is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManySessions(pub u64);
+
+#[derive(Default)]
+struct Map {
+    by_id: HashMap<String, Arc<Session>>,
+    per_user: HashMap<Arc<str>, u64>,
+}
+
 pub struct Sessions {
-    map: Mutex<HashMap<String, Arc<Session>>>,
+    map: Mutex<Map>,
+    /// Most live sessions of one user (0: no limit).
+    max_per_user: u64,
     next_recipient: AtomicU64,
     config: SessionConfig,
     chat: Arc<Chat>,
@@ -25,18 +37,26 @@ impl Sessions {
     pub fn new(config: SessionConfig, chat: Arc<Chat>) -> Self {
         Self {
             map: Mutex::default(),
+            max_per_user: 0,
             next_recipient: AtomicU64::new(1),
             config,
             chat,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Session>>> {
+    /// Applies `limits.max_sessions_per_user` (0: none).
+    pub fn with_max_per_user(mut self, max: u64) -> Self {
+        self.max_per_user = max;
+        self
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Map> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A new, unattached session for `user` (not yet registered for delivery).
-    pub fn create(&self, user: &str) -> Arc<Session> {
+    /// A new, unattached session for `user` (not yet registered for delivery), unless
+    /// the user has `max_per_user` sessions already.
+    pub fn create(&self, user: &str) -> Result<Arc<Session>, TooManySessions> {
         let mut raw = [0u8; 16];
         rand::rng().fill_bytes(&mut raw);
         let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
@@ -46,17 +66,35 @@ impl Sessions {
         };
         let rid = self.next_recipient.fetch_add(1, Ordering::Relaxed);
         let session = Arc::new(Session::new(id.clone(), user, rid, limits));
-        self.lock().insert(id, session.clone());
-        session
+        let mut map = self.lock();
+        let count = map.per_user.entry(session.user.clone()).or_default();
+        if self.max_per_user > 0 && *count >= self.max_per_user {
+            return Err(TooManySessions(self.max_per_user));
+        }
+        *count += 1;
+        map.by_id.insert(id, session.clone());
+        Ok(session)
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Session>> {
-        self.lock().get(id).cloned()
+        self.lock().by_id.get(id).cloned()
     }
 
     /// Removes the session from the registry and from live delivery.
     pub fn remove(&self, session: &Session) {
-        let removed = self.lock().remove(session.id());
+        let removed = {
+            let mut map = self.lock();
+            let removed = map.by_id.remove(session.id());
+            if removed.is_some()
+                && let Some(n) = map.per_user.get_mut(session.user_id())
+            {
+                *n -= 1;
+                if *n == 0 {
+                    map.per_user.remove(session.user_id());
+                }
+            }
+            removed
+        };
         if removed.is_some() {
             self.chat.detach(session.user_id(), session.recipient_id);
         }
@@ -69,7 +107,7 @@ impl Sessions {
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().by_id.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -81,6 +119,7 @@ impl Sessions {
         let now = Instant::now();
         let expired: Vec<Arc<Session>> = self
             .lock()
+            .by_id
             .values()
             .filter(|s| s.expired(now, self.config.grace_period))
             .cloned()

@@ -26,6 +26,7 @@ use super::{
 };
 use crate::{
     auth::now_ms,
+    chat::ChatError,
     proto::{self, ErrorCode},
     store::NewMessage,
 };
@@ -42,7 +43,20 @@ pub fn routes() -> Router<Ctx> {
         .route("/api/v1/tickets", post(ticket))
 }
 
-async fn ticket(State(ctx): State<Ctx>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn ticket(
+    State(ctx): State<Ctx>,
+    peer: Option<axum::Extension<super::PeerIp>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if let Some(axum::Extension(super::PeerIp(ip))) = peer
+        && let Err(retry_after) = ctx.admission.tickets.check(&ip)
+    {
+        return Err(ChatError::RateLimited {
+            what: "tickets from this address",
+            retry_after,
+        }
+        .into());
+    }
     // A user's token (not the admin's): the ticket is minted from it.
     user(&ctx, &headers)?;
     let token = bearer(&headers).unwrap_or_default();

@@ -35,6 +35,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::SessionNotFound => StatusCode::GONE,
         ErrorCode::RoomExists => StatusCode::CONFLICT,
         ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::LimitExceeded => StatusCode::FORBIDDEN,
         ErrorCode::FrameTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::BAD_REQUEST,
@@ -78,7 +79,14 @@ fn too_large() -> ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(self.1)).into_response()
+        let retry_after = self.1.retry_after_ms;
+        let mut r = (self.0, Json(self.1)).into_response();
+        if retry_after > 0 {
+            // Whole seconds, rounded up (the JSON has the milliseconds).
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, retry_after.div_ceil(1000).into());
+        }
+        r
     }
 }
 

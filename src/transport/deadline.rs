@@ -52,6 +52,8 @@ pub struct DeadlineIo<I> {
     deadline: WriteDeadline,
     /// Running only while a write is blocked.
     stalled: Option<Pin<Box<Sleep>>>,
+    /// The connection's admission slot, given back when the socket goes.
+    _slot: Option<super::admission::Slot>,
 }
 
 impl<I> DeadlineIo<I> {
@@ -60,7 +62,14 @@ impl<I> DeadlineIo<I> {
             io,
             deadline,
             stalled: None,
+            _slot: None,
         }
+    }
+
+    /// Holds `slot` for as long as the socket lives.
+    pub fn with_slot(mut self, slot: super::admission::Slot) -> Self {
+        self._slot = Some(slot);
+        self
     }
 
     /// A write returned `Pending`: start (or check) the stall timer.

@@ -11,7 +11,9 @@
 //! - `bearer`: bearer-token auth and the HTTP error type shared by the HTTP paths.
 //! - `deadline`: a write deadline on every accepted socket, so no connection can stay
 //!   stuck on a client that does not read.
+//! - `admission`: connection limits (total, per IP) and per-IP rates.
 
+pub mod admission;
 pub mod api;
 pub mod bearer;
 pub mod deadline;
@@ -37,7 +39,13 @@ pub struct Ctx {
     /// Cancelled `server.drain_delay` later: stop accepting, tell clients to reconnect.
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
+    /// Connection limits and per-IP rates.
+    pub admission: Arc<admission::Admission>,
 }
+
+/// The peer address of the connection a request came on (a request extension).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerIp(pub std::net::IpAddr);
 
 /// Whether a browser request may use parley: no `Origin` (not a browser), the same
 /// origin as the `Host` it was sent to, or an origin in `server.allowed_origins`. Guards

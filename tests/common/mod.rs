@@ -61,6 +61,8 @@ pub fn test_config() -> Config {
     c.store.path = ":memory:".into();
     // Shutdown tests want the disconnects at once (the drain delay has its own test).
     c.server.drain_delay = Duration::ZERO;
+    // Tests send and connect far faster than people do; the limits have their own tests.
+    c.limits = parley::config::LimitsConfig::off();
     c
 }
 

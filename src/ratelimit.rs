@@ -1,0 +1,104 @@
+//! Token buckets keyed by who is asking (a user, an IP address): each key may spend
+//! `burst` tokens at once and regains `rate` per second. Over the limit the caller gets
+//! how long to wait — the retry hint clients see — and nothing else changes. Runs on
+//! tokio's clock, so tests can use paused time.
+//!
+//! Owns: bucket arithmetic and a bounded map of buckets. Not: what is limited or what
+//! the client is told (`chat`, `session`, `transport`).
+
+use std::{collections::HashMap, hash::Hash, sync::Mutex, time::Duration};
+
+use tokio::time::Instant;
+
+/// Forget full buckets once the map grows past this many keys.
+const PRUNE_ABOVE: usize = 10_000;
+
+/// A rate: `rate` per second, `burst` at once. `rate == 0` means unlimited.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub rate: f64,
+    pub burst: f64,
+}
+
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+pub struct RateLimiter<K> {
+    rate: Rate,
+    buckets: Mutex<HashMap<K, Bucket>>,
+}
+
+impl<K: Eq + Hash + Clone> RateLimiter<K> {
+    pub fn new(rate: Rate) -> Self {
+        Self {
+            rate,
+            buckets: Mutex::default(),
+        }
+    }
+
+    /// Spends one token of `key`'s bucket; `Err(wait)` when there is none, with how long
+    /// until there is.
+    pub fn check(&self, key: &K) -> Result<(), Duration> {
+        let Rate { rate, burst } = self.rate;
+        if rate <= 0.0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() > PRUNE_ABOVE {
+            // A full bucket holds nothing worth remembering.
+            buckets
+                .retain(|_, b| b.tokens + now.duration_since(b.last).as_secs_f64() * rate < burst);
+        }
+        let b = buckets.entry(key.clone()).or_insert(Bucket {
+            tokens: burst,
+            last: now,
+        });
+        b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * rate).min(burst);
+        b.last = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - b.tokens) / rate))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn burst_then_rate_with_a_retry_hint() {
+        let l = RateLimiter::new(Rate {
+            rate: 2.0,
+            burst: 3.0,
+        });
+        for _ in 0..3 {
+            l.check(&"ann").unwrap();
+        }
+        let wait = l.check(&"ann").unwrap_err();
+        assert_eq!(wait, Duration::from_millis(500));
+        // Others are not affected.
+        l.check(&"bob").unwrap();
+        tokio::time::advance(Duration::from_millis(499)).await;
+        assert!(l.check(&"ann").is_err());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        l.check(&"ann").unwrap();
+        assert!(l.check(&"ann").is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn zero_rate_is_unlimited() {
+        let l = RateLimiter::new(Rate {
+            rate: 0.0,
+            burst: 0.0,
+        });
+        for _ in 0..1000 {
+            l.check(&1).unwrap();
+        }
+    }
+}
