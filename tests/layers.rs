@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, path::Path};
 
 /// Layers, lowest first. Within the foundations the order is their dependency order.
-const LAYERS: [&str; 13] = [
+const LAYERS: [&str; 14] = [
     "proto",
     "codec",
     "metrics",
@@ -14,6 +14,7 @@ const LAYERS: [&str; 13] = [
     "delivery",
     "store",
     "broker",
+    "files",
     "chat",
     "session",
     "transport",

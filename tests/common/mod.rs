@@ -59,6 +59,10 @@ pub fn test_config() -> Config {
     c.server.listen = "127.0.0.1:0".parse().unwrap();
     c.auth.jwt_secret = "test-secret".into();
     c.store.path = ":memory:".into();
+    c.files.dir = std::env::temp_dir()
+        .join(format!("parley-test-files-{}", std::process::id()))
+        .to_string_lossy()
+        .into_owned();
     c
 }
 
