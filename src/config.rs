@@ -655,11 +655,26 @@ impl Config {
         )?;
         let f = &self.files;
         count("files.max_file_bytes", f.max_file_bytes, 1, 1024 * GIB)?;
-        count("files.user_quota_bytes", f.user_quota_bytes, 1, 1024 * 1024 * GIB)?;
-        count("files.uploads_per_minute", f.uploads_per_minute, 1, 1_000_000)?;
+        count(
+            "files.user_quota_bytes",
+            f.user_quota_bytes,
+            1,
+            1024 * 1024 * GIB,
+        )?;
+        count(
+            "files.uploads_per_minute",
+            f.uploads_per_minute,
+            1,
+            1_000_000,
+        )?;
         duration("files.orphan_ttl", f.orphan_ttl, 10 * MS, 365 * DAY)?;
         duration("files.url_ttl", f.url_ttl, SEC, DAY)?;
-        count("files.blurhash_max_bytes", f.blurhash_max_bytes, 0, 256 * MIB)?;
+        count(
+            "files.blurhash_max_bytes",
+            f.blurhash_max_bytes,
+            0,
+            256 * MIB,
+        )?;
         count("files.part_bytes", f.part_bytes, 5 * MIB, 5 * GIB)?;
         if f.backend == FileBackend::S3 && f.s3_bucket.is_empty() {
             return Err(ConfigError::Invalid {

@@ -155,7 +155,9 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 /// A small PNG: a 64x48 gradient.
 fn png() -> Vec<u8> {
-    let img = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 128]));
+    let img = image::RgbImage::from_fn(64, 48, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 5) as u8, 128])
+    });
     let mut out = std::io::Cursor::new(Vec::new());
     img.write_to(&mut out, image::ImageFormat::Png).unwrap();
     out.into_inner()
@@ -186,7 +188,9 @@ async fn an_image_round_trips_with_its_facts_ranges_and_room_access() {
     let (ann, bob, cat) = (t.token("ann"), t.token("bob"), t.token("cat"));
     let bytes = png();
 
-    let f = api.upload_ok(&ann, "sunset%20%C3%A9.png", bytes.clone()).await;
+    let f = api
+        .upload_ok(&ann, "sunset%20%C3%A9.png", bytes.clone())
+        .await;
     assert_eq!(f.content_type, "image/png");
     assert_eq!((f.width, f.height), (64, 48));
     assert_eq!(f.size, bytes.len() as u64);
@@ -222,7 +226,9 @@ async fn an_image_round_trips_with_its_facts_ranges_and_room_access() {
     // Only the uploader may attach the file.
     let mut b = t.client("bob", Encoding::Proto).await;
     b.join("pics").await;
-    let Kind::Error(e) = b.request(send_with("pics", "m2", vec![attach(&f.file_id)])).await
+    let Kind::Error(e) = b
+        .request(send_with("pics", "m2", vec![attach(&f.file_id)]))
+        .await
     else {
         panic!("bob may not attach ann's file");
     };
@@ -271,10 +277,16 @@ async fn an_image_round_trips_with_its_facts_ranges_and_room_access() {
     assert_eq!(r.header("content-range"), format!("bytes */{n}"));
     // A stale If-Range gets the whole file; a matching If-None-Match gets 304.
     let r = api
-        .get(Some(&bob), &path, &[("range", "bytes=0-9"), ("if-range", "\"old\"")])
+        .get(
+            Some(&bob),
+            &path,
+            &[("range", "bytes=0-9"), ("if-range", "\"old\"")],
+        )
         .await;
     assert_eq!((r.status, r.body.len()), (200, n));
-    let r = api.get(Some(&bob), &path, &[("if-none-match", &etag)]).await;
+    let r = api
+        .get(Some(&bob), &path, &[("if-none-match", &etag)])
+        .await;
     assert_eq!((r.status, r.body.len()), (304, 0));
 
     // Everyone else: 404, never 403; no token: 401.
@@ -282,7 +294,12 @@ async fn an_image_round_trips_with_its_facts_ranges_and_room_access() {
     let guessed = "/api/v1/files/0123456789abcdef0123456789abcdef";
     let r = api.get(Some(&ann), guessed, &[]).await;
     assert_eq!((r.status, r.error()), (404, ErrorCode::NotFound));
-    assert_eq!(api.get(Some(&ann), "/api/v1/files/..%2F..%2Fetc", &[]).await.status, 404);
+    assert_eq!(
+        api.get(Some(&ann), "/api/v1/files/..%2F..%2Fetc", &[])
+            .await
+            .status,
+        404
+    );
     assert_eq!(api.get(None, &path, &[]).await.status, 401);
     assert_eq!(api.post(&cat, &format!("{path}/url")).await.status, 404);
     assert_eq!(api.delete(&cat, &path).await.status, 404);
@@ -330,11 +347,14 @@ async fn signed_urls_work_without_a_token_for_their_user_until_they_expire() {
     let mut b = t.client("bob", Encoding::Json).await;
     b.join("r").await;
     assert!(matches!(
-        a.request(send_with("r", "m", vec![attach(&f.file_id)])).await,
+        a.request(send_with("r", "m", vec![attach(&f.file_id)]))
+            .await,
         Kind::Sent(_)
     ));
 
-    let r = api.post(&bob, &format!("/api/v1/files/{}/url", f.file_id)).await;
+    let r = api
+        .post(&bob, &format!("/api/v1/files/{}/url", f.file_id))
+        .await;
     assert_eq!(r.status, 200);
     let signed: proto::FileUrl = serde_json::from_slice(&r.body).unwrap();
     assert!(signed.url.contains("u=bob&") && !signed.url.contains(&bob));
@@ -419,19 +439,29 @@ async fn unattached_uploads_are_cleaned_up_and_uploaders_delete_files() {
     let mut a = t.client("ann", Encoding::Json).await;
     a.join("r").await;
     assert!(matches!(
-        a.request(send_with("r", "m", vec![attach(&kept.file_id)])).await,
+        a.request(send_with("r", "m", vec![attach(&kept.file_id)]))
+            .await,
         Kind::Sent(_)
     ));
     assert_eq!(dir.blobs(), 2);
     eventually("the orphan is deleted", || dir.blobs() == 1).await;
     let get = |id: &str| format!("/api/v1/files/{id}");
-    assert_eq!(api.get(Some(&ann), &get(&orphan.file_id), &[]).await.status, 404);
-    assert_eq!(api.get(Some(&ann), &get(&kept.file_id), &[]).await.status, 200);
+    assert_eq!(
+        api.get(Some(&ann), &get(&orphan.file_id), &[]).await.status,
+        404
+    );
+    assert_eq!(
+        api.get(Some(&ann), &get(&kept.file_id), &[]).await.status,
+        200
+    );
 
     // Deleting: only the uploader; afterwards the file is gone for everyone.
     assert_eq!(api.delete(&bob, &get(&kept.file_id)).await.status, 404);
     assert_eq!(api.delete(&ann, &get(&kept.file_id)).await.status, 200);
-    assert_eq!(api.get(Some(&ann), &get(&kept.file_id), &[]).await.status, 404);
+    assert_eq!(
+        api.get(Some(&ann), &get(&kept.file_id), &[]).await.status,
+        404
+    );
     assert_eq!(dir.blobs(), 0);
     // The message keeps its attachment entry.
     let Kind::History(h) = a
@@ -475,7 +505,13 @@ fn start_binary(env: &[(&str, &str)]) -> (Kill, String) {
     use std::io::{BufRead, BufReader};
     let mut command = Command::new(BIN);
     command
-        .args(["--config", "/nonexistent/parley.toml", "serve", "--listen", "127.0.0.1:0"])
+        .args([
+            "--config",
+            "/nonexistent/parley.toml",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .env("NO_COLOR", "1")
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
@@ -556,7 +592,10 @@ async fn a_50_mb_file_streams_through_the_binary_with_bounded_memory() {
     assert_eq!(r.status(), 201);
     let up = started.elapsed();
     let f: proto::Attachment = json(r).await;
-    assert_eq!((f.size, f.sha256.as_str()), (SIZE as u64, expected.as_str()));
+    assert_eq!(
+        (f.size, f.sha256.as_str()),
+        (SIZE as u64, expected.as_str())
+    );
     let (_, peak_upload) = memory_kib(pid);
 
     // Download, streamed and hashed here.
@@ -627,7 +666,14 @@ async fn start_moto() -> Moto {
         .unwrap()
         .port();
     let child = Command::new(moto_python())
-        .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+        .args([
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -637,8 +683,14 @@ async fn start_moto() -> Moto {
         url: format!("http://127.0.0.1:{port}"),
     };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(Instant::now() < deadline, "moto did not start on port {port}");
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "moto did not start on port {port}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     moto
@@ -648,8 +700,16 @@ async fn start_moto() -> Moto {
 async fn the_s3_backend_against_a_real_s3_compatible_server() {
     let moto = start_moto().await;
     let http = reqwest::Client::new();
-    let created = http.put(format!("{}/parley-test", moto.url)).send().await.unwrap();
-    assert!(created.status().is_success(), "bucket: {}", created.status());
+    let created = http
+        .put(format!("{}/parley-test", moto.url))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        created.status().is_success(),
+        "bucket: {}",
+        created.status()
+    );
     let objects = || async {
         let list = http
             .get(format!("{}/parley-test?list-type=2", moto.url))

@@ -127,7 +127,10 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Ids are what `new_id` makes; anything else is not a file (and never reaches storage).
 fn valid_id(id: &str) -> bool {
-    id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 fn blob_path(id: &str) -> ObjectPath {
@@ -217,8 +220,9 @@ impl Files {
 
         let id = new_id();
         let path = blob_path(&id);
-        let mut writer = BufWriter::with_capacity(self.blobs.clone(), path.clone(), self.part_bytes)
-            .with_max_concurrency(2);
+        let mut writer =
+            BufWriter::with_capacity(self.blobs.clone(), path.clone(), self.part_bytes)
+                .with_max_concurrency(2);
         let mut hasher = Sha256::new();
         let mut head: Vec<u8> = Vec::with_capacity(4096);
         // The whole file, kept only while it may still become a BlurHash.
@@ -239,7 +243,8 @@ impl Files {
                     head.extend_from_slice(&chunk[..take]);
                 }
                 if let Some(w) = &mut whole {
-                    let is_image = head.len() < 16 || sniff::content_type(&head).starts_with("image/");
+                    let is_image =
+                        head.len() < 16 || sniff::content_type(&head).starts_with("image/");
                     if size > self.config.blurhash_max_bytes || !is_image {
                         whole = None;
                     } else {

@@ -49,10 +49,7 @@ pub fn inline(content_type: &str) -> bool {
 /// Width and height from an image's header, if `head` holds enough of it.
 pub fn dimensions(head: &[u8]) -> Option<(u32, u32)> {
     let s = imagesize::blob_size(head).ok()?;
-    Some((
-        u32::try_from(s.width).ok()?,
-        u32::try_from(s.height).ok()?,
-    ))
+    Some((u32::try_from(s.width).ok()?, u32::try_from(s.height).ok()?))
 }
 
 /// Decodes a whole image (PNG, JPEG, GIF, WebP) and returns its size and a 4x3 BlurHash,
@@ -81,7 +78,10 @@ mod tests {
 
     #[test]
     fn html_is_never_a_web_page() {
-        assert_eq!(content_type(b"<!DOCTYPE html><script>x</script>"), OCTET_STREAM);
+        assert_eq!(
+            content_type(b"<!DOCTYPE html><script>x</script>"),
+            OCTET_STREAM
+        );
         assert_eq!(content_type(b"<html><body>hi"), OCTET_STREAM);
         assert_eq!(content_type(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"), "image/png");
         assert!(!inline(OCTET_STREAM));

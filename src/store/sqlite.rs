@@ -297,8 +297,7 @@ fn message_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
     })
 }
 
-const MESSAGE_COLUMNS: &str =
-    "room, seq, sender, client_msg_id, body, metadata, ts, attachments";
+const MESSAGE_COLUMNS: &str = "room, seq, sender, client_msg_id, body, metadata, ts, attachments";
 
 fn append_in(conn: &Connection, m: NewMessage) -> rusqlite::Result<Result<Appended, StoreError>> {
     let existing = conn
