@@ -110,6 +110,8 @@ pub struct Files {
     part_bytes: usize,
     signer: UrlSigner,
     limiter: UploadLimiter,
+    /// Image decodes (for BlurHashes) at once: each may hold ~100 MiB of pixels.
+    decodes: tokio::sync::Semaphore,
 }
 
 /// A new random file id: 128 bits, hex.
@@ -182,6 +184,7 @@ impl Files {
             part_bytes,
             signer: UrlSigner::new(&config.url_secret),
             limiter: UploadLimiter::new(config.uploads_per_minute),
+            decodes: tokio::sync::Semaphore::new(2),
             config: config.clone(),
         })
     }
@@ -283,6 +286,7 @@ impl Files {
                 (width, height) = (w, h);
             }
             if let Some(bytes) = whole.filter(|w| !w.is_empty()) {
+                let _permit = self.decodes.acquire().await;
                 let made = tokio::task::spawn_blocking(move || sniff::blurhash(&bytes))
                     .await
                     .ok()
