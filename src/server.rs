@@ -219,12 +219,7 @@ fn cors(config: Arc<Config>) -> CorsLayer {
             HeaderName::from_static("last-event-id"),
             header::RANGE,
         ])
-        .expose_headers([
-            HeaderName::from_static("x-parley-cursor"),
-            header::CONTENT_RANGE,
-            header::CONTENT_DISPOSITION,
-            header::ETAG,
-        ])
+        .expose_headers([HeaderName::from_static("x-parley-cursor")])
         .max_age(std::time::Duration::from_secs(600))
 }
 
