@@ -455,11 +455,22 @@ async fn unattached_uploads_are_cleaned_up_and_uploaders_delete_files() {
     let kept = api.upload_ok(&ann, "k", b"posted".to_vec()).await;
     let mut a = t.client("ann", Encoding::Json).await;
     a.join("r").await;
-    assert!(matches!(
-        a.request(send_with("r", "m", vec![attach(&kept.file_id)]))
-            .await,
-        Kind::Sent(_)
-    ));
+    // Attached through the HTTP API this time.
+    let post = serde_json::json!({
+        "clientMsgId": "m",
+        "body": "kept",
+        "attachments": [{"fileId": kept.file_id}],
+    });
+    let r = api
+        .http
+        .post(api.url("/api/v1/rooms/r/messages"))
+        .bearer_auth(&ann)
+        .header("content-type", "application/json")
+        .body(post.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     assert_eq!(dir.blobs(), 2);
     eventually("the orphan is deleted", || dir.blobs() == 1).await;
     let get = |id: &str| format!("/api/v1/files/{id}");

@@ -43,6 +43,8 @@ const HEAD_BYTES: usize = 64 * 1024;
 /// Local backend: bytes buffered before they are written out (the filesystem has no
 /// minimum part size, so uploads stay small in memory).
 const LOCAL_PART_BYTES: usize = 1024 * 1024;
+/// An upload that sends nothing for this long is aborted (and leaves nothing behind).
+const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 /// Longest file name kept from an upload.
 const MAX_NAME_BYTES: usize = 255;
 
@@ -233,7 +235,15 @@ impl Files {
         let mut size: u64 = 0;
         let mut body = std::pin::pin!(body);
         let streamed: Result<(), FileError> = async {
-            while let Some(chunk) = body.next().await {
+            loop {
+                let next = tokio::time::timeout(UPLOAD_IDLE, body.next()).await;
+                let Ok(next) = next else {
+                    return Err(FileError::InvalidArgument(format!(
+                        "the upload sent nothing for {}s",
+                        UPLOAD_IDLE.as_secs()
+                    )));
+                };
+                let Some(chunk) = next else { break };
                 let chunk = chunk
                     .map_err(|e| FileError::InvalidArgument(format!("reading the upload: {e}")))?;
                 size += chunk.len() as u64;
