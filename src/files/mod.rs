@@ -23,11 +23,12 @@ use std::{ops::Range, sync::Arc};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, stream::BoxStream};
 use object_store::{
-    GetOptions, GetRange, ObjectStore, aws::AmazonS3Builder, buffered::BufWriter,
+    GetOptions, GetRange, GetResultPayload, ObjectStore, aws::AmazonS3Builder, buffered::BufWriter,
     local::LocalFileSystem, path::Path as ObjectPath,
 };
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
+use tokio_util::io::ReaderStream;
 
 use crate::{
     auth::now_ms,
@@ -43,6 +44,8 @@ const HEAD_BYTES: usize = 64 * 1024;
 /// Local backend: bytes buffered before they are written out (the filesystem has no
 /// minimum part size, so uploads stay small in memory).
 const LOCAL_PART_BYTES: usize = 1024 * 1024;
+/// Local backend: bytes read per chunk of a download.
+const LOCAL_READ_BYTES: usize = 256 * 1024;
 /// An upload that sends nothing for this long is aborted (and leaves nothing behind).
 const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 /// Longest file name kept from an upload.
@@ -350,10 +353,30 @@ impl Files {
             range: Some(GetRange::Bounded(range)),
             ..Default::default()
         };
-        match self.blobs.get_opts(&blob_path(&file.id), opts).await {
-            Ok(r) => Ok(r.into_stream()),
-            Err(object_store::Error::NotFound { .. }) => Err(FileError::NotFound),
-            Err(e) => Err(e.into()),
+        let got = match self.blobs.get_opts(&blob_path(&file.id), opts).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Err(FileError::NotFound),
+            Err(e) => return Err(e.into()),
+        };
+        match got.payload {
+            // The local backend hands over the open file: read it in large chunks (its
+            // own stream reads 8 KiB per blocking task, a third of the speed).
+            GetResultPayload::File(file, _) => {
+                use tokio::io::{AsyncReadExt, AsyncSeekExt};
+                let io_error = |e: std::io::Error| object_store::Error::Generic {
+                    store: "LocalFileSystem",
+                    source: Box::new(e),
+                };
+                let mut file = tokio::fs::File::from_std(file);
+                file.seek(std::io::SeekFrom::Start(got.range.start))
+                    .await
+                    .map_err(io_error)?;
+                let part = file.take(got.range.end - got.range.start);
+                Ok(ReaderStream::with_capacity(part, LOCAL_READ_BYTES)
+                    .map(move |r| r.map_err(io_error))
+                    .boxed())
+            }
+            GetResultPayload::Stream(s) => Ok(s),
         }
     }
 
