@@ -382,6 +382,9 @@ impl Chat {
         mut send: proto::Send,
     ) -> Result<PendingSend, ChatError> {
         self.check_message(&send.client_msg_id, &send.body, &send.metadata)?;
+        let attachments = self
+            .resolve_attachments(user, std::mem::take(&mut send.attachments))
+            .await?;
         if !send.to_user.is_empty() {
             if !send.room.is_empty() {
                 return Err(invalid("give room or to_user, not both"));
@@ -400,7 +403,6 @@ impl Chat {
         } else {
             self.check_member(&send.room, user).await?;
         }
-        let attachments = self.resolve_attachments(user, send.attachments).await?;
         Ok(self.submit(NewMessage {
             room: send.room,
             sender: user.to_string(),
