@@ -110,6 +110,8 @@ pub struct SignedUrl {
 
 pub struct Files {
     blobs: Arc<dyn ObjectStore>,
+    /// Where the bytes go in `blobs`: `<root>/files/<id>`.
+    root: ObjectPath,
     index: Arc<dyn Store>,
     config: FilesConfig,
     part_bytes: usize,
@@ -140,10 +142,6 @@ fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
-fn blob_path(id: &str) -> ObjectPath {
-    ObjectPath::from(format!("files/{id}"))
-}
-
 /// Keeps a file name displayable: no path, no control characters, bounded length.
 fn clean_name(name: &str) -> String {
     let base = name.rsplit(['/', '\\']).next().unwrap_or_default();
@@ -155,17 +153,21 @@ fn clean_name(name: &str) -> String {
 }
 
 impl Files {
-    /// Opens the configured blob store (creating the local directory if needed).
+    fn blob_path(&self, id: &str) -> ObjectPath {
+        self.root.child("files").child(id)
+    }
+
+    /// Opens the configured blob store. The local directory is created with the first
+    /// upload, so a server that never stores a file leaves no trace on disk.
     pub fn open(config: &FilesConfig, index: Arc<dyn Store>) -> Result<Self, FileError> {
-        let (blobs, part_bytes): (Arc<dyn ObjectStore>, usize) = match config.backend {
+        let (blobs, root, part_bytes): (Arc<dyn ObjectStore>, _, _) = match config.backend {
             FileBackend::Local => {
-                std::fs::create_dir_all(&config.dir).map_err(|e| {
-                    FileError::InvalidArgument(format!("creating files.dir {}: {e}", config.dir))
+                let dir = std::path::absolute(&config.dir).map_err(|e| {
+                    FileError::InvalidArgument(format!("files.dir {}: {e}", config.dir))
                 })?;
-                (
-                    Arc::new(LocalFileSystem::new_with_prefix(&config.dir)?),
-                    LOCAL_PART_BYTES,
-                )
+                let root = ObjectPath::from_absolute_path(&dir)
+                    .map_err(|e| FileError::Storage(e.into()))?;
+                (Arc::new(LocalFileSystem::new()), root, LOCAL_PART_BYTES)
             }
             FileBackend::S3 => {
                 let mut b = AmazonS3Builder::from_env()
@@ -180,11 +182,16 @@ impl Files {
                         .with_access_key_id(&config.s3_access_key_id)
                         .with_secret_access_key(&config.s3_secret_access_key);
                 }
-                (Arc::new(b.build()?), config.part_bytes as usize)
+                (
+                    Arc::new(b.build()?),
+                    ObjectPath::default(),
+                    config.part_bytes as usize,
+                )
             }
         };
         Ok(Self {
             blobs,
+            root,
             index,
             part_bytes,
             signer: UrlSigner::new(&config.url_secret),
@@ -227,7 +234,7 @@ impl Files {
         }
 
         let id = new_id();
-        let path = blob_path(&id);
+        let path = self.blob_path(&id);
         let mut writer =
             BufWriter::with_capacity(self.blobs.clone(), path.clone(), self.part_bytes)
                 .with_max_concurrency(2);
@@ -353,7 +360,7 @@ impl Files {
             range: Some(GetRange::Bounded(range)),
             ..Default::default()
         };
-        let got = match self.blobs.get_opts(&blob_path(&file.id), opts).await {
+        let got = match self.blobs.get_opts(&self.blob_path(&file.id), opts).await {
             Ok(got) => got,
             Err(object_store::Error::NotFound { .. }) => return Err(FileError::NotFound),
             Err(e) => return Err(e.into()),
@@ -396,7 +403,7 @@ impl Files {
     }
 
     async fn delete_blob(&self, id: &str) {
-        match self.blobs.delete(&blob_path(id)).await {
+        match self.blobs.delete(&self.blob_path(id)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => tracing::warn!(error = %e, file = %id, "deleting a file's bytes failed"),
         }
