@@ -59,10 +59,12 @@ pub fn test_config() -> Config {
     c.server.listen = "127.0.0.1:0".parse().unwrap();
     c.auth.jwt_secret = "test-secret".into();
     c.store.path = ":memory:".into();
-    c.files.dir = std::env::temp_dir()
-        .join(format!("parley-test-files-{}", std::process::id()))
-        .to_string_lossy()
-        .into_owned();
+    // Uploads land under target/tmp (cargo's scratch space for tests), never in data/.
+    c.files.dir = format!(
+        "{}/parley-test-files-{}",
+        env!("CARGO_TARGET_TMPDIR"),
+        std::process::id()
+    );
     c
 }
 
