@@ -34,6 +34,7 @@ WORKDIR /var/lib/parley
 ENV PARLEY_CONFIG=/etc/parley/parley.toml \
     PARLEY_SERVER__LISTEN=0.0.0.0:8080 \
     PARLEY_STORE__PATH=/var/lib/parley/parley.db \
+    PARLEY_FILES__DIR=/var/lib/parley/files \
     PARLEY_LOG__FORMAT=json
 VOLUME /var/lib/parley
 EXPOSE 8080

@@ -51,6 +51,7 @@ async fn run(sync: Synchronous, senders: usize, rooms: usize) -> (f64, Vec<Durat
                         body: "x".repeat(100),
                         metadata: Default::default(),
                         ts: 0,
+                        attachments: Vec::new(),
                     })
                     .await
                     .unwrap();

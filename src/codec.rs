@@ -161,6 +161,7 @@ mod tests {
             body: "hi \"there\"".into(),
             metadata: [("k".to_string(), "v".to_string())].into(),
             ts: 1_700_000_000_000,
+            ..Default::default()
         })
     }
 

@@ -31,6 +31,7 @@ pub struct Config {
     pub tls: TlsConfig,
     pub web: WebConfig,
     pub limits: LimitsConfig,
+    pub files: FilesConfig,
 }
 
 /// Limits and rate limits against abuse. Every limit is per instance; 0 turns one off.
@@ -438,6 +439,78 @@ impl Default for StoreConfig {
     }
 }
 
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FileBackend {
+    /// A directory on the local filesystem (`files.dir`).
+    Local,
+    /// An S3-compatible bucket (`files.s3_*`), shared by every instance.
+    S3,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FilesConfig {
+    /// Where uploaded bytes live: `local` or `s3`.
+    pub backend: FileBackend,
+    /// `local`: the directory (created on start).
+    pub dir: String,
+    /// Largest upload, in bytes; enforced while the upload streams in.
+    pub max_file_bytes: u64,
+    /// Most bytes of files one user may keep.
+    pub user_quota_bytes: u64,
+    /// Uploads one user may start per minute (per instance).
+    pub uploads_per_minute: u32,
+    /// Uploads that no message attached are deleted after this long.
+    #[serde(with = "humantime_serde")]
+    pub orphan_ttl: Duration,
+    /// Lifetime of a signed download URL.
+    #[serde(with = "humantime_serde")]
+    pub url_ttl: Duration,
+    /// HMAC key for signed URLs. Empty: a random key per process (URLs then work only on
+    /// the instance that signed them, and not across restarts).
+    pub url_secret: String,
+    /// Images up to this size get a BlurHash placeholder (decoding holds them in memory).
+    pub blurhash_max_bytes: u64,
+    /// `s3`: bucket name.
+    pub s3_bucket: String,
+    /// `s3`: endpoint URL for S3-compatible services (empty: AWS).
+    pub s3_endpoint: String,
+    /// `s3`: region.
+    pub s3_region: String,
+    /// `s3`: credentials (empty: from the `AWS_*` environment variables).
+    pub s3_access_key_id: String,
+    pub s3_secret_access_key: String,
+    /// `s3`: allow a plain `http://` endpoint.
+    pub s3_allow_http: bool,
+    /// `s3`: multipart upload part size in bytes (S3 needs at least 5 MiB); also the most
+    /// memory one upload buffers.
+    pub part_bytes: u64,
+}
+
+impl Default for FilesConfig {
+    fn default() -> Self {
+        Self {
+            backend: FileBackend::Local,
+            dir: "data/files".into(),
+            max_file_bytes: 100 * 1024 * 1024,
+            user_quota_bytes: 1024 * 1024 * 1024,
+            uploads_per_minute: 30,
+            orphan_ttl: Duration::from_secs(3600),
+            url_ttl: Duration::from_secs(300),
+            url_secret: String::new(),
+            blurhash_max_bytes: 10 * 1024 * 1024,
+            s3_bucket: String::new(),
+            s3_endpoint: String::new(),
+            s3_region: "us-east-1".into(),
+            s3_access_key_id: String::new(),
+            s3_secret_access_key: String::new(),
+            s3_allow_http: false,
+            part_bytes: 5 * 1024 * 1024,
+        }
+    }
+}
+
 /// Errors from loading the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -708,6 +781,36 @@ impl Config {
                     allowed: "a rate >= 0 per second and, when it is > 0, a burst >= 1".into(),
                 });
             }
+        }
+        let f = &self.files;
+        count("files.max_file_bytes", f.max_file_bytes, 1, 1024 * GIB)?;
+        count(
+            "files.user_quota_bytes",
+            f.user_quota_bytes,
+            1,
+            1024 * 1024 * GIB,
+        )?;
+        count(
+            "files.uploads_per_minute",
+            f.uploads_per_minute,
+            1,
+            1_000_000,
+        )?;
+        duration("files.orphan_ttl", f.orphan_ttl, 10 * MS, 365 * DAY)?;
+        duration("files.url_ttl", f.url_ttl, SEC, DAY)?;
+        count(
+            "files.blurhash_max_bytes",
+            f.blurhash_max_bytes,
+            0,
+            256 * MIB,
+        )?;
+        count("files.part_bytes", f.part_bytes, 5 * MIB, 5 * GIB)?;
+        if f.backend == FileBackend::S3 && f.s3_bucket.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "files.s3_bucket",
+                value: "\"\"".into(),
+                allowed: "a bucket name when files.backend = \"s3\"".into(),
+            });
         }
         Ok(())
     }

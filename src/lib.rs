@@ -7,9 +7,10 @@
 //!    frames to the session layer, the session's one outbox framed and written out;
 //! 3. `session` — the one connect path, sessions, positions, resume, the outbox;
 //! 4. `chat` — the domain: rooms, messages, typing, presence, ordering;
-//! 5. `store`, `broker` — the durable log and fan-out between instances;
-//! 6. `delivery` — targets, recipients and the local hub that `chat` and `broker` share;
-//! 7. `auth`, `codec`, `config`, `metrics`, `proto`, `ratelimit` — foundations.
+//! 5. `files` — attachments: uploads streamed to a blob store, who may read them;
+//! 6. `store`, `broker` — the durable log and fan-out between instances;
+//! 7. `delivery` — targets, recipients and the local hub that `chat` and `broker` share;
+//! 8. `auth`, `codec`, `config`, `metrics`, `proto`, `ratelimit` — foundations.
 
 pub mod auth;
 pub mod broker;
@@ -17,6 +18,7 @@ pub mod chat;
 pub mod codec;
 pub mod config;
 pub mod delivery;
+pub mod files;
 pub mod metrics;
 pub mod proto;
 pub mod ratelimit;

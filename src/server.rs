@@ -33,6 +33,7 @@ use crate::{
     chat::Chat,
     config::{Config, ConfigError, TlsConfig},
     delivery::Hub,
+    files::{FileError, Files},
     metrics::Metrics,
     session::{Core, Sessions},
     store::{StoreError, sqlite::SqliteStore},
@@ -51,6 +52,8 @@ pub enum ServerError {
     Auth(#[from] AuthSetupError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error("files: {0}")]
+    Files(#[from] FileError),
     #[error("listening on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -68,6 +71,7 @@ pub fn build_core(config: Config) -> Result<Arc<Core>, ServerError> {
     let config = Arc::new(config);
     let hub = Arc::new(Hub::new());
     let store = Arc::new(SqliteStore::open(&config.store)?);
+    let files = Arc::new(Files::open(&config.files, store.clone())?);
     let broker = Arc::new(LocalBroker::new(hub.clone()));
     let chat =
         Arc::new(Chat::new(store, broker, hub, config.chat.clone()).with_limits(&config.limits));
@@ -82,6 +86,7 @@ pub fn build_core(config: Config) -> Result<Arc<Core>, ServerError> {
         chat,
         sessions,
         metrics: Arc::new(Metrics::new()),
+        files,
     }))
 }
 
@@ -106,6 +111,7 @@ pub fn router(state: Ctx) -> Router {
         .route("/metrics", get(metrics))
         .merge(transport::api::routes())
         .merge(crate::web::routes(&state.core.config))
+        .merge(transport::files::routes())
         .layer(body_limit)
         .with_state(state)
 }
@@ -125,6 +131,24 @@ fn spawn_maintenance(core: Arc<Core>) -> JoinHandle<()> {
             let Some(core) = core.upgrade() else { return };
             core.sessions.reap();
             core.tickets.prune(|id| core.sessions.get(id).is_some());
+        }
+    })
+}
+
+/// Deletes uploads that no message attached in time (`files.orphan_ttl`).
+fn spawn_file_cleanup(core: Arc<Core>) -> JoinHandle<()> {
+    let every = core.files.cleanup_interval();
+    let core = Arc::downgrade(&core);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let Some(core) = core.upgrade() else { return };
+            match core.files.collect_orphans().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(files = n, "deleted unattached uploads"),
+                Err(e) => tracing::warn!(error = %e, "file cleanup failed"),
+            }
         }
     })
 }
@@ -198,12 +222,13 @@ fn cors(config: Arc<Config>) -> CorsLayer {
             transport::origin_allowed(&config.server, &headers, &parts.uri)
         }))
         .allow_credentials(true)
-        .allow_methods([Method::GET, Method::POST])
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
         .allow_headers([
             header::AUTHORIZATION,
             header::CONTENT_TYPE,
             header::ACCEPT,
             HeaderName::from_static("last-event-id"),
+            header::RANGE,
         ])
         .expose_headers([HeaderName::from_static("x-parley-cursor")])
         .max_age(std::time::Duration::from_secs(600))
@@ -283,6 +308,7 @@ impl Server {
             admission: Arc::new(Admission::new(&config_limits)),
         };
         let maintenance = spawn_maintenance(state.core.clone());
+        let file_cleanup = spawn_file_cleanup(state.core.clone());
         let app = router(state.clone()).layer(cors(state.core.config.clone()));
         let s = state.clone();
         let write_timeout = state.core.config.server.write_timeout;
@@ -353,6 +379,7 @@ impl Server {
                 tracing::warn!(open = s.tracker.len(), "drain timeout; closing the rest");
             }
             maintenance.abort();
+            file_cleanup.abort();
             Ok(())
         });
         tracing::info!(%addr, tls = state.core.config.tls.cert_file.is_some(), "listening");

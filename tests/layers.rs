@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, path::Path};
 
 /// Layers, lowest first. Within the foundations the order is their dependency order.
-const LAYERS: [&str; 14] = [
+const LAYERS: [&str; 15] = [
     "proto",
     "codec",
     "metrics",
@@ -15,6 +15,7 @@ const LAYERS: [&str; 14] = [
     "delivery",
     "store",
     "broker",
+    "files",
     "chat",
     "session",
     "transport",

@@ -44,6 +44,9 @@ pub type PendingSend =
 /// members repair the gap by log sync), so a stuck broker cannot stall a stripe.
 const PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Most attachments on one message.
+pub const MAX_ATTACHMENTS: usize = 10;
+
 pub struct Chat {
     store: Arc<dyn Store>,
     broker: Arc<dyn Broker>,
@@ -443,6 +446,9 @@ impl Chat {
     ) -> Result<PendingSend, ChatError> {
         self.check_message(&send.client_msg_id, &send.body, &send.metadata)?;
         Self::spend(&self.limits.sends, user, "messages")?;
+        let attachments = self
+            .resolve_attachments(user, std::mem::take(&mut send.attachments))
+            .await?;
         if !send.to_user.is_empty() {
             if !send.room.is_empty() {
                 return Err(invalid("give room or to_user, not both"));
@@ -470,7 +476,34 @@ impl Chat {
             body: send.body,
             metadata: send.metadata,
             ts: now_ms(),
+            attachments,
         }))
+    }
+
+    /// The attachments of a send, filled in from the uploads: only files `user` uploaded
+    /// (anything else reads as unknown, so ids cannot be probed); the client may only
+    /// choose the shown `name`.
+    async fn resolve_attachments(
+        &self,
+        user: &str,
+        wanted: Vec<proto::Attachment>,
+    ) -> Result<Vec<proto::Attachment>, ChatError> {
+        if wanted.len() > MAX_ATTACHMENTS {
+            return Err(invalid(format!(
+                "at most {MAX_ATTACHMENTS} attachments per message"
+            )));
+        }
+        let mut out = Vec::with_capacity(wanted.len());
+        for a in wanted {
+            if a.name.len() > 255 {
+                return Err(invalid("attachment name longer than 255 bytes"));
+            }
+            match self.store.file(&a.file_id).await? {
+                Some(f) if f.owner == user => out.push(f.attachment(&a.name)),
+                _ => return Err(invalid(format!("unknown file {:?}", a.file_id))),
+            }
+        }
+        Ok(out)
     }
 
     /// A server-side post (admin HTTP API): no membership check, same limits as `send`.

@@ -28,6 +28,8 @@ pub struct Core {
     pub tickets: Tickets,
     pub auth: Authenticator,
     pub metrics: Arc<Metrics>,
+    /// Attachments (the HTTP files API; chat only sees their index in the store).
+    pub files: Arc<crate::files::Files>,
 }
 
 /// How the client proves who it is.

@@ -3,14 +3,17 @@
 //!
 //! `chat` talks only to the [`Store`] trait. Backend: [`sqlite::SqliteStore`] (a WAL file
 //! with group commit; or a private in-memory database for tests and throwaway runs).
+//! [`files`]: the index of uploaded files (a supertrait of [`Store`]).
 
+pub mod files;
 pub mod sqlite;
 
 use std::{collections::BTreeMap, future::Future, pin::Pin, sync::Arc};
 
 use async_trait::async_trait;
 
-use crate::proto::{Message, RoomState};
+use crate::proto::{Attachment, Message, RoomState};
+pub use files::{FileIndex, FileRecord, Inserted};
 
 /// A message to append; the store assigns `seq`.
 #[derive(Debug, Clone)]
@@ -21,6 +24,9 @@ pub struct NewMessage {
     pub body: String,
     pub metadata: BTreeMap<String, String>,
     pub ts: i64,
+    /// Resolved attachments (the chat layer checked that `sender` uploaded each); the
+    /// append records that each file was posted to `room`.
+    pub attachments: Vec<Attachment>,
 }
 
 /// The result of an append.
@@ -68,7 +74,7 @@ pub enum StoreError {
 pub type AppendFuture = Pin<Box<dyn Future<Output = Result<Appended, StoreError>> + Send>>;
 
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: FileIndex + Send + Sync + 'static {
     /// Appends to the room's log, or returns the original message if this (room, sender,
     /// client_msg_id) was appended before. The sender's read marker moves to the new
     /// message. Durable when the future resolves.

@@ -24,7 +24,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{Semaphore, oneshot};
 
 use super::{
-    AppendFuture, Appended, NewMessage, Page, Range, RoomMeta, Store, StoreError, dm_peer,
+    AppendFuture, Appended, FileIndex, FileRecord, Inserted, NewMessage, Page, Range, RoomMeta,
+    Store, StoreError, dm_peer,
 };
 use crate::{
     config::StoreConfig,
@@ -61,6 +62,28 @@ const MIGRATIONS: &[&str] = &[
     // 2: a member count per room (large rooms skip O(members) event fan-out).
     "ALTER TABLE rooms ADD COLUMN members INTEGER NOT NULL DEFAULT 0;
     UPDATE rooms SET members = (SELECT count(*) FROM members m WHERE m.room = rooms.name);",
+    // 3: uploaded files, the rooms each was posted to, attachments on messages.
+    "CREATE TABLE files (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        name TEXT NOT NULL,
+        content_type TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        width INTEGER NOT NULL,
+        height INTEGER NOT NULL,
+        blurhash TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        referenced INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    CREATE INDEX files_by_owner ON files(owner);
+    CREATE INDEX files_orphans ON files(referenced, created_at);
+    CREATE TABLE file_rooms (
+        file_id TEXT NOT NULL,
+        room TEXT NOT NULL,
+        PRIMARY KEY (file_id, room)
+    ) WITHOUT ROWID;
+    ALTER TABLE messages ADD COLUMN attachments TEXT NOT NULL DEFAULT '';",
 ];
 
 type Done = Box<dyn FnOnce(Option<&StoreError>) + Send>;
@@ -263,10 +286,18 @@ fn message_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
             serde_json::from_str(&metadata).unwrap_or_default()
         },
         ts: row.get(6)?,
+        attachments: {
+            let a: String = row.get(7)?;
+            if a.is_empty() {
+                Vec::new()
+            } else {
+                serde_json::from_str(&a).unwrap_or_default()
+            }
+        },
     })
 }
 
-const MESSAGE_COLUMNS: &str = "room, seq, sender, client_msg_id, body, metadata, ts";
+const MESSAGE_COLUMNS: &str = "room, seq, sender, client_msg_id, body, metadata, ts, attachments";
 
 fn append_in(conn: &Connection, m: NewMessage) -> rusqlite::Result<Result<Appended, StoreError>> {
     let existing = conn
@@ -299,9 +330,14 @@ fn append_in(conn: &Connection, m: NewMessage) -> rusqlite::Result<Result<Append
     } else {
         serde_json::to_string(&m.metadata).unwrap_or_default()
     };
+    let attachments = if m.attachments.is_empty() {
+        String::new()
+    } else {
+        serde_json::to_string(&m.attachments).unwrap_or_default()
+    };
     conn.execute(
-        "INSERT INTO messages (room, seq, sender, client_msg_id, body, metadata, ts)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO messages (room, seq, sender, client_msg_id, body, metadata, ts, attachments)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         params![
             m.room,
             seq,
@@ -309,9 +345,23 @@ fn append_in(conn: &Connection, m: NewMessage) -> rusqlite::Result<Result<Append
             m.client_msg_id,
             m.body,
             metadata,
-            m.ts
+            m.ts,
+            attachments
         ],
     )?;
+    // Posting a file to a room lets the room's members read it (only the uploader's own
+    // files: a file deleted meanwhile is not linked).
+    for a in &m.attachments {
+        conn.execute(
+            "INSERT INTO file_rooms (file_id, room)
+             SELECT id, ?2 FROM files WHERE id = ?1 AND owner = ?3 ON CONFLICT DO NOTHING",
+            params![a.file_id, m.room, m.sender],
+        )?;
+        conn.execute(
+            "UPDATE files SET referenced = 1 WHERE id = ?1 AND owner = ?2",
+            params![a.file_id, m.sender],
+        )?;
+    }
     conn.execute(
         "UPDATE members SET read_seq = ?3 WHERE room = ?1 AND user = ?2 AND read_seq < ?3",
         params![m.room, m.sender, seq],
@@ -325,6 +375,7 @@ fn append_in(conn: &Connection, m: NewMessage) -> rusqlite::Result<Result<Append
             body: m.body,
             metadata: m.metadata,
             ts: m.ts,
+            attachments: m.attachments,
         }),
         duplicate: false,
     }))
@@ -545,6 +596,122 @@ impl Store for SqliteStore {
     }
 }
 
+const FILE_COLUMNS: &str =
+    "id, owner, name, content_type, size, sha256, width, height, blurhash, created_at";
+
+fn file_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FileRecord> {
+    Ok(FileRecord {
+        id: r.get(0)?,
+        owner: r.get(1)?,
+        name: r.get(2)?,
+        content_type: r.get(3)?,
+        size: r.get::<_, i64>(4)? as u64,
+        sha256: r.get(5)?,
+        width: r.get(6)?,
+        height: r.get(7)?,
+        blurhash: r.get(8)?,
+        created_at: r.get(9)?,
+    })
+}
+
+#[async_trait]
+impl FileIndex for SqliteStore {
+    async fn insert_file(&self, f: FileRecord, quota: u64) -> Result<Inserted, StoreError> {
+        let quota = quota.min(i64::MAX as u64) as i64;
+        self.write(move |conn| {
+            let used: i64 = conn.query_row(
+                "SELECT coalesce(sum(size), 0) FROM files WHERE owner = ?1",
+                params![f.owner],
+                |r| r.get(0),
+            )?;
+            if used.saturating_add(f.size as i64) > quota {
+                return Ok(Inserted::OverQuota);
+            }
+            conn.execute(
+                &format!("INSERT INTO files ({FILE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
+                params![
+                    f.id,
+                    f.owner,
+                    f.name,
+                    f.content_type,
+                    f.size as i64,
+                    f.sha256,
+                    f.width,
+                    f.height,
+                    f.blurhash,
+                    f.created_at
+                ],
+            )?;
+            Ok(Inserted::Ok)
+        })
+        .await
+    }
+
+    async fn file(&self, id: &str) -> Result<Option<FileRecord>, StoreError> {
+        let id = id.to_string();
+        self.read(move |conn| {
+            conn.prepare_cached(&format!("SELECT {FILE_COLUMNS} FROM files WHERE id = ?1"))?
+                .query_row(params![id], file_from_row)
+                .optional()
+        })
+        .await
+    }
+
+    async fn bytes_of(&self, owner: &str) -> Result<u64, StoreError> {
+        let owner = owner.to_string();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT coalesce(sum(size), 0) FROM files WHERE owner = ?1",
+                params![owner],
+                |r| r.get::<_, i64>(0),
+            )
+        })
+        .await
+        .map(|n| n as u64)
+    }
+
+    async fn may_read(&self, id: &str, user: &str) -> Result<bool, StoreError> {
+        let (id, user) = (id.to_string(), user.to_string());
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT 1 FROM files WHERE id = ?1 AND owner = ?2
+                 UNION ALL
+                 SELECT 1 FROM file_rooms f JOIN members m ON m.room = f.room
+                 WHERE f.file_id = ?1 AND m.user = ?2
+                 LIMIT 1",
+            )?
+            .exists(params![id, user])
+        })
+        .await
+    }
+
+    async fn delete_file(&self, id: &str, only_orphan: bool) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        self.write(move |conn| {
+            let deleted = conn.execute(
+                "DELETE FROM files WHERE id = ?1 AND (?2 = 0 OR referenced = 0)",
+                params![id, only_orphan],
+            )? == 1;
+            if deleted {
+                conn.execute("DELETE FROM file_rooms WHERE file_id = ?1", params![id])?;
+            }
+            Ok(deleted)
+        })
+        .await
+    }
+
+    async fn orphans(&self, before_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT id FROM files WHERE referenced = 0 AND created_at < ?1 LIMIT ?2",
+            )?
+            .query_map(params![before_ms, limit as i64], |r| r.get(0))?
+            .collect()
+        })
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -566,6 +733,7 @@ mod tests {
             body: id.into(),
             metadata: [("k".to_string(), id.to_string())].into(),
             ts: 1,
+            attachments: Vec::new(),
         }
     }
 

@@ -127,10 +127,17 @@ async fn post_message(
                 body: post.body,
                 metadata: post.metadata,
                 to_user: String::new(),
+                attachments: post.attachments,
             };
             chat.send(&user, send).await?
         }
         Caller::Admin => {
+            if !post.attachments.is_empty() {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    "only users attach files",
+                ));
+            }
             let sender = if post.sender.is_empty() {
                 "system".to_string()
             } else {
@@ -143,6 +150,7 @@ async fn post_message(
                 body: post.body,
                 metadata: post.metadata,
                 ts: now_ms(),
+                attachments: Vec::new(),
             })
             .await?
         }

@@ -8,6 +8,7 @@
 //! - `poll`: long-poll downstream; commands arrive on `http` POSTs.
 //! - `http`: the command endpoint for SSE and long-poll sessions.
 //! - `api`: the HTTP API (history, rooms, tickets, server-side posts).
+//! - `files`: the attachments API (upload, download, signed URLs, delete).
 //! - `bearer`: bearer-token auth and the HTTP error type shared by the HTTP paths.
 //! - `deadline`: a write deadline on every accepted socket, so no connection can stay
 //!   stuck on a client that does not read.
@@ -17,6 +18,7 @@ pub mod admission;
 pub mod api;
 pub mod bearer;
 pub mod deadline;
+pub mod files;
 pub mod http;
 pub mod poll;
 pub mod sse;

@@ -63,6 +63,12 @@ pub fn test_config() -> Config {
     c.server.drain_delay = Duration::ZERO;
     // Tests send and connect far faster than people do; the limits have their own tests.
     c.limits = parley::config::LimitsConfig::off();
+    // Uploads land under target/tmp (cargo's scratch space for tests), never in data/.
+    c.files.dir = format!(
+        "{}/parley-test-files-{}",
+        env!("CARGO_TARGET_TMPDIR"),
+        std::process::id()
+    );
     c
 }
 

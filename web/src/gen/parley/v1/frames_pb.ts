@@ -19,7 +19,7 @@ import type { Message as Message$1 } from "@bufbuild/protobuf";
  * Describes the file parley/v1/frames.proto.
  */
 export const file_parley_v1_frames: GenFile = /*@__PURE__*/
-  fileDesc("ChZwYXJsZXkvdjEvZnJhbWVzLnByb3RvEglwYXJsZXkudjEi6gQKC0NsaWVudEZyYW1lEgoKAmlkGAEgASgEEiUKB2Nvbm5lY3QYCiABKAsyEi5wYXJsZXkudjEuQ29ubmVjdEgAEh8KBGpvaW4YCyABKAsyDy5wYXJsZXkudjEuSm9pbkgAEiEKBWxlYXZlGAwgASgLMhAucGFybGV5LnYxLkxlYXZlSAASHwoEc2VuZBgNIAEoCzIPLnBhcmxleS52MS5TZW5kSAASJQoHaGlzdG9yeRgOIAEoCzISLnBhcmxleS52MS5IaXN0b3J5SAASHwoEc3luYxgPIAEoCzIPLnBhcmxleS52MS5TeW5jSAASHwoEcGluZxgQIAEoCzIPLnBhcmxleS52MS5QaW5nSAASHQoDYWNrGBEgASgLMg4ucGFybGV5LnYxLkFja0gAEiwKC2NyZWF0ZV9yb29tGBIgASgLMhUucGFybGV5LnYxLkNyZWF0ZVJvb21IABIjCgZpbnZpdGUYEyABKAsyES5wYXJsZXkudjEuSW52aXRlSAASJQoHbWVtYmVycxgUIAEoCzISLnBhcmxleS52MS5NZW1iZXJzSAASIQoFcm9vbXMYFSABKAsyEC5wYXJsZXkudjEuUm9vbXNIABIfCgRyZWFkGBYgASgLMg8ucGFybGV5LnYxLlJlYWRIABIjCgZ0eXBpbmcYFyABKAsyES5wYXJsZXkudjEuVHlwaW5nSAASLAoIcHJlc2VuY2UYGCABKAsyGC5wYXJsZXkudjEuUHJlc2VuY2VRdWVyeUgAEiMKBnNpZ25hbBgZIAEoCzIRLnBhcmxleS52MS5TaWduYWxIAEIFCgNjbWQiPgoHQ29ubmVjdBINCgV0b2tlbhgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhAKCGxhc3RfcG9zGAMgASgEIhQKBEpvaW4SDAoEcm9vbRgBIAEoCSIVCgVMZWF2ZRIMCgRyb29tGAEgASgJIqwBCgRTZW5kEgwKBHJvb20YASABKAkSFQoNY2xpZW50X21zZ19pZBgCIAEoCRIMCgRib2R5GAMgASgJEi8KCG1ldGFkYXRhGAQgAygLMh0ucGFybGV5LnYxLlNlbmQuTWV0YWRhdGFFbnRyeRIPCgd0b191c2VyGAUgASgJGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASIrCgpDcmVhdGVSb29tEgwKBHJvb20YASABKAkSDwoHcHJpdmF0ZRgCIAEoCCIkCgZJbnZpdGUSDAoEcm9vbRgBIAEoCRIMCgR1c2VyGAIgASgJIhcKB01lbWJlcnMSDAoEcm9vbRgBIAEoCSIHCgVSb29tcyIhCgRSZWFkEgwKBHJvb20YASABKAkSCwoDc2VxGAIgASgEIhYKBlR5cGluZxIMCgRyb29tGAEgASgJIh4KDVByZXNlbmNlUXVlcnkSDQoFdXNlcnMYASADKAkiOAoGU2lnbmFsEg8KB3RvX3VzZXIYASABKAkSDAoEa2luZBgCIAEoCRIPCgdwYXlsb2FkGAMgASgJImAKB0hpc3RvcnkSDAoEcm9vbRgBIAEoCRISCgpiZWZvcmVfc2VxGAIgASgEEhYKCWFmdGVyX3NlcRgDIAEoBEgAiAEBEg0KBWxpbWl0GAQgASgNQgwKCl9hZnRlcl9zZXEibgoEU3luYxIpCgVyb29tcxgBIAMoCzIaLnBhcmxleS52MS5TeW5jLlJvb21zRW50cnkSDQoFbGltaXQYAiABKA0aLAoKUm9vbXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAQ6AjgBIgYKBFBpbmciEgoDQWNrEgsKA3BvcxgBIAEoBCL1BgoLU2VydmVyRnJhbWUSCgoCaWQYASABKAQSCwoDcG9zGAIgASgEEiEKBWVycm9yGAogASgLMhAucGFybGV5LnYxLkVycm9ySAASKQoJY29ubmVjdGVkGAsgASgLMhQucGFybGV5LnYxLkNvbm5lY3RlZEgAEiMKBmpvaW5lZBgMIAEoCzIRLnBhcmxleS52MS5Kb2luZWRIABIfCgRsZWZ0GA0gASgLMg8ucGFybGV5LnYxLkxlZnRIABIfCgRzZW50GA4gASgLMg8ucGFybGV5LnYxLlNlbnRIABIpCgdoaXN0b3J5GA8gASgLMhYucGFybGV5LnYxLkhpc3RvcnlQYWdlSAASJQoEc3luYxgQIAEoCzIVLnBhcmxleS52MS5TeW5jUmVzdWx0SAASHwoEcG9uZxgRIAEoCzIPLnBhcmxleS52MS5Qb25nSAASJAoEcm9vbRgSIAEoCzIULnBhcmxleS52MS5Sb29tU3RhdGVIABIoCgdtZW1iZXJzGBMgASgLMhUucGFybGV5LnYxLk1lbWJlckxpc3RIABIkCgVyb29tcxgUIAEoCzITLnBhcmxleS52MS5Sb29tTGlzdEgAEh8KBGRvbmUYFSABKAsyDy5wYXJsZXkudjEuRG9uZUgAEjAKDXByZXNlbmNlX2xpc3QYFiABKAsyFy5wYXJsZXkudjEuUHJlc2VuY2VMaXN0SAASJQoHbWVzc2FnZRgeIAEoCzISLnBhcmxleS52MS5NZXNzYWdlSAASKwoKZGlzY29ubmVjdBgfIAEoCzIVLnBhcmxleS52MS5EaXNjb25uZWN0SAASKAoGdHlwaW5nGCAgASgLMhYucGFybGV5LnYxLlR5cGluZ0V2ZW50SAASJwoIcHJlc2VuY2UYISABKAsyEy5wYXJsZXkudjEuUHJlc2VuY2VIABIlCgdyZWNlaXB0GCIgASgLMhIucGFybGV5LnYxLlJlY2VpcHRIABIoCgZzaWduYWwYIyABKAsyFi5wYXJsZXkudjEuU2lnbmFsRXZlbnRIABIvCgxhbm5vdW5jZW1lbnQYJCABKAsyFy5wYXJsZXkudjEuQW5ub3VuY2VtZW50SAASKwoKbWVtYmVyc2hpcBglIAEoCzIVLnBhcmxleS52MS5NZW1iZXJzaGlwSABCBgoEa2luZCJUCgVFcnJvchIiCgRjb2RlGAEgASgOMhQucGFybGV5LnYxLkVycm9yQ29kZRIPCgdtZXNzYWdlGAIgASgJEhYKDnJldHJ5X2FmdGVyX21zGAMgASgNInwKCUNvbm5lY3RlZBISCgpzZXNzaW9uX2lkGAEgASgJEg8KB3VzZXJfaWQYAiABKAkSDwoHcmVzdW1lZBgDIAEoCBIUCgxoZWFydGJlYXRfbXMYBCABKA0SIwoFcm9vbXMYBSADKAsyFC5wYXJsZXkudjEuUm9vbVN0YXRlIoABCglSb29tU3RhdGUSDAoEcm9vbRgBIAEoCRIQCghsYXN0X3NlcRgCIAEoBBIQCghyZWFkX3NlcRgDIAEoBBIOCgZ1bnJlYWQYBCABKAQSDwoHcHJpdmF0ZRgFIAEoCBIPCgdkbV9wZWVyGAYgASgJEg8KB21lbWJlcnMYByABKAQiLwoIUm9vbUxpc3QSIwoFcm9vbXMYASADKAsyFC5wYXJsZXkudjEuUm9vbVN0YXRlIikKCk1lbWJlckxpc3QSDAoEcm9vbRgBIAEoCRINCgV1c2VycxgCIAMoCSIGCgREb25lIjIKDFByZXNlbmNlTGlzdBIiCgV1c2VycxgBIAMoCzITLnBhcmxleS52MS5QcmVzZW5jZSIpCgtUeXBpbmdFdmVudBIMCgRyb29tGAEgASgJEgwKBHVzZXIYAiABKAkiOwoIUHJlc2VuY2USDAoEdXNlchgBIAEoCRIOCgZvbmxpbmUYAiABKAgSEQoJbGFzdF9zZWVuGAMgASgDIkIKB1JlY2VpcHQSDAoEcm9vbRgBIAEoCRIMCgR1c2VyGAIgASgJEgsKA3NlcRgDIAEoBBIOCgZ1bnJlYWQYBCABKAQiPwoLU2lnbmFsRXZlbnQSEQoJZnJvbV91c2VyGAEgASgJEgwKBGtpbmQYAiABKAkSDwoHcGF5bG9hZBgDIAEoCSI2CgxBbm5vdW5jZW1lbnQSDAoEcm9vbRgBIAEoCRIMCgRib2R5GAIgASgJEgoKAnRzGAMgASgDIkQKCk1lbWJlcnNoaXASDAoEcm9vbRgBIAEoCRIMCgR1c2VyGAIgASgJEg4KBmFjdGlvbhgDIAEoCRIKCgJieRgEIAEoCSIoCgZKb2luZWQSDAoEcm9vbRgBIAEoCRIQCghsYXN0X3NlcRgCIAEoBCIUCgRMZWZ0EgwKBHJvb20YASABKAkiQAoEU2VudBIMCgRyb29tGAEgASgJEgsKA3NlcRgCIAEoBBIKCgJ0cxgDIAEoAxIRCglkdXBsaWNhdGUYBCABKAgiTwoLSGlzdG9yeVBhZ2USDAoEcm9vbRgBIAEoCRIkCghtZXNzYWdlcxgCIAMoCzISLnBhcmxleS52MS5NZXNzYWdlEgwKBG1vcmUYAyABKAgiMwoKU3luY1Jlc3VsdBIlCgVyb29tcxgBIAMoCzIWLnBhcmxleS52MS5IaXN0b3J5UGFnZSISCgRQb25nEgoKAnRzGAEgASgDIsoBCgdNZXNzYWdlEgwKBHJvb20YASABKAkSCwoDc2VxGAIgASgEEg4KBnNlbmRlchgDIAEoCRIVCg1jbGllbnRfbXNnX2lkGAQgASgJEgwKBGJvZHkYBSABKAkSMgoIbWV0YWRhdGEYBiADKAsyIC5wYXJsZXkudjEuTWVzc2FnZS5NZXRhZGF0YUVudHJ5EgoKAnRzGAcgASgDGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASI9CgpEaXNjb25uZWN0EgwKBGNvZGUYASABKA0SDgoGcmVhc29uGAIgASgJEhEKCXJlY29ubmVjdBgDIAEoCCKrAQoLUG9zdE1lc3NhZ2USFQoNY2xpZW50X21zZ19pZBgBIAEoCRIMCgRib2R5GAIgASgJEjYKCG1ldGFkYXRhGAMgAygLMiQucGFybGV5LnYxLlBvc3RNZXNzYWdlLk1ldGFkYXRhRW50cnkSDgoGc2VuZGVyGAQgASgJGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASImCghBbm5vdW5jZRIMCgRyb29tGAEgASgJEgwKBGJvZHkYAiABKAkiLwoGVGlja2V0Eg4KBnRpY2tldBgBIAEoCRIVCg1leHBpcmVzX2luX21zGAIgASgNKtcECglFcnJvckNvZGUSGgoWRVJST1JfQ09ERV9VTlNQRUNJRklFRBAAEhgKFEVSUk9SX0NPREVfQkFEX0ZSQU1FEAESHgoaRVJST1JfQ09ERV9VTktOT1dOX0NPTU1BTkQQAhIcChhFUlJPUl9DT0RFX05PVF9DT05ORUNURUQQAxIgChxFUlJPUl9DT0RFX0FMUkVBRFlfQ09OTkVDVEVEEAQSGwoXRVJST1JfQ09ERV9VTkFVVEhPUklaRUQQBRIcChhFUlJPUl9DT0RFX1RPS0VOX0VYUElSRUQQBhIfChtFUlJPUl9DT0RFX0lOVkFMSURfQVJHVU1FTlQQBxIZChVFUlJPUl9DT0RFX05PVF9NRU1CRVIQCBIeChpFUlJPUl9DT0RFX0ZSQU1FX1RPT19MQVJHRRAJEhsKF0VSUk9SX0NPREVfQVVUSF9USU1FT1VUEAoSFwoTRVJST1JfQ09ERV9JTlRFUk5BTBALEhwKGEVSUk9SX0NPREVfU0xPV19DT05TVU1FUhAMEhgKFEVSUk9SX0NPREVfRk9SQklEREVOEA0SGAoURVJST1JfQ09ERV9OT1RfRk9VTkQQDhIaChZFUlJPUl9DT0RFX1JPT01fRVhJU1RTEA8SGwoXRVJST1JfQ09ERV9SQVRFX0xJTUlURUQQEBIbChdFUlJPUl9DT0RFX1VTRVJfT0ZGTElORRAREiAKHEVSUk9SX0NPREVfU0VTU0lPTl9OT1RfRk9VTkQQEhIdChlFUlJPUl9DT0RFX0xJTUlUX0VYQ0VFREVEEBZiBnByb3RvMw");
+  fileDesc("ChZwYXJsZXkvdjEvZnJhbWVzLnByb3RvEglwYXJsZXkudjEi6gQKC0NsaWVudEZyYW1lEgoKAmlkGAEgASgEEiUKB2Nvbm5lY3QYCiABKAsyEi5wYXJsZXkudjEuQ29ubmVjdEgAEh8KBGpvaW4YCyABKAsyDy5wYXJsZXkudjEuSm9pbkgAEiEKBWxlYXZlGAwgASgLMhAucGFybGV5LnYxLkxlYXZlSAASHwoEc2VuZBgNIAEoCzIPLnBhcmxleS52MS5TZW5kSAASJQoHaGlzdG9yeRgOIAEoCzISLnBhcmxleS52MS5IaXN0b3J5SAASHwoEc3luYxgPIAEoCzIPLnBhcmxleS52MS5TeW5jSAASHwoEcGluZxgQIAEoCzIPLnBhcmxleS52MS5QaW5nSAASHQoDYWNrGBEgASgLMg4ucGFybGV5LnYxLkFja0gAEiwKC2NyZWF0ZV9yb29tGBIgASgLMhUucGFybGV5LnYxLkNyZWF0ZVJvb21IABIjCgZpbnZpdGUYEyABKAsyES5wYXJsZXkudjEuSW52aXRlSAASJQoHbWVtYmVycxgUIAEoCzISLnBhcmxleS52MS5NZW1iZXJzSAASIQoFcm9vbXMYFSABKAsyEC5wYXJsZXkudjEuUm9vbXNIABIfCgRyZWFkGBYgASgLMg8ucGFybGV5LnYxLlJlYWRIABIjCgZ0eXBpbmcYFyABKAsyES5wYXJsZXkudjEuVHlwaW5nSAASLAoIcHJlc2VuY2UYGCABKAsyGC5wYXJsZXkudjEuUHJlc2VuY2VRdWVyeUgAEiMKBnNpZ25hbBgZIAEoCzIRLnBhcmxleS52MS5TaWduYWxIAEIFCgNjbWQiPgoHQ29ubmVjdBINCgV0b2tlbhgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhAKCGxhc3RfcG9zGAMgASgEIhQKBEpvaW4SDAoEcm9vbRgBIAEoCSIVCgVMZWF2ZRIMCgRyb29tGAEgASgJItgBCgRTZW5kEgwKBHJvb20YASABKAkSFQoNY2xpZW50X21zZ19pZBgCIAEoCRIMCgRib2R5GAMgASgJEi8KCG1ldGFkYXRhGAQgAygLMh0ucGFybGV5LnYxLlNlbmQuTWV0YWRhdGFFbnRyeRIPCgd0b191c2VyGAUgASgJEioKC2F0dGFjaG1lbnRzGAYgAygLMhUucGFybGV5LnYxLkF0dGFjaG1lbnQaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIisKCkNyZWF0ZVJvb20SDAoEcm9vbRgBIAEoCRIPCgdwcml2YXRlGAIgASgIIiQKBkludml0ZRIMCgRyb29tGAEgASgJEgwKBHVzZXIYAiABKAkiFwoHTWVtYmVycxIMCgRyb29tGAEgASgJIgcKBVJvb21zIiEKBFJlYWQSDAoEcm9vbRgBIAEoCRILCgNzZXEYAiABKAQiFgoGVHlwaW5nEgwKBHJvb20YASABKAkiHgoNUHJlc2VuY2VRdWVyeRINCgV1c2VycxgBIAMoCSI4CgZTaWduYWwSDwoHdG9fdXNlchgBIAEoCRIMCgRraW5kGAIgASgJEg8KB3BheWxvYWQYAyABKAkiYAoHSGlzdG9yeRIMCgRyb29tGAEgASgJEhIKCmJlZm9yZV9zZXEYAiABKAQSFgoJYWZ0ZXJfc2VxGAMgASgESACIAQESDQoFbGltaXQYBCABKA1CDAoKX2FmdGVyX3NlcSJuCgRTeW5jEikKBXJvb21zGAEgAygLMhoucGFybGV5LnYxLlN5bmMuUm9vbXNFbnRyeRINCgVsaW1pdBgCIAEoDRosCgpSb29tc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoBDoCOAEiBgoEUGluZyISCgNBY2sSCwoDcG9zGAEgASgEIvUGCgtTZXJ2ZXJGcmFtZRIKCgJpZBgBIAEoBBILCgNwb3MYAiABKAQSIQoFZXJyb3IYCiABKAsyEC5wYXJsZXkudjEuRXJyb3JIABIpCgljb25uZWN0ZWQYCyABKAsyFC5wYXJsZXkudjEuQ29ubmVjdGVkSAASIwoGam9pbmVkGAwgASgLMhEucGFybGV5LnYxLkpvaW5lZEgAEh8KBGxlZnQYDSABKAsyDy5wYXJsZXkudjEuTGVmdEgAEh8KBHNlbnQYDiABKAsyDy5wYXJsZXkudjEuU2VudEgAEikKB2hpc3RvcnkYDyABKAsyFi5wYXJsZXkudjEuSGlzdG9yeVBhZ2VIABIlCgRzeW5jGBAgASgLMhUucGFybGV5LnYxLlN5bmNSZXN1bHRIABIfCgRwb25nGBEgASgLMg8ucGFybGV5LnYxLlBvbmdIABIkCgRyb29tGBIgASgLMhQucGFybGV5LnYxLlJvb21TdGF0ZUgAEigKB21lbWJlcnMYEyABKAsyFS5wYXJsZXkudjEuTWVtYmVyTGlzdEgAEiQKBXJvb21zGBQgASgLMhMucGFybGV5LnYxLlJvb21MaXN0SAASHwoEZG9uZRgVIAEoCzIPLnBhcmxleS52MS5Eb25lSAASMAoNcHJlc2VuY2VfbGlzdBgWIAEoCzIXLnBhcmxleS52MS5QcmVzZW5jZUxpc3RIABIlCgdtZXNzYWdlGB4gASgLMhIucGFybGV5LnYxLk1lc3NhZ2VIABIrCgpkaXNjb25uZWN0GB8gASgLMhUucGFybGV5LnYxLkRpc2Nvbm5lY3RIABIoCgZ0eXBpbmcYICABKAsyFi5wYXJsZXkudjEuVHlwaW5nRXZlbnRIABInCghwcmVzZW5jZRghIAEoCzITLnBhcmxleS52MS5QcmVzZW5jZUgAEiUKB3JlY2VpcHQYIiABKAsyEi5wYXJsZXkudjEuUmVjZWlwdEgAEigKBnNpZ25hbBgjIAEoCzIWLnBhcmxleS52MS5TaWduYWxFdmVudEgAEi8KDGFubm91bmNlbWVudBgkIAEoCzIXLnBhcmxleS52MS5Bbm5vdW5jZW1lbnRIABIrCgptZW1iZXJzaGlwGCUgASgLMhUucGFybGV5LnYxLk1lbWJlcnNoaXBIAEIGCgRraW5kIlQKBUVycm9yEiIKBGNvZGUYASABKA4yFC5wYXJsZXkudjEuRXJyb3JDb2RlEg8KB21lc3NhZ2UYAiABKAkSFgoOcmV0cnlfYWZ0ZXJfbXMYAyABKA0ifAoJQ29ubmVjdGVkEhIKCnNlc3Npb25faWQYASABKAkSDwoHdXNlcl9pZBgCIAEoCRIPCgdyZXN1bWVkGAMgASgIEhQKDGhlYXJ0YmVhdF9tcxgEIAEoDRIjCgVyb29tcxgFIAMoCzIULnBhcmxleS52MS5Sb29tU3RhdGUigAEKCVJvb21TdGF0ZRIMCgRyb29tGAEgASgJEhAKCGxhc3Rfc2VxGAIgASgEEhAKCHJlYWRfc2VxGAMgASgEEg4KBnVucmVhZBgEIAEoBBIPCgdwcml2YXRlGAUgASgIEg8KB2RtX3BlZXIYBiABKAkSDwoHbWVtYmVycxgHIAEoBCIvCghSb29tTGlzdBIjCgVyb29tcxgBIAMoCzIULnBhcmxleS52MS5Sb29tU3RhdGUiKQoKTWVtYmVyTGlzdBIMCgRyb29tGAEgASgJEg0KBXVzZXJzGAIgAygJIgYKBERvbmUiMgoMUHJlc2VuY2VMaXN0EiIKBXVzZXJzGAEgAygLMhMucGFybGV5LnYxLlByZXNlbmNlIikKC1R5cGluZ0V2ZW50EgwKBHJvb20YASABKAkSDAoEdXNlchgCIAEoCSI7CghQcmVzZW5jZRIMCgR1c2VyGAEgASgJEg4KBm9ubGluZRgCIAEoCBIRCglsYXN0X3NlZW4YAyABKAMiQgoHUmVjZWlwdBIMCgRyb29tGAEgASgJEgwKBHVzZXIYAiABKAkSCwoDc2VxGAMgASgEEg4KBnVucmVhZBgEIAEoBCI/CgtTaWduYWxFdmVudBIRCglmcm9tX3VzZXIYASABKAkSDAoEa2luZBgCIAEoCRIPCgdwYXlsb2FkGAMgASgJIjYKDEFubm91bmNlbWVudBIMCgRyb29tGAEgASgJEgwKBGJvZHkYAiABKAkSCgoCdHMYAyABKAMiRAoKTWVtYmVyc2hpcBIMCgRyb29tGAEgASgJEgwKBHVzZXIYAiABKAkSDgoGYWN0aW9uGAMgASgJEgoKAmJ5GAQgASgJIigKBkpvaW5lZBIMCgRyb29tGAEgASgJEhAKCGxhc3Rfc2VxGAIgASgEIhQKBExlZnQSDAoEcm9vbRgBIAEoCSJACgRTZW50EgwKBHJvb20YASABKAkSCwoDc2VxGAIgASgEEgoKAnRzGAMgASgDEhEKCWR1cGxpY2F0ZRgEIAEoCCJPCgtIaXN0b3J5UGFnZRIMCgRyb29tGAEgASgJEiQKCG1lc3NhZ2VzGAIgAygLMhIucGFybGV5LnYxLk1lc3NhZ2USDAoEbW9yZRgDIAEoCCIzCgpTeW5jUmVzdWx0EiUKBXJvb21zGAEgAygLMhYucGFybGV5LnYxLkhpc3RvcnlQYWdlIhIKBFBvbmcSCgoCdHMYASABKAMi9gEKB01lc3NhZ2USDAoEcm9vbRgBIAEoCRILCgNzZXEYAiABKAQSDgoGc2VuZGVyGAMgASgJEhUKDWNsaWVudF9tc2dfaWQYBCABKAkSDAoEYm9keRgFIAEoCRIyCghtZXRhZGF0YRgGIAMoCzIgLnBhcmxleS52MS5NZXNzYWdlLk1ldGFkYXRhRW50cnkSCgoCdHMYByABKAMSKgoLYXR0YWNobWVudHMYCCADKAsyFS5wYXJsZXkudjEuQXR0YWNobWVudBovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEikAEKCkF0dGFjaG1lbnQSDwoHZmlsZV9pZBgBIAEoCRIMCgRuYW1lGAIgASgJEhQKDGNvbnRlbnRfdHlwZRgDIAEoCRIMCgRzaXplGAQgASgEEg4KBnNoYTI1NhgFIAEoCRINCgV3aWR0aBgGIAEoDRIOCgZoZWlnaHQYByABKA0SEAoIYmx1cmhhc2gYCCABKAkiPQoKRGlzY29ubmVjdBIMCgRjb2RlGAEgASgNEg4KBnJlYXNvbhgCIAEoCRIRCglyZWNvbm5lY3QYAyABKAgi1wEKC1Bvc3RNZXNzYWdlEhUKDWNsaWVudF9tc2dfaWQYASABKAkSDAoEYm9keRgCIAEoCRI2CghtZXRhZGF0YRgDIAMoCzIkLnBhcmxleS52MS5Qb3N0TWVzc2FnZS5NZXRhZGF0YUVudHJ5Eg4KBnNlbmRlchgEIAEoCRIqCgthdHRhY2htZW50cxgFIAMoCzIVLnBhcmxleS52MS5BdHRhY2htZW50Gi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASImCghBbm5vdW5jZRIMCgRyb29tGAEgASgJEgwKBGJvZHkYAiABKAkiLwoGVGlja2V0Eg4KBnRpY2tldBgBIAEoCRIVCg1leHBpcmVzX2luX21zGAIgASgNIioKB0ZpbGVVcmwSCwoDdXJsGAEgASgJEhIKCmV4cGlyZXNfYXQYAiABKAMquwUKCUVycm9yQ29kZRIaChZFUlJPUl9DT0RFX1VOU1BFQ0lGSUVEEAASGAoURVJST1JfQ09ERV9CQURfRlJBTUUQARIeChpFUlJPUl9DT0RFX1VOS05PV05fQ09NTUFORBACEhwKGEVSUk9SX0NPREVfTk9UX0NPTk5FQ1RFRBADEiAKHEVSUk9SX0NPREVfQUxSRUFEWV9DT05ORUNURUQQBBIbChdFUlJPUl9DT0RFX1VOQVVUSE9SSVpFRBAFEhwKGEVSUk9SX0NPREVfVE9LRU5fRVhQSVJFRBAGEh8KG0VSUk9SX0NPREVfSU5WQUxJRF9BUkdVTUVOVBAHEhkKFUVSUk9SX0NPREVfTk9UX01FTUJFUhAIEh4KGkVSUk9SX0NPREVfRlJBTUVfVE9PX0xBUkdFEAkSGwoXRVJST1JfQ09ERV9BVVRIX1RJTUVPVVQQChIXChNFUlJPUl9DT0RFX0lOVEVSTkFMEAsSHAoYRVJST1JfQ09ERV9TTE9XX0NPTlNVTUVSEAwSGAoURVJST1JfQ09ERV9GT1JCSURERU4QDRIYChRFUlJPUl9DT0RFX05PVF9GT1VORBAOEhoKFkVSUk9SX0NPREVfUk9PTV9FWElTVFMQDxIbChdFUlJPUl9DT0RFX1JBVEVfTElNSVRFRBAQEhsKF0VSUk9SX0NPREVfVVNFUl9PRkZMSU5FEBESIAocRVJST1JfQ09ERV9TRVNTSU9OX05PVF9GT1VORBASEh0KGUVSUk9SX0NPREVfRklMRV9UT09fTEFSR0UQExIdChlFUlJPUl9DT0RFX1FVT1RBX0VYQ0VFREVEEBQSJAogRVJST1JfQ09ERV9SQU5HRV9OT1RfU0FUSVNGSUFCTEUQFRIdChlFUlJPUl9DT0RFX0xJTUlUX0VYQ0VFREVEEBZiBnByb3RvMw");
 
 /**
  * Everything a client sends: a request id chosen by the client plus one command.
@@ -252,6 +252,15 @@ export type Send = Message$1<"parley.v1.Send"> & {
    * @generated from field: string to_user = 5;
    */
   toUser: string;
+
+  /**
+   * Files uploaded by this user (POST /api/v1/files) to show with the message. Only
+   * `file_id` is needed (and `name`, to show another name than the upload's); the server
+   * fills in the rest from the upload. At most 10.
+   *
+   * @generated from field: repeated parley.v1.Attachment attachments = 6;
+   */
+  attachments: Attachment[];
 };
 
 /**
@@ -1267,6 +1276,13 @@ export type Message = Message$1<"parley.v1.Message"> & {
    * @generated from field: int64 ts = 7;
    */
   ts: bigint;
+
+  /**
+   * Files shown with the message (see Send.attachments).
+   *
+   * @generated from field: repeated parley.v1.Attachment attachments = 8;
+   */
+  attachments: Attachment[];
 };
 
 /**
@@ -1275,6 +1291,75 @@ export type Message = Message$1<"parley.v1.Message"> & {
  */
 export const MessageSchema: GenMessage<Message> = /*@__PURE__*/
   messageDesc(file_parley_v1_frames, 37);
+
+/**
+ * A file: the reply to an upload, and an entry of Message.attachments. Download it with
+ * GET /api/v1/files/{file_id} (bearer token) or a signed URL (POST
+ * /api/v1/files/{file_id}/url) where a header cannot be sent, as in <img src>.
+ *
+ * @generated from message parley.v1.Attachment
+ */
+export type Attachment = Message$1<"parley.v1.Attachment"> & {
+  /**
+   * @generated from field: string file_id = 1;
+   */
+  fileId: string;
+
+  /**
+   * The file name to show and to save as (from the upload's `name` or, in a send, the
+   * sender's choice).
+   *
+   * @generated from field: string name = 2;
+   */
+  name: string;
+
+  /**
+   * Sniffed from the bytes, never taken from the client: e.g. "image/png", or
+   * "application/octet-stream" when the bytes match no known type.
+   *
+   * @generated from field: string content_type = 3;
+   */
+  contentType: string;
+
+  /**
+   * @generated from field: uint64 size = 4;
+   */
+  size: bigint;
+
+  /**
+   * Hex SHA-256 of the bytes; also the download's ETag.
+   *
+   * @generated from field: string sha256 = 5;
+   */
+  sha256: string;
+
+  /**
+   * Images: pixel size (0 when unknown).
+   *
+   * @generated from field: uint32 width = 6;
+   */
+  width: number;
+
+  /**
+   * @generated from field: uint32 height = 7;
+   */
+  height: number;
+
+  /**
+   * Images: a BlurHash (https://blurha.sh) of the picture, a ~30-character placeholder
+   * to paint while the image loads. Empty when none was made.
+   *
+   * @generated from field: string blurhash = 8;
+   */
+  blurhash: string;
+};
+
+/**
+ * Describes the message parley.v1.Attachment.
+ * Use `create(AttachmentSchema)` to create a new message.
+ */
+export const AttachmentSchema: GenMessage<Attachment> = /*@__PURE__*/
+  messageDesc(file_parley_v1_frames, 38);
 
 /**
  * Why the server is about to close the transport, and whether to reconnect.
@@ -1305,7 +1390,7 @@ export type Disconnect = Message$1<"parley.v1.Disconnect"> & {
  * Use `create(DisconnectSchema)` to create a new message.
  */
 export const DisconnectSchema: GenMessage<Disconnect> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 38);
+  messageDesc(file_parley_v1_frames, 39);
 
 /**
  * POST /api/v1/rooms/{room}/messages. With a user token it posts as that user (like
@@ -1335,6 +1420,13 @@ export type PostMessage = Message$1<"parley.v1.PostMessage"> & {
    * @generated from field: string sender = 4;
    */
   sender: string;
+
+  /**
+   * User only: files to attach, as in Send.attachments.
+   *
+   * @generated from field: repeated parley.v1.Attachment attachments = 5;
+   */
+  attachments: Attachment[];
 };
 
 /**
@@ -1342,7 +1434,7 @@ export type PostMessage = Message$1<"parley.v1.PostMessage"> & {
  * Use `create(PostMessageSchema)` to create a new message.
  */
 export const PostMessageSchema: GenMessage<PostMessage> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 39);
+  messageDesc(file_parley_v1_frames, 40);
 
 /**
  * POST /api/v1/announce (admin): an ephemeral `announcement` push, to one room's members
@@ -1367,7 +1459,7 @@ export type Announce = Message$1<"parley.v1.Announce"> & {
  * Use `create(AnnounceSchema)` to create a new message.
  */
 export const AnnounceSchema: GenMessage<Announce> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 40);
+  messageDesc(file_parley_v1_frames, 41);
 
 /**
  * POST /api/v1/tickets: a single-use credential for the /sse URL.
@@ -1393,7 +1485,36 @@ export type Ticket = Message$1<"parley.v1.Ticket"> & {
  * Use `create(TicketSchema)` to create a new message.
  */
 export const TicketSchema: GenMessage<Ticket> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 41);
+  messageDesc(file_parley_v1_frames, 42);
+
+/**
+ * POST /api/v1/files/{id}/url: a short-lived URL that downloads the file without a
+ * bearer token (for <img src>, <video src>, a download link).
+ *
+ * @generated from message parley.v1.FileUrl
+ */
+export type FileUrl = Message$1<"parley.v1.FileUrl"> & {
+  /**
+   * Path and query, relative to the server: /api/v1/files/{id}?u=...&exp=...&sig=...
+   *
+   * @generated from field: string url = 1;
+   */
+  url: string;
+
+  /**
+   * When it stops working, in Unix milliseconds.
+   *
+   * @generated from field: int64 expires_at = 2;
+   */
+  expiresAt: bigint;
+};
+
+/**
+ * Describes the message parley.v1.FileUrl.
+ * Use `create(FileUrlSchema)` to create a new message.
+ */
+export const FileUrlSchema: GenMessage<FileUrl> = /*@__PURE__*/
+  messageDesc(file_parley_v1_frames, 43);
 
 /**
  * Stable error codes. The names (not the numbers) are the contract in JSON.
@@ -1533,6 +1654,27 @@ export enum ErrorCode {
    * @generated from enum value: ERROR_CODE_SESSION_NOT_FOUND = 18;
    */
   SESSION_NOT_FOUND = 18,
+
+  /**
+   * An upload is larger than files.max_file_bytes (HTTP 413).
+   *
+   * @generated from enum value: ERROR_CODE_FILE_TOO_LARGE = 19;
+   */
+  FILE_TOO_LARGE = 19,
+
+  /**
+   * An upload would take the user past files.user_quota_bytes (HTTP 413).
+   *
+   * @generated from enum value: ERROR_CODE_QUOTA_EXCEEDED = 20;
+   */
+  QUOTA_EXCEEDED = 20,
+
+  /**
+   * A download's Range header asks for bytes past the end of the file (HTTP 416).
+   *
+   * @generated from enum value: ERROR_CODE_RANGE_NOT_SATISFIABLE = 21;
+   */
+  RANGE_NOT_SATISFIABLE = 21,
 
   /**
    * A configured limit is reached (connections, sessions per user, rooms per user):

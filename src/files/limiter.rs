@@ -1,0 +1,56 @@
+//! The per-user upload rate: at most N uploads started per user per minute, counted on
+//! this instance (with many instances, each allows N).
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+const WINDOW: Duration = Duration::from_secs(60);
+
+pub struct UploadLimiter {
+    per_window: u32,
+    /// user → (window start, uploads started in it).
+    users: Mutex<HashMap<String, (Instant, u32)>>,
+}
+
+impl UploadLimiter {
+    pub fn new(per_minute: u32) -> Self {
+        Self {
+            per_window: per_minute,
+            users: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts an upload by `user`; false if the user is over the rate.
+    pub fn allow(&self, user: &str) -> bool {
+        let now = Instant::now();
+        let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        if users.len() > 10_000 {
+            users.retain(|_, (start, _)| now.duration_since(*start) < WINDOW);
+        }
+        let entry = users.entry(user.to_string()).or_insert((now, 0));
+        if now.duration_since(entry.0) >= WINDOW {
+            *entry = (now, 0);
+        }
+        if entry.1 >= self.per_window {
+            return false;
+        }
+        entry.1 += 1;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_per_user() {
+        let l = UploadLimiter::new(2);
+        assert!(l.allow("a") && l.allow("a"));
+        assert!(!l.allow("a"));
+        assert!(l.allow("b"));
+    }
+}
