@@ -5,9 +5,11 @@
 //!
 //! Key rotation: besides the main key (`auth.jwt_secret` / `auth.public_key_file`, with
 //! id `auth.key_id`), `auth.extra_keys` lists further verification keys. The token
-//! header's `kid` (none = the empty id) picks exactly one key, whose algorithm the token's
-//! `alg` must match; an unknown `kid` is refused. `auth.audience` and `auth.issuer`, when
-//! set, make `aud` and `iss` required and checked.
+//! header's `kid` picks exactly one key, whose algorithm the token's `alg` must match; a
+//! token without a `kid`, or with one no key has, goes to the key whose id is empty (so an
+//! issuer's own `kid`s do not matter while parley uses no key ids), and is refused when
+//! there is none. `auth.audience` and `auth.issuer`, when set, make `aud` and `iss`
+//! required and checked.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -191,11 +193,13 @@ impl Authenticator {
         }
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        // The key with the token's kid; else the default key (the empty id), if any.
         let kid = header.kid.as_deref().unwrap_or("");
         let key = self
             .keys
             .iter()
             .find(|k| k.kid == kid)
+            .or_else(|| self.keys.iter().find(|k| k.kid.is_empty()))
             .ok_or_else(|| AuthError::Invalid("unknown key id (kid)".into()))?;
         let data =
             jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.validation).map_err(|e| {
@@ -316,7 +320,12 @@ mod tests {
                 .unwrap(),
             "ann"
         );
-        // No kid: the key with the empty id.
+        // No kid, or an unknown one: the key with the empty id.
+        assert_eq!(
+            a.verify(&token("legacy-secret", Some("k9"), none.clone()))
+                .unwrap(),
+            "ann"
+        );
         assert_eq!(
             a.verify(&token("legacy-secret", None, none.clone()))
                 .unwrap(),
@@ -325,8 +334,7 @@ mod tests {
         // A real key under another key's id, an unknown id: refused.
         invalid(a.verify(&token("old-secret", Some("k2"), none.clone())));
         invalid(a.verify(&token("new-secret", None, none.clone())));
-        let m = invalid(a.verify(&token("new-secret", Some("k3"), none)));
-        assert!(m.contains("kid"), "{m}");
+        invalid(a.verify(&token("new-secret", Some("k3"), none)));
         // Minted tokens carry the main key's id and verify.
         let minted = a.mint("bob", Duration::from_secs(60)).unwrap();
         assert_eq!(
@@ -337,7 +345,7 @@ mod tests {
     }
 
     #[test]
-    fn without_key_ids_a_kid_is_unknown() {
+    fn without_key_ids_any_kid_goes_to_the_main_key() {
         let a = Authenticator::new(&AuthConfig {
             jwt_secret: "s".into(),
             ..AuthConfig::default()
@@ -345,7 +353,29 @@ mod tests {
         .unwrap();
         let none = serde_json::json!({});
         assert_eq!(a.verify(&token("s", None, none.clone())).unwrap(), "ann");
-        invalid(a.verify(&token("s", Some("x"), none)));
+        assert_eq!(
+            a.verify(&token("s", Some("x"), none.clone())).unwrap(),
+            "ann"
+        );
+        invalid(a.verify(&token("t", Some("x"), none)));
+    }
+
+    #[test]
+    fn with_key_ids_and_no_default_key_an_unknown_kid_is_refused() {
+        let a = Authenticator::new(&AuthConfig {
+            jwt_secret: "s".into(),
+            key_id: "k1".into(),
+            ..AuthConfig::default()
+        })
+        .unwrap();
+        let none = serde_json::json!({});
+        assert_eq!(
+            a.verify(&token("s", Some("k1"), none.clone())).unwrap(),
+            "ann"
+        );
+        let m = invalid(a.verify(&token("s", Some("k9"), none.clone())));
+        assert!(m.contains("kid"), "{m}");
+        invalid(a.verify(&token("s", None, none)));
     }
 
     #[test]

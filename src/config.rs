@@ -206,8 +206,9 @@ pub struct AuthConfig {
     /// Bearer token for the admin HTTP API (announcements, server-side publish). Empty
     /// disables those endpoints.
     pub admin_token: String,
-    /// Key id (`kid`) of the key above: tokens whose header names this `kid` (or, when
-    /// empty, that name none) verify with it, and `parley token` writes it.
+    /// Key id (`kid`) of the key above: tokens whose header names this `kid` verify with
+    /// it, and `parley token` writes it. Empty: the default key, which verifies tokens
+    /// without a `kid` or with one no key has.
     pub key_id: String,
     /// Further keys that verify tokens, each picked by the token header's `kid`: keeps
     /// tokens signed with an old (or a not yet used) key valid during a key rotation.
@@ -223,8 +224,9 @@ pub struct AuthConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct JwtKey {
-    /// The `kid` that tokens signed with this key carry in their header; empty matches
-    /// tokens without a `kid`. Unique across `auth.key_id` and all extra keys.
+    /// The `kid` that tokens signed with this key carry in their header; empty makes it
+    /// the default key (tokens without a `kid`, or with an unknown one). Unique across
+    /// `auth.key_id` and all extra keys.
     pub kid: String,
     /// The key's algorithm; a token's `alg` must match it.
     pub algorithm: JwtAlgorithm,
