@@ -296,7 +296,8 @@ async fn churn_returns_to_baseline() {
     );
     let threads = server.status("Threads");
     assert!(
-        threads <= base_threads + 16,
+        // Blocking-pool threads come and go with load; a thread per connection would not.
+        threads <= base_threads + 64,
         "threads: {threads} now, {base_threads} at baseline"
     );
 }
