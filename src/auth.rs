@@ -408,6 +408,42 @@ mod tests {
         assert_eq!(a.verify(&minted).unwrap(), "bob");
     }
 
+    /// Rotating from HS256 to ES256: the ES256 key verifies its own tokens, and its
+    /// public key used as an HMAC secret (algorithm confusion) is refused.
+    #[test]
+    fn an_extra_public_key_verifies_only_its_own_algorithm() {
+        let pair = rcgen::KeyPair::generate().unwrap();
+        let dir = std::env::temp_dir().join(format!("parley-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let public = dir.join("es.pub.pem");
+        std::fs::write(&public, pair.public_key_pem()).unwrap();
+        let a = Authenticator::new(&AuthConfig {
+            jwt_secret: "hs-secret".into(),
+            key_id: "hs".into(),
+            extra_keys: vec![JwtKey {
+                kid: "es".into(),
+                algorithm: JwtAlgorithm::ES256,
+                public_key_file: Some(public.to_string_lossy().into_owned()),
+                ..JwtKey::default()
+            }],
+            ..AuthConfig::default()
+        })
+        .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let claims = serde_json::json!({"sub": "ann", "exp": unix_now() + 60});
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some("es".into());
+        let private = EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap();
+        let es = jsonwebtoken::encode(&header, &claims, &private).unwrap();
+        assert_eq!(a.verify(&es).unwrap(), "ann");
+        // The same token under the HS256 key's id: refused.
+        header.kid = Some("hs".into());
+        invalid(a.verify(&jsonwebtoken::encode(&header, &claims, &private).unwrap()));
+        // HS256 keyed with the ES256 public key, claiming the ES256 key: refused.
+        let confused = token(&pair.public_key_pem(), Some("es"), serde_json::json!({}));
+        invalid(a.verify(&confused));
+    }
+
     #[test]
     fn expired_is_still_expired_with_a_kid() {
         let a = rotating();
