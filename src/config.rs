@@ -274,6 +274,77 @@ pub struct AuthConfig {
     /// Bearer token for the admin HTTP API (announcements, server-side publish). Empty
     /// disables those endpoints.
     pub admin_token: String,
+    /// Key id (`kid`) of the key above: tokens whose header names this `kid` verify with
+    /// it, and `parley token` writes it. Empty: the default key, which verifies tokens
+    /// without a `kid` or with one no key has.
+    pub key_id: String,
+    /// Further keys that verify tokens, each picked by the token header's `kid`: keeps
+    /// tokens signed with an old (or a not yet used) key valid during a key rotation.
+    pub extra_keys: Vec<JwtKey>,
+    /// Required `aud` claim (the token's `aud`, a string or a list, must contain it).
+    /// Empty: `aud` is not checked.
+    pub audience: String,
+    /// Required `iss` claim. Empty: `iss` is not checked.
+    pub issuer: String,
+}
+
+/// A verification key besides the main one (`auth.extra_keys`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtKey {
+    /// The `kid` that tokens signed with this key carry in their header; empty makes it
+    /// the default key (tokens without a `kid`, or with an unknown one). Unique across
+    /// `auth.key_id` and all extra keys.
+    pub kid: String,
+    /// The key's algorithm; a token's `alg` must match it.
+    pub algorithm: JwtAlgorithm,
+    /// HS256 shared secret.
+    pub secret: String,
+    /// RS256/ES256: PEM file with the public key.
+    pub public_key_file: Option<String>,
+}
+
+impl Default for JwtKey {
+    fn default() -> Self {
+        Self {
+            kid: String::new(),
+            algorithm: JwtAlgorithm::HS256,
+            secret: String::new(),
+            public_key_file: None,
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Key ids are unique (a token's `kid` picks at most one key) and every extra key
+    /// has the material its algorithm needs.
+    fn validate_keys(&self) -> Result<(), ConfigError> {
+        let mut seen = vec![self.key_id.as_str()];
+        for k in &self.extra_keys {
+            if seen.contains(&k.kid.as_str()) {
+                return Err(ConfigError::Invalid {
+                    key: "auth.extra_keys",
+                    value: format!("kid {:?}", k.kid),
+                    allowed: "key ids unique across auth.key_id and auth.extra_keys".into(),
+                });
+            }
+            seen.push(&k.kid);
+            let ok = match k.algorithm {
+                JwtAlgorithm::HS256 => !k.secret.is_empty() && k.public_key_file.is_none(),
+                JwtAlgorithm::RS256 | JwtAlgorithm::ES256 => {
+                    k.public_key_file.is_some() && k.secret.is_empty()
+                }
+            };
+            if !ok {
+                return Err(ConfigError::Invalid {
+                    key: "auth.extra_keys",
+                    value: format!("kid {:?} ({:?})", k.kid, k.algorithm),
+                    allowed: "HS256 with a secret, or RS256/ES256 with a public_key_file".into(),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for AuthConfig {
@@ -287,6 +358,10 @@ impl Default for AuthConfig {
             connect_timeout: Duration::from_secs(5),
             ticket_ttl: Duration::from_secs(30),
             admin_token: String::new(),
+            key_id: String::new(),
+            extra_keys: Vec::new(),
+            audience: String::new(),
+            issuer: String::new(),
         }
     }
 }
@@ -666,6 +741,7 @@ impl Config {
         duration("auth.leeway", a.leeway, Duration::ZERO, HOUR)?;
         duration("auth.connect_timeout", a.connect_timeout, 10 * MS, HOUR)?;
         duration("auth.ticket_ttl", a.ticket_ttl, 10 * MS, HOUR)?;
+        a.validate_keys()?;
         let w = &self.ws;
         duration("ws.heartbeat_interval", w.heartbeat_interval, 10 * MS, HOUR)?;
         duration("ws.pong_timeout", w.pong_timeout, 10 * MS, HOUR)?;

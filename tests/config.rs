@@ -127,3 +127,26 @@ fn only_section_key_variables_are_configuration() {
         ["PARLEY_WS__NO_SUCH_OPTION", "PARLEY_NOPE__LISTEN"]
     );
 }
+
+#[test]
+fn rotation_keys_audience_and_issuer_come_from_the_environment() {
+    // SAFETY: only this test reads variables with this prefix, and nothing else in the
+    // process mutates the environment concurrently.
+    unsafe {
+        std::env::set_var("PARLEYKEYS_AUTH__KEY_ID", "k2");
+        std::env::set_var(
+            "PARLEYKEYS_AUTH__EXTRA_KEYS",
+            r#"[{kid="k1",secret="old-secret"}]"#,
+        );
+        std::env::set_var("PARLEYKEYS_AUTH__AUDIENCE", "parley");
+        std::env::set_var("PARLEYKEYS_AUTH__ISSUER", "https://id.example.com");
+    }
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/parley.toml");
+    let c = Config::load_with_env_prefix(path.as_ref(), "PARLEYKEYS_").unwrap();
+    assert_eq!(c.auth.key_id, "k2");
+    assert_eq!(c.auth.extra_keys.len(), 1);
+    assert_eq!(c.auth.extra_keys[0].kid, "k1");
+    assert_eq!(c.auth.extra_keys[0].secret, "old-secret");
+    assert_eq!(c.auth.audience, "parley");
+    assert_eq!(c.auth.issuer, "https://id.example.com");
+}

@@ -9,7 +9,7 @@ use common::*;
 use parley::{
     auth::Authenticator,
     codec::Encoding,
-    config::AuthConfig,
+    config::{AuthConfig, JwtKey},
     proto::{self, ErrorCode, server_frame::Kind},
 };
 use serde_json::{Value, json};
@@ -205,5 +205,83 @@ async fn every_transport_resumes_only_the_users_own_session() {
         );
         assert!(!future.resumed, "{transport:?}");
         assert_ne!(future.session_id, sid, "{transport:?}");
+    }
+}
+
+/// Key rotation and `aud`/`iss` over real connections: a server whose main key is `k2`
+/// and which still accepts `k1`, and that requires an audience and an issuer. Tokens
+/// signed by either key verify; a wrong or unknown `kid`, a wrong `aud` or `iss` is
+/// UNAUTHORIZED (close 4001 on WebSocket), an expired old-key token TOKEN_EXPIRED.
+#[tokio::test]
+async fn every_transport_honours_key_rotation_audience_and_issuer() {
+    let t = TestServer::start_with(|c| {
+        c.auth.jwt_secret = "new-secret".into();
+        c.auth.key_id = "k2".into();
+        c.auth.extra_keys = vec![JwtKey {
+            kid: "k1".into(),
+            secret: "old-secret".into(),
+            ..JwtKey::default()
+        }];
+        c.auth.audience = "parley".into();
+        c.auth.issuer = "https://id.example.com".into();
+    })
+    .await;
+    // An issuer's signer: `secret` under `kid`, with the given `aud` and `iss`.
+    let signer = |secret: &str, kid: &str, aud: &str, iss: &str| {
+        Authenticator::new(&AuthConfig {
+            jwt_secret: secret.into(),
+            key_id: kid.into(),
+            audience: aud.into(),
+            issuer: iss.into(),
+            ..AuthConfig::default()
+        })
+        .unwrap()
+    };
+    let iss = "https://id.example.com";
+    let ttl = std::time::Duration::from_secs(60);
+    let old = signer("old-secret", "k1", "parley", iss);
+    let new = signer("new-secret", "k2", "parley", iss);
+    let refusals = [
+        // The new secret under an unknown kid, and under none.
+        signer("new-secret", "k3", "parley", iss)
+            .mint("ann", ttl)
+            .unwrap(),
+        signer("new-secret", "", "parley", iss)
+            .mint("ann", ttl)
+            .unwrap(),
+        // The old secret claiming the new key's id.
+        signer("old-secret", "k2", "parley", iss)
+            .mint("ann", ttl)
+            .unwrap(),
+        // Another service's audience, another issuer, neither.
+        signer("new-secret", "k2", "other", iss)
+            .mint("ann", ttl)
+            .unwrap(),
+        signer("new-secret", "k2", "parley", "https://evil.example.com")
+            .mint("ann", ttl)
+            .unwrap(),
+        signer("new-secret", "k2", "", "").mint("ann", ttl).unwrap(),
+    ];
+    let expired_old = old.mint_with_exp("ann", 1_000_000).unwrap();
+    for transport in TRANSPORTS {
+        for (signed, name) in [(&old, "old key"), (&new, "new key")] {
+            let c = connected(
+                connect(&t, transport, &signed.mint("ann", ttl).unwrap(), "", 0).await,
+                transport,
+            );
+            assert_eq!(c.user_id, "ann", "{transport:?} {name}");
+        }
+        for bad in &refusals {
+            refused(
+                connect(&t, transport, bad, "", 0).await,
+                transport,
+                ErrorCode::Unauthorized,
+            );
+        }
+        refused(
+            connect(&t, transport, &expired_old, "", 0).await,
+            transport,
+            ErrorCode::TokenExpired,
+        );
     }
 }

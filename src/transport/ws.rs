@@ -203,9 +203,15 @@ impl Writer {
         .await;
     }
 
-    /// Lets out what yawc queued itself (a close reply, or its own 1009), briefly.
+    /// Lets out what yawc queued itself (a close reply, or its own 1009), briefly. yawc
+    /// writes queued control frames when its sink is polled for readiness, not on a
+    /// flush alone, so both.
     async fn flush_queued(&mut self) {
-        let _ = timeout(CLOSE_TIMEOUT, self.socket.flush()).await;
+        let _ = timeout(CLOSE_TIMEOUT, async {
+            std::future::poll_fn(|cx| self.socket.poll_ready_unpin(cx)).await?;
+            self.socket.flush().await
+        })
+        .await;
     }
 
     /// Writes one item; on a stuck write, closes as a slow consumer. `false`: stop.
