@@ -280,3 +280,58 @@ async fn the_queue_bound_holds_while_a_write_is_blocked() {
     still_chatting(&mut bob, &mut carl, "last").await;
     drop(ann);
 }
+
+#[tokio::test]
+async fn a_frame_far_over_the_limit_gets_close_1009_not_a_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = TestServer::start_with(|c| c.ws.max_frame_bytes = 4096).await;
+    let (mut bob, mut carl) = bystanders(&t).await;
+    for round in 0..5 {
+        // A raw client: the handshake, then a masked text frame header announcing 8 MiB,
+        // then payload written as fast as the socket takes it — the client is still
+        // sending when the server gives up on the frame.
+        let mut s = tokio::net::TcpStream::connect(t.addr()).await.unwrap();
+        let req = "GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).await.unwrap();
+            head.push(b[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"));
+        let (mut rd, mut wr) = s.into_split();
+        let writer = tokio::spawn(async move {
+            let mut frame = vec![0x81u8, 0xff];
+            frame.extend_from_slice(&(8u64 << 20).to_be_bytes());
+            frame.extend_from_slice(&[1, 2, 3, 4]);
+            if wr.write_all(&frame).await.is_err() {
+                return;
+            }
+            let chunk = vec![b'x'; 64 * 1024];
+            for _ in 0..128 {
+                if wr.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        // The server's answer: a close frame with 1009 (0x88, length, code 0x03f1).
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(WAIT, async {
+            let mut buf = [0u8; 1024];
+            while got.len() < 4 {
+                match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(
+            got.len() >= 4 && got[0] == 0x88 && got[2..4] == [0x03, 0xf1],
+            "round {round}: got {got:?}"
+        );
+        writer.abort();
+    }
+    still_chatting(&mut bob, &mut carl, "1").await;
+}
