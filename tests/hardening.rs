@@ -7,15 +7,13 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
 use parley::{
     auth::Authenticator,
     codec::Encoding,
     proto::{self, client_frame::Cmd, server_frame::Kind},
 };
 use serde_json::Value;
-use tokio::net::TcpSocket;
-use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest, http::HeaderValue};
+use tokio_tungstenite::tungstenite::Message;
 
 /// Bob and carl in room `r`; carl checks that he keeps getting everything.
 async fn bystanders(t: &TestServer) -> (Client, Client) {
@@ -225,38 +223,7 @@ async fn the_queue_bound_holds_while_a_write_is_blocked() {
     })
     .await;
     let (mut bob, mut carl) = bystanders(&t).await;
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(t.addr()).await.unwrap();
-    let mut req = format!("ws://{}/ws", t.addr())
-        .into_client_request()
-        .unwrap();
-    req.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        HeaderValue::from_static("parley.v1.json"),
-    );
-    let (mut ann, _) = tokio_tungstenite::client_async(req, stream).await.unwrap();
-    let token = t.token("ann");
-    ann.send(Message::Text(
-        format!(r#"{{"id":1,"connect":{{"token":"{token}"}}}}"#).into(),
-    ))
-    .await
-    .unwrap();
-    ann.send(Message::Text(r#"{"id":2,"join":{"room":"r"}}"#.into()))
-        .await
-        .unwrap();
-    let mut sid = String::new();
-    loop {
-        let Some(Ok(Message::Text(text))) = ann.next().await else {
-            panic!()
-        };
-        if let Some(rest) = text.split("\"sessionId\":\"").nth(1) {
-            sid = rest.split('"').next().unwrap().to_string();
-        }
-        if text.contains("\"joined\"") {
-            break;
-        }
-    }
+    let (ann, sid) = stalling_member(&t, "ann", "r").await;
     let started = std::time::Instant::now();
     let body = "x".repeat(15_000);
     for i in 0..400 {

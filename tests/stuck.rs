@@ -8,23 +8,11 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
 use parley::{
     codec::Encoding,
     proto::{self, server_frame::Kind},
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpSocket, TcpStream},
-};
-use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest, http::HeaderValue};
-
-/// A TCP connection to the server that accepts very little unread data.
-async fn tiny_socket(t: &TestServer) -> TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(t.addr()).await.unwrap()
-}
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// `parley_connections{transport="…"}` from /metrics.
 async fn connections(t: &TestServer, transport: &str) -> u64 {
@@ -82,32 +70,7 @@ async fn a_websocket_client_that_never_reads_is_cut_and_others_are_unaffected() 
     carl.join("r").await;
 
     // Ann connects and joins, then never reads again.
-    let mut req = format!("ws://{}/ws", t.addr())
-        .into_client_request()
-        .unwrap();
-    req.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        HeaderValue::from_static("parley.v1.json"),
-    );
-    let (mut ann, _) = tokio_tungstenite::client_async(req, tiny_socket(&t).await)
-        .await
-        .unwrap();
-    let token = t.token("ann");
-    for frame in [
-        format!(r#"{{"id":1,"connect":{{"token":"{token}"}}}}"#),
-        r#"{"id":2,"join":{"room":"r"}}"#.to_string(),
-    ] {
-        ann.send(Message::Text(frame.into())).await.unwrap();
-    }
-    // Until the join is answered (so ann is a member), then not another byte.
-    loop {
-        let Some(Ok(Message::Text(text))) = ann.next().await else {
-            panic!("closed early")
-        };
-        if text.contains("\"joined\"") {
-            break;
-        }
-    }
+    let (ann, _) = stalling_member(&t, "ann", "r").await;
     assert_eq!(connections(&t, "ws").await, 3);
 
     let worst = flood_and_check_carl(&mut bob, &mut carl, 500).await;
@@ -136,7 +99,7 @@ async fn an_sse_client_that_never_reads_is_cut_and_others_are_unaffected() {
     carl.join("r").await;
 
     // Ann opens an SSE stream, joins by POST, then never reads the stream again.
-    let mut ann = tiny_socket(&t).await;
+    let mut ann = tiny_socket(t.addr()).await;
     let token = t.token("ann");
     let req =
         format!("GET /sse HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n");

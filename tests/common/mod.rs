@@ -623,3 +623,50 @@ impl SseClient {
         }
     }
 }
+
+/// A TCP connection to the server that accepts very little unread data (so the
+/// server's writes block soon once the client stops reading).
+pub async fn tiny_socket(addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// A member that will stop reading: a JSON WebSocket on a [`tiny_socket`] that connects
+/// as `user` and joins `room`, read up to the join's reply. Returns the socket (the test
+/// reads no more from it) and the session id.
+pub async fn stalling_member(
+    t: &TestServer,
+    user: &str,
+    room: &str,
+) -> (WebSocketStream<TcpStream>, String) {
+    let mut req = format!("ws://{}/ws", t.addr())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_static("parley.v1.json"),
+    );
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tiny_socket(t.addr()).await)
+        .await
+        .unwrap();
+    let token = t.token(user);
+    for frame in [
+        format!(r#"{{"id":1,"connect":{{"token":"{token}"}}}}"#),
+        format!(r#"{{"id":2,"join":{{"room":"{room}"}}}}"#),
+    ] {
+        ws.send(Message::Text(frame.into())).await.unwrap();
+    }
+    let mut sid = String::new();
+    loop {
+        let Some(Ok(Message::Text(text))) = ws.next().await else {
+            panic!("closed before the join was answered")
+        };
+        if let Some(rest) = text.split("\"sessionId\":\"").nth(1) {
+            sid = rest.split('"').next().unwrap().to_string();
+        }
+        if text.contains("\"joined\"") {
+            return (ws, sid);
+        }
+    }
+}
