@@ -6,7 +6,7 @@
 //! Owns: bucket arithmetic and a bounded map of buckets. Not: what is limited or what
 //! the client is told (`chat`, `session`, `transport`).
 
-use std::{collections::HashMap, hash::Hash, sync::Mutex, time::Duration};
+use std::{borrow::Borrow, collections::HashMap, hash::Hash, sync::Mutex, time::Duration};
 
 use tokio::time::Instant;
 
@@ -20,6 +20,12 @@ pub struct Rate {
     pub burst: f64,
 }
 
+impl Rate {
+    pub fn new(rate: f64, burst: f64) -> Self {
+        Self { rate, burst }
+    }
+}
+
 struct Bucket {
     tokens: f64,
     last: Instant,
@@ -30,7 +36,7 @@ pub struct RateLimiter<K> {
     buckets: Mutex<HashMap<K, Bucket>>,
 }
 
-impl<K: Eq + Hash + Clone> RateLimiter<K> {
+impl<K: Eq + Hash> RateLimiter<K> {
     pub fn new(rate: Rate) -> Self {
         Self {
             rate,
@@ -39,8 +45,13 @@ impl<K: Eq + Hash + Clone> RateLimiter<K> {
     }
 
     /// Spends one token of `key`'s bucket; `Err(wait)` when there is none, with how long
-    /// until there is.
-    pub fn check(&self, key: &K) -> Result<(), Duration> {
+    /// until there is. Allocates a key only for a bucket it has not seen; costs nothing
+    /// when the rate is off.
+    pub fn check<Q>(&self, key: &Q) -> Result<(), Duration>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         let Rate { rate, burst } = self.rate;
         if rate <= 0.0 {
             return Ok(());
@@ -52,10 +63,16 @@ impl<K: Eq + Hash + Clone> RateLimiter<K> {
             buckets
                 .retain(|_, b| b.tokens + now.duration_since(b.last).as_secs_f64() * rate < burst);
         }
-        let b = buckets.entry(key.clone()).or_insert(Bucket {
-            tokens: burst,
-            last: now,
-        });
+        if !buckets.contains_key(key) {
+            buckets.insert(
+                key.to_owned(),
+                Bucket {
+                    tokens: burst,
+                    last: now,
+                },
+            );
+        }
+        let b = buckets.get_mut(key).expect("just inserted");
         b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * rate).min(burst);
         b.last = now;
         if b.tokens >= 1.0 {
@@ -73,30 +90,24 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn burst_then_rate_with_a_retry_hint() {
-        let l = RateLimiter::new(Rate {
-            rate: 2.0,
-            burst: 3.0,
-        });
+        let l: RateLimiter<String> = RateLimiter::new(Rate::new(2.0, 3.0));
         for _ in 0..3 {
-            l.check(&"ann").unwrap();
+            l.check("ann").unwrap();
         }
-        let wait = l.check(&"ann").unwrap_err();
+        let wait = l.check("ann").unwrap_err();
         assert_eq!(wait, Duration::from_millis(500));
         // Others are not affected.
-        l.check(&"bob").unwrap();
+        l.check("bob").unwrap();
         tokio::time::advance(Duration::from_millis(499)).await;
-        assert!(l.check(&"ann").is_err());
+        assert!(l.check("ann").is_err());
         tokio::time::advance(Duration::from_millis(1)).await;
-        l.check(&"ann").unwrap();
-        assert!(l.check(&"ann").is_err());
+        l.check("ann").unwrap();
+        assert!(l.check("ann").is_err());
     }
 
     #[tokio::test(start_paused = true)]
     async fn zero_rate_is_unlimited() {
-        let l = RateLimiter::new(Rate {
-            rate: 0.0,
-            burst: 0.0,
-        });
+        let l: RateLimiter<u32> = RateLimiter::new(Rate::new(0.0, 0.0));
         for _ in 0..1000 {
             l.check(&1).unwrap();
         }

@@ -116,39 +116,43 @@ pub fn router(state: Ctx) -> Router {
         .with_state(state)
 }
 
-/// Reaps expired sessions and stale tickets once a second (or faster for short grace
-/// periods).
-fn spawn_maintenance(core: Arc<Core>) -> JoinHandle<()> {
-    let every = (core.config.session.grace_period / 4).clamp(
-        std::time::Duration::from_millis(50),
-        std::time::Duration::from_secs(1),
-    );
-    let core = Arc::downgrade(&core);
+/// Runs `job` every `every` while the core lives (it holds only a weak reference).
+fn spawn_every<F, Fut>(core: &Arc<Core>, every: std::time::Duration, job: F) -> JoinHandle<()>
+where
+    F: Fn(Arc<Core>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let core = Arc::downgrade(core);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
             let Some(core) = core.upgrade() else { return };
-            core.sessions.reap();
-            core.tickets.prune(|id| core.sessions.get(id).is_some());
+            job(core).await;
         }
     })
 }
 
+/// Reaps expired sessions and stale tickets once a second (or faster for short grace
+/// periods).
+fn spawn_maintenance(core: &Arc<Core>) -> JoinHandle<()> {
+    let every = (core.config.session.grace_period / 4).clamp(
+        std::time::Duration::from_millis(50),
+        std::time::Duration::from_secs(1),
+    );
+    spawn_every(core, every, |core| async move {
+        core.sessions.reap();
+        core.tickets.prune(|id| core.sessions.get(id).is_some());
+    })
+}
+
 /// Deletes uploads that no message attached in time (`files.orphan_ttl`).
-fn spawn_file_cleanup(core: Arc<Core>) -> JoinHandle<()> {
-    let every = core.files.cleanup_interval();
-    let core = Arc::downgrade(&core);
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        loop {
-            tick.tick().await;
-            let Some(core) = core.upgrade() else { return };
-            match core.files.collect_orphans().await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(files = n, "deleted unattached uploads"),
-                Err(e) => tracing::warn!(error = %e, "file cleanup failed"),
-            }
+fn spawn_file_cleanup(core: &Arc<Core>) -> JoinHandle<()> {
+    spawn_every(core, core.files.cleanup_interval(), |core| async move {
+        match core.files.collect_orphans().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(files = n, "deleted unattached uploads"),
+            Err(e) => tracing::warn!(error = %e, "file cleanup failed"),
         }
     })
 }
@@ -307,8 +311,8 @@ impl Server {
             tracker: TaskTracker::new(),
             admission: Arc::new(Admission::new(&config_limits)),
         };
-        let maintenance = spawn_maintenance(state.core.clone());
-        let file_cleanup = spawn_file_cleanup(state.core.clone());
+        let maintenance = spawn_maintenance(&state.core);
+        let file_cleanup = spawn_file_cleanup(&state.core);
         let app = router(state.clone()).layer(cors(state.core.config.clone()));
         let s = state.clone();
         let write_timeout = state.core.config.server.write_timeout;

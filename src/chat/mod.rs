@@ -68,14 +68,8 @@ struct Limits {
 impl Limits {
     fn new(l: &LimitsConfig) -> Self {
         Self {
-            sends: RateLimiter::new(Rate {
-                rate: l.sends_per_second,
-                burst: l.sends_burst,
-            }),
-            joins: RateLimiter::new(Rate {
-                rate: l.joins_per_second,
-                burst: l.joins_burst,
-            }),
+            sends: RateLimiter::new(Rate::new(l.sends_per_second, l.sends_burst)),
+            joins: RateLimiter::new(Rate::new(l.joins_per_second, l.joins_burst)),
             max_rooms_per_user: l.max_rooms_per_user,
         }
     }
@@ -126,7 +120,7 @@ impl Chat {
         what: &'static str,
     ) -> Result<(), ChatError> {
         bucket
-            .check(&user.to_string())
+            .check(user)
             .map_err(|retry_after| ChatError::RateLimited { what, retry_after })
     }
 

@@ -5,7 +5,7 @@
 //! with group commit; or a private in-memory database for tests and throwaway runs).
 //! [`files`]: the index of uploaded files (a supertrait of [`Store`]).
 
-pub mod files;
+pub mod file_index;
 pub mod sqlite;
 
 use std::{collections::BTreeMap, future::Future, pin::Pin, sync::Arc};
@@ -13,7 +13,7 @@ use std::{collections::BTreeMap, future::Future, pin::Pin, sync::Arc};
 use async_trait::async_trait;
 
 use crate::proto::{Attachment, Message, RoomState};
-pub use files::{FileIndex, FileRecord, Inserted};
+pub use file_index::{FileIndex, FileRecord, Inserted};
 
 /// A message to append; the store assigns `seq`.
 #[derive(Debug, Clone)]

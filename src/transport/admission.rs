@@ -101,14 +101,14 @@ impl Admission {
             max_total: limits.max_connections,
             max_per_ip: limits.max_connections_per_ip,
             open: Mutex::default(),
-            connects: RateLimiter::new(Rate {
-                rate: limits.connects_per_ip_per_second,
-                burst: limits.connects_per_ip_burst,
-            }),
-            tickets: RateLimiter::new(Rate {
-                rate: limits.tickets_per_ip_per_second,
-                burst: limits.tickets_per_ip_burst,
-            }),
+            connects: RateLimiter::new(Rate::new(
+                limits.connects_per_ip_per_second,
+                limits.connects_per_ip_burst,
+            )),
+            tickets: RateLimiter::new(Rate::new(
+                limits.tickets_per_ip_per_second,
+                limits.tickets_per_ip_burst,
+            )),
         }
     }
 
