@@ -734,7 +734,7 @@ impl Chat {
 mod tests {
     use std::sync::{
         Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     };
 
     use async_trait::async_trait;
@@ -767,7 +767,6 @@ mod tests {
     struct Inbox {
         id: u64,
         seqs: Mutex<Vec<u64>>,
-        pushes: AtomicU64,
     }
 
     impl Recipient for Inbox {
@@ -778,7 +777,6 @@ mod tests {
             "bob"
         }
         fn push(&self, push: &Arc<Push>) {
-            self.pushes.fetch_add(1, Ordering::SeqCst);
             let frame: proto::ServerFrame =
                 prost::Message::decode(&push.frame(crate::codec::Encoding::Proto, 1)[..]).unwrap();
             if let Some(Kind::Message(m)) = frame.kind {
@@ -805,7 +803,6 @@ mod tests {
         let bob = Arc::new(Inbox {
             id: 1,
             seqs: Mutex::default(),
-            pushes: AtomicU64::new(0),
         });
         chat.join("ann", "r").await.unwrap();
         chat.join("bob", "r").await.unwrap();

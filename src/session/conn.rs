@@ -159,10 +159,6 @@ impl Conn {
         self.bound.is_some()
     }
 
-    pub fn core(&self) -> &Arc<Core> {
-        &self.core
-    }
-
     pub fn attachment(&self) -> Option<&Attachment> {
         self.bound.as_ref().and_then(|b| b.attachment.as_ref())
     }

@@ -18,8 +18,10 @@
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
 use futures_util::{FutureExt, StreamExt, stream::FuturesOrdered};
-use tokio::time::{Instant, sleep_until};
-use tokio_util::sync::CancellationToken;
+use std::pin::Pin;
+
+use tokio::time::{Instant, Sleep, sleep_until};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::{
     Attachment, Session,
@@ -111,6 +113,14 @@ pub struct Outbox {
     coalescing: Option<Instant>,
     last_seen: Instant,
     shutdown: CancellationToken,
+    /// Waits for the shutdown signal. Registered once, not on every wait: all
+    /// connections wait on the same token, whose waiter list has one lock.
+    shutdown_signal: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The one timer (connect deadline, heartbeat, coalescing), armed at `timer_at` and
+    /// re-armed only when that changes: a fresh timer per wait would cost a timer-wheel
+    /// insert and remove per delivery wake-up.
+    timer: Pin<Box<Sleep>>,
+    timer_at: Option<Instant>,
 }
 
 impl Outbox {
@@ -126,17 +136,15 @@ impl Outbox {
             timers: Timers::from(&config),
             coalescing: None,
             last_seen: now,
+            shutdown_signal: Box::pin(shutdown.clone().cancelled_owned()),
             shutdown,
+            timer: Box::pin(sleep_until(now)),
+            timer_at: None,
         }
     }
 
     pub fn session(&self) -> Option<&Arc<Session>> {
         self.conn.session()
-    }
-
-    /// Queues a frame to send before anything else not yet sent (e.g. SSE's `connected`).
-    pub fn queue(&mut self, frame: ServerFrame) {
-        self.replies.push_back(frame);
     }
 
     /// Whether the transport should read more client frames: not closing, and not too
@@ -220,12 +228,12 @@ impl Outbox {
         }
     }
 
-    /// The next thing to send. Cancel-safe: nothing is lost when the returned future is
-    /// dropped before it resolves. After [`Out::Close`] it never resolves.
-    pub async fn next(&mut self) -> Out {
+    /// What can be sent right now, without waiting (`None`: nothing yet, or closed).
+    /// A transport that just wrote calls this to write on before it waits again.
+    pub fn ready(&mut self) -> Option<Out> {
         loop {
             if self.closed {
-                return std::future::pending().await;
+                return None;
             }
             if let Some(frame) = self.replies.pop_front() {
                 if self.replies.is_empty() {
@@ -233,11 +241,11 @@ impl Outbox {
                     // and an idle one should not keep room for four.
                     self.replies = VecDeque::new();
                 }
-                return Out::Frame(frame);
+                return Some(Out::Frame(frame));
             }
             if let Some(why) = self.closing.take() {
                 self.closed = true;
-                return Out::Close(why);
+                return Some(Out::Close(why));
             }
             if self.shutdown.is_cancelled() {
                 self.close(CloseReason::ShuttingDown);
@@ -246,20 +254,34 @@ impl Outbox {
             if let Some(later) = self.later.as_mut().filter(|l| !l.is_empty())
                 && let Some(Some(reply)) = later.next().now_or_never()
             {
-                return Out::Frame(reply);
+                return Some(Out::Frame(reply));
             }
             if self.coalescing.is_some_and(|until| until <= Instant::now()) {
                 self.coalescing = None;
             }
             if self.coalescing.is_none() {
                 match self.conn.take(BATCH) {
-                    Ok(pushes) if !pushes.is_empty() => return Out::Pushes(pushes),
+                    Ok(pushes) if !pushes.is_empty() => return Some(Out::Pushes(pushes)),
                     Ok(_) => {}
                     Err(why) => {
                         self.close(why);
                         continue;
                     }
                 }
+            }
+            return None;
+        }
+    }
+
+    /// The next thing to send. Cancel-safe: nothing is lost when the returned future is
+    /// dropped before it resolves. After [`Out::Close`] it never resolves.
+    pub async fn next(&mut self) -> Out {
+        loop {
+            if self.closed {
+                return std::future::pending().await;
+            }
+            if let Some(out) = self.ready() {
+                return out;
             }
             // One timer for every deadline (an idle connection holds one timer, not
             // three): connect, idle, and the end of a coalescing pause.
@@ -274,7 +296,22 @@ impl Outbox {
             let later = self.later.as_deref_mut().filter(|l| !l.is_empty());
             // While coalescing, pushes wait for the timer, not for their wake-up.
             let attachment = self.conn.attachment().filter(|_| self.coalescing.is_none());
-            match wait(&self.shutdown, later, attachment, wake).await {
+            let timer = match wake {
+                Some(at) => {
+                    if self.timer_at != Some(at) {
+                        self.timer.as_mut().reset(at);
+                        self.timer_at = Some(at);
+                    }
+                    Some(self.timer.as_mut())
+                }
+                None => None,
+            };
+            let event = wait(self.shutdown_signal.as_mut(), later, attachment, timer).await;
+            if matches!(event, Event::Timer) {
+                // Fired: the next wait arms it anew, even for the same instant.
+                self.timer_at = None;
+            }
+            match event {
                 Event::Shutdown => self.close(CloseReason::ShuttingDown),
                 Event::Reply(reply) => return Out::Frame(reply),
                 Event::Woken => {
@@ -322,22 +359,24 @@ enum Event {
 /// The one place an idle connection waits. Kept apart and small: its future is part of
 /// every idle connection's memory.
 async fn wait(
-    shutdown: &CancellationToken,
+    shutdown: Pin<&mut WaitForCancellationFutureOwned>,
     later: Option<&mut FuturesOrdered<LaterReply>>,
     attachment: Option<&Attachment>,
-    wake: Option<Instant>,
+    timer: Option<Pin<&mut Sleep>>,
 ) -> Event {
     let has_later = later.is_some();
     let mut later = later;
+    let has_timer = timer.is_some();
+    let mut timer = timer;
     tokio::select! {
-        _ = shutdown.cancelled() => Event::Shutdown,
+        _ = shutdown => Event::Shutdown,
         Some(reply) = async { later.as_mut().expect("guarded").next().await }, if has_later => {
             Event::Reply(reply)
         }
         _ = async { attachment.expect("guarded").ready().await }, if attachment.is_some() => {
             Event::Woken
         }
-        _ = sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => Event::Timer,
+        _ = async { timer.as_mut().expect("guarded").as_mut().await }, if has_timer => Event::Timer,
     }
 }
 

@@ -134,9 +134,4 @@ impl Admission {
             ip,
         })
     }
-
-    /// Connections open now (total).
-    pub fn open(&self) -> u64 {
-        self.lock().total
-    }
 }

@@ -18,7 +18,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
-use futures_util::{FutureExt, SinkExt};
+use futures_util::SinkExt;
 use tokio::time::{Instant, timeout};
 use tracing::Instrument;
 use yawc::{
@@ -225,20 +225,22 @@ impl Writer {
             self.close(why).await;
             return false;
         }
-        let mut write = Box::pin(self.write(out));
-        let result = tokio::select! {
-            // Biased: `lost` is only looked at when the write does not finish at once.
-            biased;
-            r = write.as_mut() => r,
-            _ = loss.lost() => match timeout(CLOSE_TIMEOUT, write.as_mut()).await {
-                Ok(r) => r,
-                Err(_) => {
-                    tracing::debug!("session lost while a write was blocked: dropping");
-                    return false;
-                }
-            },
+        let result = {
+            let write = self.write(out);
+            tokio::pin!(write);
+            tokio::select! {
+                // Biased: `lost` is only looked at when the write does not finish at once.
+                biased;
+                r = &mut write => r,
+                _ = loss.lost() => match timeout(CLOSE_TIMEOUT, &mut write).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::debug!("session lost while a write was blocked: dropping");
+                        return false;
+                    }
+                },
+            }
         };
-        drop(write);
         match result {
             Ok(()) => true,
             Err(WriteError::Broken) => false,
@@ -248,6 +250,19 @@ impl Writer {
             }
         }
     }
+}
+
+/// Writes `first` (if any) and then everything else the outbox has ready now, before
+/// the connection waits again: several batches go out per wake-up. `false`: stop.
+async fn deliver_ready(w: &mut Writer, outbox: &mut Outbox, first: Option<Out>) -> bool {
+    let mut next = first.or_else(|| outbox.ready());
+    while let Some(out) = next {
+        if !w.deliver(out, outbox.loss()).await {
+            return false;
+        }
+        next = outbox.ready();
+    }
+    true
 }
 
 /// Drives one connection until it closes.
@@ -321,16 +336,12 @@ async fn run(socket: HttpWebSocket, ctx: Ctx, encoding: Encoding) {
                     named = true;
                 }
                 // Write what is ready now (the reply, pushes it released) before reading on.
-                let mut open = true;
-                while open && let Some(out) = outbox.next().now_or_never() {
-                    open = Box::pin(w.deliver(out, outbox.loss())).await;
-                }
-                if !open {
+                if !Box::pin(deliver_ready(&mut w, &mut outbox, None)).await {
                     break;
                 }
             }
             out = outbox.next() => {
-                if !Box::pin(w.deliver(out, outbox.loss())).await {
+                if !Box::pin(deliver_ready(&mut w, &mut outbox, Some(out))).await {
                     break;
                 }
             }

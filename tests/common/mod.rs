@@ -212,8 +212,6 @@ pub struct Client {
     pub user_id: String,
     /// Highest push position seen.
     pub last_pos: u64,
-    /// Probe pushes dropped by `read` (another session of the same user probed).
-    pub probes_seen: u64,
 }
 
 fn is_probe(frame: &ServerFrame) -> bool {
@@ -249,7 +247,6 @@ impl Client {
             session_id: String::new(),
             user_id: String::new(),
             last_pos: 0,
-            probes_seen: 0,
         }
     }
 
@@ -276,7 +273,7 @@ impl Client {
         loop {
             let frame = self.read_any().await?;
             if is_probe(&frame) {
-                self.probes_seen += 1;
+                // Another session of the same user probed.
                 continue;
             }
             return Some(frame);
