@@ -36,7 +36,7 @@ use crate::{
     files::{FileError, Files},
     metrics::Metrics,
     session::{Core, Sessions},
-    store::{StoreError, sqlite::SqliteStore},
+    store::{self, Store, StoreError, sqlite::SqliteStore},
     transport::{
         self, Ctx, PeerIp,
         admission::{Admission, Refusal},
@@ -65,12 +65,30 @@ pub enum ServerError {
     Tls(String),
 }
 
-/// Builds the core with the configured backends.
+/// Builds the core with the configured backends, opening the store `store.backend`
+/// names (PostgreSQL connects and migrates here).
+pub async fn open_core(config: Config) -> Result<Arc<Core>, ServerError> {
+    config.validate()?;
+    let store = store::open(&config.store).await?;
+    assemble_core(config, store)
+}
+
+/// [`open_core`] without an async context: the SQLite store only.
 pub fn build_core(config: Config) -> Result<Arc<Core>, ServerError> {
     config.validate()?;
+    if config.store.backend != crate::config::StoreBackend::Sqlite {
+        return Err(StoreError::Backend(
+            "build_core opens only the SQLite store; use open_core (Server::start)".into(),
+        )
+        .into());
+    }
+    let store = Arc::new(SqliteStore::open(&config.store)?);
+    assemble_core(config, store)
+}
+
+fn assemble_core(config: Config, store: Arc<dyn Store>) -> Result<Arc<Core>, ServerError> {
     let config = Arc::new(config);
     let hub = Arc::new(Hub::new());
-    let store = Arc::new(SqliteStore::open(&config.store)?);
     let files = Arc::new(Files::open(&config.files, store.clone())?);
     let broker = Arc::new(LocalBroker::new(hub.clone()));
     let chat =
@@ -159,9 +177,18 @@ fn spawn_file_cleanup(core: &Arc<Core>) -> JoinHandle<()> {
 
 async fn readyz(State(app): State<Ctx>) -> impl IntoResponse {
     if app.draining.is_cancelled() {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down\n".to_string(),
+        )
+    } else if let Err(e) = app.core.chat.store().health() {
+        // The store's own periodic check (no I/O per request).
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("store unreachable: {e}\n"),
+        )
     } else {
-        (StatusCode::OK, "ready\n")
+        (StatusCode::OK, "ready\n".to_string())
     }
 }
 
@@ -303,7 +330,7 @@ impl Server {
             .local_addr()
             .map_err(|source| ServerError::Bind { addr, source })?;
         let config_limits = config.limits.clone();
-        let core = build_core(config)?;
+        let core = open_core(config).await?;
         let state = Ctx {
             core,
             draining: CancellationToken::new(),
