@@ -156,6 +156,40 @@ async fn a_resend_through_another_instance_returns_the_original() {
     assert_eq!(other.message.seq, 101);
 }
 
+#[tokio::test]
+async fn a_message_postgresql_refuses_fails_alone_and_leaves_no_gap() {
+    let db = TestDb::create().await;
+    let s = open(&db).await;
+    s.join("r", "u").await.unwrap();
+    // PostgreSQL text cannot hold NUL: that append fails, the others queued with it
+    // (one batch) still commit, in call order, without a gap.
+    let futures: Vec<_> = (0..10)
+        .map(|i| {
+            let mut m = msg("r", "u", &i.to_string());
+            if i == 4 {
+                m.body = "nul \0 byte".into();
+            }
+            s.append(m)
+        })
+        .collect();
+    let results = futures_util::future::join_all(futures).await;
+    let seqs: Vec<Option<u64>> = results
+        .iter()
+        .map(|r| r.as_ref().ok().map(|a| a.message.seq))
+        .collect();
+    assert_eq!(
+        seqs,
+        [1, 2, 3, 4]
+            .map(Some)
+            .into_iter()
+            .chain([None])
+            .chain([5, 6, 7, 8, 9].map(Some))
+            .collect::<Vec<_>>()
+    );
+    assert!(matches!(&results[4], Err(StoreError::Backend(_))));
+    assert_eq!(all(&s, "r").await.len(), 9);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_apply_to_an_empty_database_and_are_idempotent() {
     let db = TestDb::create().await;
