@@ -84,6 +84,19 @@ async fn appends_from_several_instances_form_one_gap_free_order() {
                 .collect::<Vec<_>>()
         }));
     }
+    // Meanwhile one of the senders leaves and rejoins through another instance: the
+    // membership change and the append batches touch the same rows (room counter, the
+    // sender's read marker) and must neither deadlock nor fail.
+    let churn = {
+        let store = instances[1].clone();
+        tokio::spawn(async move {
+            for _ in 0..30 {
+                store.join("r", "u1").await.unwrap();
+                store.leave("r", "u1").await.unwrap();
+            }
+        })
+    };
+    churn.await.unwrap();
     let mut acked = Vec::new();
     for t in tasks {
         let mine = t.await.unwrap();

@@ -105,7 +105,7 @@ impl PostgresStore {
             .parse()
             .map_err(|e| backend(format!("store.postgres_url: {e}")))?;
         let manager = Manager::from_config(
-            pg_config,
+            pg_config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -137,7 +137,7 @@ impl PostgresStore {
             })
             .collect();
         let health = Arc::new(Mutex::new(None));
-        tokio::spawn(ping_loop(pool.clone(), Arc::downgrade(&health)));
+        tokio::spawn(ping_loop(pg_config, Arc::downgrade(&health)));
         Ok(Self {
             pool,
             writers,
@@ -212,18 +212,31 @@ async fn migrate(client: &mut Object) -> Result<(), StoreError> {
     tx.commit().await.map_err(pg)
 }
 
-async fn ping_loop(pool: Pool, health: Weak<Mutex<Option<String>>>) {
+/// Pings the server once a second on a connection of its own (a busy pool must not look
+/// like a lost server) and records the outcome for [`Store::health`].
+async fn ping_loop(config: tokio_postgres::Config, health: Weak<Mutex<Option<String>>>) {
     let mut tick = tokio::time::interval(PING_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut client: Option<tokio_postgres::Client> = None;
     loop {
         tick.tick().await;
         let outcome = tokio::time::timeout(Duration::from_secs(2), async {
-            let c = pool.get().await.map_err(pool_error)?;
-            c.simple_query("SELECT 1").await.map_err(pg)?;
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                let (c, conn) = config.connect(NoTls).await.map_err(pg)?;
+                tokio::spawn(conn);
+                client = Some(c);
+            }
+            if let Some(c) = &client {
+                c.simple_query("SELECT 1").await.map_err(pg)?;
+            }
             Ok::<_, StoreError>(())
         })
         .await
         .unwrap_or_else(|_| Err(backend("no answer within 2s")));
+        if outcome.is_err() {
+            // Start afresh next time (a timed-out connection may be half dead).
+            client = None;
+        }
         let Some(health) = health.upgrade() else {
             return;
         };
@@ -302,7 +315,8 @@ async fn commit_batch(
     let mut client = pool.get().await.map_err(pool_error)?;
     let tx = client.transaction().await.map_err(pg)?;
 
-    // Lock the rooms (in name order: no deadlock with another instance's batch), then
+    // Lock the rooms (in name order: no deadlock with another instance's batch; `NO KEY`:
+    // membership changes' foreign-key checks are not blocked by it), then
     // look for earlier messages with the same keys: after the lock, every concurrent
     // writer of these rooms has committed or not begun.
     let mut rooms: Vec<&str> = batch.iter().map(|m| m.room.as_str()).collect();
@@ -313,7 +327,8 @@ async fn commit_batch(
     let keys_id: Vec<&str> = batch.iter().map(|m| m.client_msg_id.as_str()).collect();
     let lock = tx
         .prepare_cached(
-            "SELECT name, last_seq FROM rooms WHERE name = ANY($1::text[]) ORDER BY name FOR UPDATE",
+            "SELECT name, last_seq FROM rooms WHERE name = ANY($1::text[])
+             ORDER BY name COLLATE \"C\" FOR NO KEY UPDATE",
         )
         .await
         .map_err(pg)?;
@@ -434,7 +449,8 @@ async fn commit_batch(
         )
         .await
         .map_err(pg)?;
-    last.retain(|room, _| ins_room.contains(&room.as_str()));
+    let touched: std::collections::HashSet<&str> = ins_room.iter().copied().collect();
+    last.retain(|room, _| touched.contains(room.as_str()));
     let (bump_rooms, bump_last): (Vec<&str>, Vec<i64>) =
         last.iter().map(|(r, s)| (r.as_str(), *s)).unzip();
     let mut read_room = Vec::with_capacity(read.len());
@@ -519,7 +535,20 @@ fn room_meta(row: &Row) -> RoomMeta {
     }
 }
 
-/// Adds a member (and counts it) inside `tx`.
+/// Locks the room's row first, as an append batch does, so a membership change and a
+/// batch of the same room never hold each other's rows (no deadlock: the batch takes the
+/// room and then its members' rows, and so does this).
+async fn lock_room(tx: &deadpool_postgres::Transaction<'_>, room: &str) -> Result<(), StoreError> {
+    tx.execute(
+        "SELECT 1 FROM rooms WHERE name = $1 FOR NO KEY UPDATE",
+        &[&room],
+    )
+    .await
+    .map_err(pg)?;
+    Ok(())
+}
+
+/// Adds a member (and counts it) inside `tx`, which holds the room's lock.
 async fn add_member(
     tx: &deadpool_postgres::Transaction<'_>,
     room: &str,
@@ -647,6 +676,7 @@ impl Store for PostgresStore {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
         create_room_in(&tx, room, false).await?;
+        lock_room(&tx, room).await?;
         add_member(&tx, room, user).await?;
         let row = tx
             .query_one(
@@ -662,6 +692,7 @@ impl Store for PostgresStore {
     async fn leave(&self, room: &str, user: &str) -> Result<bool, StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
+        lock_room(&tx, room).await?;
         let left = tx
             .execute(
                 "DELETE FROM members WHERE room = $1 AND user_id = $2",
