@@ -63,13 +63,19 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
-/// A tokio-postgres error with the server's message and detail when it sent one (its
-/// `Display` alone says only "db error").
+/// A tokio-postgres error with the server's message and detail when it sent one, or the
+/// underlying cause (its `Display` alone says only "db error" or "error connecting").
 fn pg(e: tokio_postgres::Error) -> StoreError {
-    match e.as_db_error() {
-        Some(db) => StoreError::Backend(format!("postgres: {}: {}", db.code().code(), db)),
-        None => StoreError::Backend(format!("postgres: {e}")),
+    if let Some(db) = e.as_db_error() {
+        return StoreError::Backend(format!("postgres: {}: {}", db.code().code(), db));
     }
+    let mut text = format!("postgres: {e}");
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    StoreError::Backend(text)
 }
 
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
