@@ -339,17 +339,31 @@ impl BatchError {
 }
 
 /// Commits one batch of appends in one transaction; one result per message, in order.
-/// An `Err` means nothing of the batch was committed.
+/// An `Err` means nothing of the batch was committed (or, when the connection broke
+/// during the commit, that the outcome is unknown: a resend finds the original).
 async fn commit_batch(
     pool: &Pool,
     batch: &[&NewMessage],
 ) -> Result<Vec<Result<Appended, StoreError>>, BatchError> {
-    let mut client = pool
+    let client = pool
         .get()
         .await
         .map_err(|e| BatchError::Pool(pool_error(e)))?;
-    let tx = client.transaction().await.map_err(BatchError::Pg)?;
+    let result = batch_in(&client, batch).await;
+    if result.is_err() && !client.is_closed() {
+        // Leave no open transaction on a pooled connection.
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    result
+}
 
+/// The batch's transaction: two round trips when no message attaches files (BEGIN, the
+/// room locks and the idempotency lookup pipelined; then the writes and COMMIT
+/// pipelined), whatever the batch's size.
+async fn batch_in(
+    tx: &Object,
+    batch: &[&NewMessage],
+) -> Result<Vec<Result<Appended, StoreError>>, BatchError> {
     // Lock the rooms (in name order: no deadlock with another instance's batch; `NO KEY`:
     // membership changes' foreign-key checks are not blocked by it), then
     // look for earlier messages with the same keys: after the lock, every concurrent
@@ -377,7 +391,10 @@ async fn commit_batch(
         .map_err(BatchError::Pg)?;
     let lock_params: [&(dyn ToSql + Sync); 1] = [&rooms];
     let existing_params: [&(dyn ToSql + Sync); 3] = [&keys_room, &keys_sender, &keys_id];
-    let (locked, found) = tokio::try_join!(
+    // `biased`: first polled in this order, so the requests go out in this order.
+    let (_, locked, found) = tokio::try_join!(
+        biased;
+        tx.batch_execute("BEGIN"),
         tx.query(&lock, &lock_params),
         tx.query(&existing, &existing_params),
     )
@@ -456,7 +473,7 @@ async fn commit_batch(
     }
     if ins_room.is_empty() {
         // Only duplicates and unknown rooms: nothing to write.
-        tx.commit().await.map_err(BatchError::Pg)?;
+        tx.batch_execute("COMMIT").await.map_err(BatchError::Pg)?;
         return Ok(results);
     }
 
@@ -506,10 +523,23 @@ async fn commit_batch(
         &ins_ts,
         &ins_att,
     ];
-    // Pipelined: the server runs them in order on this connection.
+    // Pipelined: the server runs them in order on this connection. A statement that
+    // fails aborts the transaction, and the COMMIT behind it then rolls back.
     let bump_params: [&(dyn ToSql + Sync); 2] = [&bump_rooms, &bump_last];
     let mark_params: [&(dyn ToSql + Sync); 3] = [&read_room, &read_user, &read_seq];
+    if attached.is_empty() {
+        tokio::try_join!(
+            biased;
+            tx.execute(&insert, &insert_params),
+            tx.execute(&bump, &bump_params),
+            tx.execute(&mark, &mark_params),
+            tx.batch_execute("COMMIT"),
+        )
+        .map_err(BatchError::Pg)?;
+        return Ok(results);
+    }
     tokio::try_join!(
+        biased;
         tx.execute(&insert, &insert_params),
         tx.execute(&bump, &bump_params),
         tx.execute(&mark, &mark_params),
@@ -532,7 +562,7 @@ async fn commit_batch(
         .await
         .map_err(BatchError::Pg)?;
     }
-    tx.commit().await.map_err(BatchError::Pg)?;
+    tx.batch_execute("COMMIT").await.map_err(BatchError::Pg)?;
     Ok(results)
 }
 
