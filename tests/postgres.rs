@@ -476,3 +476,26 @@ async fn readyz_reports_a_lost_postgresql_and_recovers() {
     t.server.shutdown();
     relay.down().await;
 }
+
+#[tokio::test]
+async fn a_server_whose_postgresql_is_unreachable_does_not_start_and_says_why() {
+    // A port nothing listens on: bound, then closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut config = test_config();
+    config.store.backend = StoreBackend::Postgres;
+    config.store.postgres_url = format!("postgres://parley:hunter2@127.0.0.1:{port}/parley");
+    let err = parley::server::Server::start(config)
+        .await
+        .err()
+        .expect("no server without its store")
+        .to_string();
+    assert!(
+        err.contains("connecting to PostgreSQL") && err.contains("refused"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "no password in the error: {err}");
+}
