@@ -507,9 +507,11 @@ pub struct StoreConfig {
     /// `postgres`: the server, as a URL (`postgres://user:pass@host:5432/db`) or a
     /// libpq key/value string. Usually from `PARLEY_STORE__POSTGRES_URL`.
     pub postgres_url: String,
-    /// `postgres`: most connections in the pool (writers included).
+    /// `postgres`: most connections: one per append writer, the rest for reads and other
+    /// writes (the health ping has one more of its own).
     pub postgres_pool_size: usize,
-    /// `postgres`: append writers; rooms hash onto them, each commits its own batches.
+    /// `postgres`: append writers; rooms hash onto them, each commits its own batches on
+    /// a connection of its own.
     pub postgres_writers: usize,
 }
 

@@ -110,21 +110,28 @@ impl PostgresStore {
             .postgres_url
             .parse()
             .map_err(|e| backend(format!("store.postgres_url: {e}")))?;
-        let manager = Manager::from_config(
-            pg_config.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(config.postgres_pool_size.max(2))
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(Duration::from_secs(10)))
-            .create_timeout(Some(Duration::from_secs(5)))
-            .recycle_timeout(Some(Duration::from_secs(5)))
-            .build()
-            .map_err(backend)?;
+        // Two pools out of `postgres_pool_size` connections: one connection per append
+        // writer (appends never queue behind reads), the rest for everything else.
+        let writers = config.postgres_writers.max(1);
+        let pool_of = |size: usize| {
+            let manager = Manager::from_config(
+                pg_config.clone(),
+                NoTls,
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            Pool::builder(manager)
+                .max_size(size)
+                .runtime(Runtime::Tokio1)
+                .wait_timeout(Some(Duration::from_secs(10)))
+                .create_timeout(Some(Duration::from_secs(5)))
+                .recycle_timeout(Some(Duration::from_secs(5)))
+                .build()
+                .map_err(backend)
+        };
+        let pool = pool_of(config.postgres_pool_size.saturating_sub(writers).max(1))?;
+        let write_pool = pool_of(writers)?;
         let mut client = pool.get().await.map_err(|e| {
             StoreError::Backend(format!(
                 "connecting to PostgreSQL (store.postgres_url): {}",
@@ -135,10 +142,10 @@ impl PostgresStore {
         drop(client);
 
         let max_batch = config.max_batch.max(1);
-        let writers = (0..config.postgres_writers.max(1))
+        let writers = (0..writers)
             .map(|_| {
                 let (tx, rx) = mpsc::unbounded_channel();
-                tokio::spawn(writer_loop(pool.clone(), rx, max_batch));
+                tokio::spawn(writer_loop(write_pool.clone(), rx, max_batch));
                 tx
             })
             .collect();
