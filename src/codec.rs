@@ -98,6 +98,11 @@ impl Push {
         }
     }
 
+    /// What this push carries.
+    pub fn kind(&self) -> &Kind {
+        &self.kind
+    }
+
     /// The frame without id and pos, in `encoding`.
     pub fn body(&self, encoding: Encoding) -> &Bytes {
         let cell = match encoding {

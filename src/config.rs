@@ -32,6 +32,7 @@ pub struct Config {
     pub web: WebConfig,
     pub limits: LimitsConfig,
     pub files: FilesConfig,
+    pub broker: BrokerConfig,
 }
 
 /// Limits and rate limits against abuse. Every limit is per instance; 0 turns one off.
@@ -489,6 +490,53 @@ impl Synchronous {
     }
 }
 
+/// Which fan-out between instances (see `broker`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerBackend {
+    /// One instance: in-process delivery.
+    Memory,
+    /// Many instances: Redis pub/sub, presence in Redis.
+    Redis,
+}
+
+/// Fan-out between instances, cross-instance ordering and presence.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    pub backend: BrokerBackend,
+    /// `redis://host:port/db` (RESP3 is selected by parley).
+    pub redis_url: String,
+    /// Prefix of every Redis channel and key, so several deployments can share a Redis.
+    pub redis_prefix: String,
+    /// How long a receiver holds a seq gap in a room before it fills it from the store.
+    #[serde(with = "humantime_serde")]
+    pub gap_hold: Duration,
+    /// How often an instance refreshes its presence keys in Redis.
+    #[serde(with = "humantime_serde")]
+    pub presence_heartbeat: Duration,
+    /// An instance whose heartbeat is older than this is dead: its users go offline.
+    #[serde(with = "humantime_serde")]
+    pub presence_ttl: Duration,
+    /// How long a user's last-seen time is kept in Redis after they went offline.
+    #[serde(with = "humantime_serde")]
+    pub last_seen_ttl: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            backend: BrokerBackend::Memory,
+            redis_url: "redis://127.0.0.1:6379/".into(),
+            redis_prefix: "parley".into(),
+            gap_hold: Duration::from_millis(200),
+            presence_heartbeat: Duration::from_secs(2),
+            presence_ttl: Duration::from_secs(10),
+            last_seen_ttl: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
@@ -723,6 +771,21 @@ impl Config {
     /// Checks every duration, size and count against its allowed range; the error names
     /// the key, the value and the range.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let b = &self.broker;
+        duration("broker.gap_hold", b.gap_hold, Duration::ZERO, 10 * SEC)?;
+        duration(
+            "broker.presence_heartbeat",
+            b.presence_heartbeat,
+            100 * MS,
+            HOUR,
+        )?;
+        duration(
+            "broker.presence_ttl",
+            b.presence_ttl,
+            2 * b.presence_heartbeat,
+            2 * HOUR,
+        )?;
+        duration("broker.last_seen_ttl", b.last_seen_ttl, SEC, 3650 * DAY)?;
         let s = &self.server;
         duration(
             "server.shutdown_timeout",

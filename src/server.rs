@@ -29,14 +29,15 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::{
     auth::{AuthSetupError, Authenticator},
-    broker::local::LocalBroker,
+    broker::{Broker, BrokerError, local::LocalBroker, order::Log, redis::RedisBroker},
     chat::Chat,
-    config::{Config, ConfigError, TlsConfig},
+    config::{BrokerBackend, Config, ConfigError, TlsConfig},
     delivery::Hub,
     files::{FileError, Files},
     metrics::Metrics,
+    proto,
     session::{Core, Sessions},
-    store::{StoreError, sqlite::SqliteStore},
+    store::{Range, Store, StoreError, sqlite::SqliteStore},
     transport::{
         self, Ctx, PeerIp,
         admission::{Admission, Refusal},
@@ -52,6 +53,8 @@ pub enum ServerError {
     Auth(#[from] AuthSetupError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error("broker: {0}")]
+    Broker(#[from] BrokerError),
     #[error("files: {0}")]
     Files(#[from] FileError),
     #[error("listening on {addr}: {source}")]
@@ -65,6 +68,26 @@ pub enum ServerError {
     Tls(String),
 }
 
+/// The store as the broker's receive path reads it (gap fills and repairs).
+struct StoreLog(Arc<dyn Store>);
+
+#[async_trait::async_trait]
+impl Log for StoreLog {
+    async fn after(
+        &self,
+        room: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<Arc<proto::Message>>, bool), String> {
+        let page = self
+            .0
+            .history(room, Range::After(after), limit)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((page.messages, page.more))
+    }
+}
+
 /// Builds the core with the configured backends.
 pub fn build_core(config: Config) -> Result<Arc<Core>, ServerError> {
     config.validate()?;
@@ -72,7 +95,16 @@ pub fn build_core(config: Config) -> Result<Arc<Core>, ServerError> {
     let hub = Arc::new(Hub::new());
     let store = Arc::new(SqliteStore::open(&config.store)?);
     let files = Arc::new(Files::open(&config.files, store.clone())?);
-    let broker = Arc::new(LocalBroker::new(hub.clone()));
+    let metrics = Arc::new(Metrics::new());
+    let broker: Arc<dyn Broker> = match config.broker.backend {
+        BrokerBackend::Memory => Arc::new(LocalBroker::new(hub.clone())),
+        BrokerBackend::Redis => Arc::new(RedisBroker::new(
+            &config.broker,
+            hub.clone(),
+            Arc::new(StoreLog(store.clone())),
+            metrics.broker.clone(),
+        )?),
+    };
     let chat =
         Arc::new(Chat::new(store, broker, hub, config.chat.clone()).with_limits(&config.limits));
     let sessions = Arc::new(
@@ -85,7 +117,7 @@ pub fn build_core(config: Config) -> Result<Arc<Core>, ServerError> {
         config,
         chat,
         sessions,
-        metrics: Arc::new(Metrics::new()),
+        metrics,
         files,
     }))
 }
@@ -146,6 +178,18 @@ fn spawn_maintenance(core: &Arc<Core>) -> JoinHandle<()> {
     })
 }
 
+/// Tells co-members when users of a dead instance went offline (Redis broker; a no-op
+/// with the in-process one).
+fn spawn_presence_sweep(core: &Arc<Core>) -> JoinHandle<()> {
+    spawn_every(
+        core,
+        core.config.broker.presence_heartbeat,
+        |core| async move {
+            core.chat.sweep_presence().await;
+        },
+    )
+}
+
 /// Deletes uploads that no message attached in time (`files.orphan_ttl`).
 fn spawn_file_cleanup(core: &Arc<Core>) -> JoinHandle<()> {
     spawn_every(core, core.files.cleanup_interval(), |core| async move {
@@ -159,9 +203,14 @@ fn spawn_file_cleanup(core: &Arc<Core>) -> JoinHandle<()> {
 
 async fn readyz(State(app): State<Ctx>) -> impl IntoResponse {
     if app.draining.is_cancelled() {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
-    } else {
-        (StatusCode::OK, "ready\n")
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down\n".to_string(),
+        );
+    }
+    match app.core.chat.broker().health() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("broker: {why}\n")),
     }
 }
 
@@ -313,6 +362,7 @@ impl Server {
         };
         let maintenance = spawn_maintenance(&state.core);
         let file_cleanup = spawn_file_cleanup(&state.core);
+        let presence_sweep = spawn_presence_sweep(&state.core);
         let app = router(state.clone()).layer(cors(state.core.config.clone()));
         let s = state.clone();
         let write_timeout = state.core.config.server.write_timeout;
@@ -384,6 +434,7 @@ impl Server {
             }
             maintenance.abort();
             file_cleanup.abort();
+            presence_sweep.abort();
             Ok(())
         });
         tracing::info!(%addr, tls = state.core.config.tls.cert_file.is_some(), "listening");

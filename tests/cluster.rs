@@ -1,0 +1,269 @@
+//! Many instances: three `parley` processes sharing one store and a private
+//! `redis-server` (started here on a free port, killed at the end). Users on different
+//! instances chat as if on one; order, idempotency and presence hold across instances;
+//! Redis restarts and dead instances are survived.
+
+mod common;
+#[path = "cluster/harness.rs"]
+mod harness;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use common::{Client, WAIT, code_of, http_get};
+use harness::Cluster;
+use parley::proto::{self, ErrorCode, client_frame::Cmd, server_frame::Kind};
+
+/// Reads `n` message pushes; returns (seq, body) in the order they came.
+async fn messages(c: &mut Client, n: usize) -> Vec<(u64, String)> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let m = c.next_message().await;
+        out.push((m.seq, m.body));
+    }
+    out
+}
+
+fn assert_gap_free(got: &[(u64, String)], from: u64, to: u64) {
+    let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (from..=to).collect::<Vec<_>>(), "in order, once each");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_on_different_instances_chat_in_rooms_and_dms() {
+    let cluster = Cluster::start("chat", 3).await;
+    let mut ann = cluster.client(0, "ann").await;
+    let mut bob = cluster.client(1, "bob").await;
+    let mut cat = cluster.client(2, "cat").await;
+    for c in [&mut ann, &mut bob, &mut cat] {
+        c.join("lobby").await;
+    }
+    // Each sends in turn; everyone (the sender included) sees all of it in seq order.
+    let mut n = 0;
+    for round in 0..10 {
+        for c in [&mut ann, &mut bob, &mut cat] {
+            let sent = c
+                .send_msg("lobby", &format!("{}-{round}", c.user_id), "hi")
+                .await;
+            n += 1;
+            assert_eq!(sent.seq, n);
+        }
+    }
+    for c in [&mut ann, &mut bob, &mut cat] {
+        assert_gap_free(&messages(c, 30).await, 1, 30);
+    }
+
+    // A direct message from an instance to a user on another.
+    let sent = match ann
+        .request(Cmd::Send(proto::Send {
+            to_user: "cat".into(),
+            client_msg_id: "dm-1".into(),
+            body: "psst".into(),
+            ..Default::default()
+        }))
+        .await
+    {
+        Kind::Sent(s) => s,
+        other => panic!("expected sent, got {other:?}"),
+    };
+    let m = cat.next_message().await;
+    assert_eq!(
+        (m.room.as_str(), m.seq, m.body.as_str()),
+        (sent.room.as_str(), 1, "psst")
+    );
+    assert_eq!(m.sender, "ann");
+    // Bob is not in the DM: nothing more for him.
+    bob.nothing_pushed(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sends_from_every_instance_give_one_order_everywhere() {
+    let cluster = Cluster::start("order", 3).await;
+    const EACH: usize = 40;
+    // Two subscribers per instance.
+    let mut subscribers = Vec::new();
+    for i in 0..3 {
+        for k in 0..2 {
+            let mut c = cluster.client(i, &format!("sub{i}{k}")).await;
+            c.join("busy").await;
+            subscribers.push(c);
+        }
+    }
+    // One sender per instance, all at once, each pipelining its sends.
+    let mut senders = Vec::new();
+    for i in 0..3 {
+        let mut c = cluster.client(i, &format!("pub{i}")).await;
+        c.join("busy").await;
+        senders.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for k in 0..EACH {
+                ids.push(
+                    c.send(Cmd::Send(proto::Send {
+                        room: "busy".into(),
+                        client_msg_id: format!("{i}-{k}"),
+                        body: format!("{i}-{k}"),
+                        ..Default::default()
+                    }))
+                    .await,
+                );
+            }
+            let mut acked = 0;
+            while acked < EACH {
+                let f = c.read().await.expect("replies");
+                if f.pos == 0 && matches!(f.kind, Some(Kind::Sent(_))) {
+                    acked += 1;
+                }
+            }
+        }));
+    }
+    for s in senders {
+        s.await.unwrap();
+    }
+    let total = 3 * EACH;
+    let mut orders: Vec<BTreeMap<u64, String>> = Vec::new();
+    for c in &mut subscribers {
+        let got = messages(c, total).await;
+        assert_gap_free(&got, 1, total as u64);
+        orders.push(got.into_iter().collect());
+    }
+    for o in &orders[1..] {
+        assert_eq!(o, &orders[0], "every subscriber sees the same seq order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_loses_nothing_and_delivery_resumes_by_itself() {
+    let mut cluster = Cluster::start("redis-restart", 3).await;
+    let mut ann = cluster.client(0, "ann").await;
+    let mut bob = cluster.client(1, "bob").await;
+    let mut cat = cluster.client(2, "cat").await;
+    for c in [&mut ann, &mut bob, &mut cat] {
+        c.join("r").await;
+    }
+    ann.send_msg("r", "before", "before").await;
+    for c in [&mut bob, &mut cat] {
+        assert_gap_free(&messages(c, 1).await, 1, 1);
+    }
+
+    cluster.stop_redis();
+    // The instances notice: not ready while Redis is gone.
+    let addr = cluster.addr(1);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while http_get(addr, "/readyz").await.0 != 503 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz never said 503"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Sends still succeed (the log is fine); they reach the sender's instance only.
+    for k in 0..5 {
+        ann.send_msg("r", &format!("during-{k}"), "during").await;
+    }
+
+    cluster.start_redis().await;
+    for i in 0..3 {
+        cluster.wait_ready(i).await;
+    }
+    // Without anything new being sent, the repair after the resubscribe delivers what
+    // was missed, once.
+    for c in [&mut bob, &mut cat] {
+        assert_gap_free(&messages(c, 5).await, 2, 6);
+    }
+    // Live fan-out works again.
+    bob.send_msg("r", "after", "after").await;
+    for c in [&mut ann, &mut cat] {
+        let got = messages(c, if c.user_id == "ann" { 7 } else { 1 }).await;
+        assert_eq!(got.last().unwrap().0, 7);
+    }
+    cat.nothing_pushed(Duration::from_millis(300)).await;
+}
+
+async fn presence_of(c: &mut Client, user: &str) -> proto::Presence {
+    match c
+        .request(Cmd::Presence(proto::PresenceQuery {
+            users: vec![user.into()],
+        }))
+        .await
+    {
+        Kind::PresenceList(mut l) => l.users.remove(0),
+        other => panic!("expected presence list, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_cluster_wide_and_a_dead_instance_takes_its_users_offline() {
+    // A closed session counts as online for its grace period: keep that short here.
+    let mut cluster = Cluster::start_with("presence", 3, |c| {
+        c.session.grace_period = Duration::from_millis(300);
+    })
+    .await;
+    let mut watcher = cluster.client(2, "watcher").await;
+    watcher.join("team").await;
+    assert!(!presence_of(&mut watcher, "dan").await.online);
+
+    // dan has sessions on instances 0 and 1.
+    let mut dan0 = cluster.client(0, "dan").await;
+    dan0.join("team").await;
+    let dan1 = cluster.client(1, "dan").await;
+    assert!(presence_of(&mut watcher, "dan").await.online);
+
+    // A signal reaches him from an instance where he has no session.
+    match watcher
+        .request(Cmd::Signal(proto::Signal {
+            to_user: "dan".into(),
+            kind: "offer".into(),
+            payload: "sdp".into(),
+        }))
+        .await
+    {
+        Kind::Done(_) => {}
+        other => panic!("expected done, got {other:?}"),
+    }
+    let s = dan0.next_of(common_pushed_signal).await;
+    assert_eq!(
+        (s.from_user.as_str(), s.kind.as_str()),
+        ("watcher", "offer")
+    );
+
+    // Closing one of his sessions leaves him online through the other.
+    drop(dan0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(presence_of(&mut watcher, "dan").await.online);
+
+    // Instance 1 dies: within presence_ttl + a heartbeat he is offline everywhere, and
+    // his co-member hears it.
+    cluster.instances[1].proc.kill();
+    drop(dan1);
+    let p = tokio::time::timeout(
+        Duration::from_secs(8),
+        watcher.next_of(|k| match k {
+            Kind::Presence(p) if p.user == "dan" && !p.online => Some(p),
+            _ => None,
+        }),
+    )
+    .await
+    .expect("an offline push within presence_ttl + heartbeat");
+    assert!(p.last_seen > 0);
+    let now = presence_of(&mut watcher, "dan").await;
+    assert!(!now.online);
+    assert!(now.last_seen > 0);
+    // And signalling him is refused cluster-wide.
+    match watcher
+        .request(Cmd::Signal(proto::Signal {
+            to_user: "dan".into(),
+            kind: "offer".into(),
+            payload: "sdp".into(),
+        }))
+        .await
+    {
+        Kind::Error(e) => assert_eq!(code_of(&e), ErrorCode::UserOffline),
+        other => panic!("expected USER_OFFLINE, got {other:?}"),
+    }
+}
+
+fn common_pushed_signal(k: Kind) -> Option<proto::SignalEvent> {
+    match k {
+        Kind::Signal(s) => Some(s),
+        _ => None,
+    }
+}
