@@ -507,6 +507,10 @@ pub struct BrokerConfig {
     pub backend: BrokerBackend,
     /// `redis://host:port/db` (RESP3 is selected by parley).
     pub redis_url: String,
+    /// `host:port` where the other instances reach this one over HTTP (requests for its
+    /// sessions are routed here). Empty: the bound listen address (127.0.0.1 when it
+    /// listens on all interfaces, which suits one machine only).
+    pub advertise: String,
     /// Prefix of every Redis channel and key, so several deployments can share a Redis.
     pub redis_prefix: String,
     /// How long a receiver holds a seq gap in a room before it fills it from the store.
@@ -528,6 +532,7 @@ impl Default for BrokerConfig {
         Self {
             backend: BrokerBackend::Memory,
             redis_url: "redis://127.0.0.1:6379/".into(),
+            advertise: String::new(),
             redis_prefix: "parley".into(),
             gap_hold: Duration::from_millis(200),
             presence_heartbeat: Duration::from_secs(2),

@@ -105,15 +105,20 @@ pub fn build_core(config: Config) -> Result<Arc<Core>, ServerError> {
             metrics.broker.clone(),
         )?),
     };
-    let chat =
-        Arc::new(Chat::new(store, broker, hub, config.chat.clone()).with_limits(&config.limits));
+    let chat = Arc::new(
+        Chat::new(store, broker.clone(), hub, config.chat.clone()).with_limits(&config.limits),
+    );
+    // In a cluster, session ids and tickets name the instance that holds them.
+    let id_prefix = broker.instance().map_or(String::new(), |i| format!("{i}."));
     let sessions = Arc::new(
         Sessions::new(config.session.clone(), chat.clone())
-            .with_max_per_user(config.limits.max_sessions_per_user),
+            .with_max_per_user(config.limits.max_sessions_per_user)
+            .with_id_prefix(&id_prefix),
     );
     Ok(Arc::new(Core {
         auth: Authenticator::new(&config.auth)?,
-        tickets: crate::session::tickets::Tickets::new(config.auth.ticket_ttl),
+        tickets: crate::session::tickets::Tickets::new(config.auth.ticket_ttl)
+            .with_prefix(&id_prefix),
         config,
         chat,
         sessions,
@@ -126,17 +131,23 @@ pub fn router(state: Ctx) -> Router {
     // A command or API body is one frame: the same limit as a WebSocket frame. Over it
     // the handlers answer 413 with the error JSON (FRAME_TOO_LARGE).
     let body_limit = axum::extract::DefaultBodyLimit::max(state.core.config.ws.max_frame_bytes);
+    // Requests for a session another instance holds go there (transport::forward).
+    let to_owner =
+        || axum::middleware::from_fn_with_state(state.clone(), transport::forward::to_owner);
     Router::new()
         .route(
             "/ws",
             get(transport::ws::handler).connect(transport::ws::handler),
         )
-        .route("/sse", get(transport::sse::handler))
-        .route("/poll", get(transport::poll::handler))
+        .route("/sse", get(transport::sse::handler).route_layer(to_owner()))
+        .route(
+            "/poll",
+            get(transport::poll::handler).route_layer(to_owner()),
+        )
         .route("/session", axum::routing::post(transport::http::connect))
         .route(
             "/session/{id}",
-            axum::routing::post(transport::http::command),
+            axum::routing::post(transport::http::command).route_layer(to_owner()),
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -352,7 +363,15 @@ impl Server {
             .local_addr()
             .map_err(|source| ServerError::Bind { addr, source })?;
         let config_limits = config.limits.clone();
+        let advertise = if !config.broker.advertise.is_empty() {
+            config.broker.advertise.clone()
+        } else if addr.ip().is_unspecified() {
+            format!("127.0.0.1:{}", addr.port())
+        } else {
+            addr.to_string()
+        };
         let core = build_core(config)?;
+        core.chat.broker().advertise(advertise);
         let state = Ctx {
             core,
             draining: CancellationToken::new(),

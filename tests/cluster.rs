@@ -267,3 +267,205 @@ fn common_pushed_signal(k: Kind) -> Option<proto::SignalEvent> {
         _ => None,
     }
 }
+
+fn bearer(cluster: &Cluster, user: &str) -> String {
+    format!("Bearer {}", cluster.token(user))
+}
+
+/// `POST /session/{id}` at instance `i` with a JSON command; the reply.
+async fn command(
+    cluster: &Cluster,
+    i: usize,
+    user: &str,
+    session: &str,
+    cmd: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let auth = bearer(cluster, user);
+    let r = common::http(
+        cluster.addr(i),
+        "POST",
+        &format!("/session/{session}"),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        cmd.to_string(),
+    )
+    .await;
+    let v = if r.body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&r.body).unwrap()
+    };
+    (r.status, v)
+}
+
+/// The message seqs among `frames`, checking positions follow `last_pos` without a gap.
+fn message_seqs(frames: &[proto::ServerFrame], last_pos: &mut u64, seqs: &mut Vec<u64>) {
+    for f in frames {
+        assert_eq!(f.pos, *last_pos + 1, "positions without gap or repeat");
+        *last_pos = f.pos;
+        if let Some(Kind::Message(m)) = &f.kind {
+            seqs.push(m.seq);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_and_long_poll_sessions_hop_between_instances_without_loss_or_repeat() {
+    let cluster = Cluster::start("no-sticky", 3).await;
+    let mut ann = cluster.client(2, "ann").await;
+    ann.join("r").await;
+
+    // A long-poll session opened on instance 0, joined through instance 1.
+    let auth = bearer(&cluster, "pat");
+    let r = common::http(
+        cluster.addr(0),
+        "POST",
+        "/session",
+        &[("authorization", &auth)],
+        r#"{"id":"1","connect":{}}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let poll_session = v["connected"]["sessionId"].as_str().unwrap().to_string();
+    let (status, v) = command(
+        &cluster,
+        1,
+        "pat",
+        &poll_session,
+        serde_json::json!({"id":"2","join":{"room":"r"}}),
+    )
+    .await;
+    assert_eq!((status, v["joined"]["room"].as_str()), (200, Some("r")));
+
+    // An SSE session: ticket minted on instance 1, stream opened on instance 0.
+    let auth = bearer(&cluster, "sid");
+    let r = common::http(
+        cluster.addr(1),
+        "POST",
+        "/api/v1/tickets",
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let ticket = v["ticket"].as_str().unwrap().to_string();
+    let path = format!("/sse?ticket={ticket}");
+    let mut sse = common::SseClient::open(cluster.addr(0), &path, &[]).await;
+    assert_eq!(sse.status, 200);
+    let (_, first) = sse.next_frame().await;
+    let Some(Kind::Connected(c)) = first.kind else {
+        panic!("expected connected, got {first:?}")
+    };
+    let sse_session = c.session_id;
+    let (status, _) = command(
+        &cluster,
+        2,
+        "sid",
+        &sse_session,
+        serde_json::json!({"id":"2","join":{"room":"r"}}),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let (mut poll_pos, mut poll_seqs, mut poll_cursor) = (0, Vec::new(), 0u64);
+    let (mut sse_pos, mut sse_seqs) = (0, Vec::new());
+    const ROUNDS: usize = 6;
+    const PER_ROUND: usize = 4;
+    for round in 0..ROUNDS {
+        for k in 0..PER_ROUND {
+            ann.send_msg("r", &format!("{round}-{k}"), "x").await;
+        }
+        let want = (round + 1) * PER_ROUND;
+        // Long-poll: every GET on the next instance.
+        let mut hop = round;
+        while poll_seqs.len() < want {
+            hop += 1;
+            let i = hop % 3;
+            let path = format!("/poll?session_id={poll_session}&cursor={poll_cursor}&wait=1");
+            let auth = bearer(&cluster, "pat");
+            let r = common::http(
+                cluster.addr(i),
+                "GET",
+                &path,
+                &[("authorization", &auth)],
+                "",
+            )
+            .await;
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+            let frames: Vec<proto::ServerFrame> = serde_json::from_slice(&r.body).unwrap();
+            message_seqs(&frames, &mut poll_pos, &mut poll_seqs);
+            poll_cursor = poll_pos;
+        }
+        // SSE: read this round's events, then reconnect elsewhere with Last-Event-ID.
+        while sse_seqs.len() < want {
+            let (id, frame) = sse.next_frame().await;
+            if id.is_none() {
+                continue;
+            }
+            message_seqs(&[frame], &mut sse_pos, &mut sse_seqs);
+        }
+        drop(sse);
+        let i = (round + 1) % 3;
+        let last = sse_pos.to_string();
+        sse = common::SseClient::open(cluster.addr(i), &path, &[("last-event-id", &last)]).await;
+        assert_eq!(sse.status, 200, "reconnect on instance {i}");
+    }
+    let all: Vec<u64> = (1..=(ROUNDS * PER_ROUND) as u64).collect();
+    assert_eq!(poll_seqs, all, "long-poll: everything once, in order");
+    assert_eq!(sse_seqs, all, "SSE: everything once, in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_killed_instance_continue_elsewhere_with_everything_acked_once() {
+    let mut cluster = Cluster::start("kill", 3).await;
+    let mut ann = cluster.client(0, "ann").await;
+    let mut bob = cluster.client(1, "bob").await;
+    ann.join("r").await;
+    bob.join("r").await;
+    for k in 0..5 {
+        ann.send_msg("r", &format!("a{k}"), "x").await;
+    }
+    assert_gap_free(&messages(&mut bob, 5).await, 1, 5);
+    let (old_session, old_pos) = (bob.session_id.clone(), bob.last_pos);
+
+    // bob's instance dies mid-chat; ann keeps sending (every send acked).
+    cluster.instances[1].proc.kill();
+    drop(bob);
+    for k in 5..10 {
+        ann.send_msg("r", &format!("a{k}"), "x").await;
+    }
+
+    // bob reconnects to another instance: his session died with its instance, so he
+    // log-syncs from his last seq and gets exactly what he missed.
+    let mut bob = common::Client::open(cluster.addr(2), Some(parley::codec::Encoding::Proto)).await;
+    let connected = bob
+        .connect_with(proto::Connect {
+            token: cluster.token("bob"),
+            session_id: old_session,
+            last_pos: old_pos,
+        })
+        .await;
+    assert!(!connected.resumed);
+    let r = connected.rooms.iter().find(|r| r.room == "r").unwrap();
+    assert_eq!(r.last_seq, 10);
+    let page = match bob
+        .request(Cmd::Sync(proto::Sync {
+            rooms: [("r".to_string(), 5)].into(),
+            limit: 0,
+        }))
+        .await
+    {
+        Kind::Sync(s) => s.rooms.into_iter().next().unwrap(),
+        other => panic!("expected sync, got {other:?}"),
+    };
+    let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (6..=10).collect::<Vec<_>>());
+    // Live delivery continues on the new instance, without repeats.
+    ann.send_msg("r", "a10", "x").await;
+    assert_gap_free(&messages(&mut bob, 1).await, 11, 11);
+    bob.nothing_pushed(Duration::from_millis(300)).await;
+}

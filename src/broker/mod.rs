@@ -95,6 +95,21 @@ pub trait Broker: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// This instance's id in the cluster (the prefix of its session ids and tickets), or
+    /// `None` when it runs alone.
+    fn instance(&self) -> Option<String> {
+        None
+    }
+
+    /// Where other instances reach this one over HTTP (`host:port`), published with the
+    /// heartbeat so requests for its sessions can be routed here.
+    fn advertise(&self, _addr: String) {}
+
+    /// The HTTP address of a live instance, by id.
+    async fn locate(&self, _instance: &str) -> Option<String> {
+        None
+    }
+
     /// `Err` with a reason while the backend cannot fan out (for `/readyz`).
     fn health(&self) -> Result<(), String> {
         Ok(())

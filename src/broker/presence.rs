@@ -45,6 +45,9 @@ impl Keys {
     fn users(&self, instance: u64) -> String {
         format!("{}:users:{instance:x}", self.prefix)
     }
+    fn addr(&self, instance: &str) -> String {
+        format!("{}:addr:{instance}", self.prefix)
+    }
     fn seen(&self, user: &str) -> String {
         format!("{}:seen:{user}", self.prefix)
     }
@@ -78,10 +81,19 @@ impl Presence {
         &self,
         conn: &mut ConnectionManager,
         users: &[String],
+        advertise: Option<&str>,
         now: i64,
     ) -> redis::RedisResult<()> {
         let expiry = now + ms(self.ttl);
         let mut pipe = redis::pipe();
+        if let Some(addr) = advertise {
+            pipe.cmd("SET")
+                .arg(self.keys.addr(&format!("{:x}", self.instance)))
+                .arg(addr)
+                .arg("PX")
+                .arg(ms(self.ttl))
+                .ignore();
+        }
         pipe.cmd("ZADD")
             .arg(self.keys.instances())
             .arg(expiry)
@@ -193,6 +205,18 @@ impl Presence {
                 }
             })
             .collect())
+    }
+
+    /// The advertised address of a live instance.
+    pub async fn locate(
+        &self,
+        conn: &mut ConnectionManager,
+        instance: &str,
+    ) -> redis::RedisResult<Option<String>> {
+        redis::cmd("GET")
+            .arg(self.keys.addr(instance))
+            .query_async(conn)
+            .await
     }
 
     /// Whether another instance holds a live entry for `user`.

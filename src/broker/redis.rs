@@ -83,6 +83,8 @@ struct Inner {
     healthy: AtomicBool,
     /// The connection was lost since the last resubscribe-and-repair.
     lost: AtomicBool,
+    /// This instance's HTTP address for the others.
+    advertise: Mutex<Option<String>>,
 }
 
 pub struct RedisBroker {
@@ -147,6 +149,7 @@ impl RedisBroker {
             changes,
             healthy: AtomicBool::new(false),
             lost: AtomicBool::new(false),
+            advertise: Mutex::default(),
         });
         let _ = inner.changes.send(Change::Subscribe {
             channel: keys.all_channel(),
@@ -357,7 +360,12 @@ async fn heartbeat(inner: Weak<Inner>, every: Duration) {
         let Some(inner) = inner.upgrade() else { return };
         let users: Vec<String> = lock(&inner.interest).users.iter().cloned().collect();
         let mut conn = inner.conn.clone();
-        match inner.presence.heartbeat(&mut conn, &users, now_ms()).await {
+        let advertise = lock(&inner.advertise).clone();
+        match inner
+            .presence
+            .heartbeat(&mut conn, &users, advertise.as_deref(), now_ms())
+            .await
+        {
             Ok(()) => {
                 if !inner.healthy.swap(true, Ordering::SeqCst) {
                     tracing::info!("redis reachable");
@@ -479,6 +487,24 @@ impl Broker for RedisBroker {
                 Vec::new()
             }
         }
+    }
+
+    fn instance(&self) -> Option<String> {
+        Some(format!("{:x}", self.inner.id))
+    }
+
+    fn advertise(&self, addr: String) {
+        *lock(&self.inner.advertise) = Some(addr);
+    }
+
+    async fn locate(&self, instance: &str) -> Option<String> {
+        let mut conn = self.inner.conn.clone();
+        self.inner
+            .presence
+            .locate(&mut conn, instance)
+            .await
+            .ok()
+            .flatten()
     }
 
     fn health(&self) -> Result<(), String> {
