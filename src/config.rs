@@ -545,6 +545,9 @@ impl Default for BrokerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
+    /// Which durable log: `sqlite` (embedded, one instance) or `postgres` (shared by many
+    /// instances).
+    pub backend: StoreBackend,
     /// SQLite database file (its directory is created), or `:memory:` for a throwaway
     /// in-memory database.
     pub path: String,
@@ -554,6 +557,22 @@ pub struct StoreConfig {
     pub max_batch: usize,
     /// Read-only connections for history, sync and room lists.
     pub read_connections: usize,
+    /// `postgres`: the server, as a URL (`postgres://user:pass@host:5432/db`) or a
+    /// libpq key/value string. Usually from `PARLEY_STORE__POSTGRES_URL`.
+    pub postgres_url: String,
+    /// `postgres`: most connections in the pool (writers included).
+    pub postgres_pool_size: usize,
+    /// `postgres`: append writers; rooms hash onto them, each commits its own batches.
+    pub postgres_writers: usize,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// An SQLite file (or `:memory:`): the single-instance default.
+    Sqlite,
+    /// A PostgreSQL database that several instances share.
+    Postgres,
 }
 
 impl Default for StoreConfig {
@@ -561,8 +580,12 @@ impl Default for StoreConfig {
         Self {
             path: "data/parley.db".into(),
             synchronous: Synchronous::Full,
+            backend: StoreBackend::Sqlite,
             max_batch: 512,
             read_connections: 4,
+            postgres_url: String::new(),
+            postgres_pool_size: 16,
+            postgres_writers: 4,
         }
     }
 }
@@ -884,6 +907,42 @@ impl Config {
         let st = &self.store;
         count("store.max_batch", st.max_batch as u64, 1, 100_000)?;
         count("store.read_connections", st.read_connections as u64, 1, 256)?;
+        count(
+            "store.postgres_pool_size",
+            st.postgres_pool_size as u64,
+            2,
+            1024,
+        )?;
+        count("store.postgres_writers", st.postgres_writers as u64, 1, 64)?;
+        if st.postgres_writers >= st.postgres_pool_size {
+            return Err(ConfigError::Invalid {
+                key: "store.postgres_writers",
+                value: st.postgres_writers.to_string(),
+                allowed: format!(
+                    "fewer than store.postgres_pool_size ({}), so reads still get connections",
+                    st.postgres_pool_size
+                ),
+            });
+        }
+        if st.backend == StoreBackend::Postgres {
+            if st.postgres_url.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "store.postgres_url",
+                    value: "\"\"".into(),
+                    allowed: "a PostgreSQL URL (postgres://user@host:5432/db) when \
+                              store.backend = \"postgres\"; set PARLEY_STORE__POSTGRES_URL"
+                        .into(),
+                });
+            }
+            if let Err(e) = st.postgres_url.parse::<tokio_postgres::Config>() {
+                return Err(ConfigError::Invalid {
+                    key: "store.postgres_url",
+                    // Never echo the URL: it may hold a password.
+                    value: "(not shown)".into(),
+                    allowed: format!("a valid PostgreSQL URL or key/value string ({e})"),
+                });
+            }
+        }
         let sse = &self.sse;
         duration(
             "sse.heartbeat_interval",

@@ -37,7 +37,7 @@ use crate::{
     metrics::Metrics,
     proto,
     session::{Core, Sessions},
-    store::{Range, Store, StoreError, sqlite::SqliteStore},
+    store::{self, Range, Store, StoreError, sqlite::SqliteStore},
     transport::{
         self, Ctx, PeerIp,
         admission::{Admission, Refusal},
@@ -88,12 +88,30 @@ impl Log for StoreLog {
     }
 }
 
-/// Builds the core with the configured backends.
+/// Builds the core with the configured backends, opening the store `store.backend`
+/// names (PostgreSQL connects and migrates here).
+pub async fn open_core(config: Config) -> Result<Arc<Core>, ServerError> {
+    config.validate()?;
+    let store = store::open(&config.store).await?;
+    assemble_core(config, store)
+}
+
+/// [`open_core`] without an async context: the SQLite store only.
 pub fn build_core(config: Config) -> Result<Arc<Core>, ServerError> {
     config.validate()?;
+    if config.store.backend != crate::config::StoreBackend::Sqlite {
+        return Err(StoreError::Backend(
+            "build_core opens only the SQLite store; use open_core (Server::start)".into(),
+        )
+        .into());
+    }
+    let store = Arc::new(SqliteStore::open(&config.store)?);
+    assemble_core(config, store)
+}
+
+fn assemble_core(config: Config, store: Arc<dyn Store>) -> Result<Arc<Core>, ServerError> {
     let config = Arc::new(config);
     let hub = Arc::new(Hub::new());
-    let store = Arc::new(SqliteStore::open(&config.store)?);
     let files = Arc::new(Files::open(&config.files, store.clone())?);
     let metrics = Arc::new(Metrics::new());
     let broker: Arc<dyn Broker> = match config.broker.backend {
@@ -217,6 +235,13 @@ async fn readyz(State(app): State<Ctx>) -> impl IntoResponse {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "shutting down\n".to_string(),
+        );
+    }
+    if let Err(e) = app.core.chat.store().health() {
+        // The store's own periodic check (no I/O per request).
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("store unreachable: {e}\n"),
         );
     }
     match app.core.chat.broker().health() {
@@ -370,7 +395,7 @@ impl Server {
         } else {
             addr.to_string()
         };
-        let core = build_core(config)?;
+        let core = open_core(config).await?;
         core.chat.broker().advertise(advertise);
         let state = Ctx {
             core,

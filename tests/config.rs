@@ -150,3 +150,27 @@ fn rotation_keys_audience_and_issuer_come_from_the_environment() {
     assert_eq!(c.auth.audience, "parley");
     assert_eq!(c.auth.issuer, "https://id.example.com");
 }
+
+#[test]
+fn the_postgres_store_needs_a_valid_url_and_never_echoes_it() {
+    use parley::config::StoreBackend;
+    let mut c = Config::default();
+    c.store.backend = StoreBackend::Postgres;
+    let err = c.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("store.postgres_url") && err.contains("PARLEY_STORE__POSTGRES_URL"),
+        "{err}"
+    );
+    c.store.postgres_url = "postgres://parley:hunter2@db:notaport/parley".into();
+    let err = c.validate().unwrap_err().to_string();
+    assert!(err.contains("store.postgres_url"), "{err}");
+    assert!(
+        !err.contains("hunter2"),
+        "the password stays out of errors: {err}"
+    );
+    c.store.postgres_url = "postgres://parley:hunter2@db:5432/parley".into();
+    c.validate().expect("a valid URL");
+    c.store.postgres_writers = c.store.postgres_pool_size;
+    let err = c.validate().unwrap_err().to_string();
+    assert!(err.contains("store.postgres_writers"), "{err}");
+}

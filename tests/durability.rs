@@ -1,5 +1,6 @@
-//! Durability with the real binary and the SQLite store: every acknowledged message
-//! survives a graceful restart and a `kill -9`, once, in order, and seqs never repeat.
+//! Durability with the real binary and the SQLite store (or PostgreSQL, with
+//! `PARLEY_TEST_STORE=postgres`): every acknowledged message survives a graceful restart
+//! and a `kill -9`, once, in order, and seqs never repeat.
 
 mod common;
 
@@ -32,8 +33,13 @@ impl Drop for Proc {
     }
 }
 
-fn start(db: &Path) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_parley"))
+/// Starts the binary on the SQLite file `db`, or on the PostgreSQL database `pg`.
+fn start(db: &Path, pg: Option<&pg::TestDb>) -> Proc {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_parley"));
+    for (k, v) in pg.iter().flat_map(|p| p.env()) {
+        command.env(k, v);
+    }
+    let mut child = command
         .args([
             "--config",
             "/nonexistent.toml",
@@ -111,10 +117,12 @@ fn tempdir(name: &str) -> std::path::PathBuf {
 async fn acked_messages_survive_restart_and_kill_9() {
     let dir = tempdir("durability");
     let db = dir.join("data").join("parley.db");
+    let pg = pg::selected().then(pg::TestDb::create_blocking);
+    let pg = pg.as_ref();
     let mut acked = Vec::new();
 
     // 1. Concurrent senders; kill -9 right after the last ack.
-    let server = start(&db);
+    let server = start(&db, pg);
     let mut tasks = Vec::new();
     for s in 0..4 {
         let mut c = client(&server, &format!("u{s}")).await;
@@ -139,7 +147,7 @@ async fn acked_messages_survive_restart_and_kill_9() {
 
     // 2. Everything acked is there, once, in seq order.
     acked.sort();
-    let server = start(&db);
+    let server = start(&db, pg);
     let mut c = client(&server, "u0").await;
     let log = all_messages(&mut c, "r").await;
     let got: Vec<(u64, String)> = log.iter().map(|m| (m.seq, m.body.clone())).collect();
@@ -160,7 +168,7 @@ async fn acked_messages_survive_restart_and_kill_9() {
     let mut server = server;
     let status = server.child.wait().unwrap();
     assert!(status.success());
-    let server = start(&db);
+    let server = start(&db, pg);
     let mut c = client(&server, "u0").await;
     let rooms = c.request(Cmd::Rooms(proto::Rooms {})).await;
     let Kind::Rooms(rooms) = rooms else { panic!() };

@@ -107,6 +107,11 @@ impl Chat {
         }
     }
 
+    /// The durable log (for `/readyz`'s health check).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
     /// Applies the per-user limits of `limits` (none by default).
     pub fn with_limits(mut self, limits: &LimitsConfig) -> Self {
         self.limits = Limits::new(limits);

@@ -1,11 +1,15 @@
 //! The durable log behind chat: per-room messages with gap-free sequence numbers,
 //! idempotent appends, rooms, membership and read markers.
 //!
-//! `chat` talks only to the [`Store`] trait. Backend: [`sqlite::SqliteStore`] (a WAL file
-//! with group commit; or a private in-memory database for tests and throwaway runs).
-//! [`files`]: the index of uploaded files (a supertrait of [`Store`]).
+//! `chat` talks only to the [`Store`] trait. Backends: [`sqlite::SqliteStore`] (a WAL file
+//! with group commit; or a private in-memory database for tests and throwaway runs), the
+//! single-instance default; [`postgres::PostgresStore`], one log shared by several
+//! instances (seq fixed at commit under a per-room row lock, batched appends).
+//! [`open`] builds the one `store.backend` names.
+//! [`file_index`]: the index of uploaded files (a supertrait of [`Store`]).
 
 pub mod file_index;
+pub mod postgres;
 pub mod sqlite;
 
 use std::{collections::BTreeMap, future::Future, pin::Pin, sync::Arc};
@@ -82,6 +86,13 @@ pub trait Store: FileIndex + Send + Sync + 'static {
     /// The append's place in the room's order is fixed when `append` is *called* (not when
     /// the future is first polled): appends called one after another get increasing seqs.
     /// Chat relies on this to publish in seq order while appends are in flight.
+    ///
+    /// With several instances on one shared store (PostgreSQL) this holds per instance:
+    /// one instance's appends to a room get increasing seqs in call order, and all
+    /// instances' appends together form one gap-free order (the store fixes seq at
+    /// commit), but another instance's messages may take seqs between two of this
+    /// instance's. So one instance's publishes leave in seq order *of its own messages*;
+    /// receivers that merge several instances' publishes must order by seq themselves.
     fn append(&self, message: NewMessage) -> AppendFuture;
 
     /// Reads at most `limit` messages.
@@ -113,6 +124,21 @@ pub trait Store: FileIndex + Send + Sync + 'static {
         user: &str,
         seq: u64,
     ) -> Result<Option<(u64, u64)>, StoreError>;
+
+    /// Whether the backend is reachable, as of its last check (cheap: no I/O here; for
+    /// `/readyz`). An embedded store is always reachable.
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Opens the store `config.backend` names (creating and migrating its schema).
+pub async fn open(config: &crate::config::StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+    use crate::config::StoreBackend;
+    Ok(match config.backend {
+        StoreBackend::Sqlite => Arc::new(sqlite::SqliteStore::open(config)?),
+        StoreBackend::Postgres => Arc::new(postgres::PostgresStore::open(config).await?),
+    })
 }
 
 /// The direct-message room of two users: `dm:<a>:<b>` with the ids sorted.

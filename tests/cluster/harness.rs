@@ -13,7 +13,7 @@ use std::{
 
 use parley::{auth::Authenticator, config::Config};
 
-use crate::common::{Client, http_get, test_config};
+use crate::common::{Client, http_get, pg::TestDb, test_config};
 
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
@@ -54,6 +54,8 @@ pub struct Cluster {
     pub redis: Proc,
     pub instances: Vec<Instance>,
     pub config: Config,
+    /// The shared PostgreSQL database (dropped after the instances are killed).
+    pub db: Option<TestDb>,
 }
 
 fn redis_server_binary() -> &'static str {
@@ -83,8 +85,20 @@ impl Cluster {
         std::fs::create_dir_all(&dir).unwrap();
         let redis_port = free_port();
         let mut config = test_config();
-        config.store.path = dir.join("parley.db").to_string_lossy().into_owned();
-        config.store.synchronous = parley::config::Synchronous::Normal;
+        // The shared log: a fresh PostgreSQL database when there is a test server
+        // (scripts/test starts one); else one SQLite file that every instance opens
+        // (a real shared log on one machine: seq is assigned inside each write
+        // transaction, under SQLite's file lock).
+        let db = if std::env::var_os("PARLEY_TEST_PG_URL").is_some() {
+            let db = TestDb::create().await;
+            db.apply(&mut config);
+            Some(db)
+        } else {
+            eprintln!("cluster tests: PARLEY_TEST_PG_URL unset, instances share one SQLite file");
+            config.store.path = dir.join("parley.db").to_string_lossy().into_owned();
+            config.store.synchronous = parley::config::Synchronous::Normal;
+            None
+        };
         config.files.dir = dir.join("files").to_string_lossy().into_owned();
         config.broker.backend = parley::config::BrokerBackend::Redis;
         config.broker.redis_url = format!("redis://127.0.0.1:{redis_port}/");
@@ -98,6 +112,7 @@ impl Cluster {
             redis_port,
             instances: Vec::new(),
             config,
+            db,
         };
         cluster.start_redis().await;
         for _ in 0..n {

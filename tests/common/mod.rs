@@ -19,6 +19,8 @@ use tokio_tungstenite::{
     tungstenite::{Message, client::IntoClientRequest, http::HeaderValue, protocol::CloseFrame},
 };
 
+pub mod pg;
+
 pub const WAIT: Duration = Duration::from_secs(5);
 
 /// The `kind` of the signal a client sends itself to mark a point in its push stream
@@ -52,6 +54,8 @@ macro_rules! pushed {
 pub struct TestServer {
     pub server: Server,
     pub config: Config,
+    /// With `PARLEY_TEST_STORE=postgres`: the server's own database, dropped after it.
+    pub db: Option<pg::TestDb>,
 }
 
 pub fn test_config() -> Config {
@@ -79,9 +83,16 @@ impl TestServer {
 
     pub async fn start_with(edit: impl FnOnce(&mut Config)) -> Self {
         let mut config = test_config();
+        let db = if pg::selected() {
+            let db = pg::TestDb::create().await;
+            db.apply(&mut config);
+            Some(db)
+        } else {
+            None
+        };
         edit(&mut config);
         let server = Server::start(config.clone()).await.expect("server starts");
-        Self { server, config }
+        Self { server, config, db }
     }
 
     pub fn addr(&self) -> SocketAddr {

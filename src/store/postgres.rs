@@ -1,0 +1,954 @@
+//! The PostgreSQL [`Store`]: one durable log that several parley instances share.
+//!
+//! **Seq at commit.** An append batch locks its rooms' rows (`SELECT … FOR UPDATE`, in
+//! name order so two batches never deadlock), numbers its messages from the locked
+//! `last_seq`, inserts them and moves `last_seq` on, all in one transaction. Whoever
+//! appends to a room next — this instance or another — waits for that lock, so commit
+//! order is seq order per room and every instance's appends form one gap-free order.
+//!
+//! **Idempotent across instances.** `(room, sender, client_msg_id)` is unique. The
+//! lookup for an earlier message with the same key runs after the room lock is held, and
+//! every writer of the room holds that lock, so a concurrent insert of the same key by
+//! another instance has either committed (and is found: the caller gets the original with
+//! `duplicate: true`) or not begun. The unique index stays as the last line of defence.
+//!
+//! **Group commit.** Appends queue in memory on one of `store.postgres_writers` writer
+//! tasks (rooms hash onto them). A writer takes everything waiting (up to
+//! `store.max_batch`) and commits it as one transaction: a handful of statements with
+//! array parameters (`unnest`), pipelined on one connection, one commit (one WAL flush)
+//! for the whole batch. Callers are answered after the commit: acked means durable. If a
+//! batch fails, its appends are retried one by one, so one bad message fails alone.
+//!
+//! **Order within one instance.** A room's appends all go through the same writer, in
+//! the order `append` was called, and batches commit one after another: appends called
+//! one after another get increasing seqs (the contract of [`Store::append`]). Across
+//! instances seqs interleave in commit order; see `store/mod.rs`.
+//!
+//! Other writes (rooms, membership, read markers, files) are short transactions on the
+//! pool. Schema changes are numbered migrations (`migrations/postgres/NNNN_*.sql`),
+//! recorded in `parley_schema_version` and applied on open under an advisory lock, so
+//! instances starting together take turns. A background task pings the server once a
+//! second; [`Store::health`] reports the last result (for `/readyz`).
+
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    sync::{Arc, Mutex, Weak},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::{NoTls, Row, types::ToSql};
+
+use super::{
+    AppendFuture, Appended, FileIndex, FileRecord, Inserted, NewMessage, Page, Range, RoomMeta,
+    Store, StoreError, dm_peer,
+};
+use crate::{
+    config::StoreConfig,
+    proto::{Message, RoomState},
+};
+
+/// Numbered schema migrations; `parley_schema_version` records which have run.
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/postgres/0001_init.sql"))];
+
+/// The advisory lock key migrations run under ("parley" in ASCII).
+const MIGRATION_LOCK: i64 = 0x7061_726c_6579;
+
+/// How often the background task pings the server.
+const PING_EVERY: Duration = Duration::from_secs(1);
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+/// A tokio-postgres error with the server's message and detail when it sent one (its
+/// `Display` alone says only "db error").
+fn pg(e: tokio_postgres::Error) -> StoreError {
+    match e.as_db_error() {
+        Some(db) => StoreError::Backend(format!("postgres: {}: {}", db.code().code(), db)),
+        None => StoreError::Backend(format!("postgres: {e}")),
+    }
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => pg(e),
+        e => StoreError::Backend(format!("postgres pool: {e}")),
+    }
+}
+
+/// One queued append and where its answer goes.
+struct Job {
+    message: NewMessage,
+    reply: oneshot::Sender<Result<Appended, StoreError>>,
+}
+
+pub struct PostgresStore {
+    pool: Pool,
+    writers: Vec<mpsc::UnboundedSender<Job>>,
+    /// The last ping's outcome: `None` when the server answered.
+    health: Arc<Mutex<Option<String>>>,
+}
+
+fn now_ms() -> i64 {
+    crate::auth::now_ms()
+}
+
+impl PostgresStore {
+    /// Connects to `config.postgres_url`, applies pending migrations and starts the
+    /// append writers and the health ping. Needs a tokio runtime.
+    pub async fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+        let pg_config: tokio_postgres::Config = config
+            .postgres_url
+            .parse()
+            .map_err(|e| backend(format!("store.postgres_url: {e}")))?;
+        let manager = Manager::from_config(
+            pg_config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(config.postgres_pool_size.max(2))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .recycle_timeout(Some(Duration::from_secs(5)))
+            .build()
+            .map_err(backend)?;
+        let mut client = pool.get().await.map_err(|e| {
+            StoreError::Backend(format!(
+                "connecting to PostgreSQL (store.postgres_url): {}",
+                pool_error(e)
+            ))
+        })?;
+        migrate(&mut client).await?;
+        drop(client);
+
+        let max_batch = config.max_batch.max(1);
+        let writers = (0..config.postgres_writers.max(1))
+            .map(|_| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(writer_loop(pool.clone(), rx, max_batch));
+                tx
+            })
+            .collect();
+        let health = Arc::new(Mutex::new(None));
+        tokio::spawn(ping_loop(pg_config, Arc::downgrade(&health)));
+        Ok(Self {
+            pool,
+            writers,
+            health,
+        })
+    }
+
+    async fn client(&self) -> Result<Object, StoreError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    /// The schema version the database is at.
+    pub async fn schema_version(&self) -> Result<i32, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_one(
+                "SELECT coalesce(max(version), 0) FROM parley_schema_version",
+                &[],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(row.get(0))
+    }
+}
+
+/// The number of migrations this build knows.
+pub fn schema_version() -> i32 {
+    MIGRATIONS.last().map(|m| m.0).unwrap_or(0)
+}
+
+/// Applies pending migrations in one transaction under an advisory lock (instances that
+/// start together take turns; the second finds nothing to do).
+async fn migrate(client: &mut Object) -> Result<(), StoreError> {
+    let tx = client.transaction().await.map_err(pg)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(pg)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS parley_schema_version (
+            version INTEGER PRIMARY KEY,
+            applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+        )",
+    )
+    .await
+    .map_err(pg)?;
+    let current: i32 = tx
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM parley_schema_version",
+            &[],
+        )
+        .await
+        .map_err(pg)?
+        .get(0);
+    if current > schema_version() {
+        return Err(backend(format!(
+            "database schema version {current} is newer than this parley ({})",
+            schema_version()
+        )));
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        tx.batch_execute(sql)
+            .await
+            .map_err(|e| backend(format!("migration {version}: {}", pg(e))))?;
+        tx.execute(
+            "INSERT INTO parley_schema_version (version) VALUES ($1)",
+            &[version],
+        )
+        .await
+        .map_err(pg)?;
+        tracing::info!(version, "applied PostgreSQL migration");
+    }
+    tx.commit().await.map_err(pg)
+}
+
+/// Pings the server once a second on a connection of its own (a busy pool must not look
+/// like a lost server) and records the outcome for [`Store::health`].
+async fn ping_loop(config: tokio_postgres::Config, health: Weak<Mutex<Option<String>>>) {
+    let mut tick = tokio::time::interval(PING_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut client: Option<tokio_postgres::Client> = None;
+    loop {
+        tick.tick().await;
+        let outcome = tokio::time::timeout(Duration::from_secs(2), async {
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                let (c, conn) = config.connect(NoTls).await.map_err(pg)?;
+                tokio::spawn(conn);
+                client = Some(c);
+            }
+            if let Some(c) = &client {
+                c.simple_query("SELECT 1").await.map_err(pg)?;
+            }
+            Ok::<_, StoreError>(())
+        })
+        .await
+        .unwrap_or_else(|_| Err(backend("no answer within 2s")));
+        if outcome.is_err() {
+            // Start afresh next time (a timed-out connection may be half dead).
+            client = None;
+        }
+        let Some(health) = health.upgrade() else {
+            return;
+        };
+        let error = outcome.err().map(|e| e.to_string());
+        let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
+        match (&*h, &error) {
+            (None, Some(e)) => tracing::warn!(error = %e, "PostgreSQL unreachable"),
+            (Some(_), None) => tracing::info!("PostgreSQL reachable again"),
+            _ => {}
+        }
+        *h = error;
+    }
+}
+
+async fn writer_loop(pool: Pool, mut rx: mpsc::UnboundedReceiver<Job>, max_batch: usize) {
+    let mut batch = Vec::with_capacity(max_batch);
+    while rx.recv_many(&mut batch, max_batch).await > 0 {
+        let messages: Vec<&NewMessage> = batch.iter().map(|j| &j.message).collect();
+        match commit_batch(&pool, &messages).await {
+            Ok(results) => {
+                for (job, result) in batch.drain(..).zip(results) {
+                    let _ = job.reply.send(result);
+                }
+            }
+            Err(e) if batch.len() == 1 => {
+                tracing::error!(error = %e, "append failed");
+                for job in batch.drain(..) {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+            }
+            Err(e) => {
+                // One by one, still in call order: a message the server refuses fails
+                // alone; the rest commit (or fail too when the server is gone).
+                tracing::warn!(error = %e, appends = batch.len(), "append batch failed; retrying one by one");
+                for job in batch.drain(..) {
+                    let result = match commit_batch(&pool, &[&job.message]).await {
+                        Ok(mut r) => r.pop().unwrap_or_else(|| Err(backend("no result"))),
+                        Err(e) => Err(e),
+                    };
+                    let _ = job.reply.send(result);
+                }
+            }
+        }
+    }
+}
+
+/// The writer a room's appends go through (FNV-1a of the name: stable and cheap).
+fn writer_of(room: &str, writers: usize) -> usize {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in room.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+    }
+    (h % writers as u64) as usize
+}
+
+fn encode_metadata(m: &NewMessage) -> (String, String) {
+    let metadata = if m.metadata.is_empty() {
+        String::new()
+    } else {
+        serde_json::to_string(&m.metadata).unwrap_or_default()
+    };
+    let attachments = if m.attachments.is_empty() {
+        String::new()
+    } else {
+        serde_json::to_string(&m.attachments).unwrap_or_default()
+    };
+    (metadata, attachments)
+}
+
+/// Commits one batch of appends in one transaction; one result per message, in order.
+/// An `Err` means nothing of the batch was committed.
+async fn commit_batch(
+    pool: &Pool,
+    batch: &[&NewMessage],
+) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
+    let mut client = pool.get().await.map_err(pool_error)?;
+    let tx = client.transaction().await.map_err(pg)?;
+
+    // Lock the rooms (in name order: no deadlock with another instance's batch; `NO KEY`:
+    // membership changes' foreign-key checks are not blocked by it), then
+    // look for earlier messages with the same keys: after the lock, every concurrent
+    // writer of these rooms has committed or not begun.
+    let mut rooms: Vec<&str> = batch.iter().map(|m| m.room.as_str()).collect();
+    rooms.sort_unstable();
+    rooms.dedup();
+    let keys_room: Vec<&str> = batch.iter().map(|m| m.room.as_str()).collect();
+    let keys_sender: Vec<&str> = batch.iter().map(|m| m.sender.as_str()).collect();
+    let keys_id: Vec<&str> = batch.iter().map(|m| m.client_msg_id.as_str()).collect();
+    let lock = tx
+        .prepare_cached(
+            "SELECT name, last_seq FROM rooms WHERE name = ANY($1::text[])
+             ORDER BY name COLLATE \"C\" FOR NO KEY UPDATE",
+        )
+        .await
+        .map_err(pg)?;
+    let existing = tx
+        .prepare_cached(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages m
+             JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(room, sender, id)
+               ON m.room = k.room AND m.sender = k.sender AND m.client_msg_id = k.id"
+        ))
+        .await
+        .map_err(pg)?;
+    let lock_params: [&(dyn ToSql + Sync); 1] = [&rooms];
+    let existing_params: [&(dyn ToSql + Sync); 3] = [&keys_room, &keys_sender, &keys_id];
+    let (locked, found) = tokio::try_join!(
+        tx.query(&lock, &lock_params),
+        tx.query(&existing, &existing_params),
+    )
+    .map_err(pg)?;
+    let mut last: HashMap<String, i64> = locked
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+        .collect();
+    let mut originals: HashMap<(String, String, String), Arc<Message>> = found
+        .iter()
+        .map(|r| {
+            let m = message_from_row(r);
+            (
+                (m.room.clone(), m.sender.clone(), m.client_msg_id.clone()),
+                Arc::new(m),
+            )
+        })
+        .collect();
+
+    // Number the new messages in call order; a key seen twice in the batch is a duplicate
+    // of its first occurrence.
+    let mut results = Vec::with_capacity(batch.len());
+    let mut ins_room = Vec::new();
+    let mut ins_seq = Vec::new();
+    let mut ins_sender = Vec::new();
+    let mut ins_id = Vec::new();
+    let mut ins_body = Vec::new();
+    let mut ins_meta = Vec::new();
+    let mut ins_ts = Vec::new();
+    let mut ins_att = Vec::new();
+    let mut read: HashMap<(&str, &str), i64> = HashMap::new();
+    let mut attached: Vec<(&str, &str, &str)> = Vec::new();
+    for m in batch {
+        let Some(last_seq) = last.get_mut(&m.room) else {
+            results.push(Err(StoreError::NoSuchRoom(m.room.clone())));
+            continue;
+        };
+        match originals.entry((m.room.clone(), m.sender.clone(), m.client_msg_id.clone())) {
+            Entry::Occupied(o) => results.push(Ok(Appended {
+                message: o.get().clone(),
+                duplicate: true,
+            })),
+            Entry::Vacant(v) => {
+                *last_seq += 1;
+                let seq = *last_seq;
+                let (metadata, attachments) = encode_metadata(m);
+                ins_room.push(m.room.as_str());
+                ins_seq.push(seq);
+                ins_sender.push(m.sender.as_str());
+                ins_id.push(m.client_msg_id.as_str());
+                ins_body.push(m.body.as_str());
+                ins_meta.push(metadata);
+                ins_ts.push(m.ts);
+                ins_att.push(attachments);
+                read.insert((m.room.as_str(), m.sender.as_str()), seq);
+                for a in &m.attachments {
+                    attached.push((a.file_id.as_str(), m.room.as_str(), m.sender.as_str()));
+                }
+                let message = Arc::new(Message {
+                    room: m.room.clone(),
+                    seq: seq as u64,
+                    sender: m.sender.clone(),
+                    client_msg_id: m.client_msg_id.clone(),
+                    body: m.body.clone(),
+                    metadata: m.metadata.clone(),
+                    ts: m.ts,
+                    attachments: m.attachments.clone(),
+                });
+                v.insert(message.clone());
+                results.push(Ok(Appended {
+                    message,
+                    duplicate: false,
+                }));
+            }
+        }
+    }
+    if ins_room.is_empty() {
+        // Only duplicates and unknown rooms: nothing to write.
+        tx.commit().await.map_err(pg)?;
+        return Ok(results);
+    }
+
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO messages (room, seq, sender, client_msg_id, body, metadata, ts, attachments)
+             SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[],
+                                  $6::text[], $7::int8[], $8::text[])",
+        )
+        .await
+        .map_err(pg)?;
+    let bump = tx
+        .prepare_cached(
+            "UPDATE rooms SET last_seq = v.last
+             FROM unnest($1::text[], $2::int8[]) AS v(name, last) WHERE rooms.name = v.name",
+        )
+        .await
+        .map_err(pg)?;
+    let mark = tx
+        .prepare_cached(
+            "UPDATE members SET read_seq = v.seq
+             FROM unnest($1::text[], $2::text[], $3::int8[]) AS v(room, user_id, seq)
+             WHERE members.room = v.room AND members.user_id = v.user_id
+               AND members.read_seq < v.seq",
+        )
+        .await
+        .map_err(pg)?;
+    let touched: std::collections::HashSet<&str> = ins_room.iter().copied().collect();
+    last.retain(|room, _| touched.contains(room.as_str()));
+    let (bump_rooms, bump_last): (Vec<&str>, Vec<i64>) =
+        last.iter().map(|(r, s)| (r.as_str(), *s)).unzip();
+    let mut read_room = Vec::with_capacity(read.len());
+    let mut read_user = Vec::with_capacity(read.len());
+    let mut read_seq = Vec::with_capacity(read.len());
+    for ((room, user), seq) in &read {
+        read_room.push(*room);
+        read_user.push(*user);
+        read_seq.push(*seq);
+    }
+    let insert_params: [&(dyn ToSql + Sync); 8] = [
+        &ins_room,
+        &ins_seq,
+        &ins_sender,
+        &ins_id,
+        &ins_body,
+        &ins_meta,
+        &ins_ts,
+        &ins_att,
+    ];
+    // Pipelined: the server runs them in order on this connection.
+    let bump_params: [&(dyn ToSql + Sync); 2] = [&bump_rooms, &bump_last];
+    let mark_params: [&(dyn ToSql + Sync); 3] = [&read_room, &read_user, &read_seq];
+    tokio::try_join!(
+        tx.execute(&insert, &insert_params),
+        tx.execute(&bump, &bump_params),
+        tx.execute(&mark, &mark_params),
+    )
+    .map_err(pg)?;
+    // Posting a file to a room lets the room's members read it (only the uploader's own
+    // files: a file deleted meanwhile is not linked).
+    for (file_id, room, sender) in attached {
+        tx.execute(
+            "INSERT INTO file_rooms (file_id, room)
+             SELECT id, $2 FROM files WHERE id = $1 AND owner = $3 ON CONFLICT DO NOTHING",
+            &[&file_id, &room, &sender],
+        )
+        .await
+        .map_err(pg)?;
+        tx.execute(
+            "UPDATE files SET referenced = TRUE WHERE id = $1 AND owner = $2",
+            &[&file_id, &sender],
+        )
+        .await
+        .map_err(pg)?;
+    }
+    tx.commit().await.map_err(pg)?;
+    Ok(results)
+}
+
+const MESSAGE_COLUMNS: &str =
+    "m.room, m.seq, m.sender, m.client_msg_id, m.body, m.metadata, m.ts, m.attachments";
+
+fn message_from_row(row: &Row) -> Message {
+    let metadata: &str = row.get(5);
+    let attachments: &str = row.get(7);
+    Message {
+        room: row.get(0),
+        seq: row.get::<_, i64>(1) as u64,
+        sender: row.get(2),
+        client_msg_id: row.get(3),
+        body: row.get(4),
+        metadata: if metadata.is_empty() {
+            Default::default()
+        } else {
+            serde_json::from_str(metadata).unwrap_or_default()
+        },
+        ts: row.get(6),
+        attachments: if attachments.is_empty() {
+            Vec::new()
+        } else {
+            serde_json::from_str(attachments).unwrap_or_default()
+        },
+    }
+}
+
+fn room_meta(row: &Row) -> RoomMeta {
+    RoomMeta {
+        private: row.get(0),
+        last_seq: row.get::<_, i64>(1) as u64,
+        members: row.get::<_, i64>(2) as u64,
+    }
+}
+
+/// Locks the room's row first, as an append batch does, so a membership change and a
+/// batch of the same room never hold each other's rows (no deadlock: the batch takes the
+/// room and then its members' rows, and so does this).
+async fn lock_room(tx: &deadpool_postgres::Transaction<'_>, room: &str) -> Result<(), StoreError> {
+    tx.execute(
+        "SELECT 1 FROM rooms WHERE name = $1 FOR NO KEY UPDATE",
+        &[&room],
+    )
+    .await
+    .map_err(pg)?;
+    Ok(())
+}
+
+/// Adds a member (and counts it) inside `tx`, which holds the room's lock.
+async fn add_member(
+    tx: &deadpool_postgres::Transaction<'_>,
+    room: &str,
+    user: &str,
+) -> Result<(), StoreError> {
+    let added = tx
+        .execute(
+            "INSERT INTO members (room, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&room, &user],
+        )
+        .await
+        .map_err(pg)?;
+    if added == 1 {
+        tx.execute(
+            "UPDATE rooms SET members = members + 1 WHERE name = $1",
+            &[&room],
+        )
+        .await
+        .map_err(pg)?;
+    }
+    Ok(())
+}
+
+async fn create_room_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    room: &str,
+    private: bool,
+) -> Result<bool, StoreError> {
+    Ok(tx
+        .execute(
+            "INSERT INTO rooms (name, private, created_at) VALUES ($1, $2, $3)
+             ON CONFLICT DO NOTHING",
+            &[&room, &private, &now_ms()],
+        )
+        .await
+        .map_err(pg)?
+        == 1)
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn append(&self, message: NewMessage) -> AppendFuture {
+        // Queued now, in call order, on the room's writer.
+        let writer = &self.writers[writer_of(&message.room, self.writers.len())];
+        let (reply, rx) = oneshot::channel();
+        let queued = writer
+            .send(Job { message, reply })
+            .map_err(|_| backend("append writer stopped"));
+        Box::pin(async move {
+            queued?;
+            rx.await.map_err(|_| backend("append writer stopped"))?
+        })
+    }
+
+    async fn history(&self, room: &str, range: Range, limit: usize) -> Result<Page, StoreError> {
+        let c = self.client().await?;
+        let fetch = limit as i64 + 1;
+        let (sql, bound, newest_first) = match range {
+            // Past any seq a room can have: an empty page, never a wrap.
+            Range::After(after) => (
+                "SELECT m.room, m.seq, m.sender, m.client_msg_id, m.body, m.metadata, m.ts, m.attachments
+                 FROM messages m WHERE m.room = $1 AND m.seq > $2 ORDER BY m.seq LIMIT $3",
+                after.min(i64::MAX as u64) as i64,
+                false,
+            ),
+            Range::Before(before) => (
+                "SELECT m.room, m.seq, m.sender, m.client_msg_id, m.body, m.metadata, m.ts, m.attachments
+                 FROM messages m WHERE m.room = $1 AND m.seq < $2 ORDER BY m.seq DESC LIMIT $3",
+                before.min(i64::MAX as u64) as i64,
+                true,
+            ),
+        };
+        let st = c.prepare_cached(sql).await.map_err(pg)?;
+        let rows = c.query(&st, &[&room, &bound, &fetch]).await.map_err(pg)?;
+        let mut messages: Vec<Arc<Message>> =
+            rows.iter().map(|r| Arc::new(message_from_row(r))).collect();
+        let more = messages.len() > limit;
+        messages.truncate(limit);
+        if newest_first {
+            messages.reverse();
+        }
+        Ok(Page { messages, more })
+    }
+
+    async fn room(&self, room: &str) -> Result<Option<RoomMeta>, StoreError> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached("SELECT private, last_seq, members FROM rooms WHERE name = $1")
+            .await
+            .map_err(pg)?;
+        Ok(c.query_opt(&st, &[&room])
+            .await
+            .map_err(pg)?
+            .as_ref()
+            .map(room_meta))
+    }
+
+    async fn create_room(
+        &self,
+        room: &str,
+        creator: &str,
+        private: bool,
+    ) -> Result<bool, StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        if !create_room_in(&tx, room, private).await? {
+            return Ok(false);
+        }
+        add_member(&tx, room, creator).await?;
+        tx.commit().await.map_err(pg)?;
+        Ok(true)
+    }
+
+    async fn ensure_dm(&self, room: &str, a: &str, b: &str) -> Result<(), StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        if create_room_in(&tx, room, true).await? {
+            add_member(&tx, room, a).await?;
+            add_member(&tx, room, b).await?;
+        }
+        tx.commit().await.map_err(pg)
+    }
+
+    async fn join(&self, room: &str, user: &str) -> Result<RoomMeta, StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        create_room_in(&tx, room, false).await?;
+        lock_room(&tx, room).await?;
+        add_member(&tx, room, user).await?;
+        let row = tx
+            .query_one(
+                "SELECT private, last_seq, members FROM rooms WHERE name = $1",
+                &[&room],
+            )
+            .await
+            .map_err(pg)?;
+        tx.commit().await.map_err(pg)?;
+        Ok(room_meta(&row))
+    }
+
+    async fn leave(&self, room: &str, user: &str) -> Result<bool, StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        lock_room(&tx, room).await?;
+        let left = tx
+            .execute(
+                "DELETE FROM members WHERE room = $1 AND user_id = $2",
+                &[&room, &user],
+            )
+            .await
+            .map_err(pg)?
+            == 1;
+        if left {
+            tx.execute(
+                "UPDATE rooms SET members = members - 1 WHERE name = $1",
+                &[&room],
+            )
+            .await
+            .map_err(pg)?;
+        }
+        tx.commit().await.map_err(pg)?;
+        Ok(left)
+    }
+
+    async fn is_member(&self, room: &str, user: &str) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached("SELECT 1 FROM members WHERE room = $1 AND user_id = $2")
+            .await
+            .map_err(pg)?;
+        Ok(c.query_opt(&st, &[&room, &user])
+            .await
+            .map_err(pg)?
+            .is_some())
+    }
+
+    async fn members(&self, room: &str) -> Result<Vec<String>, StoreError> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "SELECT user_id FROM members WHERE room = $1 ORDER BY user_id COLLATE \"C\"",
+            )
+            .await
+            .map_err(pg)?;
+        Ok(c.query(&st, &[&room])
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    async fn rooms_of(&self, user: &str) -> Result<Vec<RoomState>, StoreError> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "SELECT r.name, r.last_seq, m.read_seq, r.private, r.members
+                 FROM members m JOIN rooms r ON r.name = m.room
+                 WHERE m.user_id = $1 ORDER BY r.name COLLATE \"C\"",
+            )
+            .await
+            .map_err(pg)?;
+        Ok(c.query(&st, &[&user])
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| {
+                let room: String = r.get(0);
+                let last_seq = r.get::<_, i64>(1) as u64;
+                let read_seq = r.get::<_, i64>(2) as u64;
+                RoomState {
+                    dm_peer: dm_peer(&room, user).unwrap_or_default(),
+                    room,
+                    last_seq,
+                    read_seq,
+                    unread: last_seq.saturating_sub(read_seq),
+                    private: r.get(3),
+                    members: r.get::<_, i64>(4) as u64,
+                }
+            })
+            .collect())
+    }
+
+    async fn set_read(
+        &self,
+        room: &str,
+        user: &str,
+        seq: u64,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
+        let seq = seq.min(i64::MAX as u64) as i64;
+        let c = self.client().await?;
+        // One statement: move the marker forward (capped at the room's last seq), then
+        // read it back with the room's last seq.
+        let row = c
+            .query_opt(
+                "WITH moved AS (
+                    UPDATE members SET read_seq = LEAST($3, r.last_seq)
+                    FROM rooms r
+                    WHERE r.name = members.room AND members.room = $1
+                      AND members.user_id = $2 AND members.read_seq < LEAST($3, r.last_seq)
+                    RETURNING members.read_seq
+                 )
+                 SELECT coalesce((SELECT read_seq FROM moved), m.read_seq), r.last_seq
+                 FROM members m JOIN rooms r ON r.name = m.room
+                 WHERE m.room = $1 AND m.user_id = $2",
+                &[&room, &user, &seq],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(row.map(|r| {
+            let read = r.get::<_, i64>(0) as u64;
+            let last = r.get::<_, i64>(1) as u64;
+            (read, last.saturating_sub(read))
+        }))
+    }
+
+    fn health(&self) -> Result<(), String> {
+        match &*self.health.lock().unwrap_or_else(|p| p.into_inner()) {
+            None => Ok(()),
+            Some(e) => Err(format!("PostgreSQL: {e}")),
+        }
+    }
+}
+
+const FILE_COLUMNS: &str =
+    "id, owner, name, content_type, size, sha256, width, height, blurhash, created_at";
+
+fn file_from_row(r: &Row) -> FileRecord {
+    FileRecord {
+        id: r.get(0),
+        owner: r.get(1),
+        name: r.get(2),
+        content_type: r.get(3),
+        size: r.get::<_, i64>(4) as u64,
+        sha256: r.get(5),
+        width: r.get::<_, i64>(6) as u32,
+        height: r.get::<_, i64>(7) as u32,
+        blurhash: r.get(8),
+        created_at: r.get(9),
+    }
+}
+
+#[async_trait]
+impl FileIndex for PostgresStore {
+    async fn insert_file(&self, f: FileRecord, quota: u64) -> Result<Inserted, StoreError> {
+        let quota = quota.min(i64::MAX as u64) as i64;
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        // One owner's uploads take turns (on any instance), so two cannot both pass the
+        // quota check.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            &[&f.owner],
+        )
+        .await
+        .map_err(pg)?;
+        let used: i64 = tx
+            .query_one(
+                "SELECT coalesce(sum(size), 0)::int8 FROM files WHERE owner = $1",
+                &[&f.owner],
+            )
+            .await
+            .map_err(pg)?
+            .get(0);
+        if used.saturating_add(f.size as i64) > quota {
+            return Ok(Inserted::OverQuota);
+        }
+        tx.execute(
+            &format!(
+                "INSERT INTO files ({FILE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+            ),
+            &[
+                &f.id,
+                &f.owner,
+                &f.name,
+                &f.content_type,
+                &(f.size as i64),
+                &f.sha256,
+                &(f.width as i64),
+                &(f.height as i64),
+                &f.blurhash,
+                &f.created_at,
+            ],
+        )
+        .await
+        .map_err(pg)?;
+        tx.commit().await.map_err(pg)?;
+        Ok(Inserted::Ok)
+    }
+
+    async fn file(&self, id: &str) -> Result<Option<FileRecord>, StoreError> {
+        let c = self.client().await?;
+        Ok(c.query_opt(
+            &format!("SELECT {FILE_COLUMNS} FROM files WHERE id = $1"),
+            &[&id],
+        )
+        .await
+        .map_err(pg)?
+        .as_ref()
+        .map(file_from_row))
+    }
+
+    async fn bytes_of(&self, owner: &str) -> Result<u64, StoreError> {
+        let c = self.client().await?;
+        let n: i64 = c
+            .query_one(
+                "SELECT coalesce(sum(size), 0)::int8 FROM files WHERE owner = $1",
+                &[&owner],
+            )
+            .await
+            .map_err(pg)?
+            .get(0);
+        Ok(n as u64)
+    }
+
+    async fn may_read(&self, id: &str, user: &str) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        Ok(c.query_opt(
+            "SELECT 1 FROM files WHERE id = $1 AND owner = $2
+             UNION ALL
+             SELECT 1 FROM file_rooms f JOIN members m ON m.room = f.room
+             WHERE f.file_id = $1 AND m.user_id = $2
+             LIMIT 1",
+            &[&id, &user],
+        )
+        .await
+        .map_err(pg)?
+        .is_some())
+    }
+
+    async fn delete_file(&self, id: &str, only_orphan: bool) -> Result<bool, StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let deleted = tx
+            .execute(
+                "DELETE FROM files WHERE id = $1 AND (NOT $2 OR NOT referenced)",
+                &[&id, &only_orphan],
+            )
+            .await
+            .map_err(pg)?
+            == 1;
+        if deleted {
+            tx.execute("DELETE FROM file_rooms WHERE file_id = $1", &[&id])
+                .await
+                .map_err(pg)?;
+        }
+        tx.commit().await.map_err(pg)?;
+        Ok(deleted)
+    }
+
+    async fn orphans(&self, before_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+        let c = self.client().await?;
+        Ok(c.query(
+            "SELECT id FROM files WHERE NOT referenced AND created_at < $1 LIMIT $2",
+            &[&before_ms, &(limit as i64)],
+        )
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+    }
+}
