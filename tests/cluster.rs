@@ -469,3 +469,51 @@ async fn clients_of_a_killed_instance_continue_elsewhere_with_everything_acked_o
     assert_gap_free(&messages(&mut bob, 1).await, 11, 11);
     bob.nothing_pushed(Duration::from_millis(300)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_tells_clients_to_reconnect_and_they_continue_elsewhere() {
+    let mut cluster = Cluster::start("rolling", 3).await;
+    let mut ann = cluster.client(0, "ann").await;
+    let mut bob = cluster.client(1, "bob").await;
+    ann.join("r").await;
+    bob.join("r").await;
+    for k in 0..3 {
+        ann.send_msg("r", &format!("a{k}"), "x").await;
+    }
+    assert_gap_free(&messages(&mut bob, 3).await, 1, 3);
+
+    // Instance 1 is stopped the polite way: bob is told to reconnect.
+    let stopping = {
+        let mut proc = std::mem::replace(&mut cluster.instances[1].proc, harness::Proc::none());
+        std::thread::spawn(move || proc.terminate())
+    };
+    let d = bob.next_of(|k| match k {
+        Kind::Disconnect(d) => Some(d),
+        _ => None,
+    });
+    let d = tokio::time::timeout(WAIT, d)
+        .await
+        .expect("a disconnect frame");
+    assert!(d.reconnect, "{d:?}");
+    stopping.join().unwrap();
+    for k in 3..6 {
+        ann.send_msg("r", &format!("a{k}"), "x").await;
+    }
+
+    // He continues on instance 2 from his last seq.
+    let mut bob = cluster.client(2, "bob").await;
+    let page = match bob
+        .request(Cmd::Sync(proto::Sync {
+            rooms: [("r".to_string(), 3)].into(),
+            limit: 0,
+        }))
+        .await
+    {
+        Kind::Sync(s) => s.rooms.into_iter().next().unwrap(),
+        other => panic!("expected sync, got {other:?}"),
+    };
+    let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, [4, 5, 6]);
+    ann.send_msg("r", "a6", "x").await;
+    assert_gap_free(&messages(&mut bob, 1).await, 7, 7);
+}

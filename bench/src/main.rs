@@ -71,6 +71,11 @@ struct Global {
     /// Write a spawned server's output here (default: discarded).
     #[arg(long, global = true)]
     server_log: Option<PathBuf>,
+    /// Listeners (fanout subscribers, chat members that only read) connect to these
+    /// endpoints in turn instead of --url (repeatable): a cluster run with publishers on
+    /// one instance and subscribers spread over the others. Loopback only.
+    #[arg(long, global = true, value_name = "URL")]
+    listener_url: Vec<String>,
     /// Connection attempts in flight at once.
     #[arg(long, global = true, default_value_t = 128)]
     concurrency: usize,
@@ -307,6 +312,14 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         run.ui = ui;
         run.connect_concurrency = g.concurrency;
+        for url in &g.listener_url {
+            let mut t = Target::new(url, g.transport, g.encoding, &g.jwt_secret)?;
+            t.buffers = run.target.buffers;
+            t.connect_timeout = run.target.connect_timeout;
+            t.poll_wait_s = run.target.poll_wait_s;
+            t.source_ips = run.target.source_ips;
+            run.listener_targets.push(t);
+        }
         eprintln!(
             "run {}/{}, load average {}",
             i + 1,

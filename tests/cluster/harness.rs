@@ -28,6 +28,21 @@ pub fn free_port() -> u16 {
 pub struct Proc(Option<Child>);
 
 impl Proc {
+    /// No process (a placeholder while one is stopped elsewhere).
+    pub fn none() -> Proc {
+        Proc(None)
+    }
+
+    /// Asks the process to stop (SIGTERM: parley's graceful shutdown) and waits for it.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.0.take() {
             let _ = c.kill();

@@ -539,6 +539,8 @@ async fn member(
     let target = if spec.rate > 0.0 && run.target.transport != TransportKind::Ws {
         ws_target = run.target.over_websocket();
         &ws_target
+    } else if spec.rate == 0.0 && !run.listener_targets.is_empty() {
+        &run.listener_targets[i % run.listener_targets.len()]
     } else {
         &run.target
     };
