@@ -169,6 +169,10 @@ async fn a_redis_restart_loses_nothing_and_delivery_resumes_by_itself() {
     for c in [&mut bob, &mut cat] {
         assert_gap_free(&messages(c, 5).await, 2, 6);
     }
+    // The metrics say how: a resubscribe, and messages delivered from the log.
+    let (_, metrics) = http_get(cluster.addr(1), "/metrics").await;
+    assert!(metric(&metrics, "parley_broker_resubscribes_total") >= 1.0);
+    assert!(metric(&metrics, "parley_broker_filled_messages_total") >= 5.0);
     // Live fan-out works again.
     bob.send_msg("r", "after", "after").await;
     for c in [&mut ann, &mut cat] {
@@ -176,6 +180,13 @@ async fn a_redis_restart_loses_nothing_and_delivery_resumes_by_itself() {
         assert_eq!(got.last().unwrap().0, 7);
     }
     cat.nothing_pushed(Duration::from_millis(300)).await;
+}
+
+/// The value of an unlabelled sample in an OpenMetrics text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in /metrics"))
 }
 
 async fn presence_of(c: &mut Client, user: &str) -> proto::Presence {

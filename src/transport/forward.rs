@@ -37,6 +37,22 @@ use super::Ctx;
 /// Marks a request relayed by another instance.
 pub const FORWARDED: &str = "x-parley-forwarded";
 
+/// Headers that describe one hop, not the request: never relayed (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn hop_by_hop(name: &axum::http::HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name.as_str())
+}
+
 /// The session id or ticket a request refers to.
 fn session_ref(uri: &Uri) -> Option<String> {
     if let Some(id) = uri.path().strip_prefix("/session/") {
@@ -121,11 +137,14 @@ async fn relay(
     let mut req = hyper::Request::builder()
         .method(parts.method.clone())
         .uri(path);
-    for (k, v) in &parts.headers {
+    for (k, v) in parts.headers.iter().filter(|(k, _)| !hop_by_hop(k)) {
         req = req.header(k, v);
     }
     req = req.header(FORWARDED, HeaderValue::from_static("1"));
-    let response = sender.send_request(req.body(Body::from(body))?).await?;
+    let mut response = sender.send_request(req.body(Body::from(body))?).await?;
+    for name in HOP_BY_HOP {
+        response.headers_mut().remove(name);
+    }
     Ok(response.map(Body::new))
 }
 
