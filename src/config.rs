@@ -516,7 +516,7 @@ pub struct BrokerConfig {
     /// How long a receiver holds a seq gap in a room before it fills it from the store.
     #[serde(with = "humantime_serde")]
     pub gap_hold: Duration,
-    /// How often an instance refreshes its presence keys in Redis.
+    /// How often an instance refreshes its heartbeat in Redis.
     #[serde(with = "humantime_serde")]
     pub presence_heartbeat: Duration,
     /// An instance whose heartbeat is older than this is dead: its users go offline.

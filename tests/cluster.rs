@@ -173,6 +173,8 @@ async fn a_redis_restart_loses_nothing_and_delivery_resumes_by_itself() {
     let (_, metrics) = http_get(cluster.addr(1), "/metrics").await;
     assert!(metric(&metrics, "parley_broker_resubscribes_total") >= 1.0);
     assert!(metric(&metrics, "parley_broker_filled_messages_total") >= 5.0);
+    // Presence was rebuilt in the new Redis.
+    assert!(presence_of(&mut cat, "bob").await.online);
     // Live fan-out works again.
     bob.send_msg("r", "after", "after").await;
     for c in [&mut ann, &mut cat] {

@@ -1,20 +1,25 @@
 //! Presence across instances, in Redis keys (all under the configured prefix):
 //!
 //! - `instances` — sorted set: instance id → expiry (Unix ms), refreshed every
-//!   `presence_heartbeat`, valid for `presence_ttl`;
-//! - `online:{user}` — sorted set: instance id → expiry, one member per instance with a
-//!   session of the user; the user is online while any member's expiry is in the future;
+//!   `presence_heartbeat`, valid for `presence_ttl`; an instance is alive while its expiry
+//!   is in the future;
+//! - `online:{user}` — set of the instances that have a session of the user; the user is
+//!   online while any of them is alive;
 //! - `users:{instance}` — set of the users an instance has sessions for (so that the
 //!   instances still alive can tell co-members when it dies);
+//! - `addr:{instance}` — its HTTP address for relayed session requests;
 //! - `seen:{user}` — last-seen time (Unix ms), expiring after `last_seen_ttl`.
 //!
-//! A clean `offline` removes the instance from `online:{user}` at once. An instance that
-//! dies (kill -9, lost machine) stops refreshing: its users read as offline as soon as
-//! their expiry passes (at most `presence_ttl` after its last heartbeat), and the first
-//! live instance whose heartbeat notices the dead one claims it (`ZREM` returns 1 to one
-//! instance only) and reports its users that are offline everywhere so chat can push
-//! presence. Expiries are compared with each instance's clock: keep clocks in sync (NTP);
-//! skew shifts the bound by the same amount.
+//! A heartbeat costs O(1) commands whatever the number of users: user entries are
+//! written when a user's first local session starts and removed when the last ends, and
+//! they are only believed while their instance is alive. An instance that dies (kill -9,
+//! lost machine) stops refreshing: its users read as offline as soon as its expiry passes
+//! (at most `presence_ttl` after its last heartbeat), and the first live instance whose
+//! heartbeat notices the dead one claims it (`ZREM` returns 1 to one instance only),
+//! removes it from its users' sets and reports those offline everywhere so chat can push
+//! presence. After a Redis restart (which loses these keys) every instance writes its
+//! users again ([`Presence::restore`]). Expiries are compared with each instance's clock:
+//! keep clocks in sync (NTP); skew shifts the bound by the same amount.
 //!
 //! Owns: the presence keys. Not: presence pushes (`chat`).
 
@@ -75,17 +80,20 @@ fn ms(d: Duration) -> i64 {
 }
 
 impl Presence {
-    /// Refreshes this instance's heartbeat and its users' entries (also a liveness probe
-    /// of the connection).
+    /// Refreshes this instance's heartbeat and address (also a liveness probe of the
+    /// connection). O(1) commands.
     pub async fn heartbeat(
         &self,
         conn: &mut ConnectionManager,
-        users: &[String],
         advertise: Option<&str>,
         now: i64,
     ) -> redis::RedisResult<()> {
-        let expiry = now + ms(self.ttl);
         let mut pipe = redis::pipe();
+        pipe.cmd("ZADD")
+            .arg(self.keys.instances())
+            .arg(now + ms(self.ttl))
+            .arg(self.instance)
+            .ignore();
         if let Some(addr) = advertise {
             pipe.cmd("SET")
                 .arg(self.keys.addr(&format!("{:x}", self.instance)))
@@ -94,48 +102,42 @@ impl Presence {
                 .arg(ms(self.ttl))
                 .ignore();
         }
-        pipe.cmd("ZADD")
-            .arg(self.keys.instances())
-            .arg(expiry)
-            .arg(self.instance)
-            .ignore();
-        let users_key = self.keys.users(self.instance);
-        for chunk in users.chunks(512) {
-            for user in chunk {
-                let key = self.keys.online(user);
-                pipe.cmd("ZADD")
-                    .arg(&key)
-                    .arg(expiry)
-                    .arg(self.instance)
-                    .ignore();
-                pipe.cmd("PEXPIRE").arg(&key).arg(2 * ms(self.ttl)).ignore();
-            }
-            pipe.cmd("SADD").arg(&users_key).arg(chunk).ignore();
-        }
         // Outlives the instance's entry, so whoever claims a dead instance can read it.
         pipe.cmd("PEXPIRE")
-            .arg(&users_key)
+            .arg(self.keys.users(self.instance))
             .arg(10 * ms(self.ttl))
             .ignore();
         pipe.exec_async(conn).await
     }
 
-    pub async fn online(
+    /// Writes every local user again (after Redis lost its keys, e.g. a restart).
+    pub async fn restore(
         &self,
         conn: &mut ConnectionManager,
-        user: &str,
-        now: i64,
+        users: &[String],
     ) -> redis::RedisResult<()> {
-        let key = self.keys.online(user);
+        for chunk in users.chunks(512) {
+            let mut pipe = redis::pipe();
+            for user in chunk {
+                pipe.cmd("SADD")
+                    .arg(self.keys.online(user))
+                    .arg(self.instance)
+                    .ignore();
+            }
+            pipe.cmd("SADD")
+                .arg(self.keys.users(self.instance))
+                .arg(chunk)
+                .ignore();
+            pipe.exec_async(conn).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn online(&self, conn: &mut ConnectionManager, user: &str) -> redis::RedisResult<()> {
         redis::pipe()
-            .cmd("ZADD")
-            .arg(&key)
-            .arg(now + ms(self.ttl))
+            .cmd("SADD")
+            .arg(self.keys.online(user))
             .arg(self.instance)
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(&key)
-            .arg(2 * ms(self.ttl))
             .ignore()
             .cmd("SADD")
             .arg(self.keys.users(self.instance))
@@ -152,7 +154,7 @@ impl Presence {
         at: i64,
     ) -> redis::RedisResult<()> {
         redis::pipe()
-            .cmd("ZREM")
+            .cmd("SREM")
             .arg(self.keys.online(user))
             .arg(self.instance)
             .ignore()
@@ -170,41 +172,46 @@ impl Presence {
             .await
     }
 
+    /// The instances alive now.
+    async fn alive(
+        &self,
+        conn: &mut ConnectionManager,
+        now: i64,
+    ) -> redis::RedisResult<std::collections::HashSet<u64>> {
+        let ids: Vec<u64> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.instances())
+            .arg(format!("({now}"))
+            .arg("+inf")
+            .query_async(conn)
+            .await?;
+        Ok(ids.into_iter().collect())
+    }
+
     pub async fn query(
         &self,
         conn: &mut ConnectionManager,
         users: &[String],
         now: i64,
     ) -> redis::RedisResult<Vec<UserPresence>> {
+        let alive = self.alive(conn, now).await?;
         let mut pipe = redis::pipe();
         for user in users {
-            pipe.cmd("ZCOUNT")
-                .arg(self.keys.online(user))
-                .arg(format!("({now}"))
-                .arg("+inf");
+            pipe.cmd("SMEMBERS").arg(self.keys.online(user));
             pipe.cmd("GET").arg(self.keys.seen(user));
         }
-        let answers: Vec<(i64, Option<i64>)> = {
-            let flat: Vec<redis::Value> = pipe.query_async(conn).await?;
-            let mut out = Vec::with_capacity(users.len());
-            let mut it = flat.into_iter();
-            while let (Some(count), Some(seen)) = (it.next(), it.next()) {
-                let count: i64 = redis::from_redis_value(count)?;
-                let seen: Option<i64> = redis::from_redis_value(seen)?;
-                out.push((count, seen));
-            }
-            out
-        };
-        Ok(answers
-            .into_iter()
-            .map(|(count, seen)| {
-                let online = count > 0;
-                UserPresence {
-                    online,
-                    last_seen: if online { 0 } else { seen.unwrap_or(0) },
-                }
-            })
-            .collect())
+        let flat: Vec<redis::Value> = pipe.query_async(conn).await?;
+        let mut out = Vec::with_capacity(users.len());
+        let mut it = flat.into_iter();
+        while let (Some(holders), Some(seen)) = (it.next(), it.next()) {
+            let holders: Vec<u64> = redis::from_redis_value(holders)?;
+            let seen: Option<i64> = redis::from_redis_value(seen)?;
+            let online = holders.iter().any(|i| alive.contains(i));
+            out.push(UserPresence {
+                online,
+                last_seen: if online { 0 } else { seen.unwrap_or(0) },
+            });
+        }
+        Ok(out)
     }
 
     /// The advertised address of a live instance.
@@ -219,20 +226,21 @@ impl Presence {
             .await
     }
 
-    /// Whether another instance holds a live entry for `user`.
+    /// Whether another live instance has a session of `user`.
     pub async fn online_elsewhere(
         &self,
         conn: &mut ConnectionManager,
         user: &str,
         now: i64,
     ) -> redis::RedisResult<bool> {
-        let holders: Vec<u64> = redis::cmd("ZRANGEBYSCORE")
+        let alive = self.alive(conn, now).await?;
+        let holders: Vec<u64> = redis::cmd("SMEMBERS")
             .arg(self.keys.online(user))
-            .arg(format!("({now}"))
-            .arg("+inf")
             .query_async(conn)
             .await?;
-        Ok(holders.iter().any(|i| *i != self.instance))
+        Ok(holders
+            .iter()
+            .any(|i| *i != self.instance && alive.contains(i)))
     }
 
     /// Claims the instances whose heartbeat expired and returns their users that have no
@@ -269,19 +277,21 @@ impl Presence {
                 .query_async(conn)
                 .await?;
             let _: () = redis::cmd("DEL").arg(&users_key).query_async(conn).await?;
+            if users.is_empty() {
+                continue;
+            }
+            let alive = self.alive(conn, now).await?;
             for user in users {
                 let key = self.keys.online(&user);
-                let (_, left): (i64, i64) = redis::pipe()
-                    .cmd("ZREM")
+                let (_, holders): (i64, Vec<u64>) = redis::pipe()
+                    .cmd("SREM")
                     .arg(&key)
                     .arg(instance)
-                    .cmd("ZCOUNT")
+                    .cmd("SMEMBERS")
                     .arg(&key)
-                    .arg(format!("({now}"))
-                    .arg("+inf")
                     .query_async(conn)
                     .await?;
-                if left == 0 {
+                if !holders.iter().any(|i| alive.contains(i)) {
                     let _: () = redis::cmd("SET")
                         .arg(self.keys.seen(&user))
                         .arg(seen)

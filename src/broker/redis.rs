@@ -266,6 +266,11 @@ impl Inner {
                 return;
             }
         }
+        // A restarted Redis lost the presence keys: write this instance's users again.
+        if let Err(e) = self.presence.restore(&mut conn, &users).await {
+            self.set_down(&e);
+            return;
+        }
         self.metrics.resubscribes.inc();
         tracing::info!(
             rooms = rooms.len(),
@@ -341,7 +346,7 @@ async fn apply_changes(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Chang
                 .inspect(|_| {
                     inner.metrics.publishes.inc();
                 }),
-            Change::Online(user) => inner.presence.online(&mut conn, &user, now_ms()).await,
+            Change::Online(user) => inner.presence.online(&mut conn, &user).await,
             Change::Offline(user, at) => inner.presence.offline(&mut conn, &user, at).await,
         };
         if let Err(e) = result {
@@ -358,12 +363,11 @@ async fn heartbeat(inner: Weak<Inner>, every: Duration) {
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
-        let users: Vec<String> = lock(&inner.interest).users.iter().cloned().collect();
         let mut conn = inner.conn.clone();
         let advertise = lock(&inner.advertise).clone();
         match inner
             .presence
-            .heartbeat(&mut conn, &users, advertise.as_deref(), now_ms())
+            .heartbeat(&mut conn, advertise.as_deref(), now_ms())
             .await
         {
             Ok(()) => {
