@@ -63,13 +63,19 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
-/// A tokio-postgres error with the server's message and detail when it sent one (its
-/// `Display` alone says only "db error").
+/// A tokio-postgres error with the server's message and detail when it sent one, or the
+/// underlying cause (its `Display` alone says only "db error" or "error connecting").
 fn pg(e: tokio_postgres::Error) -> StoreError {
-    match e.as_db_error() {
-        Some(db) => StoreError::Backend(format!("postgres: {}: {}", db.code().code(), db)),
-        None => StoreError::Backend(format!("postgres: {e}")),
+    if let Some(db) = e.as_db_error() {
+        return StoreError::Backend(format!("postgres: {}: {}", db.code().code(), db));
     }
+    let mut text = format!("postgres: {e}");
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    StoreError::Backend(text)
 }
 
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
@@ -261,22 +267,24 @@ async fn writer_loop(pool: Pool, mut rx: mpsc::UnboundedReceiver<Job>, max_batch
                     let _ = job.reply.send(result);
                 }
             }
-            Err(e) if batch.len() == 1 => {
-                tracing::error!(error = %e, "append failed");
-                for job in batch.drain(..) {
-                    let _ = job.reply.send(Err(e.clone()));
-                }
-            }
-            Err(e) => {
+            Err(e) if batch.len() > 1 && e.refused() => {
                 // One by one, still in call order: a message the server refuses fails
-                // alone; the rest commit (or fail too when the server is gone).
-                tracing::warn!(error = %e, appends = batch.len(), "append batch failed; retrying one by one");
+                // alone; the rest commit.
+                let e = e.into_store();
+                tracing::warn!(error = %e, appends = batch.len(), "append batch refused; retrying one by one");
                 for job in batch.drain(..) {
                     let result = match commit_batch(&pool, &[&job.message]).await {
                         Ok(mut r) => r.pop().unwrap_or_else(|| Err(backend("no result"))),
-                        Err(e) => Err(e),
+                        Err(e) => Err(e.into_store()),
                     };
                     let _ = job.reply.send(result);
+                }
+            }
+            Err(e) => {
+                let e = e.into_store();
+                tracing::error!(error = %e, appends = batch.len(), "append batch failed");
+                for job in batch.drain(..) {
+                    let _ = job.reply.send(Err(e.clone()));
                 }
             }
         }
@@ -306,15 +314,56 @@ fn encode_metadata(m: &NewMessage) -> (String, String) {
     (metadata, attachments)
 }
 
+/// Why a batch failed.
+enum BatchError {
+    /// No connection (the server is down or the pool exhausted).
+    Pool(StoreError),
+    /// A statement failed: the server refused something (`refused`), or the connection
+    /// broke.
+    Pg(tokio_postgres::Error),
+}
+
+impl BatchError {
+    /// The server refused a statement: one message may be to blame, so retrying the
+    /// batch's messages one by one is worth it. Not when the server is gone.
+    fn refused(&self) -> bool {
+        matches!(self, BatchError::Pg(e) if e.as_db_error().is_some())
+    }
+
+    fn into_store(self) -> StoreError {
+        match self {
+            BatchError::Pool(e) => e,
+            BatchError::Pg(e) => pg(e),
+        }
+    }
+}
+
 /// Commits one batch of appends in one transaction; one result per message, in order.
-/// An `Err` means nothing of the batch was committed.
+/// An `Err` means nothing of the batch was committed (or, when the connection broke
+/// during the commit, that the outcome is unknown: a resend finds the original).
 async fn commit_batch(
     pool: &Pool,
     batch: &[&NewMessage],
-) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
-    let mut client = pool.get().await.map_err(pool_error)?;
-    let tx = client.transaction().await.map_err(pg)?;
+) -> Result<Vec<Result<Appended, StoreError>>, BatchError> {
+    let client = pool
+        .get()
+        .await
+        .map_err(|e| BatchError::Pool(pool_error(e)))?;
+    let result = batch_in(&client, batch).await;
+    if result.is_err() && !client.is_closed() {
+        // Leave no open transaction on a pooled connection.
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    result
+}
 
+/// The batch's transaction: two round trips when no message attaches files (BEGIN, the
+/// room locks and the idempotency lookup pipelined; then the writes and COMMIT
+/// pipelined), whatever the batch's size.
+async fn batch_in(
+    tx: &Object,
+    batch: &[&NewMessage],
+) -> Result<Vec<Result<Appended, StoreError>>, BatchError> {
     // Lock the rooms (in name order: no deadlock with another instance's batch; `NO KEY`:
     // membership changes' foreign-key checks are not blocked by it), then
     // look for earlier messages with the same keys: after the lock, every concurrent
@@ -331,7 +380,7 @@ async fn commit_batch(
              ORDER BY name COLLATE \"C\" FOR NO KEY UPDATE",
         )
         .await
-        .map_err(pg)?;
+        .map_err(BatchError::Pg)?;
     let existing = tx
         .prepare_cached(&format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages m
@@ -339,14 +388,17 @@ async fn commit_batch(
                ON m.room = k.room AND m.sender = k.sender AND m.client_msg_id = k.id"
         ))
         .await
-        .map_err(pg)?;
+        .map_err(BatchError::Pg)?;
     let lock_params: [&(dyn ToSql + Sync); 1] = [&rooms];
     let existing_params: [&(dyn ToSql + Sync); 3] = [&keys_room, &keys_sender, &keys_id];
-    let (locked, found) = tokio::try_join!(
+    // `biased`: first polled in this order, so the requests go out in this order.
+    let (_, locked, found) = tokio::try_join!(
+        biased;
+        tx.batch_execute("BEGIN"),
         tx.query(&lock, &lock_params),
         tx.query(&existing, &existing_params),
     )
-    .map_err(pg)?;
+    .map_err(BatchError::Pg)?;
     let mut last: HashMap<String, i64> = locked
         .iter()
         .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
@@ -421,7 +473,7 @@ async fn commit_batch(
     }
     if ins_room.is_empty() {
         // Only duplicates and unknown rooms: nothing to write.
-        tx.commit().await.map_err(pg)?;
+        tx.batch_execute("COMMIT").await.map_err(BatchError::Pg)?;
         return Ok(results);
     }
 
@@ -432,14 +484,14 @@ async fn commit_batch(
                                   $6::text[], $7::int8[], $8::text[])",
         )
         .await
-        .map_err(pg)?;
+        .map_err(BatchError::Pg)?;
     let bump = tx
         .prepare_cached(
             "UPDATE rooms SET last_seq = v.last
              FROM unnest($1::text[], $2::int8[]) AS v(name, last) WHERE rooms.name = v.name",
         )
         .await
-        .map_err(pg)?;
+        .map_err(BatchError::Pg)?;
     let mark = tx
         .prepare_cached(
             "UPDATE members SET read_seq = v.seq
@@ -448,7 +500,7 @@ async fn commit_batch(
                AND members.read_seq < v.seq",
         )
         .await
-        .map_err(pg)?;
+        .map_err(BatchError::Pg)?;
     let touched: std::collections::HashSet<&str> = ins_room.iter().copied().collect();
     last.retain(|room, _| touched.contains(room.as_str()));
     let (bump_rooms, bump_last): (Vec<&str>, Vec<i64>) =
@@ -471,15 +523,28 @@ async fn commit_batch(
         &ins_ts,
         &ins_att,
     ];
-    // Pipelined: the server runs them in order on this connection.
+    // Pipelined: the server runs them in order on this connection. A statement that
+    // fails aborts the transaction, and the COMMIT behind it then rolls back.
     let bump_params: [&(dyn ToSql + Sync); 2] = [&bump_rooms, &bump_last];
     let mark_params: [&(dyn ToSql + Sync); 3] = [&read_room, &read_user, &read_seq];
+    if attached.is_empty() {
+        tokio::try_join!(
+            biased;
+            tx.execute(&insert, &insert_params),
+            tx.execute(&bump, &bump_params),
+            tx.execute(&mark, &mark_params),
+            tx.batch_execute("COMMIT"),
+        )
+        .map_err(BatchError::Pg)?;
+        return Ok(results);
+    }
     tokio::try_join!(
+        biased;
         tx.execute(&insert, &insert_params),
         tx.execute(&bump, &bump_params),
         tx.execute(&mark, &mark_params),
     )
-    .map_err(pg)?;
+    .map_err(BatchError::Pg)?;
     // Posting a file to a room lets the room's members read it (only the uploader's own
     // files: a file deleted meanwhile is not linked).
     for (file_id, room, sender) in attached {
@@ -489,15 +554,15 @@ async fn commit_batch(
             &[&file_id, &room, &sender],
         )
         .await
-        .map_err(pg)?;
+        .map_err(BatchError::Pg)?;
         tx.execute(
             "UPDATE files SET referenced = TRUE WHERE id = $1 AND owner = $2",
             &[&file_id, &sender],
         )
         .await
-        .map_err(pg)?;
+        .map_err(BatchError::Pg)?;
     }
-    tx.commit().await.map_err(pg)?;
+    tx.batch_execute("COMMIT").await.map_err(BatchError::Pg)?;
     Ok(results)
 }
 
