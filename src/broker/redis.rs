@@ -59,6 +59,8 @@ enum Change {
     },
     Unsubscribe(String),
     Publish(String, bytes::Bytes),
+    /// Publishes this instance's HTTP address (then it is ready).
+    Advertise,
     Online(String),
     Offline(String, i64),
 }
@@ -85,6 +87,9 @@ struct Inner {
     lost: AtomicBool,
     /// This instance's HTTP address for the others.
     advertise: Mutex<Option<String>>,
+    /// The address has been published once (until then requests for this instance's
+    /// sessions cannot be routed here, so it is not ready).
+    advertised: AtomicBool,
 }
 
 pub struct RedisBroker {
@@ -150,6 +155,7 @@ impl RedisBroker {
             healthy: AtomicBool::new(false),
             lost: AtomicBool::new(false),
             advertise: Mutex::default(),
+            advertised: AtomicBool::new(false),
         });
         let _ = inner.changes.send(Change::Subscribe {
             channel: keys.all_channel(),
@@ -347,6 +353,17 @@ async fn apply_changes(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Chang
                     inner.metrics.publishes.inc();
                 }),
             Change::Online(user) => inner.presence.online(&mut conn, &user).await,
+            Change::Advertise => {
+                let addr = lock(&inner.advertise).clone();
+                let r = inner
+                    .presence
+                    .heartbeat(&mut conn, addr.as_deref(), now_ms())
+                    .await;
+                if r.is_ok() {
+                    inner.advertised.store(true, Ordering::SeqCst);
+                }
+                r
+            }
             Change::Offline(user, at) => inner.presence.offline(&mut conn, &user, at).await,
         };
         if let Err(e) = result {
@@ -371,6 +388,9 @@ async fn heartbeat(inner: Weak<Inner>, every: Duration) {
             .await
         {
             Ok(()) => {
+                if advertise.is_some() {
+                    inner.advertised.store(true, Ordering::SeqCst);
+                }
                 if !inner.healthy.swap(true, Ordering::SeqCst) {
                     tracing::info!("redis reachable");
                 }
@@ -499,6 +519,7 @@ impl Broker for RedisBroker {
 
     fn advertise(&self, addr: String) {
         *lock(&self.inner.advertise) = Some(addr);
+        let _ = self.inner.changes.send(Change::Advertise);
     }
 
     async fn locate(&self, instance: &str) -> Option<String> {
@@ -512,10 +533,14 @@ impl Broker for RedisBroker {
     }
 
     fn health(&self) -> Result<(), String> {
-        if self.inner.healthy.load(Ordering::SeqCst) {
-            Ok(())
-        } else {
+        if !self.inner.healthy.load(Ordering::SeqCst) {
             Err("redis unreachable".into())
+        } else if lock(&self.inner.advertise).is_some()
+            && !self.inner.advertised.load(Ordering::SeqCst)
+        {
+            Err("address not yet published".into())
+        } else {
+            Ok(())
         }
     }
 }
