@@ -94,22 +94,29 @@ pub fn router(state: Ctx) -> Router {
     // A command or API body is one frame: the same limit as a WebSocket frame. Over it
     // the handlers answer 413 with the error JSON (FRAME_TOO_LARGE).
     let body_limit = axum::extract::DefaultBodyLimit::max(state.core.config.ws.max_frame_bytes);
-    Router::new()
-        .route(
-            "/ws",
-            get(transport::ws::handler).connect(transport::ws::handler),
-        )
-        .route("/sse", get(transport::sse::handler))
+    // Long-poll replies, HTTP commands and the API: compressed by Accept-Encoding. Never
+    // /sse (a compressor would hold events back until its buffer fills) nor /ws.
+    let mut compressible = Router::new()
         .route("/poll", get(transport::poll::handler))
         .route("/session", axum::routing::post(transport::http::connect))
         .route(
             "/session/{id}",
             axum::routing::post(transport::http::command),
         )
+        .merge(transport::api::routes());
+    if state.core.config.server.http_compression {
+        compressible = compressible.layer(tower_http::compression::CompressionLayer::new());
+    }
+    Router::new()
+        .route(
+            "/ws",
+            get(transport::ws::handler).connect(transport::ws::handler),
+        )
+        .route("/sse", get(transport::sse::handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .merge(transport::api::routes())
+        .merge(compressible)
         .merge(crate::web::routes(&state.core.config))
         .merge(transport::files::routes())
         .layer(body_limit)
