@@ -33,7 +33,7 @@ fn message(seq: u64, body: &str, metadata: &[(&str, &str)]) -> Kind {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
-        ts: 1_764_230_400_000 + seq * 1234,
+        ts: 1_764_230_400_000 + seq as i64 * 1234,
         ..Default::default()
     })
 }
