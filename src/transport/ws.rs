@@ -28,6 +28,8 @@ use yawc::{
 };
 
 use super::{Ctx, deadline::WriteDeadline, origin_allowed};
+use prometheus_client::metrics::counter::Counter;
+
 use crate::{
     codec::{self, Encoding},
     metrics::{Metrics, TransportLabel},
@@ -143,7 +145,8 @@ enum WriteError {
 struct Writer {
     socket: HttpWebSocket,
     encoding: Encoding,
-    metrics: Arc<Metrics>,
+    /// This transport's counter, looked up once (not a labelled-family lookup per write).
+    frames_out: Counter,
     write_timeout: Duration,
 }
 
@@ -180,8 +183,7 @@ impl Writer {
         };
         match timeout(write_timeout, write).await {
             Ok(Ok(())) => {
-                let m = &self.metrics;
-                m.frames_out.get_or_create(&LABEL).inc_by(frames);
+                self.frames_out.inc_by(frames);
                 Ok(())
             }
             Ok(Err(_)) => Err(WriteError::Broken),
@@ -283,10 +285,11 @@ async fn run(socket: HttpWebSocket, ctx: Ctx, encoding: Encoding) {
         },
         ctx.shutdown.clone(),
     );
+    let frames_in = metrics.frames_in.get_or_create(&LABEL).clone();
     let mut w = Writer {
         socket,
         encoding,
-        metrics: metrics.clone(),
+        frames_out: metrics.frames_out.get_or_create(&LABEL).clone(),
         write_timeout: config.write_timeout,
     };
     drop(ctx);
@@ -322,7 +325,7 @@ async fn run(socket: HttpWebSocket, ctx: Ctx, encoding: Encoding) {
                         continue;
                     }
                 }
-                metrics.frames_in.get_or_create(&LABEL).inc();
+                frames_in.inc();
                 if frame.payload().len() > max_frame_bytes {
                     outbox.too_large(max_frame_bytes);
                 } else {
