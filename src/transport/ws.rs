@@ -31,6 +31,8 @@ use yawc::{
 };
 
 use super::{Ctx, deadline::WriteDeadline, origin_allowed};
+use prometheus_client::metrics::counter::Counter;
+
 use crate::{
     codec::{self, Encoding},
     deflate,
@@ -207,7 +209,8 @@ struct Writer {
     socket: HttpWebSocket,
     encoding: Encoding,
     compression: PushCompression,
-    metrics: Arc<Metrics>,
+    /// This transport's counter, looked up once (not a labelled-family lookup per write).
+    frames_out: Counter,
     write_timeout: Duration,
 }
 
@@ -258,8 +261,7 @@ impl Writer {
         };
         match timeout(write_timeout, write).await {
             Ok(Ok(())) => {
-                let m = &self.metrics;
-                m.frames_out.get_or_create(&LABEL).inc_by(frames);
+                self.frames_out.inc_by(frames);
                 Ok(())
             }
             Ok(Err(_)) => Err(WriteError::Broken),
@@ -361,11 +363,12 @@ async fn run(socket: HttpWebSocket, ctx: Ctx, encoding: Encoding, compression: P
         },
         ctx.shutdown.clone(),
     );
+    let frames_in = metrics.frames_in.get_or_create(&LABEL).clone();
     let mut w = Writer {
         socket,
         encoding,
         compression,
-        metrics: metrics.clone(),
+        frames_out: metrics.frames_out.get_or_create(&LABEL).clone(),
         write_timeout: config.write_timeout,
     };
     drop(ctx);
@@ -401,7 +404,7 @@ async fn run(socket: HttpWebSocket, ctx: Ctx, encoding: Encoding, compression: P
                         continue;
                     }
                 }
-                metrics.frames_in.get_or_create(&LABEL).inc();
+                frames_in.inc();
                 if frame.payload().len() > max_frame_bytes {
                     outbox.too_large(max_frame_bytes);
                 } else {
