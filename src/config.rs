@@ -32,6 +32,7 @@ pub struct Config {
     pub web: WebConfig,
     pub limits: LimitsConfig,
     pub files: FilesConfig,
+    pub broker: BrokerConfig,
 }
 
 /// Limits and rate limits against abuse. Every limit is per instance; 0 turns one off.
@@ -122,6 +123,9 @@ pub struct ServerConfig {
     /// Same-origin requests and clients that send no `Origin` are always allowed. `*`
     /// allows any origin.
     pub allowed_origins: Vec<String>,
+    /// Compress long-poll replies and HTTP API responses (gzip, brotli or zstd, by the
+    /// request's `Accept-Encoding`). Never SSE streams or WebSockets.
+    pub http_compression: bool,
 }
 
 impl Default for ServerConfig {
@@ -132,6 +136,7 @@ impl Default for ServerConfig {
             drain_delay: Duration::from_secs(2),
             write_timeout: Duration::from_secs(30),
             allowed_origins: Vec::new(),
+            http_compression: true,
         }
     }
 }
@@ -388,9 +393,26 @@ pub struct WsConfig {
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
     /// After a push wakes an idle connection, wait this long before writing, so pushes
-    /// arriving together go out in one write. 0 writes at once.
+    /// arriving together go out in one write. 0: adaptive (yield to the tasks already
+    /// runnable, then write; see `session::outbox`).
     #[serde(with = "humantime_serde")]
     pub coalesce: Duration,
+    /// Negotiate permessage-deflate (RFC 7692) with clients that offer it.
+    pub deflate: bool,
+    /// zlib compression level, 1 (fast) to 9 (small).
+    pub deflate_level: u32,
+    /// Messages (and broadcast bodies) shorter than this many bytes are sent uncompressed.
+    pub deflate_min_bytes: usize,
+    /// The `client_max_window_bits` asked of clients that offer it (9-15): the window a
+    /// client may compress with, and so the window parley inflates with.
+    pub deflate_client_max_window_bits: u8,
+    /// Let clients keep their compression context between messages (better ratio for
+    /// what clients send, but inflate state kept per connection). Off: parley answers
+    /// `client_no_context_takeover` and shares inflate state between connections.
+    pub deflate_client_context_takeover: bool,
+    /// Compress a broadcast once for all its recipients (on), or each push per connection
+    /// like most WebSocket servers do (off: only for comparison, e.g. benchmarks).
+    pub deflate_compress_once: bool,
 }
 
 impl Default for WsConfig {
@@ -404,6 +426,12 @@ impl Default for WsConfig {
             write_buffer_bytes: 1024,
             write_timeout: Duration::from_secs(10),
             coalesce: Duration::ZERO,
+            deflate: true,
+            deflate_level: 6,
+            deflate_min_bytes: 128,
+            deflate_client_max_window_bits: 10,
+            deflate_client_context_takeover: false,
+            deflate_compress_once: true,
         }
     }
 }
@@ -485,6 +513,58 @@ impl Synchronous {
         match self {
             Synchronous::Full => "FULL",
             Synchronous::Normal => "NORMAL",
+        }
+    }
+}
+
+/// Which fan-out between instances (see `broker`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerBackend {
+    /// One instance: in-process delivery.
+    Memory,
+    /// Many instances: Redis pub/sub, presence in Redis.
+    Redis,
+}
+
+/// Fan-out between instances, cross-instance ordering and presence.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    pub backend: BrokerBackend,
+    /// `redis://host:port/db` (RESP3 is selected by parley).
+    pub redis_url: String,
+    /// `host:port` where the other instances reach this one over HTTP (requests for its
+    /// sessions are routed here). Empty: the bound listen address (127.0.0.1 when it
+    /// listens on all interfaces, which suits one machine only).
+    pub advertise: String,
+    /// Prefix of every Redis channel and key, so several deployments can share a Redis.
+    pub redis_prefix: String,
+    /// How long a receiver holds a seq gap in a room before it fills it from the store.
+    #[serde(with = "humantime_serde")]
+    pub gap_hold: Duration,
+    /// How often an instance refreshes its heartbeat in Redis.
+    #[serde(with = "humantime_serde")]
+    pub presence_heartbeat: Duration,
+    /// An instance whose heartbeat is older than this is dead: its users go offline.
+    #[serde(with = "humantime_serde")]
+    pub presence_ttl: Duration,
+    /// How long a user's last-seen time is kept in Redis after they went offline.
+    #[serde(with = "humantime_serde")]
+    pub last_seen_ttl: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            backend: BrokerBackend::Memory,
+            redis_url: "redis://127.0.0.1:6379/".into(),
+            advertise: String::new(),
+            redis_prefix: "parley".into(),
+            gap_hold: Duration::from_millis(200),
+            presence_heartbeat: Duration::from_secs(2),
+            presence_ttl: Duration::from_secs(10),
+            last_seen_ttl: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -748,6 +828,21 @@ impl Config {
     /// Checks every duration, size and count against its allowed range; the error names
     /// the key, the value and the range.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let b = &self.broker;
+        duration("broker.gap_hold", b.gap_hold, Duration::ZERO, 10 * SEC)?;
+        duration(
+            "broker.presence_heartbeat",
+            b.presence_heartbeat,
+            100 * MS,
+            HOUR,
+        )?;
+        duration(
+            "broker.presence_ttl",
+            b.presence_ttl,
+            2 * b.presence_heartbeat,
+            2 * HOUR,
+        )?;
+        duration("broker.last_seen_ttl", b.last_seen_ttl, SEC, 3650 * DAY)?;
         let s = &self.server;
         duration(
             "server.shutdown_timeout",
@@ -790,6 +885,19 @@ impl Config {
         )?;
         duration("ws.write_timeout", w.write_timeout, 100 * MS, HOUR)?;
         duration("ws.coalesce", w.coalesce, Duration::ZERO, SEC)?;
+        count("ws.deflate_level", u64::from(w.deflate_level), 1, 9)?;
+        count(
+            "ws.deflate_min_bytes",
+            w.deflate_min_bytes as u64,
+            0,
+            64 * MIB,
+        )?;
+        count(
+            "ws.deflate_client_max_window_bits",
+            u64::from(w.deflate_client_max_window_bits),
+            9,
+            15,
+        )?;
         let se = &self.session;
         duration("session.grace_period", se.grace_period, 10 * MS, DAY)?;
         count(

@@ -5,7 +5,12 @@ use std::sync::atomic::AtomicU64;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
     registry::Registry,
 };
 
@@ -21,8 +26,90 @@ pub struct CodeLabel {
     pub code: &'static str,
 }
 
+/// Fan-out between instances (the Redis broker; all zero with the in-process one).
+#[derive(Clone)]
+pub struct BrokerMetrics {
+    /// Envelopes published to Redis.
+    pub publishes: Counter<u64, AtomicU64>,
+    /// Publishes that failed or were skipped while Redis was unreachable.
+    pub publish_failures: Counter<u64, AtomicU64>,
+    /// Envelopes received from other instances.
+    pub received: Counter<u64, AtomicU64>,
+    /// Seconds from publish (sender's clock) to receipt.
+    pub receive_lag: Histogram,
+    /// Room gaps filled from the store (a publish came late, was lost, or Redis was down).
+    pub gap_fills: Counter<u64, AtomicU64>,
+    /// Messages delivered from the store rather than from Redis.
+    pub filled_messages: Counter<u64, AtomicU64>,
+    /// Room messages dropped because that seq was delivered already.
+    pub duplicates: Counter<u64, AtomicU64>,
+    /// Reconnects to Redis after which every channel was subscribed again and every room
+    /// repaired from the log.
+    pub resubscribes: Counter<u64, AtomicU64>,
+}
+
+impl BrokerMetrics {
+    fn new() -> Self {
+        Self {
+            publishes: Counter::default(),
+            publish_failures: Counter::default(),
+            received: Counter::default(),
+            receive_lag: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            gap_fills: Counter::default(),
+            filled_messages: Counter::default(),
+            duplicates: Counter::default(),
+            resubscribes: Counter::default(),
+        }
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("broker");
+        r.register(
+            "publishes",
+            "Envelopes published to Redis",
+            self.publishes.clone(),
+        );
+        r.register(
+            "publish_failures",
+            "Publishes that failed or were skipped while Redis was unreachable",
+            self.publish_failures.clone(),
+        );
+        r.register(
+            "received",
+            "Envelopes received from other instances",
+            self.received.clone(),
+        );
+        r.register(
+            "receive_lag_seconds",
+            "Publish to receipt, by the sender's clock",
+            self.receive_lag.clone(),
+        );
+        r.register(
+            "gap_fills",
+            "Room seq gaps filled from the store",
+            self.gap_fills.clone(),
+        );
+        r.register(
+            "filled_messages",
+            "Messages delivered from the store instead of Redis",
+            self.filled_messages.clone(),
+        );
+        r.register(
+            "duplicates",
+            "Room messages dropped as already delivered",
+            self.duplicates.clone(),
+        );
+        r.register(
+            "resubscribes",
+            "Reconnects to Redis followed by resubscribe and log repair",
+            self.resubscribes.clone(),
+        );
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub broker: BrokerMetrics,
     pub connections: Family<TransportLabel, Gauge>,
     pub frames_in: Family<TransportLabel, Counter>,
     pub frames_out: Family<TransportLabel, Counter>,
@@ -53,8 +140,11 @@ impl Metrics {
         registry.register("frames_out", "Server frames sent", frames_out.clone());
         registry.register("errors", "Error replies sent, by code", errors.clone());
         registry.register("messages", "Chat messages accepted", messages.clone());
+        let broker = BrokerMetrics::new();
+        broker.register(&mut registry);
         Self {
             registry,
+            broker,
             connections,
             frames_in,
             frames_out,

@@ -29,14 +29,15 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::{
     auth::{AuthSetupError, Authenticator},
-    broker::local::LocalBroker,
+    broker::{Broker, BrokerError, local::LocalBroker, order::Log, redis::RedisBroker},
     chat::Chat,
-    config::{Config, ConfigError, TlsConfig},
+    config::{BrokerBackend, Config, ConfigError, TlsConfig},
     delivery::Hub,
     files::{FileError, Files},
     metrics::Metrics,
+    proto,
     session::{Core, Sessions},
-    store::{self, Store, StoreError, sqlite::SqliteStore},
+    store::{self, Range, Store, StoreError, sqlite::SqliteStore},
     transport::{
         self, Ctx, PeerIp,
         admission::{Admission, Refusal},
@@ -52,6 +53,8 @@ pub enum ServerError {
     Auth(#[from] AuthSetupError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error("broker: {0}")]
+    Broker(#[from] BrokerError),
     #[error("files: {0}")]
     Files(#[from] FileError),
     #[error("listening on {addr}: {source}")]
@@ -63,6 +66,26 @@ pub enum ServerError {
     Serve(std::io::Error),
     #[error("TLS: {0}")]
     Tls(String),
+}
+
+/// The store as the broker's receive path reads it (gap fills and repairs).
+struct StoreLog(Arc<dyn Store>);
+
+#[async_trait::async_trait]
+impl Log for StoreLog {
+    async fn after(
+        &self,
+        room: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<Arc<proto::Message>>, bool), String> {
+        let page = self
+            .0
+            .history(room, Range::After(after), limit)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((page.messages, page.more))
+    }
 }
 
 /// Builds the core with the configured backends, opening the store `store.backend`
@@ -90,20 +113,34 @@ fn assemble_core(config: Config, store: Arc<dyn Store>) -> Result<Arc<Core>, Ser
     let config = Arc::new(config);
     let hub = Arc::new(Hub::new());
     let files = Arc::new(Files::open(&config.files, store.clone())?);
-    let broker = Arc::new(LocalBroker::new(hub.clone()));
-    let chat =
-        Arc::new(Chat::new(store, broker, hub, config.chat.clone()).with_limits(&config.limits));
+    let metrics = Arc::new(Metrics::new());
+    let broker: Arc<dyn Broker> = match config.broker.backend {
+        BrokerBackend::Memory => Arc::new(LocalBroker::new(hub.clone())),
+        BrokerBackend::Redis => Arc::new(RedisBroker::new(
+            &config.broker,
+            hub.clone(),
+            Arc::new(StoreLog(store.clone())),
+            metrics.broker.clone(),
+        )?),
+    };
+    let chat = Arc::new(
+        Chat::new(store, broker.clone(), hub, config.chat.clone()).with_limits(&config.limits),
+    );
+    // In a cluster, session ids and tickets name the instance that holds them.
+    let id_prefix = broker.instance().map_or(String::new(), |i| format!("{i}."));
     let sessions = Arc::new(
         Sessions::new(config.session.clone(), chat.clone())
-            .with_max_per_user(config.limits.max_sessions_per_user),
+            .with_max_per_user(config.limits.max_sessions_per_user)
+            .with_id_prefix(&id_prefix),
     );
     Ok(Arc::new(Core {
         auth: Authenticator::new(&config.auth)?,
-        tickets: crate::session::tickets::Tickets::new(config.auth.ticket_ttl),
+        tickets: crate::session::tickets::Tickets::new(config.auth.ticket_ttl)
+            .with_prefix(&id_prefix),
         config,
         chat,
         sessions,
-        metrics: Arc::new(Metrics::new()),
+        metrics,
         files,
     }))
 }
@@ -112,22 +149,35 @@ pub fn router(state: Ctx) -> Router {
     // A command or API body is one frame: the same limit as a WebSocket frame. Over it
     // the handlers answer 413 with the error JSON (FRAME_TOO_LARGE).
     let body_limit = axum::extract::DefaultBodyLimit::max(state.core.config.ws.max_frame_bytes);
+    // Requests for a session another instance holds go there (transport::forward).
+    let to_owner =
+        || axum::middleware::from_fn_with_state(state.clone(), transport::forward::to_owner);
+    // Long-poll replies, HTTP commands and the API: compressed by Accept-Encoding. Never
+    // /sse (a compressor would hold events back until its buffer fills) nor /ws.
+    let mut compressible = Router::new()
+        .route(
+            "/poll",
+            get(transport::poll::handler).route_layer(to_owner()),
+        )
+        .route("/session", axum::routing::post(transport::http::connect))
+        .route(
+            "/session/{id}",
+            axum::routing::post(transport::http::command).route_layer(to_owner()),
+        )
+        .merge(transport::api::routes());
+    if state.core.config.server.http_compression {
+        compressible = compressible.layer(tower_http::compression::CompressionLayer::new());
+    }
     Router::new()
         .route(
             "/ws",
             get(transport::ws::handler).connect(transport::ws::handler),
         )
-        .route("/sse", get(transport::sse::handler))
-        .route("/poll", get(transport::poll::handler))
-        .route("/session", axum::routing::post(transport::http::connect))
-        .route(
-            "/session/{id}",
-            axum::routing::post(transport::http::command),
-        )
+        .route("/sse", get(transport::sse::handler).route_layer(to_owner()))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .merge(transport::api::routes())
+        .merge(compressible)
         .merge(crate::web::routes(&state.core.config))
         .merge(transport::files::routes())
         .layer(body_limit)
@@ -164,6 +214,18 @@ fn spawn_maintenance(core: &Arc<Core>) -> JoinHandle<()> {
     })
 }
 
+/// Tells co-members when users of a dead instance went offline (Redis broker; a no-op
+/// with the in-process one).
+fn spawn_presence_sweep(core: &Arc<Core>) -> JoinHandle<()> {
+    spawn_every(
+        core,
+        core.config.broker.presence_heartbeat,
+        |core| async move {
+            core.chat.sweep_presence().await;
+        },
+    )
+}
+
 /// Deletes uploads that no message attached in time (`files.orphan_ttl`).
 fn spawn_file_cleanup(core: &Arc<Core>) -> JoinHandle<()> {
     spawn_every(core, core.files.cleanup_interval(), |core| async move {
@@ -177,18 +239,21 @@ fn spawn_file_cleanup(core: &Arc<Core>) -> JoinHandle<()> {
 
 async fn readyz(State(app): State<Ctx>) -> impl IntoResponse {
     if app.draining.is_cancelled() {
-        (
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             "shutting down\n".to_string(),
-        )
-    } else if let Err(e) = app.core.chat.store().health() {
+        );
+    }
+    if let Err(e) = app.core.chat.store().health() {
         // The store's own periodic check (no I/O per request).
-        (
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("store unreachable: {e}\n"),
-        )
-    } else {
-        (StatusCode::OK, "ready\n".to_string())
+        );
+    }
+    match app.core.chat.broker().health() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("broker: {why}\n")),
     }
 }
 
@@ -330,7 +395,15 @@ impl Server {
             .local_addr()
             .map_err(|source| ServerError::Bind { addr, source })?;
         let config_limits = config.limits.clone();
+        let advertise = if !config.broker.advertise.is_empty() {
+            config.broker.advertise.clone()
+        } else if addr.ip().is_unspecified() {
+            format!("127.0.0.1:{}", addr.port())
+        } else {
+            addr.to_string()
+        };
         let core = open_core(config).await?;
+        core.chat.broker().advertise(advertise);
         let state = Ctx {
             core,
             draining: CancellationToken::new(),
@@ -340,6 +413,7 @@ impl Server {
         };
         let maintenance = spawn_maintenance(&state.core);
         let file_cleanup = spawn_file_cleanup(&state.core);
+        let presence_sweep = spawn_presence_sweep(&state.core);
         let app = router(state.clone()).layer(cors(state.core.config.clone()));
         let s = state.clone();
         let write_timeout = state.core.config.server.write_timeout;
@@ -411,6 +485,7 @@ impl Server {
             }
             maintenance.abort();
             file_cleanup.abort();
+            presence_sweep.abort();
             Ok(())
         });
         tracing::info!(%addr, tls = state.core.config.tls.cert_file.is_some(), "listening");

@@ -71,6 +71,11 @@ struct Global {
     /// Write a spawned server's output here (default: discarded).
     #[arg(long, global = true)]
     server_log: Option<PathBuf>,
+    /// Listeners (fanout subscribers, chat members that only read) connect to these
+    /// endpoints in turn instead of --url (repeatable): a cluster run with publishers on
+    /// one instance and subscribers spread over the others. Loopback only.
+    #[arg(long, global = true, value_name = "URL")]
+    listener_url: Vec<String>,
     /// Connection attempts in flight at once.
     #[arg(long, global = true, default_value_t = 128)]
     concurrency: usize,
@@ -92,6 +97,9 @@ struct Global {
     /// medians.
     #[arg(long, global = true, default_value_t = 1)]
     repeat: usize,
+    /// WebSocket: offer permessage-deflate (yawc's client, as browsers offer it).
+    #[arg(long, global = true)]
+    deflate: bool,
     /// Print the report as JSON on stdout (the table goes to stderr).
     #[arg(long, global = true)]
     json: bool,
@@ -258,6 +266,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     target.buffers.read = g.read_buffer;
     target.connect_timeout = g.connect_timeout;
     target.poll_wait_s = g.poll_wait;
+    target.deflate = g.deflate;
     target.source_ips = g.source_ips.unwrap_or_else(|| net::source_ips_for(conns));
     let spawn = g.spawn_server.as_ref().map(|path| SpawnOptions {
         binary: path.clone(),
@@ -307,6 +316,14 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         run.ui = ui;
         run.connect_concurrency = g.concurrency;
+        for url in &g.listener_url {
+            let mut t = Target::new(url, g.transport, g.encoding, &g.jwt_secret)?;
+            t.buffers = run.target.buffers;
+            t.connect_timeout = run.target.connect_timeout;
+            t.poll_wait_s = run.target.poll_wait_s;
+            t.source_ips = run.target.source_ips;
+            run.listener_targets.push(t);
+        }
         eprintln!(
             "run {}/{}, load average {}",
             i + 1,

@@ -3,9 +3,27 @@
 //! it to the matching local sessions.
 //!
 //! The broker is a notification path, not the source of truth: a lost publish is
-//! repaired by log sync. Backends: [`local::LocalBroker`] (one instance, in-process).
+//! repaired from the log. Backends:
+//!
+//! - [`local::LocalBroker`] — one instance, in-process. Room order comes from `chat`'s
+//!   sequencer (publishes of a room leave in seq order), so it delivers at once.
+//! - [`redis::RedisBroker`] — many instances over Redis pub/sub. One `PUBLISH` per push
+//!   ([`wire`] frames it: origin, target, room seq, the push's protobuf bytes);
+//!   instances subscribe by interest (a room's channel while it has local members, a
+//!   user's channel while the user has local sessions, one broadcast channel). Room
+//!   messages from every instance — its own included — go through [`order::RoomOrder`],
+//!   which delivers each room in seq order, drops what it already delivered and fills
+//!   gaps from the store. Presence lives in Redis keys with heartbeats ([`presence`]).
+//!
+//! Chat tells the broker about interest with [`Broker::watch_room`],
+//! [`Broker::unwatch_rooms`], [`Broker::user_online`] and [`Broker::user_offline`]; the
+//! in-process broker ignores all of them (the hub is the whole picture there).
 
 pub mod local;
+pub mod order;
+pub mod presence;
+pub mod redis;
+pub mod wire;
 
 use std::sync::Arc;
 
@@ -20,9 +38,80 @@ pub enum BrokerError {
     Backend(String),
 }
 
+/// Presence of one user as the whole cluster sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserPresence {
+    pub online: bool,
+    /// Unix ms of the end of the user's last session (0 when online or unknown).
+    pub last_seen: i64,
+}
+
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
-    /// Delivers `push` to the target's sessions on every instance. Publishes must be
-    /// delivered in the order they were made.
+    /// Delivers `push` to the target's sessions on every instance. Publishes of one
+    /// instance are delivered in the order they were made.
     async fn publish(&self, target: Target, push: Arc<Push>) -> Result<(), BrokerError>;
+
+    /// `room` has (or may have got) its first local member, whose session has seen the
+    /// room's log up to `last_seq`: its publishes must reach this instance from now on.
+    fn watch_room(&self, _room: &str, _last_seq: u64) {}
+
+    /// `user` became a member of `room` (whose log is at `last_seq`): route the room to
+    /// the user's sessions on every instance. The caller has told the local hub.
+    fn member_joined(&self, user: &str, room: &str, last_seq: u64) {
+        let _ = (user, room, last_seq);
+    }
+
+    /// `user` left `room`: stop routing it to the user's sessions on every instance.
+    fn member_left(&self, user: &str, room: &str) {
+        let _ = (user, room);
+    }
+
+    /// These rooms may have lost their last local member.
+    fn unwatch_rooms(&self, _rooms: &[String]) {}
+
+    /// `user` got its first session on this instance.
+    fn user_online(&self, _user: &str) {}
+
+    /// `user`'s last session on this instance ended at `at` (Unix ms).
+    fn user_offline(&self, _user: &str, _at: i64) {}
+
+    /// Cluster-wide presence of `users`, or `None` where this instance's hub is the
+    /// whole picture (the in-process broker).
+    async fn presence(&self, _users: &[String]) -> Result<Option<Vec<UserPresence>>, BrokerError> {
+        Ok(None)
+    }
+
+    /// Whether `user` has a session on another instance (so a change of this instance's
+    /// sessions is no presence change for co-members).
+    async fn online_elsewhere(&self, _user: &str) -> bool {
+        false
+    }
+
+    /// Users whose instance died (its heartbeat expired) and who have no session left
+    /// anywhere, with the time they were last seen: chat tells their co-members. Each
+    /// such user is returned by one instance only.
+    async fn orphaned_users(&self) -> Vec<(String, i64)> {
+        Vec::new()
+    }
+
+    /// This instance's id in the cluster (the prefix of its session ids and tickets), or
+    /// `None` when it runs alone.
+    fn instance(&self) -> Option<String> {
+        None
+    }
+
+    /// Where other instances reach this one over HTTP (`host:port`), published with the
+    /// heartbeat so requests for its sessions can be routed here.
+    fn advertise(&self, _addr: String) {}
+
+    /// The HTTP address of a live instance, by id.
+    async fn locate(&self, _instance: &str) -> Option<String> {
+        None
+    }
+
+    /// `Err` with a reason while the backend cannot fan out (for `/readyz`).
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
 }

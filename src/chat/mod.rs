@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 
 use crate::{
     auth::{now_ms, valid_user_id},
-    broker::Broker,
+    broker::{Broker, UserPresence},
     codec::Push,
     config::{ChatConfig, LimitsConfig},
     delivery::{Hub, Recipient, Target},
@@ -235,11 +235,15 @@ impl Chat {
         // Attach first, then read the rooms: a join racing with this attach then reaches
         // the hub entry either way.
         let first = self.hub.attach(recipient);
+        if first {
+            self.broker.user_online(&user);
+        }
         let rooms = self.store.rooms_of(&user).await?;
         for r in &rooms {
             self.hub.joined(&user, &r.room);
+            self.broker.watch_room(&r.room, r.last_seq);
         }
-        if first {
+        if first && !self.broker.online_elsewhere(&user).await {
             let push = Arc::new(Push::new(Kind::Presence(proto::Presence {
                 user: user.clone(),
                 online: true,
@@ -287,6 +291,8 @@ impl Chat {
         };
         let now = now_ms();
         self.last_seen.went_offline(user, now);
+        self.broker.user_offline(user, now);
+        self.broker.unwatch_rooms(&local_rooms);
         if local_rooms.is_empty() {
             // In no room: nobody to tell, and no need to read the store.
             return;
@@ -299,6 +305,9 @@ impl Chat {
         let this = self.clone();
         let user = user.to_string();
         tokio::spawn(async move {
+            if this.broker.online_elsewhere(&user).await {
+                return;
+            }
             let rooms = match this.store.rooms_of(&user).await {
                 Ok(rooms) => this.small_rooms(&rooms),
                 Err(e) => {
@@ -333,6 +342,7 @@ impl Chat {
             return Err(ChatError::RoomExists(req.room));
         }
         self.hub.joined(user, &req.room);
+        self.broker.member_joined(user, &req.room, 0);
         self.publish(
             Target::Room(req.room.clone()),
             room_state_push(&req.room, user, "joined", ""),
@@ -375,6 +385,7 @@ impl Chat {
         }
         let meta = self.store.join(room, user).await?;
         self.hub.joined(user, room);
+        self.broker.member_joined(user, room, meta.last_seq);
         if !already {
             let to = self.audience(room, user, meta.members);
             self.publish(to, room_state_push(room, user, "joined", ""))
@@ -395,6 +406,7 @@ impl Chat {
         self.publish(to, room_state_push(room, user, "left", ""))
             .await;
         self.hub.left(user, room);
+        self.broker.member_left(user, room);
         Ok(proto::Left {
             room: room.to_string(),
         })
@@ -413,6 +425,8 @@ impl Chat {
             Self::spend(&self.limits.joins, user, "joins")?;
             let meta = self.store.join(&req.room, &req.user).await?;
             self.hub.joined(&req.user, &req.room);
+            self.broker
+                .member_joined(&req.user, &req.room, meta.last_seq);
             let to = self.audience(&req.room, &req.user, meta.members);
             self.publish(to, room_state_push(&req.room, &req.user, "invited", user))
                 .await;
@@ -463,6 +477,8 @@ impl Chat {
                 self.store.ensure_dm(&room, user, &send.to_user).await?;
                 self.hub.joined(user, &room);
                 self.hub.joined(&send.to_user, &room);
+                self.broker.member_joined(user, &room, 0);
+                self.broker.member_joined(&send.to_user, &room, 0);
             }
             send.room = room;
         } else {
@@ -667,9 +683,25 @@ impl Chat {
         Ok(proto::Done {})
     }
 
-    pub fn presence(&self, req: proto::PresenceQuery) -> Result<proto::PresenceList, ChatError> {
+    pub async fn presence(
+        &self,
+        req: proto::PresenceQuery,
+    ) -> Result<proto::PresenceList, ChatError> {
         if req.users.len() > 500 {
             return Err(invalid("ask for at most 500 users at once"));
+        }
+        if let Some(cluster) = self.cluster_presence(&req.users).await? {
+            let users = req
+                .users
+                .into_iter()
+                .zip(cluster)
+                .map(|(user, p)| proto::Presence {
+                    user,
+                    online: p.online,
+                    last_seen: p.last_seen,
+                })
+                .collect();
+            return Ok(proto::PresenceList { users });
         }
         let users = req
             .users
@@ -695,7 +727,12 @@ impl Chat {
                 self.config.max_body_bytes
             )));
         }
-        if !self.hub.is_local(&req.to_user) {
+        let online = self.hub.is_local(&req.to_user)
+            || self
+                .cluster_presence(std::slice::from_ref(&req.to_user))
+                .await?
+                .is_some_and(|p| p.first().is_some_and(|p| p.online));
+        if !online {
             return Err(ChatError::UserOffline(req.to_user));
         }
         let push = Arc::new(Push::new(Kind::Signal(proto::SignalEvent {
@@ -705,6 +742,46 @@ impl Chat {
         })));
         self.publish(Target::User(req.to_user), push).await;
         Ok(proto::Done {})
+    }
+
+    /// Presence as the whole cluster sees it (`None` with the in-process broker, where
+    /// the hub knows everything).
+    async fn cluster_presence(
+        &self,
+        users: &[String],
+    ) -> Result<Option<Vec<UserPresence>>, ChatError> {
+        self.broker.presence(users).await.map_err(ChatError::from)
+    }
+
+    /// Tells co-members that users of a dead instance went offline (run periodically;
+    /// a no-op with the in-process broker).
+    pub async fn sweep_presence(&self) {
+        for (user, last_seen) in self.broker.orphaned_users().await {
+            if self.hub.is_local(&user) {
+                continue;
+            }
+            let rooms = match self.store.rooms_of(&user).await {
+                Ok(rooms) => self.small_rooms(&rooms),
+                Err(e) => {
+                    tracing::warn!(error = %e, "presence: rooms_of failed");
+                    continue;
+                }
+            };
+            if rooms.is_empty() {
+                continue;
+            }
+            let push = Arc::new(Push::new(Kind::Presence(proto::Presence {
+                user: user.clone(),
+                online: false,
+                last_seen,
+            })));
+            self.publish(Target::CoMembers { rooms, user }, push).await;
+        }
+    }
+
+    /// The broker (for `/readyz`).
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.broker
     }
 
     /// A server-side announcement to a room's members or (room `None`) to everyone.

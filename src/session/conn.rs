@@ -292,7 +292,7 @@ impl Conn {
                 .map(|rooms| Kind::Rooms(proto::RoomList { rooms })),
             Cmd::Read(r) => chat.read(user, r).await.map(Kind::Done),
             Cmd::Typing(t) => chat.typing(user, t).await.map(Kind::Done),
-            Cmd::Presence(p) => chat.presence(p).map(Kind::PresenceList),
+            Cmd::Presence(p) => chat.presence(p).await.map(Kind::PresenceList),
             Cmd::Signal(s) => chat.signal(user, s).await.map(Kind::Done),
         };
         Outcome::Reply(match result {

@@ -29,6 +29,9 @@ pub struct Sessions {
     /// Most live sessions of one user (0: no limit).
     max_per_user: u64,
     next_recipient: AtomicU64,
+    /// Put in front of every session id (the instance id in a cluster, so any instance
+    /// can tell which one holds a session).
+    id_prefix: String,
     config: SessionConfig,
     chat: Arc<Chat>,
 }
@@ -39,6 +42,7 @@ impl Sessions {
             map: Mutex::default(),
             max_per_user: 0,
             next_recipient: AtomicU64::new(1),
+            id_prefix: String::new(),
             config,
             chat,
         }
@@ -47,6 +51,12 @@ impl Sessions {
     /// Applies `limits.max_sessions_per_user` (0: none).
     pub fn with_max_per_user(mut self, max: u64) -> Self {
         self.max_per_user = max;
+        self
+    }
+
+    /// Session ids start with `prefix` (see `transport::forward`).
+    pub fn with_id_prefix(mut self, prefix: &str) -> Self {
+        self.id_prefix = prefix.to_string();
         self
     }
 
@@ -59,7 +69,8 @@ impl Sessions {
     pub fn create(&self, user: &str) -> Result<Arc<Session>, TooManySessions> {
         let mut raw = [0u8; 16];
         rand::rng().fill_bytes(&mut raw);
-        let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let mut id = self.id_prefix.clone();
+        id.extend(raw.iter().map(|b| format!("{b:02x}")));
         let limits = Limits {
             max_queue_bytes: self.config.max_queue_bytes,
             replay_buffer_bytes: self.config.replay_buffer_bytes,

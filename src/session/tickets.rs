@@ -50,6 +50,7 @@ struct Ticket {
 pub struct Tickets {
     map: Mutex<HashMap<String, Ticket>>,
     ttl: Duration,
+    prefix: String,
 }
 
 impl Tickets {
@@ -57,7 +58,15 @@ impl Tickets {
         Self {
             map: Mutex::default(),
             ttl,
+            prefix: String::new(),
         }
+    }
+
+    /// Tickets start with `prefix` (the instance id in a cluster: see
+    /// `transport::forward`).
+    pub fn with_prefix(mut self, prefix: &str) -> Self {
+        self.prefix = prefix.to_string();
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Ticket>> {
@@ -72,7 +81,8 @@ impl Tickets {
     pub fn issue(&self, user: &str, token_exp: u64) -> String {
         let mut raw = [0u8; 24];
         rand::rng().fill_bytes(&mut raw);
-        let ticket: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let mut ticket = self.prefix.clone();
+        ticket.extend(raw.iter().map(|b| format!("{b:02x}")));
         let t = Ticket {
             user: user.into(),
             expires: Instant::now() + self.ttl,

@@ -9,6 +9,7 @@
 //! - `http`: the command endpoint for SSE and long-poll sessions.
 //! - `api`: the HTTP API (history, rooms, tickets, server-side posts).
 //! - `files`: the attachments API (upload, download, signed URLs, delete).
+//! - `forward`: requests for a session another instance holds are routed there.
 //! - `bearer`: bearer-token auth and the HTTP error type shared by the HTTP paths.
 //! - `deadline`: a write deadline on every accepted socket, so no connection can stay
 //!   stuck on a client that does not read.
@@ -19,6 +20,7 @@ pub mod api;
 pub mod bearer;
 pub mod deadline;
 pub mod files;
+pub mod forward;
 pub mod http;
 pub mod poll;
 pub mod sse;

@@ -33,6 +33,9 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct Run {
     pub target: Target,
+    /// Where listeners connect, in turn (empty: `target`), e.g. the other instances of
+    /// a cluster.
+    pub listener_targets: Vec<Target>,
     /// The server process, for RSS / fds / CPU (`None`: not measured).
     pub server: Option<Probe>,
     pub ui: Ui,
@@ -44,6 +47,7 @@ impl Run {
     pub fn new(target: Target) -> Self {
         Self {
             target,
+            listener_targets: Vec::new(),
             server: None,
             ui: Ui::hidden(),
             connect_concurrency: 128,

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Cluster fan-out benchmark (docs/BENCHMARKS.md, "Many instances"): in one sitting,
+#   1. one instance (memory broker) with publishers and subscribers on it;
+#   2. three instances on one Redis: publishers on instance 0, subscribers spread over
+#      instances 1 and 2 (parley-bench --listener-url);
+# both on the same private PostgreSQL store (scripts/cluster). Prints parley-bench's
+# report per run and the CPU seconds of every parley and of redis-server, and Redis'
+# command count, over the run.
+#
+#   bench/scripts/cluster.sh OUT_DIR [BIN_DIR] -- FANOUT_ARGS...
+#   e.g. bench/scripts/cluster.sh /tmp/cb target/release -- --subscribers 600 --publishers 4 --rate 200 --duration 10s
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out=$1
+bin=${2:-target/release}
+shift 2
+[ "${1:-}" = "--" ] && shift
+mkdir -p "$out"
+for v in MAX_CONNECTIONS MAX_CONNECTIONS_PER_IP CONNECTS_PER_IP_PER_SECOND CONNECTS_PER_IP_BURST \
+    TICKETS_PER_IP_PER_SECOND TICKETS_PER_IP_BURST MAX_SESSIONS_PER_USER MAX_ROOMS_PER_USER \
+    SENDS_PER_SECOND SENDS_BURST JOINS_PER_SECOND JOINS_BURST; do
+    export "PARLEY_LIMITS__$v=0"
+done
+export PARLEY_BIN="$bin/parley"
+
+cpu_ticks() { # utime + stime of a pid, in clock ticks
+    awk '{print $14 + $15}' "/proc/$1/stat"
+}
+
+run() { # name n_instances bench-args...
+    local name=$1 n=$2
+    shift 2
+    local dir="$out/$name.cluster"
+    scripts/cluster stop "$dir" >/dev/null 2>&1 || true
+    mapfile -t urls < <(scripts/cluster start "$dir" "$n")
+    local pids=() before=() i
+    for i in $(seq 0 $((n - 1))); do pids+=("$(cat "$dir/parley-$i.pid")"); done
+    [ -e "$dir/redis.pid" ] && pids+=("$(cat "$dir/redis.pid")")
+    local redis_port
+    redis_port=$(sed -E 's#.*:([0-9]+)/#\1#' "$dir/redis.url")
+    local cmds_before
+    cmds_before=$(redis-cli -p "$redis_port" info stats | awk -F: '/^total_commands_processed/{print $2+0}')
+    for p in "${pids[@]}"; do before+=("$(cpu_ticks "$p")"); done
+    local t0 t1
+    t0=$(date +%s.%N)
+    echo "== $name: $(uptime)" | tee -a "$out/summary.txt"
+    local ws=()
+    for u in "${urls[@]}"; do ws+=("ws://${u#http://}/ws"); done
+    local extra=()
+    if [ "$n" -gt 1 ]; then
+        for u in "${ws[@]:1}"; do extra+=(--listener-url "$u"); done
+    fi
+    "$bin/parley-bench" --no-progress --json --url "${ws[0]}" --server-pid "${pids[0]}" \
+        "${extra[@]}" fanout "$@" >"$out/$name.json" 2>"$out/$name.txt" || echo "bench failed: see $out/$name.txt"
+    t1=$(date +%s.%N)
+    local hz
+    hz=$(getconf CLK_TCK)
+    local cmds_after
+    cmds_after=$(redis-cli -p "$redis_port" info stats | awk -F: '/^total_commands_processed/{print $2+0}')
+    {
+        echo "wall $(echo "$t1 - $t0" | bc) s"
+        for k in "${!pids[@]}"; do
+            local a
+            a=$(cpu_ticks "${pids[$k]}")
+            echo "pid ${pids[$k]} ($( [ "$k" -lt "$n" ] && echo "parley-$k" || echo redis)): $(echo "scale=2; ($a - ${before[$k]}) / $hz" | bc) CPU s"
+        done
+        echo "redis commands: $((cmds_after - cmds_before))"
+        grep -E "delivered/s|latency p50|verification|published" "$out/$name.txt" || true
+    } | tee -a "$out/summary.txt"
+    scripts/cluster stop "$dir" >/dev/null
+}
+
+CLUSTER_BROKER=memory run single 1 "$@"
+run cluster3 3 "$@"

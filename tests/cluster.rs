@@ -1,0 +1,532 @@
+//! Many instances: three `parley` processes sharing one store and a private
+//! `redis-server` (started here on a free port, killed at the end). Users on different
+//! instances chat as if on one; order, idempotency and presence hold across instances;
+//! Redis restarts and dead instances are survived.
+
+mod common;
+#[path = "cluster/harness.rs"]
+mod harness;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use common::{Client, WAIT, code_of, http_get};
+use harness::Cluster;
+use parley::proto::{self, ErrorCode, client_frame::Cmd, server_frame::Kind};
+
+/// Reads `n` message pushes; returns (seq, body) in the order they came.
+async fn messages(c: &mut Client, n: usize) -> Vec<(u64, String)> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let m = c.next_message().await;
+        out.push((m.seq, m.body));
+    }
+    out
+}
+
+fn assert_gap_free(got: &[(u64, String)], from: u64, to: u64) {
+    let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (from..=to).collect::<Vec<_>>(), "in order, once each");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_on_different_instances_chat_in_rooms_and_dms() {
+    let cluster = Cluster::start("chat", 3).await;
+    let mut ann = cluster.client(0, "ann").await;
+    let mut bob = cluster.client(1, "bob").await;
+    let mut cat = cluster.client(2, "cat").await;
+    for c in [&mut ann, &mut bob, &mut cat] {
+        c.join("lobby").await;
+    }
+    // Each sends in turn; everyone (the sender included) sees all of it in seq order.
+    let mut n = 0;
+    for round in 0..10 {
+        for c in [&mut ann, &mut bob, &mut cat] {
+            let sent = c
+                .send_msg("lobby", &format!("{}-{round}", c.user_id), "hi")
+                .await;
+            n += 1;
+            assert_eq!(sent.seq, n);
+        }
+    }
+    for c in [&mut ann, &mut bob, &mut cat] {
+        assert_gap_free(&messages(c, 30).await, 1, 30);
+    }
+
+    // A direct message from an instance to a user on another.
+    let sent = match ann
+        .request(Cmd::Send(proto::Send {
+            to_user: "cat".into(),
+            client_msg_id: "dm-1".into(),
+            body: "psst".into(),
+            ..Default::default()
+        }))
+        .await
+    {
+        Kind::Sent(s) => s,
+        other => panic!("expected sent, got {other:?}"),
+    };
+    let m = cat.next_message().await;
+    assert_eq!(
+        (m.room.as_str(), m.seq, m.body.as_str()),
+        (sent.room.as_str(), 1, "psst")
+    );
+    assert_eq!(m.sender, "ann");
+    // Bob is not in the DM: nothing more for him.
+    bob.nothing_pushed(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sends_from_every_instance_give_one_order_everywhere() {
+    let cluster = Cluster::start("order", 3).await;
+    const EACH: usize = 40;
+    // Two subscribers per instance.
+    let mut subscribers = Vec::new();
+    for i in 0..3 {
+        for k in 0..2 {
+            let mut c = cluster.client(i, &format!("sub{i}{k}")).await;
+            c.join("busy").await;
+            subscribers.push(c);
+        }
+    }
+    // One sender per instance, all at once, each pipelining its sends.
+    let mut senders = Vec::new();
+    for i in 0..3 {
+        let mut c = cluster.client(i, &format!("pub{i}")).await;
+        c.join("busy").await;
+        senders.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for k in 0..EACH {
+                ids.push(
+                    c.send(Cmd::Send(proto::Send {
+                        room: "busy".into(),
+                        client_msg_id: format!("{i}-{k}"),
+                        body: format!("{i}-{k}"),
+                        ..Default::default()
+                    }))
+                    .await,
+                );
+            }
+            let mut acked = 0;
+            while acked < EACH {
+                let f = c.read().await.expect("replies");
+                if f.pos == 0 && matches!(f.kind, Some(Kind::Sent(_))) {
+                    acked += 1;
+                }
+            }
+        }));
+    }
+    for s in senders {
+        s.await.unwrap();
+    }
+    let total = 3 * EACH;
+    let mut orders: Vec<BTreeMap<u64, String>> = Vec::new();
+    for c in &mut subscribers {
+        let got = messages(c, total).await;
+        assert_gap_free(&got, 1, total as u64);
+        orders.push(got.into_iter().collect());
+    }
+    for o in &orders[1..] {
+        assert_eq!(o, &orders[0], "every subscriber sees the same seq order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_loses_nothing_and_delivery_resumes_by_itself() {
+    let mut cluster = Cluster::start("redis-restart", 3).await;
+    let mut ann = cluster.client(0, "ann").await;
+    let mut bob = cluster.client(1, "bob").await;
+    let mut cat = cluster.client(2, "cat").await;
+    for c in [&mut ann, &mut bob, &mut cat] {
+        c.join("r").await;
+    }
+    ann.send_msg("r", "before", "before").await;
+    for c in [&mut bob, &mut cat] {
+        assert_gap_free(&messages(c, 1).await, 1, 1);
+    }
+
+    cluster.stop_redis();
+    // The instances notice: not ready while Redis is gone.
+    let addr = cluster.addr(1);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while http_get(addr, "/readyz").await.0 != 503 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz never said 503"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Sends still succeed (the log is fine); they reach the sender's instance only.
+    for k in 0..5 {
+        ann.send_msg("r", &format!("during-{k}"), "during").await;
+    }
+
+    cluster.start_redis().await;
+    for i in 0..3 {
+        cluster.wait_ready(i).await;
+    }
+    // Without anything new being sent, the repair after the resubscribe delivers what
+    // was missed, once.
+    for c in [&mut bob, &mut cat] {
+        assert_gap_free(&messages(c, 5).await, 2, 6);
+    }
+    // The metrics say how: a resubscribe, and messages delivered from the log.
+    let (_, metrics) = http_get(cluster.addr(1), "/metrics").await;
+    assert!(metric(&metrics, "parley_broker_resubscribes_total") >= 1.0);
+    assert!(metric(&metrics, "parley_broker_filled_messages_total") >= 5.0);
+    // Presence was rebuilt in the new Redis.
+    assert!(presence_of(&mut cat, "bob").await.online);
+    // Live fan-out works again.
+    bob.send_msg("r", "after", "after").await;
+    for c in [&mut ann, &mut cat] {
+        let got = messages(c, if c.user_id == "ann" { 7 } else { 1 }).await;
+        assert_eq!(got.last().unwrap().0, 7);
+    }
+    cat.nothing_pushed(Duration::from_millis(300)).await;
+}
+
+/// The value of an unlabelled sample in an OpenMetrics text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in /metrics"))
+}
+
+async fn presence_of(c: &mut Client, user: &str) -> proto::Presence {
+    match c
+        .request(Cmd::Presence(proto::PresenceQuery {
+            users: vec![user.into()],
+        }))
+        .await
+    {
+        Kind::PresenceList(mut l) => l.users.remove(0),
+        other => panic!("expected presence list, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_cluster_wide_and_a_dead_instance_takes_its_users_offline() {
+    // A closed session counts as online for its grace period: keep that short here.
+    let mut cluster = Cluster::start_with("presence", 3, |c| {
+        c.session.grace_period = Duration::from_millis(300);
+    })
+    .await;
+    let mut watcher = cluster.client(2, "watcher").await;
+    watcher.join("team").await;
+    assert!(!presence_of(&mut watcher, "dan").await.online);
+
+    // dan has sessions on instances 0 and 1.
+    let mut dan0 = cluster.client(0, "dan").await;
+    dan0.join("team").await;
+    let dan1 = cluster.client(1, "dan").await;
+    assert!(presence_of(&mut watcher, "dan").await.online);
+
+    // A signal reaches him from an instance where he has no session.
+    match watcher
+        .request(Cmd::Signal(proto::Signal {
+            to_user: "dan".into(),
+            kind: "offer".into(),
+            payload: "sdp".into(),
+        }))
+        .await
+    {
+        Kind::Done(_) => {}
+        other => panic!("expected done, got {other:?}"),
+    }
+    let s = dan0.next_of(common_pushed_signal).await;
+    assert_eq!(
+        (s.from_user.as_str(), s.kind.as_str()),
+        ("watcher", "offer")
+    );
+
+    // Closing one of his sessions leaves him online through the other.
+    drop(dan0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(presence_of(&mut watcher, "dan").await.online);
+
+    // Instance 1 dies: within presence_ttl + a heartbeat he is offline everywhere, and
+    // his co-member hears it.
+    cluster.instances[1].proc.kill();
+    drop(dan1);
+    let p = tokio::time::timeout(
+        Duration::from_secs(8),
+        watcher.next_of(|k| match k {
+            Kind::Presence(p) if p.user == "dan" && !p.online => Some(p),
+            _ => None,
+        }),
+    )
+    .await
+    .expect("an offline push within presence_ttl + heartbeat");
+    assert!(p.last_seen > 0);
+    let now = presence_of(&mut watcher, "dan").await;
+    assert!(!now.online);
+    assert!(now.last_seen > 0);
+    // And signalling him is refused cluster-wide.
+    match watcher
+        .request(Cmd::Signal(proto::Signal {
+            to_user: "dan".into(),
+            kind: "offer".into(),
+            payload: "sdp".into(),
+        }))
+        .await
+    {
+        Kind::Error(e) => assert_eq!(code_of(&e), ErrorCode::UserOffline),
+        other => panic!("expected USER_OFFLINE, got {other:?}"),
+    }
+}
+
+fn common_pushed_signal(k: Kind) -> Option<proto::SignalEvent> {
+    match k {
+        Kind::Signal(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn bearer(cluster: &Cluster, user: &str) -> String {
+    format!("Bearer {}", cluster.token(user))
+}
+
+/// `POST /session/{id}` at instance `i` with a JSON command; the reply.
+async fn command(
+    cluster: &Cluster,
+    i: usize,
+    user: &str,
+    session: &str,
+    cmd: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let auth = bearer(cluster, user);
+    let r = common::http(
+        cluster.addr(i),
+        "POST",
+        &format!("/session/{session}"),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        cmd.to_string(),
+    )
+    .await;
+    let v = if r.body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&r.body).unwrap()
+    };
+    (r.status, v)
+}
+
+/// The message seqs among `frames`, checking positions follow `last_pos` without a gap.
+fn message_seqs(frames: &[proto::ServerFrame], last_pos: &mut u64, seqs: &mut Vec<u64>) {
+    for f in frames {
+        assert_eq!(f.pos, *last_pos + 1, "positions without gap or repeat");
+        *last_pos = f.pos;
+        if let Some(Kind::Message(m)) = &f.kind {
+            seqs.push(m.seq);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_and_long_poll_sessions_hop_between_instances_without_loss_or_repeat() {
+    let cluster = Cluster::start("no-sticky", 3).await;
+    let mut ann = cluster.client(2, "ann").await;
+    ann.join("r").await;
+
+    // A long-poll session opened on instance 0, joined through instance 1.
+    let auth = bearer(&cluster, "pat");
+    let r = common::http(
+        cluster.addr(0),
+        "POST",
+        "/session",
+        &[("authorization", &auth)],
+        r#"{"id":"1","connect":{}}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let poll_session = v["connected"]["sessionId"].as_str().unwrap().to_string();
+    let (status, v) = command(
+        &cluster,
+        1,
+        "pat",
+        &poll_session,
+        serde_json::json!({"id":"2","join":{"room":"r"}}),
+    )
+    .await;
+    assert_eq!((status, v["joined"]["room"].as_str()), (200, Some("r")));
+
+    // An SSE session: ticket minted on instance 1, stream opened on instance 0.
+    let auth = bearer(&cluster, "sid");
+    let r = common::http(
+        cluster.addr(1),
+        "POST",
+        "/api/v1/tickets",
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let ticket = v["ticket"].as_str().unwrap().to_string();
+    let path = format!("/sse?ticket={ticket}");
+    let mut sse = common::SseClient::open(cluster.addr(0), &path, &[]).await;
+    assert_eq!(sse.status, 200);
+    let (_, first) = sse.next_frame().await;
+    let Some(Kind::Connected(c)) = first.kind else {
+        panic!("expected connected, got {first:?}")
+    };
+    let sse_session = c.session_id;
+    let (status, _) = command(
+        &cluster,
+        2,
+        "sid",
+        &sse_session,
+        serde_json::json!({"id":"2","join":{"room":"r"}}),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let (mut poll_pos, mut poll_seqs, mut poll_cursor) = (0, Vec::new(), 0u64);
+    let (mut sse_pos, mut sse_seqs) = (0, Vec::new());
+    const ROUNDS: usize = 6;
+    const PER_ROUND: usize = 4;
+    for round in 0..ROUNDS {
+        for k in 0..PER_ROUND {
+            ann.send_msg("r", &format!("{round}-{k}"), "x").await;
+        }
+        let want = (round + 1) * PER_ROUND;
+        // Long-poll: every GET on the next instance.
+        let mut hop = round;
+        while poll_seqs.len() < want {
+            hop += 1;
+            let i = hop % 3;
+            let path = format!("/poll?session_id={poll_session}&cursor={poll_cursor}&wait=1");
+            let auth = bearer(&cluster, "pat");
+            let r = common::http(
+                cluster.addr(i),
+                "GET",
+                &path,
+                &[("authorization", &auth)],
+                "",
+            )
+            .await;
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+            let frames: Vec<proto::ServerFrame> = serde_json::from_slice(&r.body).unwrap();
+            message_seqs(&frames, &mut poll_pos, &mut poll_seqs);
+            poll_cursor = poll_pos;
+        }
+        // SSE: read this round's events, then reconnect elsewhere with Last-Event-ID.
+        while sse_seqs.len() < want {
+            let (id, frame) = sse.next_frame().await;
+            if id.is_none() {
+                continue;
+            }
+            message_seqs(&[frame], &mut sse_pos, &mut sse_seqs);
+        }
+        drop(sse);
+        let i = (round + 1) % 3;
+        let last = sse_pos.to_string();
+        sse = common::SseClient::open(cluster.addr(i), &path, &[("last-event-id", &last)]).await;
+        assert_eq!(sse.status, 200, "reconnect on instance {i}");
+    }
+    let all: Vec<u64> = (1..=(ROUNDS * PER_ROUND) as u64).collect();
+    assert_eq!(poll_seqs, all, "long-poll: everything once, in order");
+    assert_eq!(sse_seqs, all, "SSE: everything once, in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_killed_instance_continue_elsewhere_with_everything_acked_once() {
+    let mut cluster = Cluster::start("kill", 3).await;
+    let mut ann = cluster.client(0, "ann").await;
+    let mut bob = cluster.client(1, "bob").await;
+    ann.join("r").await;
+    bob.join("r").await;
+    for k in 0..5 {
+        ann.send_msg("r", &format!("a{k}"), "x").await;
+    }
+    assert_gap_free(&messages(&mut bob, 5).await, 1, 5);
+    let (old_session, old_pos) = (bob.session_id.clone(), bob.last_pos);
+
+    // bob's instance dies mid-chat; ann keeps sending (every send acked).
+    cluster.instances[1].proc.kill();
+    drop(bob);
+    for k in 5..10 {
+        ann.send_msg("r", &format!("a{k}"), "x").await;
+    }
+
+    // bob reconnects to another instance: his session died with its instance, so he
+    // log-syncs from his last seq and gets exactly what he missed.
+    let mut bob = common::Client::open(cluster.addr(2), Some(parley::codec::Encoding::Proto)).await;
+    let connected = bob
+        .connect_with(proto::Connect {
+            token: cluster.token("bob"),
+            session_id: old_session,
+            last_pos: old_pos,
+        })
+        .await;
+    assert!(!connected.resumed);
+    let r = connected.rooms.iter().find(|r| r.room == "r").unwrap();
+    assert_eq!(r.last_seq, 10);
+    let page = match bob
+        .request(Cmd::Sync(proto::Sync {
+            rooms: [("r".to_string(), 5)].into(),
+            limit: 0,
+        }))
+        .await
+    {
+        Kind::Sync(s) => s.rooms.into_iter().next().unwrap(),
+        other => panic!("expected sync, got {other:?}"),
+    };
+    let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (6..=10).collect::<Vec<_>>());
+    // Live delivery continues on the new instance, without repeats.
+    ann.send_msg("r", "a10", "x").await;
+    assert_gap_free(&messages(&mut bob, 1).await, 11, 11);
+    bob.nothing_pushed(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_tells_clients_to_reconnect_and_they_continue_elsewhere() {
+    let mut cluster = Cluster::start("rolling", 3).await;
+    let mut ann = cluster.client(0, "ann").await;
+    let mut bob = cluster.client(1, "bob").await;
+    ann.join("r").await;
+    bob.join("r").await;
+    for k in 0..3 {
+        ann.send_msg("r", &format!("a{k}"), "x").await;
+    }
+    assert_gap_free(&messages(&mut bob, 3).await, 1, 3);
+
+    // Instance 1 is stopped the polite way: bob is told to reconnect.
+    let stopping = {
+        let mut proc = std::mem::replace(&mut cluster.instances[1].proc, harness::Proc::none());
+        std::thread::spawn(move || proc.terminate())
+    };
+    let d = bob.next_of(|k| match k {
+        Kind::Disconnect(d) => Some(d),
+        _ => None,
+    });
+    let d = tokio::time::timeout(WAIT, d)
+        .await
+        .expect("a disconnect frame");
+    assert!(d.reconnect, "{d:?}");
+    stopping.join().unwrap();
+    for k in 3..6 {
+        ann.send_msg("r", &format!("a{k}"), "x").await;
+    }
+
+    // He continues on instance 2 from his last seq.
+    let mut bob = cluster.client(2, "bob").await;
+    let page = match bob
+        .request(Cmd::Sync(proto::Sync {
+            rooms: [("r".to_string(), 3)].into(),
+            limit: 0,
+        }))
+        .await
+    {
+        Kind::Sync(s) => s.rooms.into_iter().next().unwrap(),
+        other => panic!("expected sync, got {other:?}"),
+    };
+    let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, [4, 5, 6]);
+    ann.send_msg("r", "a6", "x").await;
+    assert_gap_free(&messages(&mut bob, 1).await, 7, 7);
+}
