@@ -13,7 +13,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
-use crate::proto::{ClientFrame, ServerFrame, server_frame::Kind};
+use crate::{
+    deflate,
+    proto::{ClientFrame, ServerFrame, server_frame::Kind},
+};
 
 /// How frames are encoded on one transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +86,9 @@ pub struct Push {
     cost: usize,
     proto: OnceLock<Bytes>,
     json: OnceLock<Bytes>,
+    /// The part of each body after the position, compressed ([`Push::deflated_frame`]).
+    proto_deflated: OnceLock<Bytes>,
+    json_deflated: OnceLock<Bytes>,
 }
 
 impl Push {
@@ -95,6 +101,8 @@ impl Push {
             cost,
             proto: OnceLock::new(),
             json: OnceLock::new(),
+            proto_deflated: OnceLock::new(),
+            json_deflated: OnceLock::new(),
         }
     }
 
@@ -127,28 +135,66 @@ impl Push {
     /// The complete frame for one session: `pos` spliced in front of the shared body.
     pub fn frame(&self, encoding: Encoding, pos: u64) -> Bytes {
         let body = self.body(encoding);
-        match encoding {
-            Encoding::Proto => {
-                let mut out = BytesMut::with_capacity(body.len() + 11);
-                // Field 2 (pos), wire type 0 (varint).
-                prost::encoding::encode_key(2, prost::encoding::WireType::Varint, &mut out);
-                prost::encoding::encode_varint(pos, &mut out);
-                out.put_slice(body);
-                out.freeze()
-            }
-            Encoding::Json => {
-                let mut out = BytesMut::with_capacity(body.len() + 32);
-                out.put_slice(b"{\"pos\":\"");
-                out.put_slice(itoa::Buffer::new().format(pos).as_bytes());
-                out.put_slice(b"\"");
-                // body is `{...}` with at least the oneof field inside.
-                if body.len() > 2 {
-                    out.put_u8(b',');
-                }
-                out.put_slice(&body[1..]);
-                out.freeze()
+        let mut out = BytesMut::with_capacity(body.len() + 32);
+        put_prefix(&mut out, encoding, body, pos);
+        out.put_slice(shared_part(encoding, body));
+        out.freeze()
+    }
+
+    /// The shared part of the body (what follows the position), compressed once per
+    /// encoding with `level` (the first caller's level is kept: one server, one level).
+    pub fn deflated_body(&self, encoding: Encoding, level: u32) -> &Bytes {
+        let cell = match encoding {
+            Encoding::Proto => &self.proto_deflated,
+            Encoding::Json => &self.json_deflated,
+        };
+        cell.get_or_init(|| {
+            deflate::compress_body(shared_part(encoding, self.body(encoding)), level)
+        })
+    }
+
+    /// The frame for one session as a permessage-deflate payload (no context takeover):
+    /// the `pos` prefix in a stored block, then the body compressed once for everyone.
+    /// It inflates to exactly [`Push::frame`]'s bytes.
+    pub fn deflated_frame(&self, encoding: Encoding, pos: u64, level: u32) -> Bytes {
+        let body = self.body(encoding);
+        let shared = self.deflated_body(encoding, level);
+        let mut prefix = BytesMut::with_capacity(32);
+        put_prefix(&mut prefix, encoding, body, pos);
+        let mut out = BytesMut::with_capacity(prefix.len() + 5 + shared.len());
+        deflate::put_stored_block(&mut out, &prefix);
+        out.put_slice(shared);
+        out.freeze()
+    }
+}
+
+/// The per-session start of a push frame: the position field (protobuf: field 2 first,
+/// fields may come in any order; JSON: `{"pos":"N"` and a comma when more follows).
+fn put_prefix(out: &mut BytesMut, encoding: Encoding, body: &[u8], pos: u64) {
+    match encoding {
+        Encoding::Proto => {
+            // Field 2 (pos), wire type 0 (varint).
+            prost::encoding::encode_key(2, prost::encoding::WireType::Varint, out);
+            prost::encoding::encode_varint(pos, out);
+        }
+        Encoding::Json => {
+            out.put_slice(b"{\"pos\":\"");
+            out.put_slice(itoa::Buffer::new().format(pos).as_bytes());
+            out.put_slice(b"\"");
+            // body is `{...}` with at least the oneof field inside.
+            if body.len() > 2 {
+                out.put_u8(b',');
             }
         }
+    }
+}
+
+/// The part of an encoded body shared by every recipient, after the prefix: all of it
+/// in protobuf, everything after the opening `{` in JSON.
+fn shared_part(encoding: Encoding, body: &[u8]) -> &[u8] {
+    match encoding {
+        Encoding::Proto => body,
+        Encoding::Json => body.get(1..).unwrap_or_default(),
     }
 }
 
@@ -184,6 +230,32 @@ mod tests {
             let json = push.frame(Encoding::Json, 300);
             let parsed: ServerFrame = serde_json::from_slice(&json).unwrap();
             assert_eq!(parsed, expected);
+        }
+    }
+
+    #[test]
+    fn deflated_frames_inflate_to_the_spliced_frame_and_share_the_compressed_body() {
+        use flate2::{Decompress, FlushDecompress};
+        let inflate = |payload: &[u8]| {
+            let mut input = payload.to_vec();
+            input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+            let mut out = Vec::with_capacity(1 << 16);
+            Decompress::new(false)
+                .decompress_vec(&input, &mut out, FlushDecompress::Sync)
+                .unwrap();
+            out
+        };
+        for kind in [message(), Kind::Disconnect(Disconnect::default())] {
+            let push = Push::new(kind);
+            for encoding in [Encoding::Proto, Encoding::Json] {
+                let shared = push.deflated_body(encoding, 6).clone();
+                for pos in [1, 300, u64::MAX] {
+                    let payload = push.deflated_frame(encoding, pos, 6);
+                    assert!(payload.ends_with(&shared));
+                    assert_eq!(inflate(&payload), push.frame(encoding, pos));
+                }
+                assert_eq!(push.deflated_body(encoding, 6).as_ptr(), shared.as_ptr());
+            }
         }
     }
 

@@ -123,6 +123,9 @@ pub struct ServerConfig {
     /// Same-origin requests and clients that send no `Origin` are always allowed. `*`
     /// allows any origin.
     pub allowed_origins: Vec<String>,
+    /// Compress long-poll replies and HTTP API responses (gzip, brotli or zstd, by the
+    /// request's `Accept-Encoding`). Never SSE streams or WebSockets.
+    pub http_compression: bool,
 }
 
 impl Default for ServerConfig {
@@ -133,6 +136,7 @@ impl Default for ServerConfig {
             drain_delay: Duration::from_secs(2),
             write_timeout: Duration::from_secs(30),
             allowed_origins: Vec::new(),
+            http_compression: true,
         }
     }
 }
@@ -389,9 +393,26 @@ pub struct WsConfig {
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
     /// After a push wakes an idle connection, wait this long before writing, so pushes
-    /// arriving together go out in one write. 0 writes at once.
+    /// arriving together go out in one write. 0: adaptive (yield to the tasks already
+    /// runnable, then write; see `session::outbox`).
     #[serde(with = "humantime_serde")]
     pub coalesce: Duration,
+    /// Negotiate permessage-deflate (RFC 7692) with clients that offer it.
+    pub deflate: bool,
+    /// zlib compression level, 1 (fast) to 9 (small).
+    pub deflate_level: u32,
+    /// Messages (and broadcast bodies) shorter than this many bytes are sent uncompressed.
+    pub deflate_min_bytes: usize,
+    /// The `client_max_window_bits` asked of clients that offer it (9-15): the window a
+    /// client may compress with, and so the window parley inflates with.
+    pub deflate_client_max_window_bits: u8,
+    /// Let clients keep their compression context between messages (better ratio for
+    /// what clients send, but inflate state kept per connection). Off: parley answers
+    /// `client_no_context_takeover` and shares inflate state between connections.
+    pub deflate_client_context_takeover: bool,
+    /// Compress a broadcast once for all its recipients (on), or each push per connection
+    /// like most WebSocket servers do (off: only for comparison, e.g. benchmarks).
+    pub deflate_compress_once: bool,
 }
 
 impl Default for WsConfig {
@@ -405,6 +426,12 @@ impl Default for WsConfig {
             write_buffer_bytes: 1024,
             write_timeout: Duration::from_secs(10),
             coalesce: Duration::ZERO,
+            deflate: true,
+            deflate_level: 6,
+            deflate_min_bytes: 128,
+            deflate_client_max_window_bits: 10,
+            deflate_client_context_takeover: false,
+            deflate_compress_once: true,
         }
     }
 }
@@ -856,6 +883,19 @@ impl Config {
         )?;
         duration("ws.write_timeout", w.write_timeout, 100 * MS, HOUR)?;
         duration("ws.coalesce", w.coalesce, Duration::ZERO, SEC)?;
+        count("ws.deflate_level", u64::from(w.deflate_level), 1, 9)?;
+        count(
+            "ws.deflate_min_bytes",
+            w.deflate_min_bytes as u64,
+            0,
+            64 * MIB,
+        )?;
+        count(
+            "ws.deflate_client_max_window_bits",
+            u64::from(w.deflate_client_max_window_bits),
+            9,
+            15,
+        )?;
         let se = &self.session;
         duration("session.grace_period", se.grace_period, 10 * MS, DAY)?;
         count(

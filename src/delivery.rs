@@ -5,12 +5,16 @@
 //! instances; the hub delivers them here. This module knows neither of them.
 //!
 //! The hub only knows [`Recipient`]s (sessions implement it); it never awaits and never
-//! touches a socket: delivering is a non-blocking push into each session's queue, done
-//! under a read lock so deliveries to different rooms run in parallel.
+//! touches a socket: delivering is a non-blocking push into each session's queue.
+//!
+//! A room keeps a copy-on-write snapshot of its recipients (an `Arc<[..]>`, rebuilt on
+//! the first delivery after a membership change): a delivery to a room holds the hub's
+//! lock only to clone that `Arc`, and pushes to every member with no lock held, so
+//! attaches, joins and deliveries to other rooms never wait behind a large fan-out.
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard},
+    sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard},
 };
 
 use indexmap::IndexMap;
@@ -50,10 +54,39 @@ struct UserEntry {
     rooms: HashSet<String>,
 }
 
+/// A room's local recipients.
+#[derive(Default)]
+struct RoomEntry {
+    members: Recipients,
+    /// `members` as delivered to, built on demand; reset on every change.
+    snapshot: OnceLock<Snapshot>,
+}
+
+type Snapshot = Arc<[Arc<dyn Recipient>]>;
+
+impl RoomEntry {
+    fn insert(&mut self, id: u64, r: Arc<dyn Recipient>) {
+        self.members.insert(id, r);
+        self.snapshot = OnceLock::new();
+    }
+
+    fn remove(&mut self, id: &u64) {
+        if self.members.swap_remove(id).is_some() {
+            self.snapshot = OnceLock::new();
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        self.snapshot
+            .get_or_init(|| self.members.values().cloned().collect())
+            .clone()
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     users: HashMap<String, UserEntry>,
-    rooms: HashMap<String, Recipients>,
+    rooms: HashMap<String, RoomEntry>,
 }
 
 #[derive(Default)]
@@ -101,8 +134,8 @@ impl Hub {
         entry.recipients.swap_remove(&recipient_id)?;
         for room in &entry.rooms {
             if let Some(set) = inner.rooms.get_mut(room) {
-                set.swap_remove(&recipient_id);
-                if set.is_empty() {
+                set.remove(&recipient_id);
+                if set.members.is_empty() {
                     inner.rooms.remove(room);
                 }
             }
@@ -146,9 +179,9 @@ impl Hub {
         }
         if let Some(set) = inner.rooms.get_mut(room) {
             for id in entry.recipients.keys() {
-                set.swap_remove(id);
+                set.remove(id);
             }
-            if set.is_empty() {
+            if set.members.is_empty() {
                 inner.rooms.remove(room);
             }
         }
@@ -156,30 +189,41 @@ impl Hub {
 
     /// Pushes to the target's local sessions; returns how many got it.
     pub fn deliver(&self, target: &Target, push: &Arc<Push>) -> usize {
-        let inner = self.read();
-        let all = |set: &Recipients, except: Option<&str>| {
-            let mut n = 0;
-            for r in set.values() {
-                if except != Some(r.user()) {
-                    r.push(push);
-                    n += 1;
-                }
+        let (room, except) = match target {
+            Target::Room(room) => (room, None),
+            Target::RoomExcept { room, user } => (room, Some(user.as_str())),
+            _ => return self.deliver_locked(target, push),
+        };
+        // The lock is held only to take the snapshot.
+        let Some(snapshot) = self.read().rooms.get(room).map(RoomEntry::snapshot) else {
+            return 0;
+        };
+        let mut n = 0;
+        for r in snapshot.iter() {
+            if except != Some(r.user()) {
+                r.push(push);
+                n += 1;
             }
-            n
+        }
+        n
+    }
+
+    /// The rarer targets (a user, co-members, everyone), under the read lock.
+    fn deliver_locked(&self, target: &Target, push: &Arc<Push>) -> usize {
+        let inner = self.read();
+        let all = |set: &Recipients| {
+            for r in set.values() {
+                r.push(push);
+            }
+            set.len()
         };
         match target {
-            Target::Room(room) => inner.rooms.get(room).map_or(0, |s| all(s, None)),
-            Target::RoomExcept { room, user } => {
-                inner.rooms.get(room).map_or(0, |s| all(s, Some(user)))
-            }
-            Target::User(user) => inner
-                .users
-                .get(user)
-                .map_or(0, |e| all(&e.recipients, None)),
+            Target::Room(_) | Target::RoomExcept { .. } => unreachable!("snapshot path"),
+            Target::User(user) => inner.users.get(user).map_or(0, |e| all(&e.recipients)),
             Target::CoMembers { rooms, user } => {
                 let mut seen = HashSet::new();
                 for set in rooms.iter().filter_map(|r| inner.rooms.get(r)) {
-                    for (id, r) in set {
+                    for (id, r) in &set.members {
                         if r.user() != user && seen.insert(*id) {
                             r.push(push);
                         }
@@ -187,12 +231,82 @@ impl Hub {
                 }
                 seen.len()
             }
-            Target::All => inner.users.values().map(|e| all(&e.recipients, None)).sum(),
+            Target::All => inner.users.values().map(|e| all(&e.recipients)).sum(),
         }
     }
 
     /// Number of local recipients of `room` (for tests and metrics).
     pub fn room_size(&self, room: &str) -> usize {
-        self.read().rooms.get(room).map_or(0, |s| s.len())
+        self.read().rooms.get(room).map_or(0, |s| s.members.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::proto::{Pong, server_frame::Kind};
+
+    struct Counter {
+        id: u64,
+        user: String,
+        got: AtomicUsize,
+    }
+
+    impl Recipient for Counter {
+        fn recipient_id(&self) -> u64 {
+            self.id
+        }
+        fn user(&self) -> &str {
+            &self.user
+        }
+        fn push(&self, _: &Arc<Push>) {
+            self.got.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn counter(id: u64, user: &str) -> Arc<Counter> {
+        Arc::new(Counter {
+            id,
+            user: user.into(),
+            got: AtomicUsize::new(0),
+        })
+    }
+
+    fn got(c: &Counter) -> usize {
+        c.got.load(Ordering::Relaxed)
+    }
+
+    /// The room snapshot follows every membership change: a delivery after a join, an
+    /// attach, a leave or a detach reaches exactly the members of that moment.
+    #[test]
+    fn snapshots_follow_membership() {
+        let hub = Hub::new();
+        let push = Arc::new(Push::new(Kind::Pong(Pong { ts: 1 })));
+        let room = Target::Room("r".into());
+        let (a, b, b2) = (counter(1, "a"), counter(2, "b"), counter(3, "b"));
+        hub.attach(a.clone());
+        hub.joined("a", "r");
+        assert_eq!(hub.deliver(&room, &push), 1);
+        hub.attach(b.clone());
+        hub.joined("b", "r");
+        assert_eq!(hub.deliver(&room, &push), 2);
+        // A second session of a member joins the room's snapshot on attach.
+        hub.attach(b2.clone());
+        assert_eq!(hub.deliver(&room, &push), 3);
+        let except_b = Target::RoomExcept {
+            room: "r".into(),
+            user: "b".into(),
+        };
+        assert_eq!(hub.deliver(&except_b, &push), 1);
+        hub.left("a", "r");
+        assert_eq!(hub.deliver(&room, &push), 2);
+        hub.detach("b", 2);
+        assert_eq!(hub.deliver(&room, &push), 1);
+        assert_eq!((got(&a), got(&b), got(&b2)), (4, 3, 3));
+        hub.detach("b", 3);
+        assert_eq!(hub.deliver(&room, &push), 0);
+        assert_eq!(hub.room_size("r"), 0);
     }
 }

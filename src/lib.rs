@@ -10,13 +10,14 @@
 //! 5. `files` — attachments: uploads streamed to a blob store, who may read them;
 //! 6. `store`, `broker` — the durable log and fan-out between instances;
 //! 7. `delivery` — targets, recipients and the local hub that `chat` and `broker` share;
-//! 8. `auth`, `codec`, `config`, `metrics`, `proto`, `ratelimit` — foundations.
+//! 8. `auth`, `codec`, `config`, `deflate`, `metrics`, `proto`, `ratelimit` — foundations.
 
 pub mod auth;
 pub mod broker;
 pub mod chat;
 pub mod codec;
 pub mod config;
+pub mod deflate;
 pub mod delivery;
 pub mod files;
 pub mod metrics;

@@ -152,12 +152,9 @@ pub fn router(state: Ctx) -> Router {
     // Requests for a session another instance holds go there (transport::forward).
     let to_owner =
         || axum::middleware::from_fn_with_state(state.clone(), transport::forward::to_owner);
-    Router::new()
-        .route(
-            "/ws",
-            get(transport::ws::handler).connect(transport::ws::handler),
-        )
-        .route("/sse", get(transport::sse::handler).route_layer(to_owner()))
+    // Long-poll replies, HTTP commands and the API: compressed by Accept-Encoding. Never
+    // /sse (a compressor would hold events back until its buffer fills) nor /ws.
+    let mut compressible = Router::new()
         .route(
             "/poll",
             get(transport::poll::handler).route_layer(to_owner()),
@@ -167,10 +164,20 @@ pub fn router(state: Ctx) -> Router {
             "/session/{id}",
             axum::routing::post(transport::http::command).route_layer(to_owner()),
         )
+        .merge(transport::api::routes());
+    if state.core.config.server.http_compression {
+        compressible = compressible.layer(tower_http::compression::CompressionLayer::new());
+    }
+    Router::new()
+        .route(
+            "/ws",
+            get(transport::ws::handler).connect(transport::ws::handler),
+        )
+        .route("/sse", get(transport::sse::handler).route_layer(to_owner()))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .merge(transport::api::routes())
+        .merge(compressible)
         .merge(crate::web::routes(&state.core.config))
         .merge(transport::files::routes())
         .layer(body_limit)

@@ -5,8 +5,9 @@
 use std::{collections::BTreeMap, path::Path};
 
 /// Layers, lowest first. Within the foundations the order is their dependency order.
-const LAYERS: [&str; 15] = [
+const LAYERS: [&str; 16] = [
     "proto",
+    "deflate",
     "codec",
     "metrics",
     "ratelimit",

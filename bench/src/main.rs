@@ -97,6 +97,9 @@ struct Global {
     /// medians.
     #[arg(long, global = true, default_value_t = 1)]
     repeat: usize,
+    /// WebSocket: offer permessage-deflate (yawc's client, as browsers offer it).
+    #[arg(long, global = true)]
+    deflate: bool,
     /// Print the report as JSON on stdout (the table goes to stderr).
     #[arg(long, global = true)]
     json: bool,
@@ -263,6 +266,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     target.buffers.read = g.read_buffer;
     target.connect_timeout = g.connect_timeout;
     target.poll_wait_s = g.poll_wait;
+    target.deflate = g.deflate;
     target.source_ips = g.source_ips.unwrap_or_else(|| net::source_ips_for(conns));
     let spawn = g.spawn_server.as_ref().map(|path| SpawnOptions {
         binary: path.clone(),

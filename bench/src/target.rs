@@ -61,6 +61,8 @@ pub struct Target {
     /// Long-poll: the `wait` of each poll, seconds (the server caps it at
     /// `poll.max_hold`, 60 s by default).
     pub poll_wait_s: u64,
+    /// WebSocket: offer permessage-deflate.
+    pub deflate: bool,
     auth: Arc<Authenticator>,
 }
 
@@ -105,6 +107,7 @@ impl Target {
             source_ips: 0,
             connect_timeout: Duration::from_secs(10),
             poll_wait_s: 30,
+            deflate: false,
             auth: Arc::new(auth),
         })
     }

@@ -61,6 +61,16 @@ pub enum Incoming {
 
 type Ws = WebSocketStream<TcpStream>;
 
+/// The client WebSocket: tokio-tungstenite (an implementation independent of the
+/// server's), or yawc when permessage-deflate is offered (`--deflate`; tungstenite has
+/// no permessage-deflate). The yawc socket is boxed so plain runs keep their size;
+/// tungstenite's stays inline, as before.
+#[allow(clippy::large_enum_variant)]
+enum WsSocket {
+    Tungstenite(Ws),
+    Deflate(Box<yawc::WebSocket<TcpStream>>),
+}
+
 /// Which step of opening a connection failed (storm counts them apart).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -94,7 +104,7 @@ pub enum Connection {
 }
 
 pub struct WsConnection {
-    ws: Ws,
+    ws: WsSocket,
     encoding: Encoding,
     next_id: u64,
     /// Frames that arrived while waiting for a reply; `recv` yields them first.
@@ -276,6 +286,9 @@ impl WsConnection {
             step: Step::Tcp,
             source: anyhow::Error::new(e).context(format!("TCP connect to {}", target.addr)),
         })?;
+        if target.deflate {
+            return WsConnection::open_deflate(target, stream).await;
+        }
         let handshake = async {
             let mut req = format!("ws://{}{}", target.host, target.path).into_client_request()?;
             req.headers_mut().insert(
@@ -307,7 +320,40 @@ impl WsConnection {
             source,
         })?;
         Ok(WsConnection {
-            ws,
+            ws: WsSocket::Tungstenite(ws),
+            encoding: target.encoding,
+            next_id: 1,
+            pending: VecDeque::new(),
+        })
+    }
+
+    /// Opens with permessage-deflate offered (yawc's client, as a browser offers it:
+    /// `client_max_window_bits`); a server that declines gets an uncompressed connection. Inflate state is
+    /// shared between the generator's connections (the server keeps no context).
+    async fn open_deflate(target: &Target, stream: TcpStream) -> Result<WsConnection, OpenError> {
+        static POOL: std::sync::OnceLock<yawc::DeflatePool> = std::sync::OnceLock::new();
+        let handshake = async {
+            let url: url::Url = format!("ws://{}{}", target.host, target.path).parse()?;
+            let options = yawc::Options::default()
+                .with_max_payload_read(1 << 20)
+                .with_max_read_buffer(1 << 20)
+                .with_read_buffer_capacity(target.buffers.read)
+                .with_compression_level(yawc::CompressionLevel::fast())
+                .with_client_max_window_bits(15)
+                .with_compression_threshold(128)
+                .with_deflate_pool(POOL.get_or_init(|| yawc::DeflatePool::new(64)).clone())
+                .with_no_delay();
+            let request = yawc::HttpRequest::builder()
+                .header("Sec-WebSocket-Protocol", target.encoding.subprotocol());
+            let ws = yawc::WebSocket::handshake_with_request(url, stream, options, request).await?;
+            anyhow::Ok(ws)
+        };
+        let ws = handshake.await.map_err(|source| OpenError {
+            step: Step::Handshake,
+            source,
+        })?;
+        Ok(WsConnection {
+            ws: WsSocket::Deflate(Box::new(ws)),
             encoding: target.encoding,
             next_id: 1,
             pending: VecDeque::new(),
@@ -318,11 +364,22 @@ impl WsConnection {
         let id = self.next_id;
         self.next_id += 1;
         let bytes = codec::encode_client(self.encoding, &ClientFrame { id, cmd: Some(cmd) });
-        let msg = match self.encoding {
-            Encoding::Proto => Message::Binary(bytes),
-            Encoding::Json => Message::Text(bytes.try_into().context("JSON is UTF-8")?),
-        };
-        self.ws.send(msg).await.context("sending")?;
+        match &mut self.ws {
+            WsSocket::Tungstenite(ws) => {
+                let msg = match self.encoding {
+                    Encoding::Proto => Message::Binary(bytes),
+                    Encoding::Json => Message::Text(bytes.try_into().context("JSON is UTF-8")?),
+                };
+                ws.send(msg).await.context("sending")?;
+            }
+            WsSocket::Deflate(ws) => {
+                let frame = match self.encoding {
+                    Encoding::Proto => yawc::Frame::binary(bytes),
+                    Encoding::Json => yawc::Frame::text(bytes),
+                };
+                ws.send(frame).await.context("sending")?;
+            }
+        }
         Ok(id)
     }
 
@@ -334,8 +391,30 @@ impl WsConnection {
     }
 
     async fn recv_socket(&mut self) -> anyhow::Result<Incoming> {
+        let ws = match &mut self.ws {
+            WsSocket::Tungstenite(ws) => ws,
+            WsSocket::Deflate(ws) => loop {
+                let frame = match ws.next_frame().await {
+                    Ok(f) => f,
+                    Err(yawc::WebSocketError::ConnectionClosed) => {
+                        return Ok(Incoming::Closed(None));
+                    }
+                    Err(e) => return Err(anyhow::Error::new(e).context("reading")),
+                };
+                match frame.opcode() {
+                    yawc::OpCode::Binary | yawc::OpCode::Text => {
+                        return Ok(Incoming::Frame(frame.into_payload()));
+                    }
+                    yawc::OpCode::Close => {
+                        return Ok(Incoming::Closed(frame.close_code().map(u16::from)));
+                    }
+                    // yawc answers pings itself.
+                    _ => continue,
+                }
+            },
+        };
         loop {
-            let Some(msg) = self.ws.next().await else {
+            let Some(msg) = ws.next().await else {
                 return Ok(Incoming::Closed(None));
             };
             match msg {
@@ -355,17 +434,28 @@ impl WsConnection {
         }
     }
 
-    async fn close(mut self) {
+    async fn close(self) {
+        let mut ws = match self.ws {
+            WsSocket::Tungstenite(ws) => ws,
+            WsSocket::Deflate(mut ws) => {
+                let polite = async {
+                    let close = yawc::Frame::close(yawc::close::CloseCode::Normal, "");
+                    let _ = ws.send(close).await;
+                    while ws.next_frame().await.is_ok() {}
+                };
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), polite).await;
+                return;
+            }
+        };
         let polite = async {
-            let _ = self
-                .ws
+            let _ = ws
                 .close(Some(CloseFrame {
                     code: CloseCode::Normal,
                     reason: "".into(),
                 }))
                 .await;
             // Wait for the server's close (or EOF) so the server sees a clean end.
-            while let Some(Ok(_)) = self.ws.next().await {}
+            while let Some(Ok(_)) = ws.next().await {}
         };
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), polite).await;
     }

@@ -51,6 +51,9 @@ pub struct Limits {
     pub replay_buffer_bytes: usize,
 }
 
+/// A drained queue with room for more entries than this is given back (see `shrink`).
+const SHRINK_ABOVE: usize = 16;
+
 struct Entry {
     pos: u64,
     push: Arc<Push>,
@@ -82,6 +85,10 @@ struct State {
     retained_bytes: usize,
     generation: u64,
     attached: Option<Attachment>,
+    /// A push woke the attached transport and it has not taken since: later pushes
+    /// need no wake-up of their own (one per batch, not one per push, and no stored
+    /// permit that would wake the transport again for pushes it already wrote).
+    woken: bool,
     detached_since: Option<Instant>,
     dead: Option<Death>,
 }
@@ -128,6 +135,7 @@ impl Session {
                 retained_bytes: 0,
                 generation: 0,
                 attached: None,
+                woken: false,
                 detached_since: Some(Instant::now()),
                 dead: None,
             }),
@@ -191,6 +199,7 @@ impl Session {
         if let Some(old) = s.attached.replace(attachment.clone()) {
             old.notify.notify_one();
         }
+        s.woken = true;
         s.detached_since = None;
         // Anything already queued is ready for the new transport.
         attachment.notify.notify_one();
@@ -226,6 +235,15 @@ impl Session {
             let e = s.queue.pop_front().expect("front checked");
             s.sent -= 1;
             s.retained_bytes -= e.cost;
+        }
+        Self::shrink(&mut s);
+    }
+
+    /// Gives back what a burst grew the queue to, once it has drained: an idle session
+    /// keeps no room for the thousands of pushes it once held.
+    fn shrink(s: &mut State) {
+        if s.queue.is_empty() && s.queue.capacity() > SHRINK_ABOVE {
+            s.queue = VecDeque::new();
         }
     }
 
@@ -265,6 +283,10 @@ impl Session {
         {
             return Take::Revoked;
         }
+        if max > 0 {
+            // The transport looks at the queue now; the next push must wake it again.
+            s.woken = false;
+        }
         let start = s.sent;
         let end = (start + max).min(s.queue.len());
         let mut out = Vec::with_capacity(end - start);
@@ -282,6 +304,7 @@ impl Session {
             s.sent -= 1;
             s.retained_bytes -= e.cost;
         }
+        Self::shrink(&mut s);
         Take::Pushes(out)
     }
 
@@ -319,8 +342,11 @@ impl Recipient for Session {
         s.unsent_bytes += cost;
         if s.unsent_bytes > self.limits.max_queue_bytes {
             Self::die(&mut s, Death::SlowConsumer);
-        } else if let Some(a) = &s.attached {
+        } else if !s.woken
+            && let Some(a) = &s.attached
+        {
             a.notify.notify_one();
+            s.woken = true;
         }
     }
 }
@@ -369,6 +395,45 @@ mod tests {
         assert!(matches!(s.take(&a, 100), Take::Revoked));
         assert_eq!(positions(s.take(&b, 100)), vec![4, 5, 6]);
         assert_eq!(positions(s.take(&b, 100)), Vec::<u64>::new());
+    }
+
+    #[tokio::test]
+    async fn one_wake_up_per_batch_of_pushes() {
+        use futures_util::FutureExt;
+        let s = session(1 << 20, 1 << 20);
+        let a = s.attach().unwrap();
+        // The attach wake-up, as a transport consumes it first.
+        a.ready().await;
+        assert_eq!(positions(s.take(&a, 10)), Vec::<u64>::new());
+        // The transport waits; two pushes arrive before it runs.
+        let waiting = a.ready();
+        tokio::pin!(waiting);
+        assert!(waiting.as_mut().now_or_never().is_none());
+        s.push(&push());
+        s.push(&push());
+        assert!(waiting.now_or_never().is_some(), "the first push wakes it");
+        assert_eq!(positions(s.take(&a, 10)), vec![1, 2]);
+        // Both were written: no second wake-up is left over for them.
+        assert!(a.ready().now_or_never().is_none());
+        // The next push wakes it again.
+        s.push(&push());
+        assert!(a.ready().now_or_never().is_some());
+        assert_eq!(positions(s.take(&a, 10)), vec![3]);
+    }
+
+    #[test]
+    fn a_drained_queue_gives_its_memory_back() {
+        let s = session(1 << 20, 1 << 20);
+        let a = s.attach().unwrap();
+        for _ in 0..1000 {
+            s.push(&push());
+        }
+        assert!(s.lock().queue.capacity() >= 1000);
+        assert_eq!(positions(s.take(&a, 2000)).len(), 1000);
+        // Written but not acknowledged: still held for a resume.
+        assert_eq!(s.lock().queue.len(), 1000);
+        s.ack(1000);
+        assert_eq!(s.lock().queue.capacity(), 0);
     }
 
     #[test]

@@ -23,6 +23,7 @@ use axum::{
 };
 use bytes::{BufMut, BytesMut};
 use futures_util::stream;
+use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 
 use super::{
@@ -72,6 +73,8 @@ fn frame_event(out: &mut BytesMut, frame: &ServerFrame) {
 struct Stream {
     outbox: Outbox,
     metrics: Arc<Metrics>,
+    /// This transport's counter, looked up once (not a labelled-family lookup per chunk).
+    frames_out: Counter,
     first: Option<Bytes>,
     done: bool,
 }
@@ -118,7 +121,7 @@ impl Stream {
     }
 
     fn count(&self, n: u64) {
-        self.metrics.frames_out.get_or_create(&LABEL).inc_by(n);
+        self.frames_out.inc_by(n);
     }
 }
 
@@ -203,6 +206,7 @@ pub async fn handler(
     let state = Stream {
         outbox,
         metrics: core.metrics.clone(),
+        frames_out: core.metrics.frames_out.get_or_create(&LABEL).clone(),
         first: Some(first.freeze()),
         done: false,
     };

@@ -8,7 +8,10 @@
 //! `disconnect` + close. Every write has a deadline (`ws.write_timeout`); a client that
 //! does not read is closed with 4008, and the close itself gets only [`CLOSE_TIMEOUT`].
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use axum::{
     Extension,
@@ -22,14 +25,17 @@ use futures_util::SinkExt;
 use tokio::time::{Instant, timeout};
 use tracing::Instrument;
 use yawc::{
-    HttpWebSocket, IncomingUpgrade, Options,
+    CompressionLevel, DeflatePool, HttpWebSocket, IncomingUpgrade, Options,
     close::CloseCode,
     frame::{Frame, OpCode},
 };
 
 use super::{Ctx, deadline::WriteDeadline, origin_allowed};
+use prometheus_client::metrics::counter::Counter;
+
 use crate::{
     codec::{self, Encoding},
+    deflate,
     metrics::{Metrics, TransportLabel},
     session::{CloseReason, Conn, Loss, Out, Outbox, OutboxConfig},
 };
@@ -62,12 +68,70 @@ pub fn options(ws: &crate::config::WsConfig) -> Options {
         .max_frame_bytes
         .saturating_mul(2)
         .max(ws.max_frame_bytes + 65536);
-    Options::default()
+    let options = Options::default()
         .with_max_payload_read(hard_limit)
         .with_max_read_buffer(hard_limit)
         .with_read_buffer_capacity(ws.read_buffer_bytes)
         .with_write_buffer_capacity(ws.write_buffer_bytes)
-        .with_no_delay()
+        // Text messages must be UTF-8 (RFC 6455 section 8.1): others close with 1007.
+        .with_utf8()
+        .with_no_delay();
+    if !ws.deflate {
+        return options;
+    }
+    // permessage-deflate: the server never keeps context (so a broadcast can be compressed
+    // once, see crate::deflate), deflate state is borrowed from one pool per process for
+    // each message instead of living in each connection, and small messages skip it.
+    let mut options = options
+        .with_compression_level(CompressionLevel::new(ws.deflate_level.min(9)))
+        .server_no_context_takeover()
+        .with_client_max_window_bits(ws.deflate_client_max_window_bits)
+        .with_compression_threshold(ws.deflate_min_bytes)
+        .with_deflate_pool(deflate_pool().clone());
+    if !ws.deflate_client_context_takeover {
+        options = options.client_no_context_takeover();
+    }
+    options
+}
+
+/// The deflate state shared by every connection in this process (without context
+/// takeover a connection needs it only while one message is compressed or inflated).
+/// Sized for the messages handled at the same moment, about one per worker thread.
+fn deflate_pool() -> &'static DeflatePool {
+    static POOL: OnceLock<DeflatePool> = OnceLock::new();
+    POOL.get_or_init(|| DeflatePool::new(64))
+}
+
+/// How pushes are written on one connection.
+#[derive(Debug, Clone, Copy)]
+enum PushCompression {
+    /// No permessage-deflate (not offered, or turned off).
+    None,
+    /// Negotiated without server context takeover and with the full window: bodies are
+    /// compressed once per push and shared ([`codec::Push::deflated_frame`]).
+    Shared { level: u32, min_bytes: usize },
+    /// Negotiated with a smaller server window: yawc compresses each frame itself.
+    PerFrame,
+}
+
+impl PushCompression {
+    /// From the `Sec-WebSocket-Extensions` header of the upgrade response.
+    fn from_response(headers: &HeaderMap, ws: &crate::config::WsConfig) -> Self {
+        let negotiated = headers
+            .get(header::SEC_WEBSOCKET_EXTENSIONS)
+            .and_then(|v| v.to_str().ok())
+            .and_then(deflate::Negotiated::from_response);
+        match negotiated {
+            None => PushCompression::None,
+            Some(n) if ws.deflate_compress_once && deflate::shared_body_allowed(&n) => {
+                PushCompression::Shared {
+                    level: ws.deflate_level,
+                    min_bytes: ws.deflate_min_bytes,
+                }
+            }
+            Some(_) => PushCompression::PerFrame,
+        }
+    }
 }
 
 pub async fn handler(
@@ -102,6 +166,7 @@ pub async fn handler(
         // The socket-level backstop fires only after this task's own deadline and close.
         d.set(ctx.core.config.ws.write_timeout + CLOSE_TIMEOUT + Duration::from_secs(1));
     }
+    let compression = PushCompression::from_response(response.headers(), &ctx.core.config.ws);
     if echo {
         response.headers_mut().insert(
             header::SEC_WEBSOCKET_PROTOCOL,
@@ -113,7 +178,7 @@ pub async fn handler(
     tracker.spawn(
         async move {
             match fut.await {
-                Ok(socket) => run(socket, ctx, encoding).await,
+                Ok(socket) => run(socket, ctx, encoding, compression).await,
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
         }
@@ -143,7 +208,9 @@ enum WriteError {
 struct Writer {
     socket: HttpWebSocket,
     encoding: Encoding,
-    metrics: Arc<Metrics>,
+    compression: PushCompression,
+    /// This transport's counter, looked up once (not a labelled-family lookup per write).
+    frames_out: Counter,
     write_timeout: Duration,
 }
 
@@ -152,6 +219,20 @@ impl Writer {
         match self.encoding {
             Encoding::Proto => Frame::binary(bytes),
             Encoding::Json => Frame::text(bytes),
+        }
+    }
+
+    /// One session's frame of a shared push: compressed once for all its recipients
+    /// where the connection allows, else spliced plain (yawc may compress it itself).
+    fn push_frame(&self, push: &codec::Push, pos: u64) -> Frame {
+        match self.compression {
+            PushCompression::Shared { level, min_bytes }
+                if push.body(self.encoding).len() >= min_bytes =>
+            {
+                let payload = push.deflated_frame(self.encoding, pos, level);
+                self.data_frame(payload).with_precompressed()
+            }
+            _ => self.data_frame(push.frame(self.encoding, pos)),
         }
     }
 
@@ -169,7 +250,7 @@ impl Writer {
                 Out::Pushes(pushes) => {
                     frames = pushes.len() as u64;
                     for (pos, push) in pushes {
-                        let f = self.data_frame(push.frame(self.encoding, pos));
+                        let f = self.push_frame(&push, pos);
                         self.socket.feed(f).await?;
                     }
                     self.socket.flush().await
@@ -180,8 +261,7 @@ impl Writer {
         };
         match timeout(write_timeout, write).await {
             Ok(Ok(())) => {
-                let m = &self.metrics;
-                m.frames_out.get_or_create(&LABEL).inc_by(frames);
+                self.frames_out.inc_by(frames);
                 Ok(())
             }
             Ok(Err(_)) => Err(WriteError::Broken),
@@ -266,7 +346,7 @@ async fn deliver_ready(w: &mut Writer, outbox: &mut Outbox, first: Option<Out>) 
 }
 
 /// Drives one connection until it closes.
-async fn run(socket: HttpWebSocket, ctx: Ctx, encoding: Encoding) {
+async fn run(socket: HttpWebSocket, ctx: Ctx, encoding: Encoding, compression: PushCompression) {
     // Only what the loop needs is kept: every byte here is paid by every idle connection.
     let metrics = ctx.core.metrics.clone();
     metrics.connections.get_or_create(&LABEL).inc();
@@ -283,10 +363,12 @@ async fn run(socket: HttpWebSocket, ctx: Ctx, encoding: Encoding) {
         },
         ctx.shutdown.clone(),
     );
+    let frames_in = metrics.frames_in.get_or_create(&LABEL).clone();
     let mut w = Writer {
         socket,
         encoding,
-        metrics: metrics.clone(),
+        compression,
+        frames_out: metrics.frames_out.get_or_create(&LABEL).clone(),
         write_timeout: config.write_timeout,
     };
     drop(ctx);
@@ -322,7 +404,7 @@ async fn run(socket: HttpWebSocket, ctx: Ctx, encoding: Encoding) {
                         continue;
                     }
                 }
-                metrics.frames_in.get_or_create(&LABEL).inc();
+                frames_in.inc();
                 if frame.payload().len() > max_frame_bytes {
                     outbox.too_large(max_frame_bytes);
                 } else {

@@ -76,6 +76,27 @@ describe("browser", () => {
       assertOnceInOrder(await shown(alice), expected, "alice");
       assertOnceInOrder(await shown(bob), expected, "bob");
 
+      // Chromium offers permessage-deflate and parley accepts it; a message over
+      // ws.deflate_min_bytes reaches bob compressed once for every recipient (its pos
+      // in a stored block in front of the shared compressed body), and Chromium's
+      // inflater reads it.
+      const extensions = await alice.evaluate(
+        () =>
+          new Promise((resolve, reject) => {
+            const ws = new WebSocket(location.origin.replace(/^http/, "ws") + "/ws", "parley.v1.proto");
+            ws.onopen = () => {
+              resolve(ws.extensions);
+              ws.close();
+            };
+            ws.onerror = () => reject(new Error("WebSocket failed"));
+          }),
+      );
+      assert.match(extensions, /^permessage-deflate/);
+      assert.match(extensions, /server_no_context_takeover/);
+      const long = "a longer message, so that it is compressed: " + "the quick brown fox jumps over the lazy dog ".repeat(4).trim();
+      await say(alice, long);
+      await waitShown(bob, long);
+
       // A DM with an unread badge and a presence dot on the other side.
       await alice.fill("#dm-input", "bob");
       await alice.press("#dm-input", "Enter");

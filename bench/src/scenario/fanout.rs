@@ -146,6 +146,20 @@ pub(crate) fn outcome_rows(t: &mut Table, o: &Outcome) {
         "latency p99.9/max",
         format!("{:.2} / {:.2} ms", l.p999_ms, l.max_ms),
     );
+    let g = &o.generator_lag;
+    t.row(
+        "generator send lag p99/max",
+        format!(
+            "{:.2} / {:.2} ms{}",
+            g.p99_ms,
+            g.max_ms,
+            if o.generator_bound {
+                "  GENERATOR-BOUND: the generator, not the server, may be the limit"
+            } else {
+                ""
+            }
+        ),
+    );
     if let Some(c) = o.server_cpu {
         t.row("server CPU (mean)", format!("{c:.0}% of a core"));
     }

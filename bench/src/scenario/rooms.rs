@@ -108,6 +108,11 @@ impl Verification {
     }
 }
 
+/// Publishers later than this at p99 (ms) mean the generator limited the run.
+pub const GENERATOR_LAG_LIMIT_MS: f64 = 5.0;
+/// A generator at this share of its core (percent) may be what limits the run.
+pub const GENERATOR_CPU_LIMIT: f64 = 95.0;
+
 /// What the engine measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
@@ -133,7 +138,14 @@ pub struct Outcome {
     pub delivered_per_s: f64,
     /// Median of the per-second delivery rate while publishers were publishing.
     pub steady_delivered_per_s: f64,
+    /// Scheduled send → delivery (coordinated-omission free: a late send counts its
+    /// lateness).
     pub latency: Percentiles,
+    /// Scheduled → actual send, at the publishers: the generator's own lag.
+    pub generator_lag: Percentiles,
+    /// Whether the generator, not the server, limited the run: publishers more than
+    /// [`GENERATOR_LAG_LIMIT_MS`] late at p99, or the generator's core near full.
+    pub generator_bound: bool,
     /// (percentile, ms): the latency-by-percentile curve.
     pub latency_curve: Vec<(f64, f64)>,
     pub server_rss_before: Option<u64>,
@@ -237,6 +249,8 @@ struct Shared {
     sent: AtomicU64,
     delivered: AtomicU64,
     latency: Latency,
+    /// How late each send left against its schedule (the generator's own lag).
+    send_lag: Latency,
 }
 
 /// Runs the plan.
@@ -257,6 +271,7 @@ pub async fn run(run: &Run, plan: Plan) -> anyhow::Result<Outcome> {
         sent: AtomicU64::new(0),
         delivered: AtomicU64::new(0),
         latency: Latency::new(),
+        send_lag: Latency::new(),
         plan,
     });
     let rss_before = run.server_usage().map(|u| u.rss);
@@ -446,6 +461,11 @@ pub async fn run(run: &Run, plan: Plan) -> anyhow::Result<Outcome> {
     }
     let (server_cpu, client_cpu) =
         super::mean_cpu(&ticks[..publishing_ticks.max(1).min(ticks.len())]);
+    let mut lag = stats::histogram();
+    shared.send_lag.drain_into(&mut lag);
+    let generator_lag = Percentiles::of(&lag);
+    let generator_bound =
+        generator_lag.p99_ms > GENERATOR_LAG_LIMIT_MS || client_cpu >= GENERATOR_CPU_LIMIT;
     Ok(Outcome {
         members: n,
         rooms: plan.rooms.len(),
@@ -460,6 +480,8 @@ pub async fn run(run: &Run, plan: Plan) -> anyhow::Result<Outcome> {
         delivered_per_s: delivered as f64 / window,
         steady_delivered_per_s: stats::median(&mut steady),
         latency: Percentiles::of(&total),
+        generator_lag,
+        generator_bound,
         latency_curve: stats::percentile_curve(&total),
         server_rss_before: rss_before,
         server_rss_connected: rss_connected,
@@ -706,7 +728,7 @@ async fn member(
                     }
                 }
             }
-            _ = tick(&mut schedule), if sending => {
+            scheduled = tick(&mut schedule), if sending => {
                 if Instant::now() >= until || sent >= quota {
                     sending = false;
                     if outstanding == 0 {
@@ -716,7 +738,16 @@ async fn member(
                     }
                     continue;
                 }
-                let at = shared.epoch.elapsed().as_nanos() as u64;
+                // The body carries the *scheduled* send time, not the actual one: a
+                // generator that falls behind (or a server that stalls its reads) then
+                // shows up in the latency instead of hiding it (coordinated omission).
+                // How late the generator itself was is recorded apart.
+                let now = Instant::now();
+                let scheduled = scheduled.into_std().min(now);
+                let at = scheduled.saturating_duration_since(shared.epoch).as_nanos() as u64;
+                shared
+                    .send_lag
+                    .record(i, now.duration_since(scheduled).as_nanos() as u64);
                 let send = proto::Send {
                     room: room.clone(),
                     client_msg_id: format!("{}-{sent}", spec.user),
@@ -742,12 +773,11 @@ async fn member(
     result
 }
 
-/// The next tick of a publishing schedule (never, without one).
-async fn tick(schedule: &mut Option<tokio::time::Interval>) {
+/// The next tick of a publishing schedule (never, without one): the instant the send
+/// was scheduled for (in `Burst` mode a late tick returns its own, earlier instant).
+async fn tick(schedule: &mut Option<tokio::time::Interval>) -> tokio::time::Instant {
     match schedule {
-        Some(s) => {
-            s.tick().await;
-        }
+        Some(s) => s.tick().await,
         None => std::future::pending().await,
     }
 }
