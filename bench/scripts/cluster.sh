@@ -27,6 +27,10 @@ cpu_ticks() { # utime + stime of a pid, in clock ticks
     awk '{print $14 + $15}' "/proc/$1/stat"
 }
 
+publishes() { # PUBLISH calls so far
+    redis-cli -p "$1" info commandstats | awk -F'[=,]' '/^cmdstat_publish:/{print $2+0; f=1} END{if(!f) print 0}'
+}
+
 run() { # name n_instances bench-args...
     local name=$1 n=$2
     shift 2
@@ -38,8 +42,9 @@ run() { # name n_instances bench-args...
     [ -e "$dir/redis.pid" ] && pids+=("$(cat "$dir/redis.pid")")
     local redis_port
     redis_port=$(sed -E 's#.*:([0-9]+)/#\1#' "$dir/redis.url")
-    local cmds_before
+    local cmds_before pubs_before
     cmds_before=$(redis-cli -p "$redis_port" info stats | awk -F: '/^total_commands_processed/{print $2+0}')
+    pubs_before=$(publishes "$redis_port")
     for p in "${pids[@]}"; do before+=("$(cpu_ticks "$p")"); done
     local t0 t1
     t0=$(date +%s.%N)
@@ -55,8 +60,9 @@ run() { # name n_instances bench-args...
     t1=$(date +%s.%N)
     local hz
     hz=$(getconf CLK_TCK)
-    local cmds_after
+    local cmds_after pubs_after
     cmds_after=$(redis-cli -p "$redis_port" info stats | awk -F: '/^total_commands_processed/{print $2+0}')
+    pubs_after=$(publishes "$redis_port")
     {
         echo "wall $(echo "$t1 - $t0" | bc) s"
         for k in "${!pids[@]}"; do
@@ -64,7 +70,7 @@ run() { # name n_instances bench-args...
             a=$(cpu_ticks "${pids[$k]}")
             echo "pid ${pids[$k]} ($( [ "$k" -lt "$n" ] && echo "parley-$k" || echo redis)): $(echo "scale=2; ($a - ${before[$k]}) / $hz" | bc) CPU s"
         done
-        echo "redis commands: $((cmds_after - cmds_before))"
+        echo "redis commands: $((cmds_after - cmds_before)) (PUBLISH: $((pubs_after - pubs_before)))"
         grep -E "delivered/s|latency p50|verification|published" "$out/$name.txt" || true
     } | tee -a "$out/summary.txt"
     scripts/cluster stop "$dir" >/dev/null
