@@ -68,6 +68,8 @@ pub enum Step {
     Tcp,
     Handshake,
     Auth,
+    /// The room join after connecting (`storm --join`).
+    Join,
     Timeout,
 }
 
