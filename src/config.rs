@@ -393,8 +393,7 @@ pub struct WsConfig {
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
     /// After a push wakes an idle connection, wait this long before writing, so pushes
-    /// arriving together go out in one write. 0: adaptive (yield to the tasks already
-    /// runnable, then write; see `session::outbox`).
+    /// arriving together go out in one write. 0 writes at once.
     #[serde(with = "humantime_serde")]
     pub coalesce: Duration,
     /// Negotiate permessage-deflate (RFC 7692) with clients that offer it.

@@ -179,6 +179,10 @@ enum Scenario {
         /// Pause before the last server reading.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         settle: Duration,
+        /// Each handshake also joins a room before it disconnects (connect + auth +
+        /// join per cycle).
+        #[arg(long)]
+        join: bool,
     },
 }
 
@@ -389,11 +393,13 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 workers,
                 duration,
                 settle,
+                join,
             } => {
                 let p = scenario::storm::Params {
                     workers: *workers,
                     duration: *duration,
                     settle: *settle,
+                    join: *join,
                 };
                 Box::new(scenario::storm::run(&run, &p).await?)
             }

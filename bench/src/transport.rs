@@ -78,6 +78,8 @@ pub enum Step {
     Tcp,
     Handshake,
     Auth,
+    /// The room join after connecting (`storm --join`).
+    Join,
     Timeout,
 }
 

@@ -134,6 +134,21 @@ async fn idle_and_storm_run() {
             workers: 4,
             duration: Duration::from_millis(500),
             settle: Duration::ZERO,
+            join: false,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(storm.ok(), "{}", storm.table().render());
+    assert!(storm.handshakes > 0);
+    // With the room join in every cycle.
+    let storm = scenario::storm::run(
+        &run,
+        &scenario::storm::Params {
+            workers: 4,
+            duration: Duration::from_millis(500),
+            settle: Duration::ZERO,
+            join: true,
         },
     )
     .await

@@ -317,12 +317,6 @@ impl Outbox {
                 Event::Woken => {
                     if let Some(coalesce) = Timers::get(self.timers.coalesce_ms) {
                         self.coalescing = Some(Instant::now() + coalesce);
-                    } else {
-                        // Adaptive coalescing: let every task that is already runnable go
-                        // first. An idle server runs this again at once; a busy one runs
-                        // the other connections and the publishers first, so the pushes
-                        // that arrive meanwhile leave in the same write.
-                        tokio::task::yield_now().await;
                     }
                 }
                 Event::Timer => {

@@ -28,6 +28,8 @@ pub struct Params {
     pub duration: Duration,
     /// Pause before the last reading after the storm.
     pub settle: Duration,
+    /// Each handshake also joins a room (one per worker) before disconnecting.
+    pub join: bool,
 }
 
 impl Default for Params {
@@ -36,6 +38,7 @@ impl Default for Params {
             workers: 64,
             duration: Duration::from_secs(10),
             settle: Duration::from_secs(2),
+            join: false,
         }
     }
 }
@@ -82,6 +85,7 @@ pub async fn run(run: &Run, params: &Params) -> anyhow::Result<StormReport> {
         let errors = errors.clone();
         let latency = latency.clone();
         let user = format!("storm-{id}-{w}");
+        let room = params.join.then(|| format!("storm-{id}-{w}"));
         tasks.push(tokio::spawn(async move {
             let token = match target.token(&user) {
                 Ok(t) => t,
@@ -101,8 +105,22 @@ pub async fn run(run: &Run, params: &Params) -> anyhow::Result<StormReport> {
                 // one of them.
                 let index = w + k * 7919;
                 k += 1;
-                match Connection::open_authenticated(&target, index, &user, &token).await {
-                    Ok((conn, _)) => {
+                let opened =
+                    match Connection::open_authenticated(&target, index, &user, &token).await {
+                        Ok((mut conn, _)) => match &room {
+                            Some(room) => match conn.join(room).await {
+                                Ok(_) => Ok(conn),
+                                Err(e) => Err(crate::transport::OpenError {
+                                    step: crate::transport::Step::Join,
+                                    source: e,
+                                }),
+                            },
+                            None => Ok(conn),
+                        },
+                        Err(e) => Err(e),
+                    };
+                match opened {
+                    Ok(conn) => {
                         latency.record(w, t.elapsed().as_nanos() as u64);
                         handshakes.fetch_add(1, Ordering::Relaxed);
                         conn.close().await;
@@ -204,7 +222,11 @@ impl Report for StormReport {
     fn table(&self) -> Table {
         let mut t = Table::new(self.title());
         t.row(
-            "handshakes (connect+upgrade+auth+close)",
+            if self.params.join {
+                "handshakes (connect+upgrade+auth+join+close)"
+            } else {
+                "handshakes (connect+upgrade+auth+close)"
+            },
             format!("{} ({}/s)", self.handshakes, si(self.handshakes_per_s)),
         );
         let l = &self.handshake_latency;
