@@ -432,17 +432,24 @@ async fn sse_and_long_poll_sessions_hop_between_instances_without_loss_or_repeat
     assert_eq!(sse_seqs, all, "SSE: everything once, in order");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_of_a_killed_instance_continue_elsewhere_with_everything_acked_once() {
-    let mut cluster = Cluster::start("kill", 3).await;
+/// ann on instance 0 and bob on instance 1 in room "r"; ann sends `n` messages and bob
+/// has seen seqs 1..=n.
+async fn ann_sends_to_bob(cluster: &Cluster, n: u64) -> (Client, Client) {
     let mut ann = cluster.client(0, "ann").await;
     let mut bob = cluster.client(1, "bob").await;
     ann.join("r").await;
     bob.join("r").await;
-    for k in 0..5 {
+    for k in 0..n {
         ann.send_msg("r", &format!("a{k}"), "x").await;
     }
-    assert_gap_free(&messages(&mut bob, 5).await, 1, 5);
+    assert_gap_free(&messages(&mut bob, n as usize).await, 1, n);
+    (ann, bob)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_killed_instance_continue_elsewhere_with_everything_acked_once() {
+    let mut cluster = Cluster::start("kill", 3).await;
+    let (mut ann, bob) = ann_sends_to_bob(&cluster, 5).await;
     let (old_session, old_pos) = (bob.session_id.clone(), bob.last_pos);
 
     // bob's instance dies mid-chat; ann keeps sending (every send acked).
@@ -486,14 +493,7 @@ async fn clients_of_a_killed_instance_continue_elsewhere_with_everything_acked_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_tells_clients_to_reconnect_and_they_continue_elsewhere() {
     let mut cluster = Cluster::start("rolling", 3).await;
-    let mut ann = cluster.client(0, "ann").await;
-    let mut bob = cluster.client(1, "bob").await;
-    ann.join("r").await;
-    bob.join("r").await;
-    for k in 0..3 {
-        ann.send_msg("r", &format!("a{k}"), "x").await;
-    }
-    assert_gap_free(&messages(&mut bob, 3).await, 1, 3);
+    let (mut ann, mut bob) = ann_sends_to_bob(&cluster, 3).await;
 
     // Instance 1 is stopped the polite way: bob is told to reconnect.
     let stopping = {
