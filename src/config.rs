@@ -403,7 +403,8 @@ pub struct WsConfig {
     /// Messages (and broadcast bodies) shorter than this many bytes are sent uncompressed.
     pub deflate_min_bytes: usize,
     /// The `client_max_window_bits` asked of clients that offer it (9-15): the window a
-    /// client may compress with, and so the window parley inflates with.
+    /// client may compress with, and the window parley inflates with when clients keep
+    /// context (the inflate state shared without context takeover uses 15 bits).
     pub deflate_client_max_window_bits: u8,
     /// Let clients keep their compression context between messages (better ratio for
     /// what clients send, but inflate state kept per connection). Off: parley answers

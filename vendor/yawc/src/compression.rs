@@ -348,6 +348,16 @@ impl CompressionConfig {
         let mut decompressor = Decompressor::new(self.incoming);
         if self.incoming.no_context_takeover {
             decompressor.pool = self.pool.clone();
+            // PARLEY PATCH: pooled inflate state uses the default 15-bit window. flate2's
+            // zlib-rs backend cannot reset an inflater built with a smaller window in place
+            // (`Decompress::reset` re-creates the whole state, and the window again on the
+            // next message), so with no context takeover every message freed one state and
+            // allocated another, which fragmented the heap by ~16 KB per connection that
+            // had sent a compressed message. A 15-bit window inflates any peer window
+            // (9-15 bits), and only the few pooled states hold it.
+            if decompressor.pool.is_some() {
+                decompressor.config.window_bits = None;
+            }
         }
         decompressor
     }

@@ -188,6 +188,33 @@ mod tests {
         }
     }
 
+    // PARLEY PATCH: a pooled decompressor inflates with the default window whatever
+    // client_max_window_bits says, since only that window resets in place.
+    #[test]
+    fn pooled_inflate_state_uses_the_default_window() {
+        let extensions = "permessage-deflate; server_no_context_takeover; \
+                          client_no_context_takeover; client_max_window_bits=10";
+        let pool = DeflatePool::new(4);
+        let mut decompressor = config(extensions, &pool).decompressor();
+        // The peer compresses with the negotiated 10-bit window.
+        let client = CompressionConfig::resolve(
+            Some(&WebSocketExtensions::from_str(extensions).unwrap()),
+            Some(CompressionLevel::fast()),
+            Role::Client,
+        )
+        .unwrap()
+        .unwrap();
+        let mut compressor = client.compressor();
+
+        let message: Vec<u8> = (0..5000u32).flat_map(|i| (i % 700).to_le_bytes()).collect();
+        for _ in 0..3 {
+            let wire = compressor.compress(&message, true).unwrap();
+            let plain = decompressor.decompress(&wire, true, 1 << 20).unwrap();
+            assert_eq!(plain.as_ref(), &message[..]);
+            assert_eq!(idle_decompressors(&pool), 1);
+        }
+    }
+
     #[test]
     fn a_fragmented_message_keeps_its_state_until_the_last_frame() {
         let pool = DeflatePool::new(4);
