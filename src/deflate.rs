@@ -1,7 +1,7 @@
 //! permessage-deflate (RFC 7692) payloads built once for many recipients.
 //!
 //! A broadcast push goes to every member of a room with that session's own `pos` in front
-//! of a body shared by all of them ([`crate::codec::Push`]). Compressing the whole frame
+//! of a body shared by all of them (the codec's push). Compressing the whole frame
 //! per recipient would cost one compression per delivery. Instead the body is compressed
 //! once, and each recipient gets:
 //!

@@ -293,24 +293,7 @@ async fn command(
     session: &str,
     cmd: serde_json::Value,
 ) -> (u16, serde_json::Value) {
-    let auth = bearer(cluster, user);
-    let r = common::http(
-        cluster.addr(i),
-        "POST",
-        &format!("/session/{session}"),
-        &[
-            ("authorization", &auth),
-            ("content-type", "application/json"),
-        ],
-        cmd.to_string(),
-    )
-    .await;
-    let v = if r.body.is_empty() {
-        serde_json::Value::Null
-    } else {
-        serde_json::from_slice(&r.body).unwrap()
-    };
-    (r.status, v)
+    common::session_command(cluster.addr(i), &bearer(cluster, user), session, &cmd).await
 }
 
 /// The message seqs among `frames`, checking positions follow `last_pos` without a gap.
@@ -446,6 +429,21 @@ async fn ann_sends_to_bob(cluster: &Cluster, n: u64) -> (Client, Client) {
     (ann, bob)
 }
 
+/// The seqs a `sync` of `room` after `after` returns.
+async fn synced_seqs(c: &mut Client, room: &str, after: u64) -> Vec<u64> {
+    let page = match c
+        .request(Cmd::Sync(proto::Sync {
+            rooms: [(room.to_string(), after)].into(),
+            limit: 0,
+        }))
+        .await
+    {
+        Kind::Sync(s) => s.rooms.into_iter().next().unwrap(),
+        other => panic!("expected sync, got {other:?}"),
+    };
+    page.messages.iter().map(|m| m.seq).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_of_a_killed_instance_continue_elsewhere_with_everything_acked_once() {
     let mut cluster = Cluster::start("kill", 3).await;
@@ -472,17 +470,7 @@ async fn clients_of_a_killed_instance_continue_elsewhere_with_everything_acked_o
     assert!(!connected.resumed);
     let r = connected.rooms.iter().find(|r| r.room == "r").unwrap();
     assert_eq!(r.last_seq, 10);
-    let page = match bob
-        .request(Cmd::Sync(proto::Sync {
-            rooms: [("r".to_string(), 5)].into(),
-            limit: 0,
-        }))
-        .await
-    {
-        Kind::Sync(s) => s.rooms.into_iter().next().unwrap(),
-        other => panic!("expected sync, got {other:?}"),
-    };
-    let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+    let seqs = synced_seqs(&mut bob, "r", 5).await;
     assert_eq!(seqs, (6..=10).collect::<Vec<_>>());
     // Live delivery continues on the new instance, without repeats.
     ann.send_msg("r", "a10", "x").await;
@@ -515,17 +503,7 @@ async fn a_rolling_restart_tells_clients_to_reconnect_and_they_continue_elsewher
 
     // He continues on instance 2 from his last seq.
     let mut bob = cluster.client(2, "bob").await;
-    let page = match bob
-        .request(Cmd::Sync(proto::Sync {
-            rooms: [("r".to_string(), 3)].into(),
-            limit: 0,
-        }))
-        .await
-    {
-        Kind::Sync(s) => s.rooms.into_iter().next().unwrap(),
-        other => panic!("expected sync, got {other:?}"),
-    };
-    let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+    let seqs = synced_seqs(&mut bob, "r", 3).await;
     assert_eq!(seqs, [4, 5, 6]);
     ann.send_msg("r", "a6", "x").await;
     assert_gap_free(&messages(&mut bob, 1).await, 7, 7);

@@ -26,24 +26,7 @@ async fn ticket(t: &TestServer, user: &str) -> String {
 
 /// POST /session/{id} with a JSON command; the reply frame.
 async fn command(t: &TestServer, user: &str, session: &str, cmd: Value) -> (u16, Value) {
-    let auth = bearer(t, user);
-    let r = http(
-        t.addr(),
-        "POST",
-        &format!("/session/{session}"),
-        &[
-            ("authorization", &auth),
-            ("content-type", "application/json"),
-        ],
-        cmd.to_string(),
-    )
-    .await;
-    let v = if r.body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&r.body).unwrap()
-    };
-    (r.status, v)
+    common::session_command(t.addr(), &bearer(t, user), session, &cmd).await
 }
 
 /// A long-poll client: its session id and cursor.

@@ -1,6 +1,6 @@
 //! The file index: what the store knows about uploaded files (owner, sniffed type, size,
 //! hash, image facts), which rooms each was posted to, and who may read it. The bytes
-//! themselves live in the blob store of `crate::files`, never here.
+//! themselves live in the blob store of the files layer above, never here.
 //!
 //! A file becomes *referenced* when a message that attaches it is appended (in the same
 //! transaction as the message, see `sqlite::append_in`); files that stay unreferenced

@@ -141,6 +141,31 @@ pub async fn open(config: &crate::config::StoreConfig) -> Result<Arc<dyn Store>,
     })
 }
 
+/// How every backend keeps a message's metadata and attachments: JSON text, empty when
+/// there are none.
+pub(crate) fn encode_extras(m: &NewMessage) -> (String, String) {
+    fn json<T: serde::Serialize>(empty: bool, value: &T) -> String {
+        if empty {
+            String::new()
+        } else {
+            serde_json::to_string(value).unwrap_or_default()
+        }
+    }
+    (
+        json(m.metadata.is_empty(), &m.metadata),
+        json(m.attachments.is_empty(), &m.attachments),
+    )
+}
+
+/// Reads back what [`encode_extras`] wrote (empty text is the empty value).
+pub(crate) fn decode_extra<T: serde::de::DeserializeOwned + Default>(text: &str) -> T {
+    if text.is_empty() {
+        T::default()
+    } else {
+        serde_json::from_str(text).unwrap_or_default()
+    }
+}
+
 /// The direct-message room of two users: `dm:<a>:<b>` with the ids sorted.
 pub fn dm_room(a: &str, b: &str) -> String {
     let (x, y) = if a <= b { (a, b) } else { (b, a) };

@@ -307,20 +307,6 @@ fn writer_of(room: &str, writers: usize) -> usize {
     (h % writers as u64) as usize
 }
 
-fn encode_metadata(m: &NewMessage) -> (String, String) {
-    let metadata = if m.metadata.is_empty() {
-        String::new()
-    } else {
-        serde_json::to_string(&m.metadata).unwrap_or_default()
-    };
-    let attachments = if m.attachments.is_empty() {
-        String::new()
-    } else {
-        serde_json::to_string(&m.attachments).unwrap_or_default()
-    };
-    (metadata, attachments)
-}
-
 /// Why a batch failed.
 enum BatchError {
     /// No connection (the server is down or the pool exhausted).
@@ -447,7 +433,7 @@ async fn batch_in(
             Entry::Vacant(v) => {
                 *last_seq += 1;
                 let seq = *last_seq;
-                let (metadata, attachments) = encode_metadata(m);
+                let (metadata, attachments) = super::encode_extras(m);
                 ins_room.push(m.room.as_str());
                 ins_seq.push(seq);
                 ins_sender.push(m.sender.as_str());
@@ -585,17 +571,9 @@ fn message_from_row(row: &Row) -> Message {
         sender: row.get(2),
         client_msg_id: row.get(3),
         body: row.get(4),
-        metadata: if metadata.is_empty() {
-            Default::default()
-        } else {
-            serde_json::from_str(metadata).unwrap_or_default()
-        },
+        metadata: super::decode_extra(metadata),
         ts: row.get(6),
-        attachments: if attachments.is_empty() {
-            Vec::new()
-        } else {
-            serde_json::from_str(attachments).unwrap_or_default()
-        },
+        attachments: super::decode_extra(attachments),
     }
 }
 

@@ -280,20 +280,9 @@ fn message_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
         sender: row.get(2)?,
         client_msg_id: row.get(3)?,
         body: row.get(4)?,
-        metadata: if metadata.is_empty() {
-            Default::default()
-        } else {
-            serde_json::from_str(&metadata).unwrap_or_default()
-        },
+        metadata: super::decode_extra(&metadata),
         ts: row.get(6)?,
-        attachments: {
-            let a: String = row.get(7)?;
-            if a.is_empty() {
-                Vec::new()
-            } else {
-                serde_json::from_str(&a).unwrap_or_default()
-            }
-        },
+        attachments: super::decode_extra(&row.get::<_, String>(7)?),
     })
 }
 
@@ -325,16 +314,7 @@ fn append_in(conn: &Connection, m: NewMessage) -> rusqlite::Result<Result<Append
     let Some(seq) = seq else {
         return Ok(Err(StoreError::NoSuchRoom(m.room)));
     };
-    let metadata = if m.metadata.is_empty() {
-        String::new()
-    } else {
-        serde_json::to_string(&m.metadata).unwrap_or_default()
-    };
-    let attachments = if m.attachments.is_empty() {
-        String::new()
-    } else {
-        serde_json::to_string(&m.attachments).unwrap_or_default()
-    };
+    let (metadata, attachments) = super::encode_extras(&m);
     conn.execute(
         "INSERT INTO messages (room, seq, sender, client_msg_id, body, metadata, ts, attachments)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",

@@ -518,6 +518,33 @@ pub async fn http(
     }
 }
 
+/// `POST /session/{id}` with a JSON command and `authorization`; the status and the
+/// reply frame (`null` for an empty body).
+pub async fn session_command(
+    addr: SocketAddr,
+    authorization: &str,
+    session: &str,
+    cmd: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let r = http(
+        addr,
+        "POST",
+        &format!("/session/{session}"),
+        &[
+            ("authorization", authorization),
+            ("content-type", "application/json"),
+        ],
+        cmd.to_string(),
+    )
+    .await;
+    let v = if r.body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&r.body).unwrap()
+    };
+    (r.status, v)
+}
+
 /// Sends a request and returns the response with its body still streaming.
 pub async fn http_stream(
     addr: SocketAddr,
