@@ -6,7 +6,8 @@
 //! - `delivery::fanout`: one push to a room of N attached sessions through the real
 //!   [`Hub`](parley::delivery::Hub) and session queues, then every connection's real
 //!   [`Outbox`] hands out its pushes and the WebSocket writer's work is done on them —
-//!   frame (`Push::frame`), `feed` into a yawc WebSocket, one `flush` — into an
+//!   position and shared body copied into a yawc WebSocket's write buffer
+//!   (`start_send_parts`), one `flush` — into an
 //!   in-memory sink instead of a socket. Divide by N for instructions per delivery.
 //!   `fanout_batch` does the same with 10 pushes queued before the connections run (a
 //!   saturated server: each wake-up writes several frames).
@@ -37,7 +38,10 @@ use parley::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
-use yawc::{Role, WebSocket, frame::Frame};
+use yawc::{
+    Role, WebSocket,
+    frame::{Frame, OpCode},
+};
 
 /// A socket that takes every write at once and never has anything to read.
 #[derive(Default)]
@@ -209,11 +213,18 @@ fn write(socket: &mut WebSocket<Sink>, out: Out) -> usize {
     let done = async {
         match out {
             Out::Pushes(pushes) => {
+                // As `transport::ws` writes pushes: the position and the shared body
+                // copied straight into yawc's write buffer.
                 for (pos, p) in pushes {
                     frames += 1;
-                    socket
-                        .feed(Frame::binary(p.frame(Encoding::Proto, pos)))
-                        .await?;
+                    std::future::poll_fn(|cx| socket.poll_ready_unpin(cx)).await?;
+                    let (prefix, shared) = p.frame_parts(Encoding::Proto, pos);
+                    assert!(socket.start_send_parts(
+                        OpCode::Binary,
+                        false,
+                        prefix.as_slice(),
+                        shared
+                    ));
                 }
                 socket.flush().await
             }

@@ -9,7 +9,7 @@
 
 use std::sync::OnceLock;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
@@ -132,13 +132,33 @@ impl Push {
         self.cost
     }
 
+    /// One session's frame in two parts, written one after the other: its position
+    /// (`prefix`, on the stack) and the part of the body every recipient shares.
+    /// Together they are exactly [`Push::frame`]'s bytes, with no allocation and no
+    /// reference count touched.
+    pub fn frame_parts(&self, encoding: Encoding, pos: u64) -> (FramePrefix, &[u8]) {
+        let body = self.body(encoding);
+        let prefix = FramePrefix::build(|out| put_prefix(out, encoding, body, pos));
+        (prefix, shared_part(encoding, body))
+    }
+
+    /// Appends the complete frame for one session to `out` (`pos` spliced in front of
+    /// the shared body).
+    pub fn write_frame(&self, encoding: Encoding, pos: u64, out: &mut impl BufMut) {
+        let body = self.body(encoding);
+        put_prefix(out, encoding, body, pos);
+        out.put_slice(shared_part(encoding, body));
+    }
+
     /// The complete frame for one session: `pos` spliced in front of the shared body.
     pub fn frame(&self, encoding: Encoding, pos: u64) -> Bytes {
-        let body = self.body(encoding);
-        let mut out = BytesMut::with_capacity(body.len() + 32);
-        put_prefix(&mut out, encoding, body, pos);
-        out.put_slice(shared_part(encoding, body));
-        out.freeze()
+        let (prefix, shared) = self.frame_parts(encoding, pos);
+        // Exactly the length: the frozen buffer is then a plain boxed slice (one
+        // allocation; a `Vec` with spare room would get a shared header too).
+        let mut out = Vec::with_capacity(prefix.len() + shared.len());
+        out.extend_from_slice(prefix.as_slice());
+        out.extend_from_slice(shared);
+        Bytes::from(out)
     }
 
     /// The shared part of the body (what follows the position), compressed once per
@@ -153,24 +173,69 @@ impl Push {
         })
     }
 
-    /// The frame for one session as a permessage-deflate payload (no context takeover):
-    /// the `pos` prefix in a stored block, then the body compressed once for everyone.
-    /// It inflates to exactly [`Push::frame`]'s bytes.
-    pub fn deflated_frame(&self, encoding: Encoding, pos: u64, level: u32) -> Bytes {
+    /// The frame for one session as a permessage-deflate payload (no context takeover),
+    /// in two parts like [`Push::frame_parts`]: the `pos` prefix in a stored block, then
+    /// the body compressed once for everyone. Together they inflate to exactly
+    /// [`Push::frame`]'s bytes.
+    pub fn deflated_frame_parts(
+        &self,
+        encoding: Encoding,
+        pos: u64,
+        level: u32,
+    ) -> (FramePrefix, &[u8]) {
         let body = self.body(encoding);
         let shared = self.deflated_body(encoding, level);
-        let mut prefix = BytesMut::with_capacity(32);
-        put_prefix(&mut prefix, encoding, body, pos);
-        let mut out = BytesMut::with_capacity(prefix.len() + 5 + shared.len());
-        deflate::put_stored_block(&mut out, &prefix);
-        out.put_slice(shared);
-        out.freeze()
+        let plain = FramePrefix::build(|out| put_prefix(out, encoding, body, pos));
+        let prefix = FramePrefix::build(|out| deflate::put_stored_block(out, plain.as_slice()));
+        (prefix, shared)
+    }
+
+    /// [`Push::deflated_frame_parts`] in one buffer.
+    pub fn deflated_frame(&self, encoding: Encoding, pos: u64, level: u32) -> Bytes {
+        let (prefix, shared) = self.deflated_frame_parts(encoding, pos, level);
+        let mut out = Vec::with_capacity(prefix.len() + shared.len());
+        out.extend_from_slice(prefix.as_slice());
+        out.extend_from_slice(shared);
+        Bytes::from(out)
+    }
+}
+
+/// The per-session first bytes of a push frame (its position), built on the stack: at
+/// most 11 bytes in protobuf, 31 in JSON, 5 more as a deflate stored block.
+#[derive(Clone, Copy)]
+pub struct FramePrefix {
+    len: u8,
+    bytes: [u8; FramePrefix::MAX],
+}
+
+impl FramePrefix {
+    /// Room for the longest prefix (a JSON position of 20 digits in a stored block).
+    pub const MAX: usize = 40;
+
+    fn build(write: impl FnOnce(&mut &mut [u8])) -> Self {
+        let mut bytes = [0u8; Self::MAX];
+        let mut rest = &mut bytes[..];
+        write(&mut rest);
+        let len = (Self::MAX - rest.len()) as u8;
+        Self { len, bytes }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
 /// The per-session start of a push frame: the position field (protobuf: field 2 first,
 /// fields may come in any order; JSON: `{"pos":"N"` and a comma when more follows).
-fn put_prefix(out: &mut BytesMut, encoding: Encoding, body: &[u8], pos: u64) {
+fn put_prefix(out: &mut impl BufMut, encoding: Encoding, body: &[u8], pos: u64) {
     match encoding {
         Encoding::Proto => {
             // Field 2 (pos), wire type 0 (varint).

@@ -30,7 +30,7 @@
 
 use std::cell::RefCell;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use flate2::{Compress, Compression, FlushCompress, Status};
 
 /// What a sync flush ends with; RFC 7692 removes it from the payload.
@@ -85,7 +85,7 @@ pub fn compress_body(input: &[u8], level: u32) -> Bytes {
 
 /// Appends `prefix` as one non-final stored DEFLATE block (at most 65,535 bytes; a
 /// session prefix is a few dozen).
-pub fn put_stored_block(out: &mut BytesMut, prefix: &[u8]) {
+pub fn put_stored_block(out: &mut impl BufMut, prefix: &[u8]) {
     debug_assert!(prefix.len() <= usize::from(u16::MAX));
     let len = prefix.len() as u16;
     // BFINAL=0, BTYPE=00, then padding to the byte boundary: one zero byte.
@@ -143,6 +143,7 @@ pub fn shared_body_allowed(n: &Negotiated) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BytesMut;
     use flate2::{Decompress, FlushDecompress};
 
     /// Inflates a permessage-deflate payload the way a receiver does: append the sync

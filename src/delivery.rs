@@ -200,7 +200,7 @@ impl Hub {
         };
         let mut n = 0;
         for r in snapshot.iter() {
-            if except != Some(r.user()) {
+            if except.is_none_or(|u| u != r.user()) {
                 r.push(push);
                 n += 1;
             }

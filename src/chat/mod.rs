@@ -358,7 +358,8 @@ impl Chat {
 
     pub async fn join(&self, user: &str, room: &str) -> Result<proto::Joined, ChatError> {
         self.check_room(room)?;
-        match self.store.room(room).await? {
+        let existing = self.store.room(room).await?;
+        match &existing {
             Some(meta) if meta.private => {
                 if self.store.is_member(room, user).await? {
                     return Ok(proto::Joined {
@@ -378,12 +379,19 @@ impl Chat {
             _ => {}
         }
         let already = self.store.is_member(room, user).await?;
-        if !already {
-            // A refused join costs no token: the quota first.
-            self.check_room_quota(user).await?;
-            Self::spend(&self.limits.joins, user, "joins")?;
-        }
-        let meta = self.store.join(room, user).await?;
+        let meta = match existing {
+            // A member joining again (every reconnect does) writes nothing: the room and
+            // the membership are as they were read.
+            Some(meta) if already => meta,
+            _ => {
+                if !already {
+                    // A refused join costs no token: the quota first.
+                    self.check_room_quota(user).await?;
+                    Self::spend(&self.limits.joins, user, "joins")?;
+                }
+                self.store.join(room, user).await?
+            }
+        };
         self.hub.joined(user, room);
         self.broker.member_joined(user, room, meta.last_seq);
         if !already {

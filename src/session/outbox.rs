@@ -106,6 +106,10 @@ pub struct Outbox {
     later: Option<Box<FuturesOrdered<LaterReply>>>,
     closing: Option<CloseReason>,
     closed: bool,
+    /// [`Outbox::ready`] found nothing, and nothing has changed since but what a wait
+    /// would see (a push wakes, a timer fires): `next` may wait at once instead of
+    /// looking again (saves a session lock per delivery wake-up).
+    drained: bool,
     /// The timers, compact (every byte here is paid by every idle connection).
     timers: Timers,
     next_idle: Option<Instant>,
@@ -132,6 +136,7 @@ impl Outbox {
             later: None,
             closing: None,
             closed: false,
+            drained: false,
             next_idle: config.idle.map(|d| now + d),
             timers: Timers::from(&config),
             coalescing: None,
@@ -171,6 +176,7 @@ impl Outbox {
     /// any, comes out of [`Outbox::next`].
     pub async fn receive(&mut self, frame: Result<ClientFrame, DecodeError>) {
         self.seen();
+        self.drained = false;
         if !self.accepting() {
             return;
         }
@@ -194,6 +200,7 @@ impl Outbox {
     /// A client frame over `max` bytes: an error, then close 1009.
     pub fn too_large(&mut self, max: usize) {
         self.seen();
+        self.drained = false;
         let frame = self.conn.error(
             ErrorCode::FrameTooLarge,
             format!("frame exceeds {max} bytes"),
@@ -204,6 +211,7 @@ impl Outbox {
 
     /// The client closed on purpose: end the session now (no resume will come).
     pub fn client_closed(&mut self) {
+        self.drained = false;
         self.conn.end();
         self.closed = true;
     }
@@ -212,17 +220,14 @@ impl Outbox {
     /// session died (its queue overflowed while a write was blocked, say) or another
     /// transport took it over. A transport races its blocked writes against it, so the
     /// queue bound holds even while the socket does not drain.
-    pub fn loss(&self) -> Loss {
-        Loss(
-            self.conn
-                .session()
-                .cloned()
-                .zip(self.conn.attachment().cloned()),
-        )
+    pub fn loss(&self) -> Loss<'_> {
+        // Borrowed: made for every write, looked at only when a write blocks.
+        Loss(self.conn.session().zip(self.conn.attachment()))
     }
 
     /// Decides to close (the first reason wins).
     pub fn close(&mut self, why: CloseReason) {
+        self.drained = false;
         if self.closing.is_none() && !self.closed {
             self.closing = Some(why);
         }
@@ -231,6 +236,7 @@ impl Outbox {
     /// What can be sent right now, without waiting (`None`: nothing yet, or closed).
     /// A transport that just wrote calls this to write on before it waits again.
     pub fn ready(&mut self) -> Option<Out> {
+        self.drained = false;
         loop {
             if self.closed {
                 return None;
@@ -269,6 +275,7 @@ impl Outbox {
                     }
                 }
             }
+            self.drained = true;
             return None;
         }
     }
@@ -276,13 +283,16 @@ impl Outbox {
     /// The next thing to send. Cancel-safe: nothing is lost when the returned future is
     /// dropped before it resolves. After [`Out::Close`] it never resolves.
     pub async fn next(&mut self) -> Out {
+        // Just looked (the transport wrote until `ready` said nothing): wait first.
+        let mut look = !std::mem::take(&mut self.drained);
         loop {
             if self.closed {
                 return std::future::pending().await;
             }
-            if let Some(out) = self.ready() {
+            if look && let Some(out) = self.ready() {
                 return out;
             }
+            look = true;
             // One timer for every deadline (an idle connection holds one timer, not
             // three): connect, idle, and the end of a coalescing pause.
             let connect_deadline = self
@@ -369,21 +379,27 @@ async fn wait(
     let has_timer = timer.is_some();
     let mut timer = timer;
     tokio::select! {
-        _ = shutdown => Event::Shutdown,
-        Some(reply) = async { later.as_mut().expect("guarded").next().await }, if has_later => {
-            Event::Reply(reply)
-        }
+        // Biased, shutdown last: a connection woken by pushes (the common case, once per
+        // delivery batch) returns without polling it again — its poll takes the token's
+        // lock, shared by every connection (`Outbox::ready` looks at the token too). The
+        // timer comes first so that a connection that is always woken still gets its
+        // heartbeat and silence check.
+        biased;
+        _ = async { timer.as_mut().expect("guarded").as_mut().await }, if has_timer => Event::Timer,
         _ = async { attachment.expect("guarded").ready().await }, if attachment.is_some() => {
             Event::Woken
         }
-        _ = async { timer.as_mut().expect("guarded").as_mut().await }, if has_timer => Event::Timer,
+        Some(reply) = async { later.as_mut().expect("guarded").next().await }, if has_later => {
+            Event::Reply(reply)
+        }
+        _ = shutdown => Event::Shutdown,
     }
 }
 
 /// See [`Outbox::loss`].
-pub struct Loss(Option<(Arc<Session>, Attachment)>);
+pub struct Loss<'a>(Option<(&'a Arc<Session>, &'a Attachment)>);
 
-impl Loss {
+impl Loss<'_> {
     /// Resolves when the session is lost to this connection; never for a connection
     /// that delivers nothing.
     pub async fn lost(self) {
@@ -392,7 +408,7 @@ impl Loss {
         };
         // Taking nothing only reports whether the attachment is still current. A wake
         // consumed here is harmless: `next` always looks at the queue before waiting.
-        while session.take(&attachment, 0).is_current() {
+        while session.take(attachment, 0).is_current() {
             attachment.ready().await;
         }
     }

@@ -141,6 +141,26 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for DeadlineIo<I> {
     }
 }
 
+/// Runs `fut` with a deadline of `limit` that is armed only if `fut` does not finish on
+/// its first poll: a write that goes out at once (the common case) costs no clock read
+/// and no timer. `None`: the deadline passed first (measured from the first poll that
+/// did not finish).
+pub async fn lazy_timeout<F: Future>(limit: Duration, fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut timer: Option<Pin<Box<Sleep>>> = None;
+    std::future::poll_fn(move |cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        let timer = timer.get_or_insert_with(|| Box::pin(sleep_until(Instant::now() + limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,5 +196,19 @@ mod tests {
             io.write_all(&[1; 64]).await.unwrap();
         }
         reader.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lazy_timeout_fires_only_for_a_future_that_waits() {
+        let ready = lazy_timeout(Duration::from_millis(10), async { 7 }).await;
+        assert_eq!(ready, Some(7));
+        let never = lazy_timeout(Duration::from_millis(10), std::future::pending::<()>()).await;
+        assert_eq!(never, None);
+        let late = lazy_timeout(Duration::from_millis(10), async {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            1
+        })
+        .await;
+        assert_eq!(late, Some(1));
     }
 }

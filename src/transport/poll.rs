@@ -65,15 +65,17 @@ fn respond(encoding: Encoding, cursor: u64, pushes: &[(u64, Arc<Push>)]) -> Resp
                 if i > 0 {
                     body.put_u8(b',');
                 }
-                body.put_slice(&push.frame(Encoding::Json, *pos));
+                push.write_frame(Encoding::Json, *pos, &mut body);
             }
             body.put_u8(b']');
         }
         Encoding::Proto => {
             for (pos, push) in pushes {
-                let frame = push.frame(Encoding::Proto, *pos);
-                prost::encoding::encode_varint(frame.len() as u64, &mut body);
-                body.put_slice(&frame);
+                let (prefix, shared) = push.frame_parts(Encoding::Proto, *pos);
+                let len = prefix.len() + shared.len();
+                prost::encoding::encode_varint(len as u64, &mut body);
+                body.put_slice(prefix.as_slice());
+                body.put_slice(shared);
             }
         }
     }

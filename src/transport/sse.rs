@@ -52,7 +52,8 @@ pub struct SseQuery {
     receive_only: bool,
 }
 
-fn event(out: &mut BytesMut, id: Option<u64>, data: &[u8]) {
+/// One event: `id:` when given, then the JSON frame `write` appends as its data line.
+fn event(out: &mut BytesMut, id: Option<u64>, write: impl FnOnce(&mut BytesMut)) {
     if let Some(id) = id {
         out.put_slice(b"id: ");
         out.put_slice(itoa::Buffer::new().format(id).as_bytes());
@@ -60,12 +61,13 @@ fn event(out: &mut BytesMut, id: Option<u64>, data: &[u8]) {
     }
     out.put_slice(b"data: ");
     // JSON frames never contain raw newlines, so one data line holds the frame.
-    out.put_slice(data);
+    write(out);
     out.put_slice(b"\n\n");
 }
 
 fn frame_event(out: &mut BytesMut, frame: &ServerFrame) {
-    event(out, None, &codec::encode_server(Encoding::Json, frame));
+    let json = codec::encode_server(Encoding::Json, frame);
+    event(out, None, |out| out.put_slice(&json));
 }
 
 /// Per-stream state. Dropping it (client gone) drops the outbox, which detaches the
@@ -116,7 +118,9 @@ impl Stream {
 
     fn events(&self, out: &mut BytesMut, pushes: &[(u64, Arc<Push>)]) {
         for (pos, push) in pushes {
-            event(out, Some(*pos), &push.frame(Encoding::Json, *pos));
+            event(out, Some(*pos), |out| {
+                push.write_frame(Encoding::Json, *pos, out)
+            });
         }
     }
 

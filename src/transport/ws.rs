@@ -30,7 +30,11 @@ use yawc::{
     frame::{Frame, OpCode},
 };
 
-use super::{Ctx, deadline::WriteDeadline, origin_allowed};
+use super::{
+    Ctx,
+    deadline::{self, WriteDeadline},
+    origin_allowed,
+};
 use prometheus_client::metrics::counter::Counter;
 
 use crate::{
@@ -173,7 +177,10 @@ pub async fn handler(
             HeaderValue::from_static(encoding.subprotocol()),
         );
     }
-    let span = tracing::info_span!("ws", enc = ?encoding, user = tracing::field::Empty);
+    // A debug span: an enabled span is entered and left on every poll of the
+    // connection's task (a registry lookup and the filter's scope stack, measured at 3 %
+    // of the server's time at 1M deliveries/s); at the default `info` level it is off.
+    let span = tracing::debug_span!("ws", enc = ?encoding, user = tracing::field::Empty);
     let tracker = ctx.tracker.clone();
     tracker.spawn(
         async move {
@@ -222,18 +229,36 @@ impl Writer {
         }
     }
 
-    /// One session's frame of a shared push: compressed once for all its recipients
-    /// where the connection allows, else spliced plain (yawc may compress it itself).
-    fn push_frame(&self, push: &codec::Push, pos: u64) -> Frame {
-        match self.compression {
+    /// Starts sending one session's frame of a shared push (after `poll_ready`):
+    /// compressed once for all its recipients where the connection allows, else plain.
+    /// The session's position (on the stack) and the body every recipient shares are
+    /// copied straight into yawc's write buffer: nothing is allocated per recipient.
+    /// When yawc must compress the frame itself (a smaller negotiated window), it goes
+    /// as a `Frame`.
+    fn start_push(&mut self, push: &codec::Push, pos: u64) -> Result<(), yawc::WebSocketError> {
+        let opcode = match self.encoding {
+            Encoding::Proto => OpCode::Binary,
+            Encoding::Json => OpCode::Text,
+        };
+        let sent = match self.compression {
             PushCompression::Shared { level, min_bytes }
                 if push.body(self.encoding).len() >= min_bytes =>
             {
-                let payload = push.deflated_frame(self.encoding, pos, level);
-                self.data_frame(payload).with_precompressed()
+                let (prefix, shared) = push.deflated_frame_parts(self.encoding, pos, level);
+                self.socket
+                    .start_send_parts(opcode, true, prefix.as_slice(), shared)
             }
-            _ => self.data_frame(push.frame(self.encoding, pos)),
+            _ => {
+                let (prefix, shared) = push.frame_parts(self.encoding, pos);
+                self.socket
+                    .start_send_parts(opcode, false, prefix.as_slice(), shared)
+            }
+        };
+        if sent {
+            return Ok(());
         }
+        let frame = self.data_frame(push.frame(self.encoding, pos));
+        self.socket.start_send_unpin(frame)
     }
 
     /// Writes one outbox item (not `Close`) under the write deadline.
@@ -250,8 +275,8 @@ impl Writer {
                 Out::Pushes(pushes) => {
                     frames = pushes.len() as u64;
                     for (pos, push) in pushes {
-                        let f = self.push_frame(&push, pos);
-                        self.socket.feed(f).await?;
+                        std::future::poll_fn(|cx| self.socket.poll_ready_unpin(cx)).await?;
+                        self.start_push(&push, pos)?;
                     }
                     self.socket.flush().await
                 }
@@ -259,13 +284,13 @@ impl Writer {
                 Out::Close(_) => Ok(()),
             }
         };
-        match timeout(write_timeout, write).await {
-            Ok(Ok(())) => {
+        match deadline::lazy_timeout(write_timeout, write).await {
+            Some(Ok(())) => {
                 self.frames_out.inc_by(frames);
                 Ok(())
             }
-            Ok(Err(_)) => Err(WriteError::Broken),
-            Err(_) => Err(WriteError::Stuck),
+            Some(Err(_)) => Err(WriteError::Broken),
+            None => Err(WriteError::Stuck),
         }
     }
 
@@ -300,7 +325,7 @@ impl Writer {
     /// to finish — after which the outbox says why it closes — or else the connection
     /// is dropped at once (an interrupted frame leaves nothing that could carry a close
     /// frame, and a client that does not read would not see one).
-    async fn deliver(&mut self, out: Out, loss: Loss) -> bool {
+    async fn deliver(&mut self, out: Out, loss: Loss<'_>) -> bool {
         if let Out::Close(why) = out {
             self.close(why).await;
             return false;

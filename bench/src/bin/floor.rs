@@ -144,7 +144,17 @@ async fn run(mut socket: HttpWebSocket, rooms: Rooms, encoding: Encoding) {
                 let mut next = Some(push);
                 while let Some(p) = next {
                     pos += 1;
-                    if socket.feed(data(encoding, p.frame(encoding, pos))).await.is_err() {
+                    // parley's own way to write a push: its position and the shared
+                    // body copied straight into the write buffer.
+                    let (prefix, shared) = p.frame_parts(encoding, pos);
+                    let opcode = match encoding {
+                        Encoding::Proto => OpCode::Binary,
+                        Encoding::Json => OpCode::Text,
+                    };
+                    let ready = std::future::poll_fn(|cx| socket.poll_ready_unpin(cx)).await;
+                    if ready.is_err()
+                        || !socket.start_send_parts(opcode, false, prefix.as_slice(), shared)
+                    {
                         return;
                     }
                     next = rx.try_recv().ok();

@@ -171,6 +171,13 @@ pub struct Codec {
     encoder: Encoder,
 }
 
+impl Codec {
+    /// PARLEY PATCH: whether frames written by this side are masked (a client's).
+    pub(crate) fn masks(&self) -> bool {
+        self.encoder.role == Role::Client
+    }
+}
+
 impl From<(Decoder, Encoder)> for Codec {
     fn from((decoder, encoder): (Decoder, Encoder)) -> Self {
         Self { decoder, encoder }

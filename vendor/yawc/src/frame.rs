@@ -782,29 +782,32 @@ impl Frame {
     /// Append the frame header to the output buffer.
     #[inline]
     pub(super) fn write_head(&self, dst: &mut BytesMut) {
-        use bytes::BufMut;
-
         let compression = u8::from(self.is_compressed);
         let first_byte = (self.fin as u8) << 7 | compression << 6 | u8::from(self.opcode);
+        put_head(dst, first_byte, self.payload.len(), self.mask);
+    }
+}
 
-        let len = self.payload.len();
+/// PARLEY PATCH: a frame head (RFC 6455 section 5.2) for a payload of `len` bytes, out of
+/// `Frame::write_head` so a frame can be written without a `Frame`.
+pub(crate) fn put_head(dst: &mut BytesMut, first_byte: u8, len: usize, mask: Option<[u8; 4]>) {
+    use bytes::BufMut;
 
-        if len < 126 {
-            dst.put_u8(first_byte);
-            dst.put_u8(len as u8 | if self.mask.is_some() { 0x80 } else { 0 });
-        } else if len < 65536 {
-            dst.put_u8(first_byte);
-            dst.put_u8(126 | if self.mask.is_some() { 0x80 } else { 0 });
-            dst.put_u16(len as u16);
-        } else {
-            dst.put_u8(first_byte);
-            dst.put_u8(127 | if self.mask.is_some() { 0x80 } else { 0 });
-            dst.put_u64(len as u64);
-        }
+    if len < 126 {
+        dst.put_u8(first_byte);
+        dst.put_u8(len as u8 | if mask.is_some() { 0x80 } else { 0 });
+    } else if len < 65536 {
+        dst.put_u8(first_byte);
+        dst.put_u8(126 | if mask.is_some() { 0x80 } else { 0 });
+        dst.put_u16(len as u16);
+    } else {
+        dst.put_u8(first_byte);
+        dst.put_u8(127 | if mask.is_some() { 0x80 } else { 0 });
+        dst.put_u64(len as u64);
+    }
 
-        if let Some(mask) = self.mask {
-            dst.put_slice(&mask);
-        }
+    if let Some(mask) = mask {
+        dst.put_slice(&mask);
     }
 }
 

@@ -1408,6 +1408,27 @@ impl<S> WebSocket<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    /// PARLEY PATCH (see vendor/README.md): starts sending one complete Text or Binary
+    /// message whose payload is `prefix` followed by `payload`, copied straight into the
+    /// write buffer (no `Frame` and no payload allocation). Like `start_send`, it must
+    /// follow a `poll_ready` that returned `Ready(Ok(()))`, and a flush sends it.
+    /// `compressed`: the payload is already a permessage-deflate message (see
+    /// `Frame::with_precompressed`). Returns `false`, having written nothing, when the
+    /// message must go as a `Frame` instead (this side masks, fragments or compresses
+    /// its messages itself; `opcode` is a control opcode).
+    pub fn start_send_parts(
+        &mut self,
+        opcode: frame::OpCode,
+        compressed: bool,
+        prefix: &[u8],
+        payload: &[u8],
+    ) -> bool {
+        self.fragment_layer.fragment_size.is_none()
+            && self
+                .streaming
+                .start_send_parts(opcode, compressed, prefix, payload)
+    }
+
     fn poll_flush_fragments(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
         while self.fragment_layer.has_outgoing_fragments() {
             ready!(self.streaming.poll_ready_unpin(cx))?;

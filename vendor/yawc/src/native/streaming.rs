@@ -180,6 +180,42 @@ impl<S> Streaming<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    /// PARLEY PATCH (see vendor/README.md): `start_send` of one complete (FIN) Text or
+    /// Binary frame whose payload is `prefix` followed by `payload`, both copied straight
+    /// into the write buffer: no `Frame`, no payload `Bytes` to build or release. Call it
+    /// where `start_send` may be called (after `poll_ready`). `compressed`: the payload is
+    /// already a permessage-deflate message (RSV1, as `Frame::with_precompressed`).
+    /// `false`, with nothing written, when the frame must take the `Frame` path: this side
+    /// masks its frames, or the connection's compressor would compress it.
+    pub(crate) fn start_send_parts(
+        &mut self,
+        opcode: OpCode,
+        compressed: bool,
+        prefix: &[u8],
+        payload: &[u8],
+    ) -> bool {
+        let len = prefix.len() + payload.len();
+        let compresses = !compressed && self.deflate.is_some() && len >= self.compression_threshold;
+        if compresses || opcode.is_control() || self.stream.codec().masks() {
+            return false;
+        }
+        // As `WriteHalf::start_send` does for a FIN data frame.
+        self.write_half.streaming = false;
+        let dst = self.stream.write_buffer_mut();
+        dst.reserve(crate::frame::MAX_HEAD_SIZE + len);
+        let first_byte = 0x80 | u8::from(compressed) << 6 | u8::from(opcode);
+        crate::frame::put_head(dst, first_byte, len, None);
+        dst.extend_from_slice(prefix);
+        dst.extend_from_slice(payload);
+        let usual = self
+            .write_buffer_capacity
+            .max(self.stream.backpressure_boundary());
+        if self.stream.write_buffer().len() > usual {
+            self.write_buffer_grown = true;
+        }
+        true
+    }
+
     pub(crate) fn new(role: Role, stream: S, read_buf: Bytes, negotiated: &Negotiation) -> Self {
         let decoder = codec::Decoder::new(role, negotiated.max_payload_read);
         let encoder = codec::Encoder::new(role);
