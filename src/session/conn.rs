@@ -6,7 +6,7 @@
 use std::{sync::Arc, time::Duration};
 
 use super::{
-    Attachment, Death, Session, Take,
+    Attachment, Death, Pushes, Session, Take,
     connect::{ConnectRequest, Core, Credential},
 };
 use crate::{
@@ -164,13 +164,13 @@ impl Conn {
     }
 
     /// Up to `max` pushes to write, or why the transport must close.
-    pub fn take(&self, max: usize) -> Result<Vec<(u64, Arc<crate::codec::Push>)>, CloseReason> {
+    pub fn take(&self, max: usize) -> Result<Pushes, CloseReason> {
         let Some((b, attachment)) = self
             .bound
             .as_ref()
             .and_then(|b| Some((b, b.attachment.as_ref()?)))
         else {
-            return Ok(Vec::new());
+            return Ok(Pushes::new());
         };
         match b.session.take(attachment, max) {
             Take::Pushes(p) => Ok(p),

@@ -93,10 +93,14 @@ struct State {
     dead: Option<Death>,
 }
 
+/// Pushes in position order, each with its session position. Up to 4 are held inline:
+/// a connection woken by a push usually takes one or a few, without an allocation.
+pub type Pushes = smallvec::SmallVec<[(u64, Arc<Push>); 4]>;
+
 /// What a transport gets when it asks for pushes.
 pub enum Take {
     /// Pushes in position order (possibly none).
-    Pushes(Vec<(u64, Arc<Push>)>),
+    Pushes(Pushes),
     /// Another transport resumed this session.
     Revoked,
     Dead(Death),
@@ -289,7 +293,7 @@ impl Session {
         }
         let start = s.sent;
         let end = (start + max).min(s.queue.len());
-        let mut out = Vec::with_capacity(end - start);
+        let mut out = Pushes::with_capacity(end - start);
         let mut moved = 0;
         for e in s.queue.range(start..end) {
             out.push((e.pos, e.push.clone()));

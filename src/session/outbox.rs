@@ -28,12 +28,17 @@ use super::{
     conn::{CloseReason, Conn, LaterReply, Outcome},
 };
 use crate::{
-    codec::{DecodeError, Push},
+    codec::DecodeError,
     proto::{ClientFrame, ErrorCode, ServerFrame},
 };
 
 /// Most pushes handed out at once.
 pub const BATCH: usize = 256;
+/// [`Outbox::ready`] looks at the shutdown token every this many calls. A waiting
+/// connection sees shutdown at once (its wait includes the token); this check is for one
+/// that never waits because pushes keep coming, and the token's check takes a lock that
+/// every connection shares, so it is not made on every delivery wake-up.
+const SHUTDOWN_EVERY: u8 = 16;
 /// Most commands one connection may have waiting for their replies (pipelined sends);
 /// past it the transport stops reading, which pushes back on the client.
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -43,7 +48,7 @@ pub enum Out {
     /// A reply or an error frame (no position).
     Frame(ServerFrame),
     /// Pushes in position order (each frame carries its position).
-    Pushes(Vec<(u64, Arc<Push>)>),
+    Pushes(super::Pushes),
     /// Nothing was sent for an idle interval: send the transport's keep-alive (WebSocket
     /// ping, SSE comment) — or, for a long-poll, end the request empty.
     Idle,
@@ -110,6 +115,9 @@ pub struct Outbox {
     /// would see (a push wakes, a timer fires): `next` may wait at once instead of
     /// looking again (saves a session lock per delivery wake-up).
     drained: bool,
+    /// Counts [`Outbox::ready`] calls, to look at the shutdown token only every
+    /// [`SHUTDOWN_EVERY`]th time (see there).
+    looks: u8,
     /// The timers, compact (every byte here is paid by every idle connection).
     timers: Timers,
     next_idle: Option<Instant>,
@@ -137,6 +145,7 @@ impl Outbox {
             closing: None,
             closed: false,
             drained: false,
+            looks: 0,
             next_idle: config.idle.map(|d| now + d),
             timers: Timers::from(&config),
             coalescing: None,
@@ -253,7 +262,8 @@ impl Outbox {
                 self.closed = true;
                 return Some(Out::Close(why));
             }
-            if self.shutdown.is_cancelled() {
+            self.looks = self.looks.wrapping_add(1);
+            if self.looks % SHUTDOWN_EVERY == 0 && self.shutdown.is_cancelled() {
                 self.close(CloseReason::ShuttingDown);
                 continue;
             }
