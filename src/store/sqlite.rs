@@ -100,6 +100,9 @@ pub struct SqliteStore {
     /// Read connections (file databases only).
     readers: Option<Arc<Mutex<Vec<Connection>>>>,
     read_permits: Arc<Semaphore>,
+    /// A read connection for point reads on the caller's thread (file databases only);
+    /// see [`SqliteStore::read_point`].
+    point: Option<Mutex<Connection>>,
 }
 
 fn now_ms() -> i64 {
@@ -168,6 +171,18 @@ impl SqliteStore {
             Some(Arc::new(Mutex::new(pool)))
         };
         let read_permits = Arc::new(Semaphore::new(config.read_connections.max(1)));
+        let point = if memory {
+            None
+        } else {
+            let r = Connection::open_with_flags(
+                &config.path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(backend)?;
+            // Never waits for a lock: a busy database sends the read to the pool.
+            r.busy_timeout(std::time::Duration::ZERO).map_err(backend)?;
+            Some(Mutex::new(r))
+        };
 
         let (tx, rx) = mpsc::channel::<Job>();
         let max_batch = config.max_batch.max(1);
@@ -179,6 +194,7 @@ impl SqliteStore {
             writer: tx,
             readers,
             read_permits,
+            point,
         })
     }
 
@@ -211,6 +227,30 @@ impl SqliteStore {
             queued?;
             rx.await.map_err(|_| backend("store write failed"))?
         }
+    }
+
+    /// Runs a point read — one row by its key, a few microseconds — on the calling thread
+    /// when the point-read connection is free and the database not busy; else as
+    /// [`SqliteStore::read`]. A read through the blocking pool costs two thread hand-offs,
+    /// several times the query itself: a reconnect storm made three such reads per
+    /// connect + join. Only for queries that cannot run long.
+    async fn read_point<T: Send + 'static>(
+        &self,
+        f: impl Fn(&Connection) -> rusqlite::Result<T> + Clone + Send + 'static,
+    ) -> Result<T, StoreError> {
+        if let Some(point) = &self.point
+            && let Ok(conn) = point.try_lock()
+        {
+            match f(&conn) {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if matches!(
+                        e.code,
+                        rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                    ) => {}
+                result => return result.map_err(backend),
+            }
+        }
+        self.read(f).await
     }
 
     /// Runs a read on a pooled read connection (or on the writer for `:memory:`).
@@ -440,7 +480,7 @@ impl Store for SqliteStore {
 
     async fn room(&self, room: &str) -> Result<Option<RoomMeta>, StoreError> {
         let room = room.to_string();
-        self.read(move |conn| room_in(conn, &room)).await
+        self.read_point(move |conn| room_in(conn, &room)).await
     }
 
     async fn create_room(
@@ -502,7 +542,7 @@ impl Store for SqliteStore {
 
     async fn is_member(&self, room: &str, user: &str) -> Result<bool, StoreError> {
         let (room, user) = (room.to_string(), user.to_string());
-        self.read(move |conn| {
+        self.read_point(move |conn| {
             conn.prepare_cached("SELECT 1 FROM members WHERE room = ?1 AND user = ?2")?
                 .exists(params![room, user])
         })
