@@ -787,6 +787,36 @@ mod tests {
     }
 
     #[tokio::test]
+    // The point connection is held across the reads on purpose: they must not wait for it.
+    #[allow(clippy::await_holding_lock)]
+    async fn point_reads_see_every_commit_and_fall_back_to_the_pool_when_taken() {
+        let dir = std::env::temp_dir().join(format!("parley-point-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("p.db");
+        let s = SqliteStore::open(&config(path.to_str().unwrap())).unwrap();
+        assert!(
+            s.point.is_some(),
+            "a file database has a point-read connection"
+        );
+        assert!(s.room("r").await.unwrap().is_none());
+        s.join("r", "u").await.unwrap();
+        s.append(msg("r", "u", "1")).await.unwrap();
+        // Read right after the commit, on the point connection.
+        let meta = s.room("r").await.unwrap().unwrap();
+        assert_eq!((meta.last_seq, meta.members), (1, 1));
+        assert!(s.is_member("r", "u").await.unwrap());
+        // While the point connection is held, the same reads go through the pool.
+        let held = s.point.as_ref().unwrap().lock().unwrap();
+        assert!(s.is_member("r", "u").await.unwrap());
+        assert!(!s.is_member("r", "v").await.unwrap());
+        drop(held);
+        assert!(s.leave("r", "u").await.unwrap());
+        assert!(!s.is_member("r", "u").await.unwrap());
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
     async fn history_pages_in_both_directions() {
         let s = SqliteStore::open(&config(":memory:")).unwrap();
         s.join("r", "u").await.unwrap();
