@@ -53,6 +53,11 @@ impl<T: Buf> Buf for BufList<T> {
             }
             self.bufs.pop_front();
         }
+        // PARLEY PATCH: all written: give the queue's allocation back (a connection
+        // streaming a response, e.g. SSE, otherwise keeps it while it waits).
+        if self.bufs.is_empty() {
+            self.bufs = VecDeque::new();
+        }
     }
 
     #[inline]

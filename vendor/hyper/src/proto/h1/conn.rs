@@ -650,7 +650,10 @@ where
             Ok(encoder) => {
                 debug_assert!(self.state.cached_headers.is_none());
                 debug_assert!(head.headers.is_empty());
-                self.state.cached_headers = Some(head.headers);
+                // PARLEY PATCH: the emptied map is not kept for the next request's head:
+                // a connection whose response streams (SSE) would hold it as long as it
+                // lives. The next request's head allocates its own.
+                drop(head.headers);
 
                 #[cfg(feature = "client")]
                 {

@@ -1,6 +1,7 @@
 use std::cmp;
 use std::fmt;
 use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -21,6 +22,12 @@ pub(crate) const MINIMUM_MAX_BUFFER_SIZE: usize = INIT_BUFFER_SIZE;
 /// a message is still not complete, a `TooLarge` error is triggered.
 // Note: if this changes, update server::conn::Http::max_buf_size docs.
 pub(crate) const DEFAULT_MAX_BUFFER_SIZE: usize = 8192 + 4096 * 100;
+
+/// PARLEY PATCH: how much a read into an unallocated read buffer takes, into a buffer on
+/// the stack. The real buffer is only reserved once such a read returned bytes, so a
+/// connection that waits (keep-alive, or watching for EOF while a response streams) holds
+/// no read buffer.
+const PROBE_SIZE: usize = 1024;
 
 /// The maximum number of distinct `Buf`s to hold in a list before requiring
 /// a flush. Only affects when the buffer strategy is to queue buffers.
@@ -199,6 +206,11 @@ where
             )? {
                 debug!("parsed {} headers", msg.head.headers.len());
                 self.partial_len = None;
+                // PARLEY PATCH: nothing more buffered: let go of the buffer (the parsed
+                // head may still share it) instead of reading on into its tail.
+                if self.read_buf.is_empty() {
+                    self.read_buf = BytesMut::new();
+                }
                 return Poll::Ready(Ok(msg));
             } else {
                 let curr_len = self.read_buf.len();
@@ -229,6 +241,17 @@ where
     }
 
     pub(crate) fn poll_read_from_io(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let ret = self.poll_read_into_buf(cx);
+        // PARLEY PATCH: nothing buffered and nothing to read: the connection waits (for
+        // its next request, or for EOF while a response streams out); it holds no read
+        // buffer meanwhile. (Body reads, `read_mem`, keep theirs: more is coming.)
+        if ret.is_pending() && self.read_buf.is_empty() {
+            self.read_buf = BytesMut::new();
+        }
+        ret
+    }
+
+    fn poll_read_into_buf(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         self.read_blocked = false;
         // Get the next amount to allocate, but make sure we don't go over
         // the max read buf size configured.
@@ -238,6 +261,10 @@ where
                 .max()
                 .saturating_sub(self.read_buf.len()),
         );
+        // PARLEY PATCH: no buffer yet: read into a small one on the stack first.
+        if self.read_buf.capacity() == 0 && next > 0 {
+            return self.poll_read_probe(cx, next);
+        }
         if self.read_buf_remaining_mut() < next {
             self.read_buf.reserve(next);
         }
@@ -258,6 +285,46 @@ where
                 }
                 self.read_buf_strategy.record(n);
                 Poll::Ready(Ok(n))
+            }
+            Poll::Pending => {
+                self.read_blocked = true;
+                Poll::Pending
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        }
+    }
+
+    /// PARLEY PATCH: a read into an unallocated read buffer. The bytes are read into a
+    /// stack buffer, and the real buffer (`next` bytes, as the read strategy says) is
+    /// reserved only when there are some; when the stack buffer was filled, the read goes
+    /// on into the real buffer, so a large message costs one read more than unpatched,
+    /// not a smaller first buffer.
+    fn poll_read_probe(&mut self, cx: &mut Context<'_>, next: usize) -> Poll<io::Result<usize>> {
+        let mut probe = [MaybeUninit::<u8>::uninit(); PROBE_SIZE];
+        let mut buf = ReadBuf::uninit(&mut probe[..cmp::min(PROBE_SIZE, next)]);
+        match Pin::new(&mut self.io).poll_read(cx, buf.unfilled()) {
+            Poll::Ready(Ok(())) => {
+                let n = buf.filled().len();
+                trace!("received {} bytes (probe)", n);
+                if n == 0 {
+                    return Poll::Ready(Ok(0));
+                }
+                self.read_buf.reserve(cmp::max(next, n));
+                self.read_buf.extend_from_slice(buf.filled());
+                if n < PROBE_SIZE || n >= next {
+                    self.read_buf_strategy.record(n);
+                    return Poll::Ready(Ok(n));
+                }
+                // The probe was filled: there may be more.
+                match self.poll_read_into_buf(cx) {
+                    Poll::Ready(Ok(more)) => Poll::Ready(Ok(n + more)),
+                    // What was read is returned, as one unpatched read would have
+                    // done; a broken connection shows on its next read or write.
+                    Poll::Pending | Poll::Ready(Err(_)) => {
+                        self.read_blocked = false;
+                        Poll::Ready(Ok(n))
+                    }
+                }
             }
             Poll::Pending => {
                 self.read_blocked = true;
@@ -363,7 +430,8 @@ where
             let n = std::cmp::min(len, self.read_buf.len());
             Poll::Ready(Ok(self.read_buf.split_to(n).freeze()))
         } else {
-            let n = ready!(self.poll_read_from_io(cx))?;
+            // PARLEY PATCH: a body read keeps its buffer while it waits (more is coming).
+            let n = ready!(self.poll_read_into_buf(cx))?;
             Poll::Ready(Ok(self.read_buf.split_to(::std::cmp::min(len, n)).freeze()))
         }
     }
@@ -491,7 +559,9 @@ impl Cursor<Vec<u8>> {
 
     fn reset(&mut self) {
         self.pos = 0;
-        self.bytes.clear();
+        // PARLEY PATCH: everything was written: give the allocation back (a connection
+        // between responses, or one streaming a body through the queue, keeps none).
+        self.bytes = Vec::new();
     }
 }
 
@@ -535,7 +605,8 @@ pub(super) struct WriteBuf<B> {
 impl<B: Buf> WriteBuf<B> {
     fn new(strategy: WriteStrategy) -> WriteBuf<B> {
         WriteBuf {
-            headers: Cursor::new(Vec::with_capacity(INIT_BUFFER_SIZE)),
+            // PARLEY PATCH: allocated on first use, not 8 KiB up front for every connection.
+            headers: Cursor::new(Vec::new()),
             max_buf_size: DEFAULT_MAX_BUFFER_SIZE,
             queue: BufList::new(),
             strategy,
@@ -553,6 +624,8 @@ impl<B: Buf> WriteBuf<B> {
                 let head = self.headers_mut();
 
                 head.maybe_unshift(buf.remaining());
+                // PARLEY PATCH: the buffer starts empty: one allocation for all the chunks.
+                head.bytes.reserve(buf.remaining());
                 trace!(
                     self.len = head.remaining(),
                     buf.len = buf.remaining(),
@@ -891,6 +964,9 @@ mod tests {
         let b = |s: &str| Cursor::new(s.as_bytes().to_vec());
 
         let mut write_buf = WriteBuf::<Cursor<Vec<u8>>>::new(WriteStrategy::Flatten);
+        // PARLEY PATCH: the buffer starts unallocated; this test is about a buffer of
+        // INIT_BUFFER_SIZE.
+        write_buf.headers.bytes.reserve(INIT_BUFFER_SIZE);
 
         write_buf.buffer(b("hello "));
         write_buf.buffer(b("world, "));
