@@ -377,21 +377,26 @@ async fn serve_connection<I>(
         },
         _ = shutdown.cancelled() => return,
     };
-    let io = TokioIo::new(io);
     // The task's future is as large as its largest state and every idle connection holds
     // it, so the HTTP/2 connection (several times HTTP/1's size) is boxed.
+    // (Each connection is built and pinned in place: moved into `until_shutdown` by
+    // value, or built from a variable of its own, it would take room twice here.)
     let ended = if h2 {
-        let conn = http2::Builder::new(TokioExecutor::new())
-            .enable_connect_protocol()
-            .timer(TokioTimer::new())
-            .serve_connection(io, service);
-        Box::pin(until_shutdown(conn, &shutdown, |c| c.graceful_shutdown())).await
+        let mut conn = Box::pin(
+            http2::Builder::new(TokioExecutor::new())
+                .enable_connect_protocol()
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(io), service),
+        );
+        until_shutdown(conn.as_mut(), &shutdown, |c| c.graceful_shutdown()).await
     } else {
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(std::time::Duration::from_secs(30))
-            .serve_connection(io, service)
-            .with_upgrades();
+        let conn = std::pin::pin!(
+            http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(30))
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades()
+        );
         until_shutdown(conn, &shutdown, |c| c.graceful_shutdown()).await
     };
     if let Err(e) = ended {
@@ -403,14 +408,13 @@ async fn serve_connection<I>(
 /// Drives `conn` to its end; once `shutdown` is cancelled, asks it (`graceful`) to
 /// finish what it is doing and close.
 async fn until_shutdown<C>(
-    conn: C,
+    mut conn: Pin<&mut C>,
     shutdown: &CancellationToken,
     graceful: fn(Pin<&mut C>),
 ) -> Result<(), hyper::Error>
 where
     C: Future<Output = Result<(), hyper::Error>>,
 {
-    let mut conn = std::pin::pin!(conn);
     tokio::select! {
         ended = conn.as_mut() => return ended,
         _ = shutdown.cancelled() => {}
@@ -496,29 +500,26 @@ impl Server {
                 let deadline = WriteDeadline::new(write_timeout);
                 let io = DeadlineIo::new(tcp, deadline.clone()).with_slot(slot);
                 let peer = PeerIp(peer.ip());
-                // The task's future is as large as its largest state, and every idle
-                // connection holds it: the TLS path (its handshake and a connection over
-                // the TLS stream, much larger) is boxed so plain connections don't pay
-                // for it.
-                tokio::spawn(async move {
-                    match tls {
-                        None => serve_connection(io, app, watcher, shutdown, deadline, peer).await,
-                        Some(acceptor) => {
-                            Box::pin(async move {
-                                match acceptor.accept(io).await {
-                                    Ok(stream) => {
-                                        serve_connection(
-                                            stream, app, watcher, shutdown, deadline, peer,
-                                        )
-                                        .await
-                                    }
-                                    Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
-                                }
-                            })
-                            .await
-                        }
+                // Every idle connection holds its task's future, which is as large as its
+                // largest state: a plain connection's task is `serve_connection` alone,
+                // not sized for the TLS path (its handshake, a connection over the TLS
+                // stream) as well.
+                match tls {
+                    None => {
+                        tokio::spawn(serve_connection(io, app, watcher, shutdown, deadline, peer));
                     }
-                });
+                    Some(acceptor) => {
+                        tokio::spawn(async move {
+                            match acceptor.accept(io).await {
+                                Ok(stream) => {
+                                    serve_connection(stream, app, watcher, shutdown, deadline, peer)
+                                        .await
+                                }
+                                Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
+                            }
+                        });
+                    }
+                }
             }
             drop(listener);
             // In-flight requests finish (SSE streams and polls end themselves on the
