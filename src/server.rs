@@ -5,7 +5,7 @@
 //! this module but the binary and tests, which start the same server in-process on an
 //! ephemeral port.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc};
 
 use axum::{
     Router,
@@ -14,12 +14,10 @@ use axum::{
     response::IntoResponse,
     routing::get,
 };
+use hyper::server::conn::{http1, http2};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{
-        conn::auto,
-        graceful::{GracefulShutdown, Watcher},
-    },
+    server::graceful::{GracefulShutdown, Watcher},
     service::TowerToHyperService,
 };
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -42,6 +40,7 @@ use crate::{
         self, Ctx, PeerIp,
         admission::{Admission, Refusal},
         deadline::{DeadlineIo, WriteDeadline},
+        version::Sniffed,
     },
 };
 
@@ -346,12 +345,15 @@ fn refuse(mut tcp: tokio::net::TcpStream, refusal: Refusal, tls: bool) {
     });
 }
 
-/// Serves one accepted connection: HTTP/1.1 or HTTP/2 (by ALPN, or the h2c preface),
-/// with upgrades (WebSocket) and extended CONNECT (RFC 8441, WebSocket over HTTP/2).
+/// Serves one accepted connection: HTTP/1.1 or HTTP/2 (by its first bytes: the h2c
+/// preface, or after TLS whatever ALPN said), with upgrades (WebSocket) and extended
+/// CONNECT (RFC 8441, WebSocket over HTTP/2). On shutdown the connection is asked to
+/// finish gracefully (`watcher` tells the server when it has).
 async fn serve_connection<I>(
     io: I,
     app: Router,
     watcher: Watcher,
+    shutdown: CancellationToken,
     deadline: WriteDeadline,
     peer: PeerIp,
 ) where
@@ -365,21 +367,60 @@ async fn serve_connection<I>(
         req
     });
     let service = TowerToHyperService::new(app);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(std::time::Duration::from_secs(30));
-    builder
-        .http2()
-        .enable_connect_protocol()
-        .timer(TokioTimer::new());
-    let conn = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
-        .into_owned();
-    if let Err(e) = watcher.watch(conn).await {
+    let (h2, io) = tokio::select! {
+        read = Sniffed::read(io) => match read {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::debug!(error = %e, "connection ended before a request");
+                return;
+            }
+        },
+        _ = shutdown.cancelled() => return,
+    };
+    // The task's future is as large as its largest state and every idle connection holds
+    // it, so the HTTP/2 connection (several times HTTP/1's size) is boxed.
+    // (Each connection is built and pinned in place: moved into `until_shutdown` by
+    // value, or built from a variable of its own, it would take room twice here.)
+    let ended = if h2 {
+        let mut conn = Box::pin(
+            http2::Builder::new(TokioExecutor::new())
+                .enable_connect_protocol()
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(io), service),
+        );
+        until_shutdown(conn.as_mut(), &shutdown, |c| c.graceful_shutdown()).await
+    } else {
+        let conn = std::pin::pin!(
+            http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(30))
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades()
+        );
+        until_shutdown(conn, &shutdown, |c| c.graceful_shutdown()).await
+    };
+    if let Err(e) = ended {
         tracing::debug!(error = %e, "connection ended with an error");
     }
+    drop(watcher);
+}
+
+/// Drives `conn` to its end; once `shutdown` is cancelled, asks it (`graceful`) to
+/// finish what it is doing and close.
+async fn until_shutdown<C>(
+    mut conn: Pin<&mut C>,
+    shutdown: &CancellationToken,
+    graceful: fn(Pin<&mut C>),
+) -> Result<(), hyper::Error>
+where
+    C: Future<Output = Result<(), hyper::Error>>,
+{
+    tokio::select! {
+        ended = conn.as_mut() => return ended,
+        _ = shutdown.cancelled() => {}
+    }
+    graceful(conn.as_mut());
+    conn.await
 }
 
 impl Server {
@@ -455,20 +496,30 @@ impl Server {
                     }
                 };
                 let (app, watcher, tls) = (app.clone(), graceful.watcher(), tls.clone());
+                let shutdown = s.shutdown.clone();
                 let deadline = WriteDeadline::new(write_timeout);
                 let io = DeadlineIo::new(tcp, deadline.clone()).with_slot(slot);
                 let peer = PeerIp(peer.ip());
-                tokio::spawn(async move {
-                    match tls {
-                        None => serve_connection(io, app, watcher, deadline, peer).await,
-                        Some(acceptor) => match acceptor.accept(io).await {
-                            Ok(stream) => {
-                                serve_connection(stream, app, watcher, deadline, peer).await
-                            }
-                            Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
-                        },
+                // Every idle connection holds its task's future, which is as large as its
+                // largest state: a plain connection's task is `serve_connection` alone,
+                // not sized for the TLS path (its handshake, a connection over the TLS
+                // stream) as well.
+                match tls {
+                    None => {
+                        tokio::spawn(serve_connection(io, app, watcher, shutdown, deadline, peer));
                     }
-                });
+                    Some(acceptor) => {
+                        tokio::spawn(async move {
+                            match acceptor.accept(io).await {
+                                Ok(stream) => {
+                                    serve_connection(stream, app, watcher, shutdown, deadline, peer)
+                                        .await
+                                }
+                                Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
+                            }
+                        });
+                    }
+                }
             }
             drop(listener);
             // In-flight requests finish (SSE streams and polls end themselves on the

@@ -77,20 +77,34 @@ fn owner_of(id: &str) -> Option<&str> {
 
 /// Middleware on the session routes: forwards to the owning instance, or runs here.
 pub async fn to_owner(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
-    if req.headers().contains_key(FORWARDED) {
-        return next.run(req).await;
+    // This future lives as long as the request (a long-poll waits in it): the common
+    // case awaits only `next`, and forwarding, with its much larger state, is boxed.
+    match foreign_owner(&ctx, &req) {
+        None => next.run(req).await,
+        Some(owner) => Box::pin(forward(ctx, owner, req, next)).await,
     }
-    let Some(id) = session_ref(req.uri()) else {
-        return next.run(req).await;
-    };
+}
+
+/// The other instance that holds the request's session, if it is not here.
+fn foreign_owner(ctx: &Ctx, req: &Request) -> Option<String> {
+    if req.headers().contains_key(FORWARDED) {
+        return None;
+    }
+    let id = session_ref(req.uri())?;
     let broker = ctx.core.chat.broker();
     let (Some(owner), Some(me)) = (owner_of(&id), broker.instance()) else {
-        return next.run(req).await;
+        return None;
     };
     if owner == me || ctx.core.sessions.get(&id).is_some() {
-        return next.run(req).await;
+        return None;
     }
-    let Some(addr) = broker.locate(owner).await else {
+    Some(owner.to_string())
+}
+
+/// Relays the request to `owner`, or serves it here when the owner is gone.
+async fn forward(ctx: Ctx, owner: String, req: Request, next: Next) -> Response {
+    let owner = owner.as_str();
+    let Some(addr) = ctx.core.chat.broker().locate(owner).await else {
         // The owner is gone: the session went with it (the handler says so).
         return next.run(req).await;
     };

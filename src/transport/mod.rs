@@ -24,6 +24,7 @@ pub mod forward;
 pub mod http;
 pub mod poll;
 pub mod sse;
+pub mod version;
 pub mod ws;
 
 use std::sync::Arc;

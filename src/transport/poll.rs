@@ -13,7 +13,7 @@
 //! header `X-Parley-Cursor` carries the cursor for the next poll. Commands go to
 //! `POST /session/{id}` (sessions start with `POST /session`).
 
-use std::{sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use axum::{
     extract::{Query, State},
@@ -21,6 +21,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use bytes::{BufMut, BytesMut};
+use futures_util::future::Either;
 use serde::Deserialize;
 
 use super::{
@@ -93,56 +94,87 @@ fn respond(encoding: Encoding, cursor: u64, pushes: &[(u64, Arc<Push>)]) -> Resp
     r
 }
 
-pub async fn handler(
+/// Not an `async fn`: the request is read (and dropped) when the handler is called, and
+/// the future that waits, which lives as long as the poll is pending, holds only what the
+/// reply needs. (The request's headers and URI also share hyper's read buffer, which a
+/// pending poll would otherwise keep alive.)
+pub fn handler(
     State(ctx): State<Ctx>,
     headers: HeaderMap,
     uri: Uri,
     Query(q): Query<PollQuery>,
-) -> Response {
-    if !origin_allowed(&ctx.core.config.server, &headers, &uri) {
-        return ApiError::new(ErrorCode::Forbidden, "origin not allowed").into_response();
+) -> impl Future<Output = Response> + Send {
+    match Held::start(&ctx, headers, uri, q) {
+        Ok(held) => Either::Left(held.wait()),
+        Err(refused) => Either::Right(std::future::ready(refused.into_response())),
     }
-    let user = match user(&ctx, &headers) {
-        Ok(u) => u,
-        Err(e) => return e.into_response(),
-    };
-    let encoding = match headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) {
-        Some(a) if a.contains(PROTOBUF) => Encoding::Proto,
-        _ => Encoding::Json,
-    };
-    let (session, attachment) = match ctx.core.continue_from(&user, &q.session_id, q.cursor) {
-        Ok(pair) => pair,
-        Err(e) => return ApiError::from(e).into_response(),
-    };
-    let config = &ctx.core.config.poll;
-    let hold = q
-        .wait
-        .map_or(config.default_hold, Duration::from_secs)
-        .min(config.max_hold);
-    ctx.core.metrics.connections.get_or_create(&LABEL).inc();
-    let _pending = Pending(ctx.core.metrics.clone());
-    // The hold time is this outbox's idle interval: idle means "answer empty".
-    let mut outbox = Outbox::new(
-        Conn::bound(ctx.core.clone(), session, Some(attachment)),
-        OutboxConfig {
-            idle: Some(hold),
-            ..Default::default()
-        },
-        ctx.shutdown.clone(),
-    );
-    match outbox.next().await {
-        Out::Pushes(pushes) => {
-            let n = pushes.len() as u64;
-            ctx.core.metrics.frames_out.get_or_create(&LABEL).inc_by(n);
-            respond(encoding, q.cursor, &pushes)
+}
+
+/// A poll that waits: what the reply needs, and nothing of the request.
+struct Held {
+    outbox: Outbox,
+    encoding: Encoding,
+    cursor: u64,
+    pending: Pending,
+}
+
+impl Held {
+    fn start(ctx: &Ctx, headers: HeaderMap, uri: Uri, q: PollQuery) -> Result<Held, ApiError> {
+        if !origin_allowed(&ctx.core.config.server, &headers, &uri) {
+            return Err(ApiError::new(ErrorCode::Forbidden, "origin not allowed"));
         }
-        // Nothing within the hold time, a newer poll took over, or the server is
-        // shutting down: an empty answer (the client polls again, elsewhere if need be).
-        Out::Idle
-        | Out::Frame(_)
-        | Out::Close(CloseReason::SessionMoved | CloseReason::ShuttingDown) => {
-            respond(encoding, q.cursor, &[])
+        let user = user(ctx, &headers)?;
+        let encoding = match headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) {
+            Some(a) if a.contains(PROTOBUF) => Encoding::Proto,
+            _ => Encoding::Json,
+        };
+        let (session, attachment) = ctx
+            .core
+            .continue_from(&user, &q.session_id, q.cursor)
+            .map_err(ApiError::from)?;
+        let config = &ctx.core.config.poll;
+        let hold = q
+            .wait
+            .map_or(config.default_hold, Duration::from_secs)
+            .min(config.max_hold);
+        ctx.core.metrics.connections.get_or_create(&LABEL).inc();
+        let pending = Pending(ctx.core.metrics.clone());
+        // The hold time is this outbox's idle interval: idle means "answer empty".
+        let outbox = Outbox::new(
+            Conn::bound(ctx.core.clone(), session, Some(attachment)),
+            OutboxConfig {
+                idle: Some(hold),
+                ..Default::default()
+            },
+            ctx.shutdown.clone(),
+        );
+        Ok(Held {
+            outbox,
+            encoding,
+            cursor: q.cursor,
+            pending,
+        })
+    }
+
+    async fn wait(mut self) -> Response {
+        let (encoding, cursor) = (self.encoding, self.cursor);
+        match self.outbox.next().await {
+            Out::Pushes(pushes) => {
+                let n = pushes.len() as u64;
+                let metrics = &self.pending.0;
+                metrics.frames_out.get_or_create(&LABEL).inc_by(n);
+                respond(encoding, cursor, &pushes)
+            }
+            // Nothing within the hold time, a newer poll took over, or the server is
+            // shutting down: an empty answer (the client polls again, elsewhere if need be).
+            Out::Idle
+            | Out::Frame(_)
+            | Out::Close(CloseReason::SessionMoved | CloseReason::ShuttingDown) => {
+                respond(encoding, cursor, &[])
+            }
+            Out::Close(_) => {
+                ApiError::new(ErrorCode::SessionNotFound, "session ended").into_response()
+            }
         }
-        Out::Close(_) => ApiError::new(ErrorCode::SessionNotFound, "session ended").into_response(),
     }
 }

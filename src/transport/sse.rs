@@ -97,8 +97,11 @@ impl Stream {
         if self.done {
             return None;
         }
+        // Nothing held across the wait but the outbox's own future: every idle stream
+        // holds this future.
+        let next = self.outbox.next().await;
         let mut out = BytesMut::new();
-        match self.outbox.next().await {
+        match next {
             Out::Frame(frame) => {
                 frame_event(&mut out, &frame);
                 self.count(1);
