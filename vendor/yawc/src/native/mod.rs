@@ -235,6 +235,8 @@ pub(crate) struct Negotiation {
     pub(crate) max_backpressure_write_boundary: Option<usize>,
     /// Messages sent as one frame below this size skip compression.
     pub(crate) compression_threshold: usize,
+    // PARLEY PATCH: see `Options::lazy_buffers`.
+    pub(crate) lazy_buffers: bool,
 }
 
 impl Negotiation {
@@ -289,6 +291,7 @@ impl Negotiation {
                 .compression
                 .as_ref()
                 .map_or(0, |deflate| deflate.compression_threshold),
+            lazy_buffers: options.lazy_buffers,
         })
     }
 
