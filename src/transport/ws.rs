@@ -74,7 +74,8 @@ pub fn options(ws: &crate::config::WsConfig) -> Options {
         .with_max_read_buffer(hard_limit)
         .with_read_buffer_capacity(ws.read_buffer_bytes)
         .with_write_buffer_capacity(ws.write_buffer_bytes)
-        // Neither buffer is held while empty: an idle connection holds none (yawc patch,
+        // No read buffer while waiting for data, no write buffer once given back
+        // (`Writer::write`): an idle connection holds neither (yawc patch,
         // vendor/README.md).
         .with_lazy_buffers()
         // Text messages must be UTF-8 (RFC 6455 section 8.1): others close with 1007.
@@ -259,6 +260,10 @@ impl Writer {
     /// Writes one outbox item (not `Close`) under the write deadline.
     async fn write(&mut self, out: Out) -> Result<(), WriteError> {
         let mut frames = 0u64;
+        // After a reply or a ping the connection most likely waits: give the write
+        // buffer back (an idle connection holds none). Not after pushes: a connection
+        // in a busy room would allocate and free it on every wake-up.
+        let then_idle = !matches!(out, Out::Pushes(_));
         let write_timeout = self.write_timeout;
         let write = async {
             match out {
@@ -282,6 +287,9 @@ impl Writer {
         match timeout(write_timeout, write).await {
             Ok(Ok(())) => {
                 self.frames_out.inc_by(frames);
+                if then_idle {
+                    self.socket.free_write_buffer();
+                }
                 Ok(())
             }
             Ok(Err(_)) => Err(WriteError::Broken),

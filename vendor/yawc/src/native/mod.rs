@@ -1239,6 +1239,13 @@ where
         poll_fn(|cx| self.poll_next_frame(cx)).await
     }
 
+    // PARLEY PATCH: see `Options::lazy_buffers`.
+    /// Frees the socket write buffer if it holds no bytes. See
+    /// [`Streaming::free_write_buffer`].
+    pub fn free_write_buffer(&mut self) {
+        self.streaming.free_write_buffer();
+    }
+
     /// Wraps a stream that has already completed a WebSocket handshake.
     ///
     /// Use this when something else performed the handshake and handed back a byte

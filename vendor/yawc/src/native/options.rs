@@ -141,13 +141,16 @@ pub struct Options {
     // PARLEY PATCH: buffers held only while they hold bytes.
     /// Hold the socket read and write buffers only while they hold bytes.
     ///
-    /// A connection waiting for data then holds neither: it waits for the first bytes
-    /// with a small buffer on the stack and allocates its read buffer
-    /// ([`Options::read_buffer_capacity`]) only when they arrive; the write buffer
-    /// ([`Options::write_buffer_capacity`]) is allocated by the first frame sent and
-    /// freed once a flush has written everything. Costs an allocation and a free per
-    /// flush (and per read that empties the buffer); saves both buffers on every
-    /// connection that waits, which is most of them on a server with many idle clients.
+    /// A connection waiting for data then holds no read buffer: it waits for the first
+    /// bytes with a small buffer on the stack and allocates its read buffer
+    /// ([`Options::read_buffer_capacity`]) only when they arrive, and frees it once
+    /// everything in it was decoded. The write buffer
+    /// ([`Options::write_buffer_capacity`]) is allocated by the first frame sent after
+    /// [`super::WebSocket::free_write_buffer`] gave it back, which the caller does when
+    /// it knows the connection goes idle (doing it after every flush would cost an
+    /// allocation and a free per flush). Costs an allocation and a free per read that
+    /// empties the buffer; saves both buffers on every connection that waits, which is
+    /// most of them on a server with many idle clients.
     ///
     /// Default: `false`
     pub lazy_buffers: bool,

@@ -415,6 +415,14 @@ where
         }
     }
 
+    // PARLEY PATCH: see `Options::lazy_buffers`.
+    /// Frees the write buffer if it holds no bytes; with [`crate::Options::lazy_buffers`]
+    /// the next frame allocates it again. For a caller that knows the connection goes
+    /// idle now (freeing it after every flush would cost an allocation per flush).
+    pub fn free_write_buffer(&mut self) {
+        release_if_empty(self.stream.write_buffer_mut());
+    }
+
     /// Gives back the memory a frame larger than the read buffer made it grow to.
     ///
     /// The frame's payload shares the buffer's allocation, so the buffer keeps all of
@@ -531,10 +539,6 @@ where
             if self.flush_sends {
                 ready!(self.write_half.poll_flush(&mut self.stream, cx))?;
                 self.flush_sends = false;
-                if self.lazy_buffers {
-                    // PARLEY PATCH: written out: hold no write buffer.
-                    release_if_empty(self.stream.write_buffer_mut());
-                }
             }
 
             Poll::Ready(Ok(()))
@@ -638,12 +642,7 @@ where
         ready!(this
             .wake_proxy
             .with_context(|cx| this.write_half.poll_flush(&mut this.stream, cx)))?;
-        if this.lazy_buffers {
-            // PARLEY PATCH: written out: hold no write buffer.
-            release_if_empty(this.stream.write_buffer_mut());
-        } else {
-            this.release_write_buffer();
-        }
+        this.release_write_buffer();
         Poll::Ready(Ok(()))
     }
 
@@ -874,6 +873,8 @@ mod lazy_buffer_tests {
         );
 
         stream.send(Frame::binary(vec![7u8; 10])).await.unwrap();
+        assert!(stream.stream.write_buffer().capacity() > 0);
+        stream.free_write_buffer();
         assert!(
             holds_no_buffer(&stream),
             "the write buffer is freed once flushed"
