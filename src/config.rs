@@ -385,9 +385,11 @@ pub struct WsConfig {
     pub pong_timeout: Duration,
     /// Largest inbound frame (bytes); larger ones close the connection with 1009.
     pub max_frame_bytes: usize,
-    /// Initial socket read buffer per connection (grows for large frames, shrinks back).
+    /// Socket read buffer of a connection while bytes are pending (grows for large
+    /// frames, shrinks back; an idle connection holds none).
     pub read_buffer_bytes: usize,
-    /// Initial socket write buffer per connection.
+    /// Socket write buffer of a connection while it writes (given back after a reply
+    /// or a ping: an idle connection holds none).
     pub write_buffer_bytes: usize,
     /// A write (batch of frames + flush) that takes longer closes the connection as slow.
     #[serde(with = "humantime_serde")]

@@ -9,6 +9,7 @@
 //! does not read is closed with 4008, and the close itself gets only [`CLOSE_TIMEOUT`].
 
 use std::{
+    pin::Pin,
     sync::{Arc, OnceLock},
     time::Duration,
 };
@@ -21,11 +22,11 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
-use futures_util::SinkExt;
+use futures_util::{FutureExt, SinkExt, future::Either};
 use tokio::time::{Instant, timeout};
 use tracing::Instrument;
 use yawc::{
-    CompressionLevel, DeflatePool, HttpWebSocket, IncomingUpgrade, Options,
+    CompressionLevel, DeflatePool, HttpWebSocket, IncomingUpgrade, Options, UpgradeFut,
     close::CloseCode,
     frame::{Frame, OpCode},
 };
@@ -77,6 +78,10 @@ pub fn options(ws: &crate::config::WsConfig) -> Options {
         .with_max_read_buffer(hard_limit)
         .with_read_buffer_capacity(ws.read_buffer_bytes)
         .with_write_buffer_capacity(ws.write_buffer_bytes)
+        // No read buffer while waiting for data, no write buffer once given back
+        // (`Writer::write`): an idle connection holds neither (yawc patch,
+        // vendor/README.md).
+        .with_lazy_buffers()
         // Text messages must be UTF-8 (RFC 6455 section 8.1): others close with 1007.
         .with_utf8()
         .with_no_delay();
@@ -182,16 +187,32 @@ pub async fn handler(
     // of the server's time at 1M deliveries/s); at the default `info` level it is off.
     let span = tracing::debug_span!("ws", enc = ?encoding, user = tracing::field::Empty);
     let tracker = ctx.tracker.clone();
-    tracker.spawn(
-        async move {
-            match fut.await {
-                Ok(socket) => run(socket, ctx, encoding, compression).await,
-                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
-            }
-        }
-        .instrument(span),
-    );
+    tracker.spawn(connection(fut, ctx, encoding, compression).instrument(span));
     response.map(Body::new)
+}
+
+/// The connection's task: waits for the upgrade to complete, then drives the socket.
+/// Not an `async` block: that would hold what it captured (the upgrade future, `ctx`)
+/// beside the running connection for the task's whole life; `then` holds one or the
+/// other.
+fn connection(
+    fut: UpgradeFut,
+    ctx: Ctx,
+    encoding: Encoding,
+    compression: PushCompression,
+) -> impl Future<Output = ()> + Send {
+    fut.then(move |upgraded| match upgraded {
+        Ok(socket) => {
+            let mut connection = Connection::new(socket, ctx, encoding, compression);
+            // Used in place: an `async fn` taking the connection by value would hold it
+            // twice (its argument, and the local the argument is moved into).
+            Either::Left(async move { connection.run().await })
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            Either::Right(std::future::ready(()))
+        }
+    })
 }
 
 /// Counts the connection while it lives (a drop guard, so every exit path counts).
@@ -264,6 +285,10 @@ impl Writer {
     /// Writes one outbox item (not `Close`) under the write deadline.
     async fn write(&mut self, out: Out) -> Result<(), WriteError> {
         let mut frames = 0u64;
+        // After a reply or a ping the connection most likely waits: give the write
+        // buffer back (an idle connection holds none). Not after pushes: a connection
+        // in a busy room would allocate and free it on every wake-up.
+        let then_idle = !matches!(out, Out::Pushes(_));
         let write_timeout = self.write_timeout;
         let write = async {
             match out {
@@ -287,6 +312,9 @@ impl Writer {
         match deadline::lazy_timeout(write_timeout, write).await {
             Some(Ok(())) => {
                 self.frames_out.inc_by(frames);
+                if then_idle {
+                    self.socket.free_write_buffer();
+                }
                 Ok(())
             }
             Some(Err(_)) => Err(WriteError::Broken),
@@ -370,89 +398,145 @@ async fn deliver_ready(w: &mut Writer, outbox: &mut Outbox, first: Option<Out>) 
     true
 }
 
-/// Drives one connection until it closes.
-async fn run(socket: HttpWebSocket, ctx: Ctx, encoding: Encoding, compression: PushCompression) {
-    // Only what the loop needs is kept: every byte here is paid by every idle connection.
-    let metrics = ctx.core.metrics.clone();
-    metrics.connections.get_or_create(&LABEL).inc();
-    let _counted = Counted(metrics.clone());
-    let config = &ctx.core.config.ws;
-    let max_frame_bytes = config.max_frame_bytes;
-    let mut outbox = Outbox::new(
-        Conn::new(ctx.core.clone(), config.heartbeat_interval),
-        OutboxConfig {
-            idle: Some(config.heartbeat_interval),
-            silence_limit: Some(config.heartbeat_interval + config.pong_timeout),
-            connect_deadline: Some(Instant::now() + ctx.core.config.auth.connect_timeout),
-            coalesce: config.coalesce,
-        },
-        ctx.shutdown.clone(),
-    );
-    let frames_in = metrics.frames_in.get_or_create(&LABEL).clone();
-    let mut w = Writer {
-        socket,
-        encoding,
-        compression,
-        frames_out: metrics.frames_out.get_or_create(&LABEL).clone(),
-        write_timeout: config.write_timeout,
-    };
-    drop(ctx);
-    // Whether the connection's span has its user yet.
-    let mut named = false;
+/// `fut` on the heap, for an `async fn` to await without holding room for it: with
+/// `Box::pin(fut).await` written in the `async fn` itself, the compiler still reserves
+/// space for the unboxed `fut` in that function's future (a temporary of the statement
+/// that awaits), so every idle connection would pay for the largest of them.
+fn boxed<F: Future>(fut: F) -> Pin<Box<F>> {
+    Box::pin(fut)
+}
 
-    loop {
-        tokio::select! {
-            // Reads first, as long as the outbox takes them (it stops taking them while
-            // too many replies are pending: backpressure on a pipelining client).
-            biased;
-            frame = w.socket.next_frame(), if outbox.accepting() => {
-                let frame = match frame {
-                    Ok(f) => f,
-                    Err(_) => {
-                        // yawc may have queued a close frame (e.g. 1009 past the hard
-                        // limit); let it out.
-                        w.flush_queued().await;
+/// One connection: what its task holds while it runs. Every byte here is paid by every
+/// idle connection.
+struct Connection {
+    w: Writer,
+    outbox: Outbox,
+    frames_in: Counter,
+    max_frame_bytes: usize,
+    /// Whether the connection's span has its user yet.
+    named: bool,
+    _counted: Counted,
+}
+
+impl Connection {
+    fn new(
+        socket: HttpWebSocket,
+        ctx: Ctx,
+        encoding: Encoding,
+        compression: PushCompression,
+    ) -> Self {
+        // Only what the loop needs is kept (not `ctx`).
+        let metrics = &ctx.core.metrics;
+        metrics.connections.get_or_create(&LABEL).inc();
+        let config = &ctx.core.config.ws;
+        let outbox = Outbox::new(
+            Conn::new(ctx.core.clone(), config.heartbeat_interval),
+            OutboxConfig {
+                idle: Some(config.heartbeat_interval),
+                silence_limit: Some(config.heartbeat_interval + config.pong_timeout),
+                connect_deadline: Some(Instant::now() + ctx.core.config.auth.connect_timeout),
+                coalesce: config.coalesce,
+            },
+            ctx.shutdown.clone(),
+        );
+        Connection {
+            w: Writer {
+                socket,
+                encoding,
+                compression,
+                frames_out: metrics.frames_out.get_or_create(&LABEL).clone(),
+                write_timeout: config.write_timeout,
+            },
+            outbox,
+            frames_in: metrics.frames_in.get_or_create(&LABEL).clone(),
+            max_frame_bytes: config.max_frame_bytes,
+            named: false,
+            _counted: Counted(metrics.clone()),
+        }
+    }
+
+    /// Drives the connection until it closes.
+    async fn run(&mut self) {
+        let encoding = self.w.encoding;
+        loop {
+            tokio::select! {
+                // Reads first, as long as the outbox takes them (it stops taking them
+                // while too many replies are pending: backpressure on a pipelining
+                // client).
+                biased;
+                frame = self.w.socket.next_frame(), if self.outbox.accepting() => {
+                    let frame = match frame {
+                        Ok(f) => f,
+                        Err(_) => {
+                            // yawc may have queued a close frame (e.g. 1009 past the hard
+                            // limit); let it out.
+                            boxed(self.w.flush_queued()).await;
+                            break;
+                        }
+                    };
+                    match frame.opcode() {
+                        OpCode::Text | OpCode::Binary => {}
+                        OpCode::Close => {
+                            // A deliberate goodbye: no resume will follow. yawc queued the
+                            // close reply; let it out.
+                            self.outbox.client_closed();
+                            boxed(self.w.flush_queued()).await;
+                            break;
+                        }
+                        _ => {
+                            self.outbox.seen();
+                            continue;
+                        }
+                    }
+                    self.frames_in.inc();
+                    if frame.payload().len() > self.max_frame_bytes {
+                        self.outbox.too_large(self.max_frame_bytes);
+                    } else {
+                        // Boxed: the decoded frame and the command's state live on the
+                        // heap while it runs, not in every idle connection's future.
+                        let frame = codec::decode_client(encoding, frame.payload());
+                        boxed(self.outbox.receive(frame)).await;
+                    }
+                    if !self.named && let Some(session) = self.outbox.session() {
+                        tracing::Span::current().record("user", session.user_id());
+                        self.named = true;
+                    }
+                    // Write what is ready now (the reply, pushes it released) before
+                    // reading on.
+                    if !boxed(deliver_ready(&mut self.w, &mut self.outbox, None)).await {
                         break;
                     }
-                };
-                match frame.opcode() {
-                    OpCode::Text | OpCode::Binary => {}
-                    OpCode::Close => {
-                        // A deliberate goodbye: no resume will follow. yawc queued the
-                        // close reply; let it out.
-                        outbox.client_closed();
-                        w.flush_queued().await;
+                }
+                out = self.outbox.next() => {
+                    if !boxed(deliver_ready(&mut self.w, &mut self.outbox, Some(out))).await {
                         break;
                     }
-                    _ => {
-                        outbox.seen();
-                        continue;
-                    }
-                }
-                frames_in.inc();
-                if frame.payload().len() > max_frame_bytes {
-                    outbox.too_large(max_frame_bytes);
-                } else {
-                    // Boxed: the decoded frame and the command's state live on the heap
-                    // while it runs, not in every idle connection's future.
-                    Box::pin(outbox.receive(codec::decode_client(encoding, frame.payload())))
-                        .await;
-                }
-                if !named && let Some(session) = outbox.session() {
-                    tracing::Span::current().record("user", session.user_id());
-                    named = true;
-                }
-                // Write what is ready now (the reply, pushes it released) before reading on.
-                if !Box::pin(deliver_ready(&mut w, &mut outbox, None)).await {
-                    break;
-                }
-            }
-            out = outbox.next() => {
-                if !Box::pin(deliver_ready(&mut w, &mut outbox, Some(out))).await {
-                    break;
                 }
             }
         }
+        // The connection drops after this: the outbox detaches the session (or it was
+        // ended), on every path.
     }
-    // `outbox` drops here: the session is detached (or was ended), on every path.
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future `f` returns, without calling it.
+    fn future_size<F, A, B, C, D, Fut>(_: &F) -> usize
+    where
+        F: FnOnce(A, B, C, D) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every idle connection pays for its task's future (it was ~3.9 KB, most of it the
+    /// socket and the outbox held twice, and the deflate state inline in yawc's socket).
+    /// A debug build lays it out as a release build does, near enough.
+    #[test]
+    fn the_connection_task_stays_small() {
+        let task = future_size(&connection);
+        assert!(task <= 1600, "the connection task's future is {task} bytes");
+    }
 }

@@ -372,7 +372,9 @@ impl CompressionConfig {
 /// connection that never sends a compressed message never pays for it. With a pool,
 /// it is borrowed for each message instead and returned once the message is done.
 pub struct Compressor {
-    deflate: Option<Deflate>,
+    // PARLEY PATCH: boxed, so a connection holds a pointer, not the whole state, while
+    // it compresses nothing (without context takeover the state is in the pool then).
+    deflate: Option<Box<Deflate>>,
     level: CompressionLevel,
     config: HalfConfig,
     pool: Option<DeflatePool>,
@@ -403,13 +405,13 @@ impl Compressor {
             if let Some(deflate) = pooled {
                 return deflate;
             }
-            match self.config.window_bits {
+            Box::new(match self.config.window_bits {
                 #[cfg(feature = "zlib")]
                 Some(window_bits) => Deflate::new_with_window_bits(self.level, window_bits),
                 #[cfg(not(feature = "zlib"))]
                 Some(_) => Deflate::new(self.level),
                 None => Deflate::new(self.level),
-            }
+            })
         });
         let res = deflate.compress(input, flush);
         if flush && self.config.no_context_takeover {
@@ -592,7 +594,8 @@ fn inflate_chunk(output: &mut BytesMut, max_output_size: usize) -> crate::Result
 /// The inflate state is built on the first call to [`Decompressor::decompress`], so a
 /// connection that never receives a compressed frame never pays for it.
 pub struct Decompressor {
-    inflate: Option<Inflate>,
+    // PARLEY PATCH: boxed, as `Compressor::deflate`.
+    inflate: Option<Box<Inflate>>,
     config: HalfConfig,
     pool: Option<DeflatePool>,
 }
@@ -627,13 +630,13 @@ impl Decompressor {
             if let Some(inflate) = pooled {
                 return inflate;
             }
-            match self.config.window_bits {
+            Box::new(match self.config.window_bits {
                 #[cfg(feature = "zlib")]
                 Some(window_bits) => Inflate::new_with_window_bits(window_bits),
                 #[cfg(not(feature = "zlib"))]
                 Some(_) => Inflate::default(),
                 None => Inflate::default(),
-            }
+            })
         });
         let res = inflate.decompress(input, stream_end, max_output_size);
         if res.is_err() {

@@ -65,8 +65,9 @@ pub struct DeflatePool {
 
 struct Shared {
     capacity: usize,
-    deflate: [ArrayQueue<Deflate>; WINDOW_SIZES],
-    inflate: [ArrayQueue<Inflate>; WINDOW_SIZES],
+    // PARLEY PATCH: boxed states (see `Compressor::deflate`), handed over as they are.
+    deflate: [ArrayQueue<Box<Deflate>>; WINDOW_SIZES],
+    inflate: [ArrayQueue<Box<Inflate>>; WINDOW_SIZES],
 }
 
 impl DeflatePool {
@@ -87,14 +88,14 @@ impl DeflatePool {
         &self,
         level: CompressionLevel,
         window_bits: Option<u8>,
-    ) -> Option<Deflate> {
+    ) -> Option<Box<Deflate>> {
         let shared = self.shared.as_ref()?;
         let deflate = shared.deflate[slot(window_bits)].pop()?;
         (deflate.level == level).then_some(deflate)
     }
 
     /// Returns a reset compressor. A full pool drops it.
-    pub(super) fn put_deflate(&self, window_bits: Option<u8>, deflate: Deflate) {
+    pub(super) fn put_deflate(&self, window_bits: Option<u8>, deflate: Box<Deflate>) {
         if let Some(shared) = &self.shared {
             // A full pool drops the state, which bounds idle memory.
             let _ = shared.deflate[slot(window_bits)].push(deflate);
@@ -102,12 +103,12 @@ impl DeflatePool {
     }
 
     /// Takes an idle decompressor built with `window_bits`, if there is one.
-    pub(super) fn take_inflate(&self, window_bits: Option<u8>) -> Option<Inflate> {
+    pub(super) fn take_inflate(&self, window_bits: Option<u8>) -> Option<Box<Inflate>> {
         self.shared.as_ref()?.inflate[slot(window_bits)].pop()
     }
 
     /// Returns a reset decompressor. A full pool drops it.
-    pub(super) fn put_inflate(&self, window_bits: Option<u8>, inflate: Inflate) {
+    pub(super) fn put_inflate(&self, window_bits: Option<u8>, inflate: Box<Inflate>) {
         if let Some(shared) = &self.shared {
             // A full pool drops the state, which bounds idle memory.
             let _ = shared.inflate[slot(window_bits)].push(inflate);
@@ -291,9 +292,9 @@ mod tests {
     #[test]
     fn state_built_with_another_level_is_not_reused() {
         let pool = DeflatePool::new(4);
-        pool.put_deflate(None, Deflate::new(CompressionLevel::best()));
+        pool.put_deflate(None, Box::new(Deflate::new(CompressionLevel::best())));
         assert!(pool.take_deflate(CompressionLevel::fast(), None).is_none());
-        pool.put_deflate(None, Deflate::new(CompressionLevel::fast()));
+        pool.put_deflate(None, Box::new(Deflate::new(CompressionLevel::fast())));
         assert!(pool.take_deflate(CompressionLevel::fast(), None).is_some());
     }
 

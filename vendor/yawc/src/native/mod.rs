@@ -235,6 +235,8 @@ pub(crate) struct Negotiation {
     pub(crate) max_backpressure_write_boundary: Option<usize>,
     /// Messages sent as one frame below this size skip compression.
     pub(crate) compression_threshold: usize,
+    // PARLEY PATCH: see `Options::lazy_buffers`.
+    pub(crate) lazy_buffers: bool,
 }
 
 impl Negotiation {
@@ -289,6 +291,7 @@ impl Negotiation {
                 .compression
                 .as_ref()
                 .map_or(0, |deflate| deflate.compression_threshold),
+            lazy_buffers: options.lazy_buffers,
         })
     }
 
@@ -1234,6 +1237,13 @@ where
     /// Asynchronously retrieves the next frame from the WebSocket stream.
     pub async fn next_frame(&mut self) -> Result<Frame> {
         poll_fn(|cx| self.poll_next_frame(cx)).await
+    }
+
+    // PARLEY PATCH: see `Options::lazy_buffers`.
+    /// Frees the socket write buffer if it holds no bytes. See
+    /// [`Streaming::free_write_buffer`].
+    pub fn free_write_buffer(&mut self) {
+        self.streaming.free_write_buffer();
     }
 
     /// Wraps a stream that has already completed a WebSocket handshake.

@@ -137,6 +137,23 @@ pub struct Options {
     ///
     /// Default: `None` (uses tokio-util default)
     pub max_backpressure_write_boundary: Option<usize>,
+
+    // PARLEY PATCH: buffers held only while they hold bytes.
+    /// Hold the socket read and write buffers only while they hold bytes.
+    ///
+    /// A connection waiting for data then holds no read buffer: it waits for the first
+    /// bytes with a small buffer on the stack and allocates its read buffer
+    /// ([`Options::read_buffer_capacity`]) only when they arrive, and frees it once
+    /// everything in it was decoded. The write buffer
+    /// ([`Options::write_buffer_capacity`]) is allocated by the first frame sent after
+    /// [`super::WebSocket::free_write_buffer`] gave it back, which the caller does when
+    /// it knows the connection goes idle (doing it after every flush would cost an
+    /// allocation and a free per flush). Costs an allocation and a free per read that
+    /// empties the buffer; saves both buffers on every connection that waits, which is
+    /// most of them on a server with many idle clients.
+    ///
+    /// Default: `false`
+    pub lazy_buffers: bool,
 }
 
 /// Configuration for WebSocket message fragmentation.
@@ -385,6 +402,23 @@ impl Options {
     pub fn with_read_buffer_capacity(self, capacity: usize) -> Self {
         Self {
             read_buffer_capacity: Some(capacity),
+            ..self
+        }
+    }
+
+    // PARLEY PATCH: buffers held only while they hold bytes.
+    /// Holds the socket buffers only while they hold bytes. See [`Options::lazy_buffers`].
+    ///
+    /// # Example
+    /// ```rust
+    /// use yawc::Options;
+    ///
+    /// // Many mostly idle connections: no buffers while they wait.
+    /// let options = Options::default().with_lazy_buffers();
+    /// ```
+    pub fn with_lazy_buffers(self) -> Self {
+        Self {
+            lazy_buffers: true,
             ..self
         }
     }

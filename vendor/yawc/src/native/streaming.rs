@@ -51,6 +51,7 @@
 use std::{
     collections::VecDeque,
     future::poll_fn,
+    mem::MaybeUninit,
     pin::Pin,
     sync::Arc,
     task::{ready, Context, Poll},
@@ -59,11 +60,15 @@ use std::{
 use crate::{close::CloseCode, codec, Negotiation, OpCode, Result, Role};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::codec::{Framed, FramedParts};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::codec::{Decoder as _, Framed, FramedParts};
 
 /// The buffer size tokio-util starts `Framed` with, used when none is configured.
 const DEFAULT_BUFFER_CAPACITY: usize = 8 * 1024;
+
+// PARLEY PATCH: see `Options::lazy_buffers`.
+/// How many bytes a connection without a read buffer reads at once, on the stack.
+const LAZY_READ_BYTES: usize = 2048;
 
 use crate::{
     codec::Codec,
@@ -174,6 +179,11 @@ pub struct Streaming<S> {
     write_buffer_capacity: usize,
     // the write buffer grew past its usual size and is replaced once flushed
     write_buffer_grown: bool,
+    // PARLEY PATCH: buffers held only while they hold bytes (`Options::lazy_buffers`).
+    lazy_buffers: bool,
+    // bytes this layer read itself (lazy buffers) may hold frames `Framed` does not
+    // know about: it decodes only after reads of its own, so decode them here first
+    prefilled: bool,
 }
 
 impl<S> Streaming<S>
@@ -221,19 +231,31 @@ where
         let encoder = codec::Encoder::new(role);
         let codec = Codec::from((decoder, encoder));
 
-        let mut parts = FramedParts::new(stream, codec);
-        parts.read_buf = read_buf.into();
+        let lazy_buffers = negotiated.lazy_buffers;
+        let mut framed = if lazy_buffers && read_buf.is_empty() {
+            // PARLEY PATCH: no buffer at all until there are bytes to hold (and no 8 KiB
+            // ones allocated and freed at once, as `from_parts` would).
+            let mut framed = Framed::with_capacity(stream, codec, 0);
+            framed.set_backpressure_boundary(DEFAULT_BUFFER_CAPACITY);
+            framed
+        } else {
+            let mut parts = FramedParts::new(stream, codec);
+            parts.read_buf = read_buf.into();
 
-        // `from_parts` marks leftover handshake bytes as readable, which
-        // `Framed::with_capacity` cannot, but it also raises both buffers to 8 KiB.
-        // Swap in buffers of the configured size afterwards.
-        let mut framed = Framed::from_parts(parts);
-        if let Some(capacity) = negotiated.read_buffer_capacity {
-            set_capacity(framed.read_buffer_mut(), capacity);
-        }
-        if let Some(capacity) = negotiated.write_buffer_capacity {
-            set_capacity(framed.write_buffer_mut(), capacity);
-        }
+            // `from_parts` marks leftover handshake bytes as readable, which
+            // `Framed::with_capacity` cannot, but it also raises both buffers to 8 KiB.
+            // Swap in buffers of the configured size afterwards.
+            let mut framed = Framed::from_parts(parts);
+            if let Some(capacity) = negotiated.read_buffer_capacity {
+                set_capacity(framed.read_buffer_mut(), capacity);
+            }
+            if lazy_buffers {
+                *framed.write_buffer_mut() = BytesMut::new();
+            } else if let Some(capacity) = negotiated.write_buffer_capacity {
+                set_capacity(framed.write_buffer_mut(), capacity);
+            }
+            framed
+        };
         if let Some(boundary) = negotiated.max_backpressure_write_boundary {
             framed.set_backpressure_boundary(boundary);
         }
@@ -256,6 +278,8 @@ where
                 .write_buffer_capacity
                 .unwrap_or(DEFAULT_BUFFER_CAPACITY),
             write_buffer_grown: false,
+            lazy_buffers,
+            prefilled: false,
         }
     }
 
@@ -313,7 +337,9 @@ where
         cx: &mut Context<'_>,
         max_read_buffer: usize,
     ) -> Poll<Result<Frame>> {
-        let res = if self.stream.read_buffer().is_empty() {
+        let res = if self.lazy_buffers {
+            self.poll_frame_lazily(cx)
+        } else if self.stream.read_buffer().is_empty() {
             self.wake_proxy.set_waker(ContextKind::Read, cx.waker());
             self.wake_proxy
                 .with_context(|cx| self.read_half.poll_frame(&mut self.stream, cx))
@@ -329,6 +355,11 @@ where
                 self.on_frame(frame, max_read_buffer)
             })
         });
+        if self.lazy_buffers {
+            // PARLEY PATCH: nothing left to decode: hold no read buffer. A frame's
+            // payload shares the allocation and keeps it alive only as long as it lives.
+            release_if_empty(self.stream.read_buffer_mut());
+        }
         match res {
             Poll::Ready(Ok(frame)) => Poll::Ready(Ok(frame)),
             Poll::Ready(Err(WebSocketError::ConnectionClosed)) => {
@@ -362,6 +393,70 @@ where
                 Poll::Pending
             }
         }
+    }
+
+    // PARLEY PATCH: see `Options::lazy_buffers`.
+    /// Reads the next frame without holding a read buffer while waiting: with no
+    /// buffer, the first bytes are read onto the stack and a buffer is allocated only
+    /// when some arrived. Afterwards `Framed` reads on as usual until the buffer is
+    /// empty again (and released by the caller).
+    fn poll_frame_lazily(&mut self, cx: &mut Context<'_>) -> Poll<Result<Frame>> {
+        loop {
+            if self.prefilled {
+                // `Framed` decodes only after reads of its own; these bytes came from
+                // the read below, so frames already complete in them are decoded here.
+                let mut buffer = std::mem::take(self.stream.read_buffer_mut());
+                let decoded = self.stream.codec_mut().decode(&mut buffer);
+                *self.stream.read_buffer_mut() = buffer;
+                match decoded {
+                    Ok(None) => self.prefilled = false,
+                    decoded => {
+                        if decoded.is_err() {
+                            self.prefilled = false;
+                        }
+                        let mut one = Decoded(decoded.transpose());
+                        return self.read_half.poll_frame(&mut one, cx);
+                    }
+                }
+            }
+            if self.stream.read_buffer().capacity() == 0 {
+                let mut bytes = [MaybeUninit::<u8>::uninit(); LAZY_READ_BYTES];
+                let mut read = ReadBuf::uninit(&mut bytes);
+                self.wake_proxy.set_waker(ContextKind::Read, cx.waker());
+                let polled = self
+                    .wake_proxy
+                    .with_context(|cx| Pin::new(self.stream.get_mut()).poll_read(cx, &mut read));
+                match polled {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(err)) => return Poll::Ready(Err(err.into())),
+                    // End of stream: `Framed` reads it again and reports it.
+                    Poll::Ready(Ok(())) if read.filled().is_empty() => {}
+                    Poll::Ready(Ok(())) => {
+                        let filled = read.filled();
+                        let mut buffer =
+                            BytesMut::with_capacity(self.read_buffer_capacity.max(filled.len()));
+                        buffer.extend_from_slice(filled);
+                        *self.stream.read_buffer_mut() = buffer;
+                        self.prefilled = true;
+                        continue;
+                    }
+                }
+            }
+            // Bytes of an unfinished frame are buffered: `Framed` reads the rest.
+            return self
+                .wake_proxy
+                .poll_with_context(ContextKind::Read, cx, |cx| {
+                    self.read_half.poll_frame(&mut self.stream, cx)
+                });
+        }
+    }
+
+    // PARLEY PATCH: see `Options::lazy_buffers`.
+    /// Frees the write buffer if it holds no bytes; with [`crate::Options::lazy_buffers`]
+    /// the next frame allocates it again. For a caller that knows the connection goes
+    /// idle now (freeing it after every flush would cost an allocation per flush).
+    pub fn free_write_buffer(&mut self) {
+        release_if_empty(self.stream.write_buffer_mut());
     }
 
     /// Gives back the memory a frame larger than the read buffer made it grow to.
@@ -545,6 +640,13 @@ where
         // PARLEY PATCH: a frame marked with `Frame::with_precompressed` is already a
         // permessage-deflate message; it is written as is.
         let should_compress = !item.opcode.is_control() && !small_message && !item.is_compressed;
+        if this.lazy_buffers && this.stream.write_buffer().capacity() == 0 {
+            // PARLEY PATCH: the first frame since the buffer was written out allocates
+            // it at its usual size (frames that follow before the flush fit in it).
+            this.stream
+                .write_buffer_mut()
+                .reserve(this.write_buffer_capacity);
+        }
         if should_compress {
             if let Some(deflate) = this.deflate.as_mut() {
                 let output = deflate.compress(&item.payload, item.is_fin())?;
@@ -588,6 +690,27 @@ where
         this.wake_proxy.set_waker(ContextKind::Write, cx.waker());
         this.wake_proxy
             .with_context(|cx| this.write_half.poll_close(&mut this.stream, cx))
+    }
+}
+
+// PARLEY PATCH: see `Options::lazy_buffers`.
+/// Frees `buffer`'s memory when it holds no bytes.
+#[inline]
+fn release_if_empty(buffer: &mut BytesMut) {
+    if buffer.is_empty() && buffer.capacity() != 0 {
+        *buffer = BytesMut::new();
+    }
+}
+
+// PARLEY PATCH: see `Options::lazy_buffers`.
+/// One frame (or error) decoded outside `Framed`, as the stream `ReadHalf` reads.
+struct Decoded(Option<Result<Frame>>);
+
+impl futures::Stream for Decoded {
+    type Item = Result<Frame>;
+
+    fn poll_next(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Poll::Ready(self.get_mut().0.take())
     }
 }
 
@@ -721,5 +844,138 @@ mod capacity_tests {
             stream.next_frame().await,
             Err(WebSocketError::FrameTooLarge)
         ));
+    }
+}
+
+// PARLEY PATCH: tests of `Options::lazy_buffers`.
+#[cfg(test)]
+mod lazy_buffer_tests {
+    use super::*;
+    use crate::Options;
+    use futures::SinkExt;
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
+
+    fn lazy(
+        read_buf: &'static [u8],
+    ) -> (Streaming<tokio::io::DuplexStream>, tokio::io::DuplexStream) {
+        let options = Options::default()
+            .with_read_buffer_capacity(512)
+            .with_write_buffer_capacity(256)
+            .with_lazy_buffers();
+        let negotiated = Negotiation::new(None, &options, Role::Client).unwrap();
+        let (io, peer) = duplex(1 << 20);
+        let stream = Streaming::new(Role::Client, io, Bytes::from_static(read_buf), &negotiated);
+        (stream, peer)
+    }
+
+    fn holds_no_buffer(stream: &Streaming<tokio::io::DuplexStream>) -> bool {
+        stream.stream.read_buffer().capacity() == 0 && stream.stream.write_buffer().capacity() == 0
+    }
+
+    /// An unmasked server frame of `len` bytes of `byte`.
+    fn frame(byte: u8, len: usize) -> Vec<u8> {
+        let mut out = vec![0x82];
+        match len {
+            0..=125 => out.push(len as u8),
+            126..=65535 => {
+                out.push(126);
+                out.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            _ => {
+                out.push(127);
+                out.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        out.extend(std::iter::repeat(byte).take(len));
+        out
+    }
+
+    #[tokio::test]
+    async fn a_waiting_connection_holds_no_buffer() {
+        let (mut stream, mut peer) = lazy(b"");
+        assert!(holds_no_buffer(&stream));
+        // Waiting for a frame allocates nothing.
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(stream.poll_next_frame(&mut cx).is_pending());
+        assert!(holds_no_buffer(&stream));
+
+        peer.write_all(&frame(1, 3)).await.unwrap();
+        let got = stream.next_frame().await.unwrap();
+        assert_eq!(got.payload().as_ref(), &[1, 1, 1]);
+        assert!(
+            holds_no_buffer(&stream),
+            "the buffer is given back once empty"
+        );
+
+        stream.send(Frame::binary(vec![7u8; 10])).await.unwrap();
+        assert!(stream.stream.write_buffer().capacity() > 0);
+        stream.free_write_buffer();
+        assert!(
+            holds_no_buffer(&stream),
+            "the write buffer is freed once flushed"
+        );
+        let mut written = [0u8; 2 + 4 + 10];
+        peer.read_exact(&mut written).await.unwrap();
+        assert_eq!(&written[..2], &[0x82, 0x80 | 10]);
+    }
+
+    #[tokio::test]
+    async fn frames_in_one_read_and_frames_across_reads_all_arrive() {
+        let (mut stream, mut peer) = lazy(b"");
+        // Two whole frames and the start of a third in one write.
+        let mut bytes = frame(1, 5);
+        bytes.extend(frame(2, 7));
+        let third = frame(3, 4000);
+        bytes.extend_from_slice(&third[..100]);
+        peer.write_all(&bytes).await.unwrap();
+        assert_eq!(
+            stream.next_frame().await.unwrap().payload().as_ref(),
+            &[1; 5]
+        );
+        assert_eq!(
+            stream.next_frame().await.unwrap().payload().as_ref(),
+            &[2; 7]
+        );
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(stream.poll_next_frame(&mut cx).is_pending());
+        assert!(
+            !stream.stream.read_buffer().is_empty(),
+            "the partial frame stays"
+        );
+        peer.write_all(&third[100..]).await.unwrap();
+        let got = stream.next_frame().await.unwrap();
+        assert_eq!(got.payload().len(), 4000);
+        assert!(got.payload().iter().all(|b| *b == 3));
+        // A header alone, then its payload.
+        let fourth = frame(4, 9);
+        peer.write_all(&fourth[..2]).await.unwrap();
+        assert!(stream.poll_next_frame(&mut cx).is_pending());
+        peer.write_all(&fourth[2..]).await.unwrap();
+        assert_eq!(
+            stream.next_frame().await.unwrap().payload().as_ref(),
+            &[4; 9]
+        );
+        // Larger than the stack read and the buffer.
+        peer.write_all(&frame(5, 100_000)).await.unwrap();
+        assert_eq!(stream.next_frame().await.unwrap().payload().len(), 100_000);
+        assert!(holds_no_buffer(&stream));
+        // The end of the stream is reported as before.
+        drop(peer);
+        assert!(matches!(
+            stream.next_frame().await,
+            Err(WebSocketError::ConnectionClosed)
+        ));
+    }
+
+    #[tokio::test]
+    async fn bytes_received_with_the_upgrade_are_read_first() {
+        let (mut stream, _peer) = lazy(b"\x82\x03abc");
+        assert_eq!(
+            stream.next_frame().await.unwrap().payload().as_ref(),
+            b"abc"
+        );
+        assert!(holds_no_buffer(&stream));
     }
 }
