@@ -211,6 +211,13 @@ where
         }
         // As `WriteHalf::start_send` does for a FIN data frame.
         self.write_half.streaming = false;
+        if self.lazy_buffers && self.stream.write_buffer().capacity() == 0 {
+            // As `start_send`: the first frame since the buffer was given back allocates
+            // it at its usual size, not at this frame's.
+            self.stream
+                .write_buffer_mut()
+                .reserve(self.write_buffer_capacity);
+        }
         let dst = self.stream.write_buffer_mut();
         dst.reserve(crate::frame::MAX_HEAD_SIZE + len);
         let first_byte = 0x80 | u8::from(compressed) << 6 | u8::from(opcode);
