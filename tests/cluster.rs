@@ -315,17 +315,7 @@ async fn sse_and_long_poll_sessions_hop_between_instances_without_loss_or_repeat
 
     // A long-poll session opened on instance 0, joined through instance 1.
     let auth = bearer(&cluster, "pat");
-    let r = common::http(
-        cluster.addr(0),
-        "POST",
-        "/session",
-        &[("authorization", &auth)],
-        r#"{"id":"1","connect":{}}"#,
-    )
-    .await;
-    assert_eq!(r.status, 200);
-    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-    let poll_session = v["connected"]["sessionId"].as_str().unwrap().to_string();
+    let poll_session = common::open_http_session(cluster.addr(0), &auth).await;
     let (status, v) = command(
         &cluster,
         1,

@@ -39,17 +39,7 @@ struct Poller {
 impl Poller {
     async fn connect(t: &TestServer, user: &str) -> Poller {
         let auth = bearer(t, user);
-        let r = http(
-            t.addr(),
-            "POST",
-            "/session",
-            &[("authorization", &auth)],
-            r#"{"id":"1","connect":{}}"#,
-        )
-        .await;
-        assert_eq!(r.status, 200);
-        let v: Value = serde_json::from_slice(&r.body).unwrap();
-        let session = v["connected"]["sessionId"].as_str().unwrap().to_string();
+        let session = open_http_session(t.addr(), &auth).await;
         Poller {
             user: user.into(),
             session,

@@ -254,26 +254,10 @@ async fn streams_and_polls_end_when_their_client_goes() {
 
     // A pending long-poll, closed by the client while it waits.
     let auth = format!("Bearer {}", t.token("bob"));
-    let r = http(
-        t.addr(),
-        "POST",
-        "/session",
-        &[("authorization", &auth)],
-        r#"{"id":"1","connect":{}}"#,
-    )
-    .await;
-    assert_eq!(r.status, 200);
-    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-    let session = v["connected"]["sessionId"].as_str().unwrap();
+    let session = open_http_session(t.addr(), &auth).await;
     let mut poll = Raw::connect(&t).await;
-    poll.write(
-        format!(
-            "GET /poll?session_id={session}&cursor=0&wait=30 HTTP/1.1\r\nHost: parley\r\n\
-             Authorization: {auth}\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await;
+    poll.write(poll_request(&session, &auth, 30).as_bytes())
+        .await;
     eventually("the poll is pending", || open(&t, "poll") == 1).await;
     tokio::time::sleep(IDLE).await;
     drop(poll);
@@ -281,15 +265,17 @@ async fn streams_and_polls_end_when_their_client_goes() {
 
     // The same poll on a connection that stays: answered (empty) after its hold time.
     let mut poll = Raw::connect(&t).await;
-    poll.write(
-        format!(
-            "GET /poll?session_id={session}&cursor=0&wait=1 HTTP/1.1\r\nHost: parley\r\n\
-             Authorization: {auth}\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await;
+    poll.write(poll_request(&session, &auth, 1).as_bytes())
+        .await;
     let r = poll.response().await;
     assert_eq!((r.status, r.body.as_slice()), (200, &b"[]"[..]));
     assert_eq!(r.header("x-parley-cursor"), Some("0"));
+}
+
+/// A raw `GET /poll` for `session` from cursor 0, held up to `wait` seconds.
+fn poll_request(session: &str, auth: &str, wait: u32) -> String {
+    format!(
+        "GET /poll?session_id={session}&cursor=0&wait={wait} HTTP/1.1\r\nHost: parley\r\n\
+         Authorization: {auth}\r\n\r\n"
+    )
 }

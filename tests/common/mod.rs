@@ -518,6 +518,22 @@ pub async fn http(
     }
 }
 
+/// Opens a session over HTTP (`POST /session` with `connect`) with `authorization`;
+/// its id.
+pub async fn open_http_session(addr: SocketAddr, authorization: &str) -> String {
+    let r = http(
+        addr,
+        "POST",
+        "/session",
+        &[("authorization", authorization)],
+        r#"{"id":"1","connect":{}}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    v["connected"]["sessionId"].as_str().unwrap().to_string()
+}
+
 /// `POST /session/{id}` with a JSON command and `authorization`; the status and the
 /// reply frame (`null` for an empty body).
 pub async fn session_command(
