@@ -131,7 +131,9 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            // Loopback: safe with the development secret. Containers and real
+            // deployments set an address reachable from elsewhere, and a secret.
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             shutdown_timeout: Duration::from_secs(10),
             drain_delay: Duration::from_secs(2),
             write_timeout: Duration::from_secs(30),
@@ -321,6 +323,16 @@ impl Default for JwtKey {
 }
 
 impl AuthConfig {
+    /// Whether a token signed with the public development secret would verify: the main
+    /// key or any extra key is HS256 with [`DEV_JWT_SECRET`].
+    pub fn accepts_dev_secret(&self) -> bool {
+        (self.algorithm == JwtAlgorithm::HS256 && self.jwt_secret == DEV_JWT_SECRET)
+            || self
+                .extra_keys
+                .iter()
+                .any(|k| k.algorithm == JwtAlgorithm::HS256 && k.secret == DEV_JWT_SECRET)
+    }
+
     /// Key ids are unique (a token's `kid` picks at most one key) and every extra key
     /// has the material its algorithm needs.
     fn validate_keys(&self) -> Result<(), ConfigError> {

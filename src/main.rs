@@ -1,12 +1,13 @@
-//! The `parley` binary: `parley serve` (default) and `parley token`.
+//! The `parley` binary: `parley serve` (default), `parley init`, `parley health` and
+//! `parley token`.
 
-use std::{path::PathBuf, time::Duration};
+use std::{io::Write, net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use parley::{
     auth::Authenticator,
-    config::{Config, DEV_JWT_SECRET, JwtAlgorithm, LogFormat},
+    config::{Config, LogFormat},
     server::Server,
 };
 use tracing_subscriber::EnvFilter;
@@ -41,12 +42,30 @@ enum Command {
         /// Log format: text or json (overrides log.format).
         #[arg(long)]
         log_format: Option<String>,
+        /// Development mode: serve on any address even with the public development JWT
+        /// secret (anyone can mint tokens for it). Never in production.
+        #[arg(long)]
+        dev: bool,
     },
-    /// Exit 0 if the server at ADDR answers /healthz (for container health checks).
+    /// Write a configuration with fresh random secrets (JWT, signed URLs, admin token).
+    Init {
+        /// Where to write it; `-` for standard output.
+        #[arg(long, short, default_value = "parley.toml")]
+        output: PathBuf,
+        /// Write `PARLEY_SECTION__KEY=value` lines instead (for `docker run --env-file`,
+        /// docker compose's `.env`, or a Kubernetes Secret); to standard output unless
+        /// --output names a file.
+        #[arg(long)]
+        env: bool,
+        /// Replace the file if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Exit 0 if the server answers /healthz (for container health checks).
     Health {
-        /// host:port of a running parley.
-        #[arg(default_value = "127.0.0.1:8080")]
-        addr: String,
+        /// host:port of a running parley. Default: the configured listen port on
+        /// loopback (server.listen, so PARLEY_SERVER__LISTEN is followed).
+        addr: Option<String>,
     },
     /// Mint a token for development (signed with the configured key).
     Token {
@@ -72,22 +91,37 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let mut config = Config::load(&cli.config)?;
-    match cli.command.unwrap_or(Command::Serve {
+    let command = cli.command.unwrap_or(Command::Serve {
         listen: None,
         log_format: None,
-    }) {
-        Command::Health { addr } => health(&addr),
+        dev: false,
+    });
+    // `init` reads no configuration: it is what makes one.
+    if let Command::Init { output, env, force } = command {
+        return init(&output, env, force);
+    }
+    let mut config = Config::load(&cli.config)?;
+    match command {
+        Command::Init { .. } => unreachable!("handled above"),
+        Command::Health { addr } => {
+            let addr = addr.unwrap_or_else(|| loopback_of(config.server.listen).to_string());
+            health(&addr)
+        }
         Command::Token { user, ttl } => {
             let auth = Authenticator::new(&config.auth)?;
             let ttl: Duration = ttl.into();
             println!("{}", auth.mint(&user, ttl)?);
             Ok(())
         }
-        Command::Serve { listen, log_format } => {
+        Command::Serve {
+            listen,
+            log_format,
+            dev,
+        } => {
             if let Some(listen) = listen {
                 config.server.listen = listen;
             }
+            refuse_public_dev_secret(&config, dev)?;
             if let Some(f) = log_format {
                 config.log.format = match f.as_str() {
                     "json" => LogFormat::Json,
@@ -102,6 +136,102 @@ fn run() -> anyhow::Result<()> {
             rt.block_on(serve(config))
         }
     }
+}
+
+/// Serving the public development secret on an address other machines can reach lets
+/// anyone who read the README mint a token for any user: refused, unless `--dev`.
+fn refuse_public_dev_secret(config: &Config, dev: bool) -> anyhow::Result<()> {
+    let listen = config.server.listen;
+    if config.auth.accepts_dev_secret() && !listen.ip().is_loopback() && !dev {
+        anyhow::bail!(
+            "refusing to serve on {listen} with the public development JWT secret: set \
+             PARLEY_AUTH__JWT_SECRET (or run `parley init` for a config with fresh secrets), \
+             listen on 127.0.0.1, or pass --dev to accept the risk"
+        );
+    }
+    Ok(())
+}
+
+/// The loopback address of a listen address's port (what `parley health` probes).
+fn loopback_of(listen: SocketAddr) -> SocketAddr {
+    match listen {
+        SocketAddr::V4(a) if a.ip().is_unspecified() => {
+            SocketAddr::from(([127, 0, 0, 1], a.port()))
+        }
+        SocketAddr::V6(a) if a.ip().is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
+        }
+        other => other,
+    }
+}
+
+/// 32 random bytes as hex: a secret for HMAC-SHA256 (JWT HS256, signed URLs) or a bearer
+/// token.
+fn fresh_secret() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `parley init`: a configuration with fresh secrets, as TOML (mode 0600) or env lines.
+fn init(output: &std::path::Path, env: bool, force: bool) -> anyhow::Result<()> {
+    let (jwt, admin, url) = (fresh_secret(), fresh_secret(), fresh_secret());
+    let text = if env {
+        format!(
+            "# parley secrets from `parley init --env`. Keep private.\n\
+             PARLEY_AUTH__JWT_SECRET={jwt}\n\
+             PARLEY_AUTH__ADMIN_TOKEN={admin}\n\
+             PARLEY_FILES__URL_SECRET={url}\n"
+        )
+    } else {
+        format!(
+            "# parley configuration from `parley init`, with fresh random secrets. Keep it\n\
+             # private: whoever holds auth.jwt_secret can act as any user, auth.admin_token\n\
+             # opens the admin API, files.url_secret signs download links.\n\
+             # Every other option keeps its default; the documented list of options, with\n\
+             # their defaults, is config/parley.toml in the source (/etc/parley/parley.toml\n\
+             # in the container image). Environment variables override this file.\n\
+             \n\
+             [server]\n\
+             listen = \"0.0.0.0:8080\"\n\
+             \n\
+             [auth]\n\
+             jwt_secret = \"{jwt}\"\n\
+             admin_token = \"{admin}\"\n\
+             \n\
+             [files]\n\
+             url_secret = \"{url}\"\n"
+        )
+    };
+    let to_stdout = output.as_os_str() == "-" || (env && output.as_os_str() == "parley.toml");
+    if to_stdout {
+        std::io::stdout().write_all(text.as_bytes())?;
+        return Ok(());
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true);
+    if force {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(output).with_context(|| {
+        if output.exists() && !force {
+            format!("{} exists (--force replaces it)", output.display())
+        } else {
+            format!("writing {}", output.display())
+        }
+    })?;
+    file.write_all(text.as_bytes())?;
+    eprintln!(
+        "parley: wrote {} with fresh secrets; start with: parley --config {} serve",
+        output.display(),
+        output.display()
+    );
+    Ok(())
 }
 
 /// A minimal HTTP/1.1 GET /healthz, so the container image needs no curl.
@@ -137,9 +267,9 @@ fn init_logging(config: &Config) {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    if config.auth.algorithm == JwtAlgorithm::HS256 && config.auth.jwt_secret == DEV_JWT_SECRET {
+    if config.auth.accepts_dev_secret() {
         tracing::warn!(
-            "auth.jwt_secret is the built-in development secret: set PARLEY_AUTH__JWT_SECRET before exposing parley"
+            "auth.jwt_secret is the public development secret: anyone can mint tokens; set PARLEY_AUTH__JWT_SECRET (or run `parley init`) before exposing parley"
         );
     }
     let server = Server::start(config).await.context("starting the server")?;

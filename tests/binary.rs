@@ -191,25 +191,42 @@ fn the_container_image_starts_with_its_own_env_and_passes_its_healthcheck() {
         v.replace(&workdir, data.to_str().unwrap())
             .replace(":8080", &format!(":{port}"))
     };
-    let mut command = Command::new(BIN);
-    command
-        .args(entrypoint[1..].iter().chain(&cmd))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .current_dir(&data)
-        // What Kubernetes injects for a Service named "parley", and what wrapper
-        // scripts set: none of it is configuration.
-        .env("PARLEY_PORT", "tcp://10.0.0.1:8080")
-        .env("PARLEY_PORT_8080_TCP_ADDR", "10.0.0.1")
-        .env("PARLEY_SERVICE_HOST", "10.0.0.1")
-        .env("PARLEY_SERVICE_PORT", "8080")
-        .env("PARLEY_BIN", "/usr/local/bin/parley")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in &env {
-        command.env(k, map(v));
-    }
-    let mut child = command.spawn().unwrap();
+    let image_command = || {
+        let mut command = Command::new(BIN);
+        command
+            .args(entrypoint[1..].iter().chain(&cmd))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .current_dir(&data)
+            // What Kubernetes injects for a Service named "parley", and what wrapper
+            // scripts set: none of it is configuration.
+            .env("PARLEY_PORT", "tcp://10.0.0.1:8080")
+            .env("PARLEY_PORT_8080_TCP_ADDR", "10.0.0.1")
+            .env("PARLEY_SERVICE_HOST", "10.0.0.1")
+            .env("PARLEY_SERVICE_PORT", "8080")
+            .env("PARLEY_BIN", "/usr/local/bin/parley")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in &env {
+            command.env(k, map(v));
+        }
+        command
+    };
+    // Without a secret the image listens on every interface with the public development
+    // secret: it refuses to start, with one line saying what to set.
+    let refused = image_command().output().unwrap();
+    assert!(!refused.status.success(), "started with the dev secret");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("refusing") && err.contains("PARLEY_AUTH__JWT_SECRET"),
+        "{err}"
+    );
+    // With one, as every deployment sets it, it serves.
+    let mut child = image_command()
+        .env("PARLEY_AUTH__JWT_SECRET", "a-real-secret")
+        .spawn()
+        .unwrap();
     let health_args: Vec<String> = health[1..].iter().map(|a| map(a)).collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -218,11 +235,16 @@ fn the_container_image_starts_with_its_own_env_and_passes_its_healthcheck() {
             std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
             panic!("the image's command exited: {status}\n{err}");
         }
-        let ok = Command::new(BIN)
+        // The health check runs with the image's environment too.
+        let mut check = Command::new(BIN);
+        check
             .args(&health_args)
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for (k, v) in &env {
+            check.env(k, map(v));
+        }
+        let ok = check.status().unwrap();
         if ok.success() {
             break;
         }
@@ -299,4 +321,214 @@ fn a_bad_setting_stops_the_server_with_one_line_naming_it() {
         err.contains("warning: ignoring PARLEY_WS__HEARTBEET"),
         "{err}"
     );
+}
+
+/// Starts `parley serve` with the given arguments and environment, waits for its listen
+/// address in the log, and returns the child and that address.
+fn serve_until_listening(args: &[&str], env: &[(&str, &str)]) -> (std::process::Child, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .env("PARLEY_STORE__PATH", ":memory:")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        let line = match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "no listen address; stderr: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        };
+        if let Some(rest) = line.split("addr=").nth(1) {
+            let addr = rest.split_whitespace().next().unwrap().to_string();
+            return (child, addr);
+        }
+    }
+}
+
+#[test]
+fn the_public_dev_secret_is_refused_off_loopback_unless_dev_mode_is_asked_for() {
+    // Every address other machines may reach, with the built-in secret: refused at once,
+    // with one line saying what to do.
+    for listen in ["0.0.0.0:0", "[::]:0"] {
+        let out = Command::new(BIN)
+            .args(["--config", "/nonexistent/parley.toml", "serve"])
+            .args(["--listen", listen])
+            .env("PARLEY_STORE__PATH", ":memory:")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{listen}: started");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        for hint in ["PARLEY_AUTH__JWT_SECRET", "parley init", "--dev"] {
+            assert!(err.contains(hint), "{listen}: names {hint}: {err}");
+        }
+    }
+    // An extra key with the dev secret is the same hole.
+    let out = Command::new(BIN)
+        .args(["--config", "/nonexistent/parley.toml", "serve"])
+        .args(["--listen", "0.0.0.0:0"])
+        .env("PARLEY_STORE__PATH", ":memory:")
+        .env("PARLEY_AUTH__JWT_SECRET", "real")
+        .env(
+            "PARLEY_AUTH__EXTRA_KEYS",
+            "[{kid=\"old\",secret=\"parley-dev-secret-change-me\"}]",
+        )
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "extra dev key accepted");
+
+    // Loopback keeps the one-command start; --dev opts in explicitly elsewhere.
+    for (args, env) in [
+        (
+            &[
+                "--config",
+                "/nonexistent/parley.toml",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+            ][..],
+            &[][..],
+        ),
+        (
+            &[
+                "--config",
+                "/nonexistent/parley.toml",
+                "serve",
+                "--dev",
+                "--listen",
+                "0.0.0.0:0",
+            ][..],
+            &[][..],
+        ),
+        (
+            &[
+                "--config",
+                "/nonexistent/parley.toml",
+                "serve",
+                "--listen",
+                "0.0.0.0:0",
+            ][..],
+            &[("PARLEY_AUTH__JWT_SECRET", "a-real-secret")][..],
+        ),
+    ] {
+        let (mut child, addr) = serve_until_listening(args, env);
+        let port = addr.rsplit(':').next().unwrap();
+        let ok = Command::new(BIN)
+            .args(["health", &format!("127.0.0.1:{port}")])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "{args:?}");
+        assert!(terminate(&mut child).success());
+    }
+}
+
+#[test]
+fn init_writes_fresh_private_secrets_that_the_server_starts_with() {
+    let dir = std::env::temp_dir().join(format!("parley-init-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("parley.toml");
+    let init = |extra: &[&str]| {
+        Command::new(BIN)
+            .arg("init")
+            .args(["--output", file.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    assert!(init(&[]).status.success());
+    let first = std::fs::read_to_string(&file).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "readable by others: {mode:o}");
+    }
+    // Never overwritten by accident.
+    let again = init(&[]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), first);
+    assert!(init(&["--force"]).status.success());
+    let second = std::fs::read_to_string(&file).unwrap();
+    let config: toml::Value = toml::from_str(&second).unwrap();
+    let secret = |section: &str, key: &str| config[section][key].as_str().unwrap().to_string();
+    let (jwt, admin, url) = (
+        secret("auth", "jwt_secret"),
+        secret("auth", "admin_token"),
+        secret("files", "url_secret"),
+    );
+    for s in [&jwt, &admin, &url] {
+        assert_eq!(s.len(), 64, "32 random bytes in hex");
+        assert!(!first.contains(s.as_str()), "fresh each time");
+    }
+    assert!(jwt != admin && admin != url);
+
+    // The server takes it as it is, on every interface.
+    let (mut child, addr) = serve_until_listening(
+        &[
+            "--config",
+            file.to_str().unwrap(),
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+        ],
+        &[],
+    );
+    // `health` with no address probes the configured port on loopback.
+    let port = addr.rsplit(':').next().unwrap();
+    let ok = Command::new(BIN)
+        .args(["--config", file.to_str().unwrap(), "health"])
+        .env("PARLEY_SERVER__LISTEN", format!("0.0.0.0:{port}"))
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    // Tokens minted with the file's secret are the ones it accepts.
+    let out = Command::new(BIN)
+        .args(["--config", file.to_str().unwrap(), "token", "alice"])
+        .output()
+        .unwrap();
+    let token = String::from_utf8(out.stdout).unwrap();
+    let auth = parley::auth::Authenticator::new(&parley::config::AuthConfig {
+        jwt_secret: jwt.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(auth.verify(token.trim()).unwrap(), "alice");
+    assert!(terminate(&mut child).success());
+
+    // --env: the same three secrets as PARLEY_SECTION__KEY lines, on standard output.
+    let out = Command::new(BIN).args(["init", "--env"]).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let keys: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split('=').next().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "PARLEY_AUTH__JWT_SECRET",
+            "PARLEY_AUTH__ADMIN_TOKEN",
+            "PARLEY_FILES__URL_SECRET"
+        ]
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
