@@ -1,45 +1,63 @@
-# parley: multi-stage build. The runtime image holds only the binary, its default
-# configuration and CA certificates, and runs as an unprivileged user.
-#   docker build -t parley .
-#   docker run -p 8080:8080 -e PARLEY_AUTH__JWT_SECRET=... parley
+# syntax=docker/dockerfile:1
+# parley: multi-stage build. The runtime image holds the stripped binary, its default
+# configuration, the CA bundle, and the source of the MPL-2.0 crate it is built with; it
+# runs as an unprivileged user (uid 10001) and writes only under /var/lib/parley, so it
+# runs with a read-only root filesystem.
+#
+#   scripts/image                       # picks docker, buildah or podman; tags parley:dev
+#   docker build -t parley:dev .        # the same with docker (BuildKit)
+#   docker run --rm parley:dev init --env > parley.env   # fresh secrets
+#   docker run --env-file parley.env -p 8080:8080 -v parley-data:/var/lib/parley parley:dev
+#
+# Base images are build arguments so that a machine without registry access can pass
+# local ones (scripts/image makes them from Debian's packages when no registry answers).
+ARG RUST_IMAGE=docker.io/library/rust:1.95-bookworm
+ARG RUNTIME_IMAGE=docker.io/library/debian:bookworm-slim
 
-FROM rust:1.95-bookworm AS build
+FROM ${RUST_IMAGE} AS build
 WORKDIR /src
-# Dependencies first, so they are cached when only parley's code changes.
-COPY Cargo.toml Cargo.lock build.rs ./
-COPY proto proto
-COPY bench/Cargo.toml bench/Cargo.toml
-RUN mkdir -p src benches bench/src \
-    && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && echo 'fn main() {}' > benches/codec.rs && echo 'fn main() {}' > benches/store.rs \
-    && echo 'fn main() {}' > bench/src/main.rs && touch bench/src/lib.rs \
-    && cargo build --release --locked -p parley \
-    && rm -rf src benches
-COPY src src
-COPY benches benches
-# The browser SDK build and demo page that src/web.rs embeds (include_str!).
-COPY web/dist web/dist
-COPY web/demo web/demo
-RUN touch src/main.rs src/lib.rs && cargo build --release --locked -p parley --bin parley
+# The whole build context (.dockerignore keeps out target/, node_modules, data): the
+# crate, its build script and proto/, the patched crates in vendor/, the workspace's bench
+# crate, and web/dist + web/demo that src/web.rs embeds.
+COPY . .
+# Dependencies are cached across builds in cache mounts (the registry and target/), so a
+# change to parley's code rebuilds parley alone. The binary is built without debug line
+# tables and stripped: ~21 MB instead of ~138 MB.
+RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
+    --mount=type=cache,target=/src/target,sharing=locked \
+    CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=symbols \
+    cargo build --release --locked -p parley --bin parley \
+    && install -D -m 0755 target/release/parley /out/usr/local/bin/parley \
+    && install -D -m 0644 config/parley.toml /out/etc/parley/parley.toml \
+    && install -D -m 0644 /etc/ssl/certs/ca-certificates.crt /out/etc/ssl/certs/ca-certificates.crt \
+    && mkdir -p /out/usr/share/doc/parley \
+    && cp -r vendor/yawc /out/usr/share/doc/parley/yawc-source \
+    && cp vendor/README.md /out/usr/share/doc/parley/vendor-README.md
 
-FROM debian:bookworm-slim
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates \
-    && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --home-dir /var/lib/parley --create-home parley
-COPY --from=build /src/target/release/parley /usr/local/bin/parley
-COPY config/parley.toml /etc/parley/parley.toml
-USER parley
+FROM ${RUNTIME_IMAGE}
+# The user and its data folder (the only place parley writes: SQLite store, files).
+RUN groupadd --system --gid 10001 parley \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/parley --no-create-home \
+       --shell /usr/sbin/nologin parley \
+    && mkdir -p /var/lib/parley && chown 10001:10001 /var/lib/parley
+COPY --from=build /out/ /
+USER 10001:10001
 WORKDIR /var/lib/parley
+# Listens on every interface inside the container: it refuses to start so unless a JWT
+# secret (or key) is configured: PARLEY_AUTH__JWT_SECRET, or a config file from
+# `parley init`. SSL_CERT_FILE: the CA bundle for outgoing TLS (S3).
 ENV PARLEY_CONFIG=/etc/parley/parley.toml \
     PARLEY_SERVER__LISTEN=0.0.0.0:8080 \
     PARLEY_STORE__PATH=/var/lib/parley/parley.db \
     PARLEY_FILES__DIR=/var/lib/parley/files \
-    PARLEY_LOG__FORMAT=json
+    PARLEY_LOG__FORMAT=json \
+    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
 VOLUME /var/lib/parley
 EXPOSE 8080
+# `parley health` probes the configured listen port on loopback, so it follows
+# PARLEY_SERVER__LISTEN.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-    CMD ["parley", "health", "127.0.0.1:8080"]
+    CMD ["parley", "health"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["parley"]
 CMD ["serve"]

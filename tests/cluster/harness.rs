@@ -6,7 +6,7 @@
 
 use std::{
     net::{SocketAddr, TcpListener},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -25,29 +25,97 @@ pub fn free_port() -> u16 {
 }
 
 /// A child process killed (SIGKILL) and reaped on drop.
-pub struct Proc(Option<Child>);
+pub struct Proc {
+    child: Option<Child>,
+    /// When set, signals go to the descendant of `child` with this name instead: a
+    /// container's main process under `buildah run`, which does not pass signals on.
+    inner: Option<&'static str>,
+    /// Run once the process is gone (e.g. removing its container).
+    cleanup: Option<Box<dyn FnOnce() + Send>>,
+}
 
 impl Proc {
+    pub fn new(child: Child) -> Proc {
+        Proc {
+            child: Some(child),
+            inner: None,
+            cleanup: None,
+        }
+    }
+
+    /// A process whose signals go to its descendant named `inner`, with `cleanup` run
+    /// after it is gone.
+    pub fn container(
+        child: Child,
+        inner: &'static str,
+        cleanup: impl FnOnce() + Send + 'static,
+    ) -> Proc {
+        Proc {
+            child: Some(child),
+            inner: Some(inner),
+            cleanup: Some(Box::new(cleanup)),
+        }
+    }
+
     /// No process (a placeholder while one is stopped elsewhere).
     pub fn none() -> Proc {
-        Proc(None)
+        Proc {
+            child: None,
+            inner: None,
+            cleanup: None,
+        }
+    }
+
+    /// The pid that signals go to (waiting up to 10 s for a container's process).
+    pub fn pid(&self) -> Option<u32> {
+        let child = self.child.as_ref()?;
+        let Some(name) = self.inner else {
+            return Some(child.id());
+        };
+        for _ in 0..1000 {
+            if let Some(pid) = descendant_named(child.id(), name) {
+                return Some(pid);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    /// Sends `signal` (`TERM`, `KILL`, …) to the process.
+    pub fn signal(&self, signal: &str) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill")
+                .args([&format!("-{signal}"), &pid.to_string()])
+                .status();
+        }
+    }
+
+    /// Waits for the process to end; its exit status (a container's is the engine's,
+    /// which passes its main process's on).
+    pub fn wait(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.take().map(|mut c| c.wait().unwrap());
+        if let Some(cleanup) = self.cleanup.take() {
+            cleanup();
+        }
+        status
     }
 
     /// Asks the process to stop (SIGTERM: parley's graceful shutdown) and waits for it.
-    pub fn terminate(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let _ = c.wait();
-        }
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        self.signal("TERM");
+        self.wait()
     }
 
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if self.child.is_some() {
+            if self.inner.is_some() {
+                self.signal("KILL");
+            }
+            if let Some(c) = self.child.as_mut() {
+                let _ = c.kill();
+            }
         }
+        self.wait();
     }
 }
 
@@ -56,6 +124,47 @@ impl Drop for Proc {
         self.kill();
     }
 }
+
+/// The first process below `root` in the process tree whose name is `name`.
+fn descendant_named(root: u32, name: &str) -> Option<u32> {
+    let mut parent_of = Vec::new();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid …"; comm may hold spaces and parentheses.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = stat[open + 1..close].to_string();
+        let ppid = stat[close + 2..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
+            parent_of.push((pid, ppid, comm));
+        }
+    }
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for (pid, ppid, comm) in &parent_of {
+            if *ppid == p {
+                if comm == name {
+                    return Some(*pid);
+                }
+                frontier.push(*pid);
+            }
+        }
+    }
+    None
+}
+
+/// How the cluster starts instance `i` from its config file and listen address: the
+/// `parley` binary by default; tests/image.rs starts containers of the image.
+pub type Launcher = std::sync::Arc<dyn Fn(usize, &Path, SocketAddr) -> Proc + Send + Sync>;
 
 pub struct Instance {
     pub addr: SocketAddr,
@@ -71,6 +180,7 @@ pub struct Cluster {
     pub config: Config,
     /// The shared PostgreSQL database (dropped after the instances are killed).
     pub db: Option<TestDb>,
+    pub launcher: Launcher,
 }
 
 fn redis_server_binary() -> &'static str {
@@ -94,6 +204,17 @@ impl Cluster {
     }
 
     pub async fn start_with(name: &str, n: usize, edit: impl Fn(&mut Config)) -> Cluster {
+        let launcher: Launcher = std::sync::Arc::new(|_, config: &Path, _| spawn_parley(config));
+        Self::start_launched(name, n, edit, launcher).await
+    }
+
+    /// Redis, the shared store and `n` instances started by `launcher`, all ready.
+    pub async fn start_launched(
+        name: &str,
+        n: usize,
+        edit: impl Fn(&mut Config),
+        launcher: Launcher,
+    ) -> Cluster {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("cluster-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -122,12 +243,13 @@ impl Cluster {
         config.broker.gap_hold = Duration::from_millis(100);
         edit(&mut config);
         let mut cluster = Cluster {
-            redis: Proc(None),
+            redis: Proc::none(),
             dir,
             redis_port,
             instances: Vec::new(),
             config,
             db,
+            launcher,
         };
         cluster.start_redis().await;
         for _ in 0..n {
@@ -154,7 +276,7 @@ impl Cluster {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server starts");
-        self.redis = Proc(Some(child));
+        self.redis = Proc::new(child);
         let addr: SocketAddr = format!("127.0.0.1:{}", self.redis_port).parse().unwrap();
         for _ in 0..500 {
             if tokio::net::TcpStream::connect(addr).await.is_ok() {
@@ -179,10 +301,10 @@ impl Cluster {
         std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
         let mut instance = Instance {
             addr: config.server.listen,
-            proc: Proc(None),
+            proc: Proc::none(),
             config_path,
         };
-        instance.proc = spawn_parley(&instance.config_path);
+        instance.proc = (self.launcher)(i, &instance.config_path, instance.addr);
         self.instances.push(instance);
         self.wait_ready(i).await;
         i
@@ -191,7 +313,8 @@ impl Cluster {
     /// Restarts a killed instance on the same address.
     pub async fn restart_instance(&mut self, i: usize) {
         self.instances[i].proc.kill();
-        self.instances[i].proc = spawn_parley(&self.instances[i].config_path);
+        self.instances[i].proc =
+            (self.launcher)(i, &self.instances[i].config_path, self.instances[i].addr);
         self.wait_ready(i).await;
     }
 
@@ -239,7 +362,7 @@ impl Drop for Cluster {
 }
 
 /// The instances' logs show with `PARLEY_TEST_LOG=1`.
-fn log() -> Stdio {
+pub fn log() -> Stdio {
     if std::env::var_os("PARLEY_TEST_LOG").is_some() {
         Stdio::inherit()
     } else {
@@ -257,5 +380,5 @@ fn spawn_parley(config: &std::path::Path) -> Proc {
         .stderr(log())
         .spawn()
         .expect("parley starts");
-    Proc(Some(child))
+    Proc::new(child)
 }
