@@ -184,17 +184,24 @@ fn read_only_dirs(rootfs: &Path) -> Vec<String> {
 }
 
 /// The entries of / and /run (the places no read-only mount covers) in a root
-/// filesystem, with their modification times.
+/// filesystem: directories by name (the engine itself touches /run's modification time),
+/// other files with their size and modification time.
 fn listing(rootfs: &Path) -> Vec<String> {
     let mut out = Vec::new();
     for dir in ["run", ""] {
         for entry in std::fs::read_dir(rootfs.join(dir)).unwrap().flatten() {
-            let meta = entry.metadata().unwrap(); // DirEntry::metadata does not follow links
-            out.push(format!(
-                "{dir}/{} {}",
-                entry.file_name().to_string_lossy(),
-                std::os::unix::fs::MetadataExt::mtime(&meta)
-            ));
+            // DirEntry::metadata does not follow links.
+            let meta = entry.metadata().unwrap();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            out.push(if meta.is_dir() {
+                format!("{dir}/{name}/")
+            } else {
+                format!(
+                    "{dir}/{name} {} {}",
+                    meta.len(),
+                    std::os::unix::fs::MetadataExt::mtime(&meta)
+                )
+            });
         }
     }
     out.sort();
