@@ -924,6 +924,40 @@ async fn a_50_mb_file_streams_through_the_binary_with_bounded_memory() {
         (f.size, f.sha256.as_str()),
         (SIZE as u64, expected.as_str())
     );
+    // The same file as a multipart/form-data upload (a browser's FormData): streamed too,
+    // the envelope stripped on the way.
+    let head = format!(
+        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; \
+         filename=\"big.bin\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+    );
+    let tail = format!("\r\n--{BOUNDARY}--\r\n");
+    let chunk = bytes::Bytes::from(noise(42, CHUNK));
+    let parts = std::iter::once(bytes::Bytes::from(head.clone()))
+        .chain((0..SIZE / CHUNK).map(move |_| chunk.clone()))
+        .chain(std::iter::once(bytes::Bytes::from(tail.clone())));
+    let r = http
+        .post(format!("http://{addr}/api/v1/files"))
+        .bearer_auth(&token)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
+        .header(
+            "content-length",
+            (head.len() + SIZE + tail.len()).to_string(),
+        )
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            parts.map(Ok::<_, std::io::Error>),
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let form: proto::Attachment = json(r).await;
+    assert_eq!(
+        (form.size, form.sha256.as_str(), form.name.as_str()),
+        (SIZE as u64, expected.as_str(), "big.bin")
+    );
     let (_, peak_upload) = memory_kib(pid);
 
     // Download, streamed and hashed here.
@@ -957,7 +991,8 @@ async fn a_50_mb_file_streams_through_the_binary_with_bounded_memory() {
         peak,
         rss_end
     );
-    // The whole file would be 51200 KiB; the server never grows by more than a fraction.
+    // The whole file would be 51200 KiB; the server never grows by more than a fraction
+    // (after a raw and a multipart upload and a download).
     assert!(
         peak < rss_idle + 20 * 1024,
         "peak RSS {peak} KiB vs {rss_idle} KiB idle: the file is being buffered"
