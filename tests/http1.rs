@@ -330,6 +330,34 @@ async fn bad_queries_and_paths_answer_the_error_json() {
         );
         assert!(!e.message.is_empty());
     }
+    // A bad long-poll query, a method a route does not take: the Error JSON too.
+    let mut raw = Raw::connect(&t).await;
+    raw.write(
+        format!(
+            "GET /poll?session_id=s&cursor=-1 HTTP/1.1\r\nHost: parley\r\nAuthorization: {auth}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    let r = raw.response().await;
+    assert_eq!(r.status, 400);
+    assert_eq!(code_of(&error_of(&r, "poll")), ErrorCode::InvalidArgument);
+    for (method, path, allow) in [
+        ("PUT", "/api/v1/files", "POST"),
+        ("PATCH", "/api/v1/files/0123", "GET,HEAD,DELETE"),
+        ("DELETE", "/api/v1/rooms/lobby/messages", "GET,HEAD,POST"),
+    ] {
+        raw.write(
+            format!("{method} {path} HTTP/1.1\r\nHost: parley\r\nAuthorization: {auth}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+        let r = raw.response().await;
+        let what = format!("{method} {path}");
+        assert_eq!(r.status, 405, "{what}");
+        assert_eq!(code_of(&error_of(&r, &what)), ErrorCode::InvalidArgument);
+        assert_eq!(r.header("allow"), Some(allow), "{what}");
+    }
 }
 
 #[tokio::test]

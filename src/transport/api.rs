@@ -25,7 +25,7 @@ use serde::Deserialize;
 
 use super::{
     Ctx,
-    bearer::{ApiError, Caller, bearer, caller, close_if_unread, user},
+    bearer::{ApiError, Caller, bearer, caller, close_if_unread, method_not_allowed, user},
 };
 use crate::{
     auth::now_ms,
@@ -36,14 +36,20 @@ use crate::{
 
 pub fn routes() -> Router<Ctx> {
     Router::new()
-        .route("/api/v1/rooms", get(rooms))
+        .route("/api/v1/rooms", get(rooms).fallback(method_not_allowed))
         .route(
             "/api/v1/rooms/{room}/messages",
-            get(history).post(post_message),
+            get(history).post(post_message).fallback(method_not_allowed),
         )
-        .route("/api/v1/rooms/{room}/members", get(members))
-        .route("/api/v1/announce", post(announce))
-        .route("/api/v1/tickets", post(ticket))
+        .route(
+            "/api/v1/rooms/{room}/members",
+            get(members).fallback(method_not_allowed),
+        )
+        .route(
+            "/api/v1/announce",
+            post(announce).fallback(method_not_allowed),
+        )
+        .route("/api/v1/tickets", post(ticket).fallback(method_not_allowed))
         .layer(axum::middleware::from_fn(close_if_unread))
 }
 

@@ -109,6 +109,18 @@ impl From<PathRejection> for ApiError {
     }
 }
 
+/// A method the route does not take: 405 with the Error JSON and (set by axum) `Allow`,
+/// not axum's empty body. The `fallback` of every API route.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        wire_error(
+            ErrorCode::InvalidArgument,
+            "method not allowed here (see Allow)",
+        ),
+    )
+}
+
 /// A body over the limit (`ws.max_frame_bytes`, as for a WebSocket frame).
 fn too_large() -> ApiError {
     ApiError::new(ErrorCode::FrameTooLarge, "body exceeds ws.max_frame_bytes")

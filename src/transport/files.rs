@@ -31,7 +31,7 @@ use serde::Deserialize;
 
 use super::{
     Ctx,
-    bearer::{ApiError, close_if_unread, status_of, user},
+    bearer::{ApiError, close_if_unread, method_not_allowed, status_of, user},
 };
 use crate::{
     files::{FileError, multipart, sniff},
@@ -41,9 +41,15 @@ use crate::{
 
 pub fn routes() -> Router<Ctx> {
     Router::new()
-        .route("/api/v1/files", post(upload))
-        .route("/api/v1/files/{id}", get(download).delete(delete))
-        .route("/api/v1/files/{id}/url", post(signed_url))
+        .route("/api/v1/files", post(upload).fallback(method_not_allowed))
+        .route(
+            "/api/v1/files/{id}",
+            get(download).delete(delete).fallback(method_not_allowed),
+        )
+        .route(
+            "/api/v1/files/{id}/url",
+            post(signed_url).fallback(method_not_allowed),
+        )
         .layer(axum::middleware::from_fn(close_if_unread))
 }
 
