@@ -666,6 +666,9 @@ pub struct FilesConfig {
     pub url_secret: String,
     /// Images up to this size get a BlurHash placeholder (decoding holds them in memory).
     pub blurhash_max_bytes: u64,
+    /// Images whose header shows more pixels than this are not decoded (no BlurHash);
+    /// a decode holds ~4 bytes a pixel, two decodes run at a time. 0: never decode.
+    pub max_image_pixels: u64,
     /// `s3`: bucket name.
     pub s3_bucket: String,
     /// `s3`: endpoint URL for S3-compatible services (empty: AWS).
@@ -694,6 +697,7 @@ impl Default for FilesConfig {
             url_ttl: Duration::from_secs(300),
             url_secret: String::new(),
             blurhash_max_bytes: 10 * 1024 * 1024,
+            max_image_pixels: 4096 * 4096,
             s3_bucket: String::new(),
             s3_endpoint: String::new(),
             s3_region: "us-east-1".into(),
@@ -1063,6 +1067,8 @@ impl Config {
             0,
             256 * MIB,
         )?;
+        // The decoder's own caps (8192 px a side, 128 MiB) stop bigger images anyway.
+        count("files.max_image_pixels", f.max_image_pixels, 0, 8192 * 8192)?;
         count("files.part_bytes", f.part_bytes, 5 * MIB, 5 * GIB)?;
         if f.backend == FileBackend::S3 && f.s3_bucket.is_empty() {
             return Err(ConfigError::Invalid {

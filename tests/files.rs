@@ -299,6 +299,8 @@ async fn an_image_round_trips_with_its_facts_ranges_and_room_access() {
         .await;
     assert_eq!(r.status, 416);
     assert_eq!(r.error(), ErrorCode::RangeNotSatisfiable);
+    // The Error JSON, labelled as JSON (not as the file's image/png).
+    assert_eq!(r.header("content-type"), "application/json");
     assert_eq!(r.header("content-range"), format!("bytes */{n}"));
     // A stale If-Range gets the whole file; a matching If-None-Match gets 304.
     let r = api
@@ -440,7 +442,18 @@ async fn limits_refuse_uploads_and_leave_nothing_behind() {
     }
     let r = api.upload(&bob, "x", vec![9; 10]).await;
     assert_eq!(r.status(), 429);
-    assert_eq!(Reply::of(r).await.error(), ErrorCode::RateLimited);
+    let r = Reply::of(r).await;
+    assert_eq!(r.error(), ErrorCode::RateLimited);
+    // When to come back: Retry-After (whole seconds) and retryAfterMs, as every 429.
+    let secs: u64 = r.header("retry-after").parse().expect("Retry-After");
+    assert!((1..=60).contains(&secs), "Retry-After {secs}");
+    let e: proto::Error = serde_json::from_slice(&r.body).unwrap();
+    assert!(
+        e.retry_after_ms > 0 && u64::from(e.retry_after_ms) <= 60_000,
+        "retryAfterMs {}",
+        e.retry_after_ms
+    );
+    assert_eq!(u64::from(e.retry_after_ms).div_ceil(1000), secs);
     assert_eq!(dir.blobs(), 8);
     t.server.shutdown();
 }
@@ -502,6 +515,291 @@ async fn unattached_uploads_are_cleaned_up_and_uploaders_delete_files() {
         panic!("history");
     };
     assert_eq!(h.messages[0].attachments[0].file_id, kept.file_id);
+    t.server.shutdown();
+}
+
+/// A `multipart/form-data` body as browsers and curl build it: one part per (field name,
+/// file name if a file, bytes).
+fn form(boundary: &str, parts: &[(&str, Option<&str>, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, filename, bytes) in parts {
+        out.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        let head = match filename {
+            Some(f) => format!(
+                "Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\n\
+                 Content-Type: application/octet-stream\r\n\r\n"
+            ),
+            None => format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n"),
+        };
+        out.extend_from_slice(head.as_bytes());
+        out.extend_from_slice(bytes);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    out
+}
+
+const BOUNDARY: &str = "----WebKitFormBoundary7MA4YWxkTrZu0gW";
+
+impl Api {
+    async fn upload_form(&self, token: &str, content_type: &str, body: reqwest::Body) -> Reply {
+        let r = self
+            .http
+            .post(self.url("/api/v1/files"))
+            .bearer_auth(token)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        Reply::of(r).await
+    }
+}
+
+#[tokio::test]
+async fn a_multipart_upload_stores_the_file_not_its_envelope() {
+    let dir = Dir::new("multipart");
+    let t = server(&dir, |c| c.files.max_file_bytes = 100_000).await;
+    let api = Api::new(&t);
+    let ann = t.token("ann");
+    let ct = format!("multipart/form-data; boundary={BOUNDARY}");
+
+    // What FormData sends: the file's bytes are stored, named by the part's filename.
+    let data = noise(3, 1000);
+    let body = form(BOUNDARY, &[("file", Some("report.bin"), &data)]);
+    let r = api.upload_form(&ann, &ct, body.into()).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let f: proto::Attachment = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(f.size, 1000, "the envelope is not stored");
+    assert_eq!(f.sha256, sha256_hex(&data));
+    assert_eq!(f.name, "report.bin");
+    let got = api
+        .get(Some(&ann), &format!("/api/v1/files/{}", f.file_id), &[])
+        .await;
+    assert_eq!(got.body, data);
+
+    // An image in a form gets its facts; its file name is cleaned like any upload name.
+    let img = png();
+    let body = form(
+        BOUNDARY,
+        &[("file", Some("C:\\x\\..\\pic\u{202E}gnp.exe"), &img)],
+    );
+    let r = api.upload_form(&ann, &ct, body.into()).await;
+    assert_eq!(r.status, 201);
+    let f: proto::Attachment = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(
+        (f.name.as_str(), f.content_type.as_str()),
+        ("picgnp.exe", "image/png")
+    );
+    assert_eq!((f.width, f.size), (64, img.len() as u64));
+    assert!(!f.blurhash.is_empty());
+
+    // Streamed in small chunks without a Content-Length (chunked), the name from ?name=.
+    let body = form(BOUNDARY, &[("file", Some("ignored"), &data)]);
+    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = body
+        .chunks(7)
+        .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+        .collect();
+    let r = api
+        .http
+        .post(api.url("/api/v1/files?name=chosen.bin"))
+        .bearer_auth(&ann)
+        .header("content-type", &ct)
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let f: proto::Attachment = json(r).await;
+    assert_eq!(
+        (f.size, f.sha256.as_str()),
+        (1000, sha256_hex(&data).as_str())
+    );
+    assert_eq!(f.name, "chosen.bin");
+    let stored = dir.blobs();
+
+    // Refused (400 and the Error JSON), leaving nothing behind: two parts, a field that
+    // is not a file, no closing boundary, headers over the limit, no boundary parameter.
+    let long_header = format!(
+        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\nX-Pad: {}\r\n\r\nxx\r\n--{BOUNDARY}--\r\n",
+        "p".repeat(9000)
+    );
+    let mut unterminated = form(BOUNDARY, &[("file", Some("a"), &data)]);
+    unterminated.truncate(unterminated.len() - BOUNDARY.len() - 8);
+    for (what, ct, body) in [
+        (
+            "two parts",
+            ct.clone(),
+            form(
+                BOUNDARY,
+                &[("file", Some("a"), &data[..10]), ("file", Some("b"), &data)],
+            ),
+        ),
+        (
+            "a field, not a file",
+            ct.clone(),
+            form(BOUNDARY, &[("file", None, &data)]),
+        ),
+        ("no closing boundary", ct.clone(), unterminated),
+        ("long headers", ct.clone(), long_header.into_bytes()),
+        (
+            "no boundary",
+            "multipart/form-data".to_string(),
+            form(BOUNDARY, &[("file", Some("a"), &data)]),
+        ),
+    ] {
+        let r = api.upload_form(&ann, &ct, body.into()).await;
+        assert_eq!(r.status, 400, "{what}");
+        assert_eq!(r.header("content-type"), "application/json", "{what}");
+        assert_eq!(r.error(), ErrorCode::InvalidArgument, "{what}");
+    }
+    // Too large: the file's bytes count, declared (refused before reading, so the client
+    // may see the connection close while it still sends) or found while streaming.
+    let big = vec![5u8; 200_000];
+    let declared = form(BOUNDARY, &[("file", Some("b"), &big)]);
+    let streamed: Vec<Result<bytes::Bytes, std::io::Error>> = declared
+        .chunks(8192)
+        .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+        .collect();
+    for body in [
+        reqwest::Body::from(declared.clone()),
+        reqwest::Body::wrap_stream(futures_util::stream::iter(streamed)),
+    ] {
+        let sent = api
+            .http
+            .post(api.url("/api/v1/files"))
+            .bearer_auth(&ann)
+            .header("content-type", &ct)
+            .body(body)
+            .send()
+            .await;
+        match sent {
+            Ok(r) => {
+                let r = Reply::of(r).await;
+                assert_eq!((r.status, r.error()), (413, ErrorCode::FileTooLarge));
+            }
+            Err(e) => eprintln!("refused form: connection closed while sending ({e})"),
+        }
+    }
+    // Other form encodings would store their envelope: 415.
+    for ct in [
+        "multipart/mixed; boundary=x",
+        "application/x-www-form-urlencoded",
+    ] {
+        let r = api
+            .upload_form(&ann, ct, b"file=report.bin".to_vec().into())
+            .await;
+        assert_eq!(r.status, 415, "{ct}");
+        assert_eq!(r.header("content-type"), "application/json");
+        assert_eq!(r.error(), ErrorCode::InvalidArgument);
+    }
+    assert_eq!(dir.blobs(), stored, "refused forms leave nothing behind");
+
+    // curl -F, where curl is installed.
+    let curl_ok = std::process::Command::new("curl")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if curl_ok {
+        let path = dir.0.join("from-curl.txt");
+        std::fs::create_dir_all(&dir.0).unwrap();
+        std::fs::write(&path, &data).unwrap();
+        let out = tokio::task::spawn_blocking({
+            let (url, ann) = (api.url("/api/v1/files"), ann.clone());
+            move || {
+                Command::new("curl")
+                    .args(["-sS", "-H"])
+                    .arg(format!("Authorization: Bearer {ann}"))
+                    .arg("-F")
+                    .arg(format!("file=@{}", path.display()))
+                    .arg(url)
+                    .output()
+                    .unwrap()
+            }
+        })
+        .await
+        .unwrap();
+        assert!(out.status.success(), "curl: {out:?}");
+        let f: proto::Attachment = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            (f.size, f.sha256.as_str()),
+            (1000, sha256_hex(&data).as_str())
+        );
+        assert_eq!(f.name, "from-curl.txt");
+    } else {
+        eprintln!("curl is not installed: skipping the curl -F upload");
+    }
+    t.server.shutdown();
+}
+
+#[tokio::test]
+async fn attachment_names_are_cleaned_like_upload_names() {
+    let dir = Dir::new("names");
+    let t = server(&dir, |_| {}).await;
+    let api = Api::new(&t);
+    let ann = t.token("ann");
+    // An upload name: path, CR LF, ESC and a right-to-left override go.
+    let f = api
+        .upload_ok(
+            &ann,
+            "..%2F..%2Fetc%2Fpasswd%0D%0A%1B%5B2J%E2%80%AEtxt.exe",
+            b"x".to_vec(),
+        )
+        .await;
+    assert_eq!(f.name, "passwd[2Jtxt.exe");
+
+    let mut a = t.client("ann", Encoding::Json).await;
+    a.join("r").await;
+    let named = |name: &str| proto::Attachment {
+        name: name.into(),
+        ..attach(&f.file_id)
+    };
+    let hostile = "../../etc/passwd\r\nX\0\u{1b}[31m\u{2067}\u{200f}gpj.exe";
+    let Kind::Sent(_) = a
+        .request(send_with("r", "m1", vec![named(hostile), named("..")]))
+        .await
+    else {
+        panic!("sent");
+    };
+    let pushed = a.next_message().await;
+    let names: Vec<&str> = pushed.attachments.iter().map(|a| a.name.as_str()).collect();
+    // Cleaned exactly like an upload name; nothing left of one: the upload's own name.
+    assert_eq!(names, ["passwdX[31mgpj.exe", "passwd[2Jtxt.exe"]);
+    let Kind::History(h) = a
+        .request(Cmd::History(proto::History {
+            room: "r".into(),
+            ..Default::default()
+        }))
+        .await
+    else {
+        panic!("history");
+    };
+    assert_eq!(h.messages[0].attachments[0].name, "passwdX[31mgpj.exe");
+    t.server.shutdown();
+}
+
+#[tokio::test]
+async fn images_over_max_image_pixels_are_not_decoded() {
+    let dir = Dir::new("pixels");
+    let t = server(&dir, |c| c.files.max_image_pixels = 10_000).await;
+    let api = Api::new(&t);
+    let ann = t.token("ann");
+    // 64 x 48 = 3,072 pixels: decoded, a BlurHash.
+    let small = api.upload_ok(&ann, "small.png", png()).await;
+    assert!(!small.blurhash.is_empty());
+    // 200 x 100 = 20,000 pixels: the header says too many; its size, no BlurHash.
+    let img = image::RgbImage::from_pixel(200, 100, image::Rgb([9, 9, 9]));
+    let mut big = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut big, image::ImageFormat::Png).unwrap();
+    let big = api.upload_ok(&ann, "big.png", big.into_inner()).await;
+    assert_eq!(big.content_type, "image/png");
+    assert_eq!(
+        (big.width, big.height, big.blurhash.as_str()),
+        (200, 100, "")
+    );
     t.server.shutdown();
 }
 
@@ -626,6 +924,40 @@ async fn a_50_mb_file_streams_through_the_binary_with_bounded_memory() {
         (f.size, f.sha256.as_str()),
         (SIZE as u64, expected.as_str())
     );
+    // The same file as a multipart/form-data upload (a browser's FormData): streamed too,
+    // the envelope stripped on the way.
+    let head = format!(
+        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; \
+         filename=\"big.bin\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+    );
+    let tail = format!("\r\n--{BOUNDARY}--\r\n");
+    let chunk = bytes::Bytes::from(noise(42, CHUNK));
+    let parts = std::iter::once(bytes::Bytes::from(head.clone()))
+        .chain((0..SIZE / CHUNK).map(move |_| chunk.clone()))
+        .chain(std::iter::once(bytes::Bytes::from(tail.clone())));
+    let r = http
+        .post(format!("http://{addr}/api/v1/files"))
+        .bearer_auth(&token)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
+        .header(
+            "content-length",
+            (head.len() + SIZE + tail.len()).to_string(),
+        )
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            parts.map(Ok::<_, std::io::Error>),
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let form: proto::Attachment = json(r).await;
+    assert_eq!(
+        (form.size, form.sha256.as_str(), form.name.as_str()),
+        (SIZE as u64, expected.as_str(), "big.bin")
+    );
     let (_, peak_upload) = memory_kib(pid);
 
     // Download, streamed and hashed here.
@@ -659,7 +991,8 @@ async fn a_50_mb_file_streams_through_the_binary_with_bounded_memory() {
         peak,
         rss_end
     );
-    // The whole file would be 51200 KiB; the server never grows by more than a fraction.
+    // The whole file would be 51200 KiB; the server never grows by more than a fraction
+    // (after a raw and a multipart upload and a download).
     assert!(
         peak < rss_idle + 20 * 1024,
         "peak RSS {peak} KiB vs {rss_idle} KiB idle: the file is being buffered"

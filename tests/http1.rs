@@ -10,7 +10,10 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use parley::metrics::TransportLabel;
+use parley::{
+    metrics::TransportLabel,
+    proto::{self, ErrorCode},
+};
 use sha2::{Digest, Sha256};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -278,4 +281,144 @@ fn poll_request(session: &str, auth: &str, wait: u32) -> String {
         "GET /poll?session_id={session}&cursor=0&wait={wait} HTTP/1.1\r\nHost: parley\r\n\
          Authorization: {auth}\r\n\r\n"
     )
+}
+
+/// The Error JSON of a response, checked to be labelled as JSON.
+fn error_of(r: &Response, what: &str) -> proto::Error {
+    assert_eq!(r.header("content-type"), Some("application/json"), "{what}");
+    serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+#[tokio::test]
+async fn bad_queries_and_paths_answer_the_error_json() {
+    let t = TestServer::start().await;
+    let auth = format!("Bearer {}", t.token("ann"));
+    for (method, path) in [
+        ("GET", "/api/v1/rooms/lobby/messages?after_seq=-1"),
+        ("GET", "/api/v1/rooms/lobby/messages?limit=4294967296"),
+        ("GET", "/api/v1/rooms/lobby/messages?limit=1&limit=2"),
+        ("GET", "/api/v1/rooms/lobby/messages?before_seq=x"),
+        ("GET", "/api/v1/rooms/%FF/messages"),
+        ("GET", "/api/v1/rooms/%C3%28/members"),
+        ("POST", "/api/v1/rooms/%FF/messages"),
+        ("GET", "/api/v1/files/%FF"),
+        ("DELETE", "/api/v1/files/%FF"),
+        ("POST", "/api/v1/files/%FF/url"),
+        ("POST", "/api/v1/files?name=a&name=b"),
+        ("POST", "/session/%FF"),
+    ] {
+        let what = format!("{method} {path}");
+        let body = if method == "POST" { "{}" } else { "" };
+        let mut raw = Raw::connect(&t).await;
+        raw.write(
+            format!(
+                "{method} {path} HTTP/1.1\r\nHost: parley\r\nAuthorization: {auth}\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await;
+        let r = raw.response().await;
+        assert_eq!(r.status, 400, "{what}");
+        let e = error_of(&r, &what);
+        assert_eq!(
+            code_of(&e),
+            ErrorCode::InvalidArgument,
+            "{what}: {}",
+            e.message
+        );
+        assert!(!e.message.is_empty());
+    }
+    // A bad long-poll query, a method a route does not take: the Error JSON too.
+    let mut raw = Raw::connect(&t).await;
+    raw.write(
+        format!(
+            "GET /poll?session_id=s&cursor=-1 HTTP/1.1\r\nHost: parley\r\nAuthorization: {auth}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    let r = raw.response().await;
+    assert_eq!(r.status, 400);
+    assert_eq!(code_of(&error_of(&r, "poll")), ErrorCode::InvalidArgument);
+    for (method, path, allow) in [
+        ("PUT", "/api/v1/files", "POST"),
+        ("PATCH", "/api/v1/files/0123", "GET,HEAD,DELETE"),
+        ("DELETE", "/api/v1/rooms/lobby/messages", "GET,HEAD,POST"),
+    ] {
+        raw.write(
+            format!("{method} {path} HTTP/1.1\r\nHost: parley\r\nAuthorization: {auth}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+        let r = raw.response().await;
+        let what = format!("{method} {path}");
+        assert_eq!(r.status, 405, "{what}");
+        assert_eq!(code_of(&error_of(&r, &what)), ErrorCode::InvalidArgument);
+        assert_eq!(r.header("allow"), Some(allow), "{what}");
+    }
+}
+
+#[tokio::test]
+async fn an_upload_refused_before_its_body_is_read_says_connection_close() {
+    let t = TestServer::start_with(|c| {
+        c.files.max_file_bytes = 1000;
+        c.files.uploads_per_minute = 2;
+    })
+    .await;
+    let auth = format!("Bearer {}", t.token("ann"));
+    let upload = |auth: &str, len: usize, sent: usize| {
+        format!(
+            "POST /api/v1/files?name=f HTTP/1.1\r\nHost: parley\r\nAuthorization: {auth}\r\n\
+             Content-Length: {len}\r\n\r\n{}",
+            "x".repeat(sent)
+        )
+        .into_bytes()
+    };
+    // A whole small upload: 201, and the connection stays open for the next request.
+    let mut raw = Raw::connect(&t).await;
+    raw.write(&upload(&auth, 10, 10)).await;
+    let r = raw.response().await;
+    assert_eq!(r.status, 201);
+    assert_eq!(r.header("connection"), None);
+    raw.write(&healthz(0)).await;
+    assert_healthy(&mut raw).await;
+
+    // Refused from the headers, most of the body still to come: the Error JSON, then
+    // the connection closes, and the response said so. (Two uploads a minute: the one
+    // above and the refused large one count.)
+    for (what, request, status, code) in [
+        (
+            "too large",
+            upload(&auth, 5000, 100),
+            413,
+            ErrorCode::FileTooLarge,
+        ),
+        (
+            "no token",
+            upload("Bearer x", 500, 100),
+            401,
+            ErrorCode::Unauthorized,
+        ),
+        (
+            "too fast",
+            upload(&auth, 500, 100),
+            429,
+            ErrorCode::RateLimited,
+        ),
+    ] {
+        let mut raw = Raw::connect(&t).await;
+        raw.write(&request).await;
+        let r = raw.response().await;
+        assert_eq!(r.status, status, "{what}");
+        let e = error_of(&r, what);
+        assert_eq!(code_of(&e), code, "{what}");
+        assert_eq!(r.header("connection"), Some("close"), "{what}");
+        let mut rest = [0u8; 16];
+        let n = tokio::time::timeout(WAIT, raw.tcp.read(&mut rest))
+            .await
+            .expect("the server closes the connection");
+        assert!(matches!(n, Ok(0) | Err(_)), "{what}: {n:?}");
+    }
 }

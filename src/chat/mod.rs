@@ -28,6 +28,7 @@ use crate::{
     codec::Push,
     config::{ChatConfig, LimitsConfig},
     delivery::{Hub, Recipient, Target},
+    files::clean_name,
     proto::{self, RoomState, server_frame::Kind},
     ratelimit::{Rate, RateLimiter},
     store::{NewMessage, Range, Store, StoreError, dm_room},
@@ -505,7 +506,7 @@ impl Chat {
 
     /// The attachments of a send, filled in from the uploads: only files `user` uploaded
     /// (anything else reads as unknown, so ids cannot be probed); the client may only
-    /// choose the shown `name`.
+    /// choose the shown `name`, which is cleaned like an upload's (`files::clean_name`).
     async fn resolve_attachments(
         &self,
         user: &str,
@@ -522,7 +523,9 @@ impl Chat {
                 return Err(invalid("attachment name longer than 255 bytes"));
             }
             match self.store.file(&a.file_id).await? {
-                Some(f) if f.owner == user => out.push(f.attachment(&a.name)),
+                // Clients may save the file as this name: cleaned exactly like an
+                // upload's (an empty result shows the upload's own name).
+                Some(f) if f.owner == user => out.push(f.attachment(&clean_name(&a.name))),
                 _ => return Err(invalid(format!("unknown file {:?}", a.file_id))),
             }
         }

@@ -23,8 +23,9 @@ impl UploadLimiter {
         }
     }
 
-    /// Counts an upload by `user`; false if the user is over the rate.
-    pub fn allow(&self, user: &str) -> bool {
+    /// Counts an upload by `user`; over the rate, how long until the user's window ends
+    /// (when an upload would be accepted again).
+    pub fn allow(&self, user: &str) -> Result<(), Duration> {
         let now = Instant::now();
         let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
         if users.len() > 10_000 {
@@ -35,10 +36,10 @@ impl UploadLimiter {
             *entry = (now, 0);
         }
         if entry.1 >= self.per_window {
-            return false;
+            return Err(WINDOW.saturating_sub(now.duration_since(entry.0)));
         }
         entry.1 += 1;
-        true
+        Ok(())
     }
 }
 
@@ -49,8 +50,9 @@ mod tests {
     #[test]
     fn counts_per_user() {
         let l = UploadLimiter::new(2);
-        assert!(l.allow("a") && l.allow("a"));
-        assert!(!l.allow("a"));
-        assert!(l.allow("b"));
+        assert!(l.allow("a").is_ok() && l.allow("a").is_ok());
+        let wait = l.allow("a").unwrap_err();
+        assert!(wait > Duration::from_secs(59) && wait <= WINDOW, "{wait:?}");
+        assert!(l.allow("b").is_ok());
     }
 }

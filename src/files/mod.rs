@@ -12,9 +12,11 @@
 //!
 //! - [`sniff`]: the content type and image facts from the bytes;
 //! - [`signing`]: HMAC-signed download URLs;
-//! - [`limiter`]: the per-user upload rate.
+//! - [`limiter`]: the per-user upload rate;
+//! - [`multipart`]: a `multipart/form-data` upload's one file part.
 
 pub mod limiter;
+pub mod multipart;
 pub mod signing;
 pub mod sniff;
 
@@ -37,6 +39,7 @@ use crate::{
     store::{FileRecord, Inserted, Store, StoreError},
 };
 use limiter::UploadLimiter;
+use multipart::{FilePart, MultipartError};
 use signing::UrlSigner;
 
 /// Bytes kept from the start of an upload for sniffing (type, image header).
@@ -62,10 +65,12 @@ pub enum FileError {
     TooLarge(u64),
     #[error("the upload would take your files past the quota of {0} bytes")]
     QuotaExceeded(u64),
-    #[error("too many uploads; slow down")]
-    RateLimited,
+    #[error("too many uploads; retry in {} ms", .0.as_millis())]
+    RateLimited(std::time::Duration),
     #[error("{0}")]
     InvalidArgument(String),
+    #[error("{0}")]
+    Multipart(#[from] MultipartError),
     #[error("range not satisfiable")]
     BadRange,
     #[error("storage: {0}")]
@@ -80,8 +85,8 @@ impl FileError {
             FileError::NotFound => ErrorCode::NotFound,
             FileError::TooLarge(_) => ErrorCode::FileTooLarge,
             FileError::QuotaExceeded(_) => ErrorCode::QuotaExceeded,
-            FileError::RateLimited => ErrorCode::RateLimited,
-            FileError::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            FileError::RateLimited(_) => ErrorCode::RateLimited,
+            FileError::InvalidArgument(_) | FileError::Multipart(_) => ErrorCode::InvalidArgument,
             FileError::BadRange => ErrorCode::RangeNotSatisfiable,
             FileError::Storage(_) | FileError::Store(_) => ErrorCode::Internal,
         }
@@ -93,10 +98,15 @@ impl FileError {
             FileError::Storage(_) | FileError::Store(_) => "internal error".to_string(),
             other => other.to_string(),
         };
+        let retry_after_ms = match self {
+            // Whole milliseconds, at least 1 (0 means "no hint" on the wire).
+            FileError::RateLimited(d) => d.as_millis().clamp(1, u32::MAX as u128) as u32,
+            _ => 0,
+        };
         proto::Error {
             code: self.code() as i32,
             message,
-            ..Default::default()
+            retry_after_ms,
         }
     }
 }
@@ -118,7 +128,9 @@ pub struct Files {
     part_bytes: usize,
     signer: UrlSigner,
     limiter: UploadLimiter,
-    /// Image decodes (for BlurHashes) at once: each may hold ~100 MiB of pixels.
+    /// Image decodes (for BlurHashes) at once (two): each holds about 4 bytes a pixel (8
+    /// for 16-bit colour) of at most `files.max_image_pixels`, and never more than
+    /// `sniff::MAX_DECODE_BYTES`.
     decodes: tokio::sync::Semaphore,
 }
 
@@ -143,12 +155,37 @@ fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
-/// Keeps a file name displayable: no path, no control characters, bounded length.
-fn clean_name(name: &str) -> String {
+/// Unicode characters that reorder the text around them (bidirectional embeddings,
+/// overrides, isolates and marks) or break lines: a name such as `invoice\u{202E}fdp.exe`
+/// would display as `invoiceexe.pdf`.
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{202A}'..='\u{202E}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{200E}'
+            | '\u{200F}'
+            | '\u{061C}'
+            | '\u{2028}'
+            | '\u{2029}'
+    )
+}
+
+/// Makes a file name safe to show and to save as: the last path component only (no `/`
+/// or `\\`, never `.` or `..`), no control characters (C0, DEL, C1: CR, LF, NUL, ESC…),
+/// no bidi controls or line separators, at most 255 bytes. Upload names (query or
+/// multipart `filename`) and the names a sender gives attachments both go through it.
+pub fn clean_name(name: &str) -> String {
     let base = name.rsplit(['/', '\\']).next().unwrap_or_default();
-    let mut out: String = base.chars().filter(|c| !c.is_control()).collect();
+    let mut out: String = base
+        .chars()
+        .filter(|c| !c.is_control() && !invisible(*c))
+        .collect();
     while out.len() > MAX_NAME_BYTES {
         out.pop();
+    }
+    if out.trim_matches('.').is_empty() {
+        out.clear();
     }
     out
 }
@@ -202,9 +239,9 @@ impl Files {
         })
     }
 
-    /// Streams an upload by `owner` into storage and records it. `declared` is the
-    /// request's Content-Length, if any: a too-large upload is refused before its first
-    /// byte. A refused or failed upload leaves nothing behind.
+    /// Streams an upload by `owner` (the body is the file's bytes) into storage and
+    /// records it. `declared` is the request's Content-Length, if any: a too-large upload
+    /// is refused before its first byte. A refused or failed upload leaves nothing behind.
     pub async fn upload<S, E>(
         &self,
         owner: &str,
@@ -216,23 +253,80 @@ impl Files {
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: std::fmt::Display,
     {
-        if !self.limiter.allow(owner) {
-            return Err(FileError::RateLimited);
-        }
-        let (max, quota) = (self.config.max_file_bytes, self.config.user_quota_bytes);
-        let room = quota.saturating_sub(self.index.bytes_of(owner).await?);
-        let too_big = |n: u64| {
-            if n > max {
-                Some(FileError::TooLarge(max))
-            } else if n > room {
-                Some(FileError::QuotaExceeded(quota))
-            } else {
-                None
-            }
+        let room = self.admit(owner, declared).await?;
+        self.store(owner, name, room, body).await
+    }
+
+    /// As [`Files::upload`] for a `multipart/form-data` body with `boundary`: its one
+    /// file part is stored (streamed, with the same limits), never the envelope. The
+    /// name is `name` if not empty, else the part's `filename`.
+    pub async fn upload_form<S, E>(
+        &self,
+        owner: &str,
+        name: &str,
+        boundary: &str,
+        declared: Option<u64>,
+        body: S,
+    ) -> Result<FileRecord, FileError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        // The file is at least the body less the largest envelope.
+        let least = declared.map(|n| n.saturating_sub(multipart::ENVELOPE_BYTES));
+        let room = self.admit(owner, least).await?;
+        let part = FilePart::open(body, boundary, UPLOAD_IDLE).await?;
+        let name = if name.is_empty() {
+            part.filename.clone()
+        } else {
+            name.to_string()
         };
-        if let Some(e) = declared.and_then(too_big) {
+        self.store(owner, &name, room, part.into_stream()).await
+    }
+
+    /// Counts an upload against the owner's rate and checks a declared size; the bytes
+    /// left in the owner's quota.
+    async fn admit(&self, owner: &str, declared: Option<u64>) -> Result<u64, FileError> {
+        self.limiter.allow(owner).map_err(FileError::RateLimited)?;
+        let quota = self.config.user_quota_bytes;
+        let room = quota.saturating_sub(self.index.bytes_of(owner).await?);
+        if let Some(e) = declared.and_then(|n| self.too_big(n, room)) {
             return Err(e);
         }
+        Ok(room)
+    }
+
+    /// Whether a file of `n` bytes is over the size limit or the `room` left in quota.
+    fn too_big(&self, n: u64, room: u64) -> Option<FileError> {
+        let (max, quota) = (self.config.max_file_bytes, self.config.user_quota_bytes);
+        if n > max {
+            Some(FileError::TooLarge(max))
+        } else if n > room {
+            Some(FileError::QuotaExceeded(quota))
+        } else {
+            None
+        }
+    }
+
+    /// Whether an image of this size may be decoded (for its BlurHash).
+    fn decodable(&self, (w, h): (u32, u32)) -> bool {
+        u64::from(w) * u64::from(h) <= self.config.max_image_pixels
+    }
+
+    /// Streams `body` into storage and records it (see [`Files::upload`]).
+    async fn store<S, E>(
+        &self,
+        owner: &str,
+        name: &str,
+        room: u64,
+        body: S,
+    ) -> Result<FileRecord, FileError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
+        let quota = self.config.user_quota_bytes;
+        let too_big = |n: u64| self.too_big(n, room);
 
         let id = new_id();
         let path = self.blob_path(&id);
@@ -269,7 +363,9 @@ impl Files {
                 if let Some(w) = &mut whole {
                     let is_image =
                         head.len() < 16 || sniff::content_type(&head).starts_with("image/");
-                    if size > self.config.blurhash_max_bytes || !is_image {
+                    // Too many pixels to decode: known from the header, drop it early.
+                    let too_many = sniff::dimensions(&head).is_some_and(|d| !self.decodable(d));
+                    if size > self.config.blurhash_max_bytes || !is_image || too_many {
                         whole = None;
                     } else {
                         w.extend_from_slice(&chunk);
@@ -303,10 +399,17 @@ impl Files {
         let content_type = sniff::content_type(&head);
         let (mut width, mut height, mut blurhash) = (0, 0, String::new());
         if content_type.starts_with("image/") {
-            if let Some((w, h)) = sniff::dimensions(&head) {
+            // The header is usually in the first 64 KiB; else it is in the whole file.
+            let dims =
+                sniff::dimensions(&head).or_else(|| whole.as_deref().and_then(sniff::dimensions));
+            if let Some((w, h)) = dims {
                 (width, height) = (w, h);
             }
-            if let Some(bytes) = whole.filter(|w| !w.is_empty()) {
+            // Decoding costs 4 bytes a pixel (a 97 KB PNG can claim 25 megapixels, ~97
+            // MiB): only images whose header shows at most files.max_image_pixels are
+            // decoded. The others keep their width and height, without a BlurHash.
+            let decode = dims.is_some_and(|d| self.decodable(d));
+            if let Some(bytes) = whole.filter(|w| decode && !w.is_empty()) {
                 let _permit = self.decodes.acquire().await;
                 let made = tokio::task::spawn_blocking(move || sniff::blurhash(&bytes))
                     .await
@@ -470,5 +573,15 @@ mod tests {
         assert_eq!(clean_name("../../a/b\\c.png"), "c.png");
         assert_eq!(clean_name("x\ny"), "xy");
         assert_eq!(clean_name(&"é".repeat(200)).len(), 254);
+        assert_eq!(clean_name("../../etc/passwd"), "passwd");
+        assert_eq!(clean_name("a\r\nb\0c\x1b[31md\u{9b}e"), "abc[31mde");
+        assert_eq!(
+            clean_name("invoice\u{202E}fdp.exe\u{2066}\u{200F}\u{061C}\u{2028}"),
+            "invoicefdp.exe"
+        );
+        assert_eq!(clean_name(".."), "");
+        assert_eq!(clean_name("a/.."), "");
+        assert_eq!(clean_name("..."), "");
+        assert_eq!(clean_name(".profile"), ".profile");
     }
 }

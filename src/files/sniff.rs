@@ -52,10 +52,14 @@ pub fn dimensions(head: &[u8]) -> Option<(u32, u32)> {
     Some((u32::try_from(s.width).ok()?, u32::try_from(s.height).ok()?))
 }
 
+/// Most memory one decode may allocate, whatever the pixel count allowed.
+pub const MAX_DECODE_BYTES: u64 = 128 * 1024 * 1024;
+
 /// Decodes a whole image (PNG, JPEG, GIF, WebP) and returns its size and a 4x3 BlurHash,
-/// or `None` for anything it cannot decode. Decoding is bounded (8192 px a side, 128 MiB
-/// of pixels) so a small file claiming a huge canvas cannot exhaust memory. CPU-heavy:
-/// run it on a blocking thread.
+/// or `None` for anything it cannot decode. Decoding is bounded (8192 px a side,
+/// [`MAX_DECODE_BYTES`]) so a small file claiming a huge canvas cannot exhaust memory;
+/// callers check the pixel count (`files.max_image_pixels`) from the header first.
+/// CPU-heavy: run it on a blocking thread.
 pub fn blurhash(bytes: &[u8]) -> Option<(u32, u32, String)> {
     let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
@@ -63,7 +67,7 @@ pub fn blurhash(bytes: &[u8]) -> Option<(u32, u32, String)> {
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(8192);
     limits.max_image_height = Some(8192);
-    limits.max_alloc = Some(128 * 1024 * 1024);
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
     reader.limits(limits);
     let img = reader.decode().ok()?;
     let (w, h) = (img.width(), img.height());

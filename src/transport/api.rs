@@ -13,7 +13,10 @@
 
 use axum::{
     Json, Router,
-    extract::{Path, Query, State, rejection::JsonRejection},
+    extract::{
+        Path, Query, State,
+        rejection::{JsonRejection, PathRejection, QueryRejection},
+    },
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -22,7 +25,7 @@ use serde::Deserialize;
 
 use super::{
     Ctx,
-    bearer::{ApiError, Caller, bearer, caller, user},
+    bearer::{ApiError, Caller, bearer, caller, close_if_unread, method_not_allowed, user},
 };
 use crate::{
     auth::now_ms,
@@ -33,14 +36,21 @@ use crate::{
 
 pub fn routes() -> Router<Ctx> {
     Router::new()
-        .route("/api/v1/rooms", get(rooms))
+        .route("/api/v1/rooms", get(rooms).fallback(method_not_allowed))
         .route(
             "/api/v1/rooms/{room}/messages",
-            get(history).post(post_message),
+            get(history).post(post_message).fallback(method_not_allowed),
         )
-        .route("/api/v1/rooms/{room}/members", get(members))
-        .route("/api/v1/announce", post(announce))
-        .route("/api/v1/tickets", post(ticket))
+        .route(
+            "/api/v1/rooms/{room}/members",
+            get(members).fallback(method_not_allowed),
+        )
+        .route(
+            "/api/v1/announce",
+            post(announce).fallback(method_not_allowed),
+        )
+        .route("/api/v1/tickets", post(ticket).fallback(method_not_allowed))
+        .layer(axum::middleware::from_fn(close_if_unread))
 }
 
 async fn ticket(
@@ -82,10 +92,11 @@ struct HistoryQuery {
 async fn history(
     State(app): State<Ctx>,
     headers: HeaderMap,
-    Path(room): Path<String>,
-    Query(q): Query<HistoryQuery>,
+    room: Result<Path<String>, PathRejection>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let user = user(&app, &headers)?;
+    let (Path(room), Query(q)) = (room?, query?);
     let req = proto::History {
         room,
         before_seq: q.before_seq,
@@ -98,19 +109,21 @@ async fn history(
 async fn members(
     State(app): State<Ctx>,
     headers: HeaderMap,
-    Path(room): Path<String>,
+    room: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let user = user(&app, &headers)?;
+    let Path(room) = room?;
     Ok(Json(app.core.chat.members(&user, &room).await?).into_response())
 }
 
 async fn post_message(
     State(app): State<Ctx>,
     headers: HeaderMap,
-    Path(room): Path<String>,
+    room: Result<Path<String>, PathRejection>,
     body: Result<Json<proto::PostMessage>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let caller = caller(&app, &headers)?;
+    let Path(room) = room?;
     let Json(post) = body?;
     let chat = &app.core.chat;
     let sent = match caller {

@@ -1,13 +1,29 @@
 //! Bearer-token auth for the HTTP paths (API, long-poll, SSE without a ticket, commands)
 //! and the HTTP error type: a status plus the wire error as JSON, the same body on every
-//! HTTP path.
+//! HTTP path (axum's own rejections of a bad query, path or body are mapped onto it, never
+//! its `text/plain`).
+
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll},
+};
 
 use axum::{
     Json,
-    extract::rejection::{BytesRejection, JsonRejection},
-    http::{HeaderMap, StatusCode, header},
+    body::{Body, Bytes},
+    extract::{
+        Request,
+        rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection},
+    },
+    http::{HeaderMap, HeaderValue, StatusCode, Version, header},
+    middleware::Next,
     response::{IntoResponse, Response},
 };
+use http_body::{Body as _, Frame, SizeHint};
 
 use super::Ctx;
 use crate::{
@@ -75,6 +91,36 @@ impl From<BytesRejection> for ApiError {
     }
 }
 
+/// A query string that does not parse: a negative or too large number, a repeated key.
+impl From<QueryRejection> for ApiError {
+    fn from(e: QueryRejection) -> Self {
+        Self::new(ErrorCode::InvalidArgument, e.body_text())
+    }
+}
+
+/// A path parameter that does not parse (a room or id that is not UTF-8 once decoded).
+impl From<PathRejection> for ApiError {
+    fn from(e: PathRejection) -> Self {
+        if e.status().is_server_error() {
+            tracing::error!(error = %e.body_text(), "path extraction failed");
+            return Self::new(ErrorCode::Internal, "internal error");
+        }
+        Self::new(ErrorCode::InvalidArgument, e.body_text())
+    }
+}
+
+/// A method the route does not take: 405 with the Error JSON and (set by axum) `Allow`,
+/// not axum's empty body. The `fallback` of every API route.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        wire_error(
+            ErrorCode::InvalidArgument,
+            "method not allowed here (see Allow)",
+        ),
+    )
+}
+
 /// A body over the limit (`ws.max_frame_bytes`, as for a WebSocket frame).
 fn too_large() -> ApiError {
     ApiError::new(ErrorCode::FrameTooLarge, "body exceeds ws.max_frame_bytes")
@@ -139,5 +185,61 @@ pub fn user(ctx: &Ctx, headers: &HeaderMap) -> Result<String, ApiError> {
     match caller(ctx, headers)? {
         Caller::User(u) => Ok(u),
         Caller::Admin => Err(ApiError::new(ErrorCode::Forbidden, "use a user token")),
+    }
+}
+
+/// Middleware: a response to an HTTP/1 request whose body the handler did not read to its
+/// end (an upload refused from its headers: too large, over quota, too fast, no token)
+/// says `Connection: close`. hyper cannot reuse such a connection (the rest of the body
+/// is still coming) and closes it after the response; with the header a pooled client
+/// knows that, instead of sending its next request into a closed socket.
+pub async fn close_if_unread(req: Request, next: Next) -> Response {
+    let http1 = req.version() <= Version::HTTP_11;
+    if !http1 || req.body().is_end_stream() {
+        return next.run(req).await;
+    }
+    let ended = Arc::new(AtomicBool::new(false));
+    let req = req.map(|body| {
+        Body::new(Watched {
+            body,
+            ended: ended.clone(),
+        })
+    });
+    let mut response = next.run(req).await;
+    if !ended.load(Ordering::Acquire) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// A request body that notes when it has been read to its end.
+struct Watched {
+    body: Body,
+    ended: Arc<AtomicBool>,
+}
+
+impl http_body::Body for Watched {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.body.is_end_stream() {
+            self.ended.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }

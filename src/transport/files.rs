@@ -4,20 +4,25 @@
 //!
 //! | method and path | who | result |
 //! |---|---|---|
-//! | `POST /api/v1/files?name=` | user | `201` + `Attachment` (body: the raw bytes) |
+//! | `POST /api/v1/files?name=` | user | `201` + `Attachment` (body: the raw bytes, or a `multipart/form-data` form with one file part) |
 //! | `GET /api/v1/files/{id}` | uploader, members of a room it was posted to | the bytes |
 //! | `GET /api/v1/files/{id}?u=&exp=&sig=` | holder of a signed URL | the bytes |
 //! | `POST /api/v1/files/{id}/url` | as GET | `FileUrl` |
 //! | `DELETE /api/v1/files/{id}` | uploader | `Done` |
 //!
-//! Anyone else gets 404, the same as for an id that does not exist.
+//! Anyone else gets 404, the same as for an id that does not exist. Every error is the
+//! Error JSON (`bearer::ApiError`), with `Connection: close` when the upload's body was
+//! left unread (`bearer::close_if_unread`).
 
 use std::ops::Range;
 
 use axum::{
     Json, Router,
     body::Body,
-    extract::{Path, Query, State, rejection::QueryRejection},
+    extract::{
+        Path, Query, State,
+        rejection::{PathRejection, QueryRejection},
+    },
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -26,19 +31,26 @@ use serde::Deserialize;
 
 use super::{
     Ctx,
-    bearer::{ApiError, status_of, user},
+    bearer::{ApiError, close_if_unread, method_not_allowed, status_of, user},
 };
 use crate::{
-    files::{FileError, sniff},
+    files::{FileError, multipart, sniff},
     proto::{self, ErrorCode},
     store::FileRecord,
 };
 
 pub fn routes() -> Router<Ctx> {
     Router::new()
-        .route("/api/v1/files", post(upload))
-        .route("/api/v1/files/{id}", get(download).delete(delete))
-        .route("/api/v1/files/{id}/url", post(signed_url))
+        .route("/api/v1/files", post(upload).fallback(method_not_allowed))
+        .route(
+            "/api/v1/files/{id}",
+            get(download).delete(delete).fallback(method_not_allowed),
+        )
+        .route(
+            "/api/v1/files/{id}/url",
+            post(signed_url).fallback(method_not_allowed),
+        )
+        .layer(axum::middleware::from_fn(close_if_unread))
 }
 
 impl From<FileError> for ApiError {
@@ -47,12 +59,6 @@ impl From<FileError> for ApiError {
             tracing::error!(error = %e, "file operation failed");
         }
         Self(status_of(e.code()), e.to_proto())
-    }
-}
-
-impl From<QueryRejection> for ApiError {
-    fn from(e: QueryRejection) -> Self {
-        Self::new(ErrorCode::InvalidArgument, e.body_text())
     }
 }
 
@@ -73,13 +79,66 @@ async fn upload(
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    let file = app
-        .core
-        .files
-        .upload(&user, &q.name, declared, body.into_data_stream())
-        .await?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default();
+    let files = &app.core.files;
+    let body = body.into_data_stream();
+    let file = match Form::of(&content_type) {
+        Form::Raw => files.upload(&user, &q.name, declared, body).await?,
+        Form::Multipart => {
+            let boundary = multipart::boundary(&content_type).map_err(FileError::from)?;
+            files
+                .upload_form(&user, &q.name, &boundary, declared, body)
+                .await?
+        }
+        Form::Unsupported(essence) => {
+            return Err(ApiError(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "an upload is the raw bytes or multipart/form-data with one file \
+                         part, not {essence}"
+                    ),
+                )
+                .1,
+            ));
+        }
+    };
     tracing::debug!(file = %file.id, size = file.size, %user, "uploaded");
     Ok((StatusCode::CREATED, Json(file.attachment(""))).into_response())
+}
+
+/// What an upload body is, from its Content-Type.
+enum Form {
+    /// The file's bytes (any other type: the label is ignored, the bytes are sniffed).
+    Raw,
+    /// `multipart/form-data`: one file part (browsers' FormData, `curl -F`).
+    Multipart,
+    /// A form encoding whose envelope would be stored as the file: 415.
+    Unsupported(String),
+}
+
+impl Form {
+    fn of(content_type: &str) -> Form {
+        let essence = content_type
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        if essence == "multipart/form-data" {
+            Form::Multipart
+        } else if essence.starts_with("multipart/")
+            || essence == "application/x-www-form-urlencoded"
+        {
+            Form::Unsupported(essence)
+        } else {
+            Form::Raw
+        }
+    }
 }
 
 /// The query of a signed URL.
@@ -189,9 +248,10 @@ fn set(headers: &mut HeaderMap, name: header::HeaderName, value: &str) {
 async fn download(
     State(app): State<Ctx>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     query: Result<Query<Signed>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Path(id) = id?;
     let Query(q) = query?;
     let user = reader(&app, &headers, &id, &q)?;
     let files = &app.core.files;
@@ -218,8 +278,6 @@ async fn download(
     {
         return Ok((StatusCode::NOT_MODIFIED, out).into_response());
     }
-    set(&mut out, header::CONTENT_TYPE, &file.content_type);
-    set(&mut out, header::CONTENT_DISPOSITION, &disposition(&file));
     set(&mut out, header::ACCEPT_RANGES, "bytes");
 
     // A Range applies only while the file is still the one If-Range names.
@@ -233,6 +291,7 @@ async fn download(
                     header::CONTENT_RANGE,
                     &format!("bytes */{}", file.size),
                 );
+                // The Error JSON, labelled as such (not with the file's type).
                 let mut resp = ApiError::from(e).into_response();
                 resp.headers_mut().extend(out);
                 return Ok(resp);
@@ -240,6 +299,8 @@ async fn download(
         },
         None => None,
     };
+    set(&mut out, header::CONTENT_TYPE, &file.content_type);
+    set(&mut out, header::CONTENT_DISPOSITION, &disposition(&file));
     let (status, bytes) = match range {
         Some(r) => {
             set(
@@ -263,8 +324,9 @@ async fn download(
 async fn delete(
     State(app): State<Ctx>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    let Path(id) = id?;
     let user = user(&app, &headers)?;
     app.core.files.delete(&user, &id).await?;
     Ok(Json(proto::Done {}).into_response())
@@ -273,8 +335,9 @@ async fn delete(
 async fn signed_url(
     State(app): State<Ctx>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    let Path(id) = id?;
     let user = user(&app, &headers)?;
     let signed = app.core.files.sign(&user, &id).await?;
     Ok(Json(proto::FileUrl {

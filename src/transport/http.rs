@@ -12,7 +12,10 @@
 
 use axum::{
     body::Bytes,
-    extract::{Path, State, rejection::BytesRejection},
+    extract::{
+        Path, State,
+        rejection::{BytesRejection, PathRejection},
+    },
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -123,12 +126,16 @@ pub async fn connect(
 pub async fn command(
     State(ctx): State<Ctx>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let user = match user(&ctx, &headers) {
         Ok(u) => u,
         Err(e) => return e.into_response(),
+    };
+    let id = match id {
+        Ok(Path(id)) => id,
+        Err(e) => return ApiError::from(e).into_response(),
     };
     let session = match ctx.core.session_of(&user, &id) {
         Ok(s) => s,

@@ -16,7 +16,7 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use axum::{
-    extract::{Query, State},
+    extract::{Query, State, rejection::QueryRejection},
     http::{HeaderMap, HeaderValue, StatusCode, Uri, header},
     response::{IntoResponse, Response},
 };
@@ -102,9 +102,12 @@ pub fn handler(
     State(ctx): State<Ctx>,
     headers: HeaderMap,
     uri: Uri,
-    Query(q): Query<PollQuery>,
+    query: Result<Query<PollQuery>, QueryRejection>,
 ) -> impl Future<Output = Response> + Send {
-    match Held::start(&ctx, headers, uri, q) {
+    let started = query
+        .map_err(ApiError::from)
+        .and_then(|Query(q)| Held::start(&ctx, headers, uri, q));
+    match started {
         Ok(held) => Either::Left(held.wait()),
         Err(refused) => Either::Right(std::future::ready(refused.into_response())),
     }
