@@ -91,8 +91,8 @@ impl Default for LimitsConfig {
             signals_burst: 50.0,
             signal_bytes_per_second: 65536.0,
             signal_bytes_burst: 262144.0,
-            reads_per_second: 10.0,
-            reads_burst: 50.0,
+            reads_per_second: 20.0,
+            reads_burst: 200.0,
         }
     }
 }

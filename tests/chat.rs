@@ -672,7 +672,7 @@ async fn history_and_sync_replies_are_cut_at_max_reply_bytes() {
             .rooms
             .iter()
             .flat_map(|p| &p.messages)
-            .map(|m| prost::Message::encoded_len(m))
+            .map(prost::Message::encoded_len)
             .sum();
         assert!(bytes <= 64 * 1024, "reply of {bytes} bytes");
         let mut more = false;
@@ -690,7 +690,10 @@ async fn history_and_sync_replies_are_cut_at_max_reply_bytes() {
         assert!(replies < 10, "sync makes progress");
     }
     assert_eq!(got, 24);
-    assert!(replies >= 4, "240 KB came in replies of at most 64 KiB: {replies}");
+    assert!(
+        replies >= 4,
+        "240 KB came in replies of at most 64 KiB: {replies}"
+    );
     // History: the newest that fit, with more.
     let Kind::History(h) = ok(
         &mut eve,

@@ -352,7 +352,10 @@ async fn signals_are_rate_limited_per_sender_and_budgeted_per_recipient() {
     };
     // The per-sender rate: 3 at once, then a hint.
     for _ in 0..3 {
-        assert!(matches!(ann.request(signal("bob", 10)).await, Kind::Done(_)));
+        assert!(matches!(
+            ann.request(signal("bob", 10)).await,
+            Kind::Done(_)
+        ));
     }
     let e = error_of(ann.request(signal("bob", 10)).await);
     assert_eq!(code_of(&e), ErrorCode::RateLimited);
@@ -360,7 +363,10 @@ async fn signals_are_rate_limited_per_sender_and_budgeted_per_recipient() {
     // The per-recipient budget: carl's 2 × 15 KB fit in bob's 40 KB; a third sender's
     // 15 KB does not, though that sender has spent nothing.
     for _ in 0..2 {
-        assert!(matches!(carl.request(signal("bob", 15_000)).await, Kind::Done(_)));
+        assert!(matches!(
+            carl.request(signal("bob", 15_000)).await,
+            Kind::Done(_)
+        ));
     }
     let mut dan = t.client("dan", Encoding::Json).await;
     dan.join("r").await;
@@ -368,7 +374,10 @@ async fn signals_are_rate_limited_per_sender_and_budgeted_per_recipient() {
     assert_eq!(code_of(&e), ErrorCode::RateLimited);
     assert!(e.retry_after_ms > 0);
     // Others may still be signalled by dan.
-    assert!(matches!(dan.request(signal("carl", 15_000)).await, Kind::Done(_)));
+    assert!(matches!(
+        dan.request(signal("carl", 15_000)).await,
+        Kind::Done(_)
+    ));
     // Bob got the five that were accepted and is still connected.
     for _ in 0..5 {
         bob.next_of(|k| match k {
@@ -410,7 +419,10 @@ async fn history_and_sync_are_rate_limited() {
     let e = error_of(ann.request(history()).await);
     assert_eq!(code_of(&e), ErrorCode::RateLimited);
     assert!(e.retry_after_ms > 0);
-    assert_eq!(code_of(&error_of(ann.request(sync()).await)), ErrorCode::RateLimited);
+    assert_eq!(
+        code_of(&error_of(ann.request(sync()).await)),
+        ErrorCode::RateLimited
+    );
     // Bob has his own bucket; ann may read again after the hint.
     assert!(matches!(bob.request(sync()).await, Kind::Sync(_)));
     tokio::time::sleep(Duration::from_millis(u64::from(e.retry_after_ms) + 50)).await;

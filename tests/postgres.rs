@@ -537,7 +537,10 @@ async fn the_room_cap_holds_across_instances() {
     s.join(&mine, "u", 5).await.unwrap();
     assert!(s.join("new", "u", 5).await.is_err());
     assert!(s.ensure_dm("dm:u:v", "u", "v", 5).await.is_err());
-    assert!(s.room("dm:u:v").await.unwrap().is_none(), "nothing half-made");
+    assert!(
+        s.room("dm:u:v").await.unwrap().is_none(),
+        "nothing half-made"
+    );
     assert!(s.create_room("mine", "u", false, 5).await.is_err());
     // Another user is not affected.
     s.ensure_dm("dm:v:w", "v", "w", 5).await.unwrap();

@@ -191,7 +191,9 @@ impl Chat {
         // anything is written.
         if client_msg_id.contains('\0')
             || body.contains('\0')
-            || metadata.iter().any(|(k, v)| k.contains('\0') || v.contains('\0'))
+            || metadata
+                .iter()
+                .any(|(k, v)| k.contains('\0') || v.contains('\0'))
         {
             return Err(invalid(
                 "body, metadata and client_msg_id may not contain U+0000 (NUL)",

@@ -138,8 +138,7 @@ pub trait Store: FileIndex + Send + Sync + 'static {
     /// Makes `user` a member (creating a public room if it does not exist); returns the
     /// room as it is after the join. Permission checks are the caller's. Joining a room
     /// the user is in already is never refused by `max_rooms`.
-    async fn join(&self, room: &str, user: &str, max_rooms: u64)
-    -> Result<RoomMeta, StoreError>;
+    async fn join(&self, room: &str, user: &str, max_rooms: u64) -> Result<RoomMeta, StoreError>;
     /// Removes `user` from the room; returns whether it was a member.
     async fn leave(&self, room: &str, user: &str) -> Result<bool, StoreError>;
     async fn is_member(&self, room: &str, user: &str) -> Result<bool, StoreError>;

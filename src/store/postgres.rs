@@ -794,12 +794,7 @@ impl Store for PostgresStore {
         tx.commit().await.map_err(pg)
     }
 
-    async fn join(
-        &self,
-        room: &str,
-        user: &str,
-        max_rooms: u64,
-    ) -> Result<RoomMeta, StoreError> {
+    async fn join(&self, room: &str, user: &str, max_rooms: u64) -> Result<RoomMeta, StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
         check_room_cap(&tx, &[user], max_rooms, Some(room)).await?;

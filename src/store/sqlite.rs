@@ -560,12 +560,7 @@ impl Store for SqliteStore {
         .await?
     }
 
-    async fn join(
-        &self,
-        room: &str,
-        user: &str,
-        max_rooms: u64,
-    ) -> Result<RoomMeta, StoreError> {
+    async fn join(&self, room: &str, user: &str, max_rooms: u64) -> Result<RoomMeta, StoreError> {
         let (room, user) = (room.to_string(), user.to_string());
         self.write(move |conn| {
             if let Some(full) = over_room_cap(conn, &user, max_rooms, Some(&room))? {
@@ -573,7 +568,9 @@ impl Store for SqliteStore {
             }
             create_room_in(conn, &room, false)?;
             add_member_in(conn, &room, &user)?;
-            Ok(Ok(room_in(conn, &room)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?))
+            Ok(Ok(
+                room_in(conn, &room)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?
+            ))
         })
         .await?
     }
