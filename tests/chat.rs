@@ -721,6 +721,14 @@ async fn history_and_sync_replies_are_cut_at_max_reply_bytes() {
         limit: 0,
     });
     assert_eq!(err(&mut eve, sync_p.clone()).await, ErrorCode::NotMember);
+    // Also when it comes after the point where the reply would be cut.
+    let mut all: BTreeMap<String, u64> = rooms.iter().map(|r| (r.to_string(), 0)).collect();
+    all.insert("p".into(), 0);
+    let sync_all = Cmd::Sync(proto::Sync {
+        rooms: all,
+        limit: 0,
+    });
+    assert_eq!(err(&mut eve, sync_all).await, ErrorCode::NotMember);
     assert!(matches!(ok(&mut ann, sync_p).await, Kind::Sync(_)));
 }
 

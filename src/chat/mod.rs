@@ -693,6 +693,13 @@ impl Chat {
                 .map(|r| r.room)
                 .collect()
         };
+        // Every room is checked before any is read: the answer (an error for a room the
+        // user may not read) does not depend on where the reply is cut.
+        for room in req.rooms.keys() {
+            if !member_of.contains(room) {
+                self.check_read(room, user).await?;
+            }
+        }
         let mut budget = self.config.max_reply_bytes;
         let mut cut = false;
         let mut rooms = Vec::with_capacity(req.rooms.len());
@@ -705,9 +712,6 @@ impl Chat {
                     more: true,
                 });
                 continue;
-            }
-            if !member_of.contains(&room) {
-                self.check_read(&room, user).await?;
             }
             let page = self
                 .store
