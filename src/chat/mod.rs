@@ -141,7 +141,10 @@ impl Chat {
             .map_err(|retry_after| ChatError::RateLimited { what, retry_after })
     }
 
-    /// `user` may become a member of one more room.
+    /// `user` may become a member of one more room: a quick refusal that spends no join
+    /// token. Only a hint under concurrency — the store enforces `max_rooms_per_user`
+    /// atomically when the membership is written (`Store::join`, `create_room`,
+    /// `ensure_dm`).
     async fn check_room_quota(&self, user: &str) -> Result<(), ChatError> {
         let max = self.limits.max_rooms_per_user;
         if max > 0 && self.store.rooms_of(user).await?.len() as u64 >= max {
