@@ -79,7 +79,7 @@ async fn run(backend: Backend, senders: usize, rooms: usize) -> (f64, Vec<Durati
     };
     let store = stores[0].clone();
     for r in 0..rooms {
-        store.join(&format!("room{r}"), "sender").await.unwrap();
+        store.join(&format!("room{r}"), "sender", 0).await.unwrap();
     }
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();

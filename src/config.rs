@@ -60,6 +60,16 @@ pub struct LimitsConfig {
     /// Joins (and room creations) one user may make per second.
     pub joins_per_second: f64,
     pub joins_burst: f64,
+    /// `signal` commands one user may send per second.
+    pub signals_per_second: f64,
+    pub signals_burst: f64,
+    /// Signal bytes (kind + payload) one user may be sent per second, by all senders
+    /// together (a byte budget per recipient).
+    pub signal_bytes_per_second: f64,
+    pub signal_bytes_burst: f64,
+    /// `history` and `sync` requests one user may make per second.
+    pub reads_per_second: f64,
+    pub reads_burst: f64,
 }
 
 impl Default for LimitsConfig {
@@ -77,6 +87,12 @@ impl Default for LimitsConfig {
             sends_burst: 100.0,
             joins_per_second: 5.0,
             joins_burst: 50.0,
+            signals_per_second: 10.0,
+            signals_burst: 50.0,
+            signal_bytes_per_second: 65536.0,
+            signal_bytes_burst: 262144.0,
+            reads_per_second: 20.0,
+            reads_burst: 200.0,
         }
     }
 }
@@ -97,6 +113,12 @@ impl LimitsConfig {
             sends_burst: 0.0,
             joins_per_second: 0.0,
             joins_burst: 0.0,
+            signals_per_second: 0.0,
+            signals_burst: 0.0,
+            signal_bytes_per_second: 0.0,
+            signal_bytes_burst: 0.0,
+            reads_per_second: 0.0,
+            reads_burst: 0.0,
         }
     }
 }
@@ -496,6 +518,9 @@ pub struct ChatConfig {
     /// A user's typing events in one room are accepted at most this often.
     #[serde(with = "humantime_serde")]
     pub typing_interval: Duration,
+    /// Most bytes of messages (protobuf size) in one `history` or `sync` reply; past it
+    /// the reply is cut and says `more`.
+    pub max_reply_bytes: usize,
 }
 
 impl Default for ChatConfig {
@@ -509,6 +534,7 @@ impl Default for ChatConfig {
             history_max_limit: 500,
             large_room_members: 500,
             typing_interval: Duration::from_millis(1000),
+            max_reply_bytes: 1024 * 1024,
         }
     }
 }
@@ -964,6 +990,24 @@ impl Config {
             Duration::ZERO,
             HOUR,
         )?;
+        count(
+            "chat.max_reply_bytes",
+            c.max_reply_bytes as u64,
+            KIB,
+            64 * MIB,
+        )?;
+        let l = &self.limits;
+        if l.signal_bytes_per_second > 0.0 && l.signal_bytes_burst < c.max_body_bytes as f64 {
+            return Err(ConfigError::Invalid {
+                key: "limits.signal_bytes_burst",
+                value: l.signal_bytes_burst.to_string(),
+                allowed: format!(
+                    "at least chat.max_body_bytes ({}), the largest signal, while \
+                     limits.signal_bytes_per_second is on",
+                    c.max_body_bytes
+                ),
+            });
+        }
         let st = &self.store;
         count("store.max_batch", st.max_batch as u64, 1, 100_000)?;
         count("store.read_connections", st.read_connections as u64, 1, 256)?;

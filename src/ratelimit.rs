@@ -52,6 +52,17 @@ impl<K: Eq + Hash> RateLimiter<K> {
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
+        self.check_cost(key, 1.0)
+    }
+
+    /// Spends `cost` tokens of `key`'s bucket at once (a byte budget: cost = bytes), or
+    /// `Err(wait)` until that many are there; nothing is spent on a refusal. A cost over
+    /// the burst can never pass: configurations keep the burst above the largest cost.
+    pub fn check_cost<Q>(&self, key: &Q, cost: f64) -> Result<(), Duration>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         let Rate { rate, burst } = self.rate;
         if rate <= 0.0 {
             return Ok(());
@@ -75,11 +86,11 @@ impl<K: Eq + Hash> RateLimiter<K> {
         let b = buckets.get_mut(key).expect("just inserted");
         b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * rate).min(burst);
         b.last = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
+        if b.tokens >= cost {
+            b.tokens -= cost;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - b.tokens) / rate))
+            Err(Duration::from_secs_f64((cost - b.tokens) / rate))
         }
     }
 }
@@ -103,6 +114,20 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1)).await;
         l.check("ann").unwrap();
         assert!(l.check("ann").is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cost_is_spent_whole_or_not_at_all() {
+        let l: RateLimiter<String> = RateLimiter::new(Rate::new(1000.0, 4000.0));
+        l.check_cost("bob", 3000.0).unwrap();
+        // 1000 left: 1500 more needs half a second, and the refusal spends nothing.
+        assert_eq!(
+            l.check_cost("bob", 1500.0).unwrap_err(),
+            Duration::from_millis(500)
+        );
+        l.check_cost("bob", 1000.0).unwrap();
+        tokio::time::advance(Duration::from_millis(500)).await;
+        l.check_cost("bob", 500.0).unwrap();
     }
 
     #[tokio::test(start_paused = true)]

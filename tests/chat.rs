@@ -463,6 +463,18 @@ async fn signals_reach_only_their_target_user() {
         kind: "offer".into(),
         payload: sdp.into(),
     });
+    // Only to a user one shares a room with: a direct-message room is enough.
+    assert_eq!(err(&mut ann, sig.clone()).await, ErrorCode::Forbidden);
+    let dm = Cmd::Send(proto::Send {
+        to_user: "bob".into(),
+        client_msg_id: "call".into(),
+        body: "calling you".into(),
+        ..Default::default()
+    });
+    ok(&mut ann, dm).await;
+    for b in [&mut ann, &mut bob1, &mut bob2] {
+        b.next_message().await;
+    }
     ok(&mut ann, sig).await;
     for b in [&mut bob1, &mut bob2] {
         let s = b.next_of(pushed!(Signal)).await;
@@ -478,12 +490,246 @@ async fn signals_reach_only_their_target_user() {
         kind: "ice".into(),
         payload: "x".into(),
     });
-    assert_eq!(err(&mut ann, sig).await, ErrorCode::UserOffline);
-    // Signals are not stored anywhere: bob's rooms are empty.
+    assert_eq!(err(&mut ann, sig).await, ErrorCode::Forbidden);
+    // Signals are not stored anywhere: bob's only room is the DM.
     let Kind::Rooms(r) = ok(&mut bob1, Cmd::Rooms(proto::Rooms {})).await else {
         panic!()
     };
-    assert!(r.rooms.is_empty());
+    assert_eq!(r.rooms.len(), 1);
+    assert_eq!(r.rooms[0].last_seq, 1);
+}
+
+/// Issue 20, item 3: a user who shares nothing with bob is refused; one who shares a
+/// room and floods him with 800 signals of 15 KB (no rate limits configured here) gets
+/// every one answered, but bob's session only drops signals — it is never cut as a slow
+/// consumer — and a message sent after the flood still reaches him.
+#[tokio::test]
+async fn a_signal_flood_never_costs_the_recipient_its_session() {
+    let t = TestServer::start_with(|c| {
+        c.session.max_queue_bytes = 256 * 1024;
+        // What is under test is the queue bound, not the write deadline.
+        c.ws.write_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let mut ann = t.client("ann", Encoding::Json).await;
+    // Bob's socket buffers little, so his queue fills while he does not read.
+    let mut bob = Client::tiny(&t, "bob", Encoding::Proto).await;
+    let mut mal = t.client("mal", Encoding::Proto).await;
+    let mut eve = t.client("eve", Encoding::Proto).await;
+    for c in [&mut ann, &mut bob, &mut mal] {
+        c.join("r").await;
+    }
+    let payload = "x".repeat(15_000);
+    let signal = |payload: &str| {
+        Cmd::Signal(proto::Signal {
+            to_user: "bob".into(),
+            kind: "ice".into(),
+            payload: payload.into(),
+        })
+    };
+    // A stranger is refused outright.
+    assert_eq!(err(&mut eve, signal("x")).await, ErrorCode::Forbidden);
+    // Bob reads nothing while mal floods him (12 MB; his queue holds 256 KiB).
+    for _ in 0..800 {
+        ok(&mut mal, signal(&payload)).await;
+    }
+    ann.send_msg("r", "after", "still there?").await;
+    let mut signals = 0;
+    let m = loop {
+        match bob.next_push().await.kind {
+            Some(Kind::Signal(_)) => signals += 1,
+            Some(Kind::Message(m)) => break m,
+            Some(Kind::Membership(_) | Kind::Presence(_)) => {}
+            other => panic!("bob expected signals then the message, got {other:?}"),
+        }
+    };
+    assert_eq!(m.body, "still there?");
+    assert!(
+        (1..800).contains(&signals),
+        "some signals were dropped, not the session: {signals}"
+    );
+    // Bob's session is the same one, and works.
+    bob.probe().await;
+    assert!(t.session_alive(&bob.session_id));
+}
+
+/// Issue 20, item 3: a read that does not move the marker publishes no receipt.
+#[tokio::test]
+async fn only_a_read_that_moves_the_marker_sends_a_receipt() {
+    let t = TestServer::start().await;
+    let mut ann = t.client("ann", Encoding::Json).await;
+    let mut bob = t.client("bob", Encoding::Proto).await;
+    ann.join("r").await;
+    bob.join("r").await;
+    bob.send_msg("r", "1", "one").await;
+    ann.next_message().await;
+    let read = |seq| {
+        Cmd::Read(proto::Read {
+            room: "r".into(),
+            seq,
+        })
+    };
+    ok(&mut ann, read(1)).await;
+    let r = bob.next_of(pushed!(Receipt)).await;
+    assert_eq!((r.user.as_str(), r.seq), ("ann", 1));
+    // Again, behind the marker, and past the room's end (capped at 1): no receipts.
+    for seq in [1, 0, 1, 99] {
+        ok(&mut ann, read(seq)).await;
+    }
+    nothing_pushed(&mut bob, Duration::from_millis(100)).await;
+    // The reader's own sessions saw the one move too, and nothing after it.
+    let r = ann.next_of(pushed!(Receipt)).await;
+    assert_eq!(r.seq, 1);
+    nothing_pushed(&mut ann, Duration::ZERO).await;
+}
+
+/// Issue 20, item 13: U+0000 in a body, metadata or client_msg_id is refused with
+/// INVALID_ARGUMENT on every store (PostgreSQL cannot keep it; it used to answer
+/// INTERNAL there), over WebSocket and the HTTP API alike; nothing is stored and the
+/// room goes on.
+#[tokio::test]
+async fn a_nul_character_is_refused_alike_on_every_store() {
+    let t = TestServer::start().await;
+    let mut ann = t.client("ann", Encoding::Json).await;
+    let mut bob = t.client("bob", Encoding::Proto).await;
+    ann.join("r").await;
+    bob.join("r").await;
+    let with = |id: &str, body: &str, meta: Option<(&str, &str)>| {
+        Cmd::Send(proto::Send {
+            room: "r".into(),
+            client_msg_id: id.into(),
+            body: body.into(),
+            metadata: meta
+                .map(|(k, v)| [(k.to_string(), v.to_string())].into())
+                .unwrap_or_default(),
+            ..Default::default()
+        })
+    };
+    for cmd in [
+        with("1", "a\0b", None),
+        with("2", "ok", Some(("k", "v\0"))),
+        with("3", "ok", Some(("k\0", "v"))),
+        with("4\0", "ok", None),
+    ] {
+        assert_eq!(err(&mut ann, cmd).await, ErrorCode::InvalidArgument);
+    }
+    let auth = format!("Bearer {}", t.token("ann"));
+    let r = http(
+        t.addr(),
+        "POST",
+        "/api/v1/rooms/r/messages",
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        r#"{"clientMsgId":"h","body":"a\u0000b"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["code"], "ERROR_CODE_INVALID_ARGUMENT");
+    // Nothing was stored; the next message is seq 1 and reaches bob.
+    assert_eq!(ann.send_msg("r", "5", "fine").await.seq, 1);
+    assert_eq!(bob.next_message().await.body, "fine");
+}
+
+/// Issue 20, item 4: history and sync replies are cut at `chat.max_reply_bytes`, with
+/// `more` on the page where the cut fell and on every room after it, so a client that
+/// follows `more` gets every message exactly once. Public rooms are readable by
+/// non-members (as `history`), private ones only by members.
+#[tokio::test]
+async fn history_and_sync_replies_are_cut_at_max_reply_bytes() {
+    let t = TestServer::start_with(|c| c.chat.max_reply_bytes = 64 * 1024).await;
+    let mut ann = t.client("ann", Encoding::Proto).await;
+    let mut eve = t.client("eve", Encoding::Json).await;
+    let body = "y".repeat(10_000);
+    let rooms = ["a", "b", "c"];
+    for r in rooms {
+        ann.join(r).await;
+        for i in 0..8 {
+            ann.send_msg(r, &format!("{r}{i}"), &body).await;
+        }
+    }
+    // Eve is in none of them: public rooms are readable all the same.
+    let mut cursor: BTreeMap<String, u64> = rooms.iter().map(|r| (r.to_string(), 0)).collect();
+    let mut replies = 0;
+    let mut got = 0;
+    loop {
+        let Kind::Sync(s) = ok(
+            &mut eve,
+            Cmd::Sync(proto::Sync {
+                rooms: cursor.clone(),
+                limit: 0,
+            }),
+        )
+        .await
+        else {
+            panic!()
+        };
+        replies += 1;
+        assert_eq!(s.rooms.len(), 3, "every room is listed");
+        let bytes: usize = s
+            .rooms
+            .iter()
+            .flat_map(|p| &p.messages)
+            .map(prost::Message::encoded_len)
+            .sum();
+        assert!(bytes <= 64 * 1024, "reply of {bytes} bytes");
+        let mut more = false;
+        for page in s.rooms {
+            for m in &page.messages {
+                assert_eq!(m.seq, cursor[&page.room] + 1, "no gap, no duplicate");
+                cursor.insert(page.room.clone(), m.seq);
+                got += 1;
+            }
+            more |= page.more;
+        }
+        if !more {
+            break;
+        }
+        assert!(replies < 10, "sync makes progress");
+    }
+    assert_eq!(got, 24);
+    assert!(
+        replies >= 4,
+        "240 KB came in replies of at most 64 KiB: {replies}"
+    );
+    // History: the newest that fit, with more.
+    let Kind::History(h) = ok(
+        &mut eve,
+        Cmd::History(proto::History {
+            room: "a".into(),
+            limit: 8,
+            ..Default::default()
+        }),
+    )
+    .await
+    else {
+        panic!()
+    };
+    let seqs: Vec<u64> = h.messages.iter().map(|m| m.seq).collect();
+    assert!(h.more);
+    assert!(seqs.len() < 8 && seqs.last() == Some(&8), "{seqs:?}");
+    // A private room: members only, for sync as for history.
+    ann.request(Cmd::CreateRoom(proto::CreateRoom {
+        room: "p".into(),
+        private: true,
+    }))
+    .await;
+    let sync_p = Cmd::Sync(proto::Sync {
+        rooms: [("p".to_string(), 0)].into(),
+        limit: 0,
+    });
+    assert_eq!(err(&mut eve, sync_p.clone()).await, ErrorCode::NotMember);
+    // Also when it comes after the point where the reply would be cut.
+    let mut all: BTreeMap<String, u64> = rooms.iter().map(|r| (r.to_string(), 0)).collect();
+    all.insert("p".into(), 0);
+    let sync_all = Cmd::Sync(proto::Sync {
+        rooms: all,
+        limit: 0,
+    });
+    assert_eq!(err(&mut eve, sync_all).await, ErrorCode::NotMember);
+    assert!(matches!(ok(&mut ann, sync_p).await, Kind::Sync(_)));
 }
 
 #[tokio::test]

@@ -285,3 +285,80 @@ async fn every_transport_honours_key_rotation_audience_and_issuer() {
         );
     }
 }
+
+/// Issue 20, item 6: a resume whose room read fails (a store error) must not leave the
+/// session attached: it stays detached and expires after its grace period, as if the
+/// resume had never been tried. (SQLite only: the test makes the store fail by hiding a
+/// table of the database file.)
+#[tokio::test]
+async fn a_failed_resume_leaves_the_session_to_expire() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("parley-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let path = dir.join("p.db");
+    let path_str = path.to_str().unwrap().to_string();
+    let t = TestServer::start_with(|c| {
+        c.store.path = path_str;
+        c.session.grace_period = std::time::Duration::from_millis(500);
+    })
+    .await;
+    if t.db.is_some() {
+        // The PostgreSQL pass: this test is about the SQLite file.
+        return;
+    }
+    let mut ann = t.client("ann", Encoding::Json).await;
+    ann.join("r").await;
+    let (sid, pos) = (ann.session_id.clone(), ann.last_pos);
+    drop(ann);
+    // The store now fails the resume's room read.
+    let db = rusqlite::Connection::open(&path).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+    db.execute_batch("ALTER TABLE members RENAME TO members_hidden")
+        .unwrap();
+    let mut again = Client::open(t.addr(), Some(Encoding::Json)).await;
+    let reply = again
+        .request(proto::client_frame::Cmd::Connect(proto::Connect {
+            token: t.token("ann"),
+            session_id: sid.clone(),
+            last_pos: pos,
+        }))
+        .await;
+    match reply {
+        Kind::Error(e) => assert_eq!(code_of(&e), ErrorCode::Internal),
+        other => panic!("expected INTERNAL, got {other:?}"),
+    }
+    db.execute_batch("ALTER TABLE members_hidden RENAME TO members")
+        .unwrap();
+    // Nobody holds the session: it expires.
+    t.session_reaped(&sid).await;
+    // And the store works again for everyone.
+    let mut bob = t.client("bob", Encoding::Json).await;
+    bob.join("r").await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Issue 20, item 6: a ticket is claimed by its first use in the same step that checks
+/// it: of two uses at once, exactly one opens a session; the other is told the ticket is
+/// used.
+#[tokio::test]
+async fn a_ticket_opens_one_session_even_when_used_twice_at_once() {
+    let t = TestServer::start().await;
+    let token = t.token("ann");
+    for round in 0..10 {
+        let Ok(tk) = t.try_ticket(&token).await else {
+            panic!("a ticket")
+        };
+        let url = format!("/sse?ticket={tk}");
+        let (a, b) = tokio::join!(
+            SseClient::open(t.addr(), &url, &[]),
+            SseClient::open(t.addr(), &url, &[])
+        );
+        let mut statuses = [a.status, b.status];
+        statuses.sort();
+        assert_eq!(statuses, [200, 401], "round {round}");
+        let refused = if a.status == 401 { a } else { b };
+        let v: Value = serde_json::from_slice(&refused.body_bytes().await).unwrap();
+        assert_eq!(v["code"], "ERROR_CODE_UNAUTHORIZED");
+        assert!(v["message"].as_str().unwrap().contains("used"), "{v}");
+    }
+}

@@ -276,3 +276,155 @@ async fn connection_attempts_and_tickets_per_ip_are_rate_limited() {
     let (_s, r) = get_from(&t, "127.0.0.5", "/healthz").await;
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
 }
+
+/// Issue 20, item 7: the room cap holds when one user's sessions join at once. The store
+/// checks and inserts in one step (SQLite: its one writer; PostgreSQL: a per-user lock
+/// held to commit, so across instances too).
+#[tokio::test]
+async fn the_room_cap_holds_under_concurrent_joins() {
+    let t = with_limits(|l| l.max_rooms_per_user = 5).await;
+    let mut sessions = Vec::new();
+    for _ in 0..8 {
+        sessions.push(t.client("ann", Encoding::Proto).await);
+    }
+    let mut bob = t.client("bob", Encoding::Json).await;
+    for round in 0..3 {
+        let joins = sessions.iter_mut().enumerate().map(|(i, c)| async move {
+            c.request(Cmd::Join(proto::Join {
+                room: format!("r{round}-{i}"),
+            }))
+            .await
+        });
+        let mut joined = 0;
+        for reply in futures_util::future::join_all(joins).await {
+            match reply {
+                Kind::Joined(_) => joined += 1,
+                Kind::Error(e) => assert_eq!(code_of(&e), ErrorCode::LimitExceeded),
+                other => panic!("{other:?}"),
+            }
+        }
+        let Kind::Rooms(list) = sessions[0].request(Cmd::Rooms(proto::Rooms {})).await else {
+            panic!()
+        };
+        assert_eq!(
+            (joined, list.rooms.len()),
+            (5, 5),
+            "round {round}: a cap of 5"
+        );
+        // Leave them all for the next round.
+        for r in list.rooms {
+            let left = sessions[0]
+                .request(Cmd::Leave(proto::Leave { room: r.room }))
+                .await;
+            assert!(matches!(left, Kind::Left(_)));
+        }
+    }
+    // Another user was never limited by ann's joins.
+    for i in 0..5 {
+        bob.join(&format!("b{i}")).await;
+    }
+}
+
+/// Issue 20, item 3: `signal` is rate-limited per sender, and the bytes one user is sent
+/// are budgeted per recipient across all senders; the refused sender gets RATE_LIMITED
+/// with a hint, and the recipient keeps its session and gets what was accepted.
+#[tokio::test]
+async fn signals_are_rate_limited_per_sender_and_budgeted_per_recipient() {
+    let t = with_limits(|l| {
+        l.signals_per_second = 1.0;
+        l.signals_burst = 3.0;
+        l.signal_bytes_per_second = 2_000.0;
+        l.signal_bytes_burst = 40_000.0;
+    })
+    .await;
+    let mut ann = t.client("ann", Encoding::Json).await;
+    let mut bob = t.client("bob", Encoding::Proto).await;
+    let mut carl = t.client("carl", Encoding::Json).await;
+    for c in [&mut ann, &mut bob, &mut carl] {
+        c.join("r").await;
+    }
+    let signal = |to: &str, payload: usize| {
+        Cmd::Signal(proto::Signal {
+            to_user: to.into(),
+            kind: "ice".into(),
+            payload: "x".repeat(payload),
+        })
+    };
+    // The per-sender rate: 3 at once, then a hint.
+    for _ in 0..3 {
+        assert!(matches!(
+            ann.request(signal("bob", 10)).await,
+            Kind::Done(_)
+        ));
+    }
+    let e = error_of(ann.request(signal("bob", 10)).await);
+    assert_eq!(code_of(&e), ErrorCode::RateLimited);
+    assert!((1..=1000).contains(&e.retry_after_ms), "{e:?}");
+    // The per-recipient budget: carl's 2 × 15 KB fit in bob's 40 KB; a third sender's
+    // 15 KB does not, though that sender has spent nothing.
+    for _ in 0..2 {
+        assert!(matches!(
+            carl.request(signal("bob", 15_000)).await,
+            Kind::Done(_)
+        ));
+    }
+    let mut dan = t.client("dan", Encoding::Json).await;
+    dan.join("r").await;
+    let e = error_of(dan.request(signal("bob", 15_000)).await);
+    assert_eq!(code_of(&e), ErrorCode::RateLimited);
+    assert!(e.retry_after_ms > 0);
+    // Others may still be signalled by dan.
+    assert!(matches!(
+        dan.request(signal("carl", 15_000)).await,
+        Kind::Done(_)
+    ));
+    // Bob got the five that were accepted and is still connected.
+    for _ in 0..5 {
+        bob.next_of(|k| match k {
+            Kind::Signal(s) => Some(s),
+            _ => None,
+        })
+        .await;
+    }
+    assert!(t.session_alive(&bob.session_id));
+    ann.send_msg("r", "m", "hi").await;
+    assert_eq!(bob.next_message().await.body, "hi");
+}
+
+/// Issue 20, item 4: `history` and `sync` share one per-user rate.
+#[tokio::test]
+async fn history_and_sync_are_rate_limited() {
+    let t = with_limits(|l| {
+        l.reads_per_second = 1.0;
+        l.reads_burst = 2.0;
+    })
+    .await;
+    let mut ann = t.client("ann", Encoding::Json).await;
+    let mut bob = t.client("bob", Encoding::Json).await;
+    ann.join("r").await;
+    let history = || {
+        Cmd::History(proto::History {
+            room: "r".into(),
+            ..Default::default()
+        })
+    };
+    let sync = || {
+        Cmd::Sync(proto::Sync {
+            rooms: [("r".to_string(), 0)].into(),
+            limit: 0,
+        })
+    };
+    assert!(matches!(ann.request(history()).await, Kind::History(_)));
+    assert!(matches!(ann.request(sync()).await, Kind::Sync(_)));
+    let e = error_of(ann.request(history()).await);
+    assert_eq!(code_of(&e), ErrorCode::RateLimited);
+    assert!(e.retry_after_ms > 0);
+    assert_eq!(
+        code_of(&error_of(ann.request(sync()).await)),
+        ErrorCode::RateLimited
+    );
+    // Bob has his own bucket; ann may read again after the hint.
+    assert!(matches!(bob.request(sync()).await, Kind::Sync(_)));
+    tokio::time::sleep(Duration::from_millis(u64::from(e.retry_after_ms) + 50)).await;
+    assert!(matches!(ann.request(history()).await, Kind::History(_)));
+}

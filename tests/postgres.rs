@@ -13,7 +13,8 @@ use common::{pg::TestDb, *};
 use parley::{
     config::{StoreBackend, StoreConfig},
     store::{
-        FileIndex, FileRecord, Inserted, NewMessage, Page, Range, RoomMeta, Store, StoreError,
+        FileIndex, FileRecord, Inserted, NewMessage, Page, Range, ReadMarker, RoomMeta, Store,
+        StoreError,
         postgres::{self, PostgresStore},
     },
 };
@@ -62,7 +63,7 @@ async fn all(store: &PostgresStore, room: &str) -> Vec<Arc<parley::proto::Messag
 async fn appends_from_several_instances_form_one_gap_free_order() {
     let db = TestDb::create().await;
     let instances = [open(&db).await, open(&db).await, open(&db).await];
-    instances[0].join("r", "u0").await.unwrap();
+    instances[0].join("r", "u0", 0).await.unwrap();
     const EACH: usize = 200;
     let mut tasks = Vec::new();
     for (n, store) in instances.iter().enumerate() {
@@ -91,7 +92,7 @@ async fn appends_from_several_instances_form_one_gap_free_order() {
         let store = instances[1].clone();
         tokio::spawn(async move {
             for _ in 0..30 {
-                store.join("r", "u1").await.unwrap();
+                store.join("r", "u1", 0).await.unwrap();
                 store.leave("r", "u1").await.unwrap();
             }
         })
@@ -132,7 +133,7 @@ async fn appends_from_several_instances_form_one_gap_free_order() {
 async fn a_resend_through_another_instance_returns_the_original() {
     let db = TestDb::create().await;
     let (a, b) = (open(&db).await, open(&db).await);
-    a.join("r", "u").await.unwrap();
+    a.join("r", "u", 0).await.unwrap();
     // The same 100 ids sent through both instances at once (a client that retried on
     // another instance while its first attempt was still in flight).
     let ids: Vec<String> = (0..100).map(|i| format!("id-{i}")).collect();
@@ -163,7 +164,7 @@ async fn a_resend_through_another_instance_returns_the_original() {
     assert!(again.duplicate);
     assert_eq!(again.message.client_msg_id, "id-7");
     // The same id from another sender is another message.
-    a.join("r", "v").await.unwrap();
+    a.join("r", "v", 0).await.unwrap();
     let other = b.append(msg("r", "v", "id-7")).await.unwrap();
     assert!(!other.duplicate);
     assert_eq!(other.message.seq, 101);
@@ -173,7 +174,7 @@ async fn a_resend_through_another_instance_returns_the_original() {
 async fn a_message_postgresql_refuses_fails_alone_and_leaves_no_gap() {
     let db = TestDb::create().await;
     let s = open(&db).await;
-    s.join("r", "u").await.unwrap();
+    s.join("r", "u", 0).await.unwrap();
     // PostgreSQL text cannot hold NUL: that append fails, the others queued with it
     // (one batch) still commit, in call order, without a gap.
     let futures: Vec<_> = (0..10)
@@ -219,7 +220,7 @@ async fn migrations_apply_to_an_empty_database_and_are_idempotent() {
         x.schema_version().await.unwrap(),
         postgres::schema_version()
     );
-    assert!(x.create_room("r", "u", true).await.unwrap());
+    assert!(x.create_room("r", "u", true, 0).await.unwrap());
     x.append(msg("r", "u", "a")).await.unwrap();
     drop(x);
     // Reopening keeps data and schema.
@@ -260,7 +261,7 @@ async fn the_store_contract_holds_as_on_sqlite() {
         s.append(msg("nope", "u", "x")).await,
         Err(StoreError::NoSuchRoom(_))
     ));
-    s.join("r", "u").await.unwrap();
+    s.join("r", "u", 0).await.unwrap();
     for i in 0..10 {
         s.append(msg("r", "u", &i.to_string())).await.unwrap();
     }
@@ -290,26 +291,32 @@ async fn the_store_contract_holds_as_on_sqlite() {
     assert!(!a.duplicate && b.duplicate);
 
     // Rooms, membership, read markers and unread counts.
-    assert!(!s.create_room("r", "v", false).await.unwrap());
-    assert!(s.create_room("p", "v", true).await.unwrap());
-    s.join("r", "b").await.unwrap();
-    s.join("r", "B").await.unwrap();
+    assert!(!s.create_room("r", "v", false, 0).await.unwrap());
+    assert!(s.create_room("p", "v", true, 0).await.unwrap());
+    s.join("r", "b", 0).await.unwrap();
+    s.join("r", "B", 0).await.unwrap();
     assert_eq!(s.members("r").await.unwrap(), ["B", "b", "u"], "byte order");
     assert_eq!(s.room("r").await.unwrap().unwrap().members, 3);
-    assert_eq!(s.set_read("r", "b", 4).await.unwrap(), Some((4, 7)));
+    let marker = |seq, unread, moved| Some(ReadMarker { seq, unread, moved });
+    assert_eq!(s.set_read("r", "b", 4).await.unwrap(), marker(4, 7, true));
     assert_eq!(
         s.set_read("r", "b", 2).await.unwrap(),
-        Some((4, 7)),
+        marker(4, 7, false),
         "never back"
     );
     assert_eq!(
         s.set_read("r", "b", 99).await.unwrap(),
-        Some((11, 0)),
+        marker(11, 0, true),
         "capped"
     );
+    assert_eq!(
+        s.set_read("r", "b", 99).await.unwrap(),
+        marker(11, 0, false),
+        "a marker at the end does not move"
+    );
     assert_eq!(s.set_read("r", "nobody", 1).await.unwrap(), None);
-    s.ensure_dm("dm:b:u", "b", "u").await.unwrap();
-    s.ensure_dm("dm:b:u", "b", "u").await.unwrap();
+    s.ensure_dm("dm:b:u", "b", "u", 0).await.unwrap();
+    s.ensure_dm("dm:b:u", "b", "u", 0).await.unwrap();
     let rooms = s.rooms_of("u").await.unwrap();
     let names: Vec<_> = rooms.iter().map(|r| r.room.as_str()).collect();
     assert_eq!(names, ["dm:b:u", "r"]);
@@ -357,7 +364,7 @@ async fn the_store_contract_holds_as_on_sqlite() {
     assert!(!s.may_read("f1", "v").await.unwrap());
     let mut with = msg("p", "v", "att");
     with.sender = "u".into();
-    s.join("p", "u").await.unwrap();
+    s.join("p", "u", 0).await.unwrap();
     with.attachments = vec![file("f1", 60).attachment("")];
     let sent = s.append(with).await.unwrap();
     assert_eq!(sent.message.attachments[0].file_id, "f1");
@@ -498,4 +505,43 @@ async fn a_server_whose_postgresql_is_unreachable_does_not_start_and_says_why() 
         "{err}"
     );
     assert!(!err.contains("hunter2"), "no password in the error: {err}");
+}
+
+/// Issue 20, item 7: `limits.max_rooms_per_user` holds across instances: 12 joins of one
+/// user at once, through three stores on one database (three instances), with a cap of
+/// 5 leave the user in exactly 5 rooms; the refused ones say so. Direct-message rooms and
+/// room creation count against the same cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_room_cap_holds_across_instances() {
+    let db = TestDb::create().await;
+    let instances = [open(&db).await, open(&db).await, open(&db).await];
+    let joins = (0..12).map(|i| {
+        let store = instances[i % 3].clone();
+        async move { store.join(&format!("r{i}"), "u", 5).await }
+    });
+    let results = futures_util::future::join_all(joins).await;
+    let joined = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(joined, 5, "{results:?}");
+    for r in &results {
+        if let Err(e) = r {
+            assert!(
+                matches!(e, StoreError::TooManyRooms { max: 5, .. }),
+                "{e:?}"
+            );
+        }
+    }
+    let s = &instances[0];
+    assert_eq!(s.rooms_of("u").await.unwrap().len(), 5);
+    // A room the user is in may be joined again; a new one, a new DM or a creation not.
+    let mine = s.rooms_of("u").await.unwrap()[0].room.clone();
+    s.join(&mine, "u", 5).await.unwrap();
+    assert!(s.join("new", "u", 5).await.is_err());
+    assert!(s.ensure_dm("dm:u:v", "u", "v", 5).await.is_err());
+    assert!(
+        s.room("dm:u:v").await.unwrap().is_none(),
+        "nothing half-made"
+    );
+    assert!(s.create_room("mine", "u", false, 5).await.is_err());
+    // Another user is not affected.
+    s.ensure_dm("dm:v:w", "v", "w", 5).await.unwrap();
 }

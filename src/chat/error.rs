@@ -25,9 +25,21 @@ pub enum ChatError {
     #[error("user {0:?} has no connected session")]
     UserOffline(String),
     #[error("store: {0}")]
-    Store(#[from] crate::store::StoreError),
+    Store(crate::store::StoreError),
     #[error("broker: {0}")]
     Broker(#[from] crate::broker::BrokerError),
+}
+
+impl From<crate::store::StoreError> for ChatError {
+    fn from(e: crate::store::StoreError) -> Self {
+        match e {
+            // The store enforces limits.max_rooms_per_user atomically (see `Store::join`).
+            e @ crate::store::StoreError::TooManyRooms { .. } => {
+                ChatError::LimitExceeded(e.to_string())
+            }
+            e => ChatError::Store(e),
+        }
+    }
 }
 
 impl ChatError {

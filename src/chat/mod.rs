@@ -63,6 +63,12 @@ pub struct Chat {
 struct Limits {
     sends: RateLimiter<String>,
     joins: RateLimiter<String>,
+    /// `signal` commands per sender.
+    signals: RateLimiter<String>,
+    /// Signal bytes (kind + payload) per recipient, from all senders together.
+    signal_bytes: RateLimiter<String>,
+    /// `history` and `sync` requests per user.
+    reads: RateLimiter<String>,
     max_rooms_per_user: u64,
 }
 
@@ -71,6 +77,12 @@ impl Limits {
         Self {
             sends: RateLimiter::new(Rate::new(l.sends_per_second, l.sends_burst)),
             joins: RateLimiter::new(Rate::new(l.joins_per_second, l.joins_burst)),
+            signals: RateLimiter::new(Rate::new(l.signals_per_second, l.signals_burst)),
+            signal_bytes: RateLimiter::new(Rate::new(
+                l.signal_bytes_per_second,
+                l.signal_bytes_burst,
+            )),
+            reads: RateLimiter::new(Rate::new(l.reads_per_second, l.reads_burst)),
             max_rooms_per_user: l.max_rooms_per_user,
         }
     }
@@ -130,7 +142,10 @@ impl Chat {
             .map_err(|retry_after| ChatError::RateLimited { what, retry_after })
     }
 
-    /// `user` may become a member of one more room.
+    /// `user` may become a member of one more room: a quick refusal that spends no join
+    /// token. Only a hint under concurrency — the store enforces `max_rooms_per_user`
+    /// atomically when the membership is written (`Store::join`, `create_room`,
+    /// `ensure_dm`).
     async fn check_room_quota(&self, user: &str) -> Result<(), ChatError> {
         let max = self.limits.max_rooms_per_user;
         if max > 0 && self.store.rooms_of(user).await?.len() as u64 >= max {
@@ -175,6 +190,18 @@ impl Chat {
                 "client_msg_id must be 1..={} bytes",
                 c.max_client_msg_id_bytes
             )));
+        }
+        // PostgreSQL cannot keep U+0000 in text: refused on every store alike, before
+        // anything is written.
+        if client_msg_id.contains('\0')
+            || body.contains('\0')
+            || metadata
+                .iter()
+                .any(|(k, v)| k.contains('\0') || v.contains('\0'))
+        {
+            return Err(invalid(
+                "body, metadata and client_msg_id may not contain U+0000 (NUL)",
+            ));
         }
         let meta_bytes: usize = metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
         if body.len() + meta_bytes > c.max_body_bytes {
@@ -339,7 +366,12 @@ impl Chat {
         }
         self.check_room_quota(user).await?;
         Self::spend(&self.limits.joins, user, "joins")?;
-        if !self.store.create_room(&req.room, user, req.private).await? {
+        let max = self.limits.max_rooms_per_user;
+        if !self
+            .store
+            .create_room(&req.room, user, req.private, max)
+            .await?
+        {
             return Err(ChatError::RoomExists(req.room));
         }
         self.hub.joined(user, &req.room);
@@ -390,7 +422,9 @@ impl Chat {
                     self.check_room_quota(user).await?;
                     Self::spend(&self.limits.joins, user, "joins")?;
                 }
-                self.store.join(room, user).await?
+                self.store
+                    .join(room, user, self.limits.max_rooms_per_user)
+                    .await?
             }
         };
         self.hub.joined(user, room);
@@ -432,7 +466,8 @@ impl Chat {
         if !self.store.is_member(&req.room, &req.user).await? {
             self.check_room_quota(&req.user).await?;
             Self::spend(&self.limits.joins, user, "joins")?;
-            let meta = self.store.join(&req.room, &req.user).await?;
+            let max = self.limits.max_rooms_per_user;
+            let meta = self.store.join(&req.room, &req.user, max).await?;
             self.hub.joined(&req.user, &req.room);
             self.broker
                 .member_joined(&req.user, &req.room, meta.last_seq);
@@ -483,7 +518,10 @@ impl Chat {
             if self.store.room(&room).await?.is_none() {
                 self.check_room_quota(user).await?;
                 self.check_room_quota(&send.to_user).await?;
-                self.store.ensure_dm(&room, user, &send.to_user).await?;
+                let max = self.limits.max_rooms_per_user;
+                self.store
+                    .ensure_dm(&room, user, &send.to_user, max)
+                    .await?;
                 self.hub.joined(user, &room);
                 self.hub.joined(&send.to_user, &room);
                 self.broker.member_joined(user, &room, 0);
@@ -601,12 +639,15 @@ impl Chat {
         limit.min(self.config.history_max_limit) as usize
     }
 
+    /// A page of one room's log: members read any room, other users public rooms only
+    /// (as `sync` and `members`). Counted against `limits.reads_per_second` and cut to
+    /// `chat.max_reply_bytes` (then `more` is set, and the client pages on).
     pub async fn history(
         &self,
         user: &str,
         req: proto::History,
     ) -> Result<proto::HistoryPage, ChatError> {
-        self.check_read(&req.room, user).await?;
+        self.check_room(&req.room)?;
         let range = match (req.after_seq, req.before_seq) {
             (Some(_), before) if before != 0 => {
                 return Err(invalid("give before_seq or after_seq, not both"));
@@ -615,52 +656,103 @@ impl Chat {
             (None, 0) => Range::Before(u64::MAX),
             (None, before) => Range::Before(before),
         };
+        Self::spend(&self.limits.reads, user, "history and sync requests")?;
+        self.check_read(&req.room, user).await?;
         let page = self
             .store
             .history(&req.room, range, self.page_limit(req.limit))
             .await?;
+        let mut budget = self.config.max_reply_bytes;
+        let newest_first = matches!(range, Range::Before(_));
+        let (messages, cut) = fit(page.messages, &mut budget, newest_first, true);
         Ok(proto::HistoryPage {
             room: req.room,
-            messages: page.messages.iter().map(|m| (**m).clone()).collect(),
-            more: page.more,
+            messages,
+            more: page.more || cut,
         })
     }
 
-    /// Log sync: for each listed room, what came after the client's last seq.
+    /// Log sync: for each listed room, what came after the client's last seq (who may
+    /// read what as for `history`). Rooms are answered in name order until the messages
+    /// reach `chat.max_reply_bytes`; the page where that happens and every room after it
+    /// come back with `more` set (the latter with no messages): the client syncs the
+    /// rooms with `more` again from the seqs it now has, as it does for a full page. So
+    /// the cut needs no field of its own, and older clients already follow it.
     pub async fn sync(&self, user: &str, req: proto::Sync) -> Result<proto::SyncResult, ChatError> {
         const MAX_ROOMS: usize = 1000;
         if req.rooms.len() > MAX_ROOMS {
             return Err(invalid(format!("sync at most {MAX_ROOMS} rooms at once")));
         }
+        for room in req.rooms.keys() {
+            self.check_room(room)?;
+        }
+        Self::spend(&self.limits.reads, user, "history and sync requests")?;
         let limit = self.page_limit(req.limit);
+        // One read for the rooms the user is in; only the others need a look each.
+        let member_of: std::collections::HashSet<String> = if req.rooms.is_empty() {
+            Default::default()
+        } else {
+            self.store
+                .rooms_of(user)
+                .await?
+                .into_iter()
+                .map(|r| r.room)
+                .collect()
+        };
+        // Every room is checked before any is read: the answer (an error for a room the
+        // user may not read) does not depend on where the reply is cut.
+        for room in req.rooms.keys() {
+            if !member_of.contains(room) {
+                self.check_read(room, user).await?;
+            }
+        }
+        let mut budget = self.config.max_reply_bytes;
+        let mut cut = false;
         let mut rooms = Vec::with_capacity(req.rooms.len());
+        // A BTreeMap: in name order.
         for (room, last_seq) in req.rooms {
-            self.check_read(&room, user).await?;
+            if cut {
+                rooms.push(proto::HistoryPage {
+                    room,
+                    messages: Vec::new(),
+                    more: true,
+                });
+                continue;
+            }
             let page = self
                 .store
                 .history(&room, Range::After(last_seq), limit)
                 .await?;
+            // The first message of the reply goes whatever its size: every reply
+            // makes progress.
+            let first = budget == self.config.max_reply_bytes;
+            let (messages, left_out) = fit(page.messages, &mut budget, false, first);
+            cut = left_out;
             rooms.push(proto::HistoryPage {
                 room,
-                messages: page.messages.iter().map(|m| (**m).clone()).collect(),
-                more: page.more,
+                messages,
+                more: page.more || left_out,
             });
         }
         Ok(proto::SyncResult { rooms })
     }
 
     /// Moves the user's read marker; all members' sessions (the user's own included, for
-    /// badge sync) get a receipt — in a large room only the user's own.
+    /// badge sync) get a receipt — in a large room only the user's own — when it moved.
+    /// A read that does not move the marker (repeated, or behind it) publishes nothing.
     pub async fn read(&self, user: &str, req: proto::Read) -> Result<proto::Done, ChatError> {
         self.check_room(&req.room)?;
-        let Some((seq, unread)) = self.store.set_read(&req.room, user, req.seq).await? else {
+        let Some(marker) = self.store.set_read(&req.room, user, req.seq).await? else {
             return Err(ChatError::NotMember(req.room));
         };
+        if !marker.moved {
+            return Ok(proto::Done {});
+        }
         let push = Arc::new(Push::new(Kind::Receipt(proto::Receipt {
             room: req.room.clone(),
             user: user.into(),
-            seq,
-            unread,
+            seq: marker.seq,
+            unread: marker.unread,
         })));
         let to = self.audience(&req.room, user, self.members_of(&req.room).await?);
         self.publish(to, push).await;
@@ -730,12 +822,27 @@ impl Chat {
         Ok(proto::PresenceList { users })
     }
 
+    /// Hands a payload to `to_user`'s sessions. Only to a user the sender shares a room
+    /// with (a direct-message room counts) or to the sender's own sessions; the sender
+    /// is held to `limits.signals_per_second`, and all senders together to
+    /// `limits.signal_bytes_per_second` per recipient. A recipient's session drops a
+    /// signal rather than overflow its queue (see `Session`'s push), so no sender can get
+    /// another user disconnected as a slow consumer.
     pub async fn signal(&self, user: &str, req: proto::Signal) -> Result<proto::Done, ChatError> {
         Self::check_user(&req.to_user)?;
-        if req.payload.len() + req.kind.len() > self.config.max_body_bytes {
+        let bytes = req.payload.len() + req.kind.len();
+        if bytes > self.config.max_body_bytes {
             return Err(invalid(format!(
                 "signal exceeds {} bytes",
                 self.config.max_body_bytes
+            )));
+        }
+        Self::spend(&self.limits.signals, user, "signals")?;
+        let own = req.to_user == user;
+        if !own && !self.store.share_a_room(user, &req.to_user).await? {
+            return Err(ChatError::Forbidden(format!(
+                "you share no room with {:?}: signal only users you share a room with",
+                req.to_user
             )));
         }
         let online = self.hub.is_local(&req.to_user)
@@ -745,6 +852,15 @@ impl Chat {
                 .is_some_and(|p| p.first().is_some_and(|p| p.online));
         if !online {
             return Err(ChatError::UserOffline(req.to_user));
+        }
+        if !own {
+            self.limits
+                .signal_bytes
+                .check_cost(&req.to_user, bytes.max(1) as f64)
+                .map_err(|retry_after| ChatError::RateLimited {
+                    what: "signal bytes to this user",
+                    retry_after,
+                })?;
         }
         let push = Arc::new(Push::new(Kind::Signal(proto::SignalEvent {
             from_user: user.into(),
@@ -821,6 +937,48 @@ impl Chat {
         self.publish(target, push).await;
         Ok(())
     }
+}
+
+/// The messages of a page that fit in `budget` bytes (protobuf size), kept from the end
+/// nearest the reader's position: the oldest for an `After` page, the newest for a
+/// `Before` page (`newest_first`); `budget` is charged. Returns them and whether any were
+/// left out. With `at_least_one` the first kept message goes even when it alone is over
+/// the budget, so paging always makes progress.
+fn fit(
+    messages: Vec<Arc<proto::Message>>,
+    budget: &mut usize,
+    newest_first: bool,
+    at_least_one: bool,
+) -> (Vec<proto::Message>, bool) {
+    use prost::Message as _;
+    let total = messages.len();
+    let mut kept: Vec<proto::Message> = Vec::with_capacity(total);
+    let mut take = |m: &Arc<proto::Message>, kept: &mut Vec<proto::Message>| {
+        // The field tag and length prefix around each message: a few bytes.
+        let cost = m.encoded_len() + 8;
+        if cost > *budget && !(at_least_one && kept.is_empty()) {
+            return false;
+        }
+        *budget = budget.saturating_sub(cost);
+        kept.push((**m).clone());
+        true
+    };
+    if newest_first {
+        for m in messages.iter().rev() {
+            if !take(m, &mut kept) {
+                break;
+            }
+        }
+        kept.reverse();
+    } else {
+        for m in &messages {
+            if !take(m, &mut kept) {
+                break;
+            }
+        }
+    }
+    let cut = kept.len() < total;
+    (kept, cut)
 }
 
 #[cfg(test)]

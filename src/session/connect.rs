@@ -192,6 +192,10 @@ impl Core {
             .get(session_id)
             .filter(|s| s.user_id() == user)
             .ok_or(ConnectError::SessionGone("session ended"))?;
+        // Everything that can fail or wait comes before the resume: a store error, or a
+        // caller that goes away meanwhile (an SSE request dropped mid-connect), leaves the
+        // session as it was — detached, so it still expires. Nothing is awaited after.
+        let rooms = self.chat.rooms_of(user).await?;
         let gone = ConnectError::SessionGone("cannot resume from this position");
         let attachment = if attach {
             Some(session.resume(last_pos).ok_or(gone)?)
@@ -200,7 +204,6 @@ impl Core {
         } else {
             return Err(gone);
         };
-        let rooms = self.chat.rooms_of(user).await?;
         Ok(Opened {
             connected: connected(&session, true, heartbeat, rooms),
             session,
@@ -255,6 +258,9 @@ impl Core {
             .flatten()
             .filter(|s| s.user_id() == user);
         if let Some(s) = resumable {
+            // The rooms first, the resume last (as in `resume_exactly`): nothing awaited
+            // between attaching and handing the attachment to the caller.
+            let rooms = self.chat.rooms_of(user).await?;
             let resumed = if attach {
                 s.resume(last_pos).map(Some)
             } else {
@@ -262,7 +268,6 @@ impl Core {
             };
             match resumed {
                 Some(attachment) => {
-                    let rooms = self.chat.rooms_of(user).await?;
                     return Ok(Opened {
                         connected: connected(&s, true, heartbeat, rooms),
                         session: s,

@@ -9,7 +9,9 @@
 //! Memory is bounded twice: pushes not yet written (`max_queue_bytes`, overflow kills the
 //! session as a slow consumer) and pushes written but not acknowledged
 //! (`replay_buffer_bytes`, overflow forgets the oldest; a resume from before them falls
-//! back to log sync).
+//! back to log sync). Ephemeral pushes (signals, typing) never count towards the kill:
+//! one that finds the unsent queue more than half full is dropped instead, so another
+//! user cannot get a session cut by sending it signals.
 //!
 //! Owns: positions, queues, acks, resume, attach/detach, expiry. Not: sockets or
 //! encodings (`transport`), rooms and messages (`chat`).
@@ -321,6 +323,12 @@ impl Session {
     }
 }
 
+/// Pushes a session may drop rather than die for.
+fn is_ephemeral(push: &Push) -> bool {
+    use crate::proto::server_frame::Kind;
+    matches!(push.kind(), Kind::Signal(_) | Kind::Typing(_))
+}
+
 impl Recipient for Session {
     fn recipient_id(&self) -> u64 {
         self.recipient_id
@@ -334,6 +342,12 @@ impl Recipient for Session {
         let cost = push.cost();
         let mut s = self.lock();
         if s.dead.is_some() {
+            return;
+        }
+        // A signal or a typing hint is not worth the session: other users choose when
+        // they come. Past half the queue bound they are dropped (nothing to repair:
+        // they are never stored); the other half stays for messages and the rest.
+        if is_ephemeral(push) && s.unsent_bytes + cost > self.limits.max_queue_bytes / 2 {
             return;
         }
         let pos = s.next_pos;
@@ -449,6 +463,33 @@ mod tests {
             s.push(&push());
         }
         assert!(matches!(s.take(&a, 10), Take::Dead(Death::SlowConsumer)));
+    }
+
+    #[test]
+    fn signals_are_dropped_before_they_could_overflow_the_queue() {
+        use crate::proto::SignalEvent;
+        let signal = || {
+            Arc::new(Push::new(Kind::Signal(SignalEvent {
+                from_user: "eve".into(),
+                kind: "x".into(),
+                payload: "y".repeat(1000),
+            })))
+        };
+        let s = session(10 * signal().cost(), 1 << 20);
+        let a = s.attach().unwrap();
+        for _ in 0..100 {
+            s.push(&signal());
+        }
+        // Half the bound went to signals; the rest were dropped, and the session lives.
+        assert_eq!(positions(s.take(&a, 1000)), vec![1, 2, 3, 4, 5]);
+        for _ in 0..5 {
+            s.push(&signal());
+        }
+        // Other pushes still have the other half.
+        for _ in 0..5 {
+            s.push(&push());
+        }
+        assert_eq!(positions(s.take(&a, 1000)), (6..=15).collect::<Vec<_>>());
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //! reconnect, which repeats the same URL with a `Last-Event-ID` header, may resume *that*
 //! session while it lives. A second fresh use, or a first use after the TTL, is refused,
 //! and no use at all outlives the token the ticket was minted from (its `exp`).
+//!
+//! The first use claims the ticket in the same step that checks it (one lock), so of two
+//! concurrent first uses exactly one opens a session; a first use that then fails (a
+//! store error, a client gone mid-connect) has still spent the ticket.
 
 use std::{
     collections::HashMap,
@@ -43,8 +47,16 @@ struct Ticket {
     expires: Instant,
     /// The `exp` (Unix seconds) of the token it was minted from.
     token_exp: u64,
-    /// The session it opened, once used.
-    session: Option<String>,
+    state: Use,
+}
+
+/// How far a ticket has been used.
+enum Use {
+    Unused,
+    /// A first use is opening a session with it (or failed to).
+    Claimed,
+    /// It opened this session.
+    Bound(String),
 }
 
 pub struct Tickets {
@@ -87,7 +99,7 @@ impl Tickets {
             user: user.into(),
             expires: Instant::now() + self.ttl,
             token_exp,
-            session: None,
+            state: Use::Unused,
         };
         self.lock().insert(ticket.clone(), t);
         ticket
@@ -97,30 +109,35 @@ impl Tickets {
     /// EventSource reconnect).
     pub fn redeem(&self, ticket: &str, reconnect: bool) -> Result<Redeemed, TicketError> {
         let mut map = self.lock();
-        let t = map.get(ticket).ok_or(TicketError::Unknown)?;
+        let t = map.get_mut(ticket).ok_or(TicketError::Unknown)?;
         if crate::auth::unix_now() > t.token_exp {
             return Err(TicketError::TokenExpired);
         }
-        match (&t.session, reconnect) {
-            (Some(session_id), true) => Ok(Redeemed::Resume {
+        match (&t.state, reconnect) {
+            (Use::Bound(session_id), true) => Ok(Redeemed::Resume {
                 user: t.user.clone(),
                 session_id: session_id.clone(),
             }),
-            (Some(_), false) => Err(TicketError::Used),
-            (None, _) if Instant::now() > t.expires => {
+            (Use::Bound(_) | Use::Claimed, _) => Err(TicketError::Used),
+            (Use::Unused, _) if Instant::now() > t.expires => {
                 map.remove(ticket);
                 Err(TicketError::Expired)
             }
-            (None, _) => Ok(Redeemed::Fresh {
-                user: t.user.clone(),
-            }),
+            (Use::Unused, _) => {
+                // Claimed under the same lock as the check: a concurrent first use sees
+                // `Claimed`.
+                t.state = Use::Claimed;
+                Ok(Redeemed::Fresh {
+                    user: t.user.clone(),
+                })
+            }
         }
     }
 
     /// Records the session a fresh ticket opened; from now on it only resumes that one.
     pub fn bind(&self, ticket: &str, session_id: &str) {
         if let Some(t) = self.lock().get_mut(ticket) {
-            t.session = Some(session_id.to_string());
+            t.state = Use::Bound(session_id.to_string());
         }
     }
 
@@ -130,10 +147,10 @@ impl Tickets {
         let now = Instant::now();
         let ttl = self.ttl;
         let unix = crate::auth::unix_now();
-        self.lock().retain(|_, t| match &t.session {
+        self.lock().retain(|_, t| match &t.state {
             _ if unix > t.token_exp => false,
-            Some(s) => session_alive(s),
-            None => now <= t.expires + ttl,
+            Use::Bound(s) => session_alive(s),
+            Use::Unused | Use::Claimed => now <= t.expires + ttl,
         });
     }
 }
@@ -181,6 +198,20 @@ mod tests {
         t.prune(|_| false);
         assert_eq!(t.redeem(&ticket, true), Err(TicketError::Unknown));
         assert_eq!(t.redeem("nope", false), Err(TicketError::Unknown));
+    }
+
+    #[test]
+    fn the_first_use_claims_the_ticket() {
+        let t = Tickets::new(Duration::from_secs(30));
+        let ticket = t.issue("ann", FAR);
+        assert_eq!(
+            t.redeem(&ticket, false),
+            Ok(Redeemed::Fresh { user: "ann".into() })
+        );
+        // Before the first use has opened its session (bind), a second use — fresh or
+        // as a reconnect — is refused.
+        assert_eq!(t.redeem(&ticket, false), Err(TicketError::Used));
+        assert_eq!(t.redeem(&ticket, true), Err(TicketError::Used));
     }
 
     #[tokio::test(start_paused = true)]

@@ -67,12 +67,28 @@ pub struct RoomMeta {
     pub members: u64,
 }
 
+/// A read marker after `set_read`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadMarker {
+    /// The marker (the highest seq read).
+    pub seq: u64,
+    /// Messages after the marker.
+    pub unread: u64,
+    /// Whether this call moved it (false: it was there already, or the request was
+    /// behind it); only a move is worth a receipt.
+    pub moved: bool,
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("backend: {0}")]
     Backend(String),
     #[error("room {0:?} does not exist")]
     NoSuchRoom(String),
+    /// A membership change would take `user` past `max` rooms (`limits.max_rooms_per_user`,
+    /// checked and applied in one step by the store, so concurrent joins cannot overshoot).
+    #[error("{user} is a member of {max} rooms already (limits.max_rooms_per_user)")]
+    TooManyRooms { user: String, max: u64 },
 }
 
 pub type AppendFuture = Pin<Box<dyn Future<Output = Result<Appended, StoreError>> + Send>>;
@@ -99,31 +115,47 @@ pub trait Store: FileIndex + Send + Sync + 'static {
     async fn history(&self, room: &str, range: Range, limit: usize) -> Result<Page, StoreError>;
     async fn room(&self, room: &str) -> Result<Option<RoomMeta>, StoreError>;
     /// Creates a room with `creator` as its first member; false if the name is taken.
+    ///
+    /// `max_rooms` (here and in `ensure_dm` and `join`; 0 = no cap): a user who would
+    /// become a member of more rooms than this is refused with
+    /// [`StoreError::TooManyRooms`] and nothing changes. The count and the insert are one
+    /// atomic step, across instances too, so concurrent joins cannot overshoot.
     async fn create_room(
         &self,
         room: &str,
         creator: &str,
         private: bool,
+        max_rooms: u64,
     ) -> Result<bool, StoreError>;
     /// Creates (if needed) the private room `room` whose members are exactly `a` and `b`.
-    async fn ensure_dm(&self, room: &str, a: &str, b: &str) -> Result<(), StoreError>;
+    async fn ensure_dm(
+        &self,
+        room: &str,
+        a: &str,
+        b: &str,
+        max_rooms: u64,
+    ) -> Result<(), StoreError>;
     /// Makes `user` a member (creating a public room if it does not exist); returns the
-    /// room as it is after the join. Permission checks are the caller's.
-    async fn join(&self, room: &str, user: &str) -> Result<RoomMeta, StoreError>;
+    /// room as it is after the join. Permission checks are the caller's. Joining a room
+    /// the user is in already is never refused by `max_rooms`.
+    async fn join(&self, room: &str, user: &str, max_rooms: u64) -> Result<RoomMeta, StoreError>;
     /// Removes `user` from the room; returns whether it was a member.
     async fn leave(&self, room: &str, user: &str) -> Result<bool, StoreError>;
     async fn is_member(&self, room: &str, user: &str) -> Result<bool, StoreError>;
     async fn members(&self, room: &str) -> Result<Vec<String>, StoreError>;
     /// The rooms `user` belongs to, with last seq, read marker and unread count, by name.
     async fn rooms_of(&self, user: &str) -> Result<Vec<RoomState>, StoreError>;
+    /// Whether `a` and `b` are members of one room (a direct-message room counts).
+    async fn share_a_room(&self, a: &str, b: &str) -> Result<bool, StoreError>;
     /// Moves the user's read marker forward to `seq` (capped at the room's last seq);
-    /// returns the marker and the unread count after it, or `None` if not a member.
+    /// returns the marker, the unread count after it and whether it moved, or `None` if
+    /// not a member.
     async fn set_read(
         &self,
         room: &str,
         user: &str,
         seq: u64,
-    ) -> Result<Option<(u64, u64)>, StoreError>;
+    ) -> Result<Option<ReadMarker>, StoreError>;
 
     /// Whether the backend is reachable, as of its last check (cheap: no I/O here; for
     /// `/readyz`). An embedded store is always reachable.

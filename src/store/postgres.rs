@@ -42,8 +42,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{NoTls, Row, types::ToSql};
 
 use super::{
-    AppendFuture, Appended, FileIndex, FileRecord, Inserted, NewMessage, Page, Range, RoomMeta,
-    Store, StoreError, dm_peer,
+    AppendFuture, Appended, FileIndex, FileRecord, Inserted, NewMessage, Page, Range, ReadMarker,
+    RoomMeta, Store, StoreError, dm_peer,
 };
 use crate::{
     config::StoreConfig,
@@ -622,6 +622,61 @@ async fn add_member(
     Ok(())
 }
 
+/// Refuses (`TooManyRooms`) when one of `users` is a member of `max_rooms` rooms already
+/// (0: no cap; a user already in `joining` may always join it again). Takes each user's
+/// membership lock first, held to the end of `tx`: joins of one user take turns on every
+/// instance, so the count stays true until the insert commits. The locks come before
+/// any room row (and in key order), so they cannot deadlock with an append batch or with
+/// each other.
+async fn check_room_cap(
+    tx: &deadpool_postgres::Transaction<'_>,
+    users: &[&str],
+    max_rooms: u64,
+    joining: Option<&str>,
+) -> Result<(), StoreError> {
+    if max_rooms == 0 {
+        return Ok(());
+    }
+    if let (Some(room), [user]) = (joining, users) {
+        let member = tx
+            .query_opt(
+                "SELECT 1 FROM members WHERE room = $1 AND user_id = $2",
+                &[&room, user],
+            )
+            .await
+            .map_err(pg)?
+            .is_some();
+        if member {
+            return Ok(());
+        }
+    }
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(k) FROM (
+            SELECT DISTINCT hashtextextended('parley.rooms_of:' || u, 0) AS k
+            FROM unnest($1::text[]) AS u ORDER BY k) AS keys",
+        &[&users],
+    )
+    .await
+    .map_err(pg)?;
+    for user in users {
+        let n: i64 = tx
+            .query_one(
+                "SELECT count(*)::int8 FROM members WHERE user_id = $1",
+                &[user],
+            )
+            .await
+            .map_err(pg)?
+            .get(0);
+        if n as u64 >= max_rooms {
+            return Err(StoreError::TooManyRooms {
+                user: user.to_string(),
+                max: max_rooms,
+            });
+        }
+    }
+    Ok(())
+}
+
 async fn create_room_in(
     tx: &deadpool_postgres::Transaction<'_>,
     room: &str,
@@ -701,9 +756,11 @@ impl Store for PostgresStore {
         room: &str,
         creator: &str,
         private: bool,
+        max_rooms: u64,
     ) -> Result<bool, StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
+        check_room_cap(&tx, &[creator], max_rooms, None).await?;
         if !create_room_in(&tx, room, private).await? {
             return Ok(false);
         }
@@ -712,9 +769,24 @@ impl Store for PostgresStore {
         Ok(true)
     }
 
-    async fn ensure_dm(&self, room: &str, a: &str, b: &str) -> Result<(), StoreError> {
+    async fn ensure_dm(
+        &self,
+        room: &str,
+        a: &str,
+        b: &str,
+        max_rooms: u64,
+    ) -> Result<(), StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
+        let exists = tx
+            .query_opt("SELECT 1 FROM rooms WHERE name = $1", &[&room])
+            .await
+            .map_err(pg)?
+            .is_some();
+        if exists {
+            return Ok(());
+        }
+        check_room_cap(&tx, &[a, b], max_rooms, None).await?;
         if create_room_in(&tx, room, true).await? {
             add_member(&tx, room, a).await?;
             add_member(&tx, room, b).await?;
@@ -722,9 +794,10 @@ impl Store for PostgresStore {
         tx.commit().await.map_err(pg)
     }
 
-    async fn join(&self, room: &str, user: &str) -> Result<RoomMeta, StoreError> {
+    async fn join(&self, room: &str, user: &str, max_rooms: u64) -> Result<RoomMeta, StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
+        check_room_cap(&tx, &[user], max_rooms, Some(room)).await?;
         create_room_in(&tx, room, false).await?;
         lock_room(&tx, room).await?;
         add_member(&tx, room, user).await?;
@@ -822,16 +895,28 @@ impl Store for PostgresStore {
             .collect())
     }
 
+    async fn share_a_room(&self, a: &str, b: &str) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "SELECT 1 FROM members x JOIN members y ON y.room = x.room AND y.user_id = $2
+                 WHERE x.user_id = $1 LIMIT 1",
+            )
+            .await
+            .map_err(pg)?;
+        Ok(c.query_opt(&st, &[&a, &b]).await.map_err(pg)?.is_some())
+    }
+
     async fn set_read(
         &self,
         room: &str,
         user: &str,
         seq: u64,
-    ) -> Result<Option<(u64, u64)>, StoreError> {
+    ) -> Result<Option<ReadMarker>, StoreError> {
         let seq = seq.min(i64::MAX as u64) as i64;
         let c = self.client().await?;
         // One statement: move the marker forward (capped at the room's last seq), then
-        // read it back with the room's last seq.
+        // read it back with the room's last seq and whether it moved.
         let row = c
             .query_opt(
                 "WITH moved AS (
@@ -841,7 +926,8 @@ impl Store for PostgresStore {
                       AND members.user_id = $2 AND members.read_seq < LEAST($3, r.last_seq)
                     RETURNING members.read_seq
                  )
-                 SELECT coalesce((SELECT read_seq FROM moved), m.read_seq), r.last_seq
+                 SELECT coalesce((SELECT read_seq FROM moved), m.read_seq), r.last_seq,
+                        EXISTS (SELECT 1 FROM moved)
                  FROM members m JOIN rooms r ON r.name = m.room
                  WHERE m.room = $1 AND m.user_id = $2",
                 &[&room, &user, &seq],
@@ -851,7 +937,11 @@ impl Store for PostgresStore {
         Ok(row.map(|r| {
             let read = r.get::<_, i64>(0) as u64;
             let last = r.get::<_, i64>(1) as u64;
-            (read, last.saturating_sub(read))
+            ReadMarker {
+                seq: read,
+                unread: last.saturating_sub(read),
+                moved: r.get(2),
+            }
         }))
     }
 

@@ -24,8 +24,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{Semaphore, oneshot};
 
 use super::{
-    AppendFuture, Appended, FileIndex, FileRecord, Inserted, NewMessage, Page, Range, RoomMeta,
-    Store, StoreError, dm_peer,
+    AppendFuture, Appended, FileIndex, FileRecord, Inserted, NewMessage, Page, Range, ReadMarker,
+    RoomMeta, Store, StoreError, dm_peer,
 };
 use crate::{
     config::StoreConfig,
@@ -422,6 +422,34 @@ fn add_member_in(conn: &Connection, room: &str, user: &str) -> rusqlite::Result<
     Ok(())
 }
 
+/// `Some(TooManyRooms)` when `user` is in `max_rooms` rooms already (and not in
+/// `joining`, which a join may always repeat); `None` when it may join one more. Run in
+/// the same write as the join.
+fn over_room_cap(
+    conn: &Connection,
+    user: &str,
+    max_rooms: u64,
+    joining: Option<&str>,
+) -> rusqlite::Result<Option<StoreError>> {
+    if max_rooms == 0 {
+        return Ok(None);
+    }
+    if let Some(room) = joining
+        && conn
+            .prepare_cached("SELECT 1 FROM members WHERE room = ?1 AND user = ?2")?
+            .exists(params![room, user])?
+    {
+        return Ok(None);
+    }
+    let n: i64 = conn
+        .prepare_cached("SELECT count(*) FROM members WHERE user = ?1")?
+        .query_row(params![user], |r| r.get(0))?;
+    Ok((n as u64 >= max_rooms).then(|| StoreError::TooManyRooms {
+        user: user.to_string(),
+        max: max_rooms,
+    }))
+}
+
 fn room_in(conn: &Connection, room: &str) -> rusqlite::Result<Option<RoomMeta>> {
     conn.prepare_cached("SELECT private, last_seq, members FROM rooms WHERE name = ?1")?
         .query_row(params![room], |r| {
@@ -488,38 +516,63 @@ impl Store for SqliteStore {
         room: &str,
         creator: &str,
         private: bool,
+        max_rooms: u64,
     ) -> Result<bool, StoreError> {
         let (room, creator) = (room.to_string(), creator.to_string());
+        // One writer runs every write: the count and the insert cannot interleave with
+        // another join.
         self.write(move |conn| {
+            if let Some(full) = over_room_cap(conn, &creator, max_rooms, None)? {
+                return Ok(Err(full));
+            }
             if !create_room_in(conn, &room, private)? {
-                return Ok(false);
+                return Ok(Ok(false));
             }
             add_member_in(conn, &room, &creator)?;
-            Ok(true)
+            Ok(Ok(true))
         })
-        .await
+        .await?
     }
 
-    async fn ensure_dm(&self, room: &str, a: &str, b: &str) -> Result<(), StoreError> {
+    async fn ensure_dm(
+        &self,
+        room: &str,
+        a: &str,
+        b: &str,
+        max_rooms: u64,
+    ) -> Result<(), StoreError> {
         let (room, a, b) = (room.to_string(), a.to_string(), b.to_string());
         self.write(move |conn| {
+            if room_in(conn, &room)?.is_some() {
+                return Ok(Ok(()));
+            }
+            for user in [&a, &b] {
+                if let Some(full) = over_room_cap(conn, user, max_rooms, None)? {
+                    return Ok(Err(full));
+                }
+            }
             if create_room_in(conn, &room, true)? {
                 add_member_in(conn, &room, &a)?;
                 add_member_in(conn, &room, &b)?;
             }
-            Ok(())
+            Ok(Ok(()))
         })
-        .await
+        .await?
     }
 
-    async fn join(&self, room: &str, user: &str) -> Result<RoomMeta, StoreError> {
+    async fn join(&self, room: &str, user: &str, max_rooms: u64) -> Result<RoomMeta, StoreError> {
         let (room, user) = (room.to_string(), user.to_string());
         self.write(move |conn| {
+            if let Some(full) = over_room_cap(conn, &user, max_rooms, Some(&room))? {
+                return Ok(Err(full));
+            }
             create_room_in(conn, &room, false)?;
             add_member_in(conn, &room, &user)?;
-            room_in(conn, &room)?.ok_or(rusqlite::Error::QueryReturnedNoRows)
+            Ok(Ok(
+                room_in(conn, &room)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?
+            ))
         })
-        .await
+        .await?
     }
 
     async fn leave(&self, room: &str, user: &str) -> Result<bool, StoreError> {
@@ -586,20 +639,33 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn share_a_room(&self, a: &str, b: &str) -> Result<bool, StoreError> {
+        let (a, b) = (a.to_string(), b.to_string());
+        self.read_point(move |conn| {
+            conn.prepare_cached(
+                "SELECT 1 FROM members x JOIN members y ON y.room = x.room AND y.user = ?2
+                 WHERE x.user = ?1 LIMIT 1",
+            )?
+            .exists(params![a, b])
+        })
+        .await
+    }
+
     async fn set_read(
         &self,
         room: &str,
         user: &str,
         seq: u64,
-    ) -> Result<Option<(u64, u64)>, StoreError> {
+    ) -> Result<Option<ReadMarker>, StoreError> {
         let (room, user) = (room.to_string(), user.to_string());
         let seq = seq.min(i64::MAX as u64) as i64;
         self.write(move |conn| {
-            conn.execute(
+            let moved = conn.execute(
                 "UPDATE members SET read_seq = MIN(?3, (SELECT last_seq FROM rooms WHERE name = ?1))
-                 WHERE room = ?1 AND user = ?2 AND read_seq < ?3",
+                 WHERE room = ?1 AND user = ?2
+                   AND read_seq < MIN(?3, (SELECT last_seq FROM rooms WHERE name = ?1))",
                 params![room, user, seq],
-            )?;
+            )? == 1;
             conn.query_row(
                 "SELECT m.read_seq, r.last_seq FROM members m JOIN rooms r ON r.name = m.room
                  WHERE m.room = ?1 AND m.user = ?2",
@@ -607,7 +673,11 @@ impl Store for SqliteStore {
                 |r| {
                     let read = r.get::<_, i64>(0)? as u64;
                     let last = r.get::<_, i64>(1)? as u64;
-                    Ok((read, last.saturating_sub(read)))
+                    Ok(ReadMarker {
+                        seq: read,
+                        unread: last.saturating_sub(read),
+                        moved,
+                    })
                 },
             )
             .optional()
@@ -760,7 +830,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_appends_get_gap_free_seqs_in_call_order() {
         let s = Arc::new(SqliteStore::open(&config(":memory:")).unwrap());
-        s.join("r", "u").await.unwrap();
+        s.join("r", "u", 0).await.unwrap();
         // Futures created in order, resolved concurrently: seqs follow call order.
         let futures: Vec<_> = (0..300)
             .map(|i| s.append(msg("r", "u", &i.to_string())))
@@ -799,7 +869,7 @@ mod tests {
             "a file database has a point-read connection"
         );
         assert!(s.room("r").await.unwrap().is_none());
-        s.join("r", "u").await.unwrap();
+        s.join("r", "u", 0).await.unwrap();
         s.append(msg("r", "u", "1")).await.unwrap();
         // Read right after the commit, on the point connection.
         let meta = s.room("r").await.unwrap().unwrap();
@@ -819,7 +889,7 @@ mod tests {
     #[tokio::test]
     async fn history_pages_in_both_directions() {
         let s = SqliteStore::open(&config(":memory:")).unwrap();
-        s.join("r", "u").await.unwrap();
+        s.join("r", "u", 0).await.unwrap();
         for i in 0..10 {
             s.append(msg("r", "u", &i.to_string())).await.unwrap();
         }
@@ -841,10 +911,17 @@ mod tests {
         let path = path.to_str().unwrap();
         {
             let s = SqliteStore::open(&config(path)).unwrap();
-            assert!(s.create_room("r", "u", true).await.unwrap());
-            assert!(!s.create_room("r", "v", false).await.unwrap());
+            assert!(s.create_room("r", "u", true, 0).await.unwrap());
+            assert!(!s.create_room("r", "v", false, 0).await.unwrap());
             s.append(msg("r", "u", "a")).await.unwrap();
-            assert_eq!(s.set_read("r", "u", 9).await.unwrap(), Some((1, 0)));
+            assert_eq!(
+                s.set_read("r", "u", 9).await.unwrap(),
+                Some(ReadMarker {
+                    seq: 1,
+                    unread: 0,
+                    moved: false
+                })
+            );
             assert_eq!(s.set_read("r", "nobody", 1).await.unwrap(), None);
         }
         let s = SqliteStore::open(&config(path)).unwrap();

@@ -261,6 +261,31 @@ impl Client {
         }
     }
 
+    /// A connected client on a [`tiny_socket`]: the server's writes to it block soon
+    /// whenever the test stops reading.
+    pub async fn tiny(t: &TestServer, user: &str, encoding: Encoding) -> Client {
+        let mut req = format!("ws://{}/ws", t.addr())
+            .into_client_request()
+            .unwrap();
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            HeaderValue::from_static(encoding.subprotocol()),
+        );
+        let tcp = MaybeTlsStream::Plain(tiny_socket(t.addr()).await);
+        let (ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+        let mut c = Client {
+            ws,
+            encoding,
+            next_id: 1,
+            inbox: VecDeque::new(),
+            session_id: String::new(),
+            user_id: String::new(),
+            last_pos: 0,
+        };
+        c.connect(&t.token(user)).await;
+        c
+    }
+
     pub async fn send_raw(&mut self, msg: Message) {
         self.ws.send(msg).await.expect("send");
     }
