@@ -442,3 +442,94 @@ async fn a_ping_flood_that_never_reads_is_held_back() {
     drop(s);
     still_chatting(&mut bob, &mut carl, "after").await;
 }
+
+/// A command waiting for the store (here a `join` whose write waits for a lock another
+/// connection holds on the SQLite file; on PostgreSQL a pool wait of up to 10 s) used to
+/// stop the connection's pushes and pings until it finished, and a busy room then cut
+/// the client as a slow consumer. Commands now run beside the writer: pushes and pings
+/// flow meanwhile, replies keep the order of their commands, and other clients are
+/// unaffected.
+#[tokio::test]
+async fn a_slow_command_does_not_hold_up_pushes_or_pings() {
+    if pg::selected() {
+        // The lock below is SQLite's.
+        return;
+    }
+    let dir = format!(
+        "{}/parley-slow-store-{}",
+        env!("CARGO_TARGET_TMPDIR"),
+        std::process::id()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = format!("{dir}/parley.db");
+    let t = TestServer::start_with(|c| {
+        c.store.path = path.clone();
+        c.ws.heartbeat_interval = Duration::from_millis(200);
+    })
+    .await;
+    let mut alice = t.client("alice", Encoding::Json).await;
+    let mut bob = t.client("bob", Encoding::Json).await;
+    alice.join("r").await;
+    bob.join("r").await;
+    while alice.inbox.pop_front().is_some() {}
+
+    // Hold the write lock: parley's writer waits (busy timeout 5 s).
+    let lock = rusqlite::Connection::open(&path).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let join = alice
+        .send(Cmd::Join(proto::Join { room: "r2".into() }))
+        .await;
+    let ping = alice.send(Cmd::Ping(proto::Ping {})).await;
+
+    // While alice's join waits: bob's typing reaches her, and so do the server's pings.
+    let typing = bob
+        .request(Cmd::Typing(proto::Typing { room: "r".into() }))
+        .await;
+    assert!(matches!(typing, Kind::Done(_)), "{typing:?}");
+    let (mut typed, mut pinged) = (false, false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while !(typed && pinged) {
+        let msg = tokio::time::timeout_at(deadline, futures_util::StreamExt::next(&mut alice.ws))
+            .await
+            .unwrap_or_else(|_| panic!("pushed {typed}, pinged {pinged} while a command waited"))
+            .unwrap()
+            .unwrap();
+        match msg {
+            Message::Ping(_) => pinged = true,
+            Message::Text(t) => {
+                let f = codec_decode(Encoding::Json, t.as_bytes());
+                if f.pos > 0 {
+                    // Read past the client's own bookkeeping.
+                    alice.last_pos = f.pos;
+                }
+                assert_ne!(f.id, join, "the join was answered while the lock was held");
+                assert_ne!(f.id, ping, "the ping overtook the join: {f:?}");
+                if matches!(f.kind, Some(Kind::Typing(_))) {
+                    typed = true;
+                }
+            }
+            _ => {}
+        }
+    }
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+
+    // Then the replies, in the order of their commands.
+    let mut replies = Vec::new();
+    while replies.len() < 2 {
+        let f = alice.read().await.expect("replies before close");
+        if f.pos == 0 && f.id != 0 {
+            replies.push((f.id, f.kind));
+        }
+    }
+    assert_eq!(replies[0].0, join);
+    assert!(matches!(replies[0].1, Some(Kind::Joined(_))), "{replies:?}");
+    assert_eq!(replies[1].0, ping);
+    assert!(matches!(replies[1].1, Some(Kind::Pong(_))), "{replies:?}");
+    // Nobody was cut.
+    let sent = bob.send_msg("r", "after", "still here").await;
+    assert_eq!(alice.next_message().await.seq, sent.seq);
+    drop(t);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -440,6 +440,7 @@ impl Connection {
                 silence_limit: Some(config.heartbeat_interval + config.pong_timeout),
                 connect_deadline: Some(Instant::now() + ctx.core.config.auth.connect_timeout),
                 coalesce: config.coalesce,
+                max_in_flight: config.max_commands_in_flight,
             },
             ctx.shutdown.clone(),
         );
@@ -496,10 +497,11 @@ impl Connection {
                     if frame.payload().len() > self.max_frame_bytes {
                         self.outbox.too_large(self.max_frame_bytes);
                     } else {
-                        // Boxed: the decoded frame and the command's state live on the
-                        // heap while it runs, not in every idle connection's future.
-                        let frame = codec::decode_client(encoding, frame.payload());
-                        boxed(self.outbox.receive(frame)).await;
+                        // The command runs beside this loop (pushes and pings go on
+                        // while it waits for the store); its reply comes out of the
+                        // outbox in order. Its state lives on the heap while it runs.
+                        self.outbox
+                            .submit(codec::decode_client(encoding, frame.payload()));
                     }
                     if !self.named && let Some(session) = self.outbox.session() {
                         tracing::Span::current().record("user", session.user_id());
@@ -518,8 +520,10 @@ impl Connection {
                 }
             }
         }
-        // The connection drops after this: the outbox detaches the session (or it was
-        // ended), on every path.
+        // A command still running is let finish (never cut off halfway; a `connect`
+        // binds its session). The connection drops after this: the outbox detaches the
+        // session (or it was ended), on every path.
+        boxed(self.outbox.settle()).await;
     }
 }
 
