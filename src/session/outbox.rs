@@ -115,6 +115,8 @@ pub struct Outbox {
     /// The command running beside the writer ([`Outbox::submit`]), if any.
     running: Option<Running>,
     /// Commands read while another ran, in order; allocated when the first waits.
+    /// Boxed: 8 bytes in every idle connection rather than a `VecDeque`'s 32.
+    #[allow(clippy::box_collection)]
     waiting: Option<Box<VecDeque<Result<ClientFrame, DecodeError>>>>,
     max_in_flight: u16,
     closing: Option<CloseReason>,
