@@ -6,7 +6,11 @@
 //! [`Outbox`] and writes what the outbox hands back: replies and error frames, pushes in
 //! batches (feed many frames, one flush), pings when it says idle, and the final
 //! `disconnect` + close. Every write has a deadline (`ws.write_timeout`); a client that
-//! does not read is closed with 4008, and the close itself gets only [`CLOSE_TIMEOUT`].
+//! does not read is closed with 4008, and the close itself gets only [`CLOSE_TIMEOUT`]
+//! (lingering included: after a close frame the socket is shut down and drained briefly,
+//! so the close frame is not lost to a reset). Commands run beside the writer, one at a
+//! time in order (the outbox holds the running one): a command that waits for the store
+//! holds up neither pushes nor pings.
 
 use std::{
     pin::Pin,
