@@ -432,6 +432,12 @@ pub struct WsConfig {
     /// arriving together go out in one write. 0 writes at once.
     #[serde(with = "humantime_serde")]
     pub coalesce: Duration,
+    /// Most commands one connection may have in flight: read and waiting their turn,
+    /// running (one at a time, beside the writer, so pushes and pings go on while a
+    /// command waits for the store), or sends waiting for their commit. Past it the
+    /// connection reads nothing more until a reply is out. Each waiting command holds at
+    /// most one frame (`max_frame_bytes`).
+    pub max_commands_in_flight: usize,
     /// Negotiate permessage-deflate (RFC 7692) with clients that offer it.
     pub deflate: bool,
     /// zlib compression level, 1 (fast) to 9 (small).
@@ -462,6 +468,7 @@ impl Default for WsConfig {
             write_buffer_bytes: 1024,
             write_timeout: Duration::from_secs(10),
             coalesce: Duration::ZERO,
+            max_commands_in_flight: 64,
             deflate: true,
             deflate_level: 6,
             deflate_min_bytes: 128,
@@ -929,6 +936,12 @@ impl Config {
         )?;
         duration("ws.write_timeout", w.write_timeout, 100 * MS, HOUR)?;
         duration("ws.coalesce", w.coalesce, Duration::ZERO, SEC)?;
+        count(
+            "ws.max_commands_in_flight",
+            w.max_commands_in_flight as u64,
+            1,
+            1024,
+        )?;
         count("ws.deflate_level", u64::from(w.deflate_level), 1, 9)?;
         count(
             "ws.deflate_min_bytes",

@@ -302,3 +302,234 @@ async fn a_frame_far_over_the_limit_gets_close_1009_not_a_reset() {
     }
     still_chatting(&mut bob, &mut carl, "1").await;
 }
+
+/// Raw deflate of `text` with a sync flush, the 4-byte tail stripped (RFC 7692 7.2.1),
+/// continuing `c`'s context.
+fn deflated(c: &mut flate2::Compress, text: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len() + 64);
+    c.compress_vec(text, &mut out, flate2::FlushCompress::Sync)
+        .unwrap();
+    assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+    out.truncate(out.len() - 4);
+    out
+}
+
+/// Every way a client can break RFC 6455 / RFC 7692 gets the close code PROTOCOL.md
+/// lists (1002 protocol error, 1007 invalid data), and the close frame reaches the
+/// client although it sent more bytes after the bad frame (the server lingers rather
+/// than closing with unread bytes, which would reset the connection).
+#[tokio::test]
+async fn protocol_errors_get_their_close_code_not_a_reset() {
+    use tokio::io::AsyncWriteExt;
+    let t = TestServer::start().await;
+    let (mut bob, mut carl) = bystanders(&t).await;
+    let text = b"hello parley, hello parley, hello parley";
+    let mut context = flate2::Compress::new(flate2::Compression::default(), false);
+    let first = deflated(&mut context, text);
+    // The same context again: back-references into the first message, which a server
+    // that answered `client_no_context_takeover` has forgotten.
+    let second = deflated(&mut context, text);
+    let cases: Vec<(&str, bool, Vec<u8>, u16)> = vec![
+        (
+            "text that is not UTF-8",
+            false,
+            masked_frame(0x81, &[b'{', 0xff, 0xfe]),
+            1007,
+        ),
+        (
+            "UTF-8 broken across fragments",
+            false,
+            [
+                masked_frame(0x01, &[b'{', 0xe2]),
+                masked_frame(0x80, &[0x28, 0xa1]),
+            ]
+            .concat(),
+            1007,
+        ),
+        (
+            "a continuation with no message",
+            false,
+            masked_frame(0x80, b"abc"),
+            1002,
+        ),
+        (
+            "a new message inside a fragmented one",
+            false,
+            [masked_frame(0x01, b"ab"), masked_frame(0x81, b"cd")].concat(),
+            1002,
+        ),
+        ("RSV1 on a ping", true, masked_frame(0xc9, b"hi"), 1002),
+        (
+            "RSV1 on a continuation",
+            true,
+            [masked_frame(0x01, b"ab"), masked_frame(0xc0, b"cd")].concat(),
+            1002,
+        ),
+        (
+            "RSV1 without permessage-deflate",
+            false,
+            masked_frame(0xc1, &first),
+            1002,
+        ),
+        (
+            "a corrupt compressed message",
+            true,
+            masked_frame(0xc1, &[0xff; 8]),
+            1007,
+        ),
+        (
+            "context kept against client_no_context_takeover",
+            true,
+            [masked_frame(0xc1, &first), masked_frame(0xc1, &second)].concat(),
+            1007,
+        ),
+    ];
+    for (what, deflate, bytes, code) in cases {
+        let (s, head) = raw_ws(t.addr(), deflate.then_some("permessage-deflate")).await;
+        if deflate {
+            assert!(head.contains("client_no_context_takeover"), "{head}");
+        }
+        // The bad frame, then more bytes the server will not read as frames.
+        let mut out = bytes;
+        out.extend(std::iter::repeat_n(0x42u8, 64 * 1024));
+        let (mut rd, mut wr) = s.into_split();
+        let writer = tokio::spawn(async move {
+            let _ = wr.write_all(&out).await;
+            wr
+        });
+        assert_eq!(read_close_code(&mut rd).await, Some(code), "{what}");
+        writer.abort();
+    }
+    still_chatting(&mut bob, &mut carl, "after").await;
+}
+
+/// A client that writes pings and never reads (no token needed) used to have every ping
+/// read and a pong queued for it, without bound (195 MiB of server memory for 150 MB of
+/// pings). The server now owes at most one pong (the latest ping's, RFC 6455 5.5.3) and
+/// stops reading while it cannot write it, so the flood backs up into the client's own
+/// socket: what the server takes in stays at about what the sockets buffer.
+#[tokio::test]
+async fn a_ping_flood_that_never_reads_is_held_back() {
+    use tokio::io::AsyncWriteExt;
+    let t = TestServer::start().await;
+    let (mut bob, mut carl) = bystanders(&t).await;
+    let (mut s, _) = raw_ws_on(tiny_socket(t.addr()).await, None).await;
+    // 500 pings of 125 bytes per write, up to 64 MiB in all, for up to 8 s.
+    let ping = masked_frame(0x89, &[0x5a; 125]);
+    let chunk: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 500)
+        .collect();
+    let limit = 64 << 20;
+    let started = tokio::time::Instant::now();
+    let mut written = 0usize;
+    while written < limit && started.elapsed() < Duration::from_secs(8) {
+        match tokio::time::timeout(Duration::from_millis(500), s.write_all(&chunk)).await {
+            Ok(Ok(())) => written += chunk.len(),
+            Ok(Err(e)) => panic!("the server dropped the flood: {e}"),
+            // Blocked: the server stopped reading.
+            Err(_) => break,
+        }
+    }
+    assert!(
+        written < 24 << 20,
+        "the server took {written} bytes of pings from a client that reads nothing"
+    );
+    // Meanwhile everyone else chats on.
+    still_chatting(&mut bob, &mut carl, "during").await;
+    drop(s);
+    still_chatting(&mut bob, &mut carl, "after").await;
+}
+
+/// A command waiting for the store (here a `join` whose write waits for a lock another
+/// connection holds on the SQLite file; on PostgreSQL a pool wait of up to 10 s) used to
+/// stop the connection's pushes and pings until it finished, and a busy room then cut
+/// the client as a slow consumer. Commands now run beside the writer: pushes and pings
+/// flow meanwhile, replies keep the order of their commands, and other clients are
+/// unaffected.
+#[tokio::test]
+async fn a_slow_command_does_not_hold_up_pushes_or_pings() {
+    if pg::selected() {
+        // The lock below is SQLite's.
+        return;
+    }
+    let dir = format!(
+        "{}/parley-slow-store-{}",
+        env!("CARGO_TARGET_TMPDIR"),
+        std::process::id()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = format!("{dir}/parley.db");
+    let t = TestServer::start_with(|c| {
+        c.store.path = path.clone();
+        c.ws.heartbeat_interval = Duration::from_millis(200);
+    })
+    .await;
+    let mut alice = t.client("alice", Encoding::Json).await;
+    let mut bob = t.client("bob", Encoding::Json).await;
+    alice.join("r").await;
+    bob.join("r").await;
+    while alice.inbox.pop_front().is_some() {}
+
+    // Hold the write lock: parley's writer waits (busy timeout 5 s).
+    let lock = rusqlite::Connection::open(&path).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let join = alice
+        .send(Cmd::Join(proto::Join { room: "r2".into() }))
+        .await;
+    let ping = alice.send(Cmd::Ping(proto::Ping {})).await;
+
+    // While alice's join waits: bob's typing reaches her, and so do the server's pings.
+    let typing = bob
+        .request(Cmd::Typing(proto::Typing { room: "r".into() }))
+        .await;
+    assert!(matches!(typing, Kind::Done(_)), "{typing:?}");
+    let (mut typed, mut pinged) = (false, false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while !(typed && pinged) {
+        let msg = tokio::time::timeout_at(deadline, futures_util::StreamExt::next(&mut alice.ws))
+            .await
+            .unwrap_or_else(|_| panic!("pushed {typed}, pinged {pinged} while a command waited"))
+            .unwrap()
+            .unwrap();
+        match msg {
+            Message::Ping(_) => pinged = true,
+            Message::Text(t) => {
+                let f = codec_decode(Encoding::Json, t.as_bytes());
+                if f.pos > 0 {
+                    // Read past the client's own bookkeeping.
+                    alice.last_pos = f.pos;
+                }
+                assert_ne!(f.id, join, "the join was answered while the lock was held");
+                assert_ne!(f.id, ping, "the ping overtook the join: {f:?}");
+                if matches!(f.kind, Some(Kind::Typing(_))) {
+                    typed = true;
+                }
+            }
+            _ => {}
+        }
+    }
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+
+    // Then the replies, in the order of their commands.
+    let mut replies = Vec::new();
+    while replies.len() < 2 {
+        let f = alice.read().await.expect("replies before close");
+        if f.pos == 0 && f.id != 0 {
+            replies.push((f.id, f.kind));
+        }
+    }
+    assert_eq!(replies[0].0, join);
+    assert!(matches!(replies[0].1, Some(Kind::Joined(_))), "{replies:?}");
+    assert_eq!(replies[1].0, ping);
+    assert!(matches!(replies[1].1, Some(Kind::Pong(_))), "{replies:?}");
+    // Nobody was cut.
+    let sent = bob.send_msg("r", "after", "still here").await;
+    assert_eq!(alice.next_message().await.seq, sent.seq);
+    drop(t);
+    let _ = std::fs::remove_dir_all(&dir);
+}

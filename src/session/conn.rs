@@ -217,120 +217,105 @@ impl Conn {
         self.error(ErrorCode::BadFrame, why.to_string())
     }
 
+    /// Runs one command to its outcome (HTTP commands, which have nothing to write
+    /// meanwhile). A WebSocket runs it beside its writer: [`Conn::start`], then
+    /// [`Conn::finish`] with what the future returned.
     pub async fn handle(&mut self, frame: ClientFrame) -> Outcome {
+        match self.start(frame) {
+            Start::Done(outcome) => outcome,
+            Start::Running(run) => {
+                let finished = run.await;
+                self.finish(finished)
+            }
+        }
+    }
+
+    /// Starts one command: its outcome at once when it needs no store or broker, else a
+    /// future that owns what it needs (it borrows nothing from the connection, so the
+    /// transport can go on writing pushes and pings while it runs). Its result goes to
+    /// [`Conn::finish`] before the next command starts: commands of one connection run
+    /// one at a time, in the order they came.
+    pub fn start(&mut self, frame: ClientFrame) -> Start {
         let id = frame.id;
         let Some(cmd) = frame.cmd else {
             self.core.metrics.error(ErrorCode::UnknownCommand);
-            return Outcome::Reply(error_frame(
+            return Start::Done(Outcome::Reply(error_frame(
                 id,
                 ErrorCode::UnknownCommand,
                 "unknown command",
-            ));
+            )));
         };
-        let bound = match (&self.bound, cmd) {
-            (None, Cmd::Connect(c)) => return self.connect(id, c).await,
+        let (session, cmd) = match (&self.bound, cmd) {
+            (None, Cmd::Connect(c)) => {
+                let core = self.core.clone();
+                let heartbeat = self.heartbeat;
+                return Start::Running(Box::pin(async move {
+                    let request = ConnectRequest {
+                        credential: Credential::Token(&c.token),
+                        session_id: &c.session_id,
+                        last_pos: c.last_pos,
+                        attach: true,
+                        heartbeat,
+                        receive_only: false,
+                    };
+                    Finished::Connected(id, core.connect(request).await)
+                }));
+            }
             (Some(_), Cmd::Connect(_)) => {
-                return Outcome::Reply(self.err(
+                return Start::Done(Outcome::Reply(self.err(
                     id,
                     ErrorCode::AlreadyConnected,
                     "already connected",
-                ));
+                )));
             }
-            (None, Cmd::Ping(_)) => return Outcome::Reply(pong(id)),
+            (None, Cmd::Ping(_)) => return Start::Done(Outcome::Reply(pong(id))),
             (None, _) => {
-                return Outcome::Reply(self.err(id, ErrorCode::NotConnected, "send connect first"));
+                return Start::Done(Outcome::Reply(self.err(
+                    id,
+                    ErrorCode::NotConnected,
+                    "send connect first",
+                )));
             }
             (Some(b), cmd) => (b.session.clone(), cmd),
         };
-        let (session, cmd) = bound;
         if session.is_receive_only() && !matches!(cmd, Cmd::Ack(_) | Cmd::Ping(_)) {
-            return Outcome::Reply(self.err(id, ErrorCode::Forbidden, "receive-only session"));
+            return Start::Done(Outcome::Reply(self.err(
+                id,
+                ErrorCode::Forbidden,
+                "receive-only session",
+            )));
         }
-        let user = session.user_id();
-        let chat = &self.core.chat;
-        let result: Result<Kind, ChatError> = match cmd {
-            Cmd::Connect(_) => unreachable!("handled above"),
-            Cmd::Ping(_) => return Outcome::Reply(pong(id)),
+        match cmd {
+            Cmd::Ping(_) => return Start::Done(Outcome::Reply(pong(id))),
             Cmd::Ack(a) => {
                 session.ack(a.pos);
-                return Outcome::Silent;
+                return Start::Done(Outcome::Silent);
             }
-            Cmd::Join(j) => chat.join(user, &j.room).await.map(Kind::Joined),
-            Cmd::Leave(l) => chat.leave(user, &l.room).await.map(Kind::Left),
-            Cmd::Send(s) => match chat.submit_send(user, s).await {
-                Ok(pending) => {
-                    // Ordered already; the reply waits for the commit, off the reader.
-                    let core = self.core.clone();
-                    return Outcome::Later(Box::pin(async move {
-                        let kind = match pending.await {
-                            Ok(sent) => {
-                                core.metrics.messages.inc();
-                                Kind::Sent(sent)
-                            }
-                            Err(e) => {
-                                core.metrics.error(e.code());
-                                Kind::Error(e.to_proto())
-                            }
-                        };
-                        ServerFrame {
-                            id,
-                            pos: 0,
-                            kind: Some(kind),
-                        }
-                    }));
-                }
-                Err(e) => Err(e),
-            },
-            Cmd::History(h) => chat.history(user, h).await.map(Kind::History),
-            Cmd::Sync(s) => chat.sync(user, s).await.map(Kind::Sync),
-            Cmd::CreateRoom(c) => chat.create_room(user, c).await.map(Kind::Room),
-            Cmd::Invite(i) => chat.invite(user, i).await.map(Kind::Done),
-            Cmd::Members(m) => chat.members(user, &m.room).await.map(Kind::Members),
-            Cmd::Rooms(_) => chat
-                .rooms_of(user)
-                .await
-                .map(|rooms| Kind::Rooms(proto::RoomList { rooms })),
-            Cmd::Read(r) => chat.read(user, r).await.map(Kind::Done),
-            Cmd::Typing(t) => chat.typing(user, t).await.map(Kind::Done),
-            Cmd::Presence(p) => chat.presence(p).await.map(Kind::PresenceList),
-            Cmd::Signal(s) => chat.signal(user, s).await.map(Kind::Done),
-        };
-        Outcome::Reply(match result {
-            Ok(kind) => ServerFrame {
-                id,
-                pos: 0,
-                kind: Some(kind),
-            },
-            Err(e) => {
-                if matches!(e, ChatError::Store(_) | ChatError::Broker(_)) {
-                    tracing::error!(error = %e, "command failed");
-                }
-                self.core.metrics.error(e.code());
-                ServerFrame {
-                    id,
-                    pos: 0,
-                    kind: Some(Kind::Error(e.to_proto())),
-                }
-            }
-        })
+            _ => {}
+        }
+        let core = self.core.clone();
+        Start::Running(Box::pin(async move {
+            Finished::Done(run_command(core, session, id, cmd).await)
+        }))
     }
 
-    fn err(&self, id: u64, code: ErrorCode, message: &str) -> ServerFrame {
-        self.core.metrics.error(code);
-        error_frame(id, code, message)
-    }
-
-    async fn connect(&mut self, id: u64, c: proto::Connect) -> Outcome {
-        let request = ConnectRequest {
-            credential: Credential::Token(&c.token),
-            session_id: &c.session_id,
-            last_pos: c.last_pos,
-            attach: true,
-            heartbeat: self.heartbeat,
-            receive_only: false,
-        };
-        match self.core.connect(request).await {
-            Ok(opened) => {
+    /// Takes the result of a command started with [`Conn::start`]; a `connect` binds the
+    /// connection here.
+    pub fn finish(&mut self, finished: Finished) -> Outcome {
+        match finished {
+            Finished::Done(outcome) => outcome,
+            Finished::Connected(id, Ok(opened)) => {
+                if self.bound.is_some() {
+                    // Cannot happen (commands run one at a time); never leak a session.
+                    if let Some(a) = &opened.attachment {
+                        opened.session.detach(a);
+                    }
+                    return Outcome::Reply(self.err(
+                        id,
+                        ErrorCode::AlreadyConnected,
+                        "already connected",
+                    ));
+                }
                 self.bound = Some(Bound {
                     session: opened.session,
                     attachment: opened.attachment,
@@ -341,7 +326,7 @@ impl Conn {
                     kind: Some(Kind::Connected(opened.connected)),
                 })
             }
-            Err(e) => {
+            Finished::Connected(id, Err(e)) => {
                 let reply = ServerFrame {
                     id,
                     pos: 0,
@@ -355,6 +340,95 @@ impl Conn {
             }
         }
     }
+
+    fn err(&self, id: u64, code: ErrorCode, message: &str) -> ServerFrame {
+        self.core.metrics.error(code);
+        error_frame(id, code, message)
+    }
+}
+
+/// How a command started: done at once, or running.
+pub enum Start {
+    Done(Outcome),
+    Running(Running),
+}
+
+/// A command running beside the transport's writer; owns everything it uses.
+pub type Running = std::pin::Pin<Box<dyn std::future::Future<Output = Finished> + Send>>;
+
+/// What a running command ended with, for [`Conn::finish`].
+pub enum Finished {
+    Done(Outcome),
+    Connected(
+        u64,
+        Result<super::connect::Opened, super::connect::ConnectError>,
+    ),
+}
+
+/// One command of a connected session (not connect, ping or ack).
+async fn run_command(core: Arc<Core>, session: Arc<Session>, id: u64, cmd: Cmd) -> Outcome {
+    let user = session.user_id();
+    let chat = &core.chat;
+    let result: Result<Kind, ChatError> = match cmd {
+        Cmd::Connect(_) | Cmd::Ping(_) | Cmd::Ack(_) => unreachable!("handled in start"),
+        Cmd::Join(j) => chat.join(user, &j.room).await.map(Kind::Joined),
+        Cmd::Leave(l) => chat.leave(user, &l.room).await.map(Kind::Left),
+        Cmd::Send(s) => match chat.submit_send(user, s).await {
+            Ok(pending) => {
+                // Ordered already; the reply waits for the commit, off the reader.
+                let core = core.clone();
+                return Outcome::Later(Box::pin(async move {
+                    let kind = match pending.await {
+                        Ok(sent) => {
+                            core.metrics.messages.inc();
+                            Kind::Sent(sent)
+                        }
+                        Err(e) => {
+                            core.metrics.error(e.code());
+                            Kind::Error(e.to_proto())
+                        }
+                    };
+                    ServerFrame {
+                        id,
+                        pos: 0,
+                        kind: Some(kind),
+                    }
+                }));
+            }
+            Err(e) => Err(e),
+        },
+        Cmd::History(h) => chat.history(user, h).await.map(Kind::History),
+        Cmd::Sync(s) => chat.sync(user, s).await.map(Kind::Sync),
+        Cmd::CreateRoom(c) => chat.create_room(user, c).await.map(Kind::Room),
+        Cmd::Invite(i) => chat.invite(user, i).await.map(Kind::Done),
+        Cmd::Members(m) => chat.members(user, &m.room).await.map(Kind::Members),
+        Cmd::Rooms(_) => chat
+            .rooms_of(user)
+            .await
+            .map(|rooms| Kind::Rooms(proto::RoomList { rooms })),
+        Cmd::Read(r) => chat.read(user, r).await.map(Kind::Done),
+        Cmd::Typing(t) => chat.typing(user, t).await.map(Kind::Done),
+        Cmd::Presence(p) => chat.presence(p).await.map(Kind::PresenceList),
+        Cmd::Signal(s) => chat.signal(user, s).await.map(Kind::Done),
+    };
+    Outcome::Reply(match result {
+        Ok(kind) => ServerFrame {
+            id,
+            pos: 0,
+            kind: Some(kind),
+        },
+        Err(e) => {
+            if matches!(e, ChatError::Store(_) | ChatError::Broker(_)) {
+                tracing::error!(error = %e, "command failed");
+            }
+            core.metrics.error(e.code());
+            ServerFrame {
+                id,
+                pos: 0,
+                kind: Some(Kind::Error(e.to_proto())),
+            }
+        }
+    })
 }
 
 fn pong(id: u64) -> ServerFrame {

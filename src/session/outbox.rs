@@ -25,7 +25,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::{
     Attachment, Session,
-    conn::{CloseReason, Conn, LaterReply, Outcome},
+    conn::{CloseReason, Conn, Finished, LaterReply, Outcome, Running, Start},
 };
 use crate::{
     codec::DecodeError,
@@ -39,8 +39,9 @@ pub const BATCH: usize = 256;
 /// that never waits because pushes keep coming, and the token's check takes a lock that
 /// every connection shares, so it is not made on every delivery wake-up.
 const SHUTDOWN_EVERY: u8 = 16;
-/// Most commands one connection may have waiting for their replies (pipelined sends);
-/// past it the transport stops reading, which pushes back on the client.
+/// Most commands one connection may have waiting for their replies by default (read
+/// and waiting to run, running, pipelined sends waiting for their commit); past it the
+/// transport stops reading, which pushes back on the client (`ws.max_commands_in_flight`).
 pub const MAX_IN_FLIGHT: usize = 64;
 
 /// What to send next.
@@ -70,6 +71,8 @@ pub struct OutboxConfig {
     /// After pushes wake an idle connection, wait this long before taking them, so
     /// pushes arriving together leave in one write (`ws.coalesce`; zero: at once).
     pub coalesce: Duration,
+    /// Most commands in flight (see [`MAX_IN_FLIGHT`]); 0 means [`MAX_IN_FLIGHT`].
+    pub max_in_flight: usize,
 }
 
 /// [`OutboxConfig`] in milliseconds (`NONE` = off).
@@ -109,6 +112,13 @@ pub struct Outbox {
     /// Pipelined replies waiting for their commit; allocated on the first one (most
     /// connections never pipeline, and an idle connection should cost little).
     later: Option<Box<FuturesOrdered<LaterReply>>>,
+    /// The command running beside the writer ([`Outbox::submit`]), if any.
+    running: Option<Running>,
+    /// Commands read while another ran, in order; allocated when the first waits.
+    /// Boxed: 8 bytes in every idle connection rather than a `VecDeque`'s 32.
+    #[allow(clippy::box_collection)]
+    waiting: Option<Box<VecDeque<Result<ClientFrame, DecodeError>>>>,
+    max_in_flight: u16,
     closing: Option<CloseReason>,
     closed: bool,
     /// [`Outbox::ready`] found nothing, and nothing has changed since but what a wait
@@ -142,6 +152,13 @@ impl Outbox {
             conn,
             replies: VecDeque::new(),
             later: None,
+            running: None,
+            waiting: None,
+            max_in_flight: match config.max_in_flight {
+                0 => MAX_IN_FLIGHT,
+                n => n,
+            }
+            .min(u16::MAX as usize) as u16,
             closing: None,
             closed: false,
             drained: false,
@@ -164,16 +181,90 @@ impl Outbox {
     /// Whether the transport should read more client frames: not closing, and not too
     /// many replies pending.
     pub fn accepting(&self) -> bool {
-        self.closing.is_none() && !self.closed && self.pending_replies() < MAX_IN_FLIGHT
+        self.closing.is_none() && !self.closed && self.in_flight() < usize::from(self.max_in_flight)
     }
 
     /// Whether something is queued or pending (a reply will come).
     pub fn expecting(&self) -> bool {
-        !self.replies.is_empty() || self.pending_replies() > 0 || self.closing.is_some()
+        !self.replies.is_empty() || self.in_flight() > 0 || self.closing.is_some()
     }
 
-    fn pending_replies(&self) -> usize {
+    /// Commands read whose reply has not been handed out yet.
+    fn in_flight(&self) -> usize {
         self.later.as_ref().map_or(0, |l| l.len())
+            + usize::from(self.running.is_some())
+            + self.waiting.as_ref().map_or(0, |w| w.len())
+    }
+
+    /// Takes one client frame (or why it could not be decoded) to run beside the writer:
+    /// it starts at once unless a command is running, else it waits its turn (commands
+    /// run one at a time, in order, so replies keep the order of their commands; only
+    /// pipelined sends answer when their commit is done). Its reply comes out of
+    /// [`Outbox::next`] / [`Outbox::ready`]; pushes and heartbeats go on meanwhile.
+    pub fn submit(&mut self, frame: Result<ClientFrame, DecodeError>) {
+        self.seen();
+        self.drained = false;
+        if !self.accepting() {
+            return;
+        }
+        if self.running.is_some() || self.waiting.as_ref().is_some_and(|w| !w.is_empty()) {
+            self.waiting.get_or_insert_default().push_back(frame);
+            return;
+        }
+        self.begin(frame);
+    }
+
+    /// Starts one command; its outcome is applied at once if it has one.
+    fn begin(&mut self, frame: Result<ClientFrame, DecodeError>) {
+        match frame {
+            Ok(f) => match self.conn.start(f) {
+                Start::Done(outcome) => self.apply(outcome),
+                Start::Running(run) => self.running = Some(run),
+            },
+            Err(e) => self.apply(Outcome::Reply(self.conn.bad_frame(e))),
+        }
+    }
+
+    /// The running command ended: its outcome, then the commands that waited, until one
+    /// runs again.
+    fn ran(&mut self, finished: Finished) {
+        self.running = None;
+        self.drained = false;
+        let outcome = self.conn.finish(finished);
+        self.apply(outcome);
+        while self.running.is_none() && !self.closed && self.closing.is_none() {
+            let Some(next) = self.waiting.as_mut().and_then(|w| w.pop_front()) else {
+                break;
+            };
+            self.begin(next);
+        }
+        if self.waiting.as_ref().is_some_and(|w| w.is_empty()) {
+            self.waiting = None;
+        }
+    }
+
+    fn apply(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Reply(reply) => self.replies.push_back(reply),
+            Outcome::Silent => {}
+            Outcome::Later(reply) => self.later.get_or_insert_default().push_back(reply),
+            Outcome::Close(reply, why) => {
+                self.replies.push_back(reply);
+                self.close(why);
+            }
+        }
+    }
+
+    /// Lets the running command finish (the connection is ending): a command is never
+    /// cut off halfway (a `connect` binds its session, so dropping the outbox detaches
+    /// it). Commands that waited are dropped unrun.
+    pub async fn settle(&mut self) {
+        self.waiting = None;
+        if let Some(run) = self.running.take() {
+            let finished = run.await;
+            let outcome = self.conn.finish(finished);
+            drop(outcome);
+        }
     }
 
     /// The client showed a sign of life (any frame, pongs included).
@@ -195,15 +286,7 @@ impl Outbox {
             Ok(f) => Box::pin(self.conn.handle(f)).await,
             Err(e) => Outcome::Reply(self.conn.bad_frame(e)),
         };
-        match outcome {
-            Outcome::Reply(reply) => self.replies.push_back(reply),
-            Outcome::Silent => {}
-            Outcome::Later(reply) => self.later.get_or_insert_default().push_back(reply),
-            Outcome::Close(reply, why) => {
-                self.replies.push_back(reply);
-                self.close(why);
-            }
-        }
+        self.apply(outcome);
     }
 
     /// A client frame over `max` bytes: an error, then close 1009.
@@ -249,6 +332,9 @@ impl Outbox {
         loop {
             if self.closed {
                 return None;
+            }
+            if let Some(finished) = self.running.as_mut().and_then(|r| r.now_or_never()) {
+                self.ran(finished);
             }
             if let Some(frame) = self.replies.pop_front() {
                 if self.replies.is_empty() {
@@ -314,6 +400,7 @@ impl Outbox {
                 .flatten()
                 .min();
             let later = self.later.as_deref_mut().filter(|l| !l.is_empty());
+            let running = self.running.as_mut();
             // While coalescing, pushes wait for the timer, not for their wake-up.
             let attachment = self.conn.attachment().filter(|_| self.coalescing.is_none());
             let timer = match wake {
@@ -326,7 +413,14 @@ impl Outbox {
                 }
                 None => None,
             };
-            let event = wait(self.shutdown_signal.as_mut(), later, attachment, timer).await;
+            let event = wait(
+                self.shutdown_signal.as_mut(),
+                later,
+                running,
+                attachment,
+                timer,
+            )
+            .await;
             if matches!(event, Event::Timer) {
                 // Fired: the next wait arms it anew, even for the same instant.
                 self.timer_at = None;
@@ -334,6 +428,7 @@ impl Outbox {
             match event {
                 Event::Shutdown => self.close(CloseReason::ShuttingDown),
                 Event::Reply(reply) => return Out::Frame(reply),
+                Event::Ran(finished) => self.ran(finished),
                 Event::Woken => {
                     if let Some(coalesce) = Timers::get(self.timers.coalesce_ms) {
                         self.coalescing = Some(Instant::now() + coalesce);
@@ -353,6 +448,11 @@ impl Outbox {
                         // The end of a coalescing pause (or an early wake-up).
                         continue;
                     }
+                    if self.running.is_some() {
+                        // The server is the slow one: the client is not to blame for
+                        // the frames not read meanwhile.
+                        self.seen();
+                    }
                     if Timers::get(self.timers.silence_ms)
                         .is_some_and(|limit| self.last_seen.elapsed() >= limit)
                     {
@@ -371,6 +471,8 @@ impl Outbox {
 enum Event {
     Shutdown,
     Reply(ServerFrame),
+    /// The running command ended.
+    Ran(Finished),
     /// The session has pushes (or was revoked, or died).
     Woken,
     Timer,
@@ -381,12 +483,15 @@ enum Event {
 async fn wait(
     shutdown: Pin<&mut WaitForCancellationFutureOwned>,
     later: Option<&mut FuturesOrdered<LaterReply>>,
+    running: Option<&mut Running>,
     attachment: Option<&Attachment>,
     timer: Option<Pin<&mut Sleep>>,
 ) -> Event {
     let has_later = later.is_some();
     let mut later = later;
     let has_timer = timer.is_some();
+    let has_running = running.is_some();
+    let mut running = running;
     let mut timer = timer;
     tokio::select! {
         // Biased, shutdown last: a connection woken by pushes (the common case, once per
@@ -401,6 +506,9 @@ async fn wait(
         }
         Some(reply) = async { later.as_mut().expect("guarded").next().await }, if has_later => {
             Event::Reply(reply)
+        }
+        finished = async { running.as_mut().expect("guarded").await }, if has_running => {
+            Event::Ran(finished)
         }
         _ = shutdown => Event::Shutdown,
     }

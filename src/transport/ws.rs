@@ -6,7 +6,11 @@
 //! [`Outbox`] and writes what the outbox hands back: replies and error frames, pushes in
 //! batches (feed many frames, one flush), pings when it says idle, and the final
 //! `disconnect` + close. Every write has a deadline (`ws.write_timeout`); a client that
-//! does not read is closed with 4008, and the close itself gets only [`CLOSE_TIMEOUT`].
+//! does not read is closed with 4008, and the close itself gets only [`CLOSE_TIMEOUT`]
+//! (lingering included: after a close frame the socket is shut down and drained briefly,
+//! so the close frame is not lost to a reset). Commands run beside the writer, one at a
+//! time in order (the outbox holds the running one): a command that waits for the store
+//! holds up neither pushes nor pings.
 
 use std::{
     pin::Pin,
@@ -46,8 +50,12 @@ use crate::{
 };
 
 const LABEL: TransportLabel = TransportLabel { transport: "ws" };
-/// How long the final `disconnect` + close frames may take to write.
+/// How long the final `disconnect` + close frames may take to write, together with the
+/// lingering close after them (see [`Writer::linger`]).
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Most bytes a closing connection reads (and drops) while it waits for the client to
+/// close its side.
+pub const LINGER_BYTES: usize = 256 * 1024;
 
 /// Picks the encoding from the offered subprotocols: the first one parley knows.
 /// `Ok(None)` when none was offered, `Err` when only unknown ones were.
@@ -322,8 +330,9 @@ impl Writer {
         }
     }
 
-    /// Announces the close with a `disconnect` frame, then closes with the same code;
-    /// bounded by [`CLOSE_TIMEOUT`] (a client that does not read will not read these).
+    /// Announces the close with a `disconnect` frame, then closes with the same code and
+    /// lingers; all bounded by [`CLOSE_TIMEOUT`] (a client that does not read will not
+    /// read these).
     async fn close(&mut self, why: CloseReason) {
         tracing::debug!(code = why.code(), reason = why.reason(), "closing");
         let frame = self.data_frame(codec::encode_server(self.encoding, &why.frame()));
@@ -331,20 +340,19 @@ impl Writer {
             self.socket.send(frame).await?;
             self.socket
                 .send(Frame::close(CloseCode::from(why.code()), why.reason()))
-                .await
+                .await?;
+            self.socket.linger(LINGER_BYTES).await
         })
         .await;
     }
 
-    /// Lets out what yawc queued itself (a close reply, or its own 1009), briefly. yawc
-    /// writes queued control frames when its sink is polled for readiness, not on a
-    /// flush alone, so both.
-    async fn flush_queued(&mut self) {
-        let _ = timeout(CLOSE_TIMEOUT, async {
-            std::future::poll_fn(|cx| self.socket.poll_ready_unpin(cx)).await?;
-            self.socket.flush().await
-        })
-        .await;
+    /// Lets out what yawc queued itself (a close reply, or the close frame of a protocol
+    /// error: 1002, 1007, 1009), then lingers: the write side is shut down and what the
+    /// client still sends is read and dropped until it closes too, so the close frame is
+    /// not lost to a reset (the kernel resets a socket closed with unread bytes). At most
+    /// [`CLOSE_TIMEOUT`] and [`LINGER_BYTES`].
+    async fn linger(&mut self) {
+        let _ = timeout(CLOSE_TIMEOUT, self.socket.linger(LINGER_BYTES)).await;
     }
 
     /// Writes one item; on a stuck write, closes as a slow consumer. `false`: stop.
@@ -436,6 +444,7 @@ impl Connection {
                 silence_limit: Some(config.heartbeat_interval + config.pong_timeout),
                 connect_deadline: Some(Instant::now() + ctx.core.config.auth.connect_timeout),
                 coalesce: config.coalesce,
+                max_in_flight: config.max_commands_in_flight,
             },
             ctx.shutdown.clone(),
         );
@@ -468,9 +477,9 @@ impl Connection {
                     let frame = match frame {
                         Ok(f) => f,
                         Err(_) => {
-                            // yawc may have queued a close frame (e.g. 1009 past the hard
-                            // limit); let it out.
-                            boxed(self.w.flush_queued()).await;
+                            // yawc queued the close frame of a protocol error (1002,
+                            // 1007, 1009 past the hard limit); let it out.
+                            boxed(self.w.linger()).await;
                             break;
                         }
                     };
@@ -480,7 +489,7 @@ impl Connection {
                             // A deliberate goodbye: no resume will follow. yawc queued the
                             // close reply; let it out.
                             self.outbox.client_closed();
-                            boxed(self.w.flush_queued()).await;
+                            boxed(self.w.linger()).await;
                             break;
                         }
                         _ => {
@@ -492,10 +501,11 @@ impl Connection {
                     if frame.payload().len() > self.max_frame_bytes {
                         self.outbox.too_large(self.max_frame_bytes);
                     } else {
-                        // Boxed: the decoded frame and the command's state live on the
-                        // heap while it runs, not in every idle connection's future.
-                        let frame = codec::decode_client(encoding, frame.payload());
-                        boxed(self.outbox.receive(frame)).await;
+                        // The command runs beside this loop (pushes and pings go on
+                        // while it waits for the store); its reply comes out of the
+                        // outbox in order. Its state lives on the heap while it runs.
+                        self.outbox
+                            .submit(codec::decode_client(encoding, frame.payload()));
                     }
                     if !self.named && let Some(session) = self.outbox.session() {
                         tracing::Span::current().record("user", session.user_id());
@@ -514,8 +524,10 @@ impl Connection {
                 }
             }
         }
-        // The connection drops after this: the outbox detaches the session (or it was
-        // ended), on every path.
+        // A command still running is let finish (never cut off halfway; a `connect`
+        // binds its session). The connection drops after this: the outbox detaches the
+        // session (or it was ended), on every path.
+        boxed(self.outbox.settle()).await;
     }
 }
 

@@ -746,3 +746,92 @@ pub async fn stalling_member(
         }
     }
 }
+
+/// A raw WebSocket client on a plain TCP socket: sends the upgrade request (with
+/// `extensions` as `Sec-WebSocket-Extensions`, if any) and reads the response head.
+/// Returns the socket, positioned at the first frame, and the head.
+pub async fn raw_ws(addr: SocketAddr, extensions: Option<&str>) -> (TcpStream, String) {
+    raw_ws_on(TcpStream::connect(addr).await.unwrap(), extensions).await
+}
+
+/// [`raw_ws`] on a socket the caller connected (say a [`tiny_socket`]).
+pub async fn raw_ws_on(mut s: TcpStream, extensions: Option<&str>) -> (TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ext = extensions
+        .map(|e| format!("Sec-WebSocket-Extensions: {e}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: parley.v1.json\r\n{ext}\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    (s, head)
+}
+
+/// One client frame: `first` is the first header byte (FIN, RSV, opcode); the payload is
+/// masked as RFC 6455 requires of clients.
+pub fn masked_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    let mut out = vec![first];
+    match payload.len() {
+        n @ 0..=125 => out.push(0x80 | n as u8),
+        n @ 126..=65535 => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+/// Reads server frames until a close frame: its code (`Some(0)` for a close frame with
+/// no code), or `None` when the connection ended (EOF or reset) without one.
+pub async fn read_close_code(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<u16> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        // Whole frames in `buf` (server frames are unmasked).
+        while buf.len() >= 2 {
+            let (len, head) = match buf[1] & 0x7f {
+                126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+                127 if buf.len() >= 10 => (
+                    u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                126 | 127 => break,
+                n => (n as usize, 2),
+            };
+            if buf.len() < head + len {
+                break;
+            }
+            if buf[0] & 0x0f == 0x8 {
+                let p = &buf[head..head + len];
+                return Some(if p.len() >= 2 {
+                    u16::from_be_bytes([p[0], p[1]])
+                } else {
+                    0
+                });
+            }
+            buf.drain(..head + len);
+        }
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => panic!("no close within {WAIT:?}"),
+        }
+    }
+}

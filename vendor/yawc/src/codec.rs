@@ -286,6 +286,12 @@ impl codec::Decoder for Decoder {
         }
 
         let opcode = frame::OpCode::try_from(src[0] & 0b00001111)?;
+        // PARLEY PATCH: RSV1 ("per-message compressed") belongs on the first frame of a
+        // data message only; on a control or continuation frame it is a protocol error
+        // (RFC 7692 section 6.1: the receiver MUST fail the connection).
+        if rsv1 && (opcode.is_control() || opcode == frame::OpCode::Continuation) {
+            return Err(WebSocketError::ReservedBitsNotZero);
+        }
         let masked = src[1] & 0b10000000 != 0;
         let length_code = src[1] & 0x7F;
 

@@ -1,7 +1,7 @@
 use std::{io, mem};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use flate2::{CompressError, DecompressError, FlushCompress, FlushDecompress, Status};
+use flate2::{CompressError, FlushCompress, FlushDecompress, Status};
 
 use nom::{
     bytes::complete::{tag, take_while1},
@@ -542,13 +542,6 @@ fn deflate_error(err: CompressError) -> io::Error {
     )
 }
 
-fn inflate_error(err: DecompressError) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidInput,
-        format!("Decompression error: {err}"),
-    )
-}
-
 /// The output buffer a compressor or decompressor starts with.
 const OUTPUT_CAPACITY: usize = 1024;
 
@@ -775,23 +768,15 @@ impl Inflate {
                     break;
                 }
                 Ok(Status::Ok | Status::BufError) => {}
-                Err(..) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        "corrupt deflate stream",
-                    )
-                    .into())
-                }
+                // PARLEY PATCH: the peer's data, not an I/O fault (1007, not 1011).
+                Err(..) => return Err(WebSocketError::InvalidCompressedData),
             }
 
             // Guard against any other state where the inflater makes no progress:
             // without this the loop would spin on the CPU until the process is killed.
             if consumed == 0 && read == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "deflate stream made no progress",
-                )
-                .into());
+                // PARLEY PATCH: as above, the peer's data.
+                return Err(WebSocketError::InvalidCompressedData);
             }
         }
 
@@ -812,7 +797,8 @@ impl Inflate {
             let before_out = decompressor.total_out();
             decompressor
                 .decompress(&[], dst, flush)
-                .map_err(inflate_error)?;
+                // PARLEY PATCH: the peer's data (1007), as in `write`.
+                .map_err(|_| WebSocketError::InvalidCompressedData)?;
 
             let written = (decompressor.total_out() - before_out) as usize;
             if written == 0 && flush == FlushDecompress::None {

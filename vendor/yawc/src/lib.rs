@@ -281,6 +281,12 @@ pub enum WebSocketError {
     #[cfg(not(target_arch = "wasm32"))]
     CompressionNotSupported,
 
+    /// PARLEY PATCH: a compressed message that does not inflate (corrupt data, or a
+    /// peer that kept context it agreed not to keep). The connection fails with 1007.
+    #[error("Invalid compressed data")]
+    #[cfg(not(target_arch = "wasm32"))]
+    InvalidCompressedData,
+
     /// The SOCKS5 proxy refused or could not complete the connection.
     #[cfg(not(target_arch = "wasm32"))]
     #[error(transparent)]
@@ -358,7 +364,11 @@ impl WebSocketError {
     /// Returns `true` if this is a data validation error (invalid UTF-8 or size limit).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn is_data_error(&self) -> bool {
-        matches!(self, Self::InvalidUTF8 | Self::FrameTooLarge)
+        // PARLEY PATCH: corrupt compressed data too.
+        matches!(
+            self,
+            Self::InvalidUTF8 | Self::FrameTooLarge | Self::InvalidCompressedData
+        )
     }
 
     /// Returns `true` if this wraps an I/O error.

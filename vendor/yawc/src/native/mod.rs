@@ -1227,9 +1227,16 @@ where
             let frame = ready!(self
                 .streaming
                 .poll_next_frame_with_limit(cx, self.fragment_layer.remaining_read_capacity()))?;
-            match self.on_frame(frame)? {
-                Some(ok) => break Poll::Ready(Ok(ok)),
-                None => continue,
+            match self.on_frame(frame) {
+                Ok(Some(ok)) => break Poll::Ready(Ok(ok)),
+                Ok(None) => continue,
+                Err(err) => {
+                    // PARLEY PATCH: fragment and UTF-8 errors of this layer fail the
+                    // connection with their close code (1002, 1007, 1009) as the
+                    // frame layer's errors do; yawc returned them with no close frame.
+                    self.streaming.fail(&err);
+                    break Poll::Ready(Err(err));
+                }
             }
         }
     }
@@ -1237,6 +1244,22 @@ where
     /// Asynchronously retrieves the next frame from the WebSocket stream.
     pub async fn next_frame(&mut self) -> Result<Frame> {
         poll_fn(|cx| self.poll_next_frame(cx)).await
+    }
+
+    // PARLEY PATCH: a lingering close (see `Streaming::poll_linger`).
+    /// Ends the connection after a close frame was sent or queued: writes what is owed
+    /// (the close frame), shuts the write side down, then reads and discards what the peer
+    /// still sends, up to `max_bytes`, until it closes its side. Closing a socket with
+    /// unread bytes makes the kernel reset the connection, which can destroy the close
+    /// frame before the peer reads it. Bound it in time (`tokio::time::timeout`).
+    pub async fn linger(&mut self, max_bytes: usize) -> Result<()> {
+        let mut shut_down = false;
+        let mut remaining = max_bytes;
+        poll_fn(|cx| {
+            self.streaming
+                .poll_linger(cx, &mut shut_down, &mut remaining)
+        })
+        .await
     }
 
     // PARLEY PATCH: see `Options::lazy_buffers`.

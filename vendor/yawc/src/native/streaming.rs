@@ -344,6 +344,12 @@ where
         cx: &mut Context<'_>,
         max_read_buffer: usize,
     ) -> Poll<Result<Frame>> {
+        // PARLEY PATCH: no reading while frames this side owes (a pong, a close) cannot
+        // be written: a peer that sends pings and never reads would otherwise have them
+        // read, and answers queued, without bound. Its own sends back up instead.
+        if !self.read_half.is_closed && (!self.obligated_sends.is_empty() || self.flush_sends) {
+            ready!(self.poll_flush_obligated(ContextKind::Read, cx))?;
+        }
         let res = if self.lazy_buffers {
             self.poll_frame_lazily(cx)
         } else if self.stream.read_buffer().is_empty() {
@@ -374,25 +380,7 @@ where
                 Poll::Ready(Err(WebSocketError::ConnectionClosed))
             }
             Poll::Ready(Err(err)) => {
-                let code = match err {
-                    WebSocketError::FrameTooLarge => CloseCode::Size,
-                    WebSocketError::InvalidUTF8 => CloseCode::Invalid,
-                    // PARLEY PATCH: a reserved opcode is a protocol error (RFC 6455
-                    // section 5.2 "fail the WebSocket connection"; 1002, as the Autobahn
-                    // cases 4.x expect), not unsupported data (1003).
-                    WebSocketError::ReservedBitsNotZero
-                    | WebSocketError::InvalidOpCode(_)
-                    | WebSocketError::ControlFrameFragmented
-                    | WebSocketError::PingFrameTooLarge
-                    | WebSocketError::InvalidFragment
-                    | WebSocketError::InvalidCloseFrame
-                    | WebSocketError::InvalidCloseCode
-                    | WebSocketError::FragmentTimeout
-                    | WebSocketError::InvalidContinuationFrame
-                    | WebSocketError::CompressionNotSupported => CloseCode::Protocol,
-                    _ => CloseCode::Error,
-                };
-                self.emit_close(Frame::close(code, err.to_string()));
+                self.fail(&err);
                 Poll::Ready(Err(err))
             }
             Poll::Pending => {
@@ -532,9 +520,104 @@ where
         Ok(frame)
     }
 
+    // PARLEY PATCH: owed pongs are bounded. RFC 6455 section 5.5.3 lets an endpoint
+    // that has not yet answered earlier pings answer only the most recent one, so a pong
+    // still waiting in the queue takes the newer payload instead of a second pong
+    // joining it. The payload is copied (at most 125 bytes): a slice would keep the
+    // whole read buffer it came from alive for as long as the pong waits.
     fn on_ping(&mut self, frame: &Frame) {
-        self.obligated_sends
-            .push_back(Frame::pong(frame.payload.clone()));
+        let payload = Bytes::copy_from_slice(&frame.payload);
+        if let Some(owed) = self
+            .obligated_sends
+            .iter_mut()
+            .find(|f| f.opcode == OpCode::Pong)
+        {
+            owed.payload = payload;
+            return;
+        }
+        self.obligated_sends.push_back(Frame::pong(payload));
+    }
+
+    // PARLEY PATCH: one mapping from a read error to the close code that fails the
+    // connection, for errors of this layer and of `WebSocket`'s (fragments, UTF-8).
+    /// Fails the connection after `err`: queues the close frame its code calls for (RFC
+    /// 6455 section 7.4.1), written by the next read, `poll_ready` or flush.
+    pub(crate) fn fail(&mut self, err: &WebSocketError) {
+        let code = match err {
+            // The peer went away, or the socket failed: nothing can be sent.
+            WebSocketError::ConnectionClosed | WebSocketError::IoError(_) => return,
+            WebSocketError::FrameTooLarge => CloseCode::Size,
+            WebSocketError::InvalidUTF8 | WebSocketError::InvalidCompressedData => {
+                CloseCode::Invalid
+            }
+            // PARLEY PATCH: a reserved opcode is a protocol error (RFC 6455
+            // section 5.2 "fail the WebSocket connection"; 1002, as the Autobahn
+            // cases 4.x expect), not unsupported data (1003).
+            WebSocketError::ReservedBitsNotZero
+            | WebSocketError::InvalidOpCode(_)
+            | WebSocketError::ControlFrameFragmented
+            | WebSocketError::PingFrameTooLarge
+            | WebSocketError::InvalidFragment
+            | WebSocketError::InvalidCloseFrame
+            | WebSocketError::InvalidCloseCode
+            | WebSocketError::FragmentTimeout
+            | WebSocketError::InvalidContinuationFrame
+            | WebSocketError::CompressionNotSupported => CloseCode::Protocol,
+            _ => CloseCode::Error,
+        };
+        if self.read_half.is_closed && self.obligated_sends.iter().any(|f| f.opcode == OpCode::Close) {
+            // A close frame is already on its way; only one may be sent.
+            return;
+        }
+        // Pongs still owed are moot: the connection is failing.
+        self.obligated_sends.retain(|f| f.opcode != OpCode::Pong);
+        self.emit_close(Frame::close(code, err.to_string()));
+    }
+
+    // PARLEY PATCH: a lingering close. After the close frame, the write side is shut
+    // down (FIN) and what the peer still sends is read and discarded, up to `remaining`
+    // bytes, until it closes too: closing a socket with unread bytes makes the kernel
+    // send a reset, which can destroy the close frame before the peer reads it.
+    /// Writes what is owed, shuts the write side down once, then reads and discards until
+    /// the end of the stream or until `remaining` bytes were discarded. The caller bounds
+    /// it in time.
+    pub(crate) fn poll_linger(
+        &mut self,
+        cx: &mut Context<'_>,
+        shut_down: &mut bool,
+        remaining: &mut usize,
+    ) -> Poll<Result<()>> {
+        use futures::SinkExt as _;
+        if !*shut_down {
+            ready!(self.poll_flush_obligated(ContextKind::Write, cx))?;
+            ready!(self
+                .wake_proxy
+                .poll_with_context(ContextKind::Write, cx, |cx| self.stream.poll_flush_unpin(cx)))?;
+            ready!(self
+                .wake_proxy
+                .poll_with_context(ContextKind::Write, cx, |cx| {
+                    Pin::new(self.stream.get_mut()).poll_shutdown(cx)
+                }))?;
+            *shut_down = true;
+            // Nothing more is decoded.
+            *self.stream.read_buffer_mut() = BytesMut::new();
+            self.read_half.is_closed = true;
+        }
+        while *remaining > 0 {
+            let mut bytes = [MaybeUninit::<u8>::uninit(); LAZY_READ_BYTES];
+            let mut read = ReadBuf::uninit(&mut bytes);
+            ready!(self
+                .wake_proxy
+                .poll_with_context(ContextKind::Read, cx, |cx| {
+                    Pin::new(self.stream.get_mut()).poll_read(cx, &mut read)
+                }))?;
+            let n = read.filled().len();
+            if n == 0 {
+                break;
+            }
+            *remaining = remaining.saturating_sub(n);
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn on_close(&mut self, frame: &Frame) -> Result<()> {
