@@ -303,6 +303,10 @@ pub struct AuthConfig {
     /// Lifetime of an SSE ticket (`POST /api/v1/tickets`) before its first use.
     #[serde(with = "humantime_serde")]
     pub ticket_ttl: Duration,
+    /// Signs SSE tickets, so every instance can tell a ticket the cluster issued (whose
+    /// session is gone: 410) from one never issued (401). Empty: derived from
+    /// `jwt_secret` with HS256, random per process otherwise. The same on every instance.
+    pub ticket_secret: String,
     /// Bearer token for the admin HTTP API (announcements, server-side publish). Empty
     /// disables those endpoints.
     pub admin_token: String,
@@ -389,6 +393,7 @@ impl Default for AuthConfig {
             leeway: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             ticket_ttl: Duration::from_secs(30),
+            ticket_secret: String::new(),
             admin_token: String::new(),
             key_id: String::new(),
             extra_keys: Vec::new(),

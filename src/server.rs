@@ -136,7 +136,8 @@ fn assemble_core(config: Config, store: Arc<dyn Store>) -> Result<Arc<Core>, Ser
     Ok(Arc::new(Core {
         auth: Authenticator::new(&config.auth)?,
         tickets: crate::session::tickets::Tickets::new(config.auth.ticket_ttl)
-            .with_prefix(&id_prefix),
+            .with_prefix(&id_prefix)
+            .with_key(crate::session::tickets::ticket_key(&config.auth)),
         config,
         chat,
         sessions,
