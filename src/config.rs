@@ -140,6 +140,27 @@ pub struct ServerConfig {
     /// `sse.write_timeout`, WebSockets `ws.write_timeout`).
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
+    /// Deadlines before a request exists, so silent or trickling sockets cannot hold
+    /// connection slots: a TLS handshake must finish within `tls_handshake_timeout`;
+    /// then the client must send enough to tell HTTP/1 from HTTP/2 (its first bytes, or
+    /// the whole HTTP/2 connection preface) within `preface_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub preface_timeout: Duration,
+    /// HTTP/1: a request head must arrive in full within this (also how long a
+    /// keep-alive connection may wait for its next request).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// HTTP/2: a connection with no request open for this long is closed (GOAWAY).
+    #[serde(with = "humantime_serde")]
+    pub h2_idle_timeout: Duration,
+    /// HTTP/2: a PING is sent after this long without a frame from the client; no answer
+    /// within `h2_keep_alive_timeout` closes the connection.
+    #[serde(with = "humantime_serde")]
+    pub h2_keep_alive_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub h2_keep_alive_timeout: Duration,
     /// Browser origins (e.g. `https://app.example.com`) allowed to use the API, SSE,
     /// long-poll and /ws from another origin (CORS, and the WebSocket origin check).
     /// Same-origin requests and clients that send no `Origin` are always allowed. `*`
@@ -159,6 +180,12 @@ impl Default for ServerConfig {
             shutdown_timeout: Duration::from_secs(10),
             drain_delay: Duration::from_secs(2),
             write_timeout: Duration::from_secs(30),
+            tls_handshake_timeout: Duration::from_secs(10),
+            preface_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(30),
+            h2_idle_timeout: Duration::from_secs(30),
+            h2_keep_alive_interval: Duration::from_secs(20),
+            h2_keep_alive_timeout: Duration::from_secs(20),
             allowed_origins: Vec::new(),
             http_compression: true,
         }
@@ -300,6 +327,10 @@ pub struct AuthConfig {
     /// Lifetime of an SSE ticket (`POST /api/v1/tickets`) before its first use.
     #[serde(with = "humantime_serde")]
     pub ticket_ttl: Duration,
+    /// Signs SSE tickets, so every instance can tell a ticket the cluster issued (whose
+    /// session is gone: 410) from one never issued (401). Empty: derived from
+    /// `jwt_secret` with HS256, random per process otherwise. The same on every instance.
+    pub ticket_secret: String,
     /// Bearer token for the admin HTTP API (announcements, server-side publish). Empty
     /// disables those endpoints.
     pub admin_token: String,
@@ -396,6 +427,7 @@ impl Default for AuthConfig {
             leeway: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             ticket_ttl: Duration::from_secs(30),
+            ticket_secret: String::new(),
             admin_token: String::new(),
             key_id: String::new(),
             extra_keys: Vec::new(),
@@ -902,6 +934,16 @@ impl Config {
             HOUR,
         )?;
         duration("server.write_timeout", s.write_timeout, 100 * MS, HOUR)?;
+        for (key, v) in [
+            ("server.tls_handshake_timeout", s.tls_handshake_timeout),
+            ("server.preface_timeout", s.preface_timeout),
+            ("server.header_read_timeout", s.header_read_timeout),
+            ("server.h2_idle_timeout", s.h2_idle_timeout),
+            ("server.h2_keep_alive_interval", s.h2_keep_alive_interval),
+            ("server.h2_keep_alive_timeout", s.h2_keep_alive_timeout),
+        ] {
+            duration(key, v, 10 * MS, HOUR)?;
+        }
         duration(
             "server.drain_delay",
             s.drain_delay,

@@ -1,11 +1,11 @@
 //! The top of the layers: wires the concrete pieces from the configuration and runs the
 //! HTTP server — the axum router (`/ws`, `/sse`, `/poll`, `/session`, the API,
 //! `/healthz`, `/readyz`, `/metrics`), the accept loop (TLS, HTTP/1.1, HTTP/2, a write
-//! deadline on every socket), graceful shutdown, and the session reaper. Nothing imports
-//! this module but the binary and tests, which start the same server in-process on an
-//! ephemeral port.
+//! deadline on every socket, a deadline on every stage before a request), graceful
+//! shutdown, and the session reaper. Nothing imports this module but the binary and
+//! tests, which start the same server in-process on an ephemeral port.
 
-use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc};
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use axum::{
     Router,
@@ -40,6 +40,7 @@ use crate::{
         self, Ctx, PeerIp,
         admission::{Admission, Refusal},
         deadline::{DeadlineIo, WriteDeadline},
+        idle::{Counted, Streams},
         version::Sniffed,
     },
 };
@@ -135,7 +136,8 @@ fn assemble_core(config: Config, store: Arc<dyn Store>) -> Result<Arc<Core>, Ser
     Ok(Arc::new(Core {
         auth: Authenticator::new(&config.auth)?,
         tickets: crate::session::tickets::Tickets::new(config.auth.ticket_ttl)
-            .with_prefix(&id_prefix),
+            .with_prefix(&id_prefix)
+            .with_key(crate::session::tickets::ticket_key(&config.auth)),
         config,
         chat,
         sessions,
@@ -345,10 +347,37 @@ fn refuse(mut tcp: tokio::net::TcpStream, refusal: Refusal, tls: bool) {
     });
 }
 
+/// The deadlines of the stages before a request exists (`server.*_timeout`), and the
+/// HTTP/2 keep-alive.
+#[derive(Clone, Copy)]
+struct Stages {
+    tls_handshake: Duration,
+    preface: Duration,
+    header_read: Duration,
+    h2_idle: Duration,
+    h2_ping_interval: Duration,
+    h2_ping_timeout: Duration,
+}
+
+impl Stages {
+    fn new(s: &crate::config::ServerConfig) -> Self {
+        Self {
+            tls_handshake: s.tls_handshake_timeout,
+            preface: s.preface_timeout,
+            header_read: s.header_read_timeout,
+            h2_idle: s.h2_idle_timeout,
+            h2_ping_interval: s.h2_keep_alive_interval,
+            h2_ping_timeout: s.h2_keep_alive_timeout,
+        }
+    }
+}
+
 /// Serves one accepted connection: HTTP/1.1 or HTTP/2 (by its first bytes: the h2c
 /// preface, or after TLS whatever ALPN said), with upgrades (WebSocket) and extended
 /// CONNECT (RFC 8441, WebSocket over HTTP/2). On shutdown the connection is asked to
-/// finish gracefully (`watcher` tells the server when it has).
+/// finish gracefully (`watcher` tells the server when it has). Every stage before a
+/// request has a deadline (`stages`): the first bytes, an HTTP/1 request head, an
+/// HTTP/2 connection without an open request.
 async fn serve_connection<I>(
     io: I,
     app: Router,
@@ -356,6 +385,7 @@ async fn serve_connection<I>(
     shutdown: CancellationToken,
     deadline: WriteDeadline,
     peer: PeerIp,
+    stages: Stages,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -366,12 +396,15 @@ async fn serve_connection<I>(
         req.extensions_mut().insert(peer);
         req
     });
-    let service = TowerToHyperService::new(app);
     let (h2, io) = tokio::select! {
-        read = Sniffed::read(io) => match read {
-            Ok(read) => read,
-            Err(e) => {
+        read = tokio::time::timeout(stages.preface, Sniffed::read(io)) => match read {
+            Ok(Ok(read)) => read,
+            Ok(Err(e)) => {
                 tracing::debug!(error = %e, "connection ended before a request");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(timeout = ?stages.preface, "no request in time: closing");
                 return;
             }
         },
@@ -382,19 +415,13 @@ async fn serve_connection<I>(
     // (Each connection is built and pinned in place: moved into `until_shutdown` by
     // value, or built from a variable of its own, it would take room twice here.)
     let ended = if h2 {
-        let mut conn = Box::pin(
-            http2::Builder::new(TokioExecutor::new())
-                .enable_connect_protocol()
-                .timer(TokioTimer::new())
-                .serve_connection(TokioIo::new(io), service),
-        );
-        until_shutdown(conn.as_mut(), &shutdown, |c| c.graceful_shutdown()).await
+        Box::pin(serve_h2(io, app, &shutdown, stages)).await
     } else {
         let conn = std::pin::pin!(
             http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(30))
-                .serve_connection(TokioIo::new(io), service)
+                .header_read_timeout(stages.header_read)
+                .serve_connection(TokioIo::new(io), TowerToHyperService::new(app))
                 .with_upgrades()
         );
         until_shutdown(conn, &shutdown, |c| c.graceful_shutdown()).await
@@ -403,6 +430,63 @@ async fn serve_connection<I>(
         tracing::debug!(error = %e, "connection ended with an error");
     }
     drop(watcher);
+}
+
+/// Serves an HTTP/2 connection: keep-alive PINGs (a peer that does not answer is cut),
+/// and a GOAWAY once no request has been open for `server.h2_idle_timeout`.
+async fn serve_h2<I, S>(
+    io: I,
+    app: S,
+    shutdown: &CancellationToken,
+    stages: Stages,
+) -> Result<(), hyper::Error>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<
+            axum::extract::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let streams = Streams::new();
+    let service = TowerToHyperService::new(Counted::new(app, streams.clone()));
+    let mut conn = std::pin::pin!(
+        http2::Builder::new(TokioExecutor::new())
+            .enable_connect_protocol()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(stages.h2_ping_interval)
+            .keep_alive_timeout(stages.h2_ping_timeout)
+            .serve_connection(TokioIo::new(io), service)
+    );
+    tokio::select! {
+        ended = conn.as_mut() => return ended,
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            return conn.await;
+        }
+        _ = streams.idle_for(stages.h2_idle) => {}
+    }
+    tracing::debug!(idle = ?stages.h2_idle, "HTTP/2 connection without requests: GOAWAY");
+    conn.as_mut().graceful_shutdown();
+    // A client that answers the GOAWAY's PING sees the connection closed at once. One
+    // that does not would keep it forever: it is dropped when, after the keep-alive
+    // timeout, still no request is open (a WebSocket tunnel runs until it ends).
+    loop {
+        tokio::select! {
+            ended = conn.as_mut() => return ended,
+            _ = tokio::time::sleep(stages.h2_ping_timeout) => {}
+        }
+        if streams.tunnelled() {
+            return conn.await;
+        }
+        if streams.quiet() {
+            tracing::debug!("HTTP/2 peer did not close after GOAWAY: dropping it");
+            return Ok(());
+        }
+    }
 }
 
 /// Drives `conn` to its end; once `shutdown` is cancelled, asks it (`graceful`) to
@@ -458,6 +542,7 @@ impl Server {
         let app = router(state.clone()).layer(cors(state.core.config.clone()));
         let s = state.clone();
         let write_timeout = state.core.config.server.write_timeout;
+        let stages = Stages::new(&state.core.config.server);
         // The drain sequence: not ready first (load balancers stop sending new clients)
         // while still serving, for `server.drain_delay`; then stop accepting and tell
         // every client to reconnect; then wait for connections to finish.
@@ -500,22 +585,32 @@ impl Server {
                 let deadline = WriteDeadline::new(write_timeout);
                 let io = DeadlineIo::new(tcp, deadline.clone()).with_slot(slot);
                 let peer = PeerIp(peer.ip());
+
                 // Every idle connection holds its task's future, which is as large as its
                 // largest state: a plain connection's task is `serve_connection` alone,
                 // not sized for the TLS path (its handshake, a connection over the TLS
                 // stream) as well.
                 match tls {
                     None => {
-                        tokio::spawn(serve_connection(io, app, watcher, shutdown, deadline, peer));
+                        tokio::spawn(serve_connection(
+                            io, app, watcher, shutdown, deadline, peer, stages,
+                        ));
                     }
                     Some(acceptor) => {
                         tokio::spawn(async move {
-                            match acceptor.accept(io).await {
-                                Ok(stream) => {
-                                    serve_connection(stream, app, watcher, shutdown, deadline, peer)
-                                        .await
+                            let handshake = acceptor.accept(io);
+                            match tokio::time::timeout(stages.tls_handshake, handshake).await {
+                                Ok(Ok(stream)) => {
+                                    serve_connection(
+                                        stream, app, watcher, shutdown, deadline, peer, stages,
+                                    )
+                                    .await
                                 }
-                                Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
+                                Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                                Err(_) => tracing::debug!(
+                                    timeout = ?stages.tls_handshake,
+                                    "TLS handshake not finished in time: closing"
+                                ),
                             }
                         });
                     }

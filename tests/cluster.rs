@@ -498,3 +498,136 @@ async fn a_rolling_restart_tells_clients_to_reconnect_and_they_continue_elsewher
     ann.send_msg("r", "a6", "x").await;
     assert_gap_free(&messages(&mut bob, 1).await, 7, 7);
 }
+
+/// `GET /sse` at `addr` with `path` and `Last-Event-ID: last`: the refusal's status and
+/// error code.
+async fn sse_refusal(addr: std::net::SocketAddr, path: &str, last: &str) -> (u16, String) {
+    let sse = common::SseClient::open(addr, path, &[("last-event-id", last)]).await;
+    let status = sse.status;
+    let body = sse.body_bytes().await;
+    let v: serde_json::Value = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| panic!("error JSON, got {}", String::from_utf8_lossy(&body)));
+    (status, v["code"].as_str().unwrap_or_default().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sse_reconnect_after_its_instance_restarted_gets_410_session_not_found() {
+    let mut cluster = Cluster::start("sse-restart", 2).await;
+    let auth = bearer(&cluster, "sid");
+    let r = common::http(
+        cluster.addr(0),
+        "POST",
+        "/api/v1/tickets",
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let ticket = v["ticket"].as_str().unwrap().to_string();
+    let path = format!("/sse?ticket={ticket}");
+    let mut sse = common::SseClient::open(cluster.addr(0), &path, &[]).await;
+    assert_eq!(sse.status, 200);
+    let (_, first) = sse.next_frame().await;
+    assert!(matches!(first.kind, Some(Kind::Connected(_))), "{first:?}");
+
+    // The instance holding the session restarts (a new instance id, nothing kept).
+    drop(sse);
+    cluster.restart_instance(0).await;
+    // The browser's reconnect, wherever it lands, learns that the session is gone, as
+    // PROTOCOL.md says: it opens a new session and syncs.
+    for i in [0, 1] {
+        assert_eq!(
+            sse_refusal(cluster.addr(i), &path, "0").await,
+            (410, "ERROR_CODE_SESSION_NOT_FOUND".to_string()),
+            "reconnect on instance {i}"
+        );
+    }
+    // A ticket nobody issued is still unknown (401), reconnect or not.
+    let forged = format!(
+        "{}0{}",
+        &ticket[..ticket.len() - 41],
+        &ticket[ticket.len() - 40..]
+    );
+    let forged = if forged == ticket {
+        format!(
+            "{}1{}",
+            &ticket[..ticket.len() - 41],
+            &ticket[ticket.len() - 40..]
+        )
+    } else {
+        forged
+    };
+    assert_eq!(
+        sse_refusal(cluster.addr(1), &format!("/sse?ticket={forged}"), "0").await,
+        (401, "ERROR_CODE_UNAUTHORIZED".to_string())
+    );
+    // The used ticket opens nothing new either.
+    let sse = common::SseClient::open(cluster.addr(1), &path, &[]).await;
+    assert_eq!(sse.status, 401);
+    // The client starts over and is served.
+    let mut sid = cluster.client(1, "sid").await;
+    sid.join("r").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_for_live_sessions_are_still_relayed_while_redis_is_down() {
+    let mut cluster = Cluster::start("relay-outage", 2).await;
+    // pat's long-poll session lives on instance 0; ann chats on instance 0 as well.
+    let auth = bearer(&cluster, "pat");
+    let session = common::open_http_session(cluster.addr(0), &auth).await;
+    let mut ann = cluster.client(0, "ann").await;
+    ann.join("r").await;
+    // Instance 1 has seen instance 0's address by heartbeat (it never relayed yet).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    cluster.stop_redis();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while http_get(cluster.addr(1), "/readyz").await.0 != 503 {
+        assert!(tokio::time::Instant::now() < deadline, "never noticed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Commands and polls for pat's session that land on instance 1 reach it.
+    let (status, v) = command(
+        &cluster,
+        1,
+        "pat",
+        &session,
+        serde_json::json!({"id":"2","join":{"room":"r"}}),
+    )
+    .await;
+    assert_eq!(
+        (status, v["joined"]["room"].as_str()),
+        (200, Some("r")),
+        "{v}"
+    );
+    ann.send_msg("r", "m1", "during the outage").await;
+    let mut seqs = Vec::new();
+    let (mut pos, mut cursor) = (0, 0);
+    while seqs.is_empty() {
+        let path = format!("/poll?session_id={session}&cursor={cursor}&wait=1");
+        let r = common::http(
+            cluster.addr(1),
+            "GET",
+            &path,
+            &[("authorization", &auth)],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let frames: Vec<proto::ServerFrame> = serde_json::from_slice(&r.body).unwrap();
+        message_seqs(&frames, &mut pos, &mut seqs);
+        cursor = pos;
+    }
+    assert_eq!(seqs, [1]);
+    // A session nobody holds is still gone.
+    let (status, _) = command(
+        &cluster,
+        1,
+        "pat",
+        "ffff.0000",
+        serde_json::json!({"id":"3","ping":{}}),
+    )
+    .await;
+    assert_eq!(status, 410);
+}

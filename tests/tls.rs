@@ -247,3 +247,65 @@ async fn websocket_over_http2_rfc_8441() {
     let v: Value = serde_json::from_slice(frame.payload()).unwrap();
     assert_eq!(v["connected"]["userId"], "ann");
 }
+
+#[tokio::test]
+async fn silent_and_stalled_tls_handshakes_are_cut_at_their_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certs = make_certs("deadline");
+    let (cert, key) = (certs.dir.join("cert.pem"), certs.dir.join("key.pem"));
+    let t = TestServer::start_with(|c| {
+        c.tls.cert_file = Some(cert.to_str().unwrap().into());
+        c.tls.key_file = Some(key.to_str().unwrap().into());
+        c.server.tls_handshake_timeout = std::time::Duration::from_millis(400);
+        c.server.preface_timeout = std::time::Duration::from_millis(400);
+    })
+    .await;
+    /// How long until the server closes `s` (reading and dropping what it sends).
+    async fn closed_after(mut s: impl tokio::io::AsyncRead + Unpin) -> std::time::Duration {
+        let start = tokio::time::Instant::now();
+        let mut buf = [0u8; 1024];
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while let Ok(1..) = s.read(&mut buf).await {}
+        })
+        .await
+        .expect("the server closes the connection");
+        start.elapsed()
+    }
+    let silent = TcpStream::connect(t.addr()).await.unwrap();
+    // A TLS record header announcing a 512-byte ClientHello, then 4 bytes of it.
+    let mut stalled = TcpStream::connect(t.addr()).await.unwrap();
+    stalled
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc])
+        .await
+        .unwrap();
+    // A finished handshake that then sends no request: the preface deadline.
+    let quiet = tls_connect(&t, &certs, &[b"http/1.1"]).await;
+    let (silent, stalled, quiet) = tokio::join!(
+        closed_after(silent),
+        closed_after(stalled),
+        closed_after(quiet)
+    );
+    for (what, after) in [("silent", silent), ("stalled", stalled), ("quiet", quiet)] {
+        assert!(
+            after >= std::time::Duration::from_millis(300)
+                && after < std::time::Duration::from_secs(3),
+            "{what}: closed after {after:?}"
+        );
+    }
+    // A client that completes its handshake and asks is served.
+    let tls = tls_connect(&t, &certs, &[b"h2"]).await;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let r = sender
+        .send_request(
+            Request::get(format!("https://localhost:{}/healthz", t.addr().port()))
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

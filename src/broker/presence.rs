@@ -226,6 +226,36 @@ impl Presence {
             .await
     }
 
+    /// The advertised addresses of the live instances (id in hex → address), at most
+    /// `max`.
+    pub async fn addresses(
+        &self,
+        conn: &mut ConnectionManager,
+        now: i64,
+        max: usize,
+    ) -> redis::RedisResult<Vec<(String, String)>> {
+        let ids: Vec<u64> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.instances())
+            .arg(format!("({now}"))
+            .arg("+inf")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(max)
+            .query_async(conn)
+            .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = ids.iter().map(|i| format!("{i:x}")).collect();
+        let keys: Vec<String> = ids.iter().map(|i| self.keys.addr(i)).collect();
+        let addrs: Vec<Option<String>> = redis::cmd("MGET").arg(keys).query_async(conn).await?;
+        Ok(ids
+            .into_iter()
+            .zip(addrs)
+            .filter_map(|(id, addr)| Some((id, addr?)))
+            .collect())
+    }
+
     /// Whether another live instance has a session of `user`.
     pub async fn online_elsewhere(
         &self,

@@ -17,12 +17,15 @@
 //!   again, every wanted channel is subscribed again and every watched room is repaired
 //!   from the log ([`RoomOrder::repair`]); gaps that show up in live traffic are filled
 //!   by the order buffer after `broker.gap_hold` anyway.
+//! - **Addresses**: every heartbeat also reads the live instances' HTTP addresses into an
+//!   address book (bounded), so requests for sessions on other instances are still
+//!   relayed while Redis is unreachable (`locate` answers from the book then).
 //!
 //! Owns: channels, subscriptions, the connection's health. Not: order (`order`), presence
 //! keys (`presence`), what to publish (`chat`).
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex, MutexGuard, Weak,
         atomic::{AtomicBool, Ordering},
@@ -90,7 +93,13 @@ struct Inner {
     /// The address has been published once (until then requests for this instance's
     /// sessions cannot be routed here, so it is not ready).
     advertised: AtomicBool,
+    /// The last known addresses of live instances (id → HTTP address), refreshed by
+    /// every heartbeat and every lookup: what `locate` answers while Redis is down.
+    owners: Mutex<HashMap<String, String>>,
 }
+
+/// The most instances the address book holds.
+const MAX_OWNERS: usize = 1024;
 
 pub struct RedisBroker {
     inner: Arc<Inner>,
@@ -156,6 +165,7 @@ impl RedisBroker {
             lost: AtomicBool::new(false),
             advertise: Mutex::default(),
             advertised: AtomicBool::new(false),
+            owners: Mutex::default(),
         });
         let _ = inner.changes.send(Change::Subscribe {
             channel: keys.all_channel(),
@@ -397,6 +407,14 @@ async fn heartbeat(inner: Weak<Inner>, every: Duration) {
                 if inner.lost.swap(false, Ordering::SeqCst) {
                     inner.resubscribe().await;
                 }
+                match inner
+                    .presence
+                    .addresses(&mut conn, now_ms(), MAX_OWNERS)
+                    .await
+                {
+                    Ok(book) => *lock(&inner.owners) = book.into_iter().collect(),
+                    Err(e) => tracing::debug!(error = %e, "reading instance addresses failed"),
+                }
             }
             Err(e) => inner.set_down(&e),
         }
@@ -523,13 +541,30 @@ impl Broker for RedisBroker {
     }
 
     async fn locate(&self, instance: &str) -> Option<String> {
-        let mut conn = self.inner.conn.clone();
-        self.inner
-            .presence
-            .locate(&mut conn, instance)
-            .await
-            .ok()
-            .flatten()
+        let inner = &self.inner;
+        let known = || lock(&inner.owners).get(instance).cloned();
+        if !inner.healthy.load(Ordering::SeqCst) {
+            // Redis is down: the last known address (a relay that fails serves here).
+            return known();
+        }
+        let mut conn = inner.conn.clone();
+        match inner.presence.locate(&mut conn, instance).await {
+            Ok(Some(addr)) => {
+                let mut owners = lock(&inner.owners);
+                if owners.len() < MAX_OWNERS || owners.contains_key(instance) {
+                    owners.insert(instance.to_string(), addr.clone());
+                }
+                Some(addr)
+            }
+            Ok(None) => {
+                lock(&inner.owners).remove(instance);
+                None
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, instance, "locate failed: using the address book");
+                known()
+            }
+        }
     }
 
     fn health(&self) -> Result<(), String> {

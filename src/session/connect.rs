@@ -79,15 +79,21 @@ impl ConnectError {
         match self {
             ConnectError::Auth(AuthError::Expired)
             | ConnectError::Ticket(TicketError::TokenExpired) => ErrorCode::TokenExpired,
+            ConnectError::SessionGone(_) | ConnectError::Ticket(TicketError::SessionEnded) => {
+                ErrorCode::SessionNotFound
+            }
             ConnectError::Auth(_) | ConnectError::Ticket(_) => ErrorCode::Unauthorized,
-            ConnectError::SessionGone(_) => ErrorCode::SessionNotFound,
             ConnectError::Chat(e) => e.code(),
         }
     }
 
     /// Whether the credential was refused (a WebSocket then closes with 4001).
     pub fn is_auth(&self) -> bool {
-        matches!(self, ConnectError::Auth(_) | ConnectError::Ticket(_))
+        match self {
+            ConnectError::Ticket(TicketError::SessionEnded) => false,
+            ConnectError::Auth(_) | ConnectError::Ticket(_) => true,
+            _ => false,
+        }
     }
 
     pub fn to_proto(&self) -> proto::Error {

@@ -11,6 +11,15 @@
 //! The first use claims the ticket in the same step that checks it (one lock), so of two
 //! concurrent first uses exactly one opens a session; a first use that then fails (a
 //! store error, a client gone mid-connect) has still spent the ticket.
+//!
+//! A ticket is signed (HMAC-SHA256 with a key every instance of a cluster shares, see
+//! [`ticket_key`]) over its random part and the token's `exp`, which it carries. So a
+//! reconnect whose ticket this instance does not hold (the session that the ticket
+//! opened ended and the ticket was forgotten, or the instance that issued it restarted)
+//! can still be told apart from a ticket that was never issued: the first learns that
+//! its session is gone (410 `SESSION_NOT_FOUND`: open a new session and sync), the
+//! second is refused as unknown. The signature grants nothing else: only a ticket this
+//! instance holds opens or resumes a session.
 
 use std::{
     collections::HashMap,
@@ -18,8 +27,38 @@ use std::{
     time::Duration,
 };
 
+use hmac::{Hmac, Mac};
 use rand::RngCore;
+use sha2::Sha256;
 use tokio::time::Instant;
+
+use crate::config::{AuthConfig, JwtAlgorithm};
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Hex digits of a ticket's random part, its token `exp`, and its signature.
+const RANDOM_HEX: usize = 32;
+const EXP_HEX: usize = 16;
+const MAC_HEX: usize = 32;
+
+/// The key that signs tickets: `auth.ticket_secret`; when empty, derived from
+/// `auth.jwt_secret` with HS256 (every instance has it), else random per process.
+pub fn ticket_key(auth: &AuthConfig) -> Vec<u8> {
+    if !auth.ticket_secret.is_empty() {
+        return auth.ticket_secret.as_bytes().to_vec();
+    }
+    if auth.algorithm == JwtAlgorithm::HS256 && !auth.jwt_secret.is_empty() {
+        let mut mac = HmacSha256::new_from_slice(auth.jwt_secret.as_bytes())
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(b"parley-ticket-key-v1");
+        return mac.finalize().into_bytes().to_vec();
+    }
+    rand::random::<[u8; 32]>().to_vec()
+}
+
+fn hex(out: &mut String, bytes: &[u8]) {
+    out.extend(bytes.iter().map(|b| format!("{b:02x}")));
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum TicketError {
@@ -31,6 +70,10 @@ pub enum TicketError {
     Used,
     #[error("the token this ticket was minted from has expired")]
     TokenExpired,
+    /// A reconnect with a ticket this instance issued, or another instance of the
+    /// cluster did, whose session is gone.
+    #[error("the session this ticket opened has ended")]
+    SessionEnded,
 }
 
 /// What a ticket lets the bearer do.
@@ -63,15 +106,45 @@ pub struct Tickets {
     map: Mutex<HashMap<String, Ticket>>,
     ttl: Duration,
     prefix: String,
+    key: Vec<u8>,
 }
 
 impl Tickets {
+    /// Tickets signed with a random key (see [`Tickets::with_key`]).
     pub fn new(ttl: Duration) -> Self {
         Self {
             map: Mutex::default(),
             ttl,
             prefix: String::new(),
+            key: rand::random::<[u8; 32]>().to_vec(),
         }
+    }
+
+    /// Signs tickets with `key` ([`ticket_key`]).
+    pub fn with_key(mut self, key: Vec<u8>) -> Self {
+        self.key = key;
+        self
+    }
+
+    fn mac(&self, signed: &str) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(&self.key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(b"parley-ticket-v1\n");
+        mac.update(signed.as_bytes());
+        mac
+    }
+
+    /// The token `exp` a ticket carries, if its signature is good.
+    fn verify(&self, ticket: &str) -> Option<u64> {
+        let split = ticket.len().checked_sub(MAC_HEX)?;
+        let (signed, sig) = (ticket.get(..split)?, ticket.get(split..)?);
+        let exp = signed.get(signed.len().checked_sub(EXP_HEX)?..)?;
+        let exp = u64::from_str_radix(exp, 16).ok()?;
+        let sig: Vec<u8> = (0..MAC_HEX / 2)
+            .map(|i| u8::from_str_radix(sig.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect::<Option<_>>()?;
+        self.mac(signed).verify_truncated_left(&sig).ok()?;
+        Some(exp)
     }
 
     /// Tickets start with `prefix` (the instance id in a cluster: see
@@ -91,10 +164,13 @@ impl Tickets {
 
     /// A ticket for `user`, whose token expires at `token_exp` (Unix seconds).
     pub fn issue(&self, user: &str, token_exp: u64) -> String {
-        let mut raw = [0u8; 24];
+        let mut raw = [0u8; RANDOM_HEX / 2];
         rand::rng().fill_bytes(&mut raw);
         let mut ticket = self.prefix.clone();
-        ticket.extend(raw.iter().map(|b| format!("{b:02x}")));
+        hex(&mut ticket, &raw);
+        hex(&mut ticket, &token_exp.to_be_bytes());
+        let mac = self.mac(&ticket).finalize().into_bytes();
+        hex(&mut ticket, &mac[..MAC_HEX / 2]);
         let t = Ticket {
             user: user.into(),
             expires: Instant::now() + self.ttl,
@@ -109,7 +185,17 @@ impl Tickets {
     /// EventSource reconnect).
     pub fn redeem(&self, ticket: &str, reconnect: bool) -> Result<Redeemed, TicketError> {
         let mut map = self.lock();
-        let t = map.get_mut(ticket).ok_or(TicketError::Unknown)?;
+        let Some(t) = map.get_mut(ticket) else {
+            // Not held here. A reconnect with a ticket the cluster issued: its session is
+            // gone (ended here, or with the instance that held it).
+            return match self.verify(ticket) {
+                Some(exp) if reconnect && crate::auth::unix_now() > exp => {
+                    Err(TicketError::TokenExpired)
+                }
+                Some(_) if reconnect => Err(TicketError::SessionEnded),
+                _ => Err(TicketError::Unknown),
+            };
+        };
         if crate::auth::unix_now() > t.token_exp {
             return Err(TicketError::TokenExpired);
         }
@@ -196,8 +282,40 @@ mod tests {
             })
         );
         t.prune(|_| false);
-        assert_eq!(t.redeem(&ticket, true), Err(TicketError::Unknown));
+        // Forgotten with its session: a reconnect learns that the session ended.
+        assert_eq!(t.redeem(&ticket, true), Err(TicketError::SessionEnded));
+        assert_eq!(t.redeem(&ticket, false), Err(TicketError::Unknown));
         assert_eq!(t.redeem("nope", false), Err(TicketError::Unknown));
+        assert_eq!(t.redeem("nope", true), Err(TicketError::Unknown));
+    }
+
+    #[test]
+    fn signed_tickets_tell_a_gone_session_from_a_forgery() {
+        let key = b"cluster key".to_vec();
+        let a = Tickets::new(Duration::from_secs(30))
+            .with_prefix("a1.")
+            .with_key(key.clone());
+        let ticket = a.issue("ann", FAR);
+        assert!(ticket.starts_with("a1.") && !ticket[3..].contains('.'));
+        // Another instance with the same key (or this one after a restart).
+        let b = Tickets::new(Duration::from_secs(30)).with_key(key.clone());
+        assert_eq!(b.redeem(&ticket, true), Err(TicketError::SessionEnded));
+        // Never a fresh use: only a ticket held here opens a session.
+        assert_eq!(b.redeem(&ticket, false), Err(TicketError::Unknown));
+        // Any change to it, or another key: unknown.
+        let mut forged = ticket.clone().into_bytes();
+        let i = forged.len() - 40;
+        forged[i] = if forged[i] == b'0' { b'1' } else { b'0' };
+        let forged = String::from_utf8(forged).unwrap();
+        assert_eq!(b.redeem(&forged, true), Err(TicketError::Unknown));
+        let other = Tickets::new(Duration::from_secs(30)).with_key(b"other".to_vec());
+        assert_eq!(other.redeem(&ticket, true), Err(TicketError::Unknown));
+        for junk in ["", "a1.", "zz", &"f".repeat(80), "a1.é"] {
+            assert_eq!(b.redeem(junk, true), Err(TicketError::Unknown), "{junk}");
+        }
+        // Past the token's exp it says so, as for a ticket held here.
+        let expired = a.issue("ann", crate::auth::unix_now() - 1);
+        assert_eq!(b.redeem(&expired, true), Err(TicketError::TokenExpired));
     }
 
     #[test]

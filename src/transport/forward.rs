@@ -11,6 +11,9 @@
 //! is relayed back as it comes. So the session stays where it is, with its positions and
 //! its replay buffer, and nothing is lost or delivered twice however requests are spread.
 //!
+//! The owner's address comes from the broker, which keeps the last known addresses of
+//! live instances, so relaying goes on while Redis is unreachable.
+//!
 //! When the owner is gone (crashed, or stopped after a rolling restart), the request is
 //! served here: the session is unknown, the client gets `SESSION_NOT_FOUND` (or
 //! `resumed: false`) and opens a new session and log-syncs its rooms by last seq, as

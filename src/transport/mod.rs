@@ -14,6 +14,7 @@
 //! - `deadline`: a write deadline on every accepted socket, so no connection can stay
 //!   stuck on a client that does not read.
 //! - `admission`: connection limits (total, per IP) and per-IP rates.
+//! - `idle`: counting an HTTP/2 connection's open requests, so an idle one is closed.
 
 pub mod admission;
 pub mod api;
@@ -22,6 +23,7 @@ pub mod deadline;
 pub mod files;
 pub mod forward;
 pub mod http;
+pub mod idle;
 pub mod poll;
 pub mod sse;
 pub mod version;

@@ -1,0 +1,212 @@
+//! Telling when an HTTP/2 connection carries nothing, so that it can be closed.
+//!
+//! hyper closes an idle HTTP/1 keep-alive connection by its header read timeout, but an
+//! HTTP/2 connection that opens no stream (or stops opening them) would stay forever: its
+//! keep-alive PINGs are answered by any live client. [`Streams`] counts the requests of
+//! one connection that are open — from the moment the request reaches the router until
+//! its response body has been sent or dropped (a pending long-poll and an SSE stream are
+//! open for as long as they last) — and [`Streams::idle_for`] resolves once none has been
+//! open for a given time; the server then sends GOAWAY.
+//!
+//! A WebSocket over HTTP/2 (RFC 8441 extended CONNECT) lives on after its response: such
+//! a connection is marked as tunnelled, and the server lets it run until its streams end
+//! (no new requests are accepted after the GOAWAY).
+//!
+//! Owns: the per-connection count. Not: the deadlines themselves (`server`).
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex, MutexGuard},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use axum::{
+    body::Body,
+    http::{Method, Request, Response},
+};
+use hyper::body::{Frame, SizeHint};
+use tokio::time::{Instant, sleep_until};
+
+/// The open requests of one connection.
+#[derive(Clone)]
+pub struct Streams(Arc<Mutex<State>>);
+
+struct State {
+    open: usize,
+    /// When `open` last dropped to zero (or the connection began).
+    idle_since: Instant,
+    /// A CONNECT (WebSocket over HTTP/2) succeeded on this connection.
+    tunnelled: bool,
+}
+
+impl Default for Streams {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Streams {
+    pub fn new() -> Self {
+        Self(Arc::new(Mutex::new(State {
+            open: 0,
+            idle_since: Instant::now(),
+            tunnelled: false,
+        })))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts one more open request until the returned guard is dropped.
+    fn open(&self) -> Open {
+        self.lock().open += 1;
+        Open(self.clone())
+    }
+
+    /// Whether a WebSocket tunnel was opened on the connection.
+    pub fn tunnelled(&self) -> bool {
+        self.lock().tunnelled
+    }
+
+    /// Whether no request is open now.
+    pub fn quiet(&self) -> bool {
+        self.lock().open == 0
+    }
+
+    /// Resolves once no request has been open for `limit`. Wakes once per `limit` at
+    /// most while requests are open.
+    pub async fn idle_for(&self, limit: Duration) {
+        loop {
+            let due = {
+                let s = self.lock();
+                if s.open == 0 {
+                    s.idle_since + limit
+                } else {
+                    Instant::now() + limit
+                }
+            };
+            if due <= Instant::now() && self.quiet() {
+                return;
+            }
+            sleep_until(due).await;
+            let s = self.lock();
+            if s.open == 0 && s.idle_since + limit <= Instant::now() {
+                return;
+            }
+        }
+    }
+}
+
+/// One open request; dropping it closes it.
+struct Open(Streams);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.open -= 1;
+        if s.open == 0 {
+            s.idle_since = Instant::now();
+        }
+    }
+}
+
+/// A service that counts its requests as open in [`Streams`] until their response
+/// bodies are done.
+#[derive(Clone)]
+pub struct Counted<S> {
+    inner: S,
+    streams: Streams,
+}
+
+impl<S> Counted<S> {
+    pub fn new(inner: S, streams: Streams) -> Self {
+        Self { inner, streams }
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B> tower::Service<Request<B>> for Counted<S>
+where
+    S: tower::Service<Request<B>, Response = Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let open = self.streams.open();
+        let connect = req.method() == Method::CONNECT;
+        let response = self.inner.call(req);
+        Box::pin(async move {
+            let response = response.await?;
+            if connect && response.status().is_success() {
+                open.0.lock().tunnelled = true;
+            }
+            Ok(response.map(|body| Body::new(WithGuard { body, _open: open })))
+        })
+    }
+}
+
+/// A response body that keeps its request open until it is dropped.
+struct WithGuard {
+    body: Body,
+    _open: Open,
+}
+
+impl hyper::body::Body for WithGuard {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_only_after_the_last_request_ended_for_the_limit() {
+        let s = Streams::new();
+        let limit = Duration::from_secs(10);
+        let start = Instant::now();
+        s.idle_for(limit).await;
+        assert_eq!(start.elapsed(), limit, "idle from the start");
+
+        let open = s.open();
+        let waiter = tokio::spawn({
+            let s = s.clone();
+            async move {
+                let t = Instant::now();
+                s.idle_for(limit).await;
+                t.elapsed()
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        drop(open);
+        // Idle from the moment the request ended: 25 s + 10 s after the wait began.
+        assert_eq!(waiter.await.unwrap(), Duration::from_secs(35));
+    }
+}

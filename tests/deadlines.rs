@@ -1,0 +1,246 @@
+//! Every stage before a request exists has a deadline (`server.*_timeout`), so sockets
+//! that say nothing, or only part of what they must, cannot hold connection slots: raw
+//! TCP sockets on loopback that send nothing, part of the HTTP/2 preface, part of an
+//! HTTP/1 request head, or an HTTP/2 preface and then no request, are each timed until
+//! the server closes them; a well-behaved client beside them is unaffected. The deadlines
+//! are short here (through the configuration) so the tests stay fast; TLS handshakes are
+//! in `tests/tls.rs`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestServer, http_get};
+use futures_util::SinkExt;
+use hyper::{Request, body::Bytes};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use parley::{codec::Encoding, config::Config};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::Instant,
+};
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// An empty SETTINGS frame: what a client sends right after the preface.
+const SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
+
+/// Short deadlines for every stage.
+fn short(c: &mut Config) {
+    c.server.preface_timeout = Duration::from_millis(400);
+    c.server.header_read_timeout = Duration::from_millis(400);
+    c.server.h2_idle_timeout = Duration::from_millis(400);
+    c.server.h2_keep_alive_interval = Duration::from_millis(300);
+    c.server.h2_keep_alive_timeout = Duration::from_millis(300);
+}
+
+/// Reads what the server sends until it closes the connection; the bytes and when.
+/// Panics if it is still open after 10 s.
+async fn until_closed(mut s: TcpStream) -> (Vec<u8>, Instant) {
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the server never closed the connection");
+    (got, Instant::now())
+}
+
+/// Opens a socket and sends `first`.
+async fn socket_sending(t: &TestServer, first: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(t.addr()).await.unwrap();
+    s.write_all(first).await.unwrap();
+    s
+}
+
+/// The HTTP/2 frame types in `bytes` (a server's side of a connection, after nothing).
+fn h2_frame_types(mut bytes: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    while bytes.len() >= 9 {
+        let len = usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
+        types.push(bytes[3]);
+        bytes = &bytes[(9 + len).min(bytes.len())..];
+    }
+    types
+}
+
+#[tokio::test]
+async fn silent_and_partial_preface_sockets_are_cut_at_the_preface_deadline() {
+    let t = TestServer::start_with(short).await;
+    let mut bob = t.client("bob", Encoding::Json).await;
+
+    let start = Instant::now();
+    let silent = socket_sending(&t, b"").await;
+    let partial = socket_sending(&t, &PREFACE[..16]).await;
+    let (silent, partial) = tokio::join!(until_closed(silent), until_closed(partial));
+    for (what, (bytes, at)) in [("silent", silent), ("partial preface", partial)] {
+        let after = at - start;
+        assert!(
+            after >= Duration::from_millis(350) && after < Duration::from_secs(3),
+            "{what}: closed after {after:?}"
+        );
+        assert!(bytes.is_empty(), "{what}: nothing is answered");
+    }
+    // bob's WebSocket, connected before and idle meanwhile, is unaffected.
+    bob.join("r").await;
+    bob.send_msg("r", "m1", "still here").await;
+}
+
+#[tokio::test]
+async fn silent_sockets_hold_the_connection_limit_only_until_the_deadline() {
+    let t = TestServer::start_with(|c| {
+        short(c);
+        c.limits.max_connections = 3;
+    })
+    .await;
+    let start = Instant::now();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(socket_sending(&t, b"").await);
+    }
+    // The server is full: a new client is refused while the silent sockets are held...
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(http_get(t.addr(), "/healthz").await.0, 503);
+    for s in held {
+        let (_, at) = until_closed(s).await;
+        assert!(at - start < Duration::from_secs(3));
+    }
+    // ...and served once the deadline freed their slots.
+    assert_eq!(http_get(t.addr(), "/healthz").await.0, 200);
+}
+
+#[tokio::test]
+async fn an_http1_request_head_must_arrive_within_the_header_deadline() {
+    let t = TestServer::start_with(short).await;
+    let start = Instant::now();
+    // The first byte settles HTTP/1; the head never ends.
+    let s = socket_sending(&t, b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await;
+    let (_, at) = until_closed(s).await;
+    let after = at - start;
+    assert!(
+        after >= Duration::from_millis(350) && after < Duration::from_secs(3),
+        "closed after {after:?}"
+    );
+    // A complete request is served.
+    assert_eq!(http_get(t.addr(), "/healthz").await.0, 200);
+}
+
+#[tokio::test]
+async fn an_h2c_connection_without_requests_gets_goaway_and_is_closed() {
+    let t = TestServer::start_with(short).await;
+    let start = Instant::now();
+    // The whole preface and SETTINGS, then nothing: never answers the server's PINGs.
+    let mut preface = PREFACE.to_vec();
+    preface.extend_from_slice(SETTINGS);
+    let raw = socket_sending(&t, &preface).await;
+    // A real HTTP/2 client that makes one request, then idles.
+    let tcp = TcpStream::connect(t.addr()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+        Instant::now()
+    });
+    let r = sender
+        .send_request(
+            Request::get(format!("http://{}/healthz", t.addr()))
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let requested = Instant::now();
+
+    let (bytes, at) = until_closed(raw).await;
+    let after = at - start;
+    assert!(
+        after >= Duration::from_millis(350) && after < Duration::from_secs(4),
+        "raw h2c: closed after {after:?}"
+    );
+    assert!(
+        h2_frame_types(&bytes).contains(&7),
+        "a GOAWAY came first: {:?}",
+        h2_frame_types(&bytes)
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the idle client connection is closed")
+        .unwrap();
+    let after = closed - requested;
+    assert!(
+        after >= Duration::from_millis(350) && after < Duration::from_secs(3),
+        "client: closed {after:?} after its request"
+    );
+}
+
+#[tokio::test]
+async fn open_h2_streams_and_websocket_tunnels_outlive_the_idle_deadline() {
+    let t = TestServer::start_with(|c| {
+        short(c);
+        c.sse.heartbeat_interval = Duration::from_millis(100);
+    })
+    .await;
+    // An SSE stream over h2c: a request open for as long as it lasts.
+    let tcp = TcpStream::connect(t.addr()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let r = sender
+        .send_request(
+            Request::get(format!("http://{}/sse", t.addr()))
+                .header("authorization", format!("Bearer {}", t.token("ann")))
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut body = r.into_body();
+
+    // A WebSocket over HTTP/2 (RFC 8441) on a connection of its own.
+    let tcp = TcpStream::connect(t.addr()).await.unwrap();
+    let url: url::Url = format!("http://{}/ws", t.addr()).parse().unwrap();
+    let builder =
+        hyper::http::Request::builder().header("sec-websocket-protocol", "parley.v1.json");
+    let mut ws = yawc::http2::handshake(url, tcp, yawc::Options::default(), builder)
+        .await
+        .expect("extended CONNECT accepted");
+    let connect = format!(r#"{{"id":"1","connect":{{"token":"{}"}}}}"#, t.token("bob"));
+    ws.send(yawc::frame::Frame::text(connect)).await.unwrap();
+    ws.next_frame().await.unwrap();
+
+    // Three idle deadlines later both still deliver.
+    let until = Instant::now() + Duration::from_millis(1300);
+    let mut sse_bytes = 0;
+    while Instant::now() < until {
+        use http_body_util::BodyExt;
+        let frame = tokio::time::timeout(Duration::from_secs(2), body.frame())
+            .await
+            .expect("the SSE stream keeps sending heartbeats")
+            .expect("the SSE stream is still open")
+            .unwrap();
+        sse_bytes += frame.data_ref().map_or(0, |d| d.len());
+    }
+    assert!(sse_bytes > 0);
+    assert!(!conn.is_finished(), "the SSE connection is still open");
+    ws.send(yawc::frame::Frame::text(r#"{"id":"2","ping":{}}"#))
+        .await
+        .unwrap();
+    let pong = tokio::time::timeout(Duration::from_secs(2), ws.next_frame())
+        .await
+        .expect("the WebSocket over HTTP/2 still answers")
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(pong.payload()).unwrap();
+    assert_eq!(v["id"], "2", "{v}");
+}
