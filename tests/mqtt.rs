@@ -296,6 +296,25 @@ async fn wildcards_and_other_topics_are_refused_in_the_suback() {
 }
 
 #[tokio::test]
+async fn connect_and_subscribe_in_one_websocket_message() {
+    let t = TestServer::start().await;
+    let mut raw = Raw::open(&t).await;
+    let mut connect = Connect::new("d".into(), 30);
+    connect.username = Some("sensor-1".into());
+    connect.password = Some(t.token("sensor-1").into_bytes().into());
+    let mut bytes = Packet::Connect(connect).encode().unwrap().as_ref().to_vec();
+    let topics = vec![(TopicFilter::try_from("rooms/lobby").unwrap(), QoS::Level0)];
+    let subscribe = Packet::Subscribe(Subscribe::new(Pid::try_from(3).unwrap(), topics));
+    bytes.extend_from_slice(subscribe.encode().unwrap().as_ref());
+    raw.send_bytes(bytes).await;
+    assert!(matches!(raw.next().await, Some(Packet::Connack(_))));
+    match raw.next().await {
+        Some(Packet::Suback(s)) => assert_eq!(s.topics, [SubscribeReturnCode::MaxLevel0]),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+}
+
+#[tokio::test]
 async fn a_retried_qos1_publish_is_sent_once_and_a_reused_packet_id_is_a_new_message() {
     let t = TestServer::start().await;
     let mut alice = t.client("alice", Encoding::Json).await;

@@ -518,23 +518,35 @@ enum Stop {
 
 impl Connection {
     async fn run(mut self, mut wire: Wire) {
-        let stop = loop {
+        // Packets that came in the CONNECT's WebSocket message (a client may send
+        // CONNECT and SUBSCRIBE together) are handled before waiting for more.
+        let first = self.on_bytes(&mut wire).await;
+        let stop = if let Err(stop) = first {
+            stop
+        } else {
+            self.serve(&mut wire).await
+        };
+        if let Stop::Close(code, reason) = stop {
+            wire.close(code, reason).await;
+        }
+    }
+
+    /// Reads packets and writes what the outbox hands out, until the connection stops.
+    async fn serve(&mut self, wire: &mut Wire) -> Stop {
+        loop {
             let step = tokio::select! {
                 biased;
                 frame = wire.socket.next_frame(), if self.outbox.accepting() => {
                     match frame {
-                        Ok(frame) => self.on_frame(&mut wire, frame).await,
+                        Ok(frame) => self.on_frame(wire, frame).await,
                         Err(_) => Err(Stop::Gone),
                     }
                 }
-                out = self.outbox.next() => self.deliver(&mut wire, out).await,
+                out = self.outbox.next() => self.deliver(wire, out).await,
             };
             if let Err(stop) = step {
-                break stop;
+                return stop;
             }
-        };
-        if let Stop::Close(code, reason) = stop {
-            wire.close(code, reason).await;
         }
     }
 
@@ -557,6 +569,11 @@ impl Connection {
             }
             Err(e) => return Err(read_stop(e)),
         }
+        self.on_bytes(wire).await
+    }
+
+    /// Handles every whole packet buffered, then writes what is ready.
+    async fn on_bytes(&mut self, wire: &mut Wire) -> Step {
         loop {
             match wire.parse() {
                 Ok(Some(packet)) => self.on_packet(wire, packet).await?,
