@@ -33,6 +33,29 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub files: FilesConfig,
     pub broker: BrokerConfig,
+    pub mqtt: MqttConfig,
+}
+
+/// `/mqtt`: MQTT 3.1.1 over WebSocket (subprotocol `mqtt`) on the same listener as `/ws`
+/// (docs/PROTOCOL.md, "MQTT").
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Serve `/mqtt` (off: the route answers 404).
+    pub enabled: bool,
+    /// Largest MQTT packet a client may send, fixed header included (bytes); a larger one
+    /// closes its connection. Also bounds the bytes buffered for one packet that spans
+    /// several WebSocket messages.
+    pub max_packet_bytes: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_packet_bytes: 64 * 1024,
+        }
+    }
 }
 
 /// Limits and rate limits against abuse. Every limit is per instance; 0 turns one off.
@@ -996,6 +1019,12 @@ impl Config {
             u64::from(w.deflate_client_max_window_bits),
             9,
             15,
+        )?;
+        count(
+            "mqtt.max_packet_bytes",
+            self.mqtt.max_packet_bytes as u64,
+            128,
+            64 * MIB,
         )?;
         let se = &self.session;
         duration("session.grace_period", se.grace_period, 10 * MS, DAY)?;

@@ -174,6 +174,10 @@ pub fn router(state: Ctx) -> Router {
             "/ws",
             get(transport::ws::handler).connect(transport::ws::handler),
         )
+        .route(
+            "/mqtt",
+            get(transport::mqtt::handler).connect(transport::mqtt::handler),
+        )
         .route("/sse", get(transport::sse::handler).route_layer(to_owner()))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))

@@ -4,6 +4,7 @@
 //! connect logic lives here; imports only point down (session, and what it builds on).
 //!
 //! - `ws`: WebSocket, full duplex.
+//! - `mqtt`: MQTT 3.1.1 over WebSocket (`/mqtt`), mapped onto the same sessions.
 //! - `sse`: Server-Sent Events downstream; commands arrive on `http` POSTs.
 //! - `poll`: long-poll downstream; commands arrive on `http` POSTs.
 //! - `http`: the command endpoint for SSE and long-poll sessions.
@@ -24,6 +25,7 @@ pub mod files;
 pub mod forward;
 pub mod http;
 pub mod idle;
+pub mod mqtt;
 pub mod poll;
 pub mod sse;
 pub mod version;

@@ -1,0 +1,926 @@
+//! `/mqtt`: MQTT 3.1.1 (and 3.1) over WebSocket, subprotocol `mqtt`, for devices that
+//! speak MQTT. The packet codec is the `mqtt-proto` crate; this module only frames and
+//! maps packets onto the session layer, like `ws` does for parley frames:
+//!
+//! - CONNECT (password = a parley JWT; a username, if given, must equal its `sub`)
+//!   becomes a `connect` command through the one connect path; CONNACK reports it.
+//! - SUBSCRIBE `rooms/{room}` becomes a `join` (room rules apply) and starts delivery of
+//!   that room's messages as PUBLISH; UNSUBSCRIBE only stops delivery (membership is the
+//!   user's, shared with their other devices).
+//! - PUBLISH to `rooms/{room}` becomes a `send`; a QoS 1 PUBACK waits for the send's
+//!   reply, which comes only once the message is durable.
+//! - Keep-alive: silence for 1.5 × the CONNECT keep-alive closes the connection.
+//!
+//! Anything a 3.1.1 server cannot refuse with a code (a bad topic, a refused send, QoS 2,
+//! a malformed or oversize packet) closes the connection, as the specification asks.
+//! MQTT 5 CONNECTs are answered with reason 0x84 (unsupported protocol version).
+//! Packets may span WebSocket messages, and one message may hold several packets.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+    time::Duration,
+};
+
+use axum::{
+    Extension,
+    body::Body,
+    extract::State,
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use bytes::{Bytes, BytesMut};
+use futures_util::{FutureExt, SinkExt, future::Either};
+use mqtt_proto::{
+    Error as CodecError, Pid, Protocol, QoS, QosPid, TopicName,
+    v3::{Connack, Connect, ConnectReturnCode, Packet, Publish, SubscribeReturnCode, Unsubscribe},
+};
+use prometheus_client::metrics::counter::Counter;
+use tokio::time::{Instant, timeout};
+use tracing::Instrument;
+use yawc::{
+    HttpWebSocket, IncomingUpgrade, UpgradeFut,
+    close::CloseCode,
+    frame::{Frame, OpCode},
+};
+
+use super::{
+    Ctx,
+    deadline::{self, WriteDeadline},
+    origin_allowed,
+    ws::CLOSE_TIMEOUT,
+};
+use crate::{
+    metrics::{Metrics, TransportLabel},
+    proto::{self, ClientFrame, ServerFrame, client_frame::Cmd, server_frame::Kind},
+    session::{CloseReason, Conn, Out, Outbox, OutboxConfig},
+};
+
+const LABEL: TransportLabel = TransportLabel { transport: "mqtt" };
+/// The WebSocket subprotocols of MQTT (`mqttv3.1` is what old clients offer).
+const SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
+/// The topic prefix of a chat room.
+const ROOMS: &str = "rooms/";
+/// A CONNACK for an MQTT 5 client: reason 0x84, unsupported protocol version, no
+/// properties (MQTT 5.0 section 3.2).
+const CONNACK_V5_UNSUPPORTED: [u8; 5] = [0x20, 0x03, 0x00, 0x84, 0x00];
+/// The request id of the `connect` command.
+const CONNECT_ID: u64 = 1;
+
+/// Picks the subprotocol to echo: `Ok(None)` when none was offered, `Err` when only
+/// others were.
+fn negotiate(headers: &HeaderMap) -> Result<Option<&'static str>, ()> {
+    let mut offered = false;
+    for value in headers.get_all(header::SEC_WEBSOCKET_PROTOCOL) {
+        let Ok(value) = value.to_str() else { continue };
+        for name in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            offered = true;
+            if let Some(p) = SUBPROTOCOLS.iter().find(|p| p.eq_ignore_ascii_case(name)) {
+                return Ok(Some(p));
+            }
+        }
+    }
+    if offered { Err(()) } else { Ok(None) }
+}
+
+pub async fn handler(
+    State(ctx): State<Ctx>,
+    deadline: Option<Extension<WriteDeadline>>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    upgrade: IncomingUpgrade,
+) -> Response {
+    let config = &ctx.core.config;
+    if !config.mqtt.enabled {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    if !origin_allowed(&config.server, &headers, &uri) {
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
+    if ctx.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    let Ok(subprotocol) = negotiate(&headers) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "unsupported subprotocol: offer mqtt",
+        )
+            .into_response();
+    };
+    // One WebSocket message may carry several packets: allow a few packets' worth; each
+    // packet is held to `mqtt.max_packet_bytes` by the parser.
+    let max = config.mqtt.max_packet_bytes;
+    let message_limit = max.saturating_mul(2).max(max + 65536);
+    let options = super::ws::options(&config.ws)
+        .with_max_payload_read(message_limit)
+        .with_max_read_buffer(message_limit);
+    let (mut response, fut) = match upgrade.upgrade(options) {
+        Ok(pair) => pair,
+        Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    };
+    if let Some(Extension(d)) = deadline {
+        d.set(config.ws.write_timeout + CLOSE_TIMEOUT + Duration::from_secs(1));
+    }
+    if let Some(p) = subprotocol {
+        response
+            .headers_mut()
+            .insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+    }
+    let span = tracing::debug_span!("mqtt", user = tracing::field::Empty);
+    let tracker = ctx.tracker.clone();
+    tracker.spawn(connection(fut, ctx).instrument(span));
+    response.map(Body::new)
+}
+
+fn connection(fut: UpgradeFut, ctx: Ctx) -> impl Future<Output = ()> + Send {
+    fut.then(move |upgraded| match upgraded {
+        Ok(socket) => Either::Left(async move {
+            let metrics = ctx.core.metrics.clone();
+            metrics.connections.get_or_create(&LABEL).inc();
+            let _counted = Counted(metrics.clone());
+            let mut wire = Wire {
+                socket,
+                buf: BytesMut::new(),
+                max_packet: ctx.core.config.mqtt.max_packet_bytes,
+                write_timeout: ctx.core.config.ws.write_timeout,
+                frames_in: metrics.frames_in.get_or_create(&LABEL).clone(),
+                frames_out: metrics.frames_out.get_or_create(&LABEL).clone(),
+            };
+            if let Some(connection) = Box::pin(handshake(&mut wire, &ctx)).await {
+                Box::pin(connection.run(wire)).await;
+            }
+        }),
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            Either::Right(std::future::ready(()))
+        }
+    })
+}
+
+/// Counts the connection while it lives.
+struct Counted(Arc<Metrics>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.connections.get_or_create(&LABEL).dec();
+    }
+}
+
+/// Why reading packets stopped.
+#[derive(Debug)]
+enum ReadError {
+    /// The socket closed or failed (`clean`: the peer sent a close frame).
+    Gone { clean: bool },
+    /// A packet over `mqtt.max_packet_bytes`.
+    TooLarge,
+    /// Bytes that are not an MQTT 3.1.1 packet (or a text message).
+    Malformed(String),
+    /// A CONNECT of MQTT 5.
+    Version5,
+}
+
+/// The socket and the bytes of a packet not yet whole.
+struct Wire {
+    socket: HttpWebSocket,
+    buf: BytesMut,
+    max_packet: usize,
+    write_timeout: Duration,
+    frames_in: Counter,
+    frames_out: Counter,
+}
+
+impl Wire {
+    /// The next whole packet in the buffer, if any.
+    fn parse(&mut self) -> Result<Option<Packet>, ReadError> {
+        let Some((header_len, remaining)) = fixed_header(&self.buf)? else {
+            return Ok(None);
+        };
+        let total = header_len + remaining;
+        if total > self.max_packet {
+            return Err(ReadError::TooLarge);
+        }
+        if self.buf.len() < total {
+            return Ok(None);
+        }
+        let bytes = self.buf.split_to(total);
+        if self.buf.is_empty() {
+            // Give the buffer back: an idle connection holds none.
+            self.buf = BytesMut::new();
+        }
+        self.frames_in.inc();
+        match Packet::decode(&bytes) {
+            Ok(Some(p)) => Ok(Some(p)),
+            Ok(None) => Err(ReadError::Malformed(
+                "packet shorter than its length".into(),
+            )),
+            Err(CodecError::UnexpectedProtocol(Protocol::V500)) => Err(ReadError::Version5),
+            Err(e) => Err(ReadError::Malformed(e.to_string())),
+        }
+    }
+
+    /// Appends one WebSocket message. `Ok(false)`: a control frame only (a sign of life).
+    fn take_frame(&mut self, frame: Frame) -> Result<bool, ReadError> {
+        match frame.opcode() {
+            OpCode::Binary | OpCode::Continuation => {
+                let payload = frame.into_payload();
+                if self.buf.is_empty() {
+                    self.buf = BytesMut::from(payload);
+                } else {
+                    self.buf.extend_from_slice(&payload);
+                }
+                Ok(true)
+            }
+            OpCode::Text => Err(ReadError::Malformed(
+                "MQTT travels in binary messages".into(),
+            )),
+            OpCode::Close => Err(ReadError::Gone { clean: true }),
+            _ => Ok(false),
+        }
+    }
+
+    /// Writes `bytes` as one binary message under the write deadline.
+    async fn write(&mut self, bytes: Bytes, packets: u64) -> Result<(), CloseReason> {
+        match deadline::lazy_timeout(self.write_timeout, self.socket.send(Frame::binary(bytes)))
+            .await
+        {
+            Some(Ok(())) => {
+                self.frames_out.inc_by(packets);
+                self.socket.free_write_buffer();
+                Ok(())
+            }
+            Some(Err(_)) => Err(CloseReason::ShuttingDown),
+            None => Err(CloseReason::SlowConsumer),
+        }
+    }
+
+    async fn write_packet(&mut self, packet: &Packet) -> Result<(), CloseReason> {
+        let mut out = BytesMut::new();
+        encode(packet, &mut out);
+        self.write(out.freeze(), 1).await
+    }
+
+    /// Closes the WebSocket with `code`, briefly.
+    async fn close(&mut self, code: u16, reason: &str) {
+        let _ = timeout(CLOSE_TIMEOUT, async {
+            self.socket
+                .send(Frame::close(CloseCode::from(code), reason))
+                .await
+        })
+        .await;
+    }
+}
+
+/// The fixed header's length and the remaining length, once both are whole.
+fn fixed_header(buf: &[u8]) -> Result<Option<(usize, usize)>, ReadError> {
+    let mut remaining = 0usize;
+    for i in 0..4 {
+        let Some(&b) = buf.get(1 + i) else {
+            return Ok(None);
+        };
+        remaining |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Ok(Some((2 + i, remaining)));
+        }
+    }
+    Err(ReadError::Malformed("invalid remaining length".into()))
+}
+
+fn encode(packet: &Packet, out: &mut BytesMut) {
+    // Encoding fails only for values parley never builds (a packet over 256 MiB).
+    if let Ok(bytes) = packet.encode() {
+        out.extend_from_slice(bytes.as_ref());
+    }
+}
+
+/// The MQTT close code for a WebSocket close after a protocol error.
+const PROTOCOL_ERROR: u16 = 1002;
+
+/// Reads the CONNECT (within `auth.connect_timeout`), authenticates it and opens the
+/// session. `None`: refused or gone (the CONNACK and close are written).
+async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
+    let core = &ctx.core;
+    let deadline = Instant::now() + core.config.auth.connect_timeout;
+    let first = loop {
+        match wire.parse() {
+            Ok(Some(p)) => break p,
+            Ok(None) => {}
+            Err(e) => {
+                refuse_read(wire, e).await;
+                return None;
+            }
+        }
+        let frame = tokio::select! {
+            f = wire.socket.next_frame() => f,
+            _ = tokio::time::sleep_until(deadline) => {
+                wire.close(CloseReason::AuthTimeout.code(), "no CONNECT in time").await;
+                return None;
+            }
+            _ = ctx.shutdown.cancelled() => {
+                wire.close(1001, "server shutting down").await;
+                return None;
+            }
+        };
+        let Ok(frame) = frame else { return None };
+        if let Err(e) = wire.take_frame(frame) {
+            refuse_read(wire, e).await;
+            return None;
+        }
+    };
+    let Packet::Connect(connect) = first else {
+        wire.close(PROTOCOL_ERROR, "the first packet must be CONNECT")
+            .await;
+        return None;
+    };
+    let Connect {
+        keep_alive,
+        username,
+        password,
+        ..
+    } = connect;
+    let token = password.as_deref().map(std::str::from_utf8);
+    let refusal = match token {
+        None => Some(ConnectReturnCode::NotAuthorized),
+        Some(Err(_)) => Some(ConnectReturnCode::BadUserNameOrPassword),
+        Some(Ok(token)) => match core.authenticate(token) {
+            Err(_) => Some(ConnectReturnCode::BadUserNameOrPassword),
+            Ok(user) if username.as_deref().is_some_and(|u| *u != *user) => {
+                Some(ConnectReturnCode::BadUserNameOrPassword)
+            }
+            Ok(_) => None,
+        },
+    };
+    if let Some(code) = refusal {
+        refuse(wire, code).await;
+        return None;
+    }
+    let token = token.and_then(Result::ok).unwrap_or_default();
+    let ws = &core.config.ws;
+    // Keep-alive 0 turns MQTT's off: WebSocket pings then find a dead peer, as on /ws.
+    let silence = match keep_alive {
+        0 => ws.heartbeat_interval + ws.pong_timeout,
+        k => Duration::from_millis(u64::from(k) * 1500),
+    };
+    let idle = ws
+        .heartbeat_interval
+        .min(silence / 3)
+        .max(Duration::from_millis(10));
+    let mut outbox = Outbox::new(
+        Conn::new(core.clone(), ws.heartbeat_interval),
+        OutboxConfig {
+            idle: Some(idle),
+            silence_limit: Some(silence),
+            connect_deadline: None,
+            coalesce: ws.coalesce,
+        },
+        ctx.shutdown.clone(),
+    );
+    let request = ClientFrame {
+        id: CONNECT_ID,
+        cmd: Some(Cmd::Connect(proto::Connect {
+            token: token.to_string(),
+            ..Default::default()
+        })),
+    };
+    Box::pin(outbox.receive(Ok(request))).await;
+    let code = match outbox.ready() {
+        Some(Out::Frame(ServerFrame {
+            kind: Some(Kind::Connected(_)),
+            ..
+        })) => None,
+        Some(Out::Frame(ServerFrame {
+            kind: Some(Kind::Error(e)),
+            ..
+        })) if e.code == proto::ErrorCode::Unauthorized as i32
+            || e.code == proto::ErrorCode::TokenExpired as i32 =>
+        {
+            Some(ConnectReturnCode::BadUserNameOrPassword)
+        }
+        // Too many sessions, a store failure: try later.
+        _ => Some(ConnectReturnCode::ServerUnavailable),
+    };
+    if let Some(code) = code {
+        refuse(wire, code).await;
+        return None;
+    }
+    let session = outbox.session()?.clone();
+    tracing::Span::current().record("user", session.user_id());
+    let connack = Packet::Connack(Connack::new(false, ConnectReturnCode::Accepted));
+    if wire.write_packet(&connack).await.is_err() {
+        return None;
+    }
+    Some(Connection {
+        outbox,
+        session_tag: session.id().to_string(),
+        subscriptions: HashMap::new(),
+        pending: HashMap::new(),
+        suback: HashMap::new(),
+        recent: VecDeque::new(),
+        next_request: CONNECT_ID + 1,
+        next_pid: 0,
+        published: 0,
+        keep_alive: keep_alive > 0,
+    })
+}
+
+/// Answers a CONNECT with a refusal, then closes.
+async fn refuse(wire: &mut Wire, code: ConnectReturnCode) {
+    tracing::debug!(?code, "CONNECT refused");
+    let _ = wire
+        .write_packet(&Packet::Connack(Connack::new(false, code)))
+        .await;
+    let (close, reason) = match code {
+        ConnectReturnCode::ServerUnavailable => (1013, "try again later"),
+        _ => (CloseReason::Unauthorized.code(), "unauthorized"),
+    };
+    wire.close(close, reason).await;
+}
+
+/// Closes after bytes that cannot be read on.
+async fn refuse_read(wire: &mut Wire, e: ReadError) {
+    match e {
+        ReadError::Gone { .. } => {}
+        ReadError::TooLarge => wire.close(1009, "packet too large").await,
+        ReadError::Malformed(why) => {
+            tracing::debug!(why, "malformed packet");
+            wire.close(PROTOCOL_ERROR, "malformed packet").await
+        }
+        ReadError::Version5 => {
+            let _ = wire
+                .write(Bytes::from_static(&CONNACK_V5_UNSUPPORTED), 1)
+                .await;
+            wire.close(PROTOCOL_ERROR, "MQTT 5 is not supported").await;
+        }
+    }
+}
+
+/// What a command's reply completes.
+enum Pending {
+    /// A PUBLISH's `send`: PUBACK this packet id once it is durable (QoS 1).
+    Publish(Option<u16>),
+    /// One topic of a SUBSCRIBE: entry `index` of SUBACK `pid`, for `room` at `qos`.
+    Subscribe {
+        pid: u16,
+        index: usize,
+        room: String,
+        qos: QoS,
+    },
+}
+
+/// How many QoS 1 packet ids a connection remembers for retries (see `on_publish`).
+const RECENT: usize = 64;
+
+/// A recent QoS 1 PUBLISH.
+struct Recent {
+    pid: u16,
+    /// Its `client_msg_id` number.
+    n: u64,
+    /// Its PUBACK is still to come.
+    in_flight: bool,
+}
+
+/// A SUBACK waiting for its joins.
+struct SubackState {
+    codes: Vec<Option<SubscribeReturnCode>>,
+}
+
+/// An authenticated connection: its session's outbox and the MQTT state around it.
+struct Connection {
+    outbox: Outbox,
+    /// The session id, in the `client_msg_id` of what this connection publishes.
+    session_tag: String,
+    /// Rooms whose messages this connection delivers, with the granted QoS.
+    subscriptions: HashMap<String, QoS>,
+    /// Commands waiting for their replies, by request id.
+    pending: HashMap<u64, Pending>,
+    /// SUBACKs waiting for joins, by packet id.
+    suback: HashMap<u16, SubackState>,
+    /// The latest QoS 1 PUBLISHes by packet id (at most [`RECENT`]): the `client_msg_id`
+    /// number each was sent with, and whether its PUBACK is still to come.
+    recent: VecDeque<Recent>,
+    next_request: u64,
+    next_pid: u16,
+    /// Messages published on this connection: the `client_msg_id` counter.
+    published: u64,
+    /// Whether the CONNECT asked for MQTT keep-alive (else WebSocket pongs count).
+    keep_alive: bool,
+}
+
+/// How one packet or outbox item went.
+type Step = Result<(), Stop>;
+
+/// Why the connection stops.
+enum Stop {
+    /// Close the WebSocket with this code.
+    Close(u16, &'static str),
+    /// The socket is gone or stuck: drop it.
+    Gone,
+}
+
+impl Connection {
+    async fn run(mut self, mut wire: Wire) {
+        // Packets that came in the CONNECT's WebSocket message (a client may send
+        // CONNECT and SUBSCRIBE together) are handled before waiting for more.
+        let first = self.on_bytes(&mut wire).await;
+        let stop = if let Err(stop) = first {
+            stop
+        } else {
+            self.serve(&mut wire).await
+        };
+        if let Stop::Close(code, reason) = stop {
+            wire.close(code, reason).await;
+        }
+    }
+
+    /// Reads packets and writes what the outbox hands out, until the connection stops.
+    async fn serve(&mut self, wire: &mut Wire) -> Stop {
+        loop {
+            let step = tokio::select! {
+                biased;
+                frame = wire.socket.next_frame(), if self.outbox.accepting() => {
+                    match frame {
+                        Ok(frame) => self.on_frame(wire, frame).await,
+                        Err(_) => Err(Stop::Gone),
+                    }
+                }
+                out = self.outbox.next() => self.deliver(wire, out).await,
+            };
+            if let Err(stop) = step {
+                return stop;
+            }
+        }
+    }
+
+    /// One WebSocket message: the packets it completes, then what is ready to write.
+    async fn on_frame(&mut self, wire: &mut Wire, frame: Frame) -> Step {
+        match wire.take_frame(frame) {
+            Ok(false) => {
+                // A pong: a sign of life only where MQTT's keep-alive is off (MQTT wants
+                // packets, MQTT-3.1.2-24).
+                if !self.keep_alive {
+                    self.outbox.seen();
+                }
+                return Ok(());
+            }
+            Ok(true) => self.outbox.seen(),
+            Err(ReadError::Gone { clean: true }) => {
+                // A WebSocket close without DISCONNECT: an abnormal end; the session
+                // waits out its grace period.
+                return Err(Stop::Gone);
+            }
+            Err(e) => return Err(read_stop(e)),
+        }
+        self.on_bytes(wire).await
+    }
+
+    /// Handles every whole packet buffered, then writes what is ready.
+    async fn on_bytes(&mut self, wire: &mut Wire) -> Step {
+        loop {
+            match wire.parse() {
+                Ok(Some(packet)) => self.on_packet(wire, packet).await?,
+                Ok(None) => break,
+                Err(e) => return Err(read_stop(e)),
+            }
+        }
+        while let Some(out) = self.outbox.ready() {
+            self.deliver(wire, out).await?;
+        }
+        Ok(())
+    }
+
+    fn request(&mut self, cmd: Cmd, pending: Pending) -> ClientFrame {
+        let id = self.next_request;
+        self.next_request += 1;
+        self.pending.insert(id, pending);
+        ClientFrame { id, cmd: Some(cmd) }
+    }
+
+    async fn on_packet(&mut self, wire: &mut Wire, packet: Packet) -> Step {
+        match packet {
+            Packet::Pingreq => wire
+                .write_packet(&Packet::Pingresp)
+                .await
+                .map_err(|_| Stop::Gone),
+            Packet::Publish(p) => self.on_publish(p).await,
+            Packet::Subscribe(s) => {
+                let pid = s.pid.value();
+                let mut codes = vec![None; s.topics.len()];
+                let mut joins = Vec::new();
+                for (index, (filter, qos)) in s.topics.iter().enumerate() {
+                    match room_of(filter) {
+                        Some(room) => joins.push((index, room.to_string(), *qos)),
+                        // Wildcards, other topics: not readable here.
+                        None => codes[index] = Some(SubscribeReturnCode::Failure),
+                    }
+                }
+                self.suback.insert(pid, SubackState { codes });
+                for (index, room, qos) in joins {
+                    let cmd = Cmd::Join(proto::Join { room: room.clone() });
+                    let frame = self.request(
+                        cmd,
+                        Pending::Subscribe {
+                            pid,
+                            index,
+                            room,
+                            qos,
+                        },
+                    );
+                    Box::pin(self.outbox.receive(Ok(frame))).await;
+                }
+                self.complete_suback(wire, pid).await
+            }
+            Packet::Unsubscribe(Unsubscribe { pid, topics }) => {
+                for filter in &topics {
+                    if let Some(room) = room_of(filter) {
+                        self.subscriptions.remove(room);
+                    }
+                }
+                wire.write_packet(&Packet::Unsuback(pid))
+                    .await
+                    .map_err(|_| Stop::Gone)
+            }
+            // What parley publishes is acknowledged on write (see `deliver`).
+            Packet::Puback(_) => Ok(()),
+            Packet::Disconnect => {
+                // A deliberate goodbye: the session ends now.
+                self.outbox.client_closed();
+                Err(Stop::Gone)
+            }
+            Packet::Pubrec(_) | Packet::Pubrel(_) | Packet::Pubcomp(_) => {
+                Err(Stop::Close(PROTOCOL_ERROR, "QoS 2 is not supported"))
+            }
+            Packet::Connect(_) => Err(Stop::Close(PROTOCOL_ERROR, "second CONNECT")),
+            _ => Err(Stop::Close(PROTOCOL_ERROR, "a server-to-client packet")),
+        }
+    }
+
+    async fn on_publish(&mut self, p: Publish) -> Step {
+        // 3.1.1 has no negative PUBACK: what cannot be sent closes the connection
+        // (MQTT-3.3.5-2). Retain is ignored (parley keeps history instead).
+        let Some(room) = topic_room(&p.topic_name) else {
+            return Err(Stop::Close(PROTOCOL_ERROR, "publish only to rooms/{room}"));
+        };
+        let pid = match p.qos_pid {
+            QosPid::Level0 => None,
+            QosPid::Level1(pid) => Some(pid.value()),
+            QosPid::Level2(_) => return Err(Stop::Close(PROTOCOL_ERROR, "QoS 2 is not supported")),
+        };
+        let Ok(body) = String::from_utf8(p.payload.to_vec()) else {
+            return Err(Stop::Close(PROTOCOL_ERROR, "payload must be UTF-8"));
+        };
+        // A packet id names one message until the client reuses it without DUP: a DUP
+        // (a retry, perhaps crossing our PUBACK on the wire) gets the same
+        // `client_msg_id`, so the chat layer answers with the first seq and stores nothing
+        // new. While the first is still in flight, its PUBACK answers both.
+        let retry = pid.and_then(|pid| {
+            p.dup
+                .then(|| self.recent.iter_mut().find(|r| r.pid == pid))
+                .flatten()
+        });
+        let n = match retry {
+            Some(r) if r.in_flight => return Ok(()),
+            Some(r) => {
+                r.in_flight = true;
+                r.n
+            }
+            None => {
+                self.published += 1;
+                if let Some(pid) = pid {
+                    self.recent.retain(|r| r.pid != pid);
+                    if self.recent.len() == RECENT {
+                        self.recent.pop_front();
+                    }
+                    self.recent.push_back(Recent {
+                        pid,
+                        n: self.published,
+                        in_flight: true,
+                    });
+                }
+                self.published
+            }
+        };
+        let client_msg_id = format!("mqtt-{}-{n}", self.session_tag);
+        let cmd = Cmd::Send(proto::Send {
+            room: room.to_string(),
+            client_msg_id,
+            body,
+            ..Default::default()
+        });
+        let frame = self.request(cmd, Pending::Publish(pid));
+        Box::pin(self.outbox.receive(Ok(frame))).await;
+        Ok(())
+    }
+
+    /// Writes SUBACK `pid` once every topic has its code.
+    async fn complete_suback(&mut self, wire: &mut Wire, pid: u16) -> Step {
+        let Some(state) = self.suback.get(&pid) else {
+            return Ok(());
+        };
+        if state.codes.iter().any(Option::is_none) {
+            return Ok(());
+        }
+        let state = self.suback.remove(&pid).expect("looked up");
+        let codes: Vec<_> = state.codes.into_iter().flatten().collect();
+        wire.write(suback(pid, &codes), 1)
+            .await
+            .map_err(|_| Stop::Gone)
+    }
+
+    async fn deliver(&mut self, wire: &mut Wire, out: Out) -> Step {
+        match out {
+            Out::Frame(frame) => self.on_reply(wire, frame).await,
+            Out::Pushes(pushes) => {
+                let mut bytes = BytesMut::new();
+                let mut packets = 0;
+                let mut last = 0;
+                for (pos, push) in pushes {
+                    last = pos;
+                    let Kind::Message(m) = push.kind() else {
+                        continue;
+                    };
+                    let Some(&qos) = self.subscriptions.get(&m.room) else {
+                        continue;
+                    };
+                    let Ok(topic) = TopicName::try_from(format!("{ROOMS}{}", m.room).as_str())
+                    else {
+                        continue;
+                    };
+                    let qos_pid = match qos {
+                        QoS::Level0 => QosPid::Level0,
+                        _ => QosPid::Level1(self.pid()),
+                    };
+                    let publish = Publish::new(qos_pid, topic, Bytes::from(m.body.clone()));
+                    encode(&Packet::Publish(publish), &mut bytes);
+                    packets += 1;
+                }
+                if packets > 0 {
+                    wire.write(bytes.freeze(), packets)
+                        .await
+                        .map_err(|why| match why {
+                            CloseReason::SlowConsumer => Stop::Close(why.code(), why.reason()),
+                            _ => Stop::Gone,
+                        })?;
+                }
+                // Written (or not for this connection): the session may forget them.
+                if let Some(s) = self.outbox.session() {
+                    s.ack(last);
+                }
+                Ok(())
+            }
+            Out::Idle => {
+                let ping = wire.socket.send(Frame::ping(Bytes::new()));
+                match deadline::lazy_timeout(wire.write_timeout, ping).await {
+                    Some(Ok(())) => Ok(()),
+                    _ => Err(Stop::Gone),
+                }
+            }
+            Out::Close(why) => Err(Stop::Close(why.code(), why.reason())),
+        }
+    }
+
+    async fn on_reply(&mut self, wire: &mut Wire, frame: ServerFrame) -> Step {
+        let Some(pending) = self.pending.remove(&frame.id) else {
+            return Ok(());
+        };
+        let ok = !matches!(frame.kind, Some(Kind::Error(_)) | None);
+        match pending {
+            Pending::Publish(None) => Ok(()),
+            Pending::Publish(Some(pid)) => {
+                if let Some(r) = self.recent.iter_mut().find(|r| r.pid == pid) {
+                    r.in_flight = false;
+                }
+                if !ok {
+                    return Err(Stop::Close(PROTOCOL_ERROR, "publish refused"));
+                }
+                let Ok(pid) = Pid::try_from(pid) else {
+                    return Ok(());
+                };
+                wire.write_packet(&Packet::Puback(pid))
+                    .await
+                    .map_err(|_| Stop::Gone)
+            }
+            Pending::Subscribe {
+                pid,
+                index,
+                room,
+                qos,
+            } => {
+                let code = if ok {
+                    let granted = qos.min(QoS::Level1);
+                    self.subscriptions.insert(room, granted);
+                    match granted {
+                        QoS::Level0 => SubscribeReturnCode::MaxLevel0,
+                        _ => SubscribeReturnCode::MaxLevel1,
+                    }
+                } else {
+                    SubscribeReturnCode::Failure
+                };
+                if let Some(state) = self.suback.get_mut(&pid)
+                    && let Some(slot) = state.codes.get_mut(index)
+                {
+                    *slot = Some(code);
+                }
+                self.complete_suback(wire, pid).await
+            }
+        }
+    }
+
+    /// The next packet id for a QoS 1 PUBLISH (1..=65535, wrapping).
+    fn pid(&mut self) -> Pid {
+        self.next_pid = self.next_pid.checked_add(1).unwrap_or(1);
+        Pid::try_from(self.next_pid).unwrap_or_default()
+    }
+}
+
+/// A SUBACK, encoded here: mqtt-proto 0.4.0 writes a failure as 0x03 (the enum's
+/// position) where MQTT 3.1.1 says 0x80.
+fn suback(pid: u16, codes: &[SubscribeReturnCode]) -> Bytes {
+    let mut out = BytesMut::with_capacity(8 + codes.len());
+    out.extend_from_slice(&[0x90]);
+    let mut remaining = 2 + codes.len();
+    loop {
+        let mut byte = (remaining % 128) as u8;
+        remaining /= 128;
+        if remaining > 0 {
+            byte |= 0x80;
+        }
+        out.extend_from_slice(&[byte]);
+        if remaining == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&pid.to_be_bytes());
+    for code in codes {
+        out.extend_from_slice(&[match code {
+            SubscribeReturnCode::MaxLevel0 => 0x00,
+            SubscribeReturnCode::MaxLevel1 => 0x01,
+            SubscribeReturnCode::MaxLevel2 => 0x02,
+            SubscribeReturnCode::Failure => 0x80,
+        }]);
+    }
+    out.freeze()
+}
+
+fn read_stop(e: ReadError) -> Stop {
+    if let ReadError::Malformed(why) = &e {
+        tracing::debug!(why, "malformed packet");
+    }
+    match e {
+        ReadError::Gone { .. } => Stop::Gone,
+        ReadError::TooLarge => Stop::Close(1009, "packet too large"),
+        ReadError::Malformed(_) | ReadError::Version5 => {
+            Stop::Close(PROTOCOL_ERROR, "malformed packet")
+        }
+    }
+}
+
+/// The room of a topic `rooms/{room}` (no wildcards).
+fn topic_room(topic: &str) -> Option<&str> {
+    topic
+        .strip_prefix(ROOMS)
+        .filter(|r| !r.is_empty() && !r.contains(['+', '#']))
+}
+
+/// The room of a subscription filter: exactly `rooms/{room}`, no wildcards.
+fn room_of(filter: &str) -> Option<&str> {
+    topic_room(filter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_header_lengths() {
+        assert!(matches!(fixed_header(&[0x30]), Ok(None)));
+        assert!(matches!(fixed_header(&[0x30, 0x05]), Ok(Some((2, 5)))));
+        assert!(matches!(fixed_header(&[0x30, 0x80]), Ok(None)));
+        assert!(matches!(
+            fixed_header(&[0x30, 0xff, 0x7f]),
+            Ok(Some((3, 16383)))
+        ));
+        assert!(matches!(
+            fixed_header(&[0x30, 0xff, 0xff, 0xff, 0xff]),
+            Err(ReadError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn suback_codes_are_the_specification_s() {
+        use SubscribeReturnCode::*;
+        let bytes = suback(0x0102, &[MaxLevel0, MaxLevel1, Failure]);
+        assert_eq!(&bytes[..], [0x90, 5, 1, 2, 0, 1, 0x80]);
+        let many = vec![Failure; 200];
+        let bytes = suback(1, &many);
+        assert_eq!(&bytes[..3], [0x90, 0xca, 0x01]);
+        assert_eq!(bytes.len(), 3 + 202);
+    }
+
+    #[test]
+    fn topics() {
+        assert_eq!(topic_room("rooms/lobby"), Some("lobby"));
+        assert_eq!(topic_room("rooms/"), None);
+        assert_eq!(topic_room("rooms/#"), None);
+        assert_eq!(topic_room("rooms/+"), None);
+        assert_eq!(topic_room("dm/bob"), None);
+    }
+}

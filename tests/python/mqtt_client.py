@@ -1,0 +1,91 @@
+"""An MQTT device against a running parley: Python `paho-mqtt` over WebSocket on /mqtt.
+
+Run by tests/mqtt.rs (the venv is made by scripts/test):
+
+    python mqtt_client.py SCENARIO HOST PORT TOKEN [USERNAME]
+
+Scenarios:
+
+- `chat`: connect, subscribe rooms/lobby at QoS 1, print `{"ready": ...}`, wait for
+  one message (a WebSocket client sends it), publish `from-device` at QoS 1 and wait for
+  its PUBACK, then disconnect.
+- `connect`: connect only; report the CONNACK reason code.
+
+Every line printed is one JSON object; the last one is the summary. Exits non-zero when
+something times out.
+"""
+
+import json
+import queue
+import sys
+
+import paho.mqtt.client as mqtt
+
+WAIT = 10
+
+
+def say(obj):
+    print(json.dumps(obj), flush=True)
+
+
+def client(host, port, token, username):
+    events = queue.Queue()
+    c = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id="device-1",
+        transport="websockets",
+        protocol=mqtt.MQTTv311,
+    )
+    c.ws_set_options(path="/mqtt")
+    c.username_pw_set(username, token)
+    c.on_connect = lambda c, u, flags, rc, props: events.put(("connack", rc.value))
+    c.on_subscribe = lambda c, u, mid, rcs, props: events.put(
+        ("suback", [r.value for r in rcs])
+    )
+    c.on_message = lambda c, u, m: events.put(
+        ("message", {"topic": m.topic, "payload": m.payload.decode(), "qos": m.qos})
+    )
+    c.on_disconnect = lambda c, u, flags, rc, props: events.put(("closed", rc.value))
+    c.connect(host, port, keepalive=30)
+    c.loop_start()
+    return c, events
+
+
+def expect(events, kind):
+    while True:
+        got, value = events.get(timeout=WAIT)
+        if got == kind:
+            return value
+        if got == "closed" and kind != "closed":
+            raise SystemExit(f"closed ({value}) while waiting for {kind}")
+
+
+def main():
+    scenario, host, port, token = sys.argv[1:5]
+    username = sys.argv[5] if len(sys.argv) > 5 else None
+    c, events = client(host, int(port), token, username)
+    code = expect(events, "connack")
+    if scenario == "connect":
+        # A refused CONNECT is followed by the close.
+        closed = None
+        if code != 0:
+            closed = expect(events, "closed")
+        c.loop_stop()
+        say({"connack": code, "closed": closed})
+        return
+    if code != 0:
+        raise SystemExit(f"CONNECT refused: {code}")
+    c.subscribe("rooms/lobby", qos=1)
+    granted = expect(events, "suback")
+    say({"ready": True, "suback": granted})
+    received = expect(events, "message")
+    info = c.publish("rooms/lobby", "from-device", qos=1)
+    info.wait_for_publish(timeout=WAIT)
+    acked = info.is_published()
+    c.disconnect()
+    c.loop_stop()
+    say({"suback": granted, "received": received, "acked": acked})
+
+
+if __name__ == "__main__":
+    main()
