@@ -371,6 +371,7 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
             silence_limit: Some(silence),
             connect_deadline: None,
             coalesce: ws.coalesce,
+            max_in_flight: ws.max_commands_in_flight,
         },
         ctx.shutdown.clone(),
     );
