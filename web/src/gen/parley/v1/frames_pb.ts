@@ -1306,8 +1306,10 @@ export type Attachment = Message$1<"parley.v1.Attachment"> & {
   fileId: string;
 
   /**
-   * The file name to show and to save as (from the upload's `name` or, in a send, the
-   * sender's choice).
+   * The file name to show and to save as (from the upload's `name` or multipart
+   * `filename` or, in a send, the sender's choice), cleaned by the server the same way
+   * in every case: the last path component only, no control characters (CR, LF, NUL,
+   * ESC...), no bidi controls or line separators, never "." or "..", at most 255 bytes.
    *
    * @generated from field: string name = 2;
    */
