@@ -445,3 +445,26 @@ async fn an_mqtt5_connect_is_answered_unsupported_version() {
         Message::Binary(vec![0x20, 0x03, 0x00, 0x84, 0x00].into())
     );
 }
+
+/// What one unauthenticated socket can hold: an upgraded /mqtt that never sends CONNECT
+/// is closed at `auth.connect_timeout`, and one that sends half a packet is closed too.
+#[tokio::test]
+async fn a_socket_that_never_connects_is_closed_at_the_connect_deadline() {
+    let t = TestServer::start_with(|c| c.auth.connect_timeout = Duration::from_millis(500)).await;
+    for first in [None, Some(vec![0x10u8, 0x7f])] {
+        let mut raw = Raw::open(&t).await;
+        if let Some(bytes) = first {
+            raw.send_bytes(bytes).await;
+        }
+        let started = tokio::time::Instant::now();
+        assert_eq!(raw.next().await, None, "no packet, only the close");
+        let after = started.elapsed();
+        assert!(after < Duration::from_secs(3), "closed after {after:?}");
+    }
+    // Another device is unaffected.
+    let mut other = Raw::connected(&t, "sensor-2", 0).await;
+    assert_eq!(
+        other.subscribe(1, &["rooms/lobby"]).await,
+        [SubscribeReturnCode::MaxLevel1]
+    );
+}
