@@ -7,10 +7,13 @@
 //! The hub only knows [`Recipient`]s (sessions implement it); it never awaits and never
 //! touches a socket: delivering is a non-blocking push into each session's queue.
 //!
-//! A room keeps a copy-on-write snapshot of its recipients (an `Arc<[..]>`, rebuilt on
-//! the first delivery after a membership change): a delivery to a room holds the hub's
-//! lock only to clone that `Arc`, and pushes to every member with no lock held, so
-//! attaches, joins and deliveries to other rooms never wait behind a large fan-out.
+//! A room keeps copy-on-write snapshots of its recipients, one per chunk of
+//! [`CHUNK`] members (an `Arc<[..]>` each, rebuilt on the first delivery after a change
+//! to that chunk): a delivery to a room holds the hub's lock only to clone those `Arc`s,
+//! and pushes to every member with no lock held, so attaches, joins and deliveries to
+//! other rooms never wait behind a large fan-out. A join or leave in a room of n members
+//! touches at most two chunks, so the next delivery copies at most 2 × [`CHUNK`]
+//! recipients, not n: churn in a big room costs O(1) per change, not O(n).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -54,32 +57,64 @@ struct UserEntry {
     rooms: HashSet<String>,
 }
 
+/// Members per snapshot chunk. A delivery clones one `Arc` per chunk under the lock
+/// (75 for a room of 19k); a membership change rebuilds at most two chunks.
+const CHUNK: usize = 256;
+
 /// A room's local recipients.
 #[derive(Default)]
 struct RoomEntry {
+    /// In a dense order: chunk `c` is `members[c * CHUNK..(c + 1) * CHUNK]`.
     members: Recipients,
-    /// `members` as delivered to, built on demand; reset on every change.
-    snapshot: OnceLock<Snapshot>,
+    /// Each chunk of `members` as delivered to, built on demand; a chunk is reset when
+    /// one of its slots changes.
+    chunks: Vec<OnceLock<Chunk>>,
 }
 
-type Snapshot = Arc<[Arc<dyn Recipient>]>;
+type Chunk = Arc<[Arc<dyn Recipient>]>;
+
+/// A room's recipients at one moment: a few chunks are held inline (rooms up to
+/// 4 × [`CHUNK`] members take no allocation to deliver to).
+type Snapshot = smallvec::SmallVec<[Chunk; 4]>;
 
 impl RoomEntry {
     fn insert(&mut self, id: u64, r: Arc<dyn Recipient>) {
-        self.members.insert(id, r);
-        self.snapshot = OnceLock::new();
+        let (slot, _) = self.members.insert_full(id, r);
+        self.changed(slot);
     }
 
     fn remove(&mut self, id: &u64) {
-        if self.members.swap_remove(id).is_some() {
-            self.snapshot = OnceLock::new();
+        if let Some((slot, _, _)) = self.members.swap_remove_full(id) {
+            // The last member moved into `slot`; the old last slot is gone.
+            let last = self.members.len();
+            self.changed(slot);
+            self.changed(last);
+            self.chunks.truncate(last.div_ceil(CHUNK));
+        }
+    }
+
+    /// The member in `slot` changed: its chunk must be rebuilt.
+    fn changed(&mut self, slot: usize) {
+        let c = slot / CHUNK;
+        if c < self.chunks.len() {
+            self.chunks[c] = OnceLock::new();
+        } else {
+            self.chunks.resize_with(c + 1, OnceLock::new);
         }
     }
 
     fn snapshot(&self) -> Snapshot {
-        self.snapshot
-            .get_or_init(|| self.members.values().cloned().collect())
-            .clone()
+        let members = self.members.as_slice();
+        (0..self.chunks.len())
+            .map(|c| {
+                self.chunks[c]
+                    .get_or_init(|| {
+                        let end = ((c + 1) * CHUNK).min(members.len());
+                        members[c * CHUNK..end].values().cloned().collect()
+                    })
+                    .clone()
+            })
+            .collect()
     }
 }
 
@@ -199,7 +234,7 @@ impl Hub {
             return 0;
         };
         let mut n = 0;
-        for r in snapshot.iter() {
+        for r in snapshot.iter().flat_map(|chunk| chunk.iter()) {
             if except.is_none_or(|u| u != r.user()) {
                 r.push(push);
                 n += 1;
@@ -308,5 +343,86 @@ mod tests {
         hub.detach("b", 3);
         assert_eq!(hub.deliver(&room, &push), 0);
         assert_eq!(hub.room_size("r"), 0);
+    }
+
+    /// In a room of several chunks, every join, leave, attach and detach (in and out of
+    /// the middle, the end, and across a chunk boundary) leaves a delivery reaching
+    /// exactly the members of that moment, each once, and only the chunks a change
+    /// touched are rebuilt.
+    #[test]
+    fn chunked_snapshots_follow_membership() {
+        let hub = Hub::new();
+        let push = Arc::new(Push::new(Kind::Pong(Pong { ts: 1 })));
+        let room = Target::Room("big".into());
+        let n = CHUNK * 3 + 17;
+        let members: Vec<_> = (0..n as u64)
+            .map(|i| counter(i, &format!("u{i}")))
+            .collect();
+        for m in &members {
+            hub.attach(m.clone());
+            hub.joined(m.user(), "big");
+        }
+        let mut expected = vec![0usize; n];
+        let mut present: Vec<bool> = vec![true; n];
+        let check = |hub: &Hub, present: &[bool], expected: &mut [usize]| {
+            let want = present.iter().filter(|p| **p).count();
+            assert_eq!(hub.deliver(&room, &push), want);
+            for (i, p) in present.iter().enumerate() {
+                if *p {
+                    expected[i] += 1;
+                }
+                assert_eq!(got(&members[i]), expected[i], "member {i}");
+            }
+        };
+        check(&hub, &present, &mut expected);
+        // Leaves from the front, the middle, a chunk boundary and the end.
+        for i in [0, CHUNK - 1, CHUNK, CHUNK + 5, 2 * CHUNK, n - 1, n - 2] {
+            hub.left(members[i].user(), "big");
+            present[i] = false;
+            check(&hub, &present, &mut expected);
+        }
+        // One change rebuilds at most two chunks; the rest are the same allocations.
+        let before = hub.read().rooms["big"].snapshot();
+        hub.left(members[7].user(), "big");
+        present[7] = false;
+        let after = hub.read().rooms["big"].snapshot();
+        let reused = before
+            .iter()
+            .filter(|b| after.iter().any(|a| Arc::ptr_eq(a, b)))
+            .count();
+        assert!(
+            reused >= before.len() - 2,
+            "{reused} of {} reused",
+            before.len()
+        );
+        check(&hub, &present, &mut expected);
+        // Rejoins, and a member's second session attached and detached.
+        for i in [0, CHUNK, n - 1] {
+            hub.joined(members[i].user(), "big");
+            present[i] = true;
+            check(&hub, &present, &mut expected);
+        }
+        let second = counter(10_000, members[3].user());
+        hub.attach(second.clone());
+        assert_eq!(
+            hub.deliver(&room, &push),
+            present.iter().filter(|p| **p).count() + 1
+        );
+        for (i, p) in present.iter().enumerate() {
+            if *p {
+                expected[i] += 1;
+            }
+        }
+        hub.detach(members[3].user(), 10_000);
+        check(&hub, &present, &mut expected);
+        assert_eq!(got(&second), 1);
+        // Everyone leaves: the room is gone.
+        for (i, m) in members.iter().enumerate() {
+            if present[i] {
+                hub.left(m.user(), "big");
+            }
+        }
+        assert_eq!(hub.room_size("big"), 0);
+        assert_eq!(hub.deliver(&room, &push), 0);
     }
 }
