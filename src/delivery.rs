@@ -233,11 +233,15 @@ impl Hub {
         let Some(snapshot) = self.read().rooms.get(room).map(RoomEntry::snapshot) else {
             return 0;
         };
+        // Nested loops, not `flat_map`: the flattened iterator cost ~8 instructions more
+        // per recipient (callgrind, benches/hub.rs).
         let mut n = 0;
-        for r in snapshot.iter().flat_map(|chunk| chunk.iter()) {
-            if except.is_none_or(|u| u != r.user()) {
-                r.push(push);
-                n += 1;
+        for chunk in &snapshot {
+            for r in chunk.iter() {
+                if except.is_none_or(|u| u != r.user()) {
+                    r.push(push);
+                    n += 1;
+                }
             }
         }
         n
