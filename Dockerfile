@@ -32,6 +32,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     && install -D -m 0644 /etc/ssl/certs/ca-certificates.crt /out/etc/ssl/certs/ca-certificates.crt \
     && mkdir -p /out/usr/share/doc/parley \
     && cp -r vendor/yawc /out/usr/share/doc/parley/yawc-source \
+    && cp vendor/patches/yawc-*.patch /out/usr/share/doc/parley/ \
     && cp vendor/README.md /out/usr/share/doc/parley/vendor-README.md
 
 FROM ${RUNTIME_IMAGE}

@@ -1,7 +1,8 @@
 //! `config/parley.toml` documents every option with its default: it must parse to exactly
-//! `Config::default()` and name every option the code has.
+//! `Config::default()`, and name every option the code has, each with prose and its
+//! default (options that default to unset as a commented-out example), and no other.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use parley::config::Config;
 
@@ -22,14 +23,6 @@ fn keys(value: &toml::Value, prefix: &str, out: &mut BTreeSet<String>) {
     }
 }
 
-/// Options that default to "unset" and so appear commented out in the file.
-const OPTIONAL: [&str; 4] = [
-    "auth.public_key_file",
-    "auth.private_key_file",
-    "tls.cert_file",
-    "tls.key_file",
-];
-
 #[test]
 fn shipped_config_is_exactly_the_defaults() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/parley.toml");
@@ -49,13 +42,170 @@ fn shipped_config_is_exactly_the_defaults() {
         "",
         &mut in_code,
     );
-    assert_eq!(in_file, in_code, "every option is in config/parley.toml");
-    for key in OPTIONAL {
-        assert!(
-            text.contains(&format!("# {}", key.split('.').nth(1).unwrap())),
-            "{key} documented"
+    assert_eq!(
+        in_file, in_code,
+        "every set option is in config/parley.toml"
+    );
+}
+
+/// One `key = value` line of the documented file, set or commented out (`# key = ...`).
+struct Documented {
+    line: usize,
+    value: String,
+    commented: bool,
+}
+
+/// A `key = value` line, set or commented out: (key, value, commented).
+fn key_line(l: &str) -> Option<(String, String, bool)> {
+    let (body, commented) = match l.strip_prefix("# ") {
+        Some(rest) => (rest, true),
+        None => (l, false),
+    };
+    let (k, v) = body.split_once(" = ")?;
+    let ok = !k.is_empty()
+        && k.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    // A comment that only starts like one (`# backend = "postgres": the server...`) is
+    // prose: a commented-out key's value is a TOML value.
+    let value_ok = !commented || toml::from_str::<toml::Table>(&format!("k = {v}")).is_ok();
+    (ok && value_ok).then(|| (k.to_string(), v.to_string(), commented))
+}
+
+/// The `key = value` lines of a file laid out like `config/parley.toml`, by
+/// `section.key`, and the keys whose line (or run of adjacent key lines) has no prose
+/// comment above it.
+fn documented(text: &str) -> (BTreeMap<String, Documented>, Vec<String>) {
+    let lines: Vec<&str> = text.lines().collect();
+    let (mut out, mut bare) = (BTreeMap::new(), Vec::new());
+    let mut section = String::new();
+    for (i, l) in lines.iter().enumerate() {
+        if let Some(s) = l.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
+            section = s.to_string();
+            continue;
+        }
+        let Some((key, value, commented)) = key_line(l) else {
+            continue;
+        };
+        let path = format!("{section}.{key}");
+        // Prose: the first line above this run of key lines is a comment.
+        let above = lines[..i]
+            .iter()
+            .rev()
+            .find(|l| key_line(l).is_none())
+            .copied()
+            .unwrap_or("");
+        if !above.starts_with('#') {
+            bare.push(path.clone());
+        }
+        let line = i + 1;
+        let prev = out.insert(
+            path.clone(),
+            Documented {
+                line,
+                value,
+                commented,
+            },
         );
+        assert!(prev.is_none(), "line {line}: {path} is written twice");
     }
+    (out, bare)
+}
+
+/// The value of `key` in `section` when a file sets only that (as JSON: every type of
+/// the tree maps onto it), or the parse error.
+fn value_of(section: &str, key: &str, value: &str) -> Result<serde_json::Value, String> {
+    let c: Config =
+        toml::from_str(&format!("[{section}]\n{key} = {value}\n")).map_err(|e| e.to_string())?;
+    Ok(serde_json::to_value(c).unwrap()[section][key].clone())
+}
+
+/// Every key of the structs is in `config/parley.toml` with prose above it; every set
+/// value there equals the struct default (compared as values, so "60s" and "1m" would
+/// both do); a key is commented out only where it defaults to unset, and its example then
+/// parses; no key there is unknown to the structs.
+#[test]
+fn every_key_is_documented_with_its_default() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/parley.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let (file, bare) = documented(&text);
+    assert!(
+        file.len() > 100,
+        "the line reader found too few keys: {}",
+        file.len()
+    );
+    let defaults = serde_json::to_value(Config::default()).unwrap();
+    let mut problems = Vec::new();
+    let mut in_code = BTreeSet::new();
+    for (section, keys) in defaults.as_object().unwrap() {
+        for (key, default) in keys.as_object().unwrap() {
+            let path = format!("{section}.{key}");
+            in_code.insert(path.clone());
+            let Some(doc) = file.get(&path) else {
+                problems.push(format!("{path}: not in config/parley.toml"));
+                continue;
+            };
+            let line = doc.line;
+            match value_of(section, key, &doc.value) {
+                Err(e) => problems.push(format!("line {line}: {path} does not parse: {e}")),
+                Ok(_) if doc.commented && !default.is_null() => problems.push(format!(
+                    "line {line}: {path} is commented out but has a default ({default})"
+                )),
+                Ok(v) if !doc.commented && v != *default => problems.push(format!(
+                    "line {line}: {path} = {} but the default is {default}",
+                    doc.value
+                )),
+                Ok(_) => {}
+            }
+        }
+    }
+    for (path, doc) in &file {
+        if !in_code.contains(path) {
+            problems.push(format!("line {}: {path} is not an option", doc.line));
+        }
+    }
+    for path in bare {
+        problems.push(format!("{path}: no comment above it says what it does"));
+    }
+    assert!(
+        problems.is_empty(),
+        "config/parley.toml:\n{}",
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn the_file_checker_sees_a_wrong_default_a_missing_key_and_a_stray_one() {
+    let (file, bare) = documented(
+        "[ws]\n# Ping interval.\nheartbeat_interval = \"26s\"\n# max_frame_bytes = 1\nnope = 1\n",
+    );
+    let default =
+        serde_json::to_value(Config::default()).unwrap()["ws"]["heartbeat_interval"].clone();
+    let doc = &file["ws.heartbeat_interval"];
+    assert!(!doc.commented);
+    assert_ne!(
+        value_of("ws", "heartbeat_interval", &doc.value).unwrap(),
+        default
+    );
+    assert_eq!(
+        value_of("ws", "heartbeat_interval", "\"25s\"").unwrap(),
+        default
+    );
+    assert_eq!(
+        value_of("ws", "heartbeat_interval", "\"25000ms\"").unwrap(),
+        default
+    );
+    assert!(value_of("ws", "heartbeat_interval", "25").is_err());
+    assert!(file["ws.max_frame_bytes"].commented);
+    assert!(!file.contains_key("ws.pong_timeout"));
+    assert!(file.contains_key("ws.nope"));
+    assert!(
+        bare.is_empty(),
+        "a run of keys under one comment is documented"
+    );
+    let (file, _) = documented("[store]\n# backend = \"postgres\": the server, e.g. x\n");
+    assert!(file.is_empty(), "prose that starts like a key is prose");
+    let (_, bare) = documented("[ws]\n\npong_timeout = \"20s\"\n");
+    assert_eq!(bare, ["ws.pong_timeout"]);
 }
 
 #[test]

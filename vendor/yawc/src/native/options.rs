@@ -1036,7 +1036,9 @@ mod tests {
 
         // When client doesn't specify, use server's preference
         assert_eq!(merged.server_max_window_bits, Some(Some(14)));
-        assert_eq!(merged.client_max_window_bits, Some(Some(13)));
+        // PARLEY PATCH: but never client_max_window_bits, which the client did not offer
+        // (RFC 7692 section 7.1.2.2).
+        assert_eq!(merged.client_max_window_bits, None);
     }
 
     #[cfg(feature = "zlib")]

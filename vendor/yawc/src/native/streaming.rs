@@ -243,6 +243,9 @@ where
             // PARLEY PATCH: no buffer at all until there are bytes to hold (and no 8 KiB
             // ones allocated and freed at once, as `from_parts` would).
             let mut framed = Framed::with_capacity(stream, codec, 0);
+            // tokio-util before 0.7.16 gives `with_capacity`'s write buffer 8 KiB
+            // whatever `capacity` says (yawc 0.5.0's own Cargo.lock has 0.7.15).
+            *framed.write_buffer_mut() = BytesMut::new();
             framed.set_backpressure_boundary(DEFAULT_BUFFER_CAPACITY);
             framed
         } else {

@@ -1,0 +1,104 @@
+//! `[server]`: the listener, its deadlines, CORS and HTTP compression.
+
+use std::{net::SocketAddr, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use super::{ConfigError, HOUR, MS, SEC, duration};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// On SIGTERM/SIGINT: how long connections get to drain before the process exits.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// On SIGTERM/SIGINT: how long `/readyz` answers 503 while parley still serves, so
+    /// load balancers stop sending new clients before it stops accepting.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
+    /// A socket write that makes no progress for this long fails and the connection is
+    /// closed (HTTP responses and long-poll replies; SSE streams use
+    /// `sse.write_timeout`, WebSockets `ws.write_timeout`).
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Deadlines before a request exists, so silent or trickling sockets cannot hold
+    /// connection slots: a TLS handshake must finish within `tls_handshake_timeout`;
+    /// then the client must send enough to tell HTTP/1 from HTTP/2 (its first bytes, or
+    /// the whole HTTP/2 connection preface) within `preface_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub preface_timeout: Duration,
+    /// HTTP/1: a request head must arrive in full within this (also how long a
+    /// keep-alive connection may wait for its next request).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// HTTP/2: a connection with no request open for this long is closed (GOAWAY).
+    #[serde(with = "humantime_serde")]
+    pub h2_idle_timeout: Duration,
+    /// HTTP/2: a PING is sent after this long without a frame from the client; no answer
+    /// within `h2_keep_alive_timeout` closes the connection.
+    #[serde(with = "humantime_serde")]
+    pub h2_keep_alive_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub h2_keep_alive_timeout: Duration,
+    /// Browser origins (e.g. `https://app.example.com`) allowed to use the API, SSE,
+    /// long-poll and /ws from another origin (CORS, and the WebSocket origin check).
+    /// Same-origin requests and clients that send no `Origin` are always allowed. `*`
+    /// allows any origin.
+    pub allowed_origins: Vec<String>,
+    /// Compress long-poll replies and HTTP API responses (gzip, brotli or zstd, by the
+    /// request's `Accept-Encoding`). Never SSE streams or WebSockets.
+    pub http_compression: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            // Loopback: safe with the development secret. Containers and real
+            // deployments set an address reachable from elsewhere, and a secret.
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            shutdown_timeout: Duration::from_secs(10),
+            drain_delay: Duration::from_secs(2),
+            write_timeout: Duration::from_secs(30),
+            tls_handshake_timeout: Duration::from_secs(10),
+            preface_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(30),
+            h2_idle_timeout: Duration::from_secs(30),
+            h2_keep_alive_interval: Duration::from_secs(20),
+            h2_keep_alive_timeout: Duration::from_secs(20),
+            allowed_origins: Vec::new(),
+            http_compression: true,
+        }
+    }
+}
+
+impl ServerConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        duration(
+            "server.shutdown_timeout",
+            self.shutdown_timeout,
+            Duration::ZERO,
+            HOUR,
+        )?;
+        duration("server.write_timeout", self.write_timeout, 100 * MS, HOUR)?;
+        for (key, v) in [
+            ("server.tls_handshake_timeout", self.tls_handshake_timeout),
+            ("server.preface_timeout", self.preface_timeout),
+            ("server.header_read_timeout", self.header_read_timeout),
+            ("server.h2_idle_timeout", self.h2_idle_timeout),
+            ("server.h2_keep_alive_interval", self.h2_keep_alive_interval),
+            ("server.h2_keep_alive_timeout", self.h2_keep_alive_timeout),
+        ] {
+            duration(key, v, 10 * MS, HOUR)?;
+        }
+        duration(
+            "server.drain_delay",
+            self.drain_delay,
+            Duration::ZERO,
+            10 * 60 * SEC,
+        )
+    }
+}
