@@ -10,6 +10,7 @@
 
 pub mod file_index;
 pub mod postgres;
+mod rows;
 pub mod sqlite;
 
 use std::{collections::BTreeMap, future::Future, pin::Pin, sync::Arc};
@@ -171,31 +172,6 @@ pub async fn open(config: &crate::config::StoreConfig) -> Result<Arc<dyn Store>,
         StoreBackend::Sqlite => Arc::new(sqlite::SqliteStore::open(config)?),
         StoreBackend::Postgres => Arc::new(postgres::PostgresStore::open(config).await?),
     })
-}
-
-/// How every backend keeps a message's metadata and attachments: JSON text, empty when
-/// there are none.
-pub(crate) fn encode_extras(m: &NewMessage) -> (String, String) {
-    fn json<T: serde::Serialize>(empty: bool, value: &T) -> String {
-        if empty {
-            String::new()
-        } else {
-            serde_json::to_string(value).unwrap_or_default()
-        }
-    }
-    (
-        json(m.metadata.is_empty(), &m.metadata),
-        json(m.attachments.is_empty(), &m.attachments),
-    )
-}
-
-/// Reads back what [`encode_extras`] wrote (empty text is the empty value).
-pub(crate) fn decode_extra<T: serde::de::DeserializeOwned + Default>(text: &str) -> T {
-    if text.is_empty() {
-        T::default()
-    } else {
-        serde_json::from_str(text).unwrap_or_default()
-    }
 }
 
 /// The direct-message room of two users: `dm:<a>:<b>` with the ids sorted.

@@ -39,11 +39,17 @@ use std::{
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::{NoTls, Row, types::ToSql};
+use tokio_postgres::{
+    NoTls, Row,
+    types::{FromSql, ToSql},
+};
 
 use super::{
     AppendFuture, Appended, FileIndex, FileRecord, Inserted, NewMessage, Page, Range, ReadMarker,
-    RoomMeta, Store, StoreError, dm_peer,
+    RoomMeta, Store, StoreError,
+    rows::{
+        self, Columns, FILE_COLUMNS, History, MESSAGE_COLUMNS, ROOM_COLUMNS, ROOM_STATE_COLUMNS,
+    },
 };
 use crate::{
     config::StoreConfig,
@@ -51,7 +57,13 @@ use crate::{
 };
 
 /// Numbered schema migrations; `parley_schema_version` records which have run.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/postgres/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../migrations/postgres/0001_init.sql")),
+    (
+        2,
+        include_str!("../../migrations/postgres/0002_attachments_default.sql"),
+    ),
+];
 
 /// The advisory lock key migrations run under ("parley" in ASCII).
 const MIGRATION_LOCK: i64 = 0x7061_726c_6579;
@@ -76,6 +88,35 @@ fn pg(e: tokio_postgres::Error) -> StoreError {
         source = cause.source();
     }
     StoreError::Backend(text)
+}
+
+/// Column `i` of `row` as a `T`, or an error naming the column (a schema that does not
+/// match this build must not panic a request).
+fn get<'a, T: FromSql<'a>>(row: &'a Row, i: usize) -> Result<T, StoreError> {
+    row.try_get(i).map_err(|e| {
+        let name = row.columns().get(i).map_or("?", |c| c.name());
+        backend(format!("postgres: column {i} ({name}): {e}"))
+    })
+}
+
+impl Columns for Row {
+    type Error = StoreError;
+
+    fn text(&self, i: usize) -> Result<String, StoreError> {
+        get(self, i)
+    }
+
+    fn int(&self, i: usize) -> Result<i64, StoreError> {
+        get(self, i)
+    }
+
+    fn flag(&self, i: usize) -> Result<bool, StoreError> {
+        get(self, i)
+    }
+
+    fn out_of_range(&self, i: usize, value: i64) -> StoreError {
+        backend(format!("postgres: column {i}: {value} is out of range"))
+    }
 }
 
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
@@ -172,7 +213,7 @@ impl PostgresStore {
             )
             .await
             .map_err(pg)?;
-        Ok(row.get(0))
+        get(&row, 0)
     }
 }
 
@@ -196,14 +237,15 @@ async fn migrate(client: &mut Object) -> Result<(), StoreError> {
     )
     .await
     .map_err(pg)?;
-    let current: i32 = tx
-        .query_one(
+    let current: i32 = get(
+        &tx.query_one(
             "SELECT coalesce(max(version), 0) FROM parley_schema_version",
             &[],
         )
         .await
-        .map_err(pg)?
-        .get(0);
+        .map_err(pg)?,
+        0,
+    )?;
     if current > schema_version() {
         return Err(backend(format!(
             "database schema version {current} is newer than this parley ({})",
@@ -309,8 +351,9 @@ fn writer_of(room: &str, writers: usize) -> usize {
 
 /// Why a batch failed.
 enum BatchError {
-    /// No connection (the server is down or the pool exhausted).
-    Pool(StoreError),
+    /// No connection (the server is down or the pool exhausted), or a row that does not
+    /// read as this build expects.
+    Store(StoreError),
     /// A statement failed: the server refused something (`refused`), or the connection
     /// broke.
     Pg(tokio_postgres::Error),
@@ -325,7 +368,7 @@ impl BatchError {
 
     fn into_store(self) -> StoreError {
         match self {
-            BatchError::Pool(e) => e,
+            BatchError::Store(e) => e,
             BatchError::Pg(e) => pg(e),
         }
     }
@@ -341,7 +384,7 @@ async fn commit_batch(
     let client = pool
         .get()
         .await
-        .map_err(|e| BatchError::Pool(pool_error(e)))?;
+        .map_err(|e| BatchError::Store(pool_error(e)))?;
     let result = batch_in(&client, batch).await;
     if result.is_err() && !client.is_closed() {
         // Leave no open transaction on a pooled connection.
@@ -394,18 +437,20 @@ async fn batch_in(
     .map_err(BatchError::Pg)?;
     let mut last: HashMap<String, i64> = locked
         .iter()
-        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
-        .collect();
+        .map(|r| Ok((r.text(0)?, r.int(1)?)))
+        .collect::<Result<_, StoreError>>()
+        .map_err(BatchError::Store)?;
     let mut originals: HashMap<(String, String, String), Arc<Message>> = found
         .iter()
         .map(|r| {
-            let m = message_from_row(r);
-            (
+            let m = rows::message(r)?;
+            Ok((
                 (m.room.clone(), m.sender.clone(), m.client_msg_id.clone()),
                 Arc::new(m),
-            )
+            ))
         })
-        .collect();
+        .collect::<Result<_, StoreError>>()
+        .map_err(BatchError::Store)?;
 
     // Number the new messages in call order; a key seen twice in the batch is a duplicate
     // of its first occurrence.
@@ -433,7 +478,7 @@ async fn batch_in(
             Entry::Vacant(v) => {
                 *last_seq += 1;
                 let seq = *last_seq;
-                let (metadata, attachments) = super::encode_extras(m);
+                let (metadata, attachments) = m.extras();
                 ins_room.push(m.room.as_str());
                 ins_seq.push(seq);
                 ins_sender.push(m.sender.as_str());
@@ -446,16 +491,7 @@ async fn batch_in(
                 for a in &m.attachments {
                     attached.push((a.file_id.as_str(), m.room.as_str(), m.sender.as_str()));
                 }
-                let message = Arc::new(Message {
-                    room: m.room.clone(),
-                    seq: seq as u64,
-                    sender: m.sender.clone(),
-                    client_msg_id: m.client_msg_id.clone(),
-                    body: m.body.clone(),
-                    metadata: m.metadata.clone(),
-                    ts: m.ts,
-                    attachments: m.attachments.clone(),
-                });
+                let message = Arc::new((*m).clone().into_message(seq as u64));
                 v.insert(message.clone());
                 results.push(Ok(Appended {
                     message,
@@ -559,32 +595,6 @@ async fn batch_in(
     Ok(results)
 }
 
-const MESSAGE_COLUMNS: &str =
-    "m.room, m.seq, m.sender, m.client_msg_id, m.body, m.metadata, m.ts, m.attachments";
-
-fn message_from_row(row: &Row) -> Message {
-    let metadata: &str = row.get(5);
-    let attachments: &str = row.get(7);
-    Message {
-        room: row.get(0),
-        seq: row.get::<_, i64>(1) as u64,
-        sender: row.get(2),
-        client_msg_id: row.get(3),
-        body: row.get(4),
-        metadata: super::decode_extra(metadata),
-        ts: row.get(6),
-        attachments: super::decode_extra(attachments),
-    }
-}
-
-fn room_meta(row: &Row) -> RoomMeta {
-    RoomMeta {
-        private: row.get(0),
-        last_seq: row.get::<_, i64>(1) as u64,
-        members: row.get::<_, i64>(2) as u64,
-    }
-}
-
 /// Locks the room's row first, as an append batch does, so a membership change and a
 /// batch of the same room never hold each other's rows (no deadlock: the batch takes the
 /// room and then its members' rows, and so does this).
@@ -659,15 +669,15 @@ async fn check_room_cap(
     .await
     .map_err(pg)?;
     for user in users {
-        let n: i64 = tx
+        let n = tx
             .query_one(
                 "SELECT count(*)::int8 FROM members WHERE user_id = $1",
                 &[user],
             )
             .await
             .map_err(pg)?
-            .get(0);
-        if n as u64 >= max_rooms {
+            .count(0)?;
+        if n >= max_rooms {
             return Err(StoreError::TooManyRooms {
                 user: user.to_string(),
                 max: max_rooms,
@@ -710,45 +720,39 @@ impl Store for PostgresStore {
 
     async fn history(&self, room: &str, range: Range, limit: usize) -> Result<Page, StoreError> {
         let c = self.client().await?;
-        let fetch = limit as i64 + 1;
-        let (sql, bound, newest_first) = match range {
-            // Past any seq a room can have: an empty page, never a wrap.
-            Range::After(after) => (
-                "SELECT m.room, m.seq, m.sender, m.client_msg_id, m.body, m.metadata, m.ts, m.attachments
-                 FROM messages m WHERE m.room = $1 AND m.seq > $2 ORDER BY m.seq LIMIT $3",
-                after.min(i64::MAX as u64) as i64,
-                false,
-            ),
-            Range::Before(before) => (
-                "SELECT m.room, m.seq, m.sender, m.client_msg_id, m.body, m.metadata, m.ts, m.attachments
-                 FROM messages m WHERE m.room = $1 AND m.seq < $2 ORDER BY m.seq DESC LIMIT $3",
-                before.min(i64::MAX as u64) as i64,
-                true,
-            ),
+        let query = History::new(range, limit);
+        let sql = if query.backwards {
+            format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages m
+                 WHERE m.room = $1 AND m.seq < $2 ORDER BY m.seq DESC LIMIT $3"
+            )
+        } else {
+            format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages m
+                 WHERE m.room = $1 AND m.seq > $2 ORDER BY m.seq LIMIT $3"
+            )
         };
-        let st = c.prepare_cached(sql).await.map_err(pg)?;
-        let rows = c.query(&st, &[&room, &bound, &fetch]).await.map_err(pg)?;
-        let mut messages: Vec<Arc<Message>> =
-            rows.iter().map(|r| Arc::new(message_from_row(r))).collect();
-        let more = messages.len() > limit;
-        messages.truncate(limit);
-        if newest_first {
-            messages.reverse();
-        }
-        Ok(Page { messages, more })
+        let st = c.prepare_cached(&sql).await.map_err(pg)?;
+        let rows = c
+            .query(&st, &[&room, &query.bound, &query.fetch])
+            .await
+            .map_err(pg)?;
+        let messages = rows.iter().map(rows::message).collect::<Result<_, _>>()?;
+        Ok(query.page(messages))
     }
 
     async fn room(&self, room: &str) -> Result<Option<RoomMeta>, StoreError> {
         let c = self.client().await?;
         let st = c
-            .prepare_cached("SELECT private, last_seq, members FROM rooms WHERE name = $1")
+            .prepare_cached(&format!("SELECT {ROOM_COLUMNS} FROM rooms WHERE name = $1"))
             .await
             .map_err(pg)?;
-        Ok(c.query_opt(&st, &[&room])
+        c.query_opt(&st, &[&room])
             .await
             .map_err(pg)?
             .as_ref()
-            .map(room_meta))
+            .map(rows::room_meta)
+            .transpose()
     }
 
     async fn create_room(
@@ -803,13 +807,13 @@ impl Store for PostgresStore {
         add_member(&tx, room, user).await?;
         let row = tx
             .query_one(
-                "SELECT private, last_seq, members FROM rooms WHERE name = $1",
+                &format!("SELECT {ROOM_COLUMNS} FROM rooms WHERE name = $1"),
                 &[&room],
             )
             .await
             .map_err(pg)?;
         tx.commit().await.map_err(pg)?;
-        Ok(room_meta(&row))
+        rows::room_meta(&row)
     }
 
     async fn leave(&self, room: &str, user: &str) -> Result<bool, StoreError> {
@@ -856,43 +860,29 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(pg)?;
-        Ok(c.query(&st, &[&room])
+        c.query(&st, &[&room])
             .await
             .map_err(pg)?
             .iter()
-            .map(|r| r.get(0))
-            .collect())
+            .map(|r| r.text(0))
+            .collect()
     }
 
     async fn rooms_of(&self, user: &str) -> Result<Vec<RoomState>, StoreError> {
         let c = self.client().await?;
         let st = c
-            .prepare_cached(
-                "SELECT r.name, r.last_seq, m.read_seq, r.private, r.members
-                 FROM members m JOIN rooms r ON r.name = m.room
-                 WHERE m.user_id = $1 ORDER BY r.name COLLATE \"C\"",
-            )
+            .prepare_cached(&format!(
+                "SELECT {ROOM_STATE_COLUMNS} FROM members m JOIN rooms r ON r.name = m.room
+                 WHERE m.user_id = $1 ORDER BY r.name COLLATE \"C\""
+            ))
             .await
             .map_err(pg)?;
-        Ok(c.query(&st, &[&user])
+        c.query(&st, &[&user])
             .await
             .map_err(pg)?
             .iter()
-            .map(|r| {
-                let room: String = r.get(0);
-                let last_seq = r.get::<_, i64>(1) as u64;
-                let read_seq = r.get::<_, i64>(2) as u64;
-                RoomState {
-                    dm_peer: dm_peer(&room, user).unwrap_or_default(),
-                    room,
-                    last_seq,
-                    read_seq,
-                    unread: last_seq.saturating_sub(read_seq),
-                    private: r.get(3),
-                    members: r.get::<_, i64>(4) as u64,
-                }
-            })
-            .collect())
+            .map(|r| rows::room_state(r, user))
+            .collect()
     }
 
     async fn share_a_room(&self, a: &str, b: &str) -> Result<bool, StoreError> {
@@ -934,15 +924,7 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(pg)?;
-        Ok(row.map(|r| {
-            let read = r.get::<_, i64>(0) as u64;
-            let last = r.get::<_, i64>(1) as u64;
-            ReadMarker {
-                seq: read,
-                unread: last.saturating_sub(read),
-                moved: r.get(2),
-            }
-        }))
+        row.as_ref().map(rows::read_marker).transpose()
     }
 
     fn health(&self) -> Result<(), String> {
@@ -950,24 +932,6 @@ impl Store for PostgresStore {
             None => Ok(()),
             Some(e) => Err(format!("PostgreSQL: {e}")),
         }
-    }
-}
-
-const FILE_COLUMNS: &str =
-    "id, owner, name, content_type, size, sha256, width, height, blurhash, created_at";
-
-fn file_from_row(r: &Row) -> FileRecord {
-    FileRecord {
-        id: r.get(0),
-        owner: r.get(1),
-        name: r.get(2),
-        content_type: r.get(3),
-        size: r.get::<_, i64>(4) as u64,
-        sha256: r.get(5),
-        width: r.get::<_, i64>(6) as u32,
-        height: r.get::<_, i64>(7) as u32,
-        blurhash: r.get(8),
-        created_at: r.get(9),
     }
 }
 
@@ -992,7 +956,7 @@ impl FileIndex for PostgresStore {
             )
             .await
             .map_err(pg)?
-            .get(0);
+            .int(0)?;
         if used.saturating_add(f.size as i64) > quota {
             return Ok(Inserted::OverQuota);
         }
@@ -1028,20 +992,21 @@ impl FileIndex for PostgresStore {
         .await
         .map_err(pg)?
         .as_ref()
-        .map(file_from_row))
+        .map(rows::file)
+        .transpose()?)
     }
 
     async fn bytes_of(&self, owner: &str) -> Result<u64, StoreError> {
         let c = self.client().await?;
-        let n: i64 = c
+        let n = c
             .query_one(
                 "SELECT coalesce(sum(size), 0)::int8 FROM files WHERE owner = $1",
                 &[&owner],
             )
             .await
             .map_err(pg)?
-            .get(0);
-        Ok(n as u64)
+            .count(0)?;
+        Ok(n)
     }
 
     async fn may_read(&self, id: &str, user: &str) -> Result<bool, StoreError> {
@@ -1088,7 +1053,7 @@ impl FileIndex for PostgresStore {
         .await
         .map_err(pg)?
         .iter()
-        .map(|r| r.get(0))
-        .collect())
+        .map(|r| r.text(0))
+        .collect::<Result<_, _>>()?)
     }
 }
