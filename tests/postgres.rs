@@ -10,11 +10,11 @@ mod common;
 
 use std::{sync::Arc, time::Duration};
 
-use common::{pg::TestDb, *};
+use common::{pg::TestDb, store_message as msg, *};
 use parley::{
     config::{StoreBackend, StoreConfig},
     store::{
-        NewMessage, Range, RoomMeta, Store, StoreError,
+        Range, RoomMeta, Store, StoreError,
         postgres::{self, PostgresStore},
     },
 };
@@ -31,18 +31,6 @@ fn config(db: &TestDb) -> StoreConfig {
 
 async fn open(db: &TestDb) -> Arc<PostgresStore> {
     Arc::new(PostgresStore::open(&config(db)).await.expect("store opens"))
-}
-
-fn msg(room: &str, sender: &str, id: &str) -> NewMessage {
-    NewMessage {
-        room: room.into(),
-        sender: sender.into(),
-        client_msg_id: id.into(),
-        body: format!("body of {id}"),
-        metadata: [("k".to_string(), id.to_string())].into(),
-        ts: 1,
-        attachments: Vec::new(),
-    }
 }
 
 async fn all(store: &PostgresStore, room: &str) -> Vec<Arc<parley::proto::Message>> {

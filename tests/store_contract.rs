@@ -20,14 +20,14 @@ use std::{
     time::Duration,
 };
 
-use common::{pg::TestDb, *};
+use common::{pg::TestDb, store_message as msg, *};
 use parley::{
     config::{StoreBackend, StoreConfig, Synchronous},
     proto::Message,
     server::Server,
     store::{
-        self, FileRecord, Inserted, NewMessage, Page, Range, ReadMarker, RoomMeta, Store,
-        StoreError, sqlite::SqliteStore,
+        self, FileRecord, Inserted, Page, Range, ReadMarker, RoomMeta, Store, StoreError,
+        sqlite::SqliteStore,
     },
 };
 
@@ -133,18 +133,6 @@ on_every_backend!(
     the_file_index_keeps_quota_and_readers,
     reopening_keeps_everything,
 );
-
-fn msg(room: &str, sender: &str, id: &str) -> NewMessage {
-    NewMessage {
-        room: room.into(),
-        sender: sender.into(),
-        client_msg_id: id.into(),
-        body: format!("body of {id}"),
-        metadata: [("k".to_string(), id.to_string())].into(),
-        ts: 1_700_000_000_000,
-        attachments: Vec::new(),
-    }
-}
 
 fn seqs(p: &Page) -> Vec<u64> {
     p.messages.iter().map(|m| m.seq).collect()

@@ -7,6 +7,11 @@
 //! instances (seq fixed at commit under a per-room row lock, batched appends).
 //! [`open`] builds the one `store.backend` names.
 //! [`file_index`]: the index of uploaded files (a supertrait of [`Store`]).
+//!
+//! A backend keeps its own SQL and nothing else: reading rows into messages, rooms,
+//! markers and files, and paging history, is `rows` (shared). What a backend must do is
+//! `tests/store_contract.rs`: every property, run on every backend, plus a check that the
+//! backends' migrated schemas agree.
 
 pub mod file_index;
 pub mod postgres;
