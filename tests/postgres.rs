@@ -14,7 +14,7 @@ use common::{pg::TestDb, store_message as msg, *};
 use parley::{
     config::{StoreBackend, StoreConfig},
     store::{
-        Range, RoomMeta, Store, StoreError,
+        NewRoom, Range, RoomMeta, Store, StoreError,
         postgres::{self, PostgresStore},
     },
 };
@@ -208,7 +208,7 @@ async fn migrations_apply_to_an_empty_database_and_are_idempotent() {
         x.schema_version().await.unwrap(),
         postgres::schema_version()
     );
-    assert!(x.create_room("r", "u", true, 0).await.unwrap());
+    assert!(x.create_room(NewRoom::private("r", "u"), 0).await.unwrap());
     x.append(msg("r", "u", "a")).await.unwrap();
     drop(x);
     // Reopening keeps data and schema.
@@ -402,7 +402,11 @@ async fn the_room_cap_holds_across_instances() {
         s.room("dm:u:v").await.unwrap().is_none(),
         "nothing half-made"
     );
-    assert!(s.create_room("mine", "u", false, 5).await.is_err());
+    assert!(
+        s.create_room(NewRoom::public("mine", "u"), 5)
+            .await
+            .is_err()
+    );
     // Another user is not affected.
     s.ensure_dm("dm:v:w", "v", "w", 5).await.unwrap();
 }

@@ -26,7 +26,7 @@ use parley::{
     proto::Message,
     server::Server,
     store::{
-        self, FileRecord, Inserted, Page, Range, ReadMarker, RoomMeta, Store, StoreError,
+        self, FileRecord, Inserted, NewRoom, Page, Range, ReadMarker, RoomMeta, Store, StoreError,
         sqlite::SqliteStore,
     },
 };
@@ -253,10 +253,13 @@ async fn history_pages_in_both_directions(place: &Place) {
 async fn rooms_and_membership(place: &Place) {
     let s = place.open().await;
     assert!(s.room("r").await.unwrap().is_none());
-    assert!(s.create_room("r", "u", false, 0).await.unwrap());
-    assert!(!s.create_room("r", "v", true, 0).await.unwrap(), "taken");
+    assert!(s.create_room(NewRoom::public("r", "u"), 0).await.unwrap());
+    assert!(
+        !s.create_room(NewRoom::private("r", "v"), 0).await.unwrap(),
+        "taken"
+    );
     assert!(!s.is_member("r", "v").await.unwrap());
-    assert!(s.create_room("p", "v", true, 0).await.unwrap());
+    assert!(s.create_room(NewRoom::private("p", "v"), 0).await.unwrap());
     assert_eq!(
         s.room("p").await.unwrap(),
         Some(RoomMeta {
@@ -360,7 +363,7 @@ async fn the_room_cap_holds(place: &Place) {
     assert!(!s.is_member("r3", "u").await.unwrap());
     s.join("r1", "u", 3).await.unwrap();
     assert!(matches!(
-        s.create_room("mine", "u", false, 3).await,
+        s.create_room(NewRoom::public("mine", "u"), 3).await,
         Err(StoreError::TooManyRooms { .. })
     ));
     assert!(s.room("mine").await.unwrap().is_none(), "nothing half-made");
@@ -419,7 +422,7 @@ async fn the_file_index_keeps_quota_and_readers(place: &Place) {
     assert!(!s.may_read("f1", "v").await.unwrap());
     assert!(!s.may_read("nothing", "u").await.unwrap());
 
-    s.create_room("p", "v", true, 0).await.unwrap();
+    s.create_room(NewRoom::private("p", "v"), 0).await.unwrap();
     s.join("p", "u", 0).await.unwrap();
     let mut with = msg("p", "u", "att");
     with.attachments = vec![file("f1", 60).attachment("renamed.png")];
@@ -454,7 +457,7 @@ async fn the_file_index_keeps_quota_and_readers(place: &Place) {
 async fn reopening_keeps_everything(place: &Place) {
     {
         let s = place.open().await;
-        assert!(s.create_room("r", "u", true, 0).await.unwrap());
+        assert!(s.create_room(NewRoom::private("r", "u"), 0).await.unwrap());
         s.join("r", "v", 0).await.unwrap();
         s.append(msg("r", "u", "a")).await.unwrap();
         s.append(msg("r", "v", "b")).await.unwrap();

@@ -4,6 +4,7 @@ use super::{Chat, ChatError, invalid, room_state_push};
 use crate::{
     delivery::Target,
     proto::{self, RoomState},
+    store::NewRoom,
 };
 
 impl Chat {
@@ -27,7 +28,14 @@ impl Chat {
         let max = self.limits.max_rooms_per_user;
         if !self
             .store
-            .create_room(&req.room, user, req.private, max)
+            .create_room(
+                NewRoom {
+                    name: &req.room,
+                    creator: user,
+                    private: req.private,
+                },
+                max,
+            )
             .await?
         {
             return Err(ChatError::RoomExists(req.room));

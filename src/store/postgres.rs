@@ -45,8 +45,8 @@ use tokio_postgres::{
 };
 
 use super::{
-    AppendFuture, Appended, FileIndex, FileRecord, Inserted, NewMessage, Page, Range, ReadMarker,
-    RoomMeta, Store, StoreError,
+    AppendFuture, Appended, FileIndex, FileRecord, Inserted, NewMessage, NewRoom, Page, Range,
+    ReadMarker, RoomMeta, Store, StoreError, StoreResult,
     rows::{
         self, Columns, FILE_COLUMNS, History, MESSAGE_COLUMNS, ROOM_COLUMNS, ROOM_STATE_COLUMNS,
     },
@@ -92,7 +92,7 @@ fn pg(e: tokio_postgres::Error) -> StoreError {
 
 /// Column `i` of `row` as a `T`, or an error naming the column (a schema that does not
 /// match this build must not panic a request).
-fn get<'a, T: FromSql<'a>>(row: &'a Row, i: usize) -> Result<T, StoreError> {
+fn get<'a, T: FromSql<'a>>(row: &'a Row, i: usize) -> StoreResult<T> {
     row.try_get(i).map_err(|e| {
         let name = row.columns().get(i).map_or("?", |c| c.name());
         backend(format!("postgres: column {i} ({name}): {e}"))
@@ -102,15 +102,15 @@ fn get<'a, T: FromSql<'a>>(row: &'a Row, i: usize) -> Result<T, StoreError> {
 impl Columns for Row {
     type Error = StoreError;
 
-    fn text(&self, i: usize) -> Result<String, StoreError> {
+    fn text(&self, i: usize) -> StoreResult<String> {
         get(self, i)
     }
 
-    fn int(&self, i: usize) -> Result<i64, StoreError> {
+    fn int(&self, i: usize) -> StoreResult<i64> {
         get(self, i)
     }
 
-    fn flag(&self, i: usize) -> Result<bool, StoreError> {
+    fn flag(&self, i: usize) -> StoreResult<bool> {
         get(self, i)
     }
 
@@ -129,7 +129,7 @@ fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
 /// One queued append and where its answer goes.
 struct Job {
     message: NewMessage,
-    reply: oneshot::Sender<Result<Appended, StoreError>>,
+    reply: oneshot::Sender<StoreResult<Appended>>,
 }
 
 pub struct PostgresStore {
@@ -146,7 +146,7 @@ fn now_ms() -> i64 {
 impl PostgresStore {
     /// Connects to `config.postgres_url`, applies pending migrations and starts the
     /// append writers and the health ping. Needs a tokio runtime.
-    pub async fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+    pub async fn open(config: &StoreConfig) -> StoreResult<Self> {
         let pg_config: tokio_postgres::Config = config
             .postgres_url
             .parse()
@@ -199,12 +199,12 @@ impl PostgresStore {
         })
     }
 
-    async fn client(&self) -> Result<Object, StoreError> {
+    async fn client(&self) -> StoreResult<Object> {
         self.pool.get().await.map_err(pool_error)
     }
 
     /// The schema version the database is at.
-    pub async fn schema_version(&self) -> Result<i32, StoreError> {
+    pub async fn schema_version(&self) -> StoreResult<i32> {
         let c = self.client().await?;
         let row = c
             .query_one(
@@ -224,7 +224,7 @@ pub fn schema_version() -> i32 {
 
 /// Applies pending migrations in one transaction under an advisory lock (instances that
 /// start together take turns; the second finds nothing to do).
-async fn migrate(client: &mut Object) -> Result<(), StoreError> {
+async fn migrate(client: &mut Object) -> StoreResult<()> {
     let tx = client.transaction().await.map_err(pg)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
@@ -380,7 +380,7 @@ impl BatchError {
 async fn commit_batch(
     pool: &Pool,
     batch: &[&NewMessage],
-) -> Result<Vec<Result<Appended, StoreError>>, BatchError> {
+) -> Result<Vec<StoreResult<Appended>>, BatchError> {
     let client = pool
         .get()
         .await
@@ -399,7 +399,7 @@ async fn commit_batch(
 async fn batch_in(
     tx: &Object,
     batch: &[&NewMessage],
-) -> Result<Vec<Result<Appended, StoreError>>, BatchError> {
+) -> Result<Vec<StoreResult<Appended>>, BatchError> {
     // Lock the rooms (in name order: no deadlock with another instance's batch; `NO KEY`:
     // membership changes' foreign-key checks are not blocked by it), then
     // look for earlier messages with the same keys: after the lock, every concurrent
@@ -438,7 +438,7 @@ async fn batch_in(
     let mut last: HashMap<String, i64> = locked
         .iter()
         .map(|r| Ok((r.text(0)?, r.int(1)?)))
-        .collect::<Result<_, StoreError>>()
+        .collect::<StoreResult<_>>()
         .map_err(BatchError::Store)?;
     let mut originals: HashMap<(String, String, String), Arc<Message>> = found
         .iter()
@@ -449,7 +449,7 @@ async fn batch_in(
                 Arc::new(m),
             ))
         })
-        .collect::<Result<_, StoreError>>()
+        .collect::<StoreResult<_>>()
         .map_err(BatchError::Store)?;
 
     // Number the new messages in call order; a key seen twice in the batch is a duplicate
@@ -598,7 +598,7 @@ async fn batch_in(
 /// Locks the room's row first, as an append batch does, so a membership change and a
 /// batch of the same room never hold each other's rows (no deadlock: the batch takes the
 /// room and then its members' rows, and so does this).
-async fn lock_room(tx: &deadpool_postgres::Transaction<'_>, room: &str) -> Result<(), StoreError> {
+async fn lock_room(tx: &deadpool_postgres::Transaction<'_>, room: &str) -> StoreResult<()> {
     tx.execute(
         "SELECT 1 FROM rooms WHERE name = $1 FOR NO KEY UPDATE",
         &[&room],
@@ -613,7 +613,7 @@ async fn add_member(
     tx: &deadpool_postgres::Transaction<'_>,
     room: &str,
     user: &str,
-) -> Result<(), StoreError> {
+) -> StoreResult<()> {
     let added = tx
         .execute(
             "INSERT INTO members (room, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -643,7 +643,7 @@ async fn check_room_cap(
     users: &[&str],
     max_rooms: u64,
     joining: Option<&str>,
-) -> Result<(), StoreError> {
+) -> StoreResult<()> {
     if max_rooms == 0 {
         return Ok(());
     }
@@ -691,7 +691,7 @@ async fn create_room_in(
     tx: &deadpool_postgres::Transaction<'_>,
     room: &str,
     private: bool,
-) -> Result<bool, StoreError> {
+) -> StoreResult<bool> {
     Ok(tx
         .execute(
             "INSERT INTO rooms (name, private, created_at) VALUES ($1, $2, $3)
@@ -718,7 +718,7 @@ impl Store for PostgresStore {
         })
     }
 
-    async fn history(&self, room: &str, range: Range, limit: usize) -> Result<Page, StoreError> {
+    async fn history(&self, room: &str, range: Range, limit: usize) -> StoreResult<Page> {
         let c = self.client().await?;
         let query = History::new(range, limit);
         let sql = if query.backwards {
@@ -741,7 +741,7 @@ impl Store for PostgresStore {
         Ok(query.page(messages))
     }
 
-    async fn room(&self, room: &str) -> Result<Option<RoomMeta>, StoreError> {
+    async fn room(&self, room: &str) -> StoreResult<Option<RoomMeta>> {
         let c = self.client().await?;
         let st = c
             .prepare_cached(&format!("SELECT {ROOM_COLUMNS} FROM rooms WHERE name = $1"))
@@ -755,31 +755,19 @@ impl Store for PostgresStore {
             .transpose()
     }
 
-    async fn create_room(
-        &self,
-        room: &str,
-        creator: &str,
-        private: bool,
-        max_rooms: u64,
-    ) -> Result<bool, StoreError> {
+    async fn create_room(&self, room: NewRoom<'_>, max_rooms: u64) -> StoreResult<bool> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
-        check_room_cap(&tx, &[creator], max_rooms, None).await?;
-        if !create_room_in(&tx, room, private).await? {
+        check_room_cap(&tx, &[room.creator], max_rooms, None).await?;
+        if !create_room_in(&tx, room.name, room.private).await? {
             return Ok(false);
         }
-        add_member(&tx, room, creator).await?;
+        add_member(&tx, room.name, room.creator).await?;
         tx.commit().await.map_err(pg)?;
         Ok(true)
     }
 
-    async fn ensure_dm(
-        &self,
-        room: &str,
-        a: &str,
-        b: &str,
-        max_rooms: u64,
-    ) -> Result<(), StoreError> {
+    async fn ensure_dm(&self, room: &str, a: &str, b: &str, max_rooms: u64) -> StoreResult<()> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
         let exists = tx
@@ -798,7 +786,7 @@ impl Store for PostgresStore {
         tx.commit().await.map_err(pg)
     }
 
-    async fn join(&self, room: &str, user: &str, max_rooms: u64) -> Result<RoomMeta, StoreError> {
+    async fn join(&self, room: &str, user: &str, max_rooms: u64) -> StoreResult<RoomMeta> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
         check_room_cap(&tx, &[user], max_rooms, Some(room)).await?;
@@ -816,7 +804,7 @@ impl Store for PostgresStore {
         rows::room_meta(&row)
     }
 
-    async fn leave(&self, room: &str, user: &str) -> Result<bool, StoreError> {
+    async fn leave(&self, room: &str, user: &str) -> StoreResult<bool> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
         lock_room(&tx, room).await?;
@@ -840,7 +828,7 @@ impl Store for PostgresStore {
         Ok(left)
     }
 
-    async fn is_member(&self, room: &str, user: &str) -> Result<bool, StoreError> {
+    async fn is_member(&self, room: &str, user: &str) -> StoreResult<bool> {
         let c = self.client().await?;
         let st = c
             .prepare_cached("SELECT 1 FROM members WHERE room = $1 AND user_id = $2")
@@ -852,7 +840,7 @@ impl Store for PostgresStore {
             .is_some())
     }
 
-    async fn members(&self, room: &str) -> Result<Vec<String>, StoreError> {
+    async fn members(&self, room: &str) -> StoreResult<Vec<String>> {
         let c = self.client().await?;
         let st = c
             .prepare_cached(
@@ -868,7 +856,7 @@ impl Store for PostgresStore {
             .collect()
     }
 
-    async fn rooms_of(&self, user: &str) -> Result<Vec<RoomState>, StoreError> {
+    async fn rooms_of(&self, user: &str) -> StoreResult<Vec<RoomState>> {
         let c = self.client().await?;
         let st = c
             .prepare_cached(&format!(
@@ -885,7 +873,7 @@ impl Store for PostgresStore {
             .collect()
     }
 
-    async fn share_a_room(&self, a: &str, b: &str) -> Result<bool, StoreError> {
+    async fn share_a_room(&self, a: &str, b: &str) -> StoreResult<bool> {
         let c = self.client().await?;
         let st = c
             .prepare_cached(
@@ -897,12 +885,7 @@ impl Store for PostgresStore {
         Ok(c.query_opt(&st, &[&a, &b]).await.map_err(pg)?.is_some())
     }
 
-    async fn set_read(
-        &self,
-        room: &str,
-        user: &str,
-        seq: u64,
-    ) -> Result<Option<ReadMarker>, StoreError> {
+    async fn set_read(&self, room: &str, user: &str, seq: u64) -> StoreResult<Option<ReadMarker>> {
         let seq = seq.min(i64::MAX as u64) as i64;
         let c = self.client().await?;
         // One statement: move the marker forward (capped at the room's last seq), then
@@ -937,7 +920,7 @@ impl Store for PostgresStore {
 
 #[async_trait]
 impl FileIndex for PostgresStore {
-    async fn insert_file(&self, f: FileRecord, quota: u64) -> Result<Inserted, StoreError> {
+    async fn insert_file(&self, f: FileRecord, quota: u64) -> StoreResult<Inserted> {
         let quota = quota.min(i64::MAX as u64) as i64;
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
@@ -983,7 +966,7 @@ impl FileIndex for PostgresStore {
         Ok(Inserted::Ok)
     }
 
-    async fn file(&self, id: &str) -> Result<Option<FileRecord>, StoreError> {
+    async fn file(&self, id: &str) -> StoreResult<Option<FileRecord>> {
         let c = self.client().await?;
         Ok(c.query_opt(
             &format!("SELECT {FILE_COLUMNS} FROM files WHERE id = $1"),
@@ -996,7 +979,7 @@ impl FileIndex for PostgresStore {
         .transpose()?)
     }
 
-    async fn bytes_of(&self, owner: &str) -> Result<u64, StoreError> {
+    async fn bytes_of(&self, owner: &str) -> StoreResult<u64> {
         let c = self.client().await?;
         let n = c
             .query_one(
@@ -1009,7 +992,7 @@ impl FileIndex for PostgresStore {
         Ok(n)
     }
 
-    async fn may_read(&self, id: &str, user: &str) -> Result<bool, StoreError> {
+    async fn may_read(&self, id: &str, user: &str) -> StoreResult<bool> {
         let c = self.client().await?;
         Ok(c.query_opt(
             "SELECT 1 FROM files WHERE id = $1 AND owner = $2
@@ -1024,7 +1007,7 @@ impl FileIndex for PostgresStore {
         .is_some())
     }
 
-    async fn delete_file(&self, id: &str, only_orphan: bool) -> Result<bool, StoreError> {
+    async fn delete_file(&self, id: &str, only_orphan: bool) -> StoreResult<bool> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
         let deleted = tx
@@ -1044,7 +1027,7 @@ impl FileIndex for PostgresStore {
         Ok(deleted)
     }
 
-    async fn orphans(&self, before_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+    async fn orphans(&self, before_ms: i64, limit: usize) -> StoreResult<Vec<String>> {
         let c = self.client().await?;
         Ok(c.query(
             "SELECT id FROM files WHERE NOT referenced AND created_at < $1 LIMIT $2",

@@ -35,8 +35,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{Semaphore, oneshot};
 
 use super::{
-    AppendFuture, Appended, FileIndex, FileRecord, Inserted, NewMessage, Page, Range, ReadMarker,
-    RoomMeta, Store, StoreError,
+    AppendFuture, Appended, FileIndex, FileRecord, Inserted, NewMessage, NewRoom, Page, Range,
+    ReadMarker, RoomMeta, Store, StoreError, StoreResult,
     rows::{
         self, Columns, FILE_COLUMNS, History, MESSAGE_COLUMNS, ROOM_COLUMNS, ROOM_STATE_COLUMNS,
     },
@@ -185,11 +185,11 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 
 impl SqliteStore {
     /// Opens (creating and migrating as needed) the database at `config.path`.
-    pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+    pub fn open(config: &StoreConfig) -> StoreResult<Self> {
         Self::open_with(config, STALL_AFTER)
     }
 
-    fn open_with(config: &StoreConfig, stall_after: Duration) -> Result<Self, StoreError> {
+    fn open_with(config: &StoreConfig, stall_after: Duration) -> StoreResult<Self> {
         let memory = config.path == ":memory:";
         if !memory {
             if let Some(dir) = Path::new(&config.path)
@@ -259,7 +259,7 @@ impl SqliteStore {
     fn write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
-    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static {
+    ) -> impl Future<Output = StoreResult<T>> + Send + 'static {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |conn: &Connection| -> (bool, Done) {
             let result = f(conn).map_err(backend);
@@ -304,7 +304,7 @@ impl SqliteStore {
     async fn read_point<T: Send + 'static>(
         &self,
         f: impl Fn(&Connection) -> rusqlite::Result<T> + Clone + Send + 'static,
-    ) -> Result<T, StoreError> {
+    ) -> StoreResult<T> {
         if let Some(point) = &self.point
             && let Ok(conn) = point.try_lock()
         {
@@ -324,7 +324,7 @@ impl SqliteStore {
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
-    ) -> Result<T, StoreError> {
+    ) -> StoreResult<T> {
         let Some(pool) = &self.readers else {
             return self.write(f).await;
         };
@@ -412,7 +412,7 @@ impl Columns for rusqlite::Row<'_> {
     }
 }
 
-fn append_in(conn: &Connection, m: NewMessage) -> rusqlite::Result<Result<Appended, StoreError>> {
+fn append_in(conn: &Connection, m: NewMessage) -> rusqlite::Result<StoreResult<Appended>> {
     let existing = conn
         .query_row(
             &format!(
@@ -539,7 +539,7 @@ impl Store for SqliteStore {
         Box::pin(async move { fut.await? })
     }
 
-    async fn history(&self, room: &str, range: Range, limit: usize) -> Result<Page, StoreError> {
+    async fn history(&self, room: &str, range: Range, limit: usize) -> StoreResult<Page> {
         let room = room.to_string();
         let query = History::new(range, limit);
         self.read(move |conn| {
@@ -565,19 +565,13 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn room(&self, room: &str) -> Result<Option<RoomMeta>, StoreError> {
+    async fn room(&self, room: &str) -> StoreResult<Option<RoomMeta>> {
         let room = room.to_string();
         self.read_point(move |conn| room_in(conn, &room)).await
     }
 
-    async fn create_room(
-        &self,
-        room: &str,
-        creator: &str,
-        private: bool,
-        max_rooms: u64,
-    ) -> Result<bool, StoreError> {
-        let (room, creator) = (room.to_string(), creator.to_string());
+    async fn create_room(&self, new: NewRoom<'_>, max_rooms: u64) -> StoreResult<bool> {
+        let (room, creator, private) = (new.name.to_string(), new.creator.to_string(), new.private);
         // One writer runs every write: the count and the insert cannot interleave with
         // another join.
         self.write(move |conn| {
@@ -593,13 +587,7 @@ impl Store for SqliteStore {
         .await?
     }
 
-    async fn ensure_dm(
-        &self,
-        room: &str,
-        a: &str,
-        b: &str,
-        max_rooms: u64,
-    ) -> Result<(), StoreError> {
+    async fn ensure_dm(&self, room: &str, a: &str, b: &str, max_rooms: u64) -> StoreResult<()> {
         let (room, a, b) = (room.to_string(), a.to_string(), b.to_string());
         self.write(move |conn| {
             if room_in(conn, &room)?.is_some() {
@@ -619,7 +607,7 @@ impl Store for SqliteStore {
         .await?
     }
 
-    async fn join(&self, room: &str, user: &str, max_rooms: u64) -> Result<RoomMeta, StoreError> {
+    async fn join(&self, room: &str, user: &str, max_rooms: u64) -> StoreResult<RoomMeta> {
         let (room, user) = (room.to_string(), user.to_string());
         self.write(move |conn| {
             if let Some(full) = over_room_cap(conn, &user, max_rooms, Some(&room))? {
@@ -634,7 +622,7 @@ impl Store for SqliteStore {
         .await?
     }
 
-    async fn leave(&self, room: &str, user: &str) -> Result<bool, StoreError> {
+    async fn leave(&self, room: &str, user: &str) -> StoreResult<bool> {
         let (room, user) = (room.to_string(), user.to_string());
         self.write(move |conn| {
             let left = conn.execute(
@@ -652,7 +640,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn is_member(&self, room: &str, user: &str) -> Result<bool, StoreError> {
+    async fn is_member(&self, room: &str, user: &str) -> StoreResult<bool> {
         let (room, user) = (room.to_string(), user.to_string());
         self.read_point(move |conn| {
             conn.prepare_cached("SELECT 1 FROM members WHERE room = ?1 AND user_id = ?2")?
@@ -661,7 +649,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn members(&self, room: &str) -> Result<Vec<String>, StoreError> {
+    async fn members(&self, room: &str) -> StoreResult<Vec<String>> {
         let room = room.to_string();
         self.read(move |conn| {
             conn.prepare_cached("SELECT user_id FROM members WHERE room = ?1 ORDER BY user_id")?
@@ -671,7 +659,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn rooms_of(&self, user: &str) -> Result<Vec<RoomState>, StoreError> {
+    async fn rooms_of(&self, user: &str) -> StoreResult<Vec<RoomState>> {
         let user = user.to_string();
         self.read(move |conn| {
             conn.prepare_cached(&format!(
@@ -684,7 +672,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn share_a_room(&self, a: &str, b: &str) -> Result<bool, StoreError> {
+    async fn share_a_room(&self, a: &str, b: &str) -> StoreResult<bool> {
         let (a, b) = (a.to_string(), b.to_string());
         self.read_point(move |conn| {
             conn.prepare_cached(
@@ -696,12 +684,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn set_read(
-        &self,
-        room: &str,
-        user: &str,
-        seq: u64,
-    ) -> Result<Option<ReadMarker>, StoreError> {
+    async fn set_read(&self, room: &str, user: &str, seq: u64) -> StoreResult<Option<ReadMarker>> {
         let (room, user) = (room.to_string(), user.to_string());
         let seq = seq.min(i64::MAX as u64) as i64;
         self.write(move |conn| {
@@ -739,7 +722,7 @@ impl Store for SqliteStore {
 
 #[async_trait]
 impl FileIndex for SqliteStore {
-    async fn insert_file(&self, f: FileRecord, quota: u64) -> Result<Inserted, StoreError> {
+    async fn insert_file(&self, f: FileRecord, quota: u64) -> StoreResult<Inserted> {
         let quota = quota.min(i64::MAX as u64) as i64;
         self.write(move |conn| {
             let used: i64 = conn.query_row(
@@ -770,7 +753,7 @@ impl FileIndex for SqliteStore {
         .await
     }
 
-    async fn file(&self, id: &str) -> Result<Option<FileRecord>, StoreError> {
+    async fn file(&self, id: &str) -> StoreResult<Option<FileRecord>> {
         let id = id.to_string();
         self.read(move |conn| {
             conn.prepare_cached(&format!("SELECT {FILE_COLUMNS} FROM files WHERE id = ?1"))?
@@ -780,7 +763,7 @@ impl FileIndex for SqliteStore {
         .await
     }
 
-    async fn bytes_of(&self, owner: &str) -> Result<u64, StoreError> {
+    async fn bytes_of(&self, owner: &str) -> StoreResult<u64> {
         let owner = owner.to_string();
         self.read(move |conn| {
             conn.query_row(
@@ -793,7 +776,7 @@ impl FileIndex for SqliteStore {
         .map(|n| n as u64)
     }
 
-    async fn may_read(&self, id: &str, user: &str) -> Result<bool, StoreError> {
+    async fn may_read(&self, id: &str, user: &str) -> StoreResult<bool> {
         let (id, user) = (id.to_string(), user.to_string());
         self.read(move |conn| {
             conn.prepare_cached(
@@ -808,7 +791,7 @@ impl FileIndex for SqliteStore {
         .await
     }
 
-    async fn delete_file(&self, id: &str, only_orphan: bool) -> Result<bool, StoreError> {
+    async fn delete_file(&self, id: &str, only_orphan: bool) -> StoreResult<bool> {
         let id = id.to_string();
         self.write(move |conn| {
             let deleted = conn.execute(
@@ -823,7 +806,7 @@ impl FileIndex for SqliteStore {
         .await
     }
 
-    async fn orphans(&self, before_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+    async fn orphans(&self, before_ms: i64, limit: usize) -> StoreResult<Vec<String>> {
         self.read(move |conn| {
             conn.prepare_cached(
                 "SELECT id FROM files WHERE referenced = 0 AND created_at < ?1 LIMIT ?2",
