@@ -26,6 +26,17 @@ async fn err(c: &mut Client, cmd: Cmd) -> ErrorCode {
     }
 }
 
+async fn create_private(c: &mut Client, room: &str) {
+    ok(
+        c,
+        Cmd::CreateRoom(proto::CreateRoom {
+            room: room.into(),
+            private: true,
+        }),
+    )
+    .await;
+}
+
 /// No push of any kind arrives within `d`, nor before a probe sent after it.
 async fn nothing_pushed(c: &mut Client, d: Duration) {
     c.nothing_pushed(d).await;
@@ -218,14 +229,7 @@ async fn private_room_is_unreadable_to_non_members_over_ws_and_http() {
     let t = TestServer::start().await;
     let mut ann = t.client("ann", Encoding::Json).await;
     let mut eve = t.client("eve", Encoding::Json).await;
-    ok(
-        &mut ann,
-        Cmd::CreateRoom(proto::CreateRoom {
-            room: "vault".into(),
-            private: true,
-        }),
-    )
-    .await;
+    create_private(&mut ann, "vault").await;
     ann.send_msg("vault", "1", "the code is 1234").await;
     assert_eq!(
         err(
@@ -919,14 +923,7 @@ async fn large_rooms_do_not_broadcast_per_member_events() {
 async fn http_api_commands_are_counted_like_session_commands() {
     let t = TestServer::start().await;
     let mut ann = t.client("ann", Encoding::Json).await;
-    ok(
-        &mut ann,
-        Cmd::CreateRoom(proto::CreateRoom {
-            room: "vault".into(),
-            private: true,
-        }),
-    )
-    .await;
+    create_private(&mut ann, "vault").await;
     let (status, body) = http_request(
         t.addr(),
         "POST",
