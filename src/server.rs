@@ -514,6 +514,22 @@ where
 impl Server {
     /// Binds `config.server.listen` and starts serving in the background.
     pub async fn start(config: Config) -> Result<Server, ServerError> {
+        Self::start_inner(config, None).await
+    }
+
+    /// [`Server::start`] on a store the caller opened (one of its own, or one it keeps a
+    /// handle on); `store.backend` then opens nothing.
+    pub async fn start_with_store(
+        config: Config,
+        store: Arc<dyn Store>,
+    ) -> Result<Server, ServerError> {
+        Self::start_inner(config, Some(store)).await
+    }
+
+    async fn start_inner(
+        config: Config,
+        store: Option<Arc<dyn Store>>,
+    ) -> Result<Server, ServerError> {
         config.validate()?;
         let addr = config.server.listen;
         let tls = tls_acceptor(&config.tls)?;
@@ -531,7 +547,10 @@ impl Server {
         } else {
             addr.to_string()
         };
-        let core = open_core(config).await?;
+        let core = match store {
+            Some(store) => assemble_core(config, store)?,
+            None => open_core(config).await?,
+        };
         core.chat.broker().advertise(advertise);
         let state = Ctx {
             core,

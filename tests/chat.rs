@@ -26,6 +26,17 @@ async fn err(c: &mut Client, cmd: Cmd) -> ErrorCode {
     }
 }
 
+async fn create_private(c: &mut Client, room: &str) {
+    ok(
+        c,
+        Cmd::CreateRoom(proto::CreateRoom {
+            room: room.into(),
+            private: true,
+        }),
+    )
+    .await;
+}
+
 /// No push of any kind arrives within `d`, nor before a probe sent after it.
 async fn nothing_pushed(c: &mut Client, d: Duration) {
     c.nothing_pushed(d).await;
@@ -218,14 +229,7 @@ async fn private_room_is_unreadable_to_non_members_over_ws_and_http() {
     let t = TestServer::start().await;
     let mut ann = t.client("ann", Encoding::Json).await;
     let mut eve = t.client("eve", Encoding::Json).await;
-    ok(
-        &mut ann,
-        Cmd::CreateRoom(proto::CreateRoom {
-            room: "vault".into(),
-            private: true,
-        }),
-    )
-    .await;
+    create_private(&mut ann, "vault").await;
     ann.send_msg("vault", "1", "the code is 1234").await;
     assert_eq!(
         err(
@@ -910,4 +914,39 @@ async fn large_rooms_do_not_broadcast_per_member_events() {
     assert_eq!(r.rooms[0].members, 2);
     let m = bob.next_of(pushed!(Membership)).await;
     assert_eq!((m.user.as_str(), m.action.as_str()), ("carol", "left"));
+}
+
+/// Issue 25: a user's HTTP API request is a command like a session's (one dispatch in
+/// `session::conn::execute`), so it is counted like one: a message posted over HTTP in
+/// `parley_messages_total`, a refused read in `parley_errors_total` with its code.
+#[tokio::test]
+async fn http_api_commands_are_counted_like_session_commands() {
+    let t = TestServer::start().await;
+    let mut ann = t.client("ann", Encoding::Json).await;
+    create_private(&mut ann, "vault").await;
+    let (status, body) = http_request(
+        t.addr(),
+        "POST",
+        "/api/v1/rooms/vault/messages",
+        Some(&t.token("ann")),
+        r#"{"clientMsgId":"h1","body":"via http"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = http_request(
+        t.addr(),
+        "GET",
+        "/api/v1/rooms/vault/messages",
+        Some(&t.token("eve")),
+        "",
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (_, metrics) = t.http_get("/metrics").await;
+    for line in [
+        "parley_messages_total 1",
+        "parley_errors_total{code=\"ERROR_CODE_NOT_MEMBER\"} 1",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
 }

@@ -2,19 +2,19 @@
 //! starts a private cluster): several store instances — separate pools, as separate
 //! parley processes would have — appending to one room get one gap-free order, a resend
 //! through another instance returns the original, migrations apply to an empty database
-//! and are idempotent, the store keeps the same contract as SQLite, and `/readyz`
-//! reports a lost PostgreSQL.
+//! and are idempotent, and `/readyz` reports a lost PostgreSQL. The contract every
+//! backend keeps (history, rooms, read markers, files, …) is `tests/store_contract.rs`,
+//! which runs on PostgreSQL too.
 
 mod common;
 
 use std::{sync::Arc, time::Duration};
 
-use common::{pg::TestDb, *};
+use common::{pg::TestDb, store_message as msg, *};
 use parley::{
     config::{StoreBackend, StoreConfig},
     store::{
-        FileIndex, FileRecord, Inserted, NewMessage, Page, Range, ReadMarker, RoomMeta, Store,
-        StoreError,
+        NewRoom, Range, RoomMeta, Store, StoreError,
         postgres::{self, PostgresStore},
     },
 };
@@ -31,18 +31,6 @@ fn config(db: &TestDb) -> StoreConfig {
 
 async fn open(db: &TestDb) -> Arc<PostgresStore> {
     Arc::new(PostgresStore::open(&config(db)).await.expect("store opens"))
-}
-
-fn msg(room: &str, sender: &str, id: &str) -> NewMessage {
-    NewMessage {
-        room: room.into(),
-        sender: sender.into(),
-        client_msg_id: id.into(),
-        body: format!("body of {id}"),
-        metadata: [("k".to_string(), id.to_string())].into(),
-        ts: 1,
-        attachments: Vec::new(),
-    }
 }
 
 async fn all(store: &PostgresStore, room: &str) -> Vec<Arc<parley::proto::Message>> {
@@ -220,7 +208,7 @@ async fn migrations_apply_to_an_empty_database_and_are_idempotent() {
         x.schema_version().await.unwrap(),
         postgres::schema_version()
     );
-    assert!(x.create_room("r", "u", true, 0).await.unwrap());
+    assert!(x.create_room(NewRoom::private("r", "u"), 0).await.unwrap());
     x.append(msg("r", "u", "a")).await.unwrap();
     drop(x);
     // Reopening keeps data and schema.
@@ -251,133 +239,6 @@ async fn migrations_apply_to_an_empty_database_and_are_idempotent() {
         .unwrap();
     let err = PostgresStore::open(&config(&db)).await.err().unwrap();
     assert!(err.to_string().contains("newer"), "{err}");
-}
-
-#[tokio::test]
-async fn the_store_contract_holds_as_on_sqlite() {
-    let db = TestDb::create().await;
-    let s = open(&db).await;
-    assert!(matches!(
-        s.append(msg("nope", "u", "x")).await,
-        Err(StoreError::NoSuchRoom(_))
-    ));
-    s.join("r", "u", 0).await.unwrap();
-    for i in 0..10 {
-        s.append(msg("r", "u", &i.to_string())).await.unwrap();
-    }
-    let seqs = |p: &Page| p.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
-    let p = s.history("r", Range::After(3), 4).await.unwrap();
-    assert_eq!((seqs(&p), p.more), (vec![4, 5, 6, 7], true));
-    let p = s.history("r", Range::After(8), 4).await.unwrap();
-    assert_eq!((seqs(&p), p.more), (vec![9, 10], false));
-    let p = s.history("r", Range::After(u64::MAX), 4).await.unwrap();
-    assert_eq!((seqs(&p), p.more), (vec![], false));
-    let p = s.history("r", Range::Before(u64::MAX), 3).await.unwrap();
-    assert_eq!((seqs(&p), p.more), (vec![8, 9, 10], true));
-    let p = s.history("r", Range::Before(3), 5).await.unwrap();
-    assert_eq!((seqs(&p), p.more), (vec![1, 2], false));
-    assert_eq!(
-        p.messages[0].metadata.get("k").map(String::as_str),
-        Some("0")
-    );
-
-    // The same id twice in one batch: one message.
-    let (a, b) = tokio::join!(
-        s.append(msg("r", "u", "dup")),
-        s.append(msg("r", "u", "dup"))
-    );
-    let (a, b) = (a.unwrap(), b.unwrap());
-    assert_eq!((a.message.seq, b.message.seq), (11, 11));
-    assert!(!a.duplicate && b.duplicate);
-
-    // Rooms, membership, read markers and unread counts.
-    assert!(!s.create_room("r", "v", false, 0).await.unwrap());
-    assert!(s.create_room("p", "v", true, 0).await.unwrap());
-    s.join("r", "b", 0).await.unwrap();
-    s.join("r", "B", 0).await.unwrap();
-    assert_eq!(s.members("r").await.unwrap(), ["B", "b", "u"], "byte order");
-    assert_eq!(s.room("r").await.unwrap().unwrap().members, 3);
-    let marker = |seq, unread, moved| Some(ReadMarker { seq, unread, moved });
-    assert_eq!(s.set_read("r", "b", 4).await.unwrap(), marker(4, 7, true));
-    assert_eq!(
-        s.set_read("r", "b", 2).await.unwrap(),
-        marker(4, 7, false),
-        "never back"
-    );
-    assert_eq!(
-        s.set_read("r", "b", 99).await.unwrap(),
-        marker(11, 0, true),
-        "capped"
-    );
-    assert_eq!(
-        s.set_read("r", "b", 99).await.unwrap(),
-        marker(11, 0, false),
-        "a marker at the end does not move"
-    );
-    assert_eq!(s.set_read("r", "nobody", 1).await.unwrap(), None);
-    s.ensure_dm("dm:b:u", "b", "u", 0).await.unwrap();
-    s.ensure_dm("dm:b:u", "b", "u", 0).await.unwrap();
-    let rooms = s.rooms_of("u").await.unwrap();
-    let names: Vec<_> = rooms.iter().map(|r| r.room.as_str()).collect();
-    assert_eq!(names, ["dm:b:u", "r"]);
-    assert_eq!(rooms[0].dm_peer, "b");
-    assert!(rooms[0].private);
-    assert_eq!(
-        (rooms[1].read_seq, rooms[1].unread),
-        (11, 0),
-        "sender's marker"
-    );
-    assert!(s.leave("r", "b").await.unwrap());
-    assert!(!s.leave("r", "b").await.unwrap());
-    assert!(!s.is_member("r", "b").await.unwrap());
-    assert!(s.is_member("r", "u").await.unwrap());
-    assert_eq!(s.room("r").await.unwrap().unwrap().members, 2);
-
-    // The file index: quota, readers, attachment links, orphans.
-    let file = |id: &str, size: u64| FileRecord {
-        id: id.into(),
-        owner: "u".into(),
-        name: "a.png".into(),
-        content_type: "image/png".into(),
-        size,
-        sha256: "00".into(),
-        width: 3,
-        height: 4,
-        blurhash: "L".into(),
-        created_at: 5,
-    };
-    assert_eq!(
-        s.insert_file(file("f1", 60), 100).await.unwrap(),
-        Inserted::Ok
-    );
-    assert_eq!(
-        s.insert_file(file("f2", 60), 100).await.unwrap(),
-        Inserted::OverQuota
-    );
-    assert_eq!(
-        s.insert_file(file("f3", 40), 100).await.unwrap(),
-        Inserted::Ok
-    );
-    assert_eq!(s.bytes_of("u").await.unwrap(), 100);
-    assert_eq!(s.file("f1").await.unwrap(), Some(file("f1", 60)));
-    assert!(s.may_read("f1", "u").await.unwrap());
-    assert!(!s.may_read("f1", "v").await.unwrap());
-    let mut with = msg("p", "v", "att");
-    with.sender = "u".into();
-    s.join("p", "u", 0).await.unwrap();
-    with.attachments = vec![file("f1", 60).attachment("")];
-    let sent = s.append(with).await.unwrap();
-    assert_eq!(sent.message.attachments[0].file_id, "f1");
-    assert!(s.may_read("f1", "v").await.unwrap(), "a member of the room");
-    let mut orphans = s.orphans(10, 10).await.unwrap();
-    orphans.sort();
-    assert_eq!(orphans, ["f3"]);
-    assert!(!s.delete_file("f1", true).await.unwrap(), "attached: kept");
-    assert!(s.delete_file("f3", true).await.unwrap());
-    assert!(s.delete_file("f1", false).await.unwrap());
-    assert!(!s.may_read("f1", "v").await.unwrap());
-    let h = s.history("p", Range::After(0), 10).await.unwrap();
-    assert_eq!(h.messages[0].attachments[0].file_id, "f1");
 }
 
 /// A TCP relay between parley and PostgreSQL that the test can cut and restore.
@@ -541,7 +402,11 @@ async fn the_room_cap_holds_across_instances() {
         s.room("dm:u:v").await.unwrap().is_none(),
         "nothing half-made"
     );
-    assert!(s.create_room("mine", "u", false, 5).await.is_err());
+    assert!(
+        s.create_room(NewRoom::public("mine", "u"), 5)
+            .await
+            .is_err()
+    );
     // Another user is not affected.
     s.ensure_dm("dm:v:w", "v", "w", 5).await.unwrap();
 }

@@ -34,9 +34,8 @@ use parley::{
 };
 
 use crate::{
-    target::Target,
-    transport::{Incoming, TransportKind},
-    wire,
+    target::{Target, TransportKind},
+    wire::{self, Incoming},
 };
 
 const PROTOBUF: &str = "application/x-protobuf";
@@ -76,7 +75,7 @@ pub struct HttpConnection {
 /// Opens a TCP connection and an HTTP/1.1 client on it; the connection task runs until
 /// both the sender and any response body are gone.
 async fn dial(target: &Target, index: usize) -> std::io::Result<Sender> {
-    let stream = crate::transport::tcp(target, index).await?;
+    let stream = target.connect(index).await?;
     let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await

@@ -9,9 +9,14 @@
 //! Layout: scenarios are library functions (`scenario::*::run`) so tests can drive them
 //! against an in-process server; the `parley-bench` binary is a thin CLI around them.
 //!
-//! - [`target`]: where to connect (loopback only), with which encoding and transport.
-//! - [`transport`]: one client connection, whatever the transport (WebSocket, SSE, long-poll).
-//! - [`wire`]: cheap decoding of pushed messages (the generator must stay cheap).
+//! - [`target`]: where to connect (loopback only), with which encoding and transport;
+//!   opens the TCP connection.
+//! - [`transport`]: one client connection, whatever the transport (WebSocket, SSE,
+//!   long-poll); [`http_transport`] (below it): the SSE and long-poll connections.
+//! - [`wire`]: cheap decoding of pushed messages (the generator must stay cheap), and
+//!   what a connection yields.
+//!
+//! Imports point down that list's layers (`tests/layers.rs` checks it, as for parley).
 //! - [`probe`]: the server process (spawn, pin, RSS, fds, CPU) read from `/proc`.
 //! - [`net`]: file-descriptor limit and client source addresses.
 //! - [`stats`]: latency histograms and per-second time series.
@@ -29,5 +34,4 @@ pub mod transport;
 pub mod ui;
 pub mod wire;
 
-pub use target::Target;
-pub use transport::TransportKind;
+pub use target::{Target, TransportKind};

@@ -14,9 +14,31 @@ use parley::{
     codec::Encoding,
     config::{AuthConfig, DEV_JWT_SECRET},
 };
+use serde::Serialize;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::http::Uri;
 
-use crate::transport::TransportKind;
+/// The transports a scenario can run over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// WebSocket (`/ws`): binary frames for protobuf, text frames for JSON.
+    Ws,
+    /// Server-Sent Events downstream (always JSON) + POST upstream.
+    Sse,
+    /// Long-poll downstream + POST upstream.
+    Poll,
+}
+
+impl TransportKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::Ws => "ws",
+            TransportKind::Sse => "sse",
+            TransportKind::Poll => "poll",
+        }
+    }
+}
 
 /// The default target: parley's default port on loopback.
 pub const DEFAULT_URL: &str = "ws://127.0.0.1:8080/ws";
@@ -136,6 +158,22 @@ impl Target {
             IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)),
             0,
         ))
+    }
+
+    /// Opens a TCP connection to the target, from a spread source address if configured
+    /// (connection `index` picks it).
+    pub(crate) async fn connect(&self, index: usize) -> std::io::Result<TcpStream> {
+        let socket = match self.addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        if let Some(src) = self.source_addr(index) {
+            crate::net::bind_address_no_port(&socket);
+            socket.bind(src)?;
+        }
+        let stream = socket.connect(self.addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
     }
 }
 

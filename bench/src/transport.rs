@@ -5,7 +5,7 @@
 //! event-stream reader or a poll loop, plus POSTs for commands) in
 //! [`crate::http_transport`].
 
-use std::{collections::VecDeque, io, net::SocketAddr};
+use std::collections::VecDeque;
 
 use anyhow::{Context, anyhow, bail};
 use bytes::Bytes;
@@ -15,7 +15,7 @@ use parley::{
     proto::{self, ClientFrame, client_frame::Cmd, server_frame::Kind},
 };
 use serde::Serialize;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::{
     WebSocketStream,
     tungstenite::{
@@ -26,38 +26,11 @@ use tokio_tungstenite::{
     },
 };
 
-use crate::{http_transport::HttpConnection, target::Target, wire};
-
-/// The transports a scenario can run over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum TransportKind {
-    /// WebSocket (`/ws`): binary frames for protobuf, text frames for JSON.
-    Ws,
-    /// Server-Sent Events downstream (always JSON) + POST upstream.
-    Sse,
-    /// Long-poll downstream + POST upstream.
-    Poll,
-}
-
-impl TransportKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            TransportKind::Ws => "ws",
-            TransportKind::Sse => "sse",
-            TransportKind::Poll => "poll",
-        }
-    }
-}
-
-/// What [`Connection::recv`] yields.
-#[derive(Debug)]
-pub enum Incoming {
-    /// One encoded server frame (decode with [`wire`]).
-    Frame(Bytes),
-    /// The server closed the transport (with this close code, if it gave one).
-    Closed(Option<u16>),
-}
+use crate::{
+    http_transport::HttpConnection,
+    target::{Target, TransportKind},
+    wire::{self, Incoming},
+};
 
 type Ws = WebSocketStream<TcpStream>;
 
@@ -111,21 +84,6 @@ pub struct WsConnection {
     next_id: u64,
     /// Frames that arrived while waiting for a reply; `recv` yields them first.
     pending: VecDeque<Bytes>,
-}
-
-/// Opens a TCP connection to the target, from a spread source address if configured.
-pub(crate) async fn tcp(target: &Target, index: usize) -> io::Result<TcpStream> {
-    let socket = match target.addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
-    if let Some(src) = target.source_addr(index) {
-        crate::net::bind_address_no_port(&socket);
-        socket.bind(src)?;
-    }
-    let stream = socket.connect(target.addr).await?;
-    stream.set_nodelay(true)?;
-    Ok(stream)
 }
 
 impl Connection {
@@ -284,7 +242,7 @@ impl Connection {
 
 impl WsConnection {
     async fn open(target: &Target, index: usize) -> Result<WsConnection, OpenError> {
-        let stream = tcp(target, index).await.map_err(|e| OpenError {
+        let stream = target.connect(index).await.map_err(|e| OpenError {
             step: Step::Tcp,
             source: anyhow::Error::new(e).context(format!("TCP connect to {}", target.addr)),
         })?;

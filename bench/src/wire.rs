@@ -11,6 +11,8 @@
 
 use std::borrow::Cow;
 
+use bytes::Bytes;
+
 use anyhow::Context;
 use parley::{codec::Encoding, proto::ServerFrame};
 use prost::{
@@ -18,6 +20,15 @@ use prost::{
     encoding::{WireType, decode_key, decode_varint},
 };
 use serde::{Deserialize, Deserializer, de};
+
+/// What a client connection yields (`transport::Connection::recv`).
+#[derive(Debug)]
+pub enum Incoming {
+    /// One encoded server frame (decode with this module).
+    Frame(Bytes),
+    /// The server closed the transport (with this close code, if it gave one).
+    Closed(Option<u16>),
+}
 
 /// Decodes any server frame completely.
 pub fn decode(encoding: Encoding, bytes: &[u8]) -> anyhow::Result<ServerFrame> {

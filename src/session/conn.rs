@@ -368,12 +368,8 @@ pub enum Finished {
 /// One command of a connected session (not connect, ping or ack).
 async fn run_command(core: Arc<Core>, session: Arc<Session>, id: u64, cmd: Cmd) -> Outcome {
     let user = session.user_id();
-    let chat = &core.chat;
-    let result: Result<Kind, ChatError> = match cmd {
-        Cmd::Connect(_) | Cmd::Ping(_) | Cmd::Ack(_) => unreachable!("handled in start"),
-        Cmd::Join(j) => chat.join(user, &j.room).await.map(Kind::Joined),
-        Cmd::Leave(l) => chat.leave(user, &l.room).await.map(Kind::Left),
-        Cmd::Send(s) => match chat.submit_send(user, s).await {
+    let result = match cmd {
+        Cmd::Send(s) => match core.chat.submit_send(user, s).await {
             Ok(pending) => {
                 // Ordered already; the reply waits for the commit, off the reader.
                 let core = core.clone();
@@ -383,10 +379,7 @@ async fn run_command(core: Arc<Core>, session: Arc<Session>, id: u64, cmd: Cmd) 
                             core.metrics.messages.inc();
                             Kind::Sent(sent)
                         }
-                        Err(e) => {
-                            core.metrics.error(e.code());
-                            Kind::Error(e.to_proto())
-                        }
+                        Err(e) => Kind::Error(failed(&core, e).to_proto()),
                     };
                     ServerFrame {
                         id,
@@ -395,8 +388,34 @@ async fn run_command(core: Arc<Core>, session: Arc<Session>, id: u64, cmd: Cmd) 
                     }
                 }));
             }
-            Err(e) => Err(e),
+            Err(e) => Err(failed(&core, e)),
         },
+        cmd => execute(&core, user, cmd).await,
+    };
+    Outcome::Reply(ServerFrame {
+        id,
+        pos: 0,
+        kind: Some(result.unwrap_or_else(|e| Kind::Error(e.to_proto()))),
+    })
+}
+
+/// A user's command, whatever carried it: a session's frame (`run_command`) or an HTTP
+/// API request (`transport/api.rs`). One dispatch to chat, one place where messages and
+/// errors are counted and store or broker failures logged. A `Send` here resolves once
+/// the message is durable (a session pipelines its sends instead: `run_command`).
+/// Connect, ping and ack belong to a session's own handling, not here.
+pub async fn execute(core: &Core, user: &str, cmd: Cmd) -> Result<Kind, ChatError> {
+    let chat = &core.chat;
+    let result = match cmd {
+        Cmd::Connect(_) | Cmd::Ping(_) | Cmd::Ack(_) => Err(ChatError::InvalidArgument(
+            "connect, ping and ack are a session's, not commands".into(),
+        )),
+        Cmd::Join(j) => chat.join(user, &j.room).await.map(Kind::Joined),
+        Cmd::Leave(l) => chat.leave(user, &l.room).await.map(Kind::Left),
+        Cmd::Send(s) => chat.send(user, s).await.map(|sent| {
+            core.metrics.messages.inc();
+            Kind::Sent(sent)
+        }),
         Cmd::History(h) => chat.history(user, h).await.map(Kind::History),
         Cmd::Sync(s) => chat.sync(user, s).await.map(Kind::Sync),
         Cmd::CreateRoom(c) => chat.create_room(user, c).await.map(Kind::Room),
@@ -411,24 +430,16 @@ async fn run_command(core: Arc<Core>, session: Arc<Session>, id: u64, cmd: Cmd) 
         Cmd::Presence(p) => chat.presence(p).await.map(Kind::PresenceList),
         Cmd::Signal(s) => chat.signal(user, s).await.map(Kind::Done),
     };
-    Outcome::Reply(match result {
-        Ok(kind) => ServerFrame {
-            id,
-            pos: 0,
-            kind: Some(kind),
-        },
-        Err(e) => {
-            if matches!(e, ChatError::Store(_) | ChatError::Broker(_)) {
-                tracing::error!(error = %e, "command failed");
-            }
-            core.metrics.error(e.code());
-            ServerFrame {
-                id,
-                pos: 0,
-                kind: Some(Kind::Error(e.to_proto())),
-            }
-        }
-    })
+    result.map_err(|e| failed(core, e))
+}
+
+/// Counts (and, for a store or broker failure, logs) a command's error.
+fn failed(core: &Core, e: ChatError) -> ChatError {
+    if matches!(e, ChatError::Store(_) | ChatError::Broker(_)) {
+        tracing::error!(error = %e, "command failed");
+    }
+    core.metrics.error(e.code());
+    e
 }
 
 fn pong(id: u64) -> ServerFrame {

@@ -8,7 +8,7 @@
 
 use async_trait::async_trait;
 
-use super::StoreError;
+use super::StoreResult;
 use crate::proto::Attachment;
 
 /// One uploaded file.
@@ -56,17 +56,17 @@ pub enum Inserted {
 #[async_trait]
 pub trait FileIndex: Send + Sync + 'static {
     /// Records a stored upload, unless the owner's total size would pass `quota` bytes.
-    async fn insert_file(&self, file: FileRecord, quota: u64) -> Result<Inserted, StoreError>;
-    async fn file(&self, id: &str) -> Result<Option<FileRecord>, StoreError>;
+    async fn insert_file(&self, file: FileRecord, quota: u64) -> StoreResult<Inserted>;
+    async fn file(&self, id: &str) -> StoreResult<Option<FileRecord>>;
     /// The total size of `owner`'s files.
-    async fn bytes_of(&self, owner: &str) -> Result<u64, StoreError>;
+    async fn bytes_of(&self, owner: &str) -> StoreResult<u64>;
     /// Whether `user` may read the file: its owner, or a member of a room it was posted to.
-    async fn may_read(&self, id: &str, user: &str) -> Result<bool, StoreError>;
+    async fn may_read(&self, id: &str, user: &str) -> StoreResult<bool>;
     /// Forgets the file (its room links too); true if it existed. Messages that attached
     /// it keep their attachment entry, whose download then answers 404. With
     /// `only_orphan`, only a file no message attached (so a send racing the cleanup wins).
-    async fn delete_file(&self, id: &str, only_orphan: bool) -> Result<bool, StoreError>;
+    async fn delete_file(&self, id: &str, only_orphan: bool) -> StoreResult<bool>;
     /// Up to `limit` ids of files never attached to a message and created before
     /// `before_ms`.
-    async fn orphans(&self, before_ms: i64, limit: usize) -> Result<Vec<String>, StoreError>;
+    async fn orphans(&self, before_ms: i64, limit: usize) -> StoreResult<Vec<String>>;
 }

@@ -7,9 +7,15 @@
 //! instances (seq fixed at commit under a per-room row lock, batched appends).
 //! [`open`] builds the one `store.backend` names.
 //! [`file_index`]: the index of uploaded files (a supertrait of [`Store`]).
+//!
+//! A backend keeps its own SQL and nothing else: reading rows into messages, rooms,
+//! markers and files, and paging history, is `rows` (shared). What a backend must do is
+//! `tests/store_contract.rs`: every property, run on every backend, plus a check that the
+//! backends' migrated schemas agree.
 
 pub mod file_index;
 pub mod postgres;
+mod rows;
 pub mod sqlite;
 
 use std::{collections::BTreeMap, future::Future, pin::Pin, sync::Arc};
@@ -31,6 +37,32 @@ pub struct NewMessage {
     /// Resolved attachments (the chat layer checked that `sender` uploaded each); the
     /// append records that each file was posted to `room`.
     pub attachments: Vec<Attachment>,
+}
+
+/// A room to create, with its first member.
+#[derive(Debug, Clone, Copy)]
+pub struct NewRoom<'a> {
+    pub name: &'a str,
+    pub creator: &'a str,
+    pub private: bool,
+}
+
+impl<'a> NewRoom<'a> {
+    pub fn public(name: &'a str, creator: &'a str) -> Self {
+        Self {
+            name,
+            creator,
+            private: false,
+        }
+    }
+
+    pub fn private(name: &'a str, creator: &'a str) -> Self {
+        Self {
+            name,
+            creator,
+            private: true,
+        }
+    }
 }
 
 /// The result of an append.
@@ -91,7 +123,10 @@ pub enum StoreError {
     TooManyRooms { user: String, max: u64 },
 }
 
-pub type AppendFuture = Pin<Box<dyn Future<Output = Result<Appended, StoreError>> + Send>>;
+/// What every store call returns.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+pub type AppendFuture = Pin<Box<dyn Future<Output = StoreResult<Appended>> + Send>>;
 
 #[async_trait]
 pub trait Store: FileIndex + Send + Sync + 'static {
@@ -112,50 +147,33 @@ pub trait Store: FileIndex + Send + Sync + 'static {
     fn append(&self, message: NewMessage) -> AppendFuture;
 
     /// Reads at most `limit` messages.
-    async fn history(&self, room: &str, range: Range, limit: usize) -> Result<Page, StoreError>;
-    async fn room(&self, room: &str) -> Result<Option<RoomMeta>, StoreError>;
-    /// Creates a room with `creator` as its first member; false if the name is taken.
+    async fn history(&self, room: &str, range: Range, limit: usize) -> StoreResult<Page>;
+    async fn room(&self, room: &str) -> StoreResult<Option<RoomMeta>>;
+    /// Creates the room with its creator as the first member; false if the name is taken.
     ///
     /// `max_rooms` (here and in `ensure_dm` and `join`; 0 = no cap): a user who would
     /// become a member of more rooms than this is refused with
     /// [`StoreError::TooManyRooms`] and nothing changes. The count and the insert are one
     /// atomic step, across instances too, so concurrent joins cannot overshoot.
-    async fn create_room(
-        &self,
-        room: &str,
-        creator: &str,
-        private: bool,
-        max_rooms: u64,
-    ) -> Result<bool, StoreError>;
+    async fn create_room(&self, room: NewRoom<'_>, max_rooms: u64) -> StoreResult<bool>;
     /// Creates (if needed) the private room `room` whose members are exactly `a` and `b`.
-    async fn ensure_dm(
-        &self,
-        room: &str,
-        a: &str,
-        b: &str,
-        max_rooms: u64,
-    ) -> Result<(), StoreError>;
+    async fn ensure_dm(&self, room: &str, a: &str, b: &str, max_rooms: u64) -> StoreResult<()>;
     /// Makes `user` a member (creating a public room if it does not exist); returns the
     /// room as it is after the join. Permission checks are the caller's. Joining a room
     /// the user is in already is never refused by `max_rooms`.
-    async fn join(&self, room: &str, user: &str, max_rooms: u64) -> Result<RoomMeta, StoreError>;
+    async fn join(&self, room: &str, user: &str, max_rooms: u64) -> StoreResult<RoomMeta>;
     /// Removes `user` from the room; returns whether it was a member.
-    async fn leave(&self, room: &str, user: &str) -> Result<bool, StoreError>;
-    async fn is_member(&self, room: &str, user: &str) -> Result<bool, StoreError>;
-    async fn members(&self, room: &str) -> Result<Vec<String>, StoreError>;
+    async fn leave(&self, room: &str, user: &str) -> StoreResult<bool>;
+    async fn is_member(&self, room: &str, user: &str) -> StoreResult<bool>;
+    async fn members(&self, room: &str) -> StoreResult<Vec<String>>;
     /// The rooms `user` belongs to, with last seq, read marker and unread count, by name.
-    async fn rooms_of(&self, user: &str) -> Result<Vec<RoomState>, StoreError>;
+    async fn rooms_of(&self, user: &str) -> StoreResult<Vec<RoomState>>;
     /// Whether `a` and `b` are members of one room (a direct-message room counts).
-    async fn share_a_room(&self, a: &str, b: &str) -> Result<bool, StoreError>;
+    async fn share_a_room(&self, a: &str, b: &str) -> StoreResult<bool>;
     /// Moves the user's read marker forward to `seq` (capped at the room's last seq);
     /// returns the marker, the unread count after it and whether it moved, or `None` if
     /// not a member.
-    async fn set_read(
-        &self,
-        room: &str,
-        user: &str,
-        seq: u64,
-    ) -> Result<Option<ReadMarker>, StoreError>;
+    async fn set_read(&self, room: &str, user: &str, seq: u64) -> StoreResult<Option<ReadMarker>>;
 
     /// Whether the backend is reachable, as of its last check (cheap: no I/O here; for
     /// `/readyz`). An embedded store is always reachable.
@@ -165,37 +183,12 @@ pub trait Store: FileIndex + Send + Sync + 'static {
 }
 
 /// Opens the store `config.backend` names (creating and migrating its schema).
-pub async fn open(config: &crate::config::StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+pub async fn open(config: &crate::config::StoreConfig) -> StoreResult<Arc<dyn Store>> {
     use crate::config::StoreBackend;
     Ok(match config.backend {
         StoreBackend::Sqlite => Arc::new(sqlite::SqliteStore::open(config)?),
         StoreBackend::Postgres => Arc::new(postgres::PostgresStore::open(config).await?),
     })
-}
-
-/// How every backend keeps a message's metadata and attachments: JSON text, empty when
-/// there are none.
-pub(crate) fn encode_extras(m: &NewMessage) -> (String, String) {
-    fn json<T: serde::Serialize>(empty: bool, value: &T) -> String {
-        if empty {
-            String::new()
-        } else {
-            serde_json::to_string(value).unwrap_or_default()
-        }
-    }
-    (
-        json(m.metadata.is_empty(), &m.metadata),
-        json(m.attachments.is_empty(), &m.attachments),
-    )
-}
-
-/// Reads back what [`encode_extras`] wrote (empty text is the empty value).
-pub(crate) fn decode_extra<T: serde::de::DeserializeOwned + Default>(text: &str) -> T {
-    if text.is_empty() {
-        T::default()
-    } else {
-        serde_json::from_str(text).unwrap_or_default()
-    }
 }
 
 /// The direct-message room of two users: `dm:<a>:<b>` with the ids sorted.

@@ -39,11 +39,17 @@ use std::{
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::{NoTls, Row, types::ToSql};
+use tokio_postgres::{
+    NoTls, Row,
+    types::{FromSql, ToSql},
+};
 
 use super::{
-    AppendFuture, Appended, FileIndex, FileRecord, Inserted, NewMessage, Page, Range, ReadMarker,
-    RoomMeta, Store, StoreError, dm_peer,
+    AppendFuture, Appended, FileIndex, FileRecord, Inserted, NewMessage, NewRoom, Page, Range,
+    ReadMarker, RoomMeta, Store, StoreError, StoreResult,
+    rows::{
+        self, Columns, FILE_COLUMNS, History, MESSAGE_COLUMNS, ROOM_COLUMNS, ROOM_STATE_COLUMNS,
+    },
 };
 use crate::{
     config::StoreConfig,
@@ -51,7 +57,13 @@ use crate::{
 };
 
 /// Numbered schema migrations; `parley_schema_version` records which have run.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/postgres/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../migrations/postgres/0001_init.sql")),
+    (
+        2,
+        include_str!("../../migrations/postgres/0002_attachments_default.sql"),
+    ),
+];
 
 /// The advisory lock key migrations run under ("parley" in ASCII).
 const MIGRATION_LOCK: i64 = 0x7061_726c_6579;
@@ -78,6 +90,35 @@ fn pg(e: tokio_postgres::Error) -> StoreError {
     StoreError::Backend(text)
 }
 
+/// Column `i` of `row` as a `T`, or an error naming the column (a schema that does not
+/// match this build must not panic a request).
+fn get<'a, T: FromSql<'a>>(row: &'a Row, i: usize) -> StoreResult<T> {
+    row.try_get(i).map_err(|e| {
+        let name = row.columns().get(i).map_or("?", |c| c.name());
+        backend(format!("postgres: column {i} ({name}): {e}"))
+    })
+}
+
+impl Columns for Row {
+    type Error = StoreError;
+
+    fn text(&self, i: usize) -> StoreResult<String> {
+        get(self, i)
+    }
+
+    fn int(&self, i: usize) -> StoreResult<i64> {
+        get(self, i)
+    }
+
+    fn flag(&self, i: usize) -> StoreResult<bool> {
+        get(self, i)
+    }
+
+    fn out_of_range(&self, i: usize, value: i64) -> StoreError {
+        backend(format!("postgres: column {i}: {value} is out of range"))
+    }
+}
+
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
     match e {
         deadpool_postgres::PoolError::Backend(e) => pg(e),
@@ -88,7 +129,7 @@ fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
 /// One queued append and where its answer goes.
 struct Job {
     message: NewMessage,
-    reply: oneshot::Sender<Result<Appended, StoreError>>,
+    reply: oneshot::Sender<StoreResult<Appended>>,
 }
 
 pub struct PostgresStore {
@@ -105,7 +146,7 @@ fn now_ms() -> i64 {
 impl PostgresStore {
     /// Connects to `config.postgres_url`, applies pending migrations and starts the
     /// append writers and the health ping. Needs a tokio runtime.
-    pub async fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+    pub async fn open(config: &StoreConfig) -> StoreResult<Self> {
         let pg_config: tokio_postgres::Config = config
             .postgres_url
             .parse()
@@ -158,12 +199,12 @@ impl PostgresStore {
         })
     }
 
-    async fn client(&self) -> Result<Object, StoreError> {
+    async fn client(&self) -> StoreResult<Object> {
         self.pool.get().await.map_err(pool_error)
     }
 
     /// The schema version the database is at.
-    pub async fn schema_version(&self) -> Result<i32, StoreError> {
+    pub async fn schema_version(&self) -> StoreResult<i32> {
         let c = self.client().await?;
         let row = c
             .query_one(
@@ -172,7 +213,7 @@ impl PostgresStore {
             )
             .await
             .map_err(pg)?;
-        Ok(row.get(0))
+        get(&row, 0)
     }
 }
 
@@ -183,7 +224,7 @@ pub fn schema_version() -> i32 {
 
 /// Applies pending migrations in one transaction under an advisory lock (instances that
 /// start together take turns; the second finds nothing to do).
-async fn migrate(client: &mut Object) -> Result<(), StoreError> {
+async fn migrate(client: &mut Object) -> StoreResult<()> {
     let tx = client.transaction().await.map_err(pg)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
@@ -196,14 +237,15 @@ async fn migrate(client: &mut Object) -> Result<(), StoreError> {
     )
     .await
     .map_err(pg)?;
-    let current: i32 = tx
-        .query_one(
+    let current: i32 = get(
+        &tx.query_one(
             "SELECT coalesce(max(version), 0) FROM parley_schema_version",
             &[],
         )
         .await
-        .map_err(pg)?
-        .get(0);
+        .map_err(pg)?,
+        0,
+    )?;
     if current > schema_version() {
         return Err(backend(format!(
             "database schema version {current} is newer than this parley ({})",
@@ -309,8 +351,9 @@ fn writer_of(room: &str, writers: usize) -> usize {
 
 /// Why a batch failed.
 enum BatchError {
-    /// No connection (the server is down or the pool exhausted).
-    Pool(StoreError),
+    /// No connection (the server is down or the pool exhausted), or a row that does not
+    /// read as this build expects.
+    Store(StoreError),
     /// A statement failed: the server refused something (`refused`), or the connection
     /// broke.
     Pg(tokio_postgres::Error),
@@ -325,7 +368,7 @@ impl BatchError {
 
     fn into_store(self) -> StoreError {
         match self {
-            BatchError::Pool(e) => e,
+            BatchError::Store(e) => e,
             BatchError::Pg(e) => pg(e),
         }
     }
@@ -337,11 +380,11 @@ impl BatchError {
 async fn commit_batch(
     pool: &Pool,
     batch: &[&NewMessage],
-) -> Result<Vec<Result<Appended, StoreError>>, BatchError> {
+) -> Result<Vec<StoreResult<Appended>>, BatchError> {
     let client = pool
         .get()
         .await
-        .map_err(|e| BatchError::Pool(pool_error(e)))?;
+        .map_err(|e| BatchError::Store(pool_error(e)))?;
     let result = batch_in(&client, batch).await;
     if result.is_err() && !client.is_closed() {
         // Leave no open transaction on a pooled connection.
@@ -356,7 +399,7 @@ async fn commit_batch(
 async fn batch_in(
     tx: &Object,
     batch: &[&NewMessage],
-) -> Result<Vec<Result<Appended, StoreError>>, BatchError> {
+) -> Result<Vec<StoreResult<Appended>>, BatchError> {
     // Lock the rooms (in name order: no deadlock with another instance's batch; `NO KEY`:
     // membership changes' foreign-key checks are not blocked by it), then
     // look for earlier messages with the same keys: after the lock, every concurrent
@@ -394,18 +437,20 @@ async fn batch_in(
     .map_err(BatchError::Pg)?;
     let mut last: HashMap<String, i64> = locked
         .iter()
-        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
-        .collect();
+        .map(|r| Ok((r.text(0)?, r.int(1)?)))
+        .collect::<StoreResult<_>>()
+        .map_err(BatchError::Store)?;
     let mut originals: HashMap<(String, String, String), Arc<Message>> = found
         .iter()
         .map(|r| {
-            let m = message_from_row(r);
-            (
+            let m = rows::message(r)?;
+            Ok((
                 (m.room.clone(), m.sender.clone(), m.client_msg_id.clone()),
                 Arc::new(m),
-            )
+            ))
         })
-        .collect();
+        .collect::<StoreResult<_>>()
+        .map_err(BatchError::Store)?;
 
     // Number the new messages in call order; a key seen twice in the batch is a duplicate
     // of its first occurrence.
@@ -433,7 +478,7 @@ async fn batch_in(
             Entry::Vacant(v) => {
                 *last_seq += 1;
                 let seq = *last_seq;
-                let (metadata, attachments) = super::encode_extras(m);
+                let (metadata, attachments) = m.extras();
                 ins_room.push(m.room.as_str());
                 ins_seq.push(seq);
                 ins_sender.push(m.sender.as_str());
@@ -446,16 +491,7 @@ async fn batch_in(
                 for a in &m.attachments {
                     attached.push((a.file_id.as_str(), m.room.as_str(), m.sender.as_str()));
                 }
-                let message = Arc::new(Message {
-                    room: m.room.clone(),
-                    seq: seq as u64,
-                    sender: m.sender.clone(),
-                    client_msg_id: m.client_msg_id.clone(),
-                    body: m.body.clone(),
-                    metadata: m.metadata.clone(),
-                    ts: m.ts,
-                    attachments: m.attachments.clone(),
-                });
+                let message = Arc::new((*m).clone().into_message(seq as u64));
                 v.insert(message.clone());
                 results.push(Ok(Appended {
                     message,
@@ -559,36 +595,10 @@ async fn batch_in(
     Ok(results)
 }
 
-const MESSAGE_COLUMNS: &str =
-    "m.room, m.seq, m.sender, m.client_msg_id, m.body, m.metadata, m.ts, m.attachments";
-
-fn message_from_row(row: &Row) -> Message {
-    let metadata: &str = row.get(5);
-    let attachments: &str = row.get(7);
-    Message {
-        room: row.get(0),
-        seq: row.get::<_, i64>(1) as u64,
-        sender: row.get(2),
-        client_msg_id: row.get(3),
-        body: row.get(4),
-        metadata: super::decode_extra(metadata),
-        ts: row.get(6),
-        attachments: super::decode_extra(attachments),
-    }
-}
-
-fn room_meta(row: &Row) -> RoomMeta {
-    RoomMeta {
-        private: row.get(0),
-        last_seq: row.get::<_, i64>(1) as u64,
-        members: row.get::<_, i64>(2) as u64,
-    }
-}
-
 /// Locks the room's row first, as an append batch does, so a membership change and a
 /// batch of the same room never hold each other's rows (no deadlock: the batch takes the
 /// room and then its members' rows, and so does this).
-async fn lock_room(tx: &deadpool_postgres::Transaction<'_>, room: &str) -> Result<(), StoreError> {
+async fn lock_room(tx: &deadpool_postgres::Transaction<'_>, room: &str) -> StoreResult<()> {
     tx.execute(
         "SELECT 1 FROM rooms WHERE name = $1 FOR NO KEY UPDATE",
         &[&room],
@@ -603,7 +613,7 @@ async fn add_member(
     tx: &deadpool_postgres::Transaction<'_>,
     room: &str,
     user: &str,
-) -> Result<(), StoreError> {
+) -> StoreResult<()> {
     let added = tx
         .execute(
             "INSERT INTO members (room, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -633,7 +643,7 @@ async fn check_room_cap(
     users: &[&str],
     max_rooms: u64,
     joining: Option<&str>,
-) -> Result<(), StoreError> {
+) -> StoreResult<()> {
     if max_rooms == 0 {
         return Ok(());
     }
@@ -659,15 +669,15 @@ async fn check_room_cap(
     .await
     .map_err(pg)?;
     for user in users {
-        let n: i64 = tx
+        let n = tx
             .query_one(
                 "SELECT count(*)::int8 FROM members WHERE user_id = $1",
                 &[user],
             )
             .await
             .map_err(pg)?
-            .get(0);
-        if n as u64 >= max_rooms {
+            .count(0)?;
+        if n >= max_rooms {
             return Err(StoreError::TooManyRooms {
                 user: user.to_string(),
                 max: max_rooms,
@@ -681,7 +691,7 @@ async fn create_room_in(
     tx: &deadpool_postgres::Transaction<'_>,
     room: &str,
     private: bool,
-) -> Result<bool, StoreError> {
+) -> StoreResult<bool> {
     Ok(tx
         .execute(
             "INSERT INTO rooms (name, private, created_at) VALUES ($1, $2, $3)
@@ -708,74 +718,56 @@ impl Store for PostgresStore {
         })
     }
 
-    async fn history(&self, room: &str, range: Range, limit: usize) -> Result<Page, StoreError> {
+    async fn history(&self, room: &str, range: Range, limit: usize) -> StoreResult<Page> {
         let c = self.client().await?;
-        let fetch = limit as i64 + 1;
-        let (sql, bound, newest_first) = match range {
-            // Past any seq a room can have: an empty page, never a wrap.
-            Range::After(after) => (
-                "SELECT m.room, m.seq, m.sender, m.client_msg_id, m.body, m.metadata, m.ts, m.attachments
-                 FROM messages m WHERE m.room = $1 AND m.seq > $2 ORDER BY m.seq LIMIT $3",
-                after.min(i64::MAX as u64) as i64,
-                false,
-            ),
-            Range::Before(before) => (
-                "SELECT m.room, m.seq, m.sender, m.client_msg_id, m.body, m.metadata, m.ts, m.attachments
-                 FROM messages m WHERE m.room = $1 AND m.seq < $2 ORDER BY m.seq DESC LIMIT $3",
-                before.min(i64::MAX as u64) as i64,
-                true,
-            ),
+        let query = History::new(range, limit);
+        let sql = if query.backwards {
+            format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages m
+                 WHERE m.room = $1 AND m.seq < $2 ORDER BY m.seq DESC LIMIT $3"
+            )
+        } else {
+            format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages m
+                 WHERE m.room = $1 AND m.seq > $2 ORDER BY m.seq LIMIT $3"
+            )
         };
-        let st = c.prepare_cached(sql).await.map_err(pg)?;
-        let rows = c.query(&st, &[&room, &bound, &fetch]).await.map_err(pg)?;
-        let mut messages: Vec<Arc<Message>> =
-            rows.iter().map(|r| Arc::new(message_from_row(r))).collect();
-        let more = messages.len() > limit;
-        messages.truncate(limit);
-        if newest_first {
-            messages.reverse();
-        }
-        Ok(Page { messages, more })
-    }
-
-    async fn room(&self, room: &str) -> Result<Option<RoomMeta>, StoreError> {
-        let c = self.client().await?;
-        let st = c
-            .prepare_cached("SELECT private, last_seq, members FROM rooms WHERE name = $1")
+        let st = c.prepare_cached(&sql).await.map_err(pg)?;
+        let rows = c
+            .query(&st, &[&room, &query.bound, &query.fetch])
             .await
             .map_err(pg)?;
-        Ok(c.query_opt(&st, &[&room])
+        let messages = rows.iter().map(rows::message).collect::<Result<_, _>>()?;
+        Ok(query.page(messages))
+    }
+
+    async fn room(&self, room: &str) -> StoreResult<Option<RoomMeta>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!("SELECT {ROOM_COLUMNS} FROM rooms WHERE name = $1"))
+            .await
+            .map_err(pg)?;
+        c.query_opt(&st, &[&room])
             .await
             .map_err(pg)?
             .as_ref()
-            .map(room_meta))
+            .map(rows::room_meta)
+            .transpose()
     }
 
-    async fn create_room(
-        &self,
-        room: &str,
-        creator: &str,
-        private: bool,
-        max_rooms: u64,
-    ) -> Result<bool, StoreError> {
+    async fn create_room(&self, room: NewRoom<'_>, max_rooms: u64) -> StoreResult<bool> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
-        check_room_cap(&tx, &[creator], max_rooms, None).await?;
-        if !create_room_in(&tx, room, private).await? {
+        check_room_cap(&tx, &[room.creator], max_rooms, None).await?;
+        if !create_room_in(&tx, room.name, room.private).await? {
             return Ok(false);
         }
-        add_member(&tx, room, creator).await?;
+        add_member(&tx, room.name, room.creator).await?;
         tx.commit().await.map_err(pg)?;
         Ok(true)
     }
 
-    async fn ensure_dm(
-        &self,
-        room: &str,
-        a: &str,
-        b: &str,
-        max_rooms: u64,
-    ) -> Result<(), StoreError> {
+    async fn ensure_dm(&self, room: &str, a: &str, b: &str, max_rooms: u64) -> StoreResult<()> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
         let exists = tx
@@ -794,7 +786,7 @@ impl Store for PostgresStore {
         tx.commit().await.map_err(pg)
     }
 
-    async fn join(&self, room: &str, user: &str, max_rooms: u64) -> Result<RoomMeta, StoreError> {
+    async fn join(&self, room: &str, user: &str, max_rooms: u64) -> StoreResult<RoomMeta> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
         check_room_cap(&tx, &[user], max_rooms, Some(room)).await?;
@@ -803,16 +795,16 @@ impl Store for PostgresStore {
         add_member(&tx, room, user).await?;
         let row = tx
             .query_one(
-                "SELECT private, last_seq, members FROM rooms WHERE name = $1",
+                &format!("SELECT {ROOM_COLUMNS} FROM rooms WHERE name = $1"),
                 &[&room],
             )
             .await
             .map_err(pg)?;
         tx.commit().await.map_err(pg)?;
-        Ok(room_meta(&row))
+        rows::room_meta(&row)
     }
 
-    async fn leave(&self, room: &str, user: &str) -> Result<bool, StoreError> {
+    async fn leave(&self, room: &str, user: &str) -> StoreResult<bool> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
         lock_room(&tx, room).await?;
@@ -836,7 +828,7 @@ impl Store for PostgresStore {
         Ok(left)
     }
 
-    async fn is_member(&self, room: &str, user: &str) -> Result<bool, StoreError> {
+    async fn is_member(&self, room: &str, user: &str) -> StoreResult<bool> {
         let c = self.client().await?;
         let st = c
             .prepare_cached("SELECT 1 FROM members WHERE room = $1 AND user_id = $2")
@@ -848,7 +840,7 @@ impl Store for PostgresStore {
             .is_some())
     }
 
-    async fn members(&self, room: &str) -> Result<Vec<String>, StoreError> {
+    async fn members(&self, room: &str) -> StoreResult<Vec<String>> {
         let c = self.client().await?;
         let st = c
             .prepare_cached(
@@ -856,46 +848,32 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(pg)?;
-        Ok(c.query(&st, &[&room])
+        c.query(&st, &[&room])
             .await
             .map_err(pg)?
             .iter()
-            .map(|r| r.get(0))
-            .collect())
+            .map(|r| r.text(0))
+            .collect()
     }
 
-    async fn rooms_of(&self, user: &str) -> Result<Vec<RoomState>, StoreError> {
+    async fn rooms_of(&self, user: &str) -> StoreResult<Vec<RoomState>> {
         let c = self.client().await?;
         let st = c
-            .prepare_cached(
-                "SELECT r.name, r.last_seq, m.read_seq, r.private, r.members
-                 FROM members m JOIN rooms r ON r.name = m.room
-                 WHERE m.user_id = $1 ORDER BY r.name COLLATE \"C\"",
-            )
+            .prepare_cached(&format!(
+                "SELECT {ROOM_STATE_COLUMNS} FROM members m JOIN rooms r ON r.name = m.room
+                 WHERE m.user_id = $1 ORDER BY r.name COLLATE \"C\""
+            ))
             .await
             .map_err(pg)?;
-        Ok(c.query(&st, &[&user])
+        c.query(&st, &[&user])
             .await
             .map_err(pg)?
             .iter()
-            .map(|r| {
-                let room: String = r.get(0);
-                let last_seq = r.get::<_, i64>(1) as u64;
-                let read_seq = r.get::<_, i64>(2) as u64;
-                RoomState {
-                    dm_peer: dm_peer(&room, user).unwrap_or_default(),
-                    room,
-                    last_seq,
-                    read_seq,
-                    unread: last_seq.saturating_sub(read_seq),
-                    private: r.get(3),
-                    members: r.get::<_, i64>(4) as u64,
-                }
-            })
-            .collect())
+            .map(|r| rows::room_state(r, user))
+            .collect()
     }
 
-    async fn share_a_room(&self, a: &str, b: &str) -> Result<bool, StoreError> {
+    async fn share_a_room(&self, a: &str, b: &str) -> StoreResult<bool> {
         let c = self.client().await?;
         let st = c
             .prepare_cached(
@@ -907,12 +885,7 @@ impl Store for PostgresStore {
         Ok(c.query_opt(&st, &[&a, &b]).await.map_err(pg)?.is_some())
     }
 
-    async fn set_read(
-        &self,
-        room: &str,
-        user: &str,
-        seq: u64,
-    ) -> Result<Option<ReadMarker>, StoreError> {
+    async fn set_read(&self, room: &str, user: &str, seq: u64) -> StoreResult<Option<ReadMarker>> {
         let seq = seq.min(i64::MAX as u64) as i64;
         let c = self.client().await?;
         // One statement: move the marker forward (capped at the room's last seq), then
@@ -934,15 +907,7 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(pg)?;
-        Ok(row.map(|r| {
-            let read = r.get::<_, i64>(0) as u64;
-            let last = r.get::<_, i64>(1) as u64;
-            ReadMarker {
-                seq: read,
-                unread: last.saturating_sub(read),
-                moved: r.get(2),
-            }
-        }))
+        row.as_ref().map(rows::read_marker).transpose()
     }
 
     fn health(&self) -> Result<(), String> {
@@ -953,27 +918,9 @@ impl Store for PostgresStore {
     }
 }
 
-const FILE_COLUMNS: &str =
-    "id, owner, name, content_type, size, sha256, width, height, blurhash, created_at";
-
-fn file_from_row(r: &Row) -> FileRecord {
-    FileRecord {
-        id: r.get(0),
-        owner: r.get(1),
-        name: r.get(2),
-        content_type: r.get(3),
-        size: r.get::<_, i64>(4) as u64,
-        sha256: r.get(5),
-        width: r.get::<_, i64>(6) as u32,
-        height: r.get::<_, i64>(7) as u32,
-        blurhash: r.get(8),
-        created_at: r.get(9),
-    }
-}
-
 #[async_trait]
 impl FileIndex for PostgresStore {
-    async fn insert_file(&self, f: FileRecord, quota: u64) -> Result<Inserted, StoreError> {
+    async fn insert_file(&self, f: FileRecord, quota: u64) -> StoreResult<Inserted> {
         let quota = quota.min(i64::MAX as u64) as i64;
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
@@ -992,7 +939,7 @@ impl FileIndex for PostgresStore {
             )
             .await
             .map_err(pg)?
-            .get(0);
+            .int(0)?;
         if used.saturating_add(f.size as i64) > quota {
             return Ok(Inserted::OverQuota);
         }
@@ -1019,7 +966,7 @@ impl FileIndex for PostgresStore {
         Ok(Inserted::Ok)
     }
 
-    async fn file(&self, id: &str) -> Result<Option<FileRecord>, StoreError> {
+    async fn file(&self, id: &str) -> StoreResult<Option<FileRecord>> {
         let c = self.client().await?;
         Ok(c.query_opt(
             &format!("SELECT {FILE_COLUMNS} FROM files WHERE id = $1"),
@@ -1028,23 +975,24 @@ impl FileIndex for PostgresStore {
         .await
         .map_err(pg)?
         .as_ref()
-        .map(file_from_row))
+        .map(rows::file)
+        .transpose()?)
     }
 
-    async fn bytes_of(&self, owner: &str) -> Result<u64, StoreError> {
+    async fn bytes_of(&self, owner: &str) -> StoreResult<u64> {
         let c = self.client().await?;
-        let n: i64 = c
+        let n = c
             .query_one(
                 "SELECT coalesce(sum(size), 0)::int8 FROM files WHERE owner = $1",
                 &[&owner],
             )
             .await
             .map_err(pg)?
-            .get(0);
-        Ok(n as u64)
+            .count(0)?;
+        Ok(n)
     }
 
-    async fn may_read(&self, id: &str, user: &str) -> Result<bool, StoreError> {
+    async fn may_read(&self, id: &str, user: &str) -> StoreResult<bool> {
         let c = self.client().await?;
         Ok(c.query_opt(
             "SELECT 1 FROM files WHERE id = $1 AND owner = $2
@@ -1059,7 +1007,7 @@ impl FileIndex for PostgresStore {
         .is_some())
     }
 
-    async fn delete_file(&self, id: &str, only_orphan: bool) -> Result<bool, StoreError> {
+    async fn delete_file(&self, id: &str, only_orphan: bool) -> StoreResult<bool> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
         let deleted = tx
@@ -1079,7 +1027,7 @@ impl FileIndex for PostgresStore {
         Ok(deleted)
     }
 
-    async fn orphans(&self, before_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+    async fn orphans(&self, before_ms: i64, limit: usize) -> StoreResult<Vec<String>> {
         let c = self.client().await?;
         Ok(c.query(
             "SELECT id FROM files WHERE NOT referenced AND created_at < $1 LIMIT $2",
@@ -1088,7 +1036,7 @@ impl FileIndex for PostgresStore {
         .await
         .map_err(pg)?
         .iter()
-        .map(|r| r.get(0))
-        .collect())
+        .map(|r| r.text(0))
+        .collect::<Result<_, _>>()?)
     }
 }

@@ -12,11 +12,22 @@
 //! everything goes through the writer thread.
 //!
 //! Schema changes are numbered migrations tracked in `PRAGMA user_version`.
+//!
+//! **Heartbeat.** The writer thread beats between batches (and every quarter of
+//! [`STALL_AFTER`] while idle). [`Store::health`], and so `/readyz`, fails when the
+//! thread has stopped (a panic in a write) or has not beaten for [`STALL_AFTER`] (stuck
+//! in one commit: a hung disk, a lock held by another process): every write would fail
+//! or wait, so this instance should not be sent clients.
 
 use std::{
     path::Path,
-    sync::{Arc, Mutex, mpsc},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
     thread,
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
@@ -24,13 +35,13 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{Semaphore, oneshot};
 
 use super::{
-    AppendFuture, Appended, FileIndex, FileRecord, Inserted, NewMessage, Page, Range, ReadMarker,
-    RoomMeta, Store, StoreError, dm_peer,
+    AppendFuture, Appended, FileIndex, FileRecord, Inserted, NewMessage, NewRoom, Page, Range,
+    ReadMarker, RoomMeta, Store, StoreError, StoreResult,
+    rows::{
+        self, Columns, FILE_COLUMNS, History, MESSAGE_COLUMNS, ROOM_COLUMNS, ROOM_STATE_COLUMNS,
+    },
 };
-use crate::{
-    config::StoreConfig,
-    proto::{Message, RoomState},
-};
+use crate::{config::StoreConfig, proto::RoomState};
 
 /// Numbered schema migrations; `user_version` records how many have run.
 const MIGRATIONS: &[&str] = &[
@@ -84,6 +95,9 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (file_id, room)
     ) WITHOUT ROWID;
     ALTER TABLE messages ADD COLUMN attachments TEXT NOT NULL DEFAULT '';",
+    // 4: the member column named as in PostgreSQL (where `user` is reserved), so both
+    // schemas have the same columns (tests/store_contract.rs compares them).
+    "ALTER TABLE members RENAME COLUMN user TO user_id;",
 ];
 
 type Done = Box<dyn FnOnce(Option<&StoreError>) + Send>;
@@ -95,8 +109,41 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
+/// A writer thread that has not beaten for this long makes the store unhealthy.
+pub const STALL_AFTER: Duration = Duration::from_secs(10);
+
+/// When the writer thread last showed it was alive and between batches.
+struct Heartbeat {
+    start: Instant,
+    /// Milliseconds since `start`.
+    last: AtomicU64,
+}
+
+impl Heartbeat {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn beat(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last.store(now, Ordering::Relaxed);
+    }
+
+    fn silent_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
+
 pub struct SqliteStore {
     writer: mpsc::Sender<Job>,
+    writer_thread: thread::JoinHandle<()>,
+    heartbeat: Arc<Heartbeat>,
+    /// [`STALL_AFTER`], shorter in this file's tests.
+    stall_after: Duration,
     /// Read connections (file databases only).
     readers: Option<Arc<Mutex<Vec<Connection>>>>,
     read_permits: Arc<Semaphore>,
@@ -138,7 +185,11 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 
 impl SqliteStore {
     /// Opens (creating and migrating as needed) the database at `config.path`.
-    pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+    pub fn open(config: &StoreConfig) -> StoreResult<Self> {
+        Self::open_with(config, STALL_AFTER)
+    }
+
+    fn open_with(config: &StoreConfig, stall_after: Duration) -> StoreResult<Self> {
         let memory = config.path == ":memory:";
         if !memory {
             if let Some(dir) = Path::new(&config.path)
@@ -186,12 +237,17 @@ impl SqliteStore {
 
         let (tx, rx) = mpsc::channel::<Job>();
         let max_batch = config.max_batch.max(1);
-        thread::Builder::new()
+        let heartbeat = Arc::new(Heartbeat::new());
+        let beat = heartbeat.clone();
+        let writer_thread = thread::Builder::new()
             .name("parley-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, max_batch))
+            .spawn(move || writer_loop(conn, rx, max_batch, &beat, stall_after / 4))
             .map_err(backend)?;
         Ok(Self {
             writer: tx,
+            writer_thread,
+            heartbeat,
+            stall_after,
             readers,
             read_permits,
             point,
@@ -203,7 +259,7 @@ impl SqliteStore {
     fn write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
-    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static {
+    ) -> impl Future<Output = StoreResult<T>> + Send + 'static {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |conn: &Connection| -> (bool, Done) {
             let result = f(conn).map_err(backend);
@@ -229,6 +285,17 @@ impl SqliteStore {
         }
     }
 
+    /// A test hook: makes the writer thread fail as a bug in a write would (it panics in
+    /// the middle of a batch, which rolls back). Every write after it fails, and
+    /// [`Store::health`] says so.
+    #[doc(hidden)]
+    pub fn fail_writer_for_tests(&self) {
+        let job: Job = Box::new(|_: &Connection| -> (bool, Done) {
+            panic!("parley-sqlite-writer: failing on purpose (SqliteStore::fail_writer_for_tests)")
+        });
+        let _ = self.writer.send(job);
+    }
+
     /// Runs a point read — one row by its key, a few microseconds — on the calling thread
     /// when the point-read connection is free and the database not busy; else as
     /// [`SqliteStore::read`]. A read through the blocking pool costs two thread hand-offs,
@@ -237,7 +304,7 @@ impl SqliteStore {
     async fn read_point<T: Send + 'static>(
         &self,
         f: impl Fn(&Connection) -> rusqlite::Result<T> + Clone + Send + 'static,
-    ) -> Result<T, StoreError> {
+    ) -> StoreResult<T> {
         if let Some(point) = &self.point
             && let Ok(conn) = point.try_lock()
         {
@@ -257,7 +324,7 @@ impl SqliteStore {
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
-    ) -> Result<T, StoreError> {
+    ) -> StoreResult<T> {
         let Some(pool) = &self.readers else {
             return self.write(f).await;
         };
@@ -275,8 +342,21 @@ impl SqliteStore {
     }
 }
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>, max_batch: usize) {
-    while let Ok(first) = rx.recv() {
+fn writer_loop(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Job>,
+    max_batch: usize,
+    heartbeat: &Heartbeat,
+    beat_every: Duration,
+) {
+    loop {
+        heartbeat.beat();
+        let first = match rx.recv_timeout(beat_every) {
+            Ok(job) => job,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            // The store is gone.
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
         let mut batch = vec![first];
         while batch.len() < max_batch {
             match rx.try_recv() {
@@ -312,30 +392,35 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>, max_batch: usize) 
     }
 }
 
-fn message_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
-    let metadata: String = row.get(5)?;
-    Ok(Message {
-        room: row.get(0)?,
-        seq: row.get::<_, i64>(1)? as u64,
-        sender: row.get(2)?,
-        client_msg_id: row.get(3)?,
-        body: row.get(4)?,
-        metadata: super::decode_extra(&metadata),
-        ts: row.get(6)?,
-        attachments: super::decode_extra(&row.get::<_, String>(7)?),
-    })
+impl Columns for rusqlite::Row<'_> {
+    type Error = rusqlite::Error;
+
+    fn text(&self, i: usize) -> rusqlite::Result<String> {
+        self.get(i)
+    }
+
+    fn int(&self, i: usize) -> rusqlite::Result<i64> {
+        self.get(i)
+    }
+
+    fn flag(&self, i: usize) -> rusqlite::Result<bool> {
+        self.get(i)
+    }
+
+    fn out_of_range(&self, i: usize, value: i64) -> rusqlite::Error {
+        rusqlite::Error::IntegralValueOutOfRange(i, value)
+    }
 }
 
-const MESSAGE_COLUMNS: &str = "room, seq, sender, client_msg_id, body, metadata, ts, attachments";
-
-fn append_in(conn: &Connection, m: NewMessage) -> rusqlite::Result<Result<Appended, StoreError>> {
+fn append_in(conn: &Connection, m: NewMessage) -> rusqlite::Result<StoreResult<Appended>> {
     let existing = conn
         .query_row(
             &format!(
-                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ?1 AND sender = ?2 AND client_msg_id = ?3"
+                "SELECT {MESSAGE_COLUMNS} FROM messages m
+                 WHERE room = ?1 AND sender = ?2 AND client_msg_id = ?3"
             ),
             params![m.room, m.sender, m.client_msg_id],
-            message_from_row,
+            |r| rows::message(r),
         )
         .optional()?;
     if let Some(message) = existing {
@@ -354,7 +439,7 @@ fn append_in(conn: &Connection, m: NewMessage) -> rusqlite::Result<Result<Append
     let Some(seq) = seq else {
         return Ok(Err(StoreError::NoSuchRoom(m.room)));
     };
-    let (metadata, attachments) = super::encode_extras(&m);
+    let (metadata, attachments) = m.extras();
     conn.execute(
         "INSERT INTO messages (room, seq, sender, client_msg_id, body, metadata, ts, attachments)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -383,20 +468,11 @@ fn append_in(conn: &Connection, m: NewMessage) -> rusqlite::Result<Result<Append
         )?;
     }
     conn.execute(
-        "UPDATE members SET read_seq = ?3 WHERE room = ?1 AND user = ?2 AND read_seq < ?3",
+        "UPDATE members SET read_seq = ?3 WHERE room = ?1 AND user_id = ?2 AND read_seq < ?3",
         params![m.room, m.sender, seq],
     )?;
     Ok(Ok(Appended {
-        message: Arc::new(Message {
-            room: m.room,
-            seq: seq as u64,
-            sender: m.sender,
-            client_msg_id: m.client_msg_id,
-            body: m.body,
-            metadata: m.metadata,
-            ts: m.ts,
-            attachments: m.attachments,
-        }),
+        message: Arc::new(m.into_message(seq as u64)),
         duplicate: false,
     }))
 }
@@ -410,7 +486,7 @@ fn create_room_in(conn: &Connection, room: &str, private: bool) -> rusqlite::Res
 
 fn add_member_in(conn: &Connection, room: &str, user: &str) -> rusqlite::Result<()> {
     let added = conn.execute(
-        "INSERT INTO members (room, user) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+        "INSERT INTO members (room, user_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
         params![room, user],
     )?;
     if added == 1 {
@@ -436,13 +512,13 @@ fn over_room_cap(
     }
     if let Some(room) = joining
         && conn
-            .prepare_cached("SELECT 1 FROM members WHERE room = ?1 AND user = ?2")?
+            .prepare_cached("SELECT 1 FROM members WHERE room = ?1 AND user_id = ?2")?
             .exists(params![room, user])?
     {
         return Ok(None);
     }
     let n: i64 = conn
-        .prepare_cached("SELECT count(*) FROM members WHERE user = ?1")?
+        .prepare_cached("SELECT count(*) FROM members WHERE user_id = ?1")?
         .query_row(params![user], |r| r.get(0))?;
     Ok((n as u64 >= max_rooms).then(|| StoreError::TooManyRooms {
         user: user.to_string(),
@@ -451,14 +527,8 @@ fn over_room_cap(
 }
 
 fn room_in(conn: &Connection, room: &str) -> rusqlite::Result<Option<RoomMeta>> {
-    conn.prepare_cached("SELECT private, last_seq, members FROM rooms WHERE name = ?1")?
-        .query_row(params![room], |r| {
-            Ok(RoomMeta {
-                private: r.get(0)?,
-                last_seq: r.get::<_, i64>(1)? as u64,
-                members: r.get::<_, i64>(2)? as u64,
-            })
-        })
+    conn.prepare_cached(&format!("SELECT {ROOM_COLUMNS} FROM rooms WHERE name = ?1"))?
+        .query_row(params![room], |r| rows::room_meta(r))
         .optional()
 }
 
@@ -469,56 +539,39 @@ impl Store for SqliteStore {
         Box::pin(async move { fut.await? })
     }
 
-    async fn history(&self, room: &str, range: Range, limit: usize) -> Result<Page, StoreError> {
+    async fn history(&self, room: &str, range: Range, limit: usize) -> StoreResult<Page> {
         let room = room.to_string();
+        let query = History::new(range, limit);
         self.read(move |conn| {
-            let fetch = limit as i64 + 1;
-            let mut rows: Vec<Message> = match range {
-                Range::After(after) => {
-                    let mut st = conn.prepare_cached(&format!(
-                        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
-                    ))?;
-                    st.query_map(
-                        // Past any seq a room can have: an empty page, never a wrap.
-                        params![room, after.min(i64::MAX as u64) as i64, fetch],
-                        message_from_row,
-                    )?
-                        .collect::<Result<_, _>>()?
-                }
-                Range::Before(before) => {
-                    let before = before.min(i64::MAX as u64) as i64;
-                    let mut st = conn.prepare_cached(&format!(
-                        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3"
-                    ))?;
-                    let mut v: Vec<Message> = st
-                        .query_map(params![room, before, fetch], message_from_row)?
-                        .collect::<Result<_, _>>()?;
-                    let more = v.len() > limit;
-                    v.truncate(limit);
-                    v.reverse();
-                    return Ok(Page { messages: v.into_iter().map(Arc::new).collect(), more });
-                }
+            let sql = if query.backwards {
+                format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM messages m
+                     WHERE room = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3"
+                )
+            } else {
+                format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM messages m
+                     WHERE room = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+                )
             };
-            let more = rows.len() > limit;
-            rows.truncate(limit);
-            Ok(Page { messages: rows.into_iter().map(Arc::new).collect(), more })
+            let rows = conn
+                .prepare_cached(&sql)?
+                .query_map(params![room, query.bound, query.fetch], |r| {
+                    rows::message(r)
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(query.page(rows))
         })
         .await
     }
 
-    async fn room(&self, room: &str) -> Result<Option<RoomMeta>, StoreError> {
+    async fn room(&self, room: &str) -> StoreResult<Option<RoomMeta>> {
         let room = room.to_string();
         self.read_point(move |conn| room_in(conn, &room)).await
     }
 
-    async fn create_room(
-        &self,
-        room: &str,
-        creator: &str,
-        private: bool,
-        max_rooms: u64,
-    ) -> Result<bool, StoreError> {
-        let (room, creator) = (room.to_string(), creator.to_string());
+    async fn create_room(&self, new: NewRoom<'_>, max_rooms: u64) -> StoreResult<bool> {
+        let (room, creator, private) = (new.name.to_string(), new.creator.to_string(), new.private);
         // One writer runs every write: the count and the insert cannot interleave with
         // another join.
         self.write(move |conn| {
@@ -534,13 +587,7 @@ impl Store for SqliteStore {
         .await?
     }
 
-    async fn ensure_dm(
-        &self,
-        room: &str,
-        a: &str,
-        b: &str,
-        max_rooms: u64,
-    ) -> Result<(), StoreError> {
+    async fn ensure_dm(&self, room: &str, a: &str, b: &str, max_rooms: u64) -> StoreResult<()> {
         let (room, a, b) = (room.to_string(), a.to_string(), b.to_string());
         self.write(move |conn| {
             if room_in(conn, &room)?.is_some() {
@@ -560,7 +607,7 @@ impl Store for SqliteStore {
         .await?
     }
 
-    async fn join(&self, room: &str, user: &str, max_rooms: u64) -> Result<RoomMeta, StoreError> {
+    async fn join(&self, room: &str, user: &str, max_rooms: u64) -> StoreResult<RoomMeta> {
         let (room, user) = (room.to_string(), user.to_string());
         self.write(move |conn| {
             if let Some(full) = over_room_cap(conn, &user, max_rooms, Some(&room))? {
@@ -575,11 +622,11 @@ impl Store for SqliteStore {
         .await?
     }
 
-    async fn leave(&self, room: &str, user: &str) -> Result<bool, StoreError> {
+    async fn leave(&self, room: &str, user: &str) -> StoreResult<bool> {
         let (room, user) = (room.to_string(), user.to_string());
         self.write(move |conn| {
             let left = conn.execute(
-                "DELETE FROM members WHERE room = ?1 AND user = ?2",
+                "DELETE FROM members WHERE room = ?1 AND user_id = ?2",
                 params![room, user],
             )? == 1;
             if left {
@@ -593,120 +640,89 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn is_member(&self, room: &str, user: &str) -> Result<bool, StoreError> {
+    async fn is_member(&self, room: &str, user: &str) -> StoreResult<bool> {
         let (room, user) = (room.to_string(), user.to_string());
         self.read_point(move |conn| {
-            conn.prepare_cached("SELECT 1 FROM members WHERE room = ?1 AND user = ?2")?
+            conn.prepare_cached("SELECT 1 FROM members WHERE room = ?1 AND user_id = ?2")?
                 .exists(params![room, user])
         })
         .await
     }
 
-    async fn members(&self, room: &str) -> Result<Vec<String>, StoreError> {
+    async fn members(&self, room: &str) -> StoreResult<Vec<String>> {
         let room = room.to_string();
         self.read(move |conn| {
-            conn.prepare_cached("SELECT user FROM members WHERE room = ?1 ORDER BY user")?
+            conn.prepare_cached("SELECT user_id FROM members WHERE room = ?1 ORDER BY user_id")?
                 .query_map(params![room], |r| r.get(0))?
                 .collect()
         })
         .await
     }
 
-    async fn rooms_of(&self, user: &str) -> Result<Vec<RoomState>, StoreError> {
+    async fn rooms_of(&self, user: &str) -> StoreResult<Vec<RoomState>> {
         let user = user.to_string();
         self.read(move |conn| {
-            conn.prepare_cached(
-                "SELECT r.name, r.last_seq, m.read_seq, r.private, r.members
-                 FROM members m JOIN rooms r ON r.name = m.room
-                 WHERE m.user = ?1 ORDER BY r.name",
-            )?
-            .query_map(params![user], |r| {
-                let room: String = r.get(0)?;
-                let last_seq = r.get::<_, i64>(1)? as u64;
-                let read_seq = r.get::<_, i64>(2)? as u64;
-                Ok(RoomState {
-                    dm_peer: dm_peer(&room, &user).unwrap_or_default(),
-                    room,
-                    last_seq,
-                    read_seq,
-                    unread: last_seq.saturating_sub(read_seq),
-                    private: r.get(3)?,
-                    members: r.get::<_, i64>(4)? as u64,
-                })
-            })?
+            conn.prepare_cached(&format!(
+                "SELECT {ROOM_STATE_COLUMNS} FROM members m JOIN rooms r ON r.name = m.room
+                 WHERE m.user_id = ?1 ORDER BY r.name"
+            ))?
+            .query_map(params![user], |r| rows::room_state(r, &user))?
             .collect()
         })
         .await
     }
 
-    async fn share_a_room(&self, a: &str, b: &str) -> Result<bool, StoreError> {
+    async fn share_a_room(&self, a: &str, b: &str) -> StoreResult<bool> {
         let (a, b) = (a.to_string(), b.to_string());
         self.read_point(move |conn| {
             conn.prepare_cached(
-                "SELECT 1 FROM members x JOIN members y ON y.room = x.room AND y.user = ?2
-                 WHERE x.user = ?1 LIMIT 1",
+                "SELECT 1 FROM members x JOIN members y ON y.room = x.room AND y.user_id = ?2
+                 WHERE x.user_id = ?1 LIMIT 1",
             )?
             .exists(params![a, b])
         })
         .await
     }
 
-    async fn set_read(
-        &self,
-        room: &str,
-        user: &str,
-        seq: u64,
-    ) -> Result<Option<ReadMarker>, StoreError> {
+    async fn set_read(&self, room: &str, user: &str, seq: u64) -> StoreResult<Option<ReadMarker>> {
         let (room, user) = (room.to_string(), user.to_string());
         let seq = seq.min(i64::MAX as u64) as i64;
         self.write(move |conn| {
             let moved = conn.execute(
                 "UPDATE members SET read_seq = MIN(?3, (SELECT last_seq FROM rooms WHERE name = ?1))
-                 WHERE room = ?1 AND user = ?2
+                 WHERE room = ?1 AND user_id = ?2
                    AND read_seq < MIN(?3, (SELECT last_seq FROM rooms WHERE name = ?1))",
                 params![room, user, seq],
             )? == 1;
             conn.query_row(
-                "SELECT m.read_seq, r.last_seq FROM members m JOIN rooms r ON r.name = m.room
-                 WHERE m.room = ?1 AND m.user = ?2",
-                params![room, user],
-                |r| {
-                    let read = r.get::<_, i64>(0)? as u64;
-                    let last = r.get::<_, i64>(1)? as u64;
-                    Ok(ReadMarker {
-                        seq: read,
-                        unread: last.saturating_sub(read),
-                        moved,
-                    })
-                },
+                "SELECT m.read_seq, r.last_seq, ?3 FROM members m JOIN rooms r ON r.name = m.room
+                 WHERE m.room = ?1 AND m.user_id = ?2",
+                params![room, user, moved],
+                |r| rows::read_marker(r),
             )
             .optional()
         })
         .await
     }
-}
 
-const FILE_COLUMNS: &str =
-    "id, owner, name, content_type, size, sha256, width, height, blurhash, created_at";
-
-fn file_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FileRecord> {
-    Ok(FileRecord {
-        id: r.get(0)?,
-        owner: r.get(1)?,
-        name: r.get(2)?,
-        content_type: r.get(3)?,
-        size: r.get::<_, i64>(4)? as u64,
-        sha256: r.get(5)?,
-        width: r.get(6)?,
-        height: r.get(7)?,
-        blurhash: r.get(8)?,
-        created_at: r.get(9)?,
-    })
+    fn health(&self) -> Result<(), String> {
+        if self.writer_thread.is_finished() {
+            return Err("SQLite: the writer thread stopped; no write can commit".into());
+        }
+        let silent = self.heartbeat.silent_for();
+        if silent > self.stall_after {
+            return Err(format!(
+                "SQLite: the writer thread has been in one commit for {}s",
+                silent.as_secs()
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
 impl FileIndex for SqliteStore {
-    async fn insert_file(&self, f: FileRecord, quota: u64) -> Result<Inserted, StoreError> {
+    async fn insert_file(&self, f: FileRecord, quota: u64) -> StoreResult<Inserted> {
         let quota = quota.min(i64::MAX as u64) as i64;
         self.write(move |conn| {
             let used: i64 = conn.query_row(
@@ -737,17 +753,17 @@ impl FileIndex for SqliteStore {
         .await
     }
 
-    async fn file(&self, id: &str) -> Result<Option<FileRecord>, StoreError> {
+    async fn file(&self, id: &str) -> StoreResult<Option<FileRecord>> {
         let id = id.to_string();
         self.read(move |conn| {
             conn.prepare_cached(&format!("SELECT {FILE_COLUMNS} FROM files WHERE id = ?1"))?
-                .query_row(params![id], file_from_row)
+                .query_row(params![id], |r| rows::file(r))
                 .optional()
         })
         .await
     }
 
-    async fn bytes_of(&self, owner: &str) -> Result<u64, StoreError> {
+    async fn bytes_of(&self, owner: &str) -> StoreResult<u64> {
         let owner = owner.to_string();
         self.read(move |conn| {
             conn.query_row(
@@ -760,14 +776,14 @@ impl FileIndex for SqliteStore {
         .map(|n| n as u64)
     }
 
-    async fn may_read(&self, id: &str, user: &str) -> Result<bool, StoreError> {
+    async fn may_read(&self, id: &str, user: &str) -> StoreResult<bool> {
         let (id, user) = (id.to_string(), user.to_string());
         self.read(move |conn| {
             conn.prepare_cached(
                 "SELECT 1 FROM files WHERE id = ?1 AND owner = ?2
                  UNION ALL
                  SELECT 1 FROM file_rooms f JOIN members m ON m.room = f.room
-                 WHERE f.file_id = ?1 AND m.user = ?2
+                 WHERE f.file_id = ?1 AND m.user_id = ?2
                  LIMIT 1",
             )?
             .exists(params![id, user])
@@ -775,7 +791,7 @@ impl FileIndex for SqliteStore {
         .await
     }
 
-    async fn delete_file(&self, id: &str, only_orphan: bool) -> Result<bool, StoreError> {
+    async fn delete_file(&self, id: &str, only_orphan: bool) -> StoreResult<bool> {
         let id = id.to_string();
         self.write(move |conn| {
             let deleted = conn.execute(
@@ -790,7 +806,7 @@ impl FileIndex for SqliteStore {
         .await
     }
 
-    async fn orphans(&self, before_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+    async fn orphans(&self, before_ms: i64, limit: usize) -> StoreResult<Vec<String>> {
         self.read(move |conn| {
             conn.prepare_cached(
                 "SELECT id FROM files WHERE referenced = 0 AND created_at < ?1 LIMIT ?2",
@@ -804,6 +820,8 @@ impl FileIndex for SqliteStore {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::config::Synchronous;
 
@@ -821,39 +839,10 @@ mod tests {
             sender: sender.into(),
             client_msg_id: id.into(),
             body: id.into(),
-            metadata: [("k".to_string(), id.to_string())].into(),
+            metadata: BTreeMap::new(),
             ts: 1,
             attachments: Vec::new(),
         }
-    }
-
-    #[tokio::test]
-    async fn concurrent_appends_get_gap_free_seqs_in_call_order() {
-        let s = Arc::new(SqliteStore::open(&config(":memory:")).unwrap());
-        s.join("r", "u", 0).await.unwrap();
-        // Futures created in order, resolved concurrently: seqs follow call order.
-        let futures: Vec<_> = (0..300)
-            .map(|i| s.append(msg("r", "u", &i.to_string())))
-            .collect();
-        let results = futures_util::future::join_all(futures).await;
-        for (i, r) in results.into_iter().enumerate() {
-            let a = r.unwrap();
-            assert_eq!(a.message.seq, i as u64 + 1);
-            assert!(!a.duplicate);
-        }
-        // The same id twice in one batch: one message.
-        let (a, b) = tokio::join!(
-            s.append(msg("r", "u", "dup")),
-            s.append(msg("r", "u", "dup"))
-        );
-        let (a, b) = (a.unwrap(), b.unwrap());
-        assert_eq!(a.message.seq, b.message.seq);
-        assert!(!a.duplicate && b.duplicate);
-        assert_eq!(b.message.metadata.get("k").map(String::as_str), Some("dup"));
-        assert!(matches!(
-            s.append(msg("nope", "u", "x")).await,
-            Err(StoreError::NoSuchRoom(_))
-        ));
     }
 
     #[tokio::test]
@@ -887,65 +876,78 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn history_pages_in_both_directions() {
-        let s = SqliteStore::open(&config(":memory:")).unwrap();
-        s.join("r", "u", 0).await.unwrap();
-        for i in 0..10 {
-            s.append(msg("r", "u", &i.to_string())).await.unwrap();
-        }
-        let seqs = |p: &Page| p.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
-        let p = s.history("r", Range::After(3), 4).await.unwrap();
-        assert_eq!((seqs(&p), p.more), (vec![4, 5, 6, 7], true));
-        let p = s.history("r", Range::After(8), 4).await.unwrap();
-        assert_eq!((seqs(&p), p.more), (vec![9, 10], false));
-        let p = s.history("r", Range::Before(u64::MAX), 3).await.unwrap();
-        assert_eq!((seqs(&p), p.more), (vec![8, 9, 10], true));
-        let p = s.history("r", Range::Before(3), 5).await.unwrap();
-        assert_eq!((seqs(&p), p.more), (vec![1, 2], false));
-    }
-
-    #[tokio::test]
-    async fn reopening_keeps_data_and_schema_version() {
-        let dir = std::env::temp_dir().join(format!("parley-store-{}", std::process::id()));
+    async fn a_database_is_at_the_newest_schema_version_after_open() {
+        let dir = std::env::temp_dir().join(format!("parley-store-v-{}", std::process::id()));
         let path = dir.join("nested").join("p.db");
         let path = path.to_str().unwrap();
-        {
-            let s = SqliteStore::open(&config(path)).unwrap();
-            assert!(s.create_room("r", "u", true, 0).await.unwrap());
-            assert!(!s.create_room("r", "v", false, 0).await.unwrap());
-            s.append(msg("r", "u", "a")).await.unwrap();
-            assert_eq!(
-                s.set_read("r", "u", 9).await.unwrap(),
-                Some(ReadMarker {
-                    seq: 1,
-                    unread: 0,
-                    moved: false
-                })
-            );
-            assert_eq!(s.set_read("r", "nobody", 1).await.unwrap(), None);
-        }
-        let s = SqliteStore::open(&config(path)).unwrap();
-        assert_eq!(
-            s.room("r").await.unwrap(),
-            Some(RoomMeta {
-                private: true,
-                last_seq: 1,
-                members: 1
-            })
-        );
-        assert_eq!(s.members("r").await.unwrap(), ["u"]);
-        let rooms = s.rooms_of("u").await.unwrap();
-        assert_eq!(
-            (rooms[0].read_seq, rooms[0].unread, rooms[0].private),
-            (1, 0, true)
-        );
+        drop(SqliteStore::open(&config(path)).unwrap());
         let conn = Connection::open(path).unwrap();
         let v: usize = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(v, MIGRATIONS.len());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A database written by a build before migration 4 (the member column renamed)
+    /// opens with its rooms, members and read markers intact.
+    #[tokio::test]
+    async fn a_version_3_database_migrates_with_its_members() {
+        let dir = std::env::temp_dir().join(format!("parley-store-v3-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("p.db");
+        let conn = Connection::open(&path).unwrap();
+        for sql in &MIGRATIONS[..3] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.execute_batch(
+            "PRAGMA user_version = 3;
+             INSERT INTO rooms (name, private, last_seq, created_at, members) VALUES ('r', 0, 2, 1, 1);
+             INSERT INTO members (room, user, read_seq) VALUES ('r', 'u', 1);",
+        )
+        .unwrap();
+        drop(conn);
+        let s = SqliteStore::open(&config(path.to_str().unwrap())).unwrap();
+        assert!(s.is_member("r", "u").await.unwrap());
+        let rooms = s.rooms_of("u").await.unwrap();
+        assert_eq!((rooms[0].read_seq, rooms[0].unread), (1, 1));
+        s.join("r", "v", 0).await.unwrap();
+        assert_eq!(s.members("r").await.unwrap(), ["u", "v"]);
         drop(s);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// The heartbeat: an idle writer stays healthy; one stuck in a commit past the
+    /// stall time is reported, and healthy again once the commit ends; a writer thread
+    /// that dies is reported at once, and writes fail from then on.
+    #[tokio::test]
+    async fn health_sees_a_stuck_and_a_dead_writer() {
+        let stall = Duration::from_millis(400);
+        let s = SqliteStore::open_with(&config(":memory:"), stall).unwrap();
+        tokio::time::sleep(stall * 2).await;
+        assert_eq!(s.health(), Ok(()), "idle is not stuck");
+        let (release, wait) = mpsc::channel::<()>();
+        let stuck = s.write(move |_| {
+            let _ = wait.recv();
+            Ok(())
+        });
+        let stuck = tokio::spawn(stuck);
+        tokio::time::sleep(stall * 2).await;
+        let err = s.health().unwrap_err();
+        assert!(err.contains("in one commit"), "{err}");
+        release.send(()).unwrap();
+        stuck.await.unwrap().unwrap();
+        tokio::time::sleep(stall / 2).await;
+        assert_eq!(s.health(), Ok(()), "healthy once the commit ends");
+
+        s.fail_writer_for_tests();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while s.health().is_ok() {
+            assert!(Instant::now() < deadline, "a dead writer is reported");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(s.health().unwrap_err().contains("stopped"));
+        assert!(s.join("r", "u", 0).await.is_err(), "no write commits");
     }
 
     #[tokio::test]

@@ -10,6 +10,11 @@
 //! | `POST /api/v1/rooms/{room}/messages` | user or admin | `Sent` |
 //! | `POST /api/v1/announce` | admin | `Done` |
 //! | `POST /api/v1/tickets` | user | `Ticket` (for the `/sse` URL) |
+//!
+//! A user's request is a command like any session's: it goes through
+//! [`crate::session::conn::execute`], the same dispatch, checks, metrics and errors as a
+//! frame on `/ws`, `/sse` or `/poll`. The admin's post and announcement are not user
+//! commands and call chat directly.
 
 use axum::{
     Json, Router,
@@ -30,7 +35,8 @@ use super::{
 use crate::{
     auth::now_ms,
     chat::ChatError,
-    proto::{self, ErrorCode},
+    proto::{self, ErrorCode, client_frame::Cmd, server_frame::Kind},
+    session::conn::execute,
     store::NewMessage,
 };
 
@@ -75,8 +81,23 @@ async fn ticket(
 
 async fn rooms(State(app): State<Ctx>, headers: HeaderMap) -> Result<Response, ApiError> {
     let user = user(&app, &headers)?;
-    let rooms = app.core.chat.rooms_of(&user).await?;
-    Ok(Json(proto::RoomList { rooms }).into_response())
+    let kind = execute(&app.core, &user, Cmd::Rooms(proto::Rooms {})).await?;
+    reply(kind)
+}
+
+/// A command's result as the JSON body of its reply (the proto3 JSON of the frame's
+/// payload).
+fn reply(kind: Kind) -> Result<Response, ApiError> {
+    Ok(match kind {
+        Kind::Rooms(rooms) => Json(rooms).into_response(),
+        Kind::History(page) => Json(page).into_response(),
+        Kind::Members(members) => Json(members).into_response(),
+        Kind::Sent(sent) => Json(sent).into_response(),
+        other => {
+            tracing::error!(?other, "the HTTP API has no reply for this result");
+            return Err(ApiError::new(ErrorCode::Internal, "unexpected result"));
+        }
+    })
 }
 
 #[derive(Deserialize)]
@@ -103,7 +124,7 @@ async fn history(
         after_seq: q.after_seq,
         limit: q.limit,
     };
-    Ok(Json(app.core.chat.history(&user, req).await?).into_response())
+    reply(execute(&app.core, &user, Cmd::History(req)).await?)
 }
 
 async fn members(
@@ -113,7 +134,7 @@ async fn members(
 ) -> Result<Response, ApiError> {
     let user = user(&app, &headers)?;
     let Path(room) = room?;
-    Ok(Json(app.core.chat.members(&user, &room).await?).into_response())
+    reply(execute(&app.core, &user, Cmd::Members(proto::Members { room })).await?)
 }
 
 async fn post_message(
@@ -125,8 +146,7 @@ async fn post_message(
     let caller = caller(&app, &headers)?;
     let Path(room) = room?;
     let Json(post) = body?;
-    let chat = &app.core.chat;
-    let sent = match caller {
+    match caller {
         Caller::User(user) => {
             if !post.sender.is_empty() {
                 return Err(ApiError::new(
@@ -142,7 +162,7 @@ async fn post_message(
                 to_user: String::new(),
                 attachments: post.attachments,
             };
-            chat.send(&user, send).await?
+            reply(execute(&app.core, &user, Cmd::Send(send)).await?)
         }
         Caller::Admin => {
             if !post.attachments.is_empty() {
@@ -156,19 +176,22 @@ async fn post_message(
             } else {
                 post.sender
             };
-            chat.post_as_admin(NewMessage {
-                room,
-                sender,
-                client_msg_id: post.client_msg_id,
-                body: post.body,
-                metadata: post.metadata,
-                ts: now_ms(),
-                attachments: Vec::new(),
-            })
-            .await?
+            let sent = app
+                .core
+                .chat
+                .post_as_admin(NewMessage {
+                    room,
+                    sender,
+                    client_msg_id: post.client_msg_id,
+                    body: post.body,
+                    metadata: post.metadata,
+                    ts: now_ms(),
+                    attachments: Vec::new(),
+                })
+                .await?;
+            Ok(Json(sent).into_response())
         }
-    };
-    Ok(Json(sent).into_response())
+    }
 }
 
 async fn announce(

@@ -27,6 +27,19 @@ pub const WAIT: Duration = Duration::from_secs(5);
 /// (see [`Client::probe`]); such pushes never reach a client's inbox.
 pub const PROBE: &str = "parley-test-probe";
 
+/// A message for a store test: body `body of <id>`, metadata `k = <id>`.
+pub fn store_message(room: &str, sender: &str, id: &str) -> parley::store::NewMessage {
+    parley::store::NewMessage {
+        room: room.into(),
+        sender: sender.into(),
+        client_msg_id: id.into(),
+        body: format!("body of {id}"),
+        metadata: [("k".to_string(), id.to_string())].into(),
+        ts: 1_700_000_000_000,
+        attachments: Vec::new(),
+    }
+}
+
 /// Waits until `cond` holds (checked every 10 ms, for up to 10 s): for tests that wait
 /// on something the server does in the background, without guessing a sleep.
 pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {

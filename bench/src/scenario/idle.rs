@@ -19,8 +19,9 @@ use crate::{
     probe::{Probe, Usage},
     report::{Panel, Series, Table},
     stats::Tick,
-    transport::{Connection, Incoming, Step},
+    transport::{Connection, Step},
     ui::{bytes, si},
+    wire::Incoming,
 };
 
 #[derive(Debug, Clone, Serialize)]

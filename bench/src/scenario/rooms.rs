@@ -32,7 +32,9 @@ use tokio_util::sync::CancellationToken;
 use super::{Run, Sampler};
 use crate::{
     stats::{self, Latency, Percentiles, Tick},
-    transport::{Connection, Incoming, TransportKind},
+    target::TransportKind,
+    transport::Connection,
+    wire::Incoming,
     wire::{self, Peek},
 };
 

@@ -1,0 +1,228 @@
+//! The chat events that are not stored: presence (a user's sessions coming and going,
+//! last seen), typing and signals (WebRTC or any app payload, user to user).
+
+use std::sync::Arc;
+
+use super::{Chat, ChatError, invalid};
+use crate::{
+    auth::now_ms,
+    broker::UserPresence,
+    codec::Push,
+    delivery::{Recipient, Target},
+    proto::{self, RoomState, server_frame::Kind},
+};
+
+impl Chat {
+    /// Registers a session for live delivery and returns its user's rooms. The user's
+    /// first session here makes it online for the users it shares a room with.
+    pub async fn attach(&self, recipient: Arc<dyn Recipient>) -> Result<Vec<RoomState>, ChatError> {
+        let user = recipient.user().to_string();
+        // Attach first, then read the rooms: a join racing with this attach then reaches
+        // the hub entry either way.
+        let first = self.hub.attach(recipient);
+        if first {
+            self.broker.user_online(&user);
+        }
+        let rooms = self.store.rooms_of(&user).await?;
+        for r in &rooms {
+            self.hub.joined(&user, &r.room);
+            self.broker.watch_room(&r.room, r.last_seq);
+        }
+        if first && !self.broker.online_elsewhere(&user).await {
+            self.tell_co_members(user, &rooms, true, 0).await;
+        }
+        Ok(rooms)
+    }
+
+    /// Tells the users `user` shares a small room with (of `rooms`, its rooms) that it
+    /// came online, or went offline at `last_seen`. The one place a presence change is
+    /// announced: a session's first attach, its last detach, a dead instance's users.
+    async fn tell_co_members(
+        &self,
+        user: String,
+        rooms: &[RoomState],
+        online: bool,
+        last_seen: i64,
+    ) {
+        let rooms = self.small_rooms(rooms);
+        if rooms.is_empty() {
+            return;
+        }
+        let push = Arc::new(Push::new(Kind::Presence(proto::Presence {
+            user: user.clone(),
+            online,
+            last_seen,
+        })));
+        self.publish(Target::CoMembers { rooms, user }, push).await;
+    }
+
+    /// [`Chat::tell_co_members`] that `user` went offline, reading its rooms.
+    async fn tell_offline(&self, user: String, last_seen: i64) {
+        match self.store.rooms_of(&user).await {
+            Ok(rooms) => self.tell_co_members(user, &rooms, false, last_seen).await,
+            Err(e) => tracing::warn!(error = %e, "presence: rooms_of failed"),
+        }
+    }
+
+    /// The rooms small enough to broadcast presence through.
+    fn small_rooms(&self, rooms: &[RoomState]) -> Vec<String> {
+        rooms
+            .iter()
+            .filter(|r| !self.is_large(r.members))
+            .map(|r| r.room.clone())
+            .collect()
+    }
+
+    /// Removes a session from live delivery; the user's last one makes it offline.
+    pub fn detach(self: &Arc<Self>, user: &str, recipient_id: u64) {
+        let Some(local_rooms) = self.hub.detach(user, recipient_id) else {
+            return;
+        };
+        let now = now_ms();
+        self.last_seen.went_offline(user, now);
+        self.broker.user_offline(user, now);
+        self.broker.unwatch_rooms(&local_rooms);
+        if local_rooms.is_empty() {
+            // In no room: nobody to tell, and no need to read the store.
+            return;
+        }
+        let this = self.clone();
+        let user = user.to_string();
+        tokio::spawn(async move {
+            if !this.broker.online_elsewhere(&user).await {
+                this.tell_offline(user, now).await;
+            }
+        });
+    }
+
+    pub async fn typing(&self, user: &str, req: proto::Typing) -> Result<proto::Done, ChatError> {
+        self.check_member(&req.room, user).await?;
+        if let Err(retry_after) = self.typing.check(user, &req.room) {
+            return Err(ChatError::RateLimited {
+                what: "typing events",
+                retry_after,
+            });
+        }
+        if self.is_large(self.members_of(&req.room).await?) {
+            // Accepted, but not broadcast: one push per member is too much for a hint.
+            return Ok(proto::Done {});
+        }
+        let push = Arc::new(Push::new(Kind::Typing(proto::TypingEvent {
+            room: req.room.clone(),
+            user: user.into(),
+        })));
+        self.publish(
+            Target::RoomExcept {
+                room: req.room,
+                user: user.into(),
+            },
+            push,
+        )
+        .await;
+        Ok(proto::Done {})
+    }
+
+    pub async fn presence(
+        &self,
+        req: proto::PresenceQuery,
+    ) -> Result<proto::PresenceList, ChatError> {
+        if req.users.len() > 500 {
+            return Err(invalid("ask for at most 500 users at once"));
+        }
+        if let Some(cluster) = self.cluster_presence(&req.users).await? {
+            let users = req
+                .users
+                .into_iter()
+                .zip(cluster)
+                .map(|(user, p)| proto::Presence {
+                    user,
+                    online: p.online,
+                    last_seen: p.last_seen,
+                })
+                .collect();
+            return Ok(proto::PresenceList { users });
+        }
+        let users = req
+            .users
+            .into_iter()
+            .map(|user| {
+                let online = self.hub.is_local(&user);
+                let seen = if online { 0 } else { self.last_seen.get(&user) };
+                proto::Presence {
+                    user,
+                    online,
+                    last_seen: seen,
+                }
+            })
+            .collect();
+        Ok(proto::PresenceList { users })
+    }
+
+    /// Hands a payload to `to_user`'s sessions. Only to a user the sender shares a room
+    /// with (a direct-message room counts) or to the sender's own sessions; the sender
+    /// is held to `limits.signals_per_second`, and all senders together to
+    /// `limits.signal_bytes_per_second` per recipient. A recipient's session drops a
+    /// signal rather than overflow its queue (see `Session`'s push), so no sender can get
+    /// another user disconnected as a slow consumer.
+    pub async fn signal(&self, user: &str, req: proto::Signal) -> Result<proto::Done, ChatError> {
+        Self::check_user(&req.to_user)?;
+        let bytes = req.payload.len() + req.kind.len();
+        if bytes > self.config.max_body_bytes {
+            return Err(invalid(format!(
+                "signal exceeds {} bytes",
+                self.config.max_body_bytes
+            )));
+        }
+        Self::spend(&self.limits.signals, user, "signals")?;
+        let own = req.to_user == user;
+        if !own && !self.store.share_a_room(user, &req.to_user).await? {
+            return Err(ChatError::Forbidden(format!(
+                "you share no room with {:?}: signal only users you share a room with",
+                req.to_user
+            )));
+        }
+        let online = self.hub.is_local(&req.to_user)
+            || self
+                .cluster_presence(std::slice::from_ref(&req.to_user))
+                .await?
+                .is_some_and(|p| p.first().is_some_and(|p| p.online));
+        if !online {
+            return Err(ChatError::UserOffline(req.to_user));
+        }
+        if !own {
+            self.limits
+                .signal_bytes
+                .check_cost(&req.to_user, bytes.max(1) as f64)
+                .map_err(|retry_after| ChatError::RateLimited {
+                    what: "signal bytes to this user",
+                    retry_after,
+                })?;
+        }
+        let push = Arc::new(Push::new(Kind::Signal(proto::SignalEvent {
+            from_user: user.into(),
+            kind: req.kind,
+            payload: req.payload,
+        })));
+        self.publish(Target::User(req.to_user), push).await;
+        Ok(proto::Done {})
+    }
+
+    /// Presence as the whole cluster sees it (`None` with the in-process broker, where
+    /// the hub knows everything).
+    async fn cluster_presence(
+        &self,
+        users: &[String],
+    ) -> Result<Option<Vec<UserPresence>>, ChatError> {
+        self.broker.presence(users).await.map_err(ChatError::from)
+    }
+
+    /// Tells co-members that users of a dead instance went offline (run periodically;
+    /// a no-op with the in-process broker).
+    pub async fn sweep_presence(&self) {
+        for (user, last_seen) in self.broker.orphaned_users().await {
+            if !self.hub.is_local(&user) {
+                self.tell_offline(user, last_seen).await;
+            }
+        }
+    }
+}

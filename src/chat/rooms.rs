@@ -1,0 +1,154 @@
+//! Rooms and membership: the user's room list, create, join, leave, invite, members.
+
+use super::{Chat, ChatError, invalid, room_state_push};
+use crate::{
+    delivery::Target,
+    proto::{self, RoomState},
+    store::NewRoom,
+};
+
+impl Chat {
+    pub async fn rooms_of(&self, user: &str) -> Result<Vec<RoomState>, ChatError> {
+        Ok(self.store.rooms_of(user).await?)
+    }
+
+    pub async fn create_room(
+        &self,
+        user: &str,
+        req: proto::CreateRoom,
+    ) -> Result<RoomState, ChatError> {
+        self.check_room(&req.room)?;
+        if req.room.starts_with("dm:") {
+            return Err(invalid(
+                "room names starting with dm: are reserved for direct messages",
+            ));
+        }
+        self.check_room_quota(user).await?;
+        Self::spend(&self.limits.joins, user, "joins")?;
+        let max = self.limits.max_rooms_per_user;
+        if !self
+            .store
+            .create_room(
+                NewRoom {
+                    name: &req.room,
+                    creator: user,
+                    private: req.private,
+                },
+                max,
+            )
+            .await?
+        {
+            return Err(ChatError::RoomExists(req.room));
+        }
+        self.hub.joined(user, &req.room);
+        self.broker.member_joined(user, &req.room, 0);
+        self.publish(
+            Target::Room(req.room.clone()),
+            room_state_push(&req.room, user, "joined", ""),
+        )
+        .await;
+        Ok(RoomState {
+            room: req.room,
+            private: req.private,
+            members: 1,
+            ..Default::default()
+        })
+    }
+
+    pub async fn join(&self, user: &str, room: &str) -> Result<proto::Joined, ChatError> {
+        self.check_room(room)?;
+        let existing = self.store.room(room).await?;
+        match &existing {
+            Some(meta) if meta.private => {
+                if self.store.is_member(room, user).await? {
+                    return Ok(proto::Joined {
+                        room: room.into(),
+                        last_seq: meta.last_seq,
+                    });
+                }
+                return Err(ChatError::Forbidden(format!(
+                    "room {room:?} is private: ask a member for an invite"
+                )));
+            }
+            None if room.starts_with("dm:") => {
+                return Err(ChatError::Forbidden(
+                    "direct-message rooms are created by sending".into(),
+                ));
+            }
+            _ => {}
+        }
+        let already = self.store.is_member(room, user).await?;
+        let meta = match existing {
+            // A member joining again (every reconnect does) writes nothing: the room and
+            // the membership are as they were read.
+            Some(meta) if already => meta,
+            _ => {
+                if !already {
+                    // A refused join costs no token: the quota first.
+                    self.check_room_quota(user).await?;
+                    Self::spend(&self.limits.joins, user, "joins")?;
+                }
+                self.store
+                    .join(room, user, self.limits.max_rooms_per_user)
+                    .await?
+            }
+        };
+        self.hub.joined(user, room);
+        self.broker.member_joined(user, room, meta.last_seq);
+        if !already {
+            let to = self.audience(room, user, meta.members);
+            self.publish(to, room_state_push(room, user, "joined", ""))
+                .await;
+        }
+        Ok(proto::Joined {
+            room: room.to_string(),
+            last_seq: meta.last_seq,
+        })
+    }
+
+    pub async fn leave(&self, user: &str, room: &str) -> Result<proto::Left, ChatError> {
+        self.check_room(room)?;
+        if !self.store.leave(room, user).await? {
+            return Err(ChatError::NotMember(room.to_string()));
+        }
+        let to = self.audience(room, user, self.members_of(room).await?);
+        self.publish(to, room_state_push(room, user, "left", ""))
+            .await;
+        self.hub.left(user, room);
+        self.broker.member_left(user, room);
+        Ok(proto::Left {
+            room: room.to_string(),
+        })
+    }
+
+    pub async fn invite(&self, user: &str, req: proto::Invite) -> Result<proto::Done, ChatError> {
+        Self::check_user(&req.user)?;
+        self.check_member(&req.room, user).await?;
+        if req.room.starts_with("dm:") {
+            return Err(ChatError::Forbidden(
+                "direct-message rooms have exactly two members".into(),
+            ));
+        }
+        if !self.store.is_member(&req.room, &req.user).await? {
+            self.check_room_quota(&req.user).await?;
+            Self::spend(&self.limits.joins, user, "joins")?;
+            let max = self.limits.max_rooms_per_user;
+            let meta = self.store.join(&req.room, &req.user, max).await?;
+            self.hub.joined(&req.user, &req.room);
+            self.broker
+                .member_joined(&req.user, &req.room, meta.last_seq);
+            let to = self.audience(&req.room, &req.user, meta.members);
+            self.publish(to, room_state_push(&req.room, &req.user, "invited", user))
+                .await;
+        }
+        Ok(proto::Done {})
+    }
+
+    pub async fn members(&self, user: &str, room: &str) -> Result<proto::MemberList, ChatError> {
+        self.check_read(room, user).await?;
+        Ok(proto::MemberList {
+            room: room.into(),
+            users: self.store.members(room).await?,
+        })
+    }
+}
