@@ -268,6 +268,7 @@ interface OutboxItem {
 }
 
 const STORAGE_KEY = "parley.transport";
+const MAX_TIMER_MS = 2 ** 31 - 1;
 const PROBE_MAX_MS = 10 * 60_000;
 /** A connection that lived this long resets the backoff. */
 const STABLE_MS = 10_000;
@@ -606,8 +607,11 @@ export class Parley {
     if (!this.#getToken || exp === 0 || this.#closed()) return;
     const left = exp - Date.now();
     const at = Math.max(1000, left - Math.min(60_000, left / 10));
+    // setTimeout holds at most 2^31-1 ms (24.8 days): a longer token is looked at again then.
+    const far = at > MAX_TIMER_MS;
     this.#refreshTimer = setTimeout(() => {
       if (this.#closed() || !this.#getToken) return;
+      if (far) return this.#scheduleRefresh();
       this.#log?.("refreshing the token before it expires");
       Promise.resolve(this.#getToken({ refresh: true })).then(
         (token) => {
@@ -617,7 +621,7 @@ export class Parley {
         },
         (e) => this.#emit("error", new ParleyError(`getToken failed: ${String(e)}`)),
       );
-    }, at);
+    }, Math.min(at, MAX_TIMER_MS));
   }
 
   /** The current token for an HTTP request of our own (upload, signed URL). */
