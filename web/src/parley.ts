@@ -397,6 +397,12 @@ export class Parley {
   #probeDrop: Closed | undefined;
   #running = false;
   #onWake = () => this.#wakeUp();
+  // The page is being unloaded for good (not kept in the back/forward cache): nothing
+  // can resume this session, so end it on the server now (\`end\` goes out with
+  // fetch keepalive) rather than leave it for the grace period.
+  #onPageHide = (e: Event) => {
+    if (!(e as PageTransitionEvent).persisted) this.close();
+  };
   #onVisibility = () => {
     if (typeof document !== "undefined" && !document.hidden) this.#wakeUp();
   };
@@ -509,6 +515,7 @@ export class Parley {
     if (typeof window !== "undefined") {
       window.addEventListener("online", this.#onWake);
       window.addEventListener("pageshow", this.#onWake);
+      window.addEventListener("pagehide", this.#onPageHide);
       document.addEventListener("visibilitychange", this.#onVisibility);
     }
     this.#setState("connecting");
@@ -537,6 +544,7 @@ export class Parley {
     if (typeof window !== "undefined") {
       window.removeEventListener("online", this.#onWake);
       window.removeEventListener("pageshow", this.#onWake);
+      window.removeEventListener("pagehide", this.#onPageHide);
       document.removeEventListener("visibilitychange", this.#onVisibility);
     }
     for (const item of this.#outbox.splice(0)) item.reject(error ?? new ParleyError("client closed"));

@@ -3,7 +3,8 @@
 // the member roster with presence, read receipts, leave, "1 member", the typing
 // indicator right after a send, errors shown in the page (no alert()), the phone drawer
 // (backdrop, Escape, unread sign on ☰), rooms reachable by keyboard, the outage banner
-// with "retry now", the end of a session on sign-out over SSE and long-poll, and axe-core
+// with "retry now", the end of a session on sign-out or page unload over SSE and
+// long-poll, and axe-core
 // over the login, room, DM and phone views: no serious or critical violation.
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
@@ -179,7 +180,7 @@ describe("demo page", () => {
   });
 
   for (const transport of ["sse", "poll"]) {
-    test(`signing out over ${transport} ends the session at once (the end command): the others see the user go offline`, async () => {
+    test(`signing out, or leaving the page, over ${transport} ends the session at once (the end command): the others see the user go offline`, async () => {
       // Grace period 60 s (default): without `end` the user would stay online that long.
       const server = await new ParleyServer().start();
       try {
@@ -192,7 +193,12 @@ describe("demo page", () => {
         await dave.click("#logout");
         await alice.waitForSelector('#members li[data-user="dave"] .dot:not(.online)', { timeout: 10_000 });
         assert.ok(Date.now() - t0 < 10_000);
-        for (const p of [alice, dave]) await p.context().close();
+        // Leaving the page (unloaded, not cached) ends the session the same way.
+        const erin = await open(server, "erin", { query: `&transports=${transport}` });
+        await alice.waitForSelector('#members li[data-user="erin"] .dot.online', { timeout: 10_000 });
+        await erin.goto("about:blank");
+        await alice.waitForSelector('#members li[data-user="erin"] .dot:not(.online)', { timeout: 10_000 });
+        for (const p of [alice, dave, erin]) await p.context().close();
       } finally {
         await server.stop();
       }
