@@ -128,6 +128,7 @@ function wire(c) {
     $("me-name").textContent = me;
     for (const r of ev.rooms) {
       const room = roomOf(r.room, r.dmPeer);
+      room.private = r.private;
       room.unread = r.unread;
       room.lastSeq = r.lastSeq;
       room.readSeq = r.readSeq;
@@ -177,7 +178,12 @@ function wire(c) {
   });
   c.on("membership", (m) => {
     if (m.user === me && m.action !== "left") {
+      const known = rooms.has(m.room);
       roomOf(m.room, peerOf(m.room));
+      if (m.action === "invited" && m.by !== me && !known) {
+        rooms.get(m.room).private = true; // only private rooms need an invitation to see
+        notify(`${m.by} invited you to # ${m.room}.`);
+      }
       renderRooms();
     }
     if (m.user === me && m.action === "left") {
@@ -307,6 +313,12 @@ function renderRooms() {
     name.className = "name";
     name.textContent = r.dmPeer ? r.dmPeer : `# ${r.room}`;
     row.append(name);
+    if (r.private && !r.dmPeer) {
+      const tag = document.createElement("span");
+      tag.className = "tag";
+      tag.textContent = "private";
+      row.append(tag);
+    }
     // For screen readers, as text (the accessible name then starts with what is shown).
     const hidden = (text) => {
       const span = document.createElement("span");
@@ -339,6 +351,8 @@ async function open(name) {
   const r = roomOf(name, peerOf(name));
   $("room-title").textContent = r.dmPeer ? `@ ${r.dmPeer}` : `# ${name}`;
   $("leave-btn").hidden = !!r.dmPeer || name === "lobby";
+  $("invite-btn").hidden = !!r.dmPeer;
+  setInvite(false);
   $("people-btn").hidden = !!r.dmPeer;
   if (r.dmPeer) setPeople(false);
   updateComposer();
@@ -412,6 +426,41 @@ function setPeople(open) {
   if (open) renderMembers();
 }
 $("people-btn").addEventListener("click", () => setPeople($("people").hidden));
+
+function setInvite(open) {
+  $("invite-form").hidden = !open;
+  $("invite-btn").setAttribute("aria-expanded", String(open));
+  if (open) $("invite-input").focus();
+}
+$("invite-btn").addEventListener("click", () => setInvite($("invite-form").hidden));
+$("invite-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const user = $("invite-input").value.trim();
+  const room = active;
+  if (!user || !room) return;
+  try {
+    await client.invite(room, user);
+    $("invite-input").value = "";
+    setInvite(false);
+    notify(`${user} is now a member of # ${room}.`);
+  } catch (err) {
+    notify(`Could not invite ${user}: ${err.message}`);
+  }
+});
+
+$("create-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const name = $("create-input").value.trim();
+  if (!name) return;
+  try {
+    await client.createRoom(name, { private: true });
+    $("create-input").value = "";
+    roomOf(name, "").private = true;
+    open(name);
+  } catch (err) {
+    notify(`Could not create # ${name}: ${err.message}`);
+  }
+});
 
 $("leave-btn").addEventListener("click", async () => {
   const name = active;

@@ -3,9 +3,9 @@
 // the member roster with presence, read receipts, leave, "1 member", the typing
 // indicator right after a send, errors shown in the page (no alert()), the phone drawer
 // (backdrop, Escape, unread sign on ☰), rooms reachable by keyboard, the outage banner
-// with "retry now", the end of a session on sign-out or page unload over SSE and
-// long-poll, and axe-core
-// over the login, room, DM and phone views: no serious or critical violation.
+// with "retry now", private rooms and invitations, the end of a session on sign-out or
+// page unload over SSE and long-poll, and axe-core over the login, room, DM and phone
+// views: no serious or critical violation.
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
@@ -174,6 +174,39 @@ describe("demo page", () => {
         assert.deepEqual(p.dialogs, [], "no alert()");
       }
       for (const p of [alice, bob, carol]) await p.context().close();
+    } finally {
+      await server.stop();
+    }
+  });
+
+  test("private rooms: create, invite, the invitee is told and reads it, a stranger cannot join", async () => {
+    const server = await new ParleyServer().start();
+    try {
+      const alice = await open(server, "alice");
+      const bob = await open(server, "bob");
+      const carol = await open(server, "carol");
+      await alice.fill("#create-input", "secret");
+      await alice.press("#create-input", "Enter");
+      await alice.waitForSelector('#room-title:text-is("# secret")');
+      await alice.waitForSelector('#rooms li[data-room="secret"] .tag:text-is("private")');
+      await say(alice, "just us");
+      await alice.click("#invite-btn");
+      await alice.fill("#invite-input", "bob");
+      await alice.press("#invite-input", "Enter");
+      await alice.waitForSelector('#notice:text-is("bob is now a member of # secret.")');
+      await bob.waitForSelector('#notice:text-is("alice invited you to # secret.")');
+      await bob.click('#rooms li[data-room="secret"] button.row');
+      await waitShown(bob, "just us");
+      await axe(bob, "private room");
+      await carol.fill("#join-input", "secret");
+      await carol.press("#join-input", "Enter");
+      await carol.waitForSelector("#notice:not([hidden])");
+      assert.match(await carol.textContent("#notice"), /Could not join # secret/);
+      assert.equal(await carol.$('#rooms li[data-room="secret"]'), null);
+      for (const p of [alice, bob, carol]) {
+        assert.deepEqual(p.errors, []);
+        await p.context().close();
+      }
     } finally {
       await server.stop();
     }
