@@ -632,7 +632,10 @@ function attachmentItem(a) {
     img.alt = a.name;
     img.width = Math.min(240, a.width);
     img.height = Math.round((img.width * a.height) / a.width);
-    if (a.blurhash) img.style.background = blurhashColor(a.blurhash);
+    if (a.blurhash) {
+      const placeholder = blurhashImage(a.blurhash, img.width, img.height);
+      if (placeholder) img.style.backgroundImage = `url("${placeholder}")`;
+    }
     const url = imageUrls.get(a.fileId);
     if (url) img.src = url;
     else
@@ -649,12 +652,53 @@ function attachmentItem(a) {
   return box;
 }
 
-/** The average colour of a BlurHash (its first four characters after the size flag). */
-function blurhashColor(hash) {
-  const chars = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz#$%*+,-.:;=?@[]^_{|}~";
-  let v = 0;
-  for (const c of hash.slice(2, 6)) v = v * 83 + chars.indexOf(c);
-  return `rgb(${v >> 16}, ${(v >> 8) & 255}, ${v & 255})`;
+/**
+ * A BlurHash (https://blurha.sh) painted small, as a data: URL to show while the picture
+ * loads: the hash holds a grid of colour components (cosine basis) in base 83.
+ */
+function blurhashImage(hash, width, height) {
+  const digits = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz#$%*+,-.:;=?@[]^_{|}~";
+  const b83 = (str) => [...str].reduce((v, c) => v * 83 + digits.indexOf(c), 0);
+  const toLinear = (v) => ((v /= 255) <= 0.04045 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4);
+  const toSrgb = (v) => {
+    v = Math.min(1, Math.max(0, v));
+    return Math.round((v <= 0.0031308 ? v * 12.92 : 1.055 * v ** (1 / 2.4) - 0.055) * 255);
+  };
+  const size = b83(hash[0] ?? "");
+  const nx = (size % 9) + 1;
+  const ny = Math.floor(size / 9) + 1;
+  if (hash.length !== 4 + 2 * nx * ny) return "";
+  const max = (b83(hash[1]) + 1) / 166;
+  const dc = b83(hash.slice(2, 6));
+  const colors = [[toLinear(dc >> 16), toLinear((dc >> 8) & 255), toLinear(dc & 255)]];
+  const signPow = (v) => Math.sign(v) * Math.abs(v) ** 2;
+  for (let i = 1; i < nx * ny; i++) {
+    const v = b83(hash.slice(4 + i * 2, 6 + i * 2));
+    colors.push([Math.floor(v / 361), Math.floor(v / 19) % 19, v % 19].map((q) => signPow((q - 9) / 9) * max));
+  }
+  const w = 32;
+  const h = Math.max(1, Math.round((32 * height) / width));
+  const canvas = document.createElement("canvas");
+  canvas.width = w;
+  canvas.height = h;
+  const g = canvas.getContext("2d");
+  if (!g) return "";
+  const out = g.createImageData(w, h);
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < w; x++) {
+      const px = [0, 0, 0];
+      for (let j = 0; j < ny; j++) {
+        for (let i = 0; i < nx; i++) {
+          const basis = Math.cos((Math.PI * x * i) / w) * Math.cos((Math.PI * y * j) / h);
+          const c = colors[i + j * nx];
+          for (let k = 0; k < 3; k++) px[k] += c[k] * basis;
+        }
+      }
+      out.data.set([...px.map(toSrgb), 255], 4 * (y * w + x));
+    }
+  }
+  g.putImageData(out, 0, 0);
+  return canvas.toDataURL();
 }
 
 function formatSize(n) {

@@ -48,13 +48,14 @@ after(async () => {
   await browser?.close();
 });
 
-/** The demo signed in as `name`, with axe injectable (bypassCSP: the page allows only its own scripts). */
+/** The demo signed in as `name`, under its Content-Security-Policy (axe goes in through evaluate, which CSP does not govern). */
 async function open(server, name, { query = "", viewport } = {}) {
-  const context = await browser.newContext({ bypassCSP: true, ...(viewport ? { viewport } : {}) });
+  const context = await browser.newContext(viewport ? { viewport } : {});
   const page = await context.newPage();
   page.errors = [];
   page.dialogs = [];
   page.on("pageerror", (e) => page.errors.push(e.message));
+  page.on("console", (m) => /Content Security Policy/.test(m.text()) && page.errors.push(m.text()));
   page.on("dialog", (d) => (page.dialogs.push(d.message()), d.dismiss()));
   await page.goto(`${server.url}/${name ? `?name=${encodeURIComponent(name)}` : ""}${query}`);
   if (name) await page.waitForSelector('#transport[data-state="connected"]', { timeout: 20_000 });
@@ -63,7 +64,7 @@ async function open(server, name, { query = "", viewport } = {}) {
 
 /** axe-core on the page as it is: the serious and critical violations (none expected). */
 async function axe(page, view) {
-  if (!(await page.evaluate(() => typeof window.axe === "object"))) await page.addScriptTag({ content: AXE });
+  if (!(await page.evaluate(() => typeof window.axe === "object"))) await page.evaluate(AXE);
   const result = await page.evaluate(() => window.axe.run(document, { resultTypes: ["violations"] }));
   const bad = result.violations.filter((v) => v.impact === "serious" || v.impact === "critical");
   assert.deepEqual(
@@ -114,6 +115,23 @@ describe("demo page", () => {
       await bob.waitForSelector(".attachment img");
       await waitFor("bob's image loaded", () => bob.$eval(".attachment img", (i) => i.complete && i.naturalWidth === 64));
       assert.equal(await bob.$eval(".attachment img", (i) => i.alt), "red.png");
+      // The BlurHash placeholder is painted (a data: URL of the decoded hash), reddish like the picture.
+      const placeholder = await bob.$eval(".attachment img", async (i) => {
+        const url = i.style.backgroundImage.slice(5, -2);
+        if (!url.startsWith("data:image/png")) return { url };
+        const im = new Image();
+        im.src = url;
+        await im.decode();
+        const c = document.createElement("canvas");
+        c.width = im.width;
+        c.height = im.height;
+        const g = c.getContext("2d");
+        g.drawImage(im, 0, 0);
+        return { url: "data", rgb: [...g.getImageData(im.width >> 1, im.height >> 1, 1, 1).data.slice(0, 3)] };
+      });
+      assert.equal(placeholder.url, "data", JSON.stringify(placeholder));
+      const [pr, pg, pb] = placeholder.rgb;
+      assert.ok(Math.abs(pr - 200) < 30 && Math.abs(pg - 40) < 30 && Math.abs(pb - 40) < 30, `placeholder colour ${placeholder.rgb}`);
       await alice.waitForSelector(".attachment img"); // and on the sender's own page
 
       // "1 member", errors in the page instead of alert(), leave.
