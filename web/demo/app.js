@@ -142,7 +142,10 @@ function wire(c) {
     room.lastSeq = Math.max(room.lastSeq, m.seq);
     if (room.oldest === 0) room.oldest = m.seq;
     pending.delete(m.clientMsgId);
-    if (m.sender !== me && (m.room !== active || document.hidden)) room.unread += 1;
+    if (m.sender !== me && (m.room !== active || document.hidden)) {
+      room.unread += 1;
+      desktopNotify(m, room);
+    }
     stopTyping(m.room, m.sender);
     if (m.room === active) {
       renderMessages();
@@ -207,6 +210,39 @@ function wire(c) {
 }
 
 $("announce-close").addEventListener("click", () => ($("announce").hidden = true));
+
+// Desktop notifications for messages that arrive while the page is hidden or another room
+// is open, once the user turned them on (the browser asks for permission).
+const canNotify = typeof Notification !== "undefined";
+let notifyOn = canNotify && Notification.permission === "granted" && localStorage.getItem("parley.demo.notify") === "on";
+window.notifications = []; // shown so far: [{ title, body, room }] (for the console and the tests)
+function showNotifyButton() {
+  $("notify-btn").hidden = !canNotify || notifyOn || Notification.permission === "denied";
+}
+showNotifyButton();
+$("notify-btn").addEventListener("click", async () => {
+  const p = await Notification.requestPermission();
+  notifyOn = p === "granted";
+  if (notifyOn) localStorage.setItem("parley.demo.notify", "on");
+  else notify("Notifications are blocked for this site in the browser's settings.");
+  showNotifyButton();
+});
+function desktopNotify(m, room) {
+  if (!notifyOn || (!document.hidden && m.room === active)) return;
+  const title = room.dmPeer ? m.sender : `${m.sender} in # ${m.room}`;
+  const body = m.body || (m.attachments.length ? `sent ${m.attachments[0].name}` : "");
+  try {
+    const n = new Notification(title, { body, tag: m.room });
+    n.onclick = () => {
+      window.focus();
+      open(m.room);
+      n.close();
+    };
+    window.notifications.push({ title, body, room: m.room });
+  } catch (e) {
+    report(e); // e.g. Android Chrome wants a service worker for notifications
+  }
+}
 
 /** The outage banner: what happened, when the next try is, and "retry now". */
 let outageTimer;

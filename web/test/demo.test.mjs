@@ -3,7 +3,7 @@
 // the member roster with presence, read receipts, leave, "1 member", the typing
 // indicator right after a send, errors shown in the page (no alert()), the phone drawer
 // (backdrop, Escape, unread sign on ☰), rooms reachable by keyboard, the outage banner
-// with "retry now", private rooms and invitations, the end of a session on sign-out or
+// with "retry now", private rooms and invitations, desktop notifications, the end of a session on sign-out or
 // page unload over SSE and long-poll, and axe-core over the login, room, DM and phone
 // views: no serious or critical violation.
 import assert from "node:assert/strict";
@@ -222,6 +222,37 @@ describe("demo page", () => {
       assert.match(await carol.textContent("#notice"), /Could not join # secret/);
       assert.equal(await carol.$('#rooms li[data-room="secret"]'), null);
       for (const p of [alice, bob, carol]) {
+        assert.deepEqual(p.errors, []);
+        await p.context().close();
+      }
+    } finally {
+      await server.stop();
+    }
+  });
+
+  test("desktop notifications: turned on from the page, shown for a message while the page is hidden", async () => {
+    const server = await new ParleyServer().start();
+    try {
+      const alice = await open(server, "alice");
+      const bob = await open(server, "bob");
+      await alice.context().grantPermissions(["notifications"], { origin: server.url });
+      await alice.click("#notify-btn");
+      await alice.waitForSelector("#notify-btn", { state: "hidden" });
+      await bob.fill("#dm-input", "alice");
+      await bob.press("#dm-input", "Enter");
+      await say(bob, "first, while alice looks at the lobby");
+      await waitFor("a notification for a DM while another room is open", () => alice.evaluate(() => window.notifications.length === 1));
+      await alice.click('#dms li[data-room="dm:alice:bob"] button.row');
+      await alice.evaluate(() => {
+        // The tab goes to the background (headless Chromium has no tabs to hide).
+        Object.defineProperty(document, "hidden", { configurable: true, get: () => true });
+        document.dispatchEvent(new Event("visibilitychange"));
+      });
+      await say(bob, "are you there?");
+      await waitFor("a notification while hidden", () => alice.evaluate(() => window.notifications.length === 2));
+      assert.deepEqual(await alice.evaluate(() => window.notifications[1]), { title: "bob", body: "are you there?", room: "dm:alice:bob" });
+      assert.match(await alice.title(), /^\(1\) /, "and the title counts it");
+      for (const p of [alice, bob]) {
         assert.deepEqual(p.errors, []);
         await p.context().close();
       }
