@@ -243,6 +243,7 @@ describe("demo page", () => {
       await say(bob, "first, while alice looks at the lobby");
       await waitFor("a notification for a DM while another room is open", () => alice.evaluate(() => window.notifications.length === 1));
       await alice.click('#dms li[data-room="dm:alice:bob"] button.row');
+      await waitShown(alice, "first, while alice looks at the lobby"); // opened, and so read
       await alice.evaluate(() => {
         // The tab goes to the background (headless Chromium has no tabs to hide).
         Object.defineProperty(document, "hidden", { configurable: true, get: () => true });
@@ -251,7 +252,9 @@ describe("demo page", () => {
       await say(bob, "are you there?");
       await waitFor("a notification while hidden", () => alice.evaluate(() => window.notifications.length === 2));
       assert.deepEqual(await alice.evaluate(() => window.notifications[1]), { title: "bob", body: "are you there?", room: "dm:alice:bob" });
-      assert.match(await alice.title(), /^\(1\) /, "and the title counts it");
+      await waitFor("the title counts it", async () => /^\(1\) /.test(await alice.title()), 5000).catch(async (e) => {
+        throw new Error(`${e.message}: ${await alice.title()}; rooms ${await alice.$$eval(".rooms li", (l) => l.map((x) => x.textContent).join(" | "))}`);
+      });
       for (const p of [alice, bob]) {
         assert.deepEqual(p.errors, []);
         await p.context().close();
