@@ -736,6 +736,7 @@ export class Parley {
           this.#emit("error", new ParleyError(`getToken failed: ${String(e)}`));
           break;
         }
+        if (this.#closed()) return; // close() while getToken ran
         const t = this.#make(name);
         this.#current = t;
         this.stats.attempts++;
