@@ -1,5 +1,7 @@
-//! The browser side of parley, served by parley itself: the SDK bundle built from `web/`
-//! (`/sdk/parley.js` and its type declarations `/sdk/parley.d.ts`), the demo chat page
+//! The browser side of parley, served by parley itself: the SDK bundles built from `web/`
+//! (the ES module `/sdk/parley.js`, the script-tag build `/sdk/parley.global.js` that
+//! defines `parley`, their source maps and the type declarations `/sdk/parley.d.ts`), the
+//! demo chat page
 //! (`/` and `/demo/*`, when `web.demo` is on), and — only in development mode
 //! (`web.dev_tokens`) — `POST /api/v1/dev/token`, which mints a token for any user name
 //! so the demo page can sign in without an auth service.
@@ -31,6 +33,9 @@ use crate::{
 
 const SDK_JS: &str = include_str!("../web/dist/parley.js");
 const SDK_DTS: &str = include_str!("../web/dist/parley.d.ts");
+const SDK_MAP: &str = include_str!("../web/dist/parley.js.map");
+const SDK_GLOBAL: &str = include_str!("../web/dist/parley.global.js");
+const SDK_GLOBAL_MAP: &str = include_str!("../web/dist/parley.global.js.map");
 const DEMO_HTML: &str = include_str!("../web/demo/index.html");
 const DEMO_JS: &str = include_str!("../web/demo/app.js");
 const DEMO_CSS: &str = include_str!("../web/demo/app.css");
@@ -42,6 +47,7 @@ const JS: &str = "text/javascript; charset=utf-8";
 const TS: &str = "application/typescript; charset=utf-8";
 const HTML: &str = "text/html; charset=utf-8";
 const CSS: &str = "text/css; charset=utf-8";
+const MAP: &str = "application/json; charset=utf-8";
 
 /// The demo page loads only what parley serves and talks only to its own origin.
 const DEMO_CSP: &str = "default-src 'self'; img-src 'self' data:; connect-src 'self'; \
@@ -116,7 +122,13 @@ pub fn routes<S: Clone + Send + Sync + 'static>(config: &Config) -> Router<S> {
     let web = &config.web;
     let mut router = Router::new()
         .route("/sdk/parley.js", serve(Asset::new(SDK_JS, JS)))
-        .route("/sdk/parley.d.ts", serve(Asset::new(SDK_DTS, TS)));
+        .route("/sdk/parley.d.ts", serve(Asset::new(SDK_DTS, TS)))
+        .route("/sdk/parley.js.map", serve(Asset::new(SDK_MAP, MAP)))
+        .route("/sdk/parley.global.js", serve(Asset::new(SDK_GLOBAL, JS)))
+        .route(
+            "/sdk/parley.global.js.map",
+            serve(Asset::new(SDK_GLOBAL_MAP, MAP)),
+        );
     if web.demo {
         let html = DEMO_HTML.replace(DEV_MARKER, if web.dev_tokens { "true" } else { "false" });
         let mut page = Asset::new(html, HTML);

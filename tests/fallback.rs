@@ -692,3 +692,63 @@ async fn idle_sse_stream_gets_heartbeat_comments() {
     let ev = s.next().await.unwrap();
     assert!(ev.comment && ev.data.is_none(), "{ev:?}");
 }
+
+#[tokio::test]
+async fn end_command_ends_the_session_at_once_on_sse_and_long_poll() {
+    // A grace period far longer than the test: only `end` can make the sessions go.
+    let t = TestServer::start_with(|c| c.session.grace_period = Duration::from_secs(300)).await;
+
+    // SSE: `end` over a POST; the stream gets `disconnect` 1000, no reconnect, and ends.
+    let tk = ticket(&t, "bob").await;
+    let mut bob = SseClient::open(t.addr(), &format!("/sse?ticket={tk}"), &[]).await;
+    let Some(Kind::Connected(c)) = bob.next_frame().await.1.kind else {
+        panic!("no connected")
+    };
+    assert!(t.session_alive(&c.session_id));
+    let (status, v) = command(&t, "bob", &c.session_id, json!({"id":"7","end":{}})).await;
+    assert_eq!((status, &v), (200, &json!({"id":"7","done":{}})));
+    assert!(
+        !t.session_alive(&c.session_id),
+        "gone at once, not after the grace period"
+    );
+    let Some(Kind::Disconnect(d)) = bob.next_frame().await.1.kind else {
+        panic!("no disconnect")
+    };
+    assert_eq!(
+        (d.code, d.reason.as_str(), d.reconnect),
+        (1000, "session ended", false)
+    );
+    while let Some(ev) = bob.next().await {
+        assert!(
+            ev.data.is_none() || ev.comment,
+            "nothing after the disconnect"
+        );
+    }
+    let (status, _) = command(&t, "bob", &c.session_id, json!({"id":"8","ping":{}})).await;
+    assert_eq!(status, 410);
+
+    // Long-poll: the same command; the next poll answers 410 at once.
+    let carl = Poller::connect(&t, "carl").await;
+    assert!(t.session_alive(&carl.session));
+    let (status, v) = command(&t, "carl", &carl.session, json!({"id":"2","end":{}})).await;
+    assert_eq!((status, &v), (200, &json!({"id":"2","done":{}})));
+    assert!(!t.session_alive(&carl.session));
+    let started = Instant::now();
+    let r = carl.poll_raw(&t, 0, 20).await;
+    assert_eq!(r.status, 410);
+    assert!(started.elapsed() < Duration::from_secs(5), "not held");
+
+    // A resume of an ended session starts a new one.
+    let r = http(
+        t.addr(),
+        "POST",
+        "/session",
+        &[("authorization", &bearer(&t, "carl"))],
+        json!({"id":"1","connect":{"sessionId": carl.session, "lastPos": "0"}}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_ne!(v["connected"]["sessionId"], carl.session.as_str());
+    assert_eq!(v["connected"]["resumed"], Value::Null);
+}

@@ -34,6 +34,41 @@ async fn sdk_and_demo_are_served_with_types_and_etags() {
             .contains("export declare class Parley")
     );
 
+    // The source map the module names, and the script-tag build with its own.
+    let js_text = std::str::from_utf8(&js.body).unwrap();
+    assert!(js_text.ends_with("//# sourceMappingURL=parley.js.map\n"));
+    for (path, sources) in [
+        ("/sdk/parley.js.map", "../src/parley.ts"),
+        ("/sdk/parley.global.js.map", "../src/parley.ts"),
+    ] {
+        let map = http(s.addr(), "GET", path, &[], "").await;
+        assert_eq!(map.status, 200, "{path}");
+        assert_eq!(
+            map.headers["content-type"],
+            "application/json; charset=utf-8"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&map.body).unwrap();
+        assert_eq!(v["version"], 3);
+        assert!(
+            v["sources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x == sources)
+        );
+    }
+    let global = http(s.addr(), "GET", "/sdk/parley.global.js", &[], "").await;
+    assert_eq!(global.status, 200);
+    assert_eq!(
+        global.headers["content-type"],
+        "text/javascript; charset=utf-8"
+    );
+    let global = std::str::from_utf8(&global.body).unwrap();
+    assert!(
+        global.contains("var parley=(()=>{"),
+        "defines the global `parley`"
+    );
+
     let page = http(s.addr(), "GET", "/", &[], "").await;
     assert_eq!(page.status, 200);
     assert_eq!(page.headers["content-type"], "text/html; charset=utf-8");

@@ -35,6 +35,8 @@ pub enum CloseReason {
     SessionMoved,
     /// 4011: the session ended on the server; reconnect and log-sync.
     SessionExpired,
+    /// 1000: the client ended its session (`end`); nothing to resume.
+    Ended,
 }
 
 impl CloseReason {
@@ -48,6 +50,7 @@ impl CloseReason {
             CloseReason::HeartbeatTimeout => 4009,
             CloseReason::SessionMoved => 4010,
             CloseReason::SessionExpired => 4011,
+            CloseReason::Ended => 1000,
         }
     }
 
@@ -61,11 +64,15 @@ impl CloseReason {
             CloseReason::HeartbeatTimeout => "heartbeat timeout",
             CloseReason::SessionMoved => "session resumed elsewhere",
             CloseReason::SessionExpired => "session expired",
+            CloseReason::Ended => "session ended",
         }
     }
 
     pub fn reconnect(self) -> bool {
-        !matches!(self, CloseReason::Unauthorized | CloseReason::SessionMoved)
+        !matches!(
+            self,
+            CloseReason::Unauthorized | CloseReason::SessionMoved | CloseReason::Ended
+        )
     }
 
     /// The `disconnect` frame announcing this close.
@@ -85,6 +92,7 @@ impl CloseReason {
         match d {
             Death::SlowConsumer => CloseReason::SlowConsumer,
             Death::Expired => CloseReason::SessionExpired,
+            Death::Ended => CloseReason::Ended,
         }
     }
 }
@@ -278,7 +286,7 @@ impl Conn {
             }
             (Some(b), cmd) => (b.session.clone(), cmd),
         };
-        if session.is_receive_only() && !matches!(cmd, Cmd::Ack(_) | Cmd::Ping(_)) {
+        if session.is_receive_only() && !matches!(cmd, Cmd::Ack(_) | Cmd::Ping(_) | Cmd::End(_)) {
             return Start::Done(Outcome::Reply(self.err(
                 id,
                 ErrorCode::Forbidden,
@@ -290,6 +298,17 @@ impl Conn {
             Cmd::Ack(a) => {
                 session.ack(a.pos);
                 return Start::Done(Outcome::Silent);
+            }
+            Cmd::End(_) => {
+                // Any binding may end its session (a command-only HTTP POST included):
+                // the transports that deliver it see it dead and close with `Ended`.
+                self.core.sessions.end_by_client(&session);
+                let done = ServerFrame {
+                    id,
+                    pos: 0,
+                    kind: Some(Kind::Done(proto::Done {})),
+                };
+                return Start::Done(Outcome::Close(done, CloseReason::Ended));
             }
             _ => {}
         }
@@ -365,7 +384,7 @@ pub enum Finished {
     ),
 }
 
-/// One command of a connected session (not connect, ping or ack).
+/// One command of a connected session (not connect, ping, ack or end).
 async fn run_command(core: Arc<Core>, session: Arc<Session>, id: u64, cmd: Cmd) -> Outcome {
     let user = session.user_id();
     let result = match cmd {
@@ -403,13 +422,15 @@ async fn run_command(core: Arc<Core>, session: Arc<Session>, id: u64, cmd: Cmd) 
 /// API request (`transport/api.rs`). One dispatch to chat, one place where messages and
 /// errors are counted and store or broker failures logged. A `Send` here resolves once
 /// the message is durable (a session pipelines its sends instead: `run_command`).
-/// Connect, ping and ack belong to a session's own handling, not here.
+/// Connect, ping, ack and end belong to a session's own handling, not here.
 pub async fn execute(core: &Core, user: &str, cmd: Cmd) -> Result<Kind, ChatError> {
     let chat = &core.chat;
     let result = match cmd {
-        Cmd::Connect(_) | Cmd::Ping(_) | Cmd::Ack(_) => Err(ChatError::InvalidArgument(
-            "connect, ping and ack are a session's, not commands".into(),
-        )),
+        Cmd::Connect(_) | Cmd::Ping(_) | Cmd::Ack(_) | Cmd::End(_) => {
+            Err(ChatError::InvalidArgument(
+                "connect, ping, ack and end are a session's, not commands".into(),
+            ))
+        }
         Cmd::Join(j) => chat.join(user, &j.room).await.map(Kind::Joined),
         Cmd::Leave(l) => chat.leave(user, &l.room).await.map(Kind::Left),
         Cmd::Send(s) => chat.send(user, s).await.map(|sent| {

@@ -44,6 +44,8 @@ pub enum Death {
     SlowConsumer,
     /// Detached for longer than the grace period, or removed.
     Expired,
+    /// The client ended it (the `end` command).
+    Ended,
 }
 
 /// Byte bounds of one session.

@@ -117,6 +117,13 @@ impl Sessions {
         self.remove(session);
     }
 
+    /// Ends a session at the client's word (`end`): its transports close with 1000
+    /// "session ended" rather than 4011, so the client does not reconnect.
+    pub fn end_by_client(&self, session: &Session) {
+        session.kill(super::Death::Ended);
+        self.remove(session);
+    }
+
     pub fn len(&self) -> usize {
         self.lock().by_id.len()
     }

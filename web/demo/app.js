@@ -21,6 +21,9 @@ const rooms = new Map(); // room -> { room, dmPeer, unread, lastSeq, readSeq, me
 const pending = new Map(); // clientMsgId -> { room, body }
 const presence = new Map(); // user -> online
 const typingUntil = new Map(); // room -> Map<user, until>
+const receipts = new Map(); // room -> Map<user, seq> (other members' read markers)
+const imageUrls = new Map(); // fileId -> signed URL
+const TITLE = document.title;
 
 // ---------------------------------------------------------------- sign in
 
@@ -83,6 +86,7 @@ async function start(name, getToken) {
   $("login").hidden = true;
   $("app").hidden = false;
   showTransport();
+  updateComposer();
   client.join("lobby").then(() => {
     if (!active) open("lobby");
   }, report);
@@ -98,16 +102,33 @@ function report(err) {
   console.warn("parley:", err);
 }
 
+/** A visible, announced message in place of alert(); hides itself after a while. */
+let noticeTimer;
+function notify(text) {
+  const el = $("notice");
+  el.textContent = text;
+  el.hidden = false;
+  clearTimeout(noticeTimer);
+  noticeTimer = setTimeout(() => (el.hidden = true), 8000);
+}
+
+const plural = (n, one, many) => `${n} ${n === 1 ? one : many}`;
+
 // ---------------------------------------------------------------- SDK events
 
 function wire(c) {
-  c.on("state", showTransport);
+  c.on("state", (ev) => {
+    showTransport();
+    showOutage(ev);
+    updateComposer();
+  });
   c.on("connected", (ev) => {
     window.connectedAt ??= performance.now(); // ms since navigation start (benchmarks)
     me = ev.userId;
     $("me-name").textContent = me;
     for (const r of ev.rooms) {
       const room = roomOf(r.room, r.dmPeer);
+      room.private = r.private;
       room.unread = r.unread;
       room.lastSeq = r.lastSeq;
       room.readSeq = r.readSeq;
@@ -121,7 +142,10 @@ function wire(c) {
     room.lastSeq = Math.max(room.lastSeq, m.seq);
     if (room.oldest === 0) room.oldest = m.seq;
     pending.delete(m.clientMsgId);
-    if (m.sender !== me && (m.room !== active || document.hidden)) room.unread += 1;
+    if (m.sender !== me && (m.room !== active || document.hidden)) {
+      room.unread += 1;
+      desktopNotify(m, room);
+    }
     stopTyping(m.room, m.sender);
     if (m.room === active) {
       renderMessages();
@@ -130,7 +154,13 @@ function wire(c) {
     renderRooms();
   });
   c.on("receipt", (r) => {
-    if (r.user !== me) return;
+    if (r.user !== me) {
+      let users = receipts.get(r.room);
+      if (!users) receipts.set(r.room, (users = new Map()));
+      users.set(r.user, Math.max(users.get(r.user) ?? 0, r.seq));
+      if (r.room === active) renderMessages();
+      return;
+    }
     const room = roomOf(r.room, peerOf(r.room));
     room.readSeq = Math.max(room.readSeq, r.seq);
     room.unread = r.unread;
@@ -147,19 +177,105 @@ function wire(c) {
     presence.set(p.user, p.online);
     renderRooms();
     renderSub();
+    renderMembers();
   });
   c.on("membership", (m) => {
     if (m.user === me && m.action !== "left") {
+      const known = rooms.has(m.room);
       roomOf(m.room, peerOf(m.room));
+      if (m.action === "invited" && m.by !== me && !known) {
+        rooms.get(m.room).private = true; // only private rooms need an invitation to see
+        notify(`${m.by} invited you to # ${m.room}.`);
+      }
+      renderRooms();
+    }
+    if (m.user === me && m.action === "left") {
+      rooms.delete(m.room);
+      if (active === m.room) open("lobby");
       renderRooms();
     }
     if (m.room === active) loadMembers(m.room);
   });
   c.on("announcement", (a) => {
-    const room = roomOf(active || "lobby", "");
+    // To everyone: a banner over the page. To a room: a notice in that room only.
+    if (!a.room) {
+      $("announce-text").textContent = `📣 ${a.body}`;
+      $("announce").hidden = false;
+      return;
+    }
+    const room = roomOf(a.room, peerOf(a.room));
     room.notice = a.body;
-    renderMessages();
+    if (a.room === active) renderMessages();
   });
+}
+
+$("announce-close").addEventListener("click", () => ($("announce").hidden = true));
+
+// Desktop notifications for messages that arrive while the page is hidden or another room
+// is open, once the user turned them on (the browser asks for permission).
+const canNotify = typeof Notification !== "undefined";
+let notifyOn = canNotify && Notification.permission === "granted" && localStorage.getItem("parley.demo.notify") === "on";
+window.notifications = []; // shown so far: [{ title, body, room }] (for the console and the tests)
+function showNotifyButton() {
+  $("notify-btn").hidden = !canNotify || notifyOn || Notification.permission === "denied";
+}
+showNotifyButton();
+$("notify-btn").addEventListener("click", async () => {
+  const p = await Notification.requestPermission();
+  notifyOn = p === "granted";
+  if (notifyOn) localStorage.setItem("parley.demo.notify", "on");
+  else notify("Notifications are blocked for this site in the browser's settings.");
+  showNotifyButton();
+});
+function desktopNotify(m, room) {
+  if (!notifyOn || (!document.hidden && m.room === active)) return;
+  const title = room.dmPeer ? m.sender : `${m.sender} in # ${m.room}`;
+  const body = m.body || (m.attachments.length ? `sent ${m.attachments[0].name}` : "");
+  try {
+    const n = new Notification(title, { body, tag: m.room });
+    n.onclick = () => {
+      window.focus();
+      open(m.room);
+      n.close();
+    };
+    window.notifications.push({ title, body, room: m.room });
+  } catch (e) {
+    report(e); // e.g. Android Chrome wants a service worker for notifications
+  }
+}
+
+/** The outage banner: what happened, when the next try is, and "retry now". */
+let outageTimer;
+function showOutage(ev) {
+  clearInterval(outageTimer);
+  const el = $("outage");
+  const down = ev.state === "reconnecting" || ev.state === "paused" || (ev.state === "closed" && ev.error);
+  el.hidden = !down;
+  $("retry").hidden = ev.state === "closed";
+  if (!down) return;
+  if (ev.state === "closed") {
+    $("outage-text").textContent = `Signed out: ${ev.error.message}`;
+    return;
+  }
+  const until = Date.now() + ev.nextDelayMs;
+  const tick = () => {
+    const s = Math.max(0, Math.ceil((until - Date.now()) / 1000));
+    $("outage-text").textContent =
+      ev.state === "paused"
+        ? "Connection lost; reconnecting when this tab is visible again."
+        : `Connection lost. ${s > 0 ? `Reconnecting in ${s} s` : "Reconnecting…"} (attempt ${ev.attempt}). Messages you send are kept and go out once connected.`;
+  };
+  tick();
+  outageTimer = setInterval(tick, 1000);
+}
+$("retry").addEventListener("click", () => client?.retryNow());
+
+/** The composer works once a room is open; before the first connection it says so. */
+function updateComposer() {
+  const ready = !!active && !!client && client.state !== "closed";
+  const first = !client || client.state === "idle" || client.state === "connecting";
+  $("text").disabled = $("send-btn").disabled = $("attach").disabled = !ready;
+  $("text").placeholder = !ready ? (first ? "Connecting…" : "Open a room to write") : "Write a message";
 }
 
 document.addEventListener("visibilitychange", () => {
@@ -219,32 +335,63 @@ function renderRooms() {
     const li = document.createElement("li");
     li.dataset.room = r.room;
     if (r.room === active) li.classList.add("active");
+    const row = document.createElement("button");
+    row.type = "button";
+    row.className = "row";
+    if (r.room === active) row.setAttribute("aria-current", "page");
     if (r.dmPeer) {
       const dot = document.createElement("span");
       dot.className = "dot" + (presence.get(r.dmPeer) ? " online" : "");
       dot.title = presence.get(r.dmPeer) ? "online" : "offline";
-      li.append(dot);
+      row.append(dot);
     }
     const name = document.createElement("span");
     name.className = "name";
     name.textContent = r.dmPeer ? r.dmPeer : `# ${r.room}`;
-    li.append(name);
+    row.append(name);
+    if (r.private && !r.dmPeer) {
+      const tag = document.createElement("span");
+      tag.className = "tag";
+      tag.textContent = "private";
+      row.append(tag);
+    }
+    // For screen readers, as text (the accessible name then starts with what is shown).
+    const hidden = (text) => {
+      const span = document.createElement("span");
+      span.className = "visually-hidden";
+      span.textContent = text;
+      return span;
+    };
+    if (r.dmPeer) row.append(hidden(presence.get(r.dmPeer) ? ", online" : ", offline"));
     if (r.unread > 0 && r.room !== active) {
       const badge = document.createElement("span");
       badge.className = "badge";
       badge.textContent = String(r.unread);
-      li.append(badge);
+      row.append(badge, hidden(" unread"));
     }
-    li.addEventListener("click", () => open(r.room));
+    row.addEventListener("click", () => open(r.room));
+    li.append(row);
     (r.dmPeer ? groups.dms : groups.rooms).append(li);
   }
+  // Unread elsewhere: on the ☰ button (phone, drawer closed) and in the tab title.
+  const unread = [...rooms.values()].reduce((n, r) => n + (r.room === active && !document.hidden ? 0 : r.unread), 0);
+  $("menu-badge").hidden = unread === 0;
+  $("menu-badge").textContent = String(unread);
+  $("menu").setAttribute("aria-label", unread ? `rooms, ${plural(unread, "unread message", "unread messages")}` : "rooms");
+  document.title = unread ? `(${unread}) ${TITLE}` : TITLE;
 }
 
 async function open(name) {
   active = name;
-  $("sidebar").classList.remove("open");
+  closeDrawer();
   const r = roomOf(name, peerOf(name));
   $("room-title").textContent = r.dmPeer ? `@ ${r.dmPeer}` : `# ${name}`;
+  $("leave-btn").hidden = !!r.dmPeer || name === "lobby";
+  $("invite-btn").hidden = !!r.dmPeer;
+  setInvite(false);
+  $("people-btn").hidden = !!r.dmPeer;
+  if (r.dmPeer) setPeople(false);
+  updateComposer();
   renderRooms();
   renderMessages();
   renderTyping();
@@ -286,7 +433,84 @@ async function loadMembers(name) {
     report(e);
   }
   renderSub();
+  renderMembers();
 }
+
+function renderMembers() {
+  const r = rooms.get(active);
+  const list = $("members");
+  list.replaceChildren();
+  if (!r?.members) return;
+  const sorted = [...r.members].sort((a, b) => Number(!!presence.get(b) || b === me) - Number(!!presence.get(a) || a === me) || a.localeCompare(b));
+  for (const u of sorted) {
+    const li = document.createElement("li");
+    const online = u === me || !!presence.get(u);
+    const dot = document.createElement("span");
+    dot.className = "dot" + (online ? " online" : "");
+    const name = document.createElement("span");
+    name.textContent = u === me ? `${u} (you)` : u;
+    li.append(dot, name);
+    li.setAttribute("aria-label", `${u}, ${online ? "online" : "offline"}`);
+    li.dataset.user = u;
+    list.append(li);
+  }
+}
+
+function setPeople(open) {
+  $("people").hidden = !open;
+  $("people-btn").setAttribute("aria-expanded", String(open));
+  if (open) renderMembers();
+}
+$("people-btn").addEventListener("click", () => setPeople($("people").hidden));
+
+function setInvite(open) {
+  $("invite-form").hidden = !open;
+  $("invite-btn").setAttribute("aria-expanded", String(open));
+  if (open) $("invite-input").focus();
+}
+$("invite-btn").addEventListener("click", () => setInvite($("invite-form").hidden));
+$("invite-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const user = $("invite-input").value.trim();
+  const room = active;
+  if (!user || !room) return;
+  try {
+    await client.invite(room, user);
+    $("invite-input").value = "";
+    setInvite(false);
+    notify(`${user} is now a member of # ${room}.`);
+  } catch (err) {
+    notify(`Could not invite ${user}: ${err.message}`);
+  }
+});
+
+$("create-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const name = $("create-input").value.trim();
+  if (!name) return;
+  try {
+    await client.createRoom(name, { private: true });
+    $("create-input").value = "";
+    roomOf(name, "").private = true;
+    open(name);
+  } catch (err) {
+    notify(`Could not create # ${name}: ${err.message}`);
+  }
+});
+
+$("leave-btn").addEventListener("click", async () => {
+  const name = active;
+  if (!name || rooms.get(name)?.dmPeer) return;
+  try {
+    await client.leave(name);
+    rooms.delete(name);
+    renderRooms();
+    open("lobby");
+    notify(`You left # ${name}.`);
+  } catch (err) {
+    notify(`Could not leave # ${name}: ${err.message}`);
+  }
+});
 
 function renderSub() {
   const r = rooms.get(active);
@@ -295,7 +519,7 @@ function renderSub() {
   if (r.dmPeer) sub.textContent = presence.get(r.dmPeer) ? "online" : "offline";
   else if (r.members) {
     const online = r.members.filter((u) => u === me || presence.get(u)).length;
-    sub.textContent = `${r.members.length} members, ${online} online`;
+    sub.textContent = `${plural(r.members.length, "member", "members")}, ${online} online`;
   } else sub.textContent = "";
 }
 
@@ -320,7 +544,7 @@ $("join-form").addEventListener("submit", async (e) => {
     roomOf(name, "");
     open(name);
   } catch (err) {
-    alert(err.message);
+    notify(`Could not join # ${name}: ${err.message}`);
   }
 });
 
@@ -333,7 +557,32 @@ $("dm-form").addEventListener("submit", (e) => {
   open(dmRoom(user));
 });
 
-$("menu").addEventListener("click", () => $("sidebar").classList.toggle("open"));
+// The phone drawer: ☰ opens it over the chat; the backdrop, Escape or picking a room closes it.
+function openDrawer() {
+  $("sidebar").classList.add("open");
+  $("backdrop").hidden = false;
+  $("menu").setAttribute("aria-expanded", "true");
+  $("sidebar").querySelector("button.row, input")?.focus();
+}
+function closeDrawer() {
+  if (!$("sidebar").classList.contains("open")) return;
+  $("sidebar").classList.remove("open");
+  $("backdrop").hidden = true;
+  $("menu").setAttribute("aria-expanded", "false");
+}
+$("menu").addEventListener("click", () => ($("sidebar").classList.contains("open") ? closeDrawer() : openDrawer()));
+$("backdrop").addEventListener("click", closeDrawer);
+$("drawer-close").addEventListener("click", () => {
+  closeDrawer();
+  $("menu").focus();
+});
+document.addEventListener("keydown", (e) => {
+  if (e.key !== "Escape") return;
+  if ($("sidebar").classList.contains("open")) {
+    closeDrawer();
+    $("menu").focus();
+  } else if (!$("people").hidden) setPeople(false);
+});
 
 // ---------------------------------------------------------------- messages
 
@@ -346,10 +595,39 @@ function renderMessages(scrollToEnd) {
   if (!r) return;
   $("older").hidden = !r.more;
   const seqs = [...r.messages.keys()].sort((a, b) => a - b);
-  for (const seq of seqs) list.append(messageItem(r.messages.get(seq), false));
-  for (const [id, p] of pending) {
-    if (p.room === active) list.append(messageItem({ sender: me, body: p.body, clientMsgId: id, ts: p.ts, seq: 0 }, true));
+  let day = "";
+  let prev;
+  // Read receipts: under my newest message that others have read, who read it.
+  const readers = [...(receipts.get(active) ?? new Map()).entries()];
+  const mine = seqs.filter((q) => r.messages.get(q).sender === me);
+  let seenAt = 0;
+  for (let i = mine.length - 1; i >= 0 && !seenAt; i--) if (readers.some(([, q]) => q >= mine[i])) seenAt = mine[i];
+  for (const seq of seqs) {
+    const m = r.messages.get(seq);
+    const d = new Date(m.ts).toDateString();
+    if (d !== day) {
+      day = d;
+      const sep = document.createElement("li");
+      sep.className = "day";
+      sep.textContent = new Date(m.ts).toLocaleDateString([], { weekday: "long", month: "long", day: "numeric" });
+      list.append(sep);
+      prev = undefined;
+    }
+    const item = messageItem(m, false, prev && prev.sender === m.sender && m.ts - prev.ts < 5 * 60_000);
+    if (seq === seenAt) {
+      const seen = document.createElement("div");
+      seen.className = "seen";
+      seen.textContent = `Seen by ${readers.filter(([, q]) => q >= seq).map(([u]) => u).sort().join(", ")}`;
+      item.append(seen);
+    }
+    list.append(item);
+    prev = m;
   }
+  for (const [id, p] of pending) {
+    if (p.room === active) list.append(messageItem({ sender: me, body: p.body, clientMsgId: id, ts: p.ts, seq: 0, attachments: [] }, true));
+  }
+  $("empty").hidden = seqs.length > 0 || [...pending.values()].some((p) => p.room === active);
+  $("empty").textContent = r.dmPeer ? `No messages with ${r.dmPeer} yet. Say hello!` : `No messages in # ${r.room} yet.`;
   if (r.notice) {
     const li = document.createElement("li");
     li.className = "msg notice";
@@ -359,9 +637,9 @@ function renderMessages(scrollToEnd) {
   if (atEnd) box.scrollTop = box.scrollHeight;
 }
 
-function messageItem(m, isPending) {
+function messageItem(m, isPending, grouped) {
   const li = document.createElement("li");
-  li.className = "msg" + (m.sender === me ? " mine" : "") + (isPending ? " pending" : "");
+  li.className = "msg" + (m.sender === me ? " mine" : "") + (isPending ? " pending" : "") + (grouped ? " grouped" : "");
   if (m.seq) li.dataset.seq = String(m.seq);
   li.dataset.cmid = m.clientMsgId;
   const meta = document.createElement("div");
@@ -376,7 +654,91 @@ function messageItem(m, isPending) {
   body.className = "body";
   body.textContent = m.body;
   li.append(meta, body);
+  for (const a of m.attachments ?? []) li.append(attachmentItem(a));
   return li;
+}
+
+/** An image: its box sized from width/height, a placeholder colour, then the picture (signed URL). */
+function attachmentItem(a) {
+  const box = document.createElement("div");
+  box.className = "attachment";
+  box.dataset.fileId = a.fileId;
+  if (a.contentType.startsWith("image/") && a.width && a.height) {
+    const img = document.createElement("img");
+    img.alt = a.name;
+    img.width = Math.min(240, a.width);
+    img.height = Math.round((img.width * a.height) / a.width);
+    if (a.blurhash) {
+      const placeholder = blurhashImage(a.blurhash, img.width, img.height);
+      if (placeholder) img.style.backgroundImage = `url("${placeholder}")`;
+    }
+    const url = imageUrls.get(a.fileId);
+    if (url) img.src = url;
+    else
+      client.fileUrl(a.fileId).then((u) => {
+        imageUrls.set(a.fileId, u);
+        img.src = u;
+      }, report);
+    box.append(img);
+  }
+  const link = document.createElement("span");
+  link.className = "file muted";
+  link.textContent = `${a.name} · ${formatSize(a.size)}`;
+  box.append(link);
+  return box;
+}
+
+/**
+ * A BlurHash (https://blurha.sh) painted small, as a data: URL to show while the picture
+ * loads: the hash holds a grid of colour components (cosine basis) in base 83.
+ */
+function blurhashImage(hash, width, height) {
+  const digits = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz#$%*+,-.:;=?@[]^_{|}~";
+  const b83 = (str) => [...str].reduce((v, c) => v * 83 + digits.indexOf(c), 0);
+  const toLinear = (v) => ((v /= 255) <= 0.04045 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4);
+  const toSrgb = (v) => {
+    v = Math.min(1, Math.max(0, v));
+    return Math.round((v <= 0.0031308 ? v * 12.92 : 1.055 * v ** (1 / 2.4) - 0.055) * 255);
+  };
+  const size = b83(hash[0] ?? "");
+  const nx = (size % 9) + 1;
+  const ny = Math.floor(size / 9) + 1;
+  if (hash.length !== 4 + 2 * nx * ny) return "";
+  const max = (b83(hash[1]) + 1) / 166;
+  const dc = b83(hash.slice(2, 6));
+  const colors = [[toLinear(dc >> 16), toLinear((dc >> 8) & 255), toLinear(dc & 255)]];
+  const signPow = (v) => Math.sign(v) * Math.abs(v) ** 2;
+  for (let i = 1; i < nx * ny; i++) {
+    const v = b83(hash.slice(4 + i * 2, 6 + i * 2));
+    colors.push([Math.floor(v / 361), Math.floor(v / 19) % 19, v % 19].map((q) => signPow((q - 9) / 9) * max));
+  }
+  const w = 32;
+  const h = Math.max(1, Math.round((32 * height) / width));
+  const canvas = document.createElement("canvas");
+  canvas.width = w;
+  canvas.height = h;
+  const g = canvas.getContext("2d");
+  if (!g) return "";
+  const out = g.createImageData(w, h);
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < w; x++) {
+      const px = [0, 0, 0];
+      for (let j = 0; j < ny; j++) {
+        for (let i = 0; i < nx; i++) {
+          const basis = Math.cos((Math.PI * x * i) / w) * Math.cos((Math.PI * y * j) / h);
+          const c = colors[i + j * nx];
+          for (let k = 0; k < 3; k++) px[k] += c[k] * basis;
+        }
+      }
+      out.data.set([...px.map(toSrgb), 255], 4 * (y * w + x));
+    }
+  }
+  g.putImageData(out, 0, 0);
+  return canvas.toDataURL();
+}
+
+function formatSize(n) {
+  return n < 1024 ? `${n} B` : n < 1 << 20 ? `${(n / 1024).toFixed(1)} KiB` : `${(n / (1 << 20)).toFixed(1)} MiB`;
 }
 
 $("older").addEventListener("click", loadOlder);
@@ -407,6 +769,7 @@ $("composer").addEventListener("submit", (e) => {
   const body = $("text").value.trim();
   if (!body || !active) return;
   $("text").value = "";
+  lastTyping = 0; // the next keystroke tells the others again
   const r = rooms.get(active);
   const clientMsgId = crypto.randomUUID();
   pending.set(clientMsgId, { room: active, body, ts: Date.now() });
@@ -415,17 +778,64 @@ $("composer").addEventListener("submit", (e) => {
   Promise.resolve(sent).catch((err) => {
     pending.delete(clientMsgId);
     renderMessages();
-    alert(`not sent: ${err.message}`);
+    notify(`Not sent: ${err.message}`);
   });
 });
 
+// Attachments: pick (Attach) or drop a file; upload with progress, then send it.
+$("attach").addEventListener("click", () => $("file").click());
+$("file").addEventListener("change", () => {
+  const f = $("file").files[0];
+  $("file").value = "";
+  if (f) sendFile(f);
+});
+$("messages").addEventListener("dragover", (e) => {
+  if (active) e.preventDefault();
+});
+$("messages").addEventListener("drop", (e) => {
+  e.preventDefault();
+  const f = e.dataTransfer?.files?.[0];
+  if (f && active) sendFile(f);
+});
+
+async function sendFile(file) {
+  const room = active;
+  const r = rooms.get(room);
+  $("upload").hidden = false;
+  $("upload-name").textContent = `Uploading ${file.name}…`;
+  $("upload-progress").value = 0;
+  try {
+    const a = await client.upload(file, { onProgress: (sent, total) => ($("upload-progress").value = total ? sent / total : 0) });
+    const body = $("text").value.trim();
+    $("text").value = "";
+    if (r?.dmPeer) await client.sendDirect(r.dmPeer, body, { attachments: [a] });
+    else await client.send(room, body, { attachments: [a] });
+  } catch (err) {
+    notify(`Could not send ${file.name}: ${err.message}`);
+  } finally {
+    $("upload").hidden = true;
+  }
+}
+
+// "typing" goes out on the first keystroke and then at most every 2.5 s while typing; a
+// send starts over, so a message typed right after a send is announced too — deferred
+// past the server's limit (chat.typing_interval, 1 s per room) when the last one was
+// just sent, rather than refused.
 let lastTyping = 0;
+let lastTypingSent = 0;
+let typingTimer;
 $("text").addEventListener("input", () => {
   const r = rooms.get(active);
   if (!r || !client || Date.now() - lastTyping < 2500 || !$("text").value) return;
   if (r.dmPeer && r.messages.size === 0) return; // the DM room exists after the first message
   lastTyping = Date.now();
-  client.typing(active);
+  const room = active;
+  clearTimeout(typingTimer);
+  typingTimer = setTimeout(() => {
+    if (!$("text").value || active !== room) return;
+    lastTypingSent = Date.now();
+    client.typing(room);
+  }, Math.max(0, lastTypingSent + 1100 - Date.now()));
 });
 
 function stopTyping(room, user) {

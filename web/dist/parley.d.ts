@@ -11,18 +11,29 @@ export declare const DEFAULTS: {
 /** How the client reaches the server. */
 export type TransportName = "websocket" | "sse" | "poll";
 /**
+ * - `idle`: not started yet (`autoConnect: false` and `connect()` not called).
  * - `connecting`: first connection attempts.
  * - `connected`: a transport is open and the session is live.
  * - `reconnecting`: the transport dropped; waiting (backoff) or trying again.
  * - `paused`: the page is hidden, so reconnect attempts wait until it is shown.
- * - `closed`: `close()` was called, or the server refused the credentials for good.
+ * - `closed`: `close()` was called, or the server refused the credentials for good
+ *   (then the `state` event carries the `error`, code `ERROR_CODE_UNAUTHORIZED` or
+ *   `ERROR_CODE_TOKEN_EXPIRED`).
  */
-export type ConnectionState = "connecting" | "connected" | "reconnecting" | "paused" | "closed";
+export type ConnectionState = "idle" | "connecting" | "connected" | "reconnecting" | "paused" | "closed";
+/** What `getToken` is told: `refresh` is true when the last token was refused or is about to expire. */
+export interface TokenRequest {
+    refresh: boolean;
+}
 export interface ParleyOptions {
     /** A JWT for the user. Either this or `getToken`. */
     token?: string;
-    /** Called before every (re)connect and after an auth failure; return a valid token. */
-    getToken?: () => string | Promise<string>;
+    /**
+     * Called before every (re)connect, shortly before the token's `exp` (JWT), and after the
+     * server refused a token (then with `{ refresh: true }`: return a new one, not a cached
+     * one). A fresh token refused again closes the client (a terminal auth error).
+     */
+    getToken?: (request: TokenRequest) => string | Promise<string>;
     /** Transports to try, in order. Default: all three. */
     transports?: TransportName[];
     /** WebSocket encoding: "proto" (binary, the default) or "json". SSE and long-poll use JSON. */
@@ -44,6 +55,34 @@ export interface ParleyOptions {
     rememberTransport?: boolean;
     /** Connect in the constructor (default true); otherwise call `connect()`. */
     autoConnect?: boolean;
+    /** Log what the client does (state changes, attempts, frames) to `console.debug`, or to this function. */
+    debug?: boolean | ((message: string, ...data: unknown[]) => void);
+}
+/** A file shown with a message (`upload()`'s result, and `ChatMessage.attachments`). */
+export interface Attachment {
+    fileId: string;
+    /** The file name to show and save as (cleaned by the server). */
+    name: string;
+    /** Sniffed from the bytes by the server, e.g. "image/png". */
+    contentType: string;
+    size: number;
+    /** Hex SHA-256 of the bytes. */
+    sha256: string;
+    /** Images: pixel size (0 when unknown). */
+    width: number;
+    height: number;
+    /** Images: a BlurHash placeholder ("" when none). */
+    blurhash: string;
+}
+export interface UploadOptions {
+    /** The name to store (default: the File's name, or "file"). */
+    name?: string;
+    /** Upload progress: bytes sent so far and the total. */
+    onProgress?: (loaded: number, total: number) => void;
+    signal?: AbortSignal;
+}
+/** A room member and their presence (`roster()`). */
+export interface RosterEntry extends PresenceEvent {
 }
 export interface ChatMessage {
     room: string;
@@ -54,6 +93,8 @@ export interface ChatMessage {
     metadata: Record<string, string>;
     /** Server append time, Unix ms. */
     ts: number;
+    /** Files shown with the message (empty when none). */
+    attachments: Attachment[];
 }
 export interface RoomState {
     room: string;
@@ -100,6 +141,12 @@ export interface AnnouncementEvent {
 export interface StateEvent {
     state: ConnectionState;
     transport: TransportName | null;
+    /** Failed connection rounds in a row (0 once connected). */
+    attempt: number;
+    /** While `reconnecting`: the wait before the next try, ms (0 otherwise). `retryNow()` cuts it short. */
+    nextDelayMs: number;
+    /** With `closed`: why, when it was not `close()` (a refused token). */
+    error?: ParleyError;
 }
 export interface ConnectedEvent {
     userId: string;
@@ -162,14 +209,32 @@ export declare class Parley {
     get transport(): TransportName | null;
     /** The authenticated user id (after the first `connected`). */
     get userId(): string;
+    /** Failed connection rounds in a row (0 while connected). */
+    get attempt(): number;
     readonly stats: ParleyStats;
     constructor(url: string, options?: ParleyOptions);
     /** Subscribes to an event; returns a function that unsubscribes. */
     on<K extends keyof ParleyEvents>(event: K, fn: Listener<ParleyEvents[K]>): () => void;
     off<K extends keyof ParleyEvents>(event: K, fn: Listener<ParleyEvents[K]>): void;
+    /**
+     * The next occurrence of an event only: with `fn`, calls it once (returns a function that
+     * cancels); without, a promise of the event.
+     */
+    once<K extends keyof ParleyEvents>(event: K, fn: Listener<ParleyEvents[K]>): () => void;
+    once<K extends keyof ParleyEvents>(event: K): Promise<ParleyEvents[K]>;
+    /**
+     * Resolves once connected (at once if connected now); rejects when the client is closed
+     * (with the terminal error, e.g. a refused token).
+     */
+    ready(): Promise<void>;
+    /** Ends a backoff wait now and tries to connect (e.g. a "retry now" button). */
+    retryNow(): void;
     /** Starts connecting (done by the constructor unless `autoConnect: false`). */
     connect(): void;
-    /** Closes the connection for good; pending commands and sends are rejected. */
+    /**
+     * Closes the client for good: ends the session on the server (the `end` command, so it
+     * is not kept for a resume) and rejects pending commands and sends.
+     */
     close(): void;
     /**
      * Sends a message; resolves with its seq once the server has stored it. Retried across
@@ -203,6 +268,28 @@ export declare class Parley {
         after?: number;
         limit?: number;
     }): Promise<HistoryPage>;
+    /**
+     * Walks a room's log backwards, newest first, a page at a time (`pageSize`, default the
+     * server's), starting before `before` (default: the newest message):
+     * `for await (const m of c.iterateHistory("lobby")) { … if (enough) break; }`.
+     */
+    iterateHistory(room: string, opts?: {
+        before?: number;
+        pageSize?: number;
+    }): AsyncGenerator<ChatMessage, void, undefined>;
+    /** A room's members with their presence (online, last seen). */
+    roster(room: string): Promise<RosterEntry[]>;
+    /**
+     * Uploads a file (`POST /api/v1/files`, streamed by the server) for a later
+     * `send(room, body, { attachments: [attachment] })`; reports progress in browsers.
+     * Rejects with a ParleyError whose code is the server's (`ERROR_CODE_FILE_TOO_LARGE` …).
+     */
+    upload(file: Blob, opts?: UploadOptions): Promise<Attachment>;
+    /**
+     * A short-lived signed URL for a file (for `<img src>`, where no header can be sent);
+     * absolute, valid about 5 minutes.
+     */
+    fileUrl(fileId: string): Promise<string>;
     /** Moves the read marker (only forward). */
     markRead(room: string, seq: number): Promise<void>;
     /** Tells the room's other members the user is typing. Ephemeral: not retried, errors ignored. */
@@ -215,6 +302,11 @@ export declare class Parley {
 }
 export interface SendOptions {
     metadata?: Record<string, string>;
+    /** Files from `upload()` to show with the message (only `fileId` is needed; `name` renames). At most 10. */
+    attachments?: {
+        fileId: string;
+        name?: string;
+    }[];
     /** Defaults to a random UUID. Reuse one to make a retry of your own idempotent. */
     clientMsgId?: string;
 }

@@ -1,6 +1,9 @@
-// Builds the SDK into dist/: the generated protobuf code (src/gen, from ../proto), one
-// minified ES module (dist/parley.js, dependencies bundled by esbuild) and its type
-// declarations (dist/parley.d.ts). parley embeds dist/ (src/web.rs), so dist/ is
+// Builds the SDK into dist/: the generated protobuf code (src/gen, from ../proto) and
+// three minified bundles with source maps, dependencies bundled by esbuild — an ES module
+// (dist/parley.js, also served by parley at /sdk/parley.js), CommonJS (dist/parley.cjs)
+// and a script-tag build that defines the global `parley` (dist/parley.global.js) — and
+// their type declarations (dist/parley.d.ts, and dist/parley.d.cts for `require`).
+// parley embeds dist/parley.js, .js.map and .d.ts (src/web.rs), so dist/ is
 // committed; `--check` rebuilds into a temporary directory and fails when the committed
 // files differ from what the sources give (a stale build).
 //
@@ -9,7 +12,7 @@
 import { execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync, cpSync, existsSync, mkdirSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join, dirname } from "node:path";
+import { basename, join, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 import * as esbuild from "esbuild";
 import { generateSchema } from "./gen-schema.mjs";
@@ -60,18 +63,35 @@ try {
   // 2. The bundle.
   const out = check ? join(tmp, "dist") : join(root, "dist");
   mkdirSync(out, { recursive: true });
-  await esbuild.build({
-    entryPoints: [join(root, "src", "parley.ts")],
-    outfile: join(out, "parley.js"),
-    bundle: true,
-    format: "esm",
-    platform: "browser",
-    target: ["es2022"],
-    minify: true,
-    legalComments: "none",
-    banner: { js: BANNER },
-    logLevel: "warning",
-  });
+  const bundles = [
+    { file: "parley.js", format: "esm" },
+    { file: "parley.cjs", format: "cjs" },
+    { file: "parley.global.js", format: "iife", globalName: "parley" },
+  ];
+  for (const b of bundles) {
+    // Built as if into web/dist (so the maps' relative source paths are the committed
+    // ones, with --check too), then written to `out`.
+    const result = await esbuild.build({
+      entryPoints: [join(root, "src", "parley.ts")],
+      outfile: join(root, "dist", b.file),
+      write: false,
+      bundle: true,
+      format: b.format,
+      globalName: b.globalName,
+      platform: "browser",
+      target: ["es2022"],
+      minify: true,
+      sourcemap: "linked",
+      sourcesContent: true,
+      // Paths in the maps relative to web/, the same wherever the build ran.
+      sourceRoot: "",
+      absWorkingDir: root,
+      legalComments: "none",
+      banner: { js: BANNER },
+      logLevel: "warning",
+    });
+    for (const f of result.outputFiles) writeFileSync(join(out, basename(f.path)), f.contents);
+  }
 
   // 3. Type declarations (parley.d.ts is self-contained: every public type lives in parley.ts).
   const types = join(tmp, "types");
@@ -79,6 +99,7 @@ try {
   const dts = readFileSync(join(types, "parley.d.ts"), "utf8");
   if (/^\s*(import|export .* from)/m.test(dts)) throw new Error("parley.d.ts must not import other modules");
   writeFileSync(join(out, "parley.d.ts"), "// parley browser SDK: type declarations for parley.js (generated).\n" + dts);
+  writeFileSync(join(out, "parley.d.cts"), "// parley browser SDK: type declarations for parley.cjs (generated).\n" + dts);
 
   if (check) {
     const diff = same(out, join(root, "dist"));

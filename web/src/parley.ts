@@ -49,19 +49,31 @@ export const DEFAULTS = {
 export type TransportName = "websocket" | "sse" | "poll";
 
 /**
+ * - `idle`: not started yet (`autoConnect: false` and `connect()` not called).
  * - `connecting`: first connection attempts.
  * - `connected`: a transport is open and the session is live.
  * - `reconnecting`: the transport dropped; waiting (backoff) or trying again.
  * - `paused`: the page is hidden, so reconnect attempts wait until it is shown.
- * - `closed`: `close()` was called, or the server refused the credentials for good.
+ * - `closed`: `close()` was called, or the server refused the credentials for good
+ *   (then the `state` event carries the `error`, code `ERROR_CODE_UNAUTHORIZED` or
+ *   `ERROR_CODE_TOKEN_EXPIRED`).
  */
-export type ConnectionState = "connecting" | "connected" | "reconnecting" | "paused" | "closed";
+export type ConnectionState = "idle" | "connecting" | "connected" | "reconnecting" | "paused" | "closed";
+
+/** What `getToken` is told: `refresh` is true when the last token was refused or is about to expire. */
+export interface TokenRequest {
+  refresh: boolean;
+}
 
 export interface ParleyOptions {
   /** A JWT for the user. Either this or `getToken`. */
   token?: string;
-  /** Called before every (re)connect and after an auth failure; return a valid token. */
-  getToken?: () => string | Promise<string>;
+  /**
+   * Called before every (re)connect, shortly before the token's `exp` (JWT), and after the
+   * server refused a token (then with `{ refresh: true }`: return a new one, not a cached
+   * one). A fresh token refused again closes the client (a terminal auth error).
+   */
+  getToken?: (request: TokenRequest) => string | Promise<string>;
   /** Transports to try, in order. Default: all three. */
   transports?: TransportName[];
   /** WebSocket encoding: "proto" (binary, the default) or "json". SSE and long-poll use JSON. */
@@ -83,7 +95,37 @@ export interface ParleyOptions {
   rememberTransport?: boolean;
   /** Connect in the constructor (default true); otherwise call `connect()`. */
   autoConnect?: boolean;
+  /** Log what the client does (state changes, attempts, frames) to `console.debug`, or to this function. */
+  debug?: boolean | ((message: string, ...data: unknown[]) => void);
 }
+
+/** A file shown with a message (`upload()`'s result, and `ChatMessage.attachments`). */
+export interface Attachment {
+  fileId: string;
+  /** The file name to show and save as (cleaned by the server). */
+  name: string;
+  /** Sniffed from the bytes by the server, e.g. "image/png". */
+  contentType: string;
+  size: number;
+  /** Hex SHA-256 of the bytes. */
+  sha256: string;
+  /** Images: pixel size (0 when unknown). */
+  width: number;
+  height: number;
+  /** Images: a BlurHash placeholder ("" when none). */
+  blurhash: string;
+}
+
+export interface UploadOptions {
+  /** The name to store (default: the File's name, or "file"). */
+  name?: string;
+  /** Upload progress: bytes sent so far and the total. */
+  onProgress?: (loaded: number, total: number) => void;
+  signal?: AbortSignal;
+}
+
+/** A room member and their presence (`roster()`). */
+export interface RosterEntry extends PresenceEvent {}
 
 export interface ChatMessage {
   room: string;
@@ -94,6 +136,8 @@ export interface ChatMessage {
   metadata: Record<string, string>;
   /** Server append time, Unix ms. */
   ts: number;
+  /** Files shown with the message (empty when none). */
+  attachments: Attachment[];
 }
 
 export interface RoomState {
@@ -142,6 +186,12 @@ export interface AnnouncementEvent {
 export interface StateEvent {
   state: ConnectionState;
   transport: TransportName | null;
+  /** Failed connection rounds in a row (0 once connected). */
+  attempt: number;
+  /** While `reconnecting`: the wait before the next try, ms (0 otherwise). `retryNow()` cuts it short. */
+  nextDelayMs: number;
+  /** With `closed`: why, when it was not `close()` (a refused token). */
+  error?: ParleyError;
 }
 export interface ConnectedEvent {
   userId: string;
@@ -211,18 +261,45 @@ interface OutboxItem {
   toUser: string;
   body: string;
   metadata: Record<string, string>;
+  attachments: { fileId: string; name?: string }[];
   clientMsgId: string;
   resolve: (r: SentResult) => void;
   reject: (e: Error) => void;
 }
 
 const STORAGE_KEY = "parley.transport";
+const MAX_TIMER_MS = 2 ** 31 - 1;
 const PROBE_MAX_MS = 10 * 60_000;
 /** A connection that lived this long resets the backoff. */
 const STABLE_MS = 10_000;
 const ALL: TransportName[] = ["websocket", "sse", "poll"];
 
 const num = (v: string | number | undefined): number => Number(v ?? 0);
+
+function toAttachment(a: Frame): Attachment {
+  return {
+    fileId: a.fileId ?? "",
+    name: a.name ?? "",
+    contentType: a.contentType ?? "",
+    size: num(a.size),
+    sha256: a.sha256 ?? "",
+    width: num(a.width),
+    height: num(a.height),
+    blurhash: a.blurhash ?? "",
+  };
+}
+
+/** The `exp` of a JWT, Unix ms (0 when it has none or is not a JWT). */
+function tokenExpiry(token: string): number {
+  try {
+    const part = token.split(".")[1];
+    if (!part) return 0;
+    const json = JSON.parse(atob(part.replace(/-/g, "+").replace(/_/g, "/")));
+    return typeof json.exp === "number" ? json.exp * 1000 : 0;
+  } catch {
+    return 0;
+  }
+}
 
 function toMessage(m: Frame): ChatMessage {
   return {
@@ -233,6 +310,7 @@ function toMessage(m: Frame): ChatMessage {
     body: m.body ?? "",
     metadata: { ...(m.metadata ?? {}) },
     ts: num(m.ts),
+    attachments: (m.attachments ?? []).map(toAttachment),
   };
 }
 
@@ -267,6 +345,10 @@ export class Parley {
   get userId(): string {
     return this.#userId;
   }
+  /** Failed connection rounds in a row (0 while connected). */
+  get attempt(): number {
+    return this.#attempt;
+  }
   readonly stats: ParleyStats = {
     attempts: 0,
     connects: 0,
@@ -277,10 +359,17 @@ export class Parley {
   };
 
   #base: string;
-  #opts: Required<Omit<ParleyOptions, "token" | "getToken">>;
+  #opts: Required<Omit<ParleyOptions, "token" | "getToken" | "debug">>;
   #tokenValue: string;
-  #getToken?: () => string | Promise<string>;
-  #state: ConnectionState = "connecting";
+  #getToken?: (request: TokenRequest) => string | Promise<string>;
+  #state: ConnectionState = "idle";
+  #attempt = 0;
+  #nextDelayMs = 0;
+  #closeError: ParleyError | undefined;
+  #authRefused = 0;
+  #refreshTimer: ReturnType<typeof setTimeout> | undefined;
+  #originChecked = false;
+  #log: ((message: string, ...data: unknown[]) => void) | undefined;
   #current: Transport | undefined;
   #listeners = new Map<string, Set<Listener<never>>>();
   #sessionId = "";
@@ -308,6 +397,12 @@ export class Parley {
   #probeDrop: Closed | undefined;
   #running = false;
   #onWake = () => this.#wakeUp();
+  // The page is being unloaded for good (not kept in the back/forward cache): nothing
+  // can resume this session, so end it on the server now (\`end\` goes out with
+  // fetch keepalive) rather than leave it for the grace period.
+  #onPageHide = (e: Event) => {
+    if (!(e as PageTransitionEvent).persisted) this.close();
+  };
   #onVisibility = () => {
     if (typeof document !== "undefined" && !document.hidden) this.#wakeUp();
   };
@@ -331,6 +426,7 @@ export class Parley {
       rememberTransport: options.rememberTransport ?? true,
       autoConnect: options.autoConnect ?? true,
     };
+    if (options.debug) this.#log = typeof options.debug === "function" ? options.debug : (m, ...d) => console.debug(`[parley] ${m}`, ...d);
     this.#backoff = new Backoff(this.#opts.backoffMinMs, this.#opts.backoffMaxMs);
     this.#probeDelay = this.#opts.probeWebSocketMs;
     if (this.#opts.rememberTransport) {
@@ -358,6 +454,38 @@ export class Parley {
     this.#listeners.get(event)?.delete(fn as Listener<never>);
   }
 
+  /**
+   * The next occurrence of an event only: with `fn`, calls it once (returns a function that
+   * cancels); without, a promise of the event.
+   */
+  once<K extends keyof ParleyEvents>(event: K, fn: Listener<ParleyEvents[K]>): () => void;
+  once<K extends keyof ParleyEvents>(event: K): Promise<ParleyEvents[K]>;
+  once<K extends keyof ParleyEvents>(event: K, fn?: Listener<ParleyEvents[K]>): (() => void) | Promise<ParleyEvents[K]> {
+    if (!fn) return new Promise((resolve) => this.once(event, resolve));
+    const off = this.on(event, (v) => {
+      off();
+      fn(v);
+    });
+    return off;
+  }
+
+  /**
+   * Resolves once connected (at once if connected now); rejects when the client is closed
+   * (with the terminal error, e.g. a refused token).
+   */
+  async ready(): Promise<void> {
+    await this.#ready().catch(() => undefined);
+    if (this.#closed()) throw this.#closeError ?? new ParleyError("client closed");
+  }
+
+  /** Ends a backoff wait now and tries to connect (e.g. a "retry now" button). */
+  retryNow(): void {
+    if (this.#state === "reconnecting" || this.#state === "paused") {
+      this.#log?.("retry now");
+      this.#wake?.();
+    }
+  }
+
   #emit<K extends keyof ParleyEvents>(event: K, value: ParleyEvents[K]): void {
     for (const fn of this.#listeners.get(event) ?? []) {
       try {
@@ -370,10 +498,12 @@ export class Parley {
     }
   }
 
-  #setState(state: ConnectionState): void {
-    if (this.#state === state && state !== "connected") return;
+  #setState(state: ConnectionState, force = false): void {
+    if (this.#state === state && state !== "connected" && !force) return;
     this.#state = state;
-    this.#emit("state", { state, transport: this.transport });
+    if (state !== "reconnecting") this.#nextDelayMs = 0;
+    this.#log?.(`state ${state}`, { transport: this.transport, attempt: this.#attempt, nextDelayMs: this.#nextDelayMs });
+    this.#emit("state", { state, transport: this.transport, attempt: this.#attempt, nextDelayMs: this.#nextDelayMs });
   }
 
   // ------------------------------------------------------------ connection loop
@@ -385,30 +515,44 @@ export class Parley {
     if (typeof window !== "undefined") {
       window.addEventListener("online", this.#onWake);
       window.addEventListener("pageshow", this.#onWake);
+      window.addEventListener("pagehide", this.#onPageHide);
       document.addEventListener("visibilitychange", this.#onVisibility);
     }
     this.#setState("connecting");
     void this.#run();
   }
 
-  /** Closes the connection for good; pending commands and sends are rejected. */
+  /**
+   * Closes the client for good: ends the session on the server (the `end` command, so it
+   * is not kept for a resume) and rejects pending commands and sends.
+   */
   close(): void {
+    this.#shutdown();
+  }
+
+  #shutdown(error?: ParleyError): void {
     if (this.#closed()) return;
     this.#state = "closed";
-    this.#current?.close();
+    this.#closeError = error;
+    const t = this.#current;
+    if (t && !error) t.end();
+    else t?.close();
     this.#current = undefined;
     clearTimeout(this.#probeTimer);
     clearTimeout(this.#ackTimer);
+    clearTimeout(this.#refreshTimer);
     if (typeof window !== "undefined") {
       window.removeEventListener("online", this.#onWake);
       window.removeEventListener("pageshow", this.#onWake);
+      window.removeEventListener("pagehide", this.#onPageHide);
       document.removeEventListener("visibilitychange", this.#onVisibility);
     }
-    for (const item of this.#outbox.splice(0)) item.reject(new ParleyError("client closed"));
+    for (const item of this.#outbox.splice(0)) item.reject(error ?? new ParleyError("client closed"));
     this.#wake?.();
     this.#dropped?.({ reason: "closed", reconnect: false });
     for (const w of this.#connectedWaiters.splice(0)) w();
-    this.#emit("state", { state: "closed", transport: null });
+    this.#log?.("closed", error);
+    this.#emit("state", { state: "closed", transport: null, attempt: this.#attempt, nextDelayMs: 0, error });
   }
 
   #closed(): boolean {
@@ -453,12 +597,84 @@ export class Parley {
 
   async #token(): Promise<string> {
     // A getToken callback is asked before every attempt: it may cache, and knows best
-    // when its token is about to expire.
+    // when its token is about to expire; told to refresh after a refusal or near `exp`.
     if (this.#getToken) {
-      this.#tokenValue = await this.#getToken();
+      const exp = tokenExpiry(this.#tokenValue);
+      const refresh = this.#needFreshToken || (exp > 0 && exp - Date.now() < 5000);
+      this.#tokenValue = await this.#getToken({ refresh });
       this.#needFreshToken = false;
+      this.#scheduleRefresh();
     }
     return this.#tokenValue;
+  }
+
+  /** Asks getToken for a new token shortly before this one's `exp`, so HTTP requests and the next reconnect never carry an expired one. */
+  #scheduleRefresh(): void {
+    clearTimeout(this.#refreshTimer);
+    const exp = tokenExpiry(this.#tokenValue);
+    if (!this.#getToken || exp === 0 || this.#closed()) return;
+    const left = exp - Date.now();
+    const at = Math.max(1000, left - Math.min(60_000, left / 10));
+    // setTimeout holds at most 2^31-1 ms (24.8 days): a longer token is looked at again then.
+    const far = at > MAX_TIMER_MS;
+    this.#refreshTimer = setTimeout(() => {
+      if (this.#closed() || !this.#getToken) return;
+      if (far) return this.#scheduleRefresh();
+      this.#log?.("refreshing the token before it expires");
+      Promise.resolve(this.#getToken({ refresh: true })).then(
+        (token) => {
+          this.#tokenValue = token;
+          this.#current?.setToken(token);
+          this.#scheduleRefresh();
+        },
+        (e) => this.#emit("error", new ParleyError(`getToken failed: ${String(e)}`)),
+      );
+    }, Math.min(at, MAX_TIMER_MS));
+  }
+
+  /** The current token for an HTTP request of our own (upload, signed URL). */
+  async #httpToken(): Promise<string> {
+    const exp = tokenExpiry(this.#tokenValue);
+    if (this.#tokenValue && (exp === 0 || exp - Date.now() > 5000)) return this.#tokenValue;
+    return this.#token();
+  }
+
+  /**
+   * After a whole round of transports failed before opening, on a page from another
+   * origin: is it the origin? (The browser hides CORS refusals: a WebSocket shows 1006,
+   * fetch "Failed to fetch".) Reachable with `no-cors` but not with CORS means parley
+   * does not allow this origin.
+   */
+  async #checkOrigin(): Promise<void> {
+    if (this.#originChecked || typeof location === "undefined" || typeof fetch === "undefined") return;
+    let origin: string;
+    try {
+      origin = new URL(this.#base).origin;
+    } catch {
+      return;
+    }
+    if (origin === location.origin) return;
+    this.#originChecked = true;
+    const url = `${this.#base}/healthz`;
+    try {
+      await fetch(url, { cache: "no-store" });
+      return; // CORS allowed: something else is wrong
+    } catch {
+      /* refused, or unreachable */
+    }
+    try {
+      await fetch(url, { mode: "no-cors", cache: "no-store" });
+    } catch {
+      return; // unreachable: not an origin problem
+    }
+    const e = new ParleyError(
+      `the server at ${origin} does not allow this page's origin (${location.origin}): CORS and WebSocket ` +
+        `origin checks refuse it. Add "${location.origin}" to server.allowed_origins in parley's config ` +
+        `(or PARLEY_SERVER__ALLOWED_ORIGINS).`,
+      "ORIGIN_NOT_ALLOWED",
+    );
+    this.#log?.(e.message);
+    this.#emit("error", e);
   }
 
   #order(): TransportName[] {
@@ -509,6 +725,7 @@ export class Parley {
       if (this.#state !== "connecting") this.#setState("reconnecting");
       first = false;
       let openedAt = 0;
+      let refused = false;
       let why: Closed | undefined;
       for (const name of this.#order()) {
         if (this.#closed()) return;
@@ -519,9 +736,11 @@ export class Parley {
           this.#emit("error", new ParleyError(`getToken failed: ${String(e)}`));
           break;
         }
+        if (this.#closed()) return; // close() while getToken ran
         const t = this.#make(name);
         this.#current = t;
         this.stats.attempts++;
+        this.#log?.(`trying ${name}`, { attempt: this.#attempt, resume: this.#sessionId || undefined });
         const dropped = new Promise<Closed>((resolve) => (this.#dropped = resolve));
         try {
           await t.open({ token, sessionId: this.#sessionId, lastPos: this.#lastPos });
@@ -531,11 +750,14 @@ export class Parley {
           const err = e as TransportError;
           this.#emit("error", new ParleyError(`${name}: ${err.message}`, err.code));
           if (err.code === "ERROR_CODE_UNAUTHORIZED" || err.code === "ERROR_CODE_TOKEN_EXPIRED") {
-            if (!this.#getToken) {
-              this.close();
+            // Terminal when there is no way to a new token, or a fresh one was refused too.
+            if (!this.#getToken || this.#authRefused > 0) {
+              this.#shutdown(new ParleyError(`the server refused the token: ${err.message}`, err.code));
               return;
             }
+            this.#authRefused++;
             this.#needFreshToken = true;
+            refused = true;
             break; // a credentials problem, not the transport's: back off, new token
           }
           continue;
@@ -557,14 +779,18 @@ export class Parley {
         else if (why.code !== 4001) {
           /* reconnect anyway, with backoff: a client must not give up on a live server */
         } else {
-          this.close();
+          this.#shutdown(new ParleyError(`the server refused the token: ${why.reason}`, "ERROR_CODE_UNAUTHORIZED"));
           return;
         }
       }
+      if (!openedAt && !refused) void this.#checkOrigin();
       if (openedAt && Date.now() - openedAt >= STABLE_MS) this.#backoff.reset();
-      this.#setState(this.#hidden() ? "paused" : "reconnecting");
       const delay = this.#backoff.next();
+      this.#attempt++;
+      this.#nextDelayMs = delay;
+      this.#setState(this.#hidden() ? "paused" : "reconnecting", true);
       await this.#sleep(delay);
+      this.#nextDelayMs = 0;
     }
   }
 
@@ -581,6 +807,9 @@ export class Parley {
       this.stats.resumes++;
     }
     this.#userId = c.userId;
+    this.#attempt = 0;
+    this.#authRefused = 0;
+    this.#originChecked = false;
     this.stats.connects++;
     if (this.stats.firstConnectMs < 0) this.stats.firstConnectMs = Date.now() - this.#started;
     const rooms: RoomState[] = (c.rooms ?? []).map(toRoom);
@@ -664,6 +893,7 @@ export class Parley {
   // ------------------------------------------------------------ inbound
 
   #onFrame(frame: ServerFrame): void {
+    this.#log?.(`<- ${kindOf(frame) ?? "?"}`, frame);
     const pos = num(frame.pos);
     if (pos > 0) {
       if (pos <= this.#lastPos) return; // replayed twice (resume overlap)
@@ -803,6 +1033,7 @@ export class Parley {
               body: item.body,
               metadata: item.metadata,
               clientMsgId: item.clientMsgId,
+              attachments: item.attachments,
             },
           } as Command);
         } catch {
@@ -833,6 +1064,7 @@ export class Parley {
         toUser,
         body,
         metadata: opts.metadata ?? {},
+        attachments: (opts.attachments ?? []).map((a) => (a.name ? { fileId: a.fileId, name: a.name } : { fileId: a.fileId })),
         clientMsgId: opts.clientMsgId ?? randomId(),
         resolve,
         reject,
@@ -912,6 +1144,99 @@ export class Parley {
     return { room: h.room ?? room, messages: (h.messages ?? []).map(toMessage), more: !!h.more };
   }
 
+  /**
+   * Walks a room's log backwards, newest first, a page at a time (`pageSize`, default the
+   * server's), starting before `before` (default: the newest message):
+   * `for await (const m of c.iterateHistory("lobby")) { … if (enough) break; }`.
+   */
+  async *iterateHistory(room: string, opts: { before?: number; pageSize?: number } = {}): AsyncGenerator<ChatMessage, void, undefined> {
+    let before = opts.before;
+    for (;;) {
+      const page = await this.history(room, { before, limit: opts.pageSize });
+      for (let i = page.messages.length - 1; i >= 0; i--) yield page.messages[i]!;
+      const oldest = page.messages[0];
+      if (!page.more || !oldest || oldest.seq <= 1) return;
+      before = oldest.seq;
+    }
+  }
+
+  /** A room's members with their presence (online, last seen). */
+  async roster(room: string): Promise<RosterEntry[]> {
+    const users = await this.members(room);
+    const seen = new Map<string, PresenceEvent>();
+    for (let i = 0; i < users.length; i += 500) {
+      for (const p of await this.presence(users.slice(i, i + 500))) seen.set(p.user, p);
+    }
+    return users.map((user) => seen.get(user) ?? { user, online: false, lastSeen: 0 });
+  }
+
+  /**
+   * Uploads a file (`POST /api/v1/files`, streamed by the server) for a later
+   * `send(room, body, { attachments: [attachment] })`; reports progress in browsers.
+   * Rejects with a ParleyError whose code is the server's (`ERROR_CODE_FILE_TOO_LARGE` …).
+   */
+  async upload(file: Blob, opts: UploadOptions = {}): Promise<Attachment> {
+    const name = opts.name ?? ((file as { name?: string }).name || "file");
+    const url = `${this.#base}/api/v1/files?name=${encodeURIComponent(name)}`;
+    const token = await this.#httpToken();
+    const fail = (status: number, text: string): ParleyError => {
+      try {
+        const e = JSON.parse(text);
+        return new ParleyError(e.message ?? `upload: HTTP ${status}`, e.code ?? `HTTP_${status}`);
+      } catch {
+        return new ParleyError(`upload: HTTP ${status}`, `HTTP_${status}`);
+      }
+    };
+    if (typeof XMLHttpRequest === "undefined") {
+      // Node and workers without XHR: fetch, progress only at the end.
+      const r = await fetch(url, { method: "POST", headers: { authorization: `Bearer ${token}` }, body: file, signal: opts.signal });
+      const text = await r.text();
+      if (r.status !== 201) throw fail(r.status, text);
+      opts.onProgress?.(file.size, file.size);
+      return toAttachment(JSON.parse(text));
+    }
+    return new Promise<Attachment>((resolve, reject) => {
+      const xhr = new XMLHttpRequest();
+      xhr.open("POST", url);
+      xhr.setRequestHeader("authorization", `Bearer ${token}`);
+      xhr.upload.onprogress = (e) => opts.onProgress?.(e.loaded, e.lengthComputable ? e.total : file.size);
+      xhr.onload = () => {
+        if (xhr.status !== 201) return reject(fail(xhr.status, xhr.responseText));
+        opts.onProgress?.(file.size, file.size);
+        try {
+          resolve(toAttachment(JSON.parse(xhr.responseText)));
+        } catch {
+          reject(new ParleyError("upload: bad reply"));
+        }
+      };
+      xhr.onerror = () => reject(new ParleyError("upload failed (network, or this origin is not in the server's allowed_origins)", "NETWORK"));
+      xhr.onabort = () => reject(new ParleyError("upload aborted", "ABORTED"));
+      opts.signal?.addEventListener("abort", () => xhr.abort(), { once: true });
+      xhr.send(file);
+    });
+  }
+
+  /**
+   * A short-lived signed URL for a file (for `<img src>`, where no header can be sent);
+   * absolute, valid about 5 minutes.
+   */
+  async fileUrl(fileId: string): Promise<string> {
+    const token = await this.#httpToken();
+    const r = await fetch(`${this.#base}/api/v1/files/${encodeURIComponent(fileId)}/url`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${token}` },
+    });
+    const text = await r.text();
+    let v: { url?: string; code?: string; message?: string } = {};
+    try {
+      v = JSON.parse(text);
+    } catch {
+      /* not JSON */
+    }
+    if (!r.ok || !v.url) throw new ParleyError(v.message ?? `fileUrl: HTTP ${r.status}`, v.code ?? `HTTP_${r.status}`);
+    return new URL(v.url, this.#base + "/").href;
+  }
+
   /** Moves the read marker (only forward). */
   async markRead(room: string, seq: number): Promise<void> {
     await this.#call({ read: { room, seq: String(seq) } });
@@ -947,6 +1272,8 @@ export class Parley {
 
 export interface SendOptions {
   metadata?: Record<string, string>;
+  /** Files from `upload()` to show with the message (only `fileId` is needed; `name` renames). At most 10. */
+  attachments?: { fileId: string; name?: string }[];
   /** Defaults to a random UUID. Reuse one to make a retry of your own idempotent. */
   clientMsgId?: string;
 }

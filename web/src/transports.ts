@@ -73,6 +73,10 @@ export interface Transport {
   checkAlive(): void;
   /** Closes without calling `hooks.closed`. */
   close(): void;
+  /** Ends the session on the server (`end`, best effort), then closes. */
+  end(): void;
+  /** The token for requests from now on (HTTP transports send it with each). */
+  setToken(token: string): void;
 }
 
 const CONNECT_ID = 1;
@@ -108,6 +112,10 @@ const ERROR_CODES = [
   "ERROR_CODE_RATE_LIMITED",
   "ERROR_CODE_USER_OFFLINE",
   "ERROR_CODE_SESSION_NOT_FOUND",
+  "ERROR_CODE_FILE_TOO_LARGE",
+  "ERROR_CODE_QUOTA_EXCEEDED",
+  "ERROR_CODE_RANGE_NOT_SATISFIABLE",
+  "ERROR_CODE_LIMIT_EXCEEDED",
 ];
 
 function connectCmd(a: ConnectArgs): Command {
@@ -302,7 +310,7 @@ export class WebSocketTransport implements Transport {
     this.hooks.closed(why, this);
   }
 
-  private cleanup(): void {
+  private cleanup(code = 4000): void {
     this.done = true;
     this.watchdog?.stop();
     if (this.pinger !== undefined) clearInterval(this.pinger);
@@ -311,7 +319,7 @@ export class WebSocketTransport implements Transport {
       ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
       // 4000: the client is leaving this connection but may resume the session.
       try {
-        if (ws.readyState === WebSocket.OPEN || ws.readyState === WebSocket.CONNECTING) ws.close(4000);
+        if (ws.readyState === WebSocket.OPEN || ws.readyState === WebSocket.CONNECTING) ws.close(code);
       } catch {
         /* already closing */
       }
@@ -323,6 +331,16 @@ export class WebSocketTransport implements Transport {
   close(): void {
     if (!this.done) this.cleanup();
   }
+
+  end(): void {
+    if (this.done) return;
+    // The server answers `done` and closes with 1000; closing with 1000 ourselves right
+    // after ends the session too, should the frame be lost.
+    this.write(clientFrame(this.pingId--, { end: {} }));
+    this.cleanup(1000);
+  }
+
+  setToken(): void {}
 }
 
 // ---------------------------------------------------------------- HTTP (SSE and long-poll)
@@ -385,6 +403,21 @@ abstract class HttpTransport implements Transport {
 
   post(cmd: Command): void {
     this.request(0, cmd).catch(() => {});
+  }
+
+  setToken(token: string): void {
+    this.token = token;
+  }
+
+  end(): void {
+    if (this.done || !this.sessionId) return this.close();
+    // Not tied to this transport's abort signal (closed right after), and `keepalive`
+    // so that it still goes out while the page unloads.
+    const url = `${this.base}/session/${encodeURIComponent(this.sessionId)}`;
+    fetch(url, { method: "POST", headers: this.headers(), body: JSON.stringify({ id: "1", end: {} }), keepalive: true, cache: "no-store" }).catch(
+      () => {},
+    );
+    this.close();
   }
 
   protected fail(reason: string, code?: number, reconnect = true): void {

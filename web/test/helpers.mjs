@@ -80,6 +80,7 @@ export class ParleyServer {
         ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("PARLEY_"))),
         PARLEY_SERVER__LISTEN: `127.0.0.1:${this.port}`,
         PARLEY_STORE__PATH: join(this.dir, "p.db"),
+        PARLEY_FILES__DIR: join(this.dir, "files"), // uploads stay in the temp dir
         PARLEY_STORE__SYNCHRONOUS: "normal",
         PARLEY_AUTH__JWT_SECRET: "browser-test-secret",
         PARLEY_AUTH__ADMIN_TOKEN: ADMIN_TOKEN,

@@ -19,7 +19,7 @@ import type { Message as Message$1 } from "@bufbuild/protobuf";
  * Describes the file parley/v1/frames.proto.
  */
 export const file_parley_v1_frames: GenFile = /*@__PURE__*/
-  fileDesc("ChZwYXJsZXkvdjEvZnJhbWVzLnByb3RvEglwYXJsZXkudjEi6gQKC0NsaWVudEZyYW1lEgoKAmlkGAEgASgEEiUKB2Nvbm5lY3QYCiABKAsyEi5wYXJsZXkudjEuQ29ubmVjdEgAEh8KBGpvaW4YCyABKAsyDy5wYXJsZXkudjEuSm9pbkgAEiEKBWxlYXZlGAwgASgLMhAucGFybGV5LnYxLkxlYXZlSAASHwoEc2VuZBgNIAEoCzIPLnBhcmxleS52MS5TZW5kSAASJQoHaGlzdG9yeRgOIAEoCzISLnBhcmxleS52MS5IaXN0b3J5SAASHwoEc3luYxgPIAEoCzIPLnBhcmxleS52MS5TeW5jSAASHwoEcGluZxgQIAEoCzIPLnBhcmxleS52MS5QaW5nSAASHQoDYWNrGBEgASgLMg4ucGFybGV5LnYxLkFja0gAEiwKC2NyZWF0ZV9yb29tGBIgASgLMhUucGFybGV5LnYxLkNyZWF0ZVJvb21IABIjCgZpbnZpdGUYEyABKAsyES5wYXJsZXkudjEuSW52aXRlSAASJQoHbWVtYmVycxgUIAEoCzISLnBhcmxleS52MS5NZW1iZXJzSAASIQoFcm9vbXMYFSABKAsyEC5wYXJsZXkudjEuUm9vbXNIABIfCgRyZWFkGBYgASgLMg8ucGFybGV5LnYxLlJlYWRIABIjCgZ0eXBpbmcYFyABKAsyES5wYXJsZXkudjEuVHlwaW5nSAASLAoIcHJlc2VuY2UYGCABKAsyGC5wYXJsZXkudjEuUHJlc2VuY2VRdWVyeUgAEiMKBnNpZ25hbBgZIAEoCzIRLnBhcmxleS52MS5TaWduYWxIAEIFCgNjbWQiPgoHQ29ubmVjdBINCgV0b2tlbhgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhAKCGxhc3RfcG9zGAMgASgEIhQKBEpvaW4SDAoEcm9vbRgBIAEoCSIVCgVMZWF2ZRIMCgRyb29tGAEgASgJItgBCgRTZW5kEgwKBHJvb20YASABKAkSFQoNY2xpZW50X21zZ19pZBgCIAEoCRIMCgRib2R5GAMgASgJEi8KCG1ldGFkYXRhGAQgAygLMh0ucGFybGV5LnYxLlNlbmQuTWV0YWRhdGFFbnRyeRIPCgd0b191c2VyGAUgASgJEioKC2F0dGFjaG1lbnRzGAYgAygLMhUucGFybGV5LnYxLkF0dGFjaG1lbnQaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIisKCkNyZWF0ZVJvb20SDAoEcm9vbRgBIAEoCRIPCgdwcml2YXRlGAIgASgIIiQKBkludml0ZRIMCgRyb29tGAEgASgJEgwKBHVzZXIYAiABKAkiFwoHTWVtYmVycxIMCgRyb29tGAEgASgJIgcKBVJvb21zIiEKBFJlYWQSDAoEcm9vbRgBIAEoCRILCgNzZXEYAiABKAQiFgoGVHlwaW5nEgwKBHJvb20YASABKAkiHgoNUHJlc2VuY2VRdWVyeRINCgV1c2VycxgBIAMoCSI4CgZTaWduYWwSDwoHdG9fdXNlchgBIAEoCRIMCgRraW5kGAIgASgJEg8KB3BheWxvYWQYAyABKAkiYAoHSGlzdG9yeRIMCgRyb29tGAEgASgJEhIKCmJlZm9yZV9zZXEYAiABKAQSFgoJYWZ0ZXJfc2VxGAMgASgESACIAQESDQoFbGltaXQYBCABKA1CDAoKX2FmdGVyX3NlcSJuCgRTeW5jEikKBXJvb21zGAEgAygLMhoucGFybGV5LnYxLlN5bmMuUm9vbXNFbnRyeRINCgVsaW1pdBgCIAEoDRosCgpSb29tc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoBDoCOAEiBgoEUGluZyISCgNBY2sSCwoDcG9zGAEgASgEIvUGCgtTZXJ2ZXJGcmFtZRIKCgJpZBgBIAEoBBILCgNwb3MYAiABKAQSIQoFZXJyb3IYCiABKAsyEC5wYXJsZXkudjEuRXJyb3JIABIpCgljb25uZWN0ZWQYCyABKAsyFC5wYXJsZXkudjEuQ29ubmVjdGVkSAASIwoGam9pbmVkGAwgASgLMhEucGFybGV5LnYxLkpvaW5lZEgAEh8KBGxlZnQYDSABKAsyDy5wYXJsZXkudjEuTGVmdEgAEh8KBHNlbnQYDiABKAsyDy5wYXJsZXkudjEuU2VudEgAEikKB2hpc3RvcnkYDyABKAsyFi5wYXJsZXkudjEuSGlzdG9yeVBhZ2VIABIlCgRzeW5jGBAgASgLMhUucGFybGV5LnYxLlN5bmNSZXN1bHRIABIfCgRwb25nGBEgASgLMg8ucGFybGV5LnYxLlBvbmdIABIkCgRyb29tGBIgASgLMhQucGFybGV5LnYxLlJvb21TdGF0ZUgAEigKB21lbWJlcnMYEyABKAsyFS5wYXJsZXkudjEuTWVtYmVyTGlzdEgAEiQKBXJvb21zGBQgASgLMhMucGFybGV5LnYxLlJvb21MaXN0SAASHwoEZG9uZRgVIAEoCzIPLnBhcmxleS52MS5Eb25lSAASMAoNcHJlc2VuY2VfbGlzdBgWIAEoCzIXLnBhcmxleS52MS5QcmVzZW5jZUxpc3RIABIlCgdtZXNzYWdlGB4gASgLMhIucGFybGV5LnYxLk1lc3NhZ2VIABIrCgpkaXNjb25uZWN0GB8gASgLMhUucGFybGV5LnYxLkRpc2Nvbm5lY3RIABIoCgZ0eXBpbmcYICABKAsyFi5wYXJsZXkudjEuVHlwaW5nRXZlbnRIABInCghwcmVzZW5jZRghIAEoCzITLnBhcmxleS52MS5QcmVzZW5jZUgAEiUKB3JlY2VpcHQYIiABKAsyEi5wYXJsZXkudjEuUmVjZWlwdEgAEigKBnNpZ25hbBgjIAEoCzIWLnBhcmxleS52MS5TaWduYWxFdmVudEgAEi8KDGFubm91bmNlbWVudBgkIAEoCzIXLnBhcmxleS52MS5Bbm5vdW5jZW1lbnRIABIrCgptZW1iZXJzaGlwGCUgASgLMhUucGFybGV5LnYxLk1lbWJlcnNoaXBIAEIGCgRraW5kIlQKBUVycm9yEiIKBGNvZGUYASABKA4yFC5wYXJsZXkudjEuRXJyb3JDb2RlEg8KB21lc3NhZ2UYAiABKAkSFgoOcmV0cnlfYWZ0ZXJfbXMYAyABKA0ifAoJQ29ubmVjdGVkEhIKCnNlc3Npb25faWQYASABKAkSDwoHdXNlcl9pZBgCIAEoCRIPCgdyZXN1bWVkGAMgASgIEhQKDGhlYXJ0YmVhdF9tcxgEIAEoDRIjCgVyb29tcxgFIAMoCzIULnBhcmxleS52MS5Sb29tU3RhdGUigAEKCVJvb21TdGF0ZRIMCgRyb29tGAEgASgJEhAKCGxhc3Rfc2VxGAIgASgEEhAKCHJlYWRfc2VxGAMgASgEEg4KBnVucmVhZBgEIAEoBBIPCgdwcml2YXRlGAUgASgIEg8KB2RtX3BlZXIYBiABKAkSDwoHbWVtYmVycxgHIAEoBCIvCghSb29tTGlzdBIjCgVyb29tcxgBIAMoCzIULnBhcmxleS52MS5Sb29tU3RhdGUiKQoKTWVtYmVyTGlzdBIMCgRyb29tGAEgASgJEg0KBXVzZXJzGAIgAygJIgYKBERvbmUiMgoMUHJlc2VuY2VMaXN0EiIKBXVzZXJzGAEgAygLMhMucGFybGV5LnYxLlByZXNlbmNlIikKC1R5cGluZ0V2ZW50EgwKBHJvb20YASABKAkSDAoEdXNlchgCIAEoCSI7CghQcmVzZW5jZRIMCgR1c2VyGAEgASgJEg4KBm9ubGluZRgCIAEoCBIRCglsYXN0X3NlZW4YAyABKAMiQgoHUmVjZWlwdBIMCgRyb29tGAEgASgJEgwKBHVzZXIYAiABKAkSCwoDc2VxGAMgASgEEg4KBnVucmVhZBgEIAEoBCI/CgtTaWduYWxFdmVudBIRCglmcm9tX3VzZXIYASABKAkSDAoEa2luZBgCIAEoCRIPCgdwYXlsb2FkGAMgASgJIjYKDEFubm91bmNlbWVudBIMCgRyb29tGAEgASgJEgwKBGJvZHkYAiABKAkSCgoCdHMYAyABKAMiRAoKTWVtYmVyc2hpcBIMCgRyb29tGAEgASgJEgwKBHVzZXIYAiABKAkSDgoGYWN0aW9uGAMgASgJEgoKAmJ5GAQgASgJIigKBkpvaW5lZBIMCgRyb29tGAEgASgJEhAKCGxhc3Rfc2VxGAIgASgEIhQKBExlZnQSDAoEcm9vbRgBIAEoCSJACgRTZW50EgwKBHJvb20YASABKAkSCwoDc2VxGAIgASgEEgoKAnRzGAMgASgDEhEKCWR1cGxpY2F0ZRgEIAEoCCJPCgtIaXN0b3J5UGFnZRIMCgRyb29tGAEgASgJEiQKCG1lc3NhZ2VzGAIgAygLMhIucGFybGV5LnYxLk1lc3NhZ2USDAoEbW9yZRgDIAEoCCIzCgpTeW5jUmVzdWx0EiUKBXJvb21zGAEgAygLMhYucGFybGV5LnYxLkhpc3RvcnlQYWdlIhIKBFBvbmcSCgoCdHMYASABKAMi9gEKB01lc3NhZ2USDAoEcm9vbRgBIAEoCRILCgNzZXEYAiABKAQSDgoGc2VuZGVyGAMgASgJEhUKDWNsaWVudF9tc2dfaWQYBCABKAkSDAoEYm9keRgFIAEoCRIyCghtZXRhZGF0YRgGIAMoCzIgLnBhcmxleS52MS5NZXNzYWdlLk1ldGFkYXRhRW50cnkSCgoCdHMYByABKAMSKgoLYXR0YWNobWVudHMYCCADKAsyFS5wYXJsZXkudjEuQXR0YWNobWVudBovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEikAEKCkF0dGFjaG1lbnQSDwoHZmlsZV9pZBgBIAEoCRIMCgRuYW1lGAIgASgJEhQKDGNvbnRlbnRfdHlwZRgDIAEoCRIMCgRzaXplGAQgASgEEg4KBnNoYTI1NhgFIAEoCRINCgV3aWR0aBgGIAEoDRIOCgZoZWlnaHQYByABKA0SEAoIYmx1cmhhc2gYCCABKAkiPQoKRGlzY29ubmVjdBIMCgRjb2RlGAEgASgNEg4KBnJlYXNvbhgCIAEoCRIRCglyZWNvbm5lY3QYAyABKAgi1wEKC1Bvc3RNZXNzYWdlEhUKDWNsaWVudF9tc2dfaWQYASABKAkSDAoEYm9keRgCIAEoCRI2CghtZXRhZGF0YRgDIAMoCzIkLnBhcmxleS52MS5Qb3N0TWVzc2FnZS5NZXRhZGF0YUVudHJ5Eg4KBnNlbmRlchgEIAEoCRIqCgthdHRhY2htZW50cxgFIAMoCzIVLnBhcmxleS52MS5BdHRhY2htZW50Gi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASImCghBbm5vdW5jZRIMCgRyb29tGAEgASgJEgwKBGJvZHkYAiABKAkiLwoGVGlja2V0Eg4KBnRpY2tldBgBIAEoCRIVCg1leHBpcmVzX2luX21zGAIgASgNIioKB0ZpbGVVcmwSCwoDdXJsGAEgASgJEhIKCmV4cGlyZXNfYXQYAiABKAMquwUKCUVycm9yQ29kZRIaChZFUlJPUl9DT0RFX1VOU1BFQ0lGSUVEEAASGAoURVJST1JfQ09ERV9CQURfRlJBTUUQARIeChpFUlJPUl9DT0RFX1VOS05PV05fQ09NTUFORBACEhwKGEVSUk9SX0NPREVfTk9UX0NPTk5FQ1RFRBADEiAKHEVSUk9SX0NPREVfQUxSRUFEWV9DT05ORUNURUQQBBIbChdFUlJPUl9DT0RFX1VOQVVUSE9SSVpFRBAFEhwKGEVSUk9SX0NPREVfVE9LRU5fRVhQSVJFRBAGEh8KG0VSUk9SX0NPREVfSU5WQUxJRF9BUkdVTUVOVBAHEhkKFUVSUk9SX0NPREVfTk9UX01FTUJFUhAIEh4KGkVSUk9SX0NPREVfRlJBTUVfVE9PX0xBUkdFEAkSGwoXRVJST1JfQ09ERV9BVVRIX1RJTUVPVVQQChIXChNFUlJPUl9DT0RFX0lOVEVSTkFMEAsSHAoYRVJST1JfQ09ERV9TTE9XX0NPTlNVTUVSEAwSGAoURVJST1JfQ09ERV9GT1JCSURERU4QDRIYChRFUlJPUl9DT0RFX05PVF9GT1VORBAOEhoKFkVSUk9SX0NPREVfUk9PTV9FWElTVFMQDxIbChdFUlJPUl9DT0RFX1JBVEVfTElNSVRFRBAQEhsKF0VSUk9SX0NPREVfVVNFUl9PRkZMSU5FEBESIAocRVJST1JfQ09ERV9TRVNTSU9OX05PVF9GT1VORBASEh0KGUVSUk9SX0NPREVfRklMRV9UT09fTEFSR0UQExIdChlFUlJPUl9DT0RFX1FVT1RBX0VYQ0VFREVEEBQSJAogRVJST1JfQ09ERV9SQU5HRV9OT1RfU0FUSVNGSUFCTEUQFRIdChlFUlJPUl9DT0RFX0xJTUlUX0VYQ0VFREVEEBZiBnByb3RvMw");
+  fileDesc("ChZwYXJsZXkvdjEvZnJhbWVzLnByb3RvEglwYXJsZXkudjEiiQUKC0NsaWVudEZyYW1lEgoKAmlkGAEgASgEEiUKB2Nvbm5lY3QYCiABKAsyEi5wYXJsZXkudjEuQ29ubmVjdEgAEh8KBGpvaW4YCyABKAsyDy5wYXJsZXkudjEuSm9pbkgAEiEKBWxlYXZlGAwgASgLMhAucGFybGV5LnYxLkxlYXZlSAASHwoEc2VuZBgNIAEoCzIPLnBhcmxleS52MS5TZW5kSAASJQoHaGlzdG9yeRgOIAEoCzISLnBhcmxleS52MS5IaXN0b3J5SAASHwoEc3luYxgPIAEoCzIPLnBhcmxleS52MS5TeW5jSAASHwoEcGluZxgQIAEoCzIPLnBhcmxleS52MS5QaW5nSAASHQoDYWNrGBEgASgLMg4ucGFybGV5LnYxLkFja0gAEiwKC2NyZWF0ZV9yb29tGBIgASgLMhUucGFybGV5LnYxLkNyZWF0ZVJvb21IABIjCgZpbnZpdGUYEyABKAsyES5wYXJsZXkudjEuSW52aXRlSAASJQoHbWVtYmVycxgUIAEoCzISLnBhcmxleS52MS5NZW1iZXJzSAASIQoFcm9vbXMYFSABKAsyEC5wYXJsZXkudjEuUm9vbXNIABIfCgRyZWFkGBYgASgLMg8ucGFybGV5LnYxLlJlYWRIABIjCgZ0eXBpbmcYFyABKAsyES5wYXJsZXkudjEuVHlwaW5nSAASLAoIcHJlc2VuY2UYGCABKAsyGC5wYXJsZXkudjEuUHJlc2VuY2VRdWVyeUgAEiMKBnNpZ25hbBgZIAEoCzIRLnBhcmxleS52MS5TaWduYWxIABIdCgNlbmQYGiABKAsyDi5wYXJsZXkudjEuRW5kSABCBQoDY21kIj4KB0Nvbm5lY3QSDQoFdG9rZW4YASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIQCghsYXN0X3BvcxgDIAEoBCIUCgRKb2luEgwKBHJvb20YASABKAkiFQoFTGVhdmUSDAoEcm9vbRgBIAEoCSLYAQoEU2VuZBIMCgRyb29tGAEgASgJEhUKDWNsaWVudF9tc2dfaWQYAiABKAkSDAoEYm9keRgDIAEoCRIvCghtZXRhZGF0YRgEIAMoCzIdLnBhcmxleS52MS5TZW5kLk1ldGFkYXRhRW50cnkSDwoHdG9fdXNlchgFIAEoCRIqCgthdHRhY2htZW50cxgGIAMoCzIVLnBhcmxleS52MS5BdHRhY2htZW50Gi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASIrCgpDcmVhdGVSb29tEgwKBHJvb20YASABKAkSDwoHcHJpdmF0ZRgCIAEoCCIkCgZJbnZpdGUSDAoEcm9vbRgBIAEoCRIMCgR1c2VyGAIgASgJIhcKB01lbWJlcnMSDAoEcm9vbRgBIAEoCSIHCgVSb29tcyIhCgRSZWFkEgwKBHJvb20YASABKAkSCwoDc2VxGAIgASgEIhYKBlR5cGluZxIMCgRyb29tGAEgASgJIh4KDVByZXNlbmNlUXVlcnkSDQoFdXNlcnMYASADKAkiOAoGU2lnbmFsEg8KB3RvX3VzZXIYASABKAkSDAoEa2luZBgCIAEoCRIPCgdwYXlsb2FkGAMgASgJImAKB0hpc3RvcnkSDAoEcm9vbRgBIAEoCRISCgpiZWZvcmVfc2VxGAIgASgEEhYKCWFmdGVyX3NlcRgDIAEoBEgAiAEBEg0KBWxpbWl0GAQgASgNQgwKCl9hZnRlcl9zZXEibgoEU3luYxIpCgVyb29tcxgBIAMoCzIaLnBhcmxleS52MS5TeW5jLlJvb21zRW50cnkSDQoFbGltaXQYAiABKA0aLAoKUm9vbXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAQ6AjgBIgYKBFBpbmciBQoDRW5kIhIKA0FjaxILCgNwb3MYASABKAQi9QYKC1NlcnZlckZyYW1lEgoKAmlkGAEgASgEEgsKA3BvcxgCIAEoBBIhCgVlcnJvchgKIAEoCzIQLnBhcmxleS52MS5FcnJvckgAEikKCWNvbm5lY3RlZBgLIAEoCzIULnBhcmxleS52MS5Db25uZWN0ZWRIABIjCgZqb2luZWQYDCABKAsyES5wYXJsZXkudjEuSm9pbmVkSAASHwoEbGVmdBgNIAEoCzIPLnBhcmxleS52MS5MZWZ0SAASHwoEc2VudBgOIAEoCzIPLnBhcmxleS52MS5TZW50SAASKQoHaGlzdG9yeRgPIAEoCzIWLnBhcmxleS52MS5IaXN0b3J5UGFnZUgAEiUKBHN5bmMYECABKAsyFS5wYXJsZXkudjEuU3luY1Jlc3VsdEgAEh8KBHBvbmcYESABKAsyDy5wYXJsZXkudjEuUG9uZ0gAEiQKBHJvb20YEiABKAsyFC5wYXJsZXkudjEuUm9vbVN0YXRlSAASKAoHbWVtYmVycxgTIAEoCzIVLnBhcmxleS52MS5NZW1iZXJMaXN0SAASJAoFcm9vbXMYFCABKAsyEy5wYXJsZXkudjEuUm9vbUxpc3RIABIfCgRkb25lGBUgASgLMg8ucGFybGV5LnYxLkRvbmVIABIwCg1wcmVzZW5jZV9saXN0GBYgASgLMhcucGFybGV5LnYxLlByZXNlbmNlTGlzdEgAEiUKB21lc3NhZ2UYHiABKAsyEi5wYXJsZXkudjEuTWVzc2FnZUgAEisKCmRpc2Nvbm5lY3QYHyABKAsyFS5wYXJsZXkudjEuRGlzY29ubmVjdEgAEigKBnR5cGluZxggIAEoCzIWLnBhcmxleS52MS5UeXBpbmdFdmVudEgAEicKCHByZXNlbmNlGCEgASgLMhMucGFybGV5LnYxLlByZXNlbmNlSAASJQoHcmVjZWlwdBgiIAEoCzISLnBhcmxleS52MS5SZWNlaXB0SAASKAoGc2lnbmFsGCMgASgLMhYucGFybGV5LnYxLlNpZ25hbEV2ZW50SAASLwoMYW5ub3VuY2VtZW50GCQgASgLMhcucGFybGV5LnYxLkFubm91bmNlbWVudEgAEisKCm1lbWJlcnNoaXAYJSABKAsyFS5wYXJsZXkudjEuTWVtYmVyc2hpcEgAQgYKBGtpbmQiVAoFRXJyb3ISIgoEY29kZRgBIAEoDjIULnBhcmxleS52MS5FcnJvckNvZGUSDwoHbWVzc2FnZRgCIAEoCRIWCg5yZXRyeV9hZnRlcl9tcxgDIAEoDSJ8CglDb25uZWN0ZWQSEgoKc2Vzc2lvbl9pZBgBIAEoCRIPCgd1c2VyX2lkGAIgASgJEg8KB3Jlc3VtZWQYAyABKAgSFAoMaGVhcnRiZWF0X21zGAQgASgNEiMKBXJvb21zGAUgAygLMhQucGFybGV5LnYxLlJvb21TdGF0ZSKAAQoJUm9vbVN0YXRlEgwKBHJvb20YASABKAkSEAoIbGFzdF9zZXEYAiABKAQSEAoIcmVhZF9zZXEYAyABKAQSDgoGdW5yZWFkGAQgASgEEg8KB3ByaXZhdGUYBSABKAgSDwoHZG1fcGVlchgGIAEoCRIPCgdtZW1iZXJzGAcgASgEIi8KCFJvb21MaXN0EiMKBXJvb21zGAEgAygLMhQucGFybGV5LnYxLlJvb21TdGF0ZSIpCgpNZW1iZXJMaXN0EgwKBHJvb20YASABKAkSDQoFdXNlcnMYAiADKAkiBgoERG9uZSIyCgxQcmVzZW5jZUxpc3QSIgoFdXNlcnMYASADKAsyEy5wYXJsZXkudjEuUHJlc2VuY2UiKQoLVHlwaW5nRXZlbnQSDAoEcm9vbRgBIAEoCRIMCgR1c2VyGAIgASgJIjsKCFByZXNlbmNlEgwKBHVzZXIYASABKAkSDgoGb25saW5lGAIgASgIEhEKCWxhc3Rfc2VlbhgDIAEoAyJCCgdSZWNlaXB0EgwKBHJvb20YASABKAkSDAoEdXNlchgCIAEoCRILCgNzZXEYAyABKAQSDgoGdW5yZWFkGAQgASgEIj8KC1NpZ25hbEV2ZW50EhEKCWZyb21fdXNlchgBIAEoCRIMCgRraW5kGAIgASgJEg8KB3BheWxvYWQYAyABKAkiNgoMQW5ub3VuY2VtZW50EgwKBHJvb20YASABKAkSDAoEYm9keRgCIAEoCRIKCgJ0cxgDIAEoAyJECgpNZW1iZXJzaGlwEgwKBHJvb20YASABKAkSDAoEdXNlchgCIAEoCRIOCgZhY3Rpb24YAyABKAkSCgoCYnkYBCABKAkiKAoGSm9pbmVkEgwKBHJvb20YASABKAkSEAoIbGFzdF9zZXEYAiABKAQiFAoETGVmdBIMCgRyb29tGAEgASgJIkAKBFNlbnQSDAoEcm9vbRgBIAEoCRILCgNzZXEYAiABKAQSCgoCdHMYAyABKAMSEQoJZHVwbGljYXRlGAQgASgIIk8KC0hpc3RvcnlQYWdlEgwKBHJvb20YASABKAkSJAoIbWVzc2FnZXMYAiADKAsyEi5wYXJsZXkudjEuTWVzc2FnZRIMCgRtb3JlGAMgASgIIjMKClN5bmNSZXN1bHQSJQoFcm9vbXMYASADKAsyFi5wYXJsZXkudjEuSGlzdG9yeVBhZ2UiEgoEUG9uZxIKCgJ0cxgBIAEoAyL2AQoHTWVzc2FnZRIMCgRyb29tGAEgASgJEgsKA3NlcRgCIAEoBBIOCgZzZW5kZXIYAyABKAkSFQoNY2xpZW50X21zZ19pZBgEIAEoCRIMCgRib2R5GAUgASgJEjIKCG1ldGFkYXRhGAYgAygLMiAucGFybGV5LnYxLk1lc3NhZ2UuTWV0YWRhdGFFbnRyeRIKCgJ0cxgHIAEoAxIqCgthdHRhY2htZW50cxgIIAMoCzIVLnBhcmxleS52MS5BdHRhY2htZW50Gi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKQAQoKQXR0YWNobWVudBIPCgdmaWxlX2lkGAEgASgJEgwKBG5hbWUYAiABKAkSFAoMY29udGVudF90eXBlGAMgASgJEgwKBHNpemUYBCABKAQSDgoGc2hhMjU2GAUgASgJEg0KBXdpZHRoGAYgASgNEg4KBmhlaWdodBgHIAEoDRIQCghibHVyaGFzaBgIIAEoCSI9CgpEaXNjb25uZWN0EgwKBGNvZGUYASABKA0SDgoGcmVhc29uGAIgASgJEhEKCXJlY29ubmVjdBgDIAEoCCLXAQoLUG9zdE1lc3NhZ2USFQoNY2xpZW50X21zZ19pZBgBIAEoCRIMCgRib2R5GAIgASgJEjYKCG1ldGFkYXRhGAMgAygLMiQucGFybGV5LnYxLlBvc3RNZXNzYWdlLk1ldGFkYXRhRW50cnkSDgoGc2VuZGVyGAQgASgJEioKC2F0dGFjaG1lbnRzGAUgAygLMhUucGFybGV5LnYxLkF0dGFjaG1lbnQaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIiYKCEFubm91bmNlEgwKBHJvb20YASABKAkSDAoEYm9keRgCIAEoCSIvCgZUaWNrZXQSDgoGdGlja2V0GAEgASgJEhUKDWV4cGlyZXNfaW5fbXMYAiABKA0iKgoHRmlsZVVybBILCgN1cmwYASABKAkSEgoKZXhwaXJlc19hdBgCIAEoAyq7BQoJRXJyb3JDb2RlEhoKFkVSUk9SX0NPREVfVU5TUEVDSUZJRUQQABIYChRFUlJPUl9DT0RFX0JBRF9GUkFNRRABEh4KGkVSUk9SX0NPREVfVU5LTk9XTl9DT01NQU5EEAISHAoYRVJST1JfQ09ERV9OT1RfQ09OTkVDVEVEEAMSIAocRVJST1JfQ09ERV9BTFJFQURZX0NPTk5FQ1RFRBAEEhsKF0VSUk9SX0NPREVfVU5BVVRIT1JJWkVEEAUSHAoYRVJST1JfQ09ERV9UT0tFTl9FWFBJUkVEEAYSHwobRVJST1JfQ09ERV9JTlZBTElEX0FSR1VNRU5UEAcSGQoVRVJST1JfQ09ERV9OT1RfTUVNQkVSEAgSHgoaRVJST1JfQ09ERV9GUkFNRV9UT09fTEFSR0UQCRIbChdFUlJPUl9DT0RFX0FVVEhfVElNRU9VVBAKEhcKE0VSUk9SX0NPREVfSU5URVJOQUwQCxIcChhFUlJPUl9DT0RFX1NMT1dfQ09OU1VNRVIQDBIYChRFUlJPUl9DT0RFX0ZPUkJJRERFThANEhgKFEVSUk9SX0NPREVfTk9UX0ZPVU5EEA4SGgoWRVJST1JfQ09ERV9ST09NX0VYSVNUUxAPEhsKF0VSUk9SX0NPREVfUkFURV9MSU1JVEVEEBASGwoXRVJST1JfQ09ERV9VU0VSX09GRkxJTkUQERIgChxFUlJPUl9DT0RFX1NFU1NJT05fTk9UX0ZPVU5EEBISHQoZRVJST1JfQ09ERV9GSUxFX1RPT19MQVJHRRATEh0KGUVSUk9SX0NPREVfUVVPVEFfRVhDRUVERUQQFBIkCiBFUlJPUl9DT0RFX1JBTkdFX05PVF9TQVRJU0ZJQUJMRRAVEh0KGUVSUk9SX0NPREVfTElNSVRfRVhDRUVERUQQFmIGcHJvdG8z");
 
 /**
  * Everything a client sends: a request id chosen by the client plus one command.
@@ -135,6 +135,12 @@ export type ClientFrame = Message$1<"parley.v1.ClientFrame"> & {
      */
     value: Signal;
     case: "signal";
+  } | {
+    /**
+     * @generated from field: parley.v1.End end = 26;
+     */
+    value: End;
+    case: "end";
   } | { case: undefined; value?: undefined };
 };
 
@@ -528,6 +534,25 @@ export const PingSchema: GenMessage<Ping> = /*@__PURE__*/
   messageDesc(file_parley_v1_frames, 15);
 
 /**
+ * End the session now: the client is leaving for good (a `close()`, a page unload) and
+ * will not resume. The reply is `done`; the server then forgets the session (no grace
+ * period), its user may go offline, and it closes every transport of the session with
+ * `disconnect` 1000 "session ended" (reconnect false): a WebSocket with close code 1000,
+ * an SSE stream ends, a long-poll answers 410. Works the same on every transport.
+ *
+ * @generated from message parley.v1.End
+ */
+export type End = Message$1<"parley.v1.End"> & {
+};
+
+/**
+ * Describes the message parley.v1.End.
+ * Use `create(EndSchema)` to create a new message.
+ */
+export const EndSchema: GenMessage<End> = /*@__PURE__*/
+  messageDesc(file_parley_v1_frames, 16);
+
+/**
  * The client has received every push up to and including `pos`; the server may forget
  * them (they will not be replayed on resume).
  *
@@ -545,7 +570,7 @@ export type Ack = Message$1<"parley.v1.Ack"> & {
  * Use `create(AckSchema)` to create a new message.
  */
 export const AckSchema: GenMessage<Ack> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 16);
+  messageDesc(file_parley_v1_frames, 17);
 
 /**
  * Everything the server sends. Replies carry the command's `id`; pushes carry `pos`, the
@@ -705,7 +730,7 @@ export type ServerFrame = Message$1<"parley.v1.ServerFrame"> & {
  * Use `create(ServerFrameSchema)` to create a new message.
  */
 export const ServerFrameSchema: GenMessage<ServerFrame> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 17);
+  messageDesc(file_parley_v1_frames, 18);
 
 /**
  * @generated from message parley.v1.Error
@@ -734,7 +759,7 @@ export type Error = Message$1<"parley.v1.Error"> & {
  * Use `create(ErrorSchema)` to create a new message.
  */
 export const ErrorSchema: GenMessage<Error> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 18);
+  messageDesc(file_parley_v1_frames, 19);
 
 /**
  * @generated from message parley.v1.Connected
@@ -778,7 +803,7 @@ export type Connected = Message$1<"parley.v1.Connected"> & {
  * Use `create(ConnectedSchema)` to create a new message.
  */
 export const ConnectedSchema: GenMessage<Connected> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 19);
+  messageDesc(file_parley_v1_frames, 20);
 
 /**
  * A room as one user sees it.
@@ -833,7 +858,7 @@ export type RoomState = Message$1<"parley.v1.RoomState"> & {
  * Use `create(RoomStateSchema)` to create a new message.
  */
 export const RoomStateSchema: GenMessage<RoomState> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 20);
+  messageDesc(file_parley_v1_frames, 21);
 
 /**
  * @generated from message parley.v1.RoomList
@@ -850,7 +875,7 @@ export type RoomList = Message$1<"parley.v1.RoomList"> & {
  * Use `create(RoomListSchema)` to create a new message.
  */
 export const RoomListSchema: GenMessage<RoomList> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 21);
+  messageDesc(file_parley_v1_frames, 22);
 
 /**
  * @generated from message parley.v1.MemberList
@@ -872,7 +897,7 @@ export type MemberList = Message$1<"parley.v1.MemberList"> & {
  * Use `create(MemberListSchema)` to create a new message.
  */
 export const MemberListSchema: GenMessage<MemberList> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 22);
+  messageDesc(file_parley_v1_frames, 23);
 
 /**
  * The reply to commands that have no result (invite, read, typing, signal).
@@ -887,7 +912,7 @@ export type Done = Message$1<"parley.v1.Done"> & {
  * Use `create(DoneSchema)` to create a new message.
  */
 export const DoneSchema: GenMessage<Done> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 23);
+  messageDesc(file_parley_v1_frames, 24);
 
 /**
  * @generated from message parley.v1.PresenceList
@@ -904,7 +929,7 @@ export type PresenceList = Message$1<"parley.v1.PresenceList"> & {
  * Use `create(PresenceListSchema)` to create a new message.
  */
 export const PresenceListSchema: GenMessage<PresenceList> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 24);
+  messageDesc(file_parley_v1_frames, 25);
 
 /**
  * Push: someone is typing in a room.
@@ -928,7 +953,7 @@ export type TypingEvent = Message$1<"parley.v1.TypingEvent"> & {
  * Use `create(TypingEventSchema)` to create a new message.
  */
 export const TypingEventSchema: GenMessage<TypingEvent> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 25);
+  messageDesc(file_parley_v1_frames, 26);
 
 /**
  * Push (to users who share a room) and presence query result.
@@ -959,7 +984,7 @@ export type Presence = Message$1<"parley.v1.Presence"> & {
  * Use `create(PresenceSchema)` to create a new message.
  */
 export const PresenceSchema: GenMessage<Presence> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 26);
+  messageDesc(file_parley_v1_frames, 27);
 
 /**
  * Push: a member's read marker moved. The reader's own sessions use it to sync unread
@@ -996,7 +1021,7 @@ export type Receipt = Message$1<"parley.v1.Receipt"> & {
  * Use `create(ReceiptSchema)` to create a new message.
  */
 export const ReceiptSchema: GenMessage<Receipt> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 27);
+  messageDesc(file_parley_v1_frames, 28);
 
 /**
  * Push: a signal from another user.
@@ -1025,7 +1050,7 @@ export type SignalEvent = Message$1<"parley.v1.SignalEvent"> & {
  * Use `create(SignalEventSchema)` to create a new message.
  */
 export const SignalEventSchema: GenMessage<SignalEvent> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 28);
+  messageDesc(file_parley_v1_frames, 29);
 
 /**
  * Push: a server-side announcement (to a room's members, or to everyone).
@@ -1056,7 +1081,7 @@ export type Announcement = Message$1<"parley.v1.Announcement"> & {
  * Use `create(AnnouncementSchema)` to create a new message.
  */
 export const AnnouncementSchema: GenMessage<Announcement> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 29);
+  messageDesc(file_parley_v1_frames, 30);
 
 /**
  * Push: room membership changed.
@@ -1094,7 +1119,7 @@ export type Membership = Message$1<"parley.v1.Membership"> & {
  * Use `create(MembershipSchema)` to create a new message.
  */
 export const MembershipSchema: GenMessage<Membership> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 30);
+  messageDesc(file_parley_v1_frames, 31);
 
 /**
  * @generated from message parley.v1.Joined
@@ -1116,7 +1141,7 @@ export type Joined = Message$1<"parley.v1.Joined"> & {
  * Use `create(JoinedSchema)` to create a new message.
  */
 export const JoinedSchema: GenMessage<Joined> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 31);
+  messageDesc(file_parley_v1_frames, 32);
 
 /**
  * @generated from message parley.v1.Left
@@ -1133,7 +1158,7 @@ export type Left = Message$1<"parley.v1.Left"> & {
  * Use `create(LeftSchema)` to create a new message.
  */
 export const LeftSchema: GenMessage<Left> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 32);
+  messageDesc(file_parley_v1_frames, 33);
 
 /**
  * @generated from message parley.v1.Sent
@@ -1169,7 +1194,7 @@ export type Sent = Message$1<"parley.v1.Sent"> & {
  * Use `create(SentSchema)` to create a new message.
  */
 export const SentSchema: GenMessage<Sent> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 33);
+  messageDesc(file_parley_v1_frames, 34);
 
 /**
  * @generated from message parley.v1.HistoryPage
@@ -1198,7 +1223,7 @@ export type HistoryPage = Message$1<"parley.v1.HistoryPage"> & {
  * Use `create(HistoryPageSchema)` to create a new message.
  */
 export const HistoryPageSchema: GenMessage<HistoryPage> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 34);
+  messageDesc(file_parley_v1_frames, 35);
 
 /**
  * @generated from message parley.v1.SyncResult
@@ -1215,7 +1240,7 @@ export type SyncResult = Message$1<"parley.v1.SyncResult"> & {
  * Use `create(SyncResultSchema)` to create a new message.
  */
 export const SyncResultSchema: GenMessage<SyncResult> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 35);
+  messageDesc(file_parley_v1_frames, 36);
 
 /**
  * @generated from message parley.v1.Pong
@@ -1234,7 +1259,7 @@ export type Pong = Message$1<"parley.v1.Pong"> & {
  * Use `create(PongSchema)` to create a new message.
  */
 export const PongSchema: GenMessage<Pong> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 36);
+  messageDesc(file_parley_v1_frames, 37);
 
 /**
  * A chat message: pushed live to every member's sessions, and returned by history/sync.
@@ -1290,7 +1315,7 @@ export type Message = Message$1<"parley.v1.Message"> & {
  * Use `create(MessageSchema)` to create a new message.
  */
 export const MessageSchema: GenMessage<Message> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 37);
+  messageDesc(file_parley_v1_frames, 38);
 
 /**
  * A file: the reply to an upload, and an entry of Message.attachments. Download it with
@@ -1361,7 +1386,7 @@ export type Attachment = Message$1<"parley.v1.Attachment"> & {
  * Use `create(AttachmentSchema)` to create a new message.
  */
 export const AttachmentSchema: GenMessage<Attachment> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 38);
+  messageDesc(file_parley_v1_frames, 39);
 
 /**
  * Why the server is about to close the transport, and whether to reconnect.
@@ -1392,7 +1417,7 @@ export type Disconnect = Message$1<"parley.v1.Disconnect"> & {
  * Use `create(DisconnectSchema)` to create a new message.
  */
 export const DisconnectSchema: GenMessage<Disconnect> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 39);
+  messageDesc(file_parley_v1_frames, 40);
 
 /**
  * POST /api/v1/rooms/{room}/messages. With a user token it posts as that user (like
@@ -1436,7 +1461,7 @@ export type PostMessage = Message$1<"parley.v1.PostMessage"> & {
  * Use `create(PostMessageSchema)` to create a new message.
  */
 export const PostMessageSchema: GenMessage<PostMessage> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 40);
+  messageDesc(file_parley_v1_frames, 41);
 
 /**
  * POST /api/v1/announce (admin): an ephemeral `announcement` push, to one room's members
@@ -1461,7 +1486,7 @@ export type Announce = Message$1<"parley.v1.Announce"> & {
  * Use `create(AnnounceSchema)` to create a new message.
  */
 export const AnnounceSchema: GenMessage<Announce> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 41);
+  messageDesc(file_parley_v1_frames, 42);
 
 /**
  * POST /api/v1/tickets: a single-use credential for the /sse URL.
@@ -1487,7 +1512,7 @@ export type Ticket = Message$1<"parley.v1.Ticket"> & {
  * Use `create(TicketSchema)` to create a new message.
  */
 export const TicketSchema: GenMessage<Ticket> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 42);
+  messageDesc(file_parley_v1_frames, 43);
 
 /**
  * POST /api/v1/files/{id}/url: a short-lived URL that downloads the file without a
@@ -1516,7 +1541,7 @@ export type FileUrl = Message$1<"parley.v1.FileUrl"> & {
  * Use `create(FileUrlSchema)` to create a new message.
  */
 export const FileUrlSchema: GenMessage<FileUrl> = /*@__PURE__*/
-  messageDesc(file_parley_v1_frames, 43);
+  messageDesc(file_parley_v1_frames, 44);
 
 /**
  * Stable error codes. The names (not the numbers) are the contract in JSON.
