@@ -43,6 +43,9 @@ pub struct Config {
 pub struct MqttConfig {
     /// Serve `/mqtt` (off: the route answers 404).
     pub enabled: bool,
+    /// Also listen for plain MQTT (no WebSocket) on this address: TCP, or TLS when `[tls]`
+    /// is configured. Unset (the default): no such listener. Independent of `enabled`.
+    pub listen: Option<SocketAddr>,
     /// Largest MQTT packet a client may send, fixed header included (bytes); a larger one
     /// closes its connection. Also bounds the bytes buffered for one packet that spans
     /// several WebSocket messages.
@@ -53,6 +56,7 @@ impl Default for MqttConfig {
     fn default() -> Self {
         Self {
             enabled: true,
+            listen: None,
             max_packet_bytes: 64 * 1024,
         }
     }
@@ -1026,6 +1030,19 @@ impl Config {
             128,
             64 * MIB,
         )?;
+        if let Some(listen) = self.mqtt.listen
+            && listen.port() != 0
+            && listen.port() == self.server.listen.port()
+            && (listen.ip() == self.server.listen.ip()
+                || listen.ip().is_unspecified()
+                || self.server.listen.ip().is_unspecified())
+        {
+            return Err(ConfigError::Invalid {
+                key: "mqtt.listen",
+                value: listen.to_string(),
+                allowed: "an address other than server.listen".into(),
+            });
+        }
         let se = &self.session;
         duration("session.grace_period", se.grace_period, 10 * MS, DAY)?;
         count(

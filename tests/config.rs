@@ -23,11 +23,12 @@ fn keys(value: &toml::Value, prefix: &str, out: &mut BTreeSet<String>) {
 }
 
 /// Options that default to "unset" and so appear commented out in the file.
-const OPTIONAL: [&str; 4] = [
+const OPTIONAL: [&str; 5] = [
     "auth.public_key_file",
     "auth.private_key_file",
     "tls.cert_file",
     "tls.key_file",
+    "mqtt.listen",
 ];
 
 #[test]
@@ -103,6 +104,13 @@ fn every_default_is_valid_and_bad_values_name_their_key_and_range() {
             .to_string()
             .contains("poll.default_hold")
     );
+    // The MQTT listener cannot share the HTTP listener's port.
+    let mut c = Config::default();
+    c.mqtt.listen = Some("0.0.0.0:8080".parse().unwrap());
+    let err = c.validate().unwrap_err().to_string();
+    assert!(err.contains("mqtt.listen"), "{err}");
+    c.mqtt.listen = Some("127.0.0.1:1883".parse().unwrap());
+    c.validate().expect("another port is fine");
 }
 
 #[test]

@@ -1,6 +1,8 @@
-//! `/mqtt`: MQTT 3.1.1 (and 3.1) over WebSocket, subprotocol `mqtt`, for devices that
-//! speak MQTT. The packet codec is the `mqtt-proto` crate; this module only frames and
-//! maps packets onto the session layer, like `ws` does for parley frames:
+//! MQTT 3.1.1 (and 3.1) for devices that speak MQTT: over WebSocket at `/mqtt`
+//! (subprotocol `mqtt`), and over a plain stream from the `[mqtt] listen` listener (TCP,
+//! or TLS over it; `server` accepts, this module serves). The packet codec is the
+//! `mqtt-proto` crate; this module only frames and maps packets onto the session layer,
+//! like `ws` does for parley frames:
 //!
 //! - CONNECT (password = a parley JWT; a username, if given, must equal its `sub`)
 //!   becomes a `connect` command through the one connect path; CONNACK reports it.
@@ -10,15 +12,19 @@
 //! - PUBLISH to `rooms/{room}` becomes a `send`; a QoS 1 PUBACK waits for the send's
 //!   reply, which comes only once the message is durable.
 //! - Keep-alive: silence for 1.5 × the CONNECT keep-alive closes the connection.
+//! - The end: without DISCONNECT the CONNECT's will (a message to `rooms/{room}`) is sent;
+//!   either way the session ends with the connection (no resume yet), so presence goes
+//!   offline at once.
 //!
 //! Anything a 3.1.1 server cannot refuse with a code (a bad topic, a refused send, QoS 2,
 //! a malformed or oversize packet) closes the connection, as the specification asks.
 //! MQTT 5 CONNECTs are answered with reason 0x84 (unsupported protocol version).
-//! Packets may span WebSocket messages, and one message may hold several packets.
+//! Over WebSocket packets may span messages, and one message may hold several.
 
 use std::{
     collections::{HashMap, VecDeque},
     sync::Arc,
+    task::Poll,
     time::Duration,
 };
 
@@ -36,7 +42,10 @@ use mqtt_proto::{
     v3::{Connack, Connect, ConnectReturnCode, Packet, Publish, SubscribeReturnCode, Unsubscribe},
 };
 use prometheus_client::metrics::counter::Counter;
-use tokio::time::{Instant, timeout};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
+    time::{Instant, timeout},
+};
 use tracing::Instrument;
 use yawc::{
     HttpWebSocket, IncomingUpgrade, UpgradeFut,
@@ -53,7 +62,7 @@ use super::{
 use crate::{
     metrics::{Metrics, TransportLabel},
     proto::{self, ClientFrame, ServerFrame, client_frame::Cmd, server_frame::Kind},
-    session::{CloseReason, Conn, Out, Outbox, OutboxConfig},
+    session::{CloseReason, Conn, Core, Out, Outbox, OutboxConfig},
 };
 
 const LABEL: TransportLabel = TransportLabel { transport: "mqtt" };
@@ -64,6 +73,8 @@ const ROOMS: &str = "rooms/";
 /// A CONNACK for an MQTT 5 client: reason 0x84, unsupported protocol version, no
 /// properties (MQTT 5.0 section 3.2).
 const CONNACK_V5_UNSUPPORTED: [u8; 5] = [0x20, 0x03, 0x00, 0x84, 0x00];
+/// How long a connection's end waits for its will to be durable.
+const WILL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The request id of the `connect` command.
 const CONNECT_ID: u64 = 1;
 
@@ -134,27 +145,37 @@ pub async fn handler(
 
 fn connection(fut: UpgradeFut, ctx: Ctx) -> impl Future<Output = ()> + Send {
     fut.then(move |upgraded| match upgraded {
-        Ok(socket) => Either::Left(async move {
-            let metrics = ctx.core.metrics.clone();
-            metrics.connections.get_or_create(&LABEL).inc();
-            let _counted = Counted(metrics.clone());
-            let mut wire = Wire {
-                socket,
-                buf: BytesMut::new(),
-                max_packet: ctx.core.config.mqtt.max_packet_bytes,
-                write_timeout: ctx.core.config.ws.write_timeout,
-                frames_in: metrics.frames_in.get_or_create(&LABEL).clone(),
-                frames_out: metrics.frames_out.get_or_create(&LABEL).clone(),
-            };
-            if let Some(connection) = Box::pin(handshake(&mut wire, &ctx)).await {
-                Box::pin(connection.run(wire)).await;
-            }
-        }),
+        Ok(socket) => Either::Left(serve(Socket::WebSocket(Box::new(socket)), ctx)),
         Err(e) => {
             tracing::debug!(error = %e, "upgrade failed");
             Either::Right(std::future::ready(()))
         }
     })
+}
+
+/// Serves one MQTT connection on a plain stream (`[mqtt] listen`: TCP, or TLS over it)
+/// until it ends. The caller spawns it on the server's task tracker.
+pub fn serve_stream(io: impl Stream, ctx: Ctx) -> impl Future<Output = ()> + Send {
+    let span = tracing::debug_span!("mqtt", user = tracing::field::Empty);
+    serve(Socket::Stream(Box::new(io)), ctx).instrument(span)
+}
+
+/// The connection's life: CONNECT, then packets until it ends.
+async fn serve(socket: Socket, ctx: Ctx) {
+    let metrics = ctx.core.metrics.clone();
+    metrics.connections.get_or_create(&LABEL).inc();
+    let _counted = Counted(metrics.clone());
+    let mut wire = Wire {
+        socket,
+        buf: BytesMut::new(),
+        max_packet: ctx.core.config.mqtt.max_packet_bytes,
+        write_timeout: ctx.core.config.ws.write_timeout,
+        frames_in: metrics.frames_in.get_or_create(&LABEL).clone(),
+        frames_out: metrics.frames_out.get_or_create(&LABEL).clone(),
+    };
+    if let Some(connection) = Box::pin(handshake(&mut wire, &ctx)).await {
+        Box::pin(connection.run(wire)).await;
+    }
 }
 
 /// Counts the connection while it lives.
@@ -169,8 +190,8 @@ impl Drop for Counted {
 /// Why reading packets stopped.
 #[derive(Debug)]
 enum ReadError {
-    /// The socket closed or failed (`clean`: the peer sent a close frame).
-    Gone { clean: bool },
+    /// The socket closed (a WebSocket close frame, or the end of the stream) or failed.
+    Gone,
     /// A packet over `mqtt.max_packet_bytes`.
     TooLarge,
     /// Bytes that are not an MQTT 3.1.1 packet (or a text message).
@@ -179,9 +200,28 @@ enum ReadError {
     Version5,
 }
 
+/// A byte stream a plain MQTT connection runs on (TCP, or TLS over it).
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+/// What MQTT packets travel in.
+enum Socket {
+    /// `/mqtt`: binary WebSocket messages (a packet may span several, and one may hold
+    /// several packets). Boxed like the stream: a connection of either kind holds only
+    /// what it uses.
+    WebSocket(Box<HttpWebSocket>),
+    /// `[mqtt] listen`: the bare byte stream.
+    Stream(Box<dyn Stream>),
+}
+
+/// Most bytes one read from a stream takes in (on the stack, so an idle connection holds
+/// no read buffer).
+const READ_CHUNK: usize = 4096;
+
 /// The socket and the bytes of a packet not yet whole.
 struct Wire {
-    socket: HttpWebSocket,
+    socket: Socket,
     buf: BytesMut,
     max_packet: usize,
     write_timeout: Duration,
@@ -218,6 +258,36 @@ impl Wire {
         }
     }
 
+    /// Reads more bytes into the buffer. `Ok(false)`: only a WebSocket control frame came
+    /// (a sign of life, no bytes). Cancel-safe: what is read is buffered in the same poll.
+    async fn read(&mut self) -> Result<bool, ReadError> {
+        match &mut self.socket {
+            Socket::WebSocket(ws) => {
+                let frame = ws.next_frame().await.map_err(|_| ReadError::Gone)?;
+                self.take_frame(frame)
+            }
+            Socket::Stream(io) => {
+                let buf = &mut self.buf;
+                std::future::poll_fn(|cx| {
+                    let mut chunk = [0u8; READ_CHUNK];
+                    let mut read = ReadBuf::new(&mut chunk);
+                    match std::pin::Pin::new(&mut **io).poll_read(cx, &mut read) {
+                        Poll::Pending => Poll::Pending,
+                        Poll::Ready(Err(_)) => Poll::Ready(Err(ReadError::Gone)),
+                        Poll::Ready(Ok(())) if read.filled().is_empty() => {
+                            Poll::Ready(Err(ReadError::Gone))
+                        }
+                        Poll::Ready(Ok(())) => {
+                            buf.extend_from_slice(read.filled());
+                            Poll::Ready(Ok(true))
+                        }
+                    }
+                })
+                .await
+            }
+        }
+    }
+
     /// Appends one WebSocket message. `Ok(false)`: a control frame only (a sign of life).
     fn take_frame(&mut self, frame: Frame) -> Result<bool, ReadError> {
         match frame.opcode() {
@@ -233,22 +303,39 @@ impl Wire {
             OpCode::Text => Err(ReadError::Malformed(
                 "MQTT travels in binary messages".into(),
             )),
-            OpCode::Close => Err(ReadError::Gone { clean: true }),
+            OpCode::Close => Err(ReadError::Gone),
             _ => Ok(false),
         }
     }
 
-    /// Writes `bytes` as one binary message under the write deadline.
+    /// Writes `bytes` (`packets` whole packets) under the write deadline: one binary
+    /// WebSocket message, or straight onto the stream.
     async fn write(&mut self, bytes: Bytes, packets: u64) -> Result<(), CloseReason> {
-        match deadline::lazy_timeout(self.write_timeout, self.socket.send(Frame::binary(bytes)))
-            .await
-        {
+        let written = match &mut self.socket {
+            Socket::WebSocket(ws) => {
+                let sent =
+                    deadline::lazy_timeout(self.write_timeout, ws.send(Frame::binary(bytes)))
+                        .await
+                        .map(|r| r.map_err(|_| ()));
+                ws.free_write_buffer();
+                sent
+            }
+            Socket::Stream(io) => {
+                let write = async {
+                    io.write_all(&bytes).await?;
+                    io.flush().await
+                };
+                deadline::lazy_timeout(self.write_timeout, write)
+                    .await
+                    .map(|r| r.map_err(|_| ()))
+            }
+        };
+        match written {
             Some(Ok(())) => {
                 self.frames_out.inc_by(packets);
-                self.socket.free_write_buffer();
                 Ok(())
             }
-            Some(Err(_)) => Err(CloseReason::ShuttingDown),
+            Some(Err(())) => Err(CloseReason::ShuttingDown),
             None => Err(CloseReason::SlowConsumer),
         }
     }
@@ -259,12 +346,29 @@ impl Wire {
         self.write(out.freeze(), 1).await
     }
 
-    /// Closes the WebSocket with `code`, briefly.
+    /// A WebSocket ping (a stream has none: MQTT's keep-alive is the client's).
+    async fn ping(&mut self) -> Result<(), ()> {
+        let Socket::WebSocket(ws) = &mut self.socket else {
+            return Ok(());
+        };
+        match deadline::lazy_timeout(self.write_timeout, ws.send(Frame::ping(Bytes::new()))).await {
+            Some(Ok(())) => Ok(()),
+            _ => Err(()),
+        }
+    }
+
+    /// Closes the connection, briefly: a WebSocket with `code`; a stream is shut down
+    /// (MQTT 3.1.1 has no close reason on the wire).
     async fn close(&mut self, code: u16, reason: &str) {
         let _ = timeout(CLOSE_TIMEOUT, async {
-            self.socket
-                .send(Frame::close(CloseCode::from(code), reason))
-                .await
+            match &mut self.socket {
+                Socket::WebSocket(ws) => {
+                    let _ = ws.send(Frame::close(CloseCode::from(code), reason)).await;
+                }
+                Socket::Stream(io) => {
+                    let _ = io.shutdown().await;
+                }
+            }
         })
         .await;
     }
@@ -292,6 +396,8 @@ fn encode(packet: &Packet, out: &mut BytesMut) {
     }
 }
 
+/// The WebSocket close code after a DISCONNECT.
+const NORMAL_CLOSE: u16 = 1000;
 /// The MQTT close code for a WebSocket close after a protocol error.
 const PROTOCOL_ERROR: u16 = 1002;
 
@@ -309,8 +415,8 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
                 return None;
             }
         }
-        let frame = tokio::select! {
-            f = wire.socket.next_frame() => f,
+        let read = tokio::select! {
+            r = wire.read() => r,
             _ = tokio::time::sleep_until(deadline) => {
                 wire.close(CloseReason::AuthTimeout.code(), "no CONNECT in time").await;
                 return None;
@@ -320,8 +426,7 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
                 return None;
             }
         };
-        let Ok(frame) = frame else { return None };
-        if let Err(e) = wire.take_frame(frame) {
+        if let Err(e) = read {
             refuse_read(wire, e).await;
             return None;
         }
@@ -335,6 +440,7 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
         keep_alive,
         username,
         password,
+        last_will,
         ..
     } = connect;
     let token = password.as_deref().map(std::str::from_utf8);
@@ -353,22 +459,46 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
         refuse(wire, code).await;
         return None;
     }
+    // The will: a message to a room, sent when the connection ends without DISCONNECT.
+    // One the server could never send is refused here (3.1.1 has no code for it).
+    let will = match last_will {
+        None => None,
+        Some(w) => {
+            let room = topic_room(&w.topic_name);
+            let body = String::from_utf8(w.message.to_vec()).ok();
+            match (room, body) {
+                (Some(room), Some(body)) => Some(Will {
+                    room: room.to_string(),
+                    body,
+                }),
+                _ => {
+                    wire.close(PROTOCOL_ERROR, "a will goes to rooms/{room}, in UTF-8")
+                        .await;
+                    return None;
+                }
+            }
+        }
+    };
     let token = token.and_then(Result::ok).unwrap_or_default();
     let ws = &core.config.ws;
-    // Keep-alive 0 turns MQTT's off: WebSocket pings then find a dead peer, as on /ws.
+    // Keep-alive 0 turns MQTT's off: WebSocket pings then find a dead peer, as on /ws;
+    // on a stream, TCP keep-alive does (set by the listener).
+    let stream = matches!(wire.socket, Socket::Stream(_));
     let silence = match keep_alive {
-        0 => ws.heartbeat_interval + ws.pong_timeout,
-        k => Duration::from_millis(u64::from(k) * 1500),
+        0 if stream => None,
+        0 => Some(ws.heartbeat_interval + ws.pong_timeout),
+        k => Some(Duration::from_millis(u64::from(k) * 1500)),
     };
-    let idle = ws
-        .heartbeat_interval
-        .min(silence / 3)
-        .max(Duration::from_millis(10));
+    let idle = silence.map(|silence| {
+        ws.heartbeat_interval
+            .min(silence / 3)
+            .max(Duration::from_millis(10))
+    });
     let mut outbox = Outbox::new(
         Conn::new(core.clone(), ws.heartbeat_interval),
         OutboxConfig {
-            idle: Some(idle),
-            silence_limit: Some(silence),
+            idle,
+            silence_limit: silence,
             connect_deadline: None,
             coalesce: ws.coalesce,
             max_in_flight: ws.max_commands_in_flight,
@@ -411,6 +541,10 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
     }
     Some(Connection {
         outbox,
+        user: session.user_id().to_string(),
+        core: core.clone(),
+        shutdown: ctx.shutdown.clone(),
+        will,
         session_tag: session.id().to_string(),
         subscriptions: HashMap::new(),
         pending: HashMap::new(),
@@ -439,7 +573,7 @@ async fn refuse(wire: &mut Wire, code: ConnectReturnCode) {
 /// Closes after bytes that cannot be read on.
 async fn refuse_read(wire: &mut Wire, e: ReadError) {
     match e {
-        ReadError::Gone { .. } => {}
+        ReadError::Gone => {}
         ReadError::TooLarge => wire.close(1009, "packet too large").await,
         ReadError::Malformed(why) => {
             tracing::debug!(why, "malformed packet");
@@ -451,6 +585,22 @@ async fn refuse_read(wire: &mut Wire, e: ReadError) {
                 .await;
             wire.close(PROTOCOL_ERROR, "MQTT 5 is not supported").await;
         }
+    }
+}
+
+/// Sends a will through the chat layer (the outbox may be closing already) as `user`,
+/// and waits, briefly, until it is durable.
+async fn publish_will(core: Arc<Core>, user: String, client_msg_id: String, will: Will) {
+    let send = proto::Send {
+        room: will.room,
+        client_msg_id,
+        body: will.body,
+        ..Default::default()
+    };
+    match timeout(WILL_TIMEOUT, core.chat.send(&user, send)).await {
+        Ok(Ok(sent)) => tracing::debug!(seq = sent.seq, "will published"),
+        Ok(Err(e)) => tracing::debug!(error = %e, "will refused"),
+        Err(_) => tracing::debug!("will not durable in time"),
     }
 }
 
@@ -484,9 +634,22 @@ struct SubackState {
     codes: Vec<Option<SubscribeReturnCode>>,
 }
 
+/// The CONNECT's will message, for `rooms/{room}`.
+struct Will {
+    room: String,
+    body: String,
+}
+
 /// An authenticated connection: its session's outbox and the MQTT state around it.
 struct Connection {
     outbox: Outbox,
+    /// The session's user (the will's sender).
+    user: String,
+    core: Arc<Core>,
+    /// The server's shutdown signal.
+    shutdown: tokio_util::sync::CancellationToken,
+    /// Sent when the connection ends without DISCONNECT.
+    will: Option<Will>,
     /// The session id, in the `client_msg_id` of what this connection publishes.
     session_tag: String,
     /// Rooms whose messages this connection delivers, with the granted QoS.
@@ -530,6 +693,18 @@ impl Connection {
         if let Stop::Close(code, reason) = stop {
             wire.close(code, reason).await;
         }
+        // Without DISCONNECT (dropped, timed out, closed for an error): the will, as a
+        // message from the user, before the session ends. Not when the server itself is
+        // draining: a deploy is not every device's last word.
+        if let Some(will) = self.will.take().filter(|_| !self.shutdown.is_cancelled()) {
+            let (core, user) = (self.core.clone(), self.user.clone());
+            let client_msg_id = format!("mqtt-{}-will", self.session_tag);
+            publish_will(core, user, client_msg_id, will).await;
+        }
+        // MQTT 3.1.1 here has no resume (`clean_session=false` is not served), so the
+        // session ends with the connection: no grace period, presence goes offline now.
+        self.outbox.settle().await;
+        self.outbox.client_closed();
     }
 
     /// Reads packets and writes what the outbox hands out, until the connection stops.
@@ -537,12 +712,7 @@ impl Connection {
         loop {
             let step = tokio::select! {
                 biased;
-                frame = wire.socket.next_frame(), if self.outbox.accepting() => {
-                    match frame {
-                        Ok(frame) => self.on_frame(wire, frame).await,
-                        Err(_) => Err(Stop::Gone),
-                    }
-                }
+                read = wire.read(), if self.outbox.accepting() => self.on_read(wire, read).await,
                 out = self.outbox.next() => self.deliver(wire, out).await,
             };
             if let Err(stop) = step {
@@ -551,9 +721,9 @@ impl Connection {
         }
     }
 
-    /// One WebSocket message: the packets it completes, then what is ready to write.
-    async fn on_frame(&mut self, wire: &mut Wire, frame: Frame) -> Step {
-        match wire.take_frame(frame) {
+    /// One read: the packets it completes, then what is ready to write.
+    async fn on_read(&mut self, wire: &mut Wire, read: Result<bool, ReadError>) -> Step {
+        match read {
             Ok(false) => {
                 // A pong: a sign of life only where MQTT's keep-alive is off (MQTT wants
                 // packets, MQTT-3.1.2-24).
@@ -563,9 +733,9 @@ impl Connection {
                 return Ok(());
             }
             Ok(true) => self.outbox.seen(),
-            Err(ReadError::Gone { clean: true }) => {
-                // A WebSocket close without DISCONNECT: an abnormal end; the session
-                // waits out its grace period.
+            Err(ReadError::Gone) => {
+                // A close without DISCONNECT: an abnormal end; the session waits out its
+                // grace period.
                 return Err(Stop::Gone);
             }
             Err(e) => return Err(read_stop(e)),
@@ -642,9 +812,10 @@ impl Connection {
             // What parley publishes is acknowledged on write (see `deliver`).
             Packet::Puback(_) => Ok(()),
             Packet::Disconnect => {
-                // A deliberate goodbye: the session ends now.
+                // A deliberate goodbye: the session ends now, without the will.
+                self.will = None;
                 self.outbox.client_closed();
-                Err(Stop::Gone)
+                Err(Stop::Close(NORMAL_CLOSE, "disconnect"))
             }
             Packet::Pubrec(_) | Packet::Pubrel(_) | Packet::Pubcomp(_) => {
                 Err(Stop::Close(PROTOCOL_ERROR, "QoS 2 is not supported"))
@@ -767,13 +938,7 @@ impl Connection {
                 }
                 Ok(())
             }
-            Out::Idle => {
-                let ping = wire.socket.send(Frame::ping(Bytes::new()));
-                match deadline::lazy_timeout(wire.write_timeout, ping).await {
-                    Some(Ok(())) => Ok(()),
-                    _ => Err(Stop::Gone),
-                }
-            }
+            Out::Idle => wire.ping().await.map_err(|()| Stop::Gone),
             Out::Close(why) => Err(Stop::Close(why.code(), why.reason())),
         }
     }
@@ -866,7 +1031,7 @@ fn read_stop(e: ReadError) -> Stop {
         tracing::debug!(why, "malformed packet");
     }
     match e {
-        ReadError::Gone { .. } => Stop::Gone,
+        ReadError::Gone => Stop::Gone,
         ReadError::TooLarge => Stop::Close(1009, "packet too large"),
         ReadError::Malformed(_) | ReadError::Version5 => {
             Stop::Close(PROTOCOL_ERROR, "malformed packet")
