@@ -606,6 +606,7 @@ impl Server {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             admission: Arc::new(Admission::new(&config_limits)),
+            mqtt: Arc::default(),
         };
         let maintenance = spawn_maintenance(&state.core);
         let file_cleanup = spawn_file_cleanup(&state.core);

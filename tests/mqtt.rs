@@ -971,3 +971,117 @@ async fn the_will_is_sent_when_a_device_drops_and_presence_goes_offline_at_once(
     let code = connect_with_will(&mut device, &t, "sensor-3", "elsewhere", "x").await;
     assert_eq!(code, None);
 }
+
+/// CONNECTs `raw` as `user` with client id `client` and `clean_session`: the CONNACK's
+/// session-present flag.
+async fn connect_kept(
+    raw: &mut Raw,
+    t: &TestServer,
+    user: &str,
+    client: &str,
+    clean: bool,
+) -> bool {
+    let mut connect = Connect::new(client.into(), 30);
+    connect.clean_session = clean;
+    connect.username = Some(user.into());
+    connect.password = Some(t.token(user).into_bytes().into());
+    raw.send(&Packet::Connect(connect)).await;
+    match raw.next().await {
+        Some(Packet::Connack(c)) => {
+            assert_eq!(c.code, ConnectReturnCode::Accepted);
+            c.session_present
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_kept_session_resumes_with_unacked_qos1_messages_sent_again_with_dup() {
+    let (t, mqtt) = with_listener(|c| c.session.grace_period = Duration::from_secs(600)).await;
+    let mut alice = t.client("alice", Encoding::Json).await;
+    alice.join("lobby").await;
+
+    let mut device = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    assert!(!connect_kept(&mut device, &t, "sensor-1", "dev-1", false).await);
+    device.subscribe(1, &["rooms/lobby"]).await;
+    alice.send_msg("lobby", "m1", "one").await;
+    let first = match device.next().await {
+        Some(Packet::Publish(p)) => p,
+        other => panic!("expected PUBLISH, got {other:?}"),
+    };
+    assert_eq!((&first.payload[..], first.dup), (&b"one"[..], false));
+    // Dropped before its PUBACK; a message comes while the device is away.
+    drop(device);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    alice.send_msg("lobby", "m2", "two").await;
+
+    let mut device = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    assert!(
+        connect_kept(&mut device, &t, "sensor-1", "dev-1", false).await,
+        "session present"
+    );
+    // No SUBSCRIBE: the subscription was kept. "one" again with DUP and its packet id,
+    // then "two".
+    let again = match device.next().await {
+        Some(Packet::Publish(p)) => p,
+        other => panic!("expected PUBLISH, got {other:?}"),
+    };
+    assert_eq!((&again.payload[..], again.dup), (&b"one"[..], true));
+    assert_eq!(again.qos_pid, first.qos_pid);
+    device
+        .send(&Packet::Puback(match again.qos_pid {
+            QosPid::Level1(pid) => pid,
+            _ => panic!("QoS 1"),
+        }))
+        .await;
+    match device.next().await {
+        Some(Packet::Publish(p)) => {
+            assert_eq!((&p.payload[..], p.dup), (&b"two"[..], false));
+            if let QosPid::Level1(pid) = p.qos_pid {
+                device.send(&Packet::Puback(pid)).await;
+            }
+        }
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+    // What the device publishes on the resumed session is a new message, not taken for
+    // an earlier one.
+    device
+        .send(&publish(1, "rooms/lobby", "from resumed", false))
+        .await;
+    loop {
+        match device.next().await.expect("open") {
+            Packet::Puback(_) => break,
+            Packet::Publish(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(alice.next_message().await.body, "one");
+    assert_eq!(alice.next_message().await.body, "two");
+    assert_eq!(alice.next_message().await.body, "from resumed");
+    // A DISCONNECT keeps it too; a clean session then discards it.
+    device.send(&Packet::Disconnect).await;
+    while let Some(p) = device.next().await {
+        assert!(matches!(p, Packet::Publish(_)), "{p:?}");
+    }
+    let mut device = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    assert!(connect_kept(&mut device, &t, "sensor-1", "dev-1", false).await);
+    drop(device);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut device = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    assert!(!connect_kept(&mut device, &t, "sensor-1", "dev-1", true).await);
+    drop(device);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut device = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    assert!(!connect_kept(&mut device, &t, "sensor-1", "dev-1", false).await);
+
+    // A kept session needs a client id.
+    let mut anonymous = Raw::open(&t).await;
+    let mut connect = Connect::new("".into(), 30);
+    connect.clean_session = false;
+    connect.password = Some(t.token("sensor-2").into_bytes().into());
+    anonymous.send(&Packet::Connect(connect)).await;
+    match anonymous.next().await {
+        Some(Packet::Connack(c)) => assert_eq!(c.code, ConnectReturnCode::IdentifierRejected),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}

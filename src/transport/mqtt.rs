@@ -12,9 +12,11 @@
 //! - PUBLISH to `rooms/{room}` becomes a `send`; a QoS 1 PUBACK waits for the send's
 //!   reply, which comes only once the message is durable.
 //! - Keep-alive: silence for 1.5 × the CONNECT keep-alive closes the connection.
-//! - The end: without DISCONNECT the CONNECT's will (a message to `rooms/{room}`) is sent;
-//!   either way the session ends with the connection (no resume yet), so presence goes
-//!   offline at once.
+//! - The end: without DISCONNECT the CONNECT's will (a message to `rooms/{room}`) is sent.
+//!   A clean session ends with the connection, so presence goes offline at once; with
+//!   `clean_session=false` the parley session waits out its grace period and the MQTT
+//!   session state (subscriptions, un-PUBACKed QoS 1 PUBLISHes) is kept in [`Kept`] for
+//!   the next CONNECT with the same client id, which resumes both.
 //!
 //! Anything a 3.1.1 server cannot refuse with a code (a bad topic, a refused send, QoS 2,
 //! a malformed or oversize packet) closes the connection, as the specification asks.
@@ -441,24 +443,39 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
         username,
         password,
         last_will,
+        clean_session,
+        client_id,
         ..
     } = connect;
     let token = password.as_deref().map(std::str::from_utf8);
-    let refusal = match token {
-        None => Some(ConnectReturnCode::NotAuthorized),
-        Some(Err(_)) => Some(ConnectReturnCode::BadUserNameOrPassword),
+    let user = match token {
+        None => Err(ConnectReturnCode::NotAuthorized),
+        Some(Err(_)) => Err(ConnectReturnCode::BadUserNameOrPassword),
         Some(Ok(token)) => match core.authenticate(token) {
-            Err(_) => Some(ConnectReturnCode::BadUserNameOrPassword),
+            Err(_) => Err(ConnectReturnCode::BadUserNameOrPassword),
             Ok(user) if username.as_deref().is_some_and(|u| *u != *user) => {
-                Some(ConnectReturnCode::BadUserNameOrPassword)
+                Err(ConnectReturnCode::BadUserNameOrPassword)
             }
-            Ok(_) => None,
+            Ok(user) => Ok(user.to_string()),
         },
     };
-    if let Some(code) = refusal {
-        refuse(wire, code).await;
+    let user = match user {
+        Ok(user) => user,
+        Err(code) => {
+            refuse(wire, code).await;
+            return None;
+        }
+    };
+    // A session kept for this user and client id (`clean_session=false`): resumed below
+    // when the session layer still has it. A clean session discards any.
+    let key = (user, client_id.to_string());
+    if !clean_session && key.1.is_empty() {
+        // MQTT-3.1.3-8: a kept session needs a client id.
+        refuse(wire, ConnectReturnCode::IdentifierRejected).await;
         return None;
     }
+    let kept = ctx.mqtt.take(&key);
+    let kept = kept.filter(|_| !clean_session);
     // The will: a message to a room, sent when the connection ends without DISCONNECT.
     // One the server could never send is refused here (3.1.1 has no code for it).
     let will = match last_will {
@@ -509,15 +526,23 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
         id: CONNECT_ID,
         cmd: Some(Cmd::Connect(proto::Connect {
             token: token.to_string(),
-            ..Default::default()
+            session_id: kept
+                .as_ref()
+                .map(|k| k.session_id.clone())
+                .unwrap_or_default(),
+            last_pos: kept.as_ref().map_or(0, |k| k.last_pos),
         })),
     };
     Box::pin(outbox.receive(Ok(request))).await;
+    let mut resumed = false;
     let code = match outbox.ready() {
         Some(Out::Frame(ServerFrame {
-            kind: Some(Kind::Connected(_)),
+            kind: Some(Kind::Connected(c)),
             ..
-        })) => None,
+        })) => {
+            resumed = c.resumed;
+            None
+        }
         Some(Out::Frame(ServerFrame {
             kind: Some(Kind::Error(e)),
             ..
@@ -535,7 +560,9 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
     }
     let session = outbox.session()?.clone();
     tracing::Span::current().record("user", session.user_id());
-    let connack = Packet::Connack(Connack::new(false, ConnectReturnCode::Accepted));
+    // The kept state only with the session it belongs to (else it expired).
+    let kept = kept.filter(|_| resumed).unwrap_or_default();
+    let connack = Packet::Connack(Connack::new(resumed, ConnectReturnCode::Accepted));
     if wire.write_packet(&connack).await.is_err() {
         return None;
     }
@@ -546,16 +573,67 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
         shutdown: ctx.shutdown.clone(),
         will,
         session_tag: session.id().to_string(),
-        subscriptions: HashMap::new(),
+        keep: (!clean_session).then(|| (ctx.mqtt.clone(), key)),
+        subscriptions: kept.subscriptions,
         pending: HashMap::new(),
         suback: HashMap::new(),
-        recent: VecDeque::new(),
+        recent: kept.recent,
+        unacked: kept.unacked,
+        last_pos: kept.last_pos,
         next_request: CONNECT_ID + 1,
-        next_pid: 0,
-        published: 0,
+        next_pid: kept.next_pid,
+        published: kept.published,
         keep_alive: keep_alive > 0,
     })
 }
+
+/// Sessions kept for `clean_session=false` clients between connections, by (user, client
+/// id): what MQTT calls the session state (subscriptions, QoS 1 messages not yet
+/// PUBACKed) and where its parley session's stream stands. An entry lives as long as the
+/// parley session could be resumed (`session.grace_period`); expired ones are dropped
+/// whenever another is kept.
+#[derive(Default)]
+pub struct Kept(std::sync::Mutex<HashMap<(String, String), KeptSession>>);
+
+impl Kept {
+    fn take(&self, key: &(String, String)) -> Option<KeptSession> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.remove(key)
+            .filter(|k| k.expires.is_some_and(|e| e > Instant::now()))
+    }
+
+    fn keep(&self, key: (String, String), session: KeptSession) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        map.retain(|_, k| k.expires.is_some_and(|e| e > now));
+        map.insert(key, session);
+    }
+}
+
+/// One kept MQTT session (see [`Kept`]).
+#[derive(Default)]
+struct KeptSession {
+    session_id: String,
+    /// The last session position written to the device.
+    last_pos: u64,
+    expires: Option<Instant>,
+    subscriptions: HashMap<String, QoS>,
+    unacked: VecDeque<Unacked>,
+    recent: VecDeque<Recent>,
+    next_pid: u16,
+    published: u64,
+}
+
+/// A QoS 1 PUBLISH written to the device and not yet PUBACKed: sent again, with DUP,
+/// when a kept session resumes.
+struct Unacked {
+    pid: u16,
+    publish: Publish,
+}
+
+/// The most unacknowledged QoS 1 PUBLISHes a connection keeps for redelivery (older ones
+/// are forgotten: they were delivered once).
+const MAX_UNACKED: usize = 256;
 
 /// Answers a CONNECT with a refusal, then closes.
 async fn refuse(wire: &mut Wire, code: ConnectReturnCode) {
@@ -652,6 +730,13 @@ struct Connection {
     will: Option<Will>,
     /// The session id, in the `client_msg_id` of what this connection publishes.
     session_tag: String,
+    /// Where to keep the MQTT session when the connection ends (`clean_session=false`):
+    /// the registry and this session's key.
+    keep: Option<(Arc<Kept>, (String, String))>,
+    /// QoS 1 PUBLISHes written and not yet PUBACKed (kept only with `keep`).
+    unacked: VecDeque<Unacked>,
+    /// The last session position written to the device.
+    last_pos: u64,
     /// Rooms whose messages this connection delivers, with the granted QoS.
     subscriptions: HashMap<String, QoS>,
     /// Commands waiting for their replies, by request id.
@@ -682,6 +767,21 @@ enum Stop {
 
 impl Connection {
     async fn run(mut self, mut wire: Wire) {
+        // A resumed session first sends again what the device never acknowledged.
+        let mut again = BytesMut::new();
+        for u in &self.unacked {
+            let mut publish = u.publish.clone();
+            publish.dup = true;
+            encode(&Packet::Publish(publish), &mut again);
+        }
+        if !again.is_empty()
+            && wire
+                .write(again.freeze(), self.unacked.len() as u64)
+                .await
+                .is_err()
+        {
+            return;
+        }
         // Packets that came in the CONNECT's WebSocket message (a client may send
         // CONNECT and SUBSCRIBE together) are handled before waiting for more.
         let first = self.on_bytes(&mut wire).await;
@@ -701,10 +801,32 @@ impl Connection {
             let client_msg_id = format!("mqtt-{}-will", self.session_tag);
             publish_will(core, user, client_msg_id, will).await;
         }
-        // MQTT 3.1.1 here has no resume (`clean_session=false` is not served), so the
-        // session ends with the connection: no grace period, presence goes offline now.
         self.outbox.settle().await;
-        self.outbox.client_closed();
+        match self.keep.take() {
+            // `clean_session=false`: the session waits out its grace period (dropping
+            // the outbox detaches it), its MQTT state kept beside it.
+            Some((kept, key)) if !self.shutdown.is_cancelled() => {
+                let Some(session) = self.outbox.session() else {
+                    return;
+                };
+                let grace = self.core.config.session.grace_period;
+                kept.keep(
+                    key,
+                    KeptSession {
+                        session_id: session.id().to_string(),
+                        last_pos: self.last_pos,
+                        expires: Some(Instant::now() + grace),
+                        subscriptions: std::mem::take(&mut self.subscriptions),
+                        unacked: std::mem::take(&mut self.unacked),
+                        recent: std::mem::take(&mut self.recent),
+                        next_pid: self.next_pid,
+                        published: self.published,
+                    },
+                );
+            }
+            // A clean session ends with the connection: presence goes offline now.
+            _ => self.outbox.client_closed(),
+        }
     }
 
     /// Reads packets and writes what the outbox hands out, until the connection stops.
@@ -809,12 +931,22 @@ impl Connection {
                     .await
                     .map_err(|_| Stop::Gone)
             }
-            // What parley publishes is acknowledged on write (see `deliver`).
-            Packet::Puback(_) => Ok(()),
+            // What parley publishes is released from the session on write (see
+            // `deliver`); a kept session also forgets it for redelivery now.
+            Packet::Puback(pid) => {
+                let pid = pid.value();
+                if let Some(i) = self.unacked.iter().position(|u| u.pid == pid) {
+                    self.unacked.remove(i);
+                }
+                Ok(())
+            }
             Packet::Disconnect => {
-                // A deliberate goodbye: the session ends now, without the will.
+                // A deliberate goodbye, without the will: a clean session ends now, a
+                // kept one waits for the device (see `run`).
                 self.will = None;
-                self.outbox.client_closed();
+                if self.keep.is_none() {
+                    self.outbox.client_closed();
+                }
                 Err(Stop::Close(NORMAL_CLOSE, "disconnect"))
             }
             Packet::Pubrec(_) | Packet::Pubrel(_) | Packet::Pubcomp(_) => {
@@ -921,7 +1053,16 @@ impl Connection {
                         _ => QosPid::Level1(self.pid()),
                     };
                     let publish = Publish::new(qos_pid, topic, Bytes::from(m.body.clone()));
-                    encode(&Packet::Publish(publish), &mut bytes);
+                    encode(&Packet::Publish(publish.clone()), &mut bytes);
+                    if let (Some(_), QosPid::Level1(pid)) = (&self.keep, qos_pid) {
+                        if self.unacked.len() == MAX_UNACKED {
+                            self.unacked.pop_front();
+                        }
+                        self.unacked.push_back(Unacked {
+                            pid: pid.value(),
+                            publish,
+                        });
+                    }
                     packets += 1;
                 }
                 if packets > 0 {
@@ -936,6 +1077,7 @@ impl Connection {
                 if let Some(s) = self.outbox.session() {
                     s.ack(last);
                 }
+                self.last_pos = self.last_pos.max(last);
                 Ok(())
             }
             Out::Idle => wire.ping().await.map_err(|()| Stop::Gone),
