@@ -46,6 +46,10 @@ pub struct MqttConfig {
     /// Also listen for plain MQTT (no WebSocket) on this address: TCP, or TLS when `[tls]`
     /// is configured. Unset (the default): no such listener. Independent of `enabled`.
     pub listen: Option<SocketAddr>,
+    /// What the payload of a PUBLISH parley sends is: `body` (the message body, presence
+    /// `online`/`offline`, the typing user, the announcement text) or `json` (the push's
+    /// proto3 JSON object: a `Message`, `Presence`, `TypingEvent` or `Announcement`).
+    pub payload: MqttPayload,
     /// Largest MQTT packet a client may send, fixed header included (bytes); a larger one
     /// closes its connection. Also bounds the bytes buffered for one packet that spans
     /// several WebSocket messages.
@@ -57,9 +61,20 @@ impl Default for MqttConfig {
         Self {
             enabled: true,
             listen: None,
+            payload: MqttPayload::Body,
             max_packet_bytes: 64 * 1024,
         }
     }
+}
+
+/// The payload of what parley publishes over MQTT (`mqtt.payload`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MqttPayload {
+    /// The raw body (UTF-8 bytes).
+    Body,
+    /// The push as its proto3 JSON object.
+    Json,
 }
 
 /// Limits and rate limits against abuse. Every limit is per instance; 0 turns one off.

@@ -14,13 +14,13 @@ use std::{
     time::Duration,
 };
 
-use common::{TestServer, WAIT};
+use common::{TestServer, WAIT, http_request};
 use futures_util::{SinkExt, StreamExt};
 use mqtt_proto::{
     Pid, Protocol, QoS, QosPid, TopicFilter, TopicName,
     v3::{Connect, ConnectReturnCode, Packet, Publish, Subscribe, SubscribeReturnCode},
 };
-use parley::codec::Encoding;
+use parley::{codec::Encoding, proto::client_frame::Cmd};
 use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio_tungstenite::{
@@ -387,14 +387,30 @@ fn publish(pid: u16, topic: &str, body: &str, dup: bool) -> Packet {
 }
 
 #[tokio::test]
-async fn wildcards_and_other_topics_are_refused_in_the_suback() {
+async fn topics_parley_does_not_publish_are_refused_in_the_suback() {
     let t = TestServer::start().await;
     let mut raw = Raw::connected(&t, "sensor-1", 30).await;
     let codes = raw
-        .subscribe(1, &["rooms/#", "rooms/lobby", "#", "rooms/+", "dm/bob"])
+        .subscribe(
+            1,
+            &[
+                "rooms/#",
+                "rooms/lobby",
+                "#",
+                "rooms/+",
+                "dm/bob",
+                "elsewhere",
+                "$SYS/#",
+            ],
+        )
         .await;
     use SubscribeReturnCode::{Failure, MaxLevel1};
-    assert_eq!(codes, [Failure, MaxLevel1, Failure, Failure, Failure]);
+    assert_eq!(
+        codes,
+        [
+            MaxLevel1, MaxLevel1, MaxLevel1, MaxLevel1, MaxLevel1, Failure, Failure
+        ]
+    );
     // Still connected: PINGREQ → PINGRESP.
     raw.send(&Packet::Pingreq).await;
     assert_eq!(raw.next().await, Some(Packet::Pingresp));
@@ -1084,4 +1100,140 @@ async fn a_kept_session_resumes_with_unacked_qos1_messages_sent_again_with_dup()
         Some(Packet::Connack(c)) => assert_eq!(c.code, ConnectReturnCode::IdentifierRejected),
         other => panic!("expected CONNACK, got {other:?}"),
     }
+}
+
+/// The next PUBLISH on `raw` (PUBACKing it), skipping PUBACKs: (topic, payload, dup).
+async fn next_publish(raw: &mut Raw) -> (String, String) {
+    loop {
+        match raw.next().await.expect("open") {
+            Packet::Publish(p) => {
+                if let QosPid::Level1(pid) = p.qos_pid {
+                    raw.send(&Packet::Puback(pid)).await;
+                }
+                return (
+                    p.topic_name.to_string(),
+                    String::from_utf8(p.payload.to_vec()).unwrap(),
+                );
+            }
+            Packet::Puback(_) => {}
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn dm_typing_presence_and_announcement_topics_with_wildcards() {
+    let t = TestServer::start_with(|c| c.auth.admin_token = "root-token".into()).await;
+    let mut alice = t.client("alice", Encoding::Json).await;
+    alice.join("lobby").await;
+    let mut bob = t.client("bob", Encoding::Json).await;
+    bob.join("lobby").await;
+    let mut device = Raw::connected(&t, "sensor-1", 30).await;
+    // rooms/lobby joins; rooms/# overlaps it (one PUBLISH per message, at the higher QoS).
+    let filters = [
+        "rooms/lobby",
+        "rooms/#",
+        "dm/+",
+        "presence/+",
+        "announcements",
+    ];
+    assert_eq!(device.subscribe(1, &filters).await.len(), 5);
+
+    alice.send_msg("lobby", "m1", "room message").await;
+    assert_eq!(
+        next_publish(&mut device).await,
+        ("rooms/lobby".into(), "room message".into())
+    );
+    alice
+        .request(Cmd::Typing(parley::proto::Typing {
+            room: "lobby".into(),
+        }))
+        .await;
+    assert_eq!(
+        next_publish(&mut device).await,
+        ("rooms/lobby/typing".into(), "alice".into())
+    );
+    alice
+        .request(Cmd::Send(parley::proto::Send {
+            to_user: "sensor-1".into(),
+            client_msg_id: "dm1".into(),
+            body: "psst".into(),
+            ..Default::default()
+        }))
+        .await;
+    assert_eq!(
+        next_publish(&mut device).await,
+        ("dm/alice".into(), "psst".into())
+    );
+    bob.ws.close(None).await.unwrap();
+    assert_eq!(
+        next_publish(&mut device).await,
+        ("presence/bob".into(), "offline".into())
+    );
+    let announce = http_request(
+        t.addr(),
+        "POST",
+        "/api/v1/announce",
+        Some("root-token"),
+        r#"{"body":"maintenance at noon"}"#,
+    )
+    .await;
+    assert_eq!(announce.0, 202);
+    assert_eq!(
+        next_publish(&mut device).await,
+        ("announcements".into(), "maintenance at noon".into())
+    );
+
+    // The device answers the DM, and types in the lobby.
+    device
+        .send(&publish(5, "dm/alice", "hello alice", false))
+        .await;
+    // (Past alice's own messages coming back to her.)
+    let dm = loop {
+        let m = alice.next_of(pushed!(Message)).await;
+        if m.sender != "alice" {
+            break m;
+        }
+    };
+    assert_eq!(
+        (dm.body.as_str(), dm.sender.as_str()),
+        ("hello alice", "sensor-1")
+    );
+    assert_eq!(dm.room, "dm:alice:sensor-1");
+    let typing = publish(6, "rooms/lobby/typing", "", false);
+    device.send(&typing).await;
+    let event = alice.next_of(pushed!(Typing)).await;
+    assert_eq!(
+        (event.room.as_str(), event.user.as_str()),
+        ("lobby", "sensor-1")
+    );
+    let mut acks = Vec::new();
+    while acks.len() < 2 {
+        match device.next().await.expect("open") {
+            Packet::Puback(pid) => acks.push(pid.value()),
+            Packet::Publish(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    acks.sort();
+    assert_eq!(acks, [5, 6]);
+}
+
+#[tokio::test]
+async fn the_json_payload_option_sends_the_push_object() {
+    let t = TestServer::start_with(|c| {
+        c.mqtt.payload = parley::config::MqttPayload::Json;
+    })
+    .await;
+    let mut alice = t.client("alice", Encoding::Json).await;
+    alice.join("lobby").await;
+    let mut device = Raw::connected(&t, "sensor-1", 30).await;
+    device.subscribe(1, &["rooms/lobby"]).await;
+    let sent = alice.send_msg("lobby", "m1", "as json").await;
+    let (topic, payload) = next_publish(&mut device).await;
+    assert_eq!(topic, "rooms/lobby");
+    let m: Value = serde_json::from_str(&payload).unwrap();
+    assert_eq!(m["body"], "as json", "{m}");
+    assert_eq!(m["sender"], "alice", "{m}");
+    assert_eq!(m["seq"], sent.seq.to_string(), "{m}");
 }

@@ -7,10 +7,13 @@
 //! - CONNECT (password = a parley JWT; a username, if given, must equal its `sub`)
 //!   becomes a `connect` command through the one connect path; CONNACK reports it.
 //! - SUBSCRIBE `rooms/{room}` becomes a `join` (room rules apply) and starts delivery of
-//!   that room's messages as PUBLISH; UNSUBSCRIBE only stops delivery (membership is the
-//!   user's, shared with their other devices).
-//! - PUBLISH to `rooms/{room}` becomes a `send`; a QoS 1 PUBACK waits for the send's
-//!   reply, which comes only once the message is durable.
+//!   that room's messages as PUBLISH; other filters (`dm/+`, `presence/{user}`,
+//!   `rooms/+/typing`, `announcements`, `#`, …) match among the session's own pushes, so
+//!   they read nothing the user could not. UNSUBSCRIBE only stops delivery (membership
+//!   is the user's, shared with their other devices).
+//! - PUBLISH to `rooms/{room}` or `dm/{user}` becomes a `send`; a QoS 1 PUBACK waits for
+//!   the send's reply, which comes only once the message is durable. `rooms/{room}/typing`
+//!   becomes a `typing`.
 //! - Keep-alive: silence for 1.5 × the CONNECT keep-alive closes the connection.
 //! - The end: without DISCONNECT the CONNECT's will (a message to `rooms/{room}`) is sent.
 //!   A clean session ends with the connection, so presence goes offline at once; with
@@ -62,6 +65,7 @@ use super::{
     ws::CLOSE_TIMEOUT,
 };
 use crate::{
+    config::MqttPayload,
     metrics::{Metrics, TransportLabel},
     proto::{self, ClientFrame, ServerFrame, client_frame::Cmd, server_frame::Kind},
     session::{CloseReason, Conn, Core, Out, Outbox, OutboxConfig},
@@ -72,6 +76,14 @@ const LABEL: TransportLabel = TransportLabel { transport: "mqtt" };
 const SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
 /// The topic prefix of a chat room.
 const ROOMS: &str = "rooms/";
+/// The topic suffix of a room's typing events (after `rooms/{room}`).
+const TYPING: &str = "/typing";
+/// The topic prefix of direct messages with a user.
+const DM: &str = "dm/";
+/// The topic prefix of a user's presence.
+const PRESENCE: &str = "presence/";
+/// The topic of announcements to everyone (a room's: `rooms/{room}/announcements`).
+const ANNOUNCEMENTS: &str = "announcements";
 /// A CONNACK for an MQTT 5 client: reason 0x84, unsupported protocol version, no
 /// properties (MQTT 5.0 section 3.2).
 const CONNACK_V5_UNSUPPORTED: [u8; 5] = [0x20, 0x03, 0x00, 0x84, 0x00];
@@ -686,6 +698,9 @@ async fn publish_will(core: Arc<Core>, user: String, client_msg_id: String, will
 enum Pending {
     /// A PUBLISH's `send`: PUBACK this packet id once it is durable (QoS 1).
     Publish(Option<u16>),
+    /// A PUBLISH to `rooms/{room}/typing`: PUBACK this packet id (QoS 1) whatever the
+    /// reply (a typing event over its rate is dropped, not an error worth a close).
+    Typing(Option<u16>),
     /// One topic of a SUBSCRIBE: entry `index` of SUBACK `pid`, for `room` at `qos`.
     Subscribe {
         pid: u16,
@@ -899,10 +914,15 @@ impl Connection {
                 let mut codes = vec![None; s.topics.len()];
                 let mut joins = Vec::new();
                 for (index, (filter, qos)) in s.topics.iter().enumerate() {
-                    match room_of(filter) {
-                        Some(room) => joins.push((index, room.to_string(), *qos)),
-                        // Wildcards, other topics: not readable here.
-                        None => codes[index] = Some(SubscribeReturnCode::Failure),
+                    if let Some(room) = room_of(filter) {
+                        joins.push((index, room.to_string(), *qos));
+                    } else if readable(filter) {
+                        // Over pushes the session gets anyway: nothing to check.
+                        let granted = (*qos).min(QoS::Level1);
+                        self.subscriptions.insert(filter.to_string(), granted);
+                        codes[index] = Some(granted_code(granted));
+                    } else {
+                        codes[index] = Some(SubscribeReturnCode::Failure);
                     }
                 }
                 self.suback.insert(pid, SubackState { codes });
@@ -923,9 +943,7 @@ impl Connection {
             }
             Packet::Unsubscribe(Unsubscribe { pid, topics }) => {
                 for filter in &topics {
-                    if let Some(room) = room_of(filter) {
-                        self.subscriptions.remove(room);
-                    }
+                    self.subscriptions.remove(&**filter);
                 }
                 wire.write_packet(&Packet::Unsuback(pid))
                     .await
@@ -960,13 +978,29 @@ impl Connection {
     async fn on_publish(&mut self, p: Publish) -> Step {
         // 3.1.1 has no negative PUBACK: what cannot be sent closes the connection
         // (MQTT-3.3.5-2). Retain is ignored (parley keeps history instead).
-        let Some(room) = topic_room(&p.topic_name) else {
-            return Err(Stop::Close(PROTOCOL_ERROR, "publish only to rooms/{room}"));
+        let Some(target) = publish_target(&p.topic_name) else {
+            return Err(Stop::Close(
+                PROTOCOL_ERROR,
+                "publish to rooms/{room}, rooms/{room}/typing or dm/{user}",
+            ));
         };
         let pid = match p.qos_pid {
             QosPid::Level0 => None,
             QosPid::Level1(pid) => Some(pid.value()),
             QosPid::Level2(_) => return Err(Stop::Close(PROTOCOL_ERROR, "QoS 2 is not supported")),
+        };
+        let (room, to_user) = match target {
+            Target::Typing(room) => {
+                // Ephemeral: no body, no idempotence to keep; acknowledged either way.
+                let cmd = Cmd::Typing(proto::Typing {
+                    room: room.to_string(),
+                });
+                let frame = self.request(cmd, Pending::Typing(pid));
+                Box::pin(self.outbox.receive(Ok(frame))).await;
+                return Ok(());
+            }
+            Target::Room(room) => (room.to_string(), String::new()),
+            Target::Direct(user) => (String::new(), user.to_string()),
         };
         let Ok(body) = String::from_utf8(p.payload.to_vec()) else {
             return Err(Stop::Close(PROTOCOL_ERROR, "payload must be UTF-8"));
@@ -1004,7 +1038,8 @@ impl Connection {
         };
         let client_msg_id = format!("mqtt-{}-{n}", self.session_tag);
         let cmd = Cmd::Send(proto::Send {
-            room: room.to_string(),
+            room,
+            to_user,
             client_msg_id,
             body,
             ..Default::default()
@@ -1038,21 +1073,27 @@ impl Connection {
                 let mut last = 0;
                 for (pos, push) in pushes {
                     last = pos;
-                    let Kind::Message(m) = push.kind() else {
+                    let Some((topic, payload)) = self.topic_of(push.kind()) else {
                         continue;
                     };
-                    let Some(&qos) = self.subscriptions.get(&m.room) else {
-                        continue;
-                    };
-                    let Ok(topic) = TopicName::try_from(format!("{ROOMS}{}", m.room).as_str())
+                    // The highest QoS of the filters that match (MQTT-3.3.5-1).
+                    let Some(qos) = self
+                        .subscriptions
+                        .iter()
+                        .filter(|(filter, _)| matches(filter, &topic))
+                        .map(|(_, qos)| *qos)
+                        .max()
                     else {
+                        continue;
+                    };
+                    let Ok(topic) = TopicName::try_from(topic.as_str()) else {
                         continue;
                     };
                     let qos_pid = match qos {
                         QoS::Level0 => QosPid::Level0,
                         _ => QosPid::Level1(self.pid()),
                     };
-                    let publish = Publish::new(qos_pid, topic, Bytes::from(m.body.clone()));
+                    let publish = Publish::new(qos_pid, topic, payload);
                     encode(&Packet::Publish(publish.clone()), &mut bytes);
                     if let (Some(_), QosPid::Level1(pid)) = (&self.keep, qos_pid) {
                         if self.unacked.len() == MAX_UNACKED {
@@ -1091,7 +1132,15 @@ impl Connection {
         };
         let ok = !matches!(frame.kind, Some(Kind::Error(_)) | None);
         match pending {
-            Pending::Publish(None) => Ok(()),
+            Pending::Publish(None) | Pending::Typing(None) => Ok(()),
+            Pending::Typing(Some(pid)) => {
+                let Ok(pid) = Pid::try_from(pid) else {
+                    return Ok(());
+                };
+                wire.write_packet(&Packet::Puback(pid))
+                    .await
+                    .map_err(|_| Stop::Gone)
+            }
             Pending::Publish(Some(pid)) => {
                 if let Some(r) = self.recent.iter_mut().find(|r| r.pid == pid) {
                     r.in_flight = false;
@@ -1114,11 +1163,8 @@ impl Connection {
             } => {
                 let code = if ok {
                     let granted = qos.min(QoS::Level1);
-                    self.subscriptions.insert(room, granted);
-                    match granted {
-                        QoS::Level0 => SubscribeReturnCode::MaxLevel0,
-                        _ => SubscribeReturnCode::MaxLevel1,
-                    }
+                    self.subscriptions.insert(format!("{ROOMS}{room}"), granted);
+                    granted_code(granted)
                 } else {
                     SubscribeReturnCode::Failure
                 };
@@ -1130,6 +1176,45 @@ impl Connection {
                 self.complete_suback(wire, pid).await
             }
         }
+    }
+
+    /// The topic and payload of a push a device may subscribe to (see the topic table in
+    /// docs/PROTOCOL.md); `None` for the others (receipts, signals, membership).
+    fn topic_of(&self, kind: &Kind) -> Option<(String, Bytes)> {
+        let json = self.core.config.mqtt.payload == MqttPayload::Json;
+        let payload = |body: &str, value: &dyn erased::Json| {
+            if json {
+                Bytes::from(value.to_json())
+            } else {
+                Bytes::copy_from_slice(body.as_bytes())
+            }
+        };
+        Some(match kind {
+            Kind::Message(m) => {
+                let topic = match m.room.strip_prefix("dm:") {
+                    Some(pair) => {
+                        let (a, b) = pair.split_once(':')?;
+                        let peer = if a == self.user { b } else { a };
+                        format!("{DM}{peer}")
+                    }
+                    None => format!("{ROOMS}{}", m.room),
+                };
+                (topic, payload(&m.body, m))
+            }
+            Kind::Typing(t) => (format!("{ROOMS}{}{TYPING}", t.room), payload(&t.user, t)),
+            Kind::Presence(p) => {
+                let status = if p.online { "online" } else { "offline" };
+                (format!("{PRESENCE}{}", p.user), payload(status, p))
+            }
+            Kind::Announcement(a) if a.room.is_empty() => {
+                (ANNOUNCEMENTS.to_string(), payload(&a.body, a))
+            }
+            Kind::Announcement(a) => (
+                format!("{ROOMS}{}/{ANNOUNCEMENTS}", a.room),
+                payload(&a.body, a),
+            ),
+            _ => return None,
+        })
     }
 
     /// The next packet id for a QoS 1 PUBLISH (1..=65535, wrapping).
@@ -1185,7 +1270,79 @@ fn read_stop(e: ReadError) -> Stop {
 fn topic_room(topic: &str) -> Option<&str> {
     topic
         .strip_prefix(ROOMS)
-        .filter(|r| !r.is_empty() && !r.contains(['+', '#']))
+        .filter(|r| !r.is_empty() && !r.contains(['+', '#', '/']))
+}
+
+/// What a device's PUBLISH topic names.
+#[derive(Debug, PartialEq)]
+enum Target<'a> {
+    /// `rooms/{room}`: a message to the room.
+    Room(&'a str),
+    /// `rooms/{room}/typing`: a typing event.
+    Typing(&'a str),
+    /// `dm/{user}`: a direct message.
+    Direct(&'a str),
+}
+
+fn publish_target(topic: &str) -> Option<Target<'_>> {
+    let plain = |s: &str| !s.is_empty() && !s.contains(['+', '#', '/']);
+    if let Some(room) = topic_room(topic) {
+        return Some(Target::Room(room));
+    }
+    if let Some(room) = topic
+        .strip_prefix(ROOMS)
+        .and_then(|t| t.strip_suffix(TYPING))
+        .filter(|r| plain(r))
+    {
+        return Some(Target::Typing(room));
+    }
+    topic
+        .strip_prefix(DM)
+        .filter(|u| plain(u))
+        .map(Target::Direct)
+}
+
+/// Whether a subscription filter covers only topics parley publishes: its first level
+/// names one of them (or is a wildcard). Every push it can match is one the session
+/// receives anyway, so a wildcard reads nothing the user may not read.
+fn readable(filter: &str) -> bool {
+    let first = filter.split('/').next().unwrap_or_default();
+    ["rooms", "dm", "presence", "announcements", "+", "#"].contains(&first)
+}
+
+/// MQTT topic matching: `+` is one level, a final `#` is the rest (or nothing).
+fn matches(filter: &str, topic: &str) -> bool {
+    let (mut f, mut t) = (filter.split('/'), topic.split('/'));
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// The SUBACK code of a granted QoS.
+fn granted_code(qos: QoS) -> SubscribeReturnCode {
+    match qos {
+        QoS::Level0 => SubscribeReturnCode::MaxLevel0,
+        _ => SubscribeReturnCode::MaxLevel1,
+    }
+}
+
+/// A push object as its proto3 JSON (the `json` payload).
+mod erased {
+    pub trait Json {
+        fn to_json(&self) -> Vec<u8>;
+    }
+
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> Vec<u8> {
+            serde_json::to_vec(self).unwrap_or_default()
+        }
+    }
 }
 
 /// The room of a subscription filter: exactly `rooms/{room}`, no wildcards.
@@ -1230,5 +1387,30 @@ mod tests {
         assert_eq!(topic_room("rooms/#"), None);
         assert_eq!(topic_room("rooms/+"), None);
         assert_eq!(topic_room("dm/bob"), None);
+        assert_eq!(topic_room("rooms/lobby/typing"), None);
+        assert_eq!(publish_target("rooms/lobby"), Some(Target::Room("lobby")));
+        assert_eq!(
+            publish_target("rooms/lobby/typing"),
+            Some(Target::Typing("lobby"))
+        );
+        assert_eq!(publish_target("dm/bob"), Some(Target::Direct("bob")));
+        assert_eq!(publish_target("dm/+"), None);
+        assert_eq!(publish_target("presence/bob"), None);
+        assert_eq!(publish_target("rooms/a/b/typing"), None);
+    }
+
+    #[test]
+    fn filters_match_like_mqtt() {
+        assert!(matches("rooms/lobby", "rooms/lobby"));
+        assert!(!matches("rooms/lobby", "rooms/lobby/typing"));
+        assert!(matches("rooms/+", "rooms/lobby"));
+        assert!(!matches("rooms/+", "rooms/lobby/typing"));
+        assert!(matches("rooms/+/typing", "rooms/lobby/typing"));
+        assert!(matches("rooms/#", "rooms/lobby/typing"));
+        assert!(matches("#", "presence/bob"));
+        assert!(matches("+/bob", "dm/bob"));
+        assert!(!matches("dm/+", "presence/bob"));
+        assert!(readable("rooms/#") && readable("#") && readable("+/bob"));
+        assert!(!readable("$SYS/#") && !readable("elsewhere"));
     }
 }
