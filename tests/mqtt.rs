@@ -1237,3 +1237,38 @@ async fn the_json_payload_option_sends_the_push_object() {
     assert_eq!(m["sender"], "alice", "{m}");
     assert_eq!(m["seq"], sent.seq.to_string(), "{m}");
 }
+
+#[tokio::test]
+async fn a_new_connection_with_the_same_client_id_takes_the_kept_session_over() {
+    let (t, mqtt) = with_listener(|c| c.session.grace_period = Duration::from_secs(600)).await;
+    let mut alice = t.client("alice", Encoding::Json).await;
+    alice.join("lobby").await;
+    // The old connection is still open (think: half-open behind a NAT) when the device
+    // comes back on a new one.
+    let mut old = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    assert!(!connect_kept(&mut old, &t, "sensor-1", "dev-1", false).await);
+    old.subscribe(1, &["rooms/lobby"]).await;
+    alice.send_msg("lobby", "m1", "before").await;
+    assert_eq!(
+        next_publish(&mut old).await,
+        ("rooms/lobby".into(), "before".into())
+    );
+
+    let mut new = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    assert!(
+        connect_kept(&mut new, &t, "sensor-1", "dev-1", false).await,
+        "the old connection's session, handed over"
+    );
+    assert_eq!(old.next().await, None, "the old connection is closed");
+    alice.send_msg("lobby", "m2", "after").await;
+    assert_eq!(
+        next_publish(&mut new).await,
+        ("rooms/lobby".into(), "after".into())
+    );
+
+    // Another client id of the same user is left alone.
+    let mut other = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    assert!(!connect_kept(&mut other, &t, "sensor-1", "dev-2", true).await);
+    new.send(&Packet::Pingreq).await;
+    assert_eq!(new.next().await, Some(Packet::Pingresp));
+}

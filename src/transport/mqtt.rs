@@ -486,6 +486,9 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
         refuse(wire, ConnectReturnCode::IdentifierRejected).await;
         return None;
     }
+    // A connection with the same client id is closed first (it may keep its session).
+    let live = Box::pin(ctx.mqtt.claim(&key)).await;
+    let release = Release(ctx.mqtt.clone(), key.clone(), live.clone());
     let kept = ctx.mqtt.take(&key);
     let kept = kept.filter(|_| !clean_session);
     // The will: a message to a room, sent when the connection ends without DISCONNECT.
@@ -586,6 +589,8 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
         will,
         session_tag: session.id().to_string(),
         keep: (!clean_session).then(|| (ctx.mqtt.clone(), key)),
+        kicked: live.kick,
+        _release: release,
         subscriptions: kept.subscriptions,
         pending: HashMap::new(),
         suback: HashMap::new(),
@@ -604,21 +609,91 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
 /// PUBACKed) and where its parley session's stream stands. An entry lives as long as the
 /// parley session could be resumed (`session.grace_period`); expired ones are dropped
 /// whenever another is kept.
+///
+/// It also knows the live connection of each (user, client id), so a new CONNECT with the
+/// same client id takes over from it (MQTT-3.1.4-2): the old one is closed and, if it
+/// kept its session, hands it over. A device whose old TCP connection is half-open
+/// (a NAT forgot it) so resumes at once instead of waiting for its keep-alive.
 #[derive(Default)]
-pub struct Kept(std::sync::Mutex<HashMap<(String, String), KeptSession>>);
+pub struct Kept(std::sync::Mutex<KeptInner>);
+
+/// [`Kept`]'s state, under its lock (never held across an await).
+#[derive(Default)]
+pub struct KeptInner {
+    kept: HashMap<(String, String), KeptSession>,
+    live: HashMap<(String, String), Live>,
+    next_id: u64,
+}
+
+/// The live connection of a client id: cancel `kick` to close it; `ended` is cancelled
+/// once it has finished (and kept its session, if it does).
+#[derive(Clone)]
+struct Live {
+    id: u64,
+    kick: tokio_util::sync::CancellationToken,
+    ended: tokio_util::sync::CancellationToken,
+}
+
+/// How long a CONNECT waits for the connection it takes over to hand its session over.
+const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Kept {
+    fn lock(&self) -> std::sync::MutexGuard<'_, KeptInner> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn take(&self, key: &(String, String)) -> Option<KeptSession> {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.remove(key)
+        self.lock()
+            .kept
+            .remove(key)
             .filter(|k| k.expires.is_some_and(|e| e > Instant::now()))
     }
 
     fn keep(&self, key: (String, String), session: KeptSession) {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.lock();
         let now = Instant::now();
-        map.retain(|_, k| k.expires.is_some_and(|e| e > now));
-        map.insert(key, session);
+        inner.kept.retain(|_, k| k.expires.is_some_and(|e| e > now));
+        inner.kept.insert(key, session);
+    }
+
+    /// Registers a new live connection for `key`, closing the one before it (if any) and
+    /// waiting, briefly, until it has ended.
+    async fn claim(&self, key: &(String, String)) -> Live {
+        let (live, previous) = {
+            let mut inner = self.lock();
+            inner.next_id += 1;
+            let live = Live {
+                id: inner.next_id,
+                kick: Default::default(),
+                ended: Default::default(),
+            };
+            let previous = inner.live.insert(key.clone(), live.clone());
+            (live, previous)
+        };
+        if let Some(previous) = previous {
+            previous.kick.cancel();
+            let _ = timeout(TAKEOVER_TIMEOUT, previous.ended.cancelled()).await;
+        }
+        live
+    }
+
+    /// The connection `live` for `key` has ended.
+    fn release(&self, key: &(String, String), live: &Live) {
+        let mut inner = self.lock();
+        if inner.live.get(key).is_some_and(|l| l.id == live.id) {
+            inner.live.remove(key);
+        }
+        live.ended.cancel();
+    }
+}
+
+/// Releases a connection's claim on its client id when dropped (after the session was
+/// kept), on every path out of the handshake and the connection.
+struct Release(Arc<Kept>, (String, String), Live);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.0.release(&self.1, &self.2);
     }
 }
 
@@ -748,6 +823,10 @@ struct Connection {
     /// Where to keep the MQTT session when the connection ends (`clean_session=false`):
     /// the registry and this session's key.
     keep: Option<(Arc<Kept>, (String, String))>,
+    /// Cancelled when a new connection with the same client id takes over.
+    kicked: tokio_util::sync::CancellationToken,
+    /// This connection's claim on its client id (dropped last: after the session is kept).
+    _release: Release,
     /// QoS 1 PUBLISHes written and not yet PUBACKed (kept only with `keep`).
     unacked: VecDeque<Unacked>,
     /// The last session position written to the device.
@@ -851,6 +930,9 @@ impl Connection {
                 biased;
                 read = wire.read(), if self.outbox.accepting() => self.on_read(wire, read).await,
                 out = self.outbox.next() => self.deliver(wire, out).await,
+                _ = self.kicked.cancelled() => {
+                    Err(Stop::Close(CloseReason::SessionMoved.code(), "taken over by a new connection"))
+                }
             };
             if let Err(stop) = step {
                 return stop;
