@@ -61,7 +61,6 @@ use yawc::{
 use super::{
     Ctx,
     deadline::{self, WriteDeadline},
-    origin_allowed,
     ws::CLOSE_TIMEOUT,
 };
 use crate::{
@@ -95,17 +94,12 @@ const CONNECT_ID: u64 = 1;
 /// Picks the subprotocol to echo: `Ok(None)` when none was offered, `Err` when only
 /// others were.
 fn negotiate(headers: &HeaderMap) -> Result<Option<&'static str>, ()> {
-    let mut offered = false;
-    for value in headers.get_all(header::SEC_WEBSOCKET_PROTOCOL) {
-        let Ok(value) = value.to_str() else { continue };
-        for name in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            offered = true;
-            if let Some(p) = SUBPROTOCOLS.iter().find(|p| p.eq_ignore_ascii_case(name)) {
-                return Ok(Some(p));
-            }
-        }
-    }
-    if offered { Err(()) } else { Ok(None) }
+    super::ws::pick_subprotocol(headers, |name| {
+        SUBPROTOCOLS
+            .iter()
+            .find(|p| p.eq_ignore_ascii_case(name))
+            .copied()
+    })
 }
 
 pub async fn handler(
@@ -119,11 +113,8 @@ pub async fn handler(
     if !config.mqtt.enabled {
         return StatusCode::NOT_FOUND.into_response();
     }
-    if !origin_allowed(&config.server, &headers, &uri) {
-        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
-    }
-    if ctx.shutdown.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    if let Some(refused) = super::ws::refuse_upgrade(&ctx, &headers, &uri) {
+        return refused;
     }
     let Ok(subprotocol) = negotiate(&headers) else {
         return (
@@ -139,13 +130,11 @@ pub async fn handler(
     let options = super::ws::options(&config.ws)
         .with_max_payload_read(message_limit)
         .with_max_read_buffer(message_limit);
-    let (mut response, fut) = match upgrade.upgrade(options) {
-        Ok(pair) => pair,
-        Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
-    };
-    if let Some(Extension(d)) = deadline {
-        d.set(config.ws.write_timeout + CLOSE_TIMEOUT + Duration::from_secs(1));
-    }
+    let (mut response, fut) =
+        match super::ws::accept_upgrade(upgrade, options, deadline, &config.ws) {
+            Ok(pair) => pair,
+            Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+        };
     if let Some(p) = subprotocol {
         response
             .headers_mut()
