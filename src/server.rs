@@ -277,13 +277,15 @@ async fn metrics(State(app): State<Ctx>) -> impl IntoResponse {
 /// A running server.
 pub struct Server {
     addr: SocketAddr,
+    /// The plain MQTT listener's address (`[mqtt] listen`).
+    mqtt_addr: Option<SocketAddr>,
     state: Ctx,
     task: JoinHandle<Result<(), ServerError>>,
 }
 
-/// Loads the configured certificate and key into a TLS acceptor offering h2 and
-/// http/1.1 by ALPN; `None` when TLS is not configured.
-fn tls_acceptor(config: &TlsConfig) -> Result<Option<TlsAcceptor>, ServerError> {
+/// Loads the configured certificate and key into a TLS acceptor offering `alpn` (h2 and
+/// http/1.1 for HTTP; none for MQTT); `None` when TLS is not configured.
+fn tls_acceptor(config: &TlsConfig, alpn: &[&[u8]]) -> Result<Option<TlsAcceptor>, ServerError> {
     use tokio_rustls::rustls::{
         ServerConfig,
         pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
@@ -308,7 +310,7 @@ fn tls_acceptor(config: &TlsConfig) -> Result<Option<TlsAcceptor>, ServerError> 
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| ServerError::Tls(e.to_string()))?;
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Some(TlsAcceptor::from(Arc::new(tls))))
 }
 
@@ -511,6 +513,58 @@ where
     conn.await
 }
 
+/// The plain MQTT listener's accept loop (`[mqtt] listen`): admission and its limits as
+/// on the HTTP listener (a refused connection is just closed), TLS when configured, TCP
+/// keep-alive probes, then the MQTT connection on the server's task tracker (so a drain
+/// waits for it). Stops accepting on shutdown.
+async fn accept_mqtt(listener: TcpListener, tls: Option<TlsAcceptor>, ctx: Ctx) {
+    let config = &ctx.core.config;
+    let write_timeout = config.server.write_timeout;
+    let handshake_timeout = config.server.tls_handshake_timeout;
+    let probe = config.ws.heartbeat_interval;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(probe)
+        .with_interval(probe)
+        .with_retries(3);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "MQTT accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = ctx.admission.admit(peer.ip()) else {
+            tracing::debug!(%peer, "MQTT connection refused by admission");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
+        let io = DeadlineIo::new(tcp, WriteDeadline::new(write_timeout)).with_slot(slot);
+        match &tls {
+            None => {
+                ctx.tracker
+                    .spawn(transport::mqtt::serve_stream(io, ctx.clone()));
+            }
+            Some(acceptor) => {
+                let handshake = acceptor.accept(io);
+                let ctx2 = ctx.clone();
+                ctx.tracker.spawn(async move {
+                    match tokio::time::timeout(handshake_timeout, handshake).await {
+                        Ok(Ok(stream)) => transport::mqtt::serve_stream(stream, ctx2).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, "MQTT TLS handshake failed"),
+                        Err(_) => tracing::debug!("MQTT TLS handshake not finished in time"),
+                    }
+                });
+            }
+        }
+    }
+}
+
 impl Server {
     /// Binds `config.server.listen` and starts serving in the background.
     pub async fn start(config: Config) -> Result<Server, ServerError> {
@@ -532,14 +586,27 @@ impl Server {
     ) -> Result<Server, ServerError> {
         config.validate()?;
         let addr = config.server.listen;
-        let tls = tls_acceptor(&config.tls)?;
+        let tls = tls_acceptor(&config.tls, &[b"h2", b"http/1.1"])?;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| ServerError::Bind { addr, source })?;
         let addr = listener
             .local_addr()
             .map_err(|source| ServerError::Bind { addr, source })?;
+        let mqtt_listener = match config.mqtt.listen {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::Bind { addr, source })?;
+                let local = listener
+                    .local_addr()
+                    .map_err(|source| ServerError::Bind { addr, source })?;
+                Some((listener, local, tls_acceptor(&config.tls, &[])?))
+            }
+            None => None,
+        };
         let config_limits = config.limits.clone();
+        let tls_configured = config.tls.cert_file.is_some();
         let advertise = if !config.broker.advertise.is_empty() {
             config.broker.advertise.clone()
         } else if addr.ip().is_unspecified() {
@@ -558,10 +625,16 @@ impl Server {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             admission: Arc::new(Admission::new(&config_limits)),
+            mqtt: Arc::default(),
         };
         let maintenance = spawn_maintenance(&state.core);
         let file_cleanup = spawn_file_cleanup(&state.core);
         let presence_sweep = spawn_presence_sweep(&state.core);
+        let mqtt_addr = mqtt_listener.map(|(listener, addr, tls)| {
+            tokio::spawn(accept_mqtt(listener, tls, state.clone()));
+            tracing::info!(%addr, tls = tls_configured, "listening for MQTT");
+            addr
+        });
         let app = router(state.clone()).layer(cors(state.core.config.clone()));
         let s = state.clone();
         let write_timeout = state.core.config.server.write_timeout;
@@ -658,10 +731,20 @@ impl Server {
             Ok(())
         });
         tracing::info!(%addr, tls = state.core.config.tls.cert_file.is_some(), "listening");
-        Ok(Server { addr, state, task })
+        Ok(Server {
+            addr,
+            mqtt_addr,
+            state,
+            task,
+        })
     }
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The plain MQTT listener's address, when `[mqtt] listen` is set.
+    pub fn mqtt_addr(&self) -> Option<SocketAddr> {
+        self.mqtt_addr
     }
 
     pub fn state(&self) -> &Ctx {

@@ -253,6 +253,13 @@ fn every_default_is_valid_and_bad_values_name_their_key_and_range() {
             .to_string()
             .contains("poll.default_hold")
     );
+    // The MQTT listener cannot share the HTTP listener's port.
+    let mut c = Config::default();
+    c.mqtt.listen = Some("0.0.0.0:8080".parse().unwrap());
+    let err = c.validate().unwrap_err().to_string();
+    assert!(err.contains("mqtt.listen"), "{err}");
+    c.mqtt.listen = Some("127.0.0.1:1883".parse().unwrap());
+    c.validate().expect("another port is fine");
 }
 
 #[test]

@@ -1,23 +1,26 @@
-//! `/mqtt`: MQTT 3.1.1 over WebSocket on the same sessions as `/ws`. A real device client
-//! (Python `paho-mqtt`) chats with a parley WebSocket client; raw packets (built with the
-//! codec crate, sent over tokio-tungstenite) check refusals, limits and idempotence.
+//! MQTT 3.1.1 on the same sessions as `/ws`: over WebSocket at `/mqtt`, and on the plain
+//! TCP (or TLS) listener `[mqtt] listen`. Real device clients (Python `paho-mqtt`, npm
+//! `mqtt` = MQTT.js) chat with a parley WebSocket client; raw packets (built with the codec
+//! crate, sent over tokio-tungstenite or a bare socket) check refusals, limits and
+//! idempotence; MQTT.js publishing at QoS 1 into a `kill -9` loses nothing acked.
 
 mod common;
 
 use std::{
     io::{BufRead, BufReader},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
 };
 
-use common::{TestServer, WAIT};
+use common::{TestServer, WAIT, http_request};
 use futures_util::{SinkExt, StreamExt};
 use mqtt_proto::{
     Pid, Protocol, QoS, QosPid, TopicFilter, TopicName,
     v3::{Connect, ConnectReturnCode, Packet, Publish, Subscribe, SubscribeReturnCode},
 };
-use parley::codec::Encoding;
+use parley::{codec::Encoding, proto::client_frame::Cmd};
 use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio_tungstenite::{
@@ -41,16 +44,39 @@ fn mqtt_python() -> PathBuf {
     venv
 }
 
-/// tests/python/mqtt_client.py running one scenario: its JSON lines as they come.
+/// tests/mqttjs (MQTT.js), as scripts/test installs it: `node` and its node_modules.
+fn mqttjs() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mqttjs");
+    assert!(
+        dir.join("node_modules/mqtt").exists(),
+        "the MQTT.js tests need npm `mqtt`: run scripts/test (it runs `npm ci` in \
+         tests/mqttjs), or run `npm ci` there yourself"
+    );
+    dir.join("client.mjs")
+}
+
+/// A device client running one scenario (tests/python/mqtt_client.py or
+/// tests/mqttjs/client.mjs): its JSON lines as they come.
 struct Device {
     lines: tokio::sync::mpsc::UnboundedReceiver<Value>,
     child: std::process::Child,
 }
 
 impl Device {
+    /// paho-mqtt over WebSocket at `/mqtt`.
     fn start(t: &TestServer, scenario: &str, token: &str, username: Option<&str>) -> Device {
+        Self::paho(t.addr(), false, scenario, token, username)
+    }
+
+    /// paho-mqtt at `addr`: `/mqtt` there, or plain MQTT/TCP when `tcp`.
+    fn paho(
+        addr: std::net::SocketAddr,
+        tcp: bool,
+        scenario: &str,
+        token: &str,
+        username: Option<&str>,
+    ) -> Device {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/mqtt_client.py");
-        let addr = t.addr();
         let mut cmd = Command::new(mqtt_python());
         cmd.arg(script)
             .args([scenario, &addr.ip().to_string(), &addr.port().to_string()])
@@ -58,11 +84,25 @@ impl Device {
         if let Some(u) = username {
             cmd.arg(u);
         }
+        if tcp {
+            cmd.env("MQTT_TRANSPORT", "tcp");
+        }
+        Self::spawn(cmd)
+    }
+
+    /// MQTT.js at `url` (`ws://…/mqtt` or `mqtt://…`).
+    fn mqttjs(url: &str, scenario: &str, token: &str, username: &str) -> Device {
+        let mut cmd = Command::new("node");
+        cmd.arg(mqttjs()).args([scenario, url, token, username]);
+        Self::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: Command) -> Device {
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("python runs");
+            .expect("the device client runs");
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
         std::thread::spawn(move || {
@@ -170,14 +210,56 @@ async fn connect_without_a_valid_token_is_refused_with_its_code() {
     device.finish();
 }
 
-/// A raw MQTT client over tokio-tungstenite.
+/// A byte stream to the plain MQTT listener (TCP or TLS).
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+/// What a raw client's packets travel in.
+enum RawIo {
+    Ws(Box<WebSocketStream<MaybeTlsStream<TcpStream>>>),
+    Stream(Box<dyn Stream>),
+}
+
+/// A raw MQTT client over tokio-tungstenite, or over a bare stream.
 struct Raw {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    io: RawIo,
     buf: Vec<u8>,
     close_code: Option<u16>,
 }
 
 impl Raw {
+    /// Over a bare stream (the `[mqtt] listen` listener).
+    fn on(stream: impl Stream + 'static) -> Raw {
+        Raw {
+            io: RawIo::Stream(Box::new(stream)),
+            buf: Vec::new(),
+            close_code: None,
+        }
+    }
+
+    /// Connected over TCP to `addr` as `user`, CONNECTed with keep-alive `keep_alive`.
+    async fn tcp_connected(
+        t: &TestServer,
+        addr: std::net::SocketAddr,
+        user: &str,
+        keep_alive: u16,
+    ) -> Raw {
+        let mut raw = Raw::on(TcpStream::connect(addr).await.unwrap());
+        raw.connect(t, user, keep_alive).await;
+        raw
+    }
+
+    async fn connect(&mut self, t: &TestServer, user: &str, keep_alive: u16) {
+        let mut connect = Connect::new(user.into(), keep_alive);
+        connect.password = Some(t.token(user).into_bytes().into());
+        self.send(&Packet::Connect(connect)).await;
+        match self.next().await {
+            Some(Packet::Connack(c)) => assert_eq!(c.code, ConnectReturnCode::Accepted),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
     async fn open(t: &TestServer) -> Raw {
         let mut req = format!("ws://{}/mqtt", t.addr())
             .into_client_request()
@@ -189,7 +271,7 @@ impl Raw {
             .expect("upgrade");
         assert_eq!(resp.headers()["sec-websocket-protocol"], "mqtt");
         Raw {
-            ws,
+            io: RawIo::Ws(Box::new(ws)),
             buf: Vec::new(),
             close_code: None,
         }
@@ -198,14 +280,16 @@ impl Raw {
     /// Opened and CONNECTed as `user` (keep-alive `keep_alive` seconds).
     async fn connected(t: &TestServer, user: &str, keep_alive: u16) -> Raw {
         let mut raw = Raw::open(t).await;
-        let mut connect = Connect::new(user.into(), keep_alive);
-        connect.password = Some(t.token(user).into_bytes().into());
-        raw.send(&Packet::Connect(connect)).await;
-        match raw.next().await {
-            Some(Packet::Connack(c)) => assert_eq!(c.code, ConnectReturnCode::Accepted),
-            other => panic!("expected CONNACK, got {other:?}"),
-        }
+        raw.connect(t, user, keep_alive).await;
         raw
+    }
+
+    /// The WebSocket under a `/mqtt` client.
+    fn ws(&mut self) -> &mut WebSocketStream<MaybeTlsStream<TcpStream>> {
+        match &mut self.io {
+            RawIo::Ws(ws) => ws,
+            RawIo::Stream(_) => panic!("not a WebSocket client"),
+        }
     }
 
     async fn send(&mut self, p: &Packet) {
@@ -213,7 +297,13 @@ impl Raw {
     }
 
     async fn send_bytes(&mut self, bytes: Vec<u8>) {
-        self.ws.send(Message::Binary(bytes.into())).await.unwrap();
+        match &mut self.io {
+            RawIo::Ws(ws) => ws.send(Message::Binary(bytes.into())).await.unwrap(),
+            RawIo::Stream(s) => {
+                use tokio::io::AsyncWriteExt;
+                s.write_all(&bytes).await.unwrap();
+            }
+        }
     }
 
     /// The next packet; `None` once the server closed.
@@ -226,7 +316,22 @@ impl Raw {
                 self.buf.drain(..len);
                 return Some(p);
             }
-            let msg = tokio::time::timeout(WAIT, self.ws.next())
+            let ws = match &mut self.io {
+                RawIo::Ws(ws) => ws,
+                RawIo::Stream(s) => {
+                    use tokio::io::AsyncReadExt;
+                    let mut chunk = [0u8; 4096];
+                    let n = tokio::time::timeout(WAIT, s.read(&mut chunk))
+                        .await
+                        .expect("a packet or the close in time");
+                    match n {
+                        Ok(0) | Err(_) => return None,
+                        Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                    }
+                    continue;
+                }
+            };
+            let msg = tokio::time::timeout(WAIT, ws.next())
                 .await
                 .expect("a packet or the close in time");
             match msg {
@@ -282,14 +387,30 @@ fn publish(pid: u16, topic: &str, body: &str, dup: bool) -> Packet {
 }
 
 #[tokio::test]
-async fn wildcards_and_other_topics_are_refused_in_the_suback() {
+async fn topics_parley_does_not_publish_are_refused_in_the_suback() {
     let t = TestServer::start().await;
     let mut raw = Raw::connected(&t, "sensor-1", 30).await;
     let codes = raw
-        .subscribe(1, &["rooms/#", "rooms/lobby", "#", "rooms/+", "dm/bob"])
+        .subscribe(
+            1,
+            &[
+                "rooms/#",
+                "rooms/lobby",
+                "#",
+                "rooms/+",
+                "dm/bob",
+                "elsewhere",
+                "$SYS/#",
+            ],
+        )
         .await;
     use SubscribeReturnCode::{Failure, MaxLevel1};
-    assert_eq!(codes, [Failure, MaxLevel1, Failure, Failure, Failure]);
+    assert_eq!(
+        codes,
+        [
+            MaxLevel1, MaxLevel1, MaxLevel1, MaxLevel1, MaxLevel1, Failure, Failure
+        ]
+    );
     // Still connected: PINGREQ → PINGRESP.
     raw.send(&Packet::Pingreq).await;
     assert_eq!(raw.next().await, Some(Packet::Pingresp));
@@ -389,7 +510,7 @@ async fn malformed_and_oversize_packets_close_only_their_connection() {
 
     // A text message is not MQTT.
     let mut text = Raw::connected(&t, "sensor-4", 30).await;
-    text.ws.send(Message::Text("hello".into())).await.unwrap();
+    text.ws().send(Message::Text("hello".into())).await.unwrap();
     assert_eq!(text.next().await, None);
 
     // Publishing outside rooms/{room}: 3.1.1 cannot refuse it with a code, so it closes.
@@ -435,7 +556,7 @@ async fn an_mqtt5_connect_is_answered_unsupported_version() {
     bytes.insert(12, 0);
     bytes[1] += 1;
     raw.send_bytes(bytes).await;
-    let msg = tokio::time::timeout(WAIT, raw.ws.next())
+    let msg = tokio::time::timeout(WAIT, raw.ws().next())
         .await
         .unwrap()
         .unwrap()
@@ -467,4 +588,687 @@ async fn a_socket_that_never_connects_is_closed_at_the_connect_deadline() {
         other.subscribe(1, &["rooms/lobby"]).await,
         [SubscribeReturnCode::MaxLevel1]
     );
+}
+
+/// A test server with the plain MQTT listener on an ephemeral port, and that port.
+async fn with_listener(edit: impl FnOnce(&mut parley::config::Config)) -> (TestServer, SocketAddr) {
+    let t = TestServer::start_with(|c| {
+        c.mqtt.listen = Some("127.0.0.1:0".parse().unwrap());
+        edit(c);
+    })
+    .await;
+    let addr = t.server.mqtt_addr().expect("[mqtt] listen is set");
+    (t, addr)
+}
+
+#[tokio::test]
+async fn a_paho_device_on_the_plain_tcp_listener_chats_both_ways() {
+    // Off by default.
+    let t = TestServer::start().await;
+    assert_eq!(t.server.mqtt_addr(), None);
+    drop(t);
+
+    let (t, mqtt) = with_listener(|_| {}).await;
+    let mut alice = t.client("alice", Encoding::Json).await;
+    alice.join("lobby").await;
+    let mut device = Device::paho(mqtt, true, "chat", &t.token("sensor-1"), Some("sensor-1"));
+    let ready = device.line().await;
+    assert_eq!(ready["suback"], serde_json::json!([1]), "{ready}");
+
+    let sent = alice.send_msg("lobby", "m1", "hello tcp device").await;
+    assert_eq!(alice.next_message().await.body, "hello tcp device");
+    let from_device = alice.next_message().await;
+    assert_eq!(from_device.body, "from-device");
+    assert_eq!(from_device.sender, "sensor-1");
+    assert_eq!(from_device.seq, sent.seq + 1);
+    no_more_messages(&mut alice).await;
+
+    let summary = device.line().await;
+    assert_eq!(
+        summary["received"],
+        serde_json::json!({"topic": "rooms/lobby", "payload": "hello tcp device", "qos": 1}),
+        "{summary}"
+    );
+    assert_eq!(summary["acked"], true, "{summary}");
+    device.finish();
+}
+
+#[tokio::test]
+async fn mqttjs_chats_over_websocket_and_over_tcp() {
+    let (t, mqtt) = with_listener(|_| {}).await;
+    let mut alice = t.client("alice", Encoding::Json).await;
+    alice.join("lobby").await;
+    let urls = [format!("ws://{}/mqtt", t.addr()), format!("mqtt://{mqtt}")];
+    for (i, url) in urls.iter().enumerate() {
+        let mut device = Device::mqttjs(url, "chat", &t.token("kiosk"), "kiosk");
+        let ready = device.line().await;
+        assert_eq!(ready["suback"], serde_json::json!([1]), "{url}: {ready}");
+        let body = format!("hello mqttjs {i}");
+        let sent = alice.send_msg("lobby", &format!("m{i}"), &body).await;
+        assert_eq!(alice.next_message().await.body, body);
+        let from_device = alice.next_message().await;
+        assert_eq!(from_device.body, "from-mqttjs", "{url}");
+        assert_eq!(from_device.sender, "kiosk");
+        assert_eq!(from_device.seq, sent.seq + 1);
+        no_more_messages(&mut alice).await;
+        let summary = device.line().await;
+        assert_eq!(
+            summary["received"],
+            serde_json::json!({"topic": "rooms/lobby", "payload": body, "qos": 1}),
+            "{url}: {summary}"
+        );
+        device.finish();
+    }
+}
+
+#[tokio::test]
+async fn the_tcp_listener_refuses_and_limits_only_the_offending_connection() {
+    let (t, mqtt) = with_listener(|c| c.mqtt.max_packet_bytes = 1024).await;
+    let mut alice = t.client("alice", Encoding::Json).await;
+    alice.join("lobby").await;
+    let mut good = Raw::tcp_connected(&t, mqtt, "sensor-1", 30).await;
+    good.subscribe(1, &["rooms/lobby"]).await;
+
+    // A bad token: CONNACK 4, then the connection ends.
+    let mut bad = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    let mut connect = Connect::new("d".into(), 30);
+    connect.username = Some("sensor-2".into());
+    connect.password = Some(b"not-a-jwt".to_vec().into());
+    bad.send(&Packet::Connect(connect)).await;
+    match bad.next().await {
+        Some(Packet::Connack(c)) => {
+            assert_eq!(c.code, ConnectReturnCode::BadUserNameOrPassword)
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    assert_eq!(bad.next().await, None);
+
+    // Garbage instead of a CONNECT; a reserved packet type after one; a declared length
+    // over the limit; a publish outside rooms/{room}: each closes its connection.
+    let mut garbage = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    garbage.send_bytes(vec![0x10, 0x03, 0xde, 0xad, 0xbe]).await;
+    assert_eq!(garbage.next().await, None);
+    let mut reserved = Raw::tcp_connected(&t, mqtt, "sensor-3", 30).await;
+    reserved.send_bytes(vec![0xf0, 0x00]).await;
+    assert_eq!(reserved.next().await, None);
+    let mut big = Raw::tcp_connected(&t, mqtt, "sensor-4", 30).await;
+    big.send_bytes(vec![0x30, 0xff, 0xff, 0x03]).await;
+    assert_eq!(big.next().await, None);
+    let mut stray = Raw::tcp_connected(&t, mqtt, "sensor-5", 30).await;
+    stray.send(&publish(1, "elsewhere", "x", false)).await;
+    assert_eq!(stray.next().await, None);
+
+    // Keep-alive: silence past 1.5 × 1 s ends the connection.
+    let mut quiet = Raw::tcp_connected(&t, mqtt, "sensor-6", 1).await;
+    let started = tokio::time::Instant::now();
+    assert_eq!(quiet.next().await, None);
+    let after = started.elapsed();
+    assert!(
+        after >= Duration::from_millis(1400) && after < Duration::from_secs(4),
+        "closed after {after:?}"
+    );
+
+    // The good device never noticed, and its QoS 1 publish is acked and delivered once.
+    alice.send_msg("lobby", "m1", "still here").await;
+    match good.next().await {
+        Some(Packet::Publish(p)) => assert_eq!(&p.payload[..], b"still here"),
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+    assert_eq!(alice.next_message().await.body, "still here");
+    good.send(&publish(9, "rooms/lobby", "from tcp", false))
+        .await;
+    let mut acked = false;
+    while !acked {
+        match good.next().await.expect("open") {
+            Packet::Puback(pid) => acked = pid.value() == 9,
+            Packet::Publish(p) => assert_eq!(&p.payload[..], b"from tcp"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(alice.next_message().await.body, "from tcp");
+    no_more_messages(&mut alice).await;
+}
+
+#[tokio::test]
+async fn the_mqtt_listener_speaks_tls_when_tls_is_configured() {
+    use std::sync::Arc;
+    use tokio_rustls::{
+        TlsConnector,
+        rustls::{ClientConfig, RootCertStore, crypto::ring, pki_types::ServerName},
+    };
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = std::env::temp_dir().join(format!("parley-mqtt-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key_file) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, key.cert.pem()).unwrap();
+    std::fs::write(&key_file, key.signing_key.serialize_pem()).unwrap();
+    let (t, mqtt) = with_listener(|c| {
+        c.tls.cert_file = Some(cert.to_str().unwrap().into());
+        c.tls.key_file = Some(key_file.to_str().unwrap().into());
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let mut roots = RootCertStore::empty();
+    roots.add(key.cert.der().clone()).unwrap();
+    let config = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(mqtt).await.unwrap();
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("TLS handshake on the MQTT listener");
+    let mut device = Raw::on(tls);
+    device.connect(&t, "sensor-1", 30).await;
+    assert_eq!(
+        device.subscribe(1, &["rooms/lobby"]).await,
+        [SubscribeReturnCode::MaxLevel1]
+    );
+    device
+        .send(&publish(1, "rooms/lobby", "over tls", false))
+        .await;
+    let mut got = (false, false);
+    while got != (true, true) {
+        match device.next().await.expect("open") {
+            Packet::Puback(_) => got.0 = true,
+            Packet::Publish(p) => {
+                assert_eq!(&p.payload[..], b"over tls");
+                got.1 = true;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    // Plain MQTT on the TLS port is not spoken: the handshake fails (a TLS alert at
+    // most), no CONNACK in the clear.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut plain = TcpStream::connect(mqtt).await.unwrap();
+    let mut connect = Connect::new("d".into(), 30);
+    connect.password = Some(t.token("sensor-2").into_bytes().into());
+    let bytes = Packet::Connect(connect).encode().unwrap();
+    plain.write_all(bytes.as_ref()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(WAIT, plain.read_to_end(&mut answer))
+        .await
+        .expect("closed in time");
+    assert_ne!(answer.first(), Some(&0x20), "no CONNACK: {answer:?}");
+}
+
+/// The binary on the SQLite file `db` with the MQTT listener on: (process, HTTP address,
+/// MQTT address).
+fn start_binary(db: &Path) -> (Binary, SocketAddr, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_parley"))
+        .args([
+            "--config",
+            "/nonexistent.toml",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("PARLEY_STORE__PATH", db)
+        .env("PARLEY_AUTH__JWT_SECRET", KILL_SECRET)
+        .env("PARLEY_MQTT__LISTEN", "127.0.0.1:0")
+        .env("PARLEY_LIMITS__SENDS_PER_SECOND", "0")
+        .env("PARLEY_LIMITS__SENDS_BURST", "0")
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut http, mut mqtt) = (None, None);
+    while http.is_none() || mqtt.is_none() {
+        let line = lines
+            .next()
+            .expect("the server logs its addresses")
+            .unwrap();
+        let Some(rest) = line.split("addr=").nth(1) else {
+            continue;
+        };
+        let addr: SocketAddr = rest.split_whitespace().next().unwrap().parse().unwrap();
+        if line.contains("listening for MQTT") {
+            mqtt = Some(addr);
+        } else if line.contains("listening") {
+            http = Some(addr);
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    (Binary(child), http.unwrap(), mqtt.unwrap())
+}
+
+const KILL_SECRET: &str = "mqtt-kill-secret";
+
+/// A parley process, killed when dropped so a failing test leaves nothing running.
+struct Binary(std::process::Child);
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn kill_token(user: &str) -> String {
+    let config = parley::config::AuthConfig {
+        jwt_secret: KILL_SECRET.into(),
+        ..Default::default()
+    };
+    parley::auth::Authenticator::new(&config)
+        .unwrap()
+        .mint(user, Duration::from_secs(600))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn qos1_publishes_acked_before_a_kill_9_are_all_in_the_log_once() {
+    let dir = std::env::temp_dir().join(format!("parley-mqtt-kill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("parley.db");
+
+    let (mut server, _, mqtt) = start_binary(&db);
+    let mut device = Device::mqttjs(
+        &format!("mqtt://{mqtt}"),
+        "flood",
+        &kill_token("meter"),
+        "meter",
+    );
+    assert_eq!(device.line().await["ready"], true);
+    let mut acked = Vec::new();
+    while acked.len() < 200 {
+        let line = device.line().await;
+        acked.push(line["acked"].as_str().expect("an ack").to_string());
+    }
+    server.0.kill().unwrap(); // SIGKILL: no shutdown path runs
+    server.0.wait().unwrap();
+    loop {
+        let line = device.line().await;
+        if line["lost"] == true {
+            break;
+        }
+        acked.push(line["acked"].as_str().expect("an ack").to_string());
+    }
+    device.finish();
+
+    let (_server, http, _) = start_binary(&db);
+    let mut c = common::Client::open(http, Some(Encoding::Json)).await;
+    c.connect(&kill_token("meter")).await;
+    let mut log: Vec<String> = Vec::new();
+    loop {
+        let after = log.len() as u64;
+        let sync = parley::proto::client_frame::Cmd::Sync(parley::proto::Sync {
+            rooms: [("flood".to_string(), after)].into(),
+            limit: 500,
+        });
+        let parley::proto::server_frame::Kind::Sync(s) = c.request(sync).await else {
+            panic!("sync failed")
+        };
+        let page = s.rooms.into_iter().next().unwrap();
+        for (i, m) in page.messages.iter().enumerate() {
+            assert_eq!(m.seq, after + 1 + i as u64, "seqs without gaps");
+        }
+        log.extend(page.messages.into_iter().map(|m| m.body));
+        if !page.more {
+            break;
+        }
+    }
+    let mut unique = log.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), log.len(), "no message stored twice");
+    for body in &acked {
+        assert!(log.contains(body), "acked {body} is in the log");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// CONNECTs `raw` as `user` with a will to `topic`; the CONNACK code, or `None` on close.
+async fn connect_with_will(
+    raw: &mut Raw,
+    t: &TestServer,
+    user: &str,
+    topic: &str,
+    will: &str,
+) -> Option<ConnectReturnCode> {
+    let mut connect = Connect::new(user.into(), 30);
+    connect.username = Some(user.into());
+    connect.password = Some(t.token(user).into_bytes().into());
+    connect.last_will = Some(mqtt_proto::v3::LastWill {
+        qos: QoS::Level1,
+        retain: false,
+        topic_name: TopicName::try_from(topic).unwrap(),
+        message: will.as_bytes().to_vec().into(),
+    });
+    raw.send(&Packet::Connect(connect)).await;
+    match raw.next().await {
+        Some(Packet::Connack(c)) => Some(c.code),
+        None => None,
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_will_is_sent_when_a_device_drops_and_presence_goes_offline_at_once() {
+    // A long grace period: presence going offline at once is the MQTT end, not the reaper.
+    let (t, mqtt) = with_listener(|c| c.session.grace_period = Duration::from_secs(600)).await;
+    let mut alice = t.client("alice", Encoding::Json).await;
+    alice.join("lobby").await;
+
+    // Dropped without DISCONNECT: the will reaches the room, from the device's user.
+    let mut device = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    let code = connect_with_will(&mut device, &t, "sensor-1", "rooms/lobby", "sensor-1 lost").await;
+    assert_eq!(code, Some(ConnectReturnCode::Accepted));
+    device.subscribe(1, &["rooms/lobby"]).await;
+    drop(device);
+    let will = alice.next_message().await;
+    assert_eq!(
+        (will.body.as_str(), will.sender.as_str()),
+        ("sensor-1 lost", "sensor-1")
+    );
+    let p = alice.next_of(pushed!(Presence)).await;
+    assert_eq!((p.user.as_str(), p.online), ("sensor-1", false));
+
+    // A DISCONNECT first: no will, and offline all the same.
+    let mut device = Raw::open(&t).await;
+    let code = connect_with_will(&mut device, &t, "sensor-2", "rooms/lobby", "sensor-2 lost").await;
+    assert_eq!(code, Some(ConnectReturnCode::Accepted));
+    device.subscribe(1, &["rooms/lobby"]).await;
+    device.send(&Packet::Disconnect).await;
+    let p = alice.next_of(pushed!(Presence)).await;
+    assert_eq!((p.user.as_str(), p.online), ("sensor-2", false));
+    no_more_messages(&mut alice).await;
+
+    // A will the server could never send is refused: closed, no CONNACK.
+    let mut device = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    let code = connect_with_will(&mut device, &t, "sensor-3", "elsewhere", "x").await;
+    assert_eq!(code, None);
+}
+
+/// CONNECTs `raw` as `user` with client id `client` and `clean_session`: the CONNACK's
+/// session-present flag.
+async fn connect_kept(
+    raw: &mut Raw,
+    t: &TestServer,
+    user: &str,
+    client: &str,
+    clean: bool,
+) -> bool {
+    let mut connect = Connect::new(client.into(), 30);
+    connect.clean_session = clean;
+    connect.username = Some(user.into());
+    connect.password = Some(t.token(user).into_bytes().into());
+    raw.send(&Packet::Connect(connect)).await;
+    match raw.next().await {
+        Some(Packet::Connack(c)) => {
+            assert_eq!(c.code, ConnectReturnCode::Accepted);
+            c.session_present
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_kept_session_resumes_with_unacked_qos1_messages_sent_again_with_dup() {
+    let (t, mqtt) = with_listener(|c| c.session.grace_period = Duration::from_secs(600)).await;
+    let mut alice = t.client("alice", Encoding::Json).await;
+    alice.join("lobby").await;
+
+    let mut device = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    assert!(!connect_kept(&mut device, &t, "sensor-1", "dev-1", false).await);
+    device.subscribe(1, &["rooms/lobby"]).await;
+    alice.send_msg("lobby", "m1", "one").await;
+    let first = match device.next().await {
+        Some(Packet::Publish(p)) => p,
+        other => panic!("expected PUBLISH, got {other:?}"),
+    };
+    assert_eq!((&first.payload[..], first.dup), (&b"one"[..], false));
+    // Dropped before its PUBACK; a message comes while the device is away.
+    drop(device);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    alice.send_msg("lobby", "m2", "two").await;
+
+    let mut device = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    assert!(
+        connect_kept(&mut device, &t, "sensor-1", "dev-1", false).await,
+        "session present"
+    );
+    // No SUBSCRIBE: the subscription was kept. "one" again with DUP and its packet id,
+    // then "two".
+    let again = match device.next().await {
+        Some(Packet::Publish(p)) => p,
+        other => panic!("expected PUBLISH, got {other:?}"),
+    };
+    assert_eq!((&again.payload[..], again.dup), (&b"one"[..], true));
+    assert_eq!(again.qos_pid, first.qos_pid);
+    device
+        .send(&Packet::Puback(match again.qos_pid {
+            QosPid::Level1(pid) => pid,
+            _ => panic!("QoS 1"),
+        }))
+        .await;
+    match device.next().await {
+        Some(Packet::Publish(p)) => {
+            assert_eq!((&p.payload[..], p.dup), (&b"two"[..], false));
+            if let QosPid::Level1(pid) = p.qos_pid {
+                device.send(&Packet::Puback(pid)).await;
+            }
+        }
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+    // What the device publishes on the resumed session is a new message, not taken for
+    // an earlier one.
+    device
+        .send(&publish(1, "rooms/lobby", "from resumed", false))
+        .await;
+    loop {
+        match device.next().await.expect("open") {
+            Packet::Puback(_) => break,
+            Packet::Publish(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(alice.next_message().await.body, "one");
+    assert_eq!(alice.next_message().await.body, "two");
+    assert_eq!(alice.next_message().await.body, "from resumed");
+    // A DISCONNECT keeps it too; a clean session then discards it.
+    device.send(&Packet::Disconnect).await;
+    while let Some(p) = device.next().await {
+        assert!(matches!(p, Packet::Publish(_)), "{p:?}");
+    }
+    let mut device = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    assert!(connect_kept(&mut device, &t, "sensor-1", "dev-1", false).await);
+    drop(device);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut device = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    assert!(!connect_kept(&mut device, &t, "sensor-1", "dev-1", true).await);
+    drop(device);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut device = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    assert!(!connect_kept(&mut device, &t, "sensor-1", "dev-1", false).await);
+
+    // A kept session needs a client id.
+    let mut anonymous = Raw::open(&t).await;
+    let mut connect = Connect::new("".into(), 30);
+    connect.clean_session = false;
+    connect.password = Some(t.token("sensor-2").into_bytes().into());
+    anonymous.send(&Packet::Connect(connect)).await;
+    match anonymous.next().await {
+        Some(Packet::Connack(c)) => assert_eq!(c.code, ConnectReturnCode::IdentifierRejected),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
+/// The next PUBLISH on `raw` (PUBACKing it), skipping PUBACKs: (topic, payload, dup).
+async fn next_publish(raw: &mut Raw) -> (String, String) {
+    loop {
+        match raw.next().await.expect("open") {
+            Packet::Publish(p) => {
+                if let QosPid::Level1(pid) = p.qos_pid {
+                    raw.send(&Packet::Puback(pid)).await;
+                }
+                return (
+                    p.topic_name.to_string(),
+                    String::from_utf8(p.payload.to_vec()).unwrap(),
+                );
+            }
+            Packet::Puback(_) => {}
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn dm_typing_presence_and_announcement_topics_with_wildcards() {
+    let t = TestServer::start_with(|c| c.auth.admin_token = "root-token".into()).await;
+    let mut alice = t.client("alice", Encoding::Json).await;
+    alice.join("lobby").await;
+    let mut bob = t.client("bob", Encoding::Json).await;
+    bob.join("lobby").await;
+    let mut device = Raw::connected(&t, "sensor-1", 30).await;
+    // rooms/lobby joins; rooms/# overlaps it (one PUBLISH per message, at the higher QoS).
+    let filters = [
+        "rooms/lobby",
+        "rooms/#",
+        "dm/+",
+        "presence/+",
+        "announcements",
+    ];
+    assert_eq!(device.subscribe(1, &filters).await.len(), 5);
+
+    alice.send_msg("lobby", "m1", "room message").await;
+    assert_eq!(
+        next_publish(&mut device).await,
+        ("rooms/lobby".into(), "room message".into())
+    );
+    alice
+        .request(Cmd::Typing(parley::proto::Typing {
+            room: "lobby".into(),
+        }))
+        .await;
+    assert_eq!(
+        next_publish(&mut device).await,
+        ("rooms/lobby/typing".into(), "alice".into())
+    );
+    alice
+        .request(Cmd::Send(parley::proto::Send {
+            to_user: "sensor-1".into(),
+            client_msg_id: "dm1".into(),
+            body: "psst".into(),
+            ..Default::default()
+        }))
+        .await;
+    assert_eq!(
+        next_publish(&mut device).await,
+        ("dm/alice".into(), "psst".into())
+    );
+    bob.ws.close(None).await.unwrap();
+    assert_eq!(
+        next_publish(&mut device).await,
+        ("presence/bob".into(), "offline".into())
+    );
+    let announce = http_request(
+        t.addr(),
+        "POST",
+        "/api/v1/announce",
+        Some("root-token"),
+        r#"{"body":"maintenance at noon"}"#,
+    )
+    .await;
+    assert_eq!(announce.0, 202);
+    assert_eq!(
+        next_publish(&mut device).await,
+        ("announcements".into(), "maintenance at noon".into())
+    );
+
+    // The device answers the DM, and types in the lobby.
+    device
+        .send(&publish(5, "dm/alice", "hello alice", false))
+        .await;
+    // (Past alice's own messages coming back to her.)
+    let dm = loop {
+        let m = alice.next_of(pushed!(Message)).await;
+        if m.sender != "alice" {
+            break m;
+        }
+    };
+    assert_eq!(
+        (dm.body.as_str(), dm.sender.as_str()),
+        ("hello alice", "sensor-1")
+    );
+    assert_eq!(dm.room, "dm:alice:sensor-1");
+    let typing = publish(6, "rooms/lobby/typing", "", false);
+    device.send(&typing).await;
+    let event = alice.next_of(pushed!(Typing)).await;
+    assert_eq!(
+        (event.room.as_str(), event.user.as_str()),
+        ("lobby", "sensor-1")
+    );
+    let mut acks = Vec::new();
+    while acks.len() < 2 {
+        match device.next().await.expect("open") {
+            Packet::Puback(pid) => acks.push(pid.value()),
+            Packet::Publish(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    acks.sort();
+    assert_eq!(acks, [5, 6]);
+}
+
+#[tokio::test]
+async fn the_json_payload_option_sends_the_push_object() {
+    let t = TestServer::start_with(|c| {
+        c.mqtt.payload = parley::config::MqttPayload::Json;
+    })
+    .await;
+    let mut alice = t.client("alice", Encoding::Json).await;
+    alice.join("lobby").await;
+    let mut device = Raw::connected(&t, "sensor-1", 30).await;
+    device.subscribe(1, &["rooms/lobby"]).await;
+    let sent = alice.send_msg("lobby", "m1", "as json").await;
+    let (topic, payload) = next_publish(&mut device).await;
+    assert_eq!(topic, "rooms/lobby");
+    let m: Value = serde_json::from_str(&payload).unwrap();
+    assert_eq!(m["body"], "as json", "{m}");
+    assert_eq!(m["sender"], "alice", "{m}");
+    assert_eq!(m["seq"], sent.seq.to_string(), "{m}");
+}
+
+#[tokio::test]
+async fn a_new_connection_with_the_same_client_id_takes_the_kept_session_over() {
+    let (t, mqtt) = with_listener(|c| c.session.grace_period = Duration::from_secs(600)).await;
+    let mut alice = t.client("alice", Encoding::Json).await;
+    alice.join("lobby").await;
+    // The old connection is still open (think: half-open behind a NAT) when the device
+    // comes back on a new one.
+    let mut old = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    assert!(!connect_kept(&mut old, &t, "sensor-1", "dev-1", false).await);
+    old.subscribe(1, &["rooms/lobby"]).await;
+    alice.send_msg("lobby", "m1", "before").await;
+    assert_eq!(
+        next_publish(&mut old).await,
+        ("rooms/lobby".into(), "before".into())
+    );
+
+    let mut new = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    assert!(
+        connect_kept(&mut new, &t, "sensor-1", "dev-1", false).await,
+        "the old connection's session, handed over"
+    );
+    assert_eq!(old.next().await, None, "the old connection is closed");
+    alice.send_msg("lobby", "m2", "after").await;
+    assert_eq!(
+        next_publish(&mut new).await,
+        ("rooms/lobby".into(), "after".into())
+    );
+
+    // Another client id of the same user is left alone.
+    let mut other = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    assert!(!connect_kept(&mut other, &t, "sensor-1", "dev-2", true).await);
+    new.send(&Packet::Pingreq).await;
+    assert_eq!(new.next().await, Some(Packet::Pingresp));
 }

@@ -41,7 +41,7 @@ pub use chat::ChatConfig;
 pub use files::{FileBackend, FilesConfig};
 pub use limits::LimitsConfig;
 pub use log::{LogConfig, LogFormat};
-pub use mqtt::MqttConfig;
+pub use mqtt::{MqttConfig, MqttPayload};
 pub use poll::PollConfig;
 pub use server::ServerConfig;
 pub use session::SessionConfig;
@@ -242,6 +242,20 @@ impl Config {
         files.validate()?;
         broker.validate()?;
         mqtt.validate()?;
+        // The plain MQTT listener cannot share the HTTP listener's port.
+        if let Some(listen) = mqtt.listen
+            && listen.port() != 0
+            && listen.port() == server.listen.port()
+            && (listen.ip() == server.listen.ip()
+                || listen.ip().is_unspecified()
+                || server.listen.ip().is_unspecified())
+        {
+            return Err(ConfigError::Invalid {
+                key: "mqtt.listen",
+                value: listen.to_string(),
+                allowed: "an address other than server.listen".into(),
+            });
+        }
         // The largest signal is a message body: a byte budget smaller than that could
         // never let one through.
         if limits.signal_bytes_per_second > 0.0

@@ -50,6 +50,8 @@ pub struct Ctx {
     pub tracker: TaskTracker,
     /// Connection limits and per-IP rates.
     pub admission: Arc<admission::Admission>,
+    /// MQTT sessions kept between connections (`clean_session=false`).
+    pub mqtt: Arc<mqtt::Kept>,
 }
 
 /// The peer address of the connection a request came on (a request extension).

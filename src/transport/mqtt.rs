@@ -1,24 +1,35 @@
-//! `/mqtt`: MQTT 3.1.1 (and 3.1) over WebSocket, subprotocol `mqtt`, for devices that
-//! speak MQTT. The packet codec is the `mqtt-proto` crate; this module only frames and
-//! maps packets onto the session layer, like `ws` does for parley frames:
+//! MQTT 3.1.1 (and 3.1) for devices that speak MQTT: over WebSocket at `/mqtt`
+//! (subprotocol `mqtt`), and over a plain stream from the `[mqtt] listen` listener (TCP,
+//! or TLS over it; `server` accepts, this module serves). The packet codec is the
+//! `mqtt-proto` crate; this module only frames and maps packets onto the session layer,
+//! like `ws` does for parley frames:
 //!
 //! - CONNECT (password = a parley JWT; a username, if given, must equal its `sub`)
 //!   becomes a `connect` command through the one connect path; CONNACK reports it.
 //! - SUBSCRIBE `rooms/{room}` becomes a `join` (room rules apply) and starts delivery of
-//!   that room's messages as PUBLISH; UNSUBSCRIBE only stops delivery (membership is the
-//!   user's, shared with their other devices).
-//! - PUBLISH to `rooms/{room}` becomes a `send`; a QoS 1 PUBACK waits for the send's
-//!   reply, which comes only once the message is durable.
+//!   that room's messages as PUBLISH; other filters (`dm/+`, `presence/{user}`,
+//!   `rooms/+/typing`, `announcements`, `#`, …) match among the session's own pushes, so
+//!   they read nothing the user could not. UNSUBSCRIBE only stops delivery (membership
+//!   is the user's, shared with their other devices).
+//! - PUBLISH to `rooms/{room}` or `dm/{user}` becomes a `send`; a QoS 1 PUBACK waits for
+//!   the send's reply, which comes only once the message is durable. `rooms/{room}/typing`
+//!   becomes a `typing`.
 //! - Keep-alive: silence for 1.5 × the CONNECT keep-alive closes the connection.
+//! - The end: without DISCONNECT the CONNECT's will (a message to `rooms/{room}`) is sent.
+//!   A clean session ends with the connection, so presence goes offline at once; with
+//!   `clean_session=false` the parley session waits out its grace period and the MQTT
+//!   session state (subscriptions, un-PUBACKed QoS 1 PUBLISHes) is kept in [`Kept`] for
+//!   the next CONNECT with the same client id, which resumes both.
 //!
 //! Anything a 3.1.1 server cannot refuse with a code (a bad topic, a refused send, QoS 2,
 //! a malformed or oversize packet) closes the connection, as the specification asks.
 //! MQTT 5 CONNECTs are answered with reason 0x84 (unsupported protocol version).
-//! Packets may span WebSocket messages, and one message may hold several packets.
+//! Over WebSocket packets may span messages, and one message may hold several.
 
 use std::{
     collections::{HashMap, VecDeque},
     sync::Arc,
+    task::Poll,
     time::Duration,
 };
 
@@ -36,7 +47,10 @@ use mqtt_proto::{
     v3::{Connack, Connect, ConnectReturnCode, Packet, Publish, SubscribeReturnCode, Unsubscribe},
 };
 use prometheus_client::metrics::counter::Counter;
-use tokio::time::{Instant, timeout};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
+    time::{Instant, timeout},
+};
 use tracing::Instrument;
 use yawc::{
     HttpWebSocket, IncomingUpgrade, UpgradeFut,
@@ -47,13 +61,13 @@ use yawc::{
 use super::{
     Ctx,
     deadline::{self, WriteDeadline},
-    origin_allowed,
     ws::CLOSE_TIMEOUT,
 };
 use crate::{
+    config::MqttPayload,
     metrics::{Metrics, TransportLabel},
     proto::{self, ClientFrame, ServerFrame, client_frame::Cmd, server_frame::Kind},
-    session::{CloseReason, Conn, Out, Outbox, OutboxConfig},
+    session::{CloseReason, Conn, Core, Out, Outbox, OutboxConfig},
 };
 
 const LABEL: TransportLabel = TransportLabel { transport: "mqtt" };
@@ -61,26 +75,31 @@ const LABEL: TransportLabel = TransportLabel { transport: "mqtt" };
 const SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
 /// The topic prefix of a chat room.
 const ROOMS: &str = "rooms/";
+/// The topic suffix of a room's typing events (after `rooms/{room}`).
+const TYPING: &str = "/typing";
+/// The topic prefix of direct messages with a user.
+const DM: &str = "dm/";
+/// The topic prefix of a user's presence.
+const PRESENCE: &str = "presence/";
+/// The topic of announcements to everyone (a room's: `rooms/{room}/announcements`).
+const ANNOUNCEMENTS: &str = "announcements";
 /// A CONNACK for an MQTT 5 client: reason 0x84, unsupported protocol version, no
 /// properties (MQTT 5.0 section 3.2).
 const CONNACK_V5_UNSUPPORTED: [u8; 5] = [0x20, 0x03, 0x00, 0x84, 0x00];
+/// How long a connection's end waits for its will to be durable.
+const WILL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The request id of the `connect` command.
 const CONNECT_ID: u64 = 1;
 
 /// Picks the subprotocol to echo: `Ok(None)` when none was offered, `Err` when only
 /// others were.
 fn negotiate(headers: &HeaderMap) -> Result<Option<&'static str>, ()> {
-    let mut offered = false;
-    for value in headers.get_all(header::SEC_WEBSOCKET_PROTOCOL) {
-        let Ok(value) = value.to_str() else { continue };
-        for name in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            offered = true;
-            if let Some(p) = SUBPROTOCOLS.iter().find(|p| p.eq_ignore_ascii_case(name)) {
-                return Ok(Some(p));
-            }
-        }
-    }
-    if offered { Err(()) } else { Ok(None) }
+    super::ws::pick_subprotocol(headers, |name| {
+        SUBPROTOCOLS
+            .iter()
+            .find(|p| p.eq_ignore_ascii_case(name))
+            .copied()
+    })
 }
 
 pub async fn handler(
@@ -94,11 +113,8 @@ pub async fn handler(
     if !config.mqtt.enabled {
         return StatusCode::NOT_FOUND.into_response();
     }
-    if !origin_allowed(&config.server, &headers, &uri) {
-        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
-    }
-    if ctx.shutdown.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    if let Some(refused) = super::ws::refuse_upgrade(&ctx, &headers, &uri) {
+        return refused;
     }
     let Ok(subprotocol) = negotiate(&headers) else {
         return (
@@ -114,13 +130,11 @@ pub async fn handler(
     let options = super::ws::options(&config.ws)
         .with_max_payload_read(message_limit)
         .with_max_read_buffer(message_limit);
-    let (mut response, fut) = match upgrade.upgrade(options) {
-        Ok(pair) => pair,
-        Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
-    };
-    if let Some(Extension(d)) = deadline {
-        d.set(config.ws.write_timeout + CLOSE_TIMEOUT + Duration::from_secs(1));
-    }
+    let (mut response, fut) =
+        match super::ws::accept_upgrade(upgrade, options, deadline, &config.ws) {
+            Ok(pair) => pair,
+            Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+        };
     if let Some(p) = subprotocol {
         response
             .headers_mut()
@@ -134,27 +148,37 @@ pub async fn handler(
 
 fn connection(fut: UpgradeFut, ctx: Ctx) -> impl Future<Output = ()> + Send {
     fut.then(move |upgraded| match upgraded {
-        Ok(socket) => Either::Left(async move {
-            let metrics = ctx.core.metrics.clone();
-            metrics.connections.get_or_create(&LABEL).inc();
-            let _counted = Counted(metrics.clone());
-            let mut wire = Wire {
-                socket,
-                buf: BytesMut::new(),
-                max_packet: ctx.core.config.mqtt.max_packet_bytes,
-                write_timeout: ctx.core.config.ws.write_timeout,
-                frames_in: metrics.frames_in.get_or_create(&LABEL).clone(),
-                frames_out: metrics.frames_out.get_or_create(&LABEL).clone(),
-            };
-            if let Some(connection) = Box::pin(handshake(&mut wire, &ctx)).await {
-                Box::pin(connection.run(wire)).await;
-            }
-        }),
+        Ok(socket) => Either::Left(serve(Socket::WebSocket(Box::new(socket)), ctx)),
         Err(e) => {
             tracing::debug!(error = %e, "upgrade failed");
             Either::Right(std::future::ready(()))
         }
     })
+}
+
+/// Serves one MQTT connection on a plain stream (`[mqtt] listen`: TCP, or TLS over it)
+/// until it ends. The caller spawns it on the server's task tracker.
+pub fn serve_stream(io: impl Stream, ctx: Ctx) -> impl Future<Output = ()> + Send {
+    let span = tracing::debug_span!("mqtt", user = tracing::field::Empty);
+    serve(Socket::Stream(Box::new(io)), ctx).instrument(span)
+}
+
+/// The connection's life: CONNECT, then packets until it ends.
+async fn serve(socket: Socket, ctx: Ctx) {
+    let metrics = ctx.core.metrics.clone();
+    metrics.connections.get_or_create(&LABEL).inc();
+    let _counted = Counted(metrics.clone());
+    let mut wire = Wire {
+        socket,
+        buf: BytesMut::new(),
+        max_packet: ctx.core.config.mqtt.max_packet_bytes,
+        write_timeout: ctx.core.config.ws.write_timeout,
+        frames_in: metrics.frames_in.get_or_create(&LABEL).clone(),
+        frames_out: metrics.frames_out.get_or_create(&LABEL).clone(),
+    };
+    if let Some(connection) = Box::pin(handshake(&mut wire, &ctx)).await {
+        Box::pin(connection.run(wire)).await;
+    }
 }
 
 /// Counts the connection while it lives.
@@ -169,8 +193,8 @@ impl Drop for Counted {
 /// Why reading packets stopped.
 #[derive(Debug)]
 enum ReadError {
-    /// The socket closed or failed (`clean`: the peer sent a close frame).
-    Gone { clean: bool },
+    /// The socket closed (a WebSocket close frame, or the end of the stream) or failed.
+    Gone,
     /// A packet over `mqtt.max_packet_bytes`.
     TooLarge,
     /// Bytes that are not an MQTT 3.1.1 packet (or a text message).
@@ -179,9 +203,28 @@ enum ReadError {
     Version5,
 }
 
+/// A byte stream a plain MQTT connection runs on (TCP, or TLS over it).
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+/// What MQTT packets travel in.
+enum Socket {
+    /// `/mqtt`: binary WebSocket messages (a packet may span several, and one may hold
+    /// several packets). Boxed like the stream: a connection of either kind holds only
+    /// what it uses.
+    WebSocket(Box<HttpWebSocket>),
+    /// `[mqtt] listen`: the bare byte stream.
+    Stream(Box<dyn Stream>),
+}
+
+/// Most bytes one read from a stream takes in (on the stack, so an idle connection holds
+/// no read buffer).
+const READ_CHUNK: usize = 4096;
+
 /// The socket and the bytes of a packet not yet whole.
 struct Wire {
-    socket: HttpWebSocket,
+    socket: Socket,
     buf: BytesMut,
     max_packet: usize,
     write_timeout: Duration,
@@ -218,6 +261,36 @@ impl Wire {
         }
     }
 
+    /// Reads more bytes into the buffer. `Ok(false)`: only a WebSocket control frame came
+    /// (a sign of life, no bytes). Cancel-safe: what is read is buffered in the same poll.
+    async fn read(&mut self) -> Result<bool, ReadError> {
+        match &mut self.socket {
+            Socket::WebSocket(ws) => {
+                let frame = ws.next_frame().await.map_err(|_| ReadError::Gone)?;
+                self.take_frame(frame)
+            }
+            Socket::Stream(io) => {
+                let buf = &mut self.buf;
+                std::future::poll_fn(|cx| {
+                    let mut chunk = [0u8; READ_CHUNK];
+                    let mut read = ReadBuf::new(&mut chunk);
+                    match std::pin::Pin::new(&mut **io).poll_read(cx, &mut read) {
+                        Poll::Pending => Poll::Pending,
+                        Poll::Ready(Err(_)) => Poll::Ready(Err(ReadError::Gone)),
+                        Poll::Ready(Ok(())) if read.filled().is_empty() => {
+                            Poll::Ready(Err(ReadError::Gone))
+                        }
+                        Poll::Ready(Ok(())) => {
+                            buf.extend_from_slice(read.filled());
+                            Poll::Ready(Ok(true))
+                        }
+                    }
+                })
+                .await
+            }
+        }
+    }
+
     /// Appends one WebSocket message. `Ok(false)`: a control frame only (a sign of life).
     fn take_frame(&mut self, frame: Frame) -> Result<bool, ReadError> {
         match frame.opcode() {
@@ -233,22 +306,39 @@ impl Wire {
             OpCode::Text => Err(ReadError::Malformed(
                 "MQTT travels in binary messages".into(),
             )),
-            OpCode::Close => Err(ReadError::Gone { clean: true }),
+            OpCode::Close => Err(ReadError::Gone),
             _ => Ok(false),
         }
     }
 
-    /// Writes `bytes` as one binary message under the write deadline.
+    /// Writes `bytes` (`packets` whole packets) under the write deadline: one binary
+    /// WebSocket message, or straight onto the stream.
     async fn write(&mut self, bytes: Bytes, packets: u64) -> Result<(), CloseReason> {
-        match deadline::lazy_timeout(self.write_timeout, self.socket.send(Frame::binary(bytes)))
-            .await
-        {
+        let written = match &mut self.socket {
+            Socket::WebSocket(ws) => {
+                let sent =
+                    deadline::lazy_timeout(self.write_timeout, ws.send(Frame::binary(bytes)))
+                        .await
+                        .map(|r| r.map_err(|_| ()));
+                ws.free_write_buffer();
+                sent
+            }
+            Socket::Stream(io) => {
+                let write = async {
+                    io.write_all(&bytes).await?;
+                    io.flush().await
+                };
+                deadline::lazy_timeout(self.write_timeout, write)
+                    .await
+                    .map(|r| r.map_err(|_| ()))
+            }
+        };
+        match written {
             Some(Ok(())) => {
                 self.frames_out.inc_by(packets);
-                self.socket.free_write_buffer();
                 Ok(())
             }
-            Some(Err(_)) => Err(CloseReason::ShuttingDown),
+            Some(Err(())) => Err(CloseReason::ShuttingDown),
             None => Err(CloseReason::SlowConsumer),
         }
     }
@@ -259,12 +349,29 @@ impl Wire {
         self.write(out.freeze(), 1).await
     }
 
-    /// Closes the WebSocket with `code`, briefly.
+    /// A WebSocket ping (a stream has none: MQTT's keep-alive is the client's).
+    async fn ping(&mut self) -> Result<(), ()> {
+        let Socket::WebSocket(ws) = &mut self.socket else {
+            return Ok(());
+        };
+        match deadline::lazy_timeout(self.write_timeout, ws.send(Frame::ping(Bytes::new()))).await {
+            Some(Ok(())) => Ok(()),
+            _ => Err(()),
+        }
+    }
+
+    /// Closes the connection, briefly: a WebSocket with `code`; a stream is shut down
+    /// (MQTT 3.1.1 has no close reason on the wire).
     async fn close(&mut self, code: u16, reason: &str) {
         let _ = timeout(CLOSE_TIMEOUT, async {
-            self.socket
-                .send(Frame::close(CloseCode::from(code), reason))
-                .await
+            match &mut self.socket {
+                Socket::WebSocket(ws) => {
+                    let _ = ws.send(Frame::close(CloseCode::from(code), reason)).await;
+                }
+                Socket::Stream(io) => {
+                    let _ = io.shutdown().await;
+                }
+            }
         })
         .await;
     }
@@ -292,6 +399,8 @@ fn encode(packet: &Packet, out: &mut BytesMut) {
     }
 }
 
+/// The WebSocket close code after a DISCONNECT.
+const NORMAL_CLOSE: u16 = 1000;
 /// The MQTT close code for a WebSocket close after a protocol error.
 const PROTOCOL_ERROR: u16 = 1002;
 
@@ -309,8 +418,8 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
                 return None;
             }
         }
-        let frame = tokio::select! {
-            f = wire.socket.next_frame() => f,
+        let read = tokio::select! {
+            r = wire.read() => r,
             _ = tokio::time::sleep_until(deadline) => {
                 wire.close(CloseReason::AuthTimeout.code(), "no CONNECT in time").await;
                 return None;
@@ -320,8 +429,7 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
                 return None;
             }
         };
-        let Ok(frame) = frame else { return None };
-        if let Err(e) = wire.take_frame(frame) {
+        if let Err(e) = read {
             refuse_read(wire, e).await;
             return None;
         }
@@ -335,40 +443,83 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
         keep_alive,
         username,
         password,
+        last_will,
+        clean_session,
+        client_id,
         ..
     } = connect;
     let token = password.as_deref().map(std::str::from_utf8);
-    let refusal = match token {
-        None => Some(ConnectReturnCode::NotAuthorized),
-        Some(Err(_)) => Some(ConnectReturnCode::BadUserNameOrPassword),
+    let user = match token {
+        None => Err(ConnectReturnCode::NotAuthorized),
+        Some(Err(_)) => Err(ConnectReturnCode::BadUserNameOrPassword),
         Some(Ok(token)) => match core.authenticate(token) {
-            Err(_) => Some(ConnectReturnCode::BadUserNameOrPassword),
+            Err(_) => Err(ConnectReturnCode::BadUserNameOrPassword),
             Ok(user) if username.as_deref().is_some_and(|u| *u != *user) => {
-                Some(ConnectReturnCode::BadUserNameOrPassword)
+                Err(ConnectReturnCode::BadUserNameOrPassword)
             }
-            Ok(_) => None,
+            Ok(user) => Ok(user.to_string()),
         },
     };
-    if let Some(code) = refusal {
-        refuse(wire, code).await;
+    let user = match user {
+        Ok(user) => user,
+        Err(code) => {
+            refuse(wire, code).await;
+            return None;
+        }
+    };
+    // A session kept for this user and client id (`clean_session=false`): resumed below
+    // when the session layer still has it. A clean session discards any.
+    let key = (user, client_id.to_string());
+    if !clean_session && key.1.is_empty() {
+        // MQTT-3.1.3-8: a kept session needs a client id.
+        refuse(wire, ConnectReturnCode::IdentifierRejected).await;
         return None;
     }
+    // A connection with the same client id is closed first (it may keep its session).
+    let live = Box::pin(ctx.mqtt.claim(&key)).await;
+    let release = Release(ctx.mqtt.clone(), key.clone(), live.clone());
+    let kept = ctx.mqtt.take(&key);
+    let kept = kept.filter(|_| !clean_session);
+    // The will: a message to a room, sent when the connection ends without DISCONNECT.
+    // One the server could never send is refused here (3.1.1 has no code for it).
+    let will = match last_will {
+        None => None,
+        Some(w) => {
+            let room = topic_room(&w.topic_name);
+            let body = String::from_utf8(w.message.to_vec()).ok();
+            match (room, body) {
+                (Some(room), Some(body)) => Some(Will {
+                    room: room.to_string(),
+                    body,
+                }),
+                _ => {
+                    wire.close(PROTOCOL_ERROR, "a will goes to rooms/{room}, in UTF-8")
+                        .await;
+                    return None;
+                }
+            }
+        }
+    };
     let token = token.and_then(Result::ok).unwrap_or_default();
     let ws = &core.config.ws;
-    // Keep-alive 0 turns MQTT's off: WebSocket pings then find a dead peer, as on /ws.
+    // Keep-alive 0 turns MQTT's off: WebSocket pings then find a dead peer, as on /ws;
+    // on a stream, TCP keep-alive does (set by the listener).
+    let stream = matches!(wire.socket, Socket::Stream(_));
     let silence = match keep_alive {
-        0 => ws.heartbeat_interval + ws.pong_timeout,
-        k => Duration::from_millis(u64::from(k) * 1500),
+        0 if stream => None,
+        0 => Some(ws.heartbeat_interval + ws.pong_timeout),
+        k => Some(Duration::from_millis(u64::from(k) * 1500)),
     };
-    let idle = ws
-        .heartbeat_interval
-        .min(silence / 3)
-        .max(Duration::from_millis(10));
+    let idle = silence.map(|silence| {
+        ws.heartbeat_interval
+            .min(silence / 3)
+            .max(Duration::from_millis(10))
+    });
     let mut outbox = Outbox::new(
         Conn::new(core.clone(), ws.heartbeat_interval),
         OutboxConfig {
-            idle: Some(idle),
-            silence_limit: Some(silence),
+            idle,
+            silence_limit: silence,
             connect_deadline: None,
             coalesce: ws.coalesce,
             max_in_flight: ws.max_commands_in_flight,
@@ -379,15 +530,23 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
         id: CONNECT_ID,
         cmd: Some(Cmd::Connect(proto::Connect {
             token: token.to_string(),
-            ..Default::default()
+            session_id: kept
+                .as_ref()
+                .map(|k| k.session_id.clone())
+                .unwrap_or_default(),
+            last_pos: kept.as_ref().map_or(0, |k| k.last_pos),
         })),
     };
     Box::pin(outbox.receive(Ok(request))).await;
+    let mut resumed = false;
     let code = match outbox.ready() {
         Some(Out::Frame(ServerFrame {
-            kind: Some(Kind::Connected(_)),
+            kind: Some(Kind::Connected(c)),
             ..
-        })) => None,
+        })) => {
+            resumed = c.resumed;
+            None
+        }
         Some(Out::Frame(ServerFrame {
             kind: Some(Kind::Error(e)),
             ..
@@ -405,23 +564,152 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
     }
     let session = outbox.session()?.clone();
     tracing::Span::current().record("user", session.user_id());
-    let connack = Packet::Connack(Connack::new(false, ConnectReturnCode::Accepted));
+    // The kept state only with the session it belongs to (else it expired).
+    let kept = kept.filter(|_| resumed).unwrap_or_default();
+    let connack = Packet::Connack(Connack::new(resumed, ConnectReturnCode::Accepted));
     if wire.write_packet(&connack).await.is_err() {
         return None;
     }
     Some(Connection {
         outbox,
+        user: session.user_id().to_string(),
+        core: core.clone(),
+        shutdown: ctx.shutdown.clone(),
+        will,
         session_tag: session.id().to_string(),
-        subscriptions: HashMap::new(),
+        keep: (!clean_session).then(|| (ctx.mqtt.clone(), key)),
+        kicked: live.kick,
+        _release: release,
+        subscriptions: kept.subscriptions,
         pending: HashMap::new(),
         suback: HashMap::new(),
-        recent: VecDeque::new(),
+        recent: kept.recent,
+        unacked: kept.unacked,
+        last_pos: kept.last_pos,
         next_request: CONNECT_ID + 1,
-        next_pid: 0,
-        published: 0,
+        next_pid: kept.next_pid,
+        published: kept.published,
         keep_alive: keep_alive > 0,
     })
 }
+
+/// Sessions kept for `clean_session=false` clients between connections, by (user, client
+/// id): what MQTT calls the session state (subscriptions, QoS 1 messages not yet
+/// PUBACKed) and where its parley session's stream stands. An entry lives as long as the
+/// parley session could be resumed (`session.grace_period`); expired ones are dropped
+/// whenever another is kept.
+///
+/// It also knows the live connection of each (user, client id), so a new CONNECT with the
+/// same client id takes over from it (MQTT-3.1.4-2): the old one is closed and, if it
+/// kept its session, hands it over. A device whose old TCP connection is half-open
+/// (a NAT forgot it) so resumes at once instead of waiting for its keep-alive.
+#[derive(Default)]
+pub struct Kept(std::sync::Mutex<KeptInner>);
+
+/// [`Kept`]'s state, under its lock (never held across an await).
+#[derive(Default)]
+pub struct KeptInner {
+    kept: HashMap<(String, String), KeptSession>,
+    live: HashMap<(String, String), Live>,
+    next_id: u64,
+}
+
+/// The live connection of a client id: cancel `kick` to close it; `ended` is cancelled
+/// once it has finished (and kept its session, if it does).
+#[derive(Clone)]
+struct Live {
+    id: u64,
+    kick: tokio_util::sync::CancellationToken,
+    ended: tokio_util::sync::CancellationToken,
+}
+
+/// How long a CONNECT waits for the connection it takes over to hand its session over.
+const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Kept {
+    fn lock(&self) -> std::sync::MutexGuard<'_, KeptInner> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn take(&self, key: &(String, String)) -> Option<KeptSession> {
+        self.lock()
+            .kept
+            .remove(key)
+            .filter(|k| k.expires.is_some_and(|e| e > Instant::now()))
+    }
+
+    fn keep(&self, key: (String, String), session: KeptSession) {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        inner.kept.retain(|_, k| k.expires.is_some_and(|e| e > now));
+        inner.kept.insert(key, session);
+    }
+
+    /// Registers a new live connection for `key`, closing the one before it (if any) and
+    /// waiting, briefly, until it has ended.
+    async fn claim(&self, key: &(String, String)) -> Live {
+        let (live, previous) = {
+            let mut inner = self.lock();
+            inner.next_id += 1;
+            let live = Live {
+                id: inner.next_id,
+                kick: Default::default(),
+                ended: Default::default(),
+            };
+            let previous = inner.live.insert(key.clone(), live.clone());
+            (live, previous)
+        };
+        if let Some(previous) = previous {
+            previous.kick.cancel();
+            let _ = timeout(TAKEOVER_TIMEOUT, previous.ended.cancelled()).await;
+        }
+        live
+    }
+
+    /// The connection `live` for `key` has ended.
+    fn release(&self, key: &(String, String), live: &Live) {
+        let mut inner = self.lock();
+        if inner.live.get(key).is_some_and(|l| l.id == live.id) {
+            inner.live.remove(key);
+        }
+        live.ended.cancel();
+    }
+}
+
+/// Releases a connection's claim on its client id when dropped (after the session was
+/// kept), on every path out of the handshake and the connection.
+struct Release(Arc<Kept>, (String, String), Live);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.0.release(&self.1, &self.2);
+    }
+}
+
+/// One kept MQTT session (see [`Kept`]).
+#[derive(Default)]
+struct KeptSession {
+    session_id: String,
+    /// The last session position written to the device.
+    last_pos: u64,
+    expires: Option<Instant>,
+    subscriptions: HashMap<String, QoS>,
+    unacked: VecDeque<Unacked>,
+    recent: VecDeque<Recent>,
+    next_pid: u16,
+    published: u64,
+}
+
+/// A QoS 1 PUBLISH written to the device and not yet PUBACKed: sent again, with DUP,
+/// when a kept session resumes.
+struct Unacked {
+    pid: u16,
+    publish: Publish,
+}
+
+/// The most unacknowledged QoS 1 PUBLISHes a connection keeps for redelivery (older ones
+/// are forgotten: they were delivered once).
+const MAX_UNACKED: usize = 256;
 
 /// Answers a CONNECT with a refusal, then closes.
 async fn refuse(wire: &mut Wire, code: ConnectReturnCode) {
@@ -439,7 +727,7 @@ async fn refuse(wire: &mut Wire, code: ConnectReturnCode) {
 /// Closes after bytes that cannot be read on.
 async fn refuse_read(wire: &mut Wire, e: ReadError) {
     match e {
-        ReadError::Gone { .. } => {}
+        ReadError::Gone => {}
         ReadError::TooLarge => wire.close(1009, "packet too large").await,
         ReadError::Malformed(why) => {
             tracing::debug!(why, "malformed packet");
@@ -454,10 +742,29 @@ async fn refuse_read(wire: &mut Wire, e: ReadError) {
     }
 }
 
+/// Sends a will through the chat layer (the outbox may be closing already) as `user`,
+/// and waits, briefly, until it is durable.
+async fn publish_will(core: Arc<Core>, user: String, client_msg_id: String, will: Will) {
+    let send = proto::Send {
+        room: will.room,
+        client_msg_id,
+        body: will.body,
+        ..Default::default()
+    };
+    match timeout(WILL_TIMEOUT, core.chat.send(&user, send)).await {
+        Ok(Ok(sent)) => tracing::debug!(seq = sent.seq, "will published"),
+        Ok(Err(e)) => tracing::debug!(error = %e, "will refused"),
+        Err(_) => tracing::debug!("will not durable in time"),
+    }
+}
+
 /// What a command's reply completes.
 enum Pending {
     /// A PUBLISH's `send`: PUBACK this packet id once it is durable (QoS 1).
     Publish(Option<u16>),
+    /// A PUBLISH to `rooms/{room}/typing`: PUBACK this packet id (QoS 1) whatever the
+    /// reply (a typing event over its rate is dropped, not an error worth a close).
+    Typing(Option<u16>),
     /// One topic of a SUBSCRIBE: entry `index` of SUBACK `pid`, for `room` at `qos`.
     Subscribe {
         pid: u16,
@@ -484,11 +791,35 @@ struct SubackState {
     codes: Vec<Option<SubscribeReturnCode>>,
 }
 
+/// The CONNECT's will message, for `rooms/{room}`.
+struct Will {
+    room: String,
+    body: String,
+}
+
 /// An authenticated connection: its session's outbox and the MQTT state around it.
 struct Connection {
     outbox: Outbox,
+    /// The session's user (the will's sender).
+    user: String,
+    core: Arc<Core>,
+    /// The server's shutdown signal.
+    shutdown: tokio_util::sync::CancellationToken,
+    /// Sent when the connection ends without DISCONNECT.
+    will: Option<Will>,
     /// The session id, in the `client_msg_id` of what this connection publishes.
     session_tag: String,
+    /// Where to keep the MQTT session when the connection ends (`clean_session=false`):
+    /// the registry and this session's key.
+    keep: Option<(Arc<Kept>, (String, String))>,
+    /// Cancelled when a new connection with the same client id takes over.
+    kicked: tokio_util::sync::CancellationToken,
+    /// This connection's claim on its client id (dropped last: after the session is kept).
+    _release: Release,
+    /// QoS 1 PUBLISHes written and not yet PUBACKed (kept only with `keep`).
+    unacked: VecDeque<Unacked>,
+    /// The last session position written to the device.
+    last_pos: u64,
     /// Rooms whose messages this connection delivers, with the granted QoS.
     subscriptions: HashMap<String, QoS>,
     /// Commands waiting for their replies, by request id.
@@ -519,6 +850,21 @@ enum Stop {
 
 impl Connection {
     async fn run(mut self, mut wire: Wire) {
+        // A resumed session first sends again what the device never acknowledged.
+        let mut again = BytesMut::new();
+        for u in &self.unacked {
+            let mut publish = u.publish.clone();
+            publish.dup = true;
+            encode(&Packet::Publish(publish), &mut again);
+        }
+        if !again.is_empty()
+            && wire
+                .write(again.freeze(), self.unacked.len() as u64)
+                .await
+                .is_err()
+        {
+            return;
+        }
         // Packets that came in the CONNECT's WebSocket message (a client may send
         // CONNECT and SUBSCRIBE together) are handled before waiting for more.
         let first = self.on_bytes(&mut wire).await;
@@ -530,6 +876,40 @@ impl Connection {
         if let Stop::Close(code, reason) = stop {
             wire.close(code, reason).await;
         }
+        // Without DISCONNECT (dropped, timed out, closed for an error): the will, as a
+        // message from the user, before the session ends. Not when the server itself is
+        // draining: a deploy is not every device's last word.
+        if let Some(will) = self.will.take().filter(|_| !self.shutdown.is_cancelled()) {
+            let (core, user) = (self.core.clone(), self.user.clone());
+            let client_msg_id = format!("mqtt-{}-will", self.session_tag);
+            publish_will(core, user, client_msg_id, will).await;
+        }
+        self.outbox.settle().await;
+        match self.keep.take() {
+            // `clean_session=false`: the session waits out its grace period (dropping
+            // the outbox detaches it), its MQTT state kept beside it.
+            Some((kept, key)) if !self.shutdown.is_cancelled() => {
+                let Some(session) = self.outbox.session() else {
+                    return;
+                };
+                let grace = self.core.config.session.grace_period;
+                kept.keep(
+                    key,
+                    KeptSession {
+                        session_id: session.id().to_string(),
+                        last_pos: self.last_pos,
+                        expires: Some(Instant::now() + grace),
+                        subscriptions: std::mem::take(&mut self.subscriptions),
+                        unacked: std::mem::take(&mut self.unacked),
+                        recent: std::mem::take(&mut self.recent),
+                        next_pid: self.next_pid,
+                        published: self.published,
+                    },
+                );
+            }
+            // A clean session ends with the connection: presence goes offline now.
+            _ => self.outbox.client_closed(),
+        }
     }
 
     /// Reads packets and writes what the outbox hands out, until the connection stops.
@@ -537,13 +917,11 @@ impl Connection {
         loop {
             let step = tokio::select! {
                 biased;
-                frame = wire.socket.next_frame(), if self.outbox.accepting() => {
-                    match frame {
-                        Ok(frame) => self.on_frame(wire, frame).await,
-                        Err(_) => Err(Stop::Gone),
-                    }
-                }
+                read = wire.read(), if self.outbox.accepting() => self.on_read(wire, read).await,
                 out = self.outbox.next() => self.deliver(wire, out).await,
+                _ = self.kicked.cancelled() => {
+                    Err(Stop::Close(CloseReason::SessionMoved.code(), "taken over by a new connection"))
+                }
             };
             if let Err(stop) = step {
                 return stop;
@@ -551,9 +929,9 @@ impl Connection {
         }
     }
 
-    /// One WebSocket message: the packets it completes, then what is ready to write.
-    async fn on_frame(&mut self, wire: &mut Wire, frame: Frame) -> Step {
-        match wire.take_frame(frame) {
+    /// One read: the packets it completes, then what is ready to write.
+    async fn on_read(&mut self, wire: &mut Wire, read: Result<bool, ReadError>) -> Step {
+        match read {
             Ok(false) => {
                 // A pong: a sign of life only where MQTT's keep-alive is off (MQTT wants
                 // packets, MQTT-3.1.2-24).
@@ -563,9 +941,9 @@ impl Connection {
                 return Ok(());
             }
             Ok(true) => self.outbox.seen(),
-            Err(ReadError::Gone { clean: true }) => {
-                // A WebSocket close without DISCONNECT: an abnormal end; the session
-                // waits out its grace period.
+            Err(ReadError::Gone) => {
+                // A close without DISCONNECT: an abnormal end; the session waits out its
+                // grace period.
                 return Err(Stop::Gone);
             }
             Err(e) => return Err(read_stop(e)),
@@ -607,10 +985,15 @@ impl Connection {
                 let mut codes = vec![None; s.topics.len()];
                 let mut joins = Vec::new();
                 for (index, (filter, qos)) in s.topics.iter().enumerate() {
-                    match room_of(filter) {
-                        Some(room) => joins.push((index, room.to_string(), *qos)),
-                        // Wildcards, other topics: not readable here.
-                        None => codes[index] = Some(SubscribeReturnCode::Failure),
+                    if let Some(room) = room_of(filter) {
+                        joins.push((index, room.to_string(), *qos));
+                    } else if readable(filter) {
+                        // Over pushes the session gets anyway: nothing to check.
+                        let granted = (*qos).min(QoS::Level1);
+                        self.subscriptions.insert(filter.to_string(), granted);
+                        codes[index] = Some(granted_code(granted));
+                    } else {
+                        codes[index] = Some(SubscribeReturnCode::Failure);
                     }
                 }
                 self.suback.insert(pid, SubackState { codes });
@@ -631,20 +1014,29 @@ impl Connection {
             }
             Packet::Unsubscribe(Unsubscribe { pid, topics }) => {
                 for filter in &topics {
-                    if let Some(room) = room_of(filter) {
-                        self.subscriptions.remove(room);
-                    }
+                    self.subscriptions.remove(&**filter);
                 }
                 wire.write_packet(&Packet::Unsuback(pid))
                     .await
                     .map_err(|_| Stop::Gone)
             }
-            // What parley publishes is acknowledged on write (see `deliver`).
-            Packet::Puback(_) => Ok(()),
+            // What parley publishes is released from the session on write (see
+            // `deliver`); a kept session also forgets it for redelivery now.
+            Packet::Puback(pid) => {
+                let pid = pid.value();
+                if let Some(i) = self.unacked.iter().position(|u| u.pid == pid) {
+                    self.unacked.remove(i);
+                }
+                Ok(())
+            }
             Packet::Disconnect => {
-                // A deliberate goodbye: the session ends now.
-                self.outbox.client_closed();
-                Err(Stop::Gone)
+                // A deliberate goodbye, without the will: a clean session ends now, a
+                // kept one waits for the device (see `run`).
+                self.will = None;
+                if self.keep.is_none() {
+                    self.outbox.client_closed();
+                }
+                Err(Stop::Close(NORMAL_CLOSE, "disconnect"))
             }
             Packet::Pubrec(_) | Packet::Pubrel(_) | Packet::Pubcomp(_) => {
                 Err(Stop::Close(PROTOCOL_ERROR, "QoS 2 is not supported"))
@@ -657,13 +1049,29 @@ impl Connection {
     async fn on_publish(&mut self, p: Publish) -> Step {
         // 3.1.1 has no negative PUBACK: what cannot be sent closes the connection
         // (MQTT-3.3.5-2). Retain is ignored (parley keeps history instead).
-        let Some(room) = topic_room(&p.topic_name) else {
-            return Err(Stop::Close(PROTOCOL_ERROR, "publish only to rooms/{room}"));
+        let Some(target) = publish_target(&p.topic_name) else {
+            return Err(Stop::Close(
+                PROTOCOL_ERROR,
+                "publish to rooms/{room}, rooms/{room}/typing or dm/{user}",
+            ));
         };
         let pid = match p.qos_pid {
             QosPid::Level0 => None,
             QosPid::Level1(pid) => Some(pid.value()),
             QosPid::Level2(_) => return Err(Stop::Close(PROTOCOL_ERROR, "QoS 2 is not supported")),
+        };
+        let (room, to_user) = match target {
+            Target::Typing(room) => {
+                // Ephemeral: no body, no idempotence to keep; acknowledged either way.
+                let cmd = Cmd::Typing(proto::Typing {
+                    room: room.to_string(),
+                });
+                let frame = self.request(cmd, Pending::Typing(pid));
+                Box::pin(self.outbox.receive(Ok(frame))).await;
+                return Ok(());
+            }
+            Target::Room(room) => (room.to_string(), String::new()),
+            Target::Direct(user) => (String::new(), user.to_string()),
         };
         let Ok(body) = String::from_utf8(p.payload.to_vec()) else {
             return Err(Stop::Close(PROTOCOL_ERROR, "payload must be UTF-8"));
@@ -701,7 +1109,8 @@ impl Connection {
         };
         let client_msg_id = format!("mqtt-{}-{n}", self.session_tag);
         let cmd = Cmd::Send(proto::Send {
-            room: room.to_string(),
+            room,
+            to_user,
             client_msg_id,
             body,
             ..Default::default()
@@ -735,22 +1144,37 @@ impl Connection {
                 let mut last = 0;
                 for (pos, push) in pushes {
                     last = pos;
-                    let Kind::Message(m) = push.kind() else {
+                    let Some((topic, payload)) = self.topic_of(push.kind()) else {
                         continue;
                     };
-                    let Some(&qos) = self.subscriptions.get(&m.room) else {
-                        continue;
-                    };
-                    let Ok(topic) = TopicName::try_from(format!("{ROOMS}{}", m.room).as_str())
+                    // The highest QoS of the filters that match (MQTT-3.3.5-1).
+                    let Some(qos) = self
+                        .subscriptions
+                        .iter()
+                        .filter(|(filter, _)| matches(filter, &topic))
+                        .map(|(_, qos)| *qos)
+                        .max()
                     else {
+                        continue;
+                    };
+                    let Ok(topic) = TopicName::try_from(topic.as_str()) else {
                         continue;
                     };
                     let qos_pid = match qos {
                         QoS::Level0 => QosPid::Level0,
                         _ => QosPid::Level1(self.pid()),
                     };
-                    let publish = Publish::new(qos_pid, topic, Bytes::from(m.body.clone()));
-                    encode(&Packet::Publish(publish), &mut bytes);
+                    let publish = Publish::new(qos_pid, topic, payload);
+                    encode(&Packet::Publish(publish.clone()), &mut bytes);
+                    if let (Some(_), QosPid::Level1(pid)) = (&self.keep, qos_pid) {
+                        if self.unacked.len() == MAX_UNACKED {
+                            self.unacked.pop_front();
+                        }
+                        self.unacked.push_back(Unacked {
+                            pid: pid.value(),
+                            publish,
+                        });
+                    }
                     packets += 1;
                 }
                 if packets > 0 {
@@ -765,15 +1189,10 @@ impl Connection {
                 if let Some(s) = self.outbox.session() {
                     s.ack(last);
                 }
+                self.last_pos = self.last_pos.max(last);
                 Ok(())
             }
-            Out::Idle => {
-                let ping = wire.socket.send(Frame::ping(Bytes::new()));
-                match deadline::lazy_timeout(wire.write_timeout, ping).await {
-                    Some(Ok(())) => Ok(()),
-                    _ => Err(Stop::Gone),
-                }
-            }
+            Out::Idle => wire.ping().await.map_err(|()| Stop::Gone),
             Out::Close(why) => Err(Stop::Close(why.code(), why.reason())),
         }
     }
@@ -784,7 +1203,15 @@ impl Connection {
         };
         let ok = !matches!(frame.kind, Some(Kind::Error(_)) | None);
         match pending {
-            Pending::Publish(None) => Ok(()),
+            Pending::Publish(None) | Pending::Typing(None) => Ok(()),
+            Pending::Typing(Some(pid)) => {
+                let Ok(pid) = Pid::try_from(pid) else {
+                    return Ok(());
+                };
+                wire.write_packet(&Packet::Puback(pid))
+                    .await
+                    .map_err(|_| Stop::Gone)
+            }
             Pending::Publish(Some(pid)) => {
                 if let Some(r) = self.recent.iter_mut().find(|r| r.pid == pid) {
                     r.in_flight = false;
@@ -807,11 +1234,8 @@ impl Connection {
             } => {
                 let code = if ok {
                     let granted = qos.min(QoS::Level1);
-                    self.subscriptions.insert(room, granted);
-                    match granted {
-                        QoS::Level0 => SubscribeReturnCode::MaxLevel0,
-                        _ => SubscribeReturnCode::MaxLevel1,
-                    }
+                    self.subscriptions.insert(format!("{ROOMS}{room}"), granted);
+                    granted_code(granted)
                 } else {
                     SubscribeReturnCode::Failure
                 };
@@ -823,6 +1247,45 @@ impl Connection {
                 self.complete_suback(wire, pid).await
             }
         }
+    }
+
+    /// The topic and payload of a push a device may subscribe to (see the topic table in
+    /// docs/PROTOCOL.md); `None` for the others (receipts, signals, membership).
+    fn topic_of(&self, kind: &Kind) -> Option<(String, Bytes)> {
+        let json = self.core.config.mqtt.payload == MqttPayload::Json;
+        let payload = |body: &str, value: &dyn erased::Json| {
+            if json {
+                Bytes::from(value.to_json())
+            } else {
+                Bytes::copy_from_slice(body.as_bytes())
+            }
+        };
+        Some(match kind {
+            Kind::Message(m) => {
+                let topic = match m.room.strip_prefix("dm:") {
+                    Some(pair) => {
+                        let (a, b) = pair.split_once(':')?;
+                        let peer = if a == self.user { b } else { a };
+                        format!("{DM}{peer}")
+                    }
+                    None => format!("{ROOMS}{}", m.room),
+                };
+                (topic, payload(&m.body, m))
+            }
+            Kind::Typing(t) => (format!("{ROOMS}{}{TYPING}", t.room), payload(&t.user, t)),
+            Kind::Presence(p) => {
+                let status = if p.online { "online" } else { "offline" };
+                (format!("{PRESENCE}{}", p.user), payload(status, p))
+            }
+            Kind::Announcement(a) if a.room.is_empty() => {
+                (ANNOUNCEMENTS.to_string(), payload(&a.body, a))
+            }
+            Kind::Announcement(a) => (
+                format!("{ROOMS}{}/{ANNOUNCEMENTS}", a.room),
+                payload(&a.body, a),
+            ),
+            _ => return None,
+        })
     }
 
     /// The next packet id for a QoS 1 PUBLISH (1..=65535, wrapping).
@@ -866,7 +1329,7 @@ fn read_stop(e: ReadError) -> Stop {
         tracing::debug!(why, "malformed packet");
     }
     match e {
-        ReadError::Gone { .. } => Stop::Gone,
+        ReadError::Gone => Stop::Gone,
         ReadError::TooLarge => Stop::Close(1009, "packet too large"),
         ReadError::Malformed(_) | ReadError::Version5 => {
             Stop::Close(PROTOCOL_ERROR, "malformed packet")
@@ -878,7 +1341,79 @@ fn read_stop(e: ReadError) -> Stop {
 fn topic_room(topic: &str) -> Option<&str> {
     topic
         .strip_prefix(ROOMS)
-        .filter(|r| !r.is_empty() && !r.contains(['+', '#']))
+        .filter(|r| !r.is_empty() && !r.contains(['+', '#', '/']))
+}
+
+/// What a device's PUBLISH topic names.
+#[derive(Debug, PartialEq)]
+enum Target<'a> {
+    /// `rooms/{room}`: a message to the room.
+    Room(&'a str),
+    /// `rooms/{room}/typing`: a typing event.
+    Typing(&'a str),
+    /// `dm/{user}`: a direct message.
+    Direct(&'a str),
+}
+
+fn publish_target(topic: &str) -> Option<Target<'_>> {
+    let plain = |s: &str| !s.is_empty() && !s.contains(['+', '#', '/']);
+    if let Some(room) = topic_room(topic) {
+        return Some(Target::Room(room));
+    }
+    if let Some(room) = topic
+        .strip_prefix(ROOMS)
+        .and_then(|t| t.strip_suffix(TYPING))
+        .filter(|r| plain(r))
+    {
+        return Some(Target::Typing(room));
+    }
+    topic
+        .strip_prefix(DM)
+        .filter(|u| plain(u))
+        .map(Target::Direct)
+}
+
+/// Whether a subscription filter covers only topics parley publishes: its first level
+/// names one of them (or is a wildcard). Every push it can match is one the session
+/// receives anyway, so a wildcard reads nothing the user may not read.
+fn readable(filter: &str) -> bool {
+    let first = filter.split('/').next().unwrap_or_default();
+    ["rooms", "dm", "presence", "announcements", "+", "#"].contains(&first)
+}
+
+/// MQTT topic matching: `+` is one level, a final `#` is the rest (or nothing).
+fn matches(filter: &str, topic: &str) -> bool {
+    let (mut f, mut t) = (filter.split('/'), topic.split('/'));
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// The SUBACK code of a granted QoS.
+fn granted_code(qos: QoS) -> SubscribeReturnCode {
+    match qos {
+        QoS::Level0 => SubscribeReturnCode::MaxLevel0,
+        _ => SubscribeReturnCode::MaxLevel1,
+    }
+}
+
+/// A push object as its proto3 JSON (the `json` payload).
+mod erased {
+    pub trait Json {
+        fn to_json(&self) -> Vec<u8>;
+    }
+
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> Vec<u8> {
+            serde_json::to_vec(self).unwrap_or_default()
+        }
+    }
 }
 
 /// The room of a subscription filter: exactly `rooms/{room}`, no wildcards.
@@ -923,5 +1458,30 @@ mod tests {
         assert_eq!(topic_room("rooms/#"), None);
         assert_eq!(topic_room("rooms/+"), None);
         assert_eq!(topic_room("dm/bob"), None);
+        assert_eq!(topic_room("rooms/lobby/typing"), None);
+        assert_eq!(publish_target("rooms/lobby"), Some(Target::Room("lobby")));
+        assert_eq!(
+            publish_target("rooms/lobby/typing"),
+            Some(Target::Typing("lobby"))
+        );
+        assert_eq!(publish_target("dm/bob"), Some(Target::Direct("bob")));
+        assert_eq!(publish_target("dm/+"), None);
+        assert_eq!(publish_target("presence/bob"), None);
+        assert_eq!(publish_target("rooms/a/b/typing"), None);
+    }
+
+    #[test]
+    fn filters_match_like_mqtt() {
+        assert!(matches("rooms/lobby", "rooms/lobby"));
+        assert!(!matches("rooms/lobby", "rooms/lobby/typing"));
+        assert!(matches("rooms/+", "rooms/lobby"));
+        assert!(!matches("rooms/+", "rooms/lobby/typing"));
+        assert!(matches("rooms/+/typing", "rooms/lobby/typing"));
+        assert!(matches("rooms/#", "rooms/lobby/typing"));
+        assert!(matches("#", "presence/bob"));
+        assert!(matches("+/bob", "dm/bob"));
+        assert!(!matches("dm/+", "presence/bob"));
+        assert!(readable("rooms/#") && readable("#") && readable("+/bob"));
+        assert!(!readable("$SYS/#") && !readable("elsewhere"));
     }
 }

@@ -60,17 +60,58 @@ pub const LINGER_BYTES: usize = 256 * 1024;
 /// Picks the encoding from the offered subprotocols: the first one parley knows.
 /// `Ok(None)` when none was offered, `Err` when only unknown ones were.
 fn negotiate(headers: &HeaderMap) -> Result<Option<Encoding>, ()> {
+    pick_subprotocol(headers, Encoding::from_subprotocol)
+}
+
+/// The first offered WebSocket subprotocol that `known` accepts. `Ok(None)` when none
+/// was offered, `Err` when only unknown ones were. (`/ws` and `/mqtt`.)
+pub(super) fn pick_subprotocol<T>(
+    headers: &HeaderMap,
+    known: impl Fn(&str) -> Option<T>,
+) -> Result<Option<T>, ()> {
     let mut offered = false;
     for value in headers.get_all(header::SEC_WEBSOCKET_PROTOCOL) {
         let Ok(value) = value.to_str() else { continue };
         for name in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             offered = true;
-            if let Some(e) = Encoding::from_subprotocol(name) {
-                return Ok(Some(e));
+            if let Some(found) = known(name) {
+                return Ok(Some(found));
             }
         }
     }
     if offered { Err(()) } else { Ok(None) }
+}
+
+/// The checks before any WebSocket upgrade (`/ws`, `/mqtt`): a browser from an origin
+/// not allowed is 403, a server shutting down 503.
+pub(super) fn refuse_upgrade(
+    ctx: &Ctx,
+    headers: &HeaderMap,
+    uri: &axum::http::Uri,
+) -> Option<Response> {
+    if !origin_allowed(&ctx.core.config.server, headers, uri) {
+        return Some((StatusCode::FORBIDDEN, "origin not allowed").into_response());
+    }
+    if ctx.shutdown.is_cancelled() {
+        return Some((StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response());
+    }
+    None
+}
+
+/// Accepts the upgrade with `options` (the caller answers an error with 400) and moves
+/// the socket-level write deadline past the connection's own deadline and close.
+pub(super) fn accept_upgrade(
+    upgrade: IncomingUpgrade,
+    options: Options,
+    deadline: Option<Extension<WriteDeadline>>,
+    ws: &crate::config::WsConfig,
+) -> yawc::UpgradeResult {
+    let pair = upgrade.upgrade(options)?;
+    if let Some(Extension(d)) = deadline {
+        // The socket-level backstop fires only after this task's own deadline and close.
+        d.set(ws.write_timeout + CLOSE_TIMEOUT + Duration::from_secs(1));
+    }
+    Ok(pair)
 }
 
 /// The yawc options for parley's `/ws` (also used by the conformance echo endpoint).
@@ -158,11 +199,8 @@ pub async fn handler(
     uri: axum::http::Uri,
     upgrade: IncomingUpgrade,
 ) -> Response {
-    if !origin_allowed(&ctx.core.config.server, &headers, &uri) {
-        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
-    }
-    if ctx.shutdown.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    if let Some(refused) = refuse_upgrade(&ctx, &headers, &uri) {
+        return refused;
     }
     let (encoding, echo) = match negotiate(&headers) {
         Ok(Some(e)) => (e, true),
@@ -175,14 +213,11 @@ pub async fn handler(
                 .into_response();
         }
     };
-    let (mut response, fut) = match upgrade.upgrade(options(&ctx.core.config.ws)) {
+    let ws = &ctx.core.config.ws;
+    let (mut response, fut) = match accept_upgrade(upgrade, options(ws), deadline, ws) {
         Ok(pair) => pair,
         Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
     };
-    if let Some(Extension(d)) = deadline {
-        // The socket-level backstop fires only after this task's own deadline and close.
-        d.set(ctx.core.config.ws.write_timeout + CLOSE_TIMEOUT + Duration::from_secs(1));
-    }
     let compression = PushCompression::from_response(response.headers(), &ctx.core.config.ws);
     if echo {
         response.headers_mut().insert(

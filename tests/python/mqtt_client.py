@@ -4,6 +4,9 @@ Run by tests/mqtt.rs (the venv is made by scripts/test):
 
     python mqtt_client.py SCENARIO HOST PORT TOKEN [USERNAME]
 
+With MQTT_TRANSPORT=tcp in the environment it speaks plain MQTT/TCP to PORT (the
+`[mqtt] listen` listener) instead.
+
 Scenarios:
 
 - `chat`: connect, subscribe rooms/lobby at QoS 1, print `{"ready": ...}`, wait for
@@ -16,6 +19,7 @@ something times out.
 """
 
 import json
+import os
 import queue
 import sys
 
@@ -30,13 +34,15 @@ def say(obj):
 
 def client(host, port, token, username):
     events = queue.Queue()
+    tcp = os.environ.get("MQTT_TRANSPORT") == "tcp"
     c = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id="device-1",
-        transport="websockets",
+        transport="tcp" if tcp else "websockets",
         protocol=mqtt.MQTTv311,
     )
-    c.ws_set_options(path="/mqtt")
+    if not tcp:
+        c.ws_set_options(path="/mqtt")
     c.username_pw_set(username, token)
     c.on_connect = lambda c, u, flags, rc, props: events.put(("connack", rc.value))
     c.on_subscribe = lambda c, u, mid, rcs, props: events.put(
