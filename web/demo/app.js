@@ -457,6 +457,7 @@ function renderMembers() {
 }
 
 function setPeople(open) {
+  if (open && !$("browse").hidden) setBrowse(false);
   $("people").hidden = !open;
   $("people-btn").setAttribute("aria-expanded", String(open));
   if (open) renderMembers();
@@ -548,6 +549,85 @@ $("join-form").addEventListener("submit", async (e) => {
   }
 });
 
+// ---------------------------------------------------------------- room browser
+
+/** Text for screen readers only (an accessible name that starts with what is shown). */
+function srOnly(text) {
+  const span = document.createElement("span");
+  span.className = "visually-hidden";
+  span.textContent = text;
+  return span;
+}
+
+let browseAfter = ""; // the last public room listed: the next page starts after it
+
+function setBrowse(open) {
+  $("browse").hidden = !open;
+  $("browse-btn").setAttribute("aria-expanded", String(open));
+  if (!open) return;
+  closeDrawer();
+  setPeople(false);
+  $("public-rooms").replaceChildren();
+  browseAfter = "";
+  $("browse-title").focus();
+  loadPublicRooms();
+}
+
+/** The next page of public rooms, appended; focus moves to the first new one after "More". */
+async function loadPublicRooms(focusNew = false) {
+  try {
+    const page = await client.publicRooms({ after: browseAfter, limit: 25 });
+    const items = page.rooms.map(publicRoomItem);
+    $("public-rooms").append(...items);
+    if (page.rooms.length) browseAfter = page.rooms[page.rooms.length - 1].room;
+    $("browse-more").hidden = !page.more;
+    $("browse-empty").hidden = $("public-rooms").children.length > 0;
+    if (focusNew) (items[0]?.querySelector("button") ?? $("browse-title")).focus();
+  } catch (e) {
+    notify(`Could not list the public rooms: ${e.message}`);
+  }
+}
+
+function publicRoomItem(r) {
+  const li = document.createElement("li");
+  li.dataset.room = r.room;
+  const name = document.createElement("span");
+  name.className = "name";
+  name.textContent = `# ${r.room}`;
+  const count = document.createElement("span");
+  count.className = "muted";
+  count.textContent = plural(r.members, "member", "members");
+  const member = rooms.has(r.room);
+  const btn = document.createElement("button");
+  btn.type = "button";
+  btn.className = "ghost";
+  btn.textContent = member ? "Open" : "Join";
+  btn.append(srOnly(` # ${r.room}`));
+  btn.addEventListener("click", async () => {
+    try {
+      if (!member) await client.join(r.room);
+      roomOf(r.room, "");
+      setBrowse(false);
+      open(r.room);
+    } catch (err) {
+      notify(`Could not join # ${r.room}: ${err.message}`);
+    }
+  });
+  li.append(name, count, btn);
+  return li;
+}
+
+function closeBrowse() {
+  setBrowse(false);
+  // Back to the button that opened it; on a phone it is in the closed drawer: ☰ then.
+  $("browse-btn").focus();
+  if (document.activeElement !== $("browse-btn")) $("menu").focus();
+}
+
+$("browse-btn").addEventListener("click", () => ($("browse").hidden ? setBrowse(true) : closeBrowse()));
+$("browse-close").addEventListener("click", closeBrowse);
+$("browse-more").addEventListener("click", () => loadPublicRooms(true));
+
 $("dm-form").addEventListener("submit", (e) => {
   e.preventDefault();
   const user = $("dm-input").value.trim();
@@ -581,7 +661,8 @@ document.addEventListener("keydown", (e) => {
   if ($("sidebar").classList.contains("open")) {
     closeDrawer();
     $("menu").focus();
-  } else if (!$("people").hidden) setPeople(false);
+  } else if (!$("browse").hidden) closeBrowse();
+  else if (!$("people").hidden) setPeople(false);
 });
 
 // ---------------------------------------------------------------- messages
