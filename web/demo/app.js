@@ -6,6 +6,7 @@
 //   ?name=alice            sign in at once (development mode only)
 //   ?ping=ms&pong=ms&probe=ms&connectTimeout=ms   SDK timing options (pingIntervalMs,
 //                          pongTimeoutMs, probeWebSocketMs, connectTimeoutMs)
+//   ?browsePage=n          public rooms per page in the room browser (default 25)
 import { Parley } from "/sdk/parley.js";
 
 const $ = (id) => document.getElementById(id);
@@ -560,6 +561,7 @@ function srOnly(text) {
 }
 
 let browseAfter = ""; // the last public room listed: the next page starts after it
+const BROWSE_PAGE = Number(params.get("browsePage")) || 25;
 
 function setBrowse(open) {
   $("browse").hidden = !open;
@@ -576,7 +578,7 @@ function setBrowse(open) {
 /** The next page of public rooms, appended; focus moves to the first new one after "More". */
 async function loadPublicRooms(focusNew = false) {
   try {
-    const page = await client.publicRooms({ after: browseAfter, limit: 25 });
+    const page = await client.publicRooms({ after: browseAfter, limit: BROWSE_PAGE });
     const items = page.rooms.map(publicRoomItem);
     $("public-rooms").append(...items);
     if (page.rooms.length) browseAfter = page.rooms[page.rooms.length - 1].room;

@@ -234,7 +234,7 @@ describe("demo page", () => {
     const server = await new ParleyServer().start();
     try {
       const alice = await open(server, "alice");
-      const bob = await open(server, "bob");
+      const bob = await open(server, "bob", { query: "&browsePage=1" });
       await alice.fill("#join-input", "games"); // joining a room that does not exist creates it, public
       await alice.press("#join-input", "Enter");
       await alice.waitForSelector('#room-title:text-is("# games")');
@@ -249,11 +249,16 @@ describe("demo page", () => {
       await bob.waitForSelector('#browse:not([hidden]) #public-rooms li[data-room="games"]');
       assert.equal(await bob.getAttribute("#browse-btn", "aria-expanded"), "true");
       assert.equal(await bob.evaluate(() => document.activeElement?.id), "browse-title");
+      // A page of one here: "More rooms" fetches the next and moves focus to it.
+      await bob.click("#browse-more");
+      await bob.waitForSelector('#public-rooms li[data-room="lobby"]');
+      assert.equal(await bob.evaluate(() => document.activeElement?.closest("li")?.dataset.room), "lobby");
+      await bob.waitForSelector("#browse-more", { state: "hidden" });
+      await bob.focus("#browse-title");
       const listed = await bob.$$eval("#public-rooms li", (lis) => lis.map((li) => li.dataset.room));
       assert.deepEqual(listed, ["games", "lobby"], "public rooms by name, the private one not listed");
       assert.equal(await bob.textContent('#public-rooms li[data-room="games"] .muted'), "1 member");
       assert.equal(await bob.textContent('#public-rooms li[data-room="lobby"] button'), "Open # lobby");
-      assert.equal(await bob.isHidden("#browse-more"), true);
       await axe(bob, "room browser");
       // From the heading: ✕, then the first room's Join.
       await bob.keyboard.press("Tab");
