@@ -64,6 +64,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
         2,
         include_str!("../../migrations/postgres/0002_attachments_default.sql"),
     ),
+    (
+        3,
+        include_str!("../../migrations/postgres/0003_rooms_public.sql"),
+    ),
 ];
 
 /// The advisory lock key migrations run under ("parley" in ASCII).
@@ -880,7 +884,7 @@ impl Store for PostgresStore {
         let st = c
             .prepare_cached(&format!(
                 "SELECT {PUBLIC_ROOM_COLUMNS} FROM rooms r
-                 WHERE NOT r.private AND r.name COLLATE \"C\" > $1
+                 WHERE r.private = false AND r.name COLLATE \"C\" > $1
                  ORDER BY r.name COLLATE \"C\" LIMIT $2"
             ))
             .await

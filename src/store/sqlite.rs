@@ -99,6 +99,9 @@ const MIGRATIONS: &[&str] = &[
     // 4: the member column named as in PostgreSQL (where `user` is reserved), so both
     // schemas have the same columns (tests/store_contract.rs compares them).
     "ALTER TABLE members RENAME COLUMN user TO user_id;",
+    // 5: the room browser reads public rooms in name order without stepping over the
+    // private ones (direct messages may far outnumber public rooms).
+    "CREATE INDEX rooms_public ON rooms(private, name);",
 ];
 
 type Done = Box<dyn FnOnce(Option<&StoreError>) + Send>;
@@ -678,6 +681,7 @@ impl Store for SqliteStore {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.read(move |conn| {
             // TEXT compares with BINARY (memcmp) collation: byte order, as on PostgreSQL.
+            // Index rooms_public: a range scan, private rooms not stepped over.
             conn.prepare_cached(&format!(
                 "SELECT {PUBLIC_ROOM_COLUMNS} FROM rooms r
                  WHERE r.private = 0 AND r.name > ?1 ORDER BY r.name LIMIT ?2"
