@@ -186,7 +186,7 @@ async fn direct_messages_create_one_room_both_users_see() {
     assert_eq!(bob.next_message().await.body, "hi ann");
     assert_eq!(bob.next_message().await.body, "hi bob");
     for (c, peer) in [(&mut ann, "bob"), (&mut bob, "ann")] {
-        let Kind::Rooms(list) = ok(c, Cmd::Rooms(proto::Rooms {})).await else {
+        let Kind::Rooms(list) = ok(c, Cmd::Rooms(proto::Rooms::default())).await else {
             panic!()
         };
         assert_eq!(list.rooms.len(), 1);
@@ -325,7 +325,7 @@ async fn read_marker_on_one_session_updates_the_others_unread_count() {
     for i in 1..=5 {
         bob.send_msg("r", &i.to_string(), "m").await;
     }
-    let Kind::Rooms(list) = ok(&mut laptop, Cmd::Rooms(proto::Rooms {})).await else {
+    let Kind::Rooms(list) = ok(&mut laptop, Cmd::Rooms(proto::Rooms::default())).await else {
         panic!()
     };
     assert_eq!((list.rooms[0].unread, list.rooms[0].read_seq), (5, 0));
@@ -347,7 +347,7 @@ async fn read_marker_on_one_session_updates_the_others_unread_count() {
     let receipt = bob.next_of(pushed!(Receipt)).await;
     assert_eq!((receipt.user.as_str(), receipt.seq), ("ann", 3));
     // ... and the stored count agrees, over WebSocket and HTTP.
-    let Kind::Rooms(list) = ok(&mut laptop, Cmd::Rooms(proto::Rooms {})).await else {
+    let Kind::Rooms(list) = ok(&mut laptop, Cmd::Rooms(proto::Rooms::default())).await else {
         panic!()
     };
     assert_eq!((list.rooms[0].unread, list.rooms[0].read_seq), (2, 3));
@@ -373,14 +373,14 @@ async fn read_marker_on_one_session_updates_the_others_unread_count() {
         }),
     )
     .await;
-    let Kind::Rooms(list) = ok(&mut laptop, Cmd::Rooms(proto::Rooms {})).await else {
+    let Kind::Rooms(list) = ok(&mut laptop, Cmd::Rooms(proto::Rooms::default())).await else {
         panic!()
     };
     assert_eq!((list.rooms[0].unread, list.rooms[0].read_seq), (0, 5));
     // Sending marks your own message read.
     bob.send_msg("r", "6", "m").await;
     phone.send_msg("r", "mine", "m").await;
-    let Kind::Rooms(list) = ok(&mut laptop, Cmd::Rooms(proto::Rooms {})).await else {
+    let Kind::Rooms(list) = ok(&mut laptop, Cmd::Rooms(proto::Rooms::default())).await else {
         panic!()
     };
     assert_eq!((list.rooms[0].unread, list.rooms[0].read_seq), (0, 7));
@@ -496,7 +496,7 @@ async fn signals_reach_only_their_target_user() {
     });
     assert_eq!(err(&mut ann, sig).await, ErrorCode::Forbidden);
     // Signals are not stored anywhere: bob's only room is the DM.
-    let Kind::Rooms(r) = ok(&mut bob1, Cmd::Rooms(proto::Rooms {})).await else {
+    let Kind::Rooms(r) = ok(&mut bob1, Cmd::Rooms(proto::Rooms::default())).await else {
         panic!()
     };
     assert_eq!(r.rooms.len(), 1);
@@ -908,7 +908,7 @@ async fn large_rooms_do_not_broadcast_per_member_events() {
     assert!(leftover.is_empty());
     // Carol leaves: the count drops to 2, a small room again, so everyone hears it.
     ok(&mut carol, Cmd::Leave(proto::Leave { room: "big".into() })).await;
-    let Kind::Rooms(r) = ok(&mut ann, Cmd::Rooms(proto::Rooms {})).await else {
+    let Kind::Rooms(r) = ok(&mut ann, Cmd::Rooms(proto::Rooms::default())).await else {
         panic!()
     };
     assert_eq!(r.rooms[0].members, 2);
@@ -949,4 +949,99 @@ async fn http_api_commands_are_counted_like_session_commands() {
     ] {
         assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
     }
+}
+
+/// The room browser: any signed-in user pages through the public rooms (never a private
+/// room or a DM) with member counts, `more` saying whether to ask again; the page size is
+/// capped by the server; the HTTP API answers the same.
+#[tokio::test]
+async fn the_room_browser_lists_public_rooms_a_page_at_a_time() {
+    let t = TestServer::start().await;
+    let mut ann = t.client("ann", Encoding::Json).await;
+    let mut bob = t.client("bob", Encoding::Proto).await;
+    for i in 0..205 {
+        ann.join(&format!("pub{i:03}")).await;
+    }
+    bob.join("pub007").await;
+    create_private(&mut ann, "pub007-secret").await;
+    ok(
+        &mut ann,
+        Cmd::Send(proto::Send {
+            to_user: "bob".into(),
+            client_msg_id: "d1".into(),
+            body: "hi".into(),
+            ..Default::default()
+        }),
+    )
+    .await;
+    ann.send_msg("pub001", "m1", "hello").await;
+
+    let browse = |after: &str, limit: u32| {
+        Cmd::Rooms(proto::Rooms {
+            public: true,
+            after: after.into(),
+            limit,
+        })
+    };
+    // Eve is in no room and still sees every public one, once, in order.
+    let mut eve = t.client("eve", Encoding::Json).await;
+    let mut seen: Vec<proto::RoomState> = Vec::new();
+    loop {
+        let after = seen.last().map(|r| r.room.clone()).unwrap_or_default();
+        let Kind::Rooms(page) = ok(&mut eve, browse(&after, 60)).await else {
+            panic!()
+        };
+        assert!(page.rooms.len() <= 60);
+        seen.extend(page.rooms);
+        if !page.more {
+            break;
+        }
+    }
+    let names: Vec<_> = seen.iter().map(|r| r.room.clone()).collect();
+    let expected: Vec<_> = (0..205).map(|i| format!("pub{i:03}")).collect();
+    assert_eq!(
+        names, expected,
+        "no private room, no DM, each public room once"
+    );
+    assert_eq!((seen[1].last_seq, seen[1].members), (1, 1));
+    assert_eq!(seen[7].members, 2);
+    assert!(seen.iter().all(|r| !r.private && r.unread == 0));
+
+    // No limit: 50; a huge one: 200.
+    let Kind::Rooms(page) = ok(&mut eve, browse("", 0)).await else {
+        panic!()
+    };
+    assert_eq!((page.rooms.len(), page.more), (50, true));
+    let Kind::Rooms(page) = ok(&mut eve, browse("", u32::MAX)).await else {
+        panic!()
+    };
+    assert_eq!((page.rooms.len(), page.more), (200, true));
+    let Kind::Rooms(page) = ok(&mut eve, browse("pub199", 5)).await else {
+        panic!()
+    };
+    assert_eq!(page.rooms.len(), 5);
+    assert!(!page.more, "the last page");
+    // A cursor that cannot be a room name is refused.
+    assert_eq!(
+        err(&mut eve, browse("no spaces", 5)).await,
+        ErrorCode::InvalidArgument
+    );
+    // The browser does not touch eve's own list.
+    let Kind::Rooms(mine) = ok(&mut eve, Cmd::Rooms(proto::Rooms::default())).await else {
+        panic!()
+    };
+    assert!(mine.rooms.is_empty() && !mine.more);
+
+    let (status, body) = http_request(
+        t.addr(),
+        "GET",
+        "/api/v1/rooms?public=true&after=pub006&limit=2",
+        Some(&t.token("eve")),
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let list: proto::RoomList = serde_json::from_str(&body).unwrap();
+    let names: Vec<_> = list.rooms.iter().map(|r| r.room.as_str()).collect();
+    assert_eq!((names, list.more), (vec!["pub007", "pub008"], true));
 }

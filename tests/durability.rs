@@ -170,7 +170,7 @@ async fn acked_messages_survive_restart_and_kill_9() {
     assert!(status.success());
     let server = start(&db, pg);
     let mut c = client(&server, "u0").await;
-    let rooms = c.request(Cmd::Rooms(proto::Rooms {})).await;
+    let rooms = c.request(Cmd::Rooms(proto::Rooms::default())).await;
     let Kind::Rooms(rooms) = rooms else { panic!() };
     assert_eq!(rooms.rooms.len(), 1);
     assert_eq!(

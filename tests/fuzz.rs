@@ -119,7 +119,13 @@ fn cmd() -> impl Strategy<Value = Cmd> {
             .prop_map(|(room, private)| Cmd::CreateRoom(proto::CreateRoom { room, private })),
         (text(), text()).prop_map(|(room, user)| Cmd::Invite(proto::Invite { room, user })),
         text().prop_map(|room| Cmd::Members(proto::Members { room })),
-        Just(Cmd::Rooms(proto::Rooms {})),
+        (any::<bool>(), text(), any::<u32>()).prop_map(|(public, after, limit)| {
+            Cmd::Rooms(proto::Rooms {
+                public,
+                after,
+                limit,
+            })
+        }),
         (text(), number()).prop_map(|(room, seq)| Cmd::Read(proto::Read { room, seq })),
         text().prop_map(|room| Cmd::Typing(proto::Typing { room })),
         vec(text(), 0..4).prop_map(|users| Cmd::Presence(proto::PresenceQuery { users })),

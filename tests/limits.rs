@@ -64,7 +64,7 @@ async fn sends_over_the_rate_get_rate_limited_with_a_retry_hint() {
         e.retry_after_ms
     );
     // The connection stays, and the message was not stored.
-    let Kind::Rooms(list) = ann.request(Cmd::Rooms(proto::Rooms {})).await else {
+    let Kind::Rooms(list) = ann.request(Cmd::Rooms(proto::Rooms::default())).await else {
         panic!()
     };
     assert_eq!(list.rooms[0].last_seq, 3);
@@ -303,7 +303,10 @@ async fn the_room_cap_holds_under_concurrent_joins() {
                 other => panic!("{other:?}"),
             }
         }
-        let Kind::Rooms(list) = sessions[0].request(Cmd::Rooms(proto::Rooms {})).await else {
+        let Kind::Rooms(list) = sessions[0]
+            .request(Cmd::Rooms(proto::Rooms::default()))
+            .await
+        else {
             panic!()
         };
         assert_eq!(

@@ -128,6 +128,7 @@ on_every_backend!(
     a_resend_returns_the_original,
     history_pages_in_both_directions,
     rooms_and_membership,
+    the_room_browser_pages_public_rooms_by_name,
     read_markers_move_forward_only_and_count_unread,
     the_room_cap_holds,
     the_file_index_keeps_quota_and_readers,
@@ -308,6 +309,70 @@ async fn rooms_and_membership(place: &Place) {
     assert!(s.is_member("r", "u").await.unwrap());
     assert_eq!(s.room("r").await.unwrap().unwrap().members, 2);
     assert_eq!(s.members("r").await.unwrap(), ["B", "u"]);
+}
+
+/// The room browser lists public rooms only (no private room, no direct messages), in
+/// byte order, with last seq and member count, a page at a time after a cursor; every
+/// public room is listed exactly once across the pages.
+async fn the_room_browser_pages_public_rooms_by_name(place: &Place) {
+    let s = place.open().await;
+    assert!(s.public_rooms("", 10).await.unwrap().is_empty());
+    // Upper case sorts before lower case in byte order; "b.2" before "b2" and "b_".
+    let public = ["Zeta", "a", "b.2", "b2", "b_", "c", "lobby"];
+    for (i, room) in public.iter().enumerate() {
+        assert!(s.create_room(NewRoom::public(room, "u"), 0).await.unwrap());
+        for j in 0..i {
+            s.join(room, &format!("m{j}"), 0).await.unwrap();
+        }
+    }
+    s.create_room(NewRoom::private("b1-secret", "u"), 0)
+        .await
+        .unwrap();
+    s.ensure_dm("dm:u:v", "u", "v", 0).await.unwrap();
+    s.append(msg("lobby", "u", "1")).await.unwrap();
+    s.append(msg("lobby", "m0", "2")).await.unwrap();
+
+    let all = s.public_rooms("", 100).await.unwrap();
+    let names: Vec<_> = all.iter().map(|r| r.room.as_str()).collect();
+    assert_eq!(names, public, "public only, byte order");
+    for (i, r) in all.iter().enumerate() {
+        assert_eq!(
+            (r.members, r.private, r.dm_peer.as_str()),
+            (1 + i as u64, false, "")
+        );
+        assert_eq!((r.read_seq, r.unread), (0, 0), "no read marker: {}", r.room);
+    }
+    assert_eq!(all[6].last_seq, 2);
+    assert_eq!(all[0].last_seq, 0);
+
+    // Pages of 3 after the last name of the previous page: each room once.
+    let mut paged: Vec<String> = Vec::new();
+    loop {
+        let after = paged.last().cloned().unwrap_or_default();
+        let page = s.public_rooms(&after, 3).await.unwrap();
+        assert!(page.len() <= 3);
+        if page.is_empty() {
+            break;
+        }
+        paged.extend(page.into_iter().map(|r| r.room));
+    }
+    assert_eq!(paged, public);
+    // A cursor that is no room's name starts after where it would sort.
+    let names =
+        |v: Vec<parley::proto::RoomState>| v.into_iter().map(|r| r.room).collect::<Vec<_>>();
+    assert_eq!(names(s.public_rooms("b", 2).await.unwrap()), ["b.2", "b2"]);
+    assert_eq!(
+        names(s.public_rooms("b1", 10).await.unwrap()),
+        ["b2", "b_", "c", "lobby"]
+    );
+    assert!(s.public_rooms("lobby", 10).await.unwrap().is_empty());
+
+    // Leaving updates the count; a room that turns up later is listed.
+    assert!(s.leave("lobby", "m0").await.unwrap());
+    s.join("new", "x", 0).await.unwrap();
+    let after_c = s.public_rooms("c", 10).await.unwrap();
+    assert_eq!(names(after_c.clone()), ["lobby", "new"]);
+    assert_eq!((after_c[0].members, after_c[1].members), (6, 1));
 }
 
 /// A read marker only moves forward, is capped at the room's last seq, says whether it

@@ -81,7 +81,7 @@ async fn a_websocket_client_that_never_reads_is_cut_and_others_are_unaffected() 
     // was lost for her: the log has all 500.
     let mut back = t.client("ann", Encoding::Json).await;
     let Kind::Rooms(list) = back
-        .request(proto::client_frame::Cmd::Rooms(proto::Rooms {}))
+        .request(proto::client_frame::Cmd::Rooms(proto::Rooms::default()))
         .await
     else {
         panic!()

@@ -1,4 +1,5 @@
-//! Rooms and membership: the user's room list, create, join, leave, invite, members.
+//! Rooms and membership: the user's room list, the public room browser, create, join, leave,
+//! invite, members.
 
 use super::{Chat, ChatError, invalid, room_state_push};
 use crate::{
@@ -7,9 +8,36 @@ use crate::{
     store::NewRoom,
 };
 
+/// Public rooms in one room-browser page when the client names no limit.
+pub const PUBLIC_ROOMS_PAGE: usize = 50;
+/// The most public rooms in one room-browser page, whatever the client asks for.
+pub const PUBLIC_ROOMS_MAX: usize = 200;
+
 impl Chat {
     pub async fn rooms_of(&self, user: &str) -> Result<Vec<RoomState>, ChatError> {
         Ok(self.store.rooms_of(user).await?)
+    }
+
+    /// The room browser: a page of public rooms by name after `req.after`, and whether
+    /// more follow.
+    pub async fn public_rooms(
+        &self,
+        user: &str,
+        req: &proto::Rooms,
+    ) -> Result<proto::RoomList, ChatError> {
+        if !req.after.is_empty() {
+            self.check_room(&req.after)?;
+        }
+        Self::spend(&self.limits.reads, user, "room-browser requests")?;
+        let limit = match req.limit {
+            0 => PUBLIC_ROOMS_PAGE,
+            n => (n as usize).min(PUBLIC_ROOMS_MAX),
+        };
+        // One past the page tells whether more follow.
+        let mut rooms = self.store.public_rooms(&req.after, limit + 1).await?;
+        let more = rooms.len() > limit;
+        rooms.truncate(limit);
+        Ok(proto::RoomList { rooms, more })
     }
 
     pub async fn create_room(

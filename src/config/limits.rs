@@ -36,7 +36,7 @@ pub struct LimitsConfig {
     /// together (a byte budget per recipient).
     pub signal_bytes_per_second: f64,
     pub signal_bytes_burst: f64,
-    /// `history` and `sync` requests one user may make per second.
+    /// `history`, `sync` and room-browser requests one user may make per second.
     pub reads_per_second: f64,
     pub reads_burst: f64,
 }

@@ -442,10 +442,11 @@ pub async fn execute(core: &Core, user: &str, cmd: Cmd) -> Result<Kind, ChatErro
         Cmd::CreateRoom(c) => chat.create_room(user, c).await.map(Kind::Room),
         Cmd::Invite(i) => chat.invite(user, i).await.map(Kind::Done),
         Cmd::Members(m) => chat.members(user, &m.room).await.map(Kind::Members),
+        Cmd::Rooms(r) if r.public => chat.public_rooms(user, &r).await.map(Kind::Rooms),
         Cmd::Rooms(_) => chat
             .rooms_of(user)
             .await
-            .map(|rooms| Kind::Rooms(proto::RoomList { rooms })),
+            .map(|rooms| Kind::Rooms(proto::RoomList { rooms, more: false })),
         Cmd::Read(r) => chat.read(user, r).await.map(Kind::Done),
         Cmd::Typing(t) => chat.typing(user, t).await.map(Kind::Done),
         Cmd::Presence(p) => chat.presence(p).await.map(Kind::PresenceList),

@@ -168,6 +168,10 @@ pub trait Store: FileIndex + Send + Sync + 'static {
     async fn members(&self, room: &str) -> StoreResult<Vec<String>>;
     /// The rooms `user` belongs to, with last seq, read marker and unread count, by name.
     async fn rooms_of(&self, user: &str) -> StoreResult<Vec<RoomState>>;
+    /// The room browser: at most `limit` public rooms (not private ones, so no direct
+    /// messages either) whose names sort after `after` in byte order, by name, each with
+    /// its last seq and member count (no read marker: the caller need not be a member).
+    async fn public_rooms(&self, after: &str, limit: usize) -> StoreResult<Vec<RoomState>>;
     /// Whether `a` and `b` are members of one room (a direct-message room counts).
     async fn share_a_room(&self, a: &str, b: &str) -> StoreResult<bool>;
     /// Moves the user's read marker forward to `seq` (capped at the room's last seq);

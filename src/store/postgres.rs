@@ -48,7 +48,8 @@ use super::{
     AppendFuture, Appended, FileIndex, FileRecord, Inserted, NewMessage, NewRoom, Page, Range,
     ReadMarker, RoomMeta, Store, StoreError, StoreResult,
     rows::{
-        self, Columns, FILE_COLUMNS, History, MESSAGE_COLUMNS, ROOM_COLUMNS, ROOM_STATE_COLUMNS,
+        self, Columns, FILE_COLUMNS, History, MESSAGE_COLUMNS, PUBLIC_ROOM_COLUMNS, ROOM_COLUMNS,
+        ROOM_STATE_COLUMNS,
     },
 };
 use crate::{
@@ -62,6 +63,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (
         2,
         include_str!("../../migrations/postgres/0002_attachments_default.sql"),
+    ),
+    (
+        3,
+        include_str!("../../migrations/postgres/0003_rooms_public.sql"),
     ),
 ];
 
@@ -870,6 +875,25 @@ impl Store for PostgresStore {
             .map_err(pg)?
             .iter()
             .map(|r| rows::room_state(r, user))
+            .collect()
+    }
+
+    async fn public_rooms(&self, after: &str, limit: usize) -> StoreResult<Vec<RoomState>> {
+        let c = self.client().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let st = c
+            .prepare_cached(&format!(
+                "SELECT {PUBLIC_ROOM_COLUMNS} FROM rooms r
+                 WHERE r.private = false AND r.name COLLATE \"C\" > $1
+                 ORDER BY r.name COLLATE \"C\" LIMIT $2"
+            ))
+            .await
+            .map_err(pg)?;
+        c.query(&st, &[&after, &limit])
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(rows::public_room)
             .collect()
     }
 

@@ -80,6 +80,19 @@ pub(crate) fn room_state<R: Columns>(r: &R, user: &str) -> Result<RoomState, R::
     })
 }
 
+/// The columns [`public_room`] reads, from `rooms r`.
+pub(crate) const PUBLIC_ROOM_COLUMNS: &str = "r.name, r.last_seq, r.members";
+
+/// A public room as the room browser lists it, to anyone: no read marker.
+pub(crate) fn public_room<R: Columns>(r: &R) -> Result<RoomState, R::Error> {
+    Ok(RoomState {
+        room: r.text(0)?,
+        last_seq: r.count(1)?,
+        members: r.count(2)?,
+        ..Default::default()
+    })
+}
+
 /// A read marker from (the member's `read_seq`, the room's `last_seq`, whether the call
 /// moved it).
 pub(crate) fn read_marker<R: Columns>(r: &R) -> Result<ReadMarker, R::Error> {

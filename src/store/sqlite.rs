@@ -38,7 +38,8 @@ use super::{
     AppendFuture, Appended, FileIndex, FileRecord, Inserted, NewMessage, NewRoom, Page, Range,
     ReadMarker, RoomMeta, Store, StoreError, StoreResult,
     rows::{
-        self, Columns, FILE_COLUMNS, History, MESSAGE_COLUMNS, ROOM_COLUMNS, ROOM_STATE_COLUMNS,
+        self, Columns, FILE_COLUMNS, History, MESSAGE_COLUMNS, PUBLIC_ROOM_COLUMNS, ROOM_COLUMNS,
+        ROOM_STATE_COLUMNS,
     },
 };
 use crate::{config::StoreConfig, proto::RoomState};
@@ -98,6 +99,9 @@ const MIGRATIONS: &[&str] = &[
     // 4: the member column named as in PostgreSQL (where `user` is reserved), so both
     // schemas have the same columns (tests/store_contract.rs compares them).
     "ALTER TABLE members RENAME COLUMN user TO user_id;",
+    // 5: the room browser reads public rooms in name order without stepping over the
+    // private ones (direct messages may far outnumber public rooms).
+    "CREATE INDEX rooms_public ON rooms(private, name);",
 ];
 
 type Done = Box<dyn FnOnce(Option<&StoreError>) + Send>;
@@ -667,6 +671,22 @@ impl Store for SqliteStore {
                  WHERE m.user_id = ?1 ORDER BY r.name"
             ))?
             .query_map(params![user], |r| rows::room_state(r, &user))?
+            .collect()
+        })
+        .await
+    }
+
+    async fn public_rooms(&self, after: &str, limit: usize) -> StoreResult<Vec<RoomState>> {
+        let after = after.to_string();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |conn| {
+            // TEXT compares with BINARY (memcmp) collation: byte order, as on PostgreSQL.
+            // Index rooms_public: a range scan, private rooms not stepped over.
+            conn.prepare_cached(&format!(
+                "SELECT {PUBLIC_ROOM_COLUMNS} FROM rooms r
+                 WHERE r.private = 0 AND r.name > ?1 ORDER BY r.name LIMIT ?2"
+            ))?
+            .query_map(params![after, limit], |r| rows::public_room(r))?
             .collect()
         })
         .await

@@ -5,6 +5,7 @@
 //! | method and path | who | result |
 //! |---|---|---|
 //! | `GET /api/v1/rooms` | user | `RoomList` with unread counts |
+//! | `GET /api/v1/rooms?public=true&after=&limit=` | user | `RoomList`: the room browser |
 //! | `GET /api/v1/rooms/{room}/messages?before_seq=&after_seq=&limit=` | user | `HistoryPage` |
 //! | `GET /api/v1/rooms/{room}/members` | user | `MemberList` |
 //! | `POST /api/v1/rooms/{room}/messages` | user or admin | `Sent` |
@@ -79,9 +80,29 @@ async fn ticket(
     Ok(Json(ctx.core.issue_ticket(token)?).into_response())
 }
 
-async fn rooms(State(app): State<Ctx>, headers: HeaderMap) -> Result<Response, ApiError> {
+/// `?public=true&after=&limit=`: the room browser (as `rooms` with `public`).
+#[derive(Deserialize)]
+struct RoomsQuery {
+    #[serde(default)]
+    public: bool,
+    #[serde(default)]
+    after: String,
+    #[serde(default)]
+    limit: u32,
+}
+
+async fn rooms(
+    State(app): State<Ctx>,
+    headers: HeaderMap,
+    Query(q): Query<RoomsQuery>,
+) -> Result<Response, ApiError> {
     let user = user(&app, &headers)?;
-    let kind = execute(&app.core, &user, Cmd::Rooms(proto::Rooms {})).await?;
+    let cmd = proto::Rooms {
+        public: q.public,
+        after: q.after,
+        limit: q.limit,
+    };
+    let kind = execute(&app.core, &user, Cmd::Rooms(cmd)).await?;
     reply(kind)
 }
 

@@ -6,6 +6,7 @@
 //   ?name=alice            sign in at once (development mode only)
 //   ?ping=ms&pong=ms&probe=ms&connectTimeout=ms   SDK timing options (pingIntervalMs,
 //                          pongTimeoutMs, probeWebSocketMs, connectTimeoutMs)
+//   ?browsePage=n          public rooms per page in the room browser (default 25)
 import { Parley } from "/sdk/parley.js";
 
 const $ = (id) => document.getElementById(id);
@@ -457,6 +458,7 @@ function renderMembers() {
 }
 
 function setPeople(open) {
+  if (open && !$("browse").hidden) setBrowse(false);
   $("people").hidden = !open;
   $("people-btn").setAttribute("aria-expanded", String(open));
   if (open) renderMembers();
@@ -548,6 +550,86 @@ $("join-form").addEventListener("submit", async (e) => {
   }
 });
 
+// ---------------------------------------------------------------- room browser
+
+/** Text for screen readers only (an accessible name that starts with what is shown). */
+function srOnly(text) {
+  const span = document.createElement("span");
+  span.className = "visually-hidden";
+  span.textContent = text;
+  return span;
+}
+
+let browseAfter = ""; // the last public room listed: the next page starts after it
+const BROWSE_PAGE = Number(params.get("browsePage")) || 25;
+
+function setBrowse(open) {
+  $("browse").hidden = !open;
+  $("browse-btn").setAttribute("aria-expanded", String(open));
+  if (!open) return;
+  closeDrawer();
+  setPeople(false);
+  $("public-rooms").replaceChildren();
+  browseAfter = "";
+  $("browse-title").focus();
+  loadPublicRooms();
+}
+
+/** The next page of public rooms, appended; focus moves to the first new one after "More". */
+async function loadPublicRooms(focusNew = false) {
+  try {
+    const page = await client.publicRooms({ after: browseAfter, limit: BROWSE_PAGE });
+    const items = page.rooms.map(publicRoomItem);
+    $("public-rooms").append(...items);
+    if (page.rooms.length) browseAfter = page.rooms[page.rooms.length - 1].room;
+    $("browse-more").hidden = !page.more;
+    $("browse-empty").hidden = $("public-rooms").children.length > 0;
+    if (focusNew) (items[0]?.querySelector("button") ?? $("browse-title")).focus();
+  } catch (e) {
+    notify(`Could not list the public rooms: ${e.message}`);
+  }
+}
+
+function publicRoomItem(r) {
+  const li = document.createElement("li");
+  li.dataset.room = r.room;
+  const name = document.createElement("span");
+  name.className = "name";
+  name.textContent = `# ${r.room}`;
+  const count = document.createElement("span");
+  count.className = "muted";
+  count.textContent = plural(r.members, "member", "members");
+  const member = rooms.has(r.room);
+  const btn = document.createElement("button");
+  btn.type = "button";
+  btn.className = "ghost";
+  btn.textContent = member ? "Open" : "Join";
+  btn.append(srOnly(` # ${r.room}`));
+  btn.addEventListener("click", async () => {
+    try {
+      if (!member) await client.join(r.room);
+      roomOf(r.room, "");
+      setBrowse(false);
+      open(r.room);
+    } catch (err) {
+      notify(`Could not join # ${r.room}: ${err.message}`);
+    }
+  });
+  li.append(name, count, btn);
+  return li;
+}
+
+function closeBrowse() {
+  setBrowse(false);
+  // Back to the button that opened it; on a phone it is in the closed drawer: ☰ then.
+  $("browse-btn").focus();
+  if (document.activeElement !== $("browse-btn")) $("menu").focus();
+}
+
+$("browse-btn").addEventListener("click", () => ($("browse").hidden ? setBrowse(true) : closeBrowse()));
+$("browse-close").addEventListener("click", closeBrowse);
+$("browse-more").addEventListener("click", () => loadPublicRooms(true));
+
 $("dm-form").addEventListener("submit", (e) => {
   e.preventDefault();
   const user = $("dm-input").value.trim();
@@ -581,7 +663,8 @@ document.addEventListener("keydown", (e) => {
   if ($("sidebar").classList.contains("open")) {
     closeDrawer();
     $("menu").focus();
-  } else if (!$("people").hidden) setPeople(false);
+  } else if (!$("browse").hidden) closeBrowse();
+  else if (!$("people").hidden) setPeople(false);
 });
 
 // ---------------------------------------------------------------- messages

@@ -106,6 +106,13 @@ export interface RoomState {
     dmPeer: string;
     members: number;
 }
+/** A page of the room browser ({@link Parley.publicRooms}). */
+export interface PublicRoomPage {
+    /** Public rooms by name, each with `lastSeq` and `members` (no read marker). */
+    rooms: RoomState[];
+    /** More rooms follow the last one. */
+    more: boolean;
+}
 export interface TypingEvent {
     room: string;
     user: string;
@@ -259,6 +266,16 @@ export declare class Parley {
     members(room: string): Promise<string[]>;
     /** The user's rooms with last seq, read marker and unread count. */
     rooms(): Promise<RoomState[]>;
+    /**
+     * The room browser: a page of public rooms (never private or direct-message rooms),
+     * whether or not this user is a member, by name after `after` (exclusive; "" or absent
+     * for the first page). `limit`: rooms per page (absent or 0: the server's 50; it
+     * answers at most 200). `more`: ask again with `after` = the last room's name.
+     */
+    publicRooms(opts?: {
+        after?: string;
+        limit?: number;
+    }): Promise<PublicRoomPage>;
     /**
      * A page of a room's log, oldest first: the newest messages (no option), those before
      * `before` (scrollback), or those after `after` (`after: 0` pages from the first).

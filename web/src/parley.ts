@@ -151,6 +151,14 @@ export interface RoomState {
   members: number;
 }
 
+/** A page of the room browser ({@link Parley.publicRooms}). */
+export interface PublicRoomPage {
+  /** Public rooms by name, each with `lastSeq` and `members` (no read marker). */
+  rooms: RoomState[];
+  /** More rooms follow the last one. */
+  more: boolean;
+}
+
 export interface TypingEvent {
   room: string;
   user: string;
@@ -1127,6 +1135,17 @@ export class Parley {
   async rooms(): Promise<RoomState[]> {
     const k = await this.#call({ rooms: {} });
     return (k.rooms?.rooms ?? []).map(toRoom);
+  }
+
+  /**
+   * The room browser: a page of public rooms (never private or direct-message rooms),
+   * whether or not this user is a member, by name after `after` (exclusive; "" or absent
+   * for the first page). `limit`: rooms per page (absent or 0: the server's 50; it
+   * answers at most 200). `more`: ask again with `after` = the last room's name.
+   */
+  async publicRooms(opts: { after?: string; limit?: number } = {}): Promise<PublicRoomPage> {
+    const k = await this.#call({ rooms: { public: true, after: opts.after ?? "", limit: opts.limit ?? 0 } });
+    return { rooms: (k.rooms?.rooms ?? []).map(toRoom), more: !!k.rooms?.more };
   }
 
   /**

@@ -3,7 +3,7 @@
 // the member roster with presence, read receipts, leave, "1 member", the typing
 // indicator right after a send, errors shown in the page (no alert()), the phone drawer
 // (backdrop, Escape, unread sign on ☰), rooms reachable by keyboard, the outage banner
-// with "retry now", private rooms and invitations, desktop notifications, the end of a session on sign-out or
+// with "retry now", private rooms and invitations, the public room browser, desktop notifications, the end of a session on sign-out or
 // page unload over SSE and long-poll, and axe-core over the login, room, DM and phone
 // views: no serious or critical violation.
 import assert from "node:assert/strict";
@@ -223,6 +223,72 @@ describe("demo page", () => {
       assert.equal(await carol.$('#rooms li[data-room="secret"]'), null);
       for (const p of [alice, bob, carol]) {
         assert.deepEqual(p.errors, []);
+        await p.context().close();
+      }
+    } finally {
+      await server.stop();
+    }
+  });
+
+  test("room browser: a public room one user creates, another finds under Browse rooms and joins by keyboard; no private room listed; axe on desktop and phone", async () => {
+    const server = await new ParleyServer().start();
+    try {
+      const alice = await open(server, "alice");
+      const bob = await open(server, "bob", { query: "&browsePage=1" });
+      await alice.fill("#join-input", "games"); // joining a room that does not exist creates it, public
+      await alice.press("#join-input", "Enter");
+      await alice.waitForSelector('#room-title:text-is("# games")');
+      await say(alice, "anyone for chess?");
+      await waitShown(alice, "anyone for chess?");
+      await alice.fill("#create-input", "hideout");
+      await alice.press("#create-input", "Enter");
+      await alice.waitForSelector('#room-title:text-is("# hideout")');
+
+      await bob.focus("#browse-btn");
+      await bob.keyboard.press("Enter");
+      await bob.waitForSelector('#browse:not([hidden]) #public-rooms li[data-room="games"]');
+      assert.equal(await bob.getAttribute("#browse-btn", "aria-expanded"), "true");
+      assert.equal(await bob.evaluate(() => document.activeElement?.id), "browse-title");
+      // A page of one here: "More rooms" fetches the next and moves focus to it.
+      await bob.click("#browse-more");
+      await bob.waitForSelector('#public-rooms li[data-room="lobby"]');
+      assert.equal(await bob.evaluate(() => document.activeElement?.closest("li")?.dataset.room), "lobby");
+      await bob.waitForSelector("#browse-more", { state: "hidden" });
+      await bob.focus("#browse-title");
+      const listed = await bob.$$eval("#public-rooms li", (lis) => lis.map((li) => li.dataset.room));
+      assert.deepEqual(listed, ["games", "lobby"], "public rooms by name, the private one not listed");
+      assert.equal(await bob.textContent('#public-rooms li[data-room="games"] .muted'), "1 member");
+      assert.equal(await bob.textContent('#public-rooms li[data-room="lobby"] button'), "Open # lobby");
+      await axe(bob, "room browser");
+      // From the heading: ✕, then the first room's Join.
+      await bob.keyboard.press("Tab");
+      await bob.keyboard.press("Tab");
+      assert.equal(
+        await bob.evaluate(() => `${document.activeElement?.closest("li")?.dataset.room}: ${document.activeElement?.textContent}`),
+        "games: Join # games",
+      );
+      await bob.keyboard.press("Enter");
+      await bob.waitForSelector('#room-title:text-is("# games")');
+      await bob.waitForSelector("#browse", { state: "hidden" });
+      await waitShown(bob, "anyone for chess?");
+      await bob.waitForSelector('#rooms li[data-room="games"]');
+      await alice.click('#rooms li[data-room="games"] button.row');
+      await alice.waitForSelector('#room-sub:has-text("2 members")');
+
+      // Phone: the browser opens from the drawer, over the chat; Escape closes it.
+      const carol = await open(server, "carol", { viewport: { width: 390, height: 780 } });
+      await carol.click("#menu");
+      await carol.waitForSelector("#sidebar.open");
+      await carol.click("#browse-btn");
+      await carol.waitForSelector('#public-rooms li[data-room="games"] .muted:text-is("2 members")');
+      await carol.waitForSelector("#sidebar:not(.open)", { state: "attached" });
+      await axe(carol, "phone, room browser");
+      await carol.keyboard.press("Escape");
+      await carol.waitForSelector("#browse", { state: "hidden" });
+      assert.equal(await carol.evaluate(() => document.activeElement?.id), "menu");
+      for (const p of [alice, bob, carol]) {
+        assert.deepEqual(p.errors, []);
+        assert.deepEqual(p.dialogs, []);
         await p.context().close();
       }
     } finally {

@@ -1,8 +1,8 @@
 // The SDK's API in Node against the real parley binary (SSE and long-poll: Node 20 has
 // fetch streams but no WebSocket global): state before connect, once/ready, the terminal
 // auth error, token refresh before `exp` on a live session, reconnect details and
-// retryNow(), the history iterator, the roster, attachments, and close() ending the
-// session on the server at once.
+// retryNow(), the history iterator, the roster, the room browser, attachments, and close()
+// ending the session on the server at once.
 import assert from "node:assert/strict";
 import { createHmac } from "node:crypto";
 import { describe, test } from "node:test";
@@ -52,6 +52,40 @@ describe("SDK API against parley", () => {
       await b.send("hist", "y");
       await waitFor("both delivered", () => all.length === 2);
       assert.equal(once, 1, "once() fired for the first only");
+      a.close();
+      b.close();
+    } finally {
+      await server.stop();
+    }
+  });
+
+  test("publicRooms(): public rooms a page at a time with more, private rooms and DMs left out", async () => {
+    const server = await new ParleyServer().start();
+    try {
+      const a = client(server, "ann");
+      const b = client(server, "bob", { transports: ["poll"] });
+      await a.ready();
+      for (const room of ["r1", "r2", "r3", "r4", "r5"]) await a.join(room);
+      await b.join("r2");
+      await a.createRoom("r3-hidden", { private: true });
+      await a.sendDirect("bob", "hi");
+      const names = [];
+      let after;
+      for (;;) {
+        const page = await b.publicRooms({ after, limit: 2 });
+        assert.ok(page.rooms.length <= 2);
+        names.push(...page.rooms.map((r) => r.room));
+        if (!page.more) break;
+        after = page.rooms[page.rooms.length - 1].room;
+      }
+      // "lobby" is no room here: nobody joined it.
+      assert.deepEqual(names, ["r1", "r2", "r3", "r4", "r5"]);
+      const first = await b.publicRooms();
+      assert.equal(first.more, false);
+      assert.deepEqual(
+        first.rooms.find((r) => r.room === "r2"),
+        { room: "r2", lastSeq: 0, readSeq: 0, unread: 0, private: false, dmPeer: "", members: 2 },
+      );
       a.close();
       b.close();
     } finally {
