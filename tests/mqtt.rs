@@ -17,8 +17,9 @@ use std::{
 use common::{TestServer, WAIT, http_request};
 use futures_util::{SinkExt, StreamExt};
 use mqtt_proto::{
-    Pid, Protocol, QoS, QosPid, TopicFilter, TopicName,
+    Pid, QoS, QosPid, TopicFilter, TopicName,
     v3::{Connect, ConnectReturnCode, Packet, Publish, Subscribe, SubscribeReturnCode},
+    v5,
 };
 use parley::{codec::Encoding, proto::client_frame::Cmd};
 use serde_json::Value;
@@ -68,10 +69,27 @@ impl Device {
         Self::paho(t.addr(), false, scenario, token, username)
     }
 
+    /// paho-mqtt speaking MQTT 5 over WebSocket at `/mqtt`.
+    fn paho5(t: &TestServer, scenario: &str, token: &str, username: Option<&str>) -> Device {
+        Self::paho_as(t.addr(), false, true, scenario, token, username)
+    }
+
     /// paho-mqtt at `addr`: `/mqtt` there, or plain MQTT/TCP when `tcp`.
     fn paho(
         addr: std::net::SocketAddr,
         tcp: bool,
+        scenario: &str,
+        token: &str,
+        username: Option<&str>,
+    ) -> Device {
+        Self::paho_as(addr, tcp, false, scenario, token, username)
+    }
+
+    /// paho-mqtt at `addr`, MQTT 5 when `v5` (else 3.1.1).
+    fn paho_as(
+        addr: std::net::SocketAddr,
+        tcp: bool,
+        v5: bool,
         scenario: &str,
         token: &str,
         username: Option<&str>,
@@ -87,13 +105,24 @@ impl Device {
         if tcp {
             cmd.env("MQTT_TRANSPORT", "tcp");
         }
+        if v5 {
+            cmd.env("MQTT_PROTOCOL", "5");
+        }
         Self::spawn(cmd)
     }
 
     /// MQTT.js at `url` (`ws://…/mqtt` or `mqtt://…`).
     fn mqttjs(url: &str, scenario: &str, token: &str, username: &str) -> Device {
+        Self::mqttjs_as(url, false, scenario, token, username)
+    }
+
+    /// MQTT.js at `url`, MQTT 5 when `v5` (else 3.1.1).
+    fn mqttjs_as(url: &str, v5: bool, scenario: &str, token: &str, username: &str) -> Device {
         let mut cmd = Command::new("node");
         cmd.arg(mqttjs()).args([scenario, url, token, username]);
+        if v5 {
+            cmd.env("MQTT_PROTOCOL", "5");
+        }
         Self::spawn(cmd)
     }
 
@@ -316,33 +345,65 @@ impl Raw {
                 self.buf.drain(..len);
                 return Some(p);
             }
-            let ws = match &mut self.io {
-                RawIo::Ws(ws) => ws,
-                RawIo::Stream(s) => {
-                    use tokio::io::AsyncReadExt;
-                    let mut chunk = [0u8; 4096];
-                    let n = tokio::time::timeout(WAIT, s.read(&mut chunk))
-                        .await
-                        .expect("a packet or the close in time");
-                    match n {
-                        Ok(0) | Err(_) => return None,
-                        Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                    }
-                    continue;
-                }
-            };
-            let msg = tokio::time::timeout(WAIT, ws.next())
-                .await
-                .expect("a packet or the close in time");
-            match msg {
-                Some(Ok(Message::Binary(b))) => self.buf.extend_from_slice(&b),
-                Some(Ok(Message::Close(f))) => {
-                    self.close_code = f.map(|f| u16::from(f.code));
-                    return None;
-                }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => return None,
+            if !self.more().await {
+                return None;
             }
+        }
+    }
+
+    /// The next MQTT 5 packet; `None` once the server closed.
+    async fn next5(&mut self) -> Option<v5::Packet> {
+        loop {
+            if !self.buf.is_empty()
+                && let Some(p) = v5::Packet::decode(&self.buf).expect("the server's packet decodes")
+            {
+                let len = p.encode_len().unwrap();
+                self.buf.drain(..len);
+                return Some(p);
+            }
+            if !self.more().await {
+                return None;
+            }
+        }
+    }
+
+    async fn send5(&mut self, p: v5::Packet) {
+        self.send_bytes(p.encode().unwrap().as_ref().to_vec()).await;
+    }
+
+    /// Reads more bytes into the buffer: `false` once the server closed.
+    async fn more(&mut self) -> bool {
+        let ws = match &mut self.io {
+            RawIo::Ws(ws) => ws,
+            RawIo::Stream(s) => {
+                use tokio::io::AsyncReadExt;
+                let mut chunk = [0u8; 4096];
+                let n = tokio::time::timeout(WAIT, s.read(&mut chunk))
+                    .await
+                    .expect("a packet or the close in time");
+                return match n {
+                    Ok(0) | Err(_) => false,
+                    Ok(n) => {
+                        self.buf.extend_from_slice(&chunk[..n]);
+                        true
+                    }
+                };
+            }
+        };
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a packet or the close in time");
+        match msg {
+            Some(Ok(Message::Binary(b))) => {
+                self.buf.extend_from_slice(&b);
+                true
+            }
+            Some(Ok(Message::Close(f))) => {
+                self.close_code = f.map(|f| u16::from(f.code));
+                false
+            }
+            Some(Ok(_)) => true,
+            Some(Err(_)) | None => false,
         }
     }
 
@@ -543,28 +604,36 @@ async fn silence_past_one_and_a_half_keep_alives_closes() {
 }
 
 #[tokio::test]
-async fn an_mqtt5_connect_is_answered_unsupported_version() {
+async fn an_mqtt5_connect_without_a_valid_token_gets_its_reason_code() {
     let t = TestServer::start().await;
-    let mut raw = Raw::open(&t).await;
-    let mut connect = Connect::new("d".into(), 30);
-    connect.protocol = Protocol::V311;
-    let mut bytes = Packet::Connect(connect).encode().unwrap().as_ref().to_vec();
-    // Fixed header (2) + protocol name (2 + 4): the level byte.
-    assert_eq!(bytes[8], 4);
-    bytes[8] = 5;
-    // v5 has a properties length after the keep-alive: none.
-    bytes.insert(12, 0);
-    bytes[1] += 1;
-    raw.send_bytes(bytes).await;
-    let msg = tokio::time::timeout(WAIT, raw.ws().next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        msg,
-        Message::Binary(vec![0x20, 0x03, 0x00, 0x84, 0x00].into())
-    );
+    let cases: [(Option<String>, Option<&str>, v5::ConnectReasonCode); 3] = [
+        (None, None, v5::ConnectReasonCode::NotAuthorized),
+        (
+            Some("not-a-jwt".into()),
+            None,
+            v5::ConnectReasonCode::BadUserNameOrPassword,
+        ),
+        (
+            Some(t.token("sensor-1")),
+            Some("someone-else"),
+            v5::ConnectReasonCode::BadUserNameOrPassword,
+        ),
+    ];
+    for (token, username, code) in cases {
+        let mut raw = Raw::open(&t).await;
+        let mut connect = v5::Connect::new("d".into(), 30);
+        connect.password = token.map(|t| t.into_bytes().into());
+        connect.username = username.map(Into::into);
+        raw.send5(v5::Packet::Connect(connect)).await;
+        match raw.next5().await {
+            Some(v5::Packet::Connack(c)) => {
+                assert_eq!(c.reason_code, code);
+                assert!(!c.session_present);
+            }
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+        assert!(raw.next5().await.is_none(), "closed after the refusal");
+    }
 }
 
 /// What one unauthenticated socket can hold: an upgraded /mqtt that never sends CONNECT
@@ -1271,4 +1340,339 @@ async fn a_new_connection_with_the_same_client_id_takes_the_kept_session_over() 
     assert!(!connect_kept(&mut other, &t, "sensor-1", "dev-2", true).await);
     new.send(&Packet::Pingreq).await;
     assert_eq!(new.next().await, Some(Packet::Pingresp));
+}
+
+// MQTT 5.0: the same endpoints and sessions, with reason codes where 3.1.1 can only
+// close, and the session expiry interval for the kept session.
+
+#[tokio::test]
+async fn a_paho_mqtt5_device_chats_with_reason_codes_and_user_properties() {
+    let t = TestServer::start().await;
+    // CONNACK reason codes: a bad token, a user name that is not the token's (0x86); no
+    // password (paho sends it only with a user name: 0x87).
+    for (token, username, code) in [
+        ("not-a-jwt".to_string(), Some("sensor-1"), 0x86),
+        (t.token("sensor-1"), Some("someone-else"), 0x86),
+        (t.token("sensor-1"), None, 0x87),
+    ] {
+        let mut device = Device::paho5(&t, "connect", &token, username);
+        let report = device.line().await;
+        assert_eq!(report["connack"], code, "{report}");
+        device.finish();
+    }
+
+    let mut alice = t.client("alice", Encoding::Json).await;
+    alice.join("lobby").await;
+    // paho sends the password only with a user name, in MQTT 5 too (a raw client below
+    // sends it alone).
+    let mut device = Device::paho5(&t, "chat", &t.token("sensor-1"), Some("sensor-1"));
+    let ready = device.line().await;
+    assert_eq!(ready["suback"], serde_json::json!([1]), "{ready}");
+    let sent = alice.send_msg("lobby", "m1", "hello v5").await;
+    assert_eq!(alice.next_message().await.body, "hello v5");
+    // The device's QoS 1 publish reaches alice once, its user property as metadata.
+    let from_device = alice.next_message().await;
+    assert_eq!(from_device.body, "from-device");
+    assert_eq!(from_device.sender, "sensor-1");
+    assert_eq!(from_device.seq, sent.seq + 1);
+    assert_eq!(
+        from_device.metadata.get("sensor").map(String::as_str),
+        Some("t1")
+    );
+    no_more_messages(&mut alice).await;
+    let summary = device.line().await;
+    assert_eq!(
+        summary["received"],
+        serde_json::json!({"topic": "rooms/lobby", "payload": "hello v5", "qos": 1}),
+        "{summary}"
+    );
+    assert_eq!(summary["puback"], 0, "{summary}");
+    device.finish();
+}
+
+#[tokio::test]
+async fn an_mqtt5_publish_the_server_refuses_gets_a_puback_reason_and_the_connection_stays() {
+    let t = TestServer::start().await;
+    let mut alice = t.client("alice", Encoding::Json).await;
+    alice.join("lobby").await;
+    alice.join("secret").await;
+    let mut device = Device::paho5(&t, "refused", &t.token("sensor-1"), Some("sensor-1"));
+    let summary = device.line().await;
+    // Not a member of rooms/secret: 0x87 not authorized; the next publish on the same
+    // connection goes through.
+    assert_eq!(summary["refused"], 0x87, "{summary}");
+    assert_eq!(summary["after"], 0, "{summary}");
+    device.finish();
+    assert_eq!(alice.next_message().await.body, "after");
+    no_more_messages(&mut alice).await;
+
+    // Raw: a bad topic (0x90) and a payload that is not UTF-8 (0x99) at QoS 1, a bad
+    // topic at QoS 0 (dropped); SUBACK reason codes per filter. Still open after all.
+    let mut raw = Raw::open(&t).await;
+    let mut connect = v5::Connect::new("raw".into(), 30);
+    connect.password = Some(t.token("sensor-2").into_bytes().into());
+    raw.send5(v5::Packet::Connect(connect)).await;
+    match raw.next5().await {
+        Some(v5::Packet::Connack(c)) => {
+            assert_eq!(c.reason_code, v5::ConnectReasonCode::Success);
+            assert_eq!(c.properties.max_qos, Some(QoS::Level1));
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    let pid = |n| Pid::try_from(n).unwrap();
+    let publish = |qos_pid, topic: &str, payload: &'static [u8]| {
+        v5::Packet::Publish(v5::Publish::new(
+            qos_pid,
+            TopicName::try_from(topic).unwrap(),
+            payload.into(),
+        ))
+    };
+    raw.send5(publish(QosPid::Level0, "elsewhere", b"x")).await;
+    raw.send5(publish(QosPid::Level1(pid(1)), "elsewhere", b"x"))
+        .await;
+    raw.send5(publish(QosPid::Level1(pid(2)), "rooms/lobby", b"\xff"))
+        .await;
+    for (n, code) in [
+        (1, v5::PubackReasonCode::TopicNameInvalid),
+        (2, v5::PubackReasonCode::PayloadFormatInvalid),
+    ] {
+        match raw.next5().await {
+            Some(v5::Packet::Puback(a)) => assert_eq!((a.pid, a.reason_code), (pid(n), code)),
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    }
+    let options = v5::SubscriptionOptions::new(QoS::Level1);
+    let topics = ["rooms/lobby", "elsewhere", "presence/+"]
+        .iter()
+        .map(|f| (TopicFilter::try_from(*f).unwrap(), options))
+        .collect();
+    raw.send5(v5::Packet::Subscribe(v5::Subscribe::new(pid(3), topics)))
+        .await;
+    match raw.next5().await {
+        Some(v5::Packet::Suback(s)) => assert_eq!(
+            s.topics,
+            [
+                v5::SubscribeReasonCode::GrantedQoS1,
+                v5::SubscribeReasonCode::TopicFilterInvalid,
+                v5::SubscribeReasonCode::GrantedQoS1,
+            ]
+        ),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    let filters = ["presence/+", "rooms/nowhere"]
+        .iter()
+        .map(|f| TopicFilter::try_from(*f).unwrap())
+        .collect();
+    raw.send5(v5::Packet::Unsubscribe(v5::Unsubscribe::new(
+        pid(4),
+        filters,
+    )))
+    .await;
+    match raw.next5().await {
+        Some(v5::Packet::Unsuback(u)) => assert_eq!(
+            u.topics,
+            [
+                v5::UnsubscribeReasonCode::Success,
+                v5::UnsubscribeReasonCode::NoSubscriptionExisted,
+            ]
+        ),
+        other => panic!("expected UNSUBACK, got {other:?}"),
+    }
+    raw.send5(v5::Packet::Pingreq).await;
+    assert_eq!(raw.next5().await, Some(v5::Packet::Pingresp));
+    // QoS 2: DISCONNECT 0x9B (QoS not supported), then the close.
+    raw.send5(publish(QosPid::Level2(pid(5)), "rooms/lobby", b"x"))
+        .await;
+    match raw.next5().await {
+        Some(v5::Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, v5::DisconnectReasonCode::QoSNotSupported)
+        }
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+    assert!(raw.next5().await.is_none());
+}
+
+#[tokio::test]
+async fn mqttjs_speaks_mqtt5_over_websocket_and_over_tcp() {
+    let (t, mqtt) = with_listener(|_| {}).await;
+    let mut alice = t.client("alice", Encoding::Json).await;
+    alice.join("lobby").await;
+    let urls = [format!("ws://{}/mqtt", t.addr()), format!("mqtt://{mqtt}")];
+    for (i, url) in urls.iter().enumerate() {
+        let mut device = Device::mqttjs_as(url, true, "chat", &t.token("kiosk"), "kiosk");
+        let ready = device.line().await;
+        assert_eq!(ready["suback"], serde_json::json!([1]), "{url}: {ready}");
+        let body = format!("hello mqttjs 5 {i}");
+        let sent = alice.send_msg("lobby", &format!("m{i}"), &body).await;
+        assert_eq!(alice.next_message().await.body, body);
+        let from_device = alice.next_message().await;
+        assert_eq!(from_device.body, "from-mqttjs", "{url}");
+        assert_eq!(from_device.seq, sent.seq + 1);
+        no_more_messages(&mut alice).await;
+        let summary = device.line().await;
+        assert_eq!(summary["received"]["payload"], body, "{url}: {summary}");
+        assert_eq!(summary["puback"], 0, "{url}: {summary}");
+        device.finish();
+    }
+}
+
+/// CONNECTs `raw` in MQTT 5 as `user` with client id `client`, `clean_start` and a
+/// session expiry interval: the CONNACK.
+async fn connect5(
+    raw: &mut Raw,
+    t: &TestServer,
+    user: &str,
+    client: &str,
+    clean_start: bool,
+    expiry: Option<u32>,
+) -> v5::Connack {
+    let mut connect = v5::Connect::new(client.into(), 30);
+    connect.clean_start = clean_start;
+    connect.properties.session_expiry_interval = expiry;
+    connect.password = Some(t.token(user).into_bytes().into());
+    raw.send5(v5::Packet::Connect(connect)).await;
+    match raw.next5().await {
+        Some(v5::Packet::Connack(c)) => {
+            assert_eq!(c.reason_code, v5::ConnectReasonCode::Success);
+            c
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
+/// The next MQTT 5 PUBLISH on `raw`.
+async fn next_publish5(raw: &mut Raw) -> v5::Publish {
+    match raw.next5().await {
+        Some(v5::Packet::Publish(p)) => p,
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_mqtt5_session_expiry_interval_keeps_the_session_and_resumes_with_dup() {
+    let (t, mqtt) = with_listener(|c| c.session.grace_period = Duration::from_secs(60)).await;
+    let mut alice = t.client("alice", Encoding::Json).await;
+    alice.join("lobby").await;
+    let options = v5::SubscriptionOptions::new(QoS::Level1);
+    let lobby = vec![(TopicFilter::try_from("rooms/lobby").unwrap(), options)];
+
+    // Expiry 3600 s asked, the grace period (60 s) granted and said in CONNACK.
+    let mut device = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    let connack = connect5(&mut device, &t, "sensor-1", "dev-1", true, Some(3600)).await;
+    assert!(!connack.session_present);
+    assert_eq!(connack.properties.session_expiry_interval, Some(60));
+    let pid = Pid::try_from(1).unwrap();
+    device
+        .send5(v5::Packet::Subscribe(v5::Subscribe::new(
+            pid,
+            lobby.clone(),
+        )))
+        .await;
+    assert!(matches!(device.next5().await, Some(v5::Packet::Suback(_))));
+    let mut send = parley::proto::Send {
+        room: "lobby".into(),
+        client_msg_id: "m1".into(),
+        body: "one".into(),
+        ..Default::default()
+    };
+    send.metadata.insert("unit".into(), "celsius".into());
+    alice.request(Cmd::Send(send)).await;
+    let first = next_publish5(&mut device).await;
+    assert_eq!((&first.payload[..], first.dup), (&b"one"[..], false));
+    // Message metadata as user properties.
+    let props = &first.properties.user_properties;
+    assert_eq!(props.len(), 1, "{props:?}");
+    assert_eq!((&*props[0].name, &*props[0].value), ("unit", "celsius"));
+    // Dropped before its PUBACK; a message comes while the device is away.
+    drop(device);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    alice.send_msg("lobby", "m2", "two").await;
+
+    let mut device = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    let connack = connect5(&mut device, &t, "sensor-1", "dev-1", false, Some(60)).await;
+    assert!(connack.session_present);
+    // No SUBSCRIBE: kept. "one" again with DUP, same packet id, then "two".
+    let again = next_publish5(&mut device).await;
+    assert_eq!((&again.payload[..], again.dup), (&b"one"[..], true));
+    assert_eq!(again.qos_pid, first.qos_pid);
+    assert_eq!(again.properties.user_properties.len(), 1);
+    let next = next_publish5(&mut device).await;
+    assert_eq!((&next.payload[..], next.dup), (&b"two"[..], false));
+    for p in [again, next] {
+        if let QosPid::Level1(pid) = p.qos_pid {
+            device
+                .send5(v5::Packet::Puback(v5::Puback::new_success(pid)))
+                .await;
+        }
+    }
+    // A DISCONNECT with session expiry 0 ends the session: a CONNECT without clean
+    // start finds none.
+    let mut disconnect = v5::Disconnect::new_normal();
+    disconnect.properties.session_expiry_interval = Some(0);
+    device.send5(v5::Packet::Disconnect(disconnect)).await;
+    assert!(device.next5().await.is_none());
+    let mut device = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    let connack = connect5(&mut device, &t, "sensor-1", "dev-1", false, None).await;
+    assert!(!connack.session_present);
+    // No expiry interval (0): the session ends with the connection, nothing is kept.
+    drop(device);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut device = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    let connack = connect5(&mut device, &t, "sensor-1", "dev-1", false, Some(60)).await;
+    assert!(!connack.session_present);
+}
+
+#[tokio::test]
+async fn an_mqtt5_connection_taken_over_hears_why() {
+    let t = TestServer::start().await;
+    let mut old = Raw::open(&t).await;
+    connect5(&mut old, &t, "sensor-1", "dev-1", true, Some(30)).await;
+    let mut new = Raw::open(&t).await;
+    // An empty client id gets one assigned, said in CONNACK.
+    let mut anon = Raw::open(&t).await;
+    let connack = connect5(&mut anon, &t, "sensor-1", "", true, None).await;
+    assert!(
+        connack
+            .properties
+            .assigned_client_id
+            .as_ref()
+            .is_some_and(|id| id.starts_with("parley-")),
+        "{connack:?}"
+    );
+    let connack = connect5(&mut new, &t, "sensor-1", "dev-1", false, Some(30)).await;
+    assert!(connack.session_present, "handed over");
+    match old.next5().await {
+        Some(v5::Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, v5::DisconnectReasonCode::SessionTakenOver)
+        }
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+    assert!(old.next5().await.is_none());
+    assert_eq!(old.close_code, Some(4010));
+}
+
+#[tokio::test]
+async fn an_mqtt5_client_gets_no_publish_over_its_maximum_packet_size() {
+    let t = TestServer::start().await;
+    let mut alice = t.client("alice", Encoding::Json).await;
+    alice.join("lobby").await;
+    let mut raw = Raw::open(&t).await;
+    let mut connect = v5::Connect::new("small".into(), 30);
+    connect.password = Some(t.token("sensor-1").into_bytes().into());
+    connect.properties.max_packet_size = Some(64);
+    raw.send5(v5::Packet::Connect(connect)).await;
+    match raw.next5().await {
+        Some(v5::Packet::Connack(c)) => assert_eq!(c.reason_code, v5::ConnectReasonCode::Success),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    let options = v5::SubscriptionOptions::new(QoS::Level0);
+    let lobby = vec![(TopicFilter::try_from("rooms/lobby").unwrap(), options)];
+    let pid = Pid::try_from(1).unwrap();
+    raw.send5(v5::Packet::Subscribe(v5::Subscribe::new(pid, lobby)))
+        .await;
+    assert!(matches!(raw.next5().await, Some(v5::Packet::Suback(_))));
+    alice.send_msg("lobby", "m1", &"x".repeat(100)).await;
+    alice.send_msg("lobby", "m2", "small").await;
+    // The 100-byte message is over 64 bytes as a PUBLISH: only "small" comes.
+    assert_eq!(&next_publish5(&mut raw).await.payload[..], b"small");
 }

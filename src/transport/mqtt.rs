@@ -1,4 +1,4 @@
-//! MQTT 3.1.1 (and 3.1) for devices that speak MQTT: over WebSocket at `/mqtt`
+//! MQTT 3.1.1 (and 3.1) and 5.0 for devices that speak MQTT: over WebSocket at `/mqtt`
 //! (subprotocol `mqtt`), and over a plain stream from the `[mqtt] listen` listener (TCP,
 //! or TLS over it; `server` accepts, this module serves). The packet codec is the
 //! `mqtt-proto` crate; this module only frames and maps packets onto the session layer,
@@ -23,11 +23,17 @@
 //!
 //! Anything a 3.1.1 server cannot refuse with a code (a bad topic, a refused send, QoS 2,
 //! a malformed or oversize packet) closes the connection, as the specification asks.
-//! MQTT 5 CONNECTs are answered with reason 0x84 (unsupported protocol version).
+//!
+//! MQTT 5 (a CONNECT of protocol level 5) reads its packets with the codec's `v5` module
+//! and maps them onto the 3.1.1 ones ([`In`]), so both share one path; what differs is
+//! written where it is answered: reason codes in CONNACK, SUBACK, UNSUBACK and PUBACK (a
+//! refused QoS 1 PUBLISH gets a PUBACK code, not a close), a DISCONNECT with its reason
+//! before the server closes, the session expiry interval (how long [`Kept`] keeps the
+//! session, at most the grace period), and user properties ↔ message metadata.
 //! Over WebSocket packets may span messages, and one message may hold several.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::Arc,
     task::Poll,
     time::Duration,
@@ -44,7 +50,8 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, SinkExt, future::Either};
 use mqtt_proto::{
     Error as CodecError, Pid, Protocol, QoS, QosPid, TopicName,
-    v3::{Connack, Connect, ConnectReturnCode, Packet, Publish, SubscribeReturnCode, Unsubscribe},
+    v3::{Connack, Connect, ConnectReturnCode, Packet, Publish, Subscribe, Unsubscribe},
+    v5,
 };
 use prometheus_client::metrics::counter::Counter;
 use tokio::{
@@ -83,9 +90,6 @@ const DM: &str = "dm/";
 const PRESENCE: &str = "presence/";
 /// The topic of announcements to everyone (a room's: `rooms/{room}/announcements`).
 const ANNOUNCEMENTS: &str = "announcements";
-/// A CONNACK for an MQTT 5 client: reason 0x84, unsupported protocol version, no
-/// properties (MQTT 5.0 section 3.2).
-const CONNACK_V5_UNSUPPORTED: [u8; 5] = [0x20, 0x03, 0x00, 0x84, 0x00];
 /// How long a connection's end waits for its will to be durable.
 const WILL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The request id of the `connect` command.
@@ -175,6 +179,7 @@ async fn serve(socket: Socket, ctx: Ctx) {
         write_timeout: ctx.core.config.ws.write_timeout,
         frames_in: metrics.frames_in.get_or_create(&LABEL).clone(),
         frames_out: metrics.frames_out.get_or_create(&LABEL).clone(),
+        v5: false,
     };
     if let Some(connection) = Box::pin(handshake(&mut wire, &ctx)).await {
         Box::pin(connection.run(wire)).await;
@@ -197,10 +202,84 @@ enum ReadError {
     Gone,
     /// A packet over `mqtt.max_packet_bytes`.
     TooLarge,
-    /// Bytes that are not an MQTT 3.1.1 packet (or a text message).
+    /// Bytes that are not an MQTT packet (or a text message).
     Malformed(String),
-    /// A CONNECT of MQTT 5.
-    Version5,
+}
+
+/// A message's metadata: MQTT 5 user properties.
+type Metadata = BTreeMap<String, String>;
+
+/// A packet read: a 3.1.1 packet (MQTT 5 ones are mapped onto it), or what only MQTT 5
+/// says.
+enum In {
+    Packet(Packet),
+    /// A PUBLISH with its user properties (MQTT 5; none in 3.1.1).
+    Publish(Publish, Metadata),
+    /// An MQTT 5 CONNECT.
+    Connect5(Box<v5::Connect>),
+    /// An MQTT 5 DISCONNECT: its reason and a new session expiry interval, if any.
+    Disconnect5 {
+        reason: v5::DisconnectReasonCode,
+        expiry: Option<u32>,
+    },
+    /// An MQTT 5 AUTH (parley has no enhanced authentication).
+    Auth,
+}
+
+/// Decodes an MQTT 5 packet and maps it onto [`In`].
+fn decode_v5(bytes: &[u8]) -> Result<In, ReadError> {
+    let packet = match v5::Packet::decode(bytes) {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            return Err(ReadError::Malformed(
+                "packet shorter than its length".into(),
+            ));
+        }
+        Err(e) => return Err(ReadError::Malformed(e.to_string())),
+    };
+    Ok(match packet {
+        v5::Packet::Connect(c) => In::Connect5(Box::new(c)),
+        v5::Packet::Publish(p) => {
+            let metadata = p
+                .properties
+                .user_properties
+                .iter()
+                .map(|u| (u.name.to_string(), u.value.to_string()))
+                .collect();
+            let publish = Publish {
+                dup: p.dup,
+                retain: p.retain,
+                qos_pid: p.qos_pid,
+                topic_name: p.topic_name,
+                payload: p.payload,
+            };
+            In::Publish(publish, metadata)
+        }
+        v5::Packet::Puback(a) => In::Packet(Packet::Puback(a.pid)),
+        v5::Packet::Pubrec(a) => In::Packet(Packet::Pubrec(a.pid)),
+        v5::Packet::Pubrel(a) => In::Packet(Packet::Pubrel(a.pid)),
+        v5::Packet::Pubcomp(a) => In::Packet(Packet::Pubcomp(a.pid)),
+        v5::Packet::Subscribe(s) => In::Packet(Packet::Subscribe(Subscribe {
+            pid: s.pid,
+            topics: s
+                .topics
+                .into_iter()
+                .map(|(filter, options)| (filter, options.max_qos))
+                .collect(),
+        })),
+        v5::Packet::Unsubscribe(u) => In::Packet(Packet::Unsubscribe(Unsubscribe {
+            pid: u.pid,
+            topics: u.topics,
+        })),
+        v5::Packet::Pingreq => In::Packet(Packet::Pingreq),
+        v5::Packet::Disconnect(d) => In::Disconnect5 {
+            reason: d.reason_code,
+            expiry: d.properties.session_expiry_interval,
+        },
+        v5::Packet::Auth(_) => In::Auth,
+        // A server-to-client packet.
+        _ => In::Packet(Packet::Pingresp),
+    })
 }
 
 /// A byte stream a plain MQTT connection runs on (TCP, or TLS over it).
@@ -230,11 +309,13 @@ struct Wire {
     write_timeout: Duration,
     frames_in: Counter,
     frames_out: Counter,
+    /// The connection speaks MQTT 5 (its CONNECT said so).
+    v5: bool,
 }
 
 impl Wire {
     /// The next whole packet in the buffer, if any.
-    fn parse(&mut self) -> Result<Option<Packet>, ReadError> {
+    fn parse(&mut self) -> Result<Option<In>, ReadError> {
         let Some((header_len, remaining)) = fixed_header(&self.buf)? else {
             return Ok(None);
         };
@@ -251,12 +332,17 @@ impl Wire {
             self.buf = BytesMut::new();
         }
         self.frames_in.inc();
+        if self.v5 {
+            return decode_v5(&bytes).map(Some);
+        }
         match Packet::decode(&bytes) {
-            Ok(Some(p)) => Ok(Some(p)),
+            Ok(Some(Packet::Publish(p))) => Ok(Some(In::Publish(p, Metadata::new()))),
+            Ok(Some(p)) => Ok(Some(In::Packet(p))),
             Ok(None) => Err(ReadError::Malformed(
                 "packet shorter than its length".into(),
             )),
-            Err(CodecError::UnexpectedProtocol(Protocol::V500)) => Err(ReadError::Version5),
+            // An MQTT 5 CONNECT (the handshake then reads on in MQTT 5).
+            Err(CodecError::UnexpectedProtocol(Protocol::V500)) => decode_v5(&bytes).map(Some),
             Err(e) => Err(ReadError::Malformed(e.to_string())),
         }
     }
@@ -345,7 +431,15 @@ impl Wire {
 
     async fn write_packet(&mut self, packet: &Packet) -> Result<(), CloseReason> {
         let mut out = BytesMut::new();
-        encode(packet, &mut out);
+        encode(self.v5, packet, &Metadata::new(), &mut out);
+        self.write(out.freeze(), 1).await
+    }
+
+    async fn write_v5(&mut self, packet: v5::Packet) -> Result<(), CloseReason> {
+        let mut out = BytesMut::new();
+        if let Ok(bytes) = packet.encode() {
+            out.extend_from_slice(bytes.as_ref());
+        }
         self.write(out.freeze(), 1).await
     }
 
@@ -392,9 +486,36 @@ fn fixed_header(buf: &[u8]) -> Result<Option<(usize, usize)>, ReadError> {
     Err(ReadError::Malformed("invalid remaining length".into()))
 }
 
-fn encode(packet: &Packet, out: &mut BytesMut) {
+/// Encodes a packet for the connection's version: MQTT 5 gets a PUBLISH with
+/// `metadata` as user properties, a PUBACK with reason 0 (success).
+fn encode(v5: bool, packet: &Packet, metadata: &Metadata, out: &mut BytesMut) {
     // Encoding fails only for values parley never builds (a packet over 256 MiB).
-    if let Ok(bytes) = packet.encode() {
+    let bytes = if v5 {
+        let packet = match packet {
+            Packet::Publish(p) => {
+                let mut publish =
+                    v5::Publish::new(p.qos_pid, p.topic_name.clone(), p.payload.clone());
+                publish.dup = p.dup;
+                publish.properties.user_properties = metadata
+                    .iter()
+                    .map(|(name, value)| v5::UserProperty {
+                        name: name.as_str().into(),
+                        value: value.as_str().into(),
+                    })
+                    .collect();
+                v5::Packet::Publish(publish)
+            }
+            Packet::Puback(pid) => v5::Packet::Puback(v5::Puback::new_success(*pid)),
+            Packet::Pingresp => v5::Packet::Pingresp,
+            // Nothing else is written through here (CONNACK, SUBACK, UNSUBACK and
+            // DISCONNECT are built for MQTT 5 where they are written).
+            _ => return,
+        };
+        packet.encode()
+    } else {
+        packet.encode()
+    };
+    if let Ok(bytes) = bytes {
         out.extend_from_slice(bytes.as_ref());
     }
 }
@@ -403,6 +524,8 @@ fn encode(packet: &Packet, out: &mut BytesMut) {
 const NORMAL_CLOSE: u16 = 1000;
 /// The MQTT close code for a WebSocket close after a protocol error.
 const PROTOCOL_ERROR: u16 = 1002;
+/// The close reason after bytes that are no MQTT packet.
+const MALFORMED: &str = "malformed packet";
 
 /// Reads the CONNECT (within `auth.connect_timeout`), authenticates it and opens the
 /// session. `None`: refused or gone (the CONNACK and close are written).
@@ -434,20 +557,29 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
             return None;
         }
     };
-    let Packet::Connect(connect) = first else {
-        wire.close(PROTOCOL_ERROR, "the first packet must be CONNECT")
-            .await;
-        return None;
+    let hello = match first {
+        In::Packet(Packet::Connect(c)) => Hello::v3(c, core.config.session.grace_period),
+        In::Connect5(c) => {
+            wire.v5 = true;
+            Hello::v5(*c, core.config.session.grace_period)
+        }
+        _ => {
+            wire.close(PROTOCOL_ERROR, "the first packet must be CONNECT")
+                .await;
+            return None;
+        }
     };
-    let Connect {
+    let Hello {
         keep_alive,
         username,
         password,
-        last_will,
-        clean_session,
-        client_id,
-        ..
-    } = connect;
+        will: last_will,
+        resume,
+        keep_for,
+        expiry_asked,
+        max_packet,
+        mut client_id,
+    } = hello;
     let token = password.as_deref().map(std::str::from_utf8);
     let user = match token {
         None => Err(ConnectReturnCode::NotAuthorized),
@@ -467,10 +599,16 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
             return None;
         }
     };
-    // A session kept for this user and client id (`clean_session=false`): resumed below
-    // when the session layer still has it. A clean session discards any.
-    let key = (user, client_id.to_string());
-    if !clean_session && key.1.is_empty() {
+    // MQTT 5: a CONNECT without a client id gets one (MQTT-3.1.3-6), named in CONNACK.
+    let assigned = (wire.v5 && client_id.is_empty()).then(|| {
+        client_id = format!("parley-{:016x}", rand::random::<u64>());
+        client_id.clone()
+    });
+    // A session kept for this user and client id (`clean_session=false`, or an MQTT 5
+    // session expiry interval): resumed below when the session layer still has it. A
+    // clean session (start) discards any.
+    let key = (user, client_id);
+    if keep_for.is_some() && key.1.is_empty() {
         // MQTT-3.1.3-8: a kept session needs a client id.
         refuse(wire, ConnectReturnCode::IdentifierRejected).await;
         return None;
@@ -479,19 +617,30 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
     let live = Box::pin(ctx.mqtt.claim(&key)).await;
     let release = Release(ctx.mqtt.clone(), key.clone(), live.clone());
     let kept = ctx.mqtt.take(&key);
-    let kept = kept.filter(|_| !clean_session);
+    let kept = kept.filter(|_| resume);
     // The will: a message to a room, sent when the connection ends without DISCONNECT.
-    // One the server could never send is refused here (3.1.1 has no code for it).
+    // One the server could never send is refused here (3.1.1 has no code for it; MQTT 5
+    // gets CONNACK 0x90 or 0x99).
     let will = match last_will {
         None => None,
-        Some(w) => {
-            let room = topic_room(&w.topic_name);
-            let body = String::from_utf8(w.message.to_vec()).ok();
+        Some((topic, payload, metadata)) => {
+            let room = topic_room(&topic);
+            let body = String::from_utf8(payload.to_vec()).ok();
             match (room, body) {
                 (Some(room), Some(body)) => Some(Will {
                     room: room.to_string(),
                     body,
+                    metadata,
                 }),
+                (room, _) if wire.v5 => {
+                    let code = if room.is_none() {
+                        v5::ConnectReasonCode::TopicNameInvalid
+                    } else {
+                        v5::ConnectReasonCode::PayloadFormatInvalid
+                    };
+                    refuse_v5(wire, code).await;
+                    return None;
+                }
                 _ => {
                     wire.close(PROTOCOL_ERROR, "a will goes to rooms/{room}, in UTF-8")
                         .await;
@@ -566,8 +715,24 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
     tracing::Span::current().record("user", session.user_id());
     // The kept state only with the session it belongs to (else it expired).
     let kept = kept.filter(|_| resumed).unwrap_or_default();
-    let connack = Packet::Connack(Connack::new(resumed, ConnectReturnCode::Accepted));
-    if wire.write_packet(&connack).await.is_err() {
+    let written = if wire.v5 {
+        let mut connack = v5::Connack::new(resumed, v5::ConnectReasonCode::Success);
+        let p = &mut connack.properties;
+        // What the server grants and lacks (MQTT 5.0 section 3.2.2.3).
+        p.session_expiry_interval = keep_for
+            .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+            .filter(|granted| Some(*granted) != expiry_asked);
+        p.max_qos = Some(QoS::Level1);
+        p.max_packet_size = u32::try_from(core.config.mqtt.max_packet_bytes).ok();
+        p.assigned_client_id = assigned.map(Into::into);
+        p.subscription_id_available = Some(false);
+        p.shared_subscription_available = Some(false);
+        wire.write_v5(v5::Packet::Connack(connack)).await
+    } else {
+        let connack = Packet::Connack(Connack::new(resumed, ConnectReturnCode::Accepted));
+        wire.write_packet(&connack).await
+    };
+    if written.is_err() {
         return None;
     }
     Some(Connection {
@@ -577,7 +742,7 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
         shutdown: ctx.shutdown.clone(),
         will,
         session_tag: session.id().to_string(),
-        keep: (!clean_session).then(|| (ctx.mqtt.clone(), key)),
+        keep: keep_for.map(|d| (ctx.mqtt.clone(), key, d)),
         kicked: live.kick,
         _release: release,
         subscriptions: kept.subscriptions,
@@ -590,7 +755,72 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
         next_pid: kept.next_pid,
         published: kept.published,
         keep_alive: keep_alive > 0,
+        v5: wire.v5,
+        max_out: max_packet.and_then(|m| usize::try_from(m).ok()),
     })
+}
+
+/// What a CONNECT of either version asks for.
+struct Hello {
+    keep_alive: u16,
+    username: Option<String>,
+    password: Option<Bytes>,
+    /// The will's topic, payload and (MQTT 5) user properties.
+    will: Option<(TopicName, Bytes, Metadata)>,
+    /// Resume a kept session (3.1.1 `clean_session=false`, MQTT 5 `clean_start=false`).
+    resume: bool,
+    /// How long to keep the session after the connection (`None`: it ends with it):
+    /// 3.1.1 `clean_session=false` keeps it for `session.grace_period`, MQTT 5 for its
+    /// session expiry interval, at most that.
+    keep_for: Option<Duration>,
+    /// MQTT 5: the session expiry interval asked for, in seconds.
+    expiry_asked: Option<u32>,
+    /// MQTT 5: the largest packet the client takes.
+    max_packet: Option<u32>,
+    client_id: String,
+}
+
+impl Hello {
+    fn v3(c: Connect, grace: Duration) -> Self {
+        Hello {
+            keep_alive: c.keep_alive,
+            username: c.username.map(|u| u.to_string()),
+            password: c.password,
+            will: c
+                .last_will
+                .map(|w| (w.topic_name, w.message, Metadata::new())),
+            resume: !c.clean_session,
+            keep_for: (!c.clean_session).then_some(grace),
+            expiry_asked: None,
+            max_packet: None,
+            client_id: c.client_id.to_string(),
+        }
+    }
+
+    fn v5(c: v5::Connect, grace: Duration) -> Self {
+        // The will delay interval is ignored: a will is sent when the connection ends.
+        let will = c.last_will.map(|w| {
+            let metadata = w
+                .properties
+                .user_properties
+                .iter()
+                .map(|u| (u.name.to_string(), u.value.to_string()))
+                .collect();
+            (w.topic_name, w.payload, metadata)
+        });
+        let expiry = c.properties.session_expiry_interval.unwrap_or(0);
+        Hello {
+            keep_alive: c.keep_alive,
+            username: c.username.map(|u| u.to_string()),
+            password: c.password,
+            will,
+            resume: !c.clean_start,
+            keep_for: (expiry > 0).then(|| grace.min(Duration::from_secs(u64::from(expiry)))),
+            expiry_asked: c.properties.session_expiry_interval,
+            max_packet: c.properties.max_packet_size,
+            client_id: c.client_id.to_string(),
+        }
+    }
 }
 
 /// Sessions kept for `clean_session=false` clients between connections, by (user, client
@@ -705,6 +935,8 @@ struct KeptSession {
 struct Unacked {
     pid: u16,
     publish: Publish,
+    /// MQTT 5: its user properties.
+    metadata: Metadata,
 }
 
 /// The most unacknowledged QoS 1 PUBLISHes a connection keeps for redelivery (older ones
@@ -713,6 +945,22 @@ const MAX_UNACKED: usize = 256;
 
 /// Answers a CONNECT with a refusal, then closes.
 async fn refuse(wire: &mut Wire, code: ConnectReturnCode) {
+    if wire.v5 {
+        let code = match code {
+            ConnectReturnCode::UnacceptableProtocolVersion => {
+                v5::ConnectReasonCode::UnsupportedProtocolVersion
+            }
+            ConnectReturnCode::IdentifierRejected => {
+                v5::ConnectReasonCode::ClientIdentifierNotValid
+            }
+            ConnectReturnCode::BadUserNameOrPassword => {
+                v5::ConnectReasonCode::BadUserNameOrPassword
+            }
+            ConnectReturnCode::NotAuthorized => v5::ConnectReasonCode::NotAuthorized,
+            _ => v5::ConnectReasonCode::ServerUnavailable,
+        };
+        return refuse_v5(wire, code).await;
+    }
     tracing::debug!(?code, "CONNECT refused");
     let _ = wire
         .write_packet(&Packet::Connack(Connack::new(false, code)))
@@ -720,6 +968,21 @@ async fn refuse(wire: &mut Wire, code: ConnectReturnCode) {
     let (close, reason) = match code {
         ConnectReturnCode::ServerUnavailable => (1013, "try again later"),
         _ => (CloseReason::Unauthorized.code(), "unauthorized"),
+    };
+    wire.close(close, reason).await;
+}
+
+/// Answers an MQTT 5 CONNECT with a refusal, then closes.
+async fn refuse_v5(wire: &mut Wire, code: v5::ConnectReasonCode) {
+    tracing::debug!(?code, "CONNECT refused");
+    let connack = v5::Connack::new(false, code);
+    let _ = wire.write_v5(v5::Packet::Connack(connack)).await;
+    let (close, reason) = match code {
+        v5::ConnectReasonCode::ServerUnavailable => (1013, "try again later"),
+        v5::ConnectReasonCode::BadUserNameOrPassword | v5::ConnectReasonCode::NotAuthorized => {
+            (CloseReason::Unauthorized.code(), "unauthorized")
+        }
+        _ => (PROTOCOL_ERROR, "CONNECT refused"),
     };
     wire.close(close, reason).await;
 }
@@ -733,12 +996,6 @@ async fn refuse_read(wire: &mut Wire, e: ReadError) {
             tracing::debug!(why, "malformed packet");
             wire.close(PROTOCOL_ERROR, "malformed packet").await
         }
-        ReadError::Version5 => {
-            let _ = wire
-                .write(Bytes::from_static(&CONNACK_V5_UNSUPPORTED), 1)
-                .await;
-            wire.close(PROTOCOL_ERROR, "MQTT 5 is not supported").await;
-        }
     }
 }
 
@@ -749,6 +1006,7 @@ async fn publish_will(core: Arc<Core>, user: String, client_msg_id: String, will
         room: will.room,
         client_msg_id,
         body: will.body,
+        metadata: will.metadata,
         ..Default::default()
     };
     match timeout(WILL_TIMEOUT, core.chat.send(&user, send)).await {
@@ -788,13 +1046,16 @@ struct Recent {
 
 /// A SUBACK waiting for its joins.
 struct SubackState {
-    codes: Vec<Option<SubscribeReturnCode>>,
+    /// The MQTT 5 reason codes (3.1.1 writes each failure as 0x80).
+    codes: Vec<Option<u8>>,
 }
 
 /// The CONNECT's will message, for `rooms/{room}`.
 struct Will {
     room: String,
     body: String,
+    /// MQTT 5: the will's user properties.
+    metadata: Metadata,
 }
 
 /// An authenticated connection: its session's outbox and the MQTT state around it.
@@ -809,9 +1070,10 @@ struct Connection {
     will: Option<Will>,
     /// The session id, in the `client_msg_id` of what this connection publishes.
     session_tag: String,
-    /// Where to keep the MQTT session when the connection ends (`clean_session=false`):
-    /// the registry and this session's key.
-    keep: Option<(Arc<Kept>, (String, String))>,
+    /// Where to keep the MQTT session when the connection ends (`clean_session=false`,
+    /// an MQTT 5 session expiry interval): the registry, this session's key, and for how
+    /// long.
+    keep: Option<(Arc<Kept>, (String, String), Duration)>,
     /// Cancelled when a new connection with the same client id takes over.
     kicked: tokio_util::sync::CancellationToken,
     /// This connection's claim on its client id (dropped last: after the session is kept).
@@ -835,6 +1097,10 @@ struct Connection {
     published: u64,
     /// Whether the CONNECT asked for MQTT keep-alive (else WebSocket pongs count).
     keep_alive: bool,
+    /// The connection speaks MQTT 5.
+    v5: bool,
+    /// MQTT 5: the client's Maximum Packet Size.
+    max_out: Option<usize>,
 }
 
 /// How one packet or outbox item went.
@@ -855,7 +1121,7 @@ impl Connection {
         for u in &self.unacked {
             let mut publish = u.publish.clone();
             publish.dup = true;
-            encode(&Packet::Publish(publish), &mut again);
+            encode(self.v5, &Packet::Publish(publish), &u.metadata, &mut again);
         }
         if !again.is_empty()
             && wire
@@ -874,6 +1140,13 @@ impl Connection {
             self.serve(&mut wire).await
         };
         if let Stop::Close(code, reason) = stop {
+            // MQTT 5 says why before the server closes (not after the client's
+            // DISCONNECT, MQTT-3.14.0-1).
+            if self.v5 && code != NORMAL_CLOSE {
+                let mut disconnect = v5::Disconnect::new(disconnect_reason(code, reason));
+                disconnect.properties.reason_string = Some(reason.into());
+                let _ = wire.write_v5(v5::Packet::Disconnect(disconnect)).await;
+            }
             wire.close(code, reason).await;
         }
         // Without DISCONNECT (dropped, timed out, closed for an error): the will, as a
@@ -888,17 +1161,16 @@ impl Connection {
         match self.keep.take() {
             // `clean_session=false`: the session waits out its grace period (dropping
             // the outbox detaches it), its MQTT state kept beside it.
-            Some((kept, key)) if !self.shutdown.is_cancelled() => {
+            Some((kept, key, keep_for)) if !self.shutdown.is_cancelled() => {
                 let Some(session) = self.outbox.session() else {
                     return;
                 };
-                let grace = self.core.config.session.grace_period;
                 kept.keep(
                     key,
                     KeptSession {
                         session_id: session.id().to_string(),
                         last_pos: self.last_pos,
-                        expires: Some(Instant::now() + grace),
+                        expires: Some(Instant::now() + keep_for),
                         subscriptions: std::mem::take(&mut self.subscriptions),
                         unacked: std::mem::take(&mut self.unacked),
                         recent: std::mem::take(&mut self.recent),
@@ -973,13 +1245,41 @@ impl Connection {
         ClientFrame { id, cmd: Some(cmd) }
     }
 
-    async fn on_packet(&mut self, wire: &mut Wire, packet: Packet) -> Step {
+    async fn on_packet(&mut self, wire: &mut Wire, packet: In) -> Step {
+        let packet = match packet {
+            In::Packet(p) => p,
+            In::Publish(p, metadata) => return self.on_publish(wire, p, metadata).await,
+            In::Connect5(_) => return Err(Stop::Close(PROTOCOL_ERROR, "second CONNECT")),
+            In::Auth => return Err(Stop::Close(PROTOCOL_ERROR, "AUTH is not supported")),
+            In::Disconnect5 { reason, expiry } => {
+                // 0x04: a goodbye that still wants the will sent.
+                if reason != v5::DisconnectReasonCode::DisconnectWithWillMessage {
+                    self.will = None;
+                }
+                // The session expiry interval may change here, not from 0 (MQTT-3.14.2-2).
+                match (expiry, &mut self.keep) {
+                    (Some(0), keep) => *keep = None,
+                    (Some(secs), Some((_, _, keep_for))) => {
+                        let grace = self.core.config.session.grace_period;
+                        *keep_for = grace.min(Duration::from_secs(u64::from(secs)));
+                    }
+                    (Some(_), None) => {
+                        return Err(Stop::Close(PROTOCOL_ERROR, "session expiry was 0"));
+                    }
+                    (None, _) => {}
+                }
+                if self.keep.is_none() {
+                    self.outbox.client_closed();
+                }
+                return Err(Stop::Close(NORMAL_CLOSE, "disconnect"));
+            }
+        };
         match packet {
             Packet::Pingreq => wire
                 .write_packet(&Packet::Pingresp)
                 .await
                 .map_err(|_| Stop::Gone),
-            Packet::Publish(p) => self.on_publish(p).await,
+            Packet::Publish(p) => self.on_publish(wire, p, Metadata::new()).await,
             Packet::Subscribe(s) => {
                 let pid = s.pid.value();
                 let mut codes = vec![None; s.topics.len()];
@@ -991,9 +1291,9 @@ impl Connection {
                         // Over pushes the session gets anyway: nothing to check.
                         let granted = (*qos).min(QoS::Level1);
                         self.subscriptions.insert(filter.to_string(), granted);
-                        codes[index] = Some(granted_code(granted));
+                        codes[index] = Some(granted as u8);
                     } else {
-                        codes[index] = Some(SubscribeReturnCode::Failure);
+                        codes[index] = Some(TOPIC_FILTER_INVALID);
                     }
                 }
                 self.suback.insert(pid, SubackState { codes });
@@ -1013,12 +1313,20 @@ impl Connection {
                 self.complete_suback(wire, pid).await
             }
             Packet::Unsubscribe(Unsubscribe { pid, topics }) => {
+                let mut codes = Vec::with_capacity(topics.len());
                 for filter in &topics {
-                    self.subscriptions.remove(&**filter);
+                    codes.push(match self.subscriptions.remove(&**filter) {
+                        Some(_) => v5::UnsubscribeReasonCode::Success,
+                        None => v5::UnsubscribeReasonCode::NoSubscriptionExisted,
+                    });
                 }
-                wire.write_packet(&Packet::Unsuback(pid))
-                    .await
-                    .map_err(|_| Stop::Gone)
+                let written = if self.v5 {
+                    let unsuback = v5::Unsuback::new(pid, codes);
+                    wire.write_v5(v5::Packet::Unsuback(unsuback)).await
+                } else {
+                    wire.write_packet(&Packet::Unsuback(pid)).await
+                };
+                written.map_err(|_| Stop::Gone)
             }
             // What parley publishes is released from the session on write (see
             // `deliver`); a kept session also forgets it for redelivery now.
@@ -1039,26 +1347,33 @@ impl Connection {
                 Err(Stop::Close(NORMAL_CLOSE, "disconnect"))
             }
             Packet::Pubrec(_) | Packet::Pubrel(_) | Packet::Pubcomp(_) => {
-                Err(Stop::Close(PROTOCOL_ERROR, "QoS 2 is not supported"))
+                Err(Stop::Close(PROTOCOL_ERROR, QOS2))
             }
             Packet::Connect(_) => Err(Stop::Close(PROTOCOL_ERROR, "second CONNECT")),
             _ => Err(Stop::Close(PROTOCOL_ERROR, "a server-to-client packet")),
         }
     }
 
-    async fn on_publish(&mut self, p: Publish) -> Step {
+    async fn on_publish(&mut self, wire: &mut Wire, p: Publish, metadata: Metadata) -> Step {
         // 3.1.1 has no negative PUBACK: what cannot be sent closes the connection
-        // (MQTT-3.3.5-2). Retain is ignored (parley keeps history instead).
+        // (MQTT-3.3.5-2). MQTT 5 answers a QoS 1 PUBLISH with a PUBACK reason code
+        // instead and drops a QoS 0 one. Retain is ignored (parley keeps history
+        // instead).
+        let pid = match p.qos_pid {
+            QosPid::Level0 => None,
+            QosPid::Level1(pid) => Some(pid.value()),
+            QosPid::Level2(_) => return Err(Stop::Close(PROTOCOL_ERROR, QOS2)),
+        };
         let Some(target) = publish_target(&p.topic_name) else {
+            if self.v5 {
+                return self
+                    .puback_v5(wire, pid, v5::PubackReasonCode::TopicNameInvalid)
+                    .await;
+            }
             return Err(Stop::Close(
                 PROTOCOL_ERROR,
                 "publish to rooms/{room}, rooms/{room}/typing or dm/{user}",
             ));
-        };
-        let pid = match p.qos_pid {
-            QosPid::Level0 => None,
-            QosPid::Level1(pid) => Some(pid.value()),
-            QosPid::Level2(_) => return Err(Stop::Close(PROTOCOL_ERROR, "QoS 2 is not supported")),
         };
         let (room, to_user) = match target {
             Target::Typing(room) => {
@@ -1074,6 +1389,11 @@ impl Connection {
             Target::Direct(user) => (String::new(), user.to_string()),
         };
         let Ok(body) = String::from_utf8(p.payload.to_vec()) else {
+            if self.v5 {
+                return self
+                    .puback_v5(wire, pid, v5::PubackReasonCode::PayloadFormatInvalid)
+                    .await;
+            }
             return Err(Stop::Close(PROTOCOL_ERROR, "payload must be UTF-8"));
         };
         // A packet id names one message until the client reuses it without DUP: a DUP
@@ -1113,11 +1433,28 @@ impl Connection {
             to_user,
             client_msg_id,
             body,
+            metadata,
             ..Default::default()
         });
         let frame = self.request(cmd, Pending::Publish(pid));
         Box::pin(self.outbox.receive(Ok(frame))).await;
         Ok(())
+    }
+
+    /// MQTT 5: a PUBACK with `code` for a QoS 1 PUBLISH (a QoS 0 one gets nothing).
+    async fn puback_v5(
+        &mut self,
+        wire: &mut Wire,
+        pid: Option<u16>,
+        code: v5::PubackReasonCode,
+    ) -> Step {
+        let Some(pid) = pid.and_then(|p| Pid::try_from(p).ok()) else {
+            return Ok(());
+        };
+        let puback = v5::Puback::new(pid, code);
+        wire.write_v5(v5::Packet::Puback(puback))
+            .await
+            .map_err(|_| Stop::Gone)
     }
 
     /// Writes SUBACK `pid` once every topic has its code.
@@ -1130,7 +1467,7 @@ impl Connection {
         }
         let state = self.suback.remove(&pid).expect("looked up");
         let codes: Vec<_> = state.codes.into_iter().flatten().collect();
-        wire.write(suback(pid, &codes), 1)
+        wire.write(suback(self.v5, pid, &codes), 1)
             .await
             .map_err(|_| Stop::Gone)
     }
@@ -1144,7 +1481,7 @@ impl Connection {
                 let mut last = 0;
                 for (pos, push) in pushes {
                     last = pos;
-                    let Some((topic, payload)) = self.topic_of(push.kind()) else {
+                    let Some((topic, payload, metadata)) = self.topic_of(push.kind()) else {
                         continue;
                     };
                     // The highest QoS of the filters that match (MQTT-3.3.5-1).
@@ -1165,7 +1502,20 @@ impl Connection {
                         _ => QosPid::Level1(self.pid()),
                     };
                     let publish = Publish::new(qos_pid, topic, payload);
-                    encode(&Packet::Publish(publish.clone()), &mut bytes);
+                    let metadata = metadata.cloned().unwrap_or_default();
+                    let start = bytes.len();
+                    encode(
+                        self.v5,
+                        &Packet::Publish(publish.clone()),
+                        &metadata,
+                        &mut bytes,
+                    );
+                    // MQTT 5: a PUBLISH over the client's Maximum Packet Size is not sent
+                    // (MQTT-3.1.2-25); the client never receives it.
+                    if self.max_out.is_some_and(|max| bytes.len() - start > max) {
+                        bytes.truncate(start);
+                        continue;
+                    }
                     if let (Some(_), QosPid::Level1(pid)) = (&self.keep, qos_pid) {
                         if self.unacked.len() == MAX_UNACKED {
                             self.unacked.pop_front();
@@ -1173,6 +1523,7 @@ impl Connection {
                         self.unacked.push_back(Unacked {
                             pid: pid.value(),
                             publish,
+                            metadata,
                         });
                     }
                     packets += 1;
@@ -1201,7 +1552,12 @@ impl Connection {
         let Some(pending) = self.pending.remove(&frame.id) else {
             return Ok(());
         };
-        let ok = !matches!(frame.kind, Some(Kind::Error(_)) | None);
+        let error = match &frame.kind {
+            Some(Kind::Error(e)) => Some(e.code),
+            None => Some(proto::ErrorCode::Unspecified as i32),
+            _ => None,
+        };
+        let ok = error.is_none();
         match pending {
             Pending::Publish(None) | Pending::Typing(None) => Ok(()),
             Pending::Typing(Some(pid)) => {
@@ -1216,7 +1572,10 @@ impl Connection {
                 if let Some(r) = self.recent.iter_mut().find(|r| r.pid == pid) {
                     r.in_flight = false;
                 }
-                if !ok {
+                if let Some(code) = error {
+                    if self.v5 {
+                        return self.puback_v5(wire, Some(pid), puback_reason(code)).await;
+                    }
                     return Err(Stop::Close(PROTOCOL_ERROR, "publish refused"));
                 }
                 let Ok(pid) = Pid::try_from(pid) else {
@@ -1235,9 +1594,9 @@ impl Connection {
                 let code = if ok {
                     let granted = qos.min(QoS::Level1);
                     self.subscriptions.insert(format!("{ROOMS}{room}"), granted);
-                    granted_code(granted)
+                    granted as u8
                 } else {
-                    SubscribeReturnCode::Failure
+                    NOT_AUTHORIZED
                 };
                 if let Some(state) = self.suback.get_mut(&pid)
                     && let Some(slot) = state.codes.get_mut(index)
@@ -1249,9 +1608,10 @@ impl Connection {
         }
     }
 
-    /// The topic and payload of a push a device may subscribe to (see the topic table in
-    /// docs/PROTOCOL.md); `None` for the others (receipts, signals, membership).
-    fn topic_of(&self, kind: &Kind) -> Option<(String, Bytes)> {
+    /// The topic, payload and metadata (a message's) of a push a device may subscribe to
+    /// (see the topic table in docs/PROTOCOL.md); `None` for the others (receipts,
+    /// signals, membership).
+    fn topic_of<'k>(&self, kind: &'k Kind) -> Option<(String, Bytes, Option<&'k Metadata>)> {
         let json = self.core.config.mqtt.payload == MqttPayload::Json;
         let payload = |body: &str, value: &dyn erased::Json| {
             if json {
@@ -1270,19 +1630,24 @@ impl Connection {
                     }
                     None => format!("{ROOMS}{}", m.room),
                 };
-                (topic, payload(&m.body, m))
+                (topic, payload(&m.body, m), Some(&m.metadata))
             }
-            Kind::Typing(t) => (format!("{ROOMS}{}{TYPING}", t.room), payload(&t.user, t)),
+            Kind::Typing(t) => (
+                format!("{ROOMS}{}{TYPING}", t.room),
+                payload(&t.user, t),
+                None,
+            ),
             Kind::Presence(p) => {
                 let status = if p.online { "online" } else { "offline" };
-                (format!("{PRESENCE}{}", p.user), payload(status, p))
+                (format!("{PRESENCE}{}", p.user), payload(status, p), None)
             }
             Kind::Announcement(a) if a.room.is_empty() => {
-                (ANNOUNCEMENTS.to_string(), payload(&a.body, a))
+                (ANNOUNCEMENTS.to_string(), payload(&a.body, a), None)
             }
             Kind::Announcement(a) => (
                 format!("{ROOMS}{}/{ANNOUNCEMENTS}", a.room),
                 payload(&a.body, a),
+                None,
             ),
             _ => return None,
         })
@@ -1295,12 +1660,14 @@ impl Connection {
     }
 }
 
-/// A SUBACK, encoded here: mqtt-proto 0.4.0 writes a failure as 0x03 (the enum's
-/// position) where MQTT 3.1.1 says 0x80.
-fn suback(pid: u16, codes: &[SubscribeReturnCode]) -> Bytes {
+/// A SUBACK, encoded here: mqtt-proto 0.4.0 writes a 3.1.1 failure as 0x03 (the enum's
+/// position) where MQTT 3.1.1 says 0x80. `codes` are MQTT 5 reason codes (granted QoS,
+/// or a failure of 0x80 and above, written as 0x80 in 3.1.1); MQTT 5 adds an empty
+/// property length.
+fn suback(v5: bool, pid: u16, codes: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(8 + codes.len());
     out.extend_from_slice(&[0x90]);
-    let mut remaining = 2 + codes.len();
+    let mut remaining = 2 + usize::from(v5) + codes.len();
     loop {
         let mut byte = (remaining % 128) as u8;
         remaining /= 128;
@@ -1313,15 +1680,51 @@ fn suback(pid: u16, codes: &[SubscribeReturnCode]) -> Bytes {
         }
     }
     out.extend_from_slice(&pid.to_be_bytes());
-    for code in codes {
-        out.extend_from_slice(&[match code {
-            SubscribeReturnCode::MaxLevel0 => 0x00,
-            SubscribeReturnCode::MaxLevel1 => 0x01,
-            SubscribeReturnCode::MaxLevel2 => 0x02,
-            SubscribeReturnCode::Failure => 0x80,
-        }]);
+    if v5 {
+        out.extend_from_slice(&[0]);
+    }
+    for &code in codes {
+        out.extend_from_slice(&[if v5 { code } else { code.min(0x80) }]);
     }
     out.freeze()
+}
+
+/// SUBACK: the topic filter is one parley does not publish on.
+const TOPIC_FILTER_INVALID: u8 = 0x8F;
+/// SUBACK: the room's rules refused the join.
+const NOT_AUTHORIZED: u8 = 0x87;
+/// Why a PUBREC, PUBREL or PUBCOMP (or a QoS 2 PUBLISH) closes the connection.
+const QOS2: &str = "QoS 2 is not supported";
+
+/// MQTT 5: the PUBACK reason code of a refused send.
+fn puback_reason(code: i32) -> v5::PubackReasonCode {
+    use proto::ErrorCode as E;
+    match proto::ErrorCode::try_from(code).unwrap_or(E::Unspecified) {
+        E::NotMember | E::Forbidden | E::Unauthorized | E::TokenExpired => {
+            v5::PubackReasonCode::NotAuthorized
+        }
+        E::RateLimited | E::LimitExceeded | E::QuotaExceeded => v5::PubackReasonCode::QuotaExceeded,
+        E::NotFound => v5::PubackReasonCode::TopicNameInvalid,
+        E::InvalidArgument | E::FrameTooLarge => v5::PubackReasonCode::PayloadFormatInvalid,
+        _ => v5::PubackReasonCode::UnspecifiedError,
+    }
+}
+
+/// MQTT 5: the DISCONNECT reason code of a close (`code`, `reason`: the WebSocket's).
+fn disconnect_reason(code: u16, reason: &str) -> v5::DisconnectReasonCode {
+    use v5::DisconnectReasonCode as D;
+    match code {
+        PROTOCOL_ERROR if reason == QOS2 => D::QoSNotSupported,
+        PROTOCOL_ERROR if reason == MALFORMED => D::MalformedPacket,
+        PROTOCOL_ERROR => D::ProtocolError,
+        1009 => D::PacketTooLarge,
+        1001 => D::ServerShuttingDown,
+        c if c == CloseReason::SessionMoved.code() => D::SessionTakenOver,
+        c if c == CloseReason::HeartbeatTimeout.code() => D::KeepAliveTimeout,
+        c if c == CloseReason::SlowConsumer.code() => D::QuotaExceeded,
+        c if c == CloseReason::Unauthorized.code() => D::NotAuthorized,
+        _ => D::UnspecifiedError,
+    }
 }
 
 fn read_stop(e: ReadError) -> Stop {
@@ -1331,9 +1734,7 @@ fn read_stop(e: ReadError) -> Stop {
     match e {
         ReadError::Gone => Stop::Gone,
         ReadError::TooLarge => Stop::Close(1009, "packet too large"),
-        ReadError::Malformed(_) | ReadError::Version5 => {
-            Stop::Close(PROTOCOL_ERROR, "malformed packet")
-        }
+        ReadError::Malformed(_) => Stop::Close(PROTOCOL_ERROR, MALFORMED),
     }
 }
 
@@ -1395,14 +1796,6 @@ fn matches(filter: &str, topic: &str) -> bool {
     }
 }
 
-/// The SUBACK code of a granted QoS.
-fn granted_code(qos: QoS) -> SubscribeReturnCode {
-    match qos {
-        QoS::Level0 => SubscribeReturnCode::MaxLevel0,
-        _ => SubscribeReturnCode::MaxLevel1,
-    }
-}
-
 /// A push object as its proto3 JSON (the `json` payload).
 mod erased {
     pub trait Json {
@@ -1442,13 +1835,27 @@ mod tests {
 
     #[test]
     fn suback_codes_are_the_specification_s() {
-        use SubscribeReturnCode::*;
-        let bytes = suback(0x0102, &[MaxLevel0, MaxLevel1, Failure]);
-        assert_eq!(&bytes[..], [0x90, 5, 1, 2, 0, 1, 0x80]);
-        let many = vec![Failure; 200];
-        let bytes = suback(1, &many);
+        let bytes = suback(false, 0x0102, &[0, 1, NOT_AUTHORIZED, TOPIC_FILTER_INVALID]);
+        assert_eq!(&bytes[..], [0x90, 6, 1, 2, 0, 1, 0x80, 0x80]);
+        let many = vec![NOT_AUTHORIZED; 200];
+        let bytes = suback(false, 1, &many);
         assert_eq!(&bytes[..3], [0x90, 0xca, 0x01]);
         assert_eq!(bytes.len(), 3 + 202);
+        // MQTT 5: the reason codes as they are, after an empty property length; the
+        // codec reads it back.
+        let bytes = suback(true, 7, &[1, NOT_AUTHORIZED, TOPIC_FILTER_INVALID]);
+        assert_eq!(&bytes[..], [0x90, 6, 0, 7, 0, 1, 0x87, 0x8f]);
+        let Ok(Some(v5::Packet::Suback(s))) = v5::Packet::decode(&bytes) else {
+            panic!("not a SUBACK");
+        };
+        assert_eq!(
+            s.topics,
+            [
+                v5::SubscribeReasonCode::GrantedQoS1,
+                v5::SubscribeReasonCode::NotAuthorized,
+                v5::SubscribeReasonCode::TopicFilterInvalid
+            ]
+        );
     }
 
     #[test]

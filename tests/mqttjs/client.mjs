@@ -15,6 +15,9 @@
 //   connection is lost; then print {"lost": true} and exit 0. The caller kills the
 //   server under it.
 //
+// With MQTT_PROTOCOL=5 in the environment it speaks MQTT 5.0 (else 3.1.1); `chat` then
+// reports the PUBACK's reason code as `puback`.
+//
 // Every line printed is one JSON object. Exits non-zero when something times out.
 
 import mqtt from "mqtt";
@@ -35,7 +38,7 @@ const client = mqtt.connect(url, {
   clientId: `mqttjs-${process.pid}`,
   username,
   password: token,
-  protocolVersion: 4,
+  protocolVersion: process.env.MQTT_PROTOCOL === "5" ? 5 : 4,
   keepalive: 30,
   reconnectPeriod: 0,
   connectTimeout: WAIT,
@@ -57,12 +60,13 @@ if (scenario === "chat") {
   });
   client.once("message", (topic, payload, packet) => {
     const received = { topic, payload: payload.toString(), qos: packet.qos };
-    client.publish("rooms/lobby", "from-mqttjs", { qos: 1 }, (err) => {
+    client.publish("rooms/lobby", "from-mqttjs", { qos: 1 }, (err, ack) => {
       if (err) fail(`publish: ${err.message}`);
       ending = true;
+      const puback = ack?.reasonCode ?? 0;
       client.end(false, () => {
         clearTimeout(timer);
-        say({ received, acked: true });
+        say({ received, acked: true, puback });
       });
     });
   });

@@ -5,14 +5,19 @@ Run by tests/mqtt.rs (the venv is made by scripts/test):
     python mqtt_client.py SCENARIO HOST PORT TOKEN [USERNAME]
 
 With MQTT_TRANSPORT=tcp in the environment it speaks plain MQTT/TCP to PORT (the
-`[mqtt] listen` listener) instead.
+`[mqtt] listen` listener) instead; with MQTT_PROTOCOL=5 it speaks MQTT 5.0 (else 3.1.1).
 
 Scenarios:
 
 - `chat`: connect, subscribe rooms/lobby at QoS 1, print `{"ready": ...}`, wait for
   one message (a WebSocket client sends it), publish `from-device` at QoS 1 and wait for
   its PUBACK, then disconnect.
+  In MQTT 5 the publish carries the user property `sensor: t1`, and the summary has
+  the PUBACK's reason code as `puback`.
 - `connect`: connect only; report the CONNACK reason code.
+- `refused` (MQTT 5): publish `secret` at QoS 1 to rooms/secret (a room the user is not
+  a member of), then subscribe rooms/lobby and publish `after` there at QoS 1 on the
+  same connection; report both PUBACK reason codes.
 
 Every line printed is one JSON object; the last one is the summary. Exits non-zero when
 something times out.
@@ -24,8 +29,11 @@ import queue
 import sys
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 WAIT = 10
+V5 = os.environ.get("MQTT_PROTOCOL") == "5"
 
 
 def say(obj):
@@ -39,7 +47,7 @@ def client(host, port, token, username):
         mqtt.CallbackAPIVersion.VERSION2,
         client_id="device-1",
         transport="tcp" if tcp else "websockets",
-        protocol=mqtt.MQTTv311,
+        protocol=mqtt.MQTTv5 if V5 else mqtt.MQTTv311,
     )
     if not tcp:
         c.ws_set_options(path="/mqtt")
@@ -51,6 +59,7 @@ def client(host, port, token, username):
     c.on_message = lambda c, u, m: events.put(
         ("message", {"topic": m.topic, "payload": m.payload.decode(), "qos": m.qos})
     )
+    c.on_publish = lambda c, u, mid, rc, props: events.put(("puback", rc.value))
     c.on_disconnect = lambda c, u, flags, rc, props: events.put(("closed", rc.value))
     c.connect(host, port, keepalive=30)
     c.loop_start()
@@ -81,16 +90,32 @@ def main():
         return
     if code != 0:
         raise SystemExit(f"CONNECT refused: {code}")
+    if scenario == "refused":
+        c.publish("rooms/secret", "secret", qos=1)
+        refused = expect(events, "puback")
+        c.subscribe("rooms/lobby", qos=1)
+        expect(events, "suback")
+        c.publish("rooms/lobby", "after", qos=1)
+        after = expect(events, "puback")
+        c.disconnect()
+        c.loop_stop()
+        say({"refused": refused, "after": after})
+        return
     c.subscribe("rooms/lobby", qos=1)
     granted = expect(events, "suback")
     say({"ready": True, "suback": granted})
     received = expect(events, "message")
-    info = c.publish("rooms/lobby", "from-device", qos=1)
+    props = None
+    if V5:
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = ("sensor", "t1")
+    info = c.publish("rooms/lobby", "from-device", qos=1, properties=props)
     info.wait_for_publish(timeout=WAIT)
     acked = info.is_published()
+    puback = expect(events, "puback")
     c.disconnect()
     c.loop_stop()
-    say({"suback": granted, "received": received, "acked": acked})
+    say({"suback": granted, "received": received, "acked": acked, "puback": puback})
 
 
 if __name__ == "__main__":
