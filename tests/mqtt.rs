@@ -1676,3 +1676,49 @@ async fn an_mqtt5_client_gets_no_publish_over_its_maximum_packet_size() {
     // The 100-byte message is over 64 bytes as a PUBLISH: only "small" comes.
     assert_eq!(&next_publish5(&mut raw).await.payload[..], b"small");
 }
+
+#[tokio::test]
+async fn mqtt5_oversize_packets_and_silence_get_their_reason_codes() {
+    let t = TestServer::start_with(|c| c.mqtt.max_packet_bytes = 1024).await;
+    // A CONNECT over the limit: CONNACK 0x95, then the close.
+    let mut raw = Raw::open(&t).await;
+    let mut connect = v5::Connect::new("d".into(), 30);
+    connect.password = Some(vec![b'x'; 2000].into());
+    raw.send5(v5::Packet::Connect(connect)).await;
+    match raw.next5().await {
+        Some(v5::Packet::Connack(c)) => {
+            assert_eq!(c.reason_code, v5::ConnectReasonCode::PacketTooLarge)
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    assert!(raw.next5().await.is_none());
+    assert_eq!(raw.close_code, Some(1009));
+
+    // A declared length over the limit after CONNECT: DISCONNECT 0x95, then the close.
+    let mut big = Raw::open(&t).await;
+    connect5(&mut big, &t, "sensor-1", "big", true, None).await;
+    big.send_bytes(vec![0x30, 0xff, 0xff, 0x03]).await;
+    match big.next5().await {
+        Some(v5::Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, v5::DisconnectReasonCode::PacketTooLarge)
+        }
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+    assert!(big.next5().await.is_none());
+    assert_eq!(big.close_code, Some(1009));
+
+    // Keep-alive 1 s and silence: DISCONNECT 0x8D after 1.5 s.
+    let mut quiet = Raw::open(&t).await;
+    let mut connect = v5::Connect::new("quiet".into(), 1);
+    connect.password = Some(t.token("sensor-2").into_bytes().into());
+    quiet.send5(v5::Packet::Connect(connect)).await;
+    assert!(matches!(quiet.next5().await, Some(v5::Packet::Connack(_))));
+    match quiet.next5().await {
+        Some(v5::Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, v5::DisconnectReasonCode::KeepAliveTimeout)
+        }
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+    assert!(quiet.next5().await.is_none());
+    assert_eq!(quiet.close_code, Some(4009));
+}

@@ -991,12 +991,30 @@ async fn refuse_v5(wire: &mut Wire, code: v5::ConnectReasonCode) {
 async fn refuse_read(wire: &mut Wire, e: ReadError) {
     match e {
         ReadError::Gone => {}
-        ReadError::TooLarge => wire.close(1009, "packet too large").await,
+        ReadError::TooLarge => {
+            // An MQTT 5 CONNECT too large: CONNACK 0x95 first (3.1.1 has no code).
+            if v5_connect(&wire.buf) {
+                wire.v5 = true;
+                let connack = v5::Connack::new(false, v5::ConnectReasonCode::PacketTooLarge);
+                let _ = wire.write_v5(v5::Packet::Connack(connack)).await;
+            }
+            wire.close(1009, "packet too large").await
+        }
         ReadError::Malformed(why) => {
             tracing::debug!(why, "malformed packet");
             wire.close(PROTOCOL_ERROR, "malformed packet").await
         }
     }
+}
+
+/// Whether `buf` starts with an MQTT 5 CONNECT: packet type 1, protocol name `MQTT`,
+/// level 5 (read before the packet is whole).
+fn v5_connect(buf: &[u8]) -> bool {
+    let Ok(Some((header_len, _))) = fixed_header(buf) else {
+        return false;
+    };
+    buf.first() == Some(&0x10)
+        && buf.get(header_len..header_len + 7) == Some(&[0, 4, b'M', b'Q', b'T', b'T', 5][..])
 }
 
 /// Sends a will through the chat layer (the outbox may be closing already) as `user`,
@@ -1856,6 +1874,18 @@ mod tests {
                 v5::SubscribeReasonCode::TopicFilterInvalid
             ]
         );
+    }
+
+    #[test]
+    fn an_mqtt5_connect_is_known_by_its_first_bytes() {
+        let connect = v5::Packet::Connect(v5::Connect::new("d".into(), 30));
+        let bytes = connect.encode().unwrap();
+        assert!(v5_connect(&bytes.as_ref()[..9]));
+        assert!(!v5_connect(&bytes.as_ref()[..8]), "level not read yet");
+        let v3 = Packet::Connect(Connect::new("d".into(), 30))
+            .encode()
+            .unwrap();
+        assert!(!v5_connect(v3.as_ref()));
     }
 
     #[test]
