@@ -1722,3 +1722,73 @@ async fn mqtt5_oversize_packets_and_silence_get_their_reason_codes() {
     assert!(quiet.next5().await.is_none());
     assert_eq!(quiet.close_code, Some(4009));
 }
+
+#[tokio::test]
+async fn an_mqtt5_will_carries_its_user_properties_and_a_bad_one_is_refused() {
+    let t = TestServer::start().await;
+    let mut alice = t.client("alice", Encoding::Json).await;
+    alice.join("lobby").await;
+    let will = |topic: &str, payload: &'static [u8]| {
+        let mut w = v5::LastWill::new(
+            QoS::Level0,
+            TopicName::try_from(topic).unwrap(),
+            payload.into(),
+        );
+        w.properties.user_properties = vec![v5::UserProperty {
+            name: "battery".into(),
+            value: "low".into(),
+        }];
+        w
+    };
+    // A will parley could never send: CONNACK 0x90 (topic) or 0x99 (payload).
+    for (topic, payload, code) in [
+        (
+            "elsewhere",
+            &b"bye"[..],
+            v5::ConnectReasonCode::TopicNameInvalid,
+        ),
+        (
+            "rooms/lobby",
+            &b"\xff"[..],
+            v5::ConnectReasonCode::PayloadFormatInvalid,
+        ),
+    ] {
+        let mut raw = Raw::open(&t).await;
+        let mut connect = v5::Connect::new("w".into(), 30);
+        connect.password = Some(t.token("sensor-1").into_bytes().into());
+        connect.last_will = Some(will(topic, payload));
+        raw.send5(v5::Packet::Connect(connect)).await;
+        match raw.next5().await {
+            Some(v5::Packet::Connack(c)) => assert_eq!(c.reason_code, code),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+        assert!(raw.next5().await.is_none());
+    }
+    // DISCONNECT 0x04 (with will message): the will is sent, its user properties as the
+    // message's metadata.
+    let mut raw = Raw::open(&t).await;
+    let mut connect = v5::Connect::new("w".into(), 30);
+    connect.password = Some(t.token("sensor-1").into_bytes().into());
+    connect.last_will = Some(will("rooms/lobby", b"going away"));
+    raw.send5(v5::Packet::Connect(connect)).await;
+    assert!(matches!(raw.next5().await, Some(v5::Packet::Connack(_))));
+    let options = v5::SubscriptionOptions::new(QoS::Level0);
+    let lobby = vec![(TopicFilter::try_from("rooms/lobby").unwrap(), options)];
+    raw.send5(v5::Packet::Subscribe(v5::Subscribe::new(
+        Pid::try_from(1).unwrap(),
+        lobby,
+    )))
+    .await;
+    assert!(matches!(raw.next5().await, Some(v5::Packet::Suback(_))));
+    raw.send5(v5::Packet::Disconnect(v5::Disconnect::new(
+        v5::DisconnectReasonCode::DisconnectWithWillMessage,
+    )))
+    .await;
+    assert!(raw.next5().await.is_none());
+    let m = alice.next_message().await;
+    assert_eq!(
+        (m.body.as_str(), m.sender.as_str()),
+        ("going away", "sensor-1")
+    );
+    assert_eq!(m.metadata.get("battery").map(String::as_str), Some("low"));
+}
