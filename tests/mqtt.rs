@@ -1,5 +1,5 @@
-//! MQTT 3.1.1 on the same sessions as `/ws`: over WebSocket at `/mqtt`, and on the plain
-//! TCP (or TLS) listener `[mqtt] listen`. Real device clients (Python `paho-mqtt`, npm
+//! MQTT 3.1.1 and 5.0 on the same sessions as `/ws`: over WebSocket at `/mqtt`, and on the
+//! plain TCP (or TLS) listener `[mqtt] listen`. Real device clients (Python `paho-mqtt`, npm
 //! `mqtt` = MQTT.js) chat with a parley WebSocket client; raw packets (built with the codec
 //! crate, sent over tokio-tungstenite or a bare socket) check refusals, limits and
 //! idempotence; MQTT.js publishing at QoS 1 into a `kill -9` loses nothing acked.
