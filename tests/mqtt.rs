@@ -1490,6 +1490,54 @@ async fn an_mqtt5_publish_the_server_refuses_gets_a_puback_reason_and_the_connec
         other => panic!("expected DISCONNECT, got {other:?}"),
     }
     assert!(raw.next5().await.is_none());
+
+    // Retain Available 0 in the CONNACK: a retained PUBLISH is DISCONNECT 0x9A, and a
+    // CONNECT whose will asks to be retained is CONNACK 0x9A.
+    let mut raw = Raw::open(&t).await;
+    let mut connect = v5::Connect::new("raw-retain".into(), 30);
+    connect.password = Some(t.token("sensor-2").into_bytes().into());
+    raw.send5(v5::Packet::Connect(connect)).await;
+    match raw.next5().await {
+        Some(v5::Packet::Connack(c)) => {
+            assert_eq!(c.reason_code, v5::ConnectReasonCode::Success);
+            assert_eq!(c.properties.retain_available, Some(false));
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    let mut retained = v5::Publish::new(
+        QosPid::Level1(pid(1)),
+        TopicName::try_from("rooms/lobby").unwrap(),
+        b"kept?".as_slice().into(),
+    );
+    retained.retain = true;
+    raw.send5(v5::Packet::Publish(retained)).await;
+    match raw.next5().await {
+        Some(v5::Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, v5::DisconnectReasonCode::RetainNotSupported)
+        }
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+    assert!(raw.next5().await.is_none());
+    let mut raw = Raw::open(&t).await;
+    let mut connect = v5::Connect::new("raw-will".into(), 30);
+    connect.password = Some(t.token("sensor-2").into_bytes().into());
+    let mut will = v5::LastWill::new(
+        QoS::Level0,
+        TopicName::try_from("rooms/lobby").unwrap(),
+        b"gone".as_slice().into(),
+    );
+    will.retain = true;
+    connect.last_will = Some(will);
+    raw.send5(v5::Packet::Connect(connect)).await;
+    match raw.next5().await {
+        Some(v5::Packet::Connack(c)) => {
+            assert_eq!(c.reason_code, v5::ConnectReasonCode::RetainNotSupported)
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    assert!(raw.next5().await.is_none());
+    // None of it reached the room.
+    no_more_messages(&mut alice).await;
 }
 
 #[tokio::test]

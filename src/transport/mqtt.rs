@@ -578,6 +578,7 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
         keep_for,
         expiry_asked,
         max_packet,
+        will_retain,
         mut client_id,
     } = hello;
     let token = password.as_deref().map(std::str::from_utf8);
@@ -621,6 +622,12 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
     // The will: a message to a room, sent when the connection ends without DISCONNECT.
     // One the server could never send is refused here (3.1.1 has no code for it; MQTT 5
     // gets CONNACK 0x90 or 0x99).
+    // MQTT 5 says Retain Available 0 in the CONNACK, so a will asking to be retained is
+    // refused (MQTT-3.2.2-13), as a retained PUBLISH is (DISCONNECT 0x9A).
+    if will_retain {
+        refuse_v5(wire, v5::ConnectReasonCode::RetainNotSupported).await;
+        return None;
+    }
     let will = match last_will {
         None => None,
         Some((topic, payload, metadata)) => {
@@ -727,6 +734,7 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
         p.assigned_client_id = assigned.map(Into::into);
         p.subscription_id_available = Some(false);
         p.shared_subscription_available = Some(false);
+        p.retain_available = Some(false);
         wire.write_v5(v5::Packet::Connack(connack)).await
     } else {
         let connack = Packet::Connack(Connack::new(resumed, ConnectReturnCode::Accepted));
@@ -777,6 +785,8 @@ struct Hello {
     expiry_asked: Option<u32>,
     /// MQTT 5: the largest packet the client takes.
     max_packet: Option<u32>,
+    /// MQTT 5: the will asks to be retained (refused: parley keeps no retained messages).
+    will_retain: bool,
     client_id: String,
 }
 
@@ -793,12 +803,14 @@ impl Hello {
             keep_for: (!c.clean_session).then_some(grace),
             expiry_asked: None,
             max_packet: None,
+            will_retain: false,
             client_id: c.client_id.to_string(),
         }
     }
 
     fn v5(c: v5::Connect, grace: Duration) -> Self {
         // The will delay interval is ignored: a will is sent when the connection ends.
+        let will_retain = c.last_will.as_ref().is_some_and(|w| w.retain);
         let will = c.last_will.map(|w| {
             let metadata = w
                 .properties
@@ -818,6 +830,7 @@ impl Hello {
             keep_for: (expiry > 0).then(|| grace.min(Duration::from_secs(u64::from(expiry)))),
             expiry_asked: c.properties.session_expiry_interval,
             max_packet: c.properties.max_packet_size,
+            will_retain,
             client_id: c.client_id.to_string(),
         }
     }
@@ -1375,13 +1388,18 @@ impl Connection {
     async fn on_publish(&mut self, wire: &mut Wire, p: Publish, metadata: Metadata) -> Step {
         // 3.1.1 has no negative PUBACK: what cannot be sent closes the connection
         // (MQTT-3.3.5-2). MQTT 5 answers a QoS 1 PUBLISH with a PUBACK reason code
-        // instead and drops a QoS 0 one. Retain is ignored (parley keeps history
-        // instead).
+        // instead and drops a QoS 0 one. Retain is ignored in 3.1.1 and refused in
+        // MQTT 5 (parley keeps history instead).
         let pid = match p.qos_pid {
             QosPid::Level0 => None,
             QosPid::Level1(pid) => Some(pid.value()),
             QosPid::Level2(_) => return Err(Stop::Close(PROTOCOL_ERROR, QOS2)),
         };
+        // MQTT 5 was told Retain Available 0: a retained PUBLISH is a protocol error
+        // (DISCONNECT 0x9A). 3.1.1 has no such code; there the flag is ignored.
+        if self.v5 && p.retain {
+            return Err(Stop::Close(PROTOCOL_ERROR, RETAIN));
+        }
         let Some(target) = publish_target(&p.topic_name) else {
             if self.v5 {
                 return self
@@ -1713,6 +1731,8 @@ const TOPIC_FILTER_INVALID: u8 = 0x8F;
 const NOT_AUTHORIZED: u8 = 0x87;
 /// Why a PUBREC, PUBREL or PUBCOMP (or a QoS 2 PUBLISH) closes the connection.
 const QOS2: &str = "QoS 2 is not supported";
+/// Why a retained MQTT 5 PUBLISH closes the connection.
+const RETAIN: &str = "retained messages are not supported (history is in the room log)";
 
 /// MQTT 5: the PUBACK reason code of a refused send.
 fn puback_reason(code: i32) -> v5::PubackReasonCode {
@@ -1733,6 +1753,7 @@ fn disconnect_reason(code: u16, reason: &str) -> v5::DisconnectReasonCode {
     use v5::DisconnectReasonCode as D;
     match code {
         PROTOCOL_ERROR if reason == QOS2 => D::QoSNotSupported,
+        PROTOCOL_ERROR if reason == RETAIN => D::RetainNotSupported,
         PROTOCOL_ERROR if reason == MALFORMED => D::MalformedPacket,
         PROTOCOL_ERROR => D::ProtocolError,
         1009 => D::PacketTooLarge,
