@@ -185,6 +185,7 @@ pub fn router(state: Ctx) -> Router {
         .merge(compressible)
         .merge(crate::web::routes(&state.core.config))
         .merge(transport::files::routes())
+        .fallback(transport::bearer::not_found)
         .layer(body_limit)
         .with_state(state)
 }

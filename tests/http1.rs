@@ -358,6 +358,14 @@ async fn bad_queries_and_paths_answer_the_error_json() {
         assert_eq!(code_of(&error_of(&r, &what)), ErrorCode::InvalidArgument);
         assert_eq!(r.header("allow"), Some(allow), "{what}");
     }
+    // A path no route takes: 404 with the Error JSON, with or without a token.
+    for auth in [format!("Authorization: {auth}\r\n"), String::new()] {
+        raw.write(format!("GET /no/such/path HTTP/1.1\r\nHost: parley\r\n{auth}\r\n").as_bytes())
+            .await;
+        let r = raw.response().await;
+        assert_eq!(r.status, 404);
+        assert_eq!(code_of(&error_of(&r, "unknown path")), ErrorCode::NotFound);
+    }
 }
 
 #[tokio::test]

@@ -121,6 +121,12 @@ pub async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// A path no route takes: 404 with the Error JSON, like every other refusal, not axum's
+/// empty body. The router's fallback.
+pub async fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "no such path")
+}
+
 /// A body over the limit (`ws.max_frame_bytes`, as for a WebSocket frame).
 fn too_large() -> ApiError {
     ApiError::new(ErrorCode::FrameTooLarge, "body exceeds ws.max_frame_bytes")
