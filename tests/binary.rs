@@ -12,39 +12,20 @@ const BIN: &str = env!("CARGO_BIN_EXE_parley");
 
 #[test]
 fn serves_checks_health_and_stops_on_sigterm() {
-    let mut child = Command::new(BIN)
-        .args([
+    let (mut child, addr, logged) = serve_until_listening(
+        &[
             "--config",
             "/nonexistent/parley.toml",
             "serve",
             "--listen",
             "127.0.0.1:0",
-        ])
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .env("PARLEY_STORE__PATH", ":memory:")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut addr = None;
-    let mut saw_dev_secret_warning = false;
-    while addr.is_none() {
-        let line = rx.recv_timeout(Duration::from_secs(10)).expect("log line");
-        saw_dev_secret_warning |= line.contains("development secret");
-        if let Some(rest) = line.split("addr=").nth(1) {
-            addr = Some(rest.split_whitespace().next().unwrap().to_string());
-        }
-    }
-    assert!(saw_dev_secret_warning, "warns about the built-in secret");
-    let addr = addr.unwrap();
+        ],
+        &[],
+    );
+    assert!(
+        logged.iter().any(|l| l.contains("development secret")),
+        "warns about the built-in secret"
+    );
     let ok = Command::new(BIN).args(["health", &addr]).status().unwrap();
     assert!(ok.success());
 
@@ -325,7 +306,12 @@ fn a_bad_setting_stops_the_server_with_one_line_naming_it() {
 
 /// Starts `parley serve` with the given arguments and environment, waits for its listen
 /// address in the log, and returns the child and that address.
-fn serve_until_listening(args: &[&str], env: &[(&str, &str)]) -> (std::process::Child, String) {
+/// Starts `parley` with `args` and `env`; returns it once it logs its listen address, with
+/// that address and every log line up to it.
+fn serve_until_listening(
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (std::process::Child, String, Vec<String>) {
     let mut child = Command::new(BIN)
         .args(args)
         .env("RUST_LOG", "info")
@@ -343,6 +329,7 @@ fn serve_until_listening(args: &[&str], env: &[(&str, &str)]) -> (std::process::
             let _ = tx.send(line);
         }
     });
+    let mut logged = Vec::new();
     loop {
         let line = match rx.recv_timeout(Duration::from_secs(10)) {
             Ok(line) => line,
@@ -357,8 +344,10 @@ fn serve_until_listening(args: &[&str], env: &[(&str, &str)]) -> (std::process::
         };
         if let Some(rest) = line.split("addr=").nth(1) {
             let addr = rest.split_whitespace().next().unwrap().to_string();
-            return (child, addr);
+            logged.push(line);
+            return (child, addr, logged);
         }
+        logged.push(line);
     }
 }
 
@@ -428,7 +417,7 @@ fn the_public_dev_secret_is_refused_off_loopback_unless_dev_mode_is_asked_for() 
             &[("PARLEY_AUTH__JWT_SECRET", "a-real-secret")][..],
         ),
     ] {
-        let (mut child, addr) = serve_until_listening(args, env);
+        let (mut child, addr, _) = serve_until_listening(args, env);
         let port = addr.rsplit(':').next().unwrap();
         let ok = Command::new(BIN)
             .args(["health", &format!("127.0.0.1:{port}")])
@@ -481,7 +470,7 @@ fn init_writes_fresh_private_secrets_that_the_server_starts_with() {
     assert!(jwt != admin && admin != url);
 
     // The server takes it as it is, on every interface.
-    let (mut child, addr) = serve_until_listening(
+    let (mut child, addr, _) = serve_until_listening(
         &[
             "--config",
             file.to_str().unwrap(),

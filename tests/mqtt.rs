@@ -636,13 +636,23 @@ async fn an_mqtt5_connect_without_a_valid_token_gets_its_reason_code() {
     }
 }
 
-/// What one unauthenticated socket can hold: an upgraded /mqtt that never sends CONNECT
-/// is closed at `auth.connect_timeout`, and one that sends half a packet is closed too.
+/// What one unauthenticated socket can hold: an upgraded /mqtt or a plain TCP connection
+/// to `[mqtt] listen` that never sends CONNECT is closed at `auth.connect_timeout`, and
+/// one that sends half a packet is closed too.
 #[tokio::test]
 async fn a_socket_that_never_connects_is_closed_at_the_connect_deadline() {
-    let t = TestServer::start_with(|c| c.auth.connect_timeout = Duration::from_millis(500)).await;
-    for first in [None, Some(vec![0x10u8, 0x7f])] {
-        let mut raw = Raw::open(&t).await;
+    let (t, mqtt) = with_listener(|c| c.auth.connect_timeout = Duration::from_millis(500)).await;
+    for (first, tcp) in [
+        (None, false),
+        (Some(vec![0x10u8, 0x7f]), false),
+        (None, true),
+        (Some(vec![0x10u8, 0x7f]), true),
+    ] {
+        let mut raw = if tcp {
+            Raw::on(TcpStream::connect(mqtt).await.unwrap())
+        } else {
+            Raw::open(&t).await
+        };
         if let Some(bytes) = first {
             raw.send_bytes(bytes).await;
         }
