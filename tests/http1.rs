@@ -306,6 +306,9 @@ async fn bad_queries_and_paths_answer_the_error_json() {
         ("POST", "/api/v1/files/%FF/url"),
         ("POST", "/api/v1/files?name=a&name=b"),
         ("POST", "/session/%FF"),
+        ("GET", "/sse?last_pos=x"),
+        ("GET", "/sse?receive_only=maybe"),
+        ("GET", "/api/v1/rooms?limit=-1"),
     ] {
         let what = format!("{method} {path}");
         let body = if method == "POST" { "{}" } else { "" };

@@ -94,8 +94,9 @@ struct RoomsQuery {
 async fn rooms(
     State(app): State<Ctx>,
     headers: HeaderMap,
-    Query(q): Query<RoomsQuery>,
+    query: Result<Query<RoomsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(q) = query?;
     let user = user(&app, &headers)?;
     let cmd = proto::Rooms {
         public: q.public,

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use axum::{
     Extension,
     body::{Body, Bytes},
-    extract::{Query, State},
+    extract::{Query, State, rejection::QueryRejection},
     http::{HeaderMap, HeaderValue, StatusCode, Uri, header},
     response::{IntoResponse, Response},
 };
@@ -137,8 +137,12 @@ pub async fn handler(
     deadline: Option<Extension<WriteDeadline>>,
     headers: HeaderMap,
     uri: Uri,
-    Query(q): Query<SseQuery>,
+    query: Result<Query<SseQuery>, QueryRejection>,
 ) -> Response {
+    let q = match query {
+        Ok(Query(q)) => q,
+        Err(rejected) => return ApiError::from(rejected).into_response(),
+    };
     if !origin_allowed(&ctx.core.config.server, &headers, &uri) {
         return ApiError::new(ErrorCode::Forbidden, "origin not allowed").into_response();
     }
