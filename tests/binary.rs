@@ -50,6 +50,46 @@ fn serves_checks_health_and_stops_on_sigterm() {
     assert!(!down.status.success(), "health fails once stopped");
 }
 
+/// With `[tls]` the server speaks only TLS: `parley health`, given the same
+/// configuration, probes over TLS (the container's HEALTHCHECK then works with TLS on);
+/// a plain-HTTP probe of the same port fails.
+#[test]
+fn health_speaks_tls_when_tls_is_configured() {
+    let key = rcgen::generate_simple_self_signed(vec!["parley.example".to_string()]).unwrap();
+    let dir = std::env::temp_dir().join(format!("parley-health-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, pem) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, key.cert.pem()).unwrap();
+    std::fs::write(&pem, key.signing_key.serialize_pem()).unwrap();
+    let tls = [
+        ("PARLEY_TLS__CERT_FILE", cert.to_str().unwrap()),
+        ("PARLEY_TLS__KEY_FILE", pem.to_str().unwrap()),
+    ];
+    let args = ["--config", "/nonexistent/parley.toml"];
+    let (mut child, addr, _) = serve_until_listening(
+        &[args[0], args[1], "serve", "--listen", "127.0.0.1:0"],
+        &tls,
+    );
+    let over_tls = Command::new(BIN)
+        .args([args[0], args[1], "health", &addr])
+        .envs(tls)
+        .output()
+        .unwrap();
+    let plain = Command::new(BIN)
+        .args([args[0], args[1], "health", &addr])
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        over_tls.status.success(),
+        "{}",
+        String::from_utf8_lossy(&over_tls.stderr)
+    );
+    assert!(!plain.status.success(), "a plain probe of a TLS port fails");
+}
+
 #[test]
 fn token_mints_a_verifiable_token() {
     let out = Command::new(BIN)
