@@ -142,7 +142,7 @@ pub async fn handler(
     if !origin_allowed(&ctx.core.config.server, &headers, &uri) {
         return ApiError::new(ErrorCode::Forbidden, "origin not allowed").into_response();
     }
-    if ctx.shutdown.is_cancelled() {
+    if ctx.shutting_down() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
     let last_event_id = headers
@@ -208,7 +208,7 @@ pub async fn handler(
             idle: Some(heartbeat),
             ..Default::default()
         },
-        ctx.shutdown.clone(),
+        ctx.connection_shutdown(),
     );
     let state = Stream {
         outbox,

@@ -92,7 +92,7 @@ pub(super) fn refuse_upgrade(
     if !origin_allowed(&ctx.core.config.server, headers, uri) {
         return Some((StatusCode::FORBIDDEN, "origin not allowed").into_response());
     }
-    if ctx.shutdown.is_cancelled() {
+    if ctx.shutting_down() {
         return Some((StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response());
     }
     None
@@ -481,7 +481,7 @@ impl Connection {
                 coalesce: config.coalesce,
                 max_in_flight: config.max_commands_in_flight,
             },
-            ctx.shutdown.clone(),
+            ctx.connection_shutdown(),
         );
         Connection {
             w: Writer {
