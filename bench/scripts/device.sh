@@ -22,7 +22,7 @@
 # Environment (all optional): OUT (results; default target/device-out), BIN, SCALE
 # (full | small), GEN_CPUS (generator CPUs; default 8-15, small: 1), CORES (server core
 # counts; default "1 2 4 8", small: "1"), BUDGET_S (no new step starts after this many
-# seconds; default 420), ONLY (run only steps whose name contains it).
+# seconds; default 400), ONLY (run only steps whose name contains it).
 #
 # Writes under OUT: <step>.json (parley-bench --json), <step>.log (its table and
 # messages), machine.txt, summary.txt (the table printed at the end). Each step runs
@@ -36,7 +36,7 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-target/device-out}
 BIN=${BIN:-target/release}
 SCALE=${SCALE:-full}
-BUDGET_S=${BUDGET_S:-420}
+BUDGET_S=${BUDGET_S:-400}
 ONLY=${ONLY:-}
 case $SCALE in
 full)
@@ -149,6 +149,12 @@ for k in $CORES; do
         fanout "fanout-$s-${k}c" "$s" "$k" "$RATE" "$PUBS"
     done
 done
+for k in $STORM_CORES; do
+    for s in parley-floor parley; do
+        step "storm-$s-${k}c" "$s" "$(cpus_of "$k")" --concurrency "$STORM_WORKERS" \
+            storm -c "$STORM_WORKERS" -d "$STORM_DURATION" --settle 1s --join
+    done
+done
 for k in $HEAVY_CORES; do
     for s in parley-floor parley; do
         fanout "heavy-$s-${k}c" "$s" "$k" "$HEAVY_RATE" "$HEAVY_PUBS"
@@ -157,12 +163,6 @@ done
 # The generator before issue 24 (one work-stealing runtime), same load, for comparison.
 last_k=${CORES##* }
 fanout "oldgen-parley-floor-${last_k}c" parley-floor "$last_k" "$RATE" "$PUBS" --threads 0
-for k in $STORM_CORES; do
-    for s in parley-floor parley; do
-        step "storm-$s-${k}c" "$s" "$(cpus_of "$k")" --concurrency "$STORM_WORKERS" \
-            storm -c "$STORM_WORKERS" -d "$STORM_DURATION" --settle 1s --join
-    done
-done
 
 # The summary: medians from each step's JSON (one run each here).
 med() { # KEY FILE: the number under "medians" (null/absent: nan)

@@ -91,8 +91,13 @@ impl Sessions {
     pub fn create(&self, user: &str) -> Result<Arc<Session>, TooManySessions> {
         let mut raw = [0u8; 16];
         rand::rng().fill_bytes(&mut raw);
-        let mut id = self.id_prefix.clone();
-        id.extend(raw.iter().map(|b| format!("{b:02x}")));
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut id = String::with_capacity(self.id_prefix.len() + 32);
+        id.push_str(&self.id_prefix);
+        for b in raw {
+            id.push(HEX[usize::from(b >> 4)] as char);
+            id.push(HEX[usize::from(b & 15)] as char);
+        }
         let limits = Limits {
             max_queue_bytes: self.config.max_queue_bytes,
             replay_buffer_bytes: self.config.replay_buffer_bytes,
