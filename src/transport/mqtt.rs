@@ -39,6 +39,7 @@ use std::{
     time::Duration,
 };
 
+use crate::metrics::HotCounter;
 use axum::{
     Extension,
     body::Body,
@@ -53,7 +54,6 @@ use mqtt_proto::{
     v3::{Connack, Connect, ConnectReturnCode, Packet, Publish, Subscribe, Unsubscribe},
     v5,
 };
-use prometheus_client::metrics::counter::Counter;
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
     time::{Instant, timeout},
@@ -307,8 +307,8 @@ struct Wire {
     buf: BytesMut,
     max_packet: usize,
     write_timeout: Duration,
-    frames_in: Counter,
-    frames_out: Counter,
+    frames_in: HotCounter,
+    frames_out: HotCounter,
     /// The connection speaks MQTT 5 (its CONNECT said so).
     v5: bool,
 }

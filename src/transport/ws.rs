@@ -40,7 +40,7 @@ use super::{
     deadline::{self, WriteDeadline},
     origin_allowed,
 };
-use prometheus_client::metrics::counter::Counter;
+use crate::metrics::HotCounter;
 
 use crate::{
     codec::{self, Encoding},
@@ -281,7 +281,7 @@ struct Writer {
     encoding: Encoding,
     compression: PushCompression,
     /// This transport's counter, looked up once (not a labelled-family lookup per write).
-    frames_out: Counter,
+    frames_out: HotCounter,
     write_timeout: Duration,
 }
 
@@ -454,7 +454,7 @@ fn boxed<F: Future>(fut: F) -> Pin<Box<F>> {
 struct Connection {
     w: Writer,
     outbox: Outbox,
-    frames_in: Counter,
+    frames_in: HotCounter,
     max_frame_bytes: usize,
     /// Whether the connection's span has its user yet.
     named: bool,
