@@ -10,6 +10,9 @@
 //!   delivery's own per-recipient cost is the same in every variant: compare
 //!   `churn` with `steady` (the same delivery with no membership change) at the same N.
 //!
+//! - `hub::handshake`: a session attaches, joins the room, gets one message and
+//!   detaches: the hub's share of a connect + join + close (issue 24's storms).
+//!
 //! Setup (attaching N sessions and joining them) is not counted.
 
 use std::{
@@ -108,6 +111,28 @@ fn steady(b: Bench) -> usize {
     black_box(got)
 }
 
-library_benchmark_group!(name = hub, benchmarks = [churn, steady]);
+/// What one connect + join + close costs the hub (a connect storm's share): a session
+/// of a new user attaches, the user joins the big room, a message reaches the room, the
+/// session detaches (the user's last: it leaves every room here).
+#[library_benchmark]
+#[bench::n1000(args = (1000), setup = setup)]
+fn handshake(b: Bench) -> usize {
+    let id = 1 << 40;
+    let first = b.hub.attach(Arc::new(Member {
+        id,
+        user: "storm".into(),
+        got: AtomicUsize::new(0),
+    }));
+    assert!(first);
+    b.hub.joined("storm", ROOM);
+    let got = b.hub.deliver(&b.target, &b.push);
+    assert_eq!(got, b.n + 1);
+    let rooms = b.hub.detach("storm", id);
+    assert_eq!(rooms.as_deref(), Some(&[ROOM.to_string()][..]));
+    std::mem::forget(b);
+    black_box(got)
+}
+
+library_benchmark_group!(name = hub, benchmarks = [churn, steady, handshake]);
 
 main!(library_benchmark_groups = hub);

@@ -9,14 +9,20 @@
 //!
 //! A room keeps copy-on-write snapshots of its recipients, one per chunk of
 //! [`CHUNK`] members (an `Arc<[..]>` each, rebuilt on the first delivery after a change
-//! to that chunk): a delivery to a room holds the hub's lock only to clone those `Arc`s,
-//! and pushes to every member with no lock held, so attaches, joins and deliveries to
-//! other rooms never wait behind a large fan-out. A join or leave in a room of n members
-//! touches at most two chunks, so the next delivery copies at most 2 × [`CHUNK`]
-//! recipients, not n: churn in a big room costs O(1) per change, not O(n).
+//! to that chunk): a delivery to a room holds its shard's lock only to clone those
+//! `Arc`s, and pushes to every member with no lock held, so attaches, joins and
+//! deliveries to other rooms never wait behind a large fan-out. A join or leave in a
+//! room of n members touches at most two chunks, so the next delivery copies at most
+//! 2 × [`CHUNK`] recipients, not n: churn in a big room costs O(1) per change, not O(n).
+//!
+//! The index is sharded ([`SHARDS`] locks for users, as many for rooms) so that many
+//! cores attaching, joining and delivering rarely take the same lock; co-member
+//! (presence) and everyone (announcement) pushes are collected under the locks and
+//! pushed with none held, like room deliveries.
 
 use std::{
     collections::{HashMap, HashSet},
+    hash::{BuildHasher, RandomState},
     sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard},
 };
 
@@ -118,15 +124,47 @@ impl RoomEntry {
     }
 }
 
+/// Shards of each index (a few per core of a large machine).
+const SHARDS: usize = 64;
+
+/// One shard of an index: its lock alone on its cache line(s).
 #[derive(Default)]
-struct Inner {
-    users: HashMap<String, UserEntry>,
-    rooms: HashMap<String, RoomEntry>,
+#[repr(align(128))]
+struct Shard<T>(RwLock<T>);
+
+impl<T> Shard<T> {
+    fn read(&self) -> RwLockReadGuard<'_, T> {
+        self.0.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, T> {
+        self.0.write().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
-#[derive(Default)]
+type Users = HashMap<String, UserEntry>;
+type Rooms = HashMap<String, RoomEntry>;
+
+/// The index, sharded: users by a hash of the user, rooms by a hash of the room, each
+/// shard under its own lock, so attaches, joins and deliveries on different cores
+/// rarely meet. Lock order: at most one user shard, then room shards one at a time
+/// (never a user shard while a room shard is held, never two of a kind). A room's
+/// membership changes only under the changing user's shard lock and the room's shard
+/// lock, so two users joining the same room serialize on the room's shard alone.
 pub struct Hub {
-    inner: RwLock<Inner>,
+    users: Box<[Shard<Users>]>,
+    rooms: Box<[Shard<Rooms>]>,
+    hasher: RandomState,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self {
+            users: (0..SHARDS).map(|_| Shard::default()).collect(),
+            rooms: (0..SHARDS).map(|_| Shard::default()).collect(),
+            hasher: RandomState::new(),
+        }
+    }
 }
 
 impl Hub {
@@ -134,24 +172,23 @@ impl Hub {
         Self::default()
     }
 
-    fn read(&self) -> RwLockReadGuard<'_, Inner> {
-        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    fn user_shard(&self, user: &str) -> &Shard<Users> {
+        &self.users[self.hasher.hash_one(user) as usize % SHARDS]
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
-        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    fn room_shard(&self, room: &str) -> &Shard<Rooms> {
+        &self.rooms[self.hasher.hash_one(room) as usize % SHARDS]
     }
 
     /// Registers a recipient; it receives pushes for every room its user is (or becomes)
     /// a member of. Returns true when it is the user's first recipient here.
     pub fn attach(&self, recipient: Arc<dyn Recipient>) -> bool {
-        let mut inner = self.write();
-        let inner = &mut *inner;
-        let entry = inner.users.entry(recipient.user().to_string()).or_default();
+        let mut users = self.user_shard(recipient.user()).write();
+        let entry = users.entry(recipient.user().to_string()).or_default();
         let first = entry.recipients.is_empty();
         for room in &entry.rooms {
-            inner
-                .rooms
+            self.room_shard(room)
+                .write()
                 .entry(room.clone())
                 .or_default()
                 .insert(recipient.recipient_id(), recipient.clone());
@@ -163,63 +200,71 @@ impl Hub {
     /// Unregisters a recipient. When it was the user's last one here, returns the user's
     /// rooms (for the offline presence push).
     pub fn detach(&self, user: &str, recipient_id: u64) -> Option<Vec<String>> {
-        let mut inner = self.write();
-        let inner = &mut *inner;
-        let entry = inner.users.get_mut(user)?;
+        let mut users = self.user_shard(user).write();
+        let entry = users.get_mut(user)?;
         entry.recipients.swap_remove(&recipient_id)?;
         for room in &entry.rooms {
-            if let Some(set) = inner.rooms.get_mut(room) {
-                set.remove(&recipient_id);
-                if set.members.is_empty() {
-                    inner.rooms.remove(room);
-                }
-            }
+            self.remove_member(room, &[recipient_id]);
         }
         if entry.recipients.is_empty() {
-            let entry = inner.users.remove(user)?;
+            let entry = users.remove(user)?;
             return Some(entry.rooms.into_iter().collect());
         }
         None
     }
 
+    /// Removes recipients from a room (the room goes when it is empty).
+    fn remove_member(&self, room: &str, ids: &[u64]) {
+        let mut rooms = self.room_shard(room).write();
+        if let Some(set) = rooms.get_mut(room) {
+            for id in ids {
+                set.remove(id);
+            }
+            if set.members.is_empty() {
+                rooms.remove(room);
+            }
+        }
+    }
+
     /// Whether the user has a recipient on this instance.
     pub fn is_local(&self, user: &str) -> bool {
-        self.read().users.contains_key(user)
+        self.user_shard(user).read().contains_key(user)
     }
 
     /// The user (if it has local sessions) is now a member of `room`.
     pub fn joined(&self, user: &str, room: &str) {
-        let mut inner = self.write();
-        let inner = &mut *inner;
-        let Some(entry) = inner.users.get_mut(user) else {
+        let mut users = self.user_shard(user).write();
+        let Some(entry) = users.get_mut(user) else {
             return;
         };
         if !entry.rooms.insert(room.to_string()) {
             return;
         }
-        let set = inner.rooms.entry(room.to_string()).or_default();
+        let mut rooms = self.room_shard(room).write();
+        let set = rooms.entry(room.to_string()).or_default();
         for (id, r) in &entry.recipients {
             set.insert(*id, r.clone());
         }
     }
 
     pub fn left(&self, user: &str, room: &str) {
-        let mut inner = self.write();
-        let inner = &mut *inner;
-        let Some(entry) = inner.users.get_mut(user) else {
+        let mut users = self.user_shard(user).write();
+        let Some(entry) = users.get_mut(user) else {
             return;
         };
         if !entry.rooms.remove(room) {
             return;
         }
-        if let Some(set) = inner.rooms.get_mut(room) {
-            for id in entry.recipients.keys() {
-                set.remove(id);
-            }
-            if set.members.is_empty() {
-                inner.rooms.remove(room);
-            }
-        }
+        let ids: smallvec::SmallVec<[u64; 4]> = entry.recipients.keys().copied().collect();
+        self.remove_member(room, &ids);
+    }
+
+    /// The room's recipients now (one `Arc` per chunk), if it has any here.
+    fn snapshot(&self, room: &str) -> Option<Snapshot> {
+        self.room_shard(room)
+            .read()
+            .get(room)
+            .map(RoomEntry::snapshot)
     }
 
     /// Pushes to the target's local sessions; returns how many got it.
@@ -229,8 +274,8 @@ impl Hub {
             Target::RoomExcept { room, user } => (room, Some(user.as_str())),
             _ => return self.deliver_locked(target, push),
         };
-        // The lock is held only to take the snapshot.
-        let Some(snapshot) = self.read().rooms.get(room).map(RoomEntry::snapshot) else {
+        // The room's shard lock is held only to take the snapshot.
+        let Some(snapshot) = self.snapshot(room) else {
             return 0;
         };
         // Nested loops, not `flat_map`: the flattened iterator cost ~8 instructions more
@@ -247,36 +292,58 @@ impl Hub {
         n
     }
 
-    /// The rarer targets (a user, co-members, everyone), under the read lock.
+    /// The rarer targets (a user, co-members, everyone). A user's few sessions are
+    /// pushed to under the read lock; co-members and everyone are collected under it
+    /// (room snapshots: one `Arc` per chunk; everyone: one pointer per session) and
+    /// pushed to with no lock held, so a presence push to a big room or an
+    /// announcement to every session never holds up attaches, joins and leaves.
     fn deliver_locked(&self, target: &Target, push: &Arc<Push>) -> usize {
-        let inner = self.read();
-        let all = |set: &Recipients| {
-            for r in set.values() {
-                r.push(push);
-            }
-            set.len()
-        };
         match target {
             Target::Room(_) | Target::RoomExcept { .. } => unreachable!("snapshot path"),
-            Target::User(user) => inner.users.get(user).map_or(0, |e| all(&e.recipients)),
+            Target::User(user) => {
+                let users = self.user_shard(user).read();
+                users.get(user).map_or(0, |e| {
+                    for r in e.recipients.values() {
+                        r.push(push);
+                    }
+                    e.recipients.len()
+                })
+            }
             Target::CoMembers { rooms, user } => {
+                let snapshots: Vec<Snapshot> =
+                    rooms.iter().filter_map(|r| self.snapshot(r)).collect();
                 let mut seen = HashSet::new();
-                for set in rooms.iter().filter_map(|r| inner.rooms.get(r)) {
-                    for (id, r) in &set.members {
-                        if r.user() != user && seen.insert(*id) {
+                for chunk in snapshots.iter().flatten() {
+                    for r in chunk.iter() {
+                        if r.user() != user && seen.insert(r.recipient_id()) {
                             r.push(push);
                         }
                     }
                 }
                 seen.len()
             }
-            Target::All => inner.users.values().map(|e| all(&e.recipients)).sum(),
+            Target::All => {
+                let mut everyone: Vec<Arc<dyn Recipient>> = Vec::new();
+                for shard in self.users.iter() {
+                    let users = shard.read();
+                    for e in users.values() {
+                        everyone.extend(e.recipients.values().cloned());
+                    }
+                }
+                for r in &everyone {
+                    r.push(push);
+                }
+                everyone.len()
+            }
         }
     }
 
     /// Number of local recipients of `room` (for tests and metrics).
     pub fn room_size(&self, room: &str) -> usize {
-        self.read().rooms.get(room).map_or(0, |s| s.members.len())
+        self.room_shard(room)
+            .read()
+            .get(room)
+            .map_or(0, |s| s.members.len())
     }
 }
 
@@ -349,6 +416,82 @@ mod tests {
         assert_eq!(hub.room_size("r"), 0);
     }
 
+    /// A recipient that, when pushed to, checks whether the hub's lock is free (a
+    /// writer could take it): what `Target::All` and `CoMembers` push with no lock held.
+    struct LockProbe {
+        id: u64,
+        user: String,
+        hub: std::sync::Weak<Hub>,
+        pushed_unlocked: AtomicUsize,
+        pushed_locked: AtomicUsize,
+    }
+
+    impl Recipient for LockProbe {
+        fn recipient_id(&self) -> u64 {
+            self.id
+        }
+        fn user(&self) -> &str {
+            &self.user
+        }
+        fn push(&self, _: &Arc<Push>) {
+            let hub = self.hub.upgrade().expect("hub alive");
+            let free = hub.users.iter().all(|s| s.0.try_write().is_ok())
+                && hub.rooms.iter().all(|s| s.0.try_write().is_ok());
+            let n = if free {
+                &self.pushed_unlocked
+            } else {
+                &self.pushed_locked
+            };
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Everyone (`Target::All`) and co-members get each push once, the pusher's own
+    /// sessions excepted for co-members, and the pushes happen with the hub's lock free:
+    /// an announcement to every session does not hold up attaches and joins.
+    #[test]
+    fn everyone_and_co_members_are_pushed_outside_the_lock() {
+        let hub = Arc::new(Hub::new());
+        let push = Arc::new(Push::new(Kind::Pong(Pong { ts: 1 })));
+        let probes: Vec<Arc<LockProbe>> = (0..CHUNK as u64 + 10)
+            .map(|i| {
+                Arc::new(LockProbe {
+                    id: i,
+                    // Two sessions per user.
+                    user: format!("u{}", i / 2),
+                    hub: Arc::downgrade(&hub),
+                    pushed_unlocked: AtomicUsize::new(0),
+                    pushed_locked: AtomicUsize::new(0),
+                })
+            })
+            .collect();
+        for p in &probes {
+            hub.attach(p.clone());
+            // Even users in room a, every user in room b: co-members of u0 in a and b.
+            hub.joined(&p.user, "b");
+            if (p.id / 2) % 2 == 0 {
+                hub.joined(&p.user, "a");
+            }
+        }
+        let n = probes.len();
+        assert_eq!(hub.deliver(&Target::All, &push), n);
+        let co = Target::CoMembers {
+            rooms: vec!["a".into(), "b".into()],
+            user: "u0".into(),
+        };
+        assert_eq!(hub.deliver(&co, &push), n - 2);
+        for p in &probes {
+            let want = if p.user == "u0" { 1 } else { 2 };
+            assert_eq!(
+                p.pushed_unlocked.load(Ordering::Relaxed),
+                want,
+                "session {}",
+                p.id
+            );
+            assert_eq!(p.pushed_locked.load(Ordering::Relaxed), 0);
+        }
+    }
+
     /// In a room of several chunks, every join, leave, attach and detach (in and out of
     /// the middle, the end, and across a chunk boundary) leaves a delivery reaching
     /// exactly the members of that moment, each once, and only the chunks a change
@@ -386,10 +529,10 @@ mod tests {
             check(&hub, &present, &mut expected);
         }
         // One change rebuilds at most two chunks; the rest are the same allocations.
-        let before = hub.read().rooms["big"].snapshot();
+        let before = hub.snapshot("big").unwrap();
         hub.left(members[7].user(), "big");
         present[7] = false;
-        let after = hub.read().rooms["big"].snapshot();
+        let after = hub.snapshot("big").unwrap();
         let reused = before
             .iter()
             .filter(|b| after.iter().any(|a| Arc::ptr_eq(a, b)))

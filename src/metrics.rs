@@ -1,11 +1,18 @@
 //! Prometheus metrics (`GET /metrics`): connections by transport, frames in/out by
 //! transport, errors by code, sessions and messages.
 
-use std::sync::atomic::AtomicU64;
+use std::{
+    cell::Cell,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+};
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet, text::encode},
     metrics::{
+        MetricType, TypedMetric,
         counter::Counter,
         family::Family,
         gauge::Gauge,
@@ -24,6 +31,69 @@ pub struct TransportLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
     pub code: &'static str,
+}
+
+/// Shards of a [`HotCounter`].
+const HOT_SHARDS: usize = 16;
+
+/// One shard: alone on its cache line(s).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct HotShard(AtomicU64);
+
+static NEXT_HOT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// This thread's shard of every [`HotCounter`], assigned on first use.
+    static HOT_SHARD: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// A Prometheus counter bumped from every core at a high rate (frames in and out: one
+/// bump per socket write): each thread adds to a shard of its own, on its own cache
+/// line, and a scrape sums them. One shared `AtomicU64` would move its cache line
+/// between cores on every write of every connection.
+#[derive(Clone, Debug)]
+pub struct HotCounter(Arc<[HotShard]>);
+
+impl Default for HotCounter {
+    fn default() -> Self {
+        Self((0..HOT_SHARDS).map(|_| HotShard::default()).collect())
+    }
+}
+
+impl HotCounter {
+    pub fn inc(&self) {
+        self.inc_by(1);
+    }
+
+    pub fn inc_by(&self, n: u64) {
+        let i = HOT_SHARD.with(|c| {
+            c.get().unwrap_or_else(|| {
+                let i = NEXT_HOT_SHARD.fetch_add(1, Ordering::Relaxed) % HOT_SHARDS;
+                c.set(Some(i));
+                i
+            })
+        });
+        self.0[i].0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
+    }
+}
+
+impl TypedMetric for HotCounter {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for HotCounter {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_counter::<NoLabelSet, _, u64>(&self.get(), None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
 }
 
 /// Fan-out between instances (the Redis broker; all zero with the in-process one).
@@ -111,8 +181,8 @@ pub struct Metrics {
     registry: Registry,
     pub broker: BrokerMetrics,
     pub connections: Family<TransportLabel, Gauge>,
-    pub frames_in: Family<TransportLabel, Counter>,
-    pub frames_out: Family<TransportLabel, Counter>,
+    pub frames_in: Family<TransportLabel, HotCounter>,
+    pub frames_out: Family<TransportLabel, HotCounter>,
     pub errors: Family<CodeLabel, Counter>,
     pub messages: Counter<u64, AtomicU64>,
 }
@@ -127,8 +197,8 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("parley");
         let connections = Family::<TransportLabel, Gauge>::default();
-        let frames_in = Family::<TransportLabel, Counter>::default();
-        let frames_out = Family::<TransportLabel, Counter>::default();
+        let frames_in = Family::<TransportLabel, HotCounter>::default();
+        let frames_out = Family::<TransportLabel, HotCounter>::default();
         let errors = Family::<CodeLabel, Counter>::default();
         let messages = Counter::default();
         registry.register(
@@ -171,5 +241,41 @@ impl Metrics {
         format!(
             "{body}# HELP parley_sessions Live sessions (attached or in grace period).\n# TYPE parley_sessions gauge\nparley_sessions {sessions}\n# EOF\n"
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bumps from many threads (several shards) all count, and a scrape shows their sum
+    /// as a Prometheus counter with its transport label.
+    #[test]
+    fn hot_counters_sum_their_shards_in_the_scrape() {
+        let m = Metrics::new();
+        let label = TransportLabel { transport: "ws" };
+        let out = m.frames_out.get_or_create(&label).clone();
+        std::thread::scope(|s| {
+            for t in 0..HOT_SHARDS + 3 {
+                let out = out.clone();
+                s.spawn(move || {
+                    for _ in 0..1000 {
+                        out.inc();
+                    }
+                    out.inc_by(t as u64);
+                });
+            }
+        });
+        let n = HOT_SHARDS + 3;
+        let want = (n * 1000 + n * (n - 1) / 2) as u64;
+        assert_eq!(out.get(), want);
+        let text = m.render(0);
+        assert!(text.contains("# TYPE parley_frames_out counter"), "{text}");
+        assert!(
+            text.contains(&format!(
+                "parley_frames_out_total{{transport=\"ws\"}} {want}"
+            )),
+            "{text}"
+        );
     }
 }

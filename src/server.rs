@@ -22,7 +22,7 @@ use hyper_util::{
 };
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_rustls::TlsAcceptor;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::{
@@ -620,14 +620,7 @@ impl Server {
             None => open_core(config).await?,
         };
         core.chat.broker().advertise(advertise);
-        let state = Ctx {
-            core,
-            draining: CancellationToken::new(),
-            shutdown: CancellationToken::new(),
-            tracker: TaskTracker::new(),
-            admission: Arc::new(Admission::new(&config_limits)),
-            mqtt: Arc::default(),
-        };
+        let state = Ctx::new(core, Admission::new(&config_limits), Arc::default());
         let maintenance = spawn_maintenance(&state.core);
         let file_cleanup = spawn_file_cleanup(&state.core);
         let presence_sweep = spawn_presence_sweep(&state.core);
@@ -678,7 +671,7 @@ impl Server {
                     }
                 };
                 let (app, watcher, tls) = (app.clone(), graceful.watcher(), tls.clone());
-                let shutdown = s.shutdown.clone();
+                let shutdown = s.connection_shutdown();
                 let deadline = WriteDeadline::new(write_timeout);
                 let io = DeadlineIo::new(tcp, deadline.clone()).with_slot(slot);
                 let peer = PeerIp(peer.ip());

@@ -9,7 +9,7 @@
 //!     fanout --subscribers 1000 --rate 1000 --duration 10s
 //! ```
 
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
@@ -18,7 +18,7 @@ use parley_bench::{
     TransportKind, net,
     probe::{self, Probe, SpawnOptions, SpawnedServer},
     report::{self, Table},
-    scenario::{self, Report, Run},
+    scenario::{self, Report, Run, shards::Shards},
     stats,
     target::{self, Target},
     ui::{Ui, si},
@@ -61,9 +61,16 @@ struct Global {
     /// --server-cpu) and kill it afterwards.
     #[arg(long, global = true, value_name = "PATH")]
     spawn_server: Option<PathBuf>,
-    /// CPU to pin a spawned server to ("none": do not pin).
-    #[arg(long, global = true, default_value = "0", value_parser = parse_cpu)]
+    /// CPUs to pin a spawned server to: one ("0"), a list or ranges ("0-3", "0,2,4-7");
+    /// "none": do not pin.
+    #[arg(long, global = true, default_value = "0", value_parser = parse_cpus)]
     server_cpu: CpuChoice,
+    /// Generator threads, each a single-threaded runtime owning a shard of the
+    /// connections (pinned one per CPU when this process may use that many). Default:
+    /// one per CPU this process may use. 0: one work-stealing runtime for everything
+    /// (the generator before issue 24).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     /// Extra environment for a spawned server, KEY=VALUE (repeatable), e.g.
     /// PARLEY_WS__READ_BUFFER_BYTES=512.
     #[arg(long, global = true, value_parser = parse_kv)]
@@ -186,16 +193,28 @@ enum Scenario {
     },
 }
 
-#[derive(Clone, Copy, Debug)]
-struct CpuChoice(Option<usize>);
+#[derive(Clone, Debug)]
+struct CpuChoice(Vec<usize>);
 
-fn parse_cpu(s: &str) -> Result<CpuChoice, String> {
+/// "none", "3", "0-3", "0,2,4-7".
+fn parse_cpus(s: &str) -> Result<CpuChoice, String> {
     if s == "none" {
-        return Ok(CpuChoice(None));
+        return Ok(CpuChoice(Vec::new()));
     }
-    s.parse()
-        .map(|c| CpuChoice(Some(c)))
-        .map_err(|_| format!("{s:?} is not a CPU number or \"none\""))
+    let bad = || format!("{s:?} is not a CPU list (\"0\", \"0-3\", \"0,2,4-7\") or \"none\"");
+    let mut cpus = Vec::new();
+    for part in s.split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (usize, usize) = (
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        );
+        if a > b || b >= 1024 {
+            return Err(bad());
+        }
+        cpus.extend(a..=b);
+    }
+    Ok(CpuChoice(cpus))
 }
 
 fn parse_encoding(s: &str) -> Result<Encoding, String> {
@@ -230,24 +249,38 @@ impl Scenario {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let cpus = probe::allowed_cpus();
+    let threads = cli.global.threads.unwrap_or(cpus.len().max(1));
+    // With shards the connections live on the shard threads; this runtime only
+    // coordinates (sampling, draining, verification).
+    let (rt, shards) = if threads == 0 {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        (rt, None)
+    } else {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let shards = Shards::start(threads, &cpus).context("starting generator threads")?;
+        (rt, Some(Arc::new(shards)))
+    };
     let ok = rt.block_on(async {
         tokio::select! {
-            r = run(cli) => r,
+            r = run(cli, shards.clone()) => r,
             _ = tokio::signal::ctrl_c() => bail!("interrupted"),
         }
     })?;
     // Do not wait for connection tasks still closing.
     rt.shutdown_timeout(Duration::from_millis(500));
+    drop(shards);
     if !ok {
         std::process::exit(1);
     }
     Ok(())
 }
 
-async fn run(cli: Cli) -> anyhow::Result<bool> {
+async fn run(cli: Cli, shards: Option<Arc<Shards>>) -> anyhow::Result<bool> {
     let g = &cli.global;
     let conns = cli.scenario.connections();
     // Each connection is one fd here and one in the server (which inherits this limit
@@ -275,7 +308,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let spawn = g.spawn_server.as_ref().map(|path| SpawnOptions {
         binary: path.clone(),
         jwt_secret: g.jwt_secret.clone(),
-        cpu: g.server_cpu.0,
+        cpus: g.server_cpu.0.clone(),
         env: g.server_env.clone(),
         log: g.server_log.clone(),
     });
@@ -289,9 +322,13 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         );
     }
     eprintln!(
-        "parley-bench on {} (generator CPUs {:?})",
+        "parley-bench on {} (generator CPUs {:?}, {})",
         probe::machine(),
-        probe::allowed_cpus()
+        probe::allowed_cpus(),
+        match &shards {
+            Some(s) => format!("{} shard threads", s.len()),
+            None => "one work-stealing runtime".to_string(),
+        }
     );
 
     let loadavg_at_start = probe::loadavg();
@@ -301,10 +338,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             Some(opts) => {
                 let s = SpawnedServer::spawn(opts).context("spawning the server")?;
                 eprintln!(
-                    "spawned parley pid {} on {} (cpu {:?})",
+                    "spawned parley pid {} on {} (cpus {:?})",
                     s.pid(),
                     s.addr(),
-                    opts.cpu
+                    opts.cpus
                 );
                 Some(s)
             }
@@ -320,6 +357,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         run.ui = ui;
         run.connect_concurrency = g.concurrency;
+        run.shards = shards.clone();
         for url in &g.listener_url {
             let mut t = Target::new(url, g.transport, g.encoding, &g.jwt_secret)?;
             t.buffers = run.target.buffers;

@@ -133,8 +133,8 @@ pub struct SpawnOptions {
     /// The `parley` binary.
     pub binary: PathBuf,
     pub jwt_secret: String,
-    /// Pin the server to this CPU (`None`: no pinning).
-    pub cpu: Option<usize>,
+    /// Pin the server to these CPUs (empty: no pinning).
+    pub cpus: Vec<usize>,
     /// Extra `KEY=VALUE` environment (e.g. `PARLEY_WS__READ_BUFFER_BYTES=512`).
     pub env: Vec<(String, String)>,
     /// Where the server's output goes (`None`: discarded).
@@ -192,11 +192,19 @@ impl SpawnedServer {
                 cmd.stdout(Stdio::null()).stderr(Stdio::null());
             }
         }
-        if let Some(cpu) = opts.cpu {
-            // SAFETY: only async-signal-safe calls between fork and exec.
-            unsafe {
-                cmd.pre_exec(move || pin_current(cpu));
-            }
+        let cpus = opts.cpus.clone();
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // The server dies with the generator, even one killed without a chance
+                // to drop this handle (a load script's timeout, SIGKILL).
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if cpus.is_empty() {
+                    Ok(())
+                } else {
+                    pin_current(&cpus)
+                }
+            });
         }
         let child = cmd
             .spawn()
@@ -270,12 +278,19 @@ impl Drop for SpawnedServer {
     }
 }
 
-/// Pins the calling thread (and what it execs) to one CPU.
-fn pin_current(cpu: usize) -> std::io::Result<()> {
+/// Pins the calling thread to one CPU (a generator shard thread).
+pub fn pin_thread(cpu: usize) -> std::io::Result<()> {
+    pin_current(&[cpu])
+}
+
+/// Pins the calling thread (and what it execs) to these CPUs.
+fn pin_current(cpus: &[usize]) -> std::io::Result<()> {
     // SAFETY: a zeroed cpu_set_t is valid; CPU_SET/sched_setaffinity get valid pointers.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
+        for &cpu in cpus {
+            libc::CPU_SET(cpu, &mut set);
+        }
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
             return Err(std::io::Error::last_os_error());
         }

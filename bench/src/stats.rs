@@ -2,7 +2,10 @@
 //! sharded histograms, drained once a second) and the per-second time series that the
 //! progress bar, the JSON output and the charts are made of.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{
+    Mutex, MutexGuard,
+    atomic::{AtomicU64, Ordering},
+};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -14,9 +17,46 @@ pub fn histogram() -> Histogram<u64> {
 
 const SHARDS: usize = 8;
 
-/// A latency recorder shared by many tasks.
+/// A value alone on its cache line(s): counters written by different generator threads
+/// must not share one (false sharing costs a cache-line transfer per write).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct Padded<T>(pub T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// A counter written by many threads, one cache line per shard; read by summing.
+#[derive(Debug)]
+pub struct ShardedCounter {
+    shards: Vec<Padded<AtomicU64>>,
+}
+
+impl ShardedCounter {
+    pub fn new(shards: usize) -> Self {
+        Self {
+            shards: (0..shards.max(1)).map(|_| Padded::default()).collect(),
+        }
+    }
+
+    /// Adds `n` on shard `hint % shards`.
+    pub fn add(&self, hint: usize, n: u64) {
+        self.shards[hint % self.shards.len()].fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn sum(&self) -> u64 {
+        self.shards.iter().map(|s| s.load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// A latency recorder shared by many tasks: one histogram per shard, so recorders on
+/// different threads (one shard each) never wait for one another.
 pub struct Latency {
-    shards: Vec<Mutex<Histogram<u64>>>,
+    shards: Vec<Padded<Mutex<Histogram<u64>>>>,
 }
 
 impl Default for Latency {
@@ -27,13 +67,20 @@ impl Default for Latency {
 
 impl Latency {
     pub fn new() -> Self {
+        Self::with_shards(SHARDS)
+    }
+
+    /// One histogram per shard (use one per generator thread).
+    pub fn with_shards(shards: usize) -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(histogram())).collect(),
+            shards: (0..shards.max(1))
+                .map(|_| Padded(Mutex::new(histogram())))
+                .collect(),
         }
     }
 
     fn shard(&self, hint: usize) -> MutexGuard<'_, Histogram<u64>> {
-        self.shards[hint % SHARDS]
+        self.shards[hint % self.shards.len()]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
     }
@@ -45,7 +92,7 @@ impl Latency {
 
     /// Moves everything recorded so far into `into`.
     pub fn drain_into(&self, into: &mut Histogram<u64>) {
-        for i in 0..SHARDS {
+        for i in 0..self.shards.len() {
             let mut h = self.shard(i);
             if !h.is_empty() {
                 // Same bounds on both sides: adding cannot fail.

@@ -73,6 +73,66 @@ async fn fanout_delivers_everything_exactly_once_in_both_encodings() {
     server.shutdown();
 }
 
+/// The same fan-out with the members on three shard threads (each its own runtime),
+/// the coordinator on the test's runtime: every delivery counted and verified, every
+/// latency recorded, in its shard's counters; then idle and storm on the shards too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenarios_verify_on_shard_threads() {
+    let server = server().await;
+    let mut run = run_for(&server, Encoding::Proto);
+    run.shards = Some(std::sync::Arc::new(
+        scenario::shards::Shards::start(3, &[]).unwrap(),
+    ));
+    let params = scenario::fanout::Params {
+        subscribers: 31,
+        publishers: 2,
+        rate: 1000.0,
+        duration: Duration::from_secs(5),
+        messages: Some(60),
+        body_bytes: 100,
+        drain_timeout: Duration::from_secs(5),
+        ack_every: 7,
+    };
+    let report = scenario::fanout::run(&run, &params).await.unwrap();
+    let o = &report.outcome;
+    assert!(
+        report.ok(),
+        "{:?}\n{}",
+        o.verification,
+        report.table().render()
+    );
+    assert_eq!(o.published, 60);
+    assert_eq!(o.delivered, 31 * 60);
+    assert_eq!(o.latency.count, 31 * 60);
+    let idle = scenario::idle::run(
+        &run,
+        &scenario::idle::Params {
+            connections: 10,
+            hold: Duration::from_millis(200),
+            settle: Duration::ZERO,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(idle.ok(), "{}", idle.table().render());
+    assert_eq!(idle.connected, 10);
+    let storm = scenario::storm::run(
+        &run,
+        &scenario::storm::Params {
+            workers: 6,
+            duration: Duration::from_millis(500),
+            settle: Duration::ZERO,
+            join: true,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(storm.ok(), "{}", storm.table().render());
+    assert!(storm.handshakes > 0);
+    assert_eq!(storm.handshake_latency.count, storm.handshakes);
+    server.shutdown();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_rooms_verify() {
     let server = server().await;

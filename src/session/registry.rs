@@ -1,7 +1,13 @@
 //! All live sessions of this instance, by id, and the reaper that removes expired ones.
+//!
+//! The registry is sharded (by a hash of the session id; the per-user counts by a hash
+//! of the user): a connect, a resume and a close on different cores take different
+//! locks, and the reaper walks one shard at a time, so it never holds up every
+//! connect while it scans all n sessions.
 
 use std::{
     collections::HashMap,
+    hash::{BuildHasher, RandomState},
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
@@ -18,14 +24,24 @@ use crate::{chat::Chat, config::SessionConfig};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TooManySessions(pub u64);
 
+/// Shards of each map (a few per core of a large machine).
+const SHARDS: usize = 64;
+
+/// One shard's lock alone on its cache line(s).
 #[derive(Default)]
-struct Map {
-    by_id: HashMap<String, Arc<Session>>,
-    per_user: HashMap<Arc<str>, u64>,
+#[repr(align(128))]
+struct Shard<T>(Mutex<T>);
+
+impl<T> Shard<T> {
+    fn lock(&self) -> MutexGuard<'_, T> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 pub struct Sessions {
-    map: Mutex<Map>,
+    by_id: Box<[Shard<HashMap<String, Arc<Session>>>]>,
+    per_user: Box<[Shard<HashMap<Arc<str>, u64>>]>,
+    hasher: RandomState,
     /// Most live sessions of one user (0: no limit).
     max_per_user: u64,
     next_recipient: AtomicU64,
@@ -39,7 +55,9 @@ pub struct Sessions {
 impl Sessions {
     pub fn new(config: SessionConfig, chat: Arc<Chat>) -> Self {
         Self {
-            map: Mutex::default(),
+            by_id: (0..SHARDS).map(|_| Shard::default()).collect(),
+            per_user: (0..SHARDS).map(|_| Shard::default()).collect(),
+            hasher: RandomState::new(),
             max_per_user: 0,
             next_recipient: AtomicU64::new(1),
             id_prefix: String::new(),
@@ -60,8 +78,12 @@ impl Sessions {
         self
     }
 
-    fn lock(&self) -> MutexGuard<'_, Map> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    fn id_shard(&self, id: &str) -> MutexGuard<'_, HashMap<String, Arc<Session>>> {
+        self.by_id[self.hasher.hash_one(id) as usize % SHARDS].lock()
+    }
+
+    fn user_shard(&self, user: &str) -> MutexGuard<'_, HashMap<Arc<str>, u64>> {
+        self.per_user[self.hasher.hash_one(user) as usize % SHARDS].lock()
     }
 
     /// A new, unattached session for `user` (not yet registered for delivery), unless
@@ -69,43 +91,48 @@ impl Sessions {
     pub fn create(&self, user: &str) -> Result<Arc<Session>, TooManySessions> {
         let mut raw = [0u8; 16];
         rand::rng().fill_bytes(&mut raw);
-        let mut id = self.id_prefix.clone();
-        id.extend(raw.iter().map(|b| format!("{b:02x}")));
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut id = String::with_capacity(self.id_prefix.len() + 32);
+        id.push_str(&self.id_prefix);
+        for b in raw {
+            id.push(HEX[usize::from(b >> 4)] as char);
+            id.push(HEX[usize::from(b & 15)] as char);
+        }
         let limits = Limits {
             max_queue_bytes: self.config.max_queue_bytes,
             replay_buffer_bytes: self.config.replay_buffer_bytes,
         };
         let rid = self.next_recipient.fetch_add(1, Ordering::Relaxed);
         let session = Arc::new(Session::new(id.clone(), user, rid, limits));
-        let mut map = self.lock();
-        let count = map.per_user.entry(session.user.clone()).or_default();
-        if self.max_per_user > 0 && *count >= self.max_per_user {
-            return Err(TooManySessions(self.max_per_user));
+        {
+            let mut counts = self.user_shard(&session.user);
+            let count = counts.entry(session.user.clone()).or_default();
+            if self.max_per_user > 0 && *count >= self.max_per_user {
+                return Err(TooManySessions(self.max_per_user));
+            }
+            *count += 1;
         }
-        *count += 1;
-        map.by_id.insert(id, session.clone());
+        // Counted before it is findable; `remove` uncounts only what it found.
+        self.id_shard(&id).insert(id, session.clone());
         Ok(session)
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Session>> {
-        self.lock().by_id.get(id).cloned()
+        self.id_shard(id).get(id).cloned()
     }
 
     /// Removes the session from the registry and from live delivery.
     pub fn remove(&self, session: &Session) {
-        let removed = {
-            let mut map = self.lock();
-            let removed = map.by_id.remove(session.id());
-            if removed.is_some()
-                && let Some(n) = map.per_user.get_mut(session.user_id())
-            {
+        let removed = self.id_shard(session.id()).remove(session.id());
+        if removed.is_some() {
+            let mut counts = self.user_shard(session.user_id());
+            if let Some(n) = counts.get_mut(session.user_id()) {
                 *n -= 1;
                 if *n == 0 {
-                    map.per_user.remove(session.user_id());
+                    counts.remove(session.user_id());
                 }
             }
-            removed
-        };
+        }
         if removed.is_some() {
             self.chat.detach(session.user_id(), session.recipient_id);
         }
@@ -125,27 +152,31 @@ impl Sessions {
     }
 
     pub fn len(&self) -> usize {
-        self.lock().by_id.len()
+        self.by_id.iter().map(|s| s.lock().len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Removes every session that is dead or detached past the grace period.
+    /// Removes every session that is dead or detached past the grace period, one shard
+    /// at a time (each shard's lock is held only to scan that shard).
     pub fn reap(&self) -> usize {
         let now = Instant::now();
-        let expired: Vec<Arc<Session>> = self
-            .lock()
-            .by_id
-            .values()
-            .filter(|s| s.expired(now, self.config.grace_period))
-            .cloned()
-            .collect();
-        for s in &expired {
-            s.kill(super::Death::Expired);
-            self.remove(s);
+        let mut reaped = 0;
+        for shard in self.by_id.iter() {
+            let expired: Vec<Arc<Session>> = shard
+                .lock()
+                .values()
+                .filter(|s| s.expired(now, self.config.grace_period))
+                .cloned()
+                .collect();
+            for s in &expired {
+                s.kill(super::Death::Expired);
+                self.remove(s);
+            }
+            reaped += expired.len();
         }
-        expired.len()
+        reaped
     }
 }

@@ -142,6 +142,23 @@ impl Heartbeat {
     }
 }
 
+/// A user with at most this many rooms has them read as a point read on connect.
+const POINT_ROOMS: i64 = 64;
+
+/// Most point-read connections (one per core up to this).
+const MAX_POINT_CONNECTIONS: usize = 16;
+
+/// One point-read connection, its mutex alone on its cache line(s).
+#[repr(align(128))]
+struct PointConnection(Mutex<Connection>);
+
+static NEXT_POINT_SLOT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+thread_local! {
+    /// Which point connection this thread tries first, assigned on first use.
+    static POINT_SLOT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
 pub struct SqliteStore {
     writer: mpsc::Sender<Job>,
     writer_thread: thread::JoinHandle<()>,
@@ -151,9 +168,10 @@ pub struct SqliteStore {
     /// Read connections (file databases only).
     readers: Option<Arc<Mutex<Vec<Connection>>>>,
     read_permits: Arc<Semaphore>,
-    /// A read connection for point reads on the caller's thread (file databases only);
-    /// see [`SqliteStore::read_point`].
-    point: Option<Mutex<Connection>>,
+    /// Read connections for point reads on the caller's thread (file databases only;
+    /// one per core this process may use, at most [`MAX_POINT_CONNECTIONS`]); see
+    /// [`SqliteStore::read_point`].
+    point: Box<[PointConnection]>,
 }
 
 fn now_ms() -> i64 {
@@ -226,18 +244,22 @@ impl SqliteStore {
             Some(Arc::new(Mutex::new(pool)))
         };
         let read_permits = Arc::new(Semaphore::new(config.read_connections.max(1)));
-        let point = if memory {
-            None
-        } else {
-            let r = Connection::open_with_flags(
-                &config.path,
-                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )
-            .map_err(backend)?;
-            // Never waits for a lock: a busy database sends the read to the pool.
-            r.busy_timeout(std::time::Duration::ZERO).map_err(backend)?;
-            Some(Mutex::new(r))
-        };
+        let mut point = Vec::new();
+        if !memory {
+            let n = thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .clamp(1, MAX_POINT_CONNECTIONS);
+            for _ in 0..n {
+                let r = Connection::open_with_flags(
+                    &config.path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )
+                .map_err(backend)?;
+                // Never waits for a lock: a busy database sends the read to the pool.
+                r.busy_timeout(std::time::Duration::ZERO).map_err(backend)?;
+                point.push(PointConnection(Mutex::new(r)));
+            }
+        }
 
         let (tx, rx) = mpsc::channel::<Job>();
         let max_batch = config.max_batch.max(1);
@@ -254,7 +276,7 @@ impl SqliteStore {
             stall_after,
             readers,
             read_permits,
-            point,
+            point: point.into_boxed_slice(),
         })
     }
 
@@ -305,13 +327,15 @@ impl SqliteStore {
     /// [`SqliteStore::read`]. A read through the blocking pool costs two thread hand-offs,
     /// several times the query itself: a reconnect storm made three such reads per
     /// connect + join. Only for queries that cannot run long.
+    ///
+    /// Each thread starts at a point connection of its own (one per core), so a connect
+    /// storm on many cores does not queue on one connection's mutex and spill into the
+    /// pool; when its own is taken, the next one is tried.
     async fn read_point<T: Send + 'static>(
         &self,
         f: impl Fn(&Connection) -> rusqlite::Result<T> + Clone + Send + 'static,
     ) -> StoreResult<T> {
-        if let Some(point) = &self.point
-            && let Ok(conn) = point.try_lock()
-        {
+        if let Some(conn) = self.free_point_connection() {
             match f(&conn) {
                 Err(rusqlite::Error::SqliteFailure(e, _))
                     if matches!(
@@ -322,6 +346,22 @@ impl SqliteStore {
             }
         }
         self.read(f).await
+    }
+
+    /// A free point connection: this thread's own, else the next one.
+    fn free_point_connection(&self) -> Option<std::sync::MutexGuard<'_, Connection>> {
+        let n = self.point.len();
+        if n == 0 {
+            return None;
+        }
+        let mine = POINT_SLOT.with(|slot| {
+            slot.get().unwrap_or_else(|| {
+                let i = NEXT_POINT_SLOT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                slot.set(Some(i));
+                i
+            })
+        });
+        (0..n.min(2)).find_map(|k| self.point[(mine + k) % n].0.try_lock().ok())
     }
 
     /// Runs a read on a pooled read connection (or on the writer for `:memory:`).
@@ -663,17 +703,27 @@ impl Store for SqliteStore {
         .await
     }
 
+    /// Every connect reads its user's rooms: as a point read (no thread hand-off) when
+    /// the user has at most [`POINT_ROOMS`], else (read again, whole) on the pool.
     async fn rooms_of(&self, user: &str) -> StoreResult<Vec<RoomState>> {
-        let user = user.to_string();
-        self.read(move |conn| {
+        fn query(conn: &Connection, user: &str, limit: i64) -> rusqlite::Result<Vec<RoomState>> {
             conn.prepare_cached(&format!(
                 "SELECT {ROOM_STATE_COLUMNS} FROM members m JOIN rooms r ON r.name = m.room
-                 WHERE m.user_id = ?1 ORDER BY r.name"
+                 WHERE m.user_id = ?1 ORDER BY r.name LIMIT ?2"
             ))?
-            .query_map(params![user], |r| rows::room_state(r, &user))?
+            .query_map(params![user, limit], |r| rows::room_state(r, user))?
             .collect()
-        })
-        .await
+        }
+        let u = user.to_string();
+        let few = self
+            .read_point(move |conn| query(conn, &u, POINT_ROOMS + 1))
+            .await?;
+        if few.len() <= POINT_ROOMS as usize {
+            return Ok(few);
+        }
+        let user = user.to_string();
+        // LIMIT -1: no limit.
+        self.read(move |conn| query(conn, &user, -1)).await
     }
 
     async fn public_rooms(&self, after: &str, limit: usize) -> StoreResult<Vec<RoomState>> {
@@ -874,8 +924,8 @@ mod tests {
         let path = dir.join("p.db");
         let s = SqliteStore::open(&config(path.to_str().unwrap())).unwrap();
         assert!(
-            s.point.is_some(),
-            "a file database has a point-read connection"
+            !s.point.is_empty(),
+            "a file database has point-read connections"
         );
         assert!(s.room("r").await.unwrap().is_none());
         s.join("r", "u", 0).await.unwrap();
@@ -884,8 +934,8 @@ mod tests {
         let meta = s.room("r").await.unwrap().unwrap();
         assert_eq!((meta.last_seq, meta.members), (1, 1));
         assert!(s.is_member("r", "u").await.unwrap());
-        // While the point connection is held, the same reads go through the pool.
-        let held = s.point.as_ref().unwrap().lock().unwrap();
+        // While every point connection is held, the same reads go through the pool.
+        let held: Vec<_> = s.point.iter().map(|p| p.0.lock().unwrap()).collect();
         assert!(s.is_member("r", "u").await.unwrap());
         assert!(!s.is_member("r", "v").await.unwrap());
         drop(held);
@@ -935,6 +985,30 @@ mod tests {
         assert_eq!(s.members("r").await.unwrap(), ["u", "v"]);
         drop(s);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A user's rooms are all read, in name order, whether they fit a point read (a few)
+    /// or not (more than `POINT_ROOMS`: read again on the pool).
+    #[tokio::test]
+    async fn rooms_of_reads_few_and_many_rooms_whole() {
+        let dir = std::env::temp_dir().join(format!("parley-rooms-of-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("p.db");
+        let s = SqliteStore::open(&config(path.to_str().unwrap())).unwrap();
+        let many = POINT_ROOMS as usize + 6;
+        for i in (0..many).rev() {
+            s.join(&format!("r{i:03}"), "many", 0).await.unwrap();
+        }
+        for i in 0..3 {
+            s.join(&format!("r{i:03}"), "few", 0).await.unwrap();
+        }
+        let names = |rooms: Vec<RoomState>| rooms.into_iter().map(|r| r.room).collect::<Vec<_>>();
+        let want = |n: usize| (0..n).map(|i| format!("r{i:03}")).collect::<Vec<_>>();
+        assert_eq!(names(s.rooms_of("few").await.unwrap()), want(3));
+        assert_eq!(names(s.rooms_of("many").await.unwrap()), want(many));
+        assert!(s.rooms_of("nobody").await.unwrap().is_empty());
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// The heartbeat: an idle writer stays healthy; one stuck in a commit past the

@@ -31,7 +31,7 @@ pub mod sse;
 pub mod version;
 pub mod ws;
 
-use std::sync::Arc;
+use std::{cell::Cell, ops::Deref, sync::Arc};
 
 use axum::http::{HeaderMap, Uri, header};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -40,18 +40,87 @@ use crate::{config::ServerConfig, session::Core};
 
 /// What every transport handler gets: the session layer, the shutdown signal, and the
 /// tracker of tasks that outlive their HTTP request (upgraded WebSockets).
+///
+/// Cloned for every request (axum's `State`), so it is one `Arc`: a clone is one
+/// reference count, not one per field (a `CancellationToken` clone or drop takes the
+/// token's mutex, which every core would share).
 #[derive(Clone)]
-pub struct Ctx {
+pub struct Ctx(Arc<CtxParts>);
+
+/// What a [`Ctx`] holds.
+pub struct CtxParts {
     pub core: Arc<Core>,
     /// Cancelled when a shutdown begins: `/readyz` answers 503 from then on.
     pub draining: CancellationToken,
     /// Cancelled `server.drain_delay` later: stop accepting, tell clients to reconnect.
+    /// Connections wait on one of its shards ([`Ctx::connection_shutdown`]).
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
     /// Connection limits and per-IP rates.
     pub admission: Arc<admission::Admission>,
     /// MQTT sessions kept between connections (`clean_session=false`).
     pub mqtt: Arc<mqtt::Kept>,
+    /// Children of `shutdown`, cancelled with it: each connection clones, polls and
+    /// drops one of these, chosen by the worker thread it was accepted on, so
+    /// connections on different cores do not all take one token's mutex.
+    shutdown_shards: Box<[CancellationToken]>,
+}
+
+/// Shards of the shutdown token (a few per core of a large machine).
+const SHUTDOWN_SHARDS: usize = 64;
+
+thread_local! {
+    /// This thread's shutdown shard, assigned on first use.
+    static SHARD: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+impl Ctx {
+    pub fn new(core: Arc<Core>, admission: admission::Admission, mqtt: Arc<mqtt::Kept>) -> Ctx {
+        let shutdown = CancellationToken::new();
+        let shutdown_shards = (0..SHUTDOWN_SHARDS)
+            .map(|_| shutdown.child_token())
+            .collect();
+        Ctx(Arc::new(CtxParts {
+            core,
+            draining: CancellationToken::new(),
+            shutdown,
+            tracker: TaskTracker::new(),
+            admission: Arc::new(admission),
+            mqtt,
+            shutdown_shards,
+        }))
+    }
+
+    /// This thread's shard of the shutdown token, to wait on without cloning it.
+    pub fn shutdown_shard(&self) -> &CancellationToken {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let i = SHARD.with(|c| {
+            c.get().unwrap_or_else(|| {
+                let i = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                c.set(Some(i));
+                i
+            })
+        });
+        &self.shutdown_shards[i % SHUTDOWN_SHARDS]
+    }
+
+    /// The shutdown signal for one connection: cancelled exactly when
+    /// [`CtxParts::shutdown`] is (one of its child tokens).
+    pub fn connection_shutdown(&self) -> CancellationToken {
+        self.shutdown_shard().clone()
+    }
+
+    /// Whether the shutdown has begun (without taking the root token's mutex).
+    pub fn shutting_down(&self) -> bool {
+        self.shutdown_shard().is_cancelled()
+    }
+}
+
+impl Deref for Ctx {
+    type Target = CtxParts;
+    fn deref(&self) -> &CtxParts {
+        &self.0
+    }
 }
 
 /// The peer address of the connection a request came on (a request extension).

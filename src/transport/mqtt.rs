@@ -39,6 +39,7 @@ use std::{
     time::Duration,
 };
 
+use crate::metrics::HotCounter;
 use axum::{
     Extension,
     body::Body,
@@ -53,7 +54,6 @@ use mqtt_proto::{
     v3::{Connack, Connect, ConnectReturnCode, Packet, Publish, Subscribe, Unsubscribe},
     v5,
 };
-use prometheus_client::metrics::counter::Counter;
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
     time::{Instant, timeout},
@@ -307,8 +307,8 @@ struct Wire {
     buf: BytesMut,
     max_packet: usize,
     write_timeout: Duration,
-    frames_in: Counter,
-    frames_out: Counter,
+    frames_in: HotCounter,
+    frames_out: HotCounter,
     /// The connection speaks MQTT 5 (its CONNECT said so).
     v5: bool,
 }
@@ -547,7 +547,7 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
                 wire.close(CloseReason::AuthTimeout.code(), "no CONNECT in time").await;
                 return None;
             }
-            _ = ctx.shutdown.cancelled() => {
+            _ = ctx.shutdown_shard().cancelled() => {
                 wire.close(1001, "server shutting down").await;
                 return None;
             }
@@ -680,7 +680,7 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
             coalesce: ws.coalesce,
             max_in_flight: ws.max_commands_in_flight,
         },
-        ctx.shutdown.clone(),
+        ctx.connection_shutdown(),
     );
     let request = ClientFrame {
         id: CONNECT_ID,
@@ -747,7 +747,7 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
         outbox,
         user: session.user_id().to_string(),
         core: core.clone(),
-        shutdown: ctx.shutdown.clone(),
+        shutdown: ctx.connection_shutdown(),
         will,
         session_tag: session.id().to_string(),
         keep: keep_for.map(|d| (ctx.mqtt.clone(), key, d)),

@@ -149,7 +149,7 @@ impl Held {
                 idle: Some(hold),
                 ..Default::default()
             },
-            ctx.shutdown.clone(),
+            ctx.connection_shutdown(),
         );
         Ok(Held {
             outbox,

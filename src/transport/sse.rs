@@ -14,6 +14,7 @@
 
 use std::sync::Arc;
 
+use crate::metrics::HotCounter;
 use axum::{
     Extension,
     body::{Body, Bytes},
@@ -23,7 +24,6 @@ use axum::{
 };
 use bytes::{BufMut, BytesMut};
 use futures_util::stream;
-use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 
 use super::{
@@ -76,7 +76,7 @@ struct Stream {
     outbox: Outbox,
     metrics: Arc<Metrics>,
     /// This transport's counter, looked up once (not a labelled-family lookup per chunk).
-    frames_out: Counter,
+    frames_out: HotCounter,
     first: Option<Bytes>,
     done: bool,
 }
@@ -146,7 +146,7 @@ pub async fn handler(
     if !origin_allowed(&ctx.core.config.server, &headers, &uri) {
         return ApiError::new(ErrorCode::Forbidden, "origin not allowed").into_response();
     }
-    if ctx.shutdown.is_cancelled() {
+    if ctx.shutting_down() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
     let last_event_id = headers
@@ -212,7 +212,7 @@ pub async fn handler(
             idle: Some(heartbeat),
             ..Default::default()
         },
-        ctx.shutdown.clone(),
+        ctx.connection_shutdown(),
     );
     let state = Stream {
         outbox,

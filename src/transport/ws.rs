@@ -40,7 +40,7 @@ use super::{
     deadline::{self, WriteDeadline},
     origin_allowed,
 };
-use prometheus_client::metrics::counter::Counter;
+use crate::metrics::HotCounter;
 
 use crate::{
     codec::{self, Encoding},
@@ -92,7 +92,7 @@ pub(super) fn refuse_upgrade(
     if !origin_allowed(&ctx.core.config.server, headers, uri) {
         return Some((StatusCode::FORBIDDEN, "origin not allowed").into_response());
     }
-    if ctx.shutdown.is_cancelled() {
+    if ctx.shutting_down() {
         return Some((StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response());
     }
     None
@@ -281,7 +281,7 @@ struct Writer {
     encoding: Encoding,
     compression: PushCompression,
     /// This transport's counter, looked up once (not a labelled-family lookup per write).
-    frames_out: Counter,
+    frames_out: HotCounter,
     write_timeout: Duration,
 }
 
@@ -454,7 +454,7 @@ fn boxed<F: Future>(fut: F) -> Pin<Box<F>> {
 struct Connection {
     w: Writer,
     outbox: Outbox,
-    frames_in: Counter,
+    frames_in: HotCounter,
     max_frame_bytes: usize,
     /// Whether the connection's span has its user yet.
     named: bool,
@@ -481,7 +481,7 @@ impl Connection {
                 coalesce: config.coalesce,
                 max_in_flight: config.max_commands_in_flight,
             },
-            ctx.shutdown.clone(),
+            ctx.connection_shutdown(),
         );
         Connection {
             w: Writer {

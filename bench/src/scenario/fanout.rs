@@ -274,5 +274,6 @@ pub(crate) fn outcome_headline(o: &Outcome) -> Vec<(&'static str, f64)> {
         ("connects/s", o.connects_per_s),
         ("server CPU %", o.server_cpu.unwrap_or(f64::NAN)),
         ("generator CPU %", o.client_cpu),
+        ("generator bound", f64::from(u8::from(o.generator_bound))),
     ]
 }

@@ -99,7 +99,7 @@ pub async fn run(run: &Run, params: &Params) -> anyhow::Result<IdleReport> {
         let ready = ready_tx.clone();
         let dropped = dropped.clone();
         let user = format!("idle-{id}-{i}");
-        tasks.push(tokio::spawn(async move {
+        tasks.push(run.spawn(i, async move {
             let opened = async {
                 let _permit = permits
                     .acquire()

@@ -14,9 +14,10 @@ pub mod chat;
 pub mod fanout;
 pub mod idle;
 pub mod rooms;
+pub mod shards;
 pub mod storm;
 
-use std::time::Instant;
+use std::{future::Future, sync::Arc, time::Instant};
 
 use serde::Serialize;
 
@@ -41,6 +42,9 @@ pub struct Run {
     pub ui: Ui,
     /// Connection attempts in flight at once.
     pub connect_concurrency: usize,
+    /// Per-thread connection shards (`None`: connections are tasks of the caller's
+    /// runtime).
+    pub shards: Option<Arc<shards::Shards>>,
 }
 
 impl Run {
@@ -51,6 +55,38 @@ impl Run {
             server: None,
             ui: Ui::hidden(),
             connect_concurrency: 128,
+            shards: None,
+        }
+    }
+
+    /// Spawns connection `i`'s task: on its shard, or on the caller's runtime.
+    pub(crate) fn spawn<F>(&self, i: usize, fut: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.shards {
+            Some(s) => s.spawn(i, fut),
+            None => tokio::spawn(fut),
+        }
+    }
+
+    /// How many counter and histogram shards to keep: one per generator thread (eight
+    /// without shards, as before).
+    pub(crate) fn counter_shards(&self) -> usize {
+        self.shards.as_ref().map_or(8, |s| s.len())
+    }
+
+    /// Connection `i`'s counter shard (its thread's, with shards).
+    pub(crate) fn shard_of(&self, i: usize) -> usize {
+        i % self.counter_shards()
+    }
+
+    /// CPUs the generator can use: its shard threads, or the CPUs it may run on.
+    pub(crate) fn generator_cores(&self) -> usize {
+        match &self.shards {
+            Some(s) => s.len().min(crate::probe::allowed_cpus().len().max(1)),
+            None => crate::probe::allowed_cpus().len().max(1),
         }
     }
 

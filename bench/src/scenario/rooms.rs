@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Run, Sampler};
 use crate::{
-    stats::{self, Latency, Percentiles, Tick},
+    stats::{self, Latency, Padded, Percentiles, ShardedCounter, Tick},
     target::TransportKind,
     transport::Connection,
     wire::Incoming,
@@ -112,7 +112,8 @@ impl Verification {
 
 /// Publishers later than this at p99 (ms) mean the generator limited the run.
 pub const GENERATOR_LAG_LIMIT_MS: f64 = 5.0;
-/// A generator at this share of its core (percent) may be what limits the run.
+/// A generator at this share of its cores (percent of one, per core it may use) may be
+/// what limits the run.
 pub const GENERATOR_CPU_LIMIT: f64 = 95.0;
 
 /// What the engine measured.
@@ -246,10 +247,12 @@ struct Shared {
     epoch: Instant,
     /// When publishers stop (set just before `go`).
     publish_until: OnceLock<Instant>,
-    /// Last seq received, per member.
-    progress: Vec<AtomicU64>,
+    /// Last seq received, per member (each on its own cache line: neighbours live on
+    /// different generator threads).
+    progress: Vec<Padded<AtomicU64>>,
     sent: AtomicU64,
-    delivered: AtomicU64,
+    /// Counted deliveries, one shard per generator thread.
+    delivered: ShardedCounter,
     latency: Latency,
     /// How late each send left against its schedule (the generator's own lag).
     send_lag: Latency,
@@ -269,11 +272,11 @@ pub async fn run(run: &Run, plan: Plan) -> anyhow::Result<Outcome> {
         stop: CancellationToken::new(),
         epoch: Instant::now(),
         publish_until: OnceLock::new(),
-        progress: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        progress: (0..n).map(|_| Padded::default()).collect(),
         sent: AtomicU64::new(0),
-        delivered: AtomicU64::new(0),
-        latency: Latency::new(),
-        send_lag: Latency::new(),
+        delivered: ShardedCounter::new(run.counter_shards()),
+        latency: Latency::with_shards(run.counter_shards()),
+        send_lag: Latency::with_shards(run.counter_shards()),
         plan,
     });
     let rss_before = run.server_usage().map(|u| u.rss);
@@ -287,7 +290,7 @@ pub async fn run(run: &Run, plan: Plan) -> anyhow::Result<Outcome> {
         let shared = shared.clone();
         let ready = ready_tx.clone();
         let acks = ack_tx.clone();
-        tasks.push(tokio::spawn(member(i, shared, ready, acks)));
+        tasks.push(run.spawn(i, member(i, shared, ready, acks)));
     }
     drop(ready_tx);
     drop(ack_tx);
@@ -337,10 +340,7 @@ pub async fn run(run: &Run, plan: Plan) -> anyhow::Result<Outcome> {
         interval.reset();
         shared.latency.drain_into(&mut interval);
         let _ = total.add(&interval);
-        let mut t = sampler.tick(
-            shared.sent.load(Ordering::Relaxed),
-            shared.delivered.load(Ordering::Relaxed),
-        );
+        let mut t = sampler.tick(shared.sent.load(Ordering::Relaxed), shared.delivered.sum());
         t.latency = Percentiles::of(&interval);
         ticks.push(t.clone());
         t
@@ -451,7 +451,7 @@ pub async fn run(run: &Run, plan: Plan) -> anyhow::Result<Outcome> {
         }
     }
     verification.close_codes = codes.into_iter().collect();
-    let delivered = shared.delivered.load(Ordering::Relaxed);
+    let delivered = shared.delivered.sum();
     let window = window_end.duration_since(t0).as_secs_f64().max(1e-9);
     let mut steady: Vec<f64> = ticks[..publishing_ticks.min(ticks.len())]
         .iter()
@@ -466,8 +466,8 @@ pub async fn run(run: &Run, plan: Plan) -> anyhow::Result<Outcome> {
     let mut lag = stats::histogram();
     shared.send_lag.drain_into(&mut lag);
     let generator_lag = Percentiles::of(&lag);
-    let generator_bound =
-        generator_lag.p99_ms > GENERATOR_LAG_LIMIT_MS || client_cpu >= GENERATOR_CPU_LIMIT;
+    let generator_bound = generator_lag.p99_ms > GENERATOR_LAG_LIMIT_MS
+        || client_cpu >= GENERATOR_CPU_LIMIT * run.generator_cores() as f64;
     Ok(Outcome {
         members: n,
         rooms: plan.rooms.len(),
@@ -550,6 +550,7 @@ async fn member(
 ) -> MemberResult {
     let spec = shared.plan.members[i].clone();
     let run = &shared.run;
+    let shard = run.shard_of(i);
     let mut result = MemberResult {
         room: spec.room,
         counted: spec.counted,
@@ -659,10 +660,10 @@ async fn member(
                         result.check.message(m.pos, m.seq);
                         shared.progress[i].store(result.check.last_seq, Ordering::Relaxed);
                         if spec.counted {
-                            shared.delivered.fetch_add(1, Ordering::Relaxed);
+                            shared.delivered.add(shard, 1);
                             if let Some(sent_at) = wire::body_sent_at(&m.body) {
                                 let now = shared.epoch.elapsed().as_nanos() as u64;
-                                shared.latency.record(i, now.saturating_sub(sent_at));
+                                shared.latency.record(shard, now.saturating_sub(sent_at));
                             }
                         }
                     }
@@ -749,7 +750,7 @@ async fn member(
                 let at = scheduled.saturating_duration_since(shared.epoch).as_nanos() as u64;
                 shared
                     .send_lag
-                    .record(i, now.duration_since(scheduled).as_nanos() as u64);
+                    .record(shard, now.duration_since(scheduled).as_nanos() as u64);
                 let send = proto::Send {
                     room: room.clone(),
                     client_msg_id: format!("{}-{sent}", spec.user),

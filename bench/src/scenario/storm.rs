@@ -75,7 +75,7 @@ pub async fn run(run: &Run, params: &Params) -> anyhow::Result<StormReport> {
         HashMap::<Step, u64>::new(),
         Vec::<String>::new(),
     )));
-    let latency = Arc::new(Latency::new());
+    let latency = Arc::new(Latency::with_shards(run.counter_shards()));
     let start = Instant::now();
     let deadline = start + params.duration;
     let mut tasks = Vec::new();
@@ -84,9 +84,10 @@ pub async fn run(run: &Run, params: &Params) -> anyhow::Result<StormReport> {
         let handshakes = handshakes.clone();
         let errors = errors.clone();
         let latency = latency.clone();
+        let shard = run.shard_of(w);
         let user = format!("storm-{id}-{w}");
         let room = params.join.then(|| format!("storm-{id}-{w}"));
-        tasks.push(tokio::spawn(async move {
+        tasks.push(run.spawn(w, async move {
             let token = match target.token(&user) {
                 Ok(t) => t,
                 Err(e) => {
@@ -121,7 +122,7 @@ pub async fn run(run: &Run, params: &Params) -> anyhow::Result<StormReport> {
                     };
                 match opened {
                     Ok(conn) => {
-                        latency.record(w, t.elapsed().as_nanos() as u64);
+                        latency.record(shard, t.elapsed().as_nanos() as u64);
                         handshakes.fetch_add(1, Ordering::Relaxed);
                         conn.close().await;
                     }
