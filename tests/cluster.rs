@@ -392,6 +392,8 @@ async fn a_hot_room_is_not_bound_by_one_redis_round_trip_per_message() {
     ann.send_msg("hot", "warm-up", "warm-up").await;
     assert_gap_free(&messages(&mut bob, 1).await, 1, 1);
 
+    let gap_fills = |text: &str| metric(text, "parley_broker_gap_fills_total");
+    let fills_before = gap_fills(&http_get(cluster.addr(1), "/metrics").await.1);
     let start = tokio::time::Instant::now();
     for k in 0..N {
         ann.send(Cmd::Send(proto::Send {
@@ -416,6 +418,10 @@ async fn a_hot_room_is_not_bound_by_one_redis_round_trip_per_message() {
         took < serial / 3,
         "{N} messages took {took:?}, one Redis round trip each would take {serial:?}"
     );
+    // The batches kept the room's order on the wire: bob's instance never had to fill
+    // a gap from the log.
+    let fills_after = gap_fills(&http_get(cluster.addr(1), "/metrics").await.1);
+    assert_eq!(fills_after, fills_before, "publishes arrived out of order");
     let (_, metrics) = http_get(cluster.addr(0), "/metrics").await;
     let publishes = metric(&metrics, "parley_broker_publishes_total");
     let batches = metric(&metrics, "parley_broker_publish_batches_total");
