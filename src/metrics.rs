@@ -103,6 +103,9 @@ pub struct BrokerMetrics {
     pub publishes: Counter<u64, AtomicU64>,
     /// Publishes that failed or were skipped while Redis was unreachable.
     pub publish_failures: Counter<u64, AtomicU64>,
+    /// Pipelines of publishes sent to Redis (`publishes / publish_batches`: the mean
+    /// batch).
+    pub publish_batches: Counter<u64, AtomicU64>,
     /// Envelopes received from other instances.
     pub received: Counter<u64, AtomicU64>,
     /// Seconds from publish (sender's clock) to receipt.
@@ -123,6 +126,7 @@ impl BrokerMetrics {
         Self {
             publishes: Counter::default(),
             publish_failures: Counter::default(),
+            publish_batches: Counter::default(),
             received: Counter::default(),
             receive_lag: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             gap_fills: Counter::default(),
@@ -143,6 +147,11 @@ impl BrokerMetrics {
             "publish_failures",
             "Publishes that failed or were skipped while Redis was unreachable",
             self.publish_failures.clone(),
+        );
+        r.register(
+            "publish_batches",
+            "Pipelines of publishes sent to Redis (publishes / publish_batches: the mean batch)",
+            self.publish_batches.clone(),
         );
         r.register(
             "received",

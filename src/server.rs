@@ -719,6 +719,14 @@ impl Server {
             if drained.is_err() {
                 tracing::warn!(open = s.tracker.len(), "drain timeout; closing the rest");
             }
+            // What was published during the drain still reaches the other instances.
+            let flush = s.core.chat.broker().flush();
+            if tokio::time::timeout(std::time::Duration::from_secs(2), flush)
+                .await
+                .is_err()
+            {
+                tracing::warn!("broker flush timed out: other instances repair from the log");
+            }
             maintenance.abort();
             file_cleanup.abort();
             presence_sweep.abort();

@@ -11,7 +11,10 @@ use std::{collections::BTreeMap, time::Duration};
 
 use common::{Client, WAIT, code_of, http_get};
 use harness::Cluster;
-use parley::proto::{self, ErrorCode, client_frame::Cmd, server_frame::Kind};
+use parley::{
+    config::PubSubMode,
+    proto::{self, ErrorCode, client_frame::Cmd, server_frame::Kind},
+};
 
 /// Reads `n` message pushes; returns (seq, body) in the order they came.
 async fn messages(c: &mut Client, n: usize) -> Vec<(u64, String)> {
@@ -132,7 +135,23 @@ async fn concurrent_sends_from_every_instance_give_one_order_everywhere() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_loses_nothing_and_delivery_resumes_by_itself() {
-    let mut cluster = Cluster::start("redis-restart", 3).await;
+    redis_restart(Cluster::start("redis-restart", 3).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_under_sharded_pubsub_loses_nothing_either() {
+    // Shard channels are not resubscribed by the connection manager: parley's own
+    // resubscribe after the loss must do it.
+    redis_restart(Cluster::start_with("redis-restart-sharded", 3, sharded).await).await;
+}
+
+fn sharded(c: &mut parley::config::Config) {
+    c.broker.pubsub = PubSubMode::Sharded;
+}
+
+/// Stops Redis under a cluster of three with a room, sends, starts Redis again: the
+/// messages sent meanwhile reach every instance once, in order, by themselves.
+async fn redis_restart(mut cluster: Cluster) {
     let mut ann = cluster.client(0, "ann").await;
     let mut bob = cluster.client(1, "bob").await;
     let mut cat = cluster.client(2, "cat").await;
@@ -182,6 +201,234 @@ async fn a_redis_restart_loses_nothing_and_delivery_resumes_by_itself() {
         assert_eq!(got.last().unwrap().0, 7);
     }
     cat.nothing_pushed(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_pubsub_carries_rooms_direct_messages_and_presence() {
+    let cluster = Cluster::start_with("sharded", 3, sharded).await;
+    let mut ann = cluster.client(0, "ann").await;
+    let mut bob = cluster.client(1, "bob").await;
+    let mut cat = cluster.client(2, "cat").await;
+    for c in [&mut ann, &mut bob, &mut cat] {
+        c.join("lobby").await;
+    }
+    // Concurrent pipelined sends from every instance: one order everywhere.
+    for round in 0..20 {
+        for c in [&mut ann, &mut bob, &mut cat] {
+            c.send(Cmd::Send(proto::Send {
+                room: "lobby".into(),
+                client_msg_id: format!("{}-{round}", c.user_id),
+                body: format!("{}-{round}", c.user_id),
+                ..Default::default()
+            }))
+            .await;
+        }
+    }
+    let mut orders = Vec::new();
+    for c in [&mut ann, &mut bob, &mut cat] {
+        // Each client's own 20 `sent` replies come between the pushes.
+        let mut got = Vec::new();
+        while got.len() < 60 {
+            if let Some(m) = c
+                .next_of(|k| match k {
+                    Kind::Message(m) => Some(Some(m)),
+                    Kind::Sent(_) => Some(None),
+                    _ => None,
+                })
+                .await
+            {
+                got.push((m.seq, m.body));
+            }
+        }
+        assert_gap_free(&got, 1, 60);
+        orders.push(got);
+    }
+    assert_eq!(orders[0], orders[1]);
+    assert_eq!(orders[0], orders[2]);
+    // A direct message to a user on another instance (the user's channel).
+    let sent = match ann
+        .request(Cmd::Send(proto::Send {
+            to_user: "cat".into(),
+            client_msg_id: "dm-1".into(),
+            body: "psst".into(),
+            ..Default::default()
+        }))
+        .await
+    {
+        Kind::Sent(s) => s,
+        other => panic!("expected sent, got {other:?}"),
+    };
+    let m = cat.next_message().await;
+    assert_eq!((m.room.as_str(), m.seq), (sent.room.as_str(), 1));
+    assert!(presence_of(&mut cat, "bob").await.online);
+
+    // Redis saw shard channels only: SPUBLISH calls, no PUBLISH, no classic channel.
+    let url = format!("redis://127.0.0.1:{}/", cluster.redis_port);
+    let mut redis = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let shard: Vec<String> = redis::cmd("PUBSUB")
+        .arg("SHARDCHANNELS")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(
+        shard.contains(&"parley:room:lobby".to_string()),
+        "{shard:?}"
+    );
+    assert!(shard.contains(&"parley:user:cat".to_string()), "{shard:?}");
+    assert!(shard.contains(&"parley:all".to_string()), "{shard:?}");
+    let classic: Vec<String> = redis::cmd("PUBSUB")
+        .arg("CHANNELS")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(classic, Vec::<String>::new());
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(stats.contains("cmdstat_spublish:"), "{stats}");
+    assert!(!stats.contains("cmdstat_publish:"), "{stats}");
+}
+
+/// A TCP relay to Redis that holds every byte `delay` in each direction: a Redis one
+/// round trip of `2 × delay` away, as across availability zones.
+struct SlowLink {
+    port: u16,
+    to: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl SlowLink {
+    async fn start(delay: Duration) -> SlowLink {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let to = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(0));
+        let target = to.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let port = target.load(Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await
+                    else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::join!(delayed(cr, sw, delay), delayed(sr, cw, delay));
+                });
+            }
+        });
+        SlowLink { port, to, accept }
+    }
+
+    /// Points `config`'s Redis URL (the cluster's own Redis) through this link.
+    fn route(&self, config: &mut parley::config::Config) {
+        let redis_port: u16 = config
+            .broker
+            .redis_url
+            .trim_end_matches('/')
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        self.to
+            .store(redis_port, std::sync::atomic::Ordering::SeqCst);
+        config.broker.redis_url = format!("redis://127.0.0.1:{}/", self.port);
+    }
+}
+
+impl Drop for SlowLink {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Copies `from` to `to`, each chunk `delay` after it was read (chunks overlap in
+/// flight: a latency, not a rate limit).
+async fn delayed(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let read = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            let _ = tx.send((tokio::time::Instant::now() + delay, buf[..n].to_vec()));
+        }
+    };
+    let write = async move {
+        while let Some((at, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(at).await;
+            if to.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(read, write);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_room_is_not_bound_by_one_redis_round_trip_per_message() {
+    // Redis 50 ms away: one round trip per message would cap one room at 20 messages/s.
+    const ONE_WAY: Duration = Duration::from_millis(25);
+    const N: u64 = 200;
+    let link = SlowLink::start(ONE_WAY).await;
+    let cluster = Cluster::start_with("hot-room", 2, |c| link.route(c)).await;
+    let mut ann = cluster.client(0, "ann").await;
+    let mut bob = cluster.client(1, "bob").await;
+    ann.join("hot").await;
+    bob.join("hot").await;
+    // Wait until bob's instance hears the room (its subscription went through the link).
+    ann.send_msg("hot", "warm-up", "warm-up").await;
+    assert_gap_free(&messages(&mut bob, 1).await, 1, 1);
+
+    let gap_fills = |text: &str| metric(text, "parley_broker_gap_fills_total");
+    let fills_before = gap_fills(&http_get(cluster.addr(1), "/metrics").await.1);
+    let start = tokio::time::Instant::now();
+    for k in 0..N {
+        ann.send(Cmd::Send(proto::Send {
+            room: "hot".into(),
+            client_msg_id: format!("m{k}"),
+            body: format!("m{k}"),
+            ..Default::default()
+        }))
+        .await;
+    }
+    let got = messages(&mut bob, N as usize).await;
+    let took = start.elapsed();
+    assert_gap_free(&got, 2, N + 1);
+    let serial = 2 * ONE_WAY * N as u32;
+    eprintln!(
+        "{N} messages of one room over a {:?} Redis round trip: {took:?} ({:.0}/s; one round trip each: {serial:?})",
+        2 * ONE_WAY,
+        N as f64 / took.as_secs_f64()
+    );
+    // Batched: a few round trips per burst, far from one per message.
+    assert!(
+        took < serial / 3,
+        "{N} messages took {took:?}, one Redis round trip each would take {serial:?}"
+    );
+    // The batches kept the room's order on the wire: bob's instance never had to fill
+    // a gap from the log.
+    let fills_after = gap_fills(&http_get(cluster.addr(1), "/metrics").await.1);
+    assert_eq!(fills_after, fills_before, "publishes arrived out of order");
+    let (_, metrics) = http_get(cluster.addr(0), "/metrics").await;
+    let publishes = metric(&metrics, "parley_broker_publishes_total");
+    let batches = metric(&metrics, "parley_broker_publish_batches_total");
+    assert!(
+        publishes / batches > 2.0,
+        "{publishes} publishes in {batches} batches"
+    );
 }
 
 /// The value of an unlabelled sample in an OpenMetrics text.

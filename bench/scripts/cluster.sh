@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Cluster fan-out benchmark (docs/BENCHMARKS.md, "Many instances"): in one sitting,
-#   1. one instance (memory broker) with publishers and subscribers on it;
-#   2. three instances on one Redis: publishers on instance 0, subscribers spread over
-#      instances 1 and 2 (parley-bench --listener-url);
-# both on the same private PostgreSQL store (scripts/cluster). Prints parley-bench's
-# report per run and the CPU seconds of every parley and of redis-server, and Redis'
-# command count, over the run.
+#   1. one instance (memory broker): publishers and subscribers on it;
+#   2. N = 1, 2, 3 instances on one Redis (CLUSTER_SIZES, default "1 2 3"): publishers
+#      on instance 0, subscribers spread evenly over all N instances (parley-bench
+#      --listener-url), so every message crosses Redis to the N - 1 others;
+# all on the same kind of private PostgreSQL store (scripts/cluster). Prints
+# parley-bench's report per run, the CPU seconds of every parley and of redis-server,
+# and Redis' command count, over the run. CLUSTER_PUBSUB=sharded runs the Redis
+# configurations with broker.pubsub = "sharded".
 #
 #   bench/scripts/cluster.sh OUT_DIR [BIN_DIR] -- FANOUT_ARGS...
 #   e.g. bench/scripts/cluster.sh /tmp/cb target/release -- --subscribers 600 --publishers 4 --rate 200 --duration 10s
@@ -22,13 +24,14 @@ for v in MAX_CONNECTIONS MAX_CONNECTIONS_PER_IP CONNECTS_PER_IP_PER_SECOND CONNE
     export "PARLEY_LIMITS__$v=0"
 done
 export PARLEY_BIN="$bin/parley"
+export PARLEY_BROKER__PUBSUB="${CLUSTER_PUBSUB:-classic}"
 
 cpu_ticks() { # utime + stime of a pid, in clock ticks
     awk '{print $14 + $15}' "/proc/$1/stat"
 }
 
-publishes() { # PUBLISH calls so far
-    redis-cli -p "$1" info commandstats | awk -F'[=,]' '/^cmdstat_publish:/{print $2+0; f=1} END{if(!f) print 0}'
+publishes() { # PUBLISH and SPUBLISH calls so far
+    redis-cli -p "$1" info commandstats | awk -F'[=,]' '/^cmdstat_s?publish:/{n += $2} END{print n+0}'
 }
 
 run() { # name n_instances bench-args...
@@ -53,7 +56,7 @@ run() { # name n_instances bench-args...
     for u in "${urls[@]}"; do ws+=("ws://${u#http://}/ws"); done
     local extra=()
     if [ "$n" -gt 1 ]; then
-        for u in "${ws[@]:1}"; do extra+=(--listener-url "$u"); done
+        for u in "${ws[@]}"; do extra+=(--listener-url "$u"); done
     fi
     "$bin/parley-bench" --no-progress --json --url "${ws[0]}" --server-pid "${pids[0]}" \
         "${extra[@]}" fanout "$@" >"$out/$name.json" 2>"$out/$name.txt" || echo "bench failed: see $out/$name.txt"
@@ -70,11 +73,17 @@ run() { # name n_instances bench-args...
             a=$(cpu_ticks "${pids[$k]}")
             echo "pid ${pids[$k]} ($( [ "$k" -lt "$n" ] && echo "parley-$k" || echo redis)): $(echo "scale=2; ($a - ${before[$k]}) / $hz" | bc) CPU s"
         done
-        echo "redis commands: $((cmds_after - cmds_before)) (PUBLISH: $((pubs_after - pubs_before)))"
+        echo "redis commands: $((cmds_after - cmds_before)) (PUBLISH/SPUBLISH: $((pubs_after - pubs_before)))"
+        for i in $(seq 0 $((n - 1))); do
+            curl -fsS "http://$(cat "$dir/parley-$i.addr")/metrics" 2>/dev/null |
+                awk -v i="$i" '/^parley_broker_(publishes|publish_batches|received|gap_fills)_total /{printf "parley-%s %s %s\n", i, $1, $2}'
+        done
         grep -E "delivered/s|latency p50|verification|published" "$out/$name.txt" || true
     } | tee -a "$out/summary.txt"
     scripts/cluster stop "$dir" >/dev/null
 }
 
 CLUSTER_BROKER=memory run single 1 "$@"
-run cluster3 3 "$@"
+for n in ${CLUSTER_SIZES:-1 2 3}; do
+    run "redis$n" "$n" "$@"
+done

@@ -7,7 +7,8 @@
 //!
 //! - [`local::LocalBroker`] — one instance, in-process. Room order comes from `chat`'s
 //!   sequencer (publishes of a room leave in seq order), so it delivers at once.
-//! - [`redis::RedisBroker`] — many instances over Redis pub/sub. One `PUBLISH` per push
+//! - [`redis::RedisBroker`] — many instances over Redis pub/sub. One `PUBLISH` (or
+//!   sharded `SPUBLISH`) per push, pipelined with the pushes queued behind it
 //!   ([`wire`] frames it: origin, target, room seq, the push's protobuf bytes);
 //!   instances subscribe by interest (a room's channel while it has local members, a
 //!   user's channel while the user has local sessions, one broadcast channel). Room
@@ -49,8 +50,16 @@ pub struct UserPresence {
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
     /// Delivers `push` to the target's sessions on every instance. Publishes of one
-    /// instance are delivered in the order they were made.
+    /// instance are delivered in the order they were made. Returns once the push is
+    /// delivered here and handed on in that order, without waiting for a backend's round
+    /// trip: a caller that publishes in turn (a room's messages, in seq order) is bound
+    /// by the backend's rate, not by its latency. `Err` when the backend cannot take it
+    /// (the other instances then repair room messages from the log).
     async fn publish(&self, target: Target, push: Arc<Push>) -> Result<(), BrokerError>;
+
+    /// Resolves once every publish made before it has left for the other instances (or
+    /// failed): at shutdown, so the last messages go out live rather than by log repair.
+    async fn flush(&self) {}
 
     /// `room` has (or may have got) its first local member, whose session has seen the
     /// room's log up to `last_seq`: its publishes must reach this instance from now on.

@@ -9,6 +9,16 @@
 //!   target's channel: `room:{room}` (room messages, membership, receipts, typing),
 //!   `user:{user}` (signals, large-room notices), `all` (presence, announcements).
 //!   Receivers skip envelopes of their own origin, so nothing is delivered twice.
+//!   [`Broker::publish`] only queues the envelope (in call order) for one publisher task,
+//!   which sends whatever has queued up as one pipeline (up to [`PUBLISH_BATCH`]) and
+//!   waits for its replies before the next: a room's next message does not wait for the
+//!   previous one's round trip, and the rate of one hot room is bound by Redis' command
+//!   rate, not by its latency. The envelopes of one instance still reach Redis in the
+//!   order they were queued (one connection, one pipeline at a time).
+//! - **Sharded pub/sub** (`broker.pubsub = "sharded"`, Redis 7): the same channels with
+//!   `SPUBLISH` / `SSUBSCRIBE` / `SUNSUBSCRIBE`, pushes of kind `smessage`. The
+//!   connection manager does not track shard channels, so after a reconnect they are
+//!   subscribed again by [`Inner::resubscribe`] alone (as every channel is anyway).
 //! - **Interest**: a room's channel is subscribed while the room has local members (the
 //!   hub's room size is the reference count), a user's channel while the user has local
 //!   sessions; `all` always. Subscription changes go through one task, in order.
@@ -40,6 +50,8 @@ use redis::{
 };
 use tokio::sync::mpsc;
 
+use bytes::Bytes;
+
 use super::{
     Broker, BrokerError, UserPresence,
     order::{Log, RoomOrder},
@@ -49,7 +61,7 @@ use super::{
 use crate::{
     auth::now_ms,
     codec::Push,
-    config::BrokerConfig,
+    config::{BrokerConfig, PubSubMode},
     delivery::{Hub, Target},
     metrics::BrokerMetrics,
 };
@@ -61,11 +73,19 @@ enum Change {
         room: Option<String>,
     },
     Unsubscribe(String),
-    Publish(String, bytes::Bytes),
+    Publish(String, Bytes),
     /// Publishes this instance's HTTP address (then it is ready).
     Advertise,
     Online(String),
     Offline(String, i64),
+}
+
+/// What the publisher task is handed.
+enum Outgoing {
+    /// An envelope and its channel.
+    Envelope(String, Bytes),
+    /// Answered once everything queued before it has been sent (or has failed).
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 #[derive(Default)]
@@ -78,6 +98,10 @@ struct Inner {
     id: u64,
     keys: Keys,
     conn: ConnectionManager,
+    /// `SPUBLISH` / `SSUBSCRIBE` instead of `PUBLISH` / `SUBSCRIBE`.
+    sharded: bool,
+    /// Envelopes for the publisher task, in publish order.
+    outgoing: mpsc::Sender<Outgoing>,
     hub: Arc<Hub>,
     order: Arc<RoomOrder>,
     presence: Presence,
@@ -100,6 +124,14 @@ struct Inner {
 
 /// The most instances the address book holds.
 const MAX_OWNERS: usize = 1024;
+
+/// The most envelopes the publisher sends as one pipeline.
+pub const PUBLISH_BATCH: usize = 512;
+
+/// The most envelopes queued for the publisher; a publish waits for room beyond that (a
+/// room's next publish waits with it: back-pressure through the room's turn, bounded by
+/// chat's publish timeout).
+const PUBLISH_QUEUE: usize = 16 * 1024;
 
 pub struct RedisBroker {
     inner: Arc<Inner>,
@@ -141,10 +173,13 @@ impl RedisBroker {
         let id = rand::random::<u64>();
         let keys = Keys::new(&config.redis_prefix);
         let (changes, changes_rx) = mpsc::unbounded_channel();
+        let (outgoing, outgoing_rx) = mpsc::channel(PUBLISH_QUEUE);
         let inner = Arc::new(Inner {
             id,
             keys: keys.clone(),
             conn,
+            sharded: config.pubsub == PubSubMode::Sharded,
+            outgoing,
             order: Arc::new(RoomOrder::new(
                 hub.clone(),
                 log,
@@ -173,6 +208,7 @@ impl RedisBroker {
         });
         tokio::spawn(receive(Arc::downgrade(&inner), push_rx));
         tokio::spawn(apply_changes(Arc::downgrade(&inner), changes_rx));
+        tokio::spawn(publisher(Arc::downgrade(&inner), outgoing_rx));
         tokio::spawn(heartbeat(Arc::downgrade(&inner), config.presence_heartbeat));
         tracing::info!(instance = format!("{id:x}"), "redis broker");
         Ok(Self { inner })
@@ -185,6 +221,53 @@ impl RedisBroker {
 }
 
 impl Inner {
+    fn publish_command(&self) -> &'static str {
+        if self.sharded { "SPUBLISH" } else { "PUBLISH" }
+    }
+
+    /// Subscribes `channels`, one command per channel sent as one pipeline. (A command
+    /// naming several channels gets one reply per channel, and the extra replies would
+    /// answer other commands in flight on the multiplexed connection.) One classic
+    /// channel goes through the manager's `subscribe`, which remembers it for its
+    /// automatic resubscription; the rest are subscribed again by [`Self::resubscribe`].
+    async fn subscribe(
+        &self,
+        conn: &mut ConnectionManager,
+        channels: &[String],
+    ) -> redis::RedisResult<()> {
+        match channels {
+            [] => Ok(()),
+            [one] if !self.sharded => conn.subscribe(one).await,
+            _ => {
+                let command = if self.sharded {
+                    "SSUBSCRIBE"
+                } else {
+                    "SUBSCRIBE"
+                };
+                let mut pipe = redis::pipe();
+                for channel in channels {
+                    pipe.cmd(command).arg(channel).ignore();
+                }
+                pipe.exec_async(conn).await
+            }
+        }
+    }
+
+    async fn unsubscribe(
+        &self,
+        conn: &mut ConnectionManager,
+        channel: &str,
+    ) -> redis::RedisResult<()> {
+        if self.sharded {
+            redis::cmd("SUNSUBSCRIBE")
+                .arg(channel)
+                .exec_async(conn)
+                .await
+        } else {
+            conn.unsubscribe(channel).await
+        }
+    }
+
     fn channel_of(&self, target: &Target) -> String {
         match target {
             Target::Room(room) | Target::RoomExcept { room, .. } => self.keys.room_channel(room),
@@ -277,7 +360,7 @@ impl Inner {
         channels.extend(users.iter().map(|u| self.keys.user_channel(u)));
         let mut conn = self.conn.clone();
         for chunk in channels.chunks(256) {
-            if let Err(e) = conn.subscribe(chunk).await {
+            if let Err(e) = self.subscribe(&mut conn, chunk).await {
                 self.set_down(&e);
                 return;
             }
@@ -304,7 +387,7 @@ async fn receive(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<PushInfo>) 
     while let Some(info) = rx.recv().await {
         let Some(inner) = inner.upgrade() else { return };
         match info.kind {
-            PushKind::Message => {
+            PushKind::Message | PushKind::SMessage => {
                 let Some(Value::BulkString(bytes)) = info.data.get(1) else {
                     continue;
                 };
@@ -343,7 +426,9 @@ async fn apply_changes(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Chang
         let mut conn = inner.conn.clone();
         let result = match change {
             Change::Subscribe { channel, room } => {
-                let r = conn.subscribe(&channel).await;
+                let r = inner
+                    .subscribe(&mut conn, std::slice::from_ref(&channel))
+                    .await;
                 if r.is_ok()
                     && let Some(room) = room
                 {
@@ -353,8 +438,8 @@ async fn apply_changes(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Chang
                 }
                 r
             }
-            Change::Unsubscribe(channel) => conn.unsubscribe(&channel).await,
-            Change::Publish(channel, bytes) => redis::cmd("PUBLISH")
+            Change::Unsubscribe(channel) => inner.unsubscribe(&mut conn, &channel).await,
+            Change::Publish(channel, bytes) => redis::cmd(inner.publish_command())
                 .arg(channel)
                 .arg(&bytes[..])
                 .exec_async(&mut conn)
@@ -378,6 +463,47 @@ async fn apply_changes(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Chang
         };
         if let Err(e) = result {
             inner.set_down(&e);
+        }
+    }
+}
+
+/// Sends the queued envelopes: whatever has queued up (at most [`PUBLISH_BATCH`]) as one
+/// pipeline, then waits for its replies before the next, so envelopes reach Redis in
+/// queue order and a burst costs one round trip per batch, not per envelope. A failed
+/// batch is dropped (receivers repair room messages from the log) and marks Redis down.
+async fn publisher(inner: Weak<Inner>, mut rx: mpsc::Receiver<Outgoing>) {
+    let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+    let mut flushes = Vec::new();
+    while rx.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
+        let Some(inner) = inner.upgrade() else { return };
+        let mut pipe = redis::pipe();
+        let command = inner.publish_command();
+        let mut n = 0;
+        for item in batch.drain(..) {
+            match item {
+                Outgoing::Envelope(channel, bytes) => {
+                    pipe.cmd(command).arg(channel).arg(&bytes[..]).ignore();
+                    n += 1;
+                }
+                Outgoing::Flush(done) => flushes.push(done),
+            }
+        }
+        if n > 0 {
+            let mut conn = inner.conn.clone();
+            match pipe.exec_async(&mut conn).await {
+                Ok(()) => {
+                    inner.metrics.publishes.inc_by(n);
+                    inner.metrics.publish_batches.inc();
+                }
+                Err(e) => {
+                    inner.metrics.publish_failures.inc_by(n);
+                    tracing::warn!(error = %e, envelopes = n, "publish failed");
+                    inner.set_down(&e);
+                }
+            }
+        }
+        for done in flushes.drain(..) {
+            let _ = done.send(());
         }
     }
 }
@@ -435,22 +561,24 @@ impl Broker for RedisBroker {
             inner.metrics.publish_failures.inc();
             return Err(BrokerError::Backend("redis unreachable".into()));
         }
-        let mut conn = inner.conn.clone();
-        let published: redis::RedisResult<i64> = redis::cmd("PUBLISH")
-            .arg(channel)
-            .arg(&bytes[..])
-            .query_async(&mut conn)
-            .await;
-        match published {
-            Ok(_) => {
-                inner.metrics.publishes.inc();
-                Ok(())
-            }
-            Err(e) => {
-                inner.metrics.publish_failures.inc();
-                inner.set_down(&e);
-                Err(BrokerError::Backend(e.to_string()))
-            }
+        // Queued in call order; the publisher task sends it (and counts a failure).
+        let envelope = Outgoing::Envelope(channel, bytes);
+        inner.outgoing.send(envelope).await.map_err(|_| {
+            inner.metrics.publish_failures.inc();
+            BrokerError::Backend("publisher stopped".into())
+        })
+    }
+
+    async fn flush(&self) {
+        let (done, sent) = tokio::sync::oneshot::channel();
+        if self
+            .inner
+            .outgoing
+            .send(Outgoing::Flush(done))
+            .await
+            .is_ok()
+        {
+            let _ = sent.await;
         }
     }
 

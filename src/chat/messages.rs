@@ -152,7 +152,10 @@ impl Chat {
 
     /// Appends and publishes in seq order (see the module comment). The order is fixed
     /// now; the publishing part runs in its own task, so a caller that goes away cannot
-    /// stall its stripe. The returned future resolves with the `sent` reply.
+    /// stall its stripe. The turn covers only handing the push to the broker, which
+    /// queues it without waiting for Redis (`Broker::publish`): a hot room's rate is not
+    /// bound by one Redis round trip per message. The returned future resolves with the
+    /// `sent` reply.
     fn submit(&self, message: NewMessage) -> PendingSend {
         let store = &self.store;
         let (mut turn, appended) = self

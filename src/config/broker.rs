@@ -16,6 +16,16 @@ pub enum BrokerBackend {
     Redis,
 }
 
+/// Which Redis pub/sub commands carry the fan-out.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PubSubMode {
+    /// `PUBLISH` / `SUBSCRIBE`: any Redis version.
+    Classic,
+    /// Sharded pub/sub, `SPUBLISH` / `SSUBSCRIBE` (Redis 7.0 or newer).
+    Sharded,
+}
+
 /// Fan-out between instances, cross-instance ordering and presence.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -29,6 +39,8 @@ pub struct BrokerConfig {
     pub advertise: String,
     /// Prefix of every Redis channel and key, so several deployments can share a Redis.
     pub redis_prefix: String,
+    /// Classic or sharded (Redis 7) pub/sub for the fan-out channels.
+    pub pubsub: PubSubMode,
     /// How long a receiver holds a seq gap in a room before it fills it from the store.
     #[serde(with = "humantime_serde")]
     pub gap_hold: Duration,
@@ -50,6 +62,7 @@ impl Default for BrokerConfig {
             redis_url: "redis://127.0.0.1:6379/".into(),
             advertise: String::new(),
             redis_prefix: "parley".into(),
+            pubsub: PubSubMode::Classic,
             gap_hold: Duration::from_millis(200),
             presence_heartbeat: Duration::from_secs(2),
             presence_ttl: Duration::from_secs(10),

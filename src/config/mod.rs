@@ -36,7 +36,7 @@ mod web;
 mod ws;
 
 pub use auth::{AuthConfig, DEV_JWT_SECRET, JwtAlgorithm, JwtKey};
-pub use broker::{BrokerBackend, BrokerConfig};
+pub use broker::{BrokerBackend, BrokerConfig, PubSubMode};
 pub use chat::ChatConfig;
 pub use files::{FileBackend, FilesConfig};
 pub use limits::LimitsConfig;
