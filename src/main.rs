@@ -89,29 +89,6 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// glibc's malloc gives threads that allocate at the same time arenas of their own, up
-/// to 8 per core, and memory freed in one arena serves only that arena: after the
-/// blocking pool's threads (SQLite) and the workers have taken turns, each holds
-/// freed memory the others cannot reuse, and RSS stays high (5,000 WebSockets joined
-/// to one room: 450 B more per connection with the default than with one arena per
-/// core, docs/BENCHMARKS.md). So: one arena per core, unless `MALLOC_ARENA_MAX` says
-/// otherwise. Called before the runtime starts its threads.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn tune_malloc() {
-    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
-        return;
-    }
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let arenas = std::ffi::c_int::try_from(cores).unwrap_or(std::ffi::c_int::MAX);
-    // SAFETY: mallopt only sets a tunable of the allocator; any value is valid.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, arenas);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn tune_malloc() {}
-
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve {
@@ -153,7 +130,6 @@ fn run() -> anyhow::Result<()> {
                 };
             }
             init_logging(&config);
-            tune_malloc();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
