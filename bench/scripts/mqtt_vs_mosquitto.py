@@ -3,7 +3,13 @@
 
     python3 bench/scripts/mqtt_vs_mosquitto.py [--parley target/release/parley]
         [--mosquitto /usr/sbin/mosquitto] [--idle 2000] [--subscribers 100]
-        [--duration 10] [--rounds 2]
+        [--duration 10] [--rounds 2] [--over tcp|ws] [--only idle|fanout]
+        [--brokers mosquitto,parley]
+
+`--over ws`: MQTT over WebSocket (parley's `/mqtt`, subprotocol `mqtt`), offering
+permessage-deflate as browsers do (`permessage-deflate; client_max_window_bits`); the
+idle connections then measure what an MQTT-over-WebSocket device costs. mosquitto is
+only run over TCP (Debian's build has no WebSocket listener configured here).
 
 For each round and each broker (a fresh process each time, on free ports on 127.0.0.1;
 mosquitto with a private config in a temp dir, never the system service; parley with a
@@ -103,9 +109,63 @@ async def read_packet(reader: asyncio.StreamReader):
     return first >> 4, await reader.readexactly(n)
 
 
-async def open_subscribed(port: int, i: int, topic: bytes):
+WS_KEY = base64.b64encode(b"parley-mqtt-benc").decode()
+
+
+class WsReader:
+    """Reads the MQTT byte stream out of WebSocket messages (server frames are unmasked;
+    parley sends nothing here above the deflate threshold, so no inflate is needed)."""
+
+    def __init__(self, reader):
+        self.reader, self.buf = reader, b""
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            head = await self.reader.readexactly(2)
+            assert head[0] & 0x40 == 0, "compressed frame: not expected for small packets"
+            size = head[1] & 0x7F
+            if size == 126:
+                size = int.from_bytes(await self.reader.readexactly(2), "big")
+            elif size == 127:
+                size = int.from_bytes(await self.reader.readexactly(8), "big")
+            payload = await self.reader.readexactly(size)
+            if head[0] & 0x0F in (1, 2, 0):
+                self.buf += payload
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+
+def ws_binary(data: bytes) -> bytes:
+    """One masked binary message (the mask is zero: the frame is still a valid masked
+    client frame, and the payload needs no XOR)."""
+    n = len(data)
+    head = bytes([0x82])
+    if n < 126:
+        head += bytes([0x80 | n])
+    else:
+        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    return head + b"\0\0\0\0" + data
+
+
+async def open_stream(port: int, over: str):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(connect_packet(f"c{i}", f"u{i}") + subscribe_packet(1, topic))
+    if over == "tcp":
+        return reader, writer, lambda b: b
+    writer.write(
+        (f"GET /mqtt HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+         f"Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\n"
+         "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n"
+         "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n"
+         ).encode())
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), f"upgrade refused: {head[:80]!r}"
+    return WsReader(reader), writer, ws_binary
+
+
+async def open_subscribed(port: int, i: int, topic: bytes, over: str = "tcp"):
+    reader, writer, frame = await open_stream(port, over)
+    writer.write(frame(connect_packet(f"c{i}", f"u{i}") + subscribe_packet(1, topic)))
     await writer.drain()
     kind, body = await read_packet(reader)
     assert kind == 2 and body[1] == 0, f"CONNACK {body!r}"
@@ -135,8 +195,9 @@ def free_port() -> int:
 
 
 class Broker:
-    def __init__(self, name, args, env, port, tmp):
+    def __init__(self, name, args, env, port, tmp, http_port=None):
         self.name, self.port, self.tmp = name, port, tmp
+        self.http_port = http_port
         self.proc = subprocess.Popen(
             args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -184,25 +245,28 @@ def start(name: str, opts) -> Broker:
             "RUST_LOG": "warn",
         }
     )
+    http_port = free_port()
     args = [opts.parley, "--config", "/nonexistent.toml", "serve",
-            "--listen", f"127.0.0.1:{free_port()}"]
-    return Broker(name, args, env, port, tmp)
+            "--listen", f"127.0.0.1:{http_port}"]
+    return Broker(name, args, env, port, tmp, http_port)
 
 
-async def idle(b: Broker, n: int) -> dict:
+async def idle(b: Broker, n: int, over: str) -> dict:
+    port = b.http_port if over == "ws" else b.port
     # One connection first so the room exists and lazily built state is there.
-    first = await open_subscribed(b.port, 0, TOPIC_IDLE)
+    first = await open_subscribed(port, 0, TOPIC_IDLE, over)
     await asyncio.sleep(1)
     before = rss_kib(b.proc.pid)
     conns = [first]
     for start_i in range(1, n, 100):
         batch = range(start_i, min(start_i + 100, n))
-        conns += await asyncio.gather(*(open_subscribed(b.port, i, TOPIC_IDLE) for i in batch))
+        conns += await asyncio.gather(
+            *(open_subscribed(port, i, TOPIC_IDLE, over) for i in batch))
     await asyncio.sleep(2)
     after = rss_kib(b.proc.pid)
     for _, w in conns:
         w.close()
-    return {"connections": n, "rss_before_kib": before, "rss_after_kib": after,
+    return {"over": over, "connections": n, "rss_before_kib": before, "rss_after_kib": after,
             "kib_per_connection": round((after - before) / (n - 1), 2)}
 
 
@@ -280,14 +344,23 @@ def main():
     p.add_argument("--subscribers", type=int, default=100)
     p.add_argument("--duration", type=float, default=10)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--over", choices=("tcp", "ws"), default="tcp")
+    p.add_argument("--only", choices=("idle", "fanout"))
+    p.add_argument("--brokers", default="mosquitto,parley")
     opts = p.parse_args()
+    brokers = opts.brokers.split(",")
+    if opts.over == "ws":
+        brokers = [b for b in brokers if b == "parley"]
+    scenarios = (opts.only,) if opts.only else ("idle", "fanout")
+    if opts.over == "ws":
+        scenarios = ("idle",)
     for r in range(opts.rounds):
-        for name in ("mosquitto", "parley"):
-            for scenario in ("idle", "fanout"):
+        for name in brokers:
+            for scenario in scenarios:
                 b = start(name, opts)
                 try:
                     if scenario == "idle":
-                        res = asyncio.run(idle(b, opts.idle))
+                        res = asyncio.run(idle(b, opts.idle, opts.over))
                     else:
                         res = asyncio.run(fanout(b, opts.subscribers, opts.duration))
                 finally:

@@ -130,6 +130,10 @@ enum Scenario {
         /// Pause before each memory reading.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         settle: Duration,
+        /// Each connection also joins this room once authenticated (one big room: the
+        /// cost of a membership on top of a connection).
+        #[arg(long, value_name = "ROOM")]
+        join: Option<String>,
     },
     /// One room, N subscribers, publishers at R msgs/s: deliveries/s, latency, and a
     /// check that nothing was lost, duplicated or reordered.
@@ -377,11 +381,13 @@ async fn run(cli: Cli, shards: Option<Arc<Shards>>) -> anyhow::Result<bool> {
                 connections,
                 hold,
                 settle,
+                join,
             } => {
                 let p = scenario::idle::Params {
                     connections: *connections,
                     hold: *hold,
                     settle: *settle,
+                    join: join.clone(),
                 };
                 Box::new(scenario::idle::run(&run, &p).await?)
             }

@@ -110,6 +110,7 @@ async fn scenarios_verify_on_shard_threads() {
             connections: 10,
             hold: Duration::from_millis(200),
             settle: Duration::ZERO,
+            join: Some("smoke-shards".into()),
         },
     )
     .await
@@ -167,6 +168,8 @@ async fn idle_and_storm_run() {
             connections: 25,
             hold: Duration::from_millis(300),
             settle: Duration::ZERO,
+            // Each also joins one room (a join refused or unanswered fails the run).
+            join: Some("smoke-idle".into()),
         },
     )
     .await
@@ -290,6 +293,9 @@ async fn idle_over_sse_and_long_poll() {
                 connections: 15,
                 hold: Duration::from_millis(1500),
                 settle: Duration::ZERO,
+                // Joined: the join is a POST, and the `joined` pushes the members get
+                // are acknowledged with POSTs while the stream or poll stays open.
+                join: Some("smoke-http".into()),
             },
         )
         .await

@@ -244,7 +244,13 @@ impl Session {
             s.sent -= 1;
             s.retained_bytes -= e.cost;
         }
-        Self::shrink(&mut s);
+        if s.queue.is_empty() {
+            // Everything is acknowledged: give the queue back whatever its size (an
+            // idle member of a quiet room keeps no room for its last few pushes). An
+            // ack comes once per many pushes, so this costs at most one allocation per
+            // ack, not one per push.
+            s.queue = VecDeque::new();
+        }
     }
 
     /// Gives back what a burst grew the queue to, once it has drained: an idle session
@@ -454,6 +460,26 @@ mod tests {
         assert_eq!(s.lock().queue.len(), 1000);
         s.ack(1000);
         assert_eq!(s.lock().queue.capacity(), 0);
+    }
+
+    /// A member of a quiet room that acknowledged its few pushes holds no queue either
+    /// (one push leaves room for four entries, kept by every such session until now);
+    /// an ack that leaves pushes behind keeps the queue.
+    #[test]
+    fn a_fully_acknowledged_queue_is_given_back() {
+        let s = session(1 << 20, 1 << 20);
+        let a = s.attach().unwrap();
+        s.push(&push());
+        s.push(&push());
+        assert_eq!(positions(s.take(&a, 10)), vec![1, 2]);
+        s.ack(1);
+        assert!(s.lock().queue.capacity() > 0, "position 2 is still held");
+        assert_eq!(s.lock().queue.len(), 1);
+        s.ack(2);
+        assert_eq!(s.lock().queue.capacity(), 0);
+        // Resume still works from what is held (nothing: all acknowledged).
+        s.push(&push());
+        assert_eq!(positions(s.take(&a, 10)), vec![3]);
     }
 
     #[test]

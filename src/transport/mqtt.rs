@@ -168,11 +168,17 @@ pub fn serve_stream(io: impl Stream, ctx: Ctx) -> impl Future<Output = ()> + Sen
 }
 
 /// The connection's life: CONNECT, then packets until it ends.
-async fn serve(socket: Socket, ctx: Ctx) {
+///
+/// Two stages chained, not one `async fn`: the handshake's future (with `ctx`) is gone
+/// once the connection runs, and the running stage holds the connection and its wire
+/// once each (an `async fn` that took them by value would hold them beside the
+/// future that uses them). Every byte of the running stage is paid by every idle
+/// connection.
+fn serve(socket: Socket, ctx: Ctx) -> impl Future<Output = ()> + Send {
     let metrics = ctx.core.metrics.clone();
     metrics.connections.get_or_create(&LABEL).inc();
-    let _counted = Counted(metrics.clone());
-    let mut wire = Wire {
+    let counted = Counted(metrics.clone());
+    let wire = Wire {
         socket,
         buf: BytesMut::new(),
         max_packet: ctx.core.config.mqtt.max_packet_bytes,
@@ -181,9 +187,26 @@ async fn serve(socket: Socket, ctx: Ctx) {
         frames_out: metrics.frames_out.get_or_create(&LABEL).clone(),
         v5: false,
     };
-    if let Some(connection) = Box::pin(handshake(&mut wire, &ctx)).await {
-        Box::pin(connection.run(wire)).await;
-    }
+    let handshake = boxed(async move {
+        let mut wire = wire;
+        let connection = handshake(&mut wire, &ctx).await;
+        connection.map(|c| Running {
+            connection: c,
+            wire,
+            _counted: counted,
+        })
+    });
+    handshake.then(|running| match running {
+        Some(mut r) => Either::Left(async move { r.connection.run(&mut r.wire).await }),
+        None => Either::Right(std::future::ready(())),
+    })
+}
+
+/// A connection past its CONNECT: what its task holds until it ends.
+struct Running {
+    connection: Connection,
+    wire: Wire,
+    _counted: Counted,
 }
 
 /// Counts the connection while it lives.
@@ -748,9 +771,9 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
         user: session.user_id().to_string(),
         core: core.clone(),
         shutdown: ctx.connection_shutdown(),
-        will,
+        will: will.map(Box::new),
         session_tag: session.id().to_string(),
-        keep: keep_for.map(|d| (ctx.mqtt.clone(), key, d)),
+        keep: keep_for.map(|d| Box::new((ctx.mqtt.clone(), key, d))),
         kicked: live.kick,
         _release: release,
         subscriptions: kept.subscriptions,
@@ -1097,14 +1120,16 @@ struct Connection {
     core: Arc<Core>,
     /// The server's shutdown signal.
     shutdown: tokio_util::sync::CancellationToken,
-    /// Sent when the connection ends without DISCONNECT.
-    will: Option<Will>,
+    /// Sent when the connection ends without DISCONNECT. Boxed, as `keep`: most
+    /// connections have neither, and every byte here is paid by every idle one.
+    will: Option<Box<Will>>,
     /// The session id, in the `client_msg_id` of what this connection publishes.
     session_tag: String,
     /// Where to keep the MQTT session when the connection ends (`clean_session=false`,
     /// an MQTT 5 session expiry interval): the registry, this session's key, and for how
     /// long.
-    keep: Option<(Arc<Kept>, (String, String), Duration)>,
+    #[allow(clippy::type_complexity)]
+    keep: Option<Box<(Arc<Kept>, (String, String), Duration)>>,
     /// Cancelled when a new connection with the same client id takes over.
     kicked: tokio_util::sync::CancellationToken,
     /// This connection's claim on its client id (dropped last: after the session is kept).
@@ -1134,6 +1159,12 @@ struct Connection {
     max_out: Option<usize>,
 }
 
+/// `fut` on the heap (see `ws::boxed`: a `Box::pin(fut).await` written in place still
+/// reserves room for `fut` in the enclosing future).
+fn boxed<F: Future>(fut: F) -> std::pin::Pin<Box<F>> {
+    Box::pin(fut)
+}
+
 /// How one packet or outbox item went.
 type Step = Result<(), Stop>;
 
@@ -1146,7 +1177,7 @@ enum Stop {
 }
 
 impl Connection {
-    async fn run(mut self, mut wire: Wire) {
+    async fn run(&mut self, wire: &mut Wire) {
         // A resumed session first sends again what the device never acknowledged.
         let mut again = BytesMut::new();
         for u in &self.unacked {
@@ -1154,9 +1185,11 @@ impl Connection {
             publish.dup = true;
             encode(self.v5, &Packet::Publish(publish), &u.metadata, &mut again);
         }
+        // Every await here but `serve`'s is boxed: this future lives as long as the
+        // connection, and an inline cold await (the resend, the will, the close) would
+        // make every idle connection's task as large as the largest of them.
         if !again.is_empty()
-            && wire
-                .write(again.freeze(), self.unacked.len() as u64)
+            && boxed(wire.write(again.freeze(), self.unacked.len() as u64))
                 .await
                 .is_err()
         {
@@ -1164,11 +1197,11 @@ impl Connection {
         }
         // Packets that came in the CONNECT's WebSocket message (a client may send
         // CONNECT and SUBSCRIBE together) are handled before waiting for more.
-        let first = self.on_bytes(&mut wire).await;
+        let first = boxed(self.on_bytes(wire)).await;
         let stop = if let Err(stop) = first {
             stop
         } else {
-            self.serve(&mut wire).await
+            self.serve(wire).await
         };
         if let Stop::Close(code, reason) = stop {
             // MQTT 5 says why before the server closes (not after the client's
@@ -1176,9 +1209,9 @@ impl Connection {
             if self.v5 && code != NORMAL_CLOSE {
                 let mut disconnect = v5::Disconnect::new(disconnect_reason(code, reason));
                 disconnect.properties.reason_string = Some(reason.into());
-                let _ = wire.write_v5(v5::Packet::Disconnect(disconnect)).await;
+                let _ = boxed(wire.write_v5(v5::Packet::Disconnect(disconnect))).await;
             }
-            wire.close(code, reason).await;
+            boxed(wire.close(code, reason)).await;
         }
         // Without DISCONNECT (dropped, timed out, closed for an error): the will, as a
         // message from the user, before the session ends. Not when the server itself is
@@ -1186,13 +1219,14 @@ impl Connection {
         if let Some(will) = self.will.take().filter(|_| !self.shutdown.is_cancelled()) {
             let (core, user) = (self.core.clone(), self.user.clone());
             let client_msg_id = format!("mqtt-{}-will", self.session_tag);
-            publish_will(core, user, client_msg_id, will).await;
+            boxed(publish_will(core, user, client_msg_id, *will)).await;
         }
-        self.outbox.settle().await;
+        boxed(self.outbox.settle()).await;
         match self.keep.take() {
             // `clean_session=false`: the session waits out its grace period (dropping
             // the outbox detaches it), its MQTT state kept beside it.
-            Some((kept, key, keep_for)) if !self.shutdown.is_cancelled() => {
+            Some(keep) if !self.shutdown.is_cancelled() => {
+                let (kept, key, keep_for) = *keep;
                 let Some(session) = self.outbox.session() else {
                     return;
                 };
@@ -1216,12 +1250,16 @@ impl Connection {
     }
 
     /// Reads packets and writes what the outbox hands out, until the connection stops.
+    /// An idle connection waits in the `select!`: what a read or a delivery does is
+    /// boxed, so it takes memory only while it runs.
     async fn serve(&mut self, wire: &mut Wire) -> Stop {
         loop {
             let step = tokio::select! {
                 biased;
-                read = wire.read(), if self.outbox.accepting() => self.on_read(wire, read).await,
-                out = self.outbox.next() => self.deliver(wire, out).await,
+                read = wire.read(), if self.outbox.accepting() => {
+                    boxed(self.on_read(wire, read)).await
+                }
+                out = self.outbox.next() => boxed(self.deliver(wire, out)).await,
                 _ = self.kicked.cancelled() => {
                     Err(Stop::Close(CloseReason::SessionMoved.code(), "taken over by a new connection"))
                 }
@@ -1290,9 +1328,9 @@ impl Connection {
                 // The session expiry interval may change here, not from 0 (MQTT-3.14.2-2).
                 match (expiry, &mut self.keep) {
                     (Some(0), keep) => *keep = None,
-                    (Some(secs), Some((_, _, keep_for))) => {
+                    (Some(secs), Some(keep)) => {
                         let grace = self.core.config.session.grace_period;
-                        *keep_for = grace.min(Duration::from_secs(u64::from(secs)));
+                        keep.2 = grace.min(Duration::from_secs(u64::from(secs)));
                     }
                     (Some(_), None) => {
                         return Err(Stop::Close(PROTOCOL_ERROR, "session expiry was 0"));
@@ -1502,6 +1540,10 @@ impl Connection {
             return Ok(());
         }
         let state = self.suback.remove(&pid).expect("looked up");
+        if self.suback.is_empty() {
+            // Give the table back: an idle connection should not keep room for SUBACKs.
+            self.suback = HashMap::new();
+        }
         let codes: Vec<_> = state.codes.into_iter().flatten().collect();
         wire.write(suback(self.v5, pid, &codes), 1)
             .await
@@ -1588,6 +1630,11 @@ impl Connection {
         let Some(pending) = self.pending.remove(&frame.id) else {
             return Ok(());
         };
+        if self.pending.is_empty() {
+            // Give the table back: a subscribed device that only listens has nothing
+            // pending, and should not keep room for it.
+            self.pending = HashMap::new();
+        }
         let error = match &frame.kind {
             Some(Kind::Error(e)) => Some(e.code),
             None => Some(proto::ErrorCode::Unspecified as i32),
@@ -1856,6 +1903,29 @@ fn room_of(filter: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The size of the future `f` returns, without calling it.
+    fn future_size<F, A, B, Fut>(_: &F) -> usize
+    where
+        F: FnOnce(A, B) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every idle MQTT connection pays for its task's future: the running stage (the
+    /// connection, its wire and the `select!` it waits in), not the handshake's, and
+    /// nothing a packet or a delivery does while it runs.
+    #[test]
+    fn the_connection_task_stays_small() {
+        let task = future_size(&serve);
+        let connection = std::mem::size_of::<Connection>();
+        let wire = std::mem::size_of::<Wire>();
+        eprintln!("task {task} B: Connection {connection} B, Wire {wire} B");
+        assert!(
+            task <= 1600,
+            "the MQTT connection task's future is {task} bytes"
+        );
+    }
 
     #[test]
     fn fixed_header_lengths() {

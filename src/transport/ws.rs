@@ -283,6 +283,8 @@ struct Writer {
     /// This transport's counter, looked up once (not a labelled-family lookup per write).
     frames_out: HotCounter,
     write_timeout: Duration,
+    /// No pushes were written since the last heartbeat ping (or since the start).
+    quiet: bool,
 }
 
 impl Writer {
@@ -329,9 +331,19 @@ impl Writer {
     async fn write(&mut self, out: Out) -> Result<(), WriteError> {
         let mut frames = 0u64;
         // After a reply or a ping the connection most likely waits: give the write
-        // buffer back (an idle connection holds none). Not after pushes: a connection
-        // in a busy room would allocate and free it on every wake-up.
-        let then_idle = !matches!(out, Out::Pushes(_));
+        // buffer back (an idle connection holds none). After pushes only when they are
+        // the first since the last heartbeat ping (every `ws.heartbeat_interval`): a
+        // member of a quiet room holds no buffer between its rare pushes, while a
+        // connection in a busy room frees and allocates it once per heartbeat, not on
+        // every wake-up.
+        let then_idle = match out {
+            Out::Pushes(_) => std::mem::take(&mut self.quiet),
+            Out::Idle => {
+                self.quiet = true;
+                true
+            }
+            _ => true,
+        };
         let write_timeout = self.write_timeout;
         let write = async {
             match out {
@@ -490,6 +502,7 @@ impl Connection {
                 compression,
                 frames_out: metrics.frames_out.get_or_create(&LABEL).clone(),
                 write_timeout: config.write_timeout,
+                quiet: true,
             },
             outbox,
             frames_in: metrics.frames_in.get_or_create(&LABEL).clone(),

@@ -1,6 +1,7 @@
-//! `idle`: N authenticated connections (connect with a token, no rooms) held open while
-//! the server's heartbeats are answered. Measures the server's memory per connection
-//! (RSS delta / N) and the connect + auth rate.
+//! `idle`: N authenticated connections (connect with a token; no rooms, or each joined to
+//! one room with `join`) held open while the server's heartbeats are answered. Measures
+//! the server's memory per connection (RSS delta / N) and the connect + auth (+ join)
+//! rate.
 
 use std::{
     sync::{
@@ -21,8 +22,9 @@ use crate::{
     stats::Tick,
     transport::{Connection, Step},
     ui::{bytes, si},
-    wire::Incoming,
+    wire::{self, Incoming},
 };
+use parley::proto::{self, client_frame::Cmd};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Params {
@@ -31,6 +33,9 @@ pub struct Params {
     pub hold: Duration,
     /// Pause before each memory reading, so the server settles.
     pub settle: Duration,
+    /// Each connection joins this room once authenticated (a run id is appended, so a
+    /// run starts with an empty room).
+    pub join: Option<String>,
 }
 
 impl Default for Params {
@@ -39,6 +44,7 @@ impl Default for Params {
             connections: 1000,
             hold: Duration::from_secs(10),
             settle: Duration::from_secs(2),
+            join: None,
         }
     }
 }
@@ -99,6 +105,7 @@ pub async fn run(run: &Run, params: &Params) -> anyhow::Result<IdleReport> {
         let ready = ready_tx.clone();
         let dropped = dropped.clone();
         let user = format!("idle-{id}-{i}");
+        let room = params.join.as_ref().map(|r| format!("{r}-{id}"));
         tasks.push(run.spawn(i, async move {
             let opened = async {
                 let _permit = permits
@@ -108,9 +115,16 @@ pub async fn run(run: &Run, params: &Params) -> anyhow::Result<IdleReport> {
                 let token = target
                     .token(&user)
                     .map_err(|e| (Step::Auth, e.to_string()))?;
-                Connection::open_authenticated(&target, i, &user, &token)
-                    .await
-                    .map_err(|e| (e.step, e.to_string()))
+                let (mut conn, connected) =
+                    Connection::open_authenticated(&target, i, &user, &token)
+                        .await
+                        .map_err(|e| (e.step, e.to_string()))?;
+                if let Some(room) = &room {
+                    conn.join(room)
+                        .await
+                        .map_err(|e| (Step::Join, format!("{e:#}")))?;
+                }
+                Ok((conn, connected))
             };
             let opened = tokio::select! {
                 r = opened => r,
@@ -127,12 +141,20 @@ pub async fn run(run: &Run, params: &Params) -> anyhow::Result<IdleReport> {
                 }
             };
             drop(ready);
-            // Hold: keep reading so heartbeats are answered.
+            // Hold: keep reading so heartbeats are answered, and acknowledge pushes (the
+            // `joined` notices of later members) as the SDK does, so the server may drop
+            // them from its replay buffer.
+            let encoding = conn.encoding();
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     r = conn.recv() => match r {
-                        Ok(Incoming::Frame(_)) => {}
+                        Ok(Incoming::Frame(bytes)) => {
+                            let pos = wire::decode(encoding, &bytes).map_or(0, |f| f.pos);
+                            if pos > 0 {
+                                let _ = conn.send(Cmd::Ack(proto::Ack { pos })).await;
+                            }
+                        }
                         Ok(Incoming::Closed(_)) | Err(_) => {
                             dropped.fetch_add(1, Ordering::Relaxed);
                             return;
