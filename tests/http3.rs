@@ -755,3 +755,21 @@ async fn webtransport_from_a_foreign_origin_is_refused() {
         .expect("an answer in time");
     assert!(r.is_err(), "a foreign origin gets no session");
 }
+
+#[tokio::test]
+async fn shutdown_tells_webtransport_sessions_to_reconnect() {
+    let certs = make_certs("shutdown");
+    let t = tls_server(&certs, |_| {}).await;
+    let mut ann = Peer::wt(&t, &certs, "enc=json").await;
+    ann.connect(json!({"token": t.token("ann")})).await;
+    t.server.shutdown();
+    let f = loop {
+        let f = ann.read().await.expect("the disconnect frame");
+        if f.get("disconnect").is_some() {
+            break f;
+        }
+    };
+    assert_eq!(f["disconnect"]["code"], 1001, "{f}");
+    assert_eq!(f["disconnect"]["reconnect"], true, "{f}");
+    assert!(ann.read().await.is_none(), "then the stream ends");
+}
