@@ -574,7 +574,6 @@ export class WebTransportTransport extends FramedTransport {
     const writer = this.writer;
     this.writer = undefined;
     this.reader?.cancel().catch(() => {});
-    // Let a last frame (`end`) go out before the session closes.
     const shut = () => {
       try {
         wt.close({ closeCode: code, reason: "" });
@@ -582,7 +581,10 @@ export class WebTransportTransport extends FramedTransport {
         /* already closed */
       }
     };
-    if (writer) writer.close().then(shut, shut);
+    // Finishing the stream ends the session on the server (like a WebSocket close
+    // frame): only for `end` (1000), after its frame went out. Otherwise (4000) the
+    // session is left to be resumed: close the connection only.
+    if (writer && code === 1000) writer.close().then(shut, shut);
     else shut();
   }
 }
