@@ -826,9 +826,11 @@ export class Parley {
       lost: () => this.#sample(-1),
       closed: (why, t) => {
         if (t !== this.#current) return;
-        // A WebSocket probe resuming the session makes the server close the old
-        // transport with 4010 before the probe's own `connected` arrives: not a drop.
-        if (why.code === 4010 && this.#probing) this.#probeDrop = why;
+        // A probe (WebSocket, or WebTransport on a weak network) resuming the session
+        // makes the server close the old transport with 4010 before the probe's own
+        // `connected` arrives: not a drop. Any other end of the old transport while a
+        // probe is under way waits for the probe too: it is a drop only if the probe fails.
+        if (this.#probing) this.#probeDrop = why;
         else this.#dropped?.(why);
       },
     };
@@ -995,6 +997,10 @@ export class Parley {
     try {
       token = await this.#token();
     } catch {
+      this.#probing = undefined;
+      const dropped = this.#probeDrop;
+      this.#probeDrop = undefined;
+      if (dropped && this.#current === old) this.#dropped?.(dropped);
       return;
     }
     // The new transport takes over inside `connected` (synchronously, before its first
@@ -1017,9 +1023,11 @@ export class Parley {
       return;
     }
     this.#probing = undefined;
+    const dropped = this.#probeDrop;
     this.#probeDrop = undefined;
     if (this.#current !== ws) {
       ws.close();
+      if (dropped && this.#current === old) this.#dropped?.(dropped);
       return;
     }
     old.close();
@@ -1134,12 +1142,16 @@ export class Parley {
     this.#ackTimer = setTimeout(
       () => {
         this.#ackTimer = undefined;
+        // Not while a probe is opening: its `connect` carries the position it resumes
+        // from, and an ack past it that reached the server first would make the server
+        // forget pushes the resume needs (a new session instead of a resume).
+        if (this.#probing) return this.#scheduleAck();
         if (this.#lastPos > this.#ackedPos && this.#current === t) {
           this.#ackedPos = this.#lastPos;
           t.post({ ack: { pos: String(this.#lastPos) } });
         }
       },
-      t.name === "websocket" ? 1000 : 5000,
+      t.name === "sse" ? 5000 : 1000,
     );
   }
 

@@ -123,7 +123,7 @@ export class ParleyServer {
         PARLEY_AUTH__JWT_SECRET: "browser-test-secret",
         PARLEY_AUTH__ADMIN_TOKEN: ADMIN_TOKEN,
         PARLEY_WEB__DEV_TOKENS: "true",
-        PARLEY_LOG__FILTER: "warn",
+        PARLEY_LOG__FILTER: process.env.TEST_PARLEY_LOG || "warn",
         RUST_LOG: "warn",
         ...(this.tls ? { PARLEY_TLS__CERT_FILE: this.tls.cert, PARLEY_TLS__KEY_FILE: this.tls.key } : {}),
         ...this.env,

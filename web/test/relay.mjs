@@ -60,19 +60,37 @@ export class LossyRelay {
 
   /** A delayed, in-order pipe from `from` to `to` with modelled loss. */
   #pipe(from, to) {
-    let last = 0; // when the previous chunk is delivered (ms)
+    const queue = []; // [due ms, chunk | null (= end)], due times non-decreasing
+    let timer;
+    let last = 0;
+    const flush = () => {
+      timer = undefined;
+      while (queue.length && queue[0][0] <= Date.now()) {
+        const [, chunk] = queue.shift();
+        if (to.destroyed) return;
+        if (chunk === null) to.end();
+        else to.write(chunk);
+      }
+      if (queue.length) timer = setTimeout(flush, Math.max(0, queue[0][0] - Date.now()));
+    };
+    const push = (due, chunk) => {
+      queue.push([due, chunk]);
+      if (!timer) timer = setTimeout(flush, Math.max(0, queue[0][0] - Date.now()));
+    };
     from.on("data", (chunk) => {
-      let at = Math.max(Date.now() + this.delayMs, last);
+      // Lost and retransmitted: late by one RTO, counted from its own send time (losses
+      // close together are recovered together, not one after the other).
+      let at = Date.now() + this.delayMs;
       if (this.loss > 0 && this.random() < this.loss) {
         at += Math.max(200, 4 * this.delayMs);
         this.counts.stalled++;
       }
+      at = Math.max(at, last); // in order: nothing overtakes a held chunk
       last = at;
-      setTimeout(() => {
-        if (!to.destroyed) to.write(chunk);
-      }, at - Date.now());
+      push(at, chunk);
     });
-    from.on("end", () => setTimeout(() => to.end(), Math.max(0, last - Date.now())));
+    from.on("end", () => push(Math.max(Date.now(), last), null));
+    to.on("close", () => clearTimeout(timer));
   }
 
   #tcp(client) {
@@ -110,11 +128,20 @@ export class LossyRelay {
       this.counts.dropped++;
       return;
     }
-    if (this.delayMs > 0) setTimeout(() => send(msg), this.delayMs);
-    else send(msg);
+    const go = () => {
+      if (this.stopped) return;
+      try {
+        send(msg);
+      } catch {
+        /* socket closed meanwhile */
+      }
+    };
+    if (this.delayMs > 0) setTimeout(go, this.delayMs);
+    else go();
   }
 
   async stop() {
+    this.stopped = true;
     for (const s of this.sockets) s.destroy();
     for (const p of this.udpPeers.values()) p.close();
     this.udpSock?.close();

@@ -37,7 +37,7 @@ function assertOnceInOrder(list, bodies, who) {
   assert.deepEqual(seqs, [...new Set(seqs)].sort((a, b) => a - b), `${who}: seqs unique and ascending`);
 }
 
-const sdk = (page, expr) => page.evaluate(expr);
+const sdk = (page, expr, arg) => page.evaluate(expr, arg);
 
 describe("webtransport", () => {
   test("WebTransport with serverCertificateHashes chats with a WebSocket page (protobuf and JSON); a wrong hash falls back", async () => {
@@ -96,6 +96,8 @@ describe("webtransport", () => {
 
   test("the SDK picks WebTransport on a lossy relay (moving the live session, nothing lost or repeated) and WebSocket on a clean one", async () => {
     // 100 ms RTT both; 15 % loss on one. 30 pings 50 ms apart measure each path.
+    let sending = false;
+    let sender;
     const lossy = await new LossyRelay(server.port, { delayMs: 50, loss: 0.15, seed: 7 }).start();
     const clean = await new LossyRelay(server.port, { delayMs: 50, loss: 0 }).start();
     try {
@@ -109,12 +111,12 @@ describe("webtransport", () => {
       const session = await sdk(alice, () => window.parley.stats.connects);
       // Messages flow while alice's session moves.
       const bodies = [];
-      let sending = true;
-      const sender = (async () => {
+      sending = true;
+      sender = (async () => {
         for (let i = 0; sending && i < 200; i++) {
           const b = `m${i}`;
           bodies.push(b);
-          await sdk(bob, (text) => window.parley.send("lobby", text), b);
+          await sdk(bob, (text) => window.parley.send("lobby", text), b).catch(() => (sending = false));
           await new Promise((r) => setTimeout(r, 150));
         }
       })();
@@ -135,13 +137,19 @@ describe("webtransport", () => {
       assert.ok(stats.resumes >= 1, `the move resumed the session: ${JSON.stringify(stats)}`);
       assert.equal(stats.connects, session + stats.resumes, "no new session: every later connect was a resume");
       for (const [p, who] of [[alice, "alice"], [carol, "carol"]]) {
-        await waitFor(`${who} shows all ${bodies.length}`, async () => (await shown(p)).filter((m) => /^m\d+$/.test(m.body)).length >= bodies.length, 20_000, 200);
+        await waitFor(`${who} shows all ${bodies.length}`, async () => (await shown(p)).filter((m) => /^m\d+$/.test(m.body)).length >= bodies.length, 20_000, 200).catch(async (e) => {
+          const seen = (await shown(p)).map((m) => `${m.seq}:${m.body}`);
+          const stats = await sdk(p, () => ({ ...window.parley.stats, transport: window.parley.transport }));
+          throw new Error(`${e.message}; ${who} shows ${JSON.stringify(seen)}; stats ${JSON.stringify(stats)}`);
+        });
         assertOnceInOrder((await shown(p)).filter((m) => /^m\d+$/.test(m.body)), bodies, who);
       }
       assert.ok(lossy.counts.stalled > 0 && lossy.counts.dropped > 0, `the relay did lose: ${JSON.stringify(lossy.counts)}`);
       for (const p of [alice, bob, carol]) assert.deepEqual(p.errors, []);
       for (const p of [alice, bob, carol]) await p.context().close();
     } finally {
+      sending = false;
+      await sender?.catch(() => {});
       await lossy.stop();
       await clean.stop();
     }
