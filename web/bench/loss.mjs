@@ -154,15 +154,15 @@ try {
     const r = await run(loss);
     for (const [transport, v] of Object.entries(r)) {
       const s = [...v.lat].sort((a, b) => a - b);
-      rows.push({ loss, transport, sent: v.sent, received: v.received, p50: pct(s, 50), p99: pct(s, 99), max: s.at(-1), used: v.used.join("+"), reconnects: v.reconnects });
+      rows.push({ loss, transport, sent: v.sent, received: v.received, p50: pct(s, 50), p90: pct(s, 90), p99: pct(s, 99), max: s.at(-1), used: v.used.join("+"), reconnects: v.reconnects });
       console.error(JSON.stringify(rows.at(-1)));
     }
   }
 } finally {
   rmSync(dir, { recursive: true, force: true });
 }
-console.log(`| loss each way | transport | sent | received | p50 ms | p99 ms | max ms | reconnects |`);
-console.log(`|---|---|---|---|---|---|---|---|`);
+console.log(`| loss each way | transport | sent | received | p50 ms | p90 ms | p99 ms | max ms | reconnects |`);
+console.log(`|---|---|---|---|---|---|---|---|---|`);
 for (const r of rows) {
-  console.log(`| ${r.loss * 100} % | ${r.transport} | ${r.sent} | ${r.received} | ${r.p50.toFixed(0)} | ${r.p99.toFixed(0)} | ${r.max.toFixed(0)} | ${r.reconnects} |`);
+  console.log(`| ${r.loss * 100} % | ${r.transport} | ${r.sent} | ${r.received} | ${r.p50.toFixed(0)} | ${r.p90.toFixed(0)} | ${r.p99.toFixed(0)} | ${r.max.toFixed(0)} | ${r.reconnects} |`);
 }
