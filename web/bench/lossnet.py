@@ -54,6 +54,10 @@ def up():
     for n in NS.values():
         sh("ip", "netns", "add", n)
         sh("ip", "-n", n, "link", "set", "lo", "up")
+        # IPv4 only: no IPv6 addresses appearing seconds later (Chromium reports such a
+        # change as ERR_NETWORK_CHANGED to requests in flight).
+        for key in ("net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"):
+            sh("ip", "netns", "exec", n, "sysctl", "-q", "-w", key, check=False)
     # client <-> router, server <-> router
     sh("ip", "link", "add", "plc0", "netns", NS["client"], "type", "veth", "peer", "name", "plr0", "netns", NS["router"])
     sh("ip", "link", "add", "pls0", "netns", NS["server"], "type", "veth", "peer", "name", "plr1", "netns", NS["router"])
