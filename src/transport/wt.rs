@@ -290,7 +290,7 @@ struct Writer {
 
 /// Appends `len` as a protobuf varint.
 fn put_len(out: &mut BytesMut, len: usize) {
-    let _ = prost::encoding::encode_varint(len as u64, out);
+    prost::encoding::encode_varint(len as u64, out);
 }
 
 impl Writer {
