@@ -209,6 +209,7 @@ impl H3Sse {
 // ---------------------------------------------------------------------------------------
 // Frame peers: WebTransport (wtransport) and WebSocket over TLS (tokio-tungstenite)
 
+#[allow(clippy::large_enum_variant)]
 enum Wire {
     Wt {
         conn: wtransport::Connection,

@@ -126,6 +126,17 @@ pub async fn serve(
         return;
     };
     let quarter_id = stream.send_id().into_inner() / 4;
+    // The client's SETTINGS (which must enable WebTransport and datagrams) travel on
+    // another stream than its CONNECT and may come later (a lost packet): wait for them,
+    // bounded, rather than refuse a session that is only early.
+    let mut conn = conn;
+    let settings = timeout(
+        ctx.core.config.server.preface_timeout,
+        peer_settings(&mut conn),
+    );
+    if !matches!(settings.await, Ok(Ok(()))) {
+        tracing::debug!("WebTransport CONNECT without the client's SETTINGS in time");
+    }
     let session = match WebTransportSession::accept(request, stream, conn).await {
         Ok(s) => Arc::new(s),
         Err(e) => {
@@ -172,6 +183,26 @@ pub async fn serve(
     );
     connection.run(&gone).instrument(span).await;
     quic.close(http3::code(h3::error::Code::H3_NO_ERROR), b"");
+}
+
+/// Reads the client's control stream until its SETTINGS enable WebTransport and HTTP
+/// datagrams.
+async fn peer_settings(conn: &mut H3Connection) -> Result<(), h3::error::ConnectionError> {
+    use h3::ConnectionState as _;
+    std::future::poll_fn(|cx| {
+        loop {
+            let settings = conn.inner.shared.settings();
+            if settings.enable_webtransport() && settings.enable_datagram() {
+                return std::task::Poll::Ready(Ok(()));
+            }
+            match conn.inner.poll_control(cx) {
+                std::task::Poll::Ready(Ok(_frame)) => continue,
+                std::task::Poll::Ready(Err(e)) => return std::task::Poll::Ready(Err(e)),
+                std::task::Poll::Pending => return std::task::Poll::Pending,
+            }
+        }
+    })
+    .await
 }
 
 /// Closes the connection once the client has (it read what was sent), or after
@@ -290,7 +321,7 @@ struct Writer {
 
 /// Appends `len` as a protobuf varint.
 fn put_len(out: &mut BytesMut, len: usize) {
-    let _ = prost::encoding::encode_varint(len as u64, out);
+    prost::encoding::encode_varint(len as u64, out);
 }
 
 impl Writer {
