@@ -88,7 +88,7 @@ export interface ParleyOptions {
     networkPingIntervalMs?: number;
     /** Median round trip from which the network is weak (default 300 ms). */
     weakRttMs?: number;
-    /** Share of stalled or unanswered pings from which the network is weak (default 0.03). */
+    /** Share of stalled or unanswered pings from which the network is weak (default 0.06). */
     weakLoss?: number;
     /** WebSocket encoding: "proto" (binary, the default) or "json". SSE and long-poll use JSON. */
     encoding?: "proto" | "json";

@@ -20,7 +20,7 @@ export interface NetworkThresholds {
   minSamples: number;
 }
 
-export const NETWORK_DEFAULTS: NetworkThresholds = { weakRttMs: 300, weakLoss: 0.03, minSamples: 10 };
+export const NETWORK_DEFAULTS: NetworkThresholds = { weakRttMs: 300, weakLoss: 0.06, minSamples: 10 };
 
 /** Samples kept (the window). */
 const WINDOW = 60;
