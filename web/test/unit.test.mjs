@@ -1,5 +1,6 @@
 // Unit tests (node's test runner) of the SDK's delivery logic: backoff, the per-room
-// sequencer (gap detection, duplicate drop), and the client's gap filling, dedupe and
+// sequencer (gap detection, duplicate drop), the network estimate (what counts as a
+// weak network), and the client's gap filling, dedupe and
 // send retry against a scripted in-memory WebSocket. The TypeScript sources are bundled
 // with esbuild into a temp dir first, so the tests run the code the build ships.
 import assert from "node:assert/strict";
