@@ -280,6 +280,8 @@ pub struct Server {
     addr: SocketAddr,
     /// The plain MQTT listener's address (`[mqtt] listen`).
     mqtt_addr: Option<SocketAddr>,
+    /// The QUIC (HTTP/3, WebTransport) listener's address.
+    http3_addr: Option<SocketAddr>,
     state: Ctx,
     task: JoinHandle<Result<(), ServerError>>,
 }
@@ -287,9 +289,20 @@ pub struct Server {
 /// Loads the configured certificate and key into a TLS acceptor offering `alpn` (h2 and
 /// http/1.1 for HTTP; none for MQTT); `None` when TLS is not configured.
 fn tls_acceptor(config: &TlsConfig, alpn: &[&[u8]]) -> Result<Option<TlsAcceptor>, ServerError> {
+    Ok(rustls_config(config, alpn, false)?.map(|tls| TlsAcceptor::from(Arc::new(tls))))
+}
+
+/// The rustls configuration of the configured certificate and key, offering `alpn`
+/// (TLS 1.3 only with `tls13_only`, as QUIC requires); `None` when TLS is not configured.
+fn rustls_config(
+    config: &TlsConfig,
+    alpn: &[&[u8]],
+    tls13_only: bool,
+) -> Result<Option<tokio_rustls::rustls::ServerConfig>, ServerError> {
     use tokio_rustls::rustls::{
         ServerConfig,
         pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+        version::TLS13,
     };
     let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) else {
         if config.cert_file.is_some() || config.key_file.is_some() {
@@ -305,14 +318,136 @@ fn tls_acceptor(config: &TlsConfig, alpn: &[&[u8]]) -> Result<Option<TlsAcceptor
     let key =
         PrivateKeyDer::from_pem_file(key).map_err(|e| ServerError::Tls(format!("{key}: {e}")))?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let mut tls = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+    let builder = ServerConfig::builder_with_provider(provider);
+    let builder = if tls13_only {
+        builder.with_protocol_versions(&[&TLS13])
+    } else {
+        builder.with_safe_default_protocol_versions()
+    };
+    let mut tls = builder
         .map_err(|e| ServerError::Tls(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| ServerError::Tls(e.to_string()))?;
     tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Ok(Some(TlsAcceptor::from(Arc::new(tls))))
+    Ok(Some(tls))
+}
+
+/// The QUIC endpoint's configuration (`[http3]`): TLS 1.3 with ALPN `h3` and no 0-RTT
+/// (early data could be replayed), and the bounds on what one connection (or a stranger
+/// sending Initial packets) can make the server hold: streams, flow-control windows,
+/// datagram buffers, packets buffered per connection attempt.
+fn quic_config(config: &Config) -> Result<Option<quinn::ServerConfig>, ServerError> {
+    let h3 = &config.http3;
+    if !h3.enabled {
+        return Ok(None);
+    }
+    let Some(tls) = rustls_config(&config.tls, &[b"h3"], true)? else {
+        return Ok(None);
+    };
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls))
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    let idle = quinn::IdleTimeout::try_from(h3.idle_timeout)
+        .map_err(|e| ServerError::Tls(format!("http3.idle_timeout: {e}")))?;
+    // One frame (or request body chunk) fits a stream's window; a connection's window is
+    // a few of them. The defaults (1.25 MB per stream, unbounded per connection) would
+    // let each client park megabytes in the server.
+    let stream_window = (config.ws.max_frame_bytes as u64 + 16 * 1024).max(64 * 1024);
+    transport
+        .max_idle_timeout(Some(idle))
+        // QUIC PINGs keep a live client's connection (and /wt session) from idling out,
+        // and find a dead one within the idle timeout: /wt's heartbeat.
+        .keep_alive_interval(Some(config.ws.heartbeat_interval.min(h3.idle_timeout / 2)))
+        .max_concurrent_bidi_streams(h3.max_streams.into())
+        // HTTP/3's control and QPACK streams (and a little room for grease).
+        .max_concurrent_uni_streams(8u32.into())
+        .stream_receive_window(quinn::VarInt::from_u64(stream_window).unwrap_or(quinn::VarInt::MAX))
+        .receive_window(quinn::VarInt::from_u64(4 * stream_window).unwrap_or(quinn::VarInt::MAX))
+        .send_window(1024 * 1024)
+        .datagram_receive_buffer_size(Some(16 * 1024))
+        .datagram_send_buffer_size(64 * 1024);
+    server
+        .transport_config(Arc::new(transport))
+        .incoming_buffer_size(64 * 1024)
+        .incoming_buffer_size_total(8 * 1024 * 1024);
+    Ok(Some(server))
+}
+
+/// The `Alt-Svc` value advertising HTTP/3 on `port`, if it is advertised.
+fn alt_svc(config: &Config, port: u16) -> Option<axum::http::HeaderValue> {
+    let max_age = config.http3.alt_svc_max_age.as_secs();
+    if max_age == 0 {
+        return None;
+    }
+    axum::http::HeaderValue::try_from(format!("h3=\":{port}\"; ma={max_age}")).ok()
+}
+
+/// The QUIC listener's accept loop: address validation (a Retry while many handshakes
+/// are in progress), admission and its limits as on TCP (a refused connection attempt
+/// gets CONNECTION_REFUSED), the handshake under `server.tls_handshake_timeout`, then
+/// the HTTP/3 connection on the server's task tracker (so a drain waits for it). Stops
+/// accepting on shutdown.
+async fn accept_quic(endpoint: quinn::Endpoint, app: Router, ctx: Ctx) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    /// Counts a handshake in progress until dropped.
+    struct Handshaking(Arc<AtomicU32>);
+    impl Drop for Handshaking {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    let handshaking = Arc::new(AtomicU32::new(0));
+    let retry_above = ctx.core.config.http3.retry_above_handshakes;
+    let handshake_timeout = ctx.core.config.server.tls_handshake_timeout;
+    loop {
+        let incoming = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+        };
+        let peer = incoming.remote_address();
+        if !incoming.remote_address_validated()
+            && handshaking.load(Ordering::Relaxed) >= retry_above
+        {
+            // Stateless: the client must echo the token before anything is kept for it.
+            let _ = incoming.retry();
+            continue;
+        }
+        let slot = match ctx.admission.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                tracing::debug!(%peer, ?refusal, "QUIC connection refused by admission");
+                incoming.refuse();
+                continue;
+            }
+        };
+        let connecting = match incoming.accept() {
+            Ok(connecting) => connecting,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "QUIC connection attempt failed");
+                continue;
+            }
+        };
+        handshaking.fetch_add(1, Ordering::Relaxed);
+        let counted = Handshaking(handshaking.clone());
+        let (app, ctx2) = (app.clone(), ctx.clone());
+        ctx.tracker.spawn(async move {
+            let connected = tokio::time::timeout(handshake_timeout, connecting).await;
+            drop(counted);
+            match connected {
+                Ok(Ok(quic)) => {
+                    transport::http3::serve(quic, app, ctx2, PeerIp(peer.ip())).await;
+                }
+                Ok(Err(e)) => tracing::debug!(error = %e, "QUIC handshake failed"),
+                Err(_) => tracing::debug!("QUIC handshake not finished in time"),
+            }
+            drop(slot);
+        });
+    }
 }
 
 /// CORS for browsers on other origins: the origins `server.allowed_origins` names (or
@@ -606,6 +741,19 @@ impl Server {
             }
             None => None,
         };
+        // QUIC beside TLS: by default the same address and port number, over UDP.
+        let quic = match quic_config(&config)? {
+            Some(quic) => {
+                let at = config.http3.listen.unwrap_or(addr);
+                let endpoint = quinn::Endpoint::server(quic, at)
+                    .map_err(|source| ServerError::Bind { addr: at, source })?;
+                let local = endpoint
+                    .local_addr()
+                    .map_err(|source| ServerError::Bind { addr: at, source })?;
+                Some((endpoint, local, alt_svc(&config, local.port())))
+            }
+            None => None,
+        };
         let config_limits = config.limits.clone();
         let tls_configured = config.tls.cert_file.is_some();
         let advertise = if !config.broker.advertise.is_empty() {
@@ -624,12 +772,34 @@ impl Server {
         let maintenance = spawn_maintenance(&state.core);
         let file_cleanup = spawn_file_cleanup(&state.core);
         let presence_sweep = spawn_presence_sweep(&state.core);
+        let quic_alt_svc = quic.as_ref().and_then(|(_, _, alt)| alt.clone());
         let mqtt_addr = mqtt_listener.map(|(listener, addr, tls)| {
             tokio::spawn(accept_mqtt(listener, tls, state.clone()));
             tracing::info!(%addr, tls = tls_configured, "listening for MQTT");
             addr
         });
         let app = router(state.clone()).layer(cors(state.core.config.clone()));
+        let (http3_addr, endpoint) = match quic {
+            Some((endpoint, local, _)) => {
+                tokio::spawn(accept_quic(endpoint.clone(), app.clone(), state.clone()));
+                tracing::info!(addr = %local, "listening for HTTP/3 (QUIC)");
+                (Some(local), Some(endpoint))
+            }
+            None => (None, None),
+        };
+        // TCP responses advertise HTTP/3 (RFC 7838), so browsers try it next time.
+        let app = match quic_alt_svc {
+            Some(value) => app.layer(axum::middleware::map_response(
+                move |mut response: axum::response::Response| {
+                    let value = value.clone();
+                    async move {
+                        response.headers_mut().insert(header::ALT_SVC, value);
+                        response
+                    }
+                },
+            )),
+            None => app,
+        };
         let s = state.clone();
         let write_timeout = state.core.config.server.write_timeout;
         let stages = Stages::new(&state.core.config.server);
@@ -727,6 +897,9 @@ impl Server {
             {
                 tracing::warn!("broker flush timed out: other instances repair from the log");
             }
+            if let Some(endpoint) = endpoint {
+                endpoint.close(0u32.into(), b"shutting down");
+            }
             maintenance.abort();
             file_cleanup.abort();
             presence_sweep.abort();
@@ -736,6 +909,7 @@ impl Server {
         Ok(Server {
             addr,
             mqtt_addr,
+            http3_addr,
             state,
             task,
         })
@@ -747,6 +921,12 @@ impl Server {
     /// The plain MQTT listener's address, when `[mqtt] listen` is set.
     pub fn mqtt_addr(&self) -> Option<SocketAddr> {
         self.mqtt_addr
+    }
+
+    /// The QUIC listener's address (HTTP/3 and `/wt`), when TLS is configured and
+    /// `http3.enabled`.
+    pub fn http3_addr(&self) -> Option<SocketAddr> {
+        self.http3_addr
     }
 
     pub fn state(&self) -> &Ctx {

@@ -28,6 +28,8 @@ pub enum TransportKind {
     Sse,
     /// Long-poll downstream + POST upstream.
     Poll,
+    /// WebTransport (`/wt`, HTTP/3): the server needs TLS (`PARLEY_TLS__*`).
+    Wt,
 }
 
 impl TransportKind {
@@ -36,6 +38,7 @@ impl TransportKind {
             TransportKind::Ws => "ws",
             TransportKind::Sse => "sse",
             TransportKind::Poll => "poll",
+            TransportKind::Wt => "wt",
         }
     }
 }
@@ -181,7 +184,7 @@ impl Target {
 pub fn parse_loopback_url(url: &str) -> anyhow::Result<(SocketAddr, String, String)> {
     let uri: Uri = url.parse().with_context(|| format!("bad URL {url:?}"))?;
     match uri.scheme_str() {
-        Some("ws") | Some("http") => {}
+        Some("ws") | Some("http") | Some("https") => {}
         Some(other) => bail!("unsupported scheme {other:?} in {url:?}: use ws:// (loopback)"),
         None => bail!("URL {url:?} has no scheme: use ws://127.0.0.1:PORT/ws"),
     }

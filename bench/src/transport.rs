@@ -30,6 +30,7 @@ use crate::{
     http_transport::HttpConnection,
     target::{Target, TransportKind},
     wire::{self, Incoming},
+    wt_transport::WtConnection,
 };
 
 type Ws = WebSocketStream<TcpStream>;
@@ -76,6 +77,8 @@ pub enum Connection {
     Ws(WsConnection),
     /// SSE or long-poll.
     Http(HttpConnection),
+    /// WebTransport.
+    Wt(WtConnection),
 }
 
 pub struct WsConnection {
@@ -93,6 +96,7 @@ impl Connection {
         let fut = async {
             match target.transport {
                 TransportKind::Ws => WsConnection::open(target, index).await.map(Connection::Ws),
+                TransportKind::Wt => WtConnection::open(target, index).await.map(Connection::Wt),
                 TransportKind::Sse | TransportKind::Poll => HttpConnection::open(target, index)
                     .await
                     .map(Connection::Http)
@@ -143,6 +147,7 @@ impl Connection {
         match self {
             Connection::Ws(c) => c.encoding,
             Connection::Http(c) => c.encoding(),
+            Connection::Wt(c) => c.encoding,
         }
     }
 
@@ -151,6 +156,7 @@ impl Connection {
         match self {
             Connection::Ws(c) => c.send(cmd).await,
             Connection::Http(c) => c.send(cmd).await,
+            Connection::Wt(c) => c.send(cmd).await,
         }
     }
 
@@ -160,6 +166,7 @@ impl Connection {
         match self {
             Connection::Ws(c) => c.recv().await,
             Connection::Http(c) => c.recv().await,
+            Connection::Wt(c) => c.recv().await,
         }
     }
 
@@ -189,12 +196,14 @@ impl Connection {
         match self {
             Connection::Ws(c) => c.recv_socket().await,
             Connection::Http(c) => c.recv().await,
+            Connection::Wt(c) => c.recv_stream().await,
         }
     }
 
     fn stash(&mut self, bytes: Bytes) {
         match self {
             Connection::Ws(c) => c.pending.push_back(bytes),
+            Connection::Wt(c) => c.pending.push_back(bytes),
             Connection::Http(_) => unreachable!("HTTP replies never come on the stream"),
         }
     }
@@ -236,6 +245,7 @@ impl Connection {
         match self {
             Connection::Ws(c) => c.close().await,
             Connection::Http(c) => c.close().await,
+            Connection::Wt(c) => c.close().await,
         }
     }
 }

@@ -23,6 +23,7 @@ mod auth;
 mod broker;
 mod chat;
 mod files;
+mod http3;
 mod limits;
 mod log;
 mod mqtt;
@@ -39,6 +40,7 @@ pub use auth::{AuthConfig, DEV_JWT_SECRET, JwtAlgorithm, JwtKey};
 pub use broker::{BrokerBackend, BrokerConfig, PubSubMode};
 pub use chat::ChatConfig;
 pub use files::{FileBackend, FilesConfig};
+pub use http3::Http3Config;
 pub use limits::LimitsConfig;
 pub use log::{LogConfig, LogFormat};
 pub use mqtt::{MqttConfig, MqttPayload};
@@ -70,6 +72,7 @@ pub struct Config {
     pub files: FilesConfig,
     pub broker: BrokerConfig,
     pub mqtt: MqttConfig,
+    pub http3: Http3Config,
 }
 
 /// Errors from loading the configuration.
@@ -226,6 +229,7 @@ impl Config {
             files,
             broker,
             mqtt,
+            http3,
         } = self;
         server.validate()?;
         log.validate()?;
@@ -242,6 +246,7 @@ impl Config {
         files.validate()?;
         broker.validate()?;
         mqtt.validate()?;
+        http3.validate()?;
         // The plain MQTT listener cannot share the HTTP listener's port.
         if let Some(listen) = mqtt.listen
             && listen.port() != 0

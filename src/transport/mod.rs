@@ -4,6 +4,8 @@
 //! connect logic lives here; imports only point down (session, and what it builds on).
 //!
 //! - `ws`: WebSocket, full duplex.
+//! - `http3`: HTTP/3 over QUIC: one connection's requests, served by the same router.
+//! - `wt`: WebTransport sessions at `/wt` (HTTP/3), the frames of `/ws` on a QUIC stream.
 //! - `mqtt`: MQTT 3.1.1 over WebSocket (`/mqtt`), mapped onto the same sessions.
 //! - `sse`: Server-Sent Events downstream; commands arrive on `http` POSTs.
 //! - `poll`: long-poll downstream; commands arrive on `http` POSTs.
@@ -24,12 +26,14 @@ pub mod deadline;
 pub mod files;
 pub mod forward;
 pub mod http;
+pub mod http3;
 pub mod idle;
 pub mod mqtt;
 pub mod poll;
 pub mod sse;
 pub mod version;
 pub mod ws;
+pub mod wt;
 
 use std::{cell::Cell, ops::Deref, sync::Arc};
 

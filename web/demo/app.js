@@ -7,12 +7,16 @@
 //   ?ping=ms&pong=ms&probe=ms&connectTimeout=ms   SDK timing options (pingIntervalMs,
 //                          pongTimeoutMs, probeWebSocketMs, connectTimeoutMs)
 //   ?browsePage=n          public rooms per page in the room browser (default 25)
+//   ?webTransport=prefer   WebTransport choice: auto (default), prefer, never
+//   ?certHash=hex          SHA-256 of the server's self-signed certificate (for /wt)
+//   ?netPings=n&netPingInterval=ms&wtTimeout=ms   network-estimate and WebTransport
+//                          options (networkPings, networkPingIntervalMs, webTransportTimeoutMs)
 import { Parley } from "/sdk/parley.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const devMode = document.querySelector('meta[name="parley-dev-tokens"]')?.content === "true";
-const TRANSPORT_LABEL = { websocket: "WebSocket", sse: "SSE", poll: "long-poll" };
+const TRANSPORT_LABEL = { websocket: "WebSocket", sse: "SSE", poll: "long-poll", webtransport: "WebTransport" };
 
 /** @type {Parley | undefined} */
 let client;
@@ -67,6 +71,10 @@ $("logout").addEventListener("click", () => {
   location.search = "";
 });
 
+function hexBytes(hex) {
+  return new Uint8Array((hex.match(/[0-9a-f]{2}/gi) ?? []).map((b) => parseInt(b, 16)));
+}
+
 async function start(name, getToken) {
   await getToken(); // fail here (bad name, dev mode off) rather than inside the SDK
   me = name;
@@ -81,6 +89,11 @@ async function start(name, getToken) {
     pongTimeoutMs: ms("pong"),
     probeWebSocketMs: ms("probe"),
     connectTimeoutMs: ms("connectTimeout"),
+    webTransport: params.get("webTransport") || undefined,
+    serverCertificateHashes: params.has("certHash") ? [{ algorithm: "sha-256", value: hexBytes(params.get("certHash")) }] : undefined,
+    networkPings: ms("netPings"),
+    networkPingIntervalMs: ms("netPingInterval"),
+    webTransportTimeoutMs: ms("wtTimeout"),
   });
   window.parley = client; // for the console and the browser tests
   wire(client);
@@ -290,7 +303,7 @@ function showTransport() {
   el.dataset.state = state;
   el.dataset.transport = t;
   el.textContent =
-    state === "connected" ? `${TRANSPORT_LABEL[t] ?? t}${t === "websocket" ? ` · ${params.get("encoding") === "json" ? "json" : "protobuf"}` : ""}` : state;
+    state === "connected" ? `${TRANSPORT_LABEL[t] ?? t}${t === "websocket" || t === "webtransport" ? ` · ${params.get("encoding") === "json" ? "json" : "protobuf"}` : ""}` : state;
   el.title = state === "connected" ? `connected over ${TRANSPORT_LABEL[t] ?? t}` : state;
 }
 

@@ -7,9 +7,38 @@ export declare const DEFAULTS: {
     readonly pongTimeoutMs: 10000;
     readonly probeWebSocketMs: 60000;
     readonly pollWaitSeconds: 25;
+    readonly webTransportTimeoutMs: 3000;
+    readonly networkPings: 20;
+    readonly networkPingIntervalMs: 500;
+    readonly weakRttMs: number;
+    readonly weakLoss: number;
 };
 /** How the client reaches the server. */
-export type TransportName = "websocket" | "sse" | "poll";
+export type TransportName = "websocket" | "sse" | "poll" | "webtransport";
+/** `serverCertificateHashes` of the WebTransport constructor (a self-signed certificate). */
+export interface CertificateHash {
+    algorithm: "sha-256";
+    value: BufferSource;
+}
+/** What the estimate says now (`Parley.network`). */
+export interface NetworkEstimate {
+    /** Median of the recent ping round trips, ms (-1 before the first). */
+    rttMs: number;
+    /** The smallest recent round trip, ms (-1 before the first). */
+    minRttMs: number;
+    /** Recent pings that stalled (far above the floor) or got no answer, as a share of those sent. */
+    lossRatio: number;
+    /** Ping round trips in the window. */
+    samples: number;
+    /** Connections that dropped (not closed by the server on purpose) in the last `dropWindowMs`. */
+    recentDrops: number;
+    /** `navigator.connection.effectiveType` ("4g", "3g", …), "" where the browser has none. */
+    effectiveType: string;
+    /** The verdict: prefer WebTransport. */
+    weak: boolean;
+    /** Why it is weak ("" when it is not): "rtt", "loss", "drops" or "effectiveType". */
+    reason: string;
+}
 /**
  * - `idle`: not started yet (`autoConnect: false` and `connect()` not called).
  * - `connecting`: first connection attempts.
@@ -34,8 +63,33 @@ export interface ParleyOptions {
      * one). A fresh token refused again closes the client (a terminal auth error).
      */
     getToken?: (request: TokenRequest) => string | Promise<string>;
-    /** Transports to try, in order. Default: all three. */
+    /**
+     * Transports to try, in order. Default: `["websocket", "sse", "poll"]`, with
+     * WebTransport put first when the network is weak (see `webTransport`). Listing
+     * `"webtransport"` asks for it at that place whatever the network.
+     */
     transports?: TransportName[];
+    /**
+     * When to use WebTransport (`/wt`, HTTP/3 over QUIC), where the browser has it and the
+     * URL is https: `"auto"` (default) first while the network estimate says weak (high
+     * round trip, loss, dropped connections, a slow `navigator.connection`), and a live
+     * session moves to it when the network turns weak; `"prefer"` always first; `"never"`.
+     */
+    webTransport?: "auto" | "prefer" | "never";
+    /** WebTransport URL (default: the server URL + "/wt"). */
+    webTransportUrl?: string;
+    /** For a self-signed certificate (ECDSA, valid ≤ 14 days): `[{ algorithm: "sha-256", value }]`. */
+    serverCertificateHashes?: CertificateHash[];
+    /** A WebTransport attempt with no `connected` by then gives way to the next transport (default 3000 ms). */
+    webTransportTimeoutMs?: number;
+    /** Pings sent after each connect to measure the network (default 20; 0 = only heartbeats). */
+    networkPings?: number;
+    /** Spacing of those pings (default 500 ms). */
+    networkPingIntervalMs?: number;
+    /** Median round trip from which the network is weak (default 300 ms). */
+    weakRttMs?: number;
+    /** Share of stalled or unanswered pings from which the network is weak (default 0.06). */
+    weakLoss?: number;
     /** WebSocket encoding: "proto" (binary, the default) or "json". SSE and long-poll use JSON. */
     encoding?: "proto" | "json";
     /** No `connected` within this time: the transport failed before opening (default 5000 ms). */
@@ -214,6 +268,12 @@ export declare class Parley {
     get state(): ConnectionState;
     /** The transport in use (null while not connected). */
     get transport(): TransportName | null;
+    /**
+     * The network estimate the transport choice is made from: median ping round trip,
+     * loss (stalled or unanswered pings), recent drops, `navigator.connection`, and the
+     * verdict `weak` with its `reason`.
+     */
+    get network(): NetworkEstimate;
     /** The authenticated user id (after the first `connected`). */
     get userId(): string;
     /** Failed connection rounds in a row (0 while connected). */

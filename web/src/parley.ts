@@ -23,12 +23,15 @@ import { kindOf } from "./codec.js";
 
 type ServerFrame = Frame;
 import { Sequencer } from "./sequencer.js";
+import { NETWORK_DEFAULTS, NetworkMonitor } from "./network.js";
 import {
   PollTransport,
   SseTransport,
   TransportError,
   WebSocketTransport,
+  WebTransportTransport,
   errorCodeName,
+  webTransportCtor,
   type Closed,
   type Hooks,
   type Timing,
@@ -43,10 +46,41 @@ export const DEFAULTS = {
   pongTimeoutMs: 10_000,
   probeWebSocketMs: 60_000,
   pollWaitSeconds: 25,
+  webTransportTimeoutMs: 3000,
+  networkPings: 20,
+  networkPingIntervalMs: 500,
+  weakRttMs: NETWORK_DEFAULTS.weakRttMs,
+  weakLoss: NETWORK_DEFAULTS.weakLoss,
 } as const;
 
 /** How the client reaches the server. */
-export type TransportName = "websocket" | "sse" | "poll";
+export type TransportName = "websocket" | "sse" | "poll" | "webtransport";
+
+/** `serverCertificateHashes` of the WebTransport constructor (a self-signed certificate). */
+export interface CertificateHash {
+  algorithm: "sha-256";
+  value: BufferSource;
+}
+
+/** What the estimate says now (`Parley.network`). */
+export interface NetworkEstimate {
+  /** Median of the recent ping round trips, ms (-1 before the first). */
+  rttMs: number;
+  /** The smallest recent round trip, ms (-1 before the first). */
+  minRttMs: number;
+  /** Recent pings that stalled (far above the floor) or got no answer, as a share of those sent. */
+  lossRatio: number;
+  /** Ping round trips in the window. */
+  samples: number;
+  /** Connections that dropped (not closed by the server on purpose) in the last `dropWindowMs`. */
+  recentDrops: number;
+  /** `navigator.connection.effectiveType` ("4g", "3g", …), "" where the browser has none. */
+  effectiveType: string;
+  /** The verdict: prefer WebTransport. */
+  weak: boolean;
+  /** Why it is weak ("" when it is not): "rtt", "loss", "drops" or "effectiveType". */
+  reason: string;
+}
 
 /**
  * - `idle`: not started yet (`autoConnect: false` and `connect()` not called).
@@ -74,8 +108,33 @@ export interface ParleyOptions {
    * one). A fresh token refused again closes the client (a terminal auth error).
    */
   getToken?: (request: TokenRequest) => string | Promise<string>;
-  /** Transports to try, in order. Default: all three. */
+  /**
+   * Transports to try, in order. Default: `["websocket", "sse", "poll"]`, with
+   * WebTransport put first when the network is weak (see `webTransport`). Listing
+   * `"webtransport"` asks for it at that place whatever the network.
+   */
   transports?: TransportName[];
+  /**
+   * When to use WebTransport (`/wt`, HTTP/3 over QUIC), where the browser has it and the
+   * URL is https: `"auto"` (default) first while the network estimate says weak (high
+   * round trip, loss, dropped connections, a slow `navigator.connection`), and a live
+   * session moves to it when the network turns weak; `"prefer"` always first; `"never"`.
+   */
+  webTransport?: "auto" | "prefer" | "never";
+  /** WebTransport URL (default: the server URL + "/wt"). */
+  webTransportUrl?: string;
+  /** For a self-signed certificate (ECDSA, valid ≤ 14 days): `[{ algorithm: "sha-256", value }]`. */
+  serverCertificateHashes?: CertificateHash[];
+  /** A WebTransport attempt with no `connected` by then gives way to the next transport (default 3000 ms). */
+  webTransportTimeoutMs?: number;
+  /** Pings sent after each connect to measure the network (default 20; 0 = only heartbeats). */
+  networkPings?: number;
+  /** Spacing of those pings (default 500 ms). */
+  networkPingIntervalMs?: number;
+  /** Median round trip from which the network is weak (default 300 ms). */
+  weakRttMs?: number;
+  /** Share of stalled or unanswered pings from which the network is weak (default 0.06). */
+  weakLoss?: number;
   /** WebSocket encoding: "proto" (binary, the default) or "json". SSE and long-poll use JSON. */
   encoding?: "proto" | "json";
   /** No `connected` within this time: the transport failed before opening (default 5000 ms). */
@@ -349,6 +408,14 @@ export class Parley {
   get transport(): TransportName | null {
     return this.#state === "connected" && this.#current ? this.#current.name : null;
   }
+  /**
+   * The network estimate the transport choice is made from: median ping round trip,
+   * loss (stalled or unanswered pings), recent drops, `navigator.connection`, and the
+   * verdict `weak` with its `reason`.
+   */
+  get network(): NetworkEstimate {
+    return this.#network.estimate();
+  }
   /** The authenticated user id (after the first `connected`). */
   get userId(): string {
     return this.#userId;
@@ -367,7 +434,13 @@ export class Parley {
   };
 
   #base: string;
-  #opts: Required<Omit<ParleyOptions, "token" | "getToken" | "debug">>;
+  #opts: Required<Omit<ParleyOptions, "token" | "getToken" | "debug" | "webTransportUrl" | "serverCertificateHashes">> &
+    Pick<ParleyOptions, "webTransportUrl" | "serverCertificateHashes">;
+  #network: NetworkMonitor;
+  /** No WebTransport attempt before this time (ms): the last one failed before opening. */
+  #wtBlockedUntil = 0;
+  #wtBlockMs: number = DEFAULTS.probeWebSocketMs;
+  #measuring: Transport | undefined;
   #tokenValue: string;
   #getToken?: (request: TokenRequest) => string | Promise<string>;
   #state: ConnectionState = "idle";
@@ -419,7 +492,7 @@ export class Parley {
     this.#base = url.replace(/\/+$/, "").replace(/^ws(s?):/, "http$1:");
     this.#tokenValue = options.token ?? "";
     this.#getToken = options.getToken;
-    const transports = (options.transports ?? ALL).filter((t) => ALL.includes(t));
+    const transports = (options.transports ?? ALL).filter((t) => ALL.includes(t) || t === "webtransport");
     if (transports.length === 0) throw new ParleyError("no usable transport in options.transports");
     this.#opts = {
       transports,
@@ -433,7 +506,16 @@ export class Parley {
       probeWebSocketMs: options.probeWebSocketMs ?? DEFAULTS.probeWebSocketMs,
       rememberTransport: options.rememberTransport ?? true,
       autoConnect: options.autoConnect ?? true,
+      webTransport: options.webTransport ?? "auto",
+      webTransportUrl: options.webTransportUrl,
+      serverCertificateHashes: options.serverCertificateHashes,
+      webTransportTimeoutMs: options.webTransportTimeoutMs ?? DEFAULTS.webTransportTimeoutMs,
+      networkPings: options.networkPings ?? DEFAULTS.networkPings,
+      networkPingIntervalMs: options.networkPingIntervalMs ?? DEFAULTS.networkPingIntervalMs,
+      weakRttMs: options.weakRttMs ?? DEFAULTS.weakRttMs,
+      weakLoss: options.weakLoss ?? DEFAULTS.weakLoss,
     };
+    this.#network = new NetworkMonitor({ weakRttMs: this.#opts.weakRttMs, weakLoss: this.#opts.weakLoss, minSamples: NETWORK_DEFAULTS.minSamples });
     if (options.debug) this.#log = typeof options.debug === "function" ? options.debug : (m, ...d) => console.debug(`[parley] ${m}`, ...d);
     this.#backoff = new Backoff(this.#opts.backoffMinMs, this.#opts.backoffMaxMs);
     this.#probeDelay = this.#opts.probeWebSocketMs;
@@ -685,10 +767,41 @@ export class Parley {
     this.#emit("error", e);
   }
 
+  /** The WebTransport URL, or "" where it cannot be used (no browser support, not https, turned off). */
+  #wtUrl(): string {
+    if (this.#opts.webTransport === "never" || !webTransportCtor()) return "";
+    const url = this.#opts.webTransportUrl ?? `${this.#base}/wt`;
+    return url.startsWith("https:") ? url : "";
+  }
+
+  /** Whether WebTransport is usable now (not waiting after a failed attempt). */
+  #wtUsable(): boolean {
+    return this.#wtUrl() !== "" && Date.now() >= this.#wtBlockedUntil;
+  }
+
+  /**
+   * The transports for one round, in order: the listed ones (the one that worked last
+   * first), with WebTransport first when asked for (`"prefer"`, or it worked last) or
+   * when the network is weak, and left out when it cannot be used.
+   */
   #order(): TransportName[] {
-    const list = this.#opts.transports;
-    const first = this.#preferred && list.includes(this.#preferred) ? this.#preferred : list[0]!;
-    return [first, ...list.filter((t) => t !== first)];
+    const listed = this.#opts.transports;
+    const tcp = listed.filter((t) => t !== "webtransport");
+    const pref = this.#preferred;
+    const first = pref && pref !== "webtransport" && tcp.includes(pref) ? pref : tcp[0];
+    const order: TransportName[] = first ? [first, ...tcp.filter((t) => t !== first)] : [];
+    if (!this.#wtUsable()) return order.length ? order : ["webtransport"]; // fails fast, then backoff
+    const wtFirst =
+      this.#opts.webTransport === "prefer" || pref === "webtransport" || listed[0] === "webtransport" || this.#network.estimate().weak;
+    if (wtFirst) return ["webtransport", ...order];
+    if (listed.includes("webtransport")) {
+      // At its listed place among the others.
+      const at = listed.indexOf("webtransport");
+      const before = listed.slice(0, at).filter((t) => t !== "webtransport");
+      const idx = Math.max(0, ...before.map((t) => order.indexOf(t) + 1));
+      order.splice(idx, 0, "webtransport");
+    }
+    return order;
   }
 
   #timing(): Timing {
@@ -709,17 +822,25 @@ export class Parley {
       frame: (f, t) => {
         if (t === this.#current) this.#onFrame(f);
       },
+      rtt: (ms) => this.#sample(ms),
+      lost: () => this.#sample(-1),
       closed: (why, t) => {
         if (t !== this.#current) return;
-        // A WebSocket probe resuming the session makes the server close the old
-        // transport with 4010 before the probe's own `connected` arrives: not a drop.
-        if (why.code === 4010 && this.#probing) this.#probeDrop = why;
+        // A probe (WebSocket, or WebTransport on a weak network) resuming the session
+        // makes the server close the old transport with 4010 before the probe's own
+        // `connected` arrives: not a drop. Any other end of the old transport while a
+        // probe is under way waits for the probe too: it is a drop only if the probe fails.
+        if (this.#probing) this.#probeDrop = why;
         else this.#dropped?.(why);
       },
     };
     if (name === "websocket") {
       const ws = this.#base.replace(/^http/, "ws") + "/ws";
       return new WebSocketTransport(ws, this.#opts.encoding, hooks, this.#timing());
+    }
+    if (name === "webtransport") {
+      const timing = { ...this.#timing(), connectTimeoutMs: this.#opts.webTransportTimeoutMs };
+      return new WebTransportTransport(this.#wtUrl(), this.#opts.encoding, hooks, timing, this.#opts.serverCertificateHashes);
     }
     if (name === "sse") return new SseTransport(this.#base, hooks, this.#timing());
     return new PollTransport(this.#base, hooks, this.#timing());
@@ -756,6 +877,7 @@ export class Parley {
           // Failed before opening: the next transport, at once.
           this.#current = undefined;
           const err = e as TransportError;
+          if (name === "webtransport") this.#wtFailed();
           this.#emit("error", new ParleyError(`${name}: ${err.message}`, err.code));
           if (err.code === "ERROR_CODE_UNAUTHORIZED" || err.code === "ERROR_CODE_TOKEN_EXPIRED") {
             // Terminal when there is no way to a new token, or a fresh one was refused too.
@@ -775,6 +897,9 @@ export class Parley {
         why = await dropped;
         this.#dropped = undefined;
         if (this.#closed()) return;
+        // A drop the server did not announce (reset, heartbeat timeout) says something
+        // about the network; a `disconnect` (shutdown, slow consumer …) does not.
+        if (why.code === undefined || why.code === 1006) this.#network.dropped();
         this.#current = undefined;
         t.close();
         clearTimeout(this.#probeTimer);
@@ -846,26 +971,36 @@ export class Parley {
   #afterOpen(t: Transport): void {
     for (const w of this.#connectedWaiters.splice(0)) w();
     void this.#pump();
+    if (t.name === "webtransport") this.#wtBlockMs = this.#opts.probeWebSocketMs;
+    void this.#measure();
     if (t.name !== "websocket" && this.#opts.transports.includes("websocket") && this.#probeDelay > 0) {
       clearTimeout(this.#probeTimer);
       this.#probeTimer = setTimeout(() => void this.#probe(), this.#probeDelay);
     }
   }
 
-  /** On SSE or long-poll: try WebSocket again; when it opens, move the session to it. */
-  async #probe(): Promise<void> {
+  /**
+   * On SSE or long-poll: try WebSocket again; on a weak network: try WebTransport. When
+   * the new transport opens, the session moves to it (resumed by id and position).
+   */
+  async #probe(target: TransportName = "websocket"): Promise<void> {
     const old = this.#current;
-    if (!old || this.#state !== "connected" || old.name === "websocket") return;
+    if (!old || this.#state !== "connected" || old.name === target || this.#probing) return;
     if (this.#hidden()) {
-      this.#probeTimer = setTimeout(() => void this.#probe(), this.#probeDelay);
+      if (target === "websocket") this.#probeTimer = setTimeout(() => void this.#probe(), this.#probeDelay);
       return;
     }
-    const ws = this.#make("websocket");
+    this.#log?.(`moving the session to ${target}`, this.#network.estimate());
+    const ws = this.#make(target);
     this.#probing = ws;
     let token: string;
     try {
       token = await this.#token();
     } catch {
+      this.#probing = undefined;
+      const dropped = this.#probeDrop;
+      this.#probeDrop = undefined;
+      if (dropped && this.#current === old) this.#dropped?.(dropped);
       return;
     }
     // The new transport takes over inside `connected` (synchronously, before its first
@@ -874,28 +1009,76 @@ export class Parley {
       await ws.open({ token, sessionId: this.#sessionId, lastPos: this.#lastPos });
     } catch {
       this.#probing = undefined;
+      if (target === "webtransport") this.#wtFailed();
       const dropped = this.#probeDrop;
       this.#probeDrop = undefined;
       if (dropped && this.#current === old) {
         this.#dropped?.(dropped); // the old transport did lose the session: reconnect
         return;
       }
-      if (this.#current === old) {
+      if (this.#current === old && target === "websocket") {
         this.#probeDelay = Math.min(this.#probeDelay * 2, PROBE_MAX_MS);
         this.#probeTimer = setTimeout(() => void this.#probe(), this.#probeDelay);
       }
       return;
     }
     this.#probing = undefined;
+    const dropped = this.#probeDrop;
     this.#probeDrop = undefined;
     if (this.#current !== ws) {
       ws.close();
+      if (dropped && this.#current === old) this.#dropped?.(dropped);
       return;
     }
     old.close();
-    this.#probeDelay = this.#opts.probeWebSocketMs;
+    clearTimeout(this.#probeTimer);
+    if (target === "websocket") this.#probeDelay = this.#opts.probeWebSocketMs;
     // Hand the drop promise of the run loop over to the new transport.
     void this.#pump();
+  }
+
+  /** A WebTransport attempt failed before opening: not again for a while (doubling to 10 min). */
+  #wtFailed(): void {
+    this.#wtBlockedUntil = Date.now() + this.#wtBlockMs;
+    this.#wtBlockMs = Math.min(this.#wtBlockMs * 2, PROBE_MAX_MS);
+    if (this.#preferred === "webtransport") this.#preferred = undefined;
+  }
+
+  /** A ping round trip (ms; -1: no answer) for the network estimate; may move the session. */
+  #sample(ms: number): void {
+    if (ms < 0) this.#network.lost();
+    else this.#network.rtt(ms);
+    const t = this.#current;
+    if (this.#state !== "connected" || !t || t.name === "webtransport" || this.#probing || !this.#wtUsable()) return;
+    if (this.#opts.webTransport === "auto" && !this.#network.estimate().weak) return;
+    void this.#probe("webtransport");
+  }
+
+  /** After a connect: `networkPings` pings, `networkPingIntervalMs` apart, on whatever transport is current. */
+  async #measure(): Promise<void> {
+    const first = this.#current;
+    if (!first || this.#measuring || this.#opts.networkPings <= 0) return;
+    this.#measuring = first;
+    try {
+      for (let i = 0; i < this.#opts.networkPings; i++) {
+        await new Promise((r) => setTimeout(r, this.#opts.networkPingIntervalMs));
+        const t = this.#current;
+        if (!t || this.#state !== "connected" || this.#closed()) return;
+        const start = Date.now();
+        const bound = this.#opts.pongTimeoutMs;
+        const answered = await Promise.race([
+          t.request(this.#nextId++, { ping: {} }).then(
+            () => true,
+            () => undefined,
+          ),
+          new Promise<boolean>((r) => setTimeout(() => r(false), bound)),
+        ]);
+        if (answered === undefined || this.#current !== t) continue; // the transport changed
+        this.#sample(answered ? Date.now() - start : -1);
+      }
+    } finally {
+      this.#measuring = undefined;
+    }
   }
 
   // ------------------------------------------------------------ inbound
@@ -959,12 +1142,16 @@ export class Parley {
     this.#ackTimer = setTimeout(
       () => {
         this.#ackTimer = undefined;
+        // Not while a probe is opening: its `connect` carries the position it resumes
+        // from, and an ack past it that reached the server first would make the server
+        // forget pushes the resume needs (a new session instead of a resume).
+        if (this.#probing) return this.#scheduleAck();
         if (this.#lastPos > this.#ackedPos && this.#current === t) {
           this.#ackedPos = this.#lastPos;
           t.post({ ack: { pos: String(this.#lastPos) } });
         }
       },
-      t.name === "websocket" ? 1000 : 5000,
+      t.name === "sse" ? 5000 : 1000,
     );
   }
 

@@ -1,5 +1,5 @@
-// The three ways to carry one parley session (docs/PROTOCOL.md, "One session, three
-// transports"). Each transport only opens, frames and closes; the client (parley.ts)
+// The four ways to carry one parley session (docs/PROTOCOL.md, "One session, three
+// transports", and "/wt"). Each transport only opens, frames and closes; the client (parley.ts)
 // owns the session, reconnects and delivery. A transport:
 //
 // - `open()` connects and sends `connect` (token, and session id + position to resume).
@@ -10,13 +10,14 @@
 //   server, dropped, or silent for longer than its heartbeat bound.
 // - `request()` runs one command and resolves with its reply frame.
 
+import type { CertificateHash } from "./parley.js";
 import { clientFrame, decodeServer, encodeClient, type Command, type Encoding, type Frame } from "./codec.js";
 
 type ServerFrame = Frame;
 type ClientFrame = Frame;
 const serverFromJson = (json: unknown): Frame => json as Frame;
 
-export type TransportName = "websocket" | "sse" | "poll";
+export type TransportName = "websocket" | "sse" | "poll" | "webtransport";
 
 export interface ConnectArgs {
   token: string;
@@ -37,6 +38,10 @@ export interface Hooks {
   connected(frame: ServerFrame, transport: Transport): void;
   frame(frame: ServerFrame, transport: Transport): void;
   closed(why: Closed, transport: Transport): void;
+  /** A heartbeat ping was answered after `ms` (framed transports). */
+  rtt?(ms: number, transport: Transport): void;
+  /** A heartbeat ping got no answer within pongTimeoutMs. */
+  lost?(transport: Transport): void;
 }
 
 export interface Timing {
@@ -171,98 +176,121 @@ function withTimeout<T>(p: Promise<T>, ms: number, what: string, onTimeout: () =
   });
 }
 
-// ---------------------------------------------------------------- WebSocket
+// ---------------------------------------------------------------- framed: WebSocket and WebTransport
 
-export class WebSocketTransport implements Transport {
-  readonly name = "websocket";
-  private ws: WebSocket | undefined;
-  private pending = new Map<number, { resolve: (f: ServerFrame) => void; reject: (e: Error) => void }>();
-  private done = false;
-  private opened = false;
+/**
+ * A full-duplex connection that carries whole frames both ways (a WebSocket, or the one
+ * bidirectional stream of a WebTransport session): the `connect` handshake, replies
+ * matched to requests by id, client pings with a silence watchdog, and the close. The
+ * subclass only dials, writes and closes its wire.
+ */
+abstract class FramedTransport implements Transport {
+  abstract readonly name: TransportName;
+  protected pending = new Map<number, { resolve: (f: ServerFrame) => void; reject: (e: Error) => void }>();
+  protected done = false;
+  protected opened = false;
   private disconnect: Closed | undefined;
   private watchdog: Watchdog | undefined;
   private pinger: ReturnType<typeof setInterval> | undefined;
-  private pingId = -1;
+  // Heartbeat ids, far above the client's request ids (which count up from 2); ids are uint64.
+  private pingId = 2_000_000_000;
+  /** Heartbeat pings in flight: id → sent at (ms), for the round trip. */
+  private pings = new Map<number, number>();
+  private openWaiter: { resolve: (f: ServerFrame) => void; reject: (e: Error) => void } | undefined;
 
   constructor(
-    private url: string,
     readonly encoding: Encoding,
-    private hooks: Hooks,
-    private timing: Timing,
+    protected hooks: Hooks,
+    protected timing: Timing,
   ) {}
+
+  /** Starts the connection; calls `wireOpen` once it can carry frames, and `received`/`wireClosed`. */
+  protected abstract dial(): void;
+  /** Writes one frame; false when the wire is not open. */
+  protected abstract writeWire(frame: ClientFrame): boolean;
+  /** Closes the wire (no callbacks after this). */
+  protected abstract closeWire(code: number): void;
 
   open(args: ConnectArgs): Promise<ServerFrame> {
     return withTimeout(
       new Promise<ServerFrame>((resolve, reject) => {
-        let ws: WebSocket;
+        this.openWaiter = { resolve, reject };
+        this.connectArgs = args;
         try {
-          ws = new WebSocket(this.url, this.encoding === "proto" ? "parley.v1.proto" : "parley.v1.json");
+          this.dial();
         } catch (e) {
-          reject(new TransportError(`websocket: ${String(e)}`));
-          return;
+          this.openWaiter = undefined;
+          reject(new TransportError(`${this.name}: ${String(e)}`));
         }
-        this.ws = ws;
-        ws.binaryType = "arraybuffer";
-        ws.onopen = () => this.write(clientFrame(CONNECT_ID, connectCmd(args)));
-        ws.onmessage = (ev) => {
-          let frame: ServerFrame;
-          try {
-            frame = decodeServer(ev.data as string | ArrayBuffer);
-          } catch {
-            return; // not a frame: ignore
-          }
-          this.watchdog?.heard();
-          if (!this.opened) {
-            if (Number(frame.id ?? 0) !== CONNECT_ID || frame.pos) return;
-            const err = errorOf(frame);
-            if (err || !frame.connected) {
-              this.close();
-              reject(err ?? new TransportError("websocket: unexpected reply to connect"));
-              return;
-            }
-            this.opened = true;
-            this.startHeartbeat(frame.connected.heartbeatMs ?? 0);
-            this.hooks.connected(frame, this);
-            resolve(frame);
-            return;
-          }
-          if (frame.disconnect) {
-            const d = frame.disconnect;
-            this.disconnect = { code: d.code, reason: d.reason ?? "", reconnect: !!d.reconnect };
-          }
-          if (!frame.pos && frame.id) {
-            const p = this.pending.get(Number(frame.id));
-            if (p) {
-              this.pending.delete(Number(frame.id));
-              p.resolve(frame);
-            }
-            return; // pongs and replies nobody waits for
-          }
-          this.hooks.frame(frame, this);
-        };
-        ws.onclose = (ev) => {
-          if (!this.opened) {
-            this.done = true;
-            reject(new TransportError(`websocket closed before connected (${ev.code})`));
-            return;
-          }
-          this.finish(this.disconnect ?? { code: ev.code, reason: ev.reason || "closed", reconnect: true });
-        };
-        ws.onerror = () => {
-          // A close event follows; nothing to do here.
-        };
       }),
       this.timing.connectTimeoutMs,
-      "websocket connect",
+      `${this.name} connect`,
       () => this.close(),
     );
   }
 
-  private write(frame: ClientFrame): boolean {
-    const ws = this.ws;
-    if (!ws || ws.readyState !== WebSocket.OPEN) return false;
-    ws.send(encodeClient(this.encoding, frame) as string);
-    return true;
+  private connectArgs: ConnectArgs | undefined;
+
+  /** The wire is up: send `connect`. */
+  protected wireOpen(): void {
+    if (this.connectArgs) this.writeWire(clientFrame(CONNECT_ID, connectCmd(this.connectArgs)));
+  }
+
+  /** A failure before `connected` (the dial failed). */
+  protected wireFailed(message: string): void {
+    this.done = true;
+    const w = this.openWaiter;
+    this.openWaiter = undefined;
+    w?.reject(new TransportError(message));
+  }
+
+  protected received(frame: ServerFrame): void {
+    this.watchdog?.heard();
+    if (!this.opened) {
+      const w = this.openWaiter;
+      if (!w || Number(frame.id ?? 0) !== CONNECT_ID || frame.pos) return;
+      this.openWaiter = undefined;
+      const err = errorOf(frame);
+      if (err || !frame.connected) {
+        this.close();
+        w.reject(err ?? new TransportError(`${this.name}: unexpected reply to connect`));
+        return;
+      }
+      this.opened = true;
+      this.startHeartbeat(frame.connected.heartbeatMs ?? 0);
+      this.hooks.connected(frame, this);
+      w.resolve(frame);
+      return;
+    }
+    if (frame.disconnect) {
+      const d = frame.disconnect;
+      this.disconnect = { code: d.code, reason: d.reason ?? "", reconnect: !!d.reconnect };
+    }
+    if (!frame.pos && frame.id) {
+      const id = Number(frame.id);
+      const sent = this.pings.get(id);
+      if (sent !== undefined) {
+        this.pings.delete(id);
+        this.hooks.rtt?.(Date.now() - sent, this);
+        return;
+      }
+      const p = this.pending.get(id);
+      if (p) {
+        this.pending.delete(id);
+        p.resolve(frame);
+      }
+      return; // replies nobody waits for
+    }
+    this.hooks.frame(frame, this);
+  }
+
+  /** The wire closed (by the server, or it broke). */
+  protected wireClosed(code: number | undefined, reason: string): void {
+    if (!this.opened) {
+      this.wireFailed(`${this.name} closed before connected${code !== undefined ? ` (${code})` : ""}${reason ? `: ${reason}` : ""}`);
+      return;
+    }
+    this.finish(this.disconnect ?? { code, reason: reason || "closed", reconnect: true });
   }
 
   private startHeartbeat(serverHeartbeatMs: number): void {
@@ -275,7 +303,15 @@ export class WebSocketTransport implements Transport {
   }
 
   private ping(): void {
-    this.write(clientFrame(this.pingId--, { ping: {} }));
+    const id = this.pingId++;
+    // A ping still unanswered when the next one goes out was lost (or is very late).
+    for (const [old, at] of this.pings) {
+      if (Date.now() - at > this.timing.pongTimeoutMs) {
+        this.pings.delete(old);
+        this.hooks.lost?.(this);
+      }
+    }
+    if (this.writeWire(clientFrame(id, { ping: {} }))) this.pings.set(id, Date.now());
   }
 
   checkAlive(): void {
@@ -292,8 +328,8 @@ export class WebSocketTransport implements Transport {
 
   request(id: number, cmd: Command): Promise<ServerFrame> {
     return new Promise((resolve, reject) => {
-      if (this.done || !this.write(clientFrame(id, cmd))) {
-        reject(new TransportError("websocket not open"));
+      if (this.done || !this.writeWire(clientFrame(id, cmd))) {
+        reject(new TransportError(`${this.name} not open`));
         return;
       }
       this.pending.set(id, { resolve, reject });
@@ -301,7 +337,7 @@ export class WebSocketTransport implements Transport {
   }
 
   post(cmd: Command): void {
-    this.write(clientFrame(0, cmd));
+    this.writeWire(clientFrame(0, cmd));
   }
 
   private finish(why: Closed): void {
@@ -314,18 +350,13 @@ export class WebSocketTransport implements Transport {
     this.done = true;
     this.watchdog?.stop();
     if (this.pinger !== undefined) clearInterval(this.pinger);
-    const ws = this.ws;
-    if (ws) {
-      ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
-      // 4000: the client is leaving this connection but may resume the session.
-      try {
-        if (ws.readyState === WebSocket.OPEN || ws.readyState === WebSocket.CONNECTING) ws.close(code);
-      } catch {
-        /* already closing */
-      }
-    }
-    for (const p of this.pending.values()) p.reject(new TransportError("websocket closed"));
+    // 4000: the client is leaving this connection but may resume the session.
+    this.closeWire(code);
+    for (const p of this.pending.values()) p.reject(new TransportError(`${this.name} closed`));
     this.pending.clear();
+    const w = this.openWaiter;
+    this.openWaiter = undefined;
+    w?.reject(new TransportError(`${this.name} closed`));
   }
 
   close(): void {
@@ -334,13 +365,228 @@ export class WebSocketTransport implements Transport {
 
   end(): void {
     if (this.done) return;
-    // The server answers `done` and closes with 1000; closing with 1000 ourselves right
-    // after ends the session too, should the frame be lost.
-    this.write(clientFrame(this.pingId--, { end: {} }));
+    // The server answers `done` and closes; closing with 1000 ourselves right after ends
+    // the session too, should the frame be lost.
+    this.writeWire(clientFrame(this.pingId++, { end: {} }));
     this.cleanup(1000);
   }
 
   setToken(): void {}
+}
+
+export class WebSocketTransport extends FramedTransport {
+  readonly name = "websocket";
+  private ws: WebSocket | undefined;
+
+  constructor(
+    private url: string,
+    encoding: Encoding,
+    hooks: Hooks,
+    timing: Timing,
+  ) {
+    super(encoding, hooks, timing);
+  }
+
+  protected dial(): void {
+    const ws = new WebSocket(this.url, this.encoding === "proto" ? "parley.v1.proto" : "parley.v1.json");
+    this.ws = ws;
+    ws.binaryType = "arraybuffer";
+    ws.onopen = () => this.wireOpen();
+    ws.onmessage = (ev) => {
+      let frame: ServerFrame;
+      try {
+        frame = decodeServer(ev.data as string | ArrayBuffer);
+      } catch {
+        return; // not a frame: ignore
+      }
+      this.received(frame);
+    };
+    ws.onclose = (ev) => this.wireClosed(ev.code, ev.reason);
+    ws.onerror = () => {
+      // A close event follows; nothing to do here.
+    };
+  }
+
+  protected writeWire(frame: ClientFrame): boolean {
+    const ws = this.ws;
+    if (!ws || ws.readyState !== WebSocket.OPEN) return false;
+    ws.send(encodeClient(this.encoding, frame) as string);
+    return true;
+  }
+
+  protected closeWire(code: number): void {
+    const ws = this.ws;
+    if (!ws) return;
+    ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+    try {
+      if (ws.readyState === WebSocket.OPEN || ws.readyState === WebSocket.CONNECTING) ws.close(code);
+    } catch {
+      /* already closing */
+    }
+  }
+}
+
+// The parts of the WebTransport API the SDK uses (lib.dom has it only in newer versions).
+interface WebTransportLike {
+  ready: Promise<unknown>;
+  closed: Promise<{ closeCode?: number; reason?: string } | undefined>;
+  createBidirectionalStream(): Promise<{ readable: ReadableStream<Uint8Array>; writable: WritableStream<Uint8Array> }>;
+  close(info?: { closeCode?: number; reason?: string }): void;
+}
+type WebTransportCtor = new (url: string, options?: { serverCertificateHashes?: CertificateHash[] }) => WebTransportLike;
+
+/** The browser's WebTransport constructor, where it has one. */
+export function webTransportCtor(): WebTransportCtor | undefined {
+  const c = (globalThis as { WebTransport?: WebTransportCtor }).WebTransport;
+  return typeof c === "function" ? c : undefined;
+}
+
+/** A varint length, then the frame (docs/PROTOCOL.md, "/wt"). */
+function lengthPrefixed(body: Uint8Array): Uint8Array {
+  const head: number[] = [];
+  let n = body.length;
+  while (n >= 0x80) {
+    head.push((n & 0x7f) | 0x80);
+    n = Math.floor(n / 128);
+  }
+  head.push(n);
+  const out = new Uint8Array(head.length + body.length);
+  out.set(head, 0);
+  out.set(body, head.length);
+  return out;
+}
+
+/** Frames bigger than this end the connection (the server's own bound is lower). */
+const MAX_WT_FRAME = 16 << 20;
+
+/**
+ * WebTransport (HTTP/3 over QUIC) at `/wt`: one bidirectional stream carries the frames
+ * of `/ws`, each a varint length and the frame (protobuf, or UTF-8 JSON with
+ * `?enc=json`). The certificate is checked by the browser as for any HTTPS page,
+ * or against `serverCertificateHashes` (a self-signed ECDSA certificate valid ≤ 14 days).
+ */
+export class WebTransportTransport extends FramedTransport {
+  readonly name = "webtransport";
+  private wt: WebTransportLike | undefined;
+  private writer: WritableStreamDefaultWriter<Uint8Array> | undefined;
+  private reader: ReadableStreamDefaultReader<Uint8Array> | undefined;
+  private utf8 = new TextEncoder();
+
+  constructor(
+    private url: string,
+    encoding: Encoding,
+    hooks: Hooks,
+    timing: Timing,
+    private certificateHashes: CertificateHash[] | undefined,
+  ) {
+    super(encoding, hooks, timing);
+  }
+
+  protected dial(): void {
+    const Ctor = webTransportCtor();
+    if (!Ctor) throw new TransportError("webtransport: not supported by this browser");
+    const url = this.encoding === "json" ? `${this.url}?enc=json` : this.url;
+    const wt = new Ctor(url, this.certificateHashes?.length ? { serverCertificateHashes: this.certificateHashes } : {});
+    this.wt = wt;
+    wt.closed.then(
+      (info) => this.wt === wt && !this.done && this.wireClosed(info?.closeCode, info?.reason ?? "session closed"),
+      (e) => this.wt === wt && !this.done && this.wireClosed(undefined, String(e?.message ?? e)),
+    );
+    (async () => {
+      await wt.ready;
+      const stream = await wt.createBidirectionalStream();
+      if (this.done) return;
+      this.writer = stream.writable.getWriter();
+      this.reader = stream.readable.getReader();
+      this.wireOpen();
+      await this.readLoop(this.reader);
+    })().catch((e) => {
+      if (this.done) return;
+      if (!this.opened) this.wireFailed(`webtransport: ${String(e?.message ?? e)}`);
+      else this.wireClosed(undefined, `webtransport: ${String(e?.message ?? e)}`);
+    });
+  }
+
+  private async readLoop(reader: ReadableStreamDefaultReader<Uint8Array>): Promise<void> {
+    let buf = new Uint8Array(0);
+    const decoder = new TextDecoder();
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done || this.done) break;
+      if (!value?.length) continue;
+      const joined = new Uint8Array(buf.length + value.length);
+      joined.set(buf, 0);
+      joined.set(value, buf.length);
+      buf = joined;
+      let at = 0;
+      for (;;) {
+        // A varint length (at most 5 bytes here), then that many bytes.
+        let len = 0;
+        let shift = 0;
+        let i = at;
+        let complete = false;
+        while (i < buf.length && shift <= 28) {
+          const b = buf[i++]!;
+          len += (b & 0x7f) * 2 ** shift;
+          shift += 7;
+          if (b < 0x80) {
+            complete = true;
+            break;
+          }
+        }
+        if (!complete) {
+          if (shift > 28) throw new TransportError("webtransport: bad frame length");
+          break;
+        }
+        if (len > MAX_WT_FRAME) throw new TransportError("webtransport: frame too large");
+        if (buf.length - i < len) break;
+        const body = buf.subarray(i, i + len);
+        at = i + len;
+        let frame: ServerFrame | undefined;
+        try {
+          frame = this.encoding === "json" ? decodeServer(decoder.decode(body)) : decodeServer(body.slice());
+        } catch {
+          frame = undefined; // not a frame: ignore
+        }
+        if (frame) this.received(frame);
+        if (this.done) return;
+      }
+      buf = buf.slice(at);
+    }
+    if (!this.done) this.wireClosed(undefined, "stream ended");
+  }
+
+  protected writeWire(frame: ClientFrame): boolean {
+    const w = this.writer;
+    if (!w || this.done) return false;
+    const encoded = encodeClient(this.encoding, frame);
+    const bytes = typeof encoded === "string" ? this.utf8.encode(encoded) : encoded;
+    w.write(lengthPrefixed(bytes)).catch(() => {
+      /* the close is seen by the reader / `closed` */
+    });
+    return true;
+  }
+
+  protected closeWire(code: number): void {
+    const wt = this.wt;
+    this.wt = undefined;
+    if (!wt) return;
+    const writer = this.writer;
+    this.writer = undefined;
+    this.reader?.cancel().catch(() => {});
+    const shut = () => {
+      try {
+        wt.close({ closeCode: code, reason: "" });
+      } catch {
+        /* already closed */
+      }
+    };
+    // Finishing the stream ends the session on the server (like a WebSocket close
+    // frame): only for `end` (1000), after its frame went out. Otherwise (4000) the
+    // session is left to be resumed: close the connection only.
+    if (writer && code === 1000) writer.close().then(shut, shut);
+    else shut();
+  }
 }
 
 // ---------------------------------------------------------------- HTTP (SSE and long-poll)

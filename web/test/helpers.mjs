@@ -1,9 +1,11 @@
 // Test fixtures: the real parley binary on a free port with a SQLite file in a temp dir,
 // a node proxy that can refuse or black-hole WebSocket upgrades and buffer streamed
 // responses, and headless Chromium (Debian's /usr/bin/chromium via playwright-core).
-import { spawn } from "node:child_process";
-import { mkdtempSync, rmSync, existsSync } from "node:fs";
+import { execFileSync, spawn } from "node:child_process";
+import { createHash, X509Certificate } from "node:crypto";
+import { mkdtempSync, rmSync, existsSync, readFileSync } from "node:fs";
 import http from "node:http";
+import https from "node:https";
 import net from "node:net";
 import { tmpdir } from "node:os";
 import { join, dirname } from "node:path";
@@ -58,18 +60,54 @@ export async function waitFor(what, fn, timeoutMs = 10_000, everyMs = 50) {
   throw new Error(`timed out waiting for ${what} (last: ${last})`);
 }
 
-/** The real parley binary, on `port`, storing into `dir/p.db`. Restartable. */
+/**
+ * A self-signed ECDSA P-256 certificate for `ip` and localhost, valid `days` (≤ 14
+ * for WebTransport's `serverCertificateHashes`), written into `dir`: `{ cert, key, pem,
+ * hash }` (hash: hex SHA-256 of the DER certificate, what the browser compares).
+ */
+export function makeCert(dir, days = 10, ip = "127.0.0.1") {
+  const cert = join(dir, "cert.pem");
+  const key = join(dir, "key.pem");
+  execFileSync(
+    "openssl",
+    ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", String(days), "-subj", "/CN=localhost",
+     "-addext", `subjectAltName=IP:${ip},DNS:localhost`, "-keyout", key, "-out", cert],
+    { stdio: "ignore" },
+  );
+  const pem = readFileSync(cert, "utf8");
+  const hash = createHash("sha256").update(new X509Certificate(pem).raw).digest("hex");
+  return { cert, key, pem, hash };
+}
+
+/** GET over https trusting only `ca`; resolves with the status code. */
+export function httpsStatus(url, ca) {
+  return new Promise((resolve, reject) => {
+    const req = https.get(url, { ca }, (r) => {
+      r.resume();
+      resolve(r.statusCode);
+    });
+    req.on("error", reject);
+    req.setTimeout(2000, () => req.destroy(new Error("timeout")));
+  });
+}
+
+/**
+ * The real parley binary, on `port`, storing into `dir/p.db`. Restartable. With `tls`
+ * (from makeCert) it serves HTTPS and, on the same port number over UDP, HTTP/3 and
+ * WebTransport (`/wt`).
+ */
 export class ParleyServer {
-  constructor({ port, dir, env = {} } = {}) {
+  constructor({ port, dir, env = {}, tls } = {}) {
     this.port = port;
     this.dir = dir ?? mkdtempSync(join(tmpdir(), "parley-web-test-"));
     this.ownDir = !dir;
     this.env = env;
+    this.tls = tls;
     this.proc = undefined;
     this.log = "";
   }
   get url() {
-    return `http://127.0.0.1:${this.port}`;
+    return `${this.tls ? "https" : "http"}://127.0.0.1:${this.port}`;
   }
   async start() {
     if (!existsSync(TEST_PARLEY_BIN)) throw new Error(`${TEST_PARLEY_BIN} missing: run \`cargo build --bin parley\``);
@@ -85,8 +123,9 @@ export class ParleyServer {
         PARLEY_AUTH__JWT_SECRET: "browser-test-secret",
         PARLEY_AUTH__ADMIN_TOKEN: ADMIN_TOKEN,
         PARLEY_WEB__DEV_TOKENS: "true",
-        PARLEY_LOG__FILTER: "warn",
+        PARLEY_LOG__FILTER: process.env.TEST_PARLEY_LOG || "warn",
         RUST_LOG: "warn",
+        ...(this.tls ? { PARLEY_TLS__CERT_FILE: this.tls.cert, PARLEY_TLS__KEY_FILE: this.tls.key } : {}),
         ...this.env,
       },
       stdio: ["ignore", "pipe", "pipe"],
@@ -98,6 +137,7 @@ export class ParleyServer {
     this.proc = proc;
     await waitFor(`parley on ${this.port}`, async () => {
       if (proc.exitCode !== null) throw new Error(`parley exited: ${this.log}`);
+      if (this.tls) return (await httpsStatus(`${this.url}/healthz`, this.tls.pem).catch(() => 0)) === 200;
       const r = await fetch(`${this.url}/healthz`).catch(() => undefined);
       return r?.ok;
     });
@@ -236,21 +276,26 @@ export class TestProxy {
   }
 }
 
-export async function launchBrowser() {
+export async function launchBrowser(extraArgs = [], executablePath = CHROMIUM) {
   if (!existsSync(CHROMIUM)) {
     throw new Error(`${CHROMIUM} not found: install the Debian package \`chromium\` (apt-get install chromium)`);
   }
   return chromium.launch({
-    executablePath: CHROMIUM,
+    executablePath,
     headless: true,
     // --disable-dev-shm-usage: containers often have a tiny /dev/shm.
-    args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage"],
+    args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage", ...extraArgs],
   });
 }
 
-/** Opens the demo page signed in as `name`; resolves once the SDK is connected. */
+/**
+ * Opens the demo page signed in as `name`; resolves once the SDK is connected. An
+ * https `base` (a self-signed certificate) is trusted for the page, its fetches and
+ * WebSockets only through `ignoreHTTPSErrors`; WebTransport checks the certificate
+ * against the page's `certHash` itself.
+ */
 export async function openChat(browser, base, name, query = "", viewport) {
-  const context = await browser.newContext(viewport ? { viewport } : {});
+  const context = await browser.newContext({ ...(viewport ? { viewport } : {}), ...(base.startsWith("https:") ? { ignoreHTTPSErrors: true } : {}) });
   const page = await context.newPage();
   page.errors = [];
   page.on("pageerror", (e) => page.errors.push(e.message));

@@ -1,5 +1,6 @@
 // Unit tests (node's test runner) of the SDK's delivery logic: backoff, the per-room
-// sequencer (gap detection, duplicate drop), and the client's gap filling, dedupe and
+// sequencer (gap detection, duplicate drop), the network estimate (what counts as a
+// weak network), and the client's gap filling, dedupe and
 // send retry against a scripted in-memory WebSocket. The TypeScript sources are bundled
 // with esbuild into a temp dir first, so the tests run the code the build ships.
 import assert from "node:assert/strict";
@@ -15,7 +16,12 @@ let mod;
 const out = mkdtempSync(join(tmpdir(), "parley-unit-"));
 before(async () => {
   await esbuild.build({
-    entryPoints: { backoff: join(WEB, "src/backoff.ts"), sequencer: join(WEB, "src/sequencer.ts"), parley: join(WEB, "src/parley.ts") },
+    entryPoints: {
+      backoff: join(WEB, "src/backoff.ts"),
+      sequencer: join(WEB, "src/sequencer.ts"),
+      network: join(WEB, "src/network.ts"),
+      parley: join(WEB, "src/parley.ts"),
+    },
     outdir: out,
     bundle: true,
     format: "esm",
@@ -43,6 +49,7 @@ before(async () => {
   mod = {
     ...(await load("backoff")),
     ...(await load("sequencer")),
+    ...(await load("network")),
     Parley: (await load("parley")).Parley,
     codec: await load("codec"),
   };
@@ -188,6 +195,71 @@ describe("sequencer", () => {
     // Filling seq 1 releases only what was held; the rest comes from the sync.
     const r = s.offer(msg("a", 1));
     assert.equal(r.deliver.length, 1 + mod.MAX_HELD);
+  });
+});
+
+describe("network estimate", () => {
+  const monitor = (conn, now = () => 1_000_000) => new mod.NetworkMonitor(mod.NETWORK_DEFAULTS, now, () => conn);
+
+  test("a clean path is not weak; nothing is judged before minSamples", () => {
+    const m = monitor(undefined);
+    for (let i = 0; i < 9; i++) m.rtt(i === 3 ? 900 : 100); // one huge stall, too few samples
+    assert.equal(m.estimate().weak, false, "9 samples: no verdict yet");
+    for (let i = 0; i < 30; i++) m.rtt(100 + (i % 7));
+    const e = m.estimate();
+    assert.equal(e.weak, false, JSON.stringify(e));
+    assert.equal(e.minRttMs, 100);
+    assert.ok(e.rttMs >= 100 && e.rttMs <= 106, `median ${e.rttMs}`);
+    assert.equal(e.samples, 39);
+  });
+
+  test("one stall is not loss (a page pause); two in the window are", () => {
+    const m = monitor(undefined);
+    for (let i = 0; i < 20; i++) m.rtt(100);
+    m.rtt(400); // RTT + a retransmission timeout: the pong waited behind a lost segment
+    assert.equal(m.estimate().weak, false, "a single stall");
+    m.rtt(380);
+    const e = m.estimate();
+    assert.equal(e.weak, true);
+    assert.equal(e.reason, "loss");
+    assert.ok(Math.abs(e.lossRatio - 2 / 22) < 1e-9, `loss ${e.lossRatio}`);
+  });
+
+  test("unanswered pings count as loss; a stall is judged against the floor, not a fixed time", () => {
+    const m = monitor(undefined);
+    for (let i = 0; i < 30; i++) m.rtt(2);
+    m.lost();
+    m.lost();
+    assert.equal(m.estimate().reason, "loss");
+    const slow = monitor(undefined);
+    for (let i = 0; i < 30; i++) slow.rtt(i % 2 ? 150 : 200); // jitter well under 2 × floor + 80 ms
+    assert.equal(slow.estimate().weak, false, JSON.stringify(slow.estimate()));
+  });
+
+  test("a high round trip, recent drops and a slow navigator.connection each make it weak", () => {
+    const far = monitor(undefined);
+    for (let i = 0; i < 12; i++) far.rtt(320);
+    assert.equal(far.estimate().reason, "rtt");
+    let t = 0;
+    const dropping = monitor(undefined, () => t);
+    dropping.dropped();
+    assert.equal(dropping.estimate().weak, false, "one drop");
+    t = 60_000;
+    dropping.dropped();
+    assert.equal(dropping.estimate().reason, "drops");
+    t = 10 * 60_000;
+    assert.equal(dropping.estimate().weak, false, "drops older than 5 min are forgotten");
+    assert.equal(monitor({ effectiveType: "3g" }).estimate().reason, "effectiveType");
+    assert.equal(monitor({ effectiveType: "4g" }).estimate().weak, false);
+    assert.equal(monitor({ effectiveType: "4g" }).estimate().effectiveType, "4g");
+  });
+
+  test("the window forgets old samples", () => {
+    const m = monitor(undefined);
+    for (let i = 0; i < 20; i++) m.rtt(i < 3 ? 500 : 100);
+    assert.equal(m.estimate().weak, true, "3 stalls in 20");
+    for (let i = 0; i < 60; i++) m.rtt(100);
+    assert.equal(m.estimate().weak, false, "pushed out of the 60-sample window");
   });
 });
 

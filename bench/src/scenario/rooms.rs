@@ -561,7 +561,9 @@ async fn member(
     // Publishers stay on WebSocket when the run is over SSE or long-poll (their sends
     // would otherwise be one POST round-trip each); listeners use the run's transport.
     let ws_target;
-    let target = if spec.rate > 0.0 && run.target.transport != TransportKind::Ws {
+    let target = if spec.rate > 0.0
+        && !matches!(run.target.transport, TransportKind::Ws | TransportKind::Wt)
+    {
         ws_target = run.target.over_websocket();
         &ws_target
     } else if spec.rate == 0.0 && !run.listener_targets.is_empty() {

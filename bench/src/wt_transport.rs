@@ -1,0 +1,141 @@
+//! WebTransport (`/wt`): parley's frames on one bidirectional QUIC stream, each prefixed
+//! by its length as a protobuf varint (docs/PROTOCOL.md, "WebTransport"). The client is
+//! `wtransport`, an implementation independent of the server's (quinn + h3).
+//!
+//! The server must have TLS configured (a self-signed certificate is fine: the generator
+//! only ever talks to loopback and does not check certificates). Connections share a few
+//! client QUIC endpoints (UDP sockets) instead of one socket each.
+
+use std::{collections::VecDeque, sync::OnceLock};
+
+use anyhow::{Context, anyhow};
+use bytes::{Buf, Bytes, BytesMut};
+use parley::{
+    codec::{self, Encoding},
+    proto::{ClientFrame, client_frame::Cmd},
+};
+use tokio::io::AsyncReadExt;
+use wtransport::{ClientConfig, Endpoint, endpoint::endpoint_side::Client};
+
+use crate::{
+    target::Target,
+    transport::{OpenError, Step},
+    wire::Incoming,
+};
+
+/// Client UDP sockets shared by all connections (round-robin by connection index).
+const ENDPOINTS: usize = 4;
+
+fn endpoints() -> anyhow::Result<&'static [Endpoint<Client>]> {
+    static ENDPOINTS_CELL: OnceLock<Vec<Endpoint<Client>>> = OnceLock::new();
+    if let Some(e) = ENDPOINTS_CELL.get() {
+        return Ok(e);
+    }
+    let mut made = Vec::with_capacity(ENDPOINTS);
+    for _ in 0..ENDPOINTS {
+        let config = ClientConfig::builder()
+            .with_bind_address("127.0.0.1:0".parse()?)
+            .with_no_cert_validation()
+            .build();
+        made.push(Endpoint::client(config)?);
+    }
+    Ok(ENDPOINTS_CELL.get_or_init(|| made))
+}
+
+pub struct WtConnection {
+    conn: wtransport::Connection,
+    send: wtransport::SendStream,
+    recv: wtransport::RecvStream,
+    buf: BytesMut,
+    pub(crate) encoding: Encoding,
+    next_id: u64,
+    /// Frames that arrived while waiting for a reply; `recv` yields them first.
+    pub(crate) pending: VecDeque<Bytes>,
+}
+
+impl WtConnection {
+    pub async fn open(target: &Target, index: usize) -> Result<WtConnection, OpenError> {
+        let endpoints = endpoints().map_err(|source| OpenError {
+            step: Step::Tcp,
+            source,
+        })?;
+        let endpoint = &endpoints[index % endpoints.len()];
+        let enc = match target.encoding {
+            Encoding::Proto => "proto",
+            Encoding::Json => "json",
+        };
+        let url = format!("https://{}/wt?enc={enc}", target.addr);
+        let conn = endpoint.connect(url).await.map_err(|e| OpenError {
+            step: Step::Handshake,
+            source: anyhow::Error::new(e).context("WebTransport session"),
+        })?;
+        let (send, recv) = async { anyhow::Ok(conn.open_bi().await?.await?) }
+            .await
+            .map_err(|source| OpenError {
+                step: Step::Handshake,
+                source: source.context("opening the stream"),
+            })?;
+        Ok(WtConnection {
+            conn,
+            send,
+            recv,
+            buf: BytesMut::new(),
+            encoding: target.encoding,
+            next_id: 1,
+            pending: VecDeque::new(),
+        })
+    }
+
+    pub async fn send(&mut self, cmd: Cmd) -> anyhow::Result<u64> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let bytes = codec::encode_client(self.encoding, &ClientFrame { id, cmd: Some(cmd) });
+        let mut out = Vec::with_capacity(bytes.len() + 4);
+        prost::encoding::encode_varint(bytes.len() as u64, &mut out);
+        out.extend_from_slice(&bytes);
+        self.send.write_all(&out).await.context("sending")?;
+        Ok(id)
+    }
+
+    pub async fn recv(&mut self) -> anyhow::Result<Incoming> {
+        if let Some(b) = self.pending.pop_front() {
+            return Ok(Incoming::Frame(b));
+        }
+        self.recv_stream().await
+    }
+
+    /// The next frame off the stream. Cancel-safe: bytes read stay in the buffer.
+    pub async fn recv_stream(&mut self) -> anyhow::Result<Incoming> {
+        loop {
+            let mut view = &self.buf[..];
+            if let Ok(len) = prost::encoding::decode_varint(&mut view) {
+                let head = self.buf.len() - view.len();
+                if view.len() as u64 >= len {
+                    self.buf.advance(head);
+                    return Ok(Incoming::Frame(self.buf.split_to(len as usize).freeze()));
+                }
+            }
+            if self.buf.capacity() - self.buf.len() < 1024 {
+                self.buf.reserve(16 * 1024);
+            }
+            match self.recv.read_buf(&mut self.buf).await {
+                Ok(0) => return Ok(Incoming::Closed(None)),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotConnected => {
+                    return Ok(Incoming::Closed(None));
+                }
+                Err(e) => return Err(anyhow!(e).context("reading")),
+            }
+        }
+    }
+
+    /// Finishes the stream (a goodbye: the session ends) and waits briefly for the server
+    /// to close the connection.
+    pub async fn close(mut self) {
+        let polite = async {
+            let _ = self.send.finish().await;
+            self.conn.closed().await;
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), polite).await;
+    }
+}
