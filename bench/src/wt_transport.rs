@@ -33,8 +33,24 @@ fn endpoints() -> anyhow::Result<&'static [Endpoint<Client>]> {
     }
     let mut made = Vec::with_capacity(ENDPOINTS);
     for _ in 0..ENDPOINTS {
+        // Large socket buffers, as the server's: one socket carries many connections.
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
+        let size: libc::c_int = 4 * 1024 * 1024;
+        for option in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+            // SAFETY: setsockopt on a valid fd with a pointer to a c_int and its size.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    option,
+                    &size as *const libc::c_int as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+        }
         let config = ClientConfig::builder()
-            .with_bind_address("127.0.0.1:0".parse()?)
+            .with_bind_socket(socket)
             .with_no_cert_validation()
             .build();
         made.push(Endpoint::client(config)?);
