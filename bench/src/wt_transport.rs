@@ -17,11 +17,7 @@ use parley::{
 use tokio::io::AsyncReadExt;
 use wtransport::{ClientConfig, Endpoint, endpoint::endpoint_side::Client};
 
-use crate::{
-    target::Target,
-    transport::{OpenError, Step},
-    wire::Incoming,
-};
+use crate::{target::Target, wire::Incoming};
 
 /// Client UDP sockets shared by all connections (round-robin by connection index).
 const ENDPOINTS: usize = 4;
@@ -70,27 +66,26 @@ pub struct WtConnection {
 }
 
 impl WtConnection {
-    pub async fn open(target: &Target, index: usize) -> Result<WtConnection, OpenError> {
-        let endpoints = endpoints().map_err(|source| OpenError {
-            step: Step::Tcp,
-            source,
-        })?;
+    /// Opens a session and its stream (the caller counts a failure as a handshake
+    /// failure).
+    pub async fn open(target: &Target, index: usize) -> anyhow::Result<WtConnection> {
+        let endpoints = endpoints()?;
         let endpoint = &endpoints[index % endpoints.len()];
         let enc = match target.encoding {
             Encoding::Proto => "proto",
             Encoding::Json => "json",
         };
         let url = format!("https://{}/wt?enc={enc}", target.addr);
-        let conn = endpoint.connect(url).await.map_err(|e| OpenError {
-            step: Step::Handshake,
-            source: anyhow::Error::new(e).context("WebTransport session"),
-        })?;
-        let (send, recv) = async { anyhow::Ok(conn.open_bi().await?.await?) }
+        let conn = endpoint
+            .connect(url)
             .await
-            .map_err(|source| OpenError {
-                step: Step::Handshake,
-                source: source.context("opening the stream"),
-            })?;
+            .context("WebTransport session")?;
+        let (send, recv) = conn
+            .open_bi()
+            .await
+            .context("opening the stream")?
+            .await
+            .context("opening the stream")?;
         Ok(WtConnection {
             conn,
             send,
