@@ -375,6 +375,31 @@ fn quic_config(config: &Config) -> Result<Option<quinn::ServerConfig>, ServerErr
     Ok(Some(server))
 }
 
+/// The QUIC listener's UDP socket buffers (each way). One socket carries every QUIC
+/// connection, and the kernel's default (~208 KiB) overflows whenever the server is
+/// descheduled for a moment under load: every datagram dropped there is a QUIC loss,
+/// retransmitted and answered by a smaller congestion window. The kernel caps it at
+/// `net.core.rmem_max` / `net.core.wmem_max`.
+const UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+/// Binds the QUIC endpoint on `at`, with [`UDP_BUFFER_BYTES`] socket buffers.
+fn quic_endpoint(config: quinn::ServerConfig, at: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(at)?;
+    let sock = socket2::SockRef::from(&socket);
+    if let Err(e) = sock.set_recv_buffer_size(UDP_BUFFER_BYTES) {
+        tracing::warn!(error = %e, "could not size the QUIC socket's receive buffer");
+    }
+    if let Err(e) = sock.set_send_buffer_size(UDP_BUFFER_BYTES) {
+        tracing::warn!(error = %e, "could not size the QUIC socket's send buffer");
+    }
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
 /// The `Alt-Svc` value advertising HTTP/3 on `port`, if it is advertised.
 fn alt_svc(config: &Config, port: u16) -> Option<axum::http::HeaderValue> {
     let max_age = config.http3.alt_svc_max_age.as_secs();
@@ -745,7 +770,7 @@ impl Server {
         let quic = match quic_config(&config)? {
             Some(quic) => {
                 let at = config.http3.listen.unwrap_or(addr);
-                let endpoint = quinn::Endpoint::server(quic, at)
+                let endpoint = quic_endpoint(quic, at)
                     .map_err(|source| ServerError::Bind { addr: at, source })?;
                 let local = endpoint
                     .local_addr()

@@ -182,9 +182,9 @@ fn imports_only_point_down() {
 
 /// The load generator's layers (`bench/src`), lowest first: foundations that import
 /// nothing of the crate, then where to connect, then the connections (the HTTP ones
-/// below the one that dispatches over every transport), then the scenarios that drive
+/// and WebTransport below the one that dispatches over every transport), then the scenarios that drive
 /// them.
-const BENCH_LAYERS: [&str; 10] = [
+const BENCH_LAYERS: [&str; 11] = [
     "ui",
     "stats",
     "net",
@@ -193,6 +193,7 @@ const BENCH_LAYERS: [&str; 10] = [
     "report",
     "target",
     "http_transport",
+    "wt_transport",
     "transport",
     "scenario",
 ];

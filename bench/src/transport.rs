@@ -96,7 +96,13 @@ impl Connection {
         let fut = async {
             match target.transport {
                 TransportKind::Ws => WsConnection::open(target, index).await.map(Connection::Ws),
-                TransportKind::Wt => WtConnection::open(target, index).await.map(Connection::Wt),
+                TransportKind::Wt => WtConnection::open(target, index)
+                    .await
+                    .map(Connection::Wt)
+                    .map_err(|source| OpenError {
+                        step: Step::Handshake,
+                        source,
+                    }),
                 TransportKind::Sse | TransportKind::Poll => HttpConnection::open(target, index)
                     .await
                     .map(Connection::Http)

@@ -17,11 +17,7 @@ use parley::{
 use tokio::io::AsyncReadExt;
 use wtransport::{ClientConfig, Endpoint, endpoint::endpoint_side::Client};
 
-use crate::{
-    target::Target,
-    transport::{OpenError, Step},
-    wire::Incoming,
-};
+use crate::{target::Target, wire::Incoming};
 
 /// Client UDP sockets shared by all connections (round-robin by connection index).
 const ENDPOINTS: usize = 4;
@@ -33,8 +29,24 @@ fn endpoints() -> anyhow::Result<&'static [Endpoint<Client>]> {
     }
     let mut made = Vec::with_capacity(ENDPOINTS);
     for _ in 0..ENDPOINTS {
+        // Large socket buffers, as the server's: one socket carries many connections.
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
+        let size: libc::c_int = 4 * 1024 * 1024;
+        for option in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+            // SAFETY: setsockopt on a valid fd with a pointer to a c_int and its size.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    option,
+                    &size as *const libc::c_int as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+        }
         let config = ClientConfig::builder()
-            .with_bind_address("127.0.0.1:0".parse()?)
+            .with_bind_socket(socket)
             .with_no_cert_validation()
             .build();
         made.push(Endpoint::client(config)?);
@@ -54,27 +66,26 @@ pub struct WtConnection {
 }
 
 impl WtConnection {
-    pub async fn open(target: &Target, index: usize) -> Result<WtConnection, OpenError> {
-        let endpoints = endpoints().map_err(|source| OpenError {
-            step: Step::Tcp,
-            source,
-        })?;
+    /// Opens a session and its stream (the caller counts a failure as a handshake
+    /// failure).
+    pub async fn open(target: &Target, index: usize) -> anyhow::Result<WtConnection> {
+        let endpoints = endpoints()?;
         let endpoint = &endpoints[index % endpoints.len()];
         let enc = match target.encoding {
             Encoding::Proto => "proto",
             Encoding::Json => "json",
         };
         let url = format!("https://{}/wt?enc={enc}", target.addr);
-        let conn = endpoint.connect(url).await.map_err(|e| OpenError {
-            step: Step::Handshake,
-            source: anyhow::Error::new(e).context("WebTransport session"),
-        })?;
-        let (send, recv) = async { anyhow::Ok(conn.open_bi().await?.await?) }
+        let conn = endpoint
+            .connect(url)
             .await
-            .map_err(|source| OpenError {
-                step: Step::Handshake,
-                source: source.context("opening the stream"),
-            })?;
+            .context("WebTransport session")?;
+        let (send, recv) = conn
+            .open_bi()
+            .await
+            .context("opening the stream")?
+            .await
+            .context("opening the stream")?;
         Ok(WtConnection {
             conn,
             send,
