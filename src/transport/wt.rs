@@ -29,11 +29,11 @@ use std::{sync::Arc, time::Duration};
 
 use axum::http::{Request, StatusCode};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use h3::quic::BidiStream as _;
+use h3::quic::{BidiStream as _, RecvStream as _};
 use h3_webtransport::server::{AcceptedBi, WebTransportSession};
 use crate::metrics::HotCounter;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::AsyncWriteExt,
     sync::oneshot,
     time::{Instant, timeout},
 };
@@ -56,8 +56,6 @@ const LABEL: TransportLabel = TransportLabel { transport: "wt" };
 /// How long the final `disconnect` frame may take, together with waiting for the client
 /// to close the connection after it.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
-/// The most bytes a read asks for at once.
-const READ_CHUNK: usize = 16 * 1024;
 
 type Session = WebTransportSession<h3_quinn::Connection, Bytes>;
 type WtStream = h3_webtransport::stream::BidiStream<h3_quinn::BidiStream<Bytes>, Bytes>;
@@ -470,12 +468,12 @@ impl Reader {
                     Err(_) => {}
                 }
             }
-            if self.buf.capacity() == self.buf.len() {
-                self.buf.reserve(READ_CHUNK.min(max + 10));
-            }
-            match self.recv.read_buf(&mut self.buf).await {
-                Ok(0) => return Read::End,
-                Ok(_) => {}
+            // Wait for QUIC's next chunk without a buffer of our own: an idle session
+            // holds none (reserving a read buffer before waiting kept 16 KiB per idle
+            // session). The chunk is copied in once it has arrived.
+            match std::future::poll_fn(|cx| self.recv.poll_data(cx)).await {
+                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk),
+                Ok(None) => return Read::End,
                 Err(_) => return Read::Broken,
             }
         }
