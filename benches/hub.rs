@@ -111,9 +111,9 @@ fn steady(b: Bench) -> usize {
     black_box(got)
 }
 
-/// What one connect + join + close costs the hub (a connect storm's share): a session
-/// of a new user attaches, the user joins the big room, a message reaches the room, the
-/// session detaches (the user's last: it leaves every room here).
+// What one connect + join + close costs the hub (a connect storm's share): a session
+// of a new user attaches, the user joins the big room, a message reaches the room, the
+// session detaches (the user's last: it leaves every room here).
 #[library_benchmark]
 #[bench::n1000(args = (1000), setup = setup)]
 fn handshake(b: Bench) -> usize {
