@@ -38,9 +38,14 @@ impl<T> Shard<T> {
     }
 }
 
+/// Sessions by id (one shard's).
+type ById = HashMap<String, Arc<Session>>;
+/// Live sessions per user (one shard's).
+type PerUser = HashMap<Arc<str>, u64>;
+
 pub struct Sessions {
-    by_id: Box<[Shard<HashMap<String, Arc<Session>>>]>,
-    per_user: Box<[Shard<HashMap<Arc<str>, u64>>]>,
+    by_id: Box<[Shard<ById>]>,
+    per_user: Box<[Shard<PerUser>]>,
     hasher: RandomState,
     /// Most live sessions of one user (0: no limit).
     max_per_user: u64,
@@ -78,11 +83,11 @@ impl Sessions {
         self
     }
 
-    fn id_shard(&self, id: &str) -> MutexGuard<'_, HashMap<String, Arc<Session>>> {
+    fn id_shard(&self, id: &str) -> MutexGuard<'_, ById> {
         self.by_id[self.hasher.hash_one(id) as usize % SHARDS].lock()
     }
 
-    fn user_shard(&self, user: &str) -> MutexGuard<'_, HashMap<Arc<str>, u64>> {
+    fn user_shard(&self, user: &str) -> MutexGuard<'_, PerUser> {
         self.per_user[self.hasher.hash_one(user) as usize % SHARDS].lock()
     }
 

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Instructions per handshake (docs/BENCHMARKS.md, round three): SERVER (parley or
+# parley-floor, release) under callgrind on CPU 0, counters zeroed once it listens, a
+# storm with join from BENCH on CPU 1, a dump, the server killed. Writes /tmp/cg/NAME.*;
+# prints instructions per handshake. Needs valgrind (callgrind_control).
+#   bench/scripts/storm-callgrind.sh NAME SERVER BENCH [DURATION, default 20s]
+set -u
+mkdir -p /tmp/cg
+name=$1 server=$2 bench=$3 dur=${4:-20s}
+port=$((20000 + RANDOM % 20000))
+wd=/tmp/cg/wd-$name; rm -rf "$wd"; mkdir -p "$wd"; cd "$wd"
+export PARLEY_SERVER__LISTEN=127.0.0.1:$port PARLEY_AUTH__JWT_SECRET=cg-secret RUST_LOG=warn
+for v in MAX_CONNECTIONS MAX_CONNECTIONS_PER_IP CONNECTS_PER_IP_PER_SECOND CONNECTS_PER_IP_BURST \
+    TICKETS_PER_IP_PER_SECOND TICKETS_PER_IP_BURST MAX_SESSIONS_PER_USER MAX_ROOMS_PER_USER \
+    SENDS_PER_SECOND SENDS_BURST JOINS_PER_SECOND JOINS_BURST; do export "PARLEY_LIMITS__$v=0"; done
+taskset -c 0 valgrind --tool=callgrind --callgrind-out-file=/tmp/cg/$name.out "$server" serve > /tmp/cg/$name.server.log 2>&1 &
+vpid=$!
+for i in $(seq 1 300); do
+  (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break
+  sleep 0.2
+done
+sleep 1
+callgrind_control -z $vpid >/dev/null
+taskset -c 1 "$bench" --url ws://127.0.0.1:$port/ws --jwt-secret cg-secret --no-progress --json \
+   storm -c 8 -d "$dur" --settle 0s --join > /tmp/cg/$name.storm.json 2>/tmp/cg/$name.storm.log
+callgrind_control -d $vpid >/dev/null
+sleep 1
+kill -KILL $vpid 2>/dev/null; wait $vpid 2>/dev/null
+h=$(grep -m1 '"handshakes":' /tmp/cg/$name.storm.json | tr -dc 0-9)
+f=$(ls -t /tmp/cg/$name.out* | head -1)
+ir=$(grep -m1 '^summary:\|^totals:' "$f" | awk '{print $2}')
+echo "$name handshakes=$h instructions=$ir per_handshake=$(awk -v a=$ir -v b=$h 'BEGIN{printf "%.0f", a/b}') file=$f"
