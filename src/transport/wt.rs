@@ -31,7 +31,6 @@ use axum::http::{Request, StatusCode};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use h3::quic::{BidiStream as _, RecvStream as _};
 use h3_webtransport::server::{AcceptedBi, WebTransportSession};
-use crate::metrics::HotCounter;
 use tokio::{
     io::AsyncWriteExt,
     sync::oneshot,
@@ -47,7 +46,7 @@ use super::{
 };
 use crate::{
     codec::{self, Encoding},
-    metrics::{Metrics, TransportLabel},
+    metrics::{HotCounter, Metrics, TransportLabel},
     proto::server_frame::Kind,
     session::{CloseReason, Conn, Loss, Out, Outbox, OutboxConfig},
 };

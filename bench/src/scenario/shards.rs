@@ -39,7 +39,7 @@ impl Shards {
             threads: Vec::with_capacity(n),
         };
         for i in 0..n {
-            let cpu = pin.then(|| cpus[i]);
+            let cpu = if pin { cpus.get(i).copied() } else { None };
             let (handle_tx, handle_rx) = std::sync::mpsc::channel();
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
             let thread = thread::Builder::new()
