@@ -28,6 +28,29 @@ pub struct TransportLabel {
     pub transport: &'static str,
 }
 
+/// One open connection of a transport, counted in `connections` from [`OpenConnection::open`]
+/// until it is dropped (a drop guard, so every way a connection ends counts it down).
+pub struct OpenConnection {
+    metrics: Arc<Metrics>,
+    label: &'static TransportLabel,
+}
+
+impl OpenConnection {
+    pub fn open(metrics: &Arc<Metrics>, label: &'static TransportLabel) -> Self {
+        metrics.connections.get_or_create(label).inc();
+        Self {
+            metrics: metrics.clone(),
+            label,
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.metrics.connections.get_or_create(self.label).dec();
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
     pub code: &'static str,

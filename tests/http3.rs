@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::{collections::VecDeque, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::VecDeque, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::{Buf, Bytes, BytesMut};
 use common::*;
@@ -19,40 +19,6 @@ use tokio_rustls::{
     rustls::{self, RootCertStore, crypto::ring, pki_types::ServerName},
 };
 use tokio_tungstenite::{WebSocketStream, tungstenite::Message};
-
-struct Certs {
-    dir: PathBuf,
-    cert_der: rustls::pki_types::CertificateDer<'static>,
-}
-
-impl Drop for Certs {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn make_certs(name: &str) -> Certs {
-    let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-    let key = rcgen::generate_simple_self_signed(names).unwrap();
-    let dir = std::env::temp_dir().join(format!("parley-h3-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("cert.pem"), key.cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), key.signing_key.serialize_pem()).unwrap();
-    Certs {
-        dir,
-        cert_der: key.cert.der().clone(),
-    }
-}
-
-async fn tls_server(certs: &Certs, edit: impl FnOnce(&mut parley::config::Config)) -> TestServer {
-    let (cert, key) = (certs.dir.join("cert.pem"), certs.dir.join("key.pem"));
-    TestServer::start_with(|c| {
-        c.tls.cert_file = Some(cert.to_str().unwrap().into());
-        c.tls.key_file = Some(key.to_str().unwrap().into());
-        edit(c);
-    })
-    .await
-}
 
 fn h3_addr(t: &TestServer) -> SocketAddr {
     t.server.http3_addr().expect("HTTP/3 listens with TLS")

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::{path::PathBuf, sync::Arc};
+use std::sync::Arc;
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
@@ -16,38 +16,6 @@ use tokio_rustls::{
     TlsConnector,
     rustls::{ClientConfig, RootCertStore, crypto::ring, pki_types::ServerName},
 };
-
-struct Certs {
-    dir: PathBuf,
-    cert_der: tokio_rustls::rustls::pki_types::CertificateDer<'static>,
-}
-
-impl Drop for Certs {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn make_certs(name: &str) -> Certs {
-    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let dir = std::env::temp_dir().join(format!("parley-tls-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("cert.pem"), key.cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), key.signing_key.serialize_pem()).unwrap();
-    Certs {
-        dir,
-        cert_der: key.cert.der().clone(),
-    }
-}
-
-async fn tls_server(certs: &Certs) -> TestServer {
-    let (cert, key) = (certs.dir.join("cert.pem"), certs.dir.join("key.pem"));
-    TestServer::start_with(|c| {
-        c.tls.cert_file = Some(cert.to_str().unwrap().into());
-        c.tls.key_file = Some(key.to_str().unwrap().into());
-    })
-    .await
-}
 
 async fn tls_connect(
     t: &TestServer,
@@ -72,7 +40,7 @@ async fn tls_connect(
 #[tokio::test]
 async fn wss_chat_over_built_in_tls() {
     let certs = make_certs("wss");
-    let t = tls_server(&certs).await;
+    let t = tls_server(&certs, |_| {}).await;
     let tls = tls_connect(&t, &certs, &[b"http/1.1"]).await;
     let url = format!("wss://localhost:{}/ws", t.addr().port());
     let mut req =
@@ -109,7 +77,7 @@ async fn wss_chat_over_built_in_tls() {
 #[tokio::test]
 async fn https_h2_multiplexes_sse_and_commands_on_one_connection() {
     let certs = make_certs("h2");
-    let t = tls_server(&certs).await;
+    let t = tls_server(&certs, |_| {}).await;
     let tls = tls_connect(&t, &certs, &[b"h2", b"http/1.1"]).await;
     assert_eq!(
         tls.get_ref().1.alpn_protocol(),

@@ -72,7 +72,7 @@ use super::{
 };
 use crate::{
     config::MqttPayload,
-    metrics::{Metrics, TransportLabel},
+    metrics::{OpenConnection, TransportLabel},
     proto::{self, ClientFrame, ServerFrame, client_frame::Cmd, server_frame::Kind},
     session::{CloseReason, Conn, Core, Out, Outbox, OutboxConfig},
 };
@@ -176,8 +176,7 @@ pub fn serve_stream(io: impl Stream, ctx: Ctx) -> impl Future<Output = ()> + Sen
 /// connection.
 fn serve(socket: Socket, ctx: Ctx) -> impl Future<Output = ()> + Send {
     let metrics = ctx.core.metrics.clone();
-    metrics.connections.get_or_create(&LABEL).inc();
-    let counted = Counted(metrics.clone());
+    let counted = OpenConnection::open(&metrics, &LABEL);
     let wire = Wire {
         socket,
         buf: BytesMut::new(),
@@ -206,16 +205,7 @@ fn serve(socket: Socket, ctx: Ctx) -> impl Future<Output = ()> + Send {
 struct Running {
     connection: Connection,
     wire: Wire,
-    _counted: Counted,
-}
-
-/// Counts the connection while it lives.
-struct Counted(Arc<Metrics>);
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.connections.get_or_create(&LABEL).dec();
-    }
+    _counted: OpenConnection,
 }
 
 /// Why reading packets stopped.

@@ -12,11 +12,7 @@
 //! time in order (the outbox holds the running one): a command that waits for the store
 //! holds up neither pushes nor pings.
 
-use std::{
-    pin::Pin,
-    sync::{Arc, OnceLock},
-    time::Duration,
-};
+use std::{pin::Pin, sync::OnceLock, time::Duration};
 
 use axum::{
     Extension,
@@ -45,7 +41,7 @@ use crate::metrics::HotCounter;
 use crate::{
     codec::{self, Encoding},
     deflate,
-    metrics::{Metrics, TransportLabel},
+    metrics::{OpenConnection, TransportLabel},
     session::{CloseReason, Conn, Loss, Out, Outbox, OutboxConfig},
 };
 
@@ -258,15 +254,6 @@ fn connection(
     })
 }
 
-/// Counts the connection while it lives (a drop guard, so every exit path counts).
-struct Counted(Arc<Metrics>);
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.connections.get_or_create(&LABEL).dec();
-    }
-}
-
 /// Why writing stopped.
 enum WriteError {
     /// The socket failed: the peer is gone.
@@ -470,7 +457,7 @@ struct Connection {
     max_frame_bytes: usize,
     /// Whether the connection's span has its user yet.
     named: bool,
-    _counted: Counted,
+    _counted: OpenConnection,
 }
 
 impl Connection {
@@ -482,7 +469,6 @@ impl Connection {
     ) -> Self {
         // Only what the loop needs is kept (not `ctx`).
         let metrics = &ctx.core.metrics;
-        metrics.connections.get_or_create(&LABEL).inc();
         let config = &ctx.core.config.ws;
         let outbox = Outbox::new(
             Conn::new(ctx.core.clone(), config.heartbeat_interval),
@@ -508,7 +494,7 @@ impl Connection {
             frames_in: metrics.frames_in.get_or_create(&LABEL).clone(),
             max_frame_bytes: config.max_frame_bytes,
             named: false,
-            _counted: Counted(metrics.clone()),
+            _counted: OpenConnection::open(metrics, &LABEL),
         }
     }
 

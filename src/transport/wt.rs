@@ -46,7 +46,7 @@ use super::{
 };
 use crate::{
     codec::{self, Encoding},
-    metrics::{HotCounter, Metrics, TransportLabel},
+    metrics::{HotCounter, OpenConnection, TransportLabel},
     proto::server_frame::Kind,
     session::{CloseReason, Conn, Loss, Out, Outbox, OutboxConfig},
 };
@@ -290,15 +290,6 @@ impl Datagrams {
     }
 }
 
-/// Counts the connection while it lives (a drop guard, so every exit path counts).
-struct Counted(Arc<Metrics>);
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.connections.get_or_create(&LABEL).dec();
-    }
-}
-
 /// Why a write stopped.
 enum WriteError {
     Broken,
@@ -500,7 +491,7 @@ struct Connection {
     frames_in: HotCounter,
     max_frame_bytes: usize,
     named: bool,
-    _counted: Counted,
+    _counted: OpenConnection,
 }
 
 impl Connection {
@@ -513,7 +504,6 @@ impl Connection {
         connect_deadline: Instant,
     ) -> Self {
         let metrics = &ctx.core.metrics;
-        metrics.connections.get_or_create(&LABEL).inc();
         let config = &ctx.core.config.ws;
         let (send, recv) = stream.split();
         let outbox = Outbox::new(
@@ -546,7 +536,7 @@ impl Connection {
             frames_in: metrics.frames_in.get_or_create(&LABEL).clone(),
             max_frame_bytes: config.max_frame_bytes,
             named: false,
-            _counted: Counted(metrics.clone()),
+            _counted: OpenConnection::open(metrics, &LABEL),
         }
     }
 

@@ -848,3 +848,41 @@ pub async fn read_close_code(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> Opt
         }
     }
 }
+
+/// A self-signed certificate (for `localhost` and `127.0.0.1`) and its key as PEM files in
+/// a temp dir, removed on drop.
+pub struct Certs {
+    pub dir: std::path::PathBuf,
+    pub cert_der: tokio_rustls::rustls::pki_types::CertificateDer<'static>,
+}
+
+impl Drop for Certs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn make_certs(name: &str) -> Certs {
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let key = rcgen::generate_simple_self_signed(names).unwrap();
+    let dir = std::env::temp_dir().join(format!("parley-certs-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cert.pem"), key.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.signing_key.serialize_pem()).unwrap();
+    Certs {
+        dir,
+        cert_der: key.cert.der().clone(),
+    }
+}
+
+/// A test server serving TLS with `certs` (and HTTP/3, which TLS enables), `edit` applied
+/// to its configuration.
+pub async fn tls_server(certs: &Certs, edit: impl FnOnce(&mut Config)) -> TestServer {
+    let (cert, key) = (certs.dir.join("cert.pem"), certs.dir.join("key.pem"));
+    TestServer::start_with(|c| {
+        c.tls.cert_file = Some(cert.to_str().unwrap().into());
+        c.tls.key_file = Some(key.to_str().unwrap().into());
+        edit(c);
+    })
+    .await
+}
