@@ -25,7 +25,8 @@
 # seconds; default 400), ONLY (run only steps whose name contains it).
 #
 # Writes under OUT: <step>.json (parley-bench --json), <step>.log (its table and
-# messages), machine.txt, summary.txt (the table printed at the end). Each step runs
+# messages), machine.txt, summary.txt (the table printed at the end), all.tar.gz (all of
+# these in one file). Each step runs
 # under `timeout`; a spawned server dies with its generator (PR_SET_PDEATHSIG), and
 # every generator still running is killed on exit. Client sockets are spread over
 # source addresses 127.0.0.1..127.0.0.8 (`--source-ips 8`) so storms do not run out of
@@ -225,3 +226,9 @@ per_core_s() { # FILE: delivered/s per server core-second
     echo
     echo "wall clock: $((SECONDS - START)) s"
 } | tee "$OUT/summary.txt"
+
+# Everything in one file: a device tool that brings back only a few files per run still
+# brings back every step's log (the 16-core sitting at e15be8d lost the logs of the runs
+# that failed verification).
+tar -czf "$OUT.tar.gz" --exclude=all.tar.gz -C "$(dirname "$OUT")" "$(basename "$OUT")" &&
+    mv "$OUT.tar.gz" "$OUT/all.tar.gz" && echo "all results: $OUT/all.tar.gz"
