@@ -184,6 +184,12 @@ pub fn router(state: Ctx) -> Router {
         .route("/metrics", get(metrics))
         .merge(compressible)
         .merge(crate::web::routes(&state.core.config))
+        // Every body above this line must be in by `server.body_read_timeout`; uploads,
+        // below it, have their own idle deadline.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            transport::bearer::body_deadline,
+        ))
         .merge(transport::files::routes())
         .fallback(transport::bearer::not_found)
         .layer(body_limit)

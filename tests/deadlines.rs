@@ -244,3 +244,59 @@ async fn open_h2_streams_and_websocket_tunnels_outlive_the_idle_deadline() {
     let v: serde_json::Value = serde_json::from_slice(pong.payload()).unwrap();
     assert_eq!(v["id"], "2", "{v}");
 }
+
+#[tokio::test]
+async fn a_request_body_trickling_in_gets_408_at_the_body_deadline() {
+    let t = TestServer::start_with(|c| {
+        short(c);
+        c.server.body_read_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let start = Instant::now();
+    // A head announcing 64 bytes, then 10 of them and one more every 100 ms: it would take
+    // 5.4 s, past the deadline.
+    let s = socket_sending(
+        &t,
+        b"POST /session HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 64\r\n\r\n{\"connect\":",
+    )
+    .await;
+    let (mut rd, mut wr) = s.into_split();
+    let trickle = tokio::spawn(async move {
+        for _ in 0..54 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if wr.write_all(b" ").await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the server never closed the connection");
+    let after = start.elapsed();
+    trickle.abort();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
+    assert!(text.contains("body_read_timeout"), "{text}");
+    assert!(
+        after >= Duration::from_millis(450) && after < Duration::from_secs(4),
+        "answered and closed after {after:?}"
+    );
+    // A body that arrives in time, in pieces, is served as before.
+    let mut s = socket_sending(
+        &t,
+        b"POST /session HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(b"}").await.unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.unwrap();
+    let text = String::from_utf8_lossy(&got);
+    // `{}` is a frame without a command: refused for what it says, not for its timing.
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(!text.contains("body_read_timeout"), "{text}");
+}

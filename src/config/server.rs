@@ -35,6 +35,11 @@ pub struct ServerConfig {
     /// keep-alive connection may wait for its next request).
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// A request body (a command, an API call: at most `ws.max_frame_bytes`) must arrive
+    /// in full within this of its head, or the request gets 408 and the connection is
+    /// closed. Uploads are timed instead by their own idle deadline (no bytes for 60 s).
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
     /// HTTP/2: a connection with no request open for this long is closed (GOAWAY).
     #[serde(with = "humantime_serde")]
     pub h2_idle_timeout: Duration,
@@ -66,6 +71,7 @@ impl Default for ServerConfig {
             tls_handshake_timeout: Duration::from_secs(10),
             preface_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(15),
             h2_idle_timeout: Duration::from_secs(30),
             h2_keep_alive_interval: Duration::from_secs(20),
             h2_keep_alive_timeout: Duration::from_secs(20),
@@ -88,6 +94,7 @@ impl ServerConfig {
             ("server.tls_handshake_timeout", self.tls_handshake_timeout),
             ("server.preface_timeout", self.preface_timeout),
             ("server.header_read_timeout", self.header_read_timeout),
+            ("server.body_read_timeout", self.body_read_timeout),
             ("server.h2_idle_timeout", self.h2_idle_timeout),
             ("server.h2_keep_alive_interval", self.h2_keep_alive_interval),
             ("server.h2_keep_alive_timeout", self.h2_keep_alive_timeout),

@@ -4,6 +4,7 @@
 //! its `text/plain`).
 
 use std::{
+    future::Future,
     pin::Pin,
     sync::{
         Arc,
@@ -239,6 +240,95 @@ impl http_body::Body for Watched {
             self.ended.store(true, Ordering::Release);
         }
         polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Middleware: a request body must arrive in full within `server.body_read_timeout` of
+/// its head. Without it a client that sends a head and then one byte now and then holds
+/// its connection slot, its request task and up to `ws.max_frame_bytes` of buffer for
+/// as long as it likes (the head has `header_read_timeout`, the socket's writes
+/// `write_timeout`, but reading a body had no deadline). Past the deadline the body
+/// fails, whatever the handler answers becomes 408 with the Error JSON, and the
+/// connection is closed (HTTP/1: `Connection: close`; hyper drops a connection whose
+/// body was not read to its end). Uploads are not behind this layer: they have their
+/// own idle deadline. A request without a body pays one check.
+pub async fn body_deadline(
+    axum::extract::State(ctx): axum::extract::State<Ctx>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if req.body().is_end_stream() {
+        return next.run(req).await;
+    }
+    let limit = ctx.core.config.server.body_read_timeout;
+    let http1 = req.version() <= Version::HTTP_11;
+    let expired = Arc::new(AtomicBool::new(false));
+    let req = req.map(|body| {
+        Body::new(Timed {
+            body,
+            deadline: Box::pin(tokio::time::sleep(limit)),
+            expired: expired.clone(),
+        })
+    });
+    let response = next.run(req).await;
+    if !expired.load(Ordering::Acquire) {
+        return response;
+    }
+    let mut response = ApiError(
+        StatusCode::REQUEST_TIMEOUT,
+        wire_error(
+            ErrorCode::BadFrame,
+            format!(
+                "the request body did not arrive within server.body_read_timeout ({}) of its head",
+                humantime::format_duration(limit)
+            ),
+        ),
+    )
+    .into_response();
+    if http1 {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// The request body was not in by its deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("request body deadline passed")]
+struct BodyTimedOut;
+
+/// A request body that fails once its deadline passes before its end.
+struct Timed {
+    body: Body,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    expired: Arc<AtomicBool>,
+}
+
+impl http_body::Body for Timed {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            self.expired.store(true, Ordering::Release);
+            return Poll::Ready(Some(Err(axum::Error::new(BodyTimedOut))));
+        }
+        Poll::Pending
     }
 
     fn is_end_stream(&self) -> bool {
