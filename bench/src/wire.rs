@@ -30,6 +30,14 @@ pub enum Incoming {
     Closed(Option<u16>),
 }
 
+/// What a connection yields on the fast path (`transport::Connection::next_buffered`):
+/// a frame lent from the connection's buffer, or the close.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received<'a> {
+    Frame(&'a [u8]),
+    Closed(Option<u16>),
+}
+
 /// Decodes any server frame completely.
 pub fn decode(encoding: Encoding, bytes: &[u8]) -> anyhow::Result<ServerFrame> {
     Ok(match encoding {
@@ -38,12 +46,13 @@ pub fn decode(encoding: Encoding, bytes: &[u8]) -> anyhow::Result<ServerFrame> {
     })
 }
 
-/// The parts of a pushed chat message the generator checks.
+/// The parts of a pushed chat message the generator checks. The body is not checked
+/// for UTF-8 here (only its timestamp is read, [`body_sent_at`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessagePush<'a> {
     pub pos: u64,
     pub seq: u64,
-    pub body: Cow<'a, str>,
+    pub body: Cow<'a, [u8]>,
 }
 
 /// A quick look at a frame.
@@ -131,7 +140,7 @@ fn peek_proto(bytes: &[u8]) -> Option<Peek<'_>> {
     Some(Peek::Message(MessagePush {
         pos,
         seq,
-        body: Cow::Borrowed(std::str::from_utf8(body).ok()?),
+        body: Cow::Borrowed(body),
     }))
 }
 
@@ -177,7 +186,10 @@ fn peek_json(bytes: &[u8]) -> Option<Peek<'_>> {
     Some(Peek::Message(MessagePush {
         pos: f.pos,
         seq: m.seq,
-        body: m.body,
+        body: match m.body {
+            Cow::Borrowed(b) => Cow::Borrowed(b.as_bytes()),
+            Cow::Owned(b) => Cow::Owned(b.into_bytes()),
+        },
     }))
 }
 
@@ -190,9 +202,17 @@ pub fn body(sent_at_nanos: u64, len: usize) -> String {
     s
 }
 
-/// The send time a [`body`] carries.
-pub fn body_sent_at(body: &str) -> Option<u64> {
-    body.split_once(':')?.0.parse().ok()
+/// The send time a [`body`] carries: its decimal digits up to the first `:`.
+pub fn body_sent_at(body: &[u8]) -> Option<u64> {
+    let mut n: u64 = 0;
+    for (i, &b) in body.iter().enumerate().take(21) {
+        match b {
+            b'0'..=b'9' => n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?,
+            b':' if i > 0 => return Some(n),
+            _ => return None,
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -229,10 +249,21 @@ mod tests {
                     panic!("{encoding:?}: not seen as a message");
                 };
                 assert_eq!((m.pos, m.seq), (pos, seq), "{encoding:?}");
-                assert_eq!(m.body, b);
+                assert_eq!(m.body, b.as_bytes());
                 assert_eq!(body_sent_at(&m.body), Some(123_456_789));
                 assert_eq!(m.body.len(), 100);
             }
+        }
+    }
+
+    #[test]
+    fn send_times_are_read_back() {
+        for at in [0, 7, 123_456_789, u64::MAX] {
+            assert_eq!(body_sent_at(body(at, 100).as_bytes()), Some(at));
+            assert_eq!(body_sent_at(body(at, 0).as_bytes()), Some(at));
+        }
+        for bad in ["", ":", "12", "12x:", "x12:", "99999999999999999999:"] {
+            assert_eq!(body_sent_at(bad.as_bytes()), None, "{bad:?}");
         }
     }
 
