@@ -411,7 +411,11 @@ impl RawWs {
         self.reader.make_room(self.read_size);
         let fd = self.stream.as_raw_fd();
         loop {
-            self.stream.readable().await.context("reading")?;
+            // The stream's own reader slot (one waker, no waiter list to join and leave
+            // on every wake-up as `readable()` does).
+            std::future::poll_fn(|cx| self.stream.poll_read_ready(cx))
+                .await
+                .context("reading")?;
             let buf = &mut self.reader.buf;
             let mut got = None;
             let r = self.stream.try_io(Interest::READABLE, || {
