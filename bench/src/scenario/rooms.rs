@@ -13,14 +13,17 @@
 //! skipped).
 
 use std::{
+    future::Future,
     sync::{
         Arc, OnceLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
+    task::Poll,
     time::{Duration, Instant},
 };
 
 use anyhow::bail;
+use futures_util::task::AtomicWaker;
 use parley::proto::{self, client_frame::Cmd, server_frame::Kind};
 use serde::Serialize;
 use tokio::{
@@ -255,6 +258,38 @@ struct Shared {
     latency: Latency,
     /// How late each send left against its schedule (the generator's own lag).
     send_lag: Latency,
+    /// Set with `stop` ([`Shared::stop_members`]): what members look at in their loop,
+    /// a load where the token's `is_cancelled` takes its mutex.
+    stopping: AtomicBool,
+    /// Each member's waker for the stop, registered without a lock on every wait
+    /// (waiting on the token re-takes its mutex at every poll, once per wake-up).
+    stop_wakers: Vec<Padded<AtomicWaker>>,
+}
+
+impl Shared {
+    /// Ends the run (or aborts it): cancels `stop` and wakes every member.
+    fn stop_members(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.stop.cancel();
+        for w in &self.stop_wakers {
+            w.wake();
+        }
+    }
+
+    /// Resolves once [`Shared::stop_members`] was called.
+    fn stopped(&self, i: usize) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.stopping.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            self.stop_wakers[i].register(cx.waker());
+            if self.stopping.load(Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
 }
 
 /// Runs the plan.
@@ -276,6 +311,8 @@ pub async fn run(run: &Run, plan: Plan) -> anyhow::Result<Outcome> {
         delivered: ShardedCounter::new(run.counter_shards()),
         latency: Latency::with_shards(run.counter_shards()),
         send_lag: Latency::with_shards(run.counter_shards()),
+        stopping: AtomicBool::new(false),
+        stop_wakers: (0..n).map(|_| Padded::default()).collect(),
         plan,
     });
     let rss_before = run.server_usage().map(|u| u.rss);
@@ -310,7 +347,7 @@ pub async fn run(run: &Run, plan: Plan) -> anyhow::Result<Outcome> {
     bar.finish_and_clear();
     let connect_s = connect_start.elapsed().as_secs_f64();
     if failures > 0 {
-        shared.stop.cancel();
+        shared.stop_members();
         for t in tasks {
             let _ = t.await;
         }
@@ -409,7 +446,7 @@ pub async fn run(run: &Run, plan: Plan) -> anyhow::Result<Outcome> {
         }
     };
     spinner.finish_and_clear();
-    shared.stop.cancel();
+    shared.stop_members();
     take_tick(&mut ticks, &mut total);
     let rss_after = run.server_usage().map(|u| u.rss);
 
@@ -617,16 +654,12 @@ async fn member(
     let go = shared.go.clone();
     let go_signal = go.cancelled();
     tokio::pin!(go_signal);
-    let stop = shared.stop.clone();
-    let stopped = stop.cancelled();
-    tokio::pin!(stopped);
     let publish_over = tokio::time::sleep_until(tokio::time::Instant::from_std(until));
     tokio::pin!(publish_over);
 
     loop {
-        // `stopped` is polled last: a member with frames to read does not take the
-        // cancellation token's lock on every wake-up (it checks the token's flag after
-        // each batch instead).
+        // The stop is polled last, with no lock ([`Shared::stopped`]); a member with
+        // frames to read checks the flag after each batch instead.
         tokio::select! {
             biased;
             _ = &mut go_signal, if !started => {
@@ -738,7 +771,7 @@ async fn member(
                     shared.latency.record_all(shard, &latencies);
                     latencies.clear();
                 }
-                if end || stop.is_cancelled() {
+                if end || shared.stopping.load(Ordering::Acquire) {
                     break;
                 }
                 let last_pos = result.check.last_pos;
@@ -795,7 +828,7 @@ async fn member(
                 outstanding += 1;
                 shared.sent.fetch_add(1, Ordering::Relaxed);
             }
-            _ = &mut stopped => break,
+            _ = shared.stopped(i) => break,
         }
     }
     if let Some(mut r) = report.take() {
