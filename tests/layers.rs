@@ -184,7 +184,7 @@ fn imports_only_point_down() {
 /// nothing of the crate, then where to connect, then the connections (the HTTP ones
 /// and WebTransport below the one that dispatches over every transport), then the scenarios that drive
 /// them.
-const BENCH_LAYERS: [&str; 11] = [
+const BENCH_LAYERS: [&str; 12] = [
     "ui",
     "stats",
     "net",
@@ -192,6 +192,7 @@ const BENCH_LAYERS: [&str; 11] = [
     "probe",
     "report",
     "target",
+    "ws_transport",
     "http_transport",
     "wt_transport",
     "transport",

@@ -5,8 +5,10 @@
 #     (CPUs 0..k-1), the generator (parley-bench, one shard thread per CPU) on CPUs
 #     8-15: 16k subscribers × 200 msg/s (3.2M deliveries/s offered), and a heavier
 #     offer (16k × 600/s = 9.6M/s) at 4 and 8 server cores to find the ceiling;
-#   - the generator of before issue 24 (one work-stealing runtime, --threads 0) once,
-#     at 8 server cores, for the generator's own before/after on that machine;
+#   - an older generator once, at 8 server cores, for the generator's own before/after
+#     on that machine: OLD_BENCH (a parley-bench built before round four's read path,
+#     e.g. from 635250e) with the same flags, or without it this build with one
+#     work-stealing runtime (--threads 0, the runtime layout before issue 24);
 #   - the connect storm (connect + upgrade + auth + join + close, 512 workers) at 1 and
 #     8 server cores for both servers.
 #
@@ -20,7 +22,7 @@
 #   OUT=/tmp/dry SCALE=small bench/scripts/device.sh # a tiny dry run (2-core machine)
 #
 # Environment (all optional): OUT (results; default target/device-out), BIN, SCALE
-# (full | small), GEN_CPUS (generator CPUs; default 8-15, small: 1), CORES (server core
+# (full | small), OLD_BENCH (see above), GEN_CPUS (generator CPUs; default 8-15, small: 1), CORES (server core
 # counts; default "1 2 4 8", small: "1"), BUDGET_S (no new step starts after this many
 # seconds; default 400), ONLY (run only steps whose name contains it).
 #
@@ -126,7 +128,7 @@ step() {
     echo "== $name (t=${elapsed}s): server $server on CPUs $cpus; $*" | tee -a "$OUT/commands.txt"
     # SIGINT first: parley-bench stops and kills its server; SIGKILL 5 s later.
     timeout -s INT -k 5 "$STEP_LIMIT" \
-        taskset -c "$GEN_CPUS" "$BIN/parley-bench" --spawn-server "$BIN/$server" \
+        taskset -c "$GEN_CPUS" "${BENCH:-$BIN/parley-bench}" --spawn-server "$BIN/$server" \
         --server-cpu "$cpus" --no-progress --json --source-ips 8 "$@" \
         > "$OUT/$name.json" 2> "$OUT/$name.log" &
     local pid=$!
@@ -161,9 +163,14 @@ for k in $HEAVY_CORES; do
         fanout "heavy-$s-${k}c" "$s" "$k" "$HEAVY_RATE" "$HEAVY_PUBS"
     done
 done
-# The generator before issue 24 (one work-stealing runtime), same load, for comparison.
+# An older generator, same load, for comparison: OLD_BENCH if given (same flags), else
+# this one on one work-stealing runtime (the layout before issue 24).
 last_k=${CORES##* }
-fanout "oldgen-parley-floor-${last_k}c" parley-floor "$last_k" "$RATE" "$PUBS" --threads 0
+if [[ -n ${OLD_BENCH:-} && -x ${OLD_BENCH:-} ]]; then
+    BENCH=$OLD_BENCH fanout "oldgen-parley-floor-${last_k}c" parley-floor "$last_k" "$RATE" "$PUBS"
+else
+    fanout "oldgen-parley-floor-${last_k}c" parley-floor "$last_k" "$RATE" "$PUBS" --threads 0
+fi
 
 # The summary: medians from each step's JSON (one run each here).
 med() { # KEY FILE: the number under "medians" (null/absent: nan)

@@ -12,7 +12,8 @@
 //! - [`target`]: where to connect (loopback only), with which encoding and transport;
 //!   opens the TCP connection.
 //! - [`transport`]: one client connection, whatever the transport (WebSocket, SSE,
-//!   long-poll, WebTransport); [`http_transport`] (below it): the SSE and long-poll
+//!   long-poll, WebTransport); [`ws_transport`] (below it): the plain WebSocket client
+//!   (upgrade and frame reader); [`http_transport`]: the SSE and long-poll
 //!   connections; [`wt_transport`]: WebTransport sessions (`/wt`).
 //! - [`wire`]: cheap decoding of pushed messages (the generator must stay cheap), and
 //!   what a connection yields.
@@ -34,6 +35,7 @@ pub mod target;
 pub mod transport;
 pub mod ui;
 pub mod wire;
+pub mod ws_transport;
 pub mod wt_transport;
 
 pub use target::{Target, TransportKind};

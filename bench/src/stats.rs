@@ -90,6 +90,14 @@ impl Latency {
         self.shard(hint).saturating_record((nanos / 1000).max(1));
     }
 
+    /// Records several latencies under one lock.
+    pub fn record_all(&self, hint: usize, nanos: &[u64]) {
+        let mut h = self.shard(hint);
+        for &n in nanos {
+            h.saturating_record((n / 1000).max(1));
+        }
+    }
+
     /// Moves everything recorded so far into `into`.
     pub fn drain_into(&self, into: &mut Histogram<u64>) {
         for i in 0..self.shards.len() {

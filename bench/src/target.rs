@@ -53,16 +53,13 @@ pub const DEFAULT_SECRET: &str = DEV_JWT_SECRET;
 /// Per-connection client buffer sizes: small, so the generator itself stays cheap.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientBuffers {
+    /// Bytes one read may bring (the buffer grows for a larger frame).
     pub read: usize,
-    pub write: usize,
 }
 
 impl Default for ClientBuffers {
     fn default() -> Self {
-        Self {
-            read: 4096,
-            write: 0,
-        }
+        Self { read: 4096 }
     }
 }
 

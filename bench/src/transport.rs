@@ -7,41 +7,29 @@
 
 use std::collections::VecDeque;
 
+use crate::{
+    http_transport::HttpConnection,
+    target::{Target, TransportKind},
+    wire::{self, Incoming, Received},
+    ws_transport::RawWs,
+    wt_transport::WtConnection,
+};
 use anyhow::{Context, anyhow, bail};
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use parley::{
     codec::{self, Encoding},
     proto::{self, ClientFrame, client_frame::Cmd, server_frame::Kind},
 };
 use serde::Serialize;
 use tokio::net::TcpStream;
-use tokio_tungstenite::{
-    WebSocketStream,
-    tungstenite::{
-        Message,
-        client::IntoClientRequest,
-        http::HeaderValue,
-        protocol::{CloseFrame, WebSocketConfig, frame::coding::CloseCode},
-    },
-};
 
-use crate::{
-    http_transport::HttpConnection,
-    target::{Target, TransportKind},
-    wire::{self, Incoming},
-    wt_transport::WtConnection,
-};
-
-type Ws = WebSocketStream<TcpStream>;
-
-/// The client WebSocket: tokio-tungstenite (an implementation independent of the
-/// server's), or yawc when permessage-deflate is offered (`--deflate`; tungstenite has
-/// no permessage-deflate). The yawc socket is boxed so plain runs keep their size;
-/// tungstenite's stays inline, as before.
+/// The client WebSocket: the generator's own reader ([`crate::ws_transport`], an
+/// implementation independent of the server's), or yawc when permessage-deflate is
+/// offered (`--deflate`). The yawc socket is boxed so plain runs keep their size.
 #[allow(clippy::large_enum_variant)]
 enum WsSocket {
-    Tungstenite(Ws),
+    Plain(RawWs),
     Deflate(Box<yawc::WebSocket<TcpStream>>),
 }
 
@@ -73,12 +61,31 @@ impl std::fmt::Display for OpenError {
 impl std::error::Error for OpenError {}
 
 /// An open client connection.
-pub enum Connection {
+pub struct Connection {
+    link: Link,
+    /// The fast path's one-frame slot for transports without a frame buffer of their
+    /// own ([`Connection::readable`]).
+    slot: Option<Incoming>,
+    /// The frame lent out last from `slot`.
+    current: Bytes,
+}
+
+enum Link {
     Ws(WsConnection),
     /// SSE or long-poll.
     Http(HttpConnection),
     /// WebTransport.
     Wt(WtConnection),
+}
+
+impl From<Link> for Connection {
+    fn from(link: Link) -> Self {
+        Connection {
+            link,
+            slot: None,
+            current: Bytes::new(),
+        }
+    }
 }
 
 pub struct WsConnection {
@@ -95,17 +102,17 @@ impl Connection {
     pub async fn open(target: &Target, index: usize) -> Result<Connection, OpenError> {
         let fut = async {
             match target.transport {
-                TransportKind::Ws => WsConnection::open(target, index).await.map(Connection::Ws),
+                TransportKind::Ws => WsConnection::open(target, index).await.map(Link::Ws),
                 TransportKind::Wt => WtConnection::open(target, index)
                     .await
-                    .map(Connection::Wt)
+                    .map(Link::Wt)
                     .map_err(|source| OpenError {
                         step: Step::Handshake,
                         source,
                     }),
                 TransportKind::Sse | TransportKind::Poll => HttpConnection::open(target, index)
                     .await
-                    .map(Connection::Http)
+                    .map(Link::Http)
                     .map_err(|e| OpenError {
                         step: Step::Tcp,
                         source: anyhow::Error::new(e)
@@ -114,7 +121,7 @@ impl Connection {
             }
         };
         match tokio::time::timeout(target.connect_timeout, fut).await {
-            Ok(r) => r,
+            Ok(r) => r.map(Connection::from),
             Err(_) => Err(OpenError {
                 step: Step::Timeout,
                 source: anyhow!("open timed out after {:?}", target.connect_timeout),
@@ -150,36 +157,93 @@ impl Connection {
     }
 
     pub fn encoding(&self) -> Encoding {
-        match self {
-            Connection::Ws(c) => c.encoding,
-            Connection::Http(c) => c.encoding(),
-            Connection::Wt(c) => c.encoding,
+        match &self.link {
+            Link::Ws(c) => c.encoding,
+            Link::Http(c) => c.encoding(),
+            Link::Wt(c) => c.encoding,
         }
     }
 
     /// Sends one command; returns the request id it was given.
     pub async fn send(&mut self, cmd: Cmd) -> anyhow::Result<u64> {
-        match self {
-            Connection::Ws(c) => c.send(cmd).await,
-            Connection::Http(c) => c.send(cmd).await,
-            Connection::Wt(c) => c.send(cmd).await,
+        match &mut self.link {
+            Link::Ws(c) => c.send(cmd).await,
+            Link::Http(c) => c.send(cmd).await,
+            Link::Wt(c) => c.send(cmd).await,
         }
     }
 
     /// The next server frame or the close. Cancel-safe: dropping the future loses
     /// nothing (the frame stays buffered in the transport).
     pub async fn recv(&mut self) -> anyhow::Result<Incoming> {
-        match self {
-            Connection::Ws(c) => c.recv().await,
-            Connection::Http(c) => c.recv().await,
-            Connection::Wt(c) => c.recv().await,
+        if let Some(incoming) = self.slot.take() {
+            return Ok(incoming);
+        }
+        match &mut self.link {
+            Link::Ws(c) => c.recv().await,
+            Link::Http(c) => c.recv().await,
+            Link::Wt(c) => c.recv().await,
+        }
+    }
+
+    /// The fast path, part one: waits until [`Connection::next_buffered`] has something
+    /// to yield (a frame, the close) or may have after one read. Cancel-safe.
+    pub async fn readable(&mut self) -> anyhow::Result<()> {
+        if let Some(ws) = self.raw_ws() {
+            if !ws.has_buffered() {
+                ws.fill().await?;
+            }
+            return Ok(());
+        }
+        if self.slot.is_none() {
+            let incoming = self.recv().await?;
+            self.slot = Some(incoming);
+        }
+        Ok(())
+    }
+
+    /// The fast path, part two: the next frame that has already arrived, lent from the
+    /// connection's buffer (`Ok(None)`: wait with [`Connection::readable`]). A plain
+    /// WebSocket yields every frame one read brought, without copying them; the other
+    /// transports one frame per `readable`.
+    pub fn next_buffered(&mut self) -> anyhow::Result<Option<Received<'_>>> {
+        if self.raw_ws().is_some() {
+            let Link::Ws(WsConnection {
+                ws: WsSocket::Plain(ws),
+                ..
+            }) = &mut self.link
+            else {
+                unreachable!("raw_ws said so");
+            };
+            return ws.next_buffered();
+        }
+        Ok(match self.slot.take() {
+            None => None,
+            Some(Incoming::Closed(code)) => Some(Received::Closed(code)),
+            Some(Incoming::Frame(b)) => {
+                self.current = b;
+                Some(Received::Frame(&self.current))
+            }
+        })
+    }
+
+    /// The plain WebSocket, when the fast path may read it directly (nothing stashed
+    /// by `request` or held in the slot).
+    fn raw_ws(&mut self) -> Option<&mut RawWs> {
+        match &mut self.link {
+            Link::Ws(WsConnection {
+                ws: WsSocket::Plain(ws),
+                pending,
+                ..
+            }) if pending.is_empty() && self.slot.is_none() => Some(ws),
+            _ => None,
         }
     }
 
     /// Sends a command and waits for its reply; frames that arrive first are kept for
     /// `recv`.
     pub async fn request(&mut self, cmd: Cmd) -> anyhow::Result<Kind> {
-        if let Connection::Http(c) = self {
+        if let Link::Http(c) = &mut self.link {
             // Over HTTP the reply is the POST's response, never on the stream.
             return c.call_command(cmd).await;
         }
@@ -199,24 +263,24 @@ impl Connection {
     }
 
     async fn recv_raw(&mut self) -> anyhow::Result<Incoming> {
-        match self {
-            Connection::Ws(c) => c.recv_socket().await,
-            Connection::Http(c) => c.recv().await,
-            Connection::Wt(c) => c.recv_stream().await,
+        match &mut self.link {
+            Link::Ws(c) => c.recv_socket().await,
+            Link::Http(c) => c.recv().await,
+            Link::Wt(c) => c.recv_stream().await,
         }
     }
 
     fn stash(&mut self, bytes: Bytes) {
-        match self {
-            Connection::Ws(c) => c.pending.push_back(bytes),
-            Connection::Wt(c) => c.pending.push_back(bytes),
-            Connection::Http(_) => unreachable!("HTTP replies never come on the stream"),
+        match &mut self.link {
+            Link::Ws(c) => c.pending.push_back(bytes),
+            Link::Wt(c) => c.pending.push_back(bytes),
+            Link::Http(_) => unreachable!("HTTP replies never come on the stream"),
         }
     }
 
     /// `connect` with a token; fails unless the server answers `connected`.
     pub async fn authenticate(&mut self, token: &str) -> anyhow::Result<proto::Connected> {
-        if let Connection::Http(c) = self {
+        if let Link::Http(c) = &mut self.link {
             return c.authenticate(token).await;
         }
         let reply = self
@@ -248,10 +312,10 @@ impl Connection {
 
     /// Closes politely (close frame, then wait briefly for the server's close).
     pub async fn close(self) {
-        match self {
-            Connection::Ws(c) => c.close().await,
-            Connection::Http(c) => c.close().await,
-            Connection::Wt(c) => c.close().await,
+        match self.link {
+            Link::Ws(c) => c.close().await,
+            Link::Http(c) => c.close().await,
+            Link::Wt(c) => c.close().await,
         }
     }
 }
@@ -265,38 +329,20 @@ impl WsConnection {
         if target.deflate {
             return WsConnection::open_deflate(target, stream).await;
         }
-        let handshake = async {
-            let mut req = format!("ws://{}{}", target.host, target.path).into_client_request()?;
-            req.headers_mut().insert(
-                "Sec-WebSocket-Protocol",
-                HeaderValue::from_static(target.encoding.subprotocol()),
-            );
-            let config = WebSocketConfig::default()
-                .read_buffer_size(target.buffers.read)
-                .write_buffer_size(target.buffers.write)
-                .max_message_size(Some(1 << 20))
-                .max_frame_size(Some(1 << 20));
-            let (ws, resp) =
-                tokio_tungstenite::client_async_with_config(req, stream, Some(config)).await?;
-            let negotiated = resp
-                .headers()
-                .get("Sec-WebSocket-Protocol")
-                .and_then(|v| v.to_str().ok())
-                .and_then(Encoding::from_subprotocol);
-            if negotiated != Some(target.encoding) {
-                bail!(
-                    "server did not accept subprotocol {} (got {negotiated:?})",
-                    target.encoding.subprotocol()
-                );
-            }
-            anyhow::Ok(ws)
-        };
-        let ws = handshake.await.map_err(|source| OpenError {
+        let ws = RawWs::handshake(
+            stream,
+            &target.host,
+            &target.path,
+            target.encoding.subprotocol(),
+            target.buffers.read,
+        )
+        .await
+        .map_err(|source| OpenError {
             step: Step::Handshake,
             source,
         })?;
         Ok(WsConnection {
-            ws: WsSocket::Tungstenite(ws),
+            ws: WsSocket::Plain(ws),
             encoding: target.encoding,
             next_id: 1,
             pending: VecDeque::new(),
@@ -341,13 +387,7 @@ impl WsConnection {
         self.next_id += 1;
         let bytes = codec::encode_client(self.encoding, &ClientFrame { id, cmd: Some(cmd) });
         match &mut self.ws {
-            WsSocket::Tungstenite(ws) => {
-                let msg = match self.encoding {
-                    Encoding::Proto => Message::Binary(bytes),
-                    Encoding::Json => Message::Text(bytes.try_into().context("JSON is UTF-8")?),
-                };
-                ws.send(msg).await.context("sending")?;
-            }
+            WsSocket::Plain(ws) => ws.send(self.encoding == Encoding::Json, &bytes).await?,
             WsSocket::Deflate(ws) => {
                 let frame = match self.encoding {
                     Encoding::Proto => yawc::Frame::binary(bytes),
@@ -368,51 +408,41 @@ impl WsConnection {
 
     async fn recv_socket(&mut self) -> anyhow::Result<Incoming> {
         let ws = match &mut self.ws {
-            WsSocket::Tungstenite(ws) => ws,
-            WsSocket::Deflate(ws) => loop {
-                let frame = match ws.next_frame().await {
-                    Ok(f) => f,
-                    Err(yawc::WebSocketError::ConnectionClosed) => {
-                        return Ok(Incoming::Closed(None));
+            WsSocket::Plain(ws) => loop {
+                match ws.next_buffered()? {
+                    Some(Received::Frame(b)) => {
+                        return Ok(Incoming::Frame(Bytes::copy_from_slice(b)));
                     }
-                    Err(e) => return Err(anyhow::Error::new(e).context("reading")),
-                };
-                match frame.opcode() {
-                    yawc::OpCode::Binary | yawc::OpCode::Text => {
-                        return Ok(Incoming::Frame(frame.into_payload()));
-                    }
-                    yawc::OpCode::Close => {
-                        return Ok(Incoming::Closed(frame.close_code().map(u16::from)));
-                    }
-                    // yawc answers pings itself.
-                    _ => continue,
+                    Some(Received::Closed(code)) => return Ok(Incoming::Closed(code)),
+                    None => ws.fill().await?,
                 }
             },
+            WsSocket::Deflate(ws) => ws,
         };
         loop {
-            let Some(msg) = ws.next().await else {
-                return Ok(Incoming::Closed(None));
-            };
-            match msg {
-                Ok(Message::Binary(b)) => return Ok(Incoming::Frame(b)),
-                Ok(Message::Text(t)) => return Ok(Incoming::Frame(Bytes::from(t))),
-                Ok(Message::Close(f)) => {
-                    return Ok(Incoming::Closed(f.map(|f: CloseFrame| u16::from(f.code))));
-                }
-                // Pings are answered by tungstenite while we read.
-                Ok(_) => continue,
-                Err(tokio_tungstenite::tungstenite::Error::ConnectionClosed)
-                | Err(tokio_tungstenite::tungstenite::Error::AlreadyClosed) => {
+            let frame = match ws.next_frame().await {
+                Ok(f) => f,
+                Err(yawc::WebSocketError::ConnectionClosed) => {
                     return Ok(Incoming::Closed(None));
                 }
                 Err(e) => return Err(anyhow::Error::new(e).context("reading")),
+            };
+            match frame.opcode() {
+                yawc::OpCode::Binary | yawc::OpCode::Text => {
+                    return Ok(Incoming::Frame(frame.into_payload()));
+                }
+                yawc::OpCode::Close => {
+                    return Ok(Incoming::Closed(frame.close_code().map(u16::from)));
+                }
+                // yawc answers pings itself.
+                _ => continue,
             }
         }
     }
 
     async fn close(self) {
-        let mut ws = match self.ws {
-            WsSocket::Tungstenite(ws) => ws,
+        match self.ws {
+            WsSocket::Plain(ws) => ws.close().await,
             WsSocket::Deflate(mut ws) => {
                 let polite = async {
                     let close = yawc::Frame::close(yawc::close::CloseCode::Normal, "");
@@ -420,19 +450,7 @@ impl WsConnection {
                     while ws.next_frame().await.is_ok() {}
                 };
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(2), polite).await;
-                return;
             }
-        };
-        let polite = async {
-            let _ = ws
-                .close(Some(CloseFrame {
-                    code: CloseCode::Normal,
-                    reason: "".into(),
-                }))
-                .await;
-            // Wait for the server's close (or EOF) so the server sees a clean end.
-            while let Some(Ok(_)) = ws.next().await {}
-        };
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), polite).await;
+        }
     }
 }

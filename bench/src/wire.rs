@@ -15,10 +15,7 @@ use bytes::Bytes;
 
 use anyhow::Context;
 use parley::{codec::Encoding, proto::ServerFrame};
-use prost::{
-    Message as _,
-    encoding::{WireType, decode_key, decode_varint},
-};
+use prost::Message as _;
 use serde::{Deserialize, Deserializer, de};
 
 /// What a client connection yields (`transport::Connection::recv`).
@@ -30,6 +27,14 @@ pub enum Incoming {
     Closed(Option<u16>),
 }
 
+/// What a connection yields on the fast path (`transport::Connection::next_buffered`):
+/// a frame lent from the connection's buffer, or the close.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received<'a> {
+    Frame(&'a [u8]),
+    Closed(Option<u16>),
+}
+
 /// Decodes any server frame completely.
 pub fn decode(encoding: Encoding, bytes: &[u8]) -> anyhow::Result<ServerFrame> {
     Ok(match encoding {
@@ -38,12 +43,13 @@ pub fn decode(encoding: Encoding, bytes: &[u8]) -> anyhow::Result<ServerFrame> {
     })
 }
 
-/// The parts of a pushed chat message the generator checks.
+/// The parts of a pushed chat message the generator checks. The body is not checked
+/// for UTF-8 here (only its timestamp is read, [`body_sent_at`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessagePush<'a> {
     pub pos: u64,
     pub seq: u64,
-    pub body: Cow<'a, str>,
+    pub body: Cow<'a, [u8]>,
 }
 
 /// A quick look at a frame.
@@ -68,31 +74,60 @@ pub fn peek(encoding: Encoding, bytes: &[u8]) -> Peek<'_> {
 }
 
 // Field numbers from proto/parley/v1/frames.proto.
-const SERVER_FRAME_POS: u32 = 2;
-const SERVER_FRAME_MESSAGE: u32 = 30;
-const MESSAGE_SEQ: u32 = 2;
-const MESSAGE_BODY: u32 = 5;
+const SERVER_FRAME_POS: u64 = 2;
+const SERVER_FRAME_MESSAGE: u64 = 30;
+const MESSAGE_SEQ: u64 = 2;
+const MESSAGE_BODY: u64 = 5;
 
-fn skip(wire_type: WireType, buf: &mut &[u8]) -> Option<()> {
+/// A protobuf varint (at most ten bytes), advancing `buf`. Written here rather than
+/// taken from prost: this walk runs once per delivery, and the one-byte case is most.
+#[inline]
+fn varint(buf: &mut &[u8]) -> Option<u64> {
+    let (&first, rest) = buf.split_first()?;
+    if first < 0x80 {
+        *buf = rest;
+        return Some(u64::from(first));
+    }
+    let mut value = 0u64;
+    for (i, &b) in buf.iter().enumerate().take(10) {
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b < 0x80 {
+            *buf = &buf[i + 1..];
+            return Some(value);
+        }
+    }
+    None
+}
+
+const VARINT: u8 = 0;
+const SIXTY_FOUR_BIT: u8 = 1;
+const LENGTH_DELIMITED: u8 = 2;
+const THIRTY_TWO_BIT: u8 = 5;
+
+/// A field key: (field number, wire type).
+#[inline]
+fn key(buf: &mut &[u8]) -> Option<(u64, u8)> {
+    let k = varint(buf)?;
+    Some((k >> 3, (k & 7) as u8))
+}
+
+fn skip(wire_type: u8, buf: &mut &[u8]) -> Option<()> {
     let n = match wire_type {
-        WireType::Varint => {
-            decode_varint(buf).ok()?;
+        VARINT => {
+            varint(buf)?;
             0
         }
-        WireType::SixtyFourBit => 8,
-        WireType::ThirtyTwoBit => 4,
-        WireType::LengthDelimited => decode_varint(buf).ok()? as usize,
-        WireType::StartGroup | WireType::EndGroup => return None,
+        SIXTY_FOUR_BIT => 8,
+        THIRTY_TWO_BIT => 4,
+        LENGTH_DELIMITED => usize::try_from(varint(buf)?).ok()?,
+        _ => return None,
     };
-    if buf.len() < n {
-        return None;
-    }
-    *buf = &buf[n..];
+    *buf = buf.get(n..)?;
     Some(())
 }
 
 fn length_delimited<'a>(buf: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let n = decode_varint(buf).ok()? as usize;
+    let n = usize::try_from(varint(buf)?).ok()?;
     if buf.len() < n {
         return None;
     }
@@ -106,12 +141,10 @@ fn peek_proto(bytes: &[u8]) -> Option<Peek<'_>> {
     let mut pos = 0;
     let mut message = None;
     while !buf.is_empty() {
-        let (tag, wt) = decode_key(&mut buf).ok()?;
+        let (tag, wt) = key(&mut buf)?;
         match (tag, wt) {
-            (SERVER_FRAME_POS, WireType::Varint) => pos = decode_varint(&mut buf).ok()?,
-            (SERVER_FRAME_MESSAGE, WireType::LengthDelimited) => {
-                message = Some(length_delimited(&mut buf)?)
-            }
+            (SERVER_FRAME_POS, VARINT) => pos = varint(&mut buf)?,
+            (SERVER_FRAME_MESSAGE, LENGTH_DELIMITED) => message = Some(length_delimited(&mut buf)?),
             _ => skip(wt, &mut buf)?,
         }
     }
@@ -120,18 +153,23 @@ fn peek_proto(bytes: &[u8]) -> Option<Peek<'_>> {
     };
     let mut seq = 0;
     let mut body: &[u8] = b"";
+    // parley writes fields in number order: once the body is read, the seq was too
+    // (the unit test below keeps this in agreement with the full decode).
     while !m.is_empty() {
-        let (tag, wt) = decode_key(&mut m).ok()?;
+        let (tag, wt) = key(&mut m)?;
         match (tag, wt) {
-            (MESSAGE_SEQ, WireType::Varint) => seq = decode_varint(&mut m).ok()?,
-            (MESSAGE_BODY, WireType::LengthDelimited) => body = length_delimited(&mut m)?,
+            (MESSAGE_SEQ, VARINT) => seq = varint(&mut m)?,
+            (MESSAGE_BODY, LENGTH_DELIMITED) => {
+                body = length_delimited(&mut m)?;
+                break;
+            }
             _ => skip(wt, &mut m)?,
         }
     }
     Some(Peek::Message(MessagePush {
         pos,
         seq,
-        body: Cow::Borrowed(std::str::from_utf8(body).ok()?),
+        body: Cow::Borrowed(body),
     }))
 }
 
@@ -177,7 +215,10 @@ fn peek_json(bytes: &[u8]) -> Option<Peek<'_>> {
     Some(Peek::Message(MessagePush {
         pos: f.pos,
         seq: m.seq,
-        body: m.body,
+        body: match m.body {
+            Cow::Borrowed(b) => Cow::Borrowed(b.as_bytes()),
+            Cow::Owned(b) => Cow::Owned(b.into_bytes()),
+        },
     }))
 }
 
@@ -190,9 +231,19 @@ pub fn body(sent_at_nanos: u64, len: usize) -> String {
     s
 }
 
-/// The send time a [`body`] carries.
-pub fn body_sent_at(body: &str) -> Option<u64> {
-    body.split_once(':')?.0.parse().ok()
+/// The send time a [`body`] carries: its decimal digits up to the first `:` (at most
+/// 19, so the sum cannot overflow: nanoseconds since the run started need far fewer).
+pub fn body_sent_at(body: &[u8]) -> Option<u64> {
+    let mut n: u64 = 0;
+    for (i, &b) in body.iter().enumerate().take(20) {
+        let digit = b.wrapping_sub(b'0');
+        if digit < 10 {
+            n = n * 10 + u64::from(digit);
+        } else {
+            return (b == b':' && i > 0).then_some(n);
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -229,10 +280,46 @@ mod tests {
                     panic!("{encoding:?}: not seen as a message");
                 };
                 assert_eq!((m.pos, m.seq), (pos, seq), "{encoding:?}");
-                assert_eq!(m.body, b);
+                assert_eq!(m.body, b.as_bytes());
                 assert_eq!(body_sent_at(&m.body), Some(123_456_789));
                 assert_eq!(m.body.len(), 100);
             }
+        }
+    }
+
+    #[test]
+    fn varints_agree_with_prost() {
+        for v in [
+            0,
+            1,
+            127,
+            128,
+            300,
+            16_383,
+            16_384,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ] {
+            let mut bytes = Vec::new();
+            prost::encoding::encode_varint(v, &mut bytes);
+            bytes.push(0xaa);
+            let mut buf = &bytes[..];
+            assert_eq!(varint(&mut buf), Some(v));
+            assert_eq!(buf, [0xaa]);
+        }
+        // Truncated, and eleven continuation bytes.
+        assert_eq!(varint(&mut &[0x80u8, 0x80][..]), None);
+        assert_eq!(varint(&mut &[0xffu8; 11][..]), None);
+    }
+
+    #[test]
+    fn send_times_are_read_back() {
+        for at in [0, 7, 123_456_789, 9_999_999_999_999_999_999] {
+            assert_eq!(body_sent_at(body(at, 100).as_bytes()), Some(at));
+            assert_eq!(body_sent_at(body(at, 0).as_bytes()), Some(at));
+        }
+        for bad in ["", ":", "12", "12x:", "x12:", "10000000000000000000:"] {
+            assert_eq!(body_sent_at(bad.as_bytes()), None, "{bad:?}");
         }
     }
 

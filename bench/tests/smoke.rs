@@ -73,6 +73,30 @@ async fn fanout_delivers_everything_exactly_once_in_both_encodings() {
     server.shutdown();
 }
 
+/// With permessage-deflate offered (yawc's client, not the generator's own frame
+/// reader): bodies long enough to be compressed, every delivery verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_with_deflate_verifies() {
+    let server = server().await;
+    let mut run = run_for(&server, Encoding::Proto);
+    run.target.deflate = true;
+    let params = scenario::fanout::Params {
+        subscribers: 10,
+        publishers: 1,
+        rate: 1000.0,
+        duration: Duration::from_secs(5),
+        messages: Some(40),
+        body_bytes: 600,
+        drain_timeout: Duration::from_secs(5),
+        ack_every: 5,
+    };
+    let report = scenario::fanout::run(&run, &params).await.unwrap();
+    let o = &report.outcome;
+    assert!(report.ok(), "{:?}", o.verification);
+    assert_eq!(o.delivered, 10 * 40);
+    server.shutdown();
+}
+
 /// The same fan-out with the members on three shard threads (each its own runtime),
 /// the coordinator on the test's runtime: every delivery counted and verified, every
 /// latency recorded, in its shard's counters; then idle and storm on the shards too.

@@ -13,14 +13,17 @@
 //! skipped).
 
 use std::{
+    future::Future,
     sync::{
         Arc, OnceLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
+    task::Poll,
     time::{Duration, Instant},
 };
 
 use anyhow::bail;
+use futures_util::task::AtomicWaker;
 use parley::proto::{self, client_frame::Cmd, server_frame::Kind};
 use serde::Serialize;
 use tokio::{
@@ -34,8 +37,7 @@ use crate::{
     stats::{self, Latency, Padded, Percentiles, ShardedCounter, Tick},
     target::TransportKind,
     transport::Connection,
-    wire::Incoming,
-    wire::{self, Peek},
+    wire::{self, Peek, Received},
 };
 
 /// One member of one room.
@@ -256,6 +258,38 @@ struct Shared {
     latency: Latency,
     /// How late each send left against its schedule (the generator's own lag).
     send_lag: Latency,
+    /// Set with `stop` ([`Shared::stop_members`]): what members look at in their loop,
+    /// a load where the token's `is_cancelled` takes its mutex.
+    stopping: AtomicBool,
+    /// Each member's waker for the stop, registered without a lock on every wait
+    /// (waiting on the token re-takes its mutex at every poll, once per wake-up).
+    stop_wakers: Vec<Padded<AtomicWaker>>,
+}
+
+impl Shared {
+    /// Ends the run (or aborts it): cancels `stop` and wakes every member.
+    fn stop_members(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.stop.cancel();
+        for w in &self.stop_wakers {
+            w.wake();
+        }
+    }
+
+    /// Resolves once [`Shared::stop_members`] was called.
+    fn stopped(&self, i: usize) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.stopping.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            self.stop_wakers[i].register(cx.waker());
+            if self.stopping.load(Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
 }
 
 /// Runs the plan.
@@ -277,6 +311,8 @@ pub async fn run(run: &Run, plan: Plan) -> anyhow::Result<Outcome> {
         delivered: ShardedCounter::new(run.counter_shards()),
         latency: Latency::with_shards(run.counter_shards()),
         send_lag: Latency::with_shards(run.counter_shards()),
+        stopping: AtomicBool::new(false),
+        stop_wakers: (0..n).map(|_| Padded::default()).collect(),
         plan,
     });
     let rss_before = run.server_usage().map(|u| u.rss);
@@ -311,7 +347,7 @@ pub async fn run(run: &Run, plan: Plan) -> anyhow::Result<Outcome> {
     bar.finish_and_clear();
     let connect_s = connect_start.elapsed().as_secs_f64();
     if failures > 0 {
-        shared.stop.cancel();
+        shared.stop_members();
         for t in tasks {
             let _ = t.await;
         }
@@ -410,7 +446,7 @@ pub async fn run(run: &Run, plan: Plan) -> anyhow::Result<Outcome> {
         }
     };
     spinner.finish_and_clear();
-    shared.stop.cancel();
+    shared.stop_members();
     take_tick(&mut ticks, &mut total);
     let rss_after = run.server_usage().map(|u| u.rss);
 
@@ -614,19 +650,18 @@ async fn member(
     let encoding = conn.encoding();
     let ack_every = shared.plan.ack_every;
     let mut last_acked = 0u64;
+    let mut latencies = Vec::new();
     let go = shared.go.clone();
     let go_signal = go.cancelled();
     tokio::pin!(go_signal);
-    let stop = shared.stop.clone();
-    let stopped = stop.cancelled();
-    tokio::pin!(stopped);
     let publish_over = tokio::time::sleep_until(tokio::time::Instant::from_std(until));
     tokio::pin!(publish_over);
 
     loop {
+        // The stop is polled last, with no lock ([`Shared::stopped`]); a member with
+        // frames to read checks the flag after each batch instead.
         tokio::select! {
             biased;
-            _ = &mut stopped => break,
             _ = &mut go_signal, if !started => {
                 started = true;
                 if publishing {
@@ -644,75 +679,100 @@ async fn member(
                     sending = true;
                 }
             }
-            incoming = conn.recv() => {
-                let bytes = match incoming {
-                    Ok(Incoming::Frame(b)) => b,
-                    Ok(Incoming::Closed(code)) => {
-                        result.closed = Some(code);
-                        break;
-                    }
-                    Err(e) => {
-                        result.closed = Some(None);
-                        result.error = Some(format!("{}: {e:#}", spec.user));
-                        break;
-                    }
-                };
-                match wire::peek(encoding, &bytes) {
-                    Peek::Message(m) => {
-                        result.check.message(m.pos, m.seq);
-                        shared.progress[i].store(result.check.last_seq, Ordering::Relaxed);
-                        if spec.counted {
-                            shared.delivered.add(shard, 1);
-                            if let Some(sent_at) = wire::body_sent_at(&m.body) {
-                                let now = shared.epoch.elapsed().as_nanos() as u64;
-                                shared.latency.record(shard, now.saturating_sub(sent_at));
-                            }
+            readable = conn.readable() => {
+                if let Err(e) = readable {
+                    result.closed = Some(None);
+                    result.error = Some(format!("{}: {e:#}", spec.user));
+                    break;
+                }
+                // Every frame one read brought is checked here, then counted, timed
+                // (one clock read) and acknowledged together.
+                let mut counted = 0u64;
+                let mut now = None;
+                let mut end = false;
+                loop {
+                    let bytes = match conn.next_buffered() {
+                        Ok(Some(Received::Frame(b))) => b,
+                        Ok(None) => break,
+                        Ok(Some(Received::Closed(code))) => {
+                            result.closed = Some(code);
+                            end = true;
+                            break;
                         }
-                    }
-                    Peek::OtherPush { pos } => {
-                        // Membership, presence ...: only the position matters here.
-                        result.check.push(pos);
-                    }
-                    Peek::Other => {
-                        let frame = match wire::decode(encoding, &bytes) {
-                            Ok(f) => f,
-                            Err(e) => {
-                                result.error.get_or_insert(format!("{}: {e:#}", spec.user));
-                                continue;
-                            }
-                        };
-                        if frame.pos > 0 {
-                            result.check.push(frame.pos);
+                        Err(e) => {
+                            result.closed = Some(None);
+                            result.error = Some(format!("{}: {e:#}", spec.user));
+                            end = true;
+                            break;
                         }
-                        match (frame.kind, report.as_mut()) {
-                            (Some(Kind::Sent(s)), Some(r)) if frame.id != 0 => {
-                                outstanding = outstanding.saturating_sub(1);
-                                if s.duplicate {
-                                    r.errors += 1;
-                                    r.error_sample.get_or_insert(format!("send acked as duplicate: seq {}", s.seq));
-                                } else {
-                                    r.seqs.push(s.seq);
+                    };
+                    match wire::peek(encoding, bytes) {
+                        Peek::Message(m) => {
+                            result.check.message(m.pos, m.seq);
+                            if spec.counted {
+                                counted += 1;
+                                if let Some(sent_at) = wire::body_sent_at(&m.body) {
+                                    let now = *now.get_or_insert_with(|| {
+                                        shared.epoch.elapsed().as_nanos() as u64
+                                    });
+                                    latencies.push(now.saturating_sub(sent_at));
                                 }
                             }
-                            (Some(Kind::Error(e)), Some(r)) if frame.id != 0 => {
-                                outstanding = outstanding.saturating_sub(1);
-                                r.errors += 1;
-                                r.error_sample.get_or_insert(format!("{}: send failed: {} ({})", spec.user, e.message, e.code));
-                            }
-                            (Some(Kind::Disconnect(d)), _) => {
-                                result.error.get_or_insert(format!("{}: disconnect {} {}", spec.user, d.code, d.reason));
-                            }
-                            (Some(Kind::Error(e)), _) => {
-                                result.error.get_or_insert(format!("{}: error {} ({})", spec.user, e.message, e.code));
-                            }
-                            _ => {}
                         }
-                        if started && !sending && outstanding == 0 {
-                            if let Some(r) = report.take() {
-                                let _ = acks.send(r);
+                        Peek::OtherPush { pos } => {
+                            // Membership, presence ...: only the position matters here.
+                            result.check.push(pos);
+                        }
+                        Peek::Other => {
+                            let frame = match wire::decode(encoding, bytes) {
+                                Ok(f) => f,
+                                Err(e) => {
+                                    result.error.get_or_insert(format!("{}: {e:#}", spec.user));
+                                    continue;
+                                }
+                            };
+                            if frame.pos > 0 {
+                                result.check.push(frame.pos);
+                            }
+                            match (frame.kind, report.as_mut()) {
+                                (Some(Kind::Sent(s)), Some(r)) if frame.id != 0 => {
+                                    outstanding = outstanding.saturating_sub(1);
+                                    if s.duplicate {
+                                        r.errors += 1;
+                                        r.error_sample.get_or_insert(format!("send acked as duplicate: seq {}", s.seq));
+                                    } else {
+                                        r.seqs.push(s.seq);
+                                    }
+                                }
+                                (Some(Kind::Error(e)), Some(r)) if frame.id != 0 => {
+                                    outstanding = outstanding.saturating_sub(1);
+                                    r.errors += 1;
+                                    r.error_sample.get_or_insert(format!("{}: send failed: {} ({})", spec.user, e.message, e.code));
+                                }
+                                (Some(Kind::Disconnect(d)), _) => {
+                                    result.error.get_or_insert(format!("{}: disconnect {} {}", spec.user, d.code, d.reason));
+                                }
+                                (Some(Kind::Error(e)), _) => {
+                                    result.error.get_or_insert(format!("{}: error {} ({})", spec.user, e.message, e.code));
+                                }
+                                _ => {}
+                            }
+                            if started && !sending && outstanding == 0 {
+                                if let Some(r) = report.take() {
+                                    let _ = acks.send(r);
+                                }
                             }
                         }
                     }
+                }
+                shared.progress[i].store(result.check.last_seq, Ordering::Relaxed);
+                if counted > 0 {
+                    shared.delivered.add(shard, counted);
+                    shared.latency.record_all(shard, &latencies);
+                    latencies.clear();
+                }
+                if end || shared.stopping.load(Ordering::Acquire) {
+                    break;
                 }
                 let last_pos = result.check.last_pos;
                 if ack_every > 0 && last_pos >= last_acked + ack_every {
@@ -768,6 +828,7 @@ async fn member(
                 outstanding += 1;
                 shared.sent.fetch_add(1, Ordering::Relaxed);
             }
+            _ = shared.stopped(i) => break,
         }
     }
     if let Some(mut r) = report.take() {
@@ -790,6 +851,83 @@ async fn tick(schedule: &mut Option<tokio::time::Interval>) -> tokio::time::Inst
 #[cfg(test)]
 mod tests {
     use super::DeliveryCheck;
+    use crate::{
+        wire::{self, Peek},
+        ws_transport::FrameReader,
+    };
+    use parley::{
+        codec::{Encoding, Push},
+        proto::{Message, server_frame::Kind},
+    };
+
+    /// Server frames as they come off the wire: message pushes (pos, seq) in both
+    /// encodings, each in an unmasked WebSocket frame, read back in pieces of `chunk`
+    /// bytes through the generator's frame reader and checked as a member checks them.
+    fn through_the_reader(
+        encoding: Encoding,
+        pushes: &[(u64, u64)],
+        chunk: usize,
+    ) -> DeliveryCheck {
+        let mut wire_bytes = Vec::new();
+        for &(pos, seq) in pushes {
+            let body = wire::body(42, 100 + seq as usize * 10);
+            let payload = Push::new(Kind::Message(Message {
+                room: "r".into(),
+                seq,
+                body,
+                ..Default::default()
+            }))
+            .frame(encoding, pos);
+            let opcode = match encoding {
+                Encoding::Proto => 0x82,
+                Encoding::Json => 0x81,
+            };
+            wire_bytes.push(opcode);
+            match payload.len() {
+                n @ 0..=125 => wire_bytes.push(n as u8),
+                n => {
+                    wire_bytes.push(126);
+                    wire_bytes.extend_from_slice(&(n as u16).to_be_bytes());
+                }
+            }
+            wire_bytes.extend_from_slice(&payload);
+        }
+        let mut reader = FrameReader::with_capacity(256);
+        let mut check = DeliveryCheck::new(10);
+        for piece in wire_bytes.chunks(chunk) {
+            reader.extend(piece);
+            while let Some(f) = reader.next_frame().unwrap() {
+                let Peek::Message(m) = wire::peek(encoding, f.payload) else {
+                    panic!("not a message push");
+                };
+                assert_eq!(wire::body_sent_at(&m.body), Some(42));
+                check.message(m.pos, m.seq);
+            }
+        }
+        check
+    }
+
+    /// The whole receive path (frame reader, peek, check) counts what a server got
+    /// wrong, however the frames were split across reads.
+    #[test]
+    fn the_frame_reader_path_counts_drops_and_duplicates() {
+        for encoding in [Encoding::Proto, Encoding::Json] {
+            for chunk in [1, 7, 100, 4096] {
+                let clean =
+                    through_the_reader(encoding, &[(1, 11), (2, 12), (3, 13), (4, 14)], chunk);
+                assert!(clean.ok(14), "{encoding:?} {chunk}: {clean:?}");
+                let dropped = through_the_reader(encoding, &[(1, 11), (2, 13), (3, 14)], chunk);
+                assert_eq!(dropped.lost(14), 1, "{encoding:?} {chunk}");
+                let duplicated =
+                    through_the_reader(encoding, &[(1, 11), (2, 12), (3, 12), (4, 13)], chunk);
+                assert_eq!(duplicated.duplicates, 1, "{encoding:?} {chunk}");
+                let reordered = through_the_reader(encoding, &[(1, 11), (2, 13), (3, 12)], chunk);
+                assert!(!reordered.ok(13), "{encoding:?} {chunk}");
+                let pos_gap = through_the_reader(encoding, &[(1, 11), (3, 12)], chunk);
+                assert_eq!(pos_gap.pos_errors, 1, "{encoding:?} {chunk}");
+            }
+        }
+    }
 
     /// Feeds (pos, seq) message pushes to a fresh check (room at seq 10 on join).
     fn check(deliveries: &[(u64, u64)]) -> DeliveryCheck {
