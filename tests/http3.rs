@@ -740,3 +740,181 @@ async fn shutdown_tells_webtransport_sessions_to_reconnect() {
     assert_eq!(f["disconnect"]["reconnect"], true, "{f}");
     assert!(ann.read().await.is_none(), "then the stream ends");
 }
+
+// ---------------------------------------------------------------------------------------
+// What a stranger's UDP packets can make the server hold, before any session: a QUIC
+// handshake that stalls, admission, and the stateless Retry. A small UDP relay sits
+// between a real quinn client and the server and decides what crosses.
+
+/// A UDP relay to `server`: the client's datagrams cross while `forward` says so (it is
+/// given how many crossed before), the server's always come back. Returns the relay's
+/// address and the first byte of every datagram the server sent.
+async fn relay(
+    server: SocketAddr,
+    forward: impl Fn(usize) -> bool + Send + 'static,
+) -> (SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
+    let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    back.connect(server).await.unwrap();
+    let addr = front.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        let (mut up, mut down) = (vec![0u8; 65536], vec![0u8; 65536]);
+        let (mut client, mut crossed) = (None, 0);
+        loop {
+            tokio::select! {
+                r = front.recv_from(&mut up) => {
+                    let Ok((n, from)) = r else { return };
+                    client = Some(from);
+                    if forward(crossed) {
+                        crossed += 1;
+                        let _ = back.send(&up[..n]).await;
+                    }
+                }
+                r = back.recv(&mut down) => {
+                    let Ok(n) = r else { return };
+                    seen2.lock().unwrap().push(down[0]);
+                    if let Some(c) = client {
+                        let _ = front.send_to(&down[..n], c).await;
+                    }
+                }
+            }
+        }
+    });
+    (addr, seen)
+}
+
+/// A QUIC client endpoint trusting the test certificate (ALPN h3).
+fn quic_client(certs: &Certs) -> quinn::Endpoint {
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(client_tls(certs, &[b"h3"], true))
+            .unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    endpoint
+}
+
+/// A QUIC v1 long-header packet's type: 0 Initial, 1 0-RTT, 2 Handshake, 3 Retry.
+fn long_header_type(first: u8) -> Option<u8> {
+    (first & 0x80 != 0).then_some((first >> 4) & 0x3)
+}
+
+#[tokio::test]
+async fn a_stalled_quic_handshake_holds_its_slot_only_until_the_handshake_deadline() {
+    let certs = make_certs("stall");
+    let t = tls_server(&certs, |c| {
+        c.limits.max_connections = 1;
+        c.server.tls_handshake_timeout = Duration::from_millis(600);
+    })
+    .await;
+    let server = h3_addr(&t);
+    // The stranger: its first Initial reaches the server, nothing after it does, so the
+    // server's handshake waits for a client that never answers.
+    let (hole, _) = relay(server, |crossed| crossed == 0).await;
+    let stranger = quic_client(&certs);
+    let stalled = stranger.connect(hole, "localhost").unwrap();
+    let start = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+
+    // The only slot is taken: a real client is refused at once.
+    let client = quic_client(&certs);
+    let refused = tokio::time::timeout(WAIT, client.connect(server, "localhost").unwrap())
+        .await
+        .expect("an answer in time");
+    match refused {
+        Err(quinn::ConnectionError::ConnectionClosed(close)) => {
+            assert_eq!(
+                close.error_code,
+                quinn::TransportErrorCode::CONNECTION_REFUSED
+            )
+        }
+        other => panic!("expected CONNECTION_REFUSED, got {other:?}"),
+    }
+    assert!(
+        start.elapsed() < Duration::from_millis(600),
+        "refused while the stalled handshake held the slot"
+    );
+
+    // After the deadline the slot is free again.
+    tokio::time::sleep_until(start + Duration::from_millis(900)).await;
+    let quic = tokio::time::timeout(WAIT, client.connect(server, "localhost").unwrap())
+        .await
+        .expect("handshake in time")
+        .expect("admitted once the stalled handshake was dropped");
+    quic.close(0u32.into(), b"done");
+    drop(stalled);
+}
+
+#[tokio::test]
+async fn quic_admission_refuses_past_the_per_ip_limit() {
+    let certs = make_certs("per-ip");
+    let t = tls_server(&certs, |c| c.limits.max_connections_per_ip = 1).await;
+    let server = h3_addr(&t);
+    let client = quic_client(&certs);
+    let first = tokio::time::timeout(WAIT, client.connect(server, "localhost").unwrap())
+        .await
+        .unwrap()
+        .expect("the first connection is admitted");
+    let second = tokio::time::timeout(WAIT, client.connect(server, "localhost").unwrap())
+        .await
+        .unwrap();
+    match second {
+        Err(quinn::ConnectionError::ConnectionClosed(close)) => {
+            assert_eq!(
+                close.error_code,
+                quinn::TransportErrorCode::CONNECTION_REFUSED
+            )
+        }
+        other => panic!("expected CONNECTION_REFUSED, got {other:?}"),
+    }
+    // Closing the first gives its slot back.
+    first.close(0u32.into(), b"done");
+    drop(first);
+    let mut admitted = None;
+    for _ in 0..50 {
+        if let Ok(Ok(c)) =
+            tokio::time::timeout(WAIT, client.connect(server, "localhost").unwrap()).await
+        {
+            admitted = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(admitted.is_some(), "a slot given back is admitted again");
+}
+
+#[tokio::test]
+async fn the_server_asks_for_a_retry_above_the_handshake_threshold() {
+    let certs = make_certs("retry");
+    // Threshold 0: every handshake from an unvalidated address needs a Retry first.
+    let t = tls_server(&certs, |c| c.http3.retry_above_handshakes = 0).await;
+    let (via, seen) = relay(h3_addr(&t), |_| true).await;
+    let client = quic_client(&certs);
+    let quic = tokio::time::timeout(WAIT, client.connect(via, "localhost").unwrap())
+        .await
+        .expect("handshake in time")
+        .expect("a client that echoes the Retry token is served");
+    let first = seen.lock().unwrap()[0];
+    assert_eq!(
+        long_header_type(first),
+        Some(3),
+        "the first answer is a Retry"
+    );
+    quic.close(0u32.into(), b"done");
+
+    // Under the threshold (the default, 64) the server answers with its Initial.
+    let t = tls_server(&certs, |_| {}).await;
+    let (via, seen) = relay(h3_addr(&t), |_| true).await;
+    let quic = tokio::time::timeout(WAIT, client.connect(via, "localhost").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let first = seen.lock().unwrap()[0];
+    assert_eq!(
+        long_header_type(first),
+        Some(0),
+        "no Retry below the threshold"
+    );
+    quic.close(0u32.into(), b"done");
+}
