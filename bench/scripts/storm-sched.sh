@@ -24,7 +24,7 @@ read c0 w0 < <(ss)
 if [ -n "$perf" ]; then perf record -F 2000 -g -o /tmp/storm/$name.perf -p $spid -- sleep 5 >/dev/null 2>&1 & ppid=$!; fi
 taskset -c 1 "$bench" --url ws://127.0.0.1:$port/ws --jwt-secret cg-secret --no-progress --json --concurrency 512 storm -c 512 -d 5s --settle 0s --join > out.json 2>/dev/null
 read c1 w1 < <(ss)
-for t in /proc/$spid/task/*; do echo "  $(cat $t/comm) $(cat $t/schedstat)"; done > threads.txt
+for t in /proc/$spid/task/*; do echo "  $(cat $t/comm) $(cat $t/schedstat) $(grep ctxt_switches $t/status | tr -s '\t\n' ' ')"; done > threads.txt
 [ -n "$perf" ] && wait $ppid
 kill $spid; wait $spid 2>/dev/null
 h=$(python3 -c "import json; r=json.load(open('out.json'))['runs'][0]; print(r['handshakes'])")
