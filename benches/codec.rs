@@ -149,7 +149,7 @@ impl Room {
                 let user = format!("u{i}");
                 let s = core.sessions.create(&user).expect("no session limit here");
                 hub.attach(s.clone());
-                hub.joined(&user, ROOM);
+                hub.joined(&user, ROOM, None);
                 let a = s.attach().expect("fresh session attaches");
                 (s, a)
             })

@@ -143,7 +143,7 @@ fn setup(n: usize, paused: bool) -> Bench {
                 let user = format!("u{i}");
                 let session = core.sessions.create(&user).expect("no session limit here");
                 hub.attach(session.clone());
-                hub.joined(&user, ROOM);
+                hub.joined(&user, ROOM, None);
                 let attachment = session.attach().expect("fresh session attaches");
                 // The attach wake-up is consumed, as a running connection would have.
                 rt.block_on(attachment.ready());

@@ -72,7 +72,7 @@ fn setup(n: usize) -> Bench {
             got: AtomicUsize::new(0),
         }));
         if i < n {
-            hub.joined(&user, ROOM);
+            hub.joined(&user, ROOM, None);
         }
     }
     let push = Arc::new(Push::new(Kind::Pong(Pong { ts: 1 })));
@@ -94,7 +94,7 @@ fn setup(n: usize) -> Bench {
 fn churn(b: Bench) -> usize {
     // A member in the middle leaves, the outsider joins, a message goes out.
     b.hub.left(&b.leaver, ROOM);
-    b.hub.joined(&b.joiner, ROOM);
+    b.hub.joined(&b.joiner, ROOM, None);
     let got = b.hub.deliver(&b.target, &b.push);
     assert_eq!(got, b.n);
     std::mem::forget(b);
@@ -124,11 +124,11 @@ fn handshake(b: Bench) -> usize {
         got: AtomicUsize::new(0),
     }));
     assert!(first);
-    b.hub.joined("storm", ROOM);
+    b.hub.joined("storm", ROOM, Some(1));
     let got = b.hub.deliver(&b.target, &b.push);
     assert_eq!(got, b.n + 1);
     let rooms = b.hub.detach("storm", id);
-    assert_eq!(rooms.as_deref(), Some(&[ROOM.to_string()][..]));
+    assert_eq!(rooms, Some(vec![(ROOM.to_string(), Some(1))]));
     std::mem::forget(b);
     black_box(got)
 }

@@ -60,8 +60,14 @@ type Recipients = IndexMap<u64, Arc<dyn Recipient>>;
 #[derive(Default)]
 struct UserEntry {
     recipients: Recipients,
-    rooms: HashSet<String>,
+    /// The user's rooms, each with its member count as last told (at the user's attach,
+    /// join, invite), `None` when not told (a join on another instance).
+    rooms: HashMap<String, Option<u64>>,
 }
+
+/// A user's room as the hub knows it: the name and the member count as last told
+/// ([`Hub::joined`]), `None` if never told.
+pub type KnownRoom = (String, Option<u64>);
 
 /// Members per snapshot chunk. A delivery clones one `Arc` per chunk under the lock
 /// (75 for a room of 19k); a membership change rebuilds at most two chunks.
@@ -186,7 +192,7 @@ impl Hub {
         let mut users = self.user_shard(recipient.user()).write();
         let entry = users.entry(recipient.user().to_string()).or_default();
         let first = entry.recipients.is_empty();
-        for room in &entry.rooms {
+        for room in entry.rooms.keys() {
             self.room_shard(room)
                 .write()
                 .entry(room.clone())
@@ -198,12 +204,13 @@ impl Hub {
     }
 
     /// Unregisters a recipient. When it was the user's last one here, returns the user's
-    /// rooms (for the offline presence push).
-    pub fn detach(&self, user: &str, recipient_id: u64) -> Option<Vec<String>> {
+    /// rooms with their member counts as last told (for the offline presence push, which
+    /// then needs no store read).
+    pub fn detach(&self, user: &str, recipient_id: u64) -> Option<Vec<KnownRoom>> {
         let mut users = self.user_shard(user).write();
         let entry = users.get_mut(user)?;
         entry.recipients.swap_remove(&recipient_id)?;
-        for room in &entry.rooms {
+        for room in entry.rooms.keys() {
             self.remove_member(room, &[recipient_id]);
         }
         if entry.recipients.is_empty() {
@@ -231,15 +238,20 @@ impl Hub {
         self.user_shard(user).read().contains_key(user)
     }
 
-    /// The user (if it has local sessions) is now a member of `room`.
-    pub fn joined(&self, user: &str, room: &str) {
+    /// The user (if it has local sessions) is now a member of `room`, which has `members`
+    /// members (if the caller knows; a known count is kept over an unknown one).
+    pub fn joined(&self, user: &str, room: &str, members: Option<u64>) {
         let mut users = self.user_shard(user).write();
         let Some(entry) = users.get_mut(user) else {
             return;
         };
-        if !entry.rooms.insert(room.to_string()) {
+        if let Some(known) = entry.rooms.get_mut(room) {
+            if members.is_some() {
+                *known = members;
+            }
             return;
         }
+        entry.rooms.insert(room.to_string(), members);
         let mut rooms = self.room_shard(room).write();
         let set = rooms.entry(room.to_string()).or_default();
         for (id, r) in &entry.recipients {
@@ -252,7 +264,7 @@ impl Hub {
         let Some(entry) = users.get_mut(user) else {
             return;
         };
-        if !entry.rooms.remove(room) {
+        if entry.rooms.remove(room).is_none() {
             return;
         }
         let ids: smallvec::SmallVec<[u64; 4]> = entry.recipients.keys().copied().collect();
@@ -393,10 +405,10 @@ mod tests {
         let room = Target::Room("r".into());
         let (a, b, b2) = (counter(1, "a"), counter(2, "b"), counter(3, "b"));
         hub.attach(a.clone());
-        hub.joined("a", "r");
+        hub.joined("a", "r", None);
         assert_eq!(hub.deliver(&room, &push), 1);
         hub.attach(b.clone());
-        hub.joined("b", "r");
+        hub.joined("b", "r", None);
         assert_eq!(hub.deliver(&room, &push), 2);
         // A second session of a member joins the room's snapshot on attach.
         hub.attach(b2.clone());
@@ -414,6 +426,37 @@ mod tests {
         hub.detach("b", 3);
         assert_eq!(hub.deliver(&room, &push), 0);
         assert_eq!(hub.room_size("r"), 0);
+    }
+
+    /// The last detach hands back the user's rooms with the member counts last told: a
+    /// join with a count updates it, one without (a join on another instance) keeps a
+    /// known count, a left room is gone; an earlier detach hands back nothing.
+    #[test]
+    fn the_last_detach_returns_the_rooms_with_their_counts() {
+        let hub = Hub::new();
+        hub.attach(counter(1, "a"));
+        hub.attach(counter(2, "a"));
+        hub.joined("a", "small", Some(3));
+        hub.joined("a", "small", None);
+        hub.joined("a", "grown", Some(2));
+        hub.joined("a", "grown", Some(900));
+        hub.joined("a", "remote", None);
+        hub.joined("a", "gone", Some(5));
+        hub.left("a", "gone");
+        // Not attached here: nothing is recorded for b.
+        hub.joined("b", "small", Some(4));
+        assert_eq!(hub.detach("a", 1), None, "a still has a session");
+        let mut rooms = hub.detach("a", 2).unwrap();
+        rooms.sort();
+        assert_eq!(
+            rooms,
+            [
+                ("grown".to_string(), Some(900)),
+                ("remote".to_string(), None),
+                ("small".to_string(), Some(3)),
+            ]
+        );
+        assert_eq!(hub.detach("b", 3), None);
     }
 
     /// A recipient that, when pushed to, checks whether the hub's lock is free (a
@@ -468,9 +511,9 @@ mod tests {
         for p in &probes {
             hub.attach(p.clone());
             // Even users in room a, every user in room b: co-members of u0 in a and b.
-            hub.joined(&p.user, "b");
+            hub.joined(&p.user, "b", None);
             if (p.id / 2) % 2 == 0 {
-                hub.joined(&p.user, "a");
+                hub.joined(&p.user, "a", None);
             }
         }
         let n = probes.len();
@@ -507,7 +550,7 @@ mod tests {
             .collect();
         for m in &members {
             hub.attach(m.clone());
-            hub.joined(m.user(), "big");
+            hub.joined(m.user(), "big", None);
         }
         let mut expected = vec![0usize; n];
         let mut present: Vec<bool> = vec![true; n];
@@ -545,7 +588,7 @@ mod tests {
         check(&hub, &present, &mut expected);
         // Rejoins, and a member's second session attached and detached.
         for i in [0, CHUNK, n - 1] {
-            hub.joined(members[i].user(), "big");
+            hub.joined(members[i].user(), "big", None);
             present[i] = true;
             check(&hub, &present, &mut expected);
         }

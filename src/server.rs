@@ -169,7 +169,11 @@ pub fn router(state: Ctx) -> Router {
     if state.core.config.server.http_compression {
         compressible = compressible.layer(tower_http::compression::CompressionLayer::new());
     }
-    Router::new()
+    // WebSocket upgrades (/ws, /mqtt) are not under CORS: a browser's WebSocket is not
+    // subject to it (no preflight, no CORS response headers read); /ws checks the
+    // Origin itself (`transport::origin_allowed`). The layer cost every handshake its work and three
+    // useless response headers (docs/BENCHMARKS.md, round four: storms).
+    let upgrades = Router::new()
         .route(
             "/ws",
             get(transport::ws::handler).connect(transport::ws::handler),
@@ -177,7 +181,8 @@ pub fn router(state: Ctx) -> Router {
         .route(
             "/mqtt",
             get(transport::mqtt::handler).connect(transport::mqtt::handler),
-        )
+        );
+    let http = Router::new()
         .route("/sse", get(transport::sse::handler).route_layer(to_owner()))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -192,8 +197,8 @@ pub fn router(state: Ctx) -> Router {
         ))
         .merge(transport::files::routes())
         .fallback(transport::bearer::not_found)
-        .layer(body_limit)
-        .with_state(state)
+        .layer(cors(state.core.config.clone()));
+    upgrades.merge(http).layer(body_limit).with_state(state)
 }
 
 /// Runs `job` every `every` while the core lives (it holds only a weak reference).
@@ -809,7 +814,7 @@ impl Server {
             tracing::info!(%addr, tls = tls_configured, "listening for MQTT");
             addr
         });
-        let app = router(state.clone()).layer(cors(state.core.config.clone()));
+        let app = router(state.clone());
         let (http3_addr, endpoint) = match quic {
             Some((endpoint, local, _)) => {
                 tokio::spawn(accept_quic(endpoint.clone(), app.clone(), state.clone()));

@@ -128,6 +128,7 @@ on_every_backend!(
     a_resend_returns_the_original,
     history_pages_in_both_directions,
     rooms_and_membership,
+    a_room_and_its_membership_in_one_read,
     the_room_browser_pages_public_rooms_by_name,
     read_markers_move_forward_only_and_count_unread,
     the_room_cap_holds,
@@ -309,6 +310,46 @@ async fn rooms_and_membership(place: &Place) {
     assert!(s.is_member("r", "u").await.unwrap());
     assert_eq!(s.room("r").await.unwrap().unwrap().members, 2);
     assert_eq!(s.members("r").await.unwrap(), ["B", "u"]);
+}
+
+/// `room_for` (what a join reads) agrees with `room` and `is_member` together: no room,
+/// a room the user is not in, one it is in, one it left, a private one; other users'
+/// memberships and other rooms do not leak into the answer.
+async fn a_room_and_its_membership_in_one_read(place: &Place) {
+    let s = place.open().await;
+    assert_eq!(s.room_for("r", "u").await.unwrap(), None);
+    s.join("r", "v", 0).await.unwrap();
+    s.join("other", "u", 0).await.unwrap();
+    let r = |members| RoomMeta {
+        private: false,
+        last_seq: 0,
+        members,
+    };
+    assert_eq!(s.room_for("r", "u").await.unwrap(), Some((r(1), false)));
+    assert_eq!(s.room_for("r", "v").await.unwrap(), Some((r(1), true)));
+    s.join("r", "u", 0).await.unwrap();
+    s.append(msg("r", "u", "1")).await.unwrap();
+    let now = RoomMeta {
+        last_seq: 1,
+        ..r(2)
+    };
+    assert_eq!(s.room_for("r", "u").await.unwrap(), Some((now, true)));
+    assert!(s.leave("r", "u").await.unwrap());
+    let left = RoomMeta { members: 1, ..now };
+    assert_eq!(s.room_for("r", "u").await.unwrap(), Some((left, false)));
+    assert!(s.create_room(NewRoom::private("p", "v"), 0).await.unwrap());
+    let p = RoomMeta {
+        private: true,
+        ..r(1)
+    };
+    assert_eq!(s.room_for("p", "v").await.unwrap(), Some((p, true)));
+    assert_eq!(s.room_for("p", "u").await.unwrap(), Some((p, false)));
+    for (room, user) in [("r", "u"), ("r", "v"), ("p", "u"), ("p", "v"), ("x", "u")] {
+        let both = s.room(room).await.unwrap().map(|m| (m, false));
+        let member = s.is_member(room, user).await.unwrap();
+        let want = both.map(|(m, _)| (m, member));
+        assert_eq!(s.room_for(room, user).await.unwrap(), want, "{room} {user}");
+    }
 }
 
 /// The room browser lists public rooms only (no private room, no direct messages), in

@@ -4,6 +4,7 @@
 # storm with join from BENCH on CPU 1, a dump, the server killed. Writes /tmp/cg/NAME.*;
 # prints instructions per handshake. Needs valgrind (callgrind_control).
 #   bench/scripts/storm-callgrind.sh NAME SERVER BENCH [DURATION, default 20s]
+# SERVER and BENCH as absolute paths (the script runs in a work directory of its own).
 set -u
 mkdir -p /tmp/cg
 name=$1 server=$2 bench=$3 dur=${4:-20s}

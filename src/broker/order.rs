@@ -313,7 +313,7 @@ mod tests {
             seqs: StdMutex::default(),
         });
         hub.attach(inbox.clone());
-        hub.joined("bob", "r");
+        hub.joined("bob", "r", None);
         let order = Arc::new(RoomOrder::new(
             hub,
             Arc::new(Appended(appended)),

@@ -292,7 +292,7 @@ impl Inner {
             return;
         }
         if n.joined {
-            self.hub.joined(&n.user, &n.room);
+            self.hub.joined(&n.user, &n.room, None);
             self.watch_room(&n.room, n.last_seq);
         } else {
             self.hub.left(&n.user, &n.room);

@@ -8,7 +8,7 @@ use crate::{
     auth::now_ms,
     broker::UserPresence,
     codec::Push,
-    delivery::{Recipient, Target},
+    delivery::{KnownRoom, Recipient, Target},
     proto::{self, RoomState, server_frame::Kind},
 };
 
@@ -25,7 +25,7 @@ impl Chat {
         }
         let rooms = self.store.rooms_of(&user).await?;
         for r in &rooms {
-            self.hub.joined(&user, &r.room);
+            self.hub.joined(&user, &r.room, Some(r.members));
             self.broker.watch_room(&r.room, r.last_seq);
         }
         if first && !self.broker.online_elsewhere(&user).await {
@@ -44,7 +44,19 @@ impl Chat {
         online: bool,
         last_seen: i64,
     ) {
-        let rooms = self.small_rooms(rooms);
+        let rooms = self.small_rooms(rooms.iter().map(|r| (r.room.as_str(), r.members)));
+        self.tell_co_members_in(user, rooms, online, last_seen)
+            .await;
+    }
+
+    /// [`Chat::tell_co_members`] through `rooms`, the small ones of the user's rooms.
+    async fn tell_co_members_in(
+        &self,
+        user: String,
+        rooms: Vec<String>,
+        online: bool,
+        last_seen: i64,
+    ) {
         if rooms.is_empty() {
             return;
         }
@@ -64,23 +76,41 @@ impl Chat {
         }
     }
 
-    /// The rooms small enough to broadcast presence through.
-    fn small_rooms(&self, rooms: &[RoomState]) -> Vec<String> {
-        rooms
+    /// [`Chat::tell_co_members`] that `user` went offline from this instance, through
+    /// `known`, its rooms as the hub knew them at its last detach: with every member count
+    /// known (told at the user's attach or join here), no store read; else the rooms are
+    /// read as [`Chat::tell_offline`] does.
+    async fn tell_offline_from(&self, user: String, known: Vec<KnownRoom>, last_seen: i64) {
+        let counted: Option<Vec<(&str, u64)>> = known
             .iter()
-            .filter(|r| !self.is_large(r.members))
-            .map(|r| r.room.clone())
+            .map(|(room, members)| members.map(|m| (room.as_str(), m)))
+            .collect();
+        match counted {
+            Some(rooms) => {
+                let rooms = self.small_rooms(rooms.into_iter());
+                self.tell_co_members_in(user, rooms, false, last_seen).await;
+            }
+            None => self.tell_offline(user, last_seen).await,
+        }
+    }
+
+    /// The rooms small enough to broadcast presence through, of (room, member count).
+    fn small_rooms<'a>(&self, rooms: impl Iterator<Item = (&'a str, u64)>) -> Vec<String> {
+        rooms
+            .filter(|(_, members)| !self.is_large(*members))
+            .map(|(room, _)| room.to_string())
             .collect()
     }
 
     /// Removes a session from live delivery; the user's last one makes it offline.
     pub fn detach(self: &Arc<Self>, user: &str, recipient_id: u64) {
-        let Some(local_rooms) = self.hub.detach(user, recipient_id) else {
+        let Some(known) = self.hub.detach(user, recipient_id) else {
             return;
         };
         let now = now_ms();
         self.last_seen.went_offline(user, now);
         self.broker.user_offline(user, now);
+        let local_rooms: Vec<String> = known.iter().map(|(room, _)| room.clone()).collect();
         self.broker.unwatch_rooms(&local_rooms);
         if local_rooms.is_empty() {
             // In no room: nobody to tell, and no need to read the store.
@@ -90,7 +120,7 @@ impl Chat {
         let user = user.to_string();
         tokio::spawn(async move {
             if !this.broker.online_elsewhere(&user).await {
-                this.tell_offline(user, now).await;
+                this.tell_offline_from(user, known, now).await;
             }
         });
     }
@@ -224,5 +254,107 @@ impl Chat {
                 self.tell_offline(user, last_seen).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::Mutex, time::Duration};
+
+    use super::*;
+    use crate::{
+        broker::local::LocalBroker,
+        config::{ChatConfig, StoreConfig},
+        delivery::Hub,
+        store::{Store, sqlite::SqliteStore},
+    };
+
+    /// One session of `user` that keeps the presence pushes it gets.
+    struct Seen {
+        id: u64,
+        user: &'static str,
+        presence: Mutex<Vec<(String, bool)>>,
+    }
+
+    impl Recipient for Seen {
+        fn recipient_id(&self) -> u64 {
+            self.id
+        }
+        fn user(&self) -> &str {
+            self.user
+        }
+        fn push(&self, push: &Arc<Push>) {
+            let frame: proto::ServerFrame =
+                prost::Message::decode(&push.frame(crate::codec::Encoding::Proto, 1)[..]).unwrap();
+            if let Some(Kind::Presence(p)) = frame.kind {
+                self.presence.lock().unwrap().push((p.user, p.online));
+            }
+        }
+    }
+
+    fn seen(id: u64, user: &'static str) -> Arc<Seen> {
+        Arc::new(Seen {
+            id,
+            user,
+            presence: Mutex::default(),
+        })
+    }
+
+    async fn offline_of(s: &Seen, user: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !s.presence.lock().unwrap().contains(&(user.into(), false)) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no offline push for {user}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A user's last detach tells the co-members of its small rooms that it went offline
+    /// from the rooms the hub holds (their counts as of its attach and joins), and not
+    /// those of a large room. A room joined on another instance (no count told here)
+    /// has the rooms read from the store instead, which still reaches its co-members.
+    #[tokio::test]
+    async fn the_last_detach_tells_co_members_of_small_rooms_offline() {
+        let hub = Arc::new(Hub::new());
+        let broker = Arc::new(LocalBroker::new(hub.clone()));
+        let store = Arc::new(
+            SqliteStore::open(&StoreConfig {
+                path: ":memory:".into(),
+                ..StoreConfig::default()
+            })
+            .unwrap(),
+        );
+        let config = ChatConfig {
+            large_room_members: 2,
+            ..ChatConfig::default()
+        };
+        let chat = Arc::new(Chat::new(store.clone(), broker, hub.clone(), config));
+        for (room, user) in [
+            ("small", "ann"),
+            ("pair", "ann"),
+            ("big", "cat"),
+            ("big", "dan"),
+        ] {
+            chat.join(user, room).await.unwrap();
+        }
+        let (ann, cat) = (seen(1, "ann"), seen(2, "cat"));
+        chat.attach(ann.clone()).await.unwrap();
+        chat.attach(cat.clone()).await.unwrap();
+        // Bob attaches in no room, then joins: small has 2 members, big 3 (large).
+        chat.attach(seen(3, "bob")).await.unwrap();
+        chat.join("bob", "small").await.unwrap();
+        chat.join("bob", "big").await.unwrap();
+        chat.detach("bob", 3);
+        offline_of(&ann, "bob").await;
+        assert!(cat.presence.lock().unwrap().is_empty(), "big is large");
+
+        // Eve's room was joined elsewhere: this hub has no count for it.
+        chat.attach(seen(4, "eve")).await.unwrap();
+        store.join("pair", "eve", 0).await.unwrap();
+        hub.joined("eve", "pair", None);
+        chat.detach("eve", 4);
+        offline_of(&ann, "eve").await;
     }
 }

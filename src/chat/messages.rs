@@ -94,8 +94,8 @@ impl Chat {
                 self.store
                     .ensure_dm(&room, user, &send.to_user, max)
                     .await?;
-                self.hub.joined(user, &room);
-                self.hub.joined(&send.to_user, &room);
+                self.hub.joined(user, &room, Some(2));
+                self.hub.joined(&send.to_user, &room, Some(2));
                 self.broker.member_joined(user, &room, 0);
                 self.broker.member_joined(&send.to_user, &room, 0);
             }

@@ -68,7 +68,7 @@ impl Chat {
         {
             return Err(ChatError::RoomExists(req.room));
         }
-        self.hub.joined(user, &req.room);
+        self.hub.joined(user, &req.room, Some(1));
         self.broker.member_joined(user, &req.room, 0);
         self.publish(
             Target::Room(req.room.clone()),
@@ -85,10 +85,12 @@ impl Chat {
 
     pub async fn join(&self, user: &str, room: &str) -> Result<proto::Joined, ChatError> {
         self.check_room(room)?;
-        let existing = self.store.room(room).await?;
-        match &existing {
-            Some(meta) if meta.private => {
-                if self.store.is_member(room, user).await? {
+        // The room and the membership in one read: every reconnect joins again.
+        let found = self.store.room_for(room, user).await?;
+        let already = found.as_ref().is_some_and(|(_, member)| *member);
+        match &found {
+            Some((meta, _)) if meta.private => {
+                if already {
                     return Ok(proto::Joined {
                         room: room.into(),
                         last_seq: meta.last_seq,
@@ -105,7 +107,7 @@ impl Chat {
             }
             _ => {}
         }
-        let already = self.store.is_member(room, user).await?;
+        let existing = found.map(|(meta, _)| meta);
         let meta = match existing {
             // A member joining again (every reconnect does) writes nothing: the room and
             // the membership are as they were read.
@@ -121,7 +123,7 @@ impl Chat {
                     .await?
             }
         };
-        self.hub.joined(user, room);
+        self.hub.joined(user, room, Some(meta.members));
         self.broker.member_joined(user, room, meta.last_seq);
         if !already {
             let to = self.audience(room, user, meta.members);
@@ -162,7 +164,7 @@ impl Chat {
             Self::spend(&self.limits.joins, user, "joins")?;
             let max = self.limits.max_rooms_per_user;
             let meta = self.store.join(&req.room, &req.user, max).await?;
-            self.hub.joined(&req.user, &req.room);
+            self.hub.joined(&req.user, &req.room, Some(meta.members));
             self.broker
                 .member_joined(&req.user, &req.room, meta.last_seq);
             let to = self.audience(&req.room, &req.user, meta.members);

@@ -92,7 +92,7 @@ pub struct Page {
 }
 
 /// What the store knows about a room.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoomMeta {
     pub private: bool,
     pub last_seq: u64,
@@ -149,6 +149,9 @@ pub trait Store: FileIndex + Send + Sync + 'static {
     /// Reads at most `limit` messages.
     async fn history(&self, room: &str, range: Range, limit: usize) -> StoreResult<Page>;
     async fn room(&self, room: &str) -> StoreResult<Option<RoomMeta>>;
+    /// The room (as [`Store::room`]) and whether `user` is a member of it, in one read
+    /// (a join checks both; every reconnect joins again).
+    async fn room_for(&self, room: &str, user: &str) -> StoreResult<Option<(RoomMeta, bool)>>;
     /// Creates the room with its creator as the first member; false if the name is taken.
     ///
     /// `max_rooms` (here and in `ensure_dm` and `join`; 0 = no cap): a user who would

@@ -760,6 +760,23 @@ impl Store for PostgresStore {
             .transpose()
     }
 
+    async fn room_for(&self, room: &str, user: &str) -> StoreResult<Option<(RoomMeta, bool)>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!(
+                "SELECT {ROOM_COLUMNS}, EXISTS (SELECT 1 FROM members
+                 WHERE room = $1 AND user_id = $2) FROM rooms WHERE name = $1"
+            ))
+            .await
+            .map_err(pg)?;
+        c.query_opt(&st, &[&room, &user])
+            .await
+            .map_err(pg)?
+            .as_ref()
+            .map(rows::room_for)
+            .transpose()
+    }
+
     async fn create_room(&self, room: NewRoom<'_>, max_rooms: u64) -> StoreResult<bool> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;

@@ -53,6 +53,11 @@ pub(crate) fn message<R: Columns>(r: &R) -> Result<Message, R::Error> {
 /// The columns [`room_meta`] reads, from `rooms`.
 pub(crate) const ROOM_COLUMNS: &str = "private, last_seq, members";
 
+/// A room's [`ROOM_COLUMNS`] and then whether a user is a member (`EXISTS (...)`).
+pub(crate) fn room_for<R: Columns>(r: &R) -> Result<(RoomMeta, bool), R::Error> {
+    Ok((room_meta(r)?, r.flag(3)?))
+}
+
 pub(crate) fn room_meta<R: Columns>(r: &R) -> Result<RoomMeta, R::Error> {
     Ok(RoomMeta {
         private: r.flag(0)?,

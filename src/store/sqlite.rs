@@ -645,6 +645,19 @@ impl Store for SqliteStore {
         self.read_point(move |conn| room_in(conn, &room)).await
     }
 
+    async fn room_for(&self, room: &str, user: &str) -> StoreResult<Option<(RoomMeta, bool)>> {
+        let (room, user) = (room.to_string(), user.to_string());
+        self.read_point(move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {ROOM_COLUMNS}, EXISTS (SELECT 1 FROM members
+                 WHERE room = ?1 AND user_id = ?2) FROM rooms WHERE name = ?1"
+            ))?
+            .query_row(params![room, user], |r| rows::room_for(r))
+            .optional()
+        })
+        .await
+    }
+
     async fn create_room(&self, new: NewRoom<'_>, max_rooms: u64) -> StoreResult<bool> {
         let (room, creator, private) = (new.name.to_string(), new.creator.to_string(), new.private);
         // One writer runs every write: the count and the insert cannot interleave with
