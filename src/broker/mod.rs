@@ -20,6 +20,7 @@
 //! [`Broker::unwatch_rooms`], [`Broker::user_online`] and [`Broker::user_offline`]; the
 //! in-process broker ignores all of them (the hub is the whole picture there).
 
+pub mod conn;
 pub mod local;
 pub mod order;
 pub mod presence;
