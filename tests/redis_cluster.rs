@@ -497,3 +497,93 @@ async fn a_restarted_redis_cluster_node_loses_nothing_and_its_room_recovers() {
     assert_gap_free(&got, 1, 7);
     cat.nothing_pushed(Duration::from_millis(300)).await;
 }
+
+/// `CLUSTER MYID` of node `i`.
+async fn node_id(redis: &RedisCluster, i: usize) -> String {
+    let mut conn = redis.node(i).await;
+    redis::cmd("CLUSTER")
+        .arg("MYID")
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_whose_slot_moves_to_another_node_keeps_flowing() {
+    let redis = RedisCluster::start("reshard").await;
+    let rooms = redis.rooms_on_every_node().await;
+    let cluster = parley_on(&redis, "rcluster-reshard", |_| {}).await;
+    let home = redis.node_of("{parley}").await;
+    let from = (0..3).find(|i| *i != home).unwrap();
+    let to = (0..3).find(|i| *i != from).unwrap();
+    let room = rooms[from].clone();
+    let channel = format!("parley:room:{room}");
+    let mut ann = cluster.client(0, "ann").await;
+    let mut bob = cluster.client(1, "bob").await;
+    let mut cat = cluster.client(2, "cat").await;
+    for c in [&mut ann, &mut bob, &mut cat] {
+        c.join(&room).await;
+    }
+    ann.send_msg(&room, "before", "before").await;
+    for c in [&mut bob, &mut cat] {
+        assert_gap_free(&of_room(&messages(c, 1).await, &room), 1, 1);
+    }
+
+    // Move the channel's slot (it holds no key) from one node to another, the way
+    // resharding does: the old node drops the slot's shard channels.
+    let mut conn = redis.node(0).await;
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(&channel)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (from_id, to_id) = (node_id(&redis, from).await, node_id(&redis, to).await);
+    let setslot = |i: usize, args: Vec<String>| {
+        let redis = &redis;
+        async move {
+            let mut conn = redis.node(i).await;
+            let _: () = redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg(args)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    };
+    setslot(to, vec!["IMPORTING".into(), from_id.clone()]).await;
+    setslot(from, vec!["MIGRATING".into(), to_id.clone()]).await;
+    for i in [to, from, home] {
+        setslot(i, vec!["NODE".into(), to_id.clone()]).await;
+    }
+    assert!(redis.serves(to, slot).await);
+
+    // Every instance subscribes the channel again on its new node.
+    let mut node = redis.node(to).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let numsub: (String, i64) = redis::cmd("PUBSUB")
+            .arg("SHARDNUMSUB")
+            .arg(&channel)
+            .query_async(&mut node)
+            .await
+            .unwrap();
+        if numsub.1 == 3 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{channel} subscribed on its new node by every instance: {numsub:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And messages flow live again, once and in order.
+    bob.send_msg(&room, "after", "after").await;
+    // (ann still has her own first message to read.)
+    let got = of_room(&messages(&mut ann, 2).await, &room);
+    assert_gap_free(&got, 1, 2);
+    let got = of_room(&messages(&mut cat, 1).await, &room);
+    assert_gap_free(&got, 2, 2);
+    cat.nothing_pushed(Duration::from_millis(300)).await;
+}

@@ -79,6 +79,14 @@ impl Keys {
     pub fn all_channel(&self) -> String {
         format!("{}:all", self.prefix)
     }
+    /// The room whose channel `channel` is.
+    pub fn room_of_channel<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        channel.strip_prefix(&self.prefix)?.strip_prefix(":room:")
+    }
+    /// The user whose channel `channel` is.
+    pub fn user_of_channel<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        channel.strip_prefix(&self.prefix)?.strip_prefix(":user:")
+    }
 }
 
 /// One instance's view of the presence keys.

@@ -398,6 +398,29 @@ impl Inner {
             .send(Change::Publish(self.keys.user_channel(user), bytes));
     }
 
+    /// Subscribes `channel` again if this instance still wants it (a node dropped it; or
+    /// this instance did and wants it again, when the subscribe is a no-op).
+    fn still_wanted(&self, channel: &str) {
+        let interest = lock(&self.interest);
+        let room = self.keys.room_of_channel(channel);
+        let wanted = channel == self.keys.all_channel()
+            || room.is_some_and(|r| interest.rooms.contains(r))
+            || self
+                .keys
+                .user_of_channel(channel)
+                .is_some_and(|u| interest.users.contains(u));
+        if wanted {
+            tracing::info!(
+                channel,
+                "shard channel dropped by its node: subscribing again"
+            );
+            let _ = self.changes.send(Change::Subscribe {
+                channel: channel.to_string(),
+                room: room.map(str::to_string),
+            });
+        }
+    }
+
     fn set_down(&self, why: &dyn std::fmt::Display) {
         if self.healthy.swap(false, Ordering::SeqCst) {
             tracing::warn!(error = %why, "redis unreachable: delivering locally only");
@@ -473,6 +496,13 @@ async fn receive(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<PushInfo>) 
                 inner.deliver_here(&env.target, push, env.seq);
             }
             PushKind::Disconnection => inner.set_down(&"connection closed"),
+            // A cluster node drops the shard channels of a slot that moved to another
+            // node (resharding, failover): subscribe again where it lives now.
+            PushKind::SUnsubscribe if inner.conn.is_cluster() => {
+                if let Some(Value::BulkString(channel)) = info.data.first() {
+                    inner.still_wanted(&String::from_utf8_lossy(channel));
+                }
+            }
             _ => {}
         }
     }
