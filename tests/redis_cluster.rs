@@ -26,6 +26,7 @@ use parley::{
 struct RedisCluster {
     dir: PathBuf,
     ports: Vec<u16>,
+    bus_ports: Vec<u16>,
     nodes: Vec<Proc>,
 }
 
@@ -38,6 +39,8 @@ impl RedisCluster {
         let mut cluster = RedisCluster {
             dir,
             ports: ports.clone(),
+            // Set explicitly: the default, port + 10000, may not exist.
+            bus_ports: (0..3).map(|_| free_port()).collect(),
             nodes: Vec::new(),
         };
         for i in 0..3 {
@@ -78,6 +81,8 @@ impl RedisCluster {
                 "127.0.0.1",
                 "--cluster-enabled",
                 "yes",
+                "--cluster-port",
+                &self.bus_ports[i].to_string(),
                 "--cluster-config-file",
                 "nodes.conf",
                 "--cluster-node-timeout",
