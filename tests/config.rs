@@ -359,3 +359,12 @@ fn a_redis_cluster_needs_sharded_pubsub_and_takes_a_list_of_seed_nodes() {
     let err = c.validate().unwrap_err().to_string();
     assert!(err.contains("broker.redis_prefix"), "{err}");
 }
+
+#[test]
+fn without_a_cluster_the_redis_url_is_taken_whole() {
+    use parley::config::BrokerBackend;
+    let mut c = Config::default();
+    c.broker.backend = BrokerBackend::Redis;
+    c.broker.redis_url = "redis://:pass,word@10.0.0.1:6379/".into();
+    c.validate().expect("a comma in a password is no list");
+}

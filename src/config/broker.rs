@@ -77,7 +77,8 @@ impl Default for BrokerConfig {
 }
 
 impl BrokerConfig {
-    /// The Redis URLs in `redis_url` (one, or a cluster's seed nodes).
+    /// The seed nodes in `redis_url` with `cluster` (a comma inside one, e.g. in a
+    /// password, must be percent-encoded there).
     pub fn redis_urls(&self) -> Vec<&str> {
         self.redis_url
             .split(',')
@@ -109,7 +110,11 @@ impl BrokerConfig {
                         .into(),
                 });
             }
-            if urls == 0 || (!self.cluster && urls > 1) {
+            // Without a cluster the URL is taken whole (a password may hold a comma);
+            // only what reads as a list of seed nodes is refused.
+            let listed =
+                self.redis_url.contains(",redis://") || self.redis_url.contains(",rediss://");
+            if urls == 0 || (!self.cluster && listed) {
                 return Err(ConfigError::Invalid {
                     key: "broker.redis_url",
                     // Not the URLs themselves: they may hold a password.
