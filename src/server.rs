@@ -146,19 +146,37 @@ fn assemble_core(config: Config, store: Arc<dyn Store>) -> Result<Arc<Core>, Ser
     }))
 }
 
+/// The routes, with the request body limit (a command or API body is one frame: the same
+/// limit as a WebSocket frame; over it the handlers answer 413 with the error JSON,
+/// FRAME_TOO_LARGE). The server serves [`app`]: the same with CORS.
 pub fn router(state: Ctx) -> Router {
-    // A command or API body is one frame: the same limit as a WebSocket frame. Over it
-    // the handlers answer 413 with the error JSON (FRAME_TOO_LARGE).
-    let body_limit = axum::extract::DefaultBodyLimit::max(state.core.config.ws.max_frame_bytes);
+    let body_limit = body_limit(&state);
+    routes(&state).layer(body_limit).with_state(state)
+}
+
+/// What the listeners serve: [`router`] with CORS. Both layers in one `layer` call: each
+/// call wraps every route once more, and each wrap is one more boxed future per request,
+/// held as long as the request is (a pending long-poll), with room for a whole request in
+/// it (docs/BENCHMARKS.md, "Round four: memory").
+pub fn app(state: Ctx) -> Router {
+    let layers = (cors(state.core.config.clone()), body_limit(&state));
+    routes(&state).layer(layers).with_state(state)
+}
+
+fn body_limit(state: &Ctx) -> axum::extract::DefaultBodyLimit {
+    axum::extract::DefaultBodyLimit::max(state.core.config.ws.max_frame_bytes)
+}
+
+fn routes(state: &Ctx) -> Router<Ctx> {
     // Requests for a session another instance holds go there (transport::forward).
-    let to_owner =
-        || axum::middleware::from_fn_with_state(state.clone(), transport::forward::to_owner);
+    let to_owner = || transport::forward::ToOwnerLayer::new(state.clone());
     // Long-poll replies, HTTP commands and the API: compressed by Accept-Encoding. Never
     // /sse (a compressor would hold events back until its buffer fills) nor /ws.
     let mut compressible = Router::new()
         .route(
             "/poll",
-            get(transport::poll::handler).route_layer(to_owner()),
+            axum::routing::get_service(transport::poll::Poll::new(state.clone()))
+                .route_layer(to_owner()),
         )
         .route("/session", axum::routing::post(transport::http::connect))
         .route(
@@ -186,8 +204,6 @@ pub fn router(state: Ctx) -> Router {
         .merge(crate::web::routes(&state.core.config))
         .merge(transport::files::routes())
         .fallback(transport::bearer::not_found)
-        .layer(body_limit)
-        .with_state(state)
 }
 
 /// Runs `job` every `every` while the core lives (it holds only a weak reference).
@@ -803,7 +819,7 @@ impl Server {
             tracing::info!(%addr, tls = tls_configured, "listening for MQTT");
             addr
         });
-        let app = router(state.clone()).layer(cors(state.core.config.clone()));
+        let app = app(state.clone());
         let (http3_addr, endpoint) = match quic {
             Some((endpoint, local, _)) => {
                 tokio::spawn(accept_quic(endpoint.clone(), app.clone(), state.clone()));
