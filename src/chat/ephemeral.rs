@@ -118,11 +118,19 @@ impl Chat {
         }
         let this = self.clone();
         let user = user.to_string();
-        tokio::spawn(async move {
+        let mut tell = Box::pin(async move {
             if !this.broker.online_elsewhere(&user).await {
                 this.tell_offline_from(user, known, now).await;
             }
         });
+        // Polled here first: with the in-process broker (and every member count known)
+        // it finishes at once, and a close costs no task of its own. What must wait (the
+        // Redis broker, a store read) goes on in a task, which polls it again with its
+        // own waker.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if std::future::Future::poll(tell.as_mut(), &mut cx).is_pending() {
+            tokio::spawn(tell);
+        }
     }
 
     pub async fn typing(&self, user: &str, req: proto::Typing) -> Result<proto::Done, ChatError> {
