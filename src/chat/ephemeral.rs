@@ -110,9 +110,9 @@ impl Chat {
         let now = now_ms();
         self.last_seen.went_offline(user, now);
         self.broker.user_offline(user, now);
-        let local_rooms: Vec<String> = known.iter().map(|(room, _)| room.clone()).collect();
-        self.broker.unwatch_rooms(&local_rooms);
-        if local_rooms.is_empty() {
+        self.broker
+            .unwatch_rooms(&mut known.iter().map(|(room, _)| room.as_str()));
+        if known.is_empty() {
             // In no room: nobody to tell, and no need to read the store.
             return;
         }
