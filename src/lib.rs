@@ -28,3 +28,18 @@ pub mod session;
 pub mod store;
 pub mod transport;
 pub mod web;
+
+// The global allocator, when a feature picks one other than the C library's malloc
+// (`--features mimalloc` or `--features jemalloc`; docs/BENCHMARKS.md, "Round four:
+// memory", has what each measured). Declared here, not in the binary, so that the
+// micro-benchmarks (`cargo bench --features ...`) run on the same allocator.
+#[cfg(all(feature = "mimalloc", feature = "jemalloc"))]
+compile_error!("features `mimalloc` and `jemalloc` each pick the global allocator: enable one");
+
+#[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

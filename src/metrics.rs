@@ -283,6 +283,19 @@ impl Metrics {
         })
     }
 
+    /// Frames sent so far on every transport (those that sent any): how busy the server
+    /// has been, read every few seconds by the heap trim (`server::spawn_memory_trim`).
+    pub fn frames_out_total(&self) -> u64 {
+        ["ws", "sse", "poll", "http", "wt", "mqtt"]
+            .iter()
+            .filter_map(|&transport| {
+                self.frames_out
+                    .get(&TransportLabel { transport })
+                    .map(|c| c.get())
+            })
+            .sum()
+    }
+
     pub fn error(&self, code: ErrorCode) {
         self.errors
             .get_or_create(&CodeLabel {

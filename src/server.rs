@@ -146,19 +146,68 @@ fn assemble_core(config: Config, store: Arc<dyn Store>) -> Result<Arc<Core>, Ser
     }))
 }
 
+/// The routes, with the request body limit (a command or API body is one frame: the same
+/// limit as a WebSocket frame; over it the handlers answer 413 with the error JSON,
+/// FRAME_TOO_LARGE) and the body deadline (`server.body_read_timeout`). The server
+/// serves [`app`]: the same with CORS.
 pub fn router(state: Ctx) -> Router {
-    // A command or API body is one frame: the same limit as a WebSocket frame. Over it
-    // the handlers answer 413 with the error JSON (FRAME_TOO_LARGE).
-    let body_limit = axum::extract::DefaultBodyLimit::max(state.core.config.ws.max_frame_bytes);
+    let layers = (body_limit(&state), body_deadline(&state));
+    upgrades()
+        .merge(routes(&state).layer(layers))
+        .with_state(state)
+}
+
+/// What the listeners serve: [`router`] with CORS. The layers in one `layer` call: each
+/// call wraps every route once more, and each wrap is one more boxed future per request,
+/// held as long as the request is (a pending long-poll), with room for a whole request in
+/// it (docs/BENCHMARKS.md, "Round four: memory").
+pub fn app(state: Ctx) -> Router {
+    let layers = (
+        cors(state.core.config.clone()),
+        body_limit(&state),
+        body_deadline(&state),
+    );
+    upgrades()
+        .merge(routes(&state).layer(layers))
+        .with_state(state)
+}
+
+fn body_limit(state: &Ctx) -> axum::extract::DefaultBodyLimit {
+    axum::extract::DefaultBodyLimit::max(state.core.config.ws.max_frame_bytes)
+}
+
+fn body_deadline(state: &Ctx) -> transport::bearer::BodyDeadlineLayer {
+    transport::bearer::BodyDeadlineLayer::new(state.core.config.server.body_read_timeout)
+}
+
+/// WebSocket upgrades (/ws, /mqtt), under no layer: CORS does not apply to a browser's
+/// WebSocket (no preflight, no CORS response headers read), /ws checks the Origin itself
+/// (`transport::origin_allowed`), and an upgrade has no body. The CORS layer cost every
+/// handshake its work and three useless response headers (docs/BENCHMARKS.md, round
+/// four: storms).
+fn upgrades() -> Router<Ctx> {
+    Router::new()
+        .route(
+            "/ws",
+            get(transport::ws::handler).connect(transport::ws::handler),
+        )
+        .route(
+            "/mqtt",
+            get(transport::mqtt::handler).connect(transport::mqtt::handler),
+        )
+}
+
+/// Every route but the upgrades.
+fn routes(state: &Ctx) -> Router<Ctx> {
     // Requests for a session another instance holds go there (transport::forward).
-    let to_owner =
-        || axum::middleware::from_fn_with_state(state.clone(), transport::forward::to_owner);
+    let to_owner = || transport::forward::ToOwnerLayer::new(state.clone());
     // Long-poll replies, HTTP commands and the API: compressed by Accept-Encoding. Never
     // /sse (a compressor would hold events back until its buffer fills) nor /ws.
     let mut compressible = Router::new()
         .route(
             "/poll",
-            get(transport::poll::handler).route_layer(to_owner()),
+            axum::routing::get_service(transport::poll::Poll::new(state.clone()))
+                .route_layer(to_owner()),
         )
         .route("/session", axum::routing::post(transport::http::connect))
         .route(
@@ -169,36 +218,15 @@ pub fn router(state: Ctx) -> Router {
     if state.core.config.server.http_compression {
         compressible = compressible.layer(tower_http::compression::CompressionLayer::new());
     }
-    // WebSocket upgrades (/ws, /mqtt) are not under CORS: a browser's WebSocket is not
-    // subject to it (no preflight, no CORS response headers read); /ws checks the
-    // Origin itself (`transport::origin_allowed`). The layer cost every handshake its work and three
-    // useless response headers (docs/BENCHMARKS.md, round four: storms).
-    let upgrades = Router::new()
-        .route(
-            "/ws",
-            get(transport::ws::handler).connect(transport::ws::handler),
-        )
-        .route(
-            "/mqtt",
-            get(transport::mqtt::handler).connect(transport::mqtt::handler),
-        );
-    let http = Router::new()
+    Router::new()
         .route("/sse", get(transport::sse::handler).route_layer(to_owner()))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(compressible)
         .merge(crate::web::routes(&state.core.config))
-        // Every body above this line must be in by `server.body_read_timeout`; uploads,
-        // below it, have their own idle deadline.
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            transport::bearer::body_deadline,
-        ))
         .merge(transport::files::routes())
         .fallback(transport::bearer::not_found)
-        .layer(cors(state.core.config.clone()));
-    upgrades.merge(http).layer(body_limit).with_state(state)
 }
 
 /// Runs `job` every `every` while the core lives (it holds only a weak reference).
@@ -230,6 +258,85 @@ fn spawn_maintenance(core: &Arc<Core>) -> JoinHandle<()> {
         core.tickets.prune(|id| core.sessions.get(id).is_some());
     })
 }
+
+/// Hands the C library's free heap memory back to the OS (`malloc_trim(0)`: glibc
+/// returns free pages inside its heaps too, not only at their tops) once traffic has
+/// fallen, checked every `server.memory_trim_interval`. After a burst of deliveries glibc
+/// keeps what the burst freed: RSS 5 s after a 2,000 × 200/s fan-out was ~1.4-2× the
+/// floor's, and one trim brought it from 40 to 25 MiB, under the floor's
+/// (docs/BENCHMARKS.md, "Round four: memory"). Not while traffic flows: a trim walks
+/// every free chunk with its arena locked, 116-140 ms for a heap with 500k free chunks
+/// (a C test of glibc 2.36's `malloc_trim` on this machine), so a busy server's
+/// allocations would stall every interval, and its heap is in use anyway
+/// ([`TrimWhenQuieter`]). Runs on a blocking thread. None with another allocator or C
+/// library, or with the interval 0.
+fn spawn_memory_trim(core: &Arc<Core>) -> Option<JoinHandle<()>> {
+    let every = core.config.server.memory_trim_interval;
+    if every.is_zero() || !cfg!(all(target_os = "linux", target_env = "gnu")) {
+        return None;
+    }
+    if cfg!(any(feature = "mimalloc", feature = "jemalloc")) {
+        return None;
+    }
+    let policy = Arc::new(std::sync::Mutex::new(TrimWhenQuieter::default()));
+    Some(spawn_every(core, every, move |core| {
+        let trim = policy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .tick(core.metrics.frames_out_total());
+        async move {
+            if trim {
+                let started = std::time::Instant::now();
+                let _ = tokio::task::spawn_blocking(trim_heap).await;
+                tracing::debug!(took = ?started.elapsed(), "heap trimmed after traffic fell");
+            }
+        }
+    }))
+}
+
+/// When to trim the heap: once the frames sent in an interval fall to a quarter of the
+/// busiest interval since the last trim, and that one was busy (≥ [`Self::BUSY`]
+/// frames). A burst's end trims once; steady traffic, busy or quiet, never does; traffic
+/// that falls slowly trims at each fourfold drop.
+#[derive(Debug, Default)]
+struct TrimWhenQuieter {
+    /// Frames sent up to the last tick.
+    last: u64,
+    /// The most frames of one interval since the last trim.
+    peak: u64,
+}
+
+impl TrimWhenQuieter {
+    /// An interval with fewer frames than this was not a burst worth trimming after.
+    const BUSY: u64 = 10_000;
+
+    /// `total`: frames sent so far. Whether to trim now.
+    fn tick(&mut self, total: u64) -> bool {
+        let sent = total.saturating_sub(self.last);
+        self.last = total;
+        self.peak = self.peak.max(sent);
+        if self.peak >= Self::BUSY && sent.saturating_mul(4) <= self.peak {
+            self.peak = sent;
+            return true;
+        }
+        false
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim_heap() {
+    unsafe extern "C" {
+        /// glibc: release free memory from the heap (malloc.h).
+        fn malloc_trim(pad: usize) -> std::os::raw::c_int;
+    }
+    // SAFETY: malloc_trim takes the arenas' own locks; any thread may call it.
+    unsafe {
+        malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_heap() {}
 
 /// Tells co-members when users of a dead instance went offline (Redis broker; a no-op
 /// with the in-process one).
@@ -808,13 +915,14 @@ impl Server {
         let maintenance = spawn_maintenance(&state.core);
         let file_cleanup = spawn_file_cleanup(&state.core);
         let presence_sweep = spawn_presence_sweep(&state.core);
+        let memory_trim = spawn_memory_trim(&state.core);
         let quic_alt_svc = quic.as_ref().and_then(|(_, _, alt)| alt.clone());
         let mqtt_addr = mqtt_listener.map(|(listener, addr, tls)| {
             tokio::spawn(accept_mqtt(listener, tls, state.clone()));
             tracing::info!(%addr, tls = tls_configured, "listening for MQTT");
             addr
         });
-        let app = router(state.clone());
+        let app = app(state.clone());
         let (http3_addr, endpoint) = match quic {
             Some((endpoint, local, _)) => {
                 tokio::spawn(accept_quic(endpoint.clone(), app.clone(), state.clone()));
@@ -939,6 +1047,9 @@ impl Server {
             maintenance.abort();
             file_cleanup.abort();
             presence_sweep.abort();
+            if let Some(trim) = &memory_trim {
+                trim.abort();
+            }
             Ok(())
         });
         tracing::info!(%addr, tls = state.core.config.tls.cert_file.is_some(), "listening");
@@ -982,5 +1093,45 @@ impl Server {
             Ok(r) => r,
             Err(e) => Err(ServerError::Serve(std::io::Error::other(e))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TrimWhenQuieter;
+
+    /// Frames per interval in, trims out.
+    fn trims(per_interval: &[u64]) -> Vec<bool> {
+        let mut p = TrimWhenQuieter::default();
+        let mut total = 0;
+        per_interval
+            .iter()
+            .map(|n| {
+                total += n;
+                p.tick(total)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_heap_is_trimmed_once_after_a_burst_and_never_while_traffic_is_steady() {
+        // A burst, then quiet: one trim, when it ends.
+        assert_eq!(
+            trims(&[0, 400_000, 400_000, 20, 0, 0, 30]),
+            [false, false, false, true, false, false, false]
+        );
+        // Steady busy traffic, and steady light traffic: never.
+        assert!(trims(&[500_000; 10]).iter().all(|t| !t));
+        assert!(trims(&[9_000, 0, 9_000, 0, 9_000]).iter().all(|t| !t));
+        // Falling by half each interval: a trim at each fourfold drop.
+        assert_eq!(
+            trims(&[160_000, 80_000, 40_000, 20_000, 10_000, 5_000]),
+            [false, false, true, false, true, false]
+        );
+        // A second burst after the first trim: trimmed again when it ends.
+        assert_eq!(
+            trims(&[100_000, 0, 100_000, 100_000, 1_000]),
+            [false, true, false, false, true]
+        );
     }
 }

@@ -331,3 +331,40 @@ fn the_postgres_store_needs_a_valid_url_and_never_echoes_it() {
     let err = c.validate().unwrap_err().to_string();
     assert!(err.contains("store.postgres_writers"), "{err}");
 }
+
+#[test]
+fn a_redis_cluster_needs_sharded_pubsub_and_takes_a_list_of_seed_nodes() {
+    use parley::config::{BrokerBackend, PubSubMode};
+    let mut c = Config::default();
+    c.broker.backend = BrokerBackend::Redis;
+    c.broker.redis_url = "redis://:hunter2@10.0.0.1:7000,redis://:hunter2@10.0.0.2:7000".into();
+    let err = c.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("broker.redis_url"),
+        "one URL without cluster: {err}"
+    );
+    assert!(
+        !err.contains("hunter2"),
+        "the password stays out of errors: {err}"
+    );
+    c.broker.cluster = true;
+    let err = c.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("broker.pubsub") && err.contains("broadcast to every node"),
+        "a classic PUBLISH in a cluster is refused: {err}"
+    );
+    c.broker.pubsub = PubSubMode::Sharded;
+    c.validate().expect("a cluster with sharded pub/sub");
+    c.broker.redis_prefix = "{parley}".into();
+    let err = c.validate().unwrap_err().to_string();
+    assert!(err.contains("broker.redis_prefix"), "{err}");
+}
+
+#[test]
+fn without_a_cluster_the_redis_url_is_taken_whole() {
+    use parley::config::BrokerBackend;
+    let mut c = Config::default();
+    c.broker.backend = BrokerBackend::Redis;
+    c.broker.redis_url = "redis://:pass,word@10.0.0.1:6379/".into();
+    c.validate().expect("a comma in a password is no list");
+}

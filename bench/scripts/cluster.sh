@@ -7,7 +7,8 @@
 # all on the same kind of private PostgreSQL store (scripts/cluster). Prints
 # parley-bench's report per run, the CPU seconds of every parley and of redis-server,
 # and Redis' command count, over the run. CLUSTER_PUBSUB=sharded runs the Redis
-# configurations with broker.pubsub = "sharded".
+# configurations with broker.pubsub = "sharded"; CLUSTER_REDIS_NODES=K runs them on a
+# Redis Cluster of K masters (scripts/cluster; sharded pub/sub), counting every node.
 #
 #   bench/scripts/cluster.sh OUT_DIR [BIN_DIR] -- FANOUT_ARGS...
 #   e.g. bench/scripts/cluster.sh /tmp/cb target/release -- --subscribers 600 --publishers 4 --rate 200 --duration 10s
@@ -30,8 +31,14 @@ cpu_ticks() { # utime + stime of a pid, in clock ticks
     awk '{print $14 + $15}' "/proc/$1/stat"
 }
 
-publishes() { # PUBLISH and SPUBLISH calls so far
-    redis-cli -p "$1" info commandstats | awk -F'[=,]' '/^cmdstat_s?publish:/{n += $2} END{print n+0}'
+publishes() { # PUBLISH and SPUBLISH calls so far, over the nodes on ports "$@"
+    for p in "$@"; do redis-cli -p "$p" info commandstats; done |
+        awk -F'[=,]' '/^cmdstat_s?publish:/{n += $2} END{print n+0}'
+}
+
+commands() { # commands processed so far, over the nodes on ports "$@"
+    for p in "$@"; do redis-cli -p "$p" info stats; done |
+        awk -F: '/^total_commands_processed/{n += $2} END{print n+0}'
 }
 
 run() { # name n_instances bench-args...
@@ -42,12 +49,13 @@ run() { # name n_instances bench-args...
     mapfile -t urls < <(scripts/cluster start "$dir" "$n")
     local pids=() before=() i
     for i in $(seq 0 $((n - 1))); do pids+=("$(cat "$dir/parley-$i.pid")"); done
-    [ -e "$dir/redis.pid" ] && pids+=("$(cat "$dir/redis.pid")")
-    local redis_port
-    redis_port=$(sed -E 's#.*:([0-9]+)/#\1#' "$dir/redis.url")
+    local f
+    for f in "$dir"/redis*.pid; do [ -e "$f" ] && pids+=("$(cat "$f")"); done
+    local redis_ports
+    mapfile -t redis_ports < <(tr ',' '\n' <"$dir/redis.url" | sed -E 's#.*:([0-9]+)/?$#\1#')
     local cmds_before pubs_before
-    cmds_before=$(redis-cli -p "$redis_port" info stats | awk -F: '/^total_commands_processed/{print $2+0}')
-    pubs_before=$(publishes "$redis_port")
+    cmds_before=$(commands "${redis_ports[@]}")
+    pubs_before=$(publishes "${redis_ports[@]}")
     for p in "${pids[@]}"; do before+=("$(cpu_ticks "$p")"); done
     local t0 t1
     t0=$(date +%s.%N)
@@ -64,8 +72,8 @@ run() { # name n_instances bench-args...
     local hz
     hz=$(getconf CLK_TCK)
     local cmds_after pubs_after
-    cmds_after=$(redis-cli -p "$redis_port" info stats | awk -F: '/^total_commands_processed/{print $2+0}')
-    pubs_after=$(publishes "$redis_port")
+    cmds_after=$(commands "${redis_ports[@]}")
+    pubs_after=$(publishes "${redis_ports[@]}")
     {
         echo "wall $(echo "$t1 - $t0" | bc) s"
         for k in "${!pids[@]}"; do

@@ -20,6 +20,7 @@
 //! [`Broker::unwatch_rooms`], [`Broker::user_online`] and [`Broker::user_offline`]; the
 //! in-process broker ignores all of them (the hub is the whole picture there).
 
+pub mod conn;
 pub mod local;
 pub mod order;
 pub mod presence;
@@ -50,7 +51,9 @@ pub struct UserPresence {
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
     /// Delivers `push` to the target's sessions on every instance. Publishes of one
-    /// instance are delivered in the order they were made. Returns once the push is
+    /// instance to one target are delivered in the order they were made (to different
+    /// targets too with one Redis; a Redis Cluster carries each target's channel on the
+    /// node of its slot, with no order between nodes). Returns once the push is
     /// delivered here and handed on in that order, without waiting for a backend's round
     /// trip: a caller that publishes in turn (a room's messages, in seq order) is bound
     /// by the backend's rate, not by its latency. `Err` when the backend cannot take it

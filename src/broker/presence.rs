@@ -10,6 +10,12 @@
 //! - `addr:{instance}` — its HTTP address for relayed session requests;
 //! - `seen:{user}` — last-seen time (Unix ms), expiring after `last_seen_ttl`.
 //!
+//! In a Redis Cluster (`broker.cluster`) the prefix of these keys is a hash tag
+//! (`{parley}:online:alice`): all of them live in one slot, so the pipelines below, which
+//! mix keys, and `MGET` never span slots. Presence is then served by one node; it costs
+//! O(1) commands per heartbeat and per user going online or offline, small next to the
+//! fan-out, which the channels spread over every node.
+//!
 //! A heartbeat costs O(1) commands whatever the number of users: user entries are
 //! written when a user's first local session starts and removed when the last ends, and
 //! they are only believed while their instance is alive. An instance that dies (kill -9,
@@ -25,36 +31,44 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
-
-use super::UserPresence;
+use super::{UserPresence, conn::Conn};
 
 /// Key names of one deployment.
 #[derive(Clone)]
 pub struct Keys {
+    /// Of the channels.
     prefix: String,
+    /// Of the presence keys: the prefix, or in a Redis Cluster the prefix as a hash tag
+    /// (`{parley}`), so every presence key lives in one slot and the multi-key pipelines
+    /// and `MGET` below stay valid there.
+    keys: String,
 }
 
 impl Keys {
-    pub fn new(prefix: &str) -> Self {
+    pub fn new(prefix: &str, cluster: bool) -> Self {
         Self {
             prefix: prefix.to_string(),
+            keys: if cluster {
+                format!("{{{prefix}}}")
+            } else {
+                prefix.to_string()
+            },
         }
     }
     fn instances(&self) -> String {
-        format!("{}:instances", self.prefix)
+        format!("{}:instances", self.keys)
     }
     fn online(&self, user: &str) -> String {
-        format!("{}:online:{user}", self.prefix)
+        format!("{}:online:{user}", self.keys)
     }
     fn users(&self, instance: u64) -> String {
-        format!("{}:users:{instance:x}", self.prefix)
+        format!("{}:users:{instance:x}", self.keys)
     }
     fn addr(&self, instance: &str) -> String {
-        format!("{}:addr:{instance}", self.prefix)
+        format!("{}:addr:{instance}", self.keys)
     }
     fn seen(&self, user: &str) -> String {
-        format!("{}:seen:{user}", self.prefix)
+        format!("{}:seen:{user}", self.keys)
     }
     pub fn room_channel(&self, room: &str) -> String {
         format!("{}:room:{room}", self.prefix)
@@ -64,6 +78,14 @@ impl Keys {
     }
     pub fn all_channel(&self) -> String {
         format!("{}:all", self.prefix)
+    }
+    /// The room whose channel `channel` is.
+    pub fn room_of_channel<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        channel.strip_prefix(&self.prefix)?.strip_prefix(":room:")
+    }
+    /// The user whose channel `channel` is.
+    pub fn user_of_channel<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        channel.strip_prefix(&self.prefix)?.strip_prefix(":user:")
     }
 }
 
@@ -84,7 +106,7 @@ impl Presence {
     /// connection). O(1) commands.
     pub async fn heartbeat(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         advertise: Option<&str>,
         now: i64,
     ) -> redis::RedisResult<()> {
@@ -111,11 +133,7 @@ impl Presence {
     }
 
     /// Writes every local user again (after Redis lost its keys, e.g. a restart).
-    pub async fn restore(
-        &self,
-        conn: &mut ConnectionManager,
-        users: &[String],
-    ) -> redis::RedisResult<()> {
+    pub async fn restore(&self, conn: &mut Conn, users: &[String]) -> redis::RedisResult<()> {
         for chunk in users.chunks(512) {
             let mut pipe = redis::pipe();
             for user in chunk {
@@ -133,7 +151,7 @@ impl Presence {
         Ok(())
     }
 
-    pub async fn online(&self, conn: &mut ConnectionManager, user: &str) -> redis::RedisResult<()> {
+    pub async fn online(&self, conn: &mut Conn, user: &str) -> redis::RedisResult<()> {
         redis::pipe()
             .cmd("SADD")
             .arg(self.keys.online(user))
@@ -147,12 +165,7 @@ impl Presence {
             .await
     }
 
-    pub async fn offline(
-        &self,
-        conn: &mut ConnectionManager,
-        user: &str,
-        at: i64,
-    ) -> redis::RedisResult<()> {
+    pub async fn offline(&self, conn: &mut Conn, user: &str, at: i64) -> redis::RedisResult<()> {
         redis::pipe()
             .cmd("SREM")
             .arg(self.keys.online(user))
@@ -175,7 +188,7 @@ impl Presence {
     /// The instances alive now.
     async fn alive(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         now: i64,
     ) -> redis::RedisResult<std::collections::HashSet<u64>> {
         let ids: Vec<u64> = redis::cmd("ZRANGEBYSCORE")
@@ -189,7 +202,7 @@ impl Presence {
 
     pub async fn query(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         users: &[String],
         now: i64,
     ) -> redis::RedisResult<Vec<UserPresence>> {
@@ -217,7 +230,7 @@ impl Presence {
     /// The advertised address of a live instance.
     pub async fn locate(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         instance: &str,
     ) -> redis::RedisResult<Option<String>> {
         redis::cmd("GET")
@@ -230,7 +243,7 @@ impl Presence {
     /// `max`.
     pub async fn addresses(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         now: i64,
         max: usize,
     ) -> redis::RedisResult<Vec<(String, String)>> {
@@ -259,7 +272,7 @@ impl Presence {
     /// Whether another live instance has a session of `user`.
     pub async fn online_elsewhere(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         user: &str,
         now: i64,
     ) -> redis::RedisResult<bool> {
@@ -277,7 +290,7 @@ impl Presence {
     /// session left anywhere, with the dead instance's last heartbeat as last-seen time.
     pub async fn claim_dead(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         now: i64,
     ) -> redis::RedisResult<Vec<(String, i64)>> {
         let dead: Vec<(u64, i64)> = redis::cmd("ZRANGEBYSCORE")

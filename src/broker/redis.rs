@@ -2,7 +2,10 @@
 //!
 //! One [`redis::aio::ConnectionManager`] (redis-rs, RESP3) carries everything: publishes,
 //! subscriptions (pushes arrive on a channel the manager feeds) and presence commands. It
-//! reconnects by itself and resubscribes the channels it tracked.
+//! reconnects by itself and resubscribes the channels it tracked. With
+//! `broker.cluster = true` a [`redis::cluster_async::ClusterConnection`] takes its place
+//! ([`Conn`]): one multiplexed connection per node, each command routed to the node that
+//! serves its key's slot, following slot moves and reconnecting by itself.
 //!
 //! - **Publish**: the push is delivered to this instance's sessions first (room messages
 //!   through [`RoomOrder`]), then framed once ([`wire`]) and `PUBLISH`ed once on the
@@ -19,6 +22,16 @@
 //!   `SPUBLISH` / `SSUBSCRIBE` / `SUNSUBSCRIBE`, pushes of kind `smessage`. The
 //!   connection manager does not track shard channels, so after a reconnect they are
 //!   subscribed again by [`Inner::resubscribe`] alone (as every channel is anyway).
+//! - **Redis Cluster** (`broker.cluster = true`, sharded pub/sub required): a room's or
+//!   user's shard channel lives on the node that serves its slot, so the fan-out spreads
+//!   over the nodes. A cluster refuses a pipeline spanning slots, so a batch of
+//!   publishes and a resubscribe are split into one pipeline per slot ([`by_slot`]),
+//!   sent concurrently (a channel's envelopes stay in order in its slot's pipeline, and
+//!   the next batch waits for all). The cluster client's own resubscription sends every
+//!   shard channel in one `SSUBSCRIBE`, which the cluster refuses (`CROSSSLOT`); a lost
+//!   node connection comes as a disconnection push, so [`Inner::resubscribe`] subscribes
+//!   per slot and repairs, as after a single Redis' restart. Presence keys share one hash
+//!   tag ([`Keys`]).
 //! - **Interest**: a room's channel is subscribed while the room has local members (the
 //!   hub's room size is the reference count), a user's channel while the user has local
 //!   sessions; `all` always. Subscription changes go through one task, in order.
@@ -45,8 +58,9 @@ use std::{
 
 use async_trait::async_trait;
 use redis::{
-    IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Value,
+    ConnectionInfo, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Value,
     aio::{ConnectionManager, ConnectionManagerConfig},
+    cluster::{ClusterClientBuilder, ClusterConfig},
 };
 use tokio::sync::mpsc;
 
@@ -54,6 +68,7 @@ use bytes::Bytes;
 
 use super::{
     Broker, BrokerError, UserPresence,
+    conn::{Conn, by_slot},
     order::{Log, RoomOrder},
     presence::{Keys, Presence},
     wire,
@@ -97,7 +112,7 @@ struct Interest {
 struct Inner {
     id: u64,
     keys: Keys,
-    conn: ConnectionManager,
+    conn: Conn,
     /// `SPUBLISH` / `SSUBSCRIBE` instead of `PUBLISH` / `SUBSCRIBE`.
     sharded: bool,
     /// Envelopes for the publisher task, in publish order.
@@ -151,27 +166,55 @@ impl RedisBroker {
         metrics: BrokerMetrics,
     ) -> Result<Self, BrokerError> {
         let err = |e: redis::RedisError| BrokerError::Backend(e.to_string());
-        let info = config
-            .redis_url
-            .as_str()
-            .into_connection_info()
-            .map_err(err)?;
-        let settings = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        let client = redis::Client::open(info.set_redis_settings(settings)).map_err(err)?;
         let (push_tx, push_rx) = mpsc::unbounded_channel::<PushInfo>();
-        let manager = ConnectionManagerConfig::new()
-            .set_push_sender(push_tx)
-            .set_automatic_resubscription()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_max_delay(Duration::from_millis(500))
-            .set_number_of_retries(4);
-        let conn = ConnectionManager::new_lazy_with_config(client, manager).map_err(err)?;
+        let conn = if config.cluster {
+            let seeds = config
+                .redis_urls()
+                .into_iter()
+                .map(|url| url.into_connection_info())
+                .collect::<Result<Vec<ConnectionInfo>, _>>()
+                .map_err(err)?;
+            // Connects in the background: the first command (the heartbeat) waits for it.
+            // It reconnects to a node that went away and follows slot moves by itself; the
+            // shard channels are subscribed again by `Inner::resubscribe` (the client's
+            // own resubscription sends every channel in one command, which a cluster
+            // refuses when they span slots).
+            let client = ClusterClientBuilder::new(seeds)
+                .use_protocol(ProtocolVersion::RESP3)
+                .push_sender(push_tx)
+                .retries(4)
+                .max_retry_wait(500)
+                .build()
+                .map_err(err)?;
+            Conn::Cluster(
+                client.get_pending_async_connection_with_config(
+                    ClusterConfig::new()
+                        .set_connection_timeout(Duration::from_secs(2))
+                        .set_response_timeout(Duration::from_secs(2)),
+                ),
+            )
+        } else {
+            let info = config
+                .redis_url
+                .as_str()
+                .into_connection_info()
+                .map_err(err)?;
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_protocol(ProtocolVersion::RESP3);
+            let client = redis::Client::open(info.set_redis_settings(settings)).map_err(err)?;
+            let manager = ConnectionManagerConfig::new()
+                .set_push_sender(push_tx)
+                .set_automatic_resubscription()
+                .set_connection_timeout(Some(Duration::from_secs(2)))
+                .set_response_timeout(Some(Duration::from_secs(2)))
+                .set_max_delay(Duration::from_millis(500))
+                .set_number_of_retries(4);
+            Conn::Single(ConnectionManager::new_lazy_with_config(client, manager).map_err(err)?)
+        };
         let id = rand::random::<u64>();
-        let keys = Keys::new(&config.redis_prefix);
+        let keys = Keys::new(&config.redis_prefix, config.cluster);
         let (changes, changes_rx) = mpsc::unbounded_channel();
         let (outgoing, outgoing_rx) = mpsc::channel(PUBLISH_QUEUE);
         let inner = Arc::new(Inner {
@@ -230,14 +273,33 @@ impl Inner {
     /// answer other commands in flight on the multiplexed connection.) One classic
     /// channel goes through the manager's `subscribe`, which remembers it for its
     /// automatic resubscription; the rest are subscribed again by [`Self::resubscribe`].
-    async fn subscribe(
-        &self,
-        conn: &mut ConnectionManager,
-        channels: &[String],
-    ) -> redis::RedisResult<()> {
+    async fn subscribe(&self, conn: &mut Conn, channels: &[String]) -> redis::RedisResult<()> {
         match channels {
             [] => Ok(()),
-            [one] if !self.sharded => conn.subscribe(one).await,
+            [one]
+                if !self.sharded
+                    && let Conn::Single(conn) = conn =>
+            {
+                conn.subscribe(one).await
+            }
+            _ if conn.is_cluster() => {
+                // One pipeline per slot (a cluster node refuses a pipeline that spans
+                // slots), sent concurrently.
+                let sends = by_slot(channels, |c| c.as_str()).into_iter().map(|group| {
+                    let mut conn = conn.clone();
+                    async move {
+                        let mut pipe = redis::pipe();
+                        for channel in group {
+                            pipe.cmd("SSUBSCRIBE").arg(channel).ignore();
+                        }
+                        pipe.exec_async(&mut conn).await
+                    }
+                });
+                futures_util::future::join_all(sends)
+                    .await
+                    .into_iter()
+                    .collect()
+            }
             _ => {
                 let command = if self.sharded {
                     "SSUBSCRIBE"
@@ -253,18 +315,15 @@ impl Inner {
         }
     }
 
-    async fn unsubscribe(
-        &self,
-        conn: &mut ConnectionManager,
-        channel: &str,
-    ) -> redis::RedisResult<()> {
-        if self.sharded {
-            redis::cmd("SUNSUBSCRIBE")
-                .arg(channel)
-                .exec_async(conn)
-                .await
-        } else {
-            conn.unsubscribe(channel).await
+    async fn unsubscribe(&self, conn: &mut Conn, channel: &str) -> redis::RedisResult<()> {
+        match conn {
+            Conn::Single(conn) if !self.sharded => conn.unsubscribe(channel).await,
+            _ => {
+                redis::cmd("SUNSUBSCRIBE")
+                    .arg(channel)
+                    .exec_async(conn)
+                    .await
+            }
         }
     }
 
@@ -337,6 +396,29 @@ impl Inner {
         let _ = self
             .changes
             .send(Change::Publish(self.keys.user_channel(user), bytes));
+    }
+
+    /// Subscribes `channel` again if this instance still wants it (a node dropped it; or
+    /// this instance did and wants it again, when the subscribe is a no-op).
+    fn still_wanted(&self, channel: &str) {
+        let interest = lock(&self.interest);
+        let room = self.keys.room_of_channel(channel);
+        let wanted = channel == self.keys.all_channel()
+            || room.is_some_and(|r| interest.rooms.contains(r))
+            || self
+                .keys
+                .user_of_channel(channel)
+                .is_some_and(|u| interest.users.contains(u));
+        if wanted {
+            tracing::info!(
+                channel,
+                "shard channel dropped by its node: subscribing again"
+            );
+            let _ = self.changes.send(Change::Subscribe {
+                channel: channel.to_string(),
+                room: room.map(str::to_string),
+            });
+        }
     }
 
     fn set_down(&self, why: &dyn std::fmt::Display) {
@@ -414,6 +496,13 @@ async fn receive(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<PushInfo>) 
                 inner.deliver_here(&env.target, push, env.seq);
             }
             PushKind::Disconnection => inner.set_down(&"connection closed"),
+            // A cluster node drops the shard channels of a slot that moved to another
+            // node (resharding, failover): subscribe again where it lives now.
+            PushKind::SUnsubscribe if inner.conn.is_cluster() => {
+                if let Some(Value::BulkString(channel)) = info.data.first() {
+                    inner.still_wanted(&String::from_utf8_lossy(channel));
+                }
+            }
             _ => {}
         }
     }
@@ -476,21 +565,40 @@ async fn publisher(inner: Weak<Inner>, mut rx: mpsc::Receiver<Outgoing>) {
     let mut flushes = Vec::new();
     while rx.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
         let Some(inner) = inner.upgrade() else { return };
-        let mut pipe = redis::pipe();
         let command = inner.publish_command();
-        let mut n = 0;
+        let mut envelopes = Vec::with_capacity(batch.len());
         for item in batch.drain(..) {
             match item {
-                Outgoing::Envelope(channel, bytes) => {
-                    pipe.cmd(command).arg(channel).arg(&bytes[..]).ignore();
-                    n += 1;
-                }
+                Outgoing::Envelope(channel, bytes) => envelopes.push((channel, bytes)),
                 Outgoing::Flush(done) => flushes.push(done),
             }
         }
+        let n = envelopes.len() as u64;
         if n > 0 {
-            let mut conn = inner.conn.clone();
-            match pipe.exec_async(&mut conn).await {
+            let result = if inner.conn.is_cluster() {
+                // One pipeline per slot, concurrently: a channel's envelopes stay in
+                // order within its slot's pipeline, and the next batch waits for all.
+                let sends = by_slot(envelopes, |(channel, _)| channel.as_str())
+                    .into_iter()
+                    .map(|group| {
+                        let mut conn = inner.conn.clone();
+                        async move {
+                            publish_pipeline(command, &group)
+                                .exec_async(&mut conn)
+                                .await
+                        }
+                    });
+                futures_util::future::join_all(sends)
+                    .await
+                    .into_iter()
+                    .collect()
+            } else {
+                let mut conn = inner.conn.clone();
+                publish_pipeline(command, &envelopes)
+                    .exec_async(&mut conn)
+                    .await
+            };
+            match result {
                 Ok(()) => {
                     inner.metrics.publishes.inc_by(n);
                     inner.metrics.publish_batches.inc();
@@ -506,6 +614,14 @@ async fn publisher(inner: Weak<Inner>, mut rx: mpsc::Receiver<Outgoing>) {
             let _ = done.send(());
         }
     }
+}
+
+fn publish_pipeline(command: &str, envelopes: &[(String, Bytes)]) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    for (channel, bytes) in envelopes {
+        pipe.cmd(command).arg(channel).arg(&bytes[..]).ignore();
+    }
+    pipe
 }
 
 /// Probes Redis and refreshes presence every `every`; after a loss, resubscribes and

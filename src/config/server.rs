@@ -57,6 +57,11 @@ pub struct ServerConfig {
     /// Compress long-poll replies and HTTP API responses (gzip, brotli or zstd, by the
     /// request's `Accept-Encoding`). Never SSE streams or WebSockets.
     pub http_compression: bool,
+    /// Every this long, hand the C library's free heap memory back to the OS
+    /// (`malloc_trim`), so RSS falls back after a burst of traffic; 0 = never. Only with
+    /// glibc's malloc (the default build; not with the `mimalloc`/`jemalloc` features).
+    #[serde(with = "humantime_serde")]
+    pub memory_trim_interval: Duration,
 }
 
 impl Default for ServerConfig {
@@ -77,6 +82,7 @@ impl Default for ServerConfig {
             h2_keep_alive_timeout: Duration::from_secs(20),
             allowed_origins: Vec::new(),
             http_compression: true,
+            memory_trim_interval: Duration::from_secs(10),
         }
     }
 }
@@ -100,6 +106,14 @@ impl ServerConfig {
             ("server.h2_keep_alive_timeout", self.h2_keep_alive_timeout),
         ] {
             duration(key, v, 10 * MS, HOUR)?;
+        }
+        if !self.memory_trim_interval.is_zero() {
+            duration(
+                "server.memory_trim_interval",
+                self.memory_trim_interval,
+                SEC,
+                HOUR,
+            )?;
         }
         duration(
             "server.drain_delay",

@@ -251,55 +251,106 @@ impl http_body::Body for Watched {
     }
 }
 
-/// Middleware: a request body must arrive in full within `server.body_read_timeout` of
-/// its head. Without it a client that sends a head and then one byte now and then holds
-/// its connection slot, its request task and up to `ws.max_frame_bytes` of buffer for
-/// as long as it likes (the head has `header_read_timeout`, the socket's writes
-/// `write_timeout`, but reading a body had no deadline). Past the deadline the body
-/// fails, whatever the handler answers becomes 408 with the Error JSON, and the
-/// connection is closed (HTTP/1: `Connection: close`; hyper drops a connection whose
-/// body was not read to its end). Uploads are not behind this layer: they have their
-/// own idle deadline. A request without a body pays one check.
-pub async fn body_deadline(
-    axum::extract::State(ctx): axum::extract::State<Ctx>,
-    req: Request,
-    next: Next,
-) -> Response {
-    if req.body().is_end_stream() {
-        return next.run(req).await;
+/// The layer that times request bodies: a body must arrive in full within
+/// `server.body_read_timeout` of its head. Without it a client that sends a head and
+/// then one byte now and then holds its connection slot, its request task and up to
+/// `ws.max_frame_bytes` of buffer for as long as it likes (the head has
+/// `header_read_timeout`, the socket's writes `write_timeout`, but reading a body had no
+/// deadline). Past the deadline the body fails, whatever the handler answers becomes 408
+/// with the Error JSON, and the connection is closed (HTTP/1: `Connection: close`; hyper
+/// drops a connection whose body was not read to its end). Uploads (`POST
+/// /api/v1/files`) are not timed by it: they have their own idle deadline.
+#[derive(Clone, Copy)]
+pub struct BodyDeadlineLayer(std::time::Duration);
+
+impl BodyDeadlineLayer {
+    pub fn new(limit: std::time::Duration) -> Self {
+        Self(limit)
     }
-    let limit = ctx.core.config.server.body_read_timeout;
-    let http1 = req.version() <= Version::HTTP_11;
-    let expired = Arc::new(AtomicBool::new(false));
-    let req = req.map(|body| {
-        Body::new(Timed {
-            body,
-            deadline: Box::pin(tokio::time::sleep(limit)),
-            expired: expired.clone(),
-        })
-    });
-    let response = next.run(req).await;
-    if !expired.load(Ordering::Acquire) {
-        return response;
-    }
-    let mut response = ApiError(
-        StatusCode::REQUEST_TIMEOUT,
-        wire_error(
-            ErrorCode::BadFrame,
-            format!(
-                "the request body did not arrive within server.body_read_timeout ({}) of its head",
-                humantime::format_duration(limit)
-            ),
-        ),
-    )
-    .into_response();
-    if http1 {
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    response
 }
+
+impl<S> tower::Layer<S> for BodyDeadlineLayer {
+    type Service = BodyDeadline<S>;
+    fn layer(&self, inner: S) -> BodyDeadline<S> {
+        BodyDeadline {
+            limit: self.0,
+            inner,
+        }
+    }
+}
+
+/// See [`BodyDeadlineLayer`]. A hand-written service, not `axum::middleware::from_fn`:
+/// a request without a body (every GET, so every pending long-poll and SSE stream) gets
+/// the inner route's future itself, with no box around it; only a request with a body
+/// (a command, an API call: short-lived) is boxed.
+#[derive(Clone)]
+pub struct BodyDeadline<S> {
+    limit: std::time::Duration,
+    inner: S,
+}
+
+type Timing = Pin<Box<dyn Future<Output = Result<Response, std::convert::Infallible>> + Send>>;
+
+impl<S> tower::Service<Request> for BodyDeadline<S>
+where
+    S: tower::Service<Request, Response = Response, Error = std::convert::Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = futures_util::future::Either<S::Future, Timing>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        use futures_util::future::Either;
+        let upload = req.method() == axum::http::Method::POST && req.uri().path() == UPLOADS;
+        if req.body().is_end_stream() || upload {
+            return Either::Left(self.inner.call(req));
+        }
+        let limit = self.limit;
+        let http1 = req.version() <= Version::HTTP_11;
+        let expired = Arc::new(AtomicBool::new(false));
+        let req = req.map(|body| {
+            Body::new(Timed {
+                body,
+                deadline: Box::pin(tokio::time::sleep(limit)),
+                expired: expired.clone(),
+            })
+        });
+        let call = self.inner.call(req);
+        Either::Right(Box::pin(async move {
+            let Ok(response) = call.await;
+            if !expired.load(Ordering::Acquire) {
+                return Ok(response);
+            }
+            let mut response = ApiError(
+                StatusCode::REQUEST_TIMEOUT,
+                wire_error(
+                    ErrorCode::BadFrame,
+                    format!(
+                        "the request body did not arrive within server.body_read_timeout ({}) of its head",
+                        humantime::format_duration(limit)
+                    ),
+                ),
+            )
+            .into_response();
+            if http1 {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok(response)
+        }))
+    }
+}
+
+/// The upload route, timed by its own idle deadline instead of [`BodyDeadline`].
+const UPLOADS: &str = "/api/v1/files";
 
 /// The request body was not in by its deadline.
 #[derive(Debug, thiserror::Error)]

@@ -27,13 +27,20 @@
 //! Owns: finding the owner and relaying. Not: sessions (`session`), the address book
 //! (`broker`).
 
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
 use axum::{
     body::{Body, Bytes},
-    extract::{Request, State},
+    extract::Request,
     http::{HeaderValue, Uri},
-    middleware::Next,
     response::{IntoResponse, Response},
 };
+use futures_util::future::Either;
 
 use super::Ctx;
 
@@ -78,14 +85,79 @@ fn owner_of(id: &str) -> Option<&str> {
     id.split_once('.').map(|(owner, _)| owner)
 }
 
-/// Middleware on the session routes: forwards to the owning instance, or runs here.
-pub async fn to_owner(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
-    // This future lives as long as the request (a long-poll waits in it): the common
-    // case awaits only `next`, and forwarding, with its much larger state, is boxed.
-    match foreign_owner(&ctx, &req) {
-        None => next.run(req).await,
-        Some(owner) => Box::pin(forward(ctx, owner, req, next)).await,
+/// The layer on the session routes (`route_layer(ToOwner::layer(ctx))`): forwards a
+/// request to the owning instance, or runs it here.
+#[derive(Clone)]
+pub struct ToOwnerLayer(Ctx);
+
+impl ToOwnerLayer {
+    pub fn new(ctx: Ctx) -> Self {
+        Self(ctx)
     }
+}
+
+impl<S> tower::Layer<S> for ToOwnerLayer {
+    type Service = ToOwner<S>;
+    fn layer(&self, inner: S) -> ToOwner<S> {
+        ToOwner {
+            ctx: self.0.clone(),
+            inner,
+        }
+    }
+}
+
+/// See [`ToOwnerLayer`]. A hand-written service, not `axum::middleware::from_fn`: its
+/// future lives as long as the request (a pending long-poll waits in it), and for a
+/// session held here it is the inner route's future itself, with no box of its own
+/// around it. (`from_fn` boxed a future holding the context, the request's slot and a
+/// boxed `Next`, and boxed the inner call again: ~1.4 KB per pending long-poll,
+/// docs/BENCHMARKS.md "Round four: memory".) Forwarding, rare and with a much larger
+/// state, is boxed.
+#[derive(Clone)]
+pub struct ToOwner<S> {
+    ctx: Ctx,
+    inner: S,
+}
+
+type Forwarding = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+impl<S> tower::Service<Request> for ToOwner<S>
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<S::Future, Forwarding>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        match foreign_owner(&self.ctx, &req) {
+            None => Either::Left(self.inner.call(req)),
+            Some(owner) => {
+                // The service polled ready goes with the request; a clone stays.
+                let fresh = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, fresh);
+                let ctx = self.ctx.clone();
+                Either::Right(Box::pin(async move {
+                    Ok(forward(ctx, owner, req, inner).await)
+                }))
+            }
+        }
+    }
+}
+
+/// Runs the request on `inner` (this instance).
+async fn here<S>(mut inner: S, req: Request) -> Response
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
+{
+    let Ok(()) = std::future::poll_fn(|cx| inner.poll_ready(cx)).await;
+    let Ok(response) = inner.call(req).await;
+    response
 }
 
 /// The other instance that holds the request's session, if it is not here.
@@ -105,11 +177,14 @@ fn foreign_owner(ctx: &Ctx, req: &Request) -> Option<String> {
 }
 
 /// Relays the request to `owner`, or serves it here when the owner is gone.
-async fn forward(ctx: Ctx, owner: String, req: Request, next: Next) -> Response {
+async fn forward<S>(ctx: Ctx, owner: String, req: Request, inner: S) -> Response
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
+{
     let owner = owner.as_str();
     let Some(addr) = ctx.core.chat.broker().locate(owner).await else {
         // The owner is gone: the session went with it (the handler says so).
-        return next.run(req).await;
+        return here(inner, req).await;
     };
     let (parts, body) = req.into_parts();
     let limit = ctx.core.config.ws.max_frame_bytes;
@@ -123,7 +198,7 @@ async fn forward(ctx: Ctx, owner: String, req: Request, next: Next) -> Response 
         Ok(response) => response,
         Err(e) => {
             tracing::debug!(owner, %addr, error = %e, "owner unreachable; serving here");
-            next.run(Request::from_parts(parts, Body::from(body))).await
+            here(inner, Request::from_parts(parts, Body::from(body))).await
         }
     }
 }

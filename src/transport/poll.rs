@@ -13,10 +13,17 @@
 //! header `X-Parley-Cursor` carries the cursor for the next poll. Commands go to
 //! `POST /session/{id}` (sessions start with `POST /session`).
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    future::{Future, Ready},
+    pin::Pin,
+    sync::Arc,
+    task::Context,
+    time::Duration,
+};
 
 use axum::{
-    extract::{Query, State, rejection::QueryRejection},
+    extract::{Query, Request},
     http::{HeaderMap, HeaderValue, StatusCode, Uri, header},
     response::{IntoResponse, Response},
 };
@@ -94,22 +101,43 @@ fn respond(encoding: Encoding, cursor: u64, pushes: &[(u64, Arc<Push>)]) -> Resp
     r
 }
 
-/// Not an `async fn`: the request is read (and dropped) when the handler is called, and
-/// the future that waits, which lives as long as the poll is pending, holds only what the
-/// reply needs. (The request's headers and URI also share hyper's read buffer, which a
-/// pending poll would otherwise keep alive.)
-pub fn handler(
-    State(ctx): State<Ctx>,
-    headers: HeaderMap,
-    uri: Uri,
-    query: Result<Query<PollQuery>, QueryRejection>,
-) -> impl Future<Output = Response> + Send {
-    let started = query
-        .map_err(ApiError::from)
-        .and_then(|Query(q)| Held::start(&ctx, headers, uri, q));
-    match started {
-        Ok(held) => Either::Left(held.wait()),
-        Err(refused) => Either::Right(std::future::ready(refused.into_response())),
+/// `GET /poll`, as a service rather than an axum handler (`get_service(Poll::new(ctx))`).
+/// The request is read (and dropped) when it is called, and the future that waits, which
+/// lives as long as the poll is pending, holds only what the reply needs. (An axum
+/// handler's future also keeps the request's head and body slot for its whole life,
+/// ~250 bytes per pending poll; the request's headers and URI would also keep hyper's
+/// read buffer alive.)
+#[derive(Clone)]
+pub struct Poll(Ctx);
+
+impl Poll {
+    pub fn new(ctx: Ctx) -> Self {
+        Self(ctx)
+    }
+}
+
+type Waiting = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+impl tower::Service<Request> for Poll {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<Waiting, Ready<Result<Response, Infallible>>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let (parts, _body) = req.into_parts();
+        let started = Query::<PollQuery>::try_from_uri(&parts.uri)
+            .map_err(ApiError::from)
+            .and_then(|Query(q)| Held::start(&self.0, parts.headers, parts.uri, q));
+        match started {
+            // `wait` itself, not an `async` block around it: a block would hold the
+            // `Held` twice (its captured copy beside the one moved into `wait`).
+            Ok(held) => Either::Left(Box::pin(held.wait())),
+            Err(refused) => Either::Right(std::future::ready(Ok(refused.into_response()))),
+        }
     }
 }
 
@@ -159,9 +187,9 @@ impl Held {
         })
     }
 
-    async fn wait(mut self) -> Response {
+    async fn wait(mut self) -> Result<Response, Infallible> {
         let (encoding, cursor) = (self.encoding, self.cursor);
-        match self.outbox.next().await {
+        Ok(match self.outbox.next().await {
             Out::Pushes(pushes) => {
                 let n = pushes.len() as u64;
                 let metrics = &self.pending.0;
@@ -178,6 +206,6 @@ impl Held {
             Out::Close(_) => {
                 ApiError::new(ErrorCode::SessionNotFound, "session ended").into_response()
             }
-        }
+        })
     }
 }

@@ -20,6 +20,7 @@ use crate::{
     probe::{Probe, Usage},
     report::{Panel, Series, Table},
     stats::Tick,
+    target::TransportKind,
     transport::{Connection, Step},
     ui::{bytes, si},
     wire::{self, Incoming},
@@ -142,17 +143,40 @@ pub async fn run(run: &Run, params: &Params) -> anyhow::Result<IdleReport> {
             };
             drop(ready);
             // Hold: keep reading so heartbeats are answered, and acknowledge pushes (the
-            // `joined` notices of later members) as the SDK does, so the server may drop
-            // them from its replay buffer.
+            // `joined` notices of later members) as the SDK does (web/src/parley.ts,
+            // `#scheduleAck`), so the server may drop them from its replay buffer: the
+            // latest position, once per `ack_delay` after a push (SSE 5 s, as each ack is
+            // a POST there; 1 s otherwise; long-poll's cursor acknowledges by itself).
+            // One ack per push made an SSE client fall behind by thousands of POSTs in a
+            // big room, and its server hold the unacknowledged pushes meanwhile.
             let encoding = conn.encoding();
+            let ack_delay = match target.transport {
+                TransportKind::Sse => Duration::from_secs(5),
+                _ => Duration::from_secs(1),
+            };
+            let (mut last_pos, mut acked_pos) = (0u64, 0u64);
+            let ack_timer = tokio::time::sleep(Duration::ZERO);
+            tokio::pin!(ack_timer);
+            let mut ack_armed = false;
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
+                    _ = &mut ack_timer, if ack_armed => {
+                        ack_armed = false;
+                        if last_pos > acked_pos {
+                            acked_pos = last_pos;
+                            let _ = conn.send(Cmd::Ack(proto::Ack { pos: last_pos })).await;
+                        }
+                    }
                     r = conn.recv() => match r {
                         Ok(Incoming::Frame(bytes)) => {
                             let pos = wire::decode(encoding, &bytes).map_or(0, |f| f.pos);
-                            if pos > 0 {
-                                let _ = conn.send(Cmd::Ack(proto::Ack { pos })).await;
+                            last_pos = last_pos.max(pos);
+                            if pos > 0 && !ack_armed {
+                                ack_armed = true;
+                                ack_timer
+                                    .as_mut()
+                                    .reset(tokio::time::Instant::now() + ack_delay);
                             }
                         }
                         Ok(Incoming::Closed(_)) | Err(_) => {

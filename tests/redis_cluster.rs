@@ -1,0 +1,594 @@
+//! parley on a Redis Cluster (`broker.cluster = true`): three masters started here (each
+//! a private `redis-server --cluster-enabled yes` in a temp dir, joined with
+//! `redis-cli --cluster create`), three parley instances on them. Room channels whose
+//! slots live on different nodes carry every message once, in order; presence is
+//! cluster-wide; a node that restarts loses nothing. Every process started here is
+//! killed on drop, also when a test panics.
+
+mod common;
+#[path = "cluster/harness.rs"]
+mod harness;
+
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use common::{Client, WAIT, http_get};
+use harness::{Cluster, Proc, free_port};
+use parley::{
+    config::{Config, PubSubMode},
+    proto::{self, client_frame::Cmd, server_frame::Kind},
+};
+
+/// A Redis Cluster of three masters and no replicas on free ports.
+struct RedisCluster {
+    dir: PathBuf,
+    ports: Vec<u16>,
+    bus_ports: Vec<u16>,
+    nodes: Vec<Proc>,
+}
+
+impl RedisCluster {
+    async fn start(name: &str) -> RedisCluster {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("redis-cluster-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut cluster = RedisCluster {
+            dir,
+            ports: ports.clone(),
+            // Set explicitly: the default, port + 10000, may not exist.
+            bus_ports: (0..3).map(|_| free_port()).collect(),
+            nodes: Vec::new(),
+        };
+        for i in 0..3 {
+            std::fs::create_dir_all(cluster.node_dir(i)).unwrap();
+            cluster.nodes.push(Proc::none());
+            cluster.start_node(i).await;
+        }
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let status = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli runs");
+        assert!(status.success(), "redis-cli --cluster create");
+        for i in 0..3 {
+            cluster.wait_ok(i).await;
+        }
+        cluster
+    }
+
+    fn node_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("node-{i}"))
+    }
+
+    /// Starts node `i` (again: it keeps its slots through its nodes.conf; its data is
+    /// gone, as after a crash without persistence).
+    async fn start_node(&mut self, i: usize) {
+        let port = self.ports[i];
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-port",
+                &self.bus_ports[i].to_string(),
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "1000",
+                // The other nodes keep serving their slots while one is down.
+                "--cluster-require-full-coverage",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                &self.node_dir(i).to_string_lossy(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.nodes[i] = Proc::new(child);
+        let addr = format!("127.0.0.1:{port}");
+        for _ in 0..500 {
+            if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("redis-server did not listen on {addr}");
+    }
+
+    /// A plain connection to node `i` (commands go to that node only).
+    async fn node(&self, i: usize) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(format!("redis://127.0.0.1:{}/", self.ports[i]))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until node `i` says `cluster_state:ok`.
+    async fn wait_ok(&self, i: usize) {
+        let mut conn = self.node(i).await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if info.contains("cluster_state:ok") {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {i} never got cluster_state:ok: {info}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn seeds(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}/"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The node (index) that serves `key`'s slot.
+    async fn node_of(&self, key: &str) -> usize {
+        let mut conn = self.node(0).await;
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for i in 0..3 {
+            if self.serves(i, slot).await {
+                return i;
+            }
+        }
+        panic!("no node serves slot {slot}");
+    }
+
+    async fn serves(&self, i: usize, slot: u16) -> bool {
+        let mut conn = self.node(i).await;
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let me = nodes.lines().find(|l| l.contains("myself")).unwrap();
+        me.split_whitespace().skip(8).any(|range| {
+            let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+            match (lo.parse::<u16>(), hi.parse::<u16>()) {
+                (Ok(lo), Ok(hi)) => (lo..=hi).contains(&slot),
+                _ => false,
+            }
+        })
+    }
+
+    /// Three room names whose channels live on nodes 0, 1 and 2.
+    async fn rooms_on_every_node(&self) -> Vec<String> {
+        let mut rooms: Vec<Option<String>> = vec![None; 3];
+        for k in 0.. {
+            let room = format!("room-{k}");
+            let i = self.node_of(&format!("parley:room:{room}")).await;
+            if rooms[i].is_none() {
+                rooms[i] = Some(room);
+            }
+            if rooms.iter().all(Option::is_some) {
+                break;
+            }
+        }
+        rooms.into_iter().map(Option::unwrap).collect()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            n.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Three parley instances on `redis`.
+async fn parley_on(redis: &RedisCluster, name: &str, edit: impl Fn(&mut Config)) -> Cluster {
+    let seeds = redis.seeds();
+    Cluster::start_with(name, 3, move |c| {
+        c.broker.cluster = true;
+        c.broker.pubsub = PubSubMode::Sharded;
+        c.broker.redis_url = seeds.clone();
+        edit(c);
+    })
+    .await
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in /metrics"))
+}
+
+async fn presence_of(c: &mut Client, user: &str) -> proto::Presence {
+    match c
+        .request(Cmd::Presence(proto::PresenceQuery {
+            users: vec![user.into()],
+        }))
+        .await
+    {
+        Kind::PresenceList(mut l) => l.users.remove(0),
+        other => panic!("expected presence list, got {other:?}"),
+    }
+}
+
+/// Reads message pushes (skipping `sent` replies and the rest) until `n` came; returns
+/// (room, seq, body) in arrival order.
+async fn messages(c: &mut Client, n: usize) -> Vec<(String, u64, String)> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        if let Some(m) = c
+            .next_of(|k| match k {
+                Kind::Message(m) => Some(Some(m)),
+                Kind::Sent(_) => Some(None),
+                _ => None,
+            })
+            .await
+        {
+            got.push((m.room, m.seq, m.body));
+        }
+    }
+    got
+}
+
+/// The (seq, body) of `room`'s messages in `got`, in arrival order.
+fn of_room(got: &[(String, u64, String)], room: &str) -> Vec<(u64, String)> {
+    got.iter()
+        .filter(|(r, ..)| r == room)
+        .map(|(_, s, b)| (*s, b.clone()))
+        .collect()
+}
+
+fn assert_gap_free(got: &[(u64, String)], from: u64, to: u64) {
+    let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (from..=to).collect::<Vec<_>>(), "in order, once each");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_on_every_node_of_a_redis_cluster_deliver_once_in_order_everywhere() {
+    let redis = RedisCluster::start("rooms").await;
+    let rooms = redis.rooms_on_every_node().await;
+    let cluster = parley_on(&redis, "rcluster-rooms", |_| {}).await;
+    let mut ann = cluster.client(0, "ann").await;
+    let mut bob = cluster.client(1, "bob").await;
+    let mut cat = cluster.client(2, "cat").await;
+    for c in [&mut ann, &mut bob, &mut cat] {
+        for room in &rooms {
+            c.join(room).await;
+        }
+    }
+    // Concurrent pipelined sends from every instance into every room.
+    const ROUNDS: usize = 10;
+    for round in 0..ROUNDS {
+        for c in [&mut ann, &mut bob, &mut cat] {
+            for room in &rooms {
+                c.send(Cmd::Send(proto::Send {
+                    room: room.clone(),
+                    client_msg_id: format!("{}-{room}-{round}", c.user_id),
+                    body: format!("{}-{round}", c.user_id),
+                    ..Default::default()
+                }))
+                .await;
+            }
+        }
+    }
+    let per_room = 3 * ROUNDS;
+    let mut seen = Vec::new();
+    for c in [&mut ann, &mut bob, &mut cat] {
+        seen.push(messages(c, 3 * per_room).await);
+    }
+    for room in &rooms {
+        let first = of_room(&seen[0], room);
+        assert_gap_free(&first, 1, per_room as u64);
+        for got in &seen[1..] {
+            assert_eq!(of_room(got, room), first, "one order of {room} everywhere");
+        }
+    }
+
+    // A direct message to a user on another instance goes over the user's channel.
+    let sent = match ann
+        .request(Cmd::Send(proto::Send {
+            to_user: "cat".into(),
+            client_msg_id: "dm-1".into(),
+            body: "psst".into(),
+            ..Default::default()
+        }))
+        .await
+    {
+        Kind::Sent(s) => s,
+        other => panic!("expected sent, got {other:?}"),
+    };
+    let m = cat.next_message().await;
+    assert_eq!((m.room.as_str(), m.seq), (sent.room.as_str(), 1));
+
+    // All of it went live: no publish failed (a pipeline spanning slots would, and the
+    // log would quietly repair what it lost).
+    for i in 0..3 {
+        let (_, metrics) = http_get(cluster.addr(i), "/metrics").await;
+        assert_eq!(
+            metric(&metrics, "parley_broker_publish_failures_total"),
+            0.0,
+            "instance {i}"
+        );
+        assert!(metric(&metrics, "parley_broker_publishes_total") >= 30.0);
+    }
+
+    // Each node carries the shard channel of the room whose slot it serves, and no
+    // node saw a classic PUBLISH or SUBSCRIBE.
+    for (i, room) in rooms.iter().enumerate() {
+        let mut node = redis.node(i).await;
+        let shard: Vec<String> = redis::cmd("PUBSUB")
+            .arg("SHARDCHANNELS")
+            .query_async(&mut node)
+            .await
+            .unwrap();
+        assert!(shard.contains(&format!("parley:room:{room}")), "{shard:?}");
+        let numsub: (String, i64) = redis::cmd("PUBSUB")
+            .arg("SHARDNUMSUB")
+            .arg(format!("parley:room:{room}"))
+            .query_async(&mut node)
+            .await
+            .unwrap();
+        assert_eq!(numsub.1, 3, "every instance subscribed {room} on node {i}");
+        let classic: Vec<String> = redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .query_async(&mut node)
+            .await
+            .unwrap();
+        assert_eq!(classic, Vec::<String>::new());
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut node)
+            .await
+            .unwrap();
+        assert!(stats.contains("cmdstat_spublish:"), "node {i}: {stats}");
+        assert!(!stats.contains("cmdstat_publish:"), "node {i}: {stats}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_on_a_redis_cluster_is_cluster_wide_and_in_one_slot() {
+    let redis = RedisCluster::start("presence").await;
+    let cluster = parley_on(&redis, "rcluster-presence", |c| {
+        c.session.grace_period = Duration::from_millis(300);
+    })
+    .await;
+    let mut watcher = cluster.client(2, "watcher").await;
+    watcher.join("team").await;
+    assert!(!presence_of(&mut watcher, "dan").await.online);
+
+    // dan on instances 0 and 1: online for an instance where he has no session.
+    let mut dan0 = cluster.client(0, "dan").await;
+    dan0.join("team").await;
+    let dan1 = cluster.client(1, "dan").await;
+    assert!(presence_of(&mut watcher, "dan").await.online);
+
+    // A signal from instance 2 reaches him (his user channel).
+    match watcher
+        .request(Cmd::Signal(proto::Signal {
+            to_user: "dan".into(),
+            kind: "offer".into(),
+            payload: "sdp".into(),
+        }))
+        .await
+    {
+        Kind::Done(_) => {}
+        other => panic!("expected done, got {other:?}"),
+    }
+    let s = dan0
+        .next_of(|k| match k {
+            Kind::Signal(s) => Some(s),
+            _ => None,
+        })
+        .await;
+    assert_eq!(s.from_user, "watcher");
+
+    // One session closes: still online through the other. Both close: offline, with a
+    // last-seen time, and the co-member is told.
+    drop(dan0);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(presence_of(&mut watcher, "dan").await.online);
+    drop(dan1);
+    let p = tokio::time::timeout(
+        WAIT,
+        watcher.next_of(|k| match k {
+            Kind::Presence(p) if p.user == "dan" && !p.online => Some(p),
+            _ => None,
+        }),
+    )
+    .await
+    .expect("an offline push");
+    assert!(p.last_seen > 0);
+    let now = presence_of(&mut watcher, "dan").await;
+    assert!(!now.online && now.last_seen > 0);
+
+    // Every presence key shares the hash tag {parley}: one node holds them all.
+    let home = redis.node_of("{parley}").await;
+    let mut node = redis.node(home).await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut node)
+        .await
+        .unwrap();
+    assert!(keys.contains(&"{parley}:instances".to_string()), "{keys:?}");
+    assert!(keys.contains(&"{parley}:seen:dan".to_string()), "{keys:?}");
+    assert!(keys.iter().all(|k| k.starts_with("{parley}:")), "{keys:?}");
+    for i in (0..3).filter(|i| *i != home) {
+        let mut node = redis.node(i).await;
+        let n: i64 = redis::cmd("DBSIZE").query_async(&mut node).await.unwrap();
+        assert_eq!(n, 0, "node {i} holds no key");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_redis_cluster_node_loses_nothing_and_its_room_recovers() {
+    let mut redis = RedisCluster::start("restart").await;
+    let rooms = redis.rooms_on_every_node().await;
+    let cluster = parley_on(&redis, "rcluster-restart", |_| {}).await;
+    // The node that serves one room's channel but not the presence keys (so heartbeats
+    // keep going while it is down).
+    let home = redis.node_of("{parley}").await;
+    let victim = (0..3).find(|i| *i != home).unwrap();
+    let room = rooms[victim].clone();
+    let mut ann = cluster.client(0, "ann").await;
+    let mut bob = cluster.client(1, "bob").await;
+    let mut cat = cluster.client(2, "cat").await;
+    for c in [&mut ann, &mut bob, &mut cat] {
+        c.join(&room).await;
+    }
+    ann.send_msg(&room, "before", "before").await;
+    for c in [&mut bob, &mut cat] {
+        assert_gap_free(&of_room(&messages(c, 1).await, &room), 1, 1);
+    }
+
+    redis.nodes[victim].kill();
+    // Sends still succeed (the log is fine) while the room's node is gone.
+    for k in 0..5 {
+        ann.send_msg(&room, &format!("during-{k}"), "during").await;
+    }
+    redis.start_node(victim).await;
+    for i in 0..3 {
+        redis.wait_ok(i).await;
+    }
+    // What was sent meanwhile arrives once, in order, without anything new being sent.
+    for c in [&mut bob, &mut cat] {
+        assert_gap_free(&of_room(&messages(c, 5).await, &room), 2, 6);
+    }
+    // Live fan-out through the restarted node works again.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for i in 0..3 {
+        while http_get(cluster.addr(i), "/readyz").await.0 != 200 {
+            assert!(tokio::time::Instant::now() < deadline, "instance {i} ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Each instance noticed the lost connection and subscribed its channels again.
+    for i in 0..3 {
+        let (_, metrics) = http_get(cluster.addr(i), "/metrics").await;
+        assert!(metric(&metrics, "parley_broker_resubscribes_total") >= 1.0);
+    }
+    bob.send_msg(&room, "after", "after").await;
+    let got = of_room(&messages(&mut cat, 1).await, &room);
+    assert_eq!(got, vec![(7, "after".to_string())]);
+    let got = of_room(&messages(&mut ann, 7).await, &room);
+    assert_gap_free(&got, 1, 7);
+    cat.nothing_pushed(Duration::from_millis(300)).await;
+}
+
+/// `CLUSTER MYID` of node `i`.
+async fn node_id(redis: &RedisCluster, i: usize) -> String {
+    let mut conn = redis.node(i).await;
+    redis::cmd("CLUSTER")
+        .arg("MYID")
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_whose_slot_moves_to_another_node_keeps_flowing() {
+    let redis = RedisCluster::start("reshard").await;
+    let rooms = redis.rooms_on_every_node().await;
+    let cluster = parley_on(&redis, "rcluster-reshard", |_| {}).await;
+    let home = redis.node_of("{parley}").await;
+    let from = (0..3).find(|i| *i != home).unwrap();
+    let to = (0..3).find(|i| *i != from).unwrap();
+    let room = rooms[from].clone();
+    let channel = format!("parley:room:{room}");
+    let mut ann = cluster.client(0, "ann").await;
+    let mut bob = cluster.client(1, "bob").await;
+    let mut cat = cluster.client(2, "cat").await;
+    for c in [&mut ann, &mut bob, &mut cat] {
+        c.join(&room).await;
+    }
+    ann.send_msg(&room, "before", "before").await;
+    for c in [&mut bob, &mut cat] {
+        assert_gap_free(&of_room(&messages(c, 1).await, &room), 1, 1);
+    }
+
+    // Move the channel's slot (it holds no key) from one node to another, the way
+    // resharding does: the old node drops the slot's shard channels.
+    let mut conn = redis.node(0).await;
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(&channel)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (from_id, to_id) = (node_id(&redis, from).await, node_id(&redis, to).await);
+    let setslot = |i: usize, args: Vec<String>| {
+        let redis = &redis;
+        async move {
+            let mut conn = redis.node(i).await;
+            let _: () = redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg(args)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    };
+    setslot(to, vec!["IMPORTING".into(), from_id.clone()]).await;
+    setslot(from, vec!["MIGRATING".into(), to_id.clone()]).await;
+    for i in [to, from, home] {
+        setslot(i, vec!["NODE".into(), to_id.clone()]).await;
+    }
+    assert!(redis.serves(to, slot).await);
+
+    // Every instance subscribes the channel again on its new node.
+    let mut node = redis.node(to).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let numsub: (String, i64) = redis::cmd("PUBSUB")
+            .arg("SHARDNUMSUB")
+            .arg(&channel)
+            .query_async(&mut node)
+            .await
+            .unwrap();
+        if numsub.1 == 3 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{channel} subscribed on its new node by every instance: {numsub:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And messages flow live again, once and in order.
+    bob.send_msg(&room, "after", "after").await;
+    // (ann still has her own first message to read.)
+    let got = of_room(&messages(&mut ann, 2).await, &room);
+    assert_gap_free(&got, 1, 2);
+    let got = of_room(&messages(&mut cat, 1).await, &room);
+    assert_gap_free(&got, 2, 2);
+    cat.nothing_pushed(Duration::from_millis(300)).await;
+}
