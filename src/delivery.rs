@@ -253,7 +253,11 @@ impl Hub {
         }
         entry.rooms.insert(room.to_string(), members);
         let mut rooms = self.room_shard(room).write();
-        let set = rooms.entry(room.to_string()).or_default();
+        // A room that has members here already is found without a copy of its name.
+        let set = match rooms.get_mut(room) {
+            Some(set) => set,
+            None => rooms.entry(room.to_string()).or_default(),
+        };
         for (id, r) in &entry.recipients {
             set.insert(*id, r.clone());
         }

@@ -4,7 +4,7 @@
 use std::{
     cell::Cell,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
 };
@@ -28,26 +28,36 @@ pub struct TransportLabel {
     pub transport: &'static str,
 }
 
+/// The transports whose series [`Metrics::transport`] keeps (the `transport` label of
+/// each transport module's `LABEL`).
+const TRANSPORTS: [&str; 6] = ["ws", "wt", "mqtt", "sse", "poll", "http"];
+
+/// One transport's series of the labelled families, looked up once per process (a
+/// family lookup takes its lock and hashes the label: four per connection in a connect
+/// storm). Cloned handles share the family's value.
+pub struct TransportSeries {
+    pub connections: Gauge,
+    pub frames_in: HotCounter,
+    pub frames_out: HotCounter,
+}
+
 /// One open connection of a transport, counted in `connections` from [`OpenConnection::open`]
 /// until it is dropped (a drop guard, so every way a connection ends counts it down).
 pub struct OpenConnection {
-    metrics: Arc<Metrics>,
-    label: &'static TransportLabel,
+    connections: Gauge,
 }
 
 impl OpenConnection {
-    pub fn open(metrics: &Arc<Metrics>, label: &'static TransportLabel) -> Self {
-        metrics.connections.get_or_create(label).inc();
-        Self {
-            metrics: metrics.clone(),
-            label,
-        }
+    pub fn open(metrics: &Metrics, label: &'static TransportLabel) -> Self {
+        let connections = metrics.transport(label).connections.clone();
+        connections.inc();
+        Self { connections }
     }
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.metrics.connections.get_or_create(self.label).dec();
+        self.connections.dec();
     }
 }
 
@@ -217,6 +227,8 @@ pub struct Metrics {
     pub frames_out: Family<TransportLabel, HotCounter>,
     pub errors: Family<CodeLabel, Counter>,
     pub messages: Counter<u64, AtomicU64>,
+    /// [`Metrics::transport`]'s series, by the index of the name in [`TRANSPORTS`].
+    transports: [OnceLock<TransportSeries>; TRANSPORTS.len()],
 }
 
 impl Default for Metrics {
@@ -252,7 +264,23 @@ impl Metrics {
             frames_out,
             errors,
             messages,
+            transports: Default::default(),
         }
+    }
+
+    /// The series of `label`'s transport in `connections`, `frames_in` and `frames_out`,
+    /// created in the families at the first call (so a scrape shows them from the
+    /// transport's first connection on, as a lookup there would), then kept.
+    pub fn transport(&self, label: &'static TransportLabel) -> &TransportSeries {
+        let i = TRANSPORTS
+            .iter()
+            .position(|t| *t == label.transport)
+            .expect("a transport named in metrics::TRANSPORTS");
+        self.transports[i].get_or_init(|| TransportSeries {
+            connections: self.connections.get_or_create(label).clone(),
+            frames_in: self.frames_in.get_or_create(label).clone(),
+            frames_out: self.frames_out.get_or_create(label).clone(),
+        })
     }
 
     /// Frames sent so far on every transport (those that sent any): how busy the server
@@ -322,5 +350,39 @@ mod tests {
             )),
             "{text}"
         );
+    }
+
+    /// The series a transport keeps (`Metrics::transport`) are the families' own: a
+    /// scrape shows what was counted through them, an open connection counts up and its
+    /// drop counts down, and a transport not used yet shows no series.
+    #[test]
+    fn transport_series_are_the_families_series() {
+        static WS: TransportLabel = TransportLabel { transport: "ws" };
+        let m = Metrics::new();
+        let text = m.render(0);
+        assert!(!text.contains("transport=\"ws\""), "{text}");
+        let open = OpenConnection::open(&m, &WS);
+        m.transport(&WS).frames_in.inc_by(3);
+        m.transport(&WS).frames_out.inc();
+        let text = m.render(0);
+        assert!(
+            text.contains("parley_connections{transport=\"ws\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("parley_frames_in_total{transport=\"ws\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("parley_frames_out_total{transport=\"ws\"} 1"),
+            "{text}"
+        );
+        assert_eq!(m.frames_in.get_or_create(&WS).get(), 3);
+        drop(open);
+        assert!(
+            m.render(0)
+                .contains("parley_connections{transport=\"ws\"} 0")
+        );
+        assert!(!m.render(0).contains("transport=\"sse\""));
     }
 }

@@ -79,8 +79,9 @@ pub trait Broker: Send + Sync + 'static {
         let _ = (user, room);
     }
 
-    /// These rooms may have lost their last local member.
-    fn unwatch_rooms(&self, _rooms: &[String]) {}
+    /// These rooms may have lost their last local member. (An iterator, not a slice of
+    /// `String`s: the last close passes the hub's rooms as they are, with no copy.)
+    fn unwatch_rooms(&self, _rooms: &mut dyn Iterator<Item = &str>) {}
 
     /// `user` got its first session on this instance.
     fn user_online(&self, _user: &str) {}

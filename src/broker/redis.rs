@@ -355,7 +355,7 @@ impl Inner {
             self.watch_room(&n.room, n.last_seq);
         } else {
             self.hub.left(&n.user, &n.room);
-            self.unwatch_rooms(std::slice::from_ref(&n.room));
+            self.unwatch_rooms(std::iter::once(n.room.as_str()));
         }
     }
 
@@ -373,7 +373,7 @@ impl Inner {
         }
     }
 
-    fn unwatch_rooms(&self, rooms: &[String]) {
+    fn unwatch_rooms<'a>(&self, rooms: impl Iterator<Item = &'a str>) {
         let mut interest = lock(&self.interest);
         for room in rooms {
             if self.hub.room_size(room) == 0 && interest.rooms.remove(room) {
@@ -702,7 +702,7 @@ impl Broker for RedisBroker {
         self.inner.watch_room(room, last_seq);
     }
 
-    fn unwatch_rooms(&self, rooms: &[String]) {
+    fn unwatch_rooms(&self, rooms: &mut dyn Iterator<Item = &str>) {
         self.inner.unwatch_rooms(rooms);
     }
 
@@ -712,7 +712,7 @@ impl Broker for RedisBroker {
     }
 
     fn member_left(&self, user: &str, room: &str) {
-        self.inner.unwatch_rooms(&[room.to_string()]);
+        self.inner.unwatch_rooms(std::iter::once(room));
         self.inner.notify_member(user, room, false, 0);
     }
 

@@ -110,19 +110,27 @@ impl Chat {
         let now = now_ms();
         self.last_seen.went_offline(user, now);
         self.broker.user_offline(user, now);
-        let local_rooms: Vec<String> = known.iter().map(|(room, _)| room.clone()).collect();
-        self.broker.unwatch_rooms(&local_rooms);
-        if local_rooms.is_empty() {
+        self.broker
+            .unwatch_rooms(&mut known.iter().map(|(room, _)| room.as_str()));
+        if known.is_empty() {
             // In no room: nobody to tell, and no need to read the store.
             return;
         }
         let this = self.clone();
         let user = user.to_string();
-        tokio::spawn(async move {
+        let mut tell = Box::pin(async move {
             if !this.broker.online_elsewhere(&user).await {
                 this.tell_offline_from(user, known, now).await;
             }
         });
+        // Polled here first: with the in-process broker (and every member count known)
+        // it finishes at once, and a close costs no task of its own. What must wait (the
+        // Redis broker, a store read) goes on in a task, which polls it again with its
+        // own waker.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if std::future::Future::poll(tell.as_mut(), &mut cx).is_pending() {
+            tokio::spawn(tell);
+        }
     }
 
     pub async fn typing(&self, user: &str, req: proto::Typing) -> Result<proto::Done, ChatError> {

@@ -22,7 +22,7 @@
 use std::{
     path::Path,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
         mpsc,
     },
@@ -755,23 +755,30 @@ impl Store for SqliteStore {
         // most of this query's cost for a user in a few rooms). The limit is part of
         // the text, not a parameter: binding a LIMIT parameter makes SQLite prepare the
         // statement again on every run (its plan may depend on the value).
-        fn query(conn: &Connection, user: &str, limit: &str) -> rusqlite::Result<Vec<RoomState>> {
-            conn.prepare_cached(&format!(
+        // The statement's text is built once per process (not on every connect).
+        fn sql(limit: &str) -> String {
+            format!(
                 "SELECT {ROOM_STATE_COLUMNS} FROM members m JOIN rooms r ON r.name = m.room
                  WHERE m.user_id = ?1 ORDER BY m.room{limit}"
-            ))?
-            .query_map(params![user], |r| rows::room_state(r, user))?
-            .collect()
+            )
+        }
+        static FEW: OnceLock<String> = OnceLock::new();
+        static ALL: OnceLock<String> = OnceLock::new();
+        fn query(conn: &Connection, user: &str, sql: &str) -> rusqlite::Result<Vec<RoomState>> {
+            conn.prepare_cached(sql)?
+                .query_map(params![user], |r| rows::room_state(r, user))?
+                .collect()
         }
         let u = user.to_string();
         let few = self
-            .read_point(move |conn| query(conn, &u, POINT_ROOMS_LIMIT))
+            .read_point(move |conn| query(conn, &u, FEW.get_or_init(|| sql(POINT_ROOMS_LIMIT))))
             .await?;
         if few.len() <= POINT_ROOMS as usize {
             return Ok(few);
         }
         let user = user.to_string();
-        self.read(move |conn| query(conn, &user, "")).await
+        self.read(move |conn| query(conn, &user, ALL.get_or_init(|| sql(""))))
+            .await
     }
 
     async fn public_rooms(&self, after: &str, limit: usize) -> StoreResult<Vec<RoomState>> {

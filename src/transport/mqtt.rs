@@ -182,8 +182,8 @@ fn serve(socket: Socket, ctx: Ctx) -> impl Future<Output = ()> + Send {
         buf: BytesMut::new(),
         max_packet: ctx.core.config.mqtt.max_packet_bytes,
         write_timeout: ctx.core.config.ws.write_timeout,
-        frames_in: metrics.frames_in.get_or_create(&LABEL).clone(),
-        frames_out: metrics.frames_out.get_or_create(&LABEL).clone(),
+        frames_in: metrics.transport(&LABEL).frames_in.clone(),
+        frames_out: metrics.transport(&LABEL).frames_out.clone(),
         v5: false,
     };
     let handshake = boxed(async move {

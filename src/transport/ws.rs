@@ -468,7 +468,7 @@ impl Connection {
         compression: PushCompression,
     ) -> Self {
         // Only what the loop needs is kept (not `ctx`).
-        let metrics = &ctx.core.metrics;
+        let series = ctx.core.metrics.transport(&LABEL);
         let config = &ctx.core.config.ws;
         let outbox = Outbox::new(
             Conn::new(ctx.core.clone(), config.heartbeat_interval),
@@ -486,15 +486,15 @@ impl Connection {
                 socket,
                 encoding,
                 compression,
-                frames_out: metrics.frames_out.get_or_create(&LABEL).clone(),
+                frames_out: series.frames_out.clone(),
                 write_timeout: config.write_timeout,
                 quiet: true,
             },
             outbox,
-            frames_in: metrics.frames_in.get_or_create(&LABEL).clone(),
+            frames_in: series.frames_in.clone(),
             max_frame_bytes: config.max_frame_bytes,
             named: false,
-            _counted: OpenConnection::open(metrics, &LABEL),
+            _counted: OpenConnection::open(&ctx.core.metrics, &LABEL),
         }
     }
 

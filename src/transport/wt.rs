@@ -503,7 +503,7 @@ impl Connection {
         quic: quinn::Connection,
         connect_deadline: Instant,
     ) -> Self {
-        let metrics = &ctx.core.metrics;
+        let series = ctx.core.metrics.transport(&LABEL);
         let config = &ctx.core.config.ws;
         let (send, recv) = stream.split();
         let outbox = Outbox::new(
@@ -524,7 +524,7 @@ impl Connection {
                 encoding,
                 datagrams,
                 buf: BytesMut::new(),
-                frames_out: metrics.frames_out.get_or_create(&LABEL).clone(),
+                frames_out: series.frames_out.clone(),
                 write_timeout: config.write_timeout,
             },
             r: Reader {
@@ -533,10 +533,10 @@ impl Connection {
             },
             outbox,
             quic,
-            frames_in: metrics.frames_in.get_or_create(&LABEL).clone(),
+            frames_in: series.frames_in.clone(),
             max_frame_bytes: config.max_frame_bytes,
             named: false,
-            _counted: OpenConnection::open(metrics, &LABEL),
+            _counted: OpenConnection::open(&ctx.core.metrics, &LABEL),
         }
     }
 
