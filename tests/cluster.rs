@@ -9,7 +9,7 @@ mod harness;
 
 use std::{collections::BTreeMap, time::Duration};
 
-use common::{Client, WAIT, code_of, http_get};
+use common::{Client, WAIT, assert_gap_free, code_of, http_get, metric, presence_of};
 use harness::Cluster;
 use parley::{
     config::PubSubMode,
@@ -24,11 +24,6 @@ async fn messages(c: &mut Client, n: usize) -> Vec<(u64, String)> {
         out.push((m.seq, m.body));
     }
     out
-}
-
-fn assert_gap_free(got: &[(u64, String)], from: u64, to: u64) {
-    let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
-    assert_eq!(seqs, (from..=to).collect::<Vec<_>>(), "in order, once each");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,25 +424,6 @@ async fn a_hot_room_is_not_bound_by_one_redis_round_trip_per_message() {
         publishes / batches > 2.0,
         "{publishes} publishes in {batches} batches"
     );
-}
-
-/// The value of an unlabelled sample in an OpenMetrics text.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} in /metrics"))
-}
-
-async fn presence_of(c: &mut Client, user: &str) -> proto::Presence {
-    match c
-        .request(Cmd::Presence(proto::PresenceQuery {
-            users: vec![user.into()],
-        }))
-        .await
-    {
-        Kind::PresenceList(mut l) => l.users.remove(0),
-        other => panic!("expected presence list, got {other:?}"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

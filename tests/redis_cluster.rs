@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Client, WAIT, http_get};
+use common::{Client, WAIT, assert_gap_free, http_get, metric, presence_of};
 use harness::{Cluster, Proc, free_port};
 use parley::{
     config::{Config, PubSubMode},
@@ -222,24 +222,6 @@ async fn parley_on(redis: &RedisCluster, name: &str, edit: impl Fn(&mut Config))
     .await
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} in /metrics"))
-}
-
-async fn presence_of(c: &mut Client, user: &str) -> proto::Presence {
-    match c
-        .request(Cmd::Presence(proto::PresenceQuery {
-            users: vec![user.into()],
-        }))
-        .await
-    {
-        Kind::PresenceList(mut l) => l.users.remove(0),
-        other => panic!("expected presence list, got {other:?}"),
-    }
-}
-
 /// Reads message pushes (skipping `sent` replies and the rest) until `n` came; returns
 /// (room, seq, body) in arrival order.
 async fn messages(c: &mut Client, n: usize) -> Vec<(String, u64, String)> {
@@ -265,11 +247,6 @@ fn of_room(got: &[(String, u64, String)], room: &str) -> Vec<(u64, String)> {
         .filter(|(r, ..)| r == room)
         .map(|(_, s, b)| (*s, b.clone()))
         .collect()
-}
-
-fn assert_gap_free(got: &[(u64, String)], from: u64, to: u64) {
-    let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
-    assert_eq!(seqs, (from..=to).collect::<Vec<_>>(), "in order, once each");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -886,3 +886,29 @@ pub async fn tls_server(certs: &Certs, edit: impl FnOnce(&mut Config)) -> TestSe
     })
     .await
 }
+
+/// The value of an unlabelled sample in an OpenMetrics text (`/metrics`).
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in /metrics"))
+}
+
+/// `user`'s presence, asked through `c`.
+pub async fn presence_of(c: &mut Client, user: &str) -> proto::Presence {
+    match c
+        .request(Cmd::Presence(proto::PresenceQuery {
+            users: vec![user.into()],
+        }))
+        .await
+    {
+        Kind::PresenceList(mut l) => l.users.remove(0),
+        other => panic!("expected presence list, got {other:?}"),
+    }
+}
+
+/// `got`'s seqs are exactly `from..=to`, in order, once each.
+pub fn assert_gap_free(got: &[(u64, String)], from: u64, to: u64) {
+    let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (from..=to).collect::<Vec<_>>(), "in order, once each");
+}
