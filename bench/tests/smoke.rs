@@ -330,3 +330,93 @@ async fn idle_over_sse_and_long_poll() {
     }
     server.shutdown();
 }
+
+/// A server with TLS (a fresh self-signed certificate in a temporary directory), so it
+/// also serves HTTP/3 and `/wt`; the directory goes when the guard drops.
+async fn tls_server() -> (Server, TempCerts) {
+    let key =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let dir = std::env::temp_dir().join(format!("parley-bench-smoke-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, private) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, key.cert.pem()).unwrap();
+    std::fs::write(&private, key.signing_key.serialize_pem()).unwrap();
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.auth.jwt_secret = SECRET.into();
+    config.store.path = ":memory:".into();
+    config.limits = parley::config::LimitsConfig::off();
+    config.tls.cert_file = Some(cert.to_str().unwrap().into());
+    config.tls.key_file = Some(private.to_str().unwrap().into());
+    let server = Server::start(config).await.expect("TLS server starts");
+    (server, TempCerts(dir))
+}
+
+struct TempCerts(std::path::PathBuf);
+
+impl Drop for TempCerts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `--transport wt`: WebTransport listeners and publishers, every delivery exactly once
+/// and in order in both encodings; then idle joined sessions stay open through a hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_and_idle_over_webtransport_verify() {
+    let (server, _certs) = tls_server().await;
+    let quic = server.http3_addr().expect("HTTP/3 listens with TLS");
+    let run = |encoding| {
+        let target = Target::new(
+            &format!("ws://{quic}/ws"),
+            TransportKind::Wt,
+            encoding,
+            SECRET,
+        )
+        .unwrap();
+        let mut run = Run::new(target);
+        run.server = Some(Probe::me());
+        run
+    };
+    for encoding in [Encoding::Json, Encoding::Proto] {
+        let params = scenario::fanout::Params {
+            subscribers: 12,
+            publishers: 2,
+            rate: 200.0,
+            duration: Duration::from_secs(5),
+            messages: Some(40),
+            body_bytes: 100,
+            drain_timeout: Duration::from_secs(5),
+            ack_every: 7,
+        };
+        let report = scenario::fanout::run(&run(encoding), &params)
+            .await
+            .unwrap();
+        let o = &report.outcome;
+        assert!(
+            report.ok(),
+            "{encoding:?}: {:?}\n{}",
+            o.verification,
+            report.table().render()
+        );
+        assert_eq!(report.transport, "wt");
+        assert_eq!(o.published, 40, "{encoding:?}");
+        assert_eq!(o.delivered, 12 * 40, "{encoding:?}");
+        assert_eq!(o.latency.count, 12 * 40, "{encoding:?}");
+    }
+    let idle = scenario::idle::run(
+        &run(Encoding::Proto),
+        &scenario::idle::Params {
+            connections: 15,
+            hold: Duration::from_millis(1500),
+            settle: Duration::ZERO,
+            join: Some("smoke-wt".into()),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(idle.ok(), "{}", idle.table().render());
+    assert_eq!(idle.connected, 15);
+    assert_eq!(idle.transport, "wt");
+    server.shutdown();
+}
