@@ -321,8 +321,8 @@ impl Writer {
         // buffer back (an idle connection holds none). After pushes only when they are
         // the first since the last heartbeat ping (every `ws.heartbeat_interval`): a
         // member of a quiet room holds no buffer between its rare pushes, while a
-        // connection in a busy room frees and allocates it once per heartbeat, not on
-        // every wake-up.
+        // connection in a busy room frees and allocates it once per heartbeat (and after
+        // each command it sends: `Connection::run`), not on every wake-up.
         let then_idle = match out {
             Out::Pushes(_) => std::mem::take(&mut self.quiet),
             Out::Idle => {
@@ -550,6 +550,13 @@ impl Connection {
                     if !boxed(deliver_ready(&mut self.w, &mut self.outbox, None)).await {
                         break;
                     }
+                    // After any command the write buffer goes back (a no-op unless it
+                    // is allocated and written out). Most often the command is an ack:
+                    // the client has read its pushes, so what they left is freed now,
+                    // not at the next heartbeat. Clients ack at most about once a
+                    // second (web/src/parley.ts), so a member of a busy room frees and
+                    // allocates it about once a second.
+                    self.w.socket.free_write_buffer();
                 }
                 out = self.outbox.next() => {
                     if !boxed(deliver_ready(&mut self.w, &mut self.outbox, Some(out))).await {
