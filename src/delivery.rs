@@ -22,7 +22,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    hash::{BuildHasher, RandomState},
+    hash::BuildHasher,
     sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard},
 };
 
@@ -176,7 +176,11 @@ type Rooms = HashMap<Arc<str>, RoomEntry>;
 pub struct Hub {
     users: Box<[Shard<Users>]>,
     rooms: Box<[Shard<Rooms>]>,
-    hasher: RandomState,
+    /// Picks a shard only: foldhash (seeded per process), not SipHash. Keys chosen to
+    /// meet in one shard would only serialize their locks (as with one shard); the maps
+    /// inside keep std's SipHash, so colliding user ids or room names cannot make a
+    /// lookup slow (HashDoS).
+    shard_hasher: foldhash::fast::RandomState,
 }
 
 impl Default for Hub {
@@ -184,7 +188,7 @@ impl Default for Hub {
         Self {
             users: (0..SHARDS).map(|_| Shard::default()).collect(),
             rooms: (0..SHARDS).map(|_| Shard::default()).collect(),
-            hasher: RandomState::new(),
+            shard_hasher: foldhash::fast::RandomState::default(),
         }
     }
 }
@@ -195,11 +199,11 @@ impl Hub {
     }
 
     fn user_shard(&self, user: &str) -> &Shard<Users> {
-        &self.users[self.hasher.hash_one(user) as usize % SHARDS]
+        &self.users[self.shard_hasher.hash_one(user) as usize % SHARDS]
     }
 
     fn room_shard(&self, room: &str) -> &Shard<Rooms> {
-        &self.rooms[self.hasher.hash_one(room) as usize % SHARDS]
+        &self.rooms[self.shard_hasher.hash_one(room) as usize % SHARDS]
     }
 
     /// Registers a recipient; it receives pushes for every room its user is (or becomes)

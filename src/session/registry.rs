@@ -7,7 +7,7 @@
 
 use std::{
     collections::HashMap,
-    hash::{BuildHasher, RandomState},
+    hash::BuildHasher,
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
@@ -49,10 +49,10 @@ type PerUser = HashMap<Arc<str>, u64>;
 pub struct Sessions {
     by_id: Box<[Shard<ById>]>,
     per_user: Box<[Shard<PerUser>]>,
-    /// For the per-user counts: user ids come from tokens, so SipHash (HashDoS-resistant).
-    hasher: RandomState,
-    /// Picks the id shard (see [`ById`]).
-    id_hasher: IdHasher,
+    /// Picks a shard of either map. foldhash, not SipHash, also for the per-user counts:
+    /// user ids chosen to meet in one shard would only serialize its lock, and the
+    /// per-user maps inside keep std's SipHash (HashDoS-resistant).
+    shard_hasher: IdHasher,
     /// Most live sessions of one user (0: no limit).
     max_per_user: u64,
     next_recipient: AtomicU64,
@@ -68,8 +68,7 @@ impl Sessions {
         Self {
             by_id: (0..SHARDS).map(|_| Shard::default()).collect(),
             per_user: (0..SHARDS).map(|_| Shard::default()).collect(),
-            hasher: RandomState::new(),
-            id_hasher: IdHasher::default(),
+            shard_hasher: IdHasher::default(),
             max_per_user: 0,
             next_recipient: AtomicU64::new(1),
             id_prefix: String::new(),
@@ -91,11 +90,11 @@ impl Sessions {
     }
 
     fn id_shard(&self, id: &str) -> MutexGuard<'_, ById> {
-        self.by_id[self.id_hasher.hash_one(id) as usize % SHARDS].lock()
+        self.by_id[self.shard_hasher.hash_one(id) as usize % SHARDS].lock()
     }
 
     fn user_shard(&self, user: &str) -> MutexGuard<'_, PerUser> {
-        self.per_user[self.hasher.hash_one(user) as usize % SHARDS].lock()
+        self.per_user[self.shard_hasher.hash_one(user) as usize % SHARDS].lock()
     }
 
     /// A new, unattached session for `user` (not yet registered for delivery), unless
