@@ -128,7 +128,7 @@ fn handshake(b: Bench) -> usize {
     let got = b.hub.deliver(&b.target, &b.push);
     assert_eq!(got, b.n + 1);
     let rooms = b.hub.detach("storm", id);
-    assert_eq!(rooms, Some(vec![(ROOM.to_string(), Some(1))]));
+    assert_eq!(rooms, Some(vec![(ROOM.into(), Some(1))]));
     std::mem::forget(b);
     black_box(got)
 }

@@ -191,16 +191,23 @@ impl Authenticator {
         if token.is_empty() {
             return Err(AuthError::Invalid("missing token".into()));
         }
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
-        // The key with the token's kid; else the default key (the empty id), if any.
-        let kid = header.kid.as_deref().unwrap_or("");
-        let key = self
-            .keys
-            .iter()
-            .find(|k| k.kid == kid)
-            .or_else(|| self.keys.iter().find(|k| k.kid.is_empty()))
-            .ok_or_else(|| AuthError::Invalid("unknown key id (kid)".into()))?;
+        let key = match self.keys.first() {
+            // No key has an id: every token goes to the first (the default) key whatever
+            // its kid, so the header is not decoded twice (`decode` reads it again).
+            Some(first) if self.keys.iter().all(|k| k.kid.is_empty()) => first,
+            _ => {
+                let header = jsonwebtoken::decode_header(token)
+                    .map_err(|e| AuthError::Invalid(e.to_string()))?;
+                // The key with the token's kid; else the default key (the empty id), if
+                // any.
+                let kid = header.kid.as_deref().unwrap_or("");
+                self.keys
+                    .iter()
+                    .find(|k| k.kid == kid)
+                    .or_else(|| self.keys.iter().find(|k| k.kid.is_empty()))
+                    .ok_or_else(|| AuthError::Invalid("unknown key id (kid)".into()))?
+            }
+        };
         let data =
             jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.validation).map_err(|e| {
                 match e.kind() {
@@ -358,6 +365,17 @@ mod tests {
             "ann"
         );
         invalid(a.verify(&token("t", Some("x"), none)));
+        // With no key ids the header is read once, by the verification itself: a bad
+        // header or another algorithm is still refused.
+        invalid(a.verify("not.a.token"));
+        invalid(a.verify("e30.e30.e30"));
+        let hs512 = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS512),
+            &serde_json::json!({"sub": "ann", "exp": unix_now() + 60}),
+            &EncodingKey::from_secret(b"s"),
+        )
+        .unwrap();
+        invalid(a.verify(&hs512));
     }
 
     #[test]

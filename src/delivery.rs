@@ -22,7 +22,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    hash::{BuildHasher, RandomState},
+    hash::BuildHasher,
     sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard},
 };
 
@@ -51,6 +51,11 @@ pub trait Recipient: Send + Sync + 'static {
     /// Unique per process.
     fn recipient_id(&self) -> u64;
     fn user(&self) -> &str;
+    /// [`Recipient::user`] as a shared string: the hub keys the user's entry with it, so
+    /// a recipient that holds one (a session) saves the hub a copy.
+    fn user_key(&self) -> Arc<str> {
+        self.user().into()
+    }
     /// Queues the push; must not block.
     fn push(&self, push: &Arc<Push>);
 }
@@ -62,20 +67,21 @@ struct UserEntry {
     recipients: Recipients,
     /// The user's rooms, each with its member count as last told (at the user's attach,
     /// join, invite), `None` when not told (a join on another instance).
-    rooms: HashMap<String, Option<u64>>,
+    rooms: HashMap<Arc<str>, Option<u64>>,
 }
 
 /// A user's room as the hub knows it: the name and the member count as last told
 /// ([`Hub::joined`]), `None` if never told.
-pub type KnownRoom = (String, Option<u64>);
+pub type KnownRoom = (Arc<str>, Option<u64>);
 
 /// Members per snapshot chunk. A delivery clones one `Arc` per chunk under the lock
 /// (75 for a room of 19k); a membership change rebuilds at most two chunks.
 const CHUNK: usize = 256;
 
 /// A room's local recipients.
-#[derive(Default)]
 struct RoomEntry {
+    /// The room's key in its shard (shared with its members' lists of rooms).
+    name: Arc<str>,
     /// In a dense order: chunk `c` is `members[c * CHUNK..(c + 1) * CHUNK]`.
     members: Recipients,
     /// Each chunk of `members` as delivered to, built on demand; a chunk is reset when
@@ -90,6 +96,14 @@ type Chunk = Arc<[Arc<dyn Recipient>]>;
 type Snapshot = smallvec::SmallVec<[Chunk; 4]>;
 
 impl RoomEntry {
+    fn new(name: Arc<str>) -> Self {
+        Self {
+            name,
+            members: Recipients::default(),
+            chunks: Vec::new(),
+        }
+    }
+
     fn insert(&mut self, id: u64, r: Arc<dyn Recipient>) {
         let (slot, _) = self.members.insert_full(id, r);
         self.changed(slot);
@@ -148,8 +162,10 @@ impl<T> Shard<T> {
     }
 }
 
-type Users = HashMap<String, UserEntry>;
-type Rooms = HashMap<String, RoomEntry>;
+/// Keyed by shared strings: a user's key is its session's, and a room's name is one
+/// allocation for the room's entry and every member's list of rooms.
+type Users = HashMap<Arc<str>, UserEntry>;
+type Rooms = HashMap<Arc<str>, RoomEntry>;
 
 /// The index, sharded: users by a hash of the user, rooms by a hash of the room, each
 /// shard under its own lock, so attaches, joins and deliveries on different cores
@@ -160,7 +176,11 @@ type Rooms = HashMap<String, RoomEntry>;
 pub struct Hub {
     users: Box<[Shard<Users>]>,
     rooms: Box<[Shard<Rooms>]>,
-    hasher: RandomState,
+    /// Picks a shard only: foldhash (seeded per process), not SipHash. Keys chosen to
+    /// meet in one shard would only serialize their locks (as with one shard); the maps
+    /// inside keep std's SipHash, so colliding user ids or room names cannot make a
+    /// lookup slow (HashDoS).
+    shard_hasher: foldhash::fast::RandomState,
 }
 
 impl Default for Hub {
@@ -168,7 +188,7 @@ impl Default for Hub {
         Self {
             users: (0..SHARDS).map(|_| Shard::default()).collect(),
             rooms: (0..SHARDS).map(|_| Shard::default()).collect(),
-            hasher: RandomState::new(),
+            shard_hasher: foldhash::fast::RandomState::default(),
         }
     }
 }
@@ -179,24 +199,24 @@ impl Hub {
     }
 
     fn user_shard(&self, user: &str) -> &Shard<Users> {
-        &self.users[self.hasher.hash_one(user) as usize % SHARDS]
+        &self.users[self.shard_hasher.hash_one(user) as usize % SHARDS]
     }
 
     fn room_shard(&self, room: &str) -> &Shard<Rooms> {
-        &self.rooms[self.hasher.hash_one(room) as usize % SHARDS]
+        &self.rooms[self.shard_hasher.hash_one(room) as usize % SHARDS]
     }
 
     /// Registers a recipient; it receives pushes for every room its user is (or becomes)
     /// a member of. Returns true when it is the user's first recipient here.
     pub fn attach(&self, recipient: Arc<dyn Recipient>) -> bool {
         let mut users = self.user_shard(recipient.user()).write();
-        let entry = users.entry(recipient.user().to_string()).or_default();
+        let entry = users.entry(recipient.user_key()).or_default();
         let first = entry.recipients.is_empty();
         for room in entry.rooms.keys() {
             self.room_shard(room)
                 .write()
                 .entry(room.clone())
-                .or_default()
+                .or_insert_with(|| RoomEntry::new(room.clone()))
                 .insert(recipient.recipient_id(), recipient.clone());
         }
         entry.recipients.insert(recipient.recipient_id(), recipient);
@@ -233,6 +253,14 @@ impl Hub {
         }
     }
 
+    /// Whether `room` has a recipient here of a user other than `user`.
+    pub fn has_co_member(&self, room: &str, user: &str) -> bool {
+        self.room_shard(room)
+            .read()
+            .get(room)
+            .is_some_and(|e| e.members.values().any(|r| r.user() != user))
+    }
+
     /// Whether the user has a recipient on this instance.
     pub fn is_local(&self, user: &str) -> bool {
         self.user_shard(user).read().contains_key(user)
@@ -251,13 +279,19 @@ impl Hub {
             }
             return;
         }
-        entry.rooms.insert(room.to_string(), members);
         let mut rooms = self.room_shard(room).write();
-        // A room that has members here already is found without a copy of its name.
+        // A room that has members here already is found without a copy of its name; a
+        // new one's name is one `Arc` for both maps.
         let set = match rooms.get_mut(room) {
             Some(set) => set,
-            None => rooms.entry(room.to_string()).or_default(),
+            None => {
+                let name: Arc<str> = room.into();
+                rooms
+                    .entry(name.clone())
+                    .or_insert_with(|| RoomEntry::new(name))
+            }
         };
+        entry.rooms.insert(set.name.clone(), members);
         for (id, r) in &entry.recipients {
             set.insert(*id, r.clone());
         }
@@ -318,7 +352,7 @@ impl Hub {
             Target::Room(_) | Target::RoomExcept { .. } => unreachable!("snapshot path"),
             Target::User(user) => {
                 let users = self.user_shard(user).read();
-                users.get(user).map_or(0, |e| {
+                users.get(user.as_str()).map_or(0, |e| {
                     for r in e.recipients.values() {
                         r.push(push);
                     }
@@ -455,9 +489,9 @@ mod tests {
         assert_eq!(
             rooms,
             [
-                ("grown".to_string(), Some(900)),
-                ("remote".to_string(), None),
-                ("small".to_string(), Some(3)),
+                ("grown".into(), Some(900)),
+                ("remote".into(), None),
+                ("small".into(), Some(3)),
             ]
         );
         assert_eq!(hub.detach("b", 3), None);

@@ -17,5 +17,5 @@ for line in open(f):
     key = ' < '.join(x[:70] for x in inner[:depth])
     agg[key] += cost
 print('total', tot, 'per conn', tot / n)
-for k, v in agg.most_common(40):
-    print(f'{v/n:8.0f}  {k}')
+for k, v in agg.most_common(int(sys.argv[4]) if len(sys.argv) > 4 else 40):
+    print(f"{v/n:8.{1 if len(sys.argv) > 4 else 0}f}  {k}")

@@ -22,6 +22,10 @@ impl LocalBroker {
 
 #[async_trait]
 impl Broker for LocalBroker {
+    fn local_only(&self) -> bool {
+        true
+    }
+
     async fn publish(&self, target: Target, push: Arc<Push>) -> Result<(), BrokerError> {
         self.hub.deliver(&target, &push);
         Ok(())

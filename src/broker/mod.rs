@@ -50,6 +50,14 @@ pub struct UserPresence {
 
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
+    /// Whether this instance's hub is the whole picture (the in-process broker): no
+    /// session anywhere else can receive a publish, and no user is online elsewhere. A
+    /// presence push whose rooms have no co-member in the hub then reaches nobody and is
+    /// not built at all.
+    fn local_only(&self) -> bool {
+        false
+    }
+
     /// Delivers `push` to the target's sessions on every instance. Publishes of one
     /// instance to one target are delivered in the order they were made (to different
     /// targets too with one Redis; a Redis Cluster carries each target's channel on the

@@ -16,7 +16,7 @@ impl Chat {
     /// Registers a session for live delivery and returns its user's rooms. The user's
     /// first session here makes it online for the users it shares a room with.
     pub async fn attach(&self, recipient: Arc<dyn Recipient>) -> Result<Vec<RoomState>, ChatError> {
-        let user = recipient.user().to_string();
+        let user = recipient.user_key();
         // Attach first, then read the rooms: a join racing with this attach then reaches
         // the hub entry either way.
         let first = self.hub.attach(recipient);
@@ -28,10 +28,37 @@ impl Chat {
             self.hub.joined(&user, &r.room, Some(r.members));
             self.broker.watch_room(&r.room, r.last_seq);
         }
-        if first && !self.broker.online_elsewhere(&user).await {
-            self.tell_co_members(user, &rooms, true, 0).await;
+        if first
+            && self.anyone_to_tell(&user, rooms.iter().map(|r| (&*r.room, Some(r.members))))
+            && !self.online_elsewhere(&user).await
+        {
+            self.tell_co_members(user.to_string(), &rooms, true, 0)
+                .await;
         }
         Ok(rooms)
+    }
+
+    /// [`crate::broker::Broker::online_elsewhere`], with no call (and no boxed future)
+    /// where the hub is the whole picture.
+    async fn online_elsewhere(&self, user: &str) -> bool {
+        !self.broker.local_only() && self.broker.online_elsewhere(user).await
+    }
+
+    /// Whether a presence push about `user` through its `rooms` (each with its member
+    /// count, if known) can reach anyone. Always with a broker that reaches other
+    /// instances; with the in-process one only when one of the rooms that would carry it
+    /// (small, or of unknown size) has a session of another user here. Otherwise the push
+    /// is not built: a connect or close of a user alone in its rooms costs no `Push`, no
+    /// publish and no room snapshots.
+    fn anyone_to_tell<'a>(
+        &self,
+        user: &str,
+        mut rooms: impl Iterator<Item = (&'a str, Option<u64>)>,
+    ) -> bool {
+        !self.broker.local_only()
+            || rooms.any(|(room, members)| {
+                members.is_none_or(|m| !self.is_large(m)) && self.hub.has_co_member(room, user)
+            })
     }
 
     /// Tells the users `user` shares a small room with (of `rooms`, its rooms) that it
@@ -83,7 +110,7 @@ impl Chat {
     async fn tell_offline_from(&self, user: String, known: Vec<KnownRoom>, last_seen: i64) {
         let counted: Option<Vec<(&str, u64)>> = known
             .iter()
-            .map(|(room, members)| members.map(|m| (room.as_str(), m)))
+            .map(|(room, members)| members.map(|m| (&**room, m)))
             .collect();
         match counted {
             Some(rooms) => {
@@ -111,15 +138,18 @@ impl Chat {
         self.last_seen.went_offline(user, now);
         self.broker.user_offline(user, now);
         self.broker
-            .unwatch_rooms(&mut known.iter().map(|(room, _)| room.as_str()));
-        if known.is_empty() {
-            // In no room: nobody to tell, and no need to read the store.
+            .unwatch_rooms(&mut known.iter().map(|(room, _)| &**room));
+        if known.is_empty()
+            || !self.anyone_to_tell(user, known.iter().map(|(room, m)| (&**room, *m)))
+        {
+            // In no room, or in none with another user's session here: nobody to tell,
+            // and no need to read the store.
             return;
         }
         let this = self.clone();
         let user = user.to_string();
         let mut tell = Box::pin(async move {
-            if !this.broker.online_elsewhere(&user).await {
+            if !this.online_elsewhere(&user).await {
                 this.tell_offline_from(user, known, now).await;
             }
         });
@@ -364,5 +394,67 @@ mod tests {
         hub.joined("eve", "pair", None);
         chat.detach("eve", 4);
         offline_of(&ann, "eve").await;
+    }
+
+    /// The in-process broker, counting publishes.
+    struct Counting {
+        local: LocalBroker,
+        publishes: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::broker::Broker for Counting {
+        fn local_only(&self) -> bool {
+            true
+        }
+        async fn publish(
+            &self,
+            target: Target,
+            push: Arc<Push>,
+        ) -> Result<(), crate::broker::BrokerError> {
+            self.publishes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.local.publish(target, push).await
+        }
+    }
+
+    /// With the in-process broker, a user alone (here) in its rooms comes and goes with
+    /// no presence push built or published; with a co-member here, both are told.
+    #[tokio::test]
+    async fn presence_with_nobody_to_tell_is_not_published() {
+        let hub = Arc::new(Hub::new());
+        let broker = Arc::new(Counting {
+            local: LocalBroker::new(hub.clone()),
+            publishes: Default::default(),
+        });
+        let store = Arc::new(
+            SqliteStore::open(&StoreConfig {
+                path: ":memory:".into(),
+                ..StoreConfig::default()
+            })
+            .unwrap(),
+        );
+        let chat = Arc::new(Chat::new(
+            store.clone(),
+            broker.clone(),
+            hub.clone(),
+            ChatConfig::default(),
+        ));
+        let published = || broker.publishes.load(std::sync::atomic::Ordering::SeqCst);
+        store.join("solo", "ann", 0).await.unwrap();
+        store.join("solo", "bob", 0).await.unwrap();
+        chat.attach(seen(1, "ann")).await.unwrap();
+        chat.detach("ann", 1);
+        assert_eq!(published(), 0, "bob is not here: nobody to tell");
+
+        let bob = seen(2, "bob");
+        chat.attach(bob.clone()).await.unwrap();
+        assert_eq!(published(), 0, "ann is not here");
+        chat.attach(seen(3, "ann")).await.unwrap();
+        assert_eq!(published(), 1, "bob is told ann is online");
+        chat.detach("ann", 3);
+        assert_eq!(published(), 2, "and offline");
+        offline_of(&bob, "ann").await;
+        assert!(bob.presence.lock().unwrap().contains(&("ann".into(), true)));
     }
 }

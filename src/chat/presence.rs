@@ -23,7 +23,13 @@ impl LastSeen {
     /// The user's last local session ended at `at` (Unix ms).
     pub fn went_offline(&self, user: &str, at: i64) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.insert(user.to_string(), at);
+        // A user seen before (every reconnect) is updated in place: no copy of its id.
+        match map.get_mut(user) {
+            Some(t) => *t = at,
+            None => {
+                map.insert(user.to_string(), at);
+            }
+        }
         if map.len() > MAX_REMEMBERED {
             let mut times: Vec<i64> = map.values().copied().collect();
             let mid = times.len() / 2;

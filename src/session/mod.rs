@@ -118,7 +118,8 @@ impl Take {
 }
 
 pub struct Session {
-    id: String,
+    /// Shared with the registry's key (one allocation per session, not two).
+    id: Arc<str>,
     pub(crate) user: Arc<str>,
     recipient_id: u64,
     /// Opened by a listen-only SSE stream: commands other than ack/ping are refused.
@@ -128,7 +129,7 @@ pub struct Session {
 }
 
 impl Session {
-    fn new(id: String, user: &str, recipient_id: u64, limits: Limits) -> Self {
+    fn new(id: Arc<str>, user: &str, recipient_id: u64, limits: Limits) -> Self {
         Self {
             id,
             user: user.into(),
@@ -344,6 +345,10 @@ impl Recipient for Session {
 
     fn user(&self) -> &str {
         &self.user
+    }
+
+    fn user_key(&self) -> Arc<str> {
+        self.user.clone()
     }
 
     fn push(&self, push: &Arc<Push>) {

@@ -7,7 +7,7 @@
 
 use std::{
     collections::HashMap,
-    hash::{BuildHasher, RandomState},
+    hash::BuildHasher,
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
@@ -38,15 +38,21 @@ impl<T> Shard<T> {
     }
 }
 
-/// Sessions by id (one shard's).
-type ById = HashMap<String, Arc<Session>>;
+/// Sessions by id (one shard's). The key is the session's own `id` (one allocation).
+/// Hashed with foldhash, not SipHash: the ids are 128 random bits the server made, so
+/// nobody can choose keys that collide; a client-chosen id is only ever looked up.
+type ById = HashMap<Arc<str>, Arc<Session>, IdHasher>;
+type IdHasher = foldhash::fast::RandomState;
 /// Live sessions per user (one shard's).
 type PerUser = HashMap<Arc<str>, u64>;
 
 pub struct Sessions {
     by_id: Box<[Shard<ById>]>,
     per_user: Box<[Shard<PerUser>]>,
-    hasher: RandomState,
+    /// Picks a shard of either map. foldhash, not SipHash, also for the per-user counts:
+    /// user ids chosen to meet in one shard would only serialize its lock, and the
+    /// per-user maps inside keep std's SipHash (HashDoS-resistant).
+    shard_hasher: IdHasher,
     /// Most live sessions of one user (0: no limit).
     max_per_user: u64,
     next_recipient: AtomicU64,
@@ -62,7 +68,7 @@ impl Sessions {
         Self {
             by_id: (0..SHARDS).map(|_| Shard::default()).collect(),
             per_user: (0..SHARDS).map(|_| Shard::default()).collect(),
-            hasher: RandomState::new(),
+            shard_hasher: IdHasher::default(),
             max_per_user: 0,
             next_recipient: AtomicU64::new(1),
             id_prefix: String::new(),
@@ -84,11 +90,11 @@ impl Sessions {
     }
 
     fn id_shard(&self, id: &str) -> MutexGuard<'_, ById> {
-        self.by_id[self.hasher.hash_one(id) as usize % SHARDS].lock()
+        self.by_id[self.shard_hasher.hash_one(id) as usize % SHARDS].lock()
     }
 
     fn user_shard(&self, user: &str) -> MutexGuard<'_, PerUser> {
-        self.per_user[self.hasher.hash_one(user) as usize % SHARDS].lock()
+        self.per_user[self.shard_hasher.hash_one(user) as usize % SHARDS].lock()
     }
 
     /// A new, unattached session for `user` (not yet registered for delivery), unless
@@ -97,17 +103,20 @@ impl Sessions {
         let mut raw = [0u8; 16];
         rand::rng().fill_bytes(&mut raw);
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut id = String::with_capacity(self.id_prefix.len() + 32);
-        id.push_str(&self.id_prefix);
+        // Built on the stack, then one allocation (the `Arc<str>` the session and the
+        // registry's key share).
+        let mut id = smallvec::SmallVec::<[u8; 96]>::new();
+        id.extend_from_slice(self.id_prefix.as_bytes());
         for b in raw {
-            id.push(HEX[usize::from(b >> 4)] as char);
-            id.push(HEX[usize::from(b & 15)] as char);
+            id.push(HEX[usize::from(b >> 4)]);
+            id.push(HEX[usize::from(b & 15)]);
         }
         let limits = Limits {
             max_queue_bytes: self.config.max_queue_bytes,
             replay_buffer_bytes: self.config.replay_buffer_bytes,
         };
         let rid = self.next_recipient.fetch_add(1, Ordering::Relaxed);
+        let id: Arc<str> = std::str::from_utf8(&id).expect("hex after a str").into();
         let session = Arc::new(Session::new(id.clone(), user, rid, limits));
         {
             let mut counts = self.user_shard(&session.user);

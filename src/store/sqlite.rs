@@ -356,17 +356,32 @@ impl SqliteStore {
         &self,
         f: impl Fn(&Connection) -> rusqlite::Result<T> + Clone + Send + 'static,
     ) -> StoreResult<T> {
-        if let Some(conn) = self.free_point_connection() {
-            match f(&conn) {
-                Err(rusqlite::Error::SqliteFailure(e, _))
-                    if matches!(
-                        e.code,
-                        rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-                    ) => {}
-                result => return result.map_err(backend),
-            }
+        if let Some(result) = self.point_now(&f) {
+            return result;
         }
         self.read(f).await
+    }
+
+    /// [`SqliteStore::read_point`]'s first step, with a borrowing `f`: the read on the
+    /// calling thread, or `None` when it must go to the pool (no point connection free,
+    /// or the database busy). A caller copies its arguments for the pool only then: the
+    /// connect's and the join's reads copy no strings.
+    fn point_now<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Option<StoreResult<T>> {
+        let conn = self.free_point_connection()?;
+        match f(&conn) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) =>
+            {
+                None
+            }
+            result => Some(result.map_err(backend)),
+        }
     }
 
     /// A free point connection: this thread's own, else the next one.
@@ -646,16 +661,29 @@ impl Store for SqliteStore {
     }
 
     async fn room_for(&self, room: &str, user: &str) -> StoreResult<Option<(RoomMeta, bool)>> {
+        // Every join runs this: the text is built once per process, and the arguments
+        // are copied only for a read on the pool.
+        static SQL: OnceLock<String> = OnceLock::new();
+        fn query(
+            conn: &Connection,
+            room: &str,
+            user: &str,
+        ) -> rusqlite::Result<Option<(RoomMeta, bool)>> {
+            let sql = SQL.get_or_init(|| {
+                format!(
+                    "SELECT {ROOM_COLUMNS}, EXISTS (SELECT 1 FROM members
+                     WHERE room = ?1 AND user_id = ?2) FROM rooms WHERE name = ?1"
+                )
+            });
+            conn.prepare_cached(sql)?
+                .query_row(params![room, user], |r| rows::room_for(r))
+                .optional()
+        }
+        if let Some(result) = self.point_now(|conn| query(conn, room, user)) {
+            return result;
+        }
         let (room, user) = (room.to_string(), user.to_string());
-        self.read_point(move |conn| {
-            conn.prepare_cached(&format!(
-                "SELECT {ROOM_COLUMNS}, EXISTS (SELECT 1 FROM members
-                 WHERE room = ?1 AND user_id = ?2) FROM rooms WHERE name = ?1"
-            ))?
-            .query_row(params![room, user], |r| rows::room_for(r))
-            .optional()
-        })
-        .await
+        self.read(move |conn| query(conn, &room, &user)).await
     }
 
     async fn create_room(&self, new: NewRoom<'_>, max_rooms: u64) -> StoreResult<bool> {
@@ -769,10 +797,17 @@ impl Store for SqliteStore {
                 .query_map(params![user], |r| rows::room_state(r, user))?
                 .collect()
         }
-        let u = user.to_string();
-        let few = self
-            .read_point(move |conn| query(conn, &u, FEW.get_or_init(|| sql(POINT_ROOMS_LIMIT))))
-            .await?;
+        let few = |conn: &Connection, user: &str| {
+            query(conn, user, FEW.get_or_init(|| sql(POINT_ROOMS_LIMIT)))
+        };
+        // The user is copied only for a read on the pool.
+        let few = match self.point_now(|conn| few(conn, user)) {
+            Some(result) => result?,
+            None => {
+                let u = user.to_string();
+                self.read(move |conn| few(conn, &u)).await?
+            }
+        };
         if few.len() <= POINT_ROOMS as usize {
             return Ok(few);
         }

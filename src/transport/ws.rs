@@ -17,7 +17,7 @@ use std::{pin::Pin, sync::OnceLock, time::Duration};
 use axum::{
     Extension,
     body::Body,
-    extract::State,
+    extract::{FromRequestParts, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -188,17 +188,26 @@ impl PushCompression {
     }
 }
 
-pub async fn handler(
-    State(ctx): State<Ctx>,
-    deadline: Option<Extension<WriteDeadline>>,
-    headers: HeaderMap,
-    uri: axum::http::Uri,
-    upgrade: IncomingUpgrade,
-) -> Response {
-    if let Some(refused) = refuse_upgrade(&ctx, &headers, &uri) {
+pub async fn handler(State(ctx): State<Ctx>, request: axum::extract::Request) -> Response {
+    // The request's parts are read where they are: the `HeaderMap` and `Uri` extractors
+    // would clone them (allocations on every upgrade). The body goes as it did when the
+    // last extractor took only the parts.
+    let (mut parts, body) = request.into_parts();
+    drop(body);
+    let deadline = parts
+        .extensions
+        .get::<WriteDeadline>()
+        .cloned()
+        .map(Extension);
+    let upgrade = match IncomingUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let (headers, uri) = (&parts.headers, &parts.uri);
+    if let Some(refused) = refuse_upgrade(&ctx, headers, uri) {
         return refused;
     }
-    let (encoding, echo) = match negotiate(&headers) {
+    let (encoding, echo) = match negotiate(headers) {
         Ok(Some(e)) => (e, true),
         Ok(None) => (ctx.core.config.ws.default_encoding, false),
         Err(()) => {
