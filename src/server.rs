@@ -633,12 +633,15 @@ fn refuse(mut tcp: tokio::net::TcpStream, refusal: Refusal, tls: bool) {
 }
 
 /// The deadlines of the stages before a request exists (`server.*_timeout`), and the
-/// HTTP/2 keep-alive.
+/// HTTP/2 keep-alive. Shared by every connection's task (an `Arc`, not 112 bytes in each
+/// idle connection's future: a tokio task is allocated in steps of 128 bytes, and with
+/// `server.keep_alive_idle` hyper's HTTP/1 state grew into the next step).
 #[derive(Clone, Copy)]
 struct Stages {
     tls_handshake: Duration,
     preface: Duration,
     header_read: Duration,
+    h1_idle: Duration,
     h2_idle: Duration,
     h2_ping_interval: Duration,
     h2_ping_timeout: Duration,
@@ -650,6 +653,8 @@ impl Stages {
             tls_handshake: s.tls_handshake_timeout,
             preface: s.preface_timeout,
             header_read: s.header_read_timeout,
+            // Never longer than a head may take: waiting for one is what it bounded.
+            h1_idle: s.keep_alive_idle.min(s.header_read_timeout),
             h2_idle: s.h2_idle_timeout,
             h2_ping_interval: s.h2_keep_alive_interval,
             h2_ping_timeout: s.h2_keep_alive_timeout,
@@ -670,7 +675,7 @@ async fn serve_connection<I>(
     shutdown: CancellationToken,
     deadline: WriteDeadline,
     peer: PeerIp,
-    stages: Stages,
+    stages: Arc<Stages>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -700,12 +705,16 @@ async fn serve_connection<I>(
     // (Each connection is built and pinned in place: moved into `until_shutdown` by
     // value, or built from a variable of its own, it would take room twice here.)
     let ended = if h2 {
-        Box::pin(serve_h2(io, app, &shutdown, stages)).await
+        Box::pin(serve_h2(io, app, &shutdown, *stages)).await
     } else {
         let conn = std::pin::pin!(
             http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(stages.header_read)
+                // vendor/hyper's idle timeout (vendor/README.md, hyper change 5): an
+                // idle keep-alive connection held ~1.8 KB (its task, socket registration
+                // and header timer) for the whole header read timeout.
+                .idle_timeout(stages.h1_idle)
                 .serve_connection(TokioIo::new(io), TowerToHyperService::new(app))
                 .with_upgrades()
         );
@@ -946,7 +955,7 @@ impl Server {
         };
         let s = state.clone();
         let write_timeout = state.core.config.server.write_timeout;
-        let stages = Stages::new(&state.core.config.server);
+        let stages = Arc::new(Stages::new(&state.core.config.server));
         // The drain sequence: not ready first (load balancers stop sending new clients)
         // while still serving, for `server.drain_delay`; then stop accepting and tell
         // every client to reconnect; then wait for connections to finish.
@@ -989,6 +998,7 @@ impl Server {
                 let deadline = WriteDeadline::new(write_timeout);
                 let io = DeadlineIo::new(tcp, deadline.clone()).with_slot(slot);
                 let peer = PeerIp(peer.ip());
+                let stages = stages.clone();
 
                 // Every idle connection holds its task's future, which is as large as its
                 // largest state: a plain connection's task is `serve_connection` alone,

@@ -131,6 +131,64 @@ async fn an_http1_request_head_must_arrive_within_the_header_deadline() {
     assert_eq!(http_get(t.addr(), "/healthz").await.0, 200);
 }
 
+/// Reads from `s` until `want` has arrived (a response's end); panics after 5 s.
+async fn read_until(s: &mut TcpStream, want: &str) -> String {
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains(want) {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the response in time");
+    String::from_utf8(got).unwrap()
+}
+
+#[tokio::test]
+async fn an_idle_http1_keep_alive_connection_is_closed_after_keep_alive_idle() {
+    let t = TestServer::start_with(|c| {
+        c.server.header_read_timeout = Duration::from_secs(5);
+        c.server.keep_alive_idle = Duration::from_millis(300);
+        c.sse.heartbeat_interval = Duration::from_millis(100);
+    })
+    .await;
+    // One request answered, then nothing: closed after the idle time, not the 5 s a
+    // head may take (before `server.keep_alive_idle` it stayed open that long).
+    let mut s = socket_sending(&t, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(read_until(&mut s, "ok\n").await.starts_with("HTTP/1.1 200"));
+    let answered = Instant::now();
+    let (rest, at) = until_closed(s).await;
+    assert!(rest.is_empty(), "closed without an answer");
+    let idle = at - answered;
+    assert!(
+        idle >= Duration::from_millis(250) && idle < Duration::from_secs(3),
+        "closed after {idle:?}"
+    );
+
+    // A head begun within the idle time has the header deadline from then on: it may
+    // take longer than the idle time to finish, and is answered.
+    let mut s = socket_sending(&t, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    read_until(&mut s, "ok\n").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    s.write_all(b"Host: x\r\n\r\n").await.unwrap();
+    assert!(read_until(&mut s, "ok\n").await.starts_with("HTTP/1.1 200"));
+
+    // An SSE stream over HTTP/1 is a request in progress, not an idle connection: it
+    // outlives the idle time.
+    let bearer = format!("Bearer {}", t.token("ann"));
+    let mut sse = common::SseClient::open(t.addr(), "/sse", &[("authorization", &bearer)]).await;
+    assert_eq!(sse.status, 200);
+    let until = Instant::now() + Duration::from_millis(1200);
+    while Instant::now() < until {
+        sse.next().await.expect("the SSE stream is still open");
+    }
+}
+
 #[tokio::test]
 async fn an_h2c_connection_without_requests_gets_goaway_and_is_closed() {
     let t = TestServer::start_with(short).await;

@@ -179,6 +179,50 @@ impl HttpConnection {
         Ok((status, body))
     }
 
+    /// A request on the command connection, opened when needed. The server closes an
+    /// idle keep-alive connection (`server.keep_alive_idle`), as browsers expect: a
+    /// closed connection is replaced, and a request it did not take (the server closed
+    /// it as the request left) is sent again on a new one, as browsers do.
+    async fn call_on_commands(
+        &mut self,
+        req: Request<Full<Bytes>>,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
+        let mut req = req;
+        for _ in 0..2 {
+            let reusable = match self.commands.take() {
+                Some(mut c) if !c.is_closed() => c.ready().await.is_ok().then_some(c),
+                _ => None,
+            };
+            let open = match reusable {
+                Some(c) => c,
+                None => dial(&self.target, self.index)
+                    .await
+                    .context("opening the command connection")?,
+            };
+            let sender = self.commands.insert(open);
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    let body = resp
+                        .into_body()
+                        .collect()
+                        .await
+                        .context("HTTP body")?
+                        .to_bytes();
+                    return Ok((status, body));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => {
+                        self.commands = None;
+                        req = unsent;
+                    }
+                    None => return Err(anyhow!(e.into_error())).context("HTTP request"),
+                },
+            }
+        }
+        bail!("the command connection closed twice before taking a request")
+    }
+
     /// `connect` with a token: opens the session (and, for SSE, the stream).
     pub(crate) async fn authenticate(&mut self, token: &str) -> anyhow::Result<proto::Connected> {
         self.token = token.to_string();
@@ -271,20 +315,10 @@ impl HttpConnection {
         )?;
         // Poll: the stream's connection when no poll is pending; else (and for SSE) the
         // command connection.
-        let sender = match (&mut self.main, self.kind) {
-            (Some(main), TransportKind::Poll) => main,
-            _ => {
-                if self.commands.is_none() {
-                    self.commands = Some(
-                        dial(&self.target, self.index)
-                            .await
-                            .context("opening the command connection")?,
-                    );
-                }
-                self.commands.as_mut().expect("just opened")
-            }
+        let (status, body) = match (&mut self.main, self.kind) {
+            (Some(main), TransportKind::Poll) => Self::call(main, req).await?,
+            _ => self.call_on_commands(req).await?,
         };
-        let (status, body) = Self::call(sender, req).await?;
         match status {
             StatusCode::NO_CONTENT => Ok(None),
             StatusCode::OK => Ok(Some(body)),

@@ -31,10 +31,16 @@ pub struct ServerConfig {
     pub tls_handshake_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub preface_timeout: Duration,
-    /// HTTP/1: a request head must arrive in full within this (also how long a
-    /// keep-alive connection may wait for its next request).
+    /// HTTP/1: a request head must arrive in full within this (on a keep-alive
+    /// connection: within this of the previous response).
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// HTTP/1: a keep-alive connection with no request in progress (not an SSE stream,
+    /// not a pending long-poll) is closed once it has waited this long for the first
+    /// byte of its next request; at most `header_read_timeout`. Clients open a new
+    /// connection for their next request (browsers do so by themselves).
+    #[serde(with = "humantime_serde")]
+    pub keep_alive_idle: Duration,
     /// A request body (a command, an API call: at most `ws.max_frame_bytes`) must arrive
     /// in full within this of its head, or the request gets 408 and the connection is
     /// closed. Uploads are timed instead by their own idle deadline (no bytes for 60 s).
@@ -76,6 +82,7 @@ impl Default for ServerConfig {
             tls_handshake_timeout: Duration::from_secs(10),
             preface_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(30),
+            keep_alive_idle: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(15),
             h2_idle_timeout: Duration::from_secs(30),
             h2_keep_alive_interval: Duration::from_secs(20),
@@ -100,6 +107,7 @@ impl ServerConfig {
             ("server.tls_handshake_timeout", self.tls_handshake_timeout),
             ("server.preface_timeout", self.preface_timeout),
             ("server.header_read_timeout", self.header_read_timeout),
+            ("server.keep_alive_idle", self.keep_alive_idle),
             ("server.body_read_timeout", self.body_read_timeout),
             ("server.h2_idle_timeout", self.h2_idle_timeout),
             ("server.h2_keep_alive_interval", self.h2_keep_alive_interval),

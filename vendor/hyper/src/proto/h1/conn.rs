@@ -6,7 +6,7 @@ use std::marker::{PhantomData, Unpin};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 #[cfg(feature = "server")]
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::rt::{Read, Write};
 use bytes::{Buf, Bytes};
@@ -65,6 +65,10 @@ where
                 h1_header_read_timeout_fut: None,
                 #[cfg(feature = "server")]
                 h1_header_read_timeout_running: false,
+                #[cfg(feature = "server")]
+                h1_idle_timeout: None,
+                #[cfg(feature = "server")]
+                h1_idle_since: None,
                 #[cfg(feature = "server")]
                 date_header: true,
                 #[cfg(feature = "server")]
@@ -151,6 +155,12 @@ where
         self.state.h1_header_read_timeout = Some(val);
     }
 
+    /// PARLEY PATCH: see `server::conn::http1::Builder::idle_timeout`.
+    #[cfg(feature = "server")]
+    pub(crate) fn set_http1_idle_timeout(&mut self, val: Duration) {
+        self.state.h1_idle_timeout = Some(val);
+    }
+
     #[cfg(feature = "server")]
     pub(crate) fn set_allow_half_close(&mut self) {
         self.state.allow_half_close = true;
@@ -222,7 +232,18 @@ where
 
         #[cfg(feature = "server")]
         if !self.state.h1_header_read_timeout_running {
-            if let Some(h1_header_read_timeout) = self.state.h1_header_read_timeout {
+            // PARLEY PATCH: while nothing of the next head has arrived, the idle timeout
+            // (when set; never later than the header read timeout) runs first.
+            let idle = match self.state.h1_idle_timeout {
+                Some(idle) if self.io.read_buf().is_empty() => Some(
+                    self.state
+                        .h1_header_read_timeout
+                        .map_or(idle, |header| idle.min(header)),
+                ),
+                _ => None,
+            };
+            self.state.h1_idle_since = idle.map(|_| self.state.timer.now());
+            if let Some(h1_header_read_timeout) = idle.or(self.state.h1_header_read_timeout) {
                 let deadline = self.state.timer.now() + h1_header_read_timeout;
                 self.state.h1_header_read_timeout_running = true;
                 match &mut self.state.h1_header_read_timeout_fut {
@@ -258,6 +279,26 @@ where
             Poll::Ready(Ok(msg)) => msg,
             Poll::Ready(Err(e)) => return self.on_read_head_error(e),
             Poll::Pending => {
+                // PARLEY PATCH: the first bytes of a head arrived while the idle timeout
+                // ran: the header read timeout runs on, from when the wait began (as
+                // without an idle timeout).
+                #[cfg(feature = "server")]
+                if self.state.h1_idle_since.is_some() && !self.io.read_buf().is_empty() {
+                    let since = self.state.h1_idle_since.take();
+                    match (
+                        since,
+                        self.state.h1_header_read_timeout,
+                        &mut self.state.h1_header_read_timeout_fut,
+                    ) {
+                        (Some(since), Some(timeout), Some(fut)) => {
+                            self.state.timer.reset(fut, since + timeout);
+                        }
+                        _ => {
+                            self.state.h1_header_read_timeout_running = false;
+                            self.state.h1_header_read_timeout_fut = None;
+                        }
+                    }
+                }
                 #[cfg(feature = "server")]
                 if self.state.h1_header_read_timeout_running {
                     if let Some(h1_header_read_timeout_fut) =
@@ -265,6 +306,14 @@ where
                     {
                         if Pin::new(h1_header_read_timeout_fut).poll(cx).is_ready() {
                             self.state.h1_header_read_timeout_running = false;
+                            // PARLEY PATCH: idle for the idle timeout: closed, not an error.
+                            if self.state.h1_idle_since.take().is_some() {
+                                self.state.h1_header_read_timeout_fut = None;
+                                debug!("connection idle for the idle timeout: closing");
+                                self.close_read();
+                                self.close_write();
+                                return Poll::Ready(None);
+                            }
 
                             warn!("read header from client timeout");
                             return Poll::Ready(Some(Err(crate::Error::new_header_timeout())));
@@ -280,6 +329,7 @@ where
         {
             self.state.h1_header_read_timeout_running = false;
             self.state.h1_header_read_timeout_fut = None;
+            self.state.h1_idle_since = None;
         }
 
         // Note: don't deconstruct `msg` into local variables, it appears
@@ -962,6 +1012,13 @@ struct State {
     h1_header_read_timeout_fut: Option<Pin<Box<dyn Sleep>>>,
     #[cfg(feature = "server")]
     h1_header_read_timeout_running: bool,
+    /// PARLEY PATCH: the idle timeout (`Builder::idle_timeout`), and when the wait for
+    /// the next head began while the running timer is it (nothing of the head has
+    /// arrived yet) rather than the header read timeout.
+    #[cfg(feature = "server")]
+    h1_idle_timeout: Option<Duration>,
+    #[cfg(feature = "server")]
+    h1_idle_since: Option<Instant>,
     #[cfg(feature = "server")]
     date_header: bool,
     #[cfg(feature = "server")]
@@ -1155,8 +1212,9 @@ impl State {
             self.notify_read = true;
         }
 
+        // PARLEY PATCH: or the idle timeout.
         #[cfg(feature = "server")]
-        if self.h1_header_read_timeout.is_some() {
+        if self.h1_header_read_timeout.is_some() || self.h1_idle_timeout.is_some() {
             // Next read will start and poll the header read timeout,
             // so we can close the connection if another header isn't
             // received in a timely manner.

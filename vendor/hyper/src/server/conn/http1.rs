@@ -79,6 +79,8 @@ pub struct Builder {
     h1_max_headers: Option<usize>,
     h1_max_header_size: Option<usize>,
     h1_header_read_timeout: Dur,
+    // PARLEY PATCH: see `Builder::idle_timeout`.
+    h1_idle_timeout: Option<Duration>,
     h1_writev: Option<bool>,
     max_buf_size: Option<usize>,
     pipeline_flush: bool,
@@ -251,6 +253,7 @@ impl Builder {
             h1_max_headers: None,
             h1_max_header_size: None,
             h1_header_read_timeout: Dur::Default(Some(Duration::from_secs(30))),
+            h1_idle_timeout: None,
             h1_writev: None,
             max_buf_size: None,
             pipeline_flush: false,
@@ -369,6 +372,22 @@ impl Builder {
     /// Default is 30 seconds.
     pub fn header_read_timeout(&mut self, read_timeout: impl Into<Option<Duration>>) -> &mut Self {
         self.h1_header_read_timeout = Dur::Configured(read_timeout.into());
+        self
+    }
+
+    /// PARLEY PATCH: set how long a connection may wait for the first byte of its next
+    /// request (a keep-alive connection between requests, or a new one): past it the
+    /// connection is closed, without an error. Once a byte of the head has arrived, the
+    /// `header_read_timeout` alone applies, counted from when the wait began as without
+    /// an idle timeout; an idle timeout longer than it has no effect. Never while a
+    /// request is being served (a streaming response).
+    ///
+    /// Requires a [`Timer`] set by [`Builder::timer`] to take effect. Panics if
+    /// `idle_timeout` is configured without a [`Timer`].
+    ///
+    /// Default is `None`: the header read timeout alone.
+    pub fn idle_timeout(&mut self, idle: impl Into<Option<Duration>>) -> &mut Self {
+        self.h1_idle_timeout = idle.into();
         self
     }
 
@@ -501,6 +520,13 @@ impl Builder {
             .check(self.h1_header_read_timeout, "header_read_timeout")
         {
             conn.set_http1_header_read_timeout(dur);
+        }
+        // PARLEY PATCH: the idle timeout (`Builder::idle_timeout`).
+        if let Some(dur) = self
+            .timer
+            .check(Dur::Configured(self.h1_idle_timeout), "idle_timeout")
+        {
+            conn.set_http1_idle_timeout(dur);
         }
         if let Some(writev) = self.h1_writev {
             if writev {
