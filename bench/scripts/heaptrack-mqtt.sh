@@ -11,7 +11,8 @@ set -u
 name=$1 server=$(realpath $2) n=$3 over=${4:-tcp}
 here=$(dirname $(realpath $0))
 mkdir -p /tmp/mem
-port=$((20000 + RANDOM % 20000)) mport=$((40000 + RANDOM % 20000))
+# Below the ephemeral range (32768-): clients closed a moment ago leave ports there.
+port=$((20000 + RANDOM % 6000)) mport=$((26000 + RANDOM % 6000))
 wd=/tmp/mem/wd-$name; rm -rf $wd; mkdir -p $wd; cd $wd
 export PARLEY_SERVER__LISTEN=127.0.0.1:$port PARLEY_MQTT__LISTEN=127.0.0.1:$mport \
     PARLEY_AUTH__JWT_SECRET=mqtt-bench-secret RUST_LOG=warn PARLEY_STORE__PATH=$wd/parley.db
