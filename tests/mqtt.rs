@@ -1400,6 +1400,27 @@ async fn a_paho_mqtt5_device_chats_with_reason_codes_and_user_properties() {
     device.finish();
 }
 
+/// MQTT 5 flow control: paho with Receive Maximum 2, holding its PUBACKs, never has more
+/// than 2 QoS 1 PUBLISHes outstanding; the rest wait on the server and all arrive, in
+/// order, as it acknowledges.
+#[tokio::test]
+async fn an_mqtt5_receive_maximum_holds_publishes_until_pubacks_come() {
+    let t = TestServer::start().await;
+    let mut alice = t.client("alice", Encoding::Json).await;
+    alice.join("lobby").await;
+    let mut device = Device::paho5(&t, "flow", &t.token("sensor-1"), Some("sensor-1"));
+    let ready = device.line().await;
+    assert_eq!(ready["suback"], serde_json::json!([1]), "{ready}");
+    let bodies: Vec<String> = (0..6).map(|i| format!("m{i}")).collect();
+    for (i, body) in bodies.iter().enumerate() {
+        alice.send_msg("lobby", &format!("c{i}"), body).await;
+    }
+    let summary = device.line().await;
+    assert_eq!(summary["received"], serde_json::json!(bodies), "{summary}");
+    assert_eq!(summary["most_unacked"], 2, "{summary}");
+    device.finish();
+}
+
 #[tokio::test]
 async fn an_mqtt5_publish_the_server_refuses_gets_a_puback_reason_and_the_connection_stays() {
     let t = TestServer::start().await;
@@ -1678,6 +1699,83 @@ async fn an_mqtt5_session_expiry_interval_keeps_the_session_and_resumes_with_dup
     let mut device = Raw::on(TcpStream::connect(mqtt).await.unwrap());
     let connack = connect5(&mut device, &t, "sensor-1", "dev-1", false, Some(60)).await;
     assert!(!connack.session_present);
+}
+
+/// Nothing more comes on `raw` for a while.
+async fn quiet5(raw: &mut Raw) {
+    let more = tokio::time::timeout(Duration::from_millis(300), raw.next5()).await;
+    assert!(more.is_err(), "expected nothing, got {more:?}");
+}
+
+/// MQTT 5 Receive Maximum 1 with a kept session: one PUBLISH out at a time, before and
+/// after a resume (where the unacknowledged one is sent again first and what was held
+/// back follows, in order, one PUBACK at a time); a Receive Maximum of 0 is refused.
+#[tokio::test]
+async fn an_mqtt5_receive_maximum_holds_across_a_resumed_session() {
+    let (t, mqtt) = with_listener(|c| c.session.grace_period = Duration::from_secs(60)).await;
+    let mut alice = t.client("alice", Encoding::Json).await;
+    alice.join("lobby").await;
+    let connect = |clean_start: bool, receive_max: u16| {
+        let mut c = v5::Connect::new("dev-1".into(), 30);
+        c.clean_start = clean_start;
+        c.properties.session_expiry_interval = Some(60);
+        c.properties.receive_max = Some(receive_max);
+        c.password = Some(t.token("sensor-1").into_bytes().into());
+        v5::Packet::Connect(c)
+    };
+    let mut zero = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    zero.send5(connect(true, 0)).await;
+    match zero.next5().await {
+        Some(v5::Packet::Connack(c)) => {
+            assert_eq!(c.reason_code, v5::ConnectReasonCode::ProtocolError)
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+
+    let mut device = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    device.send5(connect(true, 1)).await;
+    assert!(matches!(device.next5().await, Some(v5::Packet::Connack(_))));
+    let options = v5::SubscriptionOptions::new(QoS::Level1);
+    let lobby = vec![(TopicFilter::try_from("rooms/lobby").unwrap(), options)];
+    let pid = Pid::try_from(1).unwrap();
+    device
+        .send5(v5::Packet::Subscribe(v5::Subscribe::new(pid, lobby)))
+        .await;
+    assert!(matches!(device.next5().await, Some(v5::Packet::Suback(_))));
+    for i in 1..=3 {
+        alice
+            .send_msg("lobby", &format!("m{i}"), &format!("b{i}"))
+            .await;
+    }
+    let first = next_publish5(&mut device).await;
+    assert_eq!((&first.payload[..], first.dup), (&b"b1"[..], false));
+    quiet5(&mut device).await;
+    // Dropped before its PUBACK, with two messages held back.
+    drop(device);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut device = Raw::on(TcpStream::connect(mqtt).await.unwrap());
+    device.send5(connect(false, 1)).await;
+    match device.next5().await {
+        Some(v5::Packet::Connack(c)) => assert!(c.session_present),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    let again = next_publish5(&mut device).await;
+    assert_eq!((&again.payload[..], again.dup), (&b"b1"[..], true));
+    assert_eq!(again.qos_pid, first.qos_pid);
+    let mut last = again;
+    for body in ["b2", "b3"] {
+        quiet5(&mut device).await;
+        let QosPid::Level1(pid) = last.qos_pid else {
+            panic!("QoS 1 expected");
+        };
+        device
+            .send5(v5::Packet::Puback(v5::Puback::new_success(pid)))
+            .await;
+        last = next_publish5(&mut device).await;
+        assert_eq!((&last.payload[..], last.dup), (body.as_bytes(), false));
+    }
+    quiet5(&mut device).await;
 }
 
 #[tokio::test]

@@ -27,6 +27,7 @@ use axum::{
     http::{HeaderName, Method, Request, Response, header},
 };
 use bytes::{Buf, Bytes};
+use futures_util::{FutureExt, future::Either};
 use h3::{ext::Protocol, server::RequestStream};
 use http_body::Frame;
 use tokio::time::timeout;
@@ -59,7 +60,28 @@ const CONNECTION_SPECIFIC: [HeaderName; 4] = [
 
 /// Serves one QUIC connection (its handshake done) until it closes, goes idle, or the
 /// server shuts down and its last request ends. `app` is the router with its state.
-pub async fn serve(quic: quinn::Connection, app: Router, ctx: Ctx, peer: PeerIp) {
+///
+/// Two stages: the requests (boxed), then, if a WebTransport session took the connection
+/// over, that session; the requests' future (the HTTP/3 connection, its accept loop) is
+/// gone by then, not kept beside the session in every idle session's task.
+pub fn serve(
+    quic: quinn::Connection,
+    app: Router,
+    ctx: Ctx,
+    peer: PeerIp,
+) -> impl Future<Output = ()> + Send {
+    Box::pin(requests(quic, app, ctx, peer)).then(|session| match session {
+        Some(session) => Either::Left(session),
+        None => Either::Right(std::future::ready(())),
+    })
+}
+
+/// A WebTransport session that took the connection over.
+type Session = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Serves the connection's requests until it ends (`None`), or until a WebTransport
+/// CONNECT to `/wt` takes it over (its session, to run next).
+async fn requests(quic: quinn::Connection, app: Router, ctx: Ctx, peer: PeerIp) -> Option<Session> {
     let config = &ctx.core.config;
     let mut builder = h3::server::builder();
     builder
@@ -75,12 +97,12 @@ pub async fn serve(quic: quinn::Connection, app: Router, ctx: Ctx, peer: PeerIp)
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "HTTP/3 connection failed to start");
-            return;
+            return None;
         }
         Err(_) => {
             tracing::debug!("HTTP/3 control streams not opened in time");
             quic.close(code(h3::error::Code::H3_SETTINGS_ERROR), b"");
-            return;
+            return None;
         }
     };
     let streams = Streams::new();
@@ -132,8 +154,8 @@ pub async fn serve(quic: quinn::Connection, app: Router, ctx: Ctx, peer: PeerIp)
         };
         if is_webtransport(&request) {
             if request.uri().path() == "/wt" {
-                super::wt::serve(request, stream, conn, quic.clone(), ctx.clone(), service).await;
-                return;
+                let session = super::wt::serve(request, stream, conn, quic, ctx, service);
+                return Some(Box::pin(session));
             }
             tokio::spawn(refuse(stream, axum::http::StatusCode::NOT_FOUND));
             continue;
@@ -148,6 +170,7 @@ pub async fn serve(quic: quinn::Connection, app: Router, ctx: Ctx, peer: PeerIp)
     }
     // Every request is done (or none was open for `idle`): nothing in flight is cut.
     quic.close(code(h3::error::Code::H3_NO_ERROR), b"");
+    None
 }
 
 /// An HTTP/3 error code as a QUIC application close code.

@@ -591,9 +591,15 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
         keep_for,
         expiry_asked,
         max_packet,
+        receive_max,
         will_retain,
         mut client_id,
     } = hello;
+    // A Receive Maximum of 0 is a protocol error (MQTT 5.0 section 3.1.2.11.3).
+    if receive_max == Some(0) {
+        refuse_v5(wire, v5::ConnectReasonCode::ProtocolError).await;
+        return None;
+    }
     let token = password.as_deref().map(std::str::from_utf8);
     let user = match token {
         None => Err(ConnectReturnCode::NotAuthorized),
@@ -621,16 +627,15 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
     // A session kept for this user and client id (`clean_session=false`, or an MQTT 5
     // session expiry interval): resumed below when the session layer still has it. A
     // clean session (start) discards any.
-    let key = (user, client_id);
+    let key: Key = Arc::new((user, client_id));
     if keep_for.is_some() && key.1.is_empty() {
         // MQTT-3.1.3-8: a kept session needs a client id.
         refuse(wire, ConnectReturnCode::IdentifierRejected).await;
         return None;
     }
     // A connection with the same client id is closed first (it may keep its session).
-    let live = Box::pin(ctx.mqtt.claim(&key)).await;
-    let release = Release(ctx.mqtt.clone(), key.clone(), live.clone());
-    let kept = ctx.mqtt.take(&key);
+    let (kicked, claim) = Box::pin(Kept::claim(&ctx.mqtt, key)).await;
+    let kept = ctx.mqtt.take(&claim.key);
     let kept = kept.filter(|_| resume);
     // The will: a message to a room, sent when the connection ends without DISCONNECT.
     // One the server could never send is refused here (3.1.1 has no code for it; MQTT 5
@@ -758,17 +763,15 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
     }
     Some(Connection {
         outbox,
-        user: session.user_id().to_string(),
         core: core.clone(),
         shutdown: ctx.connection_shutdown(),
         will: will.map(Box::new),
         session_tag: session.id().to_string(),
-        keep: keep_for.map(|d| Box::new((ctx.mqtt.clone(), key, d))),
-        kicked: live.kick,
-        _release: release,
+        keep: keep_for,
+        kicked,
+        claim,
         subscriptions: kept.subscriptions,
-        pending: HashMap::new(),
-        suback: HashMap::new(),
+        waiting: None,
         recent: kept.recent,
         unacked: kept.unacked,
         last_pos: kept.last_pos,
@@ -778,6 +781,10 @@ async fn handshake(wire: &mut Wire, ctx: &Ctx) -> Option<Connection> {
         keep_alive: keep_alive > 0,
         v5: wire.v5,
         max_out: max_packet.and_then(|m| usize::try_from(m).ok()),
+        // 65,535 (the default) is every packet id: nothing to hold back.
+        flow: receive_max
+            .filter(|&max| max < u16::MAX)
+            .map(|max| Box::new(Flow::new(max))),
     })
 }
 
@@ -798,6 +805,8 @@ struct Hello {
     expiry_asked: Option<u32>,
     /// MQTT 5: the largest packet the client takes.
     max_packet: Option<u32>,
+    /// MQTT 5: the client's Receive Maximum (most QoS 1 PUBLISHes it takes unacknowledged).
+    receive_max: Option<u16>,
     /// MQTT 5: the will asks to be retained (refused: parley keeps no retained messages).
     will_retain: bool,
     client_id: String,
@@ -816,6 +825,7 @@ impl Hello {
             keep_for: (!c.clean_session).then_some(grace),
             expiry_asked: None,
             max_packet: None,
+            receive_max: None,
             will_retain: false,
             client_id: c.client_id.to_string(),
         }
@@ -843,6 +853,7 @@ impl Hello {
             keep_for: (expiry > 0).then(|| grace.min(Duration::from_secs(u64::from(expiry)))),
             expiry_asked: c.properties.session_expiry_interval,
             max_packet: c.properties.max_packet_size,
+            receive_max: c.properties.receive_max,
             will_retain,
             client_id: c.client_id.to_string(),
         }
@@ -865,18 +876,22 @@ pub struct Kept(std::sync::Mutex<KeptInner>);
 /// [`Kept`]'s state, under its lock (never held across an await).
 #[derive(Default)]
 pub struct KeptInner {
-    kept: HashMap<(String, String), KeptSession>,
-    live: HashMap<(String, String), Live>,
+    kept: HashMap<Key, KeptSession>,
+    live: HashMap<Key, Live>,
     next_id: u64,
 }
 
-/// The live connection of a client id: cancel `kick` to close it; `ended` is cancelled
-/// once it has finished (and kept its session, if it does).
-#[derive(Clone)]
+/// A client's (user, client id): shared by [`Kept`]'s maps and the connection's claim.
+type Key = Arc<(String, String)>;
+
+/// The live connection of a client id: send on (or drop) `kick` to close it; `ended`
+/// resolves once it has finished (and kept its session, if it does). One-shot channels,
+/// not cancellation tokens: half the allocation, and the connection waits on its end of
+/// `kick` in place (a token's wait is a future of its own in every idle connection).
 struct Live {
     id: u64,
-    kick: tokio_util::sync::CancellationToken,
-    ended: tokio_util::sync::CancellationToken,
+    kick: tokio::sync::oneshot::Sender<()>,
+    ended: tokio::sync::oneshot::Receiver<()>,
 }
 
 /// How long a CONNECT waits for the connection it takes over to hand its session over.
@@ -894,7 +909,7 @@ impl Kept {
             .filter(|k| k.expires.is_some_and(|e| e > Instant::now()))
     }
 
-    fn keep(&self, key: (String, String), session: KeptSession) {
+    fn keep(&self, key: Key, session: KeptSession) {
         let mut inner = self.lock();
         let now = Instant::now();
         inner.kept.retain(|_, k| k.expires.is_some_and(|e| e > now));
@@ -902,43 +917,52 @@ impl Kept {
     }
 
     /// Registers a new live connection for `key`, closing the one before it (if any) and
-    /// waiting, briefly, until it has ended.
-    async fn claim(&self, key: &(String, String)) -> Live {
-        let (live, previous) = {
-            let mut inner = self.lock();
+    /// waiting, briefly, until it has ended. The receiver resolves when a later
+    /// connection takes over.
+    async fn claim(this: &Arc<Self>, key: Key) -> (tokio::sync::oneshot::Receiver<()>, Claim) {
+        let (kick, kicked) = tokio::sync::oneshot::channel();
+        let (ended_tx, ended) = tokio::sync::oneshot::channel();
+        let (id, previous) = {
+            let mut inner = this.lock();
             inner.next_id += 1;
-            let live = Live {
-                id: inner.next_id,
-                kick: Default::default(),
-                ended: Default::default(),
-            };
-            let previous = inner.live.insert(key.clone(), live.clone());
-            (live, previous)
+            let id = inner.next_id;
+            (id, inner.live.insert(key.clone(), Live { id, kick, ended }))
+        };
+        let claim = Claim {
+            kept: this.clone(),
+            key,
+            id,
+            _ended: ended_tx,
         };
         if let Some(previous) = previous {
-            previous.kick.cancel();
-            let _ = timeout(TAKEOVER_TIMEOUT, previous.ended.cancelled()).await;
+            let _ = previous.kick.send(());
+            let _ = timeout(TAKEOVER_TIMEOUT, previous.ended).await;
         }
-        live
+        (kicked, claim)
     }
 
-    /// The connection `live` for `key` has ended.
-    fn release(&self, key: &(String, String), live: &Live) {
+    /// The connection `id` for `key` has ended.
+    fn release(&self, key: &(String, String), id: u64) {
         let mut inner = self.lock();
-        if inner.live.get(key).is_some_and(|l| l.id == live.id) {
+        if inner.live.get(key).is_some_and(|l| l.id == id) {
             inner.live.remove(key);
         }
-        live.ended.cancel();
     }
 }
 
-/// Releases a connection's claim on its client id when dropped (after the session was
-/// kept), on every path out of the handshake and the connection.
-struct Release(Arc<Kept>, (String, String), Live);
+/// A connection's claim on its client id: released when dropped (after the session was
+/// kept), on every path out of the handshake and the connection; dropping `_ended` then
+/// tells a connection waiting to take over.
+struct Claim {
+    kept: Arc<Kept>,
+    key: Key,
+    id: u64,
+    _ended: tokio::sync::oneshot::Sender<()>,
+}
 
-impl Drop for Release {
+impl Drop for Claim {
     fn drop(&mut self) {
-        self.0.release(&self.1, &self.2);
+        self.kept.release(&self.key, self.id);
     }
 }
 
@@ -949,7 +973,7 @@ struct KeptSession {
     /// The last session position written to the device.
     last_pos: u64,
     expires: Option<Instant>,
-    subscriptions: HashMap<String, QoS>,
+    subscriptions: Subscriptions,
     unacked: VecDeque<Unacked>,
     recent: VecDeque<Recent>,
     next_pid: u16,
@@ -1088,10 +1112,58 @@ struct Recent {
     in_flight: bool,
 }
 
+/// What a connection waits for (see `Connection::waiting`).
+#[derive(Default)]
+struct Waiting {
+    /// Commands waiting for their replies, by request id.
+    pending: HashMap<u64, Pending>,
+    /// SUBACKs waiting for joins, by packet id.
+    suback: HashMap<u16, SubackState>,
+}
+
 /// A SUBACK waiting for its joins.
 struct SubackState {
     /// The MQTT 5 reason codes (3.1.1 writes each failure as 0x80).
     codes: Vec<Option<u8>>,
+}
+
+/// A connection's topic filters with their granted QoS. A list, not a map: a device has
+/// one or a few, every delivery looks at all of them, and a map's table for one entry
+/// costs an idle device ~150 B more.
+#[derive(Default)]
+struct Subscriptions(Vec<(Box<str>, QoS)>);
+
+impl Subscriptions {
+    fn insert(&mut self, filter: &str, qos: QoS) {
+        match self.0.iter_mut().find(|(f, _)| **f == *filter) {
+            Some((_, granted)) => *granted = qos,
+            None => {
+                self.0.reserve_exact(1);
+                self.0.push((filter.into(), qos));
+            }
+        }
+    }
+
+    /// Whether `filter` was subscribed.
+    fn remove(&mut self, filter: &str) -> bool {
+        let Some(i) = self.0.iter().position(|(f, _)| **f == *filter) else {
+            return false;
+        };
+        self.0.swap_remove(i);
+        if self.0.is_empty() {
+            self.0 = Vec::new();
+        }
+        true
+    }
+
+    /// The highest QoS of the filters that match `topic` (MQTT-3.3.5-1), if any does.
+    fn qos(&self, topic: &str) -> Option<QoS> {
+        self.0
+            .iter()
+            .filter(|(filter, _)| matches(filter, topic))
+            .map(|(_, qos)| *qos)
+            .max()
+    }
 }
 
 /// The CONNECT's will message, for `rooms/{room}`.
@@ -1105,8 +1177,6 @@ struct Will {
 /// An authenticated connection: its session's outbox and the MQTT state around it.
 struct Connection {
     outbox: Outbox,
-    /// The session's user (the will's sender).
-    user: String,
     core: Arc<Core>,
     /// The server's shutdown signal.
     shutdown: tokio_util::sync::CancellationToken,
@@ -1115,25 +1185,23 @@ struct Connection {
     will: Option<Box<Will>>,
     /// The session id, in the `client_msg_id` of what this connection publishes.
     session_tag: String,
-    /// Where to keep the MQTT session when the connection ends (`clean_session=false`,
-    /// an MQTT 5 session expiry interval): the registry, this session's key, and for how
-    /// long.
-    #[allow(clippy::type_complexity)]
-    keep: Option<Box<(Arc<Kept>, (String, String), Duration)>>,
-    /// Cancelled when a new connection with the same client id takes over.
-    kicked: tokio_util::sync::CancellationToken,
-    /// This connection's claim on its client id (dropped last: after the session is kept).
-    _release: Release,
+    /// How long to keep the MQTT session when the connection ends (`clean_session=false`,
+    /// an MQTT 5 session expiry interval), in `claim`'s registry.
+    keep: Option<Duration>,
+    /// Resolves when a new connection with the same client id takes over.
+    kicked: tokio::sync::oneshot::Receiver<()>,
+    /// This connection's claim on its client id (its user is the session's, the will's
+    /// sender), released when the connection is dropped, after the session is kept.
+    claim: Claim,
     /// QoS 1 PUBLISHes written and not yet PUBACKed (kept only with `keep`).
     unacked: VecDeque<Unacked>,
     /// The last session position written to the device.
     last_pos: u64,
     /// Rooms whose messages this connection delivers, with the granted QoS.
-    subscriptions: HashMap<String, QoS>,
-    /// Commands waiting for their replies, by request id.
-    pending: HashMap<u64, Pending>,
-    /// SUBACKs waiting for joins, by packet id.
-    suback: HashMap<u16, SubackState>,
+    subscriptions: Subscriptions,
+    /// Commands and SUBACKs waiting for replies; `None` when there are none (a device
+    /// that only listens keeps neither table, nor room for them).
+    waiting: Option<Box<Waiting>>,
     /// The latest QoS 1 PUBLISHes by packet id (at most [`RECENT`]): the `client_msg_id`
     /// number each was sent with, and whether its PUBACK is still to come.
     recent: VecDeque<Recent>,
@@ -1147,6 +1215,89 @@ struct Connection {
     v5: bool,
     /// MQTT 5: the client's Maximum Packet Size.
     max_out: Option<usize>,
+    /// MQTT 5: the client's Receive Maximum, when it is below 65,535, and what waits for
+    /// it. Boxed: most devices set none, and every byte here is paid by every idle one.
+    flow: Option<Box<Flow>>,
+}
+
+/// MQTT 5 flow control (section 4.9): at most `max` QoS 1 PUBLISHes written and not yet
+/// PUBACKed; what comes while that many are out waits here, in order (a QoS 0 one too,
+/// behind a QoS 1 one: a topic keeps its order), and leaves as PUBACKs come back.
+/// Held pushes are not acknowledged to the session, so a kept session resumes with them.
+struct Flow {
+    max: u16,
+    /// Packet ids written and not yet PUBACKed.
+    in_flight: Vec<u16>,
+    /// What waits for a PUBACK, in order.
+    held: VecDeque<Held>,
+    /// The `Push::cost` of the held pushes: over `session.max_queue_bytes` the device is
+    /// a slow consumer (as a session whose queue overflows).
+    held_bytes: usize,
+}
+
+/// A PUBLISH waiting for the client's Receive Maximum.
+enum Held {
+    /// A push at its session position.
+    Push(u64, Arc<crate::codec::Push>),
+    /// A kept session's unacknowledged PUBLISH (by packet id in `unacked`), to be sent
+    /// again with DUP.
+    Again(u16),
+}
+
+impl Flow {
+    fn new(max: u16) -> Self {
+        Flow {
+            max,
+            in_flight: Vec::new(),
+            held: VecDeque::new(),
+            held_bytes: 0,
+        }
+    }
+
+    /// Whether another QoS 1 PUBLISH may be written now.
+    fn open(&self) -> bool {
+        self.in_flight.len() < usize::from(self.max)
+    }
+
+    fn hold(&mut self, held: Held) {
+        if let Held::Push(_, push) = &held {
+            self.held_bytes += push.cost();
+        }
+        self.held.push_back(held);
+    }
+
+    fn unhold(&mut self) -> Option<Held> {
+        let held = self.held.pop_front()?;
+        if let Held::Push(_, push) = &held {
+            self.held_bytes -= push.cost();
+        }
+        if self.held.is_empty() {
+            // Give the queue back: a device that keeps up holds none.
+            self.held = VecDeque::new();
+        }
+        Some(held)
+    }
+
+    /// A PUBACK for `pid`.
+    fn acked(&mut self, pid: u16) {
+        if let Some(i) = self.in_flight.iter().position(|&p| p == pid) {
+            self.in_flight.swap_remove(i);
+        }
+        if self.in_flight.is_empty() {
+            self.in_flight = Vec::new();
+        }
+    }
+}
+
+/// What became of one push written through [`Connection::encode_push`].
+enum Encoded {
+    /// Encoded into the batch.
+    Written,
+    /// Not for this connection (no matching subscription, over the client's Maximum
+    /// Packet Size, not a topic a device reads).
+    Skipped,
+    /// A QoS 1 PUBLISH while the client's Receive Maximum is reached: hold it.
+    Held,
 }
 
 /// `fut` on the heap (see `ws::boxed`: a `Box::pin(fut).await` written in place still
@@ -1168,9 +1319,18 @@ enum Stop {
 
 impl Connection {
     async fn run(&mut self, wire: &mut Wire) {
-        // A resumed session first sends again what the device never acknowledged.
+        // A resumed session first sends again what the device never acknowledged (with a
+        // Receive Maximum, as many as it allows; the rest as PUBACKs come).
+        if let Some(flow) = self.flow.as_mut() {
+            for u in &self.unacked {
+                flow.hold(Held::Again(u.pid));
+            }
+            if boxed(self.release(wire)).await.is_err() {
+                return;
+            }
+        }
         let mut again = BytesMut::new();
-        for u in &self.unacked {
+        for u in self.unacked.iter().filter(|_| self.flow.is_none()) {
             let mut publish = u.publish.clone();
             publish.dup = true;
             encode(self.v5, &Packet::Publish(publish), &u.metadata, &mut again);
@@ -1207,7 +1367,7 @@ impl Connection {
         // message from the user, before the session ends. Not when the server itself is
         // draining: a deploy is not every device's last word.
         if let Some(will) = self.will.take().filter(|_| !self.shutdown.is_cancelled()) {
-            let (core, user) = (self.core.clone(), self.user.clone());
+            let (core, user) = (self.core.clone(), self.claim.key.0.clone());
             let client_msg_id = format!("mqtt-{}-will", self.session_tag);
             boxed(publish_will(core, user, client_msg_id, *will)).await;
         }
@@ -1215,13 +1375,12 @@ impl Connection {
         match self.keep.take() {
             // `clean_session=false`: the session waits out its grace period (dropping
             // the outbox detaches it), its MQTT state kept beside it.
-            Some(keep) if !self.shutdown.is_cancelled() => {
-                let (kept, key, keep_for) = *keep;
+            Some(keep_for) if !self.shutdown.is_cancelled() => {
                 let Some(session) = self.outbox.session() else {
                     return;
                 };
-                kept.keep(
-                    key,
+                self.claim.kept.keep(
+                    self.claim.key.clone(),
                     KeptSession {
                         session_id: session.id().to_string(),
                         last_pos: self.last_pos,
@@ -1244,17 +1403,19 @@ impl Connection {
     /// boxed, so it takes memory only while it runs.
     async fn serve(&mut self, wire: &mut Wire) -> Stop {
         loop {
-            let step = tokio::select! {
+            // The wait ends before the handler starts: the handler's future (boxed) is
+            // not stored beside the wait's futures and what it returned.
+            let handler = tokio::select! {
                 biased;
                 read = wire.read(), if self.outbox.accepting() => {
-                    boxed(self.on_read(wire, read)).await
+                    Either::Left(boxed(self.on_read(wire, read)))
                 }
-                out = self.outbox.next() => boxed(self.deliver(wire, out)).await,
-                _ = self.kicked.cancelled() => {
-                    Err(Stop::Close(CloseReason::SessionMoved.code(), "taken over by a new connection"))
+                out = self.outbox.next() => Either::Right(boxed(self.deliver(wire, out))),
+                _ = &mut self.kicked => {
+                    return Stop::Close(CloseReason::SessionMoved.code(), "taken over by a new connection");
                 }
             };
-            if let Err(stop) = step {
+            if let Err(stop) = handler.await {
                 return stop;
             }
         }
@@ -1300,7 +1461,10 @@ impl Connection {
     fn request(&mut self, cmd: Cmd, pending: Pending) -> ClientFrame {
         let id = self.next_request;
         self.next_request += 1;
-        self.pending.insert(id, pending);
+        self.waiting
+            .get_or_insert_default()
+            .pending
+            .insert(id, pending);
         ClientFrame { id, cmd: Some(cmd) }
     }
 
@@ -1320,7 +1484,7 @@ impl Connection {
                     (Some(0), keep) => *keep = None,
                     (Some(secs), Some(keep)) => {
                         let grace = self.core.config.session.grace_period;
-                        keep.2 = grace.min(Duration::from_secs(u64::from(secs)));
+                        *keep = grace.min(Duration::from_secs(u64::from(secs)));
                     }
                     (Some(_), None) => {
                         return Err(Stop::Close(PROTOCOL_ERROR, "session expiry was 0"));
@@ -1349,13 +1513,16 @@ impl Connection {
                     } else if readable(filter) {
                         // Over pushes the session gets anyway: nothing to check.
                         let granted = (*qos).min(QoS::Level1);
-                        self.subscriptions.insert(filter.to_string(), granted);
+                        self.subscriptions.insert(filter, granted);
                         codes[index] = Some(granted as u8);
                     } else {
                         codes[index] = Some(TOPIC_FILTER_INVALID);
                     }
                 }
-                self.suback.insert(pid, SubackState { codes });
+                self.waiting
+                    .get_or_insert_default()
+                    .suback
+                    .insert(pid, SubackState { codes });
                 for (index, room, qos) in joins {
                     let cmd = Cmd::Join(proto::Join { room: room.clone() });
                     let frame = self.request(
@@ -1374,9 +1541,9 @@ impl Connection {
             Packet::Unsubscribe(Unsubscribe { pid, topics }) => {
                 let mut codes = Vec::with_capacity(topics.len());
                 for filter in &topics {
-                    codes.push(match self.subscriptions.remove(&**filter) {
-                        Some(_) => v5::UnsubscribeReasonCode::Success,
-                        None => v5::UnsubscribeReasonCode::NoSubscriptionExisted,
+                    codes.push(match self.subscriptions.remove(filter) {
+                        true => v5::UnsubscribeReasonCode::Success,
+                        false => v5::UnsubscribeReasonCode::NoSubscriptionExisted,
                     });
                 }
                 let written = if self.v5 {
@@ -1393,6 +1560,13 @@ impl Connection {
                 let pid = pid.value();
                 if let Some(i) = self.unacked.iter().position(|u| u.pid == pid) {
                     self.unacked.remove(i);
+                }
+                // MQTT 5 flow control: room for what was held back.
+                if let Some(flow) = self.flow.as_mut() {
+                    flow.acked(pid);
+                    if !flow.held.is_empty() {
+                        return self.release(wire).await;
+                    }
                 }
                 Ok(())
             }
@@ -1523,17 +1697,17 @@ impl Connection {
 
     /// Writes SUBACK `pid` once every topic has its code.
     async fn complete_suback(&mut self, wire: &mut Wire, pid: u16) -> Step {
-        let Some(state) = self.suback.get(&pid) else {
+        let Some(waiting) = self.waiting.as_mut() else {
+            return Ok(());
+        };
+        let Some(state) = waiting.suback.get(&pid) else {
             return Ok(());
         };
         if state.codes.iter().any(Option::is_none) {
             return Ok(());
         }
-        let state = self.suback.remove(&pid).expect("looked up");
-        if self.suback.is_empty() {
-            // Give the table back: an idle connection should not keep room for SUBACKs.
-            self.suback = HashMap::new();
-        }
+        let state = waiting.suback.remove(&pid).expect("looked up");
+        self.tidy();
         let codes: Vec<_> = state.codes.into_iter().flatten().collect();
         wire.write(suback(self.v5, pid, &codes), 1)
             .await
@@ -1546,69 +1720,32 @@ impl Connection {
             Out::Pushes(pushes) => {
                 let mut bytes = BytesMut::new();
                 let mut packets = 0;
-                let mut last = 0;
+                let mut done = None;
                 for (pos, push) in pushes {
-                    last = pos;
-                    let Some((topic, payload, metadata)) = self.topic_of(push.kind()) else {
-                        continue;
-                    };
-                    // The highest QoS of the filters that match (MQTT-3.3.5-1).
-                    let Some(qos) = self
-                        .subscriptions
-                        .iter()
-                        .filter(|(filter, _)| matches(filter, &topic))
-                        .map(|(_, qos)| *qos)
-                        .max()
-                    else {
-                        continue;
-                    };
-                    let Ok(topic) = TopicName::try_from(topic.as_str()) else {
-                        continue;
-                    };
-                    let qos_pid = match qos {
-                        QoS::Level0 => QosPid::Level0,
-                        _ => QosPid::Level1(self.pid()),
-                    };
-                    let publish = Publish::new(qos_pid, topic, payload);
-                    let metadata = metadata.cloned().unwrap_or_default();
-                    let start = bytes.len();
-                    encode(
-                        self.v5,
-                        &Packet::Publish(publish.clone()),
-                        &metadata,
-                        &mut bytes,
-                    );
-                    // MQTT 5: a PUBLISH over the client's Maximum Packet Size is not sent
-                    // (MQTT-3.1.2-25); the client never receives it.
-                    if self.max_out.is_some_and(|max| bytes.len() - start > max) {
-                        bytes.truncate(start);
+                    // Behind a held PUBLISH everything waits (a topic keeps its order).
+                    if let Some(flow) = self.flow.as_mut().filter(|f| !f.held.is_empty()) {
+                        flow.hold(Held::Push(pos, push));
                         continue;
                     }
-                    if let (Some(_), QosPid::Level1(pid)) = (&self.keep, qos_pid) {
-                        if self.unacked.len() == MAX_UNACKED {
-                            self.unacked.pop_front();
+                    match self.encode_push(&push, &mut bytes) {
+                        Encoded::Written => packets += 1,
+                        Encoded::Skipped => {}
+                        Encoded::Held => {
+                            if let Some(flow) = self.flow.as_mut() {
+                                flow.hold(Held::Push(pos, push));
+                            }
+                            continue;
                         }
-                        self.unacked.push_back(Unacked {
-                            pid: pid.value(),
-                            publish,
-                            metadata,
-                        });
                     }
-                    packets += 1;
+                    done = Some(pos);
                 }
-                if packets > 0 {
-                    wire.write(bytes.freeze(), packets)
-                        .await
-                        .map_err(|why| match why {
-                            CloseReason::SlowConsumer => Stop::Close(why.code(), why.reason()),
-                            _ => Stop::Gone,
-                        })?;
+                self.written(wire, bytes, packets, done).await?;
+                if let Some(flow) = &self.flow
+                    && flow.held_bytes > self.core.config.session.max_queue_bytes
+                {
+                    let why = CloseReason::SlowConsumer;
+                    return Err(Stop::Close(why.code(), why.reason()));
                 }
-                // Written (or not for this connection): the session may forget them.
-                if let Some(s) = self.outbox.session() {
-                    s.ack(last);
-                }
-                self.last_pos = self.last_pos.max(last);
                 Ok(())
             }
             Out::Idle => wire.ping().await.map_err(|()| Stop::Gone),
@@ -1616,15 +1753,148 @@ impl Connection {
         }
     }
 
+    /// Writes a batch of `packets` PUBLISHes, then tells the session that every push up
+    /// to `done` is dealt with (written, or not for this connection).
+    async fn written(
+        &mut self,
+        wire: &mut Wire,
+        bytes: BytesMut,
+        packets: u64,
+        done: Option<u64>,
+    ) -> Step {
+        if packets > 0 {
+            wire.write(bytes.freeze(), packets)
+                .await
+                .map_err(|why| match why {
+                    CloseReason::SlowConsumer => Stop::Close(why.code(), why.reason()),
+                    _ => Stop::Gone,
+                })?;
+        }
+        if let Some(last) = done {
+            // Written (or not for this connection): the session may forget them.
+            if let Some(s) = self.outbox.session() {
+                s.ack(last);
+            }
+            self.last_pos = self.last_pos.max(last);
+        }
+        Ok(())
+    }
+
+    /// Writes what the client's Receive Maximum held back, as far as it now allows.
+    async fn release(&mut self, wire: &mut Wire) -> Step {
+        let mut bytes = BytesMut::new();
+        let mut packets = 0;
+        let mut done = None;
+        while let Some(held) = self.flow.as_mut().and_then(|f| f.unhold()) {
+            let encoded = match &held {
+                Held::Push(_, push) => self.encode_push(push, &mut bytes),
+                Held::Again(pid) => self.encode_again(*pid, &mut bytes),
+            };
+            match encoded {
+                Encoded::Written => packets += 1,
+                Encoded::Skipped => {}
+                Encoded::Held => {
+                    if let Some(flow) = self.flow.as_mut() {
+                        if let Held::Push(_, push) = &held {
+                            flow.held_bytes += push.cost();
+                        }
+                        flow.held.push_front(held);
+                    }
+                    break;
+                }
+            }
+            if let Held::Push(pos, _) = held {
+                done = Some(pos);
+            }
+        }
+        self.written(wire, bytes, packets, done).await
+    }
+
+    /// Encodes a kept session's unacknowledged PUBLISH `pid` again, with DUP.
+    fn encode_again(&mut self, pid: u16, out: &mut BytesMut) -> Encoded {
+        let Some(u) = self.unacked.iter().find(|u| u.pid == pid) else {
+            // PUBACKed meanwhile.
+            return Encoded::Skipped;
+        };
+        if let Some(flow) = self.flow.as_mut() {
+            if !flow.open() {
+                return Encoded::Held;
+            }
+            flow.in_flight.push(pid);
+        }
+        let mut publish = u.publish.clone();
+        publish.dup = true;
+        encode(self.v5, &Packet::Publish(publish), &u.metadata, out);
+        Encoded::Written
+    }
+
+    /// Encodes one push as a PUBLISH for this connection's subscriptions, if any match.
+    fn encode_push(&mut self, push: &crate::codec::Push, bytes: &mut BytesMut) -> Encoded {
+        let Some((topic, payload, metadata)) = self.topic_of(push.kind()) else {
+            return Encoded::Skipped;
+        };
+        let Some(qos) = self.subscriptions.qos(&topic) else {
+            return Encoded::Skipped;
+        };
+        let Ok(topic) = TopicName::try_from(topic.as_str()) else {
+            return Encoded::Skipped;
+        };
+        // MQTT 5 flow control: no more QoS 1 PUBLISHes out than the client allows.
+        if qos != QoS::Level0 && self.flow.as_ref().is_some_and(|f| !f.open()) {
+            return Encoded::Held;
+        }
+        let qos_pid = match qos {
+            QoS::Level0 => QosPid::Level0,
+            _ => QosPid::Level1(self.pid()),
+        };
+        let publish = Publish::new(qos_pid, topic, payload);
+        let metadata = metadata.cloned().unwrap_or_default();
+        let start = bytes.len();
+        encode(self.v5, &Packet::Publish(publish.clone()), &metadata, bytes);
+        // MQTT 5: a PUBLISH over the client's Maximum Packet Size is not sent
+        // (MQTT-3.1.2-25); the client never receives it.
+        if self.max_out.is_some_and(|max| bytes.len() - start > max) {
+            bytes.truncate(start);
+            return Encoded::Skipped;
+        }
+        if let QosPid::Level1(pid) = qos_pid {
+            if let Some(flow) = self.flow.as_mut() {
+                flow.in_flight.push(pid.value());
+            }
+            if self.keep.is_some() {
+                if self.unacked.len() == MAX_UNACKED {
+                    self.unacked.pop_front();
+                }
+                self.unacked.push_back(Unacked {
+                    pid: pid.value(),
+                    publish,
+                    metadata,
+                });
+            }
+        }
+        Encoded::Written
+    }
+
+    /// Gives the tables of what is waited for back once nothing is.
+    fn tidy(&mut self) {
+        if self
+            .waiting
+            .as_ref()
+            .is_some_and(|w| w.pending.is_empty() && w.suback.is_empty())
+        {
+            self.waiting = None;
+        }
+    }
+
     async fn on_reply(&mut self, wire: &mut Wire, frame: ServerFrame) -> Step {
-        let Some(pending) = self.pending.remove(&frame.id) else {
+        let Some(pending) = self
+            .waiting
+            .as_mut()
+            .and_then(|w| w.pending.remove(&frame.id))
+        else {
             return Ok(());
         };
-        if self.pending.is_empty() {
-            // Give the table back: a subscribed device that only listens has nothing
-            // pending, and should not keep room for it.
-            self.pending = HashMap::new();
-        }
+        self.tidy();
         let error = match &frame.kind {
             Some(Kind::Error(e)) => Some(e.code),
             None => Some(proto::ErrorCode::Unspecified as i32),
@@ -1666,12 +1936,13 @@ impl Connection {
             } => {
                 let code = if ok {
                     let granted = qos.min(QoS::Level1);
-                    self.subscriptions.insert(format!("{ROOMS}{room}"), granted);
+                    self.subscriptions
+                        .insert(&format!("{ROOMS}{room}"), granted);
                     granted as u8
                 } else {
                     NOT_AUTHORIZED
                 };
-                if let Some(state) = self.suback.get_mut(&pid)
+                if let Some(state) = self.waiting.as_mut().and_then(|w| w.suback.get_mut(&pid))
                     && let Some(slot) = state.codes.get_mut(index)
                 {
                     *slot = Some(code);
@@ -1698,7 +1969,7 @@ impl Connection {
                 let topic = match m.room.strip_prefix("dm:") {
                     Some(pair) => {
                         let (a, b) = pair.split_once(':')?;
-                        let peer = if a == self.user { b } else { a };
+                        let peer = if a == self.claim.key.0 { b } else { a };
                         format!("{DM}{peer}")
                     }
                     None => format!("{ROOMS}{}", m.room),
@@ -1912,7 +2183,7 @@ mod tests {
         let wire = std::mem::size_of::<Wire>();
         eprintln!("task {task} B: Connection {connection} B, Wire {wire} B");
         assert!(
-            task <= 1600,
+            task <= 1200,
             "the MQTT connection task's future is {task} bytes"
         );
     }

@@ -18,6 +18,11 @@ Scenarios:
 - `refused` (MQTT 5): publish `secret` at QoS 1 to rooms/secret (a room the user is not
   a member of), then subscribe rooms/lobby and publish `after` there at QoS 1 on the
   same connection; report both PUBACK reason codes.
+- `flow` (MQTT 5): connect with Receive Maximum 2 and acknowledge by hand; subscribe
+  rooms/lobby at QoS 1, print `{"ready": ...}`, then receive MQTT_FLOW_MESSAGES (6)
+  messages, holding the PUBACKs until no message came for a second, then PUBACKing all
+  held; report the payloads in order and the most messages ever held unacknowledged
+  (`most_unacked`: the server may never exceed 2).
 
 Every line printed is one JSON object; the last one is the summary. Exits non-zero when
 something times out.
@@ -40,7 +45,7 @@ def say(obj):
     print(json.dumps(obj), flush=True)
 
 
-def client(host, port, token, username):
+def client(host, port, token, username, receive_max=None):
     events = queue.Queue()
     tcp = os.environ.get("MQTT_TRANSPORT") == "tcp"
     c = mqtt.Client(
@@ -48,6 +53,7 @@ def client(host, port, token, username):
         client_id="device-1",
         transport="tcp" if tcp else "websockets",
         protocol=mqtt.MQTTv5 if V5 else mqtt.MQTTv311,
+        manual_ack=receive_max is not None,
     )
     if not tcp:
         c.ws_set_options(path="/mqtt")
@@ -61,7 +67,13 @@ def client(host, port, token, username):
     )
     c.on_publish = lambda c, u, mid, rc, props: events.put(("puback", rc.value))
     c.on_disconnect = lambda c, u, flags, rc, props: events.put(("closed", rc.value))
-    c.connect(host, port, keepalive=30)
+    props = None
+    if receive_max is not None:
+        props = Properties(PacketTypes.CONNECT)
+        props.ReceiveMaximum = receive_max
+        # With manual acks paho leaves PUBACKs to `flow` below.
+        c.on_message = lambda c, u, m: events.put(("message", (m.payload.decode(), m.mid)))
+    c.connect(host, port, keepalive=30, properties=props)
     c.loop_start()
     return c, events
 
@@ -78,7 +90,8 @@ def expect(events, kind):
 def main():
     scenario, host, port, token = sys.argv[1:5]
     username = sys.argv[5] if len(sys.argv) > 5 else None
-    c, events = client(host, int(port), token, username)
+    receive_max = 2 if scenario == "flow" else None
+    c, events = client(host, int(port), token, username, receive_max)
     code = expect(events, "connack")
     if scenario == "connect":
         # A refused CONNECT is followed by the close.
@@ -104,6 +117,9 @@ def main():
     c.subscribe("rooms/lobby", qos=1)
     granted = expect(events, "suback")
     say({"ready": True, "suback": granted})
+    if scenario == "flow":
+        flow(c, events, int(os.environ.get("MQTT_FLOW_MESSAGES", "6")))
+        return
     received = expect(events, "message")
     props = None
     if V5:
@@ -116,6 +132,33 @@ def main():
     c.disconnect()
     c.loop_stop()
     say({"suback": granted, "received": received, "acked": acked, "puback": puback})
+
+
+def flow(c, events, n):
+    received, held, most = [], [], 0
+    while len(received) < n:
+        try:
+            # While PUBACKs are held, a second of quiet means the server holds back.
+            kind, value = events.get(timeout=1.0 if held else WAIT)
+        except queue.Empty:
+            if not held:
+                raise SystemExit(f"only {len(received)} of {n} messages came")
+            for mid in held:
+                c.ack(mid, 1)
+            held = []
+            continue
+        if kind == "closed":
+            raise SystemExit(f"closed ({value}) after {len(received)} messages")
+        if kind == "message":
+            payload, mid = value
+            received.append(payload)
+            held.append(mid)
+            most = max(most, len(held))
+    for mid in held:
+        c.ack(mid, 1)
+    c.disconnect()
+    c.loop_stop()
+    say({"received": received, "most_unacked": most})
 
 
 if __name__ == "__main__":
