@@ -637,16 +637,22 @@ async fn a_stopped_redis_cluster_node_degrades_its_own_rooms_only() {
         })
         .await;
     }
-    // The live room keeps delivering in real time both ways: every message arrives
-    // live (nothing filled from the log) and the instances stay ready.
-    for k in 0..5 {
+    // The live room keeps delivering in real time both ways for several heartbeats:
+    // every message arrives live (nothing is filled from the log, so none was held back
+    // as if Redis were down) and the instances stay ready all along.
+    const LIVE: u64 = 30;
+    for k in 0..LIVE / 2 {
         ann.send_msg(&live, &format!("l-ann-{k}"), "during").await;
         bob.send_msg(&live, &format!("l-bob-{k}"), "during").await;
+        for i in [0, 1] {
+            assert_eq!(http_get(cluster.addr(i), "/readyz").await.0, 200, "{i}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let got = tokio::time::timeout(WAIT, messages(&mut bob, 10))
+    let got = tokio::time::timeout(WAIT, messages(&mut bob, LIVE as usize))
         .await
         .expect("the live room's messages while a node is down");
-    assert_gap_free(&of_room(&got, &live), 2, 11);
+    assert_gap_free(&of_room(&got, &live), 2, LIVE + 1);
     assert_eq!(
         of_room(&got, &down),
         vec![],
@@ -654,7 +660,6 @@ async fn a_stopped_redis_cluster_node_degrades_its_own_rooms_only() {
     );
     for i in [0, 1] {
         assert_eq!(filled(i).await, filled_before[i], "instance {i}: all live");
-        assert_eq!(http_get(cluster.addr(i), "/readyz").await.0, 200);
     }
 
     // The node returns: what was sent to its room meanwhile arrives once, in order,
@@ -673,11 +678,76 @@ async fn a_stopped_redis_cluster_node_degrades_its_own_rooms_only() {
         .await;
     }
     bob.send_msg(&down, "d-after", "after").await;
-    let got = messages(&mut ann, 1 + 6 + 11).await;
+    let got = messages(&mut ann, 7 + 1 + LIVE as usize).await;
     assert_gap_free(&of_room(&got, &down), 1, 7);
-    assert_gap_free(&of_room(&got, &live), 1, 11);
+    assert_gap_free(&of_room(&got, &live), 1, LIVE + 1);
     let got = messages(&mut bob, 1).await;
     assert_eq!(of_room(&got, &down), vec![(7, "after".to_string())]);
     ann.nothing_pushed(Duration::from_millis(300)).await;
     bob.nothing_pushed(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_presence_node_down_makes_presence_unavailable_and_rooms_elsewhere_flow() {
+    let mut redis = RedisCluster::start("presence-down").await;
+    let rooms = redis.rooms_on_every_node().await;
+    let cluster = parley_on(&redis, "rcluster-presence-down", |_| {}).await;
+    let home = redis.node_of("{parley}").await;
+    let live = rooms[(0..3).find(|i| *i != home).unwrap()].clone();
+    let mut ann = cluster.client(0, "ann").await;
+    let mut bob = cluster.client(1, "bob").await;
+    for c in [&mut ann, &mut bob] {
+        c.join(&live).await;
+    }
+    assert!(presence_of(&mut bob, "ann").await.online);
+
+    redis.nodes[home].kill();
+    // Presence queries fail once the heartbeat finds the node gone.
+    let deadline = tokio::time::Instant::now() + 2 * WAIT;
+    loop {
+        let reply = bob
+            .request(Cmd::Presence(proto::PresenceQuery {
+                users: vec!["ann".into()],
+            }))
+            .await;
+        if let Kind::Error(_) = reply {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "presence failing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Messages in a room on another node flow live; the instances stay ready.
+    for k in 0..3 {
+        ann.send_msg(&live, &format!("l-{k}"), "during").await;
+    }
+    let got = tokio::time::timeout(WAIT, messages(&mut bob, 3))
+        .await
+        .expect("the live room's messages while the presence node is down");
+    assert_gap_free(&of_room(&got, &live), 1, 3);
+    for i in [0, 1] {
+        assert_eq!(http_get(cluster.addr(i), "/readyz").await.0, 200);
+    }
+
+    // The node returns empty: every instance writes its users again.
+    redis.start_node(home).await;
+    for i in 0..3 {
+        redis.wait_ok(i).await;
+    }
+    let deadline = tokio::time::Instant::now() + 4 * WAIT;
+    loop {
+        let reply = bob
+            .request(Cmd::Presence(proto::PresenceQuery {
+                users: vec!["ann".into()],
+            }))
+            .await;
+        if let Kind::PresenceList(l) = reply
+            && l.users[0].online
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "ann online again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = messages(&mut ann, 3).await;
+    assert_gap_free(&of_room(&got, &live), 1, 3);
 }

@@ -163,6 +163,9 @@ struct Inner {
     lost: AtomicBool,
     /// Cluster only: the presence node failed since this instance last wrote its users.
     presence_lost: AtomicBool,
+    /// Cluster only: users whose last session here ended while the presence node was
+    /// down (user → when), written when it answers again.
+    offline_missed: Mutex<HashMap<String, i64>>,
     /// Cluster only: the health of the slots this instance's channels live in.
     slots: Mutex<Slots>,
     /// Cluster only: `slots.down` is not empty (read on every publish without the lock).
@@ -286,6 +289,7 @@ impl RedisBroker {
             healthy: AtomicBool::new(false),
             lost: AtomicBool::new(false),
             presence_lost: AtomicBool::new(false),
+            offline_missed: Mutex::default(),
             slots: Mutex::default(),
             any_down: AtomicBool::new(false),
             recovering: AtomicBool::new(false),
@@ -708,10 +712,28 @@ impl Inner {
             .cloned()
             .collect::<Vec<_>>();
         let mut conn = self.conn.clone();
-        match self.presence.restore(&mut conn, &users).await {
-            Ok(()) => tracing::info!(users = users.len(), "redis cluster: presence node back"),
-            Err(e) => self.set_down(&e),
+        if let Err(e) = self.presence.restore(&mut conn, &users).await {
+            self.set_down(&e);
+            return;
         }
+        // Users whose last session here ended while the node was down.
+        let missed = std::mem::take(&mut *lock(&self.offline_missed));
+        let n = missed.len();
+        for (user, at) in missed {
+            if lock(&self.interest).users.contains(&user) {
+                continue;
+            }
+            if let Err(e) = self.presence.offline(&mut conn, &user, at).await {
+                lock(&self.offline_missed).insert(user, at);
+                self.set_down(&e);
+                return;
+            }
+        }
+        tracing::info!(
+            users = users.len(),
+            offline = n,
+            "redis cluster: presence node back: users written again"
+        );
     }
 
     /// One Redis: subscribes every wanted channel again and repairs every watched room.
@@ -787,6 +809,9 @@ async fn receive(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<PushInfo>) 
             PushKind::Disconnection if inner.conn.is_cluster() => {
                 tracing::debug!("redis cluster: a node connection closed");
                 inner.lost.store(true, Ordering::SeqCst);
+                // It may have been the presence node's, restarted with its keys lost
+                // before a heartbeat failed: write this instance's users again.
+                inner.presence_lost.store(true, Ordering::SeqCst);
             }
             PushKind::Disconnection => inner.set_down(&"connection closed"),
             // A cluster node drops the shard channels of a slot that moved to another
@@ -911,7 +936,33 @@ async fn apply_cluster_change(inner: &Arc<Inner>, change: Change) {
             (channel, r)
         }
         change => {
-            if let Err(e) = apply_presence(inner, &mut conn, change).await {
+            // While the presence node is known down, user changes are not sent, so that
+            // they do not hold up the subscriptions behind them for the client's
+            // retries: the users are written again when it answers, and the offline
+            // changes made meanwhile then too.
+            let offline = match &change {
+                Change::Online(user) => {
+                    lock(&inner.offline_missed).remove(user);
+                    None
+                }
+                Change::Offline(user, at) => Some((user.clone(), *at)),
+                _ => None,
+            };
+            let known_down = inner.reached.load(Ordering::SeqCst)
+                && !inner.healthy.load(Ordering::SeqCst)
+                && !matches!(change, Change::Advertise);
+            let sent = if !known_down {
+                apply_presence(inner, &mut conn, change).await
+            } else {
+                Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "presence node unreachable",
+                )))
+            };
+            if let Err(e) = sent {
+                if let Some((user, at)) = offline {
+                    lock(&inner.offline_missed).insert(user, at);
+                }
                 inner.set_down(&e);
             }
             return;
