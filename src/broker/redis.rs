@@ -44,7 +44,9 @@
 //!   false: queries fail, changes are written again by [`Inner::restore_presence`]) and
 //!   nothing else; `/readyz` fails only when no node answers. redis-rs 1.2's cluster
 //!   connection holds every command while it refreshes its slot map or reconnects a
-//!   node, so a node that hangs rather than refusing stalls all slots for its timeouts.
+//!   node, so a node that hangs rather than refusing stalls all slots for its timeouts,
+//!   and hundreds of commands failing at once against a dead node stalled it for good
+//!   under load: a recovery sends [`RECOVERY_CONCURRENCY`] slots at a time.
 //! - **Interest**: a room's channel is subscribed while the room has local members (the
 //!   hub's room size is the reference count), a user's channel while the user has local
 //!   sessions; `all` always. Subscription changes go through one task, in order.
@@ -186,6 +188,9 @@ struct Inner {
 
 /// The most instances the address book holds.
 const MAX_OWNERS: usize = 1024;
+
+/// Cluster: the most slots a recovery subscribes at once.
+const RECOVERY_CONCURRENCY: usize = 8;
 
 /// The most envelopes the publisher sends as one pipeline.
 pub const PUBLISH_BATCH: usize = 512;
@@ -590,16 +595,20 @@ impl Inner {
         if work.is_empty() {
             return;
         }
-        let results = futures_util::future::join_all(work.into_iter().map(
+        // A few slots at a time: hundreds of commands failing at once against a dead
+        // node stalled redis-rs's cluster connection for every node (docs/BENCHMARKS.md,
+        // round five). Each result counts as it comes (a dead slot is marked at once).
+        use futures_util::stream::StreamExt;
+        let mut results = futures_util::stream::iter(work.into_iter().map(
             |(slot, key, channels, bad)| async move {
                 let r = self.subscribe_slot(&key, &channels).await;
                 (slot, key, channels, bad, r)
             },
         ))
-        .await;
+        .buffer_unordered(RECOVERY_CONCURRENCY);
         let mut repair = Vec::new();
         let mut recovered = 0;
-        for (slot, key, channels, bad, result) in results {
+        while let Some((slot, key, channels, bad, result)) = results.next().await {
             match result {
                 Err(e) => self.slot_down(&key, &e),
                 Ok(replaced) => {
