@@ -7,7 +7,8 @@
 # the run, the master that serves neither the bench room's channel nor the presence keys
 # is killed (no replica: it stays down). Prints the bench report, how often each
 # instance's /readyz was not 200 while the node was down, and each instance's broker
-# metrics.
+# metrics. SCENARIO=chat runs parley-bench's chat scenario instead (many rooms: the
+# killed node then carries rooms too; it is the first one without the presence keys).
 #
 #   bench/scripts/cluster-outage.sh OUT_DIR [BIN_DIR] -- FANOUT_ARGS...
 #   e.g. bench/scripts/cluster-outage.sh /tmp/co target/release -- --subscribers 600 --publishers 4 --rate 200 --duration 10s
@@ -35,7 +36,7 @@ ws=() extra=()
 for u in "${urls[@]}"; do ws+=("ws://${u#http://}/ws"); done
 for u in "${ws[@]}"; do extra+=(--listener-url "$u"); done
 echo "== outage: $(uptime)" | tee -a "$out/summary.txt"
-"$bin/parley-bench" --no-progress --json --url "${ws[0]}" "${extra[@]}" fanout "$@" \
+"$bin/parley-bench" --no-progress --json --url "${ws[0]}" "${extra[@]}" "${SCENARIO:-fanout}" "$@" \
     >"$out/outage.json" 2>"$out/outage.txt" &
 bench=$!
 sleep "${OUTAGE_AT:-4}"
