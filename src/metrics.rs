@@ -150,8 +150,12 @@ pub struct BrokerMetrics {
     /// Room messages dropped because that seq was delivered already.
     pub duplicates: Counter<u64, AtomicU64>,
     /// Reconnects to Redis after which every channel was subscribed again and every room
-    /// repaired from the log.
+    /// repaired from the log (with a Redis Cluster: recoveries of the slots whose node
+    /// failed or whose node connection was replaced, their rooms only).
     pub resubscribes: Counter<u64, AtomicU64>,
+    /// Redis Cluster: slots (of this instance's channels) whose node failed and does not
+    /// answer yet; their rooms deliver locally only (0 with one Redis).
+    pub degraded_slots: Gauge,
 }
 
 impl BrokerMetrics {
@@ -166,6 +170,7 @@ impl BrokerMetrics {
             filled_messages: Counter::default(),
             duplicates: Counter::default(),
             resubscribes: Counter::default(),
+            degraded_slots: Gauge::default(),
         }
     }
 
@@ -215,6 +220,11 @@ impl BrokerMetrics {
             "resubscribes",
             "Reconnects to Redis followed by resubscribe and log repair",
             self.resubscribes.clone(),
+        );
+        r.register(
+            "degraded_slots",
+            "Redis Cluster slots whose node failed: their rooms deliver locally only",
+            self.degraded_slots.clone(),
         );
     }
 }

@@ -467,10 +467,14 @@ async fn a_restarted_redis_cluster_node_loses_nothing_and_its_room_recovers() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    // Each instance noticed the lost connection and subscribed its channels again.
+    // Each instance noticed the lost connection and subscribed the node's channels
+    // again (the others stayed ready meanwhile: the node served no presence key).
     for i in 0..3 {
-        let (_, metrics) = http_get(cluster.addr(i), "/metrics").await;
-        assert!(metric(&metrics, "parley_broker_resubscribes_total") >= 1.0);
+        wait_metrics(&cluster, i, "the node's slots recovered", |m| {
+            metric(m, "parley_broker_degraded_slots") == 0.0
+                && metric(m, "parley_broker_resubscribes_total") >= 1.0
+        })
+        .await;
     }
     bob.send_msg(&room, "after", "after").await;
     let got = of_room(&messages(&mut cat, 1).await, &room);
@@ -568,4 +572,182 @@ async fn a_room_whose_slot_moves_to_another_node_keeps_flowing() {
     let got = of_room(&messages(&mut cat, 1).await, &room);
     assert_gap_free(&got, 2, 2);
     cat.nothing_pushed(Duration::from_millis(300)).await;
+}
+
+/// Waits until `check` holds for the metrics of instance `i` (a slot recovery waits for
+/// a heartbeat and, while the node is still refusing, for the client's retries).
+async fn wait_metrics(cluster: &Cluster, i: usize, what: &str, check: impl Fn(&str) -> bool) {
+    let deadline = tokio::time::Instant::now() + 4 * WAIT;
+    loop {
+        let (_, metrics) = http_get(cluster.addr(i), "/metrics").await;
+        if check(&metrics) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "instance {i}: {what}; degraded slots {}, resubscribes {}",
+            metric(&metrics, "parley_broker_degraded_slots"),
+            metric(&metrics, "parley_broker_resubscribes_total"),
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_redis_cluster_node_degrades_its_own_rooms_only() {
+    let mut redis = RedisCluster::start("outage").await;
+    let rooms = redis.rooms_on_every_node().await;
+    let cluster = parley_on(&redis, "rcluster-outage", |_| {}).await;
+    // The victim serves neither the presence keys nor the live room.
+    let home = redis.node_of("{parley}").await;
+    let victim = (0..3).find(|i| *i != home).unwrap();
+    let other = (0..3).find(|i| *i != home && *i != victim).unwrap();
+    let (down, live) = (rooms[victim].clone(), rooms[other].clone());
+    let mut ann = cluster.client(0, "ann").await;
+    let mut bob = cluster.client(1, "bob").await;
+    for c in [&mut ann, &mut bob] {
+        c.join(&down).await;
+        c.join(&live).await;
+    }
+    ann.send_msg(&down, "d-before", "before").await;
+    ann.send_msg(&live, "l-before", "before").await;
+    let got = messages(&mut bob, 2).await;
+    assert_gap_free(&of_room(&got, &down), 1, 1);
+    assert_gap_free(&of_room(&got, &live), 1, 1);
+    let filled = |i: usize| {
+        let addr = cluster.addr(i);
+        async move {
+            let (_, m) = http_get(addr, "/metrics").await;
+            metric(&m, "parley_broker_filled_messages_total")
+        }
+    };
+    let filled_before = [filled(0).await, filled(1).await];
+
+    redis.nodes[victim].kill();
+    // Sends to the stopped node's room succeed (the log has them) and are delivered
+    // where they were sent.
+    for k in 0..5 {
+        ann.send_msg(&down, &format!("d-{k}"), "during").await;
+    }
+    // Both instances find the node gone (instance 0 by its failed publish, instance 1
+    // by its lost connection) and mark its slots, not the others, degraded.
+    for i in [0, 1] {
+        wait_metrics(&cluster, i, "a degraded slot", |m| {
+            metric(m, "parley_broker_degraded_slots") >= 1.0
+        })
+        .await;
+    }
+    // The live room keeps delivering in real time both ways for several heartbeats:
+    // every message arrives live (nothing is filled from the log, so none was held back
+    // as if Redis were down) and the instances stay ready all along.
+    const LIVE: u64 = 30;
+    for k in 0..LIVE / 2 {
+        ann.send_msg(&live, &format!("l-ann-{k}"), "during").await;
+        bob.send_msg(&live, &format!("l-bob-{k}"), "during").await;
+        for i in [0, 1] {
+            assert_eq!(http_get(cluster.addr(i), "/readyz").await.0, 200, "{i}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let got = tokio::time::timeout(WAIT, messages(&mut bob, LIVE as usize))
+        .await
+        .expect("the live room's messages while a node is down");
+    assert_gap_free(&of_room(&got, &live), 2, LIVE + 1);
+    assert_eq!(
+        of_room(&got, &down),
+        vec![],
+        "nothing of the stopped node's room"
+    );
+    for i in [0, 1] {
+        assert_eq!(filled(i).await, filled_before[i], "instance {i}: all live");
+    }
+
+    // The node returns: what was sent to its room meanwhile arrives once, in order,
+    // without anything new being sent; live fan-out through it works again.
+    redis.start_node(victim).await;
+    for i in 0..3 {
+        redis.wait_ok(i).await;
+    }
+    let got = messages(&mut bob, 5).await;
+    assert_gap_free(&of_room(&got, &down), 2, 6);
+    for i in [0, 1] {
+        wait_metrics(&cluster, i, "no degraded slot", |m| {
+            metric(m, "parley_broker_degraded_slots") == 0.0
+                && metric(m, "parley_broker_resubscribes_total") >= 1.0
+        })
+        .await;
+    }
+    bob.send_msg(&down, "d-after", "after").await;
+    let got = messages(&mut ann, 7 + 1 + LIVE as usize).await;
+    assert_gap_free(&of_room(&got, &down), 1, 7);
+    assert_gap_free(&of_room(&got, &live), 1, LIVE + 1);
+    let got = messages(&mut bob, 1).await;
+    assert_eq!(of_room(&got, &down), vec![(7, "after".to_string())]);
+    ann.nothing_pushed(Duration::from_millis(300)).await;
+    bob.nothing_pushed(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_presence_node_down_makes_presence_unavailable_and_rooms_elsewhere_flow() {
+    let mut redis = RedisCluster::start("presence-down").await;
+    let rooms = redis.rooms_on_every_node().await;
+    let cluster = parley_on(&redis, "rcluster-presence-down", |_| {}).await;
+    let home = redis.node_of("{parley}").await;
+    let live = rooms[(0..3).find(|i| *i != home).unwrap()].clone();
+    let mut ann = cluster.client(0, "ann").await;
+    let mut bob = cluster.client(1, "bob").await;
+    for c in [&mut ann, &mut bob] {
+        c.join(&live).await;
+    }
+    assert!(presence_of(&mut bob, "ann").await.online);
+
+    redis.nodes[home].kill();
+    // Presence queries fail once the heartbeat finds the node gone.
+    let deadline = tokio::time::Instant::now() + 2 * WAIT;
+    loop {
+        let reply = bob
+            .request(Cmd::Presence(proto::PresenceQuery {
+                users: vec!["ann".into()],
+            }))
+            .await;
+        if let Kind::Error(_) = reply {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "presence failing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Messages in a room on another node flow live; the instances stay ready.
+    for k in 0..3 {
+        ann.send_msg(&live, &format!("l-{k}"), "during").await;
+    }
+    let got = tokio::time::timeout(WAIT, messages(&mut bob, 3))
+        .await
+        .expect("the live room's messages while the presence node is down");
+    assert_gap_free(&of_room(&got, &live), 1, 3);
+    for i in [0, 1] {
+        assert_eq!(http_get(cluster.addr(i), "/readyz").await.0, 200);
+    }
+
+    // The node returns empty: every instance writes its users again.
+    redis.start_node(home).await;
+    for i in 0..3 {
+        redis.wait_ok(i).await;
+    }
+    let deadline = tokio::time::Instant::now() + 4 * WAIT;
+    loop {
+        let reply = bob
+            .request(Cmd::Presence(proto::PresenceQuery {
+                users: vec!["ann".into()],
+            }))
+            .await;
+        if let Kind::PresenceList(l) = reply
+            && l.users[0].online
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "ann online again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = messages(&mut ann, 3).await;
+    assert_gap_free(&of_room(&got, &live), 1, 3);
 }

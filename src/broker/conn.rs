@@ -4,8 +4,8 @@
 //!
 //! A cluster refuses a command or pipeline whose keys span slots (`CROSSSLOT`). So with a
 //! cluster: the presence keys share one hash tag ([`super::presence::Keys`]), and what
-//! names several channels (a batch of publishes, a resubscribe) is split with
-//! [`by_slot`] into one pipeline per slot, sent concurrently.
+//! names several channels (a resubscribe) is split with [`by_slot`] into one pipeline
+//! per slot, sent concurrently; publishes queue per slot (`redis::cluster_publisher`).
 //!
 //! Owns: the choice of connection. Not: what is sent over it (`redis`, `presence`).
 

@@ -24,18 +24,33 @@
 //!   subscribed again by [`Inner::resubscribe`] alone (as every channel is anyway).
 //! - **Redis Cluster** (`broker.cluster = true`, sharded pub/sub required): a room's or
 //!   user's shard channel lives on the node that serves its slot, so the fan-out spreads
-//!   over the nodes. A cluster refuses a pipeline spanning slots, so a batch of
-//!   publishes and a resubscribe are split into one pipeline per slot ([`by_slot`]),
-//!   sent concurrently (a channel's envelopes stay in order in its slot's pipeline, and
-//!   the next batch waits for all). The cluster client's own resubscription sends every
-//!   shard channel in one `SSUBSCRIBE`, which the cluster refuses (`CROSSSLOT`); a lost
-//!   node connection comes as a disconnection push, so [`Inner::resubscribe`] subscribes
-//!   per slot and repairs, as after a single Redis' restart. Presence keys share one hash
-//!   tag ([`Keys`]).
+//!   over the nodes. A cluster refuses a pipeline spanning slots, so publishes queue per
+//!   slot ([`cluster_publisher`]: one pipeline in flight per slot, so a channel's
+//!   envelopes stay in order, while the other slots go on) and a resubscribe sends one
+//!   pipeline per slot ([`by_slot`]). The cluster client's own resubscription sends
+//!   every shard channel in one `SSUBSCRIBE`, which the cluster refuses (`CROSSSLOT`).
+//!   Presence keys share one hash tag ([`Keys`]).
+//! - **Cluster health, per slot**: a command that fails for a channel marks that
+//!   channel's slot down ([`Slots`]), not Redis: publishes to a down slot are delivered
+//!   here only, its subscriptions wait, and every heartbeat probes the down slots; one
+//!   that answers gets its wanted channels subscribed again and its rooms repaired from
+//!   the log ([`Inner::recover_slots`]). Rooms on other nodes deliver as before. A lost
+//!   node connection comes as a disconnection push that does not say which node, so the
+//!   next heartbeat subscribes every slot's channels again (a no-op where they still
+//!   are) with `CLIENT GETNAME`: each node connection is named (`CLIENT SETNAME`) the
+//!   first time it is seen, so a slot whose connection has another name than the one
+//!   its channels were subscribed on lost them, and only those slots' rooms are
+//!   repaired. The presence node failing makes presence unavailable (`healthy` is
+//!   false: queries fail, changes are written again by [`Inner::restore_presence`]) and
+//!   nothing else; `/readyz` fails only when no node answers. redis-rs 1.2's cluster
+//!   connection holds every command while it refreshes its slot map or reconnects a
+//!   node, so a node that hangs rather than refusing stalls all slots for its timeouts,
+//!   and hundreds of commands failing at once against a dead node stalled it for good
+//!   under load: a recovery sends [`RECOVERY_CONCURRENCY`] slots at a time.
 //! - **Interest**: a room's channel is subscribed while the room has local members (the
 //!   hub's room size is the reference count), a user's channel while the user has local
 //!   sessions; `all` always. Subscription changes go through one task, in order.
-//! - **Loss**: while Redis is unreachable, publishes are delivered locally only,
+//! - **Loss** (one Redis): while Redis is unreachable, publishes are delivered locally only,
 //!   `/readyz` answers 503, and the heartbeat keeps probing. When a probe succeeds
 //!   again, every wanted channel is subscribed again and every watched room is repaired
 //!   from the log ([`RoomOrder::repair`]); gaps that show up in live traffic are filled
@@ -61,6 +76,7 @@ use redis::{
     ConnectionInfo, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Value,
     aio::{ConnectionManager, ConnectionManagerConfig},
     cluster::{ClusterClientBuilder, ClusterConfig},
+    cluster_routing::Slot,
 };
 use tokio::sync::mpsc;
 
@@ -103,6 +119,24 @@ enum Outgoing {
     Flush(tokio::sync::oneshot::Sender<()>),
 }
 
+/// What this instance knows of the slots its channels live in (Redis Cluster only): the
+/// node of each slot is judged by what was sent to that slot, so a node that fails
+/// degrades its own slots and no other.
+#[derive(Default)]
+struct Slots {
+    /// Slots whose node failed a command, each with one of its channels (to probe it):
+    /// publishes to them are delivered here only; the heartbeat probes them, subscribes
+    /// their channels again and repairs their rooms from the log once they answer.
+    down: HashMap<Slot, String>,
+    /// Slots whose node connection was found replaced (its subscriptions were lost with
+    /// the old one) while the node answers: the next heartbeat subscribes their channels
+    /// again and repairs their rooms; publishes go on meanwhile.
+    stale: HashSet<Slot>,
+    /// The name (`CLIENT SETNAME`, unique per connection) of the node connection each
+    /// slot's channels were last subscribed on: another name means a new connection.
+    names: HashMap<Slot, String>,
+}
+
 #[derive(Default)]
 struct Interest {
     rooms: HashSet<String>,
@@ -125,8 +159,23 @@ struct Inner {
     changes: mpsc::UnboundedSender<Change>,
     /// The last probe or command succeeded.
     healthy: AtomicBool,
-    /// The connection was lost since the last resubscribe-and-repair.
+    /// The connection was lost since the last resubscribe-and-repair (with a cluster: a
+    /// node connection was lost somewhere, so every slot is checked at the next
+    /// heartbeat).
     lost: AtomicBool,
+    /// Cluster only: the presence node failed since this instance last wrote its users.
+    presence_lost: AtomicBool,
+    /// Cluster only: users whose last session here ended while the presence node was
+    /// down (user → when), written when it answers again.
+    offline_missed: Mutex<HashMap<String, i64>>,
+    /// Cluster only: the health of the slots this instance's channels live in.
+    slots: Mutex<Slots>,
+    /// Cluster only: `slots.down` is not empty (read on every publish without the lock).
+    any_down: AtomicBool,
+    /// Cluster only: a slot recovery is running (one at a time).
+    recovering: AtomicBool,
+    /// Cluster only: the heartbeat to the presence node succeeded once.
+    reached: AtomicBool,
     /// This instance's HTTP address for the others.
     advertise: Mutex<Option<String>>,
     /// The address has been published once (until then requests for this instance's
@@ -139,6 +188,9 @@ struct Inner {
 
 /// The most instances the address book holds.
 const MAX_OWNERS: usize = 1024;
+
+/// Cluster: the most slots a recovery subscribes at once.
+const RECOVERY_CONCURRENCY: usize = 8;
 
 /// The most envelopes the publisher sends as one pipeline.
 pub const PUBLISH_BATCH: usize = 512;
@@ -241,6 +293,12 @@ impl RedisBroker {
             changes,
             healthy: AtomicBool::new(false),
             lost: AtomicBool::new(false),
+            presence_lost: AtomicBool::new(false),
+            offline_missed: Mutex::default(),
+            slots: Mutex::default(),
+            any_down: AtomicBool::new(false),
+            recovering: AtomicBool::new(false),
+            reached: AtomicBool::new(false),
             advertise: Mutex::default(),
             advertised: AtomicBool::new(false),
             owners: Mutex::default(),
@@ -273,6 +331,7 @@ impl Inner {
     /// answer other commands in flight on the multiplexed connection.) One classic
     /// channel goes through the manager's `subscribe`, which remembers it for its
     /// automatic resubscription; the rest are subscribed again by [`Self::resubscribe`].
+    /// (One Redis; a cluster's channels go through [`Self::subscribe_slot`].)
     async fn subscribe(&self, conn: &mut Conn, channels: &[String]) -> redis::RedisResult<()> {
         match channels {
             [] => Ok(()),
@@ -281,24 +340,6 @@ impl Inner {
                     && let Conn::Single(conn) = conn =>
             {
                 conn.subscribe(one).await
-            }
-            _ if conn.is_cluster() => {
-                // One pipeline per slot (a cluster node refuses a pipeline that spans
-                // slots), sent concurrently.
-                let sends = by_slot(channels, |c| c.as_str()).into_iter().map(|group| {
-                    let mut conn = conn.clone();
-                    async move {
-                        let mut pipe = redis::pipe();
-                        for channel in group {
-                            pipe.cmd("SSUBSCRIBE").arg(channel).ignore();
-                        }
-                        pipe.exec_async(&mut conn).await
-                    }
-                });
-                futures_util::future::join_all(sends)
-                    .await
-                    .into_iter()
-                    .collect()
             }
             _ => {
                 let command = if self.sharded {
@@ -421,14 +462,290 @@ impl Inner {
         }
     }
 
+    /// Cluster: the node of `channel`'s slot failed a command. Its publishes are
+    /// delivered here only and its channels wait for the heartbeat to find it again.
+    fn slot_down(&self, channel: &str, why: &dyn std::fmt::Display) {
+        let slot = Slot::for_key(channel);
+        let mut slots = lock(&self.slots);
+        if let std::collections::hash_map::Entry::Vacant(e) = slots.down.entry(slot) {
+            e.insert(channel.to_string());
+            tracing::warn!(
+                error = %why,
+                channel,
+                "redis cluster: the node of this channel's slot failed: its rooms deliver \
+                 here only until it answers again"
+            );
+            self.slots_changed(&slots);
+        }
+    }
+
+    fn slots_changed(&self, slots: &Slots) {
+        self.any_down
+            .store(!slots.down.is_empty(), Ordering::SeqCst);
+        self.metrics.degraded_slots.set(slots.down.len() as i64);
+    }
+
+    /// Cluster: whether `channel`'s slot is down (cheap while no slot is).
+    fn is_slot_down(&self, channel: &str) -> bool {
+        self.any_down.load(Ordering::SeqCst)
+            && lock(&self.slots).down.contains_key(&Slot::for_key(channel))
+    }
+
+    /// Cluster: subscribes `channels` (all in `key`'s slot, maybe none) on the node that
+    /// serves the slot, probing it with `key` (a channel of the slot), and names the node
+    /// connection if it has no name yet (it is new). Returns whether the connection
+    /// differs from the one the slot's channels were last subscribed on, so that they
+    /// were lost with that one.
+    async fn subscribe_slot(&self, key: &str, channels: &[String]) -> redis::RedisResult<bool> {
+        let mut conn = self.conn.clone();
+        let mut chunks: Vec<&[String]> = channels.chunks(256).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        let mut name = None;
+        for chunk in chunks {
+            let mut pipe = redis::pipe();
+            pipe.cmd("CLIENT").arg("GETNAME");
+            // Routes the pipeline to the slot's node (CLIENT has no key), also when there
+            // is no channel to subscribe.
+            pipe.cmd("EXISTS").arg(key).ignore();
+            for channel in chunk {
+                pipe.cmd("SSUBSCRIBE").arg(channel).ignore();
+            }
+            let (got,): (Option<String>,) = pipe.query_async(&mut conn).await?;
+            name = name.or(Some(got));
+        }
+        let name = match name.flatten() {
+            Some(name) => name,
+            None => {
+                // A name that only this connection can have (the node process's run id
+                // and the connection's id there), the same whichever slot's recovery
+                // sets it: concurrent recoveries of slots of one node agree on it.
+                let (id, info): (i64, String) = redis::pipe()
+                    .cmd("CLIENT")
+                    .arg("ID")
+                    .cmd("INFO")
+                    .arg("server")
+                    .cmd("EXISTS")
+                    .arg(key)
+                    .ignore()
+                    .query_async(&mut conn)
+                    .await?;
+                let run = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("run_id:"))
+                    .unwrap_or_default()
+                    .trim();
+                let name = format!("parley-{:x}-{run}-{id}", self.id);
+                redis::pipe()
+                    .cmd("CLIENT")
+                    .arg("SETNAME")
+                    .arg(&name)
+                    .ignore()
+                    .cmd("EXISTS")
+                    .arg(key)
+                    .ignore()
+                    .exec_async(&mut conn)
+                    .await?;
+                name
+            }
+        };
+        let previous = lock(&self.slots)
+            .names
+            .insert(Slot::for_key(key), name.clone());
+        Ok(previous.is_some_and(|p| p != name))
+    }
+
+    /// Cluster: subscribes the channels of the slots that need it again and repairs their
+    /// rooms from the log: with `every`, each slot with a wanted channel (a node
+    /// connection was lost somewhere; the slots whose connection was replaced need it);
+    /// otherwise the down and stale slots. Rooms of slots whose node connection survived
+    /// are left alone.
+    async fn recover_slots(self: &Arc<Self>, every: bool) {
+        let (rooms, users) = {
+            let i = lock(&self.interest);
+            (
+                i.rooms.iter().cloned().collect::<Vec<_>>(),
+                i.users.iter().cloned().collect::<Vec<_>>(),
+            )
+        };
+        let mut channels = vec![self.keys.all_channel()];
+        channels.extend(rooms.iter().map(|r| self.keys.room_channel(r)));
+        channels.extend(users.iter().map(|u| self.keys.user_channel(u)));
+        let (down, stale) = {
+            let s = lock(&self.slots);
+            (s.down.clone(), s.stale.clone())
+        };
+        let mut work: Vec<(Slot, String, Vec<String>, bool)> = Vec::new();
+        let mut seen = HashSet::new();
+        for group in by_slot(channels, |c| c.as_str()) {
+            let slot = Slot::for_key(&group[0]);
+            seen.insert(slot);
+            let bad = down.contains_key(&slot) || stale.contains(&slot);
+            if every || bad {
+                work.push((slot, group[0].clone(), group, bad));
+            }
+        }
+        // Down slots with no channel wanted here any more: a probe lifts them.
+        for (slot, key) in down {
+            if !seen.contains(&slot) {
+                work.push((slot, key, Vec::new(), true));
+            }
+        }
+        if work.is_empty() {
+            return;
+        }
+        // A few slots at a time: hundreds of commands failing at once against a dead
+        // node stalled redis-rs's cluster connection for every node (docs/BENCHMARKS.md,
+        // round five). Each result counts as it comes (a dead slot is marked at once).
+        use futures_util::stream::StreamExt;
+        let mut results = futures_util::stream::iter(work.into_iter().map(
+            |(slot, key, channels, bad)| async move {
+                let r = self.subscribe_slot(&key, &channels).await;
+                (slot, key, channels, bad, r)
+            },
+        ))
+        .buffer_unordered(RECOVERY_CONCURRENCY);
+        let mut repair = Vec::new();
+        let mut recovered = 0;
+        while let Some((slot, key, channels, bad, result)) = results.next().await {
+            match result {
+                Err(e) => self.slot_down(&key, &e),
+                Ok(replaced) => {
+                    {
+                        let mut s = lock(&self.slots);
+                        s.stale.remove(&slot);
+                        if s.down.remove(&slot).is_some() {
+                            self.slots_changed(&s);
+                        }
+                    }
+                    if bad || replaced {
+                        recovered += 1;
+                        repair.extend(
+                            channels
+                                .iter()
+                                .filter_map(|c| self.keys.room_of_channel(c))
+                                .map(str::to_string),
+                        );
+                    }
+                }
+            }
+        }
+        if recovered == 0 {
+            return;
+        }
+        self.metrics.resubscribes.inc();
+        tracing::info!(
+            slots = recovered,
+            rooms = repair.len(),
+            "redis cluster: slots back: resubscribed; repairing their rooms from the log"
+        );
+        for room in repair {
+            self.order.repair(&room).await;
+        }
+    }
+
+    /// Cluster: the whole cluster looks unreachable (the presence node and the nodes of
+    /// every channel wanted here failed).
+    fn cluster_down(&self) -> bool {
+        if self.healthy.load(Ordering::SeqCst) {
+            return false;
+        }
+        if !self.reached.load(Ordering::SeqCst) {
+            return true;
+        }
+        if !self.any_down.load(Ordering::SeqCst) {
+            return false;
+        }
+        let interest = lock(&self.interest);
+        let slots = lock(&self.slots);
+        let down = |channel: String| slots.down.contains_key(&Slot::for_key(channel));
+        down(self.keys.all_channel())
+            && interest
+                .rooms
+                .iter()
+                .all(|r| down(self.keys.room_channel(r)))
+            && interest
+                .users
+                .iter()
+                .all(|u| down(self.keys.user_channel(u)))
+    }
+
+    /// Redis failed (one Redis: all of it; a cluster: the presence node, whose slot the
+    /// presence keys share).
     fn set_down(&self, why: &dyn std::fmt::Display) {
+        if self.conn.is_cluster() {
+            if self.healthy.swap(false, Ordering::SeqCst) {
+                tracing::warn!(
+                    error = %why,
+                    "redis cluster: the presence node is unreachable: presence unavailable \
+                     (rooms on the other nodes deliver as before)"
+                );
+            }
+            self.presence_lost.store(true, Ordering::SeqCst);
+            return;
+        }
         if self.healthy.swap(false, Ordering::SeqCst) {
             tracing::warn!(error = %why, "redis unreachable: delivering locally only");
         }
         self.lost.store(true, Ordering::SeqCst);
     }
 
-    /// Subscribes every wanted channel again and repairs every watched room.
+    /// Cluster: starts a slot recovery in the background if one is due and none runs
+    /// (a node that does not answer makes it wait for the client's retries; the
+    /// heartbeat goes on meanwhile).
+    fn maybe_recover_slots(self: &Arc<Self>) {
+        if self.recovering.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let every = self.lost.swap(false, Ordering::SeqCst);
+        let due =
+            every || self.any_down.load(Ordering::SeqCst) || !lock(&self.slots).stale.is_empty();
+        if !due {
+            self.recovering.store(false, Ordering::SeqCst);
+            return;
+        }
+        let inner = self.clone();
+        tokio::spawn(async move {
+            inner.recover_slots(every).await;
+            inner.recovering.store(false, Ordering::SeqCst);
+        });
+    }
+
+    /// Cluster: writes this instance's users again once the presence node answers after a
+    /// failure (it may have restarted and lost them).
+    async fn restore_presence(&self) {
+        let users = lock(&self.interest)
+            .users
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>();
+        let mut conn = self.conn.clone();
+        if let Err(e) = self.presence.restore(&mut conn, &users).await {
+            self.set_down(&e);
+            return;
+        }
+        // Users whose last session here ended while the node was down.
+        let missed = std::mem::take(&mut *lock(&self.offline_missed));
+        let n = missed.len();
+        for (user, at) in missed {
+            if lock(&self.interest).users.contains(&user) {
+                continue;
+            }
+            if let Err(e) = self.presence.offline(&mut conn, &user, at).await {
+                lock(&self.offline_missed).insert(user, at);
+                self.set_down(&e);
+                return;
+            }
+        }
+        tracing::info!(
+            users = users.len(),
+            offline = n,
+            "redis cluster: presence node back: users written again"
+        );
+    }
+
+    /// One Redis: subscribes every wanted channel again and repairs every watched room.
     async fn resubscribe(self: &Arc<Self>) {
         let (rooms, users) = {
             let i = lock(&self.interest);
@@ -495,6 +812,16 @@ async fn receive(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<PushInfo>) 
                 let push = Arc::new(Push::new(env.kind));
                 inner.deliver_here(&env.target, push, env.seq);
             }
+            // With a cluster, one node's connection closed, and the push does not say
+            // which: the next heartbeat checks every slot (only those whose connection
+            // was replaced are repaired).
+            PushKind::Disconnection if inner.conn.is_cluster() => {
+                tracing::debug!("redis cluster: a node connection closed");
+                inner.lost.store(true, Ordering::SeqCst);
+                // It may have been the presence node's, restarted with its keys lost
+                // before a heartbeat failed: write this instance's users again.
+                inner.presence_lost.store(true, Ordering::SeqCst);
+            }
             PushKind::Disconnection => inner.set_down(&"connection closed"),
             // A cluster node drops the shard channels of a slot that moved to another
             // node (resharding, failover): subscribe again where it lives now.
@@ -512,6 +839,10 @@ async fn receive(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<PushInfo>) 
 async fn apply_changes(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Change>) {
     while let Some(change) = rx.recv().await {
         let Some(inner) = inner.upgrade() else { return };
+        if inner.conn.is_cluster() {
+            apply_cluster_change(&inner, change).await;
+            continue;
+        }
         let mut conn = inner.conn.clone();
         let result = match change {
             Change::Subscribe { channel, room } => {
@@ -536,19 +867,7 @@ async fn apply_changes(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Chang
                 .inspect(|_| {
                     inner.metrics.publishes.inc();
                 }),
-            Change::Online(user) => inner.presence.online(&mut conn, &user).await,
-            Change::Advertise => {
-                let addr = lock(&inner.advertise).clone();
-                let r = inner
-                    .presence
-                    .heartbeat(&mut conn, addr.as_deref(), now_ms())
-                    .await;
-                if r.is_ok() {
-                    inner.advertised.store(true, Ordering::SeqCst);
-                }
-                r
-            }
-            Change::Offline(user, at) => inner.presence.offline(&mut conn, &user, at).await,
+            change => apply_presence(&inner, &mut conn, change).await,
         };
         if let Err(e) = result {
             inner.set_down(&e);
@@ -556,11 +875,122 @@ async fn apply_changes(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Chang
     }
 }
 
+/// A presence change (or the address) written to the presence keys.
+async fn apply_presence(inner: &Inner, conn: &mut Conn, change: Change) -> redis::RedisResult<()> {
+    match change {
+        Change::Online(user) => inner.presence.online(conn, &user).await,
+        Change::Advertise => {
+            let addr = lock(&inner.advertise).clone();
+            let r = inner
+                .presence
+                .heartbeat(conn, addr.as_deref(), now_ms())
+                .await;
+            if r.is_ok() {
+                inner.advertised.store(true, Ordering::SeqCst);
+            }
+            r
+        }
+        Change::Offline(user, at) => inner.presence.offline(conn, &user, at).await,
+        Change::Subscribe { .. } | Change::Unsubscribe(_) | Change::Publish(..) => Ok(()),
+    }
+}
+
+/// A change on a cluster: a channel's failure marks its slot down (not the others), and a
+/// channel whose slot is down waits for the heartbeat's recovery of the slot (which
+/// subscribes it, as it is wanted, and repairs its room).
+async fn apply_cluster_change(inner: &Arc<Inner>, change: Change) {
+    let mut conn = inner.conn.clone();
+    let (channel, result) = match change {
+        Change::Subscribe { channel, room } => {
+            if inner.is_slot_down(&channel) {
+                return;
+            }
+            let r = inner
+                .subscribe_slot(&channel, std::slice::from_ref(&channel))
+                .await;
+            if let Ok(true) = r {
+                // The slot's node connection was replaced since its other channels were
+                // subscribed: they were lost with the old one.
+                lock(&inner.slots).stale.insert(Slot::for_key(&channel));
+            }
+            if r.is_ok()
+                && let Some(room) = room
+            {
+                // Publishes made before the subscription took effect are in the log.
+                let order = inner.order.clone();
+                tokio::spawn(async move { order.repair(&room).await });
+            }
+            (channel, r.map(|_| ()))
+        }
+        Change::Unsubscribe(channel) => {
+            if inner.is_slot_down(&channel) {
+                return;
+            }
+            let r = inner.unsubscribe(&mut conn, &channel).await;
+            (channel, r)
+        }
+        Change::Publish(channel, bytes) => {
+            if inner.is_slot_down(&channel) {
+                inner.metrics.publish_failures.inc();
+                return;
+            }
+            let r = redis::cmd(inner.publish_command())
+                .arg(&channel)
+                .arg(&bytes[..])
+                .exec_async(&mut conn)
+                .await
+                .inspect(|_| {
+                    inner.metrics.publishes.inc();
+                });
+            (channel, r)
+        }
+        change => {
+            // While the presence node is known down, user changes are not sent, so that
+            // they do not hold up the subscriptions behind them for the client's
+            // retries: the users are written again when it answers, and the offline
+            // changes made meanwhile then too.
+            let offline = match &change {
+                Change::Online(user) => {
+                    lock(&inner.offline_missed).remove(user);
+                    None
+                }
+                Change::Offline(user, at) => Some((user.clone(), *at)),
+                _ => None,
+            };
+            let known_down = inner.reached.load(Ordering::SeqCst)
+                && !inner.healthy.load(Ordering::SeqCst)
+                && !matches!(change, Change::Advertise);
+            let sent = if !known_down {
+                apply_presence(inner, &mut conn, change).await
+            } else {
+                Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "presence node unreachable",
+                )))
+            };
+            if let Err(e) = sent {
+                if let Some((user, at)) = offline {
+                    lock(&inner.offline_missed).insert(user, at);
+                }
+                inner.set_down(&e);
+            }
+            return;
+        }
+    };
+    if let Err(e) = result {
+        inner.slot_down(&channel, &e);
+    }
+}
+
 /// Sends the queued envelopes: whatever has queued up (at most [`PUBLISH_BATCH`]) as one
 /// pipeline, then waits for its replies before the next, so envelopes reach Redis in
 /// queue order and a burst costs one round trip per batch, not per envelope. A failed
 /// batch is dropped (receivers repair room messages from the log) and marks Redis down.
+/// (A cluster's go through [`cluster_publisher`].)
 async fn publisher(inner: Weak<Inner>, mut rx: mpsc::Receiver<Outgoing>) {
+    if inner.upgrade().is_some_and(|i| i.conn.is_cluster()) {
+        return cluster_publisher(inner, rx).await;
+    }
     let mut batch = Vec::with_capacity(PUBLISH_BATCH);
     let mut flushes = Vec::new();
     while rx.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
@@ -575,29 +1005,10 @@ async fn publisher(inner: Weak<Inner>, mut rx: mpsc::Receiver<Outgoing>) {
         }
         let n = envelopes.len() as u64;
         if n > 0 {
-            let result = if inner.conn.is_cluster() {
-                // One pipeline per slot, concurrently: a channel's envelopes stay in
-                // order within its slot's pipeline, and the next batch waits for all.
-                let sends = by_slot(envelopes, |(channel, _)| channel.as_str())
-                    .into_iter()
-                    .map(|group| {
-                        let mut conn = inner.conn.clone();
-                        async move {
-                            publish_pipeline(command, &group)
-                                .exec_async(&mut conn)
-                                .await
-                        }
-                    });
-                futures_util::future::join_all(sends)
-                    .await
-                    .into_iter()
-                    .collect()
-            } else {
-                let mut conn = inner.conn.clone();
-                publish_pipeline(command, &envelopes)
-                    .exec_async(&mut conn)
-                    .await
-            };
+            let mut conn = inner.conn.clone();
+            let result = publish_pipeline(command, &envelopes)
+                .exec_async(&mut conn)
+                .await;
             match result {
                 Ok(()) => {
                     inner.metrics.publishes.inc_by(n);
@@ -613,6 +1024,147 @@ async fn publisher(inner: Weak<Inner>, mut rx: mpsc::Receiver<Outgoing>) {
         for done in flushes.drain(..) {
             let _ = done.send(());
         }
+    }
+}
+
+/// The envelopes of one slot waiting for the cluster publisher, numbered in queue order.
+#[derive(Default)]
+struct SlotQueue {
+    /// The number of the first envelope of the pipeline in flight, if one is.
+    in_flight: Option<u64>,
+    waiting: std::collections::VecDeque<(u64, String, Bytes)>,
+}
+
+impl SlotQueue {
+    /// The number of the oldest envelope not yet sent (or failed).
+    fn oldest(&self) -> Option<u64> {
+        self.in_flight.or(self.waiting.front().map(|e| e.0))
+    }
+}
+
+/// Sends the queued envelopes to a cluster: one queue per slot, each sending one pipeline
+/// (up to [`PUBLISH_BATCH`]) at a time, so a channel's envelopes reach its node in
+/// order, while the other slots' pipelines go on: a node that fails or stalls holds up
+/// its own slots only. A failed pipeline marks its slot down (what queued behind it is
+/// dropped with it: the receivers repair room messages from the log once the node is
+/// back). A flush is answered once every envelope queued before it has been sent.
+async fn cluster_publisher(inner: Weak<Inner>, mut rx: mpsc::Receiver<Outgoing>) {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    let mut queues: HashMap<Slot, SlotQueue> = HashMap::new();
+    let mut in_flight = FuturesUnordered::new();
+    let mut flushes: Vec<(u64, tokio::sync::oneshot::Sender<()>)> = Vec::new();
+    let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+    let mut next = 0u64;
+    let mut open = true;
+    while open || !in_flight.is_empty() {
+        tokio::select! {
+            n = rx.recv_many(&mut batch, PUBLISH_BATCH), if open => {
+                if n == 0 {
+                    open = false;
+                }
+                for item in batch.drain(..) {
+                    match item {
+                        Outgoing::Envelope(channel, bytes) => {
+                            let slot = Slot::for_key(&channel);
+                            let queue = queues.entry(slot).or_default();
+                            queue.waiting.push_back((next, channel, bytes));
+                            next += 1;
+                        }
+                        Outgoing::Flush(done) => flushes.push((next, done)),
+                    }
+                }
+            }
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                let Some(inner) = inner.upgrade() else { return };
+                let Sent { slot, sent, channel, result } = done;
+                match result {
+                    Ok(()) => {
+                        inner.metrics.publishes.inc_by(sent);
+                        inner.metrics.publish_batches.inc();
+                        if let Some(queue) = queues.get_mut(&slot) {
+                            queue.in_flight = None;
+                        }
+                    }
+                    Err(e) => {
+                        let dropped = queues.remove(&slot).map_or(0, |q| q.waiting.len());
+                        let failed = sent + dropped as u64;
+                        inner.metrics.publish_failures.inc_by(failed);
+                        tracing::warn!(error = %e, envelopes = failed, channel = %channel, "publish failed");
+                        inner.slot_down(&channel, &e);
+                    }
+                }
+            }
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        // Start a pipeline in every slot that has envelopes and none in flight (what
+        // queued for a slot found down meanwhile is dropped: it would only wait for the
+        // client's retries to fail again).
+        queues.retain(|slot, queue| {
+            if queue.in_flight.is_none()
+                && !queue.waiting.is_empty()
+                && inner.is_slot_down(&queue.waiting[0].1)
+            {
+                inner
+                    .metrics
+                    .publish_failures
+                    .inc_by(queue.waiting.len() as u64);
+                queue.waiting.clear();
+            }
+            if queue.in_flight.is_none() && !queue.waiting.is_empty() {
+                let n = queue.waiting.len().min(PUBLISH_BATCH);
+                queue.in_flight = queue.waiting.front().map(|e| e.0);
+                let envelopes: Vec<(String, Bytes)> = queue
+                    .waiting
+                    .drain(..n)
+                    .map(|(_, channel, bytes)| (channel, bytes))
+                    .collect();
+                in_flight.push(send_slot(inner.clone(), *slot, envelopes));
+            }
+            queue.in_flight.is_some() || !queue.waiting.is_empty()
+        });
+        if !flushes.is_empty() {
+            let oldest = queues.values().filter_map(SlotQueue::oldest).min();
+            let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut flushes)
+                .into_iter()
+                .partition(|(before, _)| oldest.is_none_or(|o| o >= *before));
+            flushes = waiting;
+            for (_, done) in done {
+                let _ = done.send(());
+            }
+        }
+    }
+    for (_, done) in flushes {
+        let _ = done.send(());
+    }
+}
+
+/// What became of one slot's pipeline of publishes.
+struct Sent {
+    slot: Slot,
+    /// How many envelopes it carried.
+    sent: u64,
+    /// One of their channels.
+    channel: String,
+    result: redis::RedisResult<()>,
+}
+
+/// Sends one slot's pipeline of publishes.
+async fn send_slot(inner: Arc<Inner>, slot: Slot, envelopes: Vec<(String, Bytes)>) -> Sent {
+    let mut conn = inner.conn.clone();
+    let result = publish_pipeline(inner.publish_command(), &envelopes)
+        .exec_async(&mut conn)
+        .await;
+    let n = envelopes.len() as u64;
+    let channel = envelopes
+        .into_iter()
+        .next()
+        .map(|e| e.0)
+        .unwrap_or_default();
+    Sent {
+        slot,
+        sent: n,
+        channel,
+        result,
     }
 }
 
@@ -646,7 +1198,12 @@ async fn heartbeat(inner: Weak<Inner>, every: Duration) {
                 if !inner.healthy.swap(true, Ordering::SeqCst) {
                     tracing::info!("redis reachable");
                 }
-                if inner.lost.swap(false, Ordering::SeqCst) {
+                inner.reached.store(true, Ordering::SeqCst);
+                if inner.conn.is_cluster() {
+                    if inner.presence_lost.swap(false, Ordering::SeqCst) {
+                        inner.restore_presence().await;
+                    }
+                } else if inner.lost.swap(false, Ordering::SeqCst) {
                     inner.resubscribe().await;
                 }
                 match inner
@@ -660,6 +1217,10 @@ async fn heartbeat(inner: Weak<Inner>, every: Duration) {
             }
             Err(e) => inner.set_down(&e),
         }
+        if inner.conn.is_cluster() {
+            // Independent of the presence node: the other nodes' slots recover anyway.
+            inner.maybe_recover_slots();
+        }
     }
 }
 
@@ -671,7 +1232,13 @@ impl Broker for RedisBroker {
         let bytes = wire::encode(inner.id, now_ms(), &target, &push);
         let channel = inner.channel_of(&target);
         inner.deliver_here(&target, push, seq);
-        if !inner.healthy.load(Ordering::SeqCst) {
+        let down = if inner.conn.is_cluster() {
+            // Only the node of this channel's slot counts.
+            inner.is_slot_down(&channel)
+        } else {
+            !inner.healthy.load(Ordering::SeqCst)
+        };
+        if down {
             // Other instances repair messages from the log once Redis is back; ephemeral
             // pushes (typing, presence) are lost, as over any dropped connection.
             inner.metrics.publish_failures.inc();
@@ -740,6 +1307,10 @@ impl Broker for RedisBroker {
     }
 
     async fn presence(&self, users: &[String]) -> Result<Option<Vec<UserPresence>>, BrokerError> {
+        if self.inner.conn.is_cluster() && !self.inner.healthy.load(Ordering::SeqCst) {
+            // The presence node is down: answer at once rather than after the retries.
+            return Err(BrokerError::Backend("presence unavailable".into()));
+        }
         let mut conn = self.inner.conn.clone();
         self.inner
             .presence
@@ -812,7 +1383,14 @@ impl Broker for RedisBroker {
     }
 
     fn health(&self) -> Result<(), String> {
-        if !self.inner.healthy.load(Ordering::SeqCst) {
+        let down = if self.inner.conn.is_cluster() {
+            // Ready while any part of the cluster answers: rooms on the nodes that do
+            // deliver as before.
+            self.inner.cluster_down()
+        } else {
+            !self.inner.healthy.load(Ordering::SeqCst)
+        };
+        if down {
             Err("redis unreachable".into())
         } else if lock(&self.inner.advertise).is_some()
             && !self.inner.advertised.load(Ordering::SeqCst)
