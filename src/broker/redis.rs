@@ -562,16 +562,7 @@ impl Inner {
     /// otherwise the down and stale slots. Rooms of slots whose node connection survived
     /// are left alone.
     async fn recover_slots(self: &Arc<Self>, every: bool) {
-        let (rooms, users) = {
-            let i = lock(&self.interest);
-            (
-                i.rooms.iter().cloned().collect::<Vec<_>>(),
-                i.users.iter().cloned().collect::<Vec<_>>(),
-            )
-        };
-        let mut channels = vec![self.keys.all_channel()];
-        channels.extend(rooms.iter().map(|r| self.keys.room_channel(r)));
-        channels.extend(users.iter().map(|u| self.keys.user_channel(u)));
+        let (_, _, channels) = self.wanted();
         let (down, stale) = {
             let s = lock(&self.slots);
             (s.down.clone(), s.stale.clone())
@@ -745,8 +736,9 @@ impl Inner {
         );
     }
 
-    /// One Redis: subscribes every wanted channel again and repairs every watched room.
-    async fn resubscribe(self: &Arc<Self>) {
+    /// The rooms and users watched here, and every channel that wants: the broadcast
+    /// channel, one per room, one per user.
+    fn wanted(&self) -> (Vec<String>, Vec<String>, Vec<String>) {
         let (rooms, users) = {
             let i = lock(&self.interest);
             (
@@ -757,6 +749,12 @@ impl Inner {
         let mut channels = vec![self.keys.all_channel()];
         channels.extend(rooms.iter().map(|r| self.keys.room_channel(r)));
         channels.extend(users.iter().map(|u| self.keys.user_channel(u)));
+        (rooms, users, channels)
+    }
+
+    /// One Redis: subscribes every wanted channel again and repairs every watched room.
+    async fn resubscribe(self: &Arc<Self>) {
+        let (rooms, users, channels) = self.wanted();
         let mut conn = self.conn.clone();
         for chunk in channels.chunks(256) {
             if let Err(e) = self.subscribe(&mut conn, chunk).await {
