@@ -1,9 +1,12 @@
 //! HTTP/3 and WebTransport (`/wt`) against the real server, with real QUIC clients over
 //! loopback: quinn + hyperium's h3 client for HTTP/3 requests, and `wtransport` (an
 //! independent WebTransport implementation) for `/wt` sessions. WebSocket peers are
-//! tokio-tungstenite over TLS, as in tests/tls.rs.
+//! tokio-tungstenite over TLS, as in tests/tls.rs. One test runs two instances on a private
+//! redis-server (tests/cluster/harness.rs) to check `/wt` without sticky sessions.
 
 mod common;
+#[path = "cluster/harness.rs"]
+mod harness;
 
 use std::{collections::VecDeque, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -559,6 +562,91 @@ async fn resume_moves_between_webtransport_and_websocket_with_exact_positions() 
     // Nothing else: a probe message comes right after m4.
     bob.say("lobby", "b-5", "m5").await;
     ann.message("m5").await;
+}
+
+/// No sticky sessions for `/wt` either: two instances (in this process) on one private
+/// redis-server and one shared store. A WebTransport user on one instance and a WebSocket
+/// user on the other chat live; the WebTransport user's session, lost on the first
+/// instance, reconnects to the second: `resumed: false` (its session lives on the first)
+/// and a log sync from its last seq gives exactly what it missed, then live delivery
+/// continues there (README, "No sticky sessions").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webtransport_users_chat_across_instances_and_continue_on_another() {
+    let certs = make_certs("wt-cluster");
+    // Redis and the shared store only: the instances are TLS servers started here.
+    let cluster = harness::Cluster::start("wt", 0).await;
+    let shared = |c: &mut parley::config::Config| {
+        c.store = cluster.config.store.clone();
+        c.broker = cluster.config.broker.clone();
+        c.files = cluster.config.files.clone();
+    };
+    let a = tls_server(&certs, shared).await;
+    let b = tls_server(&certs, shared).await;
+
+    let mut ann = Peer::wt(&a, &certs, "enc=json").await;
+    ann.connect(json!({"token": a.token("ann")})).await;
+    ann.join("lobby").await;
+    let mut bob = Peer::ws(&b, &certs).await;
+    bob.connect(json!({"token": b.token("bob")})).await;
+    bob.join("lobby").await;
+
+    ann.say("lobby", "a-1", "from QUIC on a").await;
+    let m = bob.message("from QUIC on a").await;
+    assert_eq!(
+        (m["sender"].clone(), m["seq"].clone()),
+        (json!("ann"), json!("1"))
+    );
+    ann.message("from QUIC on a").await;
+    bob.say("lobby", "b-1", "from TCP on b").await;
+    assert_eq!(ann.message("from TCP on b").await["seq"], json!("2"));
+    bob.message("from TCP on b").await;
+
+    // ann's session on `a` is lost with its transport; bob goes on.
+    let (session, seen) = (ann.session_id.clone(), ann.last_pos);
+    ann.vanish();
+    for (cmid, body) in [("b-2", "m3"), ("b-3", "m4")] {
+        bob.say("lobby", cmid, body).await;
+        bob.message(body).await;
+    }
+
+    let mut ann = Peer::wt(&b, &certs, "enc=proto").await;
+    let c = ann
+        .connect(
+            json!({"token": b.token("ann"), "sessionId": session, "lastPos": seen.to_string()}),
+        )
+        .await;
+    // proto3 JSON leaves a false `resumed` out.
+    assert_ne!(c["resumed"], json!(true), "{c}");
+    assert_ne!(
+        ann.session_id, session,
+        "a new session on the other instance"
+    );
+    let lobby = c["rooms"]
+        .as_array()
+        .and_then(|rs| rs.iter().find(|r| r["room"] == "lobby"))
+        .unwrap_or_else(|| panic!("lobby among the rooms: {c}"));
+    assert_eq!(lobby["lastSeq"], json!("4"), "{c}");
+    let sync = ann
+        .request(json!({"sync": {"rooms": {"lobby": "2"}}}))
+        .await;
+    let got: Vec<Value> = sync["sync"]["rooms"][0]["messages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("a sync page: {sync}"))
+        .iter()
+        .map(|m| json!([m["seq"], m["body"]]))
+        .collect();
+    assert_eq!(got, vec![json!(["3", "m3"]), json!(["4", "m4"])], "{sync}");
+
+    // Live again, now on `b`, from a user on `b` and from one on `a`.
+    bob.say("lobby", "b-4", "m5").await;
+    bob.message("m5").await;
+    assert_eq!(ann.message("m5").await["seq"], json!("5"));
+    let mut cy = Peer::ws(&a, &certs).await;
+    cy.connect(json!({"token": a.token("cy")})).await;
+    cy.join("lobby").await;
+    cy.say("lobby", "c-1", "m6 from a").await;
+    assert_eq!(ann.message("m6 from a").await["seq"], json!("6"));
+    assert_eq!(bob.message("m6 from a").await["seq"], json!("6"));
 }
 
 #[tokio::test]
