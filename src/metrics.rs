@@ -306,6 +306,19 @@ impl Metrics {
             .sum()
     }
 
+    /// Open client connections on every transport: with the live sessions, what the
+    /// heap trim watches fall (`server::spawn_memory_trim`).
+    pub fn connections_total(&self) -> u64 {
+        ["ws", "sse", "poll", "http", "wt", "mqtt"]
+            .iter()
+            .filter_map(|&transport| {
+                self.connections
+                    .get(&TransportLabel { transport })
+                    .map(|c| c.get().max(0) as u64)
+            })
+            .sum()
+    }
+
     pub fn error(&self, code: ErrorCode) {
         self.errors
             .get_or_create(&CodeLabel {

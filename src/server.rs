@@ -260,16 +260,17 @@ fn spawn_maintenance(core: &Arc<Core>) -> JoinHandle<()> {
 }
 
 /// Hands the C library's free heap memory back to the OS (`malloc_trim(0)`: glibc
-/// returns free pages inside its heaps too, not only at their tops) once traffic has
-/// fallen, checked every `server.memory_trim_interval`. After a burst of deliveries glibc
-/// keeps what the burst freed: RSS 5 s after a 2,000 × 200/s fan-out was ~1.4-2× the
-/// floor's, and one trim brought it from 40 to 25 MiB, under the floor's
-/// (docs/BENCHMARKS.md, "Round four: memory"). Not while traffic flows: a trim walks
-/// every free chunk with its arena locked, 116-140 ms for a heap with 500k free chunks
-/// (a C test of glibc 2.36's `malloc_trim` on this machine), so a busy server's
-/// allocations would stall every interval, and its heap is in use anyway
-/// ([`TrimWhenQuieter`]). Runs on a blocking thread. None with another allocator or C
-/// library, or with the interval 0.
+/// returns free pages inside its heaps too, not only at their tops) once traffic or what
+/// is held has fallen, checked every `server.memory_trim_interval`. After a burst of
+/// deliveries glibc keeps what the burst freed: RSS 5 s after a 2,000 × 200/s fan-out
+/// was ~1.4-2× the floor's, and one trim brought it from 40 to 25 MiB, under the floor's
+/// (docs/BENCHMARKS.md, "Round four: memory"); connections that close and sessions whose
+/// grace period ends free their memory later, with no traffic to notice ("Round six:
+/// RSS after a burst"). Not while traffic flows: a trim walks every free chunk with its
+/// arena locked, 116-140 ms for a heap with 500k free chunks (a C test of glibc 2.36's
+/// `malloc_trim` on this machine), so a busy server's allocations would stall every
+/// interval, and its heap is in use anyway ([`TrimWhenQuieter`]). Runs on a blocking
+/// thread. None with another allocator or C library, or with the interval 0.
 fn spawn_memory_trim(core: &Arc<Core>) -> Option<JoinHandle<()>> {
     let every = core.config.server.memory_trim_interval;
     if every.is_zero() || !cfg!(all(target_os = "linux", target_env = "gnu")) {
@@ -280,46 +281,65 @@ fn spawn_memory_trim(core: &Arc<Core>) -> Option<JoinHandle<()>> {
     }
     let policy = Arc::new(std::sync::Mutex::new(TrimWhenQuieter::default()));
     Some(spawn_every(core, every, move |core| {
+        let held = core.metrics.connections_total() + core.sessions.len() as u64;
         let trim = policy
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .tick(core.metrics.frames_out_total());
+            .tick(core.metrics.frames_out_total(), held);
         async move {
-            if trim {
+            if let Some(why) = trim {
                 let started = std::time::Instant::now();
                 let _ = tokio::task::spawn_blocking(trim_heap).await;
-                tracing::debug!(took = ?started.elapsed(), "heap trimmed after traffic fell");
+                tracing::debug!(took = ?started.elapsed(), why, "heap trimmed");
             }
         }
     }))
 }
 
-/// When to trim the heap: once the frames sent in an interval fall to a quarter of the
-/// busiest interval since the last trim, and that one was busy (≥ [`Self::BUSY`]
-/// frames). A burst's end trims once; steady traffic, busy or quiet, never does; traffic
-/// that falls slowly trims at each fourfold drop.
+/// When to trim the heap. Either once the frames sent in an interval fall to a quarter
+/// of the busiest interval since the last trim, and that one was busy (≥ [`Self::BUSY`]
+/// frames): a burst's end trims once; steady traffic, busy or quiet, never does; traffic
+/// that falls slowly trims at each fourfold drop. Or once what the server holds (open
+/// connections plus live sessions) falls by a quarter of its most since the last trim,
+/// and by at least [`Self::FEW`]: connections that close together after a burst (their
+/// tasks and buffers), then their sessions when the grace period ends. Steady churn,
+/// where as many connect as leave, never trims.
 #[derive(Debug, Default)]
 struct TrimWhenQuieter {
     /// Frames sent up to the last tick.
     last: u64,
     /// The most frames of one interval since the last trim.
     peak: u64,
+    /// The most connections plus sessions held at a tick since the last trim.
+    held_peak: u64,
 }
 
 impl TrimWhenQuieter {
     /// An interval with fewer frames than this was not a burst worth trimming after.
     const BUSY: u64 = 10_000;
+    /// Fewer connections and sessions than this gone is not worth a trim (each holds a
+    /// few KiB: ~1,000 are a few MiB).
+    const FEW: u64 = 1_000;
 
-    /// `total`: frames sent so far. Whether to trim now.
-    fn tick(&mut self, total: u64) -> bool {
+    /// `total`: frames sent so far; `held`: connections open plus sessions live now.
+    /// Whether to trim now, and why.
+    fn tick(&mut self, total: u64, held: u64) -> Option<&'static str> {
         let sent = total.saturating_sub(self.last);
         self.last = total;
         self.peak = self.peak.max(sent);
-        if self.peak >= Self::BUSY && sent.saturating_mul(4) <= self.peak {
-            self.peak = sent;
-            return true;
-        }
-        false
+        self.held_peak = self.held_peak.max(held);
+        let why = if self.peak >= Self::BUSY && sent.saturating_mul(4) <= self.peak {
+            "traffic fell"
+        } else if self.held_peak - held >= Self::FEW
+            && held.saturating_mul(4) <= self.held_peak.saturating_mul(3)
+        {
+            "connections or sessions went"
+        } else {
+            return None;
+        };
+        self.peak = sent;
+        self.held_peak = held;
+        Some(why)
     }
 }
 
@@ -1110,17 +1130,59 @@ impl Server {
 mod tests {
     use super::TrimWhenQuieter;
 
-    /// Frames per interval in, trims out.
+    /// Frames per interval in, trims out (nothing held).
     fn trims(per_interval: &[u64]) -> Vec<bool> {
+        let held: Vec<u64> = per_interval.iter().map(|_| 0).collect();
+        trims_held(per_interval, &held)
+            .iter()
+            .map(|t| t.is_some())
+            .collect()
+    }
+
+    /// Frames per interval and connections plus sessions held at each tick in, trims out.
+    fn trims_held(per_interval: &[u64], held: &[u64]) -> Vec<Option<&'static str>> {
         let mut p = TrimWhenQuieter::default();
         let mut total = 0;
         per_interval
             .iter()
-            .map(|n| {
+            .zip(held)
+            .map(|(n, &h)| {
                 total += n;
-                p.tick(total)
+                p.tick(total, h)
             })
             .collect()
+    }
+
+    #[test]
+    fn the_heap_is_trimmed_when_connections_and_sessions_go_but_not_for_churn() {
+        const T: Option<&str> = Some("traffic fell");
+        const H: Option<&str> = Some("connections or sessions went");
+        // A burst to 2,000 connections with as many sessions: trimmed when the burst
+        // ends, again when the connections close, again when their grace period ends.
+        assert_eq!(
+            trims_held(
+                &[0, 400_000, 400_000, 100, 0, 0, 0, 0],
+                &[4_000, 4_000, 4_000, 4_000, 2_000, 2_000, 2_000, 0]
+            ),
+            [None, None, None, T, H, None, None, H]
+        );
+        // Churn: as many come as go, no traffic: never.
+        assert!(
+            trims_held(&[0; 6], &[5_000, 4_900, 5_100, 5_000, 4_800, 5_000])
+                .iter()
+                .all(Option::is_none)
+        );
+        // A small server emptying: fewer than FEW gone is not worth a trim.
+        assert!(
+            trims_held(&[0; 3], &[900, 100, 0])
+                .iter()
+                .all(Option::is_none)
+        );
+        // A slow decline trims at each quarter gone (and at least FEW).
+        assert_eq!(
+            trims_held(&[0; 6], &[20_000, 17_000, 15_000, 12_000, 11_000, 9_000]),
+            [None, None, H, None, H, None]
+        );
     }
 
     #[test]

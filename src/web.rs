@@ -12,10 +12,12 @@
 //! the server's and knows only the configuration.
 
 use std::{
-    hash::{DefaultHasher, Hash, Hasher},
-    sync::Arc,
+    hash::{DefaultHasher, Hasher},
+    sync::{Arc, OnceLock},
     time::Duration,
 };
+
+use bytes::Bytes;
 
 use axum::{
     Json, Router,
@@ -56,37 +58,59 @@ const DEMO_CSP: &str = "default-src 'self'; img-src 'self' data:; connect-src 's
 /// One embedded file: its bytes, type and a strong ETag. Browsers revalidate
 /// (`Cache-Control: no-cache`) and get `304 Not Modified` while the build is unchanged,
 /// so a new parley binary is picked up at once without serving stale SDK code.
+///
+/// The body points into the binary's read-only data (`Bytes::from_static`): it is not
+/// copied onto the heap at start (that was 620 KiB of every process's heap, SDK source
+/// maps included, whether or not anything was ever fetched) nor per response, and its
+/// ETag is hashed at the first request, so a server that never serves a file never
+/// reads (faults in) its pages. Only the demo page, which gets the development-mode
+/// flag written into it, is built at start.
 #[derive(Clone)]
 struct Asset {
-    body: Arc<str>,
+    body: Bytes,
     content_type: &'static str,
-    etag: HeaderValue,
+    etag: Arc<OnceLock<HeaderValue>>,
     csp: bool,
 }
 
 impl Asset {
-    fn new(body: impl Into<Arc<str>>, content_type: &'static str) -> Self {
-        let body: Arc<str> = body.into();
-        let mut h = DefaultHasher::new();
-        body.hash(&mut h);
-        let etag = HeaderValue::try_from(format!("\"{:016x}\"", h.finish()))
-            .unwrap_or_else(|_| HeaderValue::from_static("\"0\""));
+    fn new(body: &'static str, content_type: &'static str) -> Self {
+        Self::with_body(Bytes::from_static(body.as_bytes()), content_type)
+    }
+
+    fn owned(body: String, content_type: &'static str) -> Self {
+        Self::with_body(Bytes::from(body), content_type)
+    }
+
+    fn with_body(body: Bytes, content_type: &'static str) -> Self {
         Self {
             body,
             content_type,
-            etag,
+            etag: Arc::default(),
             csp: false,
         }
+    }
+
+    /// A strong ETag: the body's hash, computed as a `str`'s (its bytes, then 0xff), so
+    /// an unchanged build keeps the ETags it had.
+    fn etag(&self) -> &HeaderValue {
+        self.etag.get_or_init(|| {
+            let mut h = DefaultHasher::new();
+            h.write(&self.body);
+            h.write_u8(0xff);
+            HeaderValue::try_from(format!("\"{:016x}\"", h.finish()))
+                .unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
+        })
     }
 
     fn respond(&self, request: &HeaderMap) -> Response {
         let fresh = request
             .get(header::IF_NONE_MATCH)
-            .is_some_and(|v| v.as_bytes() == self.etag.as_bytes());
+            .is_some_and(|v| v.as_bytes() == self.etag().as_bytes());
         let mut response = if fresh {
             StatusCode::NOT_MODIFIED.into_response()
         } else {
-            (StatusCode::OK, self.body.to_string()).into_response()
+            (StatusCode::OK, self.body.clone()).into_response()
         };
         let h = response.headers_mut();
         h.insert(
@@ -94,7 +118,7 @@ impl Asset {
             HeaderValue::from_static(self.content_type),
         );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        h.insert(header::ETAG, self.etag.clone());
+        h.insert(header::ETAG, self.etag().clone());
         h.insert(
             header::X_CONTENT_TYPE_OPTIONS,
             HeaderValue::from_static("nosniff"),
@@ -131,7 +155,7 @@ pub fn routes<S: Clone + Send + Sync + 'static>(config: &Config) -> Router<S> {
         );
     if web.demo {
         let html = DEMO_HTML.replace(DEV_MARKER, if web.dev_tokens { "true" } else { "false" });
-        let mut page = Asset::new(html, HTML);
+        let mut page = Asset::owned(html, HTML);
         page.csp = true;
         router = router
             .route("/", serve(page))
@@ -218,5 +242,31 @@ async fn dev_token(
             Json(serde_json::json!({"code": "ERROR_CODE_INTERNAL", "message": e.to_string()})),
         )
             .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+
+    use super::{Asset, JS, SDK_JS};
+
+    /// The body is no longer a `str` on the heap; its ETag must still be the hash of the
+    /// text as a `str`, so a client's cached copy of an unchanged build stays fresh.
+    #[test]
+    fn an_assets_etag_is_its_texts_str_hash() {
+        let mut h = DefaultHasher::new();
+        SDK_JS.hash(&mut h);
+        let want = format!("\"{:016x}\"", h.finish());
+        let asset = Asset::new(SDK_JS, JS);
+        assert_eq!(asset.etag().to_str().unwrap(), want);
+        assert_eq!(&asset.body[..], SDK_JS.as_bytes());
+        let page = Asset::owned("<p>x</p>".to_string(), JS);
+        let mut h = DefaultHasher::new();
+        "<p>x</p>".hash(&mut h);
+        assert_eq!(
+            page.etag().to_str().unwrap(),
+            format!("\"{:016x}\"", h.finish())
+        );
     }
 }

@@ -63,7 +63,8 @@ pub struct ServerConfig {
     /// Compress long-poll replies and HTTP API responses (gzip, brotli or zstd, by the
     /// request's `Accept-Encoding`). Never SSE streams or WebSockets.
     pub http_compression: bool,
-    /// Every this long, hand the C library's free heap memory back to the OS
+    /// Every this long, check whether traffic or the connections and sessions held have
+    /// fallen, and if so hand the C library's free heap memory back to the OS
     /// (`malloc_trim`), so RSS falls back after a burst of traffic; 0 = never. Only with
     /// glibc's malloc (the default build; not with the `mimalloc`/`jemalloc` features).
     #[serde(with = "humantime_serde")]
@@ -89,7 +90,7 @@ impl Default for ServerConfig {
             h2_keep_alive_timeout: Duration::from_secs(20),
             allowed_origins: Vec::new(),
             http_compression: true,
-            memory_trim_interval: Duration::from_secs(10),
+            memory_trim_interval: Duration::from_secs(5),
         }
     }
 }
