@@ -9,6 +9,10 @@
 # instance's /readyz was not 200 while the node was down, and each instance's broker
 # metrics. SCENARIO=chat runs parley-bench's chat scenario instead (many rooms: the
 # killed node then carries rooms too; it is the first one without the presence keys).
+# OUTAGE=stop stops the node with SIGSTOP instead (a node that hangs: connections stay
+# open, nothing is answered) and resumes it (SIGCONT) once the bench has ended.
+# OUTAGE_AT=room: the outage starts as soon as one instance has subscribed the bench
+# room, while the others and the subscribers are still joining.
 #
 #   bench/scripts/cluster-outage.sh OUT_DIR [BIN_DIR] -- FANOUT_ARGS...
 #   e.g. bench/scripts/cluster-outage.sh /tmp/co target/release -- --subscribers 600 --publishers 4 --rate 200 --duration 10s
@@ -39,8 +43,21 @@ echo "== outage: $(uptime)" | tee -a "$out/summary.txt"
 "$bin/parley-bench" --no-progress --json --url "${ws[0]}" "${extra[@]}" "${SCENARIO:-fanout}" "$@" \
     >"$out/outage.json" 2>"$out/outage.txt" &
 bench=$!
-sleep "${OUTAGE_AT:-4}"
 room_node="" presence_node=""
+if [ "${OUTAGE_AT:-4}" = room ]; then
+    # As soon as the first instance has subscribed the room (the others and most
+    # subscribers are still joining: their subscriptions meet the outage).
+    while kill -0 "$bench" 2>/dev/null; do
+        subscribed=""
+        for p in "${ports[@]}"; do
+            subscribed+=$(redis-cli -p "$p" pubsub shardchannels 'parley:room:fanout-*')
+        done
+        [ -n "$subscribed" ] && break
+        sleep 0.02
+    done
+else
+    sleep "${OUTAGE_AT:-4}"
+fi
 for k in 0 1 2; do
     if redis-cli -p "${ports[$k]}" pubsub shardchannels 'parley:room:fanout-*' | grep -q .; then
         room_node=$k
@@ -53,8 +70,16 @@ victim=""
 for k in 0 1 2; do
     if [ "$k" != "$room_node" ] && [ "$k" != "$presence_node" ]; then victim=$k; break; fi
 done
-kill "$(cat "$dir/redis-$victim.pid")"
-echo "room on node $room_node, presence on node $presence_node: killed node $victim" | tee -a "$out/summary.txt"
+victim_pid=$(cat "$dir/redis-$victim.pid")
+if [ "${OUTAGE:-kill}" = stop ]; then
+    kill -STOP "$victim_pid"
+    trap 'kill -CONT "$victim_pid" 2>/dev/null || true' EXIT
+    how=stopped
+else
+    kill "$victim_pid"
+    how=killed
+fi
+echo "room on node $room_node, presence on node $presence_node: $how node $victim" | tee -a "$out/summary.txt"
 not_ready=(0 0 0) samples=0
 while kill -0 "$bench" 2>/dev/null; do
     for i in 0 1 2; do
@@ -65,6 +90,7 @@ while kill -0 "$bench" 2>/dev/null; do
     sleep 0.25
 done
 wait "$bench" || echo "bench failed: see $out/outage.txt"
+if [ "$how" = stopped ]; then kill -CONT "$victim_pid"; fi
 {
     echo "readyz not 200 (of $samples samples): ${not_ready[*]}"
     for i in 0 1 2; do

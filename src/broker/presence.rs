@@ -55,6 +55,10 @@ impl Keys {
             },
         }
     }
+    /// A key in the presence keys' slot (in a Redis Cluster every presence key is in it).
+    pub fn presence_slot_key(&self) -> &str {
+        &self.keys
+    }
     fn instances(&self) -> String {
         format!("{}:instances", self.keys)
     }

@@ -44,9 +44,17 @@
 //!   false: queries fail, changes are written again by [`Inner::restore_presence`]) and
 //!   nothing else; `/readyz` fails only when no node answers. redis-rs 1.2's cluster
 //!   connection holds every command while it refreshes its slot map or reconnects a
-//!   node, so a node that hangs rather than refusing stalls all slots for its timeouts,
-//!   and hundreds of commands failing at once against a dead node stalled it for good
-//!   under load: a recovery sends [`RECOVERY_CONCURRENCY`] slots at a time.
+//!   node (after a refused or dropped connection), and hundreds of commands failing at
+//!   once against a dead node stalled it for good under load: a recovery sends
+//!   [`RECOVERY_CONCURRENCY`] slots at a time.
+//! - **A node that hangs** (stopped, or a network black hole: connections stay open,
+//!   nothing is answered): its commands time out after 2 s in all, retries included,
+//!   which marks their slots down; a timeout does not make the client reconnect, so the
+//!   other nodes' commands go on meanwhile. Subscription and presence changes queue per
+//!   slot ([`cluster_changes`]), like publishes: a subscription on another node does not
+//!   wait behind one on the hung node. An instance that only receives from the hung node
+//!   sees no failure (its subscriptions there pause, not drop): what was published
+//!   meanwhile reaches it when a later message shows the gap (filled from the log).
 //! - **Interest**: a room's channel is subscribed while the room has local members (the
 //!   hub's room size is the reference count), a user's channel while the user has local
 //!   sessions; `all` always. Subscription changes go through one task, in order.
@@ -236,6 +244,10 @@ impl RedisBroker {
                 .push_sender(push_tx)
                 .retries(4)
                 .max_retry_wait(500)
+                // A command fails after this long in all, retries included (by default
+                // each retry waits its own response timeout: ~10 s against a node that
+                // hangs before its slot is marked down).
+                .response_timeout(Duration::from_secs(2))
                 .build()
                 .map_err(err)?;
             Conn::Cluster(
@@ -834,13 +846,13 @@ async fn receive(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<PushInfo>) 
 }
 
 /// Applies subscription and presence changes one at a time, in order.
-async fn apply_changes(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Change>) {
+/// (A cluster's go through [`cluster_changes`].)
+async fn apply_changes(weak: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Change>) {
+    if weak.upgrade().is_some_and(|i| i.conn.is_cluster()) {
+        return cluster_changes(weak, rx).await;
+    }
     while let Some(change) = rx.recv().await {
-        let Some(inner) = inner.upgrade() else { return };
-        if inner.conn.is_cluster() {
-            apply_cluster_change(&inner, change).await;
-            continue;
-        }
+        let Some(inner) = weak.upgrade() else { return };
         let mut conn = inner.conn.clone();
         let result = match change {
             Change::Subscribe { channel, room } => {
@@ -890,6 +902,67 @@ async fn apply_presence(inner: &Inner, conn: &mut Conn, change: Change) -> redis
         }
         Change::Offline(user, at) => inner.presence.offline(conn, &user, at).await,
         Change::Subscribe { .. } | Change::Unsubscribe(_) | Change::Publish(..) => Ok(()),
+    }
+}
+
+/// The slot a cluster change is sent to: its channel's, or the presence keys'.
+fn slot_of_change(inner: &Inner, change: &Change) -> Slot {
+    match change {
+        Change::Subscribe { channel, .. }
+        | Change::Unsubscribe(channel)
+        | Change::Publish(channel, _) => Slot::for_key(channel),
+        Change::Advertise | Change::Online(_) | Change::Offline(..) => {
+            Slot::for_key(inner.keys.presence_slot_key())
+        }
+    }
+}
+
+/// Applies a cluster's changes: in order within each slot (a channel's subscribes,
+/// unsubscribes and publishes; the presence keys share one slot), one change in flight
+/// per slot, the slots independently of each other. So a node that hangs (answers
+/// nothing until the client's response timeout) holds up the changes of its own slots
+/// only: a subscription on another node does not wait behind one on it.
+async fn cluster_changes(weak: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Change>) {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    // A slot with a change in flight, and the changes waiting behind it.
+    let mut queues: HashMap<Slot, std::collections::VecDeque<Change>> = HashMap::new();
+    let mut in_flight = FuturesUnordered::new();
+    let apply = |inner: Arc<Inner>, slot: Slot, change: Change| async move {
+        apply_cluster_change(&inner, change).await;
+        slot
+    };
+    let mut batch = Vec::new();
+    let mut open = true;
+    while open || !in_flight.is_empty() {
+        tokio::select! {
+            n = rx.recv_many(&mut batch, 256), if open => {
+                if n == 0 {
+                    open = false;
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                for change in batch.drain(..) {
+                    let slot = slot_of_change(&inner, &change);
+                    match queues.entry(slot) {
+                        std::collections::hash_map::Entry::Occupied(mut e) => {
+                            e.get_mut().push_back(change);
+                        }
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(Default::default());
+                            in_flight.push(apply(inner.clone(), slot, change));
+                        }
+                    }
+                }
+            }
+            Some(slot) = in_flight.next(), if !in_flight.is_empty() => {
+                let Some(inner) = weak.upgrade() else { return };
+                match queues.get_mut(&slot).and_then(|q| q.pop_front()) {
+                    Some(next) => in_flight.push(apply(inner, slot, next)),
+                    None => {
+                        queues.remove(&slot);
+                    }
+                }
+            }
+        }
     }
 }
 
