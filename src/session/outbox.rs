@@ -146,11 +146,13 @@ pub struct Outbox {
     /// Waits for the shutdown signal. Registered once, not on every wait: all
     /// connections wait on the same token, whose waiter list has one lock.
     shutdown_signal: Pin<Box<WaitForCancellationFutureOwned>>,
-    /// The one timer (connect deadline, heartbeat, coalescing), armed at `timer_at` and
-    /// re-armed only when that changes: a fresh timer per wait would cost a timer-wheel
-    /// insert and remove per delivery wake-up.
+    /// The one timer (connect deadline, heartbeat, coalescing), armed at its deadline
+    /// and re-armed only when that changes: a fresh timer per wait would cost a
+    /// timer-wheel insert and remove per delivery wake-up.
     timer: Pin<Box<Sleep>>,
-    timer_at: Option<Instant>,
+    /// Whether `timer` is armed at its deadline (not fired since): its own deadline
+    /// says when, so no second copy of the instant is kept (16 B per connection).
+    timer_armed: bool,
 }
 
 impl Outbox {
@@ -178,7 +180,7 @@ impl Outbox {
             shutdown_signal: Box::pin(shutdown.clone().cancelled_owned()),
             shutdown,
             timer: Box::pin(sleep_until(now)),
-            timer_at: None,
+            timer_armed: false,
         }
     }
 
@@ -391,15 +393,14 @@ impl Outbox {
     /// holds it while it waits, and an `async fn` would hold its sub-futures (the
     /// `select!` over the timer, the pushes' wake-up, the running command, the pipelined
     /// replies and the shutdown signal, each in its own `async` block) and its locals
-    /// side by side. `Next` holds the outbox, the wake-up registration and the connect
-    /// deadline in force; everything else it polls in place, where it lives.
+    /// side by side. `Next` holds the outbox, the wake-up registration and
+    /// whether the timer is armed; everything else it polls in place, where it lives.
     // Not `Iterator::next`: it returns a future (what every transport awaits).
     #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Next<'_> {
         Next {
             outbox: self,
             step: Step::New,
-            connect_deadline: None,
             timer_on: false,
             woken: None,
         }
@@ -442,22 +443,17 @@ impl Outbox {
 
     /// Sets up one wait: arms the one timer for the nearest deadline (an idle
     /// connection holds one timer, not three: connect, idle, and the end of a coalescing
-    /// pause) and registers for the pushes' wake-up. Returns the connect deadline in
-    /// force and whether the timer is armed.
-    fn arm(&mut self, mut woken: Pin<&mut Option<OwnedNotified>>) -> (Option<Instant>, bool) {
-        let connect_deadline = self
-            .timers
-            .connect_deadline
-            .filter(|_| !self.conn.is_connected());
-        let wake = [connect_deadline, self.next_idle, self.coalescing]
+    /// pause) and registers for the pushes' wake-up. Returns whether the timer is armed.
+    fn arm(&mut self, mut woken: Pin<&mut Option<OwnedNotified>>) -> bool {
+        let wake = [self.connect_deadline(), self.next_idle, self.coalescing]
             .into_iter()
             .flatten()
             .min();
         if let Some(at) = wake
-            && self.timer_at != Some(at)
+            && !(self.timer_armed && self.timer.deadline() == at)
         {
             self.timer.as_mut().reset(at);
-            self.timer_at = Some(at);
+            self.timer_armed = true;
         }
         // While coalescing, pushes wait for the timer, not for their wake-up.
         woken.set(
@@ -466,11 +462,19 @@ impl Outbox {
                 .filter(|_| self.coalescing.is_none())
                 .map(Attachment::woken),
         );
-        (connect_deadline, wake.is_some())
+        wake.is_some()
+    }
+
+    /// The connect deadline, while it is in force (not connected yet). The same during a
+    /// wait and when it ends: nothing changes the connection meanwhile.
+    fn connect_deadline(&self) -> Option<Instant> {
+        self.timers
+            .connect_deadline
+            .filter(|_| !self.conn.is_connected())
     }
 
     /// What a wait's end means: `Some` to hand out, `None` to look again.
-    fn on_event(&mut self, event: Event, connect_deadline: Option<Instant>) -> Option<Out> {
+    fn on_event(&mut self, event: Event) -> Option<Out> {
         match event {
             Event::Shutdown => self.close(CloseReason::ShuttingDown),
             Event::Reply(reply) => return Some(Out::Frame(reply)),
@@ -482,9 +486,9 @@ impl Outbox {
             }
             Event::Timer => {
                 // Fired: the next wait arms it anew, even for the same instant.
-                self.timer_at = None;
+                self.timer_armed = false;
                 let now = Instant::now();
-                if connect_deadline.is_some_and(|d| d <= now) {
+                if self.connect_deadline().is_some_and(|d| d <= now) {
                     let frame = self
                         .conn
                         .error(ErrorCode::AuthTimeout, "no connect within the auth timeout");
@@ -533,8 +537,6 @@ pin_project_lite::pin_project! {
     pub struct Next<'a> {
         outbox: &'a mut Outbox,
         step: Step,
-        // The connect deadline in force while waiting (the timer may be armed for it).
-        connect_deadline: Option<Instant>,
         timer_on: bool,
         // The pushes' wake-up, registered while waiting.
         #[pin]
@@ -560,14 +562,14 @@ impl Future for Next<'_> {
                 if look && let Some(out) = outbox.ready() {
                     return Poll::Ready(out);
                 }
-                (*this.connect_deadline, *this.timer_on) = outbox.arm(this.woken.as_mut());
+                *this.timer_on = outbox.arm(this.woken.as_mut());
                 *this.step = Step::Wait;
             }
             let event =
                 std::task::ready!(outbox.poll_wait(this.woken.as_mut(), *this.timer_on, cx));
             this.woken.set(None);
             *this.step = Step::Look;
-            if let Some(out) = outbox.on_event(event, *this.connect_deadline) {
+            if let Some(out) = outbox.on_event(event) {
                 return Poll::Ready(out);
             }
         }
@@ -703,6 +705,6 @@ mod tests {
     fn the_wait_stays_small() {
         let size = std::mem::size_of::<Next<'_>>();
         eprintln!("Next {size} B");
-        assert!(size <= 112, "the outbox's wait is {size} bytes");
+        assert!(size <= 80, "the outbox's wait is {size} bytes");
     }
 }
