@@ -77,6 +77,12 @@ impl Attachment {
     pub async fn ready(&self) {
         self.notify.notified().await
     }
+
+    /// [`Attachment::ready`] as an owned future (for a hand-written future to hold
+    /// beside the outbox it borrows).
+    pub(crate) fn woken(&self) -> tokio::sync::futures::OwnedNotified {
+        self.notify.clone().notified_owned()
+    }
 }
 
 struct State {

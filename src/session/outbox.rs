@@ -15,12 +15,20 @@
 //! Owns: reply queue, pipelined replies, heartbeat and silence timers, auth deadline,
 //! shutdown. Not: bytes, framing, sockets (`transport`).
 
-use std::{collections::VecDeque, sync::Arc, time::Duration};
+use std::{
+    collections::VecDeque,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use futures_util::{FutureExt, StreamExt, stream::FuturesOrdered};
-use std::pin::Pin;
 
-use tokio::time::{Instant, Sleep, sleep_until};
+use tokio::{
+    sync::futures::OwnedNotified,
+    time::{Instant, Sleep, sleep_until},
+};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::{
@@ -138,11 +146,13 @@ pub struct Outbox {
     /// Waits for the shutdown signal. Registered once, not on every wait: all
     /// connections wait on the same token, whose waiter list has one lock.
     shutdown_signal: Pin<Box<WaitForCancellationFutureOwned>>,
-    /// The one timer (connect deadline, heartbeat, coalescing), armed at `timer_at` and
-    /// re-armed only when that changes: a fresh timer per wait would cost a timer-wheel
-    /// insert and remove per delivery wake-up.
+    /// The one timer (connect deadline, heartbeat, coalescing), armed at its deadline
+    /// and re-armed only when that changes: a fresh timer per wait would cost a
+    /// timer-wheel insert and remove per delivery wake-up.
     timer: Pin<Box<Sleep>>,
-    timer_at: Option<Instant>,
+    /// Whether `timer` is armed at its deadline (not fired since): its own deadline
+    /// says when, so no second copy of the instant is kept (16 B per connection).
+    timer_armed: bool,
 }
 
 impl Outbox {
@@ -170,7 +180,7 @@ impl Outbox {
             shutdown_signal: Box::pin(shutdown.clone().cancelled_owned()),
             shutdown,
             timer: Box::pin(sleep_until(now)),
-            timer_at: None,
+            timer_armed: false,
         }
     }
 
@@ -378,90 +388,189 @@ impl Outbox {
 
     /// The next thing to send. Cancel-safe: nothing is lost when the returned future is
     /// dropped before it resolves. After [`Out::Close`] it never resolves.
-    pub async fn next(&mut self) -> Out {
-        // Just looked (the transport wrote until `ready` said nothing): wait first.
-        let mut look = !std::mem::take(&mut self.drained);
-        loop {
-            if self.closed {
-                return std::future::pending().await;
-            }
-            if look && let Some(out) = self.ready() {
-                return out;
-            }
-            look = true;
-            // One timer for every deadline (an idle connection holds one timer, not
-            // three): connect, idle, and the end of a coalescing pause.
-            let connect_deadline = self
-                .timers
-                .connect_deadline
-                .filter(|_| !self.conn.is_connected());
-            let wake = [connect_deadline, self.next_idle, self.coalescing]
-                .into_iter()
-                .flatten()
-                .min();
-            let later = self.later.as_deref_mut().filter(|l| !l.is_empty());
-            let running = self.running.as_mut();
-            // While coalescing, pushes wait for the timer, not for their wake-up.
-            let attachment = self.conn.attachment().filter(|_| self.coalescing.is_none());
-            let timer = match wake {
-                Some(at) => {
-                    if self.timer_at != Some(at) {
-                        self.timer.as_mut().reset(at);
-                        self.timer_at = Some(at);
-                    }
-                    Some(self.timer.as_mut())
+    ///
+    /// A hand-written future ([`Next`]), not an `async fn`: an idle connection's task
+    /// holds it while it waits, and an `async fn` would hold its sub-futures (the
+    /// `select!` over the timer, the pushes' wake-up, the running command, the pipelined
+    /// replies and the shutdown signal, each in its own `async` block) and its locals
+    /// side by side. `Next` holds the outbox, the wake-up registration and
+    /// whether the timer is armed; everything else it polls in place, where it lives.
+    // Not `Iterator::next`: it returns a future (what every transport awaits).
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> Next<'_> {
+        Next {
+            outbox: self,
+            step: Step::New,
+            timer_on: false,
+            woken: None,
+        }
+    }
+
+    /// One look at what ends a wait, in this order (the old `select!`'s, biased): the
+    /// timer first, so that a connection that is always woken still gets its heartbeat
+    /// and silence check; shutdown last, so that a connection woken by pushes (the common
+    /// case, once per delivery batch) returns without polling it — its poll takes the
+    /// token's lock, shared by every connection (`Outbox::ready` looks at the token too).
+    fn poll_wait(
+        &mut self,
+        woken: Pin<&mut Option<OwnedNotified>>,
+        timer_on: bool,
+        cx: &mut Context<'_>,
+    ) -> Poll<Event> {
+        if timer_on && self.timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Event::Timer);
+        }
+        if let Some(woken) = woken.as_pin_mut()
+            && woken.poll(cx).is_ready()
+        {
+            return Poll::Ready(Event::Woken);
+        }
+        if let Some(later) = self.later.as_deref_mut().filter(|l| !l.is_empty())
+            && let Poll::Ready(Some(reply)) = later.poll_next_unpin(cx)
+        {
+            return Poll::Ready(Event::Reply(reply));
+        }
+        if let Some(running) = self.running.as_mut()
+            && let Poll::Ready(finished) = running.as_mut().poll(cx)
+        {
+            return Poll::Ready(Event::Ran(finished));
+        }
+        if self.shutdown_signal.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Event::Shutdown);
+        }
+        Poll::Pending
+    }
+
+    /// Sets up one wait: arms the one timer for the nearest deadline (an idle
+    /// connection holds one timer, not three: connect, idle, and the end of a coalescing
+    /// pause) and registers for the pushes' wake-up. Returns whether the timer is armed.
+    fn arm(&mut self, mut woken: Pin<&mut Option<OwnedNotified>>) -> bool {
+        let wake = [self.connect_deadline(), self.next_idle, self.coalescing]
+            .into_iter()
+            .flatten()
+            .min();
+        if let Some(at) = wake
+            && !(self.timer_armed && self.timer.deadline() == at)
+        {
+            self.timer.as_mut().reset(at);
+            self.timer_armed = true;
+        }
+        // While coalescing, pushes wait for the timer, not for their wake-up.
+        woken.set(
+            self.conn
+                .attachment()
+                .filter(|_| self.coalescing.is_none())
+                .map(Attachment::woken),
+        );
+        wake.is_some()
+    }
+
+    /// The connect deadline, while it is in force (not connected yet). The same during a
+    /// wait and when it ends: nothing changes the connection meanwhile.
+    fn connect_deadline(&self) -> Option<Instant> {
+        self.timers
+            .connect_deadline
+            .filter(|_| !self.conn.is_connected())
+    }
+
+    /// What a wait's end means: `Some` to hand out, `None` to look again.
+    fn on_event(&mut self, event: Event) -> Option<Out> {
+        match event {
+            Event::Shutdown => self.close(CloseReason::ShuttingDown),
+            Event::Reply(reply) => return Some(Out::Frame(reply)),
+            Event::Ran(finished) => self.ran(finished),
+            Event::Woken => {
+                if let Some(coalesce) = Timers::get(self.timers.coalesce_ms) {
+                    self.coalescing = Some(Instant::now() + coalesce);
                 }
-                None => None,
-            };
-            let event = wait(
-                self.shutdown_signal.as_mut(),
-                later,
-                running,
-                attachment,
-                timer,
-            )
-            .await;
-            if matches!(event, Event::Timer) {
+            }
+            Event::Timer => {
                 // Fired: the next wait arms it anew, even for the same instant.
-                self.timer_at = None;
+                self.timer_armed = false;
+                let now = Instant::now();
+                if self.connect_deadline().is_some_and(|d| d <= now) {
+                    let frame = self
+                        .conn
+                        .error(ErrorCode::AuthTimeout, "no connect within the auth timeout");
+                    self.replies.push_back(frame);
+                    self.close(CloseReason::AuthTimeout);
+                    return None;
+                }
+                if self.next_idle.is_none_or(|d| d > now) {
+                    // The end of a coalescing pause (or an early wake-up).
+                    return None;
+                }
+                if self.running.is_some() {
+                    // The server is the slow one: the client is not to blame for the
+                    // frames not read meanwhile.
+                    self.seen();
+                }
+                if Timers::get(self.timers.silence_ms)
+                    .is_some_and(|limit| self.last_seen.elapsed() >= limit)
+                {
+                    self.close(CloseReason::HeartbeatTimeout);
+                    return None;
+                }
+                self.next_idle = Timers::get(self.timers.idle_ms).map(|d| now + d);
+                return Some(Out::Idle);
             }
-            match event {
-                Event::Shutdown => self.close(CloseReason::ShuttingDown),
-                Event::Reply(reply) => return Out::Frame(reply),
-                Event::Ran(finished) => self.ran(finished),
-                Event::Woken => {
-                    if let Some(coalesce) = Timers::get(self.timers.coalesce_ms) {
-                        self.coalescing = Some(Instant::now() + coalesce);
-                    }
+        }
+        None
+    }
+}
+
+/// Where a [`Next`] is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Not polled yet.
+    New,
+    /// Looks at what is ready before it waits.
+    Look,
+    /// Waits (the timer is armed and the wake-up registered).
+    Wait,
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`Outbox::next`]. Dropping it loses nothing: the outbox keeps every
+    /// state, and a dropped wake-up registration that had been woken passes its wake-up
+    /// on (tokio's `Notify`), so the next wait sees it.
+    pub struct Next<'a> {
+        outbox: &'a mut Outbox,
+        step: Step,
+        timer_on: bool,
+        // The pushes' wake-up, registered while waiting.
+        #[pin]
+        woken: Option<OwnedNotified>,
+    }
+}
+
+impl Future for Next<'_> {
+    type Output = Out;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Out> {
+        let mut this = self.project();
+        let outbox = &mut **this.outbox;
+        loop {
+            if *this.step != Step::Wait {
+                if outbox.closed {
+                    // Never resolves (nothing follows a close).
+                    return Poll::Pending;
                 }
-                Event::Timer => {
-                    let now = Instant::now();
-                    if connect_deadline.is_some_and(|d| d <= now) {
-                        let frame = self
-                            .conn
-                            .error(ErrorCode::AuthTimeout, "no connect within the auth timeout");
-                        self.replies.push_back(frame);
-                        self.close(CloseReason::AuthTimeout);
-                        continue;
-                    }
-                    if self.next_idle.is_none_or(|d| d > now) {
-                        // The end of a coalescing pause (or an early wake-up).
-                        continue;
-                    }
-                    if self.running.is_some() {
-                        // The server is the slow one: the client is not to blame for
-                        // the frames not read meanwhile.
-                        self.seen();
-                    }
-                    if Timers::get(self.timers.silence_ms)
-                        .is_some_and(|limit| self.last_seen.elapsed() >= limit)
-                    {
-                        self.close(CloseReason::HeartbeatTimeout);
-                        continue;
-                    }
-                    self.next_idle = Timers::get(self.timers.idle_ms).map(|d| now + d);
-                    return Out::Idle;
+                // Just looked (the transport wrote until `ready` said nothing): wait
+                // first.
+                let look = *this.step == Step::Look || !std::mem::take(&mut outbox.drained);
+                if look && let Some(out) = outbox.ready() {
+                    return Poll::Ready(out);
                 }
+                *this.timer_on = outbox.arm(this.woken.as_mut());
+                *this.step = Step::Wait;
+            }
+            let event =
+                std::task::ready!(outbox.poll_wait(this.woken.as_mut(), *this.timer_on, cx));
+            this.woken.set(None);
+            *this.step = Step::Look;
+            if let Some(out) = outbox.on_event(event) {
+                return Poll::Ready(out);
             }
         }
     }
@@ -476,42 +585,6 @@ enum Event {
     /// The session has pushes (or was revoked, or died).
     Woken,
     Timer,
-}
-
-/// The one place an idle connection waits. Kept apart and small: its future is part of
-/// every idle connection's memory.
-async fn wait(
-    shutdown: Pin<&mut WaitForCancellationFutureOwned>,
-    later: Option<&mut FuturesOrdered<LaterReply>>,
-    running: Option<&mut Running>,
-    attachment: Option<&Attachment>,
-    timer: Option<Pin<&mut Sleep>>,
-) -> Event {
-    let has_later = later.is_some();
-    let mut later = later;
-    let has_timer = timer.is_some();
-    let has_running = running.is_some();
-    let mut running = running;
-    let mut timer = timer;
-    tokio::select! {
-        // Biased, shutdown last: a connection woken by pushes (the common case, once per
-        // delivery batch) returns without polling it again — its poll takes the token's
-        // lock, shared by every connection (`Outbox::ready` looks at the token too). The
-        // timer comes first so that a connection that is always woken still gets its
-        // heartbeat and silence check.
-        biased;
-        _ = async { timer.as_mut().expect("guarded").as_mut().await }, if has_timer => Event::Timer,
-        _ = async { attachment.expect("guarded").ready().await }, if attachment.is_some() => {
-            Event::Woken
-        }
-        Some(reply) = async { later.as_mut().expect("guarded").next().await }, if has_later => {
-            Event::Reply(reply)
-        }
-        finished = async { running.as_mut().expect("guarded").await }, if has_running => {
-            Event::Ran(finished)
-        }
-        _ = shutdown => Event::Shutdown,
-    }
 }
 
 /// See [`Outbox::loss`].
@@ -535,5 +608,103 @@ impl Loss<'_> {
 impl Drop for Outbox {
     fn drop(&mut self) {
         self.conn.detach();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        codec::Push,
+        config::Config,
+        delivery::Recipient,
+        proto::{Pong, server_frame::Kind},
+    };
+
+    fn push() -> Arc<Push> {
+        Arc::new(Push::new(Kind::Pong(Pong { ts: 1 })))
+    }
+
+    /// An outbox bound to an attached session, as `/ws` has it after `connect`.
+    fn outbox(config: OutboxConfig) -> (Outbox, Arc<Session>) {
+        let mut c = Config::default();
+        c.store.path = ":memory:".into();
+        let core = crate::server::build_core(c).expect("core builds");
+        let session = core.sessions.create("u").expect("no session limit");
+        let attachment = session.attach().expect("a fresh session attaches");
+        let conn = Conn::bound(core, session.clone(), Some(attachment));
+        (Outbox::new(conn, config, CancellationToken::new()), session)
+    }
+
+    fn pushes(out: Option<Out>) -> usize {
+        match out {
+            Some(Out::Pushes(p)) => p.len(),
+            Some(_) => panic!("not pushes"),
+            None => panic!("nothing"),
+        }
+    }
+
+    /// `next` is cancel-safe: a wait dropped after a push woke it loses neither the push
+    /// nor its wake-up (the session wakes a transport once per batch, so a lost wake-up
+    /// would leave the pushes unsent until the next heartbeat).
+    #[tokio::test]
+    async fn a_dropped_wait_loses_no_wake_up() {
+        let (mut outbox, session) = outbox(OutboxConfig::default());
+        // Nothing to send: it waits.
+        assert!(outbox.next().now_or_never().is_none());
+        {
+            let mut next = std::pin::pin!(outbox.next());
+            assert!(next.as_mut().now_or_never().is_none());
+            session.push(&push());
+            // Dropped woken, before it is polled again.
+        }
+        // The dropped wait left the outbox as it was: the next `next` finds the push.
+        assert_eq!(pushes(outbox.next().now_or_never()), 1);
+        assert!(outbox.next().now_or_never().is_none());
+        // And again, pushes that come while nothing waits.
+        session.push(&push());
+        session.push(&push());
+        assert_eq!(pushes(outbox.next().now_or_never()), 2);
+    }
+
+    /// The idle timer ends a wait with `Out::Idle`, once per interval, also while the
+    /// connection is woken for pushes.
+    #[tokio::test(start_paused = true)]
+    async fn idle_comes_each_interval() {
+        let (mut outbox, session) = outbox(OutboxConfig {
+            idle: Some(Duration::from_secs(10)),
+            ..Default::default()
+        });
+        let start = Instant::now();
+        assert!(matches!(outbox.next().await, Out::Idle));
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+        session.push(&push());
+        assert_eq!(pushes(Some(outbox.next().await)), 1);
+        assert!(matches!(outbox.next().await, Out::Idle));
+        assert_eq!(start.elapsed(), Duration::from_secs(20));
+    }
+
+    /// Shutdown closes a waiting connection, and nothing follows the close.
+    #[tokio::test]
+    async fn shutdown_ends_a_wait_with_a_close() {
+        let (mut outbox, _session) = outbox(OutboxConfig::default());
+        let mut next = Box::pin(outbox.next());
+        assert!(next.as_mut().now_or_never().is_none());
+        drop(next);
+        outbox.shutdown.cancel();
+        assert!(matches!(
+            outbox.next().await,
+            Out::Close(CloseReason::ShuttingDown)
+        ));
+        assert!(outbox.next().now_or_never().is_none());
+    }
+
+    /// What an idle connection's task holds for its wait (the `async fn` it replaced
+    /// held 336 B in a debug build).
+    #[test]
+    fn the_wait_stays_small() {
+        let size = std::mem::size_of::<Next<'_>>();
+        eprintln!("Next {size} B");
+        assert!(size <= 80, "the outbox's wait is {size} bytes");
     }
 }
