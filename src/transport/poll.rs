@@ -14,17 +14,12 @@
 //! `POST /session/{id}` (sessions start with `POST /session`).
 
 use std::{
-    convert::Infallible,
-    future::{Future, Ready},
-    pin::Pin,
-    sync::Arc,
-    task::Context,
-    time::Duration,
+    convert::Infallible, future::Future, pin::Pin, sync::Arc, task::Context, time::Duration,
 };
 
 use axum::{
     extract::{Query, Request},
-    http::{HeaderMap, HeaderValue, StatusCode, Uri, header},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header},
     response::{IntoResponse, Response},
 };
 use bytes::{BufMut, BytesMut};
@@ -101,7 +96,7 @@ fn respond(encoding: Encoding, cursor: u64, pushes: &[(u64, Arc<Push>)]) -> Resp
     r
 }
 
-/// `GET /poll`, as a service rather than an axum handler (`get_service(Poll::new(ctx))`).
+/// `GET /poll`, as a service rather than an axum handler (served by `server::poll_service`).
 /// The request is read (and dropped) when it is called, and the future that waits, which
 /// lives as long as the poll is pending, holds only what the reply needs. (An axum
 /// handler's future also keeps the request's head and body slot for its whole life,
@@ -121,7 +116,10 @@ type Waiting = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>
 impl tower::Service<Request> for Poll {
     type Response = Response;
     type Error = Infallible;
-    type Future = Either<Waiting, Ready<Result<Response, Infallible>>>;
+    /// Boxed, refusals too: the route's future (one box, held while the poll waits)
+    /// holds this one, and an inline ready response beside the box would be ~140 bytes
+    /// more in every pending poll's route box.
+    type Future = Waiting;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
         std::task::Poll::Ready(Ok(()))
@@ -135,9 +133,40 @@ impl tower::Service<Request> for Poll {
         match started {
             // `wait` itself, not an `async` block around it: a block would hold the
             // `Held` twice (its captured copy beside the one moved into `wait`).
-            Ok(held) => Either::Left(Box::pin(held.wait())),
-            Err(refused) => Either::Right(std::future::ready(Ok(refused.into_response()))),
+            Ok(held) => Box::pin(held.wait()),
+            Err(refused) => Box::pin(std::future::ready(Ok(refused.into_response()))),
         }
+    }
+}
+
+/// `/poll` answers GET (and HEAD) only: any other method gets 405 with `Allow`, as an
+/// axum `get_service` route answers, before the request is forwarded or started. The
+/// route is served without axum's method router (whose every endpoint is one more boxed
+/// future held by a pending poll; see `server::poll_service`).
+#[derive(Clone)]
+pub struct GetOnly<S>(pub S);
+
+impl<S> tower::Service<Request> for GetOnly<S>
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<S::Future, Waiting>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        if req.method() == Method::GET || req.method() == Method::HEAD {
+            return Either::Left(self.0.call(req));
+        }
+        let refused = (
+            StatusCode::METHOD_NOT_ALLOWED,
+            [(header::ALLOW, HeaderValue::from_static("GET,HEAD"))],
+        );
+        Either::Right(Box::pin(std::future::ready(Ok(refused.into_response()))))
     }
 }
 
