@@ -152,8 +152,10 @@ fn assemble_core(config: Config, store: Arc<dyn Store>) -> Result<Arc<Core>, Ser
 /// serves [`app`]: the same with CORS.
 pub fn router(state: Ctx) -> Router {
     let layers = (body_limit(&state), body_deadline(&state));
-    upgrades()
-        .merge(routes(&state).layer(layers))
+    routes(&state)
+        .layer(layers)
+        .merge(upgrades())
+        .route_service("/poll", poll_service(&state, None))
         .with_state(state)
 }
 
@@ -167,9 +169,55 @@ pub fn app(state: Ctx) -> Router {
         body_limit(&state),
         body_deadline(&state),
     );
-    upgrades()
-        .merge(routes(&state).layer(layers))
+    routes(&state)
+        .layer(layers)
+        .merge(upgrades())
+        .route_service(
+            "/poll",
+            poll_service(&state, Some(cors(state.core.config.clone()))),
+        )
         .with_state(state)
+}
+
+/// `/poll`, outside the other routes' layers, as one service: CORS (in [`app`]),
+/// compression, the forward to the session's owner, the method check, the poll. A
+/// pending poll holds its route's future as long as it waits, and every level of axum's
+/// `Route` around it is one more boxed future: each `Router::layer` or `route_layer`
+/// wraps a route once more, the method router boxes its endpoint, and `Router::merge`
+/// wraps each already-wrapped route of the merged router again. `/poll` had three
+/// levels (984 + 448 B per pending poll, and the poll's own box); here it has the one
+/// axum gives every route, added last (not merged). For the same reason the layered
+/// routes are the router that the upgrades (plain method routes, not wrapped by a merge)
+/// are merged into, not the other way round. The body limit and body deadline layers
+/// are not needed: the poll reads no body (docs/BENCHMARKS.md, "Round six: SSE and
+/// long-poll memory").
+fn poll_service(
+    state: &Ctx,
+    cors: Option<CorsLayer>,
+) -> impl tower::Service<
+    axum::extract::Request,
+    Response = axum::response::Response,
+    Error = std::convert::Infallible,
+    Future: Send,
+> + Clone
++ Send
++ Sync
++ 'static {
+    use tower::Layer;
+    use tower::util::Either;
+    let poll = transport::poll::GetOnly(
+        transport::forward::ToOwnerLayer::new(state.clone())
+            .layer(transport::poll::Poll::new(state.clone())),
+    );
+    let poll = if state.core.config.server.http_compression {
+        Either::Left(tower::ServiceExt::map_response(
+            tower_http::compression::CompressionLayer::new().layer(poll),
+            IntoResponse::into_response,
+        ))
+    } else {
+        Either::Right(poll)
+    };
+    tower::util::option_layer(cors).layer(poll)
 }
 
 fn body_limit(state: &Ctx) -> axum::extract::DefaultBodyLimit {
@@ -197,18 +245,13 @@ fn upgrades() -> Router<Ctx> {
         )
 }
 
-/// Every route but the upgrades.
+/// Every route but the upgrades and `/poll` ([`poll_service`]).
 fn routes(state: &Ctx) -> Router<Ctx> {
     // Requests for a session another instance holds go there (transport::forward).
     let to_owner = || transport::forward::ToOwnerLayer::new(state.clone());
     // Long-poll replies, HTTP commands and the API: compressed by Accept-Encoding. Never
     // /sse (a compressor would hold events back until its buffer fills) nor /ws.
     let mut compressible = Router::new()
-        .route(
-            "/poll",
-            axum::routing::get_service(transport::poll::Poll::new(state.clone()))
-                .route_layer(to_owner()),
-        )
         .route("/session", axum::routing::post(transport::http::connect))
         .route(
             "/session/{id}",

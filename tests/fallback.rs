@@ -668,6 +668,44 @@ async fn disallowed_origins_are_refused_on_ws_and_sse_and_get_no_cors() {
         r.headers["access-control-expose-headers"],
         "x-parley-cursor"
     );
+    // /poll is served outside the other routes' layers (server::poll_service): the same
+    // CORS answers there, to a preflight, a poll, and not to another origin.
+    let mut pre_poll = pre;
+    pre_poll[1] = ("access-control-request-method", "GET");
+    let r = http(t.addr(), "OPTIONS", "/poll?session_id=s", &pre_poll, "").await;
+    assert_eq!(
+        r.headers["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert_eq!(r.headers["access-control-allow-credentials"], "true");
+    let poll = "/poll?session_id=nope&wait=0";
+    let r = http(
+        t.addr(),
+        "GET",
+        poll,
+        &[("origin", "https://app.example"), ("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 410);
+    assert_eq!(
+        r.headers["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert_eq!(
+        r.headers["access-control-expose-headers"],
+        "x-parley-cursor"
+    );
+    let r = http(
+        t.addr(),
+        "GET",
+        poll,
+        &[("origin", "https://evil.example"), ("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    assert!(r.headers.get("access-control-allow-origin").is_none());
 }
 
 #[tokio::test]

@@ -361,6 +361,16 @@ async fn bad_queries_and_paths_answer_the_error_json() {
         assert_eq!(code_of(&error_of(&r, &what)), ErrorCode::InvalidArgument);
         assert_eq!(r.header("allow"), Some(allow), "{what}");
     }
+    // /poll takes GET (and HEAD) only; anything else is refused before the poll starts
+    // or is forwarded, as axum's method router answered it (server::poll_service).
+    raw.write(
+        format!("POST /poll?session_id=s HTTP/1.1\r\nHost: parley\r\nAuthorization: {auth}\r\nContent-Length: 0\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    let r = raw.response().await;
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET,HEAD"));
     // A path no route takes: 404 with the Error JSON, with or without a token.
     for auth in [format!("Authorization: {auth}\r\n"), String::new()] {
         raw.write(format!("GET /no/such/path HTTP/1.1\r\nHost: parley\r\n{auth}\r\n").as_bytes())

@@ -14,17 +14,12 @@
 //! `POST /session/{id}` (sessions start with `POST /session`).
 
 use std::{
-    convert::Infallible,
-    future::{Future, Ready},
-    pin::Pin,
-    sync::Arc,
-    task::Context,
-    time::Duration,
+    convert::Infallible, future::Future, pin::Pin, sync::Arc, task::Context, time::Duration,
 };
 
 use axum::{
     extract::{Query, Request},
-    http::{HeaderMap, HeaderValue, StatusCode, Uri, header},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header},
     response::{IntoResponse, Response},
 };
 use bytes::{BufMut, BytesMut};
@@ -101,7 +96,7 @@ fn respond(encoding: Encoding, cursor: u64, pushes: &[(u64, Arc<Push>)]) -> Resp
     r
 }
 
-/// `GET /poll`, as a service rather than an axum handler (`get_service(Poll::new(ctx))`).
+/// `GET /poll`, as a service rather than an axum handler (served by `server::poll_service`).
 /// The request is read (and dropped) when it is called, and the future that waits, which
 /// lives as long as the poll is pending, holds only what the reply needs. (An axum
 /// handler's future also keeps the request's head and body slot for its whole life,
@@ -121,7 +116,10 @@ type Waiting = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>
 impl tower::Service<Request> for Poll {
     type Response = Response;
     type Error = Infallible;
-    type Future = Either<Waiting, Ready<Result<Response, Infallible>>>;
+    /// Boxed, refusals too: the route's future (one box, held while the poll waits)
+    /// holds this one, and an inline ready response beside the box would be ~140 bytes
+    /// more in every pending poll's route box.
+    type Future = Waiting;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
         std::task::Poll::Ready(Ok(()))
@@ -135,9 +133,40 @@ impl tower::Service<Request> for Poll {
         match started {
             // `wait` itself, not an `async` block around it: a block would hold the
             // `Held` twice (its captured copy beside the one moved into `wait`).
-            Ok(held) => Either::Left(Box::pin(held.wait())),
-            Err(refused) => Either::Right(std::future::ready(Ok(refused.into_response()))),
+            Ok(held) => Box::pin(held.wait()),
+            Err(refused) => Box::pin(std::future::ready(Ok(refused.into_response()))),
         }
+    }
+}
+
+/// `/poll` answers GET (and HEAD) only: any other method gets 405 with `Allow`, as an
+/// axum `get_service` route answers, before the request is forwarded or started. The
+/// route is served without axum's method router (whose every endpoint is one more boxed
+/// future held by a pending poll; see `server::poll_service`).
+#[derive(Clone)]
+pub struct GetOnly<S>(pub S);
+
+impl<S> tower::Service<Request> for GetOnly<S>
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<S::Future, Waiting>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        if req.method() == Method::GET || req.method() == Method::HEAD {
+            return Either::Left(self.0.call(req));
+        }
+        let refused = (
+            StatusCode::METHOD_NOT_ALLOWED,
+            [(header::ALLOW, HeaderValue::from_static("GET,HEAD"))],
+        );
+        Either::Right(Box::pin(std::future::ready(Ok(refused.into_response()))))
     }
 }
 
@@ -187,9 +216,21 @@ impl Held {
         })
     }
 
-    async fn wait(mut self) -> Result<Response, Infallible> {
+    /// An `async` block that uses the captured `Held` in place, not an `async fn`: an
+    /// `async fn`'s argument is kept in its future twice (the argument as passed, in
+    /// every state of the future, and the binding the body moves it into), 264 bytes
+    /// more per pending poll (the test `the_pending_poll_stays_small`).
+    #[allow(clippy::manual_async_fn)]
+    fn wait(mut self) -> impl Future<Output = Result<Response, Infallible>> + Send {
+        async move {
+            let next = self.outbox.next().await;
+            Ok(self.reply(next))
+        }
+    }
+
+    fn reply(&self, next: Out) -> Response {
         let (encoding, cursor) = (self.encoding, self.cursor);
-        Ok(match self.outbox.next().await {
+        match next {
             Out::Pushes(pushes) => {
                 let n = pushes.len() as u64;
                 let metrics = &self.pending.0;
@@ -206,6 +247,32 @@ impl Held {
             Out::Close(_) => {
                 ApiError::new(ErrorCode::SessionNotFound, "session ended").into_response()
             }
-        })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future `f` returns, without calling it.
+    fn future_size<F, Fut>(_: &F) -> usize
+    where
+        F: FnOnce(Held) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every pending poll holds this future, boxed: the `Held` once and the outbox's
+    /// wait. As an `async fn` it held the `Held` twice (880 bytes; a debug build lays it
+    /// out as a release build does, near enough).
+    #[test]
+    fn the_pending_poll_stays_small() {
+        let held = std::mem::size_of::<Held>();
+        let wait = future_size(&Held::wait);
+        assert!(
+            wait < 2 * held + 128 && wait <= 640,
+            "the pending poll's future is {wait} bytes (its Held {held})"
+        );
     }
 }
