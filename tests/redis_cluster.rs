@@ -595,27 +595,59 @@ async fn wait_metrics(cluster: &Cluster, i: usize, what: &str, check: impl Fn(&s
     }
 }
 
+/// Three instances on `redis`, a victim node that serves neither the presence keys nor
+/// the live room, and ann (instance 0) and bob (instance 1) in a room on the victim
+/// (`down`) and one on another node (`live`), one message in each already delivered.
+struct Outage {
+    cluster: Cluster,
+    victim: usize,
+    down: String,
+    live: String,
+    ann: Client,
+    bob: Client,
+}
+
+impl Outage {
+    async fn start(redis: &RedisCluster, name: &str) -> Outage {
+        let rooms = redis.rooms_on_every_node().await;
+        let cluster = parley_on(redis, name, |_| {}).await;
+        let home = redis.node_of("{parley}").await;
+        let victim = (0..3).find(|i| *i != home).unwrap();
+        let other = (0..3).find(|i| *i != home && *i != victim).unwrap();
+        let (down, live) = (rooms[victim].clone(), rooms[other].clone());
+        let mut ann = cluster.client(0, "ann").await;
+        let mut bob = cluster.client(1, "bob").await;
+        for c in [&mut ann, &mut bob] {
+            c.join(&down).await;
+            c.join(&live).await;
+        }
+        ann.send_msg(&down, "d-before", "before").await;
+        ann.send_msg(&live, "l-before", "before").await;
+        let got = messages(&mut bob, 2).await;
+        assert_gap_free(&of_room(&got, &down), 1, 1);
+        assert_gap_free(&of_room(&got, &live), 1, 1);
+        Outage {
+            cluster,
+            victim,
+            down,
+            live,
+            ann,
+            bob,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_redis_cluster_node_degrades_its_own_rooms_only() {
     let mut redis = RedisCluster::start("outage").await;
-    let rooms = redis.rooms_on_every_node().await;
-    let cluster = parley_on(&redis, "rcluster-outage", |_| {}).await;
-    // The victim serves neither the presence keys nor the live room.
-    let home = redis.node_of("{parley}").await;
-    let victim = (0..3).find(|i| *i != home).unwrap();
-    let other = (0..3).find(|i| *i != home && *i != victim).unwrap();
-    let (down, live) = (rooms[victim].clone(), rooms[other].clone());
-    let mut ann = cluster.client(0, "ann").await;
-    let mut bob = cluster.client(1, "bob").await;
-    for c in [&mut ann, &mut bob] {
-        c.join(&down).await;
-        c.join(&live).await;
-    }
-    ann.send_msg(&down, "d-before", "before").await;
-    ann.send_msg(&live, "l-before", "before").await;
-    let got = messages(&mut bob, 2).await;
-    assert_gap_free(&of_room(&got, &down), 1, 1);
-    assert_gap_free(&of_room(&got, &live), 1, 1);
+    let Outage {
+        cluster,
+        victim,
+        down,
+        live,
+        mut ann,
+        mut bob,
+    } = Outage::start(&redis, "rcluster-outage").await;
     let filled = |i: usize| {
         let addr = cluster.addr(i);
         async move {
@@ -779,23 +811,14 @@ async fn a_hung_redis_cluster_node_stalls_only_its_own_rooms() {
     // within the client's 2 s response timeout, for longer than its retries take.
     const BOUND: Duration = Duration::from_millis(1000);
     let redis = RedisCluster::start("hang").await;
-    let rooms = redis.rooms_on_every_node().await;
-    let cluster = parley_on(&redis, "rcluster-hang", |_| {}).await;
-    let home = redis.node_of("{parley}").await;
-    let victim = (0..3).find(|i| *i != home).unwrap();
-    let other = (0..3).find(|i| *i != home && *i != victim).unwrap();
-    let (down, live) = (rooms[victim].clone(), rooms[other].clone());
-    let mut ann = cluster.client(0, "ann").await;
-    let mut bob = cluster.client(1, "bob").await;
-    for c in [&mut ann, &mut bob] {
-        c.join(&down).await;
-        c.join(&live).await;
-    }
-    ann.send_msg(&down, "d-before", "before").await;
-    ann.send_msg(&live, "l-before", "before").await;
-    let got = messages(&mut bob, 2).await;
-    assert_gap_free(&of_room(&got, &down), 1, 1);
-    assert_gap_free(&of_room(&got, &live), 1, 1);
+    let Outage {
+        cluster,
+        victim,
+        down,
+        live,
+        mut ann,
+        mut bob,
+    } = Outage::start(&redis, "rcluster-hang").await;
 
     redis.nodes[victim].signal("STOP");
     // Publishes to the hung node's room (the log has them; they are delivered here).
