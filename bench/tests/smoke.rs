@@ -32,6 +32,50 @@ fn run_for(server: &Server, encoding: Encoding) -> Run {
     run
 }
 
+/// `connections` idle sessions of `run`, each joined to `room`, held `hold_ms`: the run
+/// verifies and opens them all (`what` names the case in a failure).
+async fn idle_joined(
+    run: &Run,
+    connections: usize,
+    hold_ms: u64,
+    room: &str,
+    what: &str,
+) -> scenario::idle::IdleReport {
+    let idle = scenario::idle::run(
+        run,
+        &scenario::idle::Params {
+            connections,
+            hold: Duration::from_millis(hold_ms),
+            settle: Duration::ZERO,
+            join: Some(room.into()),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(idle.ok(), "{what} {}", idle.table().render());
+    assert_eq!(idle.connected, connections as u64, "{what}");
+    idle
+}
+
+/// A 500 ms connect storm of `workers`, with or without a room join per cycle: it
+/// verifies and completes at least one handshake.
+async fn storm_for(run: &Run, workers: usize, join: bool) -> scenario::storm::StormReport {
+    let storm = scenario::storm::run(
+        run,
+        &scenario::storm::Params {
+            workers,
+            duration: Duration::from_millis(500),
+            settle: Duration::ZERO,
+            join,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(storm.ok(), "{}", storm.table().render());
+    assert!(storm.handshakes > 0);
+    storm
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_delivers_everything_exactly_once_in_both_encodings() {
     let server = server().await;
@@ -128,32 +172,8 @@ async fn scenarios_verify_on_shard_threads() {
     assert_eq!(o.published, 60);
     assert_eq!(o.delivered, 31 * 60);
     assert_eq!(o.latency.count, 31 * 60);
-    let idle = scenario::idle::run(
-        &run,
-        &scenario::idle::Params {
-            connections: 10,
-            hold: Duration::from_millis(200),
-            settle: Duration::ZERO,
-            join: Some("smoke-shards".into()),
-        },
-    )
-    .await
-    .unwrap();
-    assert!(idle.ok(), "{}", idle.table().render());
-    assert_eq!(idle.connected, 10);
-    let storm = scenario::storm::run(
-        &run,
-        &scenario::storm::Params {
-            workers: 6,
-            duration: Duration::from_millis(500),
-            settle: Duration::ZERO,
-            join: true,
-        },
-    )
-    .await
-    .unwrap();
-    assert!(storm.ok(), "{}", storm.table().render());
-    assert!(storm.handshakes > 0);
+    idle_joined(&run, 10, 200, "smoke-shards", "").await;
+    let storm = storm_for(&run, 6, true).await;
     assert_eq!(storm.handshake_latency.count, storm.handshakes);
     server.shutdown();
 }
@@ -186,20 +206,8 @@ async fn chat_rooms_verify() {
 async fn idle_and_storm_run() {
     let server = server().await;
     let run = run_for(&server, Encoding::Json);
-    let idle = scenario::idle::run(
-        &run,
-        &scenario::idle::Params {
-            connections: 25,
-            hold: Duration::from_millis(300),
-            settle: Duration::ZERO,
-            // Each also joins one room (a join refused or unanswered fails the run).
-            join: Some("smoke-idle".into()),
-        },
-    )
-    .await
-    .unwrap();
-    assert!(idle.ok(), "{}", idle.table().render());
-    assert_eq!(idle.connected, 25);
+    // Each also joins one room (a join refused or unanswered fails the run).
+    let idle = idle_joined(&run, 25, 300, "smoke-idle", "").await;
     // The probe really read the server's memory (this process: tests run the server
     // in-process, beside other tests, so the per-connection delta itself is noise here;
     // the release runs in BENCHMARKS.md measure it on a spawned server).
@@ -215,33 +223,9 @@ async fn idle_and_storm_run() {
         .expect("per-connection figure");
     assert!(per_conn.is_finite());
 
-    let storm = scenario::storm::run(
-        &run,
-        &scenario::storm::Params {
-            workers: 4,
-            duration: Duration::from_millis(500),
-            settle: Duration::ZERO,
-            join: false,
-        },
-    )
-    .await
-    .unwrap();
-    assert!(storm.ok(), "{}", storm.table().render());
-    assert!(storm.handshakes > 0);
+    storm_for(&run, 4, false).await;
     // With the room join in every cycle.
-    let storm = scenario::storm::run(
-        &run,
-        &scenario::storm::Params {
-            workers: 4,
-            duration: Duration::from_millis(500),
-            settle: Duration::ZERO,
-            join: true,
-        },
-    )
-    .await
-    .unwrap();
-    assert!(storm.ok(), "{}", storm.table().render());
-    assert!(storm.handshakes > 0);
+    storm_for(&run, 4, true).await;
     server.shutdown();
 }
 
@@ -311,21 +295,16 @@ async fn fanout_over_sse_and_long_poll_verifies() {
 async fn idle_over_sse_and_long_poll() {
     let server = server().await;
     for transport in [TransportKind::Sse, TransportKind::Poll] {
-        let idle = scenario::idle::run(
+        // Joined: the join is a POST, and the `joined` pushes the members get
+        // are acknowledged with POSTs while the stream or poll stays open.
+        let idle = idle_joined(
             &http_run(&server, transport, Encoding::Json),
-            &scenario::idle::Params {
-                connections: 15,
-                hold: Duration::from_millis(1500),
-                settle: Duration::ZERO,
-                // Joined: the join is a POST, and the `joined` pushes the members get
-                // are acknowledged with POSTs while the stream or poll stays open.
-                join: Some("smoke-http".into()),
-            },
+            15,
+            1500,
+            "smoke-http",
+            &format!("{transport:?}"),
         )
-        .await
-        .unwrap();
-        assert!(idle.ok(), "{transport:?}: {}", idle.table().render());
-        assert_eq!(idle.connected, 15);
+        .await;
         assert_eq!(idle.transport, transport.name());
     }
     server.shutdown();
@@ -404,19 +383,7 @@ async fn fanout_and_idle_over_webtransport_verify() {
         assert_eq!(o.delivered, 12 * 40, "{encoding:?}");
         assert_eq!(o.latency.count, 12 * 40, "{encoding:?}");
     }
-    let idle = scenario::idle::run(
-        &run(Encoding::Proto),
-        &scenario::idle::Params {
-            connections: 15,
-            hold: Duration::from_millis(1500),
-            settle: Duration::ZERO,
-            join: Some("smoke-wt".into()),
-        },
-    )
-    .await
-    .unwrap();
-    assert!(idle.ok(), "{}", idle.table().render());
-    assert_eq!(idle.connected, 15);
+    let idle = idle_joined(&run(Encoding::Proto), 15, 1500, "smoke-wt", "").await;
     assert_eq!(idle.transport, "wt");
     server.shutdown();
 }
