@@ -72,6 +72,18 @@ pub struct HttpConnection {
     commands: Option<Sender>,
 }
 
+/// A response's status and whole body.
+async fn read_whole(resp: hyper::Response<Body>) -> anyhow::Result<(StatusCode, Bytes)> {
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .context("HTTP body")?
+        .to_bytes();
+    Ok((status, body))
+}
+
 /// Opens a TCP connection and an HTTP/1.1 client on it; the connection task runs until
 /// both the sender and any response body are gone.
 async fn dial(target: &Target, index: usize) -> std::io::Result<Sender> {
@@ -169,14 +181,7 @@ impl HttpConnection {
     ) -> anyhow::Result<(StatusCode, Bytes)> {
         sender.ready().await.context("HTTP connection")?;
         let resp = sender.send_request(req).await.context("HTTP request")?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .context("HTTP body")?
-            .to_bytes();
-        Ok((status, body))
+        read_whole(resp).await
     }
 
     /// A request on the command connection, opened when needed. The server closes an
@@ -201,16 +206,7 @@ impl HttpConnection {
             };
             let sender = self.commands.insert(open);
             match sender.try_send_request(req).await {
-                Ok(resp) => {
-                    let status = resp.status();
-                    let body = resp
-                        .into_body()
-                        .collect()
-                        .await
-                        .context("HTTP body")?
-                        .to_bytes();
-                    return Ok((status, body));
-                }
+                Ok(resp) => return read_whole(resp).await,
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => {
                         self.commands = None;
