@@ -443,3 +443,30 @@ async fn an_upload_refused_before_its_body_is_read_says_connection_close() {
         assert!(matches!(n, Ok(0) | Err(_)), "{what}: {n:?}");
     }
 }
+
+/// `/poll` has no body limit or body deadline of its own because it never reads a body:
+/// a stranger's GET that declares a gigabyte and sends some of it gets its answer at
+/// once (401, from the headers), and the connection closes rather than waiting for or
+/// taking in the rest.
+#[tokio::test]
+async fn a_poll_with_a_body_it_never_reads_is_answered_and_closed() {
+    let t = TestServer::start().await;
+    let mut raw = Raw::connect(&t).await;
+    raw.write(
+        format!(
+            "GET /poll?session_id=s&cursor=0&wait=30 HTTP/1.1\r\nHost: parley\r\n\
+             Authorization: Bearer x\r\nContent-Length: 1000000000\r\n\r\n{}",
+            "x".repeat(64 * 1024)
+        )
+        .as_bytes(),
+    )
+    .await;
+    let r = raw.response().await;
+    assert_eq!(r.status, 401);
+    assert_eq!(code_of(&error_of(&r, "poll")), ErrorCode::Unauthorized);
+    let mut rest = [0u8; 16];
+    let n = tokio::time::timeout(WAIT, raw.tcp.read(&mut rest))
+        .await
+        .expect("the server closes the connection");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+}
