@@ -579,11 +579,7 @@ impl Wait {
     }
 
     /// [`Next`]'s poll: always the same `outbox` for one `Wait`.
-    pub fn poll_next(
-        self: Pin<&mut Self>,
-        outbox: &mut Outbox,
-        cx: &mut Context<'_>,
-    ) -> Poll<Out> {
+    pub fn poll_next(self: Pin<&mut Self>, outbox: &mut Outbox, cx: &mut Context<'_>) -> Poll<Out> {
         let mut this = self.project();
         loop {
             if *this.step != Step::Wait {

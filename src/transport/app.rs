@@ -109,12 +109,11 @@ impl App {
 
     /// Every response advertises HTTP/3 with this `Alt-Svc` value (RFC 7838).
     pub fn with_alt_svc(self, value: HeaderValue) -> Self {
-        let Parts { router, poll, .. } =
-            Arc::try_unwrap(self.0).unwrap_or_else(|shared| Parts {
-                router: shared.router.clone(),
-                poll: shared.poll.clone(),
-                alt_svc: None,
-            });
+        let Parts { router, poll, .. } = Arc::try_unwrap(self.0).unwrap_or_else(|shared| Parts {
+            router: shared.router.clone(),
+            poll: shared.poll.clone(),
+            alt_svc: None,
+        });
         Self(Arc::new(Parts {
             router,
             poll,
@@ -193,7 +192,10 @@ mod tests {
         let waiting = std::mem::size_of::<poll::Waiting>();
         let route = std::mem::size_of::<RouteFuture<Infallible>>();
         eprintln!("AppFuture {app} B: /poll's {poll} (Waiting {waiting}), the router's {route}");
-        assert!(route <= poll, "the router's future ({route} B) sets the size");
+        assert!(
+            route <= poll,
+            "the router's future ({route} B) sets the size"
+        );
         assert!(
             poll <= waiting + 176 && app <= poll + 16 && app <= 512,
             "a pending poll's future is {app} bytes (/poll's {poll}, Waiting {waiting})"

@@ -22,9 +22,9 @@ use axum::{
     http::{HeaderName, HeaderValue, Method, header},
     response::Response,
 };
+use bytes::Bytes;
 use futures_util::future::Either;
 use tower::Layer;
-use bytes::Bytes;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::origin_allowed;
@@ -167,9 +167,7 @@ mod tests {
     }
 
     fn request(method: &Method, headers: &[(&str, &str)]) -> Request {
-        let mut b = Request::builder()
-            .method(method)
-            .uri("/poll?session_id=s");
+        let mut b = Request::builder().method(method).uri("/poll?session_id=s");
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
