@@ -23,7 +23,6 @@ use hyper_util::{
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::{
     auth::{AuthSetupError, Authenticator},
@@ -39,6 +38,7 @@ use crate::{
     transport::{
         self, Ctx, PeerIp,
         admission::{Admission, Refusal},
+        app::App,
         deadline::{DeadlineIo, WriteDeadline},
         idle::{Counted, Streams},
         version::Sniffed,
@@ -148,76 +148,37 @@ fn assemble_core(config: Config, store: Arc<dyn Store>) -> Result<Arc<Core>, Ser
 
 /// The routes, with the request body limit (a command or API body is one frame: the same
 /// limit as a WebSocket frame; over it the handlers answer 413 with the error JSON,
-/// FRAME_TOO_LARGE) and the body deadline (`server.body_read_timeout`). The server
-/// serves [`app`]: the same with CORS.
-pub fn router(state: Ctx) -> Router {
+/// FRAME_TOO_LARGE) and the body deadline (`server.body_read_timeout`), and `/poll`
+/// before them ([`App`]). The server serves [`app`]: the same with CORS.
+pub fn router(state: Ctx) -> App {
     let layers = (body_limit(&state), body_deadline(&state));
-    routes(&state)
+    let router = routes(&state)
         .layer(layers)
         .merge(upgrades())
-        .route_service("/poll", poll_service(&state, None))
-        .with_state(state)
+        .with_state(state.clone());
+    App::new(&state, router, false)
 }
 
 /// What the listeners serve: [`router`] with CORS. The layers in one `layer` call: each
 /// call wraps every route once more, and each wrap is one more boxed future per request,
-/// held as long as the request is (a pending long-poll), with room for a whole request in
-/// it (docs/BENCHMARKS.md, "Round four: memory").
-pub fn app(state: Ctx) -> Router {
+/// held as long as the request is, with room for a whole request in it
+/// (docs/BENCHMARKS.md, "Round four: memory"). For the same reason the layered routes
+/// are the router that the upgrades (plain method routes, not wrapped by a merge) are
+/// merged into, not the other way round. `/poll` is not a route: [`App`] serves it
+/// before the router, its future unboxed (a pending poll holds it as long as it waits;
+/// "Round seven: a pending long-poll"). It needs no body limit or body deadline: the
+/// poll reads no body.
+pub fn app(state: Ctx) -> App {
     let layers = (
-        cors(state.core.config.clone()),
+        transport::cors::layer(state.core.config.clone()),
         body_limit(&state),
         body_deadline(&state),
     );
-    routes(&state)
+    let router = routes(&state)
         .layer(layers)
         .merge(upgrades())
-        .route_service(
-            "/poll",
-            poll_service(&state, Some(cors(state.core.config.clone()))),
-        )
-        .with_state(state)
-}
-
-/// `/poll`, outside the other routes' layers, as one service: CORS (in [`app`]),
-/// compression, the forward to the session's owner, the method check, the poll. A
-/// pending poll holds its route's future as long as it waits, and every level of axum's
-/// `Route` around it is one more boxed future: each `Router::layer` or `route_layer`
-/// wraps a route once more, the method router boxes its endpoint, and `Router::merge`
-/// wraps each already-wrapped route of the merged router again. `/poll` had three
-/// levels (984 + 448 B per pending poll, and the poll's own box); here it has the one
-/// axum gives every route, added last (not merged). For the same reason the layered
-/// routes are the router that the upgrades (plain method routes, not wrapped by a merge)
-/// are merged into, not the other way round. The body limit and body deadline layers
-/// are not needed: the poll reads no body (docs/BENCHMARKS.md, "Round six: SSE and
-/// long-poll memory").
-fn poll_service(
-    state: &Ctx,
-    cors: Option<CorsLayer>,
-) -> impl tower::Service<
-    axum::extract::Request,
-    Response = axum::response::Response,
-    Error = std::convert::Infallible,
-    Future: Send,
-> + Clone
-+ Send
-+ Sync
-+ 'static {
-    use tower::Layer;
-    use tower::util::Either;
-    let poll = transport::poll::GetOnly(
-        transport::forward::ToOwnerLayer::new(state.clone())
-            .layer(transport::poll::Poll::new(state.clone())),
-    );
-    let poll = if state.core.config.server.http_compression {
-        Either::Left(tower::ServiceExt::map_response(
-            tower_http::compression::CompressionLayer::new().layer(poll),
-            IntoResponse::into_response,
-        ))
-    } else {
-        Either::Right(poll)
-    };
-    tower::util::option_layer(cors).layer(poll)
+        .with_state(state.clone());
+    App::new(&state, router, true)
 }
 
 fn body_limit(state: &Ctx) -> axum::extract::DefaultBodyLimit {
@@ -245,7 +206,7 @@ fn upgrades() -> Router<Ctx> {
         )
 }
 
-/// Every route but the upgrades and `/poll` ([`poll_service`]).
+/// Every route but the upgrades and `/poll` ([`App`]).
 fn routes(state: &Ctx) -> Router<Ctx> {
     // Requests for a session another instance holds go there (transport::forward).
     let to_owner = || transport::forward::ToOwnerLayer::new(state.clone());
@@ -595,7 +556,7 @@ fn alt_svc(config: &Config, port: u16) -> Option<axum::http::HeaderValue> {
 /// gets CONNECTION_REFUSED), the handshake under `server.tls_handshake_timeout`, then
 /// the HTTP/3 connection on the server's task tracker (so a drain waits for it). Stops
 /// accepting on shutdown.
-async fn accept_quic(endpoint: quinn::Endpoint, app: Router, ctx: Ctx) {
+async fn accept_quic(endpoint: quinn::Endpoint, app: App, ctx: Ctx) {
     use std::sync::atomic::{AtomicU32, Ordering};
     /// Counts a handshake in progress until dropped.
     struct Handshaking(Arc<AtomicU32>);
@@ -656,29 +617,6 @@ async fn accept_quic(endpoint: quinn::Endpoint, app: Router, ctx: Ctx) {
     }
 }
 
-/// CORS for browsers on other origins: the origins `server.allowed_origins` names (or
-/// same-origin), echoed back with credentials allowed; never a wildcard with credentials.
-fn cors(config: Arc<Config>) -> CorsLayer {
-    use axum::http::{HeaderName, Method, header};
-    CorsLayer::new()
-        .allow_origin(AllowOrigin::predicate(move |origin, parts| {
-            let mut headers = parts.headers.clone();
-            headers.insert(header::ORIGIN, origin.clone());
-            transport::origin_allowed(&config.server, &headers, &parts.uri)
-        }))
-        .allow_credentials(true)
-        .allow_methods([Method::GET, Method::POST, Method::DELETE])
-        .allow_headers([
-            header::AUTHORIZATION,
-            header::CONTENT_TYPE,
-            header::ACCEPT,
-            HeaderName::from_static("last-event-id"),
-            header::RANGE,
-        ])
-        .expose_headers([HeaderName::from_static("x-parley-cursor")])
-        .max_age(std::time::Duration::from_secs(600))
-}
-
 /// Answers a refused connection with its error (plain HTTP only: a TLS client would not
 /// understand it, and just sees the connection closed) and closes it.
 fn refuse(mut tcp: tokio::net::TcpStream, refusal: Refusal, tls: bool) {
@@ -733,7 +671,7 @@ impl Stages {
 /// HTTP/2 connection without an open request.
 async fn serve_connection<I>(
     io: I,
-    app: Router,
+    app: App,
     watcher: Watcher,
     shutdown: CancellationToken,
     deadline: WriteDeadline,
@@ -1005,15 +943,7 @@ impl Server {
         };
         // TCP responses advertise HTTP/3 (RFC 7838), so browsers try it next time.
         let app = match quic_alt_svc {
-            Some(value) => app.layer(axum::middleware::map_response(
-                move |mut response: axum::response::Response| {
-                    let value = value.clone();
-                    async move {
-                        response.headers_mut().insert(header::ALT_SVC, value);
-                        response
-                    }
-                },
-            )),
+            Some(value) => app.with_alt_svc(value),
             None => app,
         };
         let s = state.clone();

@@ -668,7 +668,7 @@ async fn disallowed_origins_are_refused_on_ws_and_sse_and_get_no_cors() {
         r.headers["access-control-expose-headers"],
         "x-parley-cursor"
     );
-    // /poll is served outside the other routes' layers (server::poll_service): the same
+    // /poll is served before the router (transport::app::App, CORS by cors::Late): the same
     // CORS answers there, to a preflight, a poll, and not to another origin.
     let mut pre_poll = pre;
     pre_poll[1] = ("access-control-request-method", "GET");

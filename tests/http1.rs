@@ -362,7 +362,7 @@ async fn bad_queries_and_paths_answer_the_error_json() {
         assert_eq!(r.header("allow"), Some(allow), "{what}");
     }
     // /poll takes GET (and HEAD) only; anything else is refused before the poll starts
-    // or is forwarded, as axum's method router answered it (server::poll_service).
+    // or is forwarded, as axum's method router answered it (transport::app::App).
     raw.write(
         format!("POST /poll?session_id=s HTTP/1.1\r\nHost: parley\r\nAuthorization: {auth}\r\nContent-Length: 0\r\n\r\n")
             .as_bytes(),

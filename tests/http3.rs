@@ -437,11 +437,28 @@ async fn http3_serves_healthz_and_tcp_responses_advertise_it() {
         resp.headers()["alt-svc"],
         format!("h3=\":{port}\"; ma=86400").as_str()
     );
+    // /poll too (served before the router, transport::app::App), here a refusal.
+    sender.ready().await.unwrap();
+    let req = hyper::Request::get("/poll?session_id=nope&wait=0")
+        .header("host", "localhost")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(
+        resp.headers()["alt-svc"],
+        format!("h3=\":{port}\"; ma=86400").as_str()
+    );
 
     // HTTP/3.
     let mut h3 = H3::connect(&t, &certs).await;
     let (status, headers, body) = h3.request("GET", "/healthz", &[], "").await;
     assert_eq!((status, &body[..]), (200, &b"ok\n"[..]));
+    assert!(headers.get("alt-svc").is_none(), "HTTP/3 needs no Alt-Svc");
+    let (status, headers, _) = h3
+        .request("GET", "/poll?session_id=nope&wait=0", &[], "")
+        .await;
+    assert_eq!(status, 401);
     assert!(headers.get("alt-svc").is_none(), "HTTP/3 needs no Alt-Svc");
     let (status, _, body) = h3.request("GET", "/no-such-route", &[], "").await;
     assert_eq!(status, 404);

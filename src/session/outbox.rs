@@ -400,9 +400,7 @@ impl Outbox {
     pub fn next(&mut self) -> Next<'_> {
         Next {
             outbox: self,
-            step: Step::New,
-            timer_on: false,
-            woken: None,
+            wait: Wait::new(),
         }
     }
 
@@ -536,6 +534,26 @@ pin_project_lite::pin_project! {
     /// on (tokio's `Notify`), so the next wait sees it.
     pub struct Next<'a> {
         outbox: &'a mut Outbox,
+        #[pin]
+        wait: Wait,
+    }
+}
+
+impl Future for Next<'_> {
+    type Output = Out;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Out> {
+        let this = self.project();
+        this.wait.poll_next(this.outbox, cx)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A wait's own state, apart from the outbox it waits on: [`Next`] is this and a
+    /// borrow of the outbox. A future that owns its outbox keeps the two side by side
+    /// (`transport::poll`'s pending poll: a future with a name, no box of its own) and
+    /// polls this with [`Wait::poll_next`]. The same guarantees as [`Next`]'s.
+    pub struct Wait {
         step: Step,
         timer_on: bool,
         // The pushes' wake-up, registered while waiting.
@@ -544,12 +562,25 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl Future for Next<'_> {
-    type Output = Out;
+impl Default for Wait {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Out> {
+impl Wait {
+    /// A wait not polled yet.
+    pub fn new() -> Self {
+        Self {
+            step: Step::New,
+            timer_on: false,
+            woken: None,
+        }
+    }
+
+    /// [`Next`]'s poll: always the same `outbox` for one `Wait`.
+    pub fn poll_next(self: Pin<&mut Self>, outbox: &mut Outbox, cx: &mut Context<'_>) -> Poll<Out> {
         let mut this = self.project();
-        let outbox = &mut **this.outbox;
         loop {
             if *this.step != Step::Wait {
                 if outbox.closed {

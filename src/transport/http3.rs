@@ -22,7 +22,6 @@ use std::{
 };
 
 use axum::{
-    Router,
     body::Body,
     http::{HeaderName, Method, Request, Response, header},
 };
@@ -34,6 +33,7 @@ use tokio::time::timeout;
 
 use super::{
     Ctx, PeerIp,
+    app::App,
     idle::{Counted, Streams},
 };
 
@@ -47,8 +47,8 @@ type SendHalf = RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
 /// Largest request head (QPACK-decoded field section) a client may send.
 pub const MAX_FIELD_SECTION: u64 = 64 * 1024;
 
-/// The router as one HTTP/3 connection serves it: its requests counted as open.
-pub type Service = Counted<Router>;
+/// The app as one HTTP/3 connection serves it: its requests counted as open.
+pub type Service = Counted<App>;
 
 /// Headers that name HTTP/1 connection state; HTTP/3 forbids them (RFC 9114 4.2).
 const CONNECTION_SPECIFIC: [HeaderName; 4] = [
@@ -66,7 +66,7 @@ const CONNECTION_SPECIFIC: [HeaderName; 4] = [
 /// gone by then, not kept beside the session in every idle session's task.
 pub fn serve(
     quic: quinn::Connection,
-    app: Router,
+    app: App,
     ctx: Ctx,
     peer: PeerIp,
 ) -> impl Future<Output = ()> + Send {
@@ -81,7 +81,7 @@ type Session = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Serves the connection's requests until it ends (`None`), or until a WebTransport
 /// CONNECT to `/wt` takes it over (its session, to run next).
-async fn requests(quic: quinn::Connection, app: Router, ctx: Ctx, peer: PeerIp) -> Option<Session> {
+async fn requests(quic: quinn::Connection, app: App, ctx: Ctx, peer: PeerIp) -> Option<Session> {
     let config = &ctx.core.config;
     let mut builder = h3::server::builder();
     builder

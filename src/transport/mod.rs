@@ -21,7 +21,9 @@
 
 pub mod admission;
 pub mod api;
+pub mod app;
 pub mod bearer;
+pub mod cors;
 pub mod deadline;
 pub mod files;
 pub mod forward;

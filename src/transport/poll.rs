@@ -36,7 +36,7 @@ use crate::{
     codec::{Encoding, Push},
     metrics::{Metrics, TransportLabel},
     proto::ErrorCode,
-    session::{CloseReason, Conn, Out, Outbox, OutboxConfig},
+    session::{CloseReason, Conn, Out, Outbox, OutboxConfig, Wait},
 };
 
 const LABEL: TransportLabel = TransportLabel { transport: "poll" };
@@ -96,12 +96,12 @@ fn respond(encoding: Encoding, cursor: u64, pushes: &[(u64, Arc<Push>)]) -> Resp
     r
 }
 
-/// `GET /poll`, as a service rather than an axum handler (served by `server::poll_service`).
-/// The request is read (and dropped) when it is called, and the future that waits, which
-/// lives as long as the poll is pending, holds only what the reply needs. (An axum
-/// handler's future also keeps the request's head and body slot for its whole life,
-/// ~250 bytes per pending poll; the request's headers and URI would also keep hyper's
-/// read buffer alive.)
+/// `GET /poll`, as a service rather than an axum handler (served by `server::App`,
+/// before the router). The request is read (and dropped) when it is called, and the
+/// future that waits, which lives as long as the poll is pending, holds only what the
+/// reply needs. (An axum handler's future also keeps the request's head and body slot
+/// for its whole life, ~250 bytes per pending poll; the request's headers and URI would
+/// also keep hyper's read buffer alive.)
 #[derive(Clone)]
 pub struct Poll(Ctx);
 
@@ -111,15 +111,20 @@ impl Poll {
     }
 }
 
-type Waiting = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+/// An answer given when the request comes.
+type Answered = std::future::Ready<Result<Response, Infallible>>;
+
+fn answered(response: Response) -> Answered {
+    std::future::ready(Ok(response))
+}
 
 impl tower::Service<Request> for Poll {
     type Response = Response;
     type Error = Infallible;
-    /// Boxed, refusals too: the route's future (one box, held while the poll waits)
-    /// holds this one, and an inline ready response beside the box would be ~140 bytes
-    /// more in every pending poll's route box.
-    type Future = Waiting;
+    /// Not boxed: every layer around it up to the connection's in-flight box (hyper's,
+    /// one per request) has a named future, so a pending poll is one allocation. A
+    /// refusal's response is room beside the waiting state, which is larger.
+    type Future = Either<Answered, Waiting>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
         std::task::Poll::Ready(Ok(()))
@@ -131,10 +136,11 @@ impl tower::Service<Request> for Poll {
             .map_err(ApiError::from)
             .and_then(|Query(q)| Held::start(&self.0, parts.headers, parts.uri, q));
         match started {
-            // `wait` itself, not an `async` block around it: a block would hold the
-            // `Held` twice (its captured copy beside the one moved into `wait`).
-            Ok(held) => Box::pin(held.wait()),
-            Err(refused) => Box::pin(std::future::ready(Ok(refused.into_response()))),
+            Ok(held) => Either::Right(Waiting {
+                held,
+                wait: Wait::new(),
+            }),
+            Err(refused) => Either::Left(answered(refused.into_response())),
         }
     }
 }
@@ -142,7 +148,7 @@ impl tower::Service<Request> for Poll {
 /// `/poll` answers GET (and HEAD) only: any other method gets 405 with `Allow`, as an
 /// axum `get_service` route answers, before the request is forwarded or started. The
 /// route is served without axum's method router (whose every endpoint is one more boxed
-/// future held by a pending poll; see `server::poll_service`).
+/// future held by a pending poll; see `server::App`).
 #[derive(Clone)]
 pub struct GetOnly<S>(pub S);
 
@@ -152,7 +158,7 @@ where
 {
     type Response = Response;
     type Error = Infallible;
-    type Future = Either<S::Future, Waiting>;
+    type Future = Either<S::Future, Answered>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
         self.0.poll_ready(cx)
@@ -166,7 +172,27 @@ where
             StatusCode::METHOD_NOT_ALLOWED,
             [(header::ALLOW, HeaderValue::from_static("GET,HEAD"))],
         );
-        Either::Right(Box::pin(std::future::ready(Ok(refused.into_response()))))
+        Either::Right(answered(refused.into_response()))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A pending poll: its [`Held`] and the outbox's wait on it, side by side (the wait's
+    /// state apart from the outbox, `session::Wait`, so no borrow between the two).
+    pub struct Waiting {
+        held: Held,
+        #[pin]
+        wait: Wait,
+    }
+}
+
+impl Future for Waiting {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let next = std::task::ready!(this.wait.poll_next(&mut this.held.outbox, cx));
+        std::task::Poll::Ready(Ok(this.held.reply(next)))
     }
 }
 
@@ -216,18 +242,6 @@ impl Held {
         })
     }
 
-    /// An `async` block that uses the captured `Held` in place, not an `async fn`: an
-    /// `async fn`'s argument is kept in its future twice (the argument as passed, in
-    /// every state of the future, and the binding the body moves it into), 264 bytes
-    /// more per pending poll (the test `the_pending_poll_stays_small`).
-    #[allow(clippy::manual_async_fn)]
-    fn wait(mut self) -> impl Future<Output = Result<Response, Infallible>> + Send {
-        async move {
-            let next = self.outbox.next().await;
-            Ok(self.reply(next))
-        }
-    }
-
     fn reply(&self, next: Out) -> Response {
         let (encoding, cursor) = (self.encoding, self.cursor);
         match next {
@@ -255,24 +269,20 @@ impl Held {
 mod tests {
     use super::*;
 
-    /// The size of the future `f` returns, without calling it.
-    fn future_size<F, Fut>(_: &F) -> usize
-    where
-        F: FnOnce(Held) -> Fut,
-    {
-        std::mem::size_of::<Fut>()
-    }
-
-    /// Every pending poll holds this future, boxed: the `Held` once and the outbox's
-    /// wait. As an `async fn` it held the `Held` twice (880 bytes; a debug build lays it
-    /// out as a release build does, near enough).
+    /// Every pending poll holds this future, inline in hyper's in-flight box (with the
+    /// layers' few bytes around it): the `Held` and the wait's state. (As a boxed
+    /// `async fn` it held the `Held` twice, 880 bytes; as a boxed `async` block with
+    /// `Next`, 336 in a release build; a debug build lays it out as a release build
+    /// does, near enough.)
     #[test]
     fn the_pending_poll_stays_small() {
         let held = std::mem::size_of::<Held>();
-        let wait = future_size(&Held::wait);
+        let waiting = std::mem::size_of::<Waiting>();
+        let future = std::mem::size_of::<<Poll as tower::Service<Request>>::Future>();
+        eprintln!("Held {held} B, Waiting {waiting} B, Poll's future {future} B");
         assert!(
-            wait < 2 * held + 128 && wait <= 640,
-            "the pending poll's future is {wait} bytes (its Held {held})"
+            waiting <= held + 80 && future <= waiting + 8 && future <= 336,
+            "the pending poll's future is {future} bytes (Waiting {waiting}, its Held {held})"
         );
     }
 }
