@@ -8,9 +8,10 @@
 //! `disconnect` + close. Every write has a deadline (`ws.write_timeout`); a client that
 //! does not read is closed with 4008, and the close itself gets only [`CLOSE_TIMEOUT`]
 //! (lingering included: after a close frame the socket is shut down and drained briefly,
-//! so the close frame is not lost to a reset). Commands run beside the writer, one at a
-//! time in order (the outbox holds the running one): a command that waits for the store
-//! holds up neither pushes nor pings.
+//! so the close frame is not lost to a reset; after the reply to a client's close, only
+//! when the client sent more after its close frame). Commands run beside the writer, one
+//! at a time in order (the outbox holds the running one): a command that waits for the
+//! store holds up neither pushes nor pings.
 
 use std::{pin::Pin, sync::OnceLock, time::Duration};
 
@@ -406,6 +407,16 @@ impl Writer {
         let _ = timeout(CLOSE_TIMEOUT, self.socket.linger(LINGER_BYTES)).await;
     }
 
+    /// The end of a close the client started: lets out the close reply yawc queued and
+    /// shuts the write side down; then, when nothing past the client's close frame was
+    /// read, the connection is closed at once (RFC 6455 §7.1.1: after both close frames
+    /// the server closes first; §5.5.1: the client sends nothing after its close frame,
+    /// so nothing unread can turn the close into a reset). Bytes read past the close
+    /// frame: lingers as [`Writer::linger`]. At most [`CLOSE_TIMEOUT`].
+    async fn close_replied(&mut self) {
+        let _ = timeout(CLOSE_TIMEOUT, self.socket.close_replied(LINGER_BYTES)).await;
+    }
+
     /// Writes one item; on a stuck write, closes as a slow consumer. `false`: stop.
     /// While the write is blocked the session may be lost (its queue overflowed, or
     /// another connection resumed it): then the write in flight gets [`CLOSE_TIMEOUT`]
@@ -537,10 +548,10 @@ impl Connection {
             OpCode::Text | OpCode::Binary => {}
             OpCode::Close => {
                 // A deliberate goodbye: no resume will follow. yawc queued the close
-                // reply; let it out.
+                // reply; let it out and close.
                 self.outbox.client_closed();
                 return Some(Box::pin(async {
-                    self.w.linger().await;
+                    self.w.close_replied().await;
                     false
                 }));
             }
