@@ -864,11 +864,34 @@ where
     conn.await
 }
 
+/// Sets TCP_NODELAY on a listening socket, for the sockets it accepts: Linux copies a
+/// listener's TCP options into each socket it accepts, so they need no `setsockopt` of
+/// their own (one system call fewer per connection). `true` when they inherit it;
+/// elsewhere, or if the listener refused, each accepted socket is set
+/// ([`accepted_nodelay`]).
+fn listener_nodelay(listener: &TcpListener) -> bool {
+    cfg!(target_os = "linux")
+        && socket2::SockRef::from(listener)
+            .set_tcp_nodelay(true)
+            .is_ok()
+}
+
+/// TCP_NODELAY on an accepted socket, unless it has it from its listener
+/// ([`listener_nodelay`]). Every TCP connection the server accepts has it: replies and
+/// pushes are written whole, and Nagle's algorithm would hold a small one back until
+/// the last was acknowledged.
+fn accepted_nodelay(tcp: &tokio::net::TcpStream, inherited: bool) {
+    if !inherited {
+        let _ = tcp.set_nodelay(true);
+    }
+}
+
 /// The plain MQTT listener's accept loop (`[mqtt] listen`): admission and its limits as
 /// on the HTTP listener (a refused connection is just closed), TLS when configured, TCP
 /// keep-alive probes, then the MQTT connection on the server's task tracker (so a drain
 /// waits for it). Stops accepting on shutdown.
 async fn accept_mqtt(listener: TcpListener, tls: Option<TlsAcceptor>, ctx: Ctx) {
+    let nodelay = listener_nodelay(&listener);
     let config = &ctx.core.config;
     let write_timeout = config.server.write_timeout;
     let handshake_timeout = config.server.tls_handshake_timeout;
@@ -893,7 +916,7 @@ async fn accept_mqtt(listener: TcpListener, tls: Option<TlsAcceptor>, ctx: Ctx) 
             tracing::debug!(%peer, "MQTT connection refused by admission");
             continue;
         };
-        let _ = tcp.set_nodelay(true);
+        accepted_nodelay(&tcp, nodelay);
         let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
         let io = DeadlineIo::new(tcp, WriteDeadline::new(write_timeout)).with_slot(slot);
         match &tls {
@@ -1033,6 +1056,7 @@ impl Server {
             tokio::time::sleep(delay).await;
             shutdown.cancel();
         });
+        let nodelay = listener_nodelay(&listener);
         let task = tokio::spawn(async move {
             let graceful = GracefulShutdown::new();
             loop {
@@ -1048,7 +1072,7 @@ impl Server {
                         }
                     },
                 };
-                let _ = tcp.set_nodelay(true);
+                accepted_nodelay(&tcp, nodelay);
                 let slot = match s.admission.admit(peer.ip()) {
                     Ok(slot) => slot,
                     Err(refusal) => {
@@ -1248,5 +1272,31 @@ mod tests {
             trims(&[100_000, 0, 100_000, 100_000, 1_000]),
             [false, true, false, false, true]
         );
+    }
+}
+
+#[cfg(test)]
+mod nodelay_tests {
+    use super::{TcpListener, accepted_nodelay, listener_nodelay};
+
+    /// Every accepted socket has TCP_NODELAY: inherited from its listener on Linux (no
+    /// `setsockopt` per connection), set on it elsewhere.
+    #[tokio::test]
+    async fn accepted_sockets_have_tcp_nodelay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let inherited = listener_nodelay(&listener);
+        assert_eq!(inherited, cfg!(target_os = "linux"));
+        let addr = listener.local_addr().unwrap();
+        for _ in 0..3 {
+            let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (tcp, _) = listener.accept().await.unwrap();
+            if inherited {
+                // Before `accepted_nodelay`: the listener's option alone.
+                assert!(tcp.nodelay().unwrap());
+            }
+            accepted_nodelay(&tcp, inherited);
+            assert!(tcp.nodelay().unwrap());
+            drop(client);
+        }
     }
 }
