@@ -37,7 +37,7 @@ use crate::{
     session::{Core, Sessions},
     store::{self, Range, Store, StoreError, sqlite::SqliteStore},
     transport::{
-        self, Ctx, PeerIp,
+        self, Ctx, OverTls, PeerIp,
         admission::{Admission, Refusal},
         deadline::{DeadlineIo, WriteDeadline},
         idle::{Counted, Streams},
@@ -737,16 +737,19 @@ async fn serve_connection<I>(
     watcher: Watcher,
     shutdown: CancellationToken,
     deadline: WriteDeadline,
-    peer: PeerIp,
+    (peer, tls): (PeerIp, bool),
     stages: Arc<Stages>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    // Handlers see the connection's write deadline (SSE and WebSocket set their own) and
-    // the peer address (per-IP limits).
+    // Handlers see the connection's write deadline (SSE and WebSocket set their own),
+    // the peer address (per-IP limits) and, over TLS, that it is (`OverTls`).
     let app = tower::ServiceExt::map_request(app, move |mut req: axum::extract::Request<_>| {
         req.extensions_mut().insert(deadline.clone());
         req.extensions_mut().insert(peer);
+        if tls {
+            req.extensions_mut().insert(OverTls);
+        }
         req
     });
     let (h2, io) = tokio::select! {
@@ -1094,7 +1097,13 @@ impl Server {
                 match tls {
                     None => {
                         tokio::spawn(serve_connection(
-                            io, app, watcher, shutdown, deadline, peer, stages,
+                            io,
+                            app,
+                            watcher,
+                            shutdown,
+                            deadline,
+                            (peer, false),
+                            stages,
                         ));
                     }
                     Some(acceptor) => {
@@ -1103,7 +1112,13 @@ impl Server {
                             match tokio::time::timeout(stages.tls_handshake, handshake).await {
                                 Ok(Ok(stream)) => {
                                     serve_connection(
-                                        stream, app, watcher, shutdown, deadline, peer, stages,
+                                        stream,
+                                        app,
+                                        watcher,
+                                        shutdown,
+                                        deadline,
+                                        (peer, true),
+                                        stages,
                                     )
                                     .await
                                 }

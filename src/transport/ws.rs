@@ -33,7 +33,7 @@ use yawc::{
 };
 
 use super::{
-    Ctx,
+    Ctx, OverTls,
     deadline::{self, WriteDeadline},
     origin_allowed,
 };
@@ -219,6 +219,10 @@ pub async fn handler(State(ctx): State<Ctx>, request: axum::extract::Request) ->
                 .into_response();
         }
     };
+    // Plain TCP under HTTP/1.1: dropping the socket ends the connection as its shutdown
+    // would (see `Writer::close_replied`).
+    let plain_tcp = parts.version == axum::http::Version::HTTP_11
+        && parts.extensions.get::<OverTls>().is_none();
     let ws = &ctx.core.config.ws;
     let (mut response, fut) = match accept_upgrade(upgrade, options(ws), deadline, ws) {
         Ok(pair) => pair,
@@ -239,7 +243,7 @@ pub async fn handler(State(ctx): State<Ctx>, request: axum::extract::Request) ->
     // every connection's task, and tokio allocates a task in steps of 128 bytes (its
     // cell is cache-line aligned), so those 40 bytes cost a whole step (1,792 -> 1,664).
     let tracker = ctx.tracker.clone();
-    let task = connection(fut, ctx, encoding, compression);
+    let task = connection(fut, ctx, encoding, compression, plain_tcp);
     if span.is_disabled() {
         tracker.spawn(task);
     } else {
@@ -257,10 +261,11 @@ fn connection(
     ctx: Ctx,
     encoding: Encoding,
     compression: PushCompression,
+    plain_tcp: bool,
 ) -> impl Future<Output = ()> + Send {
     fut.then(move |upgraded| match upgraded {
         Ok(socket) => {
-            let mut connection = Connection::new(socket, ctx, encoding, compression);
+            let mut connection = Connection::new(socket, ctx, encoding, compression, plain_tcp);
             // Used in place: an `async fn` taking the connection by value would hold it
             // twice (its argument, and the local the argument is moved into).
             Either::Left(async move { connection.run().await })
@@ -290,6 +295,9 @@ struct Writer {
     write_timeout: Duration,
     /// No pushes were written since the last heartbeat ping (or since the start).
     quiet: bool,
+    /// The socket is plain TCP under HTTP/1.1 (no TLS, no HTTP/2 stream): closing it
+    /// needs no shutdown first ([`Writer::close_replied`]).
+    plain_tcp: bool,
 }
 
 impl Writer {
@@ -407,14 +415,18 @@ impl Writer {
         let _ = timeout(CLOSE_TIMEOUT, self.socket.linger(LINGER_BYTES)).await;
     }
 
-    /// The end of a close the client started: lets out the close reply yawc queued and
-    /// shuts the write side down; then, when nothing past the client's close frame was
-    /// read, the connection is closed at once (RFC 6455 §7.1.1: after both close frames
-    /// the server closes first; §5.5.1: the client sends nothing after its close frame,
-    /// so nothing unread can turn the close into a reset). Bytes read past the close
+    /// The end of a close the client started: lets out the close reply yawc queued;
+    /// then, when nothing past the client's close frame was read, the connection is
+    /// closed at once (RFC 6455 §7.1.1: after both close frames the server closes
+    /// first; §5.5.1: the client sends nothing after its close frame, so nothing unread
+    /// can turn the close into a reset). The write side is shut down first except on
+    /// plain TCP, where closing the socket sends the same FIN (over TLS the shutdown
+    /// sends `close_notify`, on an HTTP/2 stream END_STREAM). Bytes read past the close
     /// frame: lingers as [`Writer::linger`]. At most [`CLOSE_TIMEOUT`].
     async fn close_replied(&mut self) {
-        let _ = timeout(CLOSE_TIMEOUT, self.socket.close_replied(LINGER_BYTES)).await;
+        let shut_down = !self.plain_tcp;
+        let replied = self.socket.close_replied(LINGER_BYTES, shut_down);
+        let _ = timeout(CLOSE_TIMEOUT, replied).await;
     }
 
     /// Writes one item; on a stuck write, closes as a slow consumer. `false`: stop.
@@ -497,6 +509,7 @@ impl Connection {
         ctx: Ctx,
         encoding: Encoding,
         compression: PushCompression,
+        plain_tcp: bool,
     ) -> Self {
         // Only what the loop needs is kept (not `ctx`).
         let series = ctx.core.metrics.transport(&LABEL);
@@ -520,6 +533,7 @@ impl Connection {
                 frames_out: series.frames_out.clone(),
                 write_timeout: config.write_timeout,
                 quiet: true,
+                plain_tcp,
             },
             outbox,
             frames_in: series.frames_in.clone(),
@@ -629,9 +643,9 @@ mod tests {
     use super::*;
 
     /// The size of the future `f` returns, without calling it.
-    fn future_size<F, A, B, C, D, Fut>(_: &F) -> usize
+    fn future_size<F, A, B, C, D, E, Fut>(_: &F) -> usize
     where
-        F: FnOnce(A, B, C, D) -> Fut,
+        F: FnOnce(A, B, C, D, E) -> Fut,
     {
         std::mem::size_of::<Fut>()
     }

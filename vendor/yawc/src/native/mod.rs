@@ -1257,7 +1257,7 @@ where
         let mut remaining = max_bytes;
         poll_fn(|cx| {
             self.streaming
-                .poll_linger(cx, &mut shut_down, &mut remaining, false)
+                .poll_linger(cx, &mut shut_down, &mut remaining, false, true)
         })
         .await
     }
@@ -1265,16 +1265,20 @@ where
     // PARLEY PATCH: the end of a close the peer started (see `Streaming::poll_linger`).
     /// [`WebSocket::linger`] after the peer's close frame was read (the frame this side
     /// owes, queued by yawc, is the reply): when nothing past that close frame was read,
-    /// it writes the reply, shuts the write side down and returns without waiting for
-    /// the peer to close — the peer sends nothing after its close frame (RFC 6455
-    /// §5.5.1), and the server closes the TCP connection first (§7.1.1): drop the
-    /// socket. Otherwise (or when no close frame was read) it lingers as `linger` does.
-    pub async fn close_replied(&mut self, max_bytes: usize) -> Result<()> {
+    /// it writes the reply, shuts the write side down if `shut_down` and returns
+    /// without waiting for the peer to close — the peer sends nothing after its close
+    /// frame (RFC 6455 §5.5.1), and the server closes the TCP connection first
+    /// (§7.1.1): drop the socket. `shut_down: false` only where dropping the stream
+    /// ends it as well (plain TCP: the close sends the same FIN); a TLS stream's
+    /// `close_notify` or an HTTP/2 stream's END_STREAM come from the shutdown.
+    /// Otherwise (or when no close frame was read) it lingers as `linger` does.
+    pub async fn close_replied(&mut self, max_bytes: usize, shut_down: bool) -> Result<()> {
+        let shut_down_then = shut_down;
         let mut shut_down = false;
         let mut remaining = max_bytes;
         poll_fn(|cx| {
             self.streaming
-                .poll_linger(cx, &mut shut_down, &mut remaining, true)
+                .poll_linger(cx, &mut shut_down, &mut remaining, true, shut_down_then)
         })
         .await
     }
@@ -2901,20 +2905,32 @@ mod tests {
     #[tokio::test]
     async fn close_replied_does_not_wait_for_the_peer_after_its_close() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        for options in [Options::default(), Options::default().with_lazy_buffers()] {
+        let lazy = Options::default().with_lazy_buffers();
+        for (options, shut_down) in [
+            (Options::default(), true),
+            (lazy.clone(), true),
+            (lazy, false),
+        ] {
             let (mut client, mut server) = raw_client_and_server(&options);
             client.write_all(&CLIENT_CLOSE).await.unwrap();
             let frame = server.next_frame().await.expect("the close frame");
             assert_eq!(frame.opcode, OpCode::Close);
-            // The client keeps its side open: the reply is written, the write side shut
-            // down, and nothing is waited for.
-            tokio::time::timeout(Duration::from_secs(5), server.close_replied(1024))
+            // The client keeps its side open: the reply is written (the write side shut
+            // down if asked), and nothing is waited for.
+            tokio::time::timeout(Duration::from_secs(5), server.close_replied(1024, shut_down))
                 .await
                 .expect("at once")
                 .expect("written");
-            let mut reply = Vec::new();
-            client.read_to_end(&mut reply).await.unwrap();
+            let mut reply = [0u8; 4];
+            client.read_exact(&mut reply).await.unwrap();
             assert_eq!(reply, [0x88, 0x02, 0x03, 0xe8]);
+            // The end of the stream: from the shutdown, else when the socket goes.
+            if !shut_down {
+                drop(server);
+            }
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
         }
     }
 
@@ -2929,7 +2945,7 @@ mod tests {
                 .unwrap();
             let frame = server.next_frame().await.expect("the close frame");
             assert_eq!(frame.opcode, OpCode::Close);
-            let closing = server.close_replied(1024);
+            let closing = server.close_replied(1024, true);
             tokio::pin!(closing);
             // The reply goes out, then the server reads (and drops) what the client
             // still sends until the client closes too.
@@ -2956,7 +2972,7 @@ mod tests {
             .send(Frame::close(CloseCode::Normal, b"bye"))
             .await
             .unwrap();
-        let closing = server.close_replied(1024);
+        let closing = server.close_replied(1024, true);
         tokio::pin!(closing);
         assert!(tokio::time::timeout(Duration::from_millis(100), &mut closing)
             .await

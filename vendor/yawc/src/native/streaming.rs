@@ -590,30 +590,35 @@ where
     /// close is its reply (the peer started the close): when nothing the peer sent after
     /// its close frame was read either, nothing is discarded — the peer sends nothing
     /// after its close frame (RFC 6455 §5.5.1), and the server closes the connection
-    /// first (§7.1.1).
+    /// first (§7.1.1) — and the write side is shut down only if `shut_down_then`.
     pub(crate) fn poll_linger(
         &mut self,
         cx: &mut Context<'_>,
         shut_down: &mut bool,
         remaining: &mut usize,
         peer_closed: bool,
+        shut_down_then: bool,
     ) -> Poll<Result<()>> {
         use futures::SinkExt as _;
         if !*shut_down {
             // Nothing read past the peer's close frame (bytes there: it does send more,
             // so linger): nothing to wait for once the reply is out.
-            if peer_closed && self.close_received && self.stream.read_buffer().is_empty() {
+            let at_once =
+                peer_closed && self.close_received && self.stream.read_buffer().is_empty();
+            if at_once {
                 *remaining = 0;
             }
             ready!(self.poll_flush_obligated(ContextKind::Write, cx))?;
             ready!(self
                 .wake_proxy
                 .poll_with_context(ContextKind::Write, cx, |cx| self.stream.poll_flush_unpin(cx)))?;
-            ready!(self
-                .wake_proxy
-                .poll_with_context(ContextKind::Write, cx, |cx| {
-                    Pin::new(self.stream.get_mut()).poll_shutdown(cx)
-                }))?;
+            if !at_once || shut_down_then {
+                ready!(self
+                    .wake_proxy
+                    .poll_with_context(ContextKind::Write, cx, |cx| {
+                        Pin::new(self.stream.get_mut()).poll_shutdown(cx)
+                    }))?;
+            }
             *shut_down = true;
             // Nothing more is decoded.
             *self.stream.read_buffer_mut() = BytesMut::new();
