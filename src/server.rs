@@ -36,7 +36,7 @@ use crate::{
     session::{Core, Sessions},
     store::{self, Range, Store, StoreError, sqlite::SqliteStore},
     transport::{
-        self, Ctx, PeerIp,
+        self, Ctx, OverTls, PeerIp,
         admission::{Admission, Refusal},
         app::App,
         deadline::{DeadlineIo, WriteDeadline},
@@ -675,16 +675,19 @@ async fn serve_connection<I>(
     watcher: Watcher,
     shutdown: CancellationToken,
     deadline: WriteDeadline,
-    peer: PeerIp,
+    (peer, tls): (PeerIp, bool),
     stages: Arc<Stages>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    // Handlers see the connection's write deadline (SSE and WebSocket set their own) and
-    // the peer address (per-IP limits).
+    // Handlers see the connection's write deadline (SSE and WebSocket set their own),
+    // the peer address (per-IP limits) and, over TLS, that it is (`OverTls`).
     let app = tower::ServiceExt::map_request(app, move |mut req: axum::extract::Request<_>| {
         req.extensions_mut().insert(deadline.clone());
         req.extensions_mut().insert(peer);
+        if tls {
+            req.extensions_mut().insert(OverTls);
+        }
         req
     });
     let (h2, io) = tokio::select! {
@@ -802,11 +805,34 @@ where
     conn.await
 }
 
+/// Sets TCP_NODELAY on a listening socket, for the sockets it accepts: Linux copies a
+/// listener's TCP options into each socket it accepts, so they need no `setsockopt` of
+/// their own (one system call fewer per connection). `true` when they inherit it;
+/// elsewhere, or if the listener refused, each accepted socket is set
+/// ([`accepted_nodelay`]).
+fn listener_nodelay(listener: &TcpListener) -> bool {
+    cfg!(target_os = "linux")
+        && socket2::SockRef::from(listener)
+            .set_tcp_nodelay(true)
+            .is_ok()
+}
+
+/// TCP_NODELAY on an accepted socket, unless it has it from its listener
+/// ([`listener_nodelay`]). Every TCP connection the server accepts has it: replies and
+/// pushes are written whole, and Nagle's algorithm would hold a small one back until
+/// the last was acknowledged.
+fn accepted_nodelay(tcp: &tokio::net::TcpStream, inherited: bool) {
+    if !inherited {
+        let _ = tcp.set_nodelay(true);
+    }
+}
+
 /// The plain MQTT listener's accept loop (`[mqtt] listen`): admission and its limits as
 /// on the HTTP listener (a refused connection is just closed), TLS when configured, TCP
 /// keep-alive probes, then the MQTT connection on the server's task tracker (so a drain
 /// waits for it). Stops accepting on shutdown.
 async fn accept_mqtt(listener: TcpListener, tls: Option<TlsAcceptor>, ctx: Ctx) {
+    let nodelay = listener_nodelay(&listener);
     let config = &ctx.core.config;
     let write_timeout = config.server.write_timeout;
     let handshake_timeout = config.server.tls_handshake_timeout;
@@ -831,7 +857,7 @@ async fn accept_mqtt(listener: TcpListener, tls: Option<TlsAcceptor>, ctx: Ctx) 
             tracing::debug!(%peer, "MQTT connection refused by admission");
             continue;
         };
-        let _ = tcp.set_nodelay(true);
+        accepted_nodelay(&tcp, nodelay);
         let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
         let io = DeadlineIo::new(tcp, WriteDeadline::new(write_timeout)).with_slot(slot);
         match &tls {
@@ -963,6 +989,7 @@ impl Server {
             tokio::time::sleep(delay).await;
             shutdown.cancel();
         });
+        let nodelay = listener_nodelay(&listener);
         let task = tokio::spawn(async move {
             let graceful = GracefulShutdown::new();
             loop {
@@ -978,7 +1005,7 @@ impl Server {
                         }
                     },
                 };
-                let _ = tcp.set_nodelay(true);
+                accepted_nodelay(&tcp, nodelay);
                 let slot = match s.admission.admit(peer.ip()) {
                     Ok(slot) => slot,
                     Err(refusal) => {
@@ -1000,7 +1027,13 @@ impl Server {
                 match tls {
                     None => {
                         tokio::spawn(serve_connection(
-                            io, app, watcher, shutdown, deadline, peer, stages,
+                            io,
+                            app,
+                            watcher,
+                            shutdown,
+                            deadline,
+                            (peer, false),
+                            stages,
                         ));
                     }
                     Some(acceptor) => {
@@ -1009,7 +1042,13 @@ impl Server {
                             match tokio::time::timeout(stages.tls_handshake, handshake).await {
                                 Ok(Ok(stream)) => {
                                     serve_connection(
-                                        stream, app, watcher, shutdown, deadline, peer, stages,
+                                        stream,
+                                        app,
+                                        watcher,
+                                        shutdown,
+                                        deadline,
+                                        (peer, true),
+                                        stages,
                                     )
                                     .await
                                 }
@@ -1178,5 +1217,31 @@ mod tests {
             trims(&[100_000, 0, 100_000, 100_000, 1_000]),
             [false, true, false, false, true]
         );
+    }
+}
+
+#[cfg(test)]
+mod nodelay_tests {
+    use super::{TcpListener, accepted_nodelay, listener_nodelay};
+
+    /// Every accepted socket has TCP_NODELAY: inherited from its listener on Linux (no
+    /// `setsockopt` per connection), set on it elsewhere.
+    #[tokio::test]
+    async fn accepted_sockets_have_tcp_nodelay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let inherited = listener_nodelay(&listener);
+        assert_eq!(inherited, cfg!(target_os = "linux"));
+        let addr = listener.local_addr().unwrap();
+        for _ in 0..3 {
+            let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (tcp, _) = listener.accept().await.unwrap();
+            if inherited {
+                // Before `accepted_nodelay`: the listener's option alone.
+                assert!(tcp.nodelay().unwrap());
+            }
+            accepted_nodelay(&tcp, inherited);
+            assert!(tcp.nodelay().unwrap());
+            drop(client);
+        }
     }
 }

@@ -403,6 +403,60 @@ async fn protocol_errors_get_their_close_code_not_a_reset() {
     still_chatting(&mut bob, &mut carl, "after").await;
 }
 
+/// A client's close gets the close reply (its code echoed), and then the server closes
+/// the connection at once (RFC 6455 §7.1.1: after both close frames the server closes
+/// first) instead of waiting up to `CLOSE_TIMEOUT` for the client to close its side: what
+/// the client writes afterwards meets a closed socket. A close frame followed by more
+/// bytes (which a client must not send) still gets its reply whole: the server lingers
+/// then, since closing with unread bytes would reset the connection.
+#[tokio::test]
+async fn a_clients_close_gets_the_reply_and_the_server_closes_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = TestServer::start().await;
+    let (mut bob, mut carl) = bystanders(&t).await;
+    let close = masked_frame(0x88, &[0x03, 0xe8]); // 1000
+    for round in 0..3 {
+        let (s, _) = raw_ws(t.addr(), None).await;
+        let (mut rd, mut wr) = s.into_split();
+        wr.write_all(&close).await.unwrap();
+        assert_eq!(read_close_code(&mut rd).await, Some(1000), "round {round}");
+        let replied = std::time::Instant::now();
+        let mut rest = [0u8; 64];
+        let end = tokio::time::timeout(WAIT, rd.read(&mut rest)).await;
+        assert_eq!(
+            end.unwrap().unwrap(),
+            0,
+            "round {round}: the end of the stream"
+        );
+        // This side stays open. The server's socket is already closed: a write now is
+        // answered with a reset, and the next one fails. A lingering server would read
+        // and drop them for up to CLOSE_TIMEOUT (1 s).
+        let ping = masked_frame(0x89, b"late");
+        loop {
+            if wr.write_all(&ping).await.is_err() {
+                break;
+            }
+            assert!(
+                replied.elapsed() < Duration::from_millis(800),
+                "round {round}: the server still holds the connection"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    // Bytes after the close frame: the reply still arrives, not a reset.
+    let (s, _) = raw_ws(t.addr(), None).await;
+    let (mut rd, mut wr) = s.into_split();
+    let mut out = close.clone();
+    out.extend(std::iter::repeat_n(0x42u8, 64 * 1024));
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(&out).await;
+        wr
+    });
+    assert_eq!(read_close_code(&mut rd).await, Some(1000));
+    writer.abort();
+    still_chatting(&mut bob, &mut carl, "after").await;
+}
+
 /// A client that writes pings and never reads (no token needed) used to have every ping
 /// read and a pong queued for it, without bound (195 MiB of server memory for 150 MB of
 /// pings). The server now owes at most one pong (the latest ping's, RFC 6455 5.5.3) and

@@ -74,6 +74,35 @@ async fn wss_chat_over_built_in_tls() {
     }
 }
 
+/// A client's close over the built-in TLS gets the close reply, then a clean end of the
+/// stream: `close_notify` (a TLS stream that just stops reads as an error). The server
+/// shuts its write side down before closing here; only plain TCP skips that step.
+#[tokio::test]
+async fn a_wss_clients_close_ends_with_close_notify() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certs = make_certs("wss-close");
+    let t = tls_server(&certs, |_| {}).await;
+    let mut tls = tls_connect(&t, &certs, &[b"http/1.1"]).await;
+    let req = "GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: parley.v1.json\r\n\r\n";
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tls.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    tls.write_all(&masked_frame(0x88, &[0x03, 0xe8]))
+        .await
+        .unwrap();
+    assert_eq!(read_close_code(&mut tls).await, Some(1000));
+    let mut rest = [0u8; 64];
+    let end = tokio::time::timeout(WAIT, tls.read(&mut rest))
+        .await
+        .unwrap();
+    assert_eq!(end.unwrap(), 0, "close_notify, not a cut stream");
+}
+
 #[tokio::test]
 async fn https_h2_multiplexes_sse_and_commands_on_one_connection() {
     let certs = make_certs("h2");

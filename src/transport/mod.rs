@@ -133,6 +133,12 @@ impl Deref for Ctx {
 #[derive(Debug, Clone, Copy)]
 pub struct PeerIp(pub std::net::IpAddr);
 
+/// Marks a request that came over the server's own TLS (a request extension; absent on
+/// plain TCP). `/ws` closes a plain HTTP/1.1 connection without shutting its write side
+/// down first (the close sends the same FIN); over TLS the shutdown sends `close_notify`.
+#[derive(Debug, Clone, Copy)]
+pub struct OverTls;
+
 /// Whether a browser request may use parley: no `Origin` (not a browser), the same
 /// origin as the `Host` it was sent to, or an origin in `server.allowed_origins`. Guards
 /// /ws and /sse against cross-site hijacking and drives CORS.

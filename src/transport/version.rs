@@ -9,49 +9,66 @@
 //! task. The server boxes the HTTP/2 connection instead (`server::serve_connection`).
 
 use std::{
+    future::poll_fn,
     io,
+    mem::MaybeUninit,
     pin::Pin,
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
 };
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// What an HTTP/2 client sends first (RFC 9113 section 3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Most bytes one read takes while the version is told. A client's first bytes are
+/// mostly all it sends before an answer (a request head, or the preface and its first
+/// frames), so reading them whole here saves the protocol's own first read: one system
+/// call fewer per connection (hyper would otherwise read again right away).
+const FIRST_READ_BYTES: usize = 4096;
 
 /// An accepted connection whose first bytes were read to tell its HTTP version; reads
 /// return them again first.
 pub struct Sniffed<I> {
     io: I,
-    first: [u8; 24],
-    at: u8,
-    len: u8,
+    /// The bytes read to tell the version, from `at` on not yet read again (given back
+    /// once they all were: an idle connection holds none).
+    first: Vec<u8>,
+    at: usize,
 }
 
 impl<I: AsyncRead + Unpin> Sniffed<I> {
     /// Reads the connection's first bytes; `true` when it speaks HTTP/2. A connection
     /// that ends before it said anything counts as HTTP/1 (which then sees the end).
     pub async fn read(mut io: I) -> io::Result<(bool, Sniffed<I>)> {
-        let mut first = [0u8; 24];
-        let mut len = 0;
+        let mut first = Vec::new();
         let h2 = loop {
-            let n = io.read(&mut first[len..]).await?;
-            len += n;
-            if n == 0 || first[..len] != H2_PREFACE[..len] {
+            let n = poll_fn(|cx| read_onto(&mut io, cx, &mut first)).await?;
+            let told = first.len().min(H2_PREFACE.len());
+            if n == 0 || first[..told] != H2_PREFACE[..told] {
                 break false;
             }
-            if len == H2_PREFACE.len() {
+            if told == H2_PREFACE.len() {
                 break true;
             }
         };
-        let sniffed = Sniffed {
-            io,
-            first,
-            at: 0,
-            len: len as u8,
-        };
-        Ok((h2, sniffed))
+        Ok((h2, Sniffed { io, first, at: 0 }))
     }
+}
+
+/// One read from `io`, onto the end of `first`; how many bytes it brought. The bytes
+/// are read onto the stack (inside one poll: the connection's future holds no buffer)
+/// and copied into `first`, allocated only once some arrived.
+fn read_onto<I: AsyncRead + Unpin>(
+    io: &mut I,
+    cx: &mut Context<'_>,
+    first: &mut Vec<u8>,
+) -> Poll<io::Result<usize>> {
+    let mut bytes = [MaybeUninit::<u8>::uninit(); FIRST_READ_BYTES];
+    let mut read = ReadBuf::uninit(&mut bytes);
+    ready!(Pin::new(io).poll_read(cx, &mut read))?;
+    first.extend_from_slice(read.filled());
+    Poll::Ready(Ok(read.filled().len()))
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Sniffed<I> {
@@ -60,14 +77,18 @@ impl<I: AsyncRead + Unpin> AsyncRead for Sniffed<I> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let (at, len) = (usize::from(self.at), usize::from(self.len));
-        if at < len {
-            let n = (len - at).min(buf.remaining());
-            buf.put_slice(&self.first[at..at + n]);
-            self.at += n as u8;
+        let this = &mut *self;
+        if this.at < this.first.len() {
+            let n = (this.first.len() - this.at).min(buf.remaining());
+            buf.put_slice(&this.first[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.first.len() {
+                this.first = Vec::new();
+                this.at = 0;
+            }
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        Pin::new(&mut this.io).poll_read(cx, buf)
     }
 }
 
@@ -104,7 +125,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Sniffed<I> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn sniff(sent: &[u8], close: bool) -> (bool, Vec<u8>) {
         let (mut client, server) = tokio::io::duplex(64);
@@ -129,5 +150,33 @@ mod tests {
         assert_eq!(sniff(b"PRI * H", true).await, (false, b"PRI * H".to_vec()));
         // Diverging after a shared start.
         assert_eq!(sniff(b"PRI /x", false).await, (false, b"PRI /x".to_vec()));
+        // The preface a byte at a time.
+        let (mut client, server) = tokio::io::duplex(64);
+        let sniffing = tokio::spawn(Sniffed::read(server));
+        for b in H2_PREFACE {
+            client.write_all(&[*b]).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        let (h2, mut s) = sniffing.await.unwrap().unwrap();
+        assert!(h2);
+        let mut got = [0u8; 24];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, H2_PREFACE);
+    }
+
+    /// A request head sent at once is read whole while the version is told, and given
+    /// back in one read: the protocol need not read the socket again for it.
+    #[tokio::test]
+    async fn a_head_sent_at_once_comes_back_in_one_read() {
+        let head = b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+        let (mut client, server) = tokio::io::duplex(4096);
+        client.write_all(head).await.unwrap();
+        let (h2, mut s) = Sniffed::read(server).await.unwrap();
+        assert!(!h2);
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], head);
+        // Given back: nothing held.
+        assert_eq!((s.first.capacity(), s.at), (0, 0));
     }
 }

@@ -8,9 +8,10 @@
 //! `disconnect` + close. Every write has a deadline (`ws.write_timeout`); a client that
 //! does not read is closed with 4008, and the close itself gets only [`CLOSE_TIMEOUT`]
 //! (lingering included: after a close frame the socket is shut down and drained briefly,
-//! so the close frame is not lost to a reset). Commands run beside the writer, one at a
-//! time in order (the outbox holds the running one): a command that waits for the store
-//! holds up neither pushes nor pings.
+//! so the close frame is not lost to a reset; after the reply to a client's close, only
+//! when the client sent more after its close frame). Commands run beside the writer, one
+//! at a time in order (the outbox holds the running one): a command that waits for the
+//! store holds up neither pushes nor pings.
 
 use std::{pin::Pin, sync::OnceLock, time::Duration};
 
@@ -32,7 +33,7 @@ use yawc::{
 };
 
 use super::{
-    Ctx,
+    Ctx, OverTls,
     deadline::{self, WriteDeadline},
     origin_allowed,
 };
@@ -218,6 +219,10 @@ pub async fn handler(State(ctx): State<Ctx>, request: axum::extract::Request) ->
                 .into_response();
         }
     };
+    // Plain TCP under HTTP/1.1: dropping the socket ends the connection as its shutdown
+    // would (see `Writer::close_replied`).
+    let plain_tcp = parts.version == axum::http::Version::HTTP_11
+        && parts.extensions.get::<OverTls>().is_none();
     let ws = &ctx.core.config.ws;
     let (mut response, fut) = match accept_upgrade(upgrade, options(ws), deadline, ws) {
         Ok(pair) => pair,
@@ -238,7 +243,7 @@ pub async fn handler(State(ctx): State<Ctx>, request: axum::extract::Request) ->
     // every connection's task, and tokio allocates a task in steps of 128 bytes (its
     // cell is cache-line aligned), so those 40 bytes cost a whole step (1,792 -> 1,664).
     let tracker = ctx.tracker.clone();
-    let task = connection(fut, ctx, encoding, compression);
+    let task = connection(fut, ctx, encoding, compression, plain_tcp);
     if span.is_disabled() {
         tracker.spawn(task);
     } else {
@@ -256,10 +261,11 @@ fn connection(
     ctx: Ctx,
     encoding: Encoding,
     compression: PushCompression,
+    plain_tcp: bool,
 ) -> impl Future<Output = ()> + Send {
     fut.then(move |upgraded| match upgraded {
         Ok(socket) => {
-            let mut connection = Connection::new(socket, ctx, encoding, compression);
+            let mut connection = Connection::new(socket, ctx, encoding, compression, plain_tcp);
             // Used in place: an `async fn` taking the connection by value would hold it
             // twice (its argument, and the local the argument is moved into).
             Either::Left(async move { connection.run().await })
@@ -289,6 +295,9 @@ struct Writer {
     write_timeout: Duration,
     /// No pushes were written since the last heartbeat ping (or since the start).
     quiet: bool,
+    /// The socket is plain TCP under HTTP/1.1 (no TLS, no HTTP/2 stream): closing it
+    /// needs no shutdown first ([`Writer::close_replied`]).
+    plain_tcp: bool,
 }
 
 impl Writer {
@@ -406,6 +415,20 @@ impl Writer {
         let _ = timeout(CLOSE_TIMEOUT, self.socket.linger(LINGER_BYTES)).await;
     }
 
+    /// The end of a close the client started: lets out the close reply yawc queued;
+    /// then, when nothing past the client's close frame was read, the connection is
+    /// closed at once (RFC 6455 §7.1.1: after both close frames the server closes
+    /// first; §5.5.1: the client sends nothing after its close frame, so nothing unread
+    /// can turn the close into a reset). The write side is shut down first except on
+    /// plain TCP, where closing the socket sends the same FIN (over TLS the shutdown
+    /// sends `close_notify`, on an HTTP/2 stream END_STREAM). Bytes read past the close
+    /// frame: lingers as [`Writer::linger`]. At most [`CLOSE_TIMEOUT`].
+    async fn close_replied(&mut self) {
+        let shut_down = !self.plain_tcp;
+        let replied = self.socket.close_replied(LINGER_BYTES, shut_down);
+        let _ = timeout(CLOSE_TIMEOUT, replied).await;
+    }
+
     /// Writes one item; on a stuck write, closes as a slow consumer. `false`: stop.
     /// While the write is blocked the session may be lost (its queue overflowed, or
     /// another connection resumed it): then the write in flight gets [`CLOSE_TIMEOUT`]
@@ -486,6 +509,7 @@ impl Connection {
         ctx: Ctx,
         encoding: Encoding,
         compression: PushCompression,
+        plain_tcp: bool,
     ) -> Self {
         // Only what the loop needs is kept (not `ctx`).
         let series = ctx.core.metrics.transport(&LABEL);
@@ -509,6 +533,7 @@ impl Connection {
                 frames_out: series.frames_out.clone(),
                 write_timeout: config.write_timeout,
                 quiet: true,
+                plain_tcp,
             },
             outbox,
             frames_in: series.frames_in.clone(),
@@ -537,10 +562,10 @@ impl Connection {
             OpCode::Text | OpCode::Binary => {}
             OpCode::Close => {
                 // A deliberate goodbye: no resume will follow. yawc queued the close
-                // reply; let it out.
+                // reply; let it out and close.
                 self.outbox.client_closed();
                 return Some(Box::pin(async {
-                    self.w.linger().await;
+                    self.w.close_replied().await;
                     false
                 }));
             }
@@ -618,9 +643,9 @@ mod tests {
     use super::*;
 
     /// The size of the future `f` returns, without calling it.
-    fn future_size<F, A, B, C, D, Fut>(_: &F) -> usize
+    fn future_size<F, A, B, C, D, E, Fut>(_: &F) -> usize
     where
-        F: FnOnce(A, B, C, D) -> Fut,
+        F: FnOnce(A, B, C, D, E) -> Fut,
     {
         std::mem::size_of::<Fut>()
     }

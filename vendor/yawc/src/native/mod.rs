@@ -1257,7 +1257,28 @@ where
         let mut remaining = max_bytes;
         poll_fn(|cx| {
             self.streaming
-                .poll_linger(cx, &mut shut_down, &mut remaining)
+                .poll_linger(cx, &mut shut_down, &mut remaining, false, true)
+        })
+        .await
+    }
+
+    // PARLEY PATCH: the end of a close the peer started (see `Streaming::poll_linger`).
+    /// [`WebSocket::linger`] after the peer's close frame was read (the frame this side
+    /// owes, queued by yawc, is the reply): when nothing past that close frame was read,
+    /// it writes the reply, shuts the write side down if `shut_down` and returns
+    /// without waiting for the peer to close — the peer sends nothing after its close
+    /// frame (RFC 6455 §5.5.1), and the server closes the TCP connection first
+    /// (§7.1.1): drop the socket. `shut_down: false` only where dropping the stream
+    /// ends it as well (plain TCP: the close sends the same FIN); a TLS stream's
+    /// `close_notify` or an HTTP/2 stream's END_STREAM come from the shutdown.
+    /// Otherwise (or when no close frame was read) it lingers as `linger` does.
+    pub async fn close_replied(&mut self, max_bytes: usize, shut_down: bool) -> Result<()> {
+        let shut_down_then = shut_down;
+        let mut shut_down = false;
+        let mut remaining = max_bytes;
+        poll_fn(|cx| {
+            self.streaming
+                .poll_linger(cx, &mut shut_down, &mut remaining, true, shut_down_then)
         })
         .await
     }
@@ -2865,6 +2886,102 @@ mod tests {
             err.as_io_error().map(io::Error::kind),
             Some(io::ErrorKind::AddrNotAvailable)
         );
+    }
+
+    // PARLEY PATCH: `close_replied`.
+    /// A server `WebSocket` on one end of a pipe; the other end is a raw client.
+    fn raw_client_and_server(options: &Options) -> (DuplexStream, WebSocket<MockStream>) {
+        let (client, server) = MockStream::pair(64 * 1024);
+        let negotiation = Negotiation::new(None, options, Role::Server).expect("negotiation");
+        let server = WebSocket::new(Role::Server, server, Bytes::new(), negotiation);
+        (client.inner, server)
+    }
+
+    /// A client's close frame, code 1000 (masked with a zero key).
+    const CLIENT_CLOSE: [u8; 8] = [0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8];
+    /// A client's ping "hi" (masked with a zero key).
+    const CLIENT_PING: [u8; 8] = [0x89, 0x82, 0, 0, 0, 0, b'h', b'i'];
+
+    #[tokio::test]
+    async fn close_replied_does_not_wait_for_the_peer_after_its_close() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let lazy = Options::default().with_lazy_buffers();
+        for (options, shut_down) in [
+            (Options::default(), true),
+            (lazy.clone(), true),
+            (lazy, false),
+        ] {
+            let (mut client, mut server) = raw_client_and_server(&options);
+            client.write_all(&CLIENT_CLOSE).await.unwrap();
+            let frame = server.next_frame().await.expect("the close frame");
+            assert_eq!(frame.opcode, OpCode::Close);
+            // The client keeps its side open: the reply is written (the write side shut
+            // down if asked), and nothing is waited for.
+            tokio::time::timeout(Duration::from_secs(5), server.close_replied(1024, shut_down))
+                .await
+                .expect("at once")
+                .expect("written");
+            let mut reply = [0u8; 4];
+            client.read_exact(&mut reply).await.unwrap();
+            assert_eq!(reply, [0x88, 0x02, 0x03, 0xe8]);
+            // The end of the stream: from the shutdown, else when the socket goes.
+            if !shut_down {
+                drop(server);
+            }
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn close_replied_lingers_when_the_peer_sent_more_after_its_close() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for options in [Options::default(), Options::default().with_lazy_buffers()] {
+            let (mut client, mut server) = raw_client_and_server(&options);
+            client
+                .write_all(&[CLIENT_CLOSE, CLIENT_PING].concat())
+                .await
+                .unwrap();
+            let frame = server.next_frame().await.expect("the close frame");
+            assert_eq!(frame.opcode, OpCode::Close);
+            let closing = server.close_replied(1024, true);
+            tokio::pin!(closing);
+            // The reply goes out, then the server reads (and drops) what the client
+            // still sends until the client closes too.
+            assert!(tokio::time::timeout(Duration::from_millis(100), &mut closing)
+                .await
+                .is_err());
+            let mut reply = Vec::new();
+            client.read_to_end(&mut reply).await.unwrap();
+            assert_eq!(reply, [0x88, 0x02, 0x03, 0xe8]);
+            drop(client);
+            tokio::time::timeout(Duration::from_secs(5), closing)
+                .await
+                .expect("ends with the client")
+                .expect("clean");
+        }
+    }
+
+    #[tokio::test]
+    async fn close_replied_lingers_without_a_close_from_the_peer() {
+        // No close frame was read: this side's close is not a reply, so it waits for
+        // the peer's as `linger` does.
+        let (client, mut server) = raw_client_and_server(&Options::default());
+        server
+            .send(Frame::close(CloseCode::Normal, b"bye"))
+            .await
+            .unwrap();
+        let closing = server.close_replied(1024, true);
+        tokio::pin!(closing);
+        assert!(tokio::time::timeout(Duration::from_millis(100), &mut closing)
+            .await
+            .is_err());
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(5), closing)
+            .await
+            .expect("ends with the client")
+            .expect("clean");
     }
 }
 

@@ -184,6 +184,8 @@ pub struct Streaming<S> {
     // bytes this layer read itself (lazy buffers) may hold frames `Framed` does not
     // know about: it decodes only after reads of its own, so decode them here first
     prefilled: bool,
+    // PARLEY PATCH: the peer's close frame was read (a lingering close may end at once).
+    close_received: bool,
 }
 
 impl<S> Streaming<S>
@@ -290,6 +292,7 @@ where
             write_buffer_grown: false,
             lazy_buffers,
             prefilled: false,
+            close_received: false,
         }
     }
 
@@ -583,24 +586,39 @@ where
     // send a reset, which can destroy the close frame before the peer reads it.
     /// Writes what is owed, shuts the write side down once, then reads and discards until
     /// the end of the stream or until `remaining` bytes were discarded. The caller bounds
-    /// it in time.
+    /// it in time. `peer_closed`: the caller read the peer's close frame and this side's
+    /// close is its reply (the peer started the close): when nothing the peer sent after
+    /// its close frame was read either, nothing is discarded — the peer sends nothing
+    /// after its close frame (RFC 6455 §5.5.1), and the server closes the connection
+    /// first (§7.1.1) — and the write side is shut down only if `shut_down_then`.
     pub(crate) fn poll_linger(
         &mut self,
         cx: &mut Context<'_>,
         shut_down: &mut bool,
         remaining: &mut usize,
+        peer_closed: bool,
+        shut_down_then: bool,
     ) -> Poll<Result<()>> {
         use futures::SinkExt as _;
         if !*shut_down {
+            // Nothing read past the peer's close frame (bytes there: it does send more,
+            // so linger): nothing to wait for once the reply is out.
+            let at_once =
+                peer_closed && self.close_received && self.stream.read_buffer().is_empty();
+            if at_once {
+                *remaining = 0;
+            }
             ready!(self.poll_flush_obligated(ContextKind::Write, cx))?;
             ready!(self
                 .wake_proxy
                 .poll_with_context(ContextKind::Write, cx, |cx| self.stream.poll_flush_unpin(cx)))?;
-            ready!(self
-                .wake_proxy
-                .poll_with_context(ContextKind::Write, cx, |cx| {
-                    Pin::new(self.stream.get_mut()).poll_shutdown(cx)
-                }))?;
+            if !at_once || shut_down_then {
+                ready!(self
+                    .wake_proxy
+                    .poll_with_context(ContextKind::Write, cx, |cx| {
+                        Pin::new(self.stream.get_mut()).poll_shutdown(cx)
+                    }))?;
+            }
             *shut_down = true;
             // Nothing more is decoded.
             *self.stream.read_buffer_mut() = BytesMut::new();
@@ -624,6 +642,8 @@ where
     }
 
     fn on_close(&mut self, frame: &Frame) -> Result<()> {
+        // PARLEY PATCH: the peer's close frame was read (see `poll_linger`).
+        self.close_received = true;
         match frame.payload.len() {
             0 => {}
             1 => return Err(WebSocketError::InvalidCloseFrame),
