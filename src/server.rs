@@ -861,10 +861,7 @@ async fn accept_mqtt(listener: TcpListener, tls: Option<TlsAcceptor>, ctx: Ctx) 
         let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
         let io = DeadlineIo::new(tcp, WriteDeadline::new(write_timeout)).with_slot(slot);
         match &tls {
-            None => {
-                ctx.tracker
-                    .spawn(transport::mqtt::serve_stream(io, ctx.clone()));
-            }
+            None => transport::mqtt::spawn_stream(io, ctx.clone()),
             Some(acceptor) => {
                 let handshake = acceptor.accept(io);
                 let ctx2 = ctx.clone();

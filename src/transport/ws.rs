@@ -654,7 +654,11 @@ mod tests {
     /// socket and the outbox held twice, and the deflate state inline in yawc's socket).
     /// A debug build lays it out as a release build does, near enough. 1,280 B with the
     /// outbox's wait as an `async fn` (now `Next`, 80 B), 1,056 B once the `select!`
-    /// ended before what it brought is handled, 1,024 B now.
+    /// ended before what it brought is handled, 1,024 B until yawc's `WebSocket` (held
+    /// here inline) lost its fragment and close state and boxed its queue of owed frames
+    /// (512 -> 344 B), 856 B now: with the task tracker's 8 B and tokio's 104 B around
+    /// it, a 1,024 B task cell instead of 1,152 B (cells come in steps of 128 B); at
+    /// 912 B it would take the next step.
     #[test]
     fn the_connection_task_stays_small() {
         let task = future_size(&connection);
@@ -662,6 +666,6 @@ mod tests {
             "task {task} B: Connection {} B",
             std::mem::size_of::<Connection>()
         );
-        assert!(task <= 1040, "the connection task's future is {task} bytes");
+        assert!(task <= 872, "the connection task's future is {task} bytes");
     }
 }

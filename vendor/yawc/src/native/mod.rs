@@ -140,7 +140,7 @@ use std::{
     borrow::BorrowMut,
     collections::VecDeque,
     future::poll_fn,
-    io, mem,
+    io,
     net::{IpAddr, SocketAddr},
     pin::{pin, Pin},
     str::FromStr,
@@ -484,6 +484,25 @@ pub(super) struct FragmentationState {
     bytes_read: usize,
 }
 
+// PARLEY PATCH: what only a fragmented message in progress needs, boxed (see
+// `FragmentLayer::incoming`).
+/// A fragmented message being assembled: its state and the storage its payload is
+/// assembled in, handed to the payload.
+struct IncomingFragments {
+    state: FragmentationState,
+    buffer: BytesMut,
+}
+
+// PARLEY PATCH: automatic fragmentation's size and queue, boxed (see
+// `FragmentLayer::outgoing`).
+/// Automatic fragmentation of outgoing messages.
+struct OutgoingFragments {
+    /// Maximum fragment size for outgoing messages
+    fragment_size: usize,
+    /// Queue for outgoing fragments
+    fragments: VecDeque<Frame>,
+}
+
 /// Handles fragmentation and defragmentation of WebSocket frames.
 ///
 /// This layer is responsible for:
@@ -492,18 +511,36 @@ pub(super) struct FragmentationState {
 ///
 /// The layer is owned by WebSocket and operates independently for read and write operations.
 struct FragmentLayer {
-    /// Queue for outgoing fragments (from automatic fragmentation)
-    outgoing_fragments: VecDeque<Frame>,
-    /// Fragment accumulation for assembling incoming fragmented messages
-    incoming_fragment: Option<FragmentationState>,
-    /// Storage for the fragmented message being assembled, handed to its payload.
-    incoming_buffer: BytesMut,
-    /// Maximum fragment size for outgoing messages
-    fragment_size: Option<usize>,
+    // PARLEY PATCH: present only with a fragment size (`Options::with_max_fragment_size`),
+    // so a connection without it holds a pointer, not the size and the queue (40 B).
+    /// Automatic fragmentation of outgoing messages, if configured
+    outgoing: Option<Box<OutgoingFragments>>,
+    // PARLEY PATCH: allocated when a fragmented message starts and dropped when it ends,
+    // so a connection between messages holds a pointer, not the state and the buffer
+    // (64 B).
+    /// The fragmented message being assembled, if any
+    incoming: Option<Box<IncomingFragments>>,
     /// Maximum buffer size for incoming fragmented messages
     max_read_buffer: usize,
     /// Timeout for receiving complete fragmented messages
     fragment_timeout: Option<Duration>,
+}
+
+impl OutgoingFragments {
+    /// Fragments an outgoing frame if necessary and queues the fragments.
+    ///
+    /// Panics if the user tries to manually fragment while auto-fragmentation is enabled.
+    fn fragment(&mut self, frame: Frame) {
+        // Check for invalid manual fragmentation with auto-fragmentation enabled
+        if !frame.is_fin() {
+            panic!(
+                "Fragment the frames yourself or use `fragment_size`, but not both. Use Streaming"
+            );
+        }
+
+        self.fragments
+            .extend(frame.into_fragments(self.fragment_size));
+    }
 }
 
 impl FragmentLayer {
@@ -514,48 +551,37 @@ impl FragmentLayer {
         fragment_timeout: Option<Duration>,
     ) -> Self {
         Self {
-            outgoing_fragments: VecDeque::new(),
-            incoming_fragment: None,
-            incoming_buffer: BytesMut::new(),
-            fragment_size,
+            outgoing: fragment_size.map(|fragment_size| {
+                Box::new(OutgoingFragments {
+                    fragment_size,
+                    fragments: VecDeque::new(),
+                })
+            }),
+            incoming: None,
             max_read_buffer,
             fragment_timeout,
         }
     }
 
-    /// Fragments an outgoing frame if necessary and queues the fragments.
-    ///
-    /// Panics if the user tries to manually fragment while auto-fragmentation is enabled.
-    fn fragment_outgoing(&mut self, frame: Frame) {
-        // Check for invalid manual fragmentation with auto-fragmentation enabled
-        if !frame.is_fin() && self.fragment_size.is_some() {
-            panic!(
-                "Fragment the frames yourself or use `fragment_size`, but not both. Use Streaming"
-            );
-        }
-
-        let max_fragment_size = self.fragment_size.unwrap_or(usize::MAX);
-        self.outgoing_fragments
-            .extend(frame.into_fragments(max_fragment_size));
-    }
-
     /// Returns the next queued outgoing fragment, if any.
     #[inline(always)]
     fn pop_outgoing_fragment(&mut self) -> Option<Frame> {
-        self.outgoing_fragments.pop_front()
+        self.outgoing.as_mut()?.fragments.pop_front()
     }
 
     /// Returns true if there are pending outgoing fragments.
     #[inline(always)]
     fn has_outgoing_fragments(&self) -> bool {
-        !self.outgoing_fragments.is_empty()
+        self.outgoing
+            .as_ref()
+            .is_some_and(|outgoing| !outgoing.fragments.is_empty())
     }
 
     fn remaining_read_capacity(&self) -> usize {
         let bytes_read = self
-            .incoming_fragment
+            .incoming
             .as_ref()
-            .map_or(0, |fragment| fragment.bytes_read);
+            .map_or(0, |incoming| incoming.state.bytes_read);
         self.max_read_buffer.saturating_sub(bytes_read)
     }
 
@@ -577,21 +603,22 @@ impl FragmentLayer {
         match frame.opcode {
             OpCode::Text | OpCode::Binary => {
                 // Check for invalid fragmentation state
-                if self.incoming_fragment.is_some() {
+                if self.incoming.is_some() {
                     return Err(WebSocketError::InvalidFragment);
                 }
 
                 // Handle fragmented messages
                 if !frame.fin {
-                    self.incoming_buffer.clear();
-                    self.incoming_buffer.extend_from_slice(&frame.payload);
                     let fragmentation = FragmentationState {
                         started: Instant::now(),
                         opcode: frame.opcode,
                         is_compressed: frame.is_compressed,
                         bytes_read: frame.payload.len(),
                     };
-                    self.incoming_fragment = Some(fragmentation);
+                    self.incoming = Some(Box::new(IncomingFragments {
+                        state: fragmentation,
+                        buffer: BytesMut::from(&frame.payload[..]),
+                    }));
 
                     return Ok(None);
                 }
@@ -600,10 +627,11 @@ impl FragmentLayer {
                 Ok(Some(frame))
             }
             OpCode::Continuation => {
-                let mut fragment = self
-                    .incoming_fragment
+                let mut incoming = self
+                    .incoming
                     .take()
                     .ok_or_else(|| WebSocketError::InvalidFragment)?;
+                let fragment = &mut incoming.state;
 
                 fragment.bytes_read += frame.payload.len();
 
@@ -619,19 +647,19 @@ impl FragmentLayer {
                     }
                 }
 
-                self.incoming_buffer.extend_from_slice(&frame.payload);
+                incoming.buffer.extend_from_slice(&frame.payload);
 
                 if frame.fin {
                     // Assemble complete message
-                    frame.opcode = fragment.opcode;
-                    frame.is_compressed = fragment.is_compressed;
-                    // Take the whole buffer: a split would leave it holding the
-                    // message's allocation for as long as the connection lives.
-                    frame.payload = mem::take(&mut self.incoming_buffer).freeze();
+                    frame.opcode = incoming.state.opcode;
+                    frame.is_compressed = incoming.state.is_compressed;
+                    // The whole buffer, and the state with it: nothing of the message
+                    // stays with the connection.
+                    frame.payload = incoming.buffer.freeze();
 
                     Ok(Some(frame))
                 } else {
-                    self.incoming_fragment = Some(fragment);
+                    self.incoming = Some(incoming);
                     Ok(None)
                 }
             }
@@ -1432,10 +1460,10 @@ where
 
     fn start_send(self: Pin<&mut Self>, item: Frame) -> std::result::Result<(), Self::Error> {
         let this = self.get_mut();
-        if this.fragment_layer.fragment_size.is_none() {
+        let Some(outgoing) = this.fragment_layer.outgoing.as_mut() else {
             return this.streaming.start_send_unpin(item);
-        }
-        this.fragment_layer.fragment_outgoing(item);
+        };
+        outgoing.fragment(item);
         Ok(())
     }
 
@@ -1477,7 +1505,7 @@ where
         prefix: &[u8],
         payload: &[u8],
     ) -> bool {
-        self.fragment_layer.fragment_size.is_none()
+        self.fragment_layer.outgoing.is_none()
             && self
                 .streaming
                 .start_send_parts(opcode, compressed, prefix, payload)

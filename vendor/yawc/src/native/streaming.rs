@@ -163,7 +163,8 @@ pub struct Streaming<S> {
     // waker proxy
     wake_proxy: Arc<WakeProxy>,
     // frames we must send (control..)
-    obligated_sends: VecDeque<Frame>,
+    // PARLEY PATCH: boxed, present only while it holds frames (`Obligated`).
+    obligated_sends: Obligated,
     // flag to indicate the writer to flush sends
     flush_sends: bool,
     // compressor
@@ -277,7 +278,7 @@ where
             read_half: ReadHalf::new(),
             write_half: WriteHalf::new(),
             wake_proxy: Arc::new(WakeProxy::default()),
-            obligated_sends: VecDeque::new(),
+            obligated_sends: Obligated::default(),
             flush_sends: false,
             deflate: negotiated.compressor(),
             inflate: negotiated.decompressor(),
@@ -818,6 +819,50 @@ fn release_if_empty(buffer: &mut BytesMut) {
 // PARLEY PATCH: see `Options::lazy_buffers`.
 /// One frame (or error) decoded outside `Framed`, as the stream `ReadHalf` reads.
 struct Decoded(Option<Result<Frame>>);
+
+// PARLEY PATCH: the queue of frames this side owes (a pong, a close) boxed, and present
+// only while it holds one: a `VecDeque` inline was 32 bytes of every connection, and
+// once a ping had been answered its buffer (4 frames, 160 bytes) stayed for the
+// connection's life. Now a connection that owes nothing holds a null pointer.
+/// The frames this side owes the peer, in order; `None` when there are none.
+#[derive(Default)]
+struct Obligated(Option<Box<VecDeque<Frame>>>);
+
+impl Obligated {
+    fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+
+    fn push_back(&mut self, frame: Frame) {
+        self.0.get_or_insert_with(Box::default).push_back(frame);
+    }
+
+    fn pop_front(&mut self) -> Option<Frame> {
+        let queue = self.0.as_mut()?;
+        let frame = queue.pop_front();
+        if queue.is_empty() {
+            self.0 = None;
+        }
+        frame
+    }
+
+    fn retain(&mut self, keep: impl FnMut(&Frame) -> bool) {
+        if let Some(queue) = self.0.as_mut() {
+            queue.retain(keep);
+            if queue.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Frame> {
+        self.0.iter().flat_map(|queue| queue.iter())
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut Frame> {
+        self.0.iter_mut().flat_map(|queue| queue.iter_mut())
+    }
+}
 
 impl futures::Stream for Decoded {
     type Item = Result<Frame>;
