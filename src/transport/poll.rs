@@ -272,7 +272,7 @@ mod tests {
     /// Every pending poll holds this future, inline in hyper's in-flight box (with the
     /// layers' few bytes around it): the `Held` and the wait's state. (As a boxed
     /// `async fn` it held the `Held` twice, 880 bytes; as a boxed `async` block with
-    /// `Next`, 336 in a release build; a debug build lays it out as a release build
+    /// `Next`, 336 in a release build; 320 with the outbox's two boxes, 312 with one; a debug build lays it out as a release build
     /// does, near enough.)
     #[test]
     fn the_pending_poll_stays_small() {
@@ -281,7 +281,7 @@ mod tests {
         let future = std::mem::size_of::<<Poll as tower::Service<Request>>::Future>();
         eprintln!("Held {held} B, Waiting {waiting} B, Poll's future {future} B");
         assert!(
-            waiting <= held + 80 && future <= waiting + 8 && future <= 336,
+            waiting <= held + 80 && future <= waiting + 8 && future <= 312,
             "the pending poll's future is {future} bytes (Waiting {waiting}, its Held {held})"
         );
     }
