@@ -82,16 +82,8 @@ async fn a_wss_clients_close_ends_with_close_notify() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let certs = make_certs("wss-close");
     let t = tls_server(&certs, |_| {}).await;
-    let mut tls = tls_connect(&t, &certs, &[b"http/1.1"]).await;
-    let req = "GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: parley.v1.json\r\n\r\n";
-    tls.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        tls.read_exact(&mut b).await.unwrap();
-        head.push(b[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"));
+    let tls = tls_connect(&t, &certs, &[b"http/1.1"]).await;
+    let (mut tls, _) = raw_ws_on(tls, None).await;
     tls.write_all(&masked_frame(0x88, &[0x03, 0xe8]))
         .await
         .unwrap();

@@ -767,8 +767,11 @@ pub async fn raw_ws(addr: SocketAddr, extensions: Option<&str>) -> (TcpStream, S
     raw_ws_on(TcpStream::connect(addr).await.unwrap(), extensions).await
 }
 
-/// [`raw_ws`] on a socket the caller connected (say a [`tiny_socket`]).
-pub async fn raw_ws_on(mut s: TcpStream, extensions: Option<&str>) -> (TcpStream, String) {
+/// [`raw_ws`] on a stream the caller connected (say a [`tiny_socket`], or a TLS stream).
+pub async fn raw_ws_on<S>(mut s: S, extensions: Option<&str>) -> (S, String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let ext = extensions
         .map(|e| format!("Sec-WebSocket-Extensions: {e}\r\n"))
