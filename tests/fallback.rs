@@ -678,15 +678,12 @@ async fn disallowed_origins_are_refused_on_ws_and_sse_and_get_no_cors() {
         "https://app.example"
     );
     assert_eq!(r.headers["access-control-allow-credentials"], "true");
-    let poll = "/poll?session_id=nope&wait=0";
-    let r = http(
-        t.addr(),
-        "GET",
-        poll,
-        &[("origin", "https://app.example"), ("authorization", &auth)],
-        "",
-    )
-    .await;
+    let addr = t.addr();
+    let poll_from = |origin: &'static str| {
+        let headers = [("origin", origin), ("authorization", auth.as_str())];
+        async move { http(addr, "GET", "/poll?session_id=nope&wait=0", &headers, "").await }
+    };
+    let r = poll_from("https://app.example").await;
     assert_eq!(r.status, 410);
     assert_eq!(
         r.headers["access-control-allow-origin"],
@@ -696,14 +693,7 @@ async fn disallowed_origins_are_refused_on_ws_and_sse_and_get_no_cors() {
         r.headers["access-control-expose-headers"],
         "x-parley-cursor"
     );
-    let r = http(
-        t.addr(),
-        "GET",
-        poll,
-        &[("origin", "https://evil.example"), ("authorization", &auth)],
-        "",
-    )
-    .await;
+    let r = poll_from("https://evil.example").await;
     assert_eq!(r.status, 403);
     assert!(r.headers.get("access-control-allow-origin").is_none());
 }
