@@ -30,11 +30,19 @@
 //!   pipeline per slot ([`by_slot`]). The cluster client's own resubscription sends
 //!   every shard channel in one `SSUBSCRIBE`, which the cluster refuses (`CROSSSLOT`).
 //!   Presence keys share one hash tag ([`Keys`]).
-//! - **Cluster health, per slot**: a command that fails for a channel marks that
-//!   channel's slot down ([`Slots`]), not Redis: publishes to a down slot are delivered
-//!   here only, its subscriptions wait, and every heartbeat probes the down slots; one
-//!   that answers gets its wanted channels subscribed again and its rooms repaired from
-//!   the log ([`Inner::recover_slots`]). Rooms on other nodes deliver as before. A lost
+//! - **Cluster health, per slot, judged per node**: a command that fails for a channel
+//!   marks that channel's slot down ([`Slots`]), not Redis, and with a node-level error
+//!   (refused, dropped, timed out) every slot of its node at once, by the slot map read
+//!   from `CLUSTER SHARDS` ([`Topology`]; read at the first heartbeat, every
+//!   [`TOPOLOGY_REFRESH`], and when a probe fails or a slot moves): publishes to a down
+//!   slot are delivered here only, its subscriptions wait. Every heartbeat probes each
+//!   node of the channels wanted here and each dead node with one command
+//!   ([`Inner::probe_nodes`]: so an instance that only receives from a hung node finds
+//!   it too), and the down slots of nodes the map does not know one by one; a node or
+//!   slot that answers gets its wanted channels subscribed again and its rooms repaired
+//!   from the log ([`Inner::recover_slots`]). The map only picks what is probed and
+//!   marked (the client routes by its own): a stale one delays, never loses. Rooms on
+//!   other nodes deliver as before. A lost
 //!   node connection comes as a disconnection push that does not say which node, so the
 //!   next heartbeat subscribes every slot's channels again (a no-op where they still
 //!   are) with `CLIENT GETNAME`: each node connection is named (`CLIENT SETNAME`) the
@@ -46,15 +54,16 @@
 //!   connection holds every command while it refreshes its slot map or reconnects a
 //!   node (after a refused or dropped connection), and hundreds of commands failing at
 //!   once against a dead node stalled it for good under load: a recovery sends
-//!   [`RECOVERY_CONCURRENCY`] slots at a time.
+//!   [`RECOVERY_CONCURRENCY`] slots at a time, and the publisher and the change queue
+//!   [`NODE_CONCURRENCY`] slots per node each ([`NodeLimit`]).
 //! - **A node that hangs** (stopped, or a network black hole: connections stay open,
 //!   nothing is answered): its commands time out after 2 s in all, retries included,
 //!   which marks their slots down; a timeout does not make the client reconnect, so the
 //!   other nodes' commands go on meanwhile. Subscription and presence changes queue per
 //!   slot ([`cluster_changes`]), like publishes: a subscription on another node does not
 //!   wait behind one on the hung node. An instance that only receives from the hung node
-//!   sees no failure (its subscriptions there pause, not drop): what was published
-//!   meanwhile reaches it when a later message shows the gap (filled from the log).
+//!   finds it by its probe timing out (its subscriptions there pause, not drop), and
+//!   repairs those rooms from the log when the probe answers again.
 //! - **Interest**: a room's channel is subscribed while the room has local members (the
 //!   hub's room size is the reference count), a user's channel while the user has local
 //!   sessions; `all` always. Subscription changes go through one task, in order.
