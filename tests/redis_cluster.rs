@@ -1051,3 +1051,83 @@ async fn a_dead_redis_cluster_nodes_slots_are_marked_together_and_come_back_toge
         assert_eq!(s.payload, format!("{k}"));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_storm_against_a_dead_redis_cluster_node_holds_up_no_other_node() {
+    // Right after a node dies, a user joins many rooms whose channels live on it (one
+    // subscription per slot, each bound to fail), then a room on a live node: that one
+    // is subscribed at once (the dead node's slots wait behind each other, not the live
+    // node's), and once the node is back every room of the storm delivers again.
+    const BOUND: Duration = Duration::from_millis(1000);
+    let mut redis = RedisCluster::start("storm").await;
+    let Outage {
+        cluster,
+        victim,
+        live,
+        mut ann,
+        ..
+    } = Outage::start(&redis, "rcluster-storm").await;
+    let candidates: Vec<String> = (0..400).map(|k| format!("storm-{k}")).collect();
+    let channels: Vec<String> = candidates
+        .iter()
+        .map(|r| format!("parley:room:{r}"))
+        .collect();
+    let owners = redis.nodes_of(&channels).await;
+    let storm: Vec<String> = candidates
+        .iter()
+        .zip(&owners)
+        .filter(|(_, o)| **o == victim)
+        .map(|(r, _)| r.clone())
+        .take(60)
+        .collect();
+    assert_eq!(storm.len(), 60);
+
+    redis.nodes[victim].kill();
+    let mut cid = cluster.client(2, "cid").await;
+    for room in &storm {
+        cid.join(room).await;
+    }
+    cid.join(&live).await;
+    // (ann's first message in the live room was seq 1, before cid joined.)
+    ann.send_msg(&live, "l-storm", "during").await;
+    live_in_room(
+        &mut cid,
+        &live,
+        2,
+        BOUND,
+        "the live room right after the storm",
+    )
+    .await;
+
+    // Messages to the storm's rooms while the node is down (the log has them).
+    for room in storm.iter().take(3) {
+        ann.join(room).await;
+        ann.send_msg(room, &format!("{room}-during"), "during")
+            .await;
+    }
+    redis.start_node(victim).await;
+    for i in 0..3 {
+        redis.wait_ok(i).await;
+    }
+    wait_metrics(&cluster, 2, "the storm's slots recovered", |m| {
+        metric(m, "parley_broker_degraded_slots") == 0.0
+    })
+    .await;
+    // What was sent meanwhile arrives (repaired), and live delivery works again in
+    // every room of the storm.
+    let got = tokio::time::timeout(4 * WAIT, messages(&mut cid, 3))
+        .await
+        .expect("the storm's rooms repaired after the node came back");
+    for room in storm.iter().take(3) {
+        assert_eq!(
+            of_room(&got, room),
+            vec![(1, "during".to_string())],
+            "{room}"
+        );
+    }
+    for room in storm.iter().skip(3).take(5) {
+        ann.join(room).await;
+        ann.send_msg(room, &format!("{room}-after"), "after").await;
+        live_in_room(&mut cid, room, 1, BOUND, "a storm room after the recovery").await;
+    }
+}
