@@ -1388,11 +1388,14 @@ async fn cluster_publisher(inner: Weak<Inner>, mut rx: mpsc::Receiver<Outgoing>)
                     Ok(()) => {
                         inner.metrics.publishes.inc_by(sent);
                         inner.metrics.publish_batches.inc();
-                        if let Some(queue) = queues.get_mut(&slot) {
+                        let more = queues.get_mut(&slot).is_some_and(|queue| {
                             queue.in_flight = None;
-                            if !queue.waiting.is_empty() {
-                                limit.wait(slot);
-                            }
+                            !queue.waiting.is_empty()
+                        });
+                        if more {
+                            limit.wait(slot);
+                        } else {
+                            queues.remove(&slot);
                         }
                     }
                     Err(e) => {
