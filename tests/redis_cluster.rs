@@ -850,19 +850,19 @@ async fn a_hung_redis_cluster_node_stalls_only_its_own_rooms() {
         k += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // The instances that sent to the hung node (instance 0 its room's publishes, instance
-    // 2 cid's subscription) marked its slots, not the others, degraded. (Instance 1 only
-    // receives from it: its subscriptions there are not lost, only paused.)
-    for i in [0, 2] {
+    // Every instance marked the hung node's slots, not the others, degraded: the ones
+    // that sent to it (instance 0 its room's publishes, instance 2 cid's subscription)
+    // and instance 1, which only receives from it, by its probe of the node.
+    for i in [0, 1, 2] {
         wait_metrics(&cluster, i, "a degraded slot", |m| {
             metric(m, "parley_broker_degraded_slots") >= 1.0
         })
         .await;
     }
 
-    // The node resumes: its slots recover where they were marked, and the room goes on
-    // with nothing lost, in order. (Instance 1 never saw a failure: the messages sent
-    // meanwhile reach bob when the next one shows the gap, filled from the log.)
+    // The node resumes: its slots recover, and the room goes on with nothing lost, in
+    // order. Instance 1 repairs the room when the node is back: bob gets what was sent
+    // meanwhile with nothing new sent.
     redis.nodes[victim].signal("CONT");
     for i in [0, 1, 2] {
         wait_metrics(&cluster, i, "no degraded slot", |m| {
@@ -870,9 +870,19 @@ async fn a_hung_redis_cluster_node_stalls_only_its_own_rooms() {
         })
         .await;
     }
+    let got = tokio::time::timeout(4 * WAIT, async {
+        let mut got = Vec::new();
+        while got.last().is_none_or(|(s, _)| *s < 6) {
+            got.extend(of_room(&messages(&mut bob, 1).await, &down));
+        }
+        got
+    })
+    .await
+    .expect("the hung node's room repaired at instance 1 when it resumed");
+    assert_gap_free(&got, 2, 6);
     ann.send_msg(&down, "d-after", "after").await;
     // (cid joined after 2-6 were sent: his first is 7.)
-    for (c, first) in [(&mut bob, 2), (&mut cid, 7)] {
+    for (c, first) in [(&mut bob, 7), (&mut cid, 7)] {
         let got = tokio::time::timeout(4 * WAIT, async {
             let mut got = Vec::new();
             while got.last().is_none_or(|(s, _)| *s < 7) {
@@ -883,5 +893,241 @@ async fn a_hung_redis_cluster_node_stalls_only_its_own_rooms() {
         .await
         .expect("the hung node's room after it resumed");
         assert_gap_free(&got, first, 7);
+    }
+}
+
+impl RedisCluster {
+    /// The node (index) serving each of `keys`, read once (one `CLUSTER NODES` per
+    /// node, one `CLUSTER KEYSLOT` per key on one connection).
+    async fn nodes_of(&self, keys: &[String]) -> Vec<usize> {
+        let mut ranges = Vec::new();
+        for i in 0..3 {
+            let mut conn = self.node(i).await;
+            let nodes: String = redis::cmd("CLUSTER")
+                .arg("NODES")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let me = nodes.lines().find(|l| l.contains("myself")).unwrap();
+            for range in me.split_whitespace().skip(8) {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                if let (Ok(lo), Ok(hi)) = (lo.parse::<u16>(), hi.parse::<u16>()) {
+                    ranges.push((lo, hi, i));
+                }
+            }
+        }
+        let mut conn = self.node(0).await;
+        let mut out = Vec::new();
+        for key in keys {
+            let slot: u16 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let (.., i) = ranges
+                .iter()
+                .find(|(lo, hi, _)| (*lo..=*hi).contains(&slot))
+                .expect("a node serves every slot");
+            out.push(*i);
+        }
+        out
+    }
+
+    /// The number of distinct slots among `keys`.
+    async fn slots_of(&self, keys: &[String]) -> usize {
+        let mut conn = self.node(0).await;
+        let mut slots = std::collections::HashSet::new();
+        for key in keys {
+            let slot: u16 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            slots.insert(slot);
+        }
+        slots.len()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_redis_cluster_nodes_slots_are_marked_together_and_come_back_together() {
+    // An instance with many channels on a node that dies marks all of their slots
+    // degraded at once (one probe, or one failure, stands for the node), not a few at a
+    // time as each slot's own command fails; when the node is back they all recover,
+    // subscribed again (a signal reaches each user whose channel lives there).
+    let mut redis = RedisCluster::start("together").await;
+    let cluster = parley_on(&redis, "rcluster-together", |_| {}).await;
+    let home = redis.node_of("{parley}").await;
+    let victim = (0..3).find(|i| *i != home).unwrap();
+    // A room on a node that stays up, so that they can be signalled.
+    let lobby = redis.rooms_on_every_node().await[home].clone();
+    // 48 users on instance 1: their user channels spread over every node.
+    let names: Vec<String> = (0..48).map(|k| format!("u{k}")).collect();
+    let mut users = Vec::new();
+    for name in &names {
+        let mut c = cluster.client(1, name).await;
+        c.join(&lobby).await;
+        users.push(c);
+    }
+    let channels: Vec<String> = names.iter().map(|n| format!("parley:user:{n}")).collect();
+    let owners = redis.nodes_of(&channels).await;
+    let mut on_victim: Vec<String> = channels
+        .iter()
+        .zip(&owners)
+        .filter(|(_, o)| **o == victim)
+        .map(|(c, _)| c.clone())
+        .collect();
+    if redis.nodes_of(&["parley:all".to_string()]).await[0] == victim {
+        on_victim.push("parley:all".into());
+    }
+    let expected = redis.slots_of(&on_victim).await;
+    assert!(
+        expected > 8,
+        "more slots on the victim than a recovery tries at once: {expected}"
+    );
+    // A heartbeat has read the slot map (the first one, 2 s after the start).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    redis.nodes[victim].kill();
+    let deadline = tokio::time::Instant::now() + 2 * WAIT;
+    let first = loop {
+        let (_, m) = http_get(cluster.addr(1), "/metrics").await;
+        let n = metric(&m, "parley_broker_degraded_slots");
+        if n > 0.0 {
+            break n;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "a degraded slot");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(
+        first, expected as f64,
+        "every slot of instance 1's channels on the dead node, at once"
+    );
+    // Still all of them a few heartbeats later, and the instance ready.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, m) = http_get(cluster.addr(1), "/metrics").await;
+    assert_eq!(metric(&m, "parley_broker_degraded_slots"), expected as f64);
+    assert_eq!(http_get(cluster.addr(1), "/readyz").await.0, 200);
+
+    redis.start_node(victim).await;
+    for i in 0..3 {
+        redis.wait_ok(i).await;
+    }
+    wait_metrics(&cluster, 1, "the dead node's slots recovered", |m| {
+        metric(m, "parley_broker_degraded_slots") == 0.0
+            && metric(m, "parley_broker_resubscribes_total") >= 1.0
+    })
+    .await;
+    // Every user whose channel lives on the restarted node (it lost its subscriptions)
+    // is reached again through it.
+    let mut sender = cluster.client(2, "sender").await;
+    sender.join(&lobby).await;
+    for (k, (name, owner)) in names.iter().zip(&owners).enumerate() {
+        if *owner != victim {
+            continue;
+        }
+        match sender
+            .request(Cmd::Signal(proto::Signal {
+                to_user: name.clone(),
+                kind: "ping".into(),
+                payload: format!("{k}"),
+            }))
+            .await
+        {
+            Kind::Done(_) => {}
+            other => panic!("expected done, got {other:?}"),
+        }
+        let s = tokio::time::timeout(
+            WAIT,
+            users[k].next_of(|k| match k {
+                Kind::Signal(s) => Some(s),
+                _ => None,
+            }),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{name}'s signal through the restarted node"));
+        assert_eq!(s.payload, format!("{k}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_storm_against_a_dead_redis_cluster_node_holds_up_no_other_node() {
+    // Right after a node dies, a user joins many rooms whose channels live on it (one
+    // subscription per slot, each bound to fail), then a room on a live node: that one
+    // is subscribed at once (the dead node's slots wait behind each other, not the live
+    // node's), and once the node is back every room of the storm delivers again.
+    const BOUND: Duration = Duration::from_millis(1000);
+    let mut redis = RedisCluster::start("storm").await;
+    let Outage {
+        cluster,
+        victim,
+        live,
+        mut ann,
+        ..
+    } = Outage::start(&redis, "rcluster-storm").await;
+    let candidates: Vec<String> = (0..400).map(|k| format!("storm-{k}")).collect();
+    let channels: Vec<String> = candidates
+        .iter()
+        .map(|r| format!("parley:room:{r}"))
+        .collect();
+    let owners = redis.nodes_of(&channels).await;
+    let storm: Vec<String> = candidates
+        .iter()
+        .zip(&owners)
+        .filter(|(_, o)| **o == victim)
+        .map(|(r, _)| r.clone())
+        .take(60)
+        .collect();
+    assert_eq!(storm.len(), 60);
+
+    redis.nodes[victim].kill();
+    let mut cid = cluster.client(2, "cid").await;
+    for room in &storm {
+        cid.join(room).await;
+    }
+    cid.join(&live).await;
+    // (ann's first message in the live room was seq 1, before cid joined.)
+    ann.send_msg(&live, "l-storm", "during").await;
+    live_in_room(
+        &mut cid,
+        &live,
+        2,
+        BOUND,
+        "the live room right after the storm",
+    )
+    .await;
+
+    // Messages to the storm's rooms while the node is down (the log has them).
+    for room in storm.iter().take(3) {
+        ann.join(room).await;
+        ann.send_msg(room, &format!("{room}-during"), "during")
+            .await;
+    }
+    redis.start_node(victim).await;
+    for i in 0..3 {
+        redis.wait_ok(i).await;
+    }
+    wait_metrics(&cluster, 2, "the storm's slots recovered", |m| {
+        metric(m, "parley_broker_degraded_slots") == 0.0
+    })
+    .await;
+    // What was sent meanwhile arrives (repaired), and live delivery works again in
+    // every room of the storm.
+    let got = tokio::time::timeout(4 * WAIT, messages(&mut cid, 3))
+        .await
+        .expect("the storm's rooms repaired after the node came back");
+    for room in storm.iter().take(3) {
+        assert_eq!(
+            of_room(&got, room),
+            vec![(1, "during".to_string())],
+            "{room}"
+        );
+    }
+    for room in storm.iter().skip(3).take(5) {
+        ann.join(room).await;
+        ann.send_msg(room, &format!("{room}-after"), "after").await;
+        live_in_room(&mut cid, room, 1, BOUND, "a storm room after the recovery").await;
     }
 }

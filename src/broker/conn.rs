@@ -15,8 +15,9 @@ use redis::{
     Cmd, Pipeline, RedisFuture, Value,
     aio::{ConnectionLike, ConnectionManager},
     cluster_async::ClusterConnection,
-    cluster_routing::Slot,
 };
+
+use super::topology::Slot;
 
 /// One Redis or a Redis Cluster; cheap to clone (both multiplex one set of connections).
 #[derive(Clone)]

@@ -25,6 +25,7 @@ pub mod local;
 pub mod order;
 pub mod presence;
 pub mod redis;
+pub mod topology;
 pub mod wire;
 
 use std::sync::Arc;

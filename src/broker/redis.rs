@@ -30,11 +30,19 @@
 //!   pipeline per slot ([`by_slot`]). The cluster client's own resubscription sends
 //!   every shard channel in one `SSUBSCRIBE`, which the cluster refuses (`CROSSSLOT`).
 //!   Presence keys share one hash tag ([`Keys`]).
-//! - **Cluster health, per slot**: a command that fails for a channel marks that
-//!   channel's slot down ([`Slots`]), not Redis: publishes to a down slot are delivered
-//!   here only, its subscriptions wait, and every heartbeat probes the down slots; one
-//!   that answers gets its wanted channels subscribed again and its rooms repaired from
-//!   the log ([`Inner::recover_slots`]). Rooms on other nodes deliver as before. A lost
+//! - **Cluster health, per slot, judged per node**: a command that fails for a channel
+//!   marks that channel's slot down ([`Slots`]), not Redis, and with a node-level error
+//!   (refused, dropped, timed out) every slot of its node at once, by the slot map read
+//!   from `CLUSTER SHARDS` ([`Topology`]; read at the first heartbeat, every
+//!   [`TOPOLOGY_REFRESH`], and when a probe fails or a slot moves): publishes to a down
+//!   slot are delivered here only, its subscriptions wait. Every heartbeat probes each
+//!   node of the channels wanted here and each dead node with one command
+//!   ([`Inner::probe_nodes`]: so an instance that only receives from a hung node finds
+//!   it too), and the down slots of nodes the map does not know one by one; a node or
+//!   slot that answers gets its wanted channels subscribed again and its rooms repaired
+//!   from the log ([`Inner::recover_slots`]). The map only picks what is probed and
+//!   marked (the client routes by its own): a stale one delays, never loses. Rooms on
+//!   other nodes deliver as before. A lost
 //!   node connection comes as a disconnection push that does not say which node, so the
 //!   next heartbeat subscribes every slot's channels again (a no-op where they still
 //!   are) with `CLIENT GETNAME`: each node connection is named (`CLIENT SETNAME`) the
@@ -46,15 +54,16 @@
 //!   connection holds every command while it refreshes its slot map or reconnects a
 //!   node (after a refused or dropped connection), and hundreds of commands failing at
 //!   once against a dead node stalled it for good under load: a recovery sends
-//!   [`RECOVERY_CONCURRENCY`] slots at a time.
+//!   [`RECOVERY_CONCURRENCY`] slots at a time, and the publisher and the change queue
+//!   [`NODE_CONCURRENCY`] slots per node each ([`NodeLimit`]).
 //! - **A node that hangs** (stopped, or a network black hole: connections stay open,
 //!   nothing is answered): its commands time out after 2 s in all, retries included,
 //!   which marks their slots down; a timeout does not make the client reconnect, so the
 //!   other nodes' commands go on meanwhile. Subscription and presence changes queue per
 //!   slot ([`cluster_changes`]), like publishes: a subscription on another node does not
 //!   wait behind one on the hung node. An instance that only receives from the hung node
-//!   sees no failure (its subscriptions there pause, not drop): what was published
-//!   meanwhile reaches it when a later message shows the gap (filled from the log).
+//!   finds it by its probe timing out (its subscriptions there pause, not drop), and
+//!   repairs those rooms from the log when the probe answers again.
 //! - **Interest**: a room's channel is subscribed while the room has local members (the
 //!   hub's room size is the reference count), a user's channel while the user has local
 //!   sessions; `all` always. Subscription changes go through one task, in order.
@@ -84,7 +93,6 @@ use redis::{
     ConnectionInfo, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Value,
     aio::{ConnectionManager, ConnectionManagerConfig},
     cluster::{ClusterClientBuilder, ClusterConfig},
-    cluster_routing::Slot,
 };
 use tokio::sync::mpsc;
 
@@ -95,6 +103,7 @@ use super::{
     conn::{Conn, by_slot},
     order::{Log, RoomOrder},
     presence::{Keys, Presence},
+    topology::{Node, NodeLimit, Slot, Topology},
     wire,
 };
 use crate::{
@@ -143,6 +152,25 @@ struct Slots {
     /// The name (`CLIENT SETNAME`, unique per connection) of the node connection each
     /// slot's channels were last subscribed on: another name means a new connection.
     names: HashMap<Slot, String>,
+    /// Nodes found dead (a probe, or a command that failed for a node-level reason:
+    /// refused, dropped, timed out), each with a key of one of its slots to probe it
+    /// with: every slot the map gives them counts as down, wanted here or not.
+    dead: HashMap<Node, String>,
+    /// Which node serves which slot, as last read (`None` until the first read).
+    topology: Option<Arc<Topology>>,
+}
+
+impl Slots {
+    /// Whether `slot` is down: itself, or its node.
+    fn is_down(&self, slot: Slot) -> bool {
+        self.down.contains_key(&slot)
+            || (!self.dead.is_empty()
+                && self
+                    .topology
+                    .as_ref()
+                    .and_then(|t| t.node_of(slot))
+                    .is_some_and(|n| self.dead.contains_key(n)))
+    }
 }
 
 #[derive(Default)]
@@ -182,6 +210,11 @@ struct Inner {
     any_down: AtomicBool,
     /// Cluster only: a slot recovery is running (one at a time).
     recovering: AtomicBool,
+    /// Cluster only: read the slot → node map again at the next heartbeat (a probe
+    /// failed, a slot moved, or the last read failed).
+    refresh_topology: AtomicBool,
+    /// Cluster only: when the map was last read.
+    topology_read: Mutex<Option<tokio::time::Instant>>,
     /// Cluster only: the heartbeat to the presence node succeeded once.
     reached: AtomicBool,
     /// This instance's HTTP address for the others.
@@ -199,6 +232,15 @@ const MAX_OWNERS: usize = 1024;
 
 /// Cluster: the most slots a recovery subscribes at once.
 const RECOVERY_CONCURRENCY: usize = 8;
+
+/// Cluster: the most pipelines in flight per node, for the publisher and for the
+/// subscription changes each (a dead node's commands wait behind each other, and are
+/// dropped once the first failure marks it; the other nodes' go on).
+const NODE_CONCURRENCY: usize = 16;
+
+/// Cluster: the slot → node map is read again at least this often (and whenever a probe
+/// fails or a slot moves).
+const TOPOLOGY_REFRESH: Duration = Duration::from_secs(30);
 
 /// The most envelopes the publisher sends as one pipeline.
 pub const PUBLISH_BATCH: usize = 512;
@@ -310,6 +352,8 @@ impl RedisBroker {
             slots: Mutex::default(),
             any_down: AtomicBool::new(false),
             recovering: AtomicBool::new(false),
+            refresh_topology: AtomicBool::new(false),
+            topology_read: Mutex::default(),
             reached: AtomicBool::new(false),
             advertise: Mutex::default(),
             advertised: AtomicBool::new(false),
@@ -476,8 +520,15 @@ impl Inner {
 
     /// Cluster: the node of `channel`'s slot failed a command. Its publishes are
     /// delivered here only and its channels wait for the heartbeat to find it again.
-    fn slot_down(&self, channel: &str, why: &dyn std::fmt::Display) {
+    /// A node-level failure (anything but an error reply: refused, dropped, timed out)
+    /// marks every slot the map gives the node ([`Self::node_down`]).
+    fn slot_down(&self, channel: &str, why: &redis::RedisError) {
         let slot = Slot::for_key(channel);
+        if !matches!(why.kind(), redis::ErrorKind::Server(_))
+            && let Some(node) = self.topology().and_then(|t| t.node_of(slot).cloned())
+        {
+            return self.node_down(&node, channel, why);
+        }
         let mut slots = lock(&self.slots);
         if let std::collections::hash_map::Entry::Vacant(e) = slots.down.entry(slot) {
             e.insert(channel.to_string());
@@ -491,16 +542,153 @@ impl Inner {
         }
     }
 
+    /// Cluster: `node` failed (a command to `key`'s slot, or its probe): every slot the
+    /// map gives it is down at once, so publishes to any of them are delivered here
+    /// only without being sent, and one probe per heartbeat finds it again
+    /// ([`Self::probe_nodes`]). The slots of the channels wanted here are marked
+    /// degraded (so recovery subscribes them again and repairs their rooms).
+    fn node_down(&self, node: &Node, key: &str, why: &dyn std::fmt::Display) {
+        if lock(&self.slots).dead.contains_key(node) {
+            return;
+        }
+        let (_, _, channels) = self.wanted();
+        let mut slots = lock(&self.slots);
+        let Some(topology) = slots.topology.clone() else {
+            return;
+        };
+        if slots.dead.contains_key(node) {
+            return;
+        }
+        slots.dead.insert(node.clone(), key.to_string());
+        let before = slots.down.len();
+        for channel in std::iter::once(key.to_string()).chain(channels) {
+            let slot = Slot::for_key(&channel);
+            if topology.node_of(slot) == Some(node) {
+                slots.down.entry(slot).or_insert(channel);
+            }
+        }
+        tracing::warn!(
+            error = %why,
+            node = %node,
+            slots = slots.down.len() - before,
+            "redis cluster: a node failed: the rooms and users on its slots deliver here \
+             only until it answers again"
+        );
+        self.slots_changed(&slots);
+        // The map may be what is wrong (a failover, a move): read it again.
+        self.refresh_topology.store(true, Ordering::SeqCst);
+    }
+
     fn slots_changed(&self, slots: &Slots) {
-        self.any_down
-            .store(!slots.down.is_empty(), Ordering::SeqCst);
+        self.any_down.store(
+            !slots.down.is_empty() || !slots.dead.is_empty(),
+            Ordering::SeqCst,
+        );
         self.metrics.degraded_slots.set(slots.down.len() as i64);
     }
 
-    /// Cluster: whether `channel`'s slot is down (cheap while no slot is).
+    /// Cluster: whether `channel`'s slot is down, or its node (cheap while nothing is).
     fn is_slot_down(&self, channel: &str) -> bool {
-        self.any_down.load(Ordering::SeqCst)
-            && lock(&self.slots).down.contains_key(&Slot::for_key(channel))
+        self.any_down.load(Ordering::SeqCst) && lock(&self.slots).is_down(Slot::for_key(channel))
+    }
+
+    /// Cluster: the slot → node map, if read.
+    fn topology(&self) -> Option<Arc<Topology>> {
+        lock(&self.slots).topology.clone()
+    }
+
+    /// Cluster: reads the slot → node map (`CLUSTER SHARDS`; `CLUSTER SLOTS` from a
+    /// server without it) if it is due: never read, flagged, or older than
+    /// [`TOPOLOGY_REFRESH`]. A failed read keeps the old map and is tried again at the
+    /// next heartbeat.
+    async fn refresh_topology(&self) {
+        let flagged = self.refresh_topology.swap(false, Ordering::SeqCst);
+        let stale = lock(&self.topology_read).is_none_or(|at| at.elapsed() >= TOPOLOGY_REFRESH);
+        if !flagged && !stale {
+            return;
+        }
+        let mut conn = self.conn.clone();
+        let read = match redis::cmd("CLUSTER")
+            .arg("SHARDS")
+            .query_async::<Value>(&mut conn)
+            .await
+        {
+            Ok(reply) => Ok(Topology::from_shards(&reply)),
+            // An error reply: a server older than 7.0 (no CLUSTER SHARDS).
+            Err(e) if matches!(e.kind(), redis::ErrorKind::Server(_)) => redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async::<Value>(&mut conn)
+                .await
+                .map(|reply| Topology::from_slots(&reply)),
+            Err(e) => Err(e),
+        };
+        match read {
+            Ok(Some(topology)) => {
+                *lock(&self.topology_read) = Some(tokio::time::Instant::now());
+                let mut slots = lock(&self.slots);
+                if slots.topology.as_deref() != Some(&topology) {
+                    tracing::info!(nodes = topology.nodes(), "redis cluster: slot map read");
+                    slots.topology = Some(Arc::new(topology));
+                    self.slots_changed(&slots);
+                }
+            }
+            Ok(None) => {
+                tracing::warn!("redis cluster: the slot map did not parse");
+                self.refresh_topology.store(true, Ordering::SeqCst);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "redis cluster: reading the slot map failed");
+                self.refresh_topology.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Cluster: probes every node that serves a channel wanted here, and every node
+    /// known dead, with one command each (`EXISTS` of one of its channels, routed by the
+    /// key's slot), all at once. A node that fails (refused, or no answer within the
+    /// client's 2 s) is marked dead with all its slots ([`Self::node_down`]): also when
+    /// this instance only receives from it, so that it repairs those rooms from the log
+    /// when the node is back. Returns the dead nodes that answered (no longer dead:
+    /// their slots are subscribed again and repaired next).
+    async fn probe_nodes(&self) -> Vec<Node> {
+        let Some(topology) = self.topology() else {
+            return Vec::new();
+        };
+        let (_, _, channels) = self.wanted();
+        let dead = lock(&self.slots).dead.clone();
+        let mut keys: HashMap<Node, String> = dead.clone();
+        for channel in channels {
+            if let Some(node) = topology.node_of(Slot::for_key(&channel))
+                && !keys.contains_key(node)
+            {
+                keys.insert(node.clone(), channel);
+            }
+        }
+        let probes = keys.into_iter().map(|(node, key)| async move {
+            let mut conn = self.conn.clone();
+            let r = redis::cmd("EXISTS")
+                .arg(&key)
+                .query_async::<i64>(&mut conn)
+                .await;
+            (node, key, r)
+        });
+        let mut back = Vec::new();
+        for (node, key, result) in futures_util::future::join_all(probes).await {
+            match result {
+                Ok(_) if dead.contains_key(&node) => {
+                    let mut slots = lock(&self.slots);
+                    slots.dead.remove(&node);
+                    self.slots_changed(&slots);
+                    back.push(node);
+                }
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), redis::ErrorKind::Server(_)) => {
+                    tracing::debug!(error = %e, node = %node, "redis cluster: probe refused");
+                }
+                Err(e) => self.node_down(&node, &key, &e),
+            }
+        }
+        back
     }
 
     /// Cluster: subscribes `channels` (all in `key`'s slot, maybe none) on the node that
@@ -571,27 +759,39 @@ impl Inner {
     /// Cluster: subscribes the channels of the slots that need it again and repairs their
     /// rooms from the log: with `every`, each slot with a wanted channel (a node
     /// connection was lost somewhere; the slots whose connection was replaced need it);
-    /// otherwise the down and stale slots. Rooms of slots whose node connection survived
-    /// are left alone.
-    async fn recover_slots(self: &Arc<Self>, every: bool) {
+    /// otherwise the down and stale slots, and those of the nodes in `back` (found again
+    /// by their probe). Rooms of slots whose node connection survived are left alone.
+    /// The slots of a node known dead are not tried: its probe stands for them.
+    async fn recover_slots(self: &Arc<Self>, every: bool, back: &[Node]) {
         let (_, _, channels) = self.wanted();
-        let (down, stale) = {
+        let (down, stale, dead, topology) = {
             let s = lock(&self.slots);
-            (s.down.clone(), s.stale.clone())
+            (
+                s.down.clone(),
+                s.stale.clone(),
+                s.dead.keys().cloned().collect::<HashSet<_>>(),
+                s.topology.clone(),
+            )
         };
+        let node_of = |slot: Slot| topology.as_ref().and_then(|t| t.node_of(slot));
+        let on_dead = |slot: Slot| node_of(slot).is_some_and(|n| dead.contains(n));
+        let on_back = |slot: Slot| node_of(slot).is_some_and(|n| back.contains(n));
         let mut work: Vec<(Slot, String, Vec<String>, bool)> = Vec::new();
         let mut seen = HashSet::new();
         for group in by_slot(channels, |c| c.as_str()) {
             let slot = Slot::for_key(&group[0]);
             seen.insert(slot);
-            let bad = down.contains_key(&slot) || stale.contains(&slot);
+            if on_dead(slot) {
+                continue;
+            }
+            let bad = down.contains_key(&slot) || stale.contains(&slot) || on_back(slot);
             if every || bad {
                 work.push((slot, group[0].clone(), group, bad));
             }
         }
         // Down slots with no channel wanted here any more: a probe lifts them.
         for (slot, key) in down {
-            if !seen.contains(&slot) {
+            if !seen.contains(&slot) && !on_dead(slot) {
                 work.push((slot, key, Vec::new(), true));
             }
         }
@@ -694,23 +894,27 @@ impl Inner {
         self.lost.store(true, Ordering::SeqCst);
     }
 
-    /// Cluster: starts a slot recovery in the background if one is due and none runs
-    /// (a node that does not answer makes it wait for the client's retries; the
-    /// heartbeat goes on meanwhile).
+    /// Cluster: starts a slot check in the background unless one runs: the slot map
+    /// when due, one probe per node, then a recovery of the slots that need one (a node
+    /// that does not answer makes it wait for the client's timeout; the heartbeat goes
+    /// on meanwhile).
     fn maybe_recover_slots(self: &Arc<Self>) {
         if self.recovering.swap(true, Ordering::SeqCst) {
             return;
         }
-        let every = self.lost.swap(false, Ordering::SeqCst);
-        let due =
-            every || self.any_down.load(Ordering::SeqCst) || !lock(&self.slots).stale.is_empty();
-        if !due {
-            self.recovering.store(false, Ordering::SeqCst);
-            return;
-        }
         let inner = self.clone();
         tokio::spawn(async move {
-            inner.recover_slots(every).await;
+            // The map first (when due), then one probe per node, then the slots.
+            inner.refresh_topology().await;
+            let back = inner.probe_nodes().await;
+            let every = inner.lost.swap(false, Ordering::SeqCst);
+            let due = every
+                || !back.is_empty()
+                || inner.any_down.load(Ordering::SeqCst)
+                || !lock(&inner.slots).stale.is_empty();
+            if due {
+                inner.recover_slots(every, &back).await;
+            }
             inner.recovering.store(false, Ordering::SeqCst);
         });
     }
@@ -836,6 +1040,7 @@ async fn receive(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<PushInfo>) 
             // A cluster node drops the shard channels of a slot that moved to another
             // node (resharding, failover): subscribe again where it lives now.
             PushKind::SUnsubscribe if inner.conn.is_cluster() => {
+                inner.refresh_topology.store(true, Ordering::SeqCst);
                 if let Some(Value::BulkString(channel)) = info.data.first() {
                     inner.still_wanted(&String::from_utf8_lossy(channel));
                 }
@@ -921,15 +1126,22 @@ fn slot_of_change(inner: &Inner, change: &Change) -> Slot {
 /// unsubscribes and publishes; the presence keys share one slot), one change in flight
 /// per slot, the slots independently of each other. So a node that hangs (answers
 /// nothing until the client's response timeout) holds up the changes of its own slots
-/// only: a subscription on another node does not wait behind one on it.
+/// only: a subscription on another node does not wait behind one on it. At most
+/// [`NODE_CONCURRENCY`] slots per node have a change in flight (a connect storm against
+/// a dead node does not put one failing command per slot in flight at once); the slots
+/// beyond wait for a turn, first come first served, and once the node is marked down
+/// their changes return without being sent.
 async fn cluster_changes(weak: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Change>) {
     use futures_util::stream::{FuturesUnordered, StreamExt};
-    // A slot with a change in flight, and the changes waiting behind it.
+    // The changes waiting per slot (a slot is in the map while it has a change in flight
+    // or waiting), and the slots with one in flight.
     let mut queues: HashMap<Slot, std::collections::VecDeque<Change>> = HashMap::new();
+    let mut running: HashSet<Slot> = HashSet::new();
+    let mut limit = NodeLimit::new(NODE_CONCURRENCY);
     let mut in_flight = FuturesUnordered::new();
-    let apply = |inner: Arc<Inner>, slot: Slot, change: Change| async move {
+    let apply = |inner: Arc<Inner>, slot: Slot, node: Option<Node>, change: Change| async move {
         apply_cluster_change(&inner, change).await;
-        slot
+        (slot, node)
     };
     let mut batch = Vec::new();
     let mut open = true;
@@ -942,25 +1154,36 @@ async fn cluster_changes(weak: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Chan
                 let Some(inner) = weak.upgrade() else { return };
                 for change in batch.drain(..) {
                     let slot = slot_of_change(&inner, &change);
-                    match queues.entry(slot) {
-                        std::collections::hash_map::Entry::Occupied(mut e) => {
-                            e.get_mut().push_back(change);
-                        }
-                        std::collections::hash_map::Entry::Vacant(e) => {
-                            e.insert(Default::default());
-                            in_flight.push(apply(inner.clone(), slot, change));
-                        }
+                    let queue = queues.entry(slot).or_default();
+                    if queue.is_empty() && !running.contains(&slot) {
+                        limit.wait(slot);
                     }
+                    queue.push_back(change);
                 }
             }
-            Some(slot) = in_flight.next(), if !in_flight.is_empty() => {
-                let Some(inner) = weak.upgrade() else { return };
-                match queues.get_mut(&slot).and_then(|q| q.pop_front()) {
-                    Some(next) => in_flight.push(apply(inner, slot, next)),
-                    None => {
-                        queues.remove(&slot);
-                    }
+            Some((slot, node)) = in_flight.next(), if !in_flight.is_empty() => {
+                let node: Option<Node> = node;
+                limit.release(node.as_ref());
+                running.remove(&slot);
+                if queues.get(&slot).is_some_and(|q| !q.is_empty()) {
+                    limit.wait(slot);
+                } else {
+                    queues.remove(&slot);
                 }
+            }
+        }
+        let Some(inner) = weak.upgrade() else { return };
+        let topology = inner.topology();
+        let ready = limit.start_waiting(|slot| {
+            let work = !running.contains(&slot) && queues.get(&slot).is_some_and(|q| !q.is_empty());
+            work.then(|| topology.as_ref().and_then(|t| t.node_of(slot).cloned()))
+        });
+        for (slot, node) in ready {
+            if let Some(change) = queues.get_mut(&slot).and_then(|q| q.pop_front()) {
+                running.insert(slot);
+                in_flight.push(apply(inner.clone(), slot, node, change));
+            } else {
+                limit.release(node.as_ref());
             }
         }
     }
@@ -974,6 +1197,11 @@ async fn apply_cluster_change(inner: &Arc<Inner>, change: Change) {
     let (channel, result) = match change {
         Change::Subscribe { channel, room } => {
             if inner.is_slot_down(&channel) {
+                // Its node is down: the recovery subscribes it (it is wanted) and
+                // repairs its room; counted among the degraded slots meanwhile.
+                let mut slots = lock(&inner.slots);
+                slots.down.entry(Slot::for_key(&channel)).or_insert(channel);
+                inner.slots_changed(&slots);
                 return;
             }
             let r = inner
@@ -1116,12 +1344,16 @@ impl SlotQueue {
 /// Sends the queued envelopes to a cluster: one queue per slot, each sending one pipeline
 /// (up to [`PUBLISH_BATCH`]) at a time, so a channel's envelopes reach its node in
 /// order, while the other slots' pipelines go on: a node that fails or stalls holds up
-/// its own slots only. A failed pipeline marks its slot down (what queued behind it is
-/// dropped with it: the receivers repair room messages from the log once the node is
-/// back). A flush is answered once every envelope queued before it has been sent.
+/// its own slots only. At most [`NODE_CONCURRENCY`] slots per node have a pipeline in
+/// flight; the slots beyond wait for a turn, first come first served (so many rooms on
+/// a dead node do not put one failing pipeline per slot in flight at once). A failed
+/// pipeline marks its slot down, or its node (what queued behind it is dropped with
+/// it: the receivers repair room messages from the log once the node is back). A flush
+/// is answered once every envelope queued before it has been sent.
 async fn cluster_publisher(inner: Weak<Inner>, mut rx: mpsc::Receiver<Outgoing>) {
     use futures_util::stream::{FuturesUnordered, StreamExt};
     let mut queues: HashMap<Slot, SlotQueue> = HashMap::new();
+    let mut limit = NodeLimit::new(NODE_CONCURRENCY);
     let mut in_flight = FuturesUnordered::new();
     let mut flushes: Vec<(u64, tokio::sync::oneshot::Sender<()>)> = Vec::new();
     let mut batch = Vec::with_capacity(PUBLISH_BATCH);
@@ -1138,6 +1370,9 @@ async fn cluster_publisher(inner: Weak<Inner>, mut rx: mpsc::Receiver<Outgoing>)
                         Outgoing::Envelope(channel, bytes) => {
                             let slot = Slot::for_key(&channel);
                             let queue = queues.entry(slot).or_default();
+                            if queue.in_flight.is_none() && queue.waiting.is_empty() {
+                                limit.wait(slot);
+                            }
                             queue.waiting.push_back((next, channel, bytes));
                             next += 1;
                         }
@@ -1147,13 +1382,20 @@ async fn cluster_publisher(inner: Weak<Inner>, mut rx: mpsc::Receiver<Outgoing>)
             }
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
                 let Some(inner) = inner.upgrade() else { return };
-                let Sent { slot, sent, channel, result } = done;
+                let Sent { slot, node, sent, channel, result } = done;
+                limit.release(node.as_ref());
                 match result {
                     Ok(()) => {
                         inner.metrics.publishes.inc_by(sent);
                         inner.metrics.publish_batches.inc();
-                        if let Some(queue) = queues.get_mut(&slot) {
+                        let more = queues.get_mut(&slot).is_some_and(|queue| {
                             queue.in_flight = None;
+                            !queue.waiting.is_empty()
+                        });
+                        if more {
+                            limit.wait(slot);
+                        } else {
+                            queues.remove(&slot);
                         }
                     }
                     Err(e) => {
@@ -1167,32 +1409,45 @@ async fn cluster_publisher(inner: Weak<Inner>, mut rx: mpsc::Receiver<Outgoing>)
             }
         }
         let Some(inner) = inner.upgrade() else { return };
-        // Start a pipeline in every slot that has envelopes and none in flight (what
-        // queued for a slot found down meanwhile is dropped: it would only wait for the
-        // client's retries to fail again).
-        queues.retain(|slot, queue| {
-            if queue.in_flight.is_none()
-                && !queue.waiting.is_empty()
-                && inner.is_slot_down(&queue.waiting[0].1)
-            {
-                inner
-                    .metrics
-                    .publish_failures
-                    .inc_by(queue.waiting.len() as u64);
-                queue.waiting.clear();
-            }
-            if queue.in_flight.is_none() && !queue.waiting.is_empty() {
-                let n = queue.waiting.len().min(PUBLISH_BATCH);
-                queue.in_flight = queue.waiting.front().map(|e| e.0);
-                let envelopes: Vec<(String, Bytes)> = queue
-                    .waiting
-                    .drain(..n)
-                    .map(|(_, channel, bytes)| (channel, bytes))
-                    .collect();
-                in_flight.push(send_slot(inner.clone(), *slot, envelopes));
-            }
-            queue.in_flight.is_some() || !queue.waiting.is_empty()
+        // What queued for a slot found down meanwhile (it, or its node) is dropped: it
+        // would only wait for the client's retries to fail again.
+        if inner.any_down.load(Ordering::SeqCst) {
+            queues.retain(|_, queue| {
+                if queue.in_flight.is_none()
+                    && !queue.waiting.is_empty()
+                    && inner.is_slot_down(&queue.waiting[0].1)
+                {
+                    inner
+                        .metrics
+                        .publish_failures
+                        .inc_by(queue.waiting.len() as u64);
+                    queue.waiting.clear();
+                }
+                queue.in_flight.is_some() || !queue.waiting.is_empty()
+            });
+        }
+        // Start a pipeline in every waiting slot whose node has a turn free.
+        let topology = inner.topology();
+        let ready = limit.start_waiting(|slot| {
+            let work = queues
+                .get(&slot)
+                .is_some_and(|q| q.in_flight.is_none() && !q.waiting.is_empty());
+            work.then(|| topology.as_ref().and_then(|t| t.node_of(slot).cloned()))
         });
+        for (slot, node) in ready {
+            let Some(queue) = queues.get_mut(&slot) else {
+                limit.release(node.as_ref());
+                continue;
+            };
+            let n = queue.waiting.len().min(PUBLISH_BATCH);
+            queue.in_flight = queue.waiting.front().map(|e| e.0);
+            let envelopes: Vec<(String, Bytes)> = queue
+                .waiting
+                .drain(..n)
+                .map(|(_, channel, bytes)| (channel, bytes))
+                .collect();
+            in_flight.push(send_slot(inner.clone(), slot, node, envelopes));
+        }
         if !flushes.is_empty() {
             let oldest = queues.values().filter_map(SlotQueue::oldest).min();
             let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut flushes)
@@ -1212,6 +1467,8 @@ async fn cluster_publisher(inner: Weak<Inner>, mut rx: mpsc::Receiver<Outgoing>)
 /// What became of one slot's pipeline of publishes.
 struct Sent {
     slot: Slot,
+    /// The node whose turn it took ([`NodeLimit`]).
+    node: Option<Node>,
     /// How many envelopes it carried.
     sent: u64,
     /// One of their channels.
@@ -1220,7 +1477,12 @@ struct Sent {
 }
 
 /// Sends one slot's pipeline of publishes.
-async fn send_slot(inner: Arc<Inner>, slot: Slot, envelopes: Vec<(String, Bytes)>) -> Sent {
+async fn send_slot(
+    inner: Arc<Inner>,
+    slot: Slot,
+    node: Option<Node>,
+    envelopes: Vec<(String, Bytes)>,
+) -> Sent {
     let mut conn = inner.conn.clone();
     let result = publish_pipeline(inner.publish_command(), &envelopes)
         .exec_async(&mut conn)
@@ -1233,6 +1495,7 @@ async fn send_slot(inner: Arc<Inner>, slot: Slot, envelopes: Vec<(String, Bytes)
         .unwrap_or_default();
     Sent {
         slot,
+        node,
         sent: n,
         channel,
         result,
