@@ -326,10 +326,9 @@ impl Session {
         let end = (start + max).min(s.queue.len());
         let mut out = Pushes::with_capacity(end - start);
         let mut moved = 0;
-        let mut pos = s.first_pos() + start as u64;
-        for e in s.queue.range(start..end) {
+        let first = s.first_pos() + start as u64;
+        for (pos, e) in (first..).zip(s.queue.range(start..end)) {
             out.push((pos, e.clone()));
-            pos += 1;
             moved += e.cost();
         }
         s.sent = end;
