@@ -62,8 +62,8 @@ const SHRINK_ABOVE: usize = 16;
 /// last one `next_pos - 1`) nor its cost (the push has it): a session's queue is one
 /// pointer per push. During a join burst into a big room every member's queue grows by
 /// one entry per later member until the client acknowledges (an SSE client every 5 s),
-/// and those grown-and-given-back queues set the heap's high-water mark (docs/
-/// BENCHMARKS.md, "Round eight: the replay queue").
+/// and those grown-and-given-back queues set the heap's high-water mark
+/// (docs/BENCHMARKS.md, "Round eight: SSE memory, the replay queue and the join burst").
 type Entry = Arc<Push>;
 
 /// The right of one transport to deliver this session's pushes. A newer attach (a resume
