@@ -58,11 +58,13 @@ pub struct Limits {
 /// A drained queue with room for more entries than this is given back (see `shrink`).
 const SHRINK_ABOVE: usize = 16;
 
-struct Entry {
-    pos: u64,
-    push: Arc<Push>,
-    cost: usize,
-}
+/// One held push. Its position is not stored (the queue's positions are contiguous, the
+/// last one `next_pos - 1`) nor its cost (the push has it): a session's queue is one
+/// pointer per push. During a join burst into a big room every member's queue grows by
+/// one entry per later member until the client acknowledges (an SSE client every 5 s),
+/// and those grown-and-given-back queues set the heap's high-water mark
+/// (docs/BENCHMARKS.md, "Round eight: SSE memory, the replay queue and the join burst").
+type Entry = Arc<Push>;
 
 /// The right of one transport to deliver this session's pushes. A newer attach (a resume
 /// from another transport) revokes it.
@@ -87,7 +89,8 @@ impl Attachment {
 
 struct State {
     /// Entries still held: `queue[..sent]` written and not yet acknowledged,
-    /// `queue[sent..]` not yet written. Positions are contiguous.
+    /// `queue[sent..]` not yet written. Positions are contiguous: `queue[i]` is at
+    /// [`State::first_pos`]` + i`.
     queue: VecDeque<Entry>,
     sent: usize,
     next_pos: u64,
@@ -101,6 +104,13 @@ struct State {
     woken: bool,
     detached_since: Option<Instant>,
     dead: Option<Death>,
+}
+
+impl State {
+    /// The position of `queue[0]` (of the next push when the queue is empty).
+    fn first_pos(&self) -> u64 {
+        self.next_pos - self.queue.len() as u64
+    }
 }
 
 /// Pushes in position order, each with its session position. Up to 4 are held inline:
@@ -246,11 +256,16 @@ impl Session {
     /// The client has every push up to `pos`: forget them.
     pub fn ack(&self, pos: u64) {
         let mut s = self.lock();
-        while s.sent > 0 && s.queue.front().is_some_and(|e| e.pos <= pos) {
-            let e = s.queue.pop_front().expect("front checked");
-            s.sent -= 1;
-            s.retained_bytes -= e.cost;
+        // The written entries at or before `pos`: `queue[..n]`.
+        let n = pos
+            .saturating_add(1)
+            .saturating_sub(s.first_pos())
+            .min(s.sent as u64) as usize;
+        let s = &mut *s;
+        for e in s.queue.drain(..n) {
+            s.retained_bytes -= e.cost();
         }
+        s.sent -= n;
         if s.queue.is_empty() {
             // Everything is acknowledged: give the queue back whatever its size (an
             // idle member of a quiet room keeps no room for its last few pushes). An
@@ -279,15 +294,14 @@ impl Session {
         if s.dead.is_some() || last_pos >= s.next_pos {
             return false;
         }
-        let first = s.next_pos - s.queue.len() as u64;
+        let first = s.first_pos();
         if last_pos + 1 < first {
             return false;
         }
-        while s.queue.front().is_some_and(|e| e.pos <= last_pos) {
-            s.queue.pop_front();
-        }
+        // `last_pos < next_pos`, so at most the whole queue.
+        s.queue.drain(..(last_pos + 1 - first) as usize);
         s.sent = 0;
-        s.unsent_bytes = s.queue.iter().map(|e| e.cost).sum();
+        s.unsent_bytes = s.queue.iter().map(|e| e.cost()).sum();
         s.retained_bytes = 0;
         true
     }
@@ -312,9 +326,10 @@ impl Session {
         let end = (start + max).min(s.queue.len());
         let mut out = Pushes::with_capacity(end - start);
         let mut moved = 0;
-        for e in s.queue.range(start..end) {
-            out.push((e.pos, e.push.clone()));
-            moved += e.cost;
+        let first = s.first_pos() + start as u64;
+        for (pos, e) in (first..).zip(s.queue.range(start..end)) {
+            out.push((pos, e.clone()));
+            moved += e.cost();
         }
         s.sent = end;
         s.unsent_bytes -= moved;
@@ -323,7 +338,7 @@ impl Session {
         while s.retained_bytes > self.limits.replay_buffer_bytes && s.sent > 0 {
             let e = s.queue.pop_front().expect("sent > 0");
             s.sent -= 1;
-            s.retained_bytes -= e.cost;
+            s.retained_bytes -= e.cost();
         }
         Self::shrink(&mut s);
         Take::Pushes(out)
@@ -369,13 +384,8 @@ impl Recipient for Session {
         if is_ephemeral(push) && s.unsent_bytes + cost > self.limits.max_queue_bytes / 2 {
             return;
         }
-        let pos = s.next_pos;
         s.next_pos += 1;
-        s.queue.push_back(Entry {
-            pos,
-            push: push.clone(),
-            cost,
-        });
+        s.queue.push_back(push.clone());
         s.unsent_bytes += cost;
         if s.unsent_bytes > self.limits.max_queue_bytes {
             Self::die(&mut s, Death::SlowConsumer);
@@ -456,6 +466,45 @@ mod tests {
         s.push(&push());
         assert!(a.ready().now_or_never().is_some());
         assert_eq!(positions(s.take(&a, 10)), vec![3]);
+    }
+
+    /// A held push is one pointer (its position and cost are not stored), and the
+    /// positions derived from the queue's place survive partial acks, the replay bound
+    /// and a resume.
+    #[test]
+    fn a_held_push_is_one_pointer() {
+        assert_eq!(std::mem::size_of::<Entry>(), std::mem::size_of::<usize>());
+        let cost = push().cost();
+        let s = session(1 << 20, cost * 3);
+        let a = s.attach().unwrap();
+        for _ in 0..5 {
+            s.push(&push());
+        }
+        // Five written, the replay bound keeps the last three (3, 4, 5).
+        assert_eq!(positions(s.take(&a, 10)), vec![1, 2, 3, 4, 5]);
+        assert_eq!(s.lock().first_pos(), 3);
+        s.push(&push());
+        s.push(&push());
+        // Acks before the held ones, of unwritten ones, and past the end leave written
+        // and unacknowledged pushes alone.
+        s.ack(1);
+        assert_eq!(s.lock().queue.len(), 5);
+        let held = |s: &Session| {
+            let g = s.lock();
+            (g.first_pos(), g.sent, g.retained_bytes)
+        };
+        s.ack(3);
+        assert_eq!(held(&s), (4, 2, 2 * cost));
+        s.ack(100);
+        assert_eq!(held(&s), (6, 0, 0));
+        assert_eq!(positions(s.take(&a, 1)), vec![6]);
+        // A resume after 5 replays 6 and 7; one after 6 only 7; one from before what is
+        // held fails.
+        assert!(s.resume(5).is_some());
+        assert_eq!(s.lock().unsent_bytes, 2 * cost);
+        let a = s.resume(6).unwrap();
+        assert_eq!(positions(s.take(&a, 10)), vec![7]);
+        assert!(s.resume(4).is_none());
     }
 
     #[test]
