@@ -624,8 +624,8 @@ impl Wait {
     /// outbox's own [`Waits`].
     pub fn poll_next(self: Pin<&mut Self>, outbox: &mut Outbox, cx: &mut Context<'_>) -> Poll<Out> {
         // Taken out for the poll (the outbox is borrowed beside it). An outbox made
-        // [`Outbox::apart`] gets a box here if it is ever waited on this way: its timer
-        // then fires once at once, which a wait takes as an early wake-up.
+        // [`Outbox::apart`] gets a box here if it is ever waited on this way (a fresh
+        // timer's deadline is not the armed one, so the next wait arms it anew).
         let mut waits = match outbox.waits.take() {
             Some(waits) => waits,
             None => Box::pin(outbox.new_waits()),
