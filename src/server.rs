@@ -478,8 +478,9 @@ fn rustls_config(
 /// The QUIC endpoint's configuration (`[http3]`): TLS 1.3 with ALPN `h3` and no 0-RTT
 /// (early data could be replayed), and the bounds on what one connection (or a stranger
 /// sending Initial packets) can make the server hold: streams, flow-control windows,
-/// datagram buffers, packets buffered per connection attempt.
-fn quic_config(config: &Config) -> Result<Option<quinn::ServerConfig>, ServerError> {
+/// datagram buffers, packets buffered per connection attempt. Public for the bare
+/// WebTransport floor (`parley-floor`), which serves on the very same configuration.
+pub fn quic_config(config: &Config) -> Result<Option<quinn::ServerConfig>, ServerError> {
     let h3 = &config.http3;
     if !h3.enabled {
         return Ok(None);
@@ -525,7 +526,10 @@ fn quic_config(config: &Config) -> Result<Option<quinn::ServerConfig>, ServerErr
 const UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 
 /// Binds the QUIC endpoint on `at`, with [`UDP_BUFFER_BYTES`] socket buffers.
-fn quic_endpoint(config: quinn::ServerConfig, at: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+pub fn quic_endpoint(
+    config: quinn::ServerConfig,
+    at: SocketAddr,
+) -> std::io::Result<quinn::Endpoint> {
     let socket = std::net::UdpSocket::bind(at)?;
     let sock = socket2::SockRef::from(&socket);
     if let Err(e) = sock.set_recv_buffer_size(UDP_BUFFER_BYTES) {

@@ -3,7 +3,9 @@
 # (parley, release) under heaptrack (LD_PRELOAD), N idle connections from BENCH with the
 # given bench options, the server SIGKILLed SETTLE (12) s after they are open, so
 # heaptrack's "leaked" is what they hold (plus startup state). Writes /tmp/mem/ht-NAME.zst
-# and NAME.folded; prints bytes per connection by innermost frames.
+# and NAME.folded; prints bytes per connection by innermost frames. For `--transport wt`
+# export the TLS variables (PARLEY_TLS__CERT_FILE/KEY_FILE) and CONNECTED_AFTER=SECONDS
+# (how long the N sessions take to open; QUIC has no socket per connection to count).
 #   bench/scripts/heaptrack-idle.sh NAME SERVER N [bench options, e.g. --transport sse] [-- idle options, e.g. --join big]
 set -u
 name=$1 server=$(realpath $2) n=$3; shift 3
@@ -29,9 +31,14 @@ sleep 1
 taskset -c 1 "$BENCH" --no-progress --jwt-secret ht-secret --url ws://127.0.0.1:$port/ws \
     --server-pid $spid "${pre[@]}" idle -n $n --hold 60s "${post[@]}" > /tmp/mem/$name.bench.log 2>&1 &
 bpid=$!
-for i in $(seq 1 300); do
-  [ "$(ls /proc/$spid/fd 2>/dev/null | wc -l)" -ge "$n" ] && break; sleep 1
-done
+if [ -n "${CONNECTED_AFTER:-}" ]; then
+  # QUIC (`--transport wt`): one socket for every connection, nothing to count.
+  sleep $CONNECTED_AFTER
+else
+  for i in $(seq 1 300); do
+    [ "$(ls /proc/$spid/fd 2>/dev/null | wc -l)" -ge "$n" ] && break; sleep 1
+  done
+fi
 sleep ${SETTLE:-12}
 kill -KILL $spid; sleep 3
 kill $bpid 2>/dev/null; wait $bpid 2>/dev/null; rm -f $fifo

@@ -313,13 +313,7 @@ async fn idle_over_sse_and_long_poll() {
 /// A server with TLS (a fresh self-signed certificate in a temporary directory), so it
 /// also serves HTTP/3 and `/wt`; the directory goes when the guard drops.
 async fn tls_server() -> (Server, TempCerts) {
-    let key =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    let dir = std::env::temp_dir().join(format!("parley-bench-smoke-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert, private) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert, key.cert.pem()).unwrap();
-    std::fs::write(&private, key.signing_key.serialize_pem()).unwrap();
+    let (dir, cert, private) = temp_certs("server");
     let mut config = Config::default();
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.auth.jwt_secret = SECRET.into();
@@ -329,6 +323,20 @@ async fn tls_server() -> (Server, TempCerts) {
     config.tls.key_file = Some(private.to_str().unwrap().into());
     let server = Server::start(config).await.expect("TLS server starts");
     (server, TempCerts(dir))
+}
+
+/// A fresh self-signed certificate and key in a temporary directory (removed with the
+/// returned guard's drop, here the caller's `TempCerts`): the directory, cert, key.
+fn temp_certs(name: &str) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let key =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let dir =
+        std::env::temp_dir().join(format!("parley-bench-smoke-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, private) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, key.cert.pem()).unwrap();
+    std::fs::write(&private, key.signing_key.serialize_pem()).unwrap();
+    (dir, cert, private)
 }
 
 struct TempCerts(std::path::PathBuf);
@@ -386,4 +394,59 @@ async fn fanout_and_idle_over_webtransport_verify() {
     let idle = idle_joined(&run(Encoding::Proto), 15, 1500, "smoke-wt", "").await;
     assert_eq!(idle.transport, "wt");
     server.shutdown();
+}
+
+/// `parley-floor` with a certificate serves `/wt` (the floor `/wt`'s memory is measured
+/// against, docs/BENCHMARKS.md round eight): a fan-out over it verifies (every delivery
+/// once, in order) and idle joined sessions stay open through a hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_floor_serves_webtransport() {
+    let (dir, cert, key) = temp_certs("floor");
+    let _certs = TempCerts(dir);
+    let mut floor = parley_bench::probe::SpawnedServer::spawn(&parley_bench::probe::SpawnOptions {
+        binary: env!("CARGO_BIN_EXE_parley-floor").into(),
+        jwt_secret: SECRET.into(),
+        cpus: Vec::new(),
+        env: vec![
+            (
+                "PARLEY_TLS__CERT_FILE".into(),
+                cert.to_str().unwrap().into(),
+            ),
+            ("PARLEY_TLS__KEY_FILE".into(), key.to_str().unwrap().into()),
+        ],
+        log: None,
+    })
+    .expect("the floor starts");
+    let target = Target::new(
+        &format!("ws://{}/ws", floor.addr()),
+        TransportKind::Wt,
+        Encoding::Proto,
+        SECRET,
+    )
+    .unwrap();
+    let mut run = Run::new(target);
+    run.server = Some(floor.probe());
+    let params = scenario::fanout::Params {
+        subscribers: 6,
+        publishers: 1,
+        rate: 200.0,
+        duration: Duration::from_secs(5),
+        messages: Some(20),
+        body_bytes: 100,
+        drain_timeout: Duration::from_secs(5),
+        ack_every: 0,
+    };
+    let report = scenario::fanout::run(&run, &params).await.unwrap();
+    let o = &report.outcome;
+    assert!(
+        report.ok(),
+        "{:?}\n{}",
+        o.verification,
+        report.table().render()
+    );
+    assert_eq!(report.transport, "wt");
+    assert_eq!(o.delivered, 6 * 20);
+    let idle = idle_joined(&run, 10, 1000, "floor-wt", "the floor").await;
+    assert_eq!(idle.transport, "wt");
+    floor.stop(Duration::from_secs(2));
 }

@@ -167,6 +167,11 @@ impl Conn {
         self.bound.is_some()
     }
 
+    /// The server's metrics (the core's).
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.core.metrics
+    }
+
     pub fn attachment(&self) -> Option<&Attachment> {
         self.bound.as_ref().and_then(|b| b.attachment.as_ref())
     }

@@ -24,7 +24,7 @@ pub mod tickets;
 
 pub use conn::{CloseReason, Conn, Outcome};
 pub use connect::{ConnectError, ConnectRequest, Core, Credential, Opened};
-pub use outbox::{Loss, Out, Outbox, OutboxConfig, Wait};
+pub use outbox::{Loss, Out, Outbox, OutboxConfig, Wait, Waits};
 pub use registry::{Sessions, TooManySessions};
 
 use std::{

@@ -143,8 +143,10 @@ pub struct Outbox {
     coalescing: Option<Instant>,
     last_seen: Instant,
     shutdown: CancellationToken,
-    /// The shutdown wait and the one timer, in one allocation (see [`Waits`]).
-    waits: Pin<Box<Waits>>,
+    /// The shutdown wait and the one timer, in one allocation (see [`Waits`]); `None`
+    /// for an outbox whose waits live in its caller's pinned future
+    /// ([`Outbox::apart`], [`Wait::poll_next_in`]).
+    waits: Option<Pin<Box<Waits>>>,
     /// Whether `waits.timer` is armed at its deadline (not fired since): its own deadline
     /// says when, so no second copy of the instant is kept (16 B per connection).
     timer_armed: bool,
@@ -152,6 +154,28 @@ pub struct Outbox {
 
 impl Outbox {
     pub fn new(conn: Conn, config: OutboxConfig, shutdown: CancellationToken) -> Self {
+        let mut outbox = Self::without_waits(conn, config, shutdown);
+        outbox.waits = Some(Box::pin(outbox.new_waits()));
+        outbox
+    }
+
+    /// An outbox and its [`Waits`] apart, for a caller that keeps the two side by side
+    /// in one pinned future and waits with [`Wait::poll_next_in`], always with these
+    /// `Waits` (a pending long-poll: no box of the outbox's own, one allocation fewer).
+    pub fn apart(conn: Conn, config: OutboxConfig, shutdown: CancellationToken) -> (Self, Waits) {
+        let outbox = Self::without_waits(conn, config, shutdown);
+        let waits = outbox.new_waits();
+        (outbox, waits)
+    }
+
+    fn new_waits(&self) -> Waits {
+        Waits {
+            timer: sleep_until(Instant::now()),
+            shutdown: self.shutdown.clone().cancelled_owned(),
+        }
+    }
+
+    fn without_waits(conn: Conn, config: OutboxConfig, shutdown: CancellationToken) -> Self {
         let now = Instant::now();
         Self {
             conn,
@@ -172,10 +196,7 @@ impl Outbox {
             timers: Timers::from(&config),
             coalescing: None,
             last_seen: now,
-            waits: Box::pin(Waits {
-                timer: sleep_until(now),
-                shutdown: shutdown.clone().cancelled_owned(),
-            }),
+            waits: None,
             shutdown,
             timer_armed: false,
         }
@@ -183,6 +204,11 @@ impl Outbox {
 
     pub fn session(&self) -> Option<&Arc<Session>> {
         self.conn.session()
+    }
+
+    /// The server's metrics (for a transport that counts without a handle of its own).
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        self.conn.metrics()
     }
 
     /// Whether the transport should read more client frames: not closing, and not too
@@ -408,11 +434,12 @@ impl Outbox {
     /// token's lock, shared by every connection (`Outbox::ready` looks at the token too).
     fn poll_wait(
         &mut self,
+        mut waits: Pin<&mut Waits>,
         woken: Pin<&mut Option<OwnedNotified>>,
         timer_on: bool,
         cx: &mut Context<'_>,
     ) -> Poll<Event> {
-        if timer_on && self.waits.as_mut().project().timer.poll(cx).is_ready() {
+        if timer_on && waits.as_mut().project().timer.poll(cx).is_ready() {
             return Poll::Ready(Event::Timer);
         }
         if let Some(woken) = woken.as_pin_mut()
@@ -430,7 +457,7 @@ impl Outbox {
         {
             return Poll::Ready(Event::Ran(finished));
         }
-        if self.waits.as_mut().project().shutdown.poll(cx).is_ready() {
+        if waits.project().shutdown.poll(cx).is_ready() {
             return Poll::Ready(Event::Shutdown);
         }
         Poll::Pending
@@ -439,15 +466,15 @@ impl Outbox {
     /// Sets up one wait: arms the one timer for the nearest deadline (an idle
     /// connection holds one timer, not three: connect, idle, and the end of a coalescing
     /// pause) and registers for the pushes' wake-up. Returns whether the timer is armed.
-    fn arm(&mut self, mut woken: Pin<&mut Option<OwnedNotified>>) -> bool {
+    fn arm(&mut self, waits: Pin<&mut Waits>, mut woken: Pin<&mut Option<OwnedNotified>>) -> bool {
         let wake = [self.connect_deadline(), self.next_idle, self.coalescing]
             .into_iter()
             .flatten()
             .min();
         if let Some(at) = wake
-            && !(self.timer_armed && self.waits.timer.deadline() == at)
+            && !(self.timer_armed && waits.timer.deadline() == at)
         {
-            self.waits.as_mut().project().timer.reset(at);
+            waits.project().timer.reset(at);
             self.timer_armed = true;
         }
         // While coalescing, pushes wait for the timer, not for their wake-up.
@@ -517,8 +544,9 @@ impl Outbox {
 pin_project_lite::pin_project! {
     /// What every outbox waits on besides its session, in one box (every idle connection
     /// pays a box's allocator overhead and pointer, so one rather than two): both must
-    /// stay pinned while registered, and the outbox itself is moved around.
-    struct Waits {
+    /// stay pinned while registered, and the outbox itself is moved around. A caller
+    /// that is pinned itself holds them inline instead ([`Outbox::apart`]).
+    pub struct Waits {
         // The one timer (connect deadline, heartbeat, coalescing), armed at its
         // deadline and re-armed only when that changes: a fresh timer per wait would
         // cost a timer-wheel insert and remove per delivery wake-up.
@@ -592,8 +620,29 @@ impl Wait {
         }
     }
 
-    /// [`Next`]'s poll: always the same `outbox` for one `Wait`.
+    /// [`Next`]'s poll: always the same `outbox` for one `Wait`, waiting on the
+    /// outbox's own [`Waits`].
     pub fn poll_next(self: Pin<&mut Self>, outbox: &mut Outbox, cx: &mut Context<'_>) -> Poll<Out> {
+        // Taken out for the poll (the outbox is borrowed beside it). An outbox made
+        // [`Outbox::apart`] gets a box here if it is ever waited on this way (a fresh
+        // timer's deadline is not the armed one, so the next wait arms it anew).
+        let mut waits = match outbox.waits.take() {
+            Some(waits) => waits,
+            None => Box::pin(outbox.new_waits()),
+        };
+        let polled = self.poll_next_in(outbox, waits.as_mut(), cx);
+        outbox.waits = Some(waits);
+        polled
+    }
+
+    /// [`Wait::poll_next`] on `waits` held by the caller: always the same `outbox` and
+    /// `waits` for one `Wait` (those [`Outbox::apart`] made together).
+    pub fn poll_next_in(
+        self: Pin<&mut Self>,
+        outbox: &mut Outbox,
+        mut waits: Pin<&mut Waits>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Out> {
         let mut this = self.project();
         loop {
             if *this.step != Step::Wait {
@@ -607,11 +656,15 @@ impl Wait {
                 if look && let Some(out) = outbox.ready() {
                     return Poll::Ready(out);
                 }
-                *this.timer_on = outbox.arm(this.woken.as_mut());
+                *this.timer_on = outbox.arm(waits.as_mut(), this.woken.as_mut());
                 *this.step = Step::Wait;
             }
-            let event =
-                std::task::ready!(outbox.poll_wait(this.woken.as_mut(), *this.timer_on, cx));
+            let event = std::task::ready!(outbox.poll_wait(
+                waits.as_mut(),
+                this.woken.as_mut(),
+                *this.timer_on,
+                cx
+            ));
             this.woken.set(None);
             *this.step = Step::Look;
             if let Some(out) = outbox.on_event(event) {

@@ -83,15 +83,7 @@ type Session = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// CONNECT to `/wt` takes it over (its session, to run next).
 async fn requests(quic: quinn::Connection, app: App, ctx: Ctx, peer: PeerIp) -> Option<Session> {
     let config = &ctx.core.config;
-    let mut builder = h3::server::builder();
-    builder
-        .max_field_section_size(MAX_FIELD_SECTION)
-        .enable_extended_connect(true)
-        .enable_webtransport(true)
-        .max_webtransport_sessions(1)
-        // WebTransport needs HTTP datagrams (RFC 9297) whether or not `/wt` sends any.
-        .enable_datagram(true)
-        .send_grease(true);
+    let builder = builder();
     let handshake = builder.build(h3_quinn::Connection::new(quic.clone()));
     let mut conn: H3Connection = match timeout(config.server.preface_timeout, handshake).await {
         Ok(Ok(conn)) => conn,
@@ -171,6 +163,21 @@ async fn requests(quic: quinn::Connection, app: App, ctx: Ctx, peer: PeerIp) -> 
     // Every request is done (or none was open for `idle`): nothing in flight is cut.
     quic.close(code(h3::error::Code::H3_NO_ERROR), b"");
     None
+}
+
+/// The HTTP/3 connection's settings (also the bare WebTransport floor's,
+/// `parley-floor`): WebTransport on, one session per connection.
+pub fn builder() -> h3::server::Builder {
+    let mut builder = h3::server::builder();
+    builder
+        .max_field_section_size(MAX_FIELD_SECTION)
+        .enable_extended_connect(true)
+        .enable_webtransport(true)
+        .max_webtransport_sessions(1)
+        // WebTransport needs HTTP datagrams (RFC 9297) whether or not `/wt` sends any.
+        .enable_datagram(true)
+        .send_grease(true);
+    builder
 }
 
 /// An HTTP/3 error code as a QUIC application close code.

@@ -34,9 +34,9 @@ use super::{
 };
 use crate::{
     codec::{Encoding, Push},
-    metrics::{Metrics, TransportLabel},
+    metrics::TransportLabel,
     proto::ErrorCode,
-    session::{CloseReason, Conn, Out, Outbox, OutboxConfig, Wait},
+    session::{CloseReason, Conn, Out, Outbox, OutboxConfig, Wait, Waits},
 };
 
 const LABEL: TransportLabel = TransportLabel { transport: "poll" };
@@ -48,15 +48,6 @@ pub struct PollQuery {
     cursor: u64,
     /// Hold time in seconds.
     wait: Option<u64>,
-}
-
-/// Counts the pending poll while it lives.
-struct Pending(Arc<Metrics>);
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        self.0.connections.get_or_create(&LABEL).dec();
-    }
 }
 
 fn respond(encoding: Encoding, cursor: u64, pushes: &[(u64, Arc<Push>)]) -> Response {
@@ -136,9 +127,10 @@ impl tower::Service<Request> for Poll {
             .map_err(ApiError::from)
             .and_then(|Query(q)| Held::start(&self.0, parts.headers, parts.uri, q));
         match started {
-            Ok(held) => Either::Right(Waiting {
+            Ok((held, waits)) => Either::Right(Waiting {
                 held,
                 wait: Wait::new(),
+                waits,
             }),
             Err(refused) => Either::Left(answered(refused.into_response())),
         }
@@ -178,11 +170,15 @@ where
 
 pin_project_lite::pin_project! {
     /// A pending poll: its [`Held`] and the outbox's wait on it, side by side (the wait's
-    /// state apart from the outbox, `session::Wait`, so no borrow between the two).
+    /// state apart from the outbox, `session::Wait`, so no borrow between the two), and
+    /// the outbox's timer and shutdown wait (`session::Waits`), pinned here rather than
+    /// in a box of the outbox's own: one allocation per pending poll, hyper's.
     pub struct Waiting {
         held: Held,
         #[pin]
         wait: Wait,
+        #[pin]
+        waits: Waits,
     }
 }
 
@@ -191,21 +187,35 @@ impl Future for Waiting {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> std::task::Poll<Self::Output> {
         let this = self.project();
-        let next = std::task::ready!(this.wait.poll_next(&mut this.held.outbox, cx));
+        let outbox = &mut this.held.outbox;
+        let next = std::task::ready!(this.wait.poll_next_in(outbox, this.waits, cx));
         std::task::Poll::Ready(Ok(this.held.reply(next)))
     }
 }
 
-/// A poll that waits: what the reply needs, and nothing of the request.
+/// A poll that waits: what the reply needs, and nothing of the request. Counted as an
+/// open `/poll` connection while it lives.
 struct Held {
     outbox: Outbox,
     encoding: Encoding,
     cursor: u64,
-    pending: Pending,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let connections = &self.outbox.metrics().connections;
+        connections.get_or_create(&LABEL).dec();
+    }
 }
 
 impl Held {
-    fn start(ctx: &Ctx, headers: HeaderMap, uri: Uri, q: PollQuery) -> Result<Held, ApiError> {
+    /// The poll and its outbox's [`Waits`] (made together, waited on together).
+    fn start(
+        ctx: &Ctx,
+        headers: HeaderMap,
+        uri: Uri,
+        q: PollQuery,
+    ) -> Result<(Held, Waits), ApiError> {
         if !origin_allowed(&ctx.core.config.server, &headers, &uri) {
             return Err(ApiError::new(ErrorCode::Forbidden, "origin not allowed"));
         }
@@ -223,10 +233,8 @@ impl Held {
             .wait
             .map_or(config.default_hold, Duration::from_secs)
             .min(config.max_hold);
-        ctx.core.metrics.connections.get_or_create(&LABEL).inc();
-        let pending = Pending(ctx.core.metrics.clone());
         // The hold time is this outbox's idle interval: idle means "answer empty".
-        let outbox = Outbox::new(
+        let (outbox, waits) = Outbox::apart(
             Conn::bound(ctx.core.clone(), session, Some(attachment)),
             OutboxConfig {
                 idle: Some(hold),
@@ -234,12 +242,15 @@ impl Held {
             },
             ctx.connection_shutdown(),
         );
-        Ok(Held {
+        // Counted while it lives (`Held`'s drop); the outbox has the metrics, so the
+        // poll keeps no handle of its own.
+        outbox.metrics().connections.get_or_create(&LABEL).inc();
+        let held = Held {
             outbox,
             encoding,
             cursor: q.cursor,
-            pending,
-        })
+        };
+        Ok((held, waits))
     }
 
     fn reply(&self, next: Out) -> Response {
@@ -247,7 +258,7 @@ impl Held {
         match next {
             Out::Pushes(pushes) => {
                 let n = pushes.len() as u64;
-                let metrics = &self.pending.0;
+                let metrics = self.outbox.metrics();
                 metrics.frames_out.get_or_create(&LABEL).inc_by(n);
                 respond(encoding, cursor, &pushes)
             }
@@ -270,18 +281,29 @@ mod tests {
     use super::*;
 
     /// Every pending poll holds this future, inline in hyper's in-flight box (with the
-    /// layers' few bytes around it): the `Held` and the wait's state. (As a boxed
-    /// `async fn` it held the `Held` twice, 880 bytes; as a boxed `async` block with
-    /// `Next`, 336 in a release build; 320 with the outbox's two boxes, 312 with one; a debug build lays it out as a release build
-    /// does, near enough.)
+    /// layers' few bytes around it): the `Held`, the wait's state and the outbox's
+    /// `Waits` (its timer and shutdown wait, which other transports' outboxes box). (As a
+    /// boxed `async fn` it held the `Held` twice, 880 bytes; as a boxed `async` block
+    /// with `Next`, 336 in a release build; 320 with the outbox's two boxes, 312 with
+    /// one; 488 with that box's 184 B inline and no metrics handle of its own. A debug
+    /// build lays it out as a release build does, near enough.)
     #[test]
     fn the_pending_poll_stays_small() {
         let held = std::mem::size_of::<Held>();
+        let outbox = std::mem::size_of::<Outbox>();
+        let waits = std::mem::size_of::<Waits>();
         let waiting = std::mem::size_of::<Waiting>();
         let future = std::mem::size_of::<<Poll as tower::Service<Request>>::Future>();
-        eprintln!("Held {held} B, Waiting {waiting} B, Poll's future {future} B");
+        eprintln!(
+            "Held {held} B (Outbox {outbox}), Waits {waits} B, Waiting {waiting} B, \
+             Poll's future {future} B"
+        );
         assert!(
-            waiting <= held + 80 && future <= waiting + 8 && future <= 312,
+            held <= outbox + 16,
+            "the poll holds {held} bytes besides its outbox's {outbox}"
+        );
+        assert!(
+            waiting <= held + waits + 72 && future <= waiting + 8 && future <= 488,
             "the pending poll's future is {future} bytes (Waiting {waiting}, its Held {held})"
         );
     }

@@ -220,7 +220,7 @@ async fn open(
 
 /// Reads the client's control stream until its SETTINGS enable WebTransport and HTTP
 /// datagrams.
-async fn peer_settings(conn: &mut H3Connection) -> Result<(), h3::error::ConnectionError> {
+pub async fn peer_settings(conn: &mut H3Connection) -> Result<(), h3::error::ConnectionError> {
     use h3::ConnectionState as _;
     std::future::poll_fn(|cx| {
         loop {
