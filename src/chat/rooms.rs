@@ -18,7 +18,8 @@ const SEEN_ROOMS: usize = 16;
 /// that count sees every change (the in-process broker).
 pub struct RoomsSeen {
     stamp: u64,
-    rooms: Vec<(Box<str>, RoomMeta)>,
+    /// Inline for a user in one or two rooms (one allocation less per connect).
+    rooms: smallvec::SmallVec<[(Box<str>, RoomMeta); 2]>,
 }
 
 /// One room of a [`RoomsSeen`], taken for its join ([`Chat::join_seen`]).
