@@ -1045,3 +1045,106 @@ async fn the_room_browser_lists_public_rooms_a_page_at_a_time() {
     let names: Vec<_> = list.rooms.iter().map(|r| r.room.as_str()).collect();
     assert_eq!((names, list.more), (vec!["pub007", "pub008"], true));
 }
+
+/// The members of `room`, as `c` reads them.
+async fn members_of(c: &mut Client, room: &str) -> Vec<String> {
+    match ok(c, Cmd::Members(proto::Members { room: room.into() })).await {
+        Kind::Members(m) => m.users,
+        k => panic!("expected members, got {k:?}"),
+    }
+}
+
+/// The seq of `c`'s next message after seq `after` (older ones, committed before its
+/// connect and pushed around it, are skipped: the `connected` reply covered them).
+async fn message_after(c: &mut Client, after: u64) -> u64 {
+    loop {
+        let m = c.next_message().await;
+        if m.seq > after {
+            return m.seq;
+        }
+    }
+}
+
+/// `room`'s last seq in a `connected` reply.
+fn connected_seq(c: &proto::Connected, room: &str) -> u64 {
+    c.rooms
+        .iter()
+        .find(|r| r.room == room)
+        .unwrap_or_else(|| panic!("{room} in {c:?}"))
+        .last_seq
+}
+
+/// A join right after a connect may answer from the connect's read of its rooms (no
+/// store read of its own) only while nothing it reads changed since: a message committed
+/// or a leave between the connect and the join must show in the join's answer exactly as
+/// without that shortcut, on a new session and on a resumed one, and the message is
+/// delivered live once.
+#[tokio::test]
+async fn a_join_after_a_connect_answers_what_changed_in_between() {
+    let t = TestServer::start().await;
+    let mut bob = t.client("bob", Encoding::Json).await;
+    bob.join("r").await;
+    let mut ann = t.client("ann", Encoding::Json).await;
+    ann.join("r").await;
+    bob.send_msg("r", "b1", "one").await;
+
+    // Nothing in between: the room as the connect read it.
+    let mut quiet = Client::open(t.addr(), Some(Encoding::Json)).await;
+    let c = quiet.connect(&t.token("ann")).await;
+    assert_eq!(connected_seq(&c, "r"), 1);
+    assert_eq!(quiet.join("r").await.last_seq, 1);
+    let sent = bob.send_msg("r", "b2", "two").await;
+    assert_eq!(message_after(&mut quiet, 1).await, sent.seq);
+
+    // A message committed between the connect and the join.
+    let mut late = Client::open(t.addr(), Some(Encoding::Json)).await;
+    let c = late.connect(&t.token("ann")).await;
+    assert_eq!(connected_seq(&c, "r"), 2);
+    let between = bob.send_msg("r", "b3", "three").await;
+    assert_eq!(between.seq, 3);
+    assert_eq!(
+        late.join("r").await.last_seq,
+        3,
+        "the join's last seq includes the message committed after the connect"
+    );
+    let after = bob.send_msg("r", "b4", "four").await;
+    assert_eq!(
+        message_after(&mut late, 2).await,
+        between.seq,
+        "delivered live"
+    );
+    assert_eq!(late.next_message().await.seq, after.seq, "and only once");
+
+    // A leave (on another session of the same user) between the connect and the join:
+    // the join makes the user a member again.
+    let mut rejoin = Client::open(t.addr(), Some(Encoding::Json)).await;
+    rejoin.connect(&t.token("ann")).await;
+    assert!(matches!(
+        ok(&mut ann, Cmd::Leave(proto::Leave { room: "r".into() })).await,
+        Kind::Left(_)
+    ));
+    assert!(!members_of(&mut bob, "r").await.contains(&"ann".to_string()));
+    assert_eq!(rejoin.join("r").await.last_seq, 4);
+    assert!(
+        members_of(&mut bob, "r").await.contains(&"ann".to_string()),
+        "the join after the leave made ann a member again"
+    );
+    let sent = bob.send_msg("r", "b5", "five").await;
+    assert_eq!(message_after(&mut rejoin, 4).await, sent.seq);
+
+    // A resumed session: a message committed between the resume and the join.
+    let mut moved = Client::open(t.addr(), Some(Encoding::Json)).await;
+    moved.last_pos = rejoin.last_pos;
+    let c = moved
+        .connect_with(proto::Connect {
+            token: t.token("ann"),
+            session_id: rejoin.session_id.clone(),
+            last_pos: rejoin.last_pos,
+        })
+        .await;
+    assert!(c.resumed);
+    assert_eq!(connected_seq(&c, "r"), 5);
+    let between = bob.send_msg("r", "b6", "six").await;
+    assert_eq!(moved.join("r").await.last_seq, between.seq);
+    assert_eq!(message_after(&mut moved, 5).await, between.seq);
+}

@@ -854,3 +854,56 @@ async fn requests_for_live_sessions_are_still_relayed_while_redis_is_down() {
     .await;
     assert_eq!(status, 410);
 }
+
+/// A join right after a connect answers what changed on another instance between the
+/// two (a message committed there, a leave there), as a join that reads the store does:
+/// a connect's read of the rooms is reused by its joins only with the in-process broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_after_a_connect_sees_what_another_instance_changed_in_between() {
+    let cluster = Cluster::start("joinseen", 2).await;
+    let mut bob = cluster.client(1, "bob").await;
+    bob.join("r").await;
+    let mut ann = cluster.client(1, "ann").await;
+    ann.join("r").await;
+    let first = bob.send_msg("r", "b1", "one").await;
+
+    // A message committed on instance 1 between a connect and a join on instance 0.
+    let mut late = Client::open(cluster.addr(0), None).await;
+    let c = late.connect(&cluster.token("ann")).await;
+    let seen = c.rooms.iter().find(|r| r.room == "r").expect("r").last_seq;
+    assert_eq!(seen, first.seq);
+    let between = bob.send_msg("r", "b2", "two").await;
+    assert_eq!(
+        late.join("r").await.last_seq,
+        between.seq,
+        "the join's last seq includes the message committed after the connect"
+    );
+    loop {
+        let m = late.next_message().await;
+        if m.seq >= between.seq {
+            assert_eq!(m.seq, between.seq, "delivered live");
+            break;
+        }
+    }
+
+    // A leave on instance 1 between a connect and a join on instance 0.
+    let mut rejoin = Client::open(cluster.addr(0), None).await;
+    rejoin.connect(&cluster.token("ann")).await;
+    assert!(matches!(
+        ann.request(Cmd::Leave(proto::Leave { room: "r".into() }))
+            .await,
+        Kind::Left(_)
+    ));
+    rejoin.join("r").await;
+    let members = match bob
+        .request(Cmd::Members(proto::Members { room: "r".into() }))
+        .await
+    {
+        Kind::Members(m) => m.users,
+        k => panic!("expected members, got {k:?}"),
+    };
+    assert!(
+        members.contains(&"ann".to_string()),
+        "the join after the leave made ann a member again: {members:?}"
+    );
+}

@@ -13,9 +13,13 @@ use crate::{
 };
 
 impl Chat {
-    /// Registers a session for live delivery and returns its user's rooms. The user's
-    /// first session here makes it online for the users it shares a room with.
-    pub async fn attach(&self, recipient: Arc<dyn Recipient>) -> Result<Vec<RoomState>, ChatError> {
+    /// Registers a session for live delivery and returns its user's rooms, with what the
+    /// joins that follow may take from that read ([`super::RoomsSeen`]). The user's first
+    /// session here makes it online for the users it shares a room with.
+    pub async fn attach(
+        &self,
+        recipient: Arc<dyn Recipient>,
+    ) -> Result<(Vec<RoomState>, Option<Box<super::RoomsSeen>>), ChatError> {
         let user = recipient.user_key();
         // Attach first, then read the rooms: a join racing with this attach then reaches
         // the hub entry either way.
@@ -23,6 +27,7 @@ impl Chat {
         if first {
             self.broker.user_online(&user);
         }
+        let stamp = self.changes_now();
         let rooms = self.store.rooms_of(&user).await?;
         for r in &rooms {
             self.hub.joined(&user, &r.room, Some(r.members));
@@ -35,7 +40,8 @@ impl Chat {
             self.tell_co_members(user.to_string(), &rooms, true, 0)
                 .await;
         }
-        Ok(rooms)
+        let seen = Self::seen(stamp, &rooms);
+        Ok((rooms, seen))
     }
 
     /// [`crate::broker::Broker::online_elsewhere`], with no call (and no boxed future)

@@ -163,8 +163,13 @@ impl Chat {
             .order(&message.room.clone(), || store.append(message));
         let (tx, rx) = oneshot::channel();
         let broker = self.broker.clone();
+        let changes = self.changes.clone();
         tokio::spawn(async move {
             let result = appended.await;
+            if result.is_ok() {
+                // Counted before the ack and the push (`Chat::changes`).
+                changes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
             // The sender's ack goes as soon as the message is durable (before the push,
             // which waits for its turn).
             let _ = tx.send(result.clone());

@@ -29,7 +29,10 @@ pub mod typing;
 
 pub use error::{ChatError, retry_ms, wire_error};
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
 
 use crate::{
     auth::valid_user_id,
@@ -42,6 +45,7 @@ use crate::{
     store::Store,
 };
 use presence::LastSeen;
+pub use rooms::{RoomsSeen, Seen};
 use sequencer::Sequencer;
 use typing::TypingLimiter;
 
@@ -65,6 +69,10 @@ pub struct Chat {
     typing: TypingLimiter,
     last_seen: LastSeen,
     limits: Limits,
+    /// The store changes a join reads, counted as this instance makes them: a message
+    /// committed (a room's `last_seq`), a member leaving. A join whose connect read its
+    /// room finds the count unchanged needs no read of its own ([`Chat::join_seen`]).
+    changes: Arc<AtomicU64>,
 }
 
 /// The per-user limits chat enforces (see `config::LimitsConfig`).
@@ -125,7 +133,22 @@ impl Chat {
             sequencer: Arc::new(Sequencer::new()),
             last_seen: LastSeen::new(),
             limits: Limits::new(&LimitsConfig::off()),
+            changes: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// [`Chat::changes`] now, where it covers every change: with the in-process broker
+    /// (one instance, so every append and leave goes through this `Chat`); `None` with a
+    /// broker that reaches other instances, whose changes it does not see.
+    fn changes_now(&self) -> Option<u64> {
+        self.broker
+            .local_only()
+            .then(|| self.changes.load(Ordering::SeqCst))
+    }
+
+    /// Counts a change a join reads (after it is durable, before anyone is told of it).
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::SeqCst);
     }
 
     /// The durable log (for `/readyz`'s health check).
@@ -348,5 +371,69 @@ mod tests {
         }
         // 1 was lost to the panic (log sync repairs it); 2 and 3 came, in order.
         assert_eq!(*bob.seqs.lock().unwrap(), [2, 3]);
+    }
+
+    /// A join takes the room from its connect's read only while `Chat::changes` says
+    /// nothing it reads changed since, and only with the in-process broker. A message
+    /// appended behind chat's back (so not counted) shows which answer came from where.
+    #[tokio::test]
+    async fn a_join_takes_the_connects_read_only_while_nothing_changed() {
+        let store_config = StoreConfig {
+            path: ":memory:".into(),
+            ..StoreConfig::default()
+        };
+        let hub = Arc::new(Hub::new());
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&store_config).unwrap());
+        let local = Arc::new(LocalBroker::new(hub.clone()));
+        let chat = Chat::new(store.clone(), local, hub.clone(), ChatConfig::default());
+        chat.join("ann", "r").await.unwrap();
+        let uncounted = |id: &str| crate::store::NewMessage {
+            room: "r".into(),
+            sender: "ann".into(),
+            client_msg_id: id.into(),
+            body: id.into(),
+            metadata: Default::default(),
+            ts: 1,
+            attachments: Vec::new(),
+        };
+
+        // Unchanged since the read: the read's answer (the uncounted append is not seen).
+        let (rooms, seen) = chat.rooms_seen("ann").await.unwrap();
+        assert_eq!(rooms[0].last_seq, 0);
+        let mut seen = seen.expect("a read to reuse");
+        store.append(uncounted("x")).await.unwrap();
+        let taken = seen.take("r");
+        assert!(seen.take("r").is_none(), "taken once");
+        assert!(seen.is_empty());
+        let joined = chat.join_seen("ann", "r", taken).await.unwrap();
+        assert_eq!(joined.last_seq, 0, "answered from the connect's read");
+        assert_eq!(chat.join("ann", "r").await.unwrap().last_seq, 1);
+
+        // A message committed through chat since the read: the join reads.
+        let (_, seen) = chat.rooms_seen("ann").await.unwrap();
+        let taken = seen.expect("a read to reuse").take("r");
+        let send = proto::Send {
+            room: "r".into(),
+            client_msg_id: "y".into(),
+            body: "y".into(),
+            ..Default::default()
+        };
+        assert_eq!(chat.send("ann", send).await.unwrap().seq, 2);
+        assert_eq!(chat.join_seen("ann", "r", taken).await.unwrap().last_seq, 2);
+
+        // A leave since the read: the join reads, and joins again.
+        let (_, seen) = chat.rooms_seen("ann").await.unwrap();
+        let taken = seen.expect("a read to reuse").take("r");
+        chat.leave("ann", "r").await.unwrap();
+        chat.join_seen("ann", "r", taken).await.unwrap();
+        assert!(store.is_member("r", "ann").await.unwrap());
+
+        // A broker that reaches other instances: nothing to reuse.
+        let remote = Arc::new(PanicsOnce {
+            armed: AtomicBool::new(false),
+            local: LocalBroker::new(hub.clone()),
+        });
+        let chat = Chat::new(store, remote, hub, ChatConfig::default());
+        assert!(chat.rooms_seen("ann").await.unwrap().1.is_none());
     }
 }

@@ -5,8 +5,45 @@ use super::{Chat, ChatError, invalid, room_state_push};
 use crate::{
     delivery::Target,
     proto::{self, RoomState},
-    store::NewRoom,
+    store::{NewRoom, RoomMeta},
 };
+
+/// Most rooms a [`RoomsSeen`] keeps: a connect of a user in more keeps none (its joins
+/// read as before), so a connection holds at most this many names for its joins.
+const SEEN_ROOMS: usize = 16;
+
+/// The rooms a connect read, kept by its connection for the joins that follow (a client
+/// that reconnects joins its rooms again): each may be taken once, for a join of that
+/// room, and is good only while [`Chat::changes`] still reads `stamp`. Made only where
+/// that count sees every change (the in-process broker).
+pub struct RoomsSeen {
+    stamp: u64,
+    /// Inline for a user in one or two rooms (one allocation less per connect).
+    rooms: smallvec::SmallVec<[(Box<str>, RoomMeta); 2]>,
+}
+
+/// One room of a [`RoomsSeen`], taken for its join ([`Chat::join_seen`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Seen {
+    stamp: u64,
+    meta: RoomMeta,
+}
+
+impl RoomsSeen {
+    /// The room as the connect read it, if it did (then it is no longer kept).
+    pub fn take(&mut self, room: &str) -> Option<Seen> {
+        let i = self.rooms.iter().position(|(r, _)| &**r == room)?;
+        let (_, meta) = self.rooms.swap_remove(i);
+        Some(Seen {
+            stamp: self.stamp,
+            meta,
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rooms.is_empty()
+    }
+}
 
 /// Public rooms in one room-browser page when the client names no limit.
 pub const PUBLIC_ROOMS_PAGE: usize = 50;
@@ -16,6 +53,39 @@ pub const PUBLIC_ROOMS_MAX: usize = 200;
 impl Chat {
     pub async fn rooms_of(&self, user: &str) -> Result<Vec<RoomState>, ChatError> {
         Ok(self.store.rooms_of(user).await?)
+    }
+
+    /// [`Chat::rooms_of`] for a connect: also what the joins that follow it may take
+    /// from this read ([`RoomsSeen`]).
+    pub async fn rooms_seen(
+        &self,
+        user: &str,
+    ) -> Result<(Vec<RoomState>, Option<Box<RoomsSeen>>), ChatError> {
+        // The count before the read: a change it may have missed moves the count.
+        let stamp = self.changes_now();
+        let rooms = self.store.rooms_of(user).await?;
+        let seen = Self::seen(stamp, &rooms);
+        Ok((rooms, seen))
+    }
+
+    /// What joins may take from `rooms`, read when [`Chat::changes`] read `stamp`.
+    pub(super) fn seen(stamp: Option<u64>, rooms: &[RoomState]) -> Option<Box<RoomsSeen>> {
+        let stamp = stamp?;
+        if rooms.is_empty() || rooms.len() > SEEN_ROOMS {
+            return None;
+        }
+        let rooms = rooms
+            .iter()
+            .map(|r| {
+                let meta = RoomMeta {
+                    private: r.private,
+                    last_seq: r.last_seq,
+                    members: r.members,
+                };
+                (r.room.as_str().into(), meta)
+            })
+            .collect();
+        Some(Box::new(RoomsSeen { stamp, rooms }))
     }
 
     /// The room browser: a page of public rooms by name after `req.after`, and whether
@@ -84,9 +154,26 @@ impl Chat {
     }
 
     pub async fn join(&self, user: &str, room: &str) -> Result<proto::Joined, ChatError> {
+        self.join_seen(user, room, None).await
+    }
+
+    /// [`Chat::join`], with what the connection's connect read of the room, if it did
+    /// ([`RoomsSeen`]): while nothing a join reads has changed since that read (no
+    /// message committed, no member left, on the one instance there is), the room and the
+    /// membership are as it read them, and the join reads nothing. Otherwise, or with a
+    /// broker that reaches other instances, it reads them itself.
+    pub async fn join_seen(
+        &self,
+        user: &str,
+        room: &str,
+        seen: Option<Seen>,
+    ) -> Result<proto::Joined, ChatError> {
         self.check_room(room)?;
         // The room and the membership in one read: every reconnect joins again.
-        let found = self.store.room_for(room, user).await?;
+        let found = match seen {
+            Some(s) if self.changes_now() == Some(s.stamp) => Some((s.meta, true)),
+            _ => self.store.room_for(room, user).await?,
+        };
         let already = found.as_ref().is_some_and(|(_, member)| *member);
         match &found {
             Some((meta, _)) if meta.private => {
@@ -141,6 +228,7 @@ impl Chat {
         if !self.store.leave(room, user).await? {
             return Err(ChatError::NotMember(room.to_string()));
         }
+        self.changed();
         let to = self.audience(room, user, self.members_of(room).await?);
         self.publish(to, room_state_push(room, user, "left", ""))
             .await;

@@ -11,7 +11,7 @@ use super::{
 };
 use crate::{
     auth::now_ms,
-    chat::{ChatError, wire_error},
+    chat::{ChatError, RoomsSeen, Seen, wire_error},
     proto::{self, ClientFrame, ErrorCode, ServerFrame, client_frame::Cmd, server_frame::Kind},
 };
 
@@ -117,14 +117,19 @@ struct Bound {
     session: Arc<Session>,
     /// None for a command-only binding (HTTP POST): it delivers nothing.
     attachment: Option<Attachment>,
+    /// The rooms this connection's connect read, for the joins that follow it (a
+    /// reconnecting client joins its rooms again): each taken by its join, all dropped
+    /// at the first other command ([`RoomsSeen`]).
+    seen: Option<Box<RoomsSeen>>,
 }
 
 /// The session side of one transport connection.
 pub struct Conn {
     core: Arc<Core>,
     bound: Option<Bound>,
-    /// The heartbeat interval a `connect` reply announces.
-    heartbeat: Duration,
+    /// The heartbeat interval a `connect` reply announces, in the whole milliseconds the
+    /// reply carries (4 bytes in every connection, not a `Duration`'s 16).
+    heartbeat_ms: u32,
 }
 
 fn error_frame(id: u64, code: ErrorCode, message: impl Into<String>) -> ServerFrame {
@@ -142,7 +147,7 @@ impl Conn {
         Self {
             core,
             bound: None,
-            heartbeat,
+            heartbeat_ms: heartbeat.as_millis().min(u32::MAX as u128) as u32,
         }
     }
 
@@ -154,8 +159,9 @@ impl Conn {
             bound: Some(Bound {
                 session,
                 attachment,
+                seen: None,
             }),
-            heartbeat: Duration::ZERO,
+            heartbeat_ms: 0,
         }
     }
 
@@ -200,6 +206,7 @@ impl Conn {
         if let Some(Bound {
             session,
             attachment: Some(a),
+            ..
         }) = self.bound.take()
         {
             session.detach(&a);
@@ -211,6 +218,7 @@ impl Conn {
         if let Some(Bound {
             session,
             attachment: Some(a),
+            ..
         }) = self.bound.take()
         {
             if session.take(&a, 0).is_current() {
@@ -261,7 +269,7 @@ impl Conn {
         let (session, cmd) = match (&self.bound, cmd) {
             (None, Cmd::Connect(c)) => {
                 let core = self.core.clone();
-                let heartbeat = self.heartbeat;
+                let heartbeat = Duration::from_millis(self.heartbeat_ms.into());
                 return Start::Running(Box::pin(async move {
                     let request = ConnectRequest {
                         credential: Credential::Token(&c.token),
@@ -317,10 +325,34 @@ impl Conn {
             }
             _ => {}
         }
+        let seen = match &cmd {
+            Cmd::Join(j) => self.take_seen(&j.room),
+            _ => {
+                self.drop_seen();
+                None
+            }
+        };
         let core = self.core.clone();
         Start::Running(Box::pin(async move {
-            Finished::Done(run_command(core, session, id, cmd).await)
+            Finished::Done(run_command(core, session, id, cmd, seen).await)
         }))
+    }
+
+    /// What the connect read of `room`, if it did and it was not taken yet.
+    fn take_seen(&mut self, room: &str) -> Option<Seen> {
+        let bound = self.bound.as_mut()?;
+        let rooms = bound.seen.as_mut()?;
+        let seen = rooms.take(room);
+        if rooms.is_empty() {
+            bound.seen = None;
+        }
+        seen
+    }
+
+    fn drop_seen(&mut self) {
+        if let Some(bound) = &mut self.bound {
+            bound.seen = None;
+        }
     }
 
     /// Takes the result of a command started with [`Conn::start`]; a `connect` binds the
@@ -343,6 +375,7 @@ impl Conn {
                 self.bound = Some(Bound {
                     session: opened.session,
                     attachment: opened.attachment,
+                    seen: opened.seen,
                 });
                 Outcome::Reply(ServerFrame {
                     id,
@@ -390,7 +423,14 @@ pub enum Finished {
 }
 
 /// One command of a connected session (not connect, ping, ack or end).
-async fn run_command(core: Arc<Core>, session: Arc<Session>, id: u64, cmd: Cmd) -> Outcome {
+/// A join brings what the connect read of its room, if it did (`seen`).
+async fn run_command(
+    core: Arc<Core>,
+    session: Arc<Session>,
+    id: u64,
+    cmd: Cmd,
+    seen: Option<Seen>,
+) -> Outcome {
     let user = session.user_id();
     let result = match cmd {
         Cmd::Send(s) => match core.chat.submit_send(user, s).await {
@@ -414,6 +454,12 @@ async fn run_command(core: Arc<Core>, session: Arc<Session>, id: u64, cmd: Cmd) 
             }
             Err(e) => Err(failed(&core, e)),
         },
+        Cmd::Join(j) if seen.is_some() => core
+            .chat
+            .join_seen(user, &j.room, seen)
+            .await
+            .map(Kind::Joined)
+            .map_err(|e| failed(&core, e)),
         cmd => execute(&core, user, cmd).await,
     };
     Outcome::Reply(ServerFrame {

@@ -14,7 +14,7 @@ use super::{
 };
 use crate::{
     auth::{AuthError, Authenticator},
-    chat::{Chat, ChatError},
+    chat::{Chat, ChatError, RoomsSeen},
     config::Config,
     metrics::Metrics,
     proto::{self, ErrorCode},
@@ -110,6 +110,9 @@ pub struct Opened {
     /// The caller's right to deliver, when it asked to attach.
     pub attachment: Option<Attachment>,
     pub connected: proto::Connected,
+    /// What the joins that follow on the caller's connection may take from the connect's
+    /// read of the rooms (a WebSocket keeps it; see [`RoomsSeen`]).
+    pub seen: Option<Box<RoomsSeen>>,
 }
 
 impl Core {
@@ -201,7 +204,7 @@ impl Core {
         // Everything that can fail or wait comes before the resume: a store error, or a
         // caller that goes away meanwhile (an SSE request dropped mid-connect), leaves the
         // session as it was — detached, so it still expires. Nothing is awaited after.
-        let rooms = self.chat.rooms_of(user).await?;
+        let (rooms, seen) = self.chat.rooms_seen(user).await?;
         let gone = ConnectError::SessionGone("cannot resume from this position");
         let attachment = if attach {
             Some(session.resume(last_pos).ok_or(gone)?)
@@ -214,6 +217,7 @@ impl Core {
             connected: connected(&session, true, heartbeat, rooms),
             session,
             attachment,
+            seen,
         })
     }
 
@@ -266,7 +270,7 @@ impl Core {
         if let Some(s) = resumable {
             // The rooms first, the resume last (as in `resume_exactly`): nothing awaited
             // between attaching and handing the attachment to the caller.
-            let rooms = self.chat.rooms_of(user).await?;
+            let (rooms, seen) = self.chat.rooms_seen(user).await?;
             let resumed = if attach {
                 s.resume(last_pos).map(Some)
             } else {
@@ -278,6 +282,7 @@ impl Core {
                         connected: connected(&s, true, heartbeat, rooms),
                         session: s,
                         attachment,
+                        seen,
                     });
                 }
                 // Its pushes can no longer be replayed exactly: end it; log sync covers
@@ -291,8 +296,8 @@ impl Core {
             ))
         })?;
         // Registering for delivery reads the user's rooms anyway: reuse them.
-        let rooms = match self.chat.attach(s.clone()).await {
-            Ok(rooms) => rooms,
+        let (rooms, seen) = match self.chat.attach(s.clone()).await {
+            Ok(read) => read,
             Err(e) => {
                 sessions.remove(&s);
                 return Err(e);
@@ -303,6 +308,7 @@ impl Core {
             connected: connected(&s, false, heartbeat, rooms),
             session: s,
             attachment,
+            seen,
         })
     }
 }
