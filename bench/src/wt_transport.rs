@@ -6,7 +6,7 @@
 //! only ever talks to loopback and does not check certificates). Connections share a few
 //! client QUIC endpoints (UDP sockets) instead of one socket each.
 
-use std::{collections::VecDeque, sync::OnceLock};
+use std::{cell::RefCell, collections::VecDeque, sync::Arc};
 
 use anyhow::{Context, anyhow};
 use bytes::{Buf, Bytes, BytesMut};
@@ -19,12 +19,20 @@ use wtransport::{ClientConfig, Endpoint, endpoint::endpoint_side::Client};
 
 use crate::{target::Target, wire::Incoming};
 
-/// Client UDP sockets shared by all connections (round-robin by connection index).
+/// Client UDP sockets shared by a thread's connections (round-robin by connection index).
 const ENDPOINTS: usize = 4;
 
-fn endpoints() -> anyhow::Result<&'static [Endpoint<Client>]> {
-    static ENDPOINTS_CELL: OnceLock<Vec<Endpoint<Client>>> = OnceLock::new();
-    if let Some(e) = ENDPOINTS_CELL.get() {
+thread_local! {
+    /// This thread's endpoints. An endpoint's driver task runs on the runtime that made
+    /// it and ends with that runtime, so endpoints are not shared across threads (each
+    /// of the generator's shard threads, and each test, runs a runtime of its own; a
+    /// process-wide set made on one test's runtime stopped when that test ended, and
+    /// the next test's connections failed with "endpoint stopping").
+    static ENDPOINTS_HERE: RefCell<Option<Arc<[Endpoint<Client>]>>> = const { RefCell::new(None) };
+}
+
+fn endpoints() -> anyhow::Result<Arc<[Endpoint<Client>]>> {
+    if let Some(e) = ENDPOINTS_HERE.with_borrow(|e| e.clone()) {
         return Ok(e);
     }
     let mut made = Vec::with_capacity(ENDPOINTS);
@@ -51,7 +59,9 @@ fn endpoints() -> anyhow::Result<&'static [Endpoint<Client>]> {
             .build();
         made.push(Endpoint::client(config)?);
     }
-    Ok(ENDPOINTS_CELL.get_or_init(|| made))
+    let made: Arc<[Endpoint<Client>]> = made.into();
+    ENDPOINTS_HERE.set(Some(made.clone()));
+    Ok(made)
 }
 
 pub struct WtConnection {
