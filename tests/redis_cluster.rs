@@ -152,22 +152,11 @@ impl RedisCluster {
 
     /// The node (index) that serves `key`'s slot.
     async fn node_of(&self, key: &str) -> usize {
-        let mut conn = self.node(0).await;
-        let slot: u16 = redis::cmd("CLUSTER")
-            .arg("KEYSLOT")
-            .arg(key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        for i in 0..3 {
-            if self.serves(i, slot).await {
-                return i;
-            }
-        }
-        panic!("no node serves slot {slot}");
+        self.nodes_of(&[key.to_string()]).await[0]
     }
 
-    async fn serves(&self, i: usize, slot: u16) -> bool {
+    /// The slot ranges node `i` serves (its own line of `CLUSTER NODES`).
+    async fn ranges_of(&self, i: usize) -> Vec<(u16, u16)> {
         let mut conn = self.node(i).await;
         let nodes: String = redis::cmd("CLUSTER")
             .arg("NODES")
@@ -175,13 +164,18 @@ impl RedisCluster {
             .await
             .unwrap();
         let me = nodes.lines().find(|l| l.contains("myself")).unwrap();
-        me.split_whitespace().skip(8).any(|range| {
-            let (lo, hi) = range.split_once('-').unwrap_or((range, range));
-            match (lo.parse::<u16>(), hi.parse::<u16>()) {
-                (Ok(lo), Ok(hi)) => (lo..=hi).contains(&slot),
-                _ => false,
-            }
-        })
+        me.split_whitespace()
+            .skip(8)
+            .filter_map(|range| {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                Some((lo.parse().ok()?, hi.parse().ok()?))
+            })
+            .collect()
+    }
+
+    async fn serves(&self, i: usize, slot: u16) -> bool {
+        let ranges = self.ranges_of(i).await;
+        ranges.iter().any(|(lo, hi)| (*lo..=*hi).contains(&slot))
     }
 
     /// Three room names whose channels live on nodes 0, 1 and 2.
@@ -902,19 +896,8 @@ impl RedisCluster {
     async fn nodes_of(&self, keys: &[String]) -> Vec<usize> {
         let mut ranges = Vec::new();
         for i in 0..3 {
-            let mut conn = self.node(i).await;
-            let nodes: String = redis::cmd("CLUSTER")
-                .arg("NODES")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            let me = nodes.lines().find(|l| l.contains("myself")).unwrap();
-            for range in me.split_whitespace().skip(8) {
-                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
-                if let (Ok(lo), Ok(hi)) = (lo.parse::<u16>(), hi.parse::<u16>()) {
-                    ranges.push((lo, hi, i));
-                }
-            }
+            let mine = self.ranges_of(i).await;
+            ranges.extend(mine.into_iter().map(|(lo, hi)| (lo, hi, i)));
         }
         let mut conn = self.node(0).await;
         let mut out = Vec::new();
