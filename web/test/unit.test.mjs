@@ -54,7 +54,12 @@ before(async () => {
     codec: await load("codec"),
   };
 });
-after(() => rmSync(out, { recursive: true, force: true }));
+after(async () => {
+  // esbuild's service process is unref'd between builds, but one CI run hung after the
+  // last test with it alive: stopping it leaves nothing to hold this process open.
+  await esbuild.stop();
+  rmSync(out, { recursive: true, force: true });
+});
 
 describe("backoff", () => {
   test("full jitter between the floor and an exponential ceiling, capped", () => {
