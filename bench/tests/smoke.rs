@@ -32,6 +32,23 @@ fn run_for(server: &Server, encoding: Encoding) -> Run {
     run
 }
 
+/// Runs a fan-out and fails, with `what`, the verification and the report's table,
+/// unless every delivery verified.
+async fn fanout_verified(
+    run: &Run,
+    params: &scenario::fanout::Params,
+    what: &str,
+) -> scenario::fanout::FanoutReport {
+    let report = scenario::fanout::run(run, params).await.unwrap();
+    assert!(
+        report.ok(),
+        "{what}: {:?}\n{}",
+        report.outcome.verification,
+        report.table().render()
+    );
+    report
+}
+
 /// `connections` idle sessions of `run`, each joined to `room`, held `hold_ms`: the run
 /// verifies and opens them all (`what` names the case in a failure).
 async fn idle_joined(
@@ -90,16 +107,9 @@ async fn fanout_delivers_everything_exactly_once_in_both_encodings() {
             drain_timeout: Duration::from_secs(5),
             ack_every: 10,
         };
-        let report = scenario::fanout::run(&run_for(&server, encoding), &params)
-            .await
-            .unwrap();
+        let what = format!("{encoding:?}");
+        let report = fanout_verified(&run_for(&server, encoding), &params, &what).await;
         let o = &report.outcome;
-        assert!(
-            report.ok(),
-            "{encoding:?}: {:?}\n{}",
-            o.verification,
-            report.table().render()
-        );
         assert_eq!(o.published, 50, "{encoding:?}");
         assert_eq!(o.expected_deliveries, 20 * 50, "{encoding:?}");
         assert_eq!(o.delivered, 20 * 50, "{encoding:?}");
@@ -134,9 +144,8 @@ async fn fanout_with_deflate_verifies() {
         drain_timeout: Duration::from_secs(5),
         ack_every: 5,
     };
-    let report = scenario::fanout::run(&run, &params).await.unwrap();
+    let report = fanout_verified(&run, &params, "deflate").await;
     let o = &report.outcome;
-    assert!(report.ok(), "{:?}", o.verification);
     assert_eq!(o.delivered, 10 * 40);
     server.shutdown();
 }
@@ -161,14 +170,8 @@ async fn scenarios_verify_on_shard_threads() {
         drain_timeout: Duration::from_secs(5),
         ack_every: 7,
     };
-    let report = scenario::fanout::run(&run, &params).await.unwrap();
+    let report = fanout_verified(&run, &params, "shards").await;
     let o = &report.outcome;
-    assert!(
-        report.ok(),
-        "{:?}\n{}",
-        o.verification,
-        report.table().render()
-    );
     assert_eq!(o.published, 60);
     assert_eq!(o.delivered, 31 * 60);
     assert_eq!(o.latency.count, 31 * 60);
@@ -271,16 +274,10 @@ async fn fanout_over_sse_and_long_poll_verifies() {
             drain_timeout: Duration::from_secs(5),
             ack_every: 7,
         };
-        let report = scenario::fanout::run(&http_run(&server, transport, encoding), &params)
-            .await
-            .unwrap();
+        let what = format!("{transport:?}/{encoding:?}");
+        let run = http_run(&server, transport, encoding);
+        let report = fanout_verified(&run, &params, &what).await;
         let o = &report.outcome;
-        assert!(
-            report.ok(),
-            "{transport:?}/{encoding:?}: {:?}\n{}",
-            o.verification,
-            report.table().render()
-        );
         assert_eq!(report.transport, transport.name());
         assert_eq!(o.published, 40, "{transport:?}/{encoding:?}");
         assert_eq!(o.delivered, 12 * 40, "{transport:?}/{encoding:?}");
@@ -376,16 +373,9 @@ async fn fanout_and_idle_over_webtransport_verify() {
             drain_timeout: Duration::from_secs(5),
             ack_every: 7,
         };
-        let report = scenario::fanout::run(&run(encoding), &params)
-            .await
-            .unwrap();
+        let what = format!("{encoding:?}");
+        let report = fanout_verified(&run(encoding), &params, &what).await;
         let o = &report.outcome;
-        assert!(
-            report.ok(),
-            "{encoding:?}: {:?}\n{}",
-            o.verification,
-            report.table().render()
-        );
         assert_eq!(report.transport, "wt");
         assert_eq!(o.published, 40, "{encoding:?}");
         assert_eq!(o.delivered, 12 * 40, "{encoding:?}");
@@ -436,14 +426,8 @@ async fn the_floor_serves_webtransport() {
         drain_timeout: Duration::from_secs(5),
         ack_every: 0,
     };
-    let report = scenario::fanout::run(&run, &params).await.unwrap();
+    let report = fanout_verified(&run, &params, "the floor's /wt").await;
     let o = &report.outcome;
-    assert!(
-        report.ok(),
-        "{:?}\n{}",
-        o.verification,
-        report.table().render()
-    );
     assert_eq!(report.transport, "wt");
     assert_eq!(o.delivered, 6 * 20);
     let idle = idle_joined(&run, 10, 1000, "floor-wt", "the floor").await;
