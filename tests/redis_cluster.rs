@@ -513,13 +513,7 @@ async fn a_room_whose_slot_moves_to_another_node_keeps_flowing() {
 
     // Move the channel's slot (it holds no key) from one node to another, the way
     // resharding does: the old node drops the slot's shard channels.
-    let mut conn = redis.node(0).await;
-    let slot: u16 = redis::cmd("CLUSTER")
-        .arg("KEYSLOT")
-        .arg(&channel)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let slot = keyslot(&mut redis.node(0).await, &channel).await;
     let (from_id, to_id) = (node_id(&redis, from).await, node_id(&redis, to).await);
     let setslot = |i: usize, args: Vec<String>| {
         let redis = &redis;
@@ -902,12 +896,7 @@ impl RedisCluster {
         let mut conn = self.node(0).await;
         let mut out = Vec::new();
         for key in keys {
-            let slot: u16 = redis::cmd("CLUSTER")
-                .arg("KEYSLOT")
-                .arg(key)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
+            let slot = keyslot(&mut conn, key).await;
             let (.., i) = ranges
                 .iter()
                 .find(|(lo, hi, _)| (*lo..=*hi).contains(&slot))
@@ -922,12 +911,7 @@ impl RedisCluster {
         let mut conn = self.node(0).await;
         let mut slots = std::collections::HashSet::new();
         for key in keys {
-            let slot: u16 = redis::cmd("CLUSTER")
-                .arg("KEYSLOT")
-                .arg(key)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
+            let slot = keyslot(&mut conn, key).await;
             slots.insert(slot);
         }
         slots.len()
@@ -1117,4 +1101,14 @@ async fn a_join_storm_against_a_dead_redis_cluster_node_holds_up_no_other_node()
         ann.send_msg(room, &format!("{room}-after"), "after").await;
         live_in_room(&mut cid, room, 1, BOUND, "a storm room after the recovery").await;
     }
+}
+
+/// `key`'s cluster slot, as the node on `conn` computes it (`CLUSTER KEYSLOT`).
+async fn keyslot(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> u16 {
+    redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .unwrap()
 }
