@@ -21,11 +21,12 @@
 //! pushed with none held, like room deliveries.
 
 use std::{
-    collections::{HashMap, HashSet},
-    hash::BuildHasher,
+    collections::HashSet,
+    hash::{BuildHasher, RandomState},
     sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard},
 };
 
+use hashbrown::hash_map::EntryRef;
 use indexmap::IndexMap;
 
 use crate::codec::Push;
@@ -60,33 +61,47 @@ pub trait Recipient: Send + Sync + 'static {
     fn push(&self, push: &Arc<Push>);
 }
 
-type Recipients = IndexMap<u64, Arc<dyn Recipient>>;
+/// A room's recipients by id. The ids are the server's own (a counter), so nobody can
+/// choose ones that collide: foldhash, not SipHash (as the session registry's ids).
+type Recipients = IndexMap<u64, Arc<dyn Recipient>, foldhash::fast::RandomState>;
+
+/// A user's recipients here: a few at most (`limits.max_sessions_per_user`, 32 by
+/// default), so a list searched by id, the first held inline. A connect of a user with
+/// no other session here allocates nothing for it (an `IndexMap` took two allocations,
+/// its table and its entries, and a SipHash per insert and removal).
+type UserRecipients = smallvec::SmallVec<[(u64, Arc<dyn Recipient>); 1]>;
+
+/// A map keyed by a shared string a client chose (a user id, a room name): hashbrown's
+/// map with std's SipHash, as std's `HashMap` is (HashDoS-resistant), for its `entry_ref`:
+/// a lookup by `&str` that inserts without a second hash.
+type StrMap<V> = hashbrown::HashMap<Arc<str>, V, RandomState>;
 
 #[derive(Default)]
 struct UserEntry {
-    recipients: Recipients,
+    recipients: UserRecipients,
     /// The user's rooms, each with its member count as last told (at the user's attach,
     /// join, invite), `None` when not told (a join on another instance).
-    rooms: HashMap<Arc<str>, Option<u64>>,
+    rooms: KnownRooms,
 }
 
-/// A user's room as the hub knows it: the name and the member count as last told
+/// A user's rooms as the hub knows them: each name with the member count as last told
 /// ([`Hub::joined`]), `None` if never told.
-pub type KnownRoom = (Arc<str>, Option<u64>);
+pub type KnownRooms = StrMap<Option<u64>>;
 
 /// Members per snapshot chunk. A delivery clones one `Arc` per chunk under the lock
 /// (75 for a room of 19k); a membership change rebuilds at most two chunks.
 const CHUNK: usize = 256;
 
-/// A room's local recipients.
+/// A room's local recipients (its name is its key in its shard, shared with its
+/// members' lists of rooms).
+#[derive(Default)]
 struct RoomEntry {
-    /// The room's key in its shard (shared with its members' lists of rooms).
-    name: Arc<str>,
     /// In a dense order: chunk `c` is `members[c * CHUNK..(c + 1) * CHUNK]`.
     members: Recipients,
     /// Each chunk of `members` as delivered to, built on demand; a chunk is reset when
-    /// one of its slots changes.
-    chunks: Vec<OnceLock<Chunk>>,
+    /// one of its slots changes. The first is held inline (a room of up to [`CHUNK`]
+    /// local members allocates none).
+    chunks: smallvec::SmallVec<[OnceLock<Chunk>; 1]>,
 }
 
 type Chunk = Arc<[Arc<dyn Recipient>]>;
@@ -96,14 +111,6 @@ type Chunk = Arc<[Arc<dyn Recipient>]>;
 type Snapshot = smallvec::SmallVec<[Chunk; 4]>;
 
 impl RoomEntry {
-    fn new(name: Arc<str>) -> Self {
-        Self {
-            name,
-            members: Recipients::default(),
-            chunks: Vec::new(),
-        }
-    }
-
     fn insert(&mut self, id: u64, r: Arc<dyn Recipient>) {
         let (slot, _) = self.members.insert_full(id, r);
         self.changed(slot);
@@ -164,8 +171,8 @@ impl<T> Shard<T> {
 
 /// Keyed by shared strings: a user's key is its session's, and a room's name is one
 /// allocation for the room's entry and every member's list of rooms.
-type Users = HashMap<Arc<str>, UserEntry>;
-type Rooms = HashMap<Arc<str>, RoomEntry>;
+type Users = StrMap<UserEntry>;
+type Rooms = StrMap<RoomEntry>;
 
 /// The index, sharded: users by a hash of the user, rooms by a hash of the room, each
 /// shard under its own lock, so attaches, joins and deliveries on different cores
@@ -210,32 +217,45 @@ impl Hub {
     /// a member of. Returns true when it is the user's first recipient here.
     pub fn attach(&self, recipient: Arc<dyn Recipient>) -> bool {
         let mut users = self.user_shard(recipient.user()).write();
-        let entry = users.entry(recipient.user_key()).or_default();
+        let entry = match users.entry_ref(recipient.user()) {
+            EntryRef::Occupied(o) => o.into_mut(),
+            EntryRef::Vacant(v) => v.insert_with_key(recipient.user_key(), UserEntry::default()),
+        };
         let first = entry.recipients.is_empty();
+        let id = recipient.recipient_id();
         for room in entry.rooms.keys() {
             self.room_shard(room)
                 .write()
                 .entry(room.clone())
-                .or_insert_with(|| RoomEntry::new(room.clone()))
-                .insert(recipient.recipient_id(), recipient.clone());
+                .or_default()
+                .insert(id, recipient.clone());
         }
-        entry.recipients.insert(recipient.recipient_id(), recipient);
+        // A recipient id is attached once (a session attaches once, when created).
+        debug_assert!(entry.recipients.iter().all(|(r, _)| *r != id));
+        entry.recipients.push((id, recipient));
         first
     }
 
     /// Unregisters a recipient. When it was the user's last one here, returns the user's
     /// rooms with their member counts as last told (for the offline presence push, which
     /// then needs no store read).
-    pub fn detach(&self, user: &str, recipient_id: u64) -> Option<Vec<KnownRoom>> {
+    pub fn detach(&self, user: &str, recipient_id: u64) -> Option<KnownRooms> {
         let mut users = self.user_shard(user).write();
-        let entry = users.get_mut(user)?;
-        entry.recipients.swap_remove(&recipient_id)?;
+        let EntryRef::Occupied(mut o) = users.entry_ref(user) else {
+            return None;
+        };
+        let entry = o.get_mut();
+        let slot = entry
+            .recipients
+            .iter()
+            .position(|(id, _)| *id == recipient_id)?;
+        entry.recipients.swap_remove(slot);
         for room in entry.rooms.keys() {
             self.remove_member(room, &[recipient_id]);
         }
         if entry.recipients.is_empty() {
-            let entry = users.remove(user)?;
-            return Some(entry.rooms.into_iter().collect());
+            // The rooms as they are: the map itself, not a copy of it.
+            return Some(o.remove().rooms);
         }
         None
     }
@@ -243,12 +263,13 @@ impl Hub {
     /// Removes recipients from a room (the room goes when it is empty).
     fn remove_member(&self, room: &str, ids: &[u64]) {
         let mut rooms = self.room_shard(room).write();
-        if let Some(set) = rooms.get_mut(room) {
+        if let EntryRef::Occupied(mut o) = rooms.entry_ref(room) {
+            let set = o.get_mut();
             for id in ids {
                 set.remove(id);
             }
             if set.members.is_empty() {
-                rooms.remove(room);
+                o.remove();
             }
         }
     }
@@ -273,25 +294,26 @@ impl Hub {
         let Some(entry) = users.get_mut(user) else {
             return;
         };
-        if let Some(known) = entry.rooms.get_mut(room) {
-            if members.is_some() {
-                *known = members;
+        // One hash of the room's name per map: a lookup that, when it misses, inserts
+        // where it looked.
+        let known = match entry.rooms.entry_ref(room) {
+            EntryRef::Occupied(mut o) => {
+                if members.is_some() {
+                    o.insert(members);
+                }
+                return;
             }
-            return;
-        }
+            EntryRef::Vacant(v) => v,
+        };
         let mut rooms = self.room_shard(room).write();
         // A room that has members here already is found without a copy of its name; a
         // new one's name is one `Arc` for both maps.
-        let set = match rooms.get_mut(room) {
-            Some(set) => set,
-            None => {
-                let name: Arc<str> = room.into();
-                rooms
-                    .entry(name.clone())
-                    .or_insert_with(|| RoomEntry::new(name))
-            }
+        let set = match rooms.entry_ref(room) {
+            EntryRef::Occupied(o) => o,
+            EntryRef::Vacant(v) => v.insert_entry_with_key(room.into(), RoomEntry::default()),
         };
-        entry.rooms.insert(set.name.clone(), members);
+        known.insert_with_key(set.key().clone(), members);
+        let set = set.into_mut();
         for (id, r) in &entry.recipients {
             set.insert(*id, r.clone());
         }
@@ -305,7 +327,8 @@ impl Hub {
         if entry.rooms.remove(room).is_none() {
             return;
         }
-        let ids: smallvec::SmallVec<[u64; 4]> = entry.recipients.keys().copied().collect();
+        let ids: smallvec::SmallVec<[u64; 4]> =
+            entry.recipients.iter().map(|(id, _)| *id).collect();
         self.remove_member(room, &ids);
     }
 
@@ -353,7 +376,7 @@ impl Hub {
             Target::User(user) => {
                 let users = self.user_shard(user).read();
                 users.get(user.as_str()).map_or(0, |e| {
-                    for r in e.recipients.values() {
+                    for (_, r) in &e.recipients {
                         r.push(push);
                     }
                     e.recipients.len()
@@ -377,7 +400,7 @@ impl Hub {
                 for shard in self.users.iter() {
                     let users = shard.read();
                     for e in users.values() {
-                        everyone.extend(e.recipients.values().cloned());
+                        everyone.extend(e.recipients.iter().map(|(_, r)| r.clone()));
                     }
                 }
                 for r in &everyone {
@@ -484,7 +507,7 @@ mod tests {
         // Not attached here: nothing is recorded for b.
         hub.joined("b", "small", Some(4));
         assert_eq!(hub.detach("a", 1), None, "a still has a session");
-        let mut rooms = hub.detach("a", 2).unwrap();
+        let mut rooms: Vec<_> = hub.detach("a", 2).unwrap().into_iter().collect();
         rooms.sort();
         assert_eq!(
             rooms,
@@ -495,6 +518,44 @@ mod tests {
             ]
         );
         assert_eq!(hub.detach("b", 3), None);
+    }
+
+    /// A user's sessions past the first (the list's inline one): each is delivered to
+    /// once, by room and by user, and each detaches alone, from the front, the middle and
+    /// the end; a detach of an id the user does not have changes nothing; the last one
+    /// hands back the rooms.
+    #[test]
+    fn a_users_many_sessions_attach_and_detach_alone() {
+        let hub = Hub::new();
+        let push = Arc::new(Push::new(Kind::Pong(Pong { ts: 1 })));
+        let room = Target::Room("r".into());
+        let user = Target::User("a".into());
+        let sessions: Vec<_> = (1..=5).map(|i| counter(i, "a")).collect();
+        assert!(hub.attach(sessions[0].clone()));
+        hub.joined("a", "r", Some(1));
+        for s in &sessions[1..] {
+            assert!(!hub.attach(s.clone()), "not the user's first");
+        }
+        assert_eq!(hub.deliver(&room, &push), 5);
+        assert_eq!(hub.deliver(&user, &push), 5);
+        assert_eq!(hub.detach("a", 99), None, "no such session");
+        assert_eq!(hub.deliver(&room, &push), 5);
+        let mut live = [true; 5];
+        for i in [2, 0, 4, 1] {
+            assert_eq!(hub.detach("a", sessions[i].id), None, "others remain");
+            live[i] = false;
+            let n = live.iter().filter(|l| **l).count();
+            assert_eq!(hub.deliver(&room, &push), n);
+            assert_eq!(hub.deliver(&user, &push), n);
+        }
+        assert_eq!(hub.detach("a", sessions[2].id), None, "already detached");
+        let rooms = hub.detach("a", sessions[3].id).expect("the last session");
+        assert_eq!(rooms.get("r"), Some(&Some(1)));
+        assert_eq!(hub.deliver(&room, &push), 0);
+        assert!(!hub.is_local("a"));
+        // Each got every push while attached: 3 before the first detach, then 2 per round.
+        let counts: Vec<_> = sessions.iter().map(|s| got(s)).collect();
+        assert_eq!(counts, [5, 9, 3, 11, 7]);
     }
 
     /// A recipient that, when pushed to, checks whether the hub's lock is free (a

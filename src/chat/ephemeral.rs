@@ -8,7 +8,7 @@ use crate::{
     auth::now_ms,
     broker::UserPresence,
     codec::Push,
-    delivery::{KnownRoom, Recipient, Target},
+    delivery::{KnownRooms, Recipient, Target},
     proto::{self, RoomState, server_frame::Kind},
 };
 
@@ -113,7 +113,7 @@ impl Chat {
     /// `known`, its rooms as the hub knew them at its last detach: with every member count
     /// known (told at the user's attach or join here), no store read; else the rooms are
     /// read as [`Chat::tell_offline`] does.
-    async fn tell_offline_from(&self, user: String, known: Vec<KnownRoom>, last_seen: i64) {
+    async fn tell_offline_from(&self, user: String, known: KnownRooms, last_seen: i64) {
         let counted: Option<Vec<(&str, u64)>> = known
             .iter()
             .map(|(room, members)| members.map(|m| (&**room, m)))

@@ -165,12 +165,12 @@ impl Core {
         let opened = if let Some(session_id) = bound_to {
             // A used ticket never opens a new session: only its own, resumed exactly.
             let (last_pos, attach, heartbeat) = (req.last_pos, req.attach, req.heartbeat);
-            self.resume_exactly(&user, &session_id, last_pos, attach, heartbeat)
+            self.resume_exactly(user, &session_id, last_pos, attach, heartbeat)
                 .await?
         } else {
             let opened = self
                 .open_session(
-                    &user,
+                    user,
                     req.session_id,
                     req.last_pos,
                     req.heartbeat,
@@ -190,7 +190,7 @@ impl Core {
 
     async fn resume_exactly(
         &self,
-        user: &str,
+        user: String,
         session_id: &str,
         last_pos: u64,
         attach: bool,
@@ -204,7 +204,7 @@ impl Core {
         // Everything that can fail or wait comes before the resume: a store error, or a
         // caller that goes away meanwhile (an SSE request dropped mid-connect), leaves the
         // session as it was — detached, so it still expires. Nothing is awaited after.
-        let (rooms, seen) = self.chat.rooms_seen(user).await?;
+        let (rooms, seen) = self.chat.rooms_seen(&user).await?;
         let gone = ConnectError::SessionGone("cannot resume from this position");
         let attachment = if attach {
             Some(session.resume(last_pos).ok_or(gone)?)
@@ -214,7 +214,7 @@ impl Core {
             return Err(gone);
         };
         Ok(Opened {
-            connected: connected(&session, true, heartbeat, rooms),
+            connected: connected(&session, user, true, heartbeat, rooms),
             session,
             attachment,
             seen,
@@ -256,7 +256,7 @@ impl Core {
     /// `attach`, the caller's transport becomes the session's deliverer in the same step.
     async fn open_session(
         &self,
-        user: &str,
+        user: String,
         session_id: &str,
         last_pos: u64,
         heartbeat: Duration,
@@ -270,7 +270,7 @@ impl Core {
         if let Some(s) = resumable {
             // The rooms first, the resume last (as in `resume_exactly`): nothing awaited
             // between attaching and handing the attachment to the caller.
-            let (rooms, seen) = self.chat.rooms_seen(user).await?;
+            let (rooms, seen) = self.chat.rooms_seen(&user).await?;
             let resumed = if attach {
                 s.resume(last_pos).map(Some)
             } else {
@@ -279,7 +279,7 @@ impl Core {
             match resumed {
                 Some(attachment) => {
                     return Ok(Opened {
-                        connected: connected(&s, true, heartbeat, rooms),
+                        connected: connected(&s, user, true, heartbeat, rooms),
                         session: s,
                         attachment,
                         seen,
@@ -290,7 +290,7 @@ impl Core {
                 None => sessions.end(&s),
             }
         }
-        let s = sessions.create(user).map_err(|TooManySessions(max)| {
+        let s = sessions.create(&user).map_err(|TooManySessions(max)| {
             ChatError::LimitExceeded(format!(
                 "{user} has {max} sessions already (limits.max_sessions_per_user): close one"
             ))
@@ -305,7 +305,7 @@ impl Core {
         };
         let attachment = if attach { s.attach() } else { None };
         Ok(Opened {
-            connected: connected(&s, false, heartbeat, rooms),
+            connected: connected(&s, user, false, heartbeat, rooms),
             session: s,
             attachment,
             seen,
@@ -313,15 +313,21 @@ impl Core {
     }
 }
 
+/// The `connected` reply. `user` is the session's user id as the credential gave it, moved
+/// into the reply (not a second copy of the session's).
 fn connected(
     session: &Session,
+    user: String,
     resumed: bool,
     heartbeat: Duration,
     rooms: Vec<proto::RoomState>,
 ) -> proto::Connected {
     proto::Connected {
         session_id: session.id().to_string(),
-        user_id: session.user_id().to_string(),
+        user_id: {
+            debug_assert_eq!(user, session.user_id());
+            user
+        },
         resumed,
         heartbeat_ms: heartbeat.as_millis().min(u32::MAX as u128) as u32,
         rooms,

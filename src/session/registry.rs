@@ -6,7 +6,7 @@
 //! connect while it scans all n sessions.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, hash_map::Entry},
     hash::BuildHasher,
     sync::{
         Arc, Mutex, MutexGuard,
@@ -105,12 +105,16 @@ impl Sessions {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         // Built on the stack, then one allocation (the `Arc<str>` the session and the
         // registry's key share).
+        // The digits into a fixed array, then one copy after the prefix (a push per digit
+        // checked the `SmallVec`'s capacity 32 times).
+        let mut hex = [0u8; 32];
+        for (pair, b) in hex.chunks_exact_mut(2).zip(raw) {
+            pair[0] = HEX[usize::from(b >> 4)];
+            pair[1] = HEX[usize::from(b & 15)];
+        }
         let mut id = smallvec::SmallVec::<[u8; 96]>::new();
         id.extend_from_slice(self.id_prefix.as_bytes());
-        for b in raw {
-            id.push(HEX[usize::from(b >> 4)]);
-            id.push(HEX[usize::from(b & 15)]);
-        }
+        id.extend_from_slice(&hex);
         let limits = Limits {
             max_queue_bytes: self.config.max_queue_bytes,
             replay_buffer_bytes: self.config.replay_buffer_bytes,
@@ -140,10 +144,11 @@ impl Sessions {
         let removed = self.id_shard(session.id()).remove(session.id());
         if removed.is_some() {
             let mut counts = self.user_shard(session.user_id());
-            if let Some(n) = counts.get_mut(session.user_id()) {
-                *n -= 1;
-                if *n == 0 {
-                    counts.remove(session.user_id());
+            // One hash of the user id (a lookup, then a removal where it was found).
+            if let Entry::Occupied(mut n) = counts.entry(session.user.clone()) {
+                *n.get_mut() -= 1;
+                if *n.get() == 0 {
+                    n.remove();
                 }
             }
         }
