@@ -53,6 +53,10 @@ struct Room {
 
 type Rooms = Arc<Mutex<HashMap<String, Room>>>;
 
+/// `FLOOR_CLOSE_REPLY=1`: answer a client's close frame (see `run`).
+static CLOSE_REPLY: std::sync::LazyLock<bool> =
+    std::sync::LazyLock::new(|| std::env::var("FLOOR_CLOSE_REPLY").is_ok_and(|v| v == "1"));
+
 fn encoding_of(headers: &HeaderMap) -> Option<Encoding> {
     headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
@@ -107,6 +111,13 @@ async fn run(mut socket: HttpWebSocket, rooms: Rooms, encoding: Encoding) {
                 let Ok(frame) = frame else { return };
                 if !matches!(frame.opcode(), OpCode::Text | OpCode::Binary) {
                     if frame.opcode() == OpCode::Close {
+                        // RFC 6455 §5.5.1 asks for a close reply, which parley sends
+                        // (and the floor by default does not): `FLOOR_CLOSE_REPLY=1`
+                        // lets out the reply yawc queued, as parley does, to measure
+                        // what that one write costs a connect storm.
+                        if *CLOSE_REPLY {
+                            let _ = socket.close_replied(1024, false).await;
+                        }
                         return;
                     }
                     continue;
