@@ -6,14 +6,12 @@
 #   bench/scripts/storm-callgrind.sh NAME SERVER BENCH [DURATION, default 20s]
 # SERVER and BENCH as absolute paths (the script runs in a work directory of its own).
 set -u
+. "$(dirname "$0")/storm-env.sh"
 mkdir -p /tmp/cg
 name=$1 server=$2 bench=$3 dur=${4:-20s}
 port=$((20000 + RANDOM % 20000))
 wd=/tmp/cg/wd-$name; rm -rf "$wd"; mkdir -p "$wd"; cd "$wd"
-export PARLEY_SERVER__LISTEN=127.0.0.1:$port PARLEY_AUTH__JWT_SECRET=cg-secret RUST_LOG=warn
-for v in MAX_CONNECTIONS MAX_CONNECTIONS_PER_IP CONNECTS_PER_IP_PER_SECOND CONNECTS_PER_IP_BURST \
-    TICKETS_PER_IP_PER_SECOND TICKETS_PER_IP_BURST MAX_SESSIONS_PER_USER MAX_ROOMS_PER_USER \
-    SENDS_PER_SECOND SENDS_BURST JOINS_PER_SECOND JOINS_BURST; do export "PARLEY_LIMITS__$v=0"; done
+storm-env $port
 taskset -c 0 valgrind --tool=callgrind --callgrind-out-file=/tmp/cg/$name.out "$server" serve > /tmp/cg/$name.server.log 2>&1 &
 vpid=$!
 for i in $(seq 1 300); do

@@ -12,17 +12,15 @@
 # handshake depends on the machine (loopback TCP runs the peer's receive path inside the
 # sender's system call): compare servers within one sitting, not across machines.
 set -u
+. "$(dirname "$0")/storm-env.sh"
 name=$1 server=$2 bench=$3
 port=$((20000 + RANDOM % 20000))
 wd=/tmp/storm/perf-$name; rm -rf "$wd"; mkdir -p "$wd"; cd "$wd"
-export PARLEY_SERVER__LISTEN=127.0.0.1:$port PARLEY_AUTH__JWT_SECRET=cg-secret RUST_LOG=warn
-for v in MAX_CONNECTIONS MAX_CONNECTIONS_PER_IP CONNECTS_PER_IP_PER_SECOND CONNECTS_PER_IP_BURST \
-    TICKETS_PER_IP_PER_SECOND TICKETS_PER_IP_BURST MAX_SESSIONS_PER_USER MAX_ROOMS_PER_USER \
-    SENDS_PER_SECOND SENDS_BURST JOINS_PER_SECOND JOINS_BURST; do export "PARLEY_LIMITS__$v=0"; done
+storm-env $port
 taskset -c 0 "$server" serve > server.log 2>&1 &
 spid=$!
 trap 'kill $spid 2>/dev/null; wait $spid 2>/dev/null' EXIT
-for i in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
+storm-wait $port
 # A warm-up storm, as storm-strace.sh does (first connections, the store's first pages).
 taskset -c 1 "$bench" --url ws://127.0.0.1:$port/ws --jwt-secret cg-secret --no-progress storm -c 64 -d 1s --settle 0s --join >/dev/null 2>&1
 perf record -q -e cpu-clock -F 4999 -g -p $spid -o perf.data 2>/dev/null & ppid=$!

@@ -8,16 +8,14 @@
 #   bench/scripts/storm-sched.sh NAME SERVER BENCH [perf]
 # SERVER and BENCH as absolute paths.
 set -u
+. "$(dirname "$0")/storm-env.sh"
 name=$1 server=$2 bench=$3 perf=${4:-}
 port=$((20000 + RANDOM % 20000))
 wd=/tmp/storm/wd-$name; rm -rf "$wd"; mkdir -p "$wd"; cd "$wd"
-export PARLEY_SERVER__LISTEN=127.0.0.1:$port PARLEY_AUTH__JWT_SECRET=cg-secret RUST_LOG=warn
-for v in MAX_CONNECTIONS MAX_CONNECTIONS_PER_IP CONNECTS_PER_IP_PER_SECOND CONNECTS_PER_IP_BURST \
-    TICKETS_PER_IP_PER_SECOND TICKETS_PER_IP_BURST MAX_SESSIONS_PER_USER MAX_ROOMS_PER_USER \
-    SENDS_PER_SECOND SENDS_BURST JOINS_PER_SECOND JOINS_BURST; do export "PARLEY_LIMITS__$v=0"; done
+storm-env $port
 taskset -c 0 "$server" serve > server.log 2>&1 &
 spid=$!
-for i in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
+storm-wait $port
 taskset -c 1 "$bench" --url ws://127.0.0.1:$port/ws --jwt-secret cg-secret --no-progress --concurrency 512 storm -c 512 -d 2s --settle 0s --join >/dev/null 2>&1
 ss() { awk '{c+=$1; w+=$2} END {print c, w}' /proc/$spid/task/*/schedstat; }
 read c0 w0 < <(ss)
