@@ -1,15 +1,16 @@
 //! The HTTP transports: Server-Sent Events and long-poll downstream, commands as POSTs
 //! (`docs/PROTOCOL.md`, "Server-Sent Events", "Long-poll", "Commands over HTTP").
 //!
-//! Both use hyper's HTTP/1.1 client connection over a plain tokio `TcpStream` (one
-//! spawned connection task each), and keep little per connection: no buffers until data
-//! arrives.
+//! Both use hyper's HTTP/1.1 client connection (HTTP/2 with `--http2`) over a plain
+//! tokio `TcpStream` (one spawned connection task each), and keep little per connection:
+//! no buffers until data arrives.
 //!
 //! - **SSE**: on the stream's connection, `POST /api/v1/tickets` (bearer) and then
 //!   `GET /sse?ticket=T` on the same keep-alive connection; the first event is the
 //!   `connected` frame. The stream is always JSON. Commands (join, ack) go to
 //!   `POST /session/{id}` on a second connection, opened when the first command is sent
-//!   and kept (a browser would share one HTTP/2 connection; HTTP/1.1 cannot).
+//!   and kept (HTTP/1.1 carries one request at a time). With `--http2` (h2c, prior
+//!   knowledge) they share the stream's connection, as a browser's over HTTPS.
 //! - **Long-poll**: `POST /session` with a `connect` frame, commands on the same
 //!   connection while no poll is pending, then `GET /poll?session_id=S&cursor=C&wait=W`
 //!   in a loop. The cursor acknowledges, so `ack` commands are not sent. The pending poll
@@ -24,10 +25,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::{
     Method, Request, StatusCode,
     body::Incoming as Body,
-    client::conn::http1::{self, SendRequest},
+    client::conn::{TrySendError, http1, http2},
     header,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use parley::{
     codec::{self, Encoding},
     proto::{self, ClientFrame, client_frame::Cmd, server_frame::Kind},
@@ -40,7 +41,57 @@ use crate::{
 
 const PROTOBUF: &str = "application/x-protobuf";
 
-type Sender = SendRequest<Full<Bytes>>;
+/// A client connection's request sender: HTTP/1.1, or HTTP/2 (`Target::http2`), whose
+/// sender is shared by the stream (or polls) and the commands.
+enum Sender {
+    H1(http1::SendRequest<Full<Bytes>>),
+    H2(http2::SendRequest<Full<Bytes>>),
+}
+
+impl Sender {
+    async fn ready(&mut self) -> hyper::Result<()> {
+        match self {
+            Sender::H1(s) => s.ready().await,
+            Sender::H2(s) => s.ready().await,
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+
+    async fn send_request(
+        &mut self,
+        req: Request<Full<Bytes>>,
+    ) -> hyper::Result<hyper::Response<Body>> {
+        match self {
+            Sender::H1(s) => s.send_request(req).await,
+            Sender::H2(s) => s.send_request(req).await,
+        }
+    }
+
+    async fn try_send_request(
+        &mut self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<hyper::Response<Body>, TrySendError<Request<Full<Bytes>>>> {
+        match self {
+            Sender::H1(s) => s.try_send_request(req).await,
+            Sender::H2(s) => s.try_send_request(req).await,
+        }
+    }
+
+    /// Another sender on the same connection: HTTP/2 only (HTTP/1.1 carries one request
+    /// at a time).
+    fn shared(&self) -> Option<Sender> {
+        match self {
+            Sender::H1(_) => None,
+            Sender::H2(s) => Some(Sender::H2(s.clone())),
+        }
+    }
+}
 
 /// What a finished poll gives back: the connection, and the status, the next cursor and
 /// the body.
@@ -84,18 +135,28 @@ async fn read_whole(resp: hyper::Response<Body>) -> anyhow::Result<(StatusCode, 
     Ok((status, body))
 }
 
-/// Opens a TCP connection and an HTTP/1.1 client on it; the connection task runs until
-/// both the sender and any response body are gone.
+/// Opens a TCP connection and an HTTP/1.1 client on it (HTTP/2 with `Target::http2`);
+/// the connection task runs until both the sender and any response body are gone.
 async fn dial(target: &Target, index: usize) -> std::io::Result<Sender> {
-    let stream = target.connect(index).await?;
+    let stream = TokioIo::new(target.connect(index).await?);
+    if target.http2 {
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .handshake(stream)
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        return Ok(Sender::H2(sender));
+    }
     let (sender, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
+        .handshake(stream)
         .await
         .map_err(std::io::Error::other)?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    Ok(sender)
+    Ok(Sender::H1(sender))
 }
 
 fn content_type(encoding: Encoding) -> &'static str {
@@ -122,6 +183,8 @@ fn query_escape(s: &str) -> String {
 impl HttpConnection {
     pub(crate) async fn open(target: &Target, index: usize) -> std::io::Result<HttpConnection> {
         let main = dial(target, index).await?;
+        // Over HTTP/2 the commands share the stream's connection.
+        let commands = main.shared();
         Ok(HttpConnection {
             kind: target.transport,
             target: target.clone(),
@@ -139,7 +202,7 @@ impl HttpConnection {
             pending: VecDeque::new(),
             inflight: None,
             cursor: 0,
-            commands: None,
+            commands,
         })
     }
 

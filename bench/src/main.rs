@@ -107,6 +107,11 @@ struct Global {
     /// WebSocket: offer permessage-deflate (yawc's client, as browsers offer it).
     #[arg(long, global = true)]
     deflate: bool,
+    /// SSE and long-poll: one HTTP/2 connection per client (cleartext, prior knowledge)
+    /// carries the stream or polls and the commands, as a browser's connection over
+    /// HTTPS does; without it, HTTP/1.1 (SSE's commands then need a second connection).
+    #[arg(long, global = true)]
+    http2: bool,
     /// Print the report as JSON on stdout (the table goes to stderr).
     #[arg(long, global = true)]
     json: bool,
@@ -308,6 +313,7 @@ async fn run(cli: Cli, shards: Option<Arc<Shards>>) -> anyhow::Result<bool> {
     target.connect_timeout = g.connect_timeout;
     target.poll_wait_s = g.poll_wait;
     target.deflate = g.deflate;
+    target.http2 = g.http2;
     target.source_ips = g.source_ips.unwrap_or_else(|| net::source_ips_for(conns));
     let spawn = g.spawn_server.as_ref().map(|path| SpawnOptions {
         binary: path.clone(),

@@ -85,6 +85,8 @@ pub struct Target {
     pub poll_wait_s: u64,
     /// WebSocket: offer permessage-deflate.
     pub deflate: bool,
+    /// SSE and long-poll: HTTP/2 (cleartext, prior knowledge), one connection per client.
+    pub http2: bool,
     auth: Arc<Authenticator>,
 }
 
@@ -130,6 +132,7 @@ impl Target {
             connect_timeout: Duration::from_secs(10),
             poll_wait_s: 30,
             deflate: false,
+            http2: false,
             auth: Arc::new(auth),
         })
     }

@@ -307,6 +307,78 @@ async fn idle_over_sse_and_long_poll() {
     server.shutdown();
 }
 
+/// `--http2`: SSE and long-poll over one HTTP/2 connection per client (h2c, prior
+/// knowledge), the stream or polls and the commands on it together. Every push is
+/// delivered once and in order, the idle sessions stay open, and an SSE client holds one
+/// connection, not the two it needs over HTTP/1.1 (the server's and the client's sockets
+/// are in this process: two descriptors per connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_and_long_poll_over_http2() {
+    let server = server().await;
+    let over = |transport, encoding, http2: bool| {
+        let mut run = http_run(&server, transport, encoding);
+        run.target.http2 = http2;
+        run
+    };
+    for (transport, encoding) in [
+        (TransportKind::Sse, Encoding::Json),
+        (TransportKind::Poll, Encoding::Proto),
+    ] {
+        let params = scenario::fanout::Params {
+            subscribers: 8,
+            publishers: 1,
+            rate: 200.0,
+            duration: Duration::from_secs(5),
+            messages: Some(30),
+            body_bytes: 100,
+            drain_timeout: Duration::from_secs(5),
+            ack_every: 7,
+        };
+        let what = format!("{transport:?}/{encoding:?} over HTTP/2");
+        let report = fanout_verified(&over(transport, encoding, true), &params, &what).await;
+        assert_eq!(report.outcome.delivered, 8 * 30, "{what}");
+    }
+    // The most connections to the server's port at once while n SSE sessions are held,
+    // over HTTP/1.1 and over HTTP/2 (read from /proc/net/tcp: only this test uses this
+    // server, whatever else runs in the process).
+    let port = server.local_addr().port();
+    let n = 12;
+    let mut most = Vec::new();
+    for http2 in [false, true] {
+        let run = over(TransportKind::Sse, Encoding::Json, http2);
+        let what = format!("idle SSE, http2 {http2}");
+        let idle = tokio::spawn(async move { idle_joined(&run, n, 2500, "smoke-h2", &what).await });
+        let mut seen = 0;
+        while !idle.is_finished() {
+            seen = seen.max(established_to(port));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        idle.await.unwrap();
+        most.push(seen);
+    }
+    assert_eq!(
+        most,
+        [2 * n, n],
+        "HTTP/1.1: a stream and a command connection each; HTTP/2: one"
+    );
+    server.shutdown();
+}
+
+/// Established TCP connections whose local port is `port` (the server's side of each).
+fn established_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let mut fields = line.split_whitespace();
+            let local = fields.nth(1).unwrap_or("");
+            let state = fields.nth(1).unwrap_or("");
+            state == "01" && local.ends_with(&format!(":{port:04X}"))
+        })
+        .count()
+}
+
 /// A server with TLS (a fresh self-signed certificate in a temporary directory), so it
 /// also serves HTTP/3 and `/wt`; the directory goes when the guard drops.
 async fn tls_server() -> (Server, TempCerts) {
