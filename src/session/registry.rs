@@ -104,9 +104,8 @@ impl Sessions {
         rand::rng().fill_bytes(&mut raw);
         const HEX: &[u8; 16] = b"0123456789abcdef";
         // Built on the stack, then one allocation (the `Arc<str>` the session and the
-        // registry's key share).
-        // The digits into a fixed array, then one copy after the prefix (a push per digit
-        // checked the `SmallVec`'s capacity 32 times).
+        // registry's key share): the digits into a fixed array, then one copy after the
+        // prefix (a push per digit checked the `SmallVec`'s capacity 32 times).
         let mut hex = [0u8; 32];
         for (pair, b) in hex.chunks_exact_mut(2).zip(raw) {
             pair[0] = HEX[usize::from(b >> 4)];
