@@ -10,14 +10,36 @@
 //! issuer's own `kid`s do not matter while parley uses no key ids), and is refused when
 //! there is none. `auth.audience` and `auth.issuer`, when set, make `aud` and `iss`
 //! required and checked.
+//!
+//! A token is read once: its header (for the `kid` and `alg`), its signature (HS256 with
+//! the key's HMAC state prepared at startup), then its claims in one pass into a
+//! borrowing struct that the checks below read. The rules are `jsonwebtoken::decode`'s
+//! with this module's `Validation` (what it accepts and refuses, and the error for each,
+//! `jsonwebtoken`'s own messages); `decode` read the header twice, keyed the HMAC again
+//! for every token and parsed the claims twice (once for the caller, once for its
+//! checks). The tests below hold the two to the same answers.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    borrow::Cow,
+    fmt,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
-use serde::{Deserialize, Serialize};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use hmac::{Hmac, Mac};
+use jsonwebtoken::{
+    Algorithm, DecodingKey, EncodingKey, Header, Validation,
+    errors::{Error as JwtError, ErrorKind},
+};
+use serde::{
+    Deserialize, Deserializer, Serialize,
+    de::{IgnoredAny, SeqAccess, Visitor},
+};
+use sha2::Sha256;
 
 use crate::config::{AuthConfig, JwtAlgorithm};
 
+/// The claims parley mints (and `jsonwebtoken` checked them against when it parsed them).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Claims {
     pub sub: String,
@@ -54,11 +76,44 @@ pub enum AuthSetupError {
     MissingPublicKey(JwtAlgorithm),
 }
 
+/// What a verified token says: its user and when it expires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// The user id (`sub`), a valid one ([`valid_user_id`]).
+    pub sub: String,
+    /// `exp`, Unix seconds.
+    pub exp: u64,
+}
+
 /// One key that verifies tokens whose header names its `kid`.
 struct VerifyKey {
     kid: String,
     decoding: DecodingKey,
     validation: Validation,
+    /// HS256: the HMAC already keyed with the secret (its two key blocks hashed once);
+    /// each token's check clones it.
+    hmac: Option<Hmac<Sha256>>,
+}
+
+impl VerifyKey {
+    fn new(
+        kid: String,
+        alg: Algorithm,
+        secret: &str,
+        decoding: DecodingKey,
+        v: Validation,
+    ) -> Self {
+        let hmac = (alg == Algorithm::HS256).then(|| {
+            <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes())
+                .expect("HMAC takes a key of any length")
+        });
+        Self {
+            kid,
+            decoding,
+            validation: v,
+            hmac,
+        }
+    }
 }
 
 /// Verifies (and can mint) tokens with the configured keys.
@@ -157,19 +212,23 @@ impl Authenticator {
             v.set_required_spec_claims(&required);
             v
         };
-        let mut keys = vec![VerifyKey {
-            kid: config.key_id.clone(),
+        let mut keys = vec![VerifyKey::new(
+            config.key_id.clone(),
+            algorithm,
+            &config.jwt_secret,
             decoding,
-            validation: validation(algorithm),
-        }];
+            validation(algorithm),
+        )];
         for k in &config.extra_keys {
             let (alg, decoding, _) =
                 load_key(k.algorithm, &k.secret, k.public_key_file.as_deref(), None)?;
-            keys.push(VerifyKey {
-                kid: k.kid.clone(),
+            keys.push(VerifyKey::new(
+                k.kid.clone(),
+                alg,
+                &k.secret,
                 decoding,
-                validation: validation(alg),
-            });
+                validation(alg),
+            ));
         }
         Ok(Self {
             algorithm,
@@ -186,21 +245,32 @@ impl Authenticator {
         self.verify_claims(token).map(|c| c.sub)
     }
 
-    /// Checks the token and returns its claims (`sub` is a valid user id).
-    pub fn verify_claims(&self, token: &str) -> Result<Claims, AuthError> {
+    /// Checks the token and returns its user (a valid user id) and expiry.
+    pub fn verify_claims(&self, token: &str) -> Result<Verified, AuthError> {
         if token.is_empty() {
             return Err(AuthError::Invalid("missing token".into()));
         }
+        let invalid = |e: JwtError| AuthError::Invalid(e.to_string());
+        // The header once: the key's choice and the algorithm check both read it. The
+        // two usual spellings of a bare HS256 header are known without parsing them.
+        let parts = Parts::split(token);
+        let (alg, kid) = match parts {
+            Some(p) if BARE_HS256_HEADERS.contains(&p.header) => (Algorithm::HS256, None),
+            _ => {
+                let header = jsonwebtoken::decode_header(token).map_err(invalid)?;
+                (header.alg, header.kid)
+            }
+        };
+        // `decode_header` found the three parts `split` looks for.
+        let parts = parts.ok_or_else(|| invalid(ErrorKind::InvalidToken.into()))?;
         let key = match self.keys.first() {
             // No key has an id: every token goes to the first (the default) key whatever
-            // its kid, so the header is not decoded twice (`decode` reads it again).
+            // its kid.
             Some(first) if self.keys.iter().all(|k| k.kid.is_empty()) => first,
             _ => {
-                let header = jsonwebtoken::decode_header(token)
-                    .map_err(|e| AuthError::Invalid(e.to_string()))?;
                 // The key with the token's kid; else the default key (the empty id), if
                 // any.
-                let kid = header.kid.as_deref().unwrap_or("");
+                let kid = kid.as_deref().unwrap_or("");
                 self.keys
                     .iter()
                     .find(|k| k.kid == kid)
@@ -208,19 +278,16 @@ impl Authenticator {
                     .ok_or_else(|| AuthError::Invalid("unknown key id (kid)".into()))?
             }
         };
-        let data =
-            jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.validation).map_err(|e| {
-                match e.kind() {
-                    ErrorKind::ExpiredSignature => AuthError::Expired,
-                    _ => AuthError::Invalid(e.to_string()),
-                }
-            })?;
-        if !valid_user_id(&data.claims.sub) {
+        let claims = key.verify(parts, alg).map_err(|e| match e.kind() {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            _ => invalid(e),
+        })?;
+        if !valid_user_id(&claims.sub) {
             return Err(AuthError::Invalid(
                 "sub must be 1..=128 bytes of A-Z a-z 0-9 _ . @ | + -".into(),
             ));
         }
-        Ok(data.claims)
+        Ok(claims)
     }
 
     /// Mints a token for `user`, valid for `ttl` (which may be "negative" for tests via
@@ -248,6 +315,301 @@ impl Authenticator {
             header.kid = Some(self.key_id.clone());
         }
         jsonwebtoken::encode(&header, &claims, key).map_err(|e| AuthError::Invalid(e.to_string()))
+    }
+}
+
+impl VerifyKey {
+    /// `jsonwebtoken::decode`'s checks, in its order, on a token whose `header` has been
+    /// read: the algorithm, the signature, the claims' form, the required claims, `exp`
+    /// (with the leeway), `iss`, `aud`. Errors are `jsonwebtoken`'s.
+    fn verify(&self, parts: Parts<'_>, alg: Algorithm) -> Result<Verified, JwtError> {
+        let v = &self.validation;
+        if !v.algorithms.contains(&alg) {
+            return Err(ErrorKind::InvalidAlgorithm.into());
+        }
+        let Parts {
+            message,
+            payload,
+            signature,
+            ..
+        } = parts;
+        let good = match &self.hmac {
+            // The key's algorithm is the header's (checked above): HS256.
+            Some(hmac) => {
+                let signature = URL_SAFE_NO_PAD.decode(signature)?;
+                let mut mac = hmac.clone();
+                mac.update(message.as_bytes());
+                mac.verify_slice(&signature).is_ok()
+            }
+            None => {
+                jsonwebtoken::crypto::verify(signature, message.as_bytes(), &self.decoding, alg)?
+            }
+        };
+        if !good {
+            return Err(ErrorKind::InvalidSignature.into());
+        }
+        let payload = URL_SAFE_NO_PAD.decode(payload)?;
+        let claims = Payload::parse(&payload)?;
+        for required in &v.required_spec_claims {
+            // `sub` and `exp` cannot be missing here: the parse requires them.
+            let present = match required.as_str() {
+                "iss" => claims.iss.is_some(),
+                "aud" => matches!(claims.aud, Some(Aud::One(_) | Aud::Many(_))),
+                _ => true,
+            };
+            if !present {
+                return Err(ErrorKind::MissingRequiredClaim(required.clone()).into());
+            }
+        }
+        let now = jsonwebtoken::get_current_timestamp();
+        if v.validate_exp && claims.exp < now.saturating_sub(v.leeway) {
+            return Err(ErrorKind::ExpiredSignature.into());
+        }
+        if let (Some(iss), Some(allowed)) = (&claims.iss, &v.iss) {
+            if !allowed.contains(iss.as_ref()) {
+                return Err(ErrorKind::InvalidIssuer.into());
+            }
+        }
+        if let (true, Some(allowed)) = (v.validate_aud, &v.aud) {
+            let ok = match &claims.aud {
+                Some(Aud::One(aud)) => allowed.contains(aud.as_ref()),
+                Some(Aud::Many(auds)) => auds.iter().any(|a| allowed.contains(a.as_ref())),
+                // Not a string or a list of strings: `decode` counted it as missing.
+                Some(Aud::Other) | None => true,
+            };
+            if !ok {
+                return Err(ErrorKind::InvalidAudience.into());
+            }
+        }
+        Ok(Verified {
+            sub: claims.sub,
+            exp: claims.exp,
+        })
+    }
+}
+
+/// A token's parts as `jsonwebtoken::decode` splits them (at the last two dots).
+#[derive(Clone, Copy)]
+struct Parts<'a> {
+    header: &'a str,
+    payload: &'a str,
+    signature: &'a str,
+    /// `header.payload`, what the signature signs.
+    message: &'a str,
+}
+
+impl<'a> Parts<'a> {
+    fn split(token: &'a str) -> Option<Self> {
+        let (message, signature) = token.rsplit_once('.')?;
+        let (header, payload) = message.rsplit_once('.')?;
+        Some(Self {
+            header,
+            payload,
+            signature,
+            message,
+        })
+    }
+}
+
+/// `{"typ":"JWT","alg":"HS256"}` (`jsonwebtoken`'s) and `{"alg":"HS256","typ":"JWT"}`
+/// (most other issuers'), in base64url: a header that says HS256 and nothing else.
+const BARE_HS256_HEADERS: [&str; 2] = [
+    "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9",
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9",
+];
+
+/// A token's claims as one parse reads them: what `jsonwebtoken::decode` accepted when it
+/// parsed them into [`Claims`] (`sub` a string, `exp` and `iat` non-negative integers,
+/// `iss` a string, `aud` anything) and then for its own checks (`nbf` anything), no
+/// claim of these given twice, other claims ignored.
+#[derive(Deserialize)]
+struct Payload<'a> {
+    sub: String,
+    exp: u64,
+    #[serde(default)]
+    #[allow(dead_code)]
+    iat: Option<u64>,
+    #[serde(default, borrow)]
+    iss: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    aud: Option<Aud<'a>>,
+    /// Not checked (`validate_nbf` is off), only read as `decode` read it.
+    #[serde(default)]
+    #[allow(dead_code)]
+    nbf: Option<Nbf>,
+}
+
+/// `nbf` as `jsonwebtoken::decode` read it when it does not check it: any value but a
+/// non-empty list or object (its reader refused those without reading past them, so the
+/// claims failed to parse), and not given twice.
+struct Nbf;
+
+impl<'de> Deserialize<'de> for Nbf {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NbfVisitor)
+    }
+}
+
+struct NbfVisitor;
+
+impl<'de> Visitor<'de> for NbfVisitor {
+    type Value = Nbf;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a number, or any value but a non-empty list or object")
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Nbf, E> {
+        Ok(Nbf)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Nbf, E> {
+        Ok(Nbf)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Nbf, E> {
+        Ok(Nbf)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Nbf, E> {
+        Ok(Nbf)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Nbf, E> {
+        Ok(Nbf)
+    }
+
+    fn visit_unit<E>(self) -> Result<Nbf, E> {
+        Ok(Nbf)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Nbf, A::Error> {
+        match seq.next_element::<IgnoredAny>()? {
+            None => Ok(Nbf),
+            Some(_) => Err(serde::de::Error::invalid_type(
+                serde::de::Unexpected::Seq,
+                &self,
+            )),
+        }
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Nbf, A::Error> {
+        match map.next_key::<IgnoredAny>()? {
+            None => Ok(Nbf),
+            Some(_) => Err(serde::de::Error::invalid_type(
+                serde::de::Unexpected::Map,
+                &self,
+            )),
+        }
+    }
+}
+
+impl<'a> Payload<'a> {
+    /// The claims, which must be a JSON object (a derived struct would also take an
+    /// array, which `decode` refused).
+    fn parse(json: &'a [u8]) -> Result<Self, JwtError> {
+        let first = json
+            .iter()
+            .find(|b| !matches!(b, b' ' | b'\n' | b'\t' | b'\r'));
+        if first != Some(&b'{') {
+            return Err(<serde_json::Error as serde::de::Error>::custom(
+                "the claims are not a JSON object",
+            )
+            .into());
+        }
+        Ok(serde_json::from_slice(json)?)
+    }
+}
+
+/// `aud` as the audience check reads it: one string, a list of strings, or anything else
+/// (which counts as no audience; taken when none is configured).
+enum Aud<'a> {
+    One(Cow<'a, str>),
+    Many(Vec<Cow<'a, str>>),
+    Other,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Aud<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(AudVisitor { list: true })
+    }
+}
+
+/// Reads one `aud` (`list`) or one element of its list: a string, else `Other` (any other
+/// value, read whole and dropped).
+struct AudVisitor {
+    list: bool,
+}
+
+impl<'de> Visitor<'de> for AudVisitor {
+    type Value = Aud<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Aud::One(Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Aud::One(Cow::Owned(v.to_string())))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Aud::One(Cow::Owned(v)))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Aud::Other)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Aud::Other)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Aud::Other)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Aud::Other)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Aud::Other)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Aud::Other)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        if !self.list {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            return Ok(Aud::Other);
+        }
+        let mut all = Vec::new();
+        let mut strings = true;
+        while let Some(item) = seq.next_element_seed(AudItem)? {
+            match item {
+                Aud::One(s) if strings => all.push(s),
+                _ => strings = false,
+            }
+        }
+        Ok(if strings { Aud::Many(all) } else { Aud::Other })
+    }
+}
+
+/// One element of an `aud` list.
+struct AudItem;
+
+impl<'de> serde::de::DeserializeSeed<'de> for AudItem {
+    type Value = Aud<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(AudVisitor { list: false })
     }
 }
 
@@ -470,6 +832,340 @@ mod tests {
             a.verify(&token("old-secret", Some("k1"), old)),
             Err(AuthError::Expired)
         );
+    }
+
+    /// What `verify_claims` answered before it read tokens itself: `jsonwebtoken::decode`
+    /// with the key's `Validation`, then the user id's check.
+    fn reference(a: &Authenticator, token: &str) -> Result<String, AuthError> {
+        if token.is_empty() {
+            return Err(AuthError::Invalid("missing token".into()));
+        }
+        let key = if a.keys.iter().all(|k| k.kid.is_empty()) {
+            &a.keys[0]
+        } else {
+            let header = jsonwebtoken::decode_header(token)
+                .map_err(|e| AuthError::Invalid(e.to_string()))?;
+            let kid = header.kid.as_deref().unwrap_or("");
+            a.keys
+                .iter()
+                .find(|k| k.kid == kid)
+                .or_else(|| a.keys.iter().find(|k| k.kid.is_empty()))
+                .ok_or_else(|| AuthError::Invalid("unknown key id (kid)".into()))?
+        };
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.validation).map_err(|e| {
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => AuthError::Expired,
+                    _ => AuthError::Invalid(e.to_string()),
+                }
+            })?;
+        if !valid_user_id(&data.claims.sub) {
+            return Err(AuthError::Invalid("bad sub".into()));
+        }
+        Ok(data.claims.sub)
+    }
+
+    /// A token with these exact claim bytes, signed with `secret` (HS256) under `kid`.
+    fn raw_token(secret: &str, kid: Option<&str>, claims: &str) -> String {
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = kid.map(str::to_string);
+        raw_token_with(secret, &serde_json::to_string(&header).unwrap(), claims)
+    }
+
+    /// A token with these exact header and claim bytes, signed with `secret` (HS256).
+    fn raw_token_with(secret: &str, header: &str, claims: &str) -> String {
+        let header = URL_SAFE_NO_PAD.encode(header);
+        let message = format!("{header}.{}", URL_SAFE_NO_PAD.encode(claims));
+        let signature = jsonwebtoken::crypto::sign(
+            message.as_bytes(),
+            &EncodingKey::from_secret(secret.as_bytes()),
+            Algorithm::HS256,
+        )
+        .unwrap();
+        format!("{message}.{signature}")
+    }
+
+    /// The same answer as the reference: the user, or the same kind of refusal (expired
+    /// or invalid) and, where the reference's message is `jsonwebtoken`'s own check (not
+    /// its JSON parser's wording), the same message.
+    fn same(a: &Authenticator, token: &str, what: &str) {
+        let new = a.verify(token);
+        let old = reference(a, token);
+        match (&new, &old) {
+            (Ok(n), Ok(o)) => assert_eq!(n, o, "{what}"),
+            (Err(AuthError::Expired), Err(AuthError::Expired)) => {}
+            (Err(AuthError::Invalid(n)), Err(AuthError::Invalid(o))) => {
+                if !o.starts_with("JSON error") && o != "bad sub" {
+                    assert_eq!(n, o, "{what}");
+                }
+            }
+            _ => panic!("{what}: new {new:?}, jsonwebtoken {old:?}"),
+        }
+    }
+
+    /// Claims of every shape a client could send, under each configuration: the token
+    /// read once here and `jsonwebtoken::decode` accept and refuse the same tokens.
+    #[test]
+    fn verify_answers_as_jsonwebtoken_decode() {
+        let now = unix_now();
+        let (late, stale) = (now + 600, now - 3);
+        let expired = now - 600;
+        let claims: Vec<String> = [
+            format!(r#"{{"sub":"ann","exp":{late}}}"#),
+            format!(r#" {{"sub":"ann","exp":{stale}}}"#),
+            format!(r#"{{"sub":"ann","exp":{expired}}}"#),
+            format!(r#"{{"sub":"ann","exp":{late}.0}}"#),
+            format!(r#"{{"sub":"ann","exp":"{late}"}}"#),
+            r#"{"sub":"ann","exp":-1}"#.to_string(),
+            r#"{"sub":"ann","exp":null}"#.to_string(),
+            r#"{"sub":"ann"}"#.to_string(),
+            format!(r#"{{"exp":{late}}}"#),
+            format!(r#"{{"sub":5,"exp":{late}}}"#),
+            format!(r#"{{"sub":null,"exp":{late}}}"#),
+            format!(r#"{{"sub":"","exp":{late}}}"#),
+            format!(r#"{{"sub":"a:b","exp":{late}}}"#),
+            format!(r#"{{"sub":"ann","exp":{late}}}"#),
+            format!(r#"{{"sub":"ann","exp":{late}}}"#),
+            format!(r#"{{"sub":"ann","sub":"bob","exp":{late}}}"#),
+            format!(r#"{{"sub":"ann","exp":{late},"exp":{late}}}"#),
+            format!(r#"{{"sub":"ann","exp":{late},"nbf":1,"nbf":2}}"#),
+            format!(r#"{{"sub":"ann","exp":{late},"iat":1,"iat":2}}"#),
+            format!(r#"{{"sub":"ann","exp":{late},"x":1,"x":2}}"#),
+            format!(r#"{{"sub":"ann","exp":{late},"nbf":"soon"}}"#),
+            format!(r#"{{"sub":"ann","exp":{late},"nbf":{late}}}"#),
+            format!(r#"{{"sub":"ann","exp":{late},"nbf":[]}}"#),
+            format!(r#"{{"sub":"ann","exp":{late},"nbf":[1]}}"#),
+            format!(r#"{{"sub":"ann","exp":{late},"nbf":{{}}}}"#),
+            format!(r#"{{"sub":"ann","exp":{late},"nbf":{{"a":1}}}}"#),
+            format!(r#"{{"sub":"ann","exp":{late},"nbf":-5,"nbf":1.5}}"#),
+            format!(r#"{{"sub":"ann","exp":{late},"iat":1.5}}"#),
+            format!(r#"{{"sub":"ann","exp":{late},"iat":"1"}}"#),
+            format!(r#"{{"sub":"ann","exp":{late},"iat":null}}"#),
+            format!(r#"{{"sub":"ann","exp":{late},"iss":"https://id.example.com"}}"#),
+            format!(r#"{{"sub":"ann","exp":{late},"iss":"https://evil.example.com"}}"#),
+            format!(r#"{{"sub":"ann","exp":{late},"iss":["https://id.example.com"]}}"#),
+            format!(r#"{{"sub":"ann","exp":{late},"iss":null}}"#),
+            format!(r#"{{"sub":"ann","exp":{late},"iss":7}}"#),
+            format!(r#"{{"sub":"ann","exp":{expired},"iss":"https://evil.example.com"}}"#),
+            format!(r#"{{"sub":"ann","exp":{expired},"iss":"https://id.example.com"}}"#),
+        ]
+        .into_iter()
+        .chain(
+            [
+                r#""parley""#,
+                r#""other""#,
+                r#"["x","parley"]"#,
+                r#"["x","y"]"#,
+                r#"["parley",1]"#,
+                r#"["parley",["parley"]]"#,
+                r#"[]"#,
+                r#"null"#,
+                r#"5"#,
+                r#"true"#,
+                r#"{"parley":1}"#,
+                r#""parley""#,
+                r#"["parley"]"#,
+            ]
+            .iter()
+            .flat_map(|aud| {
+                [
+                    format!(
+                        r#"{{"sub":"ann","exp":{late},"aud":{aud},"iss":"https://id.example.com"}}"#
+                    ),
+                    format!(r#"{{"sub":"ann","exp":{expired},"aud":{aud}}}"#),
+                    format!(r#"{{"sub":"ann","exp":{late},"aud":{aud},"aud":{aud}}}"#),
+                ]
+            }),
+        )
+        .chain(
+            [
+                "",
+                "[]",
+                r#"["ann",4102444800]"#,
+                r#""ann""#,
+                "null",
+                "{}",
+                "{",
+                r#"{"sub":"ann","exp":4102444800} x"#,
+                r#"{"sub":"ann","exp":4102444800}  "#,
+                r#"{"sub":"ann","exp":4102444800,}"#,
+                r#"{"sub":"ann","exp":1e400}"#,
+                r#"{"sub":"ann","exp":4102444800,"aud":[[[[[[[[[[1]]]]]]]]]]}"#,
+            ]
+            .map(str::to_string),
+        )
+        .collect();
+
+        let plain = Authenticator::new(&AuthConfig {
+            jwt_secret: "s".into(),
+            ..AuthConfig::default()
+        })
+        .unwrap();
+        let strict = Authenticator::new(&AuthConfig {
+            jwt_secret: "s".into(),
+            audience: "parley".into(),
+            issuer: "https://id.example.com".into(),
+            leeway: Duration::from_secs(5),
+            ..AuthConfig::default()
+        })
+        .unwrap();
+        let rotating = rotating();
+        for c in &claims {
+            for (name, a, secret, kid) in [
+                ("plain", &plain, "s", None),
+                ("plain, wrong secret", &plain, "t", None),
+                ("strict", &strict, "s", Some("k")),
+                ("rotating k1", &rotating, "old-secret", Some("k1")),
+                ("rotating default", &rotating, "legacy-secret", None),
+                (
+                    "rotating k2 with k1's secret",
+                    &rotating,
+                    "old-secret",
+                    Some("k2"),
+                ),
+            ] {
+                same(a, &raw_token(secret, kid, c), &format!("{name}: {c}"));
+            }
+        }
+        // Headers: the two bare HS256 ones (read without a parse), and others that say
+        // HS256 with something more, or something wrong.
+        let headers = [
+            r#"{"typ":"JWT","alg":"HS256"}"#,
+            r#"{"alg":"HS256","typ":"JWT"}"#,
+            r#"{"alg":"HS256"}"#,
+            r#"{"alg":"HS256","typ":"JWT","kid":"k1"}"#,
+            r#"{"alg":"HS256","typ":"JWT","kid":"k9"}"#,
+            r#"{"alg":"HS256","typ":"JWT","alg":"HS256"}"#,
+            r#"{"alg":"HS512","typ":"JWT"}"#,
+            r#"{"alg":"none","typ":"JWT"}"#,
+            r#"{"typ":"JWT"}"#,
+            r#"{"alg":"HS256","typ":"JWT","jwk":5}"#,
+            r#"{"alg":"HS256","typ":"JWT"} "#,
+            r#"["HS256"]"#,
+        ];
+        for h in headers {
+            for c in &claims[..3] {
+                for (name, a, secret) in [
+                    ("plain", &plain, "s"),
+                    ("strict", &strict, "s"),
+                    ("rotating", &rotating, "old-secret"),
+                ] {
+                    same(
+                        a,
+                        &raw_token_with(secret, h, c),
+                        &format!("{name}: {h} {c}"),
+                    );
+                }
+            }
+        }
+        // Tokens that are not three parts of base64, bad signatures, another algorithm.
+        let good = raw_token("s", None, &claims[0]);
+        let (message, _) = good.rsplit_once('.').unwrap();
+        let hs384 = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS384),
+            &serde_json::json!({"sub": "ann", "exp": late}),
+            &EncodingKey::from_secret(b"s"),
+        )
+        .unwrap();
+        for t in [
+            good.clone(),
+            format!("{good}."),
+            format!("{message}."),
+            format!("{message}.AAAA"),
+            format!("{message}.!!"),
+            format!("{message}.{}", URL_SAFE_NO_PAD.encode([0u8; 32])),
+            format!("{good}x"),
+            format!("x{good}"),
+            good.replacen('.', "..", 1),
+            message.to_string(),
+            "a.b.c".into(),
+            "e30.e30.e30".into(),
+            "..".into(),
+            ".".into(),
+            hs384,
+        ] {
+            for (name, a) in [
+                ("plain", &plain),
+                ("strict", &strict),
+                ("rotating", &rotating),
+            ] {
+                same(a, &t, &format!("{name}: {t}"));
+            }
+        }
+    }
+
+    /// The headers read without a parse say exactly HS256 and nothing else.
+    #[test]
+    fn the_bare_headers_are_what_they_say() {
+        for h in BARE_HS256_HEADERS {
+            let json = URL_SAFE_NO_PAD.decode(h).unwrap();
+            let header: Header = serde_json::from_slice(&json).unwrap();
+            assert_eq!(
+                header,
+                Header::new(Algorithm::HS256),
+                "{}",
+                String::from_utf8_lossy(&json)
+            );
+            let parsed: serde_json::Value = serde_json::from_slice(&json).unwrap();
+            assert_eq!(
+                parsed,
+                serde_json::json!({"alg": "HS256", "typ": "JWT"}),
+                "nothing but alg and typ"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1024))]
+        /// Objects of the claims `decode` reads (and one it does not), each of a few
+        /// values, some given twice: the same answers as `jsonwebtoken::decode`.
+        #[test]
+        fn verify_answers_as_jsonwebtoken_decode_for_any_claims(
+            valid_start in proptest::bool::ANY,
+            fields in proptest::collection::vec((0usize..7, 0usize..14), 0..8)
+        ) {
+            let late = unix_now() + 600;
+            const KEYS: [&str; 7] = ["sub", "exp", "iat", "iss", "aud", "nbf", "other"];
+            let values = [
+                r#""ann""#.to_string(),
+                r#""parley""#.into(),
+                r#""https://id.example.com""#.into(),
+                late.to_string(),
+                "1000".into(),
+                format!("{late}.5"),
+                "-3".into(),
+                "null".into(),
+                "true".into(),
+                r#"["parley","x"]"#.into(),
+                r#"["x",2]"#.into(),
+                "[]".into(),
+                r#"{"a":[1]}"#.into(),
+                r#""bad id!""#.into(),
+            ];
+            // Half of the objects start as a valid token's (so that what follows meets
+            // the checks, not only the parse).
+            let start = valid_start.then(|| format!(r#""sub":"ann","exp":{late}"#));
+            let body = start
+                .into_iter()
+                .chain(fields.iter().map(|&(k, v)| format!(r#""{}":{}"#, KEYS[k], values[v])))
+                .collect::<Vec<_>>()
+                .join(",");
+            let claims = format!("{{{body}}}");
+            let plain = Authenticator::new(&AuthConfig {
+                jwt_secret: "s".into(),
+                ..AuthConfig::default()
+            })
+            .unwrap();
+            let strict = Authenticator::new(&AuthConfig {
+                jwt_secret: "s".into(),
+                audience: "parley".into(),
+                issuer: "https://id.example.com".into(),
+                ..AuthConfig::default()
+            })
+            .unwrap();
+            same(&plain, &raw_token("s", None, &claims), &claims);
+            same(&strict, &raw_token("s", None, &claims), &claims);
+        }
     }
 
     #[test]
