@@ -905,6 +905,24 @@ mod tests {
 
     /// Claims of every shape a client could send, under each configuration: the token
     /// read once here and `jsonwebtoken::decode` accept and refuse the same tokens.
+    /// Authenticators for the comparison tests: secret "s", and the same with an audience
+    /// and an issuer required (the default leeway, 5 s).
+    fn plain_and_strict() -> (Authenticator, Authenticator) {
+        let plain = Authenticator::new(&AuthConfig {
+            jwt_secret: "s".into(),
+            ..AuthConfig::default()
+        })
+        .unwrap();
+        let strict = Authenticator::new(&AuthConfig {
+            jwt_secret: "s".into(),
+            audience: "parley".into(),
+            issuer: "https://id.example.com".into(),
+            ..AuthConfig::default()
+        })
+        .unwrap();
+        (plain, strict)
+    }
+
     #[test]
     fn verify_answers_as_jsonwebtoken_decode() {
         let now = unix_now();
@@ -996,19 +1014,7 @@ mod tests {
         )
         .collect();
 
-        let plain = Authenticator::new(&AuthConfig {
-            jwt_secret: "s".into(),
-            ..AuthConfig::default()
-        })
-        .unwrap();
-        let strict = Authenticator::new(&AuthConfig {
-            jwt_secret: "s".into(),
-            audience: "parley".into(),
-            issuer: "https://id.example.com".into(),
-            leeway: Duration::from_secs(5),
-            ..AuthConfig::default()
-        })
-        .unwrap();
+        let (plain, strict) = plain_and_strict();
         let rotating = rotating();
         for c in &claims {
             for (name, a, secret, kid) in [
@@ -1151,18 +1157,7 @@ mod tests {
                 .collect::<Vec<_>>()
                 .join(",");
             let claims = format!("{{{body}}}");
-            let plain = Authenticator::new(&AuthConfig {
-                jwt_secret: "s".into(),
-                ..AuthConfig::default()
-            })
-            .unwrap();
-            let strict = Authenticator::new(&AuthConfig {
-                jwt_secret: "s".into(),
-                audience: "parley".into(),
-                issuer: "https://id.example.com".into(),
-                ..AuthConfig::default()
-            })
-            .unwrap();
+            let (plain, strict) = plain_and_strict();
             same(&plain, &raw_token("s", None, &claims), &claims);
             same(&strict, &raw_token("s", None, &claims), &claims);
         }

@@ -9,22 +9,11 @@
 #   e.g. ... h2new /tmp/new/parley /tmp/base/parley-bench --transport sse --http2 -- -n 100 -r 10 -d 8s
 set -u
 . "$(dirname "$0")/storm-env.sh"
-mkdir -p /tmp/cg
 name=$1 server=$2 bench=$3; shift 3
 pre=(); post=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do pre+=("$1"); shift; done
 [ $# -gt 0 ] && shift && post=("$@")
-port=$((20000 + RANDOM % 20000))
-wd=/tmp/cg/wd-$name; rm -rf "$wd"; mkdir -p "$wd"; cd "$wd"
-storm-env $port
-taskset -c 0 valgrind --tool=callgrind --callgrind-out-file=/tmp/cg/$name.out "$server" serve > /tmp/cg/$name.server.log 2>&1 &
-vpid=$!
-for i in $(seq 1 300); do
-  (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break
-  sleep 0.2
-done
-sleep 1
-callgrind_control -z $vpid >/dev/null 2>&1
+cg-start $name "$server"
 taskset -c 1 "$bench" --url ws://127.0.0.1:$port/ws --jwt-secret cg-secret --no-progress --json \
    "${pre[@]}" fanout "${post[@]}" > /tmp/cg/$name.fanout.json 2>/tmp/cg/$name.fanout.log
 callgrind_control -d $vpid >/dev/null 2>&1

@@ -7,22 +7,11 @@
 # SERVER and BENCH as absolute paths (the script runs in a work directory of its own).
 set -u
 . "$(dirname "$0")/storm-env.sh"
-mkdir -p /tmp/cg
 name=$1 server=$2 bench=$3 dur=${4:-20s}
-port=$((20000 + RANDOM % 20000))
-wd=/tmp/cg/wd-$name; rm -rf "$wd"; mkdir -p "$wd"; cd "$wd"
-storm-env $port
-taskset -c 0 valgrind --tool=callgrind --callgrind-out-file=/tmp/cg/$name.out "$server" serve > /tmp/cg/$name.server.log 2>&1 &
-vpid=$!
-for i in $(seq 1 300); do
-  (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break
-  sleep 0.2
-done
-sleep 1
-callgrind_control -z $vpid >/dev/null
+cg-start $name "$server"
 taskset -c 1 "$bench" --url ws://127.0.0.1:$port/ws --jwt-secret cg-secret --no-progress --json \
    storm -c 8 -d "$dur" --settle 0s --join > /tmp/cg/$name.storm.json 2>/tmp/cg/$name.storm.log
-callgrind_control -d $vpid >/dev/null
+callgrind_control -d $vpid >/dev/null 2>&1
 sleep 1
 kill -KILL $vpid 2>/dev/null; wait $vpid 2>/dev/null
 h=$(grep -m1 '"handshakes":' /tmp/cg/$name.storm.json | tr -dc 0-9)

@@ -1,4 +1,4 @@
-# Sourced by the storm-*.sh scripts: the environment of a server they start themselves
+# Sourced by the storm-*.sh scripts and fanout-callgrind.sh: the environment of a server they start themselves
 # (`storm-env PORT`: listen on 127.0.0.1:PORT, the scripts' JWT secret `cg-secret`, every
 # per-IP and per-user limit off, as `parley-bench --spawn-server` does) and a wait for its
 # port (`storm-wait PORT`, up to 10 s).
@@ -12,4 +12,29 @@ storm-env() {
 storm-wait() {
   local i
   for i in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.1; done
+}
+# `cg-start NAME SERVER`: a work directory /tmp/cg/wd-NAME, SERVER under callgrind on CPU 0
+# (output /tmp/cg/NAME.out*, log /tmp/cg/NAME.server.log) on a random port, waited for
+# (up to 60 s: valgrind starts slowly), counters zeroed. Sets `port` and `vpid`.
+cg-start() {
+  local i
+  mkdir -p /tmp/cg
+  # A random port that nothing listens on (another run's server on it would answer the
+  # wait below and take the storm).
+  port=$((20000 + RANDOM % 20000))
+  while (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; do port=$((20000 + RANDOM % 20000)); done
+  local wd=/tmp/cg/wd-$1; rm -rf "$wd"; mkdir -p "$wd"; cd "$wd"
+  storm-env $port
+  taskset -c 0 valgrind --tool=callgrind --callgrind-out-file=/tmp/cg/$1.out "$2" serve > /tmp/cg/$1.server.log 2>&1 &
+  vpid=$!
+  for i in $(seq 1 300); do
+    (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break
+    sleep 0.2
+  done
+  sleep 1
+  if ! kill -0 $vpid 2>/dev/null; then
+    echo "$1: the server did not start: $(grep -v '^==' /tmp/cg/$1.server.log | tail -1)" >&2
+    exit 1
+  fi
+  callgrind_control -z $vpid >/dev/null 2>&1
 }
