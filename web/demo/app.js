@@ -22,7 +22,10 @@ const TRANSPORT_LABEL = { websocket: "WebSocket", sse: "SSE", poll: "long-poll",
 let client;
 let me = "";
 let active = ""; // the room on screen
-const rooms = new Map(); // room -> { room, dmPeer, unread, lastSeq, readSeq, messages: Map<seq, msg>, oldest, more }
+// room -> { room, dmPeer, unread, counted, lastSeq, readSeq, messages: Map<seq, msg>, oldest, more }
+// `counted`: the last seq the server's `unread` figure already covers (from `connected` and
+// our own receipts), so that a message pushed after that figure is not counted twice.
+const rooms = new Map();
 const pending = new Map(); // clientMsgId -> { room, body }
 const presence = new Map(); // user -> online
 const typingUntil = new Map(); // room -> Map<user, until>
@@ -144,6 +147,7 @@ function wire(c) {
       const room = roomOf(r.room, r.dmPeer);
       room.private = r.private;
       room.unread = r.unread;
+      room.counted = Math.max(room.counted, r.lastSeq);
       room.lastSeq = r.lastSeq;
       room.readSeq = r.readSeq;
     }
@@ -157,7 +161,7 @@ function wire(c) {
     if (room.oldest === 0) room.oldest = m.seq;
     pending.delete(m.clientMsgId);
     if (m.sender !== me && (m.room !== active || document.hidden)) {
-      room.unread += 1;
+      if (m.seq > room.counted) room.unread += 1;
       desktopNotify(m, room);
     }
     stopTyping(m.room, m.sender);
@@ -178,6 +182,10 @@ function wire(c) {
     const room = roomOf(r.room, peerOf(r.room));
     room.readSeq = Math.max(room.readSeq, r.seq);
     room.unread = r.unread;
+    // The server counted the messages after r.seq when it took the marker; one of them may
+    // not have reached this page yet (its push and this receipt travel apart). At least
+    // r.seq + r.unread is covered: a seq never holds two messages.
+    room.counted = Math.max(room.counted, r.seq + r.unread);
     renderRooms();
   });
   c.on("typing", (t) => {
@@ -322,7 +330,7 @@ function dmRoom(user) {
 function roomOf(name, dmPeer) {
   let r = rooms.get(name);
   if (!r) {
-    r = { room: name, dmPeer: dmPeer || "", unread: 0, lastSeq: 0, readSeq: 0, messages: new Map(), oldest: 0, more: false, loaded: false };
+    r = { room: name, dmPeer: dmPeer || "", unread: 0, counted: 0, lastSeq: 0, readSeq: 0, messages: new Map(), oldest: 0, more: false, loaded: false };
     rooms.set(name, r);
     if (r.dmPeer) watchPresence([r.dmPeer]);
   }
