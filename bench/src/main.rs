@@ -108,9 +108,10 @@ struct Global {
     /// WebSocket: offer permessage-deflate (yawc's client, as browsers offer it).
     #[arg(long, global = true)]
     deflate: bool,
-    /// SSE and long-poll: one HTTP/2 connection per client (cleartext, prior knowledge)
-    /// carries the stream or polls and the commands, as a browser's connection over
-    /// HTTPS does; without it, HTTP/1.1 (SSE's commands then need a second connection).
+    /// SSE and long-poll: one HTTP/2 connection per client (cleartext with prior
+    /// knowledge; ALPN h2 with --tls) carries the stream or polls and the commands, as a
+    /// browser's connection over HTTPS does; without it, HTTP/1.1 (SSE's commands then
+    /// need a second connection).
     #[arg(long, global = true)]
     http2: bool,
     /// TLS on every connection (ws, sse, poll; ALPN h2 with --http2, http/1.1 without),
