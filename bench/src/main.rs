@@ -123,7 +123,9 @@ struct Global {
     tls: bool,
     /// Trust the certificates in this PEM file (a CA, or the server's own self-signed
     /// certificate) and nothing else; implies --tls. TLS verifies the URL's host, so use
-    /// a name or address the certificate carries (e.g. https://localhost:PORT).
+    /// a name or address the certificate carries (e.g. https://localhost:PORT). A
+    /// spawned server then needs its certificate and key through --server-env
+    /// (PARLEY_TLS__CERT_FILE=..., PARLEY_TLS__KEY_FILE=...) and is reached as 127.0.0.1.
     #[arg(long, global = true, value_name = "FILE")]
     tls_ca: Option<PathBuf>,
     /// Print the report as JSON on stdout (the table goes to stderr).

@@ -92,8 +92,9 @@ pub struct Target {
     /// one connection per client.
     pub http2: bool,
     /// TLS over every TCP connection (WebSocket, SSE, long-poll), trusting this client's
-    /// certificates; `None`: cleartext.
-    pub tls: Option<TlsClient>,
+    /// certificates; `None`: cleartext. (Behind an `Arc`: every SSE and long-poll
+    /// connection keeps a copy of its target.)
+    pub tls: Option<Arc<TlsClient>>,
     auth: Arc<Authenticator>,
 }
 
@@ -187,7 +188,7 @@ impl Target {
             .replacen("wss://", "ws://", 1)
             .replacen("https://", "http://", 1);
         let mut t = Target::new(&plain, transport, encoding, jwt_secret)?;
-        t.tls = Some(tls);
+        t.tls = Some(Arc::new(tls));
         Ok(t)
     }
 
