@@ -1038,12 +1038,17 @@ impl Server {
                         ));
                     }
                     Some(acceptor) => {
+                        // rustls's connection state (~1.2 KB) is boxed, here and while
+                        // the handshake runs: inline, it took room in this task's future
+                        // more than once (the handshake's state, then the stream in
+                        // `serve_connection` and in `serve_h2`'s argument and
+                        // connection), for as long as the connection lives.
                         tokio::spawn(async move {
-                            let handshake = acceptor.accept(io);
+                            let handshake = Box::pin(acceptor.accept(io));
                             match tokio::time::timeout(stages.tls_handshake, handshake).await {
                                 Ok(Ok(stream)) => {
                                     serve_connection(
-                                        stream,
+                                        Box::new(stream),
                                         app,
                                         watcher,
                                         shutdown,

@@ -184,13 +184,14 @@ fn imports_only_point_down() {
 /// nothing of the crate, then where to connect, then the connections (the HTTP ones
 /// and WebTransport below the one that dispatches over every transport), then the scenarios that drive
 /// them.
-const BENCH_LAYERS: [&str; 12] = [
+const BENCH_LAYERS: [&str; 13] = [
     "ui",
     "stats",
     "net",
     "wire",
     "probe",
     "report",
+    "tls",
     "target",
     "ws_transport",
     "http_transport",

@@ -2,8 +2,8 @@
 //! (`docs/PROTOCOL.md`, "Server-Sent Events", "Long-poll", "Commands over HTTP").
 //!
 //! Both use hyper's HTTP/1.1 client connection (HTTP/2 with `--http2`) over a plain
-//! tokio `TcpStream` (one spawned connection task each), and keep little per connection:
-//! no buffers until data arrives.
+//! tokio `TcpStream`, or TLS over it with `--tls` (one spawned connection task each), and
+//! keep little per connection: no buffers until data arrives (rustls keeps its own).
 //!
 //! - **SSE**: on the stream's connection, `POST /api/v1/tickets` (bearer) and then
 //!   `GET /sse?ticket=T` on the same keep-alive connection; the first event is the

@@ -10,7 +10,7 @@
 //! against an in-process server; the `parley-bench` binary is a thin CLI around them.
 //!
 //! - [`target`]: where to connect (loopback only), with which encoding and transport;
-//!   opens the TCP connection.
+//!   opens the TCP connection; [`tls`] (below it): TLS over it (`--tls`, `--tls-ca`).
 //! - [`transport`]: one client connection, whatever the transport (WebSocket, SSE,
 //!   long-poll, WebTransport); [`ws_transport`] (below it): the plain WebSocket client
 //!   (upgrade and frame reader); [`http_transport`]: the SSE and long-poll
@@ -32,6 +32,7 @@ pub mod report;
 pub mod scenario;
 pub mod stats;
 pub mod target;
+pub mod tls;
 pub mod transport;
 pub mod ui;
 pub mod wire;

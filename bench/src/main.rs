@@ -21,6 +21,7 @@ use parley_bench::{
     scenario::{self, Report, Run, shards::Shards},
     stats,
     target::{self, Target},
+    tls::TlsClient,
     ui::{Ui, si},
 };
 
@@ -107,11 +108,26 @@ struct Global {
     /// WebSocket: offer permessage-deflate (yawc's client, as browsers offer it).
     #[arg(long, global = true)]
     deflate: bool,
-    /// SSE and long-poll: one HTTP/2 connection per client (cleartext, prior knowledge)
-    /// carries the stream or polls and the commands, as a browser's connection over
-    /// HTTPS does; without it, HTTP/1.1 (SSE's commands then need a second connection).
+    /// SSE and long-poll: one HTTP/2 connection per client (cleartext with prior
+    /// knowledge; ALPN h2 with --tls) carries the stream or polls and the commands, as a
+    /// browser's connection over HTTPS does; without it, HTTP/1.1 (SSE's commands then
+    /// need a second connection).
     #[arg(long, global = true)]
     http2: bool,
+    /// TLS on every connection (ws, sse, poll; ALPN h2 with --http2, http/1.1 without),
+    /// as browsers on an HTTPS page have. With --spawn-server and no --tls-ca, the server
+    /// gets a fresh self-signed certificate for localhost and 127.0.0.1
+    /// (PARLEY_TLS__CERT_FILE/KEY_FILE) and the generator trusts it; otherwise give
+    /// --tls-ca. A wss:// or https:// --url implies it.
+    #[arg(long, global = true)]
+    tls: bool,
+    /// Trust the certificates in this PEM file (a CA, or the server's own self-signed
+    /// certificate) and nothing else; implies --tls. TLS verifies the URL's host, so use
+    /// a name or address the certificate carries (e.g. https://localhost:PORT). A
+    /// spawned server then needs its certificate and key through --server-env
+    /// (PARLEY_TLS__CERT_FILE=..., PARLEY_TLS__KEY_FILE=...) and is reached as 127.0.0.1.
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
     /// Print the report as JSON on stdout (the table goes to stderr).
     #[arg(long, global = true)]
     json: bool,
@@ -308,20 +324,52 @@ async fn run(cli: Cli, shards: Option<Arc<Shards>>) -> anyhow::Result<bool> {
         enabled: !g.no_progress,
     };
 
-    let mut target = Target::new(&g.url, g.transport, g.encoding, &g.jwt_secret)?;
+    let tls_wanted = g.tls || g.tls_ca.is_some() || target::url_wants_tls(&g.url);
+    if tls_wanted && g.transport == TransportKind::Wt {
+        bail!("--transport wt is always TLS (QUIC); drop --tls/--tls-ca and the wss:// URL");
+    }
+    // A spawned server without a given CA gets a self-signed certificate that lives
+    // (its temporary directory) until this function returns.
+    let self_signed = match (tls_wanted, &g.tls_ca, &g.spawn_server) {
+        (true, None, Some(_)) => Some(parley_bench::tls::SelfSigned::generate("spawn")?),
+        (true, None, None) => {
+            bail!("--tls needs --tls-ca FILE (the certificate to trust) unless --spawn-server")
+        }
+        _ => None,
+    };
+    let tls = match (&g.tls_ca, &self_signed) {
+        (Some(ca), _) => Some(TlsClient::from_pem_file(ca)?),
+        (None, Some(s)) => Some(TlsClient::from_pem_file(&s.cert_file)?),
+        (None, None) => None,
+    };
+    let new_target = |url: &str| match &tls {
+        Some(tls) => Target::new_tls(url, g.transport, g.encoding, &g.jwt_secret, tls.clone()),
+        None => Target::new(url, g.transport, g.encoding, &g.jwt_secret),
+    };
+    let mut target = new_target(&g.url)?;
     target.buffers.read = g.read_buffer;
     target.connect_timeout = g.connect_timeout;
     target.poll_wait_s = g.poll_wait;
     target.deflate = g.deflate;
     target.http2 = g.http2;
     target.source_ips = g.source_ips.unwrap_or_else(|| net::source_ips_for(conns));
-    let spawn = g.spawn_server.as_ref().map(|path| SpawnOptions {
-        binary: path.clone(),
-        jwt_secret: g.jwt_secret.clone(),
-        cpus: g.server_cpu.0.clone(),
-        env: g.server_env.clone(),
-        log: g.server_log.clone(),
+    let spawn = g.spawn_server.as_ref().map(|path| {
+        let mut env = g.server_env.clone();
+        if let Some(s) = &self_signed {
+            env.push(("PARLEY_TLS__CERT_FILE".into(), path_env(&s.cert_file)));
+            env.push(("PARLEY_TLS__KEY_FILE".into(), path_env(&s.key_file)));
+        }
+        SpawnOptions {
+            binary: path.clone(),
+            jwt_secret: g.jwt_secret.clone(),
+            cpus: g.server_cpu.0.clone(),
+            env,
+            log: g.server_log.clone(),
+        }
     });
+    if let Some(tls) = &tls {
+        eprintln!("over TLS, trusting {}", tls.ca_file.display());
+    }
     let server_pid = match g.server_pid {
         Some(pid) => Some(Probe::new(pid)?),
         None => None,
@@ -360,7 +408,11 @@ async fn run(cli: Cli, shards: Option<Arc<Shards>>) -> anyhow::Result<bool> {
         let mut run = Run::new(target.clone());
         if let Some(s) = &server {
             run.target.addr = s.addr();
-            run.target.host = s.addr().to_string();
+            // The spawned server's certificate names localhost.
+            run.target.host = match &self_signed {
+                Some(_) => format!("localhost:{}", s.addr().port()),
+                None => s.addr().to_string(),
+            };
             run.server = Some(s.probe());
         } else {
             run.server = server_pid;
@@ -369,7 +421,7 @@ async fn run(cli: Cli, shards: Option<Arc<Shards>>) -> anyhow::Result<bool> {
         run.connect_concurrency = g.concurrency;
         run.shards = shards.clone();
         for url in &g.listener_url {
-            let mut t = Target::new(url, g.transport, g.encoding, &g.jwt_secret)?;
+            let mut t = new_target(url)?;
             t.buffers = run.target.buffers;
             t.connect_timeout = run.target.connect_timeout;
             t.poll_wait_s = run.target.poll_wait_s;
@@ -563,4 +615,8 @@ fn fmt(v: f64) -> String {
     } else {
         si(v)
     }
+}
+
+fn path_env(path: &std::path::Path) -> String {
+    path.to_string_lossy().into_owned()
 }

@@ -1,6 +1,7 @@
 //! Where the generator connects and how: a loopback address (nothing else is ever
 //! accepted), the transport, the encoding, the client's buffer sizes and the key that
-//! mints tokens.
+//! mints tokens; over TLS when given a [`TlsClient`] (`--tls`, `--tls-ca`, or a `wss://`
+//! or `https://` URL).
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -15,8 +16,10 @@ use parley::{
     config::{AuthConfig, DEV_JWT_SECRET},
 };
 use serde::Serialize;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::http::Uri;
+
+use crate::tls::{ClientStream, TlsClient};
 
 /// The transports a scenario can run over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -85,8 +88,13 @@ pub struct Target {
     pub poll_wait_s: u64,
     /// WebSocket: offer permessage-deflate.
     pub deflate: bool,
-    /// SSE and long-poll: HTTP/2 (cleartext, prior knowledge), one connection per client.
+    /// SSE and long-poll: HTTP/2 (cleartext prior knowledge, or ALPN `h2` over TLS),
+    /// one connection per client.
     pub http2: bool,
+    /// TLS over every TCP connection (WebSocket, SSE, long-poll), trusting this client's
+    /// certificates; `None`: cleartext. (Behind an `Arc`: every SSE and long-poll
+    /// connection keeps a copy of its target.)
+    pub tls: Option<Arc<TlsClient>>,
     auth: Arc<Authenticator>,
 }
 
@@ -111,6 +119,9 @@ impl Target {
         jwt_secret: &str,
     ) -> anyhow::Result<Self> {
         let (addr, host, path) = parse_loopback_url(url)?;
+        if url_wants_tls(url) {
+            bail!("{url:?} asks for TLS: give the certificate to trust with --tls-ca FILE");
+        }
         // SSE streams are JSON only; its commands use the same encoding.
         let encoding = match transport {
             TransportKind::Sse => Encoding::Json,
@@ -133,6 +144,7 @@ impl Target {
             poll_wait_s: 30,
             deflate: false,
             http2: false,
+            tls: None,
             auth: Arc::new(auth),
         })
     }
@@ -163,9 +175,45 @@ impl Target {
         ))
     }
 
-    /// Opens a TCP connection to the target, from a spread source address if configured
-    /// (connection `index` picks it).
-    pub(crate) async fn connect(&self, index: usize) -> std::io::Result<TcpStream> {
+    /// A target for `url` over TLS (`wss://`, `https://`, or also `ws://` and `http://`:
+    /// `tls` decides), trusting `tls`'s certificates.
+    pub fn new_tls(
+        url: &str,
+        transport: TransportKind,
+        encoding: Encoding,
+        jwt_secret: &str,
+        tls: TlsClient,
+    ) -> anyhow::Result<Self> {
+        let plain = url
+            .replacen("wss://", "ws://", 1)
+            .replacen("https://", "http://", 1);
+        let mut t = Target::new(&plain, transport, encoding, jwt_secret)?;
+        t.tls = Some(Arc::new(tls));
+        Ok(t)
+    }
+
+    /// The host part of `host` (`Host` without its port): the name TLS verifies.
+    fn host_name(&self) -> &str {
+        match self.host.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => &self.host,
+        }
+    }
+
+    /// Opens a connection to the target (TCP, then the TLS handshake when the target
+    /// has TLS), from a spread source address if configured (connection `index` picks
+    /// it).
+    pub(crate) async fn connect(&self, index: usize) -> std::io::Result<ClientStream> {
+        let tcp = self.connect_tcp(index).await?;
+        match &self.tls {
+            None => Ok(ClientStream::Tcp(tcp)),
+            Some(tls) => Ok(ClientStream::Tls(Box::new(
+                tls.connect(tcp, self.host_name(), self.http2).await?,
+            ))),
+        }
+    }
+
+    async fn connect_tcp(&self, index: usize) -> std::io::Result<tokio::net::TcpStream> {
         let socket = match self.addr {
             SocketAddr::V4(_) => TcpSocket::new_v4()?,
             SocketAddr::V6(_) => TcpSocket::new_v6()?,
@@ -180,11 +228,17 @@ impl Target {
     }
 }
 
+/// Whether `url`'s scheme is a TLS one (`wss://`, `https://`).
+pub fn url_wants_tls(url: &str) -> bool {
+    url.starts_with("wss://") || url.starts_with("https://")
+}
+
 /// Parses `ws://HOST:PORT/PATH` and refuses any host that is not loopback.
 pub fn parse_loopback_url(url: &str) -> anyhow::Result<(SocketAddr, String, String)> {
     let uri: Uri = url.parse().with_context(|| format!("bad URL {url:?}"))?;
     match uri.scheme_str() {
         Some("ws") | Some("http") | Some("https") => {}
+        Some("wss") => {}
         Some(other) => bail!("unsupported scheme {other:?} in {url:?}: use ws:// (loopback)"),
         None => bail!("URL {url:?} has no scheme: use ws://127.0.0.1:PORT/ws"),
     }
@@ -237,7 +291,8 @@ mod tests {
             "ws://example.com/ws",
             "ws://8.8.8.8/ws",
             "ws://[2001:db8::1]/ws",
-            "wss://127.0.0.1/ws",
+            "wss://10.0.0.1/ws",
+            "ftp://127.0.0.1/ws",
             "127.0.0.1:8080",
         ] {
             assert!(parse_loopback_url(bad).is_err(), "{bad} must be refused");

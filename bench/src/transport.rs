@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use crate::{
     http_transport::HttpConnection,
     target::{Target, TransportKind},
+    tls::ClientStream,
     wire::{self, Incoming, Received},
     ws_transport::RawWs,
     wt_transport::WtConnection,
@@ -22,7 +23,6 @@ use parley::{
     proto::{self, ClientFrame, client_frame::Cmd, server_frame::Kind},
 };
 use serde::Serialize;
-use tokio::net::TcpStream;
 
 /// The client WebSocket: the generator's own reader ([`crate::ws_transport`], an
 /// implementation independent of the server's), or yawc when permessage-deflate is
@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 #[allow(clippy::large_enum_variant)]
 enum WsSocket {
     Plain(RawWs),
-    Deflate(Box<yawc::WebSocket<TcpStream>>),
+    Deflate(Box<yawc::WebSocket<ClientStream>>),
 }
 
 /// Which step of opening a connection failed (storm counts them apart).
@@ -352,7 +352,10 @@ impl WsConnection {
     /// Opens with permessage-deflate offered (yawc's client, as a browser offers it:
     /// `client_max_window_bits`); a server that declines gets an uncompressed connection. Inflate state is
     /// shared between the generator's connections (the server keeps no context).
-    async fn open_deflate(target: &Target, stream: TcpStream) -> Result<WsConnection, OpenError> {
+    async fn open_deflate(
+        target: &Target,
+        stream: ClientStream,
+    ) -> Result<WsConnection, OpenError> {
         static POOL: std::sync::OnceLock<yawc::DeflatePool> = std::sync::OnceLock::new();
         let handshake = async {
             let url: url::Url = format!("ws://{}{}", target.host, target.path).parse()?;

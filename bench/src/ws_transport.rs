@@ -23,13 +23,10 @@ use std::{
 };
 
 use anyhow::{Context, bail, ensure};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt, Interest},
-    net::TcpStream,
-};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
 
-use crate::wire::Received;
+use crate::{tls::ClientStream, wire::Received};
 
 /// The largest server frame accepted (as the tungstenite client was configured).
 pub const MAX_FRAME: usize = 1 << 20;
@@ -276,7 +273,7 @@ impl Masks {
 /// One plain WebSocket client connection.
 #[derive(Debug)]
 pub struct RawWs {
-    stream: TcpStream,
+    stream: ClientStream,
     reader: FrameReader,
     read_size: usize,
     /// Control replies (pongs, the close answer) not yet written.
@@ -292,7 +289,7 @@ impl RawWs {
     /// The HTTP upgrade on `stream`, offering `subprotocol`; fails unless the server
     /// switches protocols with the right accept key and that subprotocol.
     pub async fn handshake(
-        mut stream: TcpStream,
+        mut stream: ClientStream,
         host: &str,
         path: &str,
         subprotocol: &str,
@@ -409,16 +406,32 @@ impl RawWs {
             return Ok(());
         }
         self.reader.make_room(self.read_size);
-        let fd = self.stream.as_raw_fd();
+        let tcp = match &mut self.stream {
+            ClientStream::Tcp(tcp) => tcp,
+            ClientStream::Tls(tls) => {
+                // Over TLS, rustls decrypts into the same buffer's spare capacity.
+                let n = tls
+                    .read_buf(&mut self.reader.buf)
+                    .await
+                    .context("reading")?;
+                if n == 0 {
+                    self.closed = Some(None);
+                } else {
+                    self.reader.starved = false;
+                }
+                return Ok(());
+            }
+        };
+        let fd = tcp.as_raw_fd();
         loop {
             // The stream's own reader slot (one waker, no waiter list to join and leave
             // on every wake-up as `readable()` does).
-            std::future::poll_fn(|cx| self.stream.poll_read_ready(cx))
+            std::future::poll_fn(|cx| tcp.poll_read_ready(cx))
                 .await
                 .context("reading")?;
             let buf = &mut self.reader.buf;
             let mut got = None;
-            let r = self.stream.try_io(Interest::READABLE, || {
+            let r = tcp.try_io(Interest::READABLE, || {
                 let spare = buf.spare_capacity_mut();
                 let room = spare.len();
                 // SAFETY: recv writes at most `room` bytes into the spare capacity, which
@@ -463,6 +476,8 @@ impl RawWs {
             }
             self.out.drain(..n);
         }
+        // TLS may hold records back until flushed (a no-op on TCP).
+        self.stream.flush().await.context("writing")?;
         Ok(())
     }
 
@@ -736,7 +751,7 @@ mod tests {
             s.read_to_end(&mut back).await.unwrap();
             back
         });
-        let stream = TcpStream::connect(addr).await.unwrap();
+        let stream = ClientStream::Tcp(tokio::net::TcpStream::connect(addr).await.unwrap());
         let mut ws = RawWs::handshake(stream, "localhost", "/ws", "parley.v1.proto", 512)
             .await
             .unwrap();

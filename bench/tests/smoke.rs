@@ -506,3 +506,87 @@ async fn the_floor_serves_webtransport() {
     assert_eq!(idle.transport, "wt");
     floor.stop(Duration::from_secs(2));
 }
+
+/// `--tls` / `--tls-ca`: WebSocket (plain and with permessage-deflate), SSE and long-poll
+/// (HTTP/1.1, and HTTP/2 chosen by ALPN) over TLS to the server's own TLS listener,
+/// trusting only its certificate file. Every push is delivered once and in order and
+/// idle joined sessions stay open. The listener speaks nothing but TLS, so a target that
+/// ignored its TLS client would fail: the same run over cleartext is shown to fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_http_transport_over_tls_verifies() {
+    let (server, certs) = tls_server().await;
+    let tls = parley_bench::tls::TlsClient::from_pem_file(&certs.0.join("cert.pem")).unwrap();
+    let port = server.local_addr().port();
+    let over = |transport, encoding, http2: bool, deflate: bool| {
+        let mut target = Target::new_tls(
+            &format!("wss://localhost:{port}/ws"),
+            transport,
+            encoding,
+            SECRET,
+            tls.clone(),
+        )
+        .unwrap();
+        target.poll_wait_s = 1;
+        target.http2 = http2;
+        target.deflate = deflate;
+        let mut run = Run::new(target);
+        run.server = Some(Probe::me());
+        run
+    };
+    for (transport, encoding, http2, deflate) in [
+        (TransportKind::Ws, Encoding::Proto, false, false),
+        (TransportKind::Ws, Encoding::Json, false, true),
+        (TransportKind::Sse, Encoding::Json, false, false),
+        (TransportKind::Sse, Encoding::Json, true, false),
+        (TransportKind::Poll, Encoding::Proto, false, false),
+        (TransportKind::Poll, Encoding::Json, true, false),
+    ] {
+        let what = format!("{transport:?}/{encoding:?} over TLS, http2 {http2} deflate {deflate}");
+        let run = over(transport, encoding, http2, deflate);
+        let params = scenario::fanout::Params {
+            subscribers: 6,
+            publishers: 1,
+            rate: 200.0,
+            duration: Duration::from_secs(5),
+            messages: Some(20),
+            body_bytes: 300,
+            drain_timeout: Duration::from_secs(5),
+            ack_every: 7,
+        };
+        let report = fanout_verified(&run, &params, &what).await;
+        assert_eq!(report.outcome.delivered, 6 * 20, "{what}");
+        let idle = idle_joined(&run, 6, 1200, "smoke-tls", &what).await;
+        assert_eq!(idle.transport, transport.name(), "{what}");
+    }
+    // The same idle run in cleartext opens nothing on the TLS listener.
+    let url = format!("ws://{}/ws", server.local_addr());
+    let mut target = Target::new(&url, TransportKind::Ws, Encoding::Proto, SECRET).unwrap();
+    target.connect_timeout = Duration::from_secs(2);
+    let mut plain = Run::new(target);
+    plain.server = Some(Probe::me());
+    let refused = scenario::idle::run(
+        &plain,
+        &scenario::idle::Params {
+            connections: 2,
+            hold: Duration::from_millis(100),
+            settle: Duration::ZERO,
+            join: None,
+        },
+    )
+    .await;
+    assert!(
+        refused.is_err() || refused.as_ref().is_ok_and(|r| !r.ok() && r.connected == 0),
+        "cleartext must not open sessions on the TLS port"
+    );
+    // A TLS URL without a certificate to trust is refused up front.
+    assert!(
+        Target::new(
+            &format!("wss://localhost:{port}/ws"),
+            TransportKind::Ws,
+            Encoding::Proto,
+            SECRET
+        )
+        .is_err()
+    );
+    server.shutdown();
+}
