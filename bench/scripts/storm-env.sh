@@ -19,10 +19,7 @@ storm-wait() {
 cg-start() {
   local i
   mkdir -p /tmp/cg
-  # A random port that nothing listens on (another run's server on it would answer the
-  # wait below and take the storm).
-  port=$((20000 + RANDOM % 20000))
-  while (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; do port=$((20000 + RANDOM % 20000)); done
+  storm-port
   local wd=/tmp/cg/wd-$1; rm -rf "$wd"; mkdir -p "$wd"; cd "$wd"
   storm-env $port
   taskset -c 0 valgrind --tool=callgrind --callgrind-out-file=/tmp/cg/$1.out "$2" serve > /tmp/cg/$1.server.log 2>&1 &
@@ -37,4 +34,20 @@ cg-start() {
     exit 1
   fi
   callgrind_control -z $vpid >/dev/null 2>&1
+}
+# `storm-port`: sets `port` to a random one that nothing listens on (another run's server
+# on it would answer the scripts' wait and take their storm).
+storm-port() {
+  port=$((20000 + RANDOM % 20000))
+  while (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; do port=$((20000 + RANDOM % 20000)); done
+}
+# `storm-serve DIR SERVER`: a fresh work directory DIR (the current one after), SERVER on
+# CPU 0 on a free port (log DIR/server.log), waited for. Sets `port` and `spid`.
+storm-serve() {
+  storm-port
+  rm -rf "$1"; mkdir -p "$1"; cd "$1"
+  storm-env $port
+  taskset -c 0 "$2" serve > server.log 2>&1 &
+  spid=$!
+  storm-wait $port
 }

@@ -14,13 +14,8 @@
 set -u
 . "$(dirname "$0")/storm-env.sh"
 name=$1 server=$2 bench=$3
-port=$((20000 + RANDOM % 20000))
-wd=/tmp/storm/perf-$name; rm -rf "$wd"; mkdir -p "$wd"; cd "$wd"
-storm-env $port
-taskset -c 0 "$server" serve > server.log 2>&1 &
-spid=$!
+storm-serve /tmp/storm/perf-$name "$server"
 trap 'kill $spid 2>/dev/null; wait $spid 2>/dev/null' EXIT
-storm-wait $port
 # A warm-up storm, as storm-strace.sh does (first connections, the store's first pages).
 taskset -c 1 "$bench" --url ws://127.0.0.1:$port/ws --jwt-secret cg-secret --no-progress storm -c 64 -d 1s --settle 0s --join >/dev/null 2>&1
 perf record -q -e cpu-clock -F 4999 -g -p $spid -o perf.data 2>/dev/null & ppid=$!

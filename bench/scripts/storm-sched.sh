@@ -10,12 +10,7 @@
 set -u
 . "$(dirname "$0")/storm-env.sh"
 name=$1 server=$2 bench=$3 perf=${4:-}
-port=$((20000 + RANDOM % 20000))
-wd=/tmp/storm/wd-$name; rm -rf "$wd"; mkdir -p "$wd"; cd "$wd"
-storm-env $port
-taskset -c 0 "$server" serve > server.log 2>&1 &
-spid=$!
-storm-wait $port
+storm-serve /tmp/storm/wd-$name "$server"
 taskset -c 1 "$bench" --url ws://127.0.0.1:$port/ws --jwt-secret cg-secret --no-progress --concurrency 512 storm -c 512 -d 2s --settle 0s --join >/dev/null 2>&1
 ss() { awk '{c+=$1; w+=$2} END {print c, w}' /proc/$spid/task/*/schedstat; }
 read c0 w0 < <(ss)

@@ -5,12 +5,7 @@
 set -u
 . "$(dirname "$0")/storm-env.sh"
 name=$1 server=$2 bench=$3
-port=$((20000 + RANDOM % 20000))
-wd=/tmp/storm/st-$name; rm -rf "$wd"; mkdir -p "$wd"; cd "$wd"
-storm-env $port
-taskset -c 0 "$server" serve > server.log 2>&1 &
-spid=$!
-storm-wait $port
+storm-serve /tmp/storm/st-$name "$server"
 taskset -c 1 "$bench" --url ws://127.0.0.1:$port/ws --jwt-secret cg-secret --no-progress --concurrency 64 storm -c 64 -d 1s --settle 0s --join >/dev/null 2>&1
 strace -f -c -o strace.txt -p $spid & tpid=$!
 sleep 0.5

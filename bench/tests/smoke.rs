@@ -34,6 +34,21 @@ fn run_for(server: &Server, encoding: Encoding) -> Run {
 
 /// Runs a fan-out and fails, with `what`, the verification and the report's table,
 /// unless every delivery verified.
+/// A short verified fan-out: SUBSCRIBERS listeners, PUBLISHERS senders of MESSAGES in all at
+/// 200/s (at most 5 s), 100-byte bodies, an ack every 7 pushes, 5 s to drain.
+fn small_fanout(subscribers: usize, publishers: usize, messages: u64) -> scenario::fanout::Params {
+    scenario::fanout::Params {
+        subscribers,
+        publishers,
+        rate: 200.0,
+        duration: Duration::from_secs(5),
+        messages: Some(messages),
+        body_bytes: 100,
+        drain_timeout: Duration::from_secs(5),
+        ack_every: 7,
+    }
+}
+
 async fn fanout_verified(
     run: &Run,
     params: &scenario::fanout::Params,
@@ -98,14 +113,9 @@ async fn fanout_delivers_everything_exactly_once_in_both_encodings() {
     let server = server().await;
     for encoding in [Encoding::Proto, Encoding::Json] {
         let params = scenario::fanout::Params {
-            subscribers: 20,
-            publishers: 2,
             rate: 1000.0,
-            duration: Duration::from_secs(5),
-            messages: Some(50),
-            body_bytes: 100,
-            drain_timeout: Duration::from_secs(5),
             ack_every: 10,
+            ..small_fanout(20, 2, 50)
         };
         let what = format!("{encoding:?}");
         let report = fanout_verified(&run_for(&server, encoding), &params, &what).await;
@@ -135,14 +145,10 @@ async fn fanout_with_deflate_verifies() {
     let mut run = run_for(&server, Encoding::Proto);
     run.target.deflate = true;
     let params = scenario::fanout::Params {
-        subscribers: 10,
-        publishers: 1,
         rate: 1000.0,
-        duration: Duration::from_secs(5),
-        messages: Some(40),
         body_bytes: 600,
-        drain_timeout: Duration::from_secs(5),
         ack_every: 5,
+        ..small_fanout(10, 1, 40)
     };
     let report = fanout_verified(&run, &params, "deflate").await;
     let o = &report.outcome;
@@ -161,14 +167,8 @@ async fn scenarios_verify_on_shard_threads() {
         scenario::shards::Shards::start(3, &[]).unwrap(),
     ));
     let params = scenario::fanout::Params {
-        subscribers: 31,
-        publishers: 2,
         rate: 1000.0,
-        duration: Duration::from_secs(5),
-        messages: Some(60),
-        body_bytes: 100,
-        drain_timeout: Duration::from_secs(5),
-        ack_every: 7,
+        ..small_fanout(31, 2, 60)
     };
     let report = fanout_verified(&run, &params, "shards").await;
     let o = &report.outcome;
@@ -264,16 +264,7 @@ async fn fanout_over_sse_and_long_poll_verifies() {
         (TransportKind::Poll, Encoding::Json),
         (TransportKind::Poll, Encoding::Proto),
     ] {
-        let params = scenario::fanout::Params {
-            subscribers: 12,
-            publishers: 2,
-            rate: 200.0,
-            duration: Duration::from_secs(5),
-            messages: Some(40),
-            body_bytes: 100,
-            drain_timeout: Duration::from_secs(5),
-            ack_every: 7,
-        };
+        let params = small_fanout(12, 2, 40);
         let what = format!("{transport:?}/{encoding:?}");
         let run = http_run(&server, transport, encoding);
         let report = fanout_verified(&run, &params, &what).await;
@@ -324,16 +315,7 @@ async fn sse_and_long_poll_over_http2() {
         (TransportKind::Sse, Encoding::Json),
         (TransportKind::Poll, Encoding::Proto),
     ] {
-        let params = scenario::fanout::Params {
-            subscribers: 8,
-            publishers: 1,
-            rate: 200.0,
-            duration: Duration::from_secs(5),
-            messages: Some(30),
-            body_bytes: 100,
-            drain_timeout: Duration::from_secs(5),
-            ack_every: 7,
-        };
+        let params = small_fanout(8, 1, 30);
         let what = format!("{transport:?}/{encoding:?} over HTTP/2");
         let report = fanout_verified(&over(transport, encoding, true), &params, &what).await;
         assert_eq!(report.outcome.delivered, 8 * 30, "{what}");
@@ -435,16 +417,7 @@ async fn fanout_and_idle_over_webtransport_verify() {
         run
     };
     for encoding in [Encoding::Json, Encoding::Proto] {
-        let params = scenario::fanout::Params {
-            subscribers: 12,
-            publishers: 2,
-            rate: 200.0,
-            duration: Duration::from_secs(5),
-            messages: Some(40),
-            body_bytes: 100,
-            drain_timeout: Duration::from_secs(5),
-            ack_every: 7,
-        };
+        let params = small_fanout(12, 2, 40);
         let what = format!("{encoding:?}");
         let report = fanout_verified(&run(encoding), &params, &what).await;
         let o = &report.outcome;
@@ -489,14 +462,8 @@ async fn the_floor_serves_webtransport() {
     let mut run = Run::new(target);
     run.server = Some(floor.probe());
     let params = scenario::fanout::Params {
-        subscribers: 6,
-        publishers: 1,
-        rate: 200.0,
-        duration: Duration::from_secs(5),
-        messages: Some(20),
-        body_bytes: 100,
-        drain_timeout: Duration::from_secs(5),
         ack_every: 0,
+        ..small_fanout(6, 1, 20)
     };
     let report = fanout_verified(&run, &params, "the floor's /wt").await;
     let o = &report.outcome;
@@ -544,14 +511,8 @@ async fn every_http_transport_over_tls_verifies() {
         let what = format!("{transport:?}/{encoding:?} over TLS, http2 {http2} deflate {deflate}");
         let run = over(transport, encoding, http2, deflate);
         let params = scenario::fanout::Params {
-            subscribers: 6,
-            publishers: 1,
-            rate: 200.0,
-            duration: Duration::from_secs(5),
-            messages: Some(20),
             body_bytes: 300,
-            drain_timeout: Duration::from_secs(5),
-            ack_every: 7,
+            ..small_fanout(6, 1, 20)
         };
         let report = fanout_verified(&run, &params, &what).await;
         assert_eq!(report.outcome.delivered, 6 * 20, "{what}");
