@@ -13,7 +13,7 @@ set -u
 BENCH=$(realpath ${BENCH:-target/release/parley-bench}); server=$(realpath $2)
 mkdir -p /tmp/mem
 name=$1; shift 2
-port=$((20000 + RANDOM % 20000))
+port=$((20000 + RANDOM % 12000)) # below the ephemeral range (32768-60999)
 wd=/tmp/mem/wd-$name; rm -rf $wd; mkdir -p $wd; cd $wd
 export PARLEY_SERVER__LISTEN=127.0.0.1:$port PARLEY_AUTH__JWT_SECRET=b-secret RUST_LOG=warn
 for v in MAX_CONNECTIONS MAX_CONNECTIONS_PER_IP CONNECTS_PER_IP_PER_SECOND CONNECTS_PER_IP_BURST \

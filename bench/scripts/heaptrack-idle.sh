@@ -15,7 +15,7 @@ pre=(); post=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do pre+=("$1"); shift; done
 [ $# -gt 0 ] && shift && post=("$@")
 mkdir -p /tmp/mem
-port=$((20000 + RANDOM % 20000))
+port=$((20000 + RANDOM % 12000)) # below the ephemeral range (32768-60999)
 wd=/tmp/mem/wd-$name; rm -rf $wd; mkdir -p $wd; cd $wd
 export PARLEY_SERVER__LISTEN=127.0.0.1:$port PARLEY_AUTH__JWT_SECRET=ht-secret RUST_LOG=warn
 for v in MAX_CONNECTIONS MAX_CONNECTIONS_PER_IP CONNECTS_PER_IP_PER_SECOND CONNECTS_PER_IP_BURST \

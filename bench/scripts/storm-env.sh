@@ -36,10 +36,11 @@ cg-start() {
   callgrind_control -z $vpid >/dev/null 2>&1
 }
 # `storm-port`: sets `port` to a random one that nothing listens on (another run's server
-# on it would answer the scripts' wait and take their storm).
+# on it would answer the scripts' wait and take their storm), below Linux's ephemeral range
+# (32768-60999, where another generator's thousands of client sockets hold ports).
 storm-port() {
-  port=$((20000 + RANDOM % 20000))
-  while (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; do port=$((20000 + RANDOM % 20000)); done
+  port=$((20000 + RANDOM % 12000))
+  while (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; do port=$((20000 + RANDOM % 12000)); done
 }
 # `storm-serve DIR SERVER`: a fresh work directory DIR (the current one after), SERVER on
 # CPU 0 on a free port (log DIR/server.log), waited for. Sets `port` and `spid`.

@@ -9,7 +9,7 @@ set -u
 name=$1 server=$(realpath $2) bench=$(realpath $3) dur=${4:-10s} depth=${5:-4}
 here=$(dirname $(realpath $0))
 out=/tmp/ht-storm; mkdir -p $out
-port=$((20000 + RANDOM % 20000))
+port=$((20000 + RANDOM % 12000)) # below the ephemeral range (32768-60999)
 wd=$out/wd-$name; rm -rf $wd; mkdir -p $wd; cd $wd
 export PARLEY_SERVER__LISTEN=127.0.0.1:$port PARLEY_AUTH__JWT_SECRET=ht-secret RUST_LOG=warn
 for v in MAX_CONNECTIONS MAX_CONNECTIONS_PER_IP CONNECTS_PER_IP_PER_SECOND CONNECTS_PER_IP_BURST \
