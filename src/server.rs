@@ -459,6 +459,9 @@ fn rustls_config(
         .map_err(|e| ServerError::Tls(format!("{cert}: {e}")))?;
     let key =
         PrivateKeyDer::from_pem_file(key).map_err(|e| ServerError::Tls(format!("{key}: {e}")))?;
+    // rustls 0.23.48 deprecates ring's provider (it has no post-quantum key exchange);
+    // parley keeps ring, its only TLS backend (vendor/README.md, "rustls").
+    #[allow(deprecated)]
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider);
     let builder = if tls13_only {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
@@ -14,7 +14,7 @@ use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio_rustls::{
     TlsConnector,
-    rustls::{ClientConfig, RootCertStore, crypto::ring, pki_types::ServerName},
+    rustls::{ClientConfig, RootCertStore, pki_types::ServerName},
 };
 
 async fn tls_connect(
@@ -22,15 +22,23 @@ async fn tls_connect(
     certs: &Certs,
     alpn: &[&[u8]],
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
+    tls_connect_to(t.addr(), certs, alpn).await
+}
+
+async fn tls_connect_to(
+    addr: std::net::SocketAddr,
+    certs: &Certs,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
     let mut roots = RootCertStore::empty();
     roots.add(certs.cert_der.clone()).unwrap();
-    let mut config = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+    let mut config = ClientConfig::builder_with_provider(Arc::new(ring_provider()))
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let tcp = TcpStream::connect(t.addr()).await.unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
     TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
@@ -93,6 +101,121 @@ async fn a_wss_clients_close_ends_with_close_notify() {
         .await
         .unwrap();
     assert_eq!(end.unwrap(), 0, "close_notify, not a cut stream");
+}
+
+/// The server gives its incoming TLS buffer back while a client is silent (vendor/rustls)
+/// and reads through a stack probe when bytes come again. What a client sends after
+/// silences, cut into pieces that split its records across reads, and in records larger
+/// than one read, arrives whole: TLS would fail the connection on one wrong byte, and the
+/// history gives the bodies back.
+#[tokio::test]
+async fn wss_reads_records_split_across_reads_and_silences_whole() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certs = make_certs("wss-split");
+    let t = tls_server(&certs, |_| {}).await;
+    // A relay that passes the client's bytes on in pieces of at most 700 bytes, each in two
+    // halves 15 ms apart, so the server's reads end inside records again and again.
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let server = t.addr();
+    let relay_task = tokio::spawn(async move {
+        let (client, _) = relay.accept().await.unwrap();
+        let upstream = TcpStream::connect(server).await.unwrap();
+        let (mut from_client, mut to_client) = client.into_split();
+        let (mut from_server, mut to_server) = upstream.into_split();
+        let back = tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+        });
+        let mut piece = [0u8; 700];
+        let mut pieces = 0u32;
+        while let Ok(n @ 1..) = from_client.read(&mut piece).await {
+            let half = n / 2;
+            if to_server.write_all(&piece[..half]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(15)).await;
+            if to_server.write_all(&piece[half..n]).await.is_err() {
+                break;
+            }
+            pieces += 1;
+        }
+        back.abort();
+        pieces
+    });
+    let tls = tls_connect_to(relay_addr, &certs, &[b"http/1.1"]).await;
+    let url = format!("wss://localhost:{}/ws", t.addr().port());
+    let mut req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+            .unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-protocol", "parley.v1.json".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+    let mut ask = async |cmd: String, key: &str| -> Value {
+        ws.send(cmd.into()).await.unwrap();
+        loop {
+            let frame = tokio::time::timeout(WAIT, ws.next())
+                .await
+                .expect("a reply")
+                .expect("the stream is open")
+                .expect("a frame");
+            let v: Value = serde_json::from_str(&frame.into_text().unwrap()).unwrap();
+            if v.get(key).is_some() {
+                return v;
+            }
+        }
+    };
+    let connected = ask(
+        format!(r#"{{"id":"1","connect":{{"token":"{}"}}}}"#, t.token("ann")),
+        "connected",
+    )
+    .await;
+    assert_eq!(connected["connected"]["userId"], "ann");
+    ask(r#"{"id":"2","join":{"room":"split"}}"#.into(), "joined").await;
+    // Bodies of 12,000 and 16,000 bytes (one record each, larger than a 4 KiB read) and a
+    // small one, each after a silence in which the server's read found nothing.
+    let bodies: Vec<String> = [12_000usize, 5, 16_000]
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            (0..len)
+                .map(|j| char::from(b'a' + ((i * 7 + j) % 26) as u8))
+                .collect()
+        })
+        .collect();
+    for (i, body) in bodies.iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let sent = ask(
+            format!(
+                r#"{{"id":"1{i}","send":{{"room":"split","clientMsgId":"m{i}","body":"{body}"}}}}"#
+            ),
+            "sent",
+        )
+        .await;
+        assert_eq!(sent["sent"]["seq"], (i + 1).to_string());
+    }
+    let history = ask(
+        r#"{"id":"20","history":{"room":"split","limit":10}}"#.into(),
+        "history",
+    )
+    .await;
+    let got: Vec<&str> = history["history"]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, bodies.iter().map(String::as_str).collect::<Vec<_>>());
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let pieces = tokio::time::timeout(WAIT, relay_task)
+        .await
+        .unwrap()
+        .unwrap();
+    // The two large bodies alone are 28,000 bytes: at least 40 pieces of 700.
+    assert!(
+        pieces >= 40,
+        "the relay cut the stream into {pieces} pieces"
+    );
 }
 
 #[tokio::test]
@@ -297,4 +420,11 @@ async fn silent_and_stalled_tls_handshakes_are_cut_at_their_deadline() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// ring's provider, which rustls 0.23.48 deprecates (no post-quantum key exchange); parley
+/// keeps ring (vendor/README.md, "rustls").
+#[allow(deprecated)]
+fn ring_provider() -> tokio_rustls::rustls::crypto::CryptoProvider {
+    tokio_rustls::rustls::crypto::ring::default_provider()
 }

@@ -30,7 +30,6 @@ use tokio_rustls::{
     client::TlsStream,
     rustls::{
         ClientConfig, RootCertStore,
-        crypto::ring,
         pki_types::{CertificateDer, ServerName, pem::PemObject},
     },
 };
@@ -74,11 +73,10 @@ impl TlsClient {
         );
         let roots = Arc::new(roots);
         let connector = |alpn: &[u8]| -> anyhow::Result<TlsConnector> {
-            let mut config =
-                ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
-                    .with_safe_default_protocol_versions()?
-                    .with_root_certificates(roots.clone())
-                    .with_no_client_auth();
+            let mut config = ClientConfig::builder_with_provider(Arc::new(ring_provider()))
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth();
             config.alpn_protocols = vec![alpn.to_vec()];
             Ok(TlsConnector::from(Arc::new(config)))
         };
@@ -229,4 +227,11 @@ impl Drop for SelfSigned {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// ring's provider, which rustls 0.23.48 deprecates (no post-quantum key exchange); parley
+/// keeps ring (vendor/README.md, "rustls").
+#[allow(deprecated)]
+fn ring_provider() -> tokio_rustls::rustls::crypto::CryptoProvider {
+    tokio_rustls::rustls::crypto::ring::default_provider()
 }
