@@ -653,6 +653,7 @@ struct Stages {
     h2_idle: Duration,
     h2_ping_interval: Duration,
     h2_ping_timeout: Duration,
+    h2_response_header_table: u32,
 }
 
 impl Stages {
@@ -666,6 +667,7 @@ impl Stages {
             h2_idle: s.h2_idle_timeout,
             h2_ping_interval: s.h2_keep_alive_interval,
             h2_ping_timeout: s.h2_keep_alive_timeout,
+            h2_response_header_table: s.h2_response_header_table_size,
         }
     }
 }
@@ -712,12 +714,21 @@ async fn serve_connection<I>(
         _ = shutdown.cancelled() => return,
     };
     // The task's future is as large as its largest state and every idle connection holds
-    // it, so the HTTP/2 connection (several times HTTP/1's size) is boxed.
+    // it, so an HTTP/2 connection (several times HTTP/1's size) runs in a task of its
+    // own, sized for it: boxed in this one, it held this task's room for HTTP/1 (~1.3 KB)
+    // beside its box for as long as it lived.
     // (Each connection is built and pinned in place: moved into `until_shutdown` by
     // value, or built from a variable of its own, it would take room twice here.)
-    let ended = if h2 {
-        Box::pin(serve_h2(io, app, &shutdown, *stages)).await
-    } else {
+    if h2 {
+        tokio::spawn(async move {
+            if let Err(e) = serve_h2(io, app, &shutdown, &stages).await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            drop(watcher);
+        });
+        return;
+    }
+    let ended = {
         let conn = std::pin::pin!(
             http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -743,7 +754,7 @@ async fn serve_h2<I, S>(
     io: I,
     app: S,
     shutdown: &CancellationToken,
-    stages: Stages,
+    stages: &Stages,
 ) -> Result<(), hyper::Error>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -757,13 +768,18 @@ where
     S::Future: Send + 'static,
 {
     let streams = Streams::new();
-    let service = TowerToHyperService::new(Counted::new(app, streams.clone()));
+    // `Counted` is a hyper service itself: through `TowerToHyperService`, each request's
+    // task (hyper spawns one per HTTP/2 stream) held a `Oneshot` with room for the
+    // service and the request (~300 bytes) for as long as its response streamed.
+    let service = Counted::new(app, streams.clone());
     let mut conn = std::pin::pin!(
         http2::Builder::new(TokioExecutor::new())
             .enable_connect_protocol()
             .timer(TokioTimer::new())
             .keep_alive_interval(stages.h2_ping_interval)
             .keep_alive_timeout(stages.h2_ping_timeout)
+            // vendor/README.md, h2 change 8: the response headers' HPACK table.
+            .max_send_header_table_size(stages.h2_response_header_table)
             .serve_connection(TokioIo::new(io), service)
     );
     tokio::select! {

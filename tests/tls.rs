@@ -340,6 +340,37 @@ async fn h2c_prior_knowledge_on_the_plain_port() {
     );
 }
 
+/// `server.h2_response_header_table_size = 0`: the responses' headers are sent as
+/// literals after an HPACK table size update to 0 (vendor/README.md, h2 change 8), which
+/// the client's decoder (h2's, as browsers') takes; repeated responses on the connection
+/// carry their headers whole.
+#[tokio::test]
+async fn h2c_responses_without_a_header_table_arrive_whole() {
+    let t = TestServer::start_with(|c| c.server.h2_response_header_table_size = 0).await;
+    let tcp = TcpStream::connect(t.addr()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let r = sender
+            .send_request(
+                Request::get(format!("http://{}/healthz", t.addr()))
+                    .body(http_body_util::Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.status().as_u16(), r.version()),
+            (200, hyper::Version::HTTP_2)
+        );
+        assert!(r.headers().contains_key("date"));
+        assert!(r.headers().contains_key("content-type"));
+    }
+}
+
 #[tokio::test]
 async fn websocket_over_http2_rfc_8441() {
     let t = TestServer::start().await;

@@ -55,6 +55,14 @@ pub struct ServerConfig {
     pub h2_keep_alive_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub h2_keep_alive_timeout: Duration,
+    /// HTTP/2: the largest HPACK table (bytes) parley's encoder keeps per connection for
+    /// the response headers it sends, below what the client allows (4,096 from
+    /// browsers). Every connection holds the headers it indexed, ~120 bytes of
+    /// bookkeeping each besides, for its life; 0 indexes none (no memory, every response
+    /// header sent as a literal, as HTTP/1.1 sends them). Not a SETTINGS value: the
+    /// client is told with HPACK's table size update (RFC 7541 §4.2), which every
+    /// HTTP/2 client handles. At most 4,096 (h2's own ceiling, whatever the client allows).
+    pub h2_response_header_table_size: u32,
     /// Browser origins (e.g. `https://app.example.com`) allowed to use the API, SSE,
     /// long-poll and /ws from another origin (CORS, and the WebSocket origin check).
     /// Same-origin requests and clients that send no `Origin` are always allowed. `*`
@@ -88,6 +96,7 @@ impl Default for ServerConfig {
             h2_idle_timeout: Duration::from_secs(30),
             h2_keep_alive_interval: Duration::from_secs(20),
             h2_keep_alive_timeout: Duration::from_secs(20),
+            h2_response_header_table_size: 4096,
             allowed_origins: Vec::new(),
             http_compression: true,
             memory_trim_interval: Duration::from_secs(5),
@@ -115,6 +124,13 @@ impl ServerConfig {
             ("server.h2_keep_alive_timeout", self.h2_keep_alive_timeout),
         ] {
             duration(key, v, 10 * MS, HOUR)?;
+        }
+        if self.h2_response_header_table_size > 4096 {
+            return Err(ConfigError::Invalid {
+                key: "server.h2_response_header_table_size",
+                value: self.h2_response_header_table_size.to_string(),
+                allowed: "0..=4096".into(),
+            });
         }
         if !self.memory_trim_interval.is_zero() {
             duration(

@@ -157,6 +157,35 @@ where
     }
 }
 
+/// hyper's HTTP/2 server spawns a task per request that holds the service's future until
+/// the response is sent, then the response body. Served as a hyper service directly, that
+/// future is the box above (16 bytes); through `hyper_util`'s `TowerToHyperService` it
+/// was a `Oneshot` with room for a clone of the service and for the request (~300 bytes),
+/// held by every streaming response (an SSE stream) for its whole life.
+impl<S, B> hyper::service::Service<Request<B>> for Counted<S>
+where
+    S: tower::Service<Request<B>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Response<Body>, S::Error>>;
+
+    fn call(&self, req: Request<B>) -> Self::Future {
+        let mut this = self.clone();
+        // axum's router is always ready; a service that is not is waited for (with the
+        // request's task's waker) in the box.
+        let noop = &mut Context::from_waker(std::task::Waker::noop());
+        match tower::Service::poll_ready(&mut this, noop) {
+            Poll::Ready(Ok(())) => tower::Service::call(&mut this, req),
+            Poll::Ready(Err(e)) => Box::pin(std::future::ready(Err(e))),
+            Poll::Pending => Box::pin(tower::ServiceExt::oneshot(this, req)),
+        }
+    }
+}
+
 /// A response body that keeps its request open until it is dropped.
 struct WithGuard {
     body: Body,

@@ -263,6 +263,10 @@ pub struct Builder {
     ///
     /// When this gets exhausted, we issue a GOAWAY with `ENHANCE_YOUR_CALM`.
     data_frame_budget: proto::DataFrameBudget,
+
+    /// PARLEY PATCH (send header table size): the largest HPACK table the encoder
+    /// uses for the headers this side sends, if less than the peer allows.
+    max_send_header_table_size: Option<usize>,
 }
 
 /// Send a response back to the client
@@ -394,6 +398,11 @@ where
 
         if let Some(max) = builder.settings.max_header_list_size() {
             codec.set_max_recv_header_list_size(max as usize);
+        }
+
+        // PARLEY PATCH (send header table size)
+        if let Some(max) = builder.max_send_header_table_size {
+            codec.set_max_send_header_table_size(max);
         }
 
         // Send initial settings frame.
@@ -663,6 +672,8 @@ impl Builder {
             max_send_buffer_size: proto::DEFAULT_MAX_SEND_BUFFER_SIZE,
             local_max_error_reset_streams: Some(proto::DEFAULT_LOCAL_RESET_COUNT_MAX),
             data_frame_budget: proto::DataFrameBudget::Auto,
+            // PARLEY PATCH (send header table size)
+            max_send_header_table_size: None,
         }
     }
 
@@ -815,6 +826,25 @@ impl Builder {
     /// The default value is 4,096.
     pub fn header_table_size(&mut self, size: u32) -> &mut Self {
         self.settings.set_header_table_size(Some(size));
+        self
+    }
+
+    /// PARLEY PATCH (send header table size): sets the largest HPACK dynamic table
+    /// the encoder uses for the header blocks this side sends (responses).
+    ///
+    /// The peer's `SETTINGS_HEADER_TABLE_SIZE` (4,096 by default) is the most it
+    /// may be; an encoder may use less (RFC 7541 section 4.2) and tells the peer
+    /// with a dynamic table size update at the start of its next header block,
+    /// which every HPACK decoder handles. The table is memory each connection holds
+    /// for its life (the indexed headers, and ~120 bytes of bookkeeping per entry);
+    /// a smaller one sends more header bytes once headers repeat. 0 indexes no
+    /// header: nothing is held, every header is sent as a literal.
+    ///
+    /// Unlike [`header_table_size`](Self::header_table_size), nothing is sent in
+    /// SETTINGS. The default is whatever the peer allows, at most 4,096 (h2's
+    /// own ceiling); a larger value raises that ceiling too.
+    pub fn max_send_header_table_size(&mut self, size: usize) -> &mut Self {
+        self.max_send_header_table_size = Some(size);
         self
     }
 

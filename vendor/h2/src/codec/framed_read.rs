@@ -69,7 +69,10 @@ struct FrameDecoder {
     /// size the next block's `HeaderMap` so decoding it doesn't rehash.
     fields_hint: usize,
 
-    partial: Option<Partial>,
+    // PARLEY PATCH (partial header block boxed): a header block continued in
+    // CONTINUATION frames is rare, and the partial frame (~336 bytes: a `HeaderMap`
+    // and the pseudo-headers) took room in every connection for its whole life.
+    partial: Option<Box<Partial>>,
 }
 
 /// Partially loaded headers frame
@@ -263,11 +266,12 @@ fn decode_frame(decoder: &mut FrameDecoder, mut bytes: BytesMut) -> Result<Optio
             } else {
                 tracing::trace!("loaded partial header block");
                 // Defer returning the frame
-                decoder.partial = Some(Partial {
+                // PARLEY PATCH (partial header block boxed)
+                decoder.partial = Some(Box::new(Partial {
                     frame: Continuable::$frame(frame),
                     buf: payload,
                     continuation_frames_count: 0,
-                });
+                }));
 
                 return Ok(None);
             }
@@ -776,6 +780,32 @@ mod lazy_buffer_tests {
             assert!(poll(&mut r).is_pending());
             assert_eq!(r.buf.capacity(), 0);
         }
+    }
+
+    // PARLEY PATCH (partial header block boxed): a header block continued in a
+    // CONTINUATION frame still arrives as one HEADERS frame; the partial one is boxed.
+    #[tokio::test]
+    async fn a_header_block_continued_arrives_whole_and_the_partial_is_boxed() {
+        assert!(std::mem::size_of::<FrameDecoder>() <= 160);
+        let (mut r, mut peer) = reader();
+        // HEADERS on stream 1 without END_HEADERS (:method GET, :scheme http), then a
+        // CONTINUATION with END_HEADERS (:path /).
+        let mut bytes = vec![0, 0, 2, 1, 0x1, 0, 0, 0, 1, 0x82, 0x86];
+        bytes.extend([0, 0, 1, 9, 0x4, 0, 0, 0, 1, 0x84]);
+        peer.write_all(&bytes[..11]).await.unwrap();
+        assert!(poll(&mut r).is_pending());
+        assert!(r.decoder.partial.is_some(), "the first part is kept");
+        peer.write_all(&bytes[11..]).await.unwrap();
+        match poll(&mut r) {
+            Poll::Ready(Some(Ok(Frame::Headers(h)))) => {
+                assert_eq!(h.stream_id(), StreamId::from(1));
+                let (pseudo, _) = h.into_parts();
+                assert_eq!(pseudo.method, Some(http::Method::GET));
+                assert_eq!(pseudo.path.as_deref(), Some("/"));
+            }
+            other => panic!("expected the whole header block, got {other:?}"),
+        }
+        assert!(r.decoder.partial.is_none());
     }
 
     #[tokio::test]

@@ -372,6 +372,12 @@ impl<T, B> FramedWrite<T, B> {
         self.encoder.hpack.update_max_size(val);
     }
 
+    /// PARLEY PATCH (send header table size): the largest header table this side's
+    /// encoder uses, whatever the peer's SETTINGS allow.
+    pub fn set_max_header_table_size(&mut self, val: usize) {
+        self.encoder.hpack.set_max_allowed_size(val);
+    }
+
     /// Retrieve the last data frame that has been sent
     pub fn take_last_data_frame(&mut self) -> Option<frame::Data<B>> {
         self.encoder.last_data_frame.take()

@@ -1045,6 +1045,27 @@ mod test {
     use crate::frame;
     use crate::hpack::{huffman, Encoder};
 
+    // PARLEY PATCH (no header block buffer kept): a header block written whole
+    // leaves no buffer behind in the encoder.
+    #[test]
+    fn a_header_block_written_whole_leaves_no_buffer() {
+        let mut encoder = Encoder::default();
+        let mut dst = BytesMut::new();
+        let headers = Headers::new(
+            StreamId::from(1),
+            Default::default(),
+            HeaderMap::from_iter(vec![(
+                HeaderName::from_static("content-type"),
+                HeaderValue::from_static("text/event-stream"),
+            )]),
+        );
+        assert!(headers
+            .encode(&mut encoder, &mut (&mut dst).limit(1024))
+            .is_none());
+        assert!(dst.len() > frame::HEADER_LEN);
+        assert_eq!(encoder.scratch_capacity(), 0, "no buffer kept");
+    }
+
     #[test]
     fn test_nameless_header_at_resume() {
         let mut encoder = Encoder::default();

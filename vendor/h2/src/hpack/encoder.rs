@@ -20,6 +20,9 @@ pub struct Encoder {
     scratch: BytesMut,
 }
 
+/// PARLEY PATCH (no header block buffer kept): what `take_scratch` reserves.
+const SCRATCH_CAPACITY: usize = 256;
+
 #[derive(Debug, Copy, Clone, Eq, PartialEq)]
 enum SizeUpdate {
     One(usize),
@@ -38,8 +41,11 @@ impl Encoder {
         }
     }
 
-    #[cfg(test)]
-    fn set_max_allowed_size(&mut self, max: usize) {
+    /// PARLEY PATCH (send header table size): no longer test-only; the largest
+    /// dynamic table this encoder uses, whatever the peer allows (RFC 7541 section
+    /// 4.2: an encoder may use less than the decoder's maximum, and says so with a
+    /// dynamic table size update).
+    pub fn set_max_allowed_size(&mut self, max: usize) {
         self.max_allowed_size = max;
 
         if self.table.max_size() > max {
@@ -54,12 +60,29 @@ impl Encoder {
     /// CONTINUATION path keeps it, since the remainder is still needed - the
     /// next call simply starts from a fresh buffer.
     pub(crate) fn take_scratch(&mut self) -> BytesMut {
+        // PARLEY PATCH (no header block buffer kept): a buffer of a header block's
+        // usual size, so that encoding one does not grow it several times.
+        if self.scratch.capacity() == 0 {
+            return BytesMut::with_capacity(SCRATCH_CAPACITY);
+        }
         std::mem::take(&mut self.scratch)
     }
 
     /// Returns a fully-written header block buffer for reuse.
+    ///
+    /// PARLEY PATCH (no header block buffer kept): the buffer is dropped instead.
+    /// A connection sends a header block per response, and one that waits (an event
+    /// stream, a pending long-poll) held it (~256 bytes) for its whole life; an
+    /// allocation per header block is what that costs.
     pub(crate) fn return_scratch(&mut self, scratch: BytesMut) {
-        self.scratch = scratch;
+        drop(scratch);
+    }
+
+    /// PARLEY PATCH (no header block buffer kept): what the encoder holds between
+    /// header blocks.
+    #[cfg(test)]
+    pub(crate) fn scratch_capacity(&self) -> usize {
+        self.scratch.capacity()
     }
 
     /// Queues a max size update.
@@ -341,6 +364,31 @@ mod test {
     use super::*;
     use http::*;
 
+    // PARLEY PATCH (send header table size): a table of 0 bytes announces itself once,
+    // indexes nothing and holds nothing, whatever the peer's settings allow later.
+    #[test]
+    fn a_send_table_of_zero_indexes_nothing_and_holds_nothing() {
+        let mut encoder = Encoder::default();
+        encoder.set_max_allowed_size(0);
+        let first = encode(
+            &mut encoder,
+            vec![header("content-type", "text/event-stream")],
+        );
+        assert_eq!(
+            first[0], 0x20,
+            "a dynamic table size update to 0 comes first"
+        );
+        assert_eq!(encoder.table.len(), 0);
+        assert_eq!(encoder.table.capacity(), 0, "no room taken for entries");
+        encoder.update_max_size(65_536);
+        let second = encode(
+            &mut encoder,
+            vec![header("content-type", "text/event-stream")],
+        );
+        assert_eq!(&first[1..], &second[..], "the same literal, no size update");
+        assert_eq!(encoder.table.capacity(), 0);
+    }
+
     #[test]
     fn test_encode_method_get() {
         let mut encoder = Encoder::default();
@@ -569,6 +617,20 @@ mod test {
         assert_eq!(&[15, 13, 0x80 | 3], &res[0..3]);
         assert_eq!("1234", huff_decode(&res[3..]));
         assert_eq!(6, res.len());
+    }
+
+    // PARLEY PATCH (date not indexed): a date is sent as a literal with the static
+    // table's name (index 33) and takes no entry.
+    #[test]
+    fn test_date_value_not_indexed() {
+        let mut encoder = Encoder::default();
+        let date = "Sat, 05 Dec 2026 17:56:00 GMT";
+        let res = encode(&mut encoder, vec![header("date", date)]);
+        assert_eq!(&[15, 18], &res[0..2]);
+        assert_eq!(date, huff_decode(&res[3..]));
+        assert_eq!(encoder.table.len(), 0);
+        let again = encode(&mut encoder, vec![header("date", date)]);
+        assert_eq!(res, again);
     }
 
     #[test]

@@ -4,6 +4,9 @@ use slab::Slab;
 #[derive(Debug)]
 pub struct Buffer<T> {
     slab: Slab<Slot<T>>,
+    // PARLEY PATCH (receive queue given back): whether an emptied buffer keeps room
+    // for one frame.
+    keep_one: bool,
 }
 
 /// A sequence of frames in a `Buffer`
@@ -27,7 +30,22 @@ struct Slot<T> {
 
 impl<T> Buffer<T> {
     pub fn new() -> Self {
-        Buffer { slab: Slab::new() }
+        Buffer {
+            slab: Slab::new(),
+            keep_one: true,
+        }
+    }
+
+    /// PARLEY PATCH (receive queue given back): a buffer that gives all its room back
+    /// when it empties. For the receive queue: a connection receives few frames (request
+    /// heads and bodies) and then mostly waits or sends, so the room for one (~248
+    /// bytes: an `Event` holds a request head) was held for nothing; an allocation per
+    /// frame received is what it costs.
+    pub fn released_when_empty() -> Self {
+        Buffer {
+            slab: Slab::new(),
+            keep_one: false,
+        }
     }
 
     // PARLEY PATCH (buffers held while in use): the first frame takes room for one (a
@@ -44,8 +62,13 @@ impl<T> Buffer<T> {
 
     fn remove(&mut self, key: usize) -> Slot<T> {
         let slot = self.slab.remove(key);
-        if self.slab.is_empty() && self.slab.capacity() > 1 {
-            self.slab = Slab::with_capacity(1);
+        // PARLEY PATCH (receive queue given back): all the room, or room for one.
+        if self.slab.is_empty() {
+            if !self.keep_one && self.slab.capacity() > 0 {
+                self.slab = Slab::new();
+            } else if self.slab.capacity() > 1 {
+                self.slab = Slab::with_capacity(1);
+            }
         }
         slot
     }
@@ -146,5 +169,21 @@ mod tests {
         b.push_back(&mut buf, 12);
         assert_eq!(b.pop_front(&mut buf), Some(12));
         assert_eq!(buf.slab.capacity(), 1);
+    }
+
+    // PARLEY PATCH (receive queue given back)
+    #[test]
+    fn a_buffer_released_when_empty_holds_nothing_once_drained() {
+        let mut buf = Buffer::released_when_empty();
+        let mut a = Deque::new();
+        a.push_back(&mut buf, 1);
+        a.push_back(&mut buf, 2);
+        assert_eq!(a.pop_front(&mut buf), Some(1));
+        assert!(buf.slab.capacity() > 0, "a frame is still queued");
+        assert_eq!(a.pop_front(&mut buf), Some(2));
+        assert_eq!(buf.slab.capacity(), 0);
+        a.push_back(&mut buf, 3);
+        assert_eq!(a.pop_front(&mut buf), Some(3));
+        assert_eq!(buf.slab.capacity(), 0);
     }
 }

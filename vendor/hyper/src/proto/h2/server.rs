@@ -54,6 +54,8 @@ pub(crate) struct Config {
     pub(crate) keep_alive_timeout: Duration,
     pub(crate) max_send_buffer_size: usize,
     pub(crate) header_table_size: Option<u32>,
+    // PARLEY PATCH (send header table size)
+    pub(crate) max_send_header_table_size: Option<u32>,
     pub(crate) max_header_list_size: u32,
     pub(crate) date_header: bool,
 }
@@ -70,6 +72,8 @@ impl Default for Config {
             max_pending_accept_reset_streams: None,
             max_local_error_reset_streams: Some(DEFAULT_MAX_LOCAL_ERROR_RESET_STREAMS),
             header_table_size: None,
+            // PARLEY PATCH (send header table size)
+            max_send_header_table_size: None,
             keep_alive_interval: None,
             keep_alive_timeout: Duration::from_secs(20),
             max_send_buffer_size: DEFAULT_MAX_SEND_BUF_SIZE,
@@ -148,6 +152,10 @@ where
         }
         if let Some(size) = config.header_table_size {
             builder.header_table_size(size);
+        }
+        // PARLEY PATCH (send header table size)
+        if let Some(size) = config.max_send_header_table_size {
+            builder.max_send_header_table_size(size as usize);
         }
         if config.enable_connect_protocol {
             builder.enable_connect_protocol();

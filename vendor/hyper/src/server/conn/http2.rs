@@ -277,6 +277,18 @@ impl<E> Builder<E> {
         self
     }
 
+    /// PARLEY PATCH (send header table size): sets the largest HPACK dynamic table
+    /// the connection's encoder uses for response headers, if less than the peer's
+    /// `SETTINGS_HEADER_TABLE_SIZE` (RFC 7541 section 4.2; the peer is told with a
+    /// dynamic table size update, nothing is sent in SETTINGS).
+    ///
+    /// The table is memory every connection holds for its life; 0 indexes nothing
+    /// (every response header is a literal). Default: what the peer allows (`None`).
+    pub fn max_send_header_table_size(&mut self, size: impl Into<Option<u32>>) -> &mut Self {
+        self.h2_builder.max_send_header_table_size = size.into();
+        self
+    }
+
     /// Sets the max size of received header frames.
     ///
     /// Default is currently 16KB, but can change.
