@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::{Request, body::Bytes};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
@@ -45,18 +45,26 @@ async fn tls_connect_to(
         .expect("TLS handshake with the generated certificate")
 }
 
-#[tokio::test]
-async fn wss_chat_over_built_in_tls() {
-    let certs = make_certs("wss");
-    let t = tls_server(&certs, |_| {}).await;
-    let tls = tls_connect(&t, &certs, &[b"http/1.1"]).await;
+/// A WebSocket client speaking `parley.v1.json` over the TLS stream `tls`.
+async fn wss_json(
+    t: &TestServer,
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>> {
     let url = format!("wss://localhost:{}/ws", t.addr().port());
     let mut req =
         tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
             .unwrap();
     req.headers_mut()
         .insert("sec-websocket-protocol", "parley.v1.json".parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+    tokio_tungstenite::client_async(req, tls).await.unwrap().0
+}
+
+#[tokio::test]
+async fn wss_chat_over_built_in_tls() {
+    let certs = make_certs("wss");
+    let t = tls_server(&certs, |_| {}).await;
+    let tls = tls_connect(&t, &certs, &[b"http/1.1"]).await;
+    let mut ws = wss_json(&t, tls).await;
     let connect = format!(r#"{{"id":"1","connect":{{"token":"{}"}}}}"#, t.token("ann"));
     ws.send(connect.into()).await.unwrap();
     let reply = ws.next().await.unwrap().unwrap().into_text().unwrap();
@@ -143,13 +151,7 @@ async fn wss_reads_records_split_across_reads_and_silences_whole() {
         pieces
     });
     let tls = tls_connect_to(relay_addr, &certs, &[b"http/1.1"]).await;
-    let url = format!("wss://localhost:{}/ws", t.addr().port());
-    let mut req =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
-            .unwrap();
-    req.headers_mut()
-        .insert("sec-websocket-protocol", "parley.v1.json".parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+    let mut ws = wss_json(&t, tls).await;
     let mut ask = async |cmd: String, key: &str| -> Value {
         ws.send(cmd.into()).await.unwrap();
         loop {
@@ -320,24 +322,38 @@ async fn https_h2_multiplexes_sse_and_commands_on_one_connection() {
 #[tokio::test]
 async fn h2c_prior_knowledge_on_the_plain_port() {
     let t = TestServer::start().await;
-    let tcp = TcpStream::connect(t.addr()).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let r = sender
-        .send_request(
-            Request::get(format!("http://{}/readyz", t.addr()))
-                .body(http_body_util::Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let mut sender = h2c(&t).await;
+    let r = h2c_get(&mut sender, &t, "/readyz").await;
     assert_eq!(
         (r.status().as_u16(), r.version()),
         (200, hyper::Version::HTTP_2)
     );
+}
+
+/// An HTTP/2 connection with prior knowledge (h2c) to the plain port.
+async fn h2c(t: &TestServer) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let tcp = TcpStream::connect(t.addr()).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+async fn h2c_get(
+    sender: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    t: &TestServer,
+    path: &str,
+) -> hyper::Response<hyper::body::Incoming> {
+    sender
+        .send_request(
+            Request::get(format!("http://{}{path}", t.addr()))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap()
 }
 
 /// `server.h2_response_header_table_size = 0`: the responses' headers are sent as
@@ -347,21 +363,9 @@ async fn h2c_prior_knowledge_on_the_plain_port() {
 #[tokio::test]
 async fn h2c_responses_without_a_header_table_arrive_whole() {
     let t = TestServer::start_with(|c| c.server.h2_response_header_table_size = 0).await;
-    let tcp = TcpStream::connect(t.addr()).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2c(&t).await;
     for _ in 0..3 {
-        let r = sender
-            .send_request(
-                Request::get(format!("http://{}/healthz", t.addr()))
-                    .body(http_body_util::Full::new(Bytes::new()))
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+        let r = h2c_get(&mut sender, &t, "/healthz").await;
         assert_eq!(
             (r.status().as_u16(), r.version()),
             (200, hyper::Version::HTTP_2)
