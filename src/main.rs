@@ -326,10 +326,7 @@ fn unverified_tls_client() -> anyhow::Result<rustls::ClientConnection> {
             self.0.signature_verification_algorithms.supported_schemes()
         }
     }
-    // rustls 0.23.48 deprecates ring's provider (it has no post-quantum key exchange);
-    // parley keeps ring, its only TLS backend (vendor/README.md, "rustls").
-    #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = parley::server::crypto_provider();
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?
         .dangerous()

@@ -434,6 +434,15 @@ fn tls_acceptor(config: &TlsConfig, alpn: &[&[u8]]) -> Result<Option<TlsAcceptor
     Ok(rustls_config(config, alpn, false)?.map(|tls| TlsAcceptor::from(Arc::new(tls))))
 }
 
+/// The cryptography of every TLS endpoint parley has (its listeners, its own TLS client
+/// in `parley health`, the load generator's and the tests' clients): ring. rustls 0.23.48
+/// deprecates ring's provider (it has no post-quantum key exchange); parley keeps ring,
+/// its only TLS backend (vendor/README.md, "rustls").
+#[allow(deprecated)]
+pub fn crypto_provider() -> Arc<tokio_rustls::rustls::crypto::CryptoProvider> {
+    Arc::new(tokio_rustls::rustls::crypto::ring::default_provider())
+}
+
 /// The rustls configuration of the configured certificate and key, offering `alpn`
 /// (TLS 1.3 only with `tls13_only`, as QUIC requires); `None` when TLS is not configured.
 fn rustls_config(
@@ -459,11 +468,7 @@ fn rustls_config(
         .map_err(|e| ServerError::Tls(format!("{cert}: {e}")))?;
     let key =
         PrivateKeyDer::from_pem_file(key).map_err(|e| ServerError::Tls(format!("{key}: {e}")))?;
-    // rustls 0.23.48 deprecates ring's provider (it has no post-quantum key exchange);
-    // parley keeps ring, its only TLS backend (vendor/README.md, "rustls").
-    #[allow(deprecated)]
-    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let builder = ServerConfig::builder_with_provider(provider);
+    let builder = ServerConfig::builder_with_provider(crypto_provider());
     let builder = if tls13_only {
         builder.with_protocol_versions(&[&TLS13])
     } else {

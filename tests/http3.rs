@@ -31,7 +31,7 @@ fn h3_addr(t: &TestServer) -> SocketAddr {
 fn client_tls(certs: &Certs, alpn: &[&[u8]], tls13: bool) -> rustls::ClientConfig {
     let mut roots = RootCertStore::empty();
     roots.add(certs.cert_der.clone()).unwrap();
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(ring_provider()));
+    let builder = rustls::ClientConfig::builder_with_provider(parley::server::crypto_provider());
     let builder = if tls13 {
         builder.with_protocol_versions(&[&rustls::version::TLS13])
     } else {
@@ -1022,11 +1022,4 @@ async fn the_server_asks_for_a_retry_above_the_handshake_threshold() {
         "no Retry below the threshold"
     );
     quic.close(0u32.into(), b"done");
-}
-
-/// ring's provider, which rustls 0.23.48 deprecates (no post-quantum key exchange); parley
-/// keeps ring (vendor/README.md, "rustls").
-#[allow(deprecated)]
-fn ring_provider() -> tokio_rustls::rustls::crypto::CryptoProvider {
-    tokio_rustls::rustls::crypto::ring::default_provider()
 }

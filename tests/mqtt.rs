@@ -830,7 +830,7 @@ async fn the_mqtt_listener_speaks_tls_when_tls_is_configured() {
 
     let mut roots = RootCertStore::empty();
     roots.add(key.cert.der().clone()).unwrap();
-    let config = ClientConfig::builder_with_provider(Arc::new(ring_provider()))
+    let config = ClientConfig::builder_with_provider(parley::server::crypto_provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
@@ -1947,11 +1947,4 @@ async fn an_mqtt5_will_carries_its_user_properties_and_a_bad_one_is_refused() {
         ("going away", "sensor-1")
     );
     assert_eq!(m.metadata.get("battery").map(String::as_str), Some("low"));
-}
-
-/// ring's provider, which rustls 0.23.48 deprecates (no post-quantum key exchange); parley
-/// keeps ring (vendor/README.md, "rustls").
-#[allow(deprecated)]
-fn ring_provider() -> tokio_rustls::rustls::crypto::CryptoProvider {
-    tokio_rustls::rustls::crypto::ring::default_provider()
 }

@@ -32,7 +32,7 @@ async fn tls_connect_to(
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
     let mut roots = RootCertStore::empty();
     roots.add(certs.cert_der.clone()).unwrap();
-    let mut config = ClientConfig::builder_with_provider(Arc::new(ring_provider()))
+    let mut config = ClientConfig::builder_with_provider(parley::server::crypto_provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
@@ -455,11 +455,4 @@ async fn silent_and_stalled_tls_handshakes_are_cut_at_their_deadline() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-}
-
-/// ring's provider, which rustls 0.23.48 deprecates (no post-quantum key exchange); parley
-/// keeps ring (vendor/README.md, "rustls").
-#[allow(deprecated)]
-fn ring_provider() -> tokio_rustls::rustls::crypto::CryptoProvider {
-    tokio_rustls::rustls::crypto::ring::default_provider()
 }

@@ -73,7 +73,7 @@ impl TlsClient {
         );
         let roots = Arc::new(roots);
         let connector = |alpn: &[u8]| -> anyhow::Result<TlsConnector> {
-            let mut config = ClientConfig::builder_with_provider(Arc::new(ring_provider()))
+            let mut config = ClientConfig::builder_with_provider(parley::server::crypto_provider())
                 .with_safe_default_protocol_versions()?
                 .with_root_certificates(roots.clone())
                 .with_no_client_auth();
@@ -227,11 +227,4 @@ impl Drop for SelfSigned {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// ring's provider, which rustls 0.23.48 deprecates (no post-quantum key exchange); parley
-/// keeps ring (vendor/README.md, "rustls").
-#[allow(deprecated)]
-fn ring_provider() -> tokio_rustls::rustls::crypto::CryptoProvider {
-    tokio_rustls::rustls::crypto::ring::default_provider()
 }
