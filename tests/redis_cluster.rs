@@ -49,16 +49,19 @@ impl RedisCluster {
             cluster.start_node(i).await;
         }
         let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let status = Command::new("redis-cli")
+        let out = Command::new("redis-cli")
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
+            .output()
             .expect("redis-cli runs");
-        assert!(status.success(), "redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         for i in 0..3 {
             cluster.wait_ok(i).await;
         }
@@ -101,10 +104,26 @@ impl RedisCluster {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server starts");
+        let pid = child.id();
         self.nodes[i] = Proc::new(child);
         let addr = format!("127.0.0.1:{port}");
         for _ in 0..500 {
-            if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+            // The server answering must be the one started here (not another test's on
+            // a port that was taken meanwhile). A connection that the server, still
+            // starting, resets is tried again.
+            let info = async {
+                let client = redis::Client::open(format!("redis://{addr}/"))?;
+                let mut conn = client.get_multiplexed_async_connection().await?;
+                redis::cmd("INFO")
+                    .arg("server")
+                    .query_async::<String>(&mut conn)
+                    .await
+            };
+            if let Ok(info) = info.await {
+                assert!(
+                    info.contains(&format!("process_id:{pid}\r")),
+                    "port {port} answered by another redis-server than the one started"
+                );
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -671,17 +690,37 @@ async fn a_stopped_redis_cluster_node_degrades_its_own_rooms_only() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let got = tokio::time::timeout(WAIT, messages(&mut bob, LIVE as usize))
-        .await
-        .expect("the live room's messages while a node is down");
+    // Bob reads until every live message is in. The stopped node's room usually gives
+    // him nothing meanwhile, but a recovery on instance 1 may read that room's log early
+    // (under load, a heartbeat's resubscription after the lost node connection can run
+    // before the node is known dead): what arrives so is the start of the room, in order.
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while of_room(&got, &live).len() < LIVE as usize {
+            got.extend(messages(&mut bob, 1).await);
+        }
+    })
+    .await
+    .expect("the live room's messages while a node is down");
     assert_gap_free(&of_room(&got, &live), 2, LIVE + 1);
-    assert_eq!(
-        of_room(&got, &down),
-        vec![],
-        "nothing of the stopped node's room"
-    );
-    for i in [0, 1] {
-        assert_eq!(filled(i).await, filled_before[i], "instance {i}: all live");
+    let early = of_room(&got, &down);
+    assert_gap_free(&early, 2, 1 + early.len() as u64);
+    assert_eq!(filled(0).await, filled_before[0], "instance 0: all live");
+    let filled_1 = filled(1).await - filled_before[1];
+    if early.is_empty() {
+        assert_eq!(filled_1, 0.0, "instance 1: all live");
+    } else {
+        // Only the stopped node's room came from the log (5 sends): the live room's
+        // 30 all came live.
+        eprintln!(
+            "instance 1 read {} of the stopped node's room from the log while it was down",
+            early.len()
+        );
+        assert!(
+            (early.len() as f64..=5.0).contains(&filled_1),
+            "instance 1 filled {filled_1}, bob got {} early",
+            early.len()
+        );
     }
 
     // The node returns: what was sent to its room meanwhile arrives once, in order,
@@ -690,8 +729,9 @@ async fn a_stopped_redis_cluster_node_degrades_its_own_rooms_only() {
     for i in 0..3 {
         redis.wait_ok(i).await;
     }
-    let got = messages(&mut bob, 5).await;
-    assert_gap_free(&of_room(&got, &down), 2, 6);
+    let mut down_got = early.clone();
+    down_got.extend(of_room(&messages(&mut bob, 5 - early.len()).await, &down));
+    assert_gap_free(&down_got, 2, 6);
     for i in [0, 1] {
         wait_metrics(&cluster, i, "no degraded slot", |m| {
             metric(m, "parley_broker_degraded_slots") == 0.0

@@ -15,13 +15,21 @@ use parley::{auth::Authenticator, config::Config};
 
 use crate::common::{Client, http_get, pg::TestDb, test_config};
 
-/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+/// A TCP port free on 127.0.0.1 now, for a server a test starts: taken at random below
+/// Linux's ephemeral range (32768–60999), so that the client sockets of tests running
+/// beside cannot take it before the server binds it (they get ephemeral ports), and never
+/// handed out twice by one test process (a port the kernel gives for `:0` and takes back
+/// when released can come again).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = rand::random_range(20_000..32_000);
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A child process killed (SIGKILL) and reaped on drop.
