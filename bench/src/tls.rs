@@ -1,9 +1,9 @@
 //! TLS to parley's own listener (`--tls`, `--tls-ca`): what a browser on an HTTPS page
 //! always has in front of `/ws`, `/sse` and `/poll`.
 //!
-//! - [`TlsClient`]: a rustls client (ring, as the server) that trusts the certificates
-//!   of one PEM file and nothing else, offering ALPN `http/1.1`, or `h2` for HTTP/2
-//!   runs, as a browser does.
+//! - [`TlsClient`]: a rustls client (parley's provider, as the server) that trusts the
+//!   certificates of one PEM file and nothing else, offering ALPN `http/1.1`, or `h2` for
+//!   HTTP/2 runs, and its key exchange groups in a browser's order, as a browser does.
 //! - [`ClientStream`]: what a connection reads and writes: the TCP stream, or TLS over
 //!   it. The plain WebSocket reader keeps its direct `recv` on the TCP stream; over TLS it
 //!   reads through rustls.
@@ -29,10 +29,40 @@ use tokio_rustls::{
     TlsConnector,
     client::TlsStream,
     rustls::{
-        ClientConfig, RootCertStore,
+        CipherSuite, ClientConfig, NamedGroup, RootCertStore,
+        crypto::CryptoProvider,
         pki_types::{CertificateDer, ServerName, pem::PemObject},
     },
 };
+
+/// `provider` with its key exchange groups and TLS 1.3 cipher suites in the order
+/// browsers offer them (Chrome, Firefox and Safari: the X25519MLKEM768 hybrid where the
+/// provider has it, then X25519, P-256, P-384; AES-128-GCM before AES-256-GCM), so that
+/// the server picks what it picks for a browser: rustls's server follows the client's
+/// order. Left as they are, ring's provider (rustls 0.23.48) offers P-384 first, whose
+/// key exchange costs the server ~9× X25519's (callgrind), and rustls AES-256-GCM.
+fn browser_order(provider: &CryptoProvider) -> CryptoProvider {
+    const GROUPS: [NamedGroup; 4] = [
+        NamedGroup::X25519MLKEM768,
+        NamedGroup::X25519,
+        NamedGroup::secp256r1,
+        NamedGroup::secp384r1,
+    ];
+    const SUITES: [CipherSuite; 3] = [
+        CipherSuite::TLS13_AES_128_GCM_SHA256,
+        CipherSuite::TLS13_AES_256_GCM_SHA384,
+        CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+    fn rank<T: PartialEq>(order: &[T], x: T) -> usize {
+        order.iter().position(|o| *o == x).unwrap_or(order.len())
+    }
+    let mut provider = provider.clone();
+    provider.kx_groups.sort_by_key(|g| rank(&GROUPS, g.name()));
+    provider
+        .cipher_suites
+        .sort_by_key(|s| rank(&SUITES, s.suite()));
+    provider
+}
 
 /// A TLS client that trusts one PEM file's certificates (a CA, or the server's own
 /// self-signed certificate).
@@ -72,8 +102,9 @@ impl TlsClient {
             ca_file.display()
         );
         let roots = Arc::new(roots);
+        let provider = Arc::new(browser_order(&parley::server::crypto_provider()));
         let connector = |alpn: &[u8]| -> anyhow::Result<TlsConnector> {
-            let mut config = ClientConfig::builder_with_provider(parley::server::crypto_provider())
+            let mut config = ClientConfig::builder_with_provider(provider.clone())
                 .with_safe_default_protocol_versions()?
                 .with_root_certificates(roots.clone())
                 .with_no_client_auth();
@@ -226,5 +257,27 @@ impl SelfSigned {
 impl Drop for SelfSigned {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_exchange_groups_come_in_a_browsers_order() {
+        let provider = parley::server::crypto_provider();
+        let names: Vec<NamedGroup> = browser_order(&provider)
+            .kx_groups
+            .iter()
+            .map(|g| g.name())
+            .collect();
+        assert_eq!(names.len(), provider.kx_groups.len(), "{names:?}");
+        let x25519 = names.iter().position(|n| *n == NamedGroup::X25519);
+        let p384 = names.iter().position(|n| *n == NamedGroup::secp384r1);
+        assert!(x25519 < p384, "{names:?}");
+        assert_ne!(names[0], NamedGroup::secp384r1, "{names:?}");
+        let first = browser_order(&provider).cipher_suites[0].suite();
+        assert_eq!(first, CipherSuite::TLS13_AES_128_GCM_SHA256);
     }
 }
