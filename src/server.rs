@@ -434,13 +434,14 @@ fn tls_acceptor(config: &TlsConfig, alpn: &[&[u8]]) -> Result<Option<TlsAcceptor
     Ok(rustls_config(config, alpn, false)?.map(|tls| TlsAcceptor::from(Arc::new(tls))))
 }
 
-/// The cryptography of every TLS endpoint parley has (its listeners, its own TLS client
-/// in `parley health`, the load generator's and the tests' clients): ring. rustls 0.23.48
-/// deprecates ring's provider (it has no post-quantum key exchange); parley keeps ring,
-/// its only TLS backend (vendor/README.md, "rustls").
-#[allow(deprecated)]
+/// The cryptography of every TLS endpoint parley has (its listeners, QUIC, its own TLS
+/// client in `parley health`, the load generator's and the tests' clients): aws-lc-rs,
+/// rustls's default provider, whose key exchange groups include the post-quantum hybrid
+/// X25519MLKEM768 that browsers offer first (the server follows the client's order;
+/// clients without it get X25519, P-256 or P-384). It replaced ring, which rustls 0.23.48
+/// deprecates for the lack of it (docs/BENCHMARKS.md, "ring or aws-lc-rs").
 pub fn crypto_provider() -> Arc<tokio_rustls::rustls::crypto::CryptoProvider> {
-    Arc::new(tokio_rustls::rustls::crypto::ring::default_provider())
+    Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// The rustls configuration of the configured certificate and key, offering `alpn`

@@ -14,7 +14,9 @@ use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio_rustls::{
     TlsConnector,
-    rustls::{ClientConfig, RootCertStore, pki_types::ServerName},
+    rustls::{
+        ClientConfig, NamedGroup, RootCertStore, crypto::CryptoProvider, pki_types::ServerName,
+    },
 };
 
 async fn tls_connect(
@@ -30,9 +32,19 @@ async fn tls_connect_to(
     certs: &Certs,
     alpn: &[&[u8]],
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
+    tls_connect_with(addr, certs, alpn, parley::server::crypto_provider()).await
+}
+
+/// A TLS client with `provider`'s cipher suites and key exchange groups, in its order.
+async fn tls_connect_with(
+    addr: std::net::SocketAddr,
+    certs: &Certs,
+    alpn: &[&[u8]],
+    provider: Arc<CryptoProvider>,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
     let mut roots = RootCertStore::empty();
     roots.add(certs.cert_der.clone()).unwrap();
-    let mut config = ClientConfig::builder_with_provider(parley::server::crypto_provider())
+    let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
@@ -87,6 +99,48 @@ async fn wss_chat_over_built_in_tls() {
             sender.send_request(req).await.is_err(),
             "no plaintext on the TLS port"
         );
+    }
+}
+
+/// Key exchange follows the client's order among the groups parley has: a browser's
+/// (the post-quantum hybrid X25519MLKEM768 first, then X25519) gets the hybrid, and a chat
+/// works over it; clients without it get the classic group they offer.
+#[tokio::test]
+async fn key_exchange_is_post_quantum_for_clients_that_offer_it() {
+    let certs = make_certs("kx");
+    let t = tls_server(&certs, |_| {}).await;
+    let offering = |groups: &[NamedGroup]| {
+        let mut provider = (*parley::server::crypto_provider()).clone();
+        provider.kx_groups = groups
+            .iter()
+            .map(|g| {
+                *provider
+                    .kx_groups
+                    .iter()
+                    .find(|k| k.name() == *g)
+                    .unwrap_or_else(|| panic!("parley's provider has {g:?}"))
+            })
+            .collect();
+        Arc::new(provider)
+    };
+    let browser = [NamedGroup::X25519MLKEM768, NamedGroup::X25519];
+    let tls = tls_connect_with(t.addr(), &certs, &[b"http/1.1"], offering(&browser)).await;
+    let group = tls.get_ref().1.negotiated_key_exchange_group().unwrap();
+    assert_eq!(group.name(), NamedGroup::X25519MLKEM768);
+    let mut ws = wss_json(&t, tls).await;
+    let connect = format!(r#"{{"id":"1","connect":{{"token":"{}"}}}}"#, t.token("ann"));
+    ws.send(connect.into()).await.unwrap();
+    let reply = ws.next().await.unwrap().unwrap().into_text().unwrap();
+    let v: Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(v["connected"]["userId"], "ann");
+    for classic in [
+        NamedGroup::X25519,
+        NamedGroup::secp256r1,
+        NamedGroup::secp384r1,
+    ] {
+        let tls = tls_connect_with(t.addr(), &certs, &[b"http/1.1"], offering(&[classic])).await;
+        let group = tls.get_ref().1.negotiated_key_exchange_group().unwrap();
+        assert_eq!(group.name(), classic);
     }
 }
 
