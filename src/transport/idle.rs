@@ -27,7 +27,7 @@ use axum::{
     http::{Method, Request, Response},
 };
 use hyper::body::{Frame, SizeHint};
-use tokio::time::{Instant, sleep_until};
+use tokio::time::{Instant, Sleep, sleep_until};
 
 /// The open requests of one connection.
 #[derive(Clone)]
@@ -77,25 +77,53 @@ impl Streams {
     }
 
     /// Resolves once no request has been open for `limit`. Wakes once per `limit` at
-    /// most while requests are open.
-    pub async fn idle_for(&self, limit: Duration) {
+    /// most while requests are open. A future of its own (its `Sleep`, reset in place,
+    /// and two fields): every HTTP/2 connection's task holds it while it lives.
+    pub fn idle_for(&self, limit: Duration) -> IdleFor<'_> {
+        IdleFor {
+            streams: self,
+            limit,
+            sleep: sleep_until(self.due(limit)),
+        }
+    }
+
+    /// When the connection will have been idle for `limit`, if no request opens or
+    /// ends before (`limit` from now while one is open).
+    fn due(&self, limit: Duration) -> Instant {
+        let s = self.lock();
+        if s.open == 0 {
+            s.idle_since + limit
+        } else {
+            Instant::now() + limit
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`Streams::idle_for`]'s future.
+    pub struct IdleFor<'a> {
+        streams: &'a Streams,
+        limit: Duration,
+        #[pin]
+        sleep: Sleep,
+    }
+}
+
+impl Future for IdleFor<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
         loop {
-            let due = {
-                let s = self.lock();
-                if s.open == 0 {
-                    s.idle_since + limit
-                } else {
-                    Instant::now() + limit
+            {
+                let s = this.streams.lock();
+                if s.open == 0 && s.idle_since + *this.limit <= Instant::now() {
+                    return Poll::Ready(());
                 }
-            };
-            if due <= Instant::now() && self.quiet() {
-                return;
             }
-            sleep_until(due).await;
-            let s = self.lock();
-            if s.open == 0 && s.idle_since + limit <= Instant::now() {
-                return;
-            }
+            std::task::ready!(this.sleep.as_mut().poll(cx));
+            let due = this.streams.due(*this.limit);
+            this.sleep.as_mut().reset(due);
         }
     }
 }
