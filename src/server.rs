@@ -725,9 +725,16 @@ async fn serve_connection<I>(
     // beside its box for as long as it lived.
     // (Each connection is built and pinned in place: moved into `until_shutdown` by
     // value, or built from a variable of its own, it would take room twice here.)
+    //
+    // The HTTP/2 connection itself (hyper's and h2's state, ~1.2 KB) is built here and
+    // boxed apart from the task that drives it: built inside the task, its socket and
+    // service took room twice more (the task's captured values and `serve_h2`'s
+    // arguments, ~300 bytes), and a task's cell grows in steps of 128 bytes.
     if h2 {
+        let streams = Streams::new();
+        let conn = Box::pin(h2_connection(io, app, streams.clone(), &stages));
         tokio::spawn(async move {
-            if let Err(e) = serve_h2(io, app, &shutdown, &stages).await {
+            if let Err(e) = serve_h2(conn, &streams, &shutdown, &stages).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             drop(watcher);
@@ -754,11 +761,42 @@ async fn serve_connection<I>(
     drop(watcher);
 }
 
-/// Serves an HTTP/2 connection: keep-alive PINGs (a peer that does not answer is cut),
-/// and a GOAWAY once no request has been open for `server.h2_idle_timeout`.
+/// hyper's HTTP/2 connection on a socket `I`, serving `S` (counted).
+type H2Connection<I, S> = http2::Connection<TokioIo<I>, Counted<S>, TokioExecutor>;
+
+/// An HTTP/2 connection on `io`: keep-alive PINGs (a peer that does not answer is cut),
+/// its requests counted in `streams`.
+fn h2_connection<I, S>(io: I, app: S, streams: Streams, stages: &Stages) -> H2Connection<I, S>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<
+            axum::extract::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    // `Counted` is a hyper service itself: through `TowerToHyperService`, each request's
+    // task (hyper spawns one per HTTP/2 stream) held a `Oneshot` with room for the
+    // service and the request (~300 bytes) for as long as its response streamed.
+    let service = Counted::new(app, streams);
+    http2::Builder::new(TokioExecutor::new())
+        .enable_connect_protocol()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(stages.h2_ping_interval)
+        .keep_alive_timeout(stages.h2_ping_timeout)
+        // vendor/README.md, h2 change 8: the response headers' HPACK table.
+        .max_send_header_table_size(stages.h2_response_header_table)
+        .serve_connection(TokioIo::new(io), service)
+}
+
+/// Serves an HTTP/2 connection (from [`h2_connection`], whose requests `streams`
+/// counts): a GOAWAY once no request has been open for `server.h2_idle_timeout`.
 async fn serve_h2<I, S>(
-    io: I,
-    app: S,
+    mut conn: Pin<Box<H2Connection<I, S>>>,
+    streams: &Streams,
     shutdown: &CancellationToken,
     stages: &Stages,
 ) -> Result<(), hyper::Error>
@@ -773,21 +811,6 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let streams = Streams::new();
-    // `Counted` is a hyper service itself: through `TowerToHyperService`, each request's
-    // task (hyper spawns one per HTTP/2 stream) held a `Oneshot` with room for the
-    // service and the request (~300 bytes) for as long as its response streamed.
-    let service = Counted::new(app, streams.clone());
-    let mut conn = std::pin::pin!(
-        http2::Builder::new(TokioExecutor::new())
-            .enable_connect_protocol()
-            .timer(TokioTimer::new())
-            .keep_alive_interval(stages.h2_ping_interval)
-            .keep_alive_timeout(stages.h2_ping_timeout)
-            // vendor/README.md, h2 change 8: the response headers' HPACK table.
-            .max_send_header_table_size(stages.h2_response_header_table)
-            .serve_connection(TokioIo::new(io), service)
-    );
     tokio::select! {
         ended = conn.as_mut() => return ended,
         _ = shutdown.cancelled() => {
