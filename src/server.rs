@@ -656,6 +656,8 @@ struct Stages {
     preface: Duration,
     header_read: Duration,
     h1_idle: Duration,
+    /// `server.keep_alive_release`, when shorter than `h1_idle` (else never).
+    h1_release: Option<Duration>,
     h2_idle: Duration,
     h2_ping_interval: Duration,
     h2_ping_timeout: Duration,
@@ -670,6 +672,9 @@ impl Stages {
             header_read: s.header_read_timeout,
             // Never longer than a head may take: waiting for one is what it bounded.
             h1_idle: s.keep_alive_idle.min(s.header_read_timeout),
+            h1_release: Some(s.keep_alive_release).filter(|release| {
+                !release.is_zero() && *release < s.keep_alive_idle.min(s.header_read_timeout)
+            }),
             h2_idle: s.h2_idle_timeout,
             h2_ping_interval: s.h2_keep_alive_interval,
             h2_ping_timeout: s.h2_keep_alive_timeout,
@@ -693,7 +698,7 @@ async fn serve_connection<I>(
     (peer, tls): (PeerIp, bool),
     stages: Arc<Stages>,
 ) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + IdleWait + Unpin + Send + 'static,
 {
     // Handlers see the connection's write deadline (SSE and WebSocket set their own),
     // the peer address (per-IP limits) and, over TLS, that it is (`OverTls`).
@@ -742,23 +747,226 @@ async fn serve_connection<I>(
         return;
     }
     let ended = {
-        let conn = std::pin::pin!(
-            http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(stages.header_read)
-                // vendor/hyper's idle timeout (vendor/README.md, hyper change 5): an
-                // idle keep-alive connection held ~1.8 KB (its task, socket registration
-                // and header timer) for the whole header read timeout.
-                .idle_timeout(stages.h1_idle)
-                .serve_connection(TokioIo::new(io), TowerToHyperService::new(app))
-                .with_upgrades()
-        );
-        until_shutdown(conn, &shutdown, |c| c.graceful_shutdown()).await
+        let mut conn = h1_connection(io, TowerToHyperService::new(app), &stages, Duration::ZERO);
+        until_shutdown(Pin::new(&mut conn), &shutdown, |c| c.graceful_shutdown())
+            .await
+            .map(|()| idle_parts(conn))
     };
-    if let Err(e) = ended {
-        tracing::debug!(error = %e, "connection ended with an error");
+    match ended {
+        // Idle between requests: waited on by a small task of its own.
+        Ok(Some(idle)) => {
+            tokio::spawn(wait_idle(idle, watcher, shutdown, stages));
+        }
+        Ok(None) => drop(watcher),
+        Err(e) => tracing::debug!(error = %e, "connection ended with an error"),
     }
-    drop(watcher);
+}
+
+/// A connection's socket as an idle HTTP/1 keep-alive connection waits on it alone
+/// ([`idle_parts`]): readable, or not waitable that way at all.
+pub(crate) trait IdleWait {
+    /// Whether [`IdleWait::poll_readable`] tells when the connection's next bytes can be
+    /// read. Not over TLS: rustls may hold decrypted bytes, or need a read for a record
+    /// that carries none, which the socket's readiness does not tell.
+    const CAN_WAIT: bool;
+
+    /// Ready once a read would not wait (bytes, the end, or an error).
+    fn poll_readable(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>>;
+}
+
+impl IdleWait for DeadlineIo<tokio::net::TcpStream> {
+    const CAN_WAIT: bool = true;
+
+    fn poll_readable(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.get_ref().poll_read_ready(cx)
+    }
+}
+
+impl IdleWait for Box<tokio_rustls::server::TlsStream<DeadlineIo<tokio::net::TcpStream>>> {
+    const CAN_WAIT: bool = false;
+
+    fn poll_readable(
+        &self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Pending
+    }
+}
+
+impl<I: IdleWait> IdleWait for Sniffed<I> {
+    const CAN_WAIT: bool = I::CAN_WAIT;
+
+    fn poll_readable(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.has_unread() {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        self.get_ref().poll_readable(cx)
+    }
+}
+
+/// An HTTP/1 connection's socket and service while it waits idle for its next request.
+type H1Idle<I, S> = (Sniffed<I>, TowerToHyperService<S>);
+
+/// hyper's HTTP/1 connection (with upgrades: WebSocket) on `io`: its request heads
+/// within `server.header_read_timeout` (the first counted from when the socket began to
+/// wait, `waited` ago). Idle between requests for `server.keep_alive_idle` it is closed;
+/// over a plain socket, idle for `server.keep_alive_release` it completes instead
+/// (vendor/hyper change 7, `yield_when_idle`) and its socket waits out the rest of
+/// `keep_alive_idle` alone: see [`idle_parts`].
+fn h1_connection<I, S>(
+    io: Sniffed<I>,
+    service: TowerToHyperService<S>,
+    stages: &Stages,
+    waited: Duration,
+) -> http1::UpgradeableConnection<TokioIo<Sniffed<I>>, TowerToHyperService<S>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + IdleWait + Unpin + Send + 'static,
+    S: tower::Service<
+            axum::extract::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let release = stages.h1_release.filter(|_| I::CAN_WAIT);
+    http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(stages.header_read.saturating_sub(waited))
+        // vendor/hyper's idle timeout (vendor/README.md, hyper change 5): an idle
+        // keep-alive connection held ~1.8 KB (its task, socket registration and header
+        // timer) for the whole header read timeout. With a release, it yields then.
+        .idle_timeout(release.unwrap_or(stages.h1_idle))
+        .yield_when_idle(release.is_some())
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades()
+}
+
+/// The socket and service of an HTTP/1 connection that completed because it waited idle
+/// for `server.keep_alive_release` with nothing held for the next request (`None`: it
+/// ended); hyper's state (buffers, timers, the connection itself) is dropped.
+///
+/// Over a plain socket an idle keep-alive connection so holds nothing but its socket
+/// and a small task ([`wait_idle`]) that waits for it to be readable (then a new task
+/// serves it with a new hyper connection, [`serve_h1_again`]), for the rest of
+/// `server.keep_alive_idle`, or for shutdown (then it is closed, as hyper would have).
+/// An SSE client's command connection waits so between its acks (docs/BENCHMARKS.md,
+/// "Round nine: SSE's joined session"); a connection whose requests come closer
+/// together than the release (back-to-back long-polls) stays in hyper throughout. A
+/// task of its own rather than a loop in the connection's: a task is as large as its
+/// future's largest state, and the idle wait is most of a command connection's life.
+fn idle_parts<I, S>(
+    conn: http1::UpgradeableConnection<TokioIo<Sniffed<I>>, TowerToHyperService<S>>,
+) -> Option<H1Idle<I, S>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + IdleWait + Unpin + Send + 'static,
+    S: tower::Service<
+            axum::extract::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    if !conn.is_idle() {
+        return None;
+    }
+    let parts = conn
+        .into_parts()
+        .expect("an idle connection is not upgraded");
+    debug_assert!(parts.read_buf.is_empty());
+    Some((parts.io.into_inner(), parts.service))
+}
+
+/// The task of an idle HTTP/1 connection ([`idle_parts`]): waits until its socket is
+/// readable, then serves it in a new task ([`serve_h1_again`]); closes it once it has
+/// been idle for `server.keep_alive_idle` in all, or on shutdown. A request that has
+/// arrived is served even when the idle time is up by the time this task runs (as hyper
+/// reads before it closes): closing the socket with it unread would reset the connection
+/// under the client that sent it. Boxed as a `dyn Future` (the two tasks spawn each
+/// other, and the compiler cannot tell such a pair of futures is `Send` otherwise): the
+/// task holds a pointer, the box the wait.
+fn wait_idle<I, S>(
+    (mut io, service): H1Idle<I, S>,
+    watcher: Watcher,
+    shutdown: CancellationToken,
+    stages: Arc<Stages>,
+) -> Pin<Box<dyn Future<Output = ()> + Send>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + IdleWait + Unpin + Send + 'static,
+    S: tower::Service<
+            axum::extract::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    Box::pin(async move {
+        // hyper's connection waited `keep_alive_release` before it yielded.
+        let released = stages.h1_release.unwrap_or_default();
+        let (since, waiting) = (tokio::time::Instant::now(), &mut io);
+        let readable = tokio::select! {
+            // Readable first: when the task runs late, bytes that have arrived win over
+            // the idle time's end.
+            biased;
+            readable = std::future::poll_fn(move |cx| waiting.poll_readable(cx)) => readable.is_ok(),
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(stages.h1_idle.saturating_sub(released)) => false,
+        };
+        if !readable {
+            tracing::trace!("idle HTTP/1 connection closed");
+            return;
+        }
+        let conn = h1_connection(io, service, &stages, released + since.elapsed());
+        tokio::spawn(serve_h1_again(conn, watcher, shutdown, stages));
+    })
+}
+
+/// Serves the next requests of an HTTP/1 connection that waited idle ([`wait_idle`]).
+/// Not an `async fn`: its arguments would be moved into the future's body and take
+/// room twice (hyper's connection is most of it); an `async move` block uses them in
+/// place.
+#[allow(clippy::manual_async_fn)]
+fn serve_h1_again<I, S>(
+    mut conn: http1::UpgradeableConnection<TokioIo<Sniffed<I>>, TowerToHyperService<S>>,
+    watcher: Watcher,
+    shutdown: CancellationToken,
+    stages: Arc<Stages>,
+) -> impl Future<Output = ()> + Send
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + IdleWait + Unpin + Send + 'static,
+    S: tower::Service<
+            axum::extract::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    async move {
+        let ended = until_shutdown(Pin::new(&mut conn), &shutdown, |c| c.graceful_shutdown()).await;
+        match ended.map(|()| idle_parts(conn)) {
+            Ok(Some(idle)) => {
+                tokio::spawn(wait_idle(idle, watcher, shutdown, stages));
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "connection ended with an error"),
+        }
+    }
 }
 
 /// hyper's HTTP/2 connection on a socket `I`, serving `S` (counted).

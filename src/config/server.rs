@@ -41,6 +41,14 @@ pub struct ServerConfig {
     /// connection for their next request (browsers do so by themselves).
     #[serde(with = "humantime_serde")]
     pub keep_alive_idle: Duration,
+    /// HTTP/1 over plain TCP (not TLS): a keep-alive connection that has waited this long
+    /// for its next request gives back its HTTP state (~1.4 KB: hyper's task, buffers and
+    /// timer) and waits on its bare socket for the rest of `keep_alive_idle`; its next
+    /// request is served by a new HTTP state. Connections whose requests come closer
+    /// together than this (back-to-back long-polls) keep theirs. `0` (the default): never
+    /// (each idle connection keeps its state until it closes).
+    #[serde(with = "humantime_serde")]
+    pub keep_alive_release: Duration,
     /// A request body (a command, an API call: at most `ws.max_frame_bytes`) must arrive
     /// in full within this of its head, or the request gets 408 and the connection is
     /// closed. Uploads are timed instead by their own idle deadline (no bytes for 60 s).
@@ -92,6 +100,7 @@ impl Default for ServerConfig {
             preface_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(30),
             keep_alive_idle: Duration::from_secs(10),
+            keep_alive_release: Duration::ZERO,
             body_read_timeout: Duration::from_secs(15),
             h2_idle_timeout: Duration::from_secs(30),
             h2_keep_alive_interval: Duration::from_secs(20),
@@ -113,6 +122,14 @@ impl ServerConfig {
             HOUR,
         )?;
         duration("server.write_timeout", self.write_timeout, 100 * MS, HOUR)?;
+        if !self.keep_alive_release.is_zero() {
+            duration(
+                "server.keep_alive_release",
+                self.keep_alive_release,
+                10 * MS,
+                HOUR,
+            )?;
+        }
         for (key, v) in [
             ("server.tls_handshake_timeout", self.tls_handshake_timeout),
             ("server.preface_timeout", self.preface_timeout),

@@ -66,6 +66,11 @@ impl<I> DeadlineIo<I> {
         }
     }
 
+    /// The socket.
+    pub fn get_ref(&self) -> &I {
+        &self.io
+    }
+
     /// Holds `slot` for as long as the socket lives.
     pub fn with_slot(mut self, slot: super::admission::Slot) -> Self {
         self._slot = Some(slot);

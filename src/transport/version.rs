@@ -56,6 +56,18 @@ impl<I: AsyncRead + Unpin> Sniffed<I> {
     }
 }
 
+impl<I> Sniffed<I> {
+    /// The connection under the bytes read to tell the version.
+    pub fn get_ref(&self) -> &I {
+        &self.io
+    }
+
+    /// Whether some of those bytes were not read again yet.
+    pub fn has_unread(&self) -> bool {
+        self.at < self.first.len()
+    }
+}
+
 /// One read from `io`, onto the end of `first`; how many bytes it brought. The bytes
 /// are read onto the stack (inside one poll: the connection's future holds no buffer)
 /// and copied into `first`, allocated only once some arrived.

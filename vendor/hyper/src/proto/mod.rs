@@ -58,6 +58,11 @@ pub(crate) enum Dispatched {
     /// Dispatcher has pending upgrade, and so did not shutdown.
     #[cfg(feature = "http1")]
     Upgrade(crate::upgrade::Pending),
+    /// PARLEY PATCH: an HTTP/1 server connection is idle between requests and holds
+    /// nothing for the next one (`server::conn::http1::Builder::yield_when_idle`): the
+    /// IO can be taken back and served by a new connection once readable.
+    #[cfg_attr(not(all(feature = "http1", feature = "server")), allow(dead_code))]
+    Idle,
 }
 
 #[cfg(all(feature = "client", feature = "http1"))]

@@ -327,7 +327,8 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match ready!(Pin::new(&mut self.inner).poll(cx))? {
-            proto::Dispatched::Shutdown => Poll::Ready(Ok(())),
+            // PARLEY PATCH: `Idle` is a server connection's only.
+            proto::Dispatched::Shutdown | proto::Dispatched::Idle => Poll::Ready(Ok(())),
             proto::Dispatched::Upgrade(pending) => {
                 // With no `Send` bound on `I`, we can't try to do
                 // upgrades here. In case a user was trying to use
@@ -670,7 +671,8 @@ mod upgrades {
             )
             .poll(cx))
             {
-                Ok(Dispatched::Shutdown) => Poll::Ready(Ok(())),
+                // PARLEY PATCH: `Idle` is a server connection's only.
+                Ok(Dispatched::Shutdown | Dispatched::Idle) => Poll::Ready(Ok(())),
                 Ok(Dispatched::Upgrade(pending)) => {
                     let Parts { io, read_buf } = self
                         .inner

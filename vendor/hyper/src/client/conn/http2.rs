@@ -291,7 +291,8 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match ready!(Pin::new(&mut self.inner.1).poll(cx))? {
-            proto::Dispatched::Shutdown => Poll::Ready(Ok(())),
+            // PARLEY PATCH: `Idle` is an HTTP/1 server connection's only.
+            proto::Dispatched::Shutdown | proto::Dispatched::Idle => Poll::Ready(Ok(())),
             #[cfg(feature = "http1")]
             proto::Dispatched::Upgrade(_pending) => unreachable!("http2 cannot upgrade"),
         }

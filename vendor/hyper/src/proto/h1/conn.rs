@@ -70,6 +70,10 @@ where
                 #[cfg(feature = "server")]
                 h1_idle_since: None,
                 #[cfg(feature = "server")]
+                h1_yield_when_idle: false,
+                #[cfg(feature = "server")]
+                h1_idle_yielded: false,
+                #[cfg(feature = "server")]
                 date_header: true,
                 #[cfg(feature = "server")]
                 timer: Time::Empty,
@@ -159,6 +163,38 @@ where
     #[cfg(feature = "server")]
     pub(crate) fn set_http1_idle_timeout(&mut self, val: Duration) {
         self.state.h1_idle_timeout = Some(val);
+    }
+
+    /// PARLEY PATCH: see `server::conn::http1::Builder::yield_when_idle`.
+    #[cfg(feature = "server")]
+    pub(crate) fn set_http1_yield_when_idle(&mut self) {
+        self.state.h1_yield_when_idle = true;
+    }
+
+    /// PARLEY PATCH: the connection waited the idle timeout for the next request's head
+    /// and yields instead of closing (`Builder::yield_when_idle`), with nothing held for
+    /// the next request: keep-alive idle, nothing read ahead, nothing left to write, no
+    /// upgrade or error pending.
+    #[cfg(feature = "server")]
+    pub(crate) fn is_idle_wait(&self) -> bool {
+        self.state.h1_idle_yielded
+            && self.state.is_idle()
+            && matches!(
+                (&self.state.reading, &self.state.writing),
+                (&Reading::Init, &Writing::Init)
+            )
+            && self.io.read_buf().is_empty()
+            && !self.io.has_buffered_write()
+            && self.state.upgrade.is_none()
+            && self.state.error.is_none()
+    }
+
+    /// PARLEY PATCH: whether the connection was to yield (its idle timeout elapsed),
+    /// cleared: the dispatcher found it could not ([`Conn::is_idle_wait`]), and it waits
+    /// on (its next head read arms the idle timeout again).
+    #[cfg(feature = "server")]
+    pub(crate) fn take_idle_yielded(&mut self) -> bool {
+        std::mem::take(&mut self.state.h1_idle_yielded)
     }
 
     #[cfg(feature = "server")]
@@ -309,6 +345,14 @@ where
                             // PARLEY PATCH: idle for the idle timeout: closed, not an error.
                             if self.state.h1_idle_since.take().is_some() {
                                 self.state.h1_header_read_timeout_fut = None;
+                                // PARLEY PATCH: or yields, to be waited on without its
+                                // state (`Builder::yield_when_idle`): the dispatcher
+                                // completes (`Dispatched::Idle`).
+                                if self.state.h1_yield_when_idle && self.state.is_idle() {
+                                    debug!("connection idle for the idle timeout: yielding");
+                                    self.state.h1_idle_yielded = true;
+                                    return Poll::Pending;
+                                }
                                 debug!("connection idle for the idle timeout: closing");
                                 self.close_read();
                                 self.close_write();
@@ -1022,6 +1066,13 @@ struct State {
     h1_idle_timeout: Option<Duration>,
     #[cfg(feature = "server")]
     h1_idle_since: Option<Instant>,
+    /// PARLEY PATCH: see `Builder::yield_when_idle`.
+    #[cfg(feature = "server")]
+    h1_yield_when_idle: bool,
+    /// PARLEY PATCH: the idle timeout elapsed with `h1_yield_when_idle`: the connection
+    /// yields (`Dispatched::Idle`) rather than closing.
+    #[cfg(feature = "server")]
+    h1_idle_yielded: bool,
     #[cfg(feature = "server")]
     date_header: bool,
     #[cfg(feature = "server")]

@@ -180,8 +180,31 @@ where
             self.conn.take_error()?;
             Poll::Ready(Ok(Dispatched::Shutdown))
         } else {
+            // PARLEY PATCH: idle between requests with nothing held for the next one:
+            // return, so that the caller can take the IO back and wait on it alone
+            // (`server::conn::http1::Builder::yield_when_idle`).
+            #[cfg(feature = "server")]
+            if self.is_idle_wait() {
+                return Poll::Ready(Ok(Dispatched::Idle));
+            } else if self.conn.take_idle_yielded() {
+                // Cannot yield after all: polled again, it waits on with its idle
+                // timeout armed again.
+                cx.waker().wake_by_ref();
+            }
             Poll::Pending
         }
+    }
+
+    /// PARLEY PATCH: nothing in flight (no service future, no body to write or read),
+    /// and the connection waited its idle timeout for the next head with nothing held
+    /// for it (`Builder::yield_when_idle`).
+    #[cfg(feature = "server")]
+    pub(crate) fn is_idle_wait(&self) -> bool {
+        !self.is_closing
+            && self.body_rx.is_none()
+            && self.body_tx.0.is_none()
+            && !self.dispatch.should_poll()
+            && self.conn.is_idle_wait()
     }
 
     fn poll_loop(&mut self, cx: &mut Context<'_>) -> Poll<crate::Result<()>> {

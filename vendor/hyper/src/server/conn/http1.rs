@@ -81,6 +81,8 @@ pub struct Builder {
     h1_header_read_timeout: Dur,
     // PARLEY PATCH: see `Builder::idle_timeout`.
     h1_idle_timeout: Option<Duration>,
+    // PARLEY PATCH: see `Builder::yield_when_idle`.
+    h1_yield_when_idle: bool,
     h1_writev: Option<bool>,
     max_buf_size: Option<usize>,
     pipeline_flush: bool,
@@ -160,6 +162,14 @@ where
         }
     }
 
+    /// PARLEY PATCH: whether the connection completed because it was idle for the idle
+    /// timeout ([`Builder::yield_when_idle`]): its IO ([`Connection::into_parts`]) is
+    /// open, with nothing read ahead, and waits for the next request. `false` while it
+    /// runs.
+    pub fn is_idle(&self) -> bool {
+        self.conn.is_idle_wait()
+    }
+
     /// Poll the connection for completion, but without calling `shutdown`
     /// on the underlying IO.
     ///
@@ -222,7 +232,8 @@ where
         match ready!(Pin::new(&mut self.conn).poll(cx)) {
             Ok(done) => {
                 match done {
-                    proto::Dispatched::Shutdown => {}
+                    // PARLEY PATCH: see `Builder::yield_when_idle`.
+                    proto::Dispatched::Shutdown | proto::Dispatched::Idle => {}
                     proto::Dispatched::Upgrade(pending) => {
                         // With no `Send` bound on `I`, we can't try to do
                         // upgrades here. In case a user was trying to use
@@ -254,6 +265,8 @@ impl Builder {
             h1_max_header_size: None,
             h1_header_read_timeout: Dur::Default(Some(Duration::from_secs(30))),
             h1_idle_timeout: None,
+            // PARLEY PATCH: see `Builder::yield_when_idle`.
+            h1_yield_when_idle: false,
             h1_writev: None,
             max_buf_size: None,
             pipeline_flush: false,
@@ -388,6 +401,24 @@ impl Builder {
     /// Default is `None`: the header read timeout alone.
     pub fn idle_timeout(&mut self, idle: impl Into<Option<Duration>>) -> &mut Self {
         self.h1_idle_timeout = idle.into();
+        self
+    }
+
+    /// PARLEY PATCH: set whether a keep-alive connection that has waited the idle
+    /// timeout ([`Builder::idle_timeout`], which must be set) for its next request
+    /// completes its future with `Ok(())`, instead of closing, so that its IO can be
+    /// taken back ([`Connection::is_idle`], [`Connection::into_parts`]) and waited on
+    /// without the connection's state (its buffers, timer, the future itself). Only with
+    /// nothing held for a next request (none in flight, everything written and flushed,
+    /// nothing read ahead: a read found nothing), and only after a first request was
+    /// served: otherwise the idle timeout closes it, as without this option. The caller
+    /// serves the IO's next bytes with a new connection, and closes it when it wants (its
+    /// own idle timeout, a shutdown). A connection serving requests back to back, with
+    /// gaps shorter than the idle timeout, never yields.
+    ///
+    /// Default is `false`.
+    pub fn yield_when_idle(&mut self, enabled: bool) -> &mut Self {
+        self.h1_yield_when_idle = enabled;
         self
     }
 
@@ -528,6 +559,10 @@ impl Builder {
         {
             conn.set_http1_idle_timeout(dur);
         }
+        // PARLEY PATCH: see `Builder::yield_when_idle`.
+        if self.h1_yield_when_idle {
+            conn.set_http1_yield_when_idle();
+        }
         if let Some(writev) = self.h1_writev {
             if writev {
                 conn.set_write_strategy_queue();
@@ -578,6 +613,12 @@ where
         }
     }
 
+    /// PARLEY PATCH: whether the connection completed because it was idle
+    /// ([`Builder::yield_when_idle`]): see [`Connection::is_idle`].
+    pub fn is_idle(&self) -> bool {
+        self.inner.as_ref().is_some_and(Connection::is_idle)
+    }
+
     /// Return the inner IO object, and additional information provided the connection
     /// has not yet been upgraded.
     pub fn into_parts(self) -> Option<Parts<I, S>> {
@@ -598,7 +639,9 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         if let Some(conn) = self.inner.as_mut() {
             match ready!(Pin::new(&mut conn.conn).poll(cx)) {
-                Ok(proto::Dispatched::Shutdown) => Poll::Ready(Ok(())),
+                // PARLEY PATCH: idle (`Builder::yield_when_idle`): `inner` is kept, for
+                // `into_parts`.
+                Ok(proto::Dispatched::Shutdown | proto::Dispatched::Idle) => Poll::Ready(Ok(())),
                 Ok(proto::Dispatched::Upgrade(pending)) => {
                     let (io, buf, _) = self
                         .inner
@@ -615,5 +658,191 @@ where
             // inner is `None`, meaning the connection was upgraded, thus it's `Poll::Ready(Ok(()))`
             Poll::Ready(Ok(()))
         }
+    }
+}
+
+// PARLEY PATCH: tests of `Builder::yield_when_idle`.
+#[cfg(all(test, not(miri)))]
+mod parley_yield_when_idle_tests {
+    use super::*;
+    use crate::common::io::Compat;
+    use crate::rt::Sleep;
+    use crate::service::service_fn;
+    use std::convert::Infallible;
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    #[derive(Clone)]
+    struct TestTimer;
+
+    struct TestSleep(Pin<Box<tokio::time::Sleep>>);
+
+    impl Future for TestSleep {
+        type Output = ();
+
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            self.0.as_mut().poll(cx)
+        }
+    }
+
+    impl Sleep for TestSleep {}
+
+    impl Timer for TestTimer {
+        fn sleep(&self, duration: Duration) -> Pin<Box<dyn Sleep>> {
+            Box::pin(TestSleep(Box::pin(tokio::time::sleep(duration))))
+        }
+
+        fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn Sleep>> {
+            Box::pin(TestSleep(Box::pin(tokio::time::sleep_until(
+                deadline.into(),
+            ))))
+        }
+    }
+
+    const GET: &[u8] = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+
+    /// The idle timeout, after which an idle connection yields.
+    const IDLE: Duration = Duration::from_millis(200);
+
+    fn builder(yield_when_idle: bool) -> Builder {
+        let mut builder = Builder::new();
+        builder
+            .timer(TestTimer)
+            .header_read_timeout(Duration::from_secs(5))
+            .idle_timeout(IDLE)
+            .yield_when_idle(yield_when_idle);
+        builder
+    }
+
+    async fn hello(_: http::Request<IncomingBody>) -> Result<http::Response<String>, Infallible> {
+        Ok(http::Response::new("hello".to_owned()))
+    }
+
+    /// Reads from `client` until `responses` responses (each ending with `hello`) came.
+    async fn read_responses(client: &mut DuplexStream, responses: usize) {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while got.windows(5).filter(|w| w == b"hello").count() < responses {
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_completes_and_a_new_one_serves_its_io() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        client.write_all(GET).await.unwrap();
+        let mut conn = builder(true)
+            .serve_connection(Compat::new(server), service_fn(hello))
+            .with_upgrades();
+        assert!(!conn.is_idle());
+        let start = Instant::now();
+        tokio::time::timeout(Duration::from_secs(1), &mut conn)
+            .await
+            .expect("completes once idle")
+            .unwrap();
+        assert!(start.elapsed() >= IDLE, "completed before the idle timeout");
+        assert!(conn.is_idle());
+        read_responses(&mut client, 1).await;
+        let parts = conn.into_parts().expect("not upgraded");
+        assert!(parts.read_buf.is_empty());
+
+        // The next request, on the same IO: a new connection serves it. Two pipelined
+        // requests are both answered before it completes again.
+        client.write_all(GET).await.unwrap();
+        client.write_all(GET).await.unwrap();
+        let mut conn = builder(true)
+            .serve_connection(parts.io, parts.service)
+            .with_upgrades();
+        tokio::time::timeout(Duration::from_secs(1), &mut conn)
+            .await
+            .expect("completes once idle")
+            .unwrap();
+        assert!(conn.is_idle());
+        read_responses(&mut client, 2).await;
+
+        // The client goes away: the connection ends, not idle.
+        let parts = conn.into_parts().unwrap();
+        drop(client);
+        let mut conn = builder(true)
+            .serve_connection(parts.io, parts.service)
+            .with_upgrades();
+        tokio::time::timeout(Duration::from_secs(1), &mut conn)
+            .await
+            .expect("ends at EOF")
+            .unwrap();
+        assert!(!conn.is_idle());
+    }
+
+    #[tokio::test]
+    async fn requests_closer_than_the_idle_timeout_keep_it_serving() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        client.write_all(GET).await.unwrap();
+        let mut conn = builder(true).serve_connection(Compat::new(server), service_fn(hello));
+        // Requests every half idle timeout: it serves them all without completing.
+        for n in 1..=4 {
+            let waited = tokio::time::timeout(IDLE / 2, &mut conn).await;
+            assert!(waited.is_err(), "completed: {waited:?}");
+            read_responses(&mut client, 1).await;
+            if n < 4 {
+                client.write_all(GET).await.unwrap();
+            }
+        }
+        tokio::time::timeout(Duration::from_secs(1), &mut conn)
+            .await
+            .expect("completes once idle")
+            .unwrap();
+        assert!(conn.is_idle());
+    }
+
+    #[tokio::test]
+    async fn without_the_option_the_idle_timeout_closes() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        client.write_all(GET).await.unwrap();
+        let mut conn = builder(false).serve_connection(Compat::new(server), service_fn(hello));
+        tokio::time::timeout(Duration::from_secs(1), &mut conn)
+            .await
+            .expect("closed after the idle timeout")
+            .unwrap();
+        assert!(!conn.is_idle());
+        read_responses(&mut client, 1).await;
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_connection_without_a_first_request_is_closed_not_yielded() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let mut conn = builder(true).serve_connection(Compat::new(server), service_fn(hello));
+        tokio::time::timeout(Duration::from_secs(1), &mut conn)
+            .await
+            .expect("closed after the idle timeout")
+            .unwrap();
+        assert!(!conn.is_idle());
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_partly_read_head_is_not_idle() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        client.write_all(GET).await.unwrap();
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let mut conn = builder(true).serve_connection(Compat::new(server), service_fn(hello));
+        let waited = tokio::time::timeout(IDLE * 2, &mut conn).await;
+        assert!(
+            waited.is_err(),
+            "completed with a head half read: {waited:?}"
+        );
+        client.write_all(b"host: x\r\n\r\n").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(1), &mut conn)
+            .await
+            .expect("completes once idle")
+            .unwrap();
+        assert!(conn.is_idle());
+        read_responses(&mut client, 2).await;
     }
 }
