@@ -813,6 +813,32 @@ impl<I: IdleWait> IdleWait for Sniffed<I> {
     }
 }
 
+/// The service an HTTP/1 connection serves (the router behind the connection's layers),
+/// named once for the functions that pass it between hyper connections and the idle wait.
+trait H1App:
+    tower::Service<
+        axum::extract::Request<hyper::body::Incoming>,
+        Response = axum::response::Response,
+        Error = std::convert::Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> H1App for S where
+    S: tower::Service<
+            axum::extract::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
 /// An HTTP/1 connection's socket and service while it waits idle for its next request.
 type H1Idle<I, S> = (Sniffed<I>, TowerToHyperService<S>);
 
@@ -830,14 +856,7 @@ fn h1_connection<I, S>(
 ) -> http1::UpgradeableConnection<TokioIo<Sniffed<I>>, TowerToHyperService<S>>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + IdleWait + Unpin + Send + 'static,
-    S: tower::Service<
-            axum::extract::Request<hyper::body::Incoming>,
-            Response = axum::response::Response,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: H1App,
 {
     let release = stages.h1_release.filter(|_| I::CAN_WAIT);
     http1::Builder::new()
@@ -870,14 +889,7 @@ fn idle_parts<I, S>(
 ) -> Option<H1Idle<I, S>>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + IdleWait + Unpin + Send + 'static,
-    S: tower::Service<
-            axum::extract::Request<hyper::body::Incoming>,
-            Response = axum::response::Response,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: H1App,
 {
     if !conn.is_idle() {
         return None;
@@ -905,14 +917,7 @@ fn wait_idle<I, S>(
 ) -> Pin<Box<dyn Future<Output = ()> + Send>>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + IdleWait + Unpin + Send + 'static,
-    S: tower::Service<
-            axum::extract::Request<hyper::body::Incoming>,
-            Response = axum::response::Response,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: H1App,
 {
     Box::pin(async move {
         // hyper's connection waited `keep_alive_release` before it yielded.
@@ -948,14 +953,7 @@ fn serve_h1_again<I, S>(
 ) -> impl Future<Output = ()> + Send
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + IdleWait + Unpin + Send + 'static,
-    S: tower::Service<
-            axum::extract::Request<hyper::body::Incoming>,
-            Response = axum::response::Response,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: H1App,
 {
     async move {
         let ended = until_shutdown(Pin::new(&mut conn), &shutdown, |c| c.graceful_shutdown()).await;
@@ -977,14 +975,7 @@ type H2Connection<I, S> = http2::Connection<TokioIo<I>, Counted<S>, TokioExecuto
 fn h2_connection<I, S>(io: I, app: S, streams: Streams, stages: &Stages) -> H2Connection<I, S>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: tower::Service<
-            axum::extract::Request<hyper::body::Incoming>,
-            Response = axum::response::Response,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: H1App,
 {
     // `Counted` is a hyper service itself: through `TowerToHyperService`, each request's
     // task (hyper spawns one per HTTP/2 stream) held a `Oneshot` with room for the
@@ -1010,14 +1001,7 @@ async fn serve_h2<I, S>(
 ) -> Result<(), hyper::Error>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: tower::Service<
-            axum::extract::Request<hyper::body::Incoming>,
-            Response = axum::response::Response,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: H1App,
 {
     tokio::select! {
         ended = conn.as_mut() => return ended,

@@ -71,17 +71,22 @@ async fn wss_json(
     tokio_tungstenite::client_async(req, tls).await.unwrap().0
 }
 
-#[tokio::test]
-async fn wss_chat_over_built_in_tls() {
-    let certs = make_certs("wss");
-    let t = tls_server(&certs, |_| {}).await;
-    let tls = tls_connect(&t, &certs, &[b"http/1.1"]).await;
-    let mut ws = wss_json(&t, tls).await;
+/// A WebSocket over `tls` on which ann connects (the `connected` reply checked).
+async fn wss_connects_as_ann(t: &TestServer, tls: tokio_rustls::client::TlsStream<TcpStream>) {
+    let mut ws = wss_json(t, tls).await;
     let connect = format!(r#"{{"id":"1","connect":{{"token":"{}"}}}}"#, t.token("ann"));
     ws.send(connect.into()).await.unwrap();
     let reply = ws.next().await.unwrap().unwrap().into_text().unwrap();
     let v: Value = serde_json::from_str(&reply).unwrap();
     assert_eq!(v["connected"]["userId"], "ann");
+}
+
+#[tokio::test]
+async fn wss_chat_over_built_in_tls() {
+    let certs = make_certs("wss");
+    let t = tls_server(&certs, |_| {}).await;
+    let tls = tls_connect(&t, &certs, &[b"http/1.1"]).await;
+    wss_connects_as_ann(&t, tls).await;
     // Plain HTTP to the TLS port fails.
     let r = tokio::time::timeout(WAIT, async {
         let tcp = TcpStream::connect(t.addr()).await.unwrap();
@@ -127,12 +132,7 @@ async fn key_exchange_is_post_quantum_for_clients_that_offer_it() {
     let tls = tls_connect_with(t.addr(), &certs, &[b"http/1.1"], offering(&browser)).await;
     let group = tls.get_ref().1.negotiated_key_exchange_group().unwrap();
     assert_eq!(group.name(), NamedGroup::X25519MLKEM768);
-    let mut ws = wss_json(&t, tls).await;
-    let connect = format!(r#"{{"id":"1","connect":{{"token":"{}"}}}}"#, t.token("ann"));
-    ws.send(connect.into()).await.unwrap();
-    let reply = ws.next().await.unwrap().unwrap().into_text().unwrap();
-    let v: Value = serde_json::from_str(&reply).unwrap();
-    assert_eq!(v["connected"]["userId"], "ann");
+    wss_connects_as_ann(&t, tls).await;
     for classic in [
         NamedGroup::X25519,
         NamedGroup::secp256r1,
