@@ -924,10 +924,15 @@ async function sendFile(file) {
 // "typing" goes out on the first keystroke and then at most every 2.5 s while typing; a
 // send starts over, so a message typed right after a send is announced too — deferred
 // past the server's limit (chat.typing_interval, 1 s per room) when the last one was
-// just sent, rather than refused.
+// just sent, rather than refused. The limit runs on the server's clock from when it took
+// the last one, which is before its reply came back here: counting 1.1 s from that reply
+// (not from the send, which a slow link can delay by more than the margin) keeps the next
+// one past the limit however long the last one took to arrive.
 let lastTyping = 0;
-let lastTypingSent = 0;
+let lastTypingDone = 0; // when the server's reply to the last "typing" came back
+let typingInFlight = null;
 let typingTimer;
+let typingGen = 0; // a keystroke after a send starts over: an older wait gives up
 $("text").addEventListener("input", () => {
   const r = rooms.get(active);
   if (!r || !client || Date.now() - lastTyping < 2500 || !$("text").value) return;
@@ -935,11 +940,22 @@ $("text").addEventListener("input", () => {
   lastTyping = Date.now();
   const room = active;
   clearTimeout(typingTimer);
-  typingTimer = setTimeout(() => {
-    if (!$("text").value || active !== room) return;
-    lastTypingSent = Date.now();
-    client.typing(room);
-  }, Math.max(0, lastTypingSent + 1100 - Date.now()));
+  const gen = ++typingGen;
+  const fire = async () => {
+    if (typingInFlight) await typingInFlight;
+    if (gen !== typingGen) return;
+    const wait = lastTypingDone + 1100 - Date.now();
+    if (wait > 0) {
+      typingTimer = setTimeout(fire, wait);
+      return;
+    }
+    if (!$("text").value || active !== room || !client) return;
+    typingInFlight = client.typing(room).finally(() => {
+      lastTypingDone = Date.now();
+      typingInFlight = null;
+    });
+  };
+  typingTimer = setTimeout(fire, 0);
 });
 
 function stopTyping(room, user) {

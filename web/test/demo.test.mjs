@@ -11,7 +11,7 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { deflateSync, crc32 } from "node:zlib";
 import { after, before, describe, test } from "node:test";
-import { ParleyServer, WEB, launchBrowser, say, waitFor, waitShown } from "./helpers.mjs";
+import { ParleyServer, WEB, launchBrowser, say, sleep, waitFor, waitShown } from "./helpers.mjs";
 
 const AXE = readFileSync(join(WEB, "node_modules", "axe-core", "axe.min.js"), "utf8");
 
@@ -49,8 +49,20 @@ after(async () => {
 });
 
 /** The demo signed in as `name`, under its Content-Security-Policy (axe goes in through evaluate, which CSP does not govern). */
-async function open(server, name, { query = "", viewport } = {}) {
+async function open(server, name, { query = "", viewport, lag } = {}) {
   const context = await browser.newContext(viewport ? { viewport } : {});
+  if (lag) {
+    // The page's WebSocket frames reach the server `lag.ms` after they were sent (0: at
+    // once), in order: a slow uplink, switched on and off by the test.
+    await context.routeWebSocket(/\/ws/, (ws) => {
+      const server = ws.connectToServer();
+      let queue = Promise.resolve();
+      ws.onMessage((m) => {
+        const due = Date.now() + lag.ms;
+        queue = queue.then(() => sleep(due - Date.now())).then(() => server.send(m));
+      });
+    });
+  }
   const page = await context.newPage();
   page.errors = [];
   page.dialogs = [];
@@ -88,15 +100,22 @@ describe("demo page", () => {
       assert.equal(await login.$eval("#name", (e) => e.checkValidity()), true, "128 characters allowed");
       await login.context().close();
 
-      const alice = await open(server, "alice");
+      const aliceLag = { ms: 0 };
+      const alice = await open(server, "alice", { lag: aliceLag });
       const bob = await open(server, "bob");
       for (const p of [alice, bob]) await p.waitForSelector('#room-title:text-is("# lobby")');
       await say(alice, "hello bob");
       await waitShown(bob, "hello bob");
 
-      // Typing right after a send still reaches the other side.
+      // Typing right after a send still reaches the other side, even when the last
+      // "typing" reached the server late: here alice's uplink holds "one more" and the
+      // typing before it 400 ms, and the next typing must still come after the server's
+      // limit (chat.typing_interval, 1 s) counted from when the server took the last.
+      await sleep(1200); // the typing for "hello bob" is past the limit: "one more" announces at once
+      aliceLag.ms = 400;
       await say(alice, "one more");
       await waitShown(bob, "one more");
+      aliceLag.ms = 0;
       await alice.type("#text", "and");
       await waitFor("bob sees alice typing", async () => (await bob.textContent("#typing")).includes("alice is typing"));
       await alice.fill("#text", "");
@@ -200,7 +219,8 @@ describe("demo page", () => {
   test("private rooms: create, invite, the invitee is told and reads it, a stranger cannot join", async () => {
     const server = await new ParleyServer().start();
     try {
-      const alice = await open(server, "alice");
+      const aliceLag = { ms: 0 };
+      const alice = await open(server, "alice", { lag: aliceLag });
       const bob = await open(server, "bob");
       const carol = await open(server, "carol");
       await alice.fill("#create-input", "secret");
@@ -233,7 +253,8 @@ describe("demo page", () => {
   test("room browser: a public room one user creates, another finds under Browse rooms and joins by keyboard; no private room listed; axe on desktop and phone", async () => {
     const server = await new ParleyServer().start();
     try {
-      const alice = await open(server, "alice");
+      const aliceLag = { ms: 0 };
+      const alice = await open(server, "alice", { lag: aliceLag });
       const bob = await open(server, "bob", { query: "&browsePage=1" });
       await alice.fill("#join-input", "games"); // joining a room that does not exist creates it, public
       await alice.press("#join-input", "Enter");
@@ -299,7 +320,8 @@ describe("demo page", () => {
   test("desktop notifications: turned on from the page, shown for a message while the page is hidden", async () => {
     const server = await new ParleyServer().start();
     try {
-      const alice = await open(server, "alice");
+      const aliceLag = { ms: 0 };
+      const alice = await open(server, "alice", { lag: aliceLag });
       const bob = await open(server, "bob");
       await alice.context().grantPermissions(["notifications"], { origin: server.url });
       await alice.click("#notify-btn");
@@ -335,7 +357,8 @@ describe("demo page", () => {
       // Grace period 60 s (default): without `end` the user would stay online that long.
       const server = await new ParleyServer().start();
       try {
-        const alice = await open(server, "alice");
+        const aliceLag = { ms: 0 };
+      const alice = await open(server, "alice", { lag: aliceLag });
         const dave = await open(server, "dave", { query: `&transports=${transport}` });
         assert.equal((await dave.$eval("#transport", (e) => e.dataset.transport)), transport);
         await alice.click("#people-btn");
