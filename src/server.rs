@@ -867,6 +867,9 @@ where
         // timer) for the whole header read timeout. With a release, it yields then.
         .idle_timeout(release.unwrap_or(stages.h1_idle))
         .yield_when_idle(release.is_some())
+        // vendor/hyper change 8: an SSE stream's body is written by its own task on the
+        // socket hyper hands over after the head (`transport::sse`).
+        .detach_event_streams(true)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades()
 }

@@ -54,6 +54,17 @@ mod h1_reason_phrase;
 #[cfg(any(feature = "http1", feature = "ffi"))]
 pub use h1_reason_phrase::ReasonPhrase;
 
+/// PARLEY PATCH: put in a response's extensions to an HTTP/1.1 request that carries an
+/// [`OnUpgrade`](crate::upgrade::OnUpgrade) (a `GET` that accepts `text/event-stream`,
+/// with `server::conn::http1::Builder::detach_event_streams`): hyper writes the response's
+/// head as given (the caller sets its `transfer-encoding: chunked`, or none for a body
+/// delimited by the connection's close), no body, and then hands the connection over
+/// through the upgrade, as after a `101 Switching Protocols`. The caller writes the body
+/// itself, framed as its head says. The response's own body must be empty.
+#[cfg(all(feature = "http1", feature = "server"))]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DetachBody;
+
 #[cfg(all(feature = "http1", feature = "client"))]
 mod informational;
 #[cfg(all(feature = "http1", feature = "client"))]

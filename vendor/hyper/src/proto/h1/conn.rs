@@ -74,6 +74,8 @@ where
                 #[cfg(feature = "server")]
                 h1_idle_yielded: false,
                 #[cfg(feature = "server")]
+                h1_detach_event_streams: false,
+                #[cfg(feature = "server")]
                 date_header: true,
                 #[cfg(feature = "server")]
                 timer: Time::Empty,
@@ -169,6 +171,12 @@ where
     #[cfg(feature = "server")]
     pub(crate) fn set_http1_yield_when_idle(&mut self) {
         self.state.h1_yield_when_idle = true;
+    }
+
+    /// PARLEY PATCH: see `server::conn::http1::Builder::detach_event_streams`.
+    #[cfg(feature = "server")]
+    pub(crate) fn set_http1_detach_event_streams(&mut self) {
+        self.state.h1_detach_event_streams = true;
     }
 
     /// PARLEY PATCH: the connection waited the idle timeout for the next request's head
@@ -394,7 +402,12 @@ where
         self.state.keep_alive &= msg.keep_alive;
         self.state.version = msg.head.version;
 
-        let mut wants = if msg.wants_upgrade {
+        // PARLEY PATCH: an event stream's `GET` may be detached (`Builder::detach_event_streams`).
+        #[cfg(feature = "server")]
+        let detachable = self.state.h1_detach_event_streams && T::is_event_stream_get(&msg.head);
+        #[cfg(not(feature = "server"))]
+        let detachable = false;
+        let mut wants = if msg.wants_upgrade || detachable {
             Wants::UPGRADE
         } else {
             Wants::EMPTY
@@ -1073,6 +1086,9 @@ struct State {
     /// yields (`Dispatched::Idle`) rather than closing.
     #[cfg(feature = "server")]
     h1_idle_yielded: bool,
+    /// PARLEY PATCH: see `Builder::detach_event_streams`.
+    #[cfg(feature = "server")]
+    h1_detach_event_streams: bool,
     #[cfg(feature = "server")]
     date_header: bool,
     #[cfg(feature = "server")]

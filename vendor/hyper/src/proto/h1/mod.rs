@@ -41,6 +41,12 @@ pub(crate) trait Http1Transaction {
         false
     }
 
+    /// PARLEY PATCH: an HTTP/1.1 `GET` whose `Accept` names `text/event-stream`, whose
+    /// response may be detached (`Builder::detach_event_streams`).
+    fn is_event_stream_get(_head: &MessageHead<Self::Incoming>) -> bool {
+        false
+    }
+
     fn is_client() -> bool {
         !Self::is_server()
     }

@@ -401,7 +401,15 @@ impl Http1Transaction for Server {
         // This is because Service only allows returning a single Response, and
         // so if you try to reply with a e.g. 100 Continue, you have no way of
         // replying with the latter status code response.
-        let (ret, is_last) = if msg.head.subject == StatusCode::SWITCHING_PROTOCOLS {
+        // PARLEY PATCH: a detached body (`ext::DetachBody`): the head as the caller gave
+        // it, then the connection is handed over (as after a 101).
+        let detach = msg.head.extensions.get::<crate::ext::DetachBody>().is_some();
+        if detach {
+            // The body hyper was given is empty, and a layer may have said so: the
+            // caller's own framing (its `transfer-encoding`) is what the head announces.
+            msg.head.headers.remove(header::CONTENT_LENGTH);
+        }
+        let (ret, is_last) = if msg.head.subject == StatusCode::SWITCHING_PROTOCOLS || detach {
             (Ok(()), true)
         } else if msg.req_method == &Some(Method::CONNECT) && msg.head.subject.is_success() {
             // Sending content-length or transfer-encoding header on 2xx response
@@ -486,6 +494,13 @@ impl Http1Transaction for Server {
         } else {
             Self::encode_headers_with_lower_case(msg, dst, is_last, orig_len, wrote_len)?
         };
+        // PARLEY PATCH: nothing of the body from hyper after a detached head (not even a
+        // chunked body's end): the caller writes it.
+        let encoder = if detach {
+            Encoder::length(0).set_last(true)
+        } else {
+            encoder
+        };
 
         ret.map(|()| encoder)
     }
@@ -511,6 +526,18 @@ impl Http1Transaction for Server {
 
     fn is_switching_protocols(head: &MessageHead<Self::Outgoing>) -> bool {
         head.subject == StatusCode::SWITCHING_PROTOCOLS
+    }
+
+    /// PARLEY PATCH: see `Http1Transaction::is_event_stream_get`.
+    fn is_event_stream_get(head: &MessageHead<Self::Incoming>) -> bool {
+        const EVENT_STREAM: &[u8] = b"text/event-stream";
+        head.subject.0 == Method::GET
+            && head.version == Version::HTTP_11
+            && head.headers.get_all(header::ACCEPT).iter().any(|v| {
+                v.as_bytes()
+                    .windows(EVENT_STREAM.len())
+                    .any(|w| w.eq_ignore_ascii_case(EVENT_STREAM))
+            })
     }
 
     fn is_server() -> bool {

@@ -83,6 +83,8 @@ pub struct Builder {
     h1_idle_timeout: Option<Duration>,
     // PARLEY PATCH: see `Builder::yield_when_idle`.
     h1_yield_when_idle: bool,
+    // PARLEY PATCH: see `Builder::detach_event_streams`.
+    h1_detach_event_streams: bool,
     h1_writev: Option<bool>,
     max_buf_size: Option<usize>,
     pipeline_flush: bool,
@@ -267,6 +269,7 @@ impl Builder {
             h1_idle_timeout: None,
             // PARLEY PATCH: see `Builder::yield_when_idle`.
             h1_yield_when_idle: false,
+            h1_detach_event_streams: false,
             h1_writev: None,
             max_buf_size: None,
             pipeline_flush: false,
@@ -422,6 +425,21 @@ impl Builder {
         self
     }
 
+    /// PARLEY PATCH: set whether an HTTP/1.1 `GET` whose `Accept` names
+    /// `text/event-stream` carries an [`OnUpgrade`](crate::upgrade::OnUpgrade) in its
+    /// extensions, as a request with `Upgrade` does. A response to it with
+    /// [`DetachBody`](crate::ext::DetachBody) in its extensions is written as its head
+    /// alone, and the connection is then handed over through that upgrade: the caller
+    /// streams the body on the IO itself (a Server-Sent Events stream, which lasts as
+    /// long as the connection, without hyper's connection state beside it). A response
+    /// without it is served as usual. Needs [`Connection::with_upgrades`].
+    ///
+    /// Default is `false`.
+    pub fn detach_event_streams(&mut self, enabled: bool) -> &mut Self {
+        self.h1_detach_event_streams = enabled;
+        self
+    }
+
     /// Set whether HTTP/1 connections should try to use vectored writes,
     /// or always flatten into a single buffer.
     ///
@@ -562,6 +580,9 @@ impl Builder {
         // PARLEY PATCH: see `Builder::yield_when_idle`.
         if self.h1_yield_when_idle {
             conn.set_http1_yield_when_idle();
+        }
+        if self.h1_detach_event_streams {
+            conn.set_http1_detach_event_streams();
         }
         if let Some(writev) = self.h1_writev {
             if writev {
@@ -844,5 +865,96 @@ mod parley_yield_when_idle_tests {
             .unwrap();
         assert!(conn.is_idle());
         read_responses(&mut client, 2).await;
+    }
+}
+
+// PARLEY PATCH: tests of `Builder::detach_event_streams` and `ext::DetachBody`.
+#[cfg(all(test, not(miri)))]
+mod parley_detach_event_streams_tests {
+    use super::*;
+    use crate::common::io::Compat;
+    use crate::service::service_fn;
+    use crate::upgrade::OnUpgrade;
+    use std::convert::Infallible;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    const EVENTS: &[u8] = b"GET /sse HTTP/1.1\r\nhost: x\r\naccept: text/event-stream\r\n\r\n";
+    // Not handed over: `connection: close`, so that the server closes after its reply.
+    const EVENTS_CLOSE: &[u8] =
+        b"GET /sse HTTP/1.1\r\nhost: x\r\naccept: text/event-stream\r\nconnection: close\r\n\r\n";
+    const PLAIN: &[u8] = b"GET /sse HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+
+    /// The service: with an `OnUpgrade`, a detached head whose body its own task writes
+    /// (one chunk, then the end); without, "plain" as a normal body.
+    async fn events(
+        mut req: http::Request<IncomingBody>,
+    ) -> Result<http::Response<String>, Infallible> {
+        let Some(upgrade) = req.extensions_mut().remove::<OnUpgrade>() else {
+            return Ok(http::Response::new("plain".to_owned()));
+        };
+        tokio::spawn(async move {
+            let upgraded = upgrade.await.expect("handed over");
+            let mut io = crate::common::io::Compat::new(upgraded);
+            io.write_all(b"5\r\nhello\r\n0\r\n\r\n").await.unwrap();
+        });
+        let mut res = http::Response::new(String::new());
+        res.extensions_mut().insert(crate::ext::DetachBody);
+        res.headers_mut().insert(
+            http::header::TRANSFER_ENCODING,
+            http::HeaderValue::from_static("chunked"),
+        );
+        // As a layer may add it for an empty body: dropped from a detached head.
+        res.headers_mut().insert(
+            http::header::CONTENT_LENGTH,
+            http::HeaderValue::from_static("0"),
+        );
+        Ok(res)
+    }
+
+    async fn read_to_end(client: &mut DuplexStream) -> String {
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(2), client.read_to_end(&mut got))
+            .await
+            .expect("the server closes")
+            .unwrap();
+        String::from_utf8(got).unwrap()
+    }
+
+    async fn serve(detach: bool, request: &[u8]) -> String {
+        let (mut client, server) = tokio::io::duplex(4096);
+        // The client's write side stays open (hyper takes an EOF for a client gone).
+        client.write_all(request).await.unwrap();
+        let conn = Builder::new()
+            .detach_event_streams(detach)
+            .serve_connection(Compat::new(server), service_fn(events))
+            .with_upgrades();
+        tokio::spawn(conn);
+        read_to_end(&mut client).await
+    }
+
+    #[tokio::test]
+    async fn an_event_stream_is_handed_over_after_its_head() {
+        let got = serve(true, EVENTS).await;
+        let (head, body) = got.split_once("\r\n\r\n").expect("a head");
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{got:?}");
+        assert!(head.contains("transfer-encoding: chunked"), "{got:?}");
+        assert!(!head.contains("content-length"), "{got:?}");
+        // The body exactly as the service's task wrote it: nothing of hyper's own.
+        assert_eq!(body, "5\r\nhello\r\n0\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn without_the_option_or_the_accept_nothing_is_handed_over() {
+        for (detach, request) in [(false, EVENTS_CLOSE), (true, PLAIN)] {
+            let got = serve(detach, request).await;
+            assert!(got.ends_with("plain"), "{detach} {got:?}");
+            assert!(got.contains("content-length: 5"), "{got:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_http_10_request_is_not_handed_over() {
+        let got = serve(true, b"GET /sse HTTP/1.0\r\naccept: text/event-stream\r\n\r\n").await;
+        assert!(got.ends_with("plain"), "{got:?}");
     }
 }
