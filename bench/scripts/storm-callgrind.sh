@@ -5,12 +5,14 @@
 # prints instructions per handshake. Needs valgrind (callgrind_control).
 #   bench/scripts/storm-callgrind.sh NAME SERVER BENCH [DURATION, default 20s]
 # SERVER and BENCH as absolute paths (the script runs in a work directory of its own).
+# STORM_OPTS: more generator options, e.g. over TLS `STORM_OPTS="--tls-ca cert.pem"` with
+# PARLEY_TLS__CERT_FILE/KEY_FILE exported for the server (absolute paths).
 set -u
 . "$(dirname "$0")/storm-env.sh"
 name=$1 server=$2 bench=$3 dur=${4:-20s}
 cg-start $name "$server"
 taskset -c 1 "$bench" --url ws://127.0.0.1:$port/ws --jwt-secret cg-secret --no-progress --json \
-   storm -c 8 -d "$dur" --settle 0s --join > /tmp/cg/$name.storm.json 2>/tmp/cg/$name.storm.log
+   ${STORM_OPTS:-} storm -c 8 -d "$dur" --settle 0s --join > /tmp/cg/$name.storm.json 2>/tmp/cg/$name.storm.log
 callgrind_control -d $vpid >/dev/null 2>&1
 sleep 1
 kill -KILL $vpid 2>/dev/null; wait $vpid 2>/dev/null

@@ -58,7 +58,8 @@ pub struct CommonState {
 
     /// Protocol whose key schedule should be used. Unused for TLS < 1.3.
     pub(crate) protocol: Protocol,
-    pub(crate) quic: quic::Quic,
+    // PARLEY PATCH: boxed on first write, which only QUIC connections make.
+    pub(crate) quic: quic::QuicState,
     pub(crate) enable_secret_extraction: bool,
     temper_counters: TemperCounters,
     pub(crate) refresh_traffic_keys_pending: bool,
@@ -92,7 +93,7 @@ impl CommonState {
             sendable_tls: ChunkVecBuffer::new(Some(DEFAULT_BUFFER_LIMIT)),
             queued_key_update_message: None,
             protocol: Protocol::Tcp,
-            quic: quic::Quic::default(),
+            quic: quic::QuicState::default(),
             enable_secret_extraction: false,
             temper_counters: TemperCounters::default(),
             refresh_traffic_keys_pending: false,

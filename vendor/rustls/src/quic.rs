@@ -493,6 +493,42 @@ mod connection {
 #[cfg(feature = "std")]
 pub use connection::{ClientConnection, Connection, ConnectionCommon, ServerConnection};
 
+/// PARLEY PATCH: a connection's QUIC state (496 bytes: handshake and traffic secrets,
+/// the early secret, transport parameters, the handshake queue) in a box taken on the
+/// first write to it, which only a QUIC connection makes. Every TLS-over-TCP connection
+/// carried it inline in its `CommonState` for as long as it lived, never writing it;
+/// reading it without a box reads the empty state `Quic::default()` would give.
+#[derive(Default)]
+pub(crate) struct QuicState(Option<Box<Quic>>);
+
+/// PARLEY PATCH: what an unboxed [`QuicState`] reads as (`Quic::default()`).
+static EMPTY_QUIC: Quic = Quic {
+    params: None,
+    alert: None,
+    hs_queue: VecDeque::new(),
+    early_secret: None,
+    hs_secrets: None,
+    traffic_secrets: None,
+    #[cfg(feature = "std")]
+    returned_traffic_keys: false,
+    version: Version::V1,
+};
+
+impl core::ops::Deref for QuicState {
+    type Target = Quic;
+
+    fn deref(&self) -> &Quic {
+        self.0.as_deref().unwrap_or(&EMPTY_QUIC)
+    }
+}
+
+impl core::ops::DerefMut for QuicState {
+    fn deref_mut(&mut self) -> &mut Quic {
+        self.0
+            .get_or_insert_with(|| Box::new(Quic::default()))
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct Quic {
     /// QUIC transport parameters received from the peer during the handshake

@@ -97,8 +97,19 @@ impl ChunkVecBuffer {
             let prefix = mem::take(&mut self.prefix_used);
             first.drain(0..prefix);
         }
+        self.release_if_empty();
 
         first
+    }
+
+    /// PARLEY PATCH: an empty buffer gives its deque's room back (4 chunks, 96 bytes,
+    /// once anything was queued), so a connection that waits holds none: every TLS
+    /// connection kept it in `sendable_tls` since its ServerHello and in
+    /// `received_plaintext` since its first record. The next append takes it again.
+    fn release_if_empty(&mut self) {
+        if self.chunks.is_empty() && self.chunks.capacity() != 0 {
+            self.chunks = VecDeque::new();
+        }
     }
 
     #[cfg(read_buf)]
@@ -188,6 +199,8 @@ impl ChunkVecBuffer {
             self.prefix_used, 0,
             "attempted to `ChunkVecBuffer::consume` more than available"
         );
+        // PARLEY PATCH: everything consumed: the deque's room goes back.
+        self.release_if_empty();
     }
 
     /// Read data out of this object, passing it `wr`
@@ -227,6 +240,69 @@ impl ChunkVecBuffer {
         self.chunks
             .front()
             .map(|chunk| &chunk[self.prefix_used..])
+    }
+}
+
+// PARLEY PATCH: an emptied buffer holds no room.
+#[cfg(all(test, feature = "std"))]
+mod parley_release_tests {
+    use alloc::vec::Vec;
+    use std::io;
+
+    use super::ChunkVecBuffer;
+
+    #[test]
+    fn room_given_back_once_empty() {
+        let mut cvb = ChunkVecBuffer::new(None);
+        assert_eq!(cvb.chunks.capacity(), 0);
+        cvb.append(b"hello".to_vec());
+        cvb.append(b"world".to_vec());
+        assert!(cvb.chunks.capacity() > 0);
+
+        // read: partly, then the rest
+        let mut buf = [0u8; 7];
+        assert_eq!(cvb.read(&mut buf).unwrap(), 7);
+        assert!(cvb.chunks.capacity() > 0);
+        assert_eq!(cvb.read(&mut buf).unwrap(), 3);
+        assert_eq!(&buf[..3], b"rld");
+        assert!(cvb.is_empty());
+        assert_eq!(cvb.chunks.capacity(), 0);
+
+        // write_to
+        cvb.append(b"abc".to_vec());
+        let mut out = Vec::new();
+        assert_eq!(cvb.write_to(&mut out).unwrap(), 3);
+        assert_eq!(out, b"abc");
+        assert_eq!(cvb.chunks.capacity(), 0);
+
+        // a partial write keeps the rest, and its room
+        struct Two(Vec<u8>);
+        impl io::Write for Two {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                let n = b.len().min(2);
+                self.0.extend_from_slice(&b[..n]);
+                Ok(n)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut two = Two(Vec::new());
+        cvb.append(b"xyz".to_vec());
+        assert_eq!(cvb.write_to(&mut two).unwrap(), 2);
+        assert!(cvb.chunks.capacity() > 0);
+        assert_eq!(cvb.write_to(&mut two).unwrap(), 1);
+        assert_eq!(two.0, b"xyz");
+        assert_eq!(cvb.chunks.capacity(), 0);
+
+        // pop
+        cvb.append(b"one".to_vec());
+        cvb.append(b"two".to_vec());
+        assert_eq!(cvb.pop().unwrap(), b"one");
+        assert!(cvb.chunks.capacity() > 0);
+        assert_eq!(cvb.pop().unwrap(), b"two");
+        assert_eq!(cvb.chunks.capacity(), 0);
+        assert!(cvb.pop().is_none());
     }
 }
 

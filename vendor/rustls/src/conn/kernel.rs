@@ -60,7 +60,7 @@ use crate::client::ClientConnectionData;
 use crate::common_state::Protocol;
 use crate::msgs::codec::Codec;
 use crate::msgs::handshake::{CertificateChain, NewSessionTicketPayloadTls13};
-use crate::quic::Quic;
+use crate::quic::{Quic, QuicState};
 use crate::{CommonState, ConnectionTrafficSecrets, Error, ProtocolVersion, SupportedCipherSuite};
 
 /// A kernel connection.
@@ -74,7 +74,8 @@ pub struct KernelConnection<Data> {
     state: Box<dyn KernelState>,
 
     peer_certificates: Option<CertificateChain<'static>>,
-    quic: Quic,
+    // PARLEY PATCH: boxed on first write (`quic::QuicState`), as in `CommonState`.
+    quic: QuicState,
 
     negotiated_version: ProtocolVersion,
     protocol: Protocol,
