@@ -237,6 +237,10 @@ pub struct Metrics {
     pub frames_out: Family<TransportLabel, HotCounter>,
     pub errors: Family<CodeLabel, Counter>,
     pub messages: Counter<u64, AtomicU64>,
+    /// HTTP/1 keep-alive connections that gave back their HTTP state while idle
+    /// (`server.keep_alive_release`); each one whose client sends again is served by a
+    /// new one.
+    pub http1_idle_releases: Counter<u64, AtomicU64>,
     /// [`Metrics::transport`]'s series, by the index of the name in [`TRANSPORTS`].
     transports: [OnceLock<TransportSeries>; TRANSPORTS.len()],
 }
@@ -264,6 +268,12 @@ impl Metrics {
         registry.register("frames_out", "Server frames sent", frames_out.clone());
         registry.register("errors", "Error replies sent, by code", errors.clone());
         registry.register("messages", "Chat messages accepted", messages.clone());
+        let http1_idle_releases = Counter::default();
+        registry.register(
+            "http1_idle_releases",
+            "Idle HTTP/1 keep-alive connections that gave back their HTTP state (server.keep_alive_release)",
+            http1_idle_releases.clone(),
+        );
         let broker = BrokerMetrics::new();
         broker.register(&mut registry);
         Self {
@@ -274,6 +284,7 @@ impl Metrics {
             frames_out,
             errors,
             messages,
+            http1_idle_releases,
             transports: Default::default(),
         }
     }

@@ -650,7 +650,6 @@ fn refuse(mut tcp: tokio::net::TcpStream, refusal: Refusal, tls: bool) {
 /// HTTP/2 keep-alive. Shared by every connection's task (an `Arc`, not 112 bytes in each
 /// idle connection's future: a tokio task is allocated in steps of 128 bytes, and with
 /// `server.keep_alive_idle` hyper's HTTP/1 state grew into the next step).
-#[derive(Clone, Copy)]
 struct Stages {
     tls_handshake: Duration,
     preface: Duration,
@@ -662,23 +661,24 @@ struct Stages {
     h2_ping_interval: Duration,
     h2_ping_timeout: Duration,
     h2_response_header_table: u32,
+    /// Counts the HTTP/1 connections that gave their state back ([`wait_idle`]).
+    h1_releases: prometheus_client::metrics::counter::Counter,
 }
 
 impl Stages {
-    fn new(s: &crate::config::ServerConfig) -> Self {
+    fn new(s: &crate::config::ServerConfig, metrics: &crate::metrics::Metrics) -> Self {
         Self {
             tls_handshake: s.tls_handshake_timeout,
             preface: s.preface_timeout,
             header_read: s.header_read_timeout,
             // Never longer than a head may take: waiting for one is what it bounded.
-            h1_idle: s.keep_alive_idle.min(s.header_read_timeout),
-            h1_release: Some(s.keep_alive_release).filter(|release| {
-                !release.is_zero() && *release < s.keep_alive_idle.min(s.header_read_timeout)
-            }),
+            h1_idle: s.h1_idle(),
+            h1_release: s.h1_release(),
             h2_idle: s.h2_idle_timeout,
             h2_ping_interval: s.h2_keep_alive_interval,
             h2_ping_timeout: s.h2_keep_alive_timeout,
             h2_response_header_table: s.h2_response_header_table_size,
+            h1_releases: metrics.http1_idle_releases.clone(),
         }
     }
 }
@@ -867,7 +867,7 @@ where
         // timer) for the whole header read timeout. With a release, it yields then.
         .idle_timeout(release.unwrap_or(stages.h1_idle))
         .yield_when_idle(release.is_some())
-        // vendor/hyper change 8: an SSE stream's body is written by its own task on the
+        // vendor/hyper change 9: an SSE stream's body is written by its own task on the
         // socket hyper hands over after the head (`transport::sse`).
         .detach_event_streams(true)
         .serve_connection(TokioIo::new(io), service)
@@ -925,6 +925,7 @@ where
     Box::pin(async move {
         // hyper's connection waited `keep_alive_release` before it yielded.
         let released = stages.h1_release.unwrap_or_default();
+        stages.h1_releases.inc();
         let (since, waiting) = (tokio::time::Instant::now(), &mut io);
         let readable = tokio::select! {
             // Readable first: when the task runs late, bytes that have arrived win over
@@ -1218,7 +1219,7 @@ impl Server {
         };
         let s = state.clone();
         let write_timeout = state.core.config.server.write_timeout;
-        let stages = Arc::new(Stages::new(&state.core.config.server));
+        let stages = Arc::new(Stages::new(&state.core.config.server, &state.core.metrics));
         // The drain sequence: not ready first (load balancers stop sending new clients)
         // while still serving, for `server.drain_delay`; then stop accepting and tell
         // every client to reconnect; then wait for connections to finish.

@@ -307,6 +307,63 @@ async fn without_a_release_a_request_that_arrives_as_keep_alive_idle_ends_is_ser
     requests_as_an_idle_stage_ends(1000, 0, 800, 1400).await;
 }
 
+/// `parley_http1_idle_releases_total` from `/metrics`: idle HTTP/1 connections that gave
+/// back their HTTP state (`server.keep_alive_release`).
+async fn idle_releases(t: &TestServer) -> u64 {
+    let (status, metrics) = t.http_get("/metrics").await;
+    assert_eq!(status, 200);
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("parley_http1_idle_releases_total "))
+        .expect("the counter")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_long_polls_connection_keeps_its_state_past_the_release() {
+    // A long-poll client whose next poll comes later than `keep_alive_release` (its round
+    // trip, 500 ms here) finds its connection still in hyper: a long-poll's reply asks
+    // for `keep_alive_idle` next (vendor/hyper's `ext::NextIdleTimeout`), so the poll is
+    // not served by a new HTTP state. Any other reply (here a plain poll's) is released
+    // after the short release, as an SSE client's acks are.
+    let t = TestServer::start_with(|c| {
+        c.server.header_read_timeout = Duration::from_secs(10);
+        c.server.keep_alive_idle = Duration::from_secs(5);
+        c.server.keep_alive_release = Duration::from_millis(200);
+    })
+    .await;
+    let bearer = format!("Bearer {}", t.token("ann"));
+    let session = common::open_http_session(t.addr(), &bearer).await;
+    let poll = |wait: u64| {
+        format!(
+            "GET /poll?session_id={session}&cursor=0&wait={wait} HTTP/1.1\r\nHost: x\r\n\
+             Authorization: {bearer}\r\n\r\n"
+        )
+    };
+    let before = idle_releases(&t).await;
+    // A long-poll (held 1 s: nothing comes), answered; the next poll 500 ms later.
+    let mut s = socket_sending(&t, poll(1).as_bytes()).await;
+    assert!(read_until(&mut s, "]").await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        idle_releases(&t).await,
+        before,
+        "the long-poll's connection gave its state back between polls"
+    );
+    // A plain poll (no hold) on the same connection: its reply is released as any other.
+    s.write_all(poll(0).as_bytes()).await.unwrap();
+    assert!(read_until(&mut s, "]").await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(idle_releases(&t).await, before + 1);
+    // And served again by a new state, still keep-alive.
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_until(&mut s, "ok\n").await.starts_with("HTTP/1.1 200"));
+}
+
 #[tokio::test]
 async fn an_h2c_connection_without_requests_gets_goaway_and_is_closed() {
     let t = TestServer::start_with(short).await;

@@ -17,7 +17,7 @@
 //!   lives in the connection (not in the `recv` future), so `recv` stays cancel-safe.
 //!   Replies are JSON arrays, or length-delimited protobuf with the proto encoding.
 
-use std::{collections::VecDeque, future::Future, pin::Pin};
+use std::{collections::VecDeque, future::Future, pin::Pin, time::Duration};
 
 use anyhow::{Context, anyhow, bail};
 use bytes::{Buf, Bytes, BytesMut};
@@ -119,6 +119,8 @@ pub struct HttpConnection {
     inflight: Option<Pin<Box<dyn Future<Output = PollDone> + Send>>>,
     /// Long-poll: the last position received.
     cursor: u64,
+    /// Long-poll: a poll has been sent (the next waits `Target::poll_gap` first).
+    polled: bool,
     /// Commands while `main` is busy (SSE always).
     commands: Option<Sender>,
 }
@@ -202,6 +204,7 @@ impl HttpConnection {
             pending: VecDeque::new(),
             inflight: None,
             cursor: 0,
+            polled: false,
             commands,
         })
     }
@@ -470,7 +473,17 @@ impl HttpConnection {
                     Encoding::Json => "application/json",
                 };
                 let req = self.request(Method::GET, &path, None, Some(accept))?;
+                // The client's round trip (`--poll-gap`) before each poll but the first.
+                let gap = if self.polled {
+                    self.target.poll_gap
+                } else {
+                    Duration::ZERO
+                };
+                self.polled = true;
                 self.inflight = Some(Box::pin(async move {
+                    if !gap.is_zero() {
+                        tokio::time::sleep(gap).await;
+                    }
                     let r = async {
                         sender.ready().await.context("HTTP connection")?;
                         let resp = sender.send_request(req).await.context("GET /poll")?;

@@ -98,6 +98,10 @@ struct Global {
     /// poll.max_hold, 60 s by default).
     #[arg(long, global = true, default_value_t = 30)]
     poll_wait: u64,
+    /// Long-poll: wait this long after each reply before the next poll (a client's
+    /// round trip; `0`: at once).
+    #[arg(long, global = true, default_value = "0s", value_parser = humantime::parse_duration)]
+    poll_gap: Duration,
     /// Timeout for one connect + upgrade + auth.
     #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
@@ -350,6 +354,7 @@ async fn run(cli: Cli, shards: Option<Arc<Shards>>) -> anyhow::Result<bool> {
     target.buffers.read = g.read_buffer;
     target.connect_timeout = g.connect_timeout;
     target.poll_wait_s = g.poll_wait;
+    target.poll_gap = g.poll_gap;
     target.deflate = g.deflate;
     target.http2 = g.http2;
     target.source_ips = g.source_ips.unwrap_or_else(|| net::source_ips_for(conns));
@@ -425,6 +430,7 @@ async fn run(cli: Cli, shards: Option<Arc<Shards>>) -> anyhow::Result<bool> {
             t.buffers = run.target.buffers;
             t.connect_timeout = run.target.connect_timeout;
             t.poll_wait_s = run.target.poll_wait_s;
+            t.poll_gap = run.target.poll_gap;
             t.source_ips = run.target.source_ips;
             run.listener_targets.push(t);
         }

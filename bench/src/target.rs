@@ -86,6 +86,9 @@ pub struct Target {
     /// Long-poll: the `wait` of each poll, seconds (the server caps it at
     /// `poll.max_hold`, 60 s by default).
     pub poll_wait_s: u64,
+    /// Long-poll: the pause after each reply before the next poll (a client's round
+    /// trip).
+    pub poll_gap: Duration,
     /// WebSocket: offer permessage-deflate.
     pub deflate: bool,
     /// SSE and long-poll: HTTP/2 (cleartext prior knowledge, or ALPN `h2` over TLS),
@@ -142,6 +145,7 @@ impl Target {
             source_ips: 0,
             connect_timeout: Duration::from_secs(10),
             poll_wait_s: 30,
+            poll_gap: Duration::ZERO,
             deflate: false,
             http2: false,
             tls: None,

@@ -45,8 +45,10 @@ pub struct ServerConfig {
     /// for its next request gives back its HTTP state (~1.4 KB: hyper's task, buffers and
     /// timer) and waits on its bare socket for the rest of `keep_alive_idle`; its next
     /// request is served by a new HTTP state. Connections whose requests come closer
-    /// together than this (back-to-back long-polls) keep theirs. `0` (the default): never
-    /// (each idle connection keeps its state until it closes).
+    /// together than this keep theirs, and so does a connection whose last reply was a
+    /// long-poll's (`GET /poll` with a hold time): its next poll comes a round trip
+    /// later, which may be longer than this. `0`: never (each idle connection keeps its
+    /// state until it closes). Default 200 ms.
     #[serde(with = "humantime_serde")]
     pub keep_alive_release: Duration,
     /// A request body (a command, an API call: at most `ws.max_frame_bytes`) must arrive
@@ -100,7 +102,7 @@ impl Default for ServerConfig {
             preface_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(30),
             keep_alive_idle: Duration::from_secs(10),
-            keep_alive_release: Duration::ZERO,
+            keep_alive_release: Duration::from_millis(200),
             body_read_timeout: Duration::from_secs(15),
             h2_idle_timeout: Duration::from_secs(30),
             h2_keep_alive_interval: Duration::from_secs(20),
@@ -114,6 +116,19 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    /// HTTP/1: how long a keep-alive connection waits for its next request in all
+    /// (`keep_alive_idle`, at most `header_read_timeout`: waiting for a head is what it
+    /// bounds).
+    pub fn h1_idle(&self) -> Duration {
+        self.keep_alive_idle.min(self.header_read_timeout)
+    }
+
+    /// HTTP/1 over plain TCP: `keep_alive_release` when it applies (set, and shorter than
+    /// [`ServerConfig::h1_idle`]).
+    pub fn h1_release(&self) -> Option<Duration> {
+        Some(self.keep_alive_release).filter(|r| !r.is_zero() && *r < self.h1_idle())
+    }
+
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         duration(
             "server.shutdown_timeout",

@@ -178,6 +178,11 @@ impl Conn {
         &self.core.metrics
     }
 
+    /// The server's configuration (the core's).
+    pub fn config(&self) -> &crate::config::Config {
+        &self.core.config
+    }
+
     pub fn attachment(&self) -> Option<&Attachment> {
         self.bound.as_ref().and_then(|b| b.attachment.as_ref())
     }

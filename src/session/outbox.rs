@@ -211,6 +211,12 @@ impl Outbox {
         self.conn.metrics()
     }
 
+    /// The server's configuration (for a transport that reads it without a handle of
+    /// its own).
+    pub fn config(&self) -> &crate::config::Config {
+        self.conn.config()
+    }
+
     /// Whether the transport should read more client frames: not closing, and not too
     /// many replies pending.
     pub fn accepting(&self) -> bool {

@@ -80,6 +80,24 @@ fn session_ref(uri: &Uri) -> Option<String> {
     ticket
 }
 
+/// Whether `parts` is a `GET /poll` that waits (a hold time above 0), with idle HTTP/1
+/// connections giving their state back (`server.keep_alive_release`).
+fn long_poll(ctx: &Ctx, parts: &axum::http::request::Parts) -> bool {
+    let config = &ctx.core.config;
+    if parts.method != axum::http::Method::GET
+        || parts.uri.path() != "/poll"
+        || config.server.h1_release().is_none()
+    {
+        return false;
+    }
+    let wait = parts.uri.query().and_then(|q| {
+        q.split('&')
+            .find_map(|pair| pair.strip_prefix("wait="))
+            .map(|v| v != "0")
+    });
+    wait.unwrap_or(!config.poll.default_hold.is_zero())
+}
+
 /// The instance named by a session id or ticket.
 fn owner_of(id: &str) -> Option<&str> {
     id.split_once('.').map(|(owner, _)| owner)
@@ -195,7 +213,14 @@ where
         }
     };
     match relay(&addr, &parts, body.clone()).await {
-        Ok(response) => response,
+        Ok(mut response) => {
+            // A relayed long-poll's reply keeps the client's connection as the owner's
+            // own would have (`poll::keep_state`).
+            if long_poll(&ctx, &parts) {
+                super::poll::keep_state(&ctx.core.config.server, &mut response);
+            }
+            response
+        }
         Err(e) => {
             tracing::debug!(owner, %addr, error = %e, "owner unreachable; serving here");
             here(inner, Request::from_parts(parts, Body::from(body))).await

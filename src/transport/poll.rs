@@ -199,6 +199,22 @@ struct Held {
     outbox: Outbox,
     encoding: Encoding,
     cursor: u64,
+    /// The poll waits (a hold time above 0) and idle HTTP/1 connections give their state
+    /// back (`server.keep_alive_release`): the reply keeps its connection's ([`keep_state`]).
+    keep: bool,
+}
+
+/// Asks the HTTP/1 connection a long-poll's reply goes out on to keep its HTTP state
+/// until `server.keep_alive_idle` (vendor/hyper's `ext::NextIdleTimeout`), not to give
+/// it back after `server.keep_alive_release`: the client's next poll comes one round
+/// trip after the reply, which on a mobile network is often longer than the release, and
+/// a poll served by a new HTTP state costs ~25k instructions. A connection whose last
+/// request was anything else (an SSE client's acks, seconds apart) is released as
+/// before. HTTP/2 and TLS connections ignore it (they never release).
+pub(crate) fn keep_state(config: &crate::config::ServerConfig, response: &mut Response) {
+    response
+        .extensions_mut()
+        .insert(hyper::ext::NextIdleTimeout(config.h1_idle()));
 }
 
 impl Drop for Held {
@@ -249,11 +265,20 @@ impl Held {
             outbox,
             encoding,
             cursor: q.cursor,
+            keep: !hold.is_zero() && ctx.core.config.server.h1_release().is_some(),
         };
         Ok((held, waits))
     }
 
     fn reply(&self, next: Out) -> Response {
+        let mut response = self.respond(next);
+        if self.keep {
+            keep_state(&self.outbox.config().server, &mut response);
+        }
+        response
+    }
+
+    fn respond(&self, next: Out) -> Response {
         let (encoding, cursor) = (self.encoding, self.cursor);
         match next {
             Out::Pushes(pushes) => {

@@ -308,7 +308,7 @@ pub async fn handler(
 }
 
 /// The body of an SSE stream over HTTP/1.1 after hyper has written its head and handed
-/// the socket over (vendor/hyper change 8, `detach_event_streams`): the events as chunks
+/// the socket over (vendor/hyper change 9, `detach_event_streams`): the events as chunks
 /// of the chunked body the head announced, as hyper would frame them, then the last
 /// chunk. An idle stream so holds its socket, its events and this task, not hyper's
 /// HTTP/1 connection (its task, buffers and state, ~1.2 KB). The client sends nothing on

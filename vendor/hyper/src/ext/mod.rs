@@ -74,6 +74,20 @@ pub(crate) use informational::OnInformational;
 #[cfg(all(feature = "http1", feature = "client", feature = "ffi"))]
 pub(crate) use informational::{on_informational_raw, OnInformationalCallback};
 
+/// PARLEY PATCH: a response extension for an HTTP/1 server connection: how long the
+/// connection waits for the first byte of its next request after this response, in place
+/// of [`Builder::idle_timeout`](crate::server::conn::http1::Builder::idle_timeout), for
+/// that one wait (never longer than the header read timeout). When it elapses the
+/// connection is closed, even with
+/// [`Builder::yield_when_idle`](crate::server::conn::http1::Builder::yield_when_idle): a
+/// server that yields its idle connections soon (to wait on them without their state)
+/// keeps a connection whose next request is expected after a gap longer than that, such
+/// as a long-poll's next poll one round trip later, serving as before. Ignored by HTTP/2
+/// and by clients.
+#[cfg(all(feature = "server", feature = "http1"))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NextIdleTimeout(pub std::time::Duration);
+
 #[cfg(feature = "http2")]
 /// Extension type representing the `:protocol` pseudo-header in HTTP/2.
 ///

@@ -76,6 +76,10 @@ where
                 #[cfg(feature = "server")]
                 h1_detach_event_streams: false,
                 #[cfg(feature = "server")]
+                h1_idle_next: None,
+                #[cfg(feature = "server")]
+                h1_idle_closes: false,
+                #[cfg(feature = "server")]
                 date_header: true,
                 #[cfg(feature = "server")]
                 timer: Time::Empty,
@@ -278,7 +282,11 @@ where
         if !self.state.h1_header_read_timeout_running {
             // PARLEY PATCH: while nothing of the next head has arrived, the idle timeout
             // (when set; never later than the header read timeout) runs first.
-            let idle = match self.state.h1_idle_timeout {
+            // PARLEY PATCH: or the one the last response asked for (`ext::NextIdleTimeout`),
+            // for this wait only; it closes rather than yields.
+            let next = self.state.h1_idle_next.take();
+            self.state.h1_idle_closes = next.is_some();
+            let idle = match next.or(self.state.h1_idle_timeout) {
                 Some(idle) if self.io.read_buf().is_empty() => Some(
                     self.state
                         .h1_header_read_timeout
@@ -356,7 +364,10 @@ where
                                 // PARLEY PATCH: or yields, to be waited on without its
                                 // state (`Builder::yield_when_idle`): the dispatcher
                                 // completes (`Dispatched::Idle`).
-                                if self.state.h1_yield_when_idle && self.state.is_idle() {
+                                if self.state.h1_yield_when_idle
+                                    && !self.state.h1_idle_closes
+                                    && self.state.is_idle()
+                                {
                                     debug!("connection idle for the idle timeout: yielding");
                                     self.state.h1_idle_yielded = true;
                                     return Poll::Pending;
@@ -740,6 +751,16 @@ where
 
         self.enforce_version(&mut head);
 
+        // PARLEY PATCH: a response's `ext::NextIdleTimeout` (read before the head's
+        // encoding takes its extensions), for the wait that follows it.
+        #[cfg(feature = "server")]
+        if T::should_read_first() {
+            self.state.h1_idle_next = head
+                .extensions
+                .get::<crate::ext::NextIdleTimeout>()
+                .map(|next| next.0);
+        }
+
         let buf = self.io.headers_buf();
         match super::role::encode_headers::<T>(
             Encode {
@@ -1089,6 +1110,14 @@ struct State {
     /// PARLEY PATCH: see `Builder::detach_event_streams`.
     #[cfg(feature = "server")]
     h1_detach_event_streams: bool,
+    /// PARLEY PATCH: the idle timeout of the wait for the next request that the last
+    /// response asked for (`ext::NextIdleTimeout`), taken when that wait begins.
+    #[cfg(feature = "server")]
+    h1_idle_next: Option<Duration>,
+    /// PARLEY PATCH: the running idle timeout is a response's `ext::NextIdleTimeout`:
+    /// when it elapses the connection closes, even with `h1_yield_when_idle`.
+    #[cfg(feature = "server")]
+    h1_idle_closes: bool,
     #[cfg(feature = "server")]
     date_header: bool,
     #[cfg(feature = "server")]

@@ -847,6 +847,67 @@ mod parley_yield_when_idle_tests {
         assert!(rest.is_empty());
     }
 
+    const LONG: &[u8] = b"GET /long HTTP/1.1\r\nhost: x\r\n\r\n";
+
+    /// `hello`, and for `/long` asking for an idle timeout of four `IDLE`s next
+    /// (`ext::NextIdleTimeout`).
+    async fn hello_or_long(
+        req: http::Request<IncomingBody>,
+    ) -> Result<http::Response<String>, Infallible> {
+        let mut response = http::Response::new("hello".to_owned());
+        if req.uri().path() == "/long" {
+            response
+                .extensions_mut()
+                .insert(crate::ext::NextIdleTimeout(IDLE * 4));
+        }
+        Ok(response)
+    }
+
+    #[tokio::test]
+    async fn a_response_that_asks_for_a_longer_idle_timeout_keeps_the_connection() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        client.write_all(LONG).await.unwrap();
+        let mut conn =
+            builder(true).serve_connection(Compat::new(server), service_fn(hello_or_long));
+        // Past the builder's idle timeout, it still serves (it did not yield).
+        let waited = tokio::time::timeout(IDLE * 2, &mut conn).await;
+        assert!(waited.is_err(), "completed: {waited:?}");
+        read_responses(&mut client, 1).await;
+        // The next response asks for nothing: the builder's idle timeout applies again.
+        client.write_all(GET).await.unwrap();
+        let start = Instant::now();
+        tokio::time::timeout(Duration::from_secs(1), &mut conn)
+            .await
+            .expect("completes once idle")
+            .unwrap();
+        assert!(conn.is_idle());
+        assert!(start.elapsed() < IDLE * 3, "waited {:?}", start.elapsed());
+        read_responses(&mut client, 1).await;
+    }
+
+    #[tokio::test]
+    async fn a_longer_idle_timeout_asked_for_closes_the_connection_when_it_elapses() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        client.write_all(LONG).await.unwrap();
+        let mut conn =
+            builder(true).serve_connection(Compat::new(server), service_fn(hello_or_long));
+        let start = Instant::now();
+        tokio::time::timeout(Duration::from_secs(2), &mut conn)
+            .await
+            .expect("closed after the idle timeout asked for")
+            .unwrap();
+        assert!(
+            start.elapsed() >= IDLE * 4,
+            "closed after {:?}",
+            start.elapsed()
+        );
+        assert!(!conn.is_idle(), "yielded instead of closing");
+        read_responses(&mut client, 1).await;
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+    }
+
     #[tokio::test]
     async fn a_partly_read_head_is_not_idle() {
         let (mut client, server) = tokio::io::duplex(4096);
