@@ -153,12 +153,37 @@ impl Core {
     }
 
     async fn connect_inner(&self, req: ConnectRequest<'_>) -> Result<Opened, ConnectError> {
-        let (user, bound_to) = match req.credential {
-            Credential::Token(token) => (self.auth.verify(token)?, None),
+        let (user, bound_to, new_id) = match req.credential {
+            Credential::Token(token) => (self.auth.verify(token)?, None, None),
             Credential::Ticket { ticket, reconnect } => {
-                match self.tickets.redeem(ticket, reconnect)? {
-                    Redeemed::Fresh { user } => (user, None),
-                    Redeemed::Resume { user, session_id } => (user, Some(session_id)),
+                let redeemed = self
+                    .tickets
+                    .redeem(ticket, reconnect)
+                    .map_err(|e| match e {
+                        // Forgotten once it opened its session: used while that lives.
+                        TicketError::NotHeld(session)
+                            if self.sessions.get_raw(session).is_some() =>
+                        {
+                            TicketError::Used
+                        }
+                        TicketError::NotHeld(_) => TicketError::Unknown,
+                        e => e,
+                    })?;
+                match redeemed {
+                    Redeemed::Fresh { user, session } => (user, None, Some(session)),
+                    Redeemed::Resume { user, session_id } => (user, Some(session_id), None),
+                    Redeemed::Opened { session } => {
+                        // The ticket is not held: the session it opened, if it lives.
+                        let session = self
+                            .sessions
+                            .get_raw(session)
+                            .ok_or(ConnectError::Ticket(TicketError::SessionEnded))?;
+                        (
+                            session.user_id().to_string(),
+                            Some(session.id().to_string()),
+                            None,
+                        )
+                    }
                 }
             }
         };
@@ -172,13 +197,15 @@ impl Core {
                 .open_session(
                     user,
                     req.session_id,
+                    new_id,
                     req.last_pos,
                     req.heartbeat,
                     req.attach,
                 )
                 .await?;
-            if let Credential::Ticket { ticket, .. } = req.credential {
-                self.tickets.bind(ticket, opened.session.id());
+            if let (Credential::Ticket { ticket, .. }, Some(raw)) = (req.credential, new_id) {
+                let opened_it = self.sessions.is_raw(&opened.session, raw);
+                self.tickets.bind(ticket, opened.session.id(), opened_it);
             }
             opened
         };
@@ -258,6 +285,7 @@ impl Core {
         &self,
         user: String,
         session_id: &str,
+        new_id: Option<[u8; 16]>,
         last_pos: u64,
         heartbeat: Duration,
         attach: bool,
@@ -290,7 +318,11 @@ impl Core {
                 None => sessions.end(&s),
             }
         }
-        let s = sessions.create(&user).map_err(|TooManySessions(max)| {
+        let created = match new_id {
+            Some(raw) => sessions.create_with(&user, raw),
+            None => sessions.create(&user),
+        };
+        let s = created.map_err(|TooManySessions(max)| {
             ChatError::LimitExceeded(format!(
                 "{user} has {max} sessions already (limits.max_sessions_per_user): close one"
             ))

@@ -102,10 +102,14 @@ impl Sessions {
     pub fn create(&self, user: &str) -> Result<Arc<Session>, TooManySessions> {
         let mut raw = [0u8; 16];
         rand::rng().fill_bytes(&mut raw);
+        self.create_with(user, raw)
+    }
+
+    /// The id of the session whose random part is `raw`: this instance's prefix, then
+    /// `raw` in hex (built on the stack: the digits into a fixed array, then one copy
+    /// after the prefix).
+    fn id_bytes(&self, raw: [u8; 16]) -> smallvec::SmallVec<[u8; 96]> {
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        // Built on the stack, then one allocation (the `Arc<str>` the session and the
-        // registry's key share): the digits into a fixed array, then one copy after the
-        // prefix (a push per digit checked the `SmallVec`'s capacity 32 times).
         let mut hex = [0u8; 32];
         for (pair, b) in hex.chunks_exact_mut(2).zip(raw) {
             pair[0] = HEX[usize::from(b >> 4)];
@@ -114,6 +118,26 @@ impl Sessions {
         let mut id = smallvec::SmallVec::<[u8; 96]>::new();
         id.extend_from_slice(self.id_prefix.as_bytes());
         id.extend_from_slice(&hex);
+        id
+    }
+
+    /// The session whose random part is `raw` (see [`Sessions::create_with`]).
+    pub fn get_raw(&self, raw: [u8; 16]) -> Option<Arc<Session>> {
+        let id = self.id_bytes(raw);
+        self.get(std::str::from_utf8(&id).expect("hex after a str"))
+    }
+
+    /// Whether `session`'s random part is `raw`.
+    pub fn is_raw(&self, session: &Session, raw: [u8; 16]) -> bool {
+        session.id().as_bytes() == self.id_bytes(raw).as_slice()
+    }
+
+    /// [`Sessions::create`] with the id's random part given (a fresh ticket's: see
+    /// `session::tickets`).
+    pub fn create_with(&self, user: &str, raw: [u8; 16]) -> Result<Arc<Session>, TooManySessions> {
+        // One allocation for the id: the `Arc<str>` the session and the registry's key
+        // share.
+        let id = self.id_bytes(raw);
         let limits = Limits {
             max_queue_bytes: self.config.max_queue_bytes,
             replay_buffer_bytes: self.config.replay_buffer_bytes,
@@ -130,7 +154,9 @@ impl Sessions {
             *count += 1;
         }
         // Counted before it is findable; `remove` uncounts only what it found.
-        self.id_shard(&id).insert(id, session.clone());
+        let earlier = self.id_shard(&id).insert(id, session.clone());
+        // Random, or derived from a ticket used once: never an id that is taken.
+        debug_assert!(earlier.is_none(), "session id taken");
         Ok(session)
     }
 

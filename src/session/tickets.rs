@@ -12,6 +12,12 @@
 //! concurrent first uses exactly one opens a session; a first use that then fails (a
 //! store error, a client gone mid-connect) has still spent the ticket.
 //!
+//! A ticket that opened a new session is forgotten once the session exists: that
+//! session's id is derived from the ticket with the key ([`Tickets::session_id`]), so
+//! the reconnect finds it from the ticket alone, and an idle EventSource session holds
+//! no entry here (~330 B per session, the map's share and three strings). Only a ticket
+//! that resumed an existing session (`session_id=` with it) stays bound to it here.
+//!
 //! A ticket is signed (HMAC-SHA256 with a key every instance of a cluster shares, see
 //! [`ticket_key`]) over its random part and the token's `exp`, which it carries. So a
 //! reconnect whose ticket this instance does not hold (the session that the ticket
@@ -74,15 +80,24 @@ pub enum TicketError {
     /// cluster did, whose session is gone.
     #[error("the session this ticket opened has ended")]
     SessionEnded,
+    /// A fresh use of a ticket not held here, whose signature is good: used and
+    /// forgotten (its session, `0`, may live), or never issued here. The connect tells
+    /// which ("ticket already used" while that session lives).
+    #[error("unknown ticket")]
+    NotHeld([u8; 16]),
 }
 
 /// What a ticket lets the bearer do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Redeemed {
-    /// First use: open (or explicitly resume) a session for this user.
-    Fresh { user: String },
-    /// An EventSource reconnect: resume the session the ticket opened.
+    /// First use: open (or explicitly resume) a session for this user; a session it
+    /// opens gets the id `session` (see [`Tickets::session_id`]).
+    Fresh { user: String, session: [u8; 16] },
+    /// An EventSource reconnect: resume the session the ticket explicitly resumed.
     Resume { user: String, session_id: String },
+    /// An EventSource reconnect with a ticket not held (any more): resume the session
+    /// it opened, whose id is `session`, if it lives (here: this instance's prefix).
+    Opened { session: [u8; 16] },
 }
 
 struct Ticket {
@@ -98,7 +113,7 @@ enum Use {
     Unused,
     /// A first use is opening a session with it (or failed to).
     Claimed,
-    /// It opened this session.
+    /// It resumed this session (one it opened is forgotten instead).
     Bound(String),
 }
 
@@ -181,6 +196,19 @@ impl Tickets {
         ticket
     }
 
+    /// The random part of the id of the session `ticket` opens: derived from the whole
+    /// ticket with the key, so the reconnect path needs no entry (only the key's holder
+    /// can derive it, and only from the ticket; a session id does not give the ticket).
+    pub fn session_id(&self, ticket: &str) -> [u8; 16] {
+        let mut mac = HmacSha256::new_from_slice(&self.key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(b"parley-ticket-session-v1\n");
+        mac.update(ticket.as_bytes());
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&mac.finalize().into_bytes()[..16]);
+        id
+    }
+
     /// Uses a ticket. `reconnect` is true when the request carries `Last-Event-ID` (an
     /// EventSource reconnect).
     pub fn redeem(&self, ticket: &str, reconnect: bool) -> Result<Redeemed, TicketError> {
@@ -192,7 +220,10 @@ impl Tickets {
                 Some(exp) if reconnect && crate::auth::unix_now() > exp => {
                     Err(TicketError::TokenExpired)
                 }
-                Some(_) if reconnect => Err(TicketError::SessionEnded),
+                Some(_) if reconnect => Ok(Redeemed::Opened {
+                    session: self.session_id(ticket),
+                }),
+                Some(_) => Err(TicketError::NotHeld(self.session_id(ticket))),
                 _ => Err(TicketError::Unknown),
             };
         };
@@ -215,14 +246,19 @@ impl Tickets {
                 t.state = Use::Claimed;
                 Ok(Redeemed::Fresh {
                     user: t.user.clone(),
+                    session: self.session_id(ticket),
                 })
             }
         }
     }
 
-    /// Records the session a fresh ticket opened; from now on it only resumes that one.
-    pub fn bind(&self, ticket: &str, session_id: &str) {
-        if let Some(t) = self.lock().get_mut(ticket) {
+    /// Records the session a fresh ticket opened (`opened`: the session it derives,
+    /// then the ticket is forgotten) or resumed; from now on it only resumes that one.
+    pub fn bind(&self, ticket: &str, session_id: &str, opened: bool) {
+        let mut map = self.lock();
+        if opened {
+            map.remove(ticket);
+        } else if let Some(t) = map.get_mut(ticket) {
             t.state = Use::Bound(session_id.to_string());
         }
     }
@@ -256,7 +292,7 @@ mod tests {
         assert_eq!(t.redeem(&ticket, false), Err(TicketError::TokenExpired));
         let ticket = t.issue("ann", FAR);
         t.redeem(&ticket, false).unwrap();
-        t.bind(&ticket, "s1");
+        t.bind(&ticket, "s1", false);
         // The reconnect path closes with the token, and so does the entry.
         t.lock().get_mut(&ticket).unwrap().token_exp = expired;
         assert_eq!(t.redeem(&ticket, true), Err(TicketError::TokenExpired));
@@ -270,9 +306,12 @@ mod tests {
         let ticket = t.issue("ann", FAR);
         assert_eq!(
             t.redeem(&ticket, false),
-            Ok(Redeemed::Fresh { user: "ann".into() })
+            Ok(Redeemed::Fresh {
+                user: "ann".into(),
+                session: t.session_id(&ticket)
+            })
         );
-        t.bind(&ticket, "s1");
+        t.bind(&ticket, "s1", false);
         assert_eq!(t.redeem(&ticket, false), Err(TicketError::Used));
         assert_eq!(
             t.redeem(&ticket, true),
@@ -282,9 +321,18 @@ mod tests {
             })
         );
         t.prune(|_| false);
-        // Forgotten with its session: a reconnect learns that the session ended.
-        assert_eq!(t.redeem(&ticket, true), Err(TicketError::SessionEnded));
-        assert_eq!(t.redeem(&ticket, false), Err(TicketError::Unknown));
+        // Forgotten with its session: a reconnect is sent to the session the ticket
+        // would have opened, which the connect finds gone ("session ended").
+        assert_eq!(
+            t.redeem(&ticket, true),
+            Ok(Redeemed::Opened {
+                session: t.session_id(&ticket)
+            })
+        );
+        assert_eq!(
+            t.redeem(&ticket, false),
+            Err(TicketError::NotHeld(t.session_id(&ticket)))
+        );
         assert_eq!(t.redeem("nope", false), Err(TicketError::Unknown));
         assert_eq!(t.redeem("nope", true), Err(TicketError::Unknown));
     }
@@ -299,9 +347,17 @@ mod tests {
         assert!(ticket.starts_with("a1.") && !ticket[3..].contains('.'));
         // Another instance with the same key (or this one after a restart).
         let b = Tickets::new(Duration::from_secs(30)).with_key(key.clone());
-        assert_eq!(b.redeem(&ticket, true), Err(TicketError::SessionEnded));
+        assert_eq!(
+            b.redeem(&ticket, true),
+            Ok(Redeemed::Opened {
+                session: a.session_id(&ticket)
+            })
+        );
         // Never a fresh use: only a ticket held here opens a session.
-        assert_eq!(b.redeem(&ticket, false), Err(TicketError::Unknown));
+        assert_eq!(
+            b.redeem(&ticket, false),
+            Err(TicketError::NotHeld(b.session_id(&ticket)))
+        );
         // Any change to it, or another key: unknown.
         let mut forged = ticket.clone().into_bytes();
         let i = forged.len() - 40;
@@ -324,7 +380,10 @@ mod tests {
         let ticket = t.issue("ann", FAR);
         assert_eq!(
             t.redeem(&ticket, false),
-            Ok(Redeemed::Fresh { user: "ann".into() })
+            Ok(Redeemed::Fresh {
+                user: "ann".into(),
+                session: t.session_id(&ticket)
+            })
         );
         // Before the first use has opened its session (bind), a second use — fresh or
         // as a reconnect — is refused.
@@ -340,7 +399,10 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1499)).await;
         assert_eq!(
             t.redeem(&on_time, false),
-            Ok(Redeemed::Fresh { user: "ann".into() })
+            Ok(Redeemed::Fresh {
+                user: "ann".into(),
+                session: t.session_id(&on_time)
+            })
         );
         tokio::time::advance(Duration::from_millis(2)).await;
         assert_eq!(t.redeem(&late, false), Err(TicketError::Expired));
@@ -352,5 +414,33 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1500)).await;
         t.prune(|_| true);
         assert!(!t.lock().contains_key(&later));
+    }
+
+    /// A ticket that opened its own session is forgotten at once; its reconnect finds
+    /// that session from the ticket alone, and nothing else does.
+    #[test]
+    fn a_ticket_that_opened_its_session_is_forgotten() {
+        let t = Tickets::new(Duration::from_secs(30));
+        let ticket = t.issue("ann", FAR);
+        let session = t.session_id(&ticket);
+        assert_eq!(
+            t.redeem(&ticket, false),
+            Ok(Redeemed::Fresh {
+                user: "ann".into(),
+                session
+            })
+        );
+        t.bind(&ticket, "whatever", true);
+        assert!(t.lock().is_empty());
+        assert_eq!(t.redeem(&ticket, true), Ok(Redeemed::Opened { session }));
+        assert_eq!(t.redeem(&ticket, false), Err(TicketError::NotHeld(session)));
+        assert_eq!(t.redeem("nope", false), Err(TicketError::Unknown));
+        // Each ticket its own session; another key, another one.
+        assert_ne!(t.session_id(&t.issue("ann", FAR)), session);
+        let other = Tickets::new(Duration::from_secs(30));
+        assert_ne!(other.session_id(&ticket), session);
+        // Past the token's exp, no reconnect.
+        let expired = t.issue("ann", crate::auth::unix_now() - 1);
+        assert_eq!(t.redeem(&expired, true), Err(TicketError::TokenExpired));
     }
 }
