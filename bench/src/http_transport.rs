@@ -125,6 +125,33 @@ pub struct HttpConnection {
     commands: Option<Sender>,
 }
 
+/// `req` again: method, URI, version, headers and body (shared `Bytes`).
+fn copy_request(req: &Request<Full<Bytes>>) -> Request<Full<Bytes>> {
+    let mut copy = Request::new(req.body().clone());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
+}
+
+/// Whether a request sent on a reused connection got no response because the
+/// connection closed under it: closed before a response began, or reset.
+fn lost_to_a_close(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() || e.is_canceled() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return matches!(io.kind(), ConnectionReset | ConnectionAborted | BrokenPipe);
+        }
+        source = s.source();
+    }
+    false
+}
+
 /// A response's status and whole body.
 async fn read_whole(resp: hyper::Response<Body>) -> anyhow::Result<(StatusCode, Bytes)> {
     let status = resp.status();
@@ -253,17 +280,22 @@ impl HttpConnection {
     /// A request on the command connection, opened when needed. The server closes an
     /// idle keep-alive connection (`server.keep_alive_idle`), as browsers expect: a
     /// closed connection is replaced, and a request it did not take (the server closed
-    /// it as the request left) is sent again on a new one, as browsers do.
+    /// it as the request left) is sent again on a new one, as browsers do. So is a
+    /// request that a reused connection lost with no response at all (the server's idle
+    /// close crossed it on the wire: a reset, or a close before any response byte):
+    /// browsers retry those too, and parley's commands are safe to repeat (acks move a
+    /// position forward; sends carry their client id).
     async fn call_on_commands(
         &mut self,
         req: Request<Full<Bytes>>,
     ) -> anyhow::Result<(StatusCode, Bytes)> {
         let mut req = req;
-        for _ in 0..2 {
+        for attempt in 0..2 {
             let reusable = match self.commands.take() {
                 Some(mut c) if !c.is_closed() => c.ready().await.is_ok().then_some(c),
                 _ => None,
             };
+            let reused = reusable.is_some();
             let open = match reusable {
                 Some(c) => c,
                 None => dial(&self.target, self.index)
@@ -271,14 +303,21 @@ impl HttpConnection {
                     .context("opening the command connection")?,
             };
             let sender = self.commands.insert(open);
+            // A copy to send again, should a reused connection lose it (bodies are
+            // `Bytes`: no copy of the data).
+            let again = (reused && attempt == 0).then(|| copy_request(&req));
             match sender.try_send_request(req).await {
                 Ok(resp) => return read_whole(resp).await,
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => {
+                Err(mut e) => match (e.take_message(), again) {
+                    (Some(unsent), _) => {
                         self.commands = None;
                         req = unsent;
                     }
-                    None => return Err(anyhow!(e.into_error())).context("HTTP request"),
+                    (None, Some(copy)) if lost_to_a_close(e.error()) => {
+                        self.commands = None;
+                        req = copy;
+                    }
+                    (None, _) => return Err(anyhow!(e.into_error())).context("HTTP request"),
                 },
             }
         }
@@ -651,5 +690,74 @@ mod tests {
         }
         split_delimited(body.freeze(), &mut out).unwrap();
         assert_eq!(out, [&b"abc"[..], b"", b"hello"]);
+    }
+
+    /// Reads one request (head and `content-length` body) from `sock`; false at EOF.
+    async fn read_request(sock: &mut tokio::net::TcpStream) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            if sock.read(&mut byte).await.unwrap_or(0) == 0 {
+                return false;
+            }
+            got.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        let len = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+        let mut body = vec![0u8; len];
+        sock.read_exact(&mut body).await.is_ok()
+    }
+
+    /// The server's idle close crossing an ack on the wire: the reused command
+    /// connection takes the request and closes with no response. The command is sent
+    /// again on a new connection, as a browser does, rather than failing the session.
+    #[tokio::test]
+    async fn a_command_lost_to_an_idle_close_is_sent_again() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let (_main, _) = listener.accept().await.unwrap();
+            // The command connection: one request answered, the next one dropped.
+            let (mut first, _) = listener.accept().await.unwrap();
+            assert!(read_request(&mut first).await);
+            first
+                .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                .await
+                .unwrap();
+            assert!(read_request(&mut first).await);
+            drop(first);
+            // The new one answers.
+            let (mut second, _) = listener.accept().await.unwrap();
+            let mut answered = 0;
+            while read_request(&mut second).await {
+                second
+                    .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                    .await
+                    .unwrap();
+                answered += 1;
+            }
+            answered
+        });
+        let target = Target::new(&url, TransportKind::Sse, Encoding::Json, "s").unwrap();
+        let mut c = HttpConnection::open(&target, 0).await.unwrap();
+        for _ in 0..2 {
+            let req = c
+                .request(
+                    Method::POST,
+                    "/session/s",
+                    Some((Bytes::from_static(b"{}"), "application/json")),
+                    None,
+                )
+                .unwrap();
+            let (status, _) = c.call_on_commands(req).await.unwrap();
+            assert_eq!(status, StatusCode::NO_CONTENT);
+        }
+        drop(c);
+        assert_eq!(server.await.unwrap(), 1, "the lost request, sent again");
     }
 }
