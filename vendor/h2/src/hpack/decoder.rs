@@ -143,6 +143,10 @@ struct Table {
     max_size: usize,
 }
 
+/// PARLEY PATCH (exact decoded strings): the longest Huffman-decoded string (its bound,
+/// `huffman::decoded_len_bound`) decoded on the stack.
+const SMALL_STRING: usize = 512;
+
 struct StringMarker {
     offset: usize,
     len: usize,
@@ -339,11 +343,26 @@ impl Decoder {
         if huff {
             let ret = {
                 let raw = &buf.chunk()[..len];
-                huffman::decode(raw, &mut self.buffer).map(|buf| StringMarker {
-                    offset,
-                    len,
-                    string: Some(BytesMut::freeze(buf)),
-                })
+                // PARLEY PATCH (exact decoded strings): a string decoded into the shared
+                // buffer kept room for the longest it could have been (8/5 of its coded
+                // length) and shared that allocation with the strings after it, so a
+                // header in the dynamic table (an indexed `:path`) kept it all alive.
+                // A string of up to SMALL_STRING bytes is decoded on the stack and
+                // copied into an allocation of its size.
+                if huffman::decoded_len_bound(len) <= SMALL_STRING {
+                    let mut tmp = [0u8; SMALL_STRING];
+                    huffman::decode_into(raw, &mut tmp).map(|n| StringMarker {
+                        offset,
+                        len,
+                        string: Some(Bytes::copy_from_slice(&tmp[..n])),
+                    })
+                } else {
+                    huffman::decode(raw, &mut self.buffer).map(|buf| StringMarker {
+                        offset,
+                        len,
+                        string: Some(BytesMut::freeze(buf)),
+                    })
+                }
             };
 
             buf.advance(len);
@@ -858,6 +877,39 @@ mod test {
         let mut buf = BytesMut::new();
         let err = de.decode_string(&mut Cursor::new(&mut buf)).unwrap_err();
         assert_eq!(err, DecoderError::NeedMore(NeedMore::UnexpectedEndOfStream));
+    }
+
+    // PARLEY PATCH (exact decoded strings): Huffman-coded strings either side of the
+    // stack buffer's bound decode to what was encoded, and one decoded on the stack
+    // shares its allocation with no other string (`Bytes::try_into_mut` succeeds only
+    // for the sole owner of a whole allocation).
+    #[test]
+    fn parley_huffman_strings_either_side_of_the_stack_bound_decode() {
+        let mut de = Decoder::new(0);
+        for n in (0..330).chain([400, 1000, 5000]) {
+            let s: Vec<u8> = (0..n).map(|i| b"abcxyz/?=&0123456789"[i % 20]).collect();
+            let mut coded = BytesMut::new();
+            huffman::encode(&s, &mut coded);
+            let mut block = BytesMut::new();
+            // The length with the Huffman flag (7-bit prefix integer).
+            if coded.len() < 127 {
+                block.extend_from_slice(&[0x80 | coded.len() as u8]);
+            } else {
+                let mut rest = coded.len() - 127;
+                block.extend_from_slice(&[0xff]);
+                while rest >= 128 {
+                    block.extend_from_slice(&[(rest % 128) as u8 | 0x80]);
+                    rest /= 128;
+                }
+                block.extend_from_slice(&[rest as u8]);
+            }
+            block.extend_from_slice(&coded);
+            let decoded = de.decode_string(&mut Cursor::new(&mut block)).unwrap();
+            assert_eq!(&decoded[..], &s[..], "{} bytes", n);
+            if huffman::decoded_len_bound(coded.len()) <= SMALL_STRING && n > 0 {
+                assert!(decoded.try_into_mut().is_ok(), "{} bytes: shared", n);
+            }
+        }
     }
 
     #[test]

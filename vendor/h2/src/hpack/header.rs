@@ -142,41 +142,8 @@ impl Header {
         }
     }
 
-    pub fn value_eq(&self, other: &Header) -> bool {
-        match *self {
-            Header::Field { ref value, .. } => {
-                let a = value;
-                match *other {
-                    Header::Field { ref value, .. } => a == value,
-                    _ => false,
-                }
-            }
-            Header::Authority(ref a) => match *other {
-                Header::Authority(ref b) => a == b,
-                _ => false,
-            },
-            Header::Method(ref a) => match *other {
-                Header::Method(ref b) => a == b,
-                _ => false,
-            },
-            Header::Scheme(ref a) => match *other {
-                Header::Scheme(ref b) => a == b,
-                _ => false,
-            },
-            Header::Path(ref a) => match *other {
-                Header::Path(ref b) => a == b,
-                _ => false,
-            },
-            Header::Protocol(ref a) => match *other {
-                Header::Protocol(ref b) => a == b,
-                _ => false,
-            },
-            Header::Status(ref a) => match *other {
-                Header::Status(ref b) => a == b,
-                _ => false,
-            },
-        }
-    }
+    // PARLEY PATCH (compact encoder table): `value_eq` is gone; the encoder's table
+    // compares names' and values' bytes (`value_slice`).
 
     pub fn is_sensitive(&self) -> bool {
         match *self {

@@ -1,21 +1,32 @@
 use super::Header;
 
-use fnv::FnvHasher;
 use http::header;
 use http::method::Method;
 
-use std::collections::VecDeque;
-use std::hash::{Hash, Hasher};
-use std::{cmp, mem};
-
 /// HPACK encoder table
+///
+/// PARLEY PATCH (compact encoder table): the entries are kept as their bytes, in
+/// one buffer, oldest first: for each, the name's and the value's lengths (`u16`,
+/// little-endian) and then the name and the value. h2 0.4.21 kept a `Slot` per entry
+/// (the `Header`, its hash and a link to the previous entry of the same name: 96
+/// bytes, in a `VecDeque` that grows by doubling) and a Robin Hood index of 24-byte
+/// positions (8, then 16, ... for 6, 12, ... entries), and the entries' values kept
+/// their own allocations alive: an HTTP/2 connection that had sent a few responses
+/// (eight distinct headers) held ~1.2 KB of table for ~300 bytes of names and values,
+/// and a table filled to its 4,096 bytes (~75 entries of unique values) ~12 KB.
+/// A lookup is now a scan of the entries, newest last (a server's table holds the few
+/// headers its responses repeat; at most 4,096 / 32 entries), comparing lengths
+/// before bytes. What is indexed, and how each header is encoded, is unchanged.
 #[derive(Debug)]
 pub struct Table {
-    mask: usize,
-    indices: Vec<Option<Pos>>,
-    slots: VecDeque<Slot>,
-    inserted: usize,
-    // Size is in bytes
+    /// The entries from `start` to the end, oldest first (see above).
+    bytes: Vec<u8>,
+    /// Where the oldest entry begins; the bytes before it are evicted entries, given
+    /// back when the buffer needs room.
+    start: usize,
+    /// How many entries there are.
+    len: usize,
+    // Size is in bytes (as RFC 7541 section 4.1 counts it)
     size: usize,
     max_size: usize,
 }
@@ -29,76 +40,41 @@ pub enum Index {
     Name(usize, Header),
 
     // The full header has been inserted into the table.
-    Inserted(usize),
+    Inserted(Header),
 
-    // Only the value has been inserted (hpack table idx, slots idx)
-    InsertedValue(usize, usize),
+    // Only the value has been inserted (the index of the name, in the static
+    // table or in the dynamic table before the insertion)
+    InsertedValue(usize, Header),
 
     // The header is not indexed by this table
     NotIndexed(Header),
 }
 
-#[derive(Debug)]
-struct Slot {
-    hash: HashValue,
-    header: Header,
-    next: Option<usize>,
-}
-
-#[derive(Debug, Clone, Copy, Eq, PartialEq)]
-struct Pos {
-    index: usize,
-    hash: HashValue,
-}
-
-#[derive(Debug, Copy, Clone, Eq, PartialEq)]
-struct HashValue(usize);
-
-const MAX_SIZE: usize = 1 << 16;
 const DYN_OFFSET: usize = 62;
 
-macro_rules! probe_loop {
-    ($probe_var: ident < $len: expr, $body: expr) => {
-        debug_assert!($len > 0);
-        loop {
-            if $probe_var < $len {
-                $body
-                $probe_var += 1;
-            } else {
-                $probe_var = 0;
-            }
-        }
-    };
-}
+/// The bytes before an entry's name: its name's and its value's lengths.
+const ENTRY_HEAD: usize = 4;
+
+/// PARLEY PATCH (values per name): the most entries one name has in the table.
+const MAX_VALUES_PER_NAME: usize = 4;
 
 impl Table {
     pub fn new(max_size: usize, capacity: usize) -> Table {
-        if capacity == 0 {
-            Table {
-                mask: 0,
-                indices: vec![],
-                slots: VecDeque::new(),
-                inserted: 0,
-                size: 0,
-                max_size,
-            }
-        } else {
-            let capacity = cmp::max(to_raw_capacity(capacity).next_power_of_two(), 8);
-
-            Table {
-                mask: capacity.wrapping_sub(1),
-                indices: vec![None; capacity],
-                slots: VecDeque::with_capacity(usable_capacity(capacity)),
-                inserted: 0,
-                size: 0,
-                max_size,
-            }
+        // PARLEY PATCH (compact encoder table): `capacity` counted entries; room for
+        // that many of ~32 bytes each.
+        Table {
+            bytes: Vec::with_capacity(capacity * 32),
+            start: 0,
+            len: 0,
+            size: 0,
+            max_size,
         }
     }
 
-    #[inline]
+    /// PARLEY PATCH (compact encoder table): the bytes the table holds room for.
+    #[cfg(test)]
     pub fn capacity(&self) -> usize {
-        usable_capacity(self.indices.len())
+        self.bytes.capacity()
     }
 
     pub fn max_size(&self) -> usize {
@@ -112,8 +88,8 @@ impl Table {
         match *index {
             Indexed(_, ref h) => h,
             Name(_, ref h) => h,
-            Inserted(idx) => &self.slots[idx].header,
-            InsertedValue(_, idx) => &self.slots[idx].header,
+            Inserted(ref h) => h,
+            InsertedValue(_, ref h) => h,
             NotIndexed(ref h) => h,
         }
     }
@@ -124,8 +100,9 @@ impl Table {
         match *index {
             Indexed(idx, ..) => idx,
             Name(idx, ..) => idx,
-            Inserted(idx) => idx + DYN_OFFSET,
-            InsertedValue(_name_idx, slot_idx) => slot_idx + DYN_OFFSET,
+            // The entry just inserted is the newest.
+            Inserted(_) => DYN_OFFSET,
+            InsertedValue(..) => DYN_OFFSET,
             NotIndexed(_) => panic!("cannot resolve index"),
         }
     }
@@ -158,461 +135,181 @@ impl Table {
     }
 
     fn index_dynamic(&mut self, header: Header, statik: Option<(usize, bool)>) -> Index {
-        debug_assert!(self.assert_valid_state("one"));
+        let (full, named, values) = {
+            let name = header.name();
+            let name = name.as_slice();
+            let value = header.value_slice();
+            self.find(name, value)
+        };
 
-        if header.len() + self.size < self.max_size || !header.is_sensitive() {
-            // Only grow internal storage if needed
-            self.reserve_one();
+        if let Some(i) = full {
+            // A full match
+            return Index::dynamic_match(i + DYN_OFFSET, header);
         }
 
-        if self.indices.is_empty() {
-            // If `indices` is not empty, then it is impossible for all
-            // `indices` entries to be `Some`. So, we only need to check for the
-            // empty case.
-            return Index::new(statik, header);
-        }
-
-        let hash = hash_header(&header);
-
-        let desired_pos = desired_pos(self.mask, hash);
-        let mut probe = desired_pos;
-        let mut dist = 0;
-
-        // Start at the ideal position, checking all slots
-        probe_loop!(probe < self.indices.len(), {
-            if let Some(pos) = self.indices[probe] {
-                // The slot is already occupied, but check if it has a lower
-                // displacement.
-                let their_dist = probe_distance(self.mask, pos.hash, probe);
-
-                let slot_idx = pos.index.wrapping_add(self.inserted);
-
-                if their_dist < dist {
-                    // Index robinhood
-                    return self.index_vacant(header, hash, dist, probe, statik);
-                } else if pos.hash == hash && self.slots[slot_idx].header.name() == header.name() {
-                    // Matching name, check values
-                    return self.index_occupied(header, hash, pos.index, statik.map(|(n, _)| n));
-                }
-            } else {
-                return self.index_vacant(header, hash, dist, probe, statik);
-            }
-
-            dist += 1;
-        });
-    }
-
-    fn index_occupied(
-        &mut self,
-        header: Header,
-        hash: HashValue,
-        mut index: usize,
-        statik: Option<usize>,
-    ) -> Index {
-        debug_assert!(self.assert_valid_state("top"));
-
-        // There already is a match for the given header name. Check if a value
-        // matches. The header will also only be inserted if the table is not at
-        // capacity.
-        loop {
-            // Compute the real index into the VecDeque
-            let real_idx = index.wrapping_add(self.inserted);
-
-            if self.slots[real_idx].header.value_eq(&header) {
-                // We have a full match!
-                return Index::dynamic_match(real_idx + DYN_OFFSET, header);
-            }
-
-            if let Some(next) = self.slots[real_idx].next {
-                index = next;
-                continue;
-            }
-
-            if header.is_sensitive() {
-                // Should we assert this?
-                // debug_assert!(statik.is_none());
-                return Index::Name(real_idx + DYN_OFFSET, header);
-            }
-
-            self.update_size(header.len(), Some(index));
-
-            // Insert the new header
-            self.insert(header, hash);
-
-            // Recompute real_idx as it just changed.
-            let new_real_idx = index.wrapping_add(self.inserted);
-
-            // The previous node in the linked list may have gotten evicted
-            // while making room for this header.
-            if new_real_idx < self.slots.len() {
-                let idx = 0usize.wrapping_sub(self.inserted);
-
-                self.slots[new_real_idx].next = Some(idx);
-            }
-
-            debug_assert!(self.assert_valid_state("bottom"));
-
-            // Even if the previous header was evicted, we can still reference
-            // it when inserting the new one...
-            return if let Some(n) = statik {
-                // If name is in static table, use it instead
-                Index::InsertedValue(n, 0)
-            } else {
-                Index::InsertedValue(real_idx + DYN_OFFSET, 0)
+        if header.is_sensitive() {
+            // Never inserted; the name may still come from the dynamic table.
+            return match named {
+                Some(i) => Index::Name(i + DYN_OFFSET, header),
+                None => Index::new(statik, header),
             };
         }
-    }
 
-    fn index_vacant(
-        &mut self,
-        header: Header,
-        hash: HashValue,
-        mut dist: usize,
-        mut probe: usize,
-        statik: Option<(usize, bool)>,
-    ) -> Index {
-        if header.is_sensitive() {
+        // PARLEY PATCH (values per name): a name with MAX_VALUES_PER_NAME values in
+        // the table gets no more; the header is a literal without indexing, its name
+        // from the static table or the newest entry of that name. A header whose value
+        // changes with every response (a cursor, a request id) so takes no more room and
+        // evicts nothing: inserted, it filled the table with values that never came
+        // again (~75 of them in 4,096 bytes), evicting the headers that do repeat,
+        // which were then sent as literals again, and every lookup scanned them.
+        if values >= MAX_VALUES_PER_NAME {
+            return match (statik, named) {
+                (Some(_), _) | (None, None) => Index::new(statik, header),
+                (None, Some(i)) => Index::Name(i + DYN_OFFSET, header),
+            };
+        }
+
+        // The name from the static table if it is there, else from the dynamic
+        // table (its index before the insertion, which is what the decoder
+        // resolves it against, RFC 7541 section 4.4).
+        let name_idx = match statik {
+            Some((n, _)) => Some(n),
+            None => named.map(|i| i + DYN_OFFSET),
+        };
+
+        let inserted = {
+            let name = header.name();
+            self.insert(name.as_slice(), header.value_slice(), header.len())
+        };
+
+        if !inserted {
             return Index::new(statik, header);
         }
 
-        debug_assert!(self.assert_valid_state("top"));
-        debug_assert!(dist == 0 || self.indices[probe.wrapping_sub(1) & self.mask].is_some());
-
-        // Passing in `usize::MAX` for prev_idx since there is no previous
-        // header in this case.
-        if self.update_size(header.len(), None) {
-            while dist != 0 {
-                let back = probe.wrapping_sub(1) & self.mask;
-
-                if let Some(pos) = self.indices[back] {
-                    let their_dist = probe_distance(self.mask, pos.hash, back);
-
-                    if their_dist < (dist - 1) {
-                        probe = back;
-                        dist -= 1;
-                    } else {
-                        break;
-                    }
-                } else {
-                    probe = back;
-                    dist -= 1;
-                }
-            }
-        }
-
-        debug_assert!(self.assert_valid_state("after update"));
-
-        self.insert(header, hash);
-
-        let pos_idx = 0usize.wrapping_sub(self.inserted);
-
-        let prev = self.indices[probe].replace(Pos {
-            index: pos_idx,
-            hash,
-        });
-
-        if let Some(mut prev) = prev {
-            // Shift forward
-            let mut probe = probe + 1;
-
-            probe_loop!(probe < self.indices.len(), {
-                let pos = &mut self.indices[probe];
-
-                prev = match pos.replace(prev) {
-                    Some(p) => p,
-                    None => break,
-                };
-            });
-        }
-
-        debug_assert!(self.assert_valid_state("bottom"));
-
-        if let Some((n, _)) = statik {
-            Index::InsertedValue(n, 0)
-        } else {
-            Index::Inserted(0)
+        match name_idx {
+            Some(n) => Index::InsertedValue(n, header),
+            None => Index::Inserted(header),
         }
     }
 
-    fn insert(&mut self, header: Header, hash: HashValue) {
-        self.inserted = self.inserted.wrapping_add(1);
+    /// The newest entry with this name and value, and the newest with this name and
+    /// another value, as indexes into the dynamic table (0 the newest); and how many
+    /// entries have this name.
+    fn find(&self, name: &[u8], value: &[u8]) -> (Option<usize>, Option<usize>, usize) {
+        let mut full = None;
+        let mut named = None;
+        let mut values = 0;
+        let bytes = &self.bytes[..];
+        let mut pos = self.start;
+        // The index of the entry at `pos`, plus one.
+        let mut i = self.len;
 
-        self.slots.push_front(Slot {
-            hash,
-            header,
-            next: None,
-        });
+        while pos < bytes.len() {
+            let name_len = u16::from_le_bytes([bytes[pos], bytes[pos + 1]]) as usize;
+            let value_len = u16::from_le_bytes([bytes[pos + 2], bytes[pos + 3]]) as usize;
+            let at = pos + ENTRY_HEAD;
+            i -= 1;
+
+            if name_len == name.len() && &bytes[at..at + name_len] == name {
+                values += 1;
+                let v = at + name_len;
+                if value_len == value.len() && &bytes[v..v + value_len] == value {
+                    full = Some(i);
+                } else {
+                    named = Some(i);
+                }
+            }
+
+            pos = at + name_len + value_len;
+        }
+
+        (full, named, values)
+    }
+
+    /// Inserts an entry of RFC 7541 size `size`, evicting the oldest ones as needed;
+    /// false (and nothing evicted) for a name or value too long to be recorded.
+    fn insert(&mut self, name: &[u8], value: &[u8], size: usize) -> bool {
+        if name.len() > u16::MAX as usize || value.len() > u16::MAX as usize {
+            return false;
+        }
+
+        self.size += size;
+        self.converge();
+
+        let n = ENTRY_HEAD + name.len() + value.len();
+        self.reserve(n);
+        self.bytes
+            .extend_from_slice(&(name.len() as u16).to_le_bytes());
+        self.bytes
+            .extend_from_slice(&(value.len() as u16).to_le_bytes());
+        self.bytes.extend_from_slice(name);
+        self.bytes.extend_from_slice(value);
+        self.len += 1;
+
+        true
+    }
+
+    /// Room for `n` more bytes. A table that has not evicted grows by what is needed
+    /// (a server's table mostly stops growing after its first responses); one that
+    /// has evicted gives the evicted entries' bytes back first, and grows by what is
+    /// needed plus a quarter of what is there, so that a full table whose entries
+    /// keep changing moves its bytes once per several insertions, not per insertion.
+    fn reserve(&mut self, n: usize) {
+        if self.bytes.capacity() - self.bytes.len() >= n {
+            return;
+        }
+
+        let mut slack = 0;
+        if self.start > 0 {
+            self.bytes.drain(..self.start);
+            self.start = 0;
+
+            if self.bytes.capacity() - self.bytes.len() >= n {
+                return;
+            }
+            slack = self.bytes.len() / 4;
+        }
+
+        self.bytes.reserve_exact(n + slack);
     }
 
     pub fn resize(&mut self, size: usize) {
         self.max_size = size;
 
         if size == 0 {
+            // PARLEY PATCH (compact encoder table): nothing can be indexed, so
+            // nothing is kept.
             self.size = 0;
-
-            self.indices.fill(None);
-
-            self.slots.clear();
-            self.inserted = 0;
+            self.len = 0;
+            self.start = 0;
+            self.bytes = Vec::new();
         } else {
-            self.converge(None);
+            self.converge();
         }
     }
 
-    fn update_size(&mut self, len: usize, prev_idx: Option<usize>) -> bool {
-        self.size += len;
-        self.converge(prev_idx)
-    }
-
-    fn converge(&mut self, prev_idx: Option<usize>) -> bool {
-        let mut ret = false;
-
+    fn converge(&mut self) {
         while self.size > self.max_size {
-            ret = true;
-            self.evict(prev_idx);
+            self.evict();
         }
-
-        ret
     }
 
-    fn evict(&mut self, prev_idx: Option<usize>) {
-        let pos_idx = (self.slots.len() - 1).wrapping_sub(self.inserted);
+    fn evict(&mut self) {
+        debug_assert!(self.len > 0);
 
-        debug_assert!(!self.slots.is_empty());
-        debug_assert!(self.assert_valid_state("one"));
-
-        // Remove the header
-        let slot = self.slots.pop_back().unwrap();
-        let mut probe = desired_pos(self.mask, slot.hash);
+        let pos = self.start;
+        let name_len = u16::from_le_bytes([self.bytes[pos], self.bytes[pos + 1]]) as usize;
+        let value_len = u16::from_le_bytes([self.bytes[pos + 2], self.bytes[pos + 3]]) as usize;
 
         // Update the size
-        self.size -= slot.header.len();
+        self.size -= 32 + name_len + value_len;
+        self.start = pos + ENTRY_HEAD + name_len + value_len;
+        self.len -= 1;
 
-        debug_assert_eq!(
-            self.indices
-                .iter()
-                .filter_map(|p| *p)
-                .filter(|p| p.index == pos_idx)
-                .count(),
-            1
-        );
-
-        // Find the associated position
-        probe_loop!(probe < self.indices.len(), {
-            debug_assert!(self.indices[probe].is_some());
-
-            let mut pos = self.indices[probe].unwrap();
-
-            if pos.index == pos_idx {
-                if let Some(idx) = slot.next {
-                    pos.index = idx;
-                    self.indices[probe] = Some(pos);
-                } else if Some(pos.index) == prev_idx {
-                    pos.index = 0usize.wrapping_sub(self.inserted + 1);
-                    self.indices[probe] = Some(pos);
-                } else {
-                    self.indices[probe] = None;
-                    self.remove_phase_two(probe);
-                }
-
-                break;
-            }
-        });
-
-        debug_assert!(self.assert_valid_state("two"));
-    }
-
-    // Shifts all indices that were displaced by the header that has just been
-    // removed.
-    fn remove_phase_two(&mut self, probe: usize) {
-        let mut last_probe = probe;
-        let mut probe = probe + 1;
-
-        probe_loop!(probe < self.indices.len(), {
-            if let Some(pos) = self.indices[probe] {
-                if probe_distance(self.mask, pos.hash, probe) > 0 {
-                    self.indices[last_probe] = self.indices[probe].take();
-                } else {
-                    break;
-                }
-            } else {
-                break;
-            }
-
-            last_probe = probe;
-        });
-
-        debug_assert!(self.assert_valid_state("two"));
-    }
-
-    fn reserve_one(&mut self) {
-        let len = self.slots.len();
-
-        if len == self.capacity() {
-            if len == 0 {
-                let new_raw_cap = 8;
-                self.mask = 8 - 1;
-                self.indices = vec![None; new_raw_cap];
-            } else {
-                let raw_cap = self.indices.len();
-                self.grow(raw_cap << 1);
-            }
+        if self.len == 0 {
+            self.bytes.clear();
+            self.start = 0;
         }
-    }
-
-    #[inline]
-    fn grow(&mut self, new_raw_cap: usize) {
-        // This path can never be reached when handling the first allocation in
-        // the map.
-
-        debug_assert!(self.assert_valid_state("top"));
-
-        // find first ideally placed element -- start of cluster
-        let mut first_ideal = 0;
-
-        for (i, pos) in self.indices.iter().enumerate() {
-            if let Some(pos) = *pos {
-                if 0 == probe_distance(self.mask, pos.hash, i) {
-                    first_ideal = i;
-                    break;
-                }
-            }
-        }
-
-        // visit the entries in an order where we can simply reinsert them
-        // into self.indices without any bucket stealing.
-        let old_indices = mem::replace(&mut self.indices, vec![None; new_raw_cap]);
-        self.mask = new_raw_cap.wrapping_sub(1);
-
-        for &pos in &old_indices[first_ideal..] {
-            self.reinsert_entry_in_order(pos);
-        }
-
-        for &pos in &old_indices[..first_ideal] {
-            self.reinsert_entry_in_order(pos);
-        }
-
-        debug_assert!(self.assert_valid_state("bottom"));
-    }
-
-    fn reinsert_entry_in_order(&mut self, pos: Option<Pos>) {
-        if let Some(pos) = pos {
-            // Find first empty bucket and insert there
-            let mut probe = desired_pos(self.mask, pos.hash);
-
-            probe_loop!(probe < self.indices.len(), {
-                if self.indices[probe].is_none() {
-                    // empty bucket, insert here
-                    self.indices[probe] = Some(pos);
-                    return;
-                }
-
-                debug_assert!({
-                    let them = self.indices[probe].unwrap();
-                    let their_distance = probe_distance(self.mask, them.hash, probe);
-                    let our_distance = probe_distance(self.mask, pos.hash, probe);
-
-                    their_distance >= our_distance
-                });
-            });
-        }
-    }
-
-    #[cfg(not(test))]
-    fn assert_valid_state(&self, _: &'static str) -> bool {
-        true
-    }
-
-    #[cfg(test)]
-    fn assert_valid_state(&self, _msg: &'static str) -> bool {
-        /*
-            // Checks that the internal map structure is valid
-            //
-            // Ensure all hash codes in indices match the associated slot
-            for pos in &self.indices {
-                if let Some(pos) = *pos {
-                    let real_idx = pos.index.wrapping_add(self.inserted);
-
-                    if real_idx.wrapping_add(1) != 0 {
-                        assert!(real_idx < self.slots.len(),
-                                "out of index; real={}; len={}, msg={}",
-                                real_idx, self.slots.len(), msg);
-
-                        assert_eq!(pos.hash, self.slots[real_idx].hash,
-                                   "index hash does not match slot; msg={}", msg);
-                    }
-                }
-            }
-
-            // Every index is only available once
-            for i in 0..self.indices.len() {
-                if self.indices[i].is_none() {
-                    continue;
-                }
-
-                for j in i+1..self.indices.len() {
-                    assert_ne!(self.indices[i], self.indices[j],
-                                "duplicate indices; msg={}", msg);
-                }
-            }
-
-            for (index, slot) in self.slots.iter().enumerate() {
-                let mut indexed = None;
-
-                // First, see if the slot is indexed
-                for (i, pos) in self.indices.iter().enumerate() {
-                    if let Some(pos) = *pos {
-                        let real_idx = pos.index.wrapping_add(self.inserted);
-                        if real_idx == index {
-                            indexed = Some(i);
-                            // Already know that there is no dup, so break
-                            break;
-                        }
-                    }
-                }
-
-                if let Some(actual) = indexed {
-                    // Ensure that it is accessible..
-                    let desired = desired_pos(self.mask, slot.hash);
-                    let mut probe = desired;
-                    let mut dist = 0;
-
-                    probe_loop!(probe < self.indices.len(), {
-                        assert!(self.indices[probe].is_some(),
-                                "unexpected empty slot; probe={}; hash={:?}; msg={}",
-                                probe, slot.hash, msg);
-
-                        let pos = self.indices[probe].unwrap();
-
-                        let their_dist = probe_distance(self.mask, pos.hash, probe);
-                        let real_idx = pos.index.wrapping_add(self.inserted);
-
-                        if real_idx == index {
-                            break;
-                        }
-
-                        assert!(dist <= their_dist,
-                                "could not find entry; actual={}; desired={}" +
-                                "probe={}, dist={}; their_dist={}; index={}; msg={}",
-                                actual, desired, probe, dist, their_dist,
-                                index.wrapping_sub(self.inserted), msg);
-
-                        dist += 1;
-                    });
-                } else {
-                    // There is exactly one next link
-                    let cnt = self.slots.iter().map(|s| s.next)
-                        .filter(|n| *n == Some(index.wrapping_sub(self.inserted)))
-                        .count();
-
-                    assert_eq!(1, cnt, "more than one node pointing here; msg={}", msg);
-                }
-            }
-        */
-
-        // TODO: Ensure linked lists are correct: no cycles, etc...
-
-        true
     }
 }
 
@@ -620,7 +317,7 @@ impl Table {
 impl Table {
     /// Returns the number of headers in the table
     pub fn len(&self) -> usize {
-        self.slots.len()
+        self.len
     }
 
     /// Returns the table size
@@ -654,34 +351,6 @@ impl Index {
             Some((n, false)) => Index::Name(n, e),
         }
     }
-}
-
-#[inline]
-fn usable_capacity(cap: usize) -> usize {
-    cap - cap / 4
-}
-
-#[inline]
-fn to_raw_capacity(n: usize) -> usize {
-    n + n / 3
-}
-
-#[inline]
-fn desired_pos(mask: usize, hash: HashValue) -> usize {
-    hash.0 & mask
-}
-
-#[inline]
-fn probe_distance(mask: usize, hash: HashValue, current: usize) -> usize {
-    current.wrapping_sub(desired_pos(mask, hash)) & mask
-}
-
-fn hash_header(header: &Header) -> HashValue {
-    const MASK: u64 = (MAX_SIZE as u64) - 1;
-
-    let mut h = FnvHasher::default();
-    header.name().hash(&mut h);
-    HashValue((h.finish() & MASK) as usize)
 }
 
 /// Checks the static table for the header. If found, returns the index and a

@@ -138,8 +138,25 @@ pub fn decode(src: &[u8], buf: &mut BytesMut) -> Result<BytesMut, DecoderError> 
     // so `len` input bytes can't decode to more than `len * 8 / 5` output
     // bytes. One more byte covers the fast path always writing two bytes
     // even when it decoded only one symbol.
-    buf.resize(base_len + len * 8 / 5 + 1, 0);
-    let dst = &mut buf[base_len..];
+    buf.resize(base_len + decoded_len_bound(len), 0);
+    let o = decode_into(src, &mut buf[base_len..])?;
+
+    buf.truncate(base_len + o);
+    Ok(buf.split())
+}
+
+/// PARLEY PATCH (exact decoded strings): the room `decode_into` needs for `len`
+/// Huffman-coded bytes.
+pub fn decoded_len_bound(len: usize) -> usize {
+    len * 8 / 5 + 1
+}
+
+/// PARLEY PATCH (exact decoded strings): decodes into `dst`, which holds at least
+/// `decoded_len_bound(src.len())` bytes (a buffer on the stack, whose string the
+/// caller copies into an allocation of its own size); returns the decoded length.
+pub fn decode_into(src: &[u8], dst: &mut [u8]) -> Result<usize, DecoderError> {
+    let len = src.len();
+    debug_assert!(dst.len() >= decoded_len_bound(len));
     let mut o = 0;
 
     let mut acc: u64 = 0;
@@ -201,8 +218,7 @@ pub fn decode(src: &[u8], buf: &mut BytesMut) -> Result<BytesMut, DecoderError> 
         decode_code_slow(&mut acc, &mut bits, dst, &mut o)?;
     }
 
-    buf.truncate(base_len + o);
-    Ok(buf.split())
+    Ok(o)
 }
 
 #[cfg(test)]
