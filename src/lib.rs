@@ -43,3 +43,24 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options unless `_RJEM_MALLOC_CONF` (read after these) says otherwise: a
+/// background thread gives freed pages back within a second of going unused (jemalloc
+/// otherwise purges only when the arena is next used, ~10 s on, so after a burst an idle
+/// server kept ~20 MiB more than glibc with parley's trim). With these, 5,000 idle
+/// joined sessions held 3.1 KB each on WebSocket and on SSE over HTTP/1.1 (glibc:
+/// 3.7 and 4.7-4.8 KB), and a burst's memory fell back as with glibc, at the same CPU
+/// (docs/BENCHMARKS.md, "Round fourteen: jemalloc again").
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static JEMALLOC_CONF: JemallocConf =
+    JemallocConf(c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
+
+/// A C `const char *` (what jemalloc's `malloc_conf` is), pointing at a static string.
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+#[repr(transparent)]
+pub struct JemallocConf(*const std::ffi::c_char);
+
+// SAFETY: it points at a `'static` string that nothing writes.
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+unsafe impl Sync for JemallocConf {}
