@@ -104,7 +104,21 @@ impl TestServer {
             None
         };
         edit(&mut config);
-        let server = Server::start(config.clone()).await.expect("server starts");
+        // On port 0 the server takes a free TCP port, then QUIC (with TLS) the same
+        // number over UDP, which a QUIC client of a test beside may hold: take another.
+        let mut tries = 0;
+        let server = loop {
+            match Server::start(config.clone()).await {
+                Err(parley::server::ServerError::Bind { source, .. })
+                    if source.kind() == std::io::ErrorKind::AddrInUse
+                        && config.server.listen.port() == 0
+                        && tries < 5 =>
+                {
+                    tries += 1;
+                }
+                started => break started.expect("server starts"),
+            }
+        };
         Self { server, config, db }
     }
 
