@@ -9,6 +9,12 @@
 #   bench/scripts/heaptrack-mqtt.sh NAME SERVER N [tcp|ws]
 set -u
 name=$1 server=$(realpath $2) n=$3 over=${4:-tcp}
+# heaptrack sees glibc's malloc only: a jemalloc build (`--features jemalloc`) would give
+# a near-empty profile. Its options string is in the binary.
+if grep -aq 'background_thread:true,dirty_decay_ms' "$server"; then
+  echo "$server is a jemalloc build: heaptrack sees none of its allocations; profile a default (glibc) build" >&2
+  exit 2
+fi
 here=$(dirname $(realpath $0))
 mkdir -p /tmp/mem
 # Below the ephemeral range (32768-): clients closed a moment ago leave ports there.
