@@ -5,6 +5,17 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // `cfg(jemalloc)`: jemalloc is the build's global allocator (src/lib.rs `allocator`):
+    // feature `jemalloc` (a default one), not `mimalloc`, on a target its C library
+    // builds for (not Windows' MSVC).
+    println!("cargo::rustc-check-cfg=cfg(jemalloc)");
+    if std::env::var_os("CARGO_FEATURE_JEMALLOC").is_some()
+        && std::env::var_os("CARGO_FEATURE_MIMALLOC").is_none()
+        && std::env::var("CARGO_CFG_TARGET_ENV").as_deref() != Ok("msvc")
+    {
+        println!("cargo::rustc-cfg=jemalloc");
+    }
+
     let protos = ["proto/parley/v1/frames.proto"];
     println!("cargo:rerun-if-changed=proto");
     let descriptors = protox::compile(protos, ["proto"])?;

@@ -23,6 +23,9 @@ use parley::{
 };
 use prost::Message as _;
 
+// The binary's allocator (jemalloc by default), so that counts here match the server's.
+parley::build_allocator!();
+
 const ENCODINGS: [(Encoding, &str); 2] = [(Encoding::Proto, "proto"), (Encoding::Json, "json")];
 
 /// A 100-byte body, like the load generator's.

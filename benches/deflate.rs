@@ -20,6 +20,9 @@ use parley::{
     proto::{self, server_frame::Kind},
 };
 
+// The binary's allocator (jemalloc by default), so that counts here match the server's.
+parley::build_allocator!();
+
 const ENCODINGS: [(Encoding, &str); 2] = [(Encoding::Proto, "proto"), (Encoding::Json, "json")];
 
 fn message(seq: u64, body: &str, metadata: &[(&str, &str)]) -> Kind {

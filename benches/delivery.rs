@@ -43,6 +43,9 @@ use yawc::{
     frame::{Frame, OpCode},
 };
 
+// The binary's allocator (jemalloc by default), so that counts here match the server's.
+parley::build_allocator!();
+
 /// A socket that takes every write at once and never has anything to read.
 #[derive(Default)]
 struct Sink {

@@ -30,6 +30,9 @@ use parley::{
     proto::{Pong, server_frame::Kind},
 };
 
+// The binary's allocator (jemalloc by default), so that counts here match the server's.
+parley::build_allocator!();
+
 const ROOM: &str = "big";
 
 struct Member {

@@ -25,6 +25,9 @@ use parley::{
     store::{NewMessage, Store, postgres::PostgresStore, sqlite::SqliteStore},
 };
 
+// The binary's allocator (jemalloc by default), so that counts here match the server's.
+parley::build_allocator!();
+
 const RUN: Duration = Duration::from_secs(3);
 
 #[derive(Clone, Copy)]

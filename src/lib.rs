@@ -29,38 +29,67 @@ pub mod store;
 pub mod transport;
 pub mod web;
 
-// The global allocator, when a feature picks one other than the C library's malloc
-// (`--features mimalloc` or `--features jemalloc`; docs/BENCHMARKS.md, "Round four:
-// memory", has what each measured). Declared here, not in the binary, so that the
-// micro-benchmarks (`cargo bench --features ...`) run on the same allocator.
 #[cfg(all(feature = "mimalloc", feature = "jemalloc"))]
-compile_error!("features `mimalloc` and `jemalloc` each pick the global allocator: enable one");
+compile_error!(
+    "features `mimalloc` and `jemalloc` each pick the global allocator: enable one \
+     (`--no-default-features --features mimalloc` for mimalloc)"
+);
 
-#[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+/// The build's global allocator, declared by [`build_allocator!`] in the `parley` binary
+/// and in the benchmarks: jemalloc by default (feature `jemalloc`), mimalloc with
+/// `--no-default-features --features mimalloc`, the C library's malloc with
+/// `--no-default-features`. Not declared by the library itself, so that its tests keep
+/// the system allocator (tests/hub_allocs.rs counts allocations with its own).
+#[doc(hidden)]
+pub mod allocator {
+    #[cfg(jemalloc)]
+    pub use tikv_jemallocator::Jemalloc;
 
-#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
-#[global_allocator]
-static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+    #[cfg(feature = "mimalloc")]
+    pub use mimalloc::MiMalloc;
 
-/// jemalloc's options unless `_RJEM_MALLOC_CONF` (read after these) says otherwise: a
-/// background thread gives freed pages back within a second of going unused (jemalloc
-/// otherwise purges only when the arena is next used, ~10 s on, so after a burst an idle
-/// server kept ~20 MiB more than glibc with parley's trim). With these, 5,000 idle
-/// joined sessions held 3.1 KB each on WebSocket and on SSE over HTTP/1.1 (glibc:
-/// 3.7 and 4.7-4.8 KB), and a burst's memory fell back as with glibc, at the same CPU
-/// (docs/BENCHMARKS.md, "Round fourteen: jemalloc again").
-#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
-#[unsafe(export_name = "_rjem_malloc_conf")]
-pub static JEMALLOC_CONF: JemallocConf =
-    JemallocConf(c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
+    /// jemalloc's options unless `_RJEM_MALLOC_CONF` (read after these) says otherwise:
+    /// a background thread gives freed pages back within a second of going unused
+    /// (jemalloc otherwise purges only when the arena is next used, ~10 s on, so after a
+    /// burst an idle server kept ~20 MiB more than glibc with parley's trim). With these,
+    /// 5,000 idle joined sessions held 3.1 KB each on WebSocket and on SSE over HTTP/1.1
+    /// (glibc: 3.7 and 4.7-4.8 KB), and a burst's memory fell back as with glibc, at the
+    /// same CPU (docs/BENCHMARKS.md, "Round fourteen: jemalloc again").
+    #[cfg(jemalloc)]
+    pub const JEMALLOC_OPTIONS: &std::ffi::CStr =
+        c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0";
 
-/// A C `const char *` (what jemalloc's `malloc_conf` is), pointing at a static string.
-#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
-#[repr(transparent)]
-pub struct JemallocConf(*const std::ffi::c_char);
+    /// A C `const char *` (what jemalloc's `malloc_conf` is), pointing at a static
+    /// string.
+    #[cfg(jemalloc)]
+    #[repr(transparent)]
+    pub struct JemallocConf(pub *const std::ffi::c_char);
 
-// SAFETY: it points at a `'static` string that nothing writes.
-#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
-unsafe impl Sync for JemallocConf {}
+    // SAFETY: it points at a `'static` string that nothing writes.
+    #[cfg(jemalloc)]
+    unsafe impl Sync for JemallocConf {}
+}
+
+/// Declares the build's global allocator (see [`allocator`]) in the crate that invokes
+/// it: the `parley` binary and each benchmark. The cfgs it tests (`jemalloc`, set by
+/// build.rs, and feature `mimalloc`) are the invoking crate's, which are parley's own:
+/// they are targets of the same package.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! build_allocator {
+    () => {
+        #[cfg(jemalloc)]
+        #[global_allocator]
+        static GLOBAL: $crate::allocator::Jemalloc = $crate::allocator::Jemalloc;
+
+        /// jemalloc reads its options from this symbol at its start.
+        #[cfg(jemalloc)]
+        #[unsafe(export_name = "_rjem_malloc_conf")]
+        pub static JEMALLOC_CONF: $crate::allocator::JemallocConf =
+            $crate::allocator::JemallocConf($crate::allocator::JEMALLOC_OPTIONS.as_ptr());
+
+        #[cfg(feature = "mimalloc")]
+        #[global_allocator]
+        static GLOBAL: $crate::allocator::MiMalloc = $crate::allocator::MiMalloc;
+    };
+}

@@ -13,6 +13,9 @@ use parley::{
 use tokio_rustls::rustls;
 use tracing_subscriber::EnvFilter;
 
+// jemalloc by default (Cargo.toml's features; src/lib.rs `allocator`).
+parley::build_allocator!();
+
 #[derive(Parser)]
 #[command(
     name = "parley",

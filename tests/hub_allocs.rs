@@ -4,7 +4,8 @@
 //! its rooms), it joins that room again (the `join` command), and it closes (detach).
 //!
 //! Counted with a counting global allocator, on this test's own thread only (other tests'
-//! threads do not count). Its own binary: the allocator is the whole process's.
+//! threads do not count). Its own binary: the allocator is the whole process's (the
+//! library declares none; the `parley` binary declares jemalloc, src/lib.rs `allocator`).
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
@@ -40,7 +41,6 @@ unsafe impl GlobalAlloc for Counting {
     }
 }
 
-#[cfg(not(any(feature = "mimalloc", feature = "jemalloc")))]
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
@@ -72,7 +72,6 @@ impl Recipient for Session {
 /// its entries). Nothing for the user's entry's list of sessions (its first is inline),
 /// the room's snapshot chunks (the first inline), the second `joined`, or the detach (it
 /// hands back the user's map of rooms itself, not a copy). Before round nine: 8.
-#[cfg(not(any(feature = "mimalloc", feature = "jemalloc")))]
 #[test]
 fn a_handshake_of_a_user_alone_in_its_room_allocates_four_times_in_the_hub() {
     let hub = Hub::new();

@@ -9,10 +9,11 @@
 #   bench/scripts/heaptrack-mqtt.sh NAME SERVER N [tcp|ws]
 set -u
 name=$1 server=$(realpath $2) n=$3 over=${4:-tcp}
-# heaptrack sees glibc's malloc only: a jemalloc build (`--features jemalloc`) would give
+# heaptrack sees glibc's malloc only: a jemalloc build (the default; glibc: `cargo build
+# --release --workspace --bins --no-default-features`) would give
 # a near-empty profile. Its options string is in the binary.
 if grep -aq 'background_thread:true,dirty_decay_ms' "$server"; then
-  echo "$server is a jemalloc build: heaptrack sees none of its allocations; profile a default (glibc) build" >&2
+  echo "$server is a jemalloc build: heaptrack sees none of its allocations; profile a glibc build (cargo build --release --workspace --bins --no-default-features)" >&2
   exit 2
 fi
 here=$(dirname $(realpath $0))

@@ -83,8 +83,9 @@ pub struct ServerConfig {
     pub http_compression: bool,
     /// Every this long, check whether traffic or the connections and sessions held have
     /// fallen, and if so hand the C library's free heap memory back to the OS
-    /// (`malloc_trim`), so RSS falls back after a burst of traffic; 0 = never. Only with
-    /// glibc's malloc (the default build; not with the `mimalloc`/`jemalloc` features).
+    /// (`malloc_trim`), so RSS falls back after a burst of traffic; 0 = never. Only in a
+    /// build with glibc's malloc (`--no-default-features`); the default build's jemalloc
+    /// gives freed memory back by itself (src/lib.rs `allocator`).
     #[serde(with = "humantime_serde")]
     pub memory_trim_interval: Duration,
 }
