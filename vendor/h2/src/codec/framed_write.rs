@@ -69,6 +69,15 @@ const DEFAULT_BUFFER_CAPACITY: usize = 16 * 1_024;
 /// PARLEY PATCH (lazy write buffer): what the first frame after a flush reserves.
 const FIRST_BUFFER_CAPACITY: usize = 512;
 
+/// PARLEY PATCH (a write buffer of the chain threshold's size): what the first frame
+/// after a flush reserves on an I/O that writes vectored, where a DATA frame of
+/// `CHAIN_THRESHOLD` bytes or more puts only its head and first bytes in the buffer
+/// (256 in all) and writes the rest from its own payload: room for that, or for a
+/// smaller DATA frame whole (9 + 255), in glibc's 288-byte chunk. An event stream
+/// keeps this buffer while it waits (512 bytes before). More frames in one flush grow
+/// it as before (and the flush gives a grown buffer back).
+const FIRST_BUFFER_CAPACITY_VECTORED: usize = 280;
+
 /// Chain payloads bigger than this when vectored I/O is enabled. The remote
 /// will never advertise a max frame size less than this (well, the spec says
 /// the max frame size can't be less than 16kb, so not even close).
@@ -174,7 +183,7 @@ where
         }
 
         // PARLEY PATCH (lazy write buffer): everything buffered is written; a buffer
-        // that grew past `FIRST_BUFFER_CAPACITY` is given back, so that a connection that
+        // that grew past `first_buffer_capacity` is given back, so that a connection that
         // waits holds at most that. A connection that writes a few small frames per
         // wake-up (an event stream) keeps its small buffer and allocates nothing.
         self.encoder.release_buf();
@@ -230,11 +239,21 @@ where
         }
     }
 
+    /// PARLEY PATCH (a write buffer of the chain threshold's size): what the first frame
+    /// after a flush reserves.
+    fn first_buffer_capacity(&self) -> usize {
+        if self.chain_threshold == CHAIN_THRESHOLD {
+            FIRST_BUFFER_CAPACITY_VECTORED
+        } else {
+            FIRST_BUFFER_CAPACITY
+        }
+    }
+
     /// PARLEY PATCH (lazy write buffer): gives the (empty) write buffer's memory back
-    /// when it is more than `FIRST_BUFFER_CAPACITY`.
+    /// when it is more than `first_buffer_capacity`.
     fn release_buf(&mut self) {
         debug_assert!(self.next.is_none() && !self.buf.has_remaining());
-        if self.buf.get_ref().capacity() > FIRST_BUFFER_CAPACITY {
+        if self.buf.get_ref().capacity() > self.first_buffer_capacity() {
             self.buf = Cursor::new(BytesMut::new());
         }
     }
@@ -247,7 +266,8 @@ where
         // the first bytes of its payload, a WINDOW_UPDATE), and it grows as frames are
         // put in it.
         if self.buf.get_ref().capacity() == 0 {
-            self.buf.get_mut().reserve(FIRST_BUFFER_CAPACITY);
+            let first = self.first_buffer_capacity();
+            self.buf.get_mut().reserve(first);
         }
         let span = tracing::trace_span!("FramedWrite::buffer", frame = ?item);
         let _e = span.enter();
@@ -456,5 +476,87 @@ mod lazy_buffer_tests {
             peer.read_exact(&mut ping).await.unwrap();
             assert_eq!(&ping[9..], &[round; 8]);
         }
+    }
+
+    // PARLEY PATCH (a write buffer of the chain threshold's size)
+    struct Vectored(Vec<u8>);
+
+    impl tokio::io::AsyncWrite for Vectored {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.0.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let mut n = 0;
+            for b in bufs {
+                self.0.extend_from_slice(b);
+                n += b.len();
+            }
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    // PARLEY PATCH (a write buffer of the chain threshold's size)
+    #[test]
+    fn parley_a_vectored_writer_keeps_a_buffer_of_the_chain_thresholds_size() {
+        let mut w: FramedWrite<_, bytes::Bytes> = FramedWrite::new(Vectored(Vec::new()));
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut expected = Vec::new();
+        // An event of 283 bytes (chained: its head and 247 bytes in the buffer), one of
+        // 255 (whole in the buffer), one of 20: each written alone keeps the buffer as
+        // the first frame reserved it.
+        for (i, len) in [283usize, 255, 20, 4000].into_iter().enumerate() {
+            assert!(w.poll_ready(&mut cx).is_ready());
+            let payload = bytes::Bytes::from(vec![i as u8; len]);
+            w.buffer(frame::Data::new(StreamId::from(1), payload).into())
+                .unwrap();
+            assert!(matches!(w.flush(&mut cx), Poll::Ready(Ok(()))));
+            assert_eq!(
+                w.encoder.buf.get_ref().capacity(),
+                FIRST_BUFFER_CAPACITY_VECTORED,
+                "a frame of {len} bytes"
+            );
+            expected.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8]);
+            expected.extend_from_slice(&[0, 0, 0, 0, 0, 1]);
+            expected.extend(std::iter::repeat(i as u8).take(len));
+        }
+        // Several frames in one flush grow it; the flush gives the grown one back.
+        assert!(w.poll_ready(&mut cx).is_ready());
+        w.buffer(Ping::new([7; 8]).into()).unwrap();
+        let payload = bytes::Bytes::from(vec![9u8; 255]);
+        w.buffer(frame::Data::new(StreamId::from(1), payload).into())
+            .unwrap();
+        w.buffer(Ping::new([8; 8]).into()).unwrap();
+        assert!(w.encoder.buf.get_ref().capacity() > FIRST_BUFFER_CAPACITY_VECTORED);
+        assert!(matches!(w.flush(&mut cx), Poll::Ready(Ok(()))));
+        assert_eq!(w.encoder.buf.get_ref().capacity(), 0, "given back");
+        expected.extend_from_slice(&[0, 0, 8, 6, 0, 0, 0, 0, 0]);
+        expected.extend_from_slice(&[7; 8]);
+        expected.extend_from_slice(&[0, 0, 255, 0, 0, 0, 0, 0, 1]);
+        expected.extend_from_slice(&[9; 255]);
+        expected.extend_from_slice(&[0, 0, 8, 6, 0, 0, 0, 0, 0]);
+        expected.extend_from_slice(&[8; 8]);
+        assert!(w.get_mut().0 == expected, "the bytes on the wire");
     }
 }

@@ -40,7 +40,11 @@ where
     ///
     /// This exists separately from State in order to support
     /// graceful shutdown.
-    error: Option<frame::GoAway>,
+    ///
+    /// PARLEY PATCH (rare connection state boxed): the peer's GOAWAY, boxed (received
+    /// once at most, at the connection's end; every connection held room for it, 40
+    /// bytes).
+    error: Option<Box<frame::GoAway>>,
 
     /// Pending GOAWAY frames to write.
     go_away: GoAway,
@@ -71,7 +75,7 @@ struct DynConnection<'a, B: Buf = Bytes> {
 
     streams: DynStreams<'a, B>,
 
-    error: &'a mut Option<frame::GoAway>,
+    error: &'a mut Option<Box<frame::GoAway>>,
 
     ping_pong: &'a mut PingPong,
 }
@@ -625,7 +629,7 @@ where
                 // until they are all EOS. Once they are, State should
                 // transition to GoAway.
                 self.streams.recv_go_away(&frame)?;
-                *self.error = Some(frame);
+                *self.error = Some(Box::new(frame));
             }
             Some(Ping(frame)) => {
                 tracing::trace!(?frame, "recv PING");
@@ -756,5 +760,22 @@ mod tests {
             DataFrameBudget::Configured(123).resolve(Some(MAX_WINDOW_SIZE)),
             123
         );
+    }
+}
+
+// PARLEY PATCH (rare connection state boxed)
+#[cfg(test)]
+mod parley_tests {
+    use super::*;
+    use std::mem::size_of;
+
+    #[test]
+    fn parley_rare_connection_state_is_boxed() {
+        // The SETTINGS frames waiting for an ACK, the GOAWAY frames and the connection's
+        // error are boxed: a connection that waits holds none of them.
+        assert!(size_of::<Settings>() <= 32, "{}", size_of::<Settings>());
+        assert!(size_of::<GoAway>() <= 32, "{}", size_of::<GoAway>());
+        let inner = size_of::<ConnectionInner<server::Peer, Bytes>>();
+        assert!(inner <= 176, "ConnectionInner: {inner} bytes (328 before)");
     }
 }

@@ -1,9 +1,11 @@
 use slab::Slab;
 
+use crate::frame::{self, Frame};
+
 /// Buffers frames for multiple streams.
 #[derive(Debug)]
-pub struct Buffer<T> {
-    slab: Slab<Slot<T>>,
+pub struct Buffer<T: Queued> {
+    slab: Slab<Slot<T::Stored>>,
     // PARLEY PATCH (receive queue given back): whether an emptied buffer keeps room
     // for one frame.
     keep_one: bool,
@@ -28,7 +30,51 @@ struct Slot<T> {
     next: Option<usize>,
 }
 
-impl<T> Buffer<T> {
+/// PARLEY PATCH (queued frames boxed but DATA): how a value is held in a `Buffer`'s
+/// slots. Every slot is as large as the largest value it can hold, and a buffer keeps
+/// room for one (above), so the send queue's slot, sized for a HEADERS frame (a
+/// `frame::Headers` is ~290 bytes: its `HeaderMap` and pseudo-headers), was held by
+/// every connection that had sent a response, for its life. A connection that waits (an
+/// event stream, a pending long-poll) queues DATA frames (~50 bytes) one at a time, and
+/// a HEADERS or RST_STREAM frame once per stream.
+pub trait Queued: Sized {
+    /// The form a value takes in a slot.
+    type Stored;
+    /// Into its slot.
+    fn store(self) -> Self::Stored;
+    /// Out of its slot.
+    fn unstore(stored: Self::Stored) -> Self;
+}
+
+/// PARLEY PATCH (queued frames boxed but DATA): a frame in the send queue. DATA frames
+/// (an event stream's every event) are held as they are; the others, queued once per
+/// stream or rarer (HEADERS, trailers, RST_STREAM, PUSH_PROMISE), in a box: one
+/// allocation per such frame, and a slot of ~70 bytes instead of ~310.
+#[derive(Debug)]
+pub enum StoredFrame<B> {
+    Data(frame::Data<B>),
+    Boxed(Box<Frame<B>>),
+}
+
+impl<B> Queued for Frame<B> {
+    type Stored = StoredFrame<B>;
+
+    fn store(self) -> StoredFrame<B> {
+        match self {
+            Frame::Data(data) => StoredFrame::Data(data),
+            other => StoredFrame::Boxed(Box::new(other)),
+        }
+    }
+
+    fn unstore(stored: StoredFrame<B>) -> Frame<B> {
+        match stored {
+            StoredFrame::Data(data) => Frame::Data(data),
+            StoredFrame::Boxed(frame) => *frame,
+        }
+    }
+}
+
+impl<T: Queued> Buffer<T> {
     pub fn new() -> Self {
         Buffer {
             slab: Slab::new(),
@@ -53,14 +99,14 @@ impl<T> Buffer<T> {
     // connection's life once used), and a buffer that grew past one gives the room back
     // when it empties, keeping room for one: a connection that queues one frame at a time
     // (an event stream) allocates nothing per frame.
-    fn insert(&mut self, slot: Slot<T>) -> usize {
+    fn insert(&mut self, slot: Slot<T::Stored>) -> usize {
         if self.slab.capacity() == 0 {
             self.slab.reserve_exact(1);
         }
         self.slab.insert(slot)
     }
 
-    fn remove(&mut self, key: usize) -> Slot<T> {
+    fn remove(&mut self, key: usize) -> Slot<T::Stored> {
         let slot = self.slab.remove(key);
         // PARLEY PATCH (receive queue given back): all the room, or room for one.
         if self.slab.is_empty() {
@@ -87,8 +133,11 @@ impl Deque {
         self.indices.is_none()
     }
 
-    pub fn push_back<T>(&mut self, buf: &mut Buffer<T>, value: T) {
-        let key = buf.insert(Slot { value, next: None });
+    pub fn push_back<T: Queued>(&mut self, buf: &mut Buffer<T>, value: T) {
+        let key = buf.insert(Slot {
+            value: value.store(),
+            next: None,
+        });
 
         match self.indices {
             Some(ref mut idxs) => {
@@ -104,8 +153,11 @@ impl Deque {
         }
     }
 
-    pub fn push_front<T>(&mut self, buf: &mut Buffer<T>, value: T) {
-        let key = buf.insert(Slot { value, next: None });
+    pub fn push_front<T: Queued>(&mut self, buf: &mut Buffer<T>, value: T) {
+        let key = buf.insert(Slot {
+            value: value.store(),
+            next: None,
+        });
 
         match self.indices {
             Some(ref mut idxs) => {
@@ -121,7 +173,7 @@ impl Deque {
         }
     }
 
-    pub fn pop_front<T>(&mut self, buf: &mut Buffer<T>) -> Option<T> {
+    pub fn pop_front<T: Queued>(&mut self, buf: &mut Buffer<T>) -> Option<T> {
         match self.indices {
             Some(mut idxs) => {
                 let mut slot = buf.remove(idxs.head);
@@ -134,7 +186,7 @@ impl Deque {
                     self.indices = Some(idxs);
                 }
 
-                Some(slot.value)
+                Some(T::unstore(slot.value))
             }
             None => None,
         }
@@ -145,6 +197,63 @@ impl Deque {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // PARLEY PATCH (queued frames boxed but DATA): the tests' values are held as they are.
+    impl Queued for i32 {
+        type Stored = i32;
+        fn store(self) -> i32 {
+            self
+        }
+        fn unstore(stored: i32) -> i32 {
+            stored
+        }
+    }
+
+    // PARLEY PATCH (queued frames boxed but DATA)
+    #[test]
+    fn parley_a_send_queue_slot_holds_a_data_frame_and_other_frames_boxed() {
+        use crate::frame::{Headers, Reason, Reset, StreamId};
+        use bytes::Bytes;
+        use std::mem::size_of;
+
+        // The slot is sized for a DATA frame, no longer for a HEADERS frame.
+        let slot = size_of::<Slot<StoredFrame<Bytes>>>();
+        assert!(size_of::<Frame<Bytes>>() >= 250, "a HEADERS frame is large");
+        assert!(
+            slot <= size_of::<frame::Data<Bytes>>() + 24,
+            "a slot of {slot} bytes"
+        );
+
+        // Frames of every kind keep their order and come out as they went in.
+        let id = StreamId::from(1);
+        let mut buf = Buffer::<Frame<Bytes>>::new();
+        let mut q = Deque::new();
+        let mut headers = Headers::new(id, Default::default(), Default::default());
+        headers.set_end_headers();
+        q.push_back(&mut buf, headers.into());
+        q.push_back(
+            &mut buf,
+            frame::Data::new(id, Bytes::from_static(b"one")).into(),
+        );
+        q.push_back(&mut buf, Reset::new(id, Reason::CANCEL).into());
+        q.push_front(
+            &mut buf,
+            frame::Data::new(id, Bytes::from_static(b"zero")).into(),
+        );
+        match q.pop_front(&mut buf) {
+            Some(Frame::Data(d)) => assert_eq!(d.payload(), &Bytes::from_static(b"zero")),
+            f => panic!("{f:?}"),
+        }
+        assert!(matches!(q.pop_front(&mut buf), Some(Frame::Headers(h)) if h.stream_id() == id));
+        match q.pop_front(&mut buf) {
+            Some(Frame::Data(d)) => assert_eq!(d.payload(), &Bytes::from_static(b"one")),
+            f => panic!("{f:?}"),
+        }
+        assert!(
+            matches!(q.pop_front(&mut buf), Some(Frame::Reset(r)) if r.reason() == Reason::CANCEL)
+        );
+        assert!(q.pop_front(&mut buf).is_none() && buf.is_empty());
+    }
 
     #[test]
     fn an_emptied_buffer_holds_room_for_one_and_its_deques_keep_their_order() {

@@ -1,7 +1,5 @@
 use super::*;
 
-use indexmap::{self, IndexMap};
-
 use std::convert::Infallible;
 use std::fmt;
 use std::marker::PhantomData;
@@ -11,7 +9,63 @@ use std::ops;
 #[derive(Debug)]
 pub(super) struct Store {
     slab: slab::Slab<Stream>,
-    ids: IndexMap<StreamId, SlabIndex>,
+    // PARLEY PATCH (stream ids in a sorted vector): see `Ids`.
+    ids: Ids,
+}
+
+/// PARLEY PATCH (stream ids in a sorted vector): the stream id -> slab index map, as a
+/// vector sorted by id, looked up by binary search. It was an `IndexMap` (72 bytes in
+/// every connection, and once a stream had opened, its entries' vector and its hash
+/// table, ~100 bytes, kept for the connection's life) for a map that holds the few
+/// streams a connection has open at a time (one, for an event stream or a pending
+/// long-poll; at most `max_concurrent_streams`). Stream ids grow, so a new stream is
+/// appended; a removal moves the ids after it (`for_each` relies only on a removal
+/// taking the current entry's place, as `swap_remove` did).
+#[derive(Debug, Default)]
+struct Ids(Vec<(StreamId, SlabIndex)>);
+
+impl Ids {
+    fn position(&self, id: &StreamId) -> Result<usize, usize> {
+        // Most lookups are for the newest stream.
+        match self.0.last() {
+            Some((last, _)) if last == id => Ok(self.0.len() - 1),
+            Some((last, _)) if last < id => Err(self.0.len()),
+            _ => self.0.binary_search_by(|(other, _)| other.cmp(id)),
+        }
+    }
+
+    fn get(&self, id: &StreamId) -> Option<&SlabIndex> {
+        self.position(id).ok().map(|i| &self.0[i].1)
+    }
+
+    fn contains_key(&self, id: &StreamId) -> bool {
+        self.position(id).is_ok()
+    }
+
+    /// Inserts `id`, which must not be present; `false` if it was.
+    fn insert(&mut self, id: StreamId, index: SlabIndex) -> bool {
+        match self.position(&id) {
+            Ok(_) => false,
+            Err(at) => {
+                self.0.insert(at, (id, index));
+                true
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &StreamId) {
+        if let Ok(at) = self.position(id) {
+            self.0.remove(at);
+        }
+    }
+
+    fn get_index(&self, i: usize) -> Option<(&StreamId, &SlabIndex)> {
+        self.0.get(i).map(|(id, index)| (id, index))
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
 }
 
 /// "Pointer" to an entry in the store
@@ -63,12 +117,15 @@ pub(super) enum Entry<'a> {
     Vacant(VacantEntry<'a>),
 }
 
+// PARLEY PATCH (stream ids in a sorted vector): the entries of `Ids`.
 pub(super) struct OccupiedEntry<'a> {
-    ids: indexmap::map::OccupiedEntry<'a, StreamId, SlabIndex>,
+    key: Key,
+    _store: PhantomData<&'a mut Store>,
 }
 
 pub(super) struct VacantEntry<'a> {
-    ids: indexmap::map::VacantEntry<'a, StreamId, SlabIndex>,
+    ids: &'a mut Ids,
+    at: usize,
     slab: &'a mut slab::Slab<Stream>,
 }
 
@@ -82,7 +139,7 @@ impl Store {
     pub fn new() -> Self {
         Store {
             slab: slab::Slab::new(),
-            ids: IndexMap::new(),
+            ids: Ids::default(),
         }
     }
 
@@ -103,7 +160,7 @@ impl Store {
 
     pub fn insert(&mut self, id: StreamId, val: Stream) -> Ptr<'_> {
         let index = SlabIndex(insert_stream(&mut self.slab, val) as u32);
-        assert!(self.ids.insert(id, index).is_none());
+        assert!(self.ids.insert(id, index));
 
         Ptr {
             key: Key {
@@ -115,12 +172,18 @@ impl Store {
     }
 
     pub fn find_entry(&mut self, id: StreamId) -> Entry<'_> {
-        use self::indexmap::map::Entry::*;
-
-        match self.ids.entry(id) {
-            Occupied(e) => Entry::Occupied(OccupiedEntry { ids: e }),
-            Vacant(e) => Entry::Vacant(VacantEntry {
-                ids: e,
+        // PARLEY PATCH (stream ids in a sorted vector)
+        match self.ids.position(&id) {
+            Ok(at) => Entry::Occupied(OccupiedEntry {
+                key: Key {
+                    index: self.ids.0[at].1,
+                    stream_id: id,
+                },
+                _store: PhantomData,
+            }),
+            Err(at) => Entry::Vacant(VacantEntry {
+                ids: &mut self.ids,
+                at,
                 slab: &mut self.slab,
             }),
         }
@@ -424,7 +487,7 @@ impl<'a> Ptr<'a> {
     /// concerned.
     pub fn unlink(&mut self) {
         let id = self.key.stream_id;
-        self.store.ids.swap_remove(&id);
+        self.store.ids.remove(&id);
     }
 }
 
@@ -461,9 +524,7 @@ impl<'a> fmt::Debug for Ptr<'a> {
 
 impl<'a> OccupiedEntry<'a> {
     pub fn key(&self) -> Key {
-        let stream_id = *self.ids.key();
-        let index = *self.ids.get();
-        Key { index, stream_id }
+        self.key
     }
 }
 
@@ -485,8 +546,64 @@ impl<'a> VacantEntry<'a> {
         let index = SlabIndex(insert_stream(self.slab, value) as u32);
 
         // Insert the handle in the ID map
-        self.ids.insert(index);
+        self.ids.0.insert(self.at, (stream_id, index));
 
         Key { index, stream_id }
+    }
+}
+
+// PARLEY PATCH (stream ids in a sorted vector)
+#[cfg(test)]
+mod parley_tests {
+    use super::*;
+
+    fn stream(id: u32) -> Stream {
+        Stream::new(StreamId::from(id), 65_535, 65_535)
+    }
+
+    #[test]
+    fn parley_streams_are_found_by_id_in_a_sorted_vector() {
+        assert!(std::mem::size_of::<Store>() <= 64, "the map is a vector");
+        let mut store = Store::new();
+        // In order (a peer's new streams), then out of order (pushed streams, a test).
+        for id in [1u32, 3, 5, 11, 7, 2, 9] {
+            let key = match store.find_entry(StreamId::from(id)) {
+                Entry::Vacant(e) => e.insert(stream(id)),
+                Entry::Occupied(_) => panic!("{id} is new"),
+            };
+            assert_eq!(key.stream_id, StreamId::from(id));
+        }
+        assert!(store.ids.0.windows(2).all(|w| w[0].0 < w[1].0), "sorted");
+        assert_eq!(store.ids.0.capacity(), 8, "8 bytes per stream");
+        for id in [1u32, 2, 3, 5, 7, 9, 11] {
+            let ptr = store.find_mut(&StreamId::from(id)).expect("found");
+            assert_eq!(ptr.id, StreamId::from(id));
+            match store.find_entry(StreamId::from(id)) {
+                Entry::Occupied(e) => assert_eq!(e.key().stream_id, StreamId::from(id)),
+                Entry::Vacant(_) => panic!("{id} is there"),
+            }
+        }
+        for id in [0u32, 4, 13] {
+            assert!(store.find_mut(&StreamId::from(id)).is_none());
+        }
+        let ptr = store.insert(StreamId::from(13), stream(13));
+        assert_eq!(ptr.key().stream_id, StreamId::from(13));
+
+        // for_each visits every stream once, also when it unlinks the one it is at.
+        let mut seen = Vec::new();
+        store.for_each(|mut ptr| {
+            seen.push(u32::from(ptr.id));
+            if u32::from(ptr.id) % 3 == 0 {
+                ptr.unlink();
+                ptr.remove();
+            }
+        });
+        assert_eq!(seen, [1, 2, 3, 5, 7, 9, 11, 13]);
+        let left: Vec<u32> = store.ids.0.iter().map(|(id, _)| u32::from(*id)).collect();
+        assert_eq!(left, [1, 2, 5, 7, 11, 13]);
+        for id in left {
+            let ptr = store.find_mut(&StreamId::from(id)).expect("still there");
+            assert_eq!(ptr.id, StreamId::from(id));
+        }
     }
 }

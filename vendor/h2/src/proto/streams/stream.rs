@@ -91,12 +91,6 @@ pub(super) struct Stream {
     /// True if the stream is waiting to send a window update
     pub is_pending_window_update: bool,
 
-    /// The time when this stream may have been locally reset.
-    pub reset_at: Option<Instant>,
-
-    /// Next node in list of reset streams that should expire eventually
-    pub next_reset_expire: Option<store::Key>,
-
     /// Frames pending for this stream to read
     pub pending_recv: buffer::Deque,
 
@@ -112,14 +106,31 @@ pub(super) struct Stream {
     /// Task tracking receiving frames
     pub recv_task: Option<Waker>,
 
-    /// Task tracking pushed promises.
-    pub push_task: Option<Waker>,
-
-    /// The stream's pending push promises
-    pub pending_push_promises: store::Queue<NextAccept>,
+    /// PARLEY PATCH (rare stream state boxed): the time of a local reset and the
+    /// reset-expiry queue's link, the push task and the pending push promises, boxed
+    /// once one of them is first set (`Rare`): a reset is rare and only a client
+    /// receives pushes, while every stream held room for them (64 bytes).
+    rare: Option<Box<Rare>>,
 
     /// Validate content-length headers
     pub content_length: ContentLength,
+}
+
+/// PARLEY PATCH (rare stream state boxed): what `Stream` holds only once a stream was
+/// reset locally, or (a client) waits for pushed streams.
+#[derive(Debug)]
+struct Rare {
+    /// The time when this stream may have been locally reset.
+    reset_at: Option<Instant>,
+
+    /// Next node in list of reset streams that should expire eventually
+    next_reset_expire: Option<store::Key>,
+
+    /// Task tracking pushed promises.
+    push_task: Option<Waker>,
+
+    /// The stream's pending push promises
+    pending_push_promises: store::Queue<NextAccept>,
 }
 
 /// State related to validating a stream's content-length
@@ -192,14 +203,11 @@ impl Stream {
             in_flight_recv_data: 0,
             next_window_update: None,
             is_pending_window_update: false,
-            reset_at: None,
-            next_reset_expire: None,
             pending_recv: buffer::Deque::new(),
             is_recv: true,
             allow_empty_data: true,
             recv_task: None,
-            push_task: None,
-            pending_push_promises: store::Queue::new(),
+            rare: None,
             content_length: ContentLength::Omitted,
         }
     }
@@ -219,7 +227,46 @@ impl Stream {
     /// Returns true if stream is currently being held for some time because of
     /// a local reset.
     pub fn is_pending_reset_expiration(&self) -> bool {
-        self.reset_at.is_some()
+        self.reset_at().is_some()
+    }
+
+    /// PARLEY PATCH (rare stream state boxed): the time when this stream may have been
+    /// locally reset.
+    pub fn reset_at(&self) -> Option<Instant> {
+        self.rare.as_ref().and_then(|rare| rare.reset_at)
+    }
+
+    /// PARLEY PATCH (rare stream state boxed): the boxed state, boxed now if it was not.
+    fn rare_mut(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(|| {
+            Box::new(Rare {
+                reset_at: None,
+                next_reset_expire: None,
+                push_task: None,
+                pending_push_promises: store::Queue::new(),
+            })
+        })
+    }
+
+    /// PARLEY PATCH (rare stream state boxed): takes the stream's pending push
+    /// promises (`Queue::take`).
+    pub fn take_pending_push_promises(&mut self) -> store::Queue<NextAccept> {
+        match &mut self.rare {
+            Some(rare) => rare.pending_push_promises.take(),
+            None => store::Queue::new(),
+        }
+    }
+
+    /// PARLEY PATCH (rare stream state boxed): sets the stream's pending push promises.
+    pub fn set_pending_push_promises(&mut self, promises: store::Queue<NextAccept>) {
+        if self.rare.is_some() || !promises.is_empty() {
+            self.rare_mut().pending_push_promises = promises;
+        }
+    }
+
+    /// PARLEY PATCH (rare stream state boxed): the task to wake for a pushed stream.
+    pub fn set_push_task(&mut self, task: Waker) {
+        self.rare_mut().push_task = Some(task);
     }
 
     /// Returns true if frames for this stream are ready to be sent over the wire
@@ -266,7 +313,7 @@ impl Stream {
             // The stream is not in any queue
             !self.is_pending_send && !self.is_pending_send_capacity &&
             !self.is_pending_accept && !self.is_pending_window_update &&
-            !self.is_pending_open && self.reset_at.is_none()
+            !self.is_pending_open && self.reset_at().is_none()
     }
 
     /// Returns true when the consumer of the stream has dropped all handles
@@ -382,7 +429,7 @@ impl Stream {
     }
 
     pub(super) fn notify_push(&mut self) {
-        if let Some(task) = self.push_task.take() {
+        if let Some(task) = self.rare.as_mut().and_then(|rare| rare.push_task.take()) {
             task.wake();
         }
     }
@@ -430,8 +477,11 @@ impl fmt::Debug for Stream {
             .field("in_flight_recv_data", &self.in_flight_recv_data)
             .h2_field_some("next_window_update", &self.next_window_update)
             .h2_field_if("is_pending_window_update", &self.is_pending_window_update)
-            .h2_field_some("reset_at", &self.reset_at)
-            .h2_field_some("next_reset_expire", &self.next_reset_expire)
+            .h2_field_some("reset_at", &self.reset_at())
+            .h2_field_some(
+                "next_reset_expire",
+                &self.rare.as_ref().and_then(|rare| rare.next_reset_expire),
+            )
             .h2_field_if_then(
                 "pending_recv",
                 !self.pending_recv.is_empty(),
@@ -439,11 +489,20 @@ impl fmt::Debug for Stream {
             )
             .h2_field_if("is_recv", &self.is_recv)
             .h2_field_some("recv_task", &self.recv_task.as_ref().map(|_| ()))
-            .h2_field_some("push_task", &self.push_task.as_ref().map(|_| ()))
-            .h2_field_if_then(
+            .h2_field_some(
+                "push_task",
+                &self
+                    .rare
+                    .as_ref()
+                    .and_then(|rare| rare.push_task.as_ref().map(|_| ())),
+            )
+            .h2_field_some(
                 "pending_push_promises",
-                !self.pending_push_promises.is_empty(),
-                &self.pending_push_promises,
+                &self
+                    .rare
+                    .as_ref()
+                    .map(|rare| &rare.pending_push_promises)
+                    .filter(|promises| !promises.is_empty()),
             )
             .field("content_length", &self.content_length)
             .finish()
@@ -571,27 +630,33 @@ impl store::Next for NextOpen {
 }
 
 impl store::Next for NextResetExpire {
+    // PARLEY PATCH (rare stream state boxed): in `Stream::rare`.
     fn next(stream: &Stream) -> Option<store::Key> {
-        stream.next_reset_expire
+        stream.rare.as_ref().and_then(|rare| rare.next_reset_expire)
     }
 
     fn set_next(stream: &mut Stream, key: Option<store::Key>) {
-        stream.next_reset_expire = key;
+        if key.is_some() || stream.rare.is_some() {
+            stream.rare_mut().next_reset_expire = key;
+        }
     }
 
     fn take_next(stream: &mut Stream) -> Option<store::Key> {
-        stream.next_reset_expire.take()
+        stream
+            .rare
+            .as_mut()
+            .and_then(|rare| rare.next_reset_expire.take())
     }
 
     fn is_queued(stream: &Stream) -> bool {
-        stream.reset_at.is_some()
+        stream.reset_at().is_some()
     }
 
     fn set_queued(stream: &mut Stream, val: bool) {
         if val {
-            stream.reset_at = Some(Instant::now());
-        } else {
-            stream.reset_at = None;
+            stream.rare_mut().reset_at = Some(Instant::now());
+        } else if let Some(rare) = &mut stream.rare {
+            rare.reset_at = None;
         }
     }
 }
@@ -601,5 +666,57 @@ impl store::Next for NextResetExpire {
 impl ContentLength {
     pub fn is_head(&self) -> bool {
         matches!(*self, Self::Head)
+    }
+}
+
+// PARLEY PATCH (rare stream state boxed)
+#[cfg(test)]
+mod parley_tests {
+    use super::*;
+    use crate::proto::streams::store::{Queue, Resolve, Store};
+
+    #[test]
+    fn parley_rare_stream_state_is_boxed_when_first_set() {
+        let size = std::mem::size_of::<Stream>();
+        assert!(size <= 272, "Stream: {size} bytes (328 before)");
+
+        // Reset streams queue for expiry in order, each boxing its state when queued.
+        let mut store = Store::new();
+        let keys: Vec<store::Key> = (0..3u32)
+            .map(|i| {
+                let id = StreamId::from(1 + 2 * i);
+                store.insert(id, Stream::new(id, 65_535, 65_535)).key()
+            })
+            .collect();
+        assert!(store.resolve(keys[0]).rare.is_none());
+        let mut expiring: Queue<NextResetExpire> = Queue::new();
+        for key in &keys {
+            let mut stream = store.resolve(*key);
+            assert!(!stream.is_pending_reset_expiration());
+            assert!(expiring.push(&mut stream));
+            assert!(!expiring.push(&mut stream), "queued once");
+            assert!(stream.is_pending_reset_expiration() && stream.rare.is_some());
+        }
+        for key in &keys {
+            let stream = expiring.pop(&mut store).expect("queued");
+            assert_eq!(stream.key(), *key);
+            assert!(!stream.is_pending_reset_expiration());
+            assert!(stream.reset_at().is_none());
+        }
+        assert!(expiring.pop(&mut store).is_none());
+
+        // No push promises set on a stream without the box: nothing boxed.
+        let mut stream = store.resolve(keys[1]);
+        stream.rare = None;
+        let promises = stream.take_pending_push_promises();
+        assert!(promises.is_empty());
+        stream.set_pending_push_promises(promises);
+        assert!(stream.rare.is_none());
+        stream.notify_push();
+        assert!(stream.rare.is_none());
+        stream.set_push_task(std::task::Waker::noop().clone());
+        assert!(stream.rare.is_some());
+        stream.notify_push();
+        assert!(stream.rare.as_ref().unwrap().push_task.is_none());
     }
 }

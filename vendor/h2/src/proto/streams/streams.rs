@@ -102,7 +102,10 @@ struct Actions {
     task: Option<Waker>,
 
     /// If the connection errors, a copy is kept for any StreamRefs.
-    conn_error: Option<proto::Error>,
+    ///
+    /// PARLEY PATCH (rare connection state boxed): boxed (set once, when the connection
+    /// fails or the peer sends GOAWAY; every connection held room for it, 40 bytes).
+    conn_error: Option<Box<proto::Error>>,
 }
 
 /// Contains the buffer of frames to be written to the wire.
@@ -802,7 +805,7 @@ impl Inner {
             })
         });
 
-        actions.conn_error = Some(err);
+        actions.conn_error = Some(Box::new(err));
 
         last_processed_id
     }
@@ -833,7 +836,7 @@ impl Inner {
             }
         });
 
-        actions.conn_error = Some(err);
+        actions.conn_error = Some(Box::new(err));
 
         Ok(())
     }
@@ -931,11 +934,11 @@ impl Inner {
         };
         // If we're successful, push the headers and stream...
         if let Some(child) = child_key {
-            let mut ppp = self.store[parent_key].pending_push_promises.take();
+            let mut ppp = self.store[parent_key].take_pending_push_promises();
             ppp.push(&mut self.store.resolve(child));
 
             let parent = &mut self.store.resolve(parent_key);
-            parent.pending_push_promises = ppp;
+            parent.set_pending_push_promises(ppp);
             parent.notify_push();
         };
 
@@ -953,13 +956,13 @@ impl Inner {
         let send_buffer = &mut *send_buffer;
 
         if actions.conn_error.is_none() {
-            actions.conn_error = Some(
+            actions.conn_error = Some(Box::new(
                 io::Error::new(
                     io::ErrorKind::BrokenPipe,
                     "connection closed because of a broken pipe",
                 )
                 .into(),
-            );
+            ));
         }
 
         tracing::trace!("Streams::recv_eof");
@@ -1695,7 +1698,7 @@ fn drop_stream_ref(inner: &Mutex<Inner>, key: store::Key) {
                 .release_closed_capacity(stream, &mut actions.task, counts);
 
             // We won't be able to reach our push promises anymore
-            let mut ppp = stream.pending_push_promises.take();
+            let mut ppp = stream.take_pending_push_promises();
             while let Some(promise) = ppp.pop(stream.store_mut()) {
                 counts.transition(promise, |counts, stream| {
                     maybe_cancel(stream, actions, counts);
@@ -1843,7 +1846,7 @@ impl Actions {
 
     fn ensure_no_conn_error(&self) -> Result<(), proto::Error> {
         if let Some(ref err) = self.conn_error {
-            Err(err.clone())
+            Err(proto::Error::clone(err))
         } else {
             Ok(())
         }

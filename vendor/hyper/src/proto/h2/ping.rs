@@ -44,12 +44,15 @@ pub(super) fn channel(ping_pong: PingPong, config: Config, timer: Time) -> (Reco
         "ping channel requires bdp or keep-alive config",
     );
 
-    let bdp = config.bdp_initial_window.map(|wnd| Bdp {
-        bdp: wnd,
-        max_bandwidth: 0.0,
-        rtt: 0.0,
-        ping_delay: Duration::from_millis(100),
-        stable_count: 0,
+    // PARLEY PATCH (BDP state boxed): see `Ponger::bdp`.
+    let bdp = config.bdp_initial_window.map(|wnd| {
+        Box::new(Bdp {
+            bdp: wnd,
+            max_bandwidth: 0.0,
+            rtt: 0.0,
+            ping_delay: Duration::from_millis(100),
+            stable_count: 0,
+        })
     });
 
     let now = timer.now();
@@ -111,7 +114,10 @@ pub(crate) struct Recorder {
 }
 
 pub(super) struct Ponger {
-    bdp: Option<Bdp>,
+    /// PARLEY PATCH (BDP state boxed): the adaptive window's estimate, boxed: a server
+    /// without `adaptive_window` (keep-alive pings alone) held room for it (40 bytes)
+    /// in every connection.
+    bdp: Option<Box<Bdp>>,
     keep_alive: Option<KeepAlive>,
     shared: Arc<Mutex<Shared>>,
 }
@@ -514,5 +520,19 @@ impl fmt::Display for KeepAliveTimedOut {
 impl std::error::Error for KeepAliveTimedOut {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         Some(&crate::error::TimedOut)
+    }
+}
+
+// PARLEY PATCH (BDP state boxed)
+#[cfg(test)]
+mod parley_tests {
+    use super::*;
+
+    #[test]
+    fn parley_a_ponger_holds_its_bdp_state_boxed() {
+        // Keep-alive alone (no adaptive window): the BDP estimate takes a pointer.
+        assert_eq!(std::mem::size_of::<Option<Box<Bdp>>>(), 8);
+        let ponger = std::mem::size_of::<Ponger>();
+        assert!(ponger <= 104, "Ponger: {ponger} bytes (136 before)");
     }
 }
