@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
 # parley: multi-stage build. The runtime image holds the stripped binary, its default
-# configuration, the CA bundle, and the source of the MPL-2.0 crate it is built with; it
+# configuration, the CA bundle, the source of the MPL-2.0 crate it is built with, and the
+# licence and notice files of every crate in the binary (/usr/share/doc/parley/
+# third-party, by scripts/notices: jemalloc's, aws-lc's and SQLite's among them); it
 # runs as an unprivileged user (uid 10001) and writes only under /var/lib/parley, so it
 # runs with a read-only root filesystem.
 #
@@ -37,7 +39,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     && mkdir -p /out/usr/share/doc/parley \
     && cp -r vendor/yawc /out/usr/share/doc/parley/yawc-source \
     && cp vendor/patches/yawc-*.patch /out/usr/share/doc/parley/ \
-    && cp vendor/README.md /out/usr/share/doc/parley/vendor-README.md
+    && cp vendor/README.md /out/usr/share/doc/parley/vendor-README.md \
+    && scripts/notices /out/usr/share/doc/parley/third-party
 
 FROM ${RUNTIME_IMAGE}
 # The user and its data folder (the only place parley writes: SQLite store, files).

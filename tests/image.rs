@@ -330,6 +330,23 @@ async fn the_image_runs_as_built_drains_on_sigterm_and_keeps_its_data() {
             .join("usr/share/doc/parley/yawc-source/LICENSE")
             .exists()
     );
+    // So do the licence and notice files of every crate compiled in (scripts/notices),
+    // those of the C libraries that crates build among them.
+    let third_party = first.rootfs.join("usr/share/doc/parley/third-party");
+    let index = std::fs::read_to_string(third_party.join("INDEX")).unwrap();
+    assert!(index.lines().count() > 100, "{index}");
+    for (krate, file) in [
+        ("tikv-jemalloc-sys-", "jemalloc/COPYING"),
+        ("aws-lc-sys-", "aws-lc/LICENSE"),
+        ("h2-", "LICENSE"),
+    ] {
+        let dir = std::fs::read_dir(&third_party)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(krate))
+            .unwrap_or_else(|| panic!("no {krate}* in {}", third_party.display()));
+        assert!(dir.join(file).exists(), "{}/{file}", dir.display());
+    }
 
     let dir = scratch("single");
     let data = data_volume(&dir.join("data"), &config.user);
