@@ -345,8 +345,10 @@ impl Metrics {
         let _ = encode(&mut out, &self.registry);
         // Sessions are counted live rather than tracked, so they cannot drift.
         let body = out.trim_end_matches("# EOF\n");
+        // rustls counts the TLS keys it gave back (`tls.idle_keys_after`), process-wide.
+        let released = tokio_rustls::rustls::idle_keys::released();
         format!(
-            "{body}# HELP parley_sessions Live sessions (attached or in grace period).\n# TYPE parley_sessions gauge\nparley_sessions {sessions}\n# EOF\n"
+            "{body}# HELP parley_sessions Live sessions (attached or in grace period).\n# TYPE parley_sessions gauge\nparley_sessions {sessions}\n# HELP parley_tls_idle_keys_released Expanded TLS 1.3 traffic keys given back by idle connections (tls.idle_keys_after).\n# TYPE parley_tls_idle_keys_released counter\nparley_tls_idle_keys_released_total {released}\n# EOF\n"
         )
     }
 }
@@ -378,6 +380,10 @@ mod tests {
         assert_eq!(out.get(), want);
         let text = m.render(0);
         assert!(text.contains("# TYPE parley_frames_out counter"), "{text}");
+        assert!(
+            text.contains("\nparley_tls_idle_keys_released_total 0\n# EOF\n"),
+            "{text}"
+        );
         assert!(
             text.contains(&format!(
                 "parley_frames_out_total{{transport=\"ws\"}} {want}"

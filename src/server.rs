@@ -274,22 +274,25 @@ fn spawn_maintenance(core: &Arc<Core>) -> JoinHandle<()> {
 /// arena locked, 116-140 ms for a heap with 500k free chunks (a C test of glibc 2.36's
 /// `malloc_trim` on this machine), so a busy server's allocations would stall every
 /// interval, and its heap is in use anyway ([`TrimWhenQuieter`]). Runs on a blocking
-/// thread. None with another allocator or C library, or with the interval 0.
+/// thread. With jemalloc or mimalloc (the default build has jemalloc) Rust's allocations
+/// are theirs, and glibc's heap holds only what C libraries allocate: aws-lc's TLS keys
+/// above all, which idle TLS connections give back (`tls.idle_keys_after`). None with
+/// another C library, or with the interval 0.
 fn spawn_memory_trim(core: &Arc<Core>) -> Option<JoinHandle<()>> {
     let every = core.config.server.memory_trim_interval;
     if every.is_zero() || !cfg!(all(target_os = "linux", target_env = "gnu")) {
         return None;
     }
-    if cfg!(any(feature = "mimalloc", feature = "jemalloc")) {
-        return None;
-    }
     let policy = Arc::new(std::sync::Mutex::new(TrimWhenQuieter::default()));
     Some(spawn_every(core, every, move |core| {
         let held = core.metrics.connections_total() + core.sessions.len() as u64;
-        let trim = policy
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .tick(core.metrics.frames_out_total(), held);
+        let keys_away = tokio_rustls::rustls::idle_keys::released()
+            .saturating_sub(tokio_rustls::rustls::idle_keys::expanded_again());
+        let trim = policy.lock().unwrap_or_else(|e| e.into_inner()).tick(
+            core.metrics.frames_out_total(),
+            held,
+            keys_away,
+        );
         async move {
             if let Some(why) = trim {
                 let started = std::time::Instant::now();
@@ -300,6 +303,25 @@ fn spawn_memory_trim(core: &Arc<Core>) -> Option<JoinHandle<()>> {
     }))
 }
 
+/// The idle clock of TLS 1.3 traffic keys (`tls.idle_keys_after`, vendor/rustls change 5):
+/// a TLS connection whose key in one direction went unused that long gives the expanded
+/// key back when next quiet. rustls's clock is coarse and process-wide, one tick a
+/// second from here; `None` without TLS or with the setting at 0. (Two servers in one
+/// process tick it twice as fast; only tests do that.)
+fn spawn_tls_idle_clock(core: &Arc<Core>) -> Option<JoinHandle<()>> {
+    let tls = &core.config.tls;
+    let after = tls.idle_keys_after_secs();
+    if tls.cert_file.is_none() || after == 0 {
+        return None;
+    }
+    tokio_rustls::rustls::idle_keys::release_after(after);
+    Some(spawn_every(
+        core,
+        std::time::Duration::from_secs(1),
+        |_| async { tokio_rustls::rustls::idle_keys::tick() },
+    ))
+}
+
 /// When to trim the heap. Either once the frames sent in an interval fall to a quarter
 /// of the busiest interval since the last trim, and that one was busy (≥ [`Self::BUSY`]
 /// frames): a burst's end trims once; steady traffic, busy or quiet, never does; traffic
@@ -307,7 +329,10 @@ fn spawn_memory_trim(core: &Arc<Core>) -> Option<JoinHandle<()>> {
 /// connections plus live sessions) falls by a quarter of its most since the last trim,
 /// and by at least [`Self::FEW`]: connections that close together after a burst (their
 /// tasks and buffers), then their sessions when the grace period ends. Steady churn,
-/// where as many connect as leave, never trims.
+/// where as many connect as leave, never trims. Or once idle TLS connections have given
+/// back [`Self::FEW`] more keys than were away at the fewest since the last trim (each
+/// 0.6 KB of aws-lc state in glibc's heap): a crowd going quiet trims once; heartbeats,
+/// which expand a quiet connection's keys and give them back, never do.
 #[derive(Debug, Default)]
 struct TrimWhenQuieter {
     /// Frames sent up to the last tick.
@@ -316,6 +341,9 @@ struct TrimWhenQuieter {
     peak: u64,
     /// The most connections plus sessions held at a tick since the last trim.
     held_peak: u64,
+    /// The fewest TLS keys given back by idle connections (and not expanded again) at a
+    /// tick since the last trim (`tls.idle_keys_after`).
+    keys_away_low: u64,
 }
 
 impl TrimWhenQuieter {
@@ -325,24 +353,29 @@ impl TrimWhenQuieter {
     /// few KiB: ~1,000 are a few MiB).
     const FEW: u64 = 1_000;
 
-    /// `total`: frames sent so far; `held`: connections open plus sessions live now.
+    /// `total`: frames sent so far; `held`: connections open plus sessions live now;
+    /// `keys_away`: TLS keys given back by idle connections and not expanded again now.
     /// Whether to trim now, and why.
-    fn tick(&mut self, total: u64, held: u64) -> Option<&'static str> {
+    fn tick(&mut self, total: u64, held: u64, keys_away: u64) -> Option<&'static str> {
         let sent = total.saturating_sub(self.last);
         self.last = total;
         self.peak = self.peak.max(sent);
         self.held_peak = self.held_peak.max(held);
+        self.keys_away_low = self.keys_away_low.min(keys_away);
         let why = if self.peak >= Self::BUSY && sent.saturating_mul(4) <= self.peak {
             "traffic fell"
         } else if self.held_peak - held >= Self::FEW
             && held.saturating_mul(4) <= self.held_peak.saturating_mul(3)
         {
             "connections or sessions went"
+        } else if keys_away - self.keys_away_low >= Self::FEW {
+            "idle TLS connections gave their keys back"
         } else {
             return None;
         };
         self.peak = sent;
         self.held_peak = held;
+        self.keys_away_low = keys_away;
         Some(why)
     }
 }
@@ -1197,6 +1230,7 @@ impl Server {
         let file_cleanup = spawn_file_cleanup(&state.core);
         let presence_sweep = spawn_presence_sweep(&state.core);
         let memory_trim = spawn_memory_trim(&state.core);
+        let tls_idle_clock = spawn_tls_idle_clock(&state.core);
         let quic_alt_svc = quic.as_ref().and_then(|(_, _, alt)| alt.clone());
         let mqtt_addr = mqtt_listener.map(|(listener, addr, tls)| {
             tokio::spawn(accept_mqtt(listener, tls, state.clone()));
@@ -1342,6 +1376,9 @@ impl Server {
             if let Some(trim) = &memory_trim {
                 trim.abort();
             }
+            if let Some(clock) = &tls_idle_clock {
+                clock.abort();
+            }
             Ok(())
         });
         tracing::info!(%addr, tls = state.core.config.tls.cert_file.is_some(), "listening");
@@ -1410,9 +1447,27 @@ mod tests {
             .zip(held)
             .map(|(n, &h)| {
                 total += n;
-                p.tick(total, h)
+                p.tick(total, h, 0)
             })
             .collect()
+    }
+
+    /// Idle TLS connections giving their keys back (`tls.idle_keys_after`) free aws-lc's
+    /// key state in glibc's heap: trimmed once a thousand more are away than at the
+    /// fewest since the last trim; heartbeats that expand and give back as many never.
+    #[test]
+    fn the_heap_is_trimmed_when_idle_tls_connections_give_their_keys_back() {
+        let mut p = TrimWhenQuieter::default();
+        let away = [
+            0, 10_000, 10_000, 10_200, 9_800, 10_100, 4_000, 4_500, 5_100, 5_100,
+        ];
+        let trims: Vec<bool> = away.iter().map(|&k| p.tick(0, 0, k).is_some()).collect();
+        assert_eq!(
+            trims,
+            [
+                false, true, false, false, false, false, false, false, true, false
+            ]
+        );
     }
 
     #[test]

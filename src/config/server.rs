@@ -82,10 +82,12 @@ pub struct ServerConfig {
     /// request's `Accept-Encoding`). Never SSE streams or WebSockets.
     pub http_compression: bool,
     /// Every this long, check whether traffic or the connections and sessions held have
-    /// fallen, and if so hand the C library's free heap memory back to the OS
-    /// (`malloc_trim`), so RSS falls back after a burst of traffic; 0 = never. Only in a
-    /// build with glibc's malloc (`--no-default-features`); the default build's jemalloc
-    /// gives freed memory back by itself (src/lib.rs `allocator`).
+    /// fallen, or idle TLS connections gave their keys back, and if so hand the C
+    /// library's free heap memory back to the OS (`malloc_trim`), so RSS falls back
+    /// after a burst of traffic; 0 = never. In the default build Rust's allocations are
+    /// jemalloc's, which gives freed memory back by itself (src/lib.rs `allocator`), and
+    /// this trims only what C libraries (aws-lc's TLS keys, SQLite) hold in glibc's heap;
+    /// in a build with glibc's malloc (`--no-default-features`) it trims everything.
     #[serde(with = "humantime_serde")]
     pub memory_trim_interval: Duration,
 }

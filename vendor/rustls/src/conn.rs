@@ -804,8 +804,16 @@ impl<Data> ConnectionCommon<Data> {
         let res = self
             .deframer_buffer
             .read(rd, self.core.hs_deframer.is_active());
-        if let Ok(0) = res {
-            self.has_seen_eof = true;
+        match &res {
+            Ok(0) => self.has_seen_eof = true,
+            // PARLEY PATCH: a read that finds nothing: the connection is quiet, its idle
+            // keys may go (`idle_keys`).
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => self
+                .core
+                .common_state
+                .record_layer
+                .release_idle_keys(),
+            _ => {}
         }
         res
     }
@@ -818,7 +826,16 @@ impl<Data> ConnectionCommon<Data> {
     /// After this function returns, the connection buffer may not yet be fully flushed. The
     /// [`CommonState::wants_write`] function can be used to check if the output buffer is empty.
     pub fn write_tls(&mut self, wr: &mut dyn io::Write) -> Result<usize, io::Error> {
-        self.sendable_tls.write_to(wr)
+        let res = self.sendable_tls.write_to(wr);
+        // PARLEY PATCH: every write out: the connection is quiet, its idle keys may go
+        // (`idle_keys`).
+        if self.sendable_tls.is_empty() {
+            self.core
+                .common_state
+                .record_layer
+                .release_idle_keys();
+        }
+        res
     }
 }
 

@@ -684,6 +684,10 @@ pub mod sign {
     };
 }
 
+// PARLEY PATCH: TLS 1.3 traffic keys given back while a connection is idle.
+#[doc(hidden)]
+pub mod idle_keys;
+
 /// APIs for implementing QUIC TLS
 pub mod quic;
 

@@ -1,7 +1,10 @@
 use alloc::boxed::Box;
 use core::cmp::min;
 
-use crate::crypto::cipher::{InboundOpaqueMessage, MessageDecrypter, MessageEncrypter};
+use crate::crypto::cipher::{
+    AeadKey, InboundOpaqueMessage, Iv, MessageDecrypter, MessageEncrypter, Tls13AeadAlgorithm,
+};
+use crate::idle_keys;
 use crate::error::Error;
 use crate::log::trace;
 use crate::msgs::message::{InboundPlainMessage, OutboundOpaqueMessage, OutboundPlainMessage};
@@ -33,6 +36,58 @@ pub(crate) struct RecordLayer {
     // should be swallowed by the caller.  This struct tracks the amount
     // of message size this is allowed for.
     trial_decryption_len: Option<usize>,
+
+    // PARLEY PATCH: what each direction's TLS 1.3 key is expanded again from once given
+    // back while the connection is idle (`idle_keys`); `None` where it is never given back.
+    enc_rebuild: Option<Box<Rebuild>>,
+    dec_rebuild: Option<Box<Rebuild>>,
+}
+
+/// PARLEY PATCH: a TLS 1.3 traffic key's bytes, kept so its expanded form (the
+/// `MessageEncrypter` or `MessageDecrypter`) can be dropped while the connection is idle
+/// and made again at the next record (`idle_keys`).
+pub(crate) struct Rebuild {
+    alg: &'static dyn Tls13AeadAlgorithm,
+    key: AeadKey,
+    iv: Iv,
+    /// What encryption adds to a payload (TLS 1.3: the content type and the tag), for
+    /// `encrypted_len` while the encrypter is given back.
+    overhead: usize,
+    /// The idle clock at the last use.
+    last_use: u32,
+    /// Whether the last use came after the key had been unused for `idle_keys::after()`.
+    after_gap: bool,
+    /// Whether the expanded key is given back (the record layer holds an invalid one).
+    released: bool,
+}
+
+impl Rebuild {
+    /// A rebuild for a key of `alg`, if giving keys back is on.
+    pub(crate) fn new(alg: &'static dyn Tls13AeadAlgorithm, key: &AeadKey, iv: &Iv) -> Option<Box<Self>> {
+        if idle_keys::after() == 0 || !alg.resumable() {
+            return None;
+        }
+        Some(Box::new(Self {
+            alg,
+            key: key.copy(),
+            iv: iv.copy_iv(),
+            overhead: 0,
+            last_use: idle_keys::now(),
+            after_gap: false,
+            released: false,
+        }))
+    }
+
+    fn touch(&mut self, now: u32, after: u32) {
+        self.after_gap = after != 0 && now.wrapping_sub(self.last_use) >= after;
+        self.last_use = now;
+    }
+
+    /// Whether the expanded key may go: the connection is quiet now, and the key was not
+    /// used for `after`, or its last use came after such a gap.
+    fn idle(&self, now: u32, after: u32) -> bool {
+        !self.released && after != 0 && (self.after_gap || now.wrapping_sub(self.last_use) >= after)
+    }
 }
 
 impl RecordLayer {
@@ -48,6 +103,63 @@ impl RecordLayer {
             encrypt_state: DirectionState::Invalid,
             decrypt_state: DirectionState::Invalid,
             trial_decryption_len: None,
+            enc_rebuild: None,
+            dec_rebuild: None,
+        }
+    }
+
+    /// PARLEY PATCH: give back each expanded TLS 1.3 key that is idle (`idle_keys`).
+    /// Called when the connection is quiet: its writes are all out, or a read found
+    /// nothing.
+    pub(crate) fn release_idle_keys(&mut self) {
+        if self.enc_rebuild.is_none() && self.dec_rebuild.is_none() {
+            return;
+        }
+        self.release_idle_keys_at(idle_keys::now(), idle_keys::after());
+    }
+
+    fn release_idle_keys_at(&mut self, now: u32, after: u32) {
+        if let Some(rebuild) = self.enc_rebuild.as_mut() {
+            if rebuild.idle(now, after) {
+                self.message_encrypter = <dyn MessageEncrypter>::invalid();
+                rebuild.released = true;
+                idle_keys::count_release();
+            }
+        }
+        if let Some(rebuild) = self.dec_rebuild.as_mut() {
+            if rebuild.idle(now, after) {
+                self.message_decrypter = <dyn MessageDecrypter>::invalid();
+                rebuild.released = true;
+                idle_keys::count_release();
+            }
+        }
+    }
+
+    /// PARLEY PATCH: the encrypter expanded again if it was given back; its use noted.
+    fn encrypter_in_use(&mut self) {
+        if let Some(rebuild) = self.enc_rebuild.as_mut() {
+            rebuild.touch(idle_keys::now(), idle_keys::after());
+            if rebuild.released {
+                self.message_encrypter = rebuild
+                    .alg
+                    .resumed_encrypter(rebuild.key.copy(), rebuild.iv.copy_iv());
+                rebuild.released = false;
+                idle_keys::count_expansion();
+            }
+        }
+    }
+
+    /// PARLEY PATCH: the decrypter expanded again if it was given back; its use noted.
+    fn decrypter_in_use(&mut self) {
+        if let Some(rebuild) = self.dec_rebuild.as_mut() {
+            rebuild.touch(idle_keys::now(), idle_keys::after());
+            if rebuild.released {
+                self.message_decrypter = rebuild
+                    .alg
+                    .decrypter(rebuild.key.copy(), rebuild.iv.copy_iv());
+                rebuild.released = false;
+                idle_keys::count_expansion();
+            }
         }
     }
 
@@ -78,6 +190,7 @@ impl RecordLayer {
         let want_close_before_decrypt = self.read_seq == SEQ_SOFT_LIMIT;
 
         let encrypted_len = encr.payload.len();
+        self.decrypter_in_use();
         match self
             .message_decrypter
             .decrypt(encr, self.read_seq)
@@ -112,6 +225,7 @@ impl RecordLayer {
         assert!(self.next_pre_encrypt_action() != PreEncryptAction::Refuse);
         let seq = self.write_seq;
         self.write_seq += 1;
+        self.encrypter_in_use();
         self.message_encrypter
             .encrypt(plain, seq)
             .unwrap()
@@ -125,6 +239,7 @@ impl RecordLayer {
         max_messages: u64,
     ) {
         self.message_encrypter = cipher;
+        self.enc_rebuild = None;
         self.write_seq = 0;
         self.write_seq_max = min(SEQ_SOFT_LIMIT, max_messages);
         self.encrypt_state = DirectionState::Prepared;
@@ -134,6 +249,7 @@ impl RecordLayer {
     /// It is not used until you call `start_decrypting`.
     pub(crate) fn prepare_message_decrypter(&mut self, cipher: Box<dyn MessageDecrypter>) {
         self.message_decrypter = cipher;
+        self.dec_rebuild = None;
         self.read_seq = 0;
         self.decrypt_state = DirectionState::Prepared;
     }
@@ -161,6 +277,34 @@ impl RecordLayer {
     ) {
         self.prepare_message_encrypter(cipher, max_messages);
         self.start_encrypting();
+    }
+
+    /// PARLEY PATCH: `set_message_encrypter` for a TLS 1.3 key that may be given back
+    /// while idle (`rebuild` holds its bytes; `None`: never given back).
+    pub(crate) fn set_message_encrypter_tls13(
+        &mut self,
+        cipher: Box<dyn MessageEncrypter>,
+        max_messages: u64,
+        rebuild: Option<Box<Rebuild>>,
+    ) {
+        self.set_message_encrypter(cipher, max_messages);
+        if let Some(mut rebuild) = rebuild {
+            rebuild.overhead = self
+                .message_encrypter
+                .encrypted_payload_len(0);
+            self.enc_rebuild = Some(rebuild);
+        }
+    }
+
+    /// PARLEY PATCH: `set_message_decrypter` for a TLS 1.3 key that may be given back
+    /// while idle (`rebuild` holds its bytes; `None`: never given back).
+    pub(crate) fn set_message_decrypter_tls13(
+        &mut self,
+        cipher: Box<dyn MessageDecrypter>,
+        rebuild: Option<Box<Rebuild>>,
+    ) {
+        self.set_message_decrypter(cipher);
+        self.dec_rebuild = rebuild;
     }
 
     /// Set and start using the given `MessageDecrypter` for future incoming
@@ -223,6 +367,12 @@ impl RecordLayer {
     }
 
     pub(crate) fn encrypted_len(&self, payload_len: usize) -> usize {
+        // PARLEY PATCH: a given-back encrypter's overhead was noted when it was set.
+        if let Some(rebuild) = self.enc_rebuild.as_ref() {
+            if rebuild.released {
+                return payload_len + rebuild.overhead;
+            }
+        }
         self.message_encrypter
             .encrypted_payload_len(payload_len)
     }
@@ -354,5 +504,153 @@ mod tests {
         assert!(matches!(record_layer.decrypt_state, DirectionState::Active));
         assert_eq!(record_layer.read_seq, 0);
         assert!(record_layer.has_decrypted());
+    }
+}
+
+// PARLEY PATCH: change 5, traffic keys given back while idle (`idle_keys`).
+#[cfg(test)]
+#[macro_rules_attribute::apply(test_for_each_provider)]
+mod parley_idle_keys_tests {
+    use std::vec::Vec;
+
+    use super::*;
+    use crate::enums::{ContentType, ProtocolVersion};
+    use crate::msgs::message::OutboundChunks;
+
+    fn alg() -> &'static dyn Tls13AeadAlgorithm {
+        provider::cipher_suite::TLS13_AES_128_GCM_SHA256
+            .tls13()
+            .unwrap()
+            .aead_alg
+    }
+
+    fn key() -> (AeadKey, Iv) {
+        (
+            AeadKey::from([7u8; AeadKey::MAX_LEN]).with_length(16),
+            Iv::from([9u8; 12]),
+        )
+    }
+
+    fn rebuild() -> Box<Rebuild> {
+        let (key, iv) = key();
+        Box::new(Rebuild {
+            alg: alg(),
+            key,
+            iv,
+            overhead: 0,
+            last_use: 0,
+            after_gap: false,
+            released: false,
+        })
+    }
+
+    /// A sender and a receiver whose keys may be given back, and a sender whose keys never
+    /// are.
+    fn layers() -> (RecordLayer, RecordLayer, RecordLayer) {
+        let (mut sender, mut receiver, mut reference) =
+            (RecordLayer::new(), RecordLayer::new(), RecordLayer::new());
+        let (k, iv) = key();
+        sender.set_message_encrypter_tls13(
+            alg().encrypter(k.copy(), iv.copy_iv()),
+            u64::MAX,
+            Some(rebuild()),
+        );
+        receiver.set_message_decrypter_tls13(alg().decrypter(k.copy(), iv.copy_iv()), Some(rebuild()));
+        reference.set_message_encrypter(alg().encrypter(k, iv), u64::MAX);
+        (sender, receiver, reference)
+    }
+
+    fn seal(layer: &mut RecordLayer, text: &[u8]) -> Vec<u8> {
+        layer
+            .encrypt_outgoing(OutboundPlainMessage {
+                typ: ContentType::ApplicationData,
+                version: ProtocolVersion::TLSv1_2,
+                payload: OutboundChunks::Single(text),
+            })
+            .payload
+            .as_ref()
+            .to_vec()
+    }
+
+    fn open(layer: &mut RecordLayer, mut record: Vec<u8>) -> Vec<u8> {
+        let plain = layer
+            .decrypt_incoming(InboundOpaqueMessage::new(
+                ContentType::ApplicationData,
+                ProtocolVersion::TLSv1_2,
+                &mut record,
+            ))
+            .unwrap()
+            .unwrap()
+            .plaintext;
+        assert_eq!(plain.typ, ContentType::ApplicationData);
+        plain.payload.to_vec()
+    }
+
+    #[test]
+    fn keys_given_back_when_idle_and_expanded_again_with_the_same_records() {
+        let (mut sender, mut receiver, mut reference) = layers();
+        let len = sender.encrypted_len(5);
+        for round in 0..4u8 {
+            let text = [b'a' + round; 5];
+            // Not idle yet: the keys were used at the clock's time.
+            let now = sender.enc_rebuild.as_ref().unwrap().last_use;
+            sender.release_idle_keys_at(now, 5);
+            assert!(!sender.enc_rebuild.as_ref().unwrap().released);
+            // Five ticks later both are idle and go.
+            sender.release_idle_keys_at(now + 5, 5);
+            receiver.release_idle_keys_at(now + 5, 5);
+            assert!(sender.enc_rebuild.as_ref().unwrap().released);
+            assert!(receiver.dec_rebuild.as_ref().unwrap().released);
+            assert_eq!(sender.encrypted_len(5), len);
+            // The next record expands them again: byte for byte what a sender that kept
+            // its key sends, at the next sequence number, and so do the records after it
+            // (aws-lc's TLS 1.3 sealing key would refuse them out of its own order).
+            for _ in 0..3 {
+                let record = seal(&mut sender, &text);
+                assert!(!sender.enc_rebuild.as_ref().unwrap().released);
+                assert_eq!(record, seal(&mut reference, &text));
+                assert_eq!(record.len(), len);
+                assert_eq!(open(&mut receiver, record), text);
+                assert!(!receiver.dec_rebuild.as_ref().unwrap().released);
+            }
+            assert_eq!(sender.write_seq(), 3 * (u64::from(round) + 1));
+            assert_eq!(receiver.read_seq(), 3 * (u64::from(round) + 1));
+        }
+    }
+
+    #[test]
+    fn a_key_used_after_a_gap_goes_at_once_and_a_busy_one_stays() {
+        let (mut sender, _, _) = layers();
+        let rebuild = sender.enc_rebuild.as_mut().unwrap();
+        // Used every tick: never idle.
+        for now in 1..20 {
+            rebuild.touch(now, 5);
+            assert!(!rebuild.idle(now, 5));
+        }
+        // A heartbeat after a 25-tick silence: idle as soon as the connection is quiet.
+        rebuild.touch(44, 5);
+        assert!(rebuild.idle(44, 5));
+        // Off: never idle.
+        assert!(!rebuild.idle(1000, 0));
+    }
+
+    #[test]
+    fn keys_set_the_usual_way_are_never_given_back() {
+        let (_, _, mut reference) = layers();
+        reference.release_idle_keys_at(1000, 5);
+        assert!(reference.enc_rebuild.is_none());
+        let (k, iv) = key();
+        let mut receiver = RecordLayer::new();
+        receiver.set_message_decrypter_tls13(alg().decrypter(k.copy(), iv.copy_iv()), Some(rebuild()));
+        // A key update installs a key the usual way: its rebuild goes with the old key.
+        receiver.set_message_decrypter(alg().decrypter(k, iv));
+        assert!(receiver.dec_rebuild.is_none());
+    }
+
+    #[test]
+    fn off_unless_the_application_turns_it_on() {
+        // No test in this crate calls `idle_keys::release_after`.
+        let (k, iv) = key();
+        assert!(Rebuild::new(alg(), &k, &iv).is_none());
     }
 }

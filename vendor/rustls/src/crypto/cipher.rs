@@ -38,6 +38,23 @@ pub trait Tls13AeadAlgorithm: Send + Sync {
     fn fips(&self) -> bool {
         false
     }
+
+    /// PARLEY PATCH (`idle_keys`): whether this algorithm's keys may be given back while a
+    /// connection is idle and made again for its later records ([`Self::decrypter`] and
+    /// [`Self::resumed_encrypter`]). `false` by default: an implementation may check that a
+    /// key's records are numbered from 0, as aws-lc's TLS 1.3 AES-GCM sealing does.
+    #[doc(hidden)]
+    fn resumable(&self) -> bool {
+        false
+    }
+
+    /// PARLEY PATCH (`idle_keys`): a `MessageEncrypter` for `key`/`iv` whose first record
+    /// is not number 0: the same records [`Self::encrypter`]'s would seal. Only called
+    /// where [`Self::resumable`] says so.
+    #[doc(hidden)]
+    fn resumed_encrypter(&self, key: AeadKey, iv: Iv) -> Box<dyn MessageEncrypter> {
+        self.encrypter(key, iv)
+    }
 }
 
 /// Factory trait for building `MessageEncrypter` and `MessageDecrypter` for a TLS1.2 cipher suite.
@@ -198,6 +215,14 @@ impl From<[u8; NONCE_LEN]> for Iv {
     }
 }
 
+impl Iv {
+    /// PARLEY PATCH: a copy, for a key expanded again after it was given back while idle
+    /// (`idle_keys`).
+    pub(crate) fn copy_iv(&self) -> Self {
+        Self(self.0)
+    }
+}
+
 impl AsRef<[u8]> for Iv {
     fn as_ref(&self) -> &[u8] {
         self.0.as_ref()
@@ -305,6 +330,15 @@ impl AeadKey {
         Self {
             buf: self.buf,
             used: len,
+        }
+    }
+
+    /// PARLEY PATCH: a copy (zeroed on drop as the original), for a key expanded again
+    /// after it was given back while idle (`idle_keys`).
+    pub(crate) fn copy(&self) -> Self {
+        Self {
+            buf: self.buf,
+            used: self.used,
         }
     }
 

@@ -10,6 +10,7 @@ use crate::crypto::tls13::{Hkdf, HkdfExpander, OkmBlock, OutputLengthError, expa
 use crate::crypto::{SharedSecret, hash, hmac};
 use crate::error::Error;
 use crate::msgs::message::Message;
+use crate::record_layer::Rebuild;
 use crate::suites::PartiallyExtractedSecrets;
 use crate::{ConnectionTrafficSecrets, KeyLog, Tls13CipherSuite, quic};
 
@@ -758,19 +759,38 @@ impl KeyScheduleSuite {
             .expander_for_okm(secret);
         let key = derive_traffic_key(expander.as_ref(), self.suite.aead_alg);
         let iv = derive_traffic_iv(expander.as_ref());
+        // PARLEY PATCH: the key's bytes kept where idle keys are given back (`idle_keys`);
+        // not on QUIC, whose packets never use the record layer's keys.
+        let rebuild = match common.is_quic() {
+            true => None,
+            false => Rebuild::new(self.suite.aead_alg, &key, &iv),
+        };
 
         common
             .record_layer
-            .set_message_encrypter(
+            .set_message_encrypter_tls13(
                 self.suite.aead_alg.encrypter(key, iv),
                 self.suite.common.confidentiality_limit,
+                rebuild,
             );
     }
 
     fn set_decrypter(&self, secret: &OkmBlock, common: &mut CommonState) {
+        // PARLEY PATCH: as `derive_decrypter`, with the key's bytes kept where idle keys
+        // are given back (`idle_keys`).
+        let expander = self
+            .suite
+            .hkdf_provider
+            .expander_for_okm(secret);
+        let key = derive_traffic_key(expander.as_ref(), self.suite.aead_alg);
+        let iv = derive_traffic_iv(expander.as_ref());
+        let rebuild = match common.is_quic() {
+            true => None,
+            false => Rebuild::new(self.suite.aead_alg, &key, &iv),
+        };
         common
             .record_layer
-            .set_message_decrypter(self.derive_decrypter(secret));
+            .set_message_decrypter_tls13(self.suite.aead_alg.decrypter(key, iv), rebuild);
     }
 
     fn derive_decrypter(&self, secret: &OkmBlock) -> Box<dyn MessageDecrypter> {

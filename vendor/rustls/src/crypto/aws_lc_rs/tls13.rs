@@ -116,6 +116,11 @@ impl Tls13AeadAlgorithm for Chacha20Poly1305Aead {
     fn fips(&self) -> bool {
         false // not FIPS approved
     }
+
+    // PARLEY PATCH (`idle_keys`): ChaCha20-Poly1305 keys check no record numbers.
+    fn resumable(&self) -> bool {
+        true
+    }
 }
 
 struct Aes256GcmAead(AeadAlgorithm);
@@ -143,6 +148,19 @@ impl Tls13AeadAlgorithm for Aes256GcmAead {
 
     fn fips(&self) -> bool {
         super::fips()
+    }
+
+    // PARLEY PATCH (`idle_keys`): aws-lc's TLS 1.3 AES-GCM sealing key takes the first
+    // record it seals for number 0 and refuses records out of order from there, so a key
+    // made again mid-connection seals with a plain AES-GCM key: the same records, without
+    // that check (rustls's record layer numbers them). Not in FIPS mode, where the TLS 1.3
+    // key is the approved one.
+    fn resumable(&self) -> bool {
+        !super::fips()
+    }
+
+    fn resumed_encrypter(&self, key: AeadKey, iv: Iv) -> Box<dyn MessageEncrypter> {
+        self.0.resumed_encrypter(key, iv)
     }
 }
 
@@ -172,6 +190,19 @@ impl Tls13AeadAlgorithm for Aes128GcmAead {
     fn fips(&self) -> bool {
         super::fips()
     }
+
+    // PARLEY PATCH (`idle_keys`): aws-lc's TLS 1.3 AES-GCM sealing key takes the first
+    // record it seals for number 0 and refuses records out of order from there, so a key
+    // made again mid-connection seals with a plain AES-GCM key: the same records, without
+    // that check (rustls's record layer numbers them). Not in FIPS mode, where the TLS 1.3
+    // key is the approved one.
+    fn resumable(&self) -> bool {
+        !super::fips()
+    }
+
+    fn resumed_encrypter(&self, key: AeadKey, iv: Iv) -> Box<dyn MessageEncrypter> {
+        self.0.resumed_encrypter(key, iv)
+    }
 }
 
 // common encrypter/decrypter/key_len items for above Tls13AeadAlgorithm impls
@@ -190,6 +221,16 @@ impl AeadAlgorithm {
                 key.as_ref(),
             )
             .unwrap(),
+            iv,
+        })
+    }
+
+    /// PARLEY PATCH (`idle_keys`): a plain AES-GCM key for a key made again mid-connection
+    /// (see `resumable`).
+    fn resumed_encrypter(&self, key: AeadKey, iv: Iv) -> Box<dyn MessageEncrypter> {
+        // safety: as `encrypter`.
+        Box::new(AeadMessageEncrypter {
+            enc_key: aead::LessSafeKey::new(aead::UnboundKey::new(self.0, key.as_ref()).unwrap()),
             iv,
         })
     }

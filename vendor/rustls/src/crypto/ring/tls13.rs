@@ -107,6 +107,11 @@ impl Tls13AeadAlgorithm for Chacha20Poly1305Aead {
     fn fips(&self) -> bool {
         false // chacha20poly1305 not FIPS approved
     }
+
+    // PARLEY PATCH (`idle_keys`): ring's keys check no record numbers.
+    fn resumable(&self) -> bool {
+        true
+    }
 }
 
 struct Aes256GcmAead(AeadAlgorithm);
@@ -135,6 +140,11 @@ impl Tls13AeadAlgorithm for Aes256GcmAead {
     fn fips(&self) -> bool {
         super::fips()
     }
+
+    // PARLEY PATCH (`idle_keys`): ring's keys check no record numbers.
+    fn resumable(&self) -> bool {
+        true
+    }
 }
 
 struct Aes128GcmAead(AeadAlgorithm);
@@ -162,6 +172,11 @@ impl Tls13AeadAlgorithm for Aes128GcmAead {
 
     fn fips(&self) -> bool {
         super::fips()
+    }
+
+    // PARLEY PATCH (`idle_keys`): ring's keys check no record numbers.
+    fn resumable(&self) -> bool {
+        true
     }
 }
 
