@@ -1550,3 +1550,16 @@ mod nodelay_tests {
         }
     }
 }
+/// A TLS connection's stream is one allocation (`Box::new(stream)` in the accept loop):
+/// tokio-rustls's `TlsStream`, rustls's `ServerConnection` and parley's deadline wrapper.
+/// At most 768 B it takes jemalloc's 768 B size class; 800 B (before vendor/rustls change
+/// 6 boxed the early-data state) took the 896 B one.
+#[cfg(test)]
+mod tls_stream_size {
+    #[test]
+    fn the_tls_stream_fits_a_768_byte_size_class() {
+        type Deadline = crate::transport::deadline::DeadlineIo<tokio::net::TcpStream>;
+        let size = std::mem::size_of::<tokio_rustls::server::TlsStream<Deadline>>();
+        assert!(size <= 768, "{size}");
+    }
+}
