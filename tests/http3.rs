@@ -247,13 +247,7 @@ impl Peer {
             .connect(ServerName::try_from("localhost").unwrap(), tcp)
             .await
             .unwrap();
-        let url = format!("wss://localhost:{}/ws", t.addr().port());
-        let mut req =
-            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
-                .unwrap();
-        req.headers_mut()
-            .insert("sec-websocket-protocol", "parley.v1.json".parse().unwrap());
-        let (ws, _) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+        let ws = wss_json_over(t, tls).await;
         Peer::new(Wire::Ws(Box::new(ws)))
     }
 

@@ -62,13 +62,7 @@ async fn wss_json(
     t: &TestServer,
     tls: tokio_rustls::client::TlsStream<TcpStream>,
 ) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>> {
-    let url = format!("wss://localhost:{}/ws", t.addr().port());
-    let mut req =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
-            .unwrap();
-    req.headers_mut()
-        .insert("sec-websocket-protocol", "parley.v1.json".parse().unwrap());
-    tokio_tungstenite::client_async(req, tls).await.unwrap().0
+    wss_json_over(t, tls).await
 }
 
 /// A WebSocket over `tls` on which ann connects (the `connected` reply checked).
@@ -206,41 +200,14 @@ async fn wss_reads_records_split_across_reads_and_silences_whole() {
     });
     let tls = tls_connect_to(relay_addr, &certs, &[b"http/1.1"]).await;
     let mut ws = wss_json(&t, tls).await;
-    let mut ask = async |cmd: String, key: &str| -> Value {
-        ws.send(cmd.into()).await.unwrap();
-        loop {
-            let frame = tokio::time::timeout(WAIT, ws.next())
-                .await
-                .expect("a reply")
-                .expect("the stream is open")
-                .expect("a frame");
-            let v: Value = serde_json::from_str(&frame.into_text().unwrap()).unwrap();
-            if v.get(key).is_some() {
-                return v;
-            }
-        }
-    };
-    let connected = ask(
-        format!(r#"{{"id":"1","connect":{{"token":"{}"}}}}"#, t.token("ann")),
-        "connected",
-    )
-    .await;
-    assert_eq!(connected["connected"]["userId"], "ann");
-    ask(r#"{"id":"2","join":{"room":"split"}}"#.into(), "joined").await;
+    json_ann_joins(&mut ws, &t, "split").await;
     // Bodies of 12,000 and 16,000 bytes (one record each, larger than a 4 KiB read) and a
     // small one, each after a silence in which the server's read found nothing.
-    let bodies: Vec<String> = [12_000usize, 5, 16_000]
-        .iter()
-        .enumerate()
-        .map(|(i, &len)| {
-            (0..len)
-                .map(|j| char::from(b'a' + ((i * 7 + j) % 26) as u8))
-                .collect()
-        })
-        .collect();
+    let bodies = lettered_bodies(&[12_000, 5, 16_000]);
     for (i, body) in bodies.iter().enumerate() {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let sent = ask(
+        let sent = ask_json(
+            &mut ws,
             format!(
                 r#"{{"id":"1{i}","send":{{"room":"split","clientMsgId":"m{i}","body":"{body}"}}}}"#
             ),
@@ -249,18 +216,8 @@ async fn wss_reads_records_split_across_reads_and_silences_whole() {
         .await;
         assert_eq!(sent["sent"]["seq"], (i + 1).to_string());
     }
-    let history = ask(
-        r#"{"id":"20","history":{"room":"split","limit":10}}"#.into(),
-        "history",
-    )
-    .await;
-    let got: Vec<&str> = history["history"]["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["body"].as_str().unwrap())
-        .collect();
-    assert_eq!(got, bodies.iter().map(String::as_str).collect::<Vec<_>>());
+    let got = history_bodies_json(&mut ws, "split").await;
+    assert_eq!(got, bodies);
     ws.close(None).await.unwrap();
     drop(ws);
     let pieces = tokio::time::timeout(WAIT, relay_task)

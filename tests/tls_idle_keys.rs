@@ -7,8 +7,7 @@ mod common;
 use std::{sync::Arc, time::Duration};
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
-use serde_json::Value;
+use futures_util::StreamExt;
 use tokio::net::TcpStream;
 use tokio_rustls::{
     TlsConnector,
@@ -88,36 +87,10 @@ async fn wss(t: &TestServer, certs: &Certs) -> Wss {
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .unwrap();
-    let url = format!("wss://localhost:{}/ws", t.addr().port());
-    let mut req =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
-            .unwrap();
-    req.headers_mut()
-        .insert("sec-websocket-protocol", "parley.v1.json".parse().unwrap());
-    tokio_tungstenite::client_async(req, tls).await.unwrap().0
+    wss_json_over(t, tls).await
 }
 
 type Wss = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
-
-/// Sends `cmd` and returns the first reply with `key`.
-async fn ask(ws: &mut Wss, cmd: String, key: &str) -> Value {
-    ws.send(cmd.into()).await.unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let frame = tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .expect("a reply")
-            .expect("the stream is open")
-            .expect("a frame");
-        if frame.is_ping() {
-            continue;
-        }
-        let v: Value = serde_json::from_str(&frame.into_text().unwrap()).unwrap();
-        if v.get(key).is_some() {
-            return v;
-        }
-    }
-}
 
 /// An idle WSS connection gives back its expanded TLS keys (`tls.idle_keys_after`,
 /// vendor/rustls change 5) between heartbeats and expands them again for the next
@@ -132,28 +105,8 @@ async fn idle_wss_gives_back_its_tls_keys_and_goes_on_whole() {
     })
     .await;
     let mut ws = wss(&t, &certs).await;
-    let connected = ask(
-        &mut ws,
-        format!(r#"{{"id":"1","connect":{{"token":"{}"}}}}"#, t.token("ann")),
-        "connected",
-    )
-    .await;
-    assert_eq!(connected["connected"]["userId"], "ann");
-    ask(
-        &mut ws,
-        r#"{"id":"2","join":{"room":"quiet"}}"#.into(),
-        "joined",
-    )
-    .await;
-    let bodies: Vec<String> = [5usize, 16_000, 9_000, 1]
-        .iter()
-        .enumerate()
-        .map(|(i, &len)| {
-            (0..len)
-                .map(|j| char::from(b'a' + ((i * 7 + j) % 26) as u8))
-                .collect()
-        })
-        .collect();
+    json_ann_joins(&mut ws, &t, "quiet").await;
+    let bodies = lettered_bodies(&[5, 16_000, 9_000, 1]);
     for (i, body) in bodies.iter().enumerate() {
         // Quiet for over two ticks of the idle clock, answering the server's pings (the
         // client's reads do): the server's keys go after a heartbeat, and the next record,
@@ -169,7 +122,7 @@ async fn idle_wss_gives_back_its_tls_keys_and_goes_on_whole() {
             idle_keys::released() > before,
             "the server gave keys back while quiet (round {i})"
         );
-        let sent = ask(
+        let sent = ask_json(
             &mut ws,
             format!(
                 r#"{{"id":"1{i}","send":{{"room":"quiet","clientMsgId":"m{i}","body":"{body}"}}}}"#
@@ -179,18 +132,7 @@ async fn idle_wss_gives_back_its_tls_keys_and_goes_on_whole() {
         .await;
         assert_eq!(sent["sent"]["seq"], (i + 1).to_string());
     }
-    let history = ask(
-        &mut ws,
-        r#"{"id":"20","history":{"room":"quiet","limit":10}}"#.into(),
-        "history",
-    )
-    .await;
-    let got: Vec<&str> = history["history"]["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["body"].as_str().unwrap())
-        .collect();
-    assert_eq!(got, bodies.iter().map(String::as_str).collect::<Vec<_>>());
+    let got = history_bodies_json(&mut ws, "quiet").await;
+    assert_eq!(got, bodies);
     ws.close(None).await.unwrap();
 }

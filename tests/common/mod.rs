@@ -929,3 +929,84 @@ pub fn assert_gap_free(got: &[(u64, String)], from: u64, to: u64) {
     let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
     assert_eq!(seqs, (from..=to).collect::<Vec<_>>(), "in order, once each");
 }
+
+/// A WebSocket client speaking `parley.v1.json` over an established TLS stream `tls` to
+/// `t` (`wss://localhost:PORT/ws`).
+pub async fn wss_json_over<S>(t: &TestServer, tls: S) -> WebSocketStream<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let url = format!("wss://localhost:{}/ws", t.addr().port());
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-protocol", "parley.v1.json".parse().unwrap());
+    tokio_tungstenite::client_async(req, tls).await.unwrap().0
+}
+
+/// Sends the JSON command `cmd` over `ws` and returns the first JSON reply that has
+/// `key`, skipping pings and other pushes (within [`WAIT`]).
+pub async fn ask_json<S>(ws: &mut WebSocketStream<S>, cmd: String, key: &str) -> serde_json::Value
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    ws.send(cmd.into()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let frame = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("a reply")
+            .expect("the stream is open")
+            .expect("a frame");
+        if !frame.is_text() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&frame.into_text().unwrap()).unwrap();
+        if v.get(key).is_some() {
+            return v;
+        }
+    }
+}
+
+/// The bodies of room `room`'s last (up to 10) messages, asked over `ws` in JSON.
+pub async fn history_bodies_json<S>(ws: &mut WebSocketStream<S>, room: &str) -> Vec<String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let history = ask_json(
+        ws,
+        format!(r#"{{"id":"20","history":{{"room":"{room}","limit":10}}}}"#),
+        "history",
+    )
+    .await;
+    history["history"]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Over the JSON WebSocket `ws`: connects as ann (the reply checked) and joins `room`.
+pub async fn json_ann_joins<S>(ws: &mut WebSocketStream<S>, t: &TestServer, room: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let connect = format!(r#"{{"id":"1","connect":{{"token":"{}"}}}}"#, t.token("ann"));
+    let connected = ask_json(ws, connect, "connected").await;
+    assert_eq!(connected["connected"]["userId"], "ann");
+    let join = format!(r#"{{"id":"2","join":{{"room":"{room}"}}}}"#);
+    ask_json(ws, join, "joined").await;
+}
+
+/// Message bodies of the given lengths, each of its own letters.
+pub fn lettered_bodies(lengths: &[usize]) -> Vec<String> {
+    lengths
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            (0..len)
+                .map(|j| char::from(b'a' + ((i * 7 + j) % 26) as u8))
+                .collect()
+        })
+        .collect()
+}
