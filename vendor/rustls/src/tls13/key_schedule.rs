@@ -753,19 +753,7 @@ struct KeyScheduleSuite {
 
 impl KeyScheduleSuite {
     fn set_encrypter(&self, secret: &OkmBlock, common: &mut CommonState) {
-        let expander = self
-            .suite
-            .hkdf_provider
-            .expander_for_okm(secret);
-        let key = derive_traffic_key(expander.as_ref(), self.suite.aead_alg);
-        let iv = derive_traffic_iv(expander.as_ref());
-        // PARLEY PATCH: the key's bytes kept where idle keys are given back (`idle_keys`);
-        // not on QUIC, whose packets never use the record layer's keys.
-        let rebuild = match common.is_quic() {
-            true => None,
-            false => Rebuild::new(self.suite.aead_alg, &key, &iv),
-        };
-
+        let (key, iv, rebuild) = self.traffic_key(secret, common);
         common
             .record_layer
             .set_message_encrypter_tls13(
@@ -778,6 +766,20 @@ impl KeyScheduleSuite {
     fn set_decrypter(&self, secret: &OkmBlock, common: &mut CommonState) {
         // PARLEY PATCH: as `derive_decrypter`, with the key's bytes kept where idle keys
         // are given back (`idle_keys`).
+        let (key, iv, rebuild) = self.traffic_key(secret, common);
+        common
+            .record_layer
+            .set_message_decrypter_tls13(self.suite.aead_alg.decrypter(key, iv), rebuild);
+    }
+
+    /// PARLEY PATCH: the traffic key and IV of `secret`, and their bytes kept where idle
+    /// keys are given back (`idle_keys`); not on QUIC, whose packets never use the record
+    /// layer's keys.
+    fn traffic_key(
+        &self,
+        secret: &OkmBlock,
+        common: &CommonState,
+    ) -> (AeadKey, Iv, Option<Box<Rebuild>>) {
         let expander = self
             .suite
             .hkdf_provider
@@ -788,9 +790,7 @@ impl KeyScheduleSuite {
             true => None,
             false => Rebuild::new(self.suite.aead_alg, &key, &iv),
         };
-        common
-            .record_layer
-            .set_message_decrypter_tls13(self.suite.aead_alg.decrypter(key, iv), rebuild);
+        (key, iv, rebuild)
     }
 
     fn derive_decrypter(&self, secret: &OkmBlock) -> Box<dyn MessageDecrypter> {
