@@ -138,10 +138,7 @@ impl Sessions {
         // One allocation for the id: the `Arc<str>` the session and the registry's key
         // share.
         let id = self.id_bytes(raw);
-        let limits = Limits {
-            max_queue_bytes: self.config.max_queue_bytes,
-            replay_buffer_bytes: self.config.replay_buffer_bytes,
-        };
+        let limits = Limits::new(self.config.max_queue_bytes, self.config.replay_buffer_bytes);
         let rid = self.next_recipient.fetch_add(1, Ordering::Relaxed);
         let id: Arc<str> = std::str::from_utf8(&id).expect("hex after a str").into();
         let session = Arc::new(Session::new(id.clone(), user, rid, limits));

@@ -333,15 +333,6 @@ impl AeadKey {
         }
     }
 
-    /// PARLEY PATCH: a copy (zeroed on drop as the original), for a key expanded again
-    /// after it was given back while idle (`idle_keys`).
-    pub(crate) fn copy(&self) -> Self {
-        Self {
-            buf: self.buf,
-            used: self.used,
-        }
-    }
-
     /// Largest possible AEAD key in the ciphersuites we support.
     pub(crate) const MAX_LEN: usize = 32;
 }

@@ -788,7 +788,7 @@ impl KeyScheduleSuite {
         let iv = derive_traffic_iv(expander.as_ref());
         let rebuild = match common.is_quic() {
             true => None,
-            false => Rebuild::new(self.suite.aead_alg, &key, &iv),
+            false => Rebuild::new(&self.suite.aead_alg, &key, &iv),
         };
         (key, iv, rebuild)
     }
