@@ -83,19 +83,24 @@ impl Rebuild {
         if idle_keys::after() == 0 || !alg.resumable() {
             return None;
         }
+        Some(Box::new(Self::kept(alg, key, iv, idle_keys::now())))
+    }
+
+    /// The bytes of `key` and `iv` kept, last used at `now`.
+    fn kept(alg: &'static &'static dyn Tls13AeadAlgorithm, key: &AeadKey, iv: &Iv, now: u32) -> Self {
         let mut bytes = [0u8; AeadKey::MAX_LEN];
         let used = key.as_ref();
         bytes[..used.len()].copy_from_slice(used);
-        Some(Box::new(Self {
+        Self {
             alg,
             key: bytes,
             iv: iv.copy_iv(),
-            last_use: idle_keys::now(),
+            last_use: now,
             key_len: used.len() as u8,
             overhead: 0,
             after_gap: false,
             released: false,
-        }))
+        }
     }
 
     /// The kept key, for expanding it again.
@@ -562,18 +567,7 @@ mod parley_idle_keys_tests {
 
     fn rebuild() -> Box<Rebuild> {
         let (key, iv) = key();
-        let mut bytes = [0u8; AeadKey::MAX_LEN];
-        bytes[..16].copy_from_slice(key.as_ref());
-        Box::new(Rebuild {
-            alg: alg(),
-            key: bytes,
-            iv,
-            last_use: 0,
-            key_len: 16,
-            overhead: 0,
-            after_gap: false,
-            released: false,
-        })
+        Box::new(Rebuild::kept(alg(), &key, &iv, 0))
     }
 
     /// The box takes jemalloc's 64 B size class (it was 88 B, in the 96 B one).
