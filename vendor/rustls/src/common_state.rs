@@ -54,7 +54,9 @@ pub struct CommonState {
     message_fragmenter: MessageFragmenter,
     pub(crate) received_plaintext: ChunkVecBuffer,
     pub(crate) sendable_tls: ChunkVecBuffer,
-    queued_key_update_message: Option<Vec<u8>>,
+    // PARLEY PATCH: boxed (8 B, not 24 B, in every connection; one is queued only by a
+    // key update).
+    queued_key_update_message: Option<Box<Vec<u8>>>,
 
     /// Protocol whose key schedule should be used. Unused for TLS < 1.3.
     pub(crate) protocol: Protocol,
@@ -528,7 +530,7 @@ impl CommonState {
 
     pub(crate) fn perhaps_write_key_update(&mut self) {
         if let Some(message) = self.queued_key_update_message.take() {
-            self.sendable_tls.append(message);
+            self.sendable_tls.append(*message);
         }
     }
 
@@ -802,11 +804,11 @@ impl CommonState {
 
     pub(crate) fn enqueue_key_update_notification(&mut self) {
         let message = PlainMessage::from(Message::build_key_update_notify());
-        self.queued_key_update_message = Some(
+        self.queued_key_update_message = Some(Box::new(
             self.record_layer
                 .encrypt_outgoing(message.borrow_outbound())
                 .encode(),
-        );
+        ));
     }
 
     pub(crate) fn received_tls13_change_cipher_spec(&mut self) -> Result<(), Error> {

@@ -366,9 +366,9 @@ https://docs.rs/rustls/latest/rustls/manual/_03_howto/index.html#unexpected-eof"
     impl<T> ConnectionCommon<T> {
         /// Return the fatal error this connection previously encountered, if any.
         fn check_error(&self) -> io::Result<()> {
-            match &self.core.state {
+            match self.core.state.get() {
                 Ok(_) => Ok(()),
-                Err(err) => Err(io::Error::new(io::ErrorKind::InvalidData, err.clone())),
+                Err(err) => Err(io::Error::new(io::ErrorKind::InvalidData, err)),
             }
         }
 
@@ -764,7 +764,7 @@ impl<Data> ConnectionCommon<Data> {
     }
 
     pub(crate) fn replace_state(&mut self, new: Box<dyn State<Data>>) {
-        self.core.state = Ok(new);
+        self.core.state = StateSlot::Running(new);
     }
 
     /// Read TLS content from `rd` into the internal buffer.
@@ -907,7 +907,7 @@ impl<T> Deref for UnbufferedConnectionCommon<T> {
 }
 
 pub(crate) struct ConnectionCore<Data> {
-    pub(crate) state: Result<Box<dyn State<Data>>, Error>,
+    pub(crate) state: StateSlot<Data>,
     pub(crate) data: Data,
     pub(crate) common_state: CommonState,
     pub(crate) hs_deframer: HandshakeDeframer,
@@ -920,7 +920,7 @@ pub(crate) struct ConnectionCore<Data> {
 impl<Data> ConnectionCore<Data> {
     pub(crate) fn new(state: Box<dyn State<Data>>, data: Data, common_state: CommonState) -> Self {
         Self {
-            state: Ok(state),
+            state: StateSlot::Running(state),
             data,
             common_state,
             hs_deframer: HandshakeDeframer::default(),
@@ -933,13 +933,7 @@ impl<Data> ConnectionCore<Data> {
         deframer_buffer: &mut DeframerVecBuffer,
         sendable_plaintext: &mut ChunkVecBuffer,
     ) -> Result<IoState, Error> {
-        let mut state = match mem::replace(&mut self.state, Err(Error::HandshakeNotComplete)) {
-            Ok(state) => state,
-            Err(e) => {
-                self.state = Err(e.clone());
-                return Err(e);
-            }
-        };
+        let mut state = self.state.take()?;
 
         let mut buffer_progress = self.hs_deframer.progress();
 
@@ -953,7 +947,7 @@ impl<Data> ConnectionCore<Data> {
             let opt_msg = match res {
                 Ok(opt_msg) => opt_msg,
                 Err(e) => {
-                    self.state = Err(e.clone());
+                    self.state.fail(&e);
                     deframer_buffer.discard(buffer_progress.take_discard());
                     return Err(e);
                 }
@@ -966,7 +960,7 @@ impl<Data> ConnectionCore<Data> {
             match self.process_msg(msg, state, Some(sendable_plaintext)) {
                 Ok(new) => state = new,
                 Err(e) => {
-                    self.state = Err(e.clone());
+                    self.state.fail(&e);
                     deframer_buffer.discard(buffer_progress.take_discard());
                     return Err(e);
                 }
@@ -987,7 +981,7 @@ impl<Data> ConnectionCore<Data> {
         }
 
         deframer_buffer.discard(buffer_progress.take_discard());
-        self.state = Ok(state);
+        self.state = StateSlot::Running(state);
         Ok(self.common_state.current_io_state())
     }
 
@@ -1272,7 +1266,7 @@ impl<Data> ConnectionCore<Data> {
             ));
         }
 
-        let state = self.state?;
+        let state = self.state.into_result()?;
 
         let record_layer = &self.common_state.record_layer;
         let secrets = state.extract_secrets()?;
@@ -1299,12 +1293,10 @@ impl<Data> ConnectionCore<Data> {
             ));
         }
 
-        match self.state.as_ref() {
-            Ok(st) => st
-                .export_keying_material(output.as_mut(), label, context)
-                .map(|_| output),
-            Err(e) => Err(e.clone()),
-        }
+        self.state
+            .get()?
+            .export_keying_material(output.as_mut(), label, context)
+            .map(|_| output)
     }
 
     /// Trigger a `refresh_traffic_keys` if required by `CommonState`.
@@ -1319,10 +1311,120 @@ impl<Data> ConnectionCore<Data> {
     }
 
     fn refresh_traffic_keys(&mut self) -> Result<(), Error> {
-        match &mut self.state {
-            Ok(st) => st.send_key_update_request(&mut self.common_state),
-            Err(e) => Err(e.clone()),
+        self.state
+            .get_mut()?
+            .send_key_update_request(&mut self.common_state)
+    }
+}
+
+// PARLEY PATCH: a connection's state machine, or the error that ended it, in 24 B. It
+// was a `Result<Box<dyn State<Data>>, Error>`: 64 B in every connection, for an `Error`
+// that only a failed connection holds (boxed here, allocated when it fails).
+pub(crate) enum StateSlot<Data> {
+    Running(Box<dyn State<Data>>),
+    /// Taken out while a message is processed; reads as `HandshakeNotComplete` (the
+    /// placeholder the `Result` held then).
+    Taken,
+    Failed(Box<Error>),
+}
+
+impl<Data> StateSlot<Data> {
+    /// The state, leaving `Taken`; or the error, leaving it in place.
+    pub(crate) fn take(&mut self) -> Result<Box<dyn State<Data>>, Error> {
+        match mem::replace(self, Self::Taken) {
+            Self::Running(state) => Ok(state),
+            Self::Taken => Err(Error::HandshakeNotComplete),
+            Self::Failed(e) => {
+                let err = (*e).clone();
+                *self = Self::Failed(e);
+                Err(err)
+            }
         }
+    }
+
+    /// The connection failed with `e`.
+    pub(crate) fn fail(&mut self, e: &Error) {
+        *self = Self::Failed(Box::new(e.clone()));
+    }
+
+    pub(crate) fn get(&self) -> Result<&dyn State<Data>, Error> {
+        match self {
+            Self::Running(state) => Ok(&**state),
+            Self::Taken => Err(Error::HandshakeNotComplete),
+            Self::Failed(e) => Err((**e).clone()),
+        }
+    }
+
+    pub(crate) fn get_mut(&mut self) -> Result<&mut Box<dyn State<Data>>, Error> {
+        match self {
+            Self::Running(state) => Ok(state),
+            Self::Taken => Err(Error::HandshakeNotComplete),
+            Self::Failed(e) => Err((**e).clone()),
+        }
+    }
+
+    /// The error, if the connection failed (or its state is taken out).
+    pub(crate) fn error(&self) -> Option<Error> {
+        self.get().err()
+    }
+
+    pub(crate) fn into_result(self) -> Result<Box<dyn State<Data>>, Error> {
+        match self {
+            Self::Running(state) => Ok(state),
+            Self::Taken => Err(Error::HandshakeNotComplete),
+            Self::Failed(e) => Err(*e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod parley_state_slot_tests {
+    use super::*;
+    use crate::msgs::message::Message;
+
+    struct Idle;
+
+    impl State<()> for Idle {
+        fn handle<'m>(
+            self: Box<Self>,
+            _cx: &mut Context<'_, ()>,
+            _message: Message<'m>,
+        ) -> Result<Box<dyn State<()> + 'm>, Error>
+        where
+            Self: 'm,
+        {
+            Ok(self)
+        }
+
+        fn into_owned(self: Box<Self>) -> Box<dyn State<()> + 'static> {
+            self
+        }
+    }
+
+    #[test]
+    fn a_state_slot_is_24_bytes() {
+        assert_eq!(size_of::<StateSlot<()>>(), 24);
+    }
+
+    #[test]
+    fn a_state_slot_reads_as_the_result_it_replaces() {
+        let mut slot = StateSlot::<()>::Running(Box::new(Idle));
+        assert!(slot.get().is_ok());
+        assert!(slot.error().is_none());
+
+        // Taken out: `HandshakeNotComplete`, as the `Result`'s placeholder read.
+        let state = slot.take().unwrap();
+        assert_eq!(slot.take().err(), Some(Error::HandshakeNotComplete));
+        assert_eq!(slot.error(), Some(Error::HandshakeNotComplete));
+        slot = StateSlot::Running(state);
+        assert!(slot.get_mut().is_ok());
+
+        // Failed: the same error every time, and it stays.
+        slot.fail(&Error::DecryptError);
+        assert_eq!(slot.take().err(), Some(Error::DecryptError));
+        assert_eq!(slot.take().err(), Some(Error::DecryptError));
+        assert_eq!(slot.get().err(), Some(Error::DecryptError));
+        assert_eq!(slot.into_result().err(), Some(Error::DecryptError));
     }
 }
 

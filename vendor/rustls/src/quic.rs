@@ -398,15 +398,15 @@ mod connection {
             if space != self.space {
                 // Changing the packet number space must not split a handshake message.
                 if !self.core.hs_deframer.is_aligned() {
-                    if let Err(err) = &self.core.state {
-                        return Err(err.clone());
+                    if let Some(err) = self.core.state.error() {
+                        return Err(err);
                     }
 
                     let err = self.core.common_state.send_fatal_alert(
                         AlertDescription::UnexpectedMessage,
                         PeerMisbehaved::KeyEpochWithPendingFragment,
                     );
-                    self.core.state = Err(err.clone());
+                    self.core.state.fail(&err);
                     return Err(err);
                 }
                 self.space = space;

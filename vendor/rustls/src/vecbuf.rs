@@ -23,7 +23,10 @@ pub(crate) struct ChunkVecBuffer {
     chunks: VecDeque<Vec<u8>>,
 
     /// The total upper limit (in bytes) of this object.
-    limit: Option<usize>,
+    // PARLEY PATCH: `usize::MAX` for none (an `Option<usize>` took 16 B, in each of a
+    // connection's three buffers; no buffer can hold `usize::MAX` bytes, so that limit
+    // is never reached, as none).
+    limit: usize,
 }
 
 impl ChunkVecBuffer {
@@ -31,7 +34,7 @@ impl ChunkVecBuffer {
         Self {
             prefix_used: 0,
             chunks: VecDeque::new(),
-            limit,
+            limit: limit.unwrap_or(usize::MAX),
         }
     }
 
@@ -43,7 +46,7 @@ impl ChunkVecBuffer {
     ///
     /// A [`None`] limit is interpreted as no limit.
     pub(crate) fn set_limit(&mut self, new_limit: Option<usize>) {
-        self.limit = new_limit;
+        self.limit = new_limit.unwrap_or(usize::MAX);
     }
 
     /// If we're empty
@@ -63,12 +66,8 @@ impl ChunkVecBuffer {
     /// bytes should we actually append to adhere to the
     /// currently set `limit`?
     pub(crate) fn apply_limit(&self, len: usize) -> usize {
-        if let Some(limit) = self.limit {
-            let space = limit.saturating_sub(self.len());
-            cmp::min(len, space)
-        } else {
-            len
-        }
+        let space = self.limit.saturating_sub(self.len());
+        cmp::min(len, space)
     }
 
     /// Take and append the given `bytes`.
@@ -139,9 +138,7 @@ impl ChunkVecBuffer {
 #[cfg(feature = "std")]
 impl ChunkVecBuffer {
     pub(crate) fn is_full(&self) -> bool {
-        self.limit
-            .map(|limit| self.len() > limit)
-            .unwrap_or_default()
+        self.len() > self.limit
     }
 
     /// Append a copy of `bytes`, perhaps a prefix if
@@ -324,6 +321,20 @@ mod tests {
         let mut buf = [0u8; 12];
         assert_eq!(cvb.read(&mut buf).unwrap(), 12);
         assert_eq!(buf.to_vec(), b"helloworldhe".to_vec());
+    }
+
+    // PARLEY PATCH: no limit is kept as `usize::MAX`.
+    #[test]
+    fn no_limit_takes_everything_and_is_never_full() {
+        let mut cvb = ChunkVecBuffer::new(Some(4));
+        assert_eq!(cvb.append_limited_copy(b"hello"[..].into()), 4);
+        cvb.set_limit(None);
+        assert_eq!(cvb.append_limited_copy(b"world"[..].into()), 5);
+        assert!(!cvb.is_full());
+        cvb.set_limit(Some(8));
+        assert!(cvb.is_full());
+        assert_eq!(cvb.append_limited_copy(b"!"[..].into()), 0);
+        assert_eq!(size_of::<ChunkVecBuffer>(), 48);
     }
 
     #[test]

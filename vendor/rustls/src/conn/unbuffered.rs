@@ -2,11 +2,11 @@
 
 use alloc::vec::Vec;
 use core::num::NonZeroUsize;
-use core::{fmt, mem};
+use core::fmt;
 #[cfg(feature = "std")]
 use std::error::Error as StdError;
 
-use super::UnbufferedConnectionCommon;
+use super::{StateSlot, UnbufferedConnectionCommon};
 use crate::Error;
 use crate::client::ClientConnectionData;
 use crate::msgs::deframer::buffers::DeframerSliceBuffer;
@@ -103,25 +103,23 @@ impl<Data> UnbufferedConnectionCommon<Data> {
             };
 
             if let Some(msg) = deframer_output {
-                let mut state =
-                    match mem::replace(&mut self.core.state, Err(Error::HandshakeNotComplete)) {
-                        Ok(state) => state,
-                        Err(e) => {
-                            buffer.queue_discard(buffer_progress.take_discard());
-                            self.core.state = Err(e.clone());
-                            return UnbufferedStatus {
-                                discard: buffer.pending_discard(),
-                                state: Err(e),
-                            };
-                        }
-                    };
+                let mut state = match self.core.state.take() {
+                    Ok(state) => state,
+                    Err(e) => {
+                        buffer.queue_discard(buffer_progress.take_discard());
+                        return UnbufferedStatus {
+                            discard: buffer.pending_discard(),
+                            state: Err(e),
+                        };
+                    }
+                };
 
                 match self.core.process_msg(msg, state, None) {
                     Ok(new) => state = new,
 
                     Err(e) => {
                         buffer.queue_discard(buffer_progress.take_discard());
-                        self.core.state = Err(e.clone());
+                        self.core.state.fail(&e);
                         return UnbufferedStatus {
                             discard: buffer.pending_discard(),
                             state: Err(e),
@@ -131,7 +129,7 @@ impl<Data> UnbufferedConnectionCommon<Data> {
 
                 buffer.queue_discard(buffer_progress.take_discard());
 
-                self.core.state = Ok(state);
+                self.core.state = StateSlot::Running(state);
             } else if self.wants_write {
                 break (
                     buffer.pending_discard(),

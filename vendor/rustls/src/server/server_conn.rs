@@ -712,9 +712,9 @@ mod connection {
             self.inner
                 .core
                 .data
-                .received_resumption_data
+                .resumption
                 .as_ref()
-                .map(|x| &x[..])
+                .and_then(|r| r.received.as_deref())
         }
 
         /// Set the resumption data to embed in future resumption tickets supplied to the client.
@@ -727,7 +727,12 @@ mod connection {
         /// from the client is desired, encrypt the data separately.
         pub fn set_resumption_data(&mut self, data: &[u8]) {
             assert!(data.len() < 2usize.pow(15));
-            self.inner.core.data.resumption_data = data.into();
+            self.inner
+                .core
+                .data
+                .resumption
+                .get_or_insert_with(Default::default)
+                .sent = data.into();
         }
 
         /// Explicitly discard early data, notifying the client
@@ -1282,12 +1287,36 @@ impl ConnectionCore<ServerConnectionData> {
 #[derive(Default, Debug)]
 pub struct ServerConnectionData {
     pub(super) sni: Option<DnsName<'static>>,
-    pub(super) received_resumption_data: Option<Vec<u8>>,
-    pub(super) resumption_data: Vec<u8>,
+    // PARLEY PATCH: boxed, allocated only when there is some (two `Vec`s took 48 B in
+    // every connection).
+    pub(super) resumption: Option<Box<ResumptionData>>,
     pub(super) early_data: EarlyDataState,
 }
 
+/// The application's data in resumption tickets.
+#[derive(Default, Debug)]
+pub(super) struct ResumptionData {
+    /// From the client's ticket (`ServerConnection::received_resumption_data`).
+    pub(super) received: Option<Vec<u8>>,
+    /// For the tickets this connection issues (`ServerConnection::set_resumption_data`).
+    pub(super) sent: Vec<u8>,
+}
+
 impl ServerConnectionData {
+    /// The data to embed in the tickets this connection issues (empty if none was set).
+    pub(super) fn resumption_data(&self) -> Vec<u8> {
+        self.resumption
+            .as_ref()
+            .map(|r| r.sent.clone())
+            .unwrap_or_default()
+    }
+
+    pub(super) fn set_received_resumption_data(&mut self, data: Vec<u8>) {
+        self.resumption
+            .get_or_insert_with(Default::default)
+            .received = Some(data);
+    }
+
     #[cfg(feature = "std")]
     pub(super) fn get_sni_str(&self) -> Option<&str> {
         self.sni.as_ref().map(AsRef::as_ref)
@@ -1302,6 +1331,14 @@ mod tests {
     use std::format;
 
     use super::*;
+
+    // PARLEY PATCH: every TLS connection parley holds is a `ServerConnection` inline in its
+    // stream (648 B before the state slot, the buffers' limits and the boxed resumption
+    // data and key update message; 528 B puts parley's stream in jemalloc's 640 B class).
+    #[test]
+    fn a_server_connection_is_528_bytes() {
+        assert_eq!(size_of::<ServerConnection>(), 528);
+    }
 
     // these branches not reachable externally, unless something else goes wrong.
     #[test]

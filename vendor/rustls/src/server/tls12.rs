@@ -767,7 +767,7 @@ fn get_server_connection_value_tls12(
         secrets.master_secret(),
         cx.common.peer_certificates.clone(),
         cx.common.alpn_protocol.clone(),
-        cx.data.resumption_data.clone(),
+        cx.data.resumption_data(),
         time_now,
         0,
     );

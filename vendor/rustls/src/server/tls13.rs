@@ -369,7 +369,8 @@ mod client_hello {
             }
 
             if let Some(resume) = &resumedata {
-                cx.data.received_resumption_data = Some(resume.application_data.0.clone());
+                cx.data
+                    .set_received_resumption_data(resume.application_data.0.clone());
                 cx.common
                     .peer_certificates
                     .clone_from(&resume.client_cert_chain);
@@ -1311,7 +1312,7 @@ fn get_server_session_value(
         secret.as_ref(),
         cx.common.peer_certificates.clone(),
         cx.common.alpn_protocol.clone(),
-        cx.data.resumption_data.clone(),
+        cx.data.resumption_data(),
         time_now,
         age_obfuscation_offset,
     )

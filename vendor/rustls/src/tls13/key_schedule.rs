@@ -4,6 +4,8 @@ use alloc::boxed::Box;
 use alloc::string::ToString;
 use core::ops::Deref;
 
+use zeroize::Zeroize;
+
 use crate::common_state::{CommonState, Side};
 use crate::crypto::cipher::{AeadKey, Iv, MessageDecrypter, Tls13AeadAlgorithm};
 use crate::crypto::tls13::{Hkdf, HkdfExpander, OkmBlock, OutputLengthError, expand};
@@ -418,9 +420,11 @@ impl KeyScheduleBeforeFinished {
         (
             KeyScheduleTraffic {
                 ks: ks.inner,
-                current_client_traffic_secret,
-                current_server_traffic_secret,
-                current_exporter_secret,
+                secrets: TrafficSecrets::new(
+                    current_client_traffic_secret,
+                    current_server_traffic_secret,
+                    current_exporter_secret,
+                ),
             },
             KeyScheduleResumption {
                 ks: ks.inner,
@@ -514,9 +518,92 @@ impl KeyScheduleTrafficWithClientFinishedPending {
 /// to be available.
 pub(crate) struct KeyScheduleTraffic {
     ks: KeyScheduleSuite,
-    current_client_traffic_secret: OkmBlock,
-    current_server_traffic_secret: OkmBlock,
-    current_exporter_secret: OkmBlock,
+    // PARLEY PATCH: the client's and server's traffic secrets and the exporter secret, in
+    // `TrafficSecrets` (was three `OkmBlock`s).
+    secrets: TrafficSecrets,
+}
+
+// PARLEY PATCH: the traffic stage's three secrets, each in its hash's length. Three
+// `OkmBlock`s (room for SHA-512's 64 B, and a `usize`, each) made `KeyScheduleTraffic`
+// 224 B, which every connection keeps for its life; TLS 1.3's suites hash with SHA-256
+// or SHA-384, whose secrets fit 48 B each here inline (the schedule is 160 B). A suite
+// whose hash is longer (a provider's own) keeps its secrets boxed.
+enum TrafficSecrets {
+    Inline {
+        len: u8,
+        bytes: [u8; 3 * TrafficSecrets::INLINE],
+    },
+    Boxed(Box<[OkmBlock; 3]>),
+}
+
+#[derive(Clone, Copy)]
+enum TrafficSecret {
+    Client = 0,
+    Server = 1,
+    Exporter = 2,
+}
+
+impl TrafficSecrets {
+    const INLINE: usize = 48;
+
+    fn new(client: OkmBlock, server: OkmBlock, exporter: OkmBlock) -> Self {
+        let len = client.as_ref().len();
+        let all = [client, server, exporter];
+        if len > Self::INLINE
+            || all
+                .iter()
+                .any(|secret| secret.as_ref().len() != len)
+        {
+            return Self::Boxed(Box::new(all));
+        }
+        let mut bytes = [0u8; 3 * Self::INLINE];
+        for (slot, secret) in bytes
+            .chunks_exact_mut(Self::INLINE)
+            .zip(&all)
+        {
+            slot[..len].copy_from_slice(secret.as_ref());
+        }
+        Self::Inline {
+            len: len as u8,
+            bytes,
+        }
+    }
+
+    fn get(&self, which: TrafficSecret) -> OkmBlock {
+        match self {
+            Self::Inline { len, bytes } => {
+                let start = which as usize * Self::INLINE;
+                OkmBlock::new(&bytes[start..start + usize::from(*len)])
+            }
+            Self::Boxed(all) => all[which as usize].clone(),
+        }
+    }
+
+    fn set(&mut self, which: TrafficSecret, secret: &OkmBlock) {
+        match self {
+            Self::Inline { len, bytes } if secret.as_ref().len() == usize::from(*len) => {
+                let start = which as usize * Self::INLINE;
+                bytes[start..start + usize::from(*len)].copy_from_slice(secret.as_ref());
+            }
+            _ => {
+                let mut all = [
+                    self.get(TrafficSecret::Client),
+                    self.get(TrafficSecret::Server),
+                    self.get(TrafficSecret::Exporter),
+                ];
+                all[which as usize] = secret.clone();
+                *self = Self::Boxed(Box::new(all));
+            }
+        }
+    }
+}
+
+impl Drop for TrafficSecrets {
+    fn drop(&mut self) {
+        if let Self::Inline { bytes, .. } = self {
+            bytes.zeroize();
+        }
+    }
 }
 
 impl KeyScheduleTraffic {
@@ -546,13 +633,15 @@ impl KeyScheduleTraffic {
     }
 
     pub(crate) fn next_application_traffic_secret(&mut self, side: Side) -> OkmBlock {
-        let current = match side {
-            Side::Client => &mut self.current_client_traffic_secret,
-            Side::Server => &mut self.current_server_traffic_secret,
+        let which = match side {
+            Side::Client => TrafficSecret::Client,
+            Side::Server => TrafficSecret::Server,
         };
 
-        let secret = self.ks.derive_next(current);
-        *current = secret.clone();
+        let secret = self
+            .ks
+            .derive_next(&self.secrets.get(which));
+        self.secrets.set(which, &secret);
         secret
     }
 
@@ -563,7 +652,14 @@ impl KeyScheduleTraffic {
         context: Option<&[u8]>,
     ) -> Result<(), Error> {
         self.ks
-            .export_keying_material(&self.current_exporter_secret, out, label, context)
+            .export_keying_material(
+                &self
+                    .secrets
+                    .get(TrafficSecret::Exporter),
+                out,
+                label,
+                context,
+            )
     }
 
     pub(crate) fn refresh_traffic_secret(
@@ -585,12 +681,16 @@ impl KeyScheduleTraffic {
 
     pub(crate) fn extract_secrets(&self, side: Side) -> Result<PartiallyExtractedSecrets, Error> {
         let (client_key, client_iv) = expand_secret(
-            &self.current_client_traffic_secret,
+            &self
+                .secrets
+                .get(TrafficSecret::Client),
             self.ks.suite.hkdf_provider,
             self.ks.suite.aead_alg.key_len(),
         );
         let (server_key, server_iv) = expand_secret(
-            &self.current_server_traffic_secret,
+            &self
+                .secrets
+                .get(TrafficSecret::Server),
             self.ks.suite.hkdf_provider,
             self.ks.suite.aead_alg.key_len(),
         );
@@ -1327,5 +1427,52 @@ mod benchmarks {
             extract_traffic_secret(&ks, SecretKind::ClientApplicationTrafficSecret);
             extract_traffic_secret(&ks, SecretKind::ServerApplicationTrafficSecret);
         });
+    }
+}
+
+#[cfg(test)]
+mod parley_traffic_secrets_tests {
+    use std::vec;
+
+    use super::*;
+
+    #[test]
+    fn the_traffic_schedule_is_160_bytes() {
+        assert_eq!(size_of::<KeyScheduleTraffic>(), 160);
+    }
+
+    #[test]
+    fn secrets_are_inline_up_to_48_bytes_and_boxed_beyond() {
+        for len in [32, 48, 64] {
+            let block = |b: u8| OkmBlock::new(&vec![b; len]);
+            let mut secrets = TrafficSecrets::new(block(1), block(2), block(3));
+            assert_eq!(
+                matches!(secrets, TrafficSecrets::Inline { .. }),
+                len <= TrafficSecrets::INLINE
+            );
+            for (which, b) in [
+                (TrafficSecret::Client, 1),
+                (TrafficSecret::Server, 2),
+                (TrafficSecret::Exporter, 3),
+            ] {
+                assert_eq!(secrets.get(which).as_ref(), vec![b; len]);
+            }
+
+            secrets.set(TrafficSecret::Server, &block(4));
+            assert_eq!(secrets.get(TrafficSecret::Client).as_ref(), vec![1; len]);
+            assert_eq!(secrets.get(TrafficSecret::Server).as_ref(), vec![4; len]);
+            assert_eq!(secrets.get(TrafficSecret::Exporter).as_ref(), vec![3; len]);
+        }
+    }
+
+    #[test]
+    fn a_secret_of_another_length_moves_the_secrets_to_a_box() {
+        let block = |b: u8, len: usize| OkmBlock::new(&vec![b; len]);
+        let mut secrets = TrafficSecrets::new(block(1, 32), block(2, 32), block(3, 32));
+        secrets.set(TrafficSecret::Client, &block(5, 48));
+        assert!(matches!(secrets, TrafficSecrets::Boxed(_)));
+        assert_eq!(secrets.get(TrafficSecret::Client).as_ref(), vec![5; 48]);
+        assert_eq!(secrets.get(TrafficSecret::Server).as_ref(), vec![2; 32]);
+        assert_eq!(secrets.get(TrafficSecret::Exporter).as_ref(), vec![3; 32]);
     }
 }
