@@ -86,7 +86,122 @@ struct UserEntry {
 
 /// A user's rooms as the hub knows them: each name with the member count as last told
 /// ([`Hub::joined`]), `None` if never told.
-pub type KnownRooms = StrMap<Option<u64>>;
+///
+/// A few rooms are a list searched by name, the first held inline: most users are in a
+/// few rooms, and a map's smallest table (4 slots, its control bytes and its hasher's
+/// keys) cost every user in one room a 160 B allocation. Past [`KnownRooms::FEW`] rooms
+/// the list moves into a map (SipHash, as [`StrMap`]): a join or leave stays O(1) for a
+/// user in many rooms, whose names the client chose.
+#[derive(Debug, Default)]
+pub struct KnownRooms(RoomList);
+
+#[derive(Debug)]
+enum RoomList {
+    Few(smallvec::SmallVec<[(Arc<str>, Option<u64>); 1]>),
+    Many(Box<StrMap<Option<u64>>>),
+}
+
+impl Default for RoomList {
+    fn default() -> Self {
+        RoomList::Few(smallvec::SmallVec::new())
+    }
+}
+
+impl KnownRooms {
+    /// Most rooms kept as a list.
+    const FEW: usize = 8;
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn len(&self) -> usize {
+        match &self.0 {
+            RoomList::Few(list) => list.len(),
+            RoomList::Many(map) => map.len(),
+        }
+    }
+
+    /// Each room with its member count as last told, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Option<u64>)> {
+        let (list, map) = match &self.0 {
+            RoomList::Few(list) => (Some(list.iter().map(|(k, v)| (k, v))), None),
+            RoomList::Many(map) => (None, Some(map.iter())),
+        };
+        list.into_iter().flatten().chain(map.into_iter().flatten())
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.iter().map(|(room, _)| room)
+    }
+
+    pub fn get(&self, room: &str) -> Option<&Option<u64>> {
+        match &self.0 {
+            RoomList::Few(list) => list.iter().find(|(k, _)| **k == *room).map(|(_, v)| v),
+            RoomList::Many(map) => map.get(room),
+        }
+    }
+
+    fn get_mut(&mut self, room: &str) -> Option<&mut Option<u64>> {
+        match &mut self.0 {
+            RoomList::Few(list) => list.iter_mut().find(|(k, _)| **k == *room).map(|(_, v)| v),
+            RoomList::Many(map) => map.get_mut(room),
+        }
+    }
+
+    /// Adds a room that is not in the list (checked by the caller with `get_mut`).
+    fn insert_new(&mut self, room: Arc<str>, members: Option<u64>) {
+        match &mut self.0 {
+            RoomList::Few(list) if list.len() < Self::FEW => list.push((room, members)),
+            RoomList::Few(list) => {
+                let mut map = StrMap::with_capacity_and_hasher(2 * Self::FEW, RandomState::new());
+                map.extend(list.drain(..));
+                map.insert(room, members);
+                self.0 = RoomList::Many(Box::new(map));
+            }
+            RoomList::Many(map) => {
+                map.insert(room, members);
+            }
+        }
+    }
+
+    pub fn remove(&mut self, room: &str) -> Option<Option<u64>> {
+        match &mut self.0 {
+            RoomList::Few(list) => {
+                let at = list.iter().position(|(k, _)| **k == *room)?;
+                Some(list.swap_remove(at).1)
+            }
+            RoomList::Many(map) => map.remove(room),
+        }
+    }
+}
+
+/// The same rooms with the same counts, however each is held.
+impl PartialEq for KnownRooms {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().all(|(room, m)| other.get(room) == Some(m))
+    }
+}
+
+impl Eq for KnownRooms {}
+
+impl IntoIterator for KnownRooms {
+    type Item = (Arc<str>, Option<u64>);
+    type IntoIter = std::iter::Chain<
+        std::iter::Flatten<std::option::IntoIter<smallvec::IntoIter<[(Arc<str>, Option<u64>); 1]>>>,
+        std::iter::Flatten<
+            std::option::IntoIter<hashbrown::hash_map::IntoIter<Arc<str>, Option<u64>>>,
+        >,
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        let (list, map) = match self.0 {
+            RoomList::Few(list) => (Some(list.into_iter()), None),
+            RoomList::Many(map) => (None, Some(map.into_iter())),
+        };
+        list.into_iter().flatten().chain(map.into_iter().flatten())
+    }
+}
 
 /// Members per snapshot chunk. A delivery clones one `Arc` per chunk under the lock
 /// (75 for a room of 19k); a membership change rebuilds at most two chunks.
@@ -294,17 +409,12 @@ impl Hub {
         let Some(entry) = users.get_mut(user) else {
             return;
         };
-        // One hash of the room's name per map: a lookup that, when it misses, inserts
-        // where it looked.
-        let known = match entry.rooms.entry_ref(room) {
-            EntryRef::Occupied(mut o) => {
-                if members.is_some() {
-                    o.insert(members);
-                }
-                return;
+        if let Some(known) = entry.rooms.get_mut(room) {
+            if members.is_some() {
+                *known = members;
             }
-            EntryRef::Vacant(v) => v,
-        };
+            return;
+        }
         let mut rooms = self.room_shard(room).write();
         // A room that has members here already is found without a copy of its name; a
         // new one's name is one `Arc` for both maps.
@@ -312,7 +422,7 @@ impl Hub {
             EntryRef::Occupied(o) => o,
             EntryRef::Vacant(v) => v.insert_entry_with_key(room.into(), RoomEntry::default()),
         };
-        known.insert_with_key(set.key().clone(), members);
+        entry.rooms.insert_new(set.key().clone(), members);
         let set = set.into_mut();
         for (id, r) in &entry.recipients {
             set.insert(*id, r.clone());
@@ -518,6 +628,60 @@ mod tests {
             ]
         );
         assert_eq!(hub.detach("b", 3), None);
+    }
+
+    /// A user's rooms past [`KnownRooms::FEW`] move from the list into a map: joins
+    /// (with and without a count), leaves and the last detach read the same on either
+    /// side of the move; a user in one room keeps it inline (no allocation beside the
+    /// user's entry), in no more than a map took.
+    #[test]
+    fn a_users_rooms_move_from_the_list_to_a_map_unchanged() {
+        assert!(std::mem::size_of::<KnownRooms>() <= 48);
+        let hub = Hub::new();
+        hub.attach(counter(1, "a"));
+        let n = 3 * KnownRooms::FEW;
+        for i in 0..n {
+            hub.joined("a", &format!("r{i}"), Some(i as u64));
+            let users = hub.user_shard("a").read();
+            let rooms = &users.get("a").unwrap().rooms;
+            assert_eq!(rooms.len(), i + 1);
+            assert_eq!(
+                matches!(rooms.0, RoomList::Many(_)),
+                i >= KnownRooms::FEW,
+                "{i}"
+            );
+        }
+        // A join without a count keeps the known one; with one, it replaces it.
+        hub.joined("a", "r0", None);
+        hub.joined("a", "r1", Some(100));
+        for i in (0..n).step_by(3) {
+            hub.left("a", &format!("r{i}"));
+            assert_eq!(hub.room_size(&format!("r{i}")), 0);
+        }
+        hub.left("a", "never joined");
+        let mut rooms: Vec<_> = hub.detach("a", 1).unwrap().into_iter().collect();
+        rooms.sort();
+        let mut want: Vec<(Arc<str>, Option<u64>)> = (0..n)
+            .filter(|i| i % 3 != 0)
+            .map(|i| {
+                (
+                    format!("r{i}").into(),
+                    Some(if i == 1 { 100 } else { i as u64 }),
+                )
+            })
+            .collect();
+        want.sort();
+        assert_eq!(rooms, want);
+
+        // One room: inline, and found, counted and removed as in the map.
+        let mut one = KnownRooms::default();
+        one.insert_new("r".into(), None);
+        assert!(matches!(&one.0, RoomList::Few(list) if !list.spilled()));
+        assert_eq!(one.get("r"), Some(&None));
+        *one.get_mut("r").unwrap() = Some(2);
+        assert_eq!(one.iter().collect::<Vec<_>>(), [(&"r".into(), &Some(2))]);
+        assert_eq!(one.remove("r"), Some(Some(2)));
+        assert!(one.is_empty());
     }
 
     /// A user's sessions past the first (the list's inline one): each is delivered to
