@@ -29,6 +29,35 @@ pub mod store;
 pub mod transport;
 pub mod web;
 
+/// Narrow copies of configured figures that every connection or session keeps (4 B each,
+/// not a `usize`'s 8 or a `Duration`'s 16), saturating: a figure past `u32::MAX` reads as
+/// `u32::MAX`.
+pub mod compact {
+    use std::time::Duration;
+
+    pub fn saturating_u32(n: usize) -> u32 {
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// `d` in whole milliseconds (`u32::MAX` is ~49.7 days).
+    pub fn saturating_ms(d: Duration) -> u32 {
+        u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn figures_past_u32_saturate() {
+            assert_eq!(saturating_u32(7), 7);
+            assert_eq!(saturating_u32(usize::MAX), u32::MAX);
+            assert_eq!(saturating_ms(Duration::from_micros(2_999)), 2);
+            assert_eq!(saturating_ms(Duration::from_secs(u64::MAX)), u32::MAX);
+        }
+    }
+}
+
 #[cfg(all(feature = "mimalloc", feature = "jemalloc"))]
 compile_error!(
     "features `mimalloc` and `jemalloc` each pick the global allocator: enable one \

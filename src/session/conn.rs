@@ -12,6 +12,7 @@ use super::{
 use crate::{
     auth::now_ms,
     chat::{ChatError, RoomsSeen, Seen, wire_error},
+    compact::saturating_ms,
     proto::{self, ClientFrame, ErrorCode, ServerFrame, client_frame::Cmd, server_frame::Kind},
 };
 
@@ -147,7 +148,7 @@ impl Conn {
         Self {
             core,
             bound: None,
-            heartbeat_ms: heartbeat.as_millis().min(u32::MAX as u128) as u32,
+            heartbeat_ms: saturating_ms(heartbeat),
         }
     }
 

@@ -15,6 +15,7 @@ use super::{
 use crate::{
     auth::{AuthError, Authenticator},
     chat::{Chat, ChatError, RoomsSeen},
+    compact::saturating_ms,
     config::Config,
     metrics::Metrics,
     proto::{self, ErrorCode},
@@ -361,7 +362,7 @@ fn connected(
             user
         },
         resumed,
-        heartbeat_ms: heartbeat.as_millis().min(u32::MAX as u128) as u32,
+        heartbeat_ms: saturating_ms(heartbeat),
         rooms,
     }
 }

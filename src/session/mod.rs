@@ -35,7 +35,7 @@ use std::{
 
 use tokio::{sync::Notify, time::Instant};
 
-use crate::{codec::Push, delivery::Recipient};
+use crate::{codec::Push, compact::saturating_u32, delivery::Recipient};
 
 /// Why a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,10 +59,9 @@ pub struct Limits {
 
 impl Limits {
     pub fn new(max_queue_bytes: usize, replay_buffer_bytes: usize) -> Self {
-        let bound = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         Self {
-            max_queue_bytes: bound(max_queue_bytes),
-            replay_buffer_bytes: bound(replay_buffer_bytes),
+            max_queue_bytes: saturating_u32(max_queue_bytes),
+            replay_buffer_bytes: saturating_u32(replay_buffer_bytes),
         }
     }
 

@@ -37,6 +37,7 @@ use super::{
     deadline::{self, WriteDeadline},
     origin_allowed,
 };
+use crate::compact::{saturating_ms, saturating_u32};
 use crate::metrics::HotCounter;
 
 use crate::{
@@ -182,7 +183,7 @@ impl PushCompression {
             Some(n) if ws.deflate_compress_once && deflate::shared_body_allowed(&n) => {
                 PushCompression::Shared {
                     level: ws.deflate_level,
-                    min_bytes: u32::try_from(ws.deflate_min_bytes).unwrap_or(u32::MAX),
+                    min_bytes: saturating_u32(ws.deflate_min_bytes),
                 }
             }
             Some(_) => PushCompression::PerFrame,
@@ -535,14 +536,13 @@ impl Connection {
                 encoding,
                 compression,
                 frames_out: series.frames_out.clone(),
-                write_timeout_ms: u32::try_from(config.write_timeout.as_millis())
-                    .unwrap_or(u32::MAX),
+                write_timeout_ms: saturating_ms(config.write_timeout),
                 quiet: true,
                 plain_tcp,
             },
             outbox,
             frames_in: series.frames_in.clone(),
-            max_frame_bytes: u32::try_from(config.max_frame_bytes).unwrap_or(u32::MAX),
+            max_frame_bytes: saturating_u32(config.max_frame_bytes),
             named: false,
             _counted: OpenConnection::open(&ctx.core.metrics, &LABEL),
         }
