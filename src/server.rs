@@ -731,7 +731,7 @@ async fn serve_connection<I>(
     (peer, tls): (PeerIp, bool),
     stages: Arc<Stages>,
 ) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + IdleWait + Unpin + Send + 'static,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     // Handlers see the connection's write deadline (SSE and WebSocket set their own),
     // the peer address (per-IP limits) and, over TLS, that it is (`OverTls`).
@@ -795,57 +795,6 @@ async fn serve_connection<I>(
     }
 }
 
-/// A connection's socket as an idle HTTP/1 keep-alive connection waits on it alone
-/// ([`idle_parts`]): readable, or not waitable that way at all.
-pub(crate) trait IdleWait {
-    /// Whether [`IdleWait::poll_readable`] tells when the connection's next bytes can be
-    /// read. Not over TLS: rustls may hold decrypted bytes, or need a read for a record
-    /// that carries none, which the socket's readiness does not tell.
-    const CAN_WAIT: bool;
-
-    /// Ready once a read would not wait (bytes, the end, or an error).
-    fn poll_readable(
-        &self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>>;
-}
-
-impl IdleWait for DeadlineIo<tokio::net::TcpStream> {
-    const CAN_WAIT: bool = true;
-
-    fn poll_readable(
-        &self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.get_ref().poll_read_ready(cx)
-    }
-}
-
-impl IdleWait for Box<tokio_rustls::server::TlsStream<DeadlineIo<tokio::net::TcpStream>>> {
-    const CAN_WAIT: bool = false;
-
-    fn poll_readable(
-        &self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Pending
-    }
-}
-
-impl<I: IdleWait> IdleWait for Sniffed<I> {
-    const CAN_WAIT: bool = I::CAN_WAIT;
-
-    fn poll_readable(
-        &self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        if self.has_unread() {
-            return std::task::Poll::Ready(Ok(()));
-        }
-        self.get_ref().poll_readable(cx)
-    }
-}
-
 /// The service an HTTP/1 connection serves (the router behind the connection's layers),
 /// named once for the functions that pass it between hyper connections and the idle wait.
 trait H1App:
@@ -878,7 +827,7 @@ type H1Idle<I, S> = (Sniffed<I>, TowerToHyperService<S>);
 /// hyper's HTTP/1 connection (with upgrades: WebSocket) on `io`: its request heads
 /// within `server.header_read_timeout` (the first counted from when the socket began to
 /// wait, `waited` ago). Idle between requests for `server.keep_alive_idle` it is closed;
-/// over a plain socket, idle for `server.keep_alive_release` it completes instead
+/// idle for `server.keep_alive_release` it completes instead
 /// (vendor/hyper change 7, `yield_when_idle`) and its socket waits out the rest of
 /// `keep_alive_idle` alone: see [`idle_parts`].
 fn h1_connection<I, S>(
@@ -888,10 +837,10 @@ fn h1_connection<I, S>(
     waited: Duration,
 ) -> http1::UpgradeableConnection<TokioIo<Sniffed<I>>, TowerToHyperService<S>>
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + IdleWait + Unpin + Send + 'static,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: H1App,
 {
-    let release = stages.h1_release.filter(|_| I::CAN_WAIT);
+    let release = stages.h1_release;
     http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(stages.header_read.saturating_sub(waited))
@@ -911,9 +860,9 @@ where
 /// for `server.keep_alive_release` with nothing held for the next request (`None`: it
 /// ended); hyper's state (buffers, timers, the connection itself) is dropped.
 ///
-/// Over a plain socket an idle keep-alive connection so holds nothing but its socket
-/// and a small task ([`wait_idle`]) that waits for it to be readable (then a new task
-/// serves it with a new hyper connection, [`serve_h1_again`]), for the rest of
+/// An idle keep-alive connection so holds nothing but its socket (over TLS, its TLS
+/// stream) and a small task ([`wait_idle`]) that waits for its next bytes (then a new
+/// task serves it with a new hyper connection, [`serve_h1_again`]), for the rest of
 /// `server.keep_alive_idle`, or for shutdown (then it is closed, as hyper would have).
 /// An SSE client's command connection waits so between its acks (docs/BENCHMARKS.md,
 /// "Round nine: SSE's joined session"); a connection whose requests come closer
@@ -924,7 +873,7 @@ fn idle_parts<I, S>(
     conn: http1::UpgradeableConnection<TokioIo<Sniffed<I>>, TowerToHyperService<S>>,
 ) -> Option<H1Idle<I, S>>
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + IdleWait + Unpin + Send + 'static,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: H1App,
 {
     if !conn.is_idle() {
@@ -937,8 +886,8 @@ where
     Some((parts.io.into_inner(), parts.service))
 }
 
-/// The task of an idle HTTP/1 connection ([`idle_parts`]): waits until its socket is
-/// readable, then serves it in a new task ([`serve_h1_again`]); closes it once it has
+/// The task of an idle HTTP/1 connection ([`idle_parts`]): waits for its next bytes,
+/// then serves it in a new task ([`serve_h1_again`]); closes it once it has
 /// been idle for `server.keep_alive_idle` in all, or on shutdown. A request that has
 /// arrived is served even when the idle time is up by the time this task runs (as hyper
 /// reads before it closes): closing the socket with it unread would reset the connection
@@ -952,25 +901,44 @@ fn wait_idle<I, S>(
     stages: Arc<Stages>,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>>
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + IdleWait + Unpin + Send + 'static,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: H1App,
 {
     Box::pin(async move {
         // hyper's connection waited `keep_alive_release` before it yielded.
         let released = stages.h1_release.unwrap_or_default();
         stages.h1_releases.inc();
-        let (since, waiting) = (tokio::time::Instant::now(), &mut io);
-        let readable = tokio::select! {
-            // Readable first: when the task runs late, bytes that have arrived win over
+        let since = tokio::time::Instant::now();
+        // The wait is a read (`Sniffed::poll_more`): its bytes are kept for the next
+        // hyper connection, which reads them first, so no system call is added. Over TLS
+        // a record with no request in it (a key update) is taken by rustls and the wait
+        // goes on.
+        let waiting = &mut io;
+        let next = tokio::select! {
+            // Bytes first: when the task runs late, a request that has arrived wins over
             // the idle time's end.
             biased;
-            readable = std::future::poll_fn(move |cx| waiting.poll_readable(cx)) => readable.is_ok(),
-            _ = shutdown.cancelled() => false,
-            _ = tokio::time::sleep(stages.h1_idle.saturating_sub(released)) => false,
+            read = std::future::poll_fn(|cx| waiting.poll_more(cx)) => match read {
+                Ok(0) => Some(false),
+                Ok(_) => Some(true),
+                Err(e) => {
+                    tracing::debug!(error = %e, "idle HTTP/1 connection failed");
+                    None
+                }
+            },
+            _ = shutdown.cancelled() => Some(false),
+            _ = tokio::time::sleep(stages.h1_idle.saturating_sub(released)) => Some(false),
         };
-        if !readable {
-            tracing::trace!("idle HTTP/1 connection closed");
-            return;
+        match next {
+            Some(true) => {}
+            Some(false) => {
+                // Closed as hyper closes it, with a shutdown of the write side: over TLS
+                // a close_notify first (a stuck write is cut by the write deadline).
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+                tracing::trace!("idle HTTP/1 connection closed");
+                return;
+            }
+            None => return,
         }
         let conn = h1_connection(io, service, &stages, released + since.elapsed());
         tokio::spawn(serve_h1_again(conn, watcher, shutdown, stages));
@@ -989,7 +957,7 @@ fn serve_h1_again<I, S>(
     stages: Arc<Stages>,
 ) -> impl Future<Output = ()> + Send
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + IdleWait + Unpin + Send + 'static,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: H1App,
 {
     async move {

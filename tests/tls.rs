@@ -467,3 +467,96 @@ async fn silent_and_stalled_tls_handshakes_are_cut_at_their_deadline() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// One request on its own TLS connection (`Connection: close`); the whole response.
+async fn tls_get(t: &TestServer, certs: &Certs, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tls_connect(t, certs, &[b"http/1.1"]).await;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    // The server's close_notify ends the response.
+    tokio::time::timeout(WAIT, s.read_to_end(&mut got))
+        .await
+        .expect("the response in time")
+        .expect("a whole response, ended by close_notify");
+    String::from_utf8(got).unwrap()
+}
+
+/// Over TLS as over plain TCP, an idle HTTP/1 keep-alive connection gives its HTTP state
+/// back after `server.keep_alive_release` and waits for its next bytes: a record with no
+/// request in it (a key update, asking for the server's) is taken while it waits, with
+/// no new HTTP state; the next requests are served on the same connection, under the new
+/// keys both ways; after `server.keep_alive_idle` it is closed with a close_notify.
+#[tokio::test]
+async fn an_idle_tls_keep_alive_connection_gives_its_state_back_and_serves_again() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certs = make_certs("tls-release");
+    let t = tls_server(&certs, |c| {
+        c.server.header_read_timeout = Duration::from_secs(10);
+        c.server.keep_alive_idle = Duration::from_millis(2500);
+        c.server.keep_alive_release = Duration::from_millis(200);
+    })
+    .await;
+    let releases = async || {
+        let metrics = tls_get(&t, &certs, "/metrics").await;
+        metric(&metrics, "parley_http1_idle_releases_total") as u64
+    };
+    const GET: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let mut s = tls_connect(&t, &certs, &[b"http/1.1"]).await;
+    let served = async |s: &mut tokio_rustls::client::TlsStream<TcpStream>| {
+        s.write_all(GET).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        tokio::time::timeout(WAIT, async {
+            while !String::from_utf8_lossy(&got).contains("ok\n") {
+                let n = s.read(&mut buf).await.expect("the connection is open");
+                assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+                got.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await
+        .expect("the response in time");
+        assert!(
+            got.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+    };
+    served(&mut s).await;
+    let before = releases().await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(releases().await, before + 1, "released after 200 ms idle");
+
+    // A key update: no request, so no new HTTP state (none to give back again).
+    s.get_mut().1.refresh_traffic_keys().unwrap();
+    s.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        releases().await,
+        before + 1,
+        "no HTTP state for a key update"
+    );
+    served(&mut s).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        releases().await,
+        before + 2,
+        "released again after the request"
+    );
+    served(&mut s).await;
+
+    // Then idle until closed: a close_notify (a clean end), after the idle time.
+    let answered = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(6), s.read_to_end(&mut rest))
+        .await
+        .expect("closed in time")
+        .expect("closed with a close_notify");
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    let waited = answered.elapsed();
+    assert!(
+        (Duration::from_millis(2000)..Duration::from_secs(5)).contains(&waited),
+        "closed after {waited:?}"
+    );
+}

@@ -41,13 +41,13 @@ pub struct ServerConfig {
     /// connection for their next request (browsers do so by themselves).
     #[serde(with = "humantime_serde")]
     pub keep_alive_idle: Duration,
-    /// HTTP/1 over plain TCP (not TLS): a keep-alive connection that has waited this long
-    /// for its next request gives back its HTTP state (~1.4 KB: hyper's task, buffers and
-    /// timer) and waits on its bare socket for the rest of `keep_alive_idle`; its next
-    /// request is served by a new HTTP state. Connections whose requests come closer
-    /// together than this keep theirs, and so does a connection whose last reply was a
-    /// long-poll's (`GET /poll` with a hold time): its next poll comes a round trip
-    /// later, which may be longer than this. `0`: never (each idle connection keeps its
+    /// HTTP/1, over plain TCP and over TLS: a keep-alive connection that has waited this
+    /// long for its next request gives back its HTTP state (~1.4 KB: hyper's task, buffers
+    /// and timer) and waits on its bare socket (over TLS, with its TLS state) for the rest
+    /// of `keep_alive_idle`; its next request is served by a new HTTP state. Connections
+    /// whose requests come closer together than this keep theirs, and so does a
+    /// connection whose last reply was a long-poll's (`GET /poll` with a hold time): its
+    /// next poll comes a round trip later, which may be longer than this. `0`: never (each idle connection keeps its
     /// state until it closes). Default 200 ms.
     #[serde(with = "humantime_serde")]
     pub keep_alive_release: Duration,
@@ -126,7 +126,7 @@ impl ServerConfig {
         self.keep_alive_idle.min(self.header_read_timeout)
     }
 
-    /// HTTP/1 over plain TCP: `keep_alive_release` when it applies (set, and shorter than
+    /// HTTP/1: `keep_alive_release` when it applies (set, and shorter than
     /// [`ServerConfig::h1_idle`]).
     pub fn h1_release(&self) -> Option<Duration> {
         Some(self.keep_alive_release).filter(|r| !r.is_zero() && *r < self.h1_idle())

@@ -210,7 +210,7 @@ struct Held {
 /// trip after the reply, which on a mobile network is often longer than the release, and
 /// a poll served by a new HTTP state costs ~25k instructions. A connection whose last
 /// request was anything else (an SSE client's acks, seconds apart) is released as
-/// before. HTTP/2 and TLS connections ignore it (they never release).
+/// before. HTTP/2 connections ignore it (they never release).
 pub(crate) fn keep_state(config: &crate::config::ServerConfig, response: &mut Response) {
     response
         .extensions_mut()

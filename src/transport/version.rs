@@ -63,8 +63,20 @@ impl<I> Sniffed<I> {
     }
 
     /// Whether some of those bytes were not read again yet.
-    pub fn has_unread(&self) -> bool {
+    fn has_unread(&self) -> bool {
         self.at < self.first.len()
+    }
+}
+
+impl<I: AsyncRead + Unpin> Sniffed<I> {
+    /// Waits for the connection's next bytes and keeps them to be read again (an idle
+    /// HTTP/1 connection's wait, `server::wait_idle`): how many there are, 0 at the end.
+    /// Ready at once while some are still unread.
+    pub fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.has_unread() {
+            return Poll::Ready(Ok(self.first.len() - self.at));
+        }
+        read_onto(&mut self.io, cx, &mut self.first)
     }
 }
 
@@ -190,5 +202,34 @@ mod tests {
         assert_eq!(&buf[..n], head);
         // Given back: nothing held.
         assert_eq!((s.first.capacity(), s.at), (0, 0));
+    }
+
+    /// An idle connection's wait ([`Sniffed::poll_more`]) keeps what it reads to be read
+    /// again, says at once while bytes are unread, and tells the end (0).
+    #[tokio::test]
+    async fn the_idle_wait_keeps_what_it_reads() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let (_, mut s) = Sniffed::read(server).await.unwrap();
+        // The first bytes are still unread: ready at once, nothing more read.
+        let unread = std::future::poll_fn(|cx| s.poll_more(cx)).await.unwrap();
+        assert_eq!(unread, 18);
+        let mut buf = [0u8; 64];
+        assert_eq!(s.read(&mut buf).await.unwrap(), 18);
+        // Nothing to read: the wait waits.
+        let waiting = std::future::poll_fn(|cx| s.poll_more(cx));
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(20), waiting)
+                .await
+                .is_err()
+        );
+        client.write_all(b"GET /next").await.unwrap();
+        let more = std::future::poll_fn(|cx| s.poll_more(cx)).await.unwrap();
+        assert_eq!(more, 9);
+        assert_eq!(s.read(&mut buf).await.unwrap(), 9);
+        assert_eq!(&buf[..9], b"GET /next");
+        assert_eq!((s.first.capacity(), s.at), (0, 0));
+        client.shutdown().await.unwrap();
+        assert_eq!(std::future::poll_fn(|cx| s.poll_more(cx)).await.unwrap(), 0);
     }
 }
