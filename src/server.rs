@@ -1289,11 +1289,16 @@ impl Server {
                         // more than once (the handshake's state, then the stream in
                         // `serve_connection` and in `serve_h2`'s argument and
                         // connection), for as long as the connection lives.
+                        // The connection is then served by a task of its own, sized for
+                        // `serve_connection` alone, as a plain one: awaited in this one,
+                        // it held this task's captured values beside its own copies of
+                        // them and the handshake's timer (~640 B more for every pending
+                        // long-poll over TLS, docs/BENCHMARKS.md round nineteen).
                         tokio::spawn(async move {
                             let handshake = Box::pin(acceptor.accept(io));
                             match tokio::time::timeout(stages.tls_handshake, handshake).await {
                                 Ok(Ok(stream)) => {
-                                    serve_connection(
+                                    tokio::spawn(serve_connection(
                                         Box::new(stream),
                                         app,
                                         watcher,
@@ -1301,8 +1306,7 @@ impl Server {
                                         deadline,
                                         (peer, true),
                                         stages,
-                                    )
-                                    .await
+                                    ));
                                 }
                                 Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                                 Err(_) => tracing::debug!(
