@@ -914,31 +914,26 @@ where
         // a record with no request in it (a key update) is taken by rustls and the wait
         // goes on.
         let waiting = &mut io;
-        let next = tokio::select! {
+        let request = tokio::select! {
             // Bytes first: when the task runs late, a request that has arrived wins over
             // the idle time's end.
             biased;
             read = std::future::poll_fn(|cx| waiting.poll_more(cx)) => match read {
-                Ok(0) => Some(false),
-                Ok(_) => Some(true),
+                Ok(n) => n > 0,
                 Err(e) => {
                     tracing::debug!(error = %e, "idle HTTP/1 connection failed");
-                    None
+                    return;
                 }
             },
-            _ = shutdown.cancelled() => Some(false),
-            _ = tokio::time::sleep(stages.h1_idle.saturating_sub(released)) => Some(false),
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(stages.h1_idle.saturating_sub(released)) => false,
         };
-        match next {
-            Some(true) => {}
-            Some(false) => {
-                // Closed as hyper closes it, with a shutdown of the write side: over TLS
-                // a close_notify first (a stuck write is cut by the write deadline).
-                let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
-                tracing::trace!("idle HTTP/1 connection closed");
-                return;
-            }
-            None => return,
+        if !request {
+            // Closed as hyper closes it, with a shutdown of the write side: over TLS a
+            // close_notify first (a stuck write is cut by the write deadline).
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+            tracing::trace!("idle HTTP/1 connection closed");
+            return;
         }
         let conn = h1_connection(io, service, &stages, released + since.elapsed());
         tokio::spawn(serve_h1_again(conn, watcher, shutdown, stages));
