@@ -14,6 +14,7 @@ use axum::{
     response::IntoResponse,
     routing::get,
 };
+use futures_util::future::Either;
 use hyper::server::conn::{http1, http2};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -722,7 +723,16 @@ impl Stages {
 /// finish gracefully (`watcher` tells the server when it has). Every stage before a
 /// request has a deadline (`stages`): the first bytes, an HTTP/1 request head, an
 /// HTTP/2 connection without an open request.
-async fn serve_connection<I>(
+///
+/// Two stages in one task, one after the other (`then`): the wait for the first bytes,
+/// which holds the socket and what the connection will need, then the HTTP/1 connection
+/// ([`serve_h1_again`]). The task's future is as large as the larger of the two, not
+/// their sum: as one `async fn`, the socket and the other arguments kept their room
+/// beside hyper's connection for its whole life (an `async fn`'s arguments are held
+/// apart from what its body moves them into), and the task of a connection with a
+/// request in progress (a pending long-poll) took tokio's 1,152 B step, 1,280 B to the
+/// allocator, instead of 1,024 B (docs/BENCHMARKS.md, round twenty).
+fn serve_connection<I>(
     io: I,
     app: App,
     watcher: Watcher,
@@ -730,69 +740,64 @@ async fn serve_connection<I>(
     deadline: WriteDeadline,
     (peer, tls): (PeerIp, bool),
     stages: Arc<Stages>,
-) where
+) -> impl Future<Output = ()> + Send
+where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    // Handlers see the connection's write deadline (SSE and WebSocket set their own),
-    // the peer address (per-IP limits) and, over TLS, that it is (`OverTls`).
-    let app = tower::ServiceExt::map_request(app, move |mut req: axum::extract::Request<_>| {
-        req.extensions_mut().insert(deadline.clone());
-        req.extensions_mut().insert(peer);
-        if tls {
-            req.extensions_mut().insert(OverTls);
-        }
-        req
-    });
-    let (h2, io) = tokio::select! {
-        read = tokio::time::timeout(stages.preface, Sniffed::read(io)) => match read {
-            Ok(Ok(read)) => read,
+    let sniffed = async move {
+        let read = tokio::select! {
+            read = tokio::time::timeout(stages.preface, Sniffed::read(io)) => read,
+            _ = shutdown.cancelled() => return None,
+        };
+        match read {
+            Ok(Ok((h2, io))) => Some((h2, io, app, watcher, shutdown, deadline, stages)),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "connection ended before a request");
-                return;
+                None
             }
             Err(_) => {
                 tracing::debug!(timeout = ?stages.preface, "no request in time: closing");
-                return;
+                None
             }
-        },
-        _ = shutdown.cancelled() => return,
-    };
-    // The task's future is as large as its largest state and every idle connection holds
-    // it, so an HTTP/2 connection (several times HTTP/1's size) runs in a task of its
-    // own, sized for it: boxed in this one, it held this task's room for HTTP/1 (~1.3 KB)
-    // beside its box for as long as it lived.
-    // (Each connection is built and pinned in place: moved into `until_shutdown` by
-    // value, or built from a variable of its own, it would take room twice here.)
-    //
-    // The HTTP/2 connection itself (hyper's and h2's state, ~1.2 KB) is built here and
-    // boxed apart from the task that drives it: built inside the task, its socket and
-    // service took room twice more (the task's captured values and `serve_h2`'s
-    // arguments, ~300 bytes), and a task's cell grows in steps of 128 bytes.
-    if h2 {
-        let streams = Streams::new();
-        let conn = Box::pin(h2_connection(io, app, streams.clone(), &stages));
-        tokio::spawn(async move {
-            if let Err(e) = serve_h2(conn, &streams, &shutdown, &stages).await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-            drop(watcher);
-        });
-        return;
-    }
-    let ended = {
-        let mut conn = h1_connection(io, TowerToHyperService::new(app), &stages, Duration::ZERO);
-        until_shutdown(Pin::new(&mut conn), &shutdown, |c| c.graceful_shutdown())
-            .await
-            .map(|()| idle_parts(conn))
-    };
-    match ended {
-        // Idle between requests: waited on by a small task of its own.
-        Ok(Some(idle)) => {
-            tokio::spawn(wait_idle(idle, watcher, shutdown, stages));
         }
-        Ok(None) => drop(watcher),
-        Err(e) => tracing::debug!(error = %e, "connection ended with an error"),
-    }
+    };
+    futures_util::FutureExt::then(sniffed, move |sniffed| {
+        let Some((h2, io, app, watcher, shutdown, deadline, stages)) = sniffed else {
+            return Either::Right(std::future::ready(()));
+        };
+        // Handlers see the connection's write deadline (SSE and WebSocket set their
+        // own), the peer address (per-IP limits) and, over TLS, that it is (`OverTls`).
+        let app = tower::ServiceExt::map_request(app, move |mut req: axum::extract::Request<_>| {
+            req.extensions_mut().insert(deadline.clone());
+            req.extensions_mut().insert(peer);
+            if tls {
+                req.extensions_mut().insert(OverTls);
+            }
+            req
+        });
+        // The task's future is as large as its largest state and every idle connection
+        // holds it, so an HTTP/2 connection (several times HTTP/1's size) runs in a task
+        // of its own, sized for it: boxed in this one, it held this task's room for
+        // HTTP/1 (~1.3 KB) beside its box for as long as it lived.
+        //
+        // The HTTP/2 connection itself (hyper's and h2's state, ~1.2 KB) is built here
+        // and boxed apart from the task that drives it: built inside the task, its socket
+        // and service took room twice more (the task's captured values and `serve_h2`'s
+        // arguments, ~300 bytes), and a task's cell grows in steps of 128 bytes.
+        if h2 {
+            let streams = Streams::new();
+            let conn = Box::pin(h2_connection(io, app, streams.clone(), &stages));
+            tokio::spawn(async move {
+                if let Err(e) = serve_h2(conn, &streams, &shutdown, &stages).await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                drop(watcher);
+            });
+            return Either::Right(std::future::ready(()));
+        }
+        let conn = h1_connection(io, TowerToHyperService::new(app), &stages, Duration::ZERO);
+        Either::Left(serve_h1_again(conn, watcher, shutdown, stages))
+    })
 }
 
 /// The service an HTTP/1 connection serves (the router behind the connection's layers),
@@ -940,8 +945,8 @@ where
     })
 }
 
-/// Serves the next requests of an HTTP/1 connection that waited idle ([`wait_idle`]).
-/// Not an `async fn`: its arguments would be moved into the future's body and take
+/// Serves an HTTP/1 connection's requests: its first ones ([`serve_connection`]'s second
+/// stage), or the next ones after it waited idle ([`wait_idle`]). Not an `async fn`: its arguments would be moved into the future's body and take
 /// room twice (hyper's connection is most of it); an `async move` block uses them in
 /// place.
 #[allow(clippy::manual_async_fn)]
@@ -1032,21 +1037,25 @@ where
 }
 
 /// Drives `conn` to its end; once `shutdown` is cancelled, asks it (`graceful`) to
-/// finish what it is doing and close.
-async fn until_shutdown<C>(
-    mut conn: Pin<&mut C>,
-    shutdown: &CancellationToken,
+/// finish what it is doing and close. Not an `async fn`, whose arguments would take room
+/// twice in the future (moved into its body): every HTTP/1 connection's task holds it.
+#[allow(clippy::manual_async_fn)]
+fn until_shutdown<'a, C>(
+    mut conn: Pin<&'a mut C>,
+    shutdown: &'a CancellationToken,
     graceful: fn(Pin<&mut C>),
-) -> Result<(), hyper::Error>
+) -> impl Future<Output = Result<(), hyper::Error>> + 'a
 where
     C: Future<Output = Result<(), hyper::Error>>,
 {
-    tokio::select! {
-        ended = conn.as_mut() => return ended,
-        _ = shutdown.cancelled() => {}
+    async move {
+        tokio::select! {
+            ended = conn.as_mut() => return ended,
+            _ = shutdown.cancelled() => {}
+        }
+        graceful(conn.as_mut());
+        conn.await
     }
-    graceful(conn.as_mut());
-    conn.await
 }
 
 /// Sets TCP_NODELAY on a listening socket, for the sockets it accepts: Linux copies a
@@ -1529,5 +1538,34 @@ mod tls_stream_size {
         type Deadline = crate::transport::deadline::DeadlineIo<tokio::net::TcpStream>;
         let size = std::mem::size_of::<tokio_rustls::server::TlsStream<Deadline>>();
         assert!(size <= 640, "{size}");
+    }
+}
+/// The task of an HTTP/1 connection with a request in progress (a pending long-poll, a
+/// slow handler) is [`serve_connection`]'s future with tokio's 104 B around it, in cells
+/// of 128 B: at most 920 B it is a 1,024 B cell, one byte more the 1,152 B step, which
+/// the allocator serves from its 1,280 B class. A debug build lays it out as a release
+/// build does, near enough. It was 1,176 B in cleartext and 1,016 B over TLS (a boxed
+/// stream) as an `async fn` holding its arguments beside hyper's connection, and hyper's
+/// connection held an unused 96 B header map (vendor/hyper change 11).
+#[cfg(test)]
+mod connection_task_size {
+    use super::*;
+
+    fn future_size<A, B, C, D, E, G, H, F>(_: fn(A, B, C, D, E, G, H) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn an_http1_connection_task_fits_a_1024_byte_cell() {
+        type Plain = crate::transport::deadline::DeadlineIo<tokio::net::TcpStream>;
+        type Tls = Box<tokio_rustls::server::TlsStream<Plain>>;
+        let plain = future_size(serve_connection::<Plain>);
+        let tls = future_size(serve_connection::<Tls>);
+        eprintln!("serve_connection: {plain} B in cleartext, {tls} B over TLS");
+        assert!(
+            plain <= 920,
+            "a cleartext connection's task future is {plain} B"
+        );
+        assert!(tls <= 920, "a TLS connection's task future is {tls} B");
     }
 }

@@ -1073,7 +1073,10 @@ impl<I: Unpin, B, T> Unpin for Conn<I, B, T> {}
 struct State {
     allow_half_close: bool,
     /// Re-usable `HeaderMap` to reduce allocating new ones.
-    cached_headers: Option<HeaderMap>,
+    /// PARLEY PATCH: boxed. `write_head` no longer keeps a response's emptied map for the
+    /// next head, so this is `None` on every connection, and inline it took 96 bytes of
+    /// every HTTP/1 connection's state (its task is that much larger) for nothing.
+    cached_headers: Option<Box<HeaderMap>>,
     /// If an error occurs when there wasn't a direct way to return it
     /// back to the user, this is set.
     error: Option<crate::Error>,
@@ -1355,7 +1358,7 @@ mod tests {
         let io = Compat(tokio_test::io::Builder::new().build());
         let mut conn = Conn::<_, bytes::Bytes, crate::proto::h1::ServerTransaction>::new(io);
         *conn.io.read_buf_mut() = ::bytes::BytesMut::from(&s[..]);
-        conn.state.cached_headers = Some(HeaderMap::with_capacity(2));
+        conn.state.cached_headers = Some(Box::new(HeaderMap::with_capacity(2)));
 
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -1369,7 +1372,7 @@ mod tests {
                         ::test::black_box(&x);
                         let mut headers = x.0.headers;
                         headers.clear();
-                        conn.state.cached_headers = Some(headers);
+                        conn.state.cached_headers = Some(Box::new(headers));
                     }
                     f => panic!("expected Ready(Some(Ok(..))): {:?}", f),
                 }

@@ -79,7 +79,7 @@ pub(crate) struct ParsedMessage<T> {
 }
 
 pub(crate) struct ParseContext<'ctx> {
-    cached_headers: &'ctx mut Option<HeaderMap>,
+    cached_headers: &'ctx mut Option<Box<HeaderMap>>,
     req_method: &'ctx mut Option<Method>,
     h1_parser_config: ParserConfig,
     h1_max_headers: Option<usize>,

@@ -260,7 +260,7 @@ impl Http1Transaction for Server {
             None
         };
 
-        let mut headers = ctx.cached_headers.take().unwrap_or_default();
+        let mut headers = ctx.cached_headers.take().map(|h| *h).unwrap_or_default();
         let mut saw_connection_close = false;
 
         headers.reserve(headers_len);
@@ -1142,7 +1142,7 @@ impl Http1Transaction for Client {
 
             let slice = slice.freeze();
 
-            let mut headers = ctx.cached_headers.take().unwrap_or_default();
+            let mut headers = ctx.cached_headers.take().map(|h| *h).unwrap_or_default();
 
             let mut keep_alive = version == Version::HTTP_11;
             let mut saw_connection_close = false;
