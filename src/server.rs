@@ -744,13 +744,15 @@ fn serve_connection<I>(
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // The first stage borrows the token and the stages and hands them on; what only the
+    // second needs waits in its closure.
     let sniffed = async move {
         let read = tokio::select! {
             read = tokio::time::timeout(stages.preface, Sniffed::read(io)) => read,
             _ = shutdown.cancelled() => return None,
         };
         match read {
-            Ok(Ok((h2, io))) => Some((h2, io, app, watcher, shutdown, deadline, stages)),
+            Ok(Ok((h2, io))) => Some((h2, io, shutdown, stages)),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "connection ended before a request");
                 None
@@ -762,7 +764,7 @@ where
         }
     };
     futures_util::FutureExt::then(sniffed, move |sniffed| {
-        let Some((h2, io, app, watcher, shutdown, deadline, stages)) = sniffed else {
+        let Some((h2, io, shutdown, stages)) = sniffed else {
             return Either::Right(std::future::ready(()));
         };
         // Handlers see the connection's write deadline (SSE and WebSocket set their
