@@ -83,16 +83,32 @@ pub struct OutboxConfig {
     pub max_in_flight: usize,
 }
 
-/// [`OutboxConfig`] in milliseconds (`NONE` = off).
+/// [`OutboxConfig`] and the outbox's instants, in milliseconds (every byte here is paid
+/// by every idle connection: 48 B, where durations and `Instant`s took 80).
+///
+/// An instant is kept as whole milliseconds after `base`, the outbox's own (4 B, not an
+/// `Instant`'s 16), rounded up: a timer armed at a deadline never fires before it, and a
+/// sign of life is never taken as older than it was. One base per outbox, not one for
+/// the process: a runtime with a paused clock (tests) has instants of its own. Past
+/// `u32`'s reach (the base ~49 days behind), [`Timers::rebase`] moves the base up.
 struct Timers {
+    base: Instant,
     idle_ms: u32,
     silence_ms: u32,
     coalesce_ms: u32,
-    connect_deadline: Option<Instant>,
+    /// Instants, after `base` (`NONE`: none).
+    connect_deadline: u32,
+    next_idle: u32,
+    /// Until when pushes wait to leave together (see `OutboxConfig::coalesce`).
+    coalescing: u32,
+    last_seen: u32,
 }
 
 impl Timers {
     const NONE: u32 = u32::MAX;
+    /// How far back the base goes when it moves (~24.8 days before the instant that
+    /// moved it): a sign of life older than that reads as that old.
+    const REACH_MS: u64 = 1 << 31;
 
     fn ms(d: Option<Duration>) -> u32 {
         d.map_or(Self::NONE, |d| {
@@ -104,13 +120,86 @@ impl Timers {
         (ms != Self::NONE).then(|| Duration::from_millis(ms.into()))
     }
 
-    fn from(c: &OutboxConfig) -> Self {
-        Self {
+    fn new(c: &OutboxConfig, now: Instant) -> Self {
+        let mut timers = Self {
+            base: now,
             idle_ms: Self::ms(c.idle),
             silence_ms: Self::ms(c.silence_limit),
             coalesce_ms: Self::ms(Some(c.coalesce).filter(|d| !d.is_zero())),
-            connect_deadline: c.connect_deadline,
+            connect_deadline: Self::NONE,
+            next_idle: Self::NONE,
+            coalescing: Self::NONE,
+            last_seen: 0,
+        };
+        timers.connect_deadline = timers.after(c.connect_deadline);
+        timers.next_idle = timers.after(c.idle.map(|d| now + d));
+        timers
+    }
+
+    /// The instant `ms` stands for (`None` for `NONE`).
+    fn at(&self, ms: u32) -> Option<Instant> {
+        (ms != Self::NONE).then(|| self.base + Duration::from_millis(ms.into()))
+    }
+
+    /// `at` as milliseconds after the base, rounded up (`NONE` for `None`; an instant
+    /// before the base reads as the base). Moves the base first when `at` is out of reach.
+    fn after(&mut self, at: Option<Instant>) -> u32 {
+        let Some(at) = at else {
+            return Self::NONE;
+        };
+        let ms = Self::ceil_ms(at.saturating_duration_since(self.base));
+        if ms < u64::from(Self::NONE) {
+            return ms as u32;
         }
+        self.rebase(ms - Self::REACH_MS);
+        Self::REACH_MS as u32
+    }
+
+    fn ceil_ms(d: Duration) -> u64 {
+        let ms = d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 != 0);
+        ms.min(u64::MAX as u128) as u64
+    }
+
+    /// Moves the base `shift` ms later; each instant keeps its place, one before the new
+    /// base reading as the base.
+    fn rebase(&mut self, shift: u64) {
+        self.base += Duration::from_millis(shift);
+        for ms in [
+            &mut self.connect_deadline,
+            &mut self.next_idle,
+            &mut self.coalescing,
+            &mut self.last_seen,
+        ] {
+            if *ms != Self::NONE {
+                *ms = u64::from(*ms).saturating_sub(shift) as u32;
+            }
+        }
+    }
+
+    fn set_next_idle(&mut self, at: Option<Instant>) {
+        self.next_idle = self.after(at);
+    }
+
+    fn set_coalescing(&mut self, until: Option<Instant>) {
+        self.coalescing = self.after(until);
+    }
+
+    fn see(&mut self, now: Instant) {
+        self.last_seen = self.after(Some(now));
+    }
+
+    fn next_idle(&self) -> Option<Instant> {
+        self.at(self.next_idle)
+    }
+
+    fn coalescing(&self) -> Option<Instant> {
+        self.at(self.coalescing)
+    }
+
+    /// How long since the last sign of life.
+    fn silent_for(&self, now: Instant) -> Duration {
+        let seen = self.base + Duration::from_millis(self.last_seen.into());
+        now.saturating_duration_since(seen)
     }
 }
 
@@ -136,12 +225,9 @@ pub struct Outbox {
     /// Counts [`Outbox::ready`] calls, to look at the shutdown token only every
     /// [`SHUTDOWN_EVERY`]th time (see there).
     looks: u8,
-    /// The timers, compact (every byte here is paid by every idle connection).
+    /// The timers and instants, compact (every byte here is paid by every idle
+    /// connection).
     timers: Timers,
-    next_idle: Option<Instant>,
-    /// Until when pushes wait to leave together (see `OutboxConfig::coalesce`).
-    coalescing: Option<Instant>,
-    last_seen: Instant,
     shutdown: CancellationToken,
     /// The shutdown wait and the one timer, in one allocation (see [`Waits`]); `None`
     /// for an outbox whose waits live in its caller's pinned future
@@ -176,7 +262,6 @@ impl Outbox {
     }
 
     fn without_waits(conn: Conn, config: OutboxConfig, shutdown: CancellationToken) -> Self {
-        let now = Instant::now();
         Self {
             conn,
             replies: VecDeque::new(),
@@ -192,10 +277,7 @@ impl Outbox {
             closed: false,
             drained: false,
             looks: 0,
-            next_idle: config.idle.map(|d| now + d),
-            timers: Timers::from(&config),
-            coalescing: None,
-            last_seen: now,
+            timers: Timers::new(&config, Instant::now()),
             waits: None,
             shutdown,
             timer_armed: false,
@@ -308,7 +390,7 @@ impl Outbox {
 
     /// The client showed a sign of life (any frame, pongs included).
     pub fn seen(&mut self) {
-        self.last_seen = Instant::now();
+        self.timers.see(Instant::now());
     }
 
     /// Runs one client frame (or reports why it could not be decoded); its reply, if
@@ -397,10 +479,14 @@ impl Outbox {
             {
                 return Some(Out::Frame(reply));
             }
-            if self.coalescing.is_some_and(|until| until <= Instant::now()) {
-                self.coalescing = None;
+            if self
+                .timers
+                .coalescing()
+                .is_some_and(|until| until <= Instant::now())
+            {
+                self.timers.set_coalescing(None);
             }
-            if self.coalescing.is_none() {
+            if self.timers.coalescing == Timers::NONE {
                 match self.conn.take(BATCH) {
                     Ok(pushes) if !pushes.is_empty() => return Some(Out::Pushes(pushes)),
                     Ok(_) => {}
@@ -473,10 +559,14 @@ impl Outbox {
     /// connection holds one timer, not three: connect, idle, and the end of a coalescing
     /// pause) and registers for the pushes' wake-up. Returns whether the timer is armed.
     fn arm(&mut self, waits: Pin<&mut Waits>, mut woken: Pin<&mut Option<OwnedNotified>>) -> bool {
-        let wake = [self.connect_deadline(), self.next_idle, self.coalescing]
-            .into_iter()
-            .flatten()
-            .min();
+        let wake = [
+            self.connect_deadline(),
+            self.timers.next_idle(),
+            self.timers.coalescing(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         if let Some(at) = wake
             && !(self.timer_armed && waits.timer.deadline() == at)
         {
@@ -487,7 +577,7 @@ impl Outbox {
         woken.set(
             self.conn
                 .attachment()
-                .filter(|_| self.coalescing.is_none())
+                .filter(|_| self.timers.coalescing == Timers::NONE)
                 .map(Attachment::woken),
         );
         wake.is_some()
@@ -497,7 +587,7 @@ impl Outbox {
     /// wait and when it ends: nothing changes the connection meanwhile.
     fn connect_deadline(&self) -> Option<Instant> {
         self.timers
-            .connect_deadline
+            .at(self.timers.connect_deadline)
             .filter(|_| !self.conn.is_connected())
     }
 
@@ -509,7 +599,7 @@ impl Outbox {
             Event::Ran(finished) => self.ran(finished),
             Event::Woken => {
                 if let Some(coalesce) = Timers::get(self.timers.coalesce_ms) {
-                    self.coalescing = Some(Instant::now() + coalesce);
+                    self.timers.set_coalescing(Some(Instant::now() + coalesce));
                 }
             }
             Event::Timer => {
@@ -524,7 +614,7 @@ impl Outbox {
                     self.close(CloseReason::AuthTimeout);
                     return None;
                 }
-                if self.next_idle.is_none_or(|d| d > now) {
+                if self.timers.next_idle().is_none_or(|d| d > now) {
                     // The end of a coalescing pause (or an early wake-up).
                     return None;
                 }
@@ -534,12 +624,13 @@ impl Outbox {
                     self.seen();
                 }
                 if Timers::get(self.timers.silence_ms)
-                    .is_some_and(|limit| self.last_seen.elapsed() >= limit)
+                    .is_some_and(|limit| self.timers.silent_for(now) >= limit)
                 {
                     self.close(CloseReason::HeartbeatTimeout);
                     return None;
                 }
-                self.next_idle = Timers::get(self.timers.idle_ms).map(|d| now + d);
+                let next = Timers::get(self.timers.idle_ms).map(|d| now + d);
+                self.timers.set_next_idle(next);
                 return Some(Out::Idle);
             }
         }
@@ -724,7 +815,8 @@ mod tests {
 
     /// What every connection holds inline, and its one box for the shutdown wait and the
     /// timer (two boxes before, of 112 and 72 B: the outbox was 224 B, and glibc paid
-    /// 128 + 80 B of chunks for what is now one chunk of 192).
+    /// 128 + 80 B of chunks for what is now one chunk of 192). 216 B until its instants
+    /// were kept as milliseconds after a base (`Timers`).
     #[test]
     fn the_outbox_stays_small() {
         let outbox = std::mem::size_of::<Outbox>();
@@ -734,8 +826,76 @@ mod tests {
             std::mem::size_of::<Sleep>(),
             std::mem::size_of::<WaitForCancellationFutureOwned>()
         );
-        assert!(outbox <= 216, "the outbox is {outbox} bytes");
+        assert!(outbox <= 184, "the outbox is {outbox} bytes");
         assert!(waits <= 184, "the outbox's waits are {waits} bytes");
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Instants as milliseconds after the outbox's base: rounded up, so a deadline's
+    /// timer never fires early and a sign of life never reads as older than it was.
+    #[test]
+    fn timers_keep_instants_rounded_up() {
+        let base = Instant::now();
+        let config = OutboxConfig {
+            idle: Some(ms(25_000)),
+            silence_limit: Some(ms(60_000)),
+            connect_deadline: Some(base + Duration::from_micros(10_000_300)),
+            ..Default::default()
+        };
+        let mut t = Timers::new(&config, base);
+        assert_eq!(t.next_idle(), Some(base + ms(25_000)));
+        assert_eq!(t.at(t.connect_deadline), Some(base + ms(10_001)));
+        assert_eq!(t.coalescing(), None);
+        t.see(base + Duration::from_micros(1_500));
+        assert_eq!(t.silent_for(base + ms(2)), Duration::ZERO);
+        assert_eq!(t.silent_for(base + ms(60_002)), ms(60_000));
+        t.set_coalescing(Some(base + ms(7)));
+        assert_eq!(t.coalescing(), Some(base + ms(7)));
+        t.set_coalescing(None);
+        assert_eq!(t.coalescing(), None);
+        // Before the base (a connect deadline computed earlier): the base.
+        t.set_next_idle(base.checked_sub(ms(5)));
+        assert_eq!(t.next_idle(), Some(base));
+    }
+
+    /// A connection older than `u32`'s milliseconds (~49.7 days): the base moves up and
+    /// every instant keeps its place; one from before the new base reads as the base.
+    #[test]
+    fn timers_move_their_base_past_u32s_reach() {
+        let base = Instant::now();
+        let mut t = Timers::new(
+            &OutboxConfig {
+                idle: Some(ms(25_000)),
+                silence_limit: Some(ms(60_000)),
+                connect_deadline: Some(base + ms(10_000)),
+                ..Default::default()
+            },
+            base,
+        );
+        let day = 24 * 3600 * 1000;
+        // 17.3 s before the base's reach ends.
+        let now = base + ms(4_294_950_000);
+        t.see(now - ms(30_000));
+        assert_eq!(t.base, base, "in reach: no move");
+        t.set_next_idle(Some(now + ms(25_000)));
+        assert!(t.base > base, "out of reach: the base moved");
+        assert_eq!(t.next_idle(), Some(now + ms(25_000)));
+        assert_eq!(t.silent_for(now), ms(30_000));
+        assert_eq!(
+            t.at(t.connect_deadline),
+            Some(t.base),
+            "long past: the new base"
+        );
+        assert_eq!(t.coalescing(), None, "none stays none");
+        // And again, ~50 days later.
+        let later = now + ms(50 * day);
+        t.see(later);
+        t.set_coalescing(Some(later + ms(3)));
+        assert_eq!(t.coalescing(), Some(later + ms(3)));
+        assert_eq!(t.silent_for(later + ms(1)), ms(1));
     }
 
     /// What an idle connection's task holds for its wait (the `async fn` it replaced
