@@ -305,6 +305,12 @@ impl Outbox {
         self.closing.is_none() && !self.closed && self.in_flight() < usize::from(self.max_in_flight)
     }
 
+    /// Whether the outbox is done: it handed out [`Out::Close`] (or the client closed on
+    /// purpose). Nothing more comes out of it.
+    pub fn closed(&self) -> bool {
+        self.closed
+    }
+
     /// Whether something is queued or pending (a reply will come).
     pub fn expecting(&self) -> bool {
         !self.replies.is_empty() || self.in_flight() > 0 || self.closing.is_some()
