@@ -948,9 +948,9 @@ where
 }
 
 /// Serves an HTTP/1 connection's requests: its first ones ([`serve_connection`]'s second
-/// stage), or the next ones after it waited idle ([`wait_idle`]). Not an `async fn`: its arguments would be moved into the future's body and take
-/// room twice (hyper's connection is most of it); an `async move` block uses them in
-/// place.
+/// stage), or the next ones after it waited idle ([`wait_idle`]). Not an `async fn`: its
+/// arguments would be moved into the future's body and take room twice (hyper's
+/// connection is most of it); an `async move` block uses them in place.
 #[allow(clippy::manual_async_fn)]
 fn serve_h1_again<I, S>(
     mut conn: http1::UpgradeableConnection<TokioIo<Sniffed<I>>, TowerToHyperService<S>>,
@@ -1542,6 +1542,7 @@ mod tls_stream_size {
         assert!(size <= 640, "{size}");
     }
 }
+
 /// The task of an HTTP/1 connection with a request in progress (a pending long-poll, a
 /// slow handler) is [`serve_connection`]'s future with tokio's 104 B around it, in cells
 /// of 128 B: at most 920 B it is a 1,024 B cell, one byte more the 1,152 B step, which

@@ -398,6 +398,11 @@ impl Future for Detached {
                         if let Ok(data) = frame.into_data()
                             && !data.is_empty()
                         {
+                            if u32::try_from(data.len() + this.head.len() + 2).is_err() {
+                                let bytes = data.len();
+                                tracing::warn!(bytes, "an SSE chunk over 4 GiB: ending the stream");
+                                return Poll::Ready(());
+                            }
                             *this.head_len = format_chunk_size(this.head, data.len()) as u8;
                             *this.data = data;
                             *this.sent = 0;
@@ -425,11 +430,8 @@ impl Future for Detached {
                 Step::Chunk | Step::Last => {
                     let head = &this.head[..*this.head_len as usize];
                     let parts: [&[u8]; 3] = [head, this.data, b"\r\n"];
+                    // Within `u32` (checked when the chunk was taken).
                     let total = head.len() + this.data.len() + 2;
-                    if u32::try_from(total).is_err() {
-                        tracing::warn!(bytes = total, "an SSE chunk over 4 GiB: ending the stream");
-                        return Poll::Ready(());
-                    }
                     // One vectored write where the socket takes it all (as hyper's
                     // chunked encoder writes a chunk).
                     while (*this.sent as usize) < total {
@@ -447,7 +449,7 @@ impl Future for Detached {
                         }
                         match ready!(Pin::new(&mut *io).poll_write_vectored(cx, &bufs[..n])) {
                             Ok(0) | Err(_) => return Poll::Ready(()),
-                            // At most `total - sent`: within `u32` (checked above).
+                            // At most `total - sent`: within `u32`.
                             Ok(written) => *this.sent += written as u32,
                         }
                     }
