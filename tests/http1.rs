@@ -167,6 +167,32 @@ async fn heads_small_large_in_pieces_and_pipelined_on_one_connection() {
     assert_healthy(&mut raw).await;
 }
 
+/// On shutdown a keep-alive connection still in hyper's hands (no idle release) is asked
+/// to finish and closes at once, not when its idle time or the drain's limit is up.
+#[tokio::test]
+async fn shutdown_closes_a_keep_alive_connection_at_once() {
+    let t = TestServer::start_with(|c| {
+        c.server.keep_alive_idle = Duration::from_secs(60);
+        c.server.keep_alive_release = Duration::from_secs(60);
+        c.server.header_read_timeout = Duration::from_secs(60);
+        c.server.shutdown_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let mut raw = Raw::connect(&t).await;
+    raw.write(&healthz(0)).await;
+    assert_healthy(&mut raw).await;
+    tokio::time::sleep(IDLE).await;
+    let asked = std::time::Instant::now();
+    t.server.shutdown();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), raw.tcp.read_to_end(&mut rest))
+        .await
+        .expect("closed within 5 s of the shutdown")
+        .unwrap();
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    assert!(asked.elapsed() < Duration::from_secs(5));
+}
+
 #[tokio::test]
 async fn bodies_arriving_after_their_head_and_in_pieces_arrive_whole() {
     let t = TestServer::start().await;
