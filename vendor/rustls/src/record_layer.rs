@@ -37,7 +37,9 @@ pub(crate) struct RecordLayer {
     // Message encrypted with other keys may be encountered, so failures
     // should be swallowed by the caller.  This struct tracks the amount
     // of message size this is allowed for.
-    trial_decryption_len: Option<usize>,
+    // PARLEY PATCH: a `u32` (the most early data a server accepts is one), which packs
+    // beside the flags above: 8 B less in every connection.
+    trial_decryption_len: Option<u32>,
 
     // PARLEY PATCH: what each direction's TLS 1.3 key is expanded again from once given
     // back while the connection is idle (`idle_keys`); `None` where it is never given back.
@@ -359,7 +361,8 @@ impl RecordLayer {
     ) {
         self.prepare_message_decrypter(cipher);
         self.start_decrypting();
-        self.trial_decryption_len = Some(max_length);
+        // A longer limit than a `u32` holds is none the protocol allows; it is cut to one.
+        self.trial_decryption_len = Some(u32::try_from(max_length).unwrap_or(u32::MAX));
     }
 
     pub(crate) fn finish_trial_decryption(&mut self) {
@@ -414,7 +417,8 @@ impl RecordLayer {
     fn doing_trial_decryption(&mut self, requested: usize) -> bool {
         match self
             .trial_decryption_len
-            .and_then(|value| value.checked_sub(requested))
+            .zip(u32::try_from(requested).ok())
+            .and_then(|(value, requested)| value.checked_sub(requested))
         {
             Some(remaining) => {
                 self.trial_decryption_len = Some(remaining);

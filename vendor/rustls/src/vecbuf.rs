@@ -1,3 +1,4 @@
+use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use core::{cmp, mem};
@@ -13,14 +14,13 @@ use crate::msgs::message::OutboundChunks;
 ///
 /// This avoids extra copies when appending a new byte vector,
 /// at the expense of more complexity when reading out.
+// PARLEY PATCH: the chunks and the first one's consumed prefix are boxed, and the box
+// exists only while the buffer holds bytes (16 B, not 48 B, in each of a connection's
+// three buffers, which a connection that waits holds empty: `sendable_tls`,
+// `received_plaintext` and `sendable_plaintext`). The first append allocates it, and
+// the read or pop that empties the buffer gives it back with the deque's room.
 pub(crate) struct ChunkVecBuffer {
-    /// How many bytes have been consumed in the first chunk.
-    ///
-    /// Invariant: zero if `chunks.is_empty()`
-    /// Invariant: 0 <= `prefix_used` < `chunks[0].len()`
-    prefix_used: usize,
-
-    chunks: VecDeque<Vec<u8>>,
+    chunks: Option<Box<Chunks>>,
 
     /// The total upper limit (in bytes) of this object.
     // PARLEY PATCH: `usize::MAX` for none (an `Option<usize>` took 16 B, in each of a
@@ -29,11 +29,21 @@ pub(crate) struct ChunkVecBuffer {
     limit: usize,
 }
 
+/// PARLEY PATCH: what a [`ChunkVecBuffer`] holds while it is not empty.
+struct Chunks {
+    /// How many bytes have been consumed in the first chunk.
+    ///
+    /// Invariant: 0 <= `prefix_used` < `deque[0].len()`
+    prefix_used: usize,
+
+    /// Invariant: not empty (an empty buffer has no `Chunks`), and no chunk is empty.
+    deque: VecDeque<Vec<u8>>,
+}
+
 impl ChunkVecBuffer {
     pub(crate) fn new(limit: Option<usize>) -> Self {
         Self {
-            prefix_used: 0,
-            chunks: VecDeque::new(),
+            chunks: None,
             limit: limit.unwrap_or(usize::MAX),
         }
     }
@@ -51,15 +61,21 @@ impl ChunkVecBuffer {
 
     /// If we're empty
     pub(crate) fn is_empty(&self) -> bool {
-        self.chunks.is_empty()
+        self.chunks.is_none()
     }
 
     /// How many bytes we're storing
     pub(crate) fn len(&self) -> usize {
-        self.chunks
-            .iter()
-            .fold(0usize, |acc, chunk| acc + chunk.len())
-            - self.prefix_used
+        match &self.chunks {
+            None => 0,
+            Some(chunks) => {
+                chunks
+                    .deque
+                    .iter()
+                    .fold(0usize, |acc, chunk| acc + chunk.len())
+                    - chunks.prefix_used
+            }
+        }
     }
 
     /// For a proposed append of `len` bytes, how many
@@ -75,11 +91,17 @@ impl ChunkVecBuffer {
         let len = bytes.len();
 
         if !bytes.is_empty() {
-            if self.chunks.is_empty() {
-                debug_assert_eq!(self.prefix_used, 0);
+            match &mut self.chunks {
+                Some(chunks) => chunks.deque.push_back(bytes),
+                None => {
+                    let mut deque = VecDeque::new();
+                    deque.push_back(bytes);
+                    self.chunks = Some(Box::new(Chunks {
+                        prefix_used: 0,
+                        deque,
+                    }));
+                }
             }
-
-            self.chunks.push_back(bytes);
         }
 
         len
@@ -89,11 +111,12 @@ impl ChunkVecBuffer {
     ///
     /// This function returns `None` if the object `is_empty`.
     pub(crate) fn pop(&mut self) -> Option<Vec<u8>> {
-        let mut first = self.chunks.pop_front();
+        let chunks = self.chunks.as_mut()?;
+        let mut first = chunks.deque.pop_front();
 
         if let Some(first) = &mut first {
             // slice off `prefix_used` if needed (uncommon)
-            let prefix = mem::take(&mut self.prefix_used);
+            let prefix = mem::take(&mut chunks.prefix_used);
             first.drain(0..prefix);
         }
         self.release_if_empty();
@@ -101,13 +124,18 @@ impl ChunkVecBuffer {
         first
     }
 
-    /// PARLEY PATCH: an empty buffer gives its deque's room back (4 chunks, 96 bytes,
-    /// once anything was queued), so a connection that waits holds none: every TLS
-    /// connection kept it in `sendable_tls` since its ServerHello and in
-    /// `received_plaintext` since its first record. The next append takes it again.
+    /// PARLEY PATCH: an empty buffer gives its chunks' box back, and with it the deque's
+    /// room (4 chunks, 96 bytes, once anything was queued), so a connection that waits
+    /// holds neither: every TLS connection kept the deque in `sendable_tls` since its
+    /// ServerHello and in `received_plaintext` since its first record. The next append
+    /// takes them again.
     fn release_if_empty(&mut self) {
-        if self.chunks.is_empty() && self.chunks.capacity() != 0 {
-            self.chunks = VecDeque::new();
+        if self
+            .chunks
+            .as_ref()
+            .is_some_and(|chunks| chunks.deque.is_empty())
+        {
+            self.chunks = None;
         }
     }
 
@@ -117,8 +145,10 @@ impl ChunkVecBuffer {
         &mut self,
         mut cursor: core::io::BorrowedCursor<'_, u8>,
     ) -> io::Result<()> {
-        while !self.is_empty() && cursor.capacity() > 0 {
-            let chunk = &self.chunks[0][self.prefix_used..];
+        while cursor.capacity() > 0 {
+            let Some(chunk) = self.chunk() else {
+                break;
+            };
             let used = cmp::min(chunk.len(), cursor.capacity());
             cursor.append(&chunk[..used]);
             self.consume(used);
@@ -130,7 +160,8 @@ impl ChunkVecBuffer {
     /// Inspect the first chunk from this object.
     pub(crate) fn peek(&self) -> Option<&[u8]> {
         self.chunks
-            .front()
+            .as_ref()
+            .and_then(|chunks| chunks.deque.front())
             .map(|ch| ch.as_slice())
     }
 }
@@ -154,8 +185,11 @@ impl ChunkVecBuffer {
     pub(crate) fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let mut offs = 0;
 
-        while offs < buf.len() && !self.is_empty() {
-            let used = (&self.chunks[0][self.prefix_used..]).read(&mut buf[offs..])?;
+        while offs < buf.len() {
+            let Some(mut chunk) = self.chunk() else {
+                break;
+            };
+            let used = chunk.read(&mut buf[offs..])?;
 
             self.consume(used);
             offs += used;
@@ -178,41 +212,48 @@ impl ChunkVecBuffer {
     }
 
     fn consume(&mut self, used: usize) {
+        let Some(chunks) = self.chunks.as_mut() else {
+            debug_assert_eq!(
+                used, 0,
+                "attempted to `ChunkVecBuffer::consume` more than available"
+            );
+            return;
+        };
         // first, mark the rightmost extent of the used buffer
-        self.prefix_used += used;
+        chunks.prefix_used += used;
 
         // then reduce `prefix_used` by discarding wholly-covered
         // buffers
-        while let Some(buf) = self.chunks.front() {
-            if self.prefix_used < buf.len() {
+        while let Some(buf) = chunks.deque.front() {
+            if chunks.prefix_used < buf.len() {
                 return;
             } else {
-                self.prefix_used -= buf.len();
-                self.chunks.pop_front();
+                chunks.prefix_used -= buf.len();
+                chunks.deque.pop_front();
             }
         }
 
         debug_assert_eq!(
-            self.prefix_used, 0,
+            chunks.prefix_used, 0,
             "attempted to `ChunkVecBuffer::consume` more than available"
         );
-        // PARLEY PATCH: everything consumed: the deque's room goes back.
+        // PARLEY PATCH: everything consumed: the chunks' box goes back.
         self.release_if_empty();
     }
 
     /// Read data out of this object, passing it `wr`
     pub(crate) fn write_to(&mut self, wr: &mut dyn io::Write) -> io::Result<usize> {
-        if self.is_empty() {
+        let Some(chunks) = self.chunks.as_ref() else {
             return Ok(0);
-        }
+        };
 
-        let mut prefix = self.prefix_used;
+        let mut prefix = chunks.prefix_used;
         let mut bufs = [io::IoSlice::new(&[]); 64];
-        for (iov, chunk) in bufs.iter_mut().zip(self.chunks.iter()) {
+        for (iov, chunk) in bufs.iter_mut().zip(chunks.deque.iter()) {
             *iov = io::IoSlice::new(&chunk[prefix..]);
             prefix = 0;
         }
-        let len = cmp::min(bufs.len(), self.chunks.len());
+        let len = cmp::min(bufs.len(), chunks.deque.len());
         let bufs = &bufs[..len];
         let used = wr.write_vectored(bufs)?;
         let available_bytes = bufs.iter().map(|ch| ch.len()).sum();
@@ -234,9 +275,11 @@ impl ChunkVecBuffer {
 
     /// Returns the first contiguous chunk of data, or None if empty.
     pub(crate) fn chunk(&self) -> Option<&[u8]> {
-        self.chunks
+        let chunks = self.chunks.as_ref()?;
+        chunks
+            .deque
             .front()
-            .map(|chunk| &chunk[self.prefix_used..])
+            .map(|chunk| &chunk[chunks.prefix_used..])
     }
 }
 
@@ -248,29 +291,37 @@ mod parley_release_tests {
 
     use super::ChunkVecBuffer;
 
+    /// The deque's room, 0 when the chunks' box is given back too.
+    fn room(cvb: &ChunkVecBuffer) -> usize {
+        assert_eq!(cvb.chunks.is_none(), cvb.is_empty());
+        cvb.chunks
+            .as_ref()
+            .map_or(0, |chunks| chunks.deque.capacity())
+    }
+
     #[test]
     fn room_given_back_once_empty() {
         let mut cvb = ChunkVecBuffer::new(None);
-        assert_eq!(cvb.chunks.capacity(), 0);
+        assert_eq!(room(&cvb), 0);
         cvb.append(b"hello".to_vec());
         cvb.append(b"world".to_vec());
-        assert!(cvb.chunks.capacity() > 0);
+        assert!(room(&cvb) > 0);
 
         // read: partly, then the rest
         let mut buf = [0u8; 7];
         assert_eq!(cvb.read(&mut buf).unwrap(), 7);
-        assert!(cvb.chunks.capacity() > 0);
+        assert!(room(&cvb) > 0);
         assert_eq!(cvb.read(&mut buf).unwrap(), 3);
         assert_eq!(&buf[..3], b"rld");
         assert!(cvb.is_empty());
-        assert_eq!(cvb.chunks.capacity(), 0);
+        assert_eq!(room(&cvb), 0);
 
         // write_to
         cvb.append(b"abc".to_vec());
         let mut out = Vec::new();
         assert_eq!(cvb.write_to(&mut out).unwrap(), 3);
         assert_eq!(out, b"abc");
-        assert_eq!(cvb.chunks.capacity(), 0);
+        assert_eq!(room(&cvb), 0);
 
         // a partial write keeps the rest, and its room
         struct Two(Vec<u8>);
@@ -287,18 +338,18 @@ mod parley_release_tests {
         let mut two = Two(Vec::new());
         cvb.append(b"xyz".to_vec());
         assert_eq!(cvb.write_to(&mut two).unwrap(), 2);
-        assert!(cvb.chunks.capacity() > 0);
+        assert!(room(&cvb) > 0);
         assert_eq!(cvb.write_to(&mut two).unwrap(), 1);
         assert_eq!(two.0, b"xyz");
-        assert_eq!(cvb.chunks.capacity(), 0);
+        assert_eq!(room(&cvb), 0);
 
         // pop
         cvb.append(b"one".to_vec());
         cvb.append(b"two".to_vec());
         assert_eq!(cvb.pop().unwrap(), b"one");
-        assert!(cvb.chunks.capacity() > 0);
+        assert!(room(&cvb) > 0);
         assert_eq!(cvb.pop().unwrap(), b"two");
-        assert_eq!(cvb.chunks.capacity(), 0);
+        assert_eq!(room(&cvb), 0);
         assert!(cvb.pop().is_none());
     }
 }
@@ -334,7 +385,7 @@ mod tests {
         cvb.set_limit(Some(8));
         assert!(cvb.is_full());
         assert_eq!(cvb.append_limited_copy(b"!"[..].into()), 0);
-        assert_eq!(size_of::<ChunkVecBuffer>(), 48);
+        assert_eq!(size_of::<ChunkVecBuffer>(), 16);
     }
 
     #[test]

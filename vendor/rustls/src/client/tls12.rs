@@ -163,12 +163,13 @@ mod server_hello {
 
                     // Since we're resuming, we verified the certificate and
                     // proof of possession in the prior session.
-                    cx.common.peer_certificates = Some(
+                    // PARLEY PATCH: `peer_certificates` is boxed (common_state.rs).
+                    cx.common.peer_certificates = Some(Box::new(
                         resuming
                             .server_cert_chain()
                             .clone()
                             .into_owned(),
-                    );
+                    ));
                     cx.common.handshake_kind = Some(HandshakeKind::Resumed);
                     let cert_verified = verify::ServerCertVerified::assertion();
                     let sig_verified = verify::HandshakeSignatureValid::assertion();
@@ -932,7 +933,8 @@ impl State<ClientConnectionData> for ExpectServerDone<'_> {
                         .send_cert_verify_error_alert(err)
                 })?
         };
-        cx.common.peer_certificates = Some(st.server_cert.cert_chain.into_owned());
+        // PARLEY PATCH: `peer_certificates` is boxed (common_state.rs).
+        cx.common.peer_certificates = Some(Box::new(st.server_cert.cert_chain.into_owned()));
 
         // 3.
         if let Some(client_auth) = &st.client_auth {
@@ -1225,9 +1227,11 @@ impl ExpectFinished {
             self.session_id,
             ticket,
             self.secrets.master_secret(),
+            // PARLEY PATCH: `peer_certificates` is boxed (common_state.rs).
             cx.common
                 .peer_certificates
-                .clone()
+                .as_deref()
+                .cloned()
                 .unwrap_or_default(),
             &self.config.verifier,
             &self.config.client_auth_cert_resolver,

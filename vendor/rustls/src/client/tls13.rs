@@ -570,11 +570,12 @@ impl State<ClientConnectionData> for ExpectEncryptedExtensions {
                         .set_handshake_encrypter(cx.common);
                 }
 
-                cx.common.peer_certificates = Some(
+                // PARLEY PATCH: `peer_certificates` is boxed (common_state.rs).
+                cx.common.peer_certificates = Some(Box::new(
                     resuming_session
                         .server_cert_chain()
                         .clone(),
-                );
+                ));
                 cx.common.handshake_kind = Some(HandshakeKind::Resumed);
 
                 // We *don't* reverify the certificate chain here: resumption is a
@@ -1216,7 +1217,8 @@ impl State<ClientConnectionData> for ExpectCertificateVerify<'_> {
                     .send_cert_verify_error_alert(err)
             })?;
 
-        cx.common.peer_certificates = Some(self.server_cert.cert_chain.into_owned());
+        // PARLEY PATCH: `peer_certificates` is boxed (common_state.rs).
+        cx.common.peer_certificates = Some(Box::new(self.server_cert.cert_chain.into_owned()));
         self.transcript.add_message(&m);
 
         Ok(Box::new(ExpectFinished {
@@ -1558,7 +1560,8 @@ impl ExpectTraffic {
         nst: &NewSessionTicketPayloadTls13,
     ) -> Result<(), Error> {
         let mut kcx = KernelContext {
-            peer_certificates: cx.common.peer_certificates.as_ref(),
+            // PARLEY PATCH: `peer_certificates` is boxed (common_state.rs).
+            peer_certificates: cx.common.peer_certificates.as_deref(),
             protocol: cx.common.protocol,
             quic: &cx.common.quic,
         };

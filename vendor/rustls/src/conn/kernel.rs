@@ -89,7 +89,8 @@ impl<Data> KernelConnection<Data> {
         Ok(Self {
             state,
 
-            peer_certificates: common.peer_certificates,
+            // PARLEY PATCH: `peer_certificates` is boxed (common_state.rs).
+            peer_certificates: common.peer_certificates.map(|chain| *chain),
             quic: common.quic,
             negotiated_version: common
                 .negotiated_version

@@ -286,7 +286,8 @@ mod client_hello {
             );
             cx.common
                 .start_encryption_tls12(&secrets, Side::Server);
-            cx.common.peer_certificates = resumedata.client_cert_chain;
+            // PARLEY PATCH: `peer_certificates` is boxed (common_state.rs).
+            cx.common.peer_certificates = resumedata.client_cert_chain.map(Box::new);
             cx.common.handshake_kind = Some(HandshakeKind::Resumed);
 
             if self.send_ticket {
@@ -671,7 +672,8 @@ impl State<ServerConnectionData> for ExpectCertificateVerify<'_> {
         }
 
         trace!("client CertificateVerify OK");
-        cx.common.peer_certificates = Some(self.client_cert.into_owned());
+        // PARLEY PATCH: `peer_certificates` is boxed (common_state.rs).
+        cx.common.peer_certificates = Some(Box::new(self.client_cert.into_owned()));
 
         self.transcript.add_message(&m);
         Ok(Box::new(ExpectCcs {
@@ -765,7 +767,8 @@ fn get_server_connection_value_tls12(
         version,
         secrets.suite().common.suite,
         secrets.master_secret(),
-        cx.common.peer_certificates.clone(),
+        // PARLEY PATCH: `peer_certificates` is boxed (common_state.rs).
+        cx.common.peer_certificates.as_deref().cloned(),
         cx.common.alpn_protocol.clone(),
         cx.data.resumption_data(),
         time_now,

@@ -371,9 +371,8 @@ mod client_hello {
             if let Some(resume) = &resumedata {
                 cx.data
                     .set_received_resumption_data(resume.application_data.0.clone());
-                cx.common
-                    .peer_certificates
-                    .clone_from(&resume.client_cert_chain);
+                // PARLEY PATCH: `peer_certificates` is boxed (common_state.rs).
+                cx.common.peer_certificates = resume.client_cert_chain.clone().map(Box::new);
             }
 
             let full_handshake = resumedata.is_none();
@@ -1212,7 +1211,8 @@ impl State<ServerConnectionData> for ExpectCertificateVerify {
         }
 
         trace!("client CertificateVerify OK");
-        cx.common.peer_certificates = Some(self.client_cert);
+        // PARLEY PATCH: `peer_certificates` is boxed (common_state.rs).
+        cx.common.peer_certificates = Some(Box::new(self.client_cert));
 
         self.transcript.add_message(&m);
         Ok(Box::new(ExpectFinished {
@@ -1310,7 +1310,8 @@ fn get_server_session_value(
         version,
         suite.common.suite,
         secret.as_ref(),
-        cx.common.peer_certificates.clone(),
+        // PARLEY PATCH: `peer_certificates` is boxed (common_state.rs).
+        cx.common.peer_certificates.as_deref().cloned(),
         cx.common.alpn_protocol.clone(),
         cx.data.resumption_data(),
         time_now,
