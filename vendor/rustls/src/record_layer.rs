@@ -361,7 +361,8 @@ impl RecordLayer {
     ) {
         self.prepare_message_decrypter(cipher);
         self.start_decrypting();
-        // A longer limit than a `u32` holds is none the protocol allows; it is cut to one.
+        // PARLEY PATCH: a longer limit than a `u32` holds is none the protocol allows; it
+        // is cut to one.
         self.trial_decryption_len = Some(u32::try_from(max_length).unwrap_or(u32::MAX));
     }
 
@@ -415,6 +416,7 @@ impl RecordLayer {
     }
 
     fn doing_trial_decryption(&mut self, requested: usize) -> bool {
+        // PARLEY PATCH: the budget is a `u32` (see the field); a request past one is over.
         match self
             .trial_decryption_len
             .zip(u32::try_from(requested).ok())
