@@ -767,16 +767,12 @@ where
         let Some((h2, io, shutdown, stages)) = sniffed else {
             return Either::Right(std::future::ready(()));
         };
-        // Handlers see the connection's write deadline (SSE and WebSocket set their
-        // own), the peer address (per-IP limits) and, over TLS, that it is (`OverTls`).
-        let app = tower::ServiceExt::map_request(app, move |mut req: axum::extract::Request<_>| {
-            req.extensions_mut().insert(deadline.clone());
-            req.extensions_mut().insert(peer);
-            if tls {
-                req.extensions_mut().insert(OverTls);
-            }
-            req
-        });
+        let app = ConnInfo {
+            app,
+            deadline,
+            peer,
+            tls,
+        };
         // The task's future is as large as its largest state and every idle connection
         // holds it, so an HTTP/2 connection (several times HTTP/1's size) runs in a task
         // of its own, sized for it: boxed in this one, it held this task's room for
@@ -789,17 +785,50 @@ where
         if h2 {
             let streams = Streams::new();
             let conn = Box::pin(h2_connection(io, app, streams.clone(), &stages));
-            tokio::spawn(async move {
-                if let Err(e) = serve_h2(conn, &streams, &shutdown, &stages).await {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
-                drop(watcher);
-            });
+            tokio::spawn(serve_h2(conn, streams, watcher, shutdown, stages));
             return Either::Right(std::future::ready(()));
         }
         let conn = h1_connection(io, TowerToHyperService::new(app), &stages, Duration::ZERO);
         Either::Left(serve_h1_again(conn, watcher, shutdown, stages))
     })
+}
+
+/// The service a connection serves: the app with the connection's write deadline (SSE
+/// and WebSocket set their own), its peer address (per-IP limits) and, over TLS,
+/// [`OverTls`] in each request's extensions. A type of its own, not a closure, so that
+/// the size tests can name the connection types that hold it.
+#[derive(Clone)]
+struct ConnInfo {
+    app: App,
+    deadline: WriteDeadline,
+    peer: PeerIp,
+    tls: bool,
+}
+
+impl<B> tower::Service<axum::extract::Request<B>> for ConnInfo
+where
+    App: tower::Service<axum::extract::Request<B>>,
+{
+    type Response = <App as tower::Service<axum::extract::Request<B>>>::Response;
+    type Error = <App as tower::Service<axum::extract::Request<B>>>::Error;
+    type Future = <App as tower::Service<axum::extract::Request<B>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.app.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: axum::extract::Request<B>) -> Self::Future {
+        let extensions = req.extensions_mut();
+        extensions.insert(self.deadline.clone());
+        extensions.insert(self.peer);
+        if self.tls {
+            extensions.insert(OverTls);
+        }
+        self.app.call(req)
+    }
 }
 
 /// The service an HTTP/1 connection serves (the router behind the connection's layers),
@@ -1055,41 +1084,125 @@ where
 }
 
 /// Serves an HTTP/2 connection (from [`h2_connection`], whose requests `streams`
-/// counts): a GOAWAY once no request has been open for `server.h2_idle_timeout`.
-async fn serve_h2<I, S>(
-    mut conn: Pin<Box<H2Connection<I, S>>>,
-    streams: &Streams,
-    shutdown: &CancellationToken,
-    stages: &Stages,
-) -> Result<(), hyper::Error>
+/// counts) in its own task: a GOAWAY once no request has been open for
+/// `server.h2_idle_timeout`, or on shutdown; `watcher` is dropped when it ends.
+fn serve_h2<I, S>(
+    conn: Pin<Box<H2Connection<I, S>>>,
+    streams: Streams,
+    watcher: Watcher,
+    shutdown: CancellationToken,
+    stages: Arc<Stages>,
+) -> ServeH2<I, S>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: H1App,
 {
-    tokio::select! {
-        ended = conn.as_mut() => return ended,
-        _ = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            return conn.await;
-        }
-        _ = streams.idle_for(stages.h2_idle) => {}
+    ServeH2 {
+        sleep: tokio::time::sleep_until(streams.due(stages.h2_idle)),
+        conn,
+        streams,
+        stages,
+        phase: H2Phase::Serving,
+        cancelled: shutdown.cancelled_owned(),
+        _watcher: watcher,
     }
-    tracing::debug!(idle = ?stages.h2_idle, "HTTP/2 connection without requests: GOAWAY");
-    conn.as_mut().graceful_shutdown();
-    // A client that answers the GOAWAY's PING sees the connection closed at once. One
-    // that does not would keep it forever: it is dropped when, after the keep-alive
-    // timeout, still no request is open (a WebSocket tunnel runs until it ends).
-    loop {
-        tokio::select! {
-            ended = conn.as_mut() => return ended,
-            _ = tokio::time::sleep(stages.h2_ping_timeout) => {}
-        }
-        if streams.tunnelled() {
-            return conn.await;
-        }
-        if streams.quiet() {
-            tracing::debug!("HTTP/2 peer did not close after GOAWAY: dropping it");
-            return Ok(());
+}
+
+/// Where an HTTP/2 connection's task ([`ServeH2`]) is.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum H2Phase {
+    /// Serving requests, until the connection ends, the server shuts down or no
+    /// request has been open for `server.h2_idle_timeout`.
+    Serving,
+    /// A GOAWAY was sent for idleness. A client that answers its PING sees the
+    /// connection closed at once; one that does not would keep it forever: it is
+    /// dropped when, after each keep-alive timeout, still no request is open (a
+    /// WebSocket tunnel runs until it ends).
+    GoneAway,
+    /// Until the connection ends: after a shutdown's GOAWAY, or a tunnel after an idle
+    /// one.
+    Draining,
+}
+
+pin_project_lite::pin_project! {
+    /// [`serve_h2`]'s future, written out rather than an `async` block around
+    /// `select!`s: it holds the connection's box, one timer (the idle wait's, then the
+    /// keep-alive timeout's after a GOAWAY) and the shutdown signal's wait, each once.
+    /// The `async` version held references to them and the selects' states beside them,
+    /// and the task took tokio's 512 B cell; this one fits 384 B (docs/BENCHMARKS.md,
+    /// round twenty-three). Every HTTP/2 connection holds it for its whole life.
+    #[must_use = "futures do nothing unless polled"]
+    struct ServeH2<I, S>
+    where
+        I: tokio::io::AsyncRead,
+        I: tokio::io::AsyncWrite,
+        I: Unpin,
+        I: Send,
+        I: 'static,
+        S: H1App,
+    {
+        conn: Pin<Box<H2Connection<I, S>>>,
+        streams: Streams,
+        stages: Arc<Stages>,
+        phase: H2Phase,
+        #[pin]
+        cancelled: tokio_util::sync::WaitForCancellationFutureOwned,
+        #[pin]
+        sleep: tokio::time::Sleep,
+        // Tells the server's graceful shutdown that the connection ended, when dropped.
+        _watcher: Watcher,
+    }
+}
+
+impl<I, S> Future for ServeH2<I, S>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: H1App,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let mut this = self.project();
+        loop {
+            if let std::task::Poll::Ready(ended) = this.conn.as_mut().poll(cx) {
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return std::task::Poll::Ready(());
+            }
+            match *this.phase {
+                H2Phase::Serving => {
+                    if this.cancelled.as_mut().poll(cx).is_ready() {
+                        this.conn.as_mut().graceful_shutdown();
+                        *this.phase = H2Phase::Draining;
+                        continue;
+                    }
+                    let idle = this.stages.h2_idle;
+                    std::task::ready!(this.streams.poll_idle_for(idle, this.sleep.as_mut(), cx));
+                    tracing::debug!(?idle, "HTTP/2 connection without requests: GOAWAY");
+                    this.conn.as_mut().graceful_shutdown();
+                    *this.phase = H2Phase::GoneAway;
+                    let timeout = this.stages.h2_ping_timeout;
+                    this.sleep
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + timeout);
+                }
+                H2Phase::GoneAway => {
+                    std::task::ready!(this.sleep.as_mut().poll(cx));
+                    if this.streams.tunnelled() {
+                        *this.phase = H2Phase::Draining;
+                    } else if this.streams.quiet() {
+                        tracing::debug!("HTTP/2 peer did not close after GOAWAY: dropping it");
+                        return std::task::Poll::Ready(());
+                    } else {
+                        let timeout = this.stages.h2_ping_timeout;
+                        this.sleep
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + timeout);
+                    }
+                }
+                H2Phase::Draining => return std::task::Poll::Pending,
+            }
         }
     }
 }
@@ -1610,5 +1723,38 @@ mod connection_task_size {
             "a cleartext connection's task future is {plain} B"
         );
         assert!(tls <= 792, "a TLS connection's task future is {tls} B");
+    }
+}
+
+/// An HTTP/2 connection is two allocations for its whole life: hyper's connection
+/// (boxed, [`h2_connection`]) and the task that drives it ([`ServeH2`]). jemalloc serves
+/// at most 1,024 B from its 1,024 B class and one byte more from the 1,280 B one; a
+/// tokio task is its future and 104 B in cells of 128 B, so at most 280 B of future is
+/// a 384 B cell. Round twenty-three: the connection 1,048 → 1,016 B in cleartext (vendor/hyper
+/// change 12), the task 512 → 384 B.
+#[cfg(test)]
+mod http2_connection_size {
+    use super::*;
+
+    fn future_size<A, B, C, D, E, F>(_: fn(A, B, C, D, E) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn an_http2_connection_and_its_task_fit_their_classes() {
+        type Plain = Sniffed<crate::transport::deadline::DeadlineIo<tokio::net::TcpStream>>;
+        type Tls = Sniffed<Box<tokio_rustls::server::TlsStream<DeadlineIo<tokio::net::TcpStream>>>>;
+        let plain = std::mem::size_of::<H2Connection<Plain, ConnInfo>>();
+        let tls = std::mem::size_of::<H2Connection<Tls, ConnInfo>>();
+        let task = future_size(serve_h2::<Plain, ConnInfo>);
+        eprintln!(
+            "HTTP/2 connection {plain} B in cleartext, {tls} B over TLS; its task's future {task} B"
+        );
+        assert!(plain <= 1024, "a cleartext HTTP/2 connection is {plain} B");
+        assert!(tls <= 1024, "an HTTP/2 connection over TLS is {tls} B");
+        assert!(
+            task <= 280,
+            "an HTTP/2 connection's task future is {task} B"
+        );
     }
 }

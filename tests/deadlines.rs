@@ -415,6 +415,45 @@ async fn an_h2c_connection_without_requests_gets_goaway_and_is_closed() {
     );
 }
 
+/// On shutdown an h2c connection gets its GOAWAY and is closed at once: not at its idle
+/// deadline (an hour here) nor at the end of the shutdown's drain (a minute), which then
+/// ends at once too.
+#[tokio::test]
+async fn shutdown_closes_an_h2c_connection_at_once() {
+    let t = TestServer::start_with(|c| {
+        c.server.h2_idle_timeout = Duration::from_secs(3600);
+        c.server.shutdown_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let tcp = TcpStream::connect(t.addr()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let r = sender
+        .send_request(
+            Request::get(format!("http://{}/healthz", t.addr()))
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let asked = Instant::now();
+    t.server.shutdown();
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the client's connection is closed within 5 s of the shutdown")
+        .unwrap()
+        .expect("closed after a GOAWAY, not reset");
+    tokio::time::timeout(Duration::from_secs(5), t.server.wait())
+        .await
+        .expect("the drain ends once the connection is closed")
+        .unwrap();
+    assert!(asked.elapsed() < Duration::from_secs(5));
+}
+
 #[tokio::test]
 async fn open_h2_streams_and_websocket_tunnels_outlive_the_idle_deadline() {
     let t = TestServer::start_with(|c| {

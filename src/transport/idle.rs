@@ -87,9 +87,30 @@ impl Streams {
         }
     }
 
+    /// [`Streams::idle_for`] for a future that keeps the timer itself (the server's
+    /// HTTP/2 connection task): ready once no request has been open for `limit`;
+    /// `sleep` starts at [`Streams::due`] and is reset in place.
+    pub fn poll_idle_for(
+        &self,
+        limit: Duration,
+        mut sleep: Pin<&mut Sleep>,
+        cx: &mut Context<'_>,
+    ) -> Poll<()> {
+        loop {
+            {
+                let s = self.lock();
+                if s.open == 0 && s.idle_since + limit <= Instant::now() {
+                    return Poll::Ready(());
+                }
+            }
+            std::task::ready!(sleep.as_mut().poll(cx));
+            sleep.as_mut().reset(self.due(limit));
+        }
+    }
+
     /// When the connection will have been idle for `limit`, if no request opens or
     /// ends before (`limit` from now while one is open).
-    fn due(&self, limit: Duration) -> Instant {
+    pub fn due(&self, limit: Duration) -> Instant {
         let s = self.lock();
         if s.open == 0 {
             s.idle_since + limit
@@ -113,18 +134,8 @@ impl Future for IdleFor<'_> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let mut this = self.project();
-        loop {
-            {
-                let s = this.streams.lock();
-                if s.open == 0 && s.idle_since + *this.limit <= Instant::now() {
-                    return Poll::Ready(());
-                }
-            }
-            std::task::ready!(this.sleep.as_mut().poll(cx));
-            let due = this.streams.due(*this.limit);
-            this.sleep.as_mut().reset(due);
-        }
+        let this = self.project();
+        this.streams.poll_idle_for(*this.limit, this.sleep, cx)
     }
 }
 

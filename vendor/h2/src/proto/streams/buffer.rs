@@ -18,16 +18,23 @@ pub struct Deque {
 }
 
 /// Tracks the head & tail for a sequence of frames in a `Buffer`.
+///
+/// PARLEY PATCH (queue indices in 32 bits): `u32`s. Every stream holds two `Deque`s
+/// (frames to send, frames received), 24 bytes each with `usize` indices and 12 with
+/// these: a `Stream` is 248 bytes, not 272, and a stream's slot fits jemalloc's 256-byte
+/// class, not the 320-byte one. A buffer never holds 2^32 frames (each is a slot of
+/// 56 bytes or more).
 #[derive(Debug, Default, Copy, Clone)]
 struct Indices {
-    head: usize,
-    tail: usize,
+    head: u32,
+    tail: u32,
 }
 
 #[derive(Debug)]
 struct Slot<T> {
     value: T,
-    next: Option<usize>,
+    // PARLEY PATCH (queue indices in 32 bits)
+    next: Option<u32>,
 }
 
 /// PARLEY PATCH (queued frames boxed but DATA): how a value is held in a `Buffer`'s
@@ -99,15 +106,17 @@ impl<T: Queued> Buffer<T> {
     // connection's life once used), and a buffer that grew past one gives the room back
     // when it empties, keeping room for one: a connection that queues one frame at a time
     // (an event stream) allocates nothing per frame.
-    fn insert(&mut self, slot: Slot<T::Stored>) -> usize {
+    fn insert(&mut self, slot: Slot<T::Stored>) -> u32 {
         if self.slab.capacity() == 0 {
             self.slab.reserve_exact(1);
         }
-        self.slab.insert(slot)
+        // PARLEY PATCH (queue indices in 32 bits)
+        let key = self.slab.insert(slot);
+        u32::try_from(key).expect("fewer than 2^32 frames queued")
     }
 
-    fn remove(&mut self, key: usize) -> Slot<T::Stored> {
-        let slot = self.slab.remove(key);
+    fn remove(&mut self, key: u32) -> Slot<T::Stored> {
+        let slot = self.slab.remove(key as usize);
         // PARLEY PATCH (receive queue given back): all the room, or room for one.
         if self.slab.is_empty() {
             if !self.keep_one && self.slab.capacity() > 0 {
@@ -141,7 +150,7 @@ impl Deque {
 
         match self.indices {
             Some(ref mut idxs) => {
-                buf.slab[idxs.tail].next = Some(key);
+                buf.slab[idxs.tail as usize].next = Some(key);
                 idxs.tail = key;
             }
             None => {
@@ -161,7 +170,7 @@ impl Deque {
 
         match self.indices {
             Some(ref mut idxs) => {
-                buf.slab[key].next = Some(idxs.head);
+                buf.slab[key as usize].next = Some(idxs.head);
                 idxs.head = key;
             }
             None => {
@@ -210,6 +219,26 @@ mod tests {
     }
 
     // PARLEY PATCH (queued frames boxed but DATA)
+    // PARLEY PATCH (queue indices in 32 bits)
+    #[test]
+    fn parley_a_deque_holds_32_bit_indices() {
+        assert_eq!(std::mem::size_of::<Deque>(), 12);
+        // Frames pushed at both ends come out in order, across a buffer shared by two
+        // deques.
+        let mut buf = Buffer::<i32>::new();
+        let (mut a, mut b) = (Deque::new(), Deque::new());
+        for i in 0..4 {
+            a.push_back(&mut buf, i);
+            b.push_back(&mut buf, 10 + i);
+        }
+        a.push_front(&mut buf, -1);
+        let a: Vec<i32> = std::iter::from_fn(|| a.pop_front(&mut buf)).collect();
+        assert_eq!(a, [-1, 0, 1, 2, 3]);
+        let b: Vec<i32> = std::iter::from_fn(|| b.pop_front(&mut buf)).collect();
+        assert_eq!(b, [10, 11, 12, 13]);
+        assert!(buf.is_empty());
+    }
+
     #[test]
     fn parley_a_send_queue_slot_holds_a_data_frame_and_other_frames_boxed() {
         use crate::frame::{Headers, Reason, Reset, StreamId};

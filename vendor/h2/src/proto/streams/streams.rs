@@ -1877,3 +1877,17 @@ impl Actions {
         self.send.clear_queues(store, counts);
     }
 }
+
+// PARLEY PATCH (streams' state in 512 bytes)
+#[cfg(test)]
+mod parley_tests {
+    use super::*;
+
+    #[test]
+    fn parley_the_streams_state_fits_512_bytes_with_its_arc() {
+        // An `Arc`'s allocation is its two counts (16 bytes) and the value: at most 512
+        // it is jemalloc's 512-byte class, one byte more the 640-byte one.
+        let size = 16 + std::mem::size_of::<Mutex<Inner>>();
+        assert!(size <= 512, "the streams' state takes {size} bytes (520 before)");
+    }
+}

@@ -106,7 +106,11 @@ where
 {
     Handshaking {
         ping_config: ping::Config,
-        hs: Handshake<Compat<T>, SendBuf<B::Data>>,
+        /// PARLEY PATCH (the connection's state in 1,024 bytes): boxed. Inline, h2's
+        /// handshake (896 bytes: its codec, builder and spans) was the larger variant,
+        /// and every connection held its room for as long as it lived; the box is given
+        /// back when the handshake is done.
+        hs: Box<Handshake<Compat<T>, SendBuf<B::Data>>>,
     },
     Serving(Serving<T, B>),
 }
@@ -118,7 +122,8 @@ where
     ping: Option<(ping::Recorder, ping::Ponger)>,
     conn: Connection<Compat<T>, SendBuf<B::Data>>,
     closing: Option<crate::Error>,
-    date_header: bool,
+    // PARLEY PATCH (the connection's state in 1,024 bytes): no `date_header` of its
+    // own; `Server`'s is passed to `poll_server`.
 }
 
 impl<T, S, B, E> Server<T, S, B, E>
@@ -182,7 +187,7 @@ where
             timer,
             state: State::Handshaking {
                 ping_config,
-                hs: handshake,
+                hs: Box::new(handshake),
             },
             service,
             date_header: config.date_header,
@@ -223,7 +228,8 @@ where
         loop {
             let next = match &mut me.state {
                 State::Handshaking { hs, ping_config } => {
-                    let mut conn = ready!(Pin::new(hs).poll(cx).map_err(crate::Error::new_h2))?;
+                    let mut conn =
+                        ready!(Pin::new(&mut **hs).poll(cx).map_err(crate::Error::new_h2))?;
                     let ping = if ping_config.is_enabled() {
                         let pp = conn.ping_pong().expect("conn.ping_pong");
                         Some(ping::channel(pp, ping_config.clone(), me.timer.clone()))
@@ -234,7 +240,6 @@ where
                         ping,
                         conn,
                         closing: None,
-                        date_header: me.date_header,
                     })
                 }
                 State::Serving(srv) => {
@@ -242,7 +247,7 @@ where
                     if me.close_pending && srv.closing.is_none() {
                         srv.conn.graceful_shutdown();
                     }
-                    ready!(srv.poll_server(cx, &mut me.service, &mut me.exec))?;
+                    ready!(srv.poll_server(cx, &mut me.service, &mut me.exec, me.date_header))?;
                     return Poll::Ready(Ok(Dispatched::Shutdown));
                 }
             };
@@ -261,6 +266,7 @@ where
         cx: &mut Context<'_>,
         service: &mut S,
         exec: &mut E,
+        date_header: bool,
     ) -> Poll<crate::Result<()>>
     where
         S: HttpService<IncomingBody, ResBody = B>,
@@ -320,7 +326,7 @@ where
                             service.call(req),
                             connect_parts,
                             respond,
-                            self.date_header,
+                            date_header,
                             exec.clone(),
                         );
 
@@ -563,5 +569,26 @@ where
                 debug!("stream error: {}", _e);
             }
         })
+    }
+}
+
+// PARLEY PATCH (the connection's state in 1,024 bytes)
+#[cfg(test)]
+mod parley_tests {
+    use super::*;
+
+    // A socket of 88 bytes, as parley's (a `TcpStream` and its write deadline).
+    type T = [u64; 11];
+    type B = http_body_util::Empty<Bytes>;
+
+    #[test]
+    fn parley_a_connection_is_as_large_as_its_serving_state() {
+        // The handshake is boxed: serving is the larger state, and the ping state and
+        // the date flag are held once.
+        let state = std::mem::size_of::<State<T, B>>();
+        let serving = std::mem::size_of::<Serving<T, B>>();
+        eprintln!("State {state} B, Serving {serving} B");
+        assert_eq!(state, serving, "State {state} bytes, Serving {serving} bytes");
+        assert!(state <= 912, "State: {state} bytes (944 before)");
     }
 }
