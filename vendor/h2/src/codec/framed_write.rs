@@ -73,9 +73,9 @@ const FIRST_BUFFER_CAPACITY: usize = 512;
 /// after a flush reserves on an I/O that writes vectored, where a DATA frame of
 /// `CHAIN_THRESHOLD` bytes or more puts only its head and first bytes in the buffer
 /// (256 in all) and writes the rest from its own payload: room for that, or for a
-/// smaller DATA frame whole (9 + 255), in glibc's 288-byte chunk. An event stream
-/// keeps this buffer while it waits (512 bytes before). More frames in one flush grow
-/// it as before (and the flush gives a grown buffer back).
+/// smaller DATA frame whole (9 + 255), in glibc's 288-byte chunk. More frames in one
+/// flush grow it as before, and the flush gives it back (PARLEY PATCH (write buffer
+/// given back after each flush); an event stream kept this one while it waited).
 const FIRST_BUFFER_CAPACITY_VECTORED: usize = 280;
 
 /// Chain payloads bigger than this when vectored I/O is enabled. The remote
@@ -182,10 +182,9 @@ where
             }
         }
 
-        // PARLEY PATCH (lazy write buffer): everything buffered is written; a buffer
-        // that grew past `first_buffer_capacity` is given back, so that a connection that
-        // waits holds at most that. A connection that writes a few small frames per
-        // wake-up (an event stream) keeps its small buffer and allocates nothing.
+        // PARLEY PATCH (lazy write buffer): everything buffered is written, and the
+        // buffer is given back (PARLEY PATCH (write buffer given back after each flush):
+        // a connection that waits holds none).
         self.encoder.release_buf();
 
         tracing::trace!("flushing buffer");
@@ -249,11 +248,16 @@ where
         }
     }
 
-    /// PARLEY PATCH (lazy write buffer): gives the (empty) write buffer's memory back
-    /// when it is more than `first_buffer_capacity`.
+    /// PARLEY PATCH (lazy write buffer): gives the (empty) write buffer's memory back.
+    ///
+    /// PARLEY PATCH (write buffer given back after each flush): whatever its size. It
+    /// kept a buffer of `first_buffer_capacity` (280 bytes on TCP): an event stream or a
+    /// pending long-poll, which writes between long waits, held it for its whole life,
+    /// a 320-byte size class with jemalloc. What it costs is an allocation and a free
+    /// per flush that wrote something (docs/BENCHMARKS.md, round twenty-three).
     fn release_buf(&mut self) {
         debug_assert!(self.next.is_none() && !self.buf.has_remaining());
-        if self.buf.get_ref().capacity() > self.first_buffer_capacity() {
+        if self.buf.get_ref().capacity() > 0 {
             self.buf = Cursor::new(BytesMut::new());
         }
     }
@@ -266,8 +270,11 @@ where
         // the first bytes of its payload, a WINDOW_UPDATE), and it grows as frames are
         // put in it.
         if self.buf.get_ref().capacity() == 0 {
-            let first = self.first_buffer_capacity();
-            self.buf.get_mut().reserve(first);
+            // PARLEY PATCH (write buffer given back after each flush): a new buffer of
+            // that size; `reserve` on an empty one took `BytesMut`'s general path, ~200
+            // instructions more per flush (callgrind).
+            debug_assert_eq!(self.buf.position(), 0);
+            self.buf = Cursor::new(BytesMut::with_capacity(self.first_buffer_capacity()));
         }
         let span = tracing::trace_span!("FramedWrite::buffer", frame = ?item);
         let _e = span.enter();
@@ -456,17 +463,15 @@ mod lazy_buffer_tests {
             w.buffer(big.into()).unwrap();
             assert!(w.encoder.buf.get_ref().capacity() >= 17 + 11 + 9);
             assert!(matches!(w.flush(&mut cx), Poll::Ready(Ok(()))));
-            assert!(
-                w.encoder.buf.get_ref().capacity() <= FIRST_BUFFER_CAPACITY,
-                "given back"
-            );
-            // A small frame alone keeps the small buffer.
+            assert_eq!(w.encoder.buf.get_ref().capacity(), 0, "given back");
+            // PARLEY PATCH (write buffer given back after each flush): a small frame
+            // alone takes the small buffer, and its flush gives it back too.
             assert!(w.poll_ready(&mut cx).is_ready());
             w.buffer(Ping::new([round; 8]).into()).unwrap();
             let held = w.encoder.buf.get_ref().capacity();
             assert!((17..=FIRST_BUFFER_CAPACITY).contains(&held));
             assert!(matches!(w.flush(&mut cx), Poll::Ready(Ok(()))));
-            assert_eq!(w.encoder.buf.get_ref().capacity(), held, "kept");
+            assert_eq!(w.encoder.buf.get_ref().capacity(), 0, "given back");
             let mut got = vec![0; 17 + 11 + 5009];
             peer.read_exact(&mut got).await.unwrap();
             assert_eq!(&got[9..17], &[round; 8]);
@@ -517,26 +522,28 @@ mod lazy_buffer_tests {
         }
     }
 
-    // PARLEY PATCH (a write buffer of the chain threshold's size)
+    // PARLEY PATCH (a write buffer of the chain threshold's size, given back after
+    // each flush)
     #[test]
-    fn parley_a_vectored_writer_keeps_a_buffer_of_the_chain_thresholds_size() {
+    fn parley_a_vectored_writer_takes_a_buffer_of_the_chain_thresholds_size() {
         let mut w: FramedWrite<_, bytes::Bytes> = FramedWrite::new(Vectored(Vec::new()));
         let mut cx = Context::from_waker(Waker::noop());
         let mut expected = Vec::new();
         // An event of 283 bytes (chained: its head and 247 bytes in the buffer), one of
-        // 255 (whole in the buffer), one of 20: each written alone keeps the buffer as
-        // the first frame reserved it.
+        // 255 (whole in the buffer), one of 20: each takes the buffer as the first frame
+        // reserves it, and its flush gives it back.
         for (i, len) in [283usize, 255, 20, 4000].into_iter().enumerate() {
             assert!(w.poll_ready(&mut cx).is_ready());
             let payload = bytes::Bytes::from(vec![i as u8; len]);
             w.buffer(frame::Data::new(StreamId::from(1), payload).into())
                 .unwrap();
-            assert!(matches!(w.flush(&mut cx), Poll::Ready(Ok(()))));
             assert_eq!(
                 w.encoder.buf.get_ref().capacity(),
                 FIRST_BUFFER_CAPACITY_VECTORED,
                 "a frame of {len} bytes"
             );
+            assert!(matches!(w.flush(&mut cx), Poll::Ready(Ok(()))));
+            assert_eq!(w.encoder.buf.get_ref().capacity(), 0, "given back");
             expected.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8]);
             expected.extend_from_slice(&[0, 0, 0, 0, 0, 1]);
             expected.extend(std::iter::repeat(i as u8).take(len));
