@@ -364,6 +364,52 @@ async fn a_long_polls_connection_keeps_its_state_past_the_release() {
     assert!(read_until(&mut s, "ok\n").await.starts_with("HTTP/1.1 200"));
 }
 
+/// A real HTTP/2 client (hyper's, h2c) connected to the server: its request sender, and
+/// its connection's task, which ends (with when) once the server closes the connection.
+async fn h2c_client(
+    t: &TestServer,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>,
+    tokio::task::JoinHandle<(Result<(), hyper::Error>, Instant)>,
+) {
+    let tcp = TcpStream::connect(t.addr()).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(async move { (conn.await, Instant::now()) });
+    (sender, conn)
+}
+
+/// [`h2c_client`] after one request answered (`/healthz`).
+async fn h2c_after_a_request(
+    t: &TestServer,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>,
+    tokio::task::JoinHandle<(Result<(), hyper::Error>, Instant)>,
+) {
+    let (mut sender, conn) = h2c_client(t).await;
+    let r = sender
+        .send_request(h2c_get(t, "/healthz", &[]))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    (sender, conn)
+}
+
+/// A GET of `path` on the server, with `headers`.
+fn h2c_get(
+    t: &TestServer,
+    path: &str,
+    headers: &[(&str, String)],
+) -> Request<http_body_util::Empty<Bytes>> {
+    let mut r = Request::get(format!("http://{}{path}", t.addr()));
+    for (name, value) in headers {
+        r = r.header(*name, value);
+    }
+    r.body(http_body_util::Empty::new()).unwrap()
+}
+
 #[tokio::test]
 async fn an_h2c_connection_without_requests_gets_goaway_and_is_closed() {
     let t = TestServer::start_with(short).await;
@@ -373,24 +419,7 @@ async fn an_h2c_connection_without_requests_gets_goaway_and_is_closed() {
     preface.extend_from_slice(SETTINGS);
     let raw = socket_sending(&t, &preface).await;
     // A real HTTP/2 client that makes one request, then idles.
-    let tcp = TcpStream::connect(t.addr()).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    let conn = tokio::spawn(async move {
-        let _ = conn.await;
-        Instant::now()
-    });
-    let r = sender
-        .send_request(
-            Request::get(format!("http://{}/healthz", t.addr()))
-                .body(http_body_util::Empty::<Bytes>::new())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let (_sender, conn) = h2c_after_a_request(&t).await;
     let requested = Instant::now();
 
     let (bytes, at) = until_closed(raw).await;
@@ -404,7 +433,7 @@ async fn an_h2c_connection_without_requests_gets_goaway_and_is_closed() {
         "a GOAWAY came first: {:?}",
         h2_frame_types(&bytes)
     );
-    let closed = tokio::time::timeout(Duration::from_secs(5), conn)
+    let (_, closed) = tokio::time::timeout(Duration::from_secs(5), conn)
         .await
         .expect("the idle client connection is closed")
         .unwrap();
@@ -425,28 +454,14 @@ async fn shutdown_closes_an_h2c_connection_at_once() {
         c.server.shutdown_timeout = Duration::from_secs(60);
     })
     .await;
-    let tcp = TcpStream::connect(t.addr()).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    let conn = tokio::spawn(conn);
-    let r = sender
-        .send_request(
-            Request::get(format!("http://{}/healthz", t.addr()))
-                .body(http_body_util::Empty::<Bytes>::new())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let (_sender, conn) = h2c_after_a_request(&t).await;
     let asked = Instant::now();
     t.server.shutdown();
-    tokio::time::timeout(Duration::from_secs(5), conn)
+    let (ended, _) = tokio::time::timeout(Duration::from_secs(5), conn)
         .await
         .expect("the client's connection is closed within 5 s of the shutdown")
-        .unwrap()
-        .expect("closed after a GOAWAY, not reset");
+        .unwrap();
+    ended.expect("closed after a GOAWAY, not reset");
     tokio::time::timeout(Duration::from_secs(5), t.server.wait())
         .await
         .expect("the drain ends once the connection is closed")
@@ -462,19 +477,10 @@ async fn open_h2_streams_and_websocket_tunnels_outlive_the_idle_deadline() {
     })
     .await;
     // An SSE stream over h2c: a request open for as long as it lasts.
-    let tcp = TcpStream::connect(t.addr()).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut sender, conn) = h2c_client(&t).await;
+    let bearer = format!("Bearer {}", t.token("ann"));
     let r = sender
-        .send_request(
-            Request::get(format!("http://{}/sse", t.addr()))
-                .header("authorization", format!("Bearer {}", t.token("ann")))
-                .body(http_body_util::Empty::<Bytes>::new())
-                .unwrap(),
-        )
+        .send_request(h2c_get(&t, "/sse", &[("authorization", bearer)]))
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
