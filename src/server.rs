@@ -742,7 +742,7 @@ fn serve_connection<I>(
     stages: Arc<Stages>,
 ) -> impl Future<Output = ()> + Send
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    I: ConnIo,
 {
     // The first stage borrows the token and the stages and hands them on; what only the
     // second needs waits in its closure.
@@ -831,6 +831,12 @@ where
     }
 }
 
+/// The socket a connection is served on (TCP, or TLS over it), named once for the
+/// functions and futures that pass it on, as [`H1App`] names the service.
+trait ConnIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+
+impl<I> ConnIo for I where I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+
 /// The service an HTTP/1 connection serves (the router behind the connection's layers),
 /// named once for the functions that pass it between hyper connections and the idle wait.
 trait H1App:
@@ -876,7 +882,7 @@ fn h1_connection<I, S>(
     waited: Duration,
 ) -> H1Connection<I, S>
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    I: ConnIo,
     S: H1App,
 {
     let release = stages.h1_release;
@@ -910,7 +916,7 @@ where
 /// future's largest state, and the idle wait is most of a command connection's life.
 fn idle_parts<I, S>(conn: H1Connection<I, S>) -> Option<H1Idle<I, S>>
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    I: ConnIo,
     S: H1App,
 {
     if !conn.is_idle() {
@@ -938,7 +944,7 @@ fn wait_idle<I, S>(
     stages: Arc<Stages>,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>>
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    I: ConnIo,
     S: H1App,
 {
     Box::pin(async move {
@@ -988,7 +994,7 @@ fn serve_h1_again<I, S>(
     stages: Arc<Stages>,
 ) -> ServeH1<I, S>
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    I: ConnIo,
     S: H1App,
 {
     ServeH1 {
@@ -1011,11 +1017,7 @@ pin_project_lite::pin_project! {
     #[must_use = "futures do nothing unless polled"]
     struct ServeH1<I, S>
     where
-        I: tokio::io::AsyncRead,
-        I: tokio::io::AsyncWrite,
-        I: Unpin,
-        I: Send,
-        I: 'static,
+        I: ConnIo,
         S: H1App,
     {
         // `None` once it ended.
@@ -1031,7 +1033,7 @@ pin_project_lite::pin_project! {
 
 impl<I, S> Future for ServeH1<I, S>
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    I: ConnIo,
     S: H1App,
 {
     type Output = ();
@@ -1066,7 +1068,7 @@ type H2Connection<I, S> = http2::Connection<TokioIo<I>, Counted<S>, TokioExecuto
 /// its requests counted in `streams`.
 fn h2_connection<I, S>(io: I, app: S, streams: Streams, stages: &Stages) -> H2Connection<I, S>
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    I: ConnIo,
     S: H1App,
 {
     // `Counted` is a hyper service itself: through `TowerToHyperService`, each request's
@@ -1094,7 +1096,7 @@ fn serve_h2<I, S>(
     stages: Arc<Stages>,
 ) -> ServeH2<I, S>
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    I: ConnIo,
     S: H1App,
 {
     ServeH2 {
@@ -1134,11 +1136,7 @@ pin_project_lite::pin_project! {
     #[must_use = "futures do nothing unless polled"]
     struct ServeH2<I, S>
     where
-        I: tokio::io::AsyncRead,
-        I: tokio::io::AsyncWrite,
-        I: Unpin,
-        I: Send,
-        I: 'static,
+        I: ConnIo,
         S: H1App,
     {
         conn: Pin<Box<H2Connection<I, S>>>,
@@ -1156,7 +1154,7 @@ pin_project_lite::pin_project! {
 
 impl<I, S> Future for ServeH2<I, S>
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    I: ConnIo,
     S: H1App,
 {
     type Output = ();
