@@ -248,14 +248,19 @@ impl HttpConnection {
         accept: Option<&'static str>,
     ) -> anyhow::Result<Request<Full<Bytes>>> {
         let mut b = Request::builder()
-            .method(method)
+            .method(method.clone())
             .uri(path)
             .header(header::HOST, &self.target.host);
         if !self.token.is_empty() {
             b = b.header(header::AUTHORIZATION, format!("Bearer {}", self.token));
         }
+        if self.target.browser_headers {
+            b = browser_headers(b, &method, path, &self.target.host);
+        }
         if let Some(a) = accept {
             b = b.header(header::ACCEPT, a);
+        } else if self.target.browser_headers {
+            b = b.header(header::ACCEPT, "*/*");
         }
         let body = match body {
             Some((bytes, ct)) => {
@@ -652,6 +657,47 @@ fn split_delimited(mut body: Bytes, out: &mut VecDeque<Bytes>) -> anyhow::Result
         out.push_back(body.split_to(len));
     }
     Ok(())
+}
+
+/// The headers Chromium 156 (Linux) sends with the SDK's `fetch`es beside the
+/// authorization, accept and content type (captured from a real Chromium over HTTP/2):
+/// client hints, fetch metadata, referer, encodings, languages and priority; a POST adds
+/// its origin, a long-poll (`cache: "no-store"`) its no-cache pair. (h2's encoder here
+/// indexes them all but `authorization` and `content-length`, which Chromium indexes
+/// too.)
+fn browser_headers(
+    mut b: hyper::http::request::Builder,
+    method: &Method,
+    path: &str,
+    host: &str,
+) -> hyper::http::request::Builder {
+    const UA: &str = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) \
+                      Chrome/156.0.0.0 Safari/537.36";
+    if path.starts_with("/poll") {
+        b = b
+            .header(header::PRAGMA, "no-cache")
+            .header(header::CACHE_CONTROL, "no-cache");
+    }
+    b = b
+        .header("sec-ch-ua-platform", "\"Linux\"")
+        .header(header::USER_AGENT, UA)
+        .header(
+            "sec-ch-ua",
+            "\"Not:A-Brand\";v=\"8\", \"Chromium\";v=\"156\"",
+        )
+        .header("sec-ch-ua-mobile", "?0");
+    if method == Method::POST {
+        b = b.header(header::ORIGIN, format!("https://{host}"));
+    }
+    b.header("sec-fetch-site", "same-origin")
+        .header("sec-fetch-mode", "cors")
+        .header("sec-fetch-dest", "empty")
+        .header(header::REFERER, format!("https://{host}/"))
+        // Chromium offers "gzip, deflate, br, zstd"; this client reads bodies as sent,
+        // so it asks for them uncompressed (an entry 15 bytes shorter).
+        .header(header::ACCEPT_ENCODING, "identity")
+        .header(header::ACCEPT_LANGUAGE, "en-US,en;q=0.9")
+        .header("priority", "u=1, i")
 }
 
 #[cfg(test)]

@@ -118,6 +118,12 @@ struct Global {
     /// need a second connection).
     #[arg(long, global = true)]
     http2: bool,
+    /// SSE and long-poll: send the request headers Chromium sends with the SDK's
+    /// `fetch`es (user agent, client hints, fetch metadata, referer, languages; about
+    /// 0.6 KB; bodies asked for uncompressed), as a browser does: over HTTP/2 the
+    /// server's header table then holds what a browser's connection makes it hold.
+    #[arg(long, global = true)]
+    browser_headers: bool,
     /// TLS on every connection (ws, sse, poll; ALPN h2 with --http2, http/1.1 without),
     /// as browsers on an HTTPS page have. With --spawn-server and no --tls-ca, the server
     /// gets a fresh self-signed certificate for localhost and 127.0.0.1
@@ -357,6 +363,7 @@ async fn run(cli: Cli, shards: Option<Arc<Shards>>) -> anyhow::Result<bool> {
     target.poll_gap = g.poll_gap;
     target.deflate = g.deflate;
     target.http2 = g.http2;
+    target.browser_headers = g.browser_headers;
     target.source_ips = g.source_ips.unwrap_or_else(|| net::source_ips_for(conns));
     let spawn = g.spawn_server.as_ref().map(|path| {
         let mut env = g.server_env.clone();

@@ -94,6 +94,10 @@ pub struct Target {
     /// SSE and long-poll: HTTP/2 (cleartext prior knowledge, or ALPN `h2` over TLS),
     /// one connection per client.
     pub http2: bool,
+    /// SSE and long-poll: every request carries the headers Chromium sends with a
+    /// `fetch` (user agent, client hints, fetch metadata, referer, languages...), so the
+    /// server's HTTP/2 header table holds what a browser's connection makes it hold.
+    pub browser_headers: bool,
     /// TLS over every TCP connection (WebSocket, SSE, long-poll), trusting this client's
     /// certificates; `None`: cleartext. (Behind an `Arc`: every SSE and long-poll
     /// connection keeps a copy of its target.)
@@ -148,6 +152,7 @@ impl Target {
             poll_gap: Duration::ZERO,
             deflate: false,
             http2: false,
+            browser_headers: false,
             tls: None,
             auth: Arc::new(auth),
         })

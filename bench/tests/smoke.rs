@@ -319,6 +319,13 @@ async fn sse_and_long_poll_over_http2() {
         let what = format!("{transport:?}/{encoding:?} over HTTP/2");
         let report = fanout_verified(&over(transport, encoding, true), &params, &what).await;
         assert_eq!(report.outcome.delivered, 8 * 30, "{what}");
+        // With Chromium's request headers (--browser-headers): the server takes them
+        // (a POST's origin, the languages, the fetch metadata) and the table they fill.
+        let mut run = over(transport, encoding, true);
+        run.target.browser_headers = true;
+        let what = format!("{what}, browser headers");
+        let report = fanout_verified(&run, &small_fanout(4, 1, 10), &what).await;
+        assert_eq!(report.outcome.delivered, 4 * 10, "{what}");
     }
     // The most connections to the server's port at once while n SSE sessions are held,
     // over HTTP/1.1 and over HTTP/2 (read from /proc/net/tcp: only this test uses this
