@@ -695,6 +695,9 @@ struct Stages {
     h2_ping_interval: Duration,
     h2_ping_timeout: Duration,
     h2_response_header_table: u32,
+    /// `server.h2_request_header_table_size`: `None` at the protocol's 4,096 (no
+    /// SETTINGS entry sent).
+    h2_request_header_table: Option<u32>,
     /// Counts the HTTP/1 connections that gave their state back ([`wait_idle`]).
     h1_releases: prometheus_client::metrics::counter::Counter,
 }
@@ -712,6 +715,8 @@ impl Stages {
             h2_ping_interval: s.h2_keep_alive_interval,
             h2_ping_timeout: s.h2_keep_alive_timeout,
             h2_response_header_table: s.h2_response_header_table_size,
+            h2_request_header_table: (s.h2_request_header_table_size != 4096)
+                .then_some(s.h2_request_header_table_size),
             h1_releases: metrics.http1_idle_releases.clone(),
         }
     }
@@ -1082,6 +1087,9 @@ where
         .keep_alive_timeout(stages.h2_ping_timeout)
         // vendor/README.md, h2 change 8: the response headers' HPACK table.
         .max_send_header_table_size(stages.h2_response_header_table)
+        // The request headers' table (SETTINGS_HEADER_TABLE_SIZE), bounded once the
+        // client acknowledges it (vendor/README.md, h2 change 23).
+        .header_table_size(stages.h2_request_header_table)
         .serve_connection(TokioIo::new(io), service)
 }
 

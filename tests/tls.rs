@@ -386,6 +386,133 @@ async fn h2c_responses_without_a_header_table_arrive_whole() {
     }
 }
 
+/// `server.h2_request_header_table_size = 0`: a client that honours the SETTINGS (h2's,
+/// as browsers) makes requests with headers to index, and every request is served.
+#[tokio::test]
+async fn h2c_requests_without_a_header_table_are_served() {
+    let t = TestServer::start_with(|c| c.server.h2_request_header_table_size = 0).await;
+    let mut sender = h2c(&t).await;
+    for i in 0..3 {
+        let r = sender
+            .send_request(
+                Request::get(format!("http://{}/healthz", t.addr()))
+                    .header("user-agent", "Mozilla/5.0 (X11; Linux x86_64) parley-test")
+                    .header("x-request", i.to_string())
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "request {i}");
+    }
+}
+
+/// An HTTP/2 frame: (type, flags, stream, payload).
+type RawFrame = (u8, u8, u32, Vec<u8>);
+
+async fn write_frame(s: &mut TcpStream, ty: u8, flags: u8, stream: u32, payload: &[u8]) {
+    use tokio::io::AsyncWriteExt;
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend([ty, flags]);
+    f.extend(stream.to_be_bytes());
+    f.extend(payload);
+    s.write_all(&f).await.unwrap();
+}
+
+async fn read_frame(s: &mut TcpStream) -> RawFrame {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 9];
+    tokio::time::timeout(WAIT, s.read_exact(&mut head))
+        .await
+        .expect("a frame in time")
+        .expect("a frame, not a close");
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0; len];
+    s.read_exact(&mut payload).await.unwrap();
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    (head[3], head[4], stream, payload)
+}
+
+/// Opens an h2c connection with raw frames: the preface, an empty SETTINGS, the ack of
+/// the server's SETTINGS. Returns the socket and the server's SETTINGS entries.
+async fn raw_h2c(t: &TestServer) -> (TcpStream, Vec<(u16, u32)>) {
+    use tokio::io::AsyncWriteExt;
+    let mut s = TcpStream::connect(t.addr()).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    write_frame(&mut s, 0x4, 0, 0, &[]).await;
+    loop {
+        let (ty, flags, _, payload) = read_frame(&mut s).await;
+        if ty == 0x4 && flags & 0x1 == 0 {
+            write_frame(&mut s, 0x4, 0x1, 0, &[]).await;
+            let settings = payload
+                .chunks(6)
+                .map(|e| {
+                    let id = u16::from_be_bytes([e[0], e[1]]);
+                    (id, u32::from_be_bytes([e[2], e[3], e[4], e[5]]))
+                })
+                .collect();
+            return (s, settings);
+        }
+    }
+}
+
+/// Reads frames until a response's HEADERS on `stream` (its first byte: HPACK's
+/// `:status`) or a GOAWAY (its error code); `Err` carries the GOAWAY's code.
+async fn response_or_goaway(s: &mut TcpStream, stream: u32) -> Result<u8, u32> {
+    loop {
+        match read_frame(s).await {
+            (0x1, _, id, p) if id == stream => return Ok(p[0]),
+            (0x7, _, _, p) => return Err(u32::from_be_bytes([p[4], p[5], p[6], p[7]])),
+            _ => {}
+        }
+    }
+}
+
+/// `server.h2_request_header_table_size = 0` is sent as SETTINGS_HEADER_TABLE_SIZE (none
+/// at the default 4,096), and it binds once acknowledged: a client that then indexes a
+/// header anyway cannot refer to it (the connection fails), where at 4,096 the same
+/// frames are served.
+#[tokio::test]
+async fn h2c_a_request_header_table_of_zero_binds_once_acknowledged() {
+    // GET /healthz (`:method GET` and `:scheme http` from the static table, `:path` a
+    // literal not indexed) with `x-foo: bar` as a literal to index.
+    let mut first = vec![0x82, 0x86, 0x04, 8];
+    first.extend(b"/healthz");
+    first.extend([0x40, 5]);
+    first.extend(b"x-foo");
+    first.extend([3]);
+    first.extend(b"bar");
+    // The same, `x-foo: bar` now by its index (62: the newest dynamic entry).
+    let mut second = vec![0x82, 0x86, 0x04, 8];
+    second.extend(b"/healthz");
+    second.push(0x80 | 62);
+    // END_STREAM | END_HEADERS.
+    let flags = 0x1 | 0x4;
+
+    let default = TestServer::start().await;
+    let (mut s, settings) = raw_h2c(&default).await;
+    assert!(!settings.iter().any(|&(id, _)| id == 0x1), "{settings:?}");
+    write_frame(&mut s, 0x1, flags, 1, &first).await;
+    // 0x88: `:status 200` from the static table.
+    assert_eq!(response_or_goaway(&mut s, 1).await, Ok(0x88));
+    write_frame(&mut s, 0x1, flags, 3, &second).await;
+    assert_eq!(response_or_goaway(&mut s, 3).await, Ok(0x88));
+
+    let t = TestServer::start_with(|c| c.server.h2_request_header_table_size = 0).await;
+    let (mut s, settings) = raw_h2c(&t).await;
+    assert!(settings.contains(&(0x1, 0)), "{settings:?}");
+    // raw_h2c acknowledged the SETTINGS before any request: the server reads these
+    // with the table bounded.
+    write_frame(&mut s, 0x1, flags, 1, &first).await;
+    assert_eq!(response_or_goaway(&mut s, 1).await, Ok(0x88));
+    write_frame(&mut s, 0x1, flags, 3, &second).await;
+    // A GOAWAY: h2 answers every failed HPACK decode with PROTOCOL_ERROR (0x1), where
+    // RFC 9113 §4.3 names COMPRESSION_ERROR.
+    assert_eq!(response_or_goaway(&mut s, 3).await, Err(0x1));
+}
+
 #[tokio::test]
 async fn websocket_over_http2_rfc_8441() {
     let t = TestServer::start().await;

@@ -138,9 +138,49 @@ enum Representation {
 
 #[derive(Debug)]
 struct Table {
-    entries: VecDeque<Header>,
+    entries: VecDeque<Entry>,
     size: usize,
     max_size: usize,
+}
+
+/// PARLEY PATCH (compact decoder table): an entry of the dynamic table, its name's and
+/// value's bytes in one allocation of their size. A `Header` (72 bytes) held a
+/// `HeaderValue` whose bytes a lookup's clone made shared (a 24-byte bookkeeping block
+/// for as long as the entry lived, and another for a name outside `http`'s standard
+/// ones) and a custom name in an allocation of its own: three or four allocations per
+/// entry, ~20 entries from a browser. A lookup now builds its header from these bytes
+/// (the allocations a clone would have shared, made for the request).
+#[derive(Debug)]
+struct Entry {
+    bytes: Box<[u8]>,
+    name_len: u32,
+}
+
+impl Entry {
+    fn new(header: &Header) -> Entry {
+        let (name, value) = header.table_parts();
+        let mut bytes = Vec::with_capacity(name.len() + value.len());
+        bytes.extend_from_slice(name);
+        bytes.extend_from_slice(value);
+        Entry {
+            bytes: bytes.into_boxed_slice(),
+            // A name longer than 4 GiB is not in a table (`Table::insert`'s bound).
+            name_len: name.len() as u32,
+        }
+    }
+
+    fn name(&self) -> &[u8] {
+        &self.bytes[..self.name_len as usize]
+    }
+
+    fn value(&self) -> &[u8] {
+        &self.bytes[self.name_len as usize..]
+    }
+
+    /// As HPACK counts it (RFC 7541 §4.1).
+    fn len(&self) -> usize {
+        32 + self.bytes.len()
+    }
 }
 
 /// PARLEY PATCH (exact decoded strings): the longest Huffman-decoded string (its bound,
@@ -185,6 +225,25 @@ impl Decoder {
     pub fn decode<F>(
         &mut self,
         src: &mut Cursor<&mut BytesMut>,
+        f: F,
+    ) -> Result<(), DecoderError>
+    where
+        F: FnMut(Header) -> ControlFlow<()>,
+    {
+        let decoded = self.decode_block(src, f);
+        // PARLEY PATCH (exact decoder table): the dynamic table's deque doubled as it
+        // grew, so a browser's first requests (~20 indexed headers: user agent, client
+        // hints, fetch metadata...) left it with room for 32 entries of 72 bytes
+        // (2,304 B) for the connection's life. Each block that changed the table's length
+        // gives the spare room back (one reallocation per block that inserts; a block of
+        // indexed references changes nothing).
+        self.table.trim();
+        decoded
+    }
+
+    fn decode_block<F>(
+        &mut self,
+        src: &mut Cursor<&mut BytesMut>,
         mut f: F,
     ) -> Result<(), DecoderError>
     where
@@ -196,6 +255,14 @@ impl Decoder {
 
         if let Some(size) = self.max_size_update.take() {
             self.last_max_update = size;
+            // PARLEY PATCH (table bounded at the ack): a smaller SETTINGS_HEADER_TABLE_SIZE,
+            // once acknowledged, bounds the table at once. The encoder must open its next
+            // block with a size update to at most this (RFC 7541 §4.2), evicting the same
+            // oldest entries; one that does not can no longer make the table hold more
+            // than what the setting allows.
+            if size < self.table.max_size {
+                self.table.set_max_size(size);
+            }
         }
 
         let span = tracing::trace_span!("hpack::decode");
@@ -223,7 +290,7 @@ impl Decoder {
                     let entry = self.decode_literal(src, true)?;
 
                     // Insert the header into the table
-                    self.table.insert(entry.clone());
+                    self.table.insert(&entry);
                     consume(src);
 
                     if f(entry).is_break() {
@@ -549,12 +616,13 @@ impl Table {
 
         // Convert the index for lookup in the entries structure.
         match self.entries.get(index - 62) {
-            Some(e) => Ok(e.clone()),
+            // PARLEY PATCH (compact decoder table): built from the entry's bytes.
+            Some(e) => Ok(Header::from_table(e.name(), e.value())),
             None => Err(DecoderError::InvalidTableIndex),
         }
     }
 
-    fn insert(&mut self, entry: Header) {
+    fn insert(&mut self, entry: &Header) {
         let len = entry.len();
 
         self.reserve(len);
@@ -563,7 +631,14 @@ impl Table {
             self.size += len;
 
             // Track the entry
-            self.entries.push_front(entry);
+            self.entries.push_front(Entry::new(entry));
+        }
+    }
+
+    /// PARLEY PATCH (exact decoder table): the deque's spare room given back.
+    fn trim(&mut self) {
+        if self.entries.capacity() > self.entries.len() {
+            self.entries.shrink_to_fit();
         }
     }
 
@@ -950,6 +1025,148 @@ mod test {
             }
             _ => panic!(),
         }
+    }
+
+    // PARLEY PATCH (exact decoder table): after a block that inserts entries the
+    // table's deque holds exactly its entries, and those entries are still what later
+    // blocks refer to; a block of references leaves it as it was.
+    #[test]
+    fn parley_the_table_holds_no_spare_room_after_a_block() {
+        let mut de = Decoder::new(4096);
+        let mut buf = BytesMut::new();
+        for i in 0..5u8 {
+            // Literal with incremental indexing, a new name.
+            buf.extend([0b0100_0000, 0x80 | 4]);
+            buf.extend(huff_encode(&[b'x', b'-', b'a' + i, b'z'][..]));
+            buf.extend([0x80 | 2]);
+            buf.extend(huff_encode(b"v1"));
+        }
+        let mut n = 0;
+        de.decode(&mut Cursor::new(&mut buf), |_| {
+            n += 1;
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(n, 5);
+        assert_eq!(de.table.entries.len(), 5);
+        assert_eq!(de.table.entries.capacity(), 5);
+
+        // Two references (62: the newest entry, 66: the oldest), and one more insert.
+        let mut buf = BytesMut::new();
+        buf.extend([0x80 | 62, 0x80 | 66]);
+        let mut names = vec![];
+        de.decode(&mut Cursor::new(&mut buf), |h| {
+            names.push(h.name().as_slice().to_vec());
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(names, [b"x-ez".to_vec(), b"x-az".to_vec()]);
+        assert_eq!(de.table.entries.capacity(), 5);
+
+        let mut buf = BytesMut::new();
+        buf.extend([0b0100_0000 | 62, 0x80 | 2]);
+        buf.extend(huff_encode(b"v2"));
+        de.decode(&mut Cursor::new(&mut buf), |_| ControlFlow::Continue(()))
+            .unwrap();
+        assert_eq!(de.table.entries.len(), 6);
+        assert_eq!(de.table.entries.capacity(), 6);
+    }
+
+    // PARLEY PATCH (table bounded at the ack): an acknowledged smaller table size
+    // evicts at the next block, whether or not the encoder opens it with a size update.
+    #[test]
+    fn parley_an_acknowledged_smaller_table_bounds_the_next_block() {
+        let mut de = Decoder::new(4096);
+        let mut buf = BytesMut::new();
+        for i in 0..3u8 {
+            buf.extend([0b0100_0000, 0x80 | 4]);
+            buf.extend(huff_encode(&[b'x', b'-', b'a' + i, b'z'][..]));
+            buf.extend([0x80 | 2]);
+            buf.extend(huff_encode(b"v1"));
+        }
+        de.decode(&mut Cursor::new(&mut buf), |_| ControlFlow::Continue(()))
+            .unwrap();
+        assert_eq!(de.table.size(), 3 * (4 + 2 + 32));
+
+        // Room for one entry: the two oldest go, without a size update in the block.
+        de.queue_size_update(40);
+        let mut buf = BytesMut::new();
+        buf.extend([0x80 | 62]);
+        let mut names = vec![];
+        de.decode(&mut Cursor::new(&mut buf), |h| {
+            names.push(h.name().as_slice().to_vec());
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(names, [b"x-cz".to_vec()]);
+        assert_eq!((de.table.size(), de.table.entries.capacity()), (38, 1));
+        let mut buf = BytesMut::new();
+        buf.extend([0x80 | 63]);
+        let err = de
+            .decode(&mut Cursor::new(&mut buf), |_| ControlFlow::Continue(()))
+            .unwrap_err();
+        assert_eq!(err, DecoderError::InvalidTableIndex);
+
+        // A literal to index that does not fit is decoded and not kept.
+        de.queue_size_update(0);
+        let mut buf = BytesMut::new();
+        buf.extend([0b0100_0000, 0x80 | 4]);
+        buf.extend(huff_encode(b"x-dz"));
+        buf.extend([0x80 | 2]);
+        buf.extend(huff_encode(b"v1"));
+        let mut n = 0;
+        de.decode(&mut Cursor::new(&mut buf), |_| {
+            n += 1;
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!((n, de.table.size(), de.table.entries.capacity()), (1, 0, 0));
+    }
+
+    // PARLEY PATCH (compact decoder table): an entry is its name's and value's bytes in
+    // one 24-byte slot's allocation; what a block inserts and what later blocks refer to
+    // by index arrive whole, pseudo-headers and fields alike.
+    #[test]
+    fn parley_the_table_keeps_bytes_and_hands_out_headers() {
+        assert!(std::mem::size_of::<Entry>() <= 24);
+        let mut de = Decoder::new(4096);
+        let mut buf = BytesMut::new();
+        // `:authority` (name index 1) and a custom name, both literals to index, then
+        // both by their index (62: the newest).
+        let authority = huff_encode(b"a.local");
+        buf.extend([0b0100_0001, 0x80 | authority.len() as u8]);
+        buf.extend(authority);
+        buf.extend([0b0100_0000, 0x80 | 4]);
+        buf.extend(huff_encode(b"x-az"));
+        buf.extend([0x80 | 2]);
+        buf.extend(huff_encode(b"v1"));
+        buf.extend([0x80 | 62, 0x80 | 63]);
+        let mut got = vec![];
+        de.decode(&mut Cursor::new(&mut buf), |h| {
+            got.push(h);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(got.len(), 4);
+        assert_eq!(got[0], got[3]);
+        assert_eq!(got[1], got[2]);
+        assert_eq!(got[2].value_slice(), b"v1");
+        assert_eq!(got[3].value_slice(), b"a.local");
+        let kept: Vec<(&[u8], &[u8])> = de.table.entries.iter().map(|e| (e.name(), e.value())).collect();
+        assert_eq!(kept, [(&b"x-az"[..], &b"v1"[..]), (b":authority", b"a.local")]);
+        assert_eq!(de.table.size(), (32 + 4 + 2) + (32 + 10 + 7));
+        // A literal with an indexed dynamic name takes the entry's name.
+        let mut buf = BytesMut::new();
+        buf.extend([0b0000_0000 | 15, 62 - 15, 0x80 | 2]);
+        buf.extend(huff_encode(b"v2"));
+        let mut got = vec![];
+        de.decode(&mut Cursor::new(&mut buf), |h| {
+            got.push(h);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].name().as_slice(), got[0].value_slice()), (&b"x-az"[..], &b"v2"[..]));
     }
 
     fn huff_encode(src: &[u8]) -> BytesMut {

@@ -102,6 +102,37 @@ impl Header {
         }
     }
 
+    /// PARLEY PATCH (compact decoder table): a header from the name and value bytes the
+    /// decoder's table keeps for an entry (`Header::table_parts`), in allocations of its
+    /// own. The entry was a valid header when it was inserted.
+    pub fn from_table(name: &[u8], value: &[u8]) -> Header {
+        let header = if name.first() == Some(&b':') {
+            Header::new(Bytes::copy_from_slice(name), Bytes::copy_from_slice(value))
+        } else {
+            HeaderName::from_lowercase(name)
+                .map_err(DecoderError::from)
+                .and_then(|name| {
+                    let value = HeaderValue::from_bytes(value)?;
+                    Ok(Header::Field { name, value })
+                })
+        };
+        header.expect("a table entry is a valid header")
+    }
+
+    /// PARLEY PATCH (compact decoder table): the name (a pseudo-header's with its colon)
+    /// and the value, as HPACK counts them.
+    pub fn table_parts(&self) -> (&[u8], &[u8]) {
+        match self {
+            Header::Field { name, value } => (name.as_str().as_bytes(), value.as_bytes()),
+            Header::Authority(v) => (b":authority", v.as_str().as_bytes()),
+            Header::Method(v) => (b":method", v.as_str().as_bytes()),
+            Header::Scheme(v) => (b":scheme", v.as_str().as_bytes()),
+            Header::Path(v) => (b":path", v.as_str().as_bytes()),
+            Header::Protocol(v) => (b":protocol", v.as_str().as_bytes()),
+            Header::Status(v) => (b":status", v.as_str().as_bytes()),
+        }
+    }
+
     pub fn len(&self) -> usize {
         match *self {
             Header::Field {
