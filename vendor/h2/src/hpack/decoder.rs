@@ -233,10 +233,10 @@ impl Decoder {
         let decoded = self.decode_block(src, f);
         // PARLEY PATCH (exact decoder table): the dynamic table's deque doubled as it
         // grew, so a browser's first requests (~20 indexed headers: user agent, client
-        // hints, fetch metadata...) left it with room for 32 entries of 72 bytes
-        // (2,304 B) for the connection's life. Each block that changed the table's length
-        // gives the spare room back (one reallocation per block that inserts; a block of
-        // indexed references changes nothing).
+        // hints, fetch metadata...) left it with room for 32 entries for the connection's
+        // life. Each block that changed the table's length gives the spare room back (one
+        // reallocation per block that inserts; a block of indexed references changes
+        // nothing).
         self.table.trim();
         decoded
     }
