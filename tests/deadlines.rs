@@ -10,7 +10,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestServer, http_get};
+use common::{PREFACE, SETTINGS, TestServer, http_get};
 use futures_util::SinkExt;
 use hyper::{Request, body::Bytes};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -20,10 +20,6 @@ use tokio::{
     net::TcpStream,
     time::Instant,
 };
-
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// An empty SETTINGS frame: what a client sends right after the preface.
-const SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
 
 /// Short deadlines for every stage.
 fn short(c: &mut Config) {

@@ -438,10 +438,8 @@ async fn read_frame(s: &mut TcpStream) -> RawFrame {
 async fn raw_h2c(t: &TestServer) -> (TcpStream, Vec<(u16, u32)>) {
     use tokio::io::AsyncWriteExt;
     let mut s = TcpStream::connect(t.addr()).await.unwrap();
-    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-        .await
-        .unwrap();
-    write_frame(&mut s, 0x4, 0, 0, &[]).await;
+    s.write_all(PREFACE).await.unwrap();
+    s.write_all(SETTINGS).await.unwrap();
     loop {
         let (ty, flags, _, payload) = read_frame(&mut s).await;
         if ty == 0x4 && flags & 0x1 == 0 {

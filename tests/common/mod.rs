@@ -22,6 +22,10 @@ use tokio_tungstenite::{
 pub mod pg;
 
 pub const WAIT: Duration = Duration::from_secs(5);
+/// The HTTP/2 client connection preface (RFC 9113 §3.4), for raw-frame tests.
+pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// An empty SETTINGS frame: what a client sends right after the preface.
+pub const SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
 
 /// The `kind` of the signal a client sends itself to mark a point in its push stream
 /// (see [`Client::probe`]); such pushes never reach a client's inbox.
