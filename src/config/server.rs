@@ -76,7 +76,8 @@ pub struct ServerConfig {
     /// HTTP/2: the HPACK table (bytes, SETTINGS_HEADER_TABLE_SIZE) parley lets a client
     /// fill with its request headers per connection. A browser indexes every header it
     /// sends but the path (~20 entries, ~1.4 KB of table from Chromium's user agent,
-    /// client hints, fetch metadata and token; ~0.9 KB of memory), held for the
+    /// client hints, fetch metadata and token; ~0.9 KB of memory, ~0.4 KB where other
+    /// connections index the same headers, whose bytes are kept once), held for the
     /// connection's life; 0 keeps none, binding once the client acknowledges it, and each
     /// request then carries its headers as literals (~0.45 KB more per request from a
     /// browser). At most 4,096, the protocol's default.

@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 use std::io::Cursor;
 use std::ops::ControlFlow;
 use std::str::Utf8Error;
+use std::sync::Arc;
 
 /// Decodes headers using HPACK
 #[derive(Debug)]
@@ -150,36 +151,189 @@ struct Table {
 /// ones) and a custom name in an allocation of its own: three or four allocations per
 /// entry, ~20 entries from a browser. A lookup now builds its header from these bytes
 /// (the allocations a clone would have shared, made for the request).
+///
+/// PARLEY PATCH (shared table bytes): the bytes of an entry `pool` takes are shared
+/// with every other connection's table that holds the same name and value (browsers of
+/// one version send the same user agent, client hints, fetch metadata, languages and
+/// referer on every connection). `Shared`'s `Option` is `Some` until `Drop` hands the
+/// bytes back to the pool; the slot stays 24 bytes.
 #[derive(Debug)]
-struct Entry {
-    bytes: Box<[u8]>,
-    name_len: u32,
+enum Entry {
+    Own(Box<[u8]>, u32),
+    Shared(Option<Arc<[u8]>>, u32),
 }
 
 impl Entry {
     fn new(header: &Header) -> Entry {
         let (name, value) = header.table_parts();
+        // A name longer than 4 GiB is not in a table (`Table::insert`'s bound).
+        let name_len = name.len() as u32;
+        if let Some(bytes) = pool::take(name, value) {
+            return Entry::Shared(Some(bytes), name_len);
+        }
         let mut bytes = Vec::with_capacity(name.len() + value.len());
         bytes.extend_from_slice(name);
         bytes.extend_from_slice(value);
-        Entry {
-            bytes: bytes.into_boxed_slice(),
-            // A name longer than 4 GiB is not in a table (`Table::insert`'s bound).
-            name_len: name.len() as u32,
+        Entry::Own(bytes.into_boxed_slice(), name_len)
+    }
+
+    fn bytes(&self) -> (&[u8], usize) {
+        match self {
+            Entry::Own(bytes, name_len) => (bytes, *name_len as usize),
+            Entry::Shared(Some(bytes), name_len) => (bytes, *name_len as usize),
+            Entry::Shared(None, _) => unreachable!("an entry's bytes are only taken on drop"),
         }
     }
 
     fn name(&self) -> &[u8] {
-        &self.bytes[..self.name_len as usize]
+        let (bytes, name_len) = self.bytes();
+        &bytes[..name_len]
     }
 
     fn value(&self) -> &[u8] {
-        &self.bytes[self.name_len as usize..]
+        let (bytes, name_len) = self.bytes();
+        &bytes[name_len..]
     }
 
     /// As HPACK counts it (RFC 7541 §4.1).
     fn len(&self) -> usize {
-        32 + self.bytes.len()
+        32 + self.bytes().0.len()
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        if let Entry::Shared(bytes, _) = self {
+            if let Some(bytes) = bytes.take() {
+                pool::give_back(bytes);
+            }
+        }
+    }
+}
+
+/// PARLEY PATCH (shared table bytes): the name-and-value bytes that decoder tables hold,
+/// one copy for all connections.
+///
+/// - Taken: an entry of `MIN_LEN` bytes or more whose name is not a credential's
+///   (`authorization`, `proxy-authorization` and `cookie` differ per user: sharing would
+///   only add the pool's bookkeeping to them).
+/// - A shard holds at most `SHARD_CAP` strings (65,536 in all); an entry that finds its
+///   shard full keeps bytes of its own, as before. The pool's own cost is so bounded
+///   for all connections together: a slot of ~17-39 bytes and a 16-byte count header
+///   per string, ~3.6 MB at most. A string is no longer than a table entry (4,064
+///   bytes) and lives only while some table holds it. Per connection, a pooled entry
+///   costs its count header more when no other connection shares it: ~1.4 KB at most
+///   (85 entries of 16 bytes in a 4,096-byte table), while the pool has room.
+/// - Every clone and every drop of a pooled string happens under its shard's lock, so
+///   a string's count of 2 there (the pool's and the caller's) means the caller holds
+///   the last table reference.
+/// - Lookups hash with a per-process random key (SipHash), as the byte strings come
+///   from peers.
+mod pool {
+    use hashbrown::HashTable;
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+    pub(super) const MIN_LEN: usize = 16;
+    const SHARDS: usize = 16;
+    const SHARD_CAP: usize = 4096;
+
+    pub(super) struct Pool {
+        keys: RandomState,
+        cap: usize,
+        shards: [Mutex<HashTable<Arc<[u8]>>>; SHARDS],
+    }
+
+    /// The process's pool, which decoder tables use.
+    fn global() -> &'static Pool {
+        static POOL: OnceLock<Pool> = OnceLock::new();
+        POOL.get_or_init(|| Pool::new(SHARD_CAP))
+    }
+
+    pub(super) fn take(name: &[u8], value: &[u8]) -> Option<Arc<[u8]>> {
+        global().take(name, value)
+    }
+
+    pub(super) fn give_back(bytes: Arc<[u8]>) {
+        global().give_back(bytes)
+    }
+
+    #[cfg(test)]
+    pub(super) fn global_holds(bytes: &[u8]) -> bool {
+        global().holds(bytes)
+    }
+
+    impl Pool {
+        pub(super) fn new(cap: usize) -> Pool {
+            Pool {
+                keys: RandomState::new(),
+                cap,
+                shards: std::array::from_fn(|_| Mutex::new(HashTable::new())),
+            }
+        }
+
+        /// `name` then `value` as one string (SipHash streams: the split does not count).
+        fn hash(&self, name: &[u8], value: &[u8]) -> u64 {
+            let mut h = self.keys.build_hasher();
+            h.write(name);
+            h.write(value);
+            h.finish()
+        }
+
+        fn shard(&self, hash: u64) -> MutexGuard<'_, HashTable<Arc<[u8]>>> {
+            // Middle bits: hashbrown takes its control bytes from the top seven and the
+            // bucket from the low ones (13 for a full shard), so a shard's strings keep
+            // both spread.
+            let i = (hash >> 32) as usize % SHARDS;
+            self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+        }
+
+        /// The pooled copy of `name` followed by `value`, or `None` where the pool does
+        /// not take it (too short, a credential, its shard full).
+        pub(super) fn take(&self, name: &[u8], value: &[u8]) -> Option<Arc<[u8]>> {
+            let len = name.len() + value.len();
+            if len < MIN_LEN
+                || matches!(name, b"authorization" | b"proxy-authorization" | b"cookie")
+            {
+                return None;
+            }
+            let hash = self.hash(name, value);
+            let mut shard = self.shard(hash);
+            let same = |s: &Arc<[u8]>| s.len() == len && s.starts_with(name) && s.ends_with(value);
+            if let Some(s) = shard.find(hash, same) {
+                return Some(s.clone());
+            }
+            if shard.len() >= self.cap {
+                return None;
+            }
+            let mut bytes = Vec::with_capacity(len);
+            bytes.extend_from_slice(name);
+            bytes.extend_from_slice(value);
+            let s: Arc<[u8]> = bytes.into();
+            shard.insert_unique(hash, s.clone(), |s| self.hash(s, &[]));
+            Some(s)
+        }
+
+        /// A table's reference given back; the string leaves the pool with the last.
+        pub(super) fn give_back(&self, bytes: Arc<[u8]>) {
+            let hash = self.hash(&bytes, &[]);
+            let mut shard = self.shard(hash);
+            if Arc::strong_count(&bytes) == 2 {
+                if let Ok(entry) = shard.find_entry(hash, |s| Arc::ptr_eq(s, &bytes)) {
+                    entry.remove();
+                }
+            }
+            // Dropped under the lock: a count read under it is then exact.
+            drop(bytes);
+            drop(shard);
+        }
+
+        #[cfg(test)]
+        pub(super) fn holds(&self, bytes: &[u8]) -> bool {
+            let hash = self.hash(bytes, &[]);
+            self.shard(hash).find(hash, |s| **s == *bytes).is_some()
+        }
     }
 }
 
@@ -222,11 +376,7 @@ impl Decoder {
     }
 
     /// Decodes the headers found in the given buffer.
-    pub fn decode<F>(
-        &mut self,
-        src: &mut Cursor<&mut BytesMut>,
-        f: F,
-    ) -> Result<(), DecoderError>
+    pub fn decode<F>(&mut self, src: &mut Cursor<&mut BytesMut>, f: F) -> Result<(), DecoderError>
     where
         F: FnMut(Header) -> ControlFlow<()>,
     {
@@ -1152,8 +1302,16 @@ mod test {
         assert_eq!(got[1], got[2]);
         assert_eq!(got[2].value_slice(), b"v1");
         assert_eq!(got[3].value_slice(), b"a.local");
-        let kept: Vec<(&[u8], &[u8])> = de.table.entries.iter().map(|e| (e.name(), e.value())).collect();
-        assert_eq!(kept, [(&b"x-az"[..], &b"v1"[..]), (b":authority", b"a.local")]);
+        let kept: Vec<(&[u8], &[u8])> = de
+            .table
+            .entries
+            .iter()
+            .map(|e| (e.name(), e.value()))
+            .collect();
+        assert_eq!(
+            kept,
+            [(&b"x-az"[..], &b"v1"[..]), (b":authority", b"a.local")]
+        );
         assert_eq!(de.table.size(), (32 + 4 + 2) + (32 + 10 + 7));
         // A literal with an indexed dynamic name takes the entry's name.
         let mut buf = BytesMut::new();
@@ -1166,7 +1324,170 @@ mod test {
         })
         .unwrap();
         assert_eq!(got.len(), 1);
-        assert_eq!((got[0].name().as_slice(), got[0].value_slice()), (&b"x-az"[..], &b"v2"[..]));
+        assert_eq!(
+            (got[0].name().as_slice(), got[0].value_slice()),
+            (&b"x-az"[..], &b"v2"[..])
+        );
+    }
+
+    // PARLEY PATCH (shared table bytes): a literal to index with a new name.
+    fn indexed_literal(name: &[u8], value: &[u8]) -> BytesMut {
+        let mut buf = BytesMut::new();
+        buf.extend([0b0100_0000, name.len() as u8]);
+        buf.extend_from_slice(name);
+        buf.extend([value.len() as u8]);
+        buf.extend_from_slice(value);
+        buf
+    }
+
+    fn decode_all(de: &mut Decoder, mut buf: BytesMut) -> Vec<Header> {
+        let mut got = vec![];
+        de.decode(&mut Cursor::new(&mut buf), |h| {
+            got.push(h);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        got
+    }
+
+    // PARLEY PATCH (shared table bytes): two connections' tables that index the same
+    // name and value hold one copy of its bytes; the pool lets it go with the last table
+    // that holds it, whether evicted or dropped.
+    #[test]
+    fn parley_tables_share_their_bytes_until_the_last_lets_go() {
+        let (name, value) = (&b"x-parley-shared"[..], &b"one copy for both"[..]);
+        let whole = [name, value].concat();
+        let mut a = Decoder::new(4096);
+        let mut b = Decoder::new(4096);
+        assert_eq!(decode_all(&mut a, indexed_literal(name, value)).len(), 1);
+        assert_eq!(decode_all(&mut b, indexed_literal(name, value)).len(), 1);
+        match (&a.table.entries[0], &b.table.entries[0]) {
+            (Entry::Shared(Some(x), n), Entry::Shared(Some(y), _)) => {
+                assert!(Arc::ptr_eq(x, y));
+                assert_eq!(*n as usize, name.len());
+            }
+            other => panic!("not shared: {other:?}"),
+        }
+        // Both tables hand the header out, by index.
+        for de in [&mut a, &mut b] {
+            let got = decode_all(de, BytesMut::from(&[0x80 | 62][..]));
+            assert_eq!(
+                (got[0].name().as_slice(), got[0].value_slice()),
+                (name, value)
+            );
+        }
+        assert!(pool::global_holds(&whole));
+        // Evicted from `a` by a smaller table (a size update of 0, then back).
+        a.queue_size_update(0);
+        decode_all(&mut a, BytesMut::from(&[0b0010_0000][..]));
+        assert_eq!(a.table.entries.len(), 0);
+        assert!(pool::global_holds(&whole));
+        drop(b);
+        assert!(!pool::global_holds(&whole));
+        // Indexed again afterwards, by a new table, it is pooled again.
+        let mut c = Decoder::new(4096);
+        decode_all(&mut c, indexed_literal(name, value));
+        assert!(matches!(c.table.entries[0], Entry::Shared(Some(_), _)));
+        assert!(pool::global_holds(&whole));
+        drop(c);
+        assert!(!pool::global_holds(&whole));
+    }
+
+    // PARLEY PATCH (shared table bytes): short entries and credentials are not pooled.
+    #[test]
+    fn parley_short_entries_and_credentials_keep_their_own_bytes() {
+        let mut de = Decoder::new(4096);
+        let token = b"Bearer a-token-that-one-user-sends";
+        decode_all(&mut de, indexed_literal(b"authorization", token));
+        decode_all(
+            &mut de,
+            indexed_literal(b"cookie", b"session=a-value-of-one-user"),
+        );
+        decode_all(&mut de, indexed_literal(b"x-short", b"12345678"));
+        decode_all(&mut de, indexed_literal(b"x-long-enough", b"123"));
+        let kinds: Vec<bool> = de
+            .table
+            .entries
+            .iter()
+            .map(|e| matches!(e, Entry::Shared(..)))
+            .collect();
+        assert_eq!(kinds, [true, false, false, false]);
+        assert!(!pool::global_holds(
+            &[&b"authorization"[..], token].concat()
+        ));
+        assert_eq!(pool::MIN_LEN, "x-long-enough123".len());
+    }
+
+    // PARLEY PATCH (shared table bytes): a shard at its cap takes no new string, still
+    // hands out the ones it holds, and takes new ones again once some are given back.
+    #[test]
+    fn parley_a_full_pool_shard_takes_no_new_string() {
+        let pool = pool::Pool::new(1);
+        let name = b"x-parley-capped";
+        let values: Vec<Vec<u8>> = (0..40).map(|i| format!("value {i}").into_bytes()).collect();
+        let taken: Vec<Option<Arc<[u8]>>> = values.iter().map(|v| pool.take(name, v)).collect();
+        let kept = taken.iter().filter(|t| t.is_some()).count();
+        // Sixteen shards of one: 40 strings fill at most 16 and at least one is refused.
+        assert!(kept <= 16 && kept < values.len(), "{kept}");
+        for (v, t) in values.iter().zip(&taken) {
+            let whole = [&name[..], v].concat();
+            assert_eq!(pool.holds(&whole), t.is_some());
+            if t.is_some() {
+                // Found, not added: the shard being full does not matter.
+                let again = pool.take(name, v).unwrap();
+                assert!(Arc::ptr_eq(&again, t.as_ref().unwrap()));
+                pool.give_back(again);
+            }
+        }
+        for t in taken.into_iter().flatten() {
+            pool.give_back(t);
+        }
+        // Empty again: each string on its own is taken.
+        for v in &values {
+            let t = pool.take(name, v).expect("an empty shard takes it");
+            pool.give_back(t);
+            assert!(!pool.holds(&[&name[..], v].concat()));
+        }
+    }
+
+    // PARLEY PATCH (shared table bytes): connections on several threads that give the
+    // same string back at once leave nothing behind. (The interleaving that a drop
+    // outside the shard's lock would get wrong, two holders each counting the other,
+    // is a window of nanoseconds; this stress test did not catch that mutation on two
+    // cores. It does catch a give-back that misses the string.)
+    #[test]
+    fn parley_the_pool_lets_go_of_strings_shared_across_threads() {
+        const THREADS: usize = 4;
+        const ROUNDS: usize = 2_000;
+        let pool = Arc::new(pool::Pool::new(64));
+        let barrier = Arc::new(std::sync::Barrier::new(THREADS + 1));
+        let (name, value) = (&b"x-parley-threads"[..], &b"given back at once"[..]);
+        let threads: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let (pool, barrier) = (pool.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..ROUNDS {
+                        let s = pool.take(name, value).unwrap();
+                        barrier.wait();
+                        pool.give_back(s);
+                        barrier.wait();
+                        // The main thread looks.
+                        barrier.wait();
+                    }
+                })
+            })
+            .collect();
+        let mut left = 0;
+        for _ in 0..ROUNDS {
+            barrier.wait();
+            barrier.wait();
+            left += pool.holds(&[name, value].concat()) as usize;
+            barrier.wait();
+        }
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(left, 0, "rounds that left the string in the pool");
     }
 
     fn huff_encode(src: &[u8]) -> BytesMut {
