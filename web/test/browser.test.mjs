@@ -1,8 +1,10 @@
 // The SDK and demo page in headless Chromium against the real parley binary: WebSocket
-// with protobuf, fallback to SSE and long-poll behind hostile proxies, a server killed
-// and restarted mid-chat, and a hidden page that must not spin reconnects.
+// with protobuf, fallback to SSE and long-poll behind hostile proxies, SSE and long-poll
+// over HTTPS (HTTP/2), a server killed and restarted mid-chat, and a hidden page that
+// must not spin reconnects.
 import assert from "node:assert/strict";
-import { mkdirSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import {
@@ -11,6 +13,7 @@ import {
   TestProxy,
   WEB,
   launchBrowser,
+  makeCert,
   openChat,
   say,
   shown,
@@ -175,6 +178,52 @@ describe("browser", () => {
       } finally {
         await proxy.stop();
         await server.stop();
+      }
+    });
+  }
+
+  // What a browser on HTTPS does: SSE and long-poll over HTTP/2 (ALPN), with
+  // Chromium's own request headers, which it indexes in the connection's HPACK table and
+  // which the patched h2 shares between connections (vendor/README.md, h2 change 25).
+  for (const transport of ["sse", "poll"]) {
+    test(`${transport} over HTTPS is HTTP/2 with Chromium's own headers: two pages chat, each message once`, async () => {
+      const dir = mkdtempSync(join(tmpdir(), "parley-h2-test-"));
+      const server = await new ParleyServer({ tls: makeCert(dir, 10) }).start();
+      try {
+        const q = `&transports=${transport}`;
+        const alice = await openChat(browser, server.url, "alice", q);
+        const bob = await openChat(browser, server.url, "bob", q);
+        for (const [who, p] of [["alice", alice], ["bob", bob]]) {
+          assert.equal((await transportOf(p)).transport, transport, `${who} on ${transport}`);
+        }
+        const bodies = [];
+        for (let i = 1; i <= 3; i++) {
+          for (const [from, to] of [[alice, bob], [bob, alice]]) {
+            const body = `h2 ${transport} ${bodies.length + 1}`;
+            bodies.push(body);
+            await say(from, body);
+            await waitShown(to, body);
+          }
+        }
+        for (const [who, p] of [["alice", alice], ["bob", bob]]) {
+          await waitFor(`${who} shows all ${bodies.length}`, async () => (await shown(p)).length >= bodies.length);
+          assertOnceInOrder(await shown(p), bodies, who);
+          // The page and the SDK's requests (commands, polls) went over HTTP/2.
+          const used = await p.evaluate(() => ({
+            page: performance.getEntriesByType("navigation")[0].nextHopProtocol,
+            fetches: performance
+              .getEntriesByType("resource")
+              .filter((e) => e.initiatorType === "fetch")
+              .map((e) => e.nextHopProtocol),
+          }));
+          assert.equal(used.page, "h2", `${who}: the page over HTTP/2`);
+          assert.ok(used.fetches.length > 0 && used.fetches.every((x) => x === "h2"), `${who}: the SDK's requests over HTTP/2: ${JSON.stringify(used)}`);
+          assert.deepEqual(p.errors, []);
+        }
+        for (const p of [alice, bob]) await p.context().close();
+      } finally {
+        await server.stop();
+        rmSync(dir, { recursive: true, force: true });
       }
     });
   }
