@@ -67,9 +67,9 @@ pub struct ServerConfig {
     pub h2_keep_alive_timeout: Duration,
     /// HTTP/2: the largest HPACK table (bytes) parley's encoder keeps per connection for
     /// the response headers it sends, below what the client allows (4,096 from
-    /// browsers). Every connection holds the headers it indexed, ~120 bytes of
-    /// bookkeeping each besides, for its life; 0 indexes none (no memory, every response
-    /// header sent as a literal, as HTTP/1.1 sends them). Not a SETTINGS value: the
+    /// browsers). Every connection's table holds the headers it indexed for its life,
+    /// their bytes in one buffer that connections whose tables are alike share; 0
+    /// indexes none (every response header sent as a literal, as HTTP/1.1 sends them). Not a SETTINGS value: the
     /// client is told with HPACK's table size update (RFC 7541 §4.2), which every
     /// HTTP/2 client handles. At most 4,096 (h2's own ceiling, whatever the client allows).
     pub h2_response_header_table_size: u32,

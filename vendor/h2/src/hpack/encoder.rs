@@ -141,6 +141,10 @@ impl Encoder {
                 }
             }
         }
+
+        // PARLEY PATCH (shared table bytes): the block is encoded; a table it changed
+        // takes the shared copy of its bytes.
+        self.table.settle();
     }
 
     fn encode_size_updates(&mut self, dst: &mut BytesMut) {
@@ -934,6 +938,97 @@ mod test {
     #[ignore]
     fn test_evicted_overflow() {
         // Not sure what the best way to do this is.
+    }
+
+    // PARLEY PATCH (shared table bytes): encoders that index the same headers hold one
+    // copy of their tables' bytes; one that indexes another header copies the bytes
+    // back first, and what it encodes still decodes. The copy goes with its last table.
+    #[test]
+    fn parley_encoders_that_index_the_same_headers_share_their_table() {
+        use crate::hpack::Decoder;
+        use std::ops::ControlFlow;
+        use std::sync::Arc;
+
+        let response = || {
+            vec![
+                header("content-type", "text/event-stream"),
+                header("x-parley-shared-encoder", "one copy"),
+            ]
+        };
+        let mut a = Encoder::default();
+        let mut b = Encoder::default();
+        let mut da = Decoder::new(4096);
+        let decoded = |de: &mut Decoder, mut buf: BytesMut| {
+            let mut got = vec![];
+            de.decode(&mut std::io::Cursor::new(&mut buf), |h| {
+                got.push((h.name().as_slice().to_vec(), h.value_slice().to_vec()));
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+            got
+        };
+        let want = |hs: Vec<Header<Option<HeaderName>>>| -> Vec<(Vec<u8>, Vec<u8>)> {
+            hs.into_iter()
+                .map(|h| {
+                    let h = h.reify().unwrap();
+                    (h.name().as_slice().to_vec(), h.value_slice().to_vec())
+                })
+                .collect()
+        };
+        let first = encode(&mut a, response());
+        encode(&mut b, response());
+        assert_eq!(decoded(&mut da, first), want(response()));
+        let (sa, sb) = (a.table.shared().unwrap(), b.table.shared().unwrap());
+        assert!(Arc::ptr_eq(sa, sb));
+        let old = sa.to_vec();
+        // Indexed: nothing changes, nothing is copied.
+        let again = encode(&mut a, response());
+        assert_eq!(decoded(&mut da, again), want(response()));
+        assert!(Arc::ptr_eq(
+            a.table.shared().unwrap(),
+            b.table.shared().unwrap()
+        ));
+        // Another header: `a` copies its bytes out, adds it, and shares the new bytes.
+        let more = || vec![header("x-parley-shared-encoder", "another value")];
+        let third = encode(&mut a, more());
+        assert_eq!(decoded(&mut da, third), want(more()));
+        let (sa, sb) = (a.table.shared().unwrap(), b.table.shared().unwrap());
+        assert!(!Arc::ptr_eq(sa, sb));
+        assert_eq!(a.table.len(), 3);
+        assert_eq!(&sb[..], &old[..]);
+        // All three by index, from the table `a` shares.
+        let all = || {
+            let mut hs = response();
+            hs.extend(more());
+            hs
+        };
+        let fourth = encode(&mut a, all());
+        assert!(fourth.len() <= 4, "three indexed headers: {fourth:?}");
+        assert_eq!(decoded(&mut da, fourth), want(all()));
+        let new = a.table.shared().unwrap().to_vec();
+        drop(a);
+        assert!(!super::super::pool::global_holds(&new));
+        assert!(super::super::pool::global_holds(&old));
+        drop(b);
+        assert!(!super::super::pool::global_holds(&old));
+    }
+
+    // PARLEY PATCH (shared table bytes): a table evicted to nothing lets the shared copy
+    // go; one resized to 0 keeps nothing.
+    #[test]
+    fn parley_an_emptied_encoder_table_holds_no_shared_copy() {
+        let mut e = Encoder::default();
+        encode(
+            &mut e,
+            vec![header("x-parley-emptied", "a value long enough")],
+        );
+        let bytes = e.table.shared().unwrap().to_vec();
+        assert!(super::super::pool::global_holds(&bytes));
+        e.update_max_size(0);
+        encode(&mut e, vec![]);
+        assert_eq!((e.table.len(), e.table.capacity()), (0, 0));
+        assert!(e.table.shared().is_none());
+        assert!(!super::super::pool::global_holds(&bytes));
     }
 
     fn encode(e: &mut Encoder, hdrs: Vec<Header<Option<HeaderName>>>) -> BytesMut {

@@ -2,6 +2,8 @@ mod decoder;
 mod encoder;
 pub(crate) mod header;
 pub(crate) mod huffman;
+// PARLEY PATCH (shared table bytes): one copy of the bytes HPACK tables hold alike.
+mod pool;
 mod table;
 
 #[cfg(test)]

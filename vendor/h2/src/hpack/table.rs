@@ -1,4 +1,6 @@
-use super::Header;
+use super::{pool, Header};
+
+use std::sync::Arc;
 
 use http::header;
 use http::method::Method;
@@ -20,7 +22,7 @@ use http::method::Method;
 #[derive(Debug)]
 pub struct Table {
     /// The entries from `start` to the end, oldest first (see above).
-    bytes: Vec<u8>,
+    bytes: Buf,
     /// Where the oldest entry begins; the bytes before it are evicted entries, given
     /// back when the buffer needs room.
     start: usize,
@@ -29,6 +31,38 @@ pub struct Table {
     // Size is in bytes (as RFC 7541 section 4.1 counts it)
     size: usize,
     max_size: usize,
+}
+
+/// PARLEY PATCH (shared table bytes): the table's buffer, its own while a header block
+/// changes it, and at the end of each block that changed it (`Table::settle`) a copy
+/// shared with every connection whose table holds the same bytes (`pool`): a server
+/// sends the same few headers on most connections, so most of their tables are alike.
+/// The next change copies the bytes back into a buffer of the table's own.
+#[derive(Debug)]
+enum Buf {
+    Own(Vec<u8>),
+    /// `Some` until `Drop` gives it back to the pool.
+    Shared(Option<Arc<[u8]>>),
+}
+
+impl Buf {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Buf::Own(v) => v,
+            Buf::Shared(Some(s)) => s,
+            Buf::Shared(None) => unreachable!("a table's bytes are only taken on drop"),
+        }
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        if let Buf::Shared(s) = self {
+            if let Some(s) = s.take() {
+                pool::give_back(s);
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -63,7 +97,7 @@ impl Table {
         // PARLEY PATCH (compact encoder table): `capacity` counted entries; room for
         // that many of ~32 bytes each.
         Table {
-            bytes: Vec::with_capacity(capacity * 32),
+            bytes: Buf::Own(Vec::with_capacity(capacity * 32)),
             start: 0,
             len: 0,
             size: 0,
@@ -74,7 +108,55 @@ impl Table {
     /// PARLEY PATCH (compact encoder table): the bytes the table holds room for.
     #[cfg(test)]
     pub fn capacity(&self) -> usize {
-        self.bytes.capacity()
+        match &self.bytes {
+            Buf::Own(v) => v.capacity(),
+            Buf::Shared(_) => self.bytes.as_slice().len(),
+        }
+    }
+
+    /// PARLEY PATCH (shared table bytes): the pool's copy the table's bytes are, if so.
+    #[cfg(test)]
+    pub fn shared(&self) -> Option<&Arc<[u8]>> {
+        match &self.bytes {
+            Buf::Shared(s) => s.as_ref(),
+            Buf::Own(_) => None,
+        }
+    }
+
+    /// PARLEY PATCH (shared table bytes): at the end of a header block, a table whose
+    /// bytes changed in it takes the pool's copy of them, the same as other tables',
+    /// and lets its own go. A table the pool does not take (under `pool::MIN_LEN`
+    /// bytes, or its shard full) keeps its own, and is offered again after the next
+    /// block.
+    pub fn settle(&mut self) {
+        let own = matches!(self.bytes, Buf::Own(_));
+        if !own && self.start == 0 {
+            return;
+        }
+        let entries = &self.bytes.as_slice()[self.start..];
+        if entries.is_empty() {
+            return;
+        }
+        if let Some(shared) = pool::take_bytes(entries) {
+            self.bytes = Buf::Shared(Some(shared));
+            self.start = 0;
+        }
+    }
+
+    /// PARLEY PATCH (shared table bytes): the buffer as the table's own, copied out of
+    /// the pool's (the entries from `start`, and room for `more` bytes) if shared.
+    fn own(&mut self, more: usize) -> &mut Vec<u8> {
+        if let Buf::Shared(_) = self.bytes {
+            let entries = &self.bytes.as_slice()[self.start..];
+            let mut v = Vec::with_capacity(entries.len() + more);
+            v.extend_from_slice(entries);
+            self.bytes = Buf::Own(v);
+            self.start = 0;
+        }
+        match &mut self.bytes {
+            Buf::Own(v) => v,
+            Buf::Shared(_) => unreachable!(),
+        }
     }
 
     pub fn max_size(&self) -> usize {
@@ -199,7 +281,7 @@ impl Table {
         let mut full = None;
         let mut named = None;
         let mut values = 0;
-        let bytes = &self.bytes[..];
+        let bytes = self.bytes.as_slice();
         let mut pos = self.start;
         // The index of the entry at `pos`, plus one.
         let mut i = self.len;
@@ -238,12 +320,11 @@ impl Table {
 
         let n = ENTRY_HEAD + name.len() + value.len();
         self.reserve(n);
-        self.bytes
-            .extend_from_slice(&(name.len() as u16).to_le_bytes());
-        self.bytes
-            .extend_from_slice(&(value.len() as u16).to_le_bytes());
-        self.bytes.extend_from_slice(name);
-        self.bytes.extend_from_slice(value);
+        let bytes = self.own(n);
+        bytes.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(&(value.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(name);
+        bytes.extend_from_slice(value);
         self.len += 1;
 
         true
@@ -255,22 +336,28 @@ impl Table {
     /// needed plus a quarter of what is there, so that a full table whose entries
     /// keep changing moves its bytes once per several insertions, not per insertion.
     fn reserve(&mut self, n: usize) {
-        if self.bytes.capacity() - self.bytes.len() >= n {
+        // PARLEY PATCH (shared table bytes): a shared buffer is copied out with room
+        // for `n` (and without the evicted entries).
+        self.own(n);
+        let Buf::Own(bytes) = &mut self.bytes else {
+            unreachable!()
+        };
+        if bytes.capacity() - bytes.len() >= n {
             return;
         }
 
         let mut slack = 0;
         if self.start > 0 {
-            self.bytes.drain(..self.start);
+            bytes.drain(..self.start);
             self.start = 0;
 
-            if self.bytes.capacity() - self.bytes.len() >= n {
+            if bytes.capacity() - bytes.len() >= n {
                 return;
             }
-            slack = self.bytes.len() / 4;
+            slack = bytes.len() / 4;
         }
 
-        self.bytes.reserve_exact(n + slack);
+        bytes.reserve_exact(n + slack);
     }
 
     pub fn resize(&mut self, size: usize) {
@@ -282,7 +369,7 @@ impl Table {
             self.size = 0;
             self.len = 0;
             self.start = 0;
-            self.bytes = Vec::new();
+            self.bytes = Buf::Own(Vec::new());
         } else {
             self.converge();
         }
@@ -298,8 +385,9 @@ impl Table {
         debug_assert!(self.len > 0);
 
         let pos = self.start;
-        let name_len = u16::from_le_bytes([self.bytes[pos], self.bytes[pos + 1]]) as usize;
-        let value_len = u16::from_le_bytes([self.bytes[pos + 2], self.bytes[pos + 3]]) as usize;
+        let bytes = self.bytes.as_slice();
+        let name_len = u16::from_le_bytes([bytes[pos], bytes[pos + 1]]) as usize;
+        let value_len = u16::from_le_bytes([bytes[pos + 2], bytes[pos + 3]]) as usize;
 
         // Update the size
         self.size -= 32 + name_len + value_len;
@@ -307,7 +395,11 @@ impl Table {
         self.len -= 1;
 
         if self.len == 0 {
-            self.bytes.clear();
+            match &mut self.bytes {
+                Buf::Own(v) => v.clear(),
+                // PARLEY PATCH (shared table bytes): the shared copy let go.
+                Buf::Shared(_) => self.bytes = Buf::Own(Vec::new()),
+            }
             self.start = 0;
         }
     }
