@@ -35,7 +35,7 @@ pub(crate) struct Pool {
     shards: [Mutex<HashTable<Arc<[u8]>>>; SHARDS],
 }
 
-/// The process's pool, which decoder tables use.
+/// The process's pool, which decoder and encoder tables use.
 fn global() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();
     POOL.get_or_init(|| Pool::new(SHARD_CAP))
@@ -100,10 +100,8 @@ impl Pool {
         if shard.len() >= self.cap {
             return None;
         }
-        let mut bytes = Vec::with_capacity(len);
-        bytes.extend_from_slice(name);
-        bytes.extend_from_slice(value);
-        let s: Arc<[u8]> = bytes.into();
+        // One allocation: the chain's length is known, so the `Arc` is made to size.
+        let s: Arc<[u8]> = name.iter().chain(value).copied().collect();
         shard.insert_unique(hash, s.clone(), |s| self.hash(s, &[]));
         Some(s)
     }
