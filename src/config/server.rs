@@ -69,9 +69,9 @@ pub struct ServerConfig {
     /// the response headers it sends, below what the client allows (4,096 from
     /// browsers). Every connection's table holds the headers it indexed for its life,
     /// their bytes in one buffer that connections whose tables are alike share; 0
-    /// indexes none (every response header sent as a literal, as HTTP/1.1 sends them). Not a SETTINGS value: the
-    /// client is told with HPACK's table size update (RFC 7541 §4.2), which every
-    /// HTTP/2 client handles. At most 4,096 (h2's own ceiling, whatever the client allows).
+    /// indexes none (every response header sent as a literal, as HTTP/1.1 sends them).
+    /// Not a SETTINGS value: the client is told with HPACK's table size update (RFC 7541
+    /// §4.2), which every HTTP/2 client handles. At most 4,096 (h2's own ceiling, whatever the client allows).
     pub h2_response_header_table_size: u32,
     /// HTTP/2: the HPACK table (bytes, SETTINGS_HEADER_TABLE_SIZE) parley lets a client
     /// fill with its request headers per connection. A browser indexes every header it

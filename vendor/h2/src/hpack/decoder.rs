@@ -11,7 +11,6 @@ use std::collections::VecDeque;
 use std::io::Cursor;
 use std::ops::ControlFlow;
 use std::str::Utf8Error;
-use std::sync::Arc;
 
 /// Decodes headers using HPACK
 #[derive(Debug)]
@@ -155,12 +154,12 @@ struct Table {
 /// PARLEY PATCH (shared table bytes): the bytes of an entry `pool` takes are shared
 /// with every other connection's table that holds the same name and value (browsers of
 /// one version send the same user agent, client hints, fetch metadata, languages and
-/// referer on every connection). `Shared`'s `Option` is `Some` until `Drop` hands the
-/// bytes back to the pool; the slot stays 24 bytes.
+/// referer on every connection). A `pool::Shared` gives its string back to the pool
+/// when dropped; the slot stays 24 bytes.
 #[derive(Debug)]
 enum Entry {
     Own(Box<[u8]>, u32),
-    Shared(Option<Arc<[u8]>>, u32),
+    Shared(pool::Shared, u32),
 }
 
 impl Entry {
@@ -169,7 +168,7 @@ impl Entry {
         // A name longer than 4 GiB is not in a table (`Table::insert`'s bound).
         let name_len = name.len() as u32;
         if let Some(bytes) = pool::take(name, value) {
-            return Entry::Shared(Some(bytes), name_len);
+            return Entry::Shared(bytes, name_len);
         }
         let mut bytes = Vec::with_capacity(name.len() + value.len());
         bytes.extend_from_slice(name);
@@ -180,8 +179,7 @@ impl Entry {
     fn bytes(&self) -> (&[u8], usize) {
         match self {
             Entry::Own(bytes, name_len) => (bytes, *name_len as usize),
-            Entry::Shared(Some(bytes), name_len) => (bytes, *name_len as usize),
-            Entry::Shared(None, _) => unreachable!("an entry's bytes are only taken on drop"),
+            Entry::Shared(bytes, name_len) => (bytes.bytes(), *name_len as usize),
         }
     }
 
@@ -198,16 +196,6 @@ impl Entry {
     /// As HPACK counts it (RFC 7541 §4.1).
     fn len(&self) -> usize {
         32 + self.bytes().0.len()
-    }
-}
-
-impl Drop for Entry {
-    fn drop(&mut self) {
-        if let Entry::Shared(bytes, _) = self {
-            if let Some(bytes) = bytes.take() {
-                pool::give_back(bytes);
-            }
-        }
     }
 }
 
@@ -960,6 +948,7 @@ pub fn get_static(idx: usize) -> Header {
 #[cfg(test)]
 mod test {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn test_peek_u8() {
@@ -1236,8 +1225,8 @@ mod test {
         assert_eq!(decode_all(&mut a, indexed_literal(name, value)).len(), 1);
         assert_eq!(decode_all(&mut b, indexed_literal(name, value)).len(), 1);
         match (&a.table.entries[0], &b.table.entries[0]) {
-            (Entry::Shared(Some(x), n), Entry::Shared(Some(y), _)) => {
-                assert!(Arc::ptr_eq(x, y));
+            (Entry::Shared(x, n), Entry::Shared(y, _)) => {
+                assert!(Arc::ptr_eq(x.arc(), y.arc()));
                 assert_eq!(*n as usize, name.len());
             }
             other => panic!("not shared: {other:?}"),
@@ -1261,7 +1250,7 @@ mod test {
         // Indexed again afterwards, by a new table, it is pooled again.
         let mut c = Decoder::new(4096);
         decode_all(&mut c, indexed_literal(name, value));
-        assert!(matches!(c.table.entries[0], Entry::Shared(Some(_), _)));
+        assert!(matches!(c.table.entries[0], Entry::Shared(..)));
         assert!(pool::global_holds(&whole));
         drop(c);
         assert!(!pool::global_holds(&whole));

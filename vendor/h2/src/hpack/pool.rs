@@ -41,17 +41,39 @@ fn global() -> &'static Pool {
     POOL.get_or_init(|| Pool::new(SHARD_CAP))
 }
 
-pub(crate) fn take(name: &[u8], value: &[u8]) -> Option<Arc<[u8]>> {
-    global().take(name, value)
+/// A table's reference to a string of the process's pool, given back when dropped.
+/// (`Some` until then: the `Option` lets `Drop` move it out, at no cost in size.)
+#[derive(Debug)]
+pub(crate) struct Shared(Option<Arc<[u8]>>);
+
+impl Shared {
+    pub(crate) fn bytes(&self) -> &[u8] {
+        self.0
+            .as_deref()
+            .expect("a shared string is only taken on drop")
+    }
+
+    #[cfg(test)]
+    pub(crate) fn arc(&self) -> &Arc<[u8]> {
+        self.0.as_ref().unwrap()
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            global().give_back(s);
+        }
+    }
+}
+
+pub(crate) fn take(name: &[u8], value: &[u8]) -> Option<Shared> {
+    global().take(name, value).map(|s| Shared(Some(s)))
 }
 
 /// The pooled copy of `bytes` (an encoder table's buffer), or `None` (as `take`).
-pub(crate) fn take_bytes(bytes: &[u8]) -> Option<Arc<[u8]>> {
-    global().take(bytes, &[])
-}
-
-pub(crate) fn give_back(bytes: Arc<[u8]>) {
-    global().give_back(bytes)
+pub(crate) fn take_bytes(bytes: &[u8]) -> Option<Shared> {
+    take(bytes, &[])
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 use super::{pool, Header};
 
+#[cfg(test)]
 use std::sync::Arc;
 
 use http::header;
@@ -41,26 +42,14 @@ pub struct Table {
 #[derive(Debug)]
 enum Buf {
     Own(Vec<u8>),
-    /// `Some` until `Drop` gives it back to the pool.
-    Shared(Option<Arc<[u8]>>),
+    Shared(pool::Shared),
 }
 
 impl Buf {
     fn as_slice(&self) -> &[u8] {
         match self {
             Buf::Own(v) => v,
-            Buf::Shared(Some(s)) => s,
-            Buf::Shared(None) => unreachable!("a table's bytes are only taken on drop"),
-        }
-    }
-}
-
-impl Drop for Buf {
-    fn drop(&mut self) {
-        if let Buf::Shared(s) = self {
-            if let Some(s) = s.take() {
-                pool::give_back(s);
-            }
+            Buf::Shared(s) => s.bytes(),
         }
     }
 }
@@ -118,7 +107,7 @@ impl Table {
     #[cfg(test)]
     pub fn shared(&self) -> Option<&Arc<[u8]>> {
         match &self.bytes {
-            Buf::Shared(s) => s.as_ref(),
+            Buf::Shared(s) => Some(s.arc()),
             Buf::Own(_) => None,
         }
     }
@@ -138,7 +127,7 @@ impl Table {
             return;
         }
         if let Some(shared) = pool::take_bytes(entries) {
-            self.bytes = Buf::Shared(Some(shared));
+            self.bytes = Buf::Shared(shared);
             self.start = 0;
         }
     }
