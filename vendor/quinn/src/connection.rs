@@ -1380,16 +1380,23 @@ impl SendBuffers {
     /// Buffers a thread keeps for its connections' next transmits.
     const KEPT: usize = 4;
 
+    /// A buffer from this thread's list, or a new, empty one (also on a thread whose
+    /// list is already destroyed: this never panics).
     fn take() -> Vec<u8> {
-        SEND_BUFFERS.with(|kept| kept.borrow_mut().pop().unwrap_or_default())
+        SEND_BUFFERS
+            .try_with(|kept| kept.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default()
     }
 
+    /// Keeps `buffer` for the thread's next transmit, or frees it.
     fn give_back(mut buffer: Vec<u8>) {
         if buffer.capacity() == 0 {
             return;
         }
         buffer.clear();
-        SEND_BUFFERS.with(|kept| {
+        let _ = SEND_BUFFERS.try_with(|kept| {
             let mut kept = kept.borrow_mut();
             if kept.len() < Self::KEPT {
                 kept.push(buffer);
