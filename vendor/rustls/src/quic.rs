@@ -353,6 +353,12 @@ mod connection {
     }
 
     impl<Data: SideData> ConnectionCommon<Data> {
+        /// PARLEY PATCH: the room of the buffer of handshake bytes, for tests.
+        #[cfg(test)]
+        pub(crate) fn deframer_buffer_capacity(&self) -> usize {
+            self.deframer_buffer.capacity()
+        }
+
         /// Return the TLS-encoded transport parameters for the session's peer.
         ///
         /// While the transport parameters are technically available prior to the
@@ -442,6 +448,8 @@ mod connection {
 
             self.core
                 .process_new_packets(&mut self.deframer_buffer, &mut self.sendable_plaintext)?;
+            // PARLEY PATCH: no handshake buffer kept once every byte given is processed.
+            self.deframer_buffer.release_if_empty();
 
             Ok(())
         }
@@ -1123,5 +1131,89 @@ mod tests {
         fn assert_auto<T: Send + Sync>() {}
         assert_auto::<Box<dyn PacketKey>>();
         assert_auto::<Box<dyn HeaderProtectionKey>>();
+    }
+
+    /// PARLEY PATCH: once the handshake is over, neither side of a QUIC connection keeps
+    /// room for the handshake bytes it was given (it kept its largest flight's).
+    #[cfg(feature = "std")]
+    #[test]
+    fn parley_no_handshake_buffer_kept_after_the_handshake() {
+        use std::sync::Arc;
+
+        use pki_types::pem::PemObject;
+        use pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+        use super::{ClientConnection, Connection, ServerConnection, Version};
+        use crate::{ClientConfig, RootCertStore, ServerConfig};
+
+        let cert = |der: &'static [u8]| CertificateDer::from(der);
+        let mut server_config = ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![
+                    cert(include_bytes!("../../test-ca/rsa-2048/end.der")),
+                    cert(include_bytes!("../../test-ca/rsa-2048/inter.der")),
+                ],
+                PrivateKeyDer::from_pem_reader(
+                    &mut include_bytes!("../../test-ca/rsa-2048/end.key").as_slice(),
+                )
+                .unwrap(),
+            )
+            .unwrap();
+        server_config.alpn_protocols = vec![b"test".to_vec()];
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(cert(include_bytes!("../../test-ca/rsa-2048/ca.der")))
+            .unwrap();
+        let mut client_config = ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client_config.alpn_protocols = vec![b"test".to_vec()];
+
+        let mut client = Connection::Client(
+            ClientConnection::new(
+                Arc::new(client_config),
+                Version::V1,
+                ServerName::try_from("testserver.com").unwrap(),
+                b"client params".to_vec(),
+            )
+            .unwrap(),
+        );
+        let mut server = Connection::Server(
+            ServerConnection::new(Arc::new(server_config), Version::V1, b"server params".to_vec())
+                .unwrap(),
+        );
+
+        // Each side's pending handshake bytes to the other, one key epoch at a time (a
+        // `write_hs` that returns a key change wrote the bytes of the epoch before it).
+        fn pass(from: &mut Connection, to: &mut Connection) -> bool {
+            let mut passed = false;
+            loop {
+                let mut bytes = Vec::new();
+                let change = from.write_hs(&mut bytes);
+                if !bytes.is_empty() {
+                    #[allow(deprecated)]
+                    to.read_hs(&bytes).unwrap();
+                    passed = true;
+                }
+                if change.is_none() && bytes.is_empty() {
+                    return passed;
+                }
+            }
+        }
+        let mut rounds = 0;
+        while pass(&mut client, &mut server) | pass(&mut server, &mut client) {
+            rounds += 1;
+            assert!(rounds < 10, "the handshake does not end");
+        }
+        assert!(!client.is_handshaking() && !server.is_handshaking());
+        assert_eq!(server.quic_transport_parameters(), Some(&b"client params"[..]));
+
+        let room = |conn: &Connection| match conn {
+            Connection::Client(conn) => conn.deframer_buffer_capacity(),
+            Connection::Server(conn) => conn.deframer_buffer_capacity(),
+        };
+        assert_eq!(room(&server), 0, "the server keeps handshake buffer room");
+        assert_eq!(room(&client), 0, "the client keeps handshake buffer room");
     }
 }

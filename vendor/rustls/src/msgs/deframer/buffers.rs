@@ -202,6 +202,22 @@ impl DeframerVecBuffer {
         &mut self.buf[..self.used]
     }
 
+    /// PARLEY PATCH: with nothing buffered, gives the buffer's room back. A QUIC
+    /// connection's handshake bytes come in through [`Self::extend`], not `read` (which
+    /// does this itself before each read), and its buffer kept the room its largest
+    /// flight took for the connection's life, though the handshake was over.
+    pub(crate) fn release_if_empty(&mut self) {
+        if self.used == 0 {
+            self.buf = Vec::new();
+        }
+    }
+
+    /// PARLEY PATCH: the buffer's room, for tests.
+    #[cfg(test)]
+    pub(crate) fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
     pub(crate) fn filled(&self) -> &[u8] {
         &self.buf[..self.used]
     }
