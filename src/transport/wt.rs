@@ -707,6 +707,17 @@ mod size {
         );
     }
 
+    /// Every idle session holds its `WebTransportSession` in an `Arc` (two counts,
+    /// 16 B, beside it): up to 1,792 B that is jemalloc's 1,792 B class. Unpatched,
+    /// with the CONNECT stream inline, it was 2,216 B (the 2,560 B class); the patched
+    /// h3-webtransport boxes the stream (432 B, the 448 B class; vendor/README.md).
+    #[test]
+    fn the_session_stays_within_its_class() {
+        let arc = 2 * std::mem::size_of::<usize>() + std::mem::size_of::<Session>();
+        eprintln!("the session's Arc allocation: {arc} B");
+        assert!(arc <= 1792, "the session's Arc allocation is {arc} bytes");
+    }
+
     /// Every idle session's connection also runs [`drive`], waiting for the client's
     /// next stream in h3-webtransport's `accept_bi`. That future's state was sized for
     /// resolving a stream's first frame and an HTTP/3 request (~2.2 KB with h3-quinn);
