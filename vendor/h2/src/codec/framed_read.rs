@@ -16,8 +16,6 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, ReadBuf};
-use tokio_util::codec::Decoder;
-use tokio_util::codec::{LengthDelimitedCodec, LengthDelimitedCodecError};
 
 // 16 MB "sane default" taken from golang http2
 const DEFAULT_SETTINGS_MAX_HEADER_LIST_SIZE: usize = 16 << 20;
@@ -36,7 +34,11 @@ pub struct FramedRead<T> {
     io: T,
 
     /// Frames the bytes read (3-byte length, 9-byte head).
-    codec: LengthDelimitedCodec,
+    ///
+    /// PARLEY PATCH (frame lengths read in place): 12 bytes, where
+    /// `tokio_util::codec::LengthDelimitedCodec` took 72 (its builder's settings for any
+    /// framing, every connection for its life).
+    length: FrameLength,
 
     /// Bytes read and not yet decoded; unallocated while the connection waits.
     buf: BytesMut,
@@ -56,6 +58,73 @@ const PROBE_LEN: usize = 1024;
 /// room was split off; hyperium/h2#902).
 const INITIAL_CAPACITY: usize = 8 * 1024;
 
+/// PARLEY PATCH (frame lengths read in place): what `tokio_util::codec::LengthDelimitedCodec`
+/// did for h2 (a 3-byte big-endian length, 9 bytes of head besides, nothing skipped),
+/// with the state it needs: the largest payload taken, and the length of the frame whose
+/// head has been read. As the codec, a frame whose head was read is not checked again
+/// when the largest size changes before its payload has arrived.
+#[derive(Debug)]
+struct FrameLength {
+    /// The largest frame payload taken (at most `MAX_MAX_FRAME_SIZE`, 24 bits).
+    max: u32,
+    /// The whole length (head and payload) of the frame whose head was read, while the
+    /// rest of it is awaited.
+    pending: Option<u32>,
+}
+
+/// The bytes of a frame's length field.
+const LENGTH_LEN: usize = 3;
+
+/// A frame's length field named more than the largest payload taken.
+#[derive(Debug)]
+struct FrameTooBig;
+
+impl std::fmt::Display for FrameTooBig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("frame size too big")
+    }
+}
+
+impl std::error::Error for FrameTooBig {}
+
+impl FrameLength {
+    fn new(max_frame_size: usize) -> FrameLength {
+        FrameLength {
+            max: max_frame_size.min(MAX_MAX_FRAME_SIZE as usize) as u32,
+            pending: None,
+        }
+    }
+
+    /// The next whole frame (head and payload) split off `src`, if it has arrived; as
+    /// the codec, the buffer is made room for the rest of a frame whose head was read,
+    /// and for the next length field after a frame.
+    fn decode(&mut self, src: &mut BytesMut) -> io::Result<Option<BytesMut>> {
+        let n = match self.pending {
+            Some(n) => n as usize,
+            None => {
+                if src.len() < LENGTH_LEN {
+                    return Ok(None);
+                }
+                let len = u32::from_be_bytes([0, src[0], src[1], src[2]]);
+                if len > self.max {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, FrameTooBig));
+                }
+                let n = len as usize + frame::HEADER_LEN;
+                src.reserve(n.saturating_sub(src.len()));
+                self.pending = Some(n as u32);
+                n
+            }
+        };
+        if src.len() < n {
+            return Ok(None);
+        }
+        self.pending = None;
+        let frame = src.split_to(n);
+        src.reserve(LENGTH_LEN.saturating_sub(src.len()));
+        Ok(Some(frame))
+    }
+}
+
 #[derive(Debug)]
 struct FrameDecoder {
     // hpack decoder state
@@ -63,11 +132,13 @@ struct FrameDecoder {
 
     max_header_list_size: usize,
 
-    max_continuation_frames: usize,
+    /// PARLEY PATCH (the connection's state smaller): a `u32`, as `fields_hint` (at
+    /// most `MAX_FIELDS_HINT`): 8 bytes of every connection, not 16.
+    max_continuation_frames: u32,
 
     /// Moving average of the field count of recent header blocks, used to
     /// size the next block's `HeaderMap` so decoding it doesn't rehash.
-    fields_hint: usize,
+    fields_hint: u32,
 
     // PARLEY PATCH (partial header block boxed): a header block continued in
     // CONTINUATION frames is rare, and the partial frame (~336 bytes: a `HeaderMap`
@@ -94,12 +165,13 @@ enum Continuable {
 }
 
 impl<T> FramedRead<T> {
-    // PARLEY PATCH (lazy read buffer): the I/O and the codec, not tokio-util's reader.
-    pub fn new(io: T, codec: LengthDelimitedCodec) -> FramedRead<T> {
-        let decoder = FrameDecoder::new(codec.max_frame_length());
+    // PARLEY PATCH (lazy read buffer): the I/O and the largest frame payload, not
+    // tokio-util's reader. PARLEY PATCH (frame lengths read in place): not a codec.
+    pub fn new(io: T, max_frame_size: usize) -> FramedRead<T> {
+        let decoder = FrameDecoder::new(max_frame_size);
         FramedRead {
             io,
-            codec,
+            length: FrameLength::new(max_frame_size),
             buf: BytesMut::new(),
             done: false,
             decoder,
@@ -117,7 +189,7 @@ impl<T> FramedRead<T> {
     /// Returns the current max frame size setting
     #[inline]
     pub fn max_frame_size(&self) -> usize {
-        self.codec.max_frame_length()
+        self.length.max as usize
     }
 
     /// Updates the max frame size setting.
@@ -126,7 +198,7 @@ impl<T> FramedRead<T> {
     #[inline]
     pub fn set_max_frame_size(&mut self, val: usize) {
         assert!(DEFAULT_MAX_FRAME_SIZE as usize <= val && val <= MAX_MAX_FRAME_SIZE as usize);
-        self.codec.set_max_frame_length(val);
+        self.length.max = val as u32;
         // Update max CONTINUATION frames too, since its based on this
         self.decoder.set_max_frame_size(val);
     }
@@ -145,13 +217,18 @@ impl<T> FramedRead<T> {
     }
 }
 
-fn calc_max_continuation_frames(header_max: usize, frame_max: usize) -> usize {
+fn calc_max_continuation_frames(header_max: usize, frame_max: usize) -> u32 {
     // At least this many frames needed to use max header list size
     let min_frames_for_list = (header_max / frame_max).max(1);
     // Some padding for imperfectly packed frames
     // 25% without floats
     let padding = min_frames_for_list >> 2;
-    min_frames_for_list.saturating_add(padding).max(5)
+    // PARLEY PATCH (the connection's state smaller): kept as a `u32` (a list of 4 GiB
+    // in frames of 16 KiB is 2^18 of them).
+    min_frames_for_list
+        .saturating_add(padding)
+        .max(5)
+        .min(u32::MAX as usize) as u32
 }
 
 impl FrameDecoder {
@@ -172,7 +249,7 @@ impl FrameDecoder {
     fn update_fields_hint(&mut self, len: usize) {
         // The newest block weighs 1/4. Rounding up keeps a steady count from
         // decaying, and the cap bounds what one huge block makes later ones reserve.
-        let len = len.min(MAX_FIELDS_HINT);
+        let len = len.min(MAX_FIELDS_HINT) as u32;
         self.fields_hint = (self.fields_hint * 3 + len + 3) / 4;
     }
 
@@ -222,7 +299,7 @@ fn decode_frame(decoder: &mut FrameDecoder, mut bytes: BytesMut) -> Result<Optio
             $bytes.advance(frame::HEADER_LEN);
 
             // Parse the header frame w/o parsing the payload
-            let (mut frame, mut payload) = match frame::$frame::load($head, $bytes, decoder.fields_hint) {
+            let (mut frame, mut payload) = match frame::$frame::load($head, $bytes, decoder.fields_hint as usize) {
                 Ok(res) => res,
                 Err(frame::Error::InvalidDependencyId) => {
                     proto_err!(stream: "invalid HEADERS dependency ID");
@@ -380,7 +457,7 @@ fn decode_frame(decoder: &mut FrameDecoder, mut bytes: BytesMut) -> Result<Optio
                 partial.continuation_frames_count = 0;
             } else {
                 let cnt = partial.continuation_frames_count + 1;
-                if cnt > decoder.max_continuation_frames {
+                if cnt > decoder.max_continuation_frames as usize {
                     tracing::debug!(
                         "too_many_continuations, max = {}",
                         decoder.max_continuation_frames
@@ -480,7 +557,7 @@ where
                 return Poll::Ready(None);
             }
             if !self.buf.is_empty() {
-                match self.codec.decode(&mut self.buf) {
+                match self.length.decode(&mut self.buf) {
                     Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
                     Ok(None) => {}
                     Err(e) => {
@@ -572,7 +649,7 @@ where
 fn map_err(err: io::Error) -> Error {
     if let io::ErrorKind::InvalidData = err.kind() {
         if let Some(custom) = err.get_ref() {
-            if custom.is::<LengthDelimitedCodecError>() {
+            if custom.is::<FrameTooBig>() {
                 return Error::library_go_away(Reason::FRAME_SIZE_ERROR);
             }
         }
@@ -671,7 +748,7 @@ mod tests {
         for id in (43..80).step_by(2) {
             decode_fields(&mut decoder, id, 1000);
         }
-        assert_eq!(decoder.fields_hint, MAX_FIELDS_HINT);
+        assert_eq!(decoder.fields_hint as usize, MAX_FIELDS_HINT);
     }
 }
 
@@ -685,13 +762,7 @@ mod lazy_buffer_tests {
 
     fn reader() -> (FramedRead<DuplexStream>, DuplexStream) {
         let (a, b) = tokio::io::duplex(1 << 20);
-        let codec = tokio_util::codec::length_delimited::Builder::new()
-            .big_endian()
-            .length_field_length(3)
-            .length_adjustment(9)
-            .num_skip(0)
-            .new_codec();
-        let mut r = FramedRead::new(a, codec);
+        let mut r = FramedRead::new(a, DEFAULT_MAX_FRAME_SIZE as usize);
         r.set_max_frame_size(DEFAULT_MAX_FRAME_SIZE as usize);
         (r, b)
     }
@@ -833,5 +904,50 @@ mod lazy_buffer_tests {
             Poll::Ready(Some(Err(Error::GoAway(_, Reason::FRAME_SIZE_ERROR, _)))) => {}
             other => panic!("expected FRAME_SIZE_ERROR, got {other:?}"),
         }
+    }
+
+    // PARLEY PATCH (frame lengths read in place, the connection's state smaller)
+    #[tokio::test]
+    async fn a_frame_of_the_max_frame_size_is_taken() {
+        let (mut r, mut peer) = reader();
+        peer.write_all(&data(DEFAULT_MAX_FRAME_SIZE as usize))
+            .await
+            .unwrap();
+        expect_data(&mut r, DEFAULT_MAX_FRAME_SIZE as usize);
+        assert!(poll(&mut r).is_pending());
+        assert_eq!(r.buf.capacity(), 0);
+    }
+
+    /// As tokio-util's codec: a frame whose head was read is not checked again when the
+    /// largest frame size shrinks before the rest of it arrives; the next frame is.
+    #[tokio::test]
+    async fn a_smaller_max_frame_size_binds_from_the_next_frame() {
+        let (mut r, mut peer) = reader();
+        r.set_max_frame_size(20_000);
+        let bytes = data(18_000);
+        peer.write_all(&bytes[..100]).await.unwrap();
+        assert!(poll(&mut r).is_pending());
+        r.set_max_frame_size(DEFAULT_MAX_FRAME_SIZE as usize);
+        assert_eq!(r.max_frame_size(), DEFAULT_MAX_FRAME_SIZE as usize);
+        peer.write_all(&bytes[100..]).await.unwrap();
+        expect_data(&mut r, 18_000);
+        peer.write_all(&data(17_000)).await.unwrap();
+        match poll(&mut r) {
+            Poll::Ready(Some(Err(Error::GoAway(_, Reason::FRAME_SIZE_ERROR, _)))) => {}
+            other => panic!("expected FRAME_SIZE_ERROR, got {other:?}"),
+        }
+    }
+
+    /// The reader's own state: the frame length (12 bytes, where tokio-util's codec took
+    /// 72) and the frame decoder without the HPACK decoder's buffer, its two counts
+    /// `u32`s (96 bytes, 136 before). Every HTTP/2 connection holds both for its life.
+    #[test]
+    fn the_reader_holds_no_codec_settings() {
+        let reader = std::mem::size_of::<FramedRead<()>>();
+        let decoder = std::mem::size_of::<FrameDecoder>();
+        eprintln!("FramedRead<()> {reader} B, FrameDecoder {decoder} B");
+        assert!(std::mem::size_of::<FrameLength>() <= 12);
+        assert!(decoder <= 96, "FrameDecoder: {decoder} bytes (136 before)");
+        assert!(reader <= 144, "FramedRead<()>: {reader} bytes (248 before)");
     }
 }

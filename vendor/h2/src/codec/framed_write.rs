@@ -49,9 +49,9 @@ struct Encoder<B> {
 
     /// Chain payloads bigger than this.
     chain_threshold: usize,
-
-    /// Min buffer required to attempt to write a frame
-    min_buffer_capacity: usize,
+    // PARLEY PATCH (the connection's state smaller): no `min_buffer_capacity` (the
+    // buffer's room a frame needs to be attempted); it was
+    // always `chain_threshold + frame::HEADER_LEN` (`Encoder::min_buffer_capacity`).
 }
 
 #[derive(Debug)]
@@ -111,7 +111,6 @@ where
                 last_data_frame: None,
                 max_frame_size: frame::DEFAULT_MAX_FRAME_SIZE,
                 chain_threshold,
-                min_buffer_capacity: chain_threshold + frame::HEADER_LEN,
             },
         }
     }
@@ -365,7 +364,7 @@ where
         // (or its capacity, when larger): frames are batched and flushed exactly where
         // they were with the buffer allocated up front.
         let capacity = self.buf.get_ref().capacity().max(DEFAULT_BUFFER_CAPACITY);
-        self.next.is_none() && capacity - self.buf.get_ref().len() >= self.min_buffer_capacity
+        self.next.is_none() && capacity - self.buf.get_ref().len() >= self.min_buffer_capacity()
     }
 
     fn is_empty(&self) -> bool {
@@ -379,6 +378,12 @@ where
 impl<B> Encoder<B> {
     fn max_frame_size(&self) -> usize {
         self.max_frame_size as usize
+    }
+
+    /// PARLEY PATCH (the connection's state smaller): the room a frame needs in the
+    /// buffer, computed rather than kept.
+    fn min_buffer_capacity(&self) -> usize {
+        self.chain_threshold + frame::HEADER_LEN
     }
 }
 

@@ -16,7 +16,6 @@ use futures_sink::Sink;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::codec::length_delimited;
 
 use std::io;
 
@@ -41,16 +40,9 @@ where
         // Wrap with writer
         let framed_write = FramedWrite::new(io);
 
-        // Delimit the frames
-        // PARLEY PATCH (lazy read buffer): the codec alone; `FramedRead` reads itself.
-        let delimited = length_delimited::Builder::new()
-            .big_endian()
-            .length_field_length(3)
-            .length_adjustment(9)
-            .num_skip(0) // Don't skip the header
-            .new_codec();
-
-        let mut inner = FramedRead::new(framed_write, delimited);
+        // PARLEY PATCH (frame lengths read in place): `FramedRead` reads the frames'
+        // lengths itself (it took tokio-util's `LengthDelimitedCodec`, built here).
+        let mut inner = FramedRead::new(framed_write, frame::DEFAULT_MAX_FRAME_SIZE as usize);
 
         // Use FramedRead's method since it checks the value is within range.
         inner.set_max_frame_size(max_frame_size);
