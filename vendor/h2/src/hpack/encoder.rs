@@ -9,7 +9,10 @@ const DEFAULT_MAX_ALLOWED_SIZE: usize = 4 * 1024;
 #[derive(Debug)]
 pub struct Encoder {
     table: Table,
-    max_allowed_size: usize,
+    /// PARLEY PATCH (the encoder's state in 32-bit counts): a `u32`, at most
+    /// `MAX_TABLE_SIZE`, as the table's sizes and the size updates are (56 bytes of
+    /// every connection, not 88).
+    max_allowed_size: u32,
     size_update: Option<SizeUpdate>,
     // PARLEY PATCH (no header block buffer kept): no `scratch` field; it was always
     // empty between header blocks (32 bytes of every connection).
@@ -20,9 +23,17 @@ const SCRATCH_CAPACITY: usize = 256;
 
 #[derive(Debug, Copy, Clone, Eq, PartialEq)]
 enum SizeUpdate {
-    One(usize),
-    Two(usize, usize), // min, max
+    // PARLEY PATCH (the encoder's state in 32-bit counts): `u32`s.
+    One(u32),
+    Two(u32, u32), // min, max
 }
+
+/// PARLEY PATCH (the encoder's state in 32-bit counts): the largest table size an
+/// encoder takes (2 GiB: SETTINGS_HEADER_TABLE_SIZE is 32 bits; with a table held in
+/// `u32`s below half their range, an entry's size and the bytes of evicted entries kept
+/// until the buffer needs room cannot overflow them). A larger `set_max_allowed_size`
+/// is taken as this.
+pub(crate) const MAX_TABLE_SIZE: usize = (u32::MAX >> 1) as usize;
 
 impl Encoder {
     pub fn new(max_size: usize, capacity: usize) -> Encoder {
@@ -30,7 +41,7 @@ impl Encoder {
 
         Encoder {
             table: Table::new(max_size, capacity),
-            max_allowed_size: DEFAULT_MAX_ALLOWED_SIZE,
+            max_allowed_size: DEFAULT_MAX_ALLOWED_SIZE as u32,
             size_update: None,
         }
     }
@@ -40,7 +51,9 @@ impl Encoder {
     /// 4.2: an encoder may use less than the decoder's maximum, and says so with a
     /// dynamic table size update).
     pub fn set_max_allowed_size(&mut self, max: usize) {
-        self.max_allowed_size = max;
+        // PARLEY PATCH (the encoder's state in 32-bit counts)
+        let max = max.min(MAX_TABLE_SIZE);
+        self.max_allowed_size = max as u32;
 
         if self.table.max_size() > max {
             self.update_max_size(max);
@@ -73,12 +86,15 @@ impl Encoder {
     ///
     /// The next call to `encode` will include a dynamic size update frame.
     pub fn update_max_size(&mut self, val: usize) {
-        let val = val.min(self.max_allowed_size);
+        // PARLEY PATCH (the encoder's state in 32-bit counts): at most
+        // `max_allowed_size`, so a `u32`.
+        let val = val.min(self.max_allowed_size as usize) as u32;
+        let table_max = self.table.max_size() as u32;
 
         match self.size_update {
             Some(SizeUpdate::One(old)) => {
                 if val > old {
-                    if old > self.table.max_size() {
+                    if old > table_max {
                         self.size_update = Some(SizeUpdate::One(val));
                     } else {
                         self.size_update = Some(SizeUpdate::Two(old, val));
@@ -95,7 +111,7 @@ impl Encoder {
                 }
             }
             None => {
-                if val != self.table.max_size() {
+                if val != table_max {
                     // Don't bother writing a frame if the value already matches
                     // the table's max size.
                     self.size_update = Some(SizeUpdate::One(val));
@@ -150,14 +166,14 @@ impl Encoder {
     fn encode_size_updates(&mut self, dst: &mut BytesMut) {
         match self.size_update.take() {
             Some(SizeUpdate::One(val)) => {
-                self.table.resize(val);
-                encode_size_update(val, dst);
+                self.table.resize(val as usize);
+                encode_size_update(val as usize, dst);
             }
             Some(SizeUpdate::Two(min, max)) => {
-                self.table.resize(min);
-                self.table.resize(max);
-                encode_size_update(min, dst);
-                encode_size_update(max, dst);
+                self.table.resize(min as usize);
+                self.table.resize(max as usize);
+                encode_size_update(min as usize, dst);
+                encode_size_update(max as usize, dst);
             }
             None => {}
         }
@@ -807,8 +823,9 @@ mod test {
         let mut encoder = Encoder::new(0, 0);
 
         encoder.update_max_size(1912930560);
+        // PARLEY PATCH (the encoder's state in 32-bit counts): a `u32` update.
         assert_eq!(
-            Some(SizeUpdate::One(DEFAULT_MAX_ALLOWED_SIZE)),
+            Some(SizeUpdate::One(DEFAULT_MAX_ALLOWED_SIZE as u32)),
             encoder.size_update
         );
 
@@ -1011,6 +1028,55 @@ mod test {
         assert!(super::super::pool::global_holds(&old));
         drop(b);
         assert!(!super::super::pool::global_holds(&old));
+    }
+
+    // PARLEY PATCH (the encoder's state in 32-bit counts): the encoder is 56 bytes (88
+    // with `usize` counts: every HTTP/2 connection holds one), a larger allowed size
+    // than `MAX_TABLE_SIZE` is taken as it, and a large table indexes, evicts and
+    // announces its size as before.
+    #[test]
+    fn parley_the_encoder_holds_32_bit_counts() {
+        let size = std::mem::size_of::<Encoder>();
+        assert!(size <= 56, "Encoder: {size} bytes (88 before)");
+
+        let mut encoder = Encoder::default();
+        encoder.set_max_allowed_size(usize::MAX);
+        assert_eq!(encoder.max_allowed_size as usize, MAX_TABLE_SIZE);
+        encoder.update_max_size(usize::MAX);
+        assert_eq!(
+            Some(SizeUpdate::One(MAX_TABLE_SIZE as u32)),
+            encoder.size_update
+        );
+        // (h2's decoder reads size updates up to 2^28: a table of 1 MiB, announced.)
+        encoder.update_max_size(1 << 20);
+        assert_eq!(Some(SizeUpdate::One(1 << 20)), encoder.size_update);
+        let mut dst = BytesMut::new();
+        let headers = [
+            header("x-one", "1"),
+            header("x-two", "2"),
+            header("x-one", "1"),
+        ];
+        encoder.encode(headers.iter().cloned(), &mut dst);
+        assert_eq!(encoder.table.max_size(), 1 << 20);
+        assert_eq!(encoder.table.len(), 2);
+        assert_eq!(encoder.table.size(), 2 * (32 + 5 + 1));
+        let mut de = crate::hpack::Decoder::new(4096);
+        de.queue_size_update(1 << 20);
+        let mut got = Vec::new();
+        de.decode(&mut std::io::Cursor::new(&mut dst), |h| {
+            got.push(h);
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(got.len(), 3);
+
+        // Down to a small table: a new entry evicts the oldest that no longer fits.
+        encoder.update_max_size(100);
+        let mut dst = BytesMut::new();
+        encoder.encode(std::iter::once(header("x-three", "3")), &mut dst);
+        assert_eq!(encoder.table.max_size(), 100);
+        assert_eq!(encoder.table.len(), 2);
+        assert_eq!(encoder.table.size(), (32 + 5 + 1) + (32 + 7 + 1));
     }
 
     // PARLEY PATCH (shared table bytes): a table evicted to nothing lets the shared copy

@@ -26,12 +26,18 @@ pub struct Table {
     bytes: Buf,
     /// Where the oldest entry begins; the bytes before it are evicted entries, given
     /// back when the buffer needs room.
-    start: usize,
+    ///
+    /// PARLEY PATCH (the encoder's state in 32-bit counts): this and the three below
+    /// are `u32`s (the table's sizes are at most `encoder::MAX_TABLE_SIZE`, 2 GiB: an
+    /// entry is indexed only when its size is under three quarters of the table's, and
+    /// the buffer, evicted bytes included, is at most ~1.25 times the live entries'
+    /// bytes plus one entry).
+    start: u32,
     /// How many entries there are.
-    len: usize,
+    len: u32,
     // Size is in bytes (as RFC 7541 section 4.1 counts it)
-    size: usize,
-    max_size: usize,
+    size: u32,
+    max_size: u32,
 }
 
 /// PARLEY PATCH (shared table bytes): the table's buffer, its own while a header block
@@ -90,7 +96,8 @@ impl Table {
             start: 0,
             len: 0,
             size: 0,
-            max_size,
+            // PARLEY PATCH (the encoder's state in 32-bit counts)
+            max_size: max_size.min(super::encoder::MAX_TABLE_SIZE) as u32,
         }
     }
 
@@ -122,7 +129,7 @@ impl Table {
         if !own && self.start == 0 {
             return;
         }
-        let entries = &self.bytes.as_slice()[self.start..];
+        let entries = &self.bytes.as_slice()[self.start as usize..];
         if entries.is_empty() {
             return;
         }
@@ -136,7 +143,7 @@ impl Table {
     /// the pool's (the entries from `start`, and room for `more` bytes) if shared.
     fn own(&mut self, more: usize) -> &mut Vec<u8> {
         if let Buf::Shared(_) = self.bytes {
-            let entries = &self.bytes.as_slice()[self.start..];
+            let entries = &self.bytes.as_slice()[self.start as usize..];
             let mut v = Vec::with_capacity(entries.len() + more);
             v.extend_from_slice(entries);
             self.bytes = Buf::Own(v);
@@ -149,7 +156,7 @@ impl Table {
     }
 
     pub fn max_size(&self) -> usize {
-        self.max_size
+        self.max_size as usize
     }
 
     /// Gets the header stored in the table
@@ -198,7 +205,7 @@ impl Table {
         }
 
         // Don't index large headers
-        if header.len() * 4 > self.max_size * 3 {
+        if header.len() * 4 > self.max_size as usize * 3 {
             return Index::new(statik, header);
         }
 
@@ -271,9 +278,9 @@ impl Table {
         let mut named = None;
         let mut values = 0;
         let bytes = self.bytes.as_slice();
-        let mut pos = self.start;
+        let mut pos = self.start as usize;
         // The index of the entry at `pos`, plus one.
-        let mut i = self.len;
+        let mut i = self.len as usize;
 
         while pos < bytes.len() {
             let name_len = u16::from_le_bytes([bytes[pos], bytes[pos + 1]]) as usize;
@@ -304,7 +311,9 @@ impl Table {
             return false;
         }
 
-        self.size += size;
+        // PARLEY PATCH (the encoder's state in 32-bit counts): an indexed entry is under
+        // three quarters of `max_size`, itself at most 2 GiB.
+        self.size += size as u32;
         self.converge();
 
         let n = ENTRY_HEAD + name.len() + value.len();
@@ -337,7 +346,7 @@ impl Table {
 
         let mut slack = 0;
         if self.start > 0 {
-            bytes.drain(..self.start);
+            bytes.drain(..self.start as usize);
             self.start = 0;
 
             if bytes.capacity() - bytes.len() >= n {
@@ -350,7 +359,9 @@ impl Table {
     }
 
     pub fn resize(&mut self, size: usize) {
-        self.max_size = size;
+        // PARLEY PATCH (the encoder's state in 32-bit counts): the encoder passes at
+        // most `MAX_TABLE_SIZE`.
+        self.max_size = size.min(super::encoder::MAX_TABLE_SIZE) as u32;
 
         if size == 0 {
             // PARLEY PATCH (compact encoder table): nothing can be indexed, so
@@ -373,14 +384,14 @@ impl Table {
     fn evict(&mut self) {
         debug_assert!(self.len > 0);
 
-        let pos = self.start;
+        let pos = self.start as usize;
         let bytes = self.bytes.as_slice();
         let name_len = u16::from_le_bytes([bytes[pos], bytes[pos + 1]]) as usize;
         let value_len = u16::from_le_bytes([bytes[pos + 2], bytes[pos + 3]]) as usize;
 
         // Update the size
-        self.size -= 32 + name_len + value_len;
-        self.start = pos + ENTRY_HEAD + name_len + value_len;
+        self.size -= (32 + name_len + value_len) as u32;
+        self.start = (pos + ENTRY_HEAD + name_len + value_len) as u32;
         self.len -= 1;
 
         if self.len == 0 {
@@ -398,12 +409,12 @@ impl Table {
 impl Table {
     /// Returns the number of headers in the table
     pub fn len(&self) -> usize {
-        self.len
+        self.len as usize
     }
 
     /// Returns the table size
     pub fn size(&self) -> usize {
-        self.size
+        self.size as usize
     }
 }
 

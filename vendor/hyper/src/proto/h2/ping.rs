@@ -128,7 +128,13 @@ struct Shared {
     // bdp
     /// If `Some`, bdp is enabled, and this tracks how many bytes have been
     /// read during the current sample.
-    bytes: Option<usize>,
+    ///
+    /// PARLEY PATCH (the shared ping state in 112 bytes): a `u32`, saturating (a
+    /// sample is one round trip's bytes; the window it sizes is at most `BDP_LIMIT`,
+    /// 16 MiB). As a `usize` it put the state, in its `Arc` and `Mutex`, at 120 bytes:
+    /// jemalloc's 128-byte class, not the 112-byte one, on every HTTP/2 connection with
+    /// keep-alive pings or an adaptive window.
+    bytes: Option<u32>,
     /// We delay a variable amount of time between BDP pings. This allows us
     /// to send less pings as the bandwidth stabilizes.
     next_bdp_at: Option<Instant>,
@@ -219,7 +225,8 @@ impl Recorder {
         }
 
         if let Some(bytes) = &mut locked.bytes {
-            *bytes += len;
+            // PARLEY PATCH (the shared ping state in 112 bytes)
+            *bytes = bytes.saturating_add(u32::try_from(len).unwrap_or(u32::MAX));
         } else {
             // no need to send bdp ping if bdp is disabled
             return;
@@ -300,7 +307,8 @@ impl Ponger {
                 }
 
                 if let Some(bdp) = &mut self.bdp {
-                    let bytes = locked.bytes.expect("bdp enabled implies bytes");
+                    // PARLEY PATCH (the shared ping state in 112 bytes)
+                    let bytes = locked.bytes.expect("bdp enabled implies bytes") as usize;
                     locked.bytes = Some(0); // reset
                     trace!("received BDP ack; bytes = {}, rtt = {:?}", bytes, rtt);
 
@@ -542,5 +550,17 @@ mod parley_tests {
         // No timer of its own: `Shared`'s.
         let ponger = std::mem::size_of::<Ponger>();
         assert!(ponger <= 88, "Ponger: {ponger} bytes (104 before)");
+    }
+
+    // PARLEY PATCH (the shared ping state in 112 bytes)
+    #[test]
+    fn parley_the_shared_ping_state_fits_112_bytes_with_its_arc() {
+        // An `Arc`'s two counts (16 bytes) and a `Mutex`'s word: jemalloc's 112-byte
+        // class, not the 128-byte one.
+        let shared = std::mem::size_of::<Mutex<Shared>>() + 16;
+        assert!(
+            shared <= 112,
+            "the shared ping state: {shared} bytes (120 before)"
+        );
     }
 }
