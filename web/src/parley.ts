@@ -589,6 +589,7 @@ export class Parley {
   }
 
   #setState(state: ConnectionState, force = false): void {
+    if (this.#closed()) return; // closed is final (only #shutdown sets it)
     if (this.#state === state && state !== "connected" && !force) return;
     this.#state = state;
     if (state !== "reconnecting") this.#nextDelayMs = 0;
@@ -874,6 +875,8 @@ export class Parley {
         try {
           await t.open({ token, sessionId: this.#sessionId, lastPos: this.#lastPos });
         } catch (e) {
+          // close() ends a pending attempt too: that failure is the end, not a cue to retry.
+          if (this.#closed()) return;
           // Failed before opening: the next transport, at once.
           this.#current = undefined;
           const err = e as TransportError;

@@ -444,4 +444,20 @@ describe("client", () => {
     assert.ok(starts.length <= 13, `but not in a tight loop: ${starts.length} attempts in 600 ms`);
     for (let i = 1; i < starts.length; i++) assert.ok(starts[i] - starts[i - 1] >= 45, `gap ${starts[i] - starts[i - 1]} ms`);
   });
+
+  test("close() during a connect attempt is final: no reconnect after it", async () => {
+    // The attempt's failure (close() ends it) must not put the client back into its
+    // reconnect loop: it did, and a closed client dialled again every backoff, for ever
+    // (two CI runs hung on a node process that such a client kept alive).
+    const c = client({ backoffMinMs: 5, backoffMaxMs: 10, connectTimeoutMs: 100 });
+    await waitFor(() => FakeSocket.all.length === 1);
+    const states = [];
+    c.on("state", (s) => states.push(s.state));
+    c.close();
+    assert.equal(FakeSocket.all[0].readyState, 3, "the pending socket is closed");
+    await new Promise((r) => setTimeout(r, 300));
+    assert.equal(FakeSocket.all.length, 1, "no socket dialled after close()");
+    assert.equal(c.state, "closed");
+    assert.deepEqual(states, ["closed"], "closed stays closed");
+  });
 });
