@@ -1,9 +1,29 @@
 use super::*;
 
+// PARLEY PATCH (streams' state in 448 bytes): the counts and limits below are `u32`s, not
+// `usize`s (−48 bytes of every connection's streams' state). Limits come in as `usize`s
+// and are clamped to `u32::MAX`, which stands for "no limit" where `usize::MAX` did
+// (`max_send_streams()` and `max_recv_streams()` still read `usize::MAX`). No count can
+// pass its limit, and stream counts are bounded by 31-bit stream ids anyway.
+fn clamp_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// PARLEY PATCH (streams' state in 448 bytes): `u32::MAX` back to `usize::MAX`.
+fn widen(n: u32) -> usize {
+    if n == u32::MAX {
+        usize::MAX
+    } else {
+        n as usize
+    }
+}
+
 #[derive(Debug)]
 struct Budget {
-    spent: usize,
-    max: usize,
+    // PARLEY PATCH (streams' state in 448 bytes): `u32`s; a budget over 4 GiB is taken
+    // as 4 GiB (h2's default is 25,600 bytes, Auto half the connection window: < 2 GiB).
+    spent: u32,
+    max: u32,
 }
 
 #[derive(Debug)]
@@ -11,10 +31,14 @@ pub(super) struct BudgetExhausted;
 
 impl Budget {
     fn new(max: usize) -> Self {
-        Budget { spent: 0, max }
+        Budget {
+            spent: 0,
+            max: clamp_u32(max),
+        }
     }
 
     fn consume(&mut self, amount: usize) -> Result<(), BudgetExhausted> {
+        let amount = u32::try_from(amount).map_err(|_| BudgetExhausted)?;
         let spent = self.spent.checked_add(amount).ok_or(BudgetExhausted)?;
         if spent > self.max {
             return Err(BudgetExhausted);
@@ -24,16 +48,16 @@ impl Budget {
     }
 
     fn replenish(&mut self, amount: usize) {
-        self.spent = self.spent.saturating_sub(amount);
+        self.spent = self.spent.saturating_sub(clamp_u32(amount));
     }
 
     fn set_max(&mut self, max: usize) {
-        self.max = max;
+        self.max = clamp_u32(max);
     }
 
     #[cfg(test)]
     fn available(&self) -> usize {
-        self.max.saturating_sub(self.spent)
+        self.max.saturating_sub(self.spent) as usize
     }
 }
 
@@ -44,38 +68,38 @@ pub(super) struct Counts {
     peer: peer::Dyn,
 
     /// Maximum number of locally initiated streams
-    max_send_streams: usize,
+    max_send_streams: u32,
 
     /// Current number of remote initiated streams
-    num_send_streams: usize,
+    num_send_streams: u32,
 
     /// Maximum number of remote initiated streams
-    max_recv_streams: usize,
+    max_recv_streams: u32,
 
     /// Current number of locally initiated streams
-    num_recv_streams: usize,
+    num_recv_streams: u32,
 
     /// Maximum number of pending locally reset streams
-    max_local_reset_streams: usize,
+    max_local_reset_streams: u32,
 
     /// Current number of pending locally reset streams
-    num_local_reset_streams: usize,
+    num_local_reset_streams: u32,
 
     /// Max number of "pending accept" streams that were remotely reset
-    max_remote_reset_streams: usize,
+    max_remote_reset_streams: u32,
 
     /// Current number of "pending accept" streams that were remotely reset
-    num_remote_reset_streams: usize,
+    num_remote_reset_streams: u32,
 
     /// Maximum number of locally reset streams due to protocol error across
     /// the lifetime of the connection.
     ///
     /// When this gets exceeded, we issue GOAWAYs.
-    max_local_error_reset_streams: Option<usize>,
+    max_local_error_reset_streams: Option<u32>,
 
     /// Total number of locally reset streams due to protocol error across the
     /// lifetime of the connection.
-    num_local_error_reset_streams: usize,
+    num_local_error_reset_streams: u32,
 
     /// connection-level budget for DATA framing overhead.
     data_frame_budget: Budget,
@@ -97,15 +121,16 @@ impl Counts {
     pub fn new(peer: peer::Dyn, config: &Config) -> Self {
         Counts {
             peer,
-            max_send_streams: config.initial_max_send_streams,
+            // PARLEY PATCH (streams' state in 448 bytes)
+            max_send_streams: clamp_u32(config.initial_max_send_streams),
             num_send_streams: 0,
-            max_recv_streams: config.remote_max_initiated.unwrap_or(usize::MAX),
+            max_recv_streams: clamp_u32(config.remote_max_initiated.unwrap_or(usize::MAX)),
             num_recv_streams: 0,
-            max_local_reset_streams: config.local_reset_max,
+            max_local_reset_streams: clamp_u32(config.local_reset_max),
             num_local_reset_streams: 0,
-            max_remote_reset_streams: config.remote_reset_max,
+            max_remote_reset_streams: clamp_u32(config.remote_reset_max),
             num_remote_reset_streams: 0,
-            max_local_error_reset_streams: config.local_max_error_reset_streams,
+            max_local_error_reset_streams: config.local_max_error_reset_streams.map(clamp_u32),
             num_local_error_reset_streams: 0,
             data_frame_budget: Budget::new(config.data_frame_budget.resolve(None)),
             data_frame_budget_is_auto: config.data_frame_budget.is_auto(),
@@ -184,7 +209,8 @@ impl Counts {
     }
 
     pub(crate) fn max_local_error_resets(&self) -> Option<usize> {
-        self.max_local_error_reset_streams
+        // PARLEY PATCH (streams' state in 448 bytes)
+        self.max_local_error_reset_streams.map(|n| n as usize)
     }
 
     /// Returns true if the receive stream concurrency can be incremented
@@ -242,7 +268,8 @@ impl Counts {
     }
 
     pub(crate) fn max_remote_reset_streams(&self) -> usize {
-        self.max_remote_reset_streams
+        // PARLEY PATCH (streams' state in 448 bytes)
+        widen(self.max_remote_reset_streams)
     }
 
     /// Returns true if the number of pending REMOTE reset streams can be
@@ -270,8 +297,9 @@ impl Counts {
 
     pub fn apply_remote_settings(&mut self, settings: &frame::Settings, is_initial: bool) {
         match settings.max_concurrent_streams() {
-            Some(val) => self.max_send_streams = val as usize,
-            None if is_initial => self.max_send_streams = usize::MAX,
+            // PARLEY PATCH (streams' state in 448 bytes)
+            Some(val) => self.max_send_streams = val,
+            None if is_initial => self.max_send_streams = u32::MAX,
             None => {}
         }
     }
@@ -330,13 +358,15 @@ impl Counts {
     /// Returns the maximum number of streams that can be initiated by this
     /// peer.
     pub(crate) fn max_send_streams(&self) -> usize {
-        self.max_send_streams
+        // PARLEY PATCH (streams' state in 448 bytes): "no limit" reads `usize::MAX`.
+        widen(self.max_send_streams)
     }
 
     /// Returns the maximum number of streams that can be initiated by the
     /// remote peer.
     pub(crate) fn max_recv_streams(&self) -> usize {
-        self.max_recv_streams
+        // PARLEY PATCH (streams' state in 448 bytes)
+        widen(self.max_recv_streams)
     }
 
     fn dec_num_streams(&mut self, stream: &mut store::Ptr) {
@@ -393,6 +423,51 @@ mod tests {
 
     fn counts() -> Counts {
         Counts::new(peer::Dyn::Server, &counts_config())
+    }
+
+    // PARLEY PATCH (streams' state in 448 bytes)
+    #[test]
+    fn parley_limits_in_32_bits_keep_no_limit_and_clamp() {
+        let mut counts = counts();
+        // No SETTINGS_MAX_CONCURRENT_STREAMS from the peer: no limit, read as before.
+        counts.apply_remote_settings(&frame::Settings::default(), true);
+        assert_eq!(counts.max_send_streams(), usize::MAX);
+        assert!(counts.can_inc_num_send_streams());
+        let mut settings = frame::Settings::default();
+        settings.set_max_concurrent_streams(Some(7));
+        counts.apply_remote_settings(&settings, false);
+        assert_eq!(counts.max_send_streams(), 7);
+        // No remote_max_initiated: no limit on the peer's streams, read as usize::MAX.
+        assert_eq!(counts.max_recv_streams(), usize::MAX);
+        assert!(counts.can_inc_num_recv_streams());
+        // Limits over u32::MAX are taken as "no limit" / u32::MAX.
+        let mut config = counts_config();
+        config.local_reset_max = usize::MAX;
+        config.remote_reset_max = usize::MAX;
+        config.local_max_error_reset_streams = Some(usize::MAX);
+        config.remote_max_initiated = Some(3);
+        let counts = Counts::new(peer::Dyn::Server, &config);
+        assert!(counts.can_inc_num_reset_streams());
+        assert_eq!(counts.max_remote_reset_streams(), usize::MAX);
+        assert_eq!(counts.max_local_error_resets(), Some(u32::MAX as usize));
+        assert_eq!(counts.max_recv_streams(), 3);
+        assert!(
+            std::mem::size_of::<Counts>() <= 60,
+            "{}",
+            std::mem::size_of::<Counts>()
+        );
+    }
+
+    // PARLEY PATCH (streams' state in 448 bytes)
+    #[test]
+    fn parley_a_budget_over_u32_is_clamped_and_an_amount_over_u32_exhausts_it() {
+        let mut budget = Budget::new(usize::MAX);
+        assert_eq!(budget.available(), u32::MAX as usize);
+        budget.consume(u32::MAX as usize).unwrap();
+        assert!(budget.consume(1).is_err());
+        budget.replenish(usize::MAX);
+        assert_eq!(budget.available(), u32::MAX as usize);
+        assert!(budget.consume(u32::MAX as usize + 1).is_err());
     }
 
     #[test]
