@@ -629,6 +629,9 @@ export class Parley {
     if (t && !error) t.end();
     else t?.close();
     this.#current = undefined;
+    // A probe still connecting ends with the client (opened later, it took the session over).
+    this.#probing?.close();
+    this.#probing = undefined;
     clearTimeout(this.#probeTimer);
     clearTimeout(this.#ackTimer);
     clearTimeout(this.#refreshTimer);
@@ -933,7 +936,7 @@ export class Parley {
   /** Synchronously on the `connected` frame, before any push after it. */
   #onConnected(frame: ServerFrame, t: Transport): void {
     const c = frame.connected;
-    if (!c) return;
+    if (!c || this.#closed()) return;
     const resumed = !!c.resumed && c.sessionId === this.#sessionId;
     if (!resumed) {
       this.#sessionId = c.sessionId;
@@ -1006,6 +1009,7 @@ export class Parley {
       if (dropped && this.#current === old) this.#dropped?.(dropped);
       return;
     }
+    if (this.#probing !== ws) return; // close() while getToken ran (it ended the probe)
     // The new transport takes over inside `connected` (synchronously, before its first
     // push); pushes still arriving on the old one are dropped by position.
     try {

@@ -1,8 +1,9 @@
 // Unit tests (node's test runner) of the SDK's delivery logic: backoff, the per-room
 // sequencer (gap detection, duplicate drop), the network estimate (what counts as a
-// weak network), and the client's gap filling, dedupe and
-// send retry against a scripted in-memory WebSocket. The TypeScript sources are bundled
-// with esbuild into a temp dir first, so the tests run the code the build ships.
+// weak network), and the client's gap filling, dedupe, send retry and close() against
+// a scripted in-memory WebSocket (and a `fetch` stand-in where a test needs SSE). The
+// TypeScript sources are bundled with esbuild into a temp dir first, so the tests run
+// the code the build ships.
 import assert from "node:assert/strict";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -352,6 +353,22 @@ const message = (room, seq, pos) => ({
   message: { room, seq: String(seq), sender: "bob", clientMsgId: `b-${seq}`, body: `m${seq}`, ts: "1" },
 });
 
+/**
+ * A `fetch` stand-in for an SSE server: `/sse` answers with a stream that starts with
+ * `connected` (session s1) and stays open until aborted; every other request is a 200.
+ */
+async function sseServer(url, init = {}) {
+  if (!String(url).includes("/sse?")) return new Response("{}", { status: 200 });
+  const hello = `data: ${JSON.stringify({ connected: { sessionId: "s1", userId: "alice", heartbeatMs: 25000, rooms: [] } })}\n\n`;
+  const body = new ReadableStream({
+    start(ctl) {
+      ctl.enqueue(new TextEncoder().encode(hello));
+      init.signal?.addEventListener("abort", () => ctl.error(new Error("aborted")));
+    },
+  });
+  return new Response(body, { status: 200, headers: { "content-type": "text/event-stream" } });
+}
+
 describe("client", () => {
   test("fills a seq gap in live traffic by sync and drops duplicates", async () => {
     const c = client();
@@ -459,5 +476,60 @@ describe("client", () => {
     assert.equal(FakeSocket.all.length, 1, "no socket dialled after close()");
     assert.equal(c.state, "closed");
     assert.deepEqual(states, ["closed"], "closed stays closed");
+  });
+
+  test("close() while a probe moves the session back to WebSocket ends the probe too", async () => {
+    // On SSE (WebSocket refused at first), the client probes WebSocket again; a close()
+    // while that probe connects must end it: a probe that opened afterwards took over a
+    // closed client (`connected` emitted, the new transport pumped, a session held).
+    const realFetch = globalThis.fetch;
+    globalThis.fetch = sseServer;
+    try {
+      const c = client({ transports: ["websocket", "sse"], probeWebSocketMs: 20 });
+      await waitFor(() => FakeSocket.all.length === 1 && FakeSocket.all[0].onclose);
+      FakeSocket.all[0].drop(1006); // WebSocket refused: on to SSE
+      await waitFor(() => c.state === "connected" && c.transport === "sse");
+      await waitFor(() => FakeSocket.all.length === 2 && FakeSocket.all[1].onopen); // the probe
+      const probe = FakeSocket.all[1];
+      const after = [];
+      c.on("connected", () => after.push("connected"));
+      c.close();
+      assert.equal(probe.readyState, 3, "the probe's socket is closed with the client");
+      // Were it still going, the server's answer would hand it the session.
+      probe.open?.();
+      await new Promise((r) => setTimeout(r, 100));
+      const connect = probe.sent.find((f) => f.connect);
+      if (connect) probe.push({ id: connect.id, connected: { sessionId: "s1", userId: "alice", resumed: true, heartbeatMs: 25000, rooms: [] } });
+      await new Promise((r) => setTimeout(r, 100));
+      assert.equal(c.state, "closed");
+      assert.equal(c.transport, null, "no transport after close()");
+      assert.deepEqual(after, [], "no connected event after close()");
+      assert.equal(FakeSocket.all.length, 2, "nothing dialled after close()");
+    } finally {
+      globalThis.fetch = realFetch;
+    }
+  });
+
+  test("close() while a probe waits for getToken: the probe never dials", async () => {
+    const realFetch = globalThis.fetch;
+    globalThis.fetch = sseServer;
+    try {
+      let calls = 0;
+      let release;
+      const held = new Promise((r) => (release = r));
+      // The first two tokens (WebSocket, then SSE) at once; the probe's waits.
+      const c = client({ transports: ["websocket", "sse"], probeWebSocketMs: 20, getToken: async () => (++calls <= 2 ? "t" : held) });
+      await waitFor(() => FakeSocket.all.length === 1 && FakeSocket.all[0].onclose);
+      FakeSocket.all[0].drop(1006);
+      await waitFor(() => c.state === "connected" && c.transport === "sse");
+      await waitFor(() => calls === 3); // the probe asked for its token
+      c.close();
+      release("t");
+      await new Promise((r) => setTimeout(r, 100));
+      assert.equal(FakeSocket.all.length, 1, "the probe did not dial after close()");
+      assert.equal(c.state, "closed");
+    } finally {
+      globalThis.fetch = realFetch;
+    }
   });
 });
