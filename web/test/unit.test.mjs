@@ -496,7 +496,7 @@ describe("client", () => {
       c.close();
       assert.equal(probe.readyState, 3, "the probe's socket is closed with the client");
       // Were it still going, the server's answer would hand it the session.
-      probe.open?.();
+      probe.open();
       await new Promise((r) => setTimeout(r, 100));
       const connect = probe.sent.find((f) => f.connect);
       if (connect) probe.push({ id: connect.id, connected: { sessionId: "s1", userId: "alice", resumed: true, heartbeatMs: 25000, rooms: [] } });

@@ -1,10 +1,11 @@
 use super::*;
 
 // PARLEY PATCH (streams' state in 448 bytes): the counts and limits below are `u32`s, not
-// `usize`s (−48 bytes of every connection's streams' state). Limits come in as `usize`s
-// and are clamped to `u32::MAX`, which stands for "no limit" where `usize::MAX` did
-// (`max_send_streams()` and `max_recv_streams()` still read `usize::MAX`). No count can
-// pass its limit, and stream counts are bounded by 31-bit stream ids anyway.
+// `usize`s (`Counts` 112 → 60 bytes, in every connection's streams' state). Limits come
+// in as `usize`s and are clamped to `u32::MAX`, which stands for "no limit" where
+// `usize::MAX` did (`max_send_streams()` and `max_recv_streams()` still read
+// `usize::MAX`; a peer's SETTINGS_MAX_CONCURRENT_STREAMS of 2^32 − 1 reads so too). No
+// count can pass its limit, and stream counts are bounded by 31-bit stream ids anyway.
 fn clamp_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
